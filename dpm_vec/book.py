@@ -1,0 +1,239 @@
+"""The Book: every input of a rebalance sweep as Polars frames.
+
+A Book is the one source interface of the engine: a Parquet directory, a JSON request and
+a test fixture all become a Book. Each table is keyed so that several market snapshots,
+shelves, models and holdings snapshots can live side by side; ``portfolios`` has one row
+per run (a portfolio, a portfolio under a scenario, or one JSON request of a batch).
+
+Row order inside each key group is meaningful (it is the list order of the reference
+contract: model order drives the target trace, position order the after-state), so the
+readers add an explicit ``seq`` column and every later stage sorts by it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from decimal import Decimal
+
+import polars as pl
+
+from dpm_vec.numeric import DEC
+
+STR = pl.String
+BOOL = pl.Boolean
+INT = pl.Int32
+
+SHELF_STATUSES = ("APPROVED", "RESTRICTED", "BANNED", "SUSPENDED", "SELL_ONLY")
+VALUATION_MODES = ("CALCULATED", "TRUST_SNAPSHOT")
+TARGET_METHODS = ("HEURISTIC", "SOLVER")
+CAP_MODES = ("REFERENCE", "RFC_ASSET_CLASS")
+STALE_ACTIONS = ("BLOCK", "EXCLUDE")
+TRADE_BY = ("UNITS", "NOTIONAL")
+LIQUIDITY_TIERS = ("L1", "L2", "L3", "L4", "L5")
+
+# (column, dtype, required, default). Defaults are the reference service's option defaults
+# (spec §4) or, for RFC-0001 options the reference lacks, values that keep reference
+# behaviour.
+POLICY_COLUMNS: list[tuple[str, pl.DataType, object]] = [
+    ("valuation_mode", STR, "CALCULATED"),
+    ("target_method", STR, "HEURISTIC"),
+    ("cash_band_min_weight", DEC, Decimal("0.00")),
+    ("cash_band_max_weight", DEC, Decimal("1.00")),
+    ("single_position_max_weight", DEC, None),
+    ("single_position_cap_mode", STR, "REFERENCE"),
+    ("min_trade_notional_amount", DEC, None),
+    ("min_trade_notional_currency", STR, None),
+    ("allow_restricted", BOOL, False),
+    ("suppress_dust_trades", BOOL, True),
+    ("fx_buffer_pct", DEC, Decimal("0.01")),
+    ("block_on_missing_prices", BOOL, True),
+    ("block_on_missing_fx", BOOL, True),
+    ("min_cash_buffer_pct", DEC, Decimal("0.0")),
+    ("max_turnover_pct", DEC, None),
+    ("enable_tax_awareness", BOOL, False),
+    ("max_realized_capital_gains", DEC, None),
+    ("enable_settlement_awareness", BOOL, False),
+    ("settlement_horizon_days", INT, 5),
+    ("fx_settlement_days", INT, 2),
+    ("enable_workflow_gates", BOOL, True),
+    ("workflow_requires_client_consent", BOOL, False),
+    ("client_consent_already_obtained", BOOL, False),
+    ("notional_sizing", BOOL, False),
+    ("max_staleness_minutes", INT, None),
+    ("max_skew_minutes", INT, 15),
+    ("stale_price_action", STR, "BLOCK"),
+    ("rfc_rationale_codes", BOOL, False),
+    ("compare_target_methods", BOOL, False),
+    ("compare_target_methods_tolerance", DEC, Decimal("0.0001")),
+]
+
+TABLES: dict[str, list[tuple[str, pl.DataType, bool]]] = {
+    # (column, dtype, required)
+    "portfolios": [
+        ("run_key", STR, False),  # defaults to portfolio_id
+        ("portfolio_id", STR, True),
+        ("base_currency", STR, True),
+        ("portfolio_snapshot_id", STR, False),  # defaults to portfolio_id
+        ("market_snapshot_id", STR, False),  # defaults to "md"
+        ("shelf_id", STR, False),  # defaults to "default"
+        ("model_id", STR, True),
+        ("portfolio_as_of", pl.Datetime("us", "UTC"), False),
+        ("market_as_of", pl.Datetime("us", "UTC"), False),
+        ("request_hash", STR, False),
+    ]
+    + [(name, dtype, False) for name, dtype, _ in POLICY_COLUMNS],
+    "positions": [
+        ("portfolio_snapshot_id", STR, True),
+        ("instrument_id", STR, True),
+        ("quantity", DEC, True),
+        ("market_value", DEC, False),
+        ("market_value_currency", STR, False),
+    ],
+    "cash": [
+        ("portfolio_snapshot_id", STR, True),
+        ("currency", STR, True),
+        ("amount", DEC, True),
+        ("settled", DEC, False),
+        ("pending", DEC, False),
+    ],
+    "lots": [
+        ("portfolio_snapshot_id", STR, True),
+        ("instrument_id", STR, True),
+        ("lot_id", STR, True),
+        ("quantity", DEC, True),
+        ("unit_cost", DEC, True),
+        ("cost_currency", STR, True),
+        ("purchase_date", STR, True),
+    ],
+    "prices": [
+        ("market_snapshot_id", STR, False),  # defaults to "md"
+        ("instrument_id", STR, True),
+        ("price", DEC, True),
+        ("currency", STR, True),
+        ("as_of", pl.Datetime("us", "UTC"), False),
+    ],
+    "fx_rates": [
+        ("market_snapshot_id", STR, False),
+        ("pair", STR, True),  # "FROM/TO": one unit of FROM is worth `rate` units of TO
+        ("rate", DEC, True),
+    ],
+    "shelf": [
+        ("shelf_id", STR, False),  # defaults to "default"
+        ("instrument_id", STR, True),
+        ("status", STR, True),
+        ("asset_class", STR, False),  # defaults to "UNKNOWN"
+        ("issuer_id", STR, False),
+        ("liquidity_tier", STR, False),
+        ("settlement_days", INT, False),  # defaults to 2
+        ("min_notional_amount", DEC, False),
+        ("min_notional_currency", STR, False),
+        ("trade_by", STR, False),  # UNITS (default) or NOTIONAL (RFC fund sizing)
+    ],
+    "shelf_attributes": [
+        ("shelf_id", STR, False),
+        ("instrument_id", STR, True),
+        ("attribute", STR, True),
+        ("value", STR, True),
+    ],
+    "models": [
+        ("model_id", STR, True),
+        ("instrument_id", STR, True),
+        ("weight", DEC, True),
+    ],
+    "group_constraints": [
+        ("run_key", STR, True),
+        ("constraint_key", STR, True),  # "attribute:value"
+        ("max_weight", DEC, True),
+    ],
+    "overdraft_limits": [
+        ("run_key", STR, True),
+        ("currency", STR, True),
+        ("max_overdraft", DEC, True),
+    ],
+}
+
+OPTIONAL_TABLES = ("lots", "shelf_attributes", "group_constraints", "overdraft_limits")
+
+COLUMN_DEFAULTS: dict[tuple[str, str], object] = {
+    ("portfolios", "market_snapshot_id"): "md",
+    ("portfolios", "shelf_id"): "default",
+    ("prices", "market_snapshot_id"): "md",
+    ("fx_rates", "market_snapshot_id"): "md",
+    ("shelf", "shelf_id"): "default",
+    ("shelf", "asset_class"): "UNKNOWN",
+    ("shelf", "settlement_days"): 2,
+    ("shelf", "trade_by"): "UNITS",
+    ("shelf_attributes", "shelf_id"): "default",
+    **{("portfolios", name): default for name, _, default in POLICY_COLUMNS},
+}
+
+
+def table_schema(table: str) -> dict[str, pl.DataType]:
+    return {name: dtype for name, dtype, _ in TABLES[table]}
+
+
+def empty_table(table: str) -> pl.DataFrame:
+    return pl.DataFrame(schema=table_schema(table))
+
+
+@dataclass(frozen=True)
+class Book:
+    """Every input frame of one engine pass, already conformed (see ``conform``)."""
+
+    portfolios: pl.DataFrame
+    positions: pl.DataFrame
+    cash: pl.DataFrame
+    prices: pl.DataFrame
+    fx_rates: pl.DataFrame
+    shelf: pl.DataFrame
+    models: pl.DataFrame
+    lots: pl.DataFrame = field(default_factory=lambda: empty_table("lots"))
+    shelf_attributes: pl.DataFrame = field(default_factory=lambda: empty_table("shelf_attributes"))
+    group_constraints: pl.DataFrame = field(default_factory=lambda: empty_table("group_constraints"))
+    overdraft_limits: pl.DataFrame = field(default_factory=lambda: empty_table("overdraft_limits"))
+
+    def tables(self) -> dict[str, pl.DataFrame]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def conform(table: str, frame: pl.DataFrame) -> pl.DataFrame:
+    """Fill optional columns with their defaults, cast to the book dtypes, add ``seq``.
+
+    ``seq`` is the row's position in the table as given; it carries list order (§1.5).
+    Structural checks (missing required columns, wrong types) are done by
+    ``dpm_vec.schemas`` before this is called.
+    """
+    exprs = []
+    for name, dtype, _required in TABLES[table]:
+        if name in frame.columns:
+            exprs.append(pl.col(name).cast(dtype))
+        elif table == "portfolios" and name in ("run_key", "portfolio_snapshot_id"):
+            exprs.append(pl.col("portfolio_id").cast(STR).alias(name))
+        else:
+            default = COLUMN_DEFAULTS.get((table, name))
+            exprs.append(pl.lit(default, dtype=dtype).alias(name))
+    if table == "portfolios":
+        # a null policy cell means "this portfolio takes the default"
+        fills = [
+            pl.col(name).fill_null(pl.lit(default, dtype=dtype))
+            for name, dtype, default in POLICY_COLUMNS
+            if default is not None
+        ]
+        out = frame.select(exprs).with_columns(fills)
+    else:
+        out = frame.select(exprs)
+        for (tname, cname), default in COLUMN_DEFAULTS.items():
+            if tname == table and cname in out.columns and default is not None:
+                out = out.with_columns(pl.col(cname).fill_null(default))
+    return out.with_row_index("seq").with_columns(pl.col("seq").cast(pl.Int64))
+
+
+def make_book(**frames: pl.DataFrame) -> Book:
+    """Build a Book from raw frames (missing optional tables become empty)."""
+    conformed = {}
+    for table in TABLES:
+        frame = frames.get(table)
+        if frame is None:
+            frame = empty_table(table)
+        conformed[table] = conform(table, frame)
+    return Book(**conformed)

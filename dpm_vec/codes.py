@@ -1,0 +1,66 @@
+"""Reason, rationale and warning codes: the one enum shared by engine, API and docs."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RunStatus(StrEnum):
+    READY = "READY"
+    PENDING_REVIEW = "PENDING_REVIEW"
+    BLOCKED = "BLOCKED"
+
+
+class ExitPath(StrEnum):
+    """How a run left the pipeline (spec §5.9)."""
+
+    EARLY_BLOCK = "E1"
+    DQ_GATE_2 = "E2"
+    SETTLEMENT = "E3"
+    HARD_RULE = "E4"
+    RECONCILIATION = "E5"
+    NORMAL = "E6"
+
+
+class DataQualityBucket(StrEnum):
+    PRICE_MISSING = "price_missing"
+    FX_MISSING = "fx_missing"
+    SHELF_MISSING = "shelf_missing"
+
+
+class InputFault(StrEnum):
+    """Per-portfolio data faults dpm_vec blocks on where the reference would not (§9.1, RFC)."""
+
+    NEGATIVE_QUANTITY = "NEGATIVE_QUANTITY"
+    NON_POSITIVE_PRICE = "NON_POSITIVE_PRICE"
+    PRICE_STALE = "PRICE_STALE"
+    SNAPSHOT_SKEW = "SNAPSHOT_SKEW"
+    INFEASIBLE_CONCENTRATION = "INFEASIBLE_CONCENTRATION"
+
+
+CODE_DESCRIPTIONS: dict[str, str] = {
+    # universe exclusions
+    "SHELF_STATUS_BANNED": "model target is BANNED on the shelf; not bought",
+    "SHELF_STATUS_SUSPENDED": "model target is SUSPENDED on the shelf; not bought",
+    "SHELF_STATUS_RESTRICTED": "model target is RESTRICTED and allow_restricted is off",
+    "SHELF_STATUS_SELL_ONLY": "model target is SELL_ONLY: sold to zero, weight redistributed",
+    "LOCKED_DUE_TO_BANNED": "held BANNED instrument kept at its current weight",
+    "LOCKED_DUE_TO_SUSPENDED": "held SUSPENDED instrument kept at its current weight",
+    "LOCKED_DUE_TO_RESTRICTED": "held RESTRICTED non-model instrument kept at its current weight",
+    "LOCKED_DUE_TO_MISSING_SHELF": "held instrument without shelf entry kept at its current weight",
+    "PRICE_STALE": "price older than max_staleness_minutes (RFC option, exclude mode)",
+    # intent rationales
+    "DRIFT_REBALANCE": "reference rationale of every security trade",
+    "REBALANCE_DRIFT": "RFC: trade closes a weight deviation of a held instrument",
+    "CASH_INVESTMENT": "RFC: buy of an instrument not held before (investing cash)",
+    "CONSTRAINT_CAP": "RFC: trade sized by a capped or redistributed target",
+    "LIQUIDATION": "RFC: sale of a holding that is not in the model",
+    "FUNDING": "FX buy of a currency that security buys leave short",
+    "SWEEP": "FX sale of surplus foreign cash into base currency",
+    # trimmed or dropped trades
+    "BELOW_MIN_NOTIONAL": "trade notional below the dust threshold; suppressed",
+    "TURNOVER_LIMIT": "trade dropped to keep turnover within max_turnover_pct",
+    "TAX_BUDGET_LIMIT_REACHED": "sell reduced by the realised-gains budget or lot coverage",
+    # run-level blocks dpm_vec adds
+    **{f.value: f"input fault: {f.value.lower().replace('_', ' ')}" for f in InputFault},
+}

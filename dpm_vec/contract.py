@@ -1,0 +1,423 @@
+"""The JSON door: reference-contract requests → Book, and Result → reference-shaped JSON.
+
+A request is a book of one run; a batch of requests is a book with one run per request,
+each with its own holdings, market snapshot, shelf and model keyed by the run key, so
+requests that reuse portfolio or instrument ids never see each other's data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from decimal import Decimal, InvalidOperation
+
+import polars as pl
+
+from dpm_vec.book import (
+    LIQUIDITY_TIERS, POLICY_COLUMNS, SHELF_STATUSES, TABLES, Book, make_book, table_schema,
+)
+from dpm_vec.errors import RequestError
+from dpm_vec.numeric import DEC, SCALE
+
+MAX_ABS = Decimal(10) ** (38 - SCALE - 1)
+TRUE_WORDS = {"true", "1", "yes", "y", "on", "t"}
+FALSE_WORDS = {"false", "0", "no", "n", "off", "f"}
+GROUP_KEY = re.compile(r"^[^:]+:[^:]+$")
+ADVISORY_ENUMS = {
+    "funding_mode": ("AUTO_FX",),
+    "fx_funding_source_currency": ("ANY_CASH",),
+    "fx_generation_policy": ("ONE_FX_PER_CCY",),
+}
+
+
+class _Reader:
+    """Collects every validation error of one request with its JSON path."""
+
+    def __init__(self) -> None:
+        self.errors: list[dict] = []
+
+    def fail(self, path: str, message: str) -> None:
+        self.errors.append({"field": path, "message": message})
+
+    def obj(self, value, path, required=True):
+        if value is None:
+            if required:
+                self.fail(path, "field required")
+            return None
+        if not isinstance(value, dict):
+            self.fail(path, "expected an object")
+            return None
+        return value
+
+    def arr(self, value, path, required=False):
+        if value is None:
+            if required:
+                self.fail(path, "field required")
+            return []
+        if not isinstance(value, list):
+            self.fail(path, "expected an array")
+            return []
+        return value
+
+    def text(self, value, path, required=True):
+        if value is None:
+            if required:
+                self.fail(path, "field required")
+            return None
+        if not isinstance(value, str):
+            self.fail(path, "expected a string")
+            return None
+        return value
+
+    def decimal(self, value, path, required=True, minimum=None, maximum=None, positive=False):
+        if value is None:
+            if required:
+                self.fail(path, "field required")
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            self.fail(path, "expected a decimal number (string or number)")
+            return None
+        try:
+            number = Decimal(str(value).strip())
+        except InvalidOperation:
+            self.fail(path, f"not a decimal number: {value!r}")
+            return None
+        if not number.is_finite():
+            self.fail(path, f"must be a finite number, got {value!r}")
+            return None
+        if abs(number) >= MAX_ABS:
+            self.fail(path, f"magnitude must be below 1e{38 - SCALE - 1}")
+            return None
+        if positive and number <= 0:
+            self.fail(path, f"must be greater than 0, got {value}")
+        if minimum is not None and number < minimum:
+            self.fail(path, f"must be >= {minimum}, got {value}")
+        if maximum is not None and number > maximum:
+            self.fail(path, f"must be <= {maximum}, got {value}")
+        return number
+
+    def boolean(self, value, path, default):
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in TRUE_WORDS | FALSE_WORDS:
+            return value.strip().lower() in TRUE_WORDS
+        self.fail(path, f"expected a boolean, got {value!r}")
+        return default
+
+    def integer(self, value, path, default, lo=None, hi=None):
+        if value is None:
+            return default
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = Decimal(str(value).strip())
+            if not number.is_finite() or number != number.to_integral_value():
+                raise ValueError
+            out = int(number)
+        except (InvalidOperation, ValueError):
+            self.fail(path, f"expected an integer, got {value!r}")
+            return default
+        if (lo is not None and out < lo) or (hi is not None and out > hi):
+            self.fail(path, f"must be between {lo} and {hi}, got {out}")
+        return out
+
+    def enum(self, value, path, allowed, default=None, required=False):
+        if value is None:
+            if required:
+                self.fail(path, "field required")
+            return default
+        if value not in allowed:
+            self.fail(path, f"must be one of {', '.join(allowed)}; got {value!r}")
+            return default
+        return value
+
+    def money(self, value, path, required=False):
+        m = self.obj(value, path, required=required)
+        if m is None:
+            return None, None
+        return self.decimal(m.get("amount"), f"{path}.amount"), self.text(m.get("currency"), f"{path}.currency")
+
+    def timestamp(self, value, path):
+        if value is None:
+            return None
+        try:
+            return pl.Series([value]).str.to_datetime(time_zone="UTC", time_unit="us")[0]
+        except Exception:  # noqa: BLE001 - polars raises several types for bad text
+            self.fail(path, f"expected an ISO-8601 timestamp, got {value!r}")
+            return None
+
+
+def _duplicates(reader: _Reader, items: list, key, path: str, what: str) -> None:
+    seen: dict = {}
+    for index, item in enumerate(items):
+        k = key(item)
+        if k is None:
+            continue
+        if k in seen and items[seen[k]] != item:
+            reader.fail(f"{path}[{index}]", f"duplicate {what} {k!r} (first at [{seen[k]}]) with different values")
+        elif k in seen:
+            reader.fail(f"{path}[{index}]", f"duplicate {what} {k!r} (first at [{seen[k]}])")
+        else:
+            seen[k] = index
+
+
+def parse_request(request, run_key: str) -> dict[str, list[dict]]:
+    """Validate one reference-contract request; return its rows per book table.
+
+    Raises RequestError listing every invalid field. Beyond the reference's own checks
+    (§3.6) it rejects what §9.1 says dpm_vec must not silently accept: duplicate ids,
+    negative quantities, non-positive prices and negative FX rates.
+    """
+    r = _Reader()
+    rows: dict[str, list[dict]] = {t: [] for t in TABLES}
+    if not isinstance(request, dict):
+        raise RequestError([{"field": "$", "message": "request body must be a JSON object"}])
+    for key in ("portfolio_snapshot", "market_data_snapshot", "model_portfolio", "shelf_entries", "options"):
+        if key not in request:
+            r.fail(key, "field required")
+    ps = r.obj(request.get("portfolio_snapshot"), "portfolio_snapshot", required=False) or {}
+    md = r.obj(request.get("market_data_snapshot"), "market_data_snapshot", required=False) or {}
+    mp = r.obj(request.get("model_portfolio"), "model_portfolio", required=False) or {}
+    options = r.obj(request.get("options"), "options", required=False) or {}
+
+    portfolio_id = r.text(ps.get("portfolio_id"), "portfolio_snapshot.portfolio_id") if ps else None
+    base = r.text(ps.get("base_currency"), "portfolio_snapshot.base_currency") if ps else None
+    positions = r.arr(ps.get("positions"), "portfolio_snapshot.positions")
+    _duplicates(r, positions, lambda p: p.get("instrument_id") if isinstance(p, dict) else None, "portfolio_snapshot.positions", "instrument_id")
+    for i, pos in enumerate(positions):
+        path = f"portfolio_snapshot.positions[{i}]"
+        pos = r.obj(pos, path)
+        if pos is None:
+            continue
+        iid = r.text(pos.get("instrument_id"), f"{path}.instrument_id")
+        qty = r.decimal(pos.get("quantity"), f"{path}.quantity", minimum=Decimal(0))
+        mv, mv_ccy = r.money(pos.get("market_value"), f"{path}.market_value")
+        lots = r.arr(pos.get("lots"), f"{path}.lots")
+        lot_total = Decimal(0)
+        for j, lot in enumerate(lots):
+            lpath = f"{path}.lots[{j}]"
+            lot = r.obj(lot, lpath)
+            if lot is None:
+                continue
+            lq = r.decimal(lot.get("quantity"), f"{lpath}.quantity", minimum=Decimal(0))
+            cost, cost_ccy = r.money(lot.get("unit_cost"), f"{lpath}.unit_cost", required=True)
+            row = {
+                "portfolio_snapshot_id": run_key, "instrument_id": iid,
+                "lot_id": r.text(lot.get("lot_id"), f"{lpath}.lot_id"), "quantity": lq, "unit_cost": cost,
+                "cost_currency": cost_ccy, "purchase_date": r.text(lot.get("purchase_date"), f"{lpath}.purchase_date"),
+            }
+            lot_total += lq or 0
+            rows["lots"].append(row)
+        if lots and qty is not None and abs(lot_total - qty) > Decimal("0.0001"):
+            r.fail(f"{path}.lots", f"lot quantities sum to {lot_total}, position quantity is {qty}")
+        rows["positions"].append({
+            "portfolio_snapshot_id": run_key, "instrument_id": iid, "quantity": qty,
+            "market_value": mv, "market_value_currency": mv_ccy,
+        })
+    cash = r.arr(ps.get("cash_balances"), "portfolio_snapshot.cash_balances")
+    _duplicates(r, cash, lambda c: c.get("currency") if isinstance(c, dict) else None, "portfolio_snapshot.cash_balances", "currency")
+    for i, c in enumerate(cash):
+        path = f"portfolio_snapshot.cash_balances[{i}]"
+        c = r.obj(c, path)
+        if c is None:
+            continue
+        rows["cash"].append({
+            "portfolio_snapshot_id": run_key, "currency": r.text(c.get("currency"), f"{path}.currency"),
+            "amount": r.decimal(c.get("amount"), f"{path}.amount"),
+            "settled": r.decimal(c.get("settled"), f"{path}.settled", required=False),
+            "pending": r.decimal(c.get("pending"), f"{path}.pending", required=False),
+        })
+    prices = r.arr(md.get("prices"), "market_data_snapshot.prices")
+    _duplicates(r, prices, lambda p: p.get("instrument_id") if isinstance(p, dict) else None, "market_data_snapshot.prices", "instrument_id")
+    for i, p in enumerate(prices):
+        path = f"market_data_snapshot.prices[{i}]"
+        p = r.obj(p, path)
+        if p is None:
+            continue
+        rows["prices"].append({
+            "market_snapshot_id": run_key, "instrument_id": r.text(p.get("instrument_id"), f"{path}.instrument_id"),
+            "price": r.decimal(p.get("price"), f"{path}.price", positive=True),
+            "currency": r.text(p.get("currency"), f"{path}.currency"),
+            "as_of": r.timestamp(p.get("as_of"), f"{path}.as_of"),
+        })
+    fx_rates = r.arr(md.get("fx_rates"), "market_data_snapshot.fx_rates")
+    _duplicates(r, fx_rates, lambda p: p.get("pair") if isinstance(p, dict) else None, "market_data_snapshot.fx_rates", "pair")
+    for i, f in enumerate(fx_rates):
+        path = f"market_data_snapshot.fx_rates[{i}]"
+        f = r.obj(f, path)
+        if f is None:
+            continue
+        rows["fx_rates"].append({
+            "market_snapshot_id": run_key, "pair": r.text(f.get("pair"), f"{path}.pair"),
+            "rate": r.decimal(f.get("rate"), f"{path}.rate", minimum=Decimal(0)),
+        })
+    targets = r.arr(mp.get("targets"), "model_portfolio.targets", required=bool(mp) or "model_portfolio" not in request)
+    _duplicates(r, targets, lambda t: t.get("instrument_id") if isinstance(t, dict) else None, "model_portfolio.targets", "instrument_id")
+    for i, t in enumerate(targets):
+        path = f"model_portfolio.targets[{i}]"
+        t = r.obj(t, path)
+        if t is None:
+            continue
+        rows["models"].append({
+            "model_id": run_key, "instrument_id": r.text(t.get("instrument_id"), f"{path}.instrument_id"),
+            "weight": r.decimal(t.get("weight"), f"{path}.weight"),
+        })
+    shelf = r.arr(request.get("shelf_entries"), "shelf_entries")
+    _duplicates(r, shelf, lambda s: s.get("instrument_id") if isinstance(s, dict) else None, "shelf_entries", "instrument_id")
+    for i, s in enumerate(shelf):
+        path = f"shelf_entries[{i}]"
+        s = r.obj(s, path)
+        if s is None:
+            continue
+        iid = r.text(s.get("instrument_id"), f"{path}.instrument_id")
+        mn, mn_ccy = r.money(s.get("min_notional"), f"{path}.min_notional")
+        rows["shelf"].append({
+            "shelf_id": run_key, "instrument_id": iid,
+            "status": r.enum(s.get("status"), f"{path}.status", SHELF_STATUSES, required=True),
+            "asset_class": r.text(s.get("asset_class"), f"{path}.asset_class", required=False) or "UNKNOWN",
+            "issuer_id": r.text(s.get("issuer_id"), f"{path}.issuer_id", required=False),
+            "liquidity_tier": r.enum(s.get("liquidity_tier"), f"{path}.liquidity_tier", LIQUIDITY_TIERS),
+            "settlement_days": r.integer(s.get("settlement_days"), f"{path}.settlement_days", 2, 0, 10),
+            "min_notional_amount": mn, "min_notional_currency": mn_ccy,
+            "trade_by": r.enum(s.get("trade_by"), f"{path}.trade_by", ("UNITS", "NOTIONAL"), default="UNITS"),
+        })
+        attributes = r.obj(s.get("attributes"), f"{path}.attributes", required=False) or {}
+        for k, v in attributes.items():
+            if not isinstance(v, str):
+                r.fail(f"{path}.attributes.{k}", "attribute values must be strings")
+                continue
+            rows["shelf_attributes"].append({"shelf_id": run_key, "instrument_id": iid, "attribute": k, "value": v})
+
+    policy = parse_options(r, options, run_key, rows)
+    rows["portfolios"].append({
+        "run_key": run_key, "portfolio_id": portfolio_id, "base_currency": base,
+        "portfolio_snapshot_id": run_key, "market_snapshot_id": run_key, "shelf_id": run_key, "model_id": run_key,
+        "portfolio_as_of": r.timestamp(ps.get("as_of"), "portfolio_snapshot.as_of"),
+        "market_as_of": r.timestamp(md.get("as_of"), "market_data_snapshot.as_of"),
+        **policy,
+    })
+    if r.errors:
+        raise RequestError(r.errors)
+    return rows
+
+
+def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]) -> dict:
+    """EngineOptions (§4) → policy columns; map-valued options become table rows."""
+    p = "options"
+    D = Decimal
+    policy = {
+        "valuation_mode": r.enum(o.get("valuation_mode"), f"{p}.valuation_mode", ("CALCULATED", "TRUST_SNAPSHOT"), "CALCULATED"),
+        "target_method": r.enum(o.get("target_method"), f"{p}.target_method", ("HEURISTIC", "SOLVER"), "HEURISTIC"),
+        "cash_band_min_weight": _or(r.decimal(o.get("cash_band_min_weight"), f"{p}.cash_band_min_weight", required=False), D("0.00")),
+        "cash_band_max_weight": _or(r.decimal(o.get("cash_band_max_weight"), f"{p}.cash_band_max_weight", required=False), D("1.00")),
+        "single_position_max_weight": r.decimal(o.get("single_position_max_weight"), f"{p}.single_position_max_weight", required=False),
+        "single_position_cap_mode": r.enum(o.get("single_position_cap_mode"), f"{p}.single_position_cap_mode", ("REFERENCE", "RFC_ASSET_CLASS"), "REFERENCE"),
+        "allow_restricted": r.boolean(o.get("allow_restricted"), f"{p}.allow_restricted", False),
+        "suppress_dust_trades": r.boolean(o.get("suppress_dust_trades"), f"{p}.suppress_dust_trades", True),
+        "fx_buffer_pct": _or(r.decimal(o.get("fx_buffer_pct"), f"{p}.fx_buffer_pct", required=False), D("0.01")),
+        "block_on_missing_prices": r.boolean(o.get("block_on_missing_prices"), f"{p}.block_on_missing_prices", True),
+        "block_on_missing_fx": r.boolean(o.get("block_on_missing_fx"), f"{p}.block_on_missing_fx", True),
+        "min_cash_buffer_pct": _or(r.decimal(o.get("min_cash_buffer_pct"), f"{p}.min_cash_buffer_pct", required=False), D("0.0")),
+        "max_turnover_pct": r.decimal(o.get("max_turnover_pct"), f"{p}.max_turnover_pct", required=False, minimum=D(0), maximum=D(1)),
+        "enable_tax_awareness": r.boolean(o.get("enable_tax_awareness"), f"{p}.enable_tax_awareness", False),
+        "max_realized_capital_gains": r.decimal(o.get("max_realized_capital_gains"), f"{p}.max_realized_capital_gains", required=False, minimum=D(0)),
+        "enable_settlement_awareness": r.boolean(o.get("enable_settlement_awareness"), f"{p}.enable_settlement_awareness", False),
+        "settlement_horizon_days": r.integer(o.get("settlement_horizon_days"), f"{p}.settlement_horizon_days", 5, 0, 10),
+        "fx_settlement_days": r.integer(o.get("fx_settlement_days"), f"{p}.fx_settlement_days", 2, 0, 10),
+        "enable_workflow_gates": r.boolean(o.get("enable_workflow_gates"), f"{p}.enable_workflow_gates", True),
+        "workflow_requires_client_consent": r.boolean(o.get("workflow_requires_client_consent"), f"{p}.workflow_requires_client_consent", False),
+        "client_consent_already_obtained": r.boolean(o.get("client_consent_already_obtained"), f"{p}.client_consent_already_obtained", False),
+        "notional_sizing": r.boolean(o.get("notional_sizing"), f"{p}.notional_sizing", False),
+        "max_staleness_minutes": r.integer(o.get("max_staleness_minutes"), f"{p}.max_staleness_minutes", None, 0, 10**7),
+        "max_skew_minutes": r.integer(o.get("max_skew_minutes"), f"{p}.max_skew_minutes", 15, 0, 10**7),
+        "stale_price_action": r.enum(o.get("stale_price_action"), f"{p}.stale_price_action", ("BLOCK", "EXCLUDE"), "BLOCK"),
+        "rfc_rationale_codes": r.boolean(o.get("rfc_rationale_codes"), f"{p}.rfc_rationale_codes", False),
+        "compare_target_methods": r.boolean(o.get("compare_target_methods"), f"{p}.compare_target_methods", False),
+        "compare_target_methods_tolerance": _or(r.decimal(o.get("compare_target_methods_tolerance"), f"{p}.compare_target_methods_tolerance", required=False), D("0.0001")),
+    }
+    amount, ccy = r.money(o.get("min_trade_notional"), f"{p}.min_trade_notional")
+    policy["min_trade_notional_amount"], policy["min_trade_notional_currency"] = amount, ccy
+    r.money(o.get("dust_trade_threshold"), f"{p}.dust_trade_threshold")
+    for name, allowed in ADVISORY_ENUMS.items():
+        r.enum(o.get(name), f"{p}.{name}", allowed)
+    for name in ("enable_proposal_simulation", "proposal_apply_cash_flows_first", "proposal_block_negative_cash",
+                 "enable_drift_analytics", "enable_suitability_scanner", "enable_instrument_drift", "auto_funding"):
+        r.boolean(o.get(name), f"{p}.{name}", False)
+    r.integer(o.get("drift_top_contributors_limit"), f"{p}.drift_top_contributors_limit", 5, 1, 20)
+    r.decimal(o.get("drift_unmodeled_exposure_threshold"), f"{p}.drift_unmodeled_exposure_threshold", required=False, minimum=D(0), maximum=D(1))
+    _suitability(r, o.get("suitability_thresholds"), f"{p}.suitability_thresholds")
+    overdrafts = r.obj(o.get("max_overdraft_by_ccy"), f"{p}.max_overdraft_by_ccy", required=False) or {}
+    for ccy_key, value in overdrafts.items():
+        if not ccy_key:
+            r.fail(f"{p}.max_overdraft_by_ccy", "currency keys must not be empty")
+        amount = r.decimal(value, f"{p}.max_overdraft_by_ccy.{ccy_key}", minimum=D(0))
+        rows["overdraft_limits"].append({"run_key": run_key, "currency": ccy_key, "max_overdraft": amount})
+    groups = r.obj(o.get("group_constraints"), f"{p}.group_constraints", required=False) or {}
+    for key, spec in groups.items():
+        path = f"{p}.group_constraints.{key}"
+        if not GROUP_KEY.match(key):
+            r.fail(path, "group constraint keys must be 'attribute:value' with exactly one ':'")
+        spec = r.obj(spec, path)
+        if spec is None:
+            continue
+        mw = r.decimal(spec.get("max_weight"), f"{path}.max_weight", minimum=D(0), maximum=D(1))
+        rows["group_constraints"].append({"run_key": run_key, "constraint_key": key, "max_weight": mw})
+    return policy
+
+
+def _suitability(r: _Reader, value, path: str) -> None:
+    s = r.obj(value, path, required=False)
+    if not s:
+        return
+    for key, v in s.items():
+        if key == "data_quality_issue_severity":
+            r.enum(v, f"{path}.{key}", ("HIGH", "MEDIUM", "LOW"))
+        elif key.endswith("_by_tier") or key == "liquidity_tier_max_weights":
+            for tier, w in (r.obj(v, f"{path}.{key}", required=False) or {}).items():
+                r.enum(tier, f"{path}.{key}", LIQUIDITY_TIERS)
+                r.decimal(w, f"{path}.{key}.{tier}", minimum=Decimal(0), maximum=Decimal(1))
+        elif isinstance(v, (str, int, float)) and not isinstance(v, bool):
+            r.decimal(v, f"{path}.{key}", minimum=Decimal(0), maximum=Decimal(1))
+    lo, hi = s.get("cash_band_min_weight"), s.get("cash_band_max_weight")
+    if lo is not None and hi is not None:
+        try:
+            if Decimal(str(lo)) > Decimal(str(hi)):
+                r.fail(path, "cash_band_min_weight must not exceed cash_band_max_weight")
+        except InvalidOperation:
+            pass
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def requests_to_book(requests: list[dict], run_keys: list[str] | None = None) -> tuple[Book, list[str]]:
+    """Validated requests → one Book (raises RequestError for the first invalid one)."""
+    run_keys = run_keys or [f"r{i:06d}" for i in range(len(requests))]
+    rows: dict[str, list[dict]] = {t: [] for t in TABLES}
+    for req, key in zip(requests, run_keys):
+        for table, table_rows in parse_request(req, key).items():
+            rows[table].extend(table_rows)
+    return rows_to_book(rows), run_keys
+
+
+def rows_to_book(rows: dict[str, list[dict]]) -> Book:
+    frames = {}
+    for table, table_rows in rows.items():
+        schema = table_schema(table)
+        frames[table] = pl.DataFrame(table_rows, schema=schema, orient="row") if table_rows else pl.DataFrame(schema=schema)
+    return make_book(**frames)
+
+
+def request_hash(request: dict) -> str:
+    """SHA-256 of the canonical request (sorted keys, no whitespace)."""
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+POLICY_NAMES = [name for name, _, _ in POLICY_COLUMNS]

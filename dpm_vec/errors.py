@@ -1,0 +1,42 @@
+"""Exceptions for bad input: each names where the fault is and what was expected."""
+
+from __future__ import annotations
+
+
+class DpmVecError(Exception):
+    """Base class of every error dpm_vec raises on purpose."""
+
+
+class BookError(DpmVecError):
+    """A structural fault in a book: missing file or column, wrong type, duplicate key."""
+
+    def __init__(self, file: str, message: str, column: str | None = None, examples: list | None = None):
+        self.file, self.column, self.examples = file, column, examples or []
+        where = f"{file}" + (f", column {column!r}" if column else "")
+        text = f"{where}: {message}"
+        if self.examples:
+            text += "; example rows: " + "; ".join(str(e) for e in self.examples[:5])
+        super().__init__(text)
+
+
+class RequestError(DpmVecError):
+    """An invalid JSON request; ``errors`` lists every invalid field (as JSON paths)."""
+
+    def __init__(self, errors: list[dict]):
+        self.errors = errors
+        first = errors[0] if errors else {"field": "$", "message": "invalid request"}
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        super().__init__(f"{first['field']}: {first['message']}{more}")
+
+    def problem(self, instance: str | None = None) -> dict:
+        """RFC 7807 problem details."""
+        body = {
+            "type": "https://dpm-vec.dev/problems/invalid-request",
+            "title": "Invalid rebalance request",
+            "status": 422,
+            "detail": str(self),
+            "errors": self.errors,
+        }
+        if instance:
+            body["instance"] = instance
+        return body

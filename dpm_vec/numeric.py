@@ -1,0 +1,53 @@
+"""Fixed-point arithmetic conventions shared by every stage.
+
+The reference service computes in 28-significant-digit half-even decimals. dpm_vec keeps
+every amount, quantity, price, rate and weight in one fixed-point type, ``DEC`` =
+Decimal(38, 20): Polars rounds each product and quotient half-even at scale 20, so a
+chain like ``0.3 * (0.2 / 0.3)`` lands back on exactly ``0.2`` (spec §1.1), and values up
+to 10^18 fit. Integer quantities are floored exactly.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import polars as pl
+
+SCALE = 20
+DEC = pl.Decimal(38, SCALE)
+ONE = Decimal(1)
+ZERO = Decimal(0)
+
+
+def lit(value: str | int | Decimal) -> pl.Expr:
+    """A DEC literal; strings keep their exact decimal value."""
+    return pl.lit(Decimal(str(value)), dtype=DEC)
+
+
+def dec(expr: pl.Expr | str) -> pl.Expr:
+    """Cast a column or expression to DEC."""
+    if isinstance(expr, str):
+        expr = pl.col(expr)
+    return expr.cast(DEC)
+
+
+def dmax(a: pl.Expr, b: pl.Expr) -> pl.Expr:
+    return pl.when(a >= b).then(a).otherwise(b)
+
+
+def dmin(a: pl.Expr, b: pl.Expr) -> pl.Expr:
+    return pl.when(a <= b).then(a).otherwise(b)
+
+
+def dabs(a: pl.Expr) -> pl.Expr:
+    return pl.when(a < 0).then(-a).otherwise(a)
+
+
+def to_text(value: Decimal | None) -> str | None:
+    """Canonical decimal text for JSON: no exponent, no trailing zeros."""
+    if value is None:
+        return None
+    if value == 0:
+        return "0"
+    text = format(value.normalize(), "f")
+    return text

@@ -1,0 +1,204 @@
+"""The engine: one pass of every stage over a whole Book.
+
+    prepare → input checks → valuation → universe → targets → DQ gate #1 → translation
+    → DQ gate #2 → turnover → FX → settlement → after-state → rules → reconciliation
+    → status → gate
+
+Each run leaves on one exit path (spec §5.9); the frames of the Result hold every run's
+rows, keyed by ``run`` (and ``run_key`` in ``runs``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import polars as pl
+
+from dpm_vec.book import Book
+from dpm_vec.numeric import DEC, lit
+from dpm_vec.stages import compliance, dq
+from dpm_vec.stages.checks import input_faults
+from dpm_vec.stages.fx import plan_fx
+from dpm_vec.stages.prepare import prepare
+from dpm_vec.stages.settlement import cash_ladder
+from dpm_vec.stages.targets import WARNINGS_SCHEMA, build_targets, warnings_frame
+from dpm_vec.stages.trades import apply_turnover_cap, translate
+from dpm_vec.stages.universe import build_universe
+from dpm_vec.stages.valuation import value_state
+
+
+@dataclass(frozen=True)
+class Result:
+    runs: pl.DataFrame
+    intents: pl.DataFrame
+    positions: pl.DataFrame  # state ∈ {before, after}
+    cash: pl.DataFrame  # state ∈ {before, after}
+    allocations: pl.DataFrame  # state ∈ {before, after}
+    targets: pl.DataFrame
+    exclusions: pl.DataFrame
+    eligible: pl.DataFrame
+    rule_results: pl.DataFrame
+    data_quality: pl.DataFrame
+    warnings: pl.DataFrame
+    suppressed: pl.DataFrame
+    dropped: pl.DataFrame
+    group_events: pl.DataFrame
+    group_recipients: pl.DataFrame
+    tax_events: pl.DataFrame
+    cash_ladder: pl.DataFrame
+    cash_ladder_breaches: pl.DataFrame
+    gate_reasons: pl.DataFrame
+
+    def tables(self) -> dict[str, pl.DataFrame]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _only(frame: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
+    return frame.join(runs.select("run"), on="run", how="semi")
+
+
+def _without(frame: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
+    return frame.join(runs.select("run"), on="run", how="anti")
+
+
+def run(book: Book) -> Result:
+    p = prepare(book)
+    runs, market = p.runs, p.market
+    trust = pl.col("valuation_mode") == "TRUST_SNAPSHOT"
+    before = value_state(market, runs, p.positions, p.cash, trust_snapshot=trust, stage=dq.VALUATION_BEFORE)
+    faults, stale = input_faults(market, runs, p.positions, p.model)
+
+    universe = build_universe(market, runs, p.model, before.positions, stale)
+    targets = build_targets(market, runs, universe.weight_map, universe.sell_only_excess, p.model, before.totals, _group_constraints(book, runs))
+    findings = dq.concat(before.dq, universe.dq)
+
+    # DQ gate #1 (§6.8), plus dpm_vec's own input faults and RFC-mode target faults
+    counts1 = dq.blocking_counts(findings, runs)
+    early = pl.concat([
+        counts1.filter(pl.col("dq_count") > 0).select("run"),
+        targets.status.filter(pl.col("target_status") == "BLOCKED").select("run"),
+        faults.select("run"),
+    ]).unique()
+    live = _without(runs, early)
+
+    tr = translate(market, live, _only(targets.trace, live), p.positions, p.lots, before.totals)
+    findings = dq.concat(findings, tr.dq)
+    counts2 = dq.blocking_counts(findings, live)
+    gate2 = counts2.filter(pl.col("dq_count") > 0).select("run")
+    live = _without(live, gate2)
+
+    kept, dropped, turnover_warnings = apply_turnover_cap(_only(tr.intents, live), live, before.totals)
+    intents, fx_missing = plan_fx(market, live, kept, _only(p.cash, live))
+    findings = dq.concat(findings, fx_missing)
+    ladder = cash_ladder(market, live, intents, p.cash, _overdrafts(book, runs))
+    settled_block = ladder.first_breach.select("run")
+
+    # after-state for runs that did not block on the ladder; E3 revalues the before-state
+    traded = _without(live, settled_block)
+    pos_after, cash_after = compliance.apply_intents(_only(p.positions, traded), _only(p.cash, traded), _only(intents, traded))
+    after = value_state(market, traded, pos_after, cash_after, trust_snapshot=False, stage=dq.VALUATION_AFTER)
+    revalued = value_state(market, _only(runs, settled_block), _only(p.positions, settled_block), _only(p.cash, settled_block),
+                           trust_snapshot=trust, stage=dq.VALUATION_AFTER)
+    findings = dq.concat(findings, after.dq, revalued.dq)
+    counts_final = dq.blocking_counts(findings, runs)
+
+    n_suppressed = tr.suppressed.group_by("run").agg(pl.len().cast(pl.Int64).alias("n_suppressed"))
+    stopped = pl.concat([early, gate2])
+    rules_before = compliance.evaluate_rules(
+        _only(runs, stopped), _only(before.positions, stopped), _only(p.cash, stopped), _only(before.allocations, stopped),
+        counts_final, n_suppressed,
+    )
+    rules_after = compliance.evaluate_rules(traded, after.positions, after.cash, after.allocations, counts_final, n_suppressed)
+    hard_fail = rules_after.filter((pl.col("severity") == "HARD") & (pl.col("status") == "FAIL")).select("run").unique()
+    recon = compliance.reconcile(_only(before.totals, _without(traded, hard_fail)), after.totals)
+    rule_results = pl.concat([
+        rules_before, rules_after, compliance.reconciliation_rule(recon), compliance.settlement_rule(ladder.first_breach),
+    ]).sort("run", "rule_order", maintain_order=True)
+    mismatch = recon.filter(pl.col("reconciliation_status") == "MISMATCH").select("run")
+
+    safety = rules_after.filter(pl.col("rule_id").is_in(["NO_SHORTING", "INSUFFICIENT_CASH"]) & (pl.col("status") == "FAIL"))
+    warnings = pl.concat([
+        targets.warnings, tr.warnings, turnover_warnings, ladder.warnings,
+        warnings_frame(safety, pl.lit("SIMULATION_SAFETY_CHECK_FAILED"), compliance.SAFETY_ORDER + pl.col("rule_order")),
+    ]).sort("run", "w_order", maintain_order=True)
+
+    exit_path = (
+        pl.when(pl.col("run").is_in(early["run"].implode())).then(pl.lit("E1"))
+        .when(pl.col("run").is_in(gate2["run"].implode())).then(pl.lit("E2"))
+        .when(pl.col("run").is_in(settled_block["run"].implode())).then(pl.lit("E3"))
+        .when(pl.col("run").is_in(hard_fail["run"].implode())).then(pl.lit("E4"))
+        .when(pl.col("run").is_in(mismatch["run"].implode())).then(pl.lit("E5"))
+        .otherwise(pl.lit("E6"))
+    )
+    soft_fail = rule_results.filter((pl.col("severity") == "SOFT") & (pl.col("status") == "FAIL")).select("run").unique()
+    out_runs = (
+        runs.with_columns(exit_path.alias("exit_path"))
+        .join(targets.status, on="run", how="left")
+        .join(faults, on="run", how="left")
+        .with_columns(pl.coalesce("input_fault", "target_fault").alias("block_reason"))
+        .with_columns(
+            pl.when(pl.col("exit_path") != "E6").then(pl.lit("BLOCKED"))
+            .when(pl.col("run").is_in(soft_fail["run"].implode())).then(pl.lit("PENDING_REVIEW"))
+            .when(pl.col("target_status") == "PENDING_REVIEW").then(pl.lit("PENDING_REVIEW"))
+            .otherwise(pl.lit("READY")).alias("status"),
+        )
+        .join(before.totals.select("run", pl.col("total_value").alias("before_total_value")), on="run", how="left")
+        .join(pl.concat([after.totals, revalued.totals]).select("run", pl.col("total_value").alias("after_total_value")), on="run", how="left")
+        .with_columns(pl.coalesce("after_total_value", "before_total_value").alias("after_total_value"))
+        .join(recon.select("run", "delta", "tolerance", "reconciliation_status"), on="run", how="left")
+        .join(tr.tax_totals, on="run", how="left")
+    )
+    gate, gate_reasons = compliance.gate_decisions(out_runs, rule_results, counts_final)
+    out_runs = out_runs.join(gate, on="run", how="left").join(
+        counts_final.select("run", "n_price_missing", "n_fx_missing", "n_shelf_missing", "dq_count"), on="run", how="left"
+    ).sort("run")
+
+    # after-state of stopped runs is the before-state (E1, E2), revalued for E3
+    blocked_states = {name: _only(getattr(before, name), stopped) for name in ("positions", "cash", "allocations")}
+    positions = pl.concat([
+        before.positions.with_columns(pl.lit("before").alias("state")),
+        pl.concat([after.positions.with_columns(pl.col("pos_seq").cast(pl.Int64)),
+                   revalued.positions.with_columns(pl.col("pos_seq").cast(pl.Int64)),
+                   blocked_states["positions"].with_columns(pl.col("pos_seq").cast(pl.Int64))], how="diagonal_relaxed")
+        .with_columns(pl.lit("after").alias("state")),
+    ], how="diagonal_relaxed")
+    cash = pl.concat([
+        before.cash.with_columns(pl.lit("before").alias("state")),
+        pl.concat([after.cash.with_columns(pl.col("cash_seq").cast(pl.Int64)),
+                   revalued.cash.with_columns(pl.col("cash_seq").cast(pl.Int64)),
+                   blocked_states["cash"].with_columns(pl.col("cash_seq").cast(pl.Int64))], how="diagonal_relaxed")
+        .with_columns(pl.lit("after").alias("state")),
+    ], how="diagonal_relaxed")
+    allocations = pl.concat([
+        before.allocations.with_columns(pl.lit("before").alias("state")),
+        pl.concat([after.allocations, revalued.allocations, blocked_states["allocations"]]).with_columns(pl.lit("after").alias("state")),
+    ])
+    return Result(
+        runs=out_runs,
+        intents=intents,
+        positions=positions,
+        cash=cash,
+        allocations=allocations,
+        targets=targets.trace,
+        exclusions=universe.excluded,
+        eligible=universe.eligible,
+        rule_results=rule_results,
+        data_quality=findings.sort("run", "stage", "seq"),
+        warnings=warnings,
+        suppressed=tr.suppressed,
+        dropped=dropped,
+        group_events=targets.group_events,
+        group_recipients=targets.group_recipients,
+        tax_events=_only(tr.tax_events, runs),
+        cash_ladder=ladder.points,
+        cash_ladder_breaches=ladder.breaches,
+        gate_reasons=gate_reasons,
+    )
+
+
+def _group_constraints(book: Book, runs: pl.DataFrame) -> pl.DataFrame:
+    return runs.select("run", "run_key").join(book.group_constraints.drop("seq"), on="run_key", how="inner").drop("run_key")
+
+
+def _overdrafts(book: Book, runs: pl.DataFrame) -> pl.DataFrame:
+    return runs.select("run", "run_key").join(book.overdraft_limits.drop("seq"), on="run_key", how="inner").drop("run_key")

@@ -1,0 +1,237 @@
+"""Result frames → the reference service's RebalanceResult JSON (spec §5).
+
+This is the edge of the JSON door: it walks each run's rows (already computed by the
+engine) and shapes them; it computes nothing but the 4-dp display rounding of weights.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from decimal import ROUND_HALF_EVEN, Decimal
+
+import polars as pl
+
+from dpm_vec.numeric import to_text
+from dpm_vec.pipeline import Result
+
+FOUR_DP = Decimal("0.0001")
+EARLY = ("E1", "E2")
+
+
+def _weight(value: Decimal | None) -> str | None:
+    return None if value is None else to_text(value.quantize(FOUR_DP, rounding=ROUND_HALF_EVEN))
+
+
+def _money(amount, currency) -> dict | None:
+    if amount is None:
+        return None
+    return {"amount": to_text(amount), "currency": currency}
+
+
+def _by_run(frame: pl.DataFrame) -> dict[int, list[dict]]:
+    grouped: dict[int, list[dict]] = defaultdict(list)
+    for row in frame.iter_rows(named=True):
+        grouped[row["run"]].append(row)
+    return grouped
+
+
+def render_results(result: Result, run_ids: dict[int, str] | None = None) -> list[dict]:
+    """One RebalanceResult dict per run, in run order."""
+    parts = {name: _by_run(frame) for name, frame in result.tables().items() if name != "runs"}
+    out = []
+    for run in result.runs.iter_rows(named=True):
+        rid = (run_ids or {}).get(run["run"]) or f"rr_{(run.get('request_hash') or run['run_key'])[:8]}"
+        out.append(_render_run(run, {name: rows.get(run["run"], []) for name, rows in parts.items()}, rid))
+    return out
+
+
+def _state(run: dict, parts: dict, state: str, total_value) -> dict:
+    base = run["base_currency"]
+    positions = [p for p in parts["positions"] if p["state"] == state]
+    positions.sort(key=lambda p: p["pos_seq"])
+    cash = sorted((c for c in parts["cash"] if c["state"] == state), key=lambda c: c["cash_seq"])
+    alloc = [a for a in parts["allocations"] if a["state"] == state]
+    alloc.sort(key=lambda a: (a["dimension"], a["attribute_order"], a["bucket_order"]))
+
+    def bucket(a):
+        return {"key": a["key"], "weight": _weight(a["weight"]), "value": _money(a["value"], base)}
+
+    by_instrument = [bucket(a) for a in alloc if a["dimension"] == "instrument"]
+    by_attribute: dict[str, list] = {}
+    attr_rows = sorted((a for a in alloc if a["dimension"].startswith("attribute:")), key=lambda a: (a["attribute_order"], a["bucket_order"]))
+    for a in attr_rows:
+        by_attribute.setdefault(a["dimension"].split(":", 1)[1], []).append(bucket(a))
+    return {
+        "total_value": _money(total_value, base),
+        "cash_balances": [
+            {"currency": c["currency"], "amount": to_text(c["amount"]), "settled": to_text(c["settled"]), "pending": to_text(c["pending"])}
+            for c in cash
+        ],
+        "positions": [
+            {
+                "instrument_id": p["instrument_id"], "quantity": to_text(p["quantity"]),
+                "instrument_currency": p["instrument_currency"], "asset_class": p["asset_class"],
+                "price": _money(p["price"], p["instrument_currency"]),
+                "value_in_instrument_ccy": _money(p["value_instr"], p["instrument_currency"]),
+                "value_in_base_ccy": _money(p["value_base"], base), "weight": _weight(p["weight"]),
+            }
+            for p in positions
+        ],
+        "allocation_by_asset_class": [bucket(a) for a in alloc if a["dimension"] == "asset_class"],
+        "allocation_by_instrument": by_instrument,
+        "allocation": [dict(b) for b in by_instrument],
+        "allocation_by_attribute": by_attribute,
+    }
+
+
+def _threshold(rule: dict) -> dict:
+    out = {}
+    if rule["threshold_min"] is not None:
+        out["min"] = to_text(rule["threshold_min"])
+    if rule["threshold_max"] is not None:
+        out["max"] = to_text(rule["threshold_max"])
+    return out
+
+
+def _render_run(run: dict, parts: dict, run_id: str) -> dict:
+    base = run["base_currency"]
+    path = run["exit_path"]
+    early = path in EARLY
+    intents = []
+    for it in sorted(parts["intents"], key=lambda i: i["exec_order"]):
+        if it["intent_type"] == "FX_SPOT":
+            intents.append({
+                "intent_type": "FX_SPOT", "intent_id": it["intent_id"], "pair": it["pair"],
+                "buy_currency": it["buy_currency"], "buy_amount": to_text(it["buy_amount"]),
+                "sell_currency": it["sell_currency"], "sell_amount_estimated": to_text(it["sell_amount_estimated"]),
+                "dependencies": [], "rationale": {"code": it["rationale_code"], "message": "Fund" if it["rationale_code"] == "FUNDING" else "Sweep"},
+            })
+        else:
+            intents.append({
+                "intent_type": "SECURITY_TRADE", "intent_id": it["intent_id"], "instrument_id": it["instrument_id"],
+                "side": it["side"], "quantity": to_text(it["quantity"]),
+                "notional": _money(it["notional"], it["notional_currency"]),
+                "notional_base": _money(it["notional_base"], base),
+                "dependencies": list(it["dependencies"] or []),
+                "rationale": {"code": it["rationale_code"], "message": "Align"},
+                "constraints_applied": (["MIN_NOTIONAL"] if it["min_notional_applied"] else []) + (["TAX_BUDGET"] if it["tax_budget_applied"] else []),
+            })
+    dq_lists = {"price_missing": [], "fx_missing": [], "shelf_missing": []}
+    for f in parts["data_quality"]:
+        dq_lists[f["bucket"]].append(f["item"])
+    rules = [
+        {
+            "rule_id": r["rule_id"], "severity": r["severity"], "status": r["status"], "measured": to_text(r["measured"]),
+            "threshold": _threshold(r), "reason_code": r["reason_code"], "remediation_hint": r["remediation_hint"],
+        }
+        for r in parts["rule_results"]
+    ]
+    warnings = [w["code"] for w in parts["warnings"]]
+    if run.get("block_reason"):
+        warnings.insert(0, run["block_reason"])
+    recipients = defaultdict(dict)
+    for rec in sorted(parts["group_recipients"], key=lambda x: x["recipient_order"]):
+        recipients[rec["constraint_key"]][rec["instrument_id"]] = to_text(rec["share"])
+    tax_on = run["enable_tax_awareness"] and not early
+    budget = run["max_realized_capital_gains"]
+    used = run["gains_budget_used"] or Decimal(0)
+    if budget is not None and abs(budget - used) <= Decimal("1e-10"):
+        used = budget
+    coverage = "0" if early else "1"
+    comparison = None
+    explanation = {"summary": "Blocked"} if early else {"summary": run["status"], "target_method_comparison": comparison}
+    gate = None
+    if run["enable_workflow_gates"]:
+        gate = {
+            "gate": run["gate"], "recommended_next_step": run["recommended_next_step"],
+            "reasons": [
+                {"reason_code": g["reason_code"], "severity": g["severity"], "source": g["source"],
+                 "details": {"reason_code": g["detail_reason_code"]} if g["detail_count"] is None else {"count": g["detail_count"]}}
+                for g in parts["gate_reasons"]
+            ],
+            "summary": {"hard_fail_count": run["hard_fail_count"], "soft_fail_count": run["soft_fail_count"],
+                        "new_high_suitability_count": 0, "new_medium_suitability_count": 0},
+        }
+    before_state = _state(run, parts, "before", run["before_total_value"])
+    return {
+        "rebalance_run_id": run_id,
+        "correlation_id": "c_none",
+        "status": run["status"],
+        "before": before_state,
+        "universe": {
+            "universe_id": f"u_{run_id}",
+            "eligible_for_buy": [e["instrument_id"] for e in parts["eligible"] if e["list"] == "buy"],
+            "eligible_for_sell": [e["instrument_id"] for e in parts["eligible"] if e["list"] == "sell"],
+            "excluded": [{"instrument_id": e["instrument_id"], "reason_code": e["reason_code"], "details": None} for e in parts["exclusions"]],
+            "coverage": {"price_coverage_pct": coverage, "fx_coverage_pct": coverage},
+        },
+        "target": {
+            "target_id": f"t_{run_id}", "strategy": {},
+            "targets": [
+                {"instrument_id": t["instrument_id"], "model_weight": to_text(t["model_weight"]), "final_weight": to_text(t["final_weight"]),
+                 "final_value": _money(t["final_value"], base), "tags": list(t["tags"])}
+                for t in parts["targets"]
+            ],
+        },
+        "intents": intents,
+        "after_simulated": _state(run, parts, "after", run["after_total_value"]),
+        "reconciliation": None if run["reconciliation_status"] is None else {
+            "before_total_value": _money(run["before_total_value"], base), "after_total_value": _money(run["after_total_value"], base),
+            "delta": _money(run["delta"], base), "tolerance": _money(run["tolerance"], base), "status": run["reconciliation_status"],
+        },
+        "tax_impact": {
+            "total_realized_gain": _money(run["realized_gain"] or Decimal(0), base),
+            "total_realized_loss": _money(run["realized_loss"] or Decimal(0), base),
+            "budget_limit": _money(budget, base),
+            "budget_used": None if budget is None else _money(min(used, budget), base),
+        } if tax_on else None,
+        "rule_results": rules,
+        "explanation": explanation,
+        "diagnostics": {
+            "warnings": warnings,
+            "suppressed_intents": [
+                {"instrument_id": s["instrument_id"], "reason": "BELOW_MIN_NOTIONAL",
+                 "intended_notional": _money(s["intended_notional"], s["currency"]),
+                 "threshold": _money(s["threshold_amount"], s["threshold_currency"])}
+                for s in parts["suppressed"]
+            ],
+            "dropped_intents": [
+                {"instrument_id": d["instrument_id"], "reason": "TURNOVER_LIMIT",
+                 "potential_notional": _money(d["potential_notional"], base), "score": to_text(d["score"])}
+                for d in sorted(parts["dropped"], key=lambda d: d["drop_order"])
+            ],
+            "group_constraint_events": [
+                {"constraint_key": e["constraint_key"], "group_weight_before": to_text(e["group_weight_before"]),
+                 "max_weight": to_text(e["max_weight"]), "released_weight": to_text(e["released_weight"]),
+                 "recipients": recipients.get(e["constraint_key"], {}), "status": e["status"]}
+                for e in sorted(parts["group_events"], key=lambda e: e["event_order"])
+            ],
+            "tax_budget_constraint_events": [
+                {"instrument_id": t["instrument_id"], "requested_quantity": to_text(t["requested_quantity"]),
+                 "allowed_quantity": to_text(t["allowed_quantity"]), "reason_code": "TAX_BUDGET_LIMIT_REACHED"}
+                for t in parts["tax_events"]
+            ],
+            "cash_ladder": [
+                {"date_offset": c["date_offset"], "currency": c["currency"], "projected_balance": to_text(c["projected_balance"])}
+                for c in parts["cash_ladder"]
+            ],
+            "cash_ladder_breaches": [
+                {"date_offset": b["date_offset"], "currency": b["currency"], "projected_balance": to_text(b["projected_balance"]),
+                 "allowed_floor": to_text(b["allowed_floor"]), "reason_code": b["reason_code"]}
+                for b in parts["cash_ladder_breaches"]
+            ],
+            "missing_fx_pairs": [], "funding_plan": [], "insufficient_cash": [],
+            "data_quality": dq_lists,
+        },
+        "gate_decision": gate,
+        "lineage": {
+            "portfolio_snapshot_id": run["portfolio_id"], "market_data_snapshot_id": run["market_snapshot_id"],
+            "request_hash": run.get("request_hash"), "idempotency_key": None, "engine_version": _version(),
+        },
+    }
+
+
+def _version() -> str:
+    from dpm_vec import __version__
+
+    return __version__

@@ -1,0 +1,46 @@
+"""Input checks dpm_vec adds to the reference (spec §9.1 and RFC-0001 Step 1-2).
+
+* NEGATIVE_QUANTITY — a held quantity below zero (the reference accepts it);
+* NON_POSITIVE_PRICE — a zero price for a held or model instrument (the reference
+  crashes with a division error);
+* SNAPSHOT_SKEW — portfolio and market ``as_of`` further apart than ``max_skew_minutes``;
+* PRICE_STALE — a price older than ``max_staleness_minutes`` (block, or with
+  ``stale_price_action = EXCLUDE`` the instrument is excluded instead).
+
+The skew and staleness checks only run when the timestamps are given.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from dpm_vec.stages.prepare import Market
+
+FAULT_SCHEMA = {"run": pl.UInt32, "input_fault": pl.String}
+
+
+def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, model: pl.DataFrame):
+    """Return (faults: run → first fault code, stale: run, instrument_id to exclude)."""
+    instruments = pl.concat([positions.select("run", "instrument_id"), model.select("run", "instrument_id")]).unique()
+    priced = market.with_price(instruments).join(
+        runs.select("run", "portfolio_as_of", "market_as_of", "max_staleness_minutes", "stale_price_action"), on="run", how="left"
+    )
+    reference_time = pl.coalesce("market_as_of", "portfolio_as_of")
+    is_stale = (
+        pl.col("max_staleness_minutes").is_not_null() & pl.col("price_as_of").is_not_null() & reference_time.is_not_null()
+        & ((reference_time - pl.col("price_as_of")) > pl.duration(minutes=pl.col("max_staleness_minutes")))
+    )
+    priced = priced.with_columns(is_stale.alias("_stale"))
+    skew = runs.filter(
+        pl.col("portfolio_as_of").is_not_null() & pl.col("market_as_of").is_not_null()
+        & ((pl.col("portfolio_as_of") - pl.col("market_as_of")).abs() > pl.duration(minutes=pl.col("max_skew_minutes")))
+    )
+    faults = pl.concat([
+        pl.DataFrame(schema=FAULT_SCHEMA),
+        positions.filter(pl.col("quantity") < 0).select("run", pl.lit("NEGATIVE_QUANTITY").alias("input_fault"), pl.lit(0).alias("_o")).drop("_o"),
+        priced.filter(pl.col("price").is_not_null() & (pl.col("price") <= 0)).select("run", pl.lit("NON_POSITIVE_PRICE").alias("input_fault")),
+        skew.select("run", pl.lit("SNAPSHOT_SKEW").alias("input_fault")),
+        priced.filter(pl.col("_stale") & (pl.col("stale_price_action") == "BLOCK")).select("run", pl.lit("PRICE_STALE").alias("input_fault")),
+    ]).unique("run", keep="first", maintain_order=True)
+    stale = priced.filter(pl.col("_stale") & (pl.col("stale_price_action") == "EXCLUDE")).select("run", "instrument_id")
+    return faults, stale

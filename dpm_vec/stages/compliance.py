@@ -1,0 +1,216 @@
+"""After-state (§6.16), rule engine (§6.17), reconciliation (§6.18) and gate (§6.20).
+
+Rules are pure expressions over per-run aggregates; every rule is evaluated for every run
+and the results collected into one table, never stopping at the first breach.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from dpm_vec.numeric import DEC, dabs, lit
+
+SAFETY_ORDER = 600
+APPENDED = 1 << 50  # order of positions / cash rows the after-state appends
+
+RULE_SCHEMA = {
+    "run": pl.UInt32, "rule_order": pl.Int64, "rule_id": pl.String, "severity": pl.String, "status": pl.String,
+    "measured": DEC, "threshold_min": DEC, "threshold_max": DEC, "reason_code": pl.String, "remediation_hint": pl.String,
+}
+
+
+def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataFrame):
+    """Apply intents in execution order to the input holdings; new rows are appended in
+    the order they are first touched."""
+    sec = intents.filter(pl.col("intent_type") == "SECURITY_TRADE")
+    qty_moves = sec.group_by("run", "instrument_id").agg(
+        pl.when(pl.col("side") == "BUY").then(pl.col("quantity")).otherwise(-pl.col("quantity")).sum().alias("_dq"),
+        pl.col("exec_order").min().alias("_first"),
+    )
+    pos = positions.join(qty_moves, on=["run", "instrument_id"], how="left").with_columns(
+        (pl.col("quantity") + pl.col("_dq").fill_null(lit(0))).alias("quantity")
+    ).drop("_dq", "_first")
+    new_pos = qty_moves.join(positions.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti").select(
+        "run", (pl.lit(APPENDED, dtype=pl.Int64) + pl.col("_first")).alias("pos_seq"), "instrument_id",
+        pl.col("_dq").alias("quantity"),
+    )
+    pos = pl.concat([pos.with_columns(pl.col("pos_seq").cast(pl.Int64)), new_pos], how="diagonal_relaxed").sort("run", "pos_seq")
+    fx = intents.filter(pl.col("intent_type") == "FX_SPOT")
+    cash_moves = pl.concat([
+        sec.select("run", pl.col("notional_currency").alias("currency"),
+                   pl.when(pl.col("side") == "BUY").then(-pl.col("notional")).otherwise(pl.col("notional")).alias("_move"),
+                   (pl.col("exec_order") * 2).alias("_touch")),
+        fx.select("run", pl.col("sell_currency").alias("currency"), (-pl.col("sell_amount_estimated")).alias("_move"),
+                  (pl.col("exec_order") * 2).alias("_touch")),
+        fx.select("run", pl.col("buy_currency").alias("currency"), pl.col("buy_amount").alias("_move"),
+                  (pl.col("exec_order") * 2 + 1).alias("_touch")),
+    ]).group_by("run", "currency").agg(pl.col("_move").sum(), pl.col("_touch").min())
+    cash_after = cash.join(cash_moves, on=["run", "currency"], how="left").with_columns(
+        (pl.col("amount") + pl.col("_move").fill_null(lit(0))).alias("amount")
+    ).drop("_move", "_touch")
+    new_cash = cash_moves.join(cash.select("run", "currency"), on=["run", "currency"], how="anti").select(
+        "run", (pl.lit(APPENDED, dtype=pl.Int64) + pl.col("_touch")).alias("cash_seq"), "currency", pl.col("_move").alias("amount"),
+    )
+    cash_after = pl.concat([cash_after.with_columns(pl.col("cash_seq").cast(pl.Int64)), new_cash], how="diagonal_relaxed").sort("run", "cash_seq")
+    return pos, cash_after
+
+
+def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame, allocations: pl.DataFrame,
+                   dq_counts: pl.DataFrame, suppressed_counts: pl.DataFrame) -> pl.DataFrame:
+    """The six core rules for each run of ``runs`` on the given state (§6.17)."""
+    cash_weight = allocations.filter((pl.col("dimension") == "asset_class") & (pl.col("key") == "CASH")).select("run", pl.col("weight").alias("_cash_w"))
+    pos_stats = positions.group_by("run").agg(
+        pl.col("quantity").filter(pl.col("quantity") < 0).min().alias("_min_qty"),
+    )
+    inst = allocations.filter(pl.col("dimension") == "instrument")
+    max_w = inst.group_by("run").agg(pl.col("weight").max().alias("_max_w"))
+    cash_stats = cash.group_by("run").agg(pl.col("amount").filter(pl.col("amount") < 0).min().alias("_min_cash"))
+    r = (
+        runs.select("run", "cash_band_min_weight", "cash_band_max_weight", "single_position_max_weight")
+        .join(cash_weight, on="run", how="left").join(pos_stats, on="run", how="left").join(max_w, on="run", how="left")
+        .join(cash_stats, on="run", how="left").join(dq_counts.select("run", "dq_count"), on="run", how="left")
+        .join(suppressed_counts, on="run", how="left")
+        .with_columns(
+            pl.col("_cash_w").fill_null(lit(0)), pl.col("dq_count").fill_null(0), pl.col("n_suppressed").fill_null(0),
+        )
+    )
+
+    def rule(order, rule_id, severity, fail, measured, tmin, tmax, reason_fail, reason_pass, hint):
+        return r.select(
+            "run", pl.lit(order, dtype=pl.Int64).alias("rule_order"), pl.lit(rule_id).alias("rule_id"),
+            pl.lit(severity).alias("severity"),
+            pl.when(fail).then(pl.lit("FAIL")).otherwise(pl.lit("PASS")).alias("status"),
+            measured.cast(DEC).alias("measured"), tmin.cast(DEC).alias("threshold_min"), tmax.cast(DEC).alias("threshold_max"),
+            pl.when(fail).then(pl.lit(reason_fail)).otherwise(reason_pass).alias("reason_code"),
+            pl.when(fail).then(pl.lit(hint)).otherwise(pl.lit(None, dtype=pl.String)).alias("remediation_hint"),
+        )
+
+    none = pl.lit(None, dtype=DEC)
+    cash_band = rule(
+        0, "CASH_BAND", "SOFT",
+        (pl.col("_cash_w") < pl.col("cash_band_min_weight")) | (pl.col("_cash_w") > pl.col("cash_band_max_weight")),
+        pl.col("_cash_w"), pl.col("cash_band_min_weight"), pl.col("cash_band_max_weight"),
+        "THRESHOLD_BREACH", pl.lit("OK"), "Portfolio cash is outside policy bands.",
+    )
+    m = pl.col("single_position_max_weight")
+    spm_pass = r.join(
+        inst.join(runs.select("run", "single_position_max_weight"), on="run")
+        .filter(pl.col("single_position_max_weight").is_not_null() & (pl.col("weight") > pl.col("single_position_max_weight") + lit("0.001")))
+        .select("run").unique(), on="run", how="anti",
+    ).select(
+        "run", pl.lit(1, dtype=pl.Int64).alias("rule_order"), pl.lit("SINGLE_POSITION_MAX").alias("rule_id"),
+        pl.lit("HARD").alias("severity"), pl.lit("PASS").alias("status"),
+        pl.when(m.is_null()).then(lit(0)).otherwise(pl.when(pl.col("_max_w") > 0).then(pl.col("_max_w")).otherwise(lit(0))).alias("measured"),
+        none.alias("threshold_min"),
+        pl.when(m.is_null()).then(lit(-1)).otherwise(m).alias("threshold_max"),
+        pl.when(m.is_null()).then(pl.lit("NO_LIMIT_SET")).otherwise(pl.lit("OK")).alias("reason_code"),
+        pl.lit(None, dtype=pl.String).alias("remediation_hint"),
+    )
+    spm_fail = (
+        inst.join(runs.select("run", "single_position_max_weight"), on="run")
+        .filter(pl.col("single_position_max_weight").is_not_null() & (pl.col("weight") > pl.col("single_position_max_weight") + lit("0.001")))
+        .sort("run", "bucket_order")
+        .select(
+            "run", (pl.lit(1, dtype=pl.Int64) + pl.int_range(pl.len()).over("run").cast(pl.Int64) * 0).alias("rule_order"),
+            pl.lit("SINGLE_POSITION_MAX").alias("rule_id"), pl.lit("HARD").alias("severity"), pl.lit("FAIL").alias("status"),
+            pl.col("weight").alias("measured"), none.alias("threshold_min"), pl.col("single_position_max_weight").alias("threshold_max"),
+            pl.lit("LIMIT_BREACH").alias("reason_code"),
+            (pl.lit("Instrument ") + pl.col("key") + pl.lit(" exceeds max weight.")).alias("remediation_hint"),
+        )
+    )
+    data_quality = rule(2, "DATA_QUALITY", "HARD", pl.col("dq_count") > 0, pl.col("dq_count"), none, lit(0),
+                        "MISSING_DATA", pl.lit("OK"), "Check diagnostics for missing prices/FX.")
+    min_trade = rule(3, "MIN_TRADE_SIZE", "SOFT", pl.lit(False), pl.col("n_suppressed"), lit(0), none, "",
+                     pl.when(pl.col("n_suppressed") > 0).then(pl.lit("INTENTS_SUPPRESSED")).otherwise(pl.lit("OK")), "")
+    no_short = rule(4, "NO_SHORTING", "HARD", pl.col("_min_qty").is_not_null(), pl.col("_min_qty").fill_null(lit(0)), lit(0), none,
+                    "SELL_EXCEEDS_HOLDINGS", pl.lit("OK"), "Reduce sell quantity.")
+    cash_rule = rule(5, "INSUFFICIENT_CASH", "HARD", pl.col("_min_cash").is_not_null(), pl.col("_min_cash").fill_null(lit(0)), lit(0), none,
+                     "CASH_BALANCE_NEGATIVE", pl.lit("OK"), "Ensure sufficient funding.")
+    out = pl.concat([cash_band, spm_pass, spm_fail, data_quality, min_trade, no_short, cash_rule], how="vertical_relaxed")
+    return out.select([pl.col(c).cast(t) for c, t in RULE_SCHEMA.items()]).sort("run", "rule_order", maintain_order=True)
+
+
+def reconcile(before_totals: pl.DataFrame, after_totals: pl.DataFrame) -> pl.DataFrame:
+    """§6.18: after vs before total value with tolerance 0.5 + before × 0.0005."""
+    return (
+        before_totals.select("run", pl.col("total_value").alias("before_total_value"))
+        .join(after_totals.select("run", pl.col("total_value").alias("after_total_value")), on="run")
+        .with_columns(
+            (pl.col("after_total_value") - pl.col("before_total_value")).alias("delta"),
+            (lit("0.5") + pl.col("before_total_value") * lit("0.0005")).alias("tolerance"),
+        )
+        .with_columns(
+            pl.when(dabs(pl.col("delta")) <= pl.col("tolerance")).then(pl.lit("OK")).otherwise(pl.lit("MISMATCH")).alias("reconciliation_status"),
+        )
+    )
+
+
+def reconciliation_rule(recon: pl.DataFrame) -> pl.DataFrame:
+    return recon.filter(pl.col("reconciliation_status") == "MISMATCH").select(
+        "run", pl.lit(7, dtype=pl.Int64).alias("rule_order"), pl.lit("RECONCILIATION").alias("rule_id"),
+        pl.lit("HARD").alias("severity"), pl.lit("FAIL").alias("status"), dabs(pl.col("delta")).alias("measured"),
+        pl.lit(None, dtype=DEC).alias("threshold_min"), pl.col("tolerance").alias("threshold_max"),
+        pl.lit("VALUE_MISMATCH").alias("reason_code"), pl.lit("Check pricing/FX or engine logic.").alias("remediation_hint"),
+    )
+
+
+def settlement_rule(first_breach: pl.DataFrame) -> pl.DataFrame:
+    return first_breach.select(
+        "run", pl.lit(0, dtype=pl.Int64).alias("rule_order"), pl.lit("SETTLEMENT_CASH_LADDER").alias("rule_id"),
+        pl.lit("HARD").alias("severity"), pl.lit("FAIL").alias("status"),
+        (pl.col("allowed_floor") - pl.col("projected_balance")).alias("measured"), pl.col("allowed_floor").alias("threshold_min"),
+        pl.lit(None, dtype=DEC).alias("threshold_max"), "reason_code",
+        pl.lit("Adjust timing, funding, or overdraft settings.").alias("remediation_hint"),
+    )
+
+
+SEVERITY_RANK = {"HIGH": 0, "MEDIUM": 1, "LOW": 2}
+
+
+def gate_decisions(runs: pl.DataFrame, rule_results: pl.DataFrame, dq_counts: pl.DataFrame):
+    """§6.20: workflow gate per run and its sorted reasons."""
+    fails = rule_results.filter(pl.col("status") == "FAIL")
+    reasons = pl.concat([
+        fails.select(
+            "run",
+            pl.when(pl.col("severity") == "HARD").then(pl.lit("HARD_RULE_FAIL:")).otherwise(pl.lit("SOFT_RULE_FAIL:")).add(pl.col("rule_id")).alias("reason_code"),
+            pl.when(pl.col("severity") == "HARD").then(pl.lit("HIGH")).otherwise(pl.lit("MEDIUM")).alias("severity"),
+            pl.lit("RULE_ENGINE").alias("source"), pl.col("reason_code").alias("detail_reason_code"),
+            pl.lit(None, dtype=pl.String).alias("detail_count"),
+        ),
+        dq_counts.filter(pl.col("n_price_missing") > 0).select(
+            "run", pl.lit("DATA_QUALITY_MISSING_PRICE").alias("reason_code"), pl.lit("HIGH").alias("severity"),
+            pl.lit("DATA_QUALITY").alias("source"), pl.lit(None, dtype=pl.String).alias("detail_reason_code"),
+            pl.col("n_price_missing").cast(pl.String).alias("detail_count"),
+        ),
+        dq_counts.filter(pl.col("n_fx_missing") > 0).select(
+            "run", pl.lit("DATA_QUALITY_MISSING_FX").alias("reason_code"), pl.lit("HIGH").alias("severity"),
+            pl.lit("DATA_QUALITY").alias("source"), pl.lit(None, dtype=pl.String).alias("detail_reason_code"),
+            pl.col("n_fx_missing").cast(pl.String).alias("detail_count"),
+        ),
+    ]).join(runs.filter(pl.col("enable_workflow_gates")).select("run"), on="run", how="semi")
+    reasons = reasons.with_columns(
+        pl.col("severity").replace_strict(SEVERITY_RANK, return_dtype=pl.Int8).alias("_sev")
+    ).sort("run", "_sev", "source", "reason_code", pl.col("detail_reason_code").fill_null("")).drop("_sev")
+    counts = fails.group_by("run").agg(
+        (pl.col("severity") == "HARD").sum().cast(pl.Int64).alias("hard_fail_count"),
+        (pl.col("severity") == "SOFT").sum().cast(pl.Int64).alias("soft_fail_count"),
+    )
+    g = runs.select("run", "status", "enable_workflow_gates", "workflow_requires_client_consent", "client_consent_already_obtained").join(
+        counts, on="run", how="left"
+    ).with_columns(pl.col("hard_fail_count", "soft_fail_count").fill_null(0))
+    gate = (
+        pl.when((pl.col("status") == "BLOCKED") | (pl.col("hard_fail_count") > 0)).then(pl.lit("BLOCKED|FIX_INPUT"))
+        .when(pl.col("soft_fail_count") > 0).then(pl.lit("RISK_REVIEW_REQUIRED|RISK_REVIEW"))
+        .when(pl.col("client_consent_already_obtained")).then(pl.lit("EXECUTION_READY|EXECUTE"))
+        .when(pl.col("workflow_requires_client_consent")).then(pl.lit("CLIENT_CONSENT_REQUIRED|REQUEST_CLIENT_CONSENT"))
+        .otherwise(pl.lit("EXECUTION_READY|EXECUTE"))
+        .str.split_exact("|", 1)
+    )
+    g = g.with_columns(gate.alias("_g")).select(
+        "run",
+        pl.when(pl.col("enable_workflow_gates")).then(pl.col("_g").struct.field("field_0")).alias("gate"),
+        pl.when(pl.col("enable_workflow_gates")).then(pl.col("_g").struct.field("field_1")).alias("recommended_next_step"),
+        "hard_fail_count", "soft_fail_count",
+    )
+    return g, reasons

@@ -1,0 +1,106 @@
+"""FX funding and sweep (spec §6.13), dependencies and execution order (§6.14).
+
+Cash is projected per currency from the input balances and the surviving security
+intents; every foreign shortfall is funded from base with a buffer (FUNDING) and every
+foreign surplus swept into base (SWEEP). Buys then depend on their funding FX and on the
+last sell in their currency, and the list is ordered sells, FX, buys.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from dpm_vec.numeric import DEC, dabs, lit
+from dpm_vec.stages import dq
+from dpm_vec.stages.prepare import Market
+
+INTENT_COLUMNS = {
+    "run": pl.UInt32, "exec_order": pl.Int64, "intent_id": pl.String, "intent_type": pl.String,
+    "instrument_id": pl.String, "side": pl.String, "quantity": DEC, "notional": DEC,
+    "notional_currency": pl.String, "notional_base": DEC, "base_currency": pl.String,
+    "dependencies": pl.List(pl.String), "rationale_code": pl.String,
+    "min_notional_applied": pl.Boolean, "tax_budget_applied": pl.Boolean,
+    "pair": pl.String, "buy_currency": pl.String, "buy_amount": DEC,
+    "sell_currency": pl.String, "sell_amount_estimated": DEC,
+}
+
+
+def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_input: pl.DataFrame):
+    """Return (all intents in execution order, fx_missing findings)."""
+    policy = runs.select("run", "base_currency", "fx_buffer_pct")
+    flows = security.select(
+        "run", pl.col("price_currency").alias("currency"),
+        pl.when(pl.col("side") == "SELL").then(pl.col("notional")).otherwise(-pl.col("notional")).alias("flow"),
+        (pl.lit(1 << 40, dtype=pl.Int64) + pl.col("list_order")).alias("ccy_order"),
+    )
+    opening = cash_input.select("run", "currency", pl.col("amount").alias("flow"), pl.col("cash_seq").cast(pl.Int64).alias("ccy_order"))
+    projected = (
+        pl.concat([opening, flows]).group_by("run", "currency")
+        .agg(pl.col("flow").sum().alias("balance"), pl.col("ccy_order").min())
+        .join(policy, on="run", how="left")
+        .filter(pl.col("currency") != pl.col("base_currency"))
+    )
+    projected = market.with_rate(projected, "currency", "base_currency", "rate")
+    fx_missing = dq.findings(
+        projected, pl.col("rate").is_null(), "fx_missing", pl.col("currency") + "/" + pl.col("base_currency"),
+        dq.FX, pl.col("ccy_order"),
+    )
+    funding = pl.col("balance") < 0
+    buy_amount = dabs(pl.col("balance")) * (lit(1) + pl.col("fx_buffer_pct"))
+    fx = (
+        projected.filter(pl.col("rate").is_not_null() & (pl.col("balance") != 0))
+        .sort("run", "ccy_order")
+        .join(security.group_by("run").agg(pl.len().alias("_n_sec")), on="run", how="left")
+        .with_columns(
+            (pl.col("_n_sec").fill_null(0) + pl.int_range(1, pl.len() + 1).over("run")).cast(pl.Int64).alias("_k"),
+            pl.when(funding).then(buy_amount).otherwise(pl.col("balance") * pl.col("rate")).alias("buy_amount"),
+        )
+        .with_columns(
+            pl.when(funding).then(pl.col("buy_amount") * pl.col("rate")).otherwise(pl.col("balance")).alias("sell_amount_estimated"),
+        )
+        .select(
+            "run", pl.lit(2, dtype=pl.Int8).alias("_group"), pl.col("_k").alias("_within"),
+            (pl.lit("oi_fx_") + pl.col("_k").cast(pl.String)).alias("intent_id"),
+            pl.lit("FX_SPOT").alias("intent_type"),
+            (pl.col("currency") + "/" + pl.col("base_currency")).alias("pair"),
+            pl.when(funding).then(pl.col("currency")).otherwise(pl.col("base_currency")).alias("buy_currency"),
+            "buy_amount",
+            pl.when(funding).then(pl.col("base_currency")).otherwise(pl.col("currency")).alias("sell_currency"),
+            "sell_amount_estimated",
+            pl.when(funding).then(pl.lit("FUNDING")).otherwise(pl.lit("SWEEP")).alias("rationale_code"),
+            "base_currency",
+        )
+    )
+    sec = security.with_columns(
+        (pl.lit("oi_") + pl.col("intent_no").cast(pl.String)).alias("intent_id"),
+        pl.when(pl.col("side") == "SELL").then(pl.lit(1, dtype=pl.Int8)).otherwise(pl.lit(3, dtype=pl.Int8)).alias("_group"),
+        pl.col("list_order").alias("_within"),
+    )
+    funding_ids = fx.filter(pl.col("rationale_code") == "FUNDING").select(
+        "run", pl.col("buy_currency").alias("price_currency"), pl.col("intent_id").alias("_fx_dep")
+    )
+    last_sell = (
+        sec.filter(pl.col("side") == "SELL").sort("run", "list_order")
+        .group_by("run", "price_currency").agg(pl.col("intent_id").last().alias("_sell_dep"))
+    )
+    sec = (
+        sec.join(funding_ids, on=["run", "price_currency"], how="left")
+        .join(last_sell, on=["run", "price_currency"], how="left")
+        .with_columns(
+            pl.when(pl.col("side") == "BUY")
+            .then(pl.concat_list(
+                pl.when(pl.col("_fx_dep").is_not_null()).then(pl.concat_list("_fx_dep")).otherwise(pl.lit([], dtype=pl.List(pl.String))),
+                pl.when(pl.col("_sell_dep").is_not_null()).then(pl.concat_list("_sell_dep")).otherwise(pl.lit([], dtype=pl.List(pl.String))),
+            ))
+            .otherwise(pl.lit([], dtype=pl.List(pl.String))).alias("dependencies"),
+        )
+        .select(
+            "run", "_group", "_within", "intent_id", pl.lit("SECURITY_TRADE").alias("intent_type"),
+            "instrument_id", "side", "quantity", "notional", pl.col("price_currency").alias("notional_currency"),
+            "notional_base", "base_currency", "dependencies", "rationale_code", "min_notional_applied", "tax_budget_applied",
+        )
+    )
+    fx = fx.with_columns(pl.lit([], dtype=pl.List(pl.String)).alias("dependencies"))
+    intents = pl.concat([sec, fx], how="diagonal_relaxed").sort("run", "_group", "_within")
+    intents = intents.with_columns(pl.int_range(pl.len()).over("run").cast(pl.Int64).alias("exec_order"))
+    return intents.select([pl.col(c).cast(t) for c, t in INTENT_COLUMNS.items()]), fx_missing

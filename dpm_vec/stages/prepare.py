@@ -1,0 +1,139 @@
+"""Stage 0: bind the book's shared reference data (prices, FX, shelf, models) to runs.
+
+Every later stage works on frames keyed by ``run`` (an integer per portfolios row) and
+looks reference data up through the ``Market`` helpers here, which implement the
+reference's first-match-wins look-ups (§1.4) and the direct-then-inverse FX rule (§6.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from dpm_vec.book import Book
+from dpm_vec.numeric import DEC, lit
+
+RUN = pl.UInt32
+
+
+@dataclass(frozen=True)
+class Prepared:
+    runs: pl.DataFrame  # one row per run: run, portfolio columns, policy columns
+    positions: pl.DataFrame  # run, pos_seq, instrument_id, quantity, market_value, ...
+    cash: pl.DataFrame  # run, cash_seq, currency, amount, settled, pending
+    lots: pl.DataFrame  # run, instrument_id, lot_id, quantity, unit_cost, ...
+    model: pl.DataFrame  # run, model_seq, instrument_id, model_weight
+    market: "Market"
+
+
+@dataclass(frozen=True)
+class Market:
+    run_keys: pl.DataFrame  # run, market_snapshot_id, shelf_id, base_currency
+    prices: pl.DataFrame  # market_snapshot_id, instrument_id, price, price_currency, price_as_of
+    fx: pl.DataFrame  # market_snapshot_id, fx_from, fx_to, fx_rate
+    shelf: pl.DataFrame  # shelf_id, instrument_id, status, asset_class, ...
+    attributes: pl.DataFrame  # shelf_id, instrument_id, attribute, value, attr_seq
+
+    def with_price(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """Attach price, price_currency, price_as_of (null when the instrument has no price)."""
+        return (
+            frame.join(self.run_keys.select("run", "market_snapshot_id"), on="run", how="left")
+            .join(self.prices, on=["market_snapshot_id", "instrument_id"], how="left")
+            .drop("market_snapshot_id")
+        )
+
+    def with_shelf(self, frame: pl.DataFrame, columns: tuple[str, ...] | None = None) -> pl.DataFrame:
+        """Attach the first shelf entry's columns (``status`` null when unshelved)."""
+        shelf = self.shelf if columns is None else self.shelf.select("shelf_id", "instrument_id", *columns)
+        return (
+            frame.join(self.run_keys.select("run", "shelf_id"), on="run", how="left")
+            .join(shelf, on=["shelf_id", "instrument_id"], how="left")
+            .drop("shelf_id")
+        )
+
+    def with_rate(self, frame: pl.DataFrame, from_col: str, to_col: str, out: str) -> pl.DataFrame:
+        """Attach ``out`` = rate(from → to) per §6.1: 1.0 for equal currencies, else the
+        first direct pair if non-zero, else 1.0 / the first inverse pair if non-zero,
+        else null (missing)."""
+        direct = self.fx.rename({"fx_from": "_f", "fx_to": "_t", "fx_rate": "_direct"})
+        inverse = self.fx.rename({"fx_from": "_t", "fx_to": "_f", "fx_rate": "_inverse"})
+        keyed = frame.join(self.run_keys.select("run", "market_snapshot_id"), on="run", how="left")
+        keyed = keyed.join(
+            direct, left_on=["market_snapshot_id", from_col, to_col],
+            right_on=["market_snapshot_id", "_f", "_t"], how="left",
+        ).join(
+            inverse, left_on=["market_snapshot_id", from_col, to_col],
+            right_on=["market_snapshot_id", "_f", "_t"], how="left",
+        )
+        rate = (
+            pl.when(pl.col(from_col) == pl.col(to_col)).then(lit("1.0"))
+            .when(pl.col("_direct").is_not_null() & (pl.col("_direct") != 0)).then(pl.col("_direct"))
+            .when(pl.col("_inverse").is_not_null() & (pl.col("_inverse") != 0))
+            .then(lit("1.0") / pl.col("_inverse"))
+            .otherwise(None)
+            .cast(DEC)
+        )
+        return keyed.with_columns(rate.alias(out)).drop("market_snapshot_id", "_direct", "_inverse")
+
+
+def prepare(book: Book) -> Prepared:
+    """Number the runs and fan each run's holdings and model out to it."""
+    runs = (
+        book.portfolios.sort("seq")
+        .with_row_index("run")
+        .with_columns(pl.col("run").cast(RUN))
+    )
+    snap = runs.select("run", "portfolio_snapshot_id")
+
+    def per_run(frame: pl.DataFrame, seq_name: str) -> pl.DataFrame:
+        return (
+            snap.join(frame.rename({"seq": seq_name}), on="portfolio_snapshot_id", how="inner")
+            .drop("portfolio_snapshot_id")
+            .sort("run", seq_name)
+        )
+
+    positions = per_run(book.positions, "pos_seq")
+    cash = per_run(book.cash, "cash_seq")
+    lots = per_run(book.lots, "lot_seq")
+    model = (
+        runs.select("run", "model_id")
+        .join(book.models.rename({"seq": "model_seq", "weight": "model_weight"}), on="model_id", how="inner")
+        .drop("model_id")
+        .sort("run", "model_seq")
+    )
+    prices = (
+        book.prices.sort("seq")
+        .unique(["market_snapshot_id", "instrument_id"], keep="first", maintain_order=True)
+        .select(
+            "market_snapshot_id", "instrument_id", "price",
+            pl.col("currency").alias("price_currency"), pl.col("as_of").alias("price_as_of"),
+        )
+    )
+    fx = (
+        book.fx_rates.sort("seq")
+        .unique(["market_snapshot_id", "pair"], keep="first", maintain_order=True)
+        .with_columns(pl.col("pair").str.split_exact("/", 1).alias("_p"))
+        .select(
+            "market_snapshot_id",
+            pl.col("_p").struct.field("field_0").alias("fx_from"),
+            pl.col("_p").struct.field("field_1").alias("fx_to"),
+            pl.col("rate").alias("fx_rate"),
+        )
+        .unique(["market_snapshot_id", "fx_from", "fx_to"], keep="first", maintain_order=True)
+    )
+    shelf = (
+        book.shelf.sort("seq")
+        .unique(["shelf_id", "instrument_id"], keep="first", maintain_order=True)
+        .drop("seq")
+    )
+    market = Market(
+        run_keys=runs.select("run", "market_snapshot_id", "shelf_id", "base_currency"),
+        prices=prices,
+        fx=fx,
+        shelf=shelf,
+        attributes=book.shelf_attributes.sort("seq").with_columns(
+            pl.col("seq").rank("ordinal").over("shelf_id", "instrument_id").cast(pl.Int64).alias("attr_seq")
+        ).drop("seq"),
+    )
+    return Prepared(runs=runs, positions=positions, cash=cash, lots=lots, model=model, market=market)

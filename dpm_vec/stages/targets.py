@@ -1,0 +1,340 @@
+"""Target generation (spec §6.4-6.5): model weights → constrained final weights → trace.
+
+HEURISTIC steps run in the reference's order over the whole book at once: SELL_ONLY
+redistribution, group caps, normalisation above 100%, single-position cap, minimum cash
+buffer. Steps that are sequential by nature (group caps in key order, the cap's
+redistribution over the remaining excess) iterate over the *rank* of the item inside a
+run, each iteration being one columnar pass over every run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from dpm_vec.numeric import DEC, dabs, dmax, dmin, lit
+from dpm_vec.stages.prepare import Market
+
+WARNINGS_SCHEMA = {"run": pl.UInt32, "code": pl.String, "w_order": pl.Int64}
+TARGET_STAGE_ORDER = 100
+
+
+@dataclass(frozen=True)
+class Targets:
+    trace: pl.DataFrame  # run, instrument_id, trace_order, model_weight, final_weight, final_value, tags, in_model
+    status: pl.DataFrame  # run, target_status (READY | PENDING_REVIEW | BLOCKED), target_fault
+    warnings: pl.DataFrame  # run, code, w_order
+    group_events: pl.DataFrame
+    group_recipients: pl.DataFrame
+
+
+def warnings_frame(frame: pl.DataFrame, code: pl.Expr, order: pl.Expr) -> pl.DataFrame:
+    return frame.select(pl.col("run"), code.cast(pl.String).alias("code"), order.cast(pl.Int64).alias("w_order"))
+
+
+def _sum_where(cond: pl.Expr) -> pl.Expr:
+    return pl.when(cond).then(pl.col("weight")).otherwise(lit(0)).sum().over("run")
+
+
+def build_targets(
+    market: Market,
+    runs: pl.DataFrame,
+    weight_map: pl.DataFrame,
+    sell_only_excess: pl.DataFrame,
+    model: pl.DataFrame,
+    totals: pl.DataFrame,
+    group_constraints: pl.DataFrame,
+) -> Targets:
+    policy = runs.select(
+        "run", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct",
+    )
+    wm = (
+        weight_map.join(sell_only_excess, on="run", how="left")
+        .with_columns(pl.col("sell_only_excess").fill_null(lit(0)), (pl.col("kind") == "BUYABLE").alias("buy"))
+        .sort("run", "map_order")
+    )
+    pending = []
+    warnings = [pl.DataFrame(schema=WARNINGS_SCHEMA)]
+
+    # Step 1: SELL_ONLY redistribution
+    wm = wm.with_columns(_sum_where(pl.col("buy")).alias("_S"))
+    pending.append(wm.filter((pl.col("sell_only_excess") > 0) & (pl.col("_S") == 0)).select("run"))
+    pending.append(
+        sell_only_excess.filter(pl.col("sell_only_excess") > 0)
+        .join(wm.filter(pl.col("buy")).select("run").unique(), on="run", how="anti").select("run")
+    )
+    wm = wm.with_columns(
+        pl.when(pl.col("buy") & (pl.col("sell_only_excess") > 0) & (pl.col("_S") > 0))
+        .then(pl.col("weight") + pl.col("sell_only_excess") * (pl.col("weight") / pl.col("_S")))
+        .otherwise(pl.col("weight")).alias("weight")
+    ).drop("_S", "sell_only_excess")
+
+    # Step 2: group constraints
+    wm, group_warnings, group_events, recipients, blocked = _group_constraints(market, wm, group_constraints)
+    warnings.append(group_warnings)
+
+    # Step 3: normalisation above 100%
+    wm = wm.with_columns(
+        _sum_where(pl.lit(True)).alias("_total"),
+        _sum_where(~pl.col("buy")).alias("_L"),
+        _sum_where(pl.col("buy")).alias("_B"),
+    ).with_columns(dmax(lit(1) - pl.col("_L"), lit(0)).alias("_avail"))
+    over = pl.col("_total") > lit("1.0001")
+    pending.append(wm.filter(over & ((pl.col("_L") > 1) | (pl.col("_B") > pl.col("_avail")))).select("run"))
+    wm = wm.with_columns(
+        pl.when(over & pl.col("buy") & (pl.col("_B") > pl.col("_avail")) & (pl.col("_B") > 0))
+        .then(pl.col("weight") * (pl.col("_avail") / pl.col("_B")))
+        .otherwise(pl.col("weight")).alias("weight")
+    ).drop("_total", "_L", "_B", "_avail")
+
+    # Step 4: single-position cap
+    wm = wm.join(policy, on="run", how="left")
+    wm, cap_pending, cap_faults = _single_position_cap(market, wm)
+    pending.append(cap_pending)
+
+    # Step 5: minimum cash buffer
+    p = pl.col("min_cash_buffer_pct")
+    wm = wm.with_columns(_sum_where(pl.col("buy")).alias("_B"), _sum_where(~pl.col("buy")).alias("_L"))
+    wm = wm.with_columns(dmax(lit(1) - p - pl.col("_L"), lit(0)).alias("_allowed"))
+    shrink = (p > 0) & (pl.col("_B") > pl.col("_allowed"))
+    pending.append(wm.filter(shrink).select("run"))
+    wm = wm.with_columns(
+        pl.when(shrink & pl.col("buy") & (pl.col("_B") > 0))
+        .then(pl.col("weight") * (pl.col("_allowed") / pl.col("_B")))
+        .otherwise(pl.col("weight")).alias("weight")
+    ).drop("_B", "_L", "_allowed")
+
+    blocked_runs = pl.concat([blocked, cap_faults.select("run")]).unique()
+    status = (
+        runs.select("run")
+        .join(pl.concat(pending).unique().with_columns(pl.lit(True).alias("_pending")), on="run", how="left")
+        .join(blocked.with_columns(pl.lit(True).alias("_blocked")), on="run", how="left")
+        .join(cap_faults, on="run", how="left")
+        .select(
+            "run",
+            pl.when(pl.col("_blocked").is_not_null() | pl.col("target_fault").is_not_null()).then(pl.lit("BLOCKED"))
+            .when(pl.col("_pending").is_not_null()).then(pl.lit("PENDING_REVIEW"))
+            .otherwise(pl.lit("READY")).alias("target_status"),
+            "target_fault",
+        )
+    )
+    trace = _trace(wm.join(blocked_runs, on="run", how="anti"), model.join(blocked_runs, on="run", how="anti"), totals)
+    return Targets(
+        trace=trace,
+        status=status,
+        warnings=pl.concat(warnings),
+        group_events=group_events,
+        group_recipients=recipients,
+    )
+
+
+def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFrame):
+    """§6.4 step 2: cap each attribute group in key order, pushing the excess to buyable
+    instruments outside the group in proportion to their weights; block when none can."""
+    events, recipients, warnings, blocked = [], [], [], []
+    if constraints.height == 0:
+        return (
+            wm,
+            pl.DataFrame(schema=WARNINGS_SCHEMA),
+            _empty_group_events(),
+            _empty_recipients(),
+            pl.DataFrame(schema={"run": pl.UInt32}),
+        )
+    cons = (
+        constraints.sort("run", "constraint_key")
+        .with_columns(
+            pl.col("constraint_key").rank("ordinal").over("run").cast(pl.Int64).alias("rank"),
+            pl.col("constraint_key").str.split_exact(":", 1).struct.field("field_0").alias("attribute"),
+            pl.col("constraint_key").str.split_exact(":", 1).struct.field("field_1").alias("value"),
+        )
+    )
+    shelf_attr_names = market.attributes.select("shelf_id", "attribute").unique()
+    known = (
+        cons.join(market.run_keys.select("run", "shelf_id"), on="run")
+        .join(shelf_attr_names, on=["shelf_id", "attribute"], how="semi")
+        .select("run", "rank")
+        .with_columns(pl.lit(True).alias("known"))
+    )
+    cons = cons.join(known, on=["run", "rank"], how="left").with_columns(pl.col("known").fill_null(False))
+    member_attr = market.with_shelf(wm.select("run", "instrument_id"), ()).join(
+        market.run_keys.select("run", "shelf_id"), on="run"
+    ).join(market.attributes, on=["shelf_id", "instrument_id"], how="inner").select(
+        "run", "instrument_id", "attribute", "value"
+    )
+    stopped = pl.DataFrame(schema={"run": pl.UInt32})
+    for rank in range(1, int(cons["rank"].max()) + 1):
+        step = cons.filter(pl.col("rank") == rank).join(stopped, on="run", how="anti")
+        order = TARGET_STAGE_ORDER + 0  # warnings of constraint `rank` sort by (rank, sub)
+        warnings.append(warnings_frame(
+            step.filter(~pl.col("known")),
+            pl.lit("UNKNOWN_CONSTRAINT_ATTRIBUTE_") + pl.col("attribute"), pl.lit(order * 1000 + rank * 10),
+        ))
+        step = step.filter(pl.col("known"))
+        members = member_attr.join(step.select("run", "attribute", "value"), on=["run", "attribute", "value"], how="semi")
+        w = (
+            wm.join(step.select("run", "constraint_key", "max_weight"), on="run", how="left")
+            .join(members.select("run", "instrument_id", pl.lit(True).alias("member")), on=["run", "instrument_id"], how="left")
+            .with_columns(pl.col("member").fill_null(False) & pl.col("max_weight").is_not_null())
+        )
+        w = w.with_columns(
+            _sum_where(pl.col("member")).alias("_G"),
+            pl.col("member").any().over("run").alias("_has_members"),
+        )
+        active = pl.col("_has_members") & (pl.col("_G") > pl.col("max_weight") + lit("0.0001"))
+        w = w.with_columns(
+            (pl.col("_G") - pl.col("max_weight")).alias("_excess"),
+            _sum_where(pl.col("buy") & ~pl.col("member")).alias("_C"),
+        )
+        w = w.with_columns(
+            pl.when(active & pl.col("member")).then(pl.col("weight") * (pl.col("max_weight") / pl.col("_G")))
+            .when(active & pl.col("buy") & ~pl.col("member") & (pl.col("_C") > 0))
+            .then(pl.col("weight") + pl.col("_excess") * (pl.col("weight") / pl.col("_C")))
+            .otherwise(pl.col("weight")).alias("_new"),
+        )
+        act = w.filter(active)
+        per_run = act.group_by("run").agg(
+            pl.col("constraint_key").first(), pl.col("_G").first(), pl.col("max_weight").first(),
+            pl.col("_excess").first(), pl.col("_C").first(),
+        )
+        capped_runs = per_run.filter(pl.col("_C") > 0)
+        blocked_now = per_run.filter(~(pl.col("_C") > 0))
+        events.append(per_run.select(
+            "run", "constraint_key", pl.col("_G").alias("group_weight_before"), "max_weight",
+            pl.col("_excess").alias("released_weight"),
+            pl.when(pl.col("_C") > 0).then(pl.lit("CAPPED")).otherwise(pl.lit("BLOCKED")).alias("status"),
+            pl.lit(rank, dtype=pl.Int64).alias("event_order"),
+        ))
+        recipients.append(act.filter(pl.col("buy") & ~pl.col("member") & (pl.col("_C") > 0)).select(
+            "run", "constraint_key", "instrument_id", (pl.col("_new") - pl.col("weight")).alias("share"),
+            pl.col("map_order").alias("recipient_order"),
+        ))
+        warnings.append(warnings_frame(per_run, pl.lit("CAPPED_BY_GROUP_LIMIT_") + pl.col("constraint_key"), pl.lit(order * 1000 + rank * 10 + 1)))
+        warnings.append(warnings_frame(blocked_now, pl.lit("NO_ELIGIBLE_REDISTRIBUTION_DESTINATION"), pl.lit(order * 1000 + rank * 10 + 2)))
+        blocked.append(blocked_now.select("run"))
+        stopped = pl.concat([stopped, blocked_now.select("run")])
+        wm = w.with_columns(
+            pl.when(pl.col("run").is_in(capped_runs["run"].implode())).then(pl.col("_new")).otherwise(pl.col("weight")).alias("weight")
+        ).select(wm.columns)
+    return (
+        wm,
+        pl.concat([pl.DataFrame(schema=WARNINGS_SCHEMA), *warnings]),
+        pl.concat([_empty_group_events(), *events]),
+        pl.concat([_empty_recipients(), *recipients]),
+        pl.concat([pl.DataFrame(schema={"run": pl.UInt32}), *blocked]),
+    )
+
+
+def _empty_group_events() -> pl.DataFrame:
+    return pl.DataFrame(schema={
+        "run": pl.UInt32, "constraint_key": pl.String, "group_weight_before": DEC, "max_weight": DEC,
+        "released_weight": DEC, "status": pl.String, "event_order": pl.Int64,
+    })
+
+
+def _empty_recipients() -> pl.DataFrame:
+    return pl.DataFrame(schema={
+        "run": pl.UInt32, "constraint_key": pl.String, "instrument_id": pl.String, "share": DEC, "recipient_order": pl.Int64,
+    })
+
+
+def _single_position_cap(market: Market, wm: pl.DataFrame):
+    """§6.4 step 4 (reference) or RFC-0001 Step 3 (same-asset-class redistribution)."""
+    m = pl.col("single_position_max_weight")
+    has_cap = m.is_not_null()
+    wm = wm.with_columns(
+        pl.when(has_cap).then(dmax(pl.col("weight") - m, lit(0))).otherwise(lit(0)).sum().over("run").alias("_excess"),
+        pl.when(has_cap & (pl.col("weight") > m)).then(m).otherwise(pl.col("weight")).alias("_capped"),
+    )
+    rfc = pl.col("single_position_cap_mode") == "RFC_ASSET_CLASS"
+    ref = wm.filter(~rfc | ~has_cap)
+    rfc_frame = wm.filter(rfc & has_cap)
+    ref, ref_pending = _cap_reference(ref)
+    rfc_frame, rfc_pending, rfc_faults = _cap_rfc(market, rfc_frame)
+    out = pl.concat([ref, rfc_frame]).sort("run", "map_order")
+    return out, pl.concat([ref_pending, rfc_pending]), rfc_faults
+
+
+def _cap_reference(wm: pl.DataFrame):
+    m = pl.col("single_position_max_weight")
+    wm = wm.with_columns(pl.col("_capped").alias("weight"))
+    cand = pl.col("buy") & (pl.col("weight") < m) & (pl.col("_excess") > 0)
+    wm = wm.with_columns(_sum_where(cand).alias("_C"))
+    cands = (
+        wm.filter(cand & (pl.col("_C") > 0))
+        .with_columns(pl.col("map_order").rank("ordinal").over("run").alias("_rank"))
+        .select("run", "instrument_id", "_rank", (pl.col("weight") / pl.col("_C")).alias("_a"),
+                (m - pl.col("weight")).alias("_h"))
+    )
+    state = wm.filter((pl.col("_excess") > 0) & (pl.col("_C") > 0)).group_by("run").agg(pl.col("_excess").first().alias("_rem"))
+    shares = []
+    max_rank = int(cands["_rank"].max() or 0)
+    for rank in range(1, max_rank + 1):
+        step = cands.filter(pl.col("_rank") == rank).join(state, on="run", how="inner")
+        step = step.with_columns(dmin(pl.col("_rem") * pl.col("_a"), pl.col("_h")).alias("_share"))
+        shares.append(step.select("run", "instrument_id", "_share"))
+        state = state.join(step.select("run", "_share"), on="run", how="left").with_columns(
+            (pl.col("_rem") - pl.col("_share").fill_null(lit(0))).alias("_rem")
+        ).drop("_share")
+    share = pl.concat([pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "_share": DEC}), *shares])
+    wm = wm.join(share, on=["run", "instrument_id"], how="left").with_columns(
+        (pl.col("weight") + pl.col("_share").fill_null(lit(0))).alias("weight")
+    )
+    pending = pl.concat([
+        state.filter(pl.col("_rem") > lit("0.001")).select("run"),
+        wm.filter((pl.col("_excess") > 0) & ~(pl.col("_C") > 0)).select("run").unique(),
+    ])
+    return wm.drop("_excess", "_capped", "_C", "_share"), pending
+
+
+def _cap_rfc(market: Market, wm: pl.DataFrame):
+    """RFC-0001 §6 Step 3: excess of each capped instrument goes to buyable instruments of
+    the same asset class below the cap; a recipient pushed over the cap blocks the run."""
+    empty_faults = pl.DataFrame(schema={"run": pl.UInt32, "target_fault": pl.String})
+    if wm.height == 0:
+        return wm.drop("_excess", "_capped"), pl.DataFrame(schema={"run": pl.UInt32}), empty_faults
+    m = pl.col("single_position_max_weight")
+    wm = market.with_shelf(wm, ("asset_class",)).with_columns(pl.col("asset_class").fill_null("UNKNOWN"))
+    wm = wm.with_columns(
+        dmax(pl.col("weight") - m, lit(0)).sum().over("run", "asset_class").alias("_class_excess"),
+        pl.col("_capped").alias("weight"),
+    )
+    cand = pl.col("buy") & (pl.col("weight") < m)
+    wm = wm.with_columns(
+        pl.when(cand).then(pl.col("weight")).otherwise(lit(0)).sum().over("run", "asset_class").alias("_C"),
+    )
+    wm = wm.with_columns(
+        pl.when(cand & (pl.col("_class_excess") > 0) & (pl.col("_C") > 0))
+        .then(pl.col("weight") + pl.col("_class_excess") * (pl.col("weight") / pl.col("_C")))
+        .otherwise(pl.col("weight")).alias("weight")
+    )
+    faults = wm.filter(pl.col("weight") > m).select("run").unique().with_columns(
+        pl.lit("INFEASIBLE_CONCENTRATION").alias("target_fault")
+    )
+    pending = wm.filter((pl.col("_class_excess") > 0) & ~(pl.col("_C") > 0)).select("run").unique()
+    return wm.drop("_excess", "_capped", "_class_excess", "_C", "asset_class"), pending, faults
+
+
+def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.DataFrame:
+    """§6.5: model targets in model order, then non-model map entries in map order."""
+    weights = wm.select("run", "instrument_id", pl.col("weight").alias("final_weight"))
+    model_rows = model.join(weights, on=["run", "instrument_id"], how="left").select(
+        "run", "instrument_id", pl.col("model_seq").cast(pl.Int64).alias("trace_order"),
+        pl.col("model_weight"), pl.col("final_weight").fill_null(lit(0)), pl.lit(True).alias("in_model"),
+    )
+    others = wm.join(model.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti").select(
+        "run", "instrument_id", pl.col("map_order").alias("trace_order"), lit("0.0").alias("model_weight"),
+        pl.col("weight").alias("final_weight"), pl.lit(False).alias("in_model"),
+    )
+    trace = pl.concat([model_rows, others]).join(totals.select("run", "total_value"), on="run", how="left")
+    tags = (
+        pl.when(~pl.col("in_model"))
+        .then(pl.when(pl.col("final_weight") == 0).then(pl.lit(["IMPLICIT_SELL_TO_ZERO"])).otherwise(pl.lit(["LOCKED_POSITION"])))
+        .when(pl.col("model_weight") > pl.col("final_weight")).then(pl.lit(["CAPPED_BY_MAX_WEIGHT"]))
+        .when(pl.col("final_weight") > pl.col("model_weight")).then(pl.lit(["REDISTRIBUTED_RECIPIENT"]))
+        .otherwise(pl.lit([], dtype=pl.List(pl.String)))
+    )
+    return trace.with_columns(
+        (pl.col("total_value") * pl.col("final_weight")).alias("final_value"),
+        tags.alias("tags"),
+    ).drop("total_value").sort("run", "trace_order")

@@ -1,0 +1,171 @@
+"""Trade translation (spec §6.9), tax-lot limiting hook (§6.10) and the turnover cap (§6.12).
+
+Every trace instrument with a price and an FX rate gets a delta against its current value,
+floored to whole units (or, with the RFC ``notional_sizing`` option, an amount rounded to
+cents for instruments the shelf trades by NOTIONAL). Dust below the threshold is
+suppressed, and what survives becomes a security intent numbered in trace order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from dpm_vec.numeric import DEC, dabs, lit
+from dpm_vec.stages import dq
+from dpm_vec.stages.prepare import Market
+from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
+from dpm_vec.stages.tax import limit_sells_by_tax_lots
+
+TAX_ORDER, TURNOVER_ORDER = 300, 400
+
+
+@dataclass(frozen=True)
+class Translation:
+    intents: pl.DataFrame  # run, instrument_id, intent_no, side, quantity, price, price_currency, rate, notional, notional_base, ...
+    suppressed: pl.DataFrame  # run, instrument_id, trace_order, intended_notional, currency, threshold_amount, threshold_currency
+    dq: pl.DataFrame
+    warnings: pl.DataFrame
+    tax_events: pl.DataFrame
+    tax_totals: pl.DataFrame  # run, realized_gain, realized_loss, budget_used_raw
+
+
+def translate(
+    market: Market,
+    runs: pl.DataFrame,
+    trace: pl.DataFrame,
+    positions_input: pl.DataFrame,
+    lots: pl.DataFrame,
+    totals: pl.DataFrame,
+) -> Translation:
+    policy = runs.select(
+        "run", "base_currency", "min_trade_notional_amount", "min_trade_notional_currency",
+        "suppress_dust_trades", "notional_sizing", "rfc_rationale_codes", "enable_tax_awareness", "max_realized_capital_gains",
+    )
+    t = market.with_price(
+        trace.select("run", "instrument_id", "trace_order", "final_weight", "in_model", "tags").join(policy, on="run", how="left")
+    )
+    price_missing = dq.findings(t, pl.col("price").is_null(), "price_missing", pl.col("instrument_id"), dq.TRANSLATION, pl.col("trace_order") * 2)
+    t = t.filter(pl.col("price").is_not_null())
+    t = market.with_rate(t, "price_currency", "base_currency", "rate")
+    fx_missing = dq.findings(
+        t, pl.col("rate").is_null(), "fx_missing", pl.col("price_currency") + "/" + pl.col("base_currency"),
+        dq.TRANSLATION, pl.col("trace_order") * 2 + 1,
+    )
+    t = t.filter(pl.col("rate").is_not_null())
+    t = market.with_shelf(t, ("min_notional_amount", "min_notional_currency", "trade_by"))
+    held = positions_input.select("run", "instrument_id", pl.col("quantity").alias("held_quantity"), "market_value")
+    t = (
+        t.join(totals.select("run", "total_value"), on="run", how="left")
+        .join(held, on=["run", "instrument_id"], how="left")
+    )
+    t = t.with_columns(
+        ((pl.col("total_value") * pl.col("final_weight")) / pl.col("rate")).alias("target_value_instr"),
+        pl.when(pl.col("market_value").is_not_null()).then(pl.col("market_value"))
+        .when(pl.col("held_quantity").is_not_null()).then(pl.col("held_quantity") * pl.col("price"))
+        .otherwise(lit(0)).alias("current_value_instr"),
+    ).with_columns(
+        (pl.col("target_value_instr") - pl.col("current_value_instr")).alias("delta_value_instr"),
+    ).with_columns(
+        pl.when(pl.col("delta_value_instr") > 0).then(pl.lit("BUY")).otherwise(pl.lit("SELL")).alias("side"),
+        dabs(pl.col("delta_value_instr")).alias("_abs_delta"),
+        (pl.col("notional_sizing") & (pl.col("trade_by") == "NOTIONAL")).alias("by_notional"),
+    )
+    units = (pl.col("_abs_delta") / pl.col("price")).floor()
+    # the quotient is rounded before the floor; step back when that rounding crossed an integer
+    units = pl.when(units * pl.col("price") > pl.col("_abs_delta")).then(units - 1).otherwise(units)
+    t = t.with_columns(
+        pl.when(pl.col("by_notional")).then(pl.col("_abs_delta").round(2) / pl.col("price")).otherwise(units).cast(DEC).alias("requested_quantity"),
+    )
+    t, tax_events, tax_totals, tax_warnings, tax_fx_missing = limit_sells_by_tax_lots(market, t, lots, runs)
+    t = t.with_columns(
+        pl.when(pl.col("by_notional") & (pl.col("quantity") == pl.col("requested_quantity")))
+        .then(pl.col("_abs_delta").round(2))
+        .otherwise(pl.col("quantity") * pl.col("price")).alias("notional"),
+    ).with_columns(
+        (pl.col("notional") * pl.col("rate")).alias("notional_base"),
+        pl.when(pl.col("min_trade_notional_amount").is_not_null()).then(pl.col("min_trade_notional_amount"))
+        .otherwise(pl.col("min_notional_amount")).alias("threshold_amount"),
+        pl.when(pl.col("min_trade_notional_amount").is_not_null()).then(pl.col("min_trade_notional_currency"))
+        .otherwise(pl.col("min_notional_currency")).alias("threshold_currency"),
+    )
+    suppress = pl.col("suppress_dust_trades") & pl.col("threshold_amount").is_not_null() & (pl.col("notional") < pl.col("threshold_amount"))
+    suppressed = t.filter(suppress).select(
+        "run", "instrument_id", "trace_order", pl.col("notional").alias("intended_notional"),
+        pl.col("price_currency").alias("currency"), "threshold_amount", "threshold_currency",
+    )
+    intents = t.filter(~suppress & (pl.col("quantity") > 0)).sort("run", "trace_order").with_columns(
+        pl.col("trace_order").rank("ordinal").over("run").cast(pl.Int64).alias("intent_no"),
+    ).select(
+        "run", "instrument_id", "trace_order", "intent_no", "side", "quantity", "requested_quantity", "price",
+        "price_currency", "rate", "notional", "notional_base", "base_currency",
+        pl.col("threshold_amount").is_not_null().alias("min_notional_applied"),
+        (pl.col("quantity") < pl.col("requested_quantity")).alias("tax_budget_applied"),
+        "final_weight", "held_quantity", "by_notional", _rationale().alias("rationale_code"),
+    )
+    return Translation(
+        intents=intents,
+        suppressed=suppressed,
+        dq=dq.concat(price_missing, fx_missing, tax_fx_missing),
+        warnings=tax_warnings,
+        tax_events=tax_events,
+        tax_totals=tax_totals,
+    )
+
+
+def _rationale() -> pl.Expr:
+    """Reference code DRIFT_REBALANCE, or with ``rfc_rationale_codes`` the RFC Appendix A code."""
+    capped = pl.col("tags").list.contains("CAPPED_BY_MAX_WEIGHT") | pl.col("tags").list.contains("REDISTRIBUTED_RECIPIENT")
+    rfc = (
+        pl.when(~pl.col("in_model") | (pl.col("final_weight") == 0) & (pl.col("side") == "SELL")).then(pl.lit("LIQUIDATION"))
+        .when(capped).then(pl.lit("CONSTRAINT_CAP"))
+        .when((pl.col("side") == "BUY") & pl.col("held_quantity").fill_null(lit(0)).eq(0)).then(pl.lit("CASH_INVESTMENT"))
+        .otherwise(pl.lit("REBALANCE_DRIFT"))
+    )
+    return pl.when(pl.col("rfc_rationale_codes")).then(rfc).otherwise(pl.lit("DRIFT_REBALANCE"))
+
+
+def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.DataFrame):
+    """§6.12: keep the highest-scoring intents that fit ``tv × max_turnover_pct``,
+    skipping (not stopping at) those that do not fit. Adds ``list_order``: original order
+    when nothing is dropped, ranking order otherwise."""
+    frame = (
+        intents.join(runs.select("run", "max_turnover_pct"), on="run", how="left")
+        .join(totals.select("run", "total_value"), on="run", how="left")
+        .with_columns(
+            dabs(pl.col("notional_base")).alias("_abs_nb"),
+            (pl.col("total_value") * pl.col("max_turnover_pct")).alias("_budget"),
+        )
+        .with_columns(pl.col("_abs_nb").sum().over("run").alias("_proposed"))
+    )
+    capped = pl.col("max_turnover_pct").is_not_null() & (pl.col("_proposed") > pl.col("_budget"))
+    free = frame.filter(~capped).with_columns(pl.col("intent_no").alias("list_order"))
+    ranked = frame.filter(capped).with_columns(
+        pl.when(pl.col("total_value") <= 0).then(lit(0)).otherwise(pl.col("_abs_nb") / pl.col("total_value")).alias("score"),
+        (pl.lit("oi_") + pl.col("intent_no").cast(pl.String)).alias("_intent_id"),
+    )
+    ranked = ranked.sort(
+        ["run", "score", "_abs_nb", "instrument_id", "_intent_id"], descending=[False, True, False, False, False]
+    ).with_columns(pl.int_range(pl.len()).over("run").cast(pl.Int64).alias("list_order"))
+    kept_flags = []
+    used = ranked.select("run").unique().with_columns(lit(0).alias("_used"))
+    for rank in range(int(ranked["list_order"].max() or -1) + 1):
+        step = ranked.filter(pl.col("list_order") == rank).join(used, on="run")
+        step = step.with_columns((pl.col("_used") + pl.col("_abs_nb") <= pl.col("_budget")).alias("_keep"))
+        kept_flags.append(step.select("run", "list_order", "_keep"))
+        used = used.join(step.select("run", "_keep", "_abs_nb"), on="run", how="left").with_columns(
+            pl.when(pl.col("_keep").fill_null(False)).then(pl.col("_used") + pl.col("_abs_nb")).otherwise(pl.col("_used")).alias("_used")
+        ).select("run", "_used")
+    flags = pl.concat([pl.DataFrame(schema={"run": pl.UInt32, "list_order": pl.Int64, "_keep": pl.Boolean}), *kept_flags])
+    ranked = ranked.join(flags, on=["run", "list_order"], how="left")
+    dropped = ranked.filter(~pl.col("_keep")).select(
+        "run", "instrument_id", pl.col("_abs_nb").alias("potential_notional"), "base_currency", "score",
+        pl.col("list_order").alias("drop_order"),
+    )
+    warnings = warnings_frame(dropped.select("run").unique(), pl.lit("PARTIAL_REBALANCE_TURNOVER_LIMIT"), pl.lit(TURNOVER_ORDER))
+    kept = pl.concat([
+        free.select(intents.columns + ["list_order"]),
+        ranked.filter(pl.col("_keep")).select(intents.columns + ["list_order"]),
+    ]).sort("run", "list_order")
+    return kept, dropped, pl.concat([pl.DataFrame(schema=WARNINGS_SCHEMA), warnings])

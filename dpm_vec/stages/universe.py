@@ -1,0 +1,102 @@
+"""Universe construction (spec §6.3): which instruments may be bought, sold, or are locked.
+
+The output is the ordered weight map as a frame: one row per instrument that the target
+stage may weigh, with its ``kind``:
+
+* BUYABLE — approved (or restricted with allow_restricted) model target;
+* SELL_ONLY — SELL_ONLY model target, weight 0, its model weight to redistribute;
+* LOCKED — held instrument that may not be traded, kept at its before-state weight;
+* LIQUIDATION — held off-model (or model-excluded) approved/sell-only instrument, target 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from dpm_vec.numeric import DEC, lit
+from dpm_vec.stages import dq
+from dpm_vec.stages.prepare import Market
+
+LOOP2_OFFSET = 1 << 40  # map order of held-position entries: after every model target
+
+
+@dataclass(frozen=True)
+class Universe:
+    weight_map: pl.DataFrame  # run, instrument_id, map_order, kind, weight
+    excluded: pl.DataFrame  # run, instrument_id, reason_code, excl_order
+    eligible: pl.DataFrame  # run, list (buy|sell), instrument_id, list_order
+    sell_only_excess: pl.DataFrame  # run, sell_only_excess
+    dq: pl.DataFrame
+
+
+def build_universe(
+    market: Market, runs: pl.DataFrame, model: pl.DataFrame, positions_before: pl.DataFrame, stale: pl.DataFrame
+) -> Universe:
+    """Loop 1 over model targets, loop 2 over held positions, as columnar passes.
+
+    ``stale`` lists instruments whose price is too old under the RFC's exclude mode: they
+    are treated like a SUSPENDED instrument (not bought; held ones locked), reason
+    PRICE_STALE.
+    """
+    policy = runs.select("run", "allow_restricted")
+    stale_flag = stale.with_columns(pl.lit("PRICE_STALE").alias("_stale"))
+    m = market.with_shelf(model.join(policy, on="run", how="left"), ("status",))
+    m = m.join(stale_flag, on=["run", "instrument_id"], how="left").with_columns(
+        pl.when(pl.col("_stale").is_not_null() & pl.col("status").is_not_null()).then(pl.col("_stale")).otherwise(pl.col("status")).alias("status")
+    )
+    buyable = (pl.col("status") == "APPROVED") | ((pl.col("status") == "RESTRICTED") & pl.col("allow_restricted"))
+    m = m.with_columns(
+        pl.when(pl.col("status").is_null()).then(pl.lit(None, dtype=pl.String))
+        .when(buyable).then(pl.lit("BUYABLE"))
+        .when(pl.col("status") == "SELL_ONLY").then(pl.lit("SELL_ONLY"))
+        .otherwise(pl.lit("EXCLUDED")).alias("kind"),
+    )
+    reason = pl.when(pl.col("status") == "PRICE_STALE").then(pl.lit("")).otherwise(pl.lit("SHELF_STATUS_")) + pl.col("status")
+    shelf_missing = dq.findings(m, pl.col("status").is_null(), "shelf_missing", pl.col("instrument_id"), dq.UNIVERSE, pl.col("model_seq"))
+    loop1_excluded = m.filter(pl.col("kind").is_in(["EXCLUDED", "SELL_ONLY"])).select(
+        "run", "instrument_id", reason.alias("reason_code"),
+        pl.col("model_seq").cast(pl.Int64).alias("excl_order"),
+    )
+    in_map1 = m.filter(pl.col("kind").is_in(["BUYABLE", "SELL_ONLY"]))
+    sell_only_excess = (
+        in_map1.filter(pl.col("kind") == "SELL_ONLY").group_by("run").agg(pl.col("model_weight").sum().alias("sell_only_excess"))
+    )
+    # duplicate model rows are rejected upstream, so one map entry per model target
+    map1 = in_map1.select(
+        "run", "instrument_id", pl.col("model_seq").cast(pl.Int64).alias("map_order"), "kind",
+        pl.when(pl.col("kind") == "BUYABLE").then(pl.col("model_weight")).otherwise(lit(0)).alias("weight"),
+    )
+    held = positions_before.filter(pl.col("quantity") != 0).join(
+        map1.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti"
+    )
+    held = market.with_shelf(held.select("run", "pos_seq", "instrument_id", "weight"), ("status",))
+    held = held.join(stale_flag, on=["run", "instrument_id"], how="left").with_columns(
+        pl.when(pl.col("_stale").is_not_null() & pl.col("status").is_not_null()).then(pl.col("_stale")).otherwise(pl.col("status")).alias("status")
+    )
+    locked = pl.col("status").is_null() | pl.col("status").is_in(["SUSPENDED", "BANNED", "RESTRICTED", "PRICE_STALE"])
+    map2 = held.select(
+        "run", "instrument_id", (pl.col("pos_seq").cast(pl.Int64) + LOOP2_OFFSET).alias("map_order"),
+        pl.when(locked).then(pl.lit("LOCKED")).otherwise(pl.lit("LIQUIDATION")).alias("kind"),
+        pl.when(locked).then(pl.col("weight")).otherwise(lit(0)).cast(DEC).alias("weight"),
+    )
+    loop2_excluded = held.filter(locked).select(
+        "run", "instrument_id",
+        pl.when(pl.col("status") == "PRICE_STALE").then(pl.lit("PRICE_STALE"))
+        .otherwise(pl.lit("LOCKED_DUE_TO_") + pl.col("status").fill_null("MISSING_SHELF")).alias("reason_code"),
+        (pl.col("pos_seq").cast(pl.Int64) + LOOP2_OFFSET).alias("excl_order"),
+    )
+    weight_map = pl.concat([map1, map2]).sort("run", "map_order")
+    eligible = pl.concat([
+        map1.filter(pl.col("kind") == "BUYABLE").select("run", pl.lit("buy").alias("list"), "instrument_id", pl.col("map_order").alias("list_order")),
+        map1.select("run", pl.lit("sell").alias("list"), "instrument_id", pl.col("map_order").alias("list_order")),
+        map2.filter(pl.col("kind") == "LIQUIDATION").select("run", pl.lit("sell").alias("list"), "instrument_id", pl.col("map_order").alias("list_order")),
+    ]).sort("run", "list", "list_order")
+    return Universe(
+        weight_map=weight_map,
+        excluded=pl.concat([loop1_excluded, loop2_excluded]).sort("run", "excl_order"),
+        eligible=eligible,
+        sell_only_excess=sell_only_excess,
+        dq=shelf_missing,
+    )

@@ -1,0 +1,148 @@
+"""Valuation of a portfolio state in base currency (spec §6.2), before and after trading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from dpm_vec.numeric import DEC, lit
+from dpm_vec.stages import dq
+from dpm_vec.stages.prepare import Market
+
+
+@dataclass(frozen=True)
+class ValuedState:
+    positions: pl.DataFrame  # run, pos_seq, instrument_id, quantity, instrument_currency,
+    #                          asset_class, price, value_instr, value_base, weight
+    cash: pl.DataFrame  # run, cash_seq, currency, amount, settled, pending, value_base
+    totals: pl.DataFrame  # run, total_value, cash_value, divisor
+    allocations: pl.DataFrame  # run, dimension, key, bucket_order, value, weight
+    dq: pl.DataFrame
+
+
+def value_state(
+    market: Market,
+    runs: pl.DataFrame,
+    positions: pl.DataFrame,
+    cash: pl.DataFrame,
+    *,
+    trust_snapshot: bool | pl.Expr,
+    stage: int,
+) -> ValuedState:
+    """Value ``positions`` and ``cash`` of every run.
+
+    ``runs`` needs run, base_currency (and valuation_mode when ``trust_snapshot`` is an
+    expression over it). Trusted market values apply only when ``trust_snapshot`` holds.
+    """
+    base = runs.select("run", "base_currency", (pl.lit(trust_snapshot) if isinstance(trust_snapshot, bool) else trust_snapshot).alias("_trust"))
+    pos = market.with_price(positions.join(base, on="run", how="left"))
+    pos = market.with_shelf(pos, ("asset_class",))
+    use_mv = pl.col("_trust") & pl.col("market_value").is_not_null()
+    pos = pos.with_columns(
+        pl.when(use_mv).then(pl.col("market_value_currency"))
+        .otherwise(pl.coalesce("price_currency", "base_currency")).alias("instrument_currency"),
+        pl.when(use_mv).then(pl.col("market_value"))
+        .otherwise(pl.col("quantity") * pl.col("price").fill_null(lit(0))).alias("value_instr"),
+        pl.col("asset_class").fill_null("UNKNOWN"),
+    )
+    pos = market.with_rate(pos, "instrument_currency", "base_currency", "_rate")
+    pos = pos.with_columns(
+        pl.when(pl.col("_rate").is_null()).then(lit(0))
+        .otherwise(pl.col("value_instr") * pl.col("_rate")).alias("value_base")
+    )
+    price_missing = dq.findings(
+        pos, pl.col("price").is_null(), "price_missing", pl.col("instrument_id"), stage, pl.col("pos_seq") * 2
+    )
+    pos_fx_missing = dq.findings(
+        pos, pl.col("_rate").is_null(), "fx_missing",
+        pl.col("instrument_currency") + "/" + pl.col("base_currency"), stage, pl.col("pos_seq") * 2 + 1,
+    )
+    cash = market.with_rate(cash.join(base.select("run", "base_currency"), on="run", how="left"), "currency", "base_currency", "_rate")
+    cash = cash.with_columns(
+        pl.when(pl.col("currency") == pl.col("base_currency")).then(pl.col("amount"))
+        .when(pl.col("_rate").is_null()).then(lit(0))
+        .otherwise(pl.col("amount") * pl.col("_rate")).alias("value_base")
+    )
+    cash_fx_missing = dq.findings(
+        cash, pl.col("_rate").is_null(), "fx_missing",
+        pl.col("currency") + "/" + pl.col("base_currency"), stage + 1, pl.col("cash_seq"),
+    )
+    pos_total = pos.group_by("run").agg(pl.col("value_base").sum().alias("_pv"))
+    cash_total = cash.group_by("run").agg(pl.col("value_base").sum().alias("cash_value"))
+    totals = (
+        runs.select("run")
+        .join(pos_total, on="run", how="left")
+        .join(cash_total, on="run", how="left")
+        .with_columns(pl.col("_pv", "cash_value").fill_null(lit(0)))
+        .with_columns((pl.col("_pv") + pl.col("cash_value")).alias("total_value"))
+        .with_columns(pl.when(pl.col("total_value") == 0).then(lit(1)).otherwise(pl.col("total_value")).alias("divisor"))
+        .select("run", "total_value", "cash_value", "divisor")
+    )
+    pos = pos.join(totals.select("run", "divisor"), on="run", how="left").with_columns(
+        (pl.col("value_base") / pl.col("divisor")).alias("weight")
+    )
+    positions_out = pos.select(
+        "run", "pos_seq", "instrument_id", "quantity", "instrument_currency", "asset_class",
+        "price", "value_instr", "value_base", "weight", "market_value", "market_value_currency",
+    ).sort("run", "pos_seq")
+    cash_out = cash.select("run", "cash_seq", "currency", "amount", "settled", "pending", "value_base").sort("run", "cash_seq")
+    allocations = _allocations(market, pos, cash, totals)
+    return ValuedState(
+        positions=positions_out,
+        cash=cash_out,
+        totals=totals,
+        allocations=allocations,
+        dq=dq.concat(price_missing, pos_fx_missing, cash_fx_missing),
+    )
+
+
+def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: pl.DataFrame) -> pl.DataFrame:
+    """Asset-class, instrument and shelf-attribute buckets (§5.1), in first-appearance order."""
+    by_class = (
+        pos.group_by("run", "asset_class")
+        .agg(pl.col("value_base").sum().alias("value"), pl.col("pos_seq").min().alias("bucket_order"))
+        .rename({"asset_class": "key"})
+    )
+    cash_bucket = (
+        totals.select("run", pl.lit("CASH").alias("key"), pl.col("cash_value").alias("value"),
+                      pl.lit(2**62, dtype=pl.Int64).alias("bucket_order"))
+    )
+    by_class = (
+        pl.concat([by_class.with_columns(pl.col("bucket_order").cast(pl.Int64)), cash_bucket])
+        .group_by("run", "key")
+        .agg(pl.col("value").sum(), pl.col("bucket_order").min())
+        .with_columns(pl.lit("asset_class").alias("dimension"))
+    )
+    by_instrument = pos.select(
+        "run", pl.lit("instrument").alias("dimension"), pl.col("instrument_id").alias("key"),
+        pl.col("pos_seq").cast(pl.Int64).alias("bucket_order"), pl.col("value_base").alias("value"),
+    )
+    attrs = market.with_shelf(pos.select("run", "pos_seq", "instrument_id", "value_base"), ())
+    attrs = (
+        attrs.join(market.run_keys.select("run", "shelf_id"), on="run", how="left")
+        .join(market.attributes, on=["shelf_id", "instrument_id"], how="inner")
+    )
+    by_attribute = (
+        attrs.group_by("run", "attribute", "value")
+        .agg(
+            pl.col("value_base").sum().alias("amount"),
+            (pl.col("pos_seq").cast(pl.Int64) * 10_000 + pl.col("attr_seq")).min().alias("bucket_order"),
+        )
+        .with_columns(
+            pl.col("bucket_order").min().over("run", "attribute").alias("attribute_order"),
+        )
+        .select(
+            "run", pl.concat_str(pl.lit("attribute:"), pl.col("attribute")).alias("dimension"),
+            pl.col("value").alias("key"), "bucket_order", pl.col("amount").alias("value"), "attribute_order",
+        )
+    )
+    frames = [
+        f.select("run", "dimension", "key", "bucket_order", "value", pl.lit(0, dtype=pl.Int64).alias("attribute_order"))
+        for f in (by_class, by_instrument)
+    ]
+    frames.append(by_attribute.select("run", "dimension", "key", "bucket_order", "value", pl.col("attribute_order").cast(pl.Int64)))
+    out = pl.concat(frames).join(totals.select("run", "divisor"), on="run", how="left")
+    return out.with_columns((pl.col("value") / pl.col("divisor")).alias("weight")).drop("divisor").sort(
+        "run", "dimension", "attribute_order", "bucket_order"
+    )

@@ -17,7 +17,7 @@ from decimal import Decimal
 
 import polars as pl
 
-from dpm_vec.numeric import DEC
+from dpm_vec.numeric import DEC, QTY
 
 STR = pl.String
 BOOL = pl.Boolean
@@ -85,7 +85,7 @@ TABLES: dict[str, list[tuple[str, pl.DataType, bool]]] = {
     "positions": [
         ("portfolio_snapshot_id", STR, True),
         ("instrument_id", STR, True),
-        ("quantity", DEC, True),
+        ("quantity", QTY, True),
         ("market_value", DEC, False),
         ("market_value_currency", STR, False),
     ],
@@ -100,7 +100,7 @@ TABLES: dict[str, list[tuple[str, pl.DataType, bool]]] = {
         ("portfolio_snapshot_id", STR, True),
         ("instrument_id", STR, True),
         ("lot_id", STR, True),
-        ("quantity", DEC, True),
+        ("quantity", QTY, True),
         ("unit_cost", DEC, True),
         ("cost_currency", STR, True),
         ("purchase_date", STR, True),

@@ -60,8 +60,8 @@ def _stream_key(seed: int, stream: str) -> int:
 def _hash_py(seed: int, stream: str, *counters: int) -> int:
     z = _stream_key(seed, stream)
     for c in counters:
-        z = _mix_py(z + (c & _M64) * _GOLDEN)
-    return z
+        z = (z * _GOLDEN + c) & _M64
+    return _mix_py(z)
 
 
 def _u_py(seed: int, stream: str, *counters: int) -> float:
@@ -81,20 +81,15 @@ def _mix_frame(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.select(z=z ^ (z // _ulit(1 << 31)))
 
 
-def _hash_series(key: int, counters: list[pl.Series]) -> pl.Series:
-    frame = pl.DataFrame({f"c{i}": c.cast(_U64) for i, c in enumerate(counters)}).with_columns(z=_ulit(key))
-    for i in range(len(counters)):
-        step = frame.with_columns(z=pl.col("z") + pl.col(f"c{i}") * _ulit(_GOLDEN))
-        frame = _mix_frame(step.select("z")).hstack(step.select(pl.exclude("z")))
-    return frame["z"]
-
-
 def _hash(seed: int, stream: str, *counters: pl.Expr | str) -> pl.Expr:
-    """splitmix64 hash of (seed, stream, counters...) as a UInt64 expression."""
-    key = _stream_key(seed, stream)
-    exprs = [pl.col(c) if isinstance(c, str) else c for c in counters]
-    return pl.map_batches(exprs, lambda series: _hash_series(key, list(series)), return_dtype=_U64,
-                          is_elementwise=True)
+    """splitmix64 finaliser of ``key * G^n + c1 * G^(n-1) + ... + cn`` (wrapping): a UInt64
+    hash of (seed, stream, counters...), equal to ``_hash_py``."""
+    z = _ulit(_stream_key(seed, stream))
+    for c in counters:
+        c = pl.col(c) if isinstance(c, str) else c
+        z = z * _ulit(_GOLDEN) + c.cast(_U64)
+    return z.map_batches(lambda series: _mix_frame(series.alias("z").to_frame())["z"], return_dtype=_U64,
+                         is_elementwise=True)
 
 
 def _u(seed: int, stream: str, *counters: pl.Expr | str) -> pl.Expr:
@@ -131,14 +126,15 @@ def _dec_from_units(units: pl.Expr, scale: int | pl.Expr) -> pl.Expr:
     """Exact DEC value of an integer number of 10^-scale units."""
     d = units.cast(DEC)
     if isinstance(scale, int):
-        return d if scale == 0 else d / pl.lit(10**scale).cast(DEC)
-    return (
+        return d if scale == 0 else d * pl.lit(Decimal(1).scaleb(-scale), dtype=DEC)
+    factor = (
         pl.when(scale == 0)
-        .then(d)
+        .then(pl.lit(Decimal(1), dtype=DEC))
         .when(scale == 2)
-        .then(d / pl.lit(100).cast(DEC))
-        .otherwise(d / pl.lit(10_000).cast(DEC))
+        .then(pl.lit(Decimal("0.01"), dtype=DEC))
+        .otherwise(pl.lit(Decimal("0.0001"), dtype=DEC))
     )
+    return d * factor
 
 
 # ---------------------------------------------------------------------------------------
@@ -541,80 +537,100 @@ def _usd_per_expr(m: _Market, col: str) -> pl.Expr:
     return pl.col(col).replace_strict(list(m.usd_per), list(m.usd_per.values()), return_dtype=pl.Float64)
 
 
-def _positions_raw(block: pl.DataFrame, m: _Market, seed: int) -> pl.DataFrame:
-    """Internal position rows: pidx, pos_key, inst_no, quantity (Int64), ... sorted."""
+def _from_block(block: pl.DataFrame, name: str, start: int) -> pl.Expr:
+    """Column ``name`` of the portfolio block, looked up by ``pidx`` (block row = pidx - start)."""
+    return pl.lit(block[name]).gather(pl.col("pidx") - start)
+
+
+def _from_inst(m: _Market, name: str) -> pl.Expr:
+    """Column ``name`` of the instrument master, looked up by ``inst_no`` (its row index)."""
+    return pl.lit(m.inst_frame[name]).gather(pl.col("inst_no"))
+
+
+def _positions_raw(block: pl.DataFrame, m: _Market, seed: int, start: int) -> pl.DataFrame:
+    """Internal position rows (pidx, pos_key, inst_no, qty, instrument columns), in output order."""
     S = seed
-    blk = block.select("pidx", "k", "hold_model_id", "base_currency", "total_value", "cash_frac", "fault")
-    # model holdings: each model slot held with 90% probability, at most k - 1 of them
-    slots = m.model_slots.select(
-        hold_model_id="model_id", slot="slot", inst_no="inst_no", mweight=pl.col("bps").cast(pl.Float64) / 10_000
-    )
-    mrows = blk.select("pidx", "k", "hold_model_id").join(slots, on="hold_model_id", how="inner")
-    mrows = mrows.filter(_u(S, "hold", "pidx", "slot") < 0.9)
-    mrows = mrows.sort("pidx", "slot").with_columns(rank=pl.int_range(pl.len()).over("pidx"))
-    mrows = mrows.filter(pl.col("rank") < pl.max_horizontal(pl.col("k") - 1, pl.lit(1)))
-    mrows = mrows.select(
-        "pidx",
-        pos_key=pl.col("slot"),
-        inst_no=pl.col("inst_no"),
-        raw_w=pl.col("mweight") * (0.6 + 0.8 * _u(S, "drift", "pidx", "slot")),
+    slots = m.model_slots
+    offsets, sizes = {}, {}
+    for i, model_id in enumerate(slots["model_id"].to_list()):
+        offsets.setdefault(model_id, i)
+        sizes[model_id] = sizes.get(model_id, 0) + 1
+    # model holdings: each model slot held with 90% probability; only slots < k - 1 so
+    # that at least one off-model holding remains
+    mrows = (
+        block.select(
+            "pidx",
+            "k",
+            off=pl.col("hold_model_id").replace_strict(offsets, return_dtype=pl.Int64),
+            slot=pl.int_ranges(0, pl.col("hold_model_id").replace_strict(sizes, return_dtype=pl.Int64)),
+        )
+        .explode("slot")
+        .filter((pl.col("slot") < pl.max_horizontal(pl.col("k") - 1, pl.lit(1))) & (_u(S, "hold", "pidx", "slot") < 0.9))
+        .select(
+            "pidx",
+            pos_key=pl.col("slot"),
+            inst_no=pl.lit(slots["inst_no"]).gather(pl.col("off") + pl.col("slot")),
+            raw_w=pl.lit(slots["bps"]).gather(pl.col("off") + pl.col("slot")).cast(pl.Float64)
+            * (0.6 + 0.8 * _u(S, "drift", "pidx", "slot")),
+        )
     )
     n_model = mrows.group_by("pidx").agg(n_model=pl.len())
     # legacy (off-model) holdings: a random affine walk through a prime-sized pool, so
     # they are distinct within a portfolio and never on any model
     P = len(m.legacy_pool)
-    pool = pl.DataFrame({"walk": pl.int_range(0, P, dtype=pl.Int64, eager=True), "inst_no": m.legacy_pool})
-    np_pool = pl.DataFrame({"npi": pl.int_range(0, len(m.no_price_pool), dtype=pl.Int64, eager=True),
-                            "np_inst": m.no_price_pool})
+    legacy_pool = pl.Series(m.legacy_pool, dtype=pl.Int64)
+    no_price_pool = pl.Series(m.no_price_pool, dtype=pl.Int64)
+    walk = (_randint(S, "walk_a", 0, P - 1, "pidx") + pl.col("j") * _randint(S, "walk_b", 1, P - 1, "pidx")) % P
+    no_price = pl.lit(no_price_pool).gather(_randint(S, "np", 0, len(no_price_pool) - 1, "pidx"))
     lrows = (
-        blk.select("pidx", "k", "fault")
-        .join(n_model, on="pidx", how="left")
+        block.select("pidx", "k", "fault")
+        .join(n_model, on="pidx", how="left", maintain_order="left")
         .with_columns(n_legacy=pl.col("k") - pl.col("n_model").fill_null(0))
         .filter(pl.col("n_legacy") > 0)
         .with_columns(j=pl.int_ranges(0, pl.col("n_legacy")))
         .explode("j")
-        .with_columns(
-            walk=(_randint(S, "walk_a", 0, P - 1, "pidx") + pl.col("j") * _randint(S, "walk_b", 1, P - 1, "pidx"))
-            % P,
-        )
-        .join(pool, on="walk", how="left")
-        .with_columns(npi=_randint(S, "np", 0, len(m.no_price_pool) - 1, "pidx"))
-        .join(np_pool, on="npi", how="left")
         .select(
             "pidx",
             pos_key=pl.col("j") + 1000,
-            inst_no=pl.when((pl.col("fault") == 0) & (pl.col("j") == 0)).then(pl.col("np_inst"))
-            .otherwise(pl.col("inst_no")),
-            raw_w=0.002 + 0.012 * _u(S, "lw", "pidx", "j"),
+            inst_no=pl.when((pl.col("fault") == 0) & (pl.col("j") == 0))
+            .then(no_price)
+            .otherwise(pl.lit(legacy_pool).gather(walk)),
+            raw_w=(0.002 + 0.012 * _u(S, "lw", "pidx", "j")) * 10_000,
         )
     )
     rows = pl.concat([mrows, lrows])
-    rows = rows.join(m.inst_frame, on="inst_no", how="left").join(
-        blk.select("pidx", "base_currency", "total_value", "cash_frac"), on="pidx", how="left"
+    order = _hash(S, "order", "pidx", "pos_key")
+    if start + block.height < (1 << 24):
+        rows = rows.sort((pl.col("pidx").cast(_U64) * _ulit(1 << 40)) + order // _ulit(1 << 24), maintain_order=True)
+    else:
+        rows = rows.with_columns(okey=order).sort("pidx", "okey", maintain_order=True).drop("okey")
+    rows = rows.with_columns(
+        instrument_id=_from_inst(m, "instrument_id"),
+        inst_ccy=_from_inst(m, "inst_ccy"),
+        price_f=_from_inst(m, "price_f"),
+        base_currency=_from_block(block, "base_currency", start),
+        invested=_from_block(block, "total_value", start) * (1 - _from_block(block, "cash_frac", start)),
     )
-    value_base = (
-        pl.col("total_value") * (1 - pl.col("cash_frac")) * pl.col("raw_w") / pl.col("raw_w").sum().over("pidx")
-    )
+    value_base = pl.col("invested") * pl.col("raw_w") / pl.col("raw_w").sum().over("pidx")
     value_ccy = value_base * _usd_per_expr(m, "base_currency") / _usd_per_expr(m, "inst_ccy")
     # unpriced instruments (bad data) get a plausible quantity
     price = pl.when(pl.col("price_f") > 0).then(pl.col("price_f")).otherwise(100.0)
-    rows = rows.with_columns(
+    return rows.with_columns(
         qty=pl.max_horizontal((value_ccy / price).floor().cast(pl.Int64), pl.lit(1, dtype=pl.Int64)),
-        okey=_hash(S, "order", "pidx", "pos_key"),
-    )
-    return rows.sort("pidx", "okey").drop("okey")
+    ).drop("raw_w", "invested")
 
 
-def _positions(raw: pl.DataFrame, block: pl.DataFrame, seed: int) -> pl.DataFrame:
+def _positions(raw: pl.DataFrame, block: pl.DataFrame, seed: int, start: int) -> pl.DataFrame:
     S = seed
     has_mv = (_u(S, "mv", "pidx", "pos_key") < 0.03) & (pl.col("price_f") > 0)
+    jpy = pl.col("inst_ccy") == "JPY"
     mv_minor = (
         pl.col("qty").cast(pl.Float64) * pl.col("price_f") * (1 + 0.01 * (_u(S, "mvn", "pidx", "pos_key") - 0.5))
-        * pl.when(pl.col("inst_ccy") == "JPY").then(1.0).otherwise(100.0)
+        * pl.when(jpy).then(1.0).otherwise(100.0)
     ).round(0).cast(pl.Int64)
-    mv_dp = pl.when(pl.col("inst_ccy") == "JPY").then(pl.lit(0)).otherwise(pl.lit(2))
-    return raw.join(block.select("pidx", "portfolio_id"), on="pidx", how="left", maintain_order="left").select(
-        portfolio_snapshot_id=pl.col("portfolio_id"),
+    mv_dp = pl.when(jpy).then(pl.lit(0)).otherwise(pl.lit(2))
+    return raw.select(
+        portfolio_snapshot_id=_from_block(block, "portfolio_id", start),
         instrument_id=pl.col("instrument_id"),
         quantity=pl.col("qty").cast(DEC),
         market_value=pl.when(has_mv).then(_dec_from_units(mv_minor, mv_dp)).otherwise(pl.lit(None, dtype=DEC)),
@@ -622,45 +638,54 @@ def _positions(raw: pl.DataFrame, block: pl.DataFrame, seed: int) -> pl.DataFram
     )
 
 
-def _lots(raw: pl.DataFrame, block: pl.DataFrame, seed: int) -> pl.DataFrame:
+_FIRST_PURCHASE = datetime(2010, 1, 4).date()
+_MAX_PURCHASE_DAY = 4000 + 3 * 400  # first_day + (lots - 1) * gap
+
+
+def _lots(raw: pl.DataFrame, block: pl.DataFrame, m: _Market, seed: int, start: int) -> pl.DataFrame:
     S = seed
     lots = raw.filter((_u(S, "haslots", "pidx", "pos_key") < 0.2) & (pl.col("price_f") > 0))
-    lots = lots.join(block.select("pidx", "portfolio_id", "base_currency"), on="pidx", how="left",
-                     maintain_order="left")
     lots = lots.with_columns(
         n_lots=pl.max_horizontal(
             pl.min_horizontal(_randint(S, "nlots", 1, 4, "pidx", "pos_key"), pl.col("qty") // 3), pl.lit(1)
-        )
+        ),
+        first_day=_randint(S, "lotd0", 0, 4000, "pidx", "pos_key"),
+        gap=_randint(S, "lotgap", 30, 400, "pidx", "pos_key"),
+        foreign_cost=(_u(S, "costccy", "pidx", "pos_key") < 0.05) & (pl.col("inst_ccy") != pl.col("base_currency")),
     ).with_columns(lot=pl.int_ranges(0, pl.col("n_lots"))).explode("lot")
 
     def cut(lot: pl.Expr) -> pl.Expr:
-        # cumulative split point for the start of lot `lot`; exact 0 and qty at the ends
+        # cumulative split point where lot `lot` starts: exactly 0 and qty at the ends, so
+        # lot quantities sum exactly to the position quantity; lots are >= 1 as qty >= 3 * n_lots
         jitter = 0.6 * (_u(S, "lotcut", "pidx", "pos_key", lot) - 0.5)
         frac = (lot.cast(pl.Float64) + jitter) / pl.col("n_lots").cast(pl.Float64)
         inner = (pl.col("qty").cast(pl.Float64) * frac).floor().cast(pl.Int64)
         return pl.when(lot == 0).then(0).when(lot == pl.col("n_lots")).then(pl.col("qty")).otherwise(inner)
 
-    foreign_cost = (_u(S, "costccy", "pidx", "pos_key") < 0.05) & (pl.col("inst_ccy") != pl.col("base_currency"))
-    m = _market(seed)
-    cost_ccy = pl.when(foreign_cost).then(pl.col("base_currency")).otherwise(pl.col("inst_ccy"))
+    cost_ccy = pl.when(pl.col("foreign_cost")).then(pl.col("base_currency")).otherwise(pl.col("inst_ccy"))
     cost_f = (
         pl.col("price_f") * (0.4 + 1.2 * _u(S, "cost", "pidx", "pos_key", "lot"))
-        * pl.when(foreign_cost).then(_usd_per_expr(m, "inst_ccy") / _usd_per_expr(m, "base_currency")).otherwise(1.0)
+        * pl.when(pl.col("foreign_cost"))
+        .then(_usd_per_expr(m, "inst_ccy") / _usd_per_expr(m, "base_currency"))
+        .otherwise(1.0)
     )
-    first_day = _randint(S, "lotd0", 0, 4000, "pidx", "pos_key")
-    gap = _randint(S, "lotgap", 30, 400, "pidx", "pos_key")
-    purchase = pl.lit(datetime(2010, 1, 4).date()) + pl.duration(days=first_day + pl.col("lot") * gap)
+    # purchase dates as text via a small day -> 'YYYY-MM-DD' table (cheaper than strftime per row)
+    day_text = pl.select(
+        (pl.lit(_FIRST_PURCHASE) + pl.duration(days=pl.int_range(0, _MAX_PURCHASE_DAY + 1))).dt.strftime("%Y-%m-%d")
+    ).to_series()
+    purchase = pl.lit(day_text).gather(pl.col("first_day") + pl.col("lot") * pl.col("gap"))
+    portfolio_id = _from_block(block, "portfolio_id", start)
     return lots.select(
-        portfolio_snapshot_id=pl.col("portfolio_id"),
+        portfolio_snapshot_id=portfolio_id,
         instrument_id=pl.col("instrument_id"),
         lot_id=pl.concat_str(
-            [pl.lit("LOT-"), pl.col("portfolio_id"), pl.lit("-"), pl.col("pos_key").cast(pl.String), pl.lit("-"),
+            [pl.lit("LOT-"), portfolio_id, pl.lit("-"), pl.col("pos_key").cast(pl.String), pl.lit("-"),
              (pl.col("lot") + 1).cast(pl.String)]
         ),
         quantity=(cut(pl.col("lot") + 1) - cut(pl.col("lot"))).cast(DEC),
         unit_cost=_dec_from_units((cost_f * 10_000).round(0).cast(pl.Int64), 4),
         cost_currency=cost_ccy,
-        purchase_date=purchase.dt.strftime("%Y-%m-%d"),
+        purchase_date=purchase,
     )
 
 
@@ -709,7 +734,7 @@ def _cash(block: pl.DataFrame, m: _Market, seed: int) -> pl.DataFrame:
             amount_f=1000.0 + 49_000.0 * _u(S, "noccy_amt", "pidx"),
         ),
     ]
-    rows = pl.concat(parts).sort("pidx", "slot")
+    rows = pl.concat(parts).sort("pidx", "slot", maintain_order=True)
     scale = pl.when(pl.col("currency") == "JPY").then(pl.lit(0)).otherwise(pl.lit(2))
     minor = (pl.col("amount_f") * pl.when(pl.col("currency") == "JPY").then(1.0).otherwise(100.0)).round(0)
     pending_minor = (minor * 0.2 * _u(S, "pending", "pidx", "slot")).round(0)
@@ -749,7 +774,7 @@ def _group_constraints(block: pl.DataFrame, seed: int) -> pl.DataFrame:
         b.select("pidx", "portfolio_id", slot=pl.lit(0), g=pl.col("g1")),
         b.filter("two").select("pidx", "portfolio_id", slot=pl.lit(1), g=(pl.col("g1") + pl.col("g2")) % n),
     ]
-    rows = pl.concat(parts).sort("pidx", "slot")
+    rows = pl.concat(parts).sort("pidx", "slot", maintain_order=True)
     return rows.select(
         run_key=pl.col("portfolio_id"),
         constraint_key=pl.lit(keys).gather(pl.col("g")),
@@ -793,12 +818,12 @@ def generate_book_frames(
     seed = int(seed) & _M64
     m = _market(seed)
     block = _portfolio_block(seed, start, n_portfolios, bad_data, holdings)
-    raw = _positions_raw(block, m, seed)
+    raw = _positions_raw(block, m, seed, start)
     frames = {
         "portfolios": _portfolios(block, seed),
-        "positions": _positions(raw, block, seed),
+        "positions": _positions(raw, block, seed, start),
         "cash": _cash(block, m, seed),
-        "lots": _lots(raw, block, seed),
+        "lots": _lots(raw, block, m, seed, start),
         "prices": m.prices.clone(),
         "fx_rates": m.fx_rates.clone(),
         "shelf": m.shelf.clone(),

@@ -15,6 +15,9 @@ import polars as pl
 
 SCALE = 20
 DEC = pl.Decimal(38, SCALE)
+# quantities: 28 decimals so that tax-limited fractional quantities keep every digit the
+# reference prints (see dpm_vec.dec28); holds up to 10^10 units
+QTY = pl.Decimal(38, 28)
 ONE = Decimal(1)
 ZERO = Decimal(0)
 

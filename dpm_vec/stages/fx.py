@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import polars as pl
 
-from dpm_vec.numeric import DEC, dabs, lit
+from dpm_vec.numeric import DEC, QTY, dabs, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 
 INTENT_COLUMNS = {
     "run": pl.UInt32, "exec_order": pl.Int64, "intent_id": pl.String, "intent_type": pl.String,
-    "instrument_id": pl.String, "side": pl.String, "quantity": DEC, "notional": DEC,
+    "instrument_id": pl.String, "side": pl.String, "quantity": QTY, "notional": DEC,
     "notional_currency": pl.String, "notional_base": DEC, "base_currency": pl.String,
     "dependencies": pl.List(pl.String), "rationale_code": pl.String,
     "min_notional_applied": pl.Boolean, "tax_budget_applied": pl.Boolean,

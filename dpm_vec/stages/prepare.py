@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from dpm_vec import dec28
 from dpm_vec.book import Book
 from dpm_vec.numeric import DEC, lit
 
@@ -52,10 +53,7 @@ class Market:
             .drop("shelf_id")
         )
 
-    def with_rate(self, frame: pl.DataFrame, from_col: str, to_col: str, out: str) -> pl.DataFrame:
-        """Attach ``out`` = rate(from → to) per §6.1: 1.0 for equal currencies, else the
-        first direct pair if non-zero, else 1.0 / the first inverse pair if non-zero,
-        else null (missing)."""
+    def _rate_parts(self, frame: pl.DataFrame, from_col: str, to_col: str) -> pl.DataFrame:
         direct = self.fx.rename({"fx_from": "_f", "fx_to": "_t", "fx_rate": "_direct"})
         inverse = self.fx.rename({"fx_from": "_t", "fx_to": "_f", "fx_rate": "_inverse"})
         keyed = frame.join(self.run_keys.select("run", "market_snapshot_id"), on="run", how="left")
@@ -66,15 +64,45 @@ class Market:
             inverse, left_on=["market_snapshot_id", from_col, to_col],
             right_on=["market_snapshot_id", "_f", "_t"], how="left",
         )
+        return keyed.drop("market_snapshot_id").with_columns(
+            (pl.col(from_col) == pl.col(to_col)).alias("_same"),
+            (pl.col("_direct").is_not_null() & (pl.col("_direct") != 0)).alias("_use_direct"),
+            (pl.col("_inverse").is_not_null() & (pl.col("_inverse") != 0)).alias("_use_inverse"),
+        )
+
+    def with_rate(self, frame: pl.DataFrame, from_col: str, to_col: str, out: str) -> pl.DataFrame:
+        """Attach ``out`` = rate(from → to) per §6.1: 1.0 for equal currencies, else the
+        first direct pair if non-zero, else 1.0 / the first inverse pair if non-zero,
+        else null (missing)."""
+        keyed = self._rate_parts(frame, from_col, to_col)
         rate = (
-            pl.when(pl.col(from_col) == pl.col(to_col)).then(lit("1.0"))
-            .when(pl.col("_direct").is_not_null() & (pl.col("_direct") != 0)).then(pl.col("_direct"))
-            .when(pl.col("_inverse").is_not_null() & (pl.col("_inverse") != 0))
-            .then(lit("1.0") / pl.col("_inverse"))
+            pl.when(pl.col("_same")).then(lit("1.0"))
+            .when(pl.col("_use_direct")).then(pl.col("_direct"))
+            .when(pl.col("_use_inverse")).then(lit("1.0") / pl.col("_inverse"))
             .otherwise(None)
             .cast(DEC)
         )
-        return keyed.with_columns(rate.alias(out)).drop("market_snapshot_id", "_direct", "_inverse")
+        return keyed.with_columns(rate.alias(out)).drop("_direct", "_inverse", "_same", "_use_direct", "_use_inverse")
+
+    def with_rate_f28(self, frame: pl.DataFrame, from_col: str, to_col: str, out: str) -> pl.DataFrame:
+        """Like ``with_rate`` but as an exact 28-digit F28 (inverse pairs rounded as the
+        reference rounds them)."""
+        keyed = self._rate_parts(frame, from_col, to_col).with_columns(
+            lit(1).alias("_one"), pl.col("_inverse").fill_null(lit(1)), pl.col("_direct").fill_null(lit(1)),
+        )
+        keyed = dec28.from_dec(keyed, "_one", "_one_f")
+        keyed = dec28.from_dec(keyed, "_direct", "_direct_f")
+        keyed = dec28.from_dec(keyed, "_inverse", "_inverse_f")
+        keyed = dec28.div(keyed, "_one_f", "_inverse_f", "_inverted_f")
+        rate = (
+            pl.when(pl.col("_same")).then(pl.col("_one_f"))
+            .when(pl.col("_use_direct")).then(pl.col("_direct_f"))
+            .when(pl.col("_use_inverse")).then(pl.col("_inverted_f"))
+            .otherwise(None)
+        )
+        return keyed.with_columns(rate.alias(out)).drop(
+            "_direct", "_inverse", "_same", "_use_direct", "_use_inverse", "_one", "_one_f", "_direct_f", "_inverse_f", "_inverted_f"
+        )
 
 
 def prepare(book: Book) -> Prepared:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from dpm_vec.numeric import DEC, dabs, lit
+from dpm_vec.numeric import DEC, QTY, dabs, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
@@ -63,7 +63,7 @@ def translate(
     t = t.with_columns(
         ((pl.col("total_value") * pl.col("final_weight")) / pl.col("rate")).alias("target_value_instr"),
         pl.when(pl.col("market_value").is_not_null()).then(pl.col("market_value"))
-        .when(pl.col("held_quantity").is_not_null()).then(pl.col("held_quantity") * pl.col("price"))
+        .when(pl.col("held_quantity").is_not_null()).then(pl.col("held_quantity").cast(DEC) * pl.col("price"))
         .otherwise(lit(0)).alias("current_value_instr"),
     ).with_columns(
         (pl.col("target_value_instr") - pl.col("current_value_instr")).alias("delta_value_instr"),
@@ -76,13 +76,13 @@ def translate(
     # the quotient is rounded before the floor; step back when that rounding crossed an integer
     units = pl.when(units * pl.col("price") > pl.col("_abs_delta")).then(units - 1).otherwise(units)
     t = t.with_columns(
-        pl.when(pl.col("by_notional")).then(pl.col("_abs_delta").round(2) / pl.col("price")).otherwise(units).cast(DEC).alias("requested_quantity"),
+        pl.when(pl.col("by_notional")).then(pl.col("_abs_delta").round(2) / pl.col("price")).otherwise(units).cast(QTY).alias("requested_quantity"),
     )
     t, tax_events, tax_totals, tax_warnings, tax_fx_missing = limit_sells_by_tax_lots(market, t, lots, runs)
     t = t.with_columns(
         pl.when(pl.col("by_notional") & (pl.col("quantity") == pl.col("requested_quantity")))
         .then(pl.col("_abs_delta").round(2))
-        .otherwise(pl.col("quantity") * pl.col("price")).alias("notional"),
+        .otherwise(pl.col("quantity").cast(DEC) * pl.col("price")).alias("notional"),
     ).with_columns(
         (pl.col("notional") * pl.col("rate")).alias("notional_base"),
         pl.when(pl.col("min_trade_notional_amount").is_not_null()).then(pl.col("min_trade_notional_amount"))

@@ -43,7 +43,7 @@ def value_state(
         pl.when(use_mv).then(pl.col("market_value_currency"))
         .otherwise(pl.coalesce("price_currency", "base_currency")).alias("instrument_currency"),
         pl.when(use_mv).then(pl.col("market_value"))
-        .otherwise(pl.col("quantity") * pl.col("price").fill_null(lit(0))).alias("value_instr"),
+        .otherwise(pl.col("quantity").cast(DEC) * pl.col("price").fill_null(lit(0))).alias("value_instr"),
         pl.col("asset_class").fill_null("UNKNOWN"),
     )
     pos = market.with_rate(pos, "instrument_currency", "base_currency", "_rate")

@@ -1,0 +1,186 @@
+"""28-significant-digit decimal arithmetic as Polars expressions.
+
+The reference computes in Python's default decimal context: every result rounded to 28
+significant digits, half-even (spec §1.1). Fixed-point ``DEC`` agrees with it to far below
+a cent, which is all money and weights need. Tax-limited sells are different: their
+quantities are quotients like ``(budget − used) / gain`` that the reference emits with
+all 28 digits, and quantities must agree exactly. For that walk (and the after-state
+quantities it feeds) dpm_vec uses this floating decimal: a struct ``{z, k}`` meaning
+``z × 10^k`` with ``z`` a Decimal(38, 28) normalised into [0.1, 1) — exactly 28
+significant digits — so each product, quotient and sum is rounded once, as the reference
+rounds it.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import polars as pl
+
+from dpm_vec.numeric import DEC
+
+D28 = pl.Decimal(38, 28)
+F28 = pl.Struct({"z": D28, "k": pl.Int32})
+_POW_D28 = {j: Decimal(10) ** j for j in range(-28, 10)}
+_POW_DEC = {j: Decimal(10) ** j for j in range(-20, 18)}
+_T = "__f28_"  # prefix of scratch columns
+
+
+def _pow_d28(j: pl.Expr) -> pl.Expr:
+    return j.clip(-28, 9).replace_strict(_POW_D28, return_dtype=D28)
+
+
+def _pow_dec(j: pl.Expr) -> pl.Expr:
+    return j.clip(-20, 17).replace_strict(_POW_DEC, return_dtype=DEC)
+
+
+def _with_magnitude(df: pl.DataFrame, src: str, out: str, pow_fn, top: int) -> pl.DataFrame:
+    """``out`` = floor(log10|src|) + 1 (integer digits; ≤ 0 below 0.1; 0 for zero)."""
+    a = pl.col(src).abs()
+    guess = f"{out}_guess"
+    df = df.with_columns(
+        (pl.when(a == 0).then(1.0).otherwise(a.cast(pl.Float64)).log10().floor().cast(pl.Int32) + 1).alias(guess)
+    )
+    m0 = pl.col(guess)
+    return df.with_columns(
+        pl.when(a == 0).then(0)
+        .when((m0 <= top) & (a >= pow_fn(m0))).then(m0 + 1)
+        .when(a < pow_fn(m0 - 1)).then(m0 - 1)
+        .otherwise(m0).cast(pl.Int32).alias(out)
+    ).drop(guess)
+
+
+def zero() -> pl.Expr:
+    return pl.struct(pl.lit(0, dtype=D28).alias("z"), pl.lit(0, dtype=pl.Int32).alias("k"))
+
+
+def _pack(z: pl.Expr, k: pl.Expr) -> pl.Expr:
+    zero = z == 0
+    return pl.struct(
+        pl.when(zero).then(pl.lit(0, dtype=D28)).otherwise(z).alias("z"),
+        pl.when(zero).then(pl.lit(0, dtype=pl.Int32)).otherwise(k).cast(pl.Int32).alias("k"),
+    )
+
+
+def _normalise(df: pl.DataFrame, src: str, out: str, k_offset: pl.Expr | int = 0) -> pl.DataFrame:
+    """D28 column ``src`` (|x| < 1e10) → F28 column ``out`` rounded to 28 significant
+    digits, with ``k_offset`` added to the exponent."""
+    m, r = f"{_T}m", f"{_T}r"
+    df = _with_magnitude(df, src, m, _pow_d28, 9)
+    s, mc = pl.col(src), pl.col(m)
+    rounded = pl.when(mc <= 0).then(s)
+    for j in range(1, 11):
+        rounded = rounded.when(mc == j).then(s.round(28 - j))
+    df = df.with_columns(rounded.otherwise(s).alias(r))
+    # rounding can carry into the next power of ten (0.99…95 → 1.00…0)
+    df = df.with_columns(
+        pl.when((mc >= 0) & (mc <= 9) & (pl.col(r).abs() >= _pow_d28(mc))).then(mc + 1).otherwise(mc).alias(m)
+    )
+    k_off = pl.lit(k_offset) if isinstance(k_offset, int) else k_offset
+    # scale into [0.1, 1) by 10^-m; below 1e-9 that takes two exact steps
+    shift = -pl.col(m)
+    scaled = pl.col(r) * _pow_d28(shift.clip(upper_bound=9)) * _pow_d28((shift - 9).clip(lower_bound=0))
+    return df.with_columns(_pack(scaled, pl.col(m) + k_off).alias(out)).drop(m, r)
+
+
+def from_dec(df: pl.DataFrame, src: str, out: str) -> pl.DataFrame:
+    """DEC (or D28) column → F28 column (values up to 1e18)."""
+    x, small, n, sm, big = f"{_T}x", f"{_T}small", f"{_T}n", f"{_T}sm", f"{_T}big"
+    df = df.with_columns(pl.col(src).cast(DEC).alias(x))
+    df = df.with_columns((pl.col(x).abs() < pl.lit(Decimal("1e9"), dtype=DEC)).alias(small))
+    exact = pl.col(src) if df.schema[src] == D28 else pl.col(x)
+    df = df.with_columns(
+        pl.when(pl.col(small)).then(exact).otherwise(pl.lit(0, dtype=exact_dtype(df.schema[src]))).cast(D28).alias(sm),
+        pl.when(pl.col(small)).then(pl.lit(1, dtype=DEC)).otherwise(pl.col(x)).alias(big),
+    )
+    df = _normalise(df, sm, f"{_T}small_f")
+    df = _with_magnitude(df, big, n, _pow_dec, 17)
+    b, nc = pl.col(big), pl.col(n)
+    rounded = pl.when(nc <= 10).then(b.round(18))
+    for j in range(11, 19):
+        rounded = rounded.when(nc == j).then(b.round(28 - j))
+    df = df.with_columns((rounded.otherwise(b) * _pow_dec(9 - nc)).cast(D28).alias(big))
+    df = df.with_columns(
+        pl.when(pl.col(small)).then(pl.col(f"{_T}small_f"))
+        .otherwise(_pack(pl.col(big) * pl.lit(Decimal("1e-9"), dtype=D28), nc)).alias(out)
+    )
+    return df.drop(x, small, n, sm, big, f"{_T}small_f")
+
+
+def exact_dtype(dtype: pl.DataType) -> pl.DataType:
+    return D28 if dtype == D28 else DEC
+
+
+def _z(name: str) -> pl.Expr:
+    return pl.col(name).struct.field("z")
+
+
+def _k(name: str) -> pl.Expr:
+    return pl.col(name).struct.field("k")
+
+
+def mul(df: pl.DataFrame, a: str, b: str, out: str) -> pl.DataFrame:
+    p = f"{_T}p"
+    df = df.with_columns((_z(a) * _z(b)).alias(p))
+    k = _k(a) + _k(b)
+    shifted = (_z(a) * pl.lit(10, dtype=D28)) * _z(b)
+    return df.with_columns(
+        pl.when(pl.col(p).abs() >= pl.lit(Decimal("0.1"), dtype=D28)).then(_pack(pl.col(p), k))
+        .otherwise(_pack(shifted, k - 1)).alias(out)
+    ).drop(p)
+
+
+def div(df: pl.DataFrame, a: str, b: str, out: str) -> pl.DataFrame:
+    """a / b; null where b is zero."""
+    sb = f"{_T}sb"
+    df = df.with_columns(pl.when(_z(b) == 0).then(pl.lit(1, dtype=D28)).otherwise(_z(b)).alias(sb))
+    k = _k(a) - _k(b)
+    direct = _pack(_z(a) / pl.col(sb), k)
+    shifted = _pack(_z(a) / (pl.col(sb) * pl.lit(10, dtype=D28)), k + 1)
+    return df.with_columns(
+        pl.when(_z(b) == 0).then(None)
+        .when(_z(a).abs() < pl.col(sb).abs()).then(direct)
+        .otherwise(shifted).alias(out)
+    ).drop(sb)
+
+
+def neg(df: pl.DataFrame, a: str, out: str) -> pl.DataFrame:
+    return df.with_columns(_pack(-_z(a), _k(a)).alias(out))
+
+
+def add(df: pl.DataFrame, a: str, b: str, out: str) -> pl.DataFrame:
+    big, small, s = f"{_T}big", f"{_T}small", f"{_T}s"
+    a_big = (_k(a) >= _k(b)) | (_z(b) == 0)
+    df = df.with_columns(
+        pl.when(a_big).then(pl.col(a)).otherwise(pl.col(b)).alias(big),
+        pl.when(a_big).then(pl.col(b)).otherwise(pl.col(a)).alias(small),
+    )
+    d = (_k(big) - _k(small)).clip(0, 40)
+    df = df.with_columns((_z(big) * pl.lit(Decimal("1e9"), dtype=D28) + _z(small) * _pow_d28(9 - d)).alias(s))
+    df = _normalise(df, s, f"{_T}sum", _k(big) - 9)
+    return df.with_columns(
+        pl.when(_z(a) == 0).then(pl.col(b)).when(_z(b) == 0).then(pl.col(a)).otherwise(pl.col(f"{_T}sum")).alias(out)
+    ).drop(big, small, s, f"{_T}sum")
+
+
+def sub(df: pl.DataFrame, a: str, b: str, out: str) -> pl.DataFrame:
+    nb = f"{_T}nb"
+    return add(neg(df, b, nb), a, nb, out).drop(nb)
+
+
+def sign(name: str) -> pl.Expr:
+    z = _z(name)
+    return pl.when(z > 0).then(1).when(z < 0).then(-1).otherwise(0)
+
+
+def to_dec(name: str) -> pl.Expr:
+    """F28 → DEC (rounded at 20 decimals)."""
+    z, k = _z(name), _k(name)
+    low = (z * _pow_d28(pl.when(k <= 9).then(k).otherwise(0))).cast(DEC)
+    high = z.cast(DEC) * _pow_dec(pl.when(k > 9).then(k).otherwise(0))
+    return pl.when(k <= 9).then(low).otherwise(high)
+
+
+def to_d28(name: str) -> pl.Expr:
+    """F28 → D28 (quantities; |x| < 1e10)."""
+    return _z(name) * _pow_d28(_k(name))

@@ -1,0 +1,249 @@
+"""Synthetic book generator: determinism, shard invariance, realism and data faults."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import polars as pl
+import pytest
+
+from dpm_vec.book import SHELF_STATUSES, TABLES, make_book, table_schema
+from dpm_vec.generate import BAD_MODEL_ID, generate_book_frames, write_book
+
+SEED = 20250630
+PER_PORTFOLIO = ("portfolios", "positions", "cash", "lots", "group_constraints", "overdraft_limits")
+SHARED = ("prices", "fx_rates", "shelf", "shelf_attributes", "models")
+
+
+@pytest.fixture(scope="module")
+def book() -> dict[str, pl.DataFrame]:
+    return generate_book_frames(400, SEED)
+
+
+@pytest.fixture(scope="module")
+def bad_book() -> dict[str, pl.DataFrame]:
+    return generate_book_frames(3000, SEED, bad_data=True)
+
+
+def _rates_to_base(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    """(currency, base_currency, rate_f) for every pair quoted either way (no triangulation)."""
+    fx = frames["fx_rates"].select(
+        pl.col("pair").str.split("/").list.get(0).alias("currency"),
+        pl.col("pair").str.split("/").list.get(1).alias("base_currency"),
+        pl.col("rate").cast(pl.Float64).alias("rate_f"),
+    )
+    inverse = fx.select(
+        pl.col("base_currency").alias("currency"), pl.col("currency").alias("base_currency"), (1 / pl.col("rate_f")).alias("rate_f")
+    )
+    return pl.concat([fx, inverse])
+
+
+def _faults(frames: dict[str, pl.DataFrame]) -> dict[str, set[str]]:
+    """Portfolio ids showing each kind of per-portfolio data fault."""
+    pf = frames["portfolios"].select("portfolio_id", "base_currency", "model_id")
+    priced = frames["prices"].select("instrument_id")
+    no_price = frames["positions"].join(priced, on="instrument_id", how="anti")
+    rates = _rates_to_base(frames).select("currency", "base_currency")
+    cash = frames["cash"].join(pf, left_on="portfolio_snapshot_id", right_on="portfolio_id")
+    no_fx = cash.filter(pl.col("currency") != pl.col("base_currency")).join(
+        rates, on=["currency", "base_currency"], how="anti"
+    )
+    unshelved_targets = frames["models"].join(frames["shelf"].select("instrument_id"), on="instrument_id", how="anti")
+    unshelved = pf.join(unshelved_targets.select("model_id").unique(), on="model_id", how="semi")
+    return {
+        "no_price": set(no_price["portfolio_snapshot_id"]),
+        "no_fx": set(no_fx["portfolio_snapshot_id"]),
+        "unshelved_target": set(unshelved["portfolio_id"]),
+    }
+
+
+def test_columns_and_dtypes_follow_book_tables(book):
+    assert set(book) == set(TABLES)
+    for table, frame in book.items():
+        assert dict(frame.schema) == table_schema(table), table
+    make_book(**book)  # conforms without error
+
+
+def test_deterministic(book):
+    again = generate_book_frames(400, SEED)
+    for table in TABLES:
+        assert book[table].equals(again[table]), table
+    other = generate_book_frames(400, SEED + 1)
+    assert not book["positions"].equals(other["positions"])
+    assert not book["prices"].equals(other["prices"])
+
+
+def test_shard_invariance():
+    whole = generate_book_frames(200, SEED, bad_data=True)
+    first = generate_book_frames(100, SEED, bad_data=True)
+    second = generate_book_frames(100, SEED, bad_data=True, start=100)
+    for table in PER_PORTFOLIO:
+        assert whole[table].equals(pl.concat([first[table], second[table]])), table
+    for table in SHARED:
+        assert whole[table].equals(first[table]) and whole[table].equals(second[table]), table
+    ids = whole["portfolios"]["portfolio_id"]
+    assert ids[0] == "PF0000000" and ids[-1] == "PF0000199"
+    assert second["portfolios"]["portfolio_id"][0] == "PF0000100"
+
+
+def test_shelf_has_every_status_and_realistic_universe(book):
+    shelf = book["shelf"]
+    assert set(shelf["status"]) == set(SHELF_STATUSES)
+    approved = (shelf["status"] == "APPROVED").mean()
+    assert 0.75 < approved < 0.95
+    assert set(shelf["asset_class"]) == {"EQUITY", "FIXED_INCOME", "FUND", "ALTERNATIVE"}
+    assert "NOTIONAL" in set(shelf["trade_by"])
+    assert shelf["settlement_days"].is_between(1, 3).all()
+    assert shelf["min_notional_amount"].is_not_null().any()
+    assert shelf["instrument_id"].is_unique().all()
+    prices = book["prices"]
+    assert prices.height > 2000
+    assert set(prices["currency"]) == {"USD", "EUR", "GBP", "CHF", "SGD", "HKD", "JPY"}
+    scale = prices.select(
+        (pl.col("price") * 100 == (pl.col("price") * 100).cast(pl.Int64).cast(pl.Decimal(38, 20))).all()
+    ).item()
+    assert scale  # at most 2 dp
+    jpy = prices.filter(pl.col("currency") == "JPY")
+    assert (jpy["price"] == jpy["price"].cast(pl.Int64).cast(pl.Decimal(38, 20))).all()
+    attrs = set(book["shelf_attributes"]["attribute"])
+    assert {"sector", "region"} <= attrs
+
+
+def test_holdings_count_in_range(book):
+    counts = book["positions"].group_by("portfolio_snapshot_id").len()
+    assert counts.height == book["portfolios"].height
+    assert counts["len"].min() >= 30 and counts["len"].max() <= 80
+    small = generate_book_frames(50, SEED, holdings=(5, 10))
+    counts = small["positions"].group_by("portfolio_snapshot_id").len()["len"]
+    assert counts.min() >= 5 and counts.max() <= 10
+    positions = book["positions"]
+    assert positions.select(pl.struct("portfolio_snapshot_id", "instrument_id").is_unique().all()).item()
+    assert (positions["quantity"] == positions["quantity"].cast(pl.Int64).cast(pl.Decimal(38, 20))).all()
+    assert (positions["quantity"] >= 1).all()
+
+
+def test_holdings_mostly_from_model(book):
+    pos = book["positions"].join(
+        book["portfolios"].select("portfolio_id", "model_id"), left_on="portfolio_snapshot_id", right_on="portfolio_id"
+    )
+    on_model = pos.join(book["models"], on=["model_id", "instrument_id"], how="semi").height
+    assert 0.3 < on_model / pos.height < 0.8
+
+
+def test_total_values_in_range(book):
+    rates = _rates_to_base(book)
+    pf = book["portfolios"].select(pl.col("portfolio_id").alias("portfolio_snapshot_id"), "base_currency")
+    pos = (
+        book["positions"]
+        .join(book["prices"].select("instrument_id", "price", "currency"), on="instrument_id")
+        .join(pf, on="portfolio_snapshot_id")
+        .join(rates, on=["currency", "base_currency"], how="left")
+        .select(
+            "portfolio_snapshot_id",
+            value=pl.col("quantity").cast(pl.Float64)
+            * pl.col("price").cast(pl.Float64)
+            * pl.col("rate_f").fill_null(1.0),
+        )
+    )
+    cash = (
+        book["cash"]
+        .join(pf, on="portfolio_snapshot_id")
+        .join(rates, on=["currency", "base_currency"], how="left")
+        .select("portfolio_snapshot_id", value=pl.col("amount").cast(pl.Float64) * pl.col("rate_f").fill_null(1.0))
+    )
+    totals = pl.concat([pos, cash]).group_by("portfolio_snapshot_id").agg(pl.col("value").sum())["value"]
+    assert totals.min() > 80_000 and totals.max() < 25_000_000
+    assert totals.max() > 5_000_000  # spread over the whole range
+
+
+def test_lots_sum_to_position_quantity(book):
+    lots = book["lots"]
+    positions = book["positions"]
+    share = lots.select("portfolio_snapshot_id", "instrument_id").unique().height / positions.height
+    assert 0.12 < share < 0.3
+    sums = lots.group_by("portfolio_snapshot_id", "instrument_id").agg(pl.col("quantity").sum().alias("lot_qty"))
+    joined = sums.join(positions, on=["portfolio_snapshot_id", "instrument_id"], how="left")
+    assert joined["quantity"].null_count() == 0
+    assert (joined["lot_qty"] == joined["quantity"]).all()
+    assert (lots["quantity"] > 0).all()
+    assert lots["lot_id"].is_unique().all()
+    assert lots["purchase_date"].str.contains(r"^\d{4}-\d{2}-\d{2}$").all()
+    assert (lots["unit_cost"] > 0).all()
+
+
+def test_models(book):
+    models = book["models"]
+    sums = models.group_by("model_id").agg(pl.col("weight").sum().alias("total"), pl.len().alias("n"))
+    assert (sums["total"] <= Decimal(1)).all()
+    assert (sums["total"] == Decimal(1)).any() and (sums["total"] < Decimal(1)).any()
+    regular = sums.filter(pl.col("model_id") != BAD_MODEL_ID)
+    assert regular["n"].min() >= 15 and regular["n"].max() <= 40
+    bps = models["weight"] * 10_000
+    assert (bps == bps.cast(pl.Int64).cast(pl.Decimal(38, 20))).all()  # 4 dp
+    assert set(book["portfolios"]["model_id"]) <= set(models["model_id"])
+
+
+def test_fx_coverage_for_good_portfolios(book):
+    assert not any(_faults(book).values())
+    rates = _rates_to_base(book).select("currency", "base_currency")
+    pf = book["portfolios"].select(pl.col("portfolio_id").alias("portfolio_snapshot_id"), "base_currency")
+    inst_ccy = book["positions"].join(book["prices"], on="instrument_id").select("portfolio_snapshot_id", "currency")
+    used = pl.concat([inst_ccy, book["cash"].select("portfolio_snapshot_id", "currency")]).join(
+        pf, on="portfolio_snapshot_id"
+    )
+    foreign = used.filter(pl.col("currency") != pl.col("base_currency"))
+    assert foreign.height > 0
+    assert foreign.join(rates, on=["currency", "base_currency"], how="anti").height == 0
+    pairs = book["fx_rates"]["pair"].to_list()
+    assert "EUR/USD" in pairs and "USD/JPY" in pairs  # quoted both ways from a USD base
+    assert set(book["portfolios"]["base_currency"]) == {"SGD", "USD", "EUR", "CHF", "GBP"}
+    assert book["cash"]["portfolio_snapshot_id"].n_unique() == book["portfolios"].height
+
+
+def test_bad_data_faults(bad_book):
+    faults = _faults(bad_book)
+    n = bad_book["portfolios"].height
+    for kind, ids in faults.items():
+        assert len(ids) >= 1, kind
+    bad = set().union(*faults.values())
+    assert 0.002 * n <= len(bad) <= 0.03 * n
+    clean = generate_book_frames(3000, SEED)
+    assert not any(_faults(clean).values())
+    # everything else about a good portfolio is unchanged by bad_data
+    good = bad_book["portfolios"].filter(~pl.col("portfolio_id").is_in(list(bad)))
+    assert good.equals(clean["portfolios"].filter(~pl.col("portfolio_id").is_in(list(bad))))
+
+
+def test_policy_columns_vary(book):
+    pf = book["portfolios"]
+    assert pf["single_position_max_weight"].is_not_null().any()
+    assert pf["single_position_max_weight"].is_null().any()
+    assert pf["cash_band_min_weight"].is_not_null().any()
+    assert pf["min_cash_buffer_pct"].is_not_null().any()
+    assert (pf["suppress_dust_trades"] == False).any()  # noqa: E712
+    assert (pf["run_key"] == pf["portfolio_id"]).all()
+    assert book["group_constraints"].height > 0 and book["overdraft_limits"].height > 0
+    keys = book["group_constraints"]["constraint_key"]
+    assert keys.str.contains(r"^[^:]+:[^:]+$").all()
+
+
+def test_write_book_roundtrip(tmp_path, book):
+    out = tmp_path / "books" / "b1"
+    write_book(book, out)
+    for table, frame in book.items():
+        path = out / f"{table}.parquet"
+        assert path.exists(), table
+        assert pl.read_parquet(path).equals(frame), table
+    smaller = generate_book_frames(5, SEED)
+    write_book(smaller, out)  # replaces the directory as a whole
+    assert pl.read_parquet(out / "portfolios.parquet").height == 5
+    assert sorted(p.name for p in (tmp_path / "books").iterdir()) == ["b1"]
+
+
+def test_vectorised_hash_matches_python_reference():
+    from dpm_vec.generate import _hash, _hash_py
+
+    frame = pl.DataFrame({"a": [0, 1, 12345, 999_999], "b": [5, 6, 7, 80]})
+    got = frame.select(h=_hash(SEED, "stream", "a", "b"))["h"].to_list()
+    assert got == [_hash_py(SEED, "stream", a, b) for a, b in frame.iter_rows()]
+    assert len(set(got)) == 4

@@ -80,6 +80,7 @@ TABLES: dict[str, list[tuple[str, pl.DataType, bool]]] = {
         ("portfolio_as_of", pl.Datetime("us", "UTC"), False),
         ("market_as_of", pl.Datetime("us", "UTC"), False),
         ("request_hash", STR, False),
+        ("input_fault", STR, False),  # set by the book reader: a broken reference blocks the run
     ]
     + [(name, dtype, False) for name, dtype, _ in POLICY_COLUMNS],
     "positions": [

@@ -37,6 +37,7 @@ def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, mo
     )
     faults = pl.concat([
         pl.DataFrame(schema=FAULT_SCHEMA),
+        runs.filter(pl.col("input_fault").is_not_null()).select("run", "input_fault"),
         positions.filter(pl.col("quantity") < 0).select("run", pl.lit("NEGATIVE_QUANTITY").alias("input_fault"), pl.lit(0).alias("_o")).drop("_o"),
         priced.filter(pl.col("price").is_not_null() & (pl.col("price") <= 0)).select("run", pl.lit("NON_POSITIVE_PRICE").alias("input_fault")),
         skew.select("run", pl.lit("SNAPSHOT_SKEW").alias("input_fault")),

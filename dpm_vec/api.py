@@ -1,0 +1,428 @@
+"""HTTP service: the reference's ``POST /rebalance/simulate`` over the dpm_vec engine.
+
+Endpoints (``create_app``):
+
+* ``POST /rebalance/simulate`` - body: one reference request (spec §3); header
+  ``Idempotency-Key`` required. 200 + RebalanceResult for every valid request, whatever the
+  business status (BLOCKED is still 200); 422 ``application/problem+json`` listing every
+  invalid field (missing header, malformed JSON, body not an object, schema errors);
+  409 problem+json on an idempotency conflict (``rfc`` mode only); 500 problem+json on an
+  unexpected exception.
+* ``POST /rebalance/simulate/batch`` - body: a JSON array of requests; 200 + an array of
+  the same length, each slot a RebalanceResult or a 422 problem object. One engine pass.
+  Nothing is stored and no Idempotency-Key is needed.
+* ``GET /health`` and ``GET /metrics`` (Prometheus text format).
+
+Idempotency modes:
+
+* ``reference`` (default): the reference service at its pinned commit (spec §2.2-2.3).
+  Every call recomputes; ``lineage.request_hash`` is the Idempotency-Key verbatim (any
+  string, even empty); ``correlation_id`` is always ``"c_none"`` and X-Correlation-Id is
+  only logged; a fresh random ``rr_xxxxxxxx`` run id per call.
+* ``rfc``: RFC-0001 §8.2 over a DuckDB run store (``store_path``; None = in memory).
+  Same key + same request hash → the stored JSON, byte for byte, with header
+  ``Idempotent-Replay: true``; same key + another hash → 409. The key must be non-empty.
+  ``lineage.request_hash`` is the SHA-256 of the canonical request and
+  ``lineage.idempotency_key`` the key. X-Correlation-Id is echoed (generated if missing) in
+  the response header of every response and in the body's ``correlation_id``. Invalid
+  requests are not stored, so a corrected request may reuse its key.
+
+Run the server: ``python -m dpm_vec.api --host 127.0.0.1 --port 8000 [--store runs.duckdb]
+[--idempotency rfc]`` or ``serve(...)`` (what ``dpm-vec serve`` calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from dpm_vec import __version__
+from dpm_vec.contract import parse_request, request_hash
+from dpm_vec.errors import RequestError
+from dpm_vec.simulate import simulate_many
+from dpm_vec.store import DuplicateRunId, IdempotencyConflict, RunStore, new_run_id
+
+PROBLEM_JSON = "application/problem+json"
+MODES = ("reference", "rfc")
+SIMULATE_PATH = "/rebalance/simulate"
+BATCH_PATH = "/rebalance/simulate/batch"
+STATUSES = ("READY", "PENDING_REVIEW", "BLOCKED")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+INVALID_TYPE = "https://dpm-vec.dev/problems/invalid-request"
+CONFLICT_TYPE = "https://dpm-vec.dev/problems/idempotency-conflict"
+
+log = logging.getLogger("dpm_vec.api")
+
+
+# -- metrics ---------------------------------------------------------------------------------
+class Metrics:
+    """Hand-rolled Prometheus counters and a latency histogram (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.status = {s: 0 for s in STATUSES}
+        self.responses: dict[tuple[str, int], int] = {}
+        self.exclusions: dict[str, int] = {}
+        self.replays = 0
+        self.conflicts = 0
+        self.latency: dict[str, list] = {}  # endpoint -> [bucket counts..., sum, count]
+
+    def run(self, result: dict) -> None:
+        with self._lock:
+            status = result.get("status")
+            self.status[status] = self.status.get(status, 0) + 1
+            for ex in (result.get("universe") or {}).get("excluded") or []:
+                reason = ex.get("reason_code") or "UNKNOWN"
+                self.exclusions[reason] = self.exclusions.get(reason, 0) + 1
+
+    def response(self, endpoint: str, code: int, seconds: float) -> None:
+        with self._lock:
+            self.responses[(endpoint, code)] = self.responses.get((endpoint, code), 0) + 1
+            h = self.latency.setdefault(endpoint, [0] * len(LATENCY_BUCKETS) + [0.0, 0])
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    h[i] += 1
+            h[-2] += seconds
+            h[-1] += 1
+
+    def count(self, what: str) -> None:
+        with self._lock:
+            setattr(self, what, getattr(self, what) + 1)
+
+    def render(self) -> str:
+        with self._lock:
+            out = [
+                "# HELP dpm_sim_status_total Simulated runs by final status.",
+                "# TYPE dpm_sim_status_total counter",
+            ]
+            out += [f'dpm_sim_status_total{{status="{_label(s)}"}} {n}' for s, n in self.status.items()]
+            out += [
+                "# HELP dpm_sim_exclusion_total Universe exclusions by reason code.",
+                "# TYPE dpm_sim_exclusion_total counter",
+            ]
+            out += [f'dpm_sim_exclusion_total{{reason="{_label(r)}"}} {n}' for r, n in sorted(self.exclusions.items())]
+            out += [
+                "# HELP dpm_sim_replay_total Responses replayed from the run store.",
+                "# TYPE dpm_sim_replay_total counter",
+                f"dpm_sim_replay_total {self.replays}",
+                "# HELP dpm_sim_conflict_total Idempotency-Key conflicts (409).",
+                "# TYPE dpm_sim_conflict_total counter",
+                f"dpm_sim_conflict_total {self.conflicts}",
+                "# HELP dpm_http_responses_total HTTP responses by endpoint and code.",
+                "# TYPE dpm_http_responses_total counter",
+            ]
+            out += [
+                f'dpm_http_responses_total{{endpoint="{e}",code="{c}"}} {n}'
+                for (e, c), n in sorted(self.responses.items())
+            ]
+            out += [
+                "# HELP dpm_sim_latency_seconds Request latency of the simulate endpoints.",
+                "# TYPE dpm_sim_latency_seconds histogram",
+            ]
+            for endpoint, h in sorted(self.latency.items()):
+                for bound, n in zip(LATENCY_BUCKETS, h):
+                    out.append(f'dpm_sim_latency_seconds_bucket{{endpoint="{endpoint}",le="{bound}"}} {n}')
+                out.append(f'dpm_sim_latency_seconds_bucket{{endpoint="{endpoint}",le="+Inf"}} {h[-1]}')
+                out.append(f'dpm_sim_latency_seconds_sum{{endpoint="{endpoint}"}} {h[-2]:.6f}')
+                out.append(f'dpm_sim_latency_seconds_count{{endpoint="{endpoint}"}} {h[-1]}')
+            return "\n".join(out) + "\n"
+
+
+def _label(value) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _json_bytes(body) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _problem(status: int, title: str, detail: str, instance: str, type_: str = "about:blank", **extra) -> dict:
+    body = {"type": type_, "title": title, "status": status, "detail": detail, "instance": instance}
+    body.update(extra)
+    return body
+
+
+def _invalid(errors: list[dict], instance: str) -> dict:
+    return RequestError(errors).problem(instance)
+
+
+def _internal_error(instance: str) -> dict:
+    return _problem(500, "Internal Server Error", "An unexpected error occurred.", instance)
+
+
+def _parse_body(raw: bytes) -> tuple[object, list[dict]]:
+    """JSON body → (value, errors). Never raises."""
+    if not raw.strip():
+        return None, [{"field": "$", "message": "request body is empty; expected a JSON object"}]
+    try:
+        return json.loads(raw), []
+    except UnicodeDecodeError as exc:
+        return None, [{"field": "$", "message": f"request body is not valid UTF-8 text: {exc.reason} at byte {exc.start}"}]
+    except json.JSONDecodeError as exc:
+        return None, [{"field": "$", "message": f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"}]
+    except RecursionError:
+        return None, [{"field": "$", "message": "malformed JSON: nested too deeply"}]
+    except ValueError as exc:  # e.g. an integer literal with too many digits
+        return None, [{"field": "$", "message": f"malformed JSON: {exc}"}]
+
+
+def _portfolio_id(body) -> str | None:
+    if isinstance(body, dict) and isinstance(body.get("portfolio_snapshot"), dict):
+        pid = body["portfolio_snapshot"].get("portfolio_id")
+        return pid if isinstance(pid, str) else None
+    return None
+
+
+def _stamp(result: dict, run_id: str) -> None:
+    """Give a result its run id (and the universe/target ids derived from it, spec §5.2-5.3)."""
+    result["rebalance_run_id"] = run_id
+    if isinstance(result.get("universe"), dict):
+        result["universe"]["universe_id"] = f"u_{run_id}"
+    if isinstance(result.get("target"), dict):
+        result["target"]["target_id"] = f"t_{run_id}"
+
+
+def _configure_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def _log(level: int, **fields) -> None:
+    fields = {"ts": round(time.time(), 3), "logger": "dpm_vec.api", **fields}
+    log.log(level, json.dumps(fields, separators=(",", ":"), default=str))
+
+
+class _Outcome:
+    """What one request produced: the HTTP answer plus what the log line needs."""
+
+    def __init__(self, code: int, body, *, problem: bool = False, headers: dict | None = None,
+                 run_id: str | None = None, status: str | None = None, replay: bool = False, raw: bytes | None = None):
+        self.code, self.body, self.problem, self.headers = code, body, problem, dict(headers or {})
+        self.run_id, self.status, self.replay, self.raw = run_id, status, replay, raw
+        self.portfolio_id: str | None = None
+        self.log_fields: dict = {}
+
+    def response(self) -> Response:
+        content = self.raw if self.raw is not None else _json_bytes(self.body)
+        media = PROBLEM_JSON if self.problem else "application/json"
+        return Response(content=content, status_code=self.code, media_type=media, headers=self.headers)
+
+
+# -- the app ---------------------------------------------------------------------------------
+def create_app(store_path: str | None = None, idempotency: str = "reference") -> FastAPI:
+    if idempotency not in MODES:
+        raise ValueError(f"idempotency must be one of {', '.join(MODES)}; got {idempotency!r}")
+    _configure_logging()
+    rfc = idempotency == "rfc"
+    store = RunStore(store_path) if rfc else None
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        _log(logging.INFO, event="startup", idempotency=idempotency, store=store_path if rfc else None,
+             engine_version=__version__)
+        try:
+            yield
+        finally:
+            if store is not None:
+                store.close()
+
+    app = FastAPI(title="dpm_vec rebalance simulation", version=__version__, lifespan=lifespan)
+    app.state.store = store
+    app.state.metrics = metrics
+    app.state.idempotency = idempotency
+
+    def correlation(request: Request) -> tuple[str | None, dict]:
+        given = request.headers.get("x-correlation-id")
+        if not rfc:
+            return given, {}
+        cid = given or f"c_{uuid.uuid4().hex[:12]}"
+        return cid, {"X-Correlation-Id": cid}
+
+    def simulate_work(raw: bytes, cid: str | None, headers: dict, key: str | None) -> _Outcome:
+        body, errors = _parse_body(raw)
+        outcome = simulate_sync(body, errors, key, cid, headers)
+        outcome.portfolio_id = _portfolio_id(body)
+        return outcome
+
+    def simulate_sync(body, errors: list[dict], key: str | None, cid: str | None, headers: dict) -> _Outcome:
+        if key is None:
+            errors.insert(0, {"field": "header.Idempotency-Key", "message": "field required"})
+        elif rfc and not key.strip():
+            errors.insert(0, {"field": "header.Idempotency-Key", "message": "must not be empty"})
+        if body is not None and not isinstance(body, dict):
+            errors.append({"field": "$", "message": "request body must be a JSON object"})
+        if errors:
+            if isinstance(body, dict):  # header fault only: still list every body fault
+                try:
+                    parse_request(body, "r0")
+                except RequestError as exc:
+                    errors.extend(exc.errors)
+            return _Outcome(422, _invalid(errors, SIMULATE_PATH), problem=True, headers=headers)
+
+        digest = request_hash(body) if rfc else None
+        if rfc:
+            stored = store.lookup_run(key)
+            if stored is not None:
+                return replay_or_conflict(stored, digest, headers)
+
+        result = simulate_many([body], [key] if rfc else None)[0]
+        if result.get("status") == 422 and "errors" in result:
+            return _Outcome(422, _invalid(result["errors"], SIMULATE_PATH), problem=True, headers=headers)
+
+        run_id = new_run_id()
+        _stamp(result, run_id)
+        if rfc:
+            result["correlation_id"] = cid
+            result["lineage"]["request_hash"] = digest
+            result["lineage"]["idempotency_key"] = key
+        else:
+            result["lineage"]["request_hash"] = key  # spec §2.2: the key, verbatim
+        if rfc:
+            for _ in range(5):
+                try:
+                    stored, inserted = store.save(key, digest, result["status"], result, run_id=run_id)
+                    break
+                except DuplicateRunId:  # 8 random hex digits: a collision is rare, not impossible
+                    run_id = new_run_id()
+                    _stamp(result, run_id)
+                except IdempotencyConflict:  # a concurrent request with this key won the race
+                    return replay_or_conflict(store.lookup_run(key), digest, headers)
+            else:
+                raise RuntimeError("could not allocate a unique run id")
+            if not inserted:  # the same request, stored concurrently: serve the stored answer
+                return replay_or_conflict(stored, digest, headers)
+        metrics.run(result)
+        return _Outcome(200, result, headers=headers, run_id=run_id, status=result["status"])
+
+    def replay_or_conflict(stored, digest: str, headers: dict) -> _Outcome:
+        if stored.request_hash == digest:
+            metrics.count("replays")
+            return _Outcome(200, stored.payload, headers={**headers, "Idempotent-Replay": "true"},
+                            run_id=stored.id, status=stored.status, replay=True)
+        metrics.count("conflicts")
+        problem = _problem(
+            409, "Idempotency key conflict",
+            f"Idempotency-Key {stored.idempotency_key!r} was already used with a different request body.",
+            SIMULATE_PATH, CONFLICT_TYPE, code="IDEMPOTENCY_KEY_CONFLICT", rebalance_run_id=stored.id,
+        )
+        return _Outcome(409, problem, problem=True, headers=headers, run_id=stored.id)
+
+    def batch_work(raw: bytes, cid: str | None, headers: dict, key: str | None) -> _Outcome:
+        body, errors = _parse_body(raw)
+        if body is not None and not isinstance(body, list):
+            errors.append({"field": "$", "message": "request body must be a JSON array of requests"})
+        if errors:
+            return _Outcome(422, _invalid(errors, BATCH_PATH), problem=True, headers=headers)
+        slots = simulate_many(body)
+        for i, slot in enumerate(slots):
+            if slot.get("status") == 422 and "errors" in slot:
+                slot["instance"] = f"{BATCH_PATH}#/{i}"
+                continue
+            _stamp(slot, new_run_id())
+            if rfc:
+                slot["correlation_id"] = cid
+            metrics.run(slot)
+        counts: dict[str, int] = {}
+        for slot in slots:
+            s = "INVALID" if slot.get("status") == 422 else slot.get("status")
+            counts[s] = counts.get(s, 0) + 1
+        outcome = _Outcome(200, slots, headers=headers)
+        outcome.log_fields = {"requests": len(slots), "statuses": counts}
+        return outcome
+
+    async def handle(request: Request, endpoint: str, work) -> Response:
+        started = time.perf_counter()
+        cid, headers = correlation(request)
+        key = request.headers.get("idempotency-key")
+        try:
+            raw = await request.body()
+            outcome = await run_in_threadpool(work, raw, cid, headers, key)
+        except Exception as exc:  # noqa: BLE001 - the 500 contract
+            seconds = time.perf_counter() - started
+            metrics.response(endpoint, 500, seconds)
+            _log(logging.ERROR, event=endpoint, path=request.url.path, correlation_id=cid, idempotency_key=key,
+                 http_status=500, latency_ms=round(seconds * 1000, 3), error=f"{type(exc).__name__}: {exc}")
+            log.debug("unexpected error", exc_info=True)
+            return JSONResponse(_internal_error(request.url.path), status_code=500, media_type=PROBLEM_JSON,
+                                headers=headers)
+        seconds = time.perf_counter() - started
+        metrics.response(endpoint, outcome.code, seconds)
+        ok = outcome.code == 200 and (endpoint == "batch" or outcome.status == "READY")
+        level = logging.INFO if ok else logging.WARNING
+        fields = dict(event=endpoint, path=request.url.path, correlation_id=cid, portfolio_id=outcome.portfolio_id,
+                      run_id=outcome.run_id, status=outcome.status, http_status=outcome.code,
+                      latency_ms=round(seconds * 1000, 3), idempotency_key=key)
+        fields.update(outcome.log_fields)
+        if outcome.replay:
+            fields["replay"] = True
+        if outcome.problem:
+            fields["errors"] = outcome.body.get("errors") or outcome.body.get("detail")
+        _log(level, **fields)
+        return outcome.response()
+
+    @app.post(SIMULATE_PATH)
+    async def simulate(request: Request) -> Response:
+        return await handle(request, "simulate", simulate_work)
+
+    @app.post(BATCH_PATH)
+    async def simulate_batch(request: Request) -> Response:
+        return await handle(request, "batch", batch_work)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "engine_version": __version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:  # anything outside handle()
+        _log(logging.ERROR, event="error", path=request.url.path, error=f"{type(exc).__name__}: {exc}")
+        return JSONResponse(_internal_error(request.url.path), status_code=500, media_type=PROBLEM_JSON)
+
+    return app
+
+
+# -- running it ------------------------------------------------------------------------------
+def serve(host: str = "127.0.0.1", port: int = 8000, store_path: str | None = None,
+          idempotency: str = "reference", log_level: str = "info") -> None:
+    """Run the service with uvicorn (blocks until stopped)."""
+    import uvicorn
+
+    app = create_app(store_path=store_path, idempotency=idempotency)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpm-vec serve", description="Serve POST /rebalance/simulate over HTTP.")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--store", default=None, metavar="PATH",
+                        help="DuckDB run store file for --idempotency rfc (default: in memory)")
+    parser.add_argument("--idempotency", choices=MODES, default="reference",
+                        help="reference: recompute every call (the reference service); rfc: RFC-0001 §8 replay/409")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    args = parser.parse_args(argv)
+    serve(args.host, args.port, args.store, args.idempotency, args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Result frames → the public Parquet output tables (documented in docs/outputs.md).
+
+These tables are an interface for BI users: stable column names, one row grain each,
+keyed by ``run_key``; money in Decimal(38, 20), quantities in Decimal(38, 28).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import polars as pl
+
+from dpm_vec import __version__
+from dpm_vec.book import POLICY_COLUMNS
+from dpm_vec.pipeline import Result
+
+OUTPUT_TABLES = (
+    "runs", "intents", "positions_after", "cash_after", "rule_results", "exclusions", "targets", "events", "cash_ladder",
+)
+
+
+def options_hashes(runs: pl.DataFrame) -> pl.DataFrame:
+    """SHA-256 of each run's policy (canonical JSON), computed once per distinct policy."""
+    names = [name for name, _, _ in POLICY_COLUMNS]
+    distinct = runs.select(names).unique(maintain_order=True)
+    hashes = [
+        hashlib.sha256(json.dumps(row, sort_keys=True, default=str, separators=(",", ":")).encode()).hexdigest()
+        for row in distinct.iter_rows(named=True)
+    ]
+    return distinct.with_columns(pl.Series("options_hash", hashes, dtype=pl.String))
+
+
+def output_tables(result: Result) -> dict[str, pl.DataFrame]:
+    keys = result.runs.select("run", "run_key")
+
+    def keyed(frame: pl.DataFrame, *sort: str) -> pl.DataFrame:
+        """Rows keyed by run_key in list order; internal sequence numbers (which depend
+        on how the book was sliced) become 0-based positions within the run."""
+        out = keys.join(frame, on="run", how="inner").sort(["run", *sort])
+        order = sort[-1]
+        return out.with_columns(pl.int_range(pl.len()).over("run").cast(pl.Int64).alias(order)).drop("run")
+
+    names = [name for name, _, _ in POLICY_COLUMNS]
+    intents = result.intents
+    counts = intents.group_by("run").agg(
+        (pl.col("intent_type") == "SECURITY_TRADE").sum().cast(pl.Int64).alias("security_intent_count"),
+        (pl.col("intent_type") == "FX_SPOT").sum().cast(pl.Int64).alias("fx_intent_count"),
+        pl.col("notional_base").filter(pl.col("intent_type") == "SECURITY_TRADE").sum().alias("gross_turnover_notional_base"),
+    )
+    warnings = result.warnings.group_by("run", maintain_order=True).agg(pl.col("code").alias("warnings"))
+    runs = (
+        result.runs.join(counts, on="run", how="left").join(warnings, on="run", how="left")
+        .join(options_hashes(result.runs), on=names, how="left", nulls_equal=True)
+        .with_columns(
+            pl.col("security_intent_count", "fx_intent_count").fill_null(0),
+            pl.col("warnings").fill_null(pl.lit([], dtype=pl.List(pl.String))),
+            pl.lit(__version__).alias("engine_version"),
+        )
+        .sort("run")
+        .select(
+            "run_key", "portfolio_id", "base_currency", "portfolio_snapshot_id", "market_snapshot_id", "shelf_id", "model_id",
+            "status", "exit_path", "block_reason", "target_status", "before_total_value", "after_total_value",
+            "reconciliation_status", pl.col("delta").alias("reconciliation_delta"), "security_intent_count", "fx_intent_count",
+            "gross_turnover_notional_base", "dq_count", "n_price_missing", "n_fx_missing", "n_shelf_missing",
+            "realized_gain", "realized_loss", "gate", "recommended_next_step", "hard_fail_count", "soft_fail_count",
+            "warnings", "request_hash", "options_hash", "engine_version",
+        )
+    )
+    events = pl.concat([
+        result.warnings.select("run", pl.lit("warning").alias("category"), "code", pl.lit(None, dtype=pl.String).alias("instrument_id"),
+                               pl.lit(None, dtype=pl.String).alias("currency"), pl.lit(None, dtype=pl.Decimal(38, 20)).alias("amount"),
+                               pl.col("w_order").alias("event_order")),
+        result.data_quality.select("run", pl.lit("data_quality").alias("category"), pl.col("bucket").str.to_uppercase().alias("code"),
+                                   pl.when(pl.col("bucket") == "fx_missing").then(None).otherwise(pl.col("item")).alias("instrument_id"),
+                                   pl.when(pl.col("bucket") == "fx_missing").then(pl.col("item")).alias("currency"),
+                                   pl.lit(None, dtype=pl.Decimal(38, 20)).alias("amount"), (pl.col("stage") * 1_000_000_000 + pl.col("seq")).alias("event_order")),
+        result.suppressed.select("run", pl.lit("suppressed_intent").alias("category"), pl.lit("BELOW_MIN_NOTIONAL").alias("code"),
+                                 "instrument_id", "currency", pl.col("intended_notional").alias("amount"), pl.col("trace_order").alias("event_order")),
+        result.dropped.select("run", pl.lit("dropped_intent").alias("category"), pl.lit("TURNOVER_LIMIT").alias("code"),
+                              "instrument_id", pl.col("base_currency").alias("currency"), pl.col("potential_notional").alias("amount"),
+                              pl.col("drop_order").alias("event_order")),
+        result.group_events.select("run", pl.lit("group_constraint").alias("category"), ("GROUP_" + pl.col("status")).alias("code"),
+                                   pl.col("constraint_key").alias("instrument_id"), pl.lit(None, dtype=pl.String).alias("currency"),
+                                   pl.col("released_weight").alias("amount"), pl.col("event_order")),
+        result.tax_events.select("run", pl.lit("tax_budget").alias("category"), pl.lit("TAX_BUDGET_LIMIT_REACHED").alias("code"),
+                                 "instrument_id", pl.lit(None, dtype=pl.String).alias("currency"),
+                                 pl.col("allowed_quantity").cast(pl.Decimal(38, 20)).alias("amount"), pl.col("trace_order").alias("event_order")),
+        result.cash_ladder_breaches.select("run", pl.lit("settlement").alias("category"), "reason_code", pl.lit(None, dtype=pl.String).alias("instrument_id"),
+                                           "currency", pl.col("projected_balance").alias("amount"),
+                                           pl.col("date_offset").cast(pl.Int64).alias("event_order")).rename({"reason_code": "code"}),
+    ], how="vertical_relaxed")
+    return {
+        "runs": runs,
+        "intents": keyed(result.intents.with_columns(
+            pl.concat_list(
+                pl.when(pl.col("min_notional_applied")).then(pl.lit(["MIN_NOTIONAL"])).otherwise(pl.lit([], dtype=pl.List(pl.String))),
+                pl.when(pl.col("tax_budget_applied")).then(pl.lit(["TAX_BUDGET"])).otherwise(pl.lit([], dtype=pl.List(pl.String))),
+            ).alias("constraints_applied")
+        ).drop("min_notional_applied", "tax_budget_applied"), "exec_order"),
+        "positions_after": keyed(result.positions.filter(pl.col("state") == "after").drop("state", "market_value", "market_value_currency", strict=False), "pos_seq").rename({"pos_seq": "position_order"}),
+        "cash_after": keyed(result.cash.filter(pl.col("state") == "after").drop("state"), "cash_seq").rename({"cash_seq": "cash_order"}),
+        "rule_results": keyed(result.rule_results, "rule_order"),
+        "exclusions": keyed(result.exclusions, "excl_order"),
+        "targets": keyed(result.targets.drop("in_model"), "trace_order"),
+        "events": keys.join(events, on="run").sort("run", "category", "event_order")
+        .with_columns(pl.int_range(pl.len()).over("run", "category").cast(pl.Int64).alias("event_order")).drop("run"),
+        "cash_ladder": keyed(result.cash_ladder, "currency", "date_offset"),
+    }

@@ -1,0 +1,260 @@
+"""Book-wide sweeps: sharded, resumable, exactly-once, optionally on a Dask cluster.
+
+    partition  positions / cash / lots are split once into one file per shard
+    shards     each shard (a slice of the portfolios table) is read, run through the
+               engine and its output tables written to a staging dir that is renamed
+               into ``shards/shard-NNNNN`` — the rename is the commit
+    finalise   committed shard files become ``OUT/<table>/part-NNNNN.parquet`` plus
+               ``manifest.json``, staged beside OUT and renamed into place
+
+All work lives in ``.<OUT>.work-<fingerprint>`` next to OUT; a killed sweep restarted
+with the same arguments finds it, skips committed shards and ends with the same output
+as an uninterrupted run. Peak memory follows the shard size, not the book size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dpm_vec import __version__
+from dpm_vec.io import read_book, read_portfolios, read_reference, replace_dir, write_json_atomic, _path
+from dpm_vec.outputs import OUTPUT_TABLES, output_tables
+from dpm_vec.pipeline import run
+
+log = logging.getLogger("dpm_vec.sweep")
+HOLDING_TABLES = ("positions", "cash", "lots")
+BOOK_FILES = ("portfolios", "positions", "cash", "lots", "prices", "fx_rates", "shelf", "shelf_attributes",
+              "models", "group_constraints", "overdraft_limits")
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    book_dir: str
+    work_dir: str
+    shard_size: int
+    n_portfolios: int
+    fingerprint: str
+
+    @property
+    def n_shards(self) -> int:
+        return max(1, -(-self.n_portfolios // self.shard_size))
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        return shard * self.shard_size, min(self.n_portfolios, (shard + 1) * self.shard_size)
+
+    def shard_dir(self, shard: int) -> Path:
+        return Path(self.work_dir) / "shards" / f"shard-{shard:05d}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_hashes(book_dir: Path) -> dict[str, str]:
+    return {f"{t}.parquet": file_sha256(_path(book_dir, t)) for t in BOOK_FILES if _path(book_dir, t).exists()}
+
+
+def plan_sweep(book_dir: Path, out_dir: Path, shard_size: int, hashes: dict[str, str], n_portfolios: int) -> SweepPlan:
+    fingerprint = hashlib.sha256(
+        json.dumps({"inputs": hashes, "shard_size": shard_size, "engine": __version__}, sort_keys=True).encode()
+    ).hexdigest()
+    work = out_dir.parent / f".{out_dir.name}.work-{fingerprint[:16]}"
+    return SweepPlan(str(book_dir), str(work), shard_size, n_portfolios, fingerprint)
+
+
+def partition_holdings(plan: SweepPlan, portfolios: pl.DataFrame, batch_rows: int = 1_000_000) -> None:
+    """Split positions, cash and lots into one file per shard, streaming in batches.
+    A holdings snapshot shared by runs of several shards goes to each of them."""
+    done = Path(plan.work_dir) / "partition"
+    if done.exists():
+        return
+    staging = Path(plan.work_dir) / f".partition.tmp-{uuid.uuid4().hex[:8]}"
+    shard_of = portfolios.with_row_index("_i").select(
+        "portfolio_snapshot_id", (pl.col("_i") // plan.shard_size).cast(pl.Int32).alias("_shard")
+    ).unique()
+    book_dir = Path(plan.book_dir)
+    for table in HOLDING_TABLES:
+        source = _path(book_dir, table)
+        (staging / table).mkdir(parents=True)
+        if not source.exists():
+            continue
+        writers: dict[int, pq.ParquetWriter] = {}
+        try:
+            for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
+                frame = pl.from_arrow(batch).with_row_index("_row")
+                routed = frame.join(shard_of, on="portfolio_snapshot_id", how="inner").sort("_shard", "_row")
+                for (shard,), part in routed.partition_by("_shard", as_dict=True, maintain_order=True).items():
+                    arrow = part.drop("_row", "_shard").to_arrow()
+                    if shard not in writers:
+                        writers[shard] = pq.ParquetWriter(staging / table / f"shard-{shard:05d}.parquet", arrow.schema)
+                    writers[shard].write_table(arrow)
+        finally:
+            for writer in writers.values():
+                writer.close()
+    os.replace(staging, done)
+
+
+_REFERENCE_CACHE: dict[str, dict[str, pl.DataFrame]] = {}
+
+
+def _reference(book_dir: str) -> dict[str, pl.DataFrame]:
+    if book_dir not in _REFERENCE_CACHE:
+        _REFERENCE_CACHE.clear()
+        _REFERENCE_CACHE[book_dir] = read_reference(book_dir)
+    return _REFERENCE_CACHE[book_dir]
+
+
+def run_shard(plan: SweepPlan, shard: int) -> dict[str, int]:
+    """Run one shard and commit its outputs; returns its status counts. Idempotent."""
+    target = plan.shard_dir(shard)
+    if (target / "_SUCCESS").exists():
+        return json.loads((target / "_SUCCESS").read_text())
+    start, stop = plan.shard_range(shard)
+    book_dir = Path(plan.book_dir)
+    portfolios = read_portfolios(book_dir).slice(start, stop - start)
+    holdings_dir = Path(plan.work_dir) / "partition"
+    files = {table: holdings_dir / table / f"shard-{shard:05d}.parquet" for table in HOLDING_TABLES}
+    book = read_book(book_dir, portfolios=portfolios, reference=_reference(plan.book_dir), files=files)
+    tables = output_tables(run(book))
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    for name in OUTPUT_TABLES:
+        tables[name].write_parquet(staging / f"{name}.parquet")
+    counts = dict(tables["runs"].group_by("status").len().iter_rows())
+    counts["_portfolios"] = tables["runs"].height
+    (staging / "_SUCCESS").write_text(json.dumps(counts))
+    try:
+        os.replace(staging, target)
+    except OSError:  # another worker committed the same shard first
+        shutil.rmtree(staging, ignore_errors=True)
+    return counts
+
+
+def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
+    staging = out_dir.parent / f".{out_dir.name}.staging-{uuid.uuid4().hex[:8]}"
+    for name in OUTPUT_TABLES:
+        (staging / name).mkdir(parents=True)
+    rows = {name: 0 for name in OUTPUT_TABLES}
+    for shard in range(plan.n_shards):
+        for name in OUTPUT_TABLES:
+            src = plan.shard_dir(shard) / f"{name}.parquet"
+            rows[name] += pq.ParquetFile(src).metadata.num_rows
+            shutil.copy2(src, staging / name / f"part-{shard:05d}.parquet")
+    manifest["tables"] = {name: {"rows": rows[name], "files": plan.n_shards, "path": f"{name}/"} for name in OUTPUT_TABLES}
+    write_json_atomic(staging / "manifest.json", manifest)
+    replace_dir(staging, out_dir)
+    shutil.rmtree(plan.work_dir, ignore_errors=True)
+
+
+def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int = 50_000, scheduler: str | None = None,
+          workers: int | None = None, progress: bool | None = None) -> dict:
+    """Run every portfolio of the book; write the output datasets and manifest."""
+    started = time.perf_counter()
+    book_dir, out_dir = Path(book_dir).resolve(), Path(out_dir).resolve()
+    portfolios = read_portfolios(book_dir)
+    read_reference(book_dir)  # structural faults of shared tables surface before any work
+    hashes = input_hashes(book_dir)
+    plan = plan_sweep(book_dir, out_dir, shard_size, hashes, portfolios.height)
+    Path(plan.work_dir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(plan.work_dir) / "plan.json", plan.__dict__)
+    partition_holdings(plan, portfolios)
+    pending = [s for s in range(plan.n_shards) if not (plan.shard_dir(s) / "_SUCCESS").exists()]
+    resumed = plan.n_shards - len(pending)
+    reporter = _Progress(plan.n_shards, plan.n_portfolios, enabled=sys.stderr.isatty() if progress is None else progress)
+    reporter.advance(resumed, sum(json.loads((plan.shard_dir(s) / "_SUCCESS").read_text())["_portfolios"]
+                                  for s in range(plan.n_shards) if s not in pending))
+    if scheduler or workers:
+        _run_on_dask(plan, pending, scheduler, workers, reporter)
+    else:
+        for shard in pending:
+            counts = run_shard(plan, shard)
+            reporter.advance(1, counts["_portfolios"])
+    reporter.close()
+    totals: dict[str, int] = {}
+    for shard in range(plan.n_shards):
+        for status, n in json.loads((plan.shard_dir(shard) / "_SUCCESS").read_text()).items():
+            if not status.startswith("_"):
+                totals[status] = totals.get(status, 0) + n
+    wall = time.perf_counter() - started
+    manifest = {
+        "engine_version": __version__,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "book_dir": str(book_dir),
+        "input_hashes": hashes,
+        "fingerprint": plan.fingerprint,
+        "portfolios": plan.n_portfolios,
+        "counts_by_status": dict(sorted(totals.items())),
+        "shards": plan.n_shards,
+        "shard_size": shard_size,
+        "resumed_shards": resumed,
+        "wall_time_s": round(wall, 3),
+        "portfolios_per_second": round(plan.n_portfolios / wall, 1) if wall else None,
+    }
+    finalise(plan, out_dir, manifest)
+    return manifest
+
+
+def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, workers: int | None, reporter) -> None:
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        futures = [client.submit(run_shard, plan, shard, key=f"dpm-vec-shard-{plan.fingerprint[:12]}-{shard}", pure=False)
+                   for shard in pending]
+        for future in as_completed(futures):
+            counts = future.result()
+            reporter.advance(1, counts["_portfolios"])
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+class _Progress:
+    """A rich progress bar on a terminal, one log line per shard otherwise."""
+
+    def __init__(self, shards: int, portfolios: int, enabled: bool):
+        self.shards, self.done, self.portfolios, self.enabled = shards, 0, 0, enabled
+        self._bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+            self._bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+            self._bar.start()
+            self._task = self._bar.add_task("portfolios", total=portfolios)
+
+    def advance(self, shards: int, portfolios: int) -> None:
+        self.done += shards
+        self.portfolios += portfolios
+        if self._bar is not None:
+            self._bar.update(self._task, advance=portfolios)
+        elif shards:
+            log.info("shard %d/%d done (%d portfolios)", self.done, self.shards, self.portfolios)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

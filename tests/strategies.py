@@ -1,0 +1,259 @@
+"""Hypothesis strategies for valid reference-contract simulate requests.
+
+The shapes and option mix follow the random goldens in
+``shared/goldens/reference-random`` (1-3 currencies, direct/inverse/missing FX pairs,
+positions with market values and tax lots, every shelf status, group constraints,
+tax and settlement awareness, turnover caps, dust thresholds ...).
+
+Every request is valid for dpm_vec's stricter door (§9.1): no duplicate ids, strictly
+positive 2-dp prices, non-negative integer quantities, non-negative FX rates.
+Instrument ids come from a small fixed pool (``I0``..``I11``) and portfolio ids from a
+small fixed set, so independently drawn requests in one batch share ids on purpose.
+"""
+from __future__ import annotations
+
+from decimal import Decimal
+
+from hypothesis import strategies as st
+
+BASES = ("SGD", "USD", "EUR")
+FOREIGN = ("USD", "SGD", "EUR", "GBP", "JPY", "CHF")
+STATUSES = ("APPROVED", "RESTRICTED", "BANNED", "SUSPENDED", "SELL_ONLY")
+SECTORS = ("TECH", "FIN", "HEALTH", "ENERGY")
+ASSET_CLASSES = ("EQUITY", "FIXED_INCOME", "FUND")
+POOL = tuple(f"I{i}" for i in range(12))
+PORTFOLIO_IDS = ("pf_A", "pf_B", "pf_C")
+
+
+def dec_text(units: int, dp: int) -> str:
+    """units / 10**dp as plain decimal text with exactly dp places."""
+    return str(Decimal(units).scaleb(-dp))
+
+
+def money2(draw, lo: int, hi: int) -> str:
+    """A 2-dp amount in [lo, hi] (in units of 0.01)."""
+    return dec_text(draw(st.integers(lo, hi)), 2)
+
+
+def weighted(choices: list[tuple[object, int]]):
+    """Pick from (value, weight) pairs; shrinks towards the first choice."""
+    flat = [v for v, w in choices for _ in range(w)]
+    return st.sampled_from(flat)
+
+
+status_st = weighted([("APPROVED", 12), ("RESTRICTED", 2), ("BANNED", 1), ("SUSPENDED", 1), ("SELL_ONLY", 2)])
+
+
+@st.composite
+def fx_rate_text(draw) -> str:
+    kind = draw(weighted([("normal", 20), ("small", 3), ("zero", 1)]))
+    if kind == "zero":
+        return "0"
+    if kind == "small":  # JPY-like
+        return dec_text(draw(st.integers(1_000, 20_000)), 6)
+    return dec_text(draw(st.integers(500_000, 2_000_000)), 6)
+
+
+@st.composite
+def requests(draw, portfolio_id: str | None = None, base: str | None = None) -> dict:
+    """One valid simulate request."""
+    base = base or draw(st.sampled_from(BASES))
+    foreign_pool = [c for c in FOREIGN if c != base]
+    n_foreign = draw(weighted([(0, 3), (1, 4), (2, 3)]))
+    foreign = draw(st.permutations(foreign_pool))[:n_foreign]
+    ccys = [base, *foreign]
+
+    # FX: each foreign currency quoted direct (F/B), inverse (B/F), or (rarely) missing
+    fx_rates = []
+    for c in foreign:
+        how = draw(weighted([("direct", 6), ("inverse", 4), ("missing", 1)]))
+        if how == "missing":
+            continue
+        pair = f"{c}/{base}" if how == "direct" else f"{base}/{c}"
+        fx_rates.append({"pair": pair, "rate": draw(fx_rate_text())})
+    if draw(st.integers(0, 9)) == 0:  # an irrelevant extra pair
+        extra = [c for c in FOREIGN if c not in ccys]
+        if extra:
+            fx_rates.append({"pair": f"{extra[0]}/{base}", "rate": draw(fx_rate_text())})
+    fx_rates = draw(st.permutations(fx_rates))
+
+    n_inst = draw(st.integers(1, 10))
+    ids = list(draw(st.permutations(POOL))[:n_inst])
+    inst_ccy = {i: draw(st.sampled_from(ccys)) if draw(st.integers(0, 2)) else base for i in ids}
+
+    # prices: strictly positive, 2 dp; occasionally missing
+    prices = []
+    for i in ids:
+        if draw(st.integers(0, 24)) == 0:
+            continue
+        prices.append({"instrument_id": i, "price": money2(draw, 1, 100_000), "currency": inst_ccy[i]})
+    prices = draw(st.permutations(prices))
+
+    # shelf: usually present, every status
+    shelf = []
+    for i in ids:
+        if draw(st.integers(0, 19)) == 0:
+            continue
+        entry = {
+            "instrument_id": i,
+            "status": draw(status_st),
+            "asset_class": draw(st.sampled_from(ASSET_CLASSES)),
+            "attributes": {"sector": draw(st.sampled_from(SECTORS))},
+        }
+        if draw(st.booleans()):
+            entry["settlement_days"] = draw(st.integers(0, 5))
+        if draw(st.integers(0, 6)) == 0:
+            entry["min_notional"] = {"amount": money2(draw, 100, 500_000), "currency": inst_ccy[i]}
+        shelf.append(entry)
+
+    # positions: 0-10, some off-model, some with market_value, some with lots
+    n_pos = draw(st.integers(0, n_inst))
+    held = draw(st.permutations(ids))[:n_pos]
+    positions = []
+    for i in held:
+        qty = draw(weighted([("zero", 1), ("small", 3), ("big", 6)]))
+        q = 0 if qty == "zero" else draw(st.integers(1, 50) if qty == "small" else st.integers(1, 5000))
+        pos: dict = {"instrument_id": i, "quantity": str(q)}
+        if draw(st.integers(0, 7)) == 0:
+            mv_ccy = inst_ccy[i] if draw(st.integers(0, 3)) else draw(st.sampled_from(ccys))
+            pos["market_value"] = {"amount": money2(draw, 0, 10_000_000), "currency": mv_ccy}
+        if q > 0 and draw(st.integers(0, 3)) == 0:
+            n_lots = draw(st.integers(1, min(3, q)))
+            cuts = sorted(draw(st.lists(st.integers(1, q - 1), min_size=n_lots - 1, max_size=n_lots - 1, unique=True))) if q > 1 else []
+            bounds = [0, *cuts, q]
+            lots = []
+            for k in range(len(bounds) - 1):
+                cost_ccy = inst_ccy[i] if draw(st.integers(0, 5)) else draw(st.sampled_from(ccys))
+                lots.append({
+                    "lot_id": f"L{i}_{draw(st.integers(0, 3))}{k}",
+                    "quantity": str(bounds[k + 1] - bounds[k]),
+                    "unit_cost": {"amount": money2(draw, 1, 100_000), "currency": cost_ccy},
+                    "purchase_date": f"202{draw(st.integers(0, 5))}-0{draw(st.integers(1, 9))}-1{draw(st.integers(0, 9))}",
+                })
+            pos["lots"] = lots
+        positions.append(pos)
+
+    # cash: distinct currencies (settled occasionally)
+    cash = []
+    for c in draw(st.permutations(ccys))[: draw(st.integers(0, len(ccys)))]:
+        row: dict = {"currency": c, "amount": money2(draw, 0, 50_000_000)}
+        if draw(st.integers(0, 9)) == 0:
+            row["settled"] = money2(draw, 0, 50_000_000)
+        cash.append(row)
+
+    # model: 1-8 targets from the pool, 2-4 dp weights, sum <= ~1.1
+    n_model = draw(st.integers(1, min(8, n_inst)))
+    model_ids = draw(st.permutations(ids))[:n_model]
+    dp = draw(st.integers(2, 4))
+    total = draw(weighted([(1.0, 5), (0.9, 2), (0.6, 1), (1.1, 1)]))
+    raw = [draw(st.integers(1, 100)) for _ in model_ids]
+    scale = 10 ** dp
+    targets = [
+        {"instrument_id": i, "weight": dec_text(int(total * scale * r / sum(raw)), dp)}
+        for i, r in zip(model_ids, raw)
+    ]
+    if draw(st.integers(0, 14)) == 0:  # an unshelved or unpriced extra target
+        extra = [i for i in POOL if i not in ids]
+        if extra:
+            targets.append({"instrument_id": extra[0], "weight": "0.05"})
+            if draw(st.booleans()):
+                prices.append({"instrument_id": extra[0], "price": "10.00", "currency": base})
+
+    options = draw(engine_options(base, ccys))
+    return {
+        "portfolio_snapshot": {
+            "portfolio_id": portfolio_id or draw(st.sampled_from(PORTFOLIO_IDS)),
+            "base_currency": base,
+            "positions": positions,
+            "cash_balances": cash,
+        },
+        "market_data_snapshot": {"prices": prices, "fx_rates": fx_rates},
+        "model_portfolio": {"targets": targets},
+        "shelf_entries": shelf,
+        "options": options,
+    }
+
+
+@st.composite
+def engine_options(draw, base: str, ccys: list[str]) -> dict:
+    o: dict = {
+        "fx_buffer_pct": draw(st.sampled_from(["0.0", "0.01", "0.02"])),
+        "allow_restricted": draw(weighted([(False, 4), (True, 1)])),
+        "suppress_dust_trades": draw(weighted([(True, 4), (False, 1)])),
+    }
+    maybe = lambda p: draw(st.integers(0, 99)) < p  # noqa: E731
+    if maybe(45):
+        o["single_position_max_weight"] = draw(st.sampled_from(["0.1", "0.2", "0.3", "0.5"]))
+    if maybe(30):
+        o["cash_band_min_weight"] = draw(st.sampled_from(["0.0", "0.01", "0.02"]))
+        o["cash_band_max_weight"] = draw(st.sampled_from(["0.05", "0.1", "1.0"]))
+    if maybe(20):
+        o["min_cash_buffer_pct"] = draw(st.sampled_from(["0.02", "0.05"]))
+    if maybe(20):
+        o["valuation_mode"] = draw(st.sampled_from(["CALCULATED", "TRUST_SNAPSHOT"]))
+    if maybe(20):
+        o["min_trade_notional"] = {"amount": money2(draw, 100, 300_000), "currency": draw(st.sampled_from(ccys))}
+    if maybe(15):
+        o["group_constraints"] = {
+            f"sector:{s}": {"max_weight": draw(st.sampled_from(["0.2", "0.3", "0.4"]))}
+            for s in draw(st.lists(st.sampled_from(SECTORS + ("REGION",)), min_size=1, max_size=2, unique=True))
+        }
+        if maybe(10):
+            o["group_constraints"]["region:EU"] = {"max_weight": "0.3"}  # unknown attribute
+    if maybe(25):
+        o["enable_tax_awareness"] = True
+        if maybe(80):
+            o["max_realized_capital_gains"] = money2(draw, 0, 1_000_000)
+    if maybe(20):
+        o["enable_settlement_awareness"] = True
+        o["settlement_horizon_days"] = draw(st.sampled_from([0, 3, 5]))
+        if maybe(50):
+            o["max_overdraft_by_ccy"] = {draw(st.sampled_from(ccys)): money2(draw, 0, 10_000_000)}
+    if maybe(15):
+        o["max_turnover_pct"] = draw(st.sampled_from(["0", "0.05", "0.1", "0.2", "0.5", "1"]))
+    if maybe(10):
+        o["block_on_missing_prices"] = False
+    if maybe(10):
+        o["block_on_missing_fx"] = False
+    return o
+
+
+# -------------------------------------------------------------------------------------
+# batch isolation: variants of one request sharing portfolio and instrument ids
+
+@st.composite
+def variant(draw, req: dict) -> dict:
+    """A copy of req with different prices / shelf statuses / FX / options."""
+    import copy
+
+    v = copy.deepcopy(req)
+    md = v["market_data_snapshot"]
+    for p in md["prices"]:
+        if draw(st.booleans()):
+            p["price"] = money2(draw, 1, 100_000)
+    for f in md["fx_rates"]:
+        if draw(st.booleans()):
+            f["rate"] = draw(fx_rate_text())
+    for s in v["shelf_entries"]:
+        if draw(st.integers(0, 2)) == 0:
+            s["status"] = draw(status_st)
+    base = v["portfolio_snapshot"]["base_currency"]
+    ccys = sorted({base, *(c["currency"] for c in v["portfolio_snapshot"]["cash_balances"])})
+    if draw(st.booleans()):
+        v["options"] = draw(engine_options(base, ccys))
+    if draw(st.integers(0, 3)) == 0 and v["portfolio_snapshot"]["positions"]:
+        v["portfolio_snapshot"]["positions"].pop(draw(st.integers(0, len(v["portfolio_snapshot"]["positions"]) - 1)))
+    return v
+
+
+@st.composite
+def isolation_batches(draw) -> list[dict]:
+    """2-6 requests, mostly sharing portfolio_id and instrument ids with a first one."""
+    first = draw(requests(portfolio_id="pf_shared"))
+    batch = [first]
+    for _ in range(draw(st.integers(1, 5))):
+        if draw(st.integers(0, 3)):
+            batch.append(draw(variant(first)))
+        else:
+            batch.append(draw(requests(portfolio_id="pf_shared")))
+    return draw(st.permutations(batch))

@@ -1,0 +1,114 @@
+"""The DuckDB run store (RFC-0001 §8) against a real database file."""
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+
+import duckdb
+import pytest
+
+from dpm_vec.store import DuplicateRunId, IdempotencyConflict, RunStore, StoreError
+
+PAYLOAD = {"rebalance_run_id": "rr_00000001", "status": "READY", "intents": [{"quantity": "37"}], "z": None, "a": 1}
+
+
+def test_save_lookup_get_and_persistence_across_reopen(tmp_path):
+    path = tmp_path / "runs" / "store.duckdb"
+    store = RunStore(path)
+    run, inserted = store.save("key-1", "h1", "READY", PAYLOAD)
+    assert inserted and run.id == "rr_00000001" and run.payload == PAYLOAD
+    assert store.lookup("key-1") == ("h1", PAYLOAD)
+    assert store.lookup("other") is None
+    store.close()
+    with pytest.raises(StoreError):
+        store.lookup("key-1")
+
+    with RunStore(str(path)) as again:
+        assert again.lookup("key-1") == ("h1", PAYLOAD)
+        got = again.get("rr_00000001")
+        assert got.idempotency_key == "key-1" and got.request_hash == "h1" and got.status == "READY"
+        assert list(got.payload) == list(PAYLOAD)  # key order kept: replay is byte-identical
+        assert isinstance(got.created_at, datetime)
+        assert again.get("rr_missing") is None
+        assert again.count() == 1
+
+    con = duckdb.connect(str(path), read_only=True)
+    cols = [r[0] for r in con.execute("DESCRIBE rebalance_runs").fetchall()]
+    con.close()
+    assert cols == ["id", "idempotency_key", "request_hash", "status", "payload", "created_at"]
+
+
+def test_same_key_same_hash_is_a_replay_of_the_first_run(tmp_path):
+    store = RunStore(tmp_path / "s.duckdb")
+    first, inserted = store.save("k", "h", "READY", {"v": 1}, run_id="rr_a")
+    assert inserted
+    second, inserted = store.save("k", "h", "BLOCKED", {"v": 2}, run_id="rr_b")
+    assert not inserted
+    assert second.id == "rr_a" and second.payload == {"v": 1} and second.status == "READY"
+    assert store.get("rr_b") is None and store.count() == 1
+    store.close()
+
+
+def test_same_key_other_hash_is_a_conflict(tmp_path):
+    store = RunStore(tmp_path / "s.duckdb")
+    store.save("k", "h1", "READY", {"v": 1}, run_id="rr_a")
+    with pytest.raises(IdempotencyConflict) as info:
+        store.save("k", "h2", "READY", {"v": 2}, run_id="rr_b")
+    assert info.value.stored_hash == "h1" and info.value.request_hash == "h2"
+    assert store.count() == 1
+    store.close()
+
+
+def test_keys_and_ids_are_unique(tmp_path):
+    store = RunStore(tmp_path / "s.duckdb")
+    store.save("k1", "h", "READY", {}, run_id="rr_a")
+    with pytest.raises(DuplicateRunId):
+        store.save("k2", "h", "READY", {}, run_id="rr_a")
+    run, inserted = store.save("k2", "h", "READY", {})  # no id given: a fresh one
+    assert inserted and run.id.startswith("rr_") and len(run.id) == 11
+    # the database itself enforces the unique key, not only the store's check
+    with pytest.raises(duckdb.ConstraintException):
+        store._con.execute("INSERT INTO rebalance_runs VALUES ('rr_z', 'k1', 'h', 'READY', '{}', now())")
+    store.close()
+
+
+def test_in_memory_store():
+    store = RunStore(None)
+    store.save("", "h", "BLOCKED", {"x": "é"})
+    assert store.lookup("") == ("h", {"x": "é"})
+    store.close()
+
+
+def test_concurrent_saves_from_threads(tmp_path):
+    store = RunStore(tmp_path / "s.duckdb")
+    barrier = threading.Barrier(16)
+    outcomes: list = []
+    errors: list = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            # 8 threads race on one shared key (same hash), 8 write their own keys,
+            # and one more races on the shared key with a different hash.
+            key = "shared" if i < 8 else f"own-{i}"
+            res = store.save(key, "h", "READY", {"i": i}, run_id=f"rr_{i:08d}")
+            with lock:
+                outcomes.append((key, res))
+        except Exception as exc:  # noqa: BLE001
+            with lock:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    shared = [res for key, res in outcomes if key == "shared"]
+    assert sum(inserted for _, inserted in shared) == 1
+    assert len({run.id for run, _ in shared}) == 1  # every racer got the winner's run
+    assert store.count() == 1 + 8
+    with pytest.raises(IdempotencyConflict):
+        store.save("shared", "other-hash", "READY", {})
+    store.close()

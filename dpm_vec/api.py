@@ -166,7 +166,7 @@ def _parse_body(raw: bytes) -> tuple[object, list[dict]]:
     if not raw.strip():
         return None, [{"field": "$", "message": "request body is empty; expected a JSON object"}]
     try:
-        return json.loads(raw), []
+        return json.loads(raw.decode("utf-8-sig")), []  # RFC 8259: JSON text is UTF-8
     except UnicodeDecodeError as exc:
         return None, [{"field": "$", "message": f"request body is not valid UTF-8 text: {exc.reason} at byte {exc.start}"}]
     except json.JSONDecodeError as exc:
@@ -281,7 +281,7 @@ def create_app(store_path: str | None = None, idempotency: str = "reference") ->
             if stored is not None:
                 return replay_or_conflict(stored, digest, headers)
 
-        result = simulate_many([body], [key] if rfc else None)[0]
+        result = simulate_many([body])[0]
         if result.get("status") == 422 and "errors" in result:
             return _Outcome(422, _invalid(result["errors"], SIMULATE_PATH), problem=True, headers=headers)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -18,25 +19,112 @@ def _load_json(path: str):
     return data
 
 
+def _read_requests(paths: list[str]) -> tuple[list, dict[int, dict]]:
+    """Requests from files, directories (their *.json, sorted) or '-' (JSON lines on
+    stdin); unreadable ones become RFC 7807 problems in their slot."""
+    requests, problems = [], {}
+    for path in _expand(paths):
+        if path == "-":
+            for n, line in enumerate(sys.stdin, start=1):
+                if line.strip():
+                    _parse_into(requests, problems, f"<stdin>:{n}", lambda line=line: json.loads(line))
+        else:
+            _parse_into(requests, problems, path, lambda path=path: _load_json(path))
+    return requests, problems
+
+
+def _parse_into(requests: list, problems: dict, where: str, load) -> None:
+    try:
+        requests.append(load())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        problems[len(requests)] = {
+            "type": "https://dpm-vec.dev/problems/unreadable-request", "title": "Unreadable request", "status": 422,
+            "detail": f"{where}: {exc}", "errors": [{"field": "$", "message": f"{where}: {exc}"}],
+        }
+        requests.append(None)
+
+
 def cmd_simulate(args) -> int:
     from dpm_vec.simulate import simulate_many
 
-    requests, errors = [], {}
-    for i, path in enumerate(args.requests):
-        try:
-            requests.append(_load_json(path))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            requests.append(None)
-            errors[i] = {"type": "https://dpm-vec.dev/problems/unreadable-request", "title": "Unreadable request",
-                         "status": 422, "detail": f"{path}: {exc}", "errors": [{"field": "$", "message": str(exc)}]}
-    results = simulate_many([r for i, r in enumerate(requests) if i not in errors])
-    it = iter(results)
-    slots = [errors[i] if i in errors else next(it) for i in range(len(requests))]
-    failed = any("errors" in s and s.get("status") == 422 for s in slots)
-    out = slots[0] if len(slots) == 1 else slots
-    json.dump(out, sys.stdout, separators=(",", ":"))
+    requests, problems = _read_requests(args.requests)
+    results = iter(simulate_many([r for i, r in enumerate(requests) if i not in problems]))
+    slots = [problems[i] if i in problems else next(results) for i in range(len(requests))]
+    failed = any(s.get("status") == 422 and "errors" in s for s in slots)
+    single = len(args.requests) == 1 and args.requests[0] != "-" and not Path(args.requests[0]).is_dir()
+    json.dump(slots[0] if single else slots, sys.stdout, separators=(",", ":"))
     sys.stdout.write("\n")
     return 2 if failed else 0
+
+
+def cmd_sweep(args) -> int:
+    from dpm_vec.sweep import sweep
+
+    manifest = sweep(args.book, args.out, shard_size=args.shard_size, scheduler=args.scheduler, workers=args.workers,
+                     progress=None if not args.quiet else False)
+    _print_summary(manifest, args.out)
+    return 0
+
+
+def _print_summary(manifest: dict, out: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    table = Table(title=f"dpm-vec sweep → {out}")
+    table.add_column("status")
+    table.add_column("portfolios", justify="right")
+    table.add_column("share", justify="right")
+    total = manifest["portfolios"] or 1
+    for status, n in manifest["counts_by_status"].items():
+        table.add_row(status, f"{n:,}", f"{100 * n / total:.1f}%")
+    table.add_row("[bold]all[/bold]", f"[bold]{manifest['portfolios']:,}[/bold]", "100.0%")
+    console.print(table)
+    console.print(
+        f"{manifest['shards']} shard(s), {manifest['resumed_shards']} resumed; wall time {manifest['wall_time_s']:.2f} s "
+        f"({manifest['portfolios_per_second']:,} portfolios/s); intents: {manifest['tables']['intents']['rows']:,}"
+    )
+
+
+def cmd_generate(args) -> int:
+    from dpm_vec.generate import generate_book_frames
+    from dpm_vec.io import write_book
+
+    frames = generate_book_frames(args.portfolios, args.seed, bad_data=args.bad_data,
+                                  holdings=(args.min_holdings, args.max_holdings))
+    write_book(frames, args.out)
+    print(f"wrote a {args.portfolios:,}-portfolio book (seed {args.seed}) to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_import_requests(args) -> int:
+    from dpm_vec.importer import import_requests
+
+    requests, problems = _read_requests(args.requests)
+    if problems:
+        raise DpmVecError(next(iter(problems.values()))["detail"])
+    count = import_requests(requests, args.out)
+    print(f"wrote a book of {count} run(s) to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from dpm_vec.api import serve
+
+    serve(host=args.host, port=args.port, store_path=args.store, idempotency=args.idempotency)
+    return 0
+
+
+def _expand(paths: list[str]) -> list[str]:
+    """Directories expand to their *.json files (sorted); '-' stays as stdin."""
+    out = []
+    for path in paths:
+        p = Path(path)
+        if path != "-" and p.is_dir():
+            out.extend(str(f) for f in sorted(p.glob("*.json")))
+        else:
+            out.append(path)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +133,34 @@ def main(argv: list[str] | None = None) -> int:
     sim = sub.add_parser("simulate", help="simulate reference-contract JSON requests; prints the result JSON")
     sim.add_argument("requests", nargs="+", help="request files (a golden file's inputs are used)")
     sim.set_defaults(func=cmd_simulate)
+    sw = sub.add_parser("sweep", help="run every portfolio of a book directory; write Parquet datasets + manifest.json")
+    sw.add_argument("book", help="book directory (see docs/book.md)")
+    sw.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    sw.add_argument("--shard-size", type=int, default=50_000, help="portfolios per shard; bounds memory (default 50000)")
+    sw.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    sw.add_argument("--workers", type=int, help="start a local Dask cluster with this many worker processes")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    sw.set_defaults(func=cmd_sweep)
+    gen = sub.add_parser("generate", help="write a deterministic synthetic book")
+    gen.add_argument("--portfolios", type=int, required=True)
+    gen.add_argument("--seed", type=int, default=7)
+    gen.add_argument("--out", required=True)
+    gen.add_argument("--bad-data", action="store_true", help="sprinkle per-portfolio data faults into ~1%% of portfolios")
+    gen.add_argument("--min-holdings", type=int, default=30)
+    gen.add_argument("--max-holdings", type=int, default=80)
+    gen.set_defaults(func=cmd_generate)
+    imp = sub.add_parser("import-requests", help="write JSON requests as a book directory (one run per request)")
+    imp.add_argument("requests", nargs="+", help="request files, directories of them, or - for JSON lines on stdin")
+    imp.add_argument("--out", required=True)
+    imp.set_defaults(func=cmd_import_requests)
+    srv = sub.add_parser("serve", help="serve POST /rebalance/simulate over HTTP")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--store", help="DuckDB file for the run store (default: in memory)")
+    srv.add_argument("--idempotency", choices=["reference", "rfc"], default="reference")
+    srv.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
     except DpmVecError as exc:

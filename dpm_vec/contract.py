@@ -256,7 +256,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             "market_snapshot_id": run_key, "pair": r.text(f.get("pair"), f"{path}.pair"),
             "rate": r.decimal(f.get("rate"), f"{path}.rate", minimum=Decimal(0)),
         })
-    targets = r.arr(mp.get("targets"), "model_portfolio.targets", required=bool(mp) or "model_portfolio" not in request)
+    targets = r.arr(mp.get("targets"), "model_portfolio.targets", required="model_portfolio" in request and mp is not None)
     _duplicates(r, targets, lambda t: t.get("instrument_id") if isinstance(t, dict) else None, "model_portfolio.targets", "instrument_id")
     for i, t in enumerate(targets):
         path = f"model_portfolio.targets[{i}]"

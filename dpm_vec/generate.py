@@ -473,7 +473,8 @@ def _policy_columns(seed: int) -> dict[str, pl.Expr]:
         "allow_restricted": when("pol_restr", 0.05, True, pl.Boolean),
         "suppress_dust_trades": when("pol_dust", 0.05, False, pl.Boolean),
         "fx_buffer_pct": pl.lit(Decimal("0.01"), dtype=DEC),
-        "min_cash_buffer_pct": when("pol_buf", 0.10, Decimal("0.02"), DEC),
+        # most mandates keep a cash buffer: without one, FX funding buffers overdraw base cash
+        "min_cash_buffer_pct": when("pol_buf", 0.85, Decimal("0.02"), DEC),
         "max_turnover_pct": when("pol_turn", 0.05, Decimal("0.25"), DEC),
         "enable_tax_awareness": pl.when(tax).then(pl.lit(True)).otherwise(pl.lit(None, dtype=pl.Boolean)),
         "max_realized_capital_gains": pl.when(tax & (_u(S, "pol_gains", "pidx") < 0.5))

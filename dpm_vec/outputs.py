@@ -88,7 +88,7 @@ def output_tables(result: Result) -> dict[str, pl.DataFrame]:
                                  pl.col("allowed_quantity").cast(pl.Decimal(38, 20)).alias("amount"), pl.col("trace_order").alias("event_order")),
         result.cash_ladder_breaches.select("run", pl.lit("settlement").alias("category"), "reason_code", pl.lit(None, dtype=pl.String).alias("instrument_id"),
                                            "currency", pl.col("projected_balance").alias("amount"),
-                                           pl.col("date_offset").cast(pl.Int64).alias("event_order")).rename({"reason_code": "code"}),
+                                           pl.col("breach_order").alias("event_order")).rename({"reason_code": "code"}),
     ], how="vertical_relaxed")
     return {
         "runs": runs,

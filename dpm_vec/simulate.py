@@ -9,7 +9,7 @@ from dpm_vec.pipeline import run
 from dpm_vec.render import render_results
 
 
-def simulate_many(requests: list, idempotency_keys: list[str | None] | None = None) -> list[dict]:
+def simulate_many(requests: list) -> list[dict]:
     """Run every valid request in one engine pass; invalid ones get an RFC 7807 problem.
 
     Each slot is independent: a request's data is keyed by its own run key, so requests
@@ -26,14 +26,14 @@ def simulate_many(requests: list, idempotency_keys: list[str | None] | None = No
             slots[index] = exc.problem()
             continue
         parsed["portfolios"][0]["request_hash"] = request_hash(request)
-        if idempotency_keys and idempotency_keys[index] is not None:
-            parsed["portfolios"][0]["idempotency_key"] = idempotency_keys[index]
         for table, table_rows in parsed.items():
             rows[table].extend(table_rows)
         valid.append(index)
     if valid:
         results = render_results(run(rows_to_book(rows)))
         for index, result in zip(valid, results):
+            # each request is its own market snapshot inside the book; the contract names it "md" (§5.8)
+            result["lineage"]["market_data_snapshot_id"] = "md"
             slots[index] = result
     return slots  # type: ignore[return-value]
 

@@ -62,7 +62,7 @@ def cash_ladder(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_
     breaches = points.filter(pl.col("projected_balance") < pl.col("allowed_floor")).select(
         "run", "date_offset", "currency", "projected_balance", "allowed_floor",
         (pl.lit("OVERDRAFT_ON_T_PLUS_") + pl.col("date_offset").cast(pl.String)).alias("reason_code"),
-    )
+    ).with_columns(pl.int_range(pl.len()).over("run").cast(pl.Int64).alias("breach_order"))
     first = breaches.group_by("run", maintain_order=True).first().select("run", "projected_balance", "allowed_floor", "reason_code")
     warnings = pl.concat([
         pl.DataFrame(schema=WARNINGS_SCHEMA),

@@ -1,0 +1,621 @@
+"""SOLVER target generation (spec §6.6) and the method comparison (§6.7).
+
+The SOLVER target is the Euclidean projection of the model weights of the tradeable
+(BUYABLE) instruments onto
+
+    0 <= w_i (<= m),   lo <= Σ w <= hi,   Σ_{group} w <= max_weight - locked group weight
+
+with ``lo = 1 - cash_band_max_weight - L`` and ``hi = 1 - cash_band_min_weight - L``
+(``L`` = locked weight). The projection is unique, so any exact method reproduces the
+reference's cvxpy/OSQP answer once rounded to 4 dp.
+
+* Runs without a (binding-capable) group constraint: ``w_i = clip(model_i - λ, 0, m)``,
+  with ``λ`` found exactly over the breakpoints of the piecewise-linear ``Σ clip(·)``,
+  in Decimal columns, for every such run at once (no Python per run).
+* Runs with group constraints: per run, scipy's Lawson-Hanson NNLS solves the
+  least-distance dual (LDP) — it also certifies infeasibility — and the active set it
+  finds is then re-solved in exact rational arithmetic and checked against the KKT
+  conditions; only when that check fails is the float optimum used as is.
+
+Feasibility without groups is decided exactly (Decimal comparisons), never by a solver
+tolerance. Output weights are rounded to 4 dp half-even (§1.2); with exact values this
+equals the reference's float → text → 4 dp except at exact rounding midpoints, where the
+reference's own float noise decides.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from fractions import Fraction
+
+import numpy as np
+import polars as pl
+from scipy.optimize import nnls
+
+from dpm_vec.numeric import DEC, dabs, lit
+from dpm_vec.stages.prepare import Market
+from dpm_vec.stages.targets import TARGET_STAGE_ORDER, WARNINGS_SCHEMA, warnings_frame
+
+# w_order layout inside the target stage (same base as the HEURISTIC group warnings):
+#   UNKNOWN_CONSTRAINT_ATTRIBUTE_<k>   base + 10·rank                (rank = key position, 1-based)
+#   INFEASIBLE_* / SOLVER_ERROR        base + 10·(R+1)               (R = number of keys of the run)
+#   HINT_CASH_BAND_CONTRADICTION       base + 10·(R+1) + 1
+#   HINT_SINGLE_POSITION_CAPACITY      base + 10·(R+1) + 2
+#   HINT_LOCKED_GROUP_WEIGHT_<key>     base + 10·(R+1+rank) + 3
+#   TARGET_METHOD_*_DIVERGENCE         COMPARE_ORDER, COMPARE_ORDER + 1 (after every target warning)
+SOLVER_ORDER = TARGET_STAGE_ORDER * 1000
+COMPARE_ORDER = SOLVER_ORDER + 99_000
+
+STATUS_SCHEMA = {"run": pl.UInt32, "solver_status": pl.String}
+COMPARISON_SCHEMA = {
+    "run": pl.UInt32, "primary_method": pl.String, "primary_status": pl.String, "alternate_method": pl.String,
+    "alternate_status": pl.String, "tolerance": pl.String, "differing_instruments": pl.List(pl.String),
+    "alternate_warnings": pl.List(pl.String),
+}
+WEIGHT_DP = 4
+_FOUR = Fraction(10) ** WEIGHT_DP
+
+
+def solve_targets(
+    market: Market,
+    runs: pl.DataFrame,
+    weight_map: pl.DataFrame,
+    model: pl.DataFrame,
+    group_constraints: pl.DataFrame,
+    which: pl.Expr | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """§6.6 steps 2-6 for the runs selected by ``which`` (default: target_method == SOLVER).
+
+    ``weight_map`` is the universe weight map *after* the SELL_ONLY step (§6.4 step 1):
+    run, instrument_id, map_order, kind, weight. ``model``: run, model_seq, instrument_id,
+    model_weight. ``group_constraints``: run, constraint_key, max_weight.
+
+    Returns
+    * weights: the weight map rows (same columns as ``weight_map``) of every selected run
+      whose solve did not fail, tradeable weights replaced by the 4-dp solver weights,
+      other entries unchanged (a run without tradeable instrument keeps its map);
+    * status: run, solver_status — READY or BLOCKED, one row per selected run (the
+      SELL_ONLY PENDING_REVIEW of step 1 is the caller's to merge);
+    * warnings: run, code, w_order.
+    """
+    if which is None:
+        which = pl.col("target_method") == "SOLVER"
+    pol = runs.filter(which).select(
+        pl.col("run"),
+        pl.col("cash_band_min_weight").cast(DEC).alias("_cmin"),
+        pl.col("cash_band_max_weight").cast(DEC).alias("_cmax"),
+        pl.col("single_position_max_weight").cast(DEC).alias("_m"),
+    )
+    wm = weight_map.join(pol.select("run"), on="run", how="semi").with_columns(
+        (pl.col("kind") == "BUYABLE").alias("_buy")
+    )
+    per_run = (
+        pol.join(
+            wm.group_by("run").agg(
+                pl.col("_buy").sum().cast(pl.Int64).alias("_n"),
+                pl.when(~pl.col("_buy")).then(pl.col("weight")).otherwise(lit(0)).sum().cast(DEC).alias("_L"),
+            ),
+            on="run", how="left",
+        )
+        .with_columns(pl.col("_n").fill_null(0), pl.col("_L").fill_null(lit(0)))
+        .with_columns(
+            (lit(1) - pl.col("_cmax") - pl.col("_L")).alias("_lo"),
+            (lit(1) - pl.col("_cmin") - pl.col("_L")).alias("_hi"),
+        )
+    )
+    # step 2: no tradeable instrument → the map as it is, status untouched
+    solving = per_run.filter(pl.col("_n") > 0)
+
+    # tradeable rows with their model weight (last duplicate wins)
+    model_w = (
+        model.join(solving.select("run"), on="run", how="semi")
+        .sort("run", "model_seq")
+        .group_by("run", "instrument_id")
+        .agg(pl.col("model_weight").last().cast(DEC).alias("_c"))
+    )
+    tradeable = (
+        wm.filter(pl.col("_buy")).join(solving.select("run"), on="run", how="semi")
+        .join(model_w, on=["run", "instrument_id"], how="left")
+        .with_columns(pl.col("_c").fill_null(pl.col("weight")))
+        .sort("run", "map_order")
+    )
+
+    cons, real, warnings = _constraints(market, wm, solving, group_constraints)
+
+    # exact infeasibility tests that need no solver
+    m = pl.col("_m")
+    n_dec = pl.col("_n").cast(DEC)
+    const_violation = cons.filter(
+        pl.col("_known") & (pl.col("_gt") == 0) & (pl.col("_gl") != 0) & (pl.col("_gl") > pl.col("max_weight"))
+    ).select("run")
+    negative_limit = real.filter(pl.col("_limit") < 0).select("run")
+    flagged = pl.concat([const_violation, negative_limit]).unique()
+    solving = solving.with_columns(
+        (
+            (pl.col("_lo") > pl.col("_hi"))
+            | (pl.col("_hi") < 0)
+            | (m.is_not_null() & ((m < 0) | (pl.col("_lo") > m * n_dec)))
+            | pl.col("run").is_in(flagged["run"].implode())
+        ).alias("_infeasible"),
+        pl.col("run").is_in(real["run"].unique().implode()).alias("_grouped"),
+    )
+    feasible = solving.filter(~pl.col("_infeasible"))
+    plain = feasible.filter(~pl.col("_grouped"))
+    grouped = feasible.filter(pl.col("_grouped"))
+
+    solved = [_project_box_band(tradeable.join(plain.select("run", "_lo", "_hi", "_m"), on="run", how="inner"))]
+    group_weights, group_fail = _solve_grouped(tradeable, grouped, real)
+    solved.append(group_weights)
+    failures = pl.concat([
+        solving.filter(pl.col("_infeasible")).select("run", pl.lit("INFEASIBLE_INFEASIBLE").alias("_failure")),
+        group_fail,
+    ])
+
+    warnings.append(_failure_warnings(failures, solving, cons))
+
+    new_w = pl.concat(solved)
+    weights = (
+        wm.join(failures.select("run"), on="run", how="anti")
+        .join(new_w, on=["run", "instrument_id"], how="left")
+        .with_columns(pl.coalesce("_w", "weight").alias("weight"))
+        .select(weight_map.columns)
+        .sort("run", "map_order")
+    )
+    status = pol.select(
+        pl.col("run").cast(pl.UInt32),
+        pl.when(pl.col("run").is_in(failures["run"].implode())).then(pl.lit("BLOCKED"))
+        .otherwise(pl.lit("READY")).alias("solver_status"),
+    )
+    warn = pl.concat([pl.DataFrame(schema=WARNINGS_SCHEMA), *warnings]).sort("run", "w_order", maintain_order=True)
+    return weights, status, warn
+
+
+# ---------------------------------------------------------------------------
+# group constraints (§6.6 step 3, last bullet)
+# ---------------------------------------------------------------------------
+
+def _constraints(market: Market, wm: pl.DataFrame, solving: pl.DataFrame, constraints: pl.DataFrame):
+    """Per (run, key): rank, known attribute, tradeable member count _gt, locked member
+    weight _gl; ``real`` = the constraints that bind tradeable weights (_gt > 0) with
+    their member map_orders and ``_limit = max_weight - _gl``."""
+    cons = (
+        constraints.join(solving.select("run"), on="run", how="semi")
+        .sort("run", "constraint_key")
+        .with_columns(
+            pl.col("constraint_key").rank("ordinal").over("run").cast(pl.Int64).alias("_rank"),
+            pl.col("constraint_key").str.split_exact(":", 1).struct.field("field_0").alias("_attr"),
+            pl.col("constraint_key").str.split_exact(":", 1).struct.field("field_1").alias("_value"),
+            pl.col("max_weight").cast(DEC),
+        )
+    )
+    shelf_attrs = market.run_keys.select("run", "shelf_id").join(
+        market.attributes.select("shelf_id", "instrument_id", "attribute", "value"), on="shelf_id", how="inner"
+    )
+    known = (
+        cons.join(shelf_attrs.select("run", pl.col("attribute").alias("_attr")).unique(), on=["run", "_attr"], how="semi")
+        .select("run", "_rank", pl.lit(True).alias("_known"))
+    )
+    cons = cons.join(known, on=["run", "_rank"], how="left").with_columns(pl.col("_known").fill_null(False))
+    warnings = [warnings_frame(
+        cons.filter(~pl.col("_known")),
+        pl.lit("UNKNOWN_CONSTRAINT_ATTRIBUTE_") + pl.col("_attr"),
+        SOLVER_ORDER + 10 * pl.col("_rank"),
+    )]
+    members = (
+        cons.filter(pl.col("_known"))
+        .select("run", "_rank", "_attr", "_value")
+        .join(
+            shelf_attrs.select("run", "instrument_id", pl.col("attribute").alias("_attr"), pl.col("value").alias("_value")).unique(),
+            on=["run", "_attr", "_value"], how="inner",
+        )
+        .join(wm.select("run", "instrument_id", "map_order", "_buy", "weight"), on=["run", "instrument_id"], how="inner")
+    )
+    stats = members.group_by("run", "_rank").agg(
+        pl.col("_buy").sum().cast(pl.Int64).alias("_gt"),
+        pl.when(~pl.col("_buy")).then(pl.col("weight")).otherwise(lit(0)).sum().cast(DEC).alias("_gl"),
+        pl.col("map_order").filter(pl.col("_buy")).sort().alias("_members"),
+    )
+    cons = cons.join(stats, on=["run", "_rank"], how="left").with_columns(
+        pl.col("_gt").fill_null(0), pl.col("_gl").fill_null(lit(0)),
+    )
+    real = cons.filter(pl.col("_known") & (pl.col("_gt") > 0)).with_columns(
+        (pl.col("max_weight") - pl.col("_gl")).alias("_limit")
+    )
+    return cons, real, warnings
+
+
+def _failure_warnings(failures: pl.DataFrame, solving: pl.DataFrame, cons: pl.DataFrame) -> pl.DataFrame:
+    """§6.6 step 5: the failure code, then the hints in the spec's order."""
+    if failures.height == 0:
+        return pl.DataFrame(schema=WARNINGS_SCHEMA)
+    n_keys = cons.group_by("run").agg(pl.len().cast(pl.Int64).alias("_R"))
+    f = (
+        failures.join(solving, on="run", how="left")
+        .join(n_keys, on="run", how="left")
+        .with_columns(pl.col("_R").fill_null(0))
+        .with_columns((SOLVER_ORDER + 10 * (pl.col("_R") + 1)).alias("_base"))
+    )
+    infeasible = f.filter(pl.col("_failure").str.starts_with("INFEASIBLE_"))
+    m = pl.col("_m")
+    out = [
+        warnings_frame(f, pl.col("_failure"), pl.col("_base")),
+        warnings_frame(
+            infeasible.filter(pl.col("_cmin") > pl.col("_cmax")),
+            pl.lit("INFEASIBILITY_HINT_CASH_BAND_CONTRADICTION"), pl.col("_base") + 1,
+        ),
+        warnings_frame(
+            infeasible.filter(m.is_not_null() & (m * pl.col("_n").cast(DEC) < lit(1) - pl.col("_cmax") - pl.col("_L"))),
+            pl.lit("INFEASIBILITY_HINT_SINGLE_POSITION_CAPACITY"), pl.col("_base") + 2,
+        ),
+    ]
+    locked = cons.join(infeasible.select("run", "_R"), on="run", how="inner").filter(pl.col("_gl") > pl.col("max_weight"))
+    out.append(warnings_frame(
+        locked, pl.lit("INFEASIBILITY_HINT_LOCKED_GROUP_WEIGHT_") + pl.col("constraint_key"),
+        SOLVER_ORDER + 10 * (pl.col("_R") + 1 + pl.col("_rank")) + 3,
+    ))
+    return pl.concat(out)
+
+
+# ---------------------------------------------------------------------------
+# exact projection onto box ∩ band, vectorised over runs
+# ---------------------------------------------------------------------------
+
+def _clip(x: pl.Expr) -> pl.Expr:
+    m = pl.col("_m")
+    return pl.when(x < 0).then(lit(0)).when(m.is_not_null() & (x > m)).then(m).otherwise(x)
+
+
+def _project_box_band(tr: pl.DataFrame) -> pl.DataFrame:
+    """``w_i = clip(c_i - λ, 0, m)``; λ = 0 if the clipped model already sits in
+    [lo, hi], else the λ putting Σ w on the violated edge. Σ clip(c - λ) is piecewise
+    linear in λ with breakpoints c_i and c_i - m; walking them downwards with running
+    (free count F, free sum S, capped count K) gives f(λ) = S - F·λ + K·m exactly."""
+    empty = pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "_w": DEC})
+    if tr.height == 0:
+        return empty
+    tr = tr.with_columns(_clip(pl.col("_c")).alias("_w0"))
+    tr = tr.with_columns(pl.col("_w0").sum().over("run").alias("_f0"))
+    tr = tr.with_columns(
+        pl.when(pl.col("_f0") > pl.col("_hi")).then(pl.col("_hi"))
+        .when(pl.col("_f0") < pl.col("_lo")).then(pl.col("_lo"))
+        .otherwise(None).alias("_T")
+    )
+    need = tr.filter(pl.col("_T").is_not_null())
+    lam = pl.DataFrame(schema={"run": pl.UInt32, "_lam": DEC})
+    if need.height:
+        events = pl.concat([
+            need.select("run", pl.col("_c").alias("_bp"), pl.lit(1, pl.Int64).alias("_dF"),
+                        pl.col("_c").alias("_dS"), pl.lit(0, pl.Int64).alias("_dK")),
+            need.filter(pl.col("_m").is_not_null()).select(
+                "run", (pl.col("_c") - pl.col("_m")).alias("_bp"), pl.lit(-1, pl.Int64).alias("_dF"),
+                (-pl.col("_c")).alias("_dS"), pl.lit(1, pl.Int64).alias("_dK")),
+        ])
+        per = need.group_by("run").agg(pl.col("_T").first(), pl.col("_m").first())
+        ev = (
+            events.group_by("run", "_bp").agg(pl.col("_dF").sum(), pl.col("_dS").sum().cast(DEC), pl.col("_dK").sum())
+            .sort(["run", "_bp"], descending=[False, True])
+            .with_columns(
+                pl.col("_dF").cum_sum().over("run").alias("_F"),
+                pl.col("_dS").cum_sum().over("run").cast(DEC).alias("_S"),
+                pl.col("_dK").cum_sum().over("run").alias("_K"),
+            )
+            .join(per, on="run", how="left")
+            .with_columns(pl.col("_m").fill_null(lit(0)).alias("_m0"))
+        )
+
+        def f_at(S, F, K, x):
+            return S - F.cast(DEC) * x + K.cast(DEC) * pl.col("_m0")
+
+        ev = ev.with_columns(
+            f_at(pl.col("_S"), pl.col("_F"), pl.col("_K"), pl.col("_bp")).alias("_f"),
+            pl.col("_F").shift(1).over("run").fill_null(0).alias("_pF"),
+            pl.col("_S").shift(1).over("run").fill_null(lit(0)).alias("_pS"),
+            pl.col("_K").shift(1).over("run").fill_null(0).alias("_pK"),
+        ).with_columns((pl.col("_f") >= pl.col("_T")).alias("_reached"))
+        ev = ev.with_columns(
+            (pl.col("_reached") & ~pl.col("_reached").shift(1).over("run").fill_null(False)).alias("_first"),
+            pl.col("_reached").any().over("run").alias("_any"),
+            (pl.int_range(pl.len()).over("run") == pl.len().over("run") - 1).alias("_last"),
+        )
+        crossing = ev.filter(pl.col("_first")).select(
+            "run",
+            pl.when(pl.col("_f") == pl.col("_T")).then(pl.col("_bp"))
+            .when(pl.col("_pF") > 0)
+            .then((pl.col("_pS") + pl.col("_pK").cast(DEC) * pl.col("_m0") - pl.col("_T")) / pl.col("_pF").cast(DEC))
+            .otherwise(pl.col("_bp")).cast(DEC).alias("_lam"),
+        )
+        beyond = ev.filter(~pl.col("_any") & pl.col("_last")).select(
+            "run",
+            pl.when(pl.col("_F") > 0)
+            .then((pl.col("_S") + pl.col("_K").cast(DEC) * pl.col("_m0") - pl.col("_T")) / pl.col("_F").cast(DEC))
+            .otherwise(pl.col("_bp")).cast(DEC).alias("_lam"),
+        )
+        lam = pl.concat([lam, crossing, beyond])
+    out = tr.join(lam, on="run", how="left").with_columns(pl.col("_lam").fill_null(lit(0)))
+    return out.select(
+        "run", "instrument_id",
+        _clip(pl.col("_c") - pl.col("_lam")).round(WEIGHT_DP, mode="half_to_even").cast(DEC).alias("_w"),
+    )
+
+
+# ---------------------------------------------------------------------------
+# runs with group constraints: one small QP each
+# ---------------------------------------------------------------------------
+
+def _solve_grouped(tradeable: pl.DataFrame, grouped: pl.DataFrame, real: pl.DataFrame):
+    empty_w = pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "_w": DEC})
+    empty_f = pl.DataFrame(schema={"run": pl.UInt32, "_failure": pl.String})
+    if grouped.height == 0:
+        return empty_w, empty_f
+    items = (
+        tradeable.join(grouped.select("run"), on="run", how="semi")
+        .group_by("run", maintain_order=True)
+        .agg(pl.col("instrument_id"), pl.col("map_order"), pl.col("_c"))
+    )
+    groups = (
+        real.join(grouped.select("run"), on="run", how="semi").sort("run", "_rank")
+        .group_by("run", maintain_order=True).agg(pl.col("_members"), pl.col("_limit"))
+    )
+    problems = grouped.select("run", "_lo", "_hi", "_m").join(items, on="run").join(groups, on="run", how="left").sort("run")
+    runs_w, ids_w, vals_w, fails = [], [], [], []
+    for row in problems.iter_rows(named=True):
+        pos = {mo: k for k, mo in enumerate(row["map_order"])}
+        gl = [([pos[mo] for mo in members], Fraction(limit)) for members, limit in zip(row["_members"] or [], row["_limit"] or [])]
+        try:
+            sol = project_exact(
+                [Fraction(c) for c in row["_c"]], Fraction(row["_lo"]), Fraction(row["_hi"]),
+                None if row["_m"] is None else Fraction(row["_m"]), gl,
+            )
+        except (ValueError, RuntimeError, ArithmeticError, np.linalg.LinAlgError):
+            fails.append((row["run"], "SOLVER_ERROR"))
+            continue
+        if sol is None:
+            fails.append((row["run"], "INFEASIBLE_INFEASIBLE"))
+            continue
+        for iid, x in zip(row["instrument_id"], sol):
+            runs_w.append(row["run"])
+            ids_w.append(iid)
+            vals_w.append(round4(x))
+    weights = pl.DataFrame({"run": runs_w, "instrument_id": ids_w, "_w": vals_w},
+                           schema={"run": pl.UInt32, "instrument_id": pl.String, "_w": DEC})
+    failed = pl.DataFrame(fails, schema={"run": pl.UInt32, "_failure": pl.String}, orient="row")
+    return weights, failed
+
+
+def round4(x: Fraction) -> Decimal:
+    """Exact value → 4 dp half-even (Fraction rounding is half-even), negative → 0."""
+    if x < 0:
+        x = Fraction(0)
+    return Decimal(round(x * _FOUR)).scaleb(-WEIGHT_DP)
+
+
+def project_exact(
+    c: list[Fraction], lo: Fraction, hi: Fraction, m: Fraction | None,
+    groups: list[tuple[list[int], Fraction]],
+) -> list[Fraction] | None:
+    """Projection of ``c`` onto {0 <= w (<= m), lo <= Σw <= hi, Σ_{idx} w <= limit};
+    None when the set is empty.
+
+    Float stage: the least-distance problem min ||x|| s.t. G x >= h (x = w - c) is solved
+    through Lawson-Hanson NNLS (scipy.optimize.nnls) on [Gᵀ; hᵀ] u ≈ e_{n+1}; a zero
+    residual certifies infeasibility. Exact stage: the aggregate constraints (band,
+    groups) the float optimum shows active give multipliers ν from a small rational linear
+    system; w = clip(c - Aᵀν, 0, m) is accepted when it satisfies every KKT condition
+    exactly. Otherwise the float optimum is returned (as the shortest text of each float).
+    """
+    n = len(c)
+    if lo > hi or hi < 0 or (m is not None and (m < 0 or lo > m * n)) or any(lim < 0 for _, lim in groups):
+        return None
+    # aggregate rows a·w <= b, with a as (indices, sign)
+    agg: list[tuple[list[int], int, Fraction]] = [(list(range(n)), 1, hi), (list(range(n)), -1, -lo)]
+    agg += [(idx, 1, lim) for idx, lim in groups]
+    rows, rhs = [], []
+    for i in range(n):
+        e = np.zeros(n)
+        e[i] = -1.0
+        rows.append(e)
+        rhs.append(0.0)
+        if m is not None:
+            e = np.zeros(n)
+            e[i] = 1.0
+            rows.append(e)
+            rhs.append(float(m))
+    for idx, sign, b in agg:
+        a = np.zeros(n)
+        a[idx] = float(sign)
+        rows.append(a)
+        rhs.append(float(b))
+    A = np.array(rows)
+    b = np.array(rhs)
+    cf = np.array([float(x) for x in c])
+    G, h = -A, A @ cf - b
+    E = np.vstack([G.T, h[None, :]])
+    f = np.zeros(n + 1)
+    f[n] = 1.0
+    u, rnorm = nnls(E, f, maxiter=50 * E.shape[1])
+    if not np.isfinite(rnorm):
+        raise ArithmeticError("NNLS failed")
+    if rnorm <= 1e-9:
+        return None
+    r = E @ u - f
+    wf = cf - r[:n] / r[n]
+    k0 = A.shape[0] - len(agg)
+    ua = u[k0:]
+    slack = np.array([float(bb) - sign * wf[idx].sum() for idx, sign, bb in agg])
+    scale = max(1.0, float(np.abs(ua).max(initial=0.0)))
+    guesses = []
+    for s in (
+        [j for j in range(len(agg)) if ua[j] > 1e-12 * scale],
+        [j for j in range(len(agg)) if abs(slack[j]) <= 1e-9],
+        [j for j in range(len(agg)) if ua[j] > 1e-12 * scale and abs(slack[j]) <= 1e-9],
+    ):
+        if s not in guesses:
+            guesses.append(s)
+    for s in guesses:
+        w = _kkt_exact(c, lo, hi, m, agg, s, wf)
+        if w is not None:
+            return w
+    # fallback: the float optimum, clipped into the box
+    ub = float(m) if m is not None else np.inf
+    return [Fraction(Decimal(repr(float(min(max(x, 0.0), ub))))) for x in wf]
+
+
+def _kkt_exact(c, lo, hi, m, agg, active, wf) -> list[Fraction] | None:
+    """Exact multipliers for the guessed active aggregate rows, then a full KKT check."""
+    n = len(c)
+    eq_band = lo == hi and 0 in active and 1 in active
+    act = [j for j in active if not (eq_band and j == 1)]  # Σw = lo = hi: one row, free sign
+    ub = m if m is not None else None
+    # free variables (strictly inside the box at the float optimum); the rest fixed
+    fixed: dict[int, Fraction] = {}
+    for i in range(n):
+        x = wf[i]
+        if x <= 1e-9:
+            fixed[i] = Fraction(0)
+        elif ub is not None and x >= float(ub) - 1e-9:
+            fixed[i] = ub
+    coef = [[0] * n for _ in agg]
+    for j, (idx, sign, _) in enumerate(agg):
+        for i in idx:
+            coef[j][i] = sign
+    free = [i for i in range(n) if i not in fixed]
+    M = [[Fraction(sum(coef[r][i] * coef[s][i] for i in free)) for s in act] for r in act]
+    v = [
+        sum((coef[r][i] * c[i] for i in free), Fraction(0))
+        + sum((coef[r][i] * fixed[i] for i in fixed), Fraction(0))
+        - agg[r][2]
+        for r in act
+    ]
+    nu = _solve_linear(M, v)
+    if nu is None:
+        return None
+    nus = dict(zip(act, nu))
+    for j, val in nus.items():
+        if val < 0 and not (eq_band and j == 0):
+            return None
+    w = []
+    for i in range(n):
+        x = c[i] - sum((val * coef[j][i] for j, val in nus.items()), Fraction(0))
+        if x < 0:
+            x = Fraction(0)
+        elif ub is not None and x > ub:
+            x = ub
+        w.append(x)
+    for j, (idx, sign, bnd) in enumerate(agg):
+        lhs = sign * sum((w[i] for i in idx), Fraction(0))
+        if lhs > bnd:
+            return None
+        if nus.get(j, 0) != 0 and lhs != bnd:
+            return None
+    return w
+
+
+def _solve_linear(M: list[list[Fraction]], v: list[Fraction]) -> list[Fraction] | None:
+    """Exact Gauss-Jordan; None if singular."""
+    k = len(v)
+    aug = [row[:] + [v[r]] for r, row in enumerate(M)]
+    for col in range(k):
+        piv = next((r for r in range(col, k) if aug[r][col] != 0), None)
+        if piv is None:
+            return None
+        aug[col], aug[piv] = aug[piv], aug[col]
+        p = aug[col][col]
+        aug[col] = [x / p for x in aug[col]]
+        for r in range(k):
+            if r != col and aug[r][col] != 0:
+                fct = aug[r][col]
+                aug[r] = [x - fct * y for x, y in zip(aug[r], aug[col])]
+    return [aug[r][k] for r in range(k)]
+
+
+# ---------------------------------------------------------------------------
+# §6.7 method comparison
+# ---------------------------------------------------------------------------
+
+def compare_methods(
+    runs: pl.DataFrame,
+    primary_status: pl.DataFrame,
+    primary_trace: pl.DataFrame,
+    alternate_status: pl.DataFrame,
+    alternate_trace: pl.DataFrame,
+    alternate_warnings: pl.DataFrame,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Compare the primary and the alternate method of every run with
+    ``compare_target_methods``.
+
+    runs: run, target_method, compare_target_methods, compare_target_methods_tolerance.
+    *_status: run, target_status (final status of the target stage for that method).
+    *_trace: run, instrument_id, final_weight (the method's trace; rows of a BLOCKED
+    method are ignored, a blocked method having an empty trace).
+    alternate_warnings: run, code (the alternate method's target-stage warnings).
+
+    Returns (comparison, warnings): comparison has COMPARISON_SCHEMA, one row per compared
+    run; warnings (run, code, w_order) holds TARGET_METHOD_STATUS_DIVERGENCE then
+    TARGET_METHOD_WEIGHT_DIVERGENCE for the main warnings list.
+    """
+    cmp = runs.filter(pl.col("compare_target_methods").fill_null(False)).select(
+        pl.col("run").cast(pl.UInt32),
+        pl.col("target_method").alias("primary_method"),
+        pl.when(pl.col("target_method") == "SOLVER").then(pl.lit("HEURISTIC")).otherwise(pl.lit("SOLVER")).alias("alternate_method"),
+        pl.col("compare_target_methods_tolerance").cast(DEC).alias("_tol"),
+    )
+    if cmp.height == 0:
+        return pl.DataFrame(schema=COMPARISON_SCHEMA), pl.DataFrame(schema=WARNINGS_SCHEMA)
+
+    def weights(trace: pl.DataFrame, status: pl.DataFrame, name: str) -> pl.DataFrame:
+        blocked = status.filter(pl.col("target_status") == "BLOCKED").select("run")
+        return (
+            trace.join(cmp.select("run"), on="run", how="semi").join(blocked, on="run", how="anti")
+            .select("run", "instrument_id", pl.col("final_weight").cast(DEC).alias(name))
+            .unique(["run", "instrument_id"], keep="first")
+        )
+
+    both = (
+        weights(primary_trace, primary_status, "_p")
+        .join(weights(alternate_trace, alternate_status, "_a"), on=["run", "instrument_id"], how="full", coalesce=True)
+        .join(cmp.select("run", "_tol"), on="run", how="inner")
+    )
+    differing = (
+        both.filter(dabs(pl.col("_p").fill_null(lit(0)) - pl.col("_a").fill_null(lit(0))) > pl.col("_tol"))
+        .sort("run", "instrument_id")
+        .group_by("run", maintain_order=True)
+        .agg(pl.col("instrument_id").alias("differing_instruments"))
+    )
+    alt_warn = (
+        alternate_warnings.join(cmp.select("run"), on="run", how="semi")
+        .select("run", "code").unique().sort("run", "code")
+        .group_by("run", maintain_order=True)
+        .agg(pl.col("code").alias("alternate_warnings"))
+    )
+    comparison = (
+        cmp.join(primary_status.select("run", pl.col("target_status").alias("primary_status")), on="run", how="left")
+        .join(alternate_status.select("run", pl.col("target_status").alias("alternate_status")), on="run", how="left")
+        .join(differing, on="run", how="left")
+        .join(alt_warn, on="run", how="left")
+        .with_columns(
+            _decimal_text(pl.col("_tol")).alias("tolerance"),
+            pl.col("differing_instruments").fill_null(pl.lit([], dtype=pl.List(pl.String))),
+            pl.col("alternate_warnings").fill_null(pl.lit([], dtype=pl.List(pl.String))),
+        )
+        .select(list(COMPARISON_SCHEMA))
+        .sort("run")
+    )
+    warnings = pl.concat([
+        warnings_frame(
+            comparison.filter(pl.col("primary_status").ne_missing(pl.col("alternate_status"))),
+            pl.lit("TARGET_METHOD_STATUS_DIVERGENCE"), pl.lit(COMPARE_ORDER),
+        ),
+        warnings_frame(
+            comparison.filter(pl.col("differing_instruments").list.len() > 0),
+            pl.lit("TARGET_METHOD_WEIGHT_DIVERGENCE"), pl.lit(COMPARE_ORDER + 1),
+        ),
+    ]).sort("run", "w_order")
+    return comparison, warnings
+
+
+def _decimal_text(x: pl.Expr) -> pl.Expr:
+    """DEC → plain decimal text without trailing zeros ("0.0001", "1", "0")."""
+    t = x.cast(pl.String)
+    stripped = t.str.replace(r"0+$", "").str.replace(r"\.$", "")
+    out = pl.when(t.str.contains(r"\.")).then(stripped).otherwise(t)
+    return pl.when(out.is_in(["", "-0"])).then(pl.lit("0")).otherwise(out)

@@ -97,8 +97,8 @@ def output_tables(result: Result) -> dict[str, pl.DataFrame]:
                 pl.when(pl.col("min_notional_applied")).then(pl.lit(["MIN_NOTIONAL"])).otherwise(pl.lit([], dtype=pl.List(pl.String))),
                 pl.when(pl.col("tax_budget_applied")).then(pl.lit(["TAX_BUDGET"])).otherwise(pl.lit([], dtype=pl.List(pl.String))),
             ).alias("constraints_applied")
-        ).drop("min_notional_applied", "tax_budget_applied"), "exec_order"),
-        "positions_after": keyed(result.positions.filter(pl.col("state") == "after").drop("state", "market_value", "market_value_currency", strict=False), "pos_seq").rename({"pos_seq": "position_order"}),
+        ).drop("min_notional_applied", "tax_budget_applied", "quantity_f28"), "exec_order"),
+        "positions_after": keyed(result.positions.filter(pl.col("state") == "after").drop("state", "market_value", "market_value_currency", "quantity_f28", strict=False), "pos_seq").rename({"pos_seq": "position_order"}),
         "cash_after": keyed(result.cash.filter(pl.col("state") == "after").drop("state"), "cash_seq").rename({"cash_seq": "cash_order"}),
         "rule_results": keyed(result.rule_results, "rule_order"),
         "exclusions": keyed(result.exclusions, "excl_order"),

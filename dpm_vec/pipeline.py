@@ -135,7 +135,7 @@ def run(book: Book) -> Result:
         runs.with_columns(exit_path.alias("exit_path"))
         .join(targets.status, on="run", how="left")
         .join(faults, on="run", how="left")
-        .with_columns(pl.coalesce("input_fault", "target_fault").alias("block_reason"))
+        .with_columns(pl.coalesce("fault_code", "target_fault").alias("block_reason"))
         .with_columns(
             pl.when(pl.col("exit_path") != "E6").then(pl.lit("BLOCKED"))
             .when(pl.col("run").is_in(soft_fail["run"].implode())).then(pl.lit("PENDING_REVIEW"))

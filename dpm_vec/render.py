@@ -22,6 +22,14 @@ def _weight(value: Decimal | None) -> str | None:
     return None if value is None else to_text(value.quantize(FOUR_DP, rounding=ROUND_HALF_EVEN))
 
 
+def _quantity(row: dict) -> str:
+    """Quantities walked in 28-digit arithmetic print every digit (z × 10^k)."""
+    exact = row.get("quantity_f28")
+    if exact is not None:
+        return to_text(Decimal(exact["z"]).scaleb(exact["k"]))
+    return to_text(row["quantity"])
+
+
 def _money(amount, currency) -> dict | None:
     if amount is None:
         return None
@@ -69,7 +77,7 @@ def _state(run: dict, parts: dict, state: str, total_value) -> dict:
         ],
         "positions": [
             {
-                "instrument_id": p["instrument_id"], "quantity": to_text(p["quantity"]),
+                "instrument_id": p["instrument_id"], "quantity": _quantity(p),
                 "instrument_currency": p["instrument_currency"], "asset_class": p["asset_class"],
                 "price": _money(p["price"], p["instrument_currency"]),
                 "value_in_instrument_ccy": _money(p["value_instr"], p["instrument_currency"]),
@@ -109,7 +117,7 @@ def _render_run(run: dict, parts: dict, run_id: str) -> dict:
         else:
             intents.append({
                 "intent_type": "SECURITY_TRADE", "intent_id": it["intent_id"], "instrument_id": it["instrument_id"],
-                "side": it["side"], "quantity": to_text(it["quantity"]),
+                "side": it["side"], "quantity": _quantity(it),
                 "notional": _money(it["notional"], it["notional_currency"]),
                 "notional_base": _money(it["notional_base"], base),
                 "dependencies": list(it["dependencies"] or []),

@@ -16,11 +16,11 @@ import polars as pl
 
 from dpm_vec.stages.prepare import Market
 
-FAULT_SCHEMA = {"run": pl.UInt32, "input_fault": pl.String}
+FAULT_SCHEMA = {"run": pl.UInt32, "fault_code": pl.String}
 
 
 def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, model: pl.DataFrame):
-    """Return (faults: run → first fault code, stale: run, instrument_id to exclude)."""
+    """Return (faults: run → first fault_code, stale: run, instrument_id to exclude)."""
     instruments = pl.concat([positions.select("run", "instrument_id"), model.select("run", "instrument_id")]).unique()
     priced = market.with_price(instruments).join(
         runs.select("run", "portfolio_as_of", "market_as_of", "max_staleness_minutes", "stale_price_action"), on="run", how="left"
@@ -37,11 +37,11 @@ def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, mo
     )
     faults = pl.concat([
         pl.DataFrame(schema=FAULT_SCHEMA),
-        runs.filter(pl.col("input_fault").is_not_null()).select("run", "input_fault"),
-        positions.filter(pl.col("quantity") < 0).select("run", pl.lit("NEGATIVE_QUANTITY").alias("input_fault"), pl.lit(0).alias("_o")).drop("_o"),
-        priced.filter(pl.col("price").is_not_null() & (pl.col("price") <= 0)).select("run", pl.lit("NON_POSITIVE_PRICE").alias("input_fault")),
-        skew.select("run", pl.lit("SNAPSHOT_SKEW").alias("input_fault")),
-        priced.filter(pl.col("_stale") & (pl.col("stale_price_action") == "BLOCK")).select("run", pl.lit("PRICE_STALE").alias("input_fault")),
+        runs.filter(pl.col("input_fault").is_not_null()).select("run", pl.col("input_fault").alias("fault_code")),
+        positions.filter(pl.col("quantity") < 0).select("run", pl.lit("NEGATIVE_QUANTITY").alias("fault_code")),
+        priced.filter(pl.col("price").is_not_null() & (pl.col("price") <= 0)).select("run", pl.lit("NON_POSITIVE_PRICE").alias("fault_code")),
+        skew.select("run", pl.lit("SNAPSHOT_SKEW").alias("fault_code")),
+        priced.filter(pl.col("_stale") & (pl.col("stale_price_action") == "BLOCK")).select("run", pl.lit("PRICE_STALE").alias("fault_code")),
     ]).unique("run", keep="first", maintain_order=True)
     stale = priced.filter(pl.col("_stale") & (pl.col("stale_price_action") == "EXCLUDE")).select("run", "instrument_id")
     return faults, stale

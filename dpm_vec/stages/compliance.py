@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from dpm_vec import dec28
 from dpm_vec.numeric import DEC, dabs, lit
 
 SAFETY_ORDER = 600
@@ -26,10 +27,20 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
     qty_moves = sec.group_by("run", "instrument_id").agg(
         pl.when(pl.col("side") == "BUY").then(pl.col("quantity")).otherwise(-pl.col("quantity")).sum().alias("_dq"),
         pl.col("exec_order").min().alias("_first"),
+        pl.col("side").first().alias("_side"), pl.col("quantity_f28").first().alias("_f28"),
     )
     pos = positions.join(qty_moves, on=["run", "instrument_id"], how="left").with_columns(
-        (pl.col("quantity") + pl.col("_dq").fill_null(lit(0))).alias("quantity")
-    ).drop("_dq", "_first")
+        (pl.col("quantity") + pl.col("_dq").fill_null(lit(0))).alias("quantity"),
+        pl.lit(None, dtype=dec28.F28).alias("quantity_f28"),
+    )
+    # tax-limited sells carry 28-digit quantities: subtract them as the reference does
+    exact = pos.filter(pl.col("_f28").is_not_null())
+    if exact.height:
+        exact = dec28.from_dec(exact.with_columns((pl.col("quantity") - pl.col("_dq")).alias("_held")), "_held", "_held_f")
+        exact = dec28.sub(exact, "_held_f", "_f28", "quantity_f28")
+        exact = exact.with_columns(dec28.to_d28("quantity_f28").alias("quantity"))
+        pos = pl.concat([pos.filter(pl.col("_f28").is_null()), exact.select(pos.columns)]).sort("run", "pos_seq")
+    pos = pos.drop("_dq", "_first", "_side", "_f28")
     new_pos = qty_moves.join(positions.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti").select(
         "run", (pl.lit(APPENDED, dtype=pl.Int64) + pl.col("_first")).alias("pos_seq"), "instrument_id",
         pl.col("_dq").alias("quantity"),

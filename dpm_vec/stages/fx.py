@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import polars as pl
 
+from dpm_vec.dec28 import F28
 from dpm_vec.numeric import DEC, QTY, dabs, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 
 INTENT_COLUMNS = {
     "run": pl.UInt32, "exec_order": pl.Int64, "intent_id": pl.String, "intent_type": pl.String,
-    "instrument_id": pl.String, "side": pl.String, "quantity": QTY, "notional": DEC,
+    "instrument_id": pl.String, "side": pl.String, "quantity": QTY, "quantity_f28": F28, "notional": DEC,
     "notional_currency": pl.String, "notional_base": DEC, "base_currency": pl.String,
     "dependencies": pl.List(pl.String), "rationale_code": pl.String,
     "min_notional_applied": pl.Boolean, "tax_budget_applied": pl.Boolean,
@@ -96,7 +97,7 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         )
         .select(
             "run", "_group", "_within", "intent_id", pl.lit("SECURITY_TRADE").alias("intent_type"),
-            "instrument_id", "side", "quantity", "notional", pl.col("price_currency").alias("notional_currency"),
+            "instrument_id", "side", "quantity", "quantity_f28", "notional", pl.col("price_currency").alias("notional_currency"),
             "notional_base", "base_currency", "dependencies", "rationale_code", "min_notional_applied", "tax_budget_applied",
         )
     )

@@ -37,7 +37,7 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
     lot_rows = sells.join(lots.rename({"quantity": "lot_quantity"}), on=["run", "instrument_id"], how="inner")
     if lot_rows.height == 0:
         return (
-            t.with_columns(pl.col("requested_quantity").alias("quantity")),
+            t.with_columns(pl.col("requested_quantity").alias("quantity"), pl.lit(None, dtype=f.F28).alias("quantity_f28")),
             pl.DataFrame(schema=EVENT_SCHEMA),
             pl.DataFrame(schema=TOTALS_SCHEMA),
             pl.DataFrame(schema=WARNINGS_SCHEMA),
@@ -124,8 +124,9 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
         ])
     allowed = (
         pl.concat(takes).group_by("run", "instrument_id", maintain_order=True).last()
-        .select("run", "instrument_id", f.to_d28("allowed").cast(QTY).alias("_allowed"))
+        .select("run", "instrument_id", f.to_d28("allowed").cast(QTY).alias("_allowed"), pl.col("allowed").alias("quantity_f28"))
     )
+    # quantity_f28 keeps every digit of the walked quantity (it can be far below 1e-20)
     t = t.join(allowed, on=["run", "instrument_id"], how="left").with_columns(
         pl.when(pl.col("_allowed").is_not_null()).then(pl.col("_allowed")).otherwise(pl.col("requested_quantity")).alias("quantity")
     ).drop("_allowed")

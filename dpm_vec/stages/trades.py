@@ -102,7 +102,7 @@ def translate(
         "price_currency", "rate", "notional", "notional_base", "base_currency",
         pl.col("threshold_amount").is_not_null().alias("min_notional_applied"),
         (pl.col("quantity") < pl.col("requested_quantity")).alias("tax_budget_applied"),
-        "final_weight", "held_quantity", "by_notional", _rationale().alias("rationale_code"),
+        "final_weight", "held_quantity", "by_notional", _rationale().alias("rationale_code"), "quantity_f28",
     )
     return Translation(
         intents=intents,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from dpm_vec.dec28 import F28
 from dpm_vec.numeric import DEC, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -82,8 +83,10 @@ def value_state(
     pos = pos.join(totals.select("run", "divisor"), on="run", how="left").with_columns(
         (pl.col("value_base") / pl.col("divisor")).alias("weight")
     )
+    if "quantity_f28" not in pos.columns:
+        pos = pos.with_columns(pl.lit(None, dtype=F28).alias("quantity_f28"))
     positions_out = pos.select(
-        "run", "pos_seq", "instrument_id", "quantity", "instrument_currency", "asset_class",
+        "run", "pos_seq", "instrument_id", "quantity", "quantity_f28", "instrument_currency", "asset_class",
         "price", "value_instr", "value_base", "weight", "market_value", "market_value_currency",
     ).sort("run", "pos_seq")
     cash_out = cash.select("run", "cash_seq", "currency", "amount", "settled", "pending", "value_base").sort("run", "cash_seq")

@@ -1,0 +1,70 @@
+"""Every golden scenario of the reference service (copied from ../shared/goldens) and
+our own RFC-option scenarios, through the JSON door in one batch, as a shadow run would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpm_vec.simulate import simulate_many
+from tests.golden_compare import differences
+
+DATA = Path(__file__).parent / "data"
+GOLDEN_FILES = sorted((DATA / "goldens").rglob("*.json")) + sorted((DATA / "scenarios").glob("*.json"))
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def _expected(doc: dict) -> dict:
+    return doc.get("expected_outputs") or doc.get("expected_output")
+
+
+@pytest.fixture(scope="module")
+def batch_results() -> dict[str, dict]:
+    docs = [json.loads(p.read_text()) for p in GOLDEN_FILES]
+    results = simulate_many([d["inputs"] for d in docs])
+    return {str(p): r for p, r in zip(GOLDEN_FILES, results)}
+
+
+def test_goldens_are_present():
+    assert len([p for p in GOLDEN_FILES if "reference-service" in str(p)]) == 30
+    assert len([p for p in GOLDEN_FILES if "reference-random" in str(p)]) == 400
+    assert len(list((DATA / "scenarios").glob("*.json"))) >= 10
+
+
+@pytest.mark.parametrize("path", GOLDEN_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_golden(path: Path, batch_results):
+    doc = json.loads(path.read_text())
+    result = batch_results[str(path)]
+    if "expected_problem" in doc:
+        assert result["status"] == 422 and result["type"].startswith("https://")
+        assert doc["expected_problem"]["field"] in [e["field"] for e in result["errors"]]
+        return
+    assert "status" in result and isinstance(result["status"], str), result
+    assert differences(_expected(doc), result) == []
+    if "expected_rationales" in doc:
+        codes = {i["instrument_id"]: i["rationale"]["code"] for i in result["intents"] if i["intent_type"] == "SECURITY_TRADE"}
+        assert codes == doc["expected_rationales"]
+    for code in doc.get("expected_warnings", []):
+        assert code in result["diagnostics"]["warnings"]
+
+
+def test_single_and_batch_results_agree(batch_results):
+    """A request run alone gives exactly what it gives inside the batch (isolation)."""
+    for path in GOLDEN_FILES[::37]:
+        alone = simulate_many([json.loads(path.read_text())["inputs"]])[0]
+        assert alone == batch_results[str(path)], path.name
+
+
+@pytest.mark.skipif(not (SHARED / "conformance" / "check_goldens.py").exists(), reason="../shared not beside the checkout")
+def test_shared_conformance_checker_batch_mode():
+    """The project's yardstick: the shared checker, batch mode, on every shared golden."""
+    goldens = sorted(str(p) for p in (SHARED / "goldens").rglob("*.json"))
+    engine = f"{sys.executable} -m dpm_vec.cli simulate"
+    proc = subprocess.run([sys.executable, str(SHARED / "conformance" / "check_goldens.py"), "--batch", "--engine", engine, *goldens],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert f"{len(goldens)} passed, 0 failed" in proc.stdout

@@ -23,7 +23,7 @@ KEYS = {
     "intents": intent_key,
     "positions": lambda x: x.get("instrument_id"),
     "cash_balances": lambda x: x.get("currency"),
-    "excluded": lambda x: (x.get("instrument_id"), x.get("reason_code")),
+    "excluded": lambda x: x.get("instrument_id"),
     "suppressed_intents": lambda x: x.get("instrument_id"),
     "dropped_intents": lambda x: x.get("instrument_id"),
     "targets": lambda x: x.get("instrument_id"),
@@ -83,12 +83,22 @@ def _compare(exp, act, path, field, errors):
             errors.append(f"{path}: expected list")
         elif exp and isinstance(exp[0], dict):
             key = KEYS.get(field, _default_key)
-            have = {key(x): x for x in act}
+            have: dict = {}
+            for x in act:
+                have.setdefault(key(x), []).append(x)
             for item in exp:
-                if key(item) not in have:
+                candidates = have.get(key(item), [])
+                if not candidates:
                     errors.append(f"{path}[{key(item)}]: missing")
-                else:
-                    _compare(item, have[key(item)], f"{path}[{key(item)}]", field, errors)
+                    continue
+                # an id may repeat (a held excluded target is excluded twice): any match will do
+                attempts = []
+                for candidate in candidates:
+                    found: list[str] = []
+                    _compare(item, candidate, f"{path}[{key(item)}]", field, found)
+                    attempts.append(found)
+                if all(attempts):
+                    errors.extend(attempts[0])
             if field in ("intents", "excluded", "suppressed_intents", "dropped_intents"):
                 extra = set(have) - {key(x) for x in exp}
                 if extra:

@@ -1,0 +1,351 @@
+"""Target generation, HEURISTIC (spec §6.4) and the target trace (§6.5)."""
+from __future__ import annotations
+
+from decimal import Decimal as D
+
+import polars as pl
+
+
+def _three(scenario, weights, **policy):
+    ids = list(weights)
+    return scenario(
+        cash=[("USD", "10000")],
+        prices=[(i, "100", "USD") for i in ids],
+        shelf=[(i, "APPROVED") for i in ids],
+        model=list(weights.items()),
+        **policy,
+    )
+
+
+# ---- step 4: single-position cap ----------------------------------------------------------
+
+
+def test_cap_worked_example_uses_remaining_excess(scenario):
+    """§6.4 step 4 worked example: A 0.5, B 0.1, C 0.1, cap 0.3 → 0.3 / 0.20 / 0.150."""
+    s = _three(scenario, {"A": "0.5", "B": "0.1", "C": "0.1"}, single_position_max_weight="0.3")
+    assert s.weights() == {"A": D("0.3"), "B": D("0.20"), "C": D("0.150")}
+    # rem 0.05 > 0.001 → PENDING_REVIEW, no warning
+    assert s.target_status() == "PENDING_REVIEW"
+    assert s.target_warnings() == []
+    assert s.tags() == {"A": ["CAPPED_BY_MAX_WEIGHT"], "B": ["REDISTRIBUTED_RECIPIENT"], "C": ["REDISTRIBUTED_RECIPIENT"]}
+
+
+def test_cap_full_redistribution_is_ready(scenario):
+    """Goldens scenario_02/07: 0.6/0.4 with cap 0.5 → 0.5/0.5, READY."""
+    s = _three(scenario, {"EQ_1": "0.6", "EQ_2": "0.4"}, single_position_max_weight="0.5")
+    assert s.weights() == {"EQ_1": D("0.5"), "EQ_2": D("0.5")}
+    assert s.target_status() == "READY"
+
+
+def test_cap_without_candidate_is_pending_review(scenario):
+    """Golden scenario_05: a single 100% target, cap 0.5 → 0.5, PENDING_REVIEW."""
+    s = _three(scenario, {"EQ_1": "1.0"}, single_position_max_weight="0.5")
+    assert s.weights() == {"EQ_1": D("0.5")}
+    assert s.target_status() == "PENDING_REVIEW"
+
+
+def test_cap_leftover_within_tolerance_is_ready(scenario):
+    """rem ≤ 0.001 stays READY: A 0.5, B 0.2999 (cap 0.3): excess 0.2, B takes its 0.0001 headroom
+    and 0.1999 is left → PENDING; but A 0.3005, B 0.2 → excess 0.0005 → B +0.0005, rem 0 → READY."""
+    s = _three(scenario, {"A": "0.3005", "B": "0.2"}, single_position_max_weight="0.3")
+    assert s.weights() == {"A": D("0.3"), "B": D("0.2005")}
+    assert s.target_status() == "READY"
+
+
+def test_cap_applies_to_locked_positions(scenario):
+    """§6.4 step 4 / §8 item 10: a held SUSPENDED off-model position above the cap is capped too,
+    and its excess flows to buyable targets below the cap."""
+    s = scenario(
+        positions=[("LOCK", "60")],
+        cash=[("USD", "4000")],
+        prices=[("LOCK", "100", "USD"), ("A", "100", "USD")],
+        shelf=[("LOCK", "SUSPENDED"), ("A", "APPROVED")],
+        model=[("A", "0.2")],
+        single_position_max_weight="0.5",
+    )
+    w = s.weights()
+    assert w["LOCK"] == D("0.5")  # capped from 0.6
+    assert w["A"] == D("0.3")  # 0.2 + min(0.1 × 1, 0.3)
+    assert s.tags()["LOCK"] == ["LOCKED_POSITION"]
+    assert s.target_status() == "READY"
+
+
+# ---- step 1: SELL_ONLY redistribution --------------------------------------------------------
+
+
+def test_sell_only_redistribution_proportional(scenario):
+    """X 0.2 SELL_ONLY, A 0.5, B 0.3: A += 0.2 × 0.5/0.8, B += 0.2 × 0.3/0.8."""
+    s = scenario(
+        cash=[("USD", "10000")],
+        prices=[(i, "100", "USD") for i in ("X", "A", "B")],
+        shelf=[("X", "SELL_ONLY"), ("A", "APPROVED"), ("B", "APPROVED")],
+        model=[("X", "0.2"), ("A", "0.5"), ("B", "0.3")],
+    )
+    assert s.weights() == {"X": D(0), "A": D("0.625"), "B": D("0.375")}
+    assert s.target_status() == "READY"
+    assert s.tags() == {"X": ["CAPPED_BY_MAX_WEIGHT"], "A": ["REDISTRIBUTED_RECIPIENT"], "B": ["REDISTRIBUTED_RECIPIENT"]}
+
+
+def test_sell_only_without_recipient_is_pending_review(scenario):
+    """Golden scenario_305: SELL_ONLY target, no buyable instrument → nothing moves, PENDING_REVIEW."""
+    s = scenario(
+        cash=[("USD", "10000")],
+        prices=[("X", "100", "USD")],
+        shelf=[("X", "SELL_ONLY")],
+        model=[("X", "1.0")],
+    )
+    assert s.weights() == {"X": D(0)}
+    assert s.target_status() == "PENDING_REVIEW"
+
+
+def test_sell_only_with_zero_weight_recipients_is_pending_review(scenario):
+    """S = 0 (buyable targets all at weight 0) also means no redistribution."""
+    s = scenario(
+        cash=[("USD", "10000")],
+        prices=[("X", "100", "USD"), ("A", "100", "USD")],
+        shelf=[("X", "SELL_ONLY"), ("A", "APPROVED")],
+        model=[("X", "0.4"), ("A", "0")],
+    )
+    assert s.weights() == {"X": D(0), "A": D(0)}
+    assert s.target_status() == "PENDING_REVIEW"
+
+
+# ---- step 3: normalisation ---------------------------------------------------------------------
+
+
+def test_normalisation_above_threshold_scales_buyables_only(scenario):
+    """Sum 1.3 > 1.0001 with a locked 0.2: avail 0.8, buyables × 0.8/1.1, locked untouched."""
+    s = scenario(
+        positions=[("L", "20")],
+        cash=[("USD", "8000")],
+        prices=[("A", "100", "USD"), ("B", "100", "USD"), ("L", "100", "USD")],
+        shelf=[("A", "APPROVED"), ("B", "APPROVED"), ("L", "BANNED")],
+        model=[("A", "0.55"), ("B", "0.55")],
+    )
+    w = s.weights()
+    assert w["L"] == D("0.2")
+    assert w["A"] == w["B"]
+    assert abs(w["A"] - D("0.4")) < D("1e-18")
+    assert s.target_status() == "PENDING_REVIEW"
+
+
+def test_normalisation_not_triggered_at_threshold(scenario):
+    """A total of exactly 1.0001 is not 'above 1.0001': weights unchanged, READY."""
+    s = _three(scenario, {"A": "0.5001", "B": "0.5"})
+    assert s.weights() == {"A": D("0.5001"), "B": D("0.5")}
+    assert s.target_status() == "READY"
+
+
+def test_normalisation_just_above_threshold(scenario):
+    s = _three(scenario, {"A": "0.6", "B": "0.4002"})
+    w = s.weights()
+    assert sum(w.values()) <= D(1)
+    assert abs(sum(w.values()) - D(1)) < D("1e-18")
+    assert s.target_status() == "PENDING_REVIEW"
+
+
+# ---- step 5: minimum cash buffer -----------------------------------------------------------------
+
+
+def test_min_cash_buffer_scales_buyables(scenario):
+    """p 0.1, B 1.0, L 0 → allowed 0.9: 0.6/0.4 → 0.54/0.36, PENDING_REVIEW."""
+    s = _three(scenario, {"A": "0.6", "B": "0.4"}, min_cash_buffer_pct="0.1")
+    assert s.weights() == {"A": D("0.54"), "B": D("0.36")}
+    assert s.target_status() == "PENDING_REVIEW"
+
+
+def test_min_cash_buffer_already_met_is_ready(scenario):
+    s = _three(scenario, {"A": "0.5", "B": "0.3"}, min_cash_buffer_pct="0.2")
+    assert s.weights() == {"A": D("0.5"), "B": D("0.3")}
+    assert s.target_status() == "READY"
+
+
+def test_min_cash_buffer_counts_locked_weight(scenario):
+    """allowed = 1 − p − L: locked 0.3, p 0.1 → buyables scaled to 0.6 in total."""
+    s = scenario(
+        positions=[("L", "30")],
+        cash=[("USD", "7000")],
+        prices=[("A", "100", "USD"), ("L", "100", "USD")],
+        shelf=[("A", "APPROVED"), ("L", "RESTRICTED")],
+        model=[("A", "0.7")],
+        min_cash_buffer_pct="0.1",
+    )
+    w = s.weights()
+    assert w["L"] == D("0.3")
+    assert abs(w["A"] - D("0.6")) < D("1e-18")
+    assert s.target_status() == "PENDING_REVIEW"
+
+
+# ---- step 2: group constraints ------------------------------------------------------------------
+
+
+def _sector(scenario, **policy):
+    """Golden scenario_08: Tech_A 0.3, Bond_B 0.7, sector:TECH ≤ 0.2, tv 1000."""
+    return scenario(
+        cash=[("USD", "1000.00")],
+        prices=[("Tech_A", "100.00", "USD"), ("Bond_B", "100.00", "USD")],
+        shelf=[("Tech_A", "APPROVED", "EQUITY"), ("Bond_B", "APPROVED", "FIXED_INCOME")],
+        attributes=[("Tech_A", "sector", "TECH"), ("Bond_B", "sector", "FI")],
+        model=[("Tech_A", "0.3"), ("Bond_B", "0.7")],
+        **policy,
+    )
+
+
+def test_group_cap_scales_members_and_redistributes(scenario):
+    s = _sector(scenario, groups={"sector:TECH": "0.2"})
+    w = s.weights()
+    assert w["Tech_A"] == D("0.2")  # 0.3 × (0.2 / 0.3), not 0.1999…
+    assert w["Bond_B"] == D("0.8")
+    assert s.target_status() == "READY"
+    assert s.target_warnings() == ["CAPPED_BY_GROUP_LIMIT_sector:TECH"]
+    ev = s.targets.group_events.to_dicts()
+    assert len(ev) == 1 and ev[0]["status"] == "CAPPED"
+    assert ev[0]["group_weight_before"] == D("0.3") and ev[0]["released_weight"] == D("0.1")
+    rec = s.targets.group_recipients.to_dicts()
+    assert [(r["instrument_id"], r["share"]) for r in rec] == [("Bond_B", D("0.1"))]
+
+
+def test_group_cap_within_tolerance_is_silent(scenario):
+    """G ≤ max_weight + 0.0001 is skipped silently."""
+    s = _sector(scenario, groups={"sector:TECH": "0.2999"})
+    assert s.weights() == {"Tech_A": D("0.3"), "Bond_B": D("0.7")}
+    assert s.target_warnings() == []
+    assert s.targets.group_events.height == 0
+
+
+def test_group_cap_unknown_attribute_warns_and_skips(scenario):
+    s = _sector(scenario, groups={"region:EU": "0.1"})
+    assert s.weights() == {"Tech_A": D("0.3"), "Bond_B": D("0.7")}
+    assert s.target_warnings() == ["UNKNOWN_CONSTRAINT_ATTRIBUTE_region"]
+    assert s.target_status() == "READY"
+
+
+def test_group_cap_no_members_is_silent(scenario):
+    s = _sector(scenario, groups={"sector:ENERGY": "0.1"})
+    assert s.weights() == {"Tech_A": D("0.3"), "Bond_B": D("0.7")}
+    assert s.target_warnings() == []
+
+
+def test_group_cap_blocks_without_destination(scenario):
+    """§6.4 step 2.6: a 100% single stock with only zero-weight alternatives blocks."""
+    s = scenario(
+        cash=[("USD", "1000")],
+        prices=[("T", "100", "USD"), ("F", "100", "USD")],
+        shelf=[("T", "APPROVED"), ("F", "APPROVED")],
+        attributes=[("T", "sector", "TECH"), ("F", "sector", "FI")],
+        model=[("T", "1.0"), ("F", "0")],
+        groups={"sector:TECH": "0.5", "sector:ZZZ": "0.1", "aaa:x": "0.1"},
+    )
+    assert s.target_status() == "BLOCKED"
+    assert s.targets.trace.height == 0
+    # keys in ascending text order; processing stops at the blocking key, so sector:ZZZ
+    # (after sector:TECH) is never examined
+    assert s.target_warnings() == [
+        "UNKNOWN_CONSTRAINT_ATTRIBUTE_aaa",
+        "CAPPED_BY_GROUP_LIMIT_sector:TECH",
+        "NO_ELIGIBLE_REDISTRIBUTION_DESTINATION",
+    ]
+    ev = s.targets.group_events.to_dicts()
+    assert [e["status"] for e in ev] == ["BLOCKED"]
+    assert s.targets.group_recipients.height == 0
+
+
+def test_group_cap_scales_locked_members(scenario):
+    """Locked members are scaled by max_weight / G as well (§8 item 10)."""
+    s = scenario(
+        positions=[("LOCKT", "40")],
+        cash=[("USD", "6000")],
+        prices=[("LOCKT", "100", "USD"), ("T", "100", "USD"), ("F", "100", "USD")],
+        shelf=[("LOCKT", "BANNED"), ("T", "APPROVED"), ("F", "APPROVED")],
+        attributes=[("LOCKT", "sector", "TECH"), ("T", "sector", "TECH"), ("F", "sector", "FI")],
+        model=[("T", "0.2"), ("F", "0.4")],
+        groups={"sector:TECH": "0.3"},
+    )
+    w = s.weights()
+    # G = 0.2 + 0.4 = 0.6 → factor 0.5; excess 0.3 goes to F (the only buyable outside)
+    assert w["T"] == D("0.1")
+    assert w["LOCKT"] == D("0.2")
+    assert w["F"] == D("0.7")
+    assert s.tags()["LOCKT"] == ["LOCKED_POSITION"]
+
+
+def test_group_caps_are_single_pass_in_key_order(scenario):
+    """A recipient pushed over an earlier constraint is not re-checked."""
+    s = scenario(
+        cash=[("USD", "1000")],
+        prices=[(i, "100", "USD") for i in ("A", "B")],
+        shelf=[("A", "APPROVED"), ("B", "APPROVED")],
+        attributes=[("A", "s", "X"), ("B", "s", "Y")],
+        model=[("A", "0.5"), ("B", "0.5")],
+        groups={"s:X": "0.6", "s:Y": "0.3"},  # s:X is fine first; s:Y then pushes A to 0.7
+    )
+    assert s.weights() == {"A": D("0.7"), "B": D("0.3")}
+    assert s.target_warnings() == ["CAPPED_BY_GROUP_LIMIT_s:Y"]
+
+
+# ---- trace ---------------------------------------------------------------------------------------
+
+
+def test_trace_order_values_and_tags(scenario):
+    """Model rows first (model order), then non-model map entries (position order) with
+    IMPLICIT_SELL_TO_ZERO / LOCKED_POSITION; final_value = tv × final_weight."""
+    s = scenario(
+        positions=[("OFF", "10"), ("LCK", "10")],
+        cash=[("USD", "8000")],
+        prices=[(i, "100", "USD") for i in ("A", "B", "OFF", "LCK")],
+        shelf=[("A", "APPROVED"), ("B", "BANNED"), ("OFF", "APPROVED")],  # LCK has no shelf entry
+        model=[("A", "0.5"), ("B", "0.2")],
+    )
+    t = s.targets.trace.sort("trace_order")
+    assert t["instrument_id"].to_list() == ["A", "B", "OFF", "LCK"]
+    assert s.tags() == {"A": [], "B": ["CAPPED_BY_MAX_WEIGHT"], "OFF": ["IMPLICIT_SELL_TO_ZERO"], "LCK": ["LOCKED_POSITION"]}
+    assert dict(zip(t["instrument_id"], t["final_value"])) == {
+        "A": D("5000"), "B": D("0"), "OFF": D("0"), "LCK": D("1000"),
+    }
+    assert dict(zip(t["instrument_id"], t["model_weight"]))["OFF"] == D("0")
+
+
+# ---- isolation of runs in one book -----------------------------------------------------------------
+
+
+def test_runs_with_different_policies_do_not_interact(scenario):
+    """Same frames, three runs: cap / no cap / cash buffer. Each equals its solo result."""
+    policies = [
+        dict(single_position_max_weight="0.3"),
+        dict(),
+        dict(min_cash_buffer_pct="0.1", groups={"s:X": "0.2"}),
+    ]
+    common = dict(
+        cash=[("USD", "10000")],
+        prices=[(i, "100", "USD") for i in ("A", "B", "C")],
+        shelf=[(i, "APPROVED") for i in ("A", "B", "C")],
+        attributes=[("A", "s", "X")],
+        model=[("A", "0.5"), ("B", "0.1"), ("C", "0.1")],
+    )
+    multi = scenario(runs=policies, **common)
+    assert multi.weights(0) == {"A": D("0.3"), "B": D("0.20"), "C": D("0.150")}
+    assert multi.target_status(0) == "PENDING_REVIEW"
+    assert multi.weights(1) == {"A": D("0.5"), "B": D("0.1"), "C": D("0.1")}
+    assert multi.target_status(1) == "READY"
+    assert multi.target_warnings(1) == []
+    for i, pol in enumerate(policies):
+        pol = dict(pol)
+        solo = scenario(groups=pol.pop("groups", None), **pol, **common)
+        assert multi.weights(i) == solo.weights(), i
+        assert multi.target_status(i) == solo.target_status(), i
+        assert multi.target_warnings(i) == solo.target_warnings(), i
+
+
+def test_blocked_run_does_not_block_its_neighbour(scenario):
+    common = dict(
+        cash=[("USD", "1000")],
+        prices=[("T", "100", "USD"), ("F", "100", "USD")],
+        shelf=[("T", "APPROVED"), ("F", "APPROVED")],
+        attributes=[("T", "sector", "TECH")],
+        model=[("T", "1.0"), ("F", "0")],
+    )
+    s = scenario(runs=[dict(groups={"sector:TECH": "0.5"}), dict()], **common)
+    status = dict(zip(s.targets.status["run"], s.targets.status["target_status"]))
+    assert status == {0: "BLOCKED", 1: "READY"}
+    assert s.targets.trace.filter(pl.col("run") == 0).height == 0
+    assert s.weights(1) == {"T": D("1.0"), "F": D("0")}

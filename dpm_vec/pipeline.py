@@ -61,11 +61,13 @@ def _without(frame: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
     return frame.join(runs.select("run"), on="run", how="anti")
 
 
-def run(book: Book) -> Result:
+def run(book: Book, *, allocations: bool = True) -> Result:
+    """Run every portfolio of ``book``. ``allocations=False`` skips the asset-class and
+    attribute allocation buckets, which only the JSON door prints (sweeps do not)."""
     p = prepare(book)
     runs, market = p.runs, p.market
     trust = pl.col("valuation_mode") == "TRUST_SNAPSHOT"
-    before = value_state(market, runs, p.positions, p.cash, trust_snapshot=trust, stage=dq.VALUATION_BEFORE)
+    before = value_state(market, runs, p.positions, p.cash, trust_snapshot=trust, stage=dq.VALUATION_BEFORE, allocations=allocations)
     faults, stale = input_faults(market, runs, p.positions, p.model)
 
     universe = build_universe(market, runs, p.model, before.positions, stale)
@@ -96,9 +98,9 @@ def run(book: Book) -> Result:
     # after-state for runs that did not block on the ladder; E3 revalues the before-state
     traded = _without(live, settled_block)
     pos_after, cash_after = compliance.apply_intents(_only(p.positions, traded), _only(p.cash, traded), _only(intents, traded))
-    after = value_state(market, traded, pos_after, cash_after, trust_snapshot=False, stage=dq.VALUATION_AFTER)
+    after = value_state(market, traded, pos_after, cash_after, trust_snapshot=False, stage=dq.VALUATION_AFTER, allocations=allocations)
     revalued = value_state(market, _only(runs, settled_block), _only(p.positions, settled_block), _only(p.cash, settled_block),
-                           trust_snapshot=trust, stage=dq.VALUATION_AFTER)
+                           trust_snapshot=trust, stage=dq.VALUATION_AFTER, allocations=allocations)
     findings = dq.concat(findings, after.dq, revalued.dq)
     counts_final = dq.blocking_counts(findings, runs)
 

@@ -133,7 +133,7 @@ def run_shard(plan: SweepPlan, shard: int) -> dict[str, int]:
     holdings_dir = Path(plan.work_dir) / "partition"
     files = {table: holdings_dir / table / f"shard-{shard:05d}.parquet" for table in HOLDING_TABLES}
     book = read_book(book_dir, portfolios=portfolios, reference=_reference(plan.book_dir), files=files)
-    tables = output_tables(run(book))
+    tables = output_tables(run(book, allocations=False))
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     for name in OUTPUT_TABLES:

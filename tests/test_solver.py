@@ -349,7 +349,7 @@ def test_random_group_problems():
         exact = None if problem is None else project_exact(*problem)
         ref = None if problem is None else _scipy_reference(problem)
         assert (exact is None) == (ref is None), run
-        o_status, o_w, o_warn = _oracle_weights(req)
+        _, _, o_warn = _oracle_weights(req)
         if exact is None:
             blocked += 1
             assert status_of(st, run) == "BLOCKED"
@@ -497,3 +497,14 @@ def test_compare_methods_end_to_end_against_oracle():
     row = cmp.row(0, named=True)
     for key in ("primary_method", "primary_status", "alternate_method", "differing_instruments", "alternate_warnings", "tolerance"):
         assert row[key] == expected[key], key
+
+
+def test_duplicate_model_target_last_weight_wins():
+    # the contract rejects conflicting duplicates (§9.1); feed one to the stage directly
+    market, runs, wm, model, gc = frames([request({"A": "0.3", "B": "0.5"})])
+    model = pl.concat([model, model.filter(pl.col("instrument_id") == "A").with_columns(
+        pl.col("model_seq") + 10, lit("0.7").alias("model_weight"))])
+    w, st, _ = solve_targets(market, runs, wm, model, gc)
+    # model A = 0.7 (last), B = 0.5: Σ 1.2 > 1 → λ = 0.1
+    assert status_of(st) == "READY"
+    assert weights_of(w) == {"A": D("0.6"), "B": D("0.4")}

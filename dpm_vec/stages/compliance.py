@@ -11,7 +11,7 @@ import polars as pl
 from dpm_vec import dec28
 from dpm_vec.numeric import DEC, dabs, lit
 
-SAFETY_ORDER = 600
+SAFETY_ORDER = 600_000_000  # warning order: after every earlier stage (see targets.TARGET_STAGE_ORDER)
 APPENDED = 1 << 50  # order of positions / cash rows the after-state appends
 
 RULE_SCHEMA = {

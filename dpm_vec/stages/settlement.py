@@ -10,7 +10,7 @@ from dpm_vec.numeric import DEC, lit
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
 
-SETTLEMENT_ORDER = 500
+SETTLEMENT_ORDER = 500_000_000
 
 
 @dataclass(frozen=True)

@@ -461,19 +461,21 @@ def project_exact(
 
 
 def _kkt_exact(c, lo, hi, m, agg, active, wf) -> list[Fraction] | None:
-    """Exact multipliers for the guessed active aggregate rows, then a full KKT check."""
+    """Exact point on the face the float optimum shows: box-bound variables fixed at 0 or
+    m, the guessed active aggregate rows as equalities (dependent rows dropped), the rest
+    from the rational normal equations. Accepted when it satisfies every KKT condition
+    exactly, or — degenerate faces, where multipliers are not unique — when it is exactly
+    feasible and within 1e-9 of the float optimum (then it is the projection onto the
+    face's affine hull, which contains the optimum)."""
     n = len(c)
     eq_band = lo == hi and 0 in active and 1 in active
     act = [j for j in active if not (eq_band and j == 1)]  # Σw = lo = hi: one row, free sign
-    ub = m if m is not None else None
-    # free variables (strictly inside the box at the float optimum); the rest fixed
     fixed: dict[int, Fraction] = {}
     for i in range(n):
-        x = wf[i]
-        if x <= 1e-9:
+        if wf[i] <= 1e-9:
             fixed[i] = Fraction(0)
-        elif ub is not None and x >= float(ub) - 1e-9:
-            fixed[i] = ub
+        elif m is not None and wf[i] >= float(m) - 1e-9:
+            fixed[i] = m
     coef = [[0] * n for _ in agg]
     for j, (idx, sign, _) in enumerate(agg):
         for i in idx:
@@ -490,42 +492,54 @@ def _kkt_exact(c, lo, hi, m, agg, active, wf) -> list[Fraction] | None:
     if nu is None:
         return None
     nus = dict(zip(act, nu))
-    for j, val in nus.items():
-        if val < 0 and not (eq_band and j == 0):
-            return None
-    w = []
-    for i in range(n):
-        x = c[i] - sum((val * coef[j][i] for j, val in nus.items()), Fraction(0))
-        if x < 0:
-            x = Fraction(0)
-        elif ub is not None and x > ub:
-            x = ub
-        w.append(x)
-    for j, (idx, sign, bnd) in enumerate(agg):
-        lhs = sign * sum((w[i] for i in idx), Fraction(0))
-        if lhs > bnd:
-            return None
-        if nus.get(j, 0) != 0 and lhs != bnd:
-            return None
-    return w
+    shift = [sum((val * coef[j][i] for j, val in nus.items()), Fraction(0)) for i in range(n)]
+    w = [fixed[i] if i in fixed else c[i] - shift[i] for i in range(n)]
+    if any(x < 0 or (m is not None and x > m) for x in w):
+        return None
+    lhs = [sign * sum((w[i] for i in idx), Fraction(0)) for idx, sign, _ in agg]
+    if any(lhs[j] > agg[j][2] for j in range(len(agg))):
+        return None
+    def bound_ok(i: int) -> bool:  # sign of the box multiplier of a fixed variable
+        if m is not None and m == 0:
+            return True
+        return c[i] - shift[i] <= 0 if fixed[i] == 0 else c[i] - shift[i] >= m
+
+    kkt = (
+        all(val >= 0 or (eq_band and j == 0) for j, val in nus.items())
+        and all(val == 0 or lhs[j] == agg[j][2] for j, val in nus.items())
+        and all(bound_ok(i) for i in fixed)
+    )
+    if kkt or max((abs(float(w[i]) - wf[i]) for i in range(n)), default=0.0) <= 1e-9:
+        return w
+    return None
 
 
 def _solve_linear(M: list[list[Fraction]], v: list[Fraction]) -> list[Fraction] | None:
-    """Exact Gauss-Jordan; None if singular."""
+    """Exact Gauss-Jordan on a (possibly singular) system: unknowns without a pivot are
+    set to 0; None if the system is inconsistent."""
     k = len(v)
     aug = [row[:] + [v[r]] for r, row in enumerate(M)]
+    pivots: list[tuple[int, int]] = []
+    row = 0
     for col in range(k):
-        piv = next((r for r in range(col, k) if aug[r][col] != 0), None)
+        piv = next((r for r in range(row, k) if aug[r][col] != 0), None)
         if piv is None:
-            return None
-        aug[col], aug[piv] = aug[piv], aug[col]
-        p = aug[col][col]
-        aug[col] = [x / p for x in aug[col]]
+            continue
+        aug[row], aug[piv] = aug[piv], aug[row]
+        p = aug[row][col]
+        aug[row] = [x / p for x in aug[row]]
         for r in range(k):
-            if r != col and aug[r][col] != 0:
+            if r != row and aug[r][col] != 0:
                 fct = aug[r][col]
-                aug[r] = [x - fct * y for x, y in zip(aug[r], aug[col])]
-    return [aug[r][k] for r in range(k)]
+                aug[r] = [x - fct * y for x, y in zip(aug[r], aug[row])]
+        pivots.append((row, col))
+        row += 1
+    if any(aug[r][k] != 0 for r in range(row, k)):
+        return None
+    out = [Fraction(0)] * k
+    for r, col in pivots:
+        out[col] = aug[r][k]
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from dpm_vec.numeric import DEC, dabs, dmax, dmin, lit
 from dpm_vec.stages.prepare import Market
 
 WARNINGS_SCHEMA = {"run": pl.UInt32, "code": pl.String, "w_order": pl.Int64}
+# warnings sort by w_order: the target stage uses 100_000.., comparison ..199_999, then tax
+# 300_000_000, turnover 400_000_000, settlement 500_000_000, safety 600_000_000 (§6.19)
 TARGET_STAGE_ORDER = 100
 
 

@@ -17,7 +17,7 @@ from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
 
-TAX_ORDER = 300
+TAX_ORDER = 300_000_000
 EVENT_SCHEMA = {
     "run": pl.UInt32, "instrument_id": pl.String, "trace_order": pl.Int64,
     "requested_quantity": QTY, "allowed_quantity": QTY,
@@ -70,6 +70,64 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
         (pl.int_range(pl.len()).over("run", "instrument_id") == 0).alias("first_lot"),
         pl.col("max_realized_capital_gains").is_not_null().alias("has_budget"),
     )
+    free, bound = _split_unbound(walk)
+    free_allowed, free_totals = _take_all(free)
+    walk_allowed, walk_totals = _walk_budget(bound)
+    allowed = pl.concat([free_allowed, walk_allowed], how="vertical_relaxed")
+    # quantity_f28 keeps every digit of a budget-limited quantity (it can be far below 1e-20)
+    t = t.join(allowed, on=["run", "instrument_id"], how="left").with_columns(
+        pl.when(pl.col("_allowed").is_not_null()).then(pl.col("_allowed")).otherwise(pl.col("requested_quantity")).alias("quantity")
+    ).drop("_allowed")
+    events = (
+        t.filter(pl.col("quantity") < pl.col("requested_quantity"))
+        .select("run", "instrument_id", "trace_order", "requested_quantity", pl.col("quantity").alias("allowed_quantity"))
+        .sort("run", "trace_order")
+    )
+    totals = pl.concat([free_totals, walk_totals])
+    warnings = warnings_frame(events.select("run").unique(), pl.lit("TAX_BUDGET_LIMIT_REACHED"), pl.lit(TAX_ORDER))
+    return t, events, totals, warnings, fx_missing
+
+
+def _split_unbound(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Runs whose budget cannot bind (none set, or every full HIFO take realises less)
+    need no sequential walk: each lot simply gives what the sell still needs."""
+    walk = walk.with_columns(
+        pl.when(pl.col("lot_quantity") > 0).then(pl.col("lot_quantity")).otherwise(pl.lit(0, dtype=QTY)).alias("_positive_lot")
+    ).with_columns(
+        (pl.col("_positive_lot").cum_sum().over("run", "instrument_id") - pl.col("_positive_lot")).alias("_before"),
+    ).with_columns(
+        pl.min_horizontal(pl.max_horizontal(pl.col("requested_quantity") - pl.col("_before"), pl.lit(0, dtype=QTY)), pl.col("_positive_lot"))
+        .cast(QTY).alias("_share"),
+        f.to_dec("gain_f").alias("_gain"),
+    ).with_columns((pl.col("_gain") * pl.col("_share").cast(DEC)).alias("_realised"))
+    gains = walk.group_by("run").agg(
+        pl.col("_realised").filter(pl.col("_realised") > 0).sum().alias("_gains"),
+        pl.col("max_realized_capital_gains").first().alias("_budget"),
+    )
+    # a margin far above DEC's rounding keeps every run that might bind on the exact walk
+    bound_runs = gains.filter(pl.col("_budget").is_not_null() & (pl.col("_gains") >= pl.col("_budget") - lit("0.000001"))).select("run")
+    return walk.join(bound_runs, on="run", how="anti"), walk.join(bound_runs, on="run", how="semi")
+
+
+def _take_all(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    allowed = walk.group_by("run", "instrument_id", maintain_order=True).agg(pl.col("_share").sum().cast(QTY).alias("_allowed")).with_columns(
+        pl.lit(None, dtype=f.F28).alias("quantity_f28")
+    )
+    totals = walk.group_by("run").agg(
+        pl.col("_realised").filter(pl.col("_realised") > 0).sum().alias("realized_gain"),
+        (-pl.col("_realised").filter(pl.col("_realised") < 0)).sum().alias("realized_loss"),
+    ).with_columns(pl.col("realized_gain").alias("gains_budget_used"))
+    return allowed, totals.select([pl.col(c).cast(t) for c, t in TOTALS_SCHEMA.items()])
+
+
+def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The reference's lot-by-lot walk (§6.10 step 3) in 28-digit arithmetic, for runs
+    whose gains budget binds."""
+    if walk.height == 0:
+        return (
+            pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "_allowed": QTY, "quantity_f28": f.F28}),
+            pl.DataFrame(schema=TOTALS_SCHEMA),
+        )
     state = walk.select("run").unique().select("run", *[f.zero().alias(name) for name in STATE], pl.lit(True).alias("stopped"))
     takes = []
     for step in range(int(walk["step"].max()) + 1):
@@ -123,21 +181,12 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
             s.select("run", *STATE, "stopped"),
         ])
     allowed = (
-        pl.concat(takes).group_by("run", "instrument_id", maintain_order=True).last()
+        pl.concat([pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "allowed": f.F28}), *takes])
+        .group_by("run", "instrument_id", maintain_order=True).last()
         .select("run", "instrument_id", f.to_d28("allowed").cast(QTY).alias("_allowed"), pl.col("allowed").alias("quantity_f28"))
-    )
-    # quantity_f28 keeps every digit of the walked quantity (it can be far below 1e-20)
-    t = t.join(allowed, on=["run", "instrument_id"], how="left").with_columns(
-        pl.when(pl.col("_allowed").is_not_null()).then(pl.col("_allowed")).otherwise(pl.col("requested_quantity")).alias("quantity")
-    ).drop("_allowed")
-    events = (
-        t.filter(pl.col("quantity") < pl.col("requested_quantity"))
-        .select("run", "instrument_id", "trace_order", "requested_quantity", pl.col("quantity").alias("allowed_quantity"))
-        .sort("run", "trace_order")
     )
     totals = state.select(
         "run", f.to_dec("gains").alias("realized_gain"), f.to_dec("losses").alias("realized_loss"),
         f.to_dec("used").alias("gains_budget_used"),
     )
-    warnings = warnings_frame(events.select("run").unique(), pl.lit("TAX_BUDGET_LIMIT_REACHED"), pl.lit(TAX_ORDER))
-    return t, events, totals, warnings, fx_missing
+    return allowed, totals

@@ -18,7 +18,7 @@ from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
 from dpm_vec.stages.tax import limit_sells_by_tax_lots
 
-TAX_ORDER, TURNOVER_ORDER = 300, 400
+TURNOVER_ORDER = 400_000_000
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ def value_state(
     *,
     trust_snapshot: bool | pl.Expr,
     stage: int,
+    allocations: bool = True,
 ) -> ValuedState:
     """Value ``positions`` and ``cash`` of every run.
 
@@ -90,7 +91,7 @@ def value_state(
         "price", "value_instr", "value_base", "weight", "market_value", "market_value_currency",
     ).sort("run", "pos_seq")
     cash_out = cash.select("run", "cash_seq", "currency", "amount", "settled", "pending", "value_base").sort("run", "cash_seq")
-    allocations = _allocations(market, pos, cash, totals)
+    allocations = _allocations(market, pos, cash, totals, full=allocations)
     return ValuedState(
         positions=positions_out,
         cash=cash_out,
@@ -100,10 +101,13 @@ def value_state(
     )
 
 
-def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: pl.DataFrame) -> pl.DataFrame:
-    """Asset-class, instrument and shelf-attribute buckets (§5.1), in first-appearance order."""
+def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: pl.DataFrame, full: bool) -> pl.DataFrame:
+    """Asset-class, instrument and shelf-attribute buckets (§5.1), in first-appearance order.
+    Without ``full`` only the buckets the rules read are built: CASH and per instrument."""
+    # only a literal CASH asset class shares the cash bucket, so that is all the rules need
+    class_pos = pos if full else pos.filter(pl.col("asset_class") == "CASH")
     by_class = (
-        pos.group_by("run", "asset_class")
+        class_pos.group_by("run", "asset_class")
         .agg(pl.col("value_base").sum().alias("value"), pl.col("pos_seq").min().alias("bucket_order"))
         .rename({"asset_class": "key"})
     )
@@ -121,6 +125,8 @@ def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: 
         "run", pl.lit("instrument").alias("dimension"), pl.col("instrument_id").alias("key"),
         pl.col("pos_seq").cast(pl.Int64).alias("bucket_order"), pl.col("value_base").alias("value"),
     )
+    if not full:
+        return _finish(pl.concat([_frame(by_class), _frame(by_instrument)]), totals)
     attrs = market.with_shelf(pos.select("run", "pos_seq", "instrument_id", "value_base"), ())
     attrs = (
         attrs.join(market.run_keys.select("run", "shelf_id"), on="run", how="left")
@@ -140,12 +146,17 @@ def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: 
             pl.col("value").alias("key"), "bucket_order", pl.col("amount").alias("value"), "attribute_order",
         )
     )
-    frames = [
-        f.select("run", "dimension", "key", "bucket_order", "value", pl.lit(0, dtype=pl.Int64).alias("attribute_order"))
-        for f in (by_class, by_instrument)
-    ]
+    frames = [_frame(by_class), _frame(by_instrument)]
     frames.append(by_attribute.select("run", "dimension", "key", "bucket_order", "value", pl.col("attribute_order").cast(pl.Int64)))
-    out = pl.concat(frames).join(totals.select("run", "divisor"), on="run", how="left")
+    return _finish(pl.concat(frames), totals)
+
+
+def _frame(f: pl.DataFrame) -> pl.DataFrame:
+    return f.select("run", "dimension", "key", pl.col("bucket_order").cast(pl.Int64), "value", pl.lit(0, dtype=pl.Int64).alias("attribute_order"))
+
+
+def _finish(buckets: pl.DataFrame, totals: pl.DataFrame) -> pl.DataFrame:
+    out = buckets.join(totals.select("run", "divisor"), on="run", how="left")
     return out.with_columns((pl.col("value") / pl.col("divisor")).alias("weight")).drop("divisor").sort(
         "run", "dimension", "attribute_order", "bucket_order"
     )

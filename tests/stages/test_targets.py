@@ -45,8 +45,7 @@ def test_cap_without_candidate_is_pending_review(scenario):
 
 
 def test_cap_leftover_within_tolerance_is_ready(scenario):
-    """rem ≤ 0.001 stays READY: A 0.5, B 0.2999 (cap 0.3): excess 0.2, B takes its 0.0001 headroom
-    and 0.1999 is left → PENDING; but A 0.3005, B 0.2 → excess 0.0005 → B +0.0005, rem 0 → READY."""
+    """A 0.3005, B 0.2, cap 0.3: excess 0.0005 all placed on B (rem 0 ≤ 0.001) → READY."""
     s = _three(scenario, {"A": "0.3005", "B": "0.2"}, single_position_max_weight="0.3")
     assert s.weights() == {"A": D("0.3"), "B": D("0.2005")}
     assert s.target_status() == "READY"

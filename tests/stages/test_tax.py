@@ -1,0 +1,154 @@
+"""Tax-aware sell limiting, HIFO with a run-wide gains budget (spec §6.10)."""
+from __future__ import annotations
+
+from decimal import Decimal as D
+
+import polars as pl
+
+
+def _hifo(scenario, *, target="0", budget="100", lots=None, **policy):
+    return scenario(
+        positions=[("X", "100")],
+        cash=[("USD", "0")],
+        prices=[("X", "100", "USD")],
+        shelf=[("X", "APPROVED")],
+        model=[("X", target)],
+        lots=lots if lots is not None else [("X", "L_LOW", "50", "10", "USD", "2020-01-01"), ("X", "L_HIGH", "50", "100", "USD", "2021-01-01")],
+        enable_tax_awareness=True,
+        max_realized_capital_gains=budget,
+        **policy,
+    )
+
+
+def _qty(s, run=0):
+    i = s.translation.intents.filter(pl.col("run") == run)
+    return dict(zip(i["instrument_id"], i["quantity"]))
+
+
+def _totals(s, run=0):
+    return s.translation.tax_totals.filter(pl.col("run") == run).to_dicts()[0]
+
+
+def test_hifo_budget_example_exact_28_digits(scenario):
+    """100 @ 100, lots 50 @ 10 and 50 @ 100, target 0, budget 100 → 51.111…1 (28 digits)."""
+    s = _hifo(scenario)
+    assert _qty(s) == {"X": D("51.11111111111111111111111111")}
+    t = _totals(s)
+    # money is fixed-point DEC (20 dp, dpm_vec.numeric): the reference's 99.99…99 (28 digits)
+    # is held to 1e-19, not digit for digit
+    assert abs(t["realized_gain"] - D("99.99999999999999999999999999")) < D("1e-19")
+    assert abs(t["gains_budget_used"] - D(100)) < D("1e-19")
+    assert t["realized_loss"] == D(0)
+    assert s.translation.warnings["code"].to_list() == ["TAX_BUDGET_LIMIT_REACHED"]
+    ev = s.translation.tax_events.to_dicts()
+    assert [(e["instrument_id"], e["requested_quantity"], e["allowed_quantity"]) for e in ev] == [
+        ("X", D(100), D("51.11111111111111111111111111"))
+    ]
+    intent = s.translation.intents.to_dicts()[0]
+    assert intent["tax_budget_applied"] is True
+    assert abs(intent["notional"] - D("5111.111111111111111111111111")) < D("1e-17")
+
+
+def test_hifo_high_cost_lot_first_golden_09(scenario):
+    """Target 0.5 → sell 50 from the 100-cost lot at zero gain."""
+    s = _hifo(scenario, target="0.5")
+    assert _qty(s) == {"X": D(50)}
+    t = _totals(s)
+    assert t["realized_gain"] == D(0) and t["gains_budget_used"] == D(0)
+    assert s.translation.warnings.height == 0
+    assert s.translation.intents["tax_budget_applied"].to_list() == [False]
+
+
+def test_tax_awareness_off_ignores_lots(scenario):
+    s = _hifo(scenario, runs=[dict(enable_tax_awareness=False, max_realized_capital_gains="100")])
+    assert _qty(s) == {"X": D(100)}
+    assert s.translation.warnings.height == 0
+
+
+def test_lots_not_covering_request_limit_without_budget(scenario):
+    s = _hifo(scenario, budget=None, lots=[("X", "L1", "30", "50", "USD", "2020-01-01")])
+    assert _qty(s) == {"X": D(30)}
+    assert s.translation.warnings["code"].to_list() == ["TAX_BUDGET_LIMIT_REACHED"]
+    assert _totals(s)["realized_gain"] == D(1500)
+
+
+def test_losses_do_not_free_budget_and_tie_break_descending(scenario):
+    """Lots tied on cost: later date first, then larger lot id. A loss lot (cost 150) is
+    taken first and does not add headroom for the gain lots."""
+    lots = [
+        ("X", "A", "10", "50", "USD", "2020-01-01"),
+        ("X", "B", "10", "50", "USD", "2020-01-01"),
+        ("X", "C", "10", "50", "USD", "2019-01-01"),
+        ("X", "LOSS", "70", "150", "USD", "2018-01-01"),
+    ]
+    s = _hifo(scenario, budget="750", lots=lots)
+    # LOSS: 70 units at −50 → loss 3500; B (later id) then A: 10 × 50 = 500 gain each;
+    # after B used = 500, A allows (750 − 500) / 50 = 5 → stop
+    assert _qty(s) == {"X": D(85)}
+    t = _totals(s)
+    assert t["realized_loss"] == D(3500)
+    assert t["realized_gain"] == D(750)
+
+
+def test_budget_is_run_wide_in_trace_order(scenario):
+    s = scenario(
+        positions=[("X", "10"), ("Y", "10")],
+        cash=[("USD", "0")],
+        prices=[("X", "100", "USD"), ("Y", "100", "USD")],
+        shelf=[("X", "APPROVED"), ("Y", "APPROVED")],
+        model=[("Y", "0"), ("X", "0")],  # Y comes first in the trace
+        lots=[("X", "LX", "10", "50", "USD", "2020-01-01"), ("Y", "LY", "10", "50", "USD", "2020-01-01")],
+        enable_tax_awareness=True,
+        max_realized_capital_gains="600",
+    )
+    # Y: 10 × 50 = 500 gain; X: (600 − 500) / 50 = 2 units
+    assert _qty(s) == {"Y": D(10), "X": D(2)}
+    assert [e["instrument_id"] for e in s.translation.tax_events.to_dicts()] == ["X"]
+
+
+def test_lot_cost_converted_to_price_currency(scenario):
+    """Lot cost in EUR, price in USD: cost × rate(EUR→USD); missing rate → fx_missing and
+    the requested quantity stands."""
+    lots = [("X", "L1", "100", "50", "EUR", "2020-01-01")]
+    s = scenario(
+        runs=[dict(enable_tax_awareness=True, max_realized_capital_gains="100")],
+        positions=[("X", "100")],
+        cash=[("USD", "0")],
+        prices=[("X", "100", "USD")],
+        fx=[("EUR/USD", "1.5")],
+        shelf=[("X", "APPROVED")],
+        model=[("X", "0")],
+        lots=lots,
+    )
+    # gain per unit 100 − 75 = 25 → 100 / 25 = 4 units
+    assert _qty(s) == {"X": D(4)}
+    assert s.translation.dq.height == 0
+
+
+def test_lot_cost_rate_missing_keeps_requested_quantity(scenario):
+    """§6.10 step 1: at the first lot whose cost rate is missing, append fx_missing and use
+    the requested quantity unchanged (the run then blocks at DQ gate #2)."""
+    lots = [("X", "L1", "100", "50", "EUR", "2020-01-01")]
+    missing = scenario(
+        enable_tax_awareness=True, max_realized_capital_gains="100",
+        positions=[("X", "100")], cash=[("USD", "0")], prices=[("X", "100", "USD")],
+        shelf=[("X", "APPROVED")], model=[("X", "0")], lots=lots,
+    )
+    assert _qty(missing) == {"X": D(100)}
+    assert missing.dq_items(missing.translation.dq, "fx_missing") == ["EUR/USD"]
+    assert missing.run_row()["exit_path"] == "E2"
+
+
+def test_tax_runs_isolated(scenario):
+    """Tax on / budget differences between runs in the same frames do not leak."""
+    s = _hifo(scenario, runs=[
+        dict(enable_tax_awareness=True, max_realized_capital_gains="100"),
+        dict(enable_tax_awareness=False),
+        dict(enable_tax_awareness=True, max_realized_capital_gains="0"),
+        dict(enable_tax_awareness=True),
+    ])
+    assert _qty(s, 0) == {"X": D("51.11111111111111111111111111")}
+    assert _qty(s, 1) == {"X": D(100)}
+    assert _qty(s, 2) == {"X": D(50)}  # zero budget: only the zero-gain lot
+    assert _qty(s, 3) == {"X": D(100)}
+    assert sorted(s.translation.warnings["run"].to_list()) == [0, 2]

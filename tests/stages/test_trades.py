@@ -1,0 +1,233 @@
+"""Trade translation (spec §6.9), dust suppression and the turnover cap (§6.12)."""
+from __future__ import annotations
+
+from decimal import Decimal as D
+
+import polars as pl
+
+
+def _intents(s, run=0):
+    i = s.translation.intents.filter(pl.col("run") == run).sort("intent_no")
+    return [(r["instrument_id"], r["side"], r["quantity"], r["notional"]) for r in i.to_dicts()]
+
+
+def _suppressed(s, run=0):
+    x = s.translation.suppressed.filter(pl.col("run") == run).sort("trace_order")
+    return [(r["instrument_id"], r["intended_notional"], r["threshold_amount"]) for r in x.to_dicts()]
+
+
+# ---- sizing ------------------------------------------------------------------------------------
+
+
+def test_foreign_currency_sizing_golden_03(scenario):
+    """tv 10000 SGD, w 0.5, r 1.35: 5000/1.35 = 3703.70… → 37 units, 3700 USD, 4995 SGD."""
+    s = scenario(
+        base="SGD",
+        cash=[("SGD", "10000.00")],
+        prices=[("US_EQ", "100.0", "USD")],
+        fx=[("USD/SGD", "1.35")],
+        shelf=[("US_EQ", "APPROVED")],
+        model=[("US_EQ", "0.5")],
+    )
+    row = s.translation.intents.to_dicts()[0]
+    assert (row["side"], row["quantity"], row["notional"], row["notional_base"]) == ("BUY", D(37), D("3700"), D("4995"))
+    assert row["intent_no"] == 1
+
+
+def test_floor_at_28_digit_boundary_golden_08(scenario):
+    """§1.1: 0.3 × (0.2/0.3) is exactly 0.2 at 28 digits, so floor(200/100) = 2, not 1."""
+    s = scenario(
+        cash=[("USD", "1000.00")],
+        prices=[("Tech_A", "100.00", "USD"), ("Bond_B", "100.00", "USD")],
+        shelf=[("Tech_A", "APPROVED"), ("Bond_B", "APPROVED")],
+        attributes=[("Tech_A", "sector", "TECH"), ("Bond_B", "sector", "FI")],
+        model=[("Tech_A", "0.3"), ("Bond_B", "0.7")],
+        groups={"sector:TECH": "0.2"},
+    )
+    assert _intents(s) == [("Tech_A", "BUY", D(2), D("200")), ("Bond_B", "BUY", D(8), D("800"))]
+
+
+def test_floor_exact_quotient_and_just_below(scenario):
+    """An exact quotient is not stepped back; a hair below an integer floors down."""
+    s = scenario(
+        cash=[("USD", "999.99")],
+        prices=[("A", "3", "USD"), ("B", "33.333", "USD")],
+        shelf=[("A", "APPROVED"), ("B", "APPROVED")],
+        model=[("A", "0.3"), ("B", "0.5")],
+    )
+    # A: 299.997 / 3 = 99.999 → 99 ; B: 499.995 / 33.333 = 15.0000…  → 15
+    assert _intents(s) == [("A", "BUY", D(99), D("297")), ("B", "BUY", D(15), D("499.995"))]
+
+
+def test_sell_floors_too_and_zero_delta_is_no_intent(scenario):
+    s = scenario(
+        positions=[("A", "10"), ("B", "5")],
+        cash=[("USD", "0")],
+        prices=[("A", "100", "USD"), ("B", "200", "USD")],
+        shelf=[("A", "APPROVED"), ("B", "APPROVED")],
+        model=[("A", "0.455"), ("B", "0.5")],  # tv 2000: A target 910 → sell 0.9 → floor 0; B on target
+    )
+    assert _intents(s) == []
+    assert _suppressed(s) == []
+
+
+def test_market_value_drives_current_value_even_when_calculated(scenario):
+    """§8 item 3: 10 units worth 100 by price but 10000 by market value, target 0 → SELL 100."""
+    s = scenario(
+        positions=[{"instrument_id": "A", "quantity": "10", "market_value": "10000", "market_value_currency": "USD"}],
+        cash=[("USD", "0")],
+        prices=[("A", "100", "USD"), ("B", "100", "USD")],
+        shelf=[("A", "APPROVED"), ("B", "APPROVED")],
+        model=[("B", "1.0")],
+    )
+    assert _intents(s) == [("B", "BUY", D(10), D("1000")), ("A", "SELL", D(100), D("10000"))]
+    r = s.run_row()
+    assert (r["status"], r["exit_path"]) == ("BLOCKED", "E4")
+    shorting = [x for x in s.rules() if x["rule_id"] == "NO_SHORTING"][0]
+    assert shorting["status"] == "FAIL" and shorting["measured"] == D(-90)
+
+
+def test_price_and_fx_missing_in_translation(scenario):
+    """Every trace instrument without a price (including excluded targets at weight 0) is
+    flagged; an instrument whose price currency has no rate is flagged fx_missing."""
+    s = scenario(
+        cash=[("USD", "1000")],
+        prices=[("J", "100", "JPY")],
+        shelf=[("NP", "APPROVED"), ("BAN", "BANNED"), ("J", "APPROVED")],
+        model=[("NP", "0.3"), ("BAN", "0.3"), ("J", "0.3")],
+    )
+    assert s.dq_items(s.translation.dq, "price_missing") == ["NP", "BAN"]
+    assert s.dq_items(s.translation.dq, "fx_missing") == ["JPY/USD"]
+    assert s.translation.intents.height == 0
+    r = s.run_row()
+    assert r["exit_path"] == "E2"
+
+
+# ---- dust suppression -----------------------------------------------------------------------------
+
+
+def _dust(scenario, **policy):
+    return scenario(
+        cash=[("USD", "90000")],  # + FLAT 10000 → tv 100000
+        prices=[("BIG", "100", "USD"), ("DUST", "100", "USD"), ("FLAT", "100", "USD")],
+        shelf=[
+            {"instrument_id": "BIG", "status": "APPROVED"},
+            {"instrument_id": "DUST", "status": "APPROVED", "min_notional_amount": "500", "min_notional_currency": "USD"},
+            {"instrument_id": "FLAT", "status": "APPROVED", "min_notional_amount": "1", "min_notional_currency": "USD"},
+        ],
+        positions=[("FLAT", "100")],
+        model=[("BIG", "0.5"), ("DUST", "0.001"), ("FLAT", "0.1")],
+        **policy,
+    )
+
+
+def test_shelf_threshold_suppresses_and_records_zero_trades(scenario):
+    """DUST 100 < 500 suppressed; FLAT (already on target) is a zero SELL recorded with 0."""
+    s = _dust(scenario)
+    assert _suppressed(s) == [("DUST", D("100"), D("500")), ("FLAT", D("0"), D("1"))]
+    assert _intents(s) == [("BIG", "BUY", D(500), D("50000"))]
+    assert s.translation.intents["min_notional_applied"].to_list() == [False]
+    assert s.translation.intents["intent_no"].to_list() == [1]
+
+
+def test_request_threshold_overrides_shelf(scenario):
+    """min_trade_notional wholly replaces the shelf threshold (no currency conversion)."""
+    s = _dust(scenario, min_trade_notional=("50", "EUR"))
+    assert _suppressed(s) == [("FLAT", D("0"), D("50"))]  # DUST 100 ≥ 50 now passes
+    assert [i[0] for i in _intents(s)] == ["BIG", "DUST"]
+    assert s.translation.intents["min_notional_applied"].to_list() == [True, True]
+    high = _dust(scenario, min_trade_notional=("60000", "USD"))
+    assert [x[0] for x in _suppressed(high)] == ["BIG", "DUST", "FLAT"]
+    assert high.translation.intents.height == 0
+
+
+def test_suppress_dust_false_keeps_trade_but_labels_it(scenario):
+    s = _dust(scenario, suppress_dust_trades=False)
+    assert _suppressed(s) == []
+    assert [(i[0], i[2]) for i in _intents(s)] == [("BIG", D(500)), ("DUST", D(1))]
+    assert s.translation.intents["min_notional_applied"].to_list() == [False, True]
+
+
+def test_intent_ids_count_only_emitted_intents(scenario):
+    s = scenario(
+        cash=[("USD", "10000")],
+        prices=[(i, "100", "USD") for i in ("A", "B", "C")],
+        shelf=[
+            ("A", "APPROVED"),
+            {"instrument_id": "B", "status": "APPROVED", "min_notional_amount": "5000", "min_notional_currency": "USD"},
+            ("C", "APPROVED"),
+        ],
+        model=[("A", "0.1"), ("B", "0.1"), ("C", "0.1")],
+    )
+    i = s.translation.intents.sort("intent_no")
+    assert list(zip(i["instrument_id"], i["intent_no"])) == [("A", 1), ("C", 2)]
+
+
+# ---- turnover cap ---------------------------------------------------------------------------------
+
+
+def _turnover(scenario, pct, **kw):
+    """Golden scenario_10: tv 100000; A 0.10, B 0.10, C 0.02."""
+    return scenario(
+        cash=[("USD", "100000")],
+        prices=[(i, "100", "USD") for i in ("A", "B", "C")],
+        shelf=[(i, "APPROVED", "EQUITY") for i in ("A", "B", "C")],
+        model=[("A", "0.10"), ("B", "0.10"), ("C", "0.02")],
+        max_turnover_pct=pct,
+        **kw,
+    )
+
+
+def test_turnover_skip_and_continue_golden_10(scenario):
+    s = _turnover(scenario, "0.15")
+    kept, dropped, warnings = s.turnover
+    assert kept.sort("list_order")["intent_no"].to_list() == [1, 3]  # oi_1, oi_3 (gap kept)
+    d = dropped.to_dicts()
+    assert [(x["instrument_id"], x["potential_notional"], x["score"]) for x in d] == [("B", D("10000"), D("0.1"))]
+    assert warnings["code"].to_list() == ["PARTIAL_REBALANCE_TURNOVER_LIMIT"]
+
+
+def test_turnover_zero_budget_drops_all_in_ranking_order(scenario):
+    s = _turnover(scenario, "0")
+    kept, dropped, warnings = s.turnover
+    assert kept.height == 0
+    assert dropped.sort("drop_order")["instrument_id"].to_list() == ["A", "B", "C"]
+    assert warnings["code"].to_list() == ["PARTIAL_REBALANCE_TURNOVER_LIMIT"]
+
+
+def test_turnover_within_budget_keeps_original_order(scenario):
+    s = _turnover(scenario, "0.22")
+    kept, dropped, warnings = s.turnover
+    assert kept.sort("list_order")["instrument_id"].to_list() == ["A", "B", "C"]
+    assert dropped.height == 0 and warnings.height == 0
+
+
+def test_turnover_kept_intents_follow_ranking_order(scenario):
+    """When the cap bites, survivors continue in ranking order: score desc, |notional| asc,
+    instrument id asc."""
+    s = scenario(
+        cash=[("USD", "100000")],
+        prices=[(i, "100", "USD") for i in ("Z", "Y", "X", "W")],
+        shelf=[(i, "APPROVED") for i in ("Z", "Y", "X", "W")],
+        model=[("Z", "0.01"), ("Y", "0.05"), ("X", "0.05"), ("W", "0.5")],
+        max_turnover_pct="0.12",
+    )
+    kept, dropped, _ = s.turnover
+    # ranking W (0.5), X (0.05), Y (0.05, id after X), Z (0.01): W dropped, X+Y+Z = 11000 ≤ 12000
+    assert kept.sort("list_order")["instrument_id"].to_list() == ["X", "Y", "Z"]
+    assert dropped["instrument_id"].to_list() == ["W"]
+
+
+def test_turnover_policies_isolated_between_runs(scenario):
+    s = scenario(
+        runs=[dict(max_turnover_pct="0.15"), dict(), dict(max_turnover_pct="0")],
+        cash=[("USD", "100000")],
+        prices=[(i, "100", "USD") for i in ("A", "B", "C")],
+        shelf=[(i, "APPROVED") for i in ("A", "B", "C")],
+        model=[("A", "0.10"), ("B", "0.10"), ("C", "0.02")],
+    )
+    kept, dropped, warnings = s.turnover
+    by_run = {r: kept.filter(pl.col("run") == r).sort("list_order")["instrument_id"].to_list() for r in (0, 1, 2)}
+    assert by_run == {0: ["A", "C"], 1: ["A", "B", "C"], 2: []}
+    assert sorted(warnings["run"].to_list()) == [0, 2]
+    assert dropped.filter(pl.col("run") == 0)["instrument_id"].to_list() == ["B"]

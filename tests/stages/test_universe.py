@@ -1,0 +1,151 @@
+"""Universe construction (spec §6.3): weight map, exclusions and locking rules."""
+from __future__ import annotations
+
+from decimal import Decimal as D
+
+import polars as pl
+
+
+def _map(s, run=0):
+    m = s.universe.weight_map.filter(pl.col("run") == run).sort("map_order")
+    return {i: (k, w) for i, k, w in zip(m["instrument_id"], m["kind"], m["weight"])}
+
+
+def _eligible(s, which, run=0):
+    e = s.universe.eligible.filter((pl.col("run") == run) & (pl.col("list") == which)).sort("list_order")
+    return e["instrument_id"].to_list()
+
+
+def test_held_suspended_model_target_excluded_twice_and_locked(scenario):
+    """Golden scenario_307: SHELF_STATUS_SUSPENDED then LOCKED_DUE_TO_SUSPENDED; held at 0.5."""
+    s = scenario(
+        positions=[("SUS", "50")],
+        cash=[("USD", "5000")],
+        prices=[("SUS", "100", "USD"), ("OK", "100", "USD")],
+        shelf=[("SUS", "SUSPENDED"), ("OK", "APPROVED")],
+        model=[("SUS", "0.3"), ("OK", "0.7")],
+    )
+    assert s.excluded() == [("SUS", "SHELF_STATUS_SUSPENDED"), ("SUS", "LOCKED_DUE_TO_SUSPENDED")]
+    assert _map(s)["SUS"] == ("LOCKED", D("0.5"))
+    assert s.tags()["SUS"] == ["REDISTRIBUTED_RECIPIENT"]  # locked above its model weight
+    assert _eligible(s, "buy") == ["OK"]
+    assert _eligible(s, "sell") == ["OK"]
+
+
+def test_held_restricted_non_model_locked_even_with_allow_restricted(scenario):
+    s = scenario(
+        positions=[("R", "20")],
+        cash=[("USD", "8000")],
+        prices=[("R", "100", "USD"), ("A", "100", "USD")],
+        shelf=[("R", "RESTRICTED"), ("A", "APPROVED")],
+        model=[("A", "0.5")],
+        allow_restricted=True,
+    )
+    assert s.excluded() == [("R", "LOCKED_DUE_TO_RESTRICTED")]
+    assert _map(s)["R"] == ("LOCKED", D("0.2"))
+
+
+def test_restricted_model_target_depends_on_allow_restricted(scenario):
+    common = dict(
+        cash=[("USD", "1000")],
+        prices=[("R", "100", "USD")],
+        shelf=[("R", "RESTRICTED")],
+        model=[("R", "0.4")],
+    )
+    s = scenario(runs=[dict(allow_restricted=False), dict(allow_restricted=True)], **common)
+    assert s.excluded(0) == [("R", "SHELF_STATUS_RESTRICTED")]
+    assert "R" not in _map(s, 0)
+    assert s.excluded(1) == []
+    assert _map(s, 1)["R"] == ("BUYABLE", D("0.4"))
+    assert _eligible(s, "buy", 1) == ["R"]
+
+
+def test_held_without_shelf_is_locked_without_data_quality(scenario):
+    s = scenario(
+        positions=[("NOSHELF", "10")],
+        cash=[("USD", "9000")],
+        prices=[("NOSHELF", "100", "USD"), ("A", "100", "USD")],
+        shelf=[("A", "APPROVED")],
+        model=[("A", "0.5")],
+    )
+    assert s.excluded() == [("NOSHELF", "LOCKED_DUE_TO_MISSING_SHELF")]
+    assert _map(s)["NOSHELF"] == ("LOCKED", D("0.1"))
+    assert s.universe.dq.height == 0
+
+
+def test_model_target_without_shelf_is_shelf_missing(scenario):
+    s = scenario(
+        cash=[("USD", "1000")],
+        prices=[("X", "100", "USD"), ("A", "100", "USD")],
+        shelf=[("A", "APPROVED")],
+        model=[("X", "0.5"), ("A", "0.5")],
+    )
+    assert s.dq_items(s.universe.dq, "shelf_missing") == ["X"]
+    assert "X" not in _map(s)
+    assert s.excluded() == []
+    # DQ gate #1 blocks the run whatever the options say (§6.8)
+    assert s.run_row()["exit_path"] == "E1"
+    assert s.run_row()["status"] == "BLOCKED"
+
+
+def test_approved_and_sell_only_off_model_holdings_are_liquidated(scenario):
+    s = scenario(
+        positions=[("APP", "10"), ("SO", "10"), ("ZERO", "0")],
+        cash=[("USD", "8000")],
+        prices=[(i, "100", "USD") for i in ("APP", "SO", "ZERO", "A")],
+        shelf=[("APP", "APPROVED"), ("SO", "SELL_ONLY"), ("ZERO", "BANNED"), ("A", "APPROVED")],
+        model=[("A", "1.0")],
+    )
+    m = _map(s)
+    assert m["APP"] == ("LIQUIDATION", D(0))
+    assert m["SO"] == ("LIQUIDATION", D(0))
+    assert "ZERO" not in m  # zero-quantity holdings are not in loop 2
+    assert s.excluded() == []
+    assert _eligible(s, "sell") == ["A", "APP", "SO"]
+    assert _eligible(s, "buy") == ["A"]
+    assert s.tags()["APP"] == ["IMPLICIT_SELL_TO_ZERO"]
+
+
+def test_sell_only_model_target_both_excluded_and_sell_eligible(scenario):
+    s = scenario(
+        positions=[("BAD", "100")],
+        cash=[("USD", "0")],
+        prices=[("BAD", "10", "USD"), ("GOOD", "1", "USD")],
+        shelf=[("BAD", "SELL_ONLY"), ("GOOD", "APPROVED")],
+        model=[("BAD", "0.5"), ("GOOD", "0.5")],
+    )
+    assert s.excluded() == [("BAD", "SHELF_STATUS_SELL_ONLY")]
+    assert _map(s)["BAD"] == ("SELL_ONLY", D(0))
+    assert s.universe.sell_only_excess["sell_only_excess"].to_list() == [D("0.5")]
+    assert _eligible(s, "sell") == ["BAD", "GOOD"]
+    assert _eligible(s, "buy") == ["GOOD"]
+    assert s.weights() == {"BAD": D(0), "GOOD": D("1.0")}
+
+
+def test_banned_model_target_not_held_is_excluded_only_once(scenario):
+    s = scenario(
+        cash=[("USD", "1000")],
+        prices=[("B", "100", "USD")],
+        shelf=[("B", "BANNED")],
+        model=[("B", "0.5")],
+    )
+    assert s.excluded() == [("B", "SHELF_STATUS_BANNED")]
+    assert _map(s) == {}
+    assert s.weights() == {"B": D(0)}  # excluded model targets stay in the trace at 0
+
+
+def test_exclusion_order_model_loop_then_positions(scenario):
+    s = scenario(
+        positions=[("H2", "1"), ("M1", "1"), ("H1", "1")],
+        cash=[("USD", "100")],
+        prices=[(i, "10", "USD") for i in ("H1", "H2", "M1", "M2")],
+        shelf=[("H1", "BANNED"), ("H2", "SUSPENDED"), ("M1", "BANNED"), ("M2", "SUSPENDED")],
+        model=[("M2", "0.1"), ("M1", "0.1")],
+    )
+    assert s.excluded() == [
+        ("M2", "SHELF_STATUS_SUSPENDED"),
+        ("M1", "SHELF_STATUS_BANNED"),
+        ("H2", "LOCKED_DUE_TO_SUSPENDED"),
+        ("M1", "LOCKED_DUE_TO_BANNED"),
+        ("H1", "LOCKED_DUE_TO_BANNED"),
+    ]

@@ -1,0 +1,142 @@
+"""Valuation (spec §6.2): values, weights, totals, allocations and data-quality findings."""
+from __future__ import annotations
+
+from decimal import Decimal as D
+
+import polars as pl
+
+
+def _pos(s, run=0):
+    p = s.before.positions.filter(pl.col("run") == run).sort("pos_seq")
+    return {r["instrument_id"]: r for r in p.to_dicts()}
+
+
+def _total(s, run=0):
+    return s.before.totals.filter(pl.col("run") == run)["total_value"].item()
+
+
+def _alloc(s, dimension, run=0):
+    a = s.before.allocations.filter((pl.col("run") == run) & (pl.col("dimension") == dimension))
+    return {k: (v, w) for k, v, w in zip(a["key"], a["value"], a["weight"])}
+
+
+def test_calculated_values_weights_and_total(scenario):
+    s = scenario(
+        base="SGD",
+        positions=[("US", "10"), ("SG", "5")],
+        cash=[("SGD", "1000"), ("USD", "100")],
+        prices=[("US", "100", "USD"), ("SG", "20", "SGD")],
+        fx=[("USD/SGD", "1.35")],
+        shelf=[("US", "APPROVED", "EQUITY")],
+    )
+    p = _pos(s)
+    assert p["US"]["value_instr"] == D("1000") and p["US"]["value_base"] == D("1350")
+    assert p["US"]["instrument_currency"] == "USD"
+    assert p["SG"]["value_base"] == D("100")
+    # positions 1350 + 100, cash 1000 + 100 × 1.35
+    assert _total(s) == D("2585")
+    assert abs(p["US"]["weight"] - D("1350") / D("2585")) < D("1e-19")
+    assert p["US"]["asset_class"] == "EQUITY"
+    assert p["SG"]["asset_class"] == "UNKNOWN"  # not on the shelf
+    ac = _alloc(s, "asset_class")
+    assert ac["CASH"][0] == D("1135")
+    assert ac["EQUITY"][0] == D("1350")
+    assert ac["UNKNOWN"][0] == D("100")
+    assert s.before.dq.height == 0
+
+
+def test_trust_snapshot_uses_market_value_and_its_currency(scenario):
+    s = scenario(
+        runs=[dict(valuation_mode="TRUST_SNAPSHOT"), dict()],
+        positions=[{"instrument_id": "A", "quantity": "10", "market_value": "2000", "market_value_currency": "EUR"}],
+        cash=[("USD", "0")],
+        prices=[("A", "100", "USD")],
+        fx=[("EUR/USD", "1.1")],
+    )
+    trusted, calc = _pos(s, 0)["A"], _pos(s, 1)["A"]
+    assert trusted["instrument_currency"] == "EUR"
+    assert trusted["value_instr"] == D("2000") and trusted["value_base"] == D("2200")
+    assert calc["instrument_currency"] == "USD"
+    assert calc["value_instr"] == D("1000") and calc["value_base"] == D("1000")
+    assert _total(s, 0) == D("2200") and _total(s, 1) == D("1000")
+
+
+def test_missing_price_flagged_even_with_trusted_value_and_zero_quantity(scenario):
+    """§6.2 step 1 / §8 item 5."""
+    s = scenario(
+        valuation_mode="TRUST_SNAPSHOT",
+        positions=[
+            {"instrument_id": "MV", "quantity": "10", "market_value": "500", "market_value_currency": "USD"},
+            ("Z", "0"),
+            ("P", "1"),
+        ],
+        cash=[("USD", "500")],
+        prices=[("P", "100", "USD")],
+    )
+    assert s.dq_items(s.before.dq, "price_missing") == ["MV", "Z"]
+    p = _pos(s)
+    assert p["MV"]["value_base"] == D("500")  # trusted value still counts
+    assert p["MV"]["price"] is None
+    assert p["Z"]["value_base"] == D("0")
+    assert _total(s) == D("1100")
+
+
+def test_missing_price_values_at_zero_in_base_currency(scenario):
+    s = scenario(positions=[("X", "10")], cash=[("USD", "100")])
+    p = _pos(s)["X"]
+    assert p["value_base"] == D("0")
+    assert p["instrument_currency"] == "USD"
+    assert s.dq_items(s.before.dq, "price_missing") == ["X"]
+    assert s.dq_items(s.before.dq, "fx_missing") == []
+
+
+def test_missing_fx_for_position_and_each_cash_row(scenario):
+    s = scenario(
+        positions=[("JP", "10")],
+        cash=[("USD", "100"), ("JPY", "5000"), ("EUR", "10")],
+        prices=[("JP", "1000", "JPY")],
+        # no JPY/USD or USD/JPY; EUR only via a zero rate (= missing); no triangulation via EUR
+        fx=[("EUR/USD", "0"), ("JPY/EUR", "0.006")],
+    )
+    assert _pos(s)["JP"]["value_base"] == D("0")
+    assert s.dq_items(s.before.dq, "fx_missing") == ["JPY/USD", "JPY/USD", "EUR/USD"]
+    assert _total(s) == D("100")  # foreign cash with a missing rate is left out
+
+
+def test_zero_total_uses_divisor_one(scenario):
+    s = scenario(positions=[("A", "0")], cash=[("USD", "0")], prices=[("A", "100", "USD")])
+    t = s.before.totals.to_dicts()[0]
+    assert t["total_value"] == D(0) and t["divisor"] == D(1)
+    assert _pos(s)["A"]["weight"] == D(0)
+
+
+def test_attribute_allocation_and_shared_cash_bucket(scenario):
+    s = scenario(
+        positions=[("A", "10"), ("B", "30"), ("MM", "10")],
+        cash=[("USD", "500")],
+        prices=[("A", "10", "USD"), ("B", "10", "USD"), ("MM", "10", "USD")],
+        shelf=[("A", "APPROVED", "EQUITY"), ("B", "APPROVED", "EQUITY"), ("MM", "APPROVED", "CASH")],
+        attributes=[("A", "sector", "TECH"), ("B", "sector", "FI"), ("A", "region", "EU")],
+    )
+    ac = _alloc(s, "asset_class")
+    assert ac["EQUITY"] == (D("400"), D("0.4"))
+    assert ac["CASH"] == (D("600"), D("0.6"))  # shelf class "CASH" shares the cash bucket
+    sector = _alloc(s, "attribute:sector")
+    assert sector == {"TECH": (D("100"), D("0.1")), "FI": (D("300"), D("0.3"))}
+    assert _alloc(s, "attribute:region") == {"EU": (D("100"), D("0.1"))}
+    inst = _alloc(s, "instrument")
+    assert list(inst) == ["A", "B", "MM"]
+
+
+def test_weights_are_not_rounded(scenario):
+    """Golden scenario_304: the CASH weight feeds the rules unrounded (0.50044…)."""
+    s = scenario(
+        base="SGD",
+        positions=[("US_STK", "42")],
+        cash=[("SGD", "5636.80000"), ("USD", "32.000")],
+        prices=[("US_STK", "100.0", "USD")],
+        fx=[("USD/SGD", "1.35")],
+    )
+    ac = _alloc(s, "asset_class")
+    w = ac["CASH"][1]
+    assert abs(w - D("0.5004405286343612334801762115")) < D("1e-19")

@@ -21,6 +21,7 @@ from dpm_vec.stages.checks import input_faults
 from dpm_vec.stages.fx import plan_fx
 from dpm_vec.stages.prepare import prepare
 from dpm_vec.stages.settlement import cash_ladder
+from dpm_vec.stages.solver import COMPARISON_SCHEMA
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, build_targets, warnings_frame
 from dpm_vec.stages.trades import apply_turnover_cap, translate
 from dpm_vec.stages.universe import build_universe
@@ -48,6 +49,7 @@ class Result:
     cash_ladder: pl.DataFrame
     cash_ladder_breaches: pl.DataFrame
     gate_reasons: pl.DataFrame
+    method_comparison: pl.DataFrame
 
     def tables(self) -> dict[str, pl.DataFrame]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -195,6 +197,7 @@ def run(book: Book, *, allocations: bool = True) -> Result:
         cash_ladder=ladder.points,
         cash_ladder_breaches=ladder.breaches,
         gate_reasons=gate_reasons,
+        method_comparison=targets.comparison if targets.comparison is not None else pl.DataFrame(schema=COMPARISON_SCHEMA),
     )
 
 

@@ -147,6 +147,13 @@ def _render_run(run: dict, parts: dict, run_id: str) -> dict:
         used = budget
     coverage = "0" if early else "1"
     comparison = None
+    for c in parts["method_comparison"]:
+        comparison = {
+            "primary_method": c["primary_method"], "primary_status": c["primary_status"],
+            "alternate_method": c["alternate_method"], "alternate_status": c["alternate_status"],
+            "tolerance": c["tolerance"], "differing_instruments": list(c["differing_instruments"] or []),
+            "alternate_warnings": list(c["alternate_warnings"] or []),
+        }
     explanation = {"summary": "Blocked"} if early else {"summary": run["status"], "target_method_comparison": comparison}
     gate = None
     if run["enable_workflow_gates"]:

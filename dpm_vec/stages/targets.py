@@ -29,6 +29,7 @@ class Targets:
     warnings: pl.DataFrame  # run, code, w_order
     group_events: pl.DataFrame
     group_recipients: pl.DataFrame
+    comparison: pl.DataFrame | None = None  # §6.7 target_method_comparison, one row per compared run
 
 
 def warnings_frame(frame: pl.DataFrame, code: pl.Expr, order: pl.Expr) -> pl.DataFrame:
@@ -48,32 +49,104 @@ def build_targets(
     totals: pl.DataFrame,
     group_constraints: pl.DataFrame,
 ) -> Targets:
-    policy = runs.select(
-        "run", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct",
+    """Step 1 for every run, then HEURISTIC steps 2-5 or the SOLVER (§6.6) by the run's
+    ``target_method``; with ``compare_target_methods`` the other method runs too (§6.7)."""
+    from dpm_vec.stages.solver import compare_methods, solve_targets
+
+    wm, step1_pending = _sell_only_redistribution(weight_map, sell_only_excess)
+    solver = pl.col("target_method") == "SOLVER"
+    compare = pl.col("compare_target_methods")
+    heuristic_runs = runs.filter(~solver | compare)
+    h = _heuristic(market, heuristic_runs, wm.join(heuristic_runs.select("run"), on="run", how="semi"), group_constraints, step1_pending)
+    solver_runs = runs.filter(solver | compare)
+    if solver_runs.height:
+        s_weights, s_status, s_warnings = solve_targets(market, runs, wm, model, group_constraints, which=solver | compare)
+        s_status = s_status.join(step1_pending.unique().with_columns(pl.lit(True).alias("_p")), on="run", how="left").select(
+            "run",
+            pl.when(pl.col("solver_status") == "BLOCKED").then(pl.lit("BLOCKED"))
+            .when(pl.col("_p").is_not_null()).then(pl.lit("PENDING_REVIEW")).otherwise(pl.lit("READY")).alias("target_status"),
+            pl.lit(None, dtype=pl.String).alias("target_fault"),
+        )
+        s_weights = s_weights.join(s_status.filter(pl.col("target_status") == "BLOCKED"), on="run", how="anti")
+    else:
+        s_weights = wm.clear()
+        s_status = pl.DataFrame(schema={"run": pl.UInt32, "target_status": pl.String, "target_fault": pl.String})
+        s_warnings = pl.DataFrame(schema=WARNINGS_SCHEMA)
+    primary_solver = runs.filter(solver).select("run")
+    primary_heuristic = runs.filter(~solver).select("run")
+
+    def pick(frame: pl.DataFrame, primary: pl.DataFrame) -> pl.DataFrame:
+        return frame.join(primary, on="run", how="semi")
+
+    status = pl.concat([pick(h.status, primary_heuristic), pick(s_status, primary_solver)]).sort("run")
+    weights = pl.concat([pick(h.weights, primary_heuristic).select(wm.columns), pick(s_weights, primary_solver).select(wm.columns)])
+    trace = _trace(weights, model.join(status.filter(pl.col("target_status") == "BLOCKED"), on="run", how="anti"), totals)
+    warnings = [pick(h.warnings, primary_heuristic), pick(s_warnings, primary_solver)]
+    comparison = None
+    if runs.filter(compare).height:
+        alt_is_solver = runs.filter(compare & ~solver).select("run")
+        alt_is_heuristic = runs.filter(compare & solver).select("run")
+        h_trace = _trace(h.weights, model, totals)
+        s_trace = _trace(s_weights, model, totals)
+        comparison, cmp_warnings = compare_methods(
+            runs,
+            status,
+            trace,
+            pl.concat([pick(s_status, alt_is_solver), pick(h.status, alt_is_heuristic)]),
+            pl.concat([pick(s_trace, alt_is_solver), pick(h_trace, alt_is_heuristic)]),
+            pl.concat([pick(s_warnings, alt_is_solver), pick(h.warnings, alt_is_heuristic)]).select("run", "code"),
+        )
+        warnings.append(cmp_warnings)
+    return Targets(
+        trace=trace,
+        status=status,
+        warnings=pl.concat(warnings).sort("run", "w_order", maintain_order=True),
+        group_events=pick(h.group_events, primary_heuristic),
+        group_recipients=pick(h.group_recipients, primary_heuristic),
+        comparison=comparison,
     )
+
+
+def _sell_only_redistribution(weight_map: pl.DataFrame, sell_only_excess: pl.DataFrame):
+    """§6.4 step 1 (both methods): spread SELL_ONLY model weight over buyable targets in
+    proportion; with nothing to receive it, the run needs review."""
     wm = (
         weight_map.join(sell_only_excess, on="run", how="left")
         .with_columns(pl.col("sell_only_excess").fill_null(lit(0)), (pl.col("kind") == "BUYABLE").alias("buy"))
         .sort("run", "map_order")
+        .with_columns(_sum_where(pl.col("buy")).alias("_S"))
     )
-    pending = []
-    warnings = [pl.DataFrame(schema=WARNINGS_SCHEMA)]
-
-    # Step 1: SELL_ONLY redistribution
-    wm = wm.with_columns(_sum_where(pl.col("buy")).alias("_S"))
-    pending.append(wm.filter((pl.col("sell_only_excess") > 0) & (pl.col("_S") == 0)).select("run"))
-    pending.append(
+    pending = pl.concat([
+        wm.filter((pl.col("sell_only_excess") > 0) & (pl.col("_S") == 0)).select("run"),
         sell_only_excess.filter(pl.col("sell_only_excess") > 0)
-        .join(wm.filter(pl.col("buy")).select("run").unique(), on="run", how="anti").select("run")
-    )
+        .join(wm.filter(pl.col("buy")).select("run").unique(), on="run", how="anti").select("run"),
+    ])
     wm = wm.with_columns(
         pl.when(pl.col("buy") & (pl.col("sell_only_excess") > 0) & (pl.col("_S") > 0))
         .then(pl.col("weight") + pl.col("sell_only_excess") * (pl.col("weight") / pl.col("_S")))
         .otherwise(pl.col("weight")).alias("weight")
     ).drop("_S", "sell_only_excess")
+    return wm, pending
+
+
+@dataclass(frozen=True)
+class _Heuristic:
+    weights: pl.DataFrame
+    status: pl.DataFrame
+    warnings: pl.DataFrame
+    group_events: pl.DataFrame
+    group_recipients: pl.DataFrame
+
+
+def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_constraints: pl.DataFrame, step1_pending: pl.DataFrame) -> _Heuristic:
+    """§6.4 steps 2-5 on the map after step 1."""
+    policy = runs.select("run", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
+    pending = [step1_pending.join(runs.select("run"), on="run", how="semi")]
+    warnings = [pl.DataFrame(schema=WARNINGS_SCHEMA)]
 
     # Step 2: group constraints
-    wm, group_warnings, group_events, recipients, blocked = _group_constraints(market, wm, group_constraints)
+    gc = group_constraints.join(runs.select("run"), on="run", how="semi")
+    wm, group_warnings, group_events, recipients, blocked = _group_constraints(market, wm, gc)
     warnings.append(group_warnings)
 
     # Step 3: normalisation above 100%
@@ -105,7 +178,7 @@ def build_targets(
         pl.when(shrink & pl.col("buy") & (pl.col("_B") > 0))
         .then(pl.col("weight") * (pl.col("_allowed") / pl.col("_B")))
         .otherwise(pl.col("weight")).alias("weight")
-    ).drop("_B", "_L", "_allowed")
+    ).drop("_B", "_L", "_allowed", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
 
     blocked_runs = pl.concat([blocked, cap_faults.select("run")]).unique()
     status = (
@@ -121,9 +194,8 @@ def build_targets(
             "target_fault",
         )
     )
-    trace = _trace(wm.join(blocked_runs, on="run", how="anti"), model.join(blocked_runs, on="run", how="anti"), totals)
-    return Targets(
-        trace=trace,
+    return _Heuristic(
+        weights=wm.join(blocked_runs, on="run", how="anti"),
         status=status,
         warnings=pl.concat(warnings),
         group_events=group_events,

@@ -1,0 +1,121 @@
+"""Settlement ladder (spec §6.15)."""
+from __future__ import annotations
+
+from decimal import Decimal as D
+
+import polars as pl
+
+
+def _slow_fast(scenario, **policy):
+    """Golden scenario_11: sell 1000 of SLOW_FUND at T+3 funds a 1000 buy at T+1, cash 0."""
+    policy.setdefault("enable_settlement_awareness", True)
+    policy.setdefault("settlement_horizon_days", 3)
+    return scenario(
+        positions=[("SLOW_FUND", "10")],
+        cash=[("USD", "0")],
+        prices=[("SLOW_FUND", "100", "USD"), ("FAST_STOCK", "100", "USD")],
+        shelf=[
+            {"instrument_id": "SLOW_FUND", "status": "APPROVED", "settlement_days": 3},
+            {"instrument_id": "FAST_STOCK", "status": "APPROVED", "settlement_days": 1},
+        ],
+        model=[("SLOW_FUND", "0.0"), ("FAST_STOCK", "1.0")],
+        **policy,
+    )
+
+
+def _ladder(s, run=0, currency="USD"):
+    p = s.ladder.points.filter((pl.col("run") == run) & (pl.col("currency") == currency)).sort("date_offset")
+    return list(zip(p["date_offset"], p["projected_balance"]))
+
+
+def test_settlement_fail_golden_11(scenario):
+    s = _slow_fast(scenario)
+    assert _ladder(s) == [(0, D(0)), (1, D(-1000)), (2, D(-1000)), (3, D(0))]
+    b = s.ladder.breaches.sort("date_offset")
+    assert b["date_offset"].to_list() == [1, 2]
+    assert b["reason_code"].to_list() == ["OVERDRAFT_ON_T_PLUS_1", "OVERDRAFT_ON_T_PLUS_2"]
+    assert s.ladder.warnings["code"].to_list() == ["OVERDRAFT_ON_T_PLUS_1"]
+    r = s.run_row()
+    assert (r["status"], r["exit_path"]) == ("BLOCKED", "E3")
+    rules = s.rules()
+    assert [x["rule_id"] for x in rules] == ["SETTLEMENT_CASH_LADDER"]
+    assert rules[0]["measured"] == D(1000) and rules[0]["threshold_min"] == D(0)
+    assert rules[0]["reason_code"] == "OVERDRAFT_ON_T_PLUS_1"
+    # the settlement-blocked response still lists every intent
+    assert s.result.intents.filter(pl.col("run") == 0).height == 2
+
+
+def test_overdraft_allowance_utilised_but_not_breached(scenario):
+    s = _slow_fast(scenario, overdrafts={"USD": "1000"})
+    assert s.ladder.breaches.height == 0
+    assert s.ladder.warnings["code"].to_list() == ["SETTLEMENT_OVERDRAFT_UTILIZED"]
+    r = s.run_row()
+    assert (r["status"], r["exit_path"]) == ("READY", "E6")
+    assert s.warnings() == ["SETTLEMENT_OVERDRAFT_UTILIZED"]
+
+
+def test_small_overdraft_breaches_below_floor(scenario):
+    s = _slow_fast(scenario, overdrafts={"USD": "999.99"})
+    b = s.ladder.breaches.sort("date_offset").to_dicts()
+    assert [(x["date_offset"], x["allowed_floor"]) for x in b] == [(1, D("-999.99")), (2, D("-999.99"))]
+    assert s.ladder.warnings["code"].to_list() == ["SETTLEMENT_OVERDRAFT_UTILIZED", "OVERDRAFT_ON_T_PLUS_1"]
+    rule = s.rules()[0]
+    assert rule["measured"] == D("0.01")
+
+
+def test_ladder_off_means_no_ladder(scenario):
+    s = _slow_fast(scenario, enable_settlement_awareness=False)
+    assert s.ladder.points.height == 0
+    assert s.run_row()["status"] == "READY"
+
+
+def test_horizon_is_max_of_options_and_settlement_days(scenario):
+    s = _slow_fast(scenario, settlement_horizon_days=0, fx_settlement_days=5)
+    assert [d for d, _ in _ladder(s)] == [0, 1, 2, 3, 4, 5]
+    s2 = _slow_fast(scenario, settlement_horizon_days=0, fx_settlement_days=0)
+    assert [d for d, _ in _ladder(s2)] == [0, 1, 2, 3]  # max settlement day 3
+
+
+def test_day_zero_seeded_with_settled_else_amount(scenario):
+    """§8 item 22: the ladder seeds day 0 with ``settled``; FX netting uses ``amount``."""
+    s = scenario(
+        enable_settlement_awareness=True,
+        settlement_horizon_days=1,
+        fx_settlement_days=1,
+        cash=[{"currency": "USD", "amount": "500", "settled": "200"}, ("EUR", "100")],
+        fx=[("EUR/USD", "2")],
+    )
+    assert _ladder(s, currency="USD") == [(0, D(200)), (1, D(400))]  # + swept 200 USD on day 1
+    assert _ladder(s, currency="EUR") == [(0, D(100)), (1, D(0))]
+    assert s.ladder.breaches.height == 0
+
+
+def test_fx_flows_on_fx_settlement_day_and_breach_in_foreign_currency(scenario):
+    """The USD buy settles T+1, its FUNDING FX only on T+2 → USD breach on day 1."""
+    s = scenario(
+        base="SGD",
+        enable_settlement_awareness=True,
+        settlement_horizon_days=0,
+        fx_settlement_days=2,
+        fx_buffer_pct="0",
+        cash=[("SGD", "1000")],
+        prices=[("U", "100", "USD")],
+        fx=[("USD/SGD", "1")],
+        shelf=[{"instrument_id": "U", "status": "APPROVED", "settlement_days": 1}],
+        model=[("U", "0.5")],
+    )
+    assert _ladder(s, currency="USD") == [(0, D(0)), (1, D(-500)), (2, D(0))]
+    assert _ladder(s, currency="SGD") == [(0, D(1000)), (1, D(1000)), (2, D(500))]
+    assert s.ladder.breaches["reason_code"].to_list() == ["OVERDRAFT_ON_T_PLUS_1"]
+
+
+def test_ladder_runs_isolated(scenario):
+    s = _slow_fast(scenario, runs=[
+        dict(enable_settlement_awareness=True, settlement_horizon_days=3),
+        dict(enable_settlement_awareness=True, settlement_horizon_days=3, overdrafts={"USD": "1000"}),
+        dict(),
+    ])
+    status = s.result.runs.sort("run")["status"].to_list()
+    assert status == ["BLOCKED", "READY", "READY"]
+    assert sorted(s.ladder.points["run"].unique().to_list()) == [0, 1]
+    assert s.ladder.breaches["run"].unique().to_list() == [0]

@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from dpm_vec import __version__
+from dpm_vec.analyze import analyze
 from dpm_vec.contract import parse_request, request_hash
 from dpm_vec.errors import RequestError
 from dpm_vec.simulate import simulate_many
@@ -56,6 +57,7 @@ PROBLEM_JSON = "application/problem+json"
 MODES = ("reference", "rfc")
 SIMULATE_PATH = "/rebalance/simulate"
 BATCH_PATH = "/rebalance/simulate/batch"
+ANALYZE_PATH = "/rebalance/analyze"
 STATUSES = ("READY", "PENDING_REVIEW", "BLOCKED")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 INVALID_TYPE = "https://dpm-vec.dev/problems/invalid-request"
@@ -346,6 +348,21 @@ def create_app(store_path: str | None = None, idempotency: str = "reference") ->
         outcome.log_fields = {"requests": len(slots), "statuses": counts}
         return outcome
 
+    def analyze_work(raw: bytes, cid: str | None, headers: dict, key: str | None) -> _Outcome:
+        """§7: no header needed; whole-request faults are 422, bad scenarios fail alone."""
+        body, errors = _parse_body(raw)
+        if errors:
+            return _Outcome(422, _invalid(errors, ANALYZE_PATH), problem=True, headers=headers)
+        try:
+            result = analyze(body)
+        except RequestError as exc:
+            return _Outcome(422, _invalid(exc.errors, ANALYZE_PATH), problem=True, headers=headers)
+        for slot in result["results"].values():
+            metrics.run(slot)
+        outcome = _Outcome(200, result, headers=headers)
+        outcome.log_fields = {"scenarios": len(result["results"]), "failed": len(result["failed_scenarios"])}
+        return outcome
+
     async def handle(request: Request, endpoint: str, work) -> Response:
         started = time.perf_counter()
         cid, headers = correlation(request)
@@ -363,7 +380,7 @@ def create_app(store_path: str | None = None, idempotency: str = "reference") ->
                                 headers=headers)
         seconds = time.perf_counter() - started
         metrics.response(endpoint, outcome.code, seconds)
-        ok = outcome.code == 200 and (endpoint == "batch" or outcome.status == "READY")
+        ok = outcome.code == 200 and (endpoint in ("batch", "analyze") or outcome.status == "READY")
         level = logging.INFO if ok else logging.WARNING
         fields = dict(event=endpoint, path=request.url.path, correlation_id=cid, portfolio_id=outcome.portfolio_id,
                       run_id=outcome.run_id, status=outcome.status, http_status=outcome.code,
@@ -383,6 +400,10 @@ def create_app(store_path: str | None = None, idempotency: str = "reference") ->
     @app.post(BATCH_PATH)
     async def simulate_batch(request: Request) -> Response:
         return await handle(request, "batch", batch_work)
+
+    @app.post(ANALYZE_PATH)
+    async def analyze_endpoint(request: Request) -> Response:
+        return await handle(request, "analyze", analyze_work)
 
     @app.get("/health")
     async def health() -> dict:

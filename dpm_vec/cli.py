@@ -108,6 +108,27 @@ def cmd_import_requests(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from dpm_vec.analyze import analyze
+    from dpm_vec.errors import RequestError
+
+    try:
+        batch = json.loads(sys.stdin.read() if args.batch == "-" else Path(args.batch).read_text(encoding="utf-8"))
+        if isinstance(batch, dict) and "batch_inputs" in batch:
+            batch = batch["batch_inputs"]  # a golden file: its analyze request
+        result = analyze(batch)
+    except (OSError, json.JSONDecodeError) as exc:
+        result, code = {"type": "https://dpm-vec.dev/problems/unreadable-request", "title": "Unreadable request",
+                        "status": 422, "detail": f"{args.batch}: {exc}"}, 2
+    except RequestError as exc:
+        result, code = exc.problem(), 2
+    else:
+        code = 0
+    json.dump(result, sys.stdout, separators=(",", ":"))
+    sys.stdout.write("\n")
+    return code
+
+
 def cmd_serve(args) -> int:
     from dpm_vec.api import serve
 
@@ -153,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("requests", nargs="+", help="request files, directories of them, or - for JSON lines on stdin")
     imp.add_argument("--out", required=True)
     imp.set_defaults(func=cmd_import_requests)
+    ana = sub.add_parser("analyze", help="what-if: one snapshot under several option sets (reference analyze request)")
+    ana.add_argument("batch", help="analyze request JSON (a golden file's batch_inputs are used)")
+    ana.set_defaults(func=cmd_analyze)
     srv = sub.add_parser("serve", help="serve POST /rebalance/simulate over HTTP")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)

@@ -220,7 +220,6 @@ def test_schema_errors_name_the_field(ref_server, golden):
     assert problem["type"].startswith("https://") and problem["title"]
 
 
-@pytest.mark.xfail(strict=False, reason="contract.parse_request requires targets only when model_portfolio is non-empty")
 def test_empty_model_portfolio_needs_targets(ref_server, golden):
     req = copy.deepcopy(golden)
     req["model_portfolio"] = {}
@@ -382,3 +381,21 @@ def test_rfc_concurrent_requests_with_one_key_get_one_run(rfc_server, golden):
     assert all(r.status_code == 200 for r in responses)
     assert len({r.content for r in responses}) == 1
     assert sum("idempotent-replay" not in r.headers for r in responses) == 1
+
+
+def test_analyze_endpoint_runs_scenarios_and_isolates_bad_ones(ref_server):
+    """§7: valid scenarios in one pass, an invalid option set fails alone."""
+    golden = GOLDENS / "reference-service" / "scenario_13_what_if_analysis.json"
+    if not golden.exists():
+        pytest.skip("shared goldens not present")
+    batch = json.loads(golden.read_text())["batch_inputs"]
+    response = ref_server.client.post("/rebalance/analyze", json=batch)
+    assert response.status_code == 200
+    body = response.json()
+    assert list(body["results"]) == ["ignore_checks"]
+    assert body["comparison_metrics"]["ignore_checks"]["security_intent_count"] == 2
+    assert Decimal(body["comparison_metrics"]["ignore_checks"]["gross_turnover_notional_base"]["amount"]) == Decimal("20000")
+    assert body["failed_scenarios"]["invalid_case"].startswith("INVALID_OPTIONS: ")
+    assert body["warnings"] == ["PARTIAL_BATCH_FAILURE"]
+    empty = ref_server.client.post("/rebalance/analyze", json={**batch, "scenarios": {}})
+    assert empty.status_code == 422 and empty.json()["errors"][0]["field"] == "scenarios"

@@ -1,0 +1,107 @@
+"""dpm_vec's own input checks (spec §9.1 departures; RFC-0001 skew and staleness)."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import polars as pl
+
+T0 = datetime(2026, 1, 5, 12, 0, tzinfo=timezone.utc)
+
+
+def _faults(s):
+    faults, stale = s.checks
+    return dict(zip(faults["run"].to_list(), faults["input_fault"].to_list())), stale
+
+
+def _base(scenario, **kw):
+    kw.setdefault("cash", [("USD", "1000")])
+    kw.setdefault("prices", [("A", "100", "USD")])
+    kw.setdefault("shelf", [("A", "APPROVED")])
+    kw.setdefault("model", [("A", "0.5")])
+    return scenario(**kw)
+
+
+def test_clean_book_has_no_faults(scenario):
+    faults, stale = _faults(_base(scenario))
+    assert faults == {} and stale.height == 0
+
+
+def test_negative_quantity_blocks_that_run(scenario):
+    s = _base(scenario, positions=[("A", "-1")])
+    faults, _ = _faults(s)
+    assert faults == {0: "NEGATIVE_QUANTITY"}
+    r = s.run_row()
+    assert (r["status"], r["exit_path"], r["block_reason"]) == ("BLOCKED", "E1", "NEGATIVE_QUANTITY")
+    assert s.result.intents.height == 0
+
+
+def test_zero_price_of_model_or_held_instrument(scenario):
+    s = _base(scenario, prices=[("A", "0", "USD"), ("H", "0", "USD"), ("UNUSED", "0", "USD")])
+    assert _faults(s)[0] == {0: "NON_POSITIVE_PRICE"}
+    s2 = _base(scenario, prices=[("A", "100", "USD"), ("UNUSED", "0", "USD")])
+    assert _faults(s2)[0] == {}  # a zero price nobody needs is harmless
+
+
+def test_snapshot_skew(scenario):
+    def run(minutes, **policy):
+        return _base(scenario, portfolio_as_of=T0, market_as_of=T0 + timedelta(minutes=minutes), **policy)
+
+    assert _faults(run(15))[0] == {}  # max_skew_minutes defaults to 15, boundary allowed
+    assert _faults(run(16))[0] == {0: "SNAPSHOT_SKEW"}
+    assert _faults(run(-16))[0] == {0: "SNAPSHOT_SKEW"}
+    assert _faults(run(16, max_skew_minutes=30))[0] == {}
+
+
+def test_no_timestamps_no_time_checks(scenario):
+    s = _base(
+        scenario,
+        prices=[{"instrument_id": "A", "price": "100", "currency": "USD", "as_of": T0 - timedelta(days=30)}],
+        max_staleness_minutes=1,
+    )
+    assert _faults(s)[0] == {}
+
+
+def _stale(scenario, action, **kw):
+    return _base(
+        scenario,
+        market_as_of=T0,
+        positions=[("H", "5")],
+        prices=[
+            {"instrument_id": "A", "price": "100", "currency": "USD", "as_of": T0 - timedelta(minutes=61)},
+            {"instrument_id": "H", "price": "100", "currency": "USD", "as_of": T0 - timedelta(minutes=61)},
+            {"instrument_id": "F", "price": "100", "currency": "USD", "as_of": T0 - timedelta(minutes=60)},
+        ],
+        shelf=[("A", "APPROVED"), ("H", "APPROVED"), ("F", "APPROVED")],
+        model=[("A", "0.3"), ("F", "0.3")],
+        max_staleness_minutes=60,
+        stale_price_action=action,
+        **kw,
+    )
+
+
+def test_stale_price_blocks(scenario):
+    s = _stale(scenario, "BLOCK")
+    faults, stale = _faults(s)
+    assert faults == {0: "PRICE_STALE"} and stale.height == 0
+    assert s.run_row()["exit_path"] == "E1"
+
+
+def test_stale_price_excluded_and_held_locked(scenario):
+    s = _stale(scenario, "EXCLUDE")
+    faults, stale = _faults(s)
+    assert faults == {}
+    assert sorted(stale["instrument_id"].to_list()) == ["A", "H"]  # F at exactly 60 min is fresh
+    assert s.excluded() == [("A", "PRICE_STALE"), ("H", "PRICE_STALE")]
+    wm = s.universe.weight_map
+    assert wm.filter(pl.col("instrument_id") == "H")["kind"].to_list() == ["LOCKED"]
+    assert "A" not in wm["instrument_id"].to_list()
+
+
+def test_faults_isolated_between_runs(scenario):
+    s = _base(
+        scenario,
+        runs=[dict(portfolio_as_of=T0, market_as_of=T0 + timedelta(hours=1)), dict(), dict(max_skew_minutes=120,
+              portfolio_as_of=T0, market_as_of=T0 + timedelta(hours=1))],
+    )
+    assert _faults(s)[0] == {0: "SNAPSHOT_SKEW"}
+    assert [s.run_row(i)["status"] for i in range(3)] == ["BLOCKED", "READY", "READY"]

@@ -1,0 +1,305 @@
+"""After-state (spec §6.16), rules (§6.17), reconciliation (§6.18), status (§6.19) and the
+workflow gate (§6.20)."""
+from __future__ import annotations
+
+from decimal import Decimal as D
+
+import polars as pl
+
+from dpm_vec.numeric import DEC
+from dpm_vec.stages import compliance
+
+RULE_IDS = ["CASH_BAND", "SINGLE_POSITION_MAX", "DATA_QUALITY", "MIN_TRADE_SIZE", "NO_SHORTING", "INSUFFICIENT_CASH"]
+
+
+def _rule(s, rule_id, run=0):
+    return [r for r in s.rules(run) if r["rule_id"] == rule_id]
+
+
+# ---- rules on whole runs -------------------------------------------------------------------------------
+
+
+def test_clean_run_has_six_passing_rules_in_order(scenario):
+    s = scenario(
+        cash=[("USD", "10000")],
+        prices=[("A", "100", "USD")],
+        shelf=[("A", "APPROVED")],
+        model=[("A", "0.5")],
+    )
+    rules = s.rules()
+    assert [r["rule_id"] for r in rules] == RULE_IDS
+    assert all(r["status"] == "PASS" for r in rules)
+    spm = rules[1]
+    assert (spm["measured"], spm["threshold_max"], spm["reason_code"]) == (D(0), D(-1), "NO_LIMIT_SET")
+    assert rules[0]["measured"] == D("0.5")
+    assert s.run_row()["status"] == "READY"
+    assert s.run_row()["reconciliation_status"] == "OK"
+
+
+def test_single_position_max_one_fail_entry_per_breach(scenario):
+    """§6.17: every instrument above m + 0.001 gives its own FAIL entry, in allocation order.
+    On an early-blocked run (shelf missing) the rules see the before-state."""
+    s = scenario(
+        positions=[("A", "40"), ("B", "30"), ("C", "30")],
+        cash=[("USD", "0")],
+        prices=[(i, "100", "USD") for i in ("A", "B", "C", "X")],
+        shelf=[(i, "APPROVED") for i in ("A", "B", "C")],
+        model=[("X", "1.0")],  # X not on the shelf → E1
+        single_position_max_weight="0.29",
+    )
+    assert s.run_row()["exit_path"] == "E1"
+    spm = _rule(s, "SINGLE_POSITION_MAX")
+    assert [(r["status"], r["measured"], r["threshold_max"]) for r in spm] == [
+        ("FAIL", D("0.4"), D("0.29")),
+        ("FAIL", D("0.3"), D("0.29")),
+        ("FAIL", D("0.3"), D("0.29")),
+    ]
+    assert {r["remediation_hint"] for r in spm} == {"Instrument A exceeds max weight.", "Instrument B exceeds max weight.", "Instrument C exceeds max weight."}
+    assert [r["rule_id"] for r in s.rules()] == RULE_IDS[:2] + ["SINGLE_POSITION_MAX"] * 2 + RULE_IDS[2:]
+    dq = _rule(s, "DATA_QUALITY")[0]
+    assert (dq["status"], dq["measured"]) == ("FAIL", D(1))
+
+
+def test_single_position_max_tolerance_and_pass_measure(scenario):
+    s = scenario(
+        positions=[("A", "30"), ("B", "30")],
+        cash=[("USD", "4000")],
+        prices=[(i, "100", "USD") for i in ("A", "B", "X")],
+        shelf=[("A", "APPROVED"), ("B", "APPROVED")],
+        model=[("X", "1.0")],
+        single_position_max_weight="0.299",  # 0.3 ≤ 0.299 + 0.001 → PASS
+    )
+    (spm,) = _rule(s, "SINGLE_POSITION_MAX")
+    assert (spm["status"], spm["measured"], spm["threshold_max"], spm["reason_code"]) == ("PASS", D("0.3"), D("0.299"), "OK")
+
+
+def test_no_shorting_and_insufficient_cash_safety_failures(scenario):
+    """Both safety rules fail: the sale sized on a market value twice the price value
+    overshoots the holding (NO_SHORTING), and the 5% FX buffer drives base cash negative
+    (INSUFFICIENT_CASH); SIMULATION_SAFETY_CHECK_FAILED appears once per failed rule."""
+    s = scenario(
+        base="SGD",
+        positions=[{"instrument_id": "OLD", "quantity": "1", "market_value": "2", "market_value_currency": "SGD"}],
+        cash=[("SGD", "94")],
+        prices=[("OLD", "1", "SGD"), ("U", "1", "USD")],
+        fx=[("USD/SGD", "1")],
+        shelf=[("OLD", "APPROVED"), ("U", "APPROVED")],
+        model=[("U", "1.0")],
+        fx_buffer_pct="0.05",
+    )
+    # tv 95: BUY 95 U → FUNDING 99.75 USD for 99.75 SGD; SELL 2 OLD (+2 SGD) → OLD −1, SGD −3.75
+    r = s.run_row()
+    assert (r["status"], r["exit_path"]) == ("BLOCKED", "E4")
+    (ns,) = _rule(s, "NO_SHORTING")
+    assert (ns["status"], ns["measured"], ns["reason_code"]) == ("FAIL", D(-1), "SELL_EXCEEDS_HOLDINGS")
+    assert ns["remediation_hint"] == "Reduce sell quantity."
+    (ic,) = _rule(s, "INSUFFICIENT_CASH")
+    assert (ic["status"], ic["measured"], ic["reason_code"]) == ("FAIL", D("-3.75"), "CASH_BALANCE_NEGATIVE")
+    assert s.warnings() == ["SIMULATION_SAFETY_CHECK_FAILED", "SIMULATION_SAFETY_CHECK_FAILED"]
+    assert r["reconciliation_status"] is None  # E4: no reconciliation
+    assert _rule(s, "RECONCILIATION") == []
+
+
+def test_insufficient_cash_golden_quirk_21(scenario):
+    s = scenario(
+        base="SGD",
+        cash=[("SGD", "100")],
+        prices=[("U", "1", "USD")],
+        fx=[("USD/SGD", "1")],
+        shelf=[("U", "APPROVED")],
+        model=[("U", "1.0")],
+        fx_buffer_pct="0.05",
+    )
+    (ic,) = _rule(s, "INSUFFICIENT_CASH")
+    assert (ic["status"], ic["measured"]) == ("FAIL", D("-5"))
+    assert s.warnings() == ["SIMULATION_SAFETY_CHECK_FAILED"]
+    assert s.run_row()["exit_path"] == "E4"
+
+
+def test_data_quality_count_respects_block_flags_and_duplicates(scenario):
+    """A held instrument without price appears three times when prices do not block;
+    the DATA_QUALITY rule then ignores them and the gate still reports them."""
+    s = scenario(
+        runs=[dict(block_on_missing_prices=False), dict()],
+        positions=[("NOP", "1")],
+        cash=[("USD", "1000")],
+        prices=[("A", "100", "USD")],
+        shelf=[("NOP", "APPROVED"), ("A", "APPROVED")],
+        model=[("A", "0.5")],
+    )
+    r0, r1 = s.run_row(0), s.run_row(1)
+    assert r0["n_price_missing"] == 3 and r0["dq_count"] == 0
+    assert (r0["status"], r0["gate"]) == ("READY", "EXECUTION_READY")
+    assert _rule(s, "DATA_QUALITY", 0)[0]["status"] == "PASS"
+    reasons0 = s.result.gate_reasons.filter(pl.col("run") == 0).to_dicts()
+    assert [(x["reason_code"], x["severity"], x["detail_count"]) for x in reasons0] == [("DATA_QUALITY_MISSING_PRICE", "HIGH", "3")]
+    assert r1["exit_path"] == "E1" and r1["status"] == "BLOCKED"
+    assert _rule(s, "DATA_QUALITY", 1)[0]["measured"] == D(1)
+
+
+def test_min_trade_size_counts_suppressed_and_passes(scenario):
+    s = scenario(
+        cash=[("USD", "10000")],
+        prices=[("A", "100", "USD"), ("B", "100", "USD")],
+        shelf=[("A", "APPROVED"), ("B", "APPROVED")],
+        model=[("A", "0.5"), ("B", "0.01")],
+        min_trade_notional=("500", "USD"),
+    )
+    (mts,) = _rule(s, "MIN_TRADE_SIZE")
+    assert (mts["status"], mts["measured"], mts["reason_code"]) == ("PASS", D(1), "INTENTS_SUPPRESSED")
+    assert s.run_row()["status"] == "READY"
+
+
+def test_cash_band_soft_fail_is_pending_review_and_risk_review(scenario):
+    s = scenario(
+        cash=[("USD", "10000")],
+        prices=[("A", "100", "USD")],
+        shelf=[("A", "APPROVED")],
+        model=[("A", "0.5")],
+        cash_band_max_weight="0.4",
+    )
+    (cb,) = _rule(s, "CASH_BAND")
+    assert (cb["status"], cb["measured"], cb["reason_code"]) == ("FAIL", D("0.5"), "THRESHOLD_BREACH")
+    r = s.run_row()
+    assert (r["status"], r["gate"], r["recommended_next_step"]) == ("PENDING_REVIEW", "RISK_REVIEW_REQUIRED", "RISK_REVIEW")
+    reasons = s.result.gate_reasons.to_dicts()
+    assert [(x["reason_code"], x["severity"], x["detail_reason_code"]) for x in reasons] == [
+        ("SOFT_RULE_FAIL:CASH_BAND", "MEDIUM", "THRESHOLD_BREACH")
+    ]
+
+
+# ---- reconciliation -----------------------------------------------------------------------------------
+
+
+def test_trust_snapshot_value_mismatch_blocks(scenario):
+    """§6.18: trusted 2000 vs 10 × 100 after-state → delta −1000, tolerance 1.5 → E5."""
+    s = scenario(
+        valuation_mode="TRUST_SNAPSHOT",
+        positions=[{"instrument_id": "A", "quantity": "10", "market_value": "2000", "market_value_currency": "USD"}],
+        cash=[("USD", "0")],
+        prices=[("A", "100", "USD")],
+        shelf=[("A", "APPROVED")],
+        model=[("A", "1.0")],
+    )
+    r = s.run_row()
+    assert (r["status"], r["exit_path"], r["reconciliation_status"]) == ("BLOCKED", "E5", "MISMATCH")
+    assert r["delta"] == D(-1000) and r["tolerance"] == D("1.5")
+    (rec,) = _rule(s, "RECONCILIATION")
+    assert (rec["measured"], rec["threshold_max"], rec["reason_code"]) == (D(1000), D("1.5"), "VALUE_MISMATCH")
+
+
+def _totals(values):
+    return pl.DataFrame({
+        "run": pl.Series(list(range(len(values))), dtype=pl.UInt32),
+        "total_value": pl.Series([D(v) for v in values], dtype=DEC),
+    })
+
+
+def test_reconciliation_tolerance_boundary():
+    before = _totals(["1000", "1000", "1000", "-2000", "0"])
+    after = _totals(["1001", "1001.00000001", "998.99999999", "-2000", "0.5"])
+    rec = compliance.reconcile(before, after).sort("run")
+    assert rec["tolerance"].to_list()[:3] == [D("1.0")] * 3
+    # |Δ| = tolerance is OK; a negative total has a negative tolerance → always MISMATCH
+    assert rec["reconciliation_status"].to_list() == ["OK", "MISMATCH", "MISMATCH", "MISMATCH", "OK"]
+    rule = compliance.reconciliation_rule(rec).sort("run")
+    assert rule["run"].to_list() == [1, 2, 3]
+    assert rule["measured"].to_list()[:2] == [D("1.00000001"), D("1.00000001")]
+
+
+# ---- after-state ---------------------------------------------------------------------------------------
+
+
+def test_apply_intents_updates_first_rows_and_appends_new(scenario):
+    s = scenario(
+        base="SGD",
+        positions=[("S", "10")],
+        cash=[("SGD", "1000")],
+        prices=[("S", "100", "SGD"), ("U", "100", "USD")],
+        fx=[("USD/SGD", "2")],
+        shelf=[("S", "APPROVED"), ("U", "APPROVED")],
+        model=[("U", "0.5")],
+        fx_buffer_pct="0",
+    )
+    pos = s.result.positions.filter(pl.col("state") == "after").sort("pos_seq")
+    assert list(zip(pos["instrument_id"], pos["quantity"])) == [("S", D(0)), ("U", D(5))]
+    cash = s.result.cash.filter(pl.col("state") == "after").sort("cash_seq")
+    # SELL S +1000 SGD; FX sells 1000 SGD for 500 USD; BUY U −500 USD
+    assert list(zip(cash["currency"], cash["amount"])) == [("SGD", D(1000)), ("USD", D(0))]
+    assert s.run_row()["after_total_value"] == D(2000)
+
+
+# ---- gate ------------------------------------------------------------------------------------------------
+
+
+def test_gate_consent_options(scenario):
+    common = dict(
+        cash=[("USD", "1000")],
+        prices=[("A", "100", "USD")],
+        shelf=[("A", "APPROVED")],
+        model=[("A", "0.5")],
+    )
+    s = scenario(
+        runs=[
+            dict(),
+            dict(workflow_requires_client_consent=True),
+            dict(workflow_requires_client_consent=True, client_consent_already_obtained=True),
+            dict(enable_workflow_gates=False),
+            dict(single_position_max_weight="0.25"),  # target-stage PENDING_REVIEW only
+        ],
+        **common,
+    )
+    rows = s.result.runs.sort("run").to_dicts()
+    assert [(r["status"], r["gate"], r["recommended_next_step"]) for r in rows] == [
+        ("READY", "EXECUTION_READY", "EXECUTE"),
+        ("READY", "CLIENT_CONSENT_REQUIRED", "REQUEST_CLIENT_CONSENT"),
+        ("READY", "EXECUTION_READY", "EXECUTE"),
+        ("READY", None, None),
+        ("PENDING_REVIEW", "EXECUTION_READY", "EXECUTE"),
+    ]
+
+
+def test_gate_reasons_sorted_by_severity_source_code():
+    runs = pl.DataFrame({
+        "run": pl.Series([0], dtype=pl.UInt32), "status": ["BLOCKED"], "enable_workflow_gates": [True],
+        "workflow_requires_client_consent": [False], "client_consent_already_obtained": [False],
+    })
+    rules = pl.DataFrame({
+        "run": pl.Series([0, 0, 0, 0], dtype=pl.UInt32),
+        "rule_id": ["CASH_BAND", "SINGLE_POSITION_MAX", "SINGLE_POSITION_MAX", "DATA_QUALITY"],
+        "severity": ["SOFT", "HARD", "HARD", "HARD"],
+        "status": ["FAIL", "FAIL", "FAIL", "FAIL"],
+        "reason_code": ["THRESHOLD_BREACH", "LIMIT_BREACH", "LIMIT_BREACH", "MISSING_DATA"],
+    })
+    counts = pl.DataFrame({
+        "run": pl.Series([0], dtype=pl.UInt32), "n_price_missing": [2], "n_fx_missing": [1],
+        "n_shelf_missing": [4], "dq_count": [7],
+    })
+    gate, reasons = compliance.gate_decisions(runs, rules, counts)
+    assert [(r["reason_code"], r["severity"], r["source"]) for r in reasons.to_dicts()] == [
+        ("DATA_QUALITY_MISSING_FX", "HIGH", "DATA_QUALITY"),
+        ("DATA_QUALITY_MISSING_PRICE", "HIGH", "DATA_QUALITY"),
+        ("HARD_RULE_FAIL:DATA_QUALITY", "HIGH", "RULE_ENGINE"),
+        ("HARD_RULE_FAIL:SINGLE_POSITION_MAX", "HIGH", "RULE_ENGINE"),
+        ("HARD_RULE_FAIL:SINGLE_POSITION_MAX", "HIGH", "RULE_ENGINE"),
+        ("SOFT_RULE_FAIL:CASH_BAND", "MEDIUM", "RULE_ENGINE"),
+    ]
+    assert reasons["detail_count"].to_list()[:2] == ["1", "2"]
+    g = gate.to_dicts()[0]
+    assert (g["gate"], g["recommended_next_step"], g["hard_fail_count"], g["soft_fail_count"]) == ("BLOCKED", "FIX_INPUT", 3, 1)
+
+
+def test_rules_isolated_between_runs(scenario):
+    """Cap on one run only: the capped run reports the cap, the other NO_LIMIT_SET."""
+    s = scenario(
+        runs=[dict(single_position_max_weight="0.3"), dict()],
+        cash=[("USD", "10000")],
+        prices=[(i, "100", "USD") for i in ("A", "B", "C")],
+        shelf=[(i, "APPROVED") for i in ("A", "B", "C")],
+        model=[("A", "0.5"), ("B", "0.1"), ("C", "0.1")],
+    )
+    (a,) = _rule(s, "SINGLE_POSITION_MAX", 0)
+    (b,) = _rule(s, "SINGLE_POSITION_MAX", 1)
+    assert (a["status"], a["measured"], a["threshold_max"]) == ("PASS", D("0.3"), D("0.3"))
+    assert (b["reason_code"], b["threshold_max"]) == ("NO_LIMIT_SET", D(-1))
+    assert [s.run_row(i)["status"] for i in (0, 1)] == ["PENDING_REVIEW", "READY"]

@@ -81,6 +81,7 @@ TABLES: dict[str, list[tuple[str, pl.DataType, bool]]] = {
         ("market_as_of", pl.Datetime("us", "UTC"), False),
         ("request_hash", STR, False),
         ("input_fault", STR, False),  # set by the book reader: a broken reference blocks the run
+        ("scenario_id", STR, False),  # set by a what-if sweep: the scenario this run applies
     ]
     + [(name, dtype, False) for name, dtype, _ in POLICY_COLUMNS],
     "positions": [

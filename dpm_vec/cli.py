@@ -61,8 +61,10 @@ def cmd_sweep(args) -> int:
     from dpm_vec.sweep import sweep
 
     manifest = sweep(args.book, args.out, shard_size=args.shard_size, scheduler=args.scheduler, workers=args.workers,
-                     progress=None if not args.quiet else False)
+                     progress=None if not args.quiet else False, scenarios=args.scenarios)
     _print_summary(manifest, args.out)
+    if manifest.get("scenario_comparison"):
+        _print_scenarios(manifest["scenario_comparison"])
     return 0
 
 
@@ -84,6 +86,19 @@ def _print_summary(manifest: dict, out: str) -> None:
         f"{manifest['shards']} shard(s), {manifest['resumed_shards']} resumed; wall time {manifest['wall_time_s']:.2f} s "
         f"({manifest['portfolios_per_second']:,} portfolios/s); intents: {manifest['tables']['intents']['rows']:,}"
     )
+
+
+def _print_scenarios(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="scenarios side by side")
+    for column in ("scenario", "runs", "READY", "PENDING", "BLOCKED", "intents", "turnover (Σ base)"):
+        table.add_column(column, justify="left" if column == "scenario" else "right")
+    for r in rows:
+        table.add_row(r["scenario_id"], f"{r['portfolios']:,}", f"{r['ready']:,}", f"{r['pending_review']:,}", f"{r['blocked']:,}",
+                      f"{r['security_intents']:,}", f"{r['gross_turnover_notional_base_sum']:,.2f}")
+    Console(stderr=True).print(table)
 
 
 def cmd_generate(args) -> int:
@@ -161,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     sw.add_argument("--workers", type=int, help="start a local Dask cluster with this many worker processes")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    sw.add_argument("--scenarios", help="what-if scenarios JSON: every portfolio runs under every scenario")
     sw.set_defaults(func=cmd_sweep)
     gen = sub.add_parser("generate", help="write a deterministic synthetic book")
     gen.add_argument("--portfolios", type=int, required=True)

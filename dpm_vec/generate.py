@@ -528,6 +528,7 @@ def _portfolios(block: pl.DataFrame, seed: int) -> pl.DataFrame:
         "market_as_of": pl.lit(MARKET_AS_OF, dtype=pl.Datetime("us", "UTC")),
         "request_hash": pl.lit(None, dtype=pl.String),
         "input_fault": pl.lit(None, dtype=pl.String),
+        "scenario_id": pl.lit(None, dtype=pl.String),
     }
     for name, dtype, _default in POLICY_COLUMNS:
         exprs[name] = policy.get(name, pl.lit(None, dtype=dtype))

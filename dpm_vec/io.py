@@ -60,10 +60,10 @@ def _conform(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
     return out
 
 
-def read_portfolios(book_dir: str | Path) -> pl.DataFrame:
+def read_portfolios(book_dir: str | Path, file: Path | None = None) -> pl.DataFrame:
     book_dir = Path(book_dir)
-    lf = scan_table(book_dir, "portfolios")
-    return _conform("portfolios", lf.collect(), str(_path(book_dir, "portfolios")))
+    lf = scan_table(book_dir, "portfolios", file)
+    return _conform("portfolios", lf.collect(), str(file or _path(book_dir, "portfolios")))
 
 
 def read_reference(book_dir: str | Path) -> dict[str, pl.DataFrame]:
@@ -90,7 +90,7 @@ def read_book(book_dir: str | Path, portfolios: pl.DataFrame | None = None,
     snapshot_ids = portfolios["portfolio_snapshot_id"].unique().implode()
     run_keys = portfolios["run_key"].unique().implode()
     tables: dict[str, pl.DataFrame] = {"portfolios": portfolios.drop("seq"), **{k: v.drop("seq") for k, v in reference.items()}}
-    for table, key, ids in (("positions", "portfolio_snapshot_id", snapshot_ids), ("cash", "portfolio_snapshot_id", snapshot_ids),
+    for table, key, ids in (("positions", "portfolio_snapshot_id", snapshot_ids), ("cash", "portfolio_snapshot_id", snapshot_ids),  # noqa: E501
                             ("lots", "portfolio_snapshot_id", snapshot_ids), ("group_constraints", "run_key", run_keys),
                             ("overdraft_limits", "run_key", run_keys)):
         if table in files and not files[table].exists():

@@ -31,7 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpm_vec import __version__
-from dpm_vec.io import read_book, read_portfolios, read_reference, replace_dir, write_json_atomic, _path
+from dpm_vec.book import conform
+from dpm_vec.errors import DpmVecError
+from dpm_vec.io import _path, read_book, read_portfolios, read_reference, replace_dir, write_book, write_json_atomic
+from dpm_vec.scenarios import comparison_table, expand, load_scenarios
 from dpm_vec.outputs import OUTPUT_TABLES, output_tables
 from dpm_vec.pipeline import run
 
@@ -48,6 +51,14 @@ class SweepPlan:
     shard_size: int
     n_portfolios: int
     fingerprint: str
+    scenarios: bool = False
+
+    def table_files(self) -> dict[str, Path]:
+        """Tables a what-if sweep derives (portfolios × scenarios) live in the work dir."""
+        if not self.scenarios:
+            return {}
+        derived = Path(self.work_dir) / "derived"
+        return {t: derived / f"{t}.parquet" for t in ("portfolios", "group_constraints", "overdraft_limits")}
 
     @property
     def n_shards(self) -> int:
@@ -72,12 +83,14 @@ def input_hashes(book_dir: Path) -> dict[str, str]:
     return {f"{t}.parquet": file_sha256(_path(book_dir, t)) for t in BOOK_FILES if _path(book_dir, t).exists()}
 
 
-def plan_sweep(book_dir: Path, out_dir: Path, shard_size: int, hashes: dict[str, str], n_portfolios: int) -> SweepPlan:
+def plan_sweep(book_dir: Path, out_dir: Path, shard_size: int, hashes: dict[str, str], n_portfolios: int,
+               scenarios: dict | None = None) -> SweepPlan:
     fingerprint = hashlib.sha256(
-        json.dumps({"inputs": hashes, "shard_size": shard_size, "engine": __version__}, sort_keys=True).encode()
+        json.dumps({"inputs": hashes, "shard_size": shard_size, "engine": __version__, "scenarios": scenarios},
+                   sort_keys=True).encode()
     ).hexdigest()
     work = out_dir.parent / f".{out_dir.name}.work-{fingerprint[:16]}"
-    return SweepPlan(str(book_dir), str(work), shard_size, n_portfolios, fingerprint)
+    return SweepPlan(str(book_dir), str(work), shard_size, n_portfolios, fingerprint, scenarios is not None)
 
 
 def partition_holdings(plan: SweepPlan, portfolios: pl.DataFrame, batch_rows: int = 1_000_000) -> None:
@@ -129,9 +142,11 @@ def run_shard(plan: SweepPlan, shard: int) -> dict[str, int]:
         return json.loads((target / "_SUCCESS").read_text())
     start, stop = plan.shard_range(shard)
     book_dir = Path(plan.book_dir)
-    portfolios = read_portfolios(book_dir).slice(start, stop - start)
+    derived = plan.table_files()
+    portfolios = read_portfolios(book_dir, derived.get("portfolios")).slice(start, stop - start)
     holdings_dir = Path(plan.work_dir) / "partition"
     files = {table: holdings_dir / table / f"shard-{shard:05d}.parquet" for table in HOLDING_TABLES}
+    files.update({t: f for t, f in derived.items() if t != "portfolios"})
     book = read_book(book_dir, portfolios=portfolios, reference=_reference(plan.book_dir), files=files)
     tables = output_tables(run(book, allocations=False))
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -159,21 +174,39 @@ def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
             rows[name] += pq.ParquetFile(src).metadata.num_rows
             shutil.copy2(src, staging / name / f"part-{shard:05d}.parquet")
     manifest["tables"] = {name: {"rows": rows[name], "files": plan.n_shards, "path": f"{name}/"} for name in OUTPUT_TABLES}
+    if plan.scenarios:
+        table = comparison_table(pl.read_parquet(staging / "runs"))
+        (staging / "scenario_comparison").mkdir()
+        table.write_parquet(staging / "scenario_comparison" / "part-00000.parquet")
+        manifest["tables"]["scenario_comparison"] = {"rows": table.height, "files": 1, "path": "scenario_comparison/"}
+        manifest["scenario_comparison"] = table.to_dicts()
     write_json_atomic(staging / "manifest.json", manifest)
     replace_dir(staging, out_dir)
     shutil.rmtree(plan.work_dir, ignore_errors=True)
 
 
 def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int = 50_000, scheduler: str | None = None,
-          workers: int | None = None, progress: bool | None = None) -> dict:
-    """Run every portfolio of the book; write the output datasets and manifest."""
+          workers: int | None = None, progress: bool | None = None, scenarios: str | Path | None = None) -> dict:
+    """Run every portfolio of the book (under every scenario, when a scenarios file is
+    given); write the output datasets and manifest."""
+    if shard_size < 1:
+        raise DpmVecError(f"--shard-size must be at least 1, got {shard_size}")
     started = time.perf_counter()
     book_dir, out_dir = Path(book_dir).resolve(), Path(out_dir).resolve()
     portfolios = read_portfolios(book_dir)
     read_reference(book_dir)  # structural faults of shared tables surface before any work
     hashes = input_hashes(book_dir)
-    plan = plan_sweep(book_dir, out_dir, shard_size, hashes, portfolios.height)
+    scenario_map = load_scenarios(scenarios) if scenarios else None
+    if scenario_map:
+        book = read_book(book_dir, portfolios=portfolios.head(0))
+        gc = pl.read_parquet(_path(book_dir, "group_constraints")) if _path(book_dir, "group_constraints").exists() else book.group_constraints
+        od = pl.read_parquet(_path(book_dir, "overdraft_limits")) if _path(book_dir, "overdraft_limits").exists() else book.overdraft_limits
+        derived_tables = expand(portfolios, gc, od, scenario_map)
+        portfolios = conform("portfolios", derived_tables["portfolios"])
+    plan = plan_sweep(book_dir, out_dir, shard_size, hashes, portfolios.height, scenario_map)
     Path(plan.work_dir).mkdir(parents=True, exist_ok=True)
+    if scenario_map and not (Path(plan.work_dir) / "derived").exists():
+        write_book(derived_tables, Path(plan.work_dir) / "derived")
     write_json_atomic(Path(plan.work_dir) / "plan.json", plan.__dict__)
     partition_holdings(plan, portfolios)
     pending = [s for s in range(plan.n_shards) if not (plan.shard_dir(s) / "_SUCCESS").exists()]
@@ -208,6 +241,8 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int = 50_000
         "wall_time_s": round(wall, 3),
         "portfolios_per_second": round(plan.n_portfolios / wall, 1) if wall else None,
     }
+    if scenario_map:
+        manifest["scenarios"] = sorted(scenario_map)
     finalise(plan, out_dir, manifest)
     return manifest
 

@@ -10,7 +10,8 @@ T0 = datetime(2026, 1, 5, 12, 0, tzinfo=timezone.utc)
 
 def _faults(s):
     faults, stale = s.checks
-    return dict(zip(faults["run"].to_list(), faults["input_fault"].to_list())), stale
+    code = [c for c in faults.columns if c != "run"][0]  # the fault-code column
+    return dict(zip(faults["run"].to_list(), faults[code].to_list())), stale
 
 
 def _base(scenario, **kw):

@@ -1,0 +1,95 @@
+"""What-if scenarios over a whole book: every portfolio under every option set.
+
+A scenario file is ``{"scenarios": {name: {"options": {...}}}}`` (the analyze request's
+``scenarios`` shape) or just the inner map. Each portfolio row becomes one run per
+scenario, keyed ``<run_key>|<scenario>``; a scenario's options override only the policy
+columns it names, so each portfolio keeps the rest of its own mandate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from dpm_vec.analyze import SCENARIO_NAME
+from dpm_vec.book import POLICY_COLUMNS, conform, table_schema
+from dpm_vec.contract import _Reader, parse_options
+from dpm_vec.errors import DpmVecError
+
+MAP_OPTIONS = {"group_constraints": "group_constraints", "max_overdraft_by_ccy": "overdraft_limits"}
+
+
+def load_scenarios(path: str | Path) -> dict[str, dict]:
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DpmVecError(f"{path}: cannot read scenarios: {exc}") from None
+    scenarios = doc.get("scenarios", doc) if isinstance(doc, dict) else None
+    if not isinstance(scenarios, dict) or not scenarios:
+        raise DpmVecError(f"{path}: expected {{\"scenarios\": {{name: {{\"options\": {{...}}}}}}}}")
+    for name, spec in scenarios.items():
+        if not SCENARIO_NAME.match(name):
+            raise DpmVecError(f"{path}: scenario name {name!r} must match ^[a-z0-9_-]{{1,64}}$")
+        options = spec.get("options", {}) if isinstance(spec, dict) else None
+        if not isinstance(options, dict):
+            raise DpmVecError(f"{path}: scenarios.{name}.options must be an object")
+        reader, rows = _Reader(), {"group_constraints": [], "overdraft_limits": []}
+        parse_options(reader, options, name, rows)
+        if reader.errors:
+            first = reader.errors[0]
+            raise DpmVecError(f"{path}: scenarios.{name}: {first['field']}: {first['message']}")
+    return scenarios
+
+
+def expand(portfolios: pl.DataFrame, group_constraints: pl.DataFrame, overdrafts: pl.DataFrame,
+           scenarios: dict[str, dict]) -> dict[str, pl.DataFrame]:
+    """Portfolios × scenarios (scenario order = name order, portfolios in book order)."""
+    policy_names = {name for name, _, _ in POLICY_COLUMNS}
+    out = {"portfolios": [], "group_constraints": [], "overdraft_limits": []}
+    for index, name in enumerate(sorted(scenarios)):
+        options = scenarios[name].get("options", {})
+        reader, rows = _Reader(), {"group_constraints": [], "overdraft_limits": []}
+        policy = parse_options(reader, options, "_", rows)
+        named = {k for k in options if k in policy_names}
+        if "min_trade_notional" in options:
+            named |= {"min_trade_notional_amount", "min_trade_notional_currency"}
+        overrides = [pl.lit(policy[k], dtype=dict((n, t) for n, t, _ in POLICY_COLUMNS)[k]).alias(k) for k in sorted(named)]
+        runs = portfolios.with_columns(
+            *overrides,
+            (pl.col("run_key") + "|" + name).alias("run_key"),
+            pl.lit(name).alias("scenario_id"),
+            (pl.col("seq") * len(scenarios) + index).alias("seq"),
+        )
+        out["portfolios"].append(runs)
+        keys = portfolios.select("run_key", (pl.col("run_key") + "|" + name).alias("_scenario_key"))
+        for option, table in MAP_OPTIONS.items():
+            source = group_constraints if table == "group_constraints" else overdrafts
+            if option in options:
+                given = pl.DataFrame(rows[table], schema=table_schema(table), orient="row").drop("run_key")
+                out[table].append(keys.join(given, how="cross").drop("run_key").rename({"_scenario_key": "run_key"}))
+            else:
+                out[table].append(keys.join(source.drop("seq", strict=False), on="run_key").drop("run_key").rename({"_scenario_key": "run_key"}))
+    portfolios_out = pl.concat(out["portfolios"]).sort("seq").drop("seq")
+    return {
+        "portfolios": portfolios_out,
+        **{t: conform(t, pl.concat(frames, how="diagonal_relaxed")).drop("seq") if frames else None
+           for t, frames in out.items() if t != "portfolios"},
+    }
+
+
+def comparison_table(runs: pl.DataFrame) -> pl.DataFrame:
+    """Per scenario: how many runs ended in each status, intents and gross turnover."""
+    return (
+        runs.group_by("scenario_id")
+        .agg(
+            pl.len().alias("portfolios"),
+            (pl.col("status") == "READY").sum().alias("ready"),
+            (pl.col("status") == "PENDING_REVIEW").sum().alias("pending_review"),
+            (pl.col("status") == "BLOCKED").sum().alias("blocked"),
+            pl.col("security_intent_count").sum().alias("security_intents"),
+            pl.col("gross_turnover_notional_base").sum().alias("gross_turnover_notional_base_sum"),
+        )
+        .sort("scenario_id")
+    )

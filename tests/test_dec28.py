@@ -1,0 +1,124 @@
+"""dpm_vec.dec28 agrees exactly with Python's decimal at 28 significant digits, half-even
+(the reference's arithmetic, spec §1.1)."""
+from __future__ import annotations
+
+import decimal
+from decimal import Decimal
+
+import polars as pl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dpm_vec import dec28
+from dpm_vec.numeric import DEC
+
+CTX = decimal.Context(prec=28, rounding=decimal.ROUND_HALF_EVEN)
+SETTINGS = settings(
+    max_examples=60, deadline=None, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+LIMIT = Decimal(10) ** 9
+
+
+def _scaled(mantissa: int, places: int) -> Decimal:
+    return Decimal(mantissa).scaleb(-places)
+
+
+# values within ±1e9 with up to 12 decimal places: uniform draws plus short mantissas at
+# every scale (0.000000000001, 123.4, …), which hit the normalisation boundaries
+decimals_12 = st.one_of(
+    st.decimals(min_value=-LIMIT, max_value=LIMIT, places=12, allow_nan=False, allow_infinity=False),
+    st.builds(_scaled, st.integers(-10**6, 10**6), st.integers(0, 12)),
+    st.builds(_scaled, st.integers(-10**21, 10**21), st.integers(12, 12)).filter(lambda x: abs(x) <= LIMIT),
+    st.sampled_from([Decimal(0), Decimal(1), Decimal(-1), Decimal("0.1"), Decimal("0.3"), Decimal("999999999.999999999999"),
+                     Decimal("0.000000000001"), Decimal("1000000000"), Decimal("-0.5")]),
+)
+pairs = st.lists(st.tuples(decimals_12, decimals_12), min_size=1, max_size=40)
+
+
+def _frame(values: dict[str, list[Decimal]]) -> pl.DataFrame:
+    return pl.DataFrame({k: pl.Series(k, v, dtype=DEC) for k, v in values.items()})
+
+
+def _exact(v: dict | None) -> Decimal | None:
+    """F28 struct {z, k} → exact Decimal z × 10^k."""
+    if v is None:
+        return None
+    return v["z"].scaleb(v["k"])
+
+
+@SETTINGS
+@given(pairs)
+def test_arithmetic_matches_python_decimal(rows):
+    a = [x for x, _ in rows]
+    b = [y for _, y in rows]
+    df = _frame({"a": a, "b": b})
+    df = dec28.from_dec(df, "a", "af")
+    df = dec28.from_dec(df, "b", "bf")
+    df = dec28.mul(df, "af", "bf", "mul")
+    df = dec28.div(df, "af", "bf", "div")
+    df = dec28.add(df, "af", "bf", "add")
+    df = dec28.sub(df, "af", "bf", "sub")
+    out = {c: [_exact(v) for v in df[c].to_list()] for c in ("mul", "div", "add", "sub")}
+    for i, (x, y) in enumerate(rows):
+        assert out["mul"][i] == CTX.multiply(x, y), ("mul", x, y)
+        assert out["add"][i] == CTX.add(x, y), ("add", x, y)
+        assert out["sub"][i] == CTX.subtract(x, y), ("sub", x, y)
+        if y == 0:
+            assert out["div"][i] is None
+        else:
+            assert out["div"][i] == CTX.divide(x, y), ("div", x, y)
+
+
+@SETTINGS
+@given(pairs)
+def test_chained_operations_round_once_per_step(rows):
+    """(a × b) / b − a and (a + b) × a: each intermediate rounded to 28 digits like Python."""
+    a = [x for x, _ in rows]
+    b = [y for _, y in rows]
+    df = dec28.from_dec(dec28.from_dec(_frame({"a": a, "b": b}), "a", "af"), "b", "bf")
+    df = dec28.mul(df, "af", "bf", "p")
+    df = dec28.div(df, "p", "bf", "q")
+    df = dec28.add(df, "af", "bf", "s")
+    df = dec28.mul(df, "s", "af", "t")
+    q = [_exact(v) for v in df["q"].to_list()]
+    t = [_exact(v) for v in df["t"].to_list()]
+    for i, (x, y) in enumerate(rows):
+        assert t[i] == CTX.multiply(CTX.add(x, y), x)
+        if y != 0:
+            assert q[i] == CTX.divide(CTX.multiply(x, y), y)
+
+
+@SETTINGS
+@given(st.lists(decimals_12, min_size=1, max_size=40))
+def test_from_dec_round_trips(values):
+    df = dec28.from_dec(_frame({"x": values}), "x", "f")
+    df = df.with_columns(dec28.to_dec("f").alias("back"), dec28.to_d28("f").alias("back28"), dec28.sign("f").alias("sgn"))
+    assert [_exact(v) for v in df["f"].to_list()] == values
+    assert df["back"].to_list() == values
+    assert df["back28"].to_list() == values
+    assert df["sgn"].to_list() == [(v > 0) - (v < 0) for v in values]
+
+
+big = st.builds(_scaled, st.integers(-10**23, 10**23), st.integers(0, 6)).filter(lambda x: abs(x) < Decimal(10) ** 17)
+
+
+@SETTINGS
+@given(st.lists(big, min_size=1, max_size=40))
+def test_from_dec_round_trips_large_values(values):
+    """Values above 1e9 take from_dec's second path; 24 significant digits are kept exactly."""
+    df = dec28.from_dec(_frame({"x": values}), "x", "f").with_columns(dec28.to_dec("f").alias("back"))
+    assert [_exact(v) for v in df["f"].to_list()] == values
+    assert df["back"].to_list() == values
+
+
+def test_known_boundary_cases():
+    """§1.1: 0.3 × (0.2 / 0.3) is exactly 0.2 at 28 digits; 100/90 has 28 ones."""
+    df = _frame({"a": [Decimal("0.2"), Decimal("100")], "b": [Decimal("0.3"), Decimal("90")]})
+    df = dec28.from_dec(dec28.from_dec(df, "a", "af"), "b", "bf")
+    df = dec28.div(df, "af", "bf", "q")
+    df = dec28.mul(df, "q", "bf", "back")
+    q = [_exact(v) for v in df["q"].to_list()]
+    assert q == [Decimal("0.6666666666666666666666666667"), Decimal("1.111111111111111111111111111")]
+    assert _exact(df["back"][0]) == Decimal("0.2000000000000000000000000000")
+    assert dec28.F28 == df.schema["q"]

@@ -144,6 +144,29 @@ def cmd_analyze(args) -> int:
     return code
 
 
+def cmd_query(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from dpm_vec.inspect import query
+
+    columns, rows = query(args.out, args.sql)
+    if args.csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return 0
+    table = Table(show_lines=False)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    Console().print(table)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from dpm_vec.api import serve
 
@@ -193,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     ana = sub.add_parser("analyze", help="what-if: one snapshot under several option sets (reference analyze request)")
     ana.add_argument("batch", help="analyze request JSON (a golden file's batch_inputs are used)")
     ana.set_defaults(func=cmd_analyze)
+    qry = sub.add_parser("query", help="SQL over a sweep's output with DuckDB (a view per dataset: runs, intents, ...)")
+    qry.add_argument("out", help="sweep output directory")
+    qry.add_argument("sql", help='e.g. "select status, count(*) from runs group by 1"')
+    qry.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    qry.set_defaults(func=cmd_query)
     srv = sub.add_parser("serve", help="serve POST /rebalance/simulate over HTTP")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)

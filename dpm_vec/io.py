@@ -28,7 +28,7 @@ def _check_columns(table: str, file: Path, columns: list[str]) -> None:
     for name, _, required in TABLES[table]:
         if required and name not in columns:
             near = difflib.get_close_matches(name, columns, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            hint = f" (the file has {near[0]!r}: did you mean {name!r}?)" if near else ""
             raise BookError(str(file), f"missing required column{hint}; the file has {sorted(columns)}", column=name)
     unknown = [c for c in columns if c not in known]
     if unknown and table != "portfolios":

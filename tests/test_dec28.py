@@ -6,6 +6,7 @@ import decimal
 from decimal import Decimal
 
 import polars as pl
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -93,11 +94,29 @@ def test_chained_operations_round_once_per_step(rows):
 @given(st.lists(decimals_12, min_size=1, max_size=40))
 def test_from_dec_round_trips(values):
     df = dec28.from_dec(_frame({"x": values}), "x", "f")
-    df = df.with_columns(dec28.to_dec("f").alias("back"), dec28.to_d28("f").alias("back28"), dec28.sign("f").alias("sgn"))
+    df = df.with_columns(dec28.to_dec("f").alias("back"), dec28.sign("f").alias("sgn"))
     assert [_exact(v) for v in df["f"].to_list()] == values
     assert df["back"].to_list() == values
-    assert df["back28"].to_list() == values
     assert df["sgn"].to_list() == [(v > 0) - (v < 0) for v in values]
+
+
+@SETTINGS
+@given(st.lists(decimals_12.filter(lambda x: abs(x) < LIMIT), min_size=1, max_size=40))
+def test_to_d28_round_trips_below_1e9(values):
+    df = dec28.from_dec(_frame({"x": values}), "x", "f").with_columns(dec28.to_d28("f").alias("back28"))
+    assert df["back28"].to_list() == values
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug: dec28.to_d28 clips the exponent at 9, so values in [1e9, 1e10) — inside its "
+    "documented range |x| < 1e10 — come back 10x too small (1e9 → 1e8); tax-limited sells of "
+    ">= 1e9 units are affected (spec §1.1, §6.10)",
+)
+def test_to_d28_round_trips_up_to_1e10():
+    values = [Decimal("1000000000"), Decimal("5000000000.5"), Decimal("-9999999999.25")]
+    df = dec28.from_dec(_frame({"x": values}), "x", "f").with_columns(dec28.to_d28("f").alias("back28"))
+    assert df["back28"].to_list() == values
 
 
 big = st.builds(_scaled, st.integers(-10**23, 10**23), st.integers(0, 6)).filter(lambda x: abs(x) < Decimal(10) ** 17)

@@ -186,6 +186,25 @@ def test_foreign_buy_depends_on_fx_then_last_sell_base_buy_on_neither(scenario):
     assert [types[x] for x in ids] == ["SECURITY_TRADE", "SECURITY_TRADE", "FX_SPOT", "SECURITY_TRADE", "SECURITY_TRADE"]
 
 
+def test_last_sell_dependency_follows_turnover_ranking(scenario):
+    """§8 item 19: when the turnover cap bites, survivors keep ranking order, which decides
+    the execution order and which SELL is 'last' for the buy's dependency."""
+    s = scenario(
+        positions=[("S_SMALL", "20"), ("S_BIG", "40")],
+        cash=[("USD", "4000")],
+        prices=[(i, "100", "USD") for i in ("S_SMALL", "S_BIG", "B", "HUGE")],
+        shelf=[(i, "APPROVED") for i in ("S_SMALL", "S_BIG", "B", "HUGE")],
+        model=[("S_SMALL", "0.1"), ("S_BIG", "0.1"), ("B", "0.15"), ("HUGE", "0.6")],
+        max_turnover_pct="0.55",
+    )
+    # oi_1 S_SMALL sell 1000, oi_2 S_BIG sell 3000, oi_3 B buy 1500, oi_4 HUGE buy 6000;
+    # ranking HUGE, S_BIG, B, S_SMALL: HUGE alone exceeds 5500 → dropped, the rest fit
+    assert s.turnover[1]["instrument_id"].to_list() == ["HUGE"]
+    i = s.intents.sort("exec_order")
+    assert i["intent_id"].to_list() == ["oi_2", "oi_1", "oi_3"]
+    assert i.filter(pl.col("intent_id") == "oi_3")["dependencies"].to_list() == [["oi_1"]]
+
+
 def test_fx_runs_isolated(scenario):
     """Two runs over the same frames with different fx buffers get their own amounts."""
     s = scenario(

@@ -204,6 +204,21 @@ def test_group_cap_scales_members_and_redistributes(scenario):
     assert [(r["instrument_id"], r["share"]) for r in rec] == [("Bond_B", D("0.1"))]
 
 
+def test_group_cap_recipients_include_zero_shares(scenario):
+    """Recipients are every buyable outside the group, in map order, zero shares included."""
+    s = scenario(
+        cash=[("USD", "1000")],
+        prices=[(i, "100", "USD") for i in ("T", "Z", "F")],
+        shelf=[("T", "APPROVED"), ("Z", "APPROVED"), ("F", "APPROVED")],
+        attributes=[("T", "sector", "TECH")],
+        model=[("T", "0.6"), ("Z", "0"), ("F", "0.2")],
+        groups={"sector:TECH": "0.3"},
+    )
+    assert s.weights() == {"T": D("0.3"), "Z": D("0"), "F": D("0.5")}
+    rec = s.targets.group_recipients.sort("recipient_order")
+    assert list(zip(rec["instrument_id"], rec["share"])) == [("Z", D(0)), ("F", D("0.3"))]
+
+
 def test_group_cap_within_tolerance_is_silent(scenario):
     """G ≤ max_weight + 0.0001 is skipped silently."""
     s = _sector(scenario, groups={"sector:TECH": "0.2999"})

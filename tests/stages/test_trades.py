@@ -87,6 +87,20 @@ def test_market_value_drives_current_value_even_when_calculated(scenario):
     assert shorting["status"] == "FAIL" and shorting["measured"] == D(-90)
 
 
+def test_capped_locked_position_is_sold(scenario):
+    """§8 item 10: the single-position cap rescales a held SUSPENDED position, which then
+    gets a SELL intent even though it is locked."""
+    s = scenario(
+        positions=[("LOCK", "60")],
+        cash=[("USD", "4000")],
+        prices=[("LOCK", "100", "USD"), ("A", "100", "USD")],
+        shelf=[("LOCK", "SUSPENDED"), ("A", "APPROVED")],
+        model=[("A", "0.2")],
+        single_position_max_weight="0.5",
+    )
+    assert _intents(s) == [("A", "BUY", D(30), D("3000")), ("LOCK", "SELL", D(10), D("1000"))]
+
+
 def test_price_and_fx_missing_in_translation(scenario):
     """Every trace instrument without a price (including excluded targets at weight 0) is
     flagged; an instrument whose price currency has no rate is flagged fx_missing."""
@@ -139,6 +153,12 @@ def test_request_threshold_overrides_shelf(scenario):
     high = _dust(scenario, min_trade_notional=("60000", "USD"))
     assert [x[0] for x in _suppressed(high)] == ["BIG", "DUST", "FLAT"]
     assert high.translation.intents.height == 0
+
+
+def test_notional_equal_to_threshold_is_not_dust(scenario):
+    s = _dust(scenario, min_trade_notional=("100", "USD"))
+    assert [x[0] for x in _suppressed(s)] == ["FLAT"]
+    assert [i[0] for i in _intents(s)] == ["BIG", "DUST"]
 
 
 def test_suppress_dust_false_keeps_trade_but_labels_it(scenario):

@@ -140,3 +140,24 @@ def test_weights_are_not_rounded(scenario):
     ac = _alloc(s, "asset_class")
     w = ac["CASH"][1]
     assert abs(w - D("0.5004405286343612334801762115")) < D("1e-19")
+
+
+def test_runs_with_different_base_currencies_share_frames(scenario):
+    """The same snapshot valued in USD and in EUR: each run converts with its own base."""
+    s = scenario(
+        runs=[dict(), dict()],
+        positions=[("A", "10")],
+        cash=[("USD", "100"), ("EUR", "50")],
+        prices=[("A", "10", "EUR")],
+        fx=[("EUR/USD", "2")],
+    )
+    assert _total(s, 0) == D("300")  # 100 × 2 + 100 + 50 × 2
+    eur = scenario(
+        base="EUR",
+        positions=[("A", "10")],
+        cash=[("USD", "100"), ("EUR", "50")],
+        prices=[("A", "10", "EUR")],
+        fx=[("EUR/USD", "2")],
+    )
+    assert _total(eur) == D("200")  # 100 + 100 × 0.5 + 50
+    assert _pos(eur)["A"]["value_base"] == D("100")

@@ -1,0 +1,34 @@
+"""Ad-hoc inspection of a sweep's output with DuckDB: one view per Parquet dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dpm_vec.errors import DpmVecError
+
+
+def connect(out_dir: str | Path):
+    """An in-memory DuckDB connection with a view per dataset directory of ``out_dir``."""
+    import duckdb
+
+    out_dir = Path(out_dir)
+    if not (out_dir / "manifest.json").exists():
+        raise DpmVecError(f"{out_dir}: not a sweep output (no manifest.json)")
+    con = duckdb.connect()
+    for dataset in sorted(p for p in out_dir.iterdir() if p.is_dir() and any(p.glob("*.parquet"))):
+        pattern = str(dataset / "*.parquet").replace("'", "''")
+        con.execute(f"CREATE VIEW \"{dataset.name}\" AS SELECT * FROM read_parquet('{pattern}')")
+    return con
+
+
+def query(out_dir: str | Path, sql: str):
+    """Run ``sql`` against the sweep's views; returns (column names, rows)."""
+    import duckdb
+
+    con = connect(out_dir)
+    try:
+        cursor = con.execute(sql)
+    except duckdb.Error as exc:
+        views = [r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()]
+        raise DpmVecError(f"query failed: {exc}\navailable views: {', '.join(sorted(views))}") from None
+    return [d[0] for d in cursor.description], cursor.fetchall()

@@ -1,0 +1,200 @@
+"""The book door end to end: generated books on disk, real sweeps, real Parquet."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from dpm_vec.errors import BookError
+from dpm_vec.generate import generate_book_frames
+from dpm_vec.inspect import query
+from dpm_vec.io import read_book, write_book
+from dpm_vec.outputs import OUTPUT_TABLES
+from dpm_vec.sweep import sweep
+
+
+def _book(tmp_path: Path, n: int = 60, seed: int = 3, bad_data: bool = True, name: str = "book") -> Path:
+    return write_book(generate_book_frames(n, seed, bad_data=bad_data, holdings=(5, 12)), tmp_path / name)
+
+
+def _read(out: Path, table: str) -> pl.DataFrame:
+    return pl.read_parquet(out / table / "*.parquet")
+
+
+def _same_outputs(a: Path, b: Path) -> None:
+    for table in OUTPUT_TABLES:
+        assert _read(a, table).equals(_read(b, table), null_equal=True), table
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory) -> Path:
+    return _book(tmp_path_factory.mktemp("sweep"), n=80)
+
+
+@pytest.fixture(scope="module")
+def swept(book, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("out") / "result"
+    manifest = sweep(book, out, shard_size=30, progress=False)
+    return out, manifest
+
+
+def test_one_run_record_per_portfolio(book, swept):
+    out, manifest = swept
+    runs = _read(out, "runs")
+    portfolios = pl.read_parquet(book / "portfolios.parquet")
+    assert runs["run_key"].to_list() == portfolios["portfolio_id"].to_list()
+    assert runs["status"].is_in(["READY", "PENDING_REVIEW", "BLOCKED"]).all()
+    assert manifest["portfolios"] == 80 and sum(manifest["counts_by_status"].values()) == 80
+    assert manifest["tables"]["runs"]["rows"] == 80 and manifest["shards"] == 3
+
+
+def test_manifest_records_inputs_and_is_written_last(book, swept):
+    out, manifest = swept
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["input_hashes"].keys() >= {"portfolios.parquet", "positions.parquet", "prices.parquet"}
+    assert on_disk["engine_version"] and on_disk["wall_time_s"] > 0
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "work or staging dirs left behind"
+
+
+def test_bad_data_blocks_only_its_portfolio(book, swept):
+    """The generator's faults (missing price, missing FX, unshelved target) block those runs by DQ."""
+    out, _ = swept
+    runs = _read(out, "runs")
+    dq_blocked = runs.filter(pl.col("dq_count") > 0)
+    assert dq_blocked.height >= 1
+    assert (dq_blocked["status"] == "BLOCKED").all()
+    assert runs.filter(pl.col("status") != "BLOCKED").height > 0
+
+
+def test_outputs_do_not_depend_on_shard_size(book, swept, tmp_path):
+    out, _ = swept
+    other = tmp_path / "one_shard"
+    sweep(book, other, shard_size=1000, progress=False)
+    _same_outputs(out, other)
+
+
+def test_duckdb_views_over_outputs(swept):
+    out, manifest = swept
+    columns, rows = query(out, "select status, count(*) as n from runs group by status order by status")
+    assert columns == ["status", "n"]
+    assert dict(rows) == manifest["counts_by_status"]
+    _, intents = query(out, "select count(*) from intents i join runs r using (run_key)")
+    assert intents[0][0] == manifest["tables"]["intents"]["rows"]
+
+
+def test_book_faults_block_with_named_reason(tmp_path):
+    frames = generate_book_frames(6, 5, holdings=(3, 5))
+    frames["portfolios"] = frames["portfolios"].with_columns(
+        pl.when(pl.int_range(pl.len()) == 1).then(pl.lit("NO_SUCH_MODEL")).otherwise(pl.col("model_id")).alias("model_id")
+    )
+    victim = frames["portfolios"]["portfolio_snapshot_id"][2]
+    frames["positions"] = frames["positions"].with_columns(
+        pl.when((pl.col("portfolio_snapshot_id") == victim) & (pl.int_range(pl.len()).over("portfolio_snapshot_id") == 0))
+        .then(-pl.col("quantity")).otherwise(pl.col("quantity")).alias("quantity")
+    )
+    book = write_book(frames, tmp_path / "book")
+    sweep(book, tmp_path / "out", progress=False)
+    runs = _read(tmp_path / "out", "runs")
+    assert runs.height == 6
+    reasons = dict(zip(runs["run_key"], runs["block_reason"]))
+    ids = frames["portfolios"]["run_key"].to_list()
+    assert reasons[ids[1]] == "UNKNOWN_MODEL"
+    assert reasons[ids[2]] == "NEGATIVE_QUANTITY"
+    assert runs.filter(pl.col("block_reason").is_not_null())["status"].to_list() == ["BLOCKED", "BLOCKED"]
+    assert runs.filter(pl.col("block_reason").is_null()).height == 4
+
+
+@pytest.mark.parametrize(
+    ("table", "change", "expected"),
+    [
+        ("prices", lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(-pl.col("price")).otherwise(pl.col("price")).alias("price")), "greater_than(0)"),
+        ("cash", lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("usd")).otherwise(pl.col("currency")).alias("currency")), "str_matches"),
+        ("positions", lambda f: pl.concat([f, f.head(1)]), "uniqueness"),
+        ("shelf", lambda f: f.rename({"status": "statuss"}), "did you mean 'status'"),
+        ("models", lambda f: f.with_columns(pl.col("weight").cast(pl.String) + "x"), "wrong type"),
+    ],
+)
+def test_structural_faults_name_file_column_and_rows(tmp_path, table, change, expected):
+    frames = generate_book_frames(4, 9, holdings=(3, 4))
+    frames[table] = change(frames[table])
+    book = write_book(frames, tmp_path / "book")
+    with pytest.raises(BookError) as err:
+        read_book(book)
+    message = str(err.value)
+    assert f"{table}.parquet" in message
+    assert expected in message
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    book = _book(tmp_path, n=3)
+    (book / "fx_rates.parquet").unlink()
+    proc = subprocess.run([sys.executable, "-m", "dpm_vec.cli", "sweep", str(book), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "fx_rates.parquet" in proc.stderr and "missing file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_killed_sweep_resumes_to_identical_output(tmp_path):
+    """Kill a real sweep process after some shards committed; the rerun finishes the rest."""
+    book = _book(tmp_path, n=240, seed=21)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dpm_vec.cli", "sweep", str(book), "--out", str(out), "--shard-size", "10", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    committed = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        committed = list(tmp_path.glob(".out.work-*/shards/shard-*/_SUCCESS"))
+        if len(committed) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "sweep finished before it could be killed; make the book bigger"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "an interrupted sweep must not leave a complete-looking output"
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resumed_shards"] >= 3
+    reference = tmp_path / "reference"
+    sweep(book, reference, shard_size=10, progress=False)
+    _same_outputs(out, reference)
+    runs = _read(out, "runs")
+    assert runs["run_key"].n_unique() == runs.height == 240
+
+
+def test_dask_local_cluster_gives_identical_output(book, swept, tmp_path):
+    pytest.importorskip("dask.distributed")
+    out, _ = swept
+    other = tmp_path / "dask"
+    manifest = sweep(book, other, shard_size=30, workers=2, progress=False)
+    assert manifest["portfolios"] == 80
+    _same_outputs(out, other)
+
+
+def test_scenarios_run_side_by_side(book, tmp_path):
+    scenarios = tmp_path / "scenarios.json"
+    scenarios.write_text(json.dumps({"scenarios": {
+        "base": {"options": {}},
+        "no_trades": {"options": {"max_turnover_pct": "0"}},
+    }}))
+    manifest = sweep(book, tmp_path / "out", shard_size=50, progress=False, scenarios=scenarios)
+    runs = _read(tmp_path / "out", "runs")
+    assert runs.height == 160 and manifest["scenarios"] == ["base", "no_trades"]
+    assert set(runs["scenario_id"]) == {"base", "no_trades"}
+    assert runs.filter(pl.col("scenario_id") == "no_trades")["security_intent_count"].sum() == 0
+    comparison = _read(tmp_path / "out", "scenario_comparison")
+    assert comparison["scenario_id"].to_list() == ["base", "no_trades"]
+    assert comparison["portfolios"].to_list() == [80, 80]
+    base = runs.filter(pl.col("scenario_id") == "base").select("portfolio_id", "status")
+    plain = sweep(book, tmp_path / "plain", progress=False)
+    assert plain["counts_by_status"] == dict(base.group_by("status").len().iter_rows())

@@ -87,8 +87,8 @@ def build_scenario(
     **policy,
 ):
     """One portfolio snapshot ``P1`` with model ``M1``, run once with ``policy`` or once per
-    entry of ``runs`` (each a policy dict, optionally with its own ``groups`` /
-    ``overdrafts``; run keys R0, R1, ...)."""
+    entry of ``runs`` (each a policy dict, optionally with its own ``base``, ``groups`` /
+    ``overdrafts``; run keys R0, R1, ...). ``min_trade_notional=(amount, ccy)``."""
     if runs is None:
         runs = [dict(policy, groups=groups, overdrafts=overdrafts)]
     portfolio_rows, group_rows, overdraft_rows = [], [], []
@@ -97,11 +97,12 @@ def build_scenario(
         g = r.pop("groups", None) or {}
         o = r.pop("overdrafts", None) or {}
         key = f"R{i}"
+        run_base = r.pop("base", base)
         mtn = r.pop("min_trade_notional", None)
         if mtn is not None:
             r["min_trade_notional_amount"], r["min_trade_notional_currency"] = mtn
         portfolio_rows.append(
-            dict(run_key=key, portfolio_id="P1", portfolio_snapshot_id="P1", base_currency=base, model_id="M1", **r)
+            dict(run_key=key, portfolio_id="P1", portfolio_snapshot_id="P1", base_currency=run_base, model_id="M1", **r)
         )
         group_rows += [dict(run_key=key, constraint_key=k, max_weight=v) for k, v in g.items()]
         overdraft_rows += [dict(run_key=key, currency=k, max_overdraft=v) for k, v in o.items()]

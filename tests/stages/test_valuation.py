@@ -143,21 +143,16 @@ def test_weights_are_not_rounded(scenario):
 
 
 def test_runs_with_different_base_currencies_share_frames(scenario):
-    """The same snapshot valued in USD and in EUR: each run converts with its own base."""
+    """The same snapshot valued in USD and in EUR in one book: each run uses its own base."""
     s = scenario(
-        runs=[dict(), dict()],
+        runs=[dict(), dict(base="EUR")],
         positions=[("A", "10")],
         cash=[("USD", "100"), ("EUR", "50")],
         prices=[("A", "10", "EUR")],
         fx=[("EUR/USD", "2")],
     )
-    assert _total(s, 0) == D("300")  # 100 × 2 + 100 + 50 × 2
-    eur = scenario(
-        base="EUR",
-        positions=[("A", "10")],
-        cash=[("USD", "100"), ("EUR", "50")],
-        prices=[("A", "10", "EUR")],
-        fx=[("EUR/USD", "2")],
-    )
-    assert _total(eur) == D("200")  # 100 + 100 × 0.5 + 50
-    assert _pos(eur)["A"]["value_base"] == D("100")
+    assert _total(s, 0) == D("400")  # 100 EUR × 2 + 100 + 50 × 2
+    assert _total(s, 1) == D("200")  # 100 + 100 × (1.0 / 2) + 50
+    assert _pos(s, 0)["A"]["value_base"] == D("200")
+    assert _pos(s, 1)["A"]["value_base"] == D("100")
+    assert _alloc(s, "asset_class", 1)["CASH"][0] == D("100")

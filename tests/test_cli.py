@@ -1,0 +1,88 @@
+"""The command line as a user runs it: real subprocesses, real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+GOLDENS = Path(__file__).parent / "data" / "goldens" / "reference-service"
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpm_vec.cli", *args], input=stdin, capture_output=True, text=True, timeout=300)
+
+
+def test_simulate_one_file_prints_one_object():
+    proc = cli("simulate", str(DATA / "requests" / "fx_funding.json"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["status"] == "READY"
+    fx = [i for i in result["intents"] if i["intent_type"] == "FX_SPOT"]
+    assert fx and fx[0]["pair"] == "USD/SGD" and fx[0]["intent_id"] == "oi_fx_2"
+
+
+def test_simulate_batch_keeps_argument_order_and_isolates_invalid_slots(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"portfolio_snapshot": {"portfolio_id": "x"}}))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    files = [DATA / "requests" / "fx_funding.json", bad, DATA / "requests" / "missing_price_block.json", broken]
+    proc = cli("simulate", *map(str, files))
+    assert proc.returncode == 2  # some slot failed
+    slots = json.loads(proc.stdout)
+    assert [s.get("status") for s in slots] == ["READY", 422, "BLOCKED", 422]
+    fields = {e["field"] for e in slots[1]["errors"]}
+    assert {"portfolio_snapshot.base_currency", "market_data_snapshot", "options"} <= fields
+    assert "broken.json" in slots[3]["detail"]
+    alone = json.loads(cli("simulate", str(files[2])).stdout)
+    assert slots[2]["intents"] == alone["intents"] and slots[2]["rule_results"] == alone["rule_results"]
+
+
+def test_simulate_directory_and_json_lines(tmp_path):
+    requests = sorted((DATA / "requests").glob("*.json"))
+    by_dir = json.loads(cli("simulate", str(DATA / "requests")).stdout)
+    lines = "\n".join(json.dumps(json.loads(p.read_text())) for p in requests)
+    by_stdin = json.loads(cli("simulate", "-", stdin=lines).stdout)
+    assert [r["status"] for r in by_dir] == [r["status"] for r in by_stdin]
+    assert len(by_dir) == len(requests)
+
+
+def test_import_requests_then_sweep_matches_the_batch(tmp_path):
+    goldens = sorted(GOLDENS.glob("scenario_3*.json"))
+    batch = json.loads(cli("simulate", *map(str, goldens)).stdout)
+    assert cli("import-requests", *map(str, goldens), "--out", str(tmp_path / "book")).returncode == 0
+    assert cli("sweep", str(tmp_path / "book"), "--out", str(tmp_path / "out"), "--quiet").returncode == 0
+    runs = pl.read_parquet(tmp_path / "out" / "runs" / "*.parquet")
+    assert runs["status"].to_list() == [r["status"] for r in batch]
+    assert runs["portfolio_id"].to_list() == [r["lineage"]["portfolio_snapshot_id"] for r in batch]
+    intents = pl.read_parquet(tmp_path / "out" / "intents" / "*.parquet")
+    assert intents.height == sum(len(r["intents"]) for r in batch)
+
+
+def test_generate_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        assert cli("generate", "--portfolios", "25", "--seed", "4", "--out", str(tmp_path / name)).returncode == 0
+    for table in ("portfolios", "positions", "prices", "models"):
+        assert pl.read_parquet(tmp_path / "a" / f"{table}.parquet").equals(pl.read_parquet(tmp_path / "b" / f"{table}.parquet"))
+
+
+def test_analyze_prints_the_batch_response():
+    golden = GOLDENS / "scenario_13_what_if_analysis.json"
+    proc = cli("analyze", str(golden))
+    assert proc.returncode == 0, proc.stderr
+    body = json.loads(proc.stdout)
+    assert set(body["results"]) == {"ignore_checks"} and "invalid_case" in body["failed_scenarios"]
+
+
+@pytest.mark.parametrize("args", [["sweep", "/nonexistent/book", "--out", "/tmp/never"], ["query", "/nonexistent", "select 1"]])
+def test_errors_are_one_line_without_traceback(args):
+    proc = cli(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("dpm-vec: error:")
+    assert "Traceback" not in proc.stderr

@@ -29,13 +29,16 @@ class DataQualityBucket(StrEnum):
 
 
 class InputFault(StrEnum):
-    """Per-portfolio data faults dpm_vec blocks on where the reference would not (§9.1, RFC)."""
+    """Run-level block reasons dpm_vec adds to the reference (§9.1, RFC-0001)."""
 
     NEGATIVE_QUANTITY = "NEGATIVE_QUANTITY"
     NON_POSITIVE_PRICE = "NON_POSITIVE_PRICE"
     PRICE_STALE = "PRICE_STALE"
     SNAPSHOT_SKEW = "SNAPSHOT_SKEW"
     INFEASIBLE_CONCENTRATION = "INFEASIBLE_CONCENTRATION"
+    UNKNOWN_MODEL = "UNKNOWN_MODEL"
+    UNKNOWN_SHELF = "UNKNOWN_SHELF"
+    UNKNOWN_MARKET_SNAPSHOT = "UNKNOWN_MARKET_SNAPSHOT"
 
 
 CODE_DESCRIPTIONS: dict[str, str] = {
@@ -48,7 +51,7 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "LOCKED_DUE_TO_SUSPENDED": "held SUSPENDED instrument kept at its current weight",
     "LOCKED_DUE_TO_RESTRICTED": "held RESTRICTED non-model instrument kept at its current weight",
     "LOCKED_DUE_TO_MISSING_SHELF": "held instrument without shelf entry kept at its current weight",
-    "PRICE_STALE": "price older than max_staleness_minutes (RFC option, exclude mode)",
+    "PRICE_STALE": "price older than max_staleness_minutes: blocks the run, or (stale_price_action EXCLUDE) excludes the instrument",
     # intent rationales
     "DRIFT_REBALANCE": "reference rationale of every security trade",
     "REBALANCE_DRIFT": "RFC: trade closes a weight deviation of a held instrument",
@@ -61,6 +64,23 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "BELOW_MIN_NOTIONAL": "trade notional below the dust threshold; suppressed",
     "TURNOVER_LIMIT": "trade dropped to keep turnover within max_turnover_pct",
     "TAX_BUDGET_LIMIT_REACHED": "sell reduced by the realised-gains budget or lot coverage",
-    # run-level blocks dpm_vec adds
-    **{f.value: f"input fault: {f.value.lower().replace('_', ' ')}" for f in InputFault},
+    # run-level blocks dpm_vec adds (runs table: block_reason; JSON: first warning)
+    "NEGATIVE_QUANTITY": "a held quantity below zero (the reference would accept it)",
+    "NON_POSITIVE_PRICE": "a zero price for a held or model instrument (the reference fails with a division error)",
+    "SNAPSHOT_SKEW": "portfolio and market as_of further apart than max_skew_minutes",
+    "INFEASIBLE_CONCENTRATION": "RFC cap mode: redistribution pushed a recipient over single_position_max_weight",
+    "UNKNOWN_MODEL": "the portfolio's model_id is not in models.parquet",
+    "UNKNOWN_SHELF": "the portfolio's shelf_id is not in shelf.parquet",
+    "UNKNOWN_MARKET_SNAPSHOT": "the portfolio's market_snapshot_id has no prices or FX rates",
 }
+assert {f.value for f in InputFault} <= CODE_DESCRIPTIONS.keys()
+
+
+def markdown_table() -> str:
+    """The code table of docs/codes.md (generated: ``python -m dpm_vec.codes``)."""
+    rows = "\n".join(f"| `{code}` | {text} |" for code, text in CODE_DESCRIPTIONS.items())
+    return f"# Reason codes\n\nGenerated from `dpm_vec/codes.py` by `python -m dpm_vec.codes`.\n\n| code | meaning |\n| --- | --- |\n{rows}\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

@@ -86,3 +86,9 @@ def test_errors_are_one_line_without_traceback(args):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("dpm-vec: error:")
     assert "Traceback" not in proc.stderr
+
+
+def test_reason_code_docs_are_generated_from_the_enum():
+    from dpm_vec.codes import markdown_table
+
+    assert (Path(__file__).resolve().parents[1] / "docs" / "codes.md").read_text() == markdown_table()

@@ -15,7 +15,7 @@ from dpm_vec.numeric import DEC
 
 CTX = decimal.Context(prec=28, rounding=decimal.ROUND_HALF_EVEN)
 SETTINGS = settings(
-    max_examples=60, deadline=None, derandomize=True, database=None,
+    max_examples=150, deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 LIMIT = Decimal(10) ** 9
@@ -124,10 +124,21 @@ big = st.builds(_scaled, st.integers(-10**23, 10**23), st.integers(0, 6)).filter
 
 @SETTINGS
 @given(st.lists(big, min_size=1, max_size=40))
-def test_from_dec_round_trips_large_values(values):
+def test_from_dec_exact_for_large_values(values):
     """Values above 1e9 take from_dec's second path; 24 significant digits are kept exactly."""
-    df = dec28.from_dec(_frame({"x": values}), "x", "f").with_columns(dec28.to_dec("f").alias("back"))
+    df = dec28.from_dec(_frame({"x": values}), "x", "f")
     assert [_exact(v) for v in df["f"].to_list()] == values
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug: dec28.to_dec casts z to DEC (20 decimals) before scaling by 10^k, so for "
+    "|x| >= 1e9 only 20 significant digits survive instead of the documented 20 decimals "
+    "(1234567890.123456789012345678 → 1234567890.123456789; spec §1.1 exactness)",
+)
+def test_to_dec_keeps_20_decimals_above_1e9():
+    values = [Decimal("1234567890.123456789012345678"), Decimal("10000000000000000.0001")]
+    df = dec28.from_dec(_frame({"x": values}), "x", "f").with_columns(dec28.to_dec("f").alias("back"))
     assert df["back"].to_list() == values
 
 

@@ -150,7 +150,8 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
     ).with_columns(pl.int_range(pl.len()).over("run").cast(pl.Int64).alias("list_order"))
     kept_flags = []
     used = ranked.select("run").unique().with_columns(lit(0).alias("_used"))
-    for rank in range(int(ranked["list_order"].max() or -1) + 1):
+    last_rank = ranked["list_order"].max()  # None when nothing is ranked; 0 is a real rank
+    for rank in range(0 if last_rank is None else int(last_rank) + 1):
         step = ranked.filter(pl.col("list_order") == rank).join(used, on="run")
         step = step.with_columns((pl.col("_used") + pl.col("_abs_nb") <= pl.col("_budget")).alias("_keep"))
         kept_flags.append(step.select("run", "list_order", "_keep"))

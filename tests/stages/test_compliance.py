@@ -303,3 +303,46 @@ def test_rules_isolated_between_runs(scenario):
     assert (a["status"], a["measured"], a["threshold_max"]) == ("PASS", D("0.3"), D("0.3"))
     assert (b["reason_code"], b["threshold_max"]) == ("NO_LIMIT_SET", D(-1))
     assert [s.run_row(i)["status"] for i in (0, 1)] == ["PENDING_REVIEW", "READY"]
+
+
+def test_warnings_in_stage_order(scenario):
+    """§6.19: target stage (group caps in key order), tax, turnover, settlement."""
+    s = scenario(
+        positions=[("X", "100"), ("T", "10")],
+        cash=[("USD", "0")],
+        prices=[(i, "100", "USD") for i in ("X", "T", "F", "G")],
+        shelf=[{"instrument_id": "X", "status": "APPROVED", "settlement_days": 3},
+               ("T", "APPROVED"), ("F", "APPROVED"), ("G", "APPROVED")],
+        attributes=[("T", "sector", "TECH"), ("F", "sector", "FI")],
+        model=[("X", "0"), ("T", "0.5"), ("F", "0.3"), ("G", "0.01")],
+        lots=[("X", "L1", "100", "10", "USD", "2020-01-01")],
+        enable_tax_awareness=True,
+        max_realized_capital_gains="900",
+        groups={"sector:TECH": "0.4", "zzz:q": "0.1"},
+        max_turnover_pct="0.3",
+        enable_settlement_awareness=True,
+        overdrafts={"USD": "100000"},
+    )
+    assert s.warnings() == [
+        "CAPPED_BY_GROUP_LIMIT_sector:TECH",
+        "UNKNOWN_CONSTRAINT_ATTRIBUTE_zzz",
+        "TAX_BUDGET_LIMIT_REACHED",
+        "PARTIAL_REBALANCE_TURNOVER_LIMIT",
+        "SETTLEMENT_OVERDRAFT_UTILIZED",
+    ]
+    assert s.run_row()["status"] == "READY"
+
+
+def test_target_stage_block_is_early_exit_on_before_state(scenario):
+    s = scenario(
+        cash=[("USD", "1000")],
+        prices=[("T", "100", "USD"), ("F", "100", "USD")],
+        shelf=[("T", "APPROVED"), ("F", "APPROVED")],
+        attributes=[("T", "sector", "TECH"), ("F", "sector", "FI")],
+        model=[("T", "1.0"), ("F", "0")],
+        groups={"sector:TECH": "0.5"},
+    )
+    r = s.run_row()
+    assert (r["status"], r["exit_path"], r["gate"]) == ("BLOCKED", "E1", "BLOCKED")
+    assert [x["status"] for x in s.rules()] == ["PASS"] * 6
+    assert s.result.intents.height == 0

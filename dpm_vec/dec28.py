@@ -177,10 +177,12 @@ def to_dec(name: str) -> pl.Expr:
     """F28 → DEC (rounded at 20 decimals)."""
     z, k = _z(name), _k(name)
     low = (z * _pow_d28(pl.when(k <= 9).then(k).otherwise(0))).cast(DEC)
-    high = z.cast(DEC) * _pow_dec(pl.when(k > 9).then(k).otherwise(0))
+    # above 1e9: shift by 1e9 while still in D28 (exact, 19 decimals left), then by k − 9 in DEC
+    high = (z * pl.lit(Decimal("1e9"), dtype=D28)).cast(DEC) * _pow_dec(pl.when(k > 9).then(k - 9).otherwise(0))
     return pl.when(k <= 9).then(low).otherwise(high)
 
 
 def to_d28(name: str) -> pl.Expr:
     """F28 → D28 (quantities; |x| < 1e10)."""
-    return _z(name) * _pow_d28(_k(name))
+    k = _k(name)
+    return _z(name) * _pow_d28(k.clip(upper_bound=9)) * _pow_d28((k - 9).clip(lower_bound=0))

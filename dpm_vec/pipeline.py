@@ -10,6 +10,7 @@ rows, keyed by ``run`` (and ``run_key`` in ``runs``).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, fields
 
 import polars as pl
@@ -63,17 +64,36 @@ def _without(frame: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
     return frame.join(runs.select("run"), on="run", how="anti")
 
 
-def run(book: Book, *, allocations: bool = True) -> Result:
+class StageTimer:
+    """Wall time per pipeline stage, accumulated across calls (benchmarks, manifest)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
+
+
+def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None) -> Result:
     """Run every portfolio of ``book``. ``allocations=False`` skips the asset-class and
     attribute allocation buckets, which only the JSON door prints (sweeps do not)."""
+    timer = timer or StageTimer()
+    timer.lap("_idle")
     p = prepare(book)
+    timer.lap("prepare")
     runs, market = p.runs, p.market
     trust = pl.col("valuation_mode") == "TRUST_SNAPSHOT"
     before = value_state(market, runs, p.positions, p.cash, trust_snapshot=trust, stage=dq.VALUATION_BEFORE, allocations=allocations)
+    timer.lap("valuation")
     faults, stale = input_faults(market, runs, p.positions, p.model)
+    timer.lap("checks")
 
     universe = build_universe(market, runs, p.model, before.positions, stale)
     targets = build_targets(market, runs, universe.weight_map, universe.sell_only_excess, p.model, before.totals, _group_constraints(book, runs))
+    timer.lap("universe+targets")
     findings = dq.concat(before.dq, universe.dq)
 
     # DQ gate #1 (§6.8), plus dpm_vec's own input faults and RFC-mode target faults
@@ -86,6 +106,7 @@ def run(book: Book, *, allocations: bool = True) -> Result:
     live = _without(runs, early)
 
     tr = translate(market, live, _only(targets.trace, live), p.positions, p.lots, before.totals)
+    timer.lap("translation+tax")
     findings = dq.concat(findings, tr.dq)
     counts2 = dq.blocking_counts(findings, live)
     gate2 = counts2.filter(pl.col("dq_count") > 0).select("run")
@@ -94,7 +115,9 @@ def run(book: Book, *, allocations: bool = True) -> Result:
     kept, dropped, turnover_warnings = apply_turnover_cap(_only(tr.intents, live), live, before.totals)
     intents, fx_missing = plan_fx(market, live, kept, _only(p.cash, live))
     findings = dq.concat(findings, fx_missing)
+    timer.lap("turnover+fx")
     ladder = cash_ladder(market, live, intents, p.cash, _overdrafts(book, runs))
+    timer.lap("settlement")
     settled_block = ladder.first_breach.select("run")
 
     # after-state for runs that did not block on the ladder; E3 revalues the before-state
@@ -103,6 +126,7 @@ def run(book: Book, *, allocations: bool = True) -> Result:
     after = value_state(market, traded, pos_after, cash_after, trust_snapshot=False, stage=dq.VALUATION_AFTER, allocations=allocations)
     revalued = value_state(market, _only(runs, settled_block), _only(p.positions, settled_block), _only(p.cash, settled_block),
                            trust_snapshot=trust, stage=dq.VALUATION_AFTER, allocations=allocations)
+    timer.lap("after_state")
     findings = dq.concat(findings, after.dq, revalued.dq)
     counts_final = dq.blocking_counts(findings, runs)
 
@@ -177,6 +201,7 @@ def run(book: Book, *, allocations: bool = True) -> Result:
         before.allocations.with_columns(pl.lit("before").alias("state")),
         pl.concat([after.allocations, revalued.allocations, blocked_states["allocations"]]).with_columns(pl.lit("after").alias("state")),
     ])
+    timer.lap("rules+status")
     return Result(
         runs=out_runs,
         intents=intents,

@@ -36,7 +36,7 @@ from dpm_vec.errors import DpmVecError
 from dpm_vec.io import _path, read_book, read_portfolios, read_reference, replace_dir, write_book, write_json_atomic
 from dpm_vec.scenarios import comparison_table, expand, load_scenarios
 from dpm_vec.outputs import OUTPUT_TABLES, output_tables
-from dpm_vec.pipeline import run
+from dpm_vec.pipeline import StageTimer, run
 
 log = logging.getLogger("dpm_vec.sweep")
 HOLDING_TABLES = ("positions", "cash", "lots")
@@ -148,13 +148,16 @@ def run_shard(plan: SweepPlan, shard: int) -> dict[str, int]:
     files = {table: holdings_dir / table / f"shard-{shard:05d}.parquet" for table in HOLDING_TABLES}
     files.update({t: f for t, f in derived.items() if t != "portfolios"})
     book = read_book(book_dir, portfolios=portfolios, reference=_reference(plan.book_dir), files=files)
-    tables = output_tables(run(book, allocations=False))
+    timer = StageTimer()
+    tables = output_tables(run(book, allocations=False, timer=timer))
+    timer.lap("outputs")
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     for name in OUTPUT_TABLES:
         tables[name].write_parquet(staging / f"{name}.parquet")
     counts = dict(tables["runs"].group_by("status").len().iter_rows())
     counts["_portfolios"] = tables["runs"].height
+    counts["_stage_seconds"] = {k: round(v, 4) for k, v in timer.seconds.items() if not k.startswith("_")}
     (staging / "_SUCCESS").write_text(json.dumps(counts))
     try:
         os.replace(staging, target)
@@ -222,9 +225,13 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int = 50_000
             reporter.advance(1, counts["_portfolios"])
     reporter.close()
     totals: dict[str, int] = {}
+    stage_seconds: dict[str, float] = {}
     for shard in range(plan.n_shards):
         for status, n in json.loads((plan.shard_dir(shard) / "_SUCCESS").read_text()).items():
-            if not status.startswith("_"):
+            if status == "_stage_seconds":
+                for stage, seconds in n.items():
+                    stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
+            elif not status.startswith("_"):
                 totals[status] = totals.get(status, 0) + n
     wall = time.perf_counter() - started
     manifest = {
@@ -240,6 +247,7 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int = 50_000
         "resumed_shards": resumed,
         "wall_time_s": round(wall, 3),
         "portfolios_per_second": round(plan.n_portfolios / wall, 1) if wall else None,
+        "stage_seconds": {k: round(v, 3) for k, v in sorted(stage_seconds.items(), key=lambda kv: -kv[1])},
     }
     if scenario_map:
         manifest["scenarios"] = sorted(scenario_map)

@@ -107,12 +107,6 @@ def test_to_d28_round_trips_below_1e9(values):
     assert df["back28"].to_list() == values
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: dec28.to_d28 clips the exponent at 9, so values in [1e9, 1e10) — inside its "
-    "documented range |x| < 1e10 — come back 10x too small (1e9 → 1e8); tax-limited sells of "
-    ">= 1e9 units are affected (spec §1.1, §6.10)",
-)
 def test_to_d28_round_trips_up_to_1e10():
     values = [Decimal("1000000000"), Decimal("5000000000.5"), Decimal("-9999999999.25")]
     df = dec28.from_dec(_frame({"x": values}), "x", "f").with_columns(dec28.to_d28("f").alias("back28"))
@@ -130,12 +124,6 @@ def test_from_dec_exact_for_large_values(values):
     assert [_exact(v) for v in df["f"].to_list()] == values
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: dec28.to_dec casts z to DEC (20 decimals) before scaling by 10^k, so for "
-    "|x| >= 1e9 only 20 significant digits survive instead of the documented 20 decimals "
-    "(1234567890.123456789012345678 → 1234567890.123456789; spec §1.1 exactness)",
-)
 def test_to_dec_keeps_20_decimals_above_1e9():
     values = [Decimal("1234567890.123456789012345678"), Decimal("10000000000000000.0001")]
     df = dec28.from_dec(_frame({"x": values}), "x", "f").with_columns(dec28.to_dec("f").alias("back"))

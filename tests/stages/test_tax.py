@@ -166,12 +166,6 @@ def test_tax_runs_isolated(scenario):
     assert sorted(s.translation.warnings["run"].to_list()) == [0, 2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a budget-limited quantity >= 1e9 units goes through dec28.to_d28, which "
-    "clips the exponent at 9: 1.5e9 allowed units come out as 1.5e8 while the realised gain "
-    "says 1.5e9 (spec §6.10; QTY is documented to hold up to 1e10 units)",
-)
 def test_budget_limited_quantity_above_1e9_units(scenario):
     s = scenario(
         positions=[("X", "2000000000")], cash=[("USD", "0")], prices=[("X", "2", "USD")],

@@ -102,12 +102,10 @@ def _print_scenarios(rows: list[dict]) -> None:
 
 
 def cmd_generate(args) -> int:
-    from dpm_vec.generate import generate_book_frames
-    from dpm_vec.io import write_book
+    from dpm_vec.generate import write_generated_book
 
-    frames = generate_book_frames(args.portfolios, args.seed, bad_data=args.bad_data,
-                                  holdings=(args.min_holdings, args.max_holdings))
-    write_book(frames, args.out)
+    write_generated_book(args.out, args.portfolios, args.seed, bad_data=args.bad_data,
+                         holdings=(args.min_holdings, args.max_holdings))
     print(f"wrote a {args.portfolios:,}-portfolio book (seed {args.seed}) to {args.out}", file=sys.stderr)
     return 0
 

@@ -838,30 +838,43 @@ def generate_book_frames(
     return {table: _conform_dtypes(table, frame) for table, frame in frames.items()}
 
 
-def write_book(frames: dict[str, pl.DataFrame], out_dir: str | os.PathLike) -> Path:
-    """Write ``<table>.parquet`` per frame into ``out_dir``, atomically.
+PER_PORTFOLIO_TABLES = ("portfolios", "positions", "cash", "lots", "group_constraints", "overdraft_limits")
 
-    The files are written into a temporary sibling directory which is then renamed onto
-    ``out_dir`` (an existing ``out_dir`` is replaced). Empty optional tables are skipped.
-    """
+
+def write_generated_book(out_dir: str | os.PathLike, n_portfolios: int, seed: int, *, bad_data: bool = False,
+                         holdings: tuple[int, int] = (30, 80), chunk: int = 100_000, progress=None) -> Path:
+    """Generate and write a book of any size in bounded memory: portfolios are generated
+    ``chunk`` at a time and appended to each table's Parquet file; the directory appears
+    atomically when complete."""
+    import pyarrow.parquet as pq
+
+    from dpm_vec.io import replace_dir
+
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    writers: dict[str, pq.ParquetWriter] = {}
     try:
-        for table, frame in frames.items():
-            if frame.height == 0 and table not in ("portfolios", "positions", "cash", "prices", "fx_rates",
-                                                   "shelf", "models"):
-                continue
-            frame.write_parquet(tmp / f"{table}.parquet")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        for start in range(0, max(n_portfolios, 1), chunk):
+            frames = generate_book_frames(min(chunk, n_portfolios - start), seed, bad_data=bad_data, start=start, holdings=holdings)
+            for table, frame in frames.items():
+                if table not in PER_PORTFOLIO_TABLES:
+                    if start == 0:
+                        frame.write_parquet(tmp / f"{table}.parquet")
+                    continue
+                arrow = frame.to_arrow()
+                if table not in writers:
+                    writers[table] = pq.ParquetWriter(tmp / f"{table}.parquet", arrow.schema)
+                writers[table].write_table(arrow)
+            if progress:
+                progress(min(start + chunk, n_portfolios))
+        for writer in writers.values():
+            writer.close()
+        writers.clear()
+        replace_dir(tmp, out)
+    finally:
+        for writer in writers.values():
+            writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -85,7 +85,7 @@ def output_tables(result: Result) -> dict[str, pl.DataFrame]:
                                    pl.col("released_weight").alias("amount"), pl.col("event_order")),
         result.tax_events.select("run", pl.lit("tax_budget").alias("category"), pl.lit("TAX_BUDGET_LIMIT_REACHED").alias("code"),
                                  "instrument_id", pl.lit(None, dtype=pl.String).alias("currency"),
-                                 pl.col("allowed_quantity").cast(pl.Decimal(38, 20)).alias("amount"), pl.col("trace_order").alias("event_order")),
+                                 pl.col("allowed_quantity").cast(pl.Decimal(38, 20)).alias("amount"), pl.col("trace_order").alias("event_order")),  # noqa: E501
         result.cash_ladder_breaches.select("run", pl.lit("settlement").alias("category"), "reason_code", pl.lit(None, dtype=pl.String).alias("instrument_id"),
                                            "currency", pl.col("projected_balance").alias("amount"),
                                            pl.col("breach_order").alias("event_order")).rename({"reason_code": "code"}),

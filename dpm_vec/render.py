@@ -223,7 +223,8 @@ def _render_run(run: dict, parts: dict, run_id: str) -> dict:
             ],
             "tax_budget_constraint_events": [
                 {"instrument_id": t["instrument_id"], "requested_quantity": to_text(t["requested_quantity"]),
-                 "allowed_quantity": to_text(t["allowed_quantity"]), "reason_code": "TAX_BUDGET_LIMIT_REACHED"}
+                 "allowed_quantity": _quantity({"quantity": t["allowed_quantity"], "quantity_f28": t["quantity_f28"]}),
+                 "reason_code": "TAX_BUDGET_LIMIT_REACHED"}
                 for t in parts["tax_events"]
             ],
             "cash_ladder": [

@@ -20,7 +20,7 @@ from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
 TAX_ORDER = 300_000_000
 EVENT_SCHEMA = {
     "run": pl.UInt32, "instrument_id": pl.String, "trace_order": pl.Int64,
-    "requested_quantity": QTY, "allowed_quantity": QTY,
+    "requested_quantity": QTY, "allowed_quantity": QTY, "quantity_f28": f.F28,
 }
 TOTALS_SCHEMA = {"run": pl.UInt32, "realized_gain": DEC, "realized_loss": DEC, "gains_budget_used": DEC}
 STATE = ("used", "gains", "losses", "remaining", "allowed")
@@ -80,7 +80,8 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
     ).drop("_allowed")
     events = (
         t.filter(pl.col("quantity") < pl.col("requested_quantity"))
-        .select("run", "instrument_id", "trace_order", "requested_quantity", pl.col("quantity").alias("allowed_quantity"))
+        .select("run", "instrument_id", "trace_order", "requested_quantity", pl.col("quantity").alias("allowed_quantity"),
+                pl.col("quantity_f28"))
         .sort("run", "trace_order")
     )
     totals = pl.concat([free_totals, walk_totals])

@@ -1,0 +1,218 @@
+"""dpm_vec benchmarks: one command, ratios against the scalar oracle measured in the same run.
+
+    .venv/bin/python benchmarks/run.py                       # 1k, 10k, 100k, 1M portfolios
+    .venv/bin/python benchmarks/run.py --sizes 1000,10000    # a quick subset
+
+For each book size it generates a deterministic book (cached under benchmarks/_books),
+sweeps it with ``dpm-vec sweep`` in a subprocess (wall time and peak RSS from
+/usr/bin/time), and times the scalar oracle (dpm_vec/oracle.py) on a sample of the same
+book's portfolios. It also measures cost per holding row across portfolio sizes, the
+batch JSON door against single calls, and what each extended feature costs. Results go
+to benchmarks/results.json and are printed as Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import polars as pl  # noqa: E402
+
+from dpm_vec import oracle  # noqa: E402
+from dpm_vec.export import book_to_requests  # noqa: E402
+from dpm_vec.generate import write_generated_book  # noqa: E402
+from dpm_vec.io import read_book, read_portfolios, read_reference  # noqa: E402
+from dpm_vec.simulate import simulate_many  # noqa: E402
+
+BOOKS = ROOT / "benchmarks" / "_books"
+OUT = ROOT / "benchmarks" / "_out"
+DPM = [sys.executable, "-m", "dpm_vec.cli"]
+
+
+def book(n: int, seed: int = 7, holdings: tuple[int, int] = (30, 80), name: str | None = None) -> Path:
+    path = BOOKS / (name or f"book_{n}_{seed}_{holdings[0]}_{holdings[1]}")
+    if not (path / "portfolios.parquet").exists():
+        started = time.perf_counter()
+        write_generated_book(path, n, seed, holdings=holdings)
+        print(f"  generated {path.name} in {time.perf_counter() - started:.1f} s", flush=True)
+    return path
+
+
+def timed_sweep(book_dir: Path, shard_size: int, extra: list[str] | None = None) -> dict:
+    out = OUT / book_dir.name
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = ["/usr/bin/time", "-f", "%e %M", *DPM, "sweep", str(book_dir), "--out", str(out), "--quiet",
+           "--shard-size", str(shard_size), *(extra or [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    wall, rss_kb = proc.stderr.strip().splitlines()[-1].split()
+    manifest = json.loads((out / "manifest.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    return {"wall_s": float(wall), "peak_rss_mib": int(rss_kb) / 1024, "manifest": manifest}
+
+
+def oracle_throughput(book_dir: Path, sample: int, seed: int = 1) -> dict:
+    """Portfolios/second of the scalar oracle on a random sample of the book's portfolios."""
+    portfolios = read_portfolios(book_dir)
+    rows = sorted(random.Random(seed).sample(range(portfolios.height), min(sample, portfolios.height)))
+    subset = portfolios[rows]
+    requests = book_to_requests(read_book(book_dir, portfolios=subset, reference=read_reference(book_dir)))
+    started = time.perf_counter()
+    for request in requests:
+        oracle.simulate(request)
+    seconds = time.perf_counter() - started
+    return {"sample": len(requests), "seconds": seconds, "portfolios_per_s": len(requests) / seconds}
+
+
+def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
+    rows = []
+    for n in sizes:
+        print(f"scaling: {n:,} portfolios", flush=True)
+        path = book(n)
+        shard = min(n, 100_000)
+        sweep = timed_sweep(path, shard)
+        orc = oracle_throughput(path, oracle_sample)
+        pps = n / sweep["wall_s"]
+        stages = sweep["manifest"]["stage_seconds"]
+        rows.append({
+            "portfolios": n, "holding_rows": pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item(),
+            "shard_size": shard, "wall_s": sweep["wall_s"], "portfolios_per_s": pps, "peak_rss_mib": sweep["peak_rss_mib"],
+            "oracle_portfolios_per_s": orc["portfolios_per_s"], "oracle_sample": orc["sample"],
+            "ratio_vs_oracle": pps / orc["portfolios_per_s"], "top_stages": list(stages.items())[:3],
+            "counts_by_status": sweep["manifest"]["counts_by_status"],
+        })
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def holdings_cost(n: int = 2000) -> list[dict]:
+    rows = []
+    for h in (10, 50, 100, 500):
+        print(f"holdings: {h} per portfolio", flush=True)
+        path = book(n, seed=5, holdings=(h, h))
+        sweep = timed_sweep(path, n)
+        holding_rows = pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item()
+        rows.append({"holdings_per_portfolio": h, "holding_rows": holding_rows, "wall_s": sweep["wall_s"],
+                     "us_per_holding_row": 1e6 * sweep["wall_s"] / holding_rows, "peak_rss_mib": sweep["peak_rss_mib"]})
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def batch_door(n: int = 1000) -> dict:
+    """1,000 JSON requests: one batch call vs 1,000 single calls vs the oracle."""
+    requests = json_requests(n)
+    started = time.perf_counter()
+    simulate_many(requests)
+    batch_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for request in requests:
+        simulate_many([request])
+    single_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for request in requests:
+        oracle.simulate(request)
+    oracle_s = time.perf_counter() - started
+    return {"requests": n, "batch_rps": n / batch_s, "single_rps": n / single_s, "oracle_rps": n / oracle_s,
+            "batch_vs_single": single_s / batch_s, "batch_vs_oracle": oracle_s / batch_s}
+
+
+def json_requests(n: int) -> list[dict]:
+    """Shared golden requests (core and extended), cycled to n, each with its own portfolio id."""
+    goldens = sorted((ROOT / "tests" / "data" / "goldens").rglob("rand_*.json"))
+    out = []
+    for i in range(n):
+        request = json.loads(goldens[i % len(goldens)].read_text())["inputs"]
+        request["portfolio_snapshot"]["portfolio_id"] = f"bench_{i}"
+        out.append(request)
+    return out
+
+
+FEATURES = {
+    "baseline": {},
+    "group_constraints": {"group_constraints": {"sector:TECH": {"max_weight": "0.10"}, "region:US": {"max_weight": "0.30"}}},
+    "tax_lots_budget": {"enable_tax_awareness": True, "max_realized_capital_gains": "5000"},
+    "turnover_cap": {"max_turnover_pct": "0.05"},
+    "settlement_ladder": {"enable_settlement_awareness": True, "settlement_horizon_days": 5},
+    "solver": {"target_method": "SOLVER"},
+}
+
+
+def feature_costs(n: int) -> list[dict]:
+    """The same book swept with each feature switched on for every portfolio (a scenario)."""
+    path = book(n)
+    rows = []
+    base = None
+    for name, options in FEATURES.items():
+        scenario = OUT / f"feature_{name}.json"
+        scenario.parent.mkdir(parents=True, exist_ok=True)
+        scenario.write_text(json.dumps({"scenarios": {name.replace("_", "-"): {"options": options}}}))
+        print(f"feature: {name}", flush=True)
+        sweep = timed_sweep(path, min(n, 100_000), ["--scenarios", str(scenario)])
+        base = base or sweep["wall_s"]
+        rows.append({"feature": name, "wall_s": sweep["wall_s"], "ratio_to_baseline": sweep["wall_s"] / base,
+                     "peak_rss_mib": sweep["peak_rss_mib"]})
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Machine: {results['machine']}", "", "| portfolios | holding rows | wall (s) | portfolios/s | peak RSS (MiB) | oracle portfolios/s | ratio | top stages (s) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in results.get("scaling", []):
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in r["top_stages"])
+        lines.append(f"| {r['portfolios']:,} | {r['holding_rows']:,} | {r['wall_s']:.1f} | {r['portfolios_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} | "
+                     f"{r['oracle_portfolios_per_s']:,.1f} | {r['ratio_vs_oracle']:,.0f}x | {stages} |")
+    if results.get("holdings"):
+        lines += ["", "| holdings/portfolio | holding rows | wall (s) | µs per holding row | peak RSS (MiB) |", "| ---: | ---: | ---: | ---: | ---: |"]
+        for r in results["holdings"]:
+            lines.append(f"| {r['holdings_per_portfolio']} | {r['holding_rows']:,} | {r['wall_s']:.1f} | {r['us_per_holding_row']:.1f} | {r['peak_rss_mib']:,.0f} |")
+    if results.get("batch"):
+        b = results["batch"]
+        lines += ["", "| JSON door, 1,000 requests | requests/s |", "| --- | ---: |",
+                  f"| one batch call (one engine pass) | {b['batch_rps']:,.0f} |", f"| 1,000 single calls | {b['single_rps']:,.1f} |",
+                  f"| scalar oracle | {b['oracle_rps']:,.1f} |", f"| batch vs single | {b['batch_vs_single']:,.1f}x |",
+                  f"| batch vs oracle | {b['batch_vs_oracle']:,.1f}x |"]
+    if results.get("features"):
+        lines += ["", "| feature (every portfolio) | wall (s) | ratio to baseline | peak RSS (MiB) |", "| --- | ---: | ---: | ---: |"]
+        for r in results["features"]:
+            lines.append(f"| {r['feature']} | {r['wall_s']:.1f} | {r['ratio_to_baseline']:.2f} | {r['peak_rss_mib']:,.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1000,10000,100000,1000000")
+    parser.add_argument("--oracle-sample", type=int, default=200, help="portfolios per book timed through the oracle")
+    parser.add_argument("--skip", default="", help="comma list of: scaling,holdings,batch,features")
+    parser.add_argument("--feature-book", type=int, default=10_000)
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    results = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, polars {pl.__version__}",
+               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if "scaling" not in skip:
+        results["scaling"] = scaling([int(s) for s in args.sizes.split(",")], args.oracle_sample)
+    if "holdings" not in skip:
+        results["holdings"] = holdings_cost()
+    if "batch" not in skip:
+        print("batch JSON door", flush=True)
+        results["batch"] = batch_door()
+    if "features" not in skip:
+        results["features"] = feature_costs(args.feature_book)
+    (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

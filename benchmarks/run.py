@@ -81,7 +81,7 @@ def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
     for n in sizes:
         print(f"scaling: {n:,} portfolios", flush=True)
         path = book(n)
-        shard = min(n, 100_000)
+        shard = min(n, 25_000)
         sweep = timed_sweep(path, shard)
         orc = oracle_throughput(path, oracle_sample)
         pps = n / sweep["wall_s"]
@@ -90,7 +90,7 @@ def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
             "portfolios": n, "holding_rows": pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item(),
             "shard_size": shard, "wall_s": sweep["wall_s"], "portfolios_per_s": pps, "peak_rss_mib": sweep["peak_rss_mib"],
             "oracle_portfolios_per_s": orc["portfolios_per_s"], "oracle_sample": orc["sample"],
-            "ratio_vs_oracle": pps / orc["portfolios_per_s"], "top_stages": list(stages.items())[:3],
+            "ratio_vs_oracle": pps / orc["portfolios_per_s"], "top_stages": sorted(stages.items(), key=lambda kv: -kv[1])[:3],
             "counts_by_status": sweep["manifest"]["counts_by_status"],
         })
         print(f"  {rows[-1]}", flush=True)
@@ -159,7 +159,7 @@ def feature_costs(n: int) -> list[dict]:
         scenario.parent.mkdir(parents=True, exist_ok=True)
         scenario.write_text(json.dumps({"scenarios": {name.replace("_", "-"): {"options": options}}}))
         print(f"feature: {name}", flush=True)
-        sweep = timed_sweep(path, min(n, 100_000), ["--scenarios", str(scenario)])
+        sweep = timed_sweep(path, min(n, 25_000), ["--scenarios", str(scenario)])
         base = base or sweep["wall_s"]
         rows.append({"feature": name, "wall_s": sweep["wall_s"], "ratio_to_baseline": sweep["wall_s"] / base,
                      "peak_rss_mib": sweep["peak_rss_mib"]})

@@ -15,10 +15,10 @@ from decimal import Decimal, InvalidOperation
 import polars as pl
 
 from dpm_vec.book import (
-    LIQUIDITY_TIERS, POLICY_COLUMNS, SHELF_STATUSES, TABLES, Book, make_book, table_schema,
+    LIQUIDITY_TIERS, SHELF_STATUSES, TABLES, Book, make_book, table_schema,
 )
 from dpm_vec.errors import RequestError
-from dpm_vec.numeric import DEC, SCALE
+from dpm_vec.numeric import SCALE
 
 MAX_ABS = Decimal(10) ** (38 - SCALE - 1)
 TRUE_WORDS = {"true", "1", "yes", "y", "on", "t"}
@@ -419,5 +419,3 @@ def request_hash(request: dict) -> str:
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
-
-POLICY_NAMES = [name for name, _, _ in POLICY_COLUMNS]

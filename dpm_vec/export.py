@@ -32,8 +32,9 @@ def _group(frame: pl.DataFrame, key: str) -> dict:
 
 
 def book_to_requests(book: Book) -> list[dict]:
-    """One request per portfolios row, in row order (the reference ignores RFC-only
-    options, so only reference options are written)."""
+    """One request per portfolios row, in row order, carrying the market data and shelf
+    entries of the instruments the portfolio holds or targets (the reference ignores
+    RFC-only options, so only reference options are written)."""
     positions, cash, lots = _group(book.positions, "portfolio_snapshot_id"), _group(book.cash, "portfolio_snapshot_id"), _group(book.lots, "portfolio_snapshot_id")
     prices, fx = _group(book.prices, "market_snapshot_id"), _group(book.fx_rates, "market_snapshot_id")
     shelf, attrs, models = _group(book.shelf, "shelf_id"), _group(book.shelf_attributes, "shelf_id"), _group(book.models, "model_id")
@@ -41,6 +42,8 @@ def book_to_requests(book: Book) -> list[dict]:
     requests = []
     for p in book.portfolios.sort("seq").iter_rows(named=True):
         snap = p["portfolio_snapshot_id"]
+        # only the instruments this portfolio holds or targets: the request stays small
+        wanted = {x["instrument_id"] for x in positions.get(snap, [])} | {m["instrument_id"] for m in models.get(p["model_id"], [])}
         lots_by_instrument = defaultdict(list)
         for lot in lots.get(snap, []):
             lots_by_instrument[lot["instrument_id"]].append({
@@ -75,7 +78,7 @@ def book_to_requests(book: Book) -> list[dict]:
             },
             "market_data_snapshot": {
                 "prices": [{"instrument_id": x["instrument_id"], "price": _value(x["price"]), "currency": x["currency"]}
-                           for x in prices.get(p["market_snapshot_id"], [])],
+                           for x in prices.get(p["market_snapshot_id"], []) if x["instrument_id"] in wanted],
                 "fx_rates": [{"pair": x["pair"], "rate": _value(x["rate"])} for x in fx.get(p["market_snapshot_id"], [])],
             },
             "model_portfolio": {"targets": [{"instrument_id": m["instrument_id"], "weight": _value(m["weight"])}
@@ -86,7 +89,7 @@ def book_to_requests(book: Book) -> list[dict]:
                  **({"min_notional": {"amount": _value(s["min_notional_amount"]), "currency": s["min_notional_currency"]}}
                     if s["min_notional_amount"] is not None else {}),
                  "attributes": attributes.get(s["instrument_id"], {})}
-                for s in shelf.get(p["shelf_id"], [])
+                for s in shelf.get(p["shelf_id"], []) if s["instrument_id"] in wanted
             ],
             "options": options,
         })

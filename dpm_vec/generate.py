@@ -419,7 +419,7 @@ class _Market:
         # the bad-data model: a balanced USD model whose last target is not on the shelf
         src = [r for r in rows if r[0] == "M_BAL_USD"]
         unshelved = [r["inst_no"] for r in self.inst if not r["shelved"]][0]
-        for model_id, slot, inst_no, bps in src:
+        for _model_id, slot, inst_no, bps in src:
             rows.append((BAD_MODEL_ID, slot, unshelved if slot == len(src) - 1 else inst_no, bps))
         slots = pl.DataFrame(rows, schema={"model_id": pl.String, "slot": pl.Int64, "inst_no": pl.Int64,
                                            "bps": pl.Int64}, orient="row")

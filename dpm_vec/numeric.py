@@ -18,20 +18,11 @@ DEC = pl.Decimal(38, SCALE)
 # quantities: 28 decimals so that tax-limited fractional quantities keep every digit the
 # reference prints (see dpm_vec.dec28); holds up to 10^10 units
 QTY = pl.Decimal(38, 28)
-ONE = Decimal(1)
-ZERO = Decimal(0)
 
 
 def lit(value: str | int | Decimal) -> pl.Expr:
     """A DEC literal; strings keep their exact decimal value."""
     return pl.lit(Decimal(str(value)), dtype=DEC)
-
-
-def dec(expr: pl.Expr | str) -> pl.Expr:
-    """Cast a column or expression to DEC."""
-    if isinstance(expr, str):
-        expr = pl.col(expr)
-    return expr.cast(DEC)
 
 
 def dmax(a: pl.Expr, b: pl.Expr) -> pl.Expr:

@@ -563,7 +563,7 @@ def _project(model: list[float], lo: float, hi: float, cap: float | None,
         return None
     if lo > n * ub + 1e-12:
         return None
-    for idx, lim in groups:
+    for _idx, lim in groups:
         if lim < -1e-12:
             return None
     if groups:

@@ -16,14 +16,14 @@ from dataclasses import dataclass, fields
 import polars as pl
 
 from dpm_vec.book import Book
-from dpm_vec.numeric import DEC, lit
+from dpm_vec.schemas import INTENTS_SCHEMA, RULES_SCHEMA, RUNS_SCHEMA
 from dpm_vec.stages import compliance, dq
 from dpm_vec.stages.checks import input_faults
 from dpm_vec.stages.fx import plan_fx
 from dpm_vec.stages.prepare import prepare
 from dpm_vec.stages.settlement import cash_ladder
 from dpm_vec.stages.solver import COMPARISON_SCHEMA
-from dpm_vec.stages.targets import WARNINGS_SCHEMA, build_targets, warnings_frame
+from dpm_vec.stages.targets import build_targets, warnings_frame
 from dpm_vec.stages.trades import apply_turnover_cap, translate
 from dpm_vec.stages.universe import build_universe
 from dpm_vec.stages.valuation import value_state
@@ -202,6 +202,11 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
         pl.concat([after.allocations, revalued.allocations, blocked_states["allocations"]]).with_columns(pl.lit("after").alias("state")),
     ])
     timer.lap("rules+status")
+    # stage-boundary contracts: what leaves the engine has the promised shape
+    RUNS_SCHEMA.validate(out_runs.select("run", "run_key", "status", "exit_path"))
+    INTENTS_SCHEMA.validate(intents.select("run", "intent_id", "intent_type", "side", "quantity", "notional", "buy_amount", "sell_amount_estimated"))
+    RULES_SCHEMA.validate(rule_results.select("run", "rule_id", "severity", "status"))
+    timer.lap("stage_checks")
     return Result(
         runs=out_runs,
         intents=intents,

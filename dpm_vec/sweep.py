@@ -27,7 +27,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpm_vec import __version__

@@ -6,7 +6,6 @@ import decimal
 from decimal import Decimal
 
 import polars as pl
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

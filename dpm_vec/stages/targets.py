@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from dpm_vec.numeric import DEC, dabs, dmax, dmin, lit
+from dpm_vec.numeric import DEC, dmax, dmin, lit
 from dpm_vec.stages.prepare import Market
 
 WARNINGS_SCHEMA = {"run": pl.UInt32, "code": pl.String, "w_order": pl.Int64}

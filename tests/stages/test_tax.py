@@ -4,7 +4,6 @@ from __future__ import annotations
 from decimal import Decimal as D
 
 import polars as pl
-import pytest
 
 
 def _hifo(scenario, *, target="0", budget="100", lots=None, **policy):

@@ -182,6 +182,18 @@ def to_dec(name: str) -> pl.Expr:
     return pl.when(k <= 9).then(low).otherwise(high)
 
 
+def absolute(name: str) -> pl.Expr:
+    return _pack(_z(name).abs(), _k(name))
+
+
+def floor(name: str) -> pl.Expr:
+    """floor(x) of a non-negative F28 as a DEC integer (exact up to 1e18)."""
+    z, k = _z(name), _k(name)
+    low = (z * _pow_d28(k.clip(0, 9))).floor().cast(DEC)
+    high = ((z * pl.lit(Decimal("1e9"), dtype=D28)).cast(DEC) * _pow_dec((k - 9).clip(0, 9))).floor()
+    return pl.when(k <= 0).then(pl.lit(0, dtype=DEC)).when(k <= 9).then(low).otherwise(high)
+
+
 def to_d28(name: str) -> pl.Expr:
     """F28 → D28 (quantities; |x| < 1e10)."""
     k = _k(name)

@@ -82,7 +82,7 @@ def output_tables(result: Result) -> dict[str, pl.DataFrame]:
                               pl.col("drop_order").alias("event_order")),
         result.group_events.select("run", pl.lit("group_constraint").alias("category"), ("GROUP_" + pl.col("status")).alias("code"),
                                    pl.col("constraint_key").alias("instrument_id"), pl.lit(None, dtype=pl.String).alias("currency"),
-                                   pl.col("released_weight").alias("amount"), pl.col("event_order")),
+                                   pl.col("released_weight").cast(pl.Decimal(38, 20)).alias("amount"), pl.col("event_order")),
         result.tax_events.select("run", pl.lit("tax_budget").alias("category"), pl.lit("TAX_BUDGET_LIMIT_REACHED").alias("code"),
                                  "instrument_id", pl.lit(None, dtype=pl.String).alias("currency"),
                                  pl.col("allowed_quantity").cast(pl.Decimal(38, 20)).alias("amount"), pl.col("trace_order").alias("event_order")),  # noqa: E501

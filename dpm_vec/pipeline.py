@@ -91,7 +91,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     faults, stale = input_faults(market, runs, p.positions, p.model)
     timer.lap("checks")
 
-    universe = build_universe(market, runs, p.model, before.positions, stale)
+    universe = build_universe(market, runs, p.model, before.positions, stale, before.totals)
     targets = build_targets(market, runs, universe.weight_map, universe.sell_only_excess, p.model, before.totals, _group_constraints(book, runs))
     timer.lap("universe+targets")
     findings = dq.concat(before.dq, universe.dq)

@@ -28,6 +28,10 @@ KEYS = {
     "dropped_intents": lambda x: x.get("instrument_id"),
     "targets": lambda x: x.get("instrument_id"),
     "rule_results": lambda x: x.get("rule_id"),
+    "group_constraint_events": lambda x: x.get("constraint_key"),
+    "tax_budget_constraint_events": lambda x: x.get("instrument_id"),
+    "cash_ladder": lambda x: (x.get("currency"), x.get("date_offset")),
+    "cash_ladder_breaches": lambda x: (x.get("currency"), x.get("date_offset")),
 }
 
 

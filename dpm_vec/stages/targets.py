@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from dpm_vec.numeric import DEC, dmax, dmin, lit
+from dpm_vec.numeric import DEC, WEIGHT, dmax, dmin, lit
 from dpm_vec.stages.prepare import Market
 
 WARNINGS_SCHEMA = {"run": pl.UInt32, "code": pl.String, "w_order": pl.Int64}
@@ -53,6 +53,11 @@ def build_targets(
     ``target_method``; with ``compare_target_methods`` the other method runs too (§6.7)."""
     from dpm_vec.stages.solver import compare_methods, solve_targets
 
+    weight_map = weight_map.with_columns(pl.col("weight").cast(WEIGHT))
+    sell_only_excess = sell_only_excess.with_columns(pl.col("sell_only_excess").cast(WEIGHT))
+    model = model.with_columns(pl.col("model_weight").cast(WEIGHT))
+    group_constraints = group_constraints.with_columns(pl.col("max_weight").cast(WEIGHT))
+    runs = runs.with_columns(pl.col("single_position_max_weight", "min_cash_buffer_pct").cast(WEIGHT))
     wm, step1_pending = _sell_only_redistribution(weight_map, sell_only_excess)
     solver = pl.col("target_method") == "SOLVER"
     compare = pl.col("compare_target_methods")
@@ -67,7 +72,9 @@ def build_targets(
             .when(pl.col("_p").is_not_null()).then(pl.lit("PENDING_REVIEW")).otherwise(pl.lit("READY")).alias("target_status"),
             pl.lit(None, dtype=pl.String).alias("target_fault"),
         )
-        s_weights = s_weights.join(s_status.filter(pl.col("target_status") == "BLOCKED"), on="run", how="anti")
+        s_weights = s_weights.join(s_status.filter(pl.col("target_status") == "BLOCKED"), on="run", how="anti").with_columns(
+            pl.col("weight").cast(WEIGHT)
+        )
     else:
         s_weights = wm.clear()
         s_status = pl.DataFrame(schema={"run": pl.UInt32, "target_status": pl.String, "target_fault": pl.String})
@@ -301,14 +308,14 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
 
 def _empty_group_events() -> pl.DataFrame:
     return pl.DataFrame(schema={
-        "run": pl.UInt32, "constraint_key": pl.String, "group_weight_before": DEC, "max_weight": DEC,
-        "released_weight": DEC, "status": pl.String, "event_order": pl.Int64,
+        "run": pl.UInt32, "constraint_key": pl.String, "group_weight_before": WEIGHT, "max_weight": WEIGHT,
+        "released_weight": WEIGHT, "status": pl.String, "event_order": pl.Int64,
     })
 
 
 def _empty_recipients() -> pl.DataFrame:
     return pl.DataFrame(schema={
-        "run": pl.UInt32, "constraint_key": pl.String, "instrument_id": pl.String, "share": DEC, "recipient_order": pl.Int64,
+        "run": pl.UInt32, "constraint_key": pl.String, "instrument_id": pl.String, "share": WEIGHT, "recipient_order": pl.Int64,
     })
 
 
@@ -350,7 +357,7 @@ def _cap_reference(wm: pl.DataFrame):
         state = state.join(step.select("run", "_share"), on="run", how="left").with_columns(
             (pl.col("_rem") - pl.col("_share").fill_null(lit(0))).alias("_rem")
         ).drop("_share")
-    share = pl.concat([pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "_share": DEC}), *shares])
+    share = pl.concat([pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "_share": WEIGHT}), *shares])
     wm = wm.join(share, on=["run", "instrument_id"], how="left").with_columns(
         (pl.col("weight") + pl.col("_share").fill_null(lit(0))).alias("weight")
     )
@@ -397,7 +404,7 @@ def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.Da
         pl.col("model_weight"), pl.col("final_weight").fill_null(lit(0)), pl.lit(True).alias("in_model"),
     )
     others = wm.join(model.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti").select(
-        "run", "instrument_id", pl.col("map_order").alias("trace_order"), lit("0.0").alias("model_weight"),
+        "run", "instrument_id", pl.col("map_order").alias("trace_order"), lit("0.0").cast(WEIGHT).alias("model_weight"),
         pl.col("weight").alias("final_weight"), pl.lit(False).alias("in_model"),
     )
     trace = pl.concat([model_rows, others]).join(totals.select("run", "total_value"), on="run", how="left")
@@ -409,6 +416,6 @@ def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.Da
         .otherwise(pl.lit([], dtype=pl.List(pl.String)))
     )
     return trace.with_columns(
-        (pl.col("total_value") * pl.col("final_weight")).alias("final_value"),
+        (pl.col("total_value") * pl.col("final_weight").cast(DEC)).alias("final_value"),
         tags.alias("tags"),
     ).drop("total_value").sort("run", "trace_order")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from dpm_vec import dec28 as f28
 from dpm_vec.numeric import DEC, QTY, dabs, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -61,7 +62,7 @@ def translate(
         .join(held, on=["run", "instrument_id"], how="left")
     )
     t = t.with_columns(
-        ((pl.col("total_value") * pl.col("final_weight")) / pl.col("rate")).alias("target_value_instr"),
+        ((pl.col("total_value") * pl.col("final_weight").cast(DEC)) / pl.col("rate")).alias("target_value_instr"),
         pl.when(pl.col("market_value").is_not_null()).then(pl.col("market_value"))
         .when(pl.col("held_quantity").is_not_null()).then(pl.col("held_quantity").cast(DEC) * pl.col("price"))
         .otherwise(lit(0)).alias("current_value_instr"),
@@ -75,8 +76,11 @@ def translate(
     units = (pl.col("_abs_delta") / pl.col("price")).floor()
     # the quotient is rounded before the floor; step back when that rounding crossed an integer
     units = pl.when(units * pl.col("price") > pl.col("_abs_delta")).then(units - 1).otherwise(units)
+    t = t.with_columns(units.alias("_units"), (pl.col("_abs_delta") / pl.col("price")).alias("_quotient"))
+    t = _exact_near_integer_floors(market, t)
     t = t.with_columns(
-        pl.when(pl.col("by_notional")).then(pl.col("_abs_delta").round(2) / pl.col("price")).otherwise(units).cast(QTY).alias("requested_quantity"),
+        pl.when(pl.col("by_notional")).then(pl.col("_abs_delta").round(2) / pl.col("price")).otherwise(pl.col("_units")).cast(QTY)
+        .alias("requested_quantity"),
     )
     t, tax_events, tax_totals, tax_warnings, tax_fx_missing = limit_sells_by_tax_lots(market, t, lots, runs)
     t = t.with_columns(
@@ -112,6 +116,38 @@ def translate(
         tax_events=tax_events,
         tax_totals=tax_totals,
     )
+
+
+NEAR_INTEGER = lit("0.000000001")
+
+
+def _exact_near_integer_floors(market: Market, t: pl.DataFrame) -> pl.DataFrame:
+    """Redo the sizing of trades whose unit quotient lies within 1e-9 of an integer in the
+    reference's 28-digit arithmetic (spec §1.1): there the fixed-point and the reference's
+    rounding can fall on different sides of the integer. Elsewhere fixed-point is exact
+    enough by many orders of magnitude, so only these rows pay for the exact chain."""
+    distance = (pl.col("_quotient") - pl.col("_quotient").round(0)).abs()
+    near = t.filter(~pl.col("by_notional") & (distance < NEAR_INTEGER))
+    if near.height == 0:
+        return t
+    near = market.with_rate_f28(near, "price_currency", "base_currency", "_rate_f")
+    for src, out in (("total_value", "_tv_f"), ("final_weight", "_fw_f"), ("current_value_instr", "_cur_f"), ("price", "_price_f")):
+        near = f28.from_dec(near, src, out)
+    near = f28.mul(near, "_tv_f", "_fw_f", "_tv_w_f")
+    near = f28.div(near, "_tv_w_f", "_rate_f", "_target_f")
+    near = f28.sub(near, "_target_f", "_cur_f", "_delta_f")
+    near = near.with_columns(f28.absolute("_delta_f").alias("_abs_delta_f"))
+    near = f28.div(near, "_abs_delta_f", "_price_f", "_quotient_f")
+    near = near.with_columns(f28.floor("_quotient_f").alias("_units"))
+    near = f28.from_dec(near, "_units", "_units_f")
+    near = f28.mul(near, "_units_f", "_price_f", "_units_notional_f")
+    near = f28.sub(near, "_units_notional_f", "_abs_delta_f", "_overshoot_f")
+    near = near.with_columns(
+        pl.when(f28.sign("_overshoot_f") > 0).then(pl.col("_units") - 1).otherwise(pl.col("_units")).alias("_units"),
+        pl.when(f28.sign("_delta_f") > 0).then(pl.lit("BUY")).otherwise(pl.lit("SELL")).alias("side"),
+        f28.to_dec("_abs_delta_f").alias("_abs_delta"),
+    ).select(t.columns)
+    return pl.concat([t.join(near.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti"), near]).sort("run", "trace_order")
 
 
 def _rationale() -> pl.Expr:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from dpm_vec.numeric import DEC, lit
+from dpm_vec import dec28 as f28
+from dpm_vec.numeric import DEC, WEIGHT, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 
@@ -32,7 +33,8 @@ class Universe:
 
 
 def build_universe(
-    market: Market, runs: pl.DataFrame, model: pl.DataFrame, positions_before: pl.DataFrame, stale: pl.DataFrame
+    market: Market, runs: pl.DataFrame, model: pl.DataFrame, positions_before: pl.DataFrame, stale: pl.DataFrame,
+    totals: pl.DataFrame | None = None,
 ) -> Universe:
     """Loop 1 over model targets, loop 2 over held positions, as columnar passes.
 
@@ -87,7 +89,9 @@ def build_universe(
         .otherwise(pl.lit("LOCKED_DUE_TO_") + pl.col("status").fill_null("MISSING_SHELF")).alias("reason_code"),
         (pl.col("pos_seq").cast(pl.Int64) + LOOP2_OFFSET).alias("excl_order"),
     )
-    weight_map = pl.concat([map1, map2]).sort("run", "map_order")
+    if totals is not None:
+        map2 = _exact_locked_weights(market, runs, map2, positions_before, totals)
+    weight_map = pl.concat([map1.with_columns(pl.col("weight").cast(WEIGHT)), map2.with_columns(pl.col("weight").cast(WEIGHT))]).sort("run", "map_order")
     eligible = pl.concat([
         map1.filter(pl.col("kind") == "BUYABLE").select("run", pl.lit("buy").alias("list"), "instrument_id", pl.col("map_order").alias("list_order")),
         map1.select("run", pl.lit("sell").alias("list"), "instrument_id", pl.col("map_order").alias("list_order")),
@@ -100,3 +104,26 @@ def build_universe(
         sell_only_excess=sell_only_excess,
         dq=shelf_missing,
     )
+
+
+def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame, positions: pl.DataFrame,
+                          totals: pl.DataFrame) -> pl.DataFrame:
+    """A locked position keeps its before-state weight, value_base / tv, which the reference
+    computes in 28 digits; recompute it that way (D28) so the locked target lands where the
+    reference's does."""
+    locked = map2.filter(pl.col("kind") == "LOCKED").join(
+        positions.select("run", "instrument_id", "value_instr", "instrument_currency"), on=["run", "instrument_id"], how="left"
+    ).join(runs.select("run", "base_currency"), on="run", how="left").join(totals.select("run", "divisor"), on="run", how="left")
+    if locked.height == 0:
+        return map2.with_columns(pl.col("weight").cast(WEIGHT))
+    locked = market.with_rate_f28(locked, "instrument_currency", "base_currency", "_rate_f")
+    locked = f28.from_dec(locked, "value_instr", "_value_f")
+    locked = f28.from_dec(locked, "divisor", "_divisor_f")
+    locked = f28.mul(locked, "_value_f", "_rate_f", "_base_f")
+    locked = f28.div(locked, "_base_f", "_divisor_f", "_weight_f")
+    locked = locked.with_columns(
+        pl.when(pl.col("_rate_f").is_null()).then(pl.lit(0, dtype=WEIGHT)).otherwise(f28.to_d28("_weight_f")).alias("_exact")
+    )
+    return map2.with_columns(pl.col("weight").cast(WEIGHT)).join(
+        locked.select("run", "instrument_id", "_exact"), on=["run", "instrument_id"], how="left"
+    ).with_columns(pl.coalesce("_exact", "weight").alias("weight")).drop("_exact")

@@ -1,5 +1,8 @@
 """28-significant-digit decimal arithmetic as Polars expressions.
 
+Every operation takes and returns a DataFrame or a LazyFrame (scratch columns are added
+and dropped); on a LazyFrame a whole chain of operations becomes one query plan.
+
 The reference computes in Python's default decimal context: every result rounded to 28
 significant digits, half-even (spec §1.1). Fixed-point ``DEC`` agrees with it to far below
 a cent, which is all money and weights need. Tax-limited sells are different: their
@@ -88,9 +91,10 @@ def from_dec(df: pl.DataFrame, src: str, out: str) -> pl.DataFrame:
     x, small, n, sm, big = f"{_T}x", f"{_T}small", f"{_T}n", f"{_T}sm", f"{_T}big"
     df = df.with_columns(pl.col(src).cast(DEC).alias(x))
     df = df.with_columns((pl.col(x).abs() < pl.lit(Decimal("1e9"), dtype=DEC)).alias(small))
-    exact = pl.col(src) if df.schema[src] == D28 else pl.col(x)
+    src_dtype = df.collect_schema()[src] if isinstance(df, pl.LazyFrame) else df.schema[src]
+    exact = pl.col(src) if src_dtype == D28 else pl.col(x)
     df = df.with_columns(
-        pl.when(pl.col(small)).then(exact).otherwise(pl.lit(0, dtype=exact_dtype(df.schema[src]))).cast(D28).alias(sm),
+        pl.when(pl.col(small)).then(exact).otherwise(pl.lit(0, dtype=exact_dtype(src_dtype))).cast(D28).alias(sm),
         pl.when(pl.col(small)).then(pl.lit(1, dtype=DEC)).otherwise(pl.col(x)).alias(big),
     )
     df = _normalise(df, sm, f"{_T}small_f")

@@ -126,8 +126,11 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame) -> pl.DataFrame:
     reference's 28-digit arithmetic (spec §1.1): there the fixed-point and the reference's
     rounding can fall on different sides of the integer. Elsewhere fixed-point is exact
     enough by many orders of magnitude, so only these rows pay for the exact chain."""
-    distance = (pl.col("_quotient") - pl.col("_quotient").round(0)).abs()
-    near = t.filter(~pl.col("by_notional") & (distance < NEAR_INTEGER))
+    nearest = pl.col("_quotient").round(0)
+    distance = (pl.col("_quotient") - nearest).abs()
+    # a quotient near zero floors to zero whichever way it rounds, and a zero target makes
+    # delta = −current exactly (liquidations), so neither needs the exact chain
+    near = t.filter(~pl.col("by_notional") & (nearest >= 1) & (distance < NEAR_INTEGER) & (pl.col("final_weight") != 0))
     if near.height == 0:
         return t
     near = market.with_rate_f28(near, "price_currency", "base_currency", "_rate_f")

@@ -182,25 +182,10 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     ).sort("run")
 
     # after-state of stopped runs is the before-state (E1, E2), revalued for E3
-    blocked_states = {name: _only(getattr(before, name), stopped) for name in ("positions", "cash", "allocations")}
-    positions = pl.concat([
-        before.positions.with_columns(pl.lit("before").alias("state")),
-        pl.concat([after.positions.with_columns(pl.col("pos_seq").cast(pl.Int64)),
-                   revalued.positions.with_columns(pl.col("pos_seq").cast(pl.Int64)),
-                   blocked_states["positions"].with_columns(pl.col("pos_seq").cast(pl.Int64))], how="diagonal_relaxed")
-        .with_columns(pl.lit("after").alias("state")),
-    ], how="diagonal_relaxed")
-    cash = pl.concat([
-        before.cash.with_columns(pl.lit("before").alias("state")),
-        pl.concat([after.cash.with_columns(pl.col("cash_seq").cast(pl.Int64)),
-                   revalued.cash.with_columns(pl.col("cash_seq").cast(pl.Int64)),
-                   blocked_states["cash"].with_columns(pl.col("cash_seq").cast(pl.Int64))], how="diagonal_relaxed")
-        .with_columns(pl.lit("after").alias("state")),
-    ], how="diagonal_relaxed")
-    allocations = pl.concat([
-        before.allocations.with_columns(pl.lit("before").alias("state")),
-        pl.concat([after.allocations, revalued.allocations, blocked_states["allocations"]]).with_columns(pl.lit("after").alias("state")),
-    ])
+    states = {
+        name: _before_and_after(getattr(before, name), [getattr(after, name), getattr(revalued, name), _only(getattr(before, name), stopped)])
+        for name in ("positions", "cash", "allocations")
+    }
     timer.lap("rules+status")
     # stage-boundary contracts: what leaves the engine has the promised shape
     RUNS_SCHEMA.validate(out_runs.select("run", "run_key", "status", "exit_path"))
@@ -210,9 +195,9 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     return Result(
         runs=out_runs,
         intents=intents,
-        positions=positions,
-        cash=cash,
-        allocations=allocations,
+        positions=states["positions"],
+        cash=states["cash"],
+        allocations=states["allocations"],
         targets=targets.trace,
         exclusions=universe.excluded,
         eligible=universe.eligible,
@@ -229,6 +214,17 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
         gate_reasons=gate_reasons,
         method_comparison=targets.comparison if targets.comparison is not None else pl.DataFrame(schema=COMPARISON_SCHEMA),
     )
+
+
+def _before_and_after(before: pl.DataFrame, after_parts: list[pl.DataFrame]) -> pl.DataFrame:
+    """One frame of a state table with a ``state`` column (before / after); sequence
+    columns widen to Int64 because the after-state appends rows."""
+    def widen(frame: pl.DataFrame) -> pl.DataFrame:
+        return frame.with_columns(pl.col(c).cast(pl.Int64) for c in ("pos_seq", "cash_seq") if c in frame.columns)
+
+    after = pl.concat([widen(f) for f in after_parts], how="diagonal_relaxed")
+    return pl.concat([widen(before).with_columns(pl.lit("before").alias("state")), after.with_columns(pl.lit("after").alias("state"))],
+                     how="diagonal_relaxed")
 
 
 def _group_constraints(book: Book, runs: pl.DataFrame) -> pl.DataFrame:

@@ -232,3 +232,21 @@ class Stages:
 def scenario():
     """The ``build_scenario`` function (a fixture, so tests never import conftest)."""
     return build_scenario
+
+
+# scenario inputs several stage tests share (golden scenario_03; the §6.4 step 2.6 block)
+GOLDEN_03_FX_FUNDING = dict(
+    base="SGD",
+    cash=[("SGD", "10000.00")],
+    prices=[("US_EQ", "100.0", "USD")],
+    fx=[("USD/SGD", "1.35")],
+    shelf=[("US_EQ", "APPROVED")],
+    model=[("US_EQ", "0.5")],
+)
+SINGLE_STOCK_WITH_ZERO_ALTERNATIVE = dict(
+    cash=[("USD", "1000")],
+    prices=[("T", "100", "USD"), ("F", "100", "USD")],
+    shelf=[("T", "APPROVED"), ("F", "APPROVED")],
+    attributes=[("T", "sector", "TECH"), ("F", "sector", "FI")],
+    model=[("T", "1.0"), ("F", "0")],
+)

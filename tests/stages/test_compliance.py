@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal as D
 
+from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_ALTERNATIVE  # noqa: F401
 import polars as pl
 
 from dpm_vec.numeric import DEC
@@ -335,11 +336,7 @@ def test_warnings_in_stage_order(scenario):
 
 def test_target_stage_block_is_early_exit_on_before_state(scenario):
     s = scenario(
-        cash=[("USD", "1000")],
-        prices=[("T", "100", "USD"), ("F", "100", "USD")],
-        shelf=[("T", "APPROVED"), ("F", "APPROVED")],
-        attributes=[("T", "sector", "TECH"), ("F", "sector", "FI")],
-        model=[("T", "1.0"), ("F", "0")],
+        **SINGLE_STOCK_WITH_ZERO_ALTERNATIVE,
         groups={"sector:TECH": "0.5"},
     )
     r = s.run_row()

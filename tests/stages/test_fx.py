@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from decimal import Decimal as D
 
+from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_ALTERNATIVE  # noqa: F401
 import polars as pl
 
 
@@ -59,12 +60,7 @@ def _order(s, run=0):
 def test_funding_golden_03(scenario):
     """USD −3700 → buy 3737.000 USD (1% buffer), sell 3737 × 1.35 = 5044.95 SGD; id oi_fx_2."""
     s = scenario(
-        base="SGD",
-        cash=[("SGD", "10000.00")],
-        prices=[("US_EQ", "100.0", "USD")],
-        fx=[("USD/SGD", "1.35")],
-        shelf=[("US_EQ", "APPROVED")],
-        model=[("US_EQ", "0.5")],
+        **GOLDEN_03_FX_FUNDING,
     )
     (fx,) = _fx_rows(s)
     assert fx["intent_id"] == "oi_fx_2"
@@ -209,12 +205,7 @@ def test_fx_runs_isolated(scenario):
     """Two runs over the same frames with different fx buffers get their own amounts."""
     s = scenario(
         runs=[dict(fx_buffer_pct="0.01"), dict(fx_buffer_pct="0.05"), dict(fx_buffer_pct="0")],
-        base="SGD",
-        cash=[("SGD", "10000.00")],
-        prices=[("US_EQ", "100.0", "USD")],
-        fx=[("USD/SGD", "1.35")],
-        shelf=[("US_EQ", "APPROVED")],
-        model=[("US_EQ", "0.5")],
+        **GOLDEN_03_FX_FUNDING,
     )
     amounts = [_fx_rows(s, r)[0]["buy_amount"] for r in (0, 1, 2)]
     assert amounts == [D("3737"), D("3885"), D("3700")]

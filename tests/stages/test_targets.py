@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from decimal import Decimal as D
 
+from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_ALTERNATIVE  # noqa: F401
 import polars as pl
 
 
@@ -243,11 +244,7 @@ def test_group_cap_no_members_is_silent(scenario):
 def test_group_cap_blocks_without_destination(scenario):
     """§6.4 step 2.6: a 100% single stock with only zero-weight alternatives blocks."""
     s = scenario(
-        cash=[("USD", "1000")],
-        prices=[("T", "100", "USD"), ("F", "100", "USD")],
-        shelf=[("T", "APPROVED"), ("F", "APPROVED")],
-        attributes=[("T", "sector", "TECH"), ("F", "sector", "FI")],
-        model=[("T", "1.0"), ("F", "0")],
+        **SINGLE_STOCK_WITH_ZERO_ALTERNATIVE,
         groups={"sector:TECH": "0.5", "sector:ZZZ": "0.1", "aaa:x": "0.1"},
     )
     assert s.target_status() == "BLOCKED"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from decimal import Decimal as D
 
+from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_ALTERNATIVE  # noqa: F401
 import polars as pl
 
 
@@ -22,12 +23,7 @@ def _suppressed(s, run=0):
 def test_foreign_currency_sizing_golden_03(scenario):
     """tv 10000 SGD, w 0.5, r 1.35: 5000/1.35 = 3703.70… → 37 units, 3700 USD, 4995 SGD."""
     s = scenario(
-        base="SGD",
-        cash=[("SGD", "10000.00")],
-        prices=[("US_EQ", "100.0", "USD")],
-        fx=[("USD/SGD", "1.35")],
-        shelf=[("US_EQ", "APPROVED")],
-        model=[("US_EQ", "0.5")],
+        **GOLDEN_03_FX_FUNDING,
     )
     row = s.translation.intents.to_dicts()[0]
     assert (row["side"], row["quantity"], row["notional"], row["notional_base"]) == ("BUY", D(37), D("3700"), D("4995"))

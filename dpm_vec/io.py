@@ -60,9 +60,12 @@ def _conform(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
     return out
 
 
-def read_portfolios(book_dir: str | Path, file: Path | None = None) -> pl.DataFrame:
+def read_portfolios(book_dir: str | Path, file: Path | None = None, rows: tuple[int, int] | None = None) -> pl.DataFrame:
+    """The portfolios table, or the ``rows = (offset, length)`` slice of it (a shard)."""
     book_dir = Path(book_dir)
     lf = scan_table(book_dir, "portfolios", file)
+    if rows is not None:
+        lf = lf.slice(*rows)
     return _conform("portfolios", lf.collect(), str(file or _path(book_dir, "portfolios")))
 
 

@@ -142,7 +142,7 @@ def run_shard(plan: SweepPlan, shard: int) -> dict[str, int]:
     start, stop = plan.shard_range(shard)
     book_dir = Path(plan.book_dir)
     derived = plan.table_files()
-    portfolios = read_portfolios(book_dir, derived.get("portfolios")).slice(start, stop - start)
+    portfolios = read_portfolios(book_dir, derived.get("portfolios"), rows=(start, stop - start))
     holdings_dir = Path(plan.work_dir) / "partition"
     files = {table: holdings_dir / table / f"shard-{shard:05d}.parquet" for table in HOLDING_TABLES}
     files.update({t: f for t, f in derived.items() if t != "portfolios"})

@@ -23,7 +23,6 @@ EVENT_SCHEMA = {
     "requested_quantity": QTY, "allowed_quantity": QTY, "quantity_f28": f.F28,
 }
 TOTALS_SCHEMA = {"run": pl.UInt32, "realized_gain": DEC, "realized_loss": DEC, "gains_budget_used": DEC}
-STATE = ("used", "gains", "losses", "remaining", "allowed")
 
 
 def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame, runs: pl.DataFrame):
@@ -54,8 +53,7 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
         dq.TRANSLATION, pl.col("trace_order") * 2 + 1,
     )
     walk = lot_rows.join(first_missing.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti")
-    for src, out in (("unit_cost", "unit_cost_f"), ("price", "price_f"), ("lot_quantity", "lot_f"),
-                     ("requested_quantity", "requested_f"), ("max_realized_capital_gains", "budget_f")):
+    for src, out in (("unit_cost", "unit_cost_f"), ("price", "price_f"), ("max_realized_capital_gains", "budget_f")):
         walk = f.from_dec(walk.with_columns(pl.col(src).fill_null(lit(0)).alias("_src")), "_src", out).drop("_src")
     walk = f.mul(walk, "unit_cost_f", "cost_rate_f", "_converted")
     walk = walk.with_columns(
@@ -129,65 +127,68 @@ def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
             pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "_allowed": QTY, "quantity_f28": f.F28}),
             pl.DataFrame(schema=TOTALS_SCHEMA),
         )
-    state = walk.select("run").unique().select("run", *[f.zero().alias(name) for name in STATE], pl.lit(True).alias("stopped"))
+    # quantities stay exact in Decimal(38, 28) (every take but the budget-limited one is a
+    # whole lot share); the budget arithmetic and the limited take are 28-digit decimals
+    state = walk.select("run").unique().select(
+        "run", f.zero().alias("used"), f.zero().alias("allowed"), pl.lit(0, dtype=DEC).alias("losses"),
+        pl.lit(0, dtype=QTY).alias("remaining"), pl.lit(True).alias("stopped"),
+    )
     takes = []
     for step in range(int(walk["step"].max()) + 1):
         s = walk.filter(pl.col("step") == step).join(state, on="run")
         s = s.with_columns(
-            pl.when(pl.col("first_lot")).then(pl.col("requested_f")).otherwise(pl.col("remaining")).alias("remaining"),
+            pl.when(pl.col("first_lot")).then(pl.col("requested_quantity")).otherwise(pl.col("remaining")).alias("remaining"),
             pl.when(pl.col("first_lot")).then(f.zero()).otherwise(pl.col("allowed")).alias("allowed"),
             pl.when(pl.col("first_lot")).then(pl.lit(False)).otherwise(pl.col("stopped")).alias("stopped"),
         )
-        s = f.sub(s, "remaining", "lot_f", "_rem_minus_lot")
         s = s.with_columns(
-            (~pl.col("stopped") & (f.sign("remaining") > 0) & (f.sign("lot_f") > 0)).alias("_active"),
-            pl.when(f.sign("_rem_minus_lot") <= 0).then(pl.col("remaining")).otherwise(pl.col("lot_f")).alias("_share"),
+            (~pl.col("stopped") & (pl.col("remaining") > 0) & (pl.col("lot_quantity") > 0)).alias("_active"),
+            pl.min_horizontal("remaining", "lot_quantity").cast(QTY).alias("_share"),
         )
+        s = f.from_dec(s, "_share", "_share_f")
         s = f.sub(s, "budget_f", "used", "_headroom")
         s = f.div(s, "_headroom", "gain_f", "_budget_take")
-        s = f.sub(s, "_share", "_budget_take", "_share_minus_budget")
+        s = f.sub(s, "_share_f", "_budget_take", "_share_minus_budget")
         limited = pl.col("has_budget") & (f.sign("gain_f") > 0)
+        reduced = limited & (f.sign("_headroom") > 0) & (f.sign("_share_minus_budget") > 0)
         s = s.with_columns(
-            pl.when(limited & (f.sign("_headroom") > 0))
-            .then(pl.when(f.sign("_share_minus_budget") <= 0).then(pl.col("_share")).otherwise(pl.col("_budget_take")))
-            .when(limited).then(f.zero())
-            .otherwise(pl.col("_share")).alias("_take"),
+            pl.when(reduced).then(pl.col("_budget_take"))
+            .when(limited & (f.sign("_headroom") <= 0)).then(f.zero())
+            .otherwise(pl.col("_share_f")).alias("_take"),
+            reduced.alias("_reduced"),
         )
         s = s.with_columns((pl.col("_active") & (f.sign("_take") > 0)).alias("_taking"))
         s = f.mul(s, "gain_f", "_take", "_realised")
-        s = f.add(s, "gains", "_realised", "_gains_next")
         s = f.add(s, "used", "_realised", "_used_next")
-        s = f.sub(s, "losses", "_realised", "_losses_next")
         s = f.add(s, "allowed", "_take", "_allowed_next")
-        s = f.sub(s, "remaining", "_take", "_remaining_next")
-        s = f.sub(s, "_take", "_share", "_take_minus_share")
         gain = pl.col("_taking") & (f.sign("_realised") >= 0)
         loss = pl.col("_taking") & (f.sign("_realised") < 0)
         s = s.with_columns(
-            pl.when(gain).then(pl.col("_gains_next")).otherwise(pl.col("gains")).alias("gains"),
             pl.when(gain).then(pl.col("_used_next")).otherwise(pl.col("used")).alias("used"),
-            pl.when(loss).then(pl.col("_losses_next")).otherwise(pl.col("losses")).alias("losses"),
+            pl.when(loss).then(pl.col("losses") - f.to_dec("_realised")).otherwise(pl.col("losses")).alias("losses"),
             pl.when(pl.col("_taking")).then(pl.col("_allowed_next")).otherwise(pl.col("allowed")).alias("allowed"),
-            pl.when(pl.col("_taking")).then(pl.col("_remaining_next")).otherwise(pl.col("remaining")).alias("remaining"),
+            # after a reduced take the instrument stops, so remaining no longer matters
+            pl.when(pl.col("_taking")).then(pl.col("remaining") - pl.col("_share")).otherwise(pl.col("remaining")).alias("remaining"),
             (
                 pl.col("stopped")
-                | (f.sign("remaining") <= 0)
+                | (pl.col("remaining") <= 0)
                 | (pl.col("_active") & ~pl.col("_taking"))
-                | (pl.col("_taking") & (f.sign("_take_minus_share") < 0))
+                | (pl.col("_taking") & pl.col("_reduced"))
             ).alias("stopped"),
         )
         takes.append(s.select("run", "instrument_id", "allowed"))
         state = pl.concat([
             state.join(s.select("run"), on="run", how="anti"),
-            s.select("run", *STATE, "stopped"),
+            s.select(state.columns),
         ])
     allowed = (
         pl.concat([pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "allowed": f.F28}), *takes])
         .group_by("run", "instrument_id", maintain_order=True).last()
         .select("run", "instrument_id", f.to_d28("allowed").cast(QTY).alias("_allowed"), pl.col("allowed").alias("quantity_f28"))
     )
+    # gains and budget use grow together: only gains consume the budget (§6.10)
     totals = state.select(
-        "run", f.to_dec("gains").alias("realized_gain"), f.to_dec("losses").alias("realized_loss"),
+        "run", f.to_dec("used").alias("realized_gain"), pl.col("losses").alias("realized_loss"),
         f.to_dec("used").alias("gains_budget_used"),
     )
     return allowed, totals

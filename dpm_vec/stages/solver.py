@@ -30,7 +30,6 @@ from fractions import Fraction
 
 import numpy as np
 import polars as pl
-from scipy.optimize import nnls
 
 from dpm_vec.numeric import DEC, dabs, lit
 from dpm_vec.stages.prepare import Market
@@ -432,6 +431,8 @@ def project_exact(
     E = np.vstack([G.T, h[None, :]])
     f = np.zeros(n + 1)
     f[n] = 1.0
+    from scipy.optimize import nnls  # imported here: only portfolios with group caps need it
+
     u, rnorm = nnls(E, f, maxiter=50 * E.shape[1])
     if not np.isfinite(rnorm):
         raise ArithmeticError("NNLS failed")

@@ -210,7 +210,10 @@ def main() -> None:
         results["batch"] = batch_door()
     if "features" not in skip:
         results["features"] = feature_costs(args.feature_book)
-    (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    path = ROOT / "benchmarks" / "results.json"
+    if skip and path.exists():  # a partial run updates the sections it measured
+        results = {**json.loads(path.read_text()), **results}
+    path.write_text(json.dumps(results, indent=2, default=str))
     print(markdown(results))
 
 

@@ -49,8 +49,12 @@ def output_tables(result: Result) -> dict[str, pl.DataFrame]:
         pl.col("notional_base").filter(pl.col("intent_type") == "SECURITY_TRADE").sum().alias("gross_turnover_notional_base"),
     )
     warnings = result.warnings.group_by("run", maintain_order=True).agg(pl.col("code").alias("warnings"))
+    comparison = result.method_comparison.select(
+        "run", pl.col("alternate_method"), pl.col("alternate_status"), pl.col("differing_instruments"),
+    )
     runs = (
         result.runs.join(counts, on="run", how="left").join(warnings, on="run", how="left")
+        .join(comparison, on="run", how="left")
         .join(options_hashes(result.runs), on=names, how="left", nulls_equal=True)
         .with_columns(
             pl.col("security_intent_count", "fx_intent_count").fill_null(0),
@@ -60,7 +64,8 @@ def output_tables(result: Result) -> dict[str, pl.DataFrame]:
         .sort("run")
         .select(
             "run_key", "portfolio_id", "scenario_id", "base_currency", "portfolio_snapshot_id", "market_snapshot_id", "shelf_id", "model_id",
-            "status", "exit_path", "block_reason", "target_status", "before_total_value", "after_total_value",
+            "status", "exit_path", "block_reason", "target_method", "target_status", "alternate_method", "alternate_status",
+            "differing_instruments", "before_total_value", "after_total_value",
             "reconciliation_status", pl.col("delta").alias("reconciliation_delta"), "security_intent_count", "fx_intent_count",
             "gross_turnover_notional_base", "dq_count", "n_price_missing", "n_fx_missing", "n_shelf_missing",
             "realized_gain", "realized_loss", "gate", "recommended_next_step", "hard_fail_count", "soft_fail_count",

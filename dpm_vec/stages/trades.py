@@ -78,13 +78,18 @@ def translate(
     units = pl.when(units * pl.col("price") > pl.col("_abs_delta")).then(units - 1).otherwise(units)
     t = t.with_columns(units.alias("_units"), (pl.col("_abs_delta") / pl.col("price")).alias("_quotient"))
     t = _exact_near_integer_floors(market, t)
+    # RFC notional sizing: the amount rounded to cents; a sell never exceeds the holding
+    held = pl.col("held_quantity").fill_null(pl.lit(0, dtype=QTY)).cast(DEC)
+    amount_units = pl.col("_abs_delta").round(2) / pl.col("price")
+    oversell = pl.col("by_notional") & (pl.col("side") == "SELL") & (amount_units > held)
     t = t.with_columns(
-        pl.when(pl.col("by_notional")).then(pl.col("_abs_delta").round(2) / pl.col("price")).otherwise(pl.col("_units")).cast(QTY)
+        pl.when(oversell).then(held).when(pl.col("by_notional")).then(amount_units).otherwise(pl.col("_units")).cast(QTY)
         .alias("requested_quantity"),
+        oversell.alias("_oversell"),
     )
     t, tax_events, tax_totals, tax_warnings, tax_fx_missing = limit_sells_by_tax_lots(market, t, lots, runs)
     t = t.with_columns(
-        pl.when(pl.col("by_notional") & (pl.col("quantity") == pl.col("requested_quantity")))
+        pl.when(pl.col("by_notional") & ~pl.col("_oversell") & (pl.col("quantity") == pl.col("requested_quantity")))
         .then(pl.col("_abs_delta").round(2))
         .otherwise(pl.col("quantity").cast(DEC) * pl.col("price")).alias("notional"),
     ).with_columns(

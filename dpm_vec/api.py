@@ -286,6 +286,8 @@ def create_app(store_path: str | None = None, idempotency: str = "reference") ->
         result = simulate_many([body])[0]
         if result.get("status") == 422 and "errors" in result:
             return _Outcome(422, _invalid(result["errors"], SIMULATE_PATH), problem=True, headers=headers)
+        if result.get("status") == 500:  # the engine could not compute this request
+            return _Outcome(500, _internal_error(SIMULATE_PATH), problem=True, headers=headers)
 
         run_id = new_run_id()
         _stamp(result, run_id)
@@ -333,7 +335,7 @@ def create_app(store_path: str | None = None, idempotency: str = "reference") ->
             return _Outcome(422, _invalid(errors, BATCH_PATH), problem=True, headers=headers)
         slots = simulate_many(body)
         for i, slot in enumerate(slots):
-            if slot.get("status") == 422 and "errors" in slot:
+            if isinstance(slot.get("status"), int):  # a problem object (422 invalid, 500 not computable)
                 slot["instance"] = f"{BATCH_PATH}#/{i}"
                 continue
             _stamp(slot, new_run_id())

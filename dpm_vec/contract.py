@@ -21,6 +21,7 @@ from dpm_vec.errors import RequestError
 from dpm_vec.numeric import SCALE
 
 MAX_ABS = Decimal(10) ** (38 - SCALE - 1)
+MAX_QUANTITY = Decimal(10) ** 9  # quantities carry 28 decimals in Decimal(38, 28)
 TRUE_WORDS = {"true", "1", "yes", "y", "on", "t"}
 FALSE_WORDS = {"false", "0", "no", "n", "off", "f"}
 GROUP_KEY = re.compile(r"^[^:]+:[^:]+$")
@@ -195,7 +196,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
         if pos is None:
             continue
         iid = r.text(pos.get("instrument_id"), f"{path}.instrument_id")
-        qty = r.decimal(pos.get("quantity"), f"{path}.quantity", minimum=Decimal(0))
+        qty = r.decimal(pos.get("quantity"), f"{path}.quantity", minimum=Decimal(0), maximum=MAX_QUANTITY)
         mv, mv_ccy = r.money(pos.get("market_value"), f"{path}.market_value")
         lots = r.arr(pos.get("lots"), f"{path}.lots")
         lot_total = Decimal(0)
@@ -204,7 +205,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             lot = r.obj(lot, lpath)
             if lot is None:
                 continue
-            lq = r.decimal(lot.get("quantity"), f"{lpath}.quantity", minimum=Decimal(0))
+            lq = r.decimal(lot.get("quantity"), f"{lpath}.quantity", minimum=Decimal(0), maximum=MAX_QUANTITY)
             cost, cost_ccy = r.money(lot.get("unit_cost"), f"{lpath}.unit_cost", required=True)
             row = {
                 "portfolio_snapshot_id": run_key, "instrument_id": iid,

@@ -46,7 +46,8 @@ INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
         unique=["run_key"],
     ),
     "positions": pa.DataFrameSchema(
-        {"portfolio_snapshot_id": _id(), "instrument_id": _id(), "quantity": pa.Column(QTY, nullable=False),
+        {"portfolio_snapshot_id": _id(), "instrument_id": _id(),
+         "quantity": pa.Column(QTY, checks=pa.Check.lt(10**9), nullable=False),
          "market_value": pa.Column(DEC, nullable=True), "market_value_currency": _ccy(nullable=True)},
         unique=["portfolio_snapshot_id", "instrument_id"],
     ),

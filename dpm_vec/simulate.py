@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dpm_vec.contract import parse_request, request_hash, rows_to_book
 from dpm_vec.book import TABLES
+from dpm_vec.contract import parse_request, request_hash, rows_to_book
 from dpm_vec.errors import RequestError
 from dpm_vec.pipeline import run
 from dpm_vec.render import render_results
@@ -13,29 +13,50 @@ def simulate_many(requests: list) -> list[dict]:
     """Run every valid request in one engine pass; invalid ones get an RFC 7807 problem.
 
     Each slot is independent: a request's data is keyed by its own run key, so requests
-    that share portfolio or instrument ids cannot affect each other.
+    that share portfolio or instrument ids cannot affect each other. If the shared pass
+    fails, each request runs alone, and one that cannot be computed gets a 500 problem
+    in its slot while the others still answer.
     """
-    rows: dict[str, list[dict]] = {t: [] for t in TABLES}
     slots: list[dict | None] = [None] * len(requests)
-    valid: list[int] = []
+    parsed: dict[int, dict[str, list[dict]]] = {}
     for index, request in enumerate(requests):
-        key = f"r{index:07d}"
         try:
-            parsed = parse_request(request, key)
+            rows = parse_request(request, f"r{index:07d}")
         except RequestError as exc:
             slots[index] = exc.problem()
             continue
-        parsed["portfolios"][0]["request_hash"] = request_hash(request)
-        for table, table_rows in parsed.items():
-            rows[table].extend(table_rows)
-        valid.append(index)
-    if valid:
-        results = render_results(run(rows_to_book(rows)))
-        for index, result in zip(valid, results):
-            # each request is its own market snapshot inside the book; the contract names it "md" (§5.8)
-            result["lineage"]["market_data_snapshot_id"] = "md"
+        rows["portfolios"][0]["request_hash"] = request_hash(request)
+        parsed[index] = rows
+    if parsed:
+        try:
+            results = dict(zip(parsed, _simulate(list(parsed.values()))))
+        except Exception:  # noqa: BLE001 - isolate the request that breaks the pass
+            results = {index: _alone(rows, index) for index, rows in parsed.items()}
+        for index, result in results.items():
             slots[index] = result
     return slots  # type: ignore[return-value]
+
+
+def _simulate(parsed: list[dict[str, list[dict]]]) -> list[dict]:
+    rows: dict[str, list[dict]] = {t: [] for t in TABLES}
+    for one in parsed:
+        for table, table_rows in one.items():
+            rows[table].extend(table_rows)
+    results = render_results(run(rows_to_book(rows)))
+    for result in results:
+        # each request is its own market snapshot inside the book; the contract names it "md" (§5.8)
+        result["lineage"]["market_data_snapshot_id"] = "md"
+    return results
+
+
+def _alone(rows: dict[str, list[dict]], index: int) -> dict:
+    try:
+        return _simulate([rows])[0]
+    except Exception as exc:  # noqa: BLE001 - reported in the slot, never as a traceback
+        return {
+            "type": "about:blank", "title": "Internal Server Error", "status": 500,
+            "detail": f"request {index + 1} could not be simulated ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+        }
 
 
 def simulate_one(request) -> dict:

@@ -92,3 +92,20 @@ def test_reason_code_docs_are_generated_from_the_enum():
     from dpm_vec.codes import markdown_table
 
     assert (Path(__file__).resolve().parents[1] / "docs" / "codes.md").read_text() == markdown_table()
+
+
+def test_a_request_that_overflows_fails_alone(tmp_path):
+    """§9.1: a request the arithmetic cannot hold gets a problem in its slot, never a traceback."""
+    good = json.loads((DATA / "requests" / "fx_funding.json").read_text())
+    huge = json.loads(json.dumps(good))
+    huge["market_data_snapshot"]["prices"][0]["price"] = "99999999999999999"
+    huge["portfolio_snapshot"]["positions"] = [{"instrument_id": "US_EQ", "quantity": "900000000"}]
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    (tmp_path / "huge.json").write_text(json.dumps(huge))
+    proc = cli("simulate", str(tmp_path / "good.json"), str(tmp_path / "huge.json"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    slots = json.loads(proc.stdout)
+    assert slots[0]["status"] == "READY"
+    assert slots[1]["status"] == 500 and "request 2" in slots[1]["detail"]
+    alone = cli("simulate", str(tmp_path / "huge.json"))
+    assert alone.returncode == 2 and json.loads(alone.stdout)["status"] == 500

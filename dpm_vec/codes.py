@@ -72,6 +72,7 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "UNKNOWN_MODEL": "the portfolio's model_id is not in models.parquet",
     "UNKNOWN_SHELF": "the portfolio's shelf_id is not in shelf.parquet",
     "UNKNOWN_MARKET_SNAPSHOT": "the portfolio's market_snapshot_id has no prices or FX rates",
+    "ENGINE_ERROR": "the engine could not compute this portfolio (e.g. an arithmetic overflow); the sweep went on",
 }
 assert {f.value for f in InputFault} <= CODE_DESCRIPTIONS.keys()
 

@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,7 +30,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from dpm_vec import __version__
-from dpm_vec.book import conform
+from dpm_vec.book import Book, conform
 from dpm_vec.errors import DpmVecError
 from dpm_vec.io import _path, read_book, read_portfolios, read_reference, replace_dir, write_book, write_json_atomic
 from dpm_vec.scenarios import comparison_table, expand, load_scenarios
@@ -148,7 +148,7 @@ def run_shard(plan: SweepPlan, shard: int) -> dict[str, int]:
     files.update({t: f for t, f in derived.items() if t != "portfolios"})
     book = read_book(book_dir, portfolios=portfolios, reference=_reference(plan.book_dir), files=files)
     timer = StageTimer()
-    tables = output_tables(run(book, allocations=False, timer=timer))
+    tables = run_isolating(book, timer)
     timer.lap("outputs")
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
@@ -273,6 +273,36 @@ def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, wor
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def run_isolating(book: Book, timer: StageTimer | None = None) -> dict[str, pl.DataFrame]:
+    """The output tables of ``book``. If the engine fails on the shard, the shard is
+    halved until the portfolios it cannot compute are isolated; each of those gets one
+    BLOCKED run record (block_reason ENGINE_ERROR) and every other portfolio its result."""
+    try:
+        return output_tables(run(book, allocations=False, timer=timer))
+    except Exception as exc:  # noqa: BLE001 - a failed portfolio is a row, not a crash
+        n = book.portfolios.height
+        if n <= 1:
+            log.error("portfolio %s could not be computed: %s", book.portfolios["run_key"].to_list(), exc)
+            return _engine_error_tables(book, exc)
+        halves = [book.portfolios.slice(0, n // 2), book.portfolios.slice(n // 2)]
+        parts = [run_isolating(replace(book, portfolios=half), timer) for half in halves]
+        return {name: pl.concat([part[name] for part in parts], how="vertical_relaxed") for name in OUTPUT_TABLES}
+
+
+def _engine_error_tables(book: Book, exc: Exception) -> dict[str, pl.DataFrame]:
+    empty = output_tables(run(replace(book, portfolios=book.portfolios.head(0)), allocations=False))
+    p = book.portfolios
+    runs = p.select(
+        "run_key", "portfolio_id", "scenario_id", "base_currency", "portfolio_snapshot_id", "market_snapshot_id",
+        "shelf_id", "model_id", "target_method", "request_hash",
+        pl.lit("BLOCKED").alias("status"), pl.lit("E1").alias("exit_path"), pl.lit("ENGINE_ERROR").alias("block_reason"),
+        pl.lit([f"ENGINE_ERROR:{type(exc).__name__}"], dtype=pl.List(pl.String)).alias("warnings"),
+        pl.lit(__version__).alias("engine_version"),
+    )
+    empty["runs"] = pl.concat([empty["runs"], runs], how="diagonal_relaxed").select(empty["runs"].columns)
+    return empty
 
 
 class _Progress:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 import os
 import signal
 import subprocess
@@ -198,3 +199,25 @@ def test_scenarios_run_side_by_side(book, tmp_path):
     base = runs.filter(pl.col("scenario_id") == "base").select("portfolio_id", "status")
     plain = sweep(book, tmp_path / "plain", progress=False)
     assert plain["counts_by_status"] == dict(base.group_by("status").len().iter_rows())
+
+
+def test_a_portfolio_the_engine_cannot_compute_is_blocked_alone(tmp_path):
+    """Nothing is lost: a portfolio whose arithmetic overflows gets one BLOCKED run record
+    (ENGINE_ERROR) and the rest of its shard is computed as usual."""
+    frames = generate_book_frames(8, 13, holdings=(3, 5))
+    victim = frames["portfolios"]["portfolio_snapshot_id"][5]
+    frames["positions"] = frames["positions"].with_columns(
+        pl.when(pl.col("portfolio_snapshot_id") == victim).then(pl.lit(999_999_999)).otherwise(pl.col("quantity")).cast(pl.Decimal(38, 20)).alias("quantity")
+    )
+    held = frames["positions"].filter(pl.col("portfolio_snapshot_id") == victim)["instrument_id"].to_list()
+    frames["prices"] = frames["prices"].with_columns(
+        pl.when(pl.col("instrument_id").is_in(held)).then(pl.lit(Decimal("99999999999"))).otherwise(pl.col("price")).cast(pl.Decimal(38, 20)).alias("price")
+    )
+    book = write_book(frames, tmp_path / "book")
+    sweep(book, tmp_path / "out", progress=False)
+    runs = _read(tmp_path / "out", "runs")
+    assert runs["run_key"].to_list() == frames["portfolios"]["run_key"].to_list()
+    failed = runs.filter(pl.col("block_reason") == "ENGINE_ERROR")
+    assert failed["run_key"].to_list() == [frames["portfolios"]["run_key"][5]]
+    assert failed["status"].to_list() == ["BLOCKED"]
+    assert runs.filter(pl.col("block_reason") != "ENGINE_ERROR")["exit_path"].is_not_null().all()

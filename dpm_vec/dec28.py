@@ -67,23 +67,23 @@ def _pack(z: pl.Expr, k: pl.Expr) -> pl.Expr:
 
 def _normalise(df: pl.DataFrame, src: str, out: str, k_offset: pl.Expr | int = 0) -> pl.DataFrame:
     """D28 column ``src`` (|x| < 1e10) → F28 column ``out`` rounded to 28 significant
-    digits, with ``k_offset`` added to the exponent."""
-    m, r = f"{_T}m", f"{_T}r"
+    digits, with ``k_offset`` added to the exponent.
+
+    Scaling by 10^-m into [0.1, 1) leaves exactly 28 significant digits at scale 28, so
+    the one half-even rounding of that product *is* the 28-digit rounding."""
+    m, z = f"{_T}m", f"{_T}z"
     df = _with_magnitude(df, src, m, _pow_d28, 9)
-    s, mc = pl.col(src), pl.col(m)
-    rounded = pl.when(mc <= 0).then(s)
-    for j in range(1, 11):
-        rounded = rounded.when(mc == j).then(s.round(28 - j))
-    df = df.with_columns(rounded.otherwise(s).alias(r))
-    # rounding can carry into the next power of ten (0.99…95 → 1.00…0)
-    df = df.with_columns(
-        pl.when((mc >= 0) & (mc <= 9) & (pl.col(r).abs() >= _pow_d28(mc))).then(mc + 1).otherwise(mc).alias(m)
-    )
-    k_off = pl.lit(k_offset) if isinstance(k_offset, int) else k_offset
-    # scale into [0.1, 1) by 10^-m; below 1e-9 that takes two exact steps
     shift = -pl.col(m)
-    scaled = pl.col(r) * _pow_d28(shift.clip(upper_bound=9)) * _pow_d28((shift - 9).clip(lower_bound=0))
-    return df.with_columns(_pack(scaled, pl.col(m) + k_off).alias(out)).drop(m, r)
+    df = df.with_columns(
+        (pl.col(src) * _pow_d28(shift.clip(upper_bound=9)) * _pow_d28((shift - 9).clip(lower_bound=0))).alias(z)
+    )
+    # rounding can carry into the next power of ten (0.99…95 → 1.00…0)
+    carry = pl.col(z).abs() >= pl.lit(1, dtype=D28)
+    k_off = pl.lit(k_offset) if isinstance(k_offset, int) else k_offset
+    return df.with_columns(
+        _pack(pl.when(carry).then(pl.col(z) * pl.lit(Decimal("0.1"), dtype=D28)).otherwise(pl.col(z)),
+              pl.when(carry).then(pl.col(m) + 1).otherwise(pl.col(m)) + k_off).alias(out)
+    ).drop(m, z)
 
 
 def from_dec(df: pl.DataFrame, src: str, out: str) -> pl.DataFrame:

@@ -22,12 +22,6 @@ class ExitPath(StrEnum):
     NORMAL = "E6"
 
 
-class DataQualityBucket(StrEnum):
-    PRICE_MISSING = "price_missing"
-    FX_MISSING = "fx_missing"
-    SHELF_MISSING = "shelf_missing"
-
-
 class InputFault(StrEnum):
     """Run-level block reasons dpm_vec adds to the reference (§9.1, RFC-0001)."""
 
@@ -36,6 +30,7 @@ class InputFault(StrEnum):
     PRICE_STALE = "PRICE_STALE"
     SNAPSHOT_SKEW = "SNAPSHOT_SKEW"
     INFEASIBLE_CONCENTRATION = "INFEASIBLE_CONCENTRATION"
+    ENGINE_ERROR = "ENGINE_ERROR"
     UNKNOWN_MODEL = "UNKNOWN_MODEL"
     UNKNOWN_SHELF = "UNKNOWN_SHELF"
     UNKNOWN_MARKET_SNAPSHOT = "UNKNOWN_MARKET_SNAPSHOT"

@@ -13,6 +13,7 @@ import pandera.polars as pa
 import polars as pl
 
 from dpm_vec.book import SHELF_STATUSES, TABLES, TRADE_BY, LIQUIDITY_TIERS, POLICY_COLUMNS
+from dpm_vec.codes import ExitPath, RunStatus
 from dpm_vec.errors import BookError
 from dpm_vec.numeric import DEC, QTY
 
@@ -134,8 +135,8 @@ INTENTS_SCHEMA = pa.DataFrameSchema(
 RUNS_SCHEMA = pa.DataFrameSchema(
     {
         "run": pa.Column(pl.UInt32), "run_key": _id(),
-        "status": pa.Column(pl.String, checks=pa.Check.isin(["READY", "PENDING_REVIEW", "BLOCKED"])),
-        "exit_path": pa.Column(pl.String, checks=pa.Check.isin(["E1", "E2", "E3", "E4", "E5", "E6"])),
+        "status": pa.Column(pl.String, checks=pa.Check.isin([s.value for s in RunStatus])),
+        "exit_path": pa.Column(pl.String, checks=pa.Check.isin([e.value for e in ExitPath])),
     },
     unique=["run"],
 )

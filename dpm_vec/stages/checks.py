@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from dpm_vec.codes import InputFault
 from dpm_vec.stages.prepare import Market
 
 FAULT_SCHEMA = {"run": pl.UInt32, "fault_code": pl.String}
@@ -38,10 +39,10 @@ def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, mo
     faults = pl.concat([
         pl.DataFrame(schema=FAULT_SCHEMA),
         runs.filter(pl.col("input_fault").is_not_null()).select("run", pl.col("input_fault").alias("fault_code")),
-        positions.filter(pl.col("quantity") < 0).select("run", pl.lit("NEGATIVE_QUANTITY").alias("fault_code")),
-        priced.filter(pl.col("price").is_not_null() & (pl.col("price") <= 0)).select("run", pl.lit("NON_POSITIVE_PRICE").alias("fault_code")),
-        skew.select("run", pl.lit("SNAPSHOT_SKEW").alias("fault_code")),
-        priced.filter(pl.col("_stale") & (pl.col("stale_price_action") == "BLOCK")).select("run", pl.lit("PRICE_STALE").alias("fault_code")),
+        positions.filter(pl.col("quantity") < 0).select("run", pl.lit(InputFault.NEGATIVE_QUANTITY.value).alias("fault_code")),
+        priced.filter(pl.col("price").is_not_null() & (pl.col("price") <= 0)).select("run", pl.lit(InputFault.NON_POSITIVE_PRICE.value).alias("fault_code")),
+        skew.select("run", pl.lit(InputFault.SNAPSHOT_SKEW.value).alias("fault_code")),
+        priced.filter(pl.col("_stale") & (pl.col("stale_price_action") == "BLOCK")).select("run", pl.lit(InputFault.PRICE_STALE.value).alias("fault_code")),
     ]).unique("run", keep="first", maintain_order=True)
     stale = priced.filter(pl.col("_stale") & (pl.col("stale_price_action") == "EXCLUDE")).select("run", "instrument_id")
     return faults, stale

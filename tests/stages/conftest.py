@@ -250,3 +250,11 @@ SINGLE_STOCK_WITH_ZERO_ALTERNATIVE = dict(
     attributes=[("T", "sector", "TECH"), ("F", "sector", "FI")],
     model=[("T", "1.0"), ("F", "0")],
 )
+SUSPENDED_HOLDING_ABOVE_CAP = dict(
+    positions=[("LOCK", "60")],
+    cash=[("USD", "4000")],
+    prices=[("LOCK", "100", "USD"), ("A", "100", "USD")],
+    shelf=[("LOCK", "SUSPENDED"), ("A", "APPROVED")],
+    model=[("A", "0.2")],
+    single_position_max_weight="0.5",
+)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from decimal import Decimal as D
 
-from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_ALTERNATIVE  # noqa: F401
+from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_ALTERNATIVE, SUSPENDED_HOLDING_ABOVE_CAP  # noqa: F401
 import polars as pl
 
 
@@ -56,12 +56,7 @@ def test_cap_applies_to_locked_positions(scenario):
     """§6.4 step 4 / §8 item 10: a held SUSPENDED off-model position above the cap is capped too,
     and its excess flows to buyable targets below the cap."""
     s = scenario(
-        positions=[("LOCK", "60")],
-        cash=[("USD", "4000")],
-        prices=[("LOCK", "100", "USD"), ("A", "100", "USD")],
-        shelf=[("LOCK", "SUSPENDED"), ("A", "APPROVED")],
-        model=[("A", "0.2")],
-        single_position_max_weight="0.5",
+        **SUSPENDED_HOLDING_ABOVE_CAP,
     )
     w = s.weights()
     assert w["LOCK"] == D("0.5")  # capped from 0.6

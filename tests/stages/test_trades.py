@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from decimal import Decimal as D
 
-from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_ALTERNATIVE  # noqa: F401
+from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_ALTERNATIVE, SUSPENDED_HOLDING_ABOVE_CAP  # noqa: F401
 import polars as pl
 
 
@@ -87,12 +87,7 @@ def test_capped_locked_position_is_sold(scenario):
     """§8 item 10: the single-position cap rescales a held SUSPENDED position, which then
     gets a SELL intent even though it is locked."""
     s = scenario(
-        positions=[("LOCK", "60")],
-        cash=[("USD", "4000")],
-        prices=[("LOCK", "100", "USD"), ("A", "100", "USD")],
-        shelf=[("LOCK", "SUSPENDED"), ("A", "APPROVED")],
-        model=[("A", "0.2")],
-        single_position_max_weight="0.5",
+        **SUSPENDED_HOLDING_ABOVE_CAP,
     )
     assert _intents(s) == [("A", "BUY", D(30), D("3000")), ("LOCK", "SELL", D(10), D("1000"))]
 

@@ -92,7 +92,7 @@ def read_book(book_dir: str | Path, portfolios: pl.DataFrame | None = None,
     reference = read_reference(book_dir) if reference is None else reference
     snapshot_ids = portfolios["portfolio_snapshot_id"].unique().implode()
     run_keys = portfolios["run_key"].unique().implode()
-    tables: dict[str, pl.DataFrame] = {"portfolios": portfolios.drop("seq"), **{k: v.drop("seq") for k, v in reference.items()}}
+    tables: dict[str, pl.DataFrame] = {"portfolios": portfolios.drop("seq")}
     for table, key, ids in (("positions", "portfolio_snapshot_id", snapshot_ids), ("cash", "portfolio_snapshot_id", snapshot_ids),  # noqa: E501
                             ("lots", "portfolio_snapshot_id", snapshot_ids), ("group_constraints", "run_key", run_keys),
                             ("overdraft_limits", "run_key", run_keys)):
@@ -102,9 +102,8 @@ def read_book(book_dir: str | Path, portfolios: pl.DataFrame | None = None,
         lf = scan_table(book_dir, table, files.get(table))
         frame = empty_table(table) if lf is None else lf.filter(pl.col(key).is_in(ids)).collect()
         tables[table] = frame
-    conformed = {}
-    for table, frame in tables.items():
-        conformed[table] = _conform(table, frame, str(_path(book_dir, table))) if table not in REFERENCE_TABLES else reference[table]
+    conformed = {table: _conform(table, frame, str(_path(book_dir, table))) for table, frame in tables.items() if table != "portfolios"}
+    conformed.update(reference)
     conformed["portfolios"] = _flag_broken_references(portfolios, reference)
     return Book(**conformed)
 

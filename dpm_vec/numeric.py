@@ -46,5 +46,4 @@ def to_text(value: Decimal | None) -> str | None:
         return None
     if value == 0:
         return "0"
-    text = format(value.normalize(), "f")
-    return text
+    return format(value.normalize(), "f")

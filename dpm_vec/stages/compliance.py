@@ -104,11 +104,12 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
         "THRESHOLD_BREACH", pl.lit("OK"), "Portfolio cash is outside policy bands.",
     )
     m = pl.col("single_position_max_weight")
-    spm_pass = r.join(
+    breaches = (
         inst.join(runs.select("run", "single_position_max_weight"), on="run")
-        .filter(pl.col("single_position_max_weight").is_not_null() & (pl.col("weight") > pl.col("single_position_max_weight") + lit("0.001")))
-        .select("run").unique(), on="run", how="anti",
-    ).select(
+        .filter(m.is_not_null() & (pl.col("weight") > m + lit("0.001")))
+        .sort("run", "bucket_order")
+    )
+    spm_pass = r.join(breaches.select("run").unique(), on="run", how="anti").select(
         "run", pl.lit(1, dtype=pl.Int64).alias("rule_order"), pl.lit("SINGLE_POSITION_MAX").alias("rule_id"),
         pl.lit("HARD").alias("severity"), pl.lit("PASS").alias("status"),
         pl.when(m.is_null()).then(lit(0)).otherwise(pl.when(pl.col("_max_w") > 0).then(pl.col("_max_w")).otherwise(lit(0))).alias("measured"),
@@ -118,11 +119,8 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
         pl.lit(None, dtype=pl.String).alias("remediation_hint"),
     )
     spm_fail = (
-        inst.join(runs.select("run", "single_position_max_weight"), on="run")
-        .filter(pl.col("single_position_max_weight").is_not_null() & (pl.col("weight") > pl.col("single_position_max_weight") + lit("0.001")))
-        .sort("run", "bucket_order")
-        .select(
-            "run", (pl.lit(1, dtype=pl.Int64) + pl.int_range(pl.len()).over("run").cast(pl.Int64) * 0).alias("rule_order"),
+        breaches.select(
+            "run", pl.lit(1, dtype=pl.Int64).alias("rule_order"),
             pl.lit("SINGLE_POSITION_MAX").alias("rule_id"), pl.lit("HARD").alias("severity"), pl.lit("FAIL").alias("status"),
             pl.col("weight").alias("measured"), none.alias("threshold_min"), pl.col("single_position_max_weight").alias("threshold_max"),
             pl.lit("LIMIT_BREACH").alias("reason_code"),

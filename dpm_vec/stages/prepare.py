@@ -70,6 +70,20 @@ class Market:
             (pl.col("_inverse").is_not_null() & (pl.col("_inverse") != 0)).alias("_use_inverse"),
         )
 
+    def with_attributes(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """One row per shelf attribute of each (run, instrument) row of ``frame``: attribute,
+        value, attr_seq (instruments without attributes drop out)."""
+        return (
+            frame.join(self.run_keys.select("run", "shelf_id"), on="run", how="left")
+            .join(self.attributes, on=["shelf_id", "instrument_id"], how="inner")
+            .drop("shelf_id")
+        )
+
+    def attribute_names(self, runs: pl.DataFrame) -> pl.DataFrame:
+        """(run, attribute) for every attribute any entry of the run's shelf carries."""
+        names = self.attributes.select("shelf_id", "attribute").unique()
+        return runs.select("run").join(self.run_keys.select("run", "shelf_id"), on="run").join(names, on="shelf_id").drop("shelf_id")
+
     def with_rate(self, frame: pl.DataFrame, from_col: str, to_col: str, out: str) -> pl.DataFrame:
         """Attach ``out`` = rate(from → to) per §6.1: 1.0 for equal currencies, else the
         first direct pair if non-zero, else 1.0 / the first inverse pair if non-zero,

@@ -188,14 +188,10 @@ def _constraints(market: Market, wm: pl.DataFrame, solving: pl.DataFrame, constr
         )
     )
     # attributes of the instruments in each run's map only (not the whole shelf per run)
-    run_shelf = market.run_keys.select("run", "shelf_id").join(solving.select("run"), on="run", how="semi")
-    shelf_attrs = (
-        wm.select("run", "instrument_id").join(run_shelf, on="run")
-        .join(market.attributes.select("shelf_id", "instrument_id", "attribute", "value"), on=["shelf_id", "instrument_id"], how="inner")
-    )
-    shelf_names = run_shelf.join(market.attributes.select("shelf_id", pl.col("attribute").alias("_attr")).unique(), on="shelf_id")
+    shelf_attrs = market.with_attributes(wm.select("run", "instrument_id").join(solving.select("run"), on="run", how="semi"))
+    shelf_names = market.attribute_names(solving).rename({"attribute": "_attr"})
     known = (
-        cons.join(shelf_names.select("run", "_attr"), on=["run", "_attr"], how="semi")
+        cons.join(shelf_names, on=["run", "_attr"], how="semi")
         .select("run", "_rank", pl.lit(True).alias("_known"))
     )
     cons = cons.join(known, on=["run", "_rank"], how="left").with_columns(pl.col("_known").fill_null(False))

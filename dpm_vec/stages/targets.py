@@ -230,26 +230,20 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
             pl.col("constraint_key").str.split_exact(":", 1).struct.field("field_1").alias("value"),
         )
     )
-    shelf_attr_names = market.attributes.select("shelf_id", "attribute").unique()
     known = (
-        cons.join(market.run_keys.select("run", "shelf_id"), on="run")
-        .join(shelf_attr_names, on=["shelf_id", "attribute"], how="semi")
+        cons.join(market.attribute_names(cons.select("run").unique()), on=["run", "attribute"], how="semi")
         .select("run", "rank")
         .with_columns(pl.lit(True).alias("known"))
     )
     cons = cons.join(known, on=["run", "rank"], how="left").with_columns(pl.col("known").fill_null(False))
-    member_attr = market.with_shelf(wm.select("run", "instrument_id"), ()).join(
-        market.run_keys.select("run", "shelf_id"), on="run"
-    ).join(market.attributes, on=["shelf_id", "instrument_id"], how="inner").select(
-        "run", "instrument_id", "attribute", "value"
-    )
-    stopped = pl.DataFrame(schema={"run": pl.UInt32})
+    member_attr = market.with_attributes(wm.select("run", "instrument_id")).select("run", "instrument_id", "attribute", "value")
     for rank in range(1, int(cons["rank"].max()) + 1):
+        stopped = pl.concat([pl.DataFrame(schema={"run": pl.UInt32}), *blocked])
         step = cons.filter(pl.col("rank") == rank).join(stopped, on="run", how="anti")
-        order = TARGET_STAGE_ORDER + 0  # warnings of constraint `rank` sort by (rank, sub)
+        order = TARGET_STAGE_ORDER * 1000 + rank * 10  # warnings of constraint `rank` sort by (rank, sub)
         warnings.append(warnings_frame(
             step.filter(~pl.col("known")),
-            pl.lit("UNKNOWN_CONSTRAINT_ATTRIBUTE_") + pl.col("attribute"), pl.lit(order * 1000 + rank * 10),
+            pl.lit("UNKNOWN_CONSTRAINT_ATTRIBUTE_") + pl.col("attribute"), pl.lit(order),
         ))
         step = step.filter(pl.col("known"))
         members = member_attr.join(step.select("run", "attribute", "value"), on=["run", "attribute", "value"], how="semi")
@@ -290,10 +284,9 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
             "run", "constraint_key", "instrument_id", (pl.col("_new") - pl.col("weight")).alias("share"),
             pl.col("map_order").alias("recipient_order"),
         ))
-        warnings.append(warnings_frame(per_run, pl.lit("CAPPED_BY_GROUP_LIMIT_") + pl.col("constraint_key"), pl.lit(order * 1000 + rank * 10 + 1)))
-        warnings.append(warnings_frame(blocked_now, pl.lit("NO_ELIGIBLE_REDISTRIBUTION_DESTINATION"), pl.lit(order * 1000 + rank * 10 + 2)))
+        warnings.append(warnings_frame(per_run, pl.lit("CAPPED_BY_GROUP_LIMIT_") + pl.col("constraint_key"), pl.lit(order + 1)))
+        warnings.append(warnings_frame(blocked_now, pl.lit("NO_ELIGIBLE_REDISTRIBUTION_DESTINATION"), pl.lit(order + 2)))
         blocked.append(blocked_now.select("run"))
-        stopped = pl.concat([stopped, blocked_now.select("run")])
         wm = w.with_columns(
             pl.when(pl.col("run").is_in(capped_runs["run"].implode())).then(pl.col("_new")).otherwise(pl.col("weight")).alias("weight")
         ).select(wm.columns)

@@ -73,10 +73,10 @@ def translate(
         dabs(pl.col("delta_value_instr")).alias("_abs_delta"),
         (pl.col("notional_sizing") & (pl.col("trade_by") == "NOTIONAL")).alias("by_notional"),
     )
-    units = (pl.col("_abs_delta") / pl.col("price")).floor()
+    t = t.with_columns((pl.col("_abs_delta") / pl.col("price")).alias("_quotient"))
+    units = pl.col("_quotient").floor()
     # the quotient is rounded before the floor; step back when that rounding crossed an integer
-    units = pl.when(units * pl.col("price") > pl.col("_abs_delta")).then(units - 1).otherwise(units)
-    t = t.with_columns(units.alias("_units"), (pl.col("_abs_delta") / pl.col("price")).alias("_quotient"))
+    t = t.with_columns(pl.when(units * pl.col("price") > pl.col("_abs_delta")).then(units - 1).otherwise(units).alias("_units"))
     t = _exact_near_integer_floors(market, t)
     # RFC notional sizing: the amount rounded to cents; a sell never exceeds the holding
     held = pl.col("held_quantity").fill_null(pl.lit(0, dtype=QTY)).cast(DEC)

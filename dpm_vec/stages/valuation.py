@@ -127,11 +127,7 @@ def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: 
     )
     if not full:
         return _finish(pl.concat([_frame(by_class), _frame(by_instrument)]), totals)
-    attrs = market.with_shelf(pos.select("run", "pos_seq", "instrument_id", "value_base"), ())
-    attrs = (
-        attrs.join(market.run_keys.select("run", "shelf_id"), on="run", how="left")
-        .join(market.attributes, on=["shelf_id", "instrument_id"], how="inner")
-    )
+    attrs = market.with_attributes(pos.select("run", "pos_seq", "instrument_id", "value_base"))
     by_attribute = (
         attrs.group_by("run", "attribute", "value")
         .agg(

@@ -121,74 +121,74 @@ def _take_all(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The reference's lot-by-lot walk (§6.10 step 3) in 28-digit arithmetic, for runs
-    whose gains budget binds."""
+    whose gains budget binds.
+
+    Until a sell stops, every lot gives its whole share (``_share``, computed up front),
+    so only the lots that can consume budget — positive gain, non-zero share — need the
+    sequential pass over ``used``; lots at a loss or at zero gain just follow whether an
+    earlier lot of their instrument stopped it. Each pass is one step per run."""
     if walk.height == 0:
         return (
             pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "_allowed": QTY, "quantity_f28": f.F28}),
             pl.DataFrame(schema=TOTALS_SCHEMA),
         )
-    # quantities stay exact in Decimal(38, 28) (every take but the budget-limited one is a
-    # whole lot share); the budget arithmetic and the limited take are 28-digit decimals
-    state = walk.select("run").unique().select(
-        "run", f.zero().alias("used"), f.zero().alias("allowed"), pl.lit(0, dtype=DEC).alias("losses"),
-        pl.lit(0, dtype=QTY).alias("remaining"), pl.lit(True).alias("stopped"),
+    walk = f.from_dec(walk, "_share", "share_f")
+    walk = f.mul(walk, "gain_f", "share_f", "full_realised_f")
+    consuming = pl.col("has_budget") & (f.sign("gain_f") > 0) & (pl.col("_share") > 0)
+    gain_rows = walk.filter(consuming).select(
+        "run", "trace_order", "step", "gain_f", "budget_f", "share_f", "full_realised_f",
+        pl.int_range(pl.len()).over("run").alias("gstep"),
     )
-    takes = []
-    for step in range(int(walk["step"].max()) + 1):
-        s = walk.filter(pl.col("step") == step).join(state, on="run")
-        s = s.with_columns(
-            pl.when(pl.col("first_lot")).then(pl.col("requested_quantity")).otherwise(pl.col("remaining")).alias("remaining"),
-            pl.when(pl.col("first_lot")).then(f.zero()).otherwise(pl.col("allowed")).alias("allowed"),
-            pl.when(pl.col("first_lot")).then(pl.lit(False)).otherwise(pl.col("stopped")).alias("stopped"),
-        )
-        s = s.with_columns(
-            (~pl.col("stopped") & (pl.col("remaining") > 0) & (pl.col("lot_quantity") > 0)).alias("_active"),
-            pl.min_horizontal("remaining", "lot_quantity").cast(QTY).alias("_share"),
-        )
-        s = f.from_dec(s, "_share", "_share_f")
+    state = walk.select("run").unique().select("run", f.zero().alias("used"), pl.lit(-1, dtype=pl.Int64).alias("stopped_trace"))
+    decided = []
+    for _, s in sorted(gain_rows.partition_by("gstep", as_dict=True).items()):
+        s = s.join(state, on="run")
         s = f.sub(s, "budget_f", "used", "_headroom")
         s = f.div(s, "_headroom", "gain_f", "_budget_take")
-        s = f.sub(s, "_share_f", "_budget_take", "_share_minus_budget")
-        limited = pl.col("has_budget") & (f.sign("gain_f") > 0)
-        reduced = limited & (f.sign("_headroom") > 0) & (f.sign("_share_minus_budget") > 0)
+        active = pl.col("trace_order") != pl.col("stopped_trace")
+        exhausted = f.sign("_headroom") <= 0
+        bt, sh = pl.col("_budget_take").struct, pl.col("share_f").struct
+        share_above = (sh.field("k") > bt.field("k")) | ((sh.field("k") == bt.field("k")) & (sh.field("z") > bt.field("z")))
         s = s.with_columns(
-            pl.when(reduced).then(pl.col("_budget_take"))
-            .when(limited & (f.sign("_headroom") <= 0)).then(f.zero())
-            .otherwise(pl.col("_share_f")).alias("_take"),
-            reduced.alias("_reduced"),
+            (active & ~exhausted & share_above).alias("_reduced"),
+            (active & exhausted).alias("_refused"),
+            active.alias("_active"),
         )
-        s = s.with_columns((pl.col("_active") & (f.sign("_take") > 0)).alias("_taking"))
-        s = f.mul(s, "gain_f", "_take", "_realised")
-        s = f.add(s, "used", "_realised", "_used_next")
-        s = f.add(s, "allowed", "_take", "_allowed_next")
-        gain = pl.col("_taking") & (f.sign("_realised") >= 0)
-        loss = pl.col("_taking") & (f.sign("_realised") < 0)
+        s = f.mul(s, "gain_f", "_budget_take", "_reduced_realised")
         s = s.with_columns(
-            pl.when(gain).then(pl.col("_used_next")).otherwise(pl.col("used")).alias("used"),
-            pl.when(loss).then(pl.col("losses") - f.to_dec("_realised")).otherwise(pl.col("losses")).alias("losses"),
-            pl.when(pl.col("_taking")).then(pl.col("_allowed_next")).otherwise(pl.col("allowed")).alias("allowed"),
-            # after a reduced take the instrument stops, so remaining no longer matters
-            pl.when(pl.col("_taking")).then(pl.col("remaining") - pl.col("_share")).otherwise(pl.col("remaining")).alias("remaining"),
-            (
-                pl.col("stopped")
-                | (pl.col("remaining") <= 0)
-                | (pl.col("_active") & ~pl.col("_taking"))
-                | (pl.col("_taking") & pl.col("_reduced"))
-            ).alias("stopped"),
+            pl.when(pl.col("_reduced")).then(pl.col("_reduced_realised"))
+            .when(pl.col("_refused") | ~pl.col("_active")).then(f.zero())
+            .otherwise(pl.col("full_realised_f")).alias("_realised")
         )
-        takes.append(s.select("run", "instrument_id", "allowed"))
-        state = pl.concat([
-            state.join(s.select("run"), on="run", how="anti"),
-            s.select(state.columns),
-        ])
-    allowed = (
-        pl.concat([pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "allowed": f.F28}), *takes])
-        .group_by("run", "instrument_id", maintain_order=True).last()
-        .select("run", "instrument_id", f.to_d28("allowed").cast(QTY).alias("_allowed"), pl.col("allowed").alias("quantity_f28"))
+        s = f.add(s, "used", "_realised", "used")
+        s = s.with_columns(
+            pl.when(pl.col("_reduced") | pl.col("_refused")).then(pl.col("trace_order")).otherwise(pl.col("stopped_trace"))
+            .alias("stopped_trace")
+        )
+        decided.append(s.select("run", "step", "_reduced", "_refused", "_budget_take"))
+        state = pl.concat([state.join(s.select("run"), on="run", how="anti"), s.select(state.columns)])
+    stops = pl.concat(decided).filter(pl.col("_reduced") | pl.col("_refused"))
+    walk = walk.join(stops, on=["run", "step"], how="left").with_columns(
+        pl.col("_reduced").fill_null(False), pl.col("_refused").fill_null(False)
+    ).with_columns(
+        # a stopping lot ends its instrument: later lots of that sell give nothing
+        (pl.col("_reduced") | pl.col("_refused")).cast(pl.Int32).cum_sum().over("run", "instrument_id").alias("_stops_so_far"),
+    ).with_columns(
+        ((pl.col("_stops_so_far") == 0) & (pl.col("_share") > 0)).alias("_full"),
+    )
+    per_sell = walk.group_by("run", "instrument_id", maintain_order=True).agg(
+        pl.col("_share").filter(pl.col("_full")).sum().cast(QTY).alias("_full_sum"),
+        pl.col("_budget_take").filter(pl.col("_reduced")).first().alias("_limited_take"),
+    )
+    per_sell = f.from_dec(per_sell, "_full_sum", "_full_f")
+    per_sell = f.add(per_sell.with_columns(pl.col("_limited_take").fill_null(f.zero())), "_full_f", "_limited_take", "quantity_f28")
+    allowed = per_sell.select("run", "instrument_id", f.to_d28("quantity_f28").cast(QTY).alias("_allowed"), "quantity_f28")
+    losses = walk.filter(pl.col("_full") & (f.sign("full_realised_f") < 0)).group_by("run").agg(
+        (-f.to_dec("full_realised_f")).sum().alias("realized_loss")
     )
     # gains and budget use grow together: only gains consume the budget (§6.10)
-    totals = state.select(
-        "run", f.to_dec("used").alias("realized_gain"), pl.col("losses").alias("realized_loss"),
+    totals = state.join(losses, on="run", how="left").select(
+        "run", f.to_dec("used").alias("realized_gain"), pl.col("realized_loss").fill_null(pl.lit(0, dtype=DEC)).cast(DEC),
         f.to_dec("used").alias("gains_budget_used"),
     )
     return allowed, totals

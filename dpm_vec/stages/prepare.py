@@ -16,6 +16,7 @@ from dpm_vec.book import Book
 from dpm_vec.numeric import DEC, lit
 
 RUN = pl.UInt32
+_SEP = pl.lit("\x1f")  # joins snapshot id and currencies into one look-up key
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,18 @@ class Market:
     shelf: pl.DataFrame  # shelf_id, instrument_id, status, asset_class, ...
     attributes: pl.DataFrame  # shelf_id, instrument_id, attribute, value, attr_seq
 
+    # When every run of the book reads the same market snapshot (or shelf), look-ups join
+    # on the instrument (or currency pair) alone: one join instead of two, on one key.
+    one_market: bool = False
+    one_shelf: bool = False
+
+    def _only_snapshot(self, table: pl.DataFrame) -> pl.DataFrame:
+        return table.filter(pl.col("market_snapshot_id") == self.run_keys["market_snapshot_id"][0]).drop("market_snapshot_id")
+
     def with_price(self, frame: pl.DataFrame) -> pl.DataFrame:
         """Attach price, price_currency, price_as_of (null when the instrument has no price)."""
+        if self.one_market:
+            return frame.join(self._only_snapshot(self.prices), on="instrument_id", how="left")
         return (
             frame.join(self.run_keys.select("run", "market_snapshot_id"), on="run", how="left")
             .join(self.prices, on=["market_snapshot_id", "instrument_id"], how="left")
@@ -47,6 +58,9 @@ class Market:
     def with_shelf(self, frame: pl.DataFrame, columns: tuple[str, ...] | None = None) -> pl.DataFrame:
         """Attach the first shelf entry's columns (``status`` null when unshelved)."""
         shelf = self.shelf if columns is None else self.shelf.select("shelf_id", "instrument_id", *columns)
+        if self.one_shelf:
+            shelf = shelf.filter(pl.col("shelf_id") == self.run_keys["shelf_id"][0]).drop("shelf_id")
+            return frame.join(shelf, on="instrument_id", how="left")
         return (
             frame.join(self.run_keys.select("run", "shelf_id"), on="run", how="left")
             .join(shelf, on=["shelf_id", "instrument_id"], how="left")
@@ -54,17 +68,24 @@ class Market:
         )
 
     def _rate_parts(self, frame: pl.DataFrame, from_col: str, to_col: str) -> pl.DataFrame:
-        direct = self.fx.rename({"fx_from": "_f", "fx_to": "_t", "fx_rate": "_direct"})
-        inverse = self.fx.rename({"fx_from": "_t", "fx_to": "_f", "fx_rate": "_inverse"})
-        keyed = frame.join(self.run_keys.select("run", "market_snapshot_id"), on="run", how="left")
-        keyed = keyed.join(
-            direct, left_on=["market_snapshot_id", from_col, to_col],
-            right_on=["market_snapshot_id", "_f", "_t"], how="left",
-        ).join(
-            inverse, left_on=["market_snapshot_id", from_col, to_col],
-            right_on=["market_snapshot_id", "_f", "_t"], how="left",
+        """Attach the first direct (``_direct``) and inverse (``_inverse``) quote of each
+        row's pair, joined on one string key (snapshot, from, to)."""
+        quotes = self.fx.select(
+            pl.concat_str("market_snapshot_id", _SEP, "fx_from", _SEP, "fx_to").alias("_pair"),
+            pl.concat_str("market_snapshot_id", _SEP, "fx_to", _SEP, "fx_from").alias("_reverse"),
+            "fx_rate",
         )
-        return keyed.drop("market_snapshot_id").with_columns(
+        direct = quotes.select("_pair", pl.col("fx_rate").alias("_direct"))
+        inverse = quotes.select(pl.col("_reverse").alias("_pair"), pl.col("fx_rate").alias("_inverse"))
+        if self.one_market:
+            snapshot = pl.lit(self.run_keys["market_snapshot_id"][0])
+            keyed = frame.with_columns(pl.concat_str(snapshot, _SEP, from_col, _SEP, to_col).alias("_pair"))
+        else:
+            keyed = frame.join(self.run_keys.select("run", "market_snapshot_id"), on="run", how="left").with_columns(
+                pl.concat_str("market_snapshot_id", _SEP, from_col, _SEP, to_col).alias("_pair")
+            ).drop("market_snapshot_id")
+        keyed = keyed.join(direct, on="_pair", how="left").join(inverse, on="_pair", how="left").drop("_pair")
+        return keyed.with_columns(
             (pl.col(from_col) == pl.col(to_col)).alias("_same"),
             (pl.col("_direct").is_not_null() & (pl.col("_direct") != 0)).alias("_use_direct"),
             (pl.col("_inverse").is_not_null() & (pl.col("_inverse") != 0)).alias("_use_inverse"),
@@ -73,6 +94,9 @@ class Market:
     def with_attributes(self, frame: pl.DataFrame) -> pl.DataFrame:
         """One row per shelf attribute of each (run, instrument) row of ``frame``: attribute,
         value, attr_seq (instruments without attributes drop out)."""
+        if self.one_shelf:
+            attributes = self.attributes.filter(pl.col("shelf_id") == self.run_keys["shelf_id"][0]).drop("shelf_id")
+            return frame.join(attributes, on="instrument_id", how="inner")
         return (
             frame.join(self.run_keys.select("run", "shelf_id"), on="run", how="left")
             .join(self.attributes, on=["shelf_id", "instrument_id"], how="inner")
@@ -171,6 +195,8 @@ def prepare(book: Book) -> Prepared:
     )
     market = Market(
         run_keys=runs.select("run", "market_snapshot_id", "shelf_id", "base_currency"),
+        one_market=runs["market_snapshot_id"].n_unique() == 1,
+        one_shelf=runs["shelf_id"].n_unique() == 1,
         prices=prices,
         fx=fx,
         shelf=shelf,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+import polars as pl
+
 
 class RunStatus(StrEnum):
     READY = "READY"
@@ -80,3 +82,12 @@ def markdown_table() -> str:
 
 if __name__ == "__main__":
     print(markdown_table(), end="")
+
+
+def with_code_lists(frame: pl.DataFrame, case: pl.Expr, lists: list[list[str]], out: str) -> pl.DataFrame:
+    """Add ``out`` = ``lists[case]``: a list-of-codes column (tags, constraints applied)
+    picked by a small integer case. A join on a lookup table of the distinct lists is an
+    order of magnitude cheaper than building list literals row by row with when/then."""
+    table = pl.DataFrame({"_case": range(len(lists)), out: lists}, schema={"_case": pl.UInt8, out: pl.List(pl.String)})
+    keyed = frame.with_columns(case.cast(pl.UInt8).alias("_case"))
+    return keyed.join(table, on="_case", how="left", maintain_order="left").drop("_case")

@@ -13,6 +13,7 @@ import polars as pl
 
 from dpm_vec import __version__
 from dpm_vec.book import POLICY_COLUMNS
+from dpm_vec.codes import with_code_lists
 from dpm_vec.pipeline import Result
 
 OUTPUT_TABLES = (
@@ -97,11 +98,10 @@ def output_tables(result: Result) -> dict[str, pl.DataFrame]:
     ], how="vertical_relaxed")
     return {
         "runs": runs,
-        "intents": keyed(result.intents.with_columns(
-            pl.concat_list(
-                pl.when(pl.col("min_notional_applied")).then(pl.lit(["MIN_NOTIONAL"])).otherwise(pl.lit([], dtype=pl.List(pl.String))),
-                pl.when(pl.col("tax_budget_applied")).then(pl.lit(["TAX_BUDGET"])).otherwise(pl.lit([], dtype=pl.List(pl.String))),
-            ).alias("constraints_applied")
+        "intents": keyed(with_code_lists(
+            result.intents,
+            pl.col("min_notional_applied").fill_null(False).cast(pl.UInt8) + 2 * pl.col("tax_budget_applied").fill_null(False).cast(pl.UInt8),
+            [[], ["MIN_NOTIONAL"], ["TAX_BUDGET"], ["MIN_NOTIONAL", "TAX_BUDGET"]], "constraints_applied",
         ).drop("min_notional_applied", "tax_budget_applied", "quantity_f28"), "exec_order"),
         "positions_after": keyed(result.positions.filter(pl.col("state") == "after").drop("state", "market_value", "market_value_currency", "quantity_f28", strict=False), "pos_seq").rename({"pos_seq": "position_order"}),
         "cash_after": keyed(result.cash.filter(pl.col("state") == "after").drop("state"), "cash_seq").rename({"cash_seq": "cash_order"}),

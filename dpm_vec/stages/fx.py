@@ -84,17 +84,23 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         sec.filter(pl.col("side") == "SELL").sort("run", "list_order")
         .group_by("run", "price_currency").agg(pl.col("intent_id").last().alias("_sell_dep"))
     )
-    sec = (
-        sec.join(funding_ids, on=["run", "price_currency"], how="left")
+    # a BUY depends on its currency's funding FX, then on that currency's last SELL: the
+    # list is the same for every BUY of a (run, currency), so it is built once per pair
+    buy_deps = (
+        sec.filter(pl.col("side") == "BUY").select("run", "price_currency").unique()
+        .join(funding_ids, on=["run", "price_currency"], how="left")
         .join(last_sell, on=["run", "price_currency"], how="left")
-        .with_columns(
-            pl.when(pl.col("side") == "BUY")
-            .then(pl.concat_list(
+        .select(
+            "run", "price_currency", pl.lit("BUY").alias("side"),
+            pl.concat_list(
                 pl.when(pl.col("_fx_dep").is_not_null()).then(pl.concat_list("_fx_dep")).otherwise(pl.lit([], dtype=pl.List(pl.String))),
                 pl.when(pl.col("_sell_dep").is_not_null()).then(pl.concat_list("_sell_dep")).otherwise(pl.lit([], dtype=pl.List(pl.String))),
-            ))
-            .otherwise(pl.lit([], dtype=pl.List(pl.String))).alias("dependencies"),
+            ).alias("dependencies"),
         )
+    )
+    sec = (
+        sec.join(buy_deps, on=["run", "price_currency", "side"], how="left")
+        .with_columns(pl.col("dependencies").fill_null(pl.lit([], dtype=pl.List(pl.String))))
         .select(
             "run", "_group", "_within", "intent_id", pl.lit("SECURITY_TRADE").alias("intent_type"),
             "instrument_id", "side", "quantity", "quantity_f28", "notional", pl.col("price_currency").alias("notional_currency"),

@@ -24,7 +24,8 @@ class Ladder:
 def cash_ladder(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_input: pl.DataFrame, overdrafts: pl.DataFrame) -> Ladder:
     """Ladder of every run with ``enable_settlement_awareness``; other runs get none."""
     on = runs.filter(pl.col("enable_settlement_awareness")).select("run", "settlement_horizon_days", "fx_settlement_days")
-    sec = intents.filter(pl.col("intent_type") == "SECURITY_TRADE").join(on.select("run"), on="run", how="semi")
+    intents = intents.filter(pl.col("run").is_in(on["run"].implode()))
+    sec = intents.filter(pl.col("intent_type") == "SECURITY_TRADE")
     sec = market.with_shelf(sec.select("run", "instrument_id", "side", "notional", "notional_currency"), ("settlement_days",))
     sec = sec.with_columns(pl.col("settlement_days").fill_null(2).cast(pl.Int32))
     horizon = on.join(sec.group_by("run").agg(pl.col("settlement_days").max().alias("_max_sd")), on="run", how="left").select(

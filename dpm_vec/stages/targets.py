@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from dpm_vec.codes import with_code_lists
 from dpm_vec.numeric import DEC, WEIGHT, dmax, dmin, lit
 from dpm_vec.stages.prepare import Market
 
@@ -20,6 +21,7 @@ WARNINGS_SCHEMA = {"run": pl.UInt32, "code": pl.String, "w_order": pl.Int64}
 # warnings sort by w_order: the target stage uses 100_000.., comparison ..199_999, then tax
 # 300_000_000, turnover 400_000_000, settlement 500_000_000, safety 600_000_000 (§6.19)
 TARGET_STAGE_ORDER = 100
+TAG_LISTS = [["IMPLICIT_SELL_TO_ZERO"], ["LOCKED_POSITION"], ["CAPPED_BY_MAX_WEIGHT"], ["REDISTRIBUTED_RECIPIENT"], []]
 
 
 @dataclass(frozen=True)
@@ -401,14 +403,13 @@ def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.Da
         pl.col("weight").alias("final_weight"), pl.lit(False).alias("in_model"),
     )
     trace = pl.concat([model_rows, others]).join(totals.select("run", "total_value"), on="run", how="left")
-    tags = (
-        pl.when(~pl.col("in_model"))
-        .then(pl.when(pl.col("final_weight") == 0).then(pl.lit(["IMPLICIT_SELL_TO_ZERO"])).otherwise(pl.lit(["LOCKED_POSITION"])))
-        .when(pl.col("model_weight") > pl.col("final_weight")).then(pl.lit(["CAPPED_BY_MAX_WEIGHT"]))
-        .when(pl.col("final_weight") > pl.col("model_weight")).then(pl.lit(["REDISTRIBUTED_RECIPIENT"]))
-        .otherwise(pl.lit([], dtype=pl.List(pl.String)))
+    tag_case = (
+        pl.when(~pl.col("in_model")).then(pl.when(pl.col("final_weight") == 0).then(0).otherwise(1))
+        .when(pl.col("model_weight") > pl.col("final_weight")).then(2)
+        .when(pl.col("final_weight") > pl.col("model_weight")).then(3)
+        .otherwise(4)
     )
+    trace = with_code_lists(trace, tag_case, TAG_LISTS, "tags")
     return trace.with_columns(
         (pl.col("total_value") * pl.col("final_weight").cast(DEC)).alias("final_value"),
-        tags.alias("tags"),
     ).drop("total_value").sort("run", "trace_order")

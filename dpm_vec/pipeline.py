@@ -79,7 +79,8 @@ class StageTimer:
 
 def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None) -> Result:
     """Run every portfolio of ``book``. ``allocations=False`` skips the asset-class and
-    attribute allocation buckets, which only the JSON door prints (sweeps do not)."""
+    attribute allocation buckets, which only the JSON door prints (sweeps do not); the
+    Result's ``allocations`` is then empty."""
     timer = timer or StageTimer()
     timer.lap("_idle")
     p = prepare(book)
@@ -185,7 +186,10 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     states = {
         name: _before_and_after(getattr(before, name), [getattr(after, name), getattr(revalued, name), _only(getattr(before, name), stopped)])
         for name in ("positions", "cash", "allocations")
+        if allocations or name != "allocations"
     }
+    if not allocations:  # buckets were built for the rules only; nobody prints them
+        states["allocations"] = pl.DataFrame(schema={**before.allocations.schema, "state": pl.String})
     timer.lap("rules+status")
     # stage-boundary contracts: what leaves the engine has the promised shape
     RUNS_SCHEMA.validate(out_runs.select("run", "run_key", "status", "exit_path"))

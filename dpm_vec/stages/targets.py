@@ -238,7 +238,9 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
         .with_columns(pl.lit(True).alias("known"))
     )
     cons = cons.join(known, on=["run", "rank"], how="left").with_columns(pl.col("known").fill_null(False))
-    member_attr = market.with_attributes(wm.select("run", "instrument_id")).select("run", "instrument_id", "attribute", "value")
+    # only runs with constraints take part; the others' weights pass through untouched
+    constrained = wm.join(cons.select("run").unique(), on="run", how="semi")
+    member_attr = market.with_attributes(constrained.select("run", "instrument_id")).select("run", "instrument_id", "attribute", "value")
     for rank in range(1, int(cons["rank"].max()) + 1):
         stopped = pl.concat([pl.DataFrame(schema={"run": pl.UInt32}), *blocked])
         step = cons.filter(pl.col("rank") == rank).join(stopped, on="run", how="anti")
@@ -250,7 +252,7 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
         step = step.filter(pl.col("known"))
         members = member_attr.join(step.select("run", "attribute", "value"), on=["run", "attribute", "value"], how="semi")
         w = (
-            wm.join(step.select("run", "constraint_key", "max_weight"), on="run", how="left")
+            constrained.join(step.select("run", "constraint_key", "max_weight"), on="run", how="inner")
             .join(members.select("run", "instrument_id", pl.lit(True).alias("member")), on=["run", "instrument_id"], how="left")
             .with_columns(pl.col("member").fill_null(False) & pl.col("max_weight").is_not_null())
         )
@@ -289,9 +291,14 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
         warnings.append(warnings_frame(per_run, pl.lit("CAPPED_BY_GROUP_LIMIT_") + pl.col("constraint_key"), pl.lit(order + 1)))
         warnings.append(warnings_frame(blocked_now, pl.lit("NO_ELIGIBLE_REDISTRIBUTION_DESTINATION"), pl.lit(order + 2)))
         blocked.append(blocked_now.select("run"))
-        wm = w.with_columns(
-            pl.when(pl.col("run").is_in(capped_runs["run"].implode())).then(pl.col("_new")).otherwise(pl.col("weight")).alias("weight")
+        capped = w.filter(pl.col("run").is_in(capped_runs["run"].implode())).select("run", "map_order", "_new")
+        constrained = constrained.join(capped, on=["run", "map_order"], how="left", maintain_order="left").with_columns(
+            pl.coalesce("_new", "weight").alias("weight")
         ).select(wm.columns)
+    touched = constrained.select("run", "map_order", pl.col("weight").alias("_capped_weight"))
+    wm = wm.join(touched, on=["run", "map_order"], how="left", maintain_order="left").with_columns(
+        pl.coalesce("_capped_weight", "weight").alias("weight")
+    ).drop("_capped_weight")
     return (
         wm,
         pl.concat([pl.DataFrame(schema=WARNINGS_SCHEMA), *warnings]),

@@ -126,7 +126,8 @@ def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: 
         pl.col("pos_seq").cast(pl.Int64).alias("bucket_order"), pl.col("value_base").alias("value"),
     )
     if not full:
-        return _finish(pl.concat([_frame(by_class), _frame(by_instrument)]), totals)
+        # only the rules read these, by filter and aggregate: no order to establish
+        return _finish(pl.concat([_frame(by_class), _frame(by_instrument)]), totals, ordered=False)
     attrs = market.with_attributes(pos.select("run", "pos_seq", "instrument_id", "value_base"))
     by_attribute = (
         attrs.group_by("run", "attribute", "value")
@@ -151,8 +152,7 @@ def _frame(f: pl.DataFrame) -> pl.DataFrame:
     return f.select("run", "dimension", "key", pl.col("bucket_order").cast(pl.Int64), "value", pl.lit(0, dtype=pl.Int64).alias("attribute_order"))
 
 
-def _finish(buckets: pl.DataFrame, totals: pl.DataFrame) -> pl.DataFrame:
+def _finish(buckets: pl.DataFrame, totals: pl.DataFrame, ordered: bool = True) -> pl.DataFrame:
     out = buckets.join(totals.select("run", "divisor"), on="run", how="left")
-    return out.with_columns((pl.col("value") / pl.col("divisor")).alias("weight")).drop("divisor").sort(
-        "run", "dimension", "attribute_order", "bucket_order"
-    )
+    out = out.with_columns((pl.col("value") / pl.col("divisor")).alias("weight")).drop("divisor")
+    return out.sort("run", "dimension", "attribute_order", "bucket_order") if ordered else out

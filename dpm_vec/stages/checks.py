@@ -22,9 +22,13 @@ FAULT_SCHEMA = {"run": pl.UInt32, "fault_code": pl.String}
 
 def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, model: pl.DataFrame):
     """Return (faults: run → first fault_code, stale: run, instrument_id to exclude)."""
-    instruments = pl.concat([positions.select("run", "instrument_id"), model.select("run", "instrument_id")]).unique()
-    priced = market.with_price(instruments).join(
-        runs.select("run", "portfolio_as_of", "market_as_of", "max_staleness_minutes", "stale_price_action"), on="run", how="left"
+    instruments = pl.concat([positions.select("run", "instrument_id"), model.select("run", "instrument_id")])
+    # a non-positive price faults the run whichever row names it: no need to de-duplicate;
+    # staleness is per run and instrument, but only runs with a staleness limit check it
+    non_positive = market.with_price(instruments).filter(pl.col("price").is_not_null() & (pl.col("price") <= 0))
+    watched = runs.filter(pl.col("max_staleness_minutes").is_not_null())
+    priced = market.with_price(instruments.filter(pl.col("run").is_in(watched["run"].implode())).unique()).join(
+        watched.select("run", "portfolio_as_of", "market_as_of", "max_staleness_minutes", "stale_price_action"), on="run", how="left"
     )
     reference_time = pl.coalesce("market_as_of", "portfolio_as_of")
     is_stale = (
@@ -40,7 +44,7 @@ def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, mo
         pl.DataFrame(schema=FAULT_SCHEMA),
         runs.filter(pl.col("input_fault").is_not_null()).select("run", pl.col("input_fault").alias("fault_code")),
         positions.filter(pl.col("quantity") < 0).select("run", pl.lit(InputFault.NEGATIVE_QUANTITY.value).alias("fault_code")),
-        priced.filter(pl.col("price").is_not_null() & (pl.col("price") <= 0)).select("run", pl.lit(InputFault.NON_POSITIVE_PRICE.value).alias("fault_code")),
+        non_positive.select("run", pl.lit(InputFault.NON_POSITIVE_PRICE.value).alias("fault_code")),
         skew.select("run", pl.lit(InputFault.SNAPSHOT_SKEW.value).alias("fault_code")),
         priced.filter(pl.col("_stale") & (pl.col("stale_price_action") == "BLOCK")).select("run", pl.lit(InputFault.PRICE_STALE.value).alias("fault_code")),
     ]).unique("run", keep="first", maintain_order=True)

@@ -21,8 +21,9 @@ RULE_SCHEMA = {
 
 
 def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataFrame):
-    """Apply intents in execution order to the input holdings; new rows are appended in
-    the order they are first touched."""
+    """Apply intents in execution order to the input holdings; new rows get sequence
+    numbers after the held ones, in the order they are first touched. Rows come back
+    unordered: valuation orders them by (run, sequence)."""
     sec = intents.filter(pl.col("intent_type") == "SECURITY_TRADE")
     qty_moves = sec.group_by("run", "instrument_id").agg(
         pl.when(pl.col("side") == "BUY").then(pl.col("quantity")).otherwise(-pl.col("quantity")).sum().alias("_dq"),
@@ -39,13 +40,13 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
         exact = dec28.from_dec(exact.with_columns((pl.col("quantity") - pl.col("_dq")).alias("_held")), "_held", "_held_f")
         exact = dec28.sub(exact, "_held_f", "_f28", "quantity_f28")
         exact = exact.with_columns(dec28.to_d28("quantity_f28").alias("quantity"))
-        pos = pl.concat([pos.filter(pl.col("_f28").is_null()), exact.select(pos.columns)]).sort("run", "pos_seq")
+        pos = pl.concat([pos.filter(pl.col("_f28").is_null()), exact.select(pos.columns)])
     pos = pos.drop("_dq", "_first", "_side", "_f28")
     new_pos = qty_moves.join(positions.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti").select(
         "run", (pl.lit(APPENDED, dtype=pl.Int64) + pl.col("_first")).alias("pos_seq"), "instrument_id",
         pl.col("_dq").alias("quantity"),
     )
-    pos = pl.concat([pos.with_columns(pl.col("pos_seq").cast(pl.Int64)), new_pos], how="diagonal_relaxed").sort("run", "pos_seq")
+    pos = pl.concat([pos.with_columns(pl.col("pos_seq").cast(pl.Int64)), new_pos], how="diagonal_relaxed")
     fx = intents.filter(pl.col("intent_type") == "FX_SPOT")
     cash_moves = pl.concat([
         sec.select("run", pl.col("notional_currency").alias("currency"),
@@ -62,7 +63,7 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
     new_cash = cash_moves.join(cash.select("run", "currency"), on=["run", "currency"], how="anti").select(
         "run", (pl.lit(APPENDED, dtype=pl.Int64) + pl.col("_touch")).alias("cash_seq"), "currency", pl.col("_move").alias("amount"),
     )
-    cash_after = pl.concat([cash_after.with_columns(pl.col("cash_seq").cast(pl.Int64)), new_cash], how="diagonal_relaxed").sort("run", "cash_seq")
+    cash_after = pl.concat([cash_after.with_columns(pl.col("cash_seq").cast(pl.Int64)), new_cash], how="diagonal_relaxed")
     return pos, cash_after
 
 

@@ -104,7 +104,8 @@ def translate(
         "run", "instrument_id", "trace_order", pl.col("notional").alias("intended_notional"),
         pl.col("price_currency").alias("currency"), "threshold_amount", "threshold_currency",
     )
-    intents = t.filter(~suppress & (pl.col("quantity") > 0)).sort("run", "trace_order").with_columns(
+    # numbered in trace order; rows stay unordered (FX planning puts intents in execution order)
+    intents = t.filter(~suppress & (pl.col("quantity") > 0)).with_columns(
         pl.col("trace_order").rank("ordinal").over("run").cast(pl.Int64).alias("intent_no"),
     ).select(
         "run", "instrument_id", "trace_order", "intent_no", "side", "quantity", "requested_quantity", "price",
@@ -173,7 +174,7 @@ def _rationale() -> pl.Expr:
 def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.DataFrame):
     """§6.12: keep the highest-scoring intents that fit ``tv × max_turnover_pct``,
     skipping (not stopping at) those that do not fit. Adds ``list_order``: original order
-    when nothing is dropped, ranking order otherwise."""
+    when nothing is dropped, ranking order otherwise (rows themselves stay unordered)."""
     frame = (
         intents.join(runs.select("run", "max_turnover_pct"), on="run", how="left")
         .join(totals.select("run", "total_value"), on="run", how="left")
@@ -212,5 +213,5 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
     kept = pl.concat([
         free.select(intents.columns + ["list_order"]),
         ranked.filter(pl.col("_keep")).select(intents.columns + ["list_order"]),
-    ]).sort("run", "list_order")
+    ])
     return kept, dropped, pl.concat([pl.DataFrame(schema=WARNINGS_SCHEMA), warnings])

@@ -48,10 +48,10 @@ class Market:
     def with_price(self, frame: pl.DataFrame) -> pl.DataFrame:
         """Attach price, price_currency, price_as_of (null when the instrument has no price)."""
         if self.one_market:
-            return frame.join(self._only_snapshot(self.prices), on="instrument_id", how="left")
+            return frame.join(self._only_snapshot(self.prices), on="instrument_id", how="left", maintain_order="left")
         return (
-            frame.join(self.run_keys.select("run", "market_snapshot_id"), on="run", how="left")
-            .join(self.prices, on=["market_snapshot_id", "instrument_id"], how="left")
+            frame.join(self.run_keys.select("run", "market_snapshot_id"), on="run", how="left", maintain_order="left")
+            .join(self.prices, on=["market_snapshot_id", "instrument_id"], how="left", maintain_order="left")
             .drop("market_snapshot_id")
         )
 
@@ -60,10 +60,10 @@ class Market:
         shelf = self.shelf if columns is None else self.shelf.select("shelf_id", "instrument_id", *columns)
         if self.one_shelf:
             shelf = shelf.filter(pl.col("shelf_id") == self.run_keys["shelf_id"][0]).drop("shelf_id")
-            return frame.join(shelf, on="instrument_id", how="left")
+            return frame.join(shelf, on="instrument_id", how="left", maintain_order="left")
         return (
-            frame.join(self.run_keys.select("run", "shelf_id"), on="run", how="left")
-            .join(shelf, on=["shelf_id", "instrument_id"], how="left")
+            frame.join(self.run_keys.select("run", "shelf_id"), on="run", how="left", maintain_order="left")
+            .join(shelf, on=["shelf_id", "instrument_id"], how="left", maintain_order="left")
             .drop("shelf_id")
         )
 
@@ -81,10 +81,10 @@ class Market:
             snapshot = pl.lit(self.run_keys["market_snapshot_id"][0])
             keyed = frame.with_columns(pl.concat_str(snapshot, _SEP, from_col, _SEP, to_col).alias("_pair"))
         else:
-            keyed = frame.join(self.run_keys.select("run", "market_snapshot_id"), on="run", how="left").with_columns(
+            keyed = frame.join(self.run_keys.select("run", "market_snapshot_id"), on="run", how="left", maintain_order="left").with_columns(
                 pl.concat_str("market_snapshot_id", _SEP, from_col, _SEP, to_col).alias("_pair")
             ).drop("market_snapshot_id")
-        keyed = keyed.join(direct, on="_pair", how="left").join(inverse, on="_pair", how="left").drop("_pair")
+        keyed = keyed.join(direct, on="_pair", how="left", maintain_order="left").join(inverse, on="_pair", how="left", maintain_order="left").drop("_pair")
         return keyed.with_columns(
             (pl.col(from_col) == pl.col(to_col)).alias("_same"),
             (pl.col("_direct").is_not_null() & (pl.col("_direct") != 0)).alias("_use_direct"),
@@ -98,7 +98,7 @@ class Market:
             attributes = self.attributes.filter(pl.col("shelf_id") == self.run_keys["shelf_id"][0]).drop("shelf_id")
             return frame.join(attributes, on="instrument_id", how="inner")
         return (
-            frame.join(self.run_keys.select("run", "shelf_id"), on="run", how="left")
+            frame.join(self.run_keys.select("run", "shelf_id"), on="run", how="left", maintain_order="left")
             .join(self.attributes, on=["shelf_id", "instrument_id"], how="inner")
             .drop("shelf_id")
         )

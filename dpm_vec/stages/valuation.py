@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec.dec28 import F28
+from dpm_vec.frames import ordered
 from dpm_vec.numeric import DEC, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -38,7 +39,7 @@ def value_state(
     expression over it). Trusted market values apply only when ``trust_snapshot`` holds.
     """
     base = runs.select("run", "base_currency", (pl.lit(trust_snapshot) if isinstance(trust_snapshot, bool) else trust_snapshot).alias("_trust"))
-    pos = market.with_price(positions.join(base, on="run", how="left"))
+    pos = market.with_price(positions.join(base, on="run", how="left", maintain_order="left"))
     pos = market.with_shelf(pos, ("asset_class",))
     use_mv = pl.col("_trust") & pl.col("market_value").is_not_null()
     pos = pos.with_columns(
@@ -60,7 +61,7 @@ def value_state(
         pos, pl.col("_rate").is_null(), "fx_missing",
         pl.col("instrument_currency") + "/" + pl.col("base_currency"), stage, pl.col("pos_seq") * 2 + 1,
     )
-    cash = market.with_rate(cash.join(base.select("run", "base_currency"), on="run", how="left"), "currency", "base_currency", "_rate")
+    cash = market.with_rate(cash.join(base.select("run", "base_currency"), on="run", how="left", maintain_order="left"), "currency", "base_currency", "_rate")
     cash = cash.with_columns(
         pl.when(pl.col("currency") == pl.col("base_currency")).then(pl.col("amount"))
         .when(pl.col("_rate").is_null()).then(lit(0))
@@ -74,14 +75,14 @@ def value_state(
     cash_total = cash.group_by("run").agg(pl.col("value_base").sum().alias("cash_value"))
     totals = (
         runs.select("run")
-        .join(pos_total, on="run", how="left")
-        .join(cash_total, on="run", how="left")
+        .join(pos_total, on="run", how="left", maintain_order="left")
+        .join(cash_total, on="run", how="left", maintain_order="left")
         .with_columns(pl.col("_pv", "cash_value").fill_null(lit(0)))
         .with_columns((pl.col("_pv") + pl.col("cash_value")).alias("total_value"))
         .with_columns(pl.when(pl.col("total_value") == 0).then(lit(1)).otherwise(pl.col("total_value")).alias("divisor"))
         .select("run", "total_value", "cash_value", "divisor")
     )
-    pos = pos.join(totals.select("run", "divisor"), on="run", how="left").with_columns(
+    pos = pos.join(totals.select("run", "divisor"), on="run", how="left", maintain_order="left").with_columns(
         (pl.col("value_base") / pl.col("divisor")).alias("weight")
     )
     if "quantity_f28" not in pos.columns:
@@ -89,8 +90,9 @@ def value_state(
     positions_out = pos.select(
         "run", "pos_seq", "instrument_id", "quantity", "quantity_f28", "instrument_currency", "asset_class",
         "price", "value_instr", "value_base", "weight", "market_value", "market_value_currency",
-    ).sort("run", "pos_seq")
-    cash_out = cash.select("run", "cash_seq", "currency", "amount", "settled", "pending", "value_base").sort("run", "cash_seq")
+    )
+    positions_out = ordered(positions_out, "run", "pos_seq")
+    cash_out = ordered(cash.select("run", "cash_seq", "currency", "amount", "settled", "pending", "value_base"), "run", "cash_seq")
     allocations = _allocations(market, pos, cash, totals, full=allocations)
     return ValuedState(
         positions=positions_out,

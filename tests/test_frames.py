@@ -1,0 +1,32 @@
+"""Row-order and code-list helpers the stages share."""
+from __future__ import annotations
+
+import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dpm_vec.codes import with_code_lists
+from dpm_vec.frames import is_ordered, ordered
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.sampled_from(["a", "b", "c"])), max_size=12))
+def test_is_ordered_matches_a_real_sort(rows):
+    frame = pl.DataFrame(rows, schema={"run": pl.UInt32, "seq": pl.Int64, "key": pl.String}, orient="row")
+    for by in (("run",), ("run", "seq"), ("run", "key"), ("run", "seq", "key")):
+        assert is_ordered(frame, *by) == frame.select(*by).equals(frame.select(*by).sort(*by)), (rows, by)
+
+
+def test_ordered_sorts_only_when_needed():
+    frame = pl.DataFrame({"run": [1, 0, 0], "seq": [0, 2, 1], "v": ["x", "y", "z"]})
+    assert ordered(frame, "run", "seq")["v"].to_list() == ["z", "y", "x"]
+    done = ordered(frame, "run", "seq")
+    assert ordered(done, "run", "seq") is done
+
+
+def test_code_lists_keep_row_order_and_pick_by_case():
+    frame = pl.DataFrame({"i": [3, 1, 2, 0], "case": [1, 0, 1, 2]})
+    out = with_code_lists(frame, pl.col("case"), [[], ["A"], ["A", "B"]], "codes")
+    assert out["i"].to_list() == [3, 1, 2, 0]
+    assert out["codes"].to_list() == [["A"], [], ["A"], ["A", "B"]]
+    assert out.columns == ["i", "case", "codes"]

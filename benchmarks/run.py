@@ -4,9 +4,10 @@
     .venv/bin/python benchmarks/run.py --sizes 1000,10000    # a quick subset
 
 For each book size it generates a deterministic book (cached under benchmarks/_books),
-sweeps it with ``dpm-vec sweep`` in a subprocess (wall time and peak RSS from
-/usr/bin/time), and times the scalar oracle (dpm_vec/oracle.py) on a sample of the same
-book's portfolios. It also measures cost per holding row across portfolio sizes, the
+sweeps it with ``dpm-vec sweep`` in a subprocess (wall time, and peak RSS summed over
+the process tree), from 100k portfolios up also with two Dask worker processes, and
+times the scalar oracle (dpm_vec/oracle.py) on a sample of the same book's portfolios.
+It also measures cost per holding row across portfolio sizes, the
 batch JSON door against single calls, and what each extended feature costs. Results go
 to benchmarks/results.json and are printed as Markdown tables.
 """
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import polars as pl  # noqa: E402
+import psutil  # noqa: E402
 
 from dpm_vec import oracle  # noqa: E402
 from dpm_vec.export import book_to_requests  # noqa: E402
@@ -50,17 +52,27 @@ def book(n: int, seed: int = 7, holdings: tuple[int, int] = (30, 80), name: str 
 
 
 def timed_sweep(book_dir: Path, shard_size: int, extra: list[str] | None = None) -> dict:
+    """Sweep in a subprocess; wall time, and peak RSS summed over the process tree (a
+    sweep with --workers runs its shards in Dask worker processes)."""
     out = OUT / book_dir.name
     shutil.rmtree(out, ignore_errors=True)
-    cmd = ["/usr/bin/time", "-f", "%e %M", *DPM, "sweep", str(book_dir), "--out", str(out), "--quiet",
-           "--shard-size", str(shard_size), *(extra or [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [*DPM, "sweep", str(book_dir), "--out", str(out), "--quiet", "--shard-size", str(shard_size), *(extra or [])]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree))
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    wall = time.perf_counter() - started
     if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-2000:])
-    wall, rss_kb = proc.stderr.strip().splitlines()[-1].split()
+        raise RuntimeError(proc.stderr.read()[-2000:])
     manifest = json.loads((out / "manifest.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
-    return {"wall_s": float(wall), "peak_rss_mib": int(rss_kb) / 1024, "manifest": manifest}
+    return {"wall_s": wall, "peak_rss_mib": peak / 2**20, "manifest": manifest}
 
 
 def oracle_throughput(book_dir: Path, sample: int, seed: int = 1) -> dict:
@@ -76,35 +88,48 @@ def oracle_throughput(book_dir: Path, sample: int, seed: int = 1) -> dict:
     return {"sample": len(requests), "seconds": seconds, "portfolios_per_s": len(requests) / seconds}
 
 
+WORKERS = 2  # one Dask worker process per core of the benchmark machine
+PARALLEL_FROM = 100_000  # books this large are also swept with --workers
+
+
 def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
+    """Each book swept in one process (25,000-portfolio shards) and, from 100k portfolios
+    up, with two worker processes (12,500-portfolio shards, so that two fit the memory)."""
     rows = []
     for n in sizes:
         print(f"scaling: {n:,} portfolios", flush=True)
         path = book(n)
-        shard = min(n, 25_000)
-        sweep = timed_sweep(path, shard)
+        holding_rows = pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item()
         orc = oracle_throughput(path, oracle_sample)
-        pps = n / sweep["wall_s"]
-        stages = sweep["manifest"]["stage_seconds"]
-        rows.append({
-            "portfolios": n, "holding_rows": pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item(),
-            "shard_size": shard, "wall_s": sweep["wall_s"], "portfolios_per_s": pps, "peak_rss_mib": sweep["peak_rss_mib"],
-            "oracle_portfolios_per_s": orc["portfolios_per_s"], "oracle_sample": orc["sample"],
-            "ratio_vs_oracle": pps / orc["portfolios_per_s"], "top_stages": sorted(stages.items(), key=lambda kv: -kv[1])[:3],
-            "counts_by_status": sweep["manifest"]["counts_by_status"],
-        })
-        print(f"  {rows[-1]}", flush=True)
+        modes = [("1 process", min(n, 25_000), [])]
+        if n >= PARALLEL_FROM:
+            modes.append((f"{WORKERS} workers", min(n, 12_500), ["--workers", str(WORKERS)]))
+        for mode, shard, extra in modes:
+            sweep = timed_sweep(path, shard, extra)
+            pps = n / sweep["wall_s"]
+            stages = sweep["manifest"]["stage_seconds"]
+            rows.append({
+                "portfolios": n, "holding_rows": holding_rows, "mode": mode, "shard_size": shard,
+                "wall_s": sweep["wall_s"], "portfolios_per_s": pps, "peak_rss_mib": sweep["peak_rss_mib"],
+                "oracle_portfolios_per_s": orc["portfolios_per_s"], "oracle_sample": orc["sample"],
+                "ratio_vs_oracle": pps / orc["portfolios_per_s"], "top_stages": sorted(stages.items(), key=lambda kv: -kv[1])[:3],
+                "counts_by_status": sweep["manifest"]["counts_by_status"],
+            })
+            print(f"  {rows[-1]}", flush=True)
     return rows
 
 
-def holdings_cost(n: int = 2000) -> list[dict]:
+def holdings_cost(rows_per_book: int = 500_000) -> list[dict]:
+    """Books of the same number of holding rows, cut into portfolios of 10 to 500
+    holdings: how the cost of a holding row depends on the size of its portfolio."""
     rows = []
     for h in (10, 50, 100, 500):
-        print(f"holdings: {h} per portfolio", flush=True)
+        n = rows_per_book // h
+        print(f"holdings: {h} per portfolio, {n:,} portfolios", flush=True)
         path = book(n, seed=5, holdings=(h, h))
-        sweep = timed_sweep(path, n)
+        sweep = timed_sweep(path, min(n, 25_000))
         holding_rows = pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item()
-        rows.append({"holdings_per_portfolio": h, "holding_rows": holding_rows, "wall_s": sweep["wall_s"],
+        rows.append({"holdings_per_portfolio": h, "portfolios": n, "holding_rows": holding_rows, "wall_s": sweep["wall_s"],
                      "us_per_holding_row": 1e6 * sweep["wall_s"] / holding_rows, "peak_rss_mib": sweep["peak_rss_mib"]})
         print(f"  {rows[-1]}", flush=True)
     return rows
@@ -168,16 +193,19 @@ def feature_costs(n: int) -> list[dict]:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}", "", "| portfolios | holding rows | wall (s) | portfolios/s | peak RSS (MiB) | oracle portfolios/s | ratio | top stages (s) |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [f"Machine: {results['machine']}", "",
+             "| portfolios | holding rows | mode (shard) | wall (s) | portfolios/s | peak RSS (MiB) | oracle portfolios/s | ratio | top stages (s) |",
+             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results.get("scaling", []):
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r["top_stages"])
-        lines.append(f"| {r['portfolios']:,} | {r['holding_rows']:,} | {r['wall_s']:.1f} | {r['portfolios_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} | "
-                     f"{r['oracle_portfolios_per_s']:,.1f} | {r['ratio_vs_oracle']:,.0f}x | {stages} |")
+        lines.append(f"| {r['portfolios']:,} | {r['holding_rows']:,} | {r.get('mode', '1 process')} ({r['shard_size']:,}) | {r['wall_s']:.1f} | "
+                     f"{r['portfolios_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} | {r['oracle_portfolios_per_s']:,.1f} | {r['ratio_vs_oracle']:,.1f}x | {stages} |")
     if results.get("holdings"):
-        lines += ["", "| holdings/portfolio | holding rows | wall (s) | µs per holding row | peak RSS (MiB) |", "| ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", "| holdings/portfolio | portfolios | holding rows | wall (s) | µs per holding row | peak RSS (MiB) |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in results["holdings"]:
-            lines.append(f"| {r['holdings_per_portfolio']} | {r['holding_rows']:,} | {r['wall_s']:.1f} | {r['us_per_holding_row']:.1f} | {r['peak_rss_mib']:,.0f} |")
+            lines.append(f"| {r['holdings_per_portfolio']} | {r.get('portfolios', 0):,} | {r['holding_rows']:,} | {r['wall_s']:.1f} | "
+                         f"{r['us_per_holding_row']:.1f} | {r['peak_rss_mib']:,.0f} |")
     if results.get("batch"):
         b = results["batch"]
         lines += ["", "| JSON door, 1,000 requests | requests/s |", "| --- | ---: |",

@@ -57,11 +57,11 @@ class Result:
 
 
 def _only(frame: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
-    return frame.join(runs.select("run"), on="run", how="semi")
+    return frame.filter(pl.col("run").is_in(runs["run"].implode()))
 
 
 def _without(frame: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
-    return frame.join(runs.select("run"), on="run", how="anti")
+    return frame.filter(~pl.col("run").is_in(runs["run"].implode()))
 
 
 class StageTimer:

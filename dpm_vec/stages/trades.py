@@ -175,8 +175,12 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
     """§6.12: keep the highest-scoring intents that fit ``tv × max_turnover_pct``,
     skipping (not stopping at) those that do not fit. Adds ``list_order``: original order
     when nothing is dropped, ranking order otherwise (rows themselves stay unordered)."""
+    # only runs with a turnover limit can be capped; the others' intents pass straight through
+    limited = runs.filter(pl.col("max_turnover_pct").is_not_null())
+    is_limited = pl.col("run").is_in(limited["run"].implode())
+    untouched = intents.filter(~is_limited).with_columns(pl.col("intent_no").alias("list_order"))
     frame = (
-        intents.join(runs.select("run", "max_turnover_pct"), on="run", how="left")
+        intents.filter(is_limited).join(limited.select("run", "max_turnover_pct"), on="run", how="left")
         .join(totals.select("run", "total_value"), on="run", how="left")
         .with_columns(
             dabs(pl.col("notional_base")).alias("_abs_nb"),
@@ -211,6 +215,7 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
     )
     warnings = warnings_frame(dropped.select("run").unique(), pl.lit("PARTIAL_REBALANCE_TURNOVER_LIMIT"), pl.lit(TURNOVER_ORDER))
     kept = pl.concat([
+        untouched,
         free.select(intents.columns + ["list_order"]),
         ranked.filter(pl.col("_keep")).select(intents.columns + ["list_order"]),
     ])

@@ -91,7 +91,8 @@ def build_universe(
     )
     if totals is not None:
         map2 = _exact_locked_weights(market, runs, map2, positions_before, totals)
-    weight_map = pl.concat([map1.with_columns(pl.col("weight").cast(WEIGHT)), map2.with_columns(pl.col("weight").cast(WEIGHT))]).sort("run", "map_order")
+    # unordered: the target stage orders the map by (run, map_order)
+    weight_map = pl.concat([map1.with_columns(pl.col("weight").cast(WEIGHT)), map2.with_columns(pl.col("weight").cast(WEIGHT))])
     eligible = pl.concat([
         map1.filter(pl.col("kind") == "BUYABLE").select("run", pl.lit("buy").alias("list"), "instrument_id", pl.col("map_order").alias("list_order")),
         map1.select("run", pl.lit("sell").alias("list"), "instrument_id", pl.col("map_order").alias("list_order")),

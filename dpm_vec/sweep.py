@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +32,7 @@ import pyarrow.parquet as pq
 
 from dpm_vec import __version__
 from dpm_vec.book import Book, conform
+from dpm_vec.defaults import DEFAULT_SHARD_SIZE
 from dpm_vec.errors import DpmVecError
 from dpm_vec.io import _path, read_book, read_portfolios, read_reference, replace_dir, write_book, write_json_atomic
 from dpm_vec.scenarios import comparison_table, expand, load_scenarios
@@ -139,6 +141,11 @@ def run_shard(plan: SweepPlan, shard: int) -> dict[str, int]:
     target = plan.shard_dir(shard)
     if (target / "_SUCCESS").exists():
         return json.loads((target / "_SUCCESS").read_text())
+    return commit_shard(plan, shard, *compute_shard(plan, shard))
+
+
+def compute_shard(plan: SweepPlan, shard: int) -> tuple[dict[str, pl.DataFrame], StageTimer]:
+    """The output tables of one shard (nothing written)."""
     start, stop = plan.shard_range(shard)
     book_dir = Path(plan.book_dir)
     derived = plan.table_files()
@@ -150,10 +157,17 @@ def run_shard(plan: SweepPlan, shard: int) -> dict[str, int]:
     timer = StageTimer()
     tables = run_isolating(book, timer)
     timer.lap("outputs")
+    return tables, timer
+
+
+def commit_shard(plan: SweepPlan, shard: int, tables: dict[str, pl.DataFrame], timer: StageTimer) -> dict[str, int]:
+    """Write a shard's tables to a staging dir and rename it into place: the commit."""
+    target = plan.shard_dir(shard)
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     for name in OUTPUT_TABLES:
         tables[name].write_parquet(staging / f"{name}.parquet")
+    timer.lap("write")
     counts = dict(tables["runs"].group_by("status").len().iter_rows())
     counts["_portfolios"] = tables["runs"].height
     counts["_stage_seconds"] = {k: round(v, 4) for k, v in timer.seconds.items() if not k.startswith("_")}
@@ -163,6 +177,22 @@ def run_shard(plan: SweepPlan, shard: int) -> dict[str, int]:
     except OSError:  # another worker committed the same shard first
         shutil.rmtree(staging, ignore_errors=True)
     return counts
+
+
+def _run_in_process(plan: SweepPlan, pending: list[int], reporter) -> None:
+    """Shards one after another; each shard's files are written on a second thread while
+    the next one computes (Parquet encoding runs outside the GIL), at most one behind."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpm-vec-writer") as writer:
+        writing = None
+        for shard in pending:
+            tables, timer = compute_shard(plan, shard)
+            if writing is not None:
+                reporter.advance(1, writing.result()["_portfolios"])
+            timer.lap("_waiting_for_writer")
+            writing = writer.submit(commit_shard, plan, shard, tables, timer)
+            del tables
+        if writing is not None:
+            reporter.advance(1, writing.result()["_portfolios"])
 
 
 def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
@@ -187,7 +217,7 @@ def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
     shutil.rmtree(plan.work_dir, ignore_errors=True)
 
 
-def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int = 50_000, scheduler: str | None = None,
+def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE, scheduler: str | None = None,
           workers: int | None = None, progress: bool | None = None, scenarios: str | Path | None = None) -> dict:
     """Run every portfolio of the book (under every scenario, when a scenarios file is
     given); write the output datasets and manifest."""
@@ -219,9 +249,7 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int = 50_000
     if scheduler or workers:
         _run_on_dask(plan, pending, scheduler, workers, reporter)
     else:
-        for shard in pending:
-            counts = run_shard(plan, shard)
-            reporter.advance(1, counts["_portfolios"])
+        _run_in_process(plan, pending, reporter)
     reporter.close()
     totals: dict[str, int] = {}
     stage_seconds: dict[str, float] = {}

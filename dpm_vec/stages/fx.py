@@ -81,8 +81,8 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         "run", pl.col("buy_currency").alias("price_currency"), pl.col("intent_id").alias("_fx_dep")
     )
     last_sell = (
-        sec.filter(pl.col("side") == "SELL").sort("run", "list_order")
-        .group_by("run", "price_currency").agg(pl.col("intent_id").last().alias("_sell_dep"))
+        sec.select("run", "price_currency", "side", "list_order", "intent_id").filter(pl.col("side") == "SELL")
+        .group_by("run", "price_currency").agg(pl.col("intent_id").get(pl.col("list_order").arg_max()).alias("_sell_dep"))
     )
     # a BUY depends on its currency's funding FX, then on that currency's last SELL: the
     # list is the same for every BUY of a (run, currency), so it is built once per pair

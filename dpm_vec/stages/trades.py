@@ -48,13 +48,13 @@ def translate(
         trace.select("run", "instrument_id", "trace_order", "final_weight", "in_model", "tags").join(policy, on="run", how="left")
     )
     price_missing = dq.findings(t, pl.col("price").is_null(), "price_missing", pl.col("instrument_id"), dq.TRANSLATION, pl.col("trace_order") * 2)
-    t = t.filter(pl.col("price").is_not_null())
+    t = _drop_nulls(t, "price")
     t = market.with_rate(t, "price_currency", "base_currency", "rate")
     fx_missing = dq.findings(
         t, pl.col("rate").is_null(), "fx_missing", pl.col("price_currency") + "/" + pl.col("base_currency"),
         dq.TRANSLATION, pl.col("trace_order") * 2 + 1,
     )
-    t = t.filter(pl.col("rate").is_not_null())
+    t = _drop_nulls(t, "rate")
     t = market.with_shelf(t, ("min_notional_amount", "min_notional_currency", "trade_by"))
     held = positions_input.select("run", "instrument_id", pl.col("quantity").alias("held_quantity"), "market_value")
     t = (
@@ -79,14 +79,17 @@ def translate(
     t = t.with_columns(pl.when(units * pl.col("price") > pl.col("_abs_delta")).then(units - 1).otherwise(units).alias("_units"))
     t = _exact_near_integer_floors(market, t)
     # RFC notional sizing: the amount rounded to cents; a sell never exceeds the holding
-    held = pl.col("held_quantity").fill_null(pl.lit(0, dtype=QTY)).cast(DEC)
-    amount_units = pl.col("_abs_delta").round(2) / pl.col("price")
-    oversell = pl.col("by_notional") & (pl.col("side") == "SELL") & (amount_units > held)
-    t = t.with_columns(
-        pl.when(oversell).then(held).when(pl.col("by_notional")).then(amount_units).otherwise(pl.col("_units")).cast(QTY)
-        .alias("requested_quantity"),
-        oversell.alias("_oversell"),
-    )
+    if t["by_notional"].any():
+        held = pl.col("held_quantity").fill_null(pl.lit(0, dtype=QTY)).cast(DEC)
+        amount_units = pl.col("_abs_delta").round(2) / pl.col("price")
+        oversell = pl.col("by_notional") & (pl.col("side") == "SELL") & (amount_units > held)
+        t = t.with_columns(
+            pl.when(oversell).then(held).when(pl.col("by_notional")).then(amount_units).otherwise(pl.col("_units")).cast(QTY)
+            .alias("requested_quantity"),
+            oversell.alias("_oversell"),
+        )
+    else:  # the usual case, no notional sizing: whole units
+        t = t.with_columns(pl.col("_units").cast(QTY).alias("requested_quantity"), pl.lit(False).alias("_oversell"))
     t, tax_events, tax_totals, tax_warnings, tax_fx_missing = limit_sells_by_tax_lots(market, t, lots, runs)
     t = t.with_columns(
         pl.when(pl.col("by_notional") & ~pl.col("_oversell") & (pl.col("quantity") == pl.col("requested_quantity")))
@@ -105,14 +108,19 @@ def translate(
         pl.col("price_currency").alias("currency"), "threshold_amount", "threshold_currency",
     )
     # numbered in trace order; rows stay unordered (FX planning puts intents in execution order)
-    intents = t.filter(~suppress & (pl.col("quantity") > 0)).with_columns(
-        pl.col("trace_order").rank("ordinal").over("run").cast(pl.Int64).alias("intent_no"),
-    ).select(
-        "run", "instrument_id", "trace_order", "intent_no", "side", "quantity", "requested_quantity", "price",
+    intents = t.select(
+        "run", "instrument_id", "trace_order", "side", "quantity", "requested_quantity", "price",
         "price_currency", "rate", "notional", "notional_base", "base_currency",
         pl.col("threshold_amount").is_not_null().alias("min_notional_applied"),
         (pl.col("quantity") < pl.col("requested_quantity")).alias("tax_budget_applied"),
         "final_weight", "held_quantity", "by_notional", _rationale().alias("rationale_code"), "quantity_f28",
+        (~suppress & (pl.col("quantity") > 0)).alias("_kept"),
+    ).filter("_kept").drop("_kept").with_columns(
+        pl.col("trace_order").rank("ordinal").over("run").cast(pl.Int64).alias("intent_no"),
+    ).select(
+        "run", "instrument_id", "trace_order", "intent_no", "side", "quantity", "requested_quantity", "price",
+        "price_currency", "rate", "notional", "notional_base", "base_currency", "min_notional_applied", "tax_budget_applied",
+        "final_weight", "held_quantity", "by_notional", "rationale_code", "quantity_f28",
     )
     return Translation(
         intents=intents,
@@ -122,6 +130,11 @@ def translate(
         tax_events=tax_events,
         tax_totals=tax_totals,
     )
+
+
+def _drop_nulls(t: pl.DataFrame, column: str) -> pl.DataFrame:
+    """Rows with ``column`` set (the usual case, every row, costs no copy)."""
+    return t.filter(pl.col(column).is_not_null()) if t[column].null_count() else t
 
 
 NEAR_INTEGER = lit("0.000000001")

@@ -38,8 +38,22 @@ def warnings_frame(frame: pl.DataFrame, code: pl.Expr, order: pl.Expr) -> pl.Dat
     return frame.select(pl.col("run"), code.cast(pl.String).alias("code"), order.cast(pl.Int64).alias("w_order"))
 
 
+def _agg_where(cond: pl.Expr) -> pl.Expr:
+    return pl.when(cond).then(pl.col("weight")).otherwise(lit(0)).sum()
+
+
 def _sum_where(cond: pl.Expr) -> pl.Expr:
-    return pl.when(cond).then(pl.col("weight")).otherwise(lit(0)).sum().over("run")
+    return _agg_where(cond).over("run")
+
+
+def _scale_buys(wm: pl.DataFrame, scale: pl.DataFrame) -> pl.DataFrame:
+    """Multiply the buyable weights of the runs in ``scale`` (run, _scale) by their factor."""
+    if scale.height == 0:
+        return wm
+    return wm.join(scale, on="run", how="left", maintain_order="left").with_columns(
+        pl.when(pl.col("buy") & pl.col("_scale").is_not_null()).then(pl.col("weight") * pl.col("_scale"))
+        .otherwise(pl.col("weight")).alias("weight")
+    ).drop("_scale")
 
 
 def build_targets(
@@ -158,36 +172,32 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     wm, group_warnings, group_events, recipients, blocked = _group_constraints(market, wm, gc)
     warnings.append(group_warnings)
 
-    # Step 3: normalisation above 100%
-    wm = wm.with_columns(
-        _sum_where(pl.lit(True)).alias("_total"),
-        _sum_where(~pl.col("buy")).alias("_L"),
-        _sum_where(pl.col("buy")).alias("_B"),
-    ).with_columns(dmax(lit(1) - pl.col("_L"), lit(0)).alias("_avail"))
-    over = pl.col("_total") > lit("1.0001")
-    pending.append(wm.filter(over & ((pl.col("_L") > 1) | (pl.col("_B") > pl.col("_avail")))).select("run"))
-    wm = wm.with_columns(
-        pl.when(over & pl.col("buy") & (pl.col("_B") > pl.col("_avail")) & (pl.col("_B") > 0))
-        .then(pl.col("weight") * (pl.col("_avail") / pl.col("_B")))
-        .otherwise(pl.col("weight")).alias("weight")
-    ).drop("_total", "_L", "_B", "_avail")
+    # Step 3: normalisation above 100% (per-run sums; only the runs above 100% change)
+    sums = wm.group_by("run").agg(
+        _agg_where(pl.lit(True)).alias("_total"), _agg_where(~pl.col("buy")).alias("_L"), _agg_where(pl.col("buy")).alias("_B"),
+    ).with_columns(dmax(lit(1) - pl.col("_L"), lit(0)).alias("_avail")).filter(pl.col("_total") > lit("1.0001"))
+    pending.append(sums.filter((pl.col("_L") > 1) | (pl.col("_B") > pl.col("_avail"))).select("run"))
+    wm = _scale_buys(wm, sums.filter((pl.col("_B") > pl.col("_avail")) & (pl.col("_B") > 0)).select(
+        "run", (pl.col("_avail") / pl.col("_B")).alias("_scale")
+    ))
 
     # Step 4: single-position cap
-    wm = wm.join(policy, on="run", how="left")
+    wm = wm.join(policy, on="run", how="left", maintain_order="left")
     wm, cap_pending, cap_faults = _single_position_cap(market, wm)
     pending.append(cap_pending)
 
-    # Step 5: minimum cash buffer
-    p = pl.col("min_cash_buffer_pct")
-    wm = wm.with_columns(_sum_where(pl.col("buy")).alias("_B"), _sum_where(~pl.col("buy")).alias("_L"))
-    wm = wm.with_columns(dmax(lit(1) - p - pl.col("_L"), lit(0)).alias("_allowed"))
-    shrink = (p > 0) & (pl.col("_B") > pl.col("_allowed"))
-    pending.append(wm.filter(shrink).select("run"))
-    wm = wm.with_columns(
-        pl.when(shrink & pl.col("buy") & (pl.col("_B") > 0))
-        .then(pl.col("weight") * (pl.col("_allowed") / pl.col("_B")))
-        .otherwise(pl.col("weight")).alias("weight")
-    ).drop("_B", "_L", "_allowed", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
+    # Step 5: minimum cash buffer, for the runs that keep one
+    buffered = policy.filter(pl.col("min_cash_buffer_pct") > 0).select("run", "min_cash_buffer_pct")
+    sums = (
+        wm.filter(pl.col("run").is_in(buffered["run"].implode()))
+        .group_by("run").agg(_agg_where(pl.col("buy")).alias("_B"), _agg_where(~pl.col("buy")).alias("_L"))
+        .join(buffered, on="run")
+        .with_columns(dmax(lit(1) - pl.col("min_cash_buffer_pct") - pl.col("_L"), lit(0)).alias("_allowed"))
+        .filter(pl.col("_B") > pl.col("_allowed"))
+    )
+    pending.append(sums.select("run"))
+    wm = _scale_buys(wm, sums.filter(pl.col("_B") > 0).select("run", (pl.col("_allowed") / pl.col("_B")).alias("_scale")))
+    wm = wm.drop("single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
 
     blocked_runs = pl.concat([blocked, cap_faults.select("run")]).unique()
     status = (

@@ -25,10 +25,11 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
     numbers after the held ones, in the order they are first touched. Rows come back
     unordered: valuation orders them by (run, sequence)."""
     sec = intents.filter(pl.col("intent_type") == "SECURITY_TRADE")
-    qty_moves = sec.group_by("run", "instrument_id").agg(
-        pl.when(pl.col("side") == "BUY").then(pl.col("quantity")).otherwise(-pl.col("quantity")).sum().alias("_dq"),
-        pl.col("exec_order").min().alias("_first"),
-        pl.col("side").first().alias("_side"), pl.col("quantity_f28").first().alias("_f28"),
+    # one security intent per (run, instrument): trace instruments are unique in a run
+    qty_moves = sec.select(
+        "run", "instrument_id",
+        pl.when(pl.col("side") == "BUY").then(pl.col("quantity")).otherwise(-pl.col("quantity")).alias("_dq"),
+        pl.col("exec_order").alias("_first"), pl.col("side").alias("_side"), pl.col("quantity_f28").alias("_f28"),
     )
     pos = positions.join(qty_moves, on=["run", "instrument_id"], how="left").with_columns(
         (pl.col("quantity") + pl.col("_dq").fill_null(lit(0))).alias("quantity"),

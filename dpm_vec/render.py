@@ -146,6 +146,7 @@ def _render_run(run: dict, parts: dict, run_id: str) -> dict:
     if budget is not None and abs(budget - used) <= Decimal("1e-10"):
         used = budget
     coverage = "0" if early else "1"
+    eligible = sorted(parts["eligible"], key=lambda e: e["list_order"])
     comparison = None
     for c in parts["method_comparison"]:
         comparison = {
@@ -175,8 +176,8 @@ def _render_run(run: dict, parts: dict, run_id: str) -> dict:
         "before": before_state,
         "universe": {
             "universe_id": f"u_{run_id}",
-            "eligible_for_buy": [e["instrument_id"] for e in parts["eligible"] if e["list"] == "buy"],
-            "eligible_for_sell": [e["instrument_id"] for e in parts["eligible"] if e["list"] == "sell"],
+            "eligible_for_buy": [e["instrument_id"] for e in eligible if e["list"] == "buy"],
+            "eligible_for_sell": [e["instrument_id"] for e in eligible if e["list"] == "sell"],
             "excluded": [{"instrument_id": e["instrument_id"], "reason_code": e["reason_code"], "details": None} for e in parts["exclusions"]],
             "coverage": {"price_coverage_pct": coverage, "fx_coverage_pct": coverage},
         },

@@ -97,7 +97,7 @@ def build_universe(
         map1.filter(pl.col("kind") == "BUYABLE").select("run", pl.lit("buy").alias("list"), "instrument_id", pl.col("map_order").alias("list_order")),
         map1.select("run", pl.lit("sell").alias("list"), "instrument_id", pl.col("map_order").alias("list_order")),
         map2.filter(pl.col("kind") == "LIQUIDATION").select("run", pl.lit("sell").alias("list"), "instrument_id", pl.col("map_order").alias("list_order")),
-    ]).sort("run", "list", "list_order")
+    ])  # unordered: only the JSON door prints these lists, in list_order
     return Universe(
         weight_map=weight_map,
         excluded=pl.concat([loop1_excluded, loop2_excluded]).sort("run", "excl_order"),

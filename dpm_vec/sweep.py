@@ -113,10 +113,10 @@ def partition_holdings(plan: SweepPlan, portfolios: pl.DataFrame, batch_rows: in
         writers: dict[int, pq.ParquetWriter] = {}
         try:
             for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
-                frame = pl.from_arrow(batch).with_row_index("_row")
-                routed = frame.join(shard_of, on="portfolio_snapshot_id", how="inner").sort("_shard", "_row")
+                # rows keep their file order inside each shard (order-keeping join and split)
+                routed = pl.from_arrow(batch).join(shard_of, on="portfolio_snapshot_id", how="inner", maintain_order="left")
                 for (shard,), part in routed.partition_by("_shard", as_dict=True, maintain_order=True).items():
-                    arrow = part.drop("_row", "_shard").to_arrow()
+                    arrow = part.drop("_shard").to_arrow()
                     if shard not in writers:
                         writers[shard] = pq.ParquetWriter(staging / table / f"shard-{shard:05d}.parquet", arrow.schema)
                     writers[shard].write_table(arrow)

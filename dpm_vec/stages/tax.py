@@ -168,7 +168,7 @@ def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         decided.append(s.select("run", "step", "_reduced", "_refused", "_budget_take"))
         state = pl.concat([state.join(s.select("run"), on="run", how="anti"), s.select(state.columns)])
     stops = pl.concat(decided).filter(pl.col("_reduced") | pl.col("_refused"))
-    walk = walk.join(stops, on=["run", "step"], how="left").with_columns(
+    walk = walk.join(stops, on=["run", "step"], how="left", maintain_order="left").with_columns(
         pl.col("_reduced").fill_null(False), pl.col("_refused").fill_null(False)
     ).with_columns(
         # a stopping lot ends its instrument: later lots of that sell give nothing

@@ -1,0 +1,64 @@
+"""Market look-ups: the single-snapshot fast paths give what the general joins give."""
+from __future__ import annotations
+
+from dataclasses import replace
+from decimal import Decimal
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from dpm_vec.io import read_book
+from dpm_vec.stages.prepare import prepare
+
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample_book"
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    p = prepare(read_book(SAMPLE))
+    assert p.market.one_market and p.market.one_shelf  # the sample book reads one of each
+    return p
+
+
+def _same(fast: pl.DataFrame, general: pl.DataFrame) -> None:
+    assert fast.columns == general.columns
+    key = [c for c in ("run", "pos_seq", "model_seq", "cash_seq") if c in fast.columns]
+    assert fast.sort(key).equals(general.sort(key))
+
+
+def test_fast_and_general_lookups_agree(prepared):
+    fast = prepared.market
+    general = replace(fast, one_market=False, one_shelf=False)
+    positions, model = prepared.positions, prepared.model
+    _same(fast.with_price(positions), general.with_price(positions))
+    _same(fast.with_shelf(model), general.with_shelf(model))
+    _same(fast.with_shelf(positions, ("status",)), general.with_shelf(positions, ("status",)))
+    held = fast.with_price(positions).join(fast.run_keys.select("run", "base_currency"), on="run")
+    _same(fast.with_rate(held, "price_currency", "base_currency", "rate"), general.with_rate(held, "price_currency", "base_currency", "rate"))
+    _same(fast.with_attributes(model).sort("run", "model_seq", "attribute"), general.with_attributes(model).sort("run", "model_seq", "attribute"))
+
+
+def test_fast_path_ignores_other_snapshots(prepared):
+    """Prices of a snapshot no run reads must not leak into the instrument-only join."""
+    market = prepared.market
+    decoy = market.prices.with_columns(pl.lit("OTHER_SNAPSHOT").alias("market_snapshot_id"), pl.col("price") * 2)
+    polluted = replace(market, prices=pl.concat([decoy, market.prices]))
+    priced = polluted.with_price(prepared.positions)
+    assert priced.height == prepared.positions.height
+    _same(priced, market.with_price(prepared.positions))
+
+
+def test_rates_cover_direct_inverse_and_same_currency(prepared):
+    market = prepared.market
+    snapshot = market.run_keys["market_snapshot_id"][0]
+    pairs = market.fx.filter(pl.col("market_snapshot_id") == snapshot).head(1)
+    src, dst, rate = pairs.row(0)[1:4]
+    frame = pl.DataFrame({"run": [0, 0, 0], "a": [src, dst, src], "b": [dst, src, src]}, schema={"run": pl.UInt32, "a": pl.String, "b": pl.String})
+    out = market.with_rate(frame, "a", "b", "r")["r"].to_list()
+    assert out[0] == rate and out[2] == 1
+    reverse = market.fx.filter((pl.col("market_snapshot_id") == snapshot) & (pl.col("fx_from") == dst) & (pl.col("fx_to") == src))
+    if reverse.height:  # quoted both ways: the direct quote wins
+        assert out[1] == reverse["fx_rate"][0]
+    else:  # 1 / rate, to DEC precision
+        assert abs(out[1] * rate - 1) < Decimal("1e-15")

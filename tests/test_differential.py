@@ -198,6 +198,7 @@ def _report(req: dict, errs: list[str]) -> str:
 
 
 BOUNDARY = {"requests": 0, "flips": 0}
+TAX_WALK = {"requests": 0, "limited": 0}
 
 
 def _floor_boundary_flip(errs: list[str]) -> bool:
@@ -234,6 +235,35 @@ def test_engine_matches_oracle(reqs):
     for req, act in zip(reqs, slots):
         _check(req, act, failures)
     assert not failures, f"{len(failures)} of {len(reqs)} requests differ:\n\n" + "\n\n".join(failures[:3])
+
+
+@st.composite
+def budget_bound_requests(draw) -> dict:
+    """Tax-aware requests with a small gains budget, so the lot-by-lot walk binds."""
+    req = draw(requests())
+    options = req.setdefault("options", {})
+    options["enable_tax_awareness"] = True
+    options["max_realized_capital_gains"] = draw(st.sampled_from(["0", "1", "10.5", "100", "1000", "5000.25", "20000"]))
+    return req
+
+
+@settings(max_examples=15, **COMMON)
+@given(st.lists(budget_bound_requests(), min_size=10, max_size=25))
+def test_tax_budget_walk_matches_oracle(reqs):
+    """The budget walk is sequential inside a run; many runs walk it together here."""
+    failures: list[str] = []
+    for req, act in zip(reqs, simulate_many(reqs)):
+        TAX_WALK["requests"] += 1
+        TAX_WALK["limited"] += "TAX_BUDGET_LIMIT_REACHED" in act.get("diagnostics", {}).get("warnings", [])
+        _check(req, act, failures)
+    assert not failures, f"{len(failures)} of {len(reqs)} requests differ:\n\n" + "\n\n".join(failures[:3])
+
+
+def test_tax_budget_walk_was_exercised():
+    """Runs after the property: it must have met budgets that bind, or it proved nothing."""
+    if TAX_WALK["requests"] == 0:
+        pytest.skip("run together with the tax property")
+    assert TAX_WALK["limited"] >= 5, TAX_WALK
 
 
 def test_floor_boundary_flips_stay_rare():

@@ -167,7 +167,9 @@ def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         )
         decided.append(s.select("run", "step", "_reduced", "_refused", "_budget_take"))
         state = pl.concat([state.join(s.select("run"), on="run", how="anti"), s.select(state.columns)])
-    stops = pl.concat(decided).filter(pl.col("_reduced") | pl.col("_refused"))
+    # a bound run can have no lot that consumes budget (budget 0, every lot at a loss)
+    no_stops = pl.DataFrame(schema={"run": pl.UInt32, "step": pl.Int64, "_reduced": pl.Boolean, "_refused": pl.Boolean, "_budget_take": f.F28})
+    stops = pl.concat([no_stops, *(d.cast(no_stops.schema) for d in decided)]).filter(pl.col("_reduced") | pl.col("_refused"))
     walk = walk.join(stops, on=["run", "step"], how="left", maintain_order="left").with_columns(
         pl.col("_reduced").fill_null(False), pl.col("_refused").fill_null(False)
     ).with_columns(

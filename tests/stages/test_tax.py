@@ -174,3 +174,14 @@ def test_budget_limited_quantity_above_1e9_units(scenario):
     )
     assert _totals(s)["realized_gain"] == D(1500000000)
     assert _qty(s) == {"X": D(1500000000)}
+
+
+def test_zero_budget_with_only_losing_lots_sells_everything(scenario):
+    """A zero budget binds (gains 0 ≥ budget 0) yet no lot consumes it: the walk has no
+    sequential step at all, and every losing lot is sold in full."""
+    s = _hifo(scenario, budget="0", lots=[("X", "L1", "60", "150", "USD", "2020-01-01"), ("X", "L2", "40", "120", "USD", "2021-01-01")])
+    assert _qty(s) == {"X": D(100)}
+    t = _totals(s)
+    assert t["realized_gain"] == D(0) and t["gains_budget_used"] == D(0)
+    assert t["realized_loss"] == D(60 * 50 + 40 * 20)
+    assert s.translation.warnings.height == 0

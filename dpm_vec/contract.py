@@ -41,40 +41,31 @@ class _Reader:
     def fail(self, path: str, message: str) -> None:
         self.errors.append({"field": path, "message": message})
 
-    def obj(self, value, path, required=True):
-        if value is None:
-            if required:
-                self.fail(path, "field required")
-            return None
-        if not isinstance(value, dict):
-            self.fail(path, "expected an object")
-            return None
+    def _absent(self, value, path, required) -> bool:
+        """Whether the field is missing (an error when it is required)."""
+        if value is None and required:
+            self.fail(path, "field required")
+        return value is None
+
+    def _typed(self, value, path, required, kind, expected, empty):
+        if self._absent(value, path, required):
+            return empty
+        if not isinstance(value, kind):
+            self.fail(path, f"expected {expected}")
+            return empty
         return value
+
+    def obj(self, value, path, required=True):
+        return self._typed(value, path, required, dict, "an object", None)
 
     def arr(self, value, path, required=False):
-        if value is None:
-            if required:
-                self.fail(path, "field required")
-            return []
-        if not isinstance(value, list):
-            self.fail(path, "expected an array")
-            return []
-        return value
+        return self._typed(value, path, required, list, "an array", [])
 
     def text(self, value, path, required=True):
-        if value is None:
-            if required:
-                self.fail(path, "field required")
-            return None
-        if not isinstance(value, str):
-            self.fail(path, "expected a string")
-            return None
-        return value
+        return self._typed(value, path, required, str, "a string", None)
 
     def decimal(self, value, path, required=True, minimum=None, maximum=None, positive=False):
-        if value is None:
-            if required:
-                self.fail(path, "field required")
+        if self._absent(value, path, required):
             return None
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             self.fail(path, "expected a decimal number (string or number)")
@@ -128,9 +119,7 @@ class _Reader:
         return out
 
     def enum(self, value, path, allowed, default=None, required=False):
-        if value is None:
-            if required:
-                self.fail(path, "field required")
+        if self._absent(value, path, required):
             return default
         if value not in allowed:
             self.fail(path, f"must be one of {', '.join(allowed)}; got {value!r}")

@@ -170,6 +170,21 @@ class Market:
             self.settlement_days[e["instrument_id"]] = entry["settlement_days"]
             self.attribute_keys.update(entry["attributes"].keys())
 
+    def in_group(self, instrument: str, key: str) -> bool:
+        """Whether the instrument's shelf attributes put it in group ``attribute:value``."""
+        attribute, value = key.split(":", 1)
+        return (self.shelf.get(instrument) or {}).get("attributes", {}).get(attribute) == value
+
+    def known_groups(self, opts: Options, diag: dict):
+        """(key, max_weight) of the run's group constraints in key order; a constraint on
+        an attribute no shelf entry carries is skipped with a warning (§6.4 step 2)."""
+        for key in sorted(opts.group_constraints):
+            attribute = key.split(":", 1)[0]
+            if attribute not in self.attribute_keys:
+                diag["warnings"].append(f"UNKNOWN_CONSTRAINT_ATTRIBUTE_{attribute}")
+                continue
+            yield key, opts.group_constraints[key]
+
     def rate(self, a: str, b: str) -> Decimal | None:
         """§6.1: identity 1.0, direct pair, inverse pair; zero counts as missing."""
         if a == b:
@@ -405,13 +420,8 @@ def sell_only_redistribution(wmap: dict, buyset: set, excess: Decimal) -> str:
 
 def apply_group_constraints(wmap: dict, buyset: set, mkt: Market, opts: Options, diag: dict) -> str:
     """§6.4 step 2: single pass over group caps in key order; BLOCKED if nothing can receive."""
-    for key in sorted(opts.group_constraints):
-        mx = opts.group_constraints[key]
-        k, v = key.split(":", 1)
-        if k not in mkt.attribute_keys:
-            diag["warnings"].append(f"UNKNOWN_CONSTRAINT_ATTRIBUTE_{k}")
-            continue
-        members = [i for i in wmap if (mkt.shelf.get(i) or {}).get("attributes", {}).get(k) == v]
+    for key, mx in mkt.known_groups(opts, diag):
+        members = [i for i in wmap if mkt.in_group(i, key)]
         if not members:
             continue
         G = _sum(wmap[i] for i in members)
@@ -648,15 +658,9 @@ def targets_solver(u: dict, targets: list[dict], mkt: Market, opts: Options, dia
     hi = ONE - opts.cash_band_min_weight - L
     m = opts.single_position_max_weight
     groups = []
-    for key in sorted(opts.group_constraints):
-        mx = opts.group_constraints[key]
-        k, v = key.split(":", 1)
-        if k not in mkt.attribute_keys:
-            diag["warnings"].append(f"UNKNOWN_CONSTRAINT_ATTRIBUTE_{k}")
-            continue
-        is_member = lambda i: (mkt.shelf.get(i) or {}).get("attributes", {}).get(k) == v  # noqa: E731
-        Gt = [j for j, i in enumerate(tradeable) if is_member(i)]
-        Gl = _sum(wmap[i] for i in locked if is_member(i))
+    for key, mx in mkt.known_groups(opts, diag):
+        Gt = [j for j, i in enumerate(tradeable) if mkt.in_group(i, key)]
+        Gl = _sum(wmap[i] for i in locked if mkt.in_group(i, key))
         if not Gt and Gl == 0:
             continue
         if not Gt:
@@ -676,9 +680,7 @@ def targets_solver(u: dict, targets: list[dict], mkt: Market, opts: Options, dia
         if m is not None and m * Decimal(len(tradeable)) < ONE - opts.cash_band_max_weight - L:
             diag["warnings"].append("INFEASIBILITY_HINT_SINGLE_POSITION_CAPACITY")
         for key in sorted(opts.group_constraints):
-            k, v = key.split(":", 1)
-            Gl = _sum(wmap[i] for i in locked
-                      if (mkt.shelf.get(i) or {}).get("attributes", {}).get(k) == v)
+            Gl = _sum(wmap[i] for i in locked if mkt.in_group(i, key))
             if Gl > opts.group_constraints[key]:
                 diag["warnings"].append(f"INFEASIBILITY_HINT_LOCKED_GROUP_WEIGHT_{key}")
         return "BLOCKED", wmap

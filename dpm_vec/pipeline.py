@@ -93,7 +93,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     timer.lap("checks")
 
     universe = build_universe(market, runs, p.model, before.positions, stale, before.totals)
-    targets = build_targets(market, runs, universe.weight_map, universe.sell_only_excess, p.model, before.totals, _group_constraints(book, runs))
+    targets = build_targets(market, runs, universe.weight_map, universe.sell_only_excess, p.model, before.totals, _by_run(book.group_constraints, runs))
     timer.lap("universe+targets")
     findings = dq.concat(before.dq, universe.dq)
 
@@ -117,7 +117,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     intents, fx_missing = plan_fx(market, live, kept, _only(p.cash, live))
     findings = dq.concat(findings, fx_missing)
     timer.lap("turnover+fx")
-    ladder = cash_ladder(market, live, intents, p.cash, _overdrafts(book, runs))
+    ladder = cash_ladder(market, live, intents, p.cash, _by_run(book.overdraft_limits, runs))
     timer.lap("settlement")
     settled_block = ladder.first_breach.select("run")
 
@@ -231,9 +231,6 @@ def _before_and_after(before: pl.DataFrame, after_parts: list[pl.DataFrame]) -> 
                      how="diagonal_relaxed")
 
 
-def _group_constraints(book: Book, runs: pl.DataFrame) -> pl.DataFrame:
-    return runs.select("run", "run_key").join(book.group_constraints.drop("seq"), on="run_key", how="inner").drop("run_key")
-
-
-def _overdrafts(book: Book, runs: pl.DataFrame) -> pl.DataFrame:
-    return runs.select("run", "run_key").join(book.overdraft_limits.drop("seq"), on="run_key", how="inner").drop("run_key")
+def _by_run(table: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
+    """A per-portfolio option table (keyed by run_key) keyed by run instead."""
+    return runs.select("run", "run_key").join(table.drop("seq"), on="run_key", how="inner").drop("run_key")

@@ -42,13 +42,14 @@ class Market:
     one_market: bool = False
     one_shelf: bool = False
 
-    def _only_snapshot(self, table: pl.DataFrame) -> pl.DataFrame:
-        return table.filter(pl.col("market_snapshot_id") == self.run_keys["market_snapshot_id"][0]).drop("market_snapshot_id")
+    def _only(self, table: pl.DataFrame, key: str) -> pl.DataFrame:
+        """The rows of ``table`` for the one snapshot or shelf (``key``) every run reads."""
+        return table.filter(pl.col(key) == self.run_keys[key][0]).drop(key)
 
     def with_price(self, frame: pl.DataFrame) -> pl.DataFrame:
         """Attach price, price_currency, price_as_of (null when the instrument has no price)."""
         if self.one_market:
-            return frame.join(self._only_snapshot(self.prices), on="instrument_id", how="left", maintain_order="left")
+            return frame.join(self._only(self.prices, "market_snapshot_id"), on="instrument_id", how="left", maintain_order="left")
         return (
             frame.join(self.run_keys.select("run", "market_snapshot_id"), on="run", how="left", maintain_order="left")
             .join(self.prices, on=["market_snapshot_id", "instrument_id"], how="left", maintain_order="left")
@@ -59,8 +60,7 @@ class Market:
         """Attach the first shelf entry's columns (``status`` null when unshelved)."""
         shelf = self.shelf if columns is None else self.shelf.select("shelf_id", "instrument_id", *columns)
         if self.one_shelf:
-            shelf = shelf.filter(pl.col("shelf_id") == self.run_keys["shelf_id"][0]).drop("shelf_id")
-            return frame.join(shelf, on="instrument_id", how="left", maintain_order="left")
+            return frame.join(self._only(shelf, "shelf_id"), on="instrument_id", how="left", maintain_order="left")
         return (
             frame.join(self.run_keys.select("run", "shelf_id"), on="run", how="left", maintain_order="left")
             .join(shelf, on=["shelf_id", "instrument_id"], how="left", maintain_order="left")
@@ -95,8 +95,7 @@ class Market:
         """One row per shelf attribute of each (run, instrument) row of ``frame``: attribute,
         value, attr_seq (instruments without attributes drop out)."""
         if self.one_shelf:
-            attributes = self.attributes.filter(pl.col("shelf_id") == self.run_keys["shelf_id"][0]).drop("shelf_id")
-            return frame.join(attributes, on="instrument_id", how="inner")
+            return frame.join(self._only(self.attributes, "shelf_id"), on="instrument_id", how="inner")
         return (
             frame.join(self.run_keys.select("run", "shelf_id"), on="run", how="left", maintain_order="left")
             .join(self.attributes, on=["shelf_id", "instrument_id"], how="inner")

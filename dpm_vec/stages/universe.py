@@ -45,9 +45,7 @@ def build_universe(
     policy = runs.select("run", "allow_restricted")
     stale_flag = stale.with_columns(pl.lit("PRICE_STALE").alias("_stale"))
     m = market.with_shelf(model.join(policy, on="run", how="left"), ("status",))
-    m = m.join(stale_flag, on=["run", "instrument_id"], how="left").with_columns(
-        pl.when(pl.col("_stale").is_not_null() & pl.col("status").is_not_null()).then(pl.col("_stale")).otherwise(pl.col("status")).alias("status")
-    )
+    m = _stale_as_status(m, stale_flag)
     buyable = (pl.col("status") == "APPROVED") | ((pl.col("status") == "RESTRICTED") & pl.col("allow_restricted"))
     m = m.with_columns(
         pl.when(pl.col("status").is_null()).then(pl.lit(None, dtype=pl.String))
@@ -74,9 +72,7 @@ def build_universe(
         map1.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti"
     )
     held = market.with_shelf(held.select("run", "pos_seq", "instrument_id", "weight"), ("status",))
-    held = held.join(stale_flag, on=["run", "instrument_id"], how="left").with_columns(
-        pl.when(pl.col("_stale").is_not_null() & pl.col("status").is_not_null()).then(pl.col("_stale")).otherwise(pl.col("status")).alias("status")
-    )
+    held = _stale_as_status(held, stale_flag)
     locked = pl.col("status").is_null() | pl.col("status").is_in(["SUSPENDED", "BANNED", "RESTRICTED", "PRICE_STALE"])
     map2 = held.select(
         "run", "instrument_id", (pl.col("pos_seq").cast(pl.Int64) + LOOP2_OFFSET).alias("map_order"),
@@ -104,6 +100,14 @@ def build_universe(
         eligible=eligible,
         sell_only_excess=sell_only_excess,
         dq=shelf_missing,
+    )
+
+
+def _stale_as_status(frame: pl.DataFrame, stale_flag: pl.DataFrame) -> pl.DataFrame:
+    """A shelved instrument whose price is too old (exclude mode) reads as status
+    PRICE_STALE; an unshelved one stays unshelved (a shelf_missing finding)."""
+    return frame.join(stale_flag, on=["run", "instrument_id"], how="left").with_columns(
+        pl.when(pl.col("_stale").is_not_null() & pl.col("status").is_not_null()).then(pl.col("_stale")).otherwise(pl.col("status")).alias("status")
     )
 
 

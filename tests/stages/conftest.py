@@ -165,7 +165,7 @@ class Stages:
     def targets(self):
         return build_targets(
             self.market, self.runs, self.universe.weight_map, self.universe.sell_only_excess, self.p.model,
-            self.before.totals, pipeline._group_constraints(self.book, self.runs),
+            self.before.totals, pipeline._by_run(self.book.group_constraints, self.runs),
         )
 
     @cached_property
@@ -188,7 +188,7 @@ class Stages:
 
     @cached_property
     def ladder(self):
-        return cash_ladder(self.market, self.runs, self.intents, self.p.cash, pipeline._overdrafts(self.book, self.runs))
+        return cash_ladder(self.market, self.runs, self.intents, self.p.cash, pipeline._by_run(self.book.overdraft_limits, self.runs))
 
     @cached_property
     def result(self):

@@ -31,7 +31,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from dpm_vec import __version__
-from dpm_vec.book import Book, conform
+from dpm_vec.book import Book, conform, empty_table
 from dpm_vec.defaults import DEFAULT_SHARD_SIZE
 from dpm_vec.errors import DpmVecError
 from dpm_vec.io import _path, read_book, read_portfolios, read_reference, replace_dir, write_book, write_json_atomic
@@ -226,14 +226,14 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int = DEFAUL
     started = time.perf_counter()
     book_dir, out_dir = Path(book_dir).resolve(), Path(out_dir).resolve()
     portfolios = read_portfolios(book_dir)
-    read_reference(book_dir)  # structural faults of shared tables surface before any work
+    _reference(str(book_dir))  # structural faults of shared tables surface before any work; shards reuse it
     hashes = input_hashes(book_dir)
     scenario_map = load_scenarios(scenarios) if scenarios else None
     if scenario_map:
-        book = read_book(book_dir, portfolios=portfolios.head(0))
-        gc = pl.read_parquet(_path(book_dir, "group_constraints")) if _path(book_dir, "group_constraints").exists() else book.group_constraints
-        od = pl.read_parquet(_path(book_dir, "overdraft_limits")) if _path(book_dir, "overdraft_limits").exists() else book.overdraft_limits
-        derived_tables = expand(portfolios, gc, od, scenario_map)
+        def optional(table: str) -> pl.DataFrame:
+            return pl.read_parquet(_path(book_dir, table)) if _path(book_dir, table).exists() else empty_table(table)
+
+        derived_tables = expand(portfolios, optional("group_constraints"), optional("overdraft_limits"), scenario_map)
         portfolios = conform("portfolios", derived_tables["portfolios"])
     plan = plan_sweep(book_dir, out_dir, shard_size, hashes, portfolios.height, scenario_map)
     Path(plan.work_dir).mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from scipy.optimize import linprog, minimize
 from dpm_vec import oracle
 from dpm_vec.contract import requests_to_book
 from dpm_vec.numeric import DEC, lit
-from dpm_vec.pipeline import _group_constraints
+from dpm_vec.pipeline import _by_run
 from dpm_vec.stages import dq
 from dpm_vec.stages.checks import input_faults
 from dpm_vec.stages.prepare import prepare
@@ -72,7 +72,7 @@ def frames(requests: list[dict]):
     _, stale = input_faults(market, runs, p.positions, p.model)
     u = build_universe(market, runs, p.model, before.positions, stale)
     wm = _sell_only_step(u.weight_map, u.sell_only_excess)
-    return market, runs, wm, p.model, _group_constraints(book, runs)
+    return market, runs, wm, p.model, _by_run(book.group_constraints, runs)
 
 
 def _sell_only_step(wm: pl.DataFrame, excess: pl.DataFrame) -> pl.DataFrame:

@@ -108,6 +108,8 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         )
     )
     fx = fx.with_columns(pl.lit([], dtype=pl.List(pl.String)).alias("dependencies"))
-    intents = pl.concat([sec, fx], how="diagonal_relaxed").sort("run", "_group", "_within")
+    # a list column gathers ~20x slower over two chunks than over one
+    intents = pl.concat([sec, fx], how="diagonal_relaxed")
+    intents = intents.with_columns(intents["dependencies"].rechunk()).sort("run", "_group", "_within")
     intents = intents.with_columns(pl.int_range(pl.len()).over("run").cast(pl.Int64).alias("exec_order"))
     return intents.select([pl.col(c).cast(t) for c, t in INTENT_COLUMNS.items()]), fx_missing

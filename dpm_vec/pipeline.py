@@ -57,7 +57,8 @@ class Result:
 
 
 def _only(frame: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
-    return frame.filter(pl.col("run").is_in(runs["run"].implode()))
+    keep = frame.select(pl.col("run").is_in(runs["run"].implode())).to_series()
+    return frame if keep.all() else frame.filter(keep)  # no gather when every run stays
 
 
 def _without(frame: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
@@ -123,7 +124,9 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
 
     # after-state for runs that did not block on the ladder; E3 revalues the before-state
     traded = _without(live, settled_block)
-    pos_after, cash_after = compliance.apply_intents(_only(p.positions, traded), _only(p.cash, traded), _only(intents, traded))
+    pos_after, cash_after = compliance.apply_intents(
+        _only(p.positions, traded), _only(p.cash, traded), _only(intents.select(compliance.APPLIED_INTENT_COLUMNS), traded)
+    )
     after = value_state(market, traded, pos_after, cash_after, trust_snapshot=False, stage=dq.VALUATION_AFTER, allocations=allocations)
     revalued = value_state(market, _only(runs, settled_block), _only(p.positions, settled_block), _only(p.cash, settled_block),
                            trust_snapshot=trust, stage=dq.VALUATION_AFTER, allocations=allocations)

@@ -111,6 +111,24 @@ class Market:
         """Attach ``out`` = rate(from → to) per §6.1: 1.0 for equal currencies, else the
         first direct pair if non-zero, else 1.0 / the first inverse pair if non-zero,
         else null (missing)."""
+        return self._per_pair(frame, from_col, to_col, out, self._rate_rows)
+
+    def with_rate_f28(self, frame: pl.DataFrame, from_col: str, to_col: str, out: str) -> pl.DataFrame:
+        """Like ``with_rate`` but as an exact 28-digit F28 (inverse pairs rounded as the
+        reference rounds them)."""
+        return self._per_pair(frame, from_col, to_col, out, self._rate_f28_rows)
+
+    def _per_pair(self, frame: pl.DataFrame, from_col: str, to_col: str, out: str, rate) -> pl.DataFrame:
+        """With one market snapshot a rate depends on the currency pair alone: rate each
+        distinct pair once (a book has tens) and join the rates back, instead of building
+        a key and joining quotes for every row. A null currency matches no pair: null rate."""
+        if not self.one_market or from_col == to_col:
+            return rate(frame, from_col, to_col, out)
+        frame = frame.drop(out, strict=False)
+        pairs = rate(frame.select(from_col, to_col).unique(), from_col, to_col, out)
+        return frame.join(pairs, on=[from_col, to_col], how="left", maintain_order="left")
+
+    def _rate_rows(self, frame: pl.DataFrame, from_col: str, to_col: str, out: str) -> pl.DataFrame:
         keyed = self._rate_parts(frame, from_col, to_col)
         rate = (
             pl.when(pl.col("_same")).then(lit("1.0"))
@@ -121,9 +139,7 @@ class Market:
         )
         return keyed.with_columns(rate.alias(out)).drop("_direct", "_inverse", "_same", "_use_direct", "_use_inverse")
 
-    def with_rate_f28(self, frame: pl.DataFrame, from_col: str, to_col: str, out: str) -> pl.DataFrame:
-        """Like ``with_rate`` but as an exact 28-digit F28 (inverse pairs rounded as the
-        reference rounds them)."""
+    def _rate_f28_rows(self, frame: pl.DataFrame, from_col: str, to_col: str, out: str) -> pl.DataFrame:
         keyed = self._rate_parts(frame, from_col, to_col).with_columns(
             lit(1).alias("_one"), pl.col("_inverse").fill_null(lit(1)), pl.col("_direct").fill_null(lit(1)),
         )

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from dpm_vec import __version__
 from dpm_vec.book import Book, conform, empty_table
-from dpm_vec.defaults import DEFAULT_SHARD_SIZE
+from dpm_vec.defaults import DEFAULT_SHARD_SIZE, PARQUET_COMPRESSION
 from dpm_vec.errors import DpmVecError
 from dpm_vec.io import _path, read_book, read_portfolios, read_reference, replace_dir, write_book, write_json_atomic
 from dpm_vec.scenarios import comparison_table, expand, load_scenarios
@@ -166,7 +166,7 @@ def commit_shard(plan: SweepPlan, shard: int, tables: dict[str, pl.DataFrame], t
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     for name in OUTPUT_TABLES:
-        tables[name].write_parquet(staging / f"{name}.parquet")
+        tables[name].write_parquet(staging / f"{name}.parquet", **PARQUET_COMPRESSION)
     timer.lap("write")
     counts = dict(tables["runs"].group_by("status").len().iter_rows())
     counts["_portfolios"] = tables["runs"].height
@@ -209,7 +209,7 @@ def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
     if plan.scenarios:
         table = comparison_table(pl.read_parquet(staging / "runs"))
         (staging / "scenario_comparison").mkdir()
-        table.write_parquet(staging / "scenario_comparison" / "part-00000.parquet")
+        table.write_parquet(staging / "scenario_comparison" / "part-00000.parquet", **PARQUET_COMPRESSION)
         manifest["tables"]["scenario_comparison"] = {"rows": table.height, "files": 1, "path": "scenario_comparison/"}
         manifest["scenario_comparison"] = table.to_dicts()
     write_json_atomic(staging / "manifest.json", manifest)

@@ -169,7 +169,10 @@ def cmd_query(args) -> int:
 def cmd_serve(args) -> int:
     from dpm_vec.api import serve
 
-    serve(host=args.host, port=args.port, store_path=args.store, idempotency=args.idempotency)
+    if args.max_coalesce < 1:
+        raise DpmVecError(f"--max-coalesce must be >= 1; got {args.max_coalesce}")
+    serve(host=args.host, port=args.port, store_path=args.store, idempotency=args.idempotency,
+          max_coalesce=args.max_coalesce)
     return 0
 
 
@@ -226,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--store", help="DuckDB file for the run store (default: in memory)")
     srv.add_argument("--idempotency", choices=["reference", "rfc"], default="reference")
+    srv.add_argument("--max-coalesce", type=int, default=64, metavar="N",
+                     help="most concurrent simulate requests one engine pass computes (default 64; 1 = one engine pass per request)")
     srv.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

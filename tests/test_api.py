@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 GOLDENS = Path(__file__).resolve().parents[2] / "shared" / "goldens"
 GOLDEN = GOLDENS / "reference-service" / "scenario_03_fx_funding.json"
+RANDOM_GOLDENS = REPO / "tests" / "data" / "goldens" / "reference-random" / "core"
 SIM = "/rebalance/simulate"
 BATCH = "/rebalance/simulate/batch"
 PROBLEM = "application/problem+json"
@@ -254,16 +256,107 @@ def test_batch_in_order_with_invalid_slot(ref_server, golden):
     assert "array" in problem["errors"][0]["message"]
 
 
+def _scrape(server: Server) -> dict[str, float]:
+    resp = server.client.get("/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    out = {}
+    for line in resp.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def _without_run_ids(result: dict) -> dict:
+    """A result less the per-call random ids (run id and the universe/target ids made from it)."""
+    r = copy.deepcopy(result)
+    r.pop("rebalance_run_id", None)
+    for part, key in (("universe", "universe_id"), ("target", "target_id")):
+        if isinstance(r.get(part), dict):
+            r[part].pop(key, None)
+    return r
+
+
+def test_concurrent_requests_coalesce_and_answer_as_if_alone(ref_server):
+    """Concurrent single requests share engine passes; each answer is the one it gets alone."""
+    files = sorted(RANDOM_GOLDENS.glob("rand_*.json"))[:16]
+    if len(files) < 16:
+        pytest.skip(f"random goldens absent: {RANDOM_GOLDENS}")
+    bodies = []
+    for i, f in enumerate(files):
+        body = json.loads(f.read_text())["inputs"]
+        body["portfolio_snapshot"]["portfolio_id"] = f"pf_coalesce_{i:02d}"
+        bodies.append(body)
+    bodies[3]["portfolio_snapshot"]["positions"] = [{"instrument_id": "X", "quantity": "-1"}]  # a 422 in the crowd
+    alone = [_post(ref_server, body, key=f"k{i}") for i, body in enumerate(bodies)]
+
+    before = _scrape(ref_server)
+    barrier = threading.Barrier(len(bodies))
+    responses: list[httpx.Response | None] = [None] * len(bodies)
+
+    def call(i: int) -> None:
+        with httpx.Client(base_url=ref_server.url, timeout=60) as client:
+            client.get("/health")  # connect before the barrier, so the posts start together
+            barrier.wait(timeout=60)
+            responses[i] = client.post(SIM, json=bodies[i], headers={"Idempotency-Key": f"k{i}"})
+
+    threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive(), "a concurrent request never answered"
+    after = _scrape(ref_server)
+
+    assert alone[3].status_code == 422 and "portfolio_snapshot.positions[0].quantity" in _fields(alone[3].json())
+    assert sum(r.status_code == 200 for r in alone) == len(bodies) - 1
+    for i, (solo, resp) in enumerate(zip(alone, responses)):
+        assert resp is not None and resp.status_code == solo.status_code, (i, resp and resp.text)
+        if solo.status_code == 200:
+            got, want = resp.json(), solo.json()
+            assert got["lineage"]["portfolio_snapshot_id"] == f"pf_coalesce_{i:02d}"
+            assert got["rebalance_run_id"] != want["rebalance_run_id"]
+            assert _without_run_ids(got) == _without_run_ids(want), i
+        else:
+            assert resp.json() == solo.json()
+    passes = after["dpm_sim_engine_passes_total"] - before["dpm_sim_engine_passes_total"]
+    coalesced = after["dpm_sim_coalesced_requests_total"] - before["dpm_sim_coalesced_requests_total"]
+    assert coalesced == len(bodies)  # every request reached the engine exactly once
+    assert 1 <= passes <= len(bodies)  # how many passes depends on timing
+
+
+def test_max_coalesce_must_be_positive():
+    import dpm_vec.api as api
+
+    with pytest.raises(ValueError, match="max_coalesce"):
+        api.create_app(max_coalesce=0)
+
+
+def test_max_coalesce_one_runs_a_pass_per_request(tmp_path, golden):
+    server = Server(tmp_path, "--max-coalesce", "1")
+    try:
+        before = _scrape(server)
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            from concurrent.futures import ThreadPoolExecutor
+
+            def call(i: int) -> httpx.Response:
+                return client.post(SIM, json=golden, headers={"Idempotency-Key": f"one-{i}"})
+
+            with ThreadPoolExecutor(4) as pool:
+                responses = list(pool.map(call, range(4)))
+        after = _scrape(server)
+    finally:
+        server.stop()
+    for resp in responses:
+        assert resp.status_code == 200, resp.text
+        _check_fx_golden(resp.json())
+    assert after["dpm_sim_engine_passes_total"] - before.get("dpm_sim_engine_passes_total", 0) == 4
+    assert after["dpm_sim_coalesced_requests_total"] - before.get("dpm_sim_coalesced_requests_total", 0) == 4
+
+
 def test_metrics_count_statuses(ref_server, golden):
     def scrape() -> dict[str, float]:
-        resp = ref_server.client.get("/metrics")
-        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
-        out = {}
-        for line in resp.text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
+        return _scrape(ref_server)
 
     before = scrape()
     blocked = copy.deepcopy(golden)
@@ -282,6 +375,8 @@ def test_metrics_count_statuses(ref_server, golden):
     assert delta('dpm_sim_status_total{status="PENDING_REVIEW"}') == 0
     assert delta('dpm_http_responses_total{endpoint="simulate",code="422"}') == 1
     assert delta('dpm_sim_latency_seconds_count{endpoint="simulate"}') == 4
+    # one after another: each valid request is its own engine pass; the malformed one never reaches it
+    assert delta("dpm_sim_coalesced_requests_total") == 3 and delta("dpm_sim_engine_passes_total") == 3
     assert after['dpm_sim_latency_seconds_bucket{endpoint="simulate",le="+Inf"}'] == \
         after['dpm_sim_latency_seconds_count{endpoint="simulate"}']
 

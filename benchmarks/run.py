@@ -8,7 +8,8 @@ sweeps it with ``dpm-vec sweep`` in a subprocess (wall time, and peak RSS summed
 the process tree), from 100k portfolios up also with two Dask worker processes, and
 times the scalar oracle (dpm_vec/oracle.py) on a sample of the same book's portfolios.
 It also measures cost per holding row across portfolio sizes, the
-batch JSON door against single calls, and what each extended feature costs. Results go
+batch JSON door against single calls, concurrent single calls over HTTP with and without
+coalescing, and what each extended feature costs. Results go
 to benchmarks/results.json and are printed as Markdown tables.
 """
 
@@ -22,6 +23,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -159,6 +161,60 @@ def batch_door(n: int = 1000) -> dict:
             "batch_vs_single": single_s / batch_s, "batch_vs_oracle": oracle_s / batch_s}
 
 
+def http_door(n: int = 400, clients: int = 32) -> list[dict]:
+    """``n`` single POST /rebalance/simulate calls from ``clients`` concurrent threads
+    against a real server on loopback: with coalescing (the default) and with
+    ``--max-coalesce 1`` (one engine pass per request), in the same run."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    requests = json_requests(n)
+    rows = []
+    for label, extra in (("one pass per request", ["--max-coalesce", "1"]), ("coalesced (default 64)", [])):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen([sys.executable, "-m", "dpm_vec.api", "--port", str(port), "--log-level", "warning", *extra],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"{url}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise RuntimeError(f"server for {label!r} did not start")
+                    time.sleep(0.1)
+            local = threading.local()
+
+            def post(item: tuple[int, dict]) -> int:
+                if not hasattr(local, "client"):
+                    local.client = httpx.Client(base_url=url, timeout=120)
+                i, body = item
+                return local.client.post("/rebalance/simulate", json=body, headers={"Idempotency-Key": f"bench-{i}"}).status_code
+
+            started = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                codes = list(pool.map(post, enumerate(requests)))
+            seconds = time.perf_counter() - started
+            if set(codes) != {200}:
+                raise RuntimeError(f"{label}: unexpected HTTP codes {sorted(set(codes))}")
+            metrics = {line.split()[0]: float(line.split()[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+                       if line.startswith(("dpm_sim_engine_passes_total", "dpm_sim_coalesced_requests_total"))}
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        passes = metrics["dpm_sim_engine_passes_total"]
+        rows.append({"mode": label, "requests": n, "clients": clients, "rps": n / seconds, "engine_passes": int(passes),
+                     "mean_batch": metrics["dpm_sim_coalesced_requests_total"] / passes})
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
 def json_requests(n: int) -> list[dict]:
     """Shared golden requests (core and extended), cycled to n, each with its own portfolio id."""
     goldens = sorted((ROOT / "tests" / "data" / "goldens").rglob("rand_*.json"))
@@ -219,6 +275,11 @@ def markdown(results: dict) -> str:
                   f"| one batch call (one engine pass) | {b['batch_rps']:,.0f} |", f"| 1,000 single calls | {b['single_rps']:,.1f} |",
                   f"| scalar oracle | {b['oracle_rps']:,.1f} |", f"| batch vs single | {b['batch_vs_single']:,.1f}x |",
                   f"| batch vs oracle | {b['batch_vs_oracle']:,.1f}x |"]
+    if results.get("http"):
+        lines += ["", "| HTTP door: single requests, concurrent clients | requests/s | engine passes | mean requests per pass |",
+                  "| --- | ---: | ---: | ---: |"]
+        for r in results["http"]:
+            lines.append(f"| {r['mode']}: {r['requests']} requests, {r['clients']} clients | {r['rps']:,.1f} | {r['engine_passes']} | {r['mean_batch']:.1f} |")
     if results.get("features"):
         lines += ["", "| feature (every portfolio) | wall (s) | ratio to baseline | peak RSS (MiB) |", "| --- | ---: | ---: | ---: |"]
         for r in results["features"]:
@@ -230,7 +291,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,10000,100000,1000000")
     parser.add_argument("--oracle-sample", type=int, default=200, help="portfolios per book timed through the oracle")
-    parser.add_argument("--skip", default="", help="comma list of: scaling,holdings,batch,features")
+    parser.add_argument("--skip", default="", help="comma list of: scaling,holdings,batch,http,features")
     parser.add_argument("--feature-book", type=int, default=10_000)
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -243,6 +304,9 @@ def main() -> None:
     if "batch" not in skip:
         print("batch JSON door", flush=True)
         results["batch"] = batch_door()
+    if "http" not in skip:
+        print("HTTP door, concurrent clients", flush=True)
+        results["http"] = http_door()
     if "features" not in skip:
         results["features"] = feature_costs(args.feature_book)
     path = ROOT / "benchmarks" / "results.json"

@@ -58,6 +58,8 @@ def timed_sweep(book_dir: Path, shard_size: int, extra: list[str] | None = None)
     sweep with --workers runs its shards in Dask worker processes)."""
     out = OUT / book_dir.name
     shutil.rmtree(out, ignore_errors=True)
+    for stale in OUT.glob(f".{book_dir.name}.*"):  # an interrupted sweep's work dir would be resumed, not timed
+        shutil.rmtree(stale, ignore_errors=True)
     cmd = [*DPM, "sweep", str(book_dir), "--out", str(out), "--quiet", "--shard-size", str(shard_size), *(extra or [])]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -73,6 +75,8 @@ def timed_sweep(book_dir: Path, shard_size: int, extra: list[str] | None = None)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.read()[-2000:])
     manifest = json.loads((out / "manifest.json").read_text())
+    if manifest["resumed_shards"]:
+        raise RuntimeError(f"{book_dir.name}: {manifest['resumed_shards']} shard(s) resumed, not computed: not a timing")
     shutil.rmtree(out, ignore_errors=True)
     return {"wall_s": wall, "peak_rss_mib": peak / 2**20, "manifest": manifest}
 

@@ -14,6 +14,7 @@ as an uninterrupted run. Peak memory follows the shard size, not the book size.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -84,11 +85,26 @@ def input_hashes(book_dir: Path) -> dict[str, str]:
     return {f"{t}.parquet": file_sha256(_path(book_dir, t)) for t in BOOK_FILES if _path(book_dir, t).exists()}
 
 
+def source_digest(package: Path) -> str:
+    """SHA-256 of the Python sources under ``package`` (names and contents)."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@functools.cache
+def engine_source_digest() -> str:
+    """The engine's own source digest: a sweep never resumes shards that other code
+    computed, even when the version number was not bumped (a checkout between runs)."""
+    return source_digest(Path(__file__).resolve().parent)
+
+
 def plan_sweep(book_dir: Path, out_dir: Path, shard_size: int, hashes: dict[str, str], n_portfolios: int,
                scenarios: dict | None = None) -> SweepPlan:
     fingerprint = hashlib.sha256(
-        json.dumps({"inputs": hashes, "shard_size": shard_size, "engine": __version__, "scenarios": scenarios},
-                   sort_keys=True).encode()
+        json.dumps({"inputs": hashes, "shard_size": shard_size, "engine": __version__, "engine_source": engine_source_digest(),
+                    "scenarios": scenarios}, sort_keys=True).encode()
     ).hexdigest()
     work = out_dir.parent / f".{out_dir.name}.work-{fingerprint[:16]}"
     return SweepPlan(str(book_dir), str(work), shard_size, n_portfolios, fingerprint, scenarios is not None)

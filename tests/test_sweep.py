@@ -173,6 +173,26 @@ def test_killed_sweep_resumes_to_identical_output(tmp_path):
     assert runs["run_key"].n_unique() == runs.height == 240
 
 
+def test_changed_engine_code_never_resumes_old_shards(tmp_path, monkeypatch):
+    """The work dir (what a rerun resumes) is keyed by the engine's source as well as its
+    version: shards computed by other code, same version number, are never reused."""
+    import dpm_vec.sweep as sweep_module
+
+    package = tmp_path / "pkg"
+    (package / "stages").mkdir(parents=True)
+    (package / "stages" / "fx.py").write_text("RATE = 1\n")
+    before = sweep_module.source_digest(package)
+    assert sweep_module.source_digest(package) == before
+    (package / "stages" / "fx.py").write_text("RATE = 2\n")
+    assert sweep_module.source_digest(package) != before
+
+    book, out = tmp_path / "book", tmp_path / "out"
+    plan_a = sweep_module.plan_sweep(book, out, 10, {"portfolios.parquet": "abc"}, 40)
+    monkeypatch.setattr(sweep_module, "engine_source_digest", lambda: "other code")
+    plan_b = sweep_module.plan_sweep(book, out, 10, {"portfolios.parquet": "abc"}, 40)
+    assert plan_a.fingerprint != plan_b.fingerprint and plan_a.work_dir != plan_b.work_dir
+
+
 def test_dask_local_cluster_gives_identical_output(book, swept, tmp_path):
     pytest.importorskip("dask.distributed")
     out, _ = swept

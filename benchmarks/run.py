@@ -185,14 +185,10 @@ def http_door(n: int = 400, clients: int = 32) -> list[dict]:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{url}/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise RuntimeError(f"server for {label!r} did not start")
-                    time.sleep(0.1)
+            while not _healthy(url):
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"server for {label!r} did not start")
+                time.sleep(0.1)
             local = threading.local()
 
             def post(item: tuple[int, dict]) -> int:
@@ -217,6 +213,15 @@ def http_door(n: int = 400, clients: int = 32) -> list[dict]:
                      "mean_batch": metrics["dpm_sim_coalesced_requests_total"] / passes})
         print(f"  {rows[-1]}", flush=True)
     return rows
+
+
+def _healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health").status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def json_requests(n: int) -> list[dict]:

@@ -263,6 +263,23 @@ def feature_costs(n: int) -> list[dict]:
     return rows
 
 
+ROW_KEYS = {"scaling": ("portfolios", "mode"), "holdings": ("holdings_per_portfolio",), "http": ("mode",), "features": ("feature",)}
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """``old`` updated with ``new``: a row of a table section replaces the old row with the
+    same key (book size and mode, holdings, feature...) and keeps the others, in order;
+    each measured row carries its own ``measured_at``."""
+    merged = {**old, **{k: v for k, v in new.items() if k not in ROW_KEYS}}
+    for section, key in ROW_KEYS.items():
+        rows = {tuple(r.get(k) for k in key): r for r in old.get(section, [])}
+        for r in new.get(section, []):
+            rows[tuple(r.get(k) for k in key)] = {**r, "measured_at": new["when"]}
+        if rows:
+            merged[section] = sorted(rows.values(), key=lambda r: tuple(str(r.get(k)).zfill(12) for k in key))
+    return merged
+
+
 def markdown(results: dict) -> str:
     lines = [f"Machine: {results['machine']}", "",
              "| portfolios | holding rows | mode (shard) | wall (s) | portfolios/s | peak RSS (MiB) | oracle portfolios/s | ratio | top stages (s) |",
@@ -319,8 +336,8 @@ def main() -> None:
     if "features" not in skip:
         results["features"] = feature_costs(args.feature_book)
     path = ROOT / "benchmarks" / "results.json"
-    if skip and path.exists():  # a partial run updates the sections it measured
-        results = {**json.loads(path.read_text()), **results}
+    if path.exists():  # a partial run (--skip, --sizes) replaces only the rows it measured
+        results = merge_results(json.loads(path.read_text()), results)
     path.write_text(json.dumps(results, indent=2, default=str))
     print(markdown(results))
 

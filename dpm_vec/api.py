@@ -473,25 +473,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000, store_path: str | None = No
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
+    from dpm_vec.cli import add_serve_arguments
+
     parser = argparse.ArgumentParser(prog="dpm-vec serve", description="Serve POST /rebalance/simulate over HTTP.")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    parser.add_argument("--store", default=None, metavar="PATH",
-                        help="DuckDB run store file for --idempotency rfc (default: in memory)")
-    parser.add_argument("--idempotency", choices=MODES, default="reference",
-                        help="reference: recompute every call (the reference service); rfc: RFC-0001 §8 replay/409")
-    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    parser.add_argument("--max-coalesce", type=_positive_int, default=64, metavar="N",
-                        help="most concurrent simulate requests one engine pass computes (default 64; "
-                             "1 = one engine pass per request)")
+    add_serve_arguments(parser)
     args = parser.parse_args(argv)
     serve(args.host, args.port, args.store, args.idempotency, args.log_level, max_coalesce=args.max_coalesce)
     return 0

@@ -169,11 +169,30 @@ def cmd_query(args) -> int:
 def cmd_serve(args) -> int:
     from dpm_vec.api import serve
 
-    if args.max_coalesce < 1:
-        raise DpmVecError(f"--max-coalesce must be >= 1; got {args.max_coalesce}")
     serve(host=args.host, port=args.port, store_path=args.store, idempotency=args.idempotency,
-          max_coalesce=args.max_coalesce)
+          log_level=args.log_level, max_coalesce=args.max_coalesce)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The HTTP service's options, shared by ``dpm-vec serve`` and ``python -m dpm_vec.api``."""
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--store", default=None, metavar="PATH",
+                        help="DuckDB run store file for --idempotency rfc (default: in memory)")
+    parser.add_argument("--idempotency", choices=("reference", "rfc"), default="reference",
+                        help="reference: recompute every call (the reference service); rfc: RFC-0001 §8 replay/409")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.add_argument("--max-coalesce", type=_positive_int, default=64, metavar="N",
+                        help="most concurrent simulate requests one engine pass computes (default 64; "
+                             "1 = one engine pass per request)")
 
 
 def _expand(paths: list[str]) -> list[str]:
@@ -225,12 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     qry.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     qry.set_defaults(func=cmd_query)
     srv = sub.add_parser("serve", help="serve POST /rebalance/simulate over HTTP")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--store", help="DuckDB file for the run store (default: in memory)")
-    srv.add_argument("--idempotency", choices=["reference", "rfc"], default="reference")
-    srv.add_argument("--max-coalesce", type=int, default=64, metavar="N",
-                     help="most concurrent simulate requests one engine pass computes (default 64; 1 = one engine pass per request)")
+    add_serve_arguments(srv)
     srv.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

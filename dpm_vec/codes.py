@@ -80,10 +80,6 @@ def markdown_table() -> str:
     return f"# Reason codes\n\nGenerated from `dpm_vec/codes.py` by `python -m dpm_vec.codes`.\n\n| code | meaning |\n| --- | --- |\n{rows}\n"
 
 
-if __name__ == "__main__":
-    print(markdown_table(), end="")
-
-
 def with_code_lists(frame: pl.DataFrame, case: pl.Expr, lists: list[list[str]], out: str) -> pl.DataFrame:
     """Add ``out`` = ``lists[case]``: a list-of-codes column (tags, constraints applied)
     picked by a small integer case. A join on a lookup table of the distinct lists is an
@@ -91,3 +87,8 @@ def with_code_lists(frame: pl.DataFrame, case: pl.Expr, lists: list[list[str]], 
     table = pl.DataFrame({"_case": range(len(lists)), out: lists}, schema={"_case": pl.UInt8, out: pl.List(pl.String)})
     keyed = frame.with_columns(case.cast(pl.UInt8).alias("_case"))
     return keyed.join(table, on="_case", how="left", maintain_order="left").drop("_case")
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
+

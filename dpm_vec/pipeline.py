@@ -57,12 +57,16 @@ class Result:
 
 
 def _only(frame: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
-    keep = frame.select(pl.col("run").is_in(runs["run"].implode())).to_series()
-    return frame if keep.all() else frame.filter(keep)  # no gather when every run stays
+    return _keep(frame, pl.col("run").is_in(runs["run"].implode()))
 
 
 def _without(frame: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
-    return frame.filter(~pl.col("run").is_in(runs["run"].implode()))
+    return _keep(frame, ~pl.col("run").is_in(runs["run"].implode()))
+
+
+def _keep(frame: pl.DataFrame, predicate: pl.Expr) -> pl.DataFrame:
+    keep = frame.select(predicate).to_series()
+    return frame if keep.all() else frame.filter(keep)  # no gather when every row stays
 
 
 class StageTimer:

@@ -23,9 +23,13 @@ FAULT_SCHEMA = {"run": pl.UInt32, "fault_code": pl.String}
 def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, model: pl.DataFrame):
     """Return (faults: run → first fault_code, stale: run, instrument_id to exclude)."""
     instruments = pl.concat([positions.select("run", "instrument_id"), model.select("run", "instrument_id")])
-    # a non-positive price faults the run whichever row names it: no need to de-duplicate;
-    # staleness is per run and instrument, but only runs with a staleness limit check it
-    non_positive = market.with_price(instruments).filter(pl.col("price").is_not_null() & (pl.col("price") <= 0))
+    # a non-positive price faults the run whichever row names it: no need to de-duplicate,
+    # and only instruments quoted at or below zero need a look-up; staleness is per run
+    # and instrument, but only runs with a staleness limit check it
+    bad_ids = market.prices.filter(pl.col("price") <= 0)["instrument_id"].implode()
+    non_positive = market.with_price(instruments.filter(pl.col("instrument_id").is_in(bad_ids))).filter(
+        pl.col("price").is_not_null() & (pl.col("price") <= 0)
+    )
     watched = runs.filter(pl.col("max_staleness_minutes").is_not_null())
     priced = market.with_price(instruments.filter(pl.col("run").is_in(watched["run"].implode())).unique()).join(
         watched.select("run", "portfolio_as_of", "market_as_of", "max_staleness_minutes", "stale_price_action"), on="run", how="left"

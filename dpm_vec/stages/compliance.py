@@ -20,10 +20,9 @@ RULE_SCHEMA = {
 }
 
 
-APPLIED_INTENT_COLUMNS = (
-    "intent_type", "run", "instrument_id", "side", "quantity", "quantity_f28", "exec_order", "notional", "notional_currency",
-    "buy_currency", "buy_amount", "sell_currency", "sell_amount_estimated",
-)  # what apply_intents reads
+_SECURITY_MOVES = ("intent_type", "run", "instrument_id", "side", "quantity", "quantity_f28", "exec_order", "notional", "notional_currency")
+_FX_MOVES = ("intent_type", "run", "exec_order", "buy_currency", "buy_amount", "sell_currency", "sell_amount_estimated")
+APPLIED_INTENT_COLUMNS = tuple(dict.fromkeys(_SECURITY_MOVES + _FX_MOVES))  # what apply_intents reads
 
 
 def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataFrame):
@@ -31,9 +30,7 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
     numbers after the held ones, in the order they are first touched. Rows come back
     unordered: valuation orders them by (run, sequence)."""
     # narrow before filtering: the intents frame is wide and a filter gathers every column
-    sec = intents.select(
-        "intent_type", "run", "instrument_id", "side", "quantity", "quantity_f28", "exec_order", "notional", "notional_currency",
-    ).filter(pl.col("intent_type") == "SECURITY_TRADE")
+    sec = intents.select(_SECURITY_MOVES).filter(pl.col("intent_type") == "SECURITY_TRADE")
     # one security intent per (run, instrument): trace instruments are unique in a run
     qty_moves = sec.select(
         "run", "instrument_id",
@@ -57,9 +54,7 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
         pl.col("_dq").alias("quantity"),
     )
     pos = pl.concat([pos.with_columns(pl.col("pos_seq").cast(pl.Int64)), new_pos], how="diagonal_relaxed")
-    fx = intents.select(
-        "intent_type", "run", "exec_order", "buy_currency", "buy_amount", "sell_currency", "sell_amount_estimated",
-    ).filter(pl.col("intent_type") == "FX_SPOT")
+    fx = intents.select(_FX_MOVES).filter(pl.col("intent_type") == "FX_SPOT")
     cash_moves = pl.concat([
         sec.select("run", pl.col("notional_currency").alias("currency"),
                    pl.when(pl.col("side") == "BUY").then(-pl.col("notional")).otherwise(pl.col("notional")).alias("_move"),

@@ -115,12 +115,9 @@ def translate(
         (pl.col("quantity") < pl.col("requested_quantity")).alias("tax_budget_applied"),
         "final_weight", "held_quantity", "by_notional", _rationale().alias("rationale_code"), "quantity_f28",
         (~suppress & (pl.col("quantity") > 0)).alias("_kept"),
-    ).filter("_kept").drop("_kept").with_columns(
-        pl.col("trace_order").rank("ordinal").over("run").cast(pl.Int64).alias("intent_no"),
-    ).select(
-        "run", "instrument_id", "trace_order", "intent_no", "side", "quantity", "requested_quantity", "price",
-        "price_currency", "rate", "notional", "notional_base", "base_currency", "min_notional_applied", "tax_budget_applied",
-        "final_weight", "held_quantity", "by_notional", "rationale_code", "quantity_f28",
+    ).filter("_kept").select(
+        "run", "instrument_id", "trace_order", pl.col("trace_order").rank("ordinal").over("run").cast(pl.Int64).alias("intent_no"),
+        pl.exclude("run", "instrument_id", "trace_order", "_kept"),
     )
     return Translation(
         intents=intents,

@@ -129,7 +129,7 @@ def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: 
     )
     if not full:
         # only the rules read these, by filter and aggregate: no order to establish
-        return _finish(pl.concat([_frame(by_class), _frame(by_instrument)]), totals, ordered=False)
+        return _finish(pl.concat([_frame(by_class), _frame(by_instrument)]), totals, sort=False)
     attrs = market.with_attributes(pos.select("run", "pos_seq", "instrument_id", "value_base"))
     by_attribute = (
         attrs.group_by("run", "attribute", "value")
@@ -154,7 +154,7 @@ def _frame(f: pl.DataFrame) -> pl.DataFrame:
     return f.select("run", "dimension", "key", pl.col("bucket_order").cast(pl.Int64), "value", pl.lit(0, dtype=pl.Int64).alias("attribute_order"))
 
 
-def _finish(buckets: pl.DataFrame, totals: pl.DataFrame, ordered: bool = True) -> pl.DataFrame:
+def _finish(buckets: pl.DataFrame, totals: pl.DataFrame, sort: bool = True) -> pl.DataFrame:
     out = buckets.join(totals.select("run", "divisor"), on="run", how="left")
     out = out.with_columns((pl.col("value") / pl.col("divisor")).alias("weight")).drop("divisor")
-    return out.sort("run", "dimension", "attribute_order", "bucket_order") if ordered else out
+    return out.sort("run", "dimension", "attribute_order", "bucket_order") if sort else out

@@ -14,7 +14,7 @@ import polars as pl
 from dpm_vec import __version__
 from dpm_vec.book import POLICY_COLUMNS
 from dpm_vec.codes import with_code_lists
-from dpm_vec.frames import ordered
+from dpm_vec.frames import join_runs, ordered
 from dpm_vec.pipeline import Result
 
 OUTPUT_TABLES = (
@@ -39,7 +39,7 @@ def output_tables(result: Result) -> dict[str, pl.DataFrame]:
     def keyed(frame: pl.DataFrame, *sort: str) -> pl.DataFrame:
         """Rows keyed by run_key in list order; internal sequence numbers (which depend
         on how the book was sliced) become 0-based positions within the run."""
-        out = ordered(frame.join(keys, on="run", how="inner", maintain_order="left"), "run", *sort)
+        out = ordered(join_runs(frame, keys), "run", *sort)
         out = out.select("run", "run_key", pl.exclude("run", "run_key"))
         order = sort[-1]
         return out.with_columns(pl.int_range(pl.len()).over("run").cast(pl.Int64).alias(order)).drop("run")

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpm_vec.codes import with_code_lists
-from dpm_vec.frames import is_ordered, ordered
+from dpm_vec.frames import is_ordered, join_runs, ordered
 
 
 @settings(max_examples=200, deadline=None)
@@ -30,3 +30,20 @@ def test_code_lists_keep_row_order_and_pick_by_case():
     assert out["i"].to_list() == [3, 1, 2, 0]
     assert out["codes"].to_list() == [["A"], [], ["A"], ["A", "B"]]
     assert out.columns == ["i", "case", "codes"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 5), max_size=15),
+    st.lists(st.integers(0, 5), unique=True, max_size=6).map(sorted),
+    st.booleans(),
+)
+def test_join_runs_is_a_left_join(frame_runs, table_runs, dense):
+    """Dense per-run tables take the gather path, the others the hash join; both must
+    give exactly the order-keeping left join, nulls for runs the table lacks included."""
+    if dense:
+        table_runs = list(range(len(table_runs)))
+    frame = pl.DataFrame({"run": pl.Series(frame_runs, dtype=pl.UInt32), "row": list(range(len(frame_runs)))})
+    table = pl.DataFrame({"run": pl.Series(table_runs, dtype=pl.UInt32), "value": [f"v{r}" for r in table_runs]})
+    expected = frame.join(table, on="run", how="left", maintain_order="left")
+    assert join_runs(frame, table).equals(expected), (frame_runs, table_runs)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec.codes import with_code_lists
+from dpm_vec.frames import join_runs
 from dpm_vec.numeric import DEC, WEIGHT, dmax, dmin, lit
 from dpm_vec.stages.prepare import Market
 
@@ -182,7 +183,7 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     ))
 
     # Step 4: single-position cap
-    wm = wm.join(policy, on="run", how="left", maintain_order="left")
+    wm = join_runs(wm, policy)
     wm, cap_pending, cap_faults = _single_position_cap(market, wm)
     pending.append(cap_pending)
 
@@ -419,7 +420,7 @@ def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.Da
         "run", "instrument_id", pl.col("map_order").alias("trace_order"), lit("0.0").cast(WEIGHT).alias("model_weight"),
         pl.col("weight").alias("final_weight"), pl.lit(False).alias("in_model"),
     )
-    trace = pl.concat([model_rows, others]).join(totals.select("run", "total_value"), on="run", how="left")
+    trace = join_runs(pl.concat([model_rows, others]), totals.select("run", "total_value"))
     tag_case = (
         pl.when(~pl.col("in_model")).then(pl.when(pl.col("final_weight") == 0).then(0).otherwise(1))
         .when(pl.col("model_weight") > pl.col("final_weight")).then(2)

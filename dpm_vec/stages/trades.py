@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec import dec28 as f28
+from dpm_vec.frames import join_runs
 from dpm_vec.numeric import DEC, QTY, dabs, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -45,7 +46,7 @@ def translate(
         "suppress_dust_trades", "notional_sizing", "rfc_rationale_codes", "enable_tax_awareness", "max_realized_capital_gains",
     )
     t = market.with_price(
-        trace.select("run", "instrument_id", "trace_order", "final_weight", "in_model", "tags").join(policy, on="run", how="left")
+        join_runs(trace.select("run", "instrument_id", "trace_order", "final_weight", "in_model", "tags"), policy)
     )
     price_missing = dq.findings(t, pl.col("price").is_null(), "price_missing", pl.col("instrument_id"), dq.TRANSLATION, pl.col("trace_order") * 2)
     t = _drop_nulls(t, "price")
@@ -58,7 +59,7 @@ def translate(
     t = market.with_shelf(t, ("min_notional_amount", "min_notional_currency", "trade_by"))
     held = positions_input.select("run", "instrument_id", pl.col("quantity").alias("held_quantity"), "market_value")
     t = (
-        t.join(totals.select("run", "total_value"), on="run", how="left")
+        join_runs(t, totals.select("run", "total_value"))
         .join(held, on=["run", "instrument_id"], how="left")
     )
     t = t.with_columns(

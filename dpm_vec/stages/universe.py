@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec import dec28 as f28
+from dpm_vec.frames import join_runs
 from dpm_vec.numeric import DEC, WEIGHT, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -44,7 +45,7 @@ def build_universe(
     """
     policy = runs.select("run", "allow_restricted")
     stale_flag = stale.with_columns(pl.lit("PRICE_STALE").alias("_stale"))
-    m = market.with_shelf(model.join(policy, on="run", how="left"), ("status",))
+    m = market.with_shelf(join_runs(model, policy), ("status",))
     m = _stale_as_status(m, stale_flag)
     buyable = (pl.col("status") == "APPROVED") | ((pl.col("status") == "RESTRICTED") & pl.col("allow_restricted"))
     m = m.with_columns(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec.dec28 import F28
-from dpm_vec.frames import ordered
+from dpm_vec.frames import join_runs, ordered
 from dpm_vec.numeric import DEC, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -39,7 +39,7 @@ def value_state(
     expression over it). Trusted market values apply only when ``trust_snapshot`` holds.
     """
     base = runs.select("run", "base_currency", (pl.lit(trust_snapshot) if isinstance(trust_snapshot, bool) else trust_snapshot).alias("_trust"))
-    pos = market.with_price(positions.join(base, on="run", how="left", maintain_order="left"))
+    pos = market.with_price(join_runs(positions, base))
     pos = market.with_shelf(pos, ("asset_class",))
     use_mv = pl.col("_trust") & pl.col("market_value").is_not_null()
     pos = pos.with_columns(
@@ -61,7 +61,7 @@ def value_state(
         pos, pl.col("_rate").is_null(), "fx_missing",
         pl.col("instrument_currency") + "/" + pl.col("base_currency"), stage, pl.col("pos_seq") * 2 + 1,
     )
-    cash = market.with_rate(cash.join(base.select("run", "base_currency"), on="run", how="left", maintain_order="left"), "currency", "base_currency", "_rate")
+    cash = market.with_rate(join_runs(cash, base.select("run", "base_currency")), "currency", "base_currency", "_rate")
     cash = cash.with_columns(
         pl.when(pl.col("currency") == pl.col("base_currency")).then(pl.col("amount"))
         .when(pl.col("_rate").is_null()).then(lit(0))
@@ -82,7 +82,7 @@ def value_state(
         .with_columns(pl.when(pl.col("total_value") == 0).then(lit(1)).otherwise(pl.col("total_value")).alias("divisor"))
         .select("run", "total_value", "cash_value", "divisor")
     )
-    pos = pos.join(totals.select("run", "divisor"), on="run", how="left", maintain_order="left").with_columns(
+    pos = join_runs(pos, totals.select("run", "divisor")).with_columns(
         (pl.col("value_base") / pl.col("divisor")).alias("weight")
     )
     if "quantity_f28" not in pos.columns:
@@ -155,6 +155,6 @@ def _frame(f: pl.DataFrame) -> pl.DataFrame:
 
 
 def _finish(buckets: pl.DataFrame, totals: pl.DataFrame, sort: bool = True) -> pl.DataFrame:
-    out = buckets.join(totals.select("run", "divisor"), on="run", how="left")
+    out = join_runs(buckets, totals.select("run", "divisor"))
     out = out.with_columns((pl.col("value") / pl.col("divisor")).alias("weight")).drop("divisor")
     return out.sort("run", "dimension", "attribute_order", "bucket_order") if sort else out

@@ -26,17 +26,26 @@ def ordered(frame: pl.DataFrame, *by: str) -> pl.DataFrame:
     return frame if is_ordered(frame, *by) else frame.sort(*by)
 
 
-def join_runs(frame: pl.DataFrame, per_run: pl.DataFrame) -> pl.DataFrame:
-    """``frame`` with the columns of ``per_run`` (one row per run) beside each row: a left
-    join on ``run``. Runs are numbered 0..n-1 (``prepare``), so when ``per_run`` holds
-    runs 0..k-1 in order and ``frame`` no other run, row ``r`` of ``per_run`` is run
-    ``r`` and the join is a gather, several times cheaper than hashing the keys."""
-    runs = per_run["run"]
-    dense = (
-        per_run.height > 0 and runs.is_sorted() and runs[0] == 0 and runs[-1] == per_run.height - 1
-        and frame["run"].null_count() == 0 and (frame.height == 0 or frame["run"].max() < per_run.height)
+def join_runs(frame: pl.DataFrame, per_run: pl.DataFrame, how: str = "left") -> pl.DataFrame:
+    """``frame`` with the columns of ``per_run`` (at most one row per run) beside each
+    row: an order-keeping ``left`` or ``inner`` join on ``run``. Runs are numbered 0..n-1
+    (``prepare``), so when ``per_run`` is in run order the join is an index look-up, and
+    when it holds exactly runs 0..k-1 a plain gather: several times cheaper than hashing."""
+    runs, keys = per_run["run"], frame["run"]
+    indexable = (
+        per_run.height > 0 and frame.height > 0 and runs.null_count() == 0 and keys.null_count() == 0
+        and runs.is_sorted() and runs.is_unique().all()
         and not set(per_run.columns).intersection(frame.columns) - {"run"}
     )
-    if not dense:
-        return frame.join(per_run, on="run", how="left", maintain_order="left")
-    return frame.hstack(per_run.drop("run")[frame["run"]].get_columns())
+    if not indexable:
+        return frame.join(per_run, on="run", how=how, maintain_order="left")
+    values = per_run.drop("run")
+    if runs[0] == 0 and runs[-1] == per_run.height - 1 and keys.max() < per_run.height:
+        return frame.hstack(values[keys].get_columns())  # every run of frame is row `run`
+    size = max(int(keys.max()), int(runs[-1])) + 1
+    rows = pl.Series([None] * size, dtype=pl.UInt32).scatter(runs, pl.int_range(per_run.height, dtype=pl.UInt32, eager=True))
+    at = rows.gather(keys)
+    if how == "inner":
+        kept = at.is_not_null()
+        frame, at = frame.filter(kept), at.filter(kept)
+    return frame.hstack(values.select(pl.all().gather(at)).get_columns())

@@ -35,15 +35,19 @@ def test_code_lists_keep_row_order_and_pick_by_case():
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(st.integers(0, 5), max_size=15),
-    st.lists(st.integers(0, 5), unique=True, max_size=6).map(sorted),
-    st.booleans(),
+    st.lists(st.integers(0, 5), unique=True, max_size=6),
+    st.sampled_from(["dense", "sorted", "any"]),
 )
-def test_join_runs_is_a_left_join(frame_runs, table_runs, dense):
-    """Dense per-run tables take the gather path, the others the hash join; both must
-    give exactly the order-keeping left join, nulls for runs the table lacks included."""
-    if dense:
+def test_join_runs_is_the_order_keeping_join(frame_runs, table_runs, order):
+    """Per-run tables of runs 0..k-1 take the gather path, other sorted ones the index
+    look-up; both must give exactly Polars' order-keeping join, including the nulls
+    (left) or dropped rows (inner) for runs the table lacks."""
+    if order == "dense":
         table_runs = list(range(len(table_runs)))
+    elif order == "sorted":
+        table_runs = sorted(table_runs)
     frame = pl.DataFrame({"run": pl.Series(frame_runs, dtype=pl.UInt32), "row": list(range(len(frame_runs)))})
     table = pl.DataFrame({"run": pl.Series(table_runs, dtype=pl.UInt32), "value": [f"v{r}" for r in table_runs]})
-    expected = frame.join(table, on="run", how="left", maintain_order="left")
-    assert join_runs(frame, table).equals(expected), (frame_runs, table_runs)
+    for how in ("left", "inner"):
+        expected = frame.join(table, on="run", how=how, maintain_order="left")
+        assert join_runs(frame, table, how).equals(expected), (how, frame_runs, table_runs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import polars as pl
 
 from dpm_vec import dec28
+from dpm_vec.frames import join_runs
 from dpm_vec.numeric import DEC, dabs, lit
 
 SAFETY_ORDER = 600_000_000  # warning order: after every earlier stage (see targets.TARGET_STAGE_ORDER)
@@ -113,7 +114,7 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
     )
     m = pl.col("single_position_max_weight")
     breaches = (
-        inst.join(runs.select("run", "single_position_max_weight"), on="run")
+        join_runs(inst, runs.select("run", "single_position_max_weight"), how="inner")
         .filter(m.is_not_null() & (pl.col("weight") > m + lit("0.001")))
         .sort("run", "bucket_order")
     )

@@ -49,3 +49,10 @@ def join_runs(frame: pl.DataFrame, per_run: pl.DataFrame, how: str = "left") -> 
         kept = at.is_not_null()
         frame, at = frame.filter(kept), at.filter(kept)
     return frame.hstack(values.select(pl.all().gather(at)).get_columns())
+
+
+def position_in_run() -> pl.Expr:
+    """0-based position of each row inside its run, for frames whose rows are grouped by
+    run (sorted): a linear scan, where ``int_range(len).over("run")`` hashes every key."""
+    index = pl.int_range(pl.len(), dtype=pl.Int64)
+    return index - pl.when(pl.col("run") != pl.col("run").shift(1)).then(index).forward_fill().fill_null(0)

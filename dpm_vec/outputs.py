@@ -14,7 +14,7 @@ import polars as pl
 from dpm_vec import __version__
 from dpm_vec.book import POLICY_COLUMNS
 from dpm_vec.codes import with_code_lists
-from dpm_vec.frames import join_runs, ordered
+from dpm_vec.frames import join_runs, ordered, position_in_run
 from dpm_vec.pipeline import Result
 
 OUTPUT_TABLES = (
@@ -42,7 +42,7 @@ def output_tables(result: Result) -> dict[str, pl.DataFrame]:
         out = ordered(join_runs(frame, keys), "run", *sort)
         out = out.select("run", "run_key", pl.exclude("run", "run_key"))
         order = sort[-1]
-        return out.with_columns(pl.int_range(pl.len()).over("run").cast(pl.Int64).alias(order)).drop("run")
+        return out.with_columns(position_in_run().alias(order)).drop("run")
 
     names = [name for name, _, _ in POLICY_COLUMNS]
     intents = result.intents

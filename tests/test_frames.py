@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpm_vec.codes import with_code_lists
-from dpm_vec.frames import is_ordered, join_runs, ordered
+from dpm_vec.frames import is_ordered, join_runs, ordered, position_in_run
 
 
 @settings(max_examples=200, deadline=None)
@@ -51,3 +51,11 @@ def test_join_runs_is_the_order_keeping_join(frame_runs, table_runs, order):
     for how in ("left", "inner"):
         expected = frame.join(table, on="run", how=how, maintain_order="left")
         assert join_runs(frame, table, how).equals(expected), (how, frame_runs, table_runs)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 4), max_size=20).map(sorted))
+def test_position_in_run_counts_from_zero_in_each_run(runs):
+    frame = pl.DataFrame({"run": pl.Series(runs, dtype=pl.UInt32)})
+    expected = [sum(1 for earlier in runs[:i] if earlier == r) for i, r in enumerate(runs)]
+    assert frame.select(position_in_run().alias("pos"))["pos"].to_list() == expected

@@ -11,6 +11,7 @@ from __future__ import annotations
 import polars as pl
 
 from dpm_vec.dec28 import F28
+from dpm_vec.frames import position_in_run
 from dpm_vec.numeric import DEC, QTY, dabs, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -111,5 +112,5 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
     # a list column gathers ~20x slower over two chunks than over one
     intents = pl.concat([sec, fx], how="diagonal_relaxed")
     intents = intents.with_columns(intents["dependencies"].rechunk()).sort("run", "_group", "_within")
-    intents = intents.with_columns(pl.int_range(pl.len()).over("run").cast(pl.Int64).alias("exec_order"))
+    intents = intents.with_columns(position_in_run().alias("exec_order"))
     return intents.select([pl.col(c).cast(t) for c, t in INTENT_COLUMNS.items()]), fx_missing

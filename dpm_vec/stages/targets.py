@@ -371,14 +371,15 @@ def _cap_reference(wm: pl.DataFrame):
             (pl.col("_rem") - pl.col("_share").fill_null(lit(0))).alias("_rem")
         ).drop("_share")
     share = pl.concat([pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "_share": WEIGHT}), *shares])
-    wm = wm.join(share, on=["run", "instrument_id"], how="left").with_columns(
-        (pl.col("weight") + pl.col("_share").fill_null(lit(0))).alias("weight")
-    )
+    if share.height:  # most books have no capped position: skip joining nothing onto every row
+        wm = wm.join(share, on=["run", "instrument_id"], how="left").with_columns(
+            (pl.col("weight") + pl.col("_share").fill_null(lit(0))).alias("weight")
+        ).drop("_share")
     pending = pl.concat([
         state.filter(pl.col("_rem") > lit("0.001")).select("run"),
         wm.filter((pl.col("_excess") > 0) & ~(pl.col("_C") > 0)).select("run").unique(),
     ])
-    return wm.drop("_excess", "_capped", "_C", "_share"), pending
+    return wm.drop("_excess", "_capped", "_C"), pending
 
 
 def _cap_rfc(market: Market, wm: pl.DataFrame):

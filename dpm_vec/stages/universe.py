@@ -107,6 +107,8 @@ def build_universe(
 def _stale_as_status(frame: pl.DataFrame, stale_flag: pl.DataFrame) -> pl.DataFrame:
     """A shelved instrument whose price is too old (exclude mode) reads as status
     PRICE_STALE; an unshelved one stays unshelved (a shelf_missing finding)."""
+    if stale_flag.height == 0:  # the usual case: no stale prices, or stale_price_action BLOCK
+        return frame
     return frame.join(stale_flag, on=["run", "instrument_id"], how="left").with_columns(
         pl.when(pl.col("_stale").is_not_null() & pl.col("status").is_not_null()).then(pl.col("_stale")).otherwise(pl.col("status")).alias("status")
     )
@@ -117,11 +119,15 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
     """A locked position keeps its before-state weight, value_base / tv, which the reference
     computes in 28 digits; recompute it that way (D28) so the locked target lands where the
     reference's does."""
-    locked = map2.filter(pl.col("kind") == "LOCKED").join(
-        positions.select("run", "instrument_id", "value_instr", "instrument_currency"), on=["run", "instrument_id"], how="left"
-    ).join(runs.select("run", "base_currency"), on="run", how="left").join(totals.select("run", "divisor"), on="run", how="left")
+    locked = map2.filter(pl.col("kind") == "LOCKED")
     if locked.height == 0:
         return map2.with_columns(pl.col("weight").cast(WEIGHT))
+    # every locked entry is a held position (map2 is built from them): inner is left here,
+    # and an inner join hashes the small side instead of every position
+    locked = locked.join(
+        positions.select("run", "instrument_id", "value_instr", "instrument_currency"), on=["run", "instrument_id"], how="inner"
+    )
+    locked = join_runs(join_runs(locked, runs.select("run", "base_currency")), totals.select("run", "divisor"))
     locked = market.with_rate_f28(locked, "instrument_currency", "base_currency", "_rate_f")
     locked = f28.from_dec(locked, "value_instr", "_value_f")
     locked = f28.from_dec(locked, "divisor", "_divisor_f")

@@ -56,3 +56,13 @@ def position_in_run() -> pl.Expr:
     run (sorted): a linear scan, where ``int_range(len).over("run")`` hashes every key."""
     index = pl.int_range(pl.len(), dtype=pl.Int64)
     return index - pl.when(pl.col("run") != pl.col("run").shift(1)).then(index).forward_fill().fill_null(0)
+
+
+def concat_by_run(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    """The rows of ``parts`` as one frame. Parts of the same schema that each come in run
+    order are merged into run order (rows of one run keep their part's order, left part
+    first): a linear merge, so the result need not be sorted again."""
+    parts = [part for part in parts if part.height] or parts[:1]
+    if len(parts) > 1 and all(part.schema == parts[0].schema and is_ordered(part, "run") for part in parts):
+        return pl.merge_sorted(parts, key="run", maintain_order=True)
+    return pl.concat(parts, how="diagonal_relaxed")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 import polars as pl
 
 from dpm_vec.book import Book
+from dpm_vec.frames import concat_by_run
 from dpm_vec.schemas import INTENTS_SCHEMA, RULES_SCHEMA, RUNS_SCHEMA
 from dpm_vec.stages import compliance, dq
 from dpm_vec.stages.checks import input_faults
@@ -233,7 +234,8 @@ def _before_and_after(before: pl.DataFrame, after_parts: list[pl.DataFrame]) -> 
     def widen(frame: pl.DataFrame) -> pl.DataFrame:
         return frame.with_columns(pl.col(c).cast(pl.Int64) for c in ("pos_seq", "cash_seq") if c in frame.columns)
 
-    after = pl.concat([widen(f) for f in after_parts], how="diagonal_relaxed")
+    # the parts hold different runs, each part in (run, sequence) order: merged, they are too
+    after = concat_by_run([widen(f) for f in after_parts])
     return pl.concat([widen(before).with_columns(pl.lit("before").alias("state")), after.with_columns(pl.lit("after").alias("state"))],
                      how="diagonal_relaxed")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import polars as pl
 
 from dpm_vec import dec28
-from dpm_vec.frames import join_runs
+from dpm_vec.frames import concat_by_run, join_runs
 from dpm_vec.numeric import DEC, dabs, lit
 
 SAFETY_ORDER = 600_000_000  # warning order: after every earlier stage (see targets.TARGET_STAGE_ORDER)
@@ -28,8 +28,9 @@ APPLIED_INTENT_COLUMNS = tuple(dict.fromkeys(_SECURITY_MOVES + _FX_MOVES))  # wh
 
 def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataFrame):
     """Apply intents in execution order to the input holdings; new rows get sequence
-    numbers after the held ones, in the order they are first touched. Rows come back
-    unordered: valuation orders them by (run, sequence)."""
+    numbers after the held ones, in the order they are first touched. Positions come back
+    in (run, sequence) order when the held ones came in it; cash rows unordered
+    (valuation orders what is not)."""
     # narrow before filtering: the intents frame is wide and a filter gathers every column
     sec = intents.select(_SECURITY_MOVES).filter(pl.col("intent_type") == "SECURITY_TRADE")
     # one security intent per (run, instrument): trace instruments are unique in a run
@@ -38,23 +39,29 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
         pl.when(pl.col("side") == "BUY").then(pl.col("quantity")).otherwise(-pl.col("quantity")).alias("_dq"),
         pl.col("exec_order").alias("_first"), pl.col("side").alias("_side"), pl.col("quantity_f28").alias("_f28"),
     )
-    pos = positions.join(qty_moves, on=["run", "instrument_id"], how="left").with_columns(
+    pos = positions.join(qty_moves, on=["run", "instrument_id"], how="left", maintain_order="left").with_columns(
         (pl.col("quantity") + pl.col("_dq").fill_null(lit(0))).alias("quantity"),
         pl.lit(None, dtype=dec28.F28).alias("quantity_f28"),
     )
     # tax-limited sells carry 28-digit quantities: subtract them as the reference does
-    exact = pos.filter(pl.col("_f28").is_not_null())
+    exact = pos.with_row_index("_row").filter(pl.col("_f28").is_not_null())
     if exact.height:
         exact = dec28.from_dec(exact.with_columns((pl.col("quantity") - pl.col("_dq")).alias("_held")), "_held", "_held_f")
-        exact = dec28.sub(exact, "_held_f", "_f28", "quantity_f28")
-        exact = exact.with_columns(dec28.to_d28("quantity_f28").alias("quantity"))
-        pos = pl.concat([pos.filter(pl.col("_f28").is_null()), exact.select(pos.columns)])
-    pos = pos.drop("_dq", "_first", "_side", "_f28")
+        exact = dec28.sub(exact, "_held_f", "_f28", "_exact_f28")
+        exact = exact.select("_row", "_exact_f28", dec28.to_d28("_exact_f28").alias("_exact"))
+        # back in place by row number: the rows keep their (run, pos_seq) order
+        pos = (
+            pos.with_row_index("_row").join(exact, on="_row", how="left", maintain_order="left")
+            .with_columns(pl.coalesce("_exact", "quantity").alias("quantity"), pl.col("_exact_f28").alias("quantity_f28"))
+            .select(pos.columns)
+        )
+    pos = pos.drop("_dq", "_first", "_side", "_f28").with_columns(pl.col("pos_seq").cast(pl.Int64))
     new_pos = qty_moves.join(positions.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti").select(
         "run", (pl.lit(APPENDED, dtype=pl.Int64) + pl.col("_first")).alias("pos_seq"), "instrument_id",
         pl.col("_dq").alias("quantity"),
-    )
-    pos = pl.concat([pos.with_columns(pl.col("pos_seq").cast(pl.Int64)), new_pos], how="diagonal_relaxed")
+    ).sort("run", "pos_seq")
+    # appended rows follow a run's held ones: merged by run, the rows are in (run, pos_seq) order
+    pos = concat_by_run([pos, pl.concat([pos.head(0), new_pos], how="diagonal_relaxed")])
     fx = intents.select(_FX_MOVES).filter(pl.col("intent_type") == "FX_SPOT")
     cash_moves = pl.concat([
         sec.select("run", pl.col("notional_currency").alias("currency"),

@@ -74,8 +74,11 @@ def _normalise(df: pl.DataFrame, src: str, out: str, k_offset: pl.Expr | int = 0
     m, z = f"{_T}m", f"{_T}z"
     df = _with_magnitude(df, src, m, _pow_d28, 9)
     shift = -pl.col(m)
+    # up to 10^27 (|src| can be as small as 1e-28, the unit of scale 28) in exact steps of
+    # at most 10^9: a nine-digit step keeps every digit of a value at scale 28
     df = df.with_columns(
-        (pl.col(src) * _pow_d28(shift.clip(upper_bound=9)) * _pow_d28((shift - 9).clip(lower_bound=0))).alias(z)
+        (pl.col(src) * _pow_d28(shift.clip(upper_bound=9)) * _pow_d28((shift - 9).clip(0, 9))
+         * _pow_d28((shift - 18).clip(0, 9))).alias(z)
     )
     # rounding can carry into the next power of ten (0.99…95 → 1.00…0)
     carry = pl.col(z).abs() >= pl.lit(1, dtype=D28)
@@ -124,14 +127,17 @@ def _k(name: str) -> pl.Expr:
 
 
 def mul(df: pl.DataFrame, a: str, b: str, out: str) -> pl.DataFrame:
-    p = f"{_T}p"
-    df = df.with_columns((_z(a) * _z(b)).alias(p))
+    """a × b. The product of two mantissas lies in [0.01, 1): at or above 0.1 it has 28
+    significant digits at scale 28, below it the mantissa product ×10 has. Which case
+    holds is decided on the ×10 product, whose rounding cannot cross 1 unless the exact
+    product rounds to 0.1 anyway; the rounded product itself can cross 0.1 (0.0…9997 → 0.1)."""
+    s = f"{_T}s"
+    df = df.with_columns(((_z(a) * pl.lit(10, dtype=D28)) * _z(b)).alias(s))
     k = _k(a) + _k(b)
-    shifted = (_z(a) * pl.lit(10, dtype=D28)) * _z(b)
     return df.with_columns(
-        pl.when(pl.col(p).abs() >= pl.lit(Decimal("0.1"), dtype=D28)).then(_pack(pl.col(p), k))
-        .otherwise(_pack(shifted, k - 1)).alias(out)
-    ).drop(p)
+        pl.when(pl.col(s).abs() >= pl.lit(1, dtype=D28)).then(_pack(_z(a) * _z(b), k))
+        .otherwise(_pack(pl.col(s), k - 1)).alias(out)
+    ).drop(s)
 
 
 def div(df: pl.DataFrame, a: str, b: str, out: str) -> pl.DataFrame:

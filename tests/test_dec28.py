@@ -139,3 +139,38 @@ def test_known_boundary_cases():
     assert q == [Decimal("0.6666666666666666666666666667"), Decimal("1.111111111111111111111111111")]
     assert _exact(df["back"][0]) == Decimal("0.2000000000000000000000000000")
     assert dec28.F28 == df.schema["q"]
+
+
+def test_mul_decides_the_shift_on_the_exact_product():
+    """Two 28-digit mantissas whose exact product lies just below 0.1 (…9997 in the 29th
+    significant digit's place): rounding it at 28 decimals first would give 0.1 and lose
+    a digit; the reference rounds the exact product to 28 significant digits."""
+    pairs = [
+        (Decimal("0.5000000000000000000000000001"), Decimal("0.1999999999999999999999999999")),
+        (Decimal("-0.5000000000000000000000000001"), Decimal("0.1999999999999999999999999999")),
+        (Decimal("0.3162277660168379332007330557"), Decimal("0.3162277660168379332007330551")),
+    ]
+    df = pl.DataFrame({
+        "af": [{"z": a, "k": 0} for a, _ in pairs], "bf": [{"z": b, "k": 0} for _, b in pairs],
+    }, schema={"af": dec28.F28, "bf": dec28.F28})
+    out = [_exact(v) for v in dec28.mul(df, "af", "bf", "p")["p"].to_list()]
+    assert out == [CTX.multiply(a, b) for a, b in pairs]
+    assert out[0] == Decimal("0.09999999999999999999999999997")
+
+
+def test_add_keeps_a_tiny_difference_of_near_equal_values():
+    """Budget − used after a budget-limited lot: the operands agree in 27 digits, so the
+    difference is far below 1e-18 and must still be normalised to its exact value."""
+    pairs = [
+        (Decimal("1234.567890123456789012345678"), Decimal("-1234.567890123456789012345677")),
+        (Decimal("0.1000000000000000000000000001"), Decimal("-0.1")),
+        (Decimal("0.5000000000000000000000000003"), Decimal("-0.5000000000000000000000000001")),
+        (Decimal("1"), Decimal("-0.9999999999999999999999999999")),  # exponents differ: 1E-28
+    ]
+    df = pl.DataFrame({
+        "af": [{"z": a.scaleb(-a.adjusted() - 1), "k": a.adjusted() + 1} for a, _ in pairs],
+        "bf": [{"z": b.scaleb(-b.adjusted() - 1), "k": b.adjusted() + 1} for _, b in pairs],
+    }, schema={"af": dec28.F28, "bf": dec28.F28})
+    out = [_exact(v) for v in dec28.add(df, "af", "bf", "s")["s"].to_list()]
+    assert out == [CTX.add(a, b) for a, b in pairs]
+    assert out[1] == Decimal("1E-28")

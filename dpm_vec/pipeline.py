@@ -201,7 +201,8 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     timer.lap("rules+status")
     # stage-boundary contracts: what leaves the engine has the promised shape
     RUNS_SCHEMA.validate(out_runs.select("run", "run_key", "status", "exit_path"))
-    INTENTS_SCHEMA.validate(intents.select("run", "intent_id", "intent_type", "side", "quantity", "notional", "buy_amount", "sell_amount_estimated"))
+    INTENTS_SCHEMA.validate(intents.select("run", "intent_id", "intent_type", "side", "quantity", "quantity_f28", "notional", "buy_amount",
+                                            "sell_amount_estimated"))
     RULES_SCHEMA.validate(rule_results.select("run", "rule_id", "severity", "status"))
     timer.lap("stage_checks")
     return Result(

@@ -14,6 +14,7 @@ import polars as pl
 
 from dpm_vec.book import SHELF_STATUSES, TABLES, TRADE_BY, LIQUIDITY_TIERS, POLICY_COLUMNS
 from dpm_vec.codes import ExitPath, RunStatus
+from dpm_vec.dec28 import F28
 from dpm_vec.errors import BookError
 from dpm_vec.numeric import DEC, QTY
 
@@ -125,11 +126,20 @@ INTENTS_SCHEMA = pa.DataFrameSchema(
         "run": pa.Column(pl.UInt32), "intent_id": _id(),
         "intent_type": pa.Column(pl.String, checks=pa.Check.isin(["SECURITY_TRADE", "FX_SPOT"])),
         "side": pa.Column(pl.String, checks=pa.Check.isin(["BUY", "SELL"]), nullable=True),
-        "quantity": pa.Column(QTY, checks=pa.Check.gt(0), nullable=True),
+        "quantity": pa.Column(QTY, checks=pa.Check.ge(0), nullable=True),
+        "quantity_f28": pa.Column(F28, nullable=True),
         "notional": pa.Column(DEC, checks=pa.Check.ge(0), nullable=True),
         "buy_amount": pa.Column(DEC, checks=pa.Check.gt(0), nullable=True),
         "sell_amount_estimated": pa.Column(DEC, checks=pa.Check.gt(0), nullable=True),
     },
+    # a security trade moves a positive quantity; one below 1e-28 units (tax-limited) is 0
+    # at Decimal(38, 28) and positive only in its 28-digit value
+    checks=[pa.Check(
+        lambda data: data.lazyframe.select(
+            pl.col("quantity").is_null() | (pl.col("quantity") > 0) | (pl.col("quantity_f28").struct.field("z") > 0).fill_null(False)
+        ),
+        name="positive_quantity",
+    )],
     unique=["run", "intent_id"],
 )
 RUNS_SCHEMA = pa.DataFrameSchema(

@@ -1,9 +1,10 @@
 """Hypothesis strategies for valid reference-contract simulate requests.
 
 The shapes and option mix follow the random goldens in
-``shared/goldens/reference-random`` (1-3 currencies, direct/inverse/missing FX pairs,
-positions with market values and tax lots, every shelf status, group constraints,
-tax and settlement awareness, turnover caps, dust thresholds ...).
+``shared/goldens/reference-random`` (1-3 currencies and the goldens' four base
+currencies, direct/inverse/missing FX pairs including JPY-per-major rates up to 250,
+positions with market values and tax lots, every shelf status and asset class, group
+constraints, tax and settlement awareness, turnover caps, dust thresholds ...).
 
 Every request is valid for dpm_vec's stricter door (§9.1): no duplicate ids, strictly
 positive 2-dp prices, non-negative integer quantities, non-negative FX rates.
@@ -16,11 +17,11 @@ from decimal import Decimal
 
 from hypothesis import strategies as st
 
-BASES = ("SGD", "USD", "EUR")
+BASES = ("SGD", "USD", "EUR", "GBP")
 FOREIGN = ("USD", "SGD", "EUR", "GBP", "JPY", "CHF")
 STATUSES = ("APPROVED", "RESTRICTED", "BANNED", "SUSPENDED", "SELL_ONLY")
 SECTORS = ("TECH", "FIN", "HEALTH", "ENERGY")
-ASSET_CLASSES = ("EQUITY", "FIXED_INCOME", "FUND")
+ASSET_CLASSES = ("EQUITY", "FIXED_INCOME", "FUND", "ALTERNATIVE")
 POOL = tuple(f"I{i}" for i in range(12))
 PORTFOLIO_IDS = ("pf_A", "pf_B", "pf_C")
 
@@ -46,7 +47,9 @@ status_st = weighted([("APPROVED", 12), ("RESTRICTED", 2), ("BANNED", 1), ("SUSP
 
 @st.composite
 def fx_rate_text(draw) -> str:
-    kind = draw(weighted([("normal", 20), ("small", 3), ("zero", 1)]))
+    kind = draw(weighted([("normal", 20), ("small", 3), ("big", 4), ("zero", 1)]))
+    if kind == "big":  # JPY per major, as the goldens quote it (e.g. GBP/JPY 193.852609)
+        return dec_text(draw(st.integers(50_000_000, 250_000_000)), 6)
     if kind == "zero":
         return "0"
     if kind == "small":  # JPY-like

@@ -268,15 +268,15 @@ ROW_KEYS = {"scaling": ("portfolios", "mode"), "holdings": ("holdings_per_portfo
 
 def merge_results(old: dict, new: dict) -> dict:
     """``old`` updated with ``new``: a row of a table section replaces the old row with the
-    same key (book size and mode, holdings, feature...) and keeps the others, in order;
-    each measured row carries its own ``measured_at``."""
+    same key (book size and mode, holdings, feature...) in its place, new keys follow,
+    and sizes stay in ascending order; each measured row carries its own ``measured_at``."""
     merged = {**old, **{k: v for k, v in new.items() if k not in ROW_KEYS}}
     for section, key in ROW_KEYS.items():
         rows = {tuple(r.get(k) for k in key): r for r in old.get(section, [])}
         for r in new.get(section, []):
             rows[tuple(r.get(k) for k in key)] = {**r, "measured_at": new["when"]}
-        if rows:
-            merged[section] = sorted(rows.values(), key=lambda r: tuple(str(r.get(k)).zfill(12) for k in key))
+        if rows:  # a stable sort on the numeric key parts only: modes and features keep their order
+            merged[section] = sorted(rows.values(), key=lambda r: tuple(r[k] for k in key if isinstance(r.get(k), int)))
     return merged
 
 

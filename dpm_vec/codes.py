@@ -91,4 +91,3 @@ def with_code_lists(frame: pl.DataFrame, case: pl.Expr, lists: list[list[str]], 
 
 if __name__ == "__main__":
     print(markdown_table(), end="")
-

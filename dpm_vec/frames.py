@@ -39,10 +39,10 @@ def join_runs(frame: pl.DataFrame, per_run: pl.DataFrame, how: str = "left") -> 
     )
     if not indexable:
         return frame.join(per_run, on="run", how=how, maintain_order="left")
-    values = per_run.drop("run")
-    if runs[0] == 0 and runs[-1] == per_run.height - 1 and keys.max() < per_run.height:
+    values, top = per_run.drop("run"), int(keys.max())
+    if runs[0] == 0 and runs[-1] == per_run.height - 1 and top < per_run.height:
         return frame.hstack(values[keys].get_columns())  # every run of frame is row `run`
-    size = max(int(keys.max()), int(runs[-1])) + 1
+    size = max(top, int(runs[-1])) + 1
     rows = pl.Series([None] * size, dtype=pl.UInt32).scatter(runs, pl.int_range(per_run.height, dtype=pl.UInt32, eager=True))
     at = rows.gather(keys)
     if how == "inner":

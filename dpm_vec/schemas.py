@@ -14,7 +14,7 @@ import polars as pl
 
 from dpm_vec.book import SHELF_STATUSES, TABLES, TRADE_BY, LIQUIDITY_TIERS, POLICY_COLUMNS
 from dpm_vec.codes import ExitPath, RunStatus
-from dpm_vec.dec28 import F28
+from dpm_vec.dec28 import F28, sign
 from dpm_vec.errors import BookError
 from dpm_vec.numeric import DEC, QTY
 
@@ -135,9 +135,7 @@ INTENTS_SCHEMA = pa.DataFrameSchema(
     # a security trade moves a positive quantity; one below 1e-28 units (tax-limited) is 0
     # at Decimal(38, 28) and positive only in its 28-digit value
     checks=[pa.Check(
-        lambda data: data.lazyframe.select(
-            pl.col("quantity").is_null() | (pl.col("quantity") > 0) | (pl.col("quantity_f28").struct.field("z") > 0).fill_null(False)
-        ),
+        lambda data: data.lazyframe.select(pl.col("quantity").is_null() | (pl.col("quantity") > 0) | (sign("quantity_f28") > 0)),
         name="positive_quantity",
     )],
     unique=["run", "intent_id"],

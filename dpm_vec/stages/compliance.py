@@ -44,14 +44,15 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
         pl.lit(None, dtype=dec28.F28).alias("quantity_f28"),
     )
     # tax-limited sells carry 28-digit quantities: subtract them as the reference does
-    exact = pos.with_row_index("_row").filter(pl.col("_f28").is_not_null())
+    indexed = pos.with_row_index("_row")
+    exact = indexed.filter(pl.col("_f28").is_not_null())
     if exact.height:
         exact = dec28.from_dec(exact.with_columns((pl.col("quantity") - pl.col("_dq")).alias("_held")), "_held", "_held_f")
         exact = dec28.sub(exact, "_held_f", "_f28", "_exact_f28")
         exact = exact.select("_row", "_exact_f28", dec28.to_d28("_exact_f28").alias("_exact"))
         # back in place by row number: the rows keep their (run, pos_seq) order
         pos = (
-            pos.with_row_index("_row").join(exact, on="_row", how="left", maintain_order="left")
+            indexed.join(exact, on="_row", how="left", maintain_order="left")
             .with_columns(pl.coalesce("_exact", "quantity").alias("quantity"), pl.col("_exact_f28").alias("quantity_f28"))
             .select(pos.columns)
         )

@@ -116,7 +116,7 @@ def translate(
         (pl.col("quantity") < pl.col("requested_quantity")).alias("tax_budget_applied"),
         "final_weight", "held_quantity", "by_notional", _rationale().alias("rationale_code"), "quantity_f28",
         # a budget-limited quantity below Decimal(38, 28)'s unit is 0 there but kept by its 28-digit value
-        (~suppress & ((pl.col("quantity") > 0) | (f28.sign("quantity_f28") > 0).fill_null(False))).alias("_kept"),
+        (~suppress & ((pl.col("quantity") > 0) | (f28.sign("quantity_f28") > 0))).alias("_kept"),
     ).filter("_kept").select(
         "run", "instrument_id", "trace_order", pl.col("trace_order").rank("ordinal").over("run").cast(pl.Int64).alias("intent_no"),
         pl.exclude("run", "instrument_id", "trace_order", "_kept"),

@@ -209,17 +209,7 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
     ranked = ranked.sort(
         ["run", "score", "_abs_nb", "instrument_id", "_intent_id"], descending=[False, True, False, False, False]
     ).with_columns(pl.int_range(pl.len()).over("run").cast(pl.Int64).alias("list_order"))
-    kept_flags = []
-    used = ranked.select("run").unique().with_columns(lit(0).alias("_used"))
-    last_rank = ranked["list_order"].max()  # None when nothing is ranked; 0 is a real rank
-    for rank in range(0 if last_rank is None else int(last_rank) + 1):
-        step = ranked.filter(pl.col("list_order") == rank).join(used, on="run")
-        step = step.with_columns((pl.col("_used") + pl.col("_abs_nb") <= pl.col("_budget")).alias("_keep"))
-        kept_flags.append(step.select("run", "list_order", "_keep"))
-        used = used.join(step.select("run", "_keep", "_abs_nb"), on="run", how="left").with_columns(
-            pl.when(pl.col("_keep").fill_null(False)).then(pl.col("_used") + pl.col("_abs_nb")).otherwise(pl.col("_used")).alias("_used")
-        ).select("run", "_used")
-    flags = pl.concat([pl.DataFrame(schema={"run": pl.UInt32, "list_order": pl.Int64, "_keep": pl.Boolean}), *kept_flags])
+    flags = _walk_turnover_budget(ranked.select("run", "list_order", "_abs_nb", "_budget"))
     ranked = ranked.join(flags, on=["run", "list_order"], how="left")
     dropped = ranked.filter(~pl.col("_keep")).select(
         "run", "instrument_id", pl.col("_abs_nb").alias("potential_notional"), "base_currency", "score",
@@ -232,3 +222,38 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
         ranked.filter(pl.col("_keep")).select(intents.columns + ["list_order"]),
     ])
     return kept, dropped, pl.concat([pl.DataFrame(schema=WARNINGS_SCHEMA), warnings])
+
+
+def _walk_turnover_budget(ranked: pl.DataFrame) -> pl.DataFrame:
+    """``_keep`` for each ranked intent (rows in (run, list_order) order): the §6.12 walk
+    ``keep if used + |nb| ≤ budget``, decided in rounds instead of one rank at a time.
+
+    With ``room`` = budget − used at the start of a round, an intent larger than ``room``
+    is dropped wherever it ranks (``used`` only grows); of the others, those whose running
+    sum stays within ``room`` are kept, and the first whose running sum exceeds it is
+    dropped. Every round decides at least one intent of each run, usually all of them:
+    sizes fall along the ranking, so a run needs another round only after a skip that a
+    smaller intent further down can still fill. Fixed-point sums are exact, so each
+    decision is the sequential one."""
+    flags = []
+    room = ranked.group_by("run").agg(pl.col("_budget").first().alias("_room"))
+    pending = ranked.select("run", "list_order", "_abs_nb")
+    while pending.height:
+        fits = pl.col("_abs_nb") <= pl.col("_room")
+        step = pending.join(room, on="run", how="left", maintain_order="left").with_columns(
+            fits.alias("_fits"),
+            pl.when(fits).then(pl.col("_abs_nb")).otherwise(lit(0)).cum_sum().over("run").alias("_running"),
+        ).with_columns(
+            (pl.col("_fits") & (pl.col("_running") <= pl.col("_room"))).alias("_keep"),
+        ).with_columns(
+            # overflows ranked before this intent: after a run's first one, room is not yet known
+            ((pl.col("_fits") & ~pl.col("_keep")).cast(pl.Int32).cum_sum().over("run")
+             - (pl.col("_fits") & ~pl.col("_keep")).cast(pl.Int32)).alias("_overflows_before"),
+        )
+        settled = ~pl.col("_fits") | (pl.col("_overflows_before") == 0)
+        flags.append(step.filter(settled).select("run", "list_order", "_keep"))
+        room = room.join(
+            step.filter(pl.col("_keep")).group_by("run").agg(pl.col("_abs_nb").sum().alias("_kept")), on="run", how="left"
+        ).select("run", (pl.col("_room") - pl.col("_kept").fill_null(lit(0))).alias("_room"))
+        pending = step.filter(~settled).select("run", "list_order", "_abs_nb")
+    return pl.concat([pl.DataFrame(schema={"run": pl.UInt32, "list_order": pl.Int64, "_keep": pl.Boolean}), *flags])

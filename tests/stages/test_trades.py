@@ -5,6 +5,11 @@ from decimal import Decimal as D
 
 from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_ALTERNATIVE, SUSPENDED_HOLDING_ABOVE_CAP  # noqa: F401
 import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dpm_vec.numeric import DEC
+from dpm_vec.stages.trades import _walk_turnover_budget
 
 
 def _intents(s, run=0):
@@ -242,3 +247,28 @@ def test_turnover_policies_isolated_between_runs(scenario):
     assert by_run == {0: ["A", "C"], 1: ["A", "B", "C"], 2: []}
     assert sorted(warnings["run"].to_list()) == [0, 2]
     assert dropped.filter(pl.col("run") == 0)["instrument_id"].to_list() == ["B"]
+
+
+def _sequential_turnover_walk(budget: D, sizes: list[D]) -> list[bool]:
+    """§6.12 as written: one intent at a time, keep if used + |nb| ≤ budget."""
+    used, keep = D(0), []
+    for size in sizes:
+        keep.append(used + size <= budget)
+        used += size if keep[-1] else 0
+    return keep
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(
+    st.tuples(st.integers(0, 40), st.lists(st.integers(0, 30), max_size=12)),
+    min_size=1, max_size=6,
+))
+def test_turnover_walk_in_rounds_matches_the_sequential_walk(books):
+    """The round-based walk decides every intent as the one-at-a-time walk does, for any
+    budget and ranking (ties, zero sizes, zero budgets, skips a later intent fills)."""
+    rows = [(run, rank, D(size) / 4, D(budget) / 4)
+            for run, (budget, sizes) in enumerate(books) for rank, size in enumerate(sizes)]
+    ranked = pl.DataFrame(rows, schema={"run": pl.UInt32, "list_order": pl.Int64, "_abs_nb": DEC, "_budget": DEC}, orient="row")
+    flags = _walk_turnover_budget(ranked).sort("run", "list_order")
+    expected = [k for budget, sizes in books for k in _sequential_turnover_walk(D(budget) / 4, [D(s) / 4 for s in sizes])]
+    assert flags["_keep"].to_list() == expected

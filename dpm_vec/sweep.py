@@ -1,6 +1,7 @@
 """Book-wide sweeps: sharded, resumable, exactly-once, optionally on a Dask cluster.
 
-    partition  positions / cash / lots are split once into one file per shard
+    partition  positions / cash / lots are split once into one file per shard (a book
+               of one shard reads them in place: the split would copy every row)
     shards     each shard (a slice of the portfolios table) is read, run through the
                engine and its output tables written to a staging dir that is renamed
                into ``shards/shard-NNNNN`` — the rename is the commit
@@ -65,6 +66,12 @@ class SweepPlan:
     @property
     def n_shards(self) -> int:
         return max(1, -(-self.n_portfolios // self.shard_size))
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether shards read their holdings from a per-shard split; one shard reads the
+        book's own files, filtered to its snapshots as the split would be."""
+        return self.n_shards > 1
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         return shard * self.shard_size, min(self.n_portfolios, (shard + 1) * self.shard_size)
@@ -167,7 +174,7 @@ def compute_shard(plan: SweepPlan, shard: int) -> tuple[dict[str, pl.DataFrame],
     derived = plan.table_files()
     portfolios = read_portfolios(book_dir, derived.get("portfolios"), rows=(start, stop - start))
     holdings_dir = Path(plan.work_dir) / "partition"
-    files = {table: holdings_dir / table / f"shard-{shard:05d}.parquet" for table in HOLDING_TABLES}
+    files = {table: holdings_dir / table / f"shard-{shard:05d}.parquet" for table in HOLDING_TABLES} if plan.partitioned else {}
     files.update({t: f for t, f in derived.items() if t != "portfolios"})
     book = read_book(book_dir, portfolios=portfolios, reference=_reference(plan.book_dir), files=files)
     timer = StageTimer()
@@ -256,7 +263,8 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int = DEFAUL
     if scenario_map and not (Path(plan.work_dir) / "derived").exists():
         write_book(derived_tables, Path(plan.work_dir) / "derived")
     write_json_atomic(Path(plan.work_dir) / "plan.json", plan.__dict__)
-    partition_holdings(plan, portfolios)
+    if plan.partitioned:
+        partition_holdings(plan, portfolios)
     pending = [s for s in range(plan.n_shards) if not (plan.shard_dir(s) / "_SUCCESS").exists()]
     resumed = plan.n_shards - len(pending)
     reporter = _Progress(plan.n_shards, plan.n_portfolios, enabled=sys.stderr.isatty() if progress is None else progress)

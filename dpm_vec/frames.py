@@ -59,10 +59,12 @@ def position_in_run() -> pl.Expr:
 
 
 def concat_by_run(parts: list[pl.DataFrame]) -> pl.DataFrame:
-    """The rows of ``parts`` as one frame. Parts of the same schema that each come in run
-    order are merged into run order (rows of one run keep their part's order, left part
-    first): a linear merge, so the result need not be sorted again."""
+    """The rows of ``parts`` as one frame. Parts that each come in run order are merged
+    into run order (rows of one run keep their part's order, left part first): a stable
+    sort on the one integer key, which on wide frames is ~5x cheaper than
+    ``pl.merge_sorted`` (measured on a 10k book's after-state positions: 21 ms vs 107 ms)."""
     parts = [part for part in parts if part.height] or parts[:1]
-    if len(parts) > 1 and all(part.schema == parts[0].schema and is_ordered(part, "run") for part in parts):
-        return pl.merge_sorted(parts, key="run", maintain_order=True)
-    return pl.concat(parts, how="diagonal_relaxed")
+    merged = pl.concat(parts, how="diagonal_relaxed")
+    if len(parts) > 1 and all(is_ordered(part, "run") for part in parts):
+        return merged.sort("run", maintain_order=True)
+    return merged

@@ -218,6 +218,15 @@ def _run_in_process(plan: SweepPlan, pending: list[int], reporter) -> None:
             reporter.advance(1, writing.result()["_portfolios"])
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A committed shard file into the output: a hard link (no bytes copied; the shard
+    keeps its own link until the work dir goes), a copy across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
     staging = out_dir.parent / f".{out_dir.name}.staging-{uuid.uuid4().hex[:8]}"
     for name in OUTPUT_TABLES:
@@ -227,7 +236,7 @@ def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
         for name in OUTPUT_TABLES:
             src = plan.shard_dir(shard) / f"{name}.parquet"
             rows[name] += pq.ParquetFile(src).metadata.num_rows
-            shutil.copy2(src, staging / name / f"part-{shard:05d}.parquet")
+            _link_or_copy(src, staging / name / f"part-{shard:05d}.parquet")
     manifest["tables"] = {name: {"rows": rows[name], "files": plan.n_shards, "path": f"{name}/"} for name in OUTPUT_TABLES}
     if plan.scenarios:
         table = comparison_table(pl.read_parquet(staging / "runs"))

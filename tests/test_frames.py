@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpm_vec.codes import with_code_lists
-from dpm_vec.frames import is_ordered, join_runs, ordered, position_in_run
+from dpm_vec.frames import concat_by_run, is_ordered, join_runs, ordered, position_in_run
 
 
 @settings(max_examples=200, deadline=None)
@@ -59,3 +59,16 @@ def test_position_in_run_counts_from_zero_in_each_run(runs):
     frame = pl.DataFrame({"run": pl.Series(runs, dtype=pl.UInt32)})
     expected = [sum(1 for earlier in runs[:i] if earlier == r) for i, r in enumerate(runs)]
     assert frame.select(position_in_run().alias("pos"))["pos"].to_list() == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 5), max_size=8).map(sorted), min_size=1, max_size=4))
+def test_concat_by_run_merges_run_ordered_parts_keeping_part_order(part_runs):
+    """Parts in run order come out in run order, and inside a run the rows keep their
+    part's order, left part first (what pl.merge_sorted with maintain_order gives)."""
+    parts = [pl.DataFrame({"run": runs, "part": [i] * len(runs), "row": list(range(len(runs)))},
+                          schema={"run": pl.UInt32, "part": pl.Int64, "row": pl.Int64})
+             for i, runs in enumerate(part_runs)]
+    merged = concat_by_run(parts)
+    expected = sorted(((r, i, j) for i, runs in enumerate(part_runs) for j, r in enumerate(runs)))
+    assert list(merged.iter_rows()) == expected

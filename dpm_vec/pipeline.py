@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 import polars as pl
 
 from dpm_vec.book import Book
-from dpm_vec.frames import concat_by_run
+from dpm_vec.frames import concat_by_run, sort_rows
 from dpm_vec.schemas import INTENTS_SCHEMA, RULES_SCHEMA, RUNS_SCHEMA
 from dpm_vec.stages import compliance, dq
 from dpm_vec.stages.checks import input_faults
@@ -150,14 +150,14 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     recon = compliance.reconcile(_only(before.totals, _without(traded, hard_fail)), after.totals)
     rule_results = pl.concat([
         rules_before, rules_after, compliance.reconciliation_rule(recon), compliance.settlement_rule(ladder.first_breach),
-    ]).sort("run", "rule_order", maintain_order=True)
+    ]).pipe(sort_rows, "run", "rule_order")
     mismatch = recon.filter(pl.col("reconciliation_status") == "MISMATCH").select("run")
 
     safety = rules_after.filter(pl.col("rule_id").is_in(["NO_SHORTING", "INSUFFICIENT_CASH"]) & (pl.col("status") == "FAIL"))
     warnings = pl.concat([
         targets.warnings, tr.warnings, turnover_warnings, ladder.warnings,
         warnings_frame(safety, pl.lit("SIMULATION_SAFETY_CHECK_FAILED"), compliance.SAFETY_ORDER + pl.col("rule_order")),
-    ]).sort("run", "w_order", maintain_order=True)
+    ]).pipe(sort_rows, "run", "w_order")
 
     exit_path = (
         pl.when(pl.col("run").is_in(early["run"].implode())).then(pl.lit("E1"))

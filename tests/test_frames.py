@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpm_vec.codes import with_code_lists
-from dpm_vec.frames import concat_by_run, is_ordered, join_runs, ordered, position_in_run
+from dpm_vec.frames import concat_by_run, is_ordered, join_runs, ordered, position_in_run, sort_rows
 
 
 @settings(max_examples=200, deadline=None)
@@ -72,3 +72,28 @@ def test_concat_by_run_merges_run_ordered_parts_keeping_part_order(part_runs):
     merged = concat_by_run(parts)
     expected = sorted(((r, i, j) for i, runs in enumerate(part_runs) for j, r in enumerate(runs)))
     assert list(merged.iter_rows()) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 6), st.integers(-3, 3), st.integers(0, 2**40), st.integers(0, 1)), max_size=25),
+    st.sampled_from([("run", "a"), ("run", "a", "tag"), ("run", "big", "a"), ("a", "run")]),
+)
+def test_sort_rows_is_a_stable_sort_by_the_keys(rows, by):
+    """Packed integer keys (negative, wide, several) and the fallbacks give exactly the
+    stable sort: rows with equal keys keep their input order (``tag`` is not a key unless
+    named, ``row`` never is)."""
+    frame = pl.DataFrame(
+        [(*r, i) for i, r in enumerate(rows)],
+        schema={"run": pl.UInt32, "a": pl.Int8, "big": pl.Int64, "tag": pl.Int32, "row": pl.Int64}, orient="row",
+    )
+    position = {"run": 0, "a": 1, "big": 2, "tag": 3}
+    expected = sorted(frame.iter_rows(), key=lambda r: tuple(r[position[k]] for k in by))
+    assert list(sort_rows(frame, *by).iter_rows()) == expected
+
+
+def test_sort_rows_falls_back_for_nulls_strings_and_ranges_beyond_64_bits():
+    frame = pl.DataFrame({"run": [2, 1, None, 1], "key": ["b", "a", "c", "a"], "wide": [2**62, -(2**62), 0, 5], "row": [0, 1, 2, 3]})
+    assert sort_rows(frame, "run", "row")["row"].to_list() == [2, 1, 3, 0]  # nulls first, as Polars sorts
+    assert sort_rows(frame, "key", "row")["row"].to_list() == [1, 3, 0, 2]
+    assert sort_rows(frame, "wide", "row")["row"].to_list() == [1, 2, 3, 0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import polars as pl
 
 from dpm_vec import dec28
-from dpm_vec.frames import concat_by_run, join_runs
+from dpm_vec.frames import concat_by_run, join_runs, sort_rows
 from dpm_vec.numeric import DEC, dabs, lit
 
 SAFETY_ORDER = 600_000_000  # warning order: after every earlier stage (see targets.TARGET_STAGE_ORDER)
@@ -60,7 +60,7 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
     new_pos = qty_moves.join(positions.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti").select(
         "run", (pl.lit(APPENDED, dtype=pl.Int64) + pl.col("_first")).alias("pos_seq"), "instrument_id",
         pl.col("_dq").alias("quantity"),
-    ).sort("run", "pos_seq")
+    ).pipe(sort_rows, "run", "pos_seq")
     # appended rows follow a run's held ones: merged by run, the rows are in (run, pos_seq) order
     pos = concat_by_run([pos, pl.concat([pos.head(0), new_pos], how="diagonal_relaxed")])
     fx = intents.select(_FX_MOVES).filter(pl.col("intent_type") == "FX_SPOT")
@@ -124,7 +124,7 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
     breaches = (
         join_runs(inst, runs.select("run", "single_position_max_weight"), how="inner")
         .filter(m.is_not_null() & (pl.col("weight") > m + lit("0.001")))
-        .sort("run", "bucket_order")
+        .pipe(sort_rows, "run", "bucket_order")
     )
     spm_pass = r.join(breaches.select("run").unique(), on="run", how="anti").select(
         "run", pl.lit(1, dtype=pl.Int64).alias("rule_order"), pl.lit("SINGLE_POSITION_MAX").alias("rule_id"),
@@ -153,7 +153,7 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
     cash_rule = rule(5, "INSUFFICIENT_CASH", "HARD", pl.col("_min_cash").is_not_null(), pl.col("_min_cash").fill_null(lit(0)), lit(0), none,
                      "CASH_BALANCE_NEGATIVE", pl.lit("OK"), "Ensure sufficient funding.")
     out = pl.concat([cash_band, spm_pass, spm_fail, data_quality, min_trade, no_short, cash_rule], how="vertical_relaxed")
-    return out.select([pl.col(c).cast(t) for c, t in RULE_SCHEMA.items()]).sort("run", "rule_order", maintain_order=True)
+    return out.select([pl.col(c).cast(t) for c, t in RULE_SCHEMA.items()]).pipe(sort_rows, "run", "rule_order")
 
 
 def reconcile(before_totals: pl.DataFrame, after_totals: pl.DataFrame) -> pl.DataFrame:

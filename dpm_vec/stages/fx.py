@@ -11,7 +11,7 @@ from __future__ import annotations
 import polars as pl
 
 from dpm_vec.dec28 import F28
-from dpm_vec.frames import position_in_run
+from dpm_vec.frames import position_in_run, sort_rows
 from dpm_vec.numeric import DEC, QTY, dabs, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -51,7 +51,7 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
     buy_amount = dabs(pl.col("balance")) * (lit(1) + pl.col("fx_buffer_pct"))
     fx = (
         projected.filter(pl.col("rate").is_not_null() & (pl.col("balance") != 0))
-        .sort("run", "ccy_order")
+        .pipe(sort_rows, "run", "ccy_order")
         .join(security.group_by("run").agg(pl.len().alias("_n_sec")), on="run", how="left")
         .with_columns(
             (pl.col("_n_sec").fill_null(0) + pl.int_range(1, pl.len() + 1).over("run")).cast(pl.Int64).alias("_k"),
@@ -111,6 +111,6 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
     fx = fx.with_columns(pl.lit([], dtype=pl.List(pl.String)).alias("dependencies"))
     # a list column gathers ~20x slower over two chunks than over one
     intents = pl.concat([sec, fx], how="diagonal_relaxed")
-    intents = intents.with_columns(intents["dependencies"].rechunk()).sort("run", "_group", "_within")
+    intents = sort_rows(intents.with_columns(intents["dependencies"].rechunk()), "run", "_group", "_within")
     intents = intents.with_columns(position_in_run().alias("exec_order"))
     return intents.select([pl.col(c).cast(t) for c, t in INTENT_COLUMNS.items()]), fx_missing

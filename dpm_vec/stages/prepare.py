@@ -13,6 +13,7 @@ import polars as pl
 
 from dpm_vec import dec28
 from dpm_vec.book import Book
+from dpm_vec.frames import sort_rows
 from dpm_vec.numeric import DEC, lit
 
 RUN = pl.UInt32
@@ -171,7 +172,7 @@ def prepare(book: Book) -> Prepared:
         return (
             snap.join(frame.rename({"seq": seq_name}), on="portfolio_snapshot_id", how="inner")
             .drop("portfolio_snapshot_id")
-            .sort("run", seq_name)
+            .pipe(sort_rows, "run", seq_name)
         )
 
     positions = per_run(book.positions, "pos_seq")
@@ -181,7 +182,7 @@ def prepare(book: Book) -> Prepared:
         runs.select("run", "model_id")
         .join(book.models.rename({"seq": "model_seq", "weight": "model_weight"}), on="model_id", how="inner")
         .drop("model_id")
-        .sort("run", "model_seq")
+        .pipe(sort_rows, "run", "model_seq")
     )
     prices = (
         book.prices.sort("seq")

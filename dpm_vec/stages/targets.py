@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec.codes import with_code_lists
-from dpm_vec.frames import join_runs
+from dpm_vec.frames import join_runs, sort_rows
 from dpm_vec.numeric import DEC, WEIGHT, dmax, dmin, lit
 from dpm_vec.stages.prepare import Market
 
@@ -124,7 +124,7 @@ def build_targets(
     return Targets(
         trace=trace,
         status=status,
-        warnings=pl.concat(warnings).sort("run", "w_order", maintain_order=True),
+        warnings=pl.concat(warnings).pipe(sort_rows, "run", "w_order"),
         group_events=pick(h.group_events, primary_heuristic),
         group_recipients=pick(h.group_recipients, primary_heuristic),
         comparison=comparison,
@@ -137,7 +137,7 @@ def _sell_only_redistribution(weight_map: pl.DataFrame, sell_only_excess: pl.Dat
     wm = (
         weight_map.join(sell_only_excess, on="run", how="left")
         .with_columns(pl.col("sell_only_excess").fill_null(lit(0)), (pl.col("kind") == "BUYABLE").alias("buy"))
-        .sort("run", "map_order")
+        .pipe(sort_rows, "run", "map_order")
         .with_columns(_sum_where(pl.col("buy")).alias("_S"))
     )
     pending = pl.concat([
@@ -345,7 +345,7 @@ def _single_position_cap(market: Market, wm: pl.DataFrame):
     rfc_frame = wm.filter(rfc & has_cap)
     ref, ref_pending = _cap_reference(ref)
     rfc_frame, rfc_pending, rfc_faults = _cap_rfc(market, rfc_frame)
-    out = pl.concat([ref, rfc_frame]).sort("run", "map_order")
+    out = pl.concat([ref, rfc_frame]).pipe(sort_rows, "run", "map_order")
     return out, pl.concat([ref_pending, rfc_pending]), rfc_faults
 
 
@@ -431,4 +431,4 @@ def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.Da
     trace = with_code_lists(trace, tag_case, TAG_LISTS, "tags")
     return trace.with_columns(
         (pl.col("total_value") * pl.col("final_weight").cast(DEC)).alias("final_value"),
-    ).drop("total_value").sort("run", "trace_order")
+    ).drop("total_value").pipe(sort_rows, "run", "trace_order")

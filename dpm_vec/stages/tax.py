@@ -12,6 +12,7 @@ from __future__ import annotations
 import polars as pl
 
 from dpm_vec import dec28 as f
+from dpm_vec.frames import sort_rows
 from dpm_vec.numeric import DEC, QTY, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -80,7 +81,7 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
         t.filter(pl.col("quantity") < pl.col("requested_quantity"))
         .select("run", "instrument_id", "trace_order", "requested_quantity", pl.col("quantity").alias("allowed_quantity"),
                 pl.col("quantity_f28"))
-        .sort("run", "trace_order")
+        .pipe(sort_rows, "run", "trace_order")
     )
     totals = pl.concat([free_totals, walk_totals])
     warnings = warnings_frame(events.select("run").unique(), pl.lit("TAX_BUDGET_LIMIT_REACHED"), pl.lit(TAX_ORDER))

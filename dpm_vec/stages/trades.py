@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec import dec28 as f28
-from dpm_vec.frames import join_runs
+from dpm_vec.frames import join_runs, sort_rows
 from dpm_vec.numeric import DEC, QTY, dabs, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -168,7 +168,7 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame) -> pl.DataFrame:
         pl.when(f28.sign("_delta_f") > 0).then(pl.lit("BUY")).otherwise(pl.lit("SELL")).alias("side"),
         f28.to_dec("_abs_delta_f").alias("_abs_delta"),
     ).select(t.columns)
-    return pl.concat([t.join(near.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti"), near]).sort("run", "trace_order")
+    return pl.concat([t.join(near.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti"), near]).pipe(sort_rows, "run", "trace_order")
 
 
 def _rationale() -> pl.Expr:

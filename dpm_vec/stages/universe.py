@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec import dec28 as f28
-from dpm_vec.frames import join_runs
+from dpm_vec.frames import join_runs, sort_rows
 from dpm_vec.numeric import DEC, WEIGHT, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -97,7 +97,7 @@ def build_universe(
     ])  # unordered: only the JSON door prints these lists, in list_order
     return Universe(
         weight_map=weight_map,
-        excluded=pl.concat([loop1_excluded, loop2_excluded]).sort("run", "excl_order"),
+        excluded=pl.concat([loop1_excluded, loop2_excluded]).pipe(sort_rows, "run", "excl_order"),
         eligible=eligible,
         sell_only_excess=sell_only_excess,
         dq=shelf_missing,

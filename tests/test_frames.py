@@ -92,8 +92,12 @@ def test_sort_rows_is_a_stable_sort_by_the_keys(rows, by):
     assert list(sort_rows(frame, *by).iter_rows()) == expected
 
 
-def test_sort_rows_falls_back_for_nulls_strings_and_ranges_beyond_64_bits():
+def test_sort_rows_falls_back_for_nulls_strings_and_ranges_beyond_63_bits():
     frame = pl.DataFrame({"run": [2, 1, None, 1], "key": ["b", "a", "c", "a"], "wide": [2**62, -(2**62), 0, 5], "row": [0, 1, 2, 3]})
     assert sort_rows(frame, "run", "row")["row"].to_list() == [2, 1, 3, 0]  # nulls first, as Polars sorts
     assert sort_rows(frame, "key", "row")["row"].to_list() == [1, 3, 0, 2]
     assert sort_rows(frame, "wide", "row")["row"].to_list() == [1, 2, 3, 0]
+    # the full Int64 range (64 bits) beside a constant key: no overflow, and the right order
+    extremes = pl.DataFrame({"run": [7, 7, 7], "wide": [2**63 - 1, -(2**63), 0], "row": [0, 1, 2]})
+    assert sort_rows(extremes, "run", "wide")["row"].to_list() == [1, 2, 0]
+    assert sort_rows(extremes, "run", "run")["row"].to_list() == [0, 1, 2]  # no key varies

@@ -39,25 +39,32 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
         pl.when(pl.col("side") == "BUY").then(pl.col("quantity")).otherwise(-pl.col("quantity")).alias("_dq"),
         pl.col("exec_order").alias("_first"), pl.col("side").alias("_side"), pl.col("quantity_f28").alias("_f28"),
     )
-    pos = positions.join(qty_moves, on=["run", "instrument_id"], how="left", maintain_order="left").with_columns(
-        (pl.col("quantity") + pl.col("_dq").fill_null(lit(0))).alias("quantity"),
+    # where each move lands: the held row it changes (_row), or none (a new position); the
+    # held rows are then updated in place by row number, so they keep their (run, pos_seq) order
+    landing = qty_moves.join(
+        positions.select("run", "instrument_id").with_row_index("_row"), on=["run", "instrument_id"], how="left"
+    )
+    onto_held = landing.filter(pl.col("_row").is_not_null())
+    moved = pl.repeat(lit(0), positions.height, eager=True).cast(positions.schema["quantity"])
+    pos = positions.with_columns(
+        (pl.col("quantity") + moved.scatter(onto_held["_row"], onto_held["_dq"])).alias("quantity"),
         pl.lit(None, dtype=dec28.F28).alias("quantity_f28"),
+        pl.col("pos_seq").cast(pl.Int64),
     )
     # tax-limited sells carry 28-digit quantities: subtract them as the reference does
-    indexed = pos.with_row_index("_row")
-    exact = indexed.filter(pl.col("_f28").is_not_null())
+    exact = onto_held.filter(pl.col("_f28").is_not_null())
     if exact.height:
-        exact = dec28.from_dec(exact.with_columns((pl.col("quantity") - pl.col("_dq")).alias("_held")), "_held", "_held_f")
-        exact = dec28.sub(exact, "_held_f", "_f28", "_exact_f28")
-        exact = exact.select("_row", "_exact_f28", dec28.to_d28("_exact_f28").alias("_exact"))
-        # back in place by row number: the rows keep their (run, pos_seq) order
-        pos = (
-            indexed.join(exact, on="_row", how="left", maintain_order="left")
-            .with_columns(pl.coalesce("_exact", "quantity").alias("quantity"), pl.col("_exact_f28").alias("quantity_f28"))
-            .select(pos.columns)
+        exact = exact.with_columns(positions["quantity"].gather(exact["_row"]).alias("_held"))
+        exact = dec28.sub(dec28.from_dec(exact, "_held", "_held_f"), "_held_f", "_f28", "_exact_f28")
+        # row i of pos takes exact row at[i] (null: none); a struct column cannot be scattered
+        at = pl.repeat(None, pos.height, dtype=pl.UInt32, eager=True).scatter(
+            exact["_row"], pl.int_range(exact.height, dtype=pl.UInt32, eager=True)
         )
-    pos = pos.drop("_dq", "_first", "_side", "_f28").with_columns(pl.col("pos_seq").cast(pl.Int64))
-    new_pos = qty_moves.join(positions.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti").select(
+        placed = exact.select(
+            dec28.to_d28("_exact_f28").cast(pos.schema["quantity"]).alias("_exact"), "_exact_f28"
+        ).select(pl.all().gather(at))
+        pos = pos.with_columns(pl.coalesce(placed["_exact"], pl.col("quantity")).alias("quantity"), placed["_exact_f28"].alias("quantity_f28"))
+    new_pos = landing.filter(pl.col("_row").is_null()).select(
         "run", (pl.lit(APPENDED, dtype=pl.Int64) + pl.col("_first")).alias("pos_seq"), "instrument_id",
         pl.col("_dq").alias("quantity"),
     ).pipe(sort_rows, "run", "pos_seq")

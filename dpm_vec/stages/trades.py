@@ -168,7 +168,8 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame) -> pl.DataFrame:
         pl.when(f28.sign("_delta_f") > 0).then(pl.lit("BUY")).otherwise(pl.lit("SELL")).alias("side"),
         f28.to_dec("_abs_delta_f").alias("_abs_delta"),
     ).select(t.columns)
-    return pl.concat([t.join(near.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti"), near]).pipe(sort_rows, "run", "trace_order")
+    others = t.join(near.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti")
+    return sort_rows(pl.concat([others, near]), "run", "trace_order")
 
 
 def _rationale() -> pl.Expr:

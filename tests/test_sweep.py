@@ -75,11 +75,35 @@ def test_bad_data_blocks_only_its_portfolio(book, swept):
     assert runs.filter(pl.col("status") != "BLOCKED").height > 0
 
 
-def test_outputs_do_not_depend_on_shard_size(book, swept, tmp_path):
+def test_outputs_do_not_depend_on_shard_size(book, swept, tmp_path, monkeypatch):
+    """Three shards (holdings split per shard) and one shard (holdings read in place,
+    never split) give the same tables."""
+    import dpm_vec.sweep as sweep_module
+
+    def no_split(*_):
+        raise AssertionError("a book of one shard must not split its holdings")
+
+    monkeypatch.setattr(sweep_module, "partition_holdings", no_split)
     out, _ = swept
     other = tmp_path / "one_shard"
     sweep(book, other, shard_size=1000, progress=False)
     _same_outputs(out, other)
+
+
+def test_output_files_are_copied_where_they_cannot_be_linked(book, swept, tmp_path, monkeypatch):
+    """Committed shard files are hard-linked into the output; across file systems (a
+    link fails) they are copied, with the same result."""
+    import dpm_vec.sweep as sweep_module
+
+    def cross_device(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(sweep_module.os, "link", cross_device)
+    out, _ = swept
+    other = tmp_path / "copied"
+    sweep(book, other, shard_size=30, progress=False)
+    _same_outputs(out, other)
+    assert all(f.stat().st_nlink == 1 for f in (other / "runs").glob("*.parquet"))
 
 
 def test_duckdb_views_over_outputs(swept):

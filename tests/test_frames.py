@@ -97,7 +97,7 @@ def test_sort_rows_falls_back_for_nulls_strings_and_ranges_beyond_63_bits():
     assert sort_rows(frame, "run", "row")["row"].to_list() == [2, 1, 3, 0]  # nulls first, as Polars sorts
     assert sort_rows(frame, "key", "row")["row"].to_list() == [1, 3, 0, 2]
     assert sort_rows(frame, "wide", "row")["row"].to_list() == [1, 2, 3, 0]
-    # the full Int64 range (64 bits) beside a constant key: no overflow, and the right order
+    # the full Int64 range needs 64 bits, beyond packing: the fallback sorts it, no overflow
     extremes = pl.DataFrame({"run": [7, 7, 7], "wide": [2**63 - 1, -(2**63), 0], "row": [0, 1, 2]})
     assert sort_rows(extremes, "run", "wide")["row"].to_list() == [1, 2, 0]
     assert sort_rows(extremes, "run", "run")["row"].to_list() == [0, 1, 2]  # no key varies

@@ -14,7 +14,7 @@ import polars as pl
 from dpm_vec import __version__
 from dpm_vec.book import POLICY_COLUMNS
 from dpm_vec.codes import with_code_lists
-from dpm_vec.frames import join_runs, ordered, position_in_run
+from dpm_vec.frames import join_runs, position_in_run, sort_rows
 from dpm_vec.pipeline import Result
 
 OUTPUT_TABLES = (
@@ -39,7 +39,7 @@ def output_tables(result: Result) -> dict[str, pl.DataFrame]:
     def keyed(frame: pl.DataFrame, *sort: str) -> pl.DataFrame:
         """Rows keyed by run_key in list order; internal sequence numbers (which depend
         on how the book was sliced) become 0-based positions within the run."""
-        out = ordered(join_runs(frame, keys), "run", *sort)
+        out = sort_rows(join_runs(frame, keys), "run", *sort)
         out = out.select("run", "run_key", pl.exclude("run", "run_key"))
         order = sort[-1]
         return out.with_columns(position_in_run().alias(order)).drop("run")

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpm_vec.codes import with_code_lists
-from dpm_vec.frames import concat_by_run, is_ordered, join_runs, ordered, position_in_run, sort_rows
+from dpm_vec.frames import concat_by_run, is_ordered, join_runs, position_in_run, sort_rows
 
 
 @settings(max_examples=200, deadline=None)
@@ -17,11 +17,11 @@ def test_is_ordered_matches_a_real_sort(rows):
         assert is_ordered(frame, *by) == frame.select(*by).equals(frame.select(*by).sort(*by)), (rows, by)
 
 
-def test_ordered_sorts_only_when_needed():
+def test_sort_rows_sorts_only_when_needed():
     frame = pl.DataFrame({"run": [1, 0, 0], "seq": [0, 2, 1], "v": ["x", "y", "z"]})
-    assert ordered(frame, "run", "seq")["v"].to_list() == ["z", "y", "x"]
-    done = ordered(frame, "run", "seq")
-    assert ordered(done, "run", "seq") is done
+    assert sort_rows(frame, "run", "seq")["v"].to_list() == ["z", "y", "x"]
+    done = sort_rows(frame, "run", "seq")
+    assert sort_rows(done, "run", "seq") is done
 
 
 def test_code_lists_keep_row_order_and_pick_by_case():

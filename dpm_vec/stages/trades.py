@@ -246,10 +246,10 @@ def _walk_turnover_budget(ranked: pl.DataFrame) -> pl.DataFrame:
             pl.when(fits).then(pl.col("_abs_nb")).otherwise(lit(0)).cum_sum().over("run").alias("_running"),
         ).with_columns(
             (pl.col("_fits") & (pl.col("_running") <= pl.col("_room"))).alias("_keep"),
+            (pl.col("_fits") & (pl.col("_running") > pl.col("_room"))).cast(pl.Int32).alias("_overflow"),
         ).with_columns(
             # overflows ranked before this intent: after a run's first one, room is not yet known
-            ((pl.col("_fits") & ~pl.col("_keep")).cast(pl.Int32).cum_sum().over("run")
-             - (pl.col("_fits") & ~pl.col("_keep")).cast(pl.Int32)).alias("_overflows_before"),
+            (pl.col("_overflow").cum_sum().over("run") - pl.col("_overflow")).alias("_overflows_before"),
         )
         settled = ~pl.col("_fits") | (pl.col("_overflows_before") == 0)
         flags.append(step.filter(settled).select("run", "list_order", "_keep"))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec.dec28 import F28
-from dpm_vec.frames import join_runs, ordered
+from dpm_vec.frames import join_runs, sort_rows
 from dpm_vec.numeric import DEC, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -91,8 +91,8 @@ def value_state(
         "run", "pos_seq", "instrument_id", "quantity", "quantity_f28", "instrument_currency", "asset_class",
         "price", "value_instr", "value_base", "weight", "market_value", "market_value_currency",
     )
-    positions_out = ordered(positions_out, "run", "pos_seq")
-    cash_out = ordered(cash.select("run", "cash_seq", "currency", "amount", "settled", "pending", "value_base"), "run", "cash_seq")
+    positions_out = sort_rows(positions_out, "run", "pos_seq")
+    cash_out = sort_rows(cash.select("run", "cash_seq", "currency", "amount", "settled", "pending", "value_base"), "run", "cash_seq")
     allocations = _allocations(market, pos, cash, totals, full=allocations)
     return ValuedState(
         positions=positions_out,

@@ -81,11 +81,13 @@ def read_reference(book_dir: str | Path) -> dict[str, pl.DataFrame]:
 
 
 def read_book(book_dir: str | Path, portfolios: pl.DataFrame | None = None,
-              reference: dict[str, pl.DataFrame] | None = None, files: dict[str, Path] | None = None) -> Book:
+              reference: dict[str, pl.DataFrame] | None = None, files: dict[str, Path] | None = None,
+              spans: dict[str, tuple[int, int]] | None = None) -> Book:
     """Read a book directory (or the part of it that ``portfolios`` — conformed rows of
     the portfolios table — needs), validate every table, and flag runs whose model,
     shelf or market snapshot does not exist. ``files`` overrides where a table is read
-    from (a sweep shard's own slice of the holdings)."""
+    from (a sweep shard's own slice of the holdings); ``spans`` limits a table to the
+    ``(first row, row count)`` span that holds the rows of these portfolios."""
     files = files or {}
     book_dir = Path(book_dir)
     portfolios = read_portfolios(book_dir) if portfolios is None else portfolios
@@ -100,6 +102,8 @@ def read_book(book_dir: str | Path, portfolios: pl.DataFrame | None = None,
             tables[table] = empty_table(table)
             continue
         lf = scan_table(book_dir, table, files.get(table))
+        if lf is not None and spans and table in spans:
+            lf = lf.slice(*spans[table])
         frame = empty_table(table) if lf is None else lf.filter(pl.col(key).is_in(ids)).collect()
         tables[table] = frame
     conformed = {table: _conform(table, frame, str(_path(book_dir, table))) for table, frame in tables.items() if table != "portfolios"}

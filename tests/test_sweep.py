@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,18 +76,68 @@ def test_bad_data_blocks_only_its_portfolio(book, swept):
     assert runs.filter(pl.col("status") != "BLOCKED").height > 0
 
 
-def test_outputs_do_not_depend_on_shard_size(book, swept, tmp_path, monkeypatch):
-    """Three shards (holdings split per shard) and one shard (holdings read in place,
-    never split) give the same tables."""
+@pytest.mark.parametrize("shard_size", [1000, 25])
+def test_outputs_do_not_depend_on_shard_size(book, swept, tmp_path, monkeypatch, shard_size):
+    """Three shards, four shards and one shard give the same tables; a book sorted by
+    portfolio is never split (shards read their holdings in place)."""
     import dpm_vec.sweep as sweep_module
 
     def no_split(*_):
-        raise AssertionError("a book of one shard must not split its holdings")
+        raise AssertionError("a book sorted by portfolio must not split its holdings")
 
     monkeypatch.setattr(sweep_module, "partition_holdings", no_split)
     out, _ = swept
-    other = tmp_path / "one_shard"
-    sweep(book, other, shard_size=1000, progress=False)
+    other = tmp_path / f"shards_of_{shard_size}"
+    sweep(book, other, shard_size=shard_size, progress=False)
+    _same_outputs(out, other)
+
+
+def _scattered_copy(book: Path, target: Path) -> Path:
+    """The book with each holdings table's snapshots in a scrambled order (rows of one
+    snapshot kept together and in order, so every portfolio's input is unchanged)."""
+    shutil.copytree(book, target)
+    for table in ("positions", "cash", "lots"):
+        frame = pl.read_parquet(book / f"{table}.parquet")
+        frame.with_row_index("_r").sort(pl.col("portfolio_snapshot_id").hash(7), "_r").drop("_r").write_parquet(target / f"{table}.parquet")
+    return target
+
+
+def test_grouped_holdings_are_read_in_place_by_row_span(book, swept):
+    """A book sorted by portfolio (the generator's) is never split: every shard reads the
+    span of rows its snapshots occupy, and each span holds exactly those rows' range."""
+    import dpm_vec.sweep as sweep_module
+
+    out, manifest = swept
+    plan = sweep_module.plan_sweep(book, out, 30, {}, manifest["portfolios"])
+    portfolios = pl.read_parquet(book / "portfolios.parquet")
+    spans = sweep_module.holding_spans(plan, portfolios)
+    assert spans is not None
+    for table in ("positions", "cash", "lots"):
+        rows = pl.read_parquet(book / f"{table}.parquet").with_row_index("_row")
+        for shard in range(plan.n_shards):
+            start, stop = plan.shard_range(shard)
+            snapshots = portfolios.slice(start, stop - start)["portfolio_snapshot_id"].implode()
+            mine = rows.filter(pl.col("portfolio_snapshot_id").is_in(snapshots))["_row"]
+            assert spans[table][shard] == (mine.min(), mine.max() + 1 - mine.min()), (table, shard)
+
+
+def test_scattered_holdings_are_split_with_the_same_outputs(book, swept, tmp_path, monkeypatch):
+    """Holdings scattered across the file are split once per shard instead (a span per
+    shard would read the file three times); the outputs are those of the sorted book."""
+    import dpm_vec.sweep as sweep_module
+
+    scattered = _scattered_copy(book, tmp_path / "scattered")
+    split, splits = sweep_module.partition_holdings, []
+
+    def counted_split(*args):
+        splits.append(args)
+        return split(*args)
+
+    monkeypatch.setattr(sweep_module, "partition_holdings", counted_split)
+    out, _ = swept
+    other = tmp_path / "from_scattered"
+    sweep(scattered, other, shard_size=30, progress=False)
+    assert len(splits) == 1
     _same_outputs(out, other)
 
 

@@ -2,7 +2,7 @@
 
     holdings   each shard reads its positions / cash / lots in place, from the row span
                its snapshots occupy, when the book keeps them together (a book sorted
-               by portfolio, as exports and the generator write them); a book whose
+               by portfolio, as `generate` and `import-requests` write them); a book whose
                holdings are scattered is split once into one file per shard instead
     shards     each shard (a slice of the portfolios table) is read, run through the
                engine and its output tables written to a staging dir that is renamed

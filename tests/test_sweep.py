@@ -141,6 +141,20 @@ def test_scattered_holdings_are_split_with_the_same_outputs(book, swept, tmp_pat
     _same_outputs(out, other)
 
 
+def test_a_book_without_lots_sweeps_by_span_as_in_one_shard(book, tmp_path):
+    """lots.parquet is optional: shards that read spans get no lots, as one shard does."""
+    import dpm_vec.sweep as sweep_module
+
+    no_lots = tmp_path / "no_lots"
+    shutil.copytree(book, no_lots)
+    (no_lots / "lots.parquet").unlink()
+    plan = sweep_module.plan_sweep(no_lots, tmp_path / "x", 30, {}, pl.read_parquet(no_lots / "portfolios.parquet").height)
+    assert sweep_module.holding_spans(plan, pl.read_parquet(no_lots / "portfolios.parquet"))["lots"] == [(0, 0)] * plan.n_shards
+    sweep(no_lots, tmp_path / "three", shard_size=30, progress=False)
+    sweep(no_lots, tmp_path / "one", shard_size=1000, progress=False)
+    _same_outputs(tmp_path / "three", tmp_path / "one")
+
+
 def test_output_files_are_copied_where_they_cannot_be_linked(book, swept, tmp_path, monkeypatch):
     """Committed shard files are hard-linked into the output; across file systems (a
     link fails) they are copied, with the same result."""

@@ -38,7 +38,7 @@ from dpm_vec import __version__
 from dpm_vec.book import Book, conform, empty_table
 from dpm_vec.defaults import DEFAULT_SHARD_SIZE, PARQUET_COMPRESSION
 from dpm_vec.errors import DpmVecError
-from dpm_vec.io import _path, read_book, read_portfolios, read_reference, replace_dir, write_book, write_json_atomic
+from dpm_vec.io import _path, read_book, read_portfolios, read_reference, replace_dir, scan_table, write_book, write_json_atomic
 from dpm_vec.scenarios import comparison_table, expand, load_scenarios
 from dpm_vec.outputs import OUTPUT_TABLES, output_tables
 from dpm_vec.pipeline import StageTimer, run
@@ -136,13 +136,13 @@ def holding_spans(plan: SweepPlan, portfolios: pl.DataFrame) -> dict[str, list[t
     shard_of = _shard_of(plan, portfolios).lazy()
     spans = {}
     for table in HOLDING_TABLES:
-        source = _path(Path(plan.book_dir), table)
-        if not source.exists():
+        lf = scan_table(Path(plan.book_dir), table)  # a missing or misshapen file is a BookError naming it
+        if lf is None:  # an optional table the book does not have
             spans[table] = [(0, 0)] * plan.n_shards
             continue
-        rows = pq.ParquetFile(source).metadata.num_rows
+        rows = lf.select(pl.len()).collect().item()
         found = (
-            pl.scan_parquet(source).select("portfolio_snapshot_id").with_row_index("_row")
+            lf.select("portfolio_snapshot_id").with_row_index("_row")
             .join(shard_of, on="portfolio_snapshot_id", how="inner")
             .group_by("_shard").agg(pl.col("_row").min().alias("first"), (pl.col("_row").max() + 1).alias("stop"))
             .collect(engine="streaming")

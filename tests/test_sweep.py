@@ -155,6 +155,16 @@ def test_a_book_without_lots_sweeps_by_span_as_in_one_shard(book, tmp_path):
     _same_outputs(tmp_path / "three", tmp_path / "one")
 
 
+def test_a_misshapen_holdings_file_is_named_before_any_shard_runs(book, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(book, bad)
+    pl.read_parquet(book / "positions.parquet").rename({"portfolio_snapshot_id": "snapshot"}).write_parquet(bad / "positions.parquet")
+    with pytest.raises(BookError) as err:
+        sweep(bad, tmp_path / "out", shard_size=30, progress=False)
+    assert "positions.parquet" in str(err.value) and "portfolio_snapshot_id" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_files_are_copied_where_they_cannot_be_linked(book, swept, tmp_path, monkeypatch):
     """Committed shard files are hard-linked into the output; across file systems (a
     link fails) they are copied, with the same result."""

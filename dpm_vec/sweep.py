@@ -82,6 +82,11 @@ class SweepPlan:
     def shard_range(self, shard: int) -> tuple[int, int]:
         return shard * self.shard_size, min(self.n_portfolios, (shard + 1) * self.shard_size)
 
+    @property
+    def partition_dir(self) -> Path:
+        """Where the per-shard split of the holdings lives once it is complete."""
+        return Path(self.work_dir) / "partition"
+
     def shard_dir(self, shard: int) -> Path:
         return Path(self.work_dir) / "shards" / f"shard-{shard:05d}"
 
@@ -164,8 +169,7 @@ def _shard_of(plan: SweepPlan, portfolios: pl.DataFrame) -> pl.DataFrame:
 def partition_holdings(plan: SweepPlan, portfolios: pl.DataFrame, batch_rows: int = 1_000_000) -> None:
     """Split positions, cash and lots into one file per shard, streaming in batches.
     A holdings snapshot shared by runs of several shards goes to each of them."""
-    done = Path(plan.work_dir) / "partition"
-    if done.exists():
+    if plan.partition_dir.exists():
         return
     staging = Path(plan.work_dir) / f".partition.tmp-{uuid.uuid4().hex[:8]}"
     shard_of = _shard_of(plan, portfolios)
@@ -188,7 +192,7 @@ def partition_holdings(plan: SweepPlan, portfolios: pl.DataFrame, batch_rows: in
         finally:
             for writer in writers.values():
                 writer.close()
-    os.replace(staging, done)
+    os.replace(staging, plan.partition_dir)
 
 
 _REFERENCE_CACHE: dict[str, dict[str, pl.DataFrame]] = {}
@@ -215,8 +219,7 @@ def compute_shard(plan: SweepPlan, shard: int) -> tuple[dict[str, pl.DataFrame],
     book_dir = Path(plan.book_dir)
     derived = plan.table_files()
     portfolios = read_portfolios(book_dir, derived.get("portfolios"), rows=(start, stop - start))
-    holdings_dir = Path(plan.work_dir) / "partition"
-    files = {table: holdings_dir / table / f"shard-{shard:05d}.parquet" for table in HOLDING_TABLES} if plan.partitioned else {}
+    files = {table: plan.partition_dir / table / f"shard-{shard:05d}.parquet" for table in HOLDING_TABLES} if plan.partitioned else {}
     files.update({t: f for t, f in derived.items() if t != "portfolios"})
     spans = {table: plan.spans[table][shard] for table in HOLDING_TABLES} if plan.spans else None
     book = read_book(book_dir, portfolios=portfolios, reference=_reference(plan.book_dir), files=files, spans=spans)
@@ -314,7 +317,7 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int = DEFAUL
     Path(plan.work_dir).mkdir(parents=True, exist_ok=True)
     if scenario_map and not (Path(plan.work_dir) / "derived").exists():
         write_book(derived_tables, Path(plan.work_dir) / "derived")
-    if plan.n_shards > 1 and not (Path(plan.work_dir) / "partition").exists():
+    if plan.n_shards > 1 and not plan.partition_dir.exists():
         plan = replace(plan, spans=holding_spans(plan, portfolios))
     write_json_atomic(Path(plan.work_dir) / "plan.json", plan.__dict__)
     if plan.partitioned:

@@ -143,7 +143,7 @@ def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     state = walk.select("run").unique().select("run", f.zero().alias("used"), pl.lit(-1, dtype=pl.Int64).alias("stopped_trace"))
     decided = []
     for _, s in sorted(gain_rows.partition_by("gstep", as_dict=True).items()):
-        s = s.join(state, on="run")
+        s = s.lazy().join(state.lazy(), on="run")  # one query plan per step
         s = f.sub(s, "budget_f", "used", "_headroom")
         s = f.div(s, "_headroom", "gain_f", "_budget_take")
         active = pl.col("trace_order") != pl.col("stopped_trace")
@@ -165,7 +165,7 @@ def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         s = s.with_columns(
             pl.when(pl.col("_reduced") | pl.col("_refused")).then(pl.col("trace_order")).otherwise(pl.col("stopped_trace"))
             .alias("stopped_trace")
-        )
+        ).collect()
         decided.append(s.select("run", "step", "_reduced", "_refused", "_budget_take"))
         state = pl.concat([state.join(s.select("run"), on="run", how="anti"), s.select(state.columns)])
     # a bound run can have no lot that consumes budget (budget 0, every lot at a loss)

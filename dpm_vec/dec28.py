@@ -28,14 +28,21 @@ F28 = pl.Struct({"z": D28, "k": pl.Int32})
 _POW_D28 = pl.Series("pow", [Decimal(10) ** j for j in range(-28, 10)], dtype=D28)
 _POW_DEC = pl.Series("pow", [Decimal(10) ** j for j in range(-20, 18)], dtype=DEC)
 _T = "__f28_"  # prefix of scratch columns
+# literals built once: each pl.lit of a Decimal builds a Series (~25 µs), and the tax walk
+# builds its expressions anew at every step
+_POW_D28_LIT, _POW_DEC_LIT = pl.lit(_POW_D28), pl.lit(_POW_DEC)
+_D28_0, _D28_1, _D28_10 = pl.lit(0, dtype=D28), pl.lit(1, dtype=D28), pl.lit(10, dtype=D28)
+_D28_TENTH, _D28_1E9, _D28_1E_9 = (pl.lit(Decimal(v), dtype=D28) for v in ("0.1", "1e9", "1e-9"))
+_DEC_0, _DEC_1, _DEC_1E9 = pl.lit(0, dtype=DEC), pl.lit(1, dtype=DEC), pl.lit(Decimal("1e9"), dtype=DEC)
+_I32_0 = pl.lit(0, dtype=pl.Int32)
 
 
 def _pow_d28(j: pl.Expr) -> pl.Expr:
-    return pl.lit(_POW_D28).gather(j.clip(-28, 9) + 28)
+    return _POW_D28_LIT.gather(j.clip(-28, 9) + 28)
 
 
 def _pow_dec(j: pl.Expr) -> pl.Expr:
-    return pl.lit(_POW_DEC).gather(j.clip(-20, 17) + 20)
+    return _POW_DEC_LIT.gather(j.clip(-20, 17) + 20)
 
 
 def _with_magnitude(df: pl.DataFrame, src: str, out: str, pow_fn, top: int) -> pl.DataFrame:
@@ -55,14 +62,14 @@ def _with_magnitude(df: pl.DataFrame, src: str, out: str, pow_fn, top: int) -> p
 
 
 def zero() -> pl.Expr:
-    return pl.struct(pl.lit(0, dtype=D28).alias("z"), pl.lit(0, dtype=pl.Int32).alias("k"))
+    return pl.struct(_D28_0.alias("z"), _I32_0.alias("k"))
 
 
 def _pack(z: pl.Expr, k: pl.Expr) -> pl.Expr:
     zero = z == 0
     return pl.struct(
-        pl.when(zero).then(pl.lit(0, dtype=D28)).otherwise(z).alias("z"),
-        pl.when(zero).then(pl.lit(0, dtype=pl.Int32)).otherwise(k).cast(pl.Int32).alias("k"),
+        pl.when(zero).then(_D28_0).otherwise(z).alias("z"),
+        pl.when(zero).then(_I32_0).otherwise(k).cast(pl.Int32).alias("k"),
     )
 
 
@@ -82,10 +89,10 @@ def _normalise(df: pl.DataFrame, src: str, out: str, k_offset: pl.Expr | int = 0
          * _pow_d28((shift - 18).clip(0, 9))).alias(z)
     )
     # rounding can carry into the next power of ten (0.99…95 → 1.00…0)
-    carry = pl.col(z).abs() >= pl.lit(1, dtype=D28)
+    carry = pl.col(z).abs() >= _D28_1
     k_off = pl.lit(k_offset) if isinstance(k_offset, int) else k_offset
     return df.with_columns(
-        _pack(pl.when(carry).then(pl.col(z) * pl.lit(Decimal("0.1"), dtype=D28)).otherwise(pl.col(z)),
+        _pack(pl.when(carry).then(pl.col(z) * _D28_TENTH).otherwise(pl.col(z)),
               pl.when(carry).then(pl.col(m) + 1).otherwise(pl.col(m)) + k_off).alias(out)
     ).drop(m, z)
 
@@ -94,12 +101,12 @@ def from_dec(df: pl.DataFrame, src: str, out: str) -> pl.DataFrame:
     """DEC (or D28) column → F28 column (values up to 1e18)."""
     x, small, n, sm, big = f"{_T}x", f"{_T}small", f"{_T}n", f"{_T}sm", f"{_T}big"
     df = df.with_columns(pl.col(src).cast(DEC).alias(x))
-    df = df.with_columns((pl.col(x).abs() < pl.lit(Decimal("1e9"), dtype=DEC)).alias(small))
+    df = df.with_columns((pl.col(x).abs() < _DEC_1E9).alias(small))
     src_dtype = df.collect_schema()[src] if isinstance(df, pl.LazyFrame) else df.schema[src]
     exact = pl.col(src) if src_dtype == D28 else pl.col(x)
     df = df.with_columns(
         pl.when(pl.col(small)).then(exact).otherwise(pl.lit(0, dtype=exact_dtype(src_dtype))).cast(D28).alias(sm),
-        pl.when(pl.col(small)).then(pl.lit(1, dtype=DEC)).otherwise(pl.col(x)).alias(big),
+        pl.when(pl.col(small)).then(_DEC_1).otherwise(pl.col(x)).alias(big),
     )
     df = _normalise(df, sm, f"{_T}small_f")
     df = _with_magnitude(df, big, n, _pow_dec, 17)
@@ -110,7 +117,7 @@ def from_dec(df: pl.DataFrame, src: str, out: str) -> pl.DataFrame:
     df = df.with_columns((rounded.otherwise(b) * _pow_dec(9 - nc)).cast(D28).alias(big))
     df = df.with_columns(
         pl.when(pl.col(small)).then(pl.col(f"{_T}small_f"))
-        .otherwise(_pack(pl.col(big) * pl.lit(Decimal("1e-9"), dtype=D28), nc)).alias(out)
+        .otherwise(_pack(pl.col(big) * _D28_1E_9, nc)).alias(out)
     )
     return df.drop(x, small, n, sm, big, f"{_T}small_f")
 
@@ -133,10 +140,10 @@ def mul(df: pl.DataFrame, a: str, b: str, out: str) -> pl.DataFrame:
     holds is decided on the ×10 product, whose rounding cannot cross 1 unless the exact
     product rounds to 0.1 anyway; the rounded product itself can cross 0.1 (0.0…9997 → 0.1)."""
     s = f"{_T}s"
-    df = df.with_columns(((_z(a) * pl.lit(10, dtype=D28)) * _z(b)).alias(s))
+    df = df.with_columns(((_z(a) * _D28_10) * _z(b)).alias(s))
     k = _k(a) + _k(b)
     return df.with_columns(
-        pl.when(pl.col(s).abs() >= pl.lit(1, dtype=D28)).then(_pack(_z(a) * _z(b), k))
+        pl.when(pl.col(s).abs() >= _D28_1).then(_pack(_z(a) * _z(b), k))
         .otherwise(_pack(pl.col(s), k - 1)).alias(out)
     ).drop(s)
 
@@ -144,10 +151,10 @@ def mul(df: pl.DataFrame, a: str, b: str, out: str) -> pl.DataFrame:
 def div(df: pl.DataFrame, a: str, b: str, out: str) -> pl.DataFrame:
     """a / b; null where b is zero."""
     sb = f"{_T}sb"
-    df = df.with_columns(pl.when(_z(b) == 0).then(pl.lit(1, dtype=D28)).otherwise(_z(b)).alias(sb))
+    df = df.with_columns(pl.when(_z(b) == 0).then(_D28_1).otherwise(_z(b)).alias(sb))
     k = _k(a) - _k(b)
     direct = _pack(_z(a) / pl.col(sb), k)
-    shifted = _pack(_z(a) / (pl.col(sb) * pl.lit(10, dtype=D28)), k + 1)
+    shifted = _pack(_z(a) / (pl.col(sb) * _D28_10), k + 1)
     return df.with_columns(
         pl.when(_z(b) == 0).then(None)
         .when(_z(a).abs() < pl.col(sb).abs()).then(direct)
@@ -167,7 +174,7 @@ def add(df: pl.DataFrame, a: str, b: str, out: str) -> pl.DataFrame:
         pl.when(a_big).then(pl.col(b)).otherwise(pl.col(a)).alias(small),
     )
     d = (_k(big) - _k(small)).clip(0, 40)
-    df = df.with_columns((_z(big) * pl.lit(Decimal("1e9"), dtype=D28) + _z(small) * _pow_d28(9 - d)).alias(s))
+    df = df.with_columns((_z(big) * _D28_1E9 + _z(small) * _pow_d28(9 - d)).alias(s))
     df = _normalise(df, s, f"{_T}sum", _k(big) - 9)
     return df.with_columns(
         pl.when(_z(a) == 0).then(pl.col(b)).when(_z(b) == 0).then(pl.col(a)).otherwise(pl.col(f"{_T}sum")).alias(out)
@@ -189,7 +196,7 @@ def to_dec(name: str) -> pl.Expr:
     z, k = _z(name), _k(name)
     low = (z * _pow_d28(pl.when(k <= 9).then(k).otherwise(0))).cast(DEC)
     # above 1e9: shift by 1e9 while still in D28 (exact, 19 decimals left), then by k − 9 in DEC
-    high = (z * pl.lit(Decimal("1e9"), dtype=D28)).cast(DEC) * _pow_dec(pl.when(k > 9).then(k - 9).otherwise(0))
+    high = (z * _D28_1E9).cast(DEC) * _pow_dec(pl.when(k > 9).then(k - 9).otherwise(0))
     return pl.when(k <= 9).then(low).otherwise(high)
 
 
@@ -201,8 +208,8 @@ def floor(name: str) -> pl.Expr:
     """floor(x) of a non-negative F28 as a DEC integer (exact up to 1e18)."""
     z, k = _z(name), _k(name)
     low = (z * _pow_d28(k.clip(0, 9))).floor().cast(DEC)
-    high = ((z * pl.lit(Decimal("1e9"), dtype=D28)).cast(DEC) * _pow_dec((k - 9).clip(0, 9))).floor()
-    return pl.when(k <= 0).then(pl.lit(0, dtype=DEC)).when(k <= 9).then(low).otherwise(high)
+    high = ((z * _D28_1E9).cast(DEC) * _pow_dec((k - 9).clip(0, 9))).floor()
+    return pl.when(k <= 0).then(_DEC_0).when(k <= 9).then(low).otherwise(high)
 
 
 def to_d28(name: str) -> pl.Expr:

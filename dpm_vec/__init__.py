@@ -2,11 +2,17 @@
 
 import os
 
-# Polars allocates through jemalloc, which by default hands freed pages back to the OS
-# within seconds; an engine pass frees and re-allocates large frames all the time and
-# then pays for it in page faults (about 10% of a sweep). Keeping freed pages for a
-# minute costs a few percent of peak RSS. Only effective before Polars is first imported;
-# an explicit setting in the environment wins.
-os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:60000,muzzy_decay_ms:60000")
+# Polars allocates through jemalloc and, on import, asks it to hand freed pages back to
+# the OS within half a second. An engine pass frees and re-allocates large frames all the
+# time and then pays for every page again in faults: a 100k-portfolio sweep took 55-57 s
+# that way against 44-45 s keeping freed pages for a minute, for 0.6 GiB more peak RSS
+# (benchmarks/README.md). Only effective before Polars is first imported in this process.
+ENGINE_MALLOC_CONF = "dirty_decay_ms:60000,muzzy_decay_ms:60000"
+# What `import polars` writes into os.environ when nothing is set: a parent process that
+# imported Polars first hands it to every child it starts (a benchmark harness, a
+# notebook), where it is Polars' default, not a choice someone made.
+POLARS_MALLOC_CONF = "dirty_decay_ms:500,muzzy_decay_ms:1000"
+if os.environ.get("_RJEM_MALLOC_CONF", POLARS_MALLOC_CONF) == POLARS_MALLOC_CONF:
+    os.environ["_RJEM_MALLOC_CONF"] = ENGINE_MALLOC_CONF
 
 __version__ = "0.1.0"

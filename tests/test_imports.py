@@ -29,3 +29,38 @@ def test_check_detects_a_heavy_import():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "True"
+
+
+def _allocator_conf(code: str, env_conf: str | None) -> str:
+    """_RJEM_MALLOC_CONF as a child process started after ``code`` would inherit it."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "_RJEM_MALLOC_CONF"}
+    if env_conf is not None:
+        env["_RJEM_MALLOC_CONF"] = env_conf
+    probe = code + "\nimport os\nprint(os.environ['_RJEM_MALLOC_CONF'])\n"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def _effective(conf: str) -> dict[str, str]:
+    """jemalloc reads the options left to right: the last setting of each one wins."""
+    return dict(option.split(":", 1) for option in conf.split(","))
+
+
+def test_engine_allocator_setting_survives_a_parent_that_imported_polars_first():
+    """A harness or notebook that imports Polars before dpm_vec carries Polars' half-second
+    decay in its environment; the sweeps it starts must still keep freed pages a minute."""
+    from dpm_vec import ENGINE_MALLOC_CONF
+
+    for code in ("import polars, dpm_vec", "import dpm_vec, polars"):
+        conf = _allocator_conf(code, None)
+        assert _effective(conf) == _effective(ENGINE_MALLOC_CONF), (code, conf)
+        # and the child that inherits it: Polars appends the inherited value to its own
+        assert _effective("dirty_decay_ms:500,muzzy_decay_ms:1000," + conf) == _effective(ENGINE_MALLOC_CONF)
+
+
+def test_explicit_allocator_setting_is_kept():
+    conf = _allocator_conf("import polars, dpm_vec", "dirty_decay_ms:0")
+    assert _effective(conf)["dirty_decay_ms"] == "0"

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from dpm_vec import __version__
 from dpm_vec.book import Book, conform, empty_table
-from dpm_vec.defaults import DEFAULT_SHARD_SIZE, PARQUET_COMPRESSION
+from dpm_vec.defaults import PARQUET_COMPRESSION, default_shard_size
 from dpm_vec.errors import DpmVecError
 from dpm_vec.io import _path, read_book, read_portfolios, read_reference, replace_dir, scan_table, write_book, write_json_atomic
 from dpm_vec.scenarios import comparison_table, expand, load_scenarios
@@ -295,10 +295,15 @@ def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
     shutil.rmtree(plan.work_dir, ignore_errors=True)
 
 
-def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE, scheduler: str | None = None,
+def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None = None, scheduler: str | None = None,
           workers: int | None = None, progress: bool | None = None, scenarios: str | Path | None = None) -> dict:
     """Run every portfolio of the book (under every scenario, when a scenarios file is
-    given); write the output datasets and manifest."""
+    given); write the output datasets and manifest. Without ``shard_size``, the default
+    (divided among the processes of a local cluster: ``defaults.default_shard_size``)."""
+    if workers is not None and workers < 1:
+        raise DpmVecError(f"--workers must be at least 1, got {workers}")
+    if shard_size is None:
+        shard_size = default_shard_size(None if scheduler else workers)
     if shard_size < 1:
         raise DpmVecError(f"--shard-size must be at least 1, got {shard_size}")
     started = time.perf_counter()

@@ -340,3 +340,28 @@ def test_a_portfolio_the_engine_cannot_compute_is_blocked_alone(tmp_path):
     assert failed["run_key"].to_list() == [frames["portfolios"]["run_key"][5]]
     assert failed["status"].to_list() == ["BLOCKED"]
     assert runs.filter(pl.col("block_reason") != "ENGINE_ERROR")["exit_path"].is_not_null().all()
+
+
+def test_default_shard_size_is_shared_by_local_workers(book, swept, tmp_path, monkeypatch):
+    """Local worker processes share this machine's memory: without --shard-size each
+    gets its share of the default, so peak memory stays about that of one process."""
+    from dpm_vec import sweep as sweep_module
+    from dpm_vec.defaults import DEFAULT_SHARD_SIZE
+    from dpm_vec.errors import DpmVecError
+
+    seen = {}
+
+    def in_process(plan, pending, scheduler, workers, reporter):  # the cluster is not the subject here
+        seen["shard_size"] = plan.shard_size
+        sweep_module._run_in_process(plan, pending, reporter)
+
+    monkeypatch.setattr(sweep_module, "_run_on_dask", in_process)
+    manifest = sweep(book, tmp_path / "four", workers=4, progress=False)
+    assert seen["shard_size"] == manifest["shard_size"] == DEFAULT_SHARD_SIZE // 4
+    _same_outputs(swept[0], tmp_path / "four")
+    # a remote cluster's workers have machines of their own: the whole default each
+    sweep(book, tmp_path / "remote", scheduler="tcp://scheduler:8786", workers=4, progress=False)
+    assert seen["shard_size"] == DEFAULT_SHARD_SIZE
+    assert sweep(book, tmp_path / "one", progress=False)["shard_size"] == DEFAULT_SHARD_SIZE
+    with pytest.raises(DpmVecError, match="--workers must be at least 1"):
+        sweep(book, tmp_path / "none", workers=0, progress=False)

@@ -322,7 +322,9 @@ def main() -> None:
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     results = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, polars {pl.__version__}",
-               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               # what every sweep subprocess inherits (dpm_vec/__init__.py): it moves a sweep by ~20%
+               "allocator": os.environ.get("_RJEM_MALLOC_CONF")}
     if "scaling" not in skip:
         results["scaling"] = scaling([int(s) for s in args.sizes.split(",")], args.oracle_sample)
     if "holdings" not in skip:

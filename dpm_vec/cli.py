@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("book", help="book directory (see docs/book.md)")
     sw.add_argument("--out", required=True, help="output directory (replaced atomically)")
     sw.add_argument("--shard-size", type=int,
-                    help=f"portfolios per shard; bounds memory (default {DEFAULT_SHARD_SIZE}, 4-4.5 GiB at ~55 holdings per "
+                    help=f"portfolios per shard; bounds memory (default {DEFAULT_SHARD_SIZE}, about 4 GiB at ~55 holdings per "
                          f"portfolio; with --workers N, {DEFAULT_SHARD_SIZE} / N)")
     sw.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     sw.add_argument("--workers", type=int, help="start a local Dask cluster with this many worker processes")

@@ -281,7 +281,7 @@ def merge_results(old: dict, new: dict) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}", "",
+    lines = [f"Machine: {results['machine']}; allocator (_RJEM_MALLOC_CONF): {results.get('allocator')}", "",
              "| portfolios | holding rows | mode (shard) | wall (s) | portfolios/s | peak RSS (MiB) | oracle portfolios/s | ratio | top stages (s) |",
              "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results.get("scaling", []):

@@ -103,9 +103,9 @@ def from_dec(df: pl.DataFrame, src: str, out: str) -> pl.DataFrame:
     df = df.with_columns(pl.col(src).cast(DEC).alias(x))
     df = df.with_columns((pl.col(x).abs() < _DEC_1E9).alias(small))
     src_dtype = df.collect_schema()[src] if isinstance(df, pl.LazyFrame) else df.schema[src]
-    exact = pl.col(src) if src_dtype == D28 else pl.col(x)
+    exact, zero = (pl.col(src), _D28_0) if src_dtype == D28 else (pl.col(x), _DEC_0)
     df = df.with_columns(
-        pl.when(pl.col(small)).then(exact).otherwise(pl.lit(0, dtype=exact_dtype(src_dtype))).cast(D28).alias(sm),
+        pl.when(pl.col(small)).then(exact).otherwise(zero).cast(D28).alias(sm),
         pl.when(pl.col(small)).then(_DEC_1).otherwise(pl.col(x)).alias(big),
     )
     df = _normalise(df, sm, f"{_T}small_f")
@@ -120,10 +120,6 @@ def from_dec(df: pl.DataFrame, src: str, out: str) -> pl.DataFrame:
         .otherwise(_pack(pl.col(big) * _D28_1E_9, nc)).alias(out)
     )
     return df.drop(x, small, n, sm, big, f"{_T}small_f")
-
-
-def exact_dtype(dtype: pl.DataType) -> pl.DataType:
-    return D28 if dtype == D28 else DEC
 
 
 def _z(name: str) -> pl.Expr:

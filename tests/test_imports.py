@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,6 @@ def test_check_detects_a_heavy_import():
 
 def _allocator_conf(code: str, env_conf: str | None) -> str:
     """_RJEM_MALLOC_CONF as a child process started after ``code`` would inherit it."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "_RJEM_MALLOC_CONF"}
     if env_conf is not None:
         env["_RJEM_MALLOC_CONF"] = env_conf

@@ -66,24 +66,35 @@ def _packed_key(frame: pl.DataFrame, by: tuple[str, ...]) -> pl.Expr | None:
 
 def join_runs(frame: pl.DataFrame, per_run: pl.DataFrame, how: str = "left") -> pl.DataFrame:
     """``frame`` with the columns of ``per_run`` (at most one row per run) beside each
-    row: an order-keeping ``left`` or ``inner`` join on ``run``. Runs are numbered 0..n-1
-    (``prepare``), so when ``per_run`` is in run order the join is an index look-up, and
-    when it holds exactly runs 0..k-1 a plain gather: several times cheaper than hashing."""
-    runs, keys = per_run["run"], frame["run"]
+    row: an order-keeping ``left`` or ``inner`` join on ``run`` (numbered 0..n-1 by
+    ``prepare``), by index look-up where it can (``join_on_index``)."""
+    return join_on_index(frame, per_run, "run", how)
+
+
+def join_on_index(frame: pl.DataFrame, table: pl.DataFrame, key: str, how: str = "left") -> pl.DataFrame:
+    """``frame`` with the columns of ``table`` (at most one row per ``key``) beside each
+    row: an order-keeping ``left`` or ``inner`` join on the integer ``key``; a null key
+    matches nothing. Runs and holding slots are dense numbers, so when ``table`` is in
+    ascending key order the join is an index look-up, and when it holds exactly keys
+    0..k-1 a plain gather: several times cheaper than hashing."""
+    index, keys = table[key], frame[key]
     indexable = (
-        per_run.height > 0 and frame.height > 0 and runs.null_count() == 0 and keys.null_count() == 0
-        and runs.is_sorted() and runs.is_unique().all()
-        and not set(per_run.columns).intersection(frame.columns) - {"run"}
+        table.height > 0 and frame.height > 0 and index.null_count() == 0 and index[0] >= 0
+        and (table.height == 1 or index.cast(pl.Int64).diff().min() > 0)  # strictly ascending: unique
+        and not set(table.columns).intersection(frame.columns) - {key}
     )
     if not indexable:
-        return frame.join(per_run, on="run", how=how, maintain_order="left")
-    values, top = per_run.drop("run"), int(keys.max())
-    if runs[0] == 0 and runs[-1] == per_run.height - 1 and top < per_run.height:
-        return frame.hstack(values[keys].get_columns())  # every run of frame is row `run`
-    size = max(top, int(runs[-1])) + 1
-    rows = pl.Series([None] * size, dtype=pl.UInt32).scatter(runs, pl.int_range(per_run.height, dtype=pl.UInt32, eager=True))
-    at = rows.gather(keys)
-    if how == "inner":
+        return frame.join(table, on=key, how=how, maintain_order="left")
+    values, size = table.drop(key), int(index[-1]) + 1
+    top = keys.max()
+    if top is not None and top >= size:  # keys beyond the table match nothing
+        keys = frame.select(pl.when(pl.col(key) < size).then(pl.col(key))).to_series()
+    if index[0] == 0 and size == table.height:  # row k holds key k
+        at = keys
+    else:
+        rows = pl.repeat(None, size, dtype=pl.UInt32, eager=True).scatter(index, pl.int_range(table.height, dtype=pl.UInt32, eager=True))
+        at = rows.gather(keys)
+    if how == "inner" and at.null_count():
         kept = at.is_not_null()
         frame, at = frame.filter(kept), at.filter(kept)
     return frame.hstack(values.select(pl.all().gather(at)).get_columns())

@@ -207,11 +207,11 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     timer.lap("stage_checks")
     return Result(
         runs=out_runs,
-        intents=intents,
-        positions=states["positions"],
+        intents=intents.drop("slot"),  # holding slots number one shard's rows: internal
+        positions=states["positions"].drop("slot"),
         cash=states["cash"],
         allocations=states["allocations"],
-        targets=targets.trace,
+        targets=targets.trace.drop("slot"),
         exclusions=universe.excluded,
         eligible=universe.eligible,
         rule_results=rule_results,

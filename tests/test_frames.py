@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpm_vec.codes import with_code_lists
-from dpm_vec.frames import concat_by_run, is_ordered, join_runs, position_in_run, sort_rows
+from dpm_vec.frames import concat_by_run, is_ordered, join_on_index, join_runs, position_in_run, sort_rows
 
 
 @settings(max_examples=200, deadline=None)
@@ -51,6 +51,27 @@ def test_join_runs_is_the_order_keeping_join(frame_runs, table_runs, order):
     for how in ("left", "inner"):
         expected = frame.join(table, on="run", how=how, maintain_order="left")
         assert join_runs(frame, table, how).equals(expected), (how, frame_runs, table_runs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.one_of(st.none(), st.integers(0, 8)), max_size=15),
+    st.lists(st.integers(0, 5), unique=True, max_size=6),
+    st.sampled_from(["dense", "sorted", "any"]),
+)
+def test_join_on_index_matches_nothing_for_null_or_unknown_keys(frame_slots, table_slots, order):
+    """Holding slots of model targets not held lie beyond the positions table, and FX
+    intents have none: those rows must come back unmatched (left) or dropped (inner),
+    exactly as Polars' join leaves them, never gathered out of range."""
+    if order == "dense":
+        table_slots = list(range(len(table_slots)))
+    elif order == "sorted":
+        table_slots = sorted(table_slots)
+    frame = pl.DataFrame({"slot": pl.Series(frame_slots, dtype=pl.UInt32), "row": list(range(len(frame_slots)))})
+    table = pl.DataFrame({"slot": pl.Series(table_slots, dtype=pl.UInt32), "value": [f"v{r}" for r in table_slots]})
+    for how in ("left", "inner"):
+        expected = frame.join(table, on="slot", how=how, maintain_order="left")
+        assert join_on_index(frame, table, "slot", how).equals(expected), (how, frame_slots, table_slots)
 
 
 @settings(max_examples=100, deadline=None)

@@ -415,7 +415,7 @@ def test_multi_run_book_mixes_solver_and_heuristic_runs():
     assert weights_of(w, 5) == {"A": D("0.3"), "B": D("0.4")}
     assert warnings_of(warn, 3) == ["INFEASIBLE_INFEASIBLE", "INFEASIBILITY_HINT_SINGLE_POSITION_CAPACITY"]
     assert set(warn["run"]) == {3}
-    assert isinstance(w.schema["weight"], pl.Decimal) and w.columns == ["run", "instrument_id", "map_order", "kind", "weight"]
+    assert isinstance(w.schema["weight"], pl.Decimal) and w.columns == ["run", "instrument_id", "map_order", "kind", "weight", "slot"]
 
 
 def test_which_selects_alternate_runs():

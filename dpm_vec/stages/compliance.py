@@ -9,7 +9,7 @@ from __future__ import annotations
 import polars as pl
 
 from dpm_vec import dec28
-from dpm_vec.frames import concat_by_run, join_runs, sort_rows
+from dpm_vec.frames import concat_by_run, join_on_index, join_runs, sort_rows
 from dpm_vec.numeric import DEC, dabs, lit
 
 SAFETY_ORDER = 600_000_000  # warning order: after every earlier stage (see targets.TARGET_STAGE_ORDER)
@@ -21,7 +21,9 @@ RULE_SCHEMA = {
 }
 
 
-_SECURITY_MOVES = ("intent_type", "run", "instrument_id", "side", "quantity", "quantity_f28", "exec_order", "notional", "notional_currency")
+_SECURITY_MOVES = (
+    "intent_type", "run", "instrument_id", "side", "quantity", "quantity_f28", "exec_order", "notional", "notional_currency", "slot",
+)
 _FX_MOVES = ("intent_type", "run", "exec_order", "buy_currency", "buy_amount", "sell_currency", "sell_amount_estimated")
 APPLIED_INTENT_COLUMNS = tuple(dict.fromkeys(_SECURITY_MOVES + _FX_MOVES))  # what apply_intents reads
 
@@ -35,15 +37,13 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
     sec = intents.select(_SECURITY_MOVES).filter(pl.col("intent_type") == "SECURITY_TRADE")
     # one security intent per (run, instrument): trace instruments are unique in a run
     qty_moves = sec.select(
-        "run", "instrument_id",
+        "run", "instrument_id", "slot",
         pl.when(pl.col("side") == "BUY").then(pl.col("quantity")).otherwise(-pl.col("quantity")).alias("_dq"),
         pl.col("exec_order").alias("_first"), pl.col("side").alias("_side"), pl.col("quantity_f28").alias("_f28"),
     )
     # where each move lands: the held row it changes (_row), or none (a new position); the
     # held rows are then updated in place by row number, so they keep their (run, pos_seq) order
-    landing = qty_moves.join(
-        positions.select("run", "instrument_id").with_row_index("_row"), on=["run", "instrument_id"], how="left"
-    )
+    landing = join_on_index(qty_moves, positions.select("slot").with_row_index("_row"), "slot")
     onto_held = landing.filter(pl.col("_row").is_not_null())
     moved = pl.repeat(lit(0), positions.height, eager=True).cast(positions.schema["quantity"])
     pos = positions.with_columns(
@@ -66,7 +66,7 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
         pos = pos.with_columns(pl.coalesce(placed["_exact"], pl.col("quantity")).alias("quantity"), placed["_exact_f28"].alias("quantity_f28"))
     new_pos = landing.filter(pl.col("_row").is_null()).select(
         "run", (pl.lit(APPENDED, dtype=pl.Int64) + pl.col("_first")).alias("pos_seq"), "instrument_id",
-        pl.col("_dq").alias("quantity"),
+        pl.col("_dq").alias("quantity"), "slot",
     ).pipe(sort_rows, "run", "pos_seq")
     # appended rows follow a run's held ones: merged by run, the rows are in (run, pos_seq) order
     pos = concat_by_run([pos, pl.concat([pos.head(0), new_pos], how="diagonal_relaxed")])

@@ -24,6 +24,7 @@ INTENT_COLUMNS = {
     "min_notional_applied": pl.Boolean, "tax_budget_applied": pl.Boolean,
     "pair": pl.String, "buy_currency": pl.String, "buy_amount": DEC,
     "sell_currency": pl.String, "sell_amount_estimated": DEC,
+    "slot": pl.UInt32,  # of security intents: the holding slot the after-state applies them to
 }
 
 
@@ -105,7 +106,7 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         .select(
             "run", "_group", "_within", "intent_id", pl.lit("SECURITY_TRADE").alias("intent_type"),
             "instrument_id", "side", "quantity", "quantity_f28", "notional", pl.col("price_currency").alias("notional_currency"),
-            "notional_base", "base_currency", "dependencies", "rationale_code", "min_notional_applied", "tax_budget_applied",
+            "notional_base", "base_currency", "dependencies", "rationale_code", "min_notional_applied", "tax_budget_applied", "slot",
         )
     )
     fx = fx.with_columns(pl.lit([], dtype=pl.List(pl.String)).alias("dependencies"))

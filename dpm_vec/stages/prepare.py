@@ -13,20 +13,21 @@ import polars as pl
 
 from dpm_vec import dec28
 from dpm_vec.book import Book
-from dpm_vec.frames import sort_rows
+from dpm_vec.frames import join_runs, sort_rows
 from dpm_vec.numeric import DEC, lit
 
 RUN = pl.UInt32
+SLOT = pl.UInt32
 _SEP = pl.lit("\x1f")  # joins snapshot id and currencies into one look-up key
 
 
 @dataclass(frozen=True)
 class Prepared:
     runs: pl.DataFrame  # one row per run: run, portfolio columns, policy columns
-    positions: pl.DataFrame  # run, pos_seq, instrument_id, quantity, market_value, ...
+    positions: pl.DataFrame  # run, pos_seq, instrument_id, quantity, market_value, ..., slot
     cash: pl.DataFrame  # run, cash_seq, currency, amount, settled, pending
     lots: pl.DataFrame  # run, instrument_id, lot_id, quantity, unit_cost, ...
-    model: pl.DataFrame  # run, model_seq, instrument_id, model_weight
+    model: pl.DataFrame  # run, model_seq, instrument_id, model_weight, slot
     market: "Market"
 
 
@@ -176,6 +177,7 @@ def prepare(book: Book) -> Prepared:
         )
 
     positions = per_run(book.positions, "pos_seq")
+    positions = positions.with_columns(pl.int_range(positions.height, dtype=SLOT, eager=True).alias("slot"))
     cash = per_run(book.cash, "cash_seq")
     lots = per_run(book.lots, "lot_seq")
     model = (
@@ -184,6 +186,7 @@ def prepare(book: Book) -> Prepared:
         .drop("model_id")
         .pipe(sort_rows, "run", "model_seq")
     )
+    model = model.with_columns(_model_slots(runs, positions, book.models, model).alias("slot"))
     prices = (
         book.prices.sort("seq")
         .unique(["market_snapshot_id", "instrument_id"], keep="first", maintain_order=True)
@@ -221,3 +224,30 @@ def prepare(book: Book) -> Prepared:
         ).drop("seq"),
     )
     return Prepared(runs=runs, positions=positions, cash=cash, lots=lots, model=model, market=market)
+
+
+def _model_slots(runs: pl.DataFrame, positions: pl.DataFrame, models: pl.DataFrame, model: pl.DataFrame) -> pl.Series:
+    """The holding slot of each row of ``model``: the slot of the run's position in the
+    same instrument, else a slot of its own after every position's.
+
+    A slot names one (run, instrument) of the shard, so later stages join holdings,
+    weights, trades and after-state moves on one integer instead of hashing (run,
+    instrument_id) again and again. The position of each model row is found by looking
+    each position up in the book's models (a few hundred rows, not one row per run and
+    target): ``model`` holds each run's targets as one block in model order, so a target's
+    row is its run's first model row plus its rank within the model."""
+    base = positions.height
+    slots = pl.int_range(base, base + model.height, dtype=SLOT, eager=True)
+    if model.height == 0 or positions.height == 0:
+        return slots
+    rank = models.select(
+        "model_id", "instrument_id", (pl.col("seq").rank("ordinal").over("model_id") - 1).cast(SLOT).alias("_rank")
+    )
+    starts = model.with_row_index("_first").filter((pl.col("run") != pl.col("run").shift(1)).fill_null(True)).select("run", "_first")
+    held = (
+        positions.select("run", "instrument_id", "slot")
+        .pipe(join_runs, runs.select("run", "model_id"))
+        .join(rank, on=["model_id", "instrument_id"], how="inner")
+        .pipe(join_runs, starts, how="inner")
+    )
+    return slots.scatter(held["_first"] + held["_rank"], held["slot"])

@@ -16,7 +16,7 @@ import polars as pl
 from dpm_vec.codes import with_code_lists
 from dpm_vec.frames import join_runs, sort_rows
 from dpm_vec.numeric import DEC, WEIGHT, dmax, dmin, lit
-from dpm_vec.stages.prepare import Market
+from dpm_vec.stages.prepare import SLOT, Market
 
 WARNINGS_SCHEMA = {"run": pl.UInt32, "code": pl.String, "w_order": pl.Int64}
 # warnings sort by w_order: the target stage uses 100_000.., comparison ..199_999, then tax
@@ -27,7 +27,7 @@ TAG_LISTS = [["IMPLICIT_SELL_TO_ZERO"], ["LOCKED_POSITION"], ["CAPPED_BY_MAX_WEI
 
 @dataclass(frozen=True)
 class Targets:
-    trace: pl.DataFrame  # run, instrument_id, trace_order, model_weight, final_weight, final_value, tags, in_model
+    trace: pl.DataFrame  # run, instrument_id, trace_order, model_weight, final_weight, final_value, tags, in_model, slot
     status: pl.DataFrame  # run, target_status (READY | PENDING_REVIEW | BLOCKED), target_fault
     warnings: pl.DataFrame  # run, code, w_order
     group_events: pl.DataFrame
@@ -357,7 +357,7 @@ def _cap_reference(wm: pl.DataFrame):
     cands = (
         wm.filter(cand & (pl.col("_C") > 0))
         .with_columns(pl.col("map_order").rank("ordinal").over("run").alias("_rank"))
-        .select("run", "instrument_id", "_rank", (pl.col("weight") / pl.col("_C")).alias("_a"),
+        .select("run", "slot", "_rank", (pl.col("weight") / pl.col("_C")).alias("_a"),
                 (m - pl.col("weight")).alias("_h"))
     )
     state = wm.filter((pl.col("_excess") > 0) & (pl.col("_C") > 0)).group_by("run").agg(pl.col("_excess").first().alias("_rem"))
@@ -366,13 +366,13 @@ def _cap_reference(wm: pl.DataFrame):
     for rank in range(1, max_rank + 1):
         step = cands.filter(pl.col("_rank") == rank).join(state, on="run", how="inner")
         step = step.with_columns(dmin(pl.col("_rem") * pl.col("_a"), pl.col("_h")).alias("_share"))
-        shares.append(step.select("run", "instrument_id", "_share"))
+        shares.append(step.select("slot", "_share"))
         state = state.join(step.select("run", "_share"), on="run", how="left").with_columns(
             (pl.col("_rem") - pl.col("_share").fill_null(lit(0))).alias("_rem")
         ).drop("_share")
-    share = pl.concat([pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "_share": WEIGHT}), *shares])
+    share = pl.concat([pl.DataFrame(schema={"slot": SLOT, "_share": WEIGHT}), *shares])
     if share.height:  # most books have no capped position: skip joining nothing onto every row
-        wm = wm.join(share, on=["run", "instrument_id"], how="left").with_columns(
+        wm = wm.join(share, on="slot", how="left", maintain_order="left").with_columns(
             (pl.col("weight") + pl.col("_share").fill_null(lit(0))).alias("weight")
         ).drop("_share")
     pending = pl.concat([
@@ -412,14 +412,15 @@ def _cap_rfc(market: Market, wm: pl.DataFrame):
 
 def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.DataFrame:
     """§6.5: model targets in model order, then non-model map entries in map order."""
-    weights = wm.select("run", "instrument_id", pl.col("weight").alias("final_weight"))
-    model_rows = model.join(weights, on=["run", "instrument_id"], how="left").select(
+    # a slot names one (run, instrument): joins on it are joins on (run, instrument_id)
+    weights = wm.select("slot", pl.col("weight").alias("final_weight"))
+    model_rows = model.join(weights, on="slot", how="left", maintain_order="left").select(
         "run", "instrument_id", pl.col("model_seq").cast(pl.Int64).alias("trace_order"),
-        pl.col("model_weight"), pl.col("final_weight").fill_null(lit(0)), pl.lit(True).alias("in_model"),
+        pl.col("model_weight"), pl.col("final_weight").fill_null(lit(0)), pl.lit(True).alias("in_model"), "slot",
     )
-    others = wm.join(model.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti").select(
+    others = wm.filter(~pl.col("slot").is_in(model["slot"].implode())).select(
         "run", "instrument_id", pl.col("map_order").alias("trace_order"), lit("0.0").cast(WEIGHT).alias("model_weight"),
-        pl.col("weight").alias("final_weight"), pl.lit(False).alias("in_model"),
+        pl.col("weight").alias("final_weight"), pl.lit(False).alias("in_model"), "slot",
     )
     trace = join_runs(pl.concat([model_rows, others]), totals.select("run", "total_value"))
     tag_case = (

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec import dec28 as f28
-from dpm_vec.frames import join_runs, sort_rows
+from dpm_vec.frames import join_on_index, join_runs, sort_rows
 from dpm_vec.numeric import DEC, QTY, dabs, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -25,7 +25,7 @@ TURNOVER_ORDER = 400_000_000
 
 @dataclass(frozen=True)
 class Translation:
-    intents: pl.DataFrame  # run, instrument_id, intent_no, side, quantity, price, price_currency, rate, notional, notional_base, ...
+    intents: pl.DataFrame  # run, instrument_id, intent_no, side, quantity, price, price_currency, rate, notional, notional_base, ..., slot
     suppressed: pl.DataFrame  # run, instrument_id, trace_order, intended_notional, currency, threshold_amount, threshold_currency
     dq: pl.DataFrame
     warnings: pl.DataFrame
@@ -46,7 +46,7 @@ def translate(
         "suppress_dust_trades", "notional_sizing", "rfc_rationale_codes", "enable_tax_awareness", "max_realized_capital_gains",
     )
     t = market.with_price(
-        join_runs(trace.select("run", "instrument_id", "trace_order", "final_weight", "in_model", "tags"), policy)
+        join_runs(trace.select("run", "instrument_id", "trace_order", "final_weight", "in_model", "tags", "slot"), policy)
     )
     price_missing = dq.findings(t, pl.col("price").is_null(), "price_missing", pl.col("instrument_id"), dq.TRANSLATION, pl.col("trace_order") * 2)
     t = _drop_nulls(t, "price")
@@ -57,11 +57,8 @@ def translate(
     )
     t = _drop_nulls(t, "rate")
     t = market.with_shelf(t, ("min_notional_amount", "min_notional_currency", "trade_by"))
-    held = positions_input.select("run", "instrument_id", pl.col("quantity").alias("held_quantity"), "market_value")
-    t = (
-        join_runs(t, totals.select("run", "total_value"))
-        .join(held, on=["run", "instrument_id"], how="left")
-    )
+    held = positions_input.select("slot", pl.col("quantity").alias("held_quantity"), "market_value")
+    t = join_on_index(join_runs(t, totals.select("run", "total_value")), held, "slot")
     t = t.with_columns(
         ((pl.col("total_value") * pl.col("final_weight").cast(DEC)) / pl.col("rate")).alias("target_value_instr"),
         pl.when(pl.col("market_value").is_not_null()).then(pl.col("market_value"))
@@ -114,7 +111,7 @@ def translate(
         "price_currency", "rate", "notional", "notional_base", "base_currency",
         pl.col("threshold_amount").is_not_null().alias("min_notional_applied"),
         (pl.col("quantity") < pl.col("requested_quantity")).alias("tax_budget_applied"),
-        "final_weight", "held_quantity", "by_notional", _rationale().alias("rationale_code"), "quantity_f28",
+        "final_weight", "held_quantity", "by_notional", _rationale().alias("rationale_code"), "quantity_f28", "slot",
         # a budget-limited quantity below Decimal(38, 28)'s unit is 0 there but kept by its 28-digit value
         (~suppress & ((pl.col("quantity") > 0) | (f28.sign("quantity_f28") > 0))).alias("_kept"),
     ).filter("_kept").select(
@@ -168,7 +165,7 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame) -> pl.DataFrame:
         pl.when(f28.sign("_delta_f") > 0).then(pl.lit("BUY")).otherwise(pl.lit("SELL")).alias("side"),
         f28.to_dec("_abs_delta_f").alias("_abs_delta"),
     ).select(t.columns)
-    others = t.join(near.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti")
+    others = t.filter(~pl.col("slot").is_in(near["slot"].implode()))
     return sort_rows(pl.concat([others, near]), "run", "trace_order")
 
 

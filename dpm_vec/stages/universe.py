@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec import dec28 as f28
-from dpm_vec.frames import join_runs, sort_rows
+from dpm_vec.frames import join_on_index, join_runs, sort_rows
 from dpm_vec.numeric import DEC, WEIGHT, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -26,7 +26,7 @@ LOOP2_OFFSET = 1 << 40  # map order of held-position entries: after every model 
 
 @dataclass(frozen=True)
 class Universe:
-    weight_map: pl.DataFrame  # run, instrument_id, map_order, kind, weight
+    weight_map: pl.DataFrame  # run, instrument_id, map_order, kind, weight, slot
     excluded: pl.DataFrame  # run, instrument_id, reason_code, excl_order
     eligible: pl.DataFrame  # run, list (buy|sell), instrument_id, list_order
     sell_only_excess: pl.DataFrame  # run, sell_only_excess
@@ -67,18 +67,17 @@ def build_universe(
     # duplicate model rows are rejected upstream, so one map entry per model target
     map1 = in_map1.select(
         "run", "instrument_id", pl.col("model_seq").cast(pl.Int64).alias("map_order"), "kind",
-        pl.when(pl.col("kind") == "BUYABLE").then(pl.col("model_weight")).otherwise(lit(0)).alias("weight"),
+        pl.when(pl.col("kind") == "BUYABLE").then(pl.col("model_weight")).otherwise(lit(0)).alias("weight"), "slot",
     )
-    held = positions_before.filter(pl.col("quantity") != 0).join(
-        map1.select("run", "instrument_id"), on=["run", "instrument_id"], how="anti"
-    )
-    held = market.with_shelf(held.select("run", "pos_seq", "instrument_id", "weight"), ("status",))
+    # a held instrument that is a map entry already shares its slot with that model row
+    held = positions_before.filter((pl.col("quantity") != 0) & ~pl.col("slot").is_in(map1["slot"].implode()))
+    held = market.with_shelf(held.select("run", "pos_seq", "instrument_id", "weight", "slot"), ("status",))
     held = _stale_as_status(held, stale_flag)
     locked = pl.col("status").is_null() | pl.col("status").is_in(["SUSPENDED", "BANNED", "RESTRICTED", "PRICE_STALE"])
     map2 = held.select(
         "run", "instrument_id", (pl.col("pos_seq").cast(pl.Int64) + LOOP2_OFFSET).alias("map_order"),
         pl.when(locked).then(pl.lit("LOCKED")).otherwise(pl.lit("LIQUIDATION")).alias("kind"),
-        pl.when(locked).then(pl.col("weight")).otherwise(lit(0)).cast(DEC).alias("weight"),
+        pl.when(locked).then(pl.col("weight")).otherwise(lit(0)).cast(DEC).alias("weight"), "slot",
     )
     loop2_excluded = held.filter(locked).select(
         "run", "instrument_id",
@@ -122,11 +121,8 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
     locked = map2.filter(pl.col("kind") == "LOCKED")
     if locked.height == 0:
         return map2.with_columns(pl.col("weight").cast(WEIGHT))
-    # every locked entry is a held position (map2 is built from them): inner is left here,
-    # and an inner join hashes the small side instead of every position
-    locked = locked.join(
-        positions.select("run", "instrument_id", "value_instr", "instrument_currency"), on=["run", "instrument_id"], how="inner"
-    )
+    # every locked entry is a held position (map2 is built from them): inner is left here
+    locked = join_on_index(locked, positions.select("slot", "value_instr", "instrument_currency"), "slot", how="inner")
     locked = join_runs(join_runs(locked, runs.select("run", "base_currency")), totals.select("run", "divisor"))
     locked = market.with_rate_f28(locked, "instrument_currency", "base_currency", "_rate_f")
     locked = f28.from_dec(locked, "value_instr", "_value_f")
@@ -137,5 +133,5 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
         pl.when(pl.col("_rate_f").is_null()).then(pl.lit(0, dtype=WEIGHT)).otherwise(f28.to_d28("_weight_f")).alias("_exact")
     )
     return map2.with_columns(pl.col("weight").cast(WEIGHT)).join(
-        locked.select("run", "instrument_id", "_exact"), on=["run", "instrument_id"], how="left"
+        locked.select("slot", "_exact"), on="slot", how="left", maintain_order="left"
     ).with_columns(pl.coalesce("_exact", "weight").alias("weight")).drop("_exact")

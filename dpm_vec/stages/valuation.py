@@ -16,7 +16,7 @@ from dpm_vec.stages.prepare import Market
 @dataclass(frozen=True)
 class ValuedState:
     positions: pl.DataFrame  # run, pos_seq, instrument_id, quantity, instrument_currency,
-    #                          asset_class, price, value_instr, value_base, weight
+    #                          asset_class, price, value_instr, value_base, weight, slot
     cash: pl.DataFrame  # run, cash_seq, currency, amount, settled, pending, value_base
     totals: pl.DataFrame  # run, total_value, cash_value, divisor
     allocations: pl.DataFrame  # run, dimension, key, bucket_order, value, weight
@@ -89,7 +89,7 @@ def value_state(
         pos = pos.with_columns(pl.lit(None, dtype=F28).alias("quantity_f28"))
     positions_out = pos.select(
         "run", "pos_seq", "instrument_id", "quantity", "quantity_f28", "instrument_currency", "asset_class",
-        "price", "value_instr", "value_base", "weight", "market_value", "market_value_currency",
+        "price", "value_instr", "value_base", "weight", "market_value", "market_value_currency", "slot",
     )
     positions_out = sort_rows(positions_out, "run", "pos_seq")
     cash_out = sort_rows(cash.select("run", "cash_seq", "currency", "amount", "settled", "pending", "value_base"), "run", "cash_seq")

@@ -81,3 +81,25 @@ def test_rates_per_pair_match_rates_per_row(prepared):
     assert fast_rates.columns == ["run", "a", "b", "r"] and fast_rates.equals(row_rates)
     assert fast_rates["r"].null_count() == 3  # XXX unquoted, and both null pairs
     assert fast.with_rate_f28(frame, "a", "b", "f").equals(general.with_rate_f28(frame, "a", "b", "f"))
+
+
+@pytest.mark.parametrize("bad_data", [False, True])
+def test_holding_slots_name_one_run_and_instrument(bad_data):
+    """A model row shares its slot with the run's position in the same instrument (found
+    through the book's few model rows, not by hashing every (run, instrument)), and every
+    other model row gets a slot no position has: slot joins must equal (run,
+    instrument_id) joins. The bad-data book has runs with unknown models."""
+    from dpm_vec.book import make_book
+    from dpm_vec.generate import generate_book_frames
+
+    frames = generate_book_frames(300, 11, bad_data=bad_data, holdings=(3, 12))
+    # reverse the book's model rows: a model's targets are then not contiguous in file order
+    frames["models"] = frames["models"].reverse()
+    p = prepare(make_book(**frames))
+    assert p.positions["slot"].to_list() == list(range(p.positions.height))
+    by_pair = p.model.join(p.positions.select("run", "instrument_id", pl.col("slot").alias("_held")),
+                           on=["run", "instrument_id"], how="left", maintain_order="left")
+    held = by_pair.filter(pl.col("_held").is_not_null())
+    assert held.height > 0 and (held["slot"] == held["_held"]).all()
+    unheld = by_pair.filter(pl.col("_held").is_null())["slot"]
+    assert unheld.len() > 0 and unheld.min() >= p.positions.height and unheld.n_unique() == unheld.len()

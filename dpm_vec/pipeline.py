@@ -129,9 +129,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
 
     # after-state for runs that did not block on the ladder; E3 revalues the before-state
     traded = _without(live, settled_block)
-    pos_after, cash_after = compliance.apply_intents(
-        _only(p.positions, traded), _only(p.cash, traded), _only(intents.select(compliance.APPLIED_INTENT_COLUMNS), traded)
-    )
+    pos_after, cash_after = compliance.apply_intents(_only(p.positions, traded), _only(p.cash, traded), intents, traded)
     after = value_state(market, traded, pos_after, cash_after, trust_snapshot=False, stage=dq.VALUATION_AFTER, allocations=allocations)
     revalued = value_state(market, _only(runs, settled_block), _only(p.positions, settled_block), _only(p.cash, settled_block),
                            trust_snapshot=trust, stage=dq.VALUATION_AFTER, allocations=allocations)

@@ -25,16 +25,17 @@ _SECURITY_MOVES = (
     "intent_type", "run", "instrument_id", "side", "quantity", "quantity_f28", "exec_order", "notional", "notional_currency", "slot",
 )
 _FX_MOVES = ("intent_type", "run", "exec_order", "buy_currency", "buy_amount", "sell_currency", "sell_amount_estimated")
-APPLIED_INTENT_COLUMNS = tuple(dict.fromkeys(_SECURITY_MOVES + _FX_MOVES))  # what apply_intents reads
 
 
-def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataFrame):
-    """Apply intents in execution order to the input holdings; new rows get sequence
-    numbers after the held ones, in the order they are first touched. Positions come back
-    in (run, sequence) order when the held ones came in it; cash rows unordered
-    (valuation orders what is not)."""
+def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataFrame, runs: pl.DataFrame):
+    """Apply the intents of ``runs`` in execution order to their input holdings
+    (``positions`` and ``cash`` hold those runs' rows); new rows get sequence numbers after
+    the held ones, in the order they are first touched. Positions come back in (run,
+    sequence) order when the held ones came in it; cash rows unordered (valuation orders
+    what is not)."""
+    of_runs = pl.col("run").is_in(runs["run"].implode())
     # narrow before filtering: the intents frame is wide and a filter gathers every column
-    sec = intents.select(_SECURITY_MOVES).filter(pl.col("intent_type") == "SECURITY_TRADE")
+    sec = intents.select(_SECURITY_MOVES).filter((pl.col("intent_type") == "SECURITY_TRADE") & of_runs)
     # one security intent per (run, instrument): trace instruments are unique in a run
     qty_moves = sec.select(
         "run", "instrument_id", "slot",
@@ -70,7 +71,7 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
     ).pipe(sort_rows, "run", "pos_seq")
     # appended rows follow a run's held ones: merged by run, the rows are in (run, pos_seq) order
     pos = concat_by_run([pos, pl.concat([pos.head(0), new_pos], how="diagonal_relaxed")])
-    fx = intents.select(_FX_MOVES).filter(pl.col("intent_type") == "FX_SPOT")
+    fx = intents.select(_FX_MOVES).filter((pl.col("intent_type") == "FX_SPOT") & of_runs)
     cash_moves = pl.concat([
         sec.select("run", pl.col("notional_currency").alias("currency"),
                    pl.when(pl.col("side") == "BUY").then(-pl.col("notional")).otherwise(pl.col("notional")).alias("_move"),

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -53,14 +54,25 @@ def book(n: int, seed: int = 7, holdings: tuple[int, int] = (30, 80), name: str 
     return path
 
 
+def machine_steal_s() -> float:
+    """CPU seconds the hypervisor gave to other guests since boot (``steal`` in
+    /proc/stat, all CPUs); 0.0 where the kernel does not report it."""
+    try:
+        return int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def timed_sweep(book_dir: Path, shard_size: int, extra: list[str] | None = None) -> dict:
-    """Sweep in a subprocess; wall time, and peak RSS summed over the process tree (a
-    sweep with --workers runs its shards in Dask worker processes)."""
+    """Sweep in a subprocess; wall time, peak RSS summed over the process tree (a sweep
+    with --workers runs its shards in Dask worker processes), the tree's user and system
+    CPU seconds, and the machine's steal seconds while it ran."""
     out = OUT / book_dir.name
     shutil.rmtree(out, ignore_errors=True)
     for stale in OUT.glob(f".{book_dir.name}.*"):  # an interrupted sweep's work dir would be resumed, not timed
         shutil.rmtree(stale, ignore_errors=True)
     cmd = [*DPM, "sweep", str(book_dir), "--out", str(out), "--quiet", "--shard-size", str(shard_size), *(extra or [])]
+    cpu_before, steal_before = resource.getrusage(resource.RUSAGE_CHILDREN), machine_steal_s()
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     root, peak = psutil.Process(proc.pid), 0
@@ -72,13 +84,17 @@ def timed_sweep(book_dir: Path, shard_size: int, extra: list[str] | None = None)
             pass
         time.sleep(0.1)
     wall = time.perf_counter() - started
+    # the sweep and every process it waited for (its Dask workers), now that it is reaped
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    user, system = cpu.ru_utime - cpu_before.ru_utime, cpu.ru_stime - cpu_before.ru_stime
+    steal = machine_steal_s() - steal_before
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.read()[-2000:])
     manifest = json.loads((out / "manifest.json").read_text())
     if manifest["resumed_shards"]:
         raise RuntimeError(f"{book_dir.name}: {manifest['resumed_shards']} shard(s) resumed, not computed: not a timing")
     shutil.rmtree(out, ignore_errors=True)
-    return {"wall_s": wall, "peak_rss_mib": peak / 2**20, "manifest": manifest}
+    return {"wall_s": wall, "peak_rss_mib": peak / 2**20, "cpu_user_s": user, "cpu_sys_s": system, "steal_s": steal, "manifest": manifest}
 
 
 def oracle_throughput(book_dir: Path, sample: int, seed: int = 1) -> dict:
@@ -117,6 +133,7 @@ def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
             rows.append({
                 "portfolios": n, "holding_rows": holding_rows, "mode": mode, "shard_size": shard,
                 "wall_s": sweep["wall_s"], "portfolios_per_s": pps, "peak_rss_mib": sweep["peak_rss_mib"],
+                "cpu_user_s": sweep["cpu_user_s"], "cpu_sys_s": sweep["cpu_sys_s"], "steal_s": sweep["steal_s"],
                 "oracle_portfolios_per_s": orc["portfolios_per_s"], "oracle_sample": orc["sample"],
                 "ratio_vs_oracle": pps / orc["portfolios_per_s"], "top_stages": sorted(stages.items(), key=lambda kv: -kv[1])[:3],
                 "counts_by_status": sweep["manifest"]["counts_by_status"],
@@ -282,12 +299,16 @@ def merge_results(old: dict, new: dict) -> dict:
 
 def markdown(results: dict) -> str:
     lines = [f"Machine: {results['machine']}; allocator (_RJEM_MALLOC_CONF): {results.get('allocator')}", "",
-             "| portfolios | holding rows | mode (shard) | wall (s) | portfolios/s | peak RSS (MiB) | oracle portfolios/s | ratio | top stages (s) |",
-             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| portfolios | holding rows | mode (shard) | wall (s) | CPU user / system (s) | steal (s) | portfolios/s | peak RSS (MiB) "
+             "| oracle portfolios/s | ratio | top stages (s) |",
+             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results.get("scaling", []):
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r["top_stages"])
+        cpu = f"{r['cpu_user_s']:.0f} / {r['cpu_sys_s']:.0f}" if "cpu_user_s" in r else "–"
+        steal = f"{r['steal_s']:.0f}" if "steal_s" in r else "–"
         lines.append(f"| {r['portfolios']:,} | {r['holding_rows']:,} | {r.get('mode', '1 process')} ({r['shard_size']:,}) | {r['wall_s']:.1f} | "
-                     f"{r['portfolios_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} | {r['oracle_portfolios_per_s']:,.1f} | {r['ratio_vs_oracle']:,.1f}x | {stages} |")
+                     f"{cpu} | {steal} | {r['portfolios_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} | {r['oracle_portfolios_per_s']:,.1f} | "
+                     f"{r['ratio_vs_oracle']:,.1f}x | {stages} |")
     if results.get("holdings"):
         lines += ["", "| holdings/portfolio | portfolios | holding rows | target rows | wall (s) | µs per holding row | µs per target row | peak RSS (MiB) |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

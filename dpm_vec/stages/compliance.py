@@ -98,7 +98,8 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
     pos_stats = positions.group_by("run").agg(
         pl.col("quantity").filter(pl.col("quantity") < 0).min().alias("_min_qty"),
     )
-    inst = allocations.filter(pl.col("dimension") == "instrument")
+    # a position's weight is its instrument bucket's: value_base / divisor, computed once in valuation
+    inst = positions.select("run", pl.col("instrument_id").alias("key"), pl.col("pos_seq").cast(pl.Int64).alias("bucket_order"), "weight")
     max_w = inst.group_by("run").agg(pl.col("weight").max().alias("_max_w"))
     cash_stats = cash.group_by("run").agg(pl.col("amount").filter(pl.col("amount") < 0).min().alias("_min_cash"))
     r = (

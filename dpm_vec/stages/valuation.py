@@ -105,7 +105,7 @@ def value_state(
 
 def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: pl.DataFrame, full: bool) -> pl.DataFrame:
     """Asset-class, instrument and shelf-attribute buckets (§5.1), in first-appearance order.
-    Without ``full`` only the buckets the rules read are built: CASH and per instrument."""
+    Without ``full`` only the bucket the rules read is built: CASH."""
     # only a literal CASH asset class shares the cash bucket, so that is all the rules need
     class_pos = pos if full else pos.filter(pl.col("asset_class") == "CASH")
     by_class = (
@@ -128,8 +128,9 @@ def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: 
         pl.col("pos_seq").cast(pl.Int64).alias("bucket_order"), pl.col("value_base").alias("value"),
     )
     if not full:
-        # only the rules read these, by filter and aggregate: no order to establish
-        return _finish(pl.concat([_frame(by_class), _frame(by_instrument)]), totals, sort=False)
+        # only the rules read the buckets, and of them only CASH (instrument weights they
+        # take from the positions): no order to establish
+        return _finish(_frame(by_class), totals, sort=False)
     attrs = market.with_attributes(pos.select("run", "pos_seq", "instrument_id", "value_base"))
     by_attribute = (
         attrs.group_by("run", "attribute", "value")

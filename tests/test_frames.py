@@ -34,35 +34,16 @@ def test_code_lists_keep_row_order_and_pick_by_case():
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.lists(st.integers(0, 5), max_size=15),
-    st.lists(st.integers(0, 5), unique=True, max_size=6),
-    st.sampled_from(["dense", "sorted", "any"]),
-)
-def test_join_runs_is_the_order_keeping_join(frame_runs, table_runs, order):
-    """Per-run tables of runs 0..k-1 take the gather path, other sorted ones the index
-    look-up; both must give exactly Polars' order-keeping join, including the nulls
-    (left) or dropped rows (inner) for runs the table lacks."""
-    if order == "dense":
-        table_runs = list(range(len(table_runs)))
-    elif order == "sorted":
-        table_runs = sorted(table_runs)
-    frame = pl.DataFrame({"run": pl.Series(frame_runs, dtype=pl.UInt32), "row": list(range(len(frame_runs)))})
-    table = pl.DataFrame({"run": pl.Series(table_runs, dtype=pl.UInt32), "value": [f"v{r}" for r in table_runs]})
-    for how in ("left", "inner"):
-        expected = frame.join(table, on="run", how=how, maintain_order="left")
-        assert join_runs(frame, table, how).equals(expected), (how, frame_runs, table_runs)
-
-
-@settings(max_examples=200, deadline=None)
-@given(
     st.lists(st.one_of(st.none(), st.integers(0, 8)), max_size=15),
     st.lists(st.integers(0, 5), unique=True, max_size=6),
     st.sampled_from(["dense", "sorted", "any"]),
 )
-def test_join_on_index_matches_nothing_for_null_or_unknown_keys(frame_slots, table_slots, order):
-    """Holding slots of model targets not held lie beyond the positions table, and FX
-    intents have none: those rows must come back unmatched (left) or dropped (inner),
-    exactly as Polars' join leaves them, never gathered out of range."""
+def test_join_on_index_is_the_order_keeping_join(frame_slots, table_slots, order):
+    """Tables of keys 0..k-1 take the gather path, other sorted ones the index look-up,
+    the rest Polars' join; all must give exactly Polars' order-keeping join. Holding slots
+    of model targets not held lie beyond the positions table and FX intents have none:
+    those rows come back unmatched (left) or dropped (inner), never gathered out of range.
+    ``join_runs`` is the same join on ``run``."""
     if order == "dense":
         table_slots = list(range(len(table_slots)))
     elif order == "sorted":
@@ -72,6 +53,8 @@ def test_join_on_index_matches_nothing_for_null_or_unknown_keys(frame_slots, tab
     for how in ("left", "inner"):
         expected = frame.join(table, on="slot", how=how, maintain_order="left")
         assert join_on_index(frame, table, "slot", how).equals(expected), (how, frame_slots, table_slots)
+        by_run = join_runs(frame.rename({"slot": "run"}), table.rename({"slot": "run"}), how)
+        assert by_run.equals(expected.rename({"slot": "run"})), (how, frame_slots, table_slots)
 
 
 @settings(max_examples=100, deadline=None)

@@ -26,18 +26,25 @@ _PACKABLE = {pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt
 def sort_rows(frame: pl.DataFrame, *by: str) -> pl.DataFrame:
     """``frame`` sorted ascending by ``by``, stable (rows with equal keys keep their order).
 
-    A frame already in order comes back as it is: frames out of an order-keeping join
+    A frame already in order comes back unmoved: frames out of an order-keeping join
     usually are, and the check (~2 ms) is much cheaper than gathering every column again
     (~110 ms for the 1.4M rows of a 25k shard's weight map). Integer keys (run, sequence
     and order columns) are sorted as one packed UInt64 (``_packed_key``); others, keys
-    with nulls or keys too wide to pack take Polars' own stable sort."""
+    with nulls or keys too wide to pack take Polars' own stable sort. Without nulls the
+    first key comes back flagged as sorted."""
     if frame.height < 2:
         return frame
     nulls = frame.select(pl.sum_horizontal(pl.col(key).null_count() for key in by)).item()
-    if not nulls and is_ordered(frame, *by):
+    if nulls:
+        return frame.sort(list(by), maintain_order=True)
+    if not is_ordered(frame, *by):
+        packed = _packed_key(frame, by)
+        frame = frame.sort(packed if packed is not None else list(by), maintain_order=True)
+    elif frame[by[0]].flags["SORTED_ASC"]:
         return frame
-    packed = None if nulls else _packed_key(frame, by)
-    return frame.sort(packed if packed is not None else list(by), maintain_order=True)
+    # flagged, group-bys and windows over the first key take contiguous slices instead of
+    # hashing it (a sum over run on 1.3M rows: 6 ms instead of 26 ms)
+    return frame.with_columns(pl.col(by[0]).set_sorted())
 
 
 def _packed_key(frame: pl.DataFrame, by: tuple[str, ...]) -> pl.Expr | None:

@@ -22,6 +22,10 @@ def test_sort_rows_sorts_only_when_needed():
     assert sort_rows(frame, "run", "seq")["v"].to_list() == ["z", "y", "x"]
     done = sort_rows(frame, "run", "seq")
     assert sort_rows(done, "run", "seq") is done
+    # the first key is flagged sorted, so group-bys over it slice instead of hashing
+    assert done["run"].flags["SORTED_ASC"] and not frame["run"].flags["SORTED_ASC"]
+    ordered = pl.DataFrame({"run": [0, 0, 1], "seq": [1, 2, 0]})
+    assert sort_rows(ordered, "run", "seq")["run"].flags["SORTED_ASC"]
 
 
 def test_code_lists_keep_row_order_and_pick_by_case():

@@ -51,13 +51,13 @@ def _effective(conf: str) -> dict[str, str]:
 def test_engine_allocator_setting_survives_a_parent_that_imported_polars_first():
     """A harness or notebook that imports Polars before dpm_vec carries Polars' half-second
     decay in its environment; the sweeps it starts must still keep freed pages a minute."""
-    from dpm_vec import ENGINE_MALLOC_CONF
+    from dpm_vec import ENGINE_MALLOC_CONF, POLARS_MALLOC_CONF
 
     for code in ("import polars, dpm_vec", "import dpm_vec, polars"):
         conf = _allocator_conf(code, None)
         assert _effective(conf) == _effective(ENGINE_MALLOC_CONF), (code, conf)
         # and the child that inherits it: Polars appends the inherited value to its own
-        assert _effective("dirty_decay_ms:500,muzzy_decay_ms:1000," + conf) == _effective(ENGINE_MALLOC_CONF)
+        assert _effective(POLARS_MALLOC_CONF + "," + conf) == _effective(ENGINE_MALLOC_CONF)
 
 
 def test_explicit_allocator_setting_is_kept():

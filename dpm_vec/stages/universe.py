@@ -132,6 +132,6 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
     locked = locked.with_columns(
         pl.when(pl.col("_rate_f").is_null()).then(pl.lit(0, dtype=WEIGHT)).otherwise(f28.to_d28("_weight_f")).alias("_exact")
     )
-    return map2.with_columns(pl.col("weight").cast(WEIGHT)).join(
-        locked.select("slot", "_exact"), on="slot", how="left", maintain_order="left"
-    ).with_columns(pl.coalesce("_exact", "weight").alias("weight")).drop("_exact")
+    return join_on_index(map2.with_columns(pl.col("weight").cast(WEIGHT)), locked.select("slot", "_exact"), "slot").with_columns(
+        pl.coalesce("_exact", "weight").alias("weight")
+    ).drop("_exact")

@@ -123,14 +123,14 @@ def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: 
         .agg(pl.col("value").sum(), pl.col("bucket_order").min())
         .with_columns(pl.lit("asset_class").alias("dimension"))
     )
-    by_instrument = pos.select(
-        "run", pl.lit("instrument").alias("dimension"), pl.col("instrument_id").alias("key"),
-        pl.col("pos_seq").cast(pl.Int64).alias("bucket_order"), pl.col("value_base").alias("value"),
-    )
     if not full:
         # only the rules read the buckets, and of them only CASH (instrument weights they
         # take from the positions): no order to establish
         return _finish(_frame(by_class), totals, sort=False)
+    by_instrument = pos.select(
+        "run", pl.lit("instrument").alias("dimension"), pl.col("instrument_id").alias("key"),
+        pl.col("pos_seq").cast(pl.Int64).alias("bucket_order"), pl.col("value_base").alias("value"),
+    )
     attrs = market.with_attributes(pos.select("run", "pos_seq", "instrument_id", "value_base"))
     by_attribute = (
         attrs.group_by("run", "attribute", "value")

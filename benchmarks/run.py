@@ -5,7 +5,8 @@
 
 For each book size it generates a deterministic book (cached under benchmarks/_books),
 sweeps it with ``dpm-vec sweep`` in a subprocess (wall time, and peak RSS summed over
-the process tree), from 100k portfolios up also with two Dask worker processes, and
+the process tree), from 100k portfolios up also with one shard thread and with two Dask
+worker processes, and
 times the scalar oracle (dpm_vec/oracle.py) on a sample of the same book's portfolios.
 It also measures cost per holding row across portfolio sizes, the
 batch JSON door against single calls, concurrent single calls over HTTP with and without
@@ -35,6 +36,7 @@ import polars as pl  # noqa: E402
 import psutil  # noqa: E402
 
 from dpm_vec import oracle  # noqa: E402
+from dpm_vec.defaults import default_shard_size  # noqa: E402
 from dpm_vec.export import book_to_requests  # noqa: E402
 from dpm_vec.generate import write_generated_book  # noqa: E402
 from dpm_vec.io import read_book, read_portfolios, read_reference  # noqa: E402
@@ -110,22 +112,25 @@ def oracle_throughput(book_dir: Path, sample: int, seed: int = 1) -> dict:
     return {"sample": len(requests), "seconds": seconds, "portfolios_per_s": len(requests) / seconds}
 
 
-WORKERS = 2  # one Dask worker process per core of the benchmark machine
-PARALLEL_FROM = 100_000  # books this large are also swept with --workers
+WORKERS = THREADS = 2  # one Dask worker process, or one shard thread, per core of the benchmark machine
+PARALLEL_FROM = 100_000  # books this large are also swept with one thread and with --workers
 
 
 def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
-    """Each book swept in one process (25,000-portfolio shards) and, from 100k portfolios
-    up, with two worker processes (12,500-portfolio shards, so that two fit the memory)."""
+    """Each book swept as ``dpm-vec sweep`` does by default (one process, two shard
+    threads, 8,000-portfolio shards) and, from 100k portfolios up, also with one thread
+    (16,000-portfolio shards: the same portfolios in memory) and with two Dask worker
+    processes (8,000 each)."""
     rows = []
     for n in sizes:
         print(f"scaling: {n:,} portfolios", flush=True)
         path = book(n)
         holding_rows = pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item()
         orc = oracle_throughput(path, oracle_sample)
-        modes = [("1 process", min(n, 25_000), [])]
+        modes = [(f"{THREADS} threads", min(n, default_shard_size(THREADS)), ["--threads", str(THREADS)])]
         if n >= PARALLEL_FROM:
-            modes.append((f"{WORKERS} workers", min(n, 12_500), ["--workers", str(WORKERS)]))
+            modes.append(("1 thread", min(n, default_shard_size(1)), ["--threads", "1"]))
+            modes.append((f"{WORKERS} workers", min(n, default_shard_size(WORKERS)), ["--workers", str(WORKERS)]))
         for mode, shard, extra in modes:
             sweep = timed_sweep(path, shard, extra)
             pps = n / sweep["wall_s"]
@@ -154,7 +159,7 @@ def holdings_cost(rows_per_book: int = 500_000) -> list[dict]:
         n = rows_per_book // h
         print(f"holdings: {h} per portfolio, {n:,} portfolios", flush=True)
         path = book(n, seed=5, holdings=(h, h))
-        sweep = timed_sweep(path, min(n, 25_000))
+        sweep = timed_sweep(path, min(n, default_shard_size(THREADS)), ["--threads", str(THREADS)])
         holding_rows = pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item()
         target_rows = sweep["manifest"]["tables"]["targets"]["rows"]
         rows.append({"holdings_per_portfolio": h, "portfolios": n, "holding_rows": holding_rows, "target_rows": target_rows,
@@ -272,7 +277,7 @@ def feature_costs(n: int) -> list[dict]:
         scenario.parent.mkdir(parents=True, exist_ok=True)
         scenario.write_text(json.dumps({"scenarios": {name.replace("_", "-"): {"options": options}}}))
         print(f"feature: {name}", flush=True)
-        sweep = timed_sweep(path, min(n, 25_000), ["--scenarios", str(scenario)])
+        sweep = timed_sweep(path, min(n, default_shard_size(THREADS)), ["--threads", str(THREADS), "--scenarios", str(scenario)])
         base = base or sweep["wall_s"]
         rows.append({"feature": name, "wall_s": sweep["wall_s"], "ratio_to_baseline": sweep["wall_s"] / base,
                      "peak_rss_mib": sweep["peak_rss_mib"]})

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dpm_vec.defaults import DEFAULT_SHARD_SIZE
+from dpm_vec.defaults import DEFAULT_SHARD_SIZE, MAX_DEFAULT_THREADS
 from dpm_vec.errors import DpmVecError
 
 
@@ -62,7 +62,7 @@ def cmd_sweep(args) -> int:
     from dpm_vec.sweep import sweep
 
     manifest = sweep(args.book, args.out, shard_size=args.shard_size, scheduler=args.scheduler, workers=args.workers,
-                     progress=None if not args.quiet else False, scenarios=args.scenarios)
+                     threads=args.threads, progress=None if not args.quiet else False, scenarios=args.scenarios)
     _print_summary(manifest, args.out)
     if manifest.get("scenario_comparison"):
         _print_scenarios(manifest["scenario_comparison"])
@@ -84,9 +84,15 @@ def _print_summary(manifest: dict, out: str) -> None:
     table.add_row("[bold]all[/bold]", f"[bold]{manifest['portfolios']:,}[/bold]", "100.0%")
     console.print(table)
     console.print(
-        f"{manifest['shards']} shard(s), {manifest['resumed_shards']} resumed; wall time {manifest['wall_time_s']:.2f} s "
+        f"{manifest['shards']} shard(s) of {manifest['shard_size']:,} on {_sweep_engines(manifest)}, {manifest['resumed_shards']} resumed; wall time {manifest['wall_time_s']:.2f} s "
         f"({manifest['portfolios_per_second']:,} portfolios/s); intents: {manifest['tables']['intents']['rows']:,}"
     )
+
+
+def _sweep_engines(manifest: dict) -> str:
+    if manifest.get("threads"):
+        return f"{manifest['threads']} thread(s)"
+    return f"{manifest['workers']} local Dask worker(s)" if manifest.get("workers") else "a Dask cluster"
 
 
 def _print_scenarios(rows: list[dict]) -> None:
@@ -217,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("book", help="book directory (see docs/book.md)")
     sw.add_argument("--out", required=True, help="output directory (replaced atomically)")
     sw.add_argument("--shard-size", type=int,
-                    help=f"portfolios per shard; bounds memory (default {DEFAULT_SHARD_SIZE}, about 4 GiB at ~55 holdings per "
-                         f"portfolio; with --workers N, {DEFAULT_SHARD_SIZE} / N)")
+                    help=f"portfolios per shard; bounds memory (default {DEFAULT_SHARD_SIZE} / the shards computed at once: "
+                         f"--threads, or --workers N; about 2.4 GiB in all at ~55 holdings per portfolio)")
+    sw.add_argument("--threads", type=int,
+                    help=f"shards computed at once in this process (default: one per core, at most {MAX_DEFAULT_THREADS})")
     sw.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     sw.add_argument("--workers", type=int, help="start a local Dask cluster with this many worker processes")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")

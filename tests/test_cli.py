@@ -57,7 +57,10 @@ def test_import_requests_then_sweep_matches_the_batch(tmp_path):
     goldens = sorted(GOLDENS.glob("scenario_3*.json"))
     batch = json.loads(cli("simulate", *map(str, goldens)).stdout)
     assert cli("import-requests", *map(str, goldens), "--out", str(tmp_path / "book")).returncode == 0
-    assert cli("sweep", str(tmp_path / "book"), "--out", str(tmp_path / "out"), "--quiet").returncode == 0
+    swept = cli("sweep", str(tmp_path / "book"), "--out", str(tmp_path / "out"), "--quiet", "--threads", "2", "--shard-size", "3")
+    assert swept.returncode == 0, swept.stderr
+    n = len(goldens)
+    assert f"{-(-n // 3)} shard(s) of 3 on 2 thread(s), 0 resumed" in " ".join(swept.stderr.split())
     runs = pl.read_parquet(tmp_path / "out" / "runs" / "*.parquet")
     assert runs["status"].to_list() == [r["status"] for r in batch]
     assert runs["portfolio_id"].to_list() == [r["lineage"]["portfolio_snapshot_id"] for r in batch]
@@ -80,12 +83,19 @@ def test_analyze_prints_the_batch_response():
     assert set(body["results"]) == {"ignore_checks"} and "invalid_case" in body["failed_scenarios"]
 
 
-@pytest.mark.parametrize("args", [["sweep", "/nonexistent/book", "--out", "/tmp/never"], ["query", "/nonexistent", "select 1"]])
-def test_errors_are_one_line_without_traceback(args):
+@pytest.mark.parametrize("args, says", [
+    (["sweep", "/nonexistent/book", "--out", "/tmp/never"], "/nonexistent/book"),
+    (["sweep", str(DATA / "sample_book"), "--out", "/tmp/never", "--threads", "0"], "--threads must be at least 1, got 0"),
+    (["sweep", str(DATA / "sample_book"), "--out", "/tmp/never", "--threads", "2", "--workers", "2"], "--threads applies to a sweep in this process"),
+    (["query", "/nonexistent", "select 1"], "/nonexistent"),
+])
+def test_errors_are_one_line_without_traceback(args, says):
     proc = cli(*args)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("dpm-vec: error:")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dpm-vec: error:") and says in last
     assert "Traceback" not in proc.stderr
+    assert not Path("/tmp/never").exists()
 
 
 def test_reason_code_docs_are_generated_from_the_enum():

@@ -342,9 +342,10 @@ def test_a_portfolio_the_engine_cannot_compute_is_blocked_alone(tmp_path):
     assert runs.filter(pl.col("block_reason") != "ENGINE_ERROR")["exit_path"].is_not_null().all()
 
 
-def test_default_shard_size_is_shared_by_local_workers(book, swept, tmp_path, monkeypatch):
-    """Local worker processes share this machine's memory: without --shard-size each
-    gets its share of the default, so peak memory stays about that of one process."""
+def test_default_shard_size_is_shared_by_shards_computed_at_once(book, swept, tmp_path, monkeypatch):
+    """Local worker processes and shard threads share this machine's memory: without
+    --shard-size each gets its share of the default, so peak memory stays about that of
+    one shard of the default size."""
     from dpm_vec import sweep as sweep_module
     from dpm_vec.defaults import DEFAULT_SHARD_SIZE
     from dpm_vec.errors import DpmVecError
@@ -358,10 +359,76 @@ def test_default_shard_size_is_shared_by_local_workers(book, swept, tmp_path, mo
     monkeypatch.setattr(sweep_module, "_run_on_dask", in_process)
     manifest = sweep(book, tmp_path / "four", workers=4, progress=False)
     assert seen["shard_size"] == manifest["shard_size"] == DEFAULT_SHARD_SIZE // 4
+    assert manifest["workers"] == 4 and manifest["threads"] is None
     _same_outputs(swept[0], tmp_path / "four")
     # a remote cluster's workers have machines of their own: the whole default each
     sweep(book, tmp_path / "remote", scheduler="tcp://scheduler:8786", workers=4, progress=False)
     assert seen["shard_size"] == DEFAULT_SHARD_SIZE
-    assert sweep(book, tmp_path / "one", progress=False)["shard_size"] == DEFAULT_SHARD_SIZE
+    one = sweep(book, tmp_path / "one", threads=1, progress=False)
+    assert one["shard_size"] == DEFAULT_SHARD_SIZE and one["threads"] == 1
+    assert sweep(book, tmp_path / "two", threads=2, progress=False)["shard_size"] == DEFAULT_SHARD_SIZE // 2
+    monkeypatch.setattr(sweep_module, "default_threads", lambda: 3)
+    default = sweep(book, tmp_path / "default", progress=False)
+    assert default["threads"] == 3 and default["shard_size"] == DEFAULT_SHARD_SIZE // 3
     with pytest.raises(DpmVecError, match="--workers must be at least 1"):
         sweep(book, tmp_path / "none", workers=0, progress=False)
+    with pytest.raises(DpmVecError, match="--threads must be at least 1"):
+        sweep(book, tmp_path / "none", threads=0, progress=False)
+    with pytest.raises(DpmVecError, match="--threads applies to a sweep in this process"):
+        sweep(book, tmp_path / "none", threads=2, workers=2, progress=False)
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_outputs_do_not_depend_on_thread_count(book, swept, tmp_path, threads):
+    out, _ = swept
+    other = tmp_path / f"threads_{threads}"
+    manifest = sweep(book, other, shard_size=10, threads=threads, progress=False)
+    assert manifest["threads"] == threads and manifest["shards"] == 8
+    _same_outputs(out, other)
+
+
+def test_shard_threads_compute_shards_at_the_same_time(book, tmp_path, monkeypatch):
+    """With two threads, two shards are in the engine at once: each waits at a barrier
+    that only opens when the other has arrived (one thread would time out there)."""
+    import threading
+
+    from dpm_vec import sweep as sweep_module
+
+    barrier = threading.Barrier(2, timeout=30)
+    names = set()
+    compute = sweep_module.compute_shard
+
+    def meeting(plan, shard):
+        if shard < 2:
+            names.add(threading.current_thread().name)
+            barrier.wait()
+        return compute(plan, shard)
+
+    monkeypatch.setattr(sweep_module, "compute_shard", meeting)
+    sweep(book, tmp_path / "out", shard_size=20, threads=2, progress=False)
+    assert len(names) == 2 and all(name.startswith("dpm-vec-shard") for name in names)
+
+
+def test_a_failing_shard_fails_the_sweep_and_starts_no_more(book, tmp_path, monkeypatch):
+    """An error outside the engine (here: the shard's write) ends the sweep with that error;
+    the shards not yet started are cancelled, and the rerun resumes from the committed ones."""
+    from dpm_vec import sweep as sweep_module
+
+    started = []
+    commit = sweep_module.commit_shard
+
+    def failing(plan, shard, tables, timer):
+        started.append(shard)
+        if shard == 1:
+            raise OSError("disk full")
+        return commit(plan, shard, tables, timer)
+
+    monkeypatch.setattr(sweep_module, "commit_shard", failing)
+    with pytest.raises(OSError, match="disk full"):
+        sweep(book, tmp_path / "out", shard_size=10, threads=1, progress=False)
+    assert started == [0, 1], "shards after the failed one must not start"
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(sweep_module, "commit_shard", commit)
+    manifest = sweep(book, tmp_path / "out", shard_size=10, threads=1, progress=False)
+    assert manifest["resumed_shards"] == 1 and manifest["shards"] == 8

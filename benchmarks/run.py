@@ -36,7 +36,6 @@ import polars as pl  # noqa: E402
 import psutil  # noqa: E402
 
 from dpm_vec import oracle  # noqa: E402
-from dpm_vec.defaults import default_shard_size  # noqa: E402
 from dpm_vec.export import book_to_requests  # noqa: E402
 from dpm_vec.generate import write_generated_book  # noqa: E402
 from dpm_vec.io import read_book, read_portfolios, read_reference  # noqa: E402
@@ -65,15 +64,16 @@ def machine_steal_s() -> float:
         return 0.0
 
 
-def timed_sweep(book_dir: Path, shard_size: int, extra: list[str] | None = None) -> dict:
-    """Sweep in a subprocess; wall time, peak RSS summed over the process tree (a sweep
-    with --workers runs its shards in Dask worker processes), the tree's user and system
-    CPU seconds, and the machine's steal seconds while it ran."""
+def timed_sweep(book_dir: Path, extra: list[str] | None = None) -> dict:
+    """``dpm-vec sweep BOOK ...extra`` in a subprocess (its default shard size unless
+    ``extra`` sets one): wall time, peak RSS summed over the process tree (a sweep with
+    --workers runs its shards in Dask worker processes), the tree's user and system CPU
+    seconds, and the machine's steal seconds while it ran."""
     out = OUT / book_dir.name
     shutil.rmtree(out, ignore_errors=True)
     for stale in OUT.glob(f".{book_dir.name}.*"):  # an interrupted sweep's work dir would be resumed, not timed
         shutil.rmtree(stale, ignore_errors=True)
-    cmd = [*DPM, "sweep", str(book_dir), "--out", str(out), "--quiet", "--shard-size", str(shard_size), *(extra or [])]
+    cmd = [*DPM, "sweep", str(book_dir), "--out", str(out), "--quiet", *(extra or [])]
     cpu_before, steal_before = resource.getrusage(resource.RUSAGE_CHILDREN), machine_steal_s()
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -117,22 +117,23 @@ PARALLEL_FROM = 100_000  # books this large are also swept with one thread and w
 
 
 def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
-    """Each book swept as ``dpm-vec sweep`` does by default (one process, two shard
-    threads, 8,000-portfolio shards) and, from 100k portfolios up, also with one thread
-    (16,000-portfolio shards: the same portfolios in memory) and with two Dask worker
-    processes (8,000 each)."""
+    """Each book swept as ``dpm-vec sweep`` does by default on this machine (one process,
+    two shard threads, 8,000-portfolio shards or the book cut in two) and, from 100k
+    portfolios up, also with one thread (16,000-portfolio shards: the same portfolios in
+    memory) and with two Dask worker processes (8,000 each). Every mode takes the
+    command's default shard size."""
     rows = []
     for n in sizes:
         print(f"scaling: {n:,} portfolios", flush=True)
         path = book(n)
         holding_rows = pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item()
         orc = oracle_throughput(path, oracle_sample)
-        modes = [(f"{THREADS} threads", min(n, default_shard_size(THREADS)), ["--threads", str(THREADS)])]
+        modes = [(f"{THREADS} threads", ["--threads", str(THREADS)])]
         if n >= PARALLEL_FROM:
-            modes.append(("1 thread", min(n, default_shard_size(1)), ["--threads", "1"]))
-            modes.append((f"{WORKERS} workers", min(n, default_shard_size(WORKERS)), ["--workers", str(WORKERS)]))
-        for mode, shard, extra in modes:
-            sweep = timed_sweep(path, shard, extra)
+            modes += [("1 thread", ["--threads", "1"]), (f"{WORKERS} workers", ["--workers", str(WORKERS)])]
+        for mode, extra in modes:
+            sweep = timed_sweep(path, extra)
+            shard = sweep["manifest"]["shard_size"]
             pps = n / sweep["wall_s"]
             stages = sweep["manifest"]["stage_seconds"]
             rows.append({
@@ -159,7 +160,7 @@ def holdings_cost(rows_per_book: int = 500_000) -> list[dict]:
         n = rows_per_book // h
         print(f"holdings: {h} per portfolio, {n:,} portfolios", flush=True)
         path = book(n, seed=5, holdings=(h, h))
-        sweep = timed_sweep(path, min(n, default_shard_size(THREADS)), ["--threads", str(THREADS)])
+        sweep = timed_sweep(path, ["--threads", str(THREADS)])
         holding_rows = pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item()
         target_rows = sweep["manifest"]["tables"]["targets"]["rows"]
         rows.append({"holdings_per_portfolio": h, "portfolios": n, "holding_rows": holding_rows, "target_rows": target_rows,
@@ -277,7 +278,7 @@ def feature_costs(n: int) -> list[dict]:
         scenario.parent.mkdir(parents=True, exist_ok=True)
         scenario.write_text(json.dumps({"scenarios": {name.replace("_", "-"): {"options": options}}}))
         print(f"feature: {name}", flush=True)
-        sweep = timed_sweep(path, min(n, default_shard_size(THREADS)), ["--threads", str(THREADS), "--scenarios", str(scenario)])
+        sweep = timed_sweep(path, ["--threads", str(THREADS), "--scenarios", str(scenario)])
         base = base or sweep["wall_s"]
         rows.append({"feature": name, "wall_s": sweep["wall_s"], "ratio_to_baseline": sweep["wall_s"] / base,
                      "peak_rss_mib": sweep["peak_rss_mib"]})

@@ -5,7 +5,7 @@ import os
 
 # portfolios a sweep holds in memory at once, over all the shards it computes at the same
 # time (threads of one process, or worker processes of a local cluster): peak memory
-# follows it, about 2.4 GiB at ~55 holdings per portfolio (benchmarks/README.md)
+# follows it, 2.2-2.9 GiB at ~55 holdings per portfolio (benchmarks/README.md)
 DEFAULT_SHARD_SIZE = 16_000
 
 # shards computed at once in one process: most Polars kernels run on the calling thread
@@ -14,18 +14,30 @@ DEFAULT_SHARD_SIZE = 16_000
 MAX_DEFAULT_THREADS = 2
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the platform tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_threads() -> int:
     """Shard threads of an in-process sweep when none is given: one per core, at most two."""
-    return max(1, min(MAX_DEFAULT_THREADS, os.cpu_count() or 1))
+    return max(1, min(MAX_DEFAULT_THREADS, usable_cores()))
 
 
-def default_shard_size(concurrent_shards: int | None = None) -> int:
+def default_shard_size(concurrent_shards: int | None = None, portfolios: int | None = None) -> int:
     """Portfolios per shard when none is given. Shards computed at the same time on this
     machine (threads, or local worker processes) share its memory, so each gets its share
-    of the default: peak memory stays about that of one shard of the default size. Smaller
-    shards are also faster on the benchmark machine, down to ~5,000 portfolios (100k book,
-    two threads: 38-41 s with 8,000-portfolio shards, 43-47 s with 12,500)."""
-    return max(1, DEFAULT_SHARD_SIZE // concurrent_shards) if concurrent_shards else DEFAULT_SHARD_SIZE
+    of the default: peak memory stays about that of one shard of the default size. A book
+    smaller than that is cut evenly, so that no thread or worker waits for another. Smaller
+    shards also spend less time in the kernel's page faults on the benchmark machine
+    (100k book, two threads, in a noisy spell: 38-41 s with 8,334-portfolio shards,
+    42-47 s with 12,500, 41-43 s with 5,000)."""
+    if not concurrent_shards:  # a remote cluster: its workers have machines of their own
+        return DEFAULT_SHARD_SIZE
+    size = DEFAULT_SHARD_SIZE // concurrent_shards
+    if portfolios:
+        size = min(size, -(-portfolios // concurrent_shards))
+    return max(1, size)
 
 # Parquet outputs: zstd at level 1 writes ~30% faster than the default level for ~3% more
 # bytes on sweep outputs; every Parquet reader (DuckDB, Spark, Arrow, pandas) reads zstd

@@ -12,7 +12,8 @@
 
 All work lives in ``.<OUT>.work-<fingerprint>`` next to OUT; a killed sweep restarted
 with the same arguments finds it, skips committed shards and ends with the same output
-as an uninterrupted run. Peak memory follows the shard size, not the book size.
+as an uninterrupted run. Peak memory follows the shard size times the shards computed
+at once (threads, or local workers), not the book size.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import pyarrow.parquet as pq
 
 from dpm_vec import __version__
 from dpm_vec.book import Book, conform, empty_table
-from dpm_vec.defaults import PARQUET_COMPRESSION, default_shard_size, default_threads
+from dpm_vec.defaults import PARQUET_COMPRESSION, default_shard_size, default_threads, usable_cores
 from dpm_vec.errors import DpmVecError
 from dpm_vec.io import _path, read_book, read_portfolios, read_reference, replace_dir, scan_table, write_book, write_json_atomic
 from dpm_vec.scenarios import comparison_table, expand, load_scenarios
@@ -303,7 +304,8 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
     given); write the output datasets and manifest. In this process, ``threads`` shards
     at a time (default ``defaults.default_threads``); on a Dask cluster with ``scheduler``
     or ``workers``. Without ``shard_size``, the default divided among the shards computed
-    at once on this machine (``defaults.default_shard_size``)."""
+    at once on this machine, and the book cut evenly among them when it is smaller
+    (``defaults.default_shard_size``)."""
     if workers is not None and workers < 1:
         raise DpmVecError(f"--workers must be at least 1, got {workers}")
     if threads is not None and threads < 1:
@@ -314,9 +316,7 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
     on_dask = bool(scheduler or workers)
     if not on_dask and threads is None:
         threads = default_threads()
-    if shard_size is None:
-        shard_size = default_shard_size(None if scheduler else workers or threads)
-    if shard_size < 1:
+    if shard_size is not None and shard_size < 1:
         raise DpmVecError(f"--shard-size must be at least 1, got {shard_size}")
     started = time.perf_counter()
     book_dir, out_dir = Path(book_dir).resolve(), Path(out_dir).resolve()
@@ -330,6 +330,8 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
 
         derived_tables = expand(portfolios, optional("group_constraints"), optional("overdraft_limits"), scenario_map)
         portfolios = conform("portfolios", derived_tables["portfolios"])
+    if shard_size is None:
+        shard_size = default_shard_size(None if scheduler else workers or threads, portfolios.height)
     plan = plan_sweep(book_dir, out_dir, shard_size, hashes, portfolios.height, scenario_map)
     Path(plan.work_dir).mkdir(parents=True, exist_ok=True)
     if scenario_map and not (Path(plan.work_dir) / "derived").exists():
@@ -370,7 +372,8 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
         "shards": plan.n_shards,
         "shard_size": shard_size,
         "threads": threads,
-        "workers": workers,
+        "workers": None if scheduler else workers,
+        "scheduler": scheduler,
         "resumed_shards": resumed,
         "wall_time_s": round(wall, 3),
         "portfolios_per_second": round(plan.n_portfolios / wall, 1) if wall else None,
@@ -391,7 +394,7 @@ def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, wor
     else:
         # the machine's cores are shared out between the worker processes: Polars in each
         # uses cores // workers threads instead of every core (oversubscription costs ~10%)
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = max(1, usable_cores() // workers)
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                                env={"POLARS_MAX_THREADS": str(threads)})
         client = Client(cluster)

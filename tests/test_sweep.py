@@ -15,6 +15,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from dpm_vec.defaults import DEFAULT_SHARD_SIZE
 from dpm_vec.errors import BookError
 from dpm_vec.generate import generate_book_frames
 from dpm_vec.inspect import query
@@ -342,12 +343,20 @@ def test_a_portfolio_the_engine_cannot_compute_is_blocked_alone(tmp_path):
     assert runs.filter(pl.col("block_reason") != "ENGINE_ERROR")["exit_path"].is_not_null().all()
 
 
+def test_default_shard_size_shares_memory_and_cuts_small_books_evenly():
+    from dpm_vec.defaults import DEFAULT_SHARD_SIZE, default_shard_size
+
+    assert default_shard_size(2, 1_000_000) == DEFAULT_SHARD_SIZE // 2 == 8_000
+    assert default_shard_size(1, 1_000_000) == DEFAULT_SHARD_SIZE
+    assert default_shard_size(2, 10_000) == 5_000  # two even shards, not 8,000 + 2,000
+    assert default_shard_size(3, 10_001) == 3_334 and default_shard_size(4, 3) == 1
+    assert default_shard_size(None, 10) == DEFAULT_SHARD_SIZE  # a remote cluster's workers: the whole default each
+
+
 def test_default_shard_size_is_shared_by_shards_computed_at_once(book, swept, tmp_path, monkeypatch):
     """Local worker processes and shard threads share this machine's memory: without
-    --shard-size each gets its share of the default, so peak memory stays about that of
-    one shard of the default size."""
+    --shard-size each gets its share of the default (here, of the 80-portfolio book)."""
     from dpm_vec import sweep as sweep_module
-    from dpm_vec.defaults import DEFAULT_SHARD_SIZE
     from dpm_vec.errors import DpmVecError
 
     seen = {}
@@ -358,22 +367,24 @@ def test_default_shard_size_is_shared_by_shards_computed_at_once(book, swept, tm
 
     monkeypatch.setattr(sweep_module, "_run_on_dask", in_process)
     manifest = sweep(book, tmp_path / "four", workers=4, progress=False)
-    assert seen["shard_size"] == manifest["shard_size"] == DEFAULT_SHARD_SIZE // 4
+    assert seen["shard_size"] == manifest["shard_size"] == 20 and manifest["shards"] == 4
     assert manifest["workers"] == 4 and manifest["threads"] is None
     _same_outputs(swept[0], tmp_path / "four")
-    # a remote cluster's workers have machines of their own: the whole default each
-    sweep(book, tmp_path / "remote", scheduler="tcp://scheduler:8786", workers=4, progress=False)
-    assert seen["shard_size"] == DEFAULT_SHARD_SIZE
+    remote = sweep(book, tmp_path / "remote", scheduler="tcp://scheduler:8786", workers=4, progress=False)
+    assert (remote["shard_size"], remote["shards"]) == (DEFAULT_SHARD_SIZE, 1)
+    assert (remote["scheduler"], remote["workers"], remote["threads"]) == ("tcp://scheduler:8786", None, None)
     one = sweep(book, tmp_path / "one", threads=1, progress=False)
-    assert one["shard_size"] == DEFAULT_SHARD_SIZE and one["threads"] == 1
-    assert sweep(book, tmp_path / "two", threads=2, progress=False)["shard_size"] == DEFAULT_SHARD_SIZE // 2
+    assert (one["shard_size"], one["shards"], one["threads"]) == (80, 1, 1)
+    assert sweep(book, tmp_path / "two", threads=2, progress=False)["shard_size"] == 40
     monkeypatch.setattr(sweep_module, "default_threads", lambda: 3)
     default = sweep(book, tmp_path / "default", progress=False)
-    assert default["threads"] == 3 and default["shard_size"] == DEFAULT_SHARD_SIZE // 3
+    assert (default["threads"], default["shard_size"], default["shards"]) == (3, 27, 3)
     with pytest.raises(DpmVecError, match="--workers must be at least 1"):
         sweep(book, tmp_path / "none", workers=0, progress=False)
     with pytest.raises(DpmVecError, match="--threads must be at least 1"):
         sweep(book, tmp_path / "none", threads=0, progress=False)
+    with pytest.raises(DpmVecError, match="--shard-size must be at least 1"):
+        sweep(book, tmp_path / "none", shard_size=0, progress=False)
     with pytest.raises(DpmVecError, match="--threads applies to a sweep in this process"):
         sweep(book, tmp_path / "none", threads=2, workers=2, progress=False)
     assert not (tmp_path / "none").exists()

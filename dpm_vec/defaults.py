@@ -5,7 +5,7 @@ import os
 
 # portfolios a sweep holds in memory at once, over all the shards it computes at the same
 # time (threads of one process, or worker processes of a local cluster): peak memory
-# follows it, 2.2-2.9 GiB at ~55 holdings per portfolio (benchmarks/README.md)
+# follows it, 2.2-2.8 GiB at ~55 holdings per portfolio (benchmarks/README.md)
 DEFAULT_SHARD_SIZE = 16_000
 
 # shards computed at once in one process: most Polars kernels run on the calling thread

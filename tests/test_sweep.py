@@ -344,7 +344,7 @@ def test_a_portfolio_the_engine_cannot_compute_is_blocked_alone(tmp_path):
 
 
 def test_default_shard_size_shares_memory_and_cuts_small_books_evenly():
-    from dpm_vec.defaults import DEFAULT_SHARD_SIZE, default_shard_size
+    from dpm_vec.defaults import default_shard_size
 
     assert default_shard_size(2, 1_000_000) == DEFAULT_SHARD_SIZE // 2 == 8_000
     assert default_shard_size(1, 1_000_000) == DEFAULT_SHARD_SIZE
@@ -423,7 +423,7 @@ def test_shard_threads_compute_shards_at_the_same_time(book, tmp_path, monkeypat
 
 def test_a_failing_shard_fails_the_sweep_and_starts_no_more(book, tmp_path, monkeypatch):
     """An error outside the engine (here: the shard's write) ends the sweep with that error;
-    the shards not yet started are cancelled, and the rerun resumes from the committed ones."""
+    no shard after it starts, and the rerun resumes from the committed ones."""
     from dpm_vec import sweep as sweep_module
 
     started = []

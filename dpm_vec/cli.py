@@ -262,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     except DpmVecError as exc:
         print(f"dpm-vec: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = " (committed shards are kept: the same command resumes)" if args.command == "sweep" else ""
+        print(f"dpm-vec: interrupted{resume}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

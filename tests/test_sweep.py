@@ -273,6 +273,30 @@ def test_killed_sweep_resumes_to_identical_output(tmp_path):
     assert runs["run_key"].n_unique() == runs.height == 240
 
 
+def test_interrupted_sweep_says_so_and_resumes(tmp_path):
+    """Ctrl-C (SIGINT) on a real sweep with two shard threads: one line saying how to go on,
+    exit code 130, no traceback, no output dir; the same command then finishes the rest."""
+    book = _book(tmp_path, n=240, seed=22)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dpm_vec.cli", "sweep", str(book), "--out", str(out), "--shard-size", "10", "--threads", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and len(list(tmp_path.glob(".out.work-*/shards/shard-*/_SUCCESS"))) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, "sweep finished before it could be interrupted; make the book bigger"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "dpm-vec: interrupted (committed shards are kept: the same command resumes)"
+    assert "Traceback" not in stderr and not out.exists()
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "manifest.json").read_text())["resumed_shards"] >= 2
+    reference = tmp_path / "reference"
+    sweep(book, reference, shard_size=10, threads=1, progress=False)
+    _same_outputs(out, reference)
+
+
 def test_changed_engine_code_never_resumes_old_shards(tmp_path, monkeypatch):
     """The work dir (what a rerun resumes) is keyed by the engine's source as well as its
     version: shards computed by other code, same version number, are never reused."""

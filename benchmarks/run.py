@@ -310,18 +310,15 @@ def markdown(results: dict) -> str:
              "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results.get("scaling", []):
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r["top_stages"])
-        cpu = f"{r['cpu_user_s']:.0f} / {r['cpu_sys_s']:.0f}" if "cpu_user_s" in r else "–"
-        steal = f"{r['steal_s']:.0f}" if "steal_s" in r else "–"
-        lines.append(f"| {r['portfolios']:,} | {r['holding_rows']:,} | {r.get('mode', '1 process')} ({r['shard_size']:,}) | {r['wall_s']:.1f} | "
-                     f"{cpu} | {steal} | {r['portfolios_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} | {r['oracle_portfolios_per_s']:,.1f} | "
+        lines.append(f"| {r['portfolios']:,} | {r['holding_rows']:,} | {r['mode']} ({r['shard_size']:,}) | {r['wall_s']:.1f} | "
+                     f"{r['cpu_user_s']:.0f} / {r['cpu_sys_s']:.0f} | {r['steal_s']:.0f} | {r['portfolios_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} | {r['oracle_portfolios_per_s']:,.1f} | "
                      f"{r['ratio_vs_oracle']:,.1f}x | {stages} |")
     if results.get("holdings"):
         lines += ["", "| holdings/portfolio | portfolios | holding rows | target rows | wall (s) | µs per holding row | µs per target row | peak RSS (MiB) |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in results["holdings"]:
-            per_target = f"{r['us_per_target_row']:.1f}" if "us_per_target_row" in r else "–"
-            lines.append(f"| {r['holdings_per_portfolio']} | {r.get('portfolios', 0):,} | {r['holding_rows']:,} | {r.get('target_rows', 0):,} | "
-                         f"{r['wall_s']:.1f} | {r['us_per_holding_row']:.1f} | {per_target} | {r['peak_rss_mib']:,.0f} |")
+            lines.append(f"| {r['holdings_per_portfolio']} | {r['portfolios']:,} | {r['holding_rows']:,} | {r['target_rows']:,} | "
+                         f"{r['wall_s']:.1f} | {r['us_per_holding_row']:.1f} | {r['us_per_target_row']:.1f} | {r['peak_rss_mib']:,.0f} |")
     if results.get("batch"):
         b = results["batch"]
         lines += ["", "| JSON door, 1,000 requests | requests/s |", "| --- | ---: |",

@@ -245,30 +245,43 @@ def test_missing_file_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _sweep_command(book: Path, out: Path, *options: str) -> list[str]:
+    return [sys.executable, "-m", "dpm_vec.cli", "sweep", str(book), "--out", str(out), "--shard-size", "10", "--quiet", *options]
+
+
+def _wait_for_commits(proc: subprocess.Popen, out: Path, shards: int) -> None:
+    """Return once ``shards`` shards of the sweep writing ``out`` have committed; the
+    process must still be running then, so that stopping it interrupts real work."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(out.parent.glob(f".{out.name}.work-*/shards/shard-*/_SUCCESS"))) >= shards:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "sweep finished before it could be stopped; make the book bigger"
+
+
+def _resumes_to_identical_output(cmd: list[str], book: Path, out: Path, tmp_path: Path, committed: int) -> None:
+    """The same command finishes the rest, reusing the committed shards, with the outputs
+    of an uninterrupted one-thread sweep."""
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "manifest.json").read_text())["resumed_shards"] >= committed
+    reference = tmp_path / "reference"
+    sweep(book, reference, shard_size=10, threads=1, progress=False)
+    _same_outputs(out, reference)
+
+
 def test_killed_sweep_resumes_to_identical_output(tmp_path):
     """Kill a real sweep process after some shards committed; the rerun finishes the rest."""
     book = _book(tmp_path, n=240, seed=21)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "dpm_vec.cli", "sweep", str(book), "--out", str(out), "--shard-size", "10", "--quiet"]
+    cmd = _sweep_command(book, out)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    committed = []
-    while time.monotonic() < deadline and proc.poll() is None:
-        committed = list(tmp_path.glob(".out.work-*/shards/shard-*/_SUCCESS"))
-        if len(committed) >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "sweep finished before it could be killed; make the book bigger"
+    _wait_for_commits(proc, out, 3)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists(), "an interrupted sweep must not leave a complete-looking output"
-    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["resumed_shards"] >= 3
-    reference = tmp_path / "reference"
-    sweep(book, reference, shard_size=10, progress=False)
-    _same_outputs(out, reference)
+    _resumes_to_identical_output(cmd, book, out, tmp_path, committed=3)
     runs = _read(out, "runs")
     assert runs["run_key"].n_unique() == runs.height == 240
 
@@ -278,23 +291,15 @@ def test_interrupted_sweep_says_so_and_resumes(tmp_path):
     exit code 130, no traceback, no output dir; the same command then finishes the rest."""
     book = _book(tmp_path, n=240, seed=22)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "dpm_vec.cli", "sweep", str(book), "--out", str(out), "--shard-size", "10", "--threads", "2", "--quiet"]
+    cmd = _sweep_command(book, out, "--threads", "2")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and len(list(tmp_path.glob(".out.work-*/shards/shard-*/_SUCCESS"))) < 2:
-        time.sleep(0.05)
-    assert proc.poll() is None, "sweep finished before it could be interrupted; make the book bigger"
+    _wait_for_commits(proc, out, 2)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "dpm-vec: interrupted (committed shards are kept: the same command resumes)"
     assert "Traceback" not in stderr and not out.exists()
-    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert json.loads((out / "manifest.json").read_text())["resumed_shards"] >= 2
-    reference = tmp_path / "reference"
-    sweep(book, reference, shard_size=10, threads=1, progress=False)
-    _same_outputs(out, reference)
+    _resumes_to_identical_output(cmd, book, out, tmp_path, committed=2)
 
 
 def test_changed_engine_code_never_resumes_old_shards(tmp_path, monkeypatch):

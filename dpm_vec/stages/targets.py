@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec.codes import with_code_lists
-from dpm_vec.frames import join_runs, sort_rows
+from dpm_vec.frames import join_on_index, join_runs, sort_rows
 from dpm_vec.numeric import DEC, WEIGHT, dmax, dmin, lit
 from dpm_vec.stages.prepare import SLOT, Market
 
@@ -372,7 +372,7 @@ def _cap_reference(wm: pl.DataFrame):
         ).drop("_share")
     share = pl.concat([pl.DataFrame(schema={"slot": SLOT, "_share": WEIGHT}), *shares])
     if share.height:  # most books have no capped position: skip joining nothing onto every row
-        wm = wm.join(share, on="slot", how="left", maintain_order="left").with_columns(
+        wm = join_on_index(wm, share, "slot").with_columns(
             (pl.col("weight") + pl.col("_share").fill_null(lit(0))).alias("weight")
         ).drop("_share")
     pending = pl.concat([
@@ -414,7 +414,7 @@ def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.Da
     """§6.5: model targets in model order, then non-model map entries in map order."""
     # a slot names one (run, instrument): joins on it are joins on (run, instrument_id)
     weights = wm.select("slot", pl.col("weight").alias("final_weight"))
-    model_rows = model.join(weights, on="slot", how="left", maintain_order="left").select(
+    model_rows = join_on_index(model, weights, "slot").select(
         "run", "instrument_id", pl.col("model_seq").cast(pl.Int64).alias("trace_order"),
         pl.col("model_weight"), pl.col("final_weight").fill_null(lit(0)), pl.lit(True).alias("in_model"), "slot",
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import polars as pl
 
 from dpm_vec import dec28 as f
-from dpm_vec.frames import sort_rows
+from dpm_vec.frames import join_on_index, sort_rows
 from dpm_vec.numeric import DEC, QTY, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -32,7 +32,7 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
     eligible = pl.col("enable_tax_awareness") & (pl.col("side") == "SELL") & (pl.col("requested_quantity") > 0)
     sells = t.filter(eligible).select(
         "run", "instrument_id", "trace_order", "requested_quantity", "price", "price_currency", "base_currency",
-        "max_realized_capital_gains",
+        "max_realized_capital_gains", "slot",
     )
     lot_rows = sells.join(lots.rename({"quantity": "lot_quantity"}), on=["run", "instrument_id"], how="inner")
     if lot_rows.height == 0:
@@ -72,9 +72,10 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
     free, bound = _split_unbound(walk)
     free_allowed, free_totals = _take_all(free)
     walk_allowed, walk_totals = _walk_budget(bound)
-    allowed = pl.concat([free_allowed, walk_allowed], how="vertical_relaxed")
-    # quantity_f28 keeps every digit of a budget-limited quantity (it can be far below 1e-20)
-    t = t.join(allowed, on=["run", "instrument_id"], how="left").with_columns(
+    allowed = pl.concat([free_allowed, walk_allowed], how="vertical_relaxed").select("slot", "_allowed", "quantity_f28")
+    # quantity_f28 keeps every digit of a budget-limited quantity (it can be far below 1e-20);
+    # each sell is one slot of t, so its allowed quantity attaches by index
+    t = join_on_index(t, sort_rows(allowed, "slot"), "slot").with_columns(
         pl.when(pl.col("_allowed").is_not_null()).then(pl.col("_allowed")).otherwise(pl.col("requested_quantity")).alias("quantity")
     ).drop("_allowed")
     events = (
@@ -110,7 +111,9 @@ def _split_unbound(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 
 def _take_all(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    allowed = walk.group_by("run", "instrument_id", maintain_order=True).agg(pl.col("_share").sum().cast(QTY).alias("_allowed")).with_columns(
+    allowed = walk.group_by("run", "instrument_id", maintain_order=True).agg(
+        pl.col("slot").first(), pl.col("_share").sum().cast(QTY).alias("_allowed"),
+    ).with_columns(
         pl.lit(None, dtype=f.F28).alias("quantity_f28")
     )
     totals = walk.group_by("run").agg(
@@ -130,7 +133,7 @@ def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     earlier lot of their instrument stopped it. Each pass is one step per run."""
     if walk.height == 0:
         return (
-            pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "_allowed": QTY, "quantity_f28": f.F28}),
+            pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "slot": pl.UInt32, "_allowed": QTY, "quantity_f28": f.F28}),
             pl.DataFrame(schema=TOTALS_SCHEMA),
         )
     walk = f.from_dec(walk, "_share", "share_f")
@@ -165,7 +168,7 @@ def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         s = s.with_columns(
             pl.when(pl.col("_reduced") | pl.col("_refused")).then(pl.col("trace_order")).otherwise(pl.col("stopped_trace"))
             .alias("stopped_trace")
-        ).collect()
+        ).collect(engine="in-memory")  # the default engine choice costs ~3 ms a step on a few hundred rows
         decided.append(s.select("run", "step", "_reduced", "_refused", "_budget_take"))
         state = pl.concat([state.join(s.select("run"), on="run", how="anti"), s.select(state.columns)])
     # a bound run can have no lot that consumes budget (budget 0, every lot at a loss)
@@ -180,12 +183,13 @@ def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         ((pl.col("_stops_so_far") == 0) & (pl.col("_share") > 0)).alias("_full"),
     )
     per_sell = walk.group_by("run", "instrument_id", maintain_order=True).agg(
+        pl.col("slot").first(),
         pl.col("_share").filter(pl.col("_full")).sum().cast(QTY).alias("_full_sum"),
         pl.col("_budget_take").filter(pl.col("_reduced")).first().alias("_limited_take"),
     )
     per_sell = f.from_dec(per_sell, "_full_sum", "_full_f")
     per_sell = f.add(per_sell.with_columns(pl.col("_limited_take").fill_null(f.zero())), "_full_f", "_limited_take", "quantity_f28")
-    allowed = per_sell.select("run", "instrument_id", f.to_d28("quantity_f28").cast(QTY).alias("_allowed"), "quantity_f28")
+    allowed = per_sell.select("run", "instrument_id", "slot", f.to_d28("quantity_f28").cast(QTY).alias("_allowed"), "quantity_f28")
     losses = walk.filter(pl.col("_full") & (f.sign("full_realised_f") < 0)).group_by("run").agg(
         (-f.to_dec("full_realised_f")).sum().alias("realized_loss")
     )

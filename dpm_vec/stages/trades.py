@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec import dec28 as f28
-from dpm_vec.frames import join_on_index, join_runs, sort_rows
+from dpm_vec.frames import join_on_index, join_runs, position_in_run, sort_rows
 from dpm_vec.numeric import DEC, QTY, dabs, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -76,18 +76,8 @@ def translate(
     # the quotient is rounded before the floor; step back when that rounding crossed an integer
     t = t.with_columns(pl.when(units * pl.col("price") > pl.col("_abs_delta")).then(units - 1).otherwise(units).alias("_units"))
     t = _exact_near_integer_floors(market, t)
-    # RFC notional sizing: the amount rounded to cents; a sell never exceeds the holding
-    if t["by_notional"].any():
-        held = pl.col("held_quantity").fill_null(pl.lit(0, dtype=QTY)).cast(DEC)
-        amount_units = pl.col("_abs_delta").round(2) / pl.col("price")
-        oversell = pl.col("by_notional") & (pl.col("side") == "SELL") & (amount_units > held)
-        t = t.with_columns(
-            pl.when(oversell).then(held).when(pl.col("by_notional")).then(amount_units).otherwise(pl.col("_units")).cast(QTY)
-            .alias("requested_quantity"),
-            oversell.alias("_oversell"),
-        )
-    else:  # the usual case, no notional sizing: whole units
-        t = t.with_columns(pl.col("_units").cast(QTY).alias("requested_quantity"), pl.lit(False).alias("_oversell"))
+    t = t.with_columns(pl.col("_units").cast(QTY).alias("requested_quantity"), pl.lit(False).alias("_oversell"))
+    t = _notional_sizing(t)
     t, tax_events, tax_totals, tax_warnings, tax_fx_missing = limit_sells_by_tax_lots(market, t, lots, runs)
     t = t.with_columns(
         pl.when(pl.col("by_notional") & ~pl.col("_oversell") & (pl.col("quantity") == pl.col("requested_quantity")))
@@ -105,8 +95,8 @@ def translate(
         "run", "instrument_id", "trace_order", pl.col("notional").alias("intended_notional"),
         pl.col("price_currency").alias("currency"), "threshold_amount", "threshold_currency",
     )
-    # numbered in trace order; rows stay unordered (FX planning puts intents in execution order)
-    intents = t.select(
+    # numbered in trace order (FX planning then puts intents in execution order)
+    kept = t.select(
         "run", "instrument_id", "trace_order", "side", "quantity", "requested_quantity", "price",
         "price_currency", "rate", "notional", "notional_base", "base_currency",
         pl.col("threshold_amount").is_not_null().alias("min_notional_applied"),
@@ -114,8 +104,9 @@ def translate(
         "final_weight", "held_quantity", "by_notional", _rationale().alias("rationale_code"), "quantity_f28", "slot",
         # a budget-limited quantity below Decimal(38, 28)'s unit is 0 there but kept by its 28-digit value
         (~suppress & ((pl.col("quantity") > 0) | (f28.sign("quantity_f28") > 0))).alias("_kept"),
-    ).filter("_kept").select(
-        "run", "instrument_id", "trace_order", pl.col("trace_order").rank("ordinal").over("run").cast(pl.Int64).alias("intent_no"),
+    ).filter("_kept").pipe(sort_rows, "run", "trace_order")
+    intents = kept.select(
+        "run", "instrument_id", "trace_order", (position_in_run() + 1).alias("intent_no"),
         pl.exclude("run", "instrument_id", "trace_order", "_kept"),
     )
     return Translation(
@@ -131,6 +122,20 @@ def translate(
 def _drop_nulls(t: pl.DataFrame, column: str) -> pl.DataFrame:
     """Rows with ``column`` set (the usual case, every row, costs no copy)."""
     return t.filter(pl.col(column).is_not_null()) if t[column].null_count() else t
+
+
+def _notional_sizing(t: pl.DataFrame) -> pl.DataFrame:
+    """RFC notional sizing: the amount rounded to cents, in units; a sell never exceeds the
+    holding. Only the rows it applies to (a few runs' NOTIONAL instruments) are sized and
+    written back in place: a decimal division over every trade row costs far more."""
+    rows = t.select(pl.arg_where("by_notional")).to_series()
+    if rows.len() == 0:
+        return t
+    held = pl.col("held_quantity").fill_null(pl.lit(0, dtype=QTY)).cast(DEC)
+    amount_units = pl.col("_abs_delta").round(2) / pl.col("price")
+    oversell = (pl.col("side") == "SELL") & (amount_units > held)
+    sized = t[rows].select(pl.when(oversell).then(held).otherwise(amount_units).cast(QTY).alias("requested_quantity"), oversell.alias("_oversell"))
+    return t.with_columns(t.get_column(c).clone().scatter(rows, sized.get_column(c)) for c in sized.columns)
 
 
 NEAR_INTEGER = lit("0.000000001")

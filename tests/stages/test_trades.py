@@ -179,6 +179,30 @@ def test_intent_ids_count_only_emitted_intents(scenario):
     assert list(zip(i["instrument_id"], i["intent_no"])) == [("A", 1), ("C", 2)]
 
 
+def test_notional_sizing_resizes_only_its_own_runs_notional_instruments(scenario):
+    """Two runs of one snapshot, only the first with notional sizing: its NOTIONAL fund is
+    sized by amount (round(|delta|, 2) / price, fractional), everything else keeps floored
+    units, and the run without the option is untouched by the first run's rows."""
+    s = scenario(
+        cash=[("USD", "10000")],
+        positions=[("FUND", "100"), ("EQ", "10")],
+        prices=[("FUND", "30", "USD"), ("EQ", "33", "USD")],
+        shelf=[{"instrument_id": "FUND", "status": "APPROVED", "trade_by": "NOTIONAL"}, ("EQ", "APPROVED")],
+        model=[("FUND", "0.5"), ("EQ", "0.3")],  # tv 13330: FUND 6665 → buy 3665; EQ 3999 → buy 3669
+        runs=[dict(notional_sizing=True), dict()],
+    )
+    by_run = {
+        (r["run"], r["instrument_id"]): r
+        for r in s.translation.intents.select("run", "instrument_id", "requested_quantity", "notional").to_dicts()
+    }
+    fund_amount = by_run[(0, "FUND")]
+    assert fund_amount["notional"] == D("3665.00")
+    assert abs(fund_amount["requested_quantity"] * 30 - D("3665")) < D("1e-15")
+    assert fund_amount["requested_quantity"] != fund_amount["requested_quantity"].to_integral_value()
+    assert by_run[(1, "FUND")]["requested_quantity"] == 122  # floor(3665 / 30)
+    assert by_run[(0, "EQ")]["requested_quantity"] == by_run[(1, "EQ")]["requested_quantity"] == 111  # floor(3669 / 33)
+
+
 # ---- turnover cap ---------------------------------------------------------------------------------
 
 

@@ -6,6 +6,8 @@ from enum import StrEnum
 
 import polars as pl
 
+from dpm_vec.frames import join_on_index
+
 
 class RunStatus(StrEnum):
     READY = "READY"
@@ -86,7 +88,7 @@ def with_code_lists(frame: pl.DataFrame, case: pl.Expr, lists: list[list[str]], 
     order of magnitude cheaper than building list literals row by row with when/then."""
     table = pl.DataFrame({"_case": range(len(lists)), out: lists}, schema={"_case": pl.UInt8, out: pl.List(pl.String)})
     keyed = frame.with_columns(case.cast(pl.UInt8).alias("_case"))
-    return keyed.join(table, on="_case", how="left", maintain_order="left").drop("_case")
+    return join_on_index(keyed, table, "_case").drop("_case")
 
 
 if __name__ == "__main__":

@@ -81,25 +81,33 @@ def join_runs(frame: pl.DataFrame, per_run: pl.DataFrame, how: str = "left") -> 
 def join_on_index(frame: pl.DataFrame, table: pl.DataFrame, key: str, how: str = "left") -> pl.DataFrame:
     """``frame`` with the columns of ``table`` (at most one row per ``key``) beside each
     row: an order-keeping ``left`` or ``inner`` join on the integer ``key``; a null key
-    matches nothing. Runs and holding slots are dense numbers, so when ``table`` is in
-    ascending key order the join is an index look-up, and when it holds exactly keys
-    0..k-1 a plain gather: several times cheaper than hashing."""
-    index, keys = table[key], frame[key]
-    indexable = (
-        table.height > 0 and frame.height > 0 and index.null_count() == 0 and index[0] >= 0
-        and (table.height == 1 or index.cast(pl.Int64).diff().min() > 0)  # strictly ascending: unique
-        and not set(table.columns).intersection(frame.columns) - {key}
-    )
-    if not indexable:
+    matches nothing. Runs and holding slots are dense numbers, so the join is an index
+    look-up — a plain gather when ``table`` holds exactly keys 0..k-1 in order, else through
+    an array of the table row of each key — several times cheaper than hashing. Tables
+    with repeated keys, or keys so sparse that the array would be mostly holes, take
+    Polars' join."""
+    def polars_join() -> pl.DataFrame:
         return frame.join(table, on=key, how=how, maintain_order="left")
-    values, size = table.drop(key), int(index[-1]) + 1
+
+    index, keys = table[key], frame[key]
+    if (
+        table.height == 0 or frame.height == 0 or index.null_count() or index.min() < 0
+        or set(table.columns).intersection(frame.columns) - {key}
+    ):
+        return polars_join()
+    size = int(index.max()) + 1
+    if size > 4 * (frame.height + table.height) + 1024:
+        return polars_join()
+    values = table.drop(key)
     top = keys.max()
     if top is not None and top >= size:  # keys beyond the table match nothing
         keys = frame.select(pl.when(pl.col(key) < size).then(pl.col(key))).to_series()
-    if index[0] == 0 and size == table.height:  # row k holds key k
+    if size == table.height and index[0] == 0 and (size == 1 or index.cast(pl.Int64).diff().min() > 0):  # row k holds key k
         at = keys
     else:
         rows = pl.repeat(None, size, dtype=pl.UInt32, eager=True).scatter(index, pl.int_range(table.height, dtype=pl.UInt32, eager=True))
+        if size - rows.null_count() < table.height:  # a repeated key: scattered rows overwrote each other
+            return polars_join()
         at = rows.gather(keys)
     if how == "inner" and at.null_count():
         kept = at.is_not_null()

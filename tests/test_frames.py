@@ -40,18 +40,23 @@ def test_code_lists_keep_row_order_and_pick_by_case():
 @given(
     st.lists(st.one_of(st.none(), st.integers(0, 8)), max_size=15),
     st.lists(st.integers(0, 5), unique=True, max_size=6),
-    st.sampled_from(["dense", "sorted", "any"]),
+    st.sampled_from(["dense", "sorted", "any", "repeated", "sparse"]),
 )
 def test_join_on_index_is_the_order_keeping_join(frame_slots, table_slots, order):
-    """Tables of keys 0..k-1 take the gather path, other sorted ones the index look-up,
-    the rest Polars' join; all must give exactly Polars' order-keeping join. Holding slots
-    of model targets not held lie beyond the positions table and FX intents have none:
-    those rows come back unmatched (left) or dropped (inner), never gathered out of range.
-    ``join_runs`` is the same join on ``run``."""
+    """Tables of keys 0..k-1 in order take the gather path, other tables of distinct keys
+    the index look-up, tables with a repeated key or very sparse keys Polars' join; all
+    must give exactly Polars' order-keeping join. Holding slots of model targets not held
+    lie beyond the positions table and FX intents have none: those rows come back
+    unmatched (left) or dropped (inner), never gathered out of range. ``join_runs`` is the
+    same join on ``run``."""
     if order == "dense":
         table_slots = list(range(len(table_slots)))
     elif order == "sorted":
         table_slots = sorted(table_slots)
+    elif order == "repeated" and table_slots:
+        table_slots = table_slots + table_slots[:1]
+    elif order == "sparse":
+        table_slots = [slot * 100_000 for slot in table_slots]
     frame = pl.DataFrame({"slot": pl.Series(frame_slots, dtype=pl.UInt32), "row": list(range(len(frame_slots)))})
     table = pl.DataFrame({"slot": pl.Series(table_slots, dtype=pl.UInt32), "value": [f"v{r}" for r in table_slots]})
     for how in ("left", "inner"):

@@ -51,7 +51,7 @@ def _scale_buys(wm: pl.DataFrame, scale: pl.DataFrame) -> pl.DataFrame:
     """Multiply the buyable weights of the runs in ``scale`` (run, _scale) by their factor."""
     if scale.height == 0:
         return wm
-    return wm.join(scale, on="run", how="left", maintain_order="left").with_columns(
+    return join_runs(wm, scale).with_columns(
         pl.when(pl.col("buy") & pl.col("_scale").is_not_null()).then(pl.col("weight") * pl.col("_scale"))
         .otherwise(pl.col("weight")).alias("weight")
     ).drop("_scale")

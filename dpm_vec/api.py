@@ -326,6 +326,8 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         result = simulate_one(body)  # shares an engine pass with concurrent callers
         if result.get("status") == 422 and "errors" in result:
             return _Outcome(422, _invalid(result["errors"], SIMULATE_PATH), problem=True, headers=headers)
+        if result.get("status") == 422:  # valid, but outside the engine's range: say which trade
+            return _Outcome(422, {**result, "instance": SIMULATE_PATH}, problem=True, headers=headers)
         if result.get("status") == 500:  # the engine could not compute this request
             return _Outcome(500, _internal_error(SIMULATE_PATH), problem=True, headers=headers)
 

@@ -40,3 +40,17 @@ class RequestError(DpmVecError):
         if instance:
             body["instance"] = instance
         return body
+
+
+class QuantityRangeError(DpmVecError):
+    """A valid request whose trade the engine cannot hold: quantities are fixed-point
+    ``Decimal(38, 28)``, under 10^10 units, and a trade may add to a holding of up to 10^9
+    (the contract's limit), so trades stop short of 9 × 10^9 units."""
+
+    TYPE = "https://dpm-vec.dev/problems/quantity-out-of-range"
+
+    def problem(self, instance: str | None = None) -> dict:
+        body = {"type": self.TYPE, "title": "Trade outside the engine's quantity range", "status": 422, "detail": str(self)}
+        if instance:
+            body["instance"] = instance
+        return body

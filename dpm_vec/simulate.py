@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dpm_vec.book import TABLES
 from dpm_vec.contract import parse_request, request_hash, rows_to_book
-from dpm_vec.errors import RequestError
+from dpm_vec.errors import QuantityRangeError, RequestError
 from dpm_vec.pipeline import run
 from dpm_vec.render import render_results
 
@@ -14,8 +14,9 @@ def simulate_many(requests: list) -> list[dict]:
 
     Each slot is independent: a request's data is keyed by its own run key, so requests
     that share portfolio or instrument ids cannot affect each other. If the shared pass
-    fails, each request runs alone, and one that cannot be computed gets a 500 problem
-    in its slot while the others still answer.
+    fails, each request runs alone, and one that cannot be computed gets a problem in its
+    slot (422 for a trade outside the engine's quantity range, else 500) while the
+    others still answer.
     """
     slots: list[dict | None] = [None] * len(requests)
     parsed: dict[int, dict[str, list[dict]]] = {}
@@ -52,6 +53,8 @@ def _simulate(parsed: list[dict[str, list[dict]]]) -> list[dict]:
 def _alone(rows: dict[str, list[dict]], index: int) -> dict:
     try:
         return _simulate([rows])[0]
+    except QuantityRangeError as exc:
+        return QuantityRangeError(f"request {index + 1}: {exc}").problem()
     except Exception as exc:  # noqa: BLE001 - reported in the slot, never as a traceback
         return {
             "type": "about:blank", "title": "Internal Server Error", "status": 500,

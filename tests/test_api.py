@@ -229,6 +229,19 @@ def test_empty_model_portfolio_needs_targets(ref_server, golden):
     assert "model_portfolio.targets" in _fields(problem)
 
 
+def test_trade_beyond_quantity_range_is_422_naming_it(ref_server, golden):
+    """A valid request whose trade the engine's quantities cannot hold: 422 with the trade
+    named (not a bare 500), alone and as a batch slot beside a request that answers."""
+    penny = copy.deepcopy(golden)
+    penny["market_data_snapshot"]["prices"][0]["price"] = "0.0000001"
+    problem = _assert_problem(_post(ref_server, penny))
+    assert problem["type"] == "https://dpm-vec.dev/problems/quantity-out-of-range"
+    assert "units of US_EQ" in problem["detail"] and problem["instance"] == SIM
+    slots = _post(ref_server, [golden, penny], key=None, path=BATCH).json()
+    _check_fx_golden(slots[0])
+    assert slots[1]["status"] == 422 and slots[1]["type"] == problem["type"] and slots[1]["instance"] == f"{BATCH}#/1"
+
+
 def test_other_paths_and_methods(ref_server):
     assert ref_server.client.get("/nowhere").status_code == 404
     resp = ref_server.client.get(SIM)

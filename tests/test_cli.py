@@ -119,3 +119,22 @@ def test_a_request_that_overflows_fails_alone(tmp_path):
     assert slots[1]["status"] == 500 and "request 2" in slots[1]["detail"]
     alone = cli("simulate", str(tmp_path / "huge.json"))
     assert alone.returncode == 2 and json.loads(alone.stdout)["status"] == 500
+
+
+def test_a_trade_beyond_the_quantity_range_is_a_422_naming_it(tmp_path):
+    """docs/features.md ("Arithmetic"): a trade of 9 x 10^9 units or more cannot be held in
+    Decimal(38, 28) with the position it adds to; its request gets a 422 naming the trade,
+    the other requests of the call still answer."""
+    good = json.loads((DATA / "requests" / "fx_funding.json").read_text())
+    penny = json.loads(json.dumps(good))
+    penny["market_data_snapshot"]["prices"][0]["price"] = "0.0000001"  # 5000 SGD / 1.35 / 1e-7: 3.7e10 units
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    (tmp_path / "penny.json").write_text(json.dumps(penny))
+    proc = cli("simulate", str(tmp_path / "good.json"), str(tmp_path / "penny.json"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    slots = json.loads(proc.stdout)
+    assert slots[0]["status"] == "READY"
+    assert slots[1]["status"] == 422 and slots[1]["type"].endswith("/quantity-out-of-range")
+    assert slots[1]["detail"] == (
+        "request 2: a BUY of 37037037037 units of US_EQ is outside the engine's quantity range (trades under 9,000,000,000 units)"
+    )

@@ -24,8 +24,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from dpm_vec.errors import QuantityRangeError
 from dpm_vec.oracle import simulate as oracle_simulate
 from dpm_vec.simulate import simulate_many
+from dpm_vec.stages.trades import TRADE_UNITS_LIMIT
 
 from tests.strategies import isolation_batches, requests
 
@@ -221,9 +223,26 @@ def _floor_boundary_flip(errs: list[str]) -> bool:
     return flips > 0
 
 
+QUANTITY_RANGE = {"requests": 0, "beyond": 0}
+
+
+def _beyond_quantity_range(exp: dict, act: dict) -> bool:
+    """The documented quantity-range limit (docs/features.md, "Arithmetic"): the engine
+    answers a 422 quantity-out-of-range problem, and only where the oracle's result has a
+    trade of at least ``TRADE_UNITS_LIMIT`` units."""
+    if act.get("type") != QuantityRangeError.TYPE:
+        return False
+    return any(Decimal(i["quantity"]) >= TRADE_UNITS_LIMIT for i in exp["intents"] if i.get("quantity") is not None)
+
+
 def _check(req: dict, act: dict, failures: list[str]) -> None:
     BOUNDARY["requests"] += 1
-    errs = compare(oracle_simulate(req), act)
+    QUANTITY_RANGE["requests"] += 1
+    exp = oracle_simulate(req)
+    if _beyond_quantity_range(exp, act):
+        QUANTITY_RANGE["beyond"] += 1
+        return
+    errs = compare(exp, act)
     if errs and _floor_boundary_flip(errs):
         BOUNDARY["flips"] += 1
     elif errs:
@@ -277,6 +296,24 @@ def test_floor_boundary_flip_tolerates_only_one_unit_differences():
     assert _floor_boundary_flip([one, follow])
     assert not _floor_boundary_flip([one, other, follow])  # a real difference beside a flip
     assert not _floor_boundary_flip([follow])
+
+
+def test_quantity_range_is_told_only_for_trades_beyond_it():
+    """A 422 quantity-out-of-range problem counts as the documented limit only when the
+    oracle really trades that many units; any other problem stays a failure."""
+    problem = {"type": QuantityRangeError.TYPE, "status": 422, "detail": "a BUY of 9000000000 units of I8 is outside ..."}
+    big = {"intents": [{"intent_type": "SECURITY_TRADE", "quantity": "9000000000"}, {"intent_type": "FX_SPOT"}]}
+    small = {"intents": [{"intent_type": "SECURITY_TRADE", "quantity": "8999999999"}]}
+    assert _beyond_quantity_range(big, problem)
+    assert not _beyond_quantity_range(small, problem)
+    assert not _beyond_quantity_range(big, {"type": "about:blank", "status": 500})
+
+
+def test_quantity_range_limit_stays_rare():
+    """Runs after the properties: requests beyond the documented range must stay exceptional."""
+    if QUANTITY_RANGE["requests"] < 100:
+        pytest.skip("run together with the property tests")
+    assert QUANTITY_RANGE["beyond"] <= 0.01 * QUANTITY_RANGE["requests"], QUANTITY_RANGE
 
 
 def test_floor_boundary_flips_stay_rare():

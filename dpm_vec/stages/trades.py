@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec import dec28 as f28
+from dpm_vec.errors import QuantityRangeError
 from dpm_vec.frames import join_on_index, join_runs, position_in_run, sort_rows
 from dpm_vec.numeric import DEC, QTY, dabs, lit
 from dpm_vec.stages import dq
@@ -76,6 +77,7 @@ def translate(
     # the quotient is rounded before the floor; step back when that rounding crossed an integer
     t = t.with_columns(pl.when(units * pl.col("price") > pl.col("_abs_delta")).then(units - 1).otherwise(units).alias("_units"))
     t = _exact_near_integer_floors(market, t)
+    _check_quantity_range(t, "_units")
     t = t.with_columns(pl.col("_units").cast(QTY).alias("requested_quantity"), pl.lit(False).alias("_oversell"))
     t = _notional_sizing(t)
     t, tax_events, tax_totals, tax_warnings, tax_fx_missing = limit_sells_by_tax_lots(market, t, lots, runs)
@@ -134,8 +136,27 @@ def _notional_sizing(t: pl.DataFrame) -> pl.DataFrame:
     held = pl.col("held_quantity").fill_null(pl.lit(0, dtype=QTY)).cast(DEC)
     amount_units = pl.col("_abs_delta").round(2) / pl.col("price")
     oversell = (pl.col("side") == "SELL") & (amount_units > held)
-    sized = t[rows].select(pl.when(oversell).then(held).otherwise(amount_units).cast(QTY).alias("requested_quantity"), oversell.alias("_oversell"))
+    sized = t[rows].with_columns(pl.when(oversell).then(held).otherwise(amount_units).alias("_amount_units"))
+    _check_quantity_range(sized, "_amount_units")
+    sized = sized.select(pl.col("_amount_units").cast(QTY).alias("requested_quantity"), oversell.alias("_oversell"))
     return t.with_columns(t.get_column(c).clone().scatter(rows, sized.get_column(c)) for c in sized.columns)
+
+
+# QTY holds quantities under 10^10 units; holdings reach 10^9 at most (the contract's limit)
+TRADE_UNITS_LIMIT = 9 * 10**9
+
+
+def _check_quantity_range(t: pl.DataFrame, units: str) -> None:
+    """Raise QuantityRangeError naming the first trade of ``TRADE_UNITS_LIMIT`` units or
+    more: QTY could not hold it (or the position it leads to), and a cast would fail with
+    only a column name."""
+    if t.height == 0 or t[units].max() < TRADE_UNITS_LIMIT:
+        return
+    row = t.filter(pl.col(units) >= TRADE_UNITS_LIMIT).row(0, named=True)
+    raise QuantityRangeError(
+        f"a {row['side']} of {row[units].normalize():f} units of {row['instrument_id']} is outside the engine's quantity range "
+        f"(trades under {TRADE_UNITS_LIMIT:,} units)"
+    )
 
 
 NEAR_INTEGER = lit("0.000000001")

@@ -104,18 +104,29 @@ def test_reason_code_docs_are_generated_from_the_enum():
     assert (Path(__file__).resolve().parents[1] / "docs" / "codes.md").read_text() == markdown_table()
 
 
-def test_a_request_that_overflows_fails_alone(tmp_path):
-    """§9.1: a request the arithmetic cannot hold gets a problem in its slot, never a traceback."""
+def _beside_a_good_request(tmp_path, name: str, edit) -> list[dict]:
+    """Simulate the fx_funding request and, after it, a copy changed by ``edit`` (written
+    as ``name``.json): the call exits 2 with a problem slot, no traceback, and the good
+    request still answers."""
     good = json.loads((DATA / "requests" / "fx_funding.json").read_text())
-    huge = json.loads(json.dumps(good))
-    huge["market_data_snapshot"]["prices"][0]["price"] = "99999999999999999"
-    huge["portfolio_snapshot"]["positions"] = [{"instrument_id": "US_EQ", "quantity": "900000000"}]
+    bad = json.loads(json.dumps(good))
+    edit(bad)
     (tmp_path / "good.json").write_text(json.dumps(good))
-    (tmp_path / "huge.json").write_text(json.dumps(huge))
-    proc = cli("simulate", str(tmp_path / "good.json"), str(tmp_path / "huge.json"))
+    (tmp_path / f"{name}.json").write_text(json.dumps(bad))
+    proc = cli("simulate", str(tmp_path / "good.json"), str(tmp_path / f"{name}.json"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     slots = json.loads(proc.stdout)
     assert slots[0]["status"] == "READY"
+    return slots
+
+
+def test_a_request_that_overflows_fails_alone(tmp_path):
+    """§9.1: a request the arithmetic cannot hold gets a problem in its slot, never a traceback."""
+    def huge(req):
+        req["market_data_snapshot"]["prices"][0]["price"] = "99999999999999999"
+        req["portfolio_snapshot"]["positions"] = [{"instrument_id": "US_EQ", "quantity": "900000000"}]
+
+    slots = _beside_a_good_request(tmp_path, "huge", huge)
     assert slots[1]["status"] == 500 and "request 2" in slots[1]["detail"]
     alone = cli("simulate", str(tmp_path / "huge.json"))
     assert alone.returncode == 2 and json.loads(alone.stdout)["status"] == 500
@@ -125,15 +136,10 @@ def test_a_trade_beyond_the_quantity_range_is_a_422_naming_it(tmp_path):
     """docs/features.md ("Arithmetic"): a trade of 9 x 10^9 units or more cannot be held in
     Decimal(38, 28) with the position it adds to; its request gets a 422 naming the trade,
     the other requests of the call still answer."""
-    good = json.loads((DATA / "requests" / "fx_funding.json").read_text())
-    penny = json.loads(json.dumps(good))
-    penny["market_data_snapshot"]["prices"][0]["price"] = "0.0000001"  # 5000 SGD / 1.35 / 1e-7: 3.7e10 units
-    (tmp_path / "good.json").write_text(json.dumps(good))
-    (tmp_path / "penny.json").write_text(json.dumps(penny))
-    proc = cli("simulate", str(tmp_path / "good.json"), str(tmp_path / "penny.json"))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    slots = json.loads(proc.stdout)
-    assert slots[0]["status"] == "READY"
+    def penny(req):  # 5000 SGD / 1.35 / 1e-7: 3.7e10 units
+        req["market_data_snapshot"]["prices"][0]["price"] = "0.0000001"
+
+    slots = _beside_a_good_request(tmp_path, "penny", penny)
     assert slots[1]["status"] == 422 and slots[1]["type"].endswith("/quantity-out-of-range")
     assert slots[1]["detail"] == (
         "request 2: a BUY of 37037037037 units of US_EQ is outside the engine's quantity range (trades under 9,000,000,000 units)"

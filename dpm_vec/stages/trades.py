@@ -150,7 +150,8 @@ def _check_quantity_range(t: pl.DataFrame, units: str) -> None:
     """Raise QuantityRangeError naming the first trade of ``TRADE_UNITS_LIMIT`` units or
     more: QTY could not hold it (or the position it leads to), and a cast would fail with
     only a column name."""
-    if t.height == 0 or t[units].max() < TRADE_UNITS_LIMIT:
+    top = t[units].max()
+    if top is None or top < TRADE_UNITS_LIMIT:
         return
     row = t.filter(pl.col(units) >= TRADE_UNITS_LIMIT).row(0, named=True)
     raise QuantityRangeError(

@@ -56,7 +56,7 @@ from dpm_vec import __version__
 from dpm_vec.analyze import analyze
 from dpm_vec.coalesce import Coalescer
 from dpm_vec.contract import parse_request, request_hash
-from dpm_vec.errors import RequestError
+from dpm_vec.errors import RequestError, problem
 from dpm_vec.simulate import simulate_many
 from dpm_vec.store import DuplicateRunId, IdempotencyConflict, RunStore, new_run_id
 
@@ -67,7 +67,6 @@ BATCH_PATH = "/rebalance/simulate/batch"
 ANALYZE_PATH = "/rebalance/analyze"
 STATUSES = ("READY", "PENDING_REVIEW", "BLOCKED")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-INVALID_TYPE = "https://dpm-vec.dev/problems/invalid-request"
 CONFLICT_TYPE = "https://dpm-vec.dev/problems/idempotency-conflict"
 
 log = logging.getLogger("dpm_vec.api")
@@ -169,18 +168,12 @@ def _json_bytes(body) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def _problem(status: int, title: str, detail: str, instance: str, type_: str = "about:blank", **extra) -> dict:
-    body = {"type": type_, "title": title, "status": status, "detail": detail, "instance": instance}
-    body.update(extra)
-    return body
-
-
 def _invalid(errors: list[dict], instance: str) -> dict:
     return RequestError(errors).problem(instance)
 
 
 def _internal_error(instance: str) -> dict:
-    return _problem(500, "Internal Server Error", "An unexpected error occurred.", instance)
+    return problem("about:blank", "Internal Server Error", 500, "An unexpected error occurred.", instance)
 
 
 def _parse_body(raw: bytes) -> tuple[object, list[dict]]:
@@ -362,12 +355,12 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
             return _Outcome(200, stored.payload, headers={**headers, "Idempotent-Replay": "true"},
                             run_id=stored.id, status=stored.status, replay=True)
         metrics.count("conflicts")
-        problem = _problem(
-            409, "Idempotency key conflict",
+        conflict = problem(
+            CONFLICT_TYPE, "Idempotency key conflict", 409,
             f"Idempotency-Key {stored.idempotency_key!r} was already used with a different request body.",
-            SIMULATE_PATH, CONFLICT_TYPE, code="IDEMPOTENCY_KEY_CONFLICT", rebalance_run_id=stored.id,
+            SIMULATE_PATH, code="IDEMPOTENCY_KEY_CONFLICT", rebalance_run_id=stored.id,
         )
-        return _Outcome(409, problem, problem=True, headers=headers, run_id=stored.id)
+        return _Outcome(409, conflict, problem=True, headers=headers, run_id=stored.id)
 
     def batch_work(raw: bytes, cid: str | None, headers: dict, key: str | None) -> _Outcome:
         body, errors = _parse_body(raw)

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 from dpm_vec.defaults import DEFAULT_SHARD_SIZE, MAX_DEFAULT_THREADS
-from dpm_vec.errors import DpmVecError
+from dpm_vec.errors import DpmVecError, problem
+
+UNREADABLE = "https://dpm-vec.dev/problems/unreadable-request"
 
 
 def _load_json(path: str):
@@ -38,10 +40,8 @@ def _parse_into(requests: list, problems: dict, where: str, load) -> None:
     try:
         requests.append(load())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        problems[len(requests)] = {
-            "type": "https://dpm-vec.dev/problems/unreadable-request", "title": "Unreadable request", "status": 422,
-            "detail": f"{where}: {exc}", "errors": [{"field": "$", "message": f"{where}: {exc}"}],
-        }
+        problems[len(requests)] = problem(UNREADABLE, "Unreadable request", 422, f"{where}: {exc}",
+                                          errors=[{"field": "$", "message": f"{where}: {exc}"}])
         requests.append(None)
 
 
@@ -138,8 +138,7 @@ def cmd_analyze(args) -> int:
             batch = batch["batch_inputs"]  # a golden file: its analyze request
         result = analyze(batch)
     except (OSError, json.JSONDecodeError) as exc:
-        result, code = {"type": "https://dpm-vec.dev/problems/unreadable-request", "title": "Unreadable request",
-                        "status": 422, "detail": f"{args.batch}: {exc}"}, 2
+        result, code = problem(UNREADABLE, "Unreadable request", 422, f"{args.batch}: {exc}"), 2
     except RequestError as exc:
         result, code = exc.problem(), 2
     else:

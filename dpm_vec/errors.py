@@ -7,6 +7,14 @@ class DpmVecError(Exception):
     """Base class of every error dpm_vec raises on purpose."""
 
 
+def problem(type_: str, title: str, status: int, detail: str, instance: str | None = None, **extra) -> dict:
+    """An RFC 7807 problem details body (``instance`` left out when not given)."""
+    body = {"type": type_, "title": title, "status": status, "detail": detail, **extra}
+    if instance:
+        body["instance"] = instance
+    return body
+
+
 class BookError(DpmVecError):
     """A structural fault in a book: missing file or column, wrong type, duplicate key."""
 
@@ -22,6 +30,8 @@ class BookError(DpmVecError):
 class RequestError(DpmVecError):
     """An invalid JSON request; ``errors`` lists every invalid field (as JSON paths)."""
 
+    TYPE = "https://dpm-vec.dev/problems/invalid-request"
+
     def __init__(self, errors: list[dict]):
         self.errors = errors
         first = errors[0] if errors else {"field": "$", "message": "invalid request"}
@@ -30,16 +40,7 @@ class RequestError(DpmVecError):
 
     def problem(self, instance: str | None = None) -> dict:
         """RFC 7807 problem details."""
-        body = {
-            "type": "https://dpm-vec.dev/problems/invalid-request",
-            "title": "Invalid rebalance request",
-            "status": 422,
-            "detail": str(self),
-            "errors": self.errors,
-        }
-        if instance:
-            body["instance"] = instance
-        return body
+        return problem(self.TYPE, "Invalid rebalance request", 422, str(self), instance, errors=self.errors)
 
 
 class QuantityRangeError(DpmVecError):
@@ -50,7 +51,4 @@ class QuantityRangeError(DpmVecError):
     TYPE = "https://dpm-vec.dev/problems/quantity-out-of-range"
 
     def problem(self, instance: str | None = None) -> dict:
-        body = {"type": self.TYPE, "title": "Trade outside the engine's quantity range", "status": 422, "detail": str(self)}
-        if instance:
-            body["instance"] = instance
-        return body
+        return problem(self.TYPE, "Trade outside the engine's quantity range", 422, str(self), instance)

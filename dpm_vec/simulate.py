@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dpm_vec.book import TABLES
 from dpm_vec.contract import parse_request, request_hash, rows_to_book
-from dpm_vec.errors import QuantityRangeError, RequestError
+from dpm_vec.errors import QuantityRangeError, RequestError, problem
 from dpm_vec.pipeline import run
 from dpm_vec.render import render_results
 
@@ -56,10 +56,8 @@ def _alone(rows: dict[str, list[dict]], index: int) -> dict:
     except QuantityRangeError as exc:
         return QuantityRangeError(f"request {index + 1}: {exc}").problem()
     except Exception as exc:  # noqa: BLE001 - reported in the slot, never as a traceback
-        return {
-            "type": "about:blank", "title": "Internal Server Error", "status": 500,
-            "detail": f"request {index + 1} could not be simulated ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
-        }
+        return problem("about:blank", "Internal Server Error", 500,
+                       f"request {index + 1} could not be simulated ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
 
 
 def simulate_one(request) -> dict:

@@ -72,7 +72,7 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
     free, bound = _split_unbound(walk)
     free_allowed, free_totals = _take_all(free)
     walk_allowed, walk_totals = _walk_budget(bound)
-    allowed = pl.concat([free_allowed, walk_allowed], how="vertical_relaxed").select("slot", "_allowed", "quantity_f28")
+    allowed = pl.concat([free_allowed, walk_allowed], how="vertical_relaxed")
     # quantity_f28 keeps every digit of a budget-limited quantity (it can be far below 1e-20);
     # each sell is one slot of t, so its allowed quantity attaches by index
     t = join_on_index(t, sort_rows(allowed, "slot"), "slot").with_columns(
@@ -111,9 +111,8 @@ def _split_unbound(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 
 def _take_all(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    allowed = walk.group_by("run", "instrument_id", maintain_order=True).agg(
-        pl.col("slot").first(), pl.col("_share").sum().cast(QTY).alias("_allowed"),
-    ).with_columns(
+    # a sell is one slot: (run, instrument_id)
+    allowed = walk.group_by("slot").agg(pl.col("_share").sum().cast(QTY).alias("_allowed")).with_columns(
         pl.lit(None, dtype=f.F28).alias("quantity_f28")
     )
     totals = walk.group_by("run").agg(
@@ -133,7 +132,7 @@ def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     earlier lot of their instrument stopped it. Each pass is one step per run."""
     if walk.height == 0:
         return (
-            pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "slot": pl.UInt32, "_allowed": QTY, "quantity_f28": f.F28}),
+            pl.DataFrame(schema={"slot": pl.UInt32, "_allowed": QTY, "quantity_f28": f.F28}),
             pl.DataFrame(schema=TOTALS_SCHEMA),
         )
     walk = f.from_dec(walk, "_share", "share_f")
@@ -182,14 +181,13 @@ def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     ).with_columns(
         ((pl.col("_stops_so_far") == 0) & (pl.col("_share") > 0)).alias("_full"),
     )
-    per_sell = walk.group_by("run", "instrument_id", maintain_order=True).agg(
-        pl.col("slot").first(),
+    per_sell = walk.group_by("slot").agg(
         pl.col("_share").filter(pl.col("_full")).sum().cast(QTY).alias("_full_sum"),
         pl.col("_budget_take").filter(pl.col("_reduced")).first().alias("_limited_take"),
     )
     per_sell = f.from_dec(per_sell, "_full_sum", "_full_f")
     per_sell = f.add(per_sell.with_columns(pl.col("_limited_take").fill_null(f.zero())), "_full_f", "_limited_take", "quantity_f28")
-    allowed = per_sell.select("run", "instrument_id", "slot", f.to_d28("quantity_f28").cast(QTY).alias("_allowed"), "quantity_f28")
+    allowed = per_sell.select("slot", f.to_d28("quantity_f28").cast(QTY).alias("_allowed"), "quantity_f28")
     losses = walk.filter(pl.col("_full") & (f.sign("full_realised_f") < 0)).group_by("run").agg(
         (-f.to_dec("full_realised_f")).sum().alias("realized_loss")
     )

@@ -135,10 +135,11 @@ def _notional_sizing(t: pl.DataFrame) -> pl.DataFrame:
         return t
     held = pl.col("held_quantity").fill_null(pl.lit(0, dtype=QTY)).cast(DEC)
     amount_units = pl.col("_abs_delta").round(2) / pl.col("price")
-    oversell = (pl.col("side") == "SELL") & (amount_units > held)
-    sized = t[rows].with_columns(pl.when(oversell).then(held).otherwise(amount_units).alias("_amount_units"))
+    sized = t[rows].select("side", "instrument_id", amount_units.alias("_amount_units"), held.alias("_held")).with_columns(
+        ((pl.col("side") == "SELL") & (pl.col("_amount_units") > pl.col("_held"))).alias("_oversell"),
+    ).with_columns(pl.when("_oversell").then("_held").otherwise("_amount_units").alias("_amount_units"))
     _check_quantity_range(sized, "_amount_units")
-    sized = sized.select(pl.col("_amount_units").cast(QTY).alias("requested_quantity"), oversell.alias("_oversell"))
+    sized = sized.select(pl.col("_amount_units").cast(QTY).alias("requested_quantity"), "_oversell")
     return t.with_columns(t.get_column(c).clone().scatter(rows, sized.get_column(c)) for c in sized.columns)
 
 

@@ -129,6 +129,33 @@ def test_to_dec_keeps_20_decimals_above_1e9():
     assert df["back"].to_list() == values
 
 
+def test_powers_of_ten_and_their_neighbours():
+    """The digit count starts from a float log10, which can land either side of an exact
+    power of ten; the exact correction must give every 10^j, and the values one unit of
+    the last place either side, their true 28-digit form (DEC in, and sums of D28)."""
+    values = []
+    for j in range(-12, 18):
+        p = Decimal(10) ** j
+        values += [p, -p, p - Decimal("1e-20"), p + Decimal("1e-20")]
+    values = [v for v in values if abs(v) < Decimal(10) ** 18]
+    df = dec28.from_dec(_frame({"x": values}), "x", "f")
+    assert [_exact(v) for v in df["f"].to_list()] == [CTX.plus(v) for v in values]
+    # sums whose exact value is a power of ten, or one unit of the 28th digit below it
+    a = [Decimal("0.5"), Decimal("999999999.5"), Decimal("0.05"), Decimal("0.0999999999999999999999999999")]
+    b = [Decimal("0.5"), Decimal("0.5"), Decimal("0.05"), Decimal("0.0000000000000000000000000001")]
+    df = dec28.add(dec28.from_dec(dec28.from_dec(_frame({"a": a, "b": b}), "a", "af"), "b", "bf"), "af", "bf", "s")
+    assert [_exact(v) for v in df["s"].to_list()] == [CTX.add(x, y) for x, y in zip(a, b)]
+
+
+def test_null_operands_give_null_results():
+    """A null operand (a missing FX rate, say) gives a null result, never a number."""
+    df = pl.DataFrame({"a": [Decimal("2.5"), None], "b": [None, Decimal("4")]}, schema={"a": DEC, "b": DEC})
+    df = dec28.from_dec(dec28.from_dec(df, "a", "af"), "b", "bf")
+    for op in (dec28.mul, dec28.div, dec28.add, dec28.sub):
+        out = op(df, "af", "bf", "r").with_columns(dec28.to_dec("r").alias("v"))
+        assert out["v"].to_list() == [None, None], op.__name__
+
+
 def test_known_boundary_cases():
     """§1.1: 0.3 × (0.2 / 0.3) is exactly 0.2 at 28 digits; 100/90 has 28 ones."""
     df = _frame({"a": [Decimal("0.2"), Decimal("100")], "b": [Decimal("0.3"), Decimal("90")]})

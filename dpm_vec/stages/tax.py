@@ -9,6 +9,7 @@ produces when the budget binds are fractional and must agree to the last digit.
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 
 from dpm_vec import dec28 as f
@@ -23,6 +24,7 @@ EVENT_SCHEMA = {
     "run": pl.UInt32, "instrument_id": pl.String, "trace_order": pl.Int64,
     "requested_quantity": QTY, "allowed_quantity": QTY, "quantity_f28": f.F28,
 }
+_STOP_DTYPES = (pl.UInt32, pl.Int64, pl.Boolean, pl.Boolean, f.D28, pl.Int32)
 TOTALS_SCHEMA = {"run": pl.UInt32, "realized_gain": DEC, "realized_loss": DEC, "gains_budget_used": DEC}
 
 
@@ -138,41 +140,50 @@ def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     walk = f.from_dec(walk, "_share", "share_f")
     walk = f.mul(walk, "gain_f", "share_f", "full_realised_f")
     consuming = pl.col("has_budget") & (f.sign("gain_f") > 0) & (pl.col("_share") > 0)
+    # each run is a lane, the runs with the most budget-consuming lots first: the runs still
+    # walking at step g are then lanes 0..n_g-1, so a step's state is a prefix, not a join
     gain_rows = walk.filter(consuming).select(
         "run", "trace_order", "step", "gain_f", "budget_f", "share_f", "full_realised_f",
         pl.int_range(pl.len()).over("run").alias("gstep"),
     )
-    state = walk.select("run").unique().select("run", f.zero().alias("used"), pl.lit(-1, dtype=pl.Int64).alias("stopped_trace"))
-    decided = []
-    for _, s in sorted(gain_rows.partition_by("gstep", as_dict=True).items()):
-        s = s.lazy().join(state.lazy(), on="run")  # one query plan per step
-        s = f.sub(s, "budget_f", "used", "_headroom")
-        s = f.div(s, "_headroom", "gain_f", "_budget_take")
-        active = pl.col("trace_order") != pl.col("stopped_trace")
-        exhausted = f.sign("_headroom") <= 0
-        bt, sh = pl.col("_budget_take").struct, pl.col("share_f").struct
-        share_above = (sh.field("k") > bt.field("k")) | ((sh.field("k") == bt.field("k")) & (sh.field("z") > bt.field("z")))
-        s = s.with_columns(
-            (active & ~exhausted & share_above).alias("_reduced"),
-            (active & exhausted).alias("_refused"),
-            active.alias("_active"),
-        )
-        s = f.mul(s, "gain_f", "_budget_take", "_reduced_realised")
-        s = s.with_columns(
-            pl.when(pl.col("_reduced")).then(pl.col("_reduced_realised"))
-            .when(pl.col("_refused") | ~pl.col("_active")).then(f.zero())
-            .otherwise(pl.col("full_realised_f")).alias("_realised")
-        )
-        s = f.add(s, "used", "_realised", "used")
-        s = s.with_columns(
-            pl.when(pl.col("_reduced") | pl.col("_refused")).then(pl.col("trace_order")).otherwise(pl.col("stopped_trace"))
-            .alias("stopped_trace")
-        ).collect(engine="in-memory")  # the default engine choice costs ~3 ms a step on a few hundred rows
-        decided.append(s.select("run", "step", "_reduced", "_refused", "_budget_take"))
-        state = pl.concat([state.join(s.select("run"), on="run", how="anti"), s.select(state.columns)])
-    # a bound run can have no lot that consumes budget (budget 0, every lot at a loss)
-    no_stops = pl.DataFrame(schema={"run": pl.UInt32, "step": pl.Int64, "_reduced": pl.Boolean, "_refused": pl.Boolean, "_budget_take": f.F28})
-    stops = pl.concat([no_stops, *(d.cast(no_stops.schema) for d in decided)]).filter(pl.col("_reduced") | pl.col("_refused"))
+    lanes = gain_rows.group_by("run").len().sort(["len", "run"], descending=[True, False]).with_row_index("lane")
+    gain_rows = gain_rows.join(lanes.select("run", "lane"), on="run").sort("gstep", "lane")
+    walking = gain_rows.group_by("gstep").len().sort("gstep")["len"].to_list()
+    gain, budget, share, full = (f.parts(gain_rows, c) for c in ("gain_f", "budget_f", "share_f", "full_realised_f"))
+    trace, runs, steps = gain_rows["trace_order"], gain_rows["run"], gain_rows["step"]
+    used = f.zeros(lanes.height)
+    stopped = pl.Series(np.full(lanes.height, -1, dtype=np.int64))
+    finished: list[f.Parts] = []  # the used budget of lanes that leave the walk, last leavers first
+    stops: list[tuple[pl.Series, ...]] = []  # run, step, _reduced, _refused, take z, take k of each stop
+    at = 0
+    for n in walking:
+        finished.insert(0, used.slice(n))
+        used, stopped = used.slice(0, n), stopped.slice(0, n)
+        g_trace, g_gain, g_share = trace.slice(at, n), gain.slice(at, n), share.slice(at, n)
+        headroom = f.sub_parts(budget.slice(at, n), used)
+        take = f.div_parts(headroom, g_gain)
+        active = g_trace != stopped
+        exhausted = headroom.z <= 0
+        share_above = (g_share.k > take.k) | ((g_share.k == take.k) & (g_share.z > take.z))
+        reduced, refused = active & ~exhausted & share_above, active & exhausted
+        realised = f.where(reduced, f.mul_parts(g_gain, take), f.where(refused | ~active, f.zeros(n), full.slice(at, n)))
+        used = f.add_parts(used, realised)
+        stop = reduced | refused
+        stopped = stopped.zip_with(~stop, g_trace)
+        stops.append((runs.slice(at, n), steps.slice(at, n), reduced, refused, *take))
+        stops[-1] = tuple(column.filter(stop) for column in stops[-1])
+        at += n
+    finished.insert(0, used)
+    state = pl.DataFrame([
+        lanes["run"], f.struct("used", f.Parts(*(pl.concat([p[i] for p in finished]) for i in (0, 1)))),
+    ])
+    # bound runs with no lot that consumes budget (budget 0, every lot at a loss) use none
+    idle = walk.select("run").unique().join(state, on="run", how="anti").select("run", f.zero().alias("used"))
+    state = pl.concat([state, idle]).sort("run")
+    stops = pl.DataFrame(
+        [pl.concat([stop[i] for stop in stops]) if stops else pl.Series(dtype=t) for i, t in enumerate(_STOP_DTYPES)],
+        schema=["run", "step", "_reduced", "_refused", "z", "k"],
+    ).select("run", "step", "_reduced", "_refused", pl.struct("z", "k").alias("_budget_take"))
     walk = walk.join(stops, on=["run", "step"], how="left", maintain_order="left").with_columns(
         pl.col("_reduced").fill_null(False), pl.col("_refused").fill_null(False)
     ).with_columns(

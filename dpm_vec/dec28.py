@@ -65,7 +65,8 @@ def _k(name: str) -> pl.Expr:
 
 
 class Parts(NamedTuple):
-    """An F28 column as its two Series: mantissa ``z`` (D28) and exponent ``k`` (Int32)."""
+    """An F28 column as its two Series: mantissa ``z`` (D28) and exponent ``k`` (Int32).
+    Parts share their Series (constants are cached): never write into them in place."""
 
     z: pl.Series
     k: pl.Series
@@ -75,6 +76,10 @@ class Parts(NamedTuple):
 
     def filter(self, mask: pl.Series) -> Parts:
         return Parts(self.z.filter(mask), self.k.filter(mask))
+
+    @staticmethod
+    def concat(values: list[Parts]) -> Parts:
+        return Parts(pl.concat([v.z for v in values]), pl.concat([v.k for v in values]))
 
 
 def _where(cond: pl.Series, yes: pl.Series, no: pl.Series) -> pl.Series:
@@ -86,11 +91,17 @@ def where(cond: pl.Series, yes: Parts, no: Parts) -> Parts:
     return Parts(_where(cond, yes.z, no.z), _where(cond, yes.k, no.k))
 
 
-@lru_cache(maxsize=64)
 def _full(n: int, value: int, dtype: pl.DataType) -> pl.Series:
-    """n copies of ``value``; cached, as a walk step asks for the same few constants again
-    and again (Series operations return new Series: nothing writes into them)."""
+    """n copies of ``value``. Short ones are cached: a walk step asks for the same few
+    constants again and again (nothing writes into a Series here: operations return new ones)."""
+    return _full_short(n, value, dtype) if n <= 4096 else _new_full(n, value, dtype)
+
+
+def _new_full(n: int, value: int, dtype: pl.DataType) -> pl.Series:
     return pl.Series(np.full(n, value, dtype=np.int64)).cast(dtype)
+
+
+_full_short = lru_cache(maxsize=64)(_new_full)
 
 
 def zeros(n: int) -> Parts:

@@ -201,3 +201,12 @@ def test_add_keeps_a_tiny_difference_of_near_equal_values():
     out = [_exact(v) for v in dec28.add(df, "af", "bf", "s")["s"].to_list()]
     assert out == [CTX.add(a, b) for a, b in pairs]
     assert out[1] == Decimal("1E-28")
+
+
+def test_empty_columns_stay_empty():
+    """Constants broadcast against the operands: an empty column must not become one row."""
+    df = pl.DataFrame({"a": [], "b": []}, schema={"a": DEC, "b": DEC})
+    df = dec28.from_dec(dec28.from_dec(df, "a", "af"), "b", "bf")
+    for op in (dec28.mul, dec28.div, dec28.add, dec28.sub):
+        out = op(df, "af", "bf", "r")
+        assert out.height == 0 and out.schema["r"] == dec28.F28, op.__name__

@@ -131,7 +131,9 @@ def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     Until a sell stops, every lot gives its whole share (``_share``, computed up front),
     so only the lots that can consume budget — positive gain, non-zero share — need the
     sequential pass over ``used``; lots at a loss or at zero gain just follow whether an
-    earlier lot of their instrument stopped it. Each pass is one step per run."""
+    earlier lot of their instrument stopped it. Step g takes the g-th consuming lot of
+    every run that has one, as Series operations on a few hundred values (``dec28.Parts``):
+    the walk's cost is its number of steps, so each must be cheap."""
     if walk.height == 0:
         return (
             pl.DataFrame(schema={"slot": pl.UInt32, "_allowed": QTY, "quantity_f28": f.F28}),
@@ -170,13 +172,10 @@ def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         used = f.add_parts(used, realised)
         stop = reduced | refused
         stopped = stopped.zip_with(~stop, g_trace)
-        stops.append((runs.slice(at, n), steps.slice(at, n), reduced, refused, *take))
-        stops[-1] = tuple(column.filter(stop) for column in stops[-1])
+        stops.append(tuple(column.filter(stop) for column in (runs.slice(at, n), steps.slice(at, n), reduced, refused, *take)))
         at += n
     finished.insert(0, used)
-    state = pl.DataFrame([
-        lanes["run"], f.struct("used", f.Parts(*(pl.concat([p[i] for p in finished]) for i in (0, 1)))),
-    ])
+    state = pl.DataFrame([lanes["run"], f.struct("used", f.Parts.concat(finished))])
     # bound runs with no lot that consumes budget (budget 0, every lot at a loss) use none
     idle = walk.select("run").unique().join(state, on="run", how="anti").select("run", f.zero().alias("used"))
     state = pl.concat([state, idle]).sort("run")

@@ -33,7 +33,6 @@ F28 = pl.Struct({"z": D28, "k": pl.Int32})
 # powers of ten as lookup tables, built once: a dict literal costs ~2 ms per use to convert
 _POW_D28 = pl.Series("pow", [Decimal(10) ** j for j in range(-28, 10)], dtype=D28)
 _POW_DEC = pl.Series("pow", [Decimal(10) ** j for j in range(-20, 18)], dtype=DEC)
-_D28_RANGE, _DEC_RANGE = (-28, 9), (-20, 17)
 # literals built once: each pl.lit of a Decimal builds a Series (~25 µs)
 _POW_D28_LIT, _POW_DEC_LIT = pl.lit(_POW_D28), pl.lit(_POW_DEC)
 _D28_0, _D28_1E9 = pl.lit(0, dtype=D28), pl.lit(Decimal("1e9"), dtype=D28)

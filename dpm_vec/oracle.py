@@ -684,10 +684,54 @@ def targets_solver(u: dict, targets: list[dict], mkt: Market, opts: Options, dia
             if Gl > opts.group_constraints[key]:
                 diag["warnings"].append(f"INFEASIBILITY_HINT_LOCKED_GROUP_WEIGHT_{key}")
         return "BLOCKED", wmap
-    for i, x in zip(tradeable, sol):
-        x = max(x, 0.0)
-        wmap[i] = Decimal(repr(x)).quantize(FOUR_DP, rounding=ROUND_HALF_EVEN)
+    exact = None if groups else _exact_band_projection([model_w[i] for i in tradeable], lo, hi, m, sol)
+    for i, x, w in zip(tradeable, sol, exact or [None] * len(sol)):
+        if w is None:
+            w = Decimal(repr(max(x, 0.0)))
+        wmap[i] = w.quantize(FOUR_DP, rounding=ROUND_HALF_EVEN)
     return status, wmap
+
+
+def _exact_band_projection(model: list[Decimal], lo: Decimal, hi: Decimal, cap: Decimal | None,
+                           approx: list[float]) -> list[Decimal] | None:
+    """The exact optimum of the band projection (§6.6, "Reproducing SOLVER": the exact
+    projection, rounded to 4 dp half-even). The float bisection tells which weights sit
+    at 0 or at the cap; with those fixed, the shift of the free ones solves one linear
+    equation in Decimal. Exactness matters at midpoints (a shift of excess / n often ends
+    in 5 at the fifth decimal), where a float lands either side. None if the float
+    solution's active set does not hold exactly (the float result is used then)."""
+    def clip(x: Decimal) -> Decimal:
+        x = max(x, ZERO)
+        return min(x, cap) if cap is not None else x
+
+    total = _sum(clip(x) for x in model)
+    if lo <= total <= hi:
+        return [clip(x) for x in model]
+    target = hi if total > hi else lo
+    eps = 1e-9
+    at_zero = [x <= eps for x in approx]
+    at_cap = [cap is not None and x >= float(cap) - eps for x in approx]
+    free = [i for i in range(len(model)) if not at_zero[i] and not at_cap[i]]
+    if not free:
+        return None
+    capped = sum(1 for flag in at_cap if flag)
+    lam = (_sum(model[i] for i in free) + (cap * capped if capped else ZERO) - target) / Decimal(len(free))
+    out = []
+    for i, x in enumerate(model):
+        shifted = x - lam
+        if at_zero[i]:
+            if shifted > 0:
+                return None
+            out.append(ZERO)
+        elif at_cap[i]:
+            if shifted < cap:
+                return None
+            out.append(cap)
+        else:
+            if shifted < 0 or (cap is not None and shifted > cap):
+                return None
+            out.append(shifted)
+    return out
 
 
 def generate_targets(method: str, u: dict, targets: list[dict], mkt: Market, opts: Options,

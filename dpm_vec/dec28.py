@@ -40,7 +40,7 @@ _DEC_0 = pl.lit(0, dtype=DEC)
 _I32_0 = pl.lit(0, dtype=pl.Int32)
 # one-element Series: arithmetic and comparisons broadcast them without building a literal
 _ONE = {v: pl.Series([Decimal(v)], dtype=D28) for v in ("0", "1", "10", "0.1", "1e9", "1e-9")}
-_DEC_ONE = {v: pl.Series([Decimal(v)], dtype=DEC) for v in ("0", "1", "1e9")}
+_DEC_ONE = {v: pl.Series([Decimal(v)], dtype=DEC) for v in ("0", "1e9")}
 
 
 def _pow_d28(j: pl.Expr) -> pl.Expr:
@@ -121,8 +121,12 @@ def _pow28(j: pl.Series, lo: int = -28, hi: int = 9) -> pl.Series:
     return _pow(_POW_D28, 28, j, lo, hi)
 
 
+def _zero_for(x: pl.Series) -> pl.Series:
+    return _ONE["0"] if x.dtype == D28 else _DEC_ONE["0"]
+
+
 def _abs(x: pl.Series) -> pl.Series:
-    zero = _ONE["0"] if x.dtype == D28 else _DEC_ONE["0"]
+    zero = _zero_for(x)
     return _where(x < zero, zero - x, x)
 
 
@@ -134,10 +138,9 @@ def _magnitude(a: pl.Series, table: pl.Series, offset: int, top: int) -> pl.Seri
         guess = np.floor(np.log10(np.where(f == 0, 1.0, f))) + 1
     m0 = pl.Series(guess, nan_to_null=True).cast(pl.Int32)
     lo = -offset
-    zero = _ONE["0"] if a.dtype == D28 else _DEC_ONE["0"]
     up = (m0 <= top) & (a >= _pow(table, offset, m0, lo, top))
     down = a < _pow(table, offset, m0 - 1, lo, top)
-    return _where(a == zero, _full(a.len(), 0, pl.Int32), _where(up, m0 + 1, _where(down, m0 - 1, m0))).cast(pl.Int32)
+    return _where(a == _zero_for(a), _full(a.len(), 0, pl.Int32), _where(up, m0 + 1, _where(down, m0 - 1, m0))).cast(pl.Int32)
 
 
 def _pack(z: pl.Series, k: pl.Series) -> Parts:
@@ -249,10 +252,6 @@ def div(df: pl.DataFrame, a: str, b: str, out: str) -> pl.DataFrame:
     """a / b; null where b is zero."""
     pb = parts(df, b)
     return _put(df, out, div_parts(parts(df, a), pb), null=pb.z == _ONE["0"])
-
-
-def neg(df: pl.DataFrame, a: str, out: str) -> pl.DataFrame:
-    return _put(df, out, neg_parts(parts(df, a)))
 
 
 def add(df: pl.DataFrame, a: str, b: str, out: str) -> pl.DataFrame:

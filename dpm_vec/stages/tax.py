@@ -77,7 +77,7 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
     allowed = pl.concat([free_allowed, walk_allowed], how="vertical_relaxed")
     # quantity_f28 keeps every digit of a budget-limited quantity (it can be far below 1e-20);
     # each sell is one slot of t, so its allowed quantity attaches by index
-    t = join_on_index(t, sort_rows(allowed, "slot"), "slot").with_columns(
+    t = join_on_index(t, allowed, "slot").with_columns(
         pl.when(pl.col("_allowed").is_not_null()).then(pl.col("_allowed")).otherwise(pl.col("requested_quantity")).alias("quantity")
     ).drop("_allowed")
     events = (

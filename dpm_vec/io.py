@@ -10,13 +10,29 @@ import uuid
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpm_vec.book import OPTIONAL_TABLES, TABLES, Book, conform, empty_table
+from dpm_vec.codes import InputFault
 from dpm_vec.errors import BookError
-from dpm_vec.schemas import check_table
+from dpm_vec.schemas import check_table, failure_cases, raise_failures
 
 REFERENCE_TABLES = ("prices", "fx_rates", "shelf", "shelf_attributes", "models")
+
+# Tables whose every row belongs to portfolios: by holdings snapshot or by run key. When a
+# sweep reads a shard, a row that fails its checks blocks the portfolios it belongs to
+# (with this block_reason) and the others run; the row is named in ROW_FAULT_SCHEMA form.
+PORTFOLIO_ROWS: dict[str, tuple[str, str, InputFault]] = {
+    # table: (portfolio key, column naming the row within the portfolio, block reason)
+    "positions": ("portfolio_snapshot_id", "instrument_id", InputFault.INVALID_HOLDINGS),
+    "cash": ("portfolio_snapshot_id", "currency", InputFault.INVALID_HOLDINGS),
+    "lots": ("portfolio_snapshot_id", "lot_id", InputFault.INVALID_HOLDINGS),
+    "group_constraints": ("run_key", "constraint_key", InputFault.INVALID_LIMITS),
+    "overdraft_limits": ("run_key", "currency", InputFault.INVALID_LIMITS),
+}
+ROW_FAULT_SCHEMA = {"table": pl.String, "key": pl.String, "row": pl.String, "column": pl.String, "check": pl.String,
+                    "value": pl.String}
 
 
 def _path(book_dir: Path, table: str) -> Path:
@@ -48,7 +64,36 @@ def scan_table(book_dir: Path, table: str, file: Path | None = None) -> pl.LazyF
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise BookError(str(file), f"not a readable Parquet file: {exc}") from None
     _check_columns(table, file, schema.names)
+    _check_types(table, file, schema)
     return pl.scan_parquet(file)
+
+
+def _accepts(dtype: pl.DataType, arrow: pa.DataType) -> bool:
+    """Whether a file column of type ``arrow`` can hold values of the book dtype: the
+    types ``conform`` casts from (values that still do not cast are row faults)."""
+    if pa.types.is_dictionary(arrow):
+        arrow = arrow.value_type
+    text = pa.types.is_string(arrow) or pa.types.is_large_string(arrow) or pa.types.is_string_view(arrow)
+    if pa.types.is_null(arrow):
+        return True
+    if dtype == pl.String:
+        return text
+    if isinstance(dtype, pl.Decimal):
+        return text or pa.types.is_decimal(arrow) or pa.types.is_integer(arrow) or pa.types.is_floating(arrow)
+    if dtype.is_integer():
+        return pa.types.is_integer(arrow)
+    if dtype == pl.Boolean:
+        return pa.types.is_boolean(arrow)
+    if isinstance(dtype, pl.Datetime):
+        return text or pa.types.is_timestamp(arrow) or pa.types.is_date(arrow)
+    return True
+
+
+def _check_types(table: str, file: Path, schema: pa.Schema) -> None:
+    for name, dtype, _ in TABLES[table]:
+        if name in schema.names and not _accepts(dtype, schema.field(name).type):
+            raise BookError(str(file), f"a column has the wrong type: {schema.field(name).type}, expected {dtype} "
+                                       "(or a type that casts to it)", column=name)
 
 
 def _conform(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
@@ -87,7 +132,21 @@ def read_book(book_dir: str | Path, portfolios: pl.DataFrame | None = None,
     the portfolios table — needs), validate every table, and flag runs whose model,
     shelf or market snapshot does not exist. ``files`` overrides where a table is read
     from (a sweep shard's own slice of the holdings); ``spans`` limits a table to the
-    ``(first row, row count)`` span that holds the rows of these portfolios."""
+    ``(first row, row count)`` span that holds the rows of these portfolios. Any failed
+    check raises a ``BookError``."""
+    return _read_book(book_dir, portfolios, reference, files, spans, isolate=False)[0]
+
+
+def read_shard(book_dir: str | Path, portfolios: pl.DataFrame, reference: dict[str, pl.DataFrame],
+               files: dict[str, Path] | None = None, spans: dict[str, tuple[int, int]] | None = None) -> tuple[Book, pl.DataFrame]:
+    """``read_book`` for one sweep shard: a row of a ``PORTFOLIO_ROWS`` table that fails
+    its checks (a value that does not cast, a conflicting duplicate, a bad currency code)
+    blocks the portfolios it belongs to instead of stopping the sweep. Returns the book and
+    the failed rows (``ROW_FAULT_SCHEMA``); faults of a whole file still raise."""
+    return _read_book(book_dir, portfolios, reference, files, spans, isolate=True)
+
+
+def _read_book(book_dir, portfolios, reference, files, spans, isolate: bool) -> tuple[Book, pl.DataFrame]:
     files = files or {}
     book_dir = Path(book_dir)
     portfolios = read_portfolios(book_dir) if portfolios is None else portfolios
@@ -106,10 +165,98 @@ def read_book(book_dir: str | Path, portfolios: pl.DataFrame | None = None,
             lf = lf.slice(*spans[table])
         frame = empty_table(table) if lf is None else lf.filter(pl.col(key).is_in(ids)).collect()
         tables[table] = frame
-    conformed = {table: _conform(table, frame, str(_path(book_dir, table))) for table, frame in tables.items() if table != "portfolios"}
+    conformed, faults = {}, [pl.DataFrame(schema=ROW_FAULT_SCHEMA)]
+    for table, frame in tables.items():
+        if table == "portfolios":
+            continue
+        file = str(_path(book_dir, table))
+        if isolate and table in PORTFOLIO_ROWS:
+            conformed[table], failed = _isolate_row_faults(table, frame, file)
+            faults.append(failed)
+        else:
+            conformed[table] = _conform(table, frame, file)
     conformed.update(reference)
-    conformed["portfolios"] = _flag_broken_references(portfolios, reference)
-    return Book(**conformed)
+    faults = pl.concat(faults)
+    conformed["portfolios"] = _flag_row_faults(_flag_broken_references(portfolios, reference), faults)
+    return Book(**conformed), faults
+
+
+def _isolate_row_faults(table: str, frame: pl.DataFrame, file: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(``frame`` conformed, without the rows of every portfolio key that has a failing
+    row; the failing rows). Values that do not cast to the book dtype fail first; the rest
+    are conformed and checked with the table's Pandera schema. A failure not tied to a row
+    (a whole column) raises, as in ``read_book``."""
+    key, row, _ = PORTFOLIO_ROWS[table]
+    dtypes = {name: dtype for name, dtype, _ in TABLES[table] if name in frame.columns}
+
+    def named(rows: pl.DataFrame, column: str, check: str, value: pl.Expr) -> pl.DataFrame:
+        return rows.select(
+            pl.lit(table).alias("table"), pl.col(key).cast(pl.String).alias("key"),
+            pl.col(row).cast(pl.String).alias("row"),
+            pl.lit(column).alias("column"), pl.lit(check).alias("check"), value.cast(pl.String).alias("value"),
+        )
+
+    try:  # columns already of the book dtype cannot fail to cast
+        uncastable = [
+            named(frame.filter(pl.col(name).is_not_null() & pl.col(name).cast(dtype, strict=False).is_null()),
+                  name, f"castable to {dtype}", pl.col(name))
+            for name, dtype in dtypes.items() if frame.schema[name] != dtype
+        ]
+    except pl.exceptions.PolarsError as exc:  # e.g. a float too large for any decimal
+        raise BookError(file, f"a column has the wrong type: {str(exc).splitlines()[0]}") from None
+    failed = pl.concat([pl.DataFrame(schema=ROW_FAULT_SCHEMA), *uncastable])
+    clean = frame.filter(~pl.col(key).cast(pl.String).is_in(failed["key"].implode())) if failed.height else frame
+    try:
+        clean = conform(table, clean)
+    except pl.exceptions.PolarsError as exc:
+        raise BookError(file, f"a column has the wrong type: {str(exc).splitlines()[0]}") from None
+    cases = failure_cases(table, clean)
+    if cases is not None:
+        if cases["index"].null_count():  # not a row: the file itself is wrong
+            raise_failures(cases, file)
+        at = cases["index"].cast(pl.UInt32)
+        checked = pl.DataFrame([
+            pl.repeat(table, cases.height, dtype=pl.String, eager=True).alias("table"),
+            clean[key].cast(pl.String).gather(at).alias("key"),
+            clean[row].cast(pl.String).gather(at).alias("row"),
+            cases["column"].fill_null("(row)").alias("column"),
+            cases["check"].cast(pl.String).alias("check"),
+            cases["failure_case"].cast(pl.String).alias("value"),
+        ])
+        failed = pl.concat([failed, checked])
+        clean = clean.filter(~pl.col(key).is_in(failed["key"].implode()))
+    return clean, failed.unique(maintain_order=True)
+
+
+def row_faults_by_run(portfolios: pl.DataFrame, faults: pl.DataFrame) -> pl.DataFrame:
+    """The failed rows (``read_shard``) beside each run they blocked: one row per run
+    and failed check, in portfolio order, so the same whatever the sharding (a holdings
+    snapshot shared by several runs is named under each)."""
+    if not faults.height:
+        return pl.DataFrame(schema={"run_key": pl.String, **ROW_FAULT_SCHEMA}).drop("key")
+    numbered = portfolios.with_row_index("_run")
+    owners = pl.concat([
+        numbered.select("_run", "run_key", pl.lit(table).alias("table"), pl.col(key).alias("key"))
+        for table, (key, _, _) in PORTFOLIO_ROWS.items()
+    ])
+    table_order = pl.col("table").replace_strict(list(PORTFOLIO_ROWS), list(range(len(PORTFOLIO_ROWS))), return_dtype=pl.Int32)
+    return (
+        faults.join(owners, on=["table", "key"], how="inner")
+        .sort([pl.col("_run"), table_order, "row", "column", "check", "value"], nulls_last=True)
+        .select("run_key", "table", "row", "column", "check", "value")
+    )
+
+
+def _flag_row_faults(portfolios: pl.DataFrame, faults: pl.DataFrame) -> pl.DataFrame:
+    """input_fault (the table's block reason) for the portfolios that own a failed row;
+    the first table in ``PORTFOLIO_ROWS`` order wins, and an input_fault already set stays."""
+    if not faults.height:
+        return portfolios
+    reason = pl.lit(None, dtype=pl.String)
+    for table, (key, _, fault) in reversed(PORTFOLIO_ROWS.items()):
+        owned = pl.col(key).is_in(faults.filter(pl.col("table") == table)["key"].implode())
+        reason = pl.when(owned).then(pl.lit(fault.value)).otherwise(reason)
+    return portfolios.with_columns(pl.coalesce("input_fault", reason).alias("input_fault"))
 
 
 def _flag_broken_references(portfolios: pl.DataFrame, reference: dict[str, pl.DataFrame]) -> pl.DataFrame:

@@ -104,20 +104,33 @@ assert set(INPUT_SCHEMAS) == set(TABLES)
 assert {name for name, _, _ in POLICY_COLUMNS} >= {"valuation_mode", "target_method"}
 
 
-def check_table(table: str, frame: pl.DataFrame, file: str) -> None:
-    """Validate a conformed table; raise one BookError describing every failed check."""
+def failure_cases(table: str, frame: pl.DataFrame) -> pl.DataFrame | None:
+    """Pandera's failure cases of a conformed table (``index``: the failing row, null for
+    a fault of a whole column), or None when every check passes."""
     try:
         INPUT_SCHEMAS[table].validate(frame.drop("seq", strict=False), lazy=True)
     except pa.errors.SchemaErrors as exc:
-        cases = exc.failure_cases
-        first = cases.row(0, named=True)
-        checks = sorted(set(cases["check"].cast(pl.String).to_list()))
-        column = first.get("column") or "(row)"
-        examples = []
-        for row in cases.head(5).iter_rows(named=True):
-            index = row.get("index")
-            examples.append(f"row {index}: {row.get('column') or ''} {row['failure_case']!s:.120} fails {row['check']}")
-        raise BookError(file, f"{cases.height} failed check(s): {', '.join(checks)}", column=column, examples=examples) from None
+        return exc.failure_cases
+    return None
+
+
+def raise_failures(cases: pl.DataFrame, file: str) -> None:
+    """One ``BookError`` describing every failed check, with example rows."""
+    first = cases.row(0, named=True)
+    checks = sorted(set(cases["check"].cast(pl.String).to_list()))
+    column = first.get("column") or "(row)"
+    examples = []
+    for row in cases.head(5).iter_rows(named=True):
+        index = row.get("index")
+        examples.append(f"row {index}: {row.get('column') or ''} {row['failure_case']!s:.120} fails {row['check']}")
+    raise BookError(file, f"{cases.height} failed check(s): {', '.join(checks)}", column=column, examples=examples)
+
+
+def check_table(table: str, frame: pl.DataFrame, file: str) -> None:
+    """Validate a conformed table; raise one BookError describing every failed check."""
+    cases = failure_cases(table, frame)
+    if cases is not None:
+        raise_failures(cases, file)
 
 
 # Stage boundary schemas: what the engine promises its outputs look like.

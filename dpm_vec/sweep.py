@@ -40,13 +40,16 @@ from dpm_vec import __version__
 from dpm_vec.book import Book, conform, empty_table
 from dpm_vec.defaults import PARQUET_COMPRESSION, default_shard_size, default_threads, usable_cores
 from dpm_vec.errors import DpmVecError
-from dpm_vec.io import _path, read_book, read_portfolios, read_reference, replace_dir, scan_table, write_book, write_json_atomic
+from dpm_vec.io import (PORTFOLIO_ROWS, _path, read_portfolios, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
+                        write_book, write_json_atomic)
 from dpm_vec.scenarios import comparison_table, expand, load_scenarios
 from dpm_vec.outputs import OUTPUT_TABLES, output_tables
 from dpm_vec.pipeline import StageTimer, run
 
 log = logging.getLogger("dpm_vec.sweep")
 HOLDING_TABLES = ("positions", "cash", "lots")
+# the engine's tables, and the rows a shard's reader set aside (io.read_shard), by run
+SWEEP_TABLES = (*OUTPUT_TABLES, "input_faults")
 BOOK_FILES = ("portfolios", "positions", "cash", "lots", "prices", "fx_rates", "shelf", "shelf_attributes",
               "models", "group_constraints", "overdraft_limits")
 
@@ -224,9 +227,16 @@ def compute_shard(plan: SweepPlan, shard: int) -> tuple[dict[str, pl.DataFrame],
     files = {table: plan.partition_dir / table / f"shard-{shard:05d}.parquet" for table in HOLDING_TABLES} if plan.partitioned else {}
     files.update({t: f for t, f in derived.items() if t != "portfolios"})
     spans = {table: plan.spans[table][shard] for table in HOLDING_TABLES} if plan.spans else None
-    book = read_book(book_dir, portfolios=portfolios, reference=_reference(plan.book_dir), files=files, spans=spans)
+    book, faults = read_shard(book_dir, portfolios, _reference(plan.book_dir), files=files, spans=spans)
     timer = StageTimer()
     tables = run_isolating(book, timer)
+    tables["input_faults"] = row_faults_by_run(book.portfolios, faults)
+    if faults.height:
+        first = faults.row(0, named=True)
+        log.warning("shard %d: %d portfolio(s) blocked by %d input row(s) that fail their checks (block_reason INVALID_HOLDINGS or "
+                    "INVALID_LIMITS; every one in the input_faults dataset), e.g. %s.parquet, %s %s, %s: %s fails %s",
+                    shard, tables["input_faults"]["run_key"].n_unique(), faults.height, first["table"],
+                    first["key"], first["row"], first["column"], first["value"], first["check"])
     timer.lap("outputs")
     return tables, timer
 
@@ -236,7 +246,7 @@ def commit_shard(plan: SweepPlan, shard: int, tables: dict[str, pl.DataFrame], t
     target = plan.shard_dir(shard)
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
-    for name in OUTPUT_TABLES:
+    for name in SWEEP_TABLES:
         tables[name].write_parquet(staging / f"{name}.parquet", **PARQUET_COMPRESSION)
     timer.lap("write")
     counts = dict(tables["runs"].group_by("status").len().iter_rows())
@@ -277,15 +287,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
     staging = out_dir.parent / f".{out_dir.name}.staging-{uuid.uuid4().hex[:8]}"
-    for name in OUTPUT_TABLES:
+    for name in SWEEP_TABLES:
         (staging / name).mkdir(parents=True)
-    rows = {name: 0 for name in OUTPUT_TABLES}
+    rows = {name: 0 for name in SWEEP_TABLES}
     for shard in range(plan.n_shards):
-        for name in OUTPUT_TABLES:
+        for name in SWEEP_TABLES:
             src = plan.shard_dir(shard) / f"{name}.parquet"
             rows[name] += pq.ParquetFile(src).metadata.num_rows
             _link_or_copy(src, staging / name / f"part-{shard:05d}.parquet")
-    manifest["tables"] = {name: {"rows": rows[name], "files": plan.n_shards, "path": f"{name}/"} for name in OUTPUT_TABLES}
+    manifest["tables"] = {name: {"rows": rows[name], "files": plan.n_shards, "path": f"{name}/"} for name in SWEEP_TABLES}
     if plan.scenarios:
         table = comparison_table(pl.read_parquet(staging / "runs"))
         (staging / "scenario_comparison").mkdir()
@@ -322,6 +332,8 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
     book_dir, out_dir = Path(book_dir).resolve(), Path(out_dir).resolve()
     portfolios = read_portfolios(book_dir)
     _reference(str(book_dir))  # structural faults of shared tables surface before any work; shards reuse it
+    for table in PORTFOLIO_ROWS:  # and a missing column or impossible type of the per-portfolio ones
+        scan_table(book_dir, table)
     hashes = input_hashes(book_dir)
     scenario_map = load_scenarios(scenarios) if scenarios else None
     if scenario_map:

@@ -20,8 +20,7 @@ from dpm_vec.errors import BookError
 from dpm_vec.generate import generate_book_frames
 from dpm_vec.inspect import query
 from dpm_vec.io import read_book, write_book
-from dpm_vec.outputs import OUTPUT_TABLES
-from dpm_vec.sweep import sweep
+from dpm_vec.sweep import SWEEP_TABLES, sweep
 
 
 def _book(tmp_path: Path, n: int = 60, seed: int = 3, bad_data: bool = True, name: str = "book") -> Path:
@@ -33,7 +32,7 @@ def _read(out: Path, table: str) -> pl.DataFrame:
 
 
 def _same_outputs(a: Path, b: Path) -> None:
-    for table in OUTPUT_TABLES:
+    for table in SWEEP_TABLES:
         assert _read(a, table).equals(_read(b, table), null_equal=True), table
 
 
@@ -232,6 +231,88 @@ def test_structural_faults_name_file_column_and_rows(tmp_path, table, change, ex
     message = str(err.value)
     assert f"{table}.parquet" in message
     assert expected in message
+
+
+def _inject_row_faults(frames: dict[str, pl.DataFrame]) -> dict[str, str]:
+    """Break one row of each per-portfolio table, each for a different portfolio (the
+    last ones, so the sweep has committed shards before it meets them); returns
+    run_key -> the block reason expected."""
+    ids = frames["portfolios"]["run_key"].to_list()
+    snap = dict(zip(ids, frames["portfolios"]["portfolio_snapshot_id"]))
+    with_lots = set(frames["lots"]["portfolio_snapshot_id"])
+    lot_victim = next(r for r in reversed(ids[:-5]) if snap[r] in with_lots)
+    victims = {ids[-1]: "dup", ids[-2]: "ccy", ids[-3]: "text", ids[-4]: "limit", lot_victim: "lot"}
+    by = {v: k for k, v in victims.items()}
+    first = pl.int_range(pl.len()).over("portfolio_snapshot_id") == 0
+
+    positions = frames["positions"]
+    conflicting = positions.filter(pl.col("portfolio_snapshot_id") == snap[by["dup"]]).head(1).with_columns(
+        pl.col("quantity") + 1)
+    positions = pl.concat([positions, conflicting]).with_columns(pl.col("quantity").cast(pl.String))
+    frames["positions"] = positions.with_columns(
+        pl.when((pl.col("portfolio_snapshot_id") == snap[by["text"]]) & first).then(pl.lit("12 units"))
+        .otherwise(pl.col("quantity")).alias("quantity"))
+    frames["cash"] = frames["cash"].with_columns(
+        pl.when((pl.col("portfolio_snapshot_id") == snap[by["ccy"]]) & first).then(pl.lit("usd"))
+        .otherwise(pl.col("currency")).alias("currency"))
+    frames["lots"] = frames["lots"].with_columns(
+        pl.when((pl.col("portfolio_snapshot_id") == snap[by["lot"]]) & first).then(-pl.col("quantity"))
+        .otherwise(pl.col("quantity")).alias("quantity"))
+    frames["group_constraints"] = pl.concat([frames["group_constraints"], pl.DataFrame(
+        {"run_key": [by["limit"]], "constraint_key": ["sector:TECH"], "max_weight": [Decimal("1.5")]},
+        schema=frames["group_constraints"].schema)])
+    return {r: "INVALID_LIMITS" if kind == "limit" else "INVALID_HOLDINGS" for r, kind in victims.items()}
+
+
+def test_bad_rows_block_their_portfolios_and_the_sweep_goes_on(tmp_path):
+    """A row of a portfolio's own data that fails its checks (a conflicting duplicate, a
+    quantity that is not a number, a bad currency code, a negative lot, a weight limit
+    above 1) blocks the portfolios it belongs to with a named reason; every other
+    portfolio gets exactly the result it gets from the clean book, whatever the sharding."""
+    frames = generate_book_frames(40, 3, holdings=(5, 12))
+    clean = write_book(frames, tmp_path / "clean")
+    expected = _inject_row_faults(frames)
+    broken = write_book(frames, tmp_path / "broken")
+    sweep(clean, tmp_path / "clean_out", shard_size=10, progress=False)
+    sweep(broken, tmp_path / "broken_out", shard_size=10, progress=False)
+    sweep(broken, tmp_path / "one_shard", shard_size=1000, progress=False)
+    _same_outputs(tmp_path / "broken_out", tmp_path / "one_shard")
+
+    runs = _read(tmp_path / "broken_out", "runs")
+    assert runs["run_key"].to_list() == frames["portfolios"]["run_key"].to_list()
+    blocked = runs.filter(pl.col("block_reason").is_in(["INVALID_HOLDINGS", "INVALID_LIMITS"]))
+    assert dict(zip(blocked["run_key"], blocked["block_reason"])) == expected
+    assert (blocked["status"] == "BLOCKED").all() and (blocked["exit_path"] == "E1").all()
+    assert _read(tmp_path / "broken_out", "intents").filter(pl.col("run_key").is_in(list(expected))).height == 0
+
+    faults = _read(tmp_path / "broken_out", "input_faults")
+    named = {(r["run_key"], r["table"], r["column"], r["check"]) for r in faults.iter_rows(named=True)}
+    ids = frames["portfolios"]["run_key"].to_list()
+    assert (ids[-1], "positions", "(row)", "multiple_fields_uniqueness") in named
+    assert (ids[-2], "cash", "currency", "str_matches('^[A-Z]{3}$')") in named
+    assert (ids[-3], "positions", "quantity", "castable to Decimal(precision=38, scale=28)") in named
+    assert (ids[-4], "group_constraints", "max_weight", "in_range(0, 1)") in named
+    [lot_victim] = set(expected) - set(ids[-4:])
+    assert (lot_victim, "lots", "quantity", "greater_than_or_equal_to(0)") in named
+    assert {r[0] for r in named} == set(expected)
+    assert faults.filter(pl.col("column") == "quantity", pl.col("table") == "positions")["value"].to_list() == ["12 units"]
+
+    for table in ("runs", "intents", "positions_after", "targets"):
+        others = [_read(out, table).filter(~pl.col("run_key").is_in(list(expected)))
+                  for out in (tmp_path / "clean_out", tmp_path / "broken_out")]
+        assert others[0].equals(others[1]), table
+    assert _read(tmp_path / "clean_out", "input_faults").height == 0
+
+
+def test_a_holdings_column_of_an_impossible_type_stops_before_any_shard(book, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(book, bad)
+    cash = pl.read_parquet(book / "cash.parquet")
+    cash.with_columns(pl.col("amount") > 0).write_parquet(bad / "cash.parquet")
+    with pytest.raises(BookError) as err:
+        sweep(bad, tmp_path / "out", shard_size=30, progress=False)
+    assert "cash.parquet" in str(err.value) and "'amount'" in str(err.value) and "wrong type: bool" in str(err.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.work-*"))
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

@@ -38,6 +38,7 @@ class InputFault(StrEnum):
     UNKNOWN_MODEL = "UNKNOWN_MODEL"
     UNKNOWN_SHELF = "UNKNOWN_SHELF"
     UNKNOWN_MARKET_SNAPSHOT = "UNKNOWN_MARKET_SNAPSHOT"
+    INVALID_PORTFOLIO = "INVALID_PORTFOLIO"
     INVALID_HOLDINGS = "INVALID_HOLDINGS"
     INVALID_LIMITS = "INVALID_LIMITS"
 
@@ -73,7 +74,8 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "UNKNOWN_MODEL": "the portfolio's model_id is not in models.parquet",
     "UNKNOWN_SHELF": "the portfolio's shelf_id is not in shelf.parquet",
     "UNKNOWN_MARKET_SNAPSHOT": "the portfolio's market_snapshot_id has no prices or FX rates",
-    "INVALID_HOLDINGS": "a row of the portfolio's positions, cash or lots fails its checks (sweep: named in the manifest and log)",
+    "INVALID_PORTFOLIO": "a value of the portfolio's options, base currency or timestamps fails its checks (sweep: named in input_faults)",
+    "INVALID_HOLDINGS": "a row of the portfolio's positions, cash or lots fails its checks (sweep: named in input_faults)",
     "INVALID_LIMITS": "a row of the portfolio's group_constraints or overdraft_limits fails its checks (sweep: as above)",
     "ENGINE_ERROR": "the engine could not compute this portfolio (e.g. an arithmetic overflow); the sweep went on",
 }

@@ -13,7 +13,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpm_vec.book import OPTIONAL_TABLES, TABLES, Book, conform, empty_table
+from dpm_vec.book import OPTIONAL_TABLES, POLICY_COLUMNS, TABLES, Book, conform, empty_table
 from dpm_vec.codes import InputFault
 from dpm_vec.errors import BookError
 from dpm_vec.schemas import check_table, failure_cases, raise_failures
@@ -23,8 +23,9 @@ REFERENCE_TABLES = ("prices", "fx_rates", "shelf", "shelf_attributes", "models")
 # Tables whose every row belongs to portfolios: by holdings snapshot or by run key. When a
 # sweep reads a shard, a row that fails its checks blocks the portfolios it belongs to
 # (with this block_reason) and the others run; the row is named in ROW_FAULT_SCHEMA form.
-PORTFOLIO_ROWS: dict[str, tuple[str, str, InputFault]] = {
+PORTFOLIO_ROWS: dict[str, tuple[str, str | None, InputFault]] = {
     # table: (portfolio key, column naming the row within the portfolio, block reason)
+    "portfolios": ("run_key", None, InputFault.INVALID_PORTFOLIO),
     "positions": ("portfolio_snapshot_id", "instrument_id", InputFault.INVALID_HOLDINGS),
     "cash": ("portfolio_snapshot_id", "currency", InputFault.INVALID_HOLDINGS),
     "lots": ("portfolio_snapshot_id", "lot_id", InputFault.INVALID_HOLDINGS),
@@ -81,7 +82,7 @@ def _accepts(dtype: pl.DataType, arrow: pa.DataType) -> bool:
     if isinstance(dtype, pl.Decimal):
         return text or pa.types.is_decimal(arrow) or pa.types.is_integer(arrow) or pa.types.is_floating(arrow)
     if dtype.is_integer():
-        return pa.types.is_integer(arrow)
+        return text or pa.types.is_integer(arrow)
     if dtype == pl.Boolean:
         return pa.types.is_boolean(arrow)
     if isinstance(dtype, pl.Datetime):
@@ -112,6 +113,86 @@ def read_portfolios(book_dir: str | Path, file: Path | None = None, rows: tuple[
     if rows is not None:
         lf = lf.slice(*rows)
     return _conform("portfolios", lf.collect(), str(file or _path(book_dir, "portfolios")))
+
+
+# columns of a portfolio's row that only that portfolio uses: a bad value blocks it
+_OWN_COLUMNS = ("base_currency", "portfolio_as_of", "market_as_of", *(name for name, _, _ in POLICY_COLUMNS))
+_POLICY_DEFAULTS = {name: (dtype, default) for name, dtype, default in POLICY_COLUMNS}
+
+
+def read_portfolio_rows(book_dir: str | Path, file: Path | None = None,
+                        rows: tuple[int, int] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``read_portfolios`` for a sweep: a value of a portfolio's own options, base currency
+    or timestamps that fails its checks blocks that portfolio (input_fault
+    INVALID_PORTFOLIO; an option's value is replaced by its default so the row still
+    runs to its block) instead of stopping the sweep. Returns the rows and the failed
+    values (``ROW_FAULT_SCHEMA``). Faults that leave a run without one identity — a
+    missing or repeated run_key, an empty portfolio_id — still raise."""
+    book_dir = Path(book_dir)
+    name = str(file or _path(book_dir, "portfolios"))
+    lf = scan_table(book_dir, "portfolios", file)
+    if rows is not None:
+        lf = lf.slice(*rows)
+    frame = lf.collect()
+    if "run_key" not in frame.columns:
+        frame = frame.with_columns(pl.col("portfolio_id").cast(pl.String).alias("run_key"))
+    failed = _uncastable("portfolios", frame, _OWN_COLUMNS, name)
+    for column, keys in failed.group_by("column").agg("key").iter_rows():  # null: the option's default
+        frame = frame.with_columns(pl.when(pl.col("run_key").cast(pl.String).is_in(keys)).then(None).otherwise(pl.col(column)).alias(column))
+    try:
+        out = conform("portfolios", frame)
+    except pl.exceptions.PolarsError as exc:
+        raise BookError(name, f"a column has the wrong type: {str(exc).splitlines()[0]}") from None
+    cases = failure_cases("portfolios", out)
+    if cases is not None:
+        own = (cases["column"].is_in(_OWN_COLUMNS) & cases["index"].is_not_null()).fill_null(False)
+        if not own.all():
+            raise_failures(cases.filter(~own), name)
+        checked = _checked("portfolios", out, cases)
+        failed = pl.concat([failed, checked])
+        for column, keys in checked.filter(pl.col("column").is_in(list(_POLICY_DEFAULTS))).group_by("column").agg("key").iter_rows():
+            dtype, default = _POLICY_DEFAULTS[column]
+            out = out.with_columns(pl.when(pl.col("run_key").is_in(keys)).then(pl.lit(default, dtype=dtype)).otherwise(pl.col(column)).alias(column))
+    failed = failed.unique(maintain_order=True)
+    flagged = pl.when(pl.col("run_key").is_in(failed["key"].implode())).then(pl.lit(InputFault.INVALID_PORTFOLIO.value))
+    return out.with_columns(pl.coalesce("input_fault", flagged).alias("input_fault")), failed
+
+
+def _uncastable(table: str, frame: pl.DataFrame, columns, file: str) -> pl.DataFrame:
+    """The values of ``columns`` that do not cast to the book dtype (``ROW_FAULT_SCHEMA``);
+    columns already of that dtype cannot fail."""
+    key, row, _ = PORTFOLIO_ROWS[table]
+    dtypes = {name: dtype for name, dtype, _ in TABLES[table] if name in columns and name in frame.columns and frame.schema[name] != dtype}
+    try:
+        parts = [
+            frame.filter(pl.col(name).is_not_null() & pl.col(name).cast(dtype, strict=False).is_null()).select(
+                pl.lit(table).alias("table"), pl.col(key).cast(pl.String).alias("key"),
+                (pl.col(row).cast(pl.String) if row else pl.lit(None, dtype=pl.String)).alias("row"),
+                pl.lit(name).alias("column"), pl.lit(f"castable to {dtype}").alias("check"), pl.col(name).cast(pl.String).alias("value"),
+            )
+            for name, dtype in dtypes.items()
+        ]
+    except pl.exceptions.PolarsError as exc:  # e.g. a float too large for any decimal
+        raise BookError(file, f"a column has the wrong type: {str(exc).splitlines()[0]}") from None
+    return pl.concat([pl.DataFrame(schema=ROW_FAULT_SCHEMA), *parts])
+
+
+def _checked(table: str, frame: pl.DataFrame, cases: pl.DataFrame) -> pl.DataFrame:
+    """Pandera's failure cases of rows of ``frame`` (the one validated), in ``ROW_FAULT_SCHEMA``."""
+    key, row, _ = PORTFOLIO_ROWS[table]
+    at = cases["index"].cast(pl.UInt32)
+    return pl.DataFrame([
+        pl.repeat(table, cases.height, dtype=pl.String, eager=True).alias("table"),
+        frame[key].cast(pl.String).gather(at).alias("key"),
+        (frame[row].cast(pl.String).gather(at) if row else pl.repeat(None, cases.height, dtype=pl.String, eager=True)).alias("row"),
+        cases["column"].fill_null("(row)").alias("column"),
+        cases["check"].cast(pl.String).alias("check"),
+        cases["failure_case"].cast(pl.String).alias("value"),
+    ])
+
+
+def _dtype(table: str, column: str) -> pl.DataType:
+    return next(dtype for name, dtype, _ in TABLES[table] if name == column)
 
 
 def read_reference(book_dir: str | Path) -> dict[str, pl.DataFrame]:
@@ -186,25 +267,8 @@ def _isolate_row_faults(table: str, frame: pl.DataFrame, file: str) -> tuple[pl.
     row; the failing rows). Values that do not cast to the book dtype fail first; the rest
     are conformed and checked with the table's Pandera schema. A failure not tied to a row
     (a whole column) raises, as in ``read_book``."""
-    key, row, _ = PORTFOLIO_ROWS[table]
-    dtypes = {name: dtype for name, dtype, _ in TABLES[table] if name in frame.columns}
-
-    def named(rows: pl.DataFrame, column: str, check: str, value: pl.Expr) -> pl.DataFrame:
-        return rows.select(
-            pl.lit(table).alias("table"), pl.col(key).cast(pl.String).alias("key"),
-            pl.col(row).cast(pl.String).alias("row"),
-            pl.lit(column).alias("column"), pl.lit(check).alias("check"), value.cast(pl.String).alias("value"),
-        )
-
-    try:  # columns already of the book dtype cannot fail to cast
-        uncastable = [
-            named(frame.filter(pl.col(name).is_not_null() & pl.col(name).cast(dtype, strict=False).is_null()),
-                  name, f"castable to {dtype}", pl.col(name))
-            for name, dtype in dtypes.items() if frame.schema[name] != dtype
-        ]
-    except pl.exceptions.PolarsError as exc:  # e.g. a float too large for any decimal
-        raise BookError(file, f"a column has the wrong type: {str(exc).splitlines()[0]}") from None
-    failed = pl.concat([pl.DataFrame(schema=ROW_FAULT_SCHEMA), *uncastable])
+    key = PORTFOLIO_ROWS[table][0]
+    failed = _uncastable(table, frame, frame.columns, file)
     clean = frame.filter(~pl.col(key).cast(pl.String).is_in(failed["key"].implode())) if failed.height else frame
     try:
         clean = conform(table, clean)
@@ -214,16 +278,7 @@ def _isolate_row_faults(table: str, frame: pl.DataFrame, file: str) -> tuple[pl.
     if cases is not None:
         if cases["index"].null_count():  # not a row: the file itself is wrong
             raise_failures(cases, file)
-        at = cases["index"].cast(pl.UInt32)
-        checked = pl.DataFrame([
-            pl.repeat(table, cases.height, dtype=pl.String, eager=True).alias("table"),
-            clean[key].cast(pl.String).gather(at).alias("key"),
-            clean[row].cast(pl.String).gather(at).alias("row"),
-            cases["column"].fill_null("(row)").alias("column"),
-            cases["check"].cast(pl.String).alias("check"),
-            cases["failure_case"].cast(pl.String).alias("value"),
-        ])
-        failed = pl.concat([failed, checked])
+        failed = pl.concat([failed, _checked(table, clean, cases)])
         clean = clean.filter(~pl.col(key).is_in(failed["key"].implode()))
     return clean, failed.unique(maintain_order=True)
 

@@ -40,7 +40,7 @@ from dpm_vec import __version__
 from dpm_vec.book import Book, conform, empty_table
 from dpm_vec.defaults import PARQUET_COMPRESSION, default_shard_size, default_threads, usable_cores
 from dpm_vec.errors import DpmVecError
-from dpm_vec.io import (PORTFOLIO_ROWS, _path, read_portfolios, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
+from dpm_vec.io import (PORTFOLIO_ROWS, _path, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         write_book, write_json_atomic)
 from dpm_vec.scenarios import comparison_table, expand, load_scenarios
 from dpm_vec.outputs import OUTPUT_TABLES, output_tables
@@ -223,20 +223,24 @@ def compute_shard(plan: SweepPlan, shard: int) -> tuple[dict[str, pl.DataFrame],
     start, stop = plan.shard_range(shard)
     book_dir = Path(plan.book_dir)
     derived = plan.table_files()
-    portfolios = read_portfolios(book_dir, derived.get("portfolios"), rows=(start, stop - start))
+    portfolios, portfolio_faults = read_portfolio_rows(book_dir, derived.get("portfolios"), rows=(start, stop - start))
     files = {table: plan.partition_dir / table / f"shard-{shard:05d}.parquet" for table in HOLDING_TABLES} if plan.partitioned else {}
     files.update({t: f for t, f in derived.items() if t != "portfolios"})
     spans = {table: plan.spans[table][shard] for table in HOLDING_TABLES} if plan.spans else None
     book, faults = read_shard(book_dir, portfolios, _reference(plan.book_dir), files=files, spans=spans)
+    if plan.scenarios:
+        derived_faults = pl.read_parquet(Path(plan.work_dir) / "derived" / "portfolio_faults.parquet")
+        portfolio_faults = derived_faults.filter(pl.col("key").is_in(portfolios["run_key"].implode()))
+    faults = pl.concat([portfolio_faults, faults])
     timer = StageTimer()
     tables = run_isolating(book, timer)
     tables["input_faults"] = row_faults_by_run(book.portfolios, faults)
     if faults.height:
         first = faults.row(0, named=True)
-        log.warning("shard %d: %d portfolio(s) blocked by %d input row(s) that fail their checks (block_reason INVALID_HOLDINGS or "
-                    "INVALID_LIMITS; every one in the input_faults dataset), e.g. %s.parquet, %s %s, %s: %s fails %s",
-                    shard, tables["input_faults"]["run_key"].n_unique(), faults.height, first["table"],
-                    first["key"], first["row"], first["column"], first["value"], first["check"])
+        log.warning("shard %d: %d portfolio(s) blocked by %d input value(s) that fail their checks (block_reason "
+                    "INVALID_PORTFOLIO, INVALID_HOLDINGS or INVALID_LIMITS; each in the input_faults dataset), e.g. %s.parquet, "
+                    "key %s, row %s, column %s: %s fails %s", shard, tables["input_faults"]["run_key"].n_unique(), faults.height,
+                    first["table"], first["key"], first["row"] or "-", first["column"], first["value"], first["check"])
     timer.lap("outputs")
     return tables, timer
 
@@ -330,7 +334,11 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
         raise DpmVecError(f"--shard-size must be at least 1, got {shard_size}")
     started = time.perf_counter()
     book_dir, out_dir = Path(book_dir).resolve(), Path(out_dir).resolve()
-    portfolios = read_portfolios(book_dir)
+    portfolios, portfolio_faults = read_portfolio_rows(book_dir)
+    if portfolio_faults.height:
+        log.warning("%d portfolio(s) of portfolios.parquet have values that fail their checks and will be BLOCKED "
+                    "(INVALID_PORTFOLIO), e.g. run_key %s, %s: %s fails %s", portfolio_faults["key"].n_unique(),
+                    *portfolio_faults.select("key", "column", "value", "check").row(0))
     _reference(str(book_dir))  # structural faults of shared tables surface before any work; shards reuse it
     for table in PORTFOLIO_ROWS:  # and a missing column or impossible type of the per-portfolio ones
         scan_table(book_dir, table)
@@ -341,6 +349,11 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
             return pl.read_parquet(_path(book_dir, table)) if _path(book_dir, table).exists() else empty_table(table)
 
         derived_tables = expand(portfolios, optional("group_constraints"), optional("overdraft_limits"), scenario_map)
+        # the derived rows carry the options' defaults where the book's values failed: the
+        # shards take the failed values from here, under each scenario's run key
+        derived_tables["portfolio_faults"] = portfolio_faults.join(
+            pl.DataFrame({"_scenario": sorted(scenario_map)}), how="cross"
+        ).select("table", pl.col("key") + "|" + pl.col("_scenario"), pl.exclude("table", "key", "_scenario"))
         portfolios = conform("portfolios", derived_tables["portfolios"])
     if shard_size is None:
         shard_size = default_shard_size(None if scheduler else workers or threads, portfolios.height)

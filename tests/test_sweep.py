@@ -304,6 +304,54 @@ def test_bad_rows_block_their_portfolios_and_the_sweep_goes_on(tmp_path):
     assert _read(tmp_path / "clean_out", "input_faults").height == 0
 
 
+def test_bad_option_values_block_their_portfolio(tmp_path):
+    """A portfolio's own bad value (an option out of range or not in its enum, a number
+    that is not one, a lower-case base currency) blocks that portfolio only; a repeated
+    run_key, which would leave two portfolios one record, still stops before any work."""
+    frames = generate_book_frames(30, 4, holdings=(4, 8))
+    clean = write_book(frames, tmp_path / "clean")
+    ids = frames["portfolios"]["run_key"].to_list()
+    row = pl.int_range(pl.len())
+    frames["portfolios"] = frames["portfolios"].with_columns(
+        pl.when(row == 3).then(Decimal("1.5")).otherwise(pl.col("max_turnover_pct")).alias("max_turnover_pct"),
+        pl.when(row == 11).then(pl.lit("CALC")).otherwise(pl.col("valuation_mode")).alias("valuation_mode"),
+        pl.when(row == 17).then(pl.lit("five")).otherwise(pl.col("settlement_horizon_days").cast(pl.String)).alias("settlement_horizon_days"),
+        pl.when(row == 29).then(pl.lit("usd")).otherwise(pl.col("base_currency")).alias("base_currency"),
+    )
+    broken = write_book(frames, tmp_path / "broken")
+    sweep(clean, tmp_path / "clean_out", shard_size=8, progress=False)
+    manifest = sweep(broken, tmp_path / "broken_out", shard_size=8, progress=False)
+    assert manifest["portfolios"] == 30
+
+    runs = _read(tmp_path / "broken_out", "runs")
+    blocked = runs.filter(pl.col("block_reason") == "INVALID_PORTFOLIO")
+    assert sorted(blocked["run_key"]) == sorted([ids[3], ids[11], ids[17], ids[29]])
+    assert (blocked["status"] == "BLOCKED").all()
+    faults = _read(tmp_path / "broken_out", "input_faults")
+    assert {(r["run_key"], r["column"], r["value"]) for r in faults.iter_rows(named=True)} == {
+        (ids[3], "max_turnover_pct", "1.50000000000000000000"), (ids[11], "valuation_mode", "CALC"),
+        (ids[17], "settlement_horizon_days", "five"), (ids[29], "base_currency", "usd"),
+    }
+    assert set(faults["table"]) == {"portfolios"}
+    others = [_read(out, "intents").filter(~pl.col("run_key").is_in(blocked["run_key"].implode()))
+              for out in (tmp_path / "clean_out", tmp_path / "broken_out")]
+    assert others[0].equals(others[1])
+
+    # a what-if sweep names the failed values under every scenario's run
+    scenarios = tmp_path / "scenarios.json"
+    scenarios.write_text(json.dumps({"scenarios": {"base": {"options": {}}, "cap": {"options": {"max_turnover_pct": "0.1"}}}}))
+    sweep(broken, tmp_path / "what_if", shard_size=8, progress=False, scenarios=scenarios)
+    what_if = _read(tmp_path / "what_if", "input_faults")
+    assert sorted(what_if["run_key"]) == sorted(f"{k}|{s}" for k in blocked["run_key"] for s in ("base", "cap"))
+    assert _read(tmp_path / "what_if", "runs").filter(pl.col("run_key").is_in(what_if["run_key"].implode()))["block_reason"].unique().to_list() == ["INVALID_PORTFOLIO"]
+
+    frames["portfolios"] = pl.concat([frames["portfolios"], frames["portfolios"].head(1)])
+    repeated = write_book(frames, tmp_path / "repeated")
+    with pytest.raises(BookError, match="portfolios.parquet.*uniqueness"):
+        sweep(repeated, tmp_path / "repeated_out", shard_size=8, progress=False)
+    assert not (tmp_path / "repeated_out").exists()
+
+
 def test_a_holdings_column_of_an_impossible_type_stops_before_any_shard(book, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(book, bad)

@@ -32,7 +32,7 @@ PORTFOLIO_ROWS: dict[str, tuple[str, str | None, InputFault]] = {
     "group_constraints": ("run_key", "constraint_key", InputFault.INVALID_LIMITS),
     "overdraft_limits": ("run_key", "currency", InputFault.INVALID_LIMITS),
 }
-ROW_FAULT_SCHEMA = {"table": pl.String, "key": pl.String, "row": pl.String, "column": pl.String, "check": pl.String,
+ROW_FAULT_SCHEMA = {"input_table": pl.String, "key": pl.String, "row_key": pl.String, "input_column": pl.String, "failed_check": pl.String,
                     "value": pl.String}
 
 
@@ -137,7 +137,7 @@ def read_portfolio_rows(book_dir: str | Path, file: Path | None = None,
     if "run_key" not in frame.columns:
         frame = frame.with_columns(pl.col("portfolio_id").cast(pl.String).alias("run_key"))
     failed = _uncastable("portfolios", frame, _OWN_COLUMNS, name)
-    for column, keys in failed.group_by("column").agg("key").iter_rows():  # null: the option's default
+    for column, keys in failed.group_by("input_column").agg("key").iter_rows():  # null: the option's default
         frame = frame.with_columns(pl.when(pl.col("run_key").cast(pl.String).is_in(keys)).then(None).otherwise(pl.col(column)).alias(column))
     try:
         out = conform("portfolios", frame)
@@ -150,7 +150,7 @@ def read_portfolio_rows(book_dir: str | Path, file: Path | None = None,
             raise_failures(cases.filter(~own), name)
         checked = _checked("portfolios", out, cases)
         failed = pl.concat([failed, checked])
-        for column, keys in checked.filter(pl.col("column").is_in(list(_POLICY_DEFAULTS))).group_by("column").agg("key").iter_rows():
+        for column, keys in checked.filter(pl.col("input_column").is_in(list(_POLICY_DEFAULTS))).group_by("input_column").agg("key").iter_rows():
             dtype, default = _POLICY_DEFAULTS[column]
             out = out.with_columns(pl.when(pl.col("run_key").is_in(keys)).then(pl.lit(default, dtype=dtype)).otherwise(pl.col(column)).alias(column))
     failed = failed.unique(maintain_order=True)
@@ -166,9 +166,9 @@ def _uncastable(table: str, frame: pl.DataFrame, columns, file: str) -> pl.DataF
     try:
         parts = [
             frame.filter(pl.col(name).is_not_null() & pl.col(name).cast(dtype, strict=False).is_null()).select(
-                pl.lit(table).alias("table"), pl.col(key).cast(pl.String).alias("key"),
-                (pl.col(row).cast(pl.String) if row else pl.lit(None, dtype=pl.String)).alias("row"),
-                pl.lit(name).alias("column"), pl.lit(f"castable to {dtype}").alias("check"), pl.col(name).cast(pl.String).alias("value"),
+                pl.lit(table).alias("input_table"), pl.col(key).cast(pl.String).alias("key"),
+                (pl.col(row).cast(pl.String) if row else pl.lit(None, dtype=pl.String)).alias("row_key"),
+                pl.lit(name).alias("input_column"), pl.lit(f"castable to {dtype}").alias("failed_check"), pl.col(name).cast(pl.String).alias("value"),
             )
             for name, dtype in dtypes.items()
         ]
@@ -182,11 +182,11 @@ def _checked(table: str, frame: pl.DataFrame, cases: pl.DataFrame) -> pl.DataFra
     key, row, _ = PORTFOLIO_ROWS[table]
     at = cases["index"].cast(pl.UInt32)
     return pl.DataFrame([
-        pl.repeat(table, cases.height, dtype=pl.String, eager=True).alias("table"),
+        pl.repeat(table, cases.height, dtype=pl.String, eager=True).alias("input_table"),
         frame[key].cast(pl.String).gather(at).alias("key"),
-        (frame[row].cast(pl.String).gather(at) if row else pl.repeat(None, cases.height, dtype=pl.String, eager=True)).alias("row"),
-        cases["column"].fill_null("(row)").alias("column"),
-        cases["check"].cast(pl.String).alias("check"),
+        (frame[row].cast(pl.String).gather(at) if row else pl.repeat(None, cases.height, dtype=pl.String, eager=True)).alias("row_key"),
+        cases["column"].fill_null("(row)").alias("input_column"),
+        cases["check"].cast(pl.String).alias("failed_check"),
         cases["failure_case"].cast(pl.String).alias("value"),
     ])
 
@@ -291,14 +291,14 @@ def row_faults_by_run(portfolios: pl.DataFrame, faults: pl.DataFrame) -> pl.Data
         return pl.DataFrame(schema={"run_key": pl.String, **ROW_FAULT_SCHEMA}).drop("key")
     numbered = portfolios.with_row_index("_run")
     owners = pl.concat([
-        numbered.select("_run", "run_key", pl.lit(table).alias("table"), pl.col(key).alias("key"))
+        numbered.select("_run", "run_key", pl.lit(table).alias("input_table"), pl.col(key).alias("key"))
         for table, (key, _, _) in PORTFOLIO_ROWS.items()
     ])
-    table_order = pl.col("table").replace_strict(list(PORTFOLIO_ROWS), list(range(len(PORTFOLIO_ROWS))), return_dtype=pl.Int32)
+    table_order = pl.col("input_table").replace_strict(list(PORTFOLIO_ROWS), list(range(len(PORTFOLIO_ROWS))), return_dtype=pl.Int32)
     return (
-        faults.join(owners, on=["table", "key"], how="inner")
-        .sort([pl.col("_run"), table_order, "row", "column", "check", "value"], nulls_last=True)
-        .select("run_key", "table", "row", "column", "check", "value")
+        faults.join(owners, on=["input_table", "key"], how="inner")
+        .sort([pl.col("_run"), table_order, "row_key", "input_column", "failed_check", "value"], nulls_last=True)
+        .select("run_key", "input_table", "row_key", "input_column", "failed_check", "value")
     )
 
 
@@ -309,7 +309,7 @@ def _flag_row_faults(portfolios: pl.DataFrame, faults: pl.DataFrame) -> pl.DataF
         return portfolios
     reason = pl.lit(None, dtype=pl.String)
     for table, (key, _, fault) in reversed(PORTFOLIO_ROWS.items()):
-        owned = pl.col(key).is_in(faults.filter(pl.col("table") == table)["key"].implode())
+        owned = pl.col(key).is_in(faults.filter(pl.col("input_table") == table)["key"].implode())
         reason = pl.when(owned).then(pl.lit(fault.value)).otherwise(reason)
     return portfolios.with_columns(pl.coalesce("input_fault", reason).alias("input_fault"))
 

@@ -240,7 +240,7 @@ def compute_shard(plan: SweepPlan, shard: int) -> tuple[dict[str, pl.DataFrame],
         log.warning("shard %d: %d portfolio(s) blocked by %d input value(s) that fail their checks (block_reason "
                     "INVALID_PORTFOLIO, INVALID_HOLDINGS or INVALID_LIMITS; each in the input_faults dataset), e.g. %s.parquet, "
                     "key %s, row %s, column %s: %s fails %s", shard, tables["input_faults"]["run_key"].n_unique(), faults.height,
-                    first["table"], first["key"], first["row"] or "-", first["column"], first["value"], first["check"])
+                    first["input_table"], first["key"], first["row_key"] or "-", first["input_column"], first["value"], first["failed_check"])
     timer.lap("outputs")
     return tables, timer
 
@@ -338,7 +338,7 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
     if portfolio_faults.height:
         log.warning("%d portfolio(s) of portfolios.parquet have values that fail their checks and will be BLOCKED "
                     "(INVALID_PORTFOLIO), e.g. run_key %s, %s: %s fails %s", portfolio_faults["key"].n_unique(),
-                    *portfolio_faults.select("key", "column", "value", "check").row(0))
+                    *portfolio_faults.select("key", "input_column", "value", "failed_check").row(0))
     _reference(str(book_dir))  # structural faults of shared tables surface before any work; shards reuse it
     for table in PORTFOLIO_ROWS:  # and a missing column or impossible type of the per-portfolio ones
         scan_table(book_dir, table)
@@ -353,7 +353,7 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
         # shards take the failed values from here, under each scenario's run key
         derived_tables["portfolio_faults"] = portfolio_faults.join(
             pl.DataFrame({"_scenario": sorted(scenario_map)}), how="cross"
-        ).select("table", pl.col("key") + "|" + pl.col("_scenario"), pl.exclude("table", "key", "_scenario"))
+        ).select("input_table", pl.col("key") + "|" + pl.col("_scenario"), pl.exclude("input_table", "key", "_scenario"))
         portfolios = conform("portfolios", derived_tables["portfolios"])
     if shard_size is None:
         shard_size = default_shard_size(None if scheduler else workers or threads, portfolios.height)

@@ -286,7 +286,7 @@ def test_bad_rows_block_their_portfolios_and_the_sweep_goes_on(tmp_path):
     assert _read(tmp_path / "broken_out", "intents").filter(pl.col("run_key").is_in(list(expected))).height == 0
 
     faults = _read(tmp_path / "broken_out", "input_faults")
-    named = {(r["run_key"], r["table"], r["column"], r["check"]) for r in faults.iter_rows(named=True)}
+    named = {(r["run_key"], r["input_table"], r["input_column"], r["failed_check"]) for r in faults.iter_rows(named=True)}
     ids = frames["portfolios"]["run_key"].to_list()
     assert (ids[-1], "positions", "(row)", "multiple_fields_uniqueness") in named
     assert (ids[-2], "cash", "currency", "str_matches('^[A-Z]{3}$')") in named
@@ -295,7 +295,11 @@ def test_bad_rows_block_their_portfolios_and_the_sweep_goes_on(tmp_path):
     [lot_victim] = set(expected) - set(ids[-4:])
     assert (lot_victim, "lots", "quantity", "greater_than_or_equal_to(0)") in named
     assert {r[0] for r in named} == set(expected)
-    assert faults.filter(pl.col("column") == "quantity", pl.col("table") == "positions")["value"].to_list() == ["12 units"]
+    assert faults.filter(pl.col("input_column") == "quantity", pl.col("input_table") == "positions")["value"].to_list() == ["12 units"]
+    # the documented DuckDB query: no column name that SQL reserves
+    _, rows = query(tmp_path / "broken_out", "select run_key, block_reason, input_table, row_key, input_column, failed_check, value "
+                                             "from runs join input_faults using (run_key)")
+    assert len(rows) == faults.height and {r[1] for r in rows} == {"INVALID_HOLDINGS", "INVALID_LIMITS"}
 
     for table in ("runs", "intents", "positions_after", "targets"):
         others = [_read(out, table).filter(~pl.col("run_key").is_in(list(expected)))
@@ -328,11 +332,11 @@ def test_bad_option_values_block_their_portfolio(tmp_path):
     assert sorted(blocked["run_key"]) == sorted([ids[3], ids[11], ids[17], ids[29]])
     assert (blocked["status"] == "BLOCKED").all()
     faults = _read(tmp_path / "broken_out", "input_faults")
-    assert {(r["run_key"], r["column"], r["value"]) for r in faults.iter_rows(named=True)} == {
+    assert {(r["run_key"], r["input_column"], r["value"]) for r in faults.iter_rows(named=True)} == {
         (ids[3], "max_turnover_pct", "1.50000000000000000000"), (ids[11], "valuation_mode", "CALC"),
         (ids[17], "settlement_horizon_days", "five"), (ids[29], "base_currency", "usd"),
     }
-    assert set(faults["table"]) == {"portfolios"}
+    assert set(faults["input_table"]) == {"portfolios"}
     others = [_read(out, "intents").filter(~pl.col("run_key").is_in(blocked["run_key"].implode()))
               for out in (tmp_path / "clean_out", tmp_path / "broken_out")]
     assert others[0].equals(others[1])

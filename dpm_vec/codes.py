@@ -76,7 +76,7 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "UNKNOWN_MARKET_SNAPSHOT": "the portfolio's market_snapshot_id has no prices or FX rates",
     "INVALID_PORTFOLIO": "a value of the portfolio's options, base currency or timestamps fails its checks (sweep: named in input_faults)",
     "INVALID_HOLDINGS": "a row of the portfolio's positions, cash or lots fails its checks (sweep: named in input_faults)",
-    "INVALID_LIMITS": "a row of the portfolio's group_constraints or overdraft_limits fails its checks (sweep: as above)",
+    "INVALID_LIMITS": "a row of the portfolio's group_constraints or overdraft_limits fails its checks (sweep: named in input_faults)",
     "ENGINE_ERROR": "the engine could not compute this portfolio (e.g. an arithmetic overflow); the sweep went on",
 }
 assert {f.value for f in InputFault} <= CODE_DESCRIPTIONS.keys()

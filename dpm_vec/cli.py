@@ -87,6 +87,13 @@ def _print_summary(manifest: dict, out: str) -> None:
         f"{manifest['shards']} shard(s) of {manifest['shard_size']:,} on {_sweep_engines(manifest)}, {manifest['resumed_shards']} resumed; wall time {manifest['wall_time_s']:.2f} s "
         f"({manifest['portfolios_per_second']:,} portfolios/s); intents: {manifest['tables']['intents']['rows']:,}"
     )
+    faults = manifest["tables"].get("input_faults", {}).get("rows", 0)
+    if faults:
+        console.print(
+            f"[bold]{faults:,} input fault(s)[/bold] (values or rows that fail their checks) blocked the portfolios they belong to "
+            f"(block_reason INVALID_PORTFOLIO / INVALID_HOLDINGS / INVALID_LIMITS); each one: "
+            f"dpm-vec query {out} \"select * from input_faults\""
+        )
 
 
 def _sweep_engines(manifest: dict) -> str:

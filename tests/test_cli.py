@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,22 @@ def test_a_trade_beyond_the_quantity_range_is_a_422_naming_it(tmp_path):
     assert slots[1]["detail"] == (
         "request 2: a BUY of 37037037037 units of US_EQ is outside the engine's quantity range (trades under 9,000,000,000 units)"
     )
+
+
+def test_sweep_summary_points_at_input_faults(tmp_path):
+    """A sweep over a book with one conflicting duplicate position finishes, and its
+    summary says how many input faults blocked portfolios and where to read them."""
+    book = tmp_path / "book"
+    shutil.copytree(DATA / "sample_book", book)
+    positions = pl.read_parquet(book / "positions.parquet")
+    conflicting = positions.tail(1).with_columns(pl.col("quantity") + 1)
+    pl.concat([positions, conflicting]).write_parquet(book / "positions.parquet")
+    swept = cli("sweep", str(book), "--out", str(tmp_path / "out"), "--quiet", "--shard-size", "100")
+    assert swept.returncode == 0, swept.stderr
+    summary = " ".join(swept.stderr.split())
+    assert "2 input fault(s) (values or rows that fail their checks)" in summary  # the two conflicting rows
+    assert f'dpm-vec query {tmp_path / "out"} "select * from input_faults"' in summary
+    runs = pl.read_parquet(tmp_path / "out" / "runs" / "*.parquet")
+    victim = conflicting["portfolio_snapshot_id"][0]
+    assert runs.filter(pl.col("portfolio_snapshot_id") == victim)["block_reason"].to_list() == ["INVALID_HOLDINGS"]
+    assert runs.height == pl.read_parquet(book / "portfolios.parquet").height

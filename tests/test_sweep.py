@@ -356,14 +356,21 @@ def test_bad_option_values_block_their_portfolio(tmp_path):
     assert not (tmp_path / "repeated_out").exists()
 
 
-def test_a_holdings_column_of_an_impossible_type_stops_before_any_shard(book, tmp_path):
+@pytest.mark.parametrize(
+    ("table", "column", "change", "found"),
+    [
+        ("cash", "amount", pl.col("amount") > 0, "bool"),
+        # Polars casts text to numbers but not to timestamps: a text timestamp is the file's fault
+        ("portfolios", "portfolio_as_of", pl.col("portfolio_as_of").cast(pl.String), "large_string"),
+    ],
+)
+def test_a_column_of_an_impossible_type_stops_before_any_shard(book, tmp_path, table, column, change, found):
     bad = tmp_path / "bad"
     shutil.copytree(book, bad)
-    cash = pl.read_parquet(book / "cash.parquet")
-    cash.with_columns(pl.col("amount") > 0).write_parquet(bad / "cash.parquet")
+    pl.read_parquet(book / f"{table}.parquet").with_columns(change.alias(column)).write_parquet(bad / f"{table}.parquet")
     with pytest.raises(BookError) as err:
         sweep(bad, tmp_path / "out", shard_size=30, progress=False)
-    assert "cash.parquet" in str(err.value) and "'amount'" in str(err.value) and "wrong type: bool" in str(err.value)
+    assert f"{table}.parquet" in str(err.value) and f"'{column}'" in str(err.value) and f"wrong type: {found}" in str(err.value)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.work-*"))
 
 

@@ -122,7 +122,7 @@ def raise_failures(cases: pl.DataFrame, file: str) -> None:
     examples = []
     for row in cases.head(5).iter_rows(named=True):
         index = row.get("index")
-        examples.append(f"row {index}: {row.get('column') or ''} {row['failure_case']!s:.120} fails {row['check']}")
+        examples.append(f"row {index} (0-based): {row.get('column') or ''} {row['failure_case']!s:.120} fails {row['check']}")
     raise BookError(file, f"{cases.height} failed check(s): {', '.join(checks)}", column=column, examples=examples)
 
 

@@ -13,7 +13,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpm_vec.book import OPTIONAL_TABLES, POLICY_COLUMNS, TABLES, Book, conform, empty_table
+from dpm_vec.book import COLUMN_DEFAULTS, OPTIONAL_TABLES, POLICY_COLUMNS, TABLES, Book, conform, empty_table, table_schema
 from dpm_vec.codes import InputFault
 from dpm_vec.errors import BookError
 from dpm_vec.schemas import check_table, failure_cases, raise_failures
@@ -97,27 +97,33 @@ def _check_types(table: str, file: Path, schema: pa.Schema) -> None:
                                        "(or a type that casts to it)", column=name)
 
 
-def _conform(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
+def _conformed(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
+    """``conform`` with a failed cast named as the file's fault (the checks come after)."""
     try:
-        out = conform(table, frame)
+        return conform(table, frame)
     except pl.exceptions.PolarsError as exc:
         raise BookError(file, f"a column has the wrong type: {str(exc).splitlines()[0]}") from None
+
+
+def _conform(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
+    out = _conformed(table, frame, file)
     check_table(table, out, file)
     return out
+
+
+def _scan_portfolios(book_dir: Path, file: Path | None, rows: tuple[int, int] | None) -> pl.DataFrame:
+    lf = scan_table(book_dir, "portfolios", file)
+    return (lf if rows is None else lf.slice(*rows)).collect()
 
 
 def read_portfolios(book_dir: str | Path, file: Path | None = None, rows: tuple[int, int] | None = None) -> pl.DataFrame:
     """The portfolios table, or the ``rows = (offset, length)`` slice of it (a shard)."""
     book_dir = Path(book_dir)
-    lf = scan_table(book_dir, "portfolios", file)
-    if rows is not None:
-        lf = lf.slice(*rows)
-    return _conform("portfolios", lf.collect(), str(file or _path(book_dir, "portfolios")))
+    return _conform("portfolios", _scan_portfolios(book_dir, file, rows), str(file or _path(book_dir, "portfolios")))
 
 
 # columns of a portfolio's row that only that portfolio uses: a bad value blocks it
 _OWN_COLUMNS = ("base_currency", "portfolio_as_of", "market_as_of", *(name for name, _, _ in POLICY_COLUMNS))
-_POLICY_DEFAULTS = {name: (dtype, default) for name, dtype, default in POLICY_COLUMNS}
 
 
 def read_portfolio_rows(book_dir: str | Path, file: Path | None = None,
@@ -130,19 +136,13 @@ def read_portfolio_rows(book_dir: str | Path, file: Path | None = None,
     missing or repeated run_key, an empty portfolio_id — still raise."""
     book_dir = Path(book_dir)
     name = str(file or _path(book_dir, "portfolios"))
-    lf = scan_table(book_dir, "portfolios", file)
-    if rows is not None:
-        lf = lf.slice(*rows)
-    frame = lf.collect()
+    frame = _scan_portfolios(book_dir, file, rows)
     if "run_key" not in frame.columns:
         frame = frame.with_columns(pl.col("portfolio_id").cast(pl.String).alias("run_key"))
     failed = _uncastable("portfolios", frame, _OWN_COLUMNS, name)
     for column, keys in failed.group_by("input_column").agg("key").iter_rows():  # null: the option's default
         frame = frame.with_columns(pl.when(pl.col("run_key").cast(pl.String).is_in(keys)).then(None).otherwise(pl.col(column)).alias(column))
-    try:
-        out = conform("portfolios", frame)
-    except pl.exceptions.PolarsError as exc:
-        raise BookError(name, f"a column has the wrong type: {str(exc).splitlines()[0]}") from None
+    out = _conformed("portfolios", frame, name)
     cases = failure_cases("portfolios", out)
     if cases is not None:
         own = (cases["column"].is_in(_OWN_COLUMNS) & cases["index"].is_not_null()).fill_null(False)
@@ -150,19 +150,20 @@ def read_portfolio_rows(book_dir: str | Path, file: Path | None = None,
             raise_failures(cases.filter(~own), name)
         checked = _checked("portfolios", out, cases)
         failed = pl.concat([failed, checked])
-        for column, keys in checked.filter(pl.col("input_column").is_in(list(_POLICY_DEFAULTS))).group_by("input_column").agg("key").iter_rows():
-            dtype, default = _POLICY_DEFAULTS[column]
-            out = out.with_columns(pl.when(pl.col("run_key").is_in(keys)).then(pl.lit(default, dtype=dtype)).otherwise(pl.col(column)).alias(column))
+        options = [option for option, _, _ in POLICY_COLUMNS]
+        for column, keys in checked.filter(pl.col("input_column").is_in(options)).group_by("input_column").agg("key").iter_rows():
+            default = pl.lit(COLUMN_DEFAULTS[("portfolios", column)], dtype=out.schema[column])
+            out = out.with_columns(pl.when(pl.col("run_key").is_in(keys)).then(default).otherwise(pl.col(column)).alias(column))
     failed = failed.unique(maintain_order=True)
-    flagged = pl.when(pl.col("run_key").is_in(failed["key"].implode())).then(pl.lit(InputFault.INVALID_PORTFOLIO.value))
-    return out.with_columns(pl.coalesce("input_fault", flagged).alias("input_fault")), failed
+    return _flag_row_faults(out, failed), failed
 
 
 def _uncastable(table: str, frame: pl.DataFrame, columns, file: str) -> pl.DataFrame:
     """The values of ``columns`` that do not cast to the book dtype (``ROW_FAULT_SCHEMA``);
     columns already of that dtype cannot fail."""
     key, row, _ = PORTFOLIO_ROWS[table]
-    dtypes = {name: dtype for name, dtype, _ in TABLES[table] if name in columns and name in frame.columns and frame.schema[name] != dtype}
+    dtypes = {name: dtype for name, dtype in table_schema(table).items()
+              if name in columns and name in frame.columns and frame.schema[name] != dtype}
     try:
         parts = [
             frame.filter(pl.col(name).is_not_null() & pl.col(name).cast(dtype, strict=False).is_null()).select(
@@ -189,10 +190,6 @@ def _checked(table: str, frame: pl.DataFrame, cases: pl.DataFrame) -> pl.DataFra
         cases["check"].cast(pl.String).alias("failed_check"),
         cases["failure_case"].cast(pl.String).alias("value"),
     ])
-
-
-def _dtype(table: str, column: str) -> pl.DataType:
-    return next(dtype for name, dtype, _ in TABLES[table] if name == column)
 
 
 def read_reference(book_dir: str | Path) -> dict[str, pl.DataFrame]:
@@ -270,10 +267,7 @@ def _isolate_row_faults(table: str, frame: pl.DataFrame, file: str) -> tuple[pl.
     key = PORTFOLIO_ROWS[table][0]
     failed = _uncastable(table, frame, frame.columns, file)
     clean = frame.filter(~pl.col(key).cast(pl.String).is_in(failed["key"].implode())) if failed.height else frame
-    try:
-        clean = conform(table, clean)
-    except pl.exceptions.PolarsError as exc:
-        raise BookError(file, f"a column has the wrong type: {str(exc).splitlines()[0]}") from None
+    clean = _conformed(table, clean, file)
     cases = failure_cases(table, clean)
     if cases is not None:
         if cases["index"].null_count():  # not a row: the file itself is wrong

@@ -341,7 +341,8 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
                     *portfolio_faults.select("key", "input_column", "value", "failed_check").row(0))
     _reference(str(book_dir))  # structural faults of shared tables surface before any work; shards reuse it
     for table in PORTFOLIO_ROWS:  # and a missing column or impossible type of the per-portfolio ones
-        scan_table(book_dir, table)
+        if table != "portfolios":  # read above
+            scan_table(book_dir, table)
     hashes = input_hashes(book_dir)
     scenario_map = load_scenarios(scenarios) if scenarios else None
     if scenario_map:

@@ -5,7 +5,8 @@
     → status → gate
 
 Each run leaves on one exit path (spec §5.9); the frames of the Result hold every run's
-rows, keyed by ``run`` (and ``run_key`` in ``runs``).
+rows, keyed by ``run`` (and ``run_key`` in ``runs``). Each stage's output is checked
+against its Pandera schema (``dpm_vec.schemas``) before the next stage reads it.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, fields
 
+import pandera.polars as pa
 import polars as pl
 
 from dpm_vec.book import Book
 from dpm_vec.frames import concat_by_run, sort_rows
-from dpm_vec.schemas import INTENTS_SCHEMA, RULES_SCHEMA, RUNS_SCHEMA
+from dpm_vec.schemas import (
+    AFTER_POSITIONS_SCHEMA, INTENTS_SCHEMA, RULES_SCHEMA, RUNS_SCHEMA, SECURITY_INTENTS_SCHEMA, TARGET_TRACE_SCHEMA,
+    VALUED_CASH_SCHEMA, VALUED_POSITIONS_SCHEMA, WEIGHT_MAP_SCHEMA, check_stage,
+)
 from dpm_vec.stages import compliance, dq
 from dpm_vec.stages.checks import input_faults
 from dpm_vec.stages.fx import plan_fx
@@ -27,7 +32,7 @@ from dpm_vec.stages.solver import COMPARISON_SCHEMA
 from dpm_vec.stages.targets import build_targets, warnings_frame
 from dpm_vec.stages.trades import apply_turnover_cap, translate
 from dpm_vec.stages.universe import build_universe
-from dpm_vec.stages.valuation import value_state
+from dpm_vec.stages.valuation import ValuedState, value_state
 
 
 @dataclass(frozen=True)
@@ -89,18 +94,26 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     Result's ``allocations`` is then empty."""
     timer = timer or StageTimer()
     timer.lap("_idle")
+
+    def boundary(stage: str, *contracts: tuple[pa.DataFrameSchema, pl.DataFrame]) -> None:
+        """End ``stage``'s lap, then check its outputs against their schemas."""
+        timer.lap(stage)
+        for schema, frame in contracts:
+            check_stage(schema, frame)
+        timer.lap("stage_checks")
+
     p = prepare(book)
     timer.lap("prepare")
     runs, market = p.runs, p.market
     trust = pl.col("valuation_mode") == "TRUST_SNAPSHOT"
     before = value_state(market, runs, p.positions, p.cash, trust_snapshot=trust, stage=dq.VALUATION_BEFORE, allocations=allocations)
-    timer.lap("valuation")
+    boundary("valuation", *_valued(before))
     faults, stale = input_faults(market, runs, p.positions, p.model)
     timer.lap("checks")
 
     universe = build_universe(market, runs, p.model, before.positions, stale, before.totals)
     targets = build_targets(market, runs, universe.weight_map, universe.sell_only_excess, p.model, before.totals, _by_run(book.group_constraints, runs))
-    timer.lap("universe+targets")
+    boundary("universe+targets", (WEIGHT_MAP_SCHEMA, universe.weight_map), (TARGET_TRACE_SCHEMA, targets.trace))
     findings = dq.concat(before.dq, universe.dq)
 
     # DQ gate #1 (§6.8), plus dpm_vec's own input faults and RFC-mode target faults
@@ -113,7 +126,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     live = _without(runs, early)
 
     tr = translate(market, live, _only(targets.trace, live), p.positions, p.lots, before.totals)
-    timer.lap("translation+tax")
+    boundary("translation+tax", (SECURITY_INTENTS_SCHEMA, tr.intents))
     findings = dq.concat(findings, tr.dq)
     counts2 = dq.blocking_counts(findings, live)
     gate2 = counts2.filter(pl.col("dq_count") > 0).select("run")
@@ -122,7 +135,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     kept, dropped, turnover_warnings = apply_turnover_cap(_only(tr.intents, live), live, before.totals)
     intents, fx_missing = plan_fx(market, live, kept, _only(p.cash, live))
     findings = dq.concat(findings, fx_missing)
-    timer.lap("turnover+fx")
+    boundary("turnover+fx", (INTENTS_SCHEMA, intents))
     ladder = cash_ladder(market, live, intents, p.cash, _by_run(book.overdraft_limits, runs))
     timer.lap("settlement")
     settled_block = ladder.first_breach.select("run")
@@ -133,7 +146,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     after = value_state(market, traded, pos_after, cash_after, trust_snapshot=False, stage=dq.VALUATION_AFTER, allocations=allocations)
     revalued = value_state(market, _only(runs, settled_block), _only(p.positions, settled_block), _only(p.cash, settled_block),
                            trust_snapshot=trust, stage=dq.VALUATION_AFTER, allocations=allocations)
-    timer.lap("after_state")
+    boundary("after_state", *_valued(after, AFTER_POSITIONS_SCHEMA), *_valued(revalued))
     findings = dq.concat(findings, after.dq, revalued.dq)
     counts_final = dq.blocking_counts(findings, runs)
 
@@ -196,13 +209,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     }
     if not allocations:  # buckets were built for the rules only; nobody prints them
         states["allocations"] = pl.DataFrame(schema={**before.allocations.schema, "state": pl.String})
-    timer.lap("rules+status")
-    # stage-boundary contracts: what leaves the engine has the promised shape
-    RUNS_SCHEMA.validate(out_runs.select("run", "run_key", "status", "exit_path"))
-    INTENTS_SCHEMA.validate(intents.select("run", "intent_id", "intent_type", "side", "quantity", "quantity_f28", "notional", "buy_amount",
-                                            "sell_amount_estimated"))
-    RULES_SCHEMA.validate(rule_results.select("run", "rule_id", "severity", "status"))
-    timer.lap("stage_checks")
+    boundary("rules+status", (RUNS_SCHEMA, out_runs), (RULES_SCHEMA, rule_results))
     return Result(
         runs=out_runs,
         intents=intents.drop("slot"),  # holding slots number one shard's rows: internal
@@ -237,6 +244,13 @@ def _before_and_after(before: pl.DataFrame, after_parts: list[pl.DataFrame]) -> 
     after = concat_by_run([widen(f) for f in after_parts])
     return pl.concat([widen(before).with_columns(pl.lit("before").alias("state")), after.with_columns(pl.lit("after").alias("state"))],
                      how="diagonal_relaxed")
+
+
+def _valued(state: ValuedState, positions: pa.DataFrameSchema = VALUED_POSITIONS_SCHEMA) -> tuple[tuple[pa.DataFrameSchema, pl.DataFrame], ...]:
+    """A valued state's frames with their schemas (after the trades, new positions have
+    no holding slot: they are keyed by sequence number). Totals are joined onto the runs,
+    whose check would see a repeated run."""
+    return (positions, state.positions), (VALUED_CASH_SCHEMA, state.cash)
 
 
 def _by_run(table: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:

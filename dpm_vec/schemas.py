@@ -133,38 +133,104 @@ def check_table(table: str, frame: pl.DataFrame, file: str) -> None:
         raise_failures(cases, file)
 
 
-# Stage boundary schemas: what the engine promises its outputs look like.
-INTENTS_SCHEMA = pa.DataFrameSchema(
-    {
-        "run": pa.Column(pl.UInt32), "intent_id": _id(),
-        "intent_type": pa.Column(pl.String, checks=pa.Check.isin(["SECURITY_TRADE", "FX_SPOT"])),
-        "side": pa.Column(pl.String, checks=pa.Check.isin(["BUY", "SELL"]), nullable=True),
-        "quantity": pa.Column(QTY, checks=pa.Check.ge(0), nullable=True),
-        "quantity_f28": pa.Column(F28, nullable=True),
-        "notional": pa.Column(DEC, checks=pa.Check.ge(0), nullable=True),
-        "buy_amount": pa.Column(DEC, checks=pa.Check.gt(0), nullable=True),
-        "sell_amount_estimated": pa.Column(DEC, checks=pa.Check.gt(0), nullable=True),
-    },
-    # a security trade moves a positive quantity; one below 1e-28 units (tax-limited) is 0
-    # at Decimal(38, 28) and positive only in its 28-digit value
-    checks=[pa.Check(
-        lambda data: data.lazyframe.select(pl.col("quantity").is_null() | (pl.col("quantity") > 0) | (sign("quantity_f28") > 0)),
-        name="positive_quantity",
-    )],
-    unique=["run", "intent_id"],
+# Stage boundary schemas: what each stage promises the next, and the engine its users.
+# Each boundary checks column types and a few rules every row must meet, all rules in one
+# pass: a Pandera check per column costs a couple of milliseconds whatever the frame's
+# size, which a one-request pass would pay a dozen times per boundary. Most stage outputs
+# are in (run, sequence) order by construction, and a join that fans out or a concat that
+# takes a part twice repeats a key, so a strictly increasing key (one pass, no hashing)
+# also proves the keys unique. The weight map is unordered; its rows become the trace's.
+def _in_key_order(key: list[str], strict: bool = True) -> pl.Expr:
+    after, tied = pl.lit(False), pl.lit(True)
+    for column in key:
+        previous = pl.col(column).shift(1)
+        after, tied = after | (tied & (pl.col(column) > previous)), tied & (pl.col(column) == previous)
+    return pl.int_range(pl.len()).eq(0) | after | (pl.lit(not strict) & tied)  # the first row has no previous
+
+
+def _one_of(column: str, values, nullable: bool = False) -> tuple[str, pl.Expr]:
+    allowed = pl.col(column).is_in(list(values))
+    return f"{column} is one of {', '.join(values)}" + (" or null" if nullable else ""), (
+        pl.col(column).is_null() | allowed if nullable else allowed)
+
+
+def _present(*columns: str) -> tuple[str, pl.Expr]:
+    return f"{', '.join(columns)} not null", pl.all_horizontal(pl.col(c).is_not_null() for c in columns)
+
+
+def _stage(name: str, key: list[str], dtypes: dict[str, pl.DataType], rules: list[tuple[str, pl.Expr]],
+           unique: list[str] | None = None, strict: bool = True) -> pa.DataFrameSchema:
+    """A boundary: ``run`` and ``key`` (a sequence, in order unless it is the holding
+    slot; non-decreasing unless ``strict``) present, the column types, and ``rules``
+    (what a row must meet, in words, and the condition) checked in one pass."""
+    keys = ["run", *key]
+    columns = {"run": pl.UInt32, **{c: pl.UInt32 if c == "slot" else pl.Int64 for c in key}, **dtypes}
+    rules = [_present(*keys), *rules]
+    if key != ["slot"]:
+        order = "strictly increasing" if strict else "non-decreasing"
+        rules.append((f"rows in {order} ({', '.join(keys)}) order", _in_key_order(keys, strict)))
+    every_rule = pl.all_horizontal(condition.fill_null(False) for _, condition in rules)
+    check = pa.Check(lambda data: data.lazyframe.select(every_rule), name="rules", ignore_na=False)
+    return pa.DataFrameSchema({c: pa.Column(t, nullable=True) for c, t in columns.items()}, checks=[check], unique=unique, name=name,
+                              metadata={"rules": rules})
+
+
+HOLDING = {"instrument_id": pl.String, "quantity": QTY}
+VALUED_POSITIONS_SCHEMA = _stage("valuation: positions", ["pos_seq"], HOLDING, [_present(*HOLDING)])
+VALUED_CASH_SCHEMA = _stage("valuation: cash", ["cash_seq"], {"currency": pl.String, "amount": DEC}, [
+    _present("amount"), ("currency is three capital letters", pl.col("currency").str.contains(CCY)),
+])
+WEIGHT_MAP_SCHEMA = _stage("universe: weight map", ["slot"], {"instrument_id": pl.String, "kind": pl.String},
+                           [_present("instrument_id"), _one_of("kind", ["BUYABLE", "SELL_ONLY", "LOCKED", "LIQUIDATION"])])
+TARGET_TRACE_SCHEMA = _stage("targets: trace", ["trace_order"], {"instrument_id": pl.String, "slot": pl.UInt32, "in_model": pl.Boolean},
+                             [_present("instrument_id", "slot", "in_model")])
+SECURITY_INTENTS_SCHEMA = _stage(
+    "translation: security intents", ["intent_no"], {"instrument_id": pl.String, "slot": pl.UInt32, "side": pl.String, "quantity": QTY},
+    [_present("instrument_id", "slot"), _one_of("side", ["BUY", "SELL"]), ("quantity >= 0", pl.col("quantity") >= 0)],
 )
-RUNS_SCHEMA = pa.DataFrameSchema(
-    {
-        "run": pa.Column(pl.UInt32), "run_key": _id(),
-        "status": pa.Column(pl.String, checks=pa.Check.isin([s.value for s in RunStatus])),
-        "exit_path": pa.Column(pl.String, checks=pa.Check.isin([e.value for e in ExitPath])),
-    },
-    unique=["run"],
+AFTER_POSITIONS_SCHEMA = _stage("after-state: positions", ["pos_seq"], HOLDING, [_present(*HOLDING)])
+INTENTS_SCHEMA = _stage(
+    "engine: intents", ["exec_order"],
+    {"intent_id": pl.String, "intent_type": pl.String, "side": pl.String, "quantity": QTY, "quantity_f28": F28, "notional": DEC,
+     "buy_amount": DEC, "sell_amount_estimated": DEC},
+    [
+        ("intent_id not empty", pl.col("intent_id").str.len_bytes() > 0),
+        _one_of("intent_type", ["SECURITY_TRADE", "FX_SPOT"]),
+        _one_of("side", ["BUY", "SELL"], nullable=True),
+        # a security trade moves a positive quantity; one below 1e-28 units (tax-limited) is 0
+        # at Decimal(38, 28) and positive only in its 28-digit value
+        ("quantity > 0 or null", pl.col("quantity").is_null() | (pl.col("quantity") > 0) | (sign("quantity_f28") > 0)),
+        ("notional >= 0 or null", pl.col("notional").is_null() | (pl.col("notional") >= 0)),
+        ("buy_amount > 0 or null", pl.col("buy_amount").is_null() | (pl.col("buy_amount") > 0)),
+        ("sell_amount_estimated > 0 or null", pl.col("sell_amount_estimated").is_null() | (pl.col("sell_amount_estimated") > 0)),
+    ],
+    unique=["run", "intent_id"],  # dependencies name intents by id
 )
-RULES_SCHEMA = pa.DataFrameSchema(
-    {
-        "run": pa.Column(pl.UInt32), "rule_id": _id(),
-        "severity": pa.Column(pl.String, checks=pa.Check.isin(["HARD", "SOFT"])),
-        "status": pa.Column(pl.String, checks=pa.Check.isin(["PASS", "FAIL"])),
-    },
-)
+RUNS_SCHEMA = _stage("engine: runs", [], {"run_key": pl.String, "status": pl.String, "exit_path": pl.String}, [
+    ("run_key not empty", pl.col("run_key").str.len_bytes() > 0),
+    _one_of("status", [s.value for s in RunStatus]),
+    _one_of("exit_path", [e.value for e in ExitPath]),
+])
+# a rule checked per instrument or group has one row each, in rule order
+RULES_SCHEMA = _stage("engine: rule results", ["rule_order"], {"rule_id": pl.String, "severity": pl.String, "status": pl.String}, [
+    _one_of("severity", ["HARD", "SOFT"]), _one_of("status", ["PASS", "FAIL"]),
+], strict=False)
+
+
+class StageContractError(RuntimeError):
+    """A stage's output broke its contract: a fault of the engine, never of the input."""
+
+
+def check_stage(schema: pa.DataFrameSchema, frame: pl.DataFrame) -> None:
+    """Validate the columns ``schema`` names. A break raises StageContractError naming
+    the boundary, the rules broken and example rows; a sweep isolates it to the
+    portfolios it comes from (ENGINE_ERROR) instead of writing their results."""
+    frame = frame.select(list(schema.columns))
+    if frame.is_empty():  # no row to break a rule; Pandera's fixed cost is most of a small pass's checks
+        return
+    try:
+        schema.validate(frame)
+    except pa.errors.SchemaError as exc:
+        broken = [(what, frame.filter(~condition.fill_null(False))) for what, condition in schema.metadata["rules"]]
+        broken = [f"{what} (e.g. {rows.head(2).to_dicts()})" for what, rows in broken if rows.height]
+        raise StageContractError(f"{schema.name}: {'; '.join(broken) or str(exc).splitlines()[0]}") from exc

@@ -512,6 +512,41 @@ def test_a_portfolio_the_engine_cannot_compute_is_blocked_alone(tmp_path):
     assert runs.filter(pl.col("block_reason") != "ENGINE_ERROR")["exit_path"].is_not_null().all()
 
 
+def test_a_stage_contract_break_blocks_only_the_portfolio_it_comes_from(tmp_path, monkeypatch):
+    """A stage whose output breaks its schema for one portfolio (here the trade stage
+    emitting one of its intents twice, as a fanned-out join would) blocks that portfolio
+    as ENGINE_ERROR, naming the fault; the other portfolios of its shard get their results,
+    equal to a sweep without the fault."""
+    from dataclasses import replace
+
+    from dpm_vec import pipeline
+
+    frames = generate_book_frames(12, 29, holdings=(3, 6))
+    book = write_book(frames, tmp_path / "book")
+    sweep(book, tmp_path / "clean", progress=False, threads=1)
+    clean = _read(tmp_path / "clean", "runs")
+    victim = clean.filter(pl.col("security_intent_count") > 0)["run_key"][3]
+    real = pipeline.translate
+
+    def fan_out_victim(market, live, *args, **kwargs):
+        tr = real(market, live, *args, **kwargs)
+        victim_runs = live.filter(pl.col("run_key") == victim).select("run")
+        twice = tr.intents.join(victim_runs, on="run", how="semi").head(1)
+        return replace(tr, intents=pl.concat([tr.intents, twice]).sort("run", "intent_no", maintain_order=True))
+
+    monkeypatch.setattr(pipeline, "translate", fan_out_victim)
+    sweep(book, tmp_path / "out", progress=False, threads=1)
+    runs = _read(tmp_path / "out", "runs")
+    assert runs["run_key"].to_list() == clean["run_key"].to_list()
+    failed = runs.filter(pl.col("block_reason") == "ENGINE_ERROR")
+    assert failed["run_key"].to_list() == [victim]
+    assert failed["warnings"].to_list() == [["ENGINE_ERROR:StageContractError"]]
+    others = pl.col("run_key") != victim
+    for table in ("runs", "intents", "positions_after"):
+        assert _read(tmp_path / "out", table).filter(others).equals(_read(tmp_path / "clean", table).filter(others)), table
+    assert _read(tmp_path / "out", "intents").filter(~others).height == 0
+
+
 def test_default_shard_size_shares_memory_and_cuts_small_books_evenly():
     from dpm_vec.defaults import default_shard_size
 

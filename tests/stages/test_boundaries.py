@@ -1,0 +1,124 @@
+"""Stage-boundary schemas: every stage's real output meets its contract, and the breaks a
+vectorised engine is prone to (a join that fans out, a lost key, an unknown enumeration,
+a negative quantity) are caught at the boundary where they happen, naming it."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import polars as pl
+import pytest
+from dpm_vec import pipeline, schemas
+from dpm_vec.stages.compliance import apply_intents
+from dpm_vec.stages.valuation import value_state
+from dpm_vec.stages import dq
+
+
+@pytest.fixture
+def traded(scenario):
+    """Two runs (USD and EUR based) of a portfolio in two currencies: a held position to
+    trim, one to liquidate, one to buy."""
+    return scenario(
+        positions=[("HOLD", "100"), ("GONE", "10")],
+        cash=[("USD", "5000"), ("EUR", "200")],
+        prices=[("HOLD", "100", "USD"), ("GONE", "50", "EUR"), ("NEW", "20", "EUR")],
+        fx=[("EUR/USD", "1.1")],
+        shelf=[("HOLD", "APPROVED"), ("GONE", "APPROVED"), ("NEW", "APPROVED")],
+        model=[("HOLD", "0.4"), ("NEW", "0.5")],
+        runs=[{}, {"base": "EUR"}],
+    )
+
+
+def _after(s):
+    pos, cash = apply_intents(s.p.positions, s.p.cash, s.intents, s.runs)
+    return value_state(s.market, s.runs, pos, cash, trust_snapshot=False, stage=dq.VALUATION_AFTER)
+
+
+BOUNDARIES = {
+    "valuation: positions": (schemas.VALUED_POSITIONS_SCHEMA, lambda s: s.before.positions),
+    "valuation: cash": (schemas.VALUED_CASH_SCHEMA, lambda s: s.before.cash),
+    "targets: trace": (schemas.TARGET_TRACE_SCHEMA, lambda s: s.targets.trace),
+    "translation: security intents": (schemas.SECURITY_INTENTS_SCHEMA, lambda s: s.translation.intents),
+    "engine: intents": (schemas.INTENTS_SCHEMA, lambda s: s.intents),
+    "after-state: positions": (schemas.AFTER_POSITIONS_SCHEMA, lambda s: _after(s).positions),
+}
+RULES = {"engine: rule results": (schemas.RULES_SCHEMA, lambda s: s.result.rule_results)}  # per-instrument rules share an order
+UNORDERED = {"universe: weight map": (schemas.WEIGHT_MAP_SCHEMA, lambda s: s.universe.weight_map)}
+
+
+@pytest.mark.parametrize("name", BOUNDARIES)
+def test_each_stage_meets_its_contract_and_a_fanned_out_join_breaks_it(traded, name):
+    schema, output = BOUNDARIES[name]
+    frame = output(traded)
+    assert schema.name == name
+    assert frame.height >= 2
+    schemas.check_stage(schema, frame)
+    # a join that matched one row twice repeats that row's key
+    with pytest.raises(schemas.StageContractError, match=name):
+        schemas.check_stage(schema, pl.concat([frame.head(1), frame]))
+
+
+@pytest.mark.parametrize("name", {**BOUNDARIES, **RULES})
+def test_rows_out_of_their_promised_order_break_the_contract(traded, name):
+    """Rows out of order would make the output differ from run to run."""
+    schema, output = {**BOUNDARIES, **RULES}[name]
+    frame = output(traded)
+    schemas.check_stage(schema, frame)
+    with pytest.raises(schemas.StageContractError, match=r"(strictly increasing|non-decreasing) \(run"):
+        schemas.check_stage(schema, frame.reverse())
+
+
+def test_the_unordered_weight_map_meets_its_contract_and_its_fan_out_is_caught_in_the_trace(traded, monkeypatch):
+    schema, output = UNORDERED["universe: weight map"]
+    schemas.check_stage(schema, output(traded).reverse())
+    real = pipeline.build_universe
+
+    def fanned_out(*args, **kwargs):
+        universe = real(*args, **kwargs)
+        return replace(universe, weight_map=pl.concat([universe.weight_map, universe.weight_map.head(1)]))
+
+    monkeypatch.setattr(pipeline, "build_universe", fanned_out)
+    with pytest.raises(schemas.StageContractError, match="targets: trace"):
+        pipeline.run(traded.book)
+
+
+def test_the_trades_stage_sized_what_the_contract_checks(traded):
+    """The contract's columns are the ones the next stage reads: side and quantity of
+    each (run, instrument) the stage trades, here one buy, one trim and one sale."""
+    intents = traded.translation.intents.filter(pl.col("run") == 0).sort("instrument_id")
+    assert intents["instrument_id"].to_list() == ["GONE", "HOLD", "NEW"]
+    assert intents["side"].to_list() == ["SELL", "SELL", "BUY"]
+
+
+@pytest.mark.parametrize(("name", "column", "bad"), [
+    ("universe: weight map", "kind", pl.lit("BUYABEL")),
+    ("translation: security intents", "side", pl.lit("HOLD")),
+    ("translation: security intents", "quantity", -pl.col("quantity")),
+    ("valuation: positions", "instrument_id", pl.lit(None, dtype=pl.String)),
+    ("valuation: cash", "currency", pl.lit("usd")),
+    ("targets: trace", "in_model", pl.lit(None, dtype=pl.Boolean)),
+    ("engine: rule results", "severity", pl.lit("MEDIUM")),
+])
+def test_a_value_outside_the_contract_is_named(traded, name, column, bad):
+    schema, output = {**BOUNDARIES, **UNORDERED, **RULES}[name]
+    frame = output(traded)
+    broken = frame.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(bad).otherwise(pl.col(column)).alias(column))
+    with pytest.raises(schemas.StageContractError, match=name) as caught:
+        schemas.check_stage(schema, broken)
+    assert column in str(caught.value)
+
+
+def test_the_engine_stops_at_the_boundary_that_broke(traded, monkeypatch):
+    """A stage whose output breaks its contract stops the pass there (a sweep then
+    isolates the portfolio as ENGINE_ERROR) instead of sizing trades from it."""
+    real = pipeline.translate
+
+    def fanned_out(*args, **kwargs):
+        tr = real(*args, **kwargs)
+        return replace(tr, intents=pl.concat([tr.intents, tr.intents.head(1)]))
+
+    monkeypatch.setattr(pipeline, "translate", fanned_out)
+    reached = []
+    monkeypatch.setattr(pipeline, "apply_turnover_cap", lambda *a, **k: reached.append(1))
+    with pytest.raises(schemas.StageContractError, match="translation: security intents"):
+        pipeline.run(traded.book)
+    assert reached == []

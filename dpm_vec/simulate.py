@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from dpm_vec.book import TABLES
 from dpm_vec.contract import parse_request, request_hash, rows_to_book
 from dpm_vec.errors import QuantityRangeError, RequestError, problem
 from dpm_vec.pipeline import run
 from dpm_vec.render import render_results
+
+log = logging.getLogger("dpm_vec.simulate")
 
 
 def simulate_many(requests: list) -> list[dict]:
@@ -31,7 +35,10 @@ def simulate_many(requests: list) -> list[dict]:
     if parsed:
         try:
             results = dict(zip(parsed, _simulate(list(parsed.values()))))
-        except Exception:  # noqa: BLE001 - isolate the request that breaks the pass
+        except Exception as exc:  # noqa: BLE001 - isolate the request that breaks the pass
+            if len(parsed) > 1:
+                log.warning("one engine pass over %d requests failed (%s: %s); simulating them one at a time",
+                            len(parsed), type(exc).__name__, str(exc).splitlines()[0][:200])
             results = {index: _alone(rows, index) for index, rows in parsed.items()}
         for index, result in results.items():
             slots[index] = result

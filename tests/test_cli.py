@@ -116,6 +116,7 @@ def _beside_a_good_request(tmp_path, name: str, edit) -> list[dict]:
     (tmp_path / f"{name}.json").write_text(json.dumps(bad))
     proc = cli("simulate", str(tmp_path / "good.json"), str(tmp_path / f"{name}.json"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "one engine pass over 2 requests failed" in proc.stderr  # the operator sees why the call was slow
     slots = json.loads(proc.stdout)
     assert slots[0]["status"] == "READY"
     return slots

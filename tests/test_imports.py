@@ -63,3 +63,26 @@ def test_engine_allocator_setting_survives_a_parent_that_imported_polars_first()
 def test_explicit_allocator_setting_is_kept():
     conf = _allocator_conf("import polars, dpm_vec", "dirty_decay_ms:0")
     assert _effective(conf)["dirty_decay_ms"] == "0"
+
+
+def _engine_affinity(code: str, env_affinity: str | None) -> str:
+    """The engine Polars' collect() picks by default in a process that ran ``code``."""
+    env = {k: v for k, v in os.environ.items() if k != "POLARS_ENGINE_AFFINITY"}
+    if env_affinity is not None:
+        env["POLARS_ENGINE_AFFINITY"] = env_affinity
+    probe = code + "\nimport polars\nprint(polars.Config.state(env_only=True).get('POLARS_ENGINE_AFFINITY'))\n"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_lazy_plans_run_in_memory_whichever_is_imported_first():
+    """Pandera collects one lazy plan per check; on Polars' streaming engine each costs
+    milliseconds of fixed overhead, so dpm_vec makes in-memory the default engine."""
+    assert _engine_affinity("import polars", None) != "in-memory"  # the probe can tell
+    for code in ("import polars, dpm_vec", "import dpm_vec, polars"):
+        assert _engine_affinity(code, None) == "in-memory", code
+
+
+def test_explicit_engine_affinity_is_kept():
+    assert _engine_affinity("import polars, dpm_vec", "streaming") == "streaming"

@@ -148,8 +148,8 @@ def _in_key_order(key: list[str], strict: bool = True) -> pl.Expr:
     return pl.int_range(pl.len()).eq(0) | after | (pl.lit(not strict) & tied)  # the first row has no previous
 
 
-def _one_of(column: str, values, nullable: bool = False) -> tuple[str, pl.Expr]:
-    allowed = pl.col(column).is_in(list(values))
+def _one_of(column: str, values: list[str], nullable: bool = False) -> tuple[str, pl.Expr]:
+    allowed = pl.col(column).is_in(values)
     return f"{column} is one of {', '.join(values)}" + (" or null" if nullable else ""), (
         pl.col(column).is_null() | allowed if nullable else allowed)
 
@@ -213,6 +213,7 @@ RUNS_SCHEMA = _stage("engine: runs", [], {"run_key": pl.String, "status": pl.Str
 ])
 # a rule checked per instrument or group has one row each, in rule order
 RULES_SCHEMA = _stage("engine: rule results", ["rule_order"], {"rule_id": pl.String, "severity": pl.String, "status": pl.String}, [
+    ("rule_id not empty", pl.col("rule_id").str.len_bytes() > 0),
     _one_of("severity", ["HARD", "SOFT"]), _one_of("status", ["PASS", "FAIL"]),
 ], strict=False)
 

@@ -89,22 +89,26 @@ def test_the_trades_stage_sized_what_the_contract_checks(traded):
     assert intents["side"].to_list() == ["SELL", "SELL", "BUY"]
 
 
-@pytest.mark.parametrize(("name", "column", "bad"), [
-    ("universe: weight map", "kind", pl.lit("BUYABEL")),
-    ("translation: security intents", "side", pl.lit("HOLD")),
-    ("translation: security intents", "quantity", -pl.col("quantity")),
-    ("valuation: positions", "instrument_id", pl.lit(None, dtype=pl.String)),
-    ("valuation: cash", "currency", pl.lit("usd")),
-    ("targets: trace", "in_model", pl.lit(None, dtype=pl.Boolean)),
-    ("engine: rule results", "severity", pl.lit("MEDIUM")),
+@pytest.mark.parametrize(("name", "column", "bad", "rule"), [
+    ("universe: weight map", "kind", pl.lit("BUYABEL"), "kind is one of BUYABLE, SELL_ONLY, LOCKED, LIQUIDATION"),
+    ("translation: security intents", "side", pl.lit("HOLD"), "side is one of BUY, SELL"),
+    ("translation: security intents", "quantity", -pl.col("quantity"), "quantity >= 0"),
+    ("valuation: positions", "instrument_id", pl.lit(None, dtype=pl.String), "instrument_id, quantity not null"),
+    ("valuation: cash", "currency", pl.lit("usd"), "currency is three capital letters"),
+    ("targets: trace", "in_model", pl.lit(None, dtype=pl.Boolean), "instrument_id, slot, in_model not null"),
+    ("engine: rule results", "severity", pl.lit("MEDIUM"), "severity is one of HARD, SOFT"),
+    ("engine: rule results", "rule_id", pl.lit(""), "rule_id not empty"),
 ])
-def test_a_value_outside_the_contract_is_named(traded, name, column, bad):
+def test_a_value_outside_the_contract_names_the_rule_and_the_row(traded, name, column, bad, rule):
     schema, output = {**BOUNDARIES, **UNORDERED, **RULES}[name]
     frame = output(traded)
     broken = frame.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(bad).otherwise(pl.col(column)).alias(column))
-    with pytest.raises(schemas.StageContractError, match=name) as caught:
+    with pytest.raises(schemas.StageContractError) as caught:
         schemas.check_stage(schema, broken)
-    assert column in str(caught.value)
+    message = str(caught.value)
+    assert message.startswith(f"{name}: {rule} (e.g. [{{")  # only the rule this row breaks, then the row
+    assert message.count(" (e.g. ") == 1
+    assert repr(broken.select(list(schema.columns)).row(0, named=True)[column]) in message
 
 
 def test_the_engine_stops_at_the_boundary_that_broke(traded, monkeypatch):
@@ -122,3 +126,28 @@ def test_the_engine_stops_at_the_boundary_that_broke(traded, monkeypatch):
     with pytest.raises(schemas.StageContractError, match="translation: security intents"):
         pipeline.run(traded.book)
     assert reached == []
+
+
+def test_a_request_whose_pass_breaks_a_contract_gets_a_problem_naming_the_boundary(monkeypatch):
+    """The JSON door: the request that breaks a stage's contract answers a 500 problem
+    naming the boundary, and a request beside it in the same call still answers."""
+    import json
+    from pathlib import Path
+
+    from dpm_vec.simulate import simulate_many
+
+    request = json.loads((Path(__file__).resolve().parents[2] / "data" / "requests" / "fx_funding.json").read_text())
+    victim = json.loads(json.dumps(request))
+    victim["portfolio_snapshot"]["portfolio_id"] = "VICTIM"
+    real = pipeline.translate
+
+    def fan_out_victim(market, live, *args, **kwargs):
+        tr = real(market, live, *args, **kwargs)
+        twice = tr.intents.join(live.filter(pl.col("portfolio_id") == "VICTIM").select("run"), on="run", how="semi").head(1)
+        return replace(tr, intents=pl.concat([tr.intents, twice]).sort("run", "intent_no", maintain_order=True))
+
+    monkeypatch.setattr(pipeline, "translate", fan_out_victim)
+    good, bad = simulate_many([request, victim])
+    assert good["status"] == "READY"
+    assert bad["status"] == 500
+    assert "StageContractError: translation: security intents: rows in strictly increasing (run, intent_no) order" in bad["detail"]

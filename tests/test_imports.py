@@ -32,15 +32,21 @@ def test_check_detects_a_heavy_import():
     assert proc.stdout.strip() == "True"
 
 
-def _allocator_conf(code: str, env_conf: str | None) -> str:
-    """_RJEM_MALLOC_CONF as a child process started after ``code`` would inherit it."""
-    env = {k: v for k, v in os.environ.items() if k != "_RJEM_MALLOC_CONF"}
-    if env_conf is not None:
-        env["_RJEM_MALLOC_CONF"] = env_conf
-    probe = code + "\nimport os\nprint(os.environ['_RJEM_MALLOC_CONF'])\n"
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+def _probe(code: str, variable: str, value: str | None, show: str) -> str:
+    """What ``show`` prints in a child process that ran ``code`` with environment
+    ``variable`` set to ``value`` (unset when None)."""
+    env = {k: v for k, v in os.environ.items() if k != variable}
+    if value is not None:
+        env[variable] = value
+    proc = subprocess.run([sys.executable, "-c", f"{code}\nimport os, polars\nprint({show})\n"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().splitlines()[-1]
+
+
+def _allocator_conf(code: str, env_conf: str | None) -> str:
+    """_RJEM_MALLOC_CONF as a child process started after ``code`` would inherit it."""
+    return _probe(code, "_RJEM_MALLOC_CONF", env_conf, "os.environ['_RJEM_MALLOC_CONF']")
 
 
 def _effective(conf: str) -> dict[str, str]:
@@ -67,13 +73,7 @@ def test_explicit_allocator_setting_is_kept():
 
 def _engine_affinity(code: str, env_affinity: str | None) -> str:
     """The engine Polars' collect() picks by default in a process that ran ``code``."""
-    env = {k: v for k, v in os.environ.items() if k != "POLARS_ENGINE_AFFINITY"}
-    if env_affinity is not None:
-        env["POLARS_ENGINE_AFFINITY"] = env_affinity
-    probe = code + "\nimport polars\nprint(polars.Config.state(env_only=True).get('POLARS_ENGINE_AFFINITY'))\n"
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip().splitlines()[-1]
+    return _probe(code, "POLARS_ENGINE_AFFINITY", env_affinity, "polars.Config.state(env_only=True).get('POLARS_ENGINE_AFFINITY')")
 
 
 def test_lazy_plans_run_in_memory_whichever_is_imported_first():

@@ -8,9 +8,9 @@ from dataclasses import replace
 import polars as pl
 import pytest
 from dpm_vec import pipeline, schemas
+from dpm_vec.stages import dq
 from dpm_vec.stages.compliance import apply_intents
 from dpm_vec.stages.valuation import value_state
-from dpm_vec.stages import dq
 
 
 @pytest.fixture
@@ -40,6 +40,7 @@ BOUNDARIES = {
     "translation: security intents": (schemas.SECURITY_INTENTS_SCHEMA, lambda s: s.translation.intents),
     "engine: intents": (schemas.INTENTS_SCHEMA, lambda s: s.intents),
     "after-state: positions": (schemas.AFTER_POSITIONS_SCHEMA, lambda s: _after(s).positions),
+    "engine: runs": (schemas.RUNS_SCHEMA, lambda s: s.result.runs),
 }
 RULES = {"engine: rule results": (schemas.RULES_SCHEMA, lambda s: s.result.rule_results)}  # per-instrument rules share an order
 UNORDERED = {"universe: weight map": (schemas.WEIGHT_MAP_SCHEMA, lambda s: s.universe.weight_map)}

@@ -141,7 +141,7 @@ def read_portfolio_rows(book_dir: str | Path, file: Path | None = None,
         frame = frame.with_columns(pl.col("portfolio_id").cast(pl.String).alias("run_key"))
     failed = _uncastable("portfolios", frame, _OWN_COLUMNS, name)
     for column, keys in failed.group_by("input_column").agg("key").iter_rows():  # null: the option's default
-        frame = frame.with_columns(pl.when(pl.col("run_key").cast(pl.String).is_in(keys)).then(None).otherwise(pl.col(column)).alias(column))
+        frame = _replace_for_runs(frame, keys, column, pl.lit(None))
     out = _conformed("portfolios", frame, name)
     cases = failure_cases("portfolios", out)
     if cases is not None:
@@ -152,10 +152,14 @@ def read_portfolio_rows(book_dir: str | Path, file: Path | None = None,
         failed = pl.concat([failed, checked])
         options = [option for option, _, _ in POLICY_COLUMNS]
         for column, keys in checked.filter(pl.col("input_column").is_in(options)).group_by("input_column").agg("key").iter_rows():
-            default = pl.lit(COLUMN_DEFAULTS[("portfolios", column)], dtype=out.schema[column])
-            out = out.with_columns(pl.when(pl.col("run_key").is_in(keys)).then(default).otherwise(pl.col(column)).alias(column))
+            out = _replace_for_runs(out, keys, column, pl.lit(COLUMN_DEFAULTS[("portfolios", column)], dtype=out.schema[column]))
     failed = failed.unique(maintain_order=True)
     return _flag_row_faults(out, failed), failed
+
+
+def _replace_for_runs(frame: pl.DataFrame, run_keys: list[str], column: str, value: pl.Expr) -> pl.DataFrame:
+    """``column`` set to ``value`` in the rows of ``run_keys``."""
+    return frame.with_columns(pl.when(pl.col("run_key").cast(pl.String).is_in(run_keys)).then(value).otherwise(pl.col(column)).alias(column))
 
 
 def _uncastable(table: str, frame: pl.DataFrame, columns, file: str) -> pl.DataFrame:

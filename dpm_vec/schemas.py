@@ -154,6 +154,10 @@ def _one_of(column: str, values: list[str], nullable: bool = False) -> tuple[str
         pl.col(column).is_null() | allowed if nullable else allowed)
 
 
+def _not_empty(column: str) -> tuple[str, pl.Expr]:
+    return f"{column} not empty", pl.col(column).str.len_bytes() > 0
+
+
 def _present(*columns: str) -> tuple[str, pl.Expr]:
     return f"{', '.join(columns)} not null", pl.all_horizontal(pl.col(c).is_not_null() for c in columns)
 
@@ -194,7 +198,7 @@ INTENTS_SCHEMA = _stage(
     {"intent_id": pl.String, "intent_type": pl.String, "side": pl.String, "quantity": QTY, "quantity_f28": F28, "notional": DEC,
      "buy_amount": DEC, "sell_amount_estimated": DEC},
     [
-        ("intent_id not empty", pl.col("intent_id").str.len_bytes() > 0),
+        _not_empty("intent_id"),
         _one_of("intent_type", ["SECURITY_TRADE", "FX_SPOT"]),
         _one_of("side", ["BUY", "SELL"], nullable=True),
         # a security trade moves a positive quantity; one below 1e-28 units (tax-limited) is 0
@@ -207,13 +211,13 @@ INTENTS_SCHEMA = _stage(
     unique=["run", "intent_id"],  # dependencies name intents by id
 )
 RUNS_SCHEMA = _stage("engine: runs", [], {"run_key": pl.String, "status": pl.String, "exit_path": pl.String}, [
-    ("run_key not empty", pl.col("run_key").str.len_bytes() > 0),
+    _not_empty("run_key"),
     _one_of("status", [s.value for s in RunStatus]),
     _one_of("exit_path", [e.value for e in ExitPath]),
 ])
 # a rule checked per instrument or group has one row each, in rule order
 RULES_SCHEMA = _stage("engine: rule results", ["rule_order"], {"rule_id": pl.String, "severity": pl.String, "status": pl.String}, [
-    ("rule_id not empty", pl.col("rule_id").str.len_bytes() > 0),
+    _not_empty("rule_id"),
     _one_of("severity", ["HARD", "SOFT"]), _one_of("status", ["PASS", "FAIL"]),
 ], strict=False)
 

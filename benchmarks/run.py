@@ -5,8 +5,8 @@
 
 For each book size it generates a deterministic book (cached under benchmarks/_books),
 sweeps it with ``dpm-vec sweep`` in a subprocess (wall time, and peak RSS summed over
-the process tree), from 100k portfolios up also with one shard thread and with two Dask
-worker processes, and
+the process tree), from 100k portfolios up also with one shard thread, with two Dask
+worker processes and writing only the runs and intents datasets, and
 times the scalar oracle (dpm_vec/oracle.py) on a sample of the same book's portfolios.
 It also measures cost per holding row across portfolio sizes, the
 batch JSON door against single calls, concurrent single calls over HTTP with and without
@@ -113,15 +113,16 @@ def oracle_throughput(book_dir: Path, sample: int, seed: int = 1) -> dict:
 
 
 WORKERS = THREADS = 2  # one Dask worker process, or one shard thread, per core of the benchmark machine
-PARALLEL_FROM = 100_000  # books this large are also swept with one thread and with --workers
+PARALLEL_FROM = 100_000  # books this large are also swept with one thread, with --workers and with FEW_TABLES
+FEW_TABLES = "runs,intents"  # what an order-staging consumer reads: the verdicts and the proposed orders
 
 
 def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
     """Each book swept as ``dpm-vec sweep`` does by default on this machine (one process,
     two shard threads, 8,000-portfolio shards or the book cut in two) and, from 100k
     portfolios up, also with one thread (16,000-portfolio shards: the same portfolios in
-    memory) and with two Dask worker processes (8,000 each). Every mode takes the
-    command's default shard size."""
+    memory), with two Dask worker processes (8,000 each) and writing only the runs and
+    intents datasets (``--tables``). Every mode takes the command's default shard size."""
     rows = []
     for n in sizes:
         print(f"scaling: {n:,} portfolios", flush=True)
@@ -130,7 +131,8 @@ def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
         orc = oracle_throughput(path, oracle_sample)
         modes = [(f"{THREADS} threads", ["--threads", str(THREADS)])]
         if n >= PARALLEL_FROM:
-            modes += [("1 thread", ["--threads", "1"]), (f"{WORKERS} workers", ["--workers", str(WORKERS)])]
+            modes += [("1 thread", ["--threads", "1"]), (f"{WORKERS} workers", ["--workers", str(WORKERS)]),
+                      (f"{THREADS} threads, {FEW_TABLES} only", ["--threads", str(THREADS), "--tables", FEW_TABLES])]
         for mode, extra in modes:
             sweep = timed_sweep(path, extra)
             shard = sweep["manifest"]["shard_size"]

@@ -62,7 +62,8 @@ def cmd_sweep(args) -> int:
     from dpm_vec.sweep import sweep
 
     manifest = sweep(args.book, args.out, shard_size=args.shard_size, scheduler=args.scheduler, workers=args.workers,
-                     threads=args.threads, progress=None if not args.quiet else False, scenarios=args.scenarios)
+                     threads=args.threads, progress=None if not args.quiet else False, scenarios=args.scenarios,
+                     tables=args.tables.split(",") if args.tables else None)
     _print_summary(manifest, args.out)
     if manifest.get("scenario_comparison"):
         _print_scenarios(manifest["scenario_comparison"])
@@ -85,7 +86,8 @@ def _print_summary(manifest: dict, out: str) -> None:
     console.print(table)
     console.print(
         f"{manifest['shards']} shard(s) of {manifest['shard_size']:,} on {_sweep_engines(manifest)}, {manifest['resumed_shards']} resumed; wall time {manifest['wall_time_s']:.2f} s "
-        f"({manifest['portfolios_per_second']:,} portfolios/s); intents: {manifest['tables']['intents']['rows']:,}"
+        f"({manifest['portfolios_per_second']:,} portfolios/s)"
+        + (f"; intents: {manifest['tables']['intents']['rows']:,}" if "intents" in manifest["tables"] else "")
     )
     faults = manifest["tables"].get("input_faults", {}).get("rows", 0)
     if faults:
@@ -237,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--workers", type=int, help="start a local Dask cluster with this many worker processes")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     sw.add_argument("--scenarios", help="what-if scenarios JSON: every portfolio runs under every scenario")
+    sw.add_argument("--tables", help="comma-separated datasets to write, e.g. runs,intents (default: all of them, listed in "
+                                     "docs/outputs.md); runs and input_faults are always written. Fewer datasets: less time and disk")
     sw.set_defaults(func=cmd_sweep)
     gen = sub.add_parser("generate", help="write a deterministic synthetic book")
     gen.add_argument("--portfolios", type=int, required=True)

@@ -33,7 +33,12 @@ def options_hashes(runs: pl.DataFrame) -> pl.DataFrame:
     return distinct.with_columns(pl.Series("options_hash", hashes, dtype=pl.String))
 
 
-def output_tables(result: Result) -> dict[str, pl.DataFrame]:
+def output_tables(result: Result, tables: tuple[str, ...] = OUTPUT_TABLES) -> dict[str, pl.DataFrame]:
+    """The public tables named in ``tables`` (default all), built from one Result; a
+    table nobody asked for is not built."""
+    unknown = sorted(set(tables) - set(OUTPUT_TABLES))
+    if unknown:
+        raise ValueError(f"unknown output table(s) {unknown}; expected some of {list(OUTPUT_TABLES)}")
     keys = result.runs.select("run", "run_key")
 
     def keyed(frame: pl.DataFrame, *sort: str) -> pl.DataFrame:
@@ -44,6 +49,26 @@ def output_tables(result: Result) -> dict[str, pl.DataFrame]:
         order = sort[-1]
         return out.with_columns(position_in_run().alias(order)).drop("run")
 
+    builders = {
+        "runs": lambda: _runs_table(result),
+        "intents": lambda: keyed(with_code_lists(
+            result.intents,
+            pl.col("min_notional_applied").fill_null(False).cast(pl.UInt8) + 2 * pl.col("tax_budget_applied").fill_null(False).cast(pl.UInt8),
+            [[], ["MIN_NOTIONAL"], ["TAX_BUDGET"], ["MIN_NOTIONAL", "TAX_BUDGET"]], "constraints_applied",
+        ).drop("min_notional_applied", "tax_budget_applied", "quantity_f28"), "exec_order"),
+        "positions_after": lambda: keyed(result.positions.filter(pl.col("state") == "after").drop("state", "market_value", "market_value_currency", "quantity_f28", strict=False), "pos_seq").rename({"pos_seq": "position_order"}),
+        "cash_after": lambda: keyed(result.cash.filter(pl.col("state") == "after").drop("state"), "cash_seq").rename({"cash_seq": "cash_order"}),
+        "rule_results": lambda: keyed(result.rule_results, "rule_order"),
+        "exclusions": lambda: keyed(result.exclusions, "excl_order"),
+        "targets": lambda: keyed(result.targets.drop("in_model"), "trace_order"),
+        "events": lambda: _events_table(result, keys),
+        "cash_ladder": lambda: keyed(result.cash_ladder, "currency", "date_offset"),
+    }
+    return {name: builders[name]() for name in OUTPUT_TABLES if name in tables}
+
+
+def _runs_table(result: Result) -> pl.DataFrame:
+    """One row per run: verdict, totals, counts, warnings and the hashes that identify it."""
     names = [name for name, _, _ in POLICY_COLUMNS]
     intents = result.intents
     counts = intents.group_by("run").agg(
@@ -55,7 +80,7 @@ def output_tables(result: Result) -> dict[str, pl.DataFrame]:
     comparison = result.method_comparison.select(
         "run", pl.col("alternate_method"), pl.col("alternate_status"), pl.col("differing_instruments"),
     )
-    runs = (
+    return (
         result.runs.join(counts, on="run", how="left").join(warnings, on="run", how="left")
         .join(comparison, on="run", how="left")
         .join(options_hashes(result.runs), on=names, how="left", nulls_equal=True)
@@ -75,6 +100,10 @@ def output_tables(result: Result) -> dict[str, pl.DataFrame]:
             "warnings", "request_hash", "options_hash", "engine_version",
         )
     )
+
+
+def _events_table(result: Result, keys: pl.DataFrame) -> pl.DataFrame:
+    """Warnings, data-quality findings and the constraint events of every run, one row each."""
     events = pl.concat([
         result.warnings.select("run", pl.lit("warning").alias("category"), "code", pl.lit(None, dtype=pl.String).alias("instrument_id"),
                                pl.lit(None, dtype=pl.String).alias("currency"), pl.lit(None, dtype=pl.Decimal(38, 20)).alias("amount"),
@@ -98,19 +127,7 @@ def output_tables(result: Result) -> dict[str, pl.DataFrame]:
                                            "currency", pl.col("projected_balance").alias("amount"),
                                            pl.col("breach_order").alias("event_order")).rename({"reason_code": "code"}),
     ], how="vertical_relaxed")
-    return {
-        "runs": runs,
-        "intents": keyed(with_code_lists(
-            result.intents,
-            pl.col("min_notional_applied").fill_null(False).cast(pl.UInt8) + 2 * pl.col("tax_budget_applied").fill_null(False).cast(pl.UInt8),
-            [[], ["MIN_NOTIONAL"], ["TAX_BUDGET"], ["MIN_NOTIONAL", "TAX_BUDGET"]], "constraints_applied",
-        ).drop("min_notional_applied", "tax_budget_applied", "quantity_f28"), "exec_order"),
-        "positions_after": keyed(result.positions.filter(pl.col("state") == "after").drop("state", "market_value", "market_value_currency", "quantity_f28", strict=False), "pos_seq").rename({"pos_seq": "position_order"}),
-        "cash_after": keyed(result.cash.filter(pl.col("state") == "after").drop("state"), "cash_seq").rename({"cash_seq": "cash_order"}),
-        "rule_results": keyed(result.rule_results, "rule_order"),
-        "exclusions": keyed(result.exclusions, "excl_order"),
-        "targets": keyed(result.targets.drop("in_model"), "trace_order"),
-        "events": keys.join(events, on="run").sort("run", "category", "event_order")
-        .with_columns(pl.int_range(pl.len()).over("run", "category").cast(pl.Int64).alias("event_order")).drop("run"),
-        "cash_ladder": keyed(result.cash_ladder, "currency", "date_offset"),
-    }
+    return (
+        keys.join(events, on="run").sort("run", "category", "event_order")
+        .with_columns(pl.int_range(pl.len()).over("run", "category").cast(pl.Int64).alias("event_order")).drop("run")
+    )

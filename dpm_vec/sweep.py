@@ -27,6 +27,7 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -50,6 +51,8 @@ log = logging.getLogger("dpm_vec.sweep")
 HOLDING_TABLES = ("positions", "cash", "lots")
 # the engine's tables, and the rows a shard's reader set aside (io.read_shard), by run
 SWEEP_TABLES = (*OUTPUT_TABLES, "input_faults")
+# written by every sweep: one record per portfolio, and the input values that blocked one
+ALWAYS_WRITTEN = ("runs", "input_faults")
 BOOK_FILES = ("portfolios", "positions", "cash", "lots", "prices", "fx_rates", "shelf", "shelf_attributes",
               "models", "group_constraints", "overdraft_limits")
 
@@ -62,6 +65,7 @@ class SweepPlan:
     n_portfolios: int
     fingerprint: str
     scenarios: bool = False
+    tables: tuple[str, ...] = SWEEP_TABLES  # the datasets this sweep writes, in SWEEP_TABLES order
     # per holdings table, each shard's (first row, row count) in the book's file; None
     # when the holdings are split into per-shard files (or read whole: one shard)
     spans: dict[str, list[tuple[int, int]]] | None = None
@@ -124,13 +128,25 @@ def engine_source_digest() -> str:
 
 
 def plan_sweep(book_dir: Path, out_dir: Path, shard_size: int, hashes: dict[str, str], n_portfolios: int,
-               scenarios: dict | None = None) -> SweepPlan:
+               scenarios: dict | None = None, tables: tuple[str, ...] = SWEEP_TABLES) -> SweepPlan:
     fingerprint = hashlib.sha256(
         json.dumps({"inputs": hashes, "shard_size": shard_size, "engine": __version__, "engine_source": engine_source_digest(),
-                    "scenarios": scenarios}, sort_keys=True).encode()
+                    "scenarios": scenarios, "tables": list(tables)}, sort_keys=True).encode()
     ).hexdigest()
     work = out_dir.parent / f".{out_dir.name}.work-{fingerprint[:16]}"
-    return SweepPlan(str(book_dir), str(work), shard_size, n_portfolios, fingerprint, scenarios is not None)
+    return SweepPlan(str(book_dir), str(work), shard_size, n_portfolios, fingerprint, scenarios is not None, tables)
+
+
+def sweep_tables(requested: Iterable[str] | None) -> tuple[str, ...]:
+    """The datasets a sweep writes: every one by default, else the requested ones plus
+    ``ALWAYS_WRITTEN``, in ``SWEEP_TABLES`` order whatever the order asked."""
+    if requested is None:
+        return SWEEP_TABLES
+    requested = [name.strip() for name in requested if name.strip()]
+    unknown = [name for name in requested if name not in SWEEP_TABLES]
+    if unknown:
+        raise DpmVecError(f"--tables: unknown dataset(s) {', '.join(unknown)}; expected some of {', '.join(SWEEP_TABLES)}")
+    return tuple(name for name in SWEEP_TABLES if name in requested or name in ALWAYS_WRITTEN)
 
 
 # a book whose shards' row spans add up to more than this many times the rows is split
@@ -233,7 +249,7 @@ def compute_shard(plan: SweepPlan, shard: int) -> tuple[dict[str, pl.DataFrame],
         portfolio_faults = derived_faults.filter(pl.col("key").is_in(portfolios["run_key"].implode()))
     faults = pl.concat([portfolio_faults, faults])
     timer = StageTimer()
-    tables = run_isolating(book, timer)
+    tables = run_isolating(book, timer, tuple(t for t in plan.tables if t in OUTPUT_TABLES))
     tables["input_faults"] = row_faults_by_run(book.portfolios, faults)
     if faults.height:
         first = faults.row(0, named=True)
@@ -250,7 +266,7 @@ def commit_shard(plan: SweepPlan, shard: int, tables: dict[str, pl.DataFrame], t
     target = plan.shard_dir(shard)
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
-    for name in SWEEP_TABLES:
+    for name in plan.tables:
         tables[name].write_parquet(staging / f"{name}.parquet", **PARQUET_COMPRESSION)
     timer.lap("write")
     counts = dict(tables["runs"].group_by("status").len().iter_rows())
@@ -291,15 +307,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
     staging = out_dir.parent / f".{out_dir.name}.staging-{uuid.uuid4().hex[:8]}"
-    for name in SWEEP_TABLES:
+    for name in plan.tables:
         (staging / name).mkdir(parents=True)
-    rows = {name: 0 for name in SWEEP_TABLES}
+    rows = {name: 0 for name in plan.tables}
     for shard in range(plan.n_shards):
-        for name in SWEEP_TABLES:
+        for name in plan.tables:
             src = plan.shard_dir(shard) / f"{name}.parquet"
             rows[name] += pq.ParquetFile(src).metadata.num_rows
             _link_or_copy(src, staging / name / f"part-{shard:05d}.parquet")
-    manifest["tables"] = {name: {"rows": rows[name], "files": plan.n_shards, "path": f"{name}/"} for name in SWEEP_TABLES}
+    manifest["tables"] = {name: {"rows": rows[name], "files": plan.n_shards, "path": f"{name}/"} for name in plan.tables}
     if plan.scenarios:
         table = comparison_table(pl.read_parquet(staging / "runs"))
         (staging / "scenario_comparison").mkdir()
@@ -313,7 +329,7 @@ def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
 
 def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None = None, scheduler: str | None = None,
           workers: int | None = None, threads: int | None = None, progress: bool | None = None,
-          scenarios: str | Path | None = None) -> dict:
+          scenarios: str | Path | None = None, tables: Iterable[str] | None = None) -> dict:
     """Run every portfolio of the book (under every scenario, when a scenarios file is
     given); write the output datasets and manifest. In this process, ``threads`` shards
     at a time (default ``defaults.default_threads``); on a Dask cluster with ``scheduler``
@@ -327,6 +343,7 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
     if threads is not None and (scheduler or workers):
         raise DpmVecError("--threads applies to a sweep in this process; with --workers or --scheduler each Dask worker "
                           "runs one shard at a time (start more workers instead)")
+    written = sweep_tables(tables)
     on_dask = bool(scheduler or workers)
     if not on_dask and threads is None:
         threads = default_threads()
@@ -358,7 +375,7 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
         portfolios = conform("portfolios", derived_tables["portfolios"])
     if shard_size is None:
         shard_size = default_shard_size(None if scheduler else workers or threads, portfolios.height)
-    plan = plan_sweep(book_dir, out_dir, shard_size, hashes, portfolios.height, scenario_map)
+    plan = plan_sweep(book_dir, out_dir, shard_size, hashes, portfolios.height, scenario_map, written)
     Path(plan.work_dir).mkdir(parents=True, exist_ok=True)
     if scenario_map and not (Path(plan.work_dir) / "derived").exists():
         write_book(derived_tables, Path(plan.work_dir) / "derived")
@@ -436,24 +453,24 @@ def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, wor
             cluster.close()
 
 
-def run_isolating(book: Book, timer: StageTimer | None = None) -> dict[str, pl.DataFrame]:
+def run_isolating(book: Book, timer: StageTimer | None = None, tables: tuple[str, ...] = OUTPUT_TABLES) -> dict[str, pl.DataFrame]:
     """The output tables of ``book``. If the engine fails on the shard, the shard is
     halved until the portfolios it cannot compute are isolated; each of those gets one
     BLOCKED run record (block_reason ENGINE_ERROR) and every other portfolio its result."""
     try:
-        return output_tables(run(book, allocations=False, timer=timer))
+        return output_tables(run(book, allocations=False, timer=timer), tables)
     except Exception as exc:  # noqa: BLE001 - a failed portfolio is a row, not a crash
         n = book.portfolios.height
         if n <= 1:
             log.error("portfolio %s could not be computed: %s", book.portfolios["run_key"].to_list(), exc)
-            return _engine_error_tables(book, exc)
+            return _engine_error_tables(book, exc, tables)
         halves = [book.portfolios.slice(0, n // 2), book.portfolios.slice(n // 2)]
-        parts = [run_isolating(replace(book, portfolios=half), timer) for half in halves]
-        return {name: pl.concat([part[name] for part in parts], how="vertical_relaxed") for name in OUTPUT_TABLES}
+        parts = [run_isolating(replace(book, portfolios=half), timer, tables) for half in halves]
+        return {name: pl.concat([part[name] for part in parts], how="vertical_relaxed") for name in parts[0]}
 
 
-def _engine_error_tables(book: Book, exc: Exception) -> dict[str, pl.DataFrame]:
-    empty = output_tables(run(replace(book, portfolios=book.portfolios.head(0)), allocations=False))
+def _engine_error_tables(book: Book, exc: Exception, tables: tuple[str, ...]) -> dict[str, pl.DataFrame]:
+    empty = output_tables(run(replace(book, portfolios=book.portfolios.head(0)), allocations=False), tables)
     p = book.portfolios
     runs = p.select(
         "run_key", "portfolio_id", "scenario_id", "base_currency", "portfolio_snapshot_id", "market_snapshot_id",

@@ -88,6 +88,7 @@ def test_analyze_prints_the_batch_response():
     (["sweep", "/nonexistent/book", "--out", "/tmp/never"], "/nonexistent/book"),
     (["sweep", str(DATA / "sample_book"), "--out", "/tmp/never", "--threads", "0"], "--threads must be at least 1, got 0"),
     (["sweep", str(DATA / "sample_book"), "--out", "/tmp/never", "--threads", "2", "--workers", "2"], "--threads applies to a sweep in this process"),
+    (["sweep", str(DATA / "sample_book"), "--out", "/tmp/never", "--tables", "runs,trades"], "--tables: unknown dataset(s) trades"),
     (["query", "/nonexistent", "select 1"], "/nonexistent"),
 ])
 def test_errors_are_one_line_without_traceback(args, says):
@@ -146,6 +147,14 @@ def test_a_trade_beyond_the_quantity_range_is_a_422_naming_it(tmp_path):
     assert slots[1]["detail"] == (
         "request 2: a BUY of 37037037037 units of US_EQ is outside the engine's quantity range (trades under 9,000,000,000 units)"
     )
+
+
+def test_sweep_of_chosen_tables_writes_and_sums_up_those(tmp_path):
+    swept = cli("sweep", str(DATA / "sample_book"), "--out", str(tmp_path / "out"), "--quiet", "--tables", "rule_results")
+    assert swept.returncode == 0, swept.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["input_faults", "manifest.json", "rule_results", "runs"]
+    summary = " ".join(swept.stderr.split())
+    assert "portfolios/s)" in summary and "intents:" not in summary
 
 
 def test_sweep_summary_points_at_input_faults(tmp_path):

@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 
 from dpm_vec.defaults import DEFAULT_SHARD_SIZE
-from dpm_vec.errors import BookError
+from dpm_vec.errors import BookError, DpmVecError
 from dpm_vec.generate import generate_book_frames
 from dpm_vec.inspect import query
 from dpm_vec.io import read_book, write_book
@@ -460,6 +460,40 @@ def test_changed_engine_code_never_resumes_old_shards(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_module, "engine_source_digest", lambda: "other code")
     plan_b = sweep_module.plan_sweep(book, out, 10, {"portfolios.parquet": "abc"}, 40)
     assert plan_a.fingerprint != plan_b.fingerprint and plan_a.work_dir != plan_b.work_dir
+
+
+def test_chosen_tables_are_the_full_sweeps_tables_and_nothing_else(book, swept, tmp_path):
+    """--tables writes the datasets asked for, plus runs and input_faults (every portfolio
+    keeps its run record), each equal to the full sweep's; no other dataset exists."""
+    out, _ = swept
+    chosen = tmp_path / "chosen"
+    manifest = sweep(book, chosen, shard_size=30, progress=False, tables=["targets", "intents"])
+    written = ("runs", "intents", "targets", "input_faults")
+    assert sorted(p.name for p in chosen.iterdir() if p.is_dir()) == sorted(written)
+    assert list(manifest["tables"]) == ["runs", "intents", "targets", "input_faults"]
+    for table in written:
+        assert _read(chosen, table).equals(_read(out, table), null_equal=True), table
+    assert manifest["tables"]["intents"]["rows"] == _read(out, "intents").height > 0
+
+
+def test_unknown_table_is_refused_before_any_work(book, tmp_path):
+    with pytest.raises(DpmVecError, match=r"--tables: unknown dataset\(s\) trades; expected some of runs, intents, "):
+        sweep(book, tmp_path / "out", progress=False, tables=["intents", "trades"])
+    assert not list(tmp_path.iterdir()), "a refused sweep must leave nothing behind"
+
+
+def test_table_choice_keys_the_work_dir_but_not_its_order(tmp_path):
+    """A rerun asking for other tables never resumes shards written without them; the same
+    tables in another order (or with spaces) resume."""
+    from dpm_vec.sweep import plan_sweep, sweep_tables
+
+    def plan(tables):
+        return plan_sweep(tmp_path / "book", tmp_path / "out", 10, {"portfolios.parquet": "abc"}, 40, None, sweep_tables(tables))
+
+    assert sweep_tables(None) == SWEEP_TABLES
+    assert sweep_tables(["intents", " runs"]) == sweep_tables(["runs", "intents"]) == ("runs", "intents", "input_faults")
+    assert plan(["intents", "runs"]).work_dir == plan(["intents"]).work_dir
+    assert plan(["intents"]).work_dir != plan(["intents", "targets"]).work_dir != plan(None).work_dir
 
 
 def test_dask_local_cluster_gives_identical_output(book, swept, tmp_path):

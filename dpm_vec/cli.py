@@ -63,7 +63,7 @@ def cmd_sweep(args) -> int:
 
     manifest = sweep(args.book, args.out, shard_size=args.shard_size, scheduler=args.scheduler, workers=args.workers,
                      threads=args.threads, progress=None if not args.quiet else False, scenarios=args.scenarios,
-                     tables=args.tables.split(",") if args.tables else None)
+                     tables=args.tables or None)
     _print_summary(manifest, args.out)
     if manifest.get("scenario_comparison"):
         _print_scenarios(manifest["scenario_comparison"])

@@ -137,11 +137,14 @@ def plan_sweep(book_dir: Path, out_dir: Path, shard_size: int, hashes: dict[str,
     return SweepPlan(str(book_dir), str(work), shard_size, n_portfolios, fingerprint, scenarios is not None, tables)
 
 
-def sweep_tables(requested: Iterable[str] | None) -> tuple[str, ...]:
-    """The datasets a sweep writes: every one by default, else the requested ones plus
-    ``ALWAYS_WRITTEN``, in ``SWEEP_TABLES`` order whatever the order asked."""
+def sweep_tables(requested: Iterable[str] | str | None) -> tuple[str, ...]:
+    """The datasets a sweep writes: every one by default, else the requested ones (names,
+    or one comma-separated string) plus ``ALWAYS_WRITTEN``, in ``SWEEP_TABLES`` order
+    whatever the order asked."""
     if requested is None:
         return SWEEP_TABLES
+    if isinstance(requested, str):
+        requested = requested.split(",")
     requested = [name.strip() for name in requested if name.strip()]
     unknown = [name for name in requested if name not in SWEEP_TABLES]
     if unknown:
@@ -329,7 +332,7 @@ def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
 
 def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None = None, scheduler: str | None = None,
           workers: int | None = None, threads: int | None = None, progress: bool | None = None,
-          scenarios: str | Path | None = None, tables: Iterable[str] | None = None) -> dict:
+          scenarios: str | Path | None = None, tables: Iterable[str] | str | None = None) -> dict:
     """Run every portfolio of the book (under every scenario, when a scenarios file is
     given); write the output datasets and manifest. In this process, ``threads`` shards
     at a time (default ``defaults.default_threads``); on a Dask cluster with ``scheduler``

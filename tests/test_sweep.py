@@ -491,7 +491,7 @@ def test_table_choice_keys_the_work_dir_but_not_its_order(tmp_path):
         return plan_sweep(tmp_path / "book", tmp_path / "out", 10, {"portfolios.parquet": "abc"}, 40, None, sweep_tables(tables))
 
     assert sweep_tables(None) == SWEEP_TABLES
-    assert sweep_tables(["intents", " runs"]) == sweep_tables(["runs", "intents"]) == ("runs", "intents", "input_faults")
+    assert sweep_tables(["intents", " runs"]) == sweep_tables("runs,intents") == ("runs", "intents", "input_faults")
     assert plan(["intents", "runs"]).work_dir == plan(["intents"]).work_dir
     assert plan(["intents"]).work_dir != plan(["intents", "targets"]).work_dir != plan(None).work_dir
 

@@ -505,6 +505,18 @@ def test_dask_local_cluster_gives_identical_output(book, swept, tmp_path):
     _same_outputs(out, other)
 
 
+def test_dask_workers_write_the_chosen_tables(book, swept, tmp_path):
+    """The choice travels with the plan to the worker processes."""
+    pytest.importorskip("dask.distributed")
+    out, _ = swept
+    other = tmp_path / "dask"
+    manifest = sweep(book, other, shard_size=30, workers=2, progress=False, tables="intents")
+    assert list(manifest["tables"]) == ["runs", "intents", "input_faults"]
+    assert sorted(p.name for p in other.iterdir() if p.is_dir()) == ["input_faults", "intents", "runs"]
+    for table in manifest["tables"]:
+        assert _read(other, table).equals(_read(out, table), null_equal=True), table
+
+
 def test_scenarios_run_side_by_side(book, tmp_path):
     scenarios = tmp_path / "scenarios.json"
     scenarios.write_text(json.dumps({"scenarios": {

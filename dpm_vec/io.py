@@ -102,7 +102,12 @@ def _conformed(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
     try:
         return conform(table, frame)
     except pl.exceptions.PolarsError as exc:
-        raise BookError(file, f"a column has the wrong type: {str(exc).splitlines()[0]}") from None
+        raise _wrong_type(file, exc) from None
+
+
+def _wrong_type(file: str, exc: pl.exceptions.PolarsError) -> BookError:
+    """A cast Polars refused, as the file's fault."""
+    return BookError(file, f"a column has the wrong type: {str(exc).splitlines()[0]}")
 
 
 def _conform(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
@@ -178,7 +183,7 @@ def _uncastable(table: str, frame: pl.DataFrame, columns, file: str) -> pl.DataF
             for name, dtype in dtypes.items()
         ]
     except pl.exceptions.PolarsError as exc:  # e.g. a float too large for any decimal
-        raise BookError(file, f"a column has the wrong type: {str(exc).splitlines()[0]}") from None
+        raise _wrong_type(file, exc) from None
     return pl.concat([pl.DataFrame(schema=ROW_FAULT_SCHEMA), *parts])
 
 

@@ -247,9 +247,9 @@ def _before_and_after(before: pl.DataFrame, after_parts: list[pl.DataFrame]) -> 
 
 
 def _valued(state: ValuedState, positions: pa.DataFrameSchema = VALUED_POSITIONS_SCHEMA) -> tuple[tuple[pa.DataFrameSchema, pl.DataFrame], ...]:
-    """A valued state's frames with their schemas (after the trades, new positions have
-    no holding slot: they are keyed by sequence number). Totals are joined onto the runs,
-    whose check would see a repeated run."""
+    """A valued state's frames with their schemas (the after-state's positions are checked
+    under that boundary's name). Totals are joined onto the runs, whose check would see a
+    repeated run."""
     return (positions, state.positions), (VALUED_CASH_SCHEMA, state.cash)
 
 

@@ -163,16 +163,16 @@ def _present(*columns: str) -> tuple[str, pl.Expr]:
 
 
 def _stage(name: str, key: list[str], dtypes: dict[str, pl.DataType], rules: list[tuple[str, pl.Expr]],
-           unique: list[str] | None = None, strict: bool = True) -> pa.DataFrameSchema:
-    """A boundary: ``run`` and ``key`` (a sequence, in order unless it is the holding
-    slot; non-decreasing unless ``strict``) present, the column types, and ``rules``
-    (what a row must meet, in words, and the condition) checked in one pass."""
+           unique: list[str] | None = None, order: str | None = "strictly increasing") -> pa.DataFrameSchema:
+    """A boundary: ``run`` and ``key`` present (key columns Int64 unless ``dtypes`` says
+    otherwise), rows in (run, key) ``order`` ("strictly increasing", "non-decreasing", or
+    None for an unordered frame), the column types, and ``rules`` (what a row must meet,
+    in words, and the condition) checked in one pass."""
     keys = ["run", *key]
-    columns = {"run": pl.UInt32, **{c: pl.UInt32 if c == "slot" else pl.Int64 for c in key}, **dtypes}
+    columns = {"run": pl.UInt32, **{c: pl.Int64 for c in key}, **dtypes}
     rules = [_present(*keys), *rules]
-    if key != ["slot"]:
-        order = "strictly increasing" if strict else "non-decreasing"
-        rules.append((f"rows in {order} ({', '.join(keys)}) order", _in_key_order(keys, strict)))
+    if order:
+        rules.append((f"rows in {order} ({', '.join(keys)}) order", _in_key_order(keys, strict=order == "strictly increasing")))
     every_rule = pl.all_horizontal(condition.fill_null(False) for _, condition in rules)
     check = pa.Check(lambda data: data.lazyframe.select(every_rule), name="rules", ignore_na=False)
     return pa.DataFrameSchema({c: pa.Column(t, nullable=True) for c, t in columns.items()}, checks=[check], unique=unique, name=name,
@@ -184,8 +184,8 @@ VALUED_POSITIONS_SCHEMA = _stage("valuation: positions", ["pos_seq"], HOLDING, [
 VALUED_CASH_SCHEMA = _stage("valuation: cash", ["cash_seq"], {"currency": pl.String, "amount": DEC}, [
     _present("amount"), ("currency is three capital letters", pl.col("currency").str.contains(CCY)),
 ])
-WEIGHT_MAP_SCHEMA = _stage("universe: weight map", ["slot"], {"instrument_id": pl.String, "kind": pl.String},
-                           [_present("instrument_id"), _one_of("kind", ["BUYABLE", "SELL_ONLY", "LOCKED", "LIQUIDATION"])])
+WEIGHT_MAP_SCHEMA = _stage("universe: weight map", ["slot"], {"slot": pl.UInt32, "instrument_id": pl.String, "kind": pl.String},
+                           [_present("instrument_id"), _one_of("kind", ["BUYABLE", "SELL_ONLY", "LOCKED", "LIQUIDATION"])], order=None)
 TARGET_TRACE_SCHEMA = _stage("targets: trace", ["trace_order"], {"instrument_id": pl.String, "slot": pl.UInt32, "in_model": pl.Boolean},
                              [_present("instrument_id", "slot", "in_model")])
 SECURITY_INTENTS_SCHEMA = _stage(
@@ -219,7 +219,7 @@ RUNS_SCHEMA = _stage("engine: runs", [], {"run_key": pl.String, "status": pl.Str
 RULES_SCHEMA = _stage("engine: rule results", ["rule_order"], {"rule_id": pl.String, "severity": pl.String, "status": pl.String}, [
     _not_empty("rule_id"),
     _one_of("severity", ["HARD", "SOFT"]), _one_of("status", ["PASS", "FAIL"]),
-], strict=False)
+], order="non-decreasing")
 
 
 class StageContractError(RuntimeError):

@@ -37,8 +37,7 @@ def simulate_many(requests: list) -> list[dict]:
             results = dict(zip(parsed, _simulate(list(parsed.values()))))
         except Exception as exc:  # noqa: BLE001 - isolate the request that breaks the pass
             if len(parsed) > 1:
-                log.warning("one engine pass over %d requests failed (%s: %s); simulating them one at a time",
-                            len(parsed), type(exc).__name__, str(exc).splitlines()[0][:200])
+                log.warning("one engine pass over %d requests failed (%s); simulating them one at a time", len(parsed), _summary(exc))
             results = {index: _alone(rows, index) for index, rows in parsed.items()}
         for index, result in results.items():
             slots[index] = result
@@ -64,7 +63,12 @@ def _alone(rows: dict[str, list[dict]], index: int) -> dict:
         return QuantityRangeError(f"request {index + 1}: {exc}").problem()
     except Exception as exc:  # noqa: BLE001 - reported in the slot, never as a traceback
         return problem("about:blank", "Internal Server Error", 500,
-                       f"request {index + 1} could not be simulated ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+                       f"request {index + 1} could not be simulated ({_summary(exc)})")
+
+
+def _summary(exc: Exception) -> str:
+    """The exception's type and the first line of its message (at most 200 characters)."""
+    return f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')[:200]}"
 
 
 def simulate_one(request) -> dict:

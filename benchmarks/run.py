@@ -260,13 +260,17 @@ def json_requests(n: int) -> list[dict]:
     return out
 
 
+# attribute values the generated shelf has (dpm_vec.generate), capped below what the
+# generated models hold, so the caps bind and the grouped paths do their work
+BINDING_GROUPS = {"sector:TECHNOLOGY": {"max_weight": "0.10"}, "region:NORTH_AMERICA": {"max_weight": "0.30"}}
 FEATURES = {
     "baseline": {},
-    "group_constraints": {"group_constraints": {"sector:TECH": {"max_weight": "0.10"}, "region:US": {"max_weight": "0.30"}}},
+    "group_constraints": {"group_constraints": BINDING_GROUPS},
     "tax_lots_budget": {"enable_tax_awareness": True, "max_realized_capital_gains": "5000"},
     "turnover_cap": {"max_turnover_pct": "0.05"},
     "settlement_ladder": {"enable_settlement_awareness": True, "settlement_horizon_days": 5},
     "solver": {"target_method": "SOLVER"},
+    "solver_groups": {"target_method": "SOLVER", "group_constraints": BINDING_GROUPS},
 }
 
 

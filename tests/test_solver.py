@@ -19,12 +19,14 @@ from scipy.optimize import linprog, minimize
 
 from dpm_vec import oracle
 from dpm_vec.contract import requests_to_book
-from dpm_vec.numeric import DEC, lit
+from dpm_vec.numeric import DEC, WEIGHT, lit
 from dpm_vec.pipeline import _by_run
 from dpm_vec.stages import dq
 from dpm_vec.stages.checks import input_faults
 from dpm_vec.stages.prepare import prepare
-from dpm_vec.stages.solver import COMPARISON_SCHEMA, compare_methods, project_exact, round4, solve_targets
+from dpm_vec.stages.solver import (
+    COMPARISON_SCHEMA, _round_units, _solve_grouped, compare_methods, project_exact, round4, solve_targets,
+)
 from dpm_vec.stages.universe import build_universe
 from dpm_vec.stages.valuation import value_state
 
@@ -362,6 +364,47 @@ def test_random_group_problems():
             assert got[i] == round4(exact[j]), (run, i)
             assert abs(float(exact[j]) - ref[j]) < 1e-6, (run, i)
     assert 0 < blocked < len(reqs)
+
+
+def test_round_units_is_half_even_on_exact_midpoints():
+    """The grouped path rounds W / D to 4 dp in integers: half-even at exact midpoints,
+    up just past them, negative to 0 (what round4 does on Fractions)."""
+    cases = [(Fraction(5, 100_000), 0), (Fraction(15, 100_000), 2), (Fraction(25, 100_000), 2),
+             (Fraction(5, 100_000) + Fraction(1, 10**28), 1), (Fraction(1, 3), 3333), (Fraction(2, 3), 6667),
+             (Fraction(-1, 7), 0), (Fraction(0), 0), (Fraction(12345, 10_000), 12345)]
+    for x, units in cases:
+        assert _round_units(x.numerator, x.denominator) == units, x
+        assert Decimal(units).scaleb(-4) == round4(x), x
+
+
+def test_project_exact_on_non_decimal_inputs():
+    """Inputs with denominators that are not powers of ten (the scaled path takes the lcm):
+    three equal thirds, the first two capped together at 1/5, band at exactly 1."""
+    third = Fraction(1, 3)
+    w = project_exact([third, third, third], Fraction(1), Fraction(1), None, [([0, 1], Fraction(1, 5))])
+    assert w == [Fraction(1, 10), Fraction(1, 10), Fraction(4, 5)]
+
+
+def test_grouped_solve_keeps_every_digit_of_28_dp_weights():
+    """A SELL_ONLY-redistributed map weight carries 28 decimals; the grouped path must not
+    round it to DEC's 20 first: 0.12345 + 1e-28 rounds up to 0.1235, 0.12345 to 0.1234."""
+    c = [Decimal("0.1234500000000000000000000001"), Decimal("0.1234500000000000000000000000")]
+    tradeable = pl.DataFrame(
+        {"run": [0, 1], "instrument_id": ["A", "A"], "map_order": [0, 0], "_c": c},
+        schema={"run": pl.UInt32, "instrument_id": pl.String, "map_order": pl.Int64, "_c": WEIGHT},
+    )
+    grouped = pl.DataFrame(
+        {"run": [0, 1], "_lo": [Decimal(0)] * 2, "_hi": [Decimal(1)] * 2, "_m": [None, None]},
+        schema={"run": pl.UInt32, "_lo": DEC, "_hi": DEC, "_m": DEC},
+    )
+    real = pl.DataFrame(
+        {"run": [0, 1], "_rank": [1, 1], "_members": [[0], [0]], "_limit": [Decimal("0.5")] * 2},
+        schema={"run": pl.UInt32, "_rank": pl.Int64, "_members": pl.List(pl.Int64), "_limit": DEC},
+    )
+    weights, failed = _solve_grouped(tradeable, grouped, real)
+    assert failed.height == 0
+    assert weights.sort("run")["_w"].to_list() == [Decimal("0.1235"), Decimal("0.1234")]
+    assert weights.schema["_w"] == DEC
 
 
 def test_plain_path_agrees_with_exact_projection():

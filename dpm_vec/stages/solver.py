@@ -25,13 +25,14 @@ reference's own float noise decides.
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 from fractions import Fraction
 
 import numpy as np
 import polars as pl
 
-from dpm_vec.numeric import DEC, dabs, lit
+from dpm_vec.numeric import DEC, WEIGHT, dabs, lit
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import TARGET_STAGE_ORDER, WARNINGS_SCHEMA, warnings_frame
 
@@ -346,39 +347,55 @@ def _solve_grouped(tradeable: pl.DataFrame, grouped: pl.DataFrame, real: pl.Data
     empty_f = pl.DataFrame(schema={"run": pl.UInt32, "_failure": pl.String})
     if grouped.height == 0:
         return empty_w, empty_f
+    # every value as an integer count of 10^-28 (WEIGHT's physical i128): the finest
+    # scale among the inputs (model weights and limits are DEC, SELL_ONLY-redistributed
+    # map weights WEIGHT), so no digit is lost
+    units = lambda name: pl.col(name).cast(WEIGHT).to_physical()  # noqa: E731
     items = (
         tradeable.join(grouped.select("run"), on="run", how="semi")
         .group_by("run", maintain_order=True)
-        .agg(pl.col("instrument_id"), pl.col("map_order"), pl.col("_c"))
+        .agg(pl.col("instrument_id"), pl.col("map_order"), units("_c"))
     )
     groups = (
         real.join(grouped.select("run"), on="run", how="semi").sort("run", "_rank")
-        .group_by("run", maintain_order=True).agg(pl.col("_members"), pl.col("_limit"))
+        .group_by("run", maintain_order=True).agg(pl.col("_members"), units("_limit"))
     )
-    problems = grouped.select("run", "_lo", "_hi", "_m").join(items, on="run").join(groups, on="run", how="left").sort("run")
-    runs_w, ids_w, vals_w, fails = [], [], [], []
-    for row in problems.iter_rows(named=True):
-        pos = {mo: k for k, mo in enumerate(row["map_order"])}
-        gl = [([pos[mo] for mo in members], Fraction(limit)) for members, limit in zip(row["_members"] or [], row["_limit"] or [])]
+    problems = (
+        grouped.select("run", units("_lo"), units("_hi"), units("_m"))
+        .join(items, on="run").join(groups, on="run", how="left").sort("run")
+    )
+    runs_w, ids_w, units_w, fails = [], [], [], []
+    for run, lo, hi, m, ids, map_order, c, members, limits in problems.select(
+        "run", "_lo", "_hi", "_m", "instrument_id", "map_order", "_c", "_members", "_limit",
+    ).iter_rows():
+        pos = {mo: k for k, mo in enumerate(map_order)}
+        gl = [([pos[mo] for mo in idx], limit) for idx, limit in zip(members or [], limits or [])]
         try:
-            sol = project_exact(
-                [Fraction(c) for c in row["_c"]], Fraction(row["_lo"]), Fraction(row["_hi"]),
-                None if row["_m"] is None else Fraction(row["_m"]), gl,
-            )
+            sol = _project_scaled(c, lo, hi, m, gl, 10 ** WEIGHT.scale)
         except (ValueError, RuntimeError, ArithmeticError, np.linalg.LinAlgError):
-            fails.append((row["run"], "SOLVER_ERROR"))
+            fails.append((run, "SOLVER_ERROR"))
             continue
         if sol is None:
-            fails.append((row["run"], "INFEASIBLE_INFEASIBLE"))
+            fails.append((run, "INFEASIBLE_INFEASIBLE"))
             continue
-        for iid, x in zip(row["instrument_id"], sol):
-            runs_w.append(row["run"])
-            ids_w.append(iid)
-            vals_w.append(round4(x))
-    weights = pl.DataFrame({"run": runs_w, "instrument_id": ids_w, "_w": vals_w},
-                           schema={"run": pl.UInt32, "instrument_id": pl.String, "_w": DEC})
+        numerators, denominator = sol
+        runs_w.extend([run] * len(ids))
+        ids_w.extend(ids)
+        units_w.extend(_round_units(x, denominator) for x in numerators)
+    weights = pl.DataFrame(
+        {"run": runs_w, "instrument_id": ids_w, "_w": units_w},
+        schema={"run": pl.UInt32, "instrument_id": pl.String, "_w": pl.Int64},
+    ).with_columns((pl.col("_w").cast(DEC) / 10 ** WEIGHT_DP).cast(DEC))
     failed = pl.DataFrame(fails, schema={"run": pl.UInt32, "_failure": pl.String}, orient="row")
     return weights, failed
+
+
+def _round_units(numerator: int, denominator: int) -> int:
+    """numerator / denominator (denominator > 0) in 10^-4 units, half-even; negative → 0."""
+    if numerator <= 0:
+        return 0
+    q, r = divmod(numerator * 10 ** WEIGHT_DP, denominator)
+    return q + 1 if 2 * r > denominator or (2 * r == denominator and q % 2) else q
 
 
 def round4(x: Fraction) -> Decimal:
@@ -393,7 +410,25 @@ def project_exact(
     groups: list[tuple[list[int], Fraction]],
 ) -> list[Fraction] | None:
     """Projection of ``c`` onto {0 <= w (<= m), lo <= Σw <= hi, Σ_{idx} w <= limit};
-    None when the set is empty.
+    None when the set is empty. The engine's path (``_project_scaled``) over any exact
+    inputs, brought to one common denominator."""
+    values = [*c, lo, hi, *(lim for _, lim in groups)] + ([] if m is None else [m])
+    scale = math.lcm(*(Fraction(x).denominator for x in values))
+    up = lambda x: int(x * scale)  # noqa: E731  (exact: scale is a multiple of every denominator)
+    sol = _project_scaled(
+        [up(x) for x in c], up(lo), up(hi), None if m is None else up(m), [(idx, up(lim)) for idx, lim in groups], scale,
+    )
+    if sol is None:
+        return None
+    numerators, denominator = sol
+    return [Fraction(x, denominator) for x in numerators]
+
+
+def _project_scaled(
+    c: list[int], lo: int, hi: int, m: int | None, groups: list[tuple[list[int], int]], scale: int,
+) -> tuple[list[int], int] | None:
+    """``project_exact`` on integers: every input is its value times ``scale``; the
+    answer is (numerators, denominator), w_i = numerators[i] / denominator exactly.
 
     Float stage: the least-distance problem min ||x|| s.t. G x >= h (x = w - c) is solved
     through Lawson-Hanson NNLS (scipy.optimize.nnls) on [Gᵀ; hᵀ] u ≈ e_{n+1}; a zero
@@ -406,27 +441,21 @@ def project_exact(
     if lo > hi or hi < 0 or (m is not None and (m < 0 or lo > m * n)) or any(lim < 0 for _, lim in groups):
         return None
     # aggregate rows a·w <= b, with a as (indices, sign)
-    agg: list[tuple[list[int], int, Fraction]] = [(list(range(n)), 1, hi), (list(range(n)), -1, -lo)]
+    agg: list[tuple[list[int], int, int]] = [(list(range(n)), 1, hi), (list(range(n)), -1, -lo)]
     agg += [(idx, 1, lim) for idx, lim in groups]
-    rows, rhs = [], []
-    for i in range(n):
-        e = np.zeros(n)
-        e[i] = -1.0
-        rows.append(e)
-        rhs.append(0.0)
-        if m is not None:
-            e = np.zeros(n)
-            e[i] = 1.0
-            rows.append(e)
-            rhs.append(float(m))
-    for idx, sign, b in agg:
-        a = np.zeros(n)
-        a[idx] = float(sign)
-        rows.append(a)
-        rhs.append(float(b))
-    A = np.array(rows)
-    b = np.array(rhs)
-    cf = np.array([float(x) for x in c])
+    # box rows first, per variable (-w_i <= 0, then w_i <= m), then the aggregate rows
+    per_var = 1 if m is None else 2
+    k0 = per_var * n
+    A = np.zeros((k0 + len(agg), n))
+    A[np.arange(0, k0, per_var), np.arange(n)] = -1.0
+    b = np.zeros(k0 + len(agg))
+    if m is not None:
+        A[np.arange(1, k0, 2), np.arange(n)] = 1.0
+        b[1:k0:2] = m / scale
+    for j, (idx, sign, bound) in enumerate(agg):
+        A[k0 + j, idx] = float(sign)
+        b[k0 + j] = bound / scale  # int / int: correctly rounded, as float(Fraction) is
+    cf = np.array([x / scale for x in c])
     G, h = -A, A @ cf - b
     E = np.vstack([G.T, h[None, :]])
     f = np.zeros(n + 1)
@@ -440,78 +469,93 @@ def project_exact(
         return None
     r = E @ u - f
     wf = cf - r[:n] / r[n]
-    k0 = A.shape[0] - len(agg)
     ua = u[k0:]
-    slack = np.array([float(bb) - sign * wf[idx].sum() for idx, sign, bb in agg])
-    scale = max(1.0, float(np.abs(ua).max(initial=0.0)))
+    slack = np.array([bound / scale - sign * wf[idx].sum() for idx, sign, bound in agg])
+    scale_u = max(1.0, float(np.abs(ua).max(initial=0.0)))
     guesses = []
     for s in (
-        [j for j in range(len(agg)) if ua[j] > 1e-12 * scale],
+        [j for j in range(len(agg)) if ua[j] > 1e-12 * scale_u],
         [j for j in range(len(agg)) if abs(slack[j]) <= 1e-9],
-        [j for j in range(len(agg)) if ua[j] > 1e-12 * scale and abs(slack[j]) <= 1e-9],
+        [j for j in range(len(agg)) if ua[j] > 1e-12 * scale_u and abs(slack[j]) <= 1e-9],
     ):
         if s not in guesses:
             guesses.append(s)
     for s in guesses:
-        w = _kkt_exact(c, lo, hi, m, agg, s, wf)
+        w = _kkt_exact(c, lo, hi, m, agg, s, wf, scale)
         if w is not None:
             return w
     # fallback: the float optimum, clipped into the box
-    ub = float(m) if m is not None else np.inf
-    return [Fraction(Decimal(repr(float(min(max(x, 0.0), ub))))) for x in wf]
+    ub = m / scale if m is not None else np.inf
+    fallback = [Fraction(Decimal(repr(float(min(max(x, 0.0), ub))))) for x in wf]
+    denominator = math.lcm(*(x.denominator for x in fallback))
+    return [int(x * denominator) for x in fallback], denominator
 
 
-def _kkt_exact(c, lo, hi, m, agg, active, wf) -> list[Fraction] | None:
+def _kkt_exact(c, lo, hi, m, agg, active, wf, scale) -> tuple[list[int], int] | None:
     """Exact point on the face the float optimum shows: box-bound variables fixed at 0 or
     m, the guessed active aggregate rows as equalities (dependent rows dropped), the rest
     from the rational normal equations. Accepted when it satisfies every KKT condition
     exactly, or — degenerate faces, where multipliers are not unique — when it is exactly
     feasible and within 1e-9 of the float optimum (then it is the projection onto the
-    face's affine hull, which contains the optimum)."""
+    face's affine hull, which contains the optimum).
+
+    Integers throughout (inputs times ``scale``); only the small system for the
+    multipliers is solved in fractions. With q the common denominator of the scaled
+    multipliers, every w_i is W_i / (scale·q) and every comparison is one of integers."""
     n = len(c)
     eq_band = lo == hi and 0 in active and 1 in active
     act = [j for j in active if not (eq_band and j == 1)]  # Σw = lo = hi: one row, free sign
-    fixed: dict[int, Fraction] = {}
+    fixed: dict[int, int] = {}
+    m_float = None if m is None else m / scale
     for i in range(n):
         if wf[i] <= 1e-9:
-            fixed[i] = Fraction(0)
-        elif m is not None and wf[i] >= float(m) - 1e-9:
+            fixed[i] = 0
+        elif m is not None and wf[i] >= m_float - 1e-9:
             fixed[i] = m
-    coef = [[0] * n for _ in agg]
-    for j, (idx, sign, _) in enumerate(agg):
-        for i in idx:
-            coef[j][i] = sign
-    free = [i for i in range(n) if i not in fixed]
-    M = [[Fraction(sum(coef[r][i] * coef[s][i] for i in free)) for s in act] for r in act]
-    v = [
-        sum((coef[r][i] * c[i] for i in free), Fraction(0))
-        + sum((coef[r][i] * fixed[i] for i in fixed), Fraction(0))
-        - agg[r][2]
+    members = [set(idx) for idx, _, _ in agg]
+    free = {i for i in range(n) if i not in fixed}
+    M = [
+        [Fraction(agg[r][1] * agg[s][1] * len(free & members[r] & members[s])) for s in act]
         for r in act
     ]
-    nu = _solve_linear(M, v)
+    v = [
+        Fraction(agg[r][1] * sum(fixed.get(i, c[i]) for i in agg[r][0]) - agg[r][2])
+        for r in act
+    ]
+    nu = _solve_linear(M, v)  # the multipliers times scale
     if nu is None:
         return None
-    nus = dict(zip(act, nu))
-    shift = [sum((val * coef[j][i] for j, val in nus.items()), Fraction(0)) for i in range(n)]
-    w = [fixed[i] if i in fixed else c[i] - shift[i] for i in range(n)]
-    if any(x < 0 or (m is not None and x > m) for x in w):
+    q = math.lcm(*(x.denominator for x in nu))
+    nus = {j: int(x * q) for j, x in zip(act, nu)}
+    shift = [0] * n
+    for j, val in nus.items():
+        if val:
+            idx, sign, _ = agg[j]
+            for i in idx:
+                shift[i] += sign * val
+    # U_i = (c_i - shift_i)·scale·q; w_i = U_i for a free variable, its bound otherwise
+    u = [x * q - sh for x, sh in zip(c, shift)]
+    w = [fixed[i] * q if i in fixed else u[i] for i in range(n)]
+    mq = None if m is None else m * q
+    if any(x < 0 or (mq is not None and x > mq) for x in w):
         return None
-    lhs = [sign * sum((w[i] for i in idx), Fraction(0)) for idx, sign, _ in agg]
-    if any(lhs[j] > agg[j][2] for j in range(len(agg))):
+    lhs = [sign * sum(w[i] for i in idx) for idx, sign, _ in agg]
+    if any(lhs[j] > agg[j][2] * q for j in range(len(agg))):
         return None
+
     def bound_ok(i: int) -> bool:  # sign of the box multiplier of a fixed variable
         if m is not None and m == 0:
             return True
-        return c[i] - shift[i] <= 0 if fixed[i] == 0 else c[i] - shift[i] >= m
+        return u[i] <= 0 if fixed[i] == 0 else u[i] >= mq
 
     kkt = (
         all(val >= 0 or (eq_band and j == 0) for j, val in nus.items())
-        and all(val == 0 or lhs[j] == agg[j][2] for j, val in nus.items())
+        and all(val == 0 or lhs[j] == agg[j][2] * q for j, val in nus.items())
         and all(bound_ok(i) for i in fixed)
     )
-    if kkt or max((abs(float(w[i]) - wf[i]) for i in range(n)), default=0.0) <= 1e-9:
-        return w
+    denominator = scale * q
+    if kkt or max((abs(w[i] / denominator - wf[i]) for i in range(n)), default=0.0) <= 1e-9:
+        return w, denominator
     return None
 
 

@@ -193,6 +193,34 @@ def test_locked_group_without_tradeable_member_is_a_constant_constraint():
     assert status_of(st, 1) == "READY" and weights_of(w, 1)["A"] == D("0.6")
 
 
+def test_only_runs_whose_caps_bind_reach_the_grouped_solve(monkeypatch):
+    """A cap the box ∩ band projection already meets (including one met with equality)
+    leaves that projection as the answer, without the per-run solve; a cap it breaks is
+    solved exactly. Both as project_exact answers them."""
+    import dpm_vec.stages.solver as solver_stage
+
+    seen = []
+    real_solve = solver_stage._solve_grouped
+
+    def spy(tradeable, grouped, real):
+        seen.extend(grouped["run"].to_list())
+        return real_solve(tradeable, grouped, real)
+
+    monkeypatch.setattr(solver_stage, "_solve_grouped", spy)
+    attrs = {"A": {"sector": "TECH"}, "B": {"sector": "TECH"}}
+    model = {"A": "0.3", "B": "0.2", "C": "0.4"}
+    caps = ["0.9", "0.5", "0.4999", "0.1"]
+    w, st, _ = solve([
+        request(model, attrs=attrs, options={"group_constraints": {"sector:TECH": {"max_weight": cap}}}) for cap in caps
+    ])
+    assert sorted(seen) == [2, 3]
+    for run, cap in enumerate(caps):
+        exact = project_exact([Fraction(model[i]) for i in "ABC"], Fraction(0), Fraction(1), None, [([0, 1], Fraction(cap))])
+        assert status_of(st, run) == "READY"
+        assert [weights_of(w, run)[i] for i in "ABC"] == [round4(x) for x in exact], run
+    assert weights_of(w, 3) == {"A": D("0.1"), "B": D("0"), "C": D("0.4")}
+
+
 def test_no_tradeable_instrument_keeps_map():
     w, st, warn = solve([request({"X": "0.5"}, shelf={"X": "SELL_ONLY"}, held={"X": 10, "L": 20}, cash="7000",
                                  options={"group_constraints": {"zzz:Q": {"max_weight": "0.1"}}})])

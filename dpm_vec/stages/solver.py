@@ -9,13 +9,14 @@ with ``lo = 1 - cash_band_max_weight - L`` and ``hi = 1 - cash_band_min_weight -
 (``L`` = locked weight). The projection is unique, so any exact method reproduces the
 reference's cvxpy/OSQP answer once rounded to 4 dp.
 
-* Runs without a (binding-capable) group constraint: ``w_i = clip(model_i - λ, 0, m)``,
-  with ``λ`` found exactly over the breakpoints of the piecewise-linear ``Σ clip(·)``,
-  in Decimal columns, for every such run at once (no Python per run).
-* Runs with group constraints: per run, scipy's Lawson-Hanson NNLS solves the
+* Every feasible run: ``w_i = clip(model_i - λ, 0, m)``, with ``λ`` found exactly over
+  the breakpoints of the piecewise-linear ``Σ clip(·)``, in Decimal columns, for every
+  run at once (no Python per run). A run without a binding-capable group constraint, or
+  whose caps this projection already meets, has its answer.
+* Runs whose caps it breaks: per run, scipy's Lawson-Hanson NNLS solves the
   least-distance dual (LDP) — it also certifies infeasibility — and the active set it
-  finds is then re-solved in exact rational arithmetic and checked against the KKT
-  conditions; only when that check fails is the float optimum used as is.
+  finds is then re-solved exactly (integers over a common denominator) and checked
+  against the KKT conditions; only when that check fails is the float optimum used as is.
 
 Feasibility without groups is decided exactly (Decimal comparisons), never by a solver
 tolerance. Output weights are rounded to 4 dp half-even (§1.2); with exact values this
@@ -143,8 +144,12 @@ def solve_targets(
     plain = feasible.filter(~pl.col("_grouped"))
     grouped = feasible.filter(pl.col("_grouped"))
 
-    solved = [_project_box_band(tradeable.join(plain.select("run", "_lo", "_hi", "_m"), on="run", how="inner"))]
-    group_weights, group_fail = _solve_grouped(tradeable, grouped, real)
+    # every feasible run projected onto box ∩ band; for a grouped run that projection is
+    # the answer too when it already meets every cap (optimal for a relaxation, and feasible)
+    relaxed = _project_box_band(tradeable.join(feasible.select("run", "_lo", "_hi", "_m"), on="run", how="inner"))
+    binding = _caps_broken(relaxed.join(grouped.select("run"), on="run", how="semi"), real)
+    solved = [relaxed.join(binding, on="run", how="anti").select("run", "instrument_id", "_w")]
+    group_weights, group_fail = _solve_grouped(tradeable, grouped.join(binding, on="run", how="semi"), real)
     solved.append(group_weights)
     failures = pl.concat([
         solving.filter(pl.col("_infeasible")).select("run", pl.lit("INFEASIBLE_INFEASIBLE").alias("_failure")),
@@ -270,7 +275,7 @@ def _project_box_band(tr: pl.DataFrame) -> pl.DataFrame:
     [lo, hi], else the λ putting Σ w on the violated edge. Σ clip(c - λ) is piecewise
     linear in λ with breakpoints c_i and c_i - m; walking them downwards with running
     (free count F, free sum S, capped count K) gives f(λ) = S - F·λ + K·m exactly."""
-    empty = pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "_w": DEC})
+    empty = pl.DataFrame(schema={"run": pl.UInt32, "instrument_id": pl.String, "map_order": pl.Int64, "_x": DEC, "_w": DEC})
     if tr.height == 0:
         return empty
     tr = tr.with_columns(_clip(pl.col("_c")).alias("_w0"))
@@ -333,13 +338,31 @@ def _project_box_band(tr: pl.DataFrame) -> pl.DataFrame:
         lam = pl.concat([lam, crossing, beyond])
     out = tr.join(lam, on="run", how="left").with_columns(pl.col("_lam").fill_null(lit(0)))
     return out.select(
-        "run", "instrument_id",
-        _clip(pl.col("_c") - pl.col("_lam")).round(WEIGHT_DP, mode="half_to_even").cast(DEC).alias("_w"),
+        "run", "instrument_id", pl.col("map_order").cast(pl.Int64),
+        _clip(pl.col("_c") - pl.col("_lam")).alias("_x"),
+    ).with_columns(pl.col("_x").round(WEIGHT_DP, mode="half_to_even").cast(DEC).alias("_w"))
+
+
+def _caps_broken(relaxed: pl.DataFrame, real: pl.DataFrame) -> pl.DataFrame:
+    """The runs whose box ∩ band projection (``_x``) exceeds one of their group caps:
+    Σ over a cap's tradeable members > ``_limit``. Only these need the grouped solve."""
+    members = (
+        real.select("run", "_rank", "_limit", pl.col("_members").alias("map_order"))
+        .explode("map_order")
+        .with_columns(pl.col("map_order").cast(pl.Int64))
+    )
+    return (
+        members.join(relaxed.select("run", "map_order", "_x"), on=["run", "map_order"], how="inner")
+        .group_by("run", "_rank")
+        .agg(pl.col("_x").sum(), pl.col("_limit").first())
+        .filter(pl.col("_x") > pl.col("_limit"))
+        .select("run")
+        .unique()
     )
 
 
 # ---------------------------------------------------------------------------
-# runs with group constraints: one small QP each
+# runs whose group caps bind: one small QP each
 # ---------------------------------------------------------------------------
 
 def _solve_grouped(tradeable: pl.DataFrame, grouped: pl.DataFrame, real: pl.DataFrame):

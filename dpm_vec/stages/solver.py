@@ -141,7 +141,6 @@ def solve_targets(
         pl.col("run").is_in(real["run"].unique().implode()).alias("_grouped"),
     )
     feasible = solving.filter(~pl.col("_infeasible"))
-    plain = feasible.filter(~pl.col("_grouped"))
     grouped = feasible.filter(pl.col("_grouped"))
 
     # every feasible run projected onto box ∩ band; for a grouped run that projection is

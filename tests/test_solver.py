@@ -25,7 +25,7 @@ from dpm_vec.stages import dq
 from dpm_vec.stages.checks import input_faults
 from dpm_vec.stages.prepare import prepare
 from dpm_vec.stages.solver import (
-    COMPARISON_SCHEMA, _round_units, _solve_grouped, compare_methods, project_exact, round4, solve_targets,
+    COMPARISON_SCHEMA, _round_units, _solve_grouped, _solve_linear, compare_methods, project_exact, round4, solve_targets,
 )
 from dpm_vec.stages.universe import build_universe
 from dpm_vec.stages.valuation import value_state
@@ -403,6 +403,22 @@ def test_round_units_is_half_even_on_exact_midpoints():
     for x, units in cases:
         assert _round_units(x.numerator, x.denominator) == units, x
         assert Decimal(units).scaleb(-4) == round4(x), x
+
+
+def test_solve_linear_in_integers():
+    """The multipliers' system, fraction-free: a regular system with a fractional answer,
+    a singular consistent one (the unknown without a pivot is 0), a column of zeros, an
+    inconsistent one."""
+    def solve(M, v):
+        out = _solve_linear(M, v)
+        return None if out is None else [Fraction(x, out[1]) for x in out[0]]
+
+    assert solve([[2, 1], [1, 3]], [3, 5]) == [Fraction(4, 5), Fraction(7, 5)]
+    assert solve([[-3, 1, 0], [1, 2, 1], [0, 1, 4]], [1, 0, 2]) == [Fraction(-9, 25), Fraction(-2, 25), Fraction(13, 25)]
+    assert solve([[1, 1], [2, 2]], [2, 4]) == [2, 0]
+    assert solve([[0, 1], [0, 2]], [3, 6]) == [0, 3]
+    assert solve([[1, 1], [2, 2]], [2, 5]) is None
+    assert _solve_linear([[2, 1], [1, 3]], [3, 5])[1] > 0
 
 
 def test_project_exact_on_non_decimal_inputs():

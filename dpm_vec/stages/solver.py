@@ -516,39 +516,35 @@ def _project_scaled(
 def _kkt_exact(c, lo, hi, m, agg, active, wf, scale) -> tuple[list[int], int] | None:
     """Exact point on the face the float optimum shows: box-bound variables fixed at 0 or
     m, the guessed active aggregate rows as equalities (dependent rows dropped), the rest
-    from the rational normal equations. Accepted when it satisfies every KKT condition
-    exactly, or — degenerate faces, where multipliers are not unique — when it is exactly
+    from the normal equations. Accepted when it satisfies every KKT condition exactly,
+    or — degenerate faces, where multipliers are not unique — when it is exactly
     feasible and within 1e-9 of the float optimum (then it is the projection onto the
     face's affine hull, which contains the optimum).
 
-    Integers throughout (inputs times ``scale``); only the small system for the
-    multipliers is solved in fractions. With q the common denominator of the scaled
-    multipliers, every w_i is W_i / (scale·q) and every comparison is one of integers."""
+    Integers throughout (inputs times ``scale``): with q the common denominator of the
+    scaled multipliers, every w_i is W_i / (scale·q) and every test compares integers."""
     n = len(c)
     eq_band = lo == hi and 0 in active and 1 in active
     act = [j for j in active if not (eq_band and j == 1)]  # Σw = lo = hi: one row, free sign
-    fixed: dict[int, int] = {}
-    m_float = None if m is None else m / scale
-    for i in range(n):
-        if wf[i] <= 1e-9:
-            fixed[i] = 0
-        elif m is not None and wf[i] >= m_float - 1e-9:
-            fixed[i] = m
+    fixed = dict.fromkeys(np.flatnonzero(wf <= 1e-9).tolist(), 0)
+    if m is not None:
+        fixed.update(dict.fromkeys(np.flatnonzero((wf > 1e-9) & (wf >= m / scale - 1e-9)).tolist(), m))
+    free = set(range(n)).difference(fixed)
     members = [set(idx) for idx, _, _ in agg]
-    free = {i for i in range(n) if i not in fixed}
-    M = [
-        [Fraction(agg[r][1] * agg[s][1] * len(free & members[r] & members[s])) for s in act]
-        for r in act
-    ]
-    v = [
-        Fraction(agg[r][1] * sum(fixed.get(i, c[i]) for i in agg[r][0]) - agg[r][2])
-        for r in act
-    ]
-    nu = _solve_linear(M, v)  # the multipliers times scale
-    if nu is None:
+
+    def row_sums(x: list[int]) -> list[int]:
+        """sign · Σ x over each aggregate row's members (rows 0 and 1 are the band: all)."""
+        total = sum(x)
+        return [total, -total] + [sign * sum(x[i] for i in idx) for idx, sign, _ in agg[2:]]
+
+    M = [[agg[r][1] * agg[s][1] * len(free & members[r] & members[s]) for s in act] for r in act]
+    at_bounds = [fixed.get(i, x) for i, x in enumerate(c)]
+    sums = row_sums(at_bounds)
+    solved = _solve_linear(M, [sums[r] - agg[r][2] for r in act])  # the multipliers times scale
+    if solved is None:
         return None
-    q = math.lcm(*(x.denominator for x in nu))
-    nus = {j: int(x * q) for j, x in zip(act, nu)}
+    numerators, q = solved
+    nus = dict(zip(act, numerators))
     shift = [0] * n
     for j, val in nus.items():
         if val:
@@ -561,7 +557,7 @@ def _kkt_exact(c, lo, hi, m, agg, active, wf, scale) -> tuple[list[int], int] | 
     mq = None if m is None else m * q
     if any(x < 0 or (mq is not None and x > mq) for x in w):
         return None
-    lhs = [sign * sum(w[i] for i in idx) for idx, sign, _ in agg]
+    lhs = row_sums(w)
     if any(lhs[j] > agg[j][2] * q for j in range(len(agg))):
         return None
 
@@ -581,9 +577,12 @@ def _kkt_exact(c, lo, hi, m, agg, active, wf, scale) -> tuple[list[int], int] | 
     return None
 
 
-def _solve_linear(M: list[list[Fraction]], v: list[Fraction]) -> list[Fraction] | None:
-    """Exact Gauss-Jordan on a (possibly singular) system: unknowns without a pivot are
-    set to 0; None if the system is inconsistent."""
+def _solve_linear(M: list[list[int]], v: list[int]) -> tuple[list[int], int] | None:
+    """Exact Gauss-Jordan on a (possibly singular) integer system, fraction-free: rows are
+    combined by cross-multiplication, so each stays a nonzero multiple of its rational
+    counterpart and pivots fall where rational elimination puts them. Unknowns without a
+    pivot are 0. Returns (numerators, denominator > 0) with x = numerators / denominator,
+    or None if the system is inconsistent."""
     k = len(v)
     aug = [row[:] + [v[r]] for r, row in enumerate(M)]
     pivots: list[tuple[int, int]] = []
@@ -594,19 +593,21 @@ def _solve_linear(M: list[list[Fraction]], v: list[Fraction]) -> list[Fraction] 
             continue
         aug[row], aug[piv] = aug[piv], aug[row]
         p = aug[row][col]
-        aug[row] = [x / p for x in aug[row]]
         for r in range(k):
             if r != row and aug[r][col] != 0:
                 fct = aug[r][col]
-                aug[r] = [x - fct * y for x, y in zip(aug[r], aug[row])]
+                combined = [p * x - fct * y for x, y in zip(aug[r], aug[row])]
+                g = math.gcd(*combined)
+                aug[r] = [x // g for x in combined] if g > 1 else combined
         pivots.append((row, col))
         row += 1
     if any(aug[r][k] != 0 for r in range(row, k)):
         return None
-    out = [Fraction(0)] * k
+    denominator = math.lcm(*(abs(aug[r][col]) for r, col in pivots)) if pivots else 1
+    out = [0] * k
     for r, col in pivots:
-        out[col] = aug[r][k]
-    return out
+        out[col] = aug[r][k] * (denominator // aug[r][col])
+    return out, denominator
 
 
 # ---------------------------------------------------------------------------

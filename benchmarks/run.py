@@ -5,8 +5,9 @@
 
 For each book size it generates a deterministic book (cached under benchmarks/_books),
 sweeps it with ``dpm-vec sweep`` in a subprocess (wall time, and peak RSS summed over
-the process tree), from 100k portfolios up also with one shard thread, with two Dask
-worker processes and writing only the runs and intents datasets, and
+the process tree) as the command does by default, from 100k portfolios up also with two
+shard threads, with one, with two Dask worker processes and writing only the runs and
+intents datasets, and
 times the scalar oracle (dpm_vec/oracle.py) on a sample of the same book's portfolios.
 It also measures cost per holding row across portfolio sizes, the
 batch JSON door against single calls, concurrent single calls over HTTP with and without
@@ -118,23 +119,29 @@ FEW_TABLES = "runs,intents"  # what an order-staging consumer reads: the verdict
 
 
 def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
-    """Each book swept as ``dpm-vec sweep`` does by default on this machine (one process,
-    two shard threads, 8,000-portfolio shards or the book cut in two) and, from 100k
-    portfolios up, also with one thread (16,000-portfolio shards: the same portfolios in
-    memory), with two Dask worker processes (8,000 each) and writing only the runs and
-    intents datasets (``--tables``). Every mode takes the command's default shard size."""
+    """Each book swept as ``dpm-vec sweep`` does by default on this machine (two shard
+    threads for a book of a few shards, two worker processes from
+    ``defaults.PROCESSES_FROM_SHARDS`` shards; 8,000-portfolio shards or the book cut in
+    two) and, from 100k portfolios up, also with two shard threads, with one thread
+    (16,000-portfolio shards: the same portfolios in memory), with two Dask worker
+    processes (8,000 each) and writing only the runs and intents datasets (``--tables``).
+    Every mode takes the command's default shard size."""
     rows = []
     for n in sizes:
         print(f"scaling: {n:,} portfolios", flush=True)
         path = book(n)
         holding_rows = pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item()
         orc = oracle_throughput(path, oracle_sample)
-        modes = [(f"{THREADS} threads", ["--threads", str(THREADS)])]
+        modes = [("default", [])]
         if n >= PARALLEL_FROM:
-            modes += [("1 thread", ["--threads", "1"]), (f"{WORKERS} workers", ["--workers", str(WORKERS)]),
-                      (f"{THREADS} threads, {FEW_TABLES} only", ["--threads", str(THREADS), "--tables", FEW_TABLES])]
+            modes += [(f"{THREADS} threads", ["--threads", str(THREADS)]), ("1 thread", ["--threads", "1"]),
+                      (f"{WORKERS} workers", ["--workers", str(WORKERS)]), (f"default, {FEW_TABLES} only", ["--tables", FEW_TABLES])]
         for mode, extra in modes:
             sweep = timed_sweep(path, extra)
+            if mode.startswith("default"):  # what the command chose
+                chosen = sweep["manifest"]
+                how = f"{chosen['processes']} processes" if chosen.get("processes") else f"{chosen['threads']} threads"
+                mode = mode.replace("default", f"default: {how}", 1)
             shard = sweep["manifest"]["shard_size"]
             pps = n / sweep["wall_s"]
             stages = sweep["manifest"]["stage_seconds"]

@@ -63,7 +63,7 @@ def cmd_sweep(args) -> int:
 
     manifest = sweep(args.book, args.out, shard_size=args.shard_size, scheduler=args.scheduler, workers=args.workers,
                      threads=args.threads, progress=None if not args.quiet else False, scenarios=args.scenarios,
-                     tables=args.tables or None)
+                     tables=args.tables or None, processes=args.processes)
     _print_summary(manifest, args.out)
     if manifest.get("scenario_comparison"):
         _print_scenarios(manifest["scenario_comparison"])
@@ -99,6 +99,8 @@ def _print_summary(manifest: dict, out: str) -> None:
 
 
 def _sweep_engines(manifest: dict) -> str:
+    if manifest.get("processes"):
+        return f"{manifest['processes']} process(es)"
     if manifest.get("threads"):
         return f"{manifest['threads']} thread(s)"
     return f"{manifest['workers']} local Dask worker(s)" if manifest.get("workers") else "a Dask cluster"
@@ -235,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"--threads, or --workers N; 2.2-2.8 GiB in all at ~55 holdings per portfolio)")
     sw.add_argument("--threads", type=int,
                     help=f"shards computed at once in this process (default: one per core, at most {MAX_DEFAULT_THREADS})")
+    sw.add_argument("--processes", type=int,
+                    help="shards computed at once in this many worker processes of this machine, each running "
+                         "Polars on its share of the cores")
     sw.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     sw.add_argument("--workers", type=int, help="start a local Dask cluster with this many worker processes")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")

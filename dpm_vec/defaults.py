@@ -13,6 +13,13 @@ DEFAULT_SHARD_SIZE = 16_000
 # more threads than that contend for the GIL (the engine issues ~3,000 operations a shard)
 MAX_DEFAULT_THREADS = 2
 
+# a sweep of at least this many shards runs them in worker processes (one per core, at
+# most MAX_DEFAULT_THREADS) instead of threads when none is chosen: two processes, each
+# running Polars on one core, finished the 1M book in 295 s against 366 s for two shard
+# threads sharing one process's Polars pool; below it (a 10k book is two shards) the
+# workers' start-up (~1 s: a fresh interpreter importing Polars) costs more than it gains
+PROCESSES_FROM_SHARDS = 5
+
 
 def usable_cores() -> int:
     """Cores this process may run on (its CPU affinity where the platform tells it)."""

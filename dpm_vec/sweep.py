@@ -24,11 +24,13 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+import multiprocessing
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from itertools import islice
@@ -39,7 +41,7 @@ import pyarrow.parquet as pq
 
 from dpm_vec import __version__
 from dpm_vec.book import Book, conform, empty_table
-from dpm_vec.defaults import PARQUET_COMPRESSION, default_shard_size, default_threads, usable_cores
+from dpm_vec.defaults import PARQUET_COMPRESSION, PROCESSES_FROM_SHARDS, default_shard_size, default_threads, usable_cores
 from dpm_vec.errors import DpmVecError
 from dpm_vec.io import (PORTFOLIO_ROWS, _path, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         write_book, write_json_atomic)
@@ -274,6 +276,7 @@ def commit_shard(plan: SweepPlan, shard: int, tables: dict[str, pl.DataFrame], t
     timer.lap("write")
     counts = dict(tables["runs"].group_by("status").len().iter_rows())
     counts["_portfolios"] = tables["runs"].height
+    counts["_polars_threads"] = pl.thread_pool_size()
     counts["_stage_seconds"] = {k: round(v, 4) for k, v in timer.seconds.items() if not k.startswith("_")}
     (staging / "_SUCCESS").write_text(json.dumps(counts))
     try:
@@ -297,6 +300,48 @@ def _run_in_process(plan: SweepPlan, pending: list[int], reporter, threads: int 
                 # a failed shard raises here: no further shard starts, the running ones commit
                 reporter.advance(1, future.result()["_portfolios"])
                 running |= {pool.submit(run_shard, plan, shard) for shard in islice(queue, 1)}
+
+
+def _run_in_processes(plan: SweepPlan, pending: list[int], reporter, processes: int) -> None:
+    """Shards in ``processes`` fresh worker processes, each computing a shard, writing it
+    and taking the next; at most ``processes`` shards are in memory. Each process runs
+    Polars on cores // processes threads: two processes of one Polars thread keep two
+    cores busier than two shard threads sharing one process's Polars thread pool
+    (benchmarks/README.md, "Fifteenth session")."""
+    processes = min(processes, len(pending))
+    if processes == 0:
+        return
+    queue = iter(pending)
+    context = multiprocessing.get_context("spawn")  # a fork would copy this process's Polars threads' state
+    # read by Polars when it is imported, in each worker as it starts (the workers start
+    # at the first submissions, below); this process's Polars has sized its pool already
+    saved = os.environ.get("POLARS_MAX_THREADS")
+    os.environ["POLARS_MAX_THREADS"] = str(max(1, usable_cores() // processes))
+    try:
+        pool = ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_start_worker,
+                                   initargs=(logging.getLogger().level,))
+        running = {pool.submit(run_shard, plan, shard) for shard in islice(queue, processes)}
+    finally:
+        if saved is None:
+            os.environ.pop("POLARS_MAX_THREADS", None)
+        else:
+            os.environ["POLARS_MAX_THREADS"] = saved
+    with pool:
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                # a failed shard raises here: no further shard starts, the running ones commit
+                reporter.advance(1, future.result()["_portfolios"])
+                running |= {pool.submit(run_shard, plan, shard) for shard in islice(queue, 1)}
+
+
+def _start_worker(log_level: int) -> None:
+    """A shard process logs as the sweep's own process does, and leaves Ctrl-C to it: the
+    sweep stops taking shards, the running ones commit (as with threads) and no worker
+    prints a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level or logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -332,24 +377,31 @@ def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
 
 def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None = None, scheduler: str | None = None,
           workers: int | None = None, threads: int | None = None, progress: bool | None = None,
-          scenarios: str | Path | None = None, tables: Iterable[str] | str | None = None) -> dict:
+          scenarios: str | Path | None = None, tables: Iterable[str] | str | None = None,
+          processes: int | None = None) -> dict:
     """Run every portfolio of the book (under every scenario, when a scenarios file is
     given); write the output datasets and manifest. In this process, ``threads`` shards
-    at a time (default ``defaults.default_threads``); on a Dask cluster with ``scheduler``
-    or ``workers``. Without ``shard_size``, the default divided among the shards computed
-    at once on this machine, and the book cut evenly among them when it is smaller
-    (``defaults.default_shard_size``)."""
+    at a time; in ``processes`` worker processes of this machine; on a Dask cluster with
+    ``scheduler`` or ``workers``. When none is chosen: one thread or process per core, at
+    most two (``defaults.default_threads``), processes once the sweep has
+    ``defaults.PROCESSES_FROM_SHARDS`` shards. Without ``shard_size``, the default divided
+    among the shards computed at once on this machine, and the book cut evenly among them
+    when it is smaller (``defaults.default_shard_size``)."""
     if workers is not None and workers < 1:
         raise DpmVecError(f"--workers must be at least 1, got {workers}")
     if threads is not None and threads < 1:
         raise DpmVecError(f"--threads must be at least 1, got {threads}")
+    if processes is not None and processes < 1:
+        raise DpmVecError(f"--processes must be at least 1, got {processes}")
     if threads is not None and (scheduler or workers):
         raise DpmVecError("--threads applies to a sweep in this process; with --workers or --scheduler each Dask worker "
                           "runs one shard at a time (start more workers instead)")
+    if processes is not None and (scheduler or workers or threads):
+        raise DpmVecError("--processes is one way to run the shards; --threads, --workers and --scheduler are the others: "
+                          "choose one")
     written = sweep_tables(tables)
     on_dask = bool(scheduler or workers)
-    if not on_dask and threads is None:
-        threads = default_threads()
+    chosen = on_dask or threads is not None or processes is not None
     if shard_size is not None and shard_size < 1:
         raise DpmVecError(f"--shard-size must be at least 1, got {shard_size}")
     started = time.perf_counter()
@@ -377,8 +429,12 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
         ).select("input_table", pl.col("key") + "|" + pl.col("_scenario"), pl.exclude("input_table", "key", "_scenario"))
         portfolios = conform("portfolios", derived_tables["portfolios"])
     if shard_size is None:
-        shard_size = default_shard_size(None if scheduler else workers or threads, portfolios.height)
+        concurrent = default_threads() if not chosen else None if scheduler else workers or processes or threads
+        shard_size = default_shard_size(concurrent, portfolios.height)
     plan = plan_sweep(book_dir, out_dir, shard_size, hashes, portfolios.height, scenario_map, written)
+    if not chosen:  # threads for a few shards, worker processes for many (defaults.PROCESSES_FROM_SHARDS)
+        many = plan.n_shards >= PROCESSES_FROM_SHARDS and default_threads() > 1
+        processes, threads = (default_threads(), None) if many else (None, default_threads())
     Path(plan.work_dir).mkdir(parents=True, exist_ok=True)
     if scenario_map and not (Path(plan.work_dir) / "derived").exists():
         write_book(derived_tables, Path(plan.work_dir) / "derived")
@@ -394,14 +450,19 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
                                   for s in range(plan.n_shards) if s not in pending))
     if on_dask:
         _run_on_dask(plan, pending, scheduler, workers, reporter)
+    elif processes:
+        _run_in_processes(plan, pending, reporter, processes)
     else:
         _run_in_process(plan, pending, reporter, threads)
     reporter.close()
     totals: dict[str, int] = {}
     stage_seconds: dict[str, float] = {}
+    polars_threads: set[int] = set()
     for shard in range(plan.n_shards):
         for status, n in json.loads((plan.shard_dir(shard) / "_SUCCESS").read_text()).items():
-            if status == "_stage_seconds":
+            if status == "_polars_threads":
+                polars_threads.add(n)
+            elif status == "_stage_seconds":
                 for stage, seconds in n.items():
                     stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
             elif not status.startswith("_"):
@@ -418,7 +479,9 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
         "shards": plan.n_shards,
         "shard_size": shard_size,
         "threads": threads,
+        "processes": processes,
         "workers": None if scheduler else workers,
+        "polars_threads": sorted(polars_threads),  # the Polars thread pool each shard ran on
         "scheduler": scheduler,
         "resumed_shards": resumed,
         "wall_time_s": round(wall, 3),

@@ -426,6 +426,37 @@ def test_killed_sweep_resumes_to_identical_output(tmp_path):
     assert runs["run_key"].n_unique() == runs.height == 240
 
 
+def test_killed_process_sweep_resumes_to_identical_output(tmp_path):
+    """The same with worker processes: kill the sweep and its workers after some shards
+    committed; the rerun finishes the rest."""
+    book = _book(tmp_path, n=240, seed=23)
+    out = tmp_path / "out"
+    cmd = _sweep_command(book, out, "--processes", "2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for_commits(proc, out, 3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    _resumes_to_identical_output(cmd, book, out, tmp_path, committed=3)
+
+
+def test_ctrl_c_on_a_process_sweep_says_so_once(tmp_path):
+    """Ctrl-C reaches the whole process group on a terminal: the workers leave it to the
+    sweep, which says how to go on in one line, exit code 130, no traceback."""
+    book = _book(tmp_path, n=240, seed=24)
+    out = tmp_path / "out"
+    cmd = _sweep_command(book, out, "--processes", "2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_commits(proc, out, 2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "dpm-vec: interrupted (committed shards are kept: the same command resumes)"
+    assert stderr.count("dpm-vec: interrupted") == 1
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr and not out.exists()
+    _resumes_to_identical_output(cmd, book, out, tmp_path, committed=2)
+
+
 def test_interrupted_sweep_says_so_and_resumes(tmp_path):
     """Ctrl-C (SIGINT) on a real sweep with two shard threads: one line saying how to go on,
     exit code 130, no traceback, no output dir; the same command then finishes the rest."""
@@ -647,6 +678,47 @@ def test_outputs_do_not_depend_on_thread_count(book, swept, tmp_path, threads):
     manifest = sweep(book, other, shard_size=10, threads=threads, progress=False)
     assert manifest["threads"] == threads and manifest["shards"] == 8
     _same_outputs(out, other)
+
+
+def test_worker_processes_give_identical_output(book, swept, tmp_path):
+    """Shards in two spawned worker processes, each running Polars on its share of the
+    cores: the same datasets as in this process, and this process's environment is left
+    as it was."""
+    from dpm_vec.defaults import usable_cores
+
+    out, _ = swept
+    before = os.environ.get("POLARS_MAX_THREADS")
+    other = tmp_path / "processes"
+    manifest = sweep(book, other, shard_size=10, processes=2, progress=False)
+    assert manifest["processes"] == 2 and manifest["threads"] is None and manifest["shards"] == 8
+    assert manifest["polars_threads"] == [max(1, usable_cores() // 2)]
+    assert os.environ.get("POLARS_MAX_THREADS") == before
+    _same_outputs(out, other)
+
+
+def test_default_runs_few_shards_on_threads_and_many_in_processes(book, swept, tmp_path):
+    """Without a choice: threads below PROCESSES_FROM_SHARDS shards, worker processes from
+    it on (one per core, at most two; a one-core machine stays on one thread)."""
+    from dpm_vec.defaults import PROCESSES_FROM_SHARDS, default_threads
+
+    out, few = swept
+    assert few["shards"] < PROCESSES_FROM_SHARDS
+    assert few["threads"] == default_threads() and few["processes"] is None
+    many = sweep(book, tmp_path / "many", shard_size=80 // PROCESSES_FROM_SHARDS, progress=False)
+    assert many["shards"] >= PROCESSES_FROM_SHARDS
+    if default_threads() > 1:
+        assert many["processes"] == default_threads() and many["threads"] is None
+    else:
+        assert many["threads"] == 1 and many["processes"] is None
+    _same_outputs(out, tmp_path / "many")
+
+
+def test_processes_refuse_bad_counts_and_other_modes(book, tmp_path):
+    with pytest.raises(DpmVecError, match="--processes must be at least 1, got 0"):
+        sweep(book, tmp_path / "out", processes=0, progress=False)
+    with pytest.raises(DpmVecError, match="--processes is one way to run the shards"):
+        sweep(book, tmp_path / "out", processes=2, threads=2, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_shard_threads_compute_shards_at_the_same_time(book, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -29,8 +30,8 @@ import sys
 import time
 import uuid
 from collections.abc import Iterable
-import multiprocessing
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from itertools import islice
@@ -331,7 +332,14 @@ def _run_in_processes(plan: SweepPlan, pending: list[int], reporter, processes: 
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 # a failed shard raises here: no further shard starts, the running ones commit
-                reporter.advance(1, future.result()["_portfolios"])
+                try:
+                    counts = future.result()
+                except BrokenProcessPool as exc:
+                    raise DpmVecError(
+                        "a sweep worker process ended without finishing its shard (killed, or out of memory?); committed "
+                        "shards are kept: the same command resumes (a smaller --shard-size needs less memory)"
+                    ) from exc
+                reporter.advance(1, counts["_portfolios"])
                 running |= {pool.submit(run_shard, plan, shard) for shard in islice(queue, 1)}
 
 

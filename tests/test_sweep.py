@@ -440,6 +440,26 @@ def test_killed_process_sweep_resumes_to_identical_output(tmp_path):
     _resumes_to_identical_output(cmd, book, out, tmp_path, committed=3)
 
 
+def test_a_worker_process_killed_ends_the_sweep_with_a_clear_error(tmp_path):
+    """A worker that dies mid-shard (the OOM killer, say) ends the sweep with one line
+    saying so and exit code 2, not a traceback; the same command then resumes."""
+    import psutil
+
+    book = _book(tmp_path, n=240, seed=25)
+    out = tmp_path / "out"
+    cmd = _sweep_command(book, out, "--processes", "2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_commits(proc, out, 2)
+    workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    assert len(workers) == 2, [p.cmdline() for p in psutil.Process(proc.pid).children()]
+    workers[0].kill()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stderr
+    assert stderr.strip().splitlines()[-1].startswith("dpm-vec: error: a sweep worker process ended without finishing its shard")
+    assert "Traceback" not in stderr and not out.exists()
+    _resumes_to_identical_output(cmd, book, out, tmp_path, committed=2)
+
+
 def test_ctrl_c_on_a_process_sweep_says_so_once(tmp_path):
     """Ctrl-C reaches the whole process group on a terminal: the workers leave it to the
     sweep, which says how to go on in one line, exit code 130, no traceback."""

@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--out", required=True, help="output directory (replaced atomically)")
     sw.add_argument("--shard-size", type=int,
                     help=f"portfolios per shard; bounds memory (default {DEFAULT_SHARD_SIZE} / the shards computed at once: "
-                         f"--threads, or --workers N; 2.2-2.8 GiB in all at ~55 holdings per portfolio)")
+                         f"--threads, --processes or --workers N; 2.2-3.7 GiB in all at ~55 holdings per portfolio)")
     sw.add_argument("--threads", type=int,
                     help=f"shards computed at once in this process (default: one per core, at most {MAX_DEFAULT_THREADS})")
     sw.add_argument("--processes", type=int,

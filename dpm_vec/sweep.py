@@ -18,6 +18,7 @@ at once (threads, or local workers), not the book size.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -295,19 +296,14 @@ def _run_in_process(plan: SweepPlan, pending: list[int], reporter, threads: int 
     queue = iter(pending)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dpm-vec-shard") as pool:
         running = {pool.submit(run_shard, plan, shard) for shard in islice(queue, threads)}
-        while running:
-            done, running = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                # a failed shard raises here: no further shard starts, the running ones commit
-                reporter.advance(1, future.result()["_portfolios"])
-                running |= {pool.submit(run_shard, plan, shard) for shard in islice(queue, 1)}
+        _run_as_they_finish(pool, plan, queue, running, reporter)
 
 
 def _run_in_processes(plan: SweepPlan, pending: list[int], reporter, processes: int) -> None:
     """Shards in ``processes`` fresh worker processes, each computing a shard, writing it
     and taking the next; at most ``processes`` shards are in memory. Each process runs
-    Polars on cores // processes threads: two processes of one Polars thread keep two
-    cores busier than two shard threads sharing one process's Polars thread pool
+    Polars on its share of the cores: two processes of one Polars thread keep two cores
+    busier than two shard threads sharing one process's Polars thread pool
     (benchmarks/README.md, "Fifteenth session")."""
     processes = min(processes, len(pending))
     if processes == 0:
@@ -315,32 +311,51 @@ def _run_in_processes(plan: SweepPlan, pending: list[int], reporter, processes: 
     queue = iter(pending)
     context = multiprocessing.get_context("spawn")  # a fork would copy this process's Polars threads' state
     # read by Polars when it is imported, in each worker as it starts (the workers start
-    # at the first submissions, below); this process's Polars has sized its pool already
-    saved = os.environ.get("POLARS_MAX_THREADS")
-    os.environ["POLARS_MAX_THREADS"] = str(max(1, usable_cores() // processes))
-    try:
+    # at the first submissions); this process's Polars has sized its pool already
+    with _environment(POLARS_MAX_THREADS=str(_cores_each(processes))):
         pool = ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_start_worker,
                                    initargs=(logging.getLogger().level,))
         running = {pool.submit(run_shard, plan, shard) for shard in islice(queue, processes)}
-    finally:
-        if saved is None:
-            os.environ.pop("POLARS_MAX_THREADS", None)
-        else:
-            os.environ["POLARS_MAX_THREADS"] = saved
     with pool:
-        while running:
-            done, running = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                # a failed shard raises here: no further shard starts, the running ones commit
-                try:
-                    counts = future.result()
-                except BrokenProcessPool as exc:
-                    raise DpmVecError(
-                        "a sweep worker process ended without finishing its shard (killed, or out of memory?); committed "
-                        "shards are kept: the same command resumes (a smaller --shard-size needs less memory)"
-                    ) from exc
-                reporter.advance(1, counts["_portfolios"])
-                running |= {pool.submit(run_shard, plan, shard) for shard in islice(queue, 1)}
+        try:
+            _run_as_they_finish(pool, plan, queue, running, reporter)
+        except BrokenProcessPool as exc:
+            raise DpmVecError(
+                "a sweep worker process ended without finishing its shard (killed, or out of memory?); committed "
+                "shards are kept: the same command resumes (a smaller --shard-size needs less memory)"
+            ) from exc
+
+
+def _run_as_they_finish(pool, plan: SweepPlan, queue, running: set, reporter) -> None:
+    """Wait for the ``running`` shards, submitting the next one from ``queue`` as each
+    finishes. A failed shard raises here: no further shard starts, the running ones commit."""
+    while running:
+        done, running = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            reporter.advance(1, future.result()["_portfolios"])
+            running |= {pool.submit(run_shard, plan, shard) for shard in islice(queue, 1)}
+
+
+def _cores_each(workers: int) -> int:
+    """Polars threads for each of ``workers`` processes sharing this machine's cores
+    (oversubscription costs ~10%)."""
+    return max(1, usable_cores() // workers)
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """``values`` in os.environ for the block (what processes started in it inherit),
+    then the environment as it was."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _start_worker(log_level: int) -> None:
@@ -509,11 +524,9 @@ def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, wor
     if scheduler:
         client = Client(scheduler)
     else:
-        # the machine's cores are shared out between the worker processes: Polars in each
-        # uses cores // workers threads instead of every core (oversubscription costs ~10%)
-        threads = max(1, usable_cores() // workers)
+        # the machine's cores are shared out between the worker processes
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               env={"POLARS_MAX_THREADS": str(threads)})
+                               env={"POLARS_MAX_THREADS": str(_cores_each(workers))})
         client = Client(cluster)
     try:
         futures = [client.submit(run_shard, plan, shard, key=f"dpm-vec-shard-{plan.fingerprint[:12]}-{shard}", pure=False)

@@ -411,11 +411,13 @@ def _resumes_to_identical_output(cmd: list[str], book: Path, out: Path, tmp_path
     _same_outputs(out, reference)
 
 
-def test_killed_sweep_resumes_to_identical_output(tmp_path):
-    """Kill a real sweep process after some shards committed; the rerun finishes the rest."""
-    book = _book(tmp_path, n=240, seed=21)
+@pytest.mark.parametrize("options, seed", [(("--threads", "2"), 21), (("--processes", "2"), 23)], ids=["threads", "processes"])
+def test_killed_sweep_resumes_to_identical_output(tmp_path, options, seed):
+    """Kill a real sweep process (and its worker processes, if any) after some shards
+    committed; the rerun finishes the rest."""
+    book = _book(tmp_path, n=240, seed=seed)
     out = tmp_path / "out"
-    cmd = _sweep_command(book, out)
+    cmd = _sweep_command(book, out, *options)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_for_commits(proc, out, 3)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -424,20 +426,6 @@ def test_killed_sweep_resumes_to_identical_output(tmp_path):
     _resumes_to_identical_output(cmd, book, out, tmp_path, committed=3)
     runs = _read(out, "runs")
     assert runs["run_key"].n_unique() == runs.height == 240
-
-
-def test_killed_process_sweep_resumes_to_identical_output(tmp_path):
-    """The same with worker processes: kill the sweep and its workers after some shards
-    committed; the rerun finishes the rest."""
-    book = _book(tmp_path, n=240, seed=23)
-    out = tmp_path / "out"
-    cmd = _sweep_command(book, out, "--processes", "2")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    _wait_for_commits(proc, out, 3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not out.exists()
-    _resumes_to_identical_output(cmd, book, out, tmp_path, committed=3)
 
 
 def test_a_worker_process_killed_ends_the_sweep_with_a_clear_error(tmp_path):

@@ -305,10 +305,13 @@ ROW_KEYS = {"scaling": ("portfolios", "mode"), "holdings": ("holdings_per_portfo
 def merge_results(old: dict, new: dict) -> dict:
     """``old`` updated with ``new``: a row of a table section replaces the old row with the
     same key (book size and mode, holdings, feature...) in its place, new keys follow,
-    and sizes stay in ascending order; each measured row carries its own ``measured_at``."""
+    and sizes stay in ascending order; each measured row carries its own ``measured_at``.
+    A book size measured again drops its old rows of modes the run no longer measures, so
+    a size's rows all come from one run."""
     merged = {**old, **{k: v for k, v in new.items() if k not in ROW_KEYS}}
     for section, key in ROW_KEYS.items():
-        rows = {tuple(r.get(k) for k in key): r for r in old.get(section, [])}
+        remeasured = {r.get(key[0]) for r in new.get(section, [])}
+        rows = {tuple(r.get(k) for k in key): r for r in old.get(section, []) if r.get(key[0]) not in remeasured}
         for r in new.get(section, []):
             rows[tuple(r.get(k) for k in key)] = {**r, "measured_at": new["when"]}
         if rows:  # a stable sort on the numeric key parts only: modes and features keep their order
@@ -375,7 +378,7 @@ def main() -> None:
     if "features" not in skip:
         results["features"] = feature_costs(args.feature_book)
     path = ROOT / "benchmarks" / "results.json"
-    if path.exists():  # a partial run (--skip, --sizes) replaces only the rows it measured
+    if path.exists():  # a partial run (--skip, --sizes) replaces only the sizes and rows it measured
         results = merge_results(json.loads(path.read_text()), results)
     path.write_text(json.dumps(results, indent=2, default=str))
     print(markdown(results))

@@ -1,0 +1,32 @@
+"""The benchmark harness's results file: a partial or repeated run merges into it
+without mixing rows of one book size from different runs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+_SPEC = importlib.util.spec_from_file_location("bench_run", Path(__file__).resolve().parents[1] / "benchmarks" / "run.py")
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+
+def _row(portfolios: int, mode: str, wall: float) -> dict:
+    return {"portfolios": portfolios, "mode": mode, "wall_s": wall}
+
+
+def test_a_remeasured_size_replaces_all_its_rows_and_keeps_other_sizes():
+    old = {"when": "old", "machine": "m", "scaling": [
+        _row(1_000, "2 threads", 1.0), _row(1_000, "default: 2 threads", 1.1), _row(100_000, "2 threads", 30.0),
+    ], "features": [{"feature": "baseline", "wall_s": 5.0}, {"feature": "solver", "wall_s": 7.0}]}
+    new = {"when": "new", "machine": "m", "scaling": [_row(1_000, "default: 2 threads", 0.9), _row(10_000, "default: 2 threads", 5.0)],
+           "features": [{"feature": "solver", "wall_s": 6.0}]}
+    merged = bench.merge_results(old, new)
+    assert [(r["portfolios"], r["mode"], r["wall_s"]) for r in merged["scaling"]] == [
+        (1_000, "default: 2 threads", 0.9),  # the old "2 threads" row of 1k is gone: not measured by this run
+        (10_000, "default: 2 threads", 5.0),
+        (100_000, "2 threads", 30.0),  # a size this run did not measure keeps its rows
+    ]
+    assert [r.get("measured_at") for r in merged["scaling"]] == ["new", "new", None]
+    assert [(r["feature"], r["wall_s"]) for r in merged["features"]] == [("baseline", 5.0), ("solver", 6.0)]
+    assert merged["when"] == "new"

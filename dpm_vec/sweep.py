@@ -452,8 +452,8 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
         ).select("input_table", pl.col("key") + "|" + pl.col("_scenario"), pl.exclude("input_table", "key", "_scenario"))
         portfolios = conform("portfolios", derived_tables["portfolios"])
     if shard_size is None:
-        concurrent = default_threads() if not chosen else None if scheduler else workers or processes or threads
-        shard_size = default_shard_size(concurrent, portfolios.height)
+        # the shards computed at once on this machine share the default; a remote cluster's workers do not
+        shard_size = default_shard_size(None if scheduler else workers or processes or threads or default_threads(), portfolios.height)
     plan = plan_sweep(book_dir, out_dir, shard_size, hashes, portfolios.height, scenario_map, written)
     if not chosen:  # threads for a few shards, worker processes for many (defaults.PROCESSES_FROM_SHARDS)
         many = plan.n_shards >= PROCESSES_FROM_SHARDS and default_threads() > 1

@@ -455,9 +455,9 @@ def _project_scaled(
     Float stage: the least-distance problem min ||x|| s.t. G x >= h (x = w - c) is solved
     through Lawson-Hanson NNLS (scipy.optimize.nnls) on [Gᵀ; hᵀ] u ≈ e_{n+1}; a zero
     residual certifies infeasibility. Exact stage: the aggregate constraints (band,
-    groups) the float optimum shows active give multipliers ν from a small rational linear
-    system; w = clip(c - Aᵀν, 0, m) is accepted when it satisfies every KKT condition
-    exactly. Otherwise the float optimum is returned (as the shortest text of each float).
+    groups) the float optimum shows active give multipliers ν from a small linear system,
+    solved exactly in integers (``_solve_linear``); w = clip(c - Aᵀν, 0, m) is accepted
+    when it satisfies every KKT condition exactly. Otherwise the float optimum is returned (as the shortest text of each float).
     """
     n = len(c)
     if lo > hi or hi < 0 or (m is not None and (m < 0 or lo > m * n)) or any(lim < 0 for _, lim in groups):

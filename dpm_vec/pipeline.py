@@ -111,7 +111,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     faults, stale = input_faults(market, runs, p.positions, p.model)
     timer.lap("checks")
 
-    universe = build_universe(market, runs, p.model, before.positions, stale, before.totals)
+    universe = build_universe(market, runs, p.model, before.positions, stale, before.totals, before.cash)
     targets = build_targets(market, runs, universe.weight_map, universe.sell_only_excess, p.model, before.totals, _by_run(book.group_constraints, runs))
     boundary("universe+targets", (WEIGHT_MAP_SCHEMA, universe.weight_map), (TARGET_TRACE_SCHEMA, targets.trace))
     findings = dq.concat(before.dq, universe.dq)
@@ -125,7 +125,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     ]).unique()
     live = _without(runs, early)
 
-    tr = translate(market, live, _only(targets.trace, live), p.positions, p.lots, before.totals)
+    tr = translate(market, live, _only(targets.trace, live), p.positions, p.lots, before.totals, universe.exact)
     boundary("translation+tax", (SECURITY_INTENTS_SCHEMA, tr.intents))
     findings = dq.concat(findings, tr.dq)
     counts2 = dq.blocking_counts(findings, live)

@@ -210,3 +210,26 @@ def test_empty_columns_stay_empty():
     for op in (dec28.mul, dec28.div, dec28.add, dec28.sub):
         out = op(df, "af", "bf", "r")
         assert out.height == 0 and out.schema["r"] == dec28.F28, op.__name__
+
+
+def test_group_sums_round_each_addition_like_pythons_sum():
+    """0.6…01 + 0.4 is 1.000…0001 exactly (29 digits) but 1 in 28 digits: the sum of a
+    group is the reference's left-to-right sum, not the exact one; groups come out sorted."""
+    values = [("b", "0.6000000000000000000000000001"), ("a", "5"), ("b", "0.4"), ("b", "0.0000000000000000000000000004"),
+              ("a", "-0.25"), ("c", "0")]
+    df = pl.DataFrame({"g": [g for g, _ in values], "v": pl.Series([Decimal(v) for _, v in values], dtype=dec28.D28)})
+    out = dec28.group_sums(dec28.from_dec(df, "v", "vf"), "g", "vf", "s")
+    assert out["g"].to_list() == ["a", "b", "c"]
+    assert [_exact(v) for v in out["s"].to_list()] == [Decimal("4.75"), Decimal(1), Decimal(0)]
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.integers(0, 5), decimals_12), min_size=1, max_size=60))
+def test_group_sums_match_a_sequential_decimal_sum(rows):
+    df = pl.DataFrame({"g": [g for g, _ in rows], "v": pl.Series([v for _, v in rows], dtype=DEC)})
+    df = dec28.from_dec(df, "v", "vf")
+    expected: dict[int, Decimal] = {}
+    for g, f in zip(df["g"], df["vf"].to_list()):
+        expected[g] = CTX.add(expected.get(g, Decimal(0)), _exact(f))
+    out = dec28.group_sums(df, "g", "vf", "s")
+    assert dict(zip(out["g"], (_exact(v) for v in out["s"].to_list()))) == expected

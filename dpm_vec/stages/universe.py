@@ -12,6 +12,7 @@ stage may weigh, with its ``kind``:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 
 import polars as pl
 
@@ -31,17 +32,29 @@ class Universe:
     eligible: pl.DataFrame  # run, list (buy|sell), instrument_id, list_order
     sell_only_excess: pl.DataFrame  # run, sell_only_excess
     dq: pl.DataFrame
+    exact: ExactLocked | None = None  # given totals and cash: locked weights in 28 digits
+
+
+@dataclass(frozen=True)
+class ExactLocked:
+    """Locked weights and their runs' tv as the reference computes them (F28). The weight
+    map keeps them in Decimal(38, 28), which drops the 29th decimal of a weight below 0.1;
+    trade sizing at an integer boundary needs every digit."""
+    weights: pl.DataFrame  # slot, weight_f28
+    totals: pl.DataFrame  # run, total_f28
 
 
 def build_universe(
     market: Market, runs: pl.DataFrame, model: pl.DataFrame, positions_before: pl.DataFrame, stale: pl.DataFrame,
-    totals: pl.DataFrame | None = None,
+    totals: pl.DataFrame | None = None, cash_before: pl.DataFrame | None = None,
 ) -> Universe:
     """Loop 1 over model targets, loop 2 over held positions, as columnar passes.
 
     ``stale`` lists instruments whose price is too old under the RFC's exclude mode: they
     are treated like a SUSPENDED instrument (not bought; held ones locked), reason
-    PRICE_STALE.
+    PRICE_STALE. With the before-state ``totals`` and valued ``cash_before``, locked
+    weights are recomputed in 28 digits as the reference computes them; without them they
+    are the before-state weights.
     """
     policy = runs.select("run", "allow_restricted")
     stale_flag = stale.with_columns(pl.lit("PRICE_STALE").alias("_stale"))
@@ -85,8 +98,9 @@ def build_universe(
         .otherwise(pl.lit("LOCKED_DUE_TO_") + pl.col("status").fill_null("MISSING_SHELF")).alias("reason_code"),
         (pl.col("pos_seq").cast(pl.Int64) + LOOP2_OFFSET).alias("excl_order"),
     )
-    if totals is not None:
-        map2 = _exact_locked_weights(market, runs, map2, positions_before, totals)
+    exact = None
+    if totals is not None and cash_before is not None:
+        map2, exact = _exact_locked_weights(market, runs, map2, positions_before, totals, cash_before)
     # unordered: the target stage orders the map by (run, map_order)
     weight_map = pl.concat([map1.with_columns(pl.col("weight").cast(WEIGHT)), map2.with_columns(pl.col("weight").cast(WEIGHT))])
     eligible = pl.concat([
@@ -100,6 +114,7 @@ def build_universe(
         eligible=eligible,
         sell_only_excess=sell_only_excess,
         dq=shelf_missing,
+        exact=exact,
     )
 
 
@@ -114,24 +129,82 @@ def _stale_as_status(frame: pl.DataFrame, stale_flag: pl.DataFrame) -> pl.DataFr
 
 
 def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame, positions: pl.DataFrame,
-                          totals: pl.DataFrame) -> pl.DataFrame:
+                          totals: pl.DataFrame, cash: pl.DataFrame) -> tuple[pl.DataFrame, ExactLocked | None]:
     """A locked position keeps its before-state weight, value_base / tv, which the reference
-    computes in 28 digits; recompute it that way (D28) so the locked target lands where the
-    reference's does."""
+    computes in 28 digits; recompute it that way (F28) so the locked target lands where the
+    reference's does. Over the fixed-point tv that is right to ~1e-20; where the last digit
+    can decide (``_LAST_DIGIT_RUNS``), tv is summed in 28 digits too: a lone locked holding
+    then weighs exactly 1, and the buyable weights scaled to the room it leaves are exactly
+    0, not dust that the single-position cap would hand its excess to."""
     locked = map2.filter(pl.col("kind") == "LOCKED")
     if locked.height == 0:
-        return map2.with_columns(pl.col("weight").cast(WEIGHT))
+        return map2.with_columns(pl.col("weight").cast(WEIGHT)), None
+    bases = runs.select("run", "base_currency")
     # every locked entry is a held position (map2 is built from them): inner is left here
-    locked = join_on_index(locked, positions.select("slot", "value_instr", "instrument_currency"), "slot", how="inner")
-    locked = join_runs(join_runs(locked, runs.select("run", "base_currency")), totals.select("run", "divisor"))
-    locked = market.with_rate_f28(locked, "instrument_currency", "base_currency", "_rate_f")
-    locked = f28.from_dec(locked, "value_instr", "_value_f")
-    locked = f28.from_dec(locked, "divisor", "_divisor_f")
-    locked = f28.mul(locked, "_value_f", "_rate_f", "_base_f")
+    locked = join_on_index(locked.select("run", "slot"), positions.select("slot", "value_instr", "instrument_currency", "market_value", "price"),
+                           "slot", how="inner")
+    locked = _base_value_f28(market, join_runs(locked, bases))
+    locked = f28.from_dec(join_runs(locked, totals.select("run", "divisor")), "divisor", "_divisor_f")
     locked = f28.div(locked, "_base_f", "_divisor_f", "_weight_f")
-    locked = locked.with_columns(
-        pl.when(pl.col("_rate_f").is_null()).then(pl.lit(0, dtype=WEIGHT)).otherwise(f28.to_d28("_weight_f")).alias("_exact")
-    )
-    return join_on_index(map2.with_columns(pl.col("weight").cast(WEIGHT)), locked.select("slot", "_exact"), "slot").with_columns(
-        pl.coalesce("_exact", "weight").alias("weight")
+    last_digit = locked.filter(pl.col("_rate_f").is_not_null()).group_by("run").agg(_LAST_DIGIT_RUNS).filter(pl.col("_last_digit")).select("run")
+    exact = None
+    if last_digit.height:
+        chosen = bases.join(last_digit, on="run", how="semi")
+        held = _base_value_f28(market, join_runs(positions.join(chosen, on="run", how="semi"), chosen))
+        tv = _exact_total(market, chosen, held, cash)
+        redo = f28.div(join_runs(locked.join(chosen, on="run", how="semi").drop("_divisor_f"), tv.drop("_tv_f")), "_base_f", "_divisor_f", "_weight_f")
+        locked = pl.concat([locked.join(chosen, on="run", how="anti"), redo.select(locked.columns)])
+        exact = ExactLocked(
+            weights=redo.filter(pl.col("_rate_f").is_not_null()).select("slot", pl.col("_weight_f").alias("weight_f28")),
+            totals=tv.select("run", pl.col("_tv_f").alias("total_f28")),
+        )
+    locked = locked.filter(pl.col("_rate_f").is_not_null()).with_columns(f28.to_d28("_weight_f").alias("_exact"))
+    map2 = join_on_index(map2.with_columns(pl.col("weight").cast(WEIGHT)), locked.select("slot", "_exact"), "slot").with_columns(
+        pl.when(pl.col("kind") == "LOCKED").then(pl.col("_exact").fill_null(pl.lit(0, dtype=WEIGHT))).otherwise(pl.col("weight")).alias("weight")
     ).drop("_exact")
+    return map2, exact
+
+
+# Runs whose locked weights need tv's last digit: locked weights that fill the portfolio
+# (step 3's room 1 − L is then 0 or dust), or a locked holding whose market_value is a
+# whole number of its price (0.00 above all): sizing reads the market value instead of
+# quantity × price (spec §8), so the target lies exactly that many units away. Elsewhere
+# the fixed-point tv decides nothing, and the 28-digit sum (one step per holding) is not
+# worth its time.
+_UNITS_OF_PRICE = pl.col("market_value") / pl.when(pl.col("price") != 0).then(pl.col("price"))
+_LAST_DIGIT_RUNS = (
+    ((f28.to_d28("_weight_f").sum() - lit(1)).abs() < lit("0.000000000001"))
+    | ((_UNITS_OF_PRICE - _UNITS_OF_PRICE.round(0)).abs() < lit("0.000000001")).any()
+).alias("_last_digit")
+
+
+def _base_value_f28(market: Market, held: pl.DataFrame) -> pl.DataFrame:
+    """Positions' value_base = value_instr × rate in 28 digits (``_base_f``; 0 without a
+    rate, whose ``_rate_f`` is then null)."""
+    held = market.with_rate_f28(held, "instrument_currency", "base_currency", "_rate_f")
+    held = f28.from_dec(held, "value_instr", "_value_f")
+    held = f28.mul(held, "_value_f", "_rate_f", "_base_f")
+    return held.with_columns(pl.when(pl.col("_rate_f").is_null()).then(f28.zero()).otherwise(pl.col("_base_f")).alias("_base_f"))
+
+
+def _exact_total(market: Market, bases: pl.DataFrame, held: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:
+    """(run, _tv_f, _divisor_f): §6.2's tv and T in 28 digits, Σ positions' value_base +
+    Σ cash in base, each sum left to right in input order; T is 1 where tv is 0. ``held``
+    carries the positions' F28 ``_base_f``; cash without a rate counts 0."""
+    cash = market.with_rate_f28(join_runs(cash.join(bases, on="run", how="semi"), bases), "currency", "base_currency", "_rate_f")
+    cash = f28.from_dec(cash, "amount", "_amount_f")
+    cash = f28.mul(cash, "_amount_f", "_rate_f", "_base_f")
+    cash = cash.with_columns(
+        pl.when(pl.col("currency") == pl.col("base_currency")).then(pl.col("_amount_f"))
+        .when(pl.col("_rate_f").is_null()).then(f28.zero()).otherwise(pl.col("_base_f")).alias("_base_f")
+    )
+    sums = [
+        f28.group_sums(sort_rows(frame, "run", seq), "run", "_base_f", out)
+        for frame, seq, out in ((held, "pos_seq", "_pos_f"), (cash, "cash_seq", "_cash_f"))
+    ]
+    tv = bases.select("run")
+    for frame in sums:
+        tv = tv.join(frame, on="run", how="left").with_columns(pl.col(frame.columns[1]).fill_null(f28.zero()))
+    tv = f28.add(tv, "_pos_f", "_cash_f", "_tv_f")
+    one = pl.struct(pl.lit(Decimal("0.1"), dtype=f28.D28).alias("z"), pl.lit(1, dtype=pl.Int32).alias("k"))
+    return tv.select("run", "_tv_f", pl.when(pl.col("_tv_f").struct.field("z") == 0).then(one).otherwise(pl.col("_tv_f")).alias("_divisor_f"))

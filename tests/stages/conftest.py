@@ -159,7 +159,7 @@ class Stages:
 
     @cached_property
     def universe(self):
-        return build_universe(self.market, self.runs, self.p.model, self.before.positions, self.checks[1])
+        return build_universe(self.market, self.runs, self.p.model, self.before.positions, self.checks[1], self.before.totals, self.before.cash)
 
     @cached_property
     def targets(self):
@@ -170,7 +170,7 @@ class Stages:
 
     @cached_property
     def translation(self):
-        return translate(self.market, self.runs, self.targets.trace, self.p.positions, self.p.lots, self.before.totals)
+        return translate(self.market, self.runs, self.targets.trace, self.p.positions, self.p.lots, self.before.totals, self.universe.exact)
 
     @cached_property
     def turnover(self):

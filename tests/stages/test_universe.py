@@ -149,3 +149,40 @@ def test_exclusion_order_model_loop_then_positions(scenario):
         ("M1", "LOCKED_DUE_TO_BANNED"),
         ("H1", "LOCKED_DUE_TO_BANNED"),
     ]
+
+
+def test_lone_locked_holding_weighs_exactly_one_through_an_inverse_quote(scenario):
+    """§6.2/§6.3 in 28 digits: value_base / tv is exactly 1 when the locked holding is all
+    the value (tv summed as the reference sums it), so step 3 leaves no room and the
+    single-position cap has no candidate. A Decimal(38, 20) tv put the weight just below
+    1, and the cap handed the whole excess to the dust left on the buyable target."""
+    s = scenario(
+        base="GBP",
+        positions=[("LOCK", "209")],
+        cash=[("USD", "0")],
+        prices=[("LOCK", "297.84", "USD"), ("A", "212.39", "USD")],
+        fx=[("GBP/USD", "1.299488")],  # USD → GBP only through the inverse
+        shelf=[("LOCK", "SUSPENDED"), ("A", "APPROVED")],
+        model=[("A", "1.0")],
+        single_position_max_weight="0.3",
+    )
+    assert _map(s)["LOCK"] == ("LOCKED", D(1))
+    assert s.weights() == {"A": D(0), "LOCK": D("0.3")}
+    assert s.intents.filter(pl.col("instrument_id") == "A").height == 0
+
+
+def test_locked_weight_below_0_1_keeps_every_digit_for_sizing(scenario):
+    """A locked weight below 0.1 has more than 28 decimals in the reference. Sizing uses
+    market_value (spec §8), so a locked holding marked at 0.00 is bought back to its
+    weight: tv × w / rate is exactly 6.56 USD, one unit, only with every digit of w (the
+    Decimal(38, 28) copy lands just below and floors to 0)."""
+    s = scenario(
+        base="SGD",
+        positions=[("I10", "5000"), ("I8", "1", "0.00", "USD")],
+        prices=[("I8", "6.56", "USD"), ("I10", "999.99", "USD")],
+        fx=[("USD/SGD", "0.826908")],
+    )
+    exact = s.universe.exact.weights.join(s.universe.weight_map.select("slot", "instrument_id"), on="slot")
+    assert sorted(exact["instrument_id"]) == ["I10", "I8"]
+    buys = s.intents.filter(pl.col("instrument_id") == "I8")
+    assert buys["side"].to_list() == ["BUY"] and buys["quantity"].to_list() == [D(1)]

@@ -226,7 +226,7 @@ def group_sums(df: pl.DataFrame, group: str, value: str, out: str) -> pl.DataFra
     keys = df.get_column(group)
     groups = keys.unique().sort()
     dense = (keys.rank("dense") - 1).cast(pl.UInt32).alias("_g")
-    steps = pl.DataFrame([dense, pl.Series("_r", np.zeros(df.height, dtype=np.uint32))]).with_columns(
+    steps = dense.to_frame().with_columns(
         pl.int_range(pl.len(), dtype=pl.UInt32).over("_g").alias("_r"), pl.int_range(pl.len(), dtype=pl.UInt32).alias("_row")
     ).sort("_r", "_g")
     rows, values = steps.get_column("_row"), parts(df, value)

@@ -170,9 +170,9 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
     """Redo the sizing of trades whose unit quotient lies within 1e-9 of an integer in the
     reference's 28-digit arithmetic (spec §1.1): there the fixed-point and the reference's
     rounding can fall on different sides of the integer. Elsewhere fixed-point is exact
-    enough by many orders of magnitude, so only these rows pay for the exact chain. A
-    locked weight that no target step changed, and tv in runs that hold one, come from
-    ``exact`` with all 28 digits."""
+    enough by many orders of magnitude, so only these rows pay for the exact chain. In
+    the runs whose last digit can decide (``ExactLocked``), tv and a locked weight that no
+    target step changed come with all 28 digits."""
     nearest = pl.col("_quotient").round(0)
     distance = (pl.col("_quotient") - nearest).abs()
     # a quotient near zero floors to zero whichever way it rounds, and a zero target makes

@@ -55,6 +55,10 @@ def zero() -> pl.Expr:
     return pl.struct(_D28_0.alias("z"), _I32_0.alias("k"))
 
 
+def one() -> pl.Expr:
+    return pl.struct(pl.lit(Decimal("0.1"), dtype=D28).alias("z"), pl.lit(1, dtype=pl.Int32).alias("k"))
+
+
 def _z(name: str) -> pl.Expr:
     return pl.col(name).struct.field("z")
 

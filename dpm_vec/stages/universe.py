@@ -12,7 +12,6 @@ stage may weigh, with its ``kind``:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal
 
 import polars as pl
 
@@ -198,13 +197,11 @@ def _exact_total(market: Market, bases: pl.DataFrame, held: pl.DataFrame, cash: 
         pl.when(pl.col("currency") == pl.col("base_currency")).then(pl.col("_amount_f"))
         .when(pl.col("_rate_f").is_null()).then(f28.zero()).otherwise(pl.col("_base_f")).alias("_base_f")
     )
-    sums = [
-        f28.group_sums(sort_rows(frame, "run", seq), "run", "_base_f", out)
-        for frame, seq, out in ((held, "pos_seq", "_pos_f"), (cash, "cash_seq", "_cash_f"))
-    ]
-    tv = bases.select("run")
-    for frame in sums:
-        tv = tv.join(frame, on="run", how="left").with_columns(pl.col(frame.columns[1]).fill_null(f28.zero()))
+    tv = (
+        bases.select("run")
+        .join(f28.group_sums(sort_rows(held, "run", "pos_seq"), "run", "_base_f", "_pos_f"), on="run", how="left")
+        .join(f28.group_sums(sort_rows(cash, "run", "cash_seq"), "run", "_base_f", "_cash_f"), on="run", how="left")
+        .with_columns(pl.col("_pos_f", "_cash_f").fill_null(f28.zero()))  # a run without positions or cash sums 0
+    )
     tv = f28.add(tv, "_pos_f", "_cash_f", "_tv_f")
-    one = pl.struct(pl.lit(Decimal("0.1"), dtype=f28.D28).alias("z"), pl.lit(1, dtype=pl.Int32).alias("k"))
-    return tv.select("run", "_tv_f", pl.when(pl.col("_tv_f").struct.field("z") == 0).then(one).otherwise(pl.col("_tv_f")).alias("_divisor_f"))
+    return tv.select("run", "_tv_f", pl.when(f28.sign("_tv_f") == 0).then(f28.one()).otherwise(pl.col("_tv_f")).alias("_divisor_f"))

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import pandera.polars as pa
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dpm_vec.errors import BookError
 from dpm_vec.io import _isolate_row_faults, read_portfolio_rows, row_faults_by_run
+from dpm_vec.schemas import unique_rows
 
 
 def _positions(**changes) -> pl.DataFrame:
@@ -80,3 +84,28 @@ def test_bad_options_block_and_fall_back_to_defaults_but_identity_faults_raise(t
     pl.concat([portfolios, portfolios.head(1)]).write_parquet(book / "portfolios.parquet")
     with pytest.raises(BookError, match="multiple_fields_uniqueness|uniqueness"):
         read_portfolio_rows(book)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["S1", "S2", None]), st.sampled_from(["A", "B", ""]), st.integers(0, 2)), max_size=12),
+       st.booleans())
+def test_unique_rows_fails_the_rows_pandera_unique_fails(rows, collide):
+    """The hashed uniqueness check flags exactly the rows Pandera's own ``unique`` flags,
+    with the same check name and failure cases, nulls equal to nulls; a forced hash
+    collision (every row hashing alike) takes the exact path and changes nothing."""
+    frame = pl.DataFrame(rows, schema={"snap": pl.String, "inst": pl.String, "q": pl.Int64}, orient="row")
+    columns = {"snap": pa.Column(pl.String, nullable=True), "inst": pa.Column(pl.String), "q": pa.Column(pl.Int64)}
+
+    def cases(schema: pa.DataFrameSchema):
+        try:
+            schema.validate(frame, lazy=True)
+        except pa.errors.SchemaErrors as exc:
+            return exc.failure_cases.select("failure_case", "column", "check", "index").rows()
+        return []
+
+    expected = cases(pa.DataFrameSchema(columns, unique=["snap", "inst"]))
+    with pytest.MonkeyPatch.context() as patch:
+        if collide:
+            patch.setattr(pl.DataFrame, "hash_rows", lambda self, *a, **k: pl.repeat(0, self.height, dtype=pl.UInt64, eager=True))
+        assert cases(pa.DataFrameSchema(columns, checks=[unique_rows(["snap", "inst"])])) == expected
+    assert bool(expected) == frame.select("snap", "inst").is_duplicated().any()

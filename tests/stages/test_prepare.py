@@ -67,19 +67,21 @@ def test_rates_cover_direct_inverse_and_same_currency(prepared):
 def test_rates_per_pair_match_rates_per_row(prepared):
     """One snapshot: each distinct pair is rated once and joined back. Every row (repeated
     pairs, same currency, a currency without quotes, null) gets what rating it alone gives,
-    in its own place, and a stale ``out`` column is replaced, not duplicated."""
+    in its own place, and a stale ``out`` column is replaced, not duplicated. An unquoted
+    currency against itself is 1.0, against a quoted one null."""
     fast = prepared.market
     general = replace(fast, one_market=False)
     snapshot = fast.run_keys["market_snapshot_id"][0]
     quoted = fast.fx.filter(pl.col("market_snapshot_id") == snapshot)
     src, dst = quoted["fx_from"][0], quoted["fx_to"][0]
-    a = [src, dst, src, "XXX", None, dst, src, None]
-    b = [dst, src, src, src, dst, dst, dst, None]
+    a = [src, dst, src, "XXX", None, dst, src, None, "ZZZ", src]
+    b = [dst, src, src, src, dst, dst, dst, None, "ZZZ", "ZZZ"]
     frame = pl.DataFrame({"run": [0] * len(a), "a": a, "b": b, "r": [Decimal(7)] * len(a)},
                          schema={"run": pl.UInt32, "a": pl.String, "b": pl.String, "r": pl.Decimal(38, 20)})
     fast_rates, row_rates = fast.with_rate(frame, "a", "b", "r"), general.with_rate(frame, "a", "b", "r")
     assert fast_rates.columns == ["run", "a", "b", "r"] and fast_rates.equals(row_rates)
-    assert fast_rates["r"].null_count() == 3  # XXX unquoted, and both null pairs
+    assert fast_rates["r"].null_count() == 4  # XXX and ZZZ against quoted currencies, and both null pairs
+    assert fast_rates["r"][8] == 1
     assert fast.with_rate_f28(frame, "a", "b", "f").equals(general.with_rate_f28(frame, "a", "b", "f"))
 
 

@@ -79,7 +79,8 @@ def build_targets(
     solver = pl.col("target_method") == "SOLVER"
     compare = pl.col("compare_target_methods")
     heuristic_runs = runs.filter(~solver | compare)
-    h = _heuristic(market, heuristic_runs, wm.join(heuristic_runs.select("run"), on="run", how="semi"), group_constraints, step1_pending)
+    h_wm = wm if heuristic_runs.height == runs.height else wm.join(heuristic_runs.select("run"), on="run", how="semi")
+    h = _heuristic(market, heuristic_runs, h_wm, group_constraints, step1_pending)
     solver_runs = runs.filter(solver | compare)
     if solver_runs.height:
         s_weights, s_status, s_warnings = solve_targets(market, runs, wm, model, group_constraints, which=solver | compare)
@@ -100,7 +101,8 @@ def build_targets(
     primary_heuristic = runs.filter(~solver).select("run")
 
     def pick(frame: pl.DataFrame, primary: pl.DataFrame) -> pl.DataFrame:
-        return frame.join(primary, on="run", how="semi")
+        # every run primary (a shard without SOLVER runs): nothing to drop, no join
+        return frame if primary.height == runs.height else frame.join(primary, on="run", how="semi")
 
     status = pl.concat([pick(h.status, primary_heuristic), pick(s_status, primary_solver)]).sort("run")
     weights = pl.concat([pick(h.weights, primary_heuristic).select(wm.columns), pick(s_weights, primary_solver).select(wm.columns)])
@@ -135,7 +137,7 @@ def _sell_only_redistribution(weight_map: pl.DataFrame, sell_only_excess: pl.Dat
     """§6.4 step 1 (both methods): spread SELL_ONLY model weight over buyable targets in
     proportion; with nothing to receive it, the run needs review."""
     wm = (
-        weight_map.join(sell_only_excess, on="run", how="left")
+        join_runs(weight_map, sell_only_excess)
         .with_columns(pl.col("sell_only_excess").fill_null(lit(0)), (pl.col("kind") == "BUYABLE").alias("buy"))
         .pipe(sort_rows, "run", "map_order")
         .with_columns(_sum_where(pl.col("buy")).alias("_S"))

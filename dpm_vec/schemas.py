@@ -219,7 +219,7 @@ AFTER_POSITIONS_SCHEMA = _stage("after-state: positions", ["pos_seq"], HOLDING, 
 INTENTS_SCHEMA = _stage(
     "engine: intents", ["exec_order"],
     {"intent_id": pl.String, "intent_type": pl.String, "side": pl.String, "quantity": QTY, "quantity_f28": F28, "notional": DEC,
-     "buy_amount": DEC, "sell_amount_estimated": DEC},
+     "rationale_code": pl.String, "buy_amount": DEC, "sell_amount_estimated": DEC},
     [
         _not_empty("intent_id"),
         _one_of("intent_type", ["SECURITY_TRADE", "FX_SPOT"]),
@@ -228,8 +228,12 @@ INTENTS_SCHEMA = _stage(
         # at Decimal(38, 28) and positive only in its 28-digit value
         ("quantity > 0 or null", pl.col("quantity").is_null() | (pl.col("quantity") > 0) | (sign("quantity_f28") > 0)),
         ("notional >= 0 or null", pl.col("notional").is_null() | (pl.col("notional") >= 0)),
-        ("buy_amount > 0 or null", pl.col("buy_amount").is_null() | (pl.col("buy_amount") > 0)),
-        ("sell_amount_estimated > 0 or null", pl.col("sell_amount_estimated").is_null() | (pl.col("sell_amount_estimated") > 0)),
+        ("buy_amount and sell_amount_estimated set on FX_SPOT intents only",
+         (pl.col("intent_type") == "FX_SPOT") == (pl.col("buy_amount").is_not_null() & pl.col("sell_amount_estimated").is_not_null())),
+        # a FUNDING buy is the shortfall times (1 + fx_buffer_pct), which the reference
+        # accepts unvalidated: at -1 or below it is zero or negative. A SWEEP sells a surplus.
+        ("a SWEEP's buy_amount and sell_amount_estimated > 0",
+         (pl.col("rationale_code") != "SWEEP") | ((pl.col("buy_amount") > 0) & (pl.col("sell_amount_estimated") > 0))),
     ],
     unique=["run", "intent_id"],  # dependencies name intents by id
 )

@@ -20,7 +20,7 @@ from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
 from dpm_vec.stages.tax import limit_sells_by_tax_lots
-from dpm_vec.stages.universe import ExactLocked
+from dpm_vec.stages.universe import ExactLocked, base_value_f28, exact_total
 
 TURNOVER_ORDER = 400_000_000
 
@@ -43,7 +43,10 @@ def translate(
     lots: pl.DataFrame,
     totals: pl.DataFrame,
     exact: ExactLocked | None = None,
+    valued: tuple[pl.DataFrame, pl.DataFrame] | None = None,
 ) -> Translation:
+    """Size every target's trade; ``valued`` (the before-state's valued positions and cash)
+    lets a trade whose unit quotient is near an integer be sized over its run's 28-digit tv."""
     policy = runs.select(
         "run", "base_currency", "min_trade_notional_amount", "min_trade_notional_currency",
         "suppress_dust_trades", "notional_sizing", "rfc_rationale_codes", "enable_tax_awareness", "max_realized_capital_gains",
@@ -78,7 +81,7 @@ def translate(
     units = pl.col("_quotient").floor()
     # the quotient is rounded before the floor; step back when that rounding crossed an integer
     t = t.with_columns(pl.when(units * pl.col("price") > pl.col("_abs_delta")).then(units - 1).otherwise(units).alias("_units"))
-    t = _exact_near_integer_floors(market, t, exact)
+    t = _exact_near_integer_floors(market, t, exact, valued)
     _check_quantity_range(t, "_units")
     t = t.with_columns(pl.col("_units").cast(QTY).alias("requested_quantity"), pl.lit(False).alias("_oversell"))
     t = _notional_sizing(t)
@@ -166,13 +169,16 @@ def _check_quantity_range(t: pl.DataFrame, units: str) -> None:
 NEAR_INTEGER = lit("0.000000001")
 
 
-def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLocked | None = None) -> pl.DataFrame:
+def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLocked | None = None,
+                               valued: tuple[pl.DataFrame, pl.DataFrame] | None = None) -> pl.DataFrame:
     """Redo the sizing of trades whose unit quotient lies within 1e-9 of an integer in the
     reference's 28-digit arithmetic (spec §1.1): there the fixed-point and the reference's
     rounding can fall on different sides of the integer. Elsewhere fixed-point is exact
     enough by many orders of magnitude, so only these rows pay for the exact chain. In
     the runs whose last digit can decide (``ExactLocked``), tv and a locked weight that no
-    target step changed come with all 28 digits."""
+    target step changed come with all 28 digits; with ``valued``, every other run with such a
+    trade has its tv summed in 28 digits here (tv's last digits decide the side of the
+    integer when the rate is an inverse quote's rounded quotient)."""
     nearest = pl.col("_quotient").round(0)
     distance = (pl.col("_quotient") - nearest).abs()
     # a quotient near zero floors to zero whichever way it rounds, and a zero target makes
@@ -183,12 +189,20 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
     near = market.with_rate_f28(near, "price_currency", "base_currency", "_rate_f")
     for src, out in (("total_value", "_tv_f"), ("final_weight", "_fw_f"), ("current_value_instr", "_cur_f"), ("price", "_price_f")):
         near = f28.from_dec(near, src, out)
+    exact_totals = exact.totals if exact is not None else pl.DataFrame(schema={"run": pl.UInt32, "total_f28": f28.F28})
+    if valued is not None:
+        bases = near.select("run", "base_currency").unique("run").join(exact_totals, on="run", how="anti")
+        if bases.height:
+            positions, cash = (frame.join(bases, on="run", how="semi") for frame in valued)
+            tv = exact_total(market, bases, base_value_f28(market, join_runs(positions, bases)), cash)
+            exact_totals = pl.concat([exact_totals, tv.select("run", pl.col("_tv_f").alias("total_f28"))])
+    near = near.join(exact_totals, on="run", how="left").with_columns(pl.coalesce("total_f28", "_tv_f").alias("_tv_f")).drop("total_f28")
     if exact is not None:
-        near = near.join(exact.totals, on="run", how="left").join(exact.weights, on="slot", how="left")
+        near = near.join(exact.weights, on="slot", how="left")
         unchanged = pl.col("weight_f28").is_not_null() & (f28.to_d28("weight_f28") == pl.col("final_weight"))
         near = near.with_columns(
-            pl.coalesce("total_f28", "_tv_f").alias("_tv_f"), pl.when(unchanged).then(pl.col("weight_f28")).otherwise(pl.col("_fw_f")).alias("_fw_f"),
-        ).drop("total_f28", "weight_f28")
+            pl.when(unchanged).then(pl.col("weight_f28")).otherwise(pl.col("_fw_f")).alias("_fw_f"),
+        ).drop("weight_f28")
     near = f28.mul(near, "_tv_f", "_fw_f", "_tv_w_f")
     near = f28.div(near, "_tv_w_f", "_rate_f", "_target_f")
     near = f28.sub(near, "_target_f", "_cur_f", "_delta_f")

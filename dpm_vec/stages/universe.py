@@ -142,15 +142,15 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
     # every locked entry is a held position (map2 is built from them): inner is left here
     locked = join_on_index(locked.select("run", "slot"), positions.select("slot", "value_instr", "instrument_currency", "market_value", "price"),
                            "slot", how="inner")
-    locked = _base_value_f28(market, join_runs(locked, bases))
+    locked = base_value_f28(market, join_runs(locked, bases))
     locked = f28.from_dec(join_runs(locked, totals.select("run", "divisor")), "divisor", "_divisor_f")
     locked = f28.div(locked, "_base_f", "_divisor_f", "_weight_f")
     last_digit = locked.filter(pl.col("_rate_f").is_not_null()).group_by("run").agg(_LAST_DIGIT_RUNS).filter(pl.col("_last_digit")).select("run")
     exact = None
     if last_digit.height:
         chosen = bases.join(last_digit, on="run", how="semi")
-        held = _base_value_f28(market, join_runs(positions.join(chosen, on="run", how="semi"), chosen))
-        tv = _exact_total(market, chosen, held, cash)
+        held = base_value_f28(market, join_runs(positions.join(chosen, on="run", how="semi"), chosen))
+        tv = exact_total(market, chosen, held, cash)
         redo = f28.div(join_runs(locked.join(chosen, on="run", how="semi").drop("_divisor_f"), tv.drop("_tv_f")), "_base_f", "_divisor_f", "_weight_f")
         locked = pl.concat([locked.join(chosen, on="run", how="anti"), redo.select(locked.columns)])
         exact = ExactLocked(
@@ -177,7 +177,7 @@ _LAST_DIGIT_RUNS = (
 ).alias("_last_digit")
 
 
-def _base_value_f28(market: Market, held: pl.DataFrame) -> pl.DataFrame:
+def base_value_f28(market: Market, held: pl.DataFrame) -> pl.DataFrame:
     """Positions' value_base = value_instr × rate in 28 digits (``_base_f``; 0 without a
     rate, whose ``_rate_f`` is then null)."""
     held = market.with_rate_f28(held, "instrument_currency", "base_currency", "_rate_f")
@@ -186,7 +186,7 @@ def _base_value_f28(market: Market, held: pl.DataFrame) -> pl.DataFrame:
     return held.with_columns(pl.when(pl.col("_rate_f").is_null()).then(f28.zero()).otherwise(pl.col("_base_f")).alias("_base_f"))
 
 
-def _exact_total(market: Market, bases: pl.DataFrame, held: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:
+def exact_total(market: Market, bases: pl.DataFrame, held: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:
     """(run, _tv_f, _divisor_f): §6.2's tv and T in 28 digits, Σ positions' value_base +
     Σ cash in base, each sum left to right in input order; T is 1 where tv is 0. ``held``
     carries the positions' F28 ``_base_f``; cash without a rate counts 0."""

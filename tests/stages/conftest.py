@@ -170,7 +170,8 @@ class Stages:
 
     @cached_property
     def translation(self):
-        return translate(self.market, self.runs, self.targets.trace, self.p.positions, self.p.lots, self.before.totals, self.universe.exact)
+        return translate(self.market, self.runs, self.targets.trace, self.p.positions, self.p.lots, self.before.totals, self.universe.exact,
+                         (self.before.positions, self.before.cash))
 
     @cached_property
     def turnover(self):

@@ -143,7 +143,7 @@ def _sell_only_redistribution(weight_map: pl.DataFrame, sell_only_excess: pl.Dat
         .with_columns(_sum_where(pl.col("buy")).alias("_S"))
     )
     pending = pl.concat([
-        wm.filter((pl.col("sell_only_excess") > 0) & (pl.col("_S") == 0)).select("run"),
+        wm.filter((pl.col("sell_only_excess") > 0) & (pl.col("_S") <= 0)).select("run"),  # not S > 0: negative model weights pass unvalidated
         sell_only_excess.filter(pl.col("sell_only_excess") > 0)
         .join(wm.filter(pl.col("buy")).select("run").unique(), on="run", how="anti").select("run"),
     ])

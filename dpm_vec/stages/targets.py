@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from dpm_vec import dec28 as f28
 from dpm_vec.codes import with_code_lists
 from dpm_vec.frames import join_on_index, join_runs, sort_rows
 from dpm_vec.numeric import DEC, WEIGHT, dmax, dmin, lit
@@ -75,12 +76,12 @@ def build_targets(
     model = model.with_columns(pl.col("model_weight").cast(WEIGHT))
     group_constraints = group_constraints.with_columns(pl.col("max_weight").cast(WEIGHT))
     runs = runs.with_columns(pl.col("single_position_max_weight", "min_cash_buffer_pct").cast(WEIGHT))
-    wm, step1_pending = _sell_only_redistribution(weight_map, sell_only_excess)
+    wm, step1_pending, threshold_totals = _sell_only_redistribution(weight_map, sell_only_excess)
     solver = pl.col("target_method") == "SOLVER"
     compare = pl.col("compare_target_methods")
     heuristic_runs = runs.filter(~solver | compare)
     h_wm = wm if heuristic_runs.height == runs.height else wm.join(heuristic_runs.select("run"), on="run", how="semi")
-    h = _heuristic(market, heuristic_runs, h_wm, group_constraints, step1_pending)
+    h = _heuristic(market, heuristic_runs, h_wm, group_constraints, step1_pending, threshold_totals)
     solver_runs = runs.filter(solver | compare)
     if solver_runs.height:
         s_weights, s_status, s_warnings = solve_targets(market, runs, wm, model, group_constraints, which=solver | compare)
@@ -147,12 +148,49 @@ def _sell_only_redistribution(weight_map: pl.DataFrame, sell_only_excess: pl.Dat
         sell_only_excess.filter(pl.col("sell_only_excess") > 0)
         .join(wm.filter(pl.col("buy")).select("run").unique(), on="run", how="anti").select("run"),
     ])
+    before = wm
     wm = wm.with_columns(
         pl.when(pl.col("buy") & (pl.col("sell_only_excess") > 0) & (pl.col("_S") > 0))
         .then(pl.col("weight") + pl.col("sell_only_excess") * (pl.col("weight") / pl.col("_S")))
         .otherwise(pl.col("weight")).alias("weight")
     ).drop("_S", "sell_only_excess")
-    return wm, pending
+    return wm, pending, _threshold_totals(before, wm)
+
+
+NORMALISATION_THRESHOLD = "1.0001"
+
+
+def _threshold_totals(before: pl.DataFrame, after: pl.DataFrame) -> pl.DataFrame:
+    """(run, _above): for runs whose step-1 redistribution leaves the map's total within
+    1e-20 of step 3's threshold, whether the reference's total exceeds it. In exact
+    arithmetic the redistributed total is the model's, and models of 4-decimal weights sum
+    to 1.0001 often enough; the reference rounds every w + e × (w / S) and every addition
+    of the total to 28 significant digits (spec §1.1) and lands on either side, so the
+    decision is redone that way, in F28, for the runs it can concern: a redistribution
+    took place and every non-buyable weight is 0 (a locked weight's own rounding is not
+    modelled here)."""
+    none = pl.DataFrame(schema={"run": pl.UInt32, "_above": pl.Boolean})
+    redistributed = before.select((pl.col("sell_only_excess") > 0) & (pl.col("_S") > 0)).to_series()
+    if not redistributed.any():
+        return none
+    totals = after.filter(redistributed).group_by("run").agg(
+        pl.col("weight").sum().alias("_total"), (~pl.col("buy") & (pl.col("weight") != 0)).any().alias("_other"),
+    )
+    near = totals.filter(
+        ((pl.col("_total") - lit(NORMALISATION_THRESHOLD)).abs() < lit("0.00000000000000000001")) & ~pl.col("_other")
+    ).select("run")
+    if near.height == 0:
+        return none
+    # rows in map order (sorted before step 1); the non-buyable weights are 0 and add nothing
+    rows = before.filter(redistributed).join(near, on="run", how="semi", maintain_order="left").filter("buy")
+    rows = f28.from_dec(f28.from_dec(rows, "weight", "_w_f"), "sell_only_excess", "_e_f")
+    rows = join_runs(rows, f28.group_sums(rows, "run", "_w_f", "_S_f"))
+    rows = f28.div(rows, "_w_f", "_S_f", "_ratio_f")
+    rows = f28.mul(rows, "_e_f", "_ratio_f", "_share_f")
+    rows = f28.add(rows, "_w_f", "_share_f", "_w1_f")
+    total = f28.group_sums(rows, "run", "_w1_f", "_total_f").with_columns(lit(NORMALISATION_THRESHOLD).alias("_threshold"))
+    total = f28.sub(f28.from_dec(total, "_threshold", "_threshold_f"), "_total_f", "_threshold_f", "_over_f")
+    return total.select("run", (f28.sign("_over_f") > 0).alias("_above"))
 
 
 @dataclass(frozen=True)
@@ -164,7 +202,8 @@ class _Heuristic:
     group_recipients: pl.DataFrame
 
 
-def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_constraints: pl.DataFrame, step1_pending: pl.DataFrame) -> _Heuristic:
+def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_constraints: pl.DataFrame, step1_pending: pl.DataFrame,
+               threshold_totals: pl.DataFrame | None = None) -> _Heuristic:
     """§6.4 steps 2-5 on the map after step 1."""
     policy = runs.select("run", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
     pending = [step1_pending.join(runs.select("run"), on="run", how="semi")]
@@ -178,7 +217,11 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     # Step 3: normalisation above 100% (per-run sums; only the runs above 100% change)
     sums = wm.group_by("run").agg(
         _agg_where(pl.lit(True)).alias("_total"), _agg_where(~pl.col("buy")).alias("_L"), _agg_where(pl.col("buy")).alias("_B"),
-    ).with_columns(dmax(lit(1) - pl.col("_L"), lit(0)).alias("_avail")).filter(pl.col("_total") > lit("1.0001"))
+    ).with_columns(dmax(lit(1) - pl.col("_L"), lit(0)).alias("_avail"), (pl.col("_total") > lit(NORMALISATION_THRESHOLD)).alias("_above"))
+    if threshold_totals is not None and threshold_totals.height:  # where a total at the threshold is decided in 28 digits
+        decided = threshold_totals.join(gc.select("run"), on="run", how="anti")  # a group cap changed the weights since
+        sums = join_runs(sums, decided.rename({"_above": "_above_f28"})).with_columns(pl.coalesce("_above_f28", "_above").alias("_above"))
+    sums = sums.filter("_above")
     pending.append(sums.filter((pl.col("_L") > 1) | (pl.col("_B") > pl.col("_avail"))).select("run"))
     wm = _scale_buys(wm, sums.filter((pl.col("_B") > pl.col("_avail")) & (pl.col("_B") > 0)).select(
         "run", (pl.col("_avail") / pl.col("_B")).alias("_scale")

@@ -7,7 +7,7 @@ reference's first-match-wins look-ups (§1.4) and the direct-then-inverse FX rul
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import polars as pl
 
@@ -43,6 +43,8 @@ class Market:
     # on the instrument (or currency pair) alone: one join instead of two, on one key.
     one_market: bool = False
     one_shelf: bool = False
+    # per rate kind, the rated pairs of the one snapshot (``_pair_rates``); not a field a copy carries
+    _pair_rate_cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def _only(self, table: pl.DataFrame, key: str) -> pl.DataFrame:
         """The rows of ``table`` for the one snapshot or shelf (``key``) every run reads."""
@@ -139,7 +141,7 @@ class Market:
         """(_from, _to, _rate) for every ordered pair of the one snapshot's quoted
         currencies, rated by ``rate``; and the rate of a pair of equal currencies. Built
         once per Market and rate kind (a shard asks ~11 times, on up to 470,000 rows)."""
-        cache = self.__dict__.setdefault("_pair_rate_cache", {})
+        cache = self._pair_rate_cache
         if rate.__name__ not in cache:
             quoted = self._only(self.fx, "market_snapshot_id")
             currencies = pl.concat([quoted["fx_from"], quoted["fx_to"]]).unique().sort().alias("_from")

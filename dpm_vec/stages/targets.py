@@ -79,9 +79,14 @@ def build_targets(
     wm, step1_pending, threshold_totals = _sell_only_redistribution(weight_map, sell_only_excess)
     solver = pl.col("target_method") == "SOLVER"
     compare = pl.col("compare_target_methods")
+
+    def pick(frame: pl.DataFrame, chosen: pl.DataFrame) -> pl.DataFrame:
+        """The rows of ``frame`` of the ``chosen`` runs; every run chosen (a shard without
+        SOLVER runs): nothing to drop, no join."""
+        return frame if chosen.height == runs.height else frame.join(chosen.select("run"), on="run", how="semi")
+
     heuristic_runs = runs.filter(~solver | compare)
-    h_wm = wm if heuristic_runs.height == runs.height else wm.join(heuristic_runs.select("run"), on="run", how="semi")
-    h = _heuristic(market, heuristic_runs, h_wm, group_constraints, step1_pending, threshold_totals)
+    h = _heuristic(market, heuristic_runs, pick(wm, heuristic_runs), group_constraints, step1_pending, threshold_totals)
     solver_runs = runs.filter(solver | compare)
     if solver_runs.height:
         s_weights, s_status, s_warnings = solve_targets(market, runs, wm, model, group_constraints, which=solver | compare)
@@ -100,10 +105,6 @@ def build_targets(
         s_warnings = pl.DataFrame(schema=WARNINGS_SCHEMA)
     primary_solver = runs.filter(solver).select("run")
     primary_heuristic = runs.filter(~solver).select("run")
-
-    def pick(frame: pl.DataFrame, primary: pl.DataFrame) -> pl.DataFrame:
-        # every run primary (a shard without SOLVER runs): nothing to drop, no join
-        return frame if primary.height == runs.height else frame.join(primary, on="run", how="semi")
 
     status = pl.concat([pick(h.status, primary_heuristic), pick(s_status, primary_solver)]).sort("run")
     weights = pl.concat([pick(h.weights, primary_heuristic).select(wm.columns), pick(s_weights, primary_solver).select(wm.columns)])
@@ -188,9 +189,9 @@ def _threshold_totals(before: pl.DataFrame, after: pl.DataFrame) -> pl.DataFrame
     rows = f28.div(rows, "_w_f", "_S_f", "_ratio_f")
     rows = f28.mul(rows, "_e_f", "_ratio_f", "_share_f")
     rows = f28.add(rows, "_w_f", "_share_f", "_w1_f")
-    total = f28.group_sums(rows, "run", "_w1_f", "_total_f").with_columns(lit(NORMALISATION_THRESHOLD).alias("_threshold"))
-    total = f28.sub(f28.from_dec(total, "_threshold", "_threshold_f"), "_total_f", "_threshold_f", "_over_f")
-    return total.select("run", (f28.sign("_over_f") > 0).alias("_above"))
+    total = f28.group_sums(rows, "run", "_w1_f", "_total_f")
+    # near 1.0001, 28 significant digits are 27 decimals: the Decimal(38, 28) copy is exact
+    return total.select("run", (f28.to_d28("_total_f") > lit(NORMALISATION_THRESHOLD)).alias("_above"))
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ class _Heuristic:
 
 
 def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_constraints: pl.DataFrame, step1_pending: pl.DataFrame,
-               threshold_totals: pl.DataFrame | None = None) -> _Heuristic:
+               threshold_totals: pl.DataFrame) -> _Heuristic:
     """§6.4 steps 2-5 on the map after step 1."""
     policy = runs.select("run", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
     pending = [step1_pending.join(runs.select("run"), on="run", how="semi")]
@@ -218,7 +219,7 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     sums = wm.group_by("run").agg(
         _agg_where(pl.lit(True)).alias("_total"), _agg_where(~pl.col("buy")).alias("_L"), _agg_where(pl.col("buy")).alias("_B"),
     ).with_columns(dmax(lit(1) - pl.col("_L"), lit(0)).alias("_avail"), (pl.col("_total") > lit(NORMALISATION_THRESHOLD)).alias("_above"))
-    if threshold_totals is not None and threshold_totals.height:  # where a total at the threshold is decided in 28 digits
+    if threshold_totals.height:  # where a total at the threshold is decided in 28 digits
         decided = threshold_totals.join(gc.select("run"), on="run", how="anti")  # a group cap changed the weights since
         sums = join_runs(sums, decided.rename({"_above": "_above_f28"})).with_columns(pl.coalesce("_above_f28", "_above").alias("_above"))
     sums = sums.filter("_above")

@@ -225,25 +225,84 @@ def sub_parts(a: Parts, b: Parts) -> Parts:
 def group_sums(df: pl.DataFrame, group: str, value: str, out: str) -> pl.DataFrame:
     """(``group``, ``out``): each group's F28 ``value`` summed as Python's ``sum`` sums it,
     left to right in row order with every addition rounded to 28 digits (not the exact
-    sum, which can differ in the last digit). Sorted by ``group``. One step per row rank,
-    each a few Series kernels over the groups that have that many rows."""
+    sum, which can differ in the last digit); a null value makes its group's sum null.
+    Sorted by ``group``.
+
+    While a running sum stays inside one decade, every addition rounds to the same grid
+    (the unit of the sum's 28th digit), and rounding sum + v to that grid is the sum plus v
+    rounded to it, unless v sits exactly half a unit between two grid points (half-even then
+    looks at the sum). So each pass adds a group's following values as an exact integer
+    cumulative sum of grid units, up to the first row where that does not hold — the sum
+    would leave its decade, or is 0, or the value ties — and adds that row on its own with
+    ``add_parts``. Passes follow the decade changes of the sums, not their row counts (a
+    500-row group: about ten, against 500 steps of one row each)."""
     keys = df.get_column(group)
     groups = keys.unique().sort()
-    dense = (keys.rank("dense") - 1).cast(pl.UInt32).alias("_g")
-    steps = dense.to_frame().with_columns(
-        pl.int_range(pl.len(), dtype=pl.UInt32).over("_g").alias("_r"), pl.int_range(pl.len(), dtype=pl.UInt32).alias("_row")
-    ).sort("_r", "_g")
-    rows, values = steps.get_column("_row"), parts(df, value)
-    values = Parts(values.z.gather(rows), values.k.gather(rows))
-    at = steps.get_column("_g")
-    bounds = np.searchsorted(steps.get_column("_r").to_numpy(), np.arange(int(steps.get_column("_r").max() or 0) + 2))
-    acc_z, acc_k = zeros(groups.len()).z.clone(), zeros(groups.len()).k.clone()  # cached constants: written below
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        idx = at.slice(start, stop - start)
-        summed = add_parts(Parts(acc_z.gather(idx), acc_k.gather(idx)), values.slice(start, stop - start))
-        acc_z.scatter(idx, summed.z)
-        acc_k.scatter(idx, summed.k)
-    return pl.DataFrame([groups]).hstack([struct(out, Parts(acc_z, acc_k))])
+    values = parts(df, value)
+    rows = pl.DataFrame([
+        (keys.rank("dense") - 1).cast(pl.UInt32).alias("g"), values.z.to_physical().alias("m"), values.k.alias("k"),
+    ]).sort("g", maintain_order=True)
+    null_groups = rows.filter(pl.col("m").is_null())["g"].unique()
+    rows = rows.filter(pl.col("m").is_not_null())
+    # each group's sum as an integer mantissa (sum = mantissa × 10^(k − 28), |mantissa| in [1e27, 1e28) or 0)
+    acc_m, acc_k = pl.zeros(groups.len(), pl.Int128, eager=True), pl.zeros(groups.len(), pl.Int32, eager=True)
+    while rows.height:
+        g, m, k = rows.get_column("g"), rows.get_column("m"), rows.get_column("k")
+        sum_m = acc_m.gather(g)
+        first = _group_starts(g)
+        # the value in grid units of its group's sum: m × 10^(k − K), rounded half-even
+        shift = k - acc_k.gather(g)
+        unit = _POW_I128.gather((-shift).clip(0, 29))
+        negative = m < _I128_0
+        size = _where(negative, _I128_0 - m, m)
+        whole = size // unit
+        rest = size - whole * unit
+        twice_rest = rest + rest
+        rounded = whole + (twice_rest > unit).cast(pl.Int128)
+        steps = _where(negative, _I128_0 - rounded, rounded)
+        candidate = sum_m + _group_cum_sum(steps, first)
+        size = _where(candidate < _I128_0, _I128_0 - candidate, candidate)
+        holds = (
+            (sum_m != _I128_0) & ((shift <= 0) | (m == _I128_0)) & (twice_rest != unit)
+            & (size > _MANTISSA_LOW) & (size < _MANTISSA_HIGH)  # inside the decade by a unit: so is the exact sum
+        )
+        fails = _group_cum_sum((~holds).cast(pl.UInt32), first)
+        taken = fails == 0
+        last_taken = taken & (first.shift(-1, fill_value=True) | ~taken.shift(-1, fill_value=False))
+        acc_m.scatter(g.filter(last_taken), candidate.filter(last_taken))
+        alone = (fails == 1) & ~holds  # each group's first row the pass cannot take
+        if alone.any():
+            at = g.filter(alone)
+            summed = add_parts(Parts(_from_mantissa(acc_m.gather(at)), acc_k.gather(at)), Parts(_from_mantissa(m.filter(alone)), k.filter(alone)))
+            acc_m.scatter(at, summed.z.to_physical())
+            acc_k.scatter(at, summed.k)
+        rows = rows.filter((fails > 0) & ~alone)
+    sums = Parts(_from_mantissa(acc_m), acc_k)
+    null = pl.int_range(groups.len(), dtype=pl.UInt32, eager=True).is_in(null_groups.implode()) if null_groups.len() else None
+    return _put(pl.DataFrame([groups]), out, sums, null=null)
+
+
+_POW_I128 = pl.Series("pow", [10**j for j in range(30)], dtype=pl.Int128)
+_I128_0 = pl.Series([0], dtype=pl.Int128)
+_MANTISSA_LOW, _MANTISSA_HIGH = pl.Series([10**27], dtype=pl.Int128), pl.Series([10**28], dtype=pl.Int128)
+_D28_UNIT = pl.Series([Decimal("1e-28")], dtype=D28)
+
+
+def _from_mantissa(m: pl.Series) -> pl.Series:
+    """Int128 mantissas (|m| < 1e28) → the D28 values m × 10^-28 (exact)."""
+    return m.cast(pl.Decimal(38, 0)) * _D28_UNIT
+
+
+def _group_starts(g: pl.Series) -> pl.Series:
+    """Whether each row of group-sorted keys ``g`` is its group's first."""
+    return (g != g.shift(1)).fill_null(True)
+
+
+def _group_cum_sum(x: pl.Series, first: pl.Series) -> pl.Series:
+    """Running sum of ``x`` inside each group of consecutive rows (``first`` marks a group's
+    first row): one cumulative sum less its value before the group."""
+    total = x.cum_sum()
+    return total - pl.select(pl.when(first).then(total - x).forward_fill()).to_series()
 
 
 def parts(df: pl.DataFrame, name: str) -> Parts:

@@ -233,3 +233,71 @@ def test_group_sums_match_a_sequential_decimal_sum(rows):
         expected[g] = CTX.add(expected.get(g, Decimal(0)), _exact(f))
     out = dec28.group_sums(df, "g", "vf", "s")
     assert dict(zip(out["g"], (_exact(v) for v in out["s"].to_list()))) == expected
+
+
+def _f28_column(values: list[Decimal | None]) -> pl.Series:
+    """28-digit Decimals (or None) as an F28 column, normalised like dec28 builds them."""
+    def struct(v: Decimal | None) -> dict | None:
+        if v is None:
+            return None
+        if v == 0:
+            return {"z": Decimal(0), "k": 0}
+        return {"z": v.scaleb(-v.adjusted() - 1), "k": v.adjusted() + 1}
+    return pl.Series("vf", [struct(v) for v in values], dtype=dec28.F28)
+
+
+# 28-digit values of any magnitude and sign (products through inverse rates look like
+# this), values exactly half a grid unit of a 1e9-sized sum (half-even ties, decided by
+# the sum's last digit), values that carry a sum into the next decade or cancel it
+full_28 = st.builds(lambda m, e: CTX.plus(Decimal(m).scaleb(e)), st.integers(-(10**28) + 1, 10**28 - 1), st.integers(-45, 5))
+ties_and_edges = st.sampled_from([Decimal(v) for v in (
+    "1234567890.123456789012345678", "1234567890.123456789012345677", "5E-19", "-5E-19", "1.5E-18", "2.5E-18",
+    "9999999999.999999999999999999", "0.0000000000000000000000000001", "-1234567890.123456789012345678", "0", "1", "-1",
+    "0.5", "4.999999999999999999999999999", "99999.99999999999999999999999",
+)])
+long_groups = st.lists(st.tuples(st.integers(0, 2), st.one_of(full_28, ties_and_edges, decimals_12)), min_size=1, max_size=300)
+
+
+@SETTINGS
+@given(long_groups)
+def test_group_sums_of_28_digit_values_match_a_sequential_decimal_sum(rows):
+    """Long groups of full 28-digit values: the sums cross decades, tie at half a grid unit
+    and cancel to 0, where a pass of whole-grid additions must stop and add one row alone."""
+    df = pl.DataFrame([pl.Series("g", [g for g, _ in rows]), _f28_column([v for _, v in rows])])
+    expected: dict[int, Decimal] = {}
+    for g, v in rows:
+        expected[g] = CTX.add(expected.get(g, Decimal(0)), v)
+    out = dec28.group_sums(df, "g", "vf", "s")
+    assert out["g"].to_list() == sorted(expected)
+    assert dict(zip(out["g"], (_exact(v) for v in out["s"].to_list()))) == expected
+
+
+def test_group_sums_tie_is_broken_by_the_running_sum():
+    """…678 + 5E-19 ties between …678 and …679 (grid 1E-18): half-even keeps …678; the
+    sum one unit higher, …679, goes up to …680. Adding the rounded value alone would give
+    …679 or …680 for both. A sum that falls out of its decade rounds on the finer grid
+    below it (1.0…01 − 1.3E-27 is 0.9…97, not 1). A null value makes only its own group's
+    sum null."""
+    rows = [(0, "1234567890.123456789012345678"), (0, "5E-19"), (1, "1234567890.123456789012345679"), (1, "5E-19"),
+            (2, "1"), (2, None), (3, "1.000000000000000000000000001"), (3, "-1.3E-27")]
+    df = pl.DataFrame([pl.Series("g", [g for g, _ in rows]), _f28_column([None if v is None else Decimal(v) for _, v in rows])])
+    out = dec28.group_sums(df, "g", "vf", "s")
+    assert [_exact(v) for v in out["s"].to_list()] == [
+        Decimal("1234567890.123456789012345678"), Decimal("1234567890.123456789012345680"), None,
+        Decimal("0.9999999999999999999999999997"),
+    ]
+
+
+def test_group_sums_of_a_long_group_round_where_the_sum_grows():
+    """500 values of 28 digits (an inverse rate's products): the sum's grid coarsens as it
+    grows a decade, and each later addition rounds there, as Python's sum does."""
+    values = [CTX.multiply(Decimal(1000 + 37 * i), CTX.divide(Decimal(1), Decimal("1.0873"))) for i in range(500)]
+    df = pl.DataFrame([pl.Series("g", [0] * 500), _f28_column(values)])
+    expected = Decimal(0)
+    for v in values:
+        expected = CTX.add(expected, v)
+    exact = Decimal(0)
+    for v in values:
+        exact = decimal.Context(prec=100).add(exact, v)
+    assert CTX.plus(exact) != expected  # the exact sum, rounded once, differs in its last digit
+    assert _exact(dec28.group_sums(df, "g", "vf", "s")["s"][0]) == expected

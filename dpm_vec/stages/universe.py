@@ -168,8 +168,8 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
 # (step 3's room 1 − L is then 0 or dust), or a locked holding whose market_value is a
 # whole number of its price (0.00 above all): sizing reads the market value instead of
 # quantity × price (spec §8), so the target lies exactly that many units away. Elsewhere
-# the fixed-point tv decides nothing, and the 28-digit sum (one step per holding) is not
-# worth its time.
+# the fixed-point tv decides nothing, and revaluing every holding in 28 digits to sum
+# them is not worth its time.
 _UNITS_OF_PRICE = pl.col("market_value") / pl.when(pl.col("price") != 0).then(pl.col("price"))
 _LAST_DIGIT_RUNS = (
     ((f28.to_d28("_weight_f").sum() - lit(1)).abs() < lit("0.000000000001"))

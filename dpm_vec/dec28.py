@@ -244,8 +244,14 @@ def group_sums(df: pl.DataFrame, group: str, value: str, out: str) -> pl.DataFra
     ]).sort("g", maintain_order=True)
     null_groups = rows.filter(pl.col("m").is_null())["g"].unique()
     rows = rows.filter(pl.col("m").is_not_null())
-    # each group's sum as an integer mantissa (sum = mantissa × 10^(k − 28), |mantissa| in [1e27, 1e28) or 0)
+    # each group's sum as an integer mantissa (sum = mantissa × 10^(k − 28), |mantissa| in [1e27, 1e28) or 0),
+    # from its first value: 0 + v is v, already 28 digits
     acc_m, acc_k = pl.zeros(groups.len(), pl.Int128, eager=True), pl.zeros(groups.len(), pl.Int32, eager=True)
+    first = _group_starts(rows.get_column("g"))
+    starts = rows.filter(first)
+    acc_m.scatter(starts.get_column("g"), starts.get_column("m"))
+    acc_k.scatter(starts.get_column("g"), starts.get_column("k"))
+    rows = rows.filter(~first)
     while rows.height:
         g, m, k = rows.get_column("g"), rows.get_column("m"), rows.get_column("k")
         sum_m = acc_m.gather(g)

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dpm_vec.defaults import DEFAULT_SHARD_SIZE, MAX_DEFAULT_THREADS
+from dpm_vec.defaults import DEFAULT_SHARD_ROWS, DEFAULT_SHARD_SIZE, MAX_DEFAULT_THREADS
 from dpm_vec.errors import DpmVecError, problem
 
 UNREADABLE = "https://dpm-vec.dev/problems/unreadable-request"
@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--out", required=True, help="output directory (replaced atomically)")
     sw.add_argument("--shard-size", type=int,
                     help=f"portfolios per shard; bounds memory (default {DEFAULT_SHARD_SIZE} / the shards computed at once: "
-                         f"--threads, --processes or --workers N; 2.2-3.7 GiB in all at ~55 holdings per portfolio)")
+                         f"--threads, --processes or --workers N; 2.2-3.7 GiB in all at ~55 holdings per portfolio; fewer "
+                         f"for books of large portfolios, at most {DEFAULT_SHARD_ROWS:,} holding and model rows in all)")
     sw.add_argument("--threads", type=int,
                     help=f"shards computed at once in this process (default: one per core, at most {MAX_DEFAULT_THREADS})")
     sw.add_argument("--processes", type=int,

@@ -7,6 +7,12 @@ import os
 # time (threads of one process, or worker processes of a local cluster): peak memory
 # follows it, 2.2-2.8 GiB at ~55 holdings per portfolio (benchmarks/README.md)
 DEFAULT_SHARD_SIZE = 16_000
+# and at most this many rows in all, counted per portfolio as its holdings plus its model's
+# targets (a shard's frames follow its target rows, model ∪ holdings): memory is bounded for
+# books of large portfolios too (100,000 portfolios of 500 holdings in shards of 8,000
+# would hold 4M rows a shard, ~13 GiB each). Books of up to ~100 such rows per portfolio
+# (the benchmarks' ~55 holdings and ~26-instrument models) keep shards of DEFAULT_SHARD_SIZE.
+DEFAULT_SHARD_ROWS = 1_600_000
 
 # shards computed at once in one process: most Polars kernels run on the calling thread
 # with the GIL released, so one thread keeps ~1.2 of two cores busy and two keep both;
@@ -31,18 +37,22 @@ def default_threads() -> int:
     return max(1, min(MAX_DEFAULT_THREADS, usable_cores()))
 
 
-def default_shard_size(concurrent_shards: int | None = None, portfolios: int | None = None) -> int:
+def default_shard_size(concurrent_shards: int | None = None, portfolios: int | None = None,
+                       rows_per_portfolio: float | None = None) -> int:
     """Portfolios per shard when none is given. Shards computed at the same time on this
     machine (threads, or local worker processes) share its memory, so each gets its share
-    of the default: peak memory stays about that of one shard of the default size. A book
-    smaller than that is cut evenly, so that no thread or worker waits for another. Smaller
-    shards also spend less time in the kernel's page faults on the benchmark machine
-    (100k book, two threads, in a noisy spell: 38-41 s with 8,334-portfolio shards,
-    42-47 s with 12,500, 41-43 s with 5,000)."""
-    if not concurrent_shards:  # a remote cluster: its workers have machines of their own
-        return DEFAULT_SHARD_SIZE
-    size = DEFAULT_SHARD_SIZE // concurrent_shards
-    if portfolios:
+    of the default: peak memory stays about that of one shard of the default size, and
+    with ``rows_per_portfolio`` (holdings plus model targets, the book's mean) a shard of
+    large portfolios holds no more rows than ``DEFAULT_SHARD_ROWS`` allows. A book smaller
+    than that is cut evenly, so that no thread or worker waits for another. Smaller shards
+    also spend less time in the kernel's page faults on the benchmark machine (100k book,
+    two threads, in a noisy spell: 38-41 s with 8,334-portfolio shards, 42-47 s with
+    12,500, 41-43 s with 5,000)."""
+    at_once = concurrent_shards or 1  # a remote cluster: its workers have machines of their own
+    size = DEFAULT_SHARD_SIZE // at_once
+    if rows_per_portfolio and rows_per_portfolio > 0:
+        size = min(size, int(DEFAULT_SHARD_ROWS / at_once / rows_per_portfolio))
+    if concurrent_shards and portfolios:
         size = min(size, -(-portfolios // concurrent_shards))
     return max(1, size)
 

@@ -233,6 +233,19 @@ def _reference(book_dir: str) -> dict[str, pl.DataFrame]:
     return _REFERENCE_CACHE[book_dir]
 
 
+def book_rows_per_portfolio(book_dir: Path, portfolios: pl.DataFrame) -> float:
+    """The book's holding rows plus model targets per portfolio, on average: a shard's
+    frames follow its target rows (model ∪ holdings), so its memory does. From the
+    positions file's metadata and the models' sizes: nothing is read row by row."""
+    if portfolios.height == 0:
+        return 0.0
+    positions = _path(Path(book_dir), "positions")
+    holding_rows = pq.ParquetFile(positions).metadata.num_rows if positions.exists() else 0
+    model_sizes = _reference(str(book_dir))["models"].group_by("model_id").len()
+    model_rows = portfolios.select("model_id").join(model_sizes, on="model_id", how="left").get_column("len").sum() or 0
+    return (holding_rows + model_rows) / portfolios.height
+
+
 def run_shard(plan: SweepPlan, shard: int) -> dict[str, int]:
     """Run one shard and commit its outputs; returns its status counts. Idempotent."""
     target = plan.shard_dir(shard)
@@ -439,6 +452,7 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
         if table != "portfolios":  # read above
             scan_table(book_dir, table)
     hashes = input_hashes(book_dir)
+    rows_per_portfolio = book_rows_per_portfolio(book_dir, portfolios)
     scenario_map = load_scenarios(scenarios) if scenarios else None
     if scenario_map:
         def optional(table: str) -> pl.DataFrame:
@@ -453,7 +467,8 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
         portfolios = conform("portfolios", derived_tables["portfolios"])
     if shard_size is None:
         # the shards computed at once on this machine share the default; a remote cluster's workers do not
-        shard_size = default_shard_size(None if scheduler else workers or processes or threads or default_threads(), portfolios.height)
+        shard_size = default_shard_size(None if scheduler else workers or processes or threads or default_threads(), portfolios.height,
+                                        rows_per_portfolio)
     plan = plan_sweep(book_dir, out_dir, shard_size, hashes, portfolios.height, scenario_map, written)
     if not chosen:  # threads for a few shards, worker processes for many (defaults.PROCESSES_FROM_SHARDS)
         many = plan.n_shards >= PROCESSES_FROM_SHARDS and default_threads() > 1

@@ -642,6 +642,37 @@ def test_default_shard_size_shares_memory_and_cuts_small_books_evenly():
     assert default_shard_size(None, 10) == DEFAULT_SHARD_SIZE  # a remote cluster's workers: the whole default each
 
 
+def test_default_shard_size_bounds_the_rows_of_large_portfolios():
+    """Memory follows a shard's rows: portfolios of ~55 holdings and ~26 model targets keep
+    the portfolio default, 500-holding ones get shards of as many rows, not 6x more."""
+    from dpm_vec.defaults import DEFAULT_SHARD_ROWS, default_shard_size
+
+    assert default_shard_size(2, 1_000_000, 81.0) == 8_000  # the benchmarks' book
+    assert default_shard_size(2, 100_000, 526.0) == DEFAULT_SHARD_ROWS // 2 // 526 == 1_520
+    assert default_shard_size(None, 10_000_000, 1_000.0) == DEFAULT_SHARD_ROWS // 1_000  # a remote worker: all the rows
+    assert default_shard_size(2, 1_000, 526.0) == 500  # a small book is still cut evenly
+    assert default_shard_size(1, 10, 1e9) == 1 and default_shard_size(2, 100, 0.0) == 50
+
+
+def test_sweep_sizes_default_shards_by_the_books_rows(book, tmp_path, monkeypatch):
+    """Without --shard-size, a book whose portfolios carry more rows than the row budget
+    allows gets smaller shards (the budget shrunk here to the test book's scale), and the
+    rows per portfolio come from the positions file and the models' sizes."""
+    from dpm_vec import defaults
+    from dpm_vec.io import read_portfolio_rows
+    from dpm_vec.sweep import book_rows_per_portfolio
+
+    portfolios, _ = read_portfolio_rows(book)
+    models = pl.read_parquet(book / "models.parquet").group_by("model_id").len()
+    expected = (pl.read_parquet(book / "positions.parquet").height
+                + portfolios.join(models, on="model_id", how="left")["len"].sum()) / portfolios.height
+    rows = book_rows_per_portfolio(book, portfolios)
+    assert rows == pytest.approx(expected) and rows > 1
+    monkeypatch.setattr(defaults, "DEFAULT_SHARD_ROWS", int(rows * 20) + 1)  # 10 portfolios a shard, two at once
+    manifest = sweep(book, tmp_path / "out", threads=2, progress=False)
+    assert manifest["shard_size"] == 10 and manifest["shards"] == -(-portfolios.height // 10)
+
+
 def test_default_shard_size_is_shared_by_shards_computed_at_once(book, swept, tmp_path, monkeypatch):
     """Local worker processes and shard threads share this machine's memory: without
     --shard-size each gets its share of the default (here, of the 80-portfolio book)."""

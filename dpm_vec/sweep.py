@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from dpm_vec import __version__
 from dpm_vec.book import Book, conform, empty_table
-from dpm_vec.defaults import PARQUET_COMPRESSION, PROCESSES_FROM_SHARDS, default_shard_size, default_threads, usable_cores
+from dpm_vec.defaults import DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES_FROM_SHARDS, default_shard_size, default_threads, usable_cores
 from dpm_vec.errors import DpmVecError
 from dpm_vec.io import (PORTFOLIO_ROWS, _path, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         write_book, write_json_atomic)
@@ -160,31 +160,70 @@ def sweep_tables(requested: Iterable[str] | str | None) -> tuple[str, ...]:
 SPAN_READ_LIMIT = 1.25
 
 
-def holding_spans(plan: SweepPlan, portfolios: pl.DataFrame) -> dict[str, list[tuple[int, int]]] | None:
+def holding_counts(book_dir: str | Path) -> dict[str, pl.DataFrame | None]:
+    """Per holdings table, (portfolio_snapshot_id, rows, first, stop): each snapshot's row
+    count and the span of rows it occupies in the file (None: an optional table the book
+    does not have). One streamed pass over each file's snapshot ids, 2.5 s for the
+    1M-portfolio book's three files; the shards' sizes and read spans both come from it."""
+    counts = {}
+    for table in HOLDING_TABLES:
+        lf = scan_table(Path(book_dir), table)  # a missing or misshapen file is a BookError naming it
+        counts[table] = None if lf is None else (
+            lf.select("portfolio_snapshot_id").with_row_index("_row")
+            .group_by("portfolio_snapshot_id")
+            .agg(pl.len().alias("rows"), pl.col("_row").min().alias("first"), (pl.col("_row").max() + 1).alias("stop"))
+            .collect(engine="streaming")
+        )
+    return counts
+
+
+def holding_spans(plan: SweepPlan, portfolios: pl.DataFrame,
+                  counts: dict[str, pl.DataFrame | None] | None = None) -> dict[str, list[tuple[int, int]]] | None:
     """Each shard's (first row, row count) span in each holdings file: the rows of its
     snapshots and whatever lies between them. None when the spans would together read
     more than ``SPAN_READ_LIMIT`` times the rows (holdings scattered across the file),
-    where splitting the holdings once is cheaper. One pass over the snapshot-id columns,
-    streamed: 2.5 s on the 1M-portfolio book, where the split took 55 s or more."""
-    shard_of = _shard_of(plan, portfolios).lazy()
+    where splitting the holdings once is cheaper (55 s or more for the 1M-portfolio
+    book). From ``holding_counts`` (computed here when not given)."""
+    counts = holding_counts(plan.book_dir) if counts is None else counts
+    shard_of = _shard_of(plan, portfolios)
     spans = {}
     for table in HOLDING_TABLES:
-        lf = scan_table(Path(plan.book_dir), table)  # a missing or misshapen file is a BookError naming it
-        if lf is None:  # an optional table the book does not have
+        per_snapshot = counts[table]
+        if per_snapshot is None:  # an optional table the book does not have
             spans[table] = [(0, 0)] * plan.n_shards
             continue
-        rows = lf.select(pl.len()).collect().item()
-        found = (
-            lf.select("portfolio_snapshot_id").with_row_index("_row")
-            .join(shard_of, on="portfolio_snapshot_id", how="inner")
-            .group_by("_shard").agg(pl.col("_row").min().alias("first"), (pl.col("_row").max() + 1).alias("stop"))
-            .collect(engine="streaming")
+        found = shard_of.join(per_snapshot, on="portfolio_snapshot_id", how="inner").group_by("_shard").agg(
+            pl.col("first").min(), pl.col("stop").max()
         )
-        if (found["stop"] - found["first"]).sum() > SPAN_READ_LIMIT * rows:
+        if (found["stop"] - found["first"]).sum() > SPAN_READ_LIMIT * per_snapshot["rows"].sum():
             return None
-        by_shard = {shard: (first, stop - first) for shard, first, stop in found.iter_rows()}
+        by_shard = {shard: (first, stop - first) for shard, first, stop in found.select("_shard", "first", "stop").iter_rows()}
         spans[table] = [by_shard.get(shard, (0, 0)) for shard in range(plan.n_shards)]
     return spans
+
+
+def run_rows(portfolios: pl.DataFrame, positions: pl.DataFrame | None, models: pl.DataFrame) -> pl.Series:
+    """Each run's holding rows plus its model's targets, in run order: a shard's frames
+    follow its target rows (model ∪ holdings), so its memory does."""
+    held = pl.DataFrame(schema={"portfolio_snapshot_id": pl.String, "rows": pl.UInt32}) if positions is None else positions
+    model_sizes = models.group_by("model_id").agg(pl.len().alias("_targets"))
+    return portfolios.select("portfolio_snapshot_id", "model_id").join(
+        held.select("portfolio_snapshot_id", "rows"), on="portfolio_snapshot_id", how="left", maintain_order="left"
+    ).join(model_sizes, on="model_id", how="left", maintain_order="left").select(
+        (pl.col("rows").fill_null(0).cast(pl.Int64) + pl.col("_targets").fill_null(0).cast(pl.Int64)).alias("rows")
+    ).to_series()
+
+
+def fit_shard_rows(rows: pl.Series, size: int, budget: int) -> int:
+    """A shard size, at most ``size``, whose heaviest shard of consecutive runs (``rows``
+    each, ``run_rows``) holds at most ``budget`` rows; 1 when a single run holds more.
+    Large portfolios that sit together in the book shrink every shard, not only theirs."""
+    while size > 1:
+        heaviest = rows.to_frame().with_row_index("_i").group_by(pl.col("_i") // size).agg(pl.col("rows").sum())["rows"].max() or 0
+        if heaviest <= budget:
+            break
+        size = max(1, min(size - 1, int(size * budget / heaviest)))
+    return size
 
 
 def _shard_of(plan: SweepPlan, portfolios: pl.DataFrame) -> pl.DataFrame:
@@ -231,19 +270,6 @@ def _reference(book_dir: str) -> dict[str, pl.DataFrame]:
         _REFERENCE_CACHE.clear()
         _REFERENCE_CACHE[book_dir] = read_reference(book_dir)
     return _REFERENCE_CACHE[book_dir]
-
-
-def book_rows_per_portfolio(book_dir: Path, portfolios: pl.DataFrame) -> float:
-    """The book's holding rows plus model targets per portfolio, on average: a shard's
-    frames follow its target rows (model ∪ holdings), so its memory does. From the
-    positions file's metadata and the models' sizes: nothing is read row by row."""
-    if portfolios.height == 0:
-        return 0.0
-    positions = _path(Path(book_dir), "positions")
-    holding_rows = pq.ParquetFile(positions).metadata.num_rows if positions.exists() else 0
-    model_sizes = _reference(str(book_dir))["models"].group_by("model_id").len()
-    model_rows = portfolios.select("model_id").join(model_sizes, on="model_id", how="left").get_column("len").sum() or 0
-    return (holding_rows + model_rows) / portfolios.height
 
 
 def run_shard(plan: SweepPlan, shard: int) -> dict[str, int]:
@@ -452,7 +478,6 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
         if table != "portfolios":  # read above
             scan_table(book_dir, table)
     hashes = input_hashes(book_dir)
-    rows_per_portfolio = book_rows_per_portfolio(book_dir, portfolios)
     scenario_map = load_scenarios(scenarios) if scenarios else None
     if scenario_map:
         def optional(table: str) -> pl.DataFrame:
@@ -465,10 +490,15 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
             pl.DataFrame({"_scenario": sorted(scenario_map)}), how="cross"
         ).select("input_table", pl.col("key") + "|" + pl.col("_scenario"), pl.exclude("input_table", "key", "_scenario"))
         portfolios = conform("portfolios", derived_tables["portfolios"])
+    counts = None  # holding_counts, when the shard size or the shards' read spans need them
     if shard_size is None:
+        counts = holding_counts(book_dir) if portfolios.height > 1 else None
         # the shards computed at once on this machine share the default; a remote cluster's workers do not
-        shard_size = default_shard_size(None if scheduler else workers or processes or threads or default_threads(), portfolios.height,
-                                        rows_per_portfolio)
+        at_once = None if scheduler else workers or processes or threads or default_threads()
+        rows = run_rows(portfolios, counts["positions"], _reference(str(book_dir))["models"]) if counts else None
+        shard_size = default_shard_size(at_once, portfolios.height, rows.mean() if rows is not None else None)
+        if rows is not None:  # and where large portfolios sit together, no shard holds more than its share of rows
+            shard_size = fit_shard_rows(rows, shard_size, DEFAULT_SHARD_ROWS // (at_once or 1))
     plan = plan_sweep(book_dir, out_dir, shard_size, hashes, portfolios.height, scenario_map, written)
     if not chosen:  # threads for a few shards, worker processes for many (defaults.PROCESSES_FROM_SHARDS)
         many = plan.n_shards >= PROCESSES_FROM_SHARDS and default_threads() > 1
@@ -477,7 +507,7 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
     if scenario_map and not (Path(plan.work_dir) / "derived").exists():
         write_book(derived_tables, Path(plan.work_dir) / "derived")
     if plan.n_shards > 1 and not plan.partition_dir.exists():
-        plan = replace(plan, spans=holding_spans(plan, portfolios))
+        plan = replace(plan, spans=holding_spans(plan, portfolios, counts))
     write_json_atomic(Path(plan.work_dir) / "plan.json", plan.__dict__)
     if plan.partitioned:
         partition_holdings(plan, portfolios)

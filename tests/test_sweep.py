@@ -654,23 +654,44 @@ def test_default_shard_size_bounds_the_rows_of_large_portfolios():
     assert default_shard_size(1, 10, 1e9) == 1 and default_shard_size(2, 100, 0.0) == 50
 
 
-def test_sweep_sizes_default_shards_by_the_books_rows(book, tmp_path, monkeypatch):
+def test_fit_shard_rows_shrinks_shards_where_large_portfolios_sit_together():
+    """Ten 1,000-row portfolios after ninety of 10 rows: the mean (109) would allow shards
+    of 22 under a 2,500-row budget, but a shard of the large ones would hold 10,000."""
+    from dpm_vec.sweep import fit_shard_rows
+
+    rows = pl.Series("rows", [10] * 90 + [1_000] * 10)
+    size = fit_shard_rows(rows, 50, 2_500)
+    assert size == 2
+    heaviest = rows.to_frame().with_row_index("i").group_by(pl.col("i") // size).agg(pl.col("rows").sum())["rows"].max()
+    assert heaviest <= 2_500
+    assert fit_shard_rows(rows, 50, 100_000) == 50  # fits already: unchanged
+    assert fit_shard_rows(rows, 50, 500) == 1  # one portfolio alone is above the budget: one a shard
+
+
+def test_sweep_sizes_default_shards_by_the_books_rows(book, swept, tmp_path, monkeypatch):
     """Without --shard-size, a book whose portfolios carry more rows than the row budget
-    allows gets smaller shards (the budget shrunk here to the test book's scale), and the
-    rows per portfolio come from the positions file and the models' sizes."""
+    allows gets smaller shards (the budget shrunk here to the test book's scale); each
+    run's rows are its snapshot's positions plus its model's targets; the outputs are the
+    same as with any other shard size."""
     from dpm_vec import defaults
+    from dpm_vec import sweep as sweep_module
     from dpm_vec.io import read_portfolio_rows
-    from dpm_vec.sweep import book_rows_per_portfolio
 
     portfolios, _ = read_portfolio_rows(book)
+    counts = sweep_module.holding_counts(book)
+    rows = sweep_module.run_rows(portfolios, counts["positions"], pl.read_parquet(book / "models.parquet"))
+    positions = pl.read_parquet(book / "positions.parquet").group_by("portfolio_snapshot_id").len()
     models = pl.read_parquet(book / "models.parquet").group_by("model_id").len()
-    expected = (pl.read_parquet(book / "positions.parquet").height
-                + portfolios.join(models, on="model_id", how="left")["len"].sum()) / portfolios.height
-    rows = book_rows_per_portfolio(book, portfolios)
-    assert rows == pytest.approx(expected) and rows > 1
-    monkeypatch.setattr(defaults, "DEFAULT_SHARD_ROWS", int(rows * 20) + 1)  # 10 portfolios a shard, two at once
+    expected = portfolios.join(positions, on="portfolio_snapshot_id", how="left").join(models, on="model_id", how="left", suffix="_m")
+    assert rows.to_list() == (expected["len"].fill_null(0) + expected["len_m"].fill_null(0)).to_list()
+    budget = int(rows.head(20).sum()) + 1  # about 20 portfolios' rows for both shards at once
+    monkeypatch.setattr(defaults, "DEFAULT_SHARD_ROWS", budget)
+    monkeypatch.setattr(sweep_module, "DEFAULT_SHARD_ROWS", budget)
     manifest = sweep(book, tmp_path / "out", threads=2, progress=False)
-    assert manifest["shard_size"] == 10 and manifest["shards"] == -(-portfolios.height // 10)
+    size = manifest["shard_size"]
+    assert size == sweep_module.fit_shard_rows(rows, defaults.default_shard_size(2, portfolios.height, rows.mean()), budget // 2)
+    assert 1 < size < 20 and manifest["shards"] == -(-portfolios.height // size)
+    _same_outputs(swept[0], tmp_path / "out")
 
 
 def test_default_shard_size_is_shared_by_shards_computed_at_once(book, swept, tmp_path, monkeypatch):

@@ -9,7 +9,8 @@ the process tree) as the command does by default, from 100k portfolios up also w
 shard threads, with one, with two Dask worker processes and writing only the runs and
 intents datasets, and
 times the scalar oracle (dpm_vec/oracle.py) on a sample of the same book's portfolios.
-It also measures cost per holding row across portfolio sizes, the
+It also measures cost per holding row across portfolio sizes, the peak memory of a
+book of large portfolios (16,000 of 500 holdings), the
 batch JSON door against single calls, concurrent single calls over HTTP with and without
 coalescing, and what each extended feature costs. Results go
 to benchmarks/results.json and are printed as Markdown tables.
@@ -179,6 +180,23 @@ def holdings_cost(rows_per_book: int = 500_000) -> list[dict]:
     return rows
 
 
+def large_portfolios(n: int = 16_000, holdings: int = 500) -> list[dict]:
+    """A book of large portfolios (8M holding rows by default) swept as the command does
+    by default: memory follows the rows in flight, so the default shard shrinks to keep it
+    near that of the ~55-holding books' 8,000-portfolio shards."""
+    print(f"large portfolios: {n:,} of {holdings} holdings", flush=True)
+    path = book(n, seed=5, holdings=(holdings, holdings))
+    sweep = timed_sweep(path)
+    chosen = sweep["manifest"]
+    row = {"portfolios": n, "holdings_per_portfolio": holdings,
+           "holding_rows": pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item(),
+           "shard_size": chosen["shard_size"], "shards": chosen["shards"],
+           "mode": f"{chosen['processes']} processes" if chosen.get("processes") else f"{chosen['threads']} threads",
+           "wall_s": sweep["wall_s"], "peak_rss_mib": sweep["peak_rss_mib"]}
+    print(f"  {row}", flush=True)
+    return [row]
+
+
 def batch_door(n: int = 1000) -> dict:
     """1,000 JSON requests: one batch call vs 1,000 single calls vs the oracle."""
     requests = json_requests(n)
@@ -299,7 +317,8 @@ def feature_costs(n: int) -> list[dict]:
     return rows
 
 
-ROW_KEYS = {"scaling": ("portfolios", "mode"), "holdings": ("holdings_per_portfolio",), "http": ("mode",), "features": ("feature",)}
+ROW_KEYS = {"scaling": ("portfolios", "mode"), "holdings": ("holdings_per_portfolio",), "large": ("portfolios",), "http": ("mode",),
+            "features": ("feature",)}
 
 
 def merge_results(old: dict, new: dict) -> dict:
@@ -335,6 +354,12 @@ def markdown(results: dict) -> str:
         for r in results["holdings"]:
             lines.append(f"| {r['holdings_per_portfolio']} | {r['portfolios']:,} | {r['holding_rows']:,} | {r['target_rows']:,} | "
                          f"{r['wall_s']:.1f} | {r['us_per_holding_row']:.1f} | {r['us_per_target_row']:.1f} | {r['peak_rss_mib']:,.0f} |")
+    if results.get("large"):
+        lines += ["", "| large portfolios | holding rows | default mode (shards × size) | wall (s) | peak RSS (MiB) |",
+                  "| --- | ---: | --- | ---: | ---: |"]
+        for r in results["large"]:
+            lines.append(f"| {r['portfolios']:,} × {r['holdings_per_portfolio']} holdings | {r['holding_rows']:,} | {r['mode']} "
+                         f"({r['shards']} × {r['shard_size']:,}) | {r['wall_s']:.1f} | {r['peak_rss_mib']:,.0f} |")
     if results.get("batch"):
         b = results["batch"]
         lines += ["", "| JSON door, 1,000 requests | requests/s |", "| --- | ---: |",
@@ -357,7 +382,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,10000,100000,1000000")
     parser.add_argument("--oracle-sample", type=int, default=200, help="portfolios per book timed through the oracle")
-    parser.add_argument("--skip", default="", help="comma list of: scaling,holdings,batch,http,features")
+    parser.add_argument("--skip", default="", help="comma list of: scaling,holdings,large,batch,http,features")
     parser.add_argument("--feature-book", type=int, default=10_000)
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -369,6 +394,8 @@ def main() -> None:
         results["scaling"] = scaling([int(s) for s in args.sizes.split(",")], args.oracle_sample)
     if "holdings" not in skip:
         results["holdings"] = holdings_cost()
+    if "large" not in skip:
+        results["large"] = large_portfolios()
     if "batch" not in skip:
         print("batch JSON door", flush=True)
         results["batch"] = batch_door()

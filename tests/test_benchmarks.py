@@ -30,3 +30,13 @@ def test_a_remeasured_size_replaces_all_its_rows_and_keeps_other_sizes():
     assert [r.get("measured_at") for r in merged["scaling"]] == ["new", "new", None]
     assert [(r["feature"], r["wall_s"]) for r in merged["features"]] == [("baseline", 5.0), ("solver", 6.0)]
     assert merged["when"] == "new"
+
+
+def test_the_large_portfolio_row_merges_by_book_and_renders_its_shards():
+    large = {"portfolios": 16_000, "holdings_per_portfolio": 500, "holding_rows": 8_000_000, "shard_size": 1_520, "shards": 11,
+             "mode": "2 processes", "wall_s": 26.9, "peak_rss_mib": 4443.0}
+    merged = bench.merge_results({"when": "old", "machine": "m", "large": [{**large, "wall_s": 51.3}]},
+                                 {"when": "new", "machine": "m", "large": [large]})
+    assert [(r["wall_s"], r["measured_at"]) for r in merged["large"]] == [(26.9, "new")]
+    table = bench.markdown({**merged, "machine": "m"})
+    assert "| 16,000 × 500 holdings | 8,000,000 | 2 processes (11 × 1,520) | 26.9 | 4,443 |" in table

@@ -338,6 +338,11 @@ def merge_results(old: dict, new: dict) -> dict:
     return merged
 
 
+def _table(rows: list[dict] | None, header: str, align: str, line) -> list[str]:
+    """A Markdown table of ``rows`` (``line`` renders one), after a blank line; none without rows."""
+    return ["", header, align, *(line(r) for r in rows)] if rows else []
+
+
 def markdown(results: dict) -> str:
     lines = [f"Machine: {results['machine']}; allocator (_RJEM_MALLOC_CONF): {results.get('allocator')}", "",
              "| portfolios | holding rows | mode (shard) | wall (s) | CPU user / system (s) | steal (s) | portfolios/s | peak RSS (MiB) "
@@ -348,18 +353,14 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['portfolios']:,} | {r['holding_rows']:,} | {r['mode']} ({r['shard_size']:,}) | {r['wall_s']:.1f} | "
                      f"{r['cpu_user_s']:.0f} / {r['cpu_sys_s']:.0f} | {r['steal_s']:.0f} | {r['portfolios_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} | {r['oracle_portfolios_per_s']:,.1f} | "
                      f"{r['ratio_vs_oracle']:,.1f}x | {stages} |")
-    if results.get("holdings"):
-        lines += ["", "| holdings/portfolio | portfolios | holding rows | target rows | wall (s) | µs per holding row | µs per target row | peak RSS (MiB) |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in results["holdings"]:
-            lines.append(f"| {r['holdings_per_portfolio']} | {r['portfolios']:,} | {r['holding_rows']:,} | {r['target_rows']:,} | "
-                         f"{r['wall_s']:.1f} | {r['us_per_holding_row']:.1f} | {r['us_per_target_row']:.1f} | {r['peak_rss_mib']:,.0f} |")
-    if results.get("large"):
-        lines += ["", "| large portfolios | holding rows | default mode (shards × size) | wall (s) | peak RSS (MiB) |",
-                  "| --- | ---: | --- | ---: | ---: |"]
-        for r in results["large"]:
-            lines.append(f"| {r['portfolios']:,} × {r['holdings_per_portfolio']} holdings | {r['holding_rows']:,} | {r['mode']} "
-                         f"({r['shards']} × {r['shard_size']:,}) | {r['wall_s']:.1f} | {r['peak_rss_mib']:,.0f} |")
+    lines += _table(results.get("holdings"), "| holdings/portfolio | portfolios | holding rows | target rows | wall (s) | µs per holding row "
+                    "| µs per target row | peak RSS (MiB) |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                    lambda r: f"| {r['holdings_per_portfolio']} | {r['portfolios']:,} | {r['holding_rows']:,} | {r['target_rows']:,} | "
+                              f"{r['wall_s']:.1f} | {r['us_per_holding_row']:.1f} | {r['us_per_target_row']:.1f} | {r['peak_rss_mib']:,.0f} |")
+    lines += _table(results.get("large"), "| large portfolios | holding rows | default mode (shards × size) | wall (s) | peak RSS (MiB) |",
+                    "| --- | ---: | --- | ---: | ---: |",
+                    lambda r: f"| {r['portfolios']:,} × {r['holdings_per_portfolio']} holdings | {r['holding_rows']:,} | {r['mode']} "
+                              f"({r['shards']} × {r['shard_size']:,}) | {r['wall_s']:.1f} | {r['peak_rss_mib']:,.0f} |")
     if results.get("batch"):
         b = results["batch"]
         lines += ["", "| JSON door, 1,000 requests | requests/s |", "| --- | ---: |",

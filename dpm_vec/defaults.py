@@ -9,8 +9,8 @@ import os
 DEFAULT_SHARD_SIZE = 16_000
 # and at most this many rows in all, counted per portfolio as its holdings plus its model's
 # targets (a shard's frames follow its target rows, model ∪ holdings): memory is bounded for
-# books of large portfolios too (100,000 portfolios of 500 holdings in shards of 8,000
-# would hold 4M rows a shard, ~13 GiB each). Books of up to ~100 such rows per portfolio
+# books of large portfolios too (two shards of 8,000 portfolios of 500 holdings, 4M rows
+# each, peaked at 15.7 GiB; benchmarks/README.md). Books of up to ~100 such rows per portfolio
 # (the benchmarks' ~55 holdings and ~26-instrument models) keep shards of DEFAULT_SHARD_SIZE.
 DEFAULT_SHARD_ROWS = 1_600_000
 

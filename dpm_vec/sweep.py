@@ -163,7 +163,7 @@ SPAN_READ_LIMIT = 1.25
 def holding_counts(book_dir: str | Path) -> dict[str, pl.DataFrame | None]:
     """Per holdings table, (portfolio_snapshot_id, rows, first, stop): each snapshot's row
     count and the span of rows it occupies in the file (None: an optional table the book
-    does not have). One streamed pass over each file's snapshot ids, 2.5 s for the
+    does not have). One streamed pass over each file's snapshot ids, about 1 s for the
     1M-portfolio book's three files; the shards' sizes and read spans both come from it."""
     counts = {}
     for table in HOLDING_TABLES:

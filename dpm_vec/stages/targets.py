@@ -76,7 +76,7 @@ def build_targets(
     model = model.with_columns(pl.col("model_weight").cast(WEIGHT))
     group_constraints = group_constraints.with_columns(pl.col("max_weight").cast(WEIGHT))
     runs = runs.with_columns(pl.col("single_position_max_weight", "min_cash_buffer_pct").cast(WEIGHT))
-    wm, step1_pending, threshold_totals = _sell_only_redistribution(weight_map, sell_only_excess)
+    wm, step1_pending = _sell_only_redistribution(weight_map, sell_only_excess)
     solver = pl.col("target_method") == "SOLVER"
     compare = pl.col("compare_target_methods")
 
@@ -86,7 +86,8 @@ def build_targets(
         return frame if chosen.height == runs.height else frame.join(chosen.select("run"), on="run", how="semi")
 
     heuristic_runs = runs.filter(~solver | compare)
-    h = _heuristic(market, heuristic_runs, pick(wm, heuristic_runs), group_constraints, step1_pending, threshold_totals)
+    h = _heuristic(market, heuristic_runs, pick(wm, heuristic_runs), group_constraints, step1_pending,
+                   _Step1(pick(weight_map, heuristic_runs), sell_only_excess))
     solver_runs = runs.filter(solver | compare)
     if solver_runs.height:
         s_weights, s_status, s_warnings = solve_targets(market, runs, wm, model, group_constraints, which=solver | compare)
@@ -149,49 +150,87 @@ def _sell_only_redistribution(weight_map: pl.DataFrame, sell_only_excess: pl.Dat
         sell_only_excess.filter(pl.col("sell_only_excess") > 0)
         .join(wm.filter(pl.col("buy")).select("run").unique(), on="run", how="anti").select("run"),
     ])
-    before = wm
     wm = wm.with_columns(
         pl.when(pl.col("buy") & (pl.col("sell_only_excess") > 0) & (pl.col("_S") > 0))
         .then(pl.col("weight") + pl.col("sell_only_excess") * (pl.col("weight") / pl.col("_S")))
         .otherwise(pl.col("weight")).alias("weight")
     ).drop("_S", "sell_only_excess")
-    return wm, pending, _threshold_totals(before, wm)
+    return wm, pending
 
 
 NORMALISATION_THRESHOLD = "1.0001"
 
 
-def _threshold_totals(before: pl.DataFrame, after: pl.DataFrame) -> pl.DataFrame:
-    """(run, _above): for runs whose step-1 redistribution leaves the map's total within
-    1e-20 of step 3's threshold, whether the reference's total exceeds it. In exact
-    arithmetic the redistributed total is the model's, and models of 4-decimal weights sum
-    to 1.0001 often enough; the reference rounds every w + e × (w / S) and every addition
-    of the total to 28 significant digits (spec §1.1) and lands on either side, so the
-    decision is redone that way, in F28, for the runs it can concern: a redistribution
-    took place and every non-buyable weight is 0 (a locked weight's own rounding is not
-    modelled here)."""
-    none = pl.DataFrame(schema={"run": pl.UInt32, "_above": pl.Boolean})
-    redistributed = before.select((pl.col("sell_only_excess") > 0) & (pl.col("_S") > 0)).to_series()
-    if not redistributed.any():
-        return none
-    totals = after.filter(redistributed).group_by("run").agg(
-        pl.col("weight").sum().alias("_total"), (~pl.col("buy") & (pl.col("weight") != 0)).any().alias("_other"),
+@dataclass(frozen=True)
+class _Step1:
+    """Step 1's inputs, kept for ``_threshold_in_28_digits``: the weight map before it and
+    each run's SELL_ONLY excess."""
+    weight_map: pl.DataFrame
+    sell_only_excess: pl.DataFrame
+
+
+def _threshold_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame) -> pl.DataFrame:
+    """(run, _above) for the ``near`` runs, whose map total after steps 1-2 lies within
+    1e-20 of step 3's threshold and whose non-buyable weights are all 0: whether the
+    reference's total exceeds 1.0001. In exact arithmetic a SELL_ONLY redistribution and
+    a group cap keep the model's total, and models of 4-decimal weights sum to 1.0001
+    often enough; the reference rounds every product, quotient and sum of those steps to
+    28 significant digits (spec §1.1) and lands on either side, so both steps are replayed
+    that way, in F28, from the model weights, in map order:
+    w + e × (w / S) for step 1; for each group cap in key order, members × (max / G) and
+    candidates + (G − max) × (w / C) for step 2; then the total."""
+    rows = sort_rows(step1.weight_map.join(near, on="run", how="semi"), "run", "map_order")
+    rows = f28.from_dec(rows.with_columns((pl.col("kind") == "BUYABLE").alias("buy")), "weight", "_w_f")
+    # step 1: runs with SELL_ONLY excess and buyable weight to take it
+    excess = step1.sell_only_excess.join(near, on="run", how="semi").filter(pl.col("sell_only_excess") > 0)
+    if excess.height:
+        buy = f28.from_dec(join_runs(rows.filter("buy"), excess, how="inner"), "sell_only_excess", "_e_f")
+        buy = join_runs(buy, f28.group_sums(buy, "run", "_w_f", "_S_f").filter(f28.sign("_S_f") > 0), how="inner")
+        buy = _step1_shares(buy)
+        rows = _put_weights(rows, buy.select("run", "map_order", pl.col("_w1_f").alias("_new_f")))
+    # step 2: each run's group caps in key order
+    constraints = gc.join(near, on="run", how="semi").sort("run", "constraint_key").with_columns(
+        pl.col("constraint_key").rank("ordinal").over("run").alias("_rank"),
+        pl.col("constraint_key").str.split_exact(":", 1).struct.field("field_0").alias("attribute"),
+        pl.col("constraint_key").str.split_exact(":", 1).struct.field("field_1").alias("value"),
     )
-    near = totals.filter(
-        ((pl.col("_total") - lit(NORMALISATION_THRESHOLD)).abs() < lit("0.00000000000000000001")) & ~pl.col("_other")
-    ).select("run")
-    if near.height == 0:
-        return none
-    # rows in map order (sorted before step 1); the non-buyable weights are 0 and add nothing
-    rows = before.filter(redistributed).join(near, on="run", how="semi", maintain_order="left").filter("buy")
-    rows = f28.from_dec(f28.from_dec(rows, "weight", "_w_f"), "sell_only_excess", "_e_f")
-    rows = join_runs(rows, f28.group_sums(rows, "run", "_w_f", "_S_f"))
-    rows = f28.div(rows, "_w_f", "_S_f", "_ratio_f")
-    rows = f28.mul(rows, "_e_f", "_ratio_f", "_share_f")
-    rows = f28.add(rows, "_w_f", "_share_f", "_w1_f")
-    total = f28.group_sums(rows, "run", "_w1_f", "_total_f")
+    attributes = market.with_attributes(rows.select("run", "instrument_id").unique()).select("run", "instrument_id", "attribute", "value")
+    for rank in range(1, int(constraints["_rank"].max() or 0) + 1):
+        cap = constraints.filter(pl.col("_rank") == rank).select("run", "attribute", "value", "max_weight")
+        members = attributes.join(cap, on=["run", "attribute", "value"], how="inner").select("run", "instrument_id", "max_weight")
+        step = rows.join(members, on=["run", "instrument_id"], how="left", maintain_order="left").with_columns(
+            pl.col("max_weight").is_not_null().alias("_member")
+        )
+        g = f28.group_sums(step.filter("_member"), "run", "_w_f", "_G_f")
+        limits = f28.from_dec(cap.select("run", "max_weight"), "max_weight", "_max_f")
+        g = join_runs(g, limits, how="inner").filter(f28.to_d28("_G_f") > pl.col("max_weight") + lit("0.0001"))
+        if g.height == 0:
+            continue
+        g = f28.sub(f28.div(g, "_max_f", "_G_f", "_ratio_f"), "_G_f", "_max_f", "_excess_f")
+        step = join_runs(step, g.select("run", "_ratio_f", "_excess_f"), how="inner")
+        scaled = f28.mul(step.filter("_member"), "_w_f", "_ratio_f", "_new_f")
+        candidates = step.filter(pl.col("buy") & ~pl.col("_member"))
+        c = f28.group_sums(candidates, "run", "_w_f", "_C_f").filter(f28.sign("_C_f") > 0)
+        candidates = f28.div(join_runs(candidates, c, how="inner"), "_w_f", "_C_f", "_r_f")
+        candidates = f28.add(f28.mul(candidates, "_excess_f", "_r_f", "_share_f"), "_w_f", "_share_f", "_new_f")
+        rows = _put_weights(rows, pl.concat([scaled.select("run", "map_order", "_new_f"), candidates.select("run", "map_order", "_new_f")]))
+    total = f28.group_sums(rows, "run", "_w_f", "_total_f")
     # near 1.0001, 28 significant digits are 27 decimals: the Decimal(38, 28) copy is exact
     return total.select("run", (f28.to_d28("_total_f") > lit(NORMALISATION_THRESHOLD)).alias("_above"))
+
+
+def _step1_shares(buy: pl.DataFrame) -> pl.DataFrame:
+    """Step 1 in F28 on the buyable rows: w + e × (w / S)."""
+    buy = f28.div(buy, "_w_f", "_S_f", "_r_f")
+    buy = f28.mul(buy, "_e_f", "_r_f", "_share_f")
+    return f28.add(buy, "_w_f", "_share_f", "_w1_f")
+
+
+def _put_weights(rows: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` with ``_w_f`` replaced by ``new``'s ``_new_f`` where (run, map_order) match."""
+    return rows.join(new, on=["run", "map_order"], how="left", maintain_order="left").with_columns(
+        pl.coalesce("_new_f", "_w_f").alias("_w_f")
+    ).drop("_new_f")
 
 
 @dataclass(frozen=True)
@@ -204,7 +243,7 @@ class _Heuristic:
 
 
 def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_constraints: pl.DataFrame, step1_pending: pl.DataFrame,
-               threshold_totals: pl.DataFrame) -> _Heuristic:
+               step1: _Step1) -> _Heuristic:
     """§6.4 steps 2-5 on the map after step 1."""
     policy = runs.select("run", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
     pending = [step1_pending.join(runs.select("run"), on="run", how="semi")]
@@ -218,10 +257,16 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     # Step 3: normalisation above 100% (per-run sums; only the runs above 100% change)
     sums = wm.group_by("run").agg(
         _agg_where(pl.lit(True)).alias("_total"), _agg_where(~pl.col("buy")).alias("_L"), _agg_where(pl.col("buy")).alias("_B"),
+        (~pl.col("buy") & (pl.col("weight") != 0)).any().alias("_locked_weight"),
     ).with_columns(dmax(lit(1) - pl.col("_L"), lit(0)).alias("_avail"), (pl.col("_total") > lit(NORMALISATION_THRESHOLD)).alias("_above"))
-    if threshold_totals.height:  # where a total at the threshold is decided in 28 digits
-        decided = threshold_totals.join(gc.select("run"), on="run", how="anti")  # a group cap changed the weights since
-        sums = join_runs(sums, decided.rename({"_above": "_above_f28"})).with_columns(pl.coalesce("_above_f28", "_above").alias("_above"))
+    # a total at the threshold is decided as the reference's 28-digit steps 1-2 leave it (a
+    # locked weight's own rounding is not modelled: those runs keep the fixed-point total)
+    near = sums.filter(
+        ((pl.col("_total") - lit(NORMALISATION_THRESHOLD)).abs() < lit("0.00000000000000000001")) & ~pl.col("_locked_weight")
+    ).join(blocked, on="run", how="anti").select("run")
+    if near.height:
+        decided = _threshold_in_28_digits(market, step1, gc, near).rename({"_above": "_above_f28"})
+        sums = join_runs(sums, decided).with_columns(pl.coalesce("_above_f28", "_above").alias("_above"))
     sums = sums.filter("_above")
     pending.append(sums.filter((pl.col("_L") > 1) | (pl.col("_B") > pl.col("_avail"))).select("run"))
     wm = _scale_buys(wm, sums.filter((pl.col("_B") > pl.col("_avail")) & (pl.col("_B") > 0)).select(

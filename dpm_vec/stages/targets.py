@@ -18,6 +18,7 @@ from dpm_vec.codes import with_code_lists
 from dpm_vec.frames import join_on_index, join_runs, sort_rows
 from dpm_vec.numeric import DEC, WEIGHT, dmax, dmin, lit
 from dpm_vec.stages.prepare import SLOT, Market
+from dpm_vec.stages.universe import ExactLocked
 
 WARNINGS_SCHEMA = {"run": pl.UInt32, "code": pl.String, "w_order": pl.Int64}
 # warnings sort by w_order: the target stage uses 100_000.., comparison ..199_999, then tax
@@ -66,9 +67,11 @@ def build_targets(
     model: pl.DataFrame,
     totals: pl.DataFrame,
     group_constraints: pl.DataFrame,
+    exact: ExactLocked | None = None,
 ) -> Targets:
     """Step 1 for every run, then HEURISTIC steps 2-5 or the SOLVER (§6.6) by the run's
-    ``target_method``; with ``compare_target_methods`` the other method runs too (§6.7)."""
+    ``target_method``; with ``compare_target_methods`` the other method runs too (§6.7).
+    ``exact``: the universe's 28-digit locked weights, where their last digit can decide."""
     from dpm_vec.stages.solver import compare_methods, solve_targets
 
     weight_map = weight_map.with_columns(pl.col("weight").cast(WEIGHT))
@@ -87,7 +90,7 @@ def build_targets(
 
     heuristic_runs = runs.filter(~solver | compare)
     h = _heuristic(market, heuristic_runs, pick(wm, heuristic_runs), group_constraints, step1_pending,
-                   _Step1(pick(weight_map, heuristic_runs), sell_only_excess))
+                   _Step1(pick(weight_map, heuristic_runs), sell_only_excess), exact)
     solver_runs = runs.filter(solver | compare)
     if solver_runs.height:
         s_weights, s_status, s_warnings = solve_targets(market, runs, wm, model, group_constraints, which=solver | compare)
@@ -219,6 +222,28 @@ def _threshold_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, nea
     return total.select("run", (f28.to_d28("_total_f") > lit(NORMALISATION_THRESHOLD)).alias("_above"))
 
 
+def _room_in_28_digits(sums: pl.DataFrame, wm: pl.DataFrame, exact: ExactLocked, gc: pl.DataFrame) -> pl.DataFrame:
+    """``sums`` with step 3's room ``_avail`` = max(0, 1 − L) taken from L summed in 28
+    digits, for the runs whose locked weights come with all 28 digits (``ExactLocked``: they
+    fill the portfolio, or nearly) and that no group cap rescaled. Several locked weights
+    whose exact sum is 1 add up, each rounded and in map order, to exactly 1 in the
+    reference, which leaves no room: its buyable targets are 0, and the single-position cap
+    finds no candidate weight to hand excess to. Their Decimal(38, 28) copies can sum a unit
+    of the 28th decimal short, leaving dust room and dust weights that do take it."""
+    locked = wm.filter(pl.col("kind") == "LOCKED").join(exact.totals.select("run"), on="run", how="semi")
+    locked = locked.join(gc.select("run").unique(), on="run", how="anti")
+    if locked.height == 0:
+        return sums
+    locked = sort_rows(locked, "run", "map_order").join(exact.weights, on="slot", how="left", maintain_order="left")
+    locked = locked.with_columns(pl.col("weight_f28").fill_null(f28.zero()))  # no rate: the weight is 0 (universe)
+    room = f28.group_sums(locked, "run", "weight_f28", "_L_f").with_columns(f28.one().alias("_one_f"))
+    room = f28.sub(room, "_one_f", "_L_f", "_room_f").select(
+        "run", pl.when(f28.sign("_room_f") > 0).then(f28.to_d28("_room_f")).otherwise(pl.lit(0, dtype=WEIGHT))
+        .cast(sums.schema["_avail"]).alias("_avail_f28"),
+    )
+    return join_runs(sums, room).with_columns(pl.coalesce("_avail_f28", "_avail").alias("_avail")).drop("_avail_f28")
+
+
 def _step1_shares(buy: pl.DataFrame) -> pl.DataFrame:
     """Step 1 in F28 on the buyable rows: w + e × (w / S)."""
     buy = f28.div(buy, "_w_f", "_S_f", "_r_f")
@@ -243,7 +268,7 @@ class _Heuristic:
 
 
 def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_constraints: pl.DataFrame, step1_pending: pl.DataFrame,
-               step1: _Step1) -> _Heuristic:
+               step1: _Step1, exact: ExactLocked | None = None) -> _Heuristic:
     """§6.4 steps 2-5 on the map after step 1."""
     policy = runs.select("run", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
     pending = [step1_pending.join(runs.select("run"), on="run", how="semi")]
@@ -267,6 +292,8 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     if near.height:
         decided = _threshold_in_28_digits(market, step1, gc, near).rename({"_above": "_above_f28"})
         sums = join_runs(sums, decided).with_columns(pl.coalesce("_above_f28", "_above").alias("_above"))
+    if exact is not None:  # locked weights that fill the portfolio: the room 1 − L as the reference leaves it
+        sums = _room_in_28_digits(sums, wm, exact, gc)
     sums = sums.filter("_above")
     pending.append(sums.filter((pl.col("_L") > 1) | (pl.col("_B") > pl.col("_avail"))).select("run"))
     wm = _scale_buys(wm, sums.filter((pl.col("_B") > pl.col("_avail")) & (pl.col("_B") > 0)).select(

@@ -165,7 +165,7 @@ class Stages:
     def targets(self):
         return build_targets(
             self.market, self.runs, self.universe.weight_map, self.universe.sell_only_excess, self.p.model,
-            self.before.totals, pipeline._by_run(self.book.group_constraints, self.runs),
+            self.before.totals, pipeline._by_run(self.book.group_constraints, self.runs), self.universe.exact,
         )
 
     @cached_property

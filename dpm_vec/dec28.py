@@ -369,6 +369,11 @@ def to_dec(name: str) -> pl.Expr:
     return pl.when(k <= 9).then(low).otherwise(high)
 
 
+def negate(name: str) -> pl.Expr:
+    z = _z(name)
+    return pl.struct((_D28_0 - z).alias("z"), _k(name).alias("k"))
+
+
 def absolute(name: str) -> pl.Expr:
     return pl.struct(_z(name).abs().alias("z"), _k(name).alias("k"))
 

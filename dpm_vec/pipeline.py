@@ -214,7 +214,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     boundary("rules+status", (RUNS_SCHEMA, out_runs), (RULES_SCHEMA, rule_results))
     return Result(
         runs=out_runs,
-        intents=intents.drop("slot"),  # holding slots number one shard's rows: internal
+        intents=intents.drop("slot", "list_order"),  # holding slots number one shard's rows; list order: internal
         positions=states["positions"].drop("slot"),
         cash=states["cash"],
         allocations=states["allocations"],

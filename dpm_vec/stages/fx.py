@@ -25,6 +25,7 @@ INTENT_COLUMNS = {
     "pair": pl.String, "buy_currency": pl.String, "buy_amount": DEC,
     "sell_currency": pl.String, "sell_amount_estimated": DEC,
     "slot": pl.UInt32,  # of security intents: the holding slot the after-state applies them to
+    "list_order": pl.Int64,  # of security intents: their order in the list FX planning sums (§6.13; the ladder redoes that sum)
 }
 
 
@@ -107,6 +108,7 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
             "run", "_group", "_within", "intent_id", pl.lit("SECURITY_TRADE").alias("intent_type"),
             "instrument_id", "side", "quantity", "quantity_f28", "notional", pl.col("price_currency").alias("notional_currency"),
             "notional_base", "base_currency", "dependencies", "rationale_code", "min_notional_applied", "tax_budget_applied", "slot",
+            "list_order",
         )
     )
     fx = fx.with_columns(pl.lit([], dtype=pl.List(pl.String)).alias("dependencies"))

@@ -71,13 +71,19 @@ def cash_ladder(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_
     at_edge = points.filter(
         moved & ((pl.col("projected_balance").abs() < lit(DUST)) | ((pl.col("projected_balance") - pl.col("allowed_floor")).abs() < lit(DUST)))
     ).select("run").unique()
+    keys = ["run", "currency", "date_offset"]
     exact = _exact_balances(market, runs.join(at_edge, on="run", how="semi"), horizon, intents, sec, cash_input)
-    points = points.join(exact, on=["run", "currency", "date_offset"], how="left", maintain_order="left")
-    points = f28.sub(f28.from_dec(points, "allowed_floor", "_floor_f"), "_balance_f", "_floor_f", "_margin_f").with_columns(
-        pl.when(pl.col("_balance_f").is_null()).then(pl.col("projected_balance") < 0)
-        .otherwise(f28.sign("_balance_f") < 0).alias("_negative"),
-        pl.when(pl.col("_balance_f").is_null()).then(pl.col("projected_balance") < pl.col("allowed_floor"))
-        .otherwise(f28.sign("_margin_f") < 0).alias("_below_floor"),
+    if exact.height:
+        exact = f28.from_dec(exact.join(points.select(*keys, "allowed_floor"), on=keys, how="inner"), "allowed_floor", "_floor_f")
+        exact = f28.sub(exact, "_balance_f", "_floor_f", "_margin_f").select(
+            *keys, (f28.sign("_balance_f") < 0).alias("_negative"), (f28.sign("_margin_f") < 0).alias("_below_floor"),
+        )
+        points = points.join(exact, on=keys, how="left", maintain_order="left")
+    else:
+        points = points.with_columns(pl.lit(None, dtype=pl.Boolean).alias("_negative"), pl.lit(None, dtype=pl.Boolean).alias("_below_floor"))
+    points = points.with_columns(
+        pl.coalesce("_negative", pl.col("projected_balance") < 0).alias("_negative"),
+        pl.coalesce("_below_floor", pl.col("projected_balance") < pl.col("allowed_floor")).alias("_below_floor"),
     )
     utilised = points.filter(pl.col("_negative") & (pl.col("max_overdraft").fill_null(lit(0)) > 0)).select("run").unique()
     breaches = points.filter("_below_floor").select(

@@ -192,14 +192,10 @@ def _threshold_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, nea
         buy = _step1_shares(buy)
         rows = _put_weights(rows, buy.select("run", "map_order", pl.col("_w1_f").alias("_new_f")))
     # step 2: each run's group caps in key order
-    constraints = gc.join(near, on="run", how="semi").sort("run", "constraint_key").with_columns(
-        pl.col("constraint_key").rank("ordinal").over("run").alias("_rank"),
-        pl.col("constraint_key").str.split_exact(":", 1).struct.field("field_0").alias("attribute"),
-        pl.col("constraint_key").str.split_exact(":", 1).struct.field("field_1").alias("value"),
-    )
+    constraints = _ranked_constraints(gc.join(near, on="run", how="semi"))
     attributes = market.with_attributes(rows.select("run", "instrument_id").unique()).select("run", "instrument_id", "attribute", "value")
-    for rank in range(1, int(constraints["_rank"].max() or 0) + 1):
-        cap = constraints.filter(pl.col("_rank") == rank).select("run", "attribute", "value", "max_weight")
+    for rank in range(1, int(constraints["rank"].max() or 0) + 1):
+        cap = constraints.filter(pl.col("rank") == rank).select("run", "attribute", "value", "max_weight")
         members = attributes.join(cap, on=["run", "attribute", "value"], how="inner").select("run", "instrument_id", "max_weight")
         step = rows.join(members, on=["run", "instrument_id"], how="left", maintain_order="left").with_columns(
             pl.col("max_weight").is_not_null().alias("_member")
@@ -353,14 +349,7 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
             _empty_recipients(),
             pl.DataFrame(schema={"run": pl.UInt32}),
         )
-    cons = (
-        constraints.sort("run", "constraint_key")
-        .with_columns(
-            pl.col("constraint_key").rank("ordinal").over("run").cast(pl.Int64).alias("rank"),
-            pl.col("constraint_key").str.split_exact(":", 1).struct.field("field_0").alias("attribute"),
-            pl.col("constraint_key").str.split_exact(":", 1).struct.field("field_1").alias("value"),
-        )
-    )
+    cons = _ranked_constraints(constraints)
     known = (
         cons.join(market.attribute_names(cons.select("run").unique()), on=["run", "attribute"], how="semi")
         .select("run", "rank")
@@ -434,6 +423,17 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
         pl.concat([_empty_group_events(), *events]),
         pl.concat([_empty_recipients(), *recipients]),
         pl.concat([pl.DataFrame(schema={"run": pl.UInt32}), *blocked]),
+    )
+
+
+def _ranked_constraints(constraints: pl.DataFrame) -> pl.DataFrame:
+    """Each run's group constraints in key order (``rank`` from 1), their keys split into
+    ``attribute`` and ``value`` at the colon (§6.4 step 2)."""
+    key = pl.col("constraint_key").str.split_exact(":", 1)
+    return constraints.sort("run", "constraint_key").with_columns(
+        pl.col("constraint_key").rank("ordinal").over("run").cast(pl.Int64).alias("rank"),
+        key.struct.field("field_0").alias("attribute"),
+        key.struct.field("field_1").alias("value"),
     )
 
 

@@ -145,6 +145,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     # after-state for runs that did not block on the ladder; E3 revalues the before-state
     traded = _without(live, settled_block)
     pos_after, cash_after = compliance.apply_intents(_only(p.positions, traded), _only(p.cash, traded), intents, traded)
+    cash_signs = compliance.exact_cash_signs(market, traded, intents, p.cash, cash_after)
     after = value_state(market, traded, pos_after, cash_after, trust_snapshot=False, stage=dq.VALUATION_AFTER, allocations=allocations)
     revalued = value_state(market, _only(runs, settled_block), _only(p.positions, settled_block), _only(p.cash, settled_block),
                            trust_snapshot=trust, stage=dq.VALUATION_AFTER, allocations=allocations)
@@ -158,7 +159,8 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
         _only(runs, stopped), _only(before.positions, stopped), _only(p.cash, stopped), _only(before.allocations, stopped),
         counts_final, n_suppressed,
     )
-    rules_after = compliance.evaluate_rules(traded, after.positions, after.cash, after.allocations, counts_final, n_suppressed)
+    rules_after = compliance.evaluate_rules(traded, after.positions, after.cash, after.allocations, counts_final, n_suppressed,
+                                            cash_signs)
     hard_fail = rules_after.filter((pl.col("severity") == "HARD") & (pl.col("status") == "FAIL")).select("run").unique()
     recon = compliance.reconcile(_only(before.totals, _without(traded, hard_fail)), after.totals)
     rule_results = pl.concat([

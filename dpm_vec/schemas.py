@@ -231,9 +231,10 @@ INTENTS_SCHEMA = _stage(
         ("buy_amount and sell_amount_estimated set on FX_SPOT intents only",
          (pl.col("intent_type") == "FX_SPOT") == (pl.col("buy_amount").is_not_null() & pl.col("sell_amount_estimated").is_not_null())),
         # a FUNDING buy is the shortfall times (1 + fx_buffer_pct), which the reference
-        # accepts unvalidated: at -1 or below it is zero or negative. A SWEEP sells a surplus.
-        ("a SWEEP's buy_amount and sell_amount_estimated > 0",
-         (pl.col("rationale_code") != "SWEEP") | ((pl.col("buy_amount") > 0) & (pl.col("sell_amount_estimated") > 0))),
+        # accepts unvalidated: at -1 or below it is zero or negative. A SWEEP sells a surplus,
+        # 0 at 20 decimals where it is the 28-digit dust of a tax-limited sell (stages/cash28.py)
+        ("a SWEEP's buy_amount and sell_amount_estimated >= 0",
+         (pl.col("rationale_code") != "SWEEP") | ((pl.col("buy_amount") >= 0) & (pl.col("sell_amount_estimated") >= 0))),
     ],
     unique=["run", "intent_id"],  # dependencies name intents by id
 )

@@ -11,6 +11,8 @@ import polars as pl
 from dpm_vec import dec28
 from dpm_vec.frames import concat_by_run, join_on_index, join_runs, sort_rows
 from dpm_vec.numeric import DEC, dabs, lit
+from dpm_vec.stages.cash28 import DUST, exact_flows, key
+from dpm_vec.stages.prepare import Market
 
 SAFETY_ORDER = 600_000_000  # warning order: after every earlier stage (see targets.TARGET_STAGE_ORDER)
 APPENDED = 1 << 50  # order of positions / cash rows the after-state appends
@@ -91,9 +93,55 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
     return pos, cash_after
 
 
+def exact_cash_signs(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_input: pl.DataFrame,
+                     cash_after: pl.DataFrame) -> pl.DataFrame:
+    """(run, currency, _negative): whether each after-state cash balance is negative as the
+    reference sums it (§6.16: the input amount, then the intents' movements in execution
+    order, each addition rounded to 28 digits), for the runs where a tax-limited sell's
+    28-digit notional (``cash28``) can tip the sign of a balance within dust of 0: the
+    fixed-point sum can be exactly 0 where the reference's is -1E-23, which fails
+    INSUFFICIENT_CASH. That takes a balance in the sell's currency with a BUY there too
+    (with sells only, the after-state adds them in the order FX planning summed them, and
+    the SWEEP cancels the sum exactly), or the base currency, where FX amounts land."""
+    schema = {"run": pl.UInt32, "currency": pl.String, "_negative": pl.Boolean}
+    limited = intents.filter(pl.col("quantity_f28").is_not_null()).select("run", pl.col("notional_currency").alias("currency")).unique()
+    if limited.height == 0:
+        return pl.DataFrame(schema=schema)
+    bought = intents.filter((pl.col("side") == "BUY") & pl.col("run").is_in(limited["run"].implode())).select(
+        "run", pl.col("notional_currency").alias("currency"),
+    ).unique()
+    touched = pl.concat([
+        limited.join(bought, on=["run", "currency"], how="semi"),
+        limited.select("run").unique().join(runs.select("run", pl.col("base_currency").alias("currency")), on="run"),
+    ])
+    near = cash_after.filter(pl.col("amount").abs() < lit(DUST)).join(touched, on=["run", "currency"], how="semi")
+    chosen = runs.select("run", "fx_buffer_pct").join(near.select("run").unique(), on="run", how="semi")
+    if chosen.height == 0:
+        return pl.DataFrame(schema=schema)
+    intents = intents.filter(pl.col("run").is_in(chosen["run"].implode()))
+    sec = intents.filter(pl.col("intent_type") == "SECURITY_TRADE").select(
+        "run", "exec_order", "instrument_id", "side", "notional", "notional_currency", "quantity_f28", "list_order",
+    )
+    flows = exact_flows(market, chosen, intents, sec, cash_input)
+    moves = pl.concat([
+        dec28.from_dec(flows.cash, "amount", "_flow_f").select("run", "currency", pl.col("cash_seq").cast(pl.Int64).alias("_seq"), "_flow_f"),
+        flows.security.select("run", pl.col("notional_currency").alias("currency"), (pl.lit(1 << 40) + 2 * pl.col("exec_order")).alias("_seq"),
+                              "_flow_f"),
+        flows.fx.select("run", pl.col("sell_currency").alias("currency"), (pl.lit(1 << 40) + 2 * pl.col("exec_order")).alias("_seq"),
+                        dec28.negate("_sell_f").alias("_flow_f")),
+        flows.fx.select("run", pl.col("buy_currency").alias("currency"), (pl.lit(1 << 40) + 2 * pl.col("exec_order") + 1).alias("_seq"),
+                        pl.col("_buy_f").alias("_flow_f")),
+    ]).sort("run", "currency", "_seq").with_columns(key())
+    balances = dec28.group_sums(moves, "_key", "_flow_f", "_amount_f")
+    return moves.select("_key", "run", "currency").unique("_key").join(balances, on="_key").select(
+        "run", "currency", (dec28.sign("_amount_f") < 0).alias("_negative"),
+    )
+
+
 def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame, allocations: pl.DataFrame,
-                   dq_counts: pl.DataFrame, suppressed_counts: pl.DataFrame) -> pl.DataFrame:
-    """The six core rules for each run of ``runs`` on the given state (§6.17)."""
+                   dq_counts: pl.DataFrame, suppressed_counts: pl.DataFrame, cash_signs: pl.DataFrame | None = None) -> pl.DataFrame:
+    """The six core rules for each run of ``runs`` on the given state (§6.17); ``cash_signs``
+    (``exact_cash_signs``) decides which cash balances are negative where it has a row."""
     cash_weight = allocations.filter((pl.col("dimension") == "asset_class") & (pl.col("key") == "CASH")).select("run", pl.col("weight").alias("_cash_w"))
     pos_stats = positions.group_by("run").agg(
         pl.col("quantity").filter(pl.col("quantity") < 0).min().alias("_min_qty"),
@@ -101,7 +149,11 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
     # a position's weight is its instrument bucket's: value_base / divisor, computed once in valuation
     inst = positions.select("run", pl.col("instrument_id").alias("key"), pl.col("pos_seq").cast(pl.Int64).alias("bucket_order"), "weight")
     max_w = inst.group_by("run").agg(pl.col("weight").max().alias("_max_w"))
-    cash_stats = cash.group_by("run").agg(pl.col("amount").filter(pl.col("amount") < 0).min().alias("_min_cash"))
+    negative = pl.col("amount") < 0
+    if cash_signs is not None and cash_signs.height:
+        cash = cash.join(cash_signs, on=["run", "currency"], how="left", maintain_order="left")
+        negative = pl.coalesce("_negative", negative)
+    cash_stats = cash.group_by("run").agg(pl.col("amount").filter(negative).min().alias("_min_cash"))
     r = (
         runs.select("run", "cash_band_min_weight", "cash_band_max_weight", "single_position_max_weight")
         .join(cash_weight, on="run", how="left").join(pos_stats, on="run", how="left").join(max_w, on="run", how="left")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import polars as pl
 
+from dpm_vec import dec28 as f28
 from dpm_vec.dec28 import F28
 from dpm_vec.frames import position_in_run, sort_rows
 from dpm_vec.numeric import DEC, QTY, dabs, lit
 from dpm_vec.stages import dq
+from dpm_vec.stages.cash28 import DUST, exact_notionals, limited_runs, projected_balances
 from dpm_vec.stages.prepare import Market
 
 INTENT_COLUMNS = {
@@ -49,10 +51,11 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         projected, pl.col("rate").is_null(), "fx_missing", pl.col("currency") + "/" + pl.col("base_currency"),
         dq.FX, pl.col("ccy_order"),
     )
-    funding = pl.col("balance") < 0
+    projected = _exact_signs(market, runs, security, cash_input, projected)
+    funding = pl.col("_sign") < 0
     buy_amount = dabs(pl.col("balance")) * (lit(1) + pl.col("fx_buffer_pct"))
     fx = (
-        projected.filter(pl.col("rate").is_not_null() & (pl.col("balance") != 0))
+        projected.filter(pl.col("rate").is_not_null() & (pl.col("_sign") != 0))
         .pipe(sort_rows, "run", "ccy_order")
         .join(security.group_by("run").agg(pl.len().alias("_n_sec")), on="run", how="left")
         .with_columns(
@@ -94,26 +97,46 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         .join(funding_ids, on=["run", "price_currency"], how="left")
         .join(last_sell, on=["run", "price_currency"], how="left")
         .select(
-            "run", "price_currency", pl.lit("BUY").alias("side"),
+            "run", "price_currency",
             pl.concat_list(
                 pl.when(pl.col("_fx_dep").is_not_null()).then(pl.concat_list("_fx_dep")).otherwise(pl.lit([], dtype=pl.List(pl.String))),
                 pl.when(pl.col("_sell_dep").is_not_null()).then(pl.concat_list("_sell_dep")).otherwise(pl.lit([], dtype=pl.List(pl.String))),
             ).alias("dependencies"),
         )
     )
-    sec = (
-        sec.join(buy_deps, on=["run", "price_currency", "side"], how="left")
-        .with_columns(pl.col("dependencies").fill_null(pl.lit([], dtype=pl.List(pl.String))))
-        .select(
-            "run", "_group", "_within", "intent_id", pl.lit("SECURITY_TRADE").alias("intent_type"),
-            "instrument_id", "side", "quantity", "quantity_f28", "notional", pl.col("price_currency").alias("notional_currency"),
-            "notional_base", "base_currency", "dependencies", "rationale_code", "min_notional_applied", "tax_budget_applied", "slot",
-            "list_order",
-        )
+    sec = sec.select(
+        "run", "_group", "_within", "intent_id", pl.lit("SECURITY_TRADE").alias("intent_type"), "instrument_id", "side", "quantity",
+        "quantity_f28", "notional", "price_currency", "notional_base", "base_currency", "rationale_code", "min_notional_applied",
+        "tax_budget_applied", "slot", "list_order",
     )
-    fx = fx.with_columns(pl.lit([], dtype=pl.List(pl.String)).alias("dependencies"))
-    # a list column gathers ~20x slower over two chunks than over one
-    intents = pl.concat([sec, fx], how="diagonal_relaxed")
-    intents = sort_rows(intents.with_columns(intents["dependencies"].rechunk()), "run", "_group", "_within")
-    intents = intents.with_columns(position_in_run().alias("exec_order"))
+    # in execution order first, and the lists joined on after: a list column costs far more
+    # to move in a sort than the join's gather of it
+    intents = sort_rows(pl.concat([sec, fx], how="diagonal_relaxed"), "run", "_group", "_within")
+    intents = intents.join(buy_deps, on=["run", "price_currency"], how="left", maintain_order="left").with_columns(
+        pl.when(pl.col("side") == "BUY").then(pl.col("dependencies")).otherwise(pl.lit([], dtype=pl.List(pl.String))).alias("dependencies"),
+        pl.col("price_currency").alias("notional_currency"),
+        position_in_run().alias("exec_order"),
+    )
     return intents.select([pl.col(c).cast(t) for c, t in INTENT_COLUMNS.items()]), fx_missing
+
+
+def _exact_signs(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_input: pl.DataFrame,
+                 projected: pl.DataFrame) -> pl.DataFrame:
+    """``projected`` with ``_sign``, the sign of each balance that decides FUNDING, SWEEP or
+    no FX: the balance's own, or, in runs with a tax-limited sell whose balance lies within
+    dust of 0, the sign of the reference's 28-digit sum (``cash28``): a sell of a few 1E-28
+    units leaves a dust balance the reference sweeps where the 20-decimal notional is 0."""
+    sign = pl.when(pl.col("balance") > 0).then(1).when(pl.col("balance") < 0).then(-1).otherwise(0).cast(pl.Int8)
+    near = projected.filter(pl.col("balance").abs() < lit(DUST)).select("run").unique()
+    chosen = limited_runs(security).join(near, on="run", how="semi")
+    if chosen.height == 0:
+        return projected.with_columns(sign.alias("_sign"))
+    sec = exact_notionals(market, chosen, security.select(
+        "run", "instrument_id", "side", "notional", pl.col("price_currency").alias("notional_currency"), "quantity_f28", "list_order",
+    ))
+    exact = projected_balances(sec, cash_input.join(chosen, on="run", how="semi")).select(
+        "run", "currency", f28.sign("_balance_f").cast(pl.Int8).alias("_exact_sign"),
+    )
+    return projected.join(exact, on=["run", "currency"], how="left", maintain_order="left").with_columns(
+        pl.coalesce("_exact_sign", sign).alias("_sign"),
+    ).drop("_exact_sign")

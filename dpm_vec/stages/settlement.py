@@ -8,12 +8,11 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.numeric import DEC, lit
+from dpm_vec.stages.cash28 import DUST, exact_flows, key, limited_runs
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
 
 SETTLEMENT_ORDER = 500_000_000
-# a ladder balance this close to 0 or to its floor may have the other sign in the reference's 28-digit sums
-DUST = "0.000000000000001"
 
 
 @dataclass(frozen=True)
@@ -107,52 +106,18 @@ def cash_ladder(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_
 def _exact_balances(market: Market, runs: pl.DataFrame, horizon: pl.DataFrame, intents: pl.DataFrame, sec: pl.DataFrame,
                     cash_input: pl.DataFrame) -> pl.DataFrame:
     """(run, currency, date_offset, _balance_f): the ladder's balances as the reference
-    computes them, for the runs with a tax-limited sell. Such a sell's notional has 28
-    significant digits; the reference adds it to the projected balance that a SWEEP sells
-    whole (or a FUNDING buys back) and to the ladder, each addition rounded to 28 digits in
-    its own order, and the two can differ by a unit of the 28th digit: a balance of -1E-23
-    where the fixed-point ladder has exactly 0. So for those runs the notionals (quantity ×
-    price), the projected balances (cash in input order, then the notionals in list order,
-    §6.13), the FX amounts, each day's flows (cash, then the intents in intent-id text
-    order, §6.15) and the running balances are redone in F28."""
+    computes them, for the runs with a tax-limited sell (``cash28``): each day's flows
+    (cash, then the intents in intent-id text order, §6.15) and the running balances are
+    redone in F28 over the 28-digit notionals and FX amounts."""
     schema = {"run": pl.UInt32, "currency": pl.String, "date_offset": pl.Int32, "_balance_f": f28.F28}
-    chosen = sec.filter(pl.col("quantity_f28").is_not_null()).select("run").unique().join(
-        runs.select("run", "base_currency", "fx_buffer_pct"), on="run", how="inner"
-    ).join(horizon, on="run", how="inner")
+    chosen = limited_runs(sec).join(runs.select("run", "fx_buffer_pct"), on="run", how="inner").join(
+        horizon, on="run", how="inner"
+    )
     if chosen.height == 0:
         return pl.DataFrame(schema=schema)
-    sec = sec.join(chosen.select("run"), on="run", how="semi")
-    sec = f28.from_dec(market.with_price(sec).with_columns(pl.col("price").fill_null(lit(0))), "price", "_price_f")
-    sec = f28.from_dec(sec, "notional", "_fixed_f")
-    sec = f28.mul(sec.with_columns(pl.col("quantity_f28").fill_null(f28.zero()).alias("_q_f")), "_q_f", "_price_f", "_limited_f")
-    sec = sec.with_columns(
-        pl.when(pl.col("quantity_f28").is_not_null()).then(pl.col("_limited_f")).otherwise(pl.col("_fixed_f")).alias("_notional_f"),
-    )
-    sec = sec.with_columns(
-        pl.when(pl.col("side") == "SELL").then(pl.col("_notional_f")).otherwise(f28.negate("_notional_f")).alias("_flow_f")
-    )
-    cash = cash_input.join(chosen.select("run"), on="run", how="semi")
-    # §6.13: each currency's projected balance, cash first (input order), then the notionals in list order
-    projected = pl.concat([
-        f28.from_dec(cash, "amount", "_flow_f").select("run", "currency", pl.col("cash_seq").cast(pl.Int64).alias("_seq"), "_flow_f"),
-        sec.select("run", pl.col("notional_currency").alias("currency"), (pl.lit(1 << 40) + pl.col("list_order")).alias("_seq"), "_flow_f"),
-    ]).sort("run", "currency", "_seq").with_columns(_key())
-    projected = f28.group_sums(projected, "_key", "_flow_f", "_balance_f")
-    fx = intents.filter(pl.col("intent_type") == "FX_SPOT").join(chosen, on="run", how="inner").with_columns(
-        pl.when(pl.col("rationale_code") == "FUNDING").then(pl.col("buy_currency")).otherwise(pl.col("sell_currency")).alias("currency"),
-        (lit(1) + pl.col("fx_buffer_pct")).alias("_one_plus"),
-    ).with_columns(_key())
-    fx = fx.join(projected, on="_key", how="left")
-    fx = market.with_rate_f28(fx, "currency", "base_currency", "_rate_f")
-    fx = f28.from_dec(fx, "_one_plus", "_one_plus_f")
-    fx = f28.mul(fx.with_columns(f28.absolute("_balance_f").alias("_abs_f")), "_abs_f", "_one_plus_f", "_funding_buy_f")
-    fx = f28.mul(fx, "_funding_buy_f", "_rate_f", "_funding_sell_f")
-    fx = f28.mul(fx, "_balance_f", "_rate_f", "_sweep_buy_f")
-    funding = pl.col("rationale_code") == "FUNDING"
-    fx = fx.with_columns(
-        pl.when(funding).then(pl.col("_funding_buy_f")).otherwise(pl.col("_sweep_buy_f")).alias("_buy_f"),
-        pl.when(funding).then(pl.col("_funding_sell_f")).otherwise(pl.col("_balance_f")).alias("_sell_f"),
-    )
+    flows = exact_flows(market, chosen, intents, sec, cash_input)
+    sec, cash = flows.security, flows.cash
+    fx = flows.fx.join(horizon.select("run", "fx_settlement_days"), on="run", how="inner")
     # §6.15: each day's flows, cash first, then the intents in intent-id text order (an FX: its sell, then its buy)
     order = pl.concat([sec.select("run", "intent_id"), fx.select("run", "intent_id")]).with_columns(
         pl.col("intent_id").rank("ordinal").over("run").cast(pl.Int64).alias("_text")
@@ -168,7 +133,7 @@ def _exact_balances(market: Market, runs: pl.DataFrame, horizon: pl.DataFrame, i
                   text.alias("_seq"), f28.negate("_sell_f").alias("_flow_f")),
         fx.select("run", pl.col("buy_currency").alias("currency"), pl.col("fx_settlement_days").cast(pl.Int32).alias("day"),
                   (text + 1).alias("_seq"), pl.col("_buy_f").alias("_flow_f")),
-    ]).sort("run", "currency", "day", "_seq").with_columns(_key("day"))
+    ]).sort("run", "currency", "day", "_seq").with_columns(key("day"))
     cells = f28.group_sums(flows, "_key", "_flow_f", "_cell_f").join(
         flows.select("_key", "run", "currency", "day").unique("_key"), on="_key"
     )
@@ -185,8 +150,3 @@ def _exact_balances(market: Market, runs: pl.DataFrame, horizon: pl.DataFrame, i
         balances.append(accounts.with_columns(pl.lit(day, dtype=pl.Int32).alias("date_offset")).hstack([f28.struct("_balance_f", running)]))
     return pl.concat(balances).select("run", "currency", "date_offset", "_balance_f")
 
-
-def _key(*extra: str) -> pl.Expr:
-    """One string key of (run, currency[, extra...]) for ``dec28.group_sums``."""
-    return pl.concat_str([pl.col("run").cast(pl.String), pl.col("currency"), *(pl.col(c).cast(pl.String) for c in extra)],
-                         separator="|").alias("_key")

@@ -101,7 +101,7 @@ def test_the_trades_stage_sized_what_the_contract_checks(traded):
     ("engine: intents", "intent_type",  # the other type, keeping the amounts of this one
      pl.when(pl.col("intent_type") == "FX_SPOT").then(pl.lit("SECURITY_TRADE")).otherwise(pl.lit("FX_SPOT")),
      "buy_amount and sell_amount_estimated set on FX_SPOT intents only"),
-    ("engine: intents", "rationale_code", pl.lit("SWEEP"), "a SWEEP's buy_amount and sell_amount_estimated > 0"),
+    ("engine: intents", "rationale_code", pl.lit("SWEEP"), "a SWEEP's buy_amount and sell_amount_estimated >= 0"),
     ("engine: rule results", "rule_id", pl.lit(""), "rule_id not empty"),
 ])
 def test_a_value_outside_the_contract_names_the_rule_and_the_row(traded, name, column, bad, rule):

@@ -343,3 +343,41 @@ def test_target_stage_block_is_early_exit_on_before_state(scenario):
     assert (r["status"], r["exit_path"], r["gate"]) == ("BLOCKED", "E1", "BLOCKED")
     assert [x["status"] for x in s.rules()] == ["PASS"] * 6
     assert s.result.intents.height == 0
+
+
+def test_insufficient_cash_on_the_reference_28_digit_after_state(scenario):
+    """A tax-limited SELL's 28-digit notional (18664.343094387378317629... USD) is summed
+    into the USD balance the SWEEP sells whole and, in execution order, into the
+    after-state: the reference ends at -2E-23 USD and fails INSUFFICIENT_CASH. The
+    fixed-point after-state cancels to exactly 0, so the rule reads the signs of
+    ``exact_cash_signs``, which redoes those sums in 28 digits (the run blocks on E4)."""
+    s = scenario(
+        base="EUR",
+        positions=[("A", "1034"), ("S", "1768")],
+        cash=[("USD", "116776.13")],
+        prices=[("A", "705.45", "USD"), ("B", "293.46", "USD"), ("C", "183.83", "USD"), ("S", "222.31", "EUR")],
+        fx=[("USD/EUR", "0.951086")],
+        shelf=[("A", "APPROVED", "ALTERNATIVE"), ("B", "APPROVED", "FIXED_INCOME"), ("C", "APPROVED", "ALTERNATIVE"),
+               ("S", "SUSPENDED", "ALTERNATIVE")],
+        attributes=[("A", "sector", "ENERGY"), ("B", "sector", "ENERGY"), ("C", "sector", "TECH"), ("S", "sector", "ENERGY")],
+        model=[("B", "0.2144"), ("C", "0.2295")],
+        lots=[("A", "L0", "820", "538.01", "USD", "2025-04-10"), ("A", "L1", "214", "319.74", "USD", "2020-09-19"),
+              ("S", "L0", "424", "178.50", "EUR", "2023-07-10"), ("S", "L1", "1214", "574.45", "EUR", "2021-03-16"),
+              ("S", "L2", "130", "647.15", "EUR", "2024-03-16")],
+        groups={"sector:ENERGY": "0.2"},
+        enable_tax_awareness=True,
+        max_realized_capital_gains="4213.33",
+        max_turnover_pct="0.5",
+    )
+    sell = s.intents.filter(pl.col("instrument_id") == "A").row(0, named=True)
+    assert sell["quantity_f28"] is not None and sell["quantity"] < 27  # tax-limited, fractional
+    r = s.result
+    after_usd = r.cash.filter((pl.col("state") == "after") & (pl.col("currency") == "USD"))["amount"]
+    assert after_usd.to_list() == [D(0)]  # the fixed-point balance the reference has 2E-23 below 0
+    (ic,) = _rule(s, "INSUFFICIENT_CASH")
+    assert (ic["status"], ic["reason_code"]) == ("FAIL", "CASH_BALANCE_NEGATIVE")
+    assert s.warnings() == ["CAPPED_BY_GROUP_LIMIT_sector:ENERGY", "TAX_BUDGET_LIMIT_REACHED", "PARTIAL_REBALANCE_TURNOVER_LIMIT",
+                          "SIMULATION_SAFETY_CHECK_FAILED"]
+    assert (s.run_row()["status"], s.run_row()["exit_path"]) == ("BLOCKED", "E4")
+    signs = compliance.exact_cash_signs(s.market, s.runs, s.intents, s.p.cash, r.cash.filter(pl.col("state") == "after"))
+    assert sorted(signs.iter_rows()) == [(0, "EUR", False), (0, "USD", True)]

@@ -209,3 +209,31 @@ def test_fx_runs_isolated(scenario):
     )
     amounts = [_fx_rows(s, r)[0]["buy_amount"] for r in (0, 1, 2)]
     assert amounts == [D("3737"), D("3885"), D("3700")]
+
+
+def test_dust_of_a_tax_limited_sell_is_swept_as_the_reference_sums_it(scenario):
+    """The tax budget leaves a residue that sells 3E-28 units of a GBP holding: the
+    notional is 1.4E-25 GBP in the reference's 28 digits but 0 at 20 decimals. The
+    reference's projected GBP balance is that dust and it sweeps it into EUR; FX planning
+    takes the 28-digit sign for such a balance, so the SWEEP is planned (its amounts are
+    0 at 20 decimals), depends on nothing and sits between the sells and the buys."""
+    s = scenario(
+        base="EUR",
+        positions=[("E", "1650"), ("G", "1022", "60742.29", "GBP")],
+        prices=[("E", "813.36", "EUR"), ("G", "474.88", "GBP")],
+        fx=[("EUR/GBP", "0.818402")],
+        shelf=[("E", "APPROVED", "FIXED_INCOME"), ("G", "SELL_ONLY", "FIXED_INCOME")],
+        lots=[("E", "L0", "27", "773.74", "EUR", "2025-07-18"), ("E", "L1", "1548", "852.56", "EUR", "2022-06-19"),
+              ("E", "L2", "75", "245.85", "EUR", "2021-02-16"), ("G", "L0", "1022", "203.00", "GBP", "2023-06-12")],
+        enable_tax_awareness=True,
+        max_realized_capital_gains="777.88",
+    )
+    sell = s.intents.filter(pl.col("instrument_id") == "G").row(0, named=True)
+    assert sell["quantity"] == D("3E-28") and sell["notional"] == 0  # 1.43E-25 GBP in 28 digits
+    fx = s.intents.filter(pl.col("intent_type") == "FX_SPOT")
+    assert fx.select("pair", "rationale_code", "buy_currency", "sell_currency", "buy_amount", "sell_amount_estimated").rows() == [
+        ("GBP/EUR", "SWEEP", "EUR", "GBP", D(0), D(0)),
+    ]
+    assert s.intents["intent_type"].to_list() == ["SECURITY_TRADE", "SECURITY_TRADE", "FX_SPOT"]
+    assert fx["dependencies"].to_list() == [[]]
+    assert s.run_row()["status"] == "READY"

@@ -1,0 +1,96 @@
+"""Cash movements in the reference's 28-digit arithmetic, for runs with a tax-limited sell.
+
+Such a sell's quantity, and so its notional, has 28 significant digits. The reference adds
+that notional to the projected balance a SWEEP sells whole or a FUNDING buys back (§6.13),
+and again, in other orders, to the settlement ladder (§6.15) and the after-state cash
+(§6.16), each addition rounded to 28 digits; the sums can then differ by a unit of the 28th
+digit (-1E-23 where fixed-point arithmetic cancels to exactly 0), and the sign decides a
+ladder breach or INSUFFICIENT_CASH. Both stages redo their sums over these flows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from dpm_vec import dec28 as f28
+from dpm_vec.numeric import lit
+from dpm_vec.stages.prepare import Market
+
+# a balance this close to 0 (or to an overdraft floor) may have the other sign in the reference's 28-digit sums
+DUST = "0.000000000000001"
+
+
+@dataclass(frozen=True)
+class ExactFlows:
+    security: pl.DataFrame  # the given security intents, with _flow_f: +notional for a SELL, -notional for a BUY
+    fx: pl.DataFrame  # the runs' FX intents, with _sell_f and _buy_f (sell and buy amounts)
+    cash: pl.DataFrame  # the runs' input cash rows
+
+
+def limited_runs(intents: pl.DataFrame) -> pl.DataFrame:
+    """(run) of the runs with a tax-limited sell: a security intent with a 28-digit quantity."""
+    return intents.filter(pl.col("quantity_f28").is_not_null()).select("run").unique()
+
+
+def exact_flows(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, sec: pl.DataFrame, cash_input: pl.DataFrame) -> ExactFlows:
+    """The cash flows of ``runs`` (run, fx_buffer_pct) in F28: each security intent of
+    ``sec`` (``exact_notionals``), and each FX intent's amounts from the projected balance
+    it nets (§6.13)."""
+    sec = exact_notionals(market, runs, sec)
+    cash = cash_input.join(runs.select("run"), on="run", how="semi")
+    projected = projected_balances(sec, cash).select("_key", "_balance_f")
+    fx = intents.filter(pl.col("intent_type") == "FX_SPOT").join(runs.select("run", "fx_buffer_pct"), on="run", how="inner")
+    fx = fx.with_columns(
+        pl.when(pl.col("rationale_code") == "FUNDING").then(pl.col("buy_currency")).otherwise(pl.col("sell_currency")).alias("currency"),
+        (lit(1) + pl.col("fx_buffer_pct")).alias("_one_plus"),
+    ).with_columns(key())
+    fx = fx.join(projected, on="_key", how="left")
+    fx = market.with_rate_f28(fx, "currency", "base_currency", "_rate_f")
+    fx = f28.from_dec(fx, "_one_plus", "_one_plus_f")
+    fx = f28.mul(fx.with_columns(f28.absolute("_balance_f").alias("_abs_f")), "_abs_f", "_one_plus_f", "_funding_buy_f")
+    fx = f28.mul(fx, "_funding_buy_f", "_rate_f", "_funding_sell_f")
+    fx = f28.mul(fx, "_balance_f", "_rate_f", "_sweep_buy_f")
+    funding = pl.col("rationale_code") == "FUNDING"
+    fx = fx.with_columns(
+        pl.when(funding).then(pl.col("_funding_buy_f")).otherwise(pl.col("_sweep_buy_f")).alias("_buy_f"),
+        pl.when(funding).then(pl.col("_funding_sell_f")).otherwise(pl.col("_balance_f")).alias("_sell_f"),
+    )
+    return ExactFlows(security=sec, fx=fx, cash=cash)
+
+
+def exact_notionals(market: Market, runs: pl.DataFrame, sec: pl.DataFrame) -> pl.DataFrame:
+    """The security intents of ``sec`` (run, instrument_id, side, notional,
+    notional_currency, quantity_f28, ...) that belong to ``runs``, with ``_flow_f``:
+    +notional for a SELL, -notional for a BUY, the notional being quantity × price in 28
+    digits for a tax-limited sell and the fixed-point notional otherwise."""
+    columns = sec.columns
+    sec = sec.join(runs.select("run"), on="run", how="semi")
+    sec = f28.from_dec(market.with_price(sec).with_columns(pl.col("price").fill_null(lit(0))), "price", "_price_f")
+    sec = f28.from_dec(sec, "notional", "_fixed_f")
+    sec = f28.mul(sec.with_columns(pl.col("quantity_f28").fill_null(f28.zero()).alias("_q_f")), "_q_f", "_price_f", "_limited_f")
+    return sec.with_columns(
+        pl.when(pl.col("quantity_f28").is_not_null()).then(pl.col("_limited_f")).otherwise(pl.col("_fixed_f")).alias("_notional_f"),
+    ).with_columns(
+        pl.when(pl.col("side") == "SELL").then(pl.col("_notional_f")).otherwise(f28.negate("_notional_f")).alias("_flow_f")
+    ).select(*columns, "_flow_f")
+
+
+def projected_balances(sec: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:
+    """(_key, run, currency, _balance_f): each currency's projected balance (§6.13) over the
+    cash rows and the ``exact_notionals`` of ``sec``: cash first (input order), then the
+    notionals in list order, one 28-digit rounding per addition."""
+    flows = pl.concat([
+        f28.from_dec(cash, "amount", "_flow_f").select("run", "currency", pl.col("cash_seq").cast(pl.Int64).alias("_seq"), "_flow_f"),
+        sec.select("run", pl.col("notional_currency").alias("currency"), (pl.lit(1 << 40) + pl.col("list_order")).alias("_seq"), "_flow_f"),
+    ]).sort("run", "currency", "_seq").with_columns(key())
+    return f28.group_sums(flows, "_key", "_flow_f", "_balance_f").join(
+        flows.select("_key", "run", "currency").unique("_key"), on="_key"
+    )
+
+
+def key(*extra: str) -> pl.Expr:
+    """One string key of (run, currency[, extra...]) for ``dec28.group_sums``."""
+    return pl.concat_str([pl.col("run").cast(pl.String), pl.col("currency"), *(pl.col(c).cast(pl.String) for c in extra)],
+                         separator="|").alias("_key")

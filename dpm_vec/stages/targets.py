@@ -172,16 +172,15 @@ class _Step1:
     sell_only_excess: pl.DataFrame
 
 
-def _threshold_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame) -> pl.DataFrame:
-    """(run, _above) for the ``near`` runs, whose map total after steps 1-2 lies within
-    1e-20 of step 3's threshold and whose non-buyable weights are all 0: whether the
-    reference's total exceeds 1.0001. In exact arithmetic a SELL_ONLY redistribution and
-    a group cap keep the model's total, and models of 4-decimal weights sum to 1.0001
-    often enough; the reference rounds every product, quotient and sum of those steps to
-    28 significant digits (spec §1.1) and lands on either side, so both steps are replayed
-    that way, in F28, from the model weights, in map order:
+def _steps_1_2_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame) -> pl.DataFrame:
+    """The map rows of the ``near`` runs (run, map_order, buy, ``_w_f``) with their weights
+    as the reference's steps 1-2 leave them: every product, quotient and sum rounded to 28
+    significant digits (spec §1.1), in F28, from the model weights, in map order:
     w + e × (w / S) for step 1; for each group cap in key order, members × (max / G) and
-    candidates + (G − max) × (w / C) for step 2; then the total."""
+    candidates + (G − max) × (w / C) for step 2. Where a total after these steps lands
+    exactly on a threshold in exact arithmetic (models of 4-decimal weights do, often
+    enough), the reference's rounding decides the side; the fixed-point steps can differ
+    from it in the last digit."""
     rows = sort_rows(step1.weight_map.join(near, on="run", how="semi"), "run", "map_order")
     rows = f28.from_dec(rows.with_columns((pl.col("kind") == "BUYABLE").alias("buy")), "weight", "_w_f")
     # step 1: runs with SELL_ONLY excess and buyable weight to take it
@@ -213,9 +212,33 @@ def _threshold_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, nea
         candidates = f28.div(join_runs(candidates, c, how="inner"), "_w_f", "_C_f", "_r_f")
         candidates = f28.add(f28.mul(candidates, "_excess_f", "_r_f", "_share_f"), "_w_f", "_share_f", "_new_f")
         rows = _put_weights(rows, pl.concat([scaled.select("run", "map_order", "_new_f"), candidates.select("run", "map_order", "_new_f")]))
+    return rows
+
+
+def _threshold_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame) -> pl.DataFrame:
+    """(run, _above) for the ``near`` runs, whose map total after steps 1-2 lies within
+    1e-20 of step 3's threshold and whose non-buyable weights are all 0: whether the
+    reference's total exceeds 1.0001. In exact arithmetic a SELL_ONLY redistribution and
+    a group cap keep the model's total, and models of 4-decimal weights sum to 1.0001
+    often enough (``_steps_1_2_in_28_digits``)."""
+    rows = _steps_1_2_in_28_digits(market, step1, gc, near)
     total = f28.group_sums(rows, "run", "_w_f", "_total_f")
     # near 1.0001, 28 significant digits are 27 decimals: the Decimal(38, 28) copy is exact
     return total.select("run", (f28.to_d28("_total_f") > lit(NORMALISATION_THRESHOLD)).alias("_above"))
+
+
+def _buffer_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame) -> pl.DataFrame:
+    """(run, _binds) for the ``near`` runs, whose buyable sum B lies within 1e-20 of step
+    5's allowed 1 − p, that steps 3-4 left as steps 1-2 made them and whose non-buyable
+    weights are all 0: whether the reference's B, the buyable weights of its 28-digit
+    steps 1-2 summed in map order, exceeds 1 − p (a model of 4-decimal weights that sums
+    to 1 − p, with a SELL_ONLY weight spread over the others, lands on either side)."""
+    rows = _steps_1_2_in_28_digits(market, step1, gc, near.select("run"))
+    b = f28.group_sums(rows.filter("buy"), "run", "_w_f", "_B_f")
+    # near 1 − p (p a weight), 28 significant digits are 28 decimals or fewer: the copy is exact
+    return join_runs(b, near.select("run", "_allowed"), how="inner").select(
+        "run", (f28.to_d28("_B_f") > pl.col("_allowed")).alias("_binds"),
+    )
 
 
 def _room_in_28_digits(sums: pl.DataFrame, wm: pl.DataFrame, exact: ExactLocked, gc: pl.DataFrame) -> pl.DataFrame:
@@ -291,6 +314,7 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     if exact is not None:  # locked weights that fill the portfolio: the room 1 − L as the reference leaves it
         sums = _room_in_28_digits(sums, wm, exact, gc)
     sums = sums.filter("_above")
+    above = sums.select("run")
     pending.append(sums.filter((pl.col("_L") > 1) | (pl.col("_B") > pl.col("_avail"))).select("run"))
     wm = _scale_buys(wm, sums.filter((pl.col("_B") > pl.col("_avail")) & (pl.col("_B") > 0)).select(
         "run", (pl.col("_avail") / pl.col("_B")).alias("_scale")
@@ -308,8 +332,17 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
         .group_by("run").agg(_agg_where(pl.col("buy")).alias("_B"), _agg_where(~pl.col("buy")).alias("_L"))
         .join(buffered, on="run")
         .with_columns(dmax(lit(1) - pl.col("min_cash_buffer_pct") - pl.col("_L"), lit(0)).alias("_allowed"))
-        .filter(pl.col("_B") > pl.col("_allowed"))
+        .with_columns((pl.col("_B") > pl.col("_allowed")).alias("_binds"))
     )
+    # B at 1 − p is decided as the reference's 28-digit steps 1-2 leave it, where steps 3-4
+    # changed nothing (no normalisation, no cap) and no weight is locked
+    near = sums.filter(((pl.col("_B") - pl.col("_allowed")).abs() < lit("0.00000000000000000001")) & (pl.col("_L") == 0)).join(
+        pl.concat([above, blocked, policy.filter(pl.col("single_position_max_weight").is_not_null()).select("run")]), on="run", how="anti",
+    )
+    if near.height:
+        decided = _buffer_in_28_digits(market, step1, gc, near).rename({"_binds": "_binds_f28"})
+        sums = join_runs(sums, decided).with_columns(pl.coalesce("_binds_f28", "_binds").alias("_binds"))
+    sums = sums.filter("_binds")
     pending.append(sums.select("run"))
     wm = _scale_buys(wm, sums.filter(pl.col("_B") > 0).select("run", (pl.col("_allowed") / pl.col("_B")).alias("_scale")))
     wm = wm.drop("single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")

@@ -387,3 +387,30 @@ def test_group_cap_total_at_threshold_is_decided_in_28_digits(scenario):
     assert total <= D("1.0001")  # the reference does not normalise
     assert s.target_status() == "READY"
     assert all(abs(s.weights()[i] - ref[i]) < D("1e-27") for i in model)
+
+
+def test_cash_buffer_at_its_bound_is_decided_in_28_digits(scenario):
+    """Model weights summing to exactly 0.95 with a 5% cash buffer and a SELL_ONLY target:
+    in exact arithmetic step 1 keeps the buyable sum at 0.95, which does not exceed step
+    5's allowed 1 − 0.05. The reference's 28-digit redistribution (replayed here with
+    Python's decimal) sums a unit above it, so it scales and reviews; the fixed-point
+    weights summed to exactly 0.95 and the run was READY (found by fuzzing, 2 in 7,500
+    option-recombined requests, one each way)."""
+    import decimal
+
+    model = {"B2": "0.5447", "S": "0.2382", "B0": "0.1671"}
+    s = scenario(
+        cash=[("USD", "100000")],
+        prices=[(i, "100", "USD") for i in model],
+        shelf=[("B0", "APPROVED"), ("S", "SELL_ONLY"), ("B2", "APPROVED")],
+        model=list(model.items()),
+        min_cash_buffer_pct="0.05",
+    )
+    ctx = decimal.Context(prec=28)
+    w = {i: D(v) for i, v in model.items()}
+    total = ctx.add(w["B2"], w["B0"])
+    ref = {i: ctx.add(w[i], ctx.multiply(w["S"], ctx.divide(w[i], total))) for i in ("B2", "B0")}
+    assert ctx.add(ref["B2"], ref["B0"]) > D("0.95")  # the reference's step 5 binds
+    assert s.target_status() == "PENDING_REVIEW"
+    ratio = ctx.divide(D("0.95"), ctx.add(ref["B2"], ref["B0"]))
+    assert all(abs(s.weights()[i] - ctx.multiply(ref[i], ratio)) <= D("1e-27") for i in ("B2", "B0"))

@@ -229,7 +229,8 @@ def _threshold_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, nea
 
 def _buffer_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame) -> pl.DataFrame:
     """(run, _binds) for the ``near`` runs, whose buyable sum B lies within 1e-20 of step
-    5's allowed 1 − p, that steps 3-4 left as steps 1-2 made them and whose non-buyable
+    5's allowed 1 − p, that steps 3-4 left as steps 1-2 made them (no normalisation, no
+    weight at or above a single-position cap) and whose non-buyable
     weights are all 0: whether the reference's B, the buyable weights of its 28-digit
     steps 1-2 summed in map order, exceeds 1 − p (a model of 4-decimal weights that sums
     to 1 − p, with a SELL_ONLY weight spread over the others, lands on either side)."""
@@ -322,6 +323,8 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
 
     # Step 4: single-position cap
     wm = join_runs(wm, policy)
+    m = pl.col("single_position_max_weight")
+    capping = wm.filter(m.is_not_null() & (pl.col("weight") > m - lit("0.00000000000000000001"))).select("run").unique()
     wm, cap_pending, cap_faults = _single_position_cap(market, wm)
     pending.append(cap_pending)
 
@@ -335,9 +338,9 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
         .with_columns((pl.col("_B") > pl.col("_allowed")).alias("_binds"))
     )
     # B at 1 − p is decided as the reference's 28-digit steps 1-2 leave it, where steps 3-4
-    # changed nothing (no normalisation, no cap) and no weight is locked
+    # changed nothing (no normalisation, no weight at or above a cap) and no weight is locked
     near = sums.filter(((pl.col("_B") - pl.col("_allowed")).abs() < lit("0.00000000000000000001")) & (pl.col("_L") == 0)).join(
-        pl.concat([above, blocked, policy.filter(pl.col("single_position_max_weight").is_not_null()).select("run")]), on="run", how="anti",
+        pl.concat([above, blocked, capping]), on="run", how="anti",
     )
     if near.height:
         decided = _buffer_in_28_digits(market, step1, gc, near).rename({"_binds": "_binds_f28"})

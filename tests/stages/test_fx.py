@@ -40,6 +40,24 @@ def test_rate_same_direct_inverse_missing(scenario):
     assert r[6] is None and r28[6] is None  # no triangulation through USD
 
 
+def test_rate_of_currencies_the_snapshot_does_not_quote(scenario):
+    """Rates are gathered from a table of the quoted currencies' pairs by Enum code; a
+    currency outside it (none of the snapshot's pairs names it) takes the join on the
+    currency texts instead: equal currencies rate 1.0, others and nulls have no rate.
+    Frames with only quoted currencies and frames with an unquoted one agree."""
+    fx = [("EUR/USD", "1.1"), ("USD/JPY", "150")]
+    quoted_only = [("USD", "EUR"), ("JPY", "EUR"), ("EUR", "EUR"), ("USD", None)]
+    r, r28 = _rates(scenario, fx, quoted_only)
+    assert abs(r[0] - D(1) / D("1.1")) < D("1e-20")  # inverse of EUR/USD
+    assert r[1] is None  # no JPY/EUR pair, no triangulation
+    assert r[2] == D("1.0") and r[3] is None and r28[3] is None
+    mixed = [*quoted_only, ("SEK", "SEK"), ("SEK", "USD"), ("USD", "SEK")]
+    m, m28 = _rates(scenario, fx, mixed)
+    assert m[:4] == r and m28[:4] == r28
+    assert m[4] == D("1.0") and m28[4] == D(1)
+    assert m[5:] == [None, None] and m28[5:] == [None, None]
+
+
 def test_rate_first_pair_wins(scenario):
     r, _ = _rates(scenario, [("EUR/USD", "1.1"), ("EUR/USD", "1.2")], [("EUR", "USD")])
     assert r == [D("1.1")]

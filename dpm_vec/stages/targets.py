@@ -342,6 +342,12 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     near = sums.filter(((pl.col("_B") - pl.col("_allowed")).abs() < lit("0.00000000000000000001")) & (pl.col("_L") == 0)).join(
         pl.concat([above, blocked, capping]), on="run", how="anti",
     )
+    if near.height:  # where steps 1-2 kept model weights of 20 decimals or fewer, the sums are exact either way
+        rounded = pl.concat([
+            step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), gc.select("run"),
+            wm.join(near, on="run", how="semi").filter(pl.col("weight") != pl.col("weight").round(20)).select("run"),
+        ])
+        near = near.join(rounded, on="run", how="semi")
     if near.height:
         decided = _buffer_in_28_digits(market, step1, gc, near).rename({"_binds": "_binds_f28"})
         sums = join_runs(sums, decided).with_columns(pl.coalesce("_binds_f28", "_binds").alias("_binds"))

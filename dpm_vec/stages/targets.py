@@ -323,8 +323,6 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
 
     # Step 4: single-position cap
     wm = join_runs(wm, policy)
-    m = pl.col("single_position_max_weight")
-    capping = wm.filter(m.is_not_null() & (pl.col("weight") > m - lit("0.00000000000000000001"))).select("run").unique()
     wm, cap_pending, cap_faults = _single_position_cap(market, wm)
     pending.append(cap_pending)
 
@@ -338,16 +336,21 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
         .with_columns((pl.col("_B") > pl.col("_allowed")).alias("_binds"))
     )
     # B at 1 − p is decided as the reference's 28-digit steps 1-2 leave it, where steps 3-4
-    # changed nothing (no normalisation, no weight at or above a cap) and no weight is locked
+    # changed nothing and no weight is locked
     near = sums.filter(((pl.col("_B") - pl.col("_allowed")).abs() < lit("0.00000000000000000001")) & (pl.col("_L") == 0)).join(
-        pl.concat([above, blocked, capping]), on="run", how="anti",
+        pl.concat([above, blocked]), on="run", how="anti",
     )
-    if near.height:  # where steps 1-2 kept model weights of 20 decimals or fewer, the sums are exact either way
+    if near.height:
+        rows = wm.join(near, on="run", how="semi")
+        m = pl.col("single_position_max_weight")
+        # a cap that took excess leaves a weight at m: below it (by more than a last digit) none was above
+        capped = rows.filter(m.is_not_null() & (pl.col("weight") > m - lit("0.00000000000000000001"))).select("run")
+        # where steps 1-2 kept model weights of 20 decimals or fewer, the sums are exact either way
         rounded = pl.concat([
             step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), gc.select("run"),
-            wm.join(near, on="run", how="semi").filter(pl.col("weight") != pl.col("weight").round(20)).select("run"),
+            rows.filter(pl.col("weight") != pl.col("weight").round(20)).select("run"),
         ])
-        near = near.join(rounded, on="run", how="semi")
+        near = near.join(rounded, on="run", how="semi").join(capped, on="run", how="anti")
     if near.height:
         decided = _buffer_in_28_digits(market, step1, gc, near).rename({"_binds": "_binds_f28"})
         sums = join_runs(sums, decided).with_columns(pl.coalesce("_binds_f28", "_binds").alias("_binds"))

@@ -230,10 +230,10 @@ def _threshold_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, nea
 def _buffer_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame) -> pl.DataFrame:
     """(run, _binds) for the ``near`` runs, whose buyable sum B lies within 1e-20 of step
     5's allowed 1 − p, that steps 3-4 left as steps 1-2 made them (no normalisation, no
-    weight at or above a single-position cap) and whose non-buyable
-    weights are all 0: whether the reference's B, the buyable weights of its 28-digit
-    steps 1-2 summed in map order, exceeds 1 − p (a model of 4-decimal weights that sums
-    to 1 − p, with a SELL_ONLY weight spread over the others, lands on either side)."""
+    weight at or above a single-position cap) and whose non-buyable weights are all 0:
+    whether the reference's B, the buyable weights of its 28-digit steps 1-2 summed in
+    map order, exceeds 1 − p (a model of 4-decimal weights that sums to 1 − p, with a
+    SELL_ONLY weight spread over the others, lands on either side)."""
     rows = _steps_1_2_in_28_digits(market, step1, gc, near.select("run"))
     b = f28.group_sums(rows.filter("buy"), "run", "_w_f", "_B_f")
     # near 1 − p (p a weight), 28 significant digits are 28 decimals or fewer: the copy is exact

@@ -5,7 +5,8 @@ that notional to the projected balance a SWEEP sells whole or a FUNDING buys bac
 and again, in other orders, to the settlement ladder (§6.15) and the after-state cash
 (§6.16), each addition rounded to 28 digits; the sums can then differ by a unit of the 28th
 digit (-1E-23 where fixed-point arithmetic cancels to exactly 0), and the sign decides a
-ladder breach or INSUFFICIENT_CASH. Both stages redo their sums over these flows.
+ladder breach, INSUFFICIENT_CASH or whether a dust balance is swept. FX planning reads the
+projected balances' signs; the ladder and the after-state redo their sums over these flows.
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ def exact_flows(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, sec: 
     it nets (§6.13)."""
     sec = exact_notionals(market, runs, sec)
     cash = cash_input.join(runs.select("run"), on="run", how="semi")
-    projected = projected_balances(sec, cash).select("_key", "_balance_f")
+    projected = projected_balances(sec, cash)
     fx = intents.filter(pl.col("intent_type") == "FX_SPOT").join(runs.select("run", "fx_buffer_pct"), on="run", how="inner")
     fx = fx.with_columns(
         pl.when(pl.col("rationale_code") == "FUNDING").then(pl.col("buy_currency")).otherwise(pl.col("sell_currency")).alias("currency"),
         (lit(1) + pl.col("fx_buffer_pct")).alias("_one_plus"),
-    ).with_columns(key())
-    fx = fx.join(projected, on="_key", how="left")
+    )
+    fx = fx.join(projected, on=["run", "currency"], how="left", maintain_order="left")
     fx = market.with_rate_f28(fx, "currency", "base_currency", "_rate_f")
     fx = f28.from_dec(fx, "_one_plus", "_one_plus_f")
     fx = f28.mul(fx.with_columns(f28.absolute("_balance_f").alias("_abs_f")), "_abs_f", "_one_plus_f", "_funding_buy_f")
@@ -78,19 +79,41 @@ def exact_notionals(market: Market, runs: pl.DataFrame, sec: pl.DataFrame) -> pl
 
 
 def projected_balances(sec: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:
-    """(_key, run, currency, _balance_f): each currency's projected balance (§6.13) over the
-    cash rows and the ``exact_notionals`` of ``sec``: cash first (input order), then the
+    """(run, currency, _balance_f): each currency's projected balance (§6.13) over the cash
+    rows and the ``exact_notionals`` of ``sec``: cash first (input order), then the
     notionals in list order, one 28-digit rounding per addition."""
     flows = pl.concat([
         f28.from_dec(cash, "amount", "_flow_f").select("run", "currency", pl.col("cash_seq").cast(pl.Int64).alias("_seq"), "_flow_f"),
         sec.select("run", pl.col("notional_currency").alias("currency"), (pl.lit(1 << 40) + pl.col("list_order")).alias("_seq"), "_flow_f"),
-    ]).sort("run", "currency", "_seq").with_columns(key())
-    return f28.group_sums(flows, "_key", "_flow_f", "_balance_f").join(
-        flows.select("_key", "run", "currency").unique("_key"), on="_key"
+    ])
+    return account_sums(flows, "_balance_f")
+
+
+def movements(flows: ExactFlows, cash_amount: pl.Expr, seq: pl.Expr, sec_day: pl.Expr = pl.lit(0), fx_day: pl.Expr = pl.lit(0)) -> pl.DataFrame:
+    """(run, currency, day, _seq, _flow_f): every cash movement of ``flows`` — each cash row's
+    ``cash_amount`` on day 0 first (input order), then each intent at its ``seq`` on its
+    day: a security intent's flow, an FX intent's sell (negative) then, at ``seq`` + 1,
+    its buy. The ladder orders intents by id within days, the after-state by execution."""
+    return pl.concat([
+        f28.from_dec(flows.cash.with_columns(cash_amount.alias("_amount")), "_amount", "_flow_f").select(
+            "run", "currency", pl.lit(0, dtype=pl.Int32).alias("day"), pl.col("cash_seq").cast(pl.Int64).alias("_seq"), "_flow_f"),
+        flows.security.select("run", pl.col("notional_currency").alias("currency"), sec_day.cast(pl.Int32).alias("day"),
+                              seq.alias("_seq"), "_flow_f"),
+        flows.fx.select("run", pl.col("sell_currency").alias("currency"), fx_day.cast(pl.Int32).alias("day"),
+                        seq.alias("_seq"), f28.negate("_sell_f").alias("_flow_f")),
+        flows.fx.select("run", pl.col("buy_currency").alias("currency"), fx_day.cast(pl.Int32).alias("day"),
+                        (seq + 1).alias("_seq"), pl.col("_buy_f").alias("_flow_f")),
+    ])
+
+
+def account_sums(flows: pl.DataFrame, out: str, *by: str) -> pl.DataFrame:
+    """(run, currency, *by, ``out``): the ``_flow_f`` of each (run, currency, *by) summed in
+    ``_seq`` order as the reference sums them, one 28-digit rounding per addition
+    (``dec28.group_sums`` over one text key of the account)."""
+    accounts = ["run", "currency", *by]
+    flows = flows.sort(*accounts, "_seq").with_columns(
+        pl.concat_str([pl.col(c).cast(pl.String) for c in accounts], separator="|").alias("_key")
     )
-
-
-def key(*extra: str) -> pl.Expr:
-    """One string key of (run, currency[, extra...]) for ``dec28.group_sums``."""
-    return pl.concat_str([pl.col("run").cast(pl.String), pl.col("currency"), *(pl.col(c).cast(pl.String) for c in extra)],
-                         separator="|").alias("_key")
+    return f28.group_sums(flows, "_key", "_flow_f", out).join(
+        flows.select("_key", *accounts).unique("_key"), on="_key"
+    ).select(*accounts, out)

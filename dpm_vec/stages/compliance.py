@@ -11,7 +11,7 @@ import polars as pl
 from dpm_vec import dec28
 from dpm_vec.frames import concat_by_run, join_on_index, join_runs, sort_rows
 from dpm_vec.numeric import DEC, dabs, lit
-from dpm_vec.stages.cash28 import DUST, exact_flows, key
+from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, movements
 from dpm_vec.stages.prepare import Market
 
 SAFETY_ORDER = 600_000_000  # warning order: after every earlier stage (see targets.TARGET_STAGE_ORDER)
@@ -123,19 +123,8 @@ def exact_cash_signs(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, 
         "run", "exec_order", "instrument_id", "side", "notional", "notional_currency", "quantity_f28", "list_order",
     )
     flows = exact_flows(market, chosen, intents, sec, cash_input)
-    moves = pl.concat([
-        dec28.from_dec(flows.cash, "amount", "_flow_f").select("run", "currency", pl.col("cash_seq").cast(pl.Int64).alias("_seq"), "_flow_f"),
-        flows.security.select("run", pl.col("notional_currency").alias("currency"), (pl.lit(1 << 40) + 2 * pl.col("exec_order")).alias("_seq"),
-                              "_flow_f"),
-        flows.fx.select("run", pl.col("sell_currency").alias("currency"), (pl.lit(1 << 40) + 2 * pl.col("exec_order")).alias("_seq"),
-                        dec28.negate("_sell_f").alias("_flow_f")),
-        flows.fx.select("run", pl.col("buy_currency").alias("currency"), (pl.lit(1 << 40) + 2 * pl.col("exec_order") + 1).alias("_seq"),
-                        pl.col("_buy_f").alias("_flow_f")),
-    ]).sort("run", "currency", "_seq").with_columns(key())
-    balances = dec28.group_sums(moves, "_key", "_flow_f", "_amount_f")
-    return moves.select("_key", "run", "currency").unique("_key").join(balances, on="_key").select(
-        "run", "currency", (dec28.sign("_amount_f") < 0).alias("_negative"),
-    )
+    balances = account_sums(movements(flows, pl.col("amount"), pl.lit(1 << 40) + 2 * pl.col("exec_order")), "_amount_f")
+    return balances.select("run", "currency", (dec28.sign("_amount_f") < 0).alias("_negative"))
 
 
 def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame, allocations: pl.DataFrame,

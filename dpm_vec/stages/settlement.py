@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.numeric import DEC, lit
-from dpm_vec.stages.cash28 import DUST, exact_flows, key, limited_runs
+from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, limited_runs, movements
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
 
@@ -116,26 +116,19 @@ def _exact_balances(market: Market, runs: pl.DataFrame, horizon: pl.DataFrame, i
     if chosen.height == 0:
         return pl.DataFrame(schema=schema)
     flows = exact_flows(market, chosen, intents, sec, cash_input)
-    sec, cash = flows.security, flows.cash
-    fx = flows.fx.join(horizon.select("run", "fx_settlement_days"), on="run", how="inner")
     # §6.15: each day's flows, cash first, then the intents in intent-id text order (an FX: its sell, then its buy)
-    order = pl.concat([sec.select("run", "intent_id"), fx.select("run", "intent_id")]).with_columns(
+    order = pl.concat([flows.security.select("run", "intent_id"), flows.fx.select("run", "intent_id")]).with_columns(
         pl.col("intent_id").rank("ordinal").over("run").cast(pl.Int64).alias("_text")
     )
-    text = (pl.lit(1 << 40) + 2 * pl.col("_text"))
-    sec, fx = sec.join(order, on=["run", "intent_id"]), fx.join(order, on=["run", "intent_id"])
-    flows = pl.concat([
-        f28.from_dec(cash.with_columns(pl.coalesce("settled", "amount").alias("_day0")), "_day0", "_flow_f").select(
-            "run", "currency", pl.lit(0, dtype=pl.Int32).alias("day"), pl.col("cash_seq").cast(pl.Int64).alias("_seq"), "_flow_f"),
-        sec.select("run", pl.col("notional_currency").alias("currency"), pl.col("settlement_days").cast(pl.Int32).alias("day"),
-                   text.alias("_seq"), "_flow_f"),
-        fx.select("run", pl.col("sell_currency").alias("currency"), pl.col("fx_settlement_days").cast(pl.Int32).alias("day"),
-                  text.alias("_seq"), f28.negate("_sell_f").alias("_flow_f")),
-        fx.select("run", pl.col("buy_currency").alias("currency"), pl.col("fx_settlement_days").cast(pl.Int32).alias("day"),
-                  (text + 1).alias("_seq"), pl.col("_buy_f").alias("_flow_f")),
-    ]).sort("run", "currency", "day", "_seq").with_columns(key("day"))
-    cells = f28.group_sums(flows, "_key", "_flow_f", "_cell_f").join(
-        flows.select("_key", "run", "currency", "day").unique("_key"), on="_key"
+    flows = replace(
+        flows,
+        security=flows.security.join(order, on=["run", "intent_id"]),
+        fx=flows.fx.join(horizon.select("run", "fx_settlement_days"), on="run", how="inner").join(order, on=["run", "intent_id"]),
+    )
+    cells = account_sums(
+        movements(flows, pl.coalesce("settled", "amount"), pl.lit(1 << 40) + 2 * pl.col("_text"),
+                  sec_day=pl.col("settlement_days"), fx_day=pl.col("fx_settlement_days")),
+        "_cell_f", "day",
     )
     # the running balance: each day's cell added in turn, one rounding each (a day without flows adds 0)
     accounts = cells.select("run", "currency").unique().sort("run", "currency")

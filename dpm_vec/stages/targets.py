@@ -166,7 +166,7 @@ NORMALISATION_THRESHOLD = "1.0001"
 
 @dataclass(frozen=True)
 class _Step1:
-    """Step 1's inputs, kept for ``_threshold_in_28_digits``: the weight map before it and
+    """Step 1's inputs, kept for ``_steps_1_2_in_28_digits``: the weight map before it and
     each run's SELL_ONLY excess."""
     weight_map: pl.DataFrame
     sell_only_excess: pl.DataFrame

@@ -43,18 +43,33 @@ def default_shard_size(concurrent_shards: int | None = None, portfolios: int | N
     machine (threads, or local worker processes) share its memory, so each gets its share
     of the default: peak memory stays about that of one shard of the default size, and
     with ``rows_per_portfolio`` (holdings plus model targets, the book's mean) a shard of
-    large portfolios holds no more rows than ``DEFAULT_SHARD_ROWS`` allows. A book smaller
-    than that is cut evenly, so that no thread or worker waits for another. Smaller shards
-    also spend less time in the kernel's page faults on the benchmark machine (100k book,
-    two threads, in a noisy spell: 38-41 s with 8,334-portfolio shards, 42-47 s with
-    12,500, 41-43 s with 5,000)."""
+    large portfolios holds no more rows than ``DEFAULT_SHARD_ROWS`` allows. The book is
+    then cut into a multiple of ``concurrent_shards`` shards (``even_shard_size``), so that
+    no thread or worker waits for another at the end. Smaller shards also spend less time
+    in the kernel's page faults on the benchmark machine (100k book, two threads, in a
+    noisy spell: 38-41 s with 8,334-portfolio shards, 42-47 s with 12,500, 41-43 s with
+    5,000)."""
     at_once = concurrent_shards or 1  # a remote cluster: its workers have machines of their own
     size = DEFAULT_SHARD_SIZE // at_once
     if rows_per_portfolio and rows_per_portfolio > 0:
         size = min(size, int(DEFAULT_SHARD_ROWS / at_once / rows_per_portfolio))
+    size = max(1, size)
     if concurrent_shards and portfolios:
-        size = min(size, -(-portfolios // concurrent_shards))
-    return max(1, size)
+        size = even_shard_size(portfolios, size, concurrent_shards)
+    return size
+
+
+def even_shard_size(portfolios: int, size: int, concurrent_shards: int) -> int:
+    """The shard size, at most ``size``, that cuts ``portfolios`` into the same number of
+    rounds of ``concurrent_shards`` shards with every round full (as near as whole
+    portfolios allow): a last round of fewer shards leaves threads or workers idle while
+    the others finish it. The 100k book on two processes: 13 shards of 8,000 took
+    18.8-19.4 s, 14 of 7,143 18.0-18.6 s (benchmarks/README.md, "Twenty-first session")."""
+    if concurrent_shards <= 1:  # one shard at a time: nothing waits
+        return max(1, min(size, portfolios))
+    shards = -(-portfolios // max(1, size))
+    rounds = -(-shards // concurrent_shards)
+    return max(1, -(-portfolios // (rounds * concurrent_shards)))
 
 # Parquet outputs: zstd at level 1 writes ~30% faster than the default level for ~3% more
 # bytes on sweep outputs; every Parquet reader (DuckDB, Spark, Arrow, pandas) reads zstd

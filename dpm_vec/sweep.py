@@ -43,7 +43,8 @@ import pyarrow.parquet as pq
 
 from dpm_vec import __version__
 from dpm_vec.book import Book, conform, empty_table
-from dpm_vec.defaults import DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES_FROM_SHARDS, default_shard_size, default_threads, usable_cores
+from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES_FROM_SHARDS, default_shard_size, default_threads,
+                              even_shard_size, usable_cores)
 from dpm_vec.errors import DpmVecError
 from dpm_vec.io import (PORTFOLIO_ROWS, _path, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         write_book, write_json_atomic)
@@ -447,8 +448,8 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
     ``scheduler`` or ``workers``. When none is chosen: one thread or process per core, at
     most two (``defaults.default_threads``), processes once the sweep has
     ``defaults.PROCESSES_FROM_SHARDS`` shards. Without ``shard_size``, the default divided
-    among the shards computed at once on this machine, and the book cut evenly among them
-    when it is smaller (``defaults.default_shard_size``)."""
+    among the shards computed at once on this machine, with the book cut into full rounds
+    of them (``defaults.default_shard_size``)."""
     if workers is not None and workers < 1:
         raise DpmVecError(f"--workers must be at least 1, got {workers}")
     if threads is not None and threads < 1:
@@ -498,7 +499,10 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
         rows = run_rows(portfolios, counts["positions"], _reference(str(book_dir))["models"]) if counts else None
         shard_size = default_shard_size(at_once, portfolios.height, rows.mean() if rows is not None else None)
         if rows is not None:  # and where large portfolios sit together, no shard holds more than its share of rows
-            shard_size = fit_shard_rows(rows, shard_size, DEFAULT_SHARD_ROWS // (at_once or 1))
+            budget = DEFAULT_SHARD_ROWS // (at_once or 1)
+            shard_size = fit_shard_rows(rows, shard_size, budget)
+            if at_once:  # full rounds again, if the evened size still fits
+                shard_size = fit_shard_rows(rows, even_shard_size(portfolios.height, shard_size, at_once), budget)
     plan = plan_sweep(book_dir, out_dir, shard_size, hashes, portfolios.height, scenario_map, written)
     if not chosen:  # threads for a few shards, worker processes for many (defaults.PROCESSES_FROM_SHARDS)
         many = plan.n_shards >= PROCESSES_FROM_SHARDS and default_threads() > 1

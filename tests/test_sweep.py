@@ -14,6 +14,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dpm_vec.defaults import DEFAULT_SHARD_SIZE
 from dpm_vec.errors import BookError, DpmVecError
@@ -632,10 +634,12 @@ def test_a_stage_contract_break_blocks_only_the_portfolio_it_comes_from(tmp_path
     assert _read(tmp_path / "out", "intents").filter(~others).height == 0
 
 
-def test_default_shard_size_shares_memory_and_cuts_small_books_evenly():
+def test_default_shard_size_shares_memory_and_cuts_books_into_full_rounds():
     from dpm_vec.defaults import default_shard_size
 
-    assert default_shard_size(2, 1_000_000) == DEFAULT_SHARD_SIZE // 2 == 8_000
+    # 126 shards of at most 7,937 (63 rounds of two), not 125 of 8,000 whose last runs alone
+    assert default_shard_size(2, 1_000_000) == 7_937 and -(-1_000_000 // 7_937) == 126
+    assert default_shard_size(2, 1_008_000) == DEFAULT_SHARD_SIZE // 2 == 8_000  # 126 full shards already
     assert default_shard_size(1, 1_000_000) == DEFAULT_SHARD_SIZE
     assert default_shard_size(2, 10_000) == 5_000  # two even shards, not 8,000 + 2,000
     assert default_shard_size(3, 10_001) == 3_334 and default_shard_size(4, 3) == 1
@@ -647,11 +651,28 @@ def test_default_shard_size_bounds_the_rows_of_large_portfolios():
     the portfolio default, 500-holding ones get shards of as many rows, not 6x more."""
     from dpm_vec.defaults import DEFAULT_SHARD_ROWS, default_shard_size
 
-    assert default_shard_size(2, 1_000_000, 81.0) == 8_000  # the benchmarks' book
-    assert default_shard_size(2, 100_000, 526.0) == DEFAULT_SHARD_ROWS // 2 // 526 == 1_520
+    assert default_shard_size(2, 1_008_000, 81.0) == 8_000  # the benchmarks' portfolios keep the portfolio default
+    # 1,520 from the rows, then 66 shards of 1,516 (33 full rounds of two) instead of 65 of 1,520 and one of 1,200
+    assert DEFAULT_SHARD_ROWS // 2 // 526 == 1_520 and default_shard_size(2, 100_000, 526.0) == 1_516
     assert default_shard_size(None, 10_000_000, 1_000.0) == DEFAULT_SHARD_ROWS // 1_000  # a remote worker: all the rows
     assert default_shard_size(2, 1_000, 526.0) == 500  # a small book is still cut evenly
     assert default_shard_size(1, 10, 1e9) == 1 and default_shard_size(2, 100, 0.0) == 50
+
+
+@settings(max_examples=300, deadline=None)
+@given(portfolios=st.integers(1, 2_000_000), size=st.integers(1, 20_000), at_once=st.integers(1, 8))
+def test_even_shard_size_fills_the_last_round_without_adding_one(portfolios, size, at_once):
+    """Never larger than asked and never more rounds; every round full wherever whole
+    portfolios allow it (``portfolios`` above n(n-1) for n shards)."""
+    from dpm_vec.defaults import even_shard_size
+
+    evened = even_shard_size(portfolios, size, at_once)
+    shards, rounds = -(-portfolios // evened), -(-(-(-portfolios // size)) // at_once)
+    assert 1 <= evened <= size
+    assert -(-shards // at_once) == rounds
+    if portfolios > rounds * at_once * (rounds * at_once - 1):
+        assert shards == rounds * at_once
+    assert even_shard_size(portfolios, evened, at_once) == evened  # evening an even size keeps it
 
 
 def test_fit_shard_rows_shrinks_shards_where_large_portfolios_sit_together():

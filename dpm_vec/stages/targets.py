@@ -227,19 +227,57 @@ def _threshold_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, nea
     return total.select("run", (f28.to_d28("_total_f") > lit(NORMALISATION_THRESHOLD)).alias("_above"))
 
 
-def _buffer_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame) -> pl.DataFrame:
+def _buffer_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame, caps: pl.DataFrame) -> pl.DataFrame:
     """(run, _binds) for the ``near`` runs, whose buyable sum B lies within 1e-20 of step
-    5's allowed 1 − p, that steps 3-4 left as steps 1-2 made them (no normalisation, no
-    weight at or above a single-position cap) and whose non-buyable weights are all 0:
-    whether the reference's B, the buyable weights of its 28-digit steps 1-2 summed in
-    map order, exceeds 1 − p (a model of 4-decimal weights that sums to 1 − p, with a
-    SELL_ONLY weight spread over the others, lands on either side)."""
-    rows = _steps_1_2_in_28_digits(market, step1, gc, near.select("run"))
+    5's allowed 1 − p, that step 3 left as steps 1-2 made them (no normalisation) and whose
+    non-buyable weights are all 0: whether the reference's B, the buyable weights of its
+    28-digit steps 1-2 and, for the runs of ``caps`` (run, single_position_max_weight), of
+    its 28-digit step 4, summed in map order, exceeds 1 − p (a model of 4-decimal weights
+    that sums to 1 − p, with a SELL_ONLY weight spread over the others or a capped weight's
+    excess handed on, lands on either side)."""
+    rows = _cap_in_28_digits(_steps_1_2_in_28_digits(market, step1, gc, near.select("run")), caps)
     b = f28.group_sums(rows.filter("buy"), "run", "_w_f", "_B_f")
     # near 1 − p (p a weight), 28 significant digits are 28 decimals or fewer: the copy is exact
     return join_runs(b, near.select("run", "_allowed"), how="inner").select(
         "run", (f28.to_d28("_B_f") > pl.col("_allowed")).alias("_binds"),
     )
+
+
+def _cap_in_28_digits(rows: pl.DataFrame, caps: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` (run, map_order, buy, ``_w_f``, in run and map order) after the reference's
+    step 4 in F28 for the runs of ``caps`` (run, single_position_max_weight m > 0): excess
+    Σ max(0, w − m) in map order, every weight capped at m, then each buyable candidate
+    below m in map order takes min(rem × (w / C), m − w) of the remaining excess ``rem``,
+    every operation rounded to 28 digits. The last candidate's share is the rounded
+    remainder, so the weights can sum a unit of the 28th digit above the exact total."""
+    capped = rows.join(caps, on="run", how="inner")
+    if capped.height == 0:
+        return rows
+    capped = f28.from_dec(capped, "single_position_max_weight", "_m_f")
+    capped = f28.sub(capped, "_w_f", "_m_f", "_d_f").with_columns(
+        pl.when(f28.sign("_d_f") > 0).then(pl.col("_d_f")).otherwise(f28.zero()).alias("_over_f"),
+        (pl.col("buy") & (f28.sign("_d_f") < 0)).alias("_candidate"),
+        pl.when(f28.sign("_d_f") > 0).then(pl.col("_m_f")).otherwise(pl.col("_w_f")).alias("_w_f"),
+    )
+    excess = f28.group_sums(capped, "run", "_over_f", "_rem_f").filter(f28.sign("_rem_f") > 0)
+    c = f28.group_sums(capped.filter("_candidate"), "run", "_w_f", "_C_f").filter(f28.sign("_C_f") > 0)
+    cands = join_runs(capped.filter("_candidate"), c, how="inner").join(excess.select("run"), on="run", how="semi")
+    cands = f28.sub(f28.div(cands, "_w_f", "_C_f", "_a_f"), "_m_f", "_w_f", "_h_f").with_columns(
+        pl.col("map_order").rank("ordinal").over("run").alias("_rank"),
+    )
+    state, new = excess, []
+    for rank in range(1, int(cands["_rank"].max() or 0) + 1):
+        step = f28.mul(join_runs(cands.filter(pl.col("_rank") == rank), state, how="inner"), "_rem_f", "_a_f", "_x_f")
+        step = f28.sub(step, "_x_f", "_h_f", "_x_over_h_f").with_columns(
+            pl.when(f28.sign("_x_over_h_f") > 0).then(pl.col("_h_f")).otherwise(pl.col("_x_f")).alias("_share_f"),
+        )
+        step = f28.sub(f28.add(step, "_w_f", "_share_f", "_new_f"), "_rem_f", "_share_f", "_left_f")
+        new.append(step.select("run", "map_order", "_new_f"))
+        state = step.select("run", pl.col("_left_f").alias("_rem_f"))
+    capped = capped.select(rows.columns)
+    if new:
+        capped = _put_weights(capped, pl.concat(new))
+    return pl.concat([rows.join(caps, on="run", how="anti"), capped]).pipe(sort_rows, "run", "map_order")
 
 
 def _room_in_28_digits(sums: pl.DataFrame, wm: pl.DataFrame, exact: ExactLocked, gc: pl.DataFrame) -> pl.DataFrame:
@@ -335,24 +373,28 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
         .with_columns(dmax(lit(1) - pl.col("min_cash_buffer_pct") - pl.col("_L"), lit(0)).alias("_allowed"))
         .with_columns((pl.col("_B") > pl.col("_allowed")).alias("_binds"))
     )
-    # B at 1 − p is decided as the reference's 28-digit steps 1-2 leave it, where steps 3-4
-    # changed nothing and no weight is locked
+    # B at 1 − p is decided as the reference's 28-digit steps 1-2 and 4 leave it, where step
+    # 3 changed nothing and no weight is locked
     near = sums.filter(((pl.col("_B") - pl.col("_allowed")).abs() < lit("0.00000000000000000001")) & (pl.col("_L") == 0)).join(
         pl.concat([above, blocked]), on="run", how="anti",
     )
+    m = pl.col("single_position_max_weight")
     if near.height:
         rows = wm.join(near, on="run", how="semi")
-        m = pl.col("single_position_max_weight")
         # a cap that took excess leaves a weight at m: below it (by more than a last digit) none was above
         capped = rows.filter(m.is_not_null() & (pl.col("weight") > m - lit("0.00000000000000000001"))).select("run")
-        # where steps 1-2 kept model weights of 20 decimals or fewer, the sums are exact either way
+        # where steps 1-2 kept model weights of 20 decimals or fewer and no cap handed excess on, the sums are exact either way
         rounded = pl.concat([
-            step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), gc.select("run"),
+            step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), gc.select("run"), capped,
             rows.filter(pl.col("weight") != pl.col("weight").round(20)).select("run"),
         ])
-        near = near.join(rounded, on="run", how="semi").join(capped, on="run", how="anti")
+        # the RFC-0001 cap mode has no reference to agree with, and a cap at or below 0 leaves no candidate
+        unreplayed = capped.join(policy.filter((pl.col("single_position_cap_mode") == "RFC_ASSET_CLASS") | (m <= 0)), on="run", how="semi")
+        near = near.join(rounded, on="run", how="semi").join(unreplayed, on="run", how="anti")
     if near.height:
-        decided = _buffer_in_28_digits(market, step1, gc, near).rename({"_binds": "_binds_f28"})
+        caps = policy.filter(m.is_not_null() & (m > 0) & (pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS"))
+        caps = caps.join(near, on="run", how="semi").select("run", "single_position_max_weight")
+        decided = _buffer_in_28_digits(market, step1, gc, near, caps).rename({"_binds": "_binds_f28"})
         sums = join_runs(sums, decided).with_columns(pl.coalesce("_binds_f28", "_binds").alias("_binds"))
     sums = sums.filter("_binds")
     pending.append(sums.select("run"))

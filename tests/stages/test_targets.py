@@ -389,6 +389,36 @@ def test_group_cap_total_at_threshold_is_decided_in_28_digits(scenario):
     assert all(abs(s.weights()[i] - ref[i]) < D("1e-27") for i in model)
 
 
+def test_cash_buffer_at_its_bound_after_a_capped_weight_is_decided_in_28_digits(scenario):
+    """Model weights summing to 0.97 with a 3% cash buffer, a SELL_ONLY target whose weight
+    step 1 spreads over the other two, and a cap of 0.5 that the larger one then exceeds:
+    step 4 hands its excess to the smaller one, whose 28-digit sum lands a unit above 0.47
+    in the reference (replayed here with Python's decimal), so B is a unit above 0.97 and
+    step 5 scales and reviews; the fixed-point steps kept B at exactly 0.97, READY (found by
+    fuzzing, 1 in 60,000 requests biased to cash buffers and caps)."""
+    import decimal
+
+    model = {"S": "0.5353", "B2": "0.0648", "B4": "0.3699"}
+    s = scenario(
+        cash=[("USD", "100000")],
+        prices=[(i, "100", "USD") for i in model],
+        shelf=[("S", "SELL_ONLY"), ("B2", "APPROVED"), ("B4", "APPROVED")],
+        model=list(model.items()),
+        runs=[dict(min_cash_buffer_pct="0.03", single_position_max_weight="0.5")],
+    )
+    ctx = decimal.Context(prec=28)
+    w = {i: D(v) for i, v in model.items()}
+    buyable = ctx.add(w["B2"], w["B4"])
+    step1 = {i: ctx.add(w[i], ctx.multiply(w["S"], ctx.divide(w[i], buyable))) for i in ("B2", "B4")}
+    excess = ctx.subtract(step1["B4"], D("0.5"))
+    b2 = ctx.add(step1["B2"], min(ctx.multiply(excess, ctx.divide(step1["B2"], step1["B2"])), ctx.subtract(D("0.5"), step1["B2"])))
+    assert ctx.add(b2, D("0.5")) > D("0.97")  # the reference's step 5 binds; exactly, B is 0.97
+    ratio = ctx.divide(D("0.97"), ctx.add(b2, D("0.5")))
+    assert s.target_status() == "PENDING_REVIEW"
+    assert abs(s.weights()["B2"] - ctx.multiply(b2, ratio)) <= D("1e-27")
+    assert abs(s.weights()["B4"] - ctx.multiply(D("0.5"), ratio)) <= D("1e-27")
+
+
 def test_cash_buffer_at_its_bound_is_decided_in_28_digits(scenario):
     """Model weights summing to exactly 0.95 with a 5% cash buffer and a SELL_ONLY target:
     in exact arithmetic step 1 keeps the buyable sum at 0.95, which does not exceed step

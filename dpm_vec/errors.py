@@ -43,6 +43,18 @@ class RequestError(DpmVecError):
         return problem(self.TYPE, "Invalid rebalance request", 422, str(self), instance, errors=self.errors)
 
 
+class ValueRangeError(DpmVecError):
+    """A valid request whose arithmetic leaves the engine's fixed-point range: money and
+    weights are ``Decimal(38, 20)`` and ``Decimal(38, 28)``, so a value of 10^10 or more
+    at 28 decimals (a weight divided by a sum near 0, which negative model weights can
+    make) overflows where the reference's floating decimals go on."""
+
+    TYPE = "https://dpm-vec.dev/problems/value-out-of-range"
+
+    def problem(self, instance: str | None = None) -> dict:
+        return problem(self.TYPE, "Value outside the engine's fixed-point range", 422, str(self), instance)
+
+
 class QuantityRangeError(DpmVecError):
     """A valid request whose trade the engine cannot hold: quantities are fixed-point
     ``Decimal(38, 28)``, under 10^10 units, and a trade may add to a holding of up to 10^9

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import polars as pl
+
 from dpm_vec.book import TABLES
 from dpm_vec.contract import parse_request, request_hash, rows_to_book
-from dpm_vec.errors import QuantityRangeError, RequestError, problem
+from dpm_vec.errors import QuantityRangeError, RequestError, ValueRangeError, problem
 from dpm_vec.pipeline import run
 from dpm_vec.render import render_results
 
@@ -62,6 +64,9 @@ def _alone(rows: dict[str, list[dict]], index: int) -> dict:
     except QuantityRangeError as exc:
         return QuantityRangeError(f"request {index + 1}: {exc}").problem()
     except Exception as exc:  # noqa: BLE001 - reported in the slot, never as a traceback
+        if isinstance(exc, pl.exceptions.ComputeError) and "overflow" in str(exc):
+            return ValueRangeError(f"request {index + 1}: an intermediate value left the engine's fixed-point range "
+                                   f"({_summary(exc)})").problem()
         return problem("about:blank", "Internal Server Error", 500,
                        f"request {index + 1} could not be simulated ({_summary(exc)})")
 

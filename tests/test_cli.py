@@ -123,16 +123,37 @@ def _beside_a_good_request(tmp_path, name: str, edit) -> list[dict]:
     return slots
 
 
-def test_a_request_that_overflows_fails_alone(tmp_path):
-    """§9.1: a request the arithmetic cannot hold gets a problem in its slot, never a traceback."""
+def test_a_request_that_overflows_is_a_422_and_fails_alone(tmp_path):
+    """§9.1: a request whose arithmetic the engine's fixed point cannot hold (a 9e25 market
+    value) gets a 422 value-out-of-range problem in its slot, never a traceback or a 500;
+    the other requests of the call still answer."""
     def huge(req):
         req["market_data_snapshot"]["prices"][0]["price"] = "99999999999999999"
         req["portfolio_snapshot"]["positions"] = [{"instrument_id": "US_EQ", "quantity": "900000000"}]
 
     slots = _beside_a_good_request(tmp_path, "huge", huge)
-    assert slots[1]["status"] == 500 and "request 2" in slots[1]["detail"]
+    assert slots[1]["status"] == 422 and slots[1]["type"].endswith("/value-out-of-range")
+    assert slots[1]["detail"].startswith("request 2: an intermediate value left the engine's fixed-point range (ComputeError: overflow")
     alone = cli("simulate", str(tmp_path / "huge.json"))
-    assert alone.returncode == 2 and json.loads(alone.stdout)["status"] == 500
+    assert alone.returncode == 2 and json.loads(alone.stdout)["type"].endswith("/value-out-of-range")
+
+
+def test_negative_model_weights_that_overflow_a_sum_near_zero_are_a_422(tmp_path):
+    """Negative model weights pass unvalidated (as in the reference): SELL_ONLY weight
+    spread over buyable weights summing to 1e-15 is a ratio of 5e14, outside Decimal(38, 28):
+    a 422 value-out-of-range problem, not a 500."""
+    def tiny_sum(req):
+        req["market_data_snapshot"]["prices"] = [
+            {"instrument_id": i, "price": "10", "currency": "USD"} for i in ("A", "B", "C")]
+        req["model_portfolio"]["targets"] = [
+            {"instrument_id": "A", "weight": "0.3"}, {"instrument_id": "B", "weight": "0.5"},
+            {"instrument_id": "C", "weight": "-0.499999999999999"}]
+        req["shelf_entries"] = [{"instrument_id": i, "status": s, "asset_class": "EQUITY"}
+                                for i, s in (("A", "SELL_ONLY"), ("B", "APPROVED"), ("C", "APPROVED"))]
+
+    slots = _beside_a_good_request(tmp_path, "tiny_sum", tiny_sum)
+    assert slots[1]["status"] == 422 and slots[1]["type"].endswith("/value-out-of-range")
+    assert "overflow in decimal division" in slots[1]["detail"]
 
 
 def test_a_trade_beyond_the_quantity_range_is_a_422_naming_it(tmp_path):

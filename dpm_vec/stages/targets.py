@@ -250,7 +250,7 @@ def _cap_in_28_digits(rows: pl.DataFrame, caps: pl.DataFrame) -> pl.DataFrame:
     below m in map order takes min(rem × (w / C), m − w) of the remaining excess ``rem``,
     every operation rounded to 28 digits. The last candidate's share is the rounded
     remainder, so the weights can sum a unit of the 28th digit above the exact total."""
-    capped = rows.join(caps, on="run", how="inner")
+    capped = rows.join(caps, on="run", how="inner", maintain_order="left")  # the sums below run in map order
     if capped.height == 0:
         return rows
     capped = f28.from_dec(capped, "single_position_max_weight", "_m_f")
@@ -570,7 +570,7 @@ def _cap_reference(wm: pl.DataFrame):
     max_rank = int(cands["_rank"].max() or 0)
     for rank in range(1, max_rank + 1):
         step = cands.filter(pl.col("_rank") == rank).join(state, on="run", how="inner")
-        step = step.with_columns(dmin(pl.col("_rem") * pl.col("_a"), pl.col("_h")).alias("_share"))
+        step = step.with_columns(_cap_share().alias("_share"))
         shares.append(step.select("slot", "_share"))
         state = state.join(step.select("run", "_share"), on="run", how="left").with_columns(
             (pl.col("_rem") - pl.col("_share").fill_null(lit(0))).alias("_rem")
@@ -585,6 +585,17 @@ def _cap_reference(wm: pl.DataFrame):
         wm.filter((pl.col("_excess") > 0) & ~(pl.col("_C") > 0)).select("run").unique(),
     ])
     return wm.drop("_excess", "_capped", "_C"), pending
+
+
+def _cap_share() -> pl.Expr:
+    """min(rem × (w / C), m − w), computing the product only where min() can keep it:
+    negative model weights (accepted unvalidated) can leave C near 0 and the product far
+    outside Decimal(38, 28)'s range (|x| < 1e10), and min() is then m − w wherever the
+    product is above it (a float estimate decides, with a margin of ten)."""
+    above = (pl.col("_rem").cast(pl.Float64) * pl.col("_a").cast(pl.Float64) > 1e9) & (pl.col("_h") < lit("100000000"))
+    return pl.when(above).then(pl.col("_h")).otherwise(
+        dmin(pl.when(above).then(lit(0)).otherwise(pl.col("_rem")) * pl.col("_a"), pl.col("_h"))
+    )
 
 
 def _cap_rfc(market: Market, wm: pl.DataFrame):

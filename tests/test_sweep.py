@@ -667,7 +667,8 @@ def test_even_shard_size_fills_the_last_round_without_adding_one(portfolios, siz
     from dpm_vec.defaults import even_shard_size
 
     evened = even_shard_size(portfolios, size, at_once)
-    shards, rounds = -(-portfolios // evened), -(-(-(-portfolios // size)) // at_once)
+    asked = -(-portfolios // size)  # shards at the size asked for
+    shards, rounds = -(-portfolios // evened), -(-asked // at_once)
     assert 1 <= evened <= size
     assert -(-shards // at_once) == rounds
     if portfolios > rounds * at_once * (rounds * at_once - 1):

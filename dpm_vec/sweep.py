@@ -500,9 +500,10 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
         shard_size = default_shard_size(at_once, portfolios.height, rows.mean() if rows is not None else None)
         if rows is not None:  # and where large portfolios sit together, no shard holds more than its share of rows
             budget = DEFAULT_SHARD_ROWS // (at_once or 1)
-            shard_size = fit_shard_rows(rows, shard_size, budget)
-            if at_once:  # full rounds again, if the evened size still fits
-                shard_size = fit_shard_rows(rows, even_shard_size(portfolios.height, shard_size, at_once), budget)
+            fitted = fit_shard_rows(rows, shard_size, budget)
+            if fitted != shard_size and at_once:  # shrunk for its rows: full rounds again, if the evened size still fits
+                fitted = fit_shard_rows(rows, even_shard_size(portfolios.height, fitted, at_once), budget)
+            shard_size = fitted
     plan = plan_sweep(book_dir, out_dir, shard_size, hashes, portfolios.height, scenario_map, written)
     if not chosen:  # threads for a few shards, worker processes for many (defaults.PROCESSES_FROM_SHARDS)
         many = plan.n_shards >= PROCESSES_FROM_SHARDS and default_threads() > 1

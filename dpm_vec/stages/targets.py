@@ -268,8 +268,8 @@ def _cap_in_28_digits(rows: pl.DataFrame, caps: pl.DataFrame) -> pl.DataFrame:
     state, new = excess, []
     for rank in range(1, int(cands["_rank"].max() or 0) + 1):
         step = f28.mul(join_runs(cands.filter(pl.col("_rank") == rank), state, how="inner"), "_rem_f", "_a_f", "_x_f")
-        step = f28.sub(step, "_x_f", "_h_f", "_x_over_h_f").with_columns(
-            pl.when(f28.sign("_x_over_h_f") > 0).then(pl.col("_h_f")).otherwise(pl.col("_x_f")).alias("_share_f"),
+        step = f28.sub(step, "_x_f", "_h_f", "_x_minus_h_f").with_columns(
+            pl.when(f28.sign("_x_minus_h_f") > 0).then(pl.col("_h_f")).otherwise(pl.col("_x_f")).alias("_share_f"),
         )
         step = f28.sub(f28.add(step, "_w_f", "_share_f", "_new_f"), "_rem_f", "_share_f", "_left_f")
         new.append(step.select("run", "map_order", "_new_f"))
@@ -378,8 +378,8 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     near = sums.filter(((pl.col("_B") - pl.col("_allowed")).abs() < lit("0.00000000000000000001")) & (pl.col("_L") == 0)).join(
         pl.concat([above, blocked]), on="run", how="anti",
     )
-    m = pl.col("single_position_max_weight")
     if near.height:
+        m = pl.col("single_position_max_weight")
         rows = wm.join(near, on="run", how="semi")
         # a cap that took excess leaves a weight at m: below it (by more than a last digit) none was above
         capped = rows.filter(m.is_not_null() & (pl.col("weight") > m - lit("0.00000000000000000001"))).select("run")
@@ -388,12 +388,13 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
             step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), gc.select("run"), capped,
             rows.filter(pl.col("weight") != pl.col("weight").round(20)).select("run"),
         ])
-        # the RFC-0001 cap mode has no reference to agree with, and a cap at or below 0 leaves no candidate
-        unreplayed = capped.join(policy.filter((pl.col("single_position_cap_mode") == "RFC_ASSET_CLASS") | (m <= 0)), on="run", how="semi")
-        near = near.join(rounded, on="run", how="semi").join(unreplayed, on="run", how="anti")
+        # step 4 is replayed for the reference's cap mode and a cap above 0 (the RFC-0001 mode has
+        # no reference to agree with; a cap at or below 0 leaves no candidate): other capped runs keep their sums
+        caps = policy.join(near, on="run", how="semi").filter(
+            m.is_not_null() & (m > 0) & (pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS")
+        ).select("run", "single_position_max_weight")
+        near = near.join(rounded, on="run", how="semi").join(capped.join(caps, on="run", how="anti"), on="run", how="anti")
     if near.height:
-        caps = policy.filter(m.is_not_null() & (m > 0) & (pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS"))
-        caps = caps.join(near, on="run", how="semi").select("run", "single_position_max_weight")
         decided = _buffer_in_28_digits(market, step1, gc, near, caps).rename({"_binds": "_binds_f28"})
         sums = join_runs(sums, decided).with_columns(pl.coalesce("_binds_f28", "_binds").alias("_binds"))
     sums = sums.filter("_binds")

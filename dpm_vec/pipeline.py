@@ -113,7 +113,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
 
     universe = build_universe(market, runs, p.model, before.positions, stale, before.totals, before.cash)
     targets = build_targets(market, runs, universe.weight_map, universe.sell_only_excess, p.model, before.totals,
-                            _by_run(book.group_constraints, runs), universe.exact)
+                            _by_run(book.group_constraints, runs), universe.exact, (before.positions, before.cash))
     boundary("universe+targets", (WEIGHT_MAP_SCHEMA, universe.weight_map), (TARGET_TRACE_SCHEMA, targets.trace))
     findings = dq.concat(before.dq, universe.dq)
 

@@ -18,7 +18,7 @@ from dpm_vec.codes import with_code_lists
 from dpm_vec.frames import join_on_index, join_runs, sort_rows
 from dpm_vec.numeric import DEC, WEIGHT, dmax, dmin, lit
 from dpm_vec.stages.prepare import SLOT, Market
-from dpm_vec.stages.universe import ExactLocked
+from dpm_vec.stages.universe import ExactLocked, base_value_f28, exact_total
 
 WARNINGS_SCHEMA = {"run": pl.UInt32, "code": pl.String, "w_order": pl.Int64}
 # warnings sort by w_order: the target stage uses 100_000.., comparison ..199_999, then tax
@@ -68,10 +68,14 @@ def build_targets(
     totals: pl.DataFrame,
     group_constraints: pl.DataFrame,
     exact: ExactLocked | None = None,
+    valued: tuple[pl.DataFrame, pl.DataFrame] | None = None,
 ) -> Targets:
     """Step 1 for every run, then HEURISTIC steps 2-5 or the SOLVER (§6.6) by the run's
     ``target_method``; with ``compare_target_methods`` the other method runs too (§6.7).
-    ``exact``: the universe's 28-digit locked weights, where their last digit can decide."""
+    ``exact``: the universe's 28-digit locked weights, where their last digit can decide;
+    ``valued`` (the before-state's valued positions and cash) lets a HEURISTIC target that
+    lands within a last digit of its model weight be tagged as the reference's 28-digit
+    steps leave it (``_tags_in_28_digits``)."""
     from dpm_vec.stages.solver import compare_methods, solve_targets
 
     weight_map = weight_map.with_columns(pl.col("weight").cast(WEIGHT))
@@ -89,8 +93,8 @@ def build_targets(
         return frame if chosen.height == runs.height else frame.join(chosen.select("run"), on="run", how="semi")
 
     heuristic_runs = runs.filter(~solver | compare)
-    h = _heuristic(market, heuristic_runs, pick(wm, heuristic_runs), group_constraints, step1_pending,
-                   _Step1(pick(weight_map, heuristic_runs), sell_only_excess), exact)
+    step1 = _Step1(pick(weight_map, heuristic_runs), sell_only_excess)
+    h = _heuristic(market, heuristic_runs, pick(wm, heuristic_runs), group_constraints, step1_pending, step1, exact)
     solver_runs = runs.filter(solver | compare)
     if solver_runs.height:
         s_weights, s_status, s_warnings = solve_targets(market, runs, wm, model, group_constraints, which=solver | compare)
@@ -113,6 +117,10 @@ def build_targets(
     status = pl.concat([pick(h.status, primary_heuristic), pick(s_status, primary_solver)]).sort("run")
     weights = pl.concat([pick(h.weights, primary_heuristic).select(wm.columns), pick(s_weights, primary_solver).select(wm.columns)])
     trace = _trace(weights, model.join(status.filter(pl.col("target_status") == "BLOCKED"), on="run", how="anti"), totals)
+    touched = pick(h.touched, primary_heuristic)
+    if valued is not None and touched.height:
+        policy = runs.select("run", "base_currency", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
+        trace = _tags_in_28_digits(market, trace, touched, policy, step1, group_constraints, totals, valued)
     warnings = [pick(h.warnings, primary_heuristic), pick(s_warnings, primary_solver)]
     comparison = None
     if runs.filter(compare).height:
@@ -172,7 +180,8 @@ class _Step1:
     sell_only_excess: pl.DataFrame
 
 
-def _steps_1_2_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame) -> pl.DataFrame:
+def _steps_1_2_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame,
+                            locked: pl.DataFrame | None = None) -> pl.DataFrame:
     """The map rows of the ``near`` runs (run, map_order, buy, ``_w_f``) with their weights
     as the reference's steps 1-2 leave them: every product, quotient and sum rounded to 28
     significant digits (spec §1.1), in F28, from the model weights, in map order:
@@ -180,9 +189,14 @@ def _steps_1_2_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, nea
     candidates + (G − max) × (w / C) for step 2. Where a total after these steps lands
     exactly on a threshold in exact arithmetic (models of 4-decimal weights do, often
     enough), the reference's rounding decides the side; the fixed-point steps can differ
-    from it in the last digit."""
+    from it in the last digit. ``locked`` (slot, weight_f28): the locked weights with all
+    their 28 digits (``_locked_in_28_digits``), else their Decimal(38, 28) copies."""
     rows = sort_rows(step1.weight_map.join(near, on="run", how="semi"), "run", "map_order")
     rows = f28.from_dec(rows.with_columns((pl.col("kind") == "BUYABLE").alias("buy")), "weight", "_w_f")
+    if locked is not None:
+        rows = rows.join(locked, on="slot", how="left", maintain_order="left").with_columns(
+            pl.when(pl.col("kind") == "LOCKED").then(pl.col("weight_f28").fill_null(f28.zero())).otherwise(pl.col("_w_f")).alias("_w_f")
+        ).drop("weight_f28")
     # step 1: runs with SELL_ONLY excess and buyable weight to take it
     excess = step1.sell_only_excess.join(near, on="run", how="semi").filter(pl.col("sell_only_excess") > 0)
     if excess.height:
@@ -280,6 +294,118 @@ def _cap_in_28_digits(rows: pl.DataFrame, caps: pl.DataFrame) -> pl.DataFrame:
     return pl.concat([rows.join(caps, on="run", how="anti"), capped]).pipe(sort_rows, "run", "map_order")
 
 
+def _sums_in_28_digits(rows: pl.DataFrame) -> pl.DataFrame:
+    """(run, _B_f, _L_f): each run's buyable and non-buyable weights of ``rows`` (in map
+    order) summed as the reference sums them; 0 where a run has none."""
+    b = f28.group_sums(rows.filter("buy"), "run", "_w_f", "_B_f")
+    locked = f28.group_sums(rows.filter(~pl.col("buy")), "run", "_w_f", "_L_f")
+    return (
+        rows.select("run").unique().join(b, on="run", how="left").join(locked, on="run", how="left")
+        .with_columns(pl.col("_B_f", "_L_f").fill_null(f28.zero()))
+    )
+
+
+def _scale_in_28_digits(rows: pl.DataFrame, bounds: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` with the buyable weights of each run of ``bounds`` (run, _B_f, _bound_f)
+    whose buyable sum B exceeds the bound b multiplied by b / B (steps 3 and 5)."""
+    bounds = f28.sub(bounds, "_B_f", "_bound_f", "_over_f").filter((f28.sign("_over_f") > 0) & (f28.sign("_B_f") > 0))
+    if bounds.height == 0:
+        return rows
+    bounds = f28.div(bounds, "_bound_f", "_B_f", "_ratio_f")
+    scaled = f28.mul(rows.filter("buy").join(bounds.select("run", "_ratio_f"), on="run", how="inner"), "_w_f", "_ratio_f", "_new_f")
+    return _put_weights(rows, scaled.select("run", "map_order", "_new_f"))
+
+
+def _floor_at_zero(name: str) -> pl.Expr:
+    return pl.when(f28.sign(name) > 0).then(pl.col(name)).otherwise(f28.zero()).alias(name)
+
+
+def _heuristic_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, policy: pl.DataFrame,
+                            locked: pl.DataFrame) -> pl.DataFrame:
+    """The map rows of the runs of ``policy`` (run, single_position_max_weight,
+    min_cash_buffer_pct: reference cap mode, a cap above 0 or none, no group cap that
+    blocks) with their weights (``_w_f``) as the reference's five steps leave them, every
+    operation rounded to 28 digits, from the model weights and the ``locked`` weights
+    (slot, weight_f28) with all their digits: steps 1-2 and 4 as in ``_steps_1_2_in_28_digits``
+    and ``_cap_in_28_digits``; step 3 scales the buyable weights by (1 − L) / B where the
+    map total exceeds 1.0001, step 5 by (1 − p − L) / B where B exceeds 1 − p − L."""
+    rows = _steps_1_2_in_28_digits(market, step1, gc, policy.select("run"), locked)
+    # step 3: normalisation above 1.0001
+    total = f28.group_sums(rows, "run", "_w_f", "_total_f").with_columns(lit(NORMALISATION_THRESHOLD).cast(WEIGHT).alias("_threshold"))
+    total = f28.sub(f28.from_dec(total, "_threshold", "_threshold_f"), "_total_f", "_threshold_f", "_above_f")
+    above = total.filter(f28.sign("_above_f") > 0).select("run")
+    if above.height:
+        sums = _sums_in_28_digits(rows.join(above, on="run", how="semi")).with_columns(f28.one().alias("_one_f"))
+        rows = _scale_in_28_digits(rows, f28.sub(sums, "_one_f", "_L_f", "_bound_f").with_columns(_floor_at_zero("_bound_f")))
+    # step 4: single-position cap
+    m = pl.col("single_position_max_weight")
+    rows = _cap_in_28_digits(rows, policy.filter(m.is_not_null() & (m > 0)).select("run", "single_position_max_weight"))
+    # step 5: minimum cash buffer
+    buffered = policy.filter(pl.col("min_cash_buffer_pct") > 0).select("run", "min_cash_buffer_pct")
+    if buffered.height:
+        sums = join_runs(_sums_in_28_digits(rows.join(buffered, on="run", how="semi")), buffered, how="inner")
+        sums = f28.from_dec(sums.with_columns(f28.one().alias("_one_f")), "min_cash_buffer_pct", "_p_f")
+        sums = f28.sub(f28.sub(sums, "_one_f", "_p_f", "_room_f"), "_room_f", "_L_f", "_bound_f").with_columns(_floor_at_zero("_bound_f"))
+        rows = _scale_in_28_digits(rows, sums)
+    return rows
+
+
+def _locked_in_28_digits(market: Market, runs: pl.DataFrame, weight_map: pl.DataFrame,
+                         valued: tuple[pl.DataFrame, pl.DataFrame]) -> pl.DataFrame:
+    """(slot, weight_f28): the locked weights of ``runs`` (run, base_currency) as the
+    reference computes them, value_base / T, over tv summed in 28 digits (``valued``: the
+    before-state's valued positions and cash)."""
+    positions, cash = (frame.join(runs, on="run", how="semi") for frame in valued)
+    held = base_value_f28(market, join_runs(positions, runs))
+    tv = exact_total(market, runs, held, cash)
+    slots = weight_map.filter(pl.col("kind") == "LOCKED").join(runs, on="run", how="semi").select("slot")
+    locked = join_on_index(slots, held.select("slot", "run", "_base_f"), "slot", how="inner")
+    locked = f28.div(join_runs(locked, tv.select("run", "_divisor_f"), how="inner"), "_base_f", "_divisor_f", "weight_f28")
+    return locked.select("slot", "weight_f28")
+
+
+_NEAR_TAG = lit("0.00000000000000000001")
+
+
+def _tags_in_28_digits(market: Market, trace: pl.DataFrame, touched: pl.DataFrame, policy: pl.DataFrame, step1: _Step1,
+                       gc: pl.DataFrame, totals: pl.DataFrame, valued: tuple[pl.DataFrame, pl.DataFrame]) -> pl.DataFrame:
+    """``trace`` with the model targets of the ``touched`` runs (a target step changed
+    their weights) whose final weight lies within 1e-20 of the model weight re-tagged, and
+    their final weight and value redone, as the reference's 28-digit steps leave them
+    (``_heuristic_in_28_digits``): there the last digit decides between CAPPED_BY_MAX_WEIGHT,
+    REDISTRIBUTED_RECIPIENT and no tag (a capped holding's excess handed back to the target
+    that normalisation scaled down can land exactly on its model weight in the reference
+    and a unit of the 28th decimal off in fixed point, or the other way round)."""
+    m = pl.col("single_position_max_weight")
+    # the RFC-0001 cap mode has no reference to agree with; a cap at or below 0 leaves no candidate
+    policy = policy.join(touched, on="run", how="semi").filter(
+        m.is_null() | ((pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS") & (m > 0))
+    )
+    near = trace.filter(
+        pl.col("run").is_in(policy["run"].implode()) & pl.col("in_model") & (pl.col("model_weight") != 0)
+        & ((pl.col("final_weight") - pl.col("model_weight")).abs() < _NEAR_TAG)
+    )
+    if near.height == 0:
+        return trace
+    policy = policy.join(near, on="run", how="semi")
+    bases = policy.select("run", "base_currency")
+    rows = _heuristic_in_28_digits(market, step1, gc, policy, _locked_in_28_digits(market, bases, step1.weight_map, valued))
+    near = join_on_index(near.select("run", "slot", "model_weight"), rows.select("slot", "_w_f"), "slot")
+    near = f28.from_dec(near.with_columns(pl.col("_w_f").fill_null(f28.zero())), "model_weight", "_model_f")
+    near = f28.sub(near, "_w_f", "_model_f", "_diff_f").select(
+        "run", "slot", f28.to_d28("_w_f").cast(WEIGHT).alias("_final"),
+        pl.when(f28.sign("_diff_f") < 0).then(2).when(f28.sign("_diff_f") > 0).then(3).otherwise(4).alias("_case"),
+    )
+    near = join_runs(near, totals.select("run", "total_value")).select(
+        "slot", "_final", (pl.col("total_value") * pl.col("_final").cast(DEC)).alias("_value"), "_case",
+    )
+    near = with_code_lists(near, pl.col("_case"), TAG_LISTS, "_tags")
+    return join_on_index(trace, near, "slot").with_columns(
+        pl.coalesce("_final", "final_weight").alias("final_weight"), pl.coalesce("_value", "final_value").alias("final_value"),
+        pl.coalesce("_tags", "tags").alias("tags"),
+    ).drop("_final", "_value", "_tags")
+
+
 def _room_in_28_digits(sums: pl.DataFrame, wm: pl.DataFrame, exact: ExactLocked, gc: pl.DataFrame) -> pl.DataFrame:
     """``sums`` with step 3's room ``_avail`` = max(0, 1 − L) taken from L summed in 28
     digits, for the runs whose locked weights come with all 28 digits (``ExactLocked``: they
@@ -323,6 +449,7 @@ class _Heuristic:
     warnings: pl.DataFrame
     group_events: pl.DataFrame
     group_recipients: pl.DataFrame
+    touched: pl.DataFrame  # run: the runs whose weights one of steps 1-5 changed
 
 
 def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_constraints: pl.DataFrame, step1_pending: pl.DataFrame,
@@ -355,13 +482,12 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     sums = sums.filter("_above")
     above = sums.select("run")
     pending.append(sums.filter((pl.col("_L") > 1) | (pl.col("_B") > pl.col("_avail"))).select("run"))
-    wm = _scale_buys(wm, sums.filter((pl.col("_B") > pl.col("_avail")) & (pl.col("_B") > 0)).select(
-        "run", (pl.col("_avail") / pl.col("_B")).alias("_scale")
-    ))
+    normalised = sums.filter((pl.col("_B") > pl.col("_avail")) & (pl.col("_B") > 0))
+    wm = _scale_buys(wm, normalised.select("run", (pl.col("_avail") / pl.col("_B")).alias("_scale")))
 
     # Step 4: single-position cap
     wm = join_runs(wm, policy)
-    wm, cap_pending, cap_faults = _single_position_cap(market, wm)
+    wm, cap_pending, cap_faults, capped = _single_position_cap(market, wm)
     pending.append(cap_pending)
 
     # Step 5: minimum cash buffer, for the runs that keep one
@@ -403,6 +529,10 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     wm = wm.drop("single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
 
     blocked_runs = pl.concat([blocked, cap_faults.select("run")]).unique()
+    touched = pl.concat([
+        step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), group_events.select("run"),
+        normalised.select("run"), capped, sums.select("run"),  # sums: the runs whose cash buffer binds
+    ]).unique()
     status = (
         runs.select("run")
         .join(pl.concat(pending).unique().with_columns(pl.lit(True).alias("_pending")), on="run", how="left")
@@ -422,6 +552,7 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
         warnings=pl.concat(warnings),
         group_events=group_events,
         group_recipients=recipients,
+        touched=touched,
     )
 
 
@@ -549,10 +680,10 @@ def _single_position_cap(market: Market, wm: pl.DataFrame):
     rfc = pl.col("single_position_cap_mode") == "RFC_ASSET_CLASS"
     ref = wm.filter(~rfc | ~has_cap)
     rfc_frame = wm.filter(rfc & has_cap)
-    ref, ref_pending = _cap_reference(ref)
+    ref, ref_pending, capped = _cap_reference(ref)
     rfc_frame, rfc_pending, rfc_faults = _cap_rfc(market, rfc_frame)
     out = pl.concat([ref, rfc_frame]).pipe(sort_rows, "run", "map_order")
-    return out, pl.concat([ref_pending, rfc_pending]), rfc_faults
+    return out, pl.concat([ref_pending, rfc_pending]), rfc_faults, capped
 
 
 def _cap_reference(wm: pl.DataFrame):
@@ -585,7 +716,7 @@ def _cap_reference(wm: pl.DataFrame):
         state.filter(pl.col("_rem") > lit("0.001")).select("run"),
         wm.filter((pl.col("_excess") > 0) & ~(pl.col("_C") > 0)).select("run").unique(),
     ])
-    return wm.drop("_excess", "_capped", "_C"), pending
+    return wm.drop("_excess", "_capped", "_C"), pending, state.select("run")
 
 
 def _cap_share() -> pl.Expr:

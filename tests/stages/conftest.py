@@ -166,6 +166,7 @@ class Stages:
         return build_targets(
             self.market, self.runs, self.universe.weight_map, self.universe.sell_only_excess, self.p.model,
             self.before.totals, pipeline._by_run(self.book.group_constraints, self.runs), self.universe.exact,
+            (self.before.positions, self.before.cash),
         )
 
     @cached_property

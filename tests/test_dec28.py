@@ -301,3 +301,21 @@ def test_group_sums_of_a_long_group_round_where_the_sum_grows():
         exact = decimal.Context(prec=100).add(exact, v)
     assert CTX.plus(exact) != expected  # the exact sum, rounded once, differs in its last digit
     assert _exact(dec28.group_sums(df, "g", "vf", "s")["s"][0]) == expected
+
+
+def test_null_tests_see_an_unmatched_row_of_a_left_join_against_a_chunked_column():
+    """Polars 2.1's left join against an F28 column held in two chunks (a concat) leaves
+    an unmatched row's fields null under a struct that is not: ``pl.coalesce`` kept that
+    empty value and a near-integer trade lost its target weight in a batch of requests
+    (golden scenario_01 run beside 429 others had no intents). ``dec28`` tests the value."""
+    def part(slots, value):
+        frame = dec28.from_dec(pl.DataFrame({"slot": slots, "v": [Decimal(value)] * len(slots)}, schema={"slot": pl.UInt32, "v": DEC}), "v", "w")
+        return frame.select("slot", "w")
+    table = pl.concat([part([2, 5], "0.2"), part([6], "0.6")])
+    rows = dec28.from_dec(pl.DataFrame({"slot": [1, 2, 7], "v": [Decimal("0.9")] * 3}, schema={"slot": pl.UInt32, "v": DEC}), "v", "own")
+    joined = rows.join(table, on="slot", how="left", maintain_order="left")
+    assert joined.select(dec28.is_null("w")).to_series().to_list() == [True, False, True]
+    coalesced = joined.with_columns(dec28.coalesce("w", "own"))
+    assert coalesced.select(dec28.to_dec("w")).to_series().to_list() == [Decimal("0.9"), Decimal("0.2"), Decimal("0.9")]
+    filled = joined.with_columns(dec28.fill_null("w", dec28.zero()))
+    assert filled.select(dec28.to_dec("w")).to_series().to_list() == [0, Decimal("0.2"), 0]

@@ -32,7 +32,7 @@ class ExactFlows:
 
 def limited_runs(intents: pl.DataFrame) -> pl.DataFrame:
     """(run) of the runs with a tax-limited sell: a security intent with a 28-digit quantity."""
-    return intents.filter(pl.col("quantity_f28").is_not_null()).select("run").unique()
+    return intents.filter(~f28.is_null("quantity_f28")).select("run").unique()
 
 
 def exact_flows(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, sec: pl.DataFrame, cash_input: pl.DataFrame) -> ExactFlows:
@@ -70,9 +70,9 @@ def exact_notionals(market: Market, runs: pl.DataFrame, sec: pl.DataFrame) -> pl
     sec = sec.join(runs.select("run"), on="run", how="semi")
     sec = f28.from_dec(market.with_price(sec).with_columns(pl.col("price").fill_null(lit(0))), "price", "_price_f")
     sec = f28.from_dec(sec, "notional", "_fixed_f")
-    sec = f28.mul(sec.with_columns(pl.col("quantity_f28").fill_null(f28.zero()).alias("_q_f")), "_q_f", "_price_f", "_limited_f")
+    sec = f28.mul(sec.with_columns(f28.fill_null("quantity_f28", f28.zero()).alias("_q_f")), "_q_f", "_price_f", "_limited_f")
     return sec.with_columns(
-        pl.when(pl.col("quantity_f28").is_not_null()).then(pl.col("_limited_f")).otherwise(pl.col("_fixed_f")).alias("_notional_f"),
+        pl.when(~f28.is_null("quantity_f28")).then(pl.col("_limited_f")).otherwise(pl.col("_fixed_f")).alias("_notional_f"),
     ).with_columns(
         pl.when(pl.col("side") == "SELL").then(pl.col("_notional_f")).otherwise(f28.negate("_notional_f")).alias("_flow_f")
     ).select(*columns, "_flow_f")

@@ -55,7 +55,7 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
         pl.col("pos_seq").cast(pl.Int64),
     )
     # tax-limited sells carry 28-digit quantities: subtract them as the reference does
-    exact = onto_held.filter(pl.col("_f28").is_not_null())
+    exact = onto_held.filter(~dec28.is_null("_f28"))
     if exact.height:
         exact = exact.with_columns(positions["quantity"].gather(exact["_row"]).alias("_held"))
         exact = dec28.sub(dec28.from_dec(exact, "_held", "_held_f"), "_held_f", "_f28", "_exact_f28")
@@ -104,7 +104,7 @@ def exact_cash_signs(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, 
     (with sells only, the after-state adds them in the order FX planning summed them, and
     the SWEEP cancels the sum exactly), or the base currency, where FX amounts land."""
     schema = {"run": pl.UInt32, "currency": pl.String, "_negative": pl.Boolean}
-    limited = intents.filter(pl.col("quantity_f28").is_not_null()).select("run", pl.col("notional_currency").alias("currency")).unique()
+    limited = intents.filter(~dec28.is_null("quantity_f28")).select("run", pl.col("notional_currency").alias("currency")).unique()
     if limited.height == 0:
         return pl.DataFrame(schema=schema)
     bought = intents.filter((pl.col("side") == "BUY") & pl.col("run").is_in(limited["run"].implode())).select(

@@ -135,7 +135,7 @@ def _exact_balances(market: Market, runs: pl.DataFrame, horizon: pl.DataFrame, i
     days = range(int(chosen["horizon"].max()) + 1)
     grid = accounts.join(pl.DataFrame({"day": pl.Series(list(days), dtype=pl.Int32)}), how="cross").join(
         cells.select("run", "currency", "day", "_cell_f"), on=["run", "currency", "day"], how="left"
-    ).with_columns(pl.col("_cell_f").fill_null(f28.zero())).sort("day", "run", "currency")
+    ).with_columns(f28.fill_null("_cell_f", f28.zero())).sort("day", "run", "currency")
     value = f28.parts(grid, "_cell_f")
     running, balances = f28.zeros(accounts.height), []
     for day in days:

@@ -35,6 +35,7 @@ class Targets:
     group_events: pl.DataFrame
     group_recipients: pl.DataFrame
     comparison: pl.DataFrame | None = None  # §6.7 target_method_comparison, one row per compared run
+    replay: Replay | None = None  # what redoes a HEURISTIC run's weights in 28 digits (``replayed_weights``)
 
 
 def warnings_frame(frame: pl.DataFrame, code: pl.Expr, order: pl.Expr) -> pl.DataFrame:
@@ -117,10 +118,13 @@ def build_targets(
     status = pl.concat([pick(h.status, primary_heuristic), pick(s_status, primary_solver)]).sort("run")
     weights = pl.concat([pick(h.weights, primary_heuristic).select(wm.columns), pick(s_weights, primary_solver).select(wm.columns)])
     trace = _trace(weights, model.join(status.filter(pl.col("target_status") == "BLOCKED"), on="run", how="anti"), totals)
-    touched = pick(h.touched, primary_heuristic)
-    if valued is not None and touched.height:
-        policy = runs.select("run", "base_currency", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
-        trace = _tags_in_28_digits(market, trace, touched, policy, step1, group_constraints, totals, valued)
+    m = pl.col("single_position_max_weight")
+    replay = Replay(step1, group_constraints, runs.join(pick(h.touched, primary_heuristic), on="run", how="semi").filter(
+        # the RFC-0001 cap mode has no reference to agree with; a cap at or below 0 leaves no candidate
+        m.is_null() | ((pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS") & (m > 0))
+    ).select("run", "base_currency", "single_position_max_weight", "min_cash_buffer_pct"))
+    if valued is not None and replay.policy.height:
+        trace = _tags_in_28_digits(market, trace, replay, totals, valued)
     warnings = [pick(h.warnings, primary_heuristic), pick(s_warnings, primary_solver)]
     comparison = None
     if runs.filter(compare).height:
@@ -144,6 +148,7 @@ def build_targets(
         group_events=pick(h.group_events, primary_heuristic),
         group_recipients=pick(h.group_recipients, primary_heuristic),
         comparison=comparison,
+        replay=replay,
     )
 
 
@@ -180,6 +185,31 @@ class _Step1:
     sell_only_excess: pl.DataFrame
 
 
+@dataclass(frozen=True)
+class Replay:
+    """What ``replayed_weights`` needs to redo a HEURISTIC run's five steps in 28 digits:
+    step 1's inputs, the group constraints, and the runs it can redo (``policy``: run,
+    base_currency, single_position_max_weight, min_cash_buffer_pct), those whose weights a
+    step changed, in the reference's cap mode."""
+    step1: _Step1
+    group_constraints: pl.DataFrame
+    policy: pl.DataFrame
+
+
+def replayed_weights(market: Market, replay: Replay, runs: pl.DataFrame, valued: tuple[pl.DataFrame, pl.DataFrame]) -> pl.DataFrame:
+    """(slot, weight_f28): the final map weights of the ``runs`` (run) that ``replay`` can
+    redo, as the reference's 28-digit steps leave them (``_heuristic_in_28_digits``), from
+    the locked weights over tv summed in 28 digits (``valued``: the before-state's valued
+    positions and cash). A weight below 0.1 has 28 significant digits there, more decimals
+    than Decimal(38, 28) keeps, and the fixed-point steps can differ in the last one."""
+    policy = replay.policy.join(runs, on="run", how="semi")
+    if policy.height == 0:
+        return pl.DataFrame(schema={"slot": SLOT, "weight_f28": f28.F28})
+    locked = _locked_in_28_digits(market, policy.select("run", "base_currency"), replay.step1.weight_map, valued)
+    rows = _heuristic_in_28_digits(market, replay.step1, replay.group_constraints, policy, locked)
+    return rows.select("slot", pl.col("_w_f").alias("weight_f28"))
+
+
 def _steps_1_2_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame,
                             locked: pl.DataFrame | None = None) -> pl.DataFrame:
     """The map rows of the ``near`` runs (run, map_order, buy, ``_w_f``) with their weights
@@ -195,7 +225,7 @@ def _steps_1_2_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, nea
     rows = f28.from_dec(rows.with_columns((pl.col("kind") == "BUYABLE").alias("buy")), "weight", "_w_f")
     if locked is not None:
         rows = rows.join(locked, on="slot", how="left", maintain_order="left").with_columns(
-            pl.when(pl.col("kind") == "LOCKED").then(pl.col("weight_f28").fill_null(f28.zero())).otherwise(pl.col("_w_f")).alias("_w_f")
+            pl.when(pl.col("kind") == "LOCKED").then(f28.fill_null("weight_f28", f28.zero())).otherwise(pl.col("_w_f")).alias("_w_f")
         ).drop("weight_f28")
     # step 1: runs with SELL_ONLY excess and buyable weight to take it
     excess = step1.sell_only_excess.join(near, on="run", how="semi").filter(pl.col("sell_only_excess") > 0)
@@ -301,7 +331,7 @@ def _sums_in_28_digits(rows: pl.DataFrame) -> pl.DataFrame:
     locked = f28.group_sums(rows.filter(~pl.col("buy")), "run", "_w_f", "_L_f")
     return (
         rows.select("run").unique().join(b, on="run", how="left").join(locked, on="run", how="left")
-        .with_columns(pl.col("_B_f", "_L_f").fill_null(f28.zero()))
+        .with_columns(f28.fill_null("_B_f", f28.zero()), f28.fill_null("_L_f", f28.zero()))
     )
 
 
@@ -323,11 +353,11 @@ def _floor_at_zero(name: str) -> pl.Expr:
 def _heuristic_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, policy: pl.DataFrame,
                             locked: pl.DataFrame) -> pl.DataFrame:
     """The map rows of the runs of ``policy`` (run, single_position_max_weight,
-    min_cash_buffer_pct: reference cap mode, a cap above 0 or none, no group cap that
-    blocks) with their weights (``_w_f``) as the reference's five steps leave them, every
-    operation rounded to 28 digits, from the model weights and the ``locked`` weights
-    (slot, weight_f28) with all their digits: steps 1-2 and 4 as in ``_steps_1_2_in_28_digits``
-    and ``_cap_in_28_digits``; step 3 scales the buyable weights by (1 − L) / B where the
+    min_cash_buffer_pct: reference cap mode, a cap above 0 or none) with their weights
+    (``_w_f``) as the reference's five steps leave them, every operation rounded to 28
+    digits, from the model weights and the ``locked`` weights (slot, weight_f28) with all
+    their digits: steps 1-2 and 4 as in ``_steps_1_2_in_28_digits`` and
+    ``_cap_in_28_digits``; step 3 scales the buyable weights by (1 − L) / B where the
     map total exceeds 1.0001, step 5 by (1 − p − L) / B where B exceeds 1 − p − L."""
     rows = _steps_1_2_in_28_digits(market, step1, gc, policy.select("run"), locked)
     # step 3: normalisation above 1.0001
@@ -367,31 +397,24 @@ def _locked_in_28_digits(market: Market, runs: pl.DataFrame, weight_map: pl.Data
 _NEAR_TAG = lit("0.00000000000000000001")
 
 
-def _tags_in_28_digits(market: Market, trace: pl.DataFrame, touched: pl.DataFrame, policy: pl.DataFrame, step1: _Step1,
-                       gc: pl.DataFrame, totals: pl.DataFrame, valued: tuple[pl.DataFrame, pl.DataFrame]) -> pl.DataFrame:
-    """``trace`` with the model targets of the ``touched`` runs (a target step changed
-    their weights) whose final weight lies within 1e-20 of the model weight re-tagged, and
-    their final weight and value redone, as the reference's 28-digit steps leave them
-    (``_heuristic_in_28_digits``): there the last digit decides between CAPPED_BY_MAX_WEIGHT,
+def _tags_in_28_digits(market: Market, trace: pl.DataFrame, replay: Replay, totals: pl.DataFrame,
+                       valued: tuple[pl.DataFrame, pl.DataFrame]) -> pl.DataFrame:
+    """``trace`` with the model targets of the runs ``replay`` can redo whose final weight
+    lies within 1e-20 of the model weight re-tagged, and their final weight and value
+    redone, as the reference's 28-digit steps leave them (``replayed_weights``): there the
+    last digit decides between CAPPED_BY_MAX_WEIGHT,
     REDISTRIBUTED_RECIPIENT and no tag (a capped holding's excess handed back to the target
     that normalisation scaled down can land exactly on its model weight in the reference
     and a unit of the 28th decimal off in fixed point, or the other way round)."""
-    m = pl.col("single_position_max_weight")
-    # the RFC-0001 cap mode has no reference to agree with; a cap at or below 0 leaves no candidate
-    policy = policy.join(touched, on="run", how="semi").filter(
-        m.is_null() | ((pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS") & (m > 0))
-    )
     near = trace.filter(
-        pl.col("run").is_in(policy["run"].implode()) & pl.col("in_model") & (pl.col("model_weight") != 0)
+        pl.col("run").is_in(replay.policy["run"].implode()) & pl.col("in_model") & (pl.col("model_weight") != 0)
         & ((pl.col("final_weight") - pl.col("model_weight")).abs() < _NEAR_TAG)
     )
     if near.height == 0:
         return trace
-    policy = policy.join(near, on="run", how="semi")
-    bases = policy.select("run", "base_currency")
-    rows = _heuristic_in_28_digits(market, step1, gc, policy, _locked_in_28_digits(market, bases, step1.weight_map, valued))
-    near = join_on_index(near.select("run", "slot", "model_weight"), rows.select("slot", "_w_f"), "slot")
-    near = f28.from_dec(near.with_columns(pl.col("_w_f").fill_null(f28.zero())), "model_weight", "_model_f")
+    redone = replayed_weights(market, replay, near.select("run").unique(), valued).rename({"weight_f28": "_w_f"})
+    near = join_on_index(near.select("run", "slot", "model_weight"), redone, "slot")
+    near = f28.from_dec(near.with_columns(f28.fill_null("_w_f", f28.zero())), "model_weight", "_model_f")
     near = f28.sub(near, "_w_f", "_model_f", "_diff_f").select(
         "run", "slot", f28.to_d28("_w_f").cast(WEIGHT).alias("_final"),
         pl.when(f28.sign("_diff_f") < 0).then(2).when(f28.sign("_diff_f") > 0).then(3).otherwise(4).alias("_case"),
@@ -419,7 +442,7 @@ def _room_in_28_digits(sums: pl.DataFrame, wm: pl.DataFrame, exact: ExactLocked,
     if locked.height == 0:
         return sums
     locked = sort_rows(locked, "run", "map_order").join(exact.weights, on="slot", how="left", maintain_order="left")
-    locked = locked.with_columns(pl.col("weight_f28").fill_null(f28.zero()))  # no rate: the weight is 0 (universe)
+    locked = locked.with_columns(f28.fill_null("weight_f28", f28.zero()))  # no rate: the weight is 0 (universe)
     room = f28.group_sums(locked, "run", "weight_f28", "_L_f").with_columns(f28.one().alias("_one_f"))
     room = f28.sub(room, "_one_f", "_L_f", "_room_f").select(
         "run", pl.when(f28.sign("_room_f") > 0).then(f28.to_d28("_room_f")).otherwise(pl.lit(0, dtype=WEIGHT))
@@ -438,7 +461,7 @@ def _step1_shares(buy: pl.DataFrame) -> pl.DataFrame:
 def _put_weights(rows: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
     """``rows`` with ``_w_f`` replaced by ``new``'s ``_new_f`` where (run, map_order) match."""
     return rows.join(new, on=["run", "map_order"], how="left", maintain_order="left").with_columns(
-        pl.coalesce("_new_f", "_w_f").alias("_w_f")
+        f28.coalesce("_new_f", "_w_f").alias("_w_f")
     ).drop("_new_f")
 
 

@@ -48,7 +48,7 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
     lot_rows = market.with_rate_f28(lot_rows, "cost_currency", "price_currency", "cost_rate_f")
     lot_rows = market.with_rate_f28(lot_rows, "price_currency", "base_currency", "rate_f")
     first_missing = (
-        lot_rows.filter(pl.col("cost_rate_f").is_null()).sort("lot_seq")
+        lot_rows.filter(f.is_null("cost_rate_f")).sort("lot_seq")
         .group_by("run", "instrument_id", maintain_order=True).first()
     )
     fx_missing = dq.findings(
@@ -196,7 +196,7 @@ def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         pl.col("_budget_take").filter(pl.col("_reduced")).first().alias("_limited_take"),
     )
     per_sell = f.from_dec(per_sell, "_full_sum", "_full_f")
-    per_sell = f.add(per_sell.with_columns(pl.col("_limited_take").fill_null(f.zero())), "_full_f", "_limited_take", "quantity_f28")
+    per_sell = f.add(per_sell.with_columns(f.fill_null("_limited_take", f.zero())), "_full_f", "_limited_take", "quantity_f28")
     allowed = per_sell.select("slot", f.to_d28("quantity_f28").cast(QTY).alias("_allowed"), "quantity_f28")
     losses = walk.filter(pl.col("_full") & (f.sign("full_realised_f") < 0)).group_by("run").agg(
         (-f.to_dec("full_realised_f")).sum().alias("realized_loss")

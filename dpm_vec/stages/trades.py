@@ -18,7 +18,7 @@ from dpm_vec.frames import join_on_index, join_runs, position_in_run, sort_rows
 from dpm_vec.numeric import DEC, QTY, dabs, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
-from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
+from dpm_vec.stages.targets import WARNINGS_SCHEMA, Replay, replayed_weights, warnings_frame
 from dpm_vec.stages.tax import limit_sells_by_tax_lots
 from dpm_vec.stages.universe import ExactLocked, base_value_f28, exact_total
 
@@ -44,9 +44,11 @@ def translate(
     totals: pl.DataFrame,
     exact: ExactLocked | None = None,
     valued: tuple[pl.DataFrame, pl.DataFrame] | None = None,
+    replay: Replay | None = None,
 ) -> Translation:
     """Size every target's trade; ``valued`` (the before-state's valued positions and cash)
-    lets a trade whose unit quotient is near an integer be sized over its run's 28-digit tv."""
+    lets a trade whose unit quotient is near an integer be sized over its run's 28-digit tv,
+    and with ``replay`` over its target weight as the reference's 28-digit steps leave it."""
     policy = runs.select(
         "run", "base_currency", "min_trade_notional_amount", "min_trade_notional_currency",
         "suppress_dust_trades", "notional_sizing", "rfc_rationale_codes", "enable_tax_awareness", "max_realized_capital_gains",
@@ -81,7 +83,7 @@ def translate(
     units = pl.col("_quotient").floor()
     # the quotient is rounded before the floor; step back when that rounding crossed an integer
     t = t.with_columns(pl.when(units * pl.col("price") > pl.col("_abs_delta")).then(units - 1).otherwise(units).alias("_units"))
-    t = _exact_near_integer_floors(market, t, exact, valued)
+    t = _exact_near_integer_floors(market, t, exact, valued, replay)
     _check_quantity_range(t, "_units")
     t = t.with_columns(pl.col("_units").cast(QTY).alias("requested_quantity"), pl.lit(False).alias("_oversell"))
     t = _notional_sizing(t)
@@ -170,7 +172,7 @@ NEAR_INTEGER = lit("0.000000001")
 
 
 def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLocked | None = None,
-                               valued: tuple[pl.DataFrame, pl.DataFrame] | None = None) -> pl.DataFrame:
+                               valued: tuple[pl.DataFrame, pl.DataFrame] | None = None, replay: Replay | None = None) -> pl.DataFrame:
     """Redo the sizing of trades whose unit quotient lies within 1e-9 of an integer in the
     reference's 28-digit arithmetic (spec §1.1): there the fixed-point and the reference's
     rounding can fall on different sides of the integer. Elsewhere fixed-point is exact
@@ -178,7 +180,9 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
     the runs whose last digit can decide (``ExactLocked``), tv and a locked weight that no
     target step changed come with all 28 digits; with ``valued``, every other run with such a
     trade has its tv summed in 28 digits here (tv's last digits decide the side of the
-    integer when the rate is an inverse quote's rounded quotient)."""
+    integer when the rate is an inverse quote's rounded quotient), and with ``replay`` a
+    target weight that a target step changed is taken as the reference's 28-digit steps
+    leave it (below 0.1 it has more decimals than Decimal(38, 28) keeps)."""
     nearest = pl.col("_quotient").round(0)
     distance = (pl.col("_quotient") - nearest).abs()
     # a quotient near zero floors to zero whichever way it rounds, and a zero target makes
@@ -196,13 +200,17 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
             positions, cash = (frame.join(bases, on="run", how="semi") for frame in valued)
             tv = exact_total(market, bases, base_value_f28(market, join_runs(positions, bases)), cash)
             exact_totals = pl.concat([exact_totals, tv.select("run", pl.col("_tv_f").alias("total_f28"))])
-    near = near.join(exact_totals, on="run", how="left").with_columns(pl.coalesce("total_f28", "_tv_f").alias("_tv_f")).drop("total_f28")
+    near = near.join(exact_totals, on="run", how="left").with_columns(f28.coalesce("total_f28", "_tv_f").alias("_tv_f")).drop("total_f28")
     if exact is not None:
         near = near.join(exact.weights, on="slot", how="left")
-        unchanged = pl.col("weight_f28").is_not_null() & (f28.to_d28("weight_f28") == pl.col("final_weight"))
+        unchanged = ~f28.is_null("weight_f28") & (f28.to_d28("weight_f28") == pl.col("final_weight"))
         near = near.with_columns(
             pl.when(unchanged).then(pl.col("weight_f28")).otherwise(pl.col("_fw_f")).alias("_fw_f"),
         ).drop("weight_f28")
+    if replay is not None and valued is not None:
+        redone = replayed_weights(market, replay, near.select("run").unique(), valued).rename({"weight_f28": "_redone_f"})
+        if redone.height:
+            near = near.join(redone, on="slot", how="left").with_columns(f28.coalesce("_redone_f", "_fw_f").alias("_fw_f")).drop("_redone_f")
     near = f28.mul(near, "_tv_f", "_fw_f", "_tv_w_f")
     near = f28.div(near, "_tv_w_f", "_rate_f", "_target_f")
     near = f28.sub(near, "_target_f", "_cur_f", "_delta_f")

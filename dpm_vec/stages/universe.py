@@ -145,7 +145,7 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
     locked = base_value_f28(market, join_runs(locked, bases))
     locked = f28.from_dec(join_runs(locked, totals.select("run", "divisor")), "divisor", "_divisor_f")
     locked = f28.div(locked, "_base_f", "_divisor_f", "_weight_f")
-    last_digit = locked.filter(pl.col("_rate_f").is_not_null()).group_by("run").agg(_LAST_DIGIT_RUNS).filter(pl.col("_last_digit")).select("run")
+    last_digit = locked.filter(~f28.is_null("_rate_f")).group_by("run").agg(_LAST_DIGIT_RUNS).filter(pl.col("_last_digit")).select("run")
     exact = None
     if last_digit.height:
         chosen = bases.join(last_digit, on="run", how="semi")
@@ -154,10 +154,10 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
         redo = f28.div(join_runs(locked.join(chosen, on="run", how="semi").drop("_divisor_f"), tv.drop("_tv_f")), "_base_f", "_divisor_f", "_weight_f")
         locked = pl.concat([locked.join(chosen, on="run", how="anti"), redo.select(locked.columns)])
         exact = ExactLocked(
-            weights=redo.filter(pl.col("_rate_f").is_not_null()).select("slot", pl.col("_weight_f").alias("weight_f28")),
+            weights=redo.filter(~f28.is_null("_rate_f")).select("slot", pl.col("_weight_f").alias("weight_f28")),
             totals=tv.select("run", pl.col("_tv_f").alias("total_f28")),
         )
-    locked = locked.filter(pl.col("_rate_f").is_not_null()).with_columns(f28.to_d28("_weight_f").alias("_exact"))
+    locked = locked.filter(~f28.is_null("_rate_f")).with_columns(f28.to_d28("_weight_f").alias("_exact"))
     map2 = join_on_index(map2.with_columns(pl.col("weight").cast(WEIGHT)), locked.select("slot", "_exact"), "slot").with_columns(
         pl.when(pl.col("kind") == "LOCKED").then(pl.col("_exact").fill_null(pl.lit(0, dtype=WEIGHT))).otherwise(pl.col("weight")).alias("weight")
     ).drop("_exact")
@@ -183,7 +183,7 @@ def base_value_f28(market: Market, held: pl.DataFrame) -> pl.DataFrame:
     held = market.with_rate_f28(held, "instrument_currency", "base_currency", "_rate_f")
     held = f28.from_dec(held, "value_instr", "_value_f")
     held = f28.mul(held, "_value_f", "_rate_f", "_base_f")
-    return held.with_columns(pl.when(pl.col("_rate_f").is_null()).then(f28.zero()).otherwise(pl.col("_base_f")).alias("_base_f"))
+    return held.with_columns(pl.when(f28.is_null("_rate_f")).then(f28.zero()).otherwise(pl.col("_base_f")).alias("_base_f"))
 
 
 def exact_total(market: Market, bases: pl.DataFrame, held: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:
@@ -195,13 +195,13 @@ def exact_total(market: Market, bases: pl.DataFrame, held: pl.DataFrame, cash: p
     cash = f28.mul(cash, "_amount_f", "_rate_f", "_base_f")
     cash = cash.with_columns(
         pl.when(pl.col("currency") == pl.col("base_currency")).then(pl.col("_amount_f"))
-        .when(pl.col("_rate_f").is_null()).then(f28.zero()).otherwise(pl.col("_base_f")).alias("_base_f")
+        .when(f28.is_null("_rate_f")).then(f28.zero()).otherwise(pl.col("_base_f")).alias("_base_f")
     )
     tv = (
         bases.select("run")
         .join(f28.group_sums(sort_rows(held, "run", "pos_seq"), "run", "_base_f", "_pos_f"), on="run", how="left")
         .join(f28.group_sums(sort_rows(cash, "run", "cash_seq"), "run", "_base_f", "_cash_f"), on="run", how="left")
-        .with_columns(pl.col("_pos_f", "_cash_f").fill_null(f28.zero()))  # a run without positions or cash sums 0
+        .with_columns(f28.fill_null("_pos_f", f28.zero()), f28.fill_null("_cash_f", f28.zero()))  # a run without positions or cash sums 0
     )
     tv = f28.add(tv, "_pos_f", "_cash_f", "_tv_f")
     return tv.select("run", "_tv_f", pl.when(f28.sign("_tv_f") == 0).then(f28.one()).otherwise(pl.col("_tv_f")).alias("_divisor_f"))

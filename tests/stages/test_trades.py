@@ -60,6 +60,30 @@ def test_floor_exact_quotient_and_just_below(scenario):
     assert _intents(s) == [("A", "BUY", D(99), D("297")), ("B", "BUY", D(15), D("499.995"))]
 
 
+def test_floor_over_a_normalised_weight_below_0_1_at_28_significant_digits(scenario):
+    """An unshelved (locked) holding of 686 in a portfolio of 786 leaves room 100/786 for
+    a model of 0.45, so step 3 scales both targets by (1 − L) / 0.45. In exact arithmetic
+    I11's target is 20 and I1's 80: trades of 80 and 8,000 units on integer boundaries.
+    The reference's weights (replayed here with Python's decimal) are below 0.1 and carry
+    28 significant digits, more decimals than Decimal(38, 28): its I11 target is exactly 20
+    (sell 80) and I1's a hair below 80 (buy 7,999). Fixed point sized over the
+    28-decimal weights sold 79 and bought 8,000, a unit of cash short (BLOCKED)."""
+    import decimal
+
+    s = scenario(
+        positions=[("I11", "100"), ("I10", "49")],
+        prices=[("I11", "1", "USD"), ("I1", "0.01", "USD"), ("I10", "14", "USD")],
+        shelf=[("I11", "APPROVED"), ("I1", "APPROVED")],
+        model=[("I11", "0.09"), ("I1", "0.36")],
+    )
+    ctx = decimal.Context(prec=28)
+    tv = ctx.add(D(100), D(686))
+    factor = ctx.divide(ctx.subtract(D(1), ctx.divide(D(686), tv)), D("0.45"))
+    target = {i: ctx.multiply(tv, ctx.multiply(D(w), factor)) for i, w in (("I11", "0.09"), ("I1", "0.36"))}
+    assert ctx.subtract(D(100), target["I11"]) == D(80) and ctx.divide(target["I1"], D("0.01")) < D(8000)
+    assert [(i, side, q) for i, side, q, _ in _intents(s)] == [("I11", "SELL", D(80)), ("I1", "BUY", D(7999))]
+
+
 def test_sell_floors_too_and_zero_delta_is_no_intent(scenario):
     s = scenario(
         positions=[("A", "10"), ("B", "5")],

@@ -75,8 +75,9 @@ def build_targets(
     ``target_method``; with ``compare_target_methods`` the other method runs too (§6.7).
     ``exact``: the universe's 28-digit locked weights, where their last digit can decide;
     ``valued`` (the before-state's valued positions and cash) lets a HEURISTIC target that
-    lands within a last digit of its model weight be tagged as the reference's 28-digit
-    steps leave it (``_tags_in_28_digits``)."""
+    lands within a last digit of its model weight be tagged, and a weight within a last
+    digit of the single-position cap be a candidate or not, as the reference's 28-digit
+    steps leave it (``_tags_in_28_digits``, ``_candidates_in_28_digits``)."""
     from dpm_vec.stages.solver import compare_methods, solve_targets
 
     weight_map = weight_map.with_columns(pl.col("weight").cast(WEIGHT))
@@ -95,7 +96,7 @@ def build_targets(
 
     heuristic_runs = runs.filter(~solver | compare)
     step1 = _Step1(pick(weight_map, heuristic_runs), sell_only_excess)
-    h = _heuristic(market, heuristic_runs, pick(wm, heuristic_runs), group_constraints, step1_pending, step1, exact)
+    h = _heuristic(market, heuristic_runs, pick(wm, heuristic_runs), group_constraints, step1_pending, step1, exact, valued)
     solver_runs = runs.filter(solver | compare)
     if solver_runs.height:
         s_weights, s_status, s_warnings = solve_targets(market, runs, wm, model, group_constraints, which=solver | compare)
@@ -350,6 +351,45 @@ def _floor_at_zero(name: str) -> pl.Expr:
     return pl.when(f28.sign(name) > 0).then(pl.col(name)).otherwise(f28.zero()).alias(name)
 
 
+def _steps_1_3_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, runs: pl.DataFrame,
+                            locked: pl.DataFrame | None) -> pl.DataFrame:
+    """The map rows of ``runs`` (run) with their weights (``_w_f``) as the reference's
+    steps 1-3 leave them: steps 1-2 as in ``_steps_1_2_in_28_digits``, then step 3 scales
+    the buyable weights by (1 − L) / B where the map total exceeds 1.0001."""
+    rows = _steps_1_2_in_28_digits(market, step1, gc, runs, locked)
+    total = f28.group_sums(rows, "run", "_w_f", "_total_f").with_columns(lit(NORMALISATION_THRESHOLD).cast(WEIGHT).alias("_threshold"))
+    total = f28.sub(f28.from_dec(total, "_threshold", "_threshold_f"), "_total_f", "_threshold_f", "_above_f")
+    above = total.filter(f28.sign("_above_f") > 0).select("run")
+    if above.height:
+        sums = _sums_in_28_digits(rows.join(above, on="run", how="semi")).with_columns(f28.one().alias("_one_f"))
+        rows = _scale_in_28_digits(rows, f28.sub(sums, "_one_f", "_L_f", "_bound_f").with_columns(_floor_at_zero("_bound_f")))
+    return rows
+
+
+def _candidates_in_28_digits(market: Market, wm: pl.DataFrame, step1: _Step1, gc: pl.DataFrame,
+                             valued: tuple[pl.DataFrame, pl.DataFrame] | None) -> pl.DataFrame:
+    """(slot, _below_cap): for the buyable weights within 1e-20 of the cap ``m`` in runs
+    where step 4 takes excess in the reference's cap mode (``wm``: the map after step 3
+    with the run's policy), whether the weight lies strictly below ``m`` as the reference's
+    28-digit steps 1-3 leave it: a group cap's scaling gives 0.1428 × (0.2 / 0.2856) =
+    0.09999999999999999999999999999 there (28 significant digits, a candidate under a cap
+    of 0.1) and 0.1 at 28 decimals here (no candidate), and the candidates share all the
+    excess. The locked weights come over tv summed in 28 digits where ``valued`` is given."""
+    m = pl.col("single_position_max_weight")
+    near = wm.filter(
+        m.is_not_null() & (m > 0) & (pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS") & (pl.col("_excess") > 0)
+        & pl.col("buy") & ((pl.col("weight") - m).abs() < _NEAR_TAG)
+    )
+    if near.height == 0:
+        return pl.DataFrame(schema={"slot": SLOT, "_below_cap": pl.Boolean})
+    runs = near.select("run", "base_currency").unique("run")
+    locked = None if valued is None else _locked_in_28_digits(market, runs, step1.weight_map, valued)
+    rows = _steps_1_3_in_28_digits(market, step1, gc, runs.select("run"), locked).select("slot", "_w_f")
+    near = f28.from_dec(join_on_index(near.select("slot", "single_position_max_weight"), rows, "slot", how="inner"),
+                        "single_position_max_weight", "_m_f")
+    return f28.sub(near, "_w_f", "_m_f", "_d_f").select("slot", (f28.sign("_d_f") < 0).alias("_below_cap"))
+
+
 def _heuristic_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, policy: pl.DataFrame,
                             locked: pl.DataFrame) -> pl.DataFrame:
     """The map rows of the runs of ``policy`` (run, single_position_max_weight,
@@ -359,14 +399,7 @@ def _heuristic_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, pol
     their digits: steps 1-2 and 4 as in ``_steps_1_2_in_28_digits`` and
     ``_cap_in_28_digits``; step 3 scales the buyable weights by (1 − L) / B where the
     map total exceeds 1.0001, step 5 by (1 − p − L) / B where B exceeds 1 − p − L."""
-    rows = _steps_1_2_in_28_digits(market, step1, gc, policy.select("run"), locked)
-    # step 3: normalisation above 1.0001
-    total = f28.group_sums(rows, "run", "_w_f", "_total_f").with_columns(lit(NORMALISATION_THRESHOLD).cast(WEIGHT).alias("_threshold"))
-    total = f28.sub(f28.from_dec(total, "_threshold", "_threshold_f"), "_total_f", "_threshold_f", "_above_f")
-    above = total.filter(f28.sign("_above_f") > 0).select("run")
-    if above.height:
-        sums = _sums_in_28_digits(rows.join(above, on="run", how="semi")).with_columns(f28.one().alias("_one_f"))
-        rows = _scale_in_28_digits(rows, f28.sub(sums, "_one_f", "_L_f", "_bound_f").with_columns(_floor_at_zero("_bound_f")))
+    rows = _steps_1_3_in_28_digits(market, step1, gc, policy.select("run"), locked)
     # step 4: single-position cap
     m = pl.col("single_position_max_weight")
     rows = _cap_in_28_digits(rows, policy.filter(m.is_not_null() & (m > 0)).select("run", "single_position_max_weight"))
@@ -476,9 +509,9 @@ class _Heuristic:
 
 
 def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_constraints: pl.DataFrame, step1_pending: pl.DataFrame,
-               step1: _Step1, exact: ExactLocked | None = None) -> _Heuristic:
+               step1: _Step1, exact: ExactLocked | None = None, valued: tuple[pl.DataFrame, pl.DataFrame] | None = None) -> _Heuristic:
     """§6.4 steps 2-5 on the map after step 1."""
-    policy = runs.select("run", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
+    policy = runs.select("run", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct", "base_currency")
     pending = [step1_pending.join(runs.select("run"), on="run", how="semi")]
     warnings = [pl.DataFrame(schema=WARNINGS_SCHEMA)]
 
@@ -509,8 +542,10 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     wm = _scale_buys(wm, normalised.select("run", (pl.col("_avail") / pl.col("_B")).alias("_scale")))
 
     # Step 4: single-position cap
-    wm = join_runs(wm, policy)
-    wm, cap_pending, cap_faults, capped = _single_position_cap(market, wm)
+    wm = join_runs(wm, policy.drop("base_currency"))
+    wm, cap_pending, cap_faults, capped = _single_position_cap(
+        market, wm, lambda excess: _candidates_in_28_digits(market, join_runs(excess, policy.select("run", "base_currency")), step1, gc, valued),
+    )
     pending.append(cap_pending)
 
     # Step 5: minimum cash buffer, for the runs that keep one
@@ -692,8 +727,10 @@ def _empty_recipients() -> pl.DataFrame:
     })
 
 
-def _single_position_cap(market: Market, wm: pl.DataFrame):
-    """§6.4 step 4 (reference) or RFC-0001 Step 3 (same-asset-class redistribution)."""
+def _single_position_cap(market: Market, wm: pl.DataFrame, below_cap=None):
+    """§6.4 step 4 (reference) or RFC-0001 Step 3 (same-asset-class redistribution).
+    ``below_cap``: the map with ``_excess`` → (slot, _below_cap), the candidates decided
+    in 28 digits (``_candidates_in_28_digits``)."""
     m = pl.col("single_position_max_weight")
     has_cap = m.is_not_null()
     wm = wm.with_columns(
@@ -703,16 +740,20 @@ def _single_position_cap(market: Market, wm: pl.DataFrame):
     rfc = pl.col("single_position_cap_mode") == "RFC_ASSET_CLASS"
     ref = wm.filter(~rfc | ~has_cap)
     rfc_frame = wm.filter(rfc & has_cap)
-    ref, ref_pending, capped = _cap_reference(ref)
+    ref, ref_pending, capped = _cap_reference(ref, below_cap(ref) if below_cap is not None else None)
     rfc_frame, rfc_pending, rfc_faults = _cap_rfc(market, rfc_frame)
     out = pl.concat([ref, rfc_frame]).pipe(sort_rows, "run", "map_order")
     return out, pl.concat([ref_pending, rfc_pending]), rfc_faults, capped
 
 
-def _cap_reference(wm: pl.DataFrame):
+def _cap_reference(wm: pl.DataFrame, below_cap: pl.DataFrame | None = None):
     m = pl.col("single_position_max_weight")
+    below = pl.col("weight") < m
+    if below_cap is not None and below_cap.height:
+        wm = join_on_index(wm, below_cap, "slot")
+        below = pl.coalesce("_below_cap", below)
     wm = wm.with_columns(pl.col("_capped").alias("weight"))
-    cand = pl.col("buy") & (pl.col("weight") < m) & (pl.col("_excess") > 0)
+    cand = pl.col("buy") & below & (pl.col("_excess") > 0)
     wm = wm.with_columns(_sum_where(cand).alias("_C"))
     cands = (
         wm.filter(cand & (pl.col("_C") > 0))
@@ -739,7 +780,7 @@ def _cap_reference(wm: pl.DataFrame):
         state.filter(pl.col("_rem") > lit("0.001")).select("run"),
         wm.filter((pl.col("_excess") > 0) & ~(pl.col("_C") > 0)).select("run").unique(),
     ])
-    return wm.drop("_excess", "_capped", "_C"), pending, state.select("run")
+    return wm.drop("_excess", "_capped", "_C", "_below_cap", strict=False), pending, state.select("run")
 
 
 def _cap_share() -> pl.Expr:

@@ -52,6 +52,33 @@ def test_cap_leftover_within_tolerance_is_ready(scenario):
     assert s.target_status() == "READY"
 
 
+def test_cap_candidate_just_below_the_cap_at_28_significant_digits(scenario):
+    """A TECH group of 0.2856 capped at 0.2 scales I10's 0.1428 by 0.2 / 0.2856: exactly 0.1
+    in exact arithmetic and at 28 decimals, but 0.09999999999999999999999999999 at 28
+    significant digits (the reference, replayed here with Python's decimal). Under a cap of
+    0.1 that makes I10 a candidate for I5's excess (strictly below m), which dilutes every
+    later share: I3 ends at 0.09995 and I1 at 0.0874625, not both at the cap."""
+    import decimal
+
+    ctx = decimal.Context(prec=28)
+    i10 = ctx.multiply(D("0.1428"), ctx.divide(D("0.2"), D("0.2856")))
+    assert i10 < D("0.1") and i10.quantize(D(10) ** -28) == D("0.1")
+    ids = ("I10", "I3", "I5", "I1")
+    s = scenario(
+        cash=[("EUR", "100000")],
+        base="EUR",
+        prices=[(i, "10", "EUR") for i in ids],
+        shelf=[(i, "APPROVED") for i in ids],
+        attributes=[("I10", "sector", "TECH"), ("I3", "sector", "TECH"), ("I5", "sector", "ENERGY"), ("I1", "sector", "TECH")],
+        model=[("I10", "0.1428"), ("I3", "0.0714"), ("I5", "0.2142"), ("I1", "0.0714")],
+        groups={"sector:TECH": "0.2"},
+        single_position_max_weight="0.1",
+    )
+    w = s.weights()
+    assert (w["I10"], w["I5"], w["I3"], w["I1"]) == (D("0.1"), D("0.1"), D("0.09995"), D("0.0874625"))
+    assert s.target_status() == "PENDING_REVIEW"  # 0.1123375 of I5's excess stays unplaced
+
+
 def test_cap_applies_to_locked_positions(scenario):
     """§6.4 step 4 / §8 item 10: a held SUSPENDED off-model position above the cap is capped too,
     and its excess flows to buyable targets below the cap."""

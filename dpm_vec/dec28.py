@@ -14,7 +14,10 @@ The operations run as Series kernels on the value's two parts (``Parts``): the f
 they serve are small (the tax-lot walk takes one step per lot, on a few hundred rows), and
 a Series operation costs ~5-15 µs where an eager frame operation costs ~200 µs in Polars'
 query engine. Nulls propagate as in the equivalent ``when/then`` expressions: a null
-operand gives a null result. Read-outs (``to_dec``, ``sign``, …) are expressions.
+operand gives a null result; test, fill or coalesce a null value through ``is_null``,
+``fill_null`` and ``coalesce`` here, never the struct's own methods (a Polars join can
+leave a missing value as null fields under a valid struct). Read-outs (``to_dec``,
+``sign``, …) are expressions.
 """
 
 from __future__ import annotations

@@ -479,9 +479,9 @@ def _room_in_28_digits(sums: pl.DataFrame, wm: pl.DataFrame, exact: ExactLocked,
     room = f28.group_sums(locked, "run", "weight_f28", "_L_f").with_columns(f28.one().alias("_one_f"))
     room = f28.sub(room, "_one_f", "_L_f", "_room_f").select(
         "run", pl.when(f28.sign("_room_f") > 0).then(f28.to_d28("_room_f")).otherwise(pl.lit(0, dtype=WEIGHT))
-        .cast(sums.schema["_avail"]).alias("_avail_f28"),
+        .cast(sums.schema["_avail"]).alias("_avail_exact"),
     )
-    return join_runs(sums, room).with_columns(pl.coalesce("_avail_f28", "_avail").alias("_avail")).drop("_avail_f28")
+    return join_runs(sums, room).with_columns(pl.coalesce("_avail_exact", "_avail").alias("_avail")).drop("_avail_exact")
 
 
 def _step1_shares(buy: pl.DataFrame) -> pl.DataFrame:
@@ -531,8 +531,8 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
         ((pl.col("_total") - lit(NORMALISATION_THRESHOLD)).abs() < lit("0.00000000000000000001")) & ~pl.col("_locked_weight")
     ).join(blocked, on="run", how="anti").select("run")
     if near.height:
-        decided = _threshold_in_28_digits(market, step1, gc, near).rename({"_above": "_above_f28"})
-        sums = join_runs(sums, decided).with_columns(pl.coalesce("_above_f28", "_above").alias("_above"))
+        decided = _threshold_in_28_digits(market, step1, gc, near).rename({"_above": "_above_exact"})
+        sums = join_runs(sums, decided).with_columns(pl.coalesce("_above_exact", "_above").alias("_above"))
     if exact is not None:  # locked weights that fill the portfolio: the room 1 − L as the reference leaves it
         sums = _room_in_28_digits(sums, wm, exact, gc)
     sums = sums.filter("_above")
@@ -579,8 +579,8 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
         ).select("run", "single_position_max_weight")
         near = near.join(rounded, on="run", how="semi").join(capped.join(caps, on="run", how="anti"), on="run", how="anti")
     if near.height:
-        decided = _buffer_in_28_digits(market, step1, gc, near, caps).rename({"_binds": "_binds_f28"})
-        sums = join_runs(sums, decided).with_columns(pl.coalesce("_binds_f28", "_binds").alias("_binds"))
+        decided = _buffer_in_28_digits(market, step1, gc, near, caps).rename({"_binds": "_binds_exact"})
+        sums = join_runs(sums, decided).with_columns(pl.coalesce("_binds_exact", "_binds").alias("_binds"))
     sums = sums.filter("_binds")
     pending.append(sums.select("run"))
     wm = _scale_buys(wm, sums.filter(pl.col("_B") > 0).select("run", (pl.col("_allowed") / pl.col("_B")).alias("_scale")))

@@ -260,32 +260,35 @@ def _steps_1_2_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, nea
     return rows
 
 
-def _threshold_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame) -> pl.DataFrame:
+def _threshold_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame,
+                            locked: pl.DataFrame | None = None) -> pl.DataFrame:
     """(run, _above) for the ``near`` runs, whose map total after steps 1-2 lies within
-    1e-20 of step 3's threshold and whose non-buyable weights are all 0: whether the
-    reference's total exceeds 1.0001. In exact arithmetic a SELL_ONLY redistribution and
-    a group cap keep the model's total, and models of 4-decimal weights sum to 1.0001
-    often enough (``_steps_1_2_in_28_digits``)."""
-    rows = _steps_1_2_in_28_digits(market, step1, gc, near)
+    1e-20 of step 3's threshold: whether the reference's total exceeds 1.0001. In exact
+    arithmetic a SELL_ONLY redistribution and a group cap keep the model's total, and
+    models of 4-decimal weights sum to 1.0001 (or to 1.0001 less a locked holding's weight)
+    often enough (``_steps_1_2_in_28_digits``; ``locked``: the runs' locked weights in 28
+    digits, where any is not 0)."""
+    rows = _steps_1_2_in_28_digits(market, step1, gc, near, locked)
     total = f28.group_sums(rows, "run", "_w_f", "_total_f")
     # near 1.0001, 28 significant digits are 27 decimals: the Decimal(38, 28) copy is exact
     return total.select("run", (f28.to_d28("_total_f") > lit(NORMALISATION_THRESHOLD)).alias("_above"))
 
 
-def _buffer_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame, caps: pl.DataFrame) -> pl.DataFrame:
-    """(run, _binds) for the ``near`` runs, whose buyable sum B lies within 1e-20 of step
-    5's allowed 1 − p, that step 3 left as steps 1-2 made them (no normalisation) and whose
-    non-buyable weights are all 0: whether the reference's B, the buyable weights of its
-    28-digit steps 1-2 and, for the runs of ``caps`` (run, single_position_max_weight), of
-    its 28-digit step 4, summed in map order, exceeds 1 − p (a model of 4-decimal weights
-    that sums to 1 − p, with a SELL_ONLY weight spread over the others or a capped weight's
-    excess handed on, lands on either side)."""
-    rows = _cap_in_28_digits(_steps_1_2_in_28_digits(market, step1, gc, near.select("run")), caps)
-    b = f28.group_sums(rows.filter("buy"), "run", "_w_f", "_B_f")
-    # near 1 − p (p a weight), 28 significant digits are 28 decimals or fewer: the copy is exact
-    return join_runs(b, near.select("run", "_allowed"), how="inner").select(
-        "run", (f28.to_d28("_B_f") > pl.col("_allowed")).alias("_binds"),
-    )
+def _buffer_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame, caps: pl.DataFrame,
+                         locked: pl.DataFrame | None = None) -> pl.DataFrame:
+    """(run, _binds) for the ``near`` runs (run, min_cash_buffer_pct), whose buyable sum B
+    lies within 1e-20 of step 5's allowed 1 − p − L and that step 3 left as steps 1-2 made
+    them (no normalisation): whether the reference's B exceeds its max(0, 1 − p − L), both
+    summed in map order over the weights of its 28-digit steps 1-2 and, for the runs of
+    ``caps`` (run, single_position_max_weight), of its 28-digit step 4 (a model of 4-decimal
+    weights that sums to 1 − p − L, with a SELL_ONLY weight spread over the others or a
+    capped weight's excess handed on, lands on either side). ``locked``: the runs' locked
+    weights in 28 digits, where any is not 0."""
+    rows = _cap_in_28_digits(_steps_1_2_in_28_digits(market, step1, gc, near.select("run"), locked), caps)
+    sums = join_runs(_sums_in_28_digits(rows), near.select("run", "min_cash_buffer_pct"), how="inner")
+    sums = f28.from_dec(sums.with_columns(f28.one().alias("_one_f")), "min_cash_buffer_pct", "_p_f")
+    sums = f28.sub(f28.sub(sums, "_one_f", "_p_f", "_room_f"), "_room_f", "_L_f", "_bound_f").with_columns(_floor_at_zero("_bound_f"))
+    return f28.sub(sums, "_B_f", "_bound_f", "_over_f").select("run", (f28.sign("_over_f") > 0).alias("_binds"))
 
 
 def _cap_in_28_digits(rows: pl.DataFrame, caps: pl.DataFrame) -> pl.DataFrame:
@@ -462,26 +465,51 @@ def _tags_in_28_digits(market: Market, trace: pl.DataFrame, replay: Replay, tota
     ).drop("_final", "_value", "_tags")
 
 
-def _room_in_28_digits(sums: pl.DataFrame, wm: pl.DataFrame, exact: ExactLocked, gc: pl.DataFrame) -> pl.DataFrame:
+def _room_in_28_digits(market: Market, step1: _Step1, sums: pl.DataFrame, wm: pl.DataFrame, exact: ExactLocked,
+                       gc: pl.DataFrame) -> pl.DataFrame:
     """``sums`` with step 3's room ``_avail`` = max(0, 1 − L) taken from L summed in 28
     digits, for the runs whose locked weights come with all 28 digits (``ExactLocked``: they
-    fill the portfolio, or nearly) and that no group cap rescaled. Several locked weights
-    whose exact sum is 1 add up, each rounded and in map order, to exactly 1 in the
-    reference, which leaves no room: its buyable targets are 0, and the single-position cap
-    finds no candidate weight to hand excess to. Their Decimal(38, 28) copies can sum a unit
-    of the 28th decimal short, leaving dust room and dust weights that do take it."""
+    fill the portfolio, or nearly). Several locked weights whose exact sum is 1 add up, each
+    rounded and in map order, to exactly 1 in the reference, or a unit of the 28th digit on
+    either side: no room, or dust room that its buyable targets and then the
+    single-position cap's candidates take. Their Decimal(38, 28) copies can sum to the
+    other. Where a group cap took part, L is summed over the weights its 28-digit steps 1-2
+    leave (``_steps_1_2_in_28_digits``: a member's locked weight is rescaled too)."""
     locked = wm.filter(pl.col("kind") == "LOCKED").join(exact.totals.select("run"), on="run", how="semi")
-    locked = locked.join(gc.select("run").unique(), on="run", how="anti")
     if locked.height == 0:
         return sums
-    locked = sort_rows(locked, "run", "map_order").join(exact.weights, on="slot", how="left", maintain_order="left")
-    locked = locked.with_columns(f28.fill_null("weight_f28", f28.zero()))  # no rate: the weight is 0 (universe)
-    room = f28.group_sums(locked, "run", "weight_f28", "_L_f").with_columns(f28.one().alias("_one_f"))
+    grouped = locked.select("run").unique().join(gc.select("run").unique(), on="run", how="semi")
+    plain = sort_rows(locked.join(grouped, on="run", how="anti"), "run", "map_order")
+    plain = plain.join(exact.weights, on="slot", how="left", maintain_order="left").with_columns(
+        f28.fill_null("weight_f28", f28.zero())  # no rate: the weight is 0 (universe)
+    )
+    totals = [f28.group_sums(plain, "run", "weight_f28", "_L_f")]
+    if grouped.height:
+        rows = _steps_1_2_in_28_digits(market, step1, gc, grouped, exact.weights)
+        totals.append(f28.group_sums(rows.filter(~pl.col("buy")), "run", "_w_f", "_L_f"))
+    room = pl.concat(totals).with_columns(f28.one().alias("_one_f"))
     room = f28.sub(room, "_one_f", "_L_f", "_room_f").select(
         "run", pl.when(f28.sign("_room_f") > 0).then(f28.to_d28("_room_f")).otherwise(pl.lit(0, dtype=WEIGHT))
         .cast(sums.schema["_avail"]).alias("_avail_exact"),
+        ((f28.sign("_room_f") > 0) & (f28.to_d28("_room_f") < _NEAR_TAG)).alias("_dust_room"),
     )
-    return join_runs(sums, room).with_columns(pl.coalesce("_avail_exact", "_avail").alias("_avail")).drop("_avail_exact")
+    return join_runs(sums, room).with_columns(
+        pl.coalesce("_avail_exact", "_avail").alias("_avail"), pl.col("_dust_room").fill_null(False),
+    ).drop("_avail_exact")
+
+
+def _dust_room_weights(market: Market, step1: _Step1, gc: pl.DataFrame, wm: pl.DataFrame, policy: pl.DataFrame,
+                       exact: ExactLocked) -> pl.DataFrame:
+    """``wm`` with the weights of the runs of ``policy`` (run, single_position_max_weight,
+    min_cash_buffer_pct) as the reference's 28-digit steps leave them
+    (``_heuristic_in_28_digits``): locked weights that fill the portfolio to within 1e-20
+    leave step 3 a dust room, and the buyable weights scaled into it lie below
+    Decimal(38, 28)'s last digit, 0 here. In the reference they are candidates with a
+    positive sum, so the single-position cap hands them the locked excess in proportion to
+    their model weights; here the cap found no candidate weight."""
+    rows = _heuristic_in_28_digits(market, step1, gc, policy, exact.weights).select("slot", "_w_f")
+    rows = rows.select("slot", f28.to_d28("_w_f").cast(wm.schema["weight"]).alias("_redone"))
+    return join_on_index(wm, rows, "slot").with_columns(pl.coalesce("_redone", "weight").alias("weight")).drop("_redone")
 
 
 def _step1_shares(buy: pl.DataFrame) -> pl.DataFrame:
@@ -515,6 +543,14 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     pending = [step1_pending.join(runs.select("run"), on="run", how="semi")]
     warnings = [pl.DataFrame(schema=WARNINGS_SCHEMA)]
 
+    def locked_in_28_digits(with_locked: pl.DataFrame) -> pl.DataFrame | None:
+        """The locked weights of the runs ``with_locked`` (run) over tv summed in 28 digits;
+        None without ``valued`` or runs."""
+        if valued is None or with_locked.height == 0:
+            return None
+        bases = join_runs(with_locked.select("run"), policy.select("run", "base_currency"), how="inner")
+        return _locked_in_28_digits(market, bases, step1.weight_map, valued)
+
     # Step 2: group constraints
     gc = group_constraints.join(runs.select("run"), on="run", how="semi")
     wm, group_warnings, group_events, recipients, blocked = _group_constraints(market, wm, gc)
@@ -525,18 +561,22 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
         _agg_where(pl.lit(True)).alias("_total"), _agg_where(~pl.col("buy")).alias("_L"), _agg_where(pl.col("buy")).alias("_B"),
         (~pl.col("buy") & (pl.col("weight") != 0)).any().alias("_locked_weight"),
     ).with_columns(dmax(lit(1) - pl.col("_L"), lit(0)).alias("_avail"), (pl.col("_total") > lit(NORMALISATION_THRESHOLD)).alias("_above"))
-    # a total at the threshold is decided as the reference's 28-digit steps 1-2 leave it (a
-    # locked weight's own rounding is not modelled: those runs keep the fixed-point total)
+    # a total at the threshold is decided as the reference's 28-digit steps 1-2 leave it,
+    # with the locked weights over tv summed in 28 digits (without ``valued``, runs with a
+    # locked weight keep the fixed-point total)
     near = sums.filter(
-        ((pl.col("_total") - lit(NORMALISATION_THRESHOLD)).abs() < lit("0.00000000000000000001")) & ~pl.col("_locked_weight")
+        ((pl.col("_total") - lit(NORMALISATION_THRESHOLD)).abs() < lit("0.00000000000000000001"))
+        & (~pl.col("_locked_weight") | (valued is not None))
     ).join(blocked, on="run", how="anti").select("run")
     if near.height:
-        decided = _threshold_in_28_digits(market, step1, gc, near).rename({"_above": "_above_exact"})
+        locked = locked_in_28_digits(near.join(sums.filter("_locked_weight"), on="run", how="semi"))
+        decided = _threshold_in_28_digits(market, step1, gc, near, locked).rename({"_above": "_above_exact"})
         sums = join_runs(sums, decided).with_columns(pl.coalesce("_above_exact", "_above").alias("_above"))
     if exact is not None:  # locked weights that fill the portfolio: the room 1 − L as the reference leaves it
-        sums = _room_in_28_digits(sums, wm, exact, gc)
+        sums = _room_in_28_digits(market, step1, sums, wm, exact, gc)
     sums = sums.filter("_above")
     above = sums.select("run")
+    dust = sums.filter(pl.col("_dust_room")).select("run") if "_dust_room" in sums.columns else sums.clear().select("run")
     pending.append(sums.filter((pl.col("_L") > 1) | (pl.col("_B") > pl.col("_avail"))).select("run"))
     normalised = sums.filter((pl.col("_B") > pl.col("_avail")) & (pl.col("_B") > 0))
     wm = _scale_buys(wm, normalised.select("run", (pl.col("_avail") / pl.col("_B")).alias("_scale")))
@@ -557,11 +597,12 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
         .with_columns(dmax(lit(1) - pl.col("min_cash_buffer_pct") - pl.col("_L"), lit(0)).alias("_allowed"))
         .with_columns((pl.col("_B") > pl.col("_allowed")).alias("_binds"))
     )
-    # B at 1 − p is decided as the reference's 28-digit steps 1-2 and 4 leave it, where step
-    # 3 changed nothing and no weight is locked
-    near = sums.filter(((pl.col("_B") - pl.col("_allowed")).abs() < lit("0.00000000000000000001")) & (pl.col("_L") == 0)).join(
-        pl.concat([above, blocked]), on="run", how="anti",
-    )
+    # B at 1 − p − L is decided as the reference's 28-digit steps 1-2 and 4 leave it, where
+    # step 3 changed nothing, with the locked weights over tv summed in 28 digits (without
+    # ``valued``, runs with a locked weight keep the fixed-point sums)
+    near = sums.filter(
+        ((pl.col("_B") - pl.col("_allowed")).abs() < lit("0.00000000000000000001")) & ((pl.col("_L") == 0) | (valued is not None))
+    ).join(pl.concat([above, blocked]), on="run", how="anti")
     if near.height:
         m = pl.col("single_position_max_weight")
         rows = wm.join(near, on="run", how="semi")
@@ -570,7 +611,7 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
         # where steps 1-2 kept model weights of 20 decimals or fewer and no cap handed excess on, the sums are exact either way
         rounded = pl.concat([
             step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), gc.select("run"), capped,
-            rows.filter(pl.col("weight") != pl.col("weight").round(20)).select("run"),
+            rows.filter(pl.col("weight") != pl.col("weight").round(20)).select("run"), near.filter(pl.col("_L") != 0).select("run"),
         ])
         # step 4 is replayed for the reference's cap mode and a cap above 0 (the RFC-0001 mode has
         # no reference to agree with; a cap at or below 0 leaves no candidate): other capped runs keep their sums
@@ -579,7 +620,8 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
         ).select("run", "single_position_max_weight")
         near = near.join(rounded, on="run", how="semi").join(capped.join(caps, on="run", how="anti"), on="run", how="anti")
     if near.height:
-        decided = _buffer_in_28_digits(market, step1, gc, near, caps).rename({"_binds": "_binds_exact"})
+        locked = locked_in_28_digits(near.filter(pl.col("_L") != 0).select("run"))
+        decided = _buffer_in_28_digits(market, step1, gc, near, caps, locked).rename({"_binds": "_binds_exact"})
         sums = join_runs(sums, decided).with_columns(pl.coalesce("_binds_exact", "_binds").alias("_binds"))
     sums = sums.filter("_binds")
     pending.append(sums.select("run"))
@@ -587,6 +629,13 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     wm = wm.drop("single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
 
     blocked_runs = pl.concat([blocked, cap_faults.select("run")]).unique()
+    dust = policy.join(dust.join(blocked_runs, on="run", how="anti"), on="run", how="semi").filter(
+        # the RFC-0001 cap mode has no reference to agree with; a cap at or below 0 leaves no candidate
+        pl.col("single_position_max_weight").is_null()
+        | ((pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS") & (pl.col("single_position_max_weight") > 0))
+    )
+    if dust.height and exact is not None:
+        wm = _dust_room_weights(market, step1, gc, wm, dust.select("run", "single_position_max_weight", "min_cash_buffer_pct"), exact)
     touched = pl.concat([
         step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), group_events.select("run"),
         normalised.select("run"), capped, sums.select("run"),  # sums: the runs whose cash buffer binds

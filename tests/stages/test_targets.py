@@ -416,6 +416,104 @@ def test_group_cap_total_at_threshold_is_decided_in_28_digits(scenario):
     assert all(abs(s.weights()[i] - ref[i]) < D("1e-27") for i in model)
 
 
+def test_total_at_threshold_with_a_locked_weight_is_decided_in_28_digits(scenario):
+    """An unshelved holding locked at 2,288 / 40,000 = 0.0572 and a model summing to 0.9429
+    put the map total at exactly 1.0001 once step 1 spreads the SELL_ONLY M0's 0.0046 over
+    the buyables. The reference's 28-digit shares (replayed here with Python's decimal,
+    in map order: the model's targets, then the holding) leave it at 1.0001, not above: no
+    normalisation, READY. The fixed-point shares summed 1E-28 above it, and a run with a
+    locked weight kept the fixed-point total (found by fuzzing, 331 of 7,500 requests built
+    for it)."""
+    import decimal
+
+    model = {"M2": "0.1609", "M3": "0.3587", "M1": "0.034", "M4": "0.129", "M5": "0.0068", "M0": "0.0046", "M6": "0.2489"}
+    prices = {"L0": "4", "M0": "12.34", "M1": "100", "M2": "7", "M3": "10", "M4": "3.7", "M5": "12.34", "M6": "7"}
+    s = scenario(
+        positions=[("L0", "572"), ("M0", "45"), ("M4", "194")],
+        cash=[("USD", "36438.90")],
+        prices=[(i, p, "USD") for i, p in prices.items()],
+        shelf=[(i, "SELL_ONLY" if i == "M0" else "APPROVED") for i in model],
+        model=list(model.items()),
+    )
+    ctx = decimal.Context(prec=28)
+    buyable = {i: D(w) for i, w in model.items() if i != "M0"}
+    total_buyable = D(0)
+    for w in buyable.values():
+        total_buyable = ctx.add(total_buyable, w)
+    spread = {i: ctx.add(w, ctx.multiply(D("0.0046"), ctx.divide(w, total_buyable))) for i, w in buyable.items()}
+    total = D(0)
+    for w in [*spread.values(), D("0.0572")]:
+        total = ctx.add(total, w)
+    assert total == D("1.0001")  # not above the threshold: the reference does not normalise
+    assert s.target_status() == "READY"
+    assert all(abs(s.weights()[i] - spread[i]) < D("1e-27") for i in buyable)
+    assert s.weights()["L0"] == D("0.0572")
+
+
+def test_cash_buffer_at_its_bound_with_a_locked_weight_is_decided_in_28_digits(scenario):
+    """A locked holding of 0.0251 and a 1% buffer leave room 0.9649 for the buyables; the
+    model sums to exactly that, with SELL_ONLY M2 and M0 spread over M3 and M1 by step 1.
+    The reference's 28-digit shares (replayed here with Python's decimal) sum a unit of
+    the 28th digit above the bound: the buffer binds, PENDING_REVIEW. The fixed-point B
+    did not, and a run with a locked weight kept the fixed-point sums (found by fuzzing,
+    56 of 1,000 requests built for it)."""
+    import decimal
+
+    s = scenario(
+        positions=[("L0", "200.8")],
+        cash=[("USD", "38996.0")],
+        prices=[("L0", "5", "USD"), ("M0", "10", "USD"), ("M1", "3.7", "USD"), ("M2", "3.7", "USD"), ("M3", "100", "USD")],
+        shelf=[("L0", "RESTRICTED"), ("M0", "SELL_ONLY"), ("M1", "APPROVED"), ("M2", "SELL_ONLY"), ("M3", "APPROVED")],
+        model=[("M2", "0.17"), ("M3", "0.5037"), ("M1", "0.0694"), ("M0", "0.2218")],
+        min_cash_buffer_pct="0.01",
+    )
+    ctx = decimal.Context(prec=28)
+    total = ctx.add(D("0.5037"), D("0.0694"))
+    m3 = ctx.add(D("0.5037"), ctx.multiply(D("0.3918"), ctx.divide(D("0.5037"), total)))
+    m1 = ctx.add(D("0.0694"), ctx.multiply(D("0.3918"), ctx.divide(D("0.0694"), total)))
+    assert ctx.add(m3, m1) > ctx.subtract(ctx.subtract(D(1), D("0.01")), D("0.0251"))  # the reference's buffer binds
+    assert s.target_status() == "PENDING_REVIEW"
+    assert s.weights()["L0"] == D("0.0251")
+    assert s.weights()["M3"] + s.weights()["M1"] <= D("0.9649")
+
+
+def test_locked_weights_leaving_a_dust_room_hand_the_cap_excess_on(scenario):
+    """Three locked holdings fill the portfolio (no cash). Their weights, each rounded to
+    28 digits and summed in map order as the reference sums them (replayed here with
+    Python's decimal), come to 1 − 1E-28: step 3 leaves a dust room, the buyables scaled
+    into it are candidates with a positive sum, and the 0.5 cap hands L0's excess to
+    them in proportion (M0 first, 0.2055...). Decimal(38, 28) cannot hold those dust
+    weights, so the run's weights are taken from the 28-digit replay; before, the
+    engine found no candidate and bought nothing (found by fuzzing, 10 in 1,000 requests)."""
+    import decimal
+
+    s = scenario(
+        positions=[("L0", "4974"), ("L1", "2621"), ("L2", "2983")],
+        prices=[("L0", "7.13", "USD"), ("L1", "1.7", "USD"), ("L2", "0.37", "USD"), ("M0", "10", "USD"), ("M1", "12.34", "USD"),
+                ("M2", "100", "USD")],
+        shelf=[("M0", "APPROVED"), ("M1", "APPROVED"), ("M2", "APPROVED")],
+        attributes=[("M0", "sector", "O"), ("M1", "sector", "T"), ("M2", "sector", "T")],
+        model=[("M0", "0.0963"), ("M1", "0.2186"), ("M2", "0.3731")],
+        groups={"sector:T": "0.3"},
+        single_position_max_weight="0.5",
+    )
+    ctx = decimal.Context(prec=28)
+    values = [ctx.multiply(D(q), D(p)) for q, p in (("4974", "7.13"), ("2621", "1.7"), ("2983", "0.37"))]
+    tv = D(0)
+    for v in values:
+        tv = ctx.add(tv, v)
+    locked = D(0)
+    for v in values:
+        locked = ctx.add(locked, ctx.divide(v, tv))
+    assert ctx.subtract(D(1), locked) == D("1E-28")  # the reference's room
+    w = s.weights()
+    assert w["L0"] == D("0.5")
+    expected = {"M0": D("0.2055520569285855143924182974"), "M1": D("0.02560311229346444677776221557"),
+                "M2": D("0.03665901244379458986312589980")}
+    assert all(abs(w[i] - v) < D("1e-27") for i, v in expected.items())
+    assert s.target_status() == "PENDING_REVIEW"
+
+
 def test_cash_buffer_at_its_bound_after_a_capped_weight_is_decided_in_28_digits(scenario):
     """Model weights summing to 0.97 with a 3% cash buffer, a SELL_ONLY target whose weight
     step 1 spreads over the other two, and a cap of 0.5 that the larger one then exceeds:

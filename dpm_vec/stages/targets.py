@@ -379,8 +379,9 @@ def _candidates_in_28_digits(market: Market, wm: pl.DataFrame, step1: _Step1, gc
     of 0.1) and 0.1 at 28 decimals here (no candidate), and the candidates share all the
     excess. The locked weights come over tv summed in 28 digits where ``valued`` is given."""
     m = pl.col("single_position_max_weight")
-    near = wm.filter(
-        m.is_not_null() & (m > 0) & (pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS") & (pl.col("_excess") > 0)
+    # the cheap tests first: most runs have no cap, or no excess over it
+    near = wm.filter(pl.col("_excess") > 0).filter(
+        m.is_not_null() & (m > 0) & (pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS")
         & pl.col("buy") & ((pl.col("weight") - m).abs() < _NEAR_TAG)
     )
     if near.height == 0:

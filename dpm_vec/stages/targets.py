@@ -212,7 +212,7 @@ def replayed_weights(market: Market, replay: Replay, runs: pl.DataFrame, valued:
 
 
 def _steps_1_2_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: pl.DataFrame,
-                            locked: pl.DataFrame | None = None) -> pl.DataFrame:
+                            locked: pl.DataFrame | None = None, bindings: list[pl.DataFrame] | None = None) -> pl.DataFrame:
     """The map rows of the ``near`` runs (run, map_order, buy, ``_w_f``) with their weights
     as the reference's steps 1-2 leave them: every product, quotient and sum rounded to 28
     significant digits (spec §1.1), in F28, from the model weights, in map order:
@@ -221,7 +221,8 @@ def _steps_1_2_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, nea
     exactly on a threshold in exact arithmetic (models of 4-decimal weights do, often
     enough), the reference's rounding decides the side; the fixed-point steps can differ
     from it in the last digit. ``locked`` (slot, weight_f28): the locked weights with all
-    their 28 digits (``_locked_in_28_digits``), else their Decimal(38, 28) copies."""
+    their 28 digits (``_locked_in_28_digits``), else their Decimal(38, 28) copies.
+    ``bindings``, if given, receives each rank's (run, rank) of the group caps that bind."""
     rows = sort_rows(step1.weight_map.join(near, on="run", how="semi"), "run", "map_order")
     rows = f28.from_dec(rows.with_columns((pl.col("kind") == "BUYABLE").alias("buy")), "weight", "_w_f")
     if locked is not None:
@@ -247,6 +248,8 @@ def _steps_1_2_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, nea
         g = f28.group_sums(step.filter("_member"), "run", "_w_f", "_G_f")
         limits = f28.from_dec(cap.select("run", "max_weight"), "max_weight", "_max_f")
         g = join_runs(g, limits, how="inner").filter(f28.to_d28("_G_f") > pl.col("max_weight") + lit("0.0001"))
+        if bindings is not None:
+            bindings.append(g.select("run", pl.lit(rank, dtype=pl.Int64).alias("rank")))
         if g.height == 0:
             continue
         g = f28.sub(f28.div(g, "_max_f", "_G_f", "_ratio_f"), "_G_f", "_max_f", "_excess_f")
@@ -367,6 +370,18 @@ def _steps_1_3_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, run
         sums = _sums_in_28_digits(rows.join(above, on="run", how="semi")).with_columns(f28.one().alias("_one_f"))
         rows = _scale_in_28_digits(rows, f28.sub(sums, "_one_f", "_L_f", "_bound_f").with_columns(_floor_at_zero("_bound_f")))
     return rows
+
+
+def _group_bindings_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, runs: pl.DataFrame,
+                                 locked: pl.DataFrame | None) -> pl.DataFrame:
+    """(run, rank): the group caps of ``runs`` (run) that bind as the reference's 28-digit
+    steps 1-2 leave their group weights (``_steps_1_2_in_28_digits``). A SELL_ONLY weight
+    spread over a group whose model weights sum to its cap + 0.0001 leaves it exactly
+    there in exact arithmetic, and a unit of the 28th digit decides whether the cap binds
+    (and, with no candidate outside the group, whether the run is BLOCKED)."""
+    bindings: list[pl.DataFrame] = [pl.DataFrame(schema={"run": pl.UInt32, "rank": pl.Int64})]
+    _steps_1_2_in_28_digits(market, step1, gc, runs, locked, bindings)
+    return pl.concat(bindings)
 
 
 def _candidates_in_28_digits(market: Market, wm: pl.DataFrame, step1: _Step1, gc: pl.DataFrame,
@@ -554,7 +569,9 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
 
     # Step 2: group constraints
     gc = group_constraints.join(runs.select("run"), on="run", how="semi")
-    wm, group_warnings, group_events, recipients, blocked = _group_constraints(market, wm, gc)
+    wm, group_warnings, group_events, recipients, blocked = _group_constraints(
+        market, wm, gc, lambda near: _group_bindings_in_28_digits(market, step1, gc, near, locked_in_28_digits(near)),
+    )
     warnings.append(group_warnings)
 
     # Step 3: normalisation above 100% (per-run sums; only the runs above 100% change)
@@ -664,9 +681,12 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     )
 
 
-def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFrame):
+def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFrame, bindings=None):
     """§6.4 step 2: cap each attribute group in key order, pushing the excess to buyable
-    instruments outside the group in proportion to their weights; block when none can."""
+    instruments outside the group in proportion to their weights; block when none can.
+    ``bindings``: runs (run) → (run, rank) of the group caps that bind in the reference's
+    28-digit steps (``_group_bindings_in_28_digits``), for a group weight within 1e-20 of
+    its bound, where the last digit decides."""
     events, recipients, warnings, blocked = [], [], [], []
     if constraints.height == 0:
         return (
@@ -706,6 +726,12 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
             pl.col("member").any().over("run").alias("_has_members"),
         )
         active = pl.col("_has_members") & (pl.col("_G") > pl.col("max_weight") + lit("0.0001"))
+        if bindings is not None:
+            at_bound = pl.col("_has_members") & ((pl.col("_G") - pl.col("max_weight") - lit("0.0001")).abs() < _NEAR_TAG)
+            near = w.filter(at_bound).select("run").unique()
+            if near.height:
+                bound = bindings(near).filter(pl.col("rank") == rank).select("run")
+                active = pl.when(pl.col("run").is_in(near["run"].implode())).then(pl.col("run").is_in(bound["run"].implode())).otherwise(active)
         w = w.with_columns(
             (pl.col("_G") - pl.col("max_weight")).alias("_excess"),
             _sum_where(pl.col("buy") & ~pl.col("member")).alias("_C"),

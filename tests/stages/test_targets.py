@@ -384,6 +384,36 @@ def test_blocked_run_does_not_block_its_neighbour(scenario):
     assert s.weights(1) == {"T": D("1.0"), "F": D("0")}
 
 
+def test_group_weight_at_its_cap_tolerance_after_step_1_is_decided_in_28_digits(scenario):
+    """Three buyable TECH-like members weigh 0.1557 and SELL_ONLY S0 0.6444: after step 1
+    spreads S0's weight over them the group weighs exactly 0.8001 in exact arithmetic, its
+    cap 0.8 plus the 0.0001 tolerance. The reference's 28-digit shares (replayed here with
+    Python's decimal) sum a unit of the 28th digit above it: the cap binds and, with no
+    buyable instrument outside the group, the run is BLOCKED. The fixed-point sum sat on
+    the bound: READY (found by fuzzing, 49 of 1,500 requests built for it)."""
+    import decimal
+
+    s = scenario(
+        cash=[("USD", "100000")],
+        prices=[("G0", "10", "USD"), ("G1", "100", "USD"), ("G2", "10", "USD"), ("S0", "10", "USD")],
+        shelf=[("G0", "APPROVED"), ("G1", "APPROVED"), ("G2", "APPROVED"), ("S0", "SELL_ONLY")],
+        attributes=[("G0", "sector", "G"), ("G1", "sector", "G"), ("G2", "sector", "G"), ("S0", "sector", "X")],
+        model=[("S0", "0.6444"), ("G2", "0.0008"), ("G1", "0.1326"), ("G0", "0.0223")],
+        groups={"sector:G": "0.8"},
+    )
+    ctx = decimal.Context(prec=28)
+    members = [D("0.0008"), D("0.1326"), D("0.0223")]
+    total = D(0)
+    for w in members:
+        total = ctx.add(total, w)
+    group = D(0)
+    for w in members:
+        group = ctx.add(group, ctx.add(w, ctx.multiply(D("0.6444"), ctx.divide(w, total))))
+    assert group > D("0.8001")  # the reference's cap binds
+    assert s.target_status() == "BLOCKED"
+    assert "NO_ELIGIBLE_REDISTRIBUTION_DESTINATION" in set(s.targets.warnings["code"].to_list())
+
+
 def test_group_cap_total_at_threshold_is_decided_in_28_digits(scenario):
     """A model of 4-decimal weights summing to 1.0001 with a binding group cap: in exact
     arithmetic the cap keeps the total at 1.0001 (not above: no normalisation); the

@@ -9,6 +9,7 @@ run, each iteration being one columnar pass over every run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import polars as pl
@@ -602,7 +603,7 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     # Step 4: single-position cap
     wm = join_runs(wm, policy.drop("base_currency"))
     wm, cap_pending, cap_faults, capped = _single_position_cap(
-        market, wm, lambda excess: _candidates_in_28_digits(market, join_runs(excess, policy.select("run", "base_currency")), step1, gc, valued),
+        market, wm, lambda capped_map: _candidates_in_28_digits(market, join_runs(capped_map, policy.select("run", "base_currency")), step1, gc, valued),
     )
     pending.append(cap_pending)
 
@@ -681,7 +682,8 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     )
 
 
-def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFrame, bindings=None):
+def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFrame,
+                       bindings: Callable[[pl.DataFrame], pl.DataFrame] | None = None):
     """§6.4 step 2: cap each attribute group in key order, pushing the excess to buyable
     instruments outside the group in proportion to their weights; block when none can.
     ``bindings``: runs (run) → (run, rank) of the group caps that bind in the reference's
@@ -803,7 +805,7 @@ def _empty_recipients() -> pl.DataFrame:
     })
 
 
-def _single_position_cap(market: Market, wm: pl.DataFrame, below_cap=None):
+def _single_position_cap(market: Market, wm: pl.DataFrame, below_cap: Callable[[pl.DataFrame], pl.DataFrame] | None = None):
     """§6.4 step 4 (reference) or RFC-0001 Step 3 (same-asset-class redistribution).
     ``below_cap``: the map with ``_excess`` → (slot, _below_cap), the candidates decided
     in 28 digits (``_candidates_in_28_digits``)."""

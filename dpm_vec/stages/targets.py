@@ -120,11 +120,8 @@ def build_targets(
     status = pl.concat([pick(h.status, primary_heuristic), pick(s_status, primary_solver)]).sort("run")
     weights = pl.concat([pick(h.weights, primary_heuristic).select(wm.columns), pick(s_weights, primary_solver).select(wm.columns)])
     trace = _trace(weights, model.join(status.filter(pl.col("target_status") == "BLOCKED"), on="run", how="anti"), totals)
-    m = pl.col("single_position_max_weight")
-    replay = Replay(step1, group_constraints, runs.join(pick(h.touched, primary_heuristic), on="run", how="semi").filter(
-        # the RFC-0001 cap mode has no reference to agree with; a cap at or below 0 leaves no candidate
-        m.is_null() | ((pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS") & (m > 0))
-    ).select("run", "base_currency", "single_position_max_weight", "min_cash_buffer_pct"))
+    replayable = runs.join(pick(h.touched, primary_heuristic), on="run", how="semi").filter(_replayable_cap())
+    replay = Replay(step1, group_constraints, replayable.select("run", "base_currency", "single_position_max_weight", "min_cash_buffer_pct"))
     if valued is not None and replay.policy.height:
         trace = _tags_in_28_digits(market, trace, replay, totals, valued)
     warnings = [pick(h.warnings, primary_heuristic), pick(s_warnings, primary_solver)]
@@ -185,6 +182,18 @@ class _Step1:
     each run's SELL_ONLY excess."""
     weight_map: pl.DataFrame
     sell_only_excess: pl.DataFrame
+
+
+# within this of a bound, the last digit of the reference's 28-digit steps can decide a side
+_LAST_DIGITS = lit("0.00000000000000000001")
+
+
+def _replayable_cap() -> pl.Expr:
+    """Runs whose step 4 the 28-digit replays can redo: no cap, or the reference's cap mode
+    with a cap above 0 (the RFC-0001 mode has no reference to agree with; a cap at or below
+    0 leaves no candidate)."""
+    m = pl.col("single_position_max_weight")
+    return m.is_null() | ((pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS") & (m > 0))
 
 
 @dataclass(frozen=True)
@@ -386,25 +395,23 @@ def _group_bindings_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame
 
 
 def _candidates_in_28_digits(market: Market, wm: pl.DataFrame, step1: _Step1, gc: pl.DataFrame,
-                             valued: tuple[pl.DataFrame, pl.DataFrame] | None) -> pl.DataFrame:
+                             locked_for: Callable[[pl.DataFrame], pl.DataFrame | None]) -> pl.DataFrame:
     """(slot, _below_cap): for the buyable weights within 1e-20 of the cap ``m`` in runs
     where step 4 takes excess in the reference's cap mode (``wm``: the map after step 3
     with the run's policy), whether the weight lies strictly below ``m`` as the reference's
     28-digit steps 1-3 leave it: a group cap's scaling gives 0.1428 × (0.2 / 0.2856) =
     0.09999999999999999999999999999 there (28 significant digits, a candidate under a cap
     of 0.1) and 0.1 at 28 decimals here (no candidate), and the candidates share all the
-    excess. The locked weights come over tv summed in 28 digits where ``valued`` is given."""
+    excess. ``locked_for``: runs (run) → their locked weights in 28 digits, or None."""
     m = pl.col("single_position_max_weight")
     # the cheap tests first: most runs have no cap, or no excess over it
     near = wm.filter(pl.col("_excess") > 0).filter(
-        m.is_not_null() & (m > 0) & (pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS")
-        & pl.col("buy") & ((pl.col("weight") - m).abs() < _NEAR_TAG)
+        m.is_not_null() & _replayable_cap() & pl.col("buy") & ((pl.col("weight") - m).abs() < _LAST_DIGITS)
     )
     if near.height == 0:
         return pl.DataFrame(schema={"slot": SLOT, "_below_cap": pl.Boolean})
-    runs = near.select("run", "base_currency").unique("run")
-    locked = None if valued is None else _locked_in_28_digits(market, runs, step1.weight_map, valued)
-    rows = _steps_1_3_in_28_digits(market, step1, gc, runs.select("run"), locked).select("slot", "_w_f")
+    runs = near.select("run").unique()
+    rows = _steps_1_3_in_28_digits(market, step1, gc, runs, locked_for(runs)).select("slot", "_w_f")
     near = f28.from_dec(join_on_index(near.select("slot", "single_position_max_weight"), rows, "slot", how="inner"),
                         "single_position_max_weight", "_m_f")
     return f28.sub(near, "_w_f", "_m_f", "_d_f").select("slot", (f28.sign("_d_f") < 0).alias("_below_cap"))
@@ -447,7 +454,6 @@ def _locked_in_28_digits(market: Market, runs: pl.DataFrame, weight_map: pl.Data
     return locked.select("slot", "weight_f28")
 
 
-_NEAR_TAG = lit("0.00000000000000000001")
 
 
 def _tags_in_28_digits(market: Market, trace: pl.DataFrame, replay: Replay, totals: pl.DataFrame,
@@ -461,7 +467,7 @@ def _tags_in_28_digits(market: Market, trace: pl.DataFrame, replay: Replay, tota
     and a unit of the 28th decimal off in fixed point, or the other way round)."""
     near = trace.filter(
         pl.col("run").is_in(replay.policy["run"].implode()) & pl.col("in_model") & (pl.col("model_weight") != 0)
-        & ((pl.col("final_weight") - pl.col("model_weight")).abs() < _NEAR_TAG)
+        & ((pl.col("final_weight") - pl.col("model_weight")).abs() < _LAST_DIGITS)
     )
     if near.height == 0:
         return trace
@@ -483,7 +489,7 @@ def _tags_in_28_digits(market: Market, trace: pl.DataFrame, replay: Replay, tota
 
 
 def _room_in_28_digits(market: Market, step1: _Step1, sums: pl.DataFrame, wm: pl.DataFrame, exact: ExactLocked,
-                       gc: pl.DataFrame) -> pl.DataFrame:
+                       gc: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``sums`` with step 3's room ``_avail`` = max(0, 1 − L) taken from L summed in 28
     digits, for the runs whose locked weights come with all 28 digits (``ExactLocked``: they
     fill the portfolio, or nearly). Several locked weights whose exact sum is 1 add up, each
@@ -491,10 +497,11 @@ def _room_in_28_digits(market: Market, step1: _Step1, sums: pl.DataFrame, wm: pl
     either side: no room, or dust room that its buyable targets and then the
     single-position cap's candidates take. Their Decimal(38, 28) copies can sum to the
     other. Where a group cap took part, L is summed over the weights its 28-digit steps 1-2
-    leave (``_steps_1_2_in_28_digits``: a member's locked weight is rescaled too)."""
+    leave (``_steps_1_2_in_28_digits``: a member's locked weight is rescaled too). Also
+    (run) of the runs left a dust room, 0 < 1 − L < 1e-20 (``_dust_room_weights``)."""
     locked = wm.filter(pl.col("kind") == "LOCKED").join(exact.totals.select("run"), on="run", how="semi")
     if locked.height == 0:
-        return sums
+        return sums, sums.clear().select("run")
     grouped = locked.select("run").unique().join(gc.select("run").unique(), on="run", how="semi")
     plain = sort_rows(locked.join(grouped, on="run", how="anti"), "run", "map_order")
     plain = plain.join(exact.weights, on="slot", how="left", maintain_order="left").with_columns(
@@ -508,11 +515,10 @@ def _room_in_28_digits(market: Market, step1: _Step1, sums: pl.DataFrame, wm: pl
     room = f28.sub(room, "_one_f", "_L_f", "_room_f").select(
         "run", pl.when(f28.sign("_room_f") > 0).then(f28.to_d28("_room_f")).otherwise(pl.lit(0, dtype=WEIGHT))
         .cast(sums.schema["_avail"]).alias("_avail_exact"),
-        ((f28.sign("_room_f") > 0) & (f28.to_d28("_room_f") < _NEAR_TAG)).alias("_dust_room"),
+        ((f28.sign("_room_f") > 0) & (f28.to_d28("_room_f") < _LAST_DIGITS)).alias("_dust_room"),
     )
-    return join_runs(sums, room).with_columns(
-        pl.coalesce("_avail_exact", "_avail").alias("_avail"), pl.col("_dust_room").fill_null(False),
-    ).drop("_avail_exact")
+    sums = join_runs(sums, room.drop("_dust_room")).with_columns(pl.coalesce("_avail_exact", "_avail").alias("_avail")).drop("_avail_exact")
+    return sums, room.filter("_dust_room").select("run")
 
 
 def _dust_room_weights(market: Market, step1: _Step1, gc: pl.DataFrame, wm: pl.DataFrame, policy: pl.DataFrame,
@@ -584,18 +590,19 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     # with the locked weights over tv summed in 28 digits (without ``valued``, runs with a
     # locked weight keep the fixed-point total)
     near = sums.filter(
-        ((pl.col("_total") - lit(NORMALISATION_THRESHOLD)).abs() < lit("0.00000000000000000001"))
+        ((pl.col("_total") - lit(NORMALISATION_THRESHOLD)).abs() < _LAST_DIGITS)
         & (~pl.col("_locked_weight") | (valued is not None))
     ).join(blocked, on="run", how="anti").select("run")
     if near.height:
         locked = locked_in_28_digits(near.join(sums.filter("_locked_weight"), on="run", how="semi"))
         decided = _threshold_in_28_digits(market, step1, gc, near, locked).rename({"_above": "_above_exact"})
         sums = join_runs(sums, decided).with_columns(pl.coalesce("_above_exact", "_above").alias("_above"))
+    dust = sums.clear().select("run")
     if exact is not None:  # locked weights that fill the portfolio: the room 1 − L as the reference leaves it
-        sums = _room_in_28_digits(market, step1, sums, wm, exact, gc)
+        sums, dust = _room_in_28_digits(market, step1, sums, wm, exact, gc)
     sums = sums.filter("_above")
     above = sums.select("run")
-    dust = sums.filter(pl.col("_dust_room")).select("run") if "_dust_room" in sums.columns else sums.clear().select("run")
+    dust = dust.join(above, on="run", how="semi")
     pending.append(sums.filter((pl.col("_L") > 1) | (pl.col("_B") > pl.col("_avail"))).select("run"))
     normalised = sums.filter((pl.col("_B") > pl.col("_avail")) & (pl.col("_B") > 0))
     wm = _scale_buys(wm, normalised.select("run", (pl.col("_avail") / pl.col("_B")).alias("_scale")))
@@ -603,7 +610,7 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     # Step 4: single-position cap
     wm = join_runs(wm, policy.drop("base_currency"))
     wm, cap_pending, cap_faults, capped = _single_position_cap(
-        market, wm, lambda capped_map: _candidates_in_28_digits(market, join_runs(capped_map, policy.select("run", "base_currency")), step1, gc, valued),
+        market, wm, lambda capped_map: _candidates_in_28_digits(market, capped_map, step1, gc, locked_in_28_digits),
     )
     pending.append(cap_pending)
 
@@ -620,23 +627,20 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     # step 3 changed nothing, with the locked weights over tv summed in 28 digits (without
     # ``valued``, runs with a locked weight keep the fixed-point sums)
     near = sums.filter(
-        ((pl.col("_B") - pl.col("_allowed")).abs() < lit("0.00000000000000000001")) & ((pl.col("_L") == 0) | (valued is not None))
+        ((pl.col("_B") - pl.col("_allowed")).abs() < _LAST_DIGITS) & ((pl.col("_L") == 0) | (valued is not None))
     ).join(pl.concat([above, blocked]), on="run", how="anti")
     if near.height:
         m = pl.col("single_position_max_weight")
         rows = wm.join(near, on="run", how="semi")
         # a cap that took excess leaves a weight at m: below it (by more than a last digit) none was above
-        capped = rows.filter(m.is_not_null() & (pl.col("weight") > m - lit("0.00000000000000000001"))).select("run")
+        capped = rows.filter(m.is_not_null() & (pl.col("weight") > m - _LAST_DIGITS)).select("run")
         # where steps 1-2 kept model weights of 20 decimals or fewer and no cap handed excess on, the sums are exact either way
         rounded = pl.concat([
             step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), gc.select("run"), capped,
             rows.filter(pl.col("weight") != pl.col("weight").round(20)).select("run"), near.filter(pl.col("_L") != 0).select("run"),
         ])
-        # step 4 is replayed for the reference's cap mode and a cap above 0 (the RFC-0001 mode has
-        # no reference to agree with; a cap at or below 0 leaves no candidate): other capped runs keep their sums
-        caps = policy.join(near, on="run", how="semi").filter(
-            m.is_not_null() & (m > 0) & (pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS")
-        ).select("run", "single_position_max_weight")
+        # step 4 is replayed where it can be (``_replayable_cap``): other capped runs keep their sums
+        caps = policy.join(near, on="run", how="semi").filter(m.is_not_null() & _replayable_cap()).select("run", "single_position_max_weight")
         near = near.join(rounded, on="run", how="semi").join(capped.join(caps, on="run", how="anti"), on="run", how="anti")
     if near.height:
         locked = locked_in_28_digits(near.filter(pl.col("_L") != 0).select("run"))
@@ -648,12 +652,8 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     wm = wm.drop("single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
 
     blocked_runs = pl.concat([blocked, cap_faults.select("run")]).unique()
-    dust = policy.join(dust.join(blocked_runs, on="run", how="anti"), on="run", how="semi").filter(
-        # the RFC-0001 cap mode has no reference to agree with; a cap at or below 0 leaves no candidate
-        pl.col("single_position_max_weight").is_null()
-        | ((pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS") & (pl.col("single_position_max_weight") > 0))
-    )
-    if dust.height and exact is not None:
+    dust = policy.join(dust.join(blocked_runs, on="run", how="anti"), on="run", how="semi").filter(_replayable_cap())
+    if dust.height:  # only ExactLocked runs have a dust room
         wm = _dust_room_weights(market, step1, gc, wm, dust.select("run", "single_position_max_weight", "min_cash_buffer_pct"), exact)
     touched = pl.concat([
         step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), group_events.select("run"),
@@ -729,7 +729,7 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
         )
         active = pl.col("_has_members") & (pl.col("_G") > pl.col("max_weight") + lit("0.0001"))
         if bindings is not None:
-            at_bound = pl.col("_has_members") & ((pl.col("_G") - pl.col("max_weight") - lit("0.0001")).abs() < _NEAR_TAG)
+            at_bound = pl.col("_has_members") & ((pl.col("_G") - pl.col("max_weight") - lit("0.0001")).abs() < _LAST_DIGITS)
             near = w.filter(at_bound).select("run").unique()
             if near.height:
                 bound = bindings(near).filter(pl.col("rank") == rank).select("run")

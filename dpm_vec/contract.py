@@ -170,13 +170,17 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     for key in ("portfolio_snapshot", "market_data_snapshot", "model_portfolio", "shelf_entries", "options"):
         if key not in request:
             r.fail(key, "field required")
+        elif request[key] is None:
+            r.fail(key, "must not be null")
     ps = r.obj(request.get("portfolio_snapshot"), "portfolio_snapshot", required=False) or {}
     md = r.obj(request.get("market_data_snapshot"), "market_data_snapshot", required=False) or {}
     mp = r.obj(request.get("model_portfolio"), "model_portfolio", required=False) or {}
     options = r.obj(request.get("options"), "options", required=False) or {}
 
-    portfolio_id = r.text(ps.get("portfolio_id"), "portfolio_snapshot.portfolio_id") if ps else None
-    base = r.text(ps.get("base_currency"), "portfolio_snapshot.base_currency") if ps else None
+    # an object's required fields are missing only where the object is there ({} included)
+    ps_given = isinstance(request.get("portfolio_snapshot"), dict)
+    portfolio_id = r.text(ps.get("portfolio_id"), "portfolio_snapshot.portfolio_id", required=ps_given)
+    base = r.text(ps.get("base_currency"), "portfolio_snapshot.base_currency", required=ps_given)
     positions = r.arr(ps.get("positions"), "portfolio_snapshot.positions")
     _duplicates(r, positions, lambda p: p.get("instrument_id") if isinstance(p, dict) else None, "portfolio_snapshot.positions", "instrument_id")
     for i, pos in enumerate(positions):
@@ -246,7 +250,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             "market_snapshot_id": run_key, "pair": r.text(f.get("pair"), f"{path}.pair"),
             "rate": r.decimal(f.get("rate"), f"{path}.rate", minimum=Decimal(0)),
         })
-    targets = r.arr(mp.get("targets"), "model_portfolio.targets", required="model_portfolio" in request and mp is not None)
+    targets = r.arr(mp.get("targets"), "model_portfolio.targets", required=isinstance(request.get("model_portfolio"), dict))
     _duplicates(r, targets, lambda t: t.get("instrument_id") if isinstance(t, dict) else None, "model_portfolio.targets", "instrument_id")
     for i, t in enumerate(targets):
         path = f"model_portfolio.targets[{i}]"

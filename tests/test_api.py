@@ -229,6 +229,21 @@ def test_empty_model_portfolio_needs_targets(ref_server, golden):
     assert "model_portfolio.targets" in _fields(problem)
 
 
+@pytest.mark.parametrize("key, value, fields", [
+    # an empty snapshot still lacks its required fields (it used to run, BLOCKED, as a portfolio without an id)
+    ("portfolio_snapshot", {}, ["portfolio_snapshot.base_currency", "portfolio_snapshot.portfolio_id"]),
+    ("portfolio_snapshot", None, ["portfolio_snapshot"]),
+    ("options", None, ["options"]),
+    ("shelf_entries", None, ["shelf_entries"]),
+    # a wrong type is one error, not also the object's missing fields
+    ("model_portfolio", "m1", ["model_portfolio"]),
+])
+def test_required_top_level_objects_are_422(ref_server, golden, key, value, fields):
+    req = copy.deepcopy(golden)
+    req[key] = value
+    assert sorted(_fields(_assert_problem(_post(ref_server, req)))) == fields
+
+
 def test_trade_beyond_quantity_range_is_422_naming_it(ref_server, golden):
     """A valid request whose trade the engine's quantities cannot hold: 422 with the trade
     named (not a bare 500), alone and as a batch slot beside a request that answers."""

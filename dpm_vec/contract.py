@@ -25,6 +25,20 @@ MAX_QUANTITY = Decimal(10) ** 9  # quantities carry 28 decimals in Decimal(38, 2
 TRUE_WORDS = {"true", "1", "yes", "y", "on", "t"}
 FALSE_WORDS = {"false", "0", "no", "n", "off", "f"}
 GROUP_KEY = re.compile(r"^[^:]+:[^:]+$")
+# every EngineOptions field but the five "or null" ones (§4) and the RFC staleness limit,
+# whose null means "no limit": null is a wrong type for them (§3.6, item 4)
+NOT_NULL_OPTIONS = (
+    "valuation_mode", "target_method", "compare_target_methods", "compare_target_methods_tolerance", "cash_band_min_weight",
+    "cash_band_max_weight", "allow_restricted", "suppress_dust_trades", "fx_buffer_pct", "block_on_missing_prices",
+    "block_on_missing_fx", "min_cash_buffer_pct", "enable_tax_awareness", "enable_settlement_awareness", "settlement_horizon_days",
+    "fx_settlement_days", "max_overdraft_by_ccy", "group_constraints", "enable_workflow_gates", "workflow_requires_client_consent",
+    "client_consent_already_obtained", "enable_proposal_simulation", "proposal_apply_cash_flows_first", "proposal_block_negative_cash",
+    "enable_drift_analytics", "enable_suitability_scanner", "suitability_thresholds", "enable_instrument_drift",
+    "drift_top_contributors_limit", "drift_unmodeled_exposure_threshold", "auto_funding", "funding_mode",
+    "fx_funding_source_currency", "fx_generation_policy",
+    # RFC-0001 options
+    "single_position_cap_mode", "notional_sizing", "max_skew_minutes", "stale_price_action", "rfc_rationale_codes",
+)
 ADVISORY_ENUMS = {
     "funding_mode": ("AUTO_FX",),
     "fx_funding_source_currency": ("ANY_CASH",),
@@ -54,6 +68,13 @@ class _Reader:
             self.fail(path, f"expected {expected}")
             return empty
         return value
+
+    def not_null(self, obj: dict, keys, path: str) -> None:
+        """A field sent as null where the contract has no null for it (a list, a map, a
+        flag, a number with a default) is a wrong JSON type (§3.6), not an absent field."""
+        for key in keys:
+            if key in obj and obj[key] is None:
+                self.fail(f"{path}.{key}" if path else key, "must not be null")
 
     def obj(self, value, path, required=True):
         return self._typed(value, path, required, dict, "an object", None)
@@ -181,6 +202,8 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     ps_given = isinstance(request.get("portfolio_snapshot"), dict)
     portfolio_id = r.text(ps.get("portfolio_id"), "portfolio_snapshot.portfolio_id", required=ps_given)
     base = r.text(ps.get("base_currency"), "portfolio_snapshot.base_currency", required=ps_given)
+    r.not_null(ps, ("positions", "cash_balances"), "portfolio_snapshot")
+    r.not_null(md, ("prices", "fx_rates"), "market_data_snapshot")
     positions = r.arr(ps.get("positions"), "portfolio_snapshot.positions")
     _duplicates(r, positions, lambda p: p.get("instrument_id") if isinstance(p, dict) else None, "portfolio_snapshot.positions", "instrument_id")
     for i, pos in enumerate(positions):
@@ -191,6 +214,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
         iid = r.text(pos.get("instrument_id"), f"{path}.instrument_id")
         qty = r.decimal(pos.get("quantity"), f"{path}.quantity", minimum=Decimal(0), maximum=MAX_QUANTITY)
         mv, mv_ccy = r.money(pos.get("market_value"), f"{path}.market_value")
+        r.not_null(pos, ("lots",), path)
         lots = r.arr(pos.get("lots"), f"{path}.lots")
         lot_total = Decimal(0)
         for j, lot in enumerate(lots):
@@ -270,10 +294,11 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             continue
         iid = r.text(s.get("instrument_id"), f"{path}.instrument_id")
         mn, mn_ccy = r.money(s.get("min_notional"), f"{path}.min_notional")
+        r.not_null(s, ("asset_class", "settlement_days", "attributes", "trade_by"), path)
         rows["shelf"].append({
             "shelf_id": run_key, "instrument_id": iid,
             "status": r.enum(s.get("status"), f"{path}.status", SHELF_STATUSES, required=True),
-            "asset_class": r.text(s.get("asset_class"), f"{path}.asset_class", required=False) or "UNKNOWN",
+            "asset_class": _or(r.text(s.get("asset_class"), f"{path}.asset_class", required=False), "UNKNOWN"),
             "issuer_id": r.text(s.get("issuer_id"), f"{path}.issuer_id", required=False),
             "liquidity_tier": r.enum(s.get("liquidity_tier"), f"{path}.liquidity_tier", LIQUIDITY_TIERS),
             "settlement_days": r.integer(s.get("settlement_days"), f"{path}.settlement_days", 2, 0, 10),
@@ -337,6 +362,7 @@ def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]
     amount, ccy = r.money(o.get("min_trade_notional"), f"{p}.min_trade_notional")
     policy["min_trade_notional_amount"], policy["min_trade_notional_currency"] = amount, ccy
     r.money(o.get("dust_trade_threshold"), f"{p}.dust_trade_threshold")
+    r.not_null(o, NOT_NULL_OPTIONS, p)
     for name, allowed in ADVISORY_ENUMS.items():
         r.enum(o.get(name), f"{p}.{name}", allowed)
     for name in ("enable_proposal_simulation", "proposal_apply_cash_flows_first", "proposal_block_negative_cash",

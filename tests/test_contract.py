@@ -1,0 +1,75 @@
+"""The JSON door's request contract (§3, §3.6): what is a 422, and what a field's absence,
+null or empty value means."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from dpm_vec.contract import parse_request
+from dpm_vec.errors import RequestError
+from dpm_vec.simulate import simulate_many
+
+REQUEST = json.loads((Path(__file__).resolve().parents[1] / "data" / "requests" / "fx_funding.json").read_text())
+
+
+def _errors(request: dict) -> list[tuple[str, str]]:
+    with pytest.raises(RequestError) as caught:
+        parse_request(request, "r0")
+    return [(e["field"], e["message"]) for e in caught.value.errors]
+
+
+def _with(path: tuple, value) -> dict:
+    request = copy.deepcopy(REQUEST)
+    *parents, key = path
+    node = request
+    for part in parents:
+        node = node[part]
+    node[key] = value
+    return request
+
+
+@pytest.mark.parametrize("path", [
+    ("options", "allow_restricted"),
+    ("options", "fx_buffer_pct"),
+    ("options", "settlement_horizon_days"),
+    ("options", "group_constraints"),
+    ("options", "suitability_thresholds"),
+    ("options", "notional_sizing"),
+    ("portfolio_snapshot", "positions"),
+    ("market_data_snapshot", "fx_rates"),
+    ("shelf_entries", 0, "asset_class"),
+    ("shelf_entries", 0, "settlement_days"),
+])
+def test_null_where_the_contract_has_none_is_a_wrong_type(path):
+    field = ".".join(str(p) for p in path).replace(".0.", "[0].")
+    assert _errors(_with(path, None)) == [(field, "must not be null")]
+
+
+@pytest.mark.parametrize("path", [
+    ("options", "single_position_max_weight"),
+    ("options", "max_turnover_pct"),
+    ("options", "max_realized_capital_gains"),
+    ("options", "min_trade_notional"),
+    ("options", "dust_trade_threshold"),
+    ("options", "max_staleness_minutes"),
+    ("options", "an_option_the_contract_does_not_know"),
+    ("shelf_entries", 0, "issuer_id"),
+    ("shelf_entries", 0, "liquidity_tier"),
+    ("shelf_entries", 0, "min_notional"),
+])
+def test_null_is_accepted_where_it_means_none(path):
+    parse_request(_with(path, None), "r0")
+
+
+def test_an_empty_asset_class_is_kept_not_defaulted():
+    """Only an absent asset class is UNKNOWN (§3.5); an empty string is a class of its own."""
+    result = simulate_many([_with(("shelf_entries", 0, "asset_class"), "")])[0]
+    assert [a["key"] for a in result["after_simulated"]["allocation_by_asset_class"]] == ["", "CASH"]
+    request = copy.deepcopy(REQUEST)
+    request["shelf_entries"][0].pop("asset_class", None)
+    result = simulate_many([request])[0]
+    assert [a["key"] for a in result["after_simulated"]["allocation_by_asset_class"]] == ["UNKNOWN", "CASH"]

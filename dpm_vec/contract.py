@@ -115,7 +115,7 @@ class _Reader:
             return default
         if isinstance(value, bool):
             return value
-        if isinstance(value, int) and value in (0, 1):
+        if isinstance(value, (int, float)) and value in (0, 1):  # 0, 1, 0.0, 1.0 (pydantic's lax mode)
             return bool(value)
         if isinstance(value, str) and value.strip().lower() in TRUE_WORDS | FALSE_WORDS:
             return value.strip().lower() in TRUE_WORDS
@@ -126,9 +126,8 @@ class _Reader:
         if value is None:
             return default
         try:
-            if isinstance(value, bool):
-                raise ValueError
-            number = Decimal(str(value).strip())
+            # true and false are 1 and 0 here, as in pydantic's lax mode
+            number = Decimal(int(value)) if isinstance(value, bool) else Decimal(str(value).strip())
             if not number.is_finite() or number != number.to_integral_value():
                 raise ValueError
             out = int(number)

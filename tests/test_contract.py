@@ -73,3 +73,26 @@ def test_an_empty_asset_class_is_kept_not_defaulted():
     request["shelf_entries"][0].pop("asset_class", None)
     result = simulate_many([request])[0]
     assert [a["key"] for a in result["after_simulated"]["allocation_by_asset_class"]] == ["UNKNOWN", "CASH"]
+
+
+@pytest.mark.parametrize("value, expected", [
+    (True, True), (0, False), (1.0, True), (0.0, False), ("yes", True), ("Off", False), ("T", True),
+])
+def test_booleans_take_the_lax_spellings(value, expected):
+    result = simulate_many([_with(("options", "enable_workflow_gates"), value)])[0]
+    assert (result["gate_decision"] is not None) is expected
+
+
+@pytest.mark.parametrize("value", [2, 0.5, "maybe", [], {}])
+def test_other_booleans_are_422(value):
+    assert _errors(_with(("options", "allow_restricted"), value))[0][0] == "options.allow_restricted"
+
+
+@pytest.mark.parametrize("value, valid", [("3", True), (" 3 ", True), ("3.0", True), (3.0, True), (True, True),
+                                          (3.5, False), ("3.5", False), ("three", False), (11, False)])
+def test_integers_take_integral_spellings(value, valid):
+    request = _with(("shelf_entries", 0, "settlement_days"), value)
+    if valid:
+        parse_request(request, "r0")
+    else:
+        assert _errors(request)[0][0] == "shelf_entries[0].settlement_days"

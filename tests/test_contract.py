@@ -96,3 +96,15 @@ def test_integers_take_integral_spellings(value, valid):
         parse_request(request, "r0")
     else:
         assert _errors(request)[0][0] == "shelf_entries[0].settlement_days"
+
+
+def test_currency_codes_are_text_not_checked_for_format():
+    """§3: currencies are not checked for format or case, so a request in lower-case codes
+    gets the upper-case request's result in lower case (it was a 500 from a stage check)."""
+    upper = simulate_many([REQUEST])[0]
+    text = json.dumps(REQUEST).replace('"SGD"', '"sgd"').replace('"USD"', '"usd"').replace('"USD/SGD"', '"usd/sgd"')
+    lower = simulate_many([json.loads(text)])[0]
+    assert lower["status"] == upper["status"] == "READY"
+    assert [i.get("pair") for i in lower["intents"]] == ["usd/sgd", None]
+    relabelled = json.dumps(upper["intents"]).replace('"SGD"', '"sgd"').replace('"USD"', '"usd"').replace('"USD/SGD"', '"usd/sgd"')
+    assert lower["intents"] == json.loads(relabelled)

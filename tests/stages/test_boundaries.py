@@ -95,7 +95,7 @@ def test_the_trades_stage_sized_what_the_contract_checks(traded):
     ("translation: security intents", "side", pl.lit("HOLD"), "side is one of BUY, SELL"),
     ("translation: security intents", "quantity", -pl.col("quantity"), "quantity >= 0"),
     ("valuation: positions", "instrument_id", pl.lit(None, dtype=pl.String), "instrument_id, quantity not null"),
-    ("valuation: cash", "currency", pl.lit("usd"), "currency is three capital letters"),
+    ("valuation: cash", "currency", pl.lit(None, dtype=pl.String), "currency, amount not null"),
     ("targets: trace", "in_model", pl.lit(None, dtype=pl.Boolean), "instrument_id, slot, in_model not null"),
     ("engine: rule results", "severity", pl.lit("MEDIUM"), "severity is one of HARD, SOFT"),
     ("engine: intents", "intent_type",  # the other type, keeping the amounts of this one

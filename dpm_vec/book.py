@@ -17,7 +17,7 @@ from decimal import Decimal
 
 import polars as pl
 
-from dpm_vec.numeric import DEC, QTY
+from dpm_vec.numeric import DEC, QTY, WEIGHT
 
 STR = pl.String
 BOOL = pl.Boolean
@@ -140,7 +140,7 @@ TABLES: dict[str, list[tuple[str, pl.DataType, bool]]] = {
     "models": [
         ("model_id", STR, True),
         ("instrument_id", STR, True),
-        ("weight", DEC, True),
+        ("weight", WEIGHT, True),  # all 28 decimals the target stage computes in (numeric.WEIGHT)
     ],
     "group_constraints": [
         ("run_key", STR, True),

@@ -22,6 +22,7 @@ from dpm_vec.numeric import SCALE
 
 MAX_ABS = Decimal(10) ** (38 - SCALE - 1)
 MAX_QUANTITY = Decimal(10) ** 9  # quantities carry 28 decimals in Decimal(38, 28)
+MAX_MODEL_WEIGHT = Decimal(10) ** 9  # so do model weights (numeric.WEIGHT), scaled in the target stage
 TRUE_WORDS = {"true", "1", "yes", "y", "on", "t"}
 FALSE_WORDS = {"false", "0", "no", "n", "off", "f"}
 GROUP_KEY = re.compile(r"^[^:]+:[^:]+$")
@@ -282,7 +283,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             continue
         rows["models"].append({
             "model_id": run_key, "instrument_id": r.text(t.get("instrument_id"), f"{path}.instrument_id"),
-            "weight": r.decimal(t.get("weight"), f"{path}.weight"),
+            "weight": r.decimal(t.get("weight"), f"{path}.weight", minimum=-MAX_MODEL_WEIGHT, maximum=MAX_MODEL_WEIGHT),
         })
     shelf = r.arr(request.get("shelf_entries"), "shelf_entries")
     _duplicates(r, shelf, lambda s: s.get("instrument_id") if isinstance(s, dict) else None, "shelf_entries", "instrument_id")

@@ -34,7 +34,7 @@ from pathlib import Path
 import polars as pl
 
 from dpm_vec.book import POLICY_COLUMNS, TABLES
-from dpm_vec.numeric import DEC
+from dpm_vec.numeric import DEC, WEIGHT
 
 # ---------------------------------------------------------------------------------------
 # counter-based randomness (splitmix64), identical in Python and in Polars expressions
@@ -430,7 +430,7 @@ class _Market:
                 "instrument_id": [by_no[i] for i in slots["inst_no"].to_list()],
                 "weight": [Decimal(b).scaleb(-4) for b in slots["bps"].to_list()],
             },
-            schema={"model_id": pl.String, "instrument_id": pl.String, "weight": DEC},
+            schema={"model_id": pl.String, "instrument_id": pl.String, "weight": WEIGHT},
         )
         return models, slots
 

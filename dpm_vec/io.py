@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -105,9 +106,16 @@ def _conformed(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
         raise _wrong_type(file, exc) from None
 
 
+_NUMBER_CAST = re.compile(r"conversion from `(decimal|[iuf]\d+)")
+
+
 def _wrong_type(file: str, exc: pl.exceptions.PolarsError) -> BookError:
-    """A cast Polars refused, as the file's fault."""
-    return BookError(file, f"a column has the wrong type: {str(exc).splitlines()[0]}")
+    """A cast Polars refused, as the file's fault: a number that its column's type cannot
+    hold (a model weight of 10^10 or more in Decimal(38, 28)), or values of another type."""
+    first = str(exc).splitlines()[0]
+    if _NUMBER_CAST.match(first):
+        return BookError(file, f"a value is outside the range its column holds: {first}")
+    return BookError(file, f"a column has the wrong type: {first}")
 
 
 def _conform(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:

@@ -16,7 +16,7 @@ from dpm_vec.book import SHELF_STATUSES, TABLES, TRADE_BY, LIQUIDITY_TIERS, POLI
 from dpm_vec.codes import ExitPath, RunStatus
 from dpm_vec.dec28 import F28, sign
 from dpm_vec.errors import BookError
-from dpm_vec.numeric import DEC, QTY
+from dpm_vec.numeric import DEC, QTY, WEIGHT
 
 CCY = r"^[A-Z]{3}$"
 PAIR = r"^[A-Z]{3}/[A-Z]{3}$"
@@ -109,7 +109,7 @@ INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
         ["shelf_id", "instrument_id", "attribute"],
     ),
     "models": _keyed(
-        {"model_id": _id(), "instrument_id": _id(), "weight": pa.Column(DEC, nullable=False)},
+        {"model_id": _id(), "instrument_id": _id(), "weight": pa.Column(WEIGHT, nullable=False)},
         ["model_id", "instrument_id"],
     ),
     "group_constraints": _keyed(

@@ -108,3 +108,23 @@ def test_currency_codes_are_text_not_checked_for_format():
     assert [i.get("pair") for i in lower["intents"]] == ["usd/sgd", None]
     relabelled = json.dumps(upper["intents"]).replace('"SGD"', '"sgd"').replace('"USD"', '"usd"').replace('"USD/SGD"', '"usd/sgd"')
     assert lower["intents"] == json.loads(relabelled)
+
+
+def test_model_weights_keep_28_decimals():
+    """A model weight of 1E-26 is a positive weight, a cap's recipient (the reference keeps
+    28 significant digits); read at 20 decimals it was 0 and took nothing."""
+    request = copy.deepcopy(REQUEST)
+    request["model_portfolio"]["targets"] = [{"instrument_id": "US_EQ", "weight": "0.6"},
+                                             {"instrument_id": "EU_EQ", "weight": "0.00000000000000000000000001"}]
+    request["market_data_snapshot"]["prices"].append({"instrument_id": "EU_EQ", "price": "10", "currency": "SGD"})
+    request["shelf_entries"].append({"instrument_id": "EU_EQ", "status": "APPROVED"})
+    request["options"]["single_position_max_weight"] = "0.5"
+    targets = {t["instrument_id"]: t for t in simulate_many([request])[0]["target"]["targets"]}
+    assert targets["EU_EQ"]["model_weight"] == "0.00000000000000000000000001"
+    assert targets["EU_EQ"]["final_weight"] == "0.10000000000000000000000001"
+    assert targets["EU_EQ"]["tags"] == ["REDISTRIBUTED_RECIPIENT"]
+
+
+@pytest.mark.parametrize("weight", ["1000000001", "-1E10"])
+def test_model_weights_beyond_the_engine_range_are_422(weight):
+    assert _errors(_with(("model_portfolio", "targets", 0, "weight"), weight))[0][0] == "model_portfolio.targets[0].weight"

@@ -222,6 +222,10 @@ def test_book_faults_block_with_named_reason(tmp_path):
         ("positions", lambda f: pl.concat([f, f.head(1)]), "uniqueness"),
         ("shelf", lambda f: f.rename({"status": "statuss"}), "did you mean 'status'"),
         ("models", lambda f: f.with_columns(pl.col("weight").cast(pl.String) + "x"), "wrong type"),
+        # model weights carry 28 decimals (Decimal(38, 28)): 10^10 does not fit
+        ("models", lambda f: f.with_columns(pl.col("weight").cast(pl.Decimal(38, 20))).with_columns(
+            pl.when(pl.int_range(pl.len()) == 2).then(pl.lit(10**10, dtype=pl.Decimal(38, 20))).otherwise(pl.col("weight")).alias("weight"),
+        ), "outside the range its column holds"),
     ],
 )
 def test_structural_faults_name_file_column_and_rows(tmp_path, table, change, expected):

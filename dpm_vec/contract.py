@@ -163,26 +163,35 @@ class _Reader:
             return None
 
 
-def _duplicates(reader: _Reader, items: list, key, path: str, what: str) -> None:
+def _duplicates(reader: _Reader, items: list, key, path: str, what: str, lookup: bool = False) -> set[int]:
+    """Fail every repeated key (§9.1: conflicting duplicates are bad data). In a list the
+    reference only looks things up in (``lookup``: prices, FX rates, shelf entries; first
+    match wins, §1.4), an exact repeat changes no answer: it is not an error, and its index
+    is returned for the caller to skip."""
     seen: dict = {}
+    repeats: set[int] = set()
     for index, item in enumerate(items):
         k = key(item)
         if k is None:
             continue
         if k in seen and items[seen[k]] != item:
             reader.fail(f"{path}[{index}]", f"duplicate {what} {k!r} (first at [{seen[k]}]) with different values")
+        elif k in seen and lookup:
+            repeats.add(index)
         elif k in seen:
             reader.fail(f"{path}[{index}]", f"duplicate {what} {k!r} (first at [{seen[k]}])")
         else:
             seen[k] = index
+    return repeats
 
 
 def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     """Validate one reference-contract request; return its rows per book table.
 
     Raises RequestError listing every invalid field. Beyond the reference's own checks
-    (§3.6) it rejects what §9.1 says dpm_vec must not silently accept: duplicate ids,
-    negative quantities, non-positive prices and negative FX rates.
+    (§3.6) it rejects what §9.1 says dpm_vec must not silently accept: duplicate ids
+    (an exact repeat of a price, FX rate or shelf entry, which no answer depends on, is
+    dropped instead), negative quantities, non-positive prices and negative FX rates.
     """
     r = _Reader()
     rows: dict[str, list[dict]] = {t: [] for t in TABLES}
@@ -251,8 +260,11 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             "pending": r.decimal(c.get("pending"), f"{path}.pending", required=False),
         })
     prices = r.arr(md.get("prices"), "market_data_snapshot.prices")
-    _duplicates(r, prices, lambda p: p.get("instrument_id") if isinstance(p, dict) else None, "market_data_snapshot.prices", "instrument_id")
+    repeats = _duplicates(r, prices, lambda p: p.get("instrument_id") if isinstance(p, dict) else None, "market_data_snapshot.prices",
+                          "instrument_id", lookup=True)
     for i, p in enumerate(prices):
+        if i in repeats:
+            continue
         path = f"market_data_snapshot.prices[{i}]"
         p = r.obj(p, path)
         if p is None:
@@ -264,8 +276,11 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             "as_of": r.timestamp(p.get("as_of"), f"{path}.as_of"),
         })
     fx_rates = r.arr(md.get("fx_rates"), "market_data_snapshot.fx_rates")
-    _duplicates(r, fx_rates, lambda p: p.get("pair") if isinstance(p, dict) else None, "market_data_snapshot.fx_rates", "pair")
+    repeats = _duplicates(r, fx_rates, lambda p: p.get("pair") if isinstance(p, dict) else None, "market_data_snapshot.fx_rates", "pair",
+                          lookup=True)
     for i, f in enumerate(fx_rates):
+        if i in repeats:
+            continue
         path = f"market_data_snapshot.fx_rates[{i}]"
         f = r.obj(f, path)
         if f is None:
@@ -286,8 +301,11 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             "weight": r.decimal(t.get("weight"), f"{path}.weight", minimum=-MAX_MODEL_WEIGHT, maximum=MAX_MODEL_WEIGHT),
         })
     shelf = r.arr(request.get("shelf_entries"), "shelf_entries")
-    _duplicates(r, shelf, lambda s: s.get("instrument_id") if isinstance(s, dict) else None, "shelf_entries", "instrument_id")
+    repeats = _duplicates(r, shelf, lambda s: s.get("instrument_id") if isinstance(s, dict) else None, "shelf_entries", "instrument_id",
+                          lookup=True)
     for i, s in enumerate(shelf):
+        if i in repeats:
+            continue
         path = f"shelf_entries[{i}]"
         s = r.obj(s, path)
         if s is None:

@@ -128,3 +128,48 @@ def test_model_weights_keep_28_decimals():
 @pytest.mark.parametrize("weight", ["1000000001", "-1E10"])
 def test_model_weights_beyond_the_engine_range_are_422(weight):
     assert _errors(_with(("model_portfolio", "targets", 0, "weight"), weight))[0][0] == "model_portfolio.targets[0].weight"
+
+
+@pytest.mark.parametrize("path", [("market_data_snapshot", "prices"), ("market_data_snapshot", "fx_rates"), ("shelf_entries",)])
+def test_an_exact_repeat_in_a_lookup_list_changes_nothing(path):
+    """The reference only looks prices, FX rates and shelf entries up (first match wins,
+    §1.4), so an exact repeat is the same request, not bad data (§9.1)."""
+    request = copy.deepcopy(REQUEST)
+    node = request
+    for part in path:
+        node = node[part]
+    node.append(copy.deepcopy(node[0]))
+    repeated, once = simulate_many([request, REQUEST])
+    for key in ("status", "intents", "after_simulated", "rule_results"):
+        assert repeated[key] == once[key]
+    assert repeated["target"]["targets"] == once["target"]["targets"]
+
+
+@pytest.mark.parametrize("path, field", [
+    (("market_data_snapshot", "prices"), "market_data_snapshot.prices[1]"),
+    (("shelf_entries",), "shelf_entries[1]"),
+])
+def test_a_conflicting_repeat_is_422(path, field):
+    request = copy.deepcopy(REQUEST)
+    node = request
+    for part in path:
+        node = node[part]
+    repeat = copy.deepcopy(node[0])
+    repeat["price" if "price" in repeat else "status"] = "99" if "price" in repeat else "BANNED"
+    node.append(repeat)
+    assert _errors(request) == [(field, "duplicate instrument_id 'US_EQ' (first at [0]) with different values")]
+
+
+@pytest.mark.parametrize("path, item", [
+    (("portfolio_snapshot", "cash_balances"), 0),
+    (("model_portfolio", "targets"), 0),
+])
+def test_an_exact_repeat_the_reference_would_count_twice_is_422(path, item):
+    """Repeated positions, cash rows and model targets change the reference's answer by
+    list position (§1.4): dpm_vec rejects them even when they are identical."""
+    request = copy.deepcopy(REQUEST)
+    node = request
+    for part in path:
+        node = node[part]
+    node.append(copy.deepcopy(node[item]))
+    assert _errors(request)[0][0] == ".".join(path) + "[1]"

@@ -172,7 +172,7 @@ def _duplicates(reader: _Reader, items: list, key, path: str, what: str, lookup:
     repeats: set[int] = set()
     for index, item in enumerate(items):
         k = key(item)
-        if k is None:
+        if not isinstance(k, str):  # absent, or not text: its own check names it
             continue
         if k in seen and items[seen[k]] != item:
             reader.fail(f"{path}[{index}]", f"duplicate {what} {k!r} (first at [{seen[k]}]) with different values")

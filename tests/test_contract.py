@@ -173,3 +173,20 @@ def test_an_exact_repeat_the_reference_would_count_twice_is_422(path, item):
         node = node[part]
     node.append(copy.deepcopy(node[item]))
     assert _errors(request)[0][0] == ".".join(path) + "[1]"
+
+
+@pytest.mark.parametrize("pair", ["USDSGD", "USD/SGD/X", "", "USD-SGD"])
+def test_a_pair_that_is_not_from_slash_to_text_matches_nothing(pair):
+    """§6.1 looks "FROM/TO" up as text: a pair of other text is never the one wanted, so
+    the USD price has no rate (it was a 500 from a null currency in the rate table)."""
+    request = _with(("market_data_snapshot", "fx_rates", 0, "pair"), pair)
+    result = simulate_many([request])[0]
+    assert result["status"] == "BLOCKED" and result["diagnostics"]["data_quality"]["fx_missing"] == ["USD/SGD"]
+
+
+@pytest.mark.parametrize("path", [("model_portfolio", "targets", 0, "instrument_id"), ("shelf_entries", 0, "instrument_id"),
+                                  ("market_data_snapshot", "fx_rates", 0, "pair")])
+@pytest.mark.parametrize("value", [["US_EQ"], {"id": "US_EQ"}, 7])
+def test_a_key_of_the_wrong_type_is_422_naming_it(path, value):
+    field = ".".join(str(p) for p in path).replace(".0.", "[0].")
+    assert (field, "expected a string") in _errors(_with(path, value))

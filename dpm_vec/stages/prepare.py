@@ -235,6 +235,9 @@ def prepare(book: Book) -> Prepared:
     )
     fx = (
         book.fx_rates.sort("seq")
+        # the reference matches "FROM/TO" text (§6.1): a pair without exactly one "/" is
+        # never the text of a wanted conversion
+        .filter(pl.col("pair").str.count_matches("/", literal=True) == 1)
         .unique(["market_snapshot_id", "pair"], keep="first", maintain_order=True)
         .with_columns(pl.col("pair").str.split_exact("/", 1).alias("_p"))
         .select(

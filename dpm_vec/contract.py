@@ -22,7 +22,9 @@ from dpm_vec.numeric import SCALE
 
 MAX_ABS = Decimal(10) ** (38 - SCALE - 1)
 MAX_QUANTITY = Decimal(10) ** 9  # quantities carry 28 decimals in Decimal(38, 28)
-MAX_MODEL_WEIGHT = Decimal(10) ** 9  # so do model weights (numeric.WEIGHT), scaled in the target stage
+# so do model weights and the weight options the target stage computes with (numeric.WEIGHT);
+# the reference takes any value, and this range is far beyond every meaningful one
+MAX_WEIGHT = Decimal(10) ** 9
 TRUE_WORDS = {"true", "1", "yes", "y", "on", "t"}
 FALSE_WORDS = {"false", "0", "no", "n", "off", "f"}
 GROUP_KEY = re.compile(r"^[^:]+:[^:]+$")
@@ -298,7 +300,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             continue
         rows["models"].append({
             "model_id": run_key, "instrument_id": r.text(t.get("instrument_id"), f"{path}.instrument_id"),
-            "weight": r.decimal(t.get("weight"), f"{path}.weight", minimum=-MAX_MODEL_WEIGHT, maximum=MAX_MODEL_WEIGHT),
+            "weight": r.decimal(t.get("weight"), f"{path}.weight", minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT),
         })
     shelf = r.arr(request.get("shelf_entries"), "shelf_entries")
     repeats = _duplicates(r, shelf, lambda s: s.get("instrument_id") if isinstance(s, dict) else None, "shelf_entries", "instrument_id",
@@ -352,14 +354,16 @@ def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]
         "target_method": r.enum(o.get("target_method"), f"{p}.target_method", ("HEURISTIC", "SOLVER"), "HEURISTIC"),
         "cash_band_min_weight": _or(r.decimal(o.get("cash_band_min_weight"), f"{p}.cash_band_min_weight", required=False), D("0.00")),
         "cash_band_max_weight": _or(r.decimal(o.get("cash_band_max_weight"), f"{p}.cash_band_max_weight", required=False), D("1.00")),
-        "single_position_max_weight": r.decimal(o.get("single_position_max_weight"), f"{p}.single_position_max_weight", required=False),
+        "single_position_max_weight": r.decimal(o.get("single_position_max_weight"), f"{p}.single_position_max_weight", required=False,
+                                                minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT),
         "single_position_cap_mode": r.enum(o.get("single_position_cap_mode"), f"{p}.single_position_cap_mode", ("REFERENCE", "RFC_ASSET_CLASS"), "REFERENCE"),
         "allow_restricted": r.boolean(o.get("allow_restricted"), f"{p}.allow_restricted", False),
         "suppress_dust_trades": r.boolean(o.get("suppress_dust_trades"), f"{p}.suppress_dust_trades", True),
         "fx_buffer_pct": _or(r.decimal(o.get("fx_buffer_pct"), f"{p}.fx_buffer_pct", required=False), D("0.01")),
         "block_on_missing_prices": r.boolean(o.get("block_on_missing_prices"), f"{p}.block_on_missing_prices", True),
         "block_on_missing_fx": r.boolean(o.get("block_on_missing_fx"), f"{p}.block_on_missing_fx", True),
-        "min_cash_buffer_pct": _or(r.decimal(o.get("min_cash_buffer_pct"), f"{p}.min_cash_buffer_pct", required=False), D("0.0")),
+        "min_cash_buffer_pct": _or(r.decimal(o.get("min_cash_buffer_pct"), f"{p}.min_cash_buffer_pct", required=False,
+                                             minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT), D("0.0")),
         "max_turnover_pct": r.decimal(o.get("max_turnover_pct"), f"{p}.max_turnover_pct", required=False, minimum=D(0), maximum=D(1)),
         "enable_tax_awareness": r.boolean(o.get("enable_tax_awareness"), f"{p}.enable_tax_awareness", False),
         "max_realized_capital_gains": r.decimal(o.get("max_realized_capital_gains"), f"{p}.max_realized_capital_gains", required=False, minimum=D(0)),

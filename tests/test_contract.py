@@ -125,9 +125,23 @@ def test_model_weights_keep_28_decimals():
     assert targets["EU_EQ"]["tags"] == ["REDISTRIBUTED_RECIPIENT"]
 
 
-@pytest.mark.parametrize("weight", ["1000000001", "-1E10"])
-def test_model_weights_beyond_the_engine_range_are_422(weight):
-    assert _errors(_with(("model_portfolio", "targets", 0, "weight"), weight))[0][0] == "model_portfolio.targets[0].weight"
+@pytest.mark.parametrize("path, value", [
+    (("model_portfolio", "targets", 0, "weight"), "1000000001"),
+    (("model_portfolio", "targets", 0, "weight"), "-1E10"),
+    # weight options the target stage computes with at 28 decimals: beyond 10^10 they were a 500
+    (("options", "single_position_max_weight"), "1E11"),
+    (("options", "min_cash_buffer_pct"), "-1E15"),
+])
+def test_weights_beyond_the_engine_range_are_422(path, value):
+    field = ".".join(str(p) for p in path).replace(".0.", "[0].")
+    assert _errors(_with(path, value))[0][0] == field
+
+
+def test_weight_options_far_outside_their_meaning_still_run():
+    """The reference validates neither (§3.6): a cap of 2 and a buffer of -5 are simulated."""
+    request = _with(("options", "single_position_max_weight"), "2")
+    request["options"]["min_cash_buffer_pct"] = "-5"
+    assert simulate_many([request])[0]["status"] in ("READY", "PENDING_REVIEW", "BLOCKED")
 
 
 @pytest.mark.parametrize("path", [("market_data_snapshot", "prices"), ("market_data_snapshot", "fx_rates"), ("shelf_entries",)])

@@ -18,6 +18,29 @@ from dpm_vec.simulate import simulate_many
 SCENARIO_NAME = re.compile(r"^[a-z0-9_-]{1,64}$")
 MAX_SCENARIOS = 20
 SHARED_KEYS = ("portfolio_snapshot", "market_data_snapshot", "model_portfolio", "shelf_entries")
+# EngineOptions in declaration order (§4's table): a scenario fails on its first invalid
+# option in this order (§7), whatever order the request lists them in
+OPTION_ORDER = (
+    "valuation_mode", "target_method", "compare_target_methods", "compare_target_methods_tolerance", "cash_band_min_weight",
+    "cash_band_max_weight", "single_position_max_weight", "min_trade_notional", "allow_restricted", "suppress_dust_trades",
+    "dust_trade_threshold", "fx_buffer_pct", "block_on_missing_prices", "block_on_missing_fx", "min_cash_buffer_pct",
+    "max_turnover_pct", "enable_tax_awareness", "max_realized_capital_gains", "enable_settlement_awareness",
+    "settlement_horizon_days", "fx_settlement_days", "max_overdraft_by_ccy", "group_constraints", "enable_workflow_gates",
+    "workflow_requires_client_consent", "client_consent_already_obtained",
+)
+# the reference's own words where the spec quotes them (§7)
+REFERENCE_MESSAGES = {"options.max_turnover_pct": "Value error, max_turnover_pct must be between 0 and 1 inclusive"}
+
+
+def invalid_options_reason(errors: list[dict]) -> str:
+    """``failed_scenarios``' text for a scenario whose options fail validation: its first
+    error in option declaration order (options the table does not list come after)."""
+    def rank(error: dict) -> int:
+        name = error["field"].removeprefix("options.").split(".")[0].split("[")[0]
+        return OPTION_ORDER.index(name) if name in OPTION_ORDER else len(OPTION_ORDER)
+    first = min(errors, key=rank)  # min keeps the earliest of equal rank
+    message = REFERENCE_MESSAGES.get(first["field"], f"{first['field']}: {first['message']}")
+    return f"INVALID_OPTIONS: {message}"
 
 
 def validate_batch(batch) -> dict:
@@ -57,8 +80,7 @@ def analyze(batch) -> dict:
         try:
             parse_request(request, name)
         except RequestError as exc:
-            first = exc.errors[0]
-            failed[name] = f"INVALID_OPTIONS: {first['field']}: {first['message']}"
+            failed[name] = invalid_options_reason(exc.errors)
             continue
         requests.append(request)
         names.append(name)

@@ -204,3 +204,23 @@ def test_a_pair_that_is_not_from_slash_to_text_matches_nothing(pair):
 def test_a_key_of_the_wrong_type_is_422_naming_it(path, value):
     field = ".".join(str(p) for p in path).replace(".0.", "[0].")
     assert (field, "expected a string") in _errors(_with(path, value))
+
+
+def test_a_scenario_fails_on_its_first_invalid_option_in_declaration_order():
+    """§7: the first validation error in option declaration order, in the reference's words
+    where the spec quotes them, whatever order the scenario lists its options in."""
+    from dpm_vec.analyze import analyze
+    batch = {k: copy.deepcopy(REQUEST[k]) for k in ("portfolio_snapshot", "market_data_snapshot", "model_portfolio", "shelf_entries")}
+    batch["scenarios"] = {
+        "late_first": {"options": {"settlement_horizon_days": 11, "max_turnover_pct": "1.5"}},
+        "compare_first": {"options": {"max_turnover_pct": "1.5", "compare_target_methods": "maybe"}},
+        "group_only": {"options": {"group_constraints": {"no-colon": {"max_weight": "0.2"}}}},
+        "fine": {"options": {}},
+    }
+    body = analyze(batch)
+    assert set(body["results"]) == {"fine"}
+    assert body["failed_scenarios"] == {
+        "compare_first": "INVALID_OPTIONS: options.compare_target_methods: expected a boolean, got 'maybe'",
+        "group_only": "INVALID_OPTIONS: options.group_constraints.no-colon: group constraint keys must be 'attribute:value' with exactly one ':'",
+        "late_first": "INVALID_OPTIONS: Value error, max_turnover_pct must be between 0 and 1 inclusive",
+    }

@@ -39,9 +39,12 @@ from dpm_vec.stages.valuation import ValuedState, value_state
 class Result:
     runs: pl.DataFrame
     intents: pl.DataFrame
-    positions: pl.DataFrame  # state ∈ {before, after}
-    cash: pl.DataFrame  # state ∈ {before, after}
-    allocations: pl.DataFrame  # state ∈ {before, after}
+    positions_before: pl.DataFrame
+    positions_after: pl.DataFrame
+    cash_before: pl.DataFrame
+    cash_after: pl.DataFrame
+    allocations_before: pl.DataFrame
+    allocations_after: pl.DataFrame
     targets: pl.DataFrame
     exclusions: pl.DataFrame
     eligible: pl.DataFrame
@@ -207,19 +210,22 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
 
     # after-state of stopped runs is the before-state (E1, E2), revalued for E3
     states = {
-        name: _before_and_after(getattr(before, name), [getattr(after, name), getattr(revalued, name), _only(getattr(before, name), stopped)])
+        name: _after_state([getattr(after, name), getattr(revalued, name), _only(getattr(before, name), stopped)])
         for name in ("positions", "cash", "allocations")
         if allocations or name != "allocations"
     }
     if not allocations:  # buckets were built for the rules only; nobody prints them
-        states["allocations"] = pl.DataFrame(schema={**before.allocations.schema, "state": pl.String})
+        states["allocations"] = before.allocations.head(0)
     boundary("rules+status", (RUNS_SCHEMA, out_runs), (RULES_SCHEMA, rule_results))
     return Result(
         runs=out_runs,
         intents=intents.drop("slot", "list_order"),  # holding slots number one shard's rows; list order: internal
-        positions=states["positions"].drop("slot"),
-        cash=states["cash"],
-        allocations=states["allocations"],
+        positions_before=before.positions.drop("slot"),
+        positions_after=states["positions"].drop("slot"),
+        cash_before=before.cash,
+        cash_after=states["cash"],
+        allocations_before=before.allocations if allocations else before.allocations.head(0),
+        allocations_after=states["allocations"],
         targets=targets.trace.drop("slot"),
         exclusions=universe.excluded,
         eligible=universe.eligible,
@@ -238,16 +244,14 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     )
 
 
-def _before_and_after(before: pl.DataFrame, after_parts: list[pl.DataFrame]) -> pl.DataFrame:
-    """One frame of a state table with a ``state`` column (before / after); sequence
+def _after_state(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    """One state table's after-state from parts that hold different runs; sequence
     columns widen to Int64 because the after-state appends rows."""
     def widen(frame: pl.DataFrame) -> pl.DataFrame:
         return frame.with_columns(pl.col(c).cast(pl.Int64) for c in ("pos_seq", "cash_seq") if c in frame.columns)
 
-    # the parts hold different runs, each part in (run, sequence) order: merged, they are too
-    after = concat_by_run([widen(f) for f in after_parts])
-    return pl.concat([widen(before).with_columns(pl.lit("before").alias("state")), after.with_columns(pl.lit("after").alias("state"))],
-                     how="diagonal_relaxed")
+    # each part is in (run, sequence) order: merged, they are too
+    return concat_by_run([widen(f) for f in parts])
 
 
 def _valued(state: ValuedState, positions: pa.DataFrameSchema = VALUED_POSITIONS_SCHEMA) -> tuple[tuple[pa.DataFrameSchema, pl.DataFrame], ...]:

@@ -55,11 +55,9 @@ def render_results(result: Result, run_ids: dict[int, str] | None = None) -> lis
 
 def _state(run: dict, parts: dict, state: str, total_value) -> dict:
     base = run["base_currency"]
-    positions = [p for p in parts["positions"] if p["state"] == state]
-    positions.sort(key=lambda p: p["pos_seq"])
-    cash = sorted((c for c in parts["cash"] if c["state"] == state), key=lambda c: c["cash_seq"])
-    alloc = [a for a in parts["allocations"] if a["state"] == state]
-    alloc.sort(key=lambda a: (a["dimension"], a["attribute_order"], a["bucket_order"]))
+    positions = sorted(parts[f"positions_{state}"], key=lambda p: p["pos_seq"])
+    cash = sorted(parts[f"cash_{state}"], key=lambda c: c["cash_seq"])
+    alloc = sorted(parts[f"allocations_{state}"], key=lambda a: (a["dimension"], a["attribute_order"], a["bucket_order"]))
 
     def bucket(a):
         return {"key": a["key"], "weight": _weight(a["weight"]), "value": _money(a["value"], base)}

@@ -222,9 +222,9 @@ def test_apply_intents_updates_first_rows_and_appends_new(scenario):
         model=[("U", "0.5")],
         fx_buffer_pct="0",
     )
-    pos = s.result.positions.filter(pl.col("state") == "after").sort("pos_seq")
+    pos = s.result.positions_after.sort("pos_seq")
     assert list(zip(pos["instrument_id"], pos["quantity"])) == [("S", D(0)), ("U", D(5))]
-    cash = s.result.cash.filter(pl.col("state") == "after").sort("cash_seq")
+    cash = s.result.cash_after.sort("cash_seq")
     # SELL S +1000 SGD; FX sells 1000 SGD for 500 USD; BUY U −500 USD
     assert list(zip(cash["currency"], cash["amount"])) == [("SGD", D(1000)), ("USD", D(0))]
     assert s.run_row()["after_total_value"] == D(2000)
@@ -372,12 +372,12 @@ def test_insufficient_cash_on_the_reference_28_digit_after_state(scenario):
     sell = s.intents.filter(pl.col("instrument_id") == "A").row(0, named=True)
     assert sell["quantity_f28"] is not None and sell["quantity"] < 27  # tax-limited, fractional
     r = s.result
-    after_usd = r.cash.filter((pl.col("state") == "after") & (pl.col("currency") == "USD"))["amount"]
+    after_usd = r.cash_after.filter(pl.col("currency") == "USD")["amount"]
     assert after_usd.to_list() == [D(0)]  # the fixed-point balance the reference has 2E-23 below 0
     (ic,) = _rule(s, "INSUFFICIENT_CASH")
     assert (ic["status"], ic["reason_code"]) == ("FAIL", "CASH_BALANCE_NEGATIVE")
     assert s.warnings() == ["CAPPED_BY_GROUP_LIMIT_sector:ENERGY", "TAX_BUDGET_LIMIT_REACHED", "PARTIAL_REBALANCE_TURNOVER_LIMIT",
                           "SIMULATION_SAFETY_CHECK_FAILED"]
     assert (s.run_row()["status"], s.run_row()["exit_path"]) == ("BLOCKED", "E4")
-    signs = compliance.exact_cash_signs(s.market, s.runs, s.intents, s.p.cash, r.cash.filter(pl.col("state") == "after"))
+    signs = compliance.exact_cash_signs(s.market, s.runs, s.intents, s.p.cash, r.cash_after)
     assert sorted(signs.iter_rows()) == [(0, "EUR", False), (0, "USD", True)]

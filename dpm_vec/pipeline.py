@@ -149,6 +149,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     traded = _without(live, settled_block)
     pos_after, cash_after = compliance.apply_intents(_only(p.positions, traded), _only(p.cash, traded), intents, traded)
     cash_signs = compliance.exact_cash_signs(market, traded, intents, p.cash, cash_after)
+    cash_after = compliance.with_exact_amounts(cash_after, cash_signs)
     after = value_state(market, traded, pos_after, cash_after, trust_snapshot=False, stage=dq.VALUATION_AFTER, allocations=allocations)
     revalued = value_state(market, _only(runs, settled_block), _only(p.positions, settled_block), _only(p.cash, settled_block),
                            trust_snapshot=trust, stage=dq.VALUATION_AFTER, allocations=allocations)

@@ -1,12 +1,17 @@
-"""Cash movements in the reference's 28-digit arithmetic, for runs with a tax-limited sell.
+"""Cash movements in the reference's 28-digit arithmetic, for runs with a tax-limited sell
+or an FX intent over an inexact rate.
 
-Such a sell's quantity, and so its notional, has 28 significant digits. The reference adds
+A tax-limited sell's quantity, and so its notional, has 28 significant digits. The reference adds
 that notional to the projected balance a SWEEP sells whole or a FUNDING buys back (§6.13),
 and again, in other orders, to the settlement ladder (§6.15) and the after-state cash
 (§6.16), each addition rounded to 28 digits; the sums can then differ by a unit of the 28th
 digit (-1E-23 where fixed-point arithmetic cancels to exactly 0), and the sign decides a
 ladder breach, INSUFFICIENT_CASH or whether a dust balance is swept. FX planning reads the
 projected balances' signs; the ladder and the after-state redo their sums over these flows.
+An FX intent's base amount is its foreign amount times the rate, which the reference holds
+with 28 significant digits (an inverse quote's 1 / 1.3 or 1 / 150) where the fixed point
+keeps 20 decimals: a base balance the reference leaves at exactly 0 (or at an overdraft
+floor) can then be off by 1E-17, enough to fail INSUFFICIENT_CASH or breach the floor.
 """
 
 from __future__ import annotations
@@ -33,6 +38,22 @@ class ExactFlows:
 def limited_runs(intents: pl.DataFrame) -> pl.DataFrame:
     """(run) of the runs with a tax-limited sell: a security intent with a 28-digit quantity."""
     return intents.filter(~f28.is_null("quantity_f28")).select("run").unique()
+
+
+def inexact_fx_runs(market: Market, intents: pl.DataFrame) -> pl.DataFrame:
+    """(run) of the runs with an FX intent whose rate (foreign → base) the fixed point holds
+    only rounded, so that its base amount can differ from the reference's in the last
+    digits: an inverse quote whose quotient has more than 20 decimals."""
+    fx = intents.filter(pl.col("intent_type") == "FX_SPOT").select(
+        "run", "base_currency",
+        pl.when(pl.col("rationale_code") == "FUNDING").then(pl.col("buy_currency")).otherwise(pl.col("sell_currency")).alias("currency"),
+    )
+    if fx.height == 0:
+        return fx.select("run")
+    fx = market.with_rate(fx, "currency", "base_currency", "_rate")
+    fx = f28.from_dec(market.with_rate_f28(fx, "currency", "base_currency", "_rate_f"), "_rate", "_fixed_f")
+    fx = f28.sub(fx, "_rate_f", "_fixed_f", "_error_f")
+    return fx.filter(~f28.is_null("_error_f") & (f28.sign("_error_f") != 0)).select("run").unique()
 
 
 def exact_flows(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, sec: pl.DataFrame, cash_input: pl.DataFrame) -> ExactFlows:

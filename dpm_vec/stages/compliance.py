@@ -11,7 +11,7 @@ import polars as pl
 from dpm_vec import dec28
 from dpm_vec.frames import concat_by_run, join_on_index, join_runs, sort_rows
 from dpm_vec.numeric import DEC, dabs, lit
-from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, movements
+from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, inexact_fx_runs, movements
 from dpm_vec.stages.prepare import Market
 
 SAFETY_ORDER = 600_000_000  # warning order: after every earlier stage (see targets.TARGET_STAGE_ORDER)
@@ -95,24 +95,28 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
 
 def exact_cash_signs(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_input: pl.DataFrame,
                      cash_after: pl.DataFrame) -> pl.DataFrame:
-    """(run, currency, _negative): whether each after-state cash balance is negative as the
-    reference sums it (§6.16: the input amount, then the intents' movements in execution
+    """(run, currency, _negative, _exact_amount): whether each after-state cash balance is
+    negative as the reference sums it, and that sum at the fixed point's scale (§6.16: the input amount, then the intents' movements in execution
     order, each addition rounded to 28 digits), for the runs where a tax-limited sell's
     28-digit notional (``cash28``) can tip the sign of a balance within dust of 0: the
     fixed-point sum can be exactly 0 where the reference's is -1E-23, which fails
     INSUFFICIENT_CASH. That takes a balance in the sell's currency with a BUY there too
     (with sells only, the after-state adds them in the order FX planning summed them, and
-    the SWEEP cancels the sum exactly), or the base currency, where FX amounts land."""
-    schema = {"run": pl.UInt32, "currency": pl.String, "_negative": pl.Boolean}
+    the SWEEP cancels the sum exactly), or the base currency, where FX amounts land; and
+    the base currency of runs whose FX amounts come from an inexact rate, which the
+    fixed point can leave at -1E-17 where the reference's sum is exactly 0."""
+    schema = {"run": pl.UInt32, "currency": pl.String, "_negative": pl.Boolean, "_exact_amount": DEC}
     limited = intents.filter(~dec28.is_null("quantity_f28")).select("run", pl.col("notional_currency").alias("currency")).unique()
-    if limited.height == 0:
-        return pl.DataFrame(schema=schema)
     bought = intents.filter((pl.col("side") == "BUY") & pl.col("run").is_in(limited["run"].implode())).select(
         "run", pl.col("notional_currency").alias("currency"),
     ).unique()
+    base_cash = runs.select("run", pl.col("base_currency").alias("currency"))
+    # an FX intent's base amount over an inexact rate (cash28.inexact_fx_runs) lands in the base currency
+    base_near = cash_after.filter(pl.col("amount").abs() < lit(DUST)).join(base_cash, on=["run", "currency"], how="semi")
+    inexact = inexact_fx_runs(market, intents.join(base_near.select("run").unique(), on="run", how="semi"))
     touched = pl.concat([
         limited.join(bought, on=["run", "currency"], how="semi"),
-        limited.select("run").unique().join(runs.select("run", pl.col("base_currency").alias("currency")), on="run"),
+        base_cash.join(pl.concat([limited.select("run"), inexact]).unique(), on="run", how="semi"),
     ])
     near = cash_after.filter(pl.col("amount").abs() < lit(DUST)).join(touched, on=["run", "currency"], how="semi")
     chosen = runs.select("run", "fx_buffer_pct").join(near.select("run").unique(), on="run", how="semi")
@@ -124,7 +128,19 @@ def exact_cash_signs(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, 
     )
     flows = exact_flows(market, chosen, intents, sec, cash_input)
     balances = account_sums(movements(flows, pl.col("amount"), pl.lit(1 << 40) + 2 * pl.col("exec_order")), "_amount_f")
-    return balances.select("run", "currency", (dec28.sign("_amount_f") < 0).alias("_negative"))
+    return balances.select(
+        "run", "currency", (dec28.sign("_amount_f") < 0).alias("_negative"), dec28.to_dec("_amount_f").alias("_exact_amount"),
+    )
+
+
+def with_exact_amounts(cash_after: pl.DataFrame, cash_signs: pl.DataFrame) -> pl.DataFrame:
+    """``cash_after`` with each balance that ``exact_cash_signs`` redid taken from the
+    28-digit sum (rounded to the fixed point): where the reference's balance is exactly 0
+    the fixed point's -5E-17 would otherwise also fail the CASH_BAND minimum."""
+    if cash_signs.height == 0:
+        return cash_after
+    return cash_after.join(cash_signs.select("run", "currency", "_exact_amount"), on=["run", "currency"], how="left",
+                           maintain_order="left").with_columns(pl.coalesce("_exact_amount", "amount").alias("amount")).drop("_exact_amount")
 
 
 def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame, allocations: pl.DataFrame,
@@ -140,7 +156,7 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
     max_w = inst.group_by("run").agg(pl.col("weight").max().alias("_max_w"))
     negative = pl.col("amount") < 0
     if cash_signs is not None and cash_signs.height:
-        cash = cash.join(cash_signs, on=["run", "currency"], how="left", maintain_order="left")
+        cash = cash.join(cash_signs.select("run", "currency", "_negative"), on=["run", "currency"], how="left", maintain_order="left")
         negative = pl.coalesce("_negative", negative)
     cash_stats = cash.group_by("run").agg(pl.col("amount").filter(negative).min().alias("_min_cash"))
     r = (

@@ -8,7 +8,7 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.numeric import DEC, lit
-from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, limited_runs, movements
+from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, inexact_fx_runs, limited_runs, movements
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
 
@@ -69,9 +69,9 @@ def cash_ladder(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_
     moved = pl.col("flow").abs().cum_sum().over("run", "currency") > 0  # a balance nothing has touched yet is 0 in any arithmetic
     at_edge = points.filter(
         moved & ((pl.col("projected_balance").abs() < lit(DUST)) | ((pl.col("projected_balance") - pl.col("allowed_floor")).abs() < lit(DUST)))
-    ).select("run").unique()
+    ).select("run", "currency").unique()
     keys = ["run", "currency", "date_offset"]
-    exact = _exact_balances(market, runs.join(at_edge, on="run", how="semi"), horizon, intents, sec, cash_input)
+    exact = _exact_balances(market, runs, at_edge, horizon, intents, sec, cash_input)
     if exact.height:
         exact = f28.from_dec(exact.join(points.select(*keys, "allowed_floor"), on=keys, how="inner"), "allowed_floor", "_floor_f")
         exact = f28.sub(exact, "_balance_f", "_floor_f", "_margin_f").select(
@@ -103,14 +103,20 @@ def cash_ladder(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_
     )
 
 
-def _exact_balances(market: Market, runs: pl.DataFrame, horizon: pl.DataFrame, intents: pl.DataFrame, sec: pl.DataFrame,
-                    cash_input: pl.DataFrame) -> pl.DataFrame:
+def _exact_balances(market: Market, runs: pl.DataFrame, at_edge: pl.DataFrame, horizon: pl.DataFrame, intents: pl.DataFrame,
+                    sec: pl.DataFrame, cash_input: pl.DataFrame) -> pl.DataFrame:
     """(run, currency, date_offset, _balance_f): the ladder's balances as the reference
-    computes them, for the runs with a tax-limited sell (``cash28``): each day's flows
+    computes them, for the runs of ``at_edge`` (run, currency: a balance within dust of 0
+    or of its floor) with a tax-limited sell, or with an FX intent over an inexact rate
+    (``cash28.inexact_fx_runs``) and a base-currency balance at the edge: each day's flows
     (cash, then the intents in intent-id text order, §6.15) and the running balances are
     redone in F28 over the 28-digit notionals and FX amounts."""
     schema = {"run": pl.UInt32, "currency": pl.String, "date_offset": pl.Int32, "_balance_f": f28.F28}
-    chosen = limited_runs(sec).join(runs.select("run", "fx_buffer_pct"), on="run", how="inner").join(
+    # an inexact rate moves only the base currency's balances; a tax-limited notional, its own currency's and the base's
+    limited = limited_runs(sec).join(at_edge, on="run", how="semi")
+    base_edge = at_edge.join(runs.select("run", pl.col("base_currency").alias("currency")), on=["run", "currency"], how="semi")
+    inexact = inexact_fx_runs(market, intents.join(base_edge.select("run").unique(), on="run", how="semi"))
+    chosen = pl.concat([limited, inexact]).unique().join(runs.select("run", "fx_buffer_pct"), on="run", how="inner").join(
         horizon, on="run", how="inner"
     )
     if chosen.height == 0:

@@ -380,4 +380,23 @@ def test_insufficient_cash_on_the_reference_28_digit_after_state(scenario):
                           "SIMULATION_SAFETY_CHECK_FAILED"]
     assert (s.run_row()["status"], s.run_row()["exit_path"]) == ("BLOCKED", "E4")
     signs = compliance.exact_cash_signs(s.market, s.runs, s.intents, s.p.cash, r.cash_after)
-    assert sorted(signs.iter_rows()) == [(0, "EUR", False), (0, "USD", True)]
+    assert sorted(signs.iter_rows()) == [(0, "EUR", False, D("282296.66632060851409460105")), (0, "USD", True, D(0))]
+
+
+def test_cash_left_at_zero_through_an_inverse_quote_is_zero(scenario):
+    """A FUNDING FX over an inverse quote (USD/JPY 150, so JPY → USD is 1 / 150) sells
+    15000 × 0.006666666666666666666666666667 = exactly 100 USD in the reference's 28
+    digits; the fixed point's 1 / 150 (0.00666666666666666667) sells 100.00000000000000005
+    and would leave -5E-17, failing INSUFFICIENT_CASH and the CASH_BAND minimum of 0.
+    ``exact_cash_signs`` redoes such a run's base cash in 28 digits and sets the balance."""
+    s = scenario(
+        base="USD", positions=[], cash=[("USD", "100")], prices=[("J", "1500", "JPY")], fx=[("USD/JPY", "150")],
+        shelf=[("J", "APPROVED", "EQUITY")], model=[("J", "1")], fx_buffer_pct="0",
+    )
+    (fx,) = s.intents.filter(pl.col("intent_type") == "FX_SPOT").iter_rows(named=True)
+    assert fx["sell_amount_estimated"] == D("100.00000000000000005")  # the fixed point's amount, printed as computed
+    assert s.result.cash_after.select("currency", "amount").sort("currency").rows() == [("JPY", D(0)), ("USD", D(0))]
+    assert [(r["rule_id"], r["status"]) for r in s.result.rule_results.iter_rows(named=True) if r["status"] == "FAIL"] == []
+    assert s.run_row()["status"] == "READY"
+    signs = compliance.exact_cash_signs(s.market, s.runs, s.intents, s.p.cash, s.result.cash_after)
+    assert signs.filter(pl.col("currency") == "USD").select("_negative", "_exact_amount").rows() == [(False, D(0))]

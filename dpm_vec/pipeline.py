@@ -137,7 +137,8 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     gate2 = counts2.filter(pl.col("dq_count") > 0).select("run")
     live = _without(live, gate2)
 
-    kept, dropped, turnover_warnings = apply_turnover_cap(_only(tr.intents, live), live, before.totals)
+    kept, dropped, turnover_warnings = apply_turnover_cap(_only(tr.intents, live), live, before.totals, market,
+                                                          (before.positions, before.cash))
     intents, fx_missing = plan_fx(market, live, kept, _only(p.cash, live))
     findings = dq.concat(findings, fx_missing)
     boundary("turnover+fx", (INTENTS_SCHEMA, intents))

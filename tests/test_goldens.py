@@ -68,3 +68,24 @@ def test_shared_conformance_checker_batch_mode():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert f"{len(goldens)} passed, 0 failed" in proc.stdout
+
+
+def test_exact_turnover_path_agrees_on_every_capped_golden(monkeypatch):
+    """The 28-digit turnover path (``trades._exact_turnover``) normally decides only runs
+    the fixed point cannot call; forced onto every run with a cap, each golden with one
+    still gives the reference's result (ranking, walk, dropped intents and their scores)."""
+    from dpm_vec.stages import trades
+
+    forced = []
+
+    def every_run(frame, ranked):
+        forced.append(frame["run"].n_unique())
+        return frame.select("run").unique()
+
+    monkeypatch.setattr(trades, "_fragile_turnover_runs", every_run)
+    docs = [d for d in (json.loads(p.read_text()) for p in GOLDEN_FILES)
+            if (d["inputs"].get("options") or {}).get("max_turnover_pct") is not None and "expected_problem" not in d]
+    assert len(docs) >= 50
+    for doc, result in zip(docs, simulate_many([d["inputs"] for d in docs])):
+        assert differences(_expected(doc), result) == [], doc["inputs"]["portfolio_snapshot"]["portfolio_id"]
+    assert sum(forced) >= 30  # runs that reached the cap with intents (39 of the shared goldens)

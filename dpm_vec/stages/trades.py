@@ -241,10 +241,14 @@ def _rationale() -> pl.Expr:
     return pl.when(pl.col("rfc_rationale_codes")).then(rfc).otherwise(pl.lit("DRIFT_REBALANCE"))
 
 
-def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.DataFrame):
+def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.DataFrame, market: Market | None = None,
+                       valued: tuple[pl.DataFrame, pl.DataFrame] | None = None):
     """§6.12: keep the highest-scoring intents that fit ``tv × max_turnover_pct``,
     skipping (not stopping at) those that do not fit. Adds ``list_order``: original order
-    when nothing is dropped, ranking order otherwise (rows themselves stay unordered)."""
+    when nothing is dropped, ranking order otherwise (rows themselves stay unordered).
+    With ``market`` and ``valued`` (the before-state's valued positions and cash), a run
+    whose decision rests on a comparison or a tie too close for the fixed point to call is
+    decided again in the reference's 28 digits (``_exact_turnover``)."""
     # only runs with a turnover limit can be capped; the others' intents pass straight through
     limited = runs.filter(pl.col("max_turnover_pct").is_not_null())
     is_limited = pl.col("run").is_in(limited["run"].implode())
@@ -259,7 +263,7 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
         .with_columns(pl.col("_abs_nb").sum().over("run").alias("_proposed"))
     )
     capped = pl.col("max_turnover_pct").is_not_null() & (pl.col("_proposed") > pl.col("_budget"))
-    free = frame.filter(~capped).with_columns(pl.col("intent_no").alias("list_order"))
+    free = frame.filter(~capped)
     ranked = frame.filter(capped).with_columns(
         pl.when(pl.col("total_value") <= 0).then(lit(0)).otherwise(pl.col("_abs_nb") / pl.col("total_value")).alias("score"),
         (pl.lit("oi_") + pl.col("intent_no").cast(pl.String)).alias("_intent_id"),
@@ -269,17 +273,109 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
     ).with_columns(pl.int_range(pl.len()).over("run").cast(pl.Int64).alias("list_order"))
     flags = _walk_turnover_budget(ranked.select("run", "list_order", "_abs_nb", "_budget"))
     ranked = ranked.join(flags, on=["run", "list_order"], how="left")
-    dropped = ranked.filter(~pl.col("_keep")).select(
+    decisions = pl.concat([
+        free.select("run", "intent_no", pl.col("intent_no").alias("list_order"), pl.lit(True).alias("_keep"), "_abs_nb",
+                    pl.lit(None, dtype=DEC).alias("score")),
+        ranked.select("run", "intent_no", "list_order", "_keep", "_abs_nb", pl.col("score").cast(DEC)),
+    ])
+    if market is not None and valued is not None:
+        fragile = _fragile_turnover_runs(frame, ranked)
+        if fragile.height:
+            exact = _exact_turnover(market, frame.join(fragile, on="run", how="semi"), valued)
+            decisions = pl.concat([decisions.join(fragile, on="run", how="anti"), exact])
+    decided = frame.select(*intents.columns).join(decisions, on=["run", "intent_no"], how="inner")
+    dropped = decided.filter(~pl.col("_keep")).select(
         "run", "instrument_id", pl.col("_abs_nb").alias("potential_notional"), "base_currency", "score",
         pl.col("list_order").alias("drop_order"),
-    )
+    ).pipe(sort_rows, "run", "drop_order")
     warnings = warnings_frame(dropped.select("run").unique(), pl.lit("PARTIAL_REBALANCE_TURNOVER_LIMIT"), pl.lit(TURNOVER_ORDER))
-    kept = pl.concat([
-        untouched,
-        free.select(intents.columns + ["list_order"]),
-        ranked.filter(pl.col("_keep")).select(intents.columns + ["list_order"]),
-    ])
+    kept = pl.concat([untouched, decided.filter(pl.col("_keep")).select(intents.columns + ["list_order"])])
     return kept, dropped, pl.concat([pl.DataFrame(schema=WARNINGS_SCHEMA), warnings])
+
+
+# within this of each other, two fixed-point turnover figures may compare the other way in
+# the reference's 28 digits: an inverse quote's rate carries a relative error up to ~1e-18
+TURNOVER_EPS_RELATIVE = lit("0.000000000000001")
+
+
+def _fragile_turnover_runs(frame: pl.DataFrame, ranked: pl.DataFrame) -> pl.DataFrame:
+    """(run) of the limited runs whose cap decision the fixed point cannot be trusted to
+    make as the reference does: ``proposed`` within a hair of the budget, two adjacent
+    ranked intents whose scores or sizes (nearly) tie, or an intent that fits the room
+    left for it (or misses it) by a hair."""
+    eps = TURNOVER_EPS_RELATIVE * (lit(1) + dabs(pl.col("_budget")))
+    near_cap = frame.filter(dabs(pl.col("_proposed") - pl.col("_budget")) <= eps).select("run")
+    steps = ranked.sort("run", "list_order").with_columns(
+        dabs(pl.col("score") - pl.col("score").shift(1).over("run")).alias("_score_gap"),
+        dabs(pl.col("_abs_nb") - pl.col("_abs_nb").shift(1).over("run")).alias("_size_gap"),
+        (pl.when(pl.col("_keep")).then(pl.col("_abs_nb")).otherwise(lit(0)).cum_sum().over("run")
+         - pl.when(pl.col("_keep")).then(pl.col("_abs_nb")).otherwise(lit(0))).alias("_used_before"),
+    )
+    near_tie = steps.filter((pl.col("_score_gap") <= TURNOVER_EPS_RELATIVE) | (pl.col("_size_gap") <= eps)).select("run")
+    near_fit = steps.filter(dabs(pl.col("_budget") - pl.col("_used_before") - pl.col("_abs_nb")) <= eps).select("run")
+    return pl.concat([near_cap, near_tie, near_fit]).unique()
+
+
+def _exact_turnover(market: Market, frame: pl.DataFrame, valued: tuple[pl.DataFrame, pl.DataFrame]) -> pl.DataFrame:
+    """(run, intent_no, list_order, _keep, _abs_nb, score) of every intent of ``frame``'s
+    runs, the §6.12 cap decided in 28 digits: tv summed as §6.2 sums it, each
+    notional_base = notional × rate (a tax-limited sell's notional = its 28-digit quantity
+    × price), proposed summed in list order, the ranking on the 28-digit scores and sizes,
+    and the walk's ``used + |notional_base| ≤ budget`` with every addition rounded."""
+    bases = frame.select("run", "base_currency").unique("run")
+    positions, cash = (part.join(bases, on="run", how="semi") for part in valued)
+    tv = exact_total(market, bases, base_value_f28(market, join_runs(positions, bases)), cash).select("run", "_tv_f")
+    t = frame.select("run", "intent_no", "instrument_id", "notional", "price", "price_currency", "base_currency", "quantity_f28",
+                     "max_turnover_pct").sort("run", "intent_no")
+    t = market.with_rate_f28(t, "price_currency", "base_currency", "_rate_f")
+    t = f28.from_dec(f28.from_dec(t, "notional", "_fixed_f"), "price", "_price_f")
+    t = f28.mul(t.with_columns(f28.fill_null("quantity_f28", f28.zero()).alias("_q_f")), "_q_f", "_price_f", "_limited_f")
+    t = t.with_columns(pl.when(f28.is_null("quantity_f28")).then(pl.col("_fixed_f")).otherwise(pl.col("_limited_f")).alias("_notional_f"))
+    t = f28.mul(t, "_notional_f", "_rate_f", "_nb_f").with_columns(f28.absolute("_nb_f").alias("_nb_f"))
+    runs = f28.group_sums(t, "run", "_nb_f", "_proposed_f").join(
+        t.select("run", "max_turnover_pct").unique("run"), on="run"
+    ).join(tv, on="run")
+    runs = f28.mul(f28.from_dec(runs, "max_turnover_pct", "_pct_f"), "_tv_f", "_pct_f", "_budget_f")
+    runs = f28.sub(runs, "_proposed_f", "_budget_f", "_over_f").with_columns((f28.sign("_over_f") > 0).alias("_capped"))
+    t = t.join(runs.select("run", "_tv_f", "_budget_f", "_capped"), on="run")
+    free = t.filter(~pl.col("_capped")).select(
+        "run", "intent_no", pl.col("intent_no").alias("list_order"), pl.lit(True).alias("_keep"), f28.to_dec("_nb_f").alias("_abs_nb"),
+        pl.lit(None, dtype=DEC).alias("score"),
+    )
+    ranked = f28.div(t.filter("_capped"), "_nb_f", "_tv_f", "_score_f").with_columns(
+        pl.when(f28.sign("_tv_f") <= 0).then(f28.zero()).otherwise(pl.col("_score_f")).alias("_score_f"),
+        (pl.lit("oi_") + pl.col("intent_no").cast(pl.String)).alias("_intent_id"),
+    )
+    # non-negative F28 values order as (non-zero, exponent, mantissa)
+    ranked = ranked.sort(
+        [pl.col("run"), pl.col("_score_f").struct.field("z") > 0, pl.col("_score_f").struct.field("k"), pl.col("_score_f").struct.field("z"),
+         pl.col("_nb_f").struct.field("z") > 0, pl.col("_nb_f").struct.field("k"), pl.col("_nb_f").struct.field("z"),
+         pl.col("instrument_id"), pl.col("_intent_id")],
+        descending=[False, True, True, True, False, False, False, False, False],
+    ).with_columns(pl.int_range(pl.len()).over("run").cast(pl.Int64).alias("list_order"))
+    keep = _walk_exact(ranked)
+    return pl.concat([free, ranked.join(keep, on=["run", "list_order"]).select(
+        "run", "intent_no", "list_order", "_keep", f28.to_dec("_nb_f").alias("_abs_nb"), f28.to_dec("_score_f").alias("score"),
+    )])
+
+
+def _walk_exact(ranked: pl.DataFrame) -> pl.DataFrame:
+    """(run, list_order, _keep): §6.12's walk over ``ranked`` (run, list_order, _nb_f,
+    _budget_f) in 28 digits, one ranking position of every run per step, the runs with the
+    most intents first so that the runs still walking are a prefix."""
+    lanes = ranked.group_by("run").len().sort(["len", "run"], descending=[True, False]).with_row_index("lane")
+    steps = ranked.join(lanes.select("run", "lane"), on="run").sort("list_order", "lane")
+    walking = steps.group_by("list_order").len().sort("list_order")["len"].to_list()
+    nb = f28.parts(steps, "_nb_f")
+    budget = f28.parts(lanes.join(ranked.select("run", "_budget_f").unique("run"), on="run", how="left").sort("lane"), "_budget_f")
+    used, kept, at = f28.zeros(lanes.height), [], 0
+    for n in walking:
+        candidate = f28.add_parts(used.slice(0, n), nb.slice(at, n))
+        fits = f28.sub_parts(budget.slice(0, n), candidate).z >= 0
+        used = f28.Parts.concat([f28.where(fits, candidate, used.slice(0, n)), used.slice(n)])
+        kept.append(fits)
+        at += n
+    return steps.select("run", "list_order").with_columns(pl.concat(kept).alias("_keep") if kept else pl.lit(True).alias("_keep"))
 
 
 def _walk_turnover_budget(ranked: pl.DataFrame) -> pl.DataFrame:

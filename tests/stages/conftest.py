@@ -177,7 +177,8 @@ class Stages:
     @cached_property
     def turnover(self):
         """(kept, dropped, warnings)."""
-        return apply_turnover_cap(self.translation.intents, self.runs, self.before.totals)
+        return apply_turnover_cap(self.translation.intents, self.runs, self.before.totals, self.market,
+                                  (self.before.positions, self.before.cash))
 
     @cached_property
     def fx(self):

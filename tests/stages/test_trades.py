@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpm_vec.numeric import DEC
-from dpm_vec.stages.trades import _walk_turnover_budget
+from dpm_vec import dec28 as f28
+from dpm_vec.stages import trades
+from dpm_vec.stages.trades import _walk_exact, _walk_turnover_budget
 
 
 def _intents(s, run=0):
@@ -319,4 +321,85 @@ def test_turnover_walk_in_rounds_matches_the_sequential_walk(books):
     ranked = pl.DataFrame(rows, schema={"run": pl.UInt32, "list_order": pl.Int64, "_abs_nb": DEC, "_budget": DEC}, orient="row")
     flags = _walk_turnover_budget(ranked).sort("run", "list_order")
     expected = [k for budget, sizes in books for k in _sequential_turnover_walk(D(budget) / 4, [D(s) / 4 for s in sizes])]
+    assert flags["_keep"].to_list() == expected
+
+
+def test_turnover_budget_met_exactly_through_an_inverse_quote(scenario):
+    """143 × 100 USD at SGD/USD 1.3 is 14300 × 0.7692307692307692307692307692 → exactly 11000
+    SGD in the reference's 28 digits, the budget 100000 × 0.11 itself: §6.12 keeps it. The
+    fixed point's 1 / 1.3 (0.76923076923076923077) makes it 11000.000000000000000011, over
+    the budget; the run is decided again in 28 digits."""
+    s = scenario(
+        base="SGD", cash=[("SGD", "100000")], prices=[("US_EQ", "100", "USD")], fx=[("SGD/USD", "1.3")],
+        shelf=[("US_EQ", "APPROVED")], model=[("US_EQ", "0.11")], max_turnover_pct="0.11",
+    )
+    assert s.translation.intents["notional_base"].to_list() == [D("11000.000000000000000011")]
+    kept, dropped, warnings = s.turnover
+    assert kept["instrument_id"].to_list() == ["US_EQ"]
+    assert dropped.height == 0 and warnings.height == 0
+
+
+def test_turnover_tie_through_an_inverse_quote_breaks_on_instrument_id(scenario):
+    """A (100 USD) and J (1500 JPY at USD/JPY 150: exactly 100 USD in 28 digits) tie on
+    score and size, so A ranks first by id and J is the one the 150 budget cannot take; in
+    the fixed point J's 100.00000000000000005 ranked it first."""
+    s = scenario(
+        base="USD", cash=[("USD", "1000")], prices=[("A", "1", "USD"), ("J", "1500", "JPY")], fx=[("USD/JPY", "150")],
+        shelf=[("A", "APPROVED"), ("J", "APPROVED")], model=[("A", "0.1"), ("J", "0.1")], max_turnover_pct="0.15",
+    )
+    kept, dropped, _ = s.turnover
+    assert kept["instrument_id"].to_list() == ["A"]
+    assert [(d["instrument_id"], d["potential_notional"], d["score"]) for d in dropped.to_dicts()] == [("J", D(100), D("0.1"))]
+
+
+def _cap_figures(proposed: str, budget: str, ranked: list[tuple[str, str, bool]] = ()) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(frame, ranked) as ``_fragile_turnover_runs`` reads them, for one run: its proposed
+    and budget, and its ranked intents (score, |notional_base|, kept) in ranking order."""
+    frame = pl.DataFrame({"run": [0], "_proposed": [D(proposed)], "_budget": [D(budget)]},
+                         schema={"run": pl.UInt32, "_proposed": DEC, "_budget": DEC})
+    rows = [(0, i, D(score), D(size), keep, D(budget)) for i, (score, size, keep) in enumerate(ranked)]
+    return frame, pl.DataFrame(rows, orient="row", schema={
+        "run": pl.UInt32, "list_order": pl.Int64, "score": DEC, "_abs_nb": DEC, "_keep": pl.Boolean, "_budget": DEC,
+    })
+
+
+def test_turnover_exact_path_only_for_runs_the_fixed_point_cannot_call():
+    """Clear-cut decisions stay on the fixed-point path; a proposed total, a tie or a fit
+    within a hair of its boundary sends the run to the 28-digit one."""
+    assert trades._fragile_turnover_runs(*_cap_figures("22000", "15000", [("0.1", "10000", True), ("0.09", "9000", False)])).height == 0
+    assert trades._fragile_turnover_runs(*_cap_figures("15000.0000000000000001", "15000")).height == 1
+    near_tie = [("0.1", "10000", True), ("0.10000000000000000001", "10000.000000000000000011", False)]
+    assert trades._fragile_turnover_runs(*_cap_figures("20000", "15000", near_tie)).height == 1
+    near_fit = [("0.1", "10000", True), ("0.05", "5000.00000000000000001", False)]
+    assert trades._fragile_turnover_runs(*_cap_figures("20000", "15000", near_fit)).height == 1
+
+
+def _decimal28_walk(budget: D, sizes: list[D]) -> list[bool]:
+    """§6.12's walk in Python's default 28-digit context."""
+    import decimal
+    with decimal.localcontext(decimal.Context(prec=28, rounding=decimal.ROUND_HALF_EVEN)):
+        used, keep = D(0), []
+        for size in sizes:
+            candidate = used + size
+            keep.append(candidate <= budget)
+            used = candidate if keep[-1] else used
+    return keep
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(
+    st.tuples(st.integers(0, 10**6), st.lists(st.tuples(st.integers(1, 10**6), st.integers(0, 30)), max_size=10)),
+    min_size=1, max_size=5,
+))
+def test_exact_turnover_walk_matches_a_28_digit_walk(books):
+    """The 28-digit walk, run over all runs at once in lanes, decides each intent as a
+    one-at-a-time walk in Python's 28-digit decimals does (sizes of mixed magnitudes, so
+    the running sums round)."""
+    rows = [(run, rank, D(m) / D(3) ** e, D(budget)) for run, (budget, sizes) in enumerate(books) for rank, (m, e) in enumerate(sizes)]
+    ranked = pl.DataFrame(rows, schema={"run": pl.UInt32, "list_order": pl.Int64, "_nb": pl.Decimal(38, 28), "_budget": DEC}, orient="row")
+    ranked = f28.from_dec(f28.from_dec(ranked, "_nb", "_nb_f"), "_budget", "_budget_f")
+    flags = _walk_exact(ranked).sort("run", "list_order")
+    stored = ranked.sort("run", "list_order")  # the sizes as the frame holds them (28 decimals)
+    expected = [k for run, (budget, _) in enumerate(books)
+                for k in _decimal28_walk(D(budget), stored.filter(pl.col("run") == run)["_nb"].to_list())]
     assert flags["_keep"].to_list() == expected

@@ -6,6 +6,8 @@ and the results collected into one table, never stopping at the first breach.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import polars as pl
 
 from dpm_vec import dec28
@@ -13,6 +15,7 @@ from dpm_vec.frames import concat_by_run, join_on_index, join_runs, sort_rows
 from dpm_vec.numeric import DEC, dabs, lit
 from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, inexact_fx_runs, movements
 from dpm_vec.stages.prepare import Market
+from dpm_vec.stages.universe import base_value_f28, exact_total
 
 SAFETY_ORDER = 600_000_000  # warning order: after every earlier stage (see targets.TARGET_STAGE_ORDER)
 APPENDED = 1 << 50  # order of positions / cash rows the after-state appends
@@ -119,18 +122,25 @@ def exact_cash_signs(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, 
         base_cash.join(pl.concat([limited.select("run"), inexact]).unique(), on="run", how="semi"),
     ])
     near = cash_after.filter(pl.col("amount").abs() < lit(DUST)).join(touched, on=["run", "currency"], how="semi")
-    chosen = runs.select("run", "fx_buffer_pct").join(near.select("run").unique(), on="run", how="semi")
+    chosen = runs.join(near.select("run").unique(), on="run", how="semi")
     if chosen.height == 0:
         return pl.DataFrame(schema=schema)
-    intents = intents.filter(pl.col("run").is_in(chosen["run"].implode()))
+    return exact_after_cash(market, chosen, intents, cash_input).select(
+        "run", "currency", (dec28.sign("_amount_f") < 0).alias("_negative"), dec28.to_dec("_amount_f").alias("_exact_amount"),
+    )
+
+
+def exact_after_cash(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_input: pl.DataFrame) -> pl.DataFrame:
+    """(run, currency, _amount_f): the after-state cash balances of ``runs`` (run,
+    fx_buffer_pct) as the reference sums them (§6.16): the input amount, then the intents'
+    movements in execution order (FX amounts over 28-digit rates), each addition rounded
+    to 28 digits."""
+    intents = intents.filter(pl.col("run").is_in(runs["run"].implode()))
     sec = intents.filter(pl.col("intent_type") == "SECURITY_TRADE").select(
         "run", "exec_order", "instrument_id", "side", "notional", "notional_currency", "quantity_f28", "list_order",
     )
-    flows = exact_flows(market, chosen, intents, sec, cash_input)
-    balances = account_sums(movements(flows, pl.col("amount"), pl.lit(1 << 40) + 2 * pl.col("exec_order")), "_amount_f")
-    return balances.select(
-        "run", "currency", (dec28.sign("_amount_f") < 0).alias("_negative"), dec28.to_dec("_amount_f").alias("_exact_amount"),
-    )
+    flows = exact_flows(market, runs.select("run", "fx_buffer_pct"), intents, sec, cash_input)
+    return account_sums(movements(flows, pl.col("amount"), pl.lit(1 << 40) + 2 * pl.col("exec_order")), "_amount_f")
 
 
 def with_exact_amounts(cash_after: pl.DataFrame, cash_signs: pl.DataFrame) -> pl.DataFrame:
@@ -144,9 +154,14 @@ def with_exact_amounts(cash_after: pl.DataFrame, cash_signs: pl.DataFrame) -> pl
 
 
 def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame, allocations: pl.DataFrame,
-                   dq_counts: pl.DataFrame, suppressed_counts: pl.DataFrame, cash_signs: pl.DataFrame | None = None) -> pl.DataFrame:
+                   dq_counts: pl.DataFrame, suppressed_counts: pl.DataFrame, cash_signs: pl.DataFrame | None = None,
+                   market: Market | None = None, exact_cash: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> pl.DataFrame:
     """The six core rules for each run of ``runs`` on the given state (§6.17); ``cash_signs``
-    (``exact_cash_signs``) decides which cash balances are negative where it has a row."""
+    (``exact_cash_signs``) decides which cash balances are negative where it has a row.
+    With ``market``, a cash weight or position weight within a hair of its band or cap is
+    measured again in 28 digits (``_exact_weight_breaches``), over the cash balances
+    ``exact_cash`` gives for those runs (run, currency, _amount_f; an after-state's
+    ``exact_after_cash``) or else over the state's own."""
     cash_weight = allocations.filter((pl.col("dimension") == "asset_class") & (pl.col("key") == "CASH")).select("run", pl.col("weight").alias("_cash_w"))
     pos_stats = positions.group_by("run").agg(
         pl.col("quantity").filter(pl.col("quantity") < 0).min().alias("_min_qty"),
@@ -180,18 +195,24 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
         )
 
     none = pl.lit(None, dtype=DEC)
+    m = pl.col("single_position_max_weight")
+    band_fail = (pl.col("_cash_w") < pl.col("cash_band_min_weight")) | (pl.col("_cash_w") > pl.col("cash_band_max_weight"))
+    over_cap = m.is_not_null() & (pl.col("weight") > m + lit("0.001"))
+    weighed = join_runs(inst, runs.select("run", "single_position_max_weight"), how="inner")
+    if market is not None:
+        exact_band, exact_cap = _exact_weight_breaches(market, runs, positions, cash, r, weighed, exact_cash)
+        if exact_band.height:
+            r = r.join(exact_band, on="run", how="left")
+            band_fail = pl.coalesce("_band_fail", band_fail)
+        if exact_cap.height:
+            weighed = weighed.join(exact_cap, on=["run", "bucket_order"], how="left")
+            over_cap = pl.coalesce("_over_cap", over_cap)
     cash_band = rule(
-        0, "CASH_BAND", "SOFT",
-        (pl.col("_cash_w") < pl.col("cash_band_min_weight")) | (pl.col("_cash_w") > pl.col("cash_band_max_weight")),
+        0, "CASH_BAND", "SOFT", band_fail,
         pl.col("_cash_w"), pl.col("cash_band_min_weight"), pl.col("cash_band_max_weight"),
         "THRESHOLD_BREACH", pl.lit("OK"), "Portfolio cash is outside policy bands.",
     )
-    m = pl.col("single_position_max_weight")
-    breaches = (
-        join_runs(inst, runs.select("run", "single_position_max_weight"), how="inner")
-        .filter(m.is_not_null() & (pl.col("weight") > m + lit("0.001")))
-        .pipe(sort_rows, "run", "bucket_order")
-    )
+    breaches = weighed.filter(over_cap).pipe(sort_rows, "run", "bucket_order")
     spm_pass = r.join(breaches.select("run").unique(), on="run", how="anti").select(
         "run", pl.lit(1, dtype=pl.Int64).alias("rule_order"), pl.lit("SINGLE_POSITION_MAX").alias("rule_id"),
         pl.lit("HARD").alias("severity"), pl.lit("PASS").alias("status"),
@@ -220,6 +241,51 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
                      "CASH_BALANCE_NEGATIVE", pl.lit("OK"), "Ensure sufficient funding.")
     out = pl.concat([cash_band, spm_pass, spm_fail, data_quality, min_trade, no_short, cash_rule], how="vertical_relaxed")
     return out.select([pl.col(c).cast(t) for c, t in RULE_SCHEMA.items()]).pipe(sort_rows, "run", "rule_order")
+
+
+# within this of a band or cap, a fixed-point weight may fall on the other side in the
+# reference's 28 digits (an inverse quote's 20-decimal rate moves a weight by up to ~1e-18)
+WEIGHT_EPS = lit("0.000000000000001")
+
+
+def _exact_weight_breaches(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame,
+                           r: pl.DataFrame, weighed: pl.DataFrame,
+                           exact_cash: Callable[[pl.DataFrame], pl.DataFrame] | None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """((run, _band_fail), (run, bucket_order, _over_cap)) for the runs whose cash weight
+    lies within ``WEIGHT_EPS`` of a CASH_BAND limit, or a position's weight within it of
+    the SINGLE_POSITION_MAX cap + 0.001: the weights measured as §6.2 measures them, value
+    / T over tv summed in 28 digits. A run with a shelf asset class literally CASH, whose
+    positions share the cash bucket, keeps the fixed-point measure."""
+    cap = pl.col("single_position_max_weight") + lit("0.001")
+    near_band = r.filter(
+        (dabs(pl.col("_cash_w") - pl.col("cash_band_min_weight")) <= WEIGHT_EPS)
+        | (dabs(pl.col("_cash_w") - pl.col("cash_band_max_weight")) <= WEIGHT_EPS)
+    ).select("run")
+    near_cap = weighed.filter(pl.col("single_position_max_weight").is_not_null() & (dabs(pl.col("weight") - cap) <= WEIGHT_EPS))
+    empty = pl.DataFrame(schema={"run": pl.UInt32, "_band_fail": pl.Boolean}), pl.DataFrame(
+        schema={"run": pl.UInt32, "bucket_order": pl.Int64, "_over_cap": pl.Boolean})
+    chosen = pl.concat([near_band, near_cap.select("run")]).unique()
+    if chosen.height:
+        chosen = chosen.join(positions.filter(pl.col("asset_class") == "CASH").select("run").unique(), on="run", how="anti")
+    if chosen.height == 0:
+        return empty
+    bases = runs.select("run", "base_currency").join(chosen, on="run", how="semi")
+    held = base_value_f28(market, join_runs(positions.join(bases, on="run", how="semi"), bases))
+    cash = cash.join(bases, on="run", how="semi")
+    if exact_cash is not None:
+        cash = cash.join(exact_cash(runs.join(chosen, on="run", how="semi")), on=["run", "currency"], how="left")
+    tv = exact_total(market, bases, held, cash).select("run", "_divisor_f", "_cash_f")
+    band = dec28.div(tv.join(r.select("run", "cash_band_min_weight", "cash_band_max_weight"), on="run"), "_cash_f", "_divisor_f", "_w_f")
+    band = dec28.from_dec(dec28.from_dec(band, "cash_band_min_weight", "_min_f"), "cash_band_max_weight", "_max_f")
+    band = dec28.sub(dec28.sub(band, "_w_f", "_min_f", "_below_f"), "_w_f", "_max_f", "_above_f").select(
+        "run", ((dec28.sign("_below_f") < 0) | (dec28.sign("_above_f") > 0)).alias("_band_fail"),
+    )
+    weights = held.select("run", pl.col("pos_seq").cast(pl.Int64).alias("bucket_order"), "_base_f").join(tv, on="run")
+    weights = dec28.div(weights, "_base_f", "_divisor_f", "_w_f").join(
+        weighed.select("run", "bucket_order", cap.alias("_cap")), on=["run", "bucket_order"], how="inner"
+    ).filter(pl.col("_cap").is_not_null())
+    weights = dec28.sub(dec28.from_dec(weights, "_cap", "_cap_f"), "_w_f", "_cap_f", "_excess_f")
+    return band, weights.select("run", "bucket_order", (dec28.sign("_excess_f") > 0).alias("_over_cap"))
 
 
 def reconcile(before_totals: pl.DataFrame, after_totals: pl.DataFrame) -> pl.DataFrame:

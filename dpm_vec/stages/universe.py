@@ -187,11 +187,15 @@ def base_value_f28(market: Market, held: pl.DataFrame) -> pl.DataFrame:
 
 
 def exact_total(market: Market, bases: pl.DataFrame, held: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:
-    """(run, _tv_f, _divisor_f): §6.2's tv and T in 28 digits, Σ positions' value_base +
-    Σ cash in base, each sum left to right in input order; T is 1 where tv is 0. ``held``
-    carries the positions' F28 ``_base_f``; cash without a rate counts 0."""
+    """(run, _tv_f, _divisor_f, _cash_f): §6.2's tv and T in 28 digits, Σ positions'
+    value_base + Σ cash in base (``_cash_f``), each sum left to right in input order; T is
+    1 where tv is 0. ``held`` carries the positions' F28 ``_base_f``; cash without a rate
+    counts 0, and a cash row's F28 ``_amount_f``, where it has one, stands for its amount."""
     cash = market.with_rate_f28(join_runs(cash.join(bases, on="run", how="semi"), bases), "currency", "base_currency", "_rate_f")
+    given = cash.get_column("_amount_f") if "_amount_f" in cash.columns else None
     cash = f28.from_dec(cash, "amount", "_amount_f")
+    if given is not None:
+        cash = cash.with_columns(given.alias("_given_f")).with_columns(f28.coalesce("_given_f", "_amount_f").alias("_amount_f"))
     cash = f28.mul(cash, "_amount_f", "_rate_f", "_base_f")
     cash = cash.with_columns(
         pl.when(pl.col("currency") == pl.col("base_currency")).then(pl.col("_amount_f"))
@@ -204,4 +208,5 @@ def exact_total(market: Market, bases: pl.DataFrame, held: pl.DataFrame, cash: p
         .with_columns(f28.fill_null("_pos_f", f28.zero()), f28.fill_null("_cash_f", f28.zero()))  # a run without positions or cash sums 0
     )
     tv = f28.add(tv, "_pos_f", "_cash_f", "_tv_f")
-    return tv.select("run", "_tv_f", pl.when(f28.sign("_tv_f") == 0).then(f28.one()).otherwise(pl.col("_tv_f")).alias("_divisor_f"))
+    return tv.select("run", "_tv_f", pl.when(f28.sign("_tv_f") == 0).then(f28.one()).otherwise(pl.col("_tv_f")).alias("_divisor_f"),
+                     "_cash_f")

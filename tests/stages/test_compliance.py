@@ -400,3 +400,46 @@ def test_cash_left_at_zero_through_an_inverse_quote_is_zero(scenario):
     assert s.run_row()["status"] == "READY"
     signs = compliance.exact_cash_signs(s.market, s.runs, s.intents, s.p.cash, s.result.cash_after)
     assert signs.filter(pl.col("currency") == "USD").select("_negative", "_exact_amount").rows() == [(False, D(0))]
+
+
+def _cash_at_half(scenario, ccy: str, amount: str, rate: str, **band):
+    """500 USD of A (target 0.5) beside foreign cash worth exactly 500 USD through an
+    inverse quote USD/ccy: the SWEEP brings the after-state's cash weight to 0.5 in the
+    reference's 28 digits."""
+    return scenario(
+        base="USD", positions=[("A", "500")], cash=[(ccy, amount)], prices=[("A", "1", "USD")], fx=[(f"USD/{ccy}", rate)],
+        shelf=[("A", "APPROVED")], model=[("A", "0.5")], **band,
+    )
+
+
+def test_cash_weight_exactly_at_the_band_through_an_inverse_quote(scenario):
+    """75000 JPY at USD/JPY 150 sweeps to exactly 500 USD (0.006666666666666666666666666667
+    × 75000 in 28 digits): cash weight 0.5, inside a 0.5 maximum. The fixed point's 1 / 150
+    made it 500.00000000000000025 and the weight 0.50000000000000000012, a breach."""
+    s = _cash_at_half(scenario, "JPY", "75000", "150", cash_band_max_weight="0.5")
+    (band,) = _rule(s, "CASH_BAND")
+    assert band["status"] == "PASS" and abs(band["measured"] - D("0.5")) < D("1e-18")
+    assert s.run_row()["status"] == "READY"
+
+
+def test_cash_weight_a_hair_below_the_band_through_an_inverse_quote(scenario):
+    """41500 INR at USD/INR 83 is 499.9999999999999999999999999 USD in 28 digits (1 / 83
+    rounds down): the cash weight 0.4999999999999999999999999999 is below a 0.5 minimum,
+    where the fixed point's weight read exactly 0.5."""
+    s = _cash_at_half(scenario, "INR", "41500", "83", cash_band_min_weight="0.5")
+    (band,) = _rule(s, "CASH_BAND")
+    assert (band["status"], band["reason_code"]) == ("FAIL", "THRESHOLD_BREACH")
+    assert s.run_row()["status"] == "PENDING_REVIEW"
+
+
+def test_position_weight_a_hair_over_the_cap_through_an_inverse_quote(scenario):
+    """2107 USD of a locked holding at SGD/USD 7 is 301.0000000000000000000000001 SGD of a
+    1000 SGD book in 28 digits: weight 0.3010000000000000000000000001, over the 0.3 cap +
+    0.001 (the fixed point's 0.301 was not)."""
+    s = scenario(
+        base="SGD", positions=[("L", "2107")], cash=[("SGD", "699")], prices=[("L", "1", "USD")], fx=[("SGD/USD", "7")],
+        shelf=[("L", "SUSPENDED")], model=[], single_position_max_weight="0.3", max_turnover_pct="0",
+    )
+    (cap,) = _rule(s, "SINGLE_POSITION_MAX")
+    assert (cap["status"], cap["reason_code"]) == ("FAIL", "LIMIT_BREACH")
+    assert s.run_row()["status"] == "BLOCKED"

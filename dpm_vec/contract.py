@@ -88,7 +88,7 @@ class _Reader:
     def text(self, value, path, required=True):
         return self._typed(value, path, required, str, "a string", None)
 
-    def decimal(self, value, path, required=True, minimum=None, maximum=None, positive=False):
+    def decimal(self, value, path, required=True, minimum=None, maximum=None):
         if self._absent(value, path, required):
             return None
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
@@ -105,8 +105,6 @@ class _Reader:
         if abs(number) >= MAX_ABS:
             self.fail(path, f"magnitude must be below 1e{38 - SCALE - 1}")
             return None
-        if positive and number <= 0:
-            self.fail(path, f"must be greater than 0, got {value}")
         if minimum is not None and number < minimum:
             self.fail(path, f"must be >= {minimum}, got {value}")
         if maximum is not None and number > maximum:
@@ -193,7 +191,8 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     Raises RequestError listing every invalid field. Beyond the reference's own checks
     (§3.6) it rejects what §9.1 says dpm_vec must not silently accept: duplicate ids
     (an exact repeat of a price, FX rate or shelf entry, which no answer depends on, is
-    dropped instead), negative quantities, non-positive prices and negative FX rates.
+    dropped instead), negative quantities, negative prices, zero prices of held or model
+    instruments and negative FX rates.
     """
     r = _Reader()
     rows: dict[str, list[dict]] = {t: [] for t in TABLES}
@@ -264,6 +263,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     prices = r.arr(md.get("prices"), "market_data_snapshot.prices")
     repeats = _duplicates(r, prices, lambda p: p.get("instrument_id") if isinstance(p, dict) else None, "market_data_snapshot.prices",
                           "instrument_id", lookup=True)
+    zero_prices: list[tuple[str, str, object]] = []  # (path, instrument_id, value): an error only if the instrument is used
     for i, p in enumerate(prices):
         if i in repeats:
             continue
@@ -271,9 +271,13 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
         p = r.obj(p, path)
         if p is None:
             continue
+        iid, price = r.text(p.get("instrument_id"), f"{path}.instrument_id"), r.decimal(p.get("price"), f"{path}.price")
+        if price is not None and price < 0:
+            r.fail(f"{path}.price", f"must be greater than 0, got {p.get('price')}")
+        elif price == 0:
+            zero_prices.append((f"{path}.price", iid, p.get("price")))
         rows["prices"].append({
-            "market_snapshot_id": run_key, "instrument_id": r.text(p.get("instrument_id"), f"{path}.instrument_id"),
-            "price": r.decimal(p.get("price"), f"{path}.price", positive=True),
+            "market_snapshot_id": run_key, "instrument_id": iid, "price": price,
             "currency": r.text(p.get("currency"), f"{path}.currency"),
             "as_of": r.timestamp(p.get("as_of"), f"{path}.as_of"),
         })
@@ -302,6 +306,12 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             "model_id": run_key, "instrument_id": r.text(t.get("instrument_id"), f"{path}.instrument_id"),
             "weight": r.decimal(t.get("weight"), f"{path}.weight", minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT),
         })
+    # §9.1: a zero price of a held or model instrument is an error (the reference divides by
+    # it); one that nothing reads, as in the reference, is not
+    used = {row["instrument_id"] for row in rows["positions"]} | {row["instrument_id"] for row in rows["models"]}
+    for path, iid, value in zero_prices:
+        if iid in used:
+            r.fail(path, f"must be greater than 0 for an instrument held or in the model, got {value}")
     shelf = r.arr(request.get("shelf_entries"), "shelf_entries")
     repeats = _duplicates(r, shelf, lambda s: s.get("instrument_id") if isinstance(s, dict) else None, "shelf_entries", "instrument_id",
                           lookup=True)

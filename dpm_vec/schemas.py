@@ -86,7 +86,7 @@ INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
         ["portfolio_snapshot_id", "instrument_id", "lot_id"],
     ),
     "prices": _keyed(
-        {"market_snapshot_id": _id(), "instrument_id": _id(), "price": pa.Column(DEC, checks=pa.Check.gt(0)),
+        {"market_snapshot_id": _id(), "instrument_id": _id(), "price": pa.Column(DEC, checks=pa.Check.ge(0)),
          "currency": _ccy()},
         ["market_snapshot_id", "instrument_id"],
     ),

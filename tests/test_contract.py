@@ -224,3 +224,35 @@ def test_a_scenario_fails_on_its_first_invalid_option_in_declaration_order():
         "group_only": "INVALID_OPTIONS: options.group_constraints.no-colon: group constraint keys must be 'attribute:value' with exactly one ':'",
         "late_first": "INVALID_OPTIONS: Value error, max_turnover_pct must be between 0 and 1 inclusive",
     }
+
+
+def test_a_zero_price_nothing_reads_runs_as_the_reference():
+    """§9.1 rejects a zero price of a held or model instrument (the reference divides by
+    it); a zero price of an instrument neither held nor in the model is never read, so the
+    request runs as it does without that row."""
+    plain = simulate_many([REQUEST])[0]
+    request = copy.deepcopy(REQUEST)
+    request["market_data_snapshot"]["prices"].append({"instrument_id": "UNUSED", "price": "0", "currency": "SGD"})
+    unused = simulate_many([request])[0]
+    assert unused["status"] == plain["status"] == "READY"
+    assert unused["intents"] == plain["intents"]
+
+
+@pytest.mark.parametrize("where", ["held", "model"])
+def test_a_zero_price_of_a_held_or_model_instrument_is_422(where):
+    request = copy.deepcopy(REQUEST)
+    request["market_data_snapshot"]["prices"].append({"instrument_id": "Z", "price": "0.00", "currency": "SGD"})
+    if where == "held":
+        request["portfolio_snapshot"]["positions"].append({"instrument_id": "Z", "quantity": "10"})
+    else:
+        request["model_portfolio"]["targets"].append({"instrument_id": "Z", "weight": "0.1"})
+    at = len(request["market_data_snapshot"]["prices"]) - 1
+    assert _errors(request) == [(f"market_data_snapshot.prices[{at}].price",
+                                 "must be greater than 0 for an instrument held or in the model, got 0.00")]
+
+
+def test_a_negative_price_is_422_even_unused():
+    """§9.1: negative prices are rejected, read or not."""
+    request = copy.deepcopy(REQUEST)
+    request["market_data_snapshot"]["prices"].append({"instrument_id": "UNUSED", "price": "-1", "currency": "SGD"})
+    assert _errors(request) == [("market_data_snapshot.prices[1].price", "must be greater than 0, got -1")]

@@ -214,10 +214,34 @@ def test_book_faults_block_with_named_reason(tmp_path):
     assert runs.filter(pl.col("block_reason").is_null()).height == 4
 
 
+def test_a_zero_price_blocks_the_portfolios_that_hold_or_target_it(tmp_path):
+    """A zero price is bad data only where it is read (§9.1): every portfolio holding the
+    instrument or targeting it is BLOCKED with NON_POSITIVE_PRICE, the rest run, and a zero
+    price nobody reads changes nothing."""
+    frames = generate_book_frames(8, 5, holdings=(3, 5))
+    held = frames["positions"]["instrument_id"][0]
+    unused = frames["prices"].filter(~pl.col("instrument_id").is_in(
+        pl.concat([frames["positions"]["instrument_id"], frames["models"]["instrument_id"]]).implode()))["instrument_id"][0]
+    clean = write_book(frames, tmp_path / "clean")
+    frames["prices"] = frames["prices"].with_columns(
+        pl.when(pl.col("instrument_id").is_in([held, unused])).then(pl.lit(0, dtype=pl.Decimal(38, 20))).otherwise(pl.col("price")).alias("price"))
+    sweep(write_book(frames, tmp_path / "book"), tmp_path / "out", progress=False)
+    sweep(clean, tmp_path / "clean_out", progress=False)
+    runs, before = _read(tmp_path / "out", "runs"), _read(tmp_path / "clean_out", "runs")
+    snapshots = frames["portfolios"].select("run_key", "portfolio_snapshot_id", "model_id")
+    readers = set(snapshots.join(frames["positions"].filter(pl.col("instrument_id") == held), on="portfolio_snapshot_id", how="semi")["run_key"])
+    readers |= set(snapshots.join(frames["models"].filter(pl.col("instrument_id") == held), on="model_id", how="semi")["run_key"])
+    assert readers
+    blocked = runs.filter(pl.col("block_reason") == "NON_POSITIVE_PRICE")
+    assert set(blocked["run_key"]) == readers and set(blocked["status"]) == {"BLOCKED"}
+    others = runs.filter(~pl.col("run_key").is_in(list(readers))).sort("run_key").select("run_key", "status", "after_total_value")
+    assert others.equals(before.filter(~pl.col("run_key").is_in(list(readers))).sort("run_key").select("run_key", "status", "after_total_value"))
+
+
 @pytest.mark.parametrize(
     ("table", "change", "expected"),
     [
-        ("prices", lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(-pl.col("price")).otherwise(pl.col("price")).alias("price")), "greater_than(0)"),
+        ("prices", lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(-pl.col("price")).otherwise(pl.col("price")).alias("price")), "greater_than_or_equal_to(0)"),
         ("cash", lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("usd")).otherwise(pl.col("currency")).alias("currency")), "str_matches"),
         ("positions", lambda f: pl.concat([f, f.head(1)]), "uniqueness"),
         ("shelf", lambda f: f.rename({"status": "statuss"}), "did you mean 'status'"),

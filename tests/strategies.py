@@ -268,3 +268,50 @@ def isolation_batches(draw) -> list[dict]:
         else:
             batch.append(draw(requests(portfolio_id="pf_shared")))
     return draw(st.permutations(batch))
+
+
+# quotes whose inverse has no finite decimal, or more than 20 decimals: the fixed point
+# holds 1 / q rounded, the reference 28 significant digits of it
+INVERSE_QUOTES = ("1.3", "150", "83", "7", "1.35", "3", "0.7", "1.1", "6", "9", "0.9", "12")
+
+
+@st.composite
+def round_inverse_requests(draw) -> dict:
+    """Requests of round amounts over one inverse quote ``BASE/F`` (F → base is 1 / q),
+    with prices and foreign cash in multiples of q, so that converted values, FX amounts,
+    weights and turnover figures land exactly on round numbers in the reference's 28
+    digits, and on its limits: cash at 0 after a FUNDING or SWEEP, a cash weight at its
+    band, a notional at its turnover budget, a locked weight at its model weight."""
+    q = Decimal(draw(st.sampled_from(INVERSE_QUOTES)))
+    base, foreign = draw(st.sampled_from([("USD", "JPY"), ("SGD", "USD"), ("EUR", "CHF")]))
+    prices, positions, shelf, targets = [], [], [], []
+    for i in range(draw(st.integers(1, 4))):
+        iid = POOL[i]
+        ccy = draw(st.sampled_from([base, foreign]))
+        unit = q if ccy == foreign and draw(st.booleans()) else 1
+        prices.append({"instrument_id": iid, "price": str(Decimal(draw(st.sampled_from([1, 2, 5, 10, 20, 100]))) * unit), "currency": ccy})
+        if draw(st.booleans()):
+            positions.append({"instrument_id": iid, "quantity": str(draw(st.sampled_from([0, 1, 10, 50, 100, 500, 2107])))})
+        shelf.append({"instrument_id": iid, "status": draw(weighted([("APPROVED", 8), ("SUSPENDED", 1), ("SELL_ONLY", 1), ("BANNED", 1)]))})
+        if draw(st.integers(0, 9)) < 7:
+            targets.append({"instrument_id": iid, "weight": draw(st.sampled_from(["0.1", "0.2", "0.25", "0.5", "0.3", "0.05"]))})
+    cash = [{"currency": base, "amount": str(draw(st.sampled_from([0, 100, 500, 699, 1000, 10000])))}]
+    if draw(st.booleans()):
+        cash.append({"currency": foreign, "amount": str(q * draw(st.sampled_from([0, 100, 500, 1000, 10000])))})
+    options: dict = {"fx_buffer_pct": draw(st.sampled_from(["0", "0", "0.01"]))}
+    if draw(st.booleans()):
+        options["max_turnover_pct"] = draw(st.sampled_from(["0.05", "0.1", "0.11", "0.15", "0.2", "0.5"]))
+    if draw(st.booleans()):
+        options["cash_band_min_weight"] = draw(st.sampled_from(["0", "0.1", "0.5"]))
+        options["cash_band_max_weight"] = draw(st.sampled_from(["0.5", "1"]))
+    if draw(st.booleans()):
+        options["single_position_max_weight"] = draw(st.sampled_from(["0.1", "0.2", "0.3", "0.5"]))
+    if draw(st.booleans()):
+        options.update(enable_settlement_awareness=True, settlement_horizon_days=3,
+                       max_overdraft_by_ccy={base: draw(st.sampled_from(["0", "100", "1000"]))})
+    return {
+        "portfolio_snapshot": {"portfolio_id": draw(st.sampled_from(PORTFOLIO_IDS)), "base_currency": base,
+                               "positions": positions, "cash_balances": cash},
+        "market_data_snapshot": {"prices": prices, "fx_rates": [{"pair": f"{base}/{foreign}", "rate": str(q)}]},
+        "model_portfolio": {"targets": targets}, "shelf_entries": shelf, "options": options,
+    }

@@ -40,6 +40,23 @@ def limited_runs(intents: pl.DataFrame) -> pl.DataFrame:
     return intents.filter(~f28.is_null("quantity_f28")).select("run").unique()
 
 
+# an inexact rate is off by at most half a unit of its 20th decimal, ~1e-17 of the smallest
+# rates quoted (1e-4 and up): a base amount it converts is off by far less than this share
+INEXACT_SHARE = "0.000000000001"
+
+
+def fx_margins(intents: pl.DataFrame) -> pl.DataFrame:
+    """(run, _margin): how far from 0 (or from a floor) a base-currency balance can be in
+    the fixed point and still be exactly there in the reference: ``DUST`` plus
+    ``INEXACT_SHARE`` of the base amounts the run's FX intents move (each converted over a
+    rate that may be inexact)."""
+    fx = intents.filter(pl.col("intent_type") == "FX_SPOT")
+    return fx.group_by("run").agg(
+        (lit(DUST) + lit(INEXACT_SHARE) * pl.when(pl.col("sell_currency") == pl.col("base_currency"))
+         .then(pl.col("sell_amount_estimated")).otherwise(pl.col("buy_amount")).abs().sum()).alias("_margin")
+    )
+
+
 def inexact_fx_runs(market: Market, intents: pl.DataFrame) -> pl.DataFrame:
     """(run) of the runs with an FX intent whose rate (foreign → base) the fixed point holds
     only rounded, so that its base amount can differ from the reference's in the last

@@ -13,7 +13,7 @@ import polars as pl
 from dpm_vec import dec28
 from dpm_vec.frames import concat_by_run, join_on_index, join_runs, sort_rows
 from dpm_vec.numeric import DEC, dabs, lit
-from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, inexact_fx_runs, movements
+from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, fx_margins, inexact_fx_runs, movements
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.universe import base_value_f28, exact_total
 
@@ -107,22 +107,25 @@ def exact_cash_signs(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, 
     (with sells only, the after-state adds them in the order FX planning summed them, and
     the SWEEP cancels the sum exactly), or the base currency, where FX amounts land; and
     the base currency of runs whose FX amounts come from an inexact rate, which the
-    fixed point can leave at -1E-17 where the reference's sum is exactly 0."""
+    fixed point can leave at -1E-17 (or, over a large amount, -1E-15) where the
+    reference's sum is exactly 0 (``cash28.fx_margins``)."""
     schema = {"run": pl.UInt32, "currency": pl.String, "_negative": pl.Boolean, "_exact_amount": DEC}
     limited = intents.filter(~dec28.is_null("quantity_f28")).select("run", pl.col("notional_currency").alias("currency")).unique()
     bought = intents.filter((pl.col("side") == "BUY") & pl.col("run").is_in(limited["run"].implode())).select(
         "run", pl.col("notional_currency").alias("currency"),
     ).unique()
     base_cash = runs.select("run", pl.col("base_currency").alias("currency"))
-    # an FX intent's base amount over an inexact rate (cash28.inexact_fx_runs) lands in the base currency
-    base_near = cash_after.filter(pl.col("amount").abs() < lit(DUST)).join(base_cash, on=["run", "currency"], how="semi")
-    inexact = inexact_fx_runs(market, intents.join(base_near.select("run").unique(), on="run", how="semi"))
     touched = pl.concat([
         limited.join(bought, on=["run", "currency"], how="semi"),
-        base_cash.join(pl.concat([limited.select("run"), inexact]).unique(), on="run", how="semi"),
+        base_cash.join(limited.select("run").unique(), on="run", how="semi"),
     ])
     near = cash_after.filter(pl.col("amount").abs() < lit(DUST)).join(touched, on=["run", "currency"], how="semi")
-    chosen = runs.join(near.select("run").unique(), on="run", how="semi")
+    # an FX intent's base amount over an inexact rate (cash28.inexact_fx_runs) lands in the base currency
+    base_near = cash_after.join(base_cash, on=["run", "currency"], how="semi").join(fx_margins(intents), on="run", how="inner").filter(
+        pl.col("amount").abs() <= pl.col("_margin")
+    )
+    inexact = inexact_fx_runs(market, intents.join(base_near.select("run").unique(), on="run", how="semi"))
+    chosen = runs.join(pl.concat([near.select("run"), inexact]).unique(), on="run", how="semi")
     if chosen.height == 0:
         return pl.DataFrame(schema=schema)
     return exact_after_cash(market, chosen, intents, cash_input).select(
@@ -158,7 +161,7 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
                    market: Market | None = None, exact_cash: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> pl.DataFrame:
     """The six core rules for each run of ``runs`` on the given state (§6.17); ``cash_signs``
     (``exact_cash_signs``) decides which cash balances are negative where it has a row.
-    With ``market``, a cash weight or position weight within a hair of its band or cap is
+    With ``market``, a cash weight or position weight within a hair (1e-12) of its band or cap is
     measured again in 28 digits (``_exact_weight_breaches``), over the cash balances
     ``exact_cash`` gives for those runs (run, currency, _amount_f; an after-state's
     ``exact_after_cash``) or else over the state's own."""
@@ -244,8 +247,8 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
 
 
 # within this of a band or cap, a fixed-point weight may fall on the other side in the
-# reference's 28 digits (an inverse quote's 20-decimal rate moves a weight by up to ~1e-18)
-WEIGHT_EPS = lit("0.000000000000001")
+# reference's 28 digits (an inverse quote's 20-decimal rate moves a weight by up to ~1e-17)
+WEIGHT_EPS = lit("0.000000000001")
 
 
 def _exact_weight_breaches(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame,

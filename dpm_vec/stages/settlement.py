@@ -8,7 +8,7 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.numeric import DEC, lit
-from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, inexact_fx_runs, limited_runs, movements
+from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, fx_margins, inexact_fx_runs, limited_runs, movements
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
 
@@ -64,11 +64,19 @@ def cash_ladder(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_
         .join(overdrafts.select("run", "currency", "max_overdraft"), on=["run", "currency"], how="left")
         .with_columns((-pl.col("max_overdraft").fill_null(lit(0))).alias("allowed_floor"))
     )
-    # where a tax-limited sell's 28-digit notional takes part and a balance sits at 0 or at its
-    # floor to within far less than a cent, the signs of the reference's balances decide
+    # where a tax-limited sell's 28-digit notional or an FX amount over an inexact rate takes
+    # part and a balance sits at 0 or at its floor to within far less than a cent, the signs
+    # of the reference's balances decide
     moved = pl.col("flow").abs().cum_sum().over("run", "currency") > 0  # a balance nothing has touched yet is 0 in any arithmetic
-    at_edge = points.filter(
-        moved & ((pl.col("projected_balance").abs() < lit(DUST)) | ((pl.col("projected_balance") - pl.col("allowed_floor")).abs() < lit(DUST)))
+    # a base-currency balance takes FX amounts over possibly inexact rates: a wider margin (cash28.fx_margins)
+    margin = points.join(runs.select("run", "base_currency"), on="run", how="left", maintain_order="left").join(
+        fx_margins(intents), on="run", how="left", maintain_order="left",
+    ).select(
+        pl.when(pl.col("currency") == pl.col("base_currency")).then(pl.col("_margin")).otherwise(None).fill_null(lit(DUST)).alias("_margin"),
+    ).to_series()
+    at_edge = points.with_columns(margin).filter(
+        moved & ((pl.col("projected_balance").abs() <= pl.col("_margin"))
+                 | ((pl.col("projected_balance") - pl.col("allowed_floor")).abs() <= pl.col("_margin")))
     ).select("run", "currency").unique()
     keys = ["run", "currency", "date_offset"]
     exact = _exact_balances(market, runs, at_edge, horizon, intents, sec, cash_input)

@@ -293,9 +293,10 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
     return kept, dropped, pl.concat([pl.DataFrame(schema=WARNINGS_SCHEMA), warnings])
 
 
-# within this of each other, two fixed-point turnover figures may compare the other way in
-# the reference's 28 digits: an inverse quote's rate carries a relative error up to ~1e-18
-TURNOVER_EPS_RELATIVE = lit("0.000000000000001")
+# within this share of each other, two fixed-point turnover figures may compare the other
+# way in the reference's 28 digits: an inverse quote's 20-decimal rate is off by up to ~1e-17
+# of itself for the smallest rates quoted
+TURNOVER_EPS_RELATIVE = lit("0.000000000001")
 
 
 def _fragile_turnover_runs(frame: pl.DataFrame, ranked: pl.DataFrame) -> pl.DataFrame:

@@ -99,7 +99,8 @@ def build_universe(
     )
     exact = None
     if totals is not None and cash_before is not None:
-        map2, exact = _exact_locked_weights(market, runs, map2, positions_before, totals, cash_before)
+        map2, exact = _exact_locked_weights(market, runs, map2, positions_before, totals, cash_before,
+                                            m.filter(pl.col("kind") == "EXCLUDED").select("slot", "model_weight"))
     # unordered: the target stage orders the map by (run, map_order)
     weight_map = pl.concat([map1.with_columns(pl.col("weight").cast(WEIGHT)), map2.with_columns(pl.col("weight").cast(WEIGHT))])
     eligible = pl.concat([
@@ -128,13 +129,16 @@ def _stale_as_status(frame: pl.DataFrame, stale_flag: pl.DataFrame) -> pl.DataFr
 
 
 def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame, positions: pl.DataFrame,
-                          totals: pl.DataFrame, cash: pl.DataFrame) -> tuple[pl.DataFrame, ExactLocked | None]:
+                          totals: pl.DataFrame, cash: pl.DataFrame, excluded_targets: pl.DataFrame) -> tuple[pl.DataFrame, ExactLocked | None]:
     """A locked position keeps its before-state weight, value_base / tv, which the reference
     computes in 28 digits; recompute it that way (F28) so the locked target lands where the
     reference's does. Over the fixed-point tv that is right to ~1e-20; where the last digit
     can decide (``_LAST_DIGIT_RUNS``), tv is summed in 28 digits too: a lone locked holding
     then weighs exactly 1, and the buyable weights scaled to the room it leaves are exactly
-    0, not dust that the single-position cap would hand its excess to."""
+    0, not dust that the single-position cap would hand its excess to; and a locked model
+    target (``excluded_targets``: slot, model_weight) at its model weight to within 1e-12
+    is tagged by the last digit (§6.5: REDISTRIBUTED_RECIPIENT, CAPPED_BY_MAX_WEIGHT or
+    neither)."""
     locked = map2.filter(pl.col("kind") == "LOCKED")
     if locked.height == 0:
         return map2.with_columns(pl.col("weight").cast(WEIGHT)), None
@@ -146,6 +150,11 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
     locked = f28.from_dec(join_runs(locked, totals.select("run", "divisor")), "divisor", "_divisor_f")
     locked = f28.div(locked, "_base_f", "_divisor_f", "_weight_f")
     last_digit = locked.filter(~f28.is_null("_rate_f")).group_by("run").agg(_LAST_DIGIT_RUNS).filter(pl.col("_last_digit")).select("run")
+    if excluded_targets.height:
+        at_model = join_on_index(locked.select("run", "slot", "_weight_f"), excluded_targets, "slot", how="inner").filter(
+            (f28.to_d28("_weight_f") - pl.col("model_weight")).abs() < lit("0.000000000001")
+        )
+        last_digit = pl.concat([last_digit, at_model.select("run")]).unique()
     exact = None
     if last_digit.height:
         chosen = bases.join(last_digit, on="run", how="semi")

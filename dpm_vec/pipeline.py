@@ -130,7 +130,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     live = _without(runs, early)
 
     tr = translate(market, live, _only(targets.trace, live), p.positions, p.lots, before.totals, universe.exact,
-                   (before.positions, before.cash), targets.replay)
+                   (before.positions, before.cash), targets.replay, universe.locked)
     boundary("translation+tax", (SECURITY_INTENTS_SCHEMA, tr.intents))
     findings = dq.concat(findings, tr.dq)
     counts2 = dq.blocking_counts(findings, live)

@@ -45,6 +45,7 @@ def translate(
     exact: ExactLocked | None = None,
     valued: tuple[pl.DataFrame, pl.DataFrame] | None = None,
     replay: Replay | None = None,
+    locked: pl.DataFrame | None = None,
 ) -> Translation:
     """Size every target's trade; ``valued`` (the before-state's valued positions and cash)
     lets a trade whose unit quotient is near an integer be sized over its run's 28-digit tv,
@@ -83,7 +84,7 @@ def translate(
     units = pl.col("_quotient").floor()
     # the quotient is rounded before the floor; step back when that rounding crossed an integer
     t = t.with_columns(pl.when(units * pl.col("price") > pl.col("_abs_delta")).then(units - 1).otherwise(units).alias("_units"))
-    t = _exact_near_integer_floors(market, t, exact, valued, replay)
+    t = _exact_near_integer_floors(market, t, exact, valued, replay, locked)
     _check_quantity_range(t, "_units")
     t = t.with_columns(pl.col("_units").cast(QTY).alias("requested_quantity"), pl.lit(False).alias("_oversell"))
     t = _notional_sizing(t)
@@ -172,7 +173,8 @@ NEAR_INTEGER = lit("0.000000001")
 
 
 def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLocked | None = None,
-                               valued: tuple[pl.DataFrame, pl.DataFrame] | None = None, replay: Replay | None = None) -> pl.DataFrame:
+                               valued: tuple[pl.DataFrame, pl.DataFrame] | None = None, replay: Replay | None = None,
+                               locked: pl.DataFrame | None = None) -> pl.DataFrame:
     """Redo the sizing of trades whose unit quotient lies within 1e-9 of an integer in the
     reference's 28-digit arithmetic (spec §1.1): there the fixed-point and the reference's
     rounding can fall on different sides of the integer. Elsewhere fixed-point is exact
@@ -180,9 +182,11 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
     the runs whose last digit can decide (``ExactLocked``), tv and a locked weight that no
     target step changed come with all 28 digits; with ``valued``, every other run with such a
     trade has its tv summed in 28 digits here (tv's last digits decide the side of the
-    integer when the rate is an inverse quote's rounded quotient), and with ``replay`` a
-    target weight that a target step changed is taken as the reference's 28-digit steps
-    leave it (below 0.1 it has more decimals than Decimal(38, 28) keeps)."""
+    integer when the rate is an inverse quote's rounded quotient), and so is, with
+    ``locked`` (the universe's locked holdings: run, slot, _base_f, map_weight), the weight
+    of a locked holding that no target step changed, value_base over that tv; and with
+    ``replay`` a target weight that a target step changed is taken as the reference's
+    28-digit steps leave it (below 0.1 it has more decimals than Decimal(38, 28) keeps)."""
     nearest = pl.col("_quotient").round(0)
     distance = (pl.col("_quotient") - nearest).abs()
     # a quotient near zero floors to zero whichever way it rounds, and a zero target makes
@@ -207,6 +211,17 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
         near = near.with_columns(
             pl.when(unchanged).then(pl.col("weight_f28")).otherwise(pl.col("_fw_f")).alias("_fw_f"),
         ).drop("weight_f28")
+    if locked is not None and valued is not None:
+        # a locked weight still as the universe set it (over the fixed-point tv): redone over the 28-digit tv
+        ours = near.select("run", "slot", "final_weight").join(exact_totals, on="run", how="inner").join(
+            locked.select("slot", "_base_f", "map_weight"), on="slot", how="inner",
+        ).filter(pl.col("map_weight") == pl.col("final_weight"))
+        if exact is not None:
+            ours = ours.join(exact.totals, on="run", how="anti")  # their locked weights came exact from the universe
+        if ours.height:
+            ours = ours.with_columns(pl.when(f28.sign("total_f28") == 0).then(f28.one()).otherwise(pl.col("total_f28")).alias("_divisor_f"))
+            ours = f28.div(ours, "_base_f", "_divisor_f", "_locked_f").select("slot", "_locked_f")
+            near = near.join(ours, on="slot", how="left").with_columns(f28.coalesce("_locked_f", "_fw_f").alias("_fw_f")).drop("_locked_f")
     if replay is not None and valued is not None:
         redone = replayed_weights(market, replay, near.select("run").unique(), valued).rename({"weight_f28": "_redone_f"})
         if redone.height:

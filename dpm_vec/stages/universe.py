@@ -32,6 +32,7 @@ class Universe:
     sell_only_excess: pl.DataFrame  # run, sell_only_excess
     dq: pl.DataFrame
     exact: ExactLocked | None = None  # given totals and cash: locked weights in 28 digits
+    locked: pl.DataFrame | None = None  # given totals and cash: run, slot, _base_f, map_weight of every locked holding
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,10 @@ def build_universe(
         .otherwise(pl.lit("LOCKED_DUE_TO_") + pl.col("status").fill_null("MISSING_SHELF")).alias("reason_code"),
         (pl.col("pos_seq").cast(pl.Int64) + LOOP2_OFFSET).alias("excl_order"),
     )
-    exact = None
+    exact, locked_base = None, None
     if totals is not None and cash_before is not None:
-        map2, exact = _exact_locked_weights(market, runs, map2, positions_before, totals, cash_before,
-                                            m.filter(pl.col("kind") == "EXCLUDED").select("slot", "model_weight"))
+        map2, exact, locked_base = _exact_locked_weights(market, runs, map2, positions_before, totals, cash_before,
+                                                         m.filter(pl.col("kind") == "EXCLUDED").select("slot", "model_weight"))
     # unordered: the target stage orders the map by (run, map_order)
     weight_map = pl.concat([map1.with_columns(pl.col("weight").cast(WEIGHT)), map2.with_columns(pl.col("weight").cast(WEIGHT))])
     eligible = pl.concat([
@@ -115,6 +116,7 @@ def build_universe(
         sell_only_excess=sell_only_excess,
         dq=shelf_missing,
         exact=exact,
+        locked=locked_base,
     )
 
 
@@ -129,19 +131,21 @@ def _stale_as_status(frame: pl.DataFrame, stale_flag: pl.DataFrame) -> pl.DataFr
 
 
 def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame, positions: pl.DataFrame,
-                          totals: pl.DataFrame, cash: pl.DataFrame, excluded_targets: pl.DataFrame) -> tuple[pl.DataFrame, ExactLocked | None]:
+                          totals: pl.DataFrame, cash: pl.DataFrame,
+                          excluded_targets: pl.DataFrame) -> tuple[pl.DataFrame, ExactLocked | None, pl.DataFrame | None]:
     """A locked position keeps its before-state weight, value_base / tv, which the reference
     computes in 28 digits; recompute it that way (F28) so the locked target lands where the
     reference's does. Over the fixed-point tv that is right to ~1e-20; where the last digit
     can decide (``_LAST_DIGIT_RUNS``), tv is summed in 28 digits too: a lone locked holding
     then weighs exactly 1, and the buyable weights scaled to the room it leaves are exactly
-    0, not dust that the single-position cap would hand its excess to; and a locked model
-    target (``excluded_targets``: slot, model_weight) at its model weight to within 1e-12
-    is tagged by the last digit (§6.5: REDISTRIBUTED_RECIPIENT, CAPPED_BY_MAX_WEIGHT or
-    neither)."""
+    0, not dust that the single-position cap would hand its excess to; a locked weight at
+    the single-position cap to within 1e-12 has excess (and the status that follows) by
+    the last digit; and a locked model target (``excluded_targets``: slot, model_weight)
+    at its model weight to within 1e-12 is tagged by the last digit (§6.5:
+    REDISTRIBUTED_RECIPIENT, CAPPED_BY_MAX_WEIGHT or neither)."""
     locked = map2.filter(pl.col("kind") == "LOCKED")
     if locked.height == 0:
-        return map2.with_columns(pl.col("weight").cast(WEIGHT)), None
+        return map2.with_columns(pl.col("weight").cast(WEIGHT)), None, None
     bases = runs.select("run", "base_currency")
     # every locked entry is a held position (map2 is built from them): inner is left here
     locked = join_on_index(locked.select("run", "slot"), positions.select("slot", "value_instr", "instrument_currency", "market_value", "price"),
@@ -150,11 +154,17 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
     locked = f28.from_dec(join_runs(locked, totals.select("run", "divisor")), "divisor", "_divisor_f")
     locked = f28.div(locked, "_base_f", "_divisor_f", "_weight_f")
     last_digit = locked.filter(~f28.is_null("_rate_f")).group_by("run").agg(_LAST_DIGIT_RUNS).filter(pl.col("_last_digit")).select("run")
+    near = lit("0.000000000001")
+    at_cap = join_runs(locked.select("run", "_weight_f"), runs.select("run", "single_position_max_weight"), how="inner").filter(
+        (f28.to_d28("_weight_f") - pl.col("single_position_max_weight")).abs() < near
+    )
+    last_digit = pl.concat([last_digit, at_cap.select("run")])
     if excluded_targets.height:
         at_model = join_on_index(locked.select("run", "slot", "_weight_f"), excluded_targets, "slot", how="inner").filter(
-            (f28.to_d28("_weight_f") - pl.col("model_weight")).abs() < lit("0.000000000001")
+            (f28.to_d28("_weight_f") - pl.col("model_weight")).abs() < near
         )
-        last_digit = pl.concat([last_digit, at_model.select("run")]).unique()
+        last_digit = pl.concat([last_digit, at_model.select("run")])
+    last_digit = last_digit.unique()
     exact = None
     if last_digit.height:
         chosen = bases.join(last_digit, on="run", how="semi")
@@ -170,7 +180,7 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
     map2 = join_on_index(map2.with_columns(pl.col("weight").cast(WEIGHT)), locked.select("slot", "_exact"), "slot").with_columns(
         pl.when(pl.col("kind") == "LOCKED").then(pl.col("_exact").fill_null(pl.lit(0, dtype=WEIGHT))).otherwise(pl.col("weight")).alias("weight")
     ).drop("_exact")
-    return map2, exact
+    return map2, exact, locked.select("run", "slot", "_base_f", pl.col("_exact").alias("map_weight"))
 
 
 # Runs whose locked weights need tv's last digit: locked weights that fill the portfolio

@@ -172,7 +172,7 @@ class Stages:
     @cached_property
     def translation(self):
         return translate(self.market, self.runs, self.targets.trace, self.p.positions, self.p.lots, self.before.totals, self.universe.exact,
-                         (self.before.positions, self.before.cash), self.targets.replay)
+                         (self.before.positions, self.before.cash), self.targets.replay, self.universe.locked)
 
     @cached_property
     def turnover(self):

@@ -281,7 +281,8 @@ def round_inverse_requests(draw) -> dict:
     with prices and foreign cash in multiples of q, so that converted values, FX amounts,
     weights and turnover figures land exactly on round numbers in the reference's 28
     digits, and on its limits: cash at 0 after a FUNDING or SWEEP, a cash weight at its
-    band, a notional at its turnover budget, a locked weight at its model weight."""
+    band, a notional at its turnover budget, a locked weight at its model weight or cap, a
+    trade on an integer number of units."""
     q = Decimal(draw(st.sampled_from(INVERSE_QUOTES)))
     base, foreign = draw(st.sampled_from([("USD", "JPY"), ("SGD", "USD"), ("EUR", "CHF")]))
     prices, positions, shelf, targets = [], [], [], []
@@ -291,8 +292,15 @@ def round_inverse_requests(draw) -> dict:
         unit = q if ccy == foreign and draw(st.booleans()) else 1
         prices.append({"instrument_id": iid, "price": str(Decimal(draw(st.sampled_from([1, 2, 5, 10, 20, 100]))) * unit), "currency": ccy})
         if draw(st.booleans()):
-            positions.append({"instrument_id": iid, "quantity": str(draw(st.sampled_from([0, 1, 10, 50, 100, 500, 2107])))})
-        shelf.append({"instrument_id": iid, "status": draw(weighted([("APPROVED", 8), ("SUSPENDED", 1), ("SELL_ONLY", 1), ("BANNED", 1)]))})
+            quantity = draw(st.sampled_from([0, 1, 10, 50, 100, 500, 2107]))
+            position = {"instrument_id": iid, "quantity": str(quantity)}
+            if draw(st.integers(0, 4)) == 0:  # a market value in either currency, read as is in sizing (§6.9)
+                mv_ccy = draw(st.sampled_from([base, foreign]))
+                mv = Decimal(quantity * draw(st.sampled_from([1, 2, 10]))) * (q if mv_ccy == foreign else 1)
+                position["market_value"] = {"amount": str(mv), "currency": mv_ccy}
+            positions.append(position)
+        shelf.append({"instrument_id": iid, "status": draw(weighted(
+            [("APPROVED", 8), ("SUSPENDED", 1), ("SELL_ONLY", 1), ("BANNED", 1), ("RESTRICTED", 1)]))})
         if draw(st.integers(0, 9)) < 7:
             targets.append({"instrument_id": iid, "weight": draw(st.sampled_from(["0.1", "0.2", "0.25", "0.5", "0.3", "0.05"]))})
     cash = [{"currency": base, "amount": str(draw(st.sampled_from([0, 100, 500, 699, 1000, 10000])))}]
@@ -306,6 +314,10 @@ def round_inverse_requests(draw) -> dict:
         options["cash_band_max_weight"] = draw(st.sampled_from(["0.5", "1"]))
     if draw(st.booleans()):
         options["single_position_max_weight"] = draw(st.sampled_from(["0.1", "0.2", "0.3", "0.5"]))
+    if draw(st.integers(0, 4)) == 0:
+        options["valuation_mode"] = "TRUST_SNAPSHOT"
+    if draw(st.integers(0, 4)) == 0:
+        options["min_cash_buffer_pct"] = draw(st.sampled_from(["0.05", "0.1"]))
     if draw(st.booleans()):
         options.update(enable_settlement_awareness=True, settlement_horizon_days=3,
                        max_overdraft_by_ccy={base: draw(st.sampled_from(["0", "100", "1000"]))})

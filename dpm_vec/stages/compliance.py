@@ -125,11 +125,16 @@ def exact_cash_signs(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, 
         pl.col("amount").abs() <= pl.col("_margin")
     )
     inexact = inexact_fx_runs(market, intents.join(base_near.select("run").unique(), on="run", how="semi"))
-    chosen = runs.join(pl.concat([near.select("run"), inexact]).unique(), on="run", how="semi")
+    at_edge = pl.concat([near.select("run", "currency"), base_near.join(inexact, on="run", how="semi").select("run", "currency")]).unique()
+    chosen = runs.join(at_edge.select("run").unique(), on="run", how="semi")
     if chosen.height == 0:
         return pl.DataFrame(schema=schema)
-    return exact_after_cash(market, chosen, intents, cash_input).select(
-        "run", "currency", (dec28.sign("_amount_f") < 0).alias("_negative"), dec28.to_dec("_amount_f").alias("_exact_amount"),
+    # the 28-digit sum stands in for the balance only at the edge: elsewhere the two agree to far below a cent
+    return exact_after_cash(market, chosen, intents, cash_input).join(
+        at_edge.with_columns(pl.lit(True).alias("_at_edge")), on=["run", "currency"], how="left",
+    ).select(
+        "run", "currency", (dec28.sign("_amount_f") < 0).alias("_negative"),
+        pl.when(pl.col("_at_edge")).then(dec28.to_dec("_amount_f")).alias("_exact_amount"),
     )
 
 
@@ -147,9 +152,9 @@ def exact_after_cash(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, 
 
 
 def with_exact_amounts(cash_after: pl.DataFrame, cash_signs: pl.DataFrame) -> pl.DataFrame:
-    """``cash_after`` with each balance that ``exact_cash_signs`` redid taken from the
-    28-digit sum (rounded to the fixed point): where the reference's balance is exactly 0
-    the fixed point's -5E-17 would otherwise also fail the CASH_BAND minimum."""
+    """``cash_after`` with each balance that ``exact_cash_signs`` found at the edge (within
+    dust of 0) taken from the 28-digit sum, rounded to the fixed point: where the
+    reference's balance is exactly 0 the after-state shows 0, not the fixed point's -5E-17."""
     if cash_signs.height == 0:
         return cash_after
     return cash_after.join(cash_signs.select("run", "currency", "_exact_amount"), on=["run", "currency"], how="left",

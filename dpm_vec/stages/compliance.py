@@ -99,8 +99,9 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
 def exact_cash_signs(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_input: pl.DataFrame,
                      cash_after: pl.DataFrame) -> pl.DataFrame:
     """(run, currency, _negative, _exact_amount): whether each after-state cash balance is
-    negative as the reference sums it, and that sum at the fixed point's scale (§6.16: the input amount, then the intents' movements in execution
-    order, each addition rounded to 28 digits), for the runs where a tax-limited sell's
+    negative as the reference sums it (§6.16: the input amount, then the intents'
+    movements in execution order, each addition rounded to 28 digits), and for a balance
+    at the edge that sum at the fixed point's scale, for the runs where a tax-limited sell's
     28-digit notional (``cash28``) can tip the sign of a balance within dust of 0: the
     fixed-point sum can be exactly 0 where the reference's is -1E-23, which fails
     INSUFFICIENT_CASH. That takes a balance in the sell's currency with a BUY there too

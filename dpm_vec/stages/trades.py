@@ -170,13 +170,17 @@ def _check_quantity_range(t: pl.DataFrame, units: str) -> None:
 
 
 NEAR_INTEGER = lit("0.000000001")
+# plus this share of the quotient: an inverse quote's 20-decimal rate is off by up to ~1e-17
+# of itself, and a locked weight of 1e-7 held at 28 decimals by ~1e-14, which move a
+# quotient of 10^5 units or more by more than NEAR_INTEGER
+NEAR_INTEGER_SHARE = lit("0.000000000001")
 
 
 def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLocked | None = None,
                                valued: tuple[pl.DataFrame, pl.DataFrame] | None = None, replay: Replay | None = None,
                                locked: pl.DataFrame | None = None) -> pl.DataFrame:
-    """Redo the sizing of trades whose unit quotient lies within 1e-9 of an integer in the
-    reference's 28-digit arithmetic (spec §1.1): there the fixed-point and the reference's
+    """Redo the sizing of trades whose unit quotient lies within 1e-9 (plus 1e-12 of itself)
+    of an integer in the reference's 28-digit arithmetic (spec §1.1): there the fixed-point and the reference's
     rounding can fall on different sides of the integer. Elsewhere fixed-point is exact
     enough by many orders of magnitude, so only these rows pay for the exact chain. In
     the runs whose last digit can decide (``ExactLocked``), tv and a locked weight that no
@@ -191,7 +195,8 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
     distance = (pl.col("_quotient") - nearest).abs()
     # a quotient near zero floors to zero whichever way it rounds, and a zero target makes
     # delta = −current exactly (liquidations), so neither needs the exact chain
-    near = t.filter(~pl.col("by_notional") & (nearest >= 1) & (distance < NEAR_INTEGER) & (pl.col("final_weight") != 0))
+    near = t.filter(~pl.col("by_notional") & (nearest >= 1) & (distance < NEAR_INTEGER + nearest * NEAR_INTEGER_SHARE)
+                    & (pl.col("final_weight") != 0))
     if near.height == 0:
         return t
     near = market.with_rate_f28(near, "price_currency", "base_currency", "_rate_f")

@@ -15,7 +15,7 @@ from dpm_vec.frames import concat_by_run, join_on_index, join_runs, sort_rows
 from dpm_vec.numeric import DEC, dabs, lit
 from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, fx_margins, inexact_fx_runs, movements
 from dpm_vec.stages.prepare import Market
-from dpm_vec.stages.universe import base_value_f28, exact_total
+from dpm_vec.stages.universe import valued_in_28_digits
 
 SAFETY_ORDER = 600_000_000  # warning order: after every earlier stage (see targets.TARGET_STAGE_ORDER)
 APPENDED = 1 << 50  # order of positions / cash rows the after-state appends
@@ -279,11 +279,11 @@ def _exact_weight_breaches(market: Market, runs: pl.DataFrame, positions: pl.Dat
     if chosen.height == 0:
         return empty
     bases = runs.select("run", "base_currency").join(chosen, on="run", how="semi")
-    held = base_value_f28(market, join_runs(positions.join(bases, on="run", how="semi"), bases))
     cash = cash.join(bases, on="run", how="semi")
     if exact_cash is not None:
         cash = cash.join(exact_cash(runs.join(chosen, on="run", how="semi")), on=["run", "currency"], how="left")
-    tv = exact_total(market, bases, held, cash).select("run", "_divisor_f", "_cash_f")
+    held, tv = valued_in_28_digits(market, bases, positions, cash)
+    tv = tv.select("run", "_divisor_f", "_cash_f")
     band = dec28.div(tv.join(r.select("run", "cash_band_min_weight", "cash_band_max_weight"), on="run"), "_cash_f", "_divisor_f", "_w_f")
     band = dec28.from_dec(dec28.from_dec(band, "cash_band_min_weight", "_min_f"), "cash_band_max_weight", "_max_f")
     band = dec28.sub(dec28.sub(band, "_w_f", "_min_f", "_below_f"), "_w_f", "_max_f", "_above_f").select(

@@ -19,7 +19,7 @@ from dpm_vec.codes import with_code_lists
 from dpm_vec.frames import join_on_index, join_runs, sort_rows
 from dpm_vec.numeric import DEC, WEIGHT, dmax, dmin, lit
 from dpm_vec.stages.prepare import SLOT, Market
-from dpm_vec.stages.universe import ExactLocked, base_value_f28, exact_total
+from dpm_vec.stages.universe import ExactLocked, valued_in_28_digits
 
 WARNINGS_SCHEMA = {"run": pl.UInt32, "code": pl.String, "w_order": pl.Int64}
 # warnings sort by w_order: the target stage uses 100_000.., comparison ..199_999, then tax
@@ -445,9 +445,7 @@ def _locked_in_28_digits(market: Market, runs: pl.DataFrame, weight_map: pl.Data
     """(slot, weight_f28): the locked weights of ``runs`` (run, base_currency) as the
     reference computes them, value_base / T, over tv summed in 28 digits (``valued``: the
     before-state's valued positions and cash)."""
-    positions, cash = (frame.join(runs, on="run", how="semi") for frame in valued)
-    held = base_value_f28(market, join_runs(positions, runs))
-    tv = exact_total(market, runs, held, cash)
+    held, tv = valued_in_28_digits(market, runs, *valued)
     slots = weight_map.filter(pl.col("kind") == "LOCKED").join(runs, on="run", how="semi").select("slot")
     locked = join_on_index(slots, held.select("slot", "run", "_base_f"), "slot", how="inner")
     locked = f28.div(join_runs(locked, tv.select("run", "_divisor_f"), how="inner"), "_base_f", "_divisor_f", "weight_f28")

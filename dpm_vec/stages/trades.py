@@ -17,10 +17,11 @@ from dpm_vec.errors import QuantityRangeError
 from dpm_vec.frames import join_on_index, join_runs, position_in_run, sort_rows
 from dpm_vec.numeric import DEC, QTY, dabs, lit
 from dpm_vec.stages import dq
+from dpm_vec.stages.cash28 import exact_notionals
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, Replay, replayed_weights, warnings_frame
 from dpm_vec.stages.tax import limit_sells_by_tax_lots
-from dpm_vec.stages.universe import ExactLocked, base_value_f28, exact_total
+from dpm_vec.stages.universe import ExactLocked, valued_in_28_digits
 
 TURNOVER_ORDER = 400_000_000
 
@@ -206,8 +207,7 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
     if valued is not None:
         bases = near.select("run", "base_currency").unique("run").join(exact_totals, on="run", how="anti")
         if bases.height:
-            positions, cash = (frame.join(bases, on="run", how="semi") for frame in valued)
-            tv = exact_total(market, bases, base_value_f28(market, join_runs(positions, bases)), cash)
+            _, tv = valued_in_28_digits(market, bases, *valued)
             exact_totals = pl.concat([exact_totals, tv.select("run", pl.col("_tv_f").alias("total_f28"))])
     near = near.join(exact_totals, on="run", how="left").with_columns(f28.coalesce("total_f28", "_tv_f").alias("_tv_f")).drop("total_f28")
     if exact is not None:
@@ -344,15 +344,11 @@ def _exact_turnover(market: Market, frame: pl.DataFrame, valued: tuple[pl.DataFr
     × price), proposed summed in list order, the ranking on the 28-digit scores and sizes,
     and the walk's ``used + |notional_base| ≤ budget`` with every addition rounded."""
     bases = frame.select("run", "base_currency").unique("run")
-    positions, cash = (part.join(bases, on="run", how="semi") for part in valued)
-    tv = exact_total(market, bases, base_value_f28(market, join_runs(positions, bases)), cash).select("run", "_tv_f")
-    t = frame.select("run", "intent_no", "instrument_id", "notional", "price", "price_currency", "base_currency", "quantity_f28",
-                     "max_turnover_pct").sort("run", "intent_no")
-    t = market.with_rate_f28(t, "price_currency", "base_currency", "_rate_f")
-    t = f28.from_dec(f28.from_dec(t, "notional", "_fixed_f"), "price", "_price_f")
-    t = f28.mul(t.with_columns(f28.fill_null("quantity_f28", f28.zero()).alias("_q_f")), "_q_f", "_price_f", "_limited_f")
-    t = t.with_columns(pl.when(f28.is_null("quantity_f28")).then(pl.col("_fixed_f")).otherwise(pl.col("_limited_f")).alias("_notional_f"))
-    t = f28.mul(t, "_notional_f", "_rate_f", "_nb_f").with_columns(f28.absolute("_nb_f").alias("_nb_f"))
+    _, tv = valued_in_28_digits(market, bases, *valued)
+    t = frame.select("run", "intent_no", "instrument_id", "side", "notional", pl.col("price_currency").alias("notional_currency"),
+                     "base_currency", "quantity_f28", "max_turnover_pct").sort("run", "intent_no")
+    t = market.with_rate_f28(exact_notionals(market, bases, t), "notional_currency", "base_currency", "_rate_f")
+    t = f28.mul(t.with_columns(f28.absolute("_flow_f").alias("_notional_f")), "_notional_f", "_rate_f", "_nb_f")
     runs = f28.group_sums(t, "run", "_nb_f", "_proposed_f").join(
         t.select("run", "max_turnover_pct").unique("run"), on="run"
     ).join(tv, on="run")

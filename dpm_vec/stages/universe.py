@@ -168,8 +168,7 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
     exact = None
     if last_digit.height:
         chosen = bases.join(last_digit, on="run", how="semi")
-        held = base_value_f28(market, join_runs(positions.join(chosen, on="run", how="semi"), chosen))
-        tv = exact_total(market, chosen, held, cash)
+        _, tv = valued_in_28_digits(market, chosen, positions, cash)
         redo = f28.div(join_runs(locked.join(chosen, on="run", how="semi").drop("_divisor_f"), tv.drop("_tv_f")), "_base_f", "_divisor_f", "_weight_f")
         locked = pl.concat([locked.join(chosen, on="run", how="anti"), redo.select(locked.columns)])
         exact = ExactLocked(
@@ -203,6 +202,14 @@ def base_value_f28(market: Market, held: pl.DataFrame) -> pl.DataFrame:
     held = f28.from_dec(held, "value_instr", "_value_f")
     held = f28.mul(held, "_value_f", "_rate_f", "_base_f")
     return held.with_columns(pl.when(f28.is_null("_rate_f")).then(f28.zero()).otherwise(pl.col("_base_f")).alias("_base_f"))
+
+
+def valued_in_28_digits(market: Market, bases: pl.DataFrame, positions: pl.DataFrame,
+                        cash: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(held, tv): the valued ``positions`` of ``bases`` (run, base_currency) with their
+    28-digit value_base (``base_value_f28``), and ``exact_total`` over them and ``cash``."""
+    held = base_value_f28(market, join_runs(positions.join(bases, on="run", how="semi"), bases))
+    return held, exact_total(market, bases, held, cash)
 
 
 def exact_total(market: Market, bases: pl.DataFrame, held: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:

@@ -38,15 +38,20 @@ def cash_ladder(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_
         pl.max_horizontal("settlement_horizon_days", "fx_settlement_days", pl.col("_max_sd").fill_null(0)).alias("horizon"),
     )
     fx = intents.filter(pl.col("intent_type") == "FX_SPOT").join(horizon, on="run", how="inner")
+    # ``_touch``: the flow moves its balance in the reference's arithmetic. A cash row does
+    # when it is not 0; an intent always does, even one whose amount is 0 at 20 decimals (a
+    # tax-limited sell of a few 1E-27 units, and the FX sweep of its proceeds)
+    intent = pl.lit(True).alias("_touch")
     flows = pl.concat([
         cash_input.join(on.select("run"), on="run", how="semi").select(
-            "run", pl.lit(0, dtype=pl.Int32).alias("day"), "currency", pl.coalesce("settled", "amount").alias("flow")),
+            "run", pl.lit(0, dtype=pl.Int32).alias("day"), "currency", pl.coalesce("settled", "amount").alias("flow"),
+        ).with_columns((pl.col("flow") != 0).alias("_touch")),
         sec.select("run", pl.col("settlement_days").alias("day"), pl.col("notional_currency").alias("currency"),
-                   pl.when(pl.col("side") == "SELL").then(pl.col("notional")).otherwise(-pl.col("notional")).alias("flow")),
+                   pl.when(pl.col("side") == "SELL").then(pl.col("notional")).otherwise(-pl.col("notional")).alias("flow"), intent),
         fx.select("run", pl.col("fx_settlement_days").cast(pl.Int32).alias("day"), pl.col("sell_currency").alias("currency"),
-                  (-pl.col("sell_amount_estimated")).alias("flow")),
+                  (-pl.col("sell_amount_estimated")).alias("flow"), intent),
         fx.select("run", pl.col("fx_settlement_days").cast(pl.Int32).alias("day"), pl.col("buy_currency").alias("currency"),
-                  pl.col("buy_amount").alias("flow")),
+                  pl.col("buy_amount").alias("flow"), intent),
     ])
     currencies = flows.select("run", "currency").unique()
     grid = (
@@ -55,10 +60,10 @@ def cash_ladder(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_
         .explode("date_offset")
         .with_columns(pl.col("date_offset").cast(pl.Int32))
     )
-    daily = flows.group_by("run", "currency", "day").agg(pl.col("flow").sum())
+    daily = flows.group_by("run", "currency", "day").agg(pl.col("flow").sum(), pl.col("_touch").any())
     points = (
         grid.join(daily, left_on=["run", "currency", "date_offset"], right_on=["run", "currency", "day"], how="left")
-        .with_columns(pl.col("flow").fill_null(lit(0)))
+        .with_columns(pl.col("flow").fill_null(lit(0)), pl.col("_touch").fill_null(False))
         .sort("run", "currency", "date_offset")
         .with_columns(pl.col("flow").cum_sum().over("run", "currency").alias("projected_balance"))
         .join(overdrafts.select("run", "currency", "max_overdraft"), on=["run", "currency"], how="left")
@@ -67,7 +72,7 @@ def cash_ladder(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_
     # where a tax-limited sell's 28-digit notional or an FX amount over an inexact rate takes
     # part and a balance sits at 0 or at its floor to within far less than a cent, the signs
     # of the reference's balances decide
-    moved = pl.col("flow").abs().cum_sum().over("run", "currency") > 0  # a balance nothing has touched yet is 0 in any arithmetic
+    moved = pl.col("_touch").cum_max().over("run", "currency")  # a balance nothing has touched yet is 0 in any arithmetic
     # a base-currency balance takes FX amounts over possibly inexact rates: a wider margin (cash28.fx_margins)
     margin = points.join(runs.select("run", "base_currency"), on="run", how="left", maintain_order="left").join(
         fx_margins(intents), on="run", how="left", maintain_order="left",

@@ -17,7 +17,7 @@ from dpm_vec.errors import QuantityRangeError
 from dpm_vec.frames import join_on_index, join_runs, position_in_run, sort_rows
 from dpm_vec.numeric import DEC, QTY, dabs, lit
 from dpm_vec.stages import dq
-from dpm_vec.stages.cash28 import exact_notionals
+from dpm_vec.stages.cash28 import DUST, exact_notionals
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, Replay, replayed_weights, warnings_frame
 from dpm_vec.stages.tax import limit_sells_by_tax_lots
@@ -101,7 +101,9 @@ def translate(
         pl.when(pl.col("min_trade_notional_amount").is_not_null()).then(pl.col("min_trade_notional_currency"))
         .otherwise(pl.col("min_notional_currency")).alias("threshold_currency"),
     )
-    suppress = pl.col("suppress_dust_trades") & pl.col("threshold_amount").is_not_null() & (pl.col("notional") < pl.col("threshold_amount"))
+    t = _exact_dust_tests(t)
+    below = pl.coalesce("_below_exact", pl.col("notional") < pl.col("threshold_amount"))
+    suppress = pl.col("suppress_dust_trades") & pl.col("threshold_amount").is_not_null() & below
     suppressed = t.filter(suppress).select(
         "run", "instrument_id", "trace_order", pl.col("notional").alias("intended_notional"),
         pl.col("price_currency").alias("currency"), "threshold_amount", "threshold_currency",
@@ -128,6 +130,30 @@ def translate(
         tax_events=tax_events,
         tax_totals=tax_totals,
     )
+
+
+def _exact_dust_tests(t: pl.DataFrame) -> pl.DataFrame:
+    """``t`` with ``_below_exact``: for a tax-limited sell whose notional lies within a hair
+    of its dust threshold, whether the reference's 28-digit notional (quantity × price, §1.1,
+    §6.9 step 7) is below it; null elsewhere, where the fixed-point notional decides. The
+    fixed point rounds the 28-decimal quantity to 20 decimals first, so a notional met
+    exactly (3.333…3 units at 90.00 against 300.00) comes out a hair below."""
+    near = (
+        ~f28.is_null("quantity_f28") & pl.col("suppress_dust_trades") & pl.col("threshold_amount").is_not_null()
+        & ((pl.col("notional") - pl.col("threshold_amount")).abs() <= lit(DUST) + pl.col("price") * QUANTITY_ROUNDING)
+    )
+    rows = t.select(pl.arg_where(near)).to_series()
+    below = pl.Series("_below_exact", [None] * t.height, dtype=pl.Boolean)
+    if rows.len():
+        exact = f28.from_dec(t[rows].select("quantity_f28", "price", "threshold_amount"), "price", "_price_f")
+        exact = f28.from_dec(f28.mul(exact, "quantity_f28", "_price_f", "_notional_f"), "threshold_amount", "_threshold_f")
+        exact = f28.sub(exact, "_notional_f", "_threshold_f", "_over_f").select(f28.sign("_over_f") < 0).to_series()
+        below = below.scatter(rows, exact)
+    return t.with_columns(below)
+
+
+# a 28-decimal quantity held at 20 decimals is off by up to half of this many units
+QUANTITY_ROUNDING = lit("0.00000000000000000001")
 
 
 def _drop_nulls(t: pl.DataFrame, column: str) -> pl.DataFrame:

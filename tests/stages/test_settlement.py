@@ -119,3 +119,31 @@ def test_ladder_runs_isolated(scenario):
     assert status == ["BLOCKED", "READY", "READY"]
     assert sorted(s.ladder.points["run"].unique().to_list()) == [0, 1]
     assert s.ladder.breaches["run"].unique().to_list() == [0]
+
+
+def test_ladder_breach_by_a_sell_too_small_for_20_decimals(scenario):
+    """A's sell spends the gains budget to within 1E-24, so B's sell is 1.48E-27 units
+    (notional 1.48E-25 USD) and its USD proceeds are swept on T+2 while the sell settles on
+    T+3: USD is 1.48E-25 below 0 on T+2 in 28 digits (§6.10, §6.15), an overdraft breach.
+    At 20 decimals every USD flow is 0; the ladder must still take the currency as moved
+    and decide its sign in 28 digits."""
+    s = scenario(
+        base="SGD",
+        positions=[("A", "100"), ("B", "10")],
+        cash=[("SGD", "10000.00")],
+        prices=[("A", "100.00", "SGD"), ("B", "100.00", "USD"), ("C", "10.00", "SGD")],
+        fx=[("USD/SGD", "1.350000")],
+        shelf=[{"instrument_id": "A", "status": "APPROVED", "settlement_days": 2},
+               {"instrument_id": "B", "status": "APPROVED", "settlement_days": 3},
+               {"instrument_id": "C", "status": "APPROVED", "settlement_days": 2}],
+        model=[("C", "0.5")],
+        lots=[("A", "L0", "100", "70.00", "SGD", "2020-01-01"), ("B", "L0", "10", "50.00", "USD", "2020-01-01")],
+        enable_tax_awareness=True,
+        max_realized_capital_gains="1000.00",
+        enable_settlement_awareness=True,
+        settlement_horizon_days=3,
+    )
+    b = s.ladder.breaches.filter(pl.col("currency") == "USD").sort("date_offset")
+    assert b["date_offset"].to_list() == [2]
+    assert s.run_row()["status"] == "BLOCKED"
+    assert [x["rule_id"] for x in s.rules()] == ["SETTLEMENT_CASH_LADDER"]

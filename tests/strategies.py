@@ -327,3 +327,58 @@ def round_inverse_requests(draw) -> dict:
         "market_data_snapshot": {"prices": prices, "fx_rates": [{"pair": f"{base}/{foreign}", "rate": str(q)}]},
         "model_portfolio": {"targets": targets}, "shelf_entries": shelf, "options": options,
     }
+
+
+# (price, lot cost) pairs whose gain per unit divides round budgets into endless decimals
+GAIN_PAIRS = (("100.00", "70.00"), ("90.00", "60.00"), ("100.00", "50.00"), ("10.00", "3.00"), ("21.00", "14.00"), ("45.50", "42.50"))
+
+
+@st.composite
+def tax_residue_requests(draw) -> dict:
+    """Requests whose gains budget runs out part-way through a sell, at a gain per unit that
+    divides it into endless decimals (§6.10): that sell's quantity has 28 significant
+    digits, and a later sell gets the 28-digit remainder of the budget, often 1E-24 or
+    less, whose proceeds are 0 at 20 decimals but not in the reference. They meet the
+    settlement ladder (FX sweeps settling before the sell), dust thresholds set to a
+    limited sell's exact notional, the turnover cap and overdraft allowances."""
+    base = draw(st.sampled_from(BASES))
+    foreign = draw(st.sampled_from([c for c in FOREIGN if c != base and c != "JPY"]))
+    rate = draw(st.sampled_from(["1.350000", "0.740000", "1.100000", "1.250000"]))
+    prices, positions, shelf, gains = [], [], [], []
+    for i in range(draw(st.integers(2, 4))):
+        iid = POOL[i]
+        ccy = draw(st.sampled_from([base, foreign]))
+        price, cost = draw(st.sampled_from(GAIN_PAIRS))
+        quantity = draw(st.sampled_from([10, 50, 100, 300]))
+        prices.append({"instrument_id": iid, "price": price, "currency": ccy})
+        lots = [{"lot_id": "L0", "quantity": str(quantity), "unit_cost": {"amount": cost, "currency": ccy}, "purchase_date": "2020-01-01"}]
+        positions.append({"instrument_id": iid, "quantity": str(quantity), "lots": lots})
+        shelf.append({"instrument_id": iid, "status": "APPROVED", "settlement_days": draw(st.integers(1, 3))})
+        gains.append((Decimal(price), Decimal(price) - Decimal(cost)))
+    buy = POOL[len(prices)]
+    prices.append({"instrument_id": buy, "price": "10.00", "currency": base})
+    shelf.append({"instrument_id": buy, "status": "APPROVED", "settlement_days": 2})
+    targets = [{"instrument_id": buy, "weight": draw(st.sampled_from(["0.5", "0.3", "0.9"]))}]
+    if draw(st.booleans()):  # a held instrument kept in part
+        targets.append({"instrument_id": POOL[0], "weight": draw(st.sampled_from(["0.05", "0.1"]))})
+    budget = draw(st.sampled_from([Decimal("100.00"), Decimal("1000.00"), Decimal("250.00"), Decimal("77.00")]))
+    options: dict = {"enable_tax_awareness": True, "max_realized_capital_gains": str(budget),
+                     "fx_buffer_pct": draw(st.sampled_from(["0.0", "0.01"]))}
+    if draw(st.integers(0, 2)) == 0:  # a limited sell's exact notional, where it has 2 decimals
+        price, gain = draw(st.sampled_from(gains))
+        notional = budget * price / gain
+        if notional == notional.quantize(Decimal("0.01")):
+            options["min_trade_notional"] = {"amount": str(notional.quantize(Decimal("0.01"))), "currency": base}
+    if draw(st.integers(0, 3)) > 0:
+        options.update(enable_settlement_awareness=True, settlement_horizon_days=draw(st.sampled_from([3, 5])))
+        if draw(st.booleans()):
+            options["max_overdraft_by_ccy"] = {foreign: draw(st.sampled_from(["0.00", "100.00"]))}
+    if draw(st.integers(0, 3)) == 0:
+        options["max_turnover_pct"] = draw(st.sampled_from(["0.1", "0.2", "0.5"]))
+    cash = [{"currency": base, "amount": draw(st.sampled_from(["0.00", "1000.00", "10000.00"]))}]
+    return {
+        "portfolio_snapshot": {"portfolio_id": draw(st.sampled_from(PORTFOLIO_IDS)), "base_currency": base,
+                               "positions": positions, "cash_balances": cash},
+        "market_data_snapshot": {"prices": prices, "fx_rates": [{"pair": f"{foreign}/{base}", "rate": rate}]},
+        "model_portfolio": {"targets": targets}, "shelf_entries": shelf, "options": options,
+    }

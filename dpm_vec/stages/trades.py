@@ -132,6 +132,10 @@ def translate(
     )
 
 
+# a 28-decimal quantity held at 20 decimals is off by up to half of this many units
+QUANTITY_ROUNDING = lit("0.00000000000000000001")
+
+
 def _exact_dust_tests(t: pl.DataFrame) -> pl.DataFrame:
     """``t`` with ``_below_exact``: for a tax-limited sell whose notional lies within a hair
     of its dust threshold, whether the reference's 28-digit notional (quantity × price, §1.1,
@@ -143,17 +147,13 @@ def _exact_dust_tests(t: pl.DataFrame) -> pl.DataFrame:
         & ((pl.col("notional") - pl.col("threshold_amount")).abs() <= lit(DUST) + pl.col("price") * QUANTITY_ROUNDING)
     )
     rows = t.select(pl.arg_where(near)).to_series()
-    below = pl.Series("_below_exact", [None] * t.height, dtype=pl.Boolean)
+    below = pl.repeat(None, t.height, dtype=pl.Boolean, eager=True).alias("_below_exact")
     if rows.len():
         exact = f28.from_dec(t[rows].select("quantity_f28", "price", "threshold_amount"), "price", "_price_f")
         exact = f28.from_dec(f28.mul(exact, "quantity_f28", "_price_f", "_notional_f"), "threshold_amount", "_threshold_f")
         exact = f28.sub(exact, "_notional_f", "_threshold_f", "_over_f").select(f28.sign("_over_f") < 0).to_series()
         below = below.scatter(rows, exact)
     return t.with_columns(below)
-
-
-# a 28-decimal quantity held at 20 decimals is off by up to half of this many units
-QUANTITY_ROUNDING = lit("0.00000000000000000001")
 
 
 def _drop_nulls(t: pl.DataFrame, column: str) -> pl.DataFrame:

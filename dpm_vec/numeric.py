@@ -21,6 +21,12 @@ QTY = pl.Decimal(38, 28)
 # weights in the target stage: 28 decimals, which is the reference's own precision for
 # weights in [0.1, 1), so redistributions like 0.2571…+0.2428… land where the reference's do
 WEIGHT = pl.Decimal(38, 28)
+# one unit of DEC's last place: a 28-decimal figure held in DEC is off by up to half of it
+DEC_UNIT = "0.00000000000000000001"
+# a share of a figure within which its fixed-point value and the reference's 28 digits may
+# fall on different sides of a limit (an inverse quote's 20-decimal rate is off by up to
+# ~1e-17 of itself): decisions that close are made again in 28 digits (dpm_vec.dec28)
+HAIR = "0.000000000001"
 
 
 def lit(value: str | int | Decimal) -> pl.Expr:

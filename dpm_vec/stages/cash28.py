@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec import dec28 as f28
-from dpm_vec.numeric import lit
+from dpm_vec.numeric import HAIR, lit
 from dpm_vec.stages.prepare import Market
 
 # a balance this close to 0 (or to an overdraft floor) may have the other sign in the reference's 28-digit sums
@@ -42,7 +42,7 @@ def limited_runs(intents: pl.DataFrame) -> pl.DataFrame:
 
 # an inexact rate is off by at most half a unit of its 20th decimal, ~1e-17 of the smallest
 # rates quoted (1e-4 and up): a base amount it converts is off by far less than this share
-INEXACT_SHARE = "0.000000000001"
+INEXACT_SHARE = HAIR
 
 
 def fx_margins(intents: pl.DataFrame) -> pl.DataFrame:
@@ -57,14 +57,16 @@ def fx_margins(intents: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def _foreign_currency() -> pl.Expr:
+    """``currency``: the foreign side of an FX intent (§6.13), bought by a FUNDING, sold by a SWEEP."""
+    return pl.when(pl.col("rationale_code") == "FUNDING").then(pl.col("buy_currency")).otherwise(pl.col("sell_currency")).alias("currency")
+
+
 def inexact_fx_runs(market: Market, intents: pl.DataFrame) -> pl.DataFrame:
     """(run) of the runs with an FX intent whose rate (foreign → base) the fixed point holds
     only rounded, so that its base amount can differ from the reference's in the last
     digits: an inverse quote whose quotient has more than 20 decimals."""
-    fx = intents.filter(pl.col("intent_type") == "FX_SPOT").select(
-        "run", "base_currency",
-        pl.when(pl.col("rationale_code") == "FUNDING").then(pl.col("buy_currency")).otherwise(pl.col("sell_currency")).alias("currency"),
-    )
+    fx = intents.filter(pl.col("intent_type") == "FX_SPOT").select("run", "base_currency", _foreign_currency())
     if fx.height == 0:
         return fx.select("run")
     fx = market.with_rate(fx, "currency", "base_currency", "_rate")
@@ -82,8 +84,7 @@ def exact_flows(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, sec: 
     projected = projected_balances(sec, cash)
     fx = intents.filter(pl.col("intent_type") == "FX_SPOT").join(runs.select("run", "fx_buffer_pct"), on="run", how="inner")
     fx = fx.with_columns(
-        pl.when(pl.col("rationale_code") == "FUNDING").then(pl.col("buy_currency")).otherwise(pl.col("sell_currency")).alias("currency"),
-        (lit(1) + pl.col("fx_buffer_pct")).alias("_one_plus"),
+        _foreign_currency(), (lit(1) + pl.col("fx_buffer_pct")).alias("_one_plus"),
     )
     fx = fx.join(projected, on=["run", "currency"], how="left", maintain_order="left")
     fx = market.with_rate_f28(fx, "currency", "base_currency", "_rate_f")

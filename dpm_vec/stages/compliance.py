@@ -12,7 +12,7 @@ import polars as pl
 
 from dpm_vec import dec28
 from dpm_vec.frames import concat_by_run, join_on_index, join_runs, sort_rows
-from dpm_vec.numeric import DEC, dabs, lit
+from dpm_vec.numeric import DEC, HAIR, dabs, lit
 from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, fx_margins, inexact_fx_runs, movements
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.universe import valued_in_28_digits
@@ -254,7 +254,7 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
 
 # within this of a band or cap, a fixed-point weight may fall on the other side in the
 # reference's 28 digits (an inverse quote's 20-decimal rate moves a weight by up to ~1e-17)
-WEIGHT_EPS = lit("0.000000000001")
+WEIGHT_EPS = lit(HAIR)
 
 
 def _exact_weight_breaches(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame,

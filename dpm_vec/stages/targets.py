@@ -17,7 +17,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.codes import with_code_lists
 from dpm_vec.frames import join_on_index, join_runs, sort_rows
-from dpm_vec.numeric import DEC, WEIGHT, dmax, dmin, lit
+from dpm_vec.numeric import DEC, DEC_UNIT, WEIGHT, dmax, dmin, lit
 from dpm_vec.stages.prepare import SLOT, Market
 from dpm_vec.stages.universe import ExactLocked, valued_in_28_digits
 
@@ -185,7 +185,7 @@ class _Step1:
 
 
 # within this of a bound, the last digit of the reference's 28-digit steps can decide a side
-_LAST_DIGITS = lit("0.00000000000000000001")
+_LAST_DIGITS = lit(DEC_UNIT)
 
 
 def _replayable_cap() -> pl.Expr:

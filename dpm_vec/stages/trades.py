@@ -15,7 +15,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.errors import QuantityRangeError
 from dpm_vec.frames import join_on_index, join_runs, position_in_run, sort_rows
-from dpm_vec.numeric import DEC, QTY, dabs, lit
+from dpm_vec.numeric import DEC, DEC_UNIT, HAIR, QTY, dabs, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import DUST, exact_notionals
 from dpm_vec.stages.prepare import Market
@@ -132,19 +132,16 @@ def translate(
     )
 
 
-# a 28-decimal quantity held at 20 decimals is off by up to half of this many units
-QUANTITY_ROUNDING = lit("0.00000000000000000001")
-
-
 def _exact_dust_tests(t: pl.DataFrame) -> pl.DataFrame:
     """``t`` with ``_below_exact``: for a tax-limited sell whose notional lies within a hair
     of its dust threshold, whether the reference's 28-digit notional (quantity × price, §1.1,
     §6.9 step 7) is below it; null elsewhere, where the fixed-point notional decides. The
-    fixed point rounds the 28-decimal quantity to 20 decimals first, so a notional met
-    exactly (3.333…3 units at 90.00 against 300.00) comes out a hair below."""
+    fixed point rounds the 28-decimal quantity to 20 decimals first (off by up to half a
+    ``DEC_UNIT``), so a notional met exactly (3.333…3 units at 90.00 against 300.00) comes
+    out a hair below."""
     near = (
         ~f28.is_null("quantity_f28") & pl.col("suppress_dust_trades") & pl.col("threshold_amount").is_not_null()
-        & ((pl.col("notional") - pl.col("threshold_amount")).abs() <= lit(DUST) + pl.col("price") * QUANTITY_ROUNDING)
+        & ((pl.col("notional") - pl.col("threshold_amount")).abs() <= lit(DUST) + pl.col("price") * lit(DEC_UNIT))
     )
     rows = t.select(pl.arg_where(near)).to_series()
     below = pl.repeat(None, t.height, dtype=pl.Boolean, eager=True).alias("_below_exact")
@@ -200,7 +197,7 @@ NEAR_INTEGER = lit("0.000000001")
 # plus this share of the quotient: an inverse quote's 20-decimal rate is off by up to ~1e-17
 # of itself, and a locked weight of 1e-7 held at 28 decimals by ~1e-14, which move a
 # quotient of 10^5 units or more by more than NEAR_INTEGER
-NEAR_INTEGER_SHARE = lit("0.000000000001")
+NEAR_INTEGER_SHARE = lit(HAIR)
 
 
 def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLocked | None = None,
@@ -342,7 +339,7 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
 # within this share of each other, two fixed-point turnover figures may compare the other
 # way in the reference's 28 digits: an inverse quote's 20-decimal rate is off by up to ~1e-17
 # of itself for the smallest rates quoted
-TURNOVER_EPS_RELATIVE = lit("0.000000000001")
+TURNOVER_EPS_RELATIVE = lit(HAIR)
 
 
 def _fragile_turnover_runs(frame: pl.DataFrame, ranked: pl.DataFrame) -> pl.DataFrame:

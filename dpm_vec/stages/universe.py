@@ -17,7 +17,7 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.frames import join_on_index, join_runs, sort_rows
-from dpm_vec.numeric import DEC, WEIGHT, lit
+from dpm_vec.numeric import DEC, HAIR, WEIGHT, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 
@@ -154,7 +154,7 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
     locked = f28.from_dec(join_runs(locked, totals.select("run", "divisor")), "divisor", "_divisor_f")
     locked = f28.div(locked, "_base_f", "_divisor_f", "_weight_f")
     last_digit = locked.filter(~f28.is_null("_rate_f")).group_by("run").agg(_LAST_DIGIT_RUNS).filter(pl.col("_last_digit")).select("run")
-    near = lit("0.000000000001")
+    near = lit(HAIR)
     at_cap = join_runs(locked.select("run", "_weight_f"), runs.select("run", "single_position_max_weight"), how="inner").filter(
         (f28.to_d28("_weight_f") - pl.col("single_position_max_weight")).abs() < near
     )
@@ -190,7 +190,7 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
 # them is not worth its time.
 _UNITS_OF_PRICE = pl.col("market_value") / pl.when(pl.col("price") != 0).then(pl.col("price"))
 _LAST_DIGIT_RUNS = (
-    ((f28.to_d28("_weight_f").sum() - lit(1)).abs() < lit("0.000000000001"))
+    ((f28.to_d28("_weight_f").sum() - lit(1)).abs() < lit(HAIR))
     | ((_UNITS_OF_PRICE - _UNITS_OF_PRICE.round(0)).abs() < lit("0.000000001")).any()
 ).alias("_last_digit")
 

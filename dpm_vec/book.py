@@ -30,6 +30,7 @@ CAP_MODES = ("REFERENCE", "RFC_ASSET_CLASS")
 STALE_ACTIONS = ("BLOCK", "EXCLUDE")
 TRADE_BY = ("UNITS", "NOTIONAL")
 LIQUIDITY_TIERS = ("L1", "L2", "L3", "L4", "L5")
+SNAPSHOT_KINDS = ("MODEL", "SHELF", "MARKET")
 
 # (column, dtype, required, default). Defaults are the reference service's option defaults
 # (spec §4) or, for RFC-0001 options the reference lacks, values that keep reference
@@ -152,9 +153,16 @@ TABLES: dict[str, list[tuple[str, pl.DataType, bool]]] = {
         ("currency", STR, True),
         ("max_overdraft", DEC, True),
     ],
+    # declares a model, shelf or market snapshot that exists although it may have no rows
+    # (an empty model, shelf or market data): its portfolios run instead of being blocked
+    # as UNKNOWN_MODEL / UNKNOWN_SHELF / UNKNOWN_MARKET_SNAPSHOT (import-requests writes it)
+    "snapshots": [
+        ("kind", STR, True),  # MODEL, SHELF or MARKET
+        ("snapshot_id", STR, True),
+    ],
 }
 
-OPTIONAL_TABLES = ("lots", "shelf_attributes", "group_constraints", "overdraft_limits")
+OPTIONAL_TABLES = ("lots", "shelf_attributes", "group_constraints", "overdraft_limits", "snapshots")
 
 COLUMN_DEFAULTS: dict[tuple[str, str], object] = {
     ("portfolios", "market_snapshot_id"): "md",
@@ -193,6 +201,7 @@ class Book:
     shelf_attributes: pl.DataFrame = field(default_factory=lambda: empty_table("shelf_attributes"))
     group_constraints: pl.DataFrame = field(default_factory=lambda: empty_table("group_constraints"))
     overdraft_limits: pl.DataFrame = field(default_factory=lambda: empty_table("overdraft_limits"))
+    snapshots: pl.DataFrame = field(default_factory=lambda: empty_table("snapshots"))
 
     def tables(self) -> dict[str, pl.DataFrame]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -834,6 +834,7 @@ def generate_book_frames(
         "models": m.models.clone(),
         "group_constraints": _group_constraints(block, seed),
         "overdraft_limits": _overdraft_limits(block, seed),
+        "snapshots": pl.DataFrame(schema={"kind": pl.String, "snapshot_id": pl.String}),  # every reference has rows
     }
     return {table: _conform_dtypes(table, frame) for table, frame in frames.items()}
 

@@ -1,7 +1,10 @@
 """Write a batch of JSON requests as a book directory (one run per request).
 
-The book is exactly the one ``simulate_many`` builds in memory, so ``dpm-vec sweep``
-over it gives the same results as the batch, one ``runs`` row per request in order.
+The book is the one ``simulate_many`` builds in memory, so ``dpm-vec sweep`` over it
+gives the same results as the batch, one ``runs`` row per request in order. Each
+request's model, shelf and market snapshot is also declared in the ``snapshots`` table:
+a request may carry an empty one (no targets, no shelf entries, no prices), which the
+reference runs and a book reader would otherwise block as an unknown reference.
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ def import_requests(requests: list, out_dir: str | Path) -> int:
             parsed = parse_request(request, key)
         except RequestError as exc:
             raise DpmVecError(f"request {index + 1}: {exc}") from None
-        parsed["portfolios"][0]["request_hash"] = request_hash(request)
+        portfolio = parsed["portfolios"][0]
+        portfolio["request_hash"] = request_hash(request)
+        parsed["snapshots"] = [
+            {"kind": "MODEL", "snapshot_id": portfolio["model_id"]},
+            {"kind": "SHELF", "snapshot_id": portfolio["shelf_id"]},
+            {"kind": "MARKET", "snapshot_id": portfolio["market_snapshot_id"]},
+        ]
         for table, table_rows in parsed.items():
             rows[table].extend(table_rows)
     book = rows_to_book(rows)

@@ -19,7 +19,7 @@ from dpm_vec.codes import InputFault
 from dpm_vec.errors import BookError
 from dpm_vec.schemas import check_table, failure_cases, raise_failures
 
-REFERENCE_TABLES = ("prices", "fx_rates", "shelf", "shelf_attributes", "models")
+REFERENCE_TABLES = ("prices", "fx_rates", "shelf", "shelf_attributes", "models", "snapshots")
 
 # Tables whose every row belongs to portfolios: by holdings snapshot or by run key. When a
 # sweep reads a shard, a row that fails its checks blocks the portfolios it belongs to
@@ -326,9 +326,17 @@ def _flag_row_faults(portfolios: pl.DataFrame, faults: pl.DataFrame) -> pl.DataF
 
 
 def _flag_broken_references(portfolios: pl.DataFrame, reference: dict[str, pl.DataFrame]) -> pl.DataFrame:
-    models = reference["models"]["model_id"].unique().implode()
-    shelves = reference["shelf"]["shelf_id"].unique().implode()
-    markets = pl.concat([reference["prices"]["market_snapshot_id"], reference["fx_rates"]["market_snapshot_id"]]).unique().implode()
+    """input_fault UNKNOWN_* for a model, shelf or market snapshot that has no rows and is
+    not declared in the ``snapshots`` table (a typo would otherwise run the portfolio
+    against nothing: an empty model liquidates every holding)."""
+    declared = reference["snapshots"]
+
+    def known(kind: str, *ids: pl.Series) -> pl.Series:
+        return pl.concat([*ids, declared.filter(pl.col("kind") == kind)["snapshot_id"]]).unique().implode()
+
+    models = known("MODEL", reference["models"]["model_id"])
+    shelves = known("SHELF", reference["shelf"]["shelf_id"])
+    markets = known("MARKET", reference["prices"]["market_snapshot_id"], reference["fx_rates"]["market_snapshot_id"])
     return portfolios.with_columns(
         pl.coalesce(
             pl.col("input_fault"),

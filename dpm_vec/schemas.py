@@ -12,7 +12,7 @@ from __future__ import annotations
 import pandera.polars as pa
 import polars as pl
 
-from dpm_vec.book import SHELF_STATUSES, TABLES, TRADE_BY, LIQUIDITY_TIERS, POLICY_COLUMNS
+from dpm_vec.book import LIQUIDITY_TIERS, POLICY_COLUMNS, SHELF_STATUSES, SNAPSHOT_KINDS, TABLES, TRADE_BY
 from dpm_vec.codes import ExitPath, RunStatus
 from dpm_vec.dec28 import F28, sign
 from dpm_vec.errors import BookError
@@ -120,6 +120,10 @@ INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
     "overdraft_limits": _keyed(
         {"run_key": _id(), "currency": _ccy(), "max_overdraft": pa.Column(DEC, checks=pa.Check.ge(0))},
         ["run_key", "currency"],
+    ),
+    "snapshots": _keyed(
+        {"kind": pa.Column(pl.String, checks=pa.Check.isin(list(SNAPSHOT_KINDS))), "snapshot_id": _id()},
+        ["kind", "snapshot_id"],
     ),
 }
 assert set(INPUT_SCHEMAS) == set(TABLES)

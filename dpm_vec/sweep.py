@@ -59,7 +59,7 @@ SWEEP_TABLES = (*OUTPUT_TABLES, "input_faults")
 # written by every sweep: one record per portfolio, and the input values that blocked one
 ALWAYS_WRITTEN = ("runs", "input_faults")
 BOOK_FILES = ("portfolios", "positions", "cash", "lots", "prices", "fx_rates", "shelf", "shelf_attributes",
-              "models", "group_constraints", "overdraft_limits")
+              "models", "group_constraints", "overdraft_limits", "snapshots")
 
 
 @dataclass(frozen=True)

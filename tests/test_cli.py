@@ -54,19 +54,44 @@ def test_simulate_directory_and_json_lines(tmp_path):
     assert len(by_dir) == len(requests)
 
 
+def _with_empty_references(request: dict) -> list[dict]:
+    """The request with no model targets, with no shelf entries, and with no market data:
+    a request may carry any of them empty, and the reference runs it."""
+    out = []
+    for path, empty in ((("model_portfolio", "targets"), []), (("shelf_entries",), []),
+                        (("market_data_snapshot",), {"prices": [], "fx_rates": []})):
+        variant = json.loads(json.dumps(request))
+        *parents, last = path
+        node = variant
+        for key in parents:
+            node = node[key]
+        node[last] = empty
+        out.append(variant)
+    return out
+
+
 def test_import_requests_then_sweep_matches_the_batch(tmp_path):
-    goldens = sorted(GOLDENS.glob("scenario_3*.json"))
-    batch = json.loads(cli("simulate", *map(str, goldens)).stdout)
-    assert cli("import-requests", *map(str, goldens), "--out", str(tmp_path / "book")).returncode == 0
-    swept = cli("sweep", str(tmp_path / "book"), "--out", str(tmp_path / "out"), "--quiet", "--threads", "2", "--shard-size", "3")
+    goldens = sorted(GOLDENS.glob("scenario_*.json"))
+    requests = [json.loads(p.read_text())["inputs"] for p in goldens]
+    requests += [json.loads(p.read_text()) for p in sorted((DATA / "requests").glob("*.json"))]
+    requests += _with_empty_references(requests[0])
+    files = []
+    for i, request in enumerate(requests):
+        files.append(tmp_path / f"req{i:03d}.json")
+        files[-1].write_text(json.dumps(request))
+    batch = json.loads(cli("simulate", *map(str, files)).stdout)
+    assert cli("import-requests", *map(str, files), "--out", str(tmp_path / "book")).returncode == 0
+    swept = cli("sweep", str(tmp_path / "book"), "--out", str(tmp_path / "out"), "--quiet", "--threads", "2", "--shard-size", "7")
     assert swept.returncode == 0, swept.stderr
-    n = len(goldens)
-    assert f"{-(-n // 3)} shard(s) of 3 on 2 thread(s), 0 resumed" in " ".join(swept.stderr.split())
+    n = len(files)
+    assert f"{-(-n // 7)} shard(s) of 7 on 2 thread(s), 0 resumed" in " ".join(swept.stderr.split())
     runs = pl.read_parquet(tmp_path / "out" / "runs" / "*.parquet")
+    assert runs["block_reason"].null_count() == n  # no request's reference is unknown, even an empty one
     assert runs["status"].to_list() == [r["status"] for r in batch]
     assert runs["portfolio_id"].to_list() == [r["lineage"]["portfolio_snapshot_id"] for r in batch]
-    intents = pl.read_parquet(tmp_path / "out" / "intents" / "*.parquet")
-    assert intents.height == sum(len(r["intents"]) for r in batch)
+    assert runs["dq_count"].to_list() == [sum(map(len, r["diagnostics"]["data_quality"].values())) for r in batch]
+    assert runs["security_intent_count"].to_list() == [sum(i["intent_type"] == "SECURITY_TRADE" for i in r["intents"]) for r in batch]
+    assert runs["fx_intent_count"].to_list() == [sum(i["intent_type"] == "FX_SPOT" for i in r["intents"]) for r in batch]
 
 
 def test_generate_is_deterministic(tmp_path):

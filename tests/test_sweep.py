@@ -214,6 +214,43 @@ def test_book_faults_block_with_named_reason(tmp_path):
     assert runs.filter(pl.col("block_reason").is_null()).height == 4
 
 
+def test_unknown_references_block_unless_declared_in_snapshots(tmp_path):
+    """A model, shelf or market snapshot with no rows blocks its portfolio as UNKNOWN_*
+    (a typo must not liquidate a portfolio against an empty model), unless the
+    ``snapshots`` table declares it: then the portfolio runs against the empty one."""
+    frames = generate_book_frames(4, 5, holdings=(3, 5))
+    broken = {1: ("model_id", "EMPTY_MODEL"), 2: ("shelf_id", "EMPTY_SHELF"), 3: ("market_snapshot_id", "EMPTY_MD")}
+    frames["portfolios"] = frames["portfolios"].with_columns(
+        pl.when(pl.int_range(pl.len()) == row).then(pl.lit(value)).otherwise(pl.col(column)).alias(column)
+        for row, (column, value) in broken.items()
+    )
+    ids = frames["portfolios"]["run_key"].to_list()
+    write_book(frames, tmp_path / "undeclared")
+    sweep(tmp_path / "undeclared", tmp_path / "out1", progress=False)
+    reasons = dict(zip(*_read(tmp_path / "out1", "runs").select("run_key", "block_reason")))
+    assert [reasons[k] for k in ids] == [None, "UNKNOWN_MODEL", "UNKNOWN_SHELF", "UNKNOWN_MARKET_SNAPSHOT"]
+
+    frames["snapshots"] = pl.DataFrame({"kind": ["MODEL", "SHELF", "MARKET"], "snapshot_id": ["EMPTY_MODEL", "EMPTY_SHELF", "EMPTY_MD"]})
+    write_book(frames, tmp_path / "declared")
+    sweep(tmp_path / "declared", tmp_path / "out2", progress=False)
+    runs = _read(tmp_path / "out2", "runs").select("run_key", "status", "block_reason", "n_shelf_missing", "n_price_missing")
+    by_key = {r["run_key"]: r for r in runs.iter_rows(named=True)}
+    assert all(by_key[k]["block_reason"] is None for k in ids)
+    intents = _read(tmp_path / "out2", "intents")
+    sells = intents.filter((pl.col("run_key") == ids[1]) & (pl.col("intent_type") == "SECURITY_TRADE"))
+    assert sells.height and set(sells["side"]) == {"SELL"}  # an empty model liquidates the approved holdings
+    assert by_key[ids[2]]["status"] == "BLOCKED" and by_key[ids[2]]["n_shelf_missing"] > 0  # unshelved model targets
+    assert by_key[ids[3]]["status"] == "BLOCKED" and by_key[ids[3]]["n_price_missing"] > 0
+
+
+def test_a_bad_snapshot_declaration_names_the_file(tmp_path):
+    frames = generate_book_frames(2, 5, holdings=(3, 5))
+    frames["snapshots"] = pl.DataFrame({"kind": ["MODEL", "PORTFOLIO"], "snapshot_id": ["m", "x"]})
+    write_book(frames, tmp_path / "book")
+    with pytest.raises(BookError, match=r"snapshots\.parquet.*'kind'"):
+        sweep(tmp_path / "book", tmp_path / "out", progress=False)
+
+
 def test_a_zero_price_blocks_the_portfolios_that_hold_or_target_it(tmp_path):
     """A zero price is bad data only where it is read (§9.1): every portfolio holding the
     instrument or targeting it is BLOCKED with NON_POSITIVE_PRICE, the rest run, and a zero

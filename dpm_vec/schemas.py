@@ -142,14 +142,21 @@ def failure_cases(table: str, frame: pl.DataFrame) -> pl.DataFrame | None:
 
 def raise_failures(cases: pl.DataFrame, file: str) -> None:
     """One ``BookError`` describing every failed check, with example rows."""
-    first = cases.row(0, named=True)
-    checks = sorted(set(cases["check"].cast(pl.String).to_list()))
-    column = first.get("column") or "(row)"
+    named = cases.with_columns(pl.col("column").cast(pl.String).fill_null("(row)"), pl.col("check").cast(pl.String))
+    by_column = named.group_by("column", maintain_order=True).agg(pl.col("check").unique().sort())
+    if by_column.height == 1:
+        column = by_column["column"][0]
+        message = f"{cases.height} failed check(s): {', '.join(by_column['check'][0])}"
+    else:  # name every failing column, each with its own checks
+        column = None
+        message = f"{cases.height} failed check(s) in columns " + "; ".join(
+            f"{c!r}: {', '.join(checks)}" for c, checks in by_column.iter_rows()
+        )
     examples = []
     for row in cases.head(5).iter_rows(named=True):
         index = row.get("index")
         examples.append(f"row {index} (0-based): {row.get('column') or ''} {row['failure_case']!s:.120} fails {row['check']}")
-    raise BookError(file, f"{cases.height} failed check(s): {', '.join(checks)}", column=column, examples=examples)
+    raise BookError(file, message, column=column, examples=examples)
 
 
 def check_table(table: str, frame: pl.DataFrame, file: str) -> None:

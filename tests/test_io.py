@@ -109,3 +109,24 @@ def test_unique_rows_fails_the_rows_pandera_unique_fails(rows, collide):
             patch.setattr(pl.DataFrame, "hash_rows", lambda self, *a, **k: pl.repeat(0, self.height, dtype=pl.UInt64, eager=True))
         assert cases(pa.DataFrameSchema(columns, checks=[unique_rows(["snap", "inst"])])) == expected
     assert bool(expected) == frame.select("snap", "inst").is_duplicated().any()
+
+
+def test_a_shared_table_failing_in_two_columns_names_both(tmp_path):
+    """read_book's error names every failing column with its own check, not the first
+    column with every check."""
+    from dpm_vec.generate import generate_book_frames
+    from dpm_vec.io import read_book, write_book
+
+    frames = generate_book_frames(3, 5, holdings=(2, 3))
+    row = pl.int_range(pl.len())
+    frames["prices"] = frames["prices"].with_columns(
+        pl.when(row == 3).then(-pl.col("price")).otherwise(pl.col("price")).alias("price"),
+        pl.when(row == 4).then(pl.lit("usd")).otherwise(pl.col("currency")).alias("currency"),
+    )
+    write_book(frames, tmp_path / "book")
+    with pytest.raises(BookError) as caught:
+        read_book(tmp_path / "book")
+    text = str(caught.value)
+    assert "prices.parquet: 2 failed check(s) in columns 'price': greater_than_or_equal_to(0); " \
+           "'currency': str_matches('^[A-Z]{3}$')" in text
+    assert "row 3 (0-based): price -" in text and "row 4 (0-based): currency usd" in text

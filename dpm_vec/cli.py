@@ -1,4 +1,4 @@
-"""Command line: ``dpm-vec simulate | sweep | generate | import-requests | serve``."""
+"""Command line: ``dpm-vec simulate | sweep | generate | import-requests | analyze | query | serve``."""
 
 from __future__ import annotations
 
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpm-vec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="simulate reference-contract JSON requests; prints the result JSON")
-    sim.add_argument("requests", nargs="+", help="request files (a golden file's inputs are used)")
+    sim.add_argument("requests", nargs="+", help="request files, directories of them, or - for JSON lines on stdin (a golden file's inputs are used)")
     sim.set_defaults(func=cmd_simulate)
     sw = sub.add_parser("sweep", help="run every portfolio of a book directory; write Parquet datasets + manifest.json")
     sw.add_argument("book", help="book directory (see docs/book.md)")

@@ -85,7 +85,7 @@ assert {f.value for f in InputFault} <= CODE_DESCRIPTIONS.keys()
 def markdown_table() -> str:
     """The code table of docs/codes.md (generated: ``python -m dpm_vec.codes``)."""
     rows = "\n".join(f"| `{code}` | {text} |" for code, text in CODE_DESCRIPTIONS.items())
-    return f"# Reason codes\n\nGenerated from `dpm_vec/codes.py` by `python -m dpm_vec.codes`.\n\n| code | meaning |\n| --- | --- |\n{rows}\n"
+    return f"# Reason codes\n\nGenerated from `dpm_vec/codes.py` by `.venv/bin/python -m dpm_vec.codes`.\n\n| code | meaning |\n| --- | --- |\n{rows}\n"
 
 
 def with_code_lists(frame: pl.DataFrame, case: pl.Expr, lists: list[list[str]], out: str) -> pl.DataFrame:

@@ -167,6 +167,35 @@ def test_a_misshapen_holdings_file_is_named_before_any_shard_runs(book, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def _documented_columns() -> dict[str, list[tuple[str, str]]]:
+    """Each dataset's (column, type) rows in docs/outputs.md, in table order."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "outputs.md").read_text()
+    tables: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("## `"):
+            current = line.split("`")[1]
+            tables[current] = []
+        elif current and line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            tables[current].append((cells[0].strip("`"), cells[1]))
+    return tables
+
+
+def _doc_type(dtype: pl.DataType) -> str:
+    return f"decimal({dtype.precision},{dtype.scale})" if isinstance(dtype, pl.Decimal) else str(dtype)
+
+
+def test_docs_list_every_dataset_column_in_order_with_its_type(swept):
+    """docs/outputs.md is what BI users build on: every column of every dataset a sweep
+    writes, in file order, with its Parquet type."""
+    out, manifest = swept
+    documented = _documented_columns()
+    for table in manifest["tables"]:
+        schema = pl.read_parquet_schema(sorted((out / table).glob("*.parquet"))[0])
+        assert documented[table] == [(name, _doc_type(dtype)) for name, dtype in schema.items()], table
+
+
 def test_output_files_are_copied_where_they_cannot_be_linked(book, swept, tmp_path, monkeypatch):
     """Committed shard files are hard-linked into the output; across file systems (a
     link fails) they are copied, with the same result."""

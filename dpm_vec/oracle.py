@@ -15,6 +15,15 @@ Public API:
     main(argv) / ``python -m dpm_vec.oracle REQUEST.json``
 
 Not covered: request validation (input is assumed valid) and ``/rebalance/analyze``.
+
+RFC-0001 options the reference lacks (``docs/features.md``, "RFC-0001 options the reference
+lacks"; ``shared/spec/RFC-0001-rebalance-simulation-mvp.md`` §6 and Appendix A) are
+implemented here too, written from those documents alone as a second, independent
+implementation: ``single_position_cap_mode: RFC_ASSET_CLASS``, ``notional_sizing`` (shelf
+``trade_by: NOTIONAL``), ``max_staleness_minutes`` / ``stale_price_action``,
+``max_skew_minutes`` and ``rfc_rationale_codes``. Every one defaults to the reference's
+behaviour (``max_skew_minutes`` only acts when both snapshots carry ``as_of``, a key the
+reference ignores).
 """
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
 from typing import Any
 
@@ -34,6 +44,7 @@ RUN_ID = "rr_oracle"
 ZERO = Decimal("0")
 ONE = Decimal("1")
 FOUR_DP = Decimal("0.0001")
+CENT = Decimal("0.01")
 
 
 # ---------------------------------------------------------------------------
@@ -85,6 +96,14 @@ def _money_in(m: Any) -> dict | None:
     return {"amount": D(m["amount"]), "currency": m["currency"]}
 
 
+def _timestamp(x: Any) -> datetime | None:
+    """An ISO-8601 ``as_of`` (docs/book.md: timestamp, UTC); a time without offset is UTC."""
+    if x is None:
+        return None
+    t = datetime.fromisoformat(str(x).strip())
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t
+
+
 # ---------------------------------------------------------------------------
 # parsed request
 # ---------------------------------------------------------------------------
@@ -117,18 +136,26 @@ class Options:
     enable_workflow_gates: bool = True
     workflow_requires_client_consent: bool = False
     client_consent_already_obtained: bool = False
+    # RFC-0001 options (docs/features.md, "RFC-0001 options the reference lacks"; docs/book.md)
+    single_position_cap_mode: str = "REFERENCE"
+    notional_sizing: bool = False
+    max_staleness_minutes: int | None = None
+    stale_price_action: str = "BLOCK"
+    max_skew_minutes: int = 15
+    rfc_rationale_codes: bool = False
 
     @classmethod
     def parse(cls, o: dict) -> "Options":
         o = o or {}
         r = cls()
-        for name in ("valuation_mode", "target_method"):
+        for name in ("valuation_mode", "target_method", "single_position_cap_mode", "stale_price_action"):
             if o.get(name) is not None:
                 setattr(r, name, str(o[name]))
         for name in ("compare_target_methods", "allow_restricted", "suppress_dust_trades",
                      "block_on_missing_prices", "block_on_missing_fx", "enable_tax_awareness",
                      "enable_settlement_awareness", "enable_workflow_gates",
-                     "workflow_requires_client_consent", "client_consent_already_obtained"):
+                     "workflow_requires_client_consent", "client_consent_already_obtained",
+                     "notional_sizing", "rfc_rationale_codes"):
             setattr(r, name, _bool(o.get(name), getattr(r, name)))
         for name in ("compare_target_methods_tolerance", "cash_band_min_weight",
                      "cash_band_max_weight", "fx_buffer_pct", "min_cash_buffer_pct"):
@@ -139,6 +166,9 @@ class Options:
         r.min_trade_notional = _money_in(o.get("min_trade_notional"))
         r.settlement_horizon_days = _int(o.get("settlement_horizon_days"), 5)
         r.fx_settlement_days = _int(o.get("fx_settlement_days"), 2)
+        if o.get("max_staleness_minutes") is not None:
+            r.max_staleness_minutes = _int(o["max_staleness_minutes"], 0)
+        r.max_skew_minutes = _int(o.get("max_skew_minutes"), 15)
         r.max_overdraft_by_ccy = {k: D(v) for k, v in (o.get("max_overdraft_by_ccy") or {}).items()}
         r.group_constraints = {k: D(v["max_weight"]) for k, v in (o.get("group_constraints") or {}).items()}
         return r
@@ -149,9 +179,11 @@ class Market:
 
     def __init__(self, request: dict):
         md = request.get("market_data_snapshot") or {}
+        self.as_of = _timestamp(md.get("as_of"))  # RFC: reference time for staleness and skew
         self.prices: dict[str, dict] = {}
         for p in md.get("prices") or []:
-            self.prices.setdefault(p["instrument_id"], {"price": D(p["price"]), "currency": p["currency"]})
+            self.prices.setdefault(p["instrument_id"], {"price": D(p["price"]), "currency": p["currency"],
+                                                        "as_of": _timestamp(p.get("as_of"))})
         self.fx: dict[str, Decimal] = {}
         for f in md.get("fx_rates") or []:
             self.fx.setdefault(f["pair"], D(f["rate"]))
@@ -165,6 +197,7 @@ class Market:
                 "settlement_days": _int(e.get("settlement_days"), 2),
                 "min_notional": _money_in(e.get("min_notional")),
                 "attributes": dict(e.get("attributes") or {}),
+                "trade_by": e.get("trade_by") or "UNITS",  # RFC Step 4: UNITS or NOTIONAL
             }
             self.shelf.setdefault(e["instrument_id"], entry)
             self.settlement_days[e["instrument_id"]] = entry["settlement_days"]
@@ -342,12 +375,46 @@ def state_out(st: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# RFC-0001 Step 1 (snapshot skew) and Step 2 (price staleness)
+# ---------------------------------------------------------------------------
+
+def snapshot_skew(pf: dict, mkt: Market, opts: Options) -> bool:
+    """RFC §6 Step 1 / features.md: "when both snapshots carry as_of, a larger skew
+    [than max_skew_minutes] blocks the run (SNAPSHOT_SKEW)"; the limit itself is allowed."""
+    p_as_of = _timestamp(pf.get("as_of"))
+    if p_as_of is None or mkt.as_of is None:
+        return False
+    return abs(p_as_of - mkt.as_of) > timedelta(minutes=opts.max_skew_minutes)
+
+
+def stale_instruments(pf: dict, positions: list[dict], targets: list[dict], mkt: Market,
+                      opts: Options) -> list[str]:
+    """RFC §6 Step 2 / features.md: the model targets and holdings whose price is older than
+    max_staleness_minutes, against market_data_snapshot.as_of, else the portfolio's as_of
+    (no reference time, or a price without as_of: nothing is stale). "Older than": a price
+    exactly at the limit is fresh."""
+    if opts.max_staleness_minutes is None:
+        return []
+    ref = mkt.as_of or _timestamp(pf.get("as_of"))
+    if ref is None:
+        return []
+    limit = timedelta(minutes=opts.max_staleness_minutes)
+    out: list[str] = []
+    for iid in [t["instrument_id"] for t in targets] + [p["instrument_id"] for p in positions]:
+        pe = mkt.prices.get(iid)
+        if pe is not None and pe["as_of"] is not None and ref - pe["as_of"] > limit and iid not in out:
+            out.append(iid)
+    return out
+
+
+# ---------------------------------------------------------------------------
 # §6.3 universe
 # ---------------------------------------------------------------------------
 
 def build_universe(targets: list[dict], positions: list[dict], before: dict, mkt: Market,
-                   opts: Options, dq: DQ) -> dict:
-    """§6.3: weight map, buy/sell lists, exclusions, SELL_ONLY excess."""
+                   opts: Options, dq: DQ, stale: frozenset = frozenset()) -> dict:
+    """§6.3: weight map, buy/sell lists, exclusions, SELL_ONLY excess. ``stale``: the
+    instruments that stale_price_action EXCLUDE takes out of the universe (RFC Step 2)."""
     wmap: dict[str, Decimal] = {}
     buy, sell, excluded = [], [], []
     sell_only_excess = ZERO
@@ -358,7 +425,12 @@ def build_universe(targets: list[dict], positions: list[dict], before: dict, mkt
             dq.shelf_missing.append(iid)
             continue
         st = e["status"]
-        if st in ("BANNED", "SUSPENDED") or (st == "RESTRICTED" and not opts.allow_restricted):
+        if iid in stale:
+            # features.md: with EXCLUDE a stale instrument is excluded (PRICE_STALE). Docs
+            # silent on a stale instrument that the shelf excludes too: as the engine, the
+            # stale price decides, whatever the shelf status
+            excluded.append((iid, "PRICE_STALE"))
+        elif st in ("BANNED", "SUSPENDED") or (st == "RESTRICTED" and not opts.allow_restricted):
             excluded.append((iid, f"SHELF_STATUS_{st}"))
         elif st == "SELL_ONLY":
             sell_only_excess = sell_only_excess + w
@@ -377,6 +449,11 @@ def build_universe(targets: list[dict], positions: list[dict], before: dict, mkt
         if e is None:
             wmap[iid] = row["weight"]
             excluded.append((iid, "LOCKED_DUE_TO_MISSING_SHELF"))
+        elif iid in stale:
+            # features.md: "with EXCLUDE the instrument is excluded (held ones locked)"; like
+            # a shelf-excluded held model target (§6.3), a stale one is listed twice (engine)
+            wmap[iid] = row["weight"]
+            excluded.append((iid, "PRICE_STALE"))
         elif e["status"] in ("SUSPENDED", "BANNED", "RESTRICTED"):
             wmap[iid] = row["weight"]
             excluded.append((iid, f"LOCKED_DUE_TO_{e['status']}"))
@@ -494,6 +571,39 @@ def single_position_cap(wmap: dict, buyset: set, m: Decimal) -> str:
     return "PENDING_REVIEW"
 
 
+def single_position_cap_rfc(wmap: dict, buyset: set, m: Decimal, mkt: Market, diag: dict) -> str:
+    """RFC-0001 §6 Step 3 (single_position_cap_mode RFC_ASSET_CLASS), in place of step 4:
+    cap every entry at m, and distribute each capped entry's excess "proportionally to other
+    eligible instruments in the *same* Asset Class" (features.md: buyable instruments of the
+    same asset class); "if a redistribution recipient now exceeds MaxWeight, the run is
+    BLOCKED with error INFEASIBLE_CONCENTRATION (no recursive looping)"; features.md: "no
+    recipient -> excess stays in cash, PENDING_REVIEW"."""
+    def asset_class(i):
+        e = mkt.shelf.get(i)
+        return e["asset_class"] if e else "UNKNOWN"
+    excess_by_class: dict[str, Decimal] = {}
+    for i, w in wmap.items():
+        if w > m:
+            excess_by_class[asset_class(i)] = excess_by_class.get(asset_class(i), ZERO) + (w - m)
+            wmap[i] = m
+    status = "READY"
+    recipients = []
+    for cls, excess in excess_by_class.items():
+        # other eligible instruments: buyable, of the class, below the cap after capping
+        cands = [i for i in wmap if i in buyset and asset_class(i) == cls and wmap[i] < m]
+        C = _sum(wmap[i] for i in cands)
+        if not C > 0:
+            status = "PENDING_REVIEW"  # the excess stays in cash
+            continue
+        for c in cands:
+            wmap[c] = wmap[c] + excess * (wmap[c] / C)
+        recipients.extend(cands)
+    if any(wmap[c] > m for c in recipients):
+        diag["warnings"].append("INFEASIBLE_CONCENTRATION")
+        return "BLOCKED"
+    return status
+
+
 def min_cash_buffer(wmap: dict, buyset: set, p: Decimal) -> str:
     """§6.4 step 5: scale buyable weights so that cash >= p."""
     if not p > 0:
@@ -525,7 +635,12 @@ def targets_heuristic(u: dict, mkt: Market, opts: Options, diag: dict) -> tuple[
         if apply_group_constraints(wmap, buyset, mkt, opts, diag) == "BLOCKED":
             return "BLOCKED", wmap
     status = _worse(status, normalise_above_one(wmap, buyset))
-    if opts.single_position_max_weight is not None:
+    if opts.single_position_max_weight is not None and opts.single_position_cap_mode == "RFC_ASSET_CLASS":
+        rfc = single_position_cap_rfc(wmap, buyset, opts.single_position_max_weight, mkt, diag)
+        if rfc == "BLOCKED":
+            return "BLOCKED", wmap
+        status = _worse(status, rfc)
+    elif opts.single_position_max_weight is not None:
         status = _worse(status, single_position_cap(wmap, buyset, opts.single_position_max_weight))
     status = _worse(status, min_cash_buffer(wmap, buyset, opts.min_cash_buffer_pct))
     return status, wmap
@@ -825,12 +940,29 @@ def tax_limit_sell(iid: str, requested: Decimal, pos: dict, price: Decimal, pccy
     return allowed, False
 
 
+def rationale_code(iid: str, side: str, fw: Decimal, pos: dict | None, tags: list[str], model_ids: set) -> str:
+    """RFC Appendix A codes (rfc_rationale_codes; features.md, in this order): LIQUIDATION
+    (off-model sells; RFC: "Selling excluded asset", so, as the engine, also a sell of a model
+    target whose final weight is 0), CONSTRAINT_CAP (capped or redistributed targets: a trace
+    tagged CAPPED_BY_MAX_WEIGHT or REDISTRIBUTED_RECIPIENT), CASH_INVESTMENT (buys of
+    instruments not held), REBALANCE_DRIFT (others)."""
+    if side == "SELL" and (iid not in model_ids or fw == 0):
+        return "LIQUIDATION"
+    if "CAPPED_BY_MAX_WEIGHT" in tags or "REDISTRIBUTED_RECIPIENT" in tags:
+        return "CONSTRAINT_CAP"
+    if side == "BUY" and (pos is None or pos["quantity"] == 0):
+        return "CASH_INVESTMENT"
+    return "REBALANCE_DRIFT"
+
+
 def translate_trades(trace: list[dict], positions: list[dict], tv: Decimal, base: str, mkt: Market,
-                     opts: Options, tax: TaxState, diag: dict, dq: DQ) -> list[dict]:
+                     opts: Options, tax: TaxState, diag: dict, dq: DQ, model_ids: set = frozenset()) -> list[dict]:
     """§6.9: size each trace instrument in floored units; tax-limit sells; suppress dust."""
     weights: dict[str, Decimal] = {}
+    tags: dict[str, list[str]] = {}
     for row in trace:  # first occurrence keeps position, last duplicate's weight applies
         weights[row["instrument_id"]] = row["final_weight"]
+        tags[row["instrument_id"]] = row["tags"]
     intents = []
     for iid, fw in weights.items():
         pe = mkt.prices.get(iid)
@@ -852,13 +984,24 @@ def translate_trades(trace: list[dict], positions: list[dict], tv: Decimal, base
             current = pos["quantity"] * price
         delta = target_instr - current
         side = "BUY" if delta > 0 else "SELL"
-        qty = abs(delta) // price  # exact integer part (§1.1)
+        shelf = mkt.shelf.get(iid)
+        amount = None
+        if opts.notional_sizing and shelf is not None and shelf["trade_by"] == "NOTIONAL":
+            # RFC Step 4 "Notional (Funds): Amount = round(abs(DeltaValue), 2)"; features.md:
+            # "quantity is amount / price; a sell is capped at the holding"
+            amount = abs(delta).quantize(CENT, rounding=ROUND_HALF_EVEN)
+            qty = amount / price
+            if side == "SELL" and pos is not None and qty > pos["quantity"]:
+                qty, amount = pos["quantity"], None  # capped: notional = quantity x price below
+        else:
+            qty = abs(delta) // price  # exact integer part (§1.1)
         limited = False
         if side == "SELL" and qty > 0 and opts.enable_tax_awareness and pos is not None and pos["lots"]:
             qty, limited = tax_limit_sell(iid, qty, pos, price, pccy, r, mkt, opts, tax, diag, dq)
-        notional = qty * price
+        # a notional-sized trade's notional is its amount; a sell capped at the holding or
+        # limited by the tax budget (docs silent; as the engine) is quantity x price
+        notional = amount if amount is not None and not limited else qty * price
         notional_base = notional * r
-        shelf = mkt.shelf.get(iid)
         threshold = opts.min_trade_notional or (shelf["min_notional"] if shelf else None)
         if opts.suppress_dust_trades and threshold is not None and notional < threshold["amount"]:
             diag["suppressed_intents"].append({
@@ -872,7 +1015,9 @@ def translate_trades(trace: list[dict], positions: list[dict], tv: Decimal, base
                 "intent_type": "SECURITY_TRADE", "intent_id": f"oi_{len(intents) + 1}",
                 "instrument_id": iid, "side": side, "quantity": qty,
                 "notional": notional, "ccy": pccy, "notional_base": notional_base,
-                "dependencies": [], "constraints_applied": applied})
+                "dependencies": [], "constraints_applied": applied,
+                "code": (rationale_code(iid, side, fw, pos, tags[iid], model_ids) if opts.rfc_rationale_codes
+                         else "DRIFT_REBALANCE")})
     return intents
 
 
@@ -984,7 +1129,7 @@ def intent_out(it: dict, base: str) -> dict:
             "instrument_id": it["instrument_id"], "side": it["side"], "quantity": s(it["quantity"]),
             "notional": money(it["notional"], it["ccy"]), "notional_base": money(it["notional_base"], base),
             "dependencies": list(it["dependencies"]),
-            "rationale": {"code": "DRIFT_REBALANCE", "message": "Align"},
+            "rationale": {"code": it["code"], "message": "Align"},
             "constraints_applied": list(it["constraints_applied"])}
 
 
@@ -1240,11 +1385,24 @@ def _simulate(request: dict, request_hash: str | None) -> dict:
     dq = DQ()
     diag = _new_diag()
 
+    # RFC Step 1 (snapshot skew) and Step 2 (stale prices): both block at DQ gate #1 (E1)
+    skewed = snapshot_skew(pf, mkt, opts)
+    stale = stale_instruments(pf, positions, targets, mkt, opts)
+    stale_blocks = bool(stale) and opts.stale_price_action == "BLOCK"
+    # docs silent on a run with several block reasons: as the engine, its warnings name one,
+    # the first of SNAPSHOT_SKEW, PRICE_STALE, INFEASIBLE_CONCENTRATION
+    input_fault = "SNAPSHOT_SKEW" if skewed else "PRICE_STALE" if stale_blocks else None
+    if input_fault:
+        diag["warnings"].append(input_fault)
+    excluded_stale = frozenset(stale) if opts.stale_price_action == "EXCLUDE" else frozenset()
+
     # valuation, universe, targets
     before = value_state(positions, cash, base, mkt, opts.valuation_mode, dq)
     tv = before["tv"]
-    u = build_universe(targets, positions, before, mkt, opts, dq)
+    u = build_universe(targets, positions, before, mkt, opts, dq, excluded_stale)
     t_status, wmap = generate_targets(opts.target_method, u, targets, mkt, opts, diag)
+    if input_fault and "INFEASIBLE_CONCENTRATION" in diag["warnings"]:
+        diag["warnings"].remove("INFEASIBLE_CONCENTRATION")
     trace = [] if t_status == "BLOCKED" else build_trace(targets, wmap, tv)
     comparison = None
     if opts.compare_target_methods:
@@ -1268,13 +1426,14 @@ def _simulate(request: dict, request_hash: str | None) -> dict:
         rules = evaluate_rules(before, opts, dq, len(diag["suppressed_intents"]))
         return result("BLOCKED", [], state_out(before), None, None, rules, "0", {"summary": "Blocked"})
 
-    # DQ gate #1 (§6.8)
-    if t_status == "BLOCKED" or dq.blocks(opts):
+    # DQ gate #1 (§6.8), with the RFC's skew and staleness blocks
+    if t_status == "BLOCKED" or dq.blocks(opts) or input_fault:
         return early_block()
 
     # trade translation (§6.9, §6.10), DQ gate #2 (§6.11)
     tax = TaxState()
-    intents = translate_trades(trace, positions, tv, base, mkt, opts, tax, diag, dq)
+    model_ids = {t["instrument_id"] for t in targets}
+    intents = translate_trades(trace, positions, tv, base, mkt, opts, tax, diag, dq, model_ids)
     if dq.blocks(opts):
         return early_block()
 

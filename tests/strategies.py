@@ -13,6 +13,7 @@ small fixed set, so independently drawn requests in one batch share ids on purpo
 """
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 from hypothesis import strategies as st
@@ -382,3 +383,108 @@ def tax_residue_requests(draw) -> dict:
         "market_data_snapshot": {"prices": prices, "fx_rates": [{"pair": f"{foreign}/{base}", "rate": rate}]},
         "model_portfolio": {"targets": targets}, "shelf_entries": shelf, "options": options,
     }
+
+
+# -------------------------------------------------------------------------------------
+# RFC-0001 options the reference lacks (docs/features.md, "RFC-0001 options the reference lacks")
+
+AS_OF_T0 = datetime(2024, 10, 4, 9, 30, tzinfo=timezone.utc)
+
+
+def _as_of(minutes: float, tz: str = "Z") -> str:
+    """AS_OF_T0 + minutes as ISO-8601 text: in UTC with ``Z``, with no offset (read as UTC),
+    or as the same instant at an offset such as ``+08:00``."""
+    t = AS_OF_T0 + timedelta(minutes=minutes)
+    if tz == "Z":
+        return t.strftime("%Y-%m-%dT%H:%M:%S") + "Z"
+    if tz == "":
+        return t.strftime("%Y-%m-%dT%H:%M:%S")
+    sign, hh, mm = tz[0], int(tz[1:3]), int(tz[4:6])
+    off = timedelta(hours=hh, minutes=mm) * (1 if sign == "+" else -1)
+    return (t + off).replace(tzinfo=timezone(off)).isoformat()
+
+
+def _complete(req: dict, draw) -> None:
+    """Give every held or model instrument a price and a shelf entry, and every currency a
+    non-zero FX quote to base."""
+    base = req["portfolio_snapshot"]["base_currency"]
+    md = req["market_data_snapshot"]
+    priced = {p["instrument_id"]: p["currency"] for p in md["prices"]}
+    shelved = {e["instrument_id"] for e in req["shelf_entries"]}
+    used = [t["instrument_id"] for t in req["model_portfolio"]["targets"]]
+    used += [p["instrument_id"] for p in req["portfolio_snapshot"]["positions"] if p["instrument_id"] not in used]
+    for i in used:
+        if i not in priced:
+            md["prices"].append({"instrument_id": i, "price": money2(draw, 1, 100_000), "currency": base})
+            priced[i] = base
+        if i not in shelved:
+            req["shelf_entries"].append({"instrument_id": i, "status": "APPROVED", "asset_class": draw(st.sampled_from(ASSET_CLASSES)),
+                                         "attributes": {"sector": draw(st.sampled_from(SECTORS))}})
+    md["fx_rates"] = [f for f in md["fx_rates"] if Decimal(f["rate"]) != 0]
+    quoted = {c for f in md["fx_rates"] for c in f["pair"].split("/")}
+    ccys = set(priced.values()) | {c["currency"] for c in req["portfolio_snapshot"]["cash_balances"]}
+    ccys |= {p["market_value"]["currency"] for p in req["portfolio_snapshot"]["positions"] if p.get("market_value")}
+    ccys |= {lot["unit_cost"]["currency"] for p in req["portfolio_snapshot"]["positions"] for lot in p.get("lots") or []}
+    for c in sorted(ccys - quoted - {base}):
+        md["fx_rates"].append({"pair": f"{c}/{base}", "rate": dec_text(draw(st.integers(500_000, 2_000_000)), 6)})
+
+
+@st.composite
+def rfc_option_requests(draw) -> dict:
+    """A ``requests()`` draw plus the RFC-0001 options: the asset-class cap (with caps that
+    bind and few asset classes, so the excess has same-class recipients, too many, or none),
+    notional sizing of shelf entries traded by NOTIONAL, ``as_of`` on both snapshots and on
+    prices around the staleness and skew limits (exact limits included), BLOCK or EXCLUDE of
+    stale prices, and the Appendix A rationale codes."""
+    req = draw(requests())
+    o = req["options"]
+    maybe = lambda p: draw(st.integers(0, 99)) < p  # noqa: E731
+    if maybe(70):  # complete the market data and shelf, so fewer runs stop at a data-quality block
+        _complete(req, draw)
+
+    # asset-class cap: caps that bind, and one or two classes so recipients share the class
+    if maybe(60):
+        o["single_position_max_weight"] = draw(st.sampled_from(["0.1", "0.15", "0.2", "0.25", "0.3", "0.4", "0.5"]))
+        if maybe(75):
+            o["single_position_cap_mode"] = "RFC_ASSET_CLASS"
+            if maybe(60):
+                classes = draw(st.lists(st.sampled_from(ASSET_CLASSES), min_size=1, max_size=2, unique=True))
+                for e in req["shelf_entries"]:
+                    e["asset_class"] = draw(st.sampled_from(classes))
+        elif maybe(20):
+            o["single_position_cap_mode"] = "REFERENCE"
+
+    # notional sizing: some shelf entries trade by NOTIONAL; one-decimal model weights put
+    # round(|delta|, 2) on exact half cents (0.5 x an odd number of cents)
+    if maybe(30):
+        for t in req["model_portfolio"]["targets"]:
+            t["weight"] = draw(st.sampled_from(["0.1", "0.2", "0.3", "0.5", "0.5"]))
+    if maybe(50):
+        o["notional_sizing"] = draw(weighted([(True, 4), ("true", 1)]))
+    for e in req["shelf_entries"]:
+        if maybe(40):
+            e["trade_by"] = draw(weighted([("NOTIONAL", 3), ("UNITS", 1)]))
+
+    # as_of on the snapshots and prices: ages and skews around the limits
+    tz = draw(weighted([("Z", 8), ("+00:00", 1), ("+08:00", 1), ("", 1)]))
+    if maybe(80):
+        req["market_data_snapshot"]["as_of"] = _as_of(0, tz)
+    if maybe(70):
+        skew = draw(weighted([(0, 8), (5, 3), (-10, 3), (15, 2), (-15, 1), (16, 1), (-16, 1), (15.5, 1), (30, 1), (-90, 1)]))
+        req["portfolio_snapshot"]["as_of"] = _as_of(skew, draw(weighted([("Z", 8), ("+08:00", 1), ("-05:30", 1)])))
+    stale_rate = draw(st.sampled_from([0, 10, 30, 60]))
+    for p in req["market_data_snapshot"]["prices"]:
+        if maybe(70):
+            age = draw(weighted([(0, 6), (30, 2), (59, 1), (60, 2), (61, 1), (-5, 1)])) if not maybe(stale_rate) else \
+                draw(st.sampled_from([61, 120, 1440, 60.5]))
+            p["as_of"] = _as_of(-age, draw(weighted([("Z", 8), ("+01:00", 1)])))
+    if maybe(55):
+        o["max_staleness_minutes"] = draw(st.sampled_from([0, 30, 60, 60, 120]))
+        if maybe(60):
+            o["stale_price_action"] = draw(weighted([("EXCLUDE", 3), ("BLOCK", 1)]))
+    if maybe(40):
+        o["max_skew_minutes"] = draw(st.sampled_from([0, 5, 15, 16, 30, 120]))
+
+    if maybe(55):
+        o["rfc_rationale_codes"] = True
+    return req

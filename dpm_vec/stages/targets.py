@@ -578,6 +578,9 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
         market, wm, gc, lambda near: _group_bindings_in_28_digits(market, step1, gc, near, locked_in_28_digits(near)),
     )
     warnings.append(group_warnings)
+    # a group with nowhere to put its excess stops the stage for its run (§6.4 step 2.6):
+    # no later step may add a finding (the RFC cap's INFEASIBLE_CONCENTRATION) to it
+    wm = wm.join(blocked, on="run", how="anti")
 
     # Step 3: normalisation above 100% (per-run sums; only the runs above 100% change)
     sums = wm.group_by("run").agg(

@@ -276,7 +276,7 @@ def _rationale() -> pl.Expr:
     """Reference code DRIFT_REBALANCE, or with ``rfc_rationale_codes`` the RFC Appendix A code."""
     capped = pl.col("tags").list.contains("CAPPED_BY_MAX_WEIGHT") | pl.col("tags").list.contains("REDISTRIBUTED_RECIPIENT")
     rfc = (
-        pl.when(~pl.col("in_model") | (pl.col("final_weight") == 0) & (pl.col("side") == "SELL")).then(pl.lit("LIQUIDATION"))
+        pl.when((~pl.col("in_model") | (pl.col("final_weight") == 0)) & (pl.col("side") == "SELL")).then(pl.lit("LIQUIDATION"))
         .when(capped).then(pl.lit("CONSTRAINT_CAP"))
         .when((pl.col("side") == "BUY") & pl.col("held_quantity").fill_null(lit(0)).eq(0)).then(pl.lit("CASH_INVESTMENT"))
         .otherwise(pl.lit("REBALANCE_DRIFT"))

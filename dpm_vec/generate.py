@@ -33,7 +33,7 @@ from pathlib import Path
 
 import polars as pl
 
-from dpm_vec.book import POLICY_COLUMNS, TABLES
+from dpm_vec.book import POLICY_COLUMNS, TABLES, empty_table
 from dpm_vec.numeric import DEC, WEIGHT
 
 # ---------------------------------------------------------------------------------------
@@ -834,7 +834,7 @@ def generate_book_frames(
         "models": m.models.clone(),
         "group_constraints": _group_constraints(block, seed),
         "overdraft_limits": _overdraft_limits(block, seed),
-        "snapshots": pl.DataFrame(schema={"kind": pl.String, "snapshot_id": pl.String}),  # every reference has rows
+        "snapshots": empty_table("snapshots"),  # every model, shelf and market snapshot has rows
     }
     return {table: _conform_dtypes(table, frame) for table, frame in frames.items()}
 

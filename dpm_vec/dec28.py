@@ -390,6 +390,16 @@ def to_dec(name: str) -> pl.Expr:
     return pl.when(k <= 9).then(low).otherwise(high)
 
 
+def round_to_dec(name: str, decimals: int) -> pl.Expr:
+    """F28 → DEC rounded half-even at ``decimals`` (≤ 20) places from all 28 digits:
+    ``to_dec`` first would round twice (x.xx4999… to x.xx5 at 20 decimals, then up)."""
+    z, k = _z(name), _k(name)
+    # below 1e9 every digit fits D28; from 1e9 up at most 19 decimals remain, which DEC holds
+    # exactly (both branches are computed for every row: the D28 one with k clipped to fit)
+    low = (z * _pow_d28(k.clip(upper_bound=9))).round(decimals).cast(DEC)
+    return pl.when(k <= 9).then(low).otherwise(to_dec(name).round(decimals))
+
+
 def negate(name: str) -> pl.Expr:
     z = _z(name)
     return pl.struct((_D28_0 - z).alias("z"), _k(name).alias("k"))

@@ -319,3 +319,24 @@ def test_null_tests_see_an_unmatched_row_of_a_left_join_against_a_chunked_column
     assert coalesced.select(dec28.to_dec("w")).to_series().to_list() == [Decimal("0.9"), Decimal("0.2"), Decimal("0.9")]
     filled = joined.with_columns(dec28.fill_null("w", dec28.zero()))
     assert filled.select(dec28.to_dec("w")).to_series().to_list() == [0, Decimal("0.2"), 0]
+
+
+@SETTINGS
+@given(pairs)
+def test_round_to_dec_rounds_the_28_digit_value_once(rows):
+    """round_to_dec(x / y, 2) is Python's 28-digit quotient quantized to cents, half-even."""
+    rows = [(x, y) for x, y in rows if y != 0 and abs(CTX.divide(x, y)) < Decimal(10) ** 17]
+    if not rows:
+        return
+    df = dec28.from_dec(dec28.from_dec(_frame({"x": [x for x, _ in rows], "y": [y for _, y in rows]}), "x", "xf"), "y", "yf")
+    df = dec28.div(df, "xf", "yf", "q").with_columns(dec28.round_to_dec("q", 2).alias("cents"))
+    expected = [CTX.divide(x, y).quantize(Decimal("0.01"), rounding=decimal.ROUND_HALF_EVEN) for x, y in rows]
+    assert df["cents"].to_list() == expected
+
+
+def test_round_to_dec_does_not_round_twice():
+    """3 / 200.00000000000000000001 is 0.014999…99925 in 28 digits: 0.01. Rounded to 20
+    decimals first it becomes 0.015, which half-even takes to 0.02."""
+    df = dec28.from_dec(dec28.from_dec(_frame({"x": [Decimal(3)], "y": [Decimal("200.00000000000000000001")]}), "x", "xf"), "y", "yf")
+    df = dec28.div(df, "xf", "yf", "q").with_columns(dec28.round_to_dec("q", 2).alias("once"), dec28.to_dec("q").round(2).alias("twice"))
+    assert df["once"].to_list() == [Decimal("0.01")] and df["twice"].to_list() == [Decimal("0.02")]

@@ -365,8 +365,9 @@ def test_floor_boundary_flips_stay_rare():
 
 def _notional_sized(req: dict) -> set[str]:
     """Instruments sized by amount (notional_sizing and shelf ``trade_by: NOTIONAL``, first
-    entry): their quantity is amount / price, a quotient the engine keeps at 20 decimals and
-    the oracle at 28 significant digits."""
+    entry): their quantity is amount / price, a quotient of 28 significant digits that the
+    engine's Decimal(38, 28) quantities keep to 28 decimals (a quantity below 0.1 loses
+    its last digits there)."""
     if str((req.get("options") or {}).get("notional_sizing")).lower() not in ("true", "1"):
         return set()
     first: dict[str, str] = {}
@@ -376,14 +377,14 @@ def _notional_sized(req: dict) -> set[str]:
 
 
 def _quotient_close(a, b) -> bool:
-    """Two renderings of one quotient: 20 decimals against 28 significant digits."""
+    """One 28-significant-digit quotient, and the same rounded to 28 decimals."""
     a, b = _d(a), _d(b)
-    return abs(a - b) <= Decimal("1e-18") + abs(b) * Decimal("1e-26")
+    return abs(a - b) <= Decimal("0.5e-28")
 
 
 def compare_rfc(req: dict, exp: dict, act: dict) -> list[str]:
     """``compare`` plus the rationale codes, with notional-sized quantities (intents, tax
-    events, after-state positions) taken as equal within the last digits of the quotient."""
+    events, after-state positions) taken as equal up to rounding at 28 decimals."""
     act = copy.deepcopy(act)
     sized = _notional_sized(req)
     if sized and "intents" in act:

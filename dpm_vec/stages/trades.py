@@ -88,11 +88,11 @@ def translate(
     t = _exact_near_integer_floors(market, t, exact, valued, replay, locked)
     _check_quantity_range(t, "_units")
     t = t.with_columns(pl.col("_units").cast(QTY).alias("requested_quantity"), pl.lit(False).alias("_oversell"))
-    t = _notional_sizing(t)
+    t = _notional_sizing(_notional_amounts(market, t, exact, valued, replay, locked))
     t, tax_events, tax_totals, tax_warnings, tax_fx_missing = limit_sells_by_tax_lots(market, t, lots, runs)
     t = t.with_columns(
         pl.when(pl.col("by_notional") & ~pl.col("_oversell") & (pl.col("quantity") == pl.col("requested_quantity")))
-        .then(pl.col("_abs_delta").round(2))
+        .then(pl.col("_amount"))
         .otherwise(pl.col("quantity").cast(DEC) * pl.col("price")).alias("notional"),
     ).with_columns(
         (pl.col("notional") * pl.col("rate")).alias("notional_base"),
@@ -159,20 +159,39 @@ def _drop_nulls(t: pl.DataFrame, column: str) -> pl.DataFrame:
 
 
 def _notional_sizing(t: pl.DataFrame) -> pl.DataFrame:
-    """RFC notional sizing: the amount rounded to cents, in units; a sell never exceeds the
+    """RFC notional sizing: the amount rounded to cents, in units, as the reference's
+    arithmetic gives the quotient (28 significant digits, §1.1); a sell never exceeds the
     holding. Only the rows it applies to (a few runs' NOTIONAL instruments) are sized and
     written back in place: a decimal division over every trade row costs far more."""
     rows = t.select(pl.arg_where("by_notional")).to_series()
     if rows.len() == 0:
         return t
-    held = pl.col("held_quantity").fill_null(pl.lit(0, dtype=QTY)).cast(DEC)
-    amount_units = pl.col("_abs_delta").round(2) / pl.col("price")
-    sized = t[rows].select("side", "instrument_id", amount_units.alias("_amount_units"), held.alias("_held")).with_columns(
-        ((pl.col("side") == "SELL") & (pl.col("_amount_units") > pl.col("_held"))).alias("_oversell"),
-    ).with_columns(pl.when("_oversell").then("_held").otherwise("_amount_units").alias("_amount_units"))
-    _check_quantity_range(sized, "_amount_units")
-    sized = sized.select(pl.col("_amount_units").cast(QTY).alias("requested_quantity"), "_oversell")
+    held = pl.col("held_quantity").fill_null(pl.lit(0, dtype=QTY)).alias("_held")
+    sized = t[rows].select("side", "instrument_id", "_amount", "price", held, (pl.col("_amount") / pl.col("price")).alias("_amount_units"))
+    _check_quantity_range(sized, "_amount_units")  # (a sell this large has failed as units already)
+    sized = f28.div(f28.from_dec(f28.from_dec(sized, "_amount", "_amount_f"), "price", "_price_f"), "_amount_f", "_price_f", "_units_f")
+    units = f28.to_d28("_units_f").cast(QTY)
+    oversell = (pl.col("side") == "SELL") & (units > pl.col("_held"))
+    sized = sized.select(pl.when(oversell).then("_held").otherwise(units).alias("requested_quantity"), oversell.alias("_oversell"))
     return t.with_columns(t.get_column(c).clone().scatter(rows, sized.get_column(c)) for c in sized.columns)
+
+
+def _notional_amounts(market: Market, t: pl.DataFrame, exact: ExactLocked | None, valued: tuple[pl.DataFrame, pl.DataFrame] | None,
+                      replay: Replay | None, locked: pl.DataFrame | None) -> pl.DataFrame:
+    """``t`` with ``_amount``: the notional-sized rows' round(|delta|, 2), half-even (null
+    elsewhere). An |delta| within a hair of a half cent is rounded from the reference's
+    28-digit delta (§1.1): an inverse quote's 20-decimal rate or a normalised locked weight
+    can put the fixed point on the other side of the midpoint (x.xx5 against x.xx4999…)."""
+    amount = pl.when("by_notional").then(pl.col("_abs_delta").round(2))
+    cents = pl.col("_abs_delta") * 100
+    midpoint = ((cents - cents.floor()) - lit("0.5")).abs() < NEAR_INTEGER + cents * NEAR_INTEGER_SHARE
+    near = t.filter("by_notional").filter(midpoint)  # the notional-sized rows are few: test only them
+    if near.height == 0:
+        return t.with_columns(amount.alias("_amount"))
+    near = _deltas_in_28_digits(market, near, exact, valued, replay, locked)
+    near = near.with_columns(f28.absolute("_delta_f").alias("_abs_delta_f"))
+    exact_amounts = near.select("slot", f28.round_to_dec("_abs_delta_f", 2).alias("_exact_amount"))
+    return join_on_index(t, exact_amounts, "slot").with_columns(pl.coalesce("_exact_amount", amount).alias("_amount")).drop("_exact_amount")
 
 
 # QTY holds quantities under 10^10 units; holdings reach 10^9 at most (the contract's limit)
@@ -223,6 +242,27 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
                     & (pl.col("final_weight") != 0))
     if near.height == 0:
         return t
+    near = _deltas_in_28_digits(market, near, exact, valued, replay, locked)
+    near = near.with_columns(f28.absolute("_delta_f").alias("_abs_delta_f"))
+    near = f28.div(near, "_abs_delta_f", "_price_f", "_quotient_f")
+    near = near.with_columns(f28.floor("_quotient_f").alias("_units"))
+    near = f28.from_dec(near, "_units", "_units_f")
+    near = f28.mul(near, "_units_f", "_price_f", "_units_notional_f")
+    near = f28.sub(near, "_units_notional_f", "_abs_delta_f", "_overshoot_f")
+    near = near.with_columns(
+        pl.when(f28.sign("_overshoot_f") > 0).then(pl.col("_units") - 1).otherwise(pl.col("_units")).alias("_units"),
+        pl.when(f28.sign("_delta_f") > 0).then(pl.lit("BUY")).otherwise(pl.lit("SELL")).alias("side"),
+        f28.to_dec("_abs_delta_f").alias("_abs_delta"),
+    ).select(t.columns)
+    others = t.filter(~pl.col("slot").is_in(near["slot"].implode()))
+    return sort_rows(pl.concat([others, near]), "run", "trace_order")
+
+
+def _deltas_in_28_digits(market: Market, near: pl.DataFrame, exact: ExactLocked | None, valued: tuple[pl.DataFrame, pl.DataFrame] | None,
+                         replay: Replay | None, locked: pl.DataFrame | None) -> pl.DataFrame:
+    """``near`` with ``_delta_f`` (target value − current value in the instrument's currency)
+    and ``_price_f`` as the reference's 28-digit steps leave them; see
+    ``_exact_near_integer_floors`` for where tv and the weight come from."""
     near = market.with_rate_f28(near, "price_currency", "base_currency", "_rate_f")
     for src, out in (("total_value", "_tv_f"), ("final_weight", "_fw_f"), ("current_value_instr", "_cur_f"), ("price", "_price_f")):
         near = f28.from_dec(near, src, out)
@@ -256,20 +296,7 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
             near = near.join(redone, on="slot", how="left").with_columns(f28.coalesce("_redone_f", "_fw_f").alias("_fw_f")).drop("_redone_f")
     near = f28.mul(near, "_tv_f", "_fw_f", "_tv_w_f")
     near = f28.div(near, "_tv_w_f", "_rate_f", "_target_f")
-    near = f28.sub(near, "_target_f", "_cur_f", "_delta_f")
-    near = near.with_columns(f28.absolute("_delta_f").alias("_abs_delta_f"))
-    near = f28.div(near, "_abs_delta_f", "_price_f", "_quotient_f")
-    near = near.with_columns(f28.floor("_quotient_f").alias("_units"))
-    near = f28.from_dec(near, "_units", "_units_f")
-    near = f28.mul(near, "_units_f", "_price_f", "_units_notional_f")
-    near = f28.sub(near, "_units_notional_f", "_abs_delta_f", "_overshoot_f")
-    near = near.with_columns(
-        pl.when(f28.sign("_overshoot_f") > 0).then(pl.col("_units") - 1).otherwise(pl.col("_units")).alias("_units"),
-        pl.when(f28.sign("_delta_f") > 0).then(pl.lit("BUY")).otherwise(pl.lit("SELL")).alias("side"),
-        f28.to_dec("_abs_delta_f").alias("_abs_delta"),
-    ).select(t.columns)
-    others = t.filter(~pl.col("slot").is_in(near["slot"].implode()))
-    return sort_rows(pl.concat([others, near]), "run", "trace_order")
+    return f28.sub(near, "_target_f", "_cur_f", "_delta_f")
 
 
 def _rationale() -> pl.Expr:

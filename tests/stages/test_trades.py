@@ -223,8 +223,7 @@ def test_notional_sizing_resizes_only_its_own_runs_notional_instruments(scenario
     }
     fund_amount = by_run[(0, "FUND")]
     assert fund_amount["notional"] == D("3665.00")
-    assert abs(fund_amount["requested_quantity"] * 30 - D("3665")) < D("1e-15")
-    assert fund_amount["requested_quantity"] != fund_amount["requested_quantity"].to_integral_value()
+    assert fund_amount["requested_quantity"] == D("122.1666666666666666666666667")  # 3665 / 30 to 28 significant digits (§1.1)
     assert by_run[(1, "FUND")]["requested_quantity"] == 122  # floor(3665 / 30)
     assert by_run[(0, "EQ")]["requested_quantity"] == by_run[(1, "EQ")]["requested_quantity"] == 111  # floor(3669 / 33)
 

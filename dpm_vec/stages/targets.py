@@ -397,16 +397,16 @@ def _group_bindings_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame
 def _candidates_in_28_digits(market: Market, wm: pl.DataFrame, step1: _Step1, gc: pl.DataFrame,
                              locked_for: Callable[[pl.DataFrame], pl.DataFrame | None]) -> pl.DataFrame:
     """(slot, _below_cap): for the buyable weights within 1e-20 of the cap ``m`` in runs
-    where step 4 takes excess in the reference's cap mode (``wm``: the map after step 3
-    with the run's policy), whether the weight lies strictly below ``m`` as the reference's
-    28-digit steps 1-3 leave it: a group cap's scaling gives 0.1428 × (0.2 / 0.2856) =
+    where step 4 takes excess, in either cap mode (``wm``: the map after step 3 with the
+    run's policy), whether the weight lies strictly below ``m`` as the reference's 28-digit
+    steps 1-3 leave it: a group cap's scaling gives 0.1428 × (0.2 / 0.2856) =
     0.09999999999999999999999999999 there (28 significant digits, a candidate under a cap
     of 0.1) and 0.1 at 28 decimals here (no candidate), and the candidates share all the
     excess. ``locked_for``: runs (run) → their locked weights in 28 digits, or None."""
     m = pl.col("single_position_max_weight")
     # the cheap tests first: most runs have no cap, or no excess over it
     near = wm.filter(pl.col("_excess") > 0).filter(
-        m.is_not_null() & _replayable_cap() & pl.col("buy") & ((pl.col("weight") - m).abs() < _LAST_DIGITS)
+        m.is_not_null() & (m > 0) & pl.col("buy") & ((pl.col("weight") - m).abs() < _LAST_DIGITS)
     )
     if near.height == 0:
         return pl.DataFrame(schema={"slot": SLOT, "_below_cap": pl.Boolean})
@@ -820,7 +820,7 @@ def _single_position_cap(market: Market, wm: pl.DataFrame, below_cap: Callable[[
     ref = wm.filter(~rfc | ~has_cap)
     rfc_frame = wm.filter(rfc & has_cap)
     ref, ref_pending, capped = _cap_reference(ref, below_cap(ref) if below_cap is not None else None)
-    rfc_frame, rfc_pending, rfc_faults = _cap_rfc(market, rfc_frame)
+    rfc_frame, rfc_pending, rfc_faults = _cap_rfc(market, rfc_frame, below_cap(rfc_frame) if below_cap is not None else None)
     out = pl.concat([ref, rfc_frame]).pipe(sort_rows, "run", "map_order")
     return out, pl.concat([ref_pending, rfc_pending]), rfc_faults, capped
 
@@ -873,7 +873,7 @@ def _cap_share() -> pl.Expr:
     )
 
 
-def _cap_rfc(market: Market, wm: pl.DataFrame):
+def _cap_rfc(market: Market, wm: pl.DataFrame, below_cap: pl.DataFrame | None = None):
     """RFC-0001 §6 Step 3: excess of each capped instrument goes to buyable instruments of
     the same asset class below the cap; a recipient pushed over the cap blocks the run."""
     empty_faults = pl.DataFrame(schema={"run": pl.UInt32, "target_fault": pl.String})
@@ -885,7 +885,11 @@ def _cap_rfc(market: Market, wm: pl.DataFrame):
         dmax(pl.col("weight") - m, lit(0)).sum().over("run", "asset_class").alias("_class_excess"),
         pl.col("_capped").alias("weight"),
     )
-    cand = pl.col("buy") & (pl.col("weight") < m)
+    below = pl.col("weight") < m
+    if below_cap is not None and below_cap.height:  # a weight within a last digit of the cap, decided in 28 digits
+        wm = join_on_index(wm, below_cap, "slot")
+        below = pl.coalesce("_below_cap", below)
+    cand = pl.col("buy") & below
     wm = wm.with_columns(
         pl.when(cand).then(pl.col("weight")).otherwise(lit(0)).sum().over("run", "asset_class").alias("_C"),
     )
@@ -898,7 +902,7 @@ def _cap_rfc(market: Market, wm: pl.DataFrame):
         pl.lit("INFEASIBLE_CONCENTRATION").alias("target_fault")
     )
     pending = wm.filter((pl.col("_class_excess") > 0) & ~(pl.col("_C") > 0)).select("run").unique()
-    return wm.drop("_excess", "_capped", "_class_excess", "_C", "asset_class"), pending, faults
+    return wm.drop("_excess", "_capped", "_class_excess", "_C", "asset_class", "_below_cap", strict=False), pending, faults
 
 
 def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.DataFrame:

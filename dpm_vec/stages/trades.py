@@ -183,8 +183,9 @@ def _notional_amounts(market: Market, t: pl.DataFrame, exact: ExactLocked | None
     28-digit delta (§1.1): an inverse quote's 20-decimal rate or a normalised locked weight
     can put the fixed point on the other side of the midpoint (x.xx5 against x.xx4999…)."""
     amount = pl.when("by_notional").then(pl.col("_abs_delta").round(2))
-    cents = pl.col("_abs_delta") * 100
-    midpoint = ((cents - cents.floor()) - lit("0.5")).abs() < NEAR_INTEGER + cents * NEAR_INTEGER_SHARE
+    # the cents of |delta|'s fraction (a product of |delta| itself could leave DEC's range)
+    cents = (pl.col("_abs_delta") - pl.col("_abs_delta").floor()) * 100
+    midpoint = ((cents - cents.floor()) - lit("0.5")).abs() < NEAR_INTEGER + pl.col("_abs_delta") * (NEAR_INTEGER_SHARE * 100)
     near = t.filter("by_notional").filter(midpoint)  # the notional-sized rows are few: test only them
     if near.height == 0:
         return t.with_columns(amount.alias("_amount"))

@@ -57,17 +57,8 @@ def test_simulate_directory_and_json_lines(tmp_path):
 def _with_empty_references(request: dict) -> list[dict]:
     """The request with no model targets, with no shelf entries, and with no market data:
     a request may carry any of them empty, and the reference runs it."""
-    out = []
-    for path, empty in ((("model_portfolio", "targets"), []), (("shelf_entries",), []),
-                        (("market_data_snapshot",), {"prices": [], "fx_rates": []})):
-        variant = json.loads(json.dumps(request))
-        *parents, last = path
-        node = variant
-        for key in parents:
-            node = node[key]
-        node[last] = empty
-        out.append(variant)
-    return out
+    empty = {"model_portfolio": {"targets": []}, "shelf_entries": [], "market_data_snapshot": {"prices": [], "fx_rates": []}}
+    return [{**json.loads(json.dumps(request)), key: value} for key, value in empty.items()]
 
 
 def test_import_requests_then_sweep_matches_the_batch(tmp_path):

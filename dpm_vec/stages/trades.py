@@ -167,9 +167,9 @@ def _notional_sizing(t: pl.DataFrame) -> pl.DataFrame:
     if rows.len() == 0:
         return t
     held = pl.col("held_quantity").fill_null(pl.lit(0, dtype=QTY)).alias("_held")
-    sized = t[rows].select("side", "instrument_id", "_amount", "price", held, (pl.col("_amount") / pl.col("price")).alias("_amount_units"))
+    sized = f28.from_dec(f28.from_dec(t[rows].select("side", "instrument_id", "_amount", "price", held), "_amount", "_amount_f"), "price", "_price_f")
+    sized = f28.div(sized, "_amount_f", "_price_f", "_units_f").with_columns(f28.to_dec("_units_f").alias("_amount_units"))
     _check_quantity_range(sized, "_amount_units")  # (a sell this large has failed as units already)
-    sized = f28.div(f28.from_dec(f28.from_dec(sized, "_amount", "_amount_f"), "price", "_price_f"), "_amount_f", "_price_f", "_units_f")
     units = f28.to_d28("_units_f").cast(QTY)
     oversell = (pl.col("side") == "SELL") & (units > pl.col("_held"))
     sized = sized.select(pl.when(oversell).then("_held").otherwise(units).alias("requested_quantity"), oversell.alias("_oversell"))
@@ -190,7 +190,6 @@ def _notional_amounts(market: Market, t: pl.DataFrame, exact: ExactLocked | None
     if near.height == 0:
         return t.with_columns(amount.alias("_amount"))
     near = _deltas_in_28_digits(market, near, exact, valued, replay, locked)
-    near = near.with_columns(f28.absolute("_delta_f").alias("_abs_delta_f"))
     exact_amounts = near.select("slot", f28.round_to_dec("_abs_delta_f", 2).alias("_exact_amount"))
     return join_on_index(t, exact_amounts, "slot").with_columns(pl.coalesce("_exact_amount", amount).alias("_amount")).drop("_exact_amount")
 
@@ -244,7 +243,6 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
     if near.height == 0:
         return t
     near = _deltas_in_28_digits(market, near, exact, valued, replay, locked)
-    near = near.with_columns(f28.absolute("_delta_f").alias("_abs_delta_f"))
     near = f28.div(near, "_abs_delta_f", "_price_f", "_quotient_f")
     near = near.with_columns(f28.floor("_quotient_f").alias("_units"))
     near = f28.from_dec(near, "_units", "_units_f")
@@ -261,8 +259,8 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
 
 def _deltas_in_28_digits(market: Market, near: pl.DataFrame, exact: ExactLocked | None, valued: tuple[pl.DataFrame, pl.DataFrame] | None,
                          replay: Replay | None, locked: pl.DataFrame | None) -> pl.DataFrame:
-    """``near`` with ``_delta_f`` (target value − current value in the instrument's currency)
-    and ``_price_f`` as the reference's 28-digit steps leave them; see
+    """``near`` with ``_delta_f`` (target value − current value in the instrument's currency),
+    ``_abs_delta_f`` and ``_price_f`` as the reference's 28-digit steps leave them; see
     ``_exact_near_integer_floors`` for where tv and the weight come from."""
     near = market.with_rate_f28(near, "price_currency", "base_currency", "_rate_f")
     for src, out in (("total_value", "_tv_f"), ("final_weight", "_fw_f"), ("current_value_instr", "_cur_f"), ("price", "_price_f")):
@@ -297,7 +295,8 @@ def _deltas_in_28_digits(market: Market, near: pl.DataFrame, exact: ExactLocked 
             near = near.join(redone, on="slot", how="left").with_columns(f28.coalesce("_redone_f", "_fw_f").alias("_fw_f")).drop("_redone_f")
     near = f28.mul(near, "_tv_f", "_fw_f", "_tv_w_f")
     near = f28.div(near, "_tv_w_f", "_rate_f", "_target_f")
-    return f28.sub(near, "_target_f", "_cur_f", "_delta_f")
+    near = f28.sub(near, "_target_f", "_cur_f", "_delta_f")
+    return near.with_columns(f28.absolute("_delta_f").alias("_abs_delta_f"))
 
 
 def _rationale() -> pl.Expr:

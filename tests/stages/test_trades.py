@@ -408,27 +408,17 @@ def test_tax_limited_sell_meeting_the_threshold_exactly_is_not_dust(scenario):
     """A gains budget of 100 over lot cost 60 at price 90 allows 3.333…3 units (28 digits),
     whose 28-digit notional is exactly 300.00 (§1.1, §6.9 step 8: dust only below the
     threshold). At 20 decimals the quantity times the price is 299.99…97 and was suppressed."""
-    s = scenario(
-        base="SGD",
-        positions=[("A", "100")],
-        cash=[("SGD", "10000")],
-        prices=[("A", "90.00", "SGD"), ("C", "10.00", "SGD")],
-        shelf=[("A", "APPROVED"), ("C", "APPROVED")],
-        model=[("C", "0.5")],
-        lots=[("A", "L0", "100", "60.00", "SGD", "2020-01-01")],
-        enable_tax_awareness=True,
-        max_realized_capital_gains="100.00",
-        min_trade_notional=("300.00", "SGD"),
+    book = dict(
+        base="SGD", positions=[("A", "100")], cash=[("SGD", "10000")],
+        prices=[("A", "90.00", "SGD"), ("C", "10.00", "SGD")], shelf=[("A", "APPROVED"), ("C", "APPROVED")],
+        model=[("C", "0.5")], lots=[("A", "L0", "100", "60.00", "SGD", "2020-01-01")],
+        enable_tax_awareness=True, max_realized_capital_gains="100.00",
     )
+    s = scenario(**book, min_trade_notional=("300.00", "SGD"))
     assert [x[0] for x in _suppressed(s)] == []
     sells = s.translation.intents.filter(pl.col("side") == "SELL")
     assert sells["instrument_id"].to_list() == ["A"]
     assert sells["quantity"].to_list() == [D("3.333333333333333333333333333")]
     # a hair more threshold makes it dust again: the exact test decides both ways
-    higher = scenario(
-        base="SGD", positions=[("A", "100")], cash=[("SGD", "10000")],
-        prices=[("A", "90.00", "SGD"), ("C", "10.00", "SGD")], shelf=[("A", "APPROVED"), ("C", "APPROVED")],
-        model=[("C", "0.5")], lots=[("A", "L0", "100", "60.00", "SGD", "2020-01-01")],
-        enable_tax_awareness=True, max_realized_capital_gains="100.00", min_trade_notional=("300.00000000000000000001", "SGD"),
-    )
+    higher = scenario(**book, min_trade_notional=("300.00000000000000000001", "SGD"))
     assert [x[0] for x in _suppressed(higher)] == ["A"]

@@ -338,6 +338,22 @@ def test_trace_order_values_and_tags(scenario):
     assert dict(zip(t["instrument_id"], t["model_weight"]))["OFF"] == D("0")
 
 
+def test_final_value_reads_every_digit_of_the_weight(scenario):
+    """A locked third of 15,000 has weight 0.3333…3 (28 decimals): the reference's
+    tv × final_weight rounds to exactly 5000, where the weight read at 20 decimals gives
+    4999.99999999999999995. A weight with 20 decimals or fewer keeps the fixed-point product."""
+    s = scenario(
+        positions=[("LCK", "500")],
+        cash=[("USD", "10000")],
+        prices=[("A", "10", "USD"), ("LCK", "10", "USD")],
+        shelf=[("A", "APPROVED"), ("LCK", "SUSPENDED")],
+        model=[("A", "0.5")],
+    )
+    t = s.targets.trace
+    assert dict(zip(t["instrument_id"], t["final_weight"]))["LCK"] == D("0.3333333333333333333333333333")
+    assert dict(zip(t["instrument_id"], t["final_value"])) == {"A": D("7500"), "LCK": D("5000")}
+
+
 # ---- isolation of runs in one book -----------------------------------------------------------------
 
 

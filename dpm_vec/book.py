@@ -61,7 +61,7 @@ POLICY_COLUMNS: list[tuple[str, pl.DataType, object]] = [
     ("client_consent_already_obtained", BOOL, False),
     ("notional_sizing", BOOL, False),
     ("max_staleness_minutes", INT, None),
-    ("max_skew_minutes", INT, 15),
+    ("max_skew_minutes", INT, None),
     ("stale_price_action", STR, "BLOCK"),
     ("rfc_rationale_codes", BOOL, False),
     ("compare_target_methods", BOOL, False),

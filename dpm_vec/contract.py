@@ -207,6 +207,11 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     md = r.obj(request.get("market_data_snapshot"), "market_data_snapshot", required=False) or {}
     mp = r.obj(request.get("model_portfolio"), "model_portfolio", required=False) or {}
     options = r.obj(request.get("options"), "options", required=False) or {}
+    # as_of and trade_by are keys the reference ignores (§9): checked only where an RFC-0001
+    # option reads them, and otherwise kept when valid, dropped when not, as never sent
+    unread = _Reader()
+    as_of = r if any(options.get(k) is not None for k in ("max_skew_minutes", "max_staleness_minutes")) else unread
+    trade_by = r if _Reader().boolean(options.get("notional_sizing"), "", False) is True else unread
 
     # an object's required fields are missing only where the object is there ({} included)
     ps_given = isinstance(request.get("portfolio_snapshot"), dict)
@@ -279,7 +284,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
         rows["prices"].append({
             "market_snapshot_id": run_key, "instrument_id": iid, "price": price,
             "currency": r.text(p.get("currency"), f"{path}.currency"),
-            "as_of": r.timestamp(p.get("as_of"), f"{path}.as_of"),
+            "as_of": as_of.timestamp(p.get("as_of"), f"{path}.as_of"),
         })
     fx_rates = r.arr(md.get("fx_rates"), "market_data_snapshot.fx_rates")
     repeats = _duplicates(r, fx_rates, lambda p: p.get("pair") if isinstance(p, dict) else None, "market_data_snapshot.fx_rates", "pair",
@@ -324,7 +329,8 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             continue
         iid = r.text(s.get("instrument_id"), f"{path}.instrument_id")
         mn, mn_ccy = r.money(s.get("min_notional"), f"{path}.min_notional")
-        r.not_null(s, ("asset_class", "settlement_days", "attributes", "trade_by"), path)
+        r.not_null(s, ("asset_class", "settlement_days", "attributes"), path)
+        trade_by.not_null(s, ("trade_by",), path)
         rows["shelf"].append({
             "shelf_id": run_key, "instrument_id": iid,
             "status": r.enum(s.get("status"), f"{path}.status", SHELF_STATUSES, required=True),
@@ -333,7 +339,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             "liquidity_tier": r.enum(s.get("liquidity_tier"), f"{path}.liquidity_tier", LIQUIDITY_TIERS),
             "settlement_days": r.integer(s.get("settlement_days"), f"{path}.settlement_days", 2, 0, 10),
             "min_notional_amount": mn, "min_notional_currency": mn_ccy,
-            "trade_by": r.enum(s.get("trade_by"), f"{path}.trade_by", ("UNITS", "NOTIONAL"), default="UNITS"),
+            "trade_by": trade_by.enum(s.get("trade_by"), f"{path}.trade_by", ("UNITS", "NOTIONAL"), default="UNITS"),
         })
         attributes = r.obj(s.get("attributes"), f"{path}.attributes", required=False) or {}
         for k, v in attributes.items():
@@ -346,8 +352,8 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     rows["portfolios"].append({
         "run_key": run_key, "portfolio_id": portfolio_id, "base_currency": base,
         "portfolio_snapshot_id": run_key, "market_snapshot_id": run_key, "shelf_id": run_key, "model_id": run_key,
-        "portfolio_as_of": r.timestamp(ps.get("as_of"), "portfolio_snapshot.as_of"),
-        "market_as_of": r.timestamp(md.get("as_of"), "market_data_snapshot.as_of"),
+        "portfolio_as_of": as_of.timestamp(ps.get("as_of"), "portfolio_snapshot.as_of"),
+        "market_as_of": as_of.timestamp(md.get("as_of"), "market_data_snapshot.as_of"),
         **policy,
     })
     if r.errors:
@@ -385,7 +391,7 @@ def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]
         "client_consent_already_obtained": r.boolean(o.get("client_consent_already_obtained"), f"{p}.client_consent_already_obtained", False),
         "notional_sizing": r.boolean(o.get("notional_sizing"), f"{p}.notional_sizing", False),
         "max_staleness_minutes": r.integer(o.get("max_staleness_minutes"), f"{p}.max_staleness_minutes", None, 0, 10**7),
-        "max_skew_minutes": r.integer(o.get("max_skew_minutes"), f"{p}.max_skew_minutes", 15, 0, 10**7),
+        "max_skew_minutes": r.integer(o.get("max_skew_minutes"), f"{p}.max_skew_minutes", None, 0, 10**7),
         "stale_price_action": r.enum(o.get("stale_price_action"), f"{p}.stale_price_action", ("BLOCK", "EXCLUDE"), "BLOCK"),
         "rfc_rationale_codes": r.boolean(o.get("rfc_rationale_codes"), f"{p}.rfc_rationale_codes", False),
         "compare_target_methods": r.boolean(o.get("compare_target_methods"), f"{p}.compare_target_methods", False),

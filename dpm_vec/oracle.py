@@ -22,8 +22,8 @@ implemented here too, written from those documents alone as a second, independen
 implementation: ``single_position_cap_mode: RFC_ASSET_CLASS``, ``notional_sizing`` (shelf
 ``trade_by: NOTIONAL``), ``max_staleness_minutes`` / ``stale_price_action``,
 ``max_skew_minutes`` and ``rfc_rationale_codes``. Every one defaults to the reference's
-behaviour (``max_skew_minutes`` only acts when both snapshots carry ``as_of``, a key the
-reference ignores).
+behaviour (off; ``max_skew_minutes`` acts only when set and both snapshots carry
+``as_of``, a key the reference ignores).
 """
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ class Options:
     notional_sizing: bool = False
     max_staleness_minutes: int | None = None
     stale_price_action: str = "BLOCK"
-    max_skew_minutes: int = 15
+    max_skew_minutes: int | None = None
     rfc_rationale_codes: bool = False
 
     @classmethod
@@ -168,7 +168,8 @@ class Options:
         r.fx_settlement_days = _int(o.get("fx_settlement_days"), 2)
         if o.get("max_staleness_minutes") is not None:
             r.max_staleness_minutes = _int(o["max_staleness_minutes"], 0)
-        r.max_skew_minutes = _int(o.get("max_skew_minutes"), 15)
+        if o.get("max_skew_minutes") is not None:
+            r.max_skew_minutes = _int(o["max_skew_minutes"], 0)
         r.max_overdraft_by_ccy = {k: D(v) for k, v in (o.get("max_overdraft_by_ccy") or {}).items()}
         r.group_constraints = {k: D(v["max_weight"]) for k, v in (o.get("group_constraints") or {}).items()}
         return r
@@ -382,7 +383,7 @@ def snapshot_skew(pf: dict, mkt: Market, opts: Options) -> bool:
     """RFC §6 Step 1 / features.md: "when both snapshots carry as_of, a larger skew
     [than max_skew_minutes] blocks the run (SNAPSHOT_SKEW)"; the limit itself is allowed."""
     p_as_of = _timestamp(pf.get("as_of"))
-    if p_as_of is None or mkt.as_of is None:
+    if opts.max_skew_minutes is None or p_as_of is None or mkt.as_of is None:
         return False
     return abs(p_as_of - mkt.as_of) > timedelta(minutes=opts.max_skew_minutes)
 

@@ -482,8 +482,8 @@ def rfc_option_requests(draw) -> dict:
         o["max_staleness_minutes"] = draw(st.sampled_from([0, 30, 60, 60, 120]))
         if maybe(60):
             o["stale_price_action"] = draw(weighted([("EXCLUDE", 3), ("BLOCK", 1)]))
-    if maybe(40):
-        o["max_skew_minutes"] = draw(st.sampled_from([0, 5, 15, 16, 30, 120]))
+    if maybe(60):
+        o["max_skew_minutes"] = draw(st.sampled_from([0, 5, 15, 15, 16, 30, 120]))
 
     if maybe(55):
         o["rfc_rationale_codes"] = True

@@ -256,3 +256,48 @@ def test_a_negative_price_is_422_even_unused():
     request = copy.deepcopy(REQUEST)
     request["market_data_snapshot"]["prices"].append({"instrument_id": "UNUSED", "price": "-1", "currency": "SGD"})
     assert _errors(request) == [("market_data_snapshot.prices[1].price", "must be greater than 0, got -1")]
+
+
+def test_as_of_keys_change_nothing_unless_an_rfc_option_reads_them():
+    """The reference ignores ``as_of`` (§9): snapshots a day apart and prices a year old
+    run as they would there, until ``max_skew_minutes`` or ``max_staleness_minutes`` asks
+    for the RFC-0001 check."""
+    request = copy.deepcopy(REQUEST)
+    request["portfolio_snapshot"]["as_of"] = "2026-11-26T10:00:00Z"
+    request["market_data_snapshot"]["as_of"] = "2026-11-25T10:00:00Z"
+    for price in request["market_data_snapshot"]["prices"]:
+        price["as_of"] = "2025-11-25T10:00:00Z"
+    skew, stale = (_with(("options",), {**request["options"], name: 15}) for name in ("max_skew_minutes", "max_staleness_minutes"))
+    for r in (skew, stale):
+        r["portfolio_snapshot"], r["market_data_snapshot"] = request["portfolio_snapshot"], request["market_data_snapshot"]
+    with_keys, plain, skewed, staled = simulate_many([request, REQUEST, skew, stale])
+    for key in ("status", "intents", "after_simulated", "rule_results"):
+        assert with_keys[key] == plain[key]
+    assert plain["status"] == "READY" and plain["intents"]
+    assert (skewed["status"], skewed["diagnostics"]["warnings"]) == ("BLOCKED", ["SNAPSHOT_SKEW"])
+    assert (staled["status"], staled["diagnostics"]["warnings"]) == ("BLOCKED", ["PRICE_STALE"])
+
+
+def test_as_of_and_trade_by_are_checked_only_where_an_rfc_option_reads_them():
+    """Text the reference would ignore is not a 422 while no option reads it (it is dropped,
+    as if never sent); with the option that reads it, it is."""
+    request = copy.deepcopy(REQUEST)
+    request["portfolio_snapshot"]["as_of"] = "yesterday"
+    request["market_data_snapshot"]["as_of"] = 12345
+    request["market_data_snapshot"]["prices"][0]["as_of"] = "garbage"
+    request["shelf_entries"][0]["trade_by"] = "WHATEVER"
+    rows = parse_request(request, "r0")
+    assert rows["portfolios"][0]["portfolio_as_of"] is None and rows["portfolios"][0]["market_as_of"] is None
+    assert rows["prices"][0]["as_of"] is None and rows["shelf"][0]["trade_by"] == "UNITS"
+    assert simulate_many([request])[0]["status"] == simulate_many([REQUEST])[0]["status"] == "READY"
+    assert parse_request(_with(("shelf_entries", 0, "trade_by"), None), "r0")["shelf"][0]["trade_by"] == "UNITS"
+
+    skew = _with(("options", "max_skew_minutes"), 15)
+    skew["portfolio_snapshot"], skew["market_data_snapshot"] = request["portfolio_snapshot"], request["market_data_snapshot"]
+    assert [f for f, _ in _errors(skew)] == [
+        "market_data_snapshot.prices[0].as_of", "portfolio_snapshot.as_of", "market_data_snapshot.as_of",
+    ]
+    for value in ("WHATEVER", None):
+        notional = _with(("options", "notional_sizing"), "true")
+        notional["shelf_entries"][0]["trade_by"] = value
+        assert [f for f, _ in _errors(notional)] == ["shelf_entries[0].trade_by"]

@@ -410,12 +410,9 @@ def compare_rfc(req: dict, exp: dict, act: dict) -> list[str]:
 
 
 def _without(req: dict, option: str) -> dict:
-    """The request with one RFC option back at its default (for the skew: no portfolio as_of)."""
+    """The request with one RFC option back at its default (off)."""
     r = copy.deepcopy(req)
-    if option == "skew":
-        r["portfolio_snapshot"].pop("as_of", None)
-    else:
-        r["options"].pop(option, None)
+    r["options"].pop(option, None)
     return r
 
 
@@ -427,7 +424,7 @@ def _outcome(result: dict) -> str:
 
 
 # per RFC option: requests drawn, and requests in which it changed the oracle's outcome
-RFC_OPTIONS = ("single_position_cap_mode", "notional_sizing", "max_staleness_minutes", "skew", "rfc_rationale_codes")
+RFC_OPTIONS = ("single_position_cap_mode", "notional_sizing", "max_staleness_minutes", "max_skew_minutes", "rfc_rationale_codes")
 RFC_EXERCISED = {"requests": 0, **{k: 0 for k in RFC_OPTIONS}}
 
 
@@ -436,7 +433,7 @@ def _count_rfc_effects(req: dict, exp: dict) -> None:
     for option in RFC_OPTIONS:
         if option == "rfc_rationale_codes":
             changed = any(i["rationale"]["code"] not in ("DRIFT_REBALANCE", "FUNDING", "SWEEP") for i in exp["intents"])
-        elif option == "skew" or option in req["options"]:
+        elif option in req["options"]:
             changed = _outcome(oracle_simulate(_without(req, option))) != _outcome(exp)
         else:
             changed = False

@@ -41,7 +41,7 @@ def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, mo
     )
     priced = priced.with_columns(is_stale.alias("_stale"))
     skew = runs.filter(
-        pl.col("portfolio_as_of").is_not_null() & pl.col("market_as_of").is_not_null()
+        pl.col("max_skew_minutes").is_not_null() & pl.col("portfolio_as_of").is_not_null() & pl.col("market_as_of").is_not_null()
         & ((pl.col("portfolio_as_of") - pl.col("market_as_of")).abs() > pl.duration(minutes=pl.col("max_skew_minutes")))
     )
     faults = pl.concat([

@@ -47,9 +47,11 @@ def test_snapshot_skew(scenario):
     def run(minutes, **policy):
         return _base(scenario, portfolio_as_of=T0, market_as_of=T0 + timedelta(minutes=minutes), **policy)
 
-    assert _faults(run(15))[0] == {}  # max_skew_minutes defaults to 15, boundary allowed
-    assert _faults(run(16))[0] == {0: "SNAPSHOT_SKEW"}
-    assert _faults(run(-16))[0] == {0: "SNAPSHOT_SKEW"}
+    # off by default: the reference ignores as_of, so any skew runs as it would there
+    assert _faults(run(60 * 24 * 365))[0] == {}
+    assert _faults(run(15, max_skew_minutes=15))[0] == {}  # the limit itself is allowed
+    assert _faults(run(16, max_skew_minutes=15))[0] == {0: "SNAPSHOT_SKEW"}
+    assert _faults(run(-16, max_skew_minutes=15))[0] == {0: "SNAPSHOT_SKEW"}
     assert _faults(run(16, max_skew_minutes=30))[0] == {}
 
 
@@ -101,7 +103,7 @@ def test_stale_price_excluded_and_held_locked(scenario):
 def test_faults_isolated_between_runs(scenario):
     s = _base(
         scenario,
-        runs=[dict(portfolio_as_of=T0, market_as_of=T0 + timedelta(hours=1)), dict(), dict(max_skew_minutes=120,
+        runs=[dict(portfolio_as_of=T0, market_as_of=T0 + timedelta(hours=1), max_skew_minutes=15), dict(), dict(max_skew_minutes=120,
               portfolio_as_of=T0, market_as_of=T0 + timedelta(hours=1))],
     )
     assert _faults(s)[0] == {0: "SNAPSHOT_SKEW"}

@@ -429,6 +429,9 @@ def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]
 
 
 def _suitability(r: _Reader, value, path: str) -> None:
+    """§3.6 item 8: weights in [0, 1] (a ``…_weight`` key, or a ``…_by_tier`` /
+    ``liquidity_tier_max_weights`` map keyed L1..L5), the severity enum, and min ≤ max for
+    the cash band. Other keys are not the reference's, so they are ignored (§3)."""
     s = r.obj(value, path, required=False)
     if not s:
         return
@@ -439,8 +442,8 @@ def _suitability(r: _Reader, value, path: str) -> None:
             for tier, w in (r.obj(v, f"{path}.{key}", required=False) or {}).items():
                 r.enum(tier, f"{path}.{key}", LIQUIDITY_TIERS)
                 r.decimal(w, f"{path}.{key}.{tier}", minimum=Decimal(0), maximum=Decimal(1))
-        elif isinstance(v, (str, int, float)) and not isinstance(v, bool):
-            r.decimal(v, f"{path}.{key}", minimum=Decimal(0), maximum=Decimal(1))
+        elif key.endswith("_weight"):
+            r.decimal(v, f"{path}.{key}", required=False, minimum=Decimal(0), maximum=Decimal(1))
     lo, hi = s.get("cash_band_min_weight"), s.get("cash_band_max_weight")
     if lo is not None and hi is not None:
         try:

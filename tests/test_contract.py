@@ -301,3 +301,21 @@ def test_as_of_and_trade_by_are_checked_only_where_an_rfc_option_reads_them():
         notional = _with(("options", "notional_sizing"), "true")
         notional["shelf_entries"][0]["trade_by"] = value
         assert [f for f, _ in _errors(notional)] == ["shelf_entries[0].trade_by"]
+
+
+@pytest.mark.parametrize("thresholds, field", [
+    ({"note": "hello", "reviewed_by": 7, "flags": ["x"]}, None),  # not the reference's keys: ignored (§3)
+    ({"issuer_max_weight": "0.2", "cash_band_min_weight": None}, None),
+    ({"issuer_max_weight": "1.5"}, "options.suitability_thresholds.issuer_max_weight"),
+    ({"issuer_max_weight": "abc"}, "options.suitability_thresholds.issuer_max_weight"),
+    ({"max_weight_by_tier": {"L6": "0.1"}}, "options.suitability_thresholds.max_weight_by_tier"),
+    ({"cash_band_min_weight": "0.3", "cash_band_max_weight": "0.2"}, "options.suitability_thresholds"),
+])
+def test_suitability_thresholds_check_weights_and_ignore_other_keys(thresholds, field):
+    """§3.6 item 8: weights outside [0, 1], tier keys other than L1..L5 and a cash band with
+    min > max are 422; a key that is no weight of the reference's is ignored, as anywhere."""
+    request = _with(("options", "suitability_thresholds"), thresholds)
+    if field is None:
+        parse_request(request, "r0")
+    else:
+        assert [f for f, _ in _errors(request)] == [field]

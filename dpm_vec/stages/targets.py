@@ -186,6 +186,7 @@ class _Step1:
 
 # within this of a bound, the last digit of the reference's 28-digit steps can decide a side
 _LAST_DIGITS = lit(DEC_UNIT)
+_TV_AT_28_DECIMALS, _WEIGHT_AT_28_DECIMALS = lit("1e9"), pl.lit(10, dtype=WEIGHT)
 
 
 def _replayable_cap() -> pl.Expr:
@@ -476,9 +477,7 @@ def _tags_in_28_digits(market: Market, trace: pl.DataFrame, replay: Replay, tota
         "run", "slot", f28.to_d28("_w_f").cast(WEIGHT).alias("_final"),
         pl.when(f28.sign("_diff_f") < 0).then(2).when(f28.sign("_diff_f") > 0).then(3).otherwise(4).alias("_case"),
     )
-    near = with_final_values(join_runs(near, totals.select("run", "total_value")), "_final", "_value").select(
-        "slot", "_final", "_value", "_case",
-    )
+    near = join_runs(near, totals.select("run", "total_value")).select("slot", "_final", final_value("_final").alias("_value"), "_case")
     near = with_code_lists(near, pl.col("_case"), TAG_LISTS, "_tags")
     return join_on_index(trace, near, "slot").with_columns(
         pl.coalesce("_final", "final_weight").alias("final_weight"), pl.coalesce("_value", "final_value").alias("final_value"),
@@ -925,18 +924,17 @@ def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.Da
         .otherwise(4)
     )
     trace = with_code_lists(trace, tag_case, TAG_LISTS, "tags")
-    return with_final_values(trace, "final_weight", "final_value").drop("total_value").pipe(sort_rows, "run", "trace_order")
+    return trace.with_columns(final_value("final_weight").alias("final_value")).drop("total_value").pipe(sort_rows, "run", "trace_order")
 
 
-def with_final_values(frame: pl.DataFrame, weight: str, out: str) -> pl.DataFrame:
-    """``frame`` with ``out`` = total_value × ``weight`` (§6.5), the product rounded to 28
-    significant digits as the reference's is. The fixed-point product reads the weight at
-    20 decimals, so for a weight with more digits (0.3333…3 at 28) it is computed in 28
-    digits: 15000 × 0.3333…3 is 5000 there, 4999.99999999999999995 from 20 decimals."""
-    frame = frame.with_columns((pl.col("total_value") * pl.col(weight).cast(DEC)).alias(out))
-    finer = frame.select(pl.col(weight) != pl.col(weight).cast(DEC).cast(WEIGHT)).to_series().fill_null(False)
-    if not finer.any():
-        return frame
-    rows = frame.select("total_value", weight).filter(finer)
-    rows = f28.mul(f28.from_dec(f28.from_dec(rows, "total_value", "_tv_f"), weight, "_w_f"), "_tv_f", "_w_f", "_v_f")
-    return frame.with_columns(frame[out].scatter(finer.arg_true(), rows.select(f28.to_dec("_v_f")).to_series()))
+def final_value(weight: str) -> pl.Expr:
+    """total_value × ``weight`` (§6.5) from every digit of the weight. The fixed-point
+    product reads the weight at 20 decimals (15000 × 0.3333…3 at 28 decimals gives
+    4999.99999999999999995, the reference's 28 digits 5000), so where both factors fit
+    ``WEIGHT`` (|tv| < 1e9, |w| < 10: the product stays below its 1e10) the product is
+    taken at its 28 decimals, then rounded to DEC."""
+    tv, w = pl.col("total_value"), pl.col(weight)
+    fits = (tv.abs() < _TV_AT_28_DECIMALS) & (w.abs() < _WEIGHT_AT_28_DECIMALS)
+    # both branches are computed for every row: zeros keep the other rows' product in range
+    at_28 = (pl.when(fits).then(tv).otherwise(0).cast(WEIGHT) * pl.when(fits).then(w).otherwise(0)).cast(DEC)
+    return pl.when(fits).then(at_28).otherwise(tv * w.cast(DEC))

@@ -291,7 +291,6 @@ def value_state(positions: list[dict], cash: list[dict], base: str, mkt: Market,
                 mode: str, dq: DQ) -> dict:
     """§6.2: value positions and cash in base; weights are raw here (rounded on output)."""
     rows = []
-    pos_total = ZERO
     for p in positions:
         iid = p["instrument_id"]
         pe = mkt.prices.get(iid)
@@ -318,18 +317,22 @@ def value_state(positions: list[dict], cash: list[dict], base: str, mkt: Market,
                      "price": price if pe else None, "value_instr": value_instr,
                      "value_base": value_base,
                      "attributes": shelf["attributes"] if shelf else {}})
-        pos_total = pos_total + value_base
     cash_total = ZERO
+    cash_values = []
     for c in cash:
         if c["currency"] == base:
-            cash_total = cash_total + c["amount"]
-            continue
-        r = mkt.rate(c["currency"], base)
-        if r is None:
-            dq.fx_missing.append(f"{c['currency']}/{base}")
-            continue
-        cash_total = cash_total + c["amount"] * r
-    tv = pos_total + cash_total
+            cash_values.append(c["amount"])
+        else:
+            r = mkt.rate(c["currency"], base)
+            if r is None:
+                dq.fx_missing.append(f"{c['currency']}/{base}")
+                continue
+            cash_values.append(c["amount"] * r)
+        cash_total = cash_total + cash_values[-1]
+    # one running sum, positions then cash (the golden after-states' last digits show it)
+    tv = ZERO
+    for v in [row["value_base"] for row in rows] + cash_values:
+        tv = tv + v
     T = ONE if tv == 0 else tv
     for row in rows:
         row["weight"] = row["value_base"] / T

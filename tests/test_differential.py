@@ -506,7 +506,9 @@ def _known_params():
 def test_known_failure(path):
     """Each file holds a ``request`` (engine vs oracle) or a ``batch`` (every slot vs its
     solo run and vs the oracle), plus ``differs`` / ``spec_supports`` notes. Compared as the
-    RFC property compares (``compare`` plus rationale codes), so ``rfc_*`` files replay too."""
+    RFC property compares (``compare`` plus rationale codes), so ``rfc_*`` files replay too.
+    Where engine and oracle once shared a misreading, ``reference_trades`` ("instrument
+    side": quantity, worked out from the spec by hand) pins both to the reference's trades."""
     doc = json.loads(path.read_text())
     if "batch" in doc:
         batch = doc["batch"]
@@ -516,5 +518,10 @@ def test_known_failure(path):
             assert not errs, _report(req, errs)
         return
     req = doc["request"]
-    errs = compare_rfc(req, oracle_simulate(req), simulate_many([req])[0])
+    exp, act = oracle_simulate(req), simulate_many([req])[0]
+    errs = compare_rfc(req, exp, act)
     assert not errs, _report(req, errs)
+    if "reference_trades" in doc:
+        for result in (exp, act):
+            trades = {f"{i['instrument_id']} {i['side']}": i["quantity"] for i in result["intents"] if i["intent_type"] == "SECURITY_TRADE"}
+            assert {k: Decimal(v) for k, v in trades.items()} == {k: Decimal(v) for k, v in doc["reference_trades"].items()}

@@ -213,10 +213,13 @@ def valued_in_28_digits(market: Market, bases: pl.DataFrame, positions: pl.DataF
 
 
 def exact_total(market: Market, bases: pl.DataFrame, held: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:
-    """(run, _tv_f, _divisor_f, _cash_f): §6.2's tv and T in 28 digits, Σ positions'
-    value_base + Σ cash in base (``_cash_f``), each sum left to right in input order; T is
-    1 where tv is 0. ``held`` carries the positions' F28 ``_base_f``; cash without a rate
-    counts 0, and a cash row's F28 ``_amount_f``, where it has one, stands for its amount."""
+    """(run, _tv_f, _divisor_f, _cash_f): §6.2's tv and T in 28 digits, and Σ cash in base
+    (``_cash_f``, the CASH bucket). tv is one running sum, left to right over the positions'
+    value_base and then the cash rows in input order, as the reference's after-state totals
+    show (summing positions and cash apart and adding the two moves the 28th digit in 12 of
+    the 418 golden after-states); T is 1 where tv is 0. ``held`` carries the positions' F28
+    ``_base_f``; cash without a rate counts 0, and a cash row's F28 ``_amount_f``, where it
+    has one, stands for its amount."""
     cash = market.with_rate_f28(join_runs(cash.join(bases, on="run", how="semi"), bases), "currency", "base_currency", "_rate_f")
     given = cash.get_column("_amount_f") if "_amount_f" in cash.columns else None
     cash = f28.from_dec(cash, "amount", "_amount_f")
@@ -227,12 +230,15 @@ def exact_total(market: Market, bases: pl.DataFrame, held: pl.DataFrame, cash: p
         pl.when(pl.col("currency") == pl.col("base_currency")).then(pl.col("_amount_f"))
         .when(f28.is_null("_rate_f")).then(f28.zero()).otherwise(pl.col("_base_f")).alias("_base_f")
     )
+    values = pl.concat([
+        held.select("run", pl.lit(0, dtype=pl.UInt8).alias("_part"), pl.col("pos_seq").cast(pl.Int64).alias("_seq"), "_base_f"),
+        cash.select("run", pl.lit(1, dtype=pl.UInt8).alias("_part"), pl.col("cash_seq").cast(pl.Int64).alias("_seq"), "_base_f"),
+    ])
     tv = (
         bases.select("run")
-        .join(f28.group_sums(sort_rows(held, "run", "pos_seq"), "run", "_base_f", "_pos_f"), on="run", how="left")
+        .join(f28.group_sums(sort_rows(values, "run", "_part", "_seq"), "run", "_base_f", "_tv_f"), on="run", how="left")
         .join(f28.group_sums(sort_rows(cash, "run", "cash_seq"), "run", "_base_f", "_cash_f"), on="run", how="left")
-        .with_columns(f28.fill_null("_pos_f", f28.zero()), f28.fill_null("_cash_f", f28.zero()))  # a run without positions or cash sums 0
+        .with_columns(f28.fill_null("_tv_f", f28.zero()), f28.fill_null("_cash_f", f28.zero()))  # a run without positions or cash sums 0
     )
-    tv = f28.add(tv, "_pos_f", "_cash_f", "_tv_f")
     return tv.select("run", "_tv_f", pl.when(f28.sign("_tv_f") == 0).then(f28.one()).otherwise(pl.col("_tv_f")).alias("_divisor_f"),
                      "_cash_f")

@@ -241,12 +241,7 @@ def _render_run(run: dict, parts: dict, run_id: str) -> dict:
         "gate_decision": gate,
         "lineage": {
             "portfolio_snapshot_id": run["portfolio_id"], "market_data_snapshot_id": run["market_snapshot_id"],
-            "request_hash": run.get("request_hash"), "idempotency_key": None, "engine_version": _version(),
+            # as the reference's (§5.8); the version is in the runs table, the logs and /health
+            "request_hash": run.get("request_hash"), "idempotency_key": None, "engine_version": None,
         },
     }
-
-
-def _version() -> str:
-    from dpm_vec import __version__
-
-    return __version__

@@ -152,7 +152,8 @@ def test_golden_fx_funding(ref_server, golden):
     assert list(result)[:3] == ["rebalance_run_id", "correlation_id", "status"]
     assert result["correlation_id"] == "c_none"  # spec §2.2: never echoed
     assert "x-correlation-id" not in resp.headers
-    assert result["lineage"]["request_hash"] == "my key, verbatim"
+    assert result["lineage"] == {"portfolio_snapshot_id": "pf_003", "market_data_snapshot_id": "md", "request_hash": "my key, verbatim",
+                                 "idempotency_key": None, "engine_version": None}  # §5.8
     rid = result["rebalance_run_id"]
     assert rid.startswith("rr_") and len(rid) == 11
     assert result["universe"]["universe_id"] == f"u_{rid}" and result["target"]["target_id"] == f"t_{rid}"

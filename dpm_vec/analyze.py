@@ -28,19 +28,23 @@ OPTION_ORDER = (
     "settlement_horizon_days", "fx_settlement_days", "max_overdraft_by_ccy", "group_constraints", "enable_workflow_gates",
     "workflow_requires_client_consent", "client_consent_already_obtained",
 )
-# the reference's own words where the spec quotes them (§7)
-REFERENCE_MESSAGES = {"options.max_turnover_pct": "Value error, max_turnover_pct must be between 0 and 1 inclusive"}
+# the reference's own words where the spec quotes them (§7): (field, our message's start, theirs)
+REFERENCE_MESSAGES = (
+    ("options.max_turnover_pct", ("must be >=", "must be <="), "Value error, max_turnover_pct must be between 0 and 1 inclusive"),
+)
 
 
 def invalid_options_reason(errors: list[dict]) -> str:
     """``failed_scenarios``' text for a scenario whose options fail validation: its first
-    error in option declaration order (options the table does not list come after)."""
+    error in option declaration order (options the table does not list come after), in the
+    reference's words where the spec quotes them (a bound of max_turnover_pct: text that is
+    no number fails otherwise), else dpm_vec's own, which names the option."""
     def rank(error: dict) -> int:
         name = error["field"].removeprefix("options.").split(".")[0].split("[")[0]
         return OPTION_ORDER.index(name) if name in OPTION_ORDER else len(OPTION_ORDER)
     first = min(errors, key=rank)  # min keeps the earliest of equal rank
-    message = REFERENCE_MESSAGES.get(first["field"], f"{first['field']}: {first['message']}")
-    return f"INVALID_OPTIONS: {message}"
+    quoted = [theirs for field, ours, theirs in REFERENCE_MESSAGES if field == first["field"] and first["message"].startswith(ours)]
+    return f"INVALID_OPTIONS: {quoted[0] if quoted else first['field'] + ': ' + first['message']}"
 
 
 def validate_batch(batch) -> dict:

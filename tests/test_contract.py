@@ -215,6 +215,7 @@ def test_a_scenario_fails_on_its_first_invalid_option_in_declaration_order():
         "late_first": {"options": {"settlement_horizon_days": 11, "max_turnover_pct": "1.5"}},
         "compare_first": {"options": {"max_turnover_pct": "1.5", "compare_target_methods": "maybe"}},
         "group_only": {"options": {"group_constraints": {"no-colon": {"max_weight": "0.2"}}}},
+        "not_a_number": {"options": {"max_turnover_pct": "abc"}},  # §3.6 item 4, not the quoted bound
         "fine": {"options": {}},
     }
     body = analyze(batch)
@@ -223,6 +224,7 @@ def test_a_scenario_fails_on_its_first_invalid_option_in_declaration_order():
         "compare_first": "INVALID_OPTIONS: options.compare_target_methods: expected a boolean, got 'maybe'",
         "group_only": "INVALID_OPTIONS: options.group_constraints.no-colon: group constraint keys must be 'attribute:value' with exactly one ':'",
         "late_first": "INVALID_OPTIONS: Value error, max_turnover_pct must be between 0 and 1 inclusive",
+        "not_a_number": "INVALID_OPTIONS: options.max_turnover_pct: not a decimal number: 'abc'",
     }
 
 

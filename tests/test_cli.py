@@ -217,3 +217,15 @@ def test_sweep_summary_points_at_input_faults(tmp_path):
     victim = conflicting["portfolio_snapshot_id"][0]
     assert runs.filter(pl.col("portfolio_snapshot_id") == victim)["block_reason"].to_list() == ["INVALID_HOLDINGS"]
     assert runs.height == pl.read_parquet(book / "portfolios.parquet").height
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    """``dpm-vec simulate DIR | head``: the closed pipe ends the command with 141 (as a
+    Unix tool killed by SIGPIPE reports it), not with a traceback on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "dpm_vec.cli", "simulate", str(GOLDENS.parent / "reference-random" / "core")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(100).startswith(b"[{")  # results well beyond the pipe's buffer follow
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr

@@ -28,10 +28,11 @@ OPTION_ORDER = (
     "settlement_horizon_days", "fx_settlement_days", "max_overdraft_by_ccy", "group_constraints", "enable_workflow_gates",
     "workflow_requires_client_consent", "client_consent_already_obtained",
 )
-# the reference's own words where the spec quotes them (§7): (field, our message's start, theirs)
-REFERENCE_MESSAGES = (
-    ("options.max_turnover_pct", ("must be >=", "must be <="), "Value error, max_turnover_pct must be between 0 and 1 inclusive"),
-)
+# the reference's own words where the spec quotes them (§7): field -> (the starts of our
+# messages they stand for, their words)
+REFERENCE_MESSAGES = {
+    "options.max_turnover_pct": (("must be >=", "must be <="), "Value error, max_turnover_pct must be between 0 and 1 inclusive"),
+}
 
 
 def invalid_options_reason(errors: list[dict]) -> str:
@@ -43,8 +44,8 @@ def invalid_options_reason(errors: list[dict]) -> str:
         name = error["field"].removeprefix("options.").split(".")[0].split("[")[0]
         return OPTION_ORDER.index(name) if name in OPTION_ORDER else len(OPTION_ORDER)
     first = min(errors, key=rank)  # min keeps the earliest of equal rank
-    quoted = [theirs for field, ours, theirs in REFERENCE_MESSAGES if field == first["field"] and first["message"].startswith(ours)]
-    return f"INVALID_OPTIONS: {quoted[0] if quoted else first['field'] + ': ' + first['message']}"
+    ours, theirs = REFERENCE_MESSAGES.get(first["field"], ((), None))
+    return f"INVALID_OPTIONS: {theirs if first['message'].startswith(ours) else first['field'] + ': ' + first['message']}"
 
 
 def validate_batch(batch) -> dict:

@@ -209,9 +209,9 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     options = r.obj(request.get("options"), "options", required=False) or {}
     # as_of and trade_by are keys the reference ignores (§9): checked only where an RFC-0001
     # option reads them, and otherwise kept when valid, dropped when not, as never sent
-    unread = _Reader()
-    as_of = r if any(options.get(k) is not None for k in ("max_skew_minutes", "max_staleness_minutes")) else unread
-    trade_by = r if _Reader().boolean(options.get("notional_sizing"), "", False) is True else unread
+    unread = _Reader()  # its errors are dropped
+    as_of_reader = r if any(options.get(k) is not None for k in ("max_skew_minutes", "max_staleness_minutes")) else unread
+    trade_by_reader = r if _Reader().boolean(options.get("notional_sizing"), "", False) is True else unread
 
     # an object's required fields are missing only where the object is there ({} included)
     ps_given = isinstance(request.get("portfolio_snapshot"), dict)
@@ -284,7 +284,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
         rows["prices"].append({
             "market_snapshot_id": run_key, "instrument_id": iid, "price": price,
             "currency": r.text(p.get("currency"), f"{path}.currency"),
-            "as_of": as_of.timestamp(p.get("as_of"), f"{path}.as_of"),
+            "as_of": as_of_reader.timestamp(p.get("as_of"), f"{path}.as_of"),
         })
     fx_rates = r.arr(md.get("fx_rates"), "market_data_snapshot.fx_rates")
     repeats = _duplicates(r, fx_rates, lambda p: p.get("pair") if isinstance(p, dict) else None, "market_data_snapshot.fx_rates", "pair",
@@ -330,7 +330,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
         iid = r.text(s.get("instrument_id"), f"{path}.instrument_id")
         mn, mn_ccy = r.money(s.get("min_notional"), f"{path}.min_notional")
         r.not_null(s, ("asset_class", "settlement_days", "attributes"), path)
-        trade_by.not_null(s, ("trade_by",), path)
+        trade_by_reader.not_null(s, ("trade_by",), path)
         rows["shelf"].append({
             "shelf_id": run_key, "instrument_id": iid,
             "status": r.enum(s.get("status"), f"{path}.status", SHELF_STATUSES, required=True),
@@ -339,7 +339,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             "liquidity_tier": r.enum(s.get("liquidity_tier"), f"{path}.liquidity_tier", LIQUIDITY_TIERS),
             "settlement_days": r.integer(s.get("settlement_days"), f"{path}.settlement_days", 2, 0, 10),
             "min_notional_amount": mn, "min_notional_currency": mn_ccy,
-            "trade_by": trade_by.enum(s.get("trade_by"), f"{path}.trade_by", ("UNITS", "NOTIONAL"), default="UNITS"),
+            "trade_by": trade_by_reader.enum(s.get("trade_by"), f"{path}.trade_by", ("UNITS", "NOTIONAL"), default="UNITS"),
         })
         attributes = r.obj(s.get("attributes"), f"{path}.attributes", required=False) or {}
         for k, v in attributes.items():
@@ -352,8 +352,8 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     rows["portfolios"].append({
         "run_key": run_key, "portfolio_id": portfolio_id, "base_currency": base,
         "portfolio_snapshot_id": run_key, "market_snapshot_id": run_key, "shelf_id": run_key, "model_id": run_key,
-        "portfolio_as_of": as_of.timestamp(ps.get("as_of"), "portfolio_snapshot.as_of"),
-        "market_as_of": as_of.timestamp(md.get("as_of"), "market_data_snapshot.as_of"),
+        "portfolio_as_of": as_of_reader.timestamp(ps.get("as_of"), "portfolio_snapshot.as_of"),
+        "market_as_of": as_of_reader.timestamp(md.get("as_of"), "market_data_snapshot.as_of"),
         **policy,
     })
     if r.errors:

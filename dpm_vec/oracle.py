@@ -317,22 +317,19 @@ def value_state(positions: list[dict], cash: list[dict], base: str, mkt: Market,
                      "price": price if pe else None, "value_instr": value_instr,
                      "value_base": value_base,
                      "attributes": shelf["attributes"] if shelf else {}})
-    cash_total = ZERO
     cash_values = []
     for c in cash:
         if c["currency"] == base:
             cash_values.append(c["amount"])
-        else:
-            r = mkt.rate(c["currency"], base)
-            if r is None:
-                dq.fx_missing.append(f"{c['currency']}/{base}")
-                continue
-            cash_values.append(c["amount"] * r)
-        cash_total = cash_total + cash_values[-1]
+            continue
+        r = mkt.rate(c["currency"], base)
+        if r is None:
+            dq.fx_missing.append(f"{c['currency']}/{base}")
+            continue
+        cash_values.append(c["amount"] * r)
+    cash_total = _sum(cash_values)
     # one running sum, positions then cash (the golden after-states' last digits show it)
-    tv = ZERO
-    for v in [row["value_base"] for row in rows] + cash_values:
-        tv = tv + v
+    tv = _sum([row["value_base"] for row in rows] + cash_values)
     T = ONE if tv == 0 else tv
     for row in rows:
         row["weight"] = row["value_base"] / T

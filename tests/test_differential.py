@@ -382,24 +382,26 @@ def _quotient_close(a, b) -> bool:
     return abs(a - b) <= Decimal("0.5e-28")
 
 
+def _align_quotients(exp_rows: list[dict], act_rows: list[dict], field: str, sized: set[str],
+                     key=lambda row: row["instrument_id"]) -> None:
+    """Give ``act_rows`` the oracle's ``field`` where, for a notional-sized instrument, the
+    engine's is the same quotient rounded to 28 decimals."""
+    expected = {key(r): r[field] for r in exp_rows if r.get("instrument_id") in sized}
+    for r in act_rows:
+        if key(r) in expected and _quotient_close(r[field], expected[key(r)]):
+            r[field] = expected[key(r)]
+
+
 def compare_rfc(req: dict, exp: dict, act: dict) -> list[str]:
     """``compare`` plus the rationale codes, with notional-sized quantities (intents, tax
     events, after-state positions) taken as equal up to rounding at 28 decimals."""
     act = copy.deepcopy(act)
     sized = _notional_sized(req)
     if sized and "intents" in act:
-        eq = {_key(i): i.get("quantity") for i in exp["intents"] if i.get("instrument_id") in sized}
-        for i in act["intents"]:
-            if _key(i) in eq and _quotient_close(i["quantity"], eq[_key(i)]):
-                i["quantity"] = eq[_key(i)]
-        epos = {p["instrument_id"]: p["quantity"] for p in exp["after_simulated"]["positions"]}
-        for p in act["after_simulated"]["positions"]:
-            if p["instrument_id"] in sized and p["instrument_id"] in epos and _quotient_close(p["quantity"], epos[p["instrument_id"]]):
-                p["quantity"] = epos[p["instrument_id"]]
-        etx = {t["instrument_id"]: t["allowed_quantity"] for t in exp["diagnostics"]["tax_budget_constraint_events"]}
-        for t in act["diagnostics"]["tax_budget_constraint_events"]:
-            if t["instrument_id"] in sized and t["instrument_id"] in etx and _quotient_close(t["allowed_quantity"], etx[t["instrument_id"]]):
-                t["allowed_quantity"] = etx[t["instrument_id"]]
+        _align_quotients(exp["intents"], act["intents"], "quantity", sized, _key)
+        _align_quotients(exp["after_simulated"]["positions"], act["after_simulated"]["positions"], "quantity", sized)
+        _align_quotients(exp["diagnostics"]["tax_budget_constraint_events"], act["diagnostics"]["tax_budget_constraint_events"],
+                         "allowed_quantity", sized)
     errs = compare(exp, act)
     if "intents" in act:
         ec = sorted((_key(i), i["rationale"]["code"]) for i in exp["intents"])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from dpm_vec.numeric import DEC
 from dpm_vec import dec28 as f28
 from dpm_vec.stages import trades
-from dpm_vec.stages.trades import _walk_exact, _walk_turnover_budget
+from dpm_vec.stages.trades import _walk_exact, _walk_ranked_exactly, _walk_turnover_budget
 
 
 def _intents(s, run=0):
@@ -385,23 +385,51 @@ def _decimal28_walk(budget: D, sizes: list[D]) -> list[bool]:
     return keep
 
 
+def _ranked_f28(rows: list[tuple[int, int, D, D]]) -> pl.DataFrame:
+    """(run, list_order, _nb, _budget, _nb_f, _budget_f) in (run, list_order) order, as the
+    28-digit walks read a ranking."""
+    ranked = pl.DataFrame(rows, schema={"run": pl.UInt32, "list_order": pl.Int64, "_nb": pl.Decimal(38, 28), "_budget": DEC}, orient="row")
+    return f28.from_dec(f28.from_dec(ranked, "_nb", "_nb_f"), "_budget", "_budget_f").sort("run", "list_order")
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(
     st.tuples(st.integers(0, 10**6), st.lists(st.tuples(st.integers(1, 10**6), st.integers(0, 30)), max_size=10)),
     min_size=1, max_size=5,
 ))
 def test_exact_turnover_walk_matches_a_28_digit_walk(books):
-    """The 28-digit walk, run over all runs at once in lanes, decides each intent as a
-    one-at-a-time walk in Python's 28-digit decimals does (sizes of mixed magnitudes, so
-    the running sums round)."""
-    rows = [(run, rank, D(m) / D(3) ** e, D(budget)) for run, (budget, sizes) in enumerate(books) for rank, (m, e) in enumerate(sizes)]
-    ranked = pl.DataFrame(rows, schema={"run": pl.UInt32, "list_order": pl.Int64, "_nb": pl.Decimal(38, 28), "_budget": DEC}, orient="row")
-    ranked = f28.from_dec(f28.from_dec(ranked, "_nb", "_nb_f"), "_budget", "_budget_f")
-    flags = _walk_exact(ranked).sort("run", "list_order")
-    stored = ranked.sort("run", "list_order")  # the sizes as the frame holds them (28 decimals)
-    expected = [k for run, (budget, _) in enumerate(books)
-                for k in _decimal28_walk(D(budget), stored.filter(pl.col("run") == run)["_nb"].to_list())]
-    assert flags["_keep"].to_list() == expected
+    """The 28-digit walk, run over all runs at once in lanes, and the walk that sends only
+    the runs with a step within a hair to it, decide each intent as a one-at-a-time walk in
+    Python's 28-digit decimals does (sizes of mixed magnitudes, so the running sums round)."""
+    ranked = _ranked_f28([(run, rank, D(m) / D(3) ** e, D(budget))
+                          for run, (budget, sizes) in enumerate(books) for rank, (m, e) in enumerate(sizes)])
+    expected = [k for run, (budget, _) in enumerate(books)  # the sizes as the frame holds them (28 decimals)
+                for k in _decimal28_walk(D(budget), ranked.filter(pl.col("run") == run)["_nb"].to_list())]
+    assert _walk_exact(ranked).sort("run", "list_order")["_keep"].to_list() == expected
+    assert _walk_ranked_exactly(ranked).sort("run", "list_order")["_keep"].to_list() == expected
+
+
+def test_exact_turnover_walk_steps_in_28_digits_only_runs_with_a_step_within_a_hair(monkeypatch):
+    """Run 0's second intent misses the budget of 1 by 1e-27 in 28 digits, where its size
+    read to 20 decimals (…43211) would fit it exactly: that run walks in 28 digits and drops
+    it. Run 1 is golden scenario_10's clear-cut 10000, 10000, 2000 under 15000: decided by
+    the rounds walk alone, B dropped and C kept."""
+    stepped = []
+
+    def recording_walk(ranked):
+        stepped.extend(ranked["run"].unique().to_list())
+        return _walk_exact(ranked)
+
+    monkeypatch.setattr(trades, "_walk_exact", recording_walk)
+    ranked = _ranked_f28([
+        (0, 0, D("0.1234567890123456789012345678"), D(1)), (0, 1, D("0.8765432109876543210987654332"), D(1)),
+        (1, 0, D(10000), D(15000)), (1, 1, D(10000), D(15000)), (1, 2, D(2000), D(15000)),
+    ])
+    flags = _walk_ranked_exactly(ranked).sort("run", "list_order")
+    assert flags["_keep"].to_list() == [True, False, True, False, True]
+    assert stepped == [0]
+    assert _walk_turnover_budget(ranked.select("run", "list_order", f28.to_dec("_nb_f").alias("_abs_nb"), f28.to_dec("_budget_f").alias("_budget"))).sort(
+        "run", "list_order")["_keep"].to_list()[:2] == [True, True]  # what 20 decimals alone decide
 
 
 def test_tax_limited_sell_meeting_the_threshold_exactly_is_not_dust(scenario):

@@ -418,6 +418,36 @@ def _candidates_in_28_digits(market: Market, wm: pl.DataFrame, step1: _Step1, gc
     return f28.sub(near, "_w_f", "_m_f", "_d_f").select("slot", (f28.sign("_d_f") < 0).alias("_below_cap"))
 
 
+def _class_cap_in_28_digits(market: Market, near: pl.DataFrame, step1: _Step1, gc: pl.DataFrame,
+                            locked_for: Callable[[pl.DataFrame], pl.DataFrame | None]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """((run, _fault), (slot, _exact)): for the runs of ``near`` (their map rows: run, slot,
+    asset_class, single_position_max_weight), the RFC-0001 asset-class cap as the 28-digit
+    steps 1-3 (``_steps_1_3_in_28_digits``) and the cap in 28 digits leave the map: each
+    entry above the cap m is cut to it, its class's excess Σ (w − m), summed in map order,
+    goes to the class's buyable entries below m as w + excess × (w / C), C their sum; a
+    recipient over m is a fault. ``_exact`` is every map weight so computed. (0.1 / 1.5
+    has 28 significant digits at 29 decimals, so a recipient's weight + excess can be the
+    cap there and a unit of the 28th decimal above it in fixed point.) ``locked_for``:
+    runs (run) → their locked weights in 28 digits, or None."""
+    runs = near.select("run").unique()
+    rows = _steps_1_3_in_28_digits(market, step1, gc, runs, locked_for(runs))
+    rows = rows.join(near.select("slot", "asset_class", "single_position_max_weight"), on="slot", how="inner", maintain_order="left")
+    rows = f28.sub(f28.from_dec(rows, "single_position_max_weight", "_m_f"), "_w_f", "_m_f", "_d_f").with_columns(
+        pl.when(f28.sign("_d_f") > 0).then(pl.col("_d_f")).otherwise(f28.zero()).alias("_over_f"),
+        pl.when(f28.sign("_d_f") > 0).then(pl.col("_m_f")).otherwise(pl.col("_w_f")).alias("_w_f"),
+        (pl.col("buy") & (f28.sign("_d_f") < 0)).alias("_candidate"),
+        pl.format("{}|{}", "run", "asset_class").alias("_class"),
+    )
+    excess = f28.group_sums(rows, "_class", "_over_f", "_excess_f").filter(f28.sign("_excess_f") > 0)
+    total = f28.group_sums(rows.filter("_candidate"), "_class", "_w_f", "_C_f").filter(f28.sign("_C_f") > 0)
+    recipients = rows.filter("_candidate").join(excess, on="_class", how="inner").join(total, on="_class", how="inner")
+    recipients = f28.mul(f28.div(recipients, "_w_f", "_C_f", "_share_f"), "_excess_f", "_share_f", "_x_f")
+    recipients = f28.sub(f28.add(recipients, "_w_f", "_x_f", "_new_f"), "_new_f", "_m_f", "_above_f")
+    over = recipients.filter(f28.sign("_above_f") > 0).select("run").unique()
+    weights = _put_weights(rows, recipients.select("run", "map_order", "_new_f")).select("slot", f28.to_d28("_w_f").alias("_exact"))
+    return runs.with_columns(pl.col("run").is_in(over["run"].implode()).alias("_fault")), weights
+
+
 def _heuristic_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, policy: pl.DataFrame,
                             locked: pl.DataFrame) -> pl.DataFrame:
     """The map rows of the runs of ``policy`` (run, single_position_max_weight,
@@ -611,6 +641,7 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     wm = join_runs(wm, policy.drop("base_currency"))
     wm, cap_pending, cap_faults, capped = _single_position_cap(
         market, wm, lambda capped_map: _candidates_in_28_digits(market, capped_map, step1, gc, locked_in_28_digits),
+        lambda near: _class_cap_in_28_digits(market, near, step1, gc, locked_in_28_digits),
     )
     pending.append(cap_pending)
 
@@ -805,10 +836,13 @@ def _empty_recipients() -> pl.DataFrame:
     })
 
 
-def _single_position_cap(market: Market, wm: pl.DataFrame, below_cap: Callable[[pl.DataFrame], pl.DataFrame] | None = None):
+def _single_position_cap(market: Market, wm: pl.DataFrame, below_cap: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
+                         class_cap: Callable[[pl.DataFrame], tuple[pl.DataFrame, pl.DataFrame]] | None = None):
     """§6.4 step 4 (reference) or RFC-0001 Step 3 (same-asset-class redistribution).
     ``below_cap``: the map with ``_excess`` → (slot, _below_cap), the candidates decided
-    in 28 digits (``_candidates_in_28_digits``)."""
+    in 28 digits (``_candidates_in_28_digits``); ``class_cap``: the map rows (with
+    asset_class) of RFC runs → their faults and weights in 28 digits
+    (``_class_cap_in_28_digits``)."""
     m = pl.col("single_position_max_weight")
     has_cap = m.is_not_null()
     wm = wm.with_columns(
@@ -819,7 +853,7 @@ def _single_position_cap(market: Market, wm: pl.DataFrame, below_cap: Callable[[
     ref = wm.filter(~rfc | ~has_cap)
     rfc_frame = wm.filter(rfc & has_cap)
     ref, ref_pending, capped = _cap_reference(ref, below_cap(ref) if below_cap is not None else None)
-    rfc_frame, rfc_pending, rfc_faults = _cap_rfc(market, rfc_frame, below_cap(rfc_frame) if below_cap is not None else None)
+    rfc_frame, rfc_pending, rfc_faults = _cap_rfc(market, rfc_frame, below_cap(rfc_frame) if below_cap is not None else None, class_cap)
     out = pl.concat([ref, rfc_frame]).pipe(sort_rows, "run", "map_order")
     return out, pl.concat([ref_pending, rfc_pending]), rfc_faults, capped
 
@@ -872,9 +906,14 @@ def _cap_share() -> pl.Expr:
     )
 
 
-def _cap_rfc(market: Market, wm: pl.DataFrame, below_cap: pl.DataFrame | None = None):
+def _cap_rfc(market: Market, wm: pl.DataFrame, below_cap: pl.DataFrame | None = None,
+             in_28_digits: Callable[[pl.DataFrame], tuple[pl.DataFrame, pl.DataFrame]] | None = None):
     """RFC-0001 §6 Step 3: excess of each capped instrument goes to buyable instruments of
-    the same asset class below the cap; a recipient pushed over the cap blocks the run."""
+    the same asset class below the cap; a recipient pushed over the cap blocks the run.
+    Where a recipient lands within a last digit of the cap, the run's weights and whether
+    one is over are those of ``in_28_digits`` (``_class_cap_in_28_digits``): a recipient
+    that takes all of its class's excess lands exactly on the cap in exact arithmetic, and
+    a unit of the 28th digit decides."""
     empty_faults = pl.DataFrame(schema={"run": pl.UInt32, "target_fault": pl.String})
     if wm.height == 0:
         return wm.drop("_excess", "_capped"), pl.DataFrame(schema={"run": pl.UInt32}), empty_faults
@@ -892,16 +931,21 @@ def _cap_rfc(market: Market, wm: pl.DataFrame, below_cap: pl.DataFrame | None = 
     wm = wm.with_columns(
         pl.when(cand).then(pl.col("weight")).otherwise(lit(0)).sum().over("run", "asset_class").alias("_C"),
     )
+    recipient = cand & (pl.col("_class_excess") > 0) & (pl.col("_C") > 0)
     wm = wm.with_columns(
-        pl.when(cand & (pl.col("_class_excess") > 0) & (pl.col("_C") > 0))
-        .then(pl.col("weight") + pl.col("_class_excess") * (pl.col("weight") / pl.col("_C")))
-        .otherwise(pl.col("weight")).alias("weight")
+        pl.when(recipient).then(pl.col("weight") + pl.col("_class_excess") * (pl.col("weight") / pl.col("_C")))
+        .otherwise(pl.col("weight")).alias("weight"),
+        recipient.alias("_recipient"),
     )
-    faults = wm.filter(pl.col("weight") > m).select("run").unique().with_columns(
-        pl.lit("INFEASIBLE_CONCENTRATION").alias("target_fault")
-    )
+    over = wm.filter(pl.col("weight") > m).select("run").unique()
+    near = wm.filter(pl.col("_recipient") & ((pl.col("weight") - m).abs() < _LAST_DIGITS)).select("run").unique()
+    if in_28_digits is not None and near.height:
+        decided, weights = in_28_digits(wm.join(near, on="run", how="semi"))
+        over = pl.concat([over.join(decided, on="run", how="anti"), decided.filter("_fault").select("run")])
+        wm = join_on_index(wm, weights, "slot").with_columns(pl.coalesce("_exact", "weight").alias("weight")).drop("_exact")
+    faults = over.with_columns(pl.lit("INFEASIBLE_CONCENTRATION").alias("target_fault"))
     pending = wm.filter((pl.col("_class_excess") > 0) & ~(pl.col("_C") > 0)).select("run").unique()
-    return wm.drop("_excess", "_capped", "_class_excess", "_C", "asset_class", "_below_cap", strict=False), pending, faults
+    return wm.drop("_excess", "_capped", "_class_excess", "_C", "asset_class", "_below_cap", "_recipient", strict=False), pending, faults
 
 
 def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.DataFrame:

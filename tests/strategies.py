@@ -443,9 +443,9 @@ def rfc_option_requests(draw) -> dict:
         _complete(req, draw)
 
     # asset-class cap: caps that bind, and one or two classes so recipients share the class
-    if maybe(60):
+    if maybe(70):
         o["single_position_max_weight"] = draw(st.sampled_from(["0.1", "0.15", "0.2", "0.25", "0.3", "0.4", "0.5"]))
-        if maybe(75):
+        if maybe(85):
             o["single_position_cap_mode"] = "RFC_ASSET_CLASS"
             if maybe(60):
                 classes = draw(st.lists(st.sampled_from(ASSET_CLASSES), min_size=1, max_size=2, unique=True))
@@ -459,18 +459,18 @@ def rfc_option_requests(draw) -> dict:
     if maybe(30):
         for t in req["model_portfolio"]["targets"]:
             t["weight"] = draw(st.sampled_from(["0.1", "0.2", "0.3", "0.5", "0.5"]))
-    if maybe(50):
+    if maybe(60):
         o["notional_sizing"] = draw(weighted([(True, 4), ("true", 1)]))
     for e in req["shelf_entries"]:
-        if maybe(40):
+        if maybe(50):
             e["trade_by"] = draw(weighted([("NOTIONAL", 3), ("UNITS", 1)]))
 
     # as_of on the snapshots and prices: ages and skews around the limits
     tz = draw(weighted([("Z", 8), ("+00:00", 1), ("+08:00", 1), ("", 1)]))
     if maybe(80):
         req["market_data_snapshot"]["as_of"] = _as_of(0, tz)
-    if maybe(70):
-        skew = draw(weighted([(0, 8), (5, 3), (-10, 3), (15, 2), (-15, 1), (16, 1), (-16, 1), (15.5, 1), (30, 1), (-90, 1)]))
+    if maybe(80):
+        skew = draw(weighted([(0, 4), (5, 3), (-10, 3), (15, 2), (-15, 1), (16, 1), (-16, 1), (15.5, 1), (30, 1), (-90, 1)]))
         req["portfolio_snapshot"]["as_of"] = _as_of(skew, draw(weighted([("Z", 8), ("+08:00", 1), ("-05:30", 1)])))
     stale_rate = draw(st.sampled_from([0, 10, 30, 60]))
     for p in req["market_data_snapshot"]["prices"]:
@@ -482,7 +482,7 @@ def rfc_option_requests(draw) -> dict:
         o["max_staleness_minutes"] = draw(st.sampled_from([0, 30, 60, 60, 120]))
         if maybe(60):
             o["stale_price_action"] = draw(weighted([("EXCLUDE", 3), ("BLOCK", 1)]))
-    if maybe(60):
+    if maybe(75):
         o["max_skew_minutes"] = draw(st.sampled_from([0, 5, 15, 15, 16, 30, 120]))
 
     if maybe(55):

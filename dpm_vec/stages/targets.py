@@ -120,8 +120,11 @@ def build_targets(
     status = pl.concat([pick(h.status, primary_heuristic), pick(s_status, primary_solver)]).sort("run")
     weights = pl.concat([pick(h.weights, primary_heuristic).select(wm.columns), pick(s_weights, primary_solver).select(wm.columns)])
     trace = _trace(weights, model.join(status.filter(pl.col("target_status") == "BLOCKED"), on="run", how="anti"), totals)
-    replayable = runs.join(pick(h.touched, primary_heuristic), on="run", how="semi").filter(_replayable_cap())
-    replay = Replay(step1, group_constraints, replayable.select("run", "base_currency", "single_position_max_weight", "min_cash_buffer_pct"))
+    m = pl.col("single_position_max_weight")
+    replayable = runs.join(pick(h.touched, primary_heuristic), on="run", how="semi").filter(m.is_null() | (m > 0))
+    replay = Replay(step1, group_constraints, replayable.select(
+        "run", "base_currency", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct",
+    ))
     if valued is not None and replay.policy.height:
         trace = _tags_in_28_digits(market, trace, replay, totals, valued)
     warnings = [pick(h.warnings, primary_heuristic), pick(s_warnings, primary_solver)]
@@ -190,9 +193,9 @@ _TV_AT_28_DECIMALS, _WEIGHT_AT_28_DECIMALS = lit("1e9"), pl.lit(10, dtype=WEIGHT
 
 
 def _replayable_cap() -> pl.Expr:
-    """Runs whose step 4 the 28-digit replays can redo: no cap, or the reference's cap mode
-    with a cap above 0 (the RFC-0001 mode has no reference to agree with; a cap at or below
-    0 leaves no candidate)."""
+    """Runs whose step 4 the 28-digit replays of the cash buffer and the dust room redo: no
+    cap, or the reference's cap mode with a cap above 0 (a cap at or below 0 leaves no
+    candidate). The replay of a run's weights (``Replay``) redoes either mode."""
     m = pl.col("single_position_max_weight")
     return m.is_null() | ((pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS") & (m > 0))
 
@@ -201,8 +204,8 @@ def _replayable_cap() -> pl.Expr:
 class Replay:
     """What ``replayed_weights`` needs to redo a HEURISTIC run's five steps in 28 digits:
     step 1's inputs, the group constraints, and the runs it can redo (``policy``: run,
-    base_currency, single_position_max_weight, min_cash_buffer_pct), those whose weights a
-    step changed, in the reference's cap mode."""
+    base_currency, single_position_max_weight, single_position_cap_mode,
+    min_cash_buffer_pct), those whose weights a step changed, in either cap mode."""
     step1: _Step1
     group_constraints: pl.DataFrame
     policy: pl.DataFrame
@@ -422,45 +425,62 @@ def _class_cap_in_28_digits(market: Market, near: pl.DataFrame, step1: _Step1, g
                             locked_for: Callable[[pl.DataFrame], pl.DataFrame | None]) -> tuple[pl.DataFrame, pl.DataFrame]:
     """((run, _fault), (slot, _exact)): for the runs of ``near`` (their map rows: run, slot,
     asset_class, single_position_max_weight), the RFC-0001 asset-class cap as the 28-digit
-    steps 1-3 (``_steps_1_3_in_28_digits``) and the cap in 28 digits leave the map: each
-    entry above the cap m is cut to it, its class's excess Σ (w − m), summed in map order,
-    goes to the class's buyable entries below m as w + excess × (w / C), C their sum; a
-    recipient over m is a fault. ``_exact`` is every map weight so computed. (0.1 / 1.5
-    has 28 significant digits at 29 decimals, so a recipient's weight + excess can be the
-    cap there and a unit of the 28th decimal above it in fixed point.) ``locked_for``:
-    runs (run) → their locked weights in 28 digits, or None."""
+    steps 1-3 (``_steps_1_3_in_28_digits``) and the cap in 28 digits
+    (``_class_cap_rows_in_28_digits``) leave the map: whether a recipient is over the cap,
+    and every map weight. (0.1 / 1.5 has 28 significant digits at 29 decimals, so a
+    recipient's weight + excess can be the cap there and a unit of the 28th decimal above
+    it in fixed point.) ``locked_for``: runs (run) → their locked weights in 28 digits, or
+    None."""
     runs = near.select("run").unique()
     rows = _steps_1_3_in_28_digits(market, step1, gc, runs, locked_for(runs))
     rows = rows.join(near.select("slot", "asset_class", "single_position_max_weight"), on="slot", how="inner", maintain_order="left")
-    rows = f28.sub(f28.from_dec(rows, "single_position_max_weight", "_m_f"), "_w_f", "_m_f", "_d_f").with_columns(
+    rows, over = _class_cap_rows_in_28_digits(rows)
+    weights = rows.select("slot", f28.to_d28("_w_f").alias("_exact"))
+    return runs.with_columns(pl.col("run").is_in(over["run"].implode()).alias("_fault")), weights
+
+
+def _class_cap_rows_in_28_digits(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(``rows``, (run)): the map ``rows`` (run, map_order, buy, asset_class,
+    single_position_max_weight m, ``_w_f``; in run and map order) after the RFC-0001
+    asset-class cap in F28, and the runs where it pushes a recipient over m: each entry
+    above m is cut to it, its class's excess Σ (w − m), summed in map order, goes to the
+    class's buyable entries below m as w + excess × (w / C), C their sum, every operation
+    rounded to 28 digits."""
+    capped = f28.sub(f28.from_dec(rows, "single_position_max_weight", "_m_f"), "_w_f", "_m_f", "_d_f").with_columns(
         pl.when(f28.sign("_d_f") > 0).then(pl.col("_d_f")).otherwise(f28.zero()).alias("_over_f"),
         pl.when(f28.sign("_d_f") > 0).then(pl.col("_m_f")).otherwise(pl.col("_w_f")).alias("_w_f"),
         (pl.col("buy") & (f28.sign("_d_f") < 0)).alias("_candidate"),
         pl.format("{}|{}", "run", "asset_class").alias("_class"),
     )
-    excess = f28.group_sums(rows, "_class", "_over_f", "_excess_f").filter(f28.sign("_excess_f") > 0)
-    total = f28.group_sums(rows.filter("_candidate"), "_class", "_w_f", "_C_f").filter(f28.sign("_C_f") > 0)
-    recipients = rows.filter("_candidate").join(excess, on="_class", how="inner").join(total, on="_class", how="inner")
+    excess = f28.group_sums(capped, "_class", "_over_f", "_excess_f").filter(f28.sign("_excess_f") > 0)
+    total = f28.group_sums(capped.filter("_candidate"), "_class", "_w_f", "_C_f").filter(f28.sign("_C_f") > 0)
+    recipients = capped.filter("_candidate").join(excess, on="_class", how="inner").join(total, on="_class", how="inner")
     recipients = f28.mul(f28.div(recipients, "_w_f", "_C_f", "_share_f"), "_excess_f", "_share_f", "_x_f")
     recipients = f28.sub(f28.add(recipients, "_w_f", "_x_f", "_new_f"), "_new_f", "_m_f", "_above_f")
     over = recipients.filter(f28.sign("_above_f") > 0).select("run").unique()
-    weights = _put_weights(rows, recipients.select("run", "map_order", "_new_f")).select("slot", f28.to_d28("_w_f").alias("_exact"))
-    return runs.with_columns(pl.col("run").is_in(over["run"].implode()).alias("_fault")), weights
+    return _put_weights(capped, recipients.select("run", "map_order", "_new_f")).select(rows.columns), over
 
 
 def _heuristic_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, policy: pl.DataFrame,
                             locked: pl.DataFrame) -> pl.DataFrame:
     """The map rows of the runs of ``policy`` (run, single_position_max_weight,
-    min_cash_buffer_pct: reference cap mode, a cap above 0 or none) with their weights
-    (``_w_f``) as the reference's five steps leave them, every operation rounded to 28
-    digits, from the model weights and the ``locked`` weights (slot, weight_f28) with all
-    their digits: steps 1-2 and 4 as in ``_steps_1_2_in_28_digits`` and
-    ``_cap_in_28_digits``; step 3 scales the buyable weights by (1 − L) / B where the
+    min_cash_buffer_pct and, optionally, single_position_cap_mode; a cap above 0 or none)
+    with their weights (``_w_f``) as the reference's five steps leave them, every
+    operation rounded to 28 digits, from the model weights and the ``locked`` weights
+    (slot, weight_f28) with all their digits: steps 1-2 and 4 as in
+    ``_steps_1_2_in_28_digits`` and ``_cap_in_28_digits`` (``_class_cap_rows_in_28_digits``
+    for a run in RFC_ASSET_CLASS mode); step 3 scales the buyable weights by (1 − L) / B where the
     map total exceeds 1.0001, step 5 by (1 − p − L) / B where B exceeds 1 − p − L."""
     rows = _steps_1_3_in_28_digits(market, step1, gc, policy.select("run"), locked)
-    # step 4: single-position cap
+    # step 4: single-position cap, in the reference's mode or (a policy that names the mode) RFC-0001's
     m = pl.col("single_position_max_weight")
-    rows = _cap_in_28_digits(rows, policy.filter(m.is_not_null() & (m > 0)).select("run", "single_position_max_weight"))
+    caps = policy.filter(m.is_not_null() & (m > 0))
+    rfc = caps.filter(pl.col("single_position_cap_mode") == "RFC_ASSET_CLASS") if "single_position_cap_mode" in caps.columns else caps.clear()
+    rows = _cap_in_28_digits(rows, caps.join(rfc, on="run", how="anti").select("run", "single_position_max_weight"))
+    if rfc.height:
+        classed = market.with_shelf(rows.join(rfc, on="run", how="semi"), ("asset_class",)).with_columns(pl.col("asset_class").fill_null("UNKNOWN"))
+        classed, _ = _class_cap_rows_in_28_digits(join_runs(classed, rfc.select("run", "single_position_max_weight")))
+        rows = pl.concat([rows.join(rfc, on="run", how="anti"), classed.select(rows.columns)]).pipe(sort_rows, "run", "map_order")
     # step 5: minimum cash buffer
     buffered = policy.filter(pl.col("min_cash_buffer_pct") > 0).select("run", "min_cash_buffer_pct")
     if buffered.height:

@@ -192,14 +192,6 @@ _LAST_DIGITS = lit(DEC_UNIT)
 _TV_AT_28_DECIMALS, _WEIGHT_AT_28_DECIMALS = lit("1e9"), pl.lit(10, dtype=WEIGHT)
 
 
-def _replayable_cap() -> pl.Expr:
-    """Runs whose step 4 the 28-digit replays of the cash buffer and the dust room redo: no
-    cap, or the reference's cap mode with a cap above 0 (a cap at or below 0 leaves no
-    candidate). The replay of a run's weights (``Replay``) redoes either mode."""
-    m = pl.col("single_position_max_weight")
-    return m.is_null() | ((pl.col("single_position_cap_mode") != "RFC_ASSET_CLASS") & (m > 0))
-
-
 @dataclass(frozen=True)
 class Replay:
     """What ``replayed_weights`` needs to redo a HEURISTIC run's five steps in 28 digits:
@@ -297,15 +289,31 @@ def _buffer_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: 
     lies within 1e-20 of step 5's allowed 1 − p − L and that step 3 left as steps 1-2 made
     them (no normalisation): whether the reference's B exceeds its max(0, 1 − p − L), both
     summed in map order over the weights of its 28-digit steps 1-2 and, for the runs of
-    ``caps`` (run, single_position_max_weight), of its 28-digit step 4 (a model of 4-decimal
+    ``caps`` (run, single_position_max_weight, single_position_cap_mode), of its 28-digit
+    step 4 (``_step4_in_28_digits``; a model of 4-decimal
     weights that sums to 1 − p − L, with a SELL_ONLY weight spread over the others or a
     capped weight's excess handed on, lands on either side). ``locked``: the runs' locked
     weights in 28 digits, where any is not 0."""
-    rows = _cap_in_28_digits(_steps_1_2_in_28_digits(market, step1, gc, near.select("run"), locked), caps)
+    rows = _step4_in_28_digits(market, _steps_1_2_in_28_digits(market, step1, gc, near.select("run"), locked), caps)
     sums = join_runs(_sums_in_28_digits(rows), near.select("run", "min_cash_buffer_pct"), how="inner")
     sums = f28.from_dec(sums.with_columns(f28.one().alias("_one_f")), "min_cash_buffer_pct", "_p_f")
     sums = f28.sub(f28.sub(sums, "_one_f", "_p_f", "_room_f"), "_room_f", "_L_f", "_bound_f").with_columns(_floor_at_zero("_bound_f"))
     return f28.sub(sums, "_B_f", "_bound_f", "_over_f").select("run", (f28.sign("_over_f") > 0).alias("_binds"))
+
+
+def _step4_in_28_digits(market: Market, rows: pl.DataFrame, caps: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` (run, map_order, slot, instrument_id, buy, ``_w_f``, in run and map order)
+    after step 4 in F28 for the runs of ``caps`` (run, single_position_max_weight m > 0
+    and, where RFC runs may be among them, single_position_cap_mode): the reference's cap
+    (``_cap_in_28_digits``), or in RFC_ASSET_CLASS mode the asset-class cap
+    (``_class_cap_rows_in_28_digits``)."""
+    rfc = caps.filter(pl.col("single_position_cap_mode") == "RFC_ASSET_CLASS") if "single_position_cap_mode" in caps.columns else caps.clear()
+    rows = _cap_in_28_digits(rows, caps.join(rfc, on="run", how="anti").select("run", "single_position_max_weight"))
+    if rfc.height == 0:
+        return rows
+    classed = market.with_shelf(rows.join(rfc, on="run", how="semi"), ("asset_class",)).with_columns(pl.col("asset_class").fill_null("UNKNOWN"))
+    classed, _ = _class_cap_rows_in_28_digits(join_runs(classed, rfc.select("run", "single_position_max_weight")))
+    return pl.concat([rows.join(rfc, on="run", how="anti"), classed.select(rows.columns)]).pipe(sort_rows, "run", "map_order")
 
 
 def _cap_in_28_digits(rows: pl.DataFrame, caps: pl.DataFrame) -> pl.DataFrame:
@@ -468,19 +476,12 @@ def _heuristic_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, pol
     with their weights (``_w_f``) as the reference's five steps leave them, every
     operation rounded to 28 digits, from the model weights and the ``locked`` weights
     (slot, weight_f28) with all their digits: steps 1-2 and 4 as in
-    ``_steps_1_2_in_28_digits`` and ``_cap_in_28_digits`` (``_class_cap_rows_in_28_digits``
-    for a run in RFC_ASSET_CLASS mode); step 3 scales the buyable weights by (1 − L) / B where the
+    ``_steps_1_2_in_28_digits`` and ``_step4_in_28_digits``; step 3 scales the buyable weights by (1 − L) / B where the
     map total exceeds 1.0001, step 5 by (1 − p − L) / B where B exceeds 1 − p − L."""
     rows = _steps_1_3_in_28_digits(market, step1, gc, policy.select("run"), locked)
-    # step 4: single-position cap, in the reference's mode or (a policy that names the mode) RFC-0001's
+    # step 4: single-position cap
     m = pl.col("single_position_max_weight")
-    caps = policy.filter(m.is_not_null() & (m > 0))
-    rfc = caps.filter(pl.col("single_position_cap_mode") == "RFC_ASSET_CLASS") if "single_position_cap_mode" in caps.columns else caps.clear()
-    rows = _cap_in_28_digits(rows, caps.join(rfc, on="run", how="anti").select("run", "single_position_max_weight"))
-    if rfc.height:
-        classed = market.with_shelf(rows.join(rfc, on="run", how="semi"), ("asset_class",)).with_columns(pl.col("asset_class").fill_null("UNKNOWN"))
-        classed, _ = _class_cap_rows_in_28_digits(join_runs(classed, rfc.select("run", "single_position_max_weight")))
-        rows = pl.concat([rows.join(rfc, on="run", how="anti"), classed.select(rows.columns)]).pipe(sort_rows, "run", "map_order")
+    rows = _step4_in_28_digits(market, rows, policy.filter(m.is_not_null() & (m > 0)))
     # step 5: minimum cash buffer
     buffered = policy.filter(pl.col("min_cash_buffer_pct") > 0).select("run", "min_cash_buffer_pct")
     if buffered.height:
@@ -571,7 +572,7 @@ def _room_in_28_digits(market: Market, step1: _Step1, sums: pl.DataFrame, wm: pl
 def _dust_room_weights(market: Market, step1: _Step1, gc: pl.DataFrame, wm: pl.DataFrame, policy: pl.DataFrame,
                        exact: ExactLocked) -> pl.DataFrame:
     """``wm`` with the weights of the runs of ``policy`` (run, single_position_max_weight,
-    min_cash_buffer_pct) as the reference's 28-digit steps leave them
+    single_position_cap_mode, min_cash_buffer_pct) as the reference's 28-digit steps leave them
     (``_heuristic_in_28_digits``): locked weights that fill the portfolio to within 1e-20
     leave step 3 a dust room, and the buyable weights scaled into it lie below
     Decimal(38, 28)'s last digit, 0 here. In the reference they are candidates with a
@@ -690,8 +691,10 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
             step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), gc.select("run"), capped,
             rows.filter(pl.col("weight") != pl.col("weight").round(20)).select("run"), near.filter(pl.col("_L") != 0).select("run"),
         ])
-        # step 4 is replayed where it can be (``_replayable_cap``): other capped runs keep their sums
-        caps = policy.join(near, on="run", how="semi").filter(m.is_not_null() & _replayable_cap()).select("run", "single_position_max_weight")
+        # step 4 is replayed where it can be (a cap above 0): other capped runs keep their sums
+        caps = policy.join(near, on="run", how="semi").filter(m.is_not_null() & (m > 0)).select(
+            "run", "single_position_max_weight", "single_position_cap_mode",
+        )
         near = near.join(rounded, on="run", how="semi").join(capped.join(caps, on="run", how="anti"), on="run", how="anti")
     if near.height:
         locked = locked_in_28_digits(near.filter(pl.col("_L") != 0).select("run"))
@@ -703,9 +706,12 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     wm = wm.drop("single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
 
     blocked_runs = pl.concat([blocked, cap_faults.select("run")]).unique()
-    dust = policy.join(dust.join(blocked_runs, on="run", how="anti"), on="run", how="semi").filter(_replayable_cap())
+    m = pl.col("single_position_max_weight")
+    dust = policy.join(dust.join(blocked_runs, on="run", how="anti"), on="run", how="semi").filter(m.is_null() | (m > 0))
     if dust.height:  # only ExactLocked runs have a dust room
-        wm = _dust_room_weights(market, step1, gc, wm, dust.select("run", "single_position_max_weight", "min_cash_buffer_pct"), exact)
+        wm = _dust_room_weights(market, step1, gc, wm, dust.select(
+            "run", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct",
+        ), exact)
     touched = pl.concat([
         step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), group_events.select("run"),
         normalised.select("run"), capped, sums.select("run"),  # sums: the runs whose cash buffer binds

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from decimal import Decimal as D
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_ALTERNATIVE, SUSPENDED_HOLDING_ABOVE_CAP  # noqa: F401
 import polars as pl
 
@@ -661,3 +663,61 @@ def test_target_back_at_its_model_weight_after_a_locked_excess_is_tagged_in_28_d
     assert s.tags()["A"] == []
     assert all(s.tags()[i] == ["CAPPED_BY_MAX_WEIGHT"] for i in ("B", "C", "E", "F"))
     assert s.tags()["L2"] == s.tags()["L6"] == ["LOCKED_POSITION"]
+
+
+def _class_cap_28(rows: list[tuple[str, bool, D]], m: D) -> tuple[list[D], bool]:
+    """The RFC-0001 asset-class cap in Python's 28-digit decimals, as docs/features.md and
+    the oracle state it: every weight above m cut to it, each class's excess Σ (w − m) in
+    map order handed to the class's buyable weights below m as w + excess × (w / C)."""
+    import decimal
+    with decimal.localcontext(decimal.Context(prec=28, rounding=decimal.ROUND_HALF_EVEN)):
+        weights, excess = [w for _, _, w in rows], {}
+        for i, (cls, _, w) in enumerate(rows):
+            if w > m:
+                excess[cls] = excess.get(cls, D(0)) + (w - m)
+                weights[i] = m
+        recipients = []
+        for cls, e in excess.items():
+            cands = [i for i, (c, buy, _) in enumerate(rows) if c == cls and buy and weights[i] < m]
+            total = D(0)
+            for i in cands:
+                total += weights[i]
+            if total > 0:
+                for i in cands:
+                    weights[i] = weights[i] + e * (weights[i] / total)
+                recipients += cands
+        return weights, any(weights[i] > m for i in recipients)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(
+    st.tuples(
+        st.sampled_from(["0.1", "0.2", "0.25", "0.3"]),
+        st.lists(st.tuples(st.sampled_from(["EQUITY", "FUND"]), st.booleans(), st.integers(0, 10**6), st.integers(0, 4)), min_size=1, max_size=8),
+    ),
+    min_size=1, max_size=4,
+))
+def test_class_cap_in_28_digits_matches_python_decimals(books):
+    """The F28 asset-class cap gives every weight, and whether a recipient ends over the
+    cap, as Python's 28-digit decimals do (weights u / 3^k of mixed magnitudes, so the
+    excess sums, the shares and the recipients' new weights round as Python's context
+    rounds them; about one run in ten ends with a recipient over the cap)."""
+    from dpm_vec import dec28 as f28
+    from dpm_vec.numeric import WEIGHT
+    from dpm_vec.stages.targets import _class_cap_rows_in_28_digits
+
+    data = [(run, order, cls, buy, D(units) / D(3) ** k / 10**6, D(cap))
+            for run, (cap, rows) in enumerate(books) for order, (cls, buy, units, k) in enumerate(rows)]
+    frame = pl.DataFrame(data, orient="row", schema={
+        "run": pl.UInt32, "map_order": pl.Int64, "asset_class": pl.String, "buy": pl.Boolean, "weight": WEIGHT,
+        "single_position_max_weight": WEIGHT,
+    })
+    stored = frame["weight"].to_list()  # the weights as the frame holds them (28 decimals)
+    rows, over = _class_cap_rows_in_28_digits(f28.from_dec(frame, "weight", "_w_f"))
+    got = rows.select(f28.to_d28("_w_f")).to_series().to_list()
+    at = 0
+    for run, (cap, members) in enumerate(books):
+        expected, fault = _class_cap_28([(cls, buy, w) for (cls, buy, _, _), w in zip(members, stored[at:at + len(members)])], D(cap))
+        assert got[at:at + len(members)] == [w.quantize(D(1).scaleb(-28)) for w in expected], run
+        assert (run in over["run"].to_list()) == fault, run
+        at += len(members)

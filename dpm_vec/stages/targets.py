@@ -290,10 +290,10 @@ def _buffer_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: 
     them (no normalisation): whether the reference's B exceeds its max(0, 1 − p − L), both
     summed in map order over the weights of its 28-digit steps 1-2 and, for the runs of
     ``caps`` (run, single_position_max_weight, single_position_cap_mode), of its 28-digit
-    step 4 (``_step4_in_28_digits``; a model of 4-decimal
-    weights that sums to 1 − p − L, with a SELL_ONLY weight spread over the others or a
-    capped weight's excess handed on, lands on either side). ``locked``: the runs' locked
-    weights in 28 digits, where any is not 0."""
+    step 4 (``_step4_in_28_digits``; a model of 4-decimal weights that sums to 1 − p − L,
+    with a SELL_ONLY weight spread over the others or a capped weight's excess handed on,
+    lands on either side). ``locked``: the runs' locked weights in 28 digits, where any is
+    not 0."""
     rows = _step4_in_28_digits(market, _steps_1_2_in_28_digits(market, step1, gc, near.select("run"), locked), caps)
     sums = join_runs(_sums_in_28_digits(rows), near.select("run", "min_cash_buffer_pct"), how="inner")
     sums = f28.from_dec(sums.with_columns(f28.one().alias("_one_f")), "min_cash_buffer_pct", "_p_f")
@@ -476,8 +476,9 @@ def _heuristic_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, pol
     with their weights (``_w_f``) as the reference's five steps leave them, every
     operation rounded to 28 digits, from the model weights and the ``locked`` weights
     (slot, weight_f28) with all their digits: steps 1-2 and 4 as in
-    ``_steps_1_2_in_28_digits`` and ``_step4_in_28_digits``; step 3 scales the buyable weights by (1 − L) / B where the
-    map total exceeds 1.0001, step 5 by (1 − p − L) / B where B exceeds 1 − p − L."""
+    ``_steps_1_2_in_28_digits`` and ``_step4_in_28_digits``; step 3 scales the buyable
+    weights by (1 − L) / B where the map total exceeds 1.0001, step 5 by (1 − p − L) / B
+    where B exceeds 1 − p − L."""
     rows = _steps_1_3_in_28_digits(market, step1, gc, policy.select("run"), locked)
     # step 4: single-position cap
     m = pl.col("single_position_max_weight")
@@ -572,8 +573,8 @@ def _room_in_28_digits(market: Market, step1: _Step1, sums: pl.DataFrame, wm: pl
 def _dust_room_weights(market: Market, step1: _Step1, gc: pl.DataFrame, wm: pl.DataFrame, policy: pl.DataFrame,
                        exact: ExactLocked) -> pl.DataFrame:
     """``wm`` with the weights of the runs of ``policy`` (run, single_position_max_weight,
-    single_position_cap_mode, min_cash_buffer_pct) as the reference's 28-digit steps leave them
-    (``_heuristic_in_28_digits``): locked weights that fill the portfolio to within 1e-20
+    single_position_cap_mode, min_cash_buffer_pct) as the reference's 28-digit steps leave
+    them (``_heuristic_in_28_digits``): locked weights that fill the portfolio to within 1e-20
     leave step 3 a dust room, and the buyable weights scaled into it lie below
     Decimal(38, 28)'s last digit, 0 here. In the reference they are candidates with a
     positive sum, so the single-position cap hands them the locked excess in proportion to

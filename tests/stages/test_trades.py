@@ -428,8 +428,8 @@ def test_exact_turnover_walk_steps_in_28_digits_only_runs_with_a_step_within_a_h
     flags = _walk_ranked_exactly(ranked).sort("run", "list_order")
     assert flags["_keep"].to_list() == [True, False, True, False, True]
     assert stepped == [0]
-    assert _walk_turnover_budget(ranked.select("run", "list_order", f28.to_dec("_nb_f").alias("_abs_nb"), f28.to_dec("_budget_f").alias("_budget"))).sort(
-        "run", "list_order")["_keep"].to_list()[:2] == [True, True]  # what 20 decimals alone decide
+    read_to_20 = ranked.select("run", "list_order", f28.to_dec("_nb_f").alias("_abs_nb"), f28.to_dec("_budget_f").alias("_budget"))
+    assert _walk_turnover_budget(read_to_20).sort("run", "list_order")["_keep"].to_list()[:2] == [True, True]  # what 20 decimals decide
 
 
 def test_tax_limited_sell_meeting_the_threshold_exactly_is_not_dust(scenario):

@@ -211,7 +211,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     # option reads them, and otherwise kept when valid, dropped when not, as never sent
     unread = _Reader()  # its errors are dropped
     as_of_reader = r if any(options.get(k) is not None for k in ("max_skew_minutes", "max_staleness_minutes")) else unread
-    trade_by_reader = r if _Reader().boolean(options.get("notional_sizing"), "", False) is True else unread
+    trade_by_reader = r if unread.boolean(options.get("notional_sizing"), "", False) is True else unread
 
     # an object's required fields are missing only where the object is there ({} included)
     ps_given = isinstance(request.get("portfolio_snapshot"), dict)

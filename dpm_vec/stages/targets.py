@@ -120,8 +120,7 @@ def build_targets(
     status = pl.concat([pick(h.status, primary_heuristic), pick(s_status, primary_solver)]).sort("run")
     weights = pl.concat([pick(h.weights, primary_heuristic).select(wm.columns), pick(s_weights, primary_solver).select(wm.columns)])
     trace = _trace(weights, model.join(status.filter(pl.col("target_status") == "BLOCKED"), on="run", how="anti"), totals)
-    m = pl.col("single_position_max_weight")
-    replayable = runs.join(pick(h.touched, primary_heuristic), on="run", how="semi").filter(m.is_null() | (m > 0))
+    replayable = runs.join(pick(h.touched, primary_heuristic), on="run", how="semi").filter(_replayable_cap())
     replay = Replay(step1, group_constraints, replayable.select(
         "run", "base_currency", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct",
     ))
@@ -190,6 +189,13 @@ class _Step1:
 # within this of a bound, the last digit of the reference's 28-digit steps can decide a side
 _LAST_DIGITS = lit(DEC_UNIT)
 _TV_AT_28_DECIMALS, _WEIGHT_AT_28_DECIMALS = lit("1e9"), pl.lit(10, dtype=WEIGHT)
+
+
+def _replayable_cap() -> pl.Expr:
+    """Runs whose step 4 the 28-digit replays can redo, in either cap mode: no cap, or a
+    cap above 0 (a cap at or below 0 leaves no candidate)."""
+    m = pl.col("single_position_max_weight")
+    return m.is_null() | (m > 0)
 
 
 @dataclass(frozen=True)
@@ -303,11 +309,10 @@ def _buffer_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: 
 
 def _step4_in_28_digits(market: Market, rows: pl.DataFrame, caps: pl.DataFrame) -> pl.DataFrame:
     """``rows`` (run, map_order, slot, instrument_id, buy, ``_w_f``, in run and map order)
-    after step 4 in F28 for the runs of ``caps`` (run, single_position_max_weight m > 0
-    and, where RFC runs may be among them, single_position_cap_mode): the reference's cap
-    (``_cap_in_28_digits``), or in RFC_ASSET_CLASS mode the asset-class cap
-    (``_class_cap_rows_in_28_digits``)."""
-    rfc = caps.filter(pl.col("single_position_cap_mode") == "RFC_ASSET_CLASS") if "single_position_cap_mode" in caps.columns else caps.clear()
+    after step 4 in F28 for the runs of ``caps`` (run, single_position_max_weight m > 0,
+    single_position_cap_mode): the reference's cap (``_cap_in_28_digits``), or in
+    RFC_ASSET_CLASS mode the asset-class cap (``_class_cap_rows_in_28_digits``)."""
+    rfc = caps.filter(pl.col("single_position_cap_mode") == "RFC_ASSET_CLASS")
     rows = _cap_in_28_digits(rows, caps.join(rfc, on="run", how="anti").select("run", "single_position_max_weight"))
     if rfc.height == 0:
         return rows
@@ -472,7 +477,7 @@ def _class_cap_rows_in_28_digits(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.D
 def _heuristic_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, policy: pl.DataFrame,
                             locked: pl.DataFrame) -> pl.DataFrame:
     """The map rows of the runs of ``policy`` (run, single_position_max_weight,
-    min_cash_buffer_pct and, optionally, single_position_cap_mode; a cap above 0 or none)
+    single_position_cap_mode, min_cash_buffer_pct; a cap above 0 or none)
     with their weights (``_w_f``) as the reference's five steps leave them, every
     operation rounded to 28 digits, from the model weights and the ``locked`` weights
     (slot, weight_f28) with all their digits: steps 1-2 and 4 as in
@@ -692,8 +697,8 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
             step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), gc.select("run"), capped,
             rows.filter(pl.col("weight") != pl.col("weight").round(20)).select("run"), near.filter(pl.col("_L") != 0).select("run"),
         ])
-        # step 4 is replayed where it can be (a cap above 0): other capped runs keep their sums
-        caps = policy.join(near, on="run", how="semi").filter(m.is_not_null() & (m > 0)).select(
+        # step 4 is replayed where it can be (``_replayable_cap``): other capped runs keep their sums
+        caps = policy.join(near, on="run", how="semi").filter(m.is_not_null() & _replayable_cap()).select(
             "run", "single_position_max_weight", "single_position_cap_mode",
         )
         near = near.join(rounded, on="run", how="semi").join(capped.join(caps, on="run", how="anti"), on="run", how="anti")
@@ -707,8 +712,7 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     wm = wm.drop("single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
 
     blocked_runs = pl.concat([blocked, cap_faults.select("run")]).unique()
-    m = pl.col("single_position_max_weight")
-    dust = policy.join(dust.join(blocked_runs, on="run", how="anti"), on="run", how="semi").filter(m.is_null() | (m > 0))
+    dust = policy.join(dust.join(blocked_runs, on="run", how="anti"), on="run", how="semi").filter(_replayable_cap())
     if dust.height:  # only ExactLocked runs have a dust room
         wm = _dust_room_weights(market, step1, gc, wm, dust.select(
             "run", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct",

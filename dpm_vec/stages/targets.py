@@ -188,7 +188,9 @@ class _Step1:
 
 # within this of a bound, the last digit of the reference's 28-digit steps can decide a side
 _LAST_DIGITS = lit(DEC_UNIT)
-_TV_AT_28_DECIMALS, _WEIGHT_AT_28_DECIMALS = lit("1e9"), pl.lit(10, dtype=WEIGHT)
+# WEIGHT holds magnitudes below 1e10; a product is taken in it only below 9e9 (a float
+# estimate of its size decides, with room for the estimate's error)
+_WEIGHT_RANGE, _PRODUCT_IN_WEIGHT = lit("1e10"), 9e9
 
 
 def _replayable_cap() -> pl.Expr:
@@ -1005,11 +1007,14 @@ def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.Da
 def final_value(weight: str) -> pl.Expr:
     """total_value × ``weight`` (§6.5) from every digit of the weight. The fixed-point
     product reads the weight at 20 decimals (15000 × 0.3333…3 at 28 decimals gives
-    4999.99999999999999995, the reference's 28 digits 5000), so where both factors fit
-    ``WEIGHT`` (|tv| < 1e9, |w| < 10: the product stays below its 1e10) the product is
-    taken at its 28 decimals, then rounded to DEC."""
+    4999.99999999999999995, the reference's 28 digits 5000), so where both factors and
+    the product fit ``WEIGHT`` (magnitudes below 1e10: every portfolio up to ten
+    billion) the product is taken at its 28 decimals, then rounded to DEC."""
     tv, w = pl.col("total_value"), pl.col(weight)
-    fits = (tv.abs() < _TV_AT_28_DECIMALS) & (w.abs() < _WEIGHT_AT_28_DECIMALS)
+    fits = (
+        (tv.abs() < _WEIGHT_RANGE) & (w.abs() < _WEIGHT_RANGE)
+        & ((tv.cast(pl.Float64) * w.cast(pl.Float64)).abs() < _PRODUCT_IN_WEIGHT)
+    )
     # both branches are computed for every row: zeros keep the other rows' product in range
     at_28 = (pl.when(fits).then(tv).otherwise(0).cast(WEIGHT) * pl.when(fits).then(w).otherwise(0)).cast(DEC)
     return pl.when(fits).then(at_28).otherwise(tv * w.cast(DEC))

@@ -356,6 +356,21 @@ def test_final_value_reads_every_digit_of_the_weight(scenario):
     assert dict(zip(t["instrument_id"], t["final_value"])) == {"A": D("7500"), "LCK": D("5000")}
 
 
+def test_final_value_reads_every_digit_of_the_weight_up_to_ten_billion(scenario):
+    """The same locked third of 1.5 billion: tv × the weight read at 20 decimals misses the
+    reference's 500,000,000 by 5e-12; at 28 decimals by 5e-20, below DEC's last digit."""
+    s = scenario(
+        positions=[("LCK", "50000000")],
+        cash=[("USD", "1000000000")],
+        prices=[("A", "10", "USD"), ("LCK", "10", "USD")],
+        shelf=[("A", "APPROVED"), ("LCK", "SUSPENDED")],
+        model=[("A", "0.5")],
+    )
+    values = dict(zip(s.targets.trace["instrument_id"], s.targets.trace["final_value"]))
+    assert values["A"] == D("750000000")
+    assert abs(values["LCK"] - D("500000000")) <= D("1e-19")
+
+
 # ---- isolation of runs in one book -----------------------------------------------------------------
 
 

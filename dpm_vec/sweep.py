@@ -300,9 +300,10 @@ def compute_shard(plan: SweepPlan, shard: int) -> tuple[dict[str, pl.DataFrame],
     tables["input_faults"] = row_faults_by_run(book.portfolios, faults)
     if faults.height:
         first = faults.row(0, named=True)
-        log.warning("shard %d: %d portfolio(s) blocked by %d input value(s) that fail their checks (block_reason "
-                    "INVALID_PORTFOLIO, INVALID_HOLDINGS or INVALID_LIMITS; each in the input_faults dataset), e.g. %s.parquet, "
-                    "key %s, row %s, column %s: %s fails %s", shard, tables["input_faults"]["run_key"].n_unique(), faults.height,
+        log.warning("shard-%05d (portfolios %d-%d of the book): %d portfolio(s) blocked by %d input value(s) that fail their "
+                    "checks (block_reason INVALID_PORTFOLIO, INVALID_HOLDINGS or INVALID_LIMITS; each in the input_faults "
+                    "dataset), e.g. %s.parquet, key %s, row %s, column %s: %s fails %s", shard, start + 1, stop,
+                    tables["input_faults"]["run_key"].n_unique(), faults.height,
                     first["input_table"], first["key"], first["row_key"] or "-", first["input_column"], first["value"], first["failed_check"])
     timer.lap("outputs")
     return tables, timer
@@ -640,7 +641,7 @@ class _Progress:
         if self._bar is not None:
             self._bar.update(self._task, advance=portfolios)
         elif shards:
-            log.info("shard %d/%d done (%d portfolios)", self.done, self.shards, self.portfolios)
+            log.info("%d of %d shards done (%d portfolios)", self.done, self.shards, self.portfolios)
 
     def close(self) -> None:
         if self._bar is not None:

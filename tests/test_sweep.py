@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from decimal import Decimal
 import os
 import shutil
@@ -360,7 +361,7 @@ def _inject_row_faults(frames: dict[str, pl.DataFrame]) -> dict[str, str]:
     return {r: "INVALID_LIMITS" if kind == "limit" else "INVALID_HOLDINGS" for r, kind in victims.items()}
 
 
-def test_bad_rows_block_their_portfolios_and_the_sweep_goes_on(tmp_path):
+def test_bad_rows_block_their_portfolios_and_the_sweep_goes_on(tmp_path, caplog):
     """A row of a portfolio's own data that fails its checks (a conflicting duplicate, a
     quantity that is not a number, a bad currency code, a negative lot, a weight limit
     above 1) blocks the portfolios it belongs to with a named reason; every other
@@ -370,7 +371,11 @@ def test_bad_rows_block_their_portfolios_and_the_sweep_goes_on(tmp_path):
     expected = _inject_row_faults(frames)
     broken = write_book(frames, tmp_path / "broken")
     sweep(clean, tmp_path / "clean_out", shard_size=10, progress=False)
-    sweep(broken, tmp_path / "broken_out", shard_size=10, progress=False)
+    with caplog.at_level(logging.WARNING, logger="dpm_vec.sweep"):
+        sweep(broken, tmp_path / "broken_out", shard_size=10, progress=False)
+    # the warning names the shard as its directory is named, and the book's portfolios in it
+    assert [r.getMessage().split(" blocked")[0] for r in caplog.records if "blocked by" in r.getMessage()] == [
+        f"shard-00003 (portfolios 31-40 of the book): {len(expected)} portfolio(s)"]  # every victim is among the last ten
     sweep(broken, tmp_path / "one_shard", shard_size=1000, progress=False)
     _same_outputs(tmp_path / "broken_out", tmp_path / "one_shard")
 

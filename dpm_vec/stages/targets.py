@@ -693,17 +693,17 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
         m = pl.col("single_position_max_weight")
         rows = wm.join(near, on="run", how="semi")
         # a cap that took excess leaves a weight at m: below it (by more than a last digit) none was above
-        capped = rows.filter(m.is_not_null() & (pl.col("weight") > m - _LAST_DIGITS)).select("run")
+        at_cap = rows.filter(m.is_not_null() & (pl.col("weight") > m - _LAST_DIGITS)).select("run")
         # where steps 1-2 kept model weights of 20 decimals or fewer and no cap handed excess on, the sums are exact either way
         rounded = pl.concat([
-            step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), gc.select("run"), capped,
+            step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), gc.select("run"), at_cap,
             rows.filter(pl.col("weight") != pl.col("weight").round(20)).select("run"), near.filter(pl.col("_L") != 0).select("run"),
         ])
         # step 4 is replayed where it can be (``_replayable_cap``): other capped runs keep their sums
         caps = policy.join(near, on="run", how="semi").filter(m.is_not_null() & _replayable_cap()).select(
             "run", "single_position_max_weight", "single_position_cap_mode",
         )
-        near = near.join(rounded, on="run", how="semi").join(capped.join(caps, on="run", how="anti"), on="run", how="anti")
+        near = near.join(rounded, on="run", how="semi").join(at_cap.join(caps, on="run", how="anti"), on="run", how="anti")
     if near.height:
         locked = locked_in_28_digits(near.filter(pl.col("_L") != 0).select("run"))
         decided = _buffer_in_28_digits(market, step1, gc, near, caps, locked).rename({"_binds": "_binds_exact"})

@@ -402,6 +402,27 @@ def test_runs_with_different_policies_do_not_interact(scenario):
         assert multi.target_warnings(i) == solo.target_warnings(), i
 
 
+def test_a_cash_buffer_decided_in_28_digits_keeps_other_runs_replayable(scenario):
+    """Run 0's cap hands excess on, so its weights are replayed in 28 digits wherever a trade
+    size needs their last digit. Run 1's buyable sum lies exactly on its cash buffer's bound
+    (0.5 + 0.3 + 0.15 = 1 − 0.05), which is decided in 28 digits. That decision once
+    reused the name of step 4's capped runs for its own, and dropped run 0 from the runs
+    the replay may redo: run 0's trades then depended on which other portfolios shared its
+    pass (the fuzz found a BUY of 44 units for 45)."""
+    common = dict(
+        cash=[("USD", "10000")],
+        prices=[(i, "100", "USD") for i in ("A", "B", "C")],
+        shelf=[(i, "APPROVED") for i in ("A", "B", "C")],
+        attributes=[("A", "s", "X")],
+        model=[("A", "0.5"), ("B", "0.3"), ("C", "0.15")],
+    )
+    multi = scenario(runs=[dict(single_position_max_weight="0.3"), dict(min_cash_buffer_pct="0.05", groups={"s:X": "0.9"})], **common)
+    solo = scenario(single_position_max_weight="0.3", **common)
+    assert multi.weights(0) == solo.weights() == {"A": D("0.3"), "B": D("0.3"), "C": D("0.3")}
+    assert set(solo.targets.replay.policy["run"]) == {0}
+    assert set(multi.targets.replay.policy["run"]) == {0}
+
+
 def test_blocked_run_does_not_block_its_neighbour(scenario):
     common = dict(
         cash=[("USD", "1000")],

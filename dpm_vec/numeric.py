@@ -34,6 +34,43 @@ def lit(value: str | int | Decimal) -> pl.Expr:
     return pl.lit(Decimal(str(value)), dtype=DEC)
 
 
+# magnitude pairs (|a| below, |b| below) whose product WEIGHT holds (it holds below 1e10),
+# each costing ~4 ms on 460,000 rows: a portfolio's value × a weight (below 1, or below 10
+# up to a billion), and quantities × prices up to 1e5 × 1e5, 1e8 × 1e2 or 1e2 × 1e8; a
+# larger pair keeps DEC's product
+VALUE_TIMES_WEIGHT = (("1e10", "1"), ("1e9", "10"))
+QUANTITY_TIMES_PRICE = (("1e10", "1"), ("1e8", "1e2"), ("1e5", "1e5"), ("1e2", "1e8"))
+
+
+def product_of_all_digits(a: pl.Expr, b: pl.Expr, bounds: tuple[tuple[str, str], ...]) -> pl.Expr:
+    """a × b in DEC from every digit of both factors. A QTY quantity or WEIGHT weight can
+    carry 28 decimals; read at DEC's 20 first, its product misses the reference's 28-digit
+    one by up to 1e-20 × the other factor (a notional-sized 664.5044112006137322593018796
+    units × 26.07 gave 17323.62999999999999999995 for the reference's 17323.63). Where the
+    factors' magnitudes keep the product inside WEIGHT, it is taken at WEIGHT's 28
+    decimals, then rounded half-even to DEC; elsewhere DEC's product stands. ``bounds``:
+    the magnitude pairs tried (``VALUE_TIMES_WEIGHT``, ``QUANTITY_TIMES_PRICE``)."""
+    fits = pl.any_horizontal(
+        (a.abs() < pl.lit(Decimal(x), dtype=DEC)) & (b.abs() < pl.lit(Decimal(y), dtype=DEC)) for x, y in bounds
+    )
+    # both branches are computed for every row: zeros keep the other rows' product in range
+    at_28 = (pl.when(fits).then(a).otherwise(0).cast(WEIGHT) * pl.when(fits).then(b).otherwise(0).cast(WEIGHT)).cast(DEC)
+    return pl.when(fits).then(at_28).otherwise(a.cast(DEC) * b.cast(DEC))
+
+
+def times_price(frame: pl.DataFrame, quantity: str, price: pl.Expr) -> pl.Expr:
+    """``frame``'s QTY column ``quantity`` × ``price`` in DEC. Whole and short quantities
+    are exact at DEC's 20 decimals, so only a frame holding a quantity with more (a
+    notional-sized or tax-limited one) pays for ``product_of_all_digits`` (~10 ms on
+    460,000 rows)."""
+    q = pl.col(quantity)
+    column = frame[quantity]
+    beyond = 10 ** (column.dtype.scale - SCALE) if isinstance(column.dtype, pl.Decimal) and column.dtype.scale > SCALE else 0
+    if beyond and frame.select((q.to_physical() % pl.lit(beyond, dtype=pl.Int128) != 0).any()).item():
+        return product_of_all_digits(q, price, QUANTITY_TIMES_PRICE)
+    return q.cast(DEC) * price
+
+
 def dmax(a: pl.Expr, b: pl.Expr) -> pl.Expr:
     return pl.when(a >= b).then(a).otherwise(b)
 

@@ -17,7 +17,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.codes import with_code_lists
 from dpm_vec.frames import join_on_index, join_runs, sort_rows
-from dpm_vec.numeric import DEC, DEC_UNIT, WEIGHT, dmax, dmin, lit
+from dpm_vec.numeric import DEC_UNIT, VALUE_TIMES_WEIGHT, WEIGHT, dmax, dmin, lit, product_of_all_digits
 from dpm_vec.stages.prepare import SLOT, Market
 from dpm_vec.stages.universe import ExactLocked, valued_in_28_digits
 
@@ -188,9 +188,6 @@ class _Step1:
 
 # within this of a bound, the last digit of the reference's 28-digit steps can decide a side
 _LAST_DIGITS = lit(DEC_UNIT)
-# WEIGHT holds magnitudes below 1e10; a product is taken in it only below 9e9 (a float
-# estimate of its size decides, with room for the estimate's error)
-_WEIGHT_RANGE, _PRODUCT_IN_WEIGHT = lit("1e10"), 9e9
 
 
 def _replayable_cap() -> pl.Expr:
@@ -1005,16 +1002,7 @@ def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.Da
 
 
 def final_value(weight: str) -> pl.Expr:
-    """total_value × ``weight`` (§6.5) from every digit of the weight. The fixed-point
-    product reads the weight at 20 decimals (15000 × 0.3333…3 at 28 decimals gives
-    4999.99999999999999995, the reference's 28 digits 5000), so where both factors and
-    the product fit ``WEIGHT`` (magnitudes below 1e10: every portfolio up to ten
-    billion) the product is taken at its 28 decimals, then rounded to DEC."""
-    tv, w = pl.col("total_value"), pl.col(weight)
-    fits = (
-        (tv.abs() < _WEIGHT_RANGE) & (w.abs() < _WEIGHT_RANGE)
-        & ((tv.cast(pl.Float64) * w.cast(pl.Float64)).abs() < _PRODUCT_IN_WEIGHT)
-    )
-    # both branches are computed for every row: zeros keep the other rows' product in range
-    at_28 = (pl.when(fits).then(tv).otherwise(0).cast(WEIGHT) * pl.when(fits).then(w).otherwise(0)).cast(DEC)
-    return pl.when(fits).then(at_28).otherwise(tv * w.cast(DEC))
+    """total_value × ``weight`` (§6.5) from every digit of the weight: 15000 × 0.3333…3 at
+    28 decimals is the reference's 5000, where the weight read at 20 decimals gives
+    4999.99999999999999995 (``product_of_all_digits``; every weight carries 28 decimals)."""
+    return product_of_all_digits(pl.col("total_value"), pl.col(weight), VALUE_TIMES_WEIGHT)

@@ -15,7 +15,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.errors import QuantityRangeError
 from dpm_vec.frames import join_on_index, join_runs, position_in_run, sort_rows
-from dpm_vec.numeric import DEC, DEC_UNIT, HAIR, QTY, dabs, lit
+from dpm_vec.numeric import DEC, DEC_UNIT, HAIR, QTY, dabs, lit, times_price
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import DUST, exact_notionals
 from dpm_vec.stages.prepare import Market
@@ -72,7 +72,7 @@ def translate(
     t = t.with_columns(
         ((pl.col("total_value") * pl.col("final_weight").cast(DEC)) / pl.col("rate")).alias("target_value_instr"),
         pl.when(pl.col("market_value").is_not_null()).then(pl.col("market_value"))
-        .when(pl.col("held_quantity").is_not_null()).then(pl.col("held_quantity").cast(DEC) * pl.col("price"))
+        .when(pl.col("held_quantity").is_not_null()).then(times_price(t, "held_quantity", pl.col("price")))
         .otherwise(lit(0)).alias("current_value_instr"),
     ).with_columns(
         (pl.col("target_value_instr") - pl.col("current_value_instr")).alias("delta_value_instr"),
@@ -93,7 +93,7 @@ def translate(
     t = t.with_columns(
         pl.when(pl.col("by_notional") & ~pl.col("_oversell") & (pl.col("quantity") == pl.col("requested_quantity")))
         .then(pl.col("_amount"))
-        .otherwise(pl.col("quantity").cast(DEC) * pl.col("price")).alias("notional"),
+        .otherwise(times_price(t, "quantity", pl.col("price"))).alias("notional"),
     ).with_columns(
         (pl.col("notional") * pl.col("rate")).alias("notional_base"),
         pl.when(pl.col("min_trade_notional_amount").is_not_null()).then(pl.col("min_trade_notional_amount"))

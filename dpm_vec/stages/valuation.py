@@ -8,7 +8,7 @@ import polars as pl
 
 from dpm_vec.dec28 import F28
 from dpm_vec.frames import join_runs, sort_rows
-from dpm_vec.numeric import DEC, lit
+from dpm_vec.numeric import lit, times_price
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 
@@ -46,7 +46,7 @@ def value_state(
         pl.when(use_mv).then(pl.col("market_value_currency"))
         .otherwise(pl.coalesce("price_currency", "base_currency")).alias("instrument_currency"),
         pl.when(use_mv).then(pl.col("market_value"))
-        .otherwise(pl.col("quantity").cast(DEC) * pl.col("price").fill_null(lit(0))).alias("value_instr"),
+        .otherwise(times_price(pos, "quantity", pl.col("price").fill_null(lit(0)))).alias("value_instr"),
         pl.col("asset_class").fill_null("UNKNOWN"),
     )
     pos = market.with_rate(pos, "instrument_currency", "base_currency", "_rate")

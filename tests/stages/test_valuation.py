@@ -1,9 +1,14 @@
 """Valuation (spec §6.2): values, weights, totals, allocations and data-quality findings."""
 from __future__ import annotations
 
+import decimal
 from decimal import Decimal as D
 
 import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dpm_vec.numeric import DEC, QTY, times_price
 
 
 def _pos(s, run=0):
@@ -156,3 +161,34 @@ def test_runs_with_different_base_currencies_share_frames(scenario):
     assert _pos(s, 0)["A"]["value_base"] == D("200")
     assert _pos(s, 1)["A"]["value_base"] == D("100")
     assert _alloc(s, "asset_class", 1)["CASH"][0] == D("100")
+
+
+def test_a_quantity_is_valued_from_all_of_its_28_decimals(scenario):
+    """A notional-sized holding of 664.5044112006137322593018796 units at 26.07 is worth
+    the reference's 17323.63; read at 20 decimals first the product was
+    17323.62999999999999999995, and the after-state total a last digit short put a cash
+    weight of exactly the band's 0.05 above it (PENDING_REVIEW where the reference passes)."""
+    s = scenario(
+        positions=[("N", "664.5044112006137322593018796"), ("W", "3")],
+        cash=[("USD", "1823.54")],
+        prices=[("N", "26.07", "USD"), ("W", "0.10", "USD")],
+        shelf=[("N", "APPROVED"), ("W", "APPROVED")],
+    )
+    p = _pos(s)
+    assert p["N"]["value_instr"] == D("17323.63") and p["W"]["value_instr"] == D("0.3")
+    assert _total(s) == D("19147.47")
+
+
+@given(
+    st.decimals(min_value=0, max_value=D("99999"), places=28, allow_nan=False, allow_infinity=False),
+    st.decimals(min_value=0, max_value=D("99999"), places=20, allow_nan=False, allow_infinity=False),
+)
+@settings(max_examples=300, deadline=None)
+def test_times_price_matches_the_exact_product_to_the_last_digit(quantity, price):
+    """Within the magnitudes it serves (here up to 1e5 × 1e5) a 28-decimal quantity times a
+    price lands on the exact product rounded to DEC's 20 decimals, give or take the one
+    unit a double rounding (to 28 decimals, then to 20) can leave."""
+    frame = pl.DataFrame({"quantity": [quantity], "price": [price]}, schema={"quantity": QTY, "price": DEC})
+    value = frame.select(times_price(frame, "quantity", pl.col("price"))).item()
+    exact = decimal.Context(prec=80).multiply(quantity, price)
+    assert abs(value - exact) <= D("1e-20") * D("0.5") + D("1e-28")

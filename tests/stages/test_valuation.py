@@ -186,8 +186,8 @@ def test_a_quantity_is_valued_from_all_of_its_28_decimals(scenario):
 @settings(max_examples=300, deadline=None)
 def test_times_price_matches_the_exact_product_to_the_last_digit(quantity, price):
     """Within the magnitudes it serves (here up to 1e5 × 1e5) a 28-decimal quantity times a
-    price lands on the exact product rounded to DEC's 20 decimals, give or take the one
-    unit a double rounding (to 28 decimals, then to 20) can leave."""
+    price lands within half a unit of DEC's last place of the exact product, plus the half
+    unit of the 28th decimal that rounding first to 28 decimals can add."""
     frame = pl.DataFrame({"quantity": [quantity], "price": [price]}, schema={"quantity": QTY, "price": DEC})
     value = frame.select(times_price(frame, "quantity", pl.col("price"))).item()
     exact = decimal.Context(prec=80).multiply(quantity, price)

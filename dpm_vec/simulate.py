@@ -20,9 +20,10 @@ def simulate_many(requests: list) -> list[dict]:
 
     Each slot is independent: a request's data is keyed by its own run key, so requests
     that share portfolio or instrument ids cannot affect each other. If the shared pass
-    fails, each request runs alone, and one that cannot be computed gets a problem in its
-    slot (422 for a trade outside the engine's quantity range, else 500) while the
-    others still answer.
+    fails, it is halved until the requests that break it run alone (``_isolating``: about
+    2 log2(n) passes per such request, not n), and one that cannot be computed gets a
+    problem in its slot (422 for a trade outside the engine's quantity range or a value
+    outside its fixed point, else 500) while the others still answer.
     """
     slots: list[dict | None] = [None] * len(requests)
     parsed: dict[int, dict[str, list[dict]]] = {}
@@ -35,15 +36,25 @@ def simulate_many(requests: list) -> list[dict]:
         rows["portfolios"][0]["request_hash"] = request_hash(request)
         parsed[index] = rows
     if parsed:
-        try:
-            results = dict(zip(parsed, _simulate(list(parsed.values()))))
-        except Exception as exc:  # noqa: BLE001 - isolate the request that breaks the pass
-            if len(parsed) > 1:
-                log.warning("one engine pass over %d requests failed (%s); simulating them one at a time", len(parsed), _summary(exc))
-            results = {index: _alone(rows, index) for index, rows in parsed.items()}
-        for index, result in results.items():
+        for index, result in _isolating(parsed).items():
             slots[index] = result
     return slots  # type: ignore[return-value]
+
+
+def _isolating(parsed: dict[int, dict[str, list[dict]]]) -> dict[int, dict]:
+    """The results of the ``parsed`` requests (by slot index) from one engine pass; if
+    that pass fails, from each half's, recursively, so a request that breaks a pass ends
+    up alone (``_alone``) and the rest share passes."""
+    if len(parsed) == 1:
+        [(index, rows)] = parsed.items()
+        return {index: _alone(rows, index)}
+    try:
+        return dict(zip(parsed, _simulate(list(parsed.values()))))
+    except Exception as exc:  # noqa: BLE001 - isolate the request that breaks the pass
+        log.warning("one engine pass over %d requests failed (%s); running each half on its own", len(parsed), _summary(exc))
+        indexes = list(parsed)
+        half = len(indexes) // 2
+        return {**_isolating({i: parsed[i] for i in indexes[:half]}), **_isolating({i: parsed[i] for i in indexes[half:]})}
 
 
 def _simulate(parsed: list[dict[str, list[dict]]]) -> list[dict]:

@@ -321,3 +321,28 @@ def test_suitability_thresholds_check_weights_and_ignore_other_keys(thresholds, 
         parse_request(request, "r0")
     else:
         assert [f for f, _ in _errors(request)] == [field]
+
+
+def test_a_request_that_breaks_the_pass_is_isolated_by_halving(monkeypatch):
+    """One request of sixteen breaks the shared pass (a trade beyond the quantity range):
+    halving isolates it in 9 passes instead of 1 + 16 one at a time, its slot gets the 422
+    naming it, and every other slot gets exactly its solo result."""
+    import dpm_vec.simulate as sim
+
+    penny = _with(("market_data_snapshot", "prices", 0, "price"), "0.0000001")
+    requests = [penny if i == 5 else REQUEST for i in range(16)]
+    solo = simulate_many([REQUEST])[0]
+    passes = []
+    real = sim._simulate
+
+    def counted(parsed):
+        passes.append(len(parsed))
+        return real(parsed)
+
+    monkeypatch.setattr(sim, "_simulate", counted)
+    slots = simulate_many(requests)
+    assert passes == [16, 8, 4, 4, 2, 1, 1, 2, 8]  # the failing half halved again, the good ones each one pass
+    assert slots[5]["status"] == 422 and slots[5]["detail"].startswith("request 6: a BUY of 37037037037 units")
+    strip = {"rebalance_run_id", "correlation_id", "lineage"}
+    assert all({k: v for k, v in s.items() if k not in strip} == {k: v for k, v in solo.items() if k not in strip}
+               for i, s in enumerate(slots) if i != 5)

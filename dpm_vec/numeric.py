@@ -63,9 +63,8 @@ def times_price(frame: pl.DataFrame, quantity: str, price: pl.Expr) -> pl.Expr:
     are exact at DEC's 20 decimals, so only a frame holding a quantity with more (a
     notional-sized or tax-limited one) pays for ``product_of_all_digits`` (~10 ms on
     460,000 rows)."""
-    q = pl.col(quantity)
-    column = frame[quantity]
-    beyond = 10 ** (column.dtype.scale - SCALE) if isinstance(column.dtype, pl.Decimal) and column.dtype.scale > SCALE else 0
+    q, dtype = pl.col(quantity), frame.schema[quantity]
+    beyond = 10 ** (dtype.scale - SCALE) if isinstance(dtype, pl.Decimal) and dtype.scale > SCALE else 0
     if beyond and frame.select((q.to_physical() % pl.lit(beyond, dtype=pl.Int128) != 0).any()).item():
         return product_of_all_digits(q, price, QUANTITY_TIMES_PRICE)
     return q.cast(DEC) * price

@@ -4,6 +4,7 @@ quantities exactly); keyed lists match item by item; random ids are ignored."""
 
 from __future__ import annotations
 
+import copy
 from decimal import Decimal, InvalidOperation
 
 SKIP = {"rebalance_run_id", "universe_id", "target_id", "intent_id", "rationale", "warnings", "tags",
@@ -11,6 +12,23 @@ SKIP = {"rebalance_run_id", "universe_id", "target_id", "intent_id", "rationale"
         "remediation_hint", "gate_decision"}
 MONEY = {"amount", "buy_amount", "sell_amount_estimated"}
 WEIGHTS = {"weight", "final_weight", "score", "measured"}
+
+
+# what differs from pass to pass for the same request: run ids and lineage
+RANDOM_FIELDS = ("rebalance_run_id", "lineage")
+
+
+def strip_random(result: dict) -> dict:
+    """``result`` without the fields that differ between two runs of the same request, so
+    a batch slot compares whole with its solo run."""
+    r = copy.deepcopy(result)
+    for f in RANDOM_FIELDS:
+        r.pop(f, None)
+    if isinstance(r.get("universe"), dict):
+        r["universe"].pop("universe_id", None)
+    if isinstance(r.get("target"), dict):
+        r["target"].pop("target_id", None)
+    return r
 
 
 def intent_key(item: dict):

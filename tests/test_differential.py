@@ -29,6 +29,7 @@ from dpm_vec.oracle import simulate as oracle_simulate
 from dpm_vec.simulate import simulate_many
 from dpm_vec.stages.trades import TRADE_UNITS_LIMIT
 
+from tests.golden_compare import strip_random
 from tests.strategies import (
     isolation_batches, requests, rfc_option_requests, round_inverse_requests, tax_residue_requests,
 )
@@ -177,20 +178,6 @@ def compare(exp: dict, act: dict) -> list[str]:
     if (eg or {}).get("gate") != (ag or {}).get("gate"):
         errs.append(f"gate {(eg or {}).get('gate')} != {(ag or {}).get('gate')}")
     return errs
-
-
-RANDOM_FIELDS = ("rebalance_run_id", "lineage")
-
-
-def strip_random(result: dict) -> dict:
-    r = copy.deepcopy(result)
-    for f in RANDOM_FIELDS:
-        r.pop(f, None)
-    if isinstance(r.get("universe"), dict):
-        r["universe"].pop("universe_id", None)
-    if isinstance(r.get("target"), dict):
-        r["target"].pop("target_id", None)
-    return r
 
 
 def _report(req: dict, errs: list[str]) -> str:

@@ -486,7 +486,7 @@ def _heuristic_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, pol
     rows = _steps_1_3_in_28_digits(market, step1, gc, policy.select("run"), locked)
     # step 4: single-position cap
     m = pl.col("single_position_max_weight")
-    rows = _step4_in_28_digits(market, rows, policy.filter(m.is_not_null() & (m > 0)))
+    rows = _step4_in_28_digits(market, rows, policy.filter(m > 0))
     # step 5: minimum cash buffer
     buffered = policy.filter(pl.col("min_cash_buffer_pct") > 0).select("run", "min_cash_buffer_pct")
     if buffered.height:
@@ -696,8 +696,8 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
             step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), gc.select("run"), at_cap,
             rows.filter(pl.col("weight") != pl.col("weight").round(20)).select("run"), near.filter(pl.col("_L") != 0).select("run"),
         ])
-        # step 4 is replayed where it can be (``_replayable_cap``): other capped runs keep their sums
-        caps = policy.join(near, on="run", how="semi").filter(m.is_not_null() & _replayable_cap()).select(
+        # step 4 is replayed where a cap above 0 takes part (``_replayable_cap``): other capped runs keep their sums
+        caps = policy.join(near, on="run", how="semi").filter(m > 0).select(
             "run", "single_position_max_weight", "single_position_cap_mode",
         )
         near = near.join(rounded, on="run", how="semi").join(at_cap.join(caps, on="run", how="anti"), on="run", how="anti")

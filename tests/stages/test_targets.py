@@ -340,18 +340,22 @@ def test_trace_order_values_and_tags(scenario):
     assert dict(zip(t["instrument_id"], t["model_weight"]))["OFF"] == D("0")
 
 
-def test_final_value_reads_every_digit_of_the_weight(scenario):
-    """A locked third of 15,000 has weight 0.3333…3 (28 decimals): the reference's
-    tv × final_weight rounds to exactly 5000, where the weight read at 20 decimals gives
-    4999.99999999999999995. A weight with 20 decimals or fewer keeps the fixed-point product."""
-    s = scenario(
-        positions=[("LCK", "500")],
-        cash=[("USD", "10000")],
+def _locked_third(scenario, units: str, cash: str):
+    """A SUSPENDED holding of ``units`` at 10 beside ``cash``: a third of the portfolio."""
+    return scenario(
+        positions=[("LCK", units)],
+        cash=[("USD", cash)],
         prices=[("A", "10", "USD"), ("LCK", "10", "USD")],
         shelf=[("A", "APPROVED"), ("LCK", "SUSPENDED")],
         model=[("A", "0.5")],
     )
-    t = s.targets.trace
+
+
+def test_final_value_reads_every_digit_of_the_weight(scenario):
+    """A locked third of 15,000 has weight 0.3333…3 (28 decimals): the reference's
+    tv × final_weight rounds to exactly 5000, where the weight read at 20 decimals gives
+    4999.99999999999999995. A weight with 20 decimals or fewer keeps the fixed-point product."""
+    t = _locked_third(scenario, "500", "10000").targets.trace
     assert dict(zip(t["instrument_id"], t["final_weight"]))["LCK"] == D("0.3333333333333333333333333333")
     assert dict(zip(t["instrument_id"], t["final_value"])) == {"A": D("7500"), "LCK": D("5000")}
 
@@ -359,14 +363,8 @@ def test_final_value_reads_every_digit_of_the_weight(scenario):
 def test_final_value_reads_every_digit_of_the_weight_up_to_ten_billion(scenario):
     """The same locked third of 1.5 billion: tv × the weight read at 20 decimals misses the
     reference's 500,000,000 by 5e-12; at 28 decimals by 5e-20, below DEC's last digit."""
-    s = scenario(
-        positions=[("LCK", "50000000")],
-        cash=[("USD", "1000000000")],
-        prices=[("A", "10", "USD"), ("LCK", "10", "USD")],
-        shelf=[("A", "APPROVED"), ("LCK", "SUSPENDED")],
-        model=[("A", "0.5")],
-    )
-    values = dict(zip(s.targets.trace["instrument_id"], s.targets.trace["final_value"]))
+    t = _locked_third(scenario, "50000000", "1000000000").targets.trace
+    values = dict(zip(t["instrument_id"], t["final_value"]))
     assert values["A"] == D("750000000")
     assert abs(values["LCK"] - D("500000000")) <= D("1e-19")
 

@@ -369,12 +369,17 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
 TURNOVER_EPS_RELATIVE = lit(HAIR)
 
 
+def _hair_of_budget() -> pl.Expr:
+    """A hair of the run's turnover budget (``_budget``), at least a hair of 1."""
+    return TURNOVER_EPS_RELATIVE * (lit(1) + dabs(pl.col("_budget")))
+
+
 def _fragile_turnover_runs(frame: pl.DataFrame, ranked: pl.DataFrame) -> pl.DataFrame:
     """(run) of the limited runs whose cap decision the fixed point cannot be trusted to
     make as the reference does: ``proposed`` within a hair of the budget, two adjacent
     ranked intents whose scores or sizes (nearly) tie, or an intent that fits the room
     left for it (or misses it) by a hair."""
-    eps = TURNOVER_EPS_RELATIVE * (lit(1) + dabs(pl.col("_budget")))
+    eps = _hair_of_budget()
     near_cap = frame.filter(dabs(pl.col("_proposed") - pl.col("_budget")) <= eps).select("run")
     steps = ranked.sort("run", "list_order").with_columns(
         dabs(pl.col("score") - pl.col("score").shift(1).over("run")).alias("_score_gap"),
@@ -388,7 +393,7 @@ def _near_fit_runs(walked: pl.DataFrame) -> pl.DataFrame:
     """(run) of the runs in ``walked`` (run, list_order, _abs_nb, _budget, _keep; rows in
     (run, list_order) order) where an intent fits the room left for it, or misses it, by
     a hair."""
-    eps = TURNOVER_EPS_RELATIVE * (lit(1) + dabs(pl.col("_budget")))
+    eps = _hair_of_budget()
     kept_size = pl.when(pl.col("_keep")).then(pl.col("_abs_nb")).otherwise(lit(0))
     used_before = kept_size.cum_sum().over("run") - kept_size
     return walked.filter(dabs(pl.col("_budget") - used_before - pl.col("_abs_nb")) <= eps).select("run").unique()

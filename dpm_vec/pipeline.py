@@ -30,7 +30,7 @@ from dpm_vec.stages.prepare import prepare
 from dpm_vec.stages.settlement import cash_ladder
 from dpm_vec.stages.solver import COMPARISON_SCHEMA
 from dpm_vec.stages.targets import build_targets, warnings_frame
-from dpm_vec.stages.trades import apply_turnover_cap, translate
+from dpm_vec.stages.trades import apply_turnover_cap, translate, within_quantity_range
 from dpm_vec.stages.universe import build_universe
 from dpm_vec.stages.valuation import ValuedState, value_state
 
@@ -139,7 +139,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
 
     kept, dropped, turnover_warnings = apply_turnover_cap(_only(tr.intents, live), live, before.totals, market,
                                                           (before.positions, before.cash))
-    intents, fx_missing = plan_fx(market, live, kept, _only(p.cash, live))
+    intents, fx_missing = plan_fx(market, live, within_quantity_range(kept), _only(p.cash, live))
     findings = dq.concat(findings, fx_missing)
     boundary("turnover+fx", (INTENTS_SCHEMA, intents))
     ladder = cash_ladder(market, live, intents, p.cash, _by_run(book.overdraft_limits, runs))

@@ -225,8 +225,14 @@ WEIGHT_MAP_SCHEMA = _stage("universe: weight map", ["slot"], {"slot": pl.UInt32,
 TARGET_TRACE_SCHEMA = _stage("targets: trace", ["trace_order"], {"instrument_id": pl.String, "slot": pl.UInt32, "in_model": pl.Boolean},
                              [_present("instrument_id", "slot", "in_model")])
 SECURITY_INTENTS_SCHEMA = _stage(
-    "translation: security intents", ["intent_no"], {"instrument_id": pl.String, "slot": pl.UInt32, "side": pl.String, "quantity": QTY},
-    [_present("instrument_id", "slot"), _one_of("side", ["BUY", "SELL"]), ("quantity >= 0", pl.col("quantity") >= 0)],
+    "translation: security intents", ["intent_no"],
+    {"instrument_id": pl.String, "slot": pl.UInt32, "side": pl.String, "quantity": QTY, "_units_beyond_range": DEC},
+    [
+        _present("instrument_id", "slot"), _one_of("side", ["BUY", "SELL"]),
+        # a trade beyond QTY's range has no quantity until the turnover step has decided it
+        ("quantity >= 0, or a trade beyond the quantity range",
+         (pl.col("quantity") >= 0) | (pl.col("quantity").is_null() & (pl.col("_units_beyond_range") > 0))),
+    ],
 )
 AFTER_POSITIONS_SCHEMA = _stage("after-state: positions", ["pos_seq"], HOLDING, [_present(*HOLDING)])
 INTENTS_SCHEMA = _stage(

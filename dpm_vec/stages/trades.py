@@ -86,12 +86,25 @@ def translate(
     # the quotient is rounded before the floor; step back when that rounding crossed an integer
     t = t.with_columns(pl.when(units * pl.col("price") > pl.col("_abs_delta")).then(units - 1).otherwise(units).alias("_units"))
     t = _exact_near_integer_floors(market, t, exact, valued, replay, locked)
-    _check_quantity_range(t, "_units")
-    t = t.with_columns(pl.col("_units").cast(QTY).alias("requested_quantity"), pl.lit(False).alias("_oversell"))
+    # a whole-unit trade beyond QTY's range waits for the dust and turnover steps, which may
+    # drop it (the reference trades the rest); one the tax-lot walk would size (a sell in a
+    # tax-aware run) or notional sizing sizes again fails here
+    untaxed = (pl.col("side") == "BUY") | ~pl.col("enable_tax_awareness")
+    beyond = ~pl.col("by_notional") & untaxed & (pl.col("_units") >= TRADE_UNITS_LIMIT)
+    if (t["_units"].max() or 0) < TRADE_UNITS_LIMIT:  # the usual case: nothing is that large
+        t = t.with_columns(pl.col("_units").cast(QTY).alias("requested_quantity"), pl.lit(None, dtype=DEC).alias("_units_beyond_range"))
+    else:
+        _check_quantity_range(t.filter(~beyond), "_units")
+        t = t.with_columns(
+            pl.when(beyond).then(None).otherwise(pl.col("_units")).cast(QTY).alias("requested_quantity"),
+            pl.when(beyond).then(pl.col("_units")).alias("_units_beyond_range"),
+        )
+    t = t.with_columns(pl.lit(False).alias("_oversell"))
     t = _notional_sizing(_notional_amounts(market, t, exact, valued, replay, locked))
     t, tax_events, tax_totals, tax_warnings, tax_fx_missing = limit_sells_by_tax_lots(market, t, lots, runs)
     t = t.with_columns(
-        pl.when(pl.col("by_notional") & ~pl.col("_oversell") & (pl.col("quantity") == pl.col("requested_quantity")))
+        pl.when(pl.col("_units_beyond_range").is_not_null()).then(pl.col("_units_beyond_range") * pl.col("price"))
+        .when(pl.col("by_notional") & ~pl.col("_oversell") & (pl.col("quantity") == pl.col("requested_quantity")))
         .then(pl.col("_amount"))
         .otherwise(times_price(t, "quantity", pl.col("price"))).alias("notional"),
     ).with_columns(
@@ -113,10 +126,11 @@ def translate(
         "run", "instrument_id", "trace_order", "side", "quantity", "requested_quantity", "price",
         "price_currency", "rate", "notional", "notional_base", "base_currency",
         pl.col("threshold_amount").is_not_null().alias("min_notional_applied"),
-        (pl.col("quantity") < pl.col("requested_quantity")).alias("tax_budget_applied"),
+        (pl.col("quantity") < pl.col("requested_quantity")).fill_null(False).alias("tax_budget_applied"),
         "final_weight", "held_quantity", "by_notional", _rationale().alias("rationale_code"), "quantity_f28", "slot",
+        "_units_beyond_range",
         # a budget-limited quantity below Decimal(38, 28)'s unit is 0 there but kept by its 28-digit value
-        (~suppress & ((pl.col("quantity") > 0) | (f28.sign("quantity_f28") > 0))).alias("_kept"),
+        (~suppress & ((pl.col("quantity") > 0) | (f28.sign("quantity_f28") > 0) | pl.col("_units_beyond_range").is_not_null())).alias("_kept"),
     ).filter("_kept").pipe(sort_rows, "run", "trace_order")
     intents = kept.select(
         "run", "instrument_id", "trace_order", (position_in_run() + 1).alias("intent_no"),
@@ -196,6 +210,16 @@ def _notional_amounts(market: Market, t: pl.DataFrame, exact: ExactLocked | None
 
 # QTY holds quantities under 10^10 units; holdings reach 10^9 at most (the contract's limit)
 TRADE_UNITS_LIMIT = 9 * 10**9
+
+
+def within_quantity_range(intents: pl.DataFrame) -> pl.DataFrame:
+    """``intents`` without ``_units_beyond_range``, once the dust and turnover steps have
+    dropped what they drop: a trade still beyond QTY's range raises QuantityRangeError
+    naming it (the first in (run, intent_no) order)."""
+    if intents["_units_beyond_range"].null_count() < intents.height:
+        beyond = intents.filter(pl.col("_units_beyond_range").is_not_null())
+        _check_quantity_range(beyond.sort("run", "intent_no"), "_units_beyond_range")
+    return intents.drop("_units_beyond_range")
 
 
 def _check_quantity_range(t: pl.DataFrame, units: str) -> None:

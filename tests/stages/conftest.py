@@ -23,7 +23,7 @@ from dpm_vec.stages.fx import plan_fx
 from dpm_vec.stages.prepare import prepare
 from dpm_vec.stages.settlement import cash_ladder
 from dpm_vec.stages.targets import build_targets
-from dpm_vec.stages.trades import apply_turnover_cap, translate
+from dpm_vec.stages.trades import apply_turnover_cap, translate, within_quantity_range
 from dpm_vec.stages.universe import build_universe
 from dpm_vec.stages.valuation import value_state
 
@@ -183,7 +183,7 @@ class Stages:
     @cached_property
     def fx(self):
         """(intents in execution order, fx_missing findings)."""
-        return plan_fx(self.market, self.runs, self.turnover[0], self.p.cash)
+        return plan_fx(self.market, self.runs, within_quantity_range(self.turnover[0]), self.p.cash)
 
     @property
     def intents(self) -> pl.DataFrame:

@@ -93,7 +93,7 @@ def test_the_trades_stage_sized_what_the_contract_checks(traded):
 @pytest.mark.parametrize(("name", "column", "bad", "rule"), [
     ("universe: weight map", "kind", pl.lit("BUYABEL"), "kind is one of BUYABLE, SELL_ONLY, LOCKED, LIQUIDATION"),
     ("translation: security intents", "side", pl.lit("HOLD"), "side is one of BUY, SELL"),
-    ("translation: security intents", "quantity", -pl.col("quantity"), "quantity >= 0"),
+    ("translation: security intents", "quantity", -pl.col("quantity"), "quantity >= 0, or a trade beyond the quantity range"),
     ("valuation: positions", "instrument_id", pl.lit(None, dtype=pl.String), "instrument_id, quantity not null"),
     ("valuation: cash", "currency", pl.lit(None, dtype=pl.String), "currency, amount not null"),
     ("targets: trace", "in_model", pl.lit(None, dtype=pl.Boolean), "instrument_id, slot, in_model not null"),

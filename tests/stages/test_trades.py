@@ -5,9 +5,11 @@ from decimal import Decimal as D
 
 from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_ALTERNATIVE, SUSPENDED_HOLDING_ABOVE_CAP  # noqa: F401
 import polars as pl
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dpm_vec.errors import QuantityRangeError
 from dpm_vec.numeric import DEC
 from dpm_vec import dec28 as f28
 from dpm_vec.stages import trades
@@ -450,3 +452,78 @@ def test_tax_limited_sell_meeting_the_threshold_exactly_is_not_dust(scenario):
     # a hair more threshold makes it dust again: the exact test decides both ways
     higher = scenario(**book, min_trade_notional=("300.00000000000000000001", "SGD"))
     assert [x[0] for x in _suppressed(higher)] == ["A"]
+
+
+# ---- quantity range ---------------------------------------------------------------------------
+
+
+def _half_a_billion_in_cents(scenario, **policy):
+    """tv 500,000,000 USD: I0 at 0.01 weighs 0.5 (a BUY of 2.5e10 units, beyond QTY's
+    range), I1 at 100 weighs 0.005 (a BUY of 25,000)."""
+    return scenario(
+        cash=[("USD", "500000000.00")],
+        prices=[("I0", "0.01", "USD"), ("I1", "100.00", "USD")],
+        shelf=[("I0", "APPROVED"), ("I1", "APPROVED")],
+        model=[("I0", "0.5"), ("I1", "0.005")],
+        **policy,
+    )
+
+
+def test_a_buy_beyond_the_quantity_range_reaches_the_turnover_step_with_its_notional(scenario):
+    """Translation does not fail on a candidate that later steps may drop: the BUY keeps no
+    quantity, its units in ``_units_beyond_range`` and its notional (units × price)."""
+    s = _half_a_billion_in_cents(scenario)
+    rows = {r["instrument_id"]: r for r in s.translation.intents.to_dicts()}
+    assert rows["I0"]["quantity"] is None and rows["I0"]["_units_beyond_range"] == D("25000000000")
+    assert (rows["I0"]["notional"], rows["I0"]["notional_base"]) == (D("250000000"), D("250000000"))
+    assert rows["I0"]["tax_budget_applied"] is False
+    assert (rows["I1"]["quantity"], rows["I1"]["_units_beyond_range"]) == (D(25000), None)
+
+
+def test_a_buy_beyond_the_quantity_range_that_the_turnover_cap_drops_is_no_error(scenario):
+    s = _half_a_billion_in_cents(scenario, max_turnover_pct="0.01")
+    kept, dropped, _ = s.turnover
+    assert dropped.select("instrument_id", "potential_notional").rows() == [("I0", D("250000000"))]
+    intents = trades.within_quantity_range(kept)
+    assert intents["instrument_id"].to_list() == ["I1"] and "_units_beyond_range" not in intents.columns
+
+
+def test_a_buy_beyond_the_quantity_range_that_survives_is_named(scenario):
+    s = _half_a_billion_in_cents(scenario)
+    with pytest.raises(QuantityRangeError, match="a BUY of 25000000000 units of I0 is outside the engine's quantity range"):
+        trades.within_quantity_range(s.turnover[0])
+
+
+def test_a_buy_beyond_the_quantity_range_suppressed_as_dust_is_no_error(scenario):
+    s = _half_a_billion_in_cents(scenario, min_trade_notional=("300000000", "USD"))
+    assert [row[0] for row in _suppressed(s)] == ["I0", "I1"]
+    assert s.translation.intents.height == 0 and s.result.runs["status"].to_list() == ["READY"]
+
+
+def _a_thousand_units_valued_at_four_hundred_million(scenario, **policy):
+    """A snapshot market value of 4e8 USD for 1,000 units priced 0.01, out of the model:
+    liquidating that value is a SELL of 4e10 units (the reference sizes it so too)."""
+    return scenario(
+        positions=[{"instrument_id": "I0", "quantity": "1000", "market_value": "400000000", "market_value_currency": "USD"}],
+        cash=[("USD", "1000000.00")],
+        prices=[("I0", "0.01", "USD"), ("I1", "100.00", "USD")],
+        shelf=[("I0", "APPROVED"), ("I1", "APPROVED")],
+        model=[("I1", "0.001")],
+        **policy,
+    )
+
+
+def test_a_sell_beyond_the_quantity_range_waits_for_the_turnover_step(scenario):
+    dropped_by_the_cap = _a_thousand_units_valued_at_four_hundred_million(scenario, max_turnover_pct="0.01")
+    assert trades.within_quantity_range(dropped_by_the_cap.turnover[0])["instrument_id"].to_list() == ["I1"]
+    uncapped = _a_thousand_units_valued_at_four_hundred_million(scenario)
+    with pytest.raises(QuantityRangeError, match="a SELL of 40000000000 units of I0"):
+        trades.within_quantity_range(uncapped.turnover[0])
+
+
+def test_a_sell_beyond_the_quantity_range_fails_at_translation_where_tax_lots_would_size_it(scenario):
+    """In a tax-aware run the tax-lot walk would size the sell down from its requested
+    quantity, which QTY cannot hold: translation names it at once."""
+    s = _a_thousand_units_valued_at_four_hundred_million(scenario, max_turnover_pct="0.01", enable_tax_awareness=True)
+    with pytest.raises(QuantityRangeError, match="a SELL of 40000000000 units of I0"):
+        _ = s.translation

@@ -321,6 +321,66 @@ def test_floor_boundary_flip_tolerates_only_one_unit_differences():
     assert not _floor_boundary_flip([follow])
 
 
+BEYOND = {"requests": 0, "candidates_dropped": 0, "told": 0}
+
+
+@st.composite
+def beyond_range_requests(draw) -> dict:
+    """A portfolio of 1e8-9e8 USD whose model puts 30-90% in an instrument priced at a cent
+    or less (a BUY of 9e9 units or more), or which holds an instrument whose snapshot
+    market value far exceeds quantity × price (a liquidating SELL that large), under a
+    turnover cap or a min_trade_notional that may drop the trade, or neither."""
+    cash = draw(st.integers(1, 9)) * 10**8
+    big_price = draw(st.sampled_from(["0.01", "0.005", "0.002"]))
+    prices = [{"instrument_id": "I0", "price": big_price, "currency": "USD"}]
+    prices += [{"instrument_id": f"I{i}", "price": draw(st.sampled_from(["12.5", "100.00", "431.07"])), "currency": "USD"} for i in (1, 2)]
+    targets = [{"instrument_id": "I1", "weight": draw(st.sampled_from(["0.001", "0.005", "0.02", "0.1"]))}]
+    positions = []
+    if draw(st.booleans()):
+        targets.append({"instrument_id": "I0", "weight": draw(st.sampled_from(["0.3", "0.5", "0.9"]))})
+    else:
+        value = draw(st.integers(1, 9)) * 10**8
+        positions.append({"instrument_id": "I2", "quantity": "1000", "market_value": {"amount": str(value), "currency": "USD"}})
+    options = draw(st.sampled_from([
+        {}, {"max_turnover_pct": draw(st.sampled_from(["0", "0.001", "0.01", "0.05", "0.3"]))},
+        {"min_trade_notional": {"amount": str(draw(st.integers(1, 10)) * 10**8), "currency": "USD"}},
+    ]))
+    return {
+        "portfolio_snapshot": {"portfolio_id": "pf_big", "base_currency": "USD", "positions": positions,
+                               "cash_balances": [{"currency": "USD", "amount": f"{cash}.00"}]},
+        "market_data_snapshot": {"prices": prices, "fx_rates": []},
+        "model_portfolio": {"targets": targets},
+        "shelf_entries": [{"instrument_id": f"I{i}", "status": "APPROVED"} for i in range(3)],
+        "options": options,
+    }
+
+
+@settings(max_examples=10, **COMMON)
+@given(st.lists(beyond_range_requests(), min_size=10, max_size=20))
+def test_trades_beyond_the_quantity_range_are_told_only_where_the_reference_makes_them(reqs):
+    """A trade of 9e9 units or more is a 422 only if the reference's result holds it; where
+    the turnover cap or the dust threshold drops it, the engine gives the reference's answer."""
+    failures: list[str] = []
+    for req, act in zip(reqs, simulate_many(reqs)):
+        exp = oracle_simulate(req)
+        BEYOND["requests"] += 1
+        if _beyond_quantity_range(exp, act):
+            BEYOND["told"] += 1
+            continue
+        BEYOND["candidates_dropped"] += bool(exp["diagnostics"]["dropped_intents"] or exp["diagnostics"]["suppressed_intents"])
+        errs = compare(exp, act)
+        if errs:
+            failures.append(_report(req, errs))
+    assert not failures, f"{len(failures)} of {len(reqs)} requests differ:\n\n" + "\n\n".join(failures[:3])
+
+
+def test_trades_beyond_the_quantity_range_were_exercised():
+    """Runs after the property: both outcomes occurred."""
+    if BEYOND["requests"] < 50:
+        pytest.skip("run together with the property test")
+    assert BEYOND["told"] > 0 and BEYOND["candidates_dropped"] > 0, BEYOND
+
+
 def test_quantity_range_is_told_only_for_trades_beyond_it():
     """A 422 quantity-out-of-range problem counts as the documented limit only when the
     oracle really trades that many units; any other problem stays a failure."""

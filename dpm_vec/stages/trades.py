@@ -86,14 +86,14 @@ def translate(
     # the quotient is rounded before the floor; step back when that rounding crossed an integer
     t = t.with_columns(pl.when(units * pl.col("price") > pl.col("_abs_delta")).then(units - 1).otherwise(units).alias("_units"))
     t = _exact_near_integer_floors(market, t, exact, valued, replay, locked)
-    # a whole-unit trade beyond QTY's range waits for the dust and turnover steps, which may
-    # drop it (the reference trades the rest); one the tax-lot walk would size (a sell in a
-    # tax-aware run) or notional sizing sizes again fails here
-    untaxed = (pl.col("side") == "BUY") | ~pl.col("enable_tax_awareness")
-    beyond = ~pl.col("by_notional") & untaxed & (pl.col("_units") >= TRADE_UNITS_LIMIT)
     if (t["_units"].max() or 0) < TRADE_UNITS_LIMIT:  # the usual case: nothing is that large
         t = t.with_columns(pl.col("_units").cast(QTY).alias("requested_quantity"), pl.lit(None, dtype=DEC).alias("_units_beyond_range"))
     else:
+        # a whole-unit trade beyond QTY's range waits for the dust and turnover steps, which
+        # may drop it (the reference trades the rest); one the tax-lot walk would size (a
+        # sell in a tax-aware run) or notional sizing sizes again fails here
+        untaxed = (pl.col("side") == "BUY") | ~pl.col("enable_tax_awareness")
+        beyond = ~pl.col("by_notional") & untaxed & (pl.col("_units") >= TRADE_UNITS_LIMIT)
         _check_quantity_range(t.filter(~beyond), "_units")
         t = t.with_columns(
             pl.when(beyond).then(None).otherwise(pl.col("_units")).cast(QTY).alias("requested_quantity"),

@@ -18,6 +18,9 @@ DEC = pl.Decimal(38, SCALE)
 # quantities: 28 decimals so that tax-limited fractional quantities keep every digit the
 # reference prints (see dpm_vec.dec28); holds up to 10^10 units
 QTY = pl.Decimal(38, 28)
+# trades of this many units or more are beyond QTY: it holds under 10^10 units, and a
+# trade adds to (or takes from) a holding of up to 10^9, the contract's limit
+TRADE_UNITS_LIMIT = 9 * 10**9
 # weights in the target stage: 28 decimals, which is the reference's own precision for
 # weights in [0.1, 1), so redistributions like 0.2571…+0.2428… land where the reference's do
 WEIGHT = pl.Decimal(38, 28)

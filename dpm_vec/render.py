@@ -221,7 +221,8 @@ def _render_run(run: dict, parts: dict, run_id: str) -> dict:
                 for e in sorted(parts["group_events"], key=lambda e: e["event_order"])
             ],
             "tax_budget_constraint_events": [
-                {"instrument_id": t["instrument_id"], "requested_quantity": to_text(t["requested_quantity"]),
+                {"instrument_id": t["instrument_id"],
+                 "requested_quantity": to_text(t["requested_quantity"] if t["requested_quantity"] is not None else t["requested_units_beyond_range"]),
                  "allowed_quantity": _quantity({"quantity": t["allowed_quantity"], "quantity_f28": t["quantity_f28"]}),
                  "reason_code": "TAX_BUDGET_LIMIT_REACHED"}
                 for t in parts["tax_events"]

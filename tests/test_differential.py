@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from dpm_vec.errors import QuantityRangeError
+from dpm_vec.numeric import TRADE_UNITS_LIMIT
 from dpm_vec.oracle import simulate as oracle_simulate
 from dpm_vec.simulate import simulate_many
-from dpm_vec.stages.trades import TRADE_UNITS_LIMIT
 
 from tests.golden_compare import strip_random
 from tests.strategies import (
@@ -321,19 +321,21 @@ def test_floor_boundary_flip_tolerates_only_one_unit_differences():
     assert not _floor_boundary_flip([follow])
 
 
-BEYOND = {"requests": 0, "candidates_dropped": 0, "told": 0}
+BEYOND = {"requests": 0, "candidates_dropped": 0, "told": 0, "sized_by_lots": 0, "sells": 0}
 
 
 @st.composite
 def beyond_range_requests(draw) -> dict:
     """A portfolio of 1e8-9e8 USD whose model puts 30-90% in an instrument priced at a cent
     or less (a BUY of 9e9 units or more), or which holds an instrument whose snapshot
-    market value far exceeds quantity × price (a liquidating SELL that large), under a
-    turnover cap or a min_trade_notional that may drop the trade, or neither."""
+    market value far exceeds quantity × price (a liquidating SELL that large, in a
+    tax-aware run with lots or not), under a turnover cap or a min_trade_notional that may
+    drop the trade, or neither."""
     cash = draw(st.integers(1, 9)) * 10**8
     big_price = draw(st.sampled_from(["0.01", "0.005", "0.002"]))
     prices = [{"instrument_id": "I0", "price": big_price, "currency": "USD"}]
-    prices += [{"instrument_id": f"I{i}", "price": draw(st.sampled_from(["12.5", "100.00", "431.07"])), "currency": "USD"} for i in (1, 2)]
+    prices += [{"instrument_id": "I1", "price": draw(st.sampled_from(["12.5", "100.00", "431.07"])), "currency": "USD"},
+               {"instrument_id": "I2", "price": draw(st.sampled_from(["0.01", "0.05", "0.1"])), "currency": "USD"}]
     targets = [{"instrument_id": "I1", "weight": draw(st.sampled_from(["0.001", "0.005", "0.02", "0.1"]))}]
     positions = []
     if draw(st.booleans()):
@@ -345,6 +347,15 @@ def beyond_range_requests(draw) -> dict:
         {}, {"max_turnover_pct": draw(st.sampled_from(["0", "0.001", "0.01", "0.05", "0.3"]))},
         {"min_trade_notional": {"amount": str(draw(st.integers(1, 10)) * 10**8), "currency": "USD"}},
     ]))
+    if positions and draw(st.booleans()):  # the tax-lot walk sizes the sell down to its lots
+        options = {**options, "enable_tax_awareness": True}
+        if draw(st.booleans()):
+            options["max_realized_capital_gains"] = draw(st.sampled_from(["0", "5000", "1000000"]))
+        positions[0]["lots"] = [  # lots sum to the position's 1,000 units (the contract)
+            {"lot_id": f"L{k}", "quantity": quantity,
+             "unit_cost": {"amount": draw(st.sampled_from(["1.00", "40.00", "1000.00"])), "currency": "USD"}, "purchase_date": "2020-01-01"}
+            for k, quantity in enumerate(draw(st.sampled_from([["1000"], ["400", "600"], ["200", "300", "500"]])))
+        ]
     return {
         "portfolio_snapshot": {"portfolio_id": "pf_big", "base_currency": "USD", "positions": positions,
                                "cash_balances": [{"currency": "USD", "amount": f"{cash}.00"}]},
@@ -359,7 +370,8 @@ def beyond_range_requests(draw) -> dict:
 @given(st.lists(beyond_range_requests(), min_size=10, max_size=20))
 def test_trades_beyond_the_quantity_range_are_told_only_where_the_reference_makes_them(reqs):
     """A trade of 9e9 units or more is a 422 only if the reference's result holds it; where
-    the turnover cap or the dust threshold drops it, the engine gives the reference's answer."""
+    the tax-lot walk, the dust threshold or the turnover cap shrinks or drops it, the engine
+    gives the reference's answer."""
     failures: list[str] = []
     for req, act in zip(reqs, simulate_many(reqs)):
         exp = oracle_simulate(req)
@@ -368,6 +380,8 @@ def test_trades_beyond_the_quantity_range_are_told_only_where_the_reference_make
             BEYOND["told"] += 1
             continue
         BEYOND["candidates_dropped"] += bool(exp["diagnostics"]["dropped_intents"] or exp["diagnostics"]["suppressed_intents"])
+        BEYOND["sells"] += any(d["instrument_id"] == "I2" for d in exp["diagnostics"]["dropped_intents"] + exp["diagnostics"]["suppressed_intents"])
+        BEYOND["sized_by_lots"] += any(Decimal(e["requested_quantity"]) >= TRADE_UNITS_LIMIT for e in exp["diagnostics"]["tax_budget_constraint_events"])
         errs = compare(exp, act)
         if errs:
             failures.append(_report(req, errs))
@@ -378,7 +392,7 @@ def test_trades_beyond_the_quantity_range_were_exercised():
     """Runs after the property: both outcomes occurred."""
     if BEYOND["requests"] < 50:
         pytest.skip("run together with the property test")
-    assert BEYOND["told"] > 0 and BEYOND["candidates_dropped"] > 0, BEYOND
+    assert all(BEYOND[k] > 0 for k in ("told", "candidates_dropped", "sized_by_lots", "sells")), BEYOND
 
 
 def test_quantity_range_is_told_only_for_trades_beyond_it():

@@ -14,7 +14,8 @@ import polars as pl
 
 from dpm_vec import dec28 as f
 from dpm_vec.frames import join_on_index, sort_rows
-from dpm_vec.numeric import DEC, QTY, lit
+from dpm_vec.errors import QuantityRangeError
+from dpm_vec.numeric import DEC, QTY, TRADE_UNITS_LIMIT, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
@@ -22,7 +23,8 @@ from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
 TAX_ORDER = 300_000_000
 EVENT_SCHEMA = {
     "run": pl.UInt32, "instrument_id": pl.String, "trace_order": pl.Int64,
-    "requested_quantity": QTY, "allowed_quantity": QTY, "quantity_f28": f.F28,
+    # a requested quantity beyond QTY's range is in requested_units_beyond_range instead
+    "requested_quantity": QTY, "requested_units_beyond_range": DEC, "allowed_quantity": QTY, "quantity_f28": f.F28,
 }
 _STOP_DTYPES = (pl.UInt32, pl.Int64, pl.Boolean, pl.Boolean, f.D28, pl.Int32)
 TOTALS_SCHEMA = {"run": pl.UInt32, "realized_gain": DEC, "realized_loss": DEC, "gains_budget_used": DEC}
@@ -30,13 +32,20 @@ TOTALS_SCHEMA = {"run": pl.UInt32, "realized_gain": DEC, "realized_loss": DEC, "
 
 def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame, runs: pl.DataFrame):
     """Return (t with ``quantity``, constraint events, per-run realised totals, warnings,
-    fx_missing findings for lot costs that cannot be converted)."""
-    eligible = pl.col("enable_tax_awareness") & (pl.col("side") == "SELL") & (pl.col("requested_quantity") > 0)
+    fx_missing findings for lot costs that cannot be converted). A sell requested beyond
+    QTY's range (``_units_beyond_range``, requested_quantity null) that the walk sizes
+    gets its allowed quantity; one the walk leaves alone keeps a null quantity."""
+    beyond = pl.col("_units_beyond_range").is_not_null()
+    eligible = pl.col("enable_tax_awareness") & (pl.col("side") == "SELL") & ((pl.col("requested_quantity") > 0) | beyond)
     sells = t.filter(eligible).select(
-        "run", "instrument_id", "trace_order", "requested_quantity", "price", "price_currency", "base_currency",
-        "max_realized_capital_gains", "slot",
+        "run", "instrument_id", "trace_order", "price", "price_currency", "base_currency", "max_realized_capital_gains", "slot",
+        # the walk gives each lot min(what the sell still needs, the lot): a request of the
+        # range's limit needs every lot, as the larger one does, while the lots stay below it
+        pl.when(beyond).then(pl.lit(TRADE_UNITS_LIMIT, dtype=QTY)).otherwise(pl.col("requested_quantity")).alias("requested_quantity"),
+        pl.col("_units_beyond_range"),
     )
     lot_rows = sells.join(lots.rename({"quantity": "lot_quantity"}), on=["run", "instrument_id"], how="inner")
+    _check_lots_below_the_range(lot_rows)
     if lot_rows.height == 0:
         return (
             t.with_columns(pl.col("requested_quantity").alias("quantity"), pl.lit(None, dtype=f.F28).alias("quantity_f28")),
@@ -80,15 +89,37 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
     t = join_on_index(t, allowed, "slot").with_columns(
         pl.when(pl.col("_allowed").is_not_null()).then(pl.col("_allowed")).otherwise(pl.col("requested_quantity")).alias("quantity")
     ).drop("_allowed")
+    # §6.10 step 4: an event wherever the walk allowed less than requested (always, for a
+    # request beyond the range that the walk sized)
+    limited = (pl.col("quantity") < pl.col("requested_quantity")) | (pl.col("quantity").is_not_null() & beyond)
     events = (
-        t.filter(pl.col("quantity") < pl.col("requested_quantity"))
-        .select("run", "instrument_id", "trace_order", "requested_quantity", pl.col("quantity").alias("allowed_quantity"),
-                pl.col("quantity_f28"))
+        t.filter(limited)
+        .select("run", "instrument_id", "trace_order", "requested_quantity", pl.col("_units_beyond_range").alias("requested_units_beyond_range"),
+                pl.col("quantity").alias("allowed_quantity"), pl.col("quantity_f28"))
         .pipe(sort_rows, "run", "trace_order")
     )
     totals = pl.concat([free_totals, walk_totals])
     warnings = warnings_frame(events.select("run").unique(), pl.lit("TAX_BUDGET_LIMIT_REACHED"), pl.lit(TAX_ORDER))
     return t, events, totals, warnings, fx_missing
+
+
+def _check_lots_below_the_range(lot_rows: pl.DataFrame) -> None:
+    """Raise QuantityRangeError for a sell requested beyond QTY's range whose lots hold
+    ``TRADE_UNITS_LIMIT`` units or more: the walk could allow it that many."""
+    if lot_rows["_units_beyond_range"].null_count() == lot_rows.height:
+        return
+    held = (
+        lot_rows.filter(pl.col("_units_beyond_range").is_not_null() & (pl.col("lot_quantity") > 0))
+        .group_by("run", "instrument_id", maintain_order=True)
+        .agg(pl.col("lot_quantity").cast(DEC).sum().alias("_lots"), pl.col("_units_beyond_range").first())
+        .filter(pl.col("_lots") >= TRADE_UNITS_LIMIT)
+    )
+    if held.height:
+        row = held.sort("run").row(0, named=True)
+        raise QuantityRangeError(
+            f"a SELL of {row['_units_beyond_range'].normalize():f} units of {row['instrument_id']} is outside the engine's quantity "
+            f"range (trades under {TRADE_UNITS_LIMIT:,} units), and so are the {row['_lots'].normalize():f} units of its tax lots"
+        )
 
 
 def _split_unbound(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:

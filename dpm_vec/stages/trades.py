@@ -15,7 +15,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.errors import QuantityRangeError
 from dpm_vec.frames import join_on_index, join_runs, position_in_run, sort_rows
-from dpm_vec.numeric import DEC, DEC_UNIT, HAIR, QTY, dabs, lit, times_price
+from dpm_vec.numeric import DEC, DEC_UNIT, HAIR, QTY, TRADE_UNITS_LIMIT, dabs, lit, times_price
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import DUST, exact_notionals
 from dpm_vec.stages.prepare import Market
@@ -89,11 +89,10 @@ def translate(
     if (t["_units"].max() or 0) < TRADE_UNITS_LIMIT:  # the usual case: nothing is that large
         t = t.with_columns(pl.col("_units").cast(QTY).alias("requested_quantity"), pl.lit(None, dtype=DEC).alias("_units_beyond_range"))
     else:
-        # a whole-unit trade beyond QTY's range waits for the dust and turnover steps, which
-        # may drop it (the reference trades the rest); one the tax-lot walk would size (a
-        # sell in a tax-aware run) or notional sizing sizes again fails here
-        untaxed = (pl.col("side") == "BUY") | ~pl.col("enable_tax_awareness")
-        beyond = ~pl.col("by_notional") & untaxed & (pl.col("_units") >= TRADE_UNITS_LIMIT)
+        # a whole-unit trade beyond QTY's range waits for the tax, dust and turnover steps,
+        # which may shrink or drop it (the reference trades the rest); one that notional
+        # sizing sizes again fails here
+        beyond = ~pl.col("by_notional") & (pl.col("_units") >= TRADE_UNITS_LIMIT)
         _check_quantity_range(t.filter(~beyond), "_units")
         t = t.with_columns(
             pl.when(beyond).then(None).otherwise(pl.col("_units")).cast(QTY).alias("requested_quantity"),
@@ -102,8 +101,10 @@ def translate(
     t = t.with_columns(pl.lit(False).alias("_oversell"))
     t = _notional_sizing(_notional_amounts(market, t, exact, valued, replay, locked))
     t, tax_events, tax_totals, tax_warnings, tax_fx_missing = limit_sells_by_tax_lots(market, t, lots, runs)
+    # still beyond QTY's range after the tax-lot walk (which sizes a sell it limits within it)
+    still_beyond = pl.col("quantity").is_null() & pl.col("_units_beyond_range").is_not_null()
     t = t.with_columns(
-        pl.when(pl.col("_units_beyond_range").is_not_null()).then(pl.col("_units_beyond_range") * pl.col("price"))
+        pl.when(still_beyond).then(pl.col("_units_beyond_range") * pl.col("price"))
         .when(pl.col("by_notional") & ~pl.col("_oversell") & (pl.col("quantity") == pl.col("requested_quantity")))
         .then(pl.col("_amount"))
         .otherwise(times_price(t, "quantity", pl.col("price"))).alias("notional"),
@@ -126,11 +127,12 @@ def translate(
         "run", "instrument_id", "trace_order", "side", "quantity", "requested_quantity", "price",
         "price_currency", "rate", "notional", "notional_base", "base_currency",
         pl.col("threshold_amount").is_not_null().alias("min_notional_applied"),
-        (pl.col("quantity") < pl.col("requested_quantity")).fill_null(False).alias("tax_budget_applied"),
+        ((pl.col("quantity") < pl.col("requested_quantity")) | (pl.col("quantity").is_not_null() & pl.col("_units_beyond_range").is_not_null()))
+        .fill_null(False).alias("tax_budget_applied"),
         "final_weight", "held_quantity", "by_notional", _rationale().alias("rationale_code"), "quantity_f28", "slot",
-        "_units_beyond_range",
+        pl.when(still_beyond).then(pl.col("_units_beyond_range")).alias("_units_beyond_range"),
         # a budget-limited quantity below Decimal(38, 28)'s unit is 0 there but kept by its 28-digit value
-        (~suppress & ((pl.col("quantity") > 0) | (f28.sign("quantity_f28") > 0) | pl.col("_units_beyond_range").is_not_null())).alias("_kept"),
+        (~suppress & ((pl.col("quantity") > 0) | (f28.sign("quantity_f28") > 0) | still_beyond)).alias("_kept"),
     ).filter("_kept").pipe(sort_rows, "run", "trace_order")
     intents = kept.select(
         "run", "instrument_id", "trace_order", (position_in_run() + 1).alias("intent_no"),
@@ -206,10 +208,6 @@ def _notional_amounts(market: Market, t: pl.DataFrame, exact: ExactLocked | None
     near = _deltas_in_28_digits(market, near, exact, valued, replay, locked)
     exact_amounts = near.select("slot", f28.round_to_dec("_abs_delta_f", 2).alias("_exact_amount"))
     return join_on_index(t, exact_amounts, "slot").with_columns(pl.coalesce("_exact_amount", amount).alias("_amount")).drop("_exact_amount")
-
-
-# QTY holds quantities under 10^10 units; holdings reach 10^9 at most (the contract's limit)
-TRADE_UNITS_LIMIT = 9 * 10**9
 
 
 def within_quantity_range(intents: pl.DataFrame) -> pl.DataFrame:

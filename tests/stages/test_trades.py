@@ -521,9 +521,23 @@ def test_a_sell_beyond_the_quantity_range_waits_for_the_turnover_step(scenario):
         trades.within_quantity_range(uncapped.turnover[0])
 
 
-def test_a_sell_beyond_the_quantity_range_fails_at_translation_where_tax_lots_would_size_it(scenario):
-    """In a tax-aware run the tax-lot walk would size the sell down from its requested
-    quantity, which QTY cannot hold: translation names it at once."""
-    s = _a_thousand_units_valued_at_four_hundred_million(scenario, max_turnover_pct="0.01", enable_tax_awareness=True)
-    with pytest.raises(QuantityRangeError, match="a SELL of 40000000000 units of I0"):
+def test_a_sell_beyond_the_quantity_range_is_sized_by_its_tax_lots(scenario):
+    """§6.10: the walk gives every lot to a sell that needs more than they hold, so a
+    request beyond QTY's range (4e10 units) comes down to its lots' 1,000 units, with the
+    reference's event (requested as asked) and TAX_BUDGET on the intent."""
+    lots = [("I0", "L1", "600", "0.02", "USD", "2020-01-01"), ("I0", "L2", "400", "0.005", "USD", "2021-01-01")]
+    s = _a_thousand_units_valued_at_four_hundred_million(scenario, enable_tax_awareness=True, lots=lots)
+    sell = s.translation.intents.filter(pl.col("instrument_id") == "I0").row(0, named=True)
+    assert (sell["quantity"], sell["_units_beyond_range"], sell["tax_budget_applied"], sell["notional"]) == (D(1000), None, True, D(10))
+    events = s.translation.tax_events.select("requested_quantity", "requested_units_beyond_range", "allowed_quantity").rows()
+    assert events == [(None, D("40000000000"), D(1000))]
+    assert sorted(trades.within_quantity_range(s.turnover[0])["instrument_id"]) == ["I0", "I1"]
+
+
+def test_a_sell_beyond_the_quantity_range_whose_lots_hold_as_much_is_named(scenario):
+    """The walk sizes such a sell with the range's limit as its request, which is exact only
+    while its lots hold less: lots of 9e9 units would allow a trade beyond the range."""
+    lots = [("I0", f"L{i}", "1000000000", "0.02", "USD", "2020-01-01") for i in range(9)]
+    s = _a_thousand_units_valued_at_four_hundred_million(scenario, enable_tax_awareness=True, lots=lots)
+    with pytest.raises(QuantityRangeError, match="a SELL of 40000000000 units of I0 .* the 9000000000 units of its tax lots"):
         _ = s.translation

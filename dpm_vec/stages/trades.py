@@ -89,14 +89,12 @@ def translate(
     if (t["_units"].max() or 0) < TRADE_UNITS_LIMIT:  # the usual case: nothing is that large
         t = t.with_columns(pl.col("_units").cast(QTY).alias("requested_quantity"), pl.lit(None, dtype=DEC).alias("_units_beyond_range"))
     else:
-        # a whole-unit trade beyond QTY's range waits for the tax, dust and turnover steps,
-        # which may shrink or drop it (the reference trades the rest); one that notional
-        # sizing sizes again fails here
-        beyond = ~pl.col("by_notional") & (pl.col("_units") >= TRADE_UNITS_LIMIT)
-        _check_quantity_range(t.filter(~beyond), "_units")
+        # a trade beyond QTY's range waits for the tax, dust and turnover steps, which may
+        # shrink or drop it (the reference trades the rest); notional sizing sizes its own
+        beyond = pl.col("_units") >= TRADE_UNITS_LIMIT
         t = t.with_columns(
             pl.when(beyond).then(None).otherwise(pl.col("_units")).cast(QTY).alias("requested_quantity"),
-            pl.when(beyond).then(pl.col("_units")).alias("_units_beyond_range"),
+            pl.when(beyond & ~pl.col("by_notional")).then(pl.col("_units")).alias("_units_beyond_range"),
         )
     t = t.with_columns(pl.lit(False).alias("_oversell"))
     t = _notional_sizing(_notional_amounts(market, t, exact, valued, replay, locked))
@@ -104,7 +102,7 @@ def translate(
     # still beyond QTY's range after the tax-lot walk (which sizes a sell it limits within it)
     still_beyond = pl.col("quantity").is_null() & pl.col("_units_beyond_range").is_not_null()
     t = t.with_columns(
-        pl.when(still_beyond).then(pl.col("_units_beyond_range") * pl.col("price"))
+        pl.when(still_beyond).then(pl.when("by_notional").then(pl.col("_amount")).otherwise(pl.col("_units_beyond_range") * pl.col("price")))
         .when(pl.col("by_notional") & ~pl.col("_oversell") & (pl.col("quantity") == pl.col("requested_quantity")))
         .then(pl.col("_amount"))
         .otherwise(times_price(t, "quantity", pl.col("price"))).alias("notional"),
@@ -185,10 +183,16 @@ def _notional_sizing(t: pl.DataFrame) -> pl.DataFrame:
     held = pl.col("held_quantity").fill_null(pl.lit(0, dtype=QTY)).alias("_held")
     sized = f28.from_dec(f28.from_dec(t[rows].select("side", "instrument_id", "_amount", "price", held), "_amount", "_amount_f"), "price", "_price_f")
     sized = f28.div(sized, "_amount_f", "_price_f", "_units_f").with_columns(f28.to_dec("_units_f").alias("_amount_units"))
-    _check_quantity_range(sized, "_amount_units")  # (a sell this large has failed as units already)
-    units = f28.to_d28("_units_f").cast(QTY)
-    oversell = (pl.col("side") == "SELL") & (units > pl.col("_held"))
-    sized = sized.select(pl.when(oversell).then("_held").otherwise(units).alias("requested_quantity"), oversell.alias("_oversell"))
+    # a quotient beyond QTY's range: a sell is capped at the holding; a buy waits with its
+    # units in _units_beyond_range, as a whole-unit one does
+    beyond = pl.col("_amount_units") >= TRADE_UNITS_LIMIT
+    units = f28.to_d28("_units_in_range").cast(QTY)
+    oversell = (pl.col("side") == "SELL") & (beyond | (units > pl.col("_held")))
+    sized = sized.with_columns(pl.when(beyond).then(f28.zero()).otherwise(pl.col("_units_f")).alias("_units_in_range")).select(
+        pl.when(oversell).then("_held").when(~beyond).then(units).alias("requested_quantity"),
+        oversell.alias("_oversell"),
+        pl.when(beyond & ~oversell).then(pl.col("_amount_units")).alias("_units_beyond_range"),
+    )
     return t.with_columns(t.get_column(c).clone().scatter(rows, sized.get_column(c)) for c in sized.columns)
 
 

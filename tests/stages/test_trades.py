@@ -541,3 +541,39 @@ def test_a_sell_beyond_the_quantity_range_whose_lots_hold_as_much_is_named(scena
     s = _a_thousand_units_valued_at_four_hundred_million(scenario, enable_tax_awareness=True, lots=lots)
     with pytest.raises(QuantityRangeError, match="a SELL of 40000000000 units of I0 .* the 9000000000 units of its tax lots"):
         _ = s.translation
+
+
+def test_a_notional_sized_buy_beyond_the_quantity_range_waits_with_its_amount(scenario):
+    """RFC notional sizing: a BUY of 250,000,000.00 at 0.003 is 83,333,333,333.33… units;
+    the turnover cap drops it (no error), and standing it is named with those units."""
+    def sized(**policy):
+        return scenario(
+            cash=[("USD", "500000000.00")],
+            prices=[("I0", "0.003", "USD"), ("I1", "100.00", "USD")],
+            shelf=[{"instrument_id": "I0", "status": "APPROVED", "trade_by": "NOTIONAL"}, ("I1", "APPROVED")],
+            model=[("I0", "0.5"), ("I1", "0.005")],
+            notional_sizing=True,
+            **policy,
+        )
+
+    row = sized().translation.intents.filter(pl.col("instrument_id") == "I0").row(0, named=True)
+    assert (row["quantity"], row["notional"]) == (None, D("250000000.00"))
+    assert row["_units_beyond_range"] == D("83333333333.33333333333333333")  # 28 significant digits (§1.1)
+    capped = sized(max_turnover_pct="0.01")
+    assert trades.within_quantity_range(capped.turnover[0])["instrument_id"].to_list() == ["I1"]
+    with pytest.raises(QuantityRangeError, match="a BUY of 83333333333.33333333333333333 units of I0"):
+        trades.within_quantity_range(sized().turnover[0])
+
+
+def test_a_notional_sized_sell_beyond_the_quantity_range_sells_the_holding(scenario):
+    """A notional sell above the holding sells the holding, however far above."""
+    s = scenario(
+        positions=[{"instrument_id": "I0", "quantity": "1000", "market_value": "400000000", "market_value_currency": "USD"}],
+        cash=[("USD", "1000000.00")],
+        prices=[("I0", "0.01", "USD")],
+        shelf=[{"instrument_id": "I0", "status": "APPROVED", "trade_by": "NOTIONAL"}],
+        model=[],
+        notional_sizing=True,
+    )
+    row = s.translation.intents.row(0, named=True)
+    assert (row["side"], row["quantity"], row["_units_beyond_range"], row["notional"]) == ("SELL", D(1000), None, D(10))

@@ -28,7 +28,9 @@ TURNOVER_ORDER = 400_000_000
 
 @dataclass(frozen=True)
 class Translation:
-    intents: pl.DataFrame  # run, instrument_id, intent_no, side, quantity, price, price_currency, rate, notional, notional_base, ..., slot
+    # run, instrument_id, intent_no, side, quantity, price, price_currency, rate, notional, notional_base, ..., slot, and
+    # _units_beyond_range (a trade beyond the quantity range: quantity null) until within_quantity_range
+    intents: pl.DataFrame
     suppressed: pl.DataFrame  # run, instrument_id, trace_order, intended_notional, currency, threshold_amount, threshold_currency
     dq: pl.DataFrame
     warnings: pl.DataFrame

@@ -698,6 +698,35 @@ def test_a_portfolio_the_engine_cannot_compute_is_blocked_alone(tmp_path):
     assert runs.filter(pl.col("block_reason") != "ENGINE_ERROR")["exit_path"].is_not_null().all()
 
 
+def test_a_trade_beyond_the_quantity_range_blocks_its_portfolio_only_if_it_survives_the_turnover_cap(tmp_path):
+    """Two portfolios of 1e14 in cash size trades of 1e10 units and more: the one whose
+    turnover cap drops them all gets its result, the other one BLOCKED run record
+    (ENGINE_ERROR:QuantityRangeError); the rest of the shard is untouched."""
+    frames = generate_book_frames(6, 13, holdings=(3, 5))
+    ids = frames["portfolios"]["portfolio_snapshot_id"]
+    rich = [ids[1], ids[4]]
+    cash = frames["cash"].filter(~pl.col("portfolio_snapshot_id").is_in(rich))
+    rich_cash = frames["portfolios"].filter(pl.col("portfolio_snapshot_id").is_in(rich)).select(
+        "portfolio_snapshot_id", pl.col("base_currency").alias("currency"), pl.lit(Decimal("1e14")).cast(pl.Decimal(38, 20)).alias("amount"),
+    )
+    frames["cash"] = pl.concat([cash, rich_cash], how="diagonal_relaxed")
+    frames["portfolios"] = frames["portfolios"].with_columns(
+        pl.when(pl.col("portfolio_snapshot_id") == ids[4]).then(pl.lit(Decimal("0.0001"))).otherwise(pl.col("max_turnover_pct"))
+        .cast(pl.Decimal(38, 20)).alias("max_turnover_pct")
+    )
+    book = write_book(frames, tmp_path / "book")
+    sweep(book, tmp_path / "out", progress=False)
+    runs = _read(tmp_path / "out", "runs")
+    assert runs["run_key"].to_list() == frames["portfolios"]["run_key"].to_list()
+    failed = runs.filter(pl.col("block_reason") == "ENGINE_ERROR")
+    assert failed["portfolio_id"].to_list() == [frames["portfolios"]["portfolio_id"][1]]
+    assert failed["warnings"].to_list() == [["ENGINE_ERROR:QuantityRangeError"]]
+    capped = frames["portfolios"]["run_key"][4]
+    dropped = _read(tmp_path / "out", "events").filter((pl.col("run_key") == capped) & (pl.col("category") == "dropped_intent"))
+    assert dropped.height > 0 and dropped["amount"].min() > Decimal("1e10")  # the trades of 9e9 units and more among them
+    assert runs.filter(pl.col("run_key") == capped).select("status", "exit_path", "block_reason").rows() == [("READY", "E6", None)]
+
+
 def test_a_stage_contract_break_blocks_only_the_portfolio_it_comes_from(tmp_path, monkeypatch):
     """A stage whose output breaks its schema for one portfolio (here the trade stage
     emitting one of its intents twice, as a fanned-out join would) blocks that portfolio

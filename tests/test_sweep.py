@@ -700,8 +700,8 @@ def test_a_portfolio_the_engine_cannot_compute_is_blocked_alone(tmp_path):
 
 def test_a_trade_beyond_the_quantity_range_blocks_its_portfolio_only_if_it_survives_the_turnover_cap(tmp_path):
     """Two portfolios of 1e14 in cash size trades of 1e10 units and more: the one whose
-    turnover cap drops them all gets its result, the other one BLOCKED run record
-    (ENGINE_ERROR:QuantityRangeError); the rest of the shard is untouched."""
+    turnover cap drops them gets its result, the other one BLOCKED run record
+    (ENGINE_ERROR:QuantityRangeError), and every other portfolio its result."""
     frames = generate_book_frames(6, 13, holdings=(3, 5))
     ids = frames["portfolios"]["portfolio_snapshot_id"]
     rich = [ids[1], ids[4]]
@@ -723,7 +723,7 @@ def test_a_trade_beyond_the_quantity_range_blocks_its_portfolio_only_if_it_survi
     assert failed["warnings"].to_list() == [["ENGINE_ERROR:QuantityRangeError"]]
     capped = frames["portfolios"]["run_key"][4]
     dropped = _read(tmp_path / "out", "events").filter((pl.col("run_key") == capped) & (pl.col("category") == "dropped_intent"))
-    assert dropped.height > 0 and dropped["amount"].min() > Decimal("1e10")  # the trades of 9e9 units and more among them
+    assert dropped.height > 0 and dropped["amount"].min() > Decimal("1e10")  # trades sized from 1e14, beyond the 1e10 budget
     assert runs.filter(pl.col("run_key") == capped).select("status", "exit_path", "block_reason").rows() == [("READY", "E6", None)]
 
 

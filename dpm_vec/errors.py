@@ -62,5 +62,10 @@ class QuantityRangeError(DpmVecError):
 
     TYPE = "https://dpm-vec.dev/problems/quantity-out-of-range"
 
+    def __init__(self, message: str, by_run_key: dict[str, str] | None = None):
+        super().__init__(message)
+        # every failing portfolio's run key and its own message, where the engine knows them
+        self.by_run_key = by_run_key or {}
+
     def problem(self, instance: str | None = None) -> dict:
         return problem(self.TYPE, "Trade outside the engine's quantity range", 422, str(self), instance)

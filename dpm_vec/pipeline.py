@@ -139,7 +139,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
 
     kept, dropped, turnover_warnings = apply_turnover_cap(_only(tr.intents, live), live, before.totals, market,
                                                           (before.positions, before.cash))
-    intents, fx_missing = plan_fx(market, live, within_quantity_range(kept), _only(p.cash, live))
+    intents, fx_missing = plan_fx(market, live, within_quantity_range(kept, live), _only(p.cash, live))
     findings = dq.concat(findings, fx_missing)
     boundary("turnover+fx", (INTENTS_SCHEMA, intents))
     ladder = cash_ladder(market, live, intents, p.cash, _by_run(book.overdraft_limits, runs))

@@ -20,10 +20,11 @@ def simulate_many(requests: list) -> list[dict]:
 
     Each slot is independent: a request's data is keyed by its own run key, so requests
     that share portfolio or instrument ids cannot affect each other. If the shared pass
-    fails, it is halved until the requests that break it run alone (``_isolating``: about
-    2 log2(n) passes per such request, not n), and one that cannot be computed gets a
-    problem in its slot (422 for a trade outside the engine's quantity range or a value
-    outside its fixed point, else 500) while the others still answer.
+    fails on trades outside the engine's quantity range, the requests it names get a 422
+    problem and the others one more pass; on any other failure it is halved until the
+    requests that break it run alone (``_isolating``: about 2 log2(n) passes per such
+    request, not n), and one that cannot be computed gets a problem in its slot (422 for a
+    value outside the engine's fixed point, else 500) while the others still answer.
     """
     slots: list[dict | None] = [None] * len(requests)
     parsed: dict[int, dict[str, list[dict]]] = {}
@@ -51,10 +52,25 @@ def _isolating(parsed: dict[int, dict[str, list[dict]]]) -> dict[int, dict]:
     try:
         return dict(zip(parsed, _simulate(list(parsed.values()))))
     except Exception as exc:  # noqa: BLE001 - isolate the request that breaks the pass
+        named = _named_in(exc, parsed)
+        if named:  # the engine named the requests it cannot compute: the others need one more pass
+            log.warning("one engine pass over %d requests failed (%s); running it again without the %d it names",
+                        len(parsed), _summary(exc), len(named))
+            rest = {i: rows for i, rows in parsed.items() if i not in named}
+            return {**{i: QuantityRangeError(f"request {i + 1}: {detail}").problem() for i, detail in named.items()},
+                    **(_isolating(rest) if rest else {})}
         log.warning("one engine pass over %d requests failed (%s); running each half on its own", len(parsed), _summary(exc))
         indexes = list(parsed)
         half = len(indexes) // 2
         return {**_isolating({i: parsed[i] for i in indexes[:half]}), **_isolating({i: parsed[i] for i in indexes[half:]})}
+
+
+def _named_in(exc: Exception, parsed: dict[int, dict[str, list[dict]]]) -> dict[int, str]:
+    """The slot indexes of ``parsed`` that ``exc`` names as failing (a QuantityRangeError
+    knows its portfolios' run keys), each with its message; empty if it names none."""
+    by_run_key = exc.by_run_key if isinstance(exc, QuantityRangeError) else {}
+    keys = {i: rows["portfolios"][0]["run_key"] for i, rows in parsed.items()}
+    return {i: by_run_key[key] for i, key in keys.items() if key in by_run_key}
 
 
 def _simulate(parsed: list[dict[str, list[dict]]]) -> list[dict]:

@@ -324,16 +324,11 @@ def test_suitability_thresholds_check_weights_and_ignore_other_keys(thresholds, 
         assert [f for f, _ in _errors(request)] == [field]
 
 
-def test_a_request_that_breaks_the_pass_is_isolated_by_halving(monkeypatch):
-    """One request of sixteen breaks the shared pass (a trade beyond the quantity range):
-    halving isolates it in 9 passes instead of 1 + 16 one at a time, its slot gets the 422
-    naming it, and every other slot gets exactly its solo result."""
+def _counting_passes(monkeypatch) -> list[int]:
+    """The number of requests in each engine pass the JSON door makes from now on."""
     import dpm_vec.simulate as sim
 
-    penny = _with(("market_data_snapshot", "prices", 0, "price"), "0.0000001")
-    requests = [penny if i == 5 else REQUEST for i in range(16)]
-    solo = simulate_many([REQUEST])[0]
-    passes = []
+    passes: list[int] = []
     real = sim._simulate
 
     def counted(parsed):
@@ -341,7 +336,42 @@ def test_a_request_that_breaks_the_pass_is_isolated_by_halving(monkeypatch):
         return real(parsed)
 
     monkeypatch.setattr(sim, "_simulate", counted)
+    return passes
+
+
+def test_requests_named_beyond_the_quantity_range_are_set_aside_in_one_more_pass(monkeypatch):
+    """Three requests of sixteen buy beyond the quantity range: the failed pass names them,
+    they get their 422s and the thirteen others one more pass (not a halving search),
+    each slot exactly its solo result."""
+    penny = _with(("market_data_snapshot", "prices", 0, "price"), "0.0000001")
+    requests = [penny if i in (2, 5, 11) else REQUEST for i in range(16)]
+    solo = simulate_many([REQUEST])[0]
+    passes = _counting_passes(monkeypatch)
     slots = simulate_many(requests)
+    assert passes == [16, 13]
+    for i in (2, 5, 11):
+        assert slots[i]["status"] == 422 and slots[i]["detail"].startswith(f"request {i + 1}: a BUY of 37037037037 units")
+    assert all(strip_random(s) == strip_random(solo) for i, s in enumerate(slots) if i not in (2, 5, 11))
+
+
+def test_a_request_that_breaks_the_pass_is_isolated_by_halving(monkeypatch):
+    """One request of sixteen breaks the shared pass with an error that names no request
+    (here an engine fault planted on its run key): halving isolates it in 9 passes instead
+    of 1 + 16 one at a time, its slot gets a 500 naming it, and every other slot gets
+    exactly its solo result."""
+    import dpm_vec.simulate as sim
+
+    real_run = sim.run
+
+    def faulty(book, **kwargs):
+        if "r0000005" in book.portfolios["run_key"].to_list():
+            raise RuntimeError("planted fault")
+        return real_run(book, **kwargs)
+
+    monkeypatch.setattr(sim, "run", faulty)
+    solo = simulate_many([REQUEST])[0]
+    passes = _counting_passes(monkeypatch)
+    slots = simulate_many([REQUEST] * 16)
     assert passes == [16, 8, 4, 4, 2, 1, 1, 2, 8]  # the failing half halved again, the good ones each one pass
-    assert slots[5]["status"] == 422 and slots[5]["detail"].startswith("request 6: a BUY of 37037037037 units")
+    assert slots[5]["status"] == 500 and slots[5]["detail"] == "request 6 could not be simulated (RuntimeError: planted fault)"
     assert all(strip_random(s) == strip_random(solo) for i, s in enumerate(slots) if i != 5)

@@ -698,10 +698,22 @@ def test_a_portfolio_the_engine_cannot_compute_is_blocked_alone(tmp_path):
     assert runs.filter(pl.col("block_reason") != "ENGINE_ERROR")["exit_path"].is_not_null().all()
 
 
-def test_a_trade_beyond_the_quantity_range_blocks_its_portfolio_only_if_it_survives_the_turnover_cap(tmp_path):
+def test_a_trade_beyond_the_quantity_range_blocks_its_portfolio_only_if_it_survives_the_turnover_cap(tmp_path, monkeypatch):
     """Two portfolios of 1e14 in cash size trades of 1e10 units and more: the one whose
     turnover cap drops them gets its result, the other one BLOCKED run record
-    (ENGINE_ERROR:QuantityRangeError), and every other portfolio its result."""
+    (ENGINE_ERROR:QuantityRangeError), and every other portfolio its result. The failed
+    pass names the portfolio, so the shard is not halved: the portfolios before it and
+    after it take one pass each."""
+    from dpm_vec import sweep as sweep_module
+
+    passes: list[int] = []
+    real_run = sweep_module.run
+
+    def counted(book, **kwargs):
+        passes.append(book.portfolios.height)
+        return real_run(book, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "run", counted)
     frames = generate_book_frames(6, 13, holdings=(3, 5))
     ids = frames["portfolios"]["portfolio_snapshot_id"]
     rich = [ids[1], ids[4]]
@@ -715,7 +727,8 @@ def test_a_trade_beyond_the_quantity_range_blocks_its_portfolio_only_if_it_survi
         .cast(pl.Decimal(38, 20)).alias("max_turnover_pct")
     )
     book = write_book(frames, tmp_path / "book")
-    sweep(book, tmp_path / "out", progress=False)
+    sweep(book, tmp_path / "out", progress=False, threads=1)
+    assert passes == [6, 1, 0, 4]  # the shard, the portfolio before, the error record's empty tables, the four after
     runs = _read(tmp_path / "out", "runs")
     assert runs["run_key"].to_list() == frames["portfolios"]["run_key"].to_list()
     failed = runs.filter(pl.col("block_reason") == "ENGINE_ERROR")

@@ -216,28 +216,24 @@ def _notional_amounts(market: Market, t: pl.DataFrame, exact: ExactLocked | None
     return join_on_index(t, exact_amounts, "slot").with_columns(pl.coalesce("_exact_amount", amount).alias("_amount")).drop("_exact_amount")
 
 
-def within_quantity_range(intents: pl.DataFrame) -> pl.DataFrame:
+def within_quantity_range(intents: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
     """``intents`` without ``_units_beyond_range``, once the dust and turnover steps have
-    dropped what they drop: a trade still beyond QTY's range raises QuantityRangeError
-    naming it (the first in (run, intent_no) order)."""
+    dropped what they drop. A trade still beyond QTY's range (which a cast would fail on
+    with only a column name) raises QuantityRangeError naming the first in (run,
+    intent_no) order, with each such portfolio's first trade by run key (``runs``: run,
+    run_key), so that callers can set those portfolios aside without searching."""
     if intents["_units_beyond_range"].null_count() < intents.height:
-        beyond = intents.filter(pl.col("_units_beyond_range").is_not_null())
-        _check_quantity_range(beyond.sort("run", "intent_no"), "_units_beyond_range")
+        beyond = (
+            intents.filter(pl.col("_units_beyond_range").is_not_null()).sort("run", "intent_no")
+            .unique("run", keep="first", maintain_order=True).join(runs.select("run", "run_key"), on="run", maintain_order="left")
+        )
+        by_run_key = {
+            row["run_key"]: f"a {row['side']} of {row['_units_beyond_range'].normalize():f} units of {row['instrument_id']} "
+                            f"is outside the engine's quantity range (trades under {TRADE_UNITS_LIMIT:,} units)"
+            for row in beyond.iter_rows(named=True)  # the few runs that fail
+        }
+        raise QuantityRangeError(next(iter(by_run_key.values())), by_run_key)
     return intents.drop("_units_beyond_range")
-
-
-def _check_quantity_range(t: pl.DataFrame, units: str) -> None:
-    """Raise QuantityRangeError naming the first trade of ``TRADE_UNITS_LIMIT`` units or
-    more: QTY could not hold it (or the position it leads to), and a cast would fail with
-    only a column name."""
-    top = t[units].max()
-    if top is None or top < TRADE_UNITS_LIMIT:
-        return
-    row = t.filter(pl.col(units) >= TRADE_UNITS_LIMIT).row(0, named=True)
-    raise QuantityRangeError(
-        f"a {row['side']} of {row[units].normalize():f} units of {row['instrument_id']} is outside the engine's quantity range "
-        f"(trades under {TRADE_UNITS_LIMIT:,} units)"
-    )
 
 
 NEAR_INTEGER = lit("0.000000001")

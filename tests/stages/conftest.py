@@ -183,7 +183,7 @@ class Stages:
     @cached_property
     def fx(self):
         """(intents in execution order, fx_missing findings)."""
-        return plan_fx(self.market, self.runs, within_quantity_range(self.turnover[0]), self.p.cash)
+        return plan_fx(self.market, self.runs, within_quantity_range(self.turnover[0], self.runs), self.p.cash)
 
     @property
     def intents(self) -> pl.DataFrame:

@@ -484,14 +484,21 @@ def test_a_buy_beyond_the_quantity_range_that_the_turnover_cap_drops_is_no_error
     s = _half_a_billion_in_cents(scenario, max_turnover_pct="0.01")
     kept, dropped, _ = s.turnover
     assert dropped.select("instrument_id", "potential_notional").rows() == [("I0", D("250000000"))]
-    intents = trades.within_quantity_range(kept)
+    intents = trades.within_quantity_range(kept, s.runs)
     assert intents["instrument_id"].to_list() == ["I1"] and "_units_beyond_range" not in intents.columns
 
 
-def test_a_buy_beyond_the_quantity_range_that_survives_is_named(scenario):
-    s = _half_a_billion_in_cents(scenario)
-    with pytest.raises(QuantityRangeError, match="a BUY of 25000000000 units of I0 is outside the engine's quantity range"):
-        trades.within_quantity_range(s.turnover[0])
+def test_a_buy_beyond_the_quantity_range_that_survives_is_named_with_its_run(scenario):
+    """The error names the first such trade, and each failing run by its key with its own
+    first trade (the capped run R1 is not among them)."""
+    s = _half_a_billion_in_cents(scenario, runs=[dict(), dict(max_turnover_pct="0.01"), dict(min_cash_buffer_pct="0.5")])
+    with pytest.raises(QuantityRangeError, match="a BUY of 25000000000 units of I0 is outside the engine's quantity range") as caught:
+        trades.within_quantity_range(s.turnover[0], s.runs)
+    assert caught.value.by_run_key == {
+        "R0": "a BUY of 25000000000 units of I0 is outside the engine's quantity range (trades under 9,000,000,000 units)",
+        # the cash buffer scales the model's 0.505 to 0.5: I0 weighs 0.5 × 0.5 / 0.505
+        "R2": "a BUY of 24752475247 units of I0 is outside the engine's quantity range (trades under 9,000,000,000 units)",
+    }
 
 
 def test_a_buy_beyond_the_quantity_range_suppressed_as_dust_is_no_error(scenario):
@@ -515,10 +522,10 @@ def _a_thousand_units_valued_at_four_hundred_million(scenario, **policy):
 
 def test_a_sell_beyond_the_quantity_range_waits_for_the_turnover_step(scenario):
     dropped_by_the_cap = _a_thousand_units_valued_at_four_hundred_million(scenario, max_turnover_pct="0.01")
-    assert trades.within_quantity_range(dropped_by_the_cap.turnover[0])["instrument_id"].to_list() == ["I1"]
+    assert trades.within_quantity_range(dropped_by_the_cap.turnover[0], dropped_by_the_cap.runs)["instrument_id"].to_list() == ["I1"]
     uncapped = _a_thousand_units_valued_at_four_hundred_million(scenario)
     with pytest.raises(QuantityRangeError, match="a SELL of 40000000000 units of I0"):
-        trades.within_quantity_range(uncapped.turnover[0])
+        trades.within_quantity_range(uncapped.turnover[0], uncapped.runs)
 
 
 def test_a_sell_beyond_the_quantity_range_is_sized_by_its_tax_lots(scenario):
@@ -531,7 +538,7 @@ def test_a_sell_beyond_the_quantity_range_is_sized_by_its_tax_lots(scenario):
     assert (sell["quantity"], sell["_units_beyond_range"], sell["tax_budget_applied"], sell["notional"]) == (D(1000), None, True, D(10))
     events = s.translation.tax_events.select("requested_quantity", "requested_units_beyond_range", "allowed_quantity").rows()
     assert events == [(None, D("40000000000"), D(1000))]
-    assert sorted(trades.within_quantity_range(s.turnover[0])["instrument_id"]) == ["I0", "I1"]
+    assert sorted(trades.within_quantity_range(s.turnover[0], s.runs)["instrument_id"]) == ["I0", "I1"]
 
 
 def test_a_sell_beyond_the_quantity_range_whose_lots_hold_as_much_is_named(scenario):
@@ -560,9 +567,10 @@ def test_a_notional_sized_buy_beyond_the_quantity_range_waits_with_its_amount(sc
     assert (row["quantity"], row["notional"]) == (None, D("250000000.00"))
     assert row["_units_beyond_range"] == D("83333333333.33333333333333333")  # 28 significant digits (§1.1)
     capped = sized(max_turnover_pct="0.01")
-    assert trades.within_quantity_range(capped.turnover[0])["instrument_id"].to_list() == ["I1"]
+    assert trades.within_quantity_range(capped.turnover[0], capped.runs)["instrument_id"].to_list() == ["I1"]
+    uncapped = sized()
     with pytest.raises(QuantityRangeError, match="a BUY of 83333333333.33333333333333333 units of I0"):
-        trades.within_quantity_range(sized().turnover[0])
+        trades.within_quantity_range(uncapped.turnover[0], uncapped.runs)
 
 
 def test_a_notional_sized_sell_beyond_the_quantity_range_sells_the_holding(scenario):

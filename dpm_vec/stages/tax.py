@@ -45,7 +45,7 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
         pl.col("_units_beyond_range"),
     )
     lot_rows = sells.join(lots.rename({"quantity": "lot_quantity"}), on=["run", "instrument_id"], how="inner")
-    _check_lots_below_the_range(lot_rows)
+    _check_lots_below_the_range(lot_rows, runs)
     if lot_rows.height == 0:
         return (
             t.with_columns(pl.col("requested_quantity").alias("quantity"), pl.lit(None, dtype=f.F28).alias("quantity_f28")),
@@ -103,23 +103,28 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
     return t, events, totals, warnings, fx_missing
 
 
-def _check_lots_below_the_range(lot_rows: pl.DataFrame) -> None:
+def _check_lots_below_the_range(lot_rows: pl.DataFrame, runs: pl.DataFrame) -> None:
     """Raise QuantityRangeError for a sell requested beyond QTY's range whose lots hold
-    ``TRADE_UNITS_LIMIT`` units or more: the walk could allow it that many."""
+    ``TRADE_UNITS_LIMIT`` units or more (the walk could allow it that many), naming each
+    such portfolio by run key (``runs``: run, run_key) as ``within_quantity_range`` does."""
     if lot_rows["_units_beyond_range"].null_count() == lot_rows.height:
         return
     held = (
         lot_rows.filter(pl.col("_units_beyond_range").is_not_null() & (pl.col("lot_quantity") > 0))
         .group_by("run", "instrument_id", maintain_order=True)
-        .agg(pl.col("lot_quantity").cast(DEC).sum().alias("_lots"), pl.col("_units_beyond_range").first())
+        .agg(pl.col("lot_quantity").cast(DEC).sum().alias("_lots"), pl.col("_units_beyond_range").first(), pl.col("trace_order").first())
         .filter(pl.col("_lots") >= TRADE_UNITS_LIMIT)
+        .sort("run", "trace_order").unique("run", keep="first", maintain_order=True)
+        .join(runs.select("run", "run_key"), on="run", maintain_order="left")
     )
     if held.height:
-        row = held.sort("run").row(0, named=True)
-        raise QuantityRangeError(
-            f"a SELL of {row['_units_beyond_range'].normalize():f} units of {row['instrument_id']} is outside the engine's quantity "
-            f"range (trades under {TRADE_UNITS_LIMIT:,} units), and so are the {row['_lots'].normalize():f} units of its tax lots"
-        )
+        by_run_key = {
+            row["run_key"]: f"a SELL of {row['_units_beyond_range'].normalize():f} units of {row['instrument_id']} is outside the engine's "
+                            f"quantity range (trades under {TRADE_UNITS_LIMIT:,} units), and so are the {row['_lots'].normalize():f} units "
+                            "of its tax lots"
+            for row in held.iter_rows(named=True)  # the few runs that fail
+        }
+        raise QuantityRangeError(next(iter(by_run_key.values())), by_run_key)
 
 
 def _split_unbound(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:

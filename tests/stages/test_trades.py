@@ -546,8 +546,9 @@ def test_a_sell_beyond_the_quantity_range_whose_lots_hold_as_much_is_named(scena
     while its lots hold less: lots of 9e9 units would allow a trade beyond the range."""
     lots = [("I0", f"L{i}", "1000000000", "0.02", "USD", "2020-01-01") for i in range(9)]
     s = _a_thousand_units_valued_at_four_hundred_million(scenario, enable_tax_awareness=True, lots=lots)
-    with pytest.raises(QuantityRangeError, match="a SELL of 40000000000 units of I0 .* the 9000000000 units of its tax lots"):
+    with pytest.raises(QuantityRangeError, match="a SELL of 40000000000 units of I0 .* the 9000000000 units of its tax lots") as caught:
         _ = s.translation
+    assert list(caught.value.by_run_key) == ["R0"]
 
 
 def test_a_notional_sized_buy_beyond_the_quantity_range_waits_with_its_amount(scenario):

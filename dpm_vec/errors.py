@@ -69,3 +69,9 @@ class QuantityRangeError(DpmVecError):
 
     def problem(self, instance: str | None = None) -> dict:
         return problem(self.TYPE, "Trade outside the engine's quantity range", 422, str(self), instance)
+
+
+def named_failures(exc: Exception) -> dict[str, str]:
+    """The portfolios ``exc`` names as failing, by run key, each with its own message
+    (a QuantityRangeError knows them); empty for any other error."""
+    return exc.by_run_key if isinstance(exc, QuantityRangeError) else {}

@@ -13,6 +13,8 @@ from decimal import Decimal
 
 import polars as pl
 
+from dpm_vec.errors import QuantityRangeError
+
 SCALE = 20
 DEC = pl.Decimal(38, SCALE)
 # quantities: 28 decimals so that tax-limited fractional quantities keep every digit the
@@ -92,3 +94,25 @@ def to_text(value: Decimal | None) -> str | None:
     if value == 0:
         return "0"
     return format(value.normalize(), "f")
+
+
+def units_text(units: pl.Expr) -> pl.Expr:
+    """A decimal number of units as text without trailing zeros (25000000000, 100.5)."""
+    return units.cast(pl.String).str.replace(r"\.?0+$", "")
+
+
+def quantity_range_error(trades: pl.DataFrame, runs: pl.DataFrame, units: str, tail: pl.Expr | None = None) -> QuantityRangeError:
+    """The QuantityRangeError for ``trades`` (run, side, instrument_id, ``units``; each
+    run's first row is the trade its message names, the first row the one the error names),
+    with every failing run's message by run key (``runs``: run, run_key). ``tail`` adds
+    to each message."""
+    message = pl.format(
+        "a {} of {} units of {} is outside the engine's quantity range (trades under {} units)",
+        "side", units_text(pl.col(units)), "instrument_id", pl.lit(f"{TRADE_UNITS_LIMIT:,}"),
+    )
+    named = (
+        trades.unique("run", keep="first", maintain_order=True).join(runs.select("run", "run_key"), on="run", maintain_order="left")
+        .select("run_key", (message if tail is None else pl.concat_str(message, tail)).alias("_message"))
+    )
+    by_run_key = dict(zip(named["run_key"].to_list(), named["_message"].to_list()))
+    return QuantityRangeError(named["_message"][0], by_run_key)

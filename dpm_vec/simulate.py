@@ -8,7 +8,7 @@ import polars as pl
 
 from dpm_vec.book import TABLES
 from dpm_vec.contract import parse_request, request_hash, rows_to_book
-from dpm_vec.errors import QuantityRangeError, RequestError, ValueRangeError, problem
+from dpm_vec.errors import QuantityRangeError, RequestError, ValueRangeError, named_failures, problem
 from dpm_vec.pipeline import run
 from dpm_vec.render import render_results
 
@@ -66,9 +66,9 @@ def _isolating(parsed: dict[int, dict[str, list[dict]]]) -> dict[int, dict]:
 
 
 def _named_in(exc: Exception, parsed: dict[int, dict[str, list[dict]]]) -> dict[int, str]:
-    """The slot indexes of ``parsed`` that ``exc`` names as failing (a QuantityRangeError
-    knows its portfolios' run keys), each with its message; empty if it names none."""
-    by_run_key = exc.by_run_key if isinstance(exc, QuantityRangeError) else {}
+    """The slot indexes of ``parsed`` that ``exc`` names as failing, each with its
+    message; empty if it names none."""
+    by_run_key = named_failures(exc)
     keys = {i: rows["portfolios"][0]["run_key"] for i, rows in parsed.items()}
     return {i: by_run_key[key] for i, key in keys.items() if key in by_run_key}
 

@@ -45,7 +45,7 @@ from dpm_vec import __version__
 from dpm_vec.book import Book, conform, empty_table
 from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES_FROM_SHARDS, default_shard_size, default_threads,
                               even_shard_size, usable_cores)
-from dpm_vec.errors import DpmVecError, QuantityRangeError
+from dpm_vec.errors import DpmVecError, named_failures
 from dpm_vec.io import (PORTFOLIO_ROWS, _path, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         write_book, write_json_atomic)
 from dpm_vec.scenarios import comparison_table, expand, load_scenarios
@@ -603,22 +603,22 @@ def run_isolating(book: Book, timer: StageTimer | None = None, tables: tuple[str
         if n <= 1:
             log.error("portfolio %s could not be computed: %s", book.portfolios["run_key"].to_list(), exc)
             return _engine_error_tables(book, exc, tables)
-        named = pl.Series(list(exc.by_run_key) if isinstance(exc, QuantityRangeError) else [], dtype=pl.String)
-        failing = book.portfolios["run_key"].is_in(named.implode())
+        named = named_failures(exc)
+        failing = book.portfolios["run_key"].is_in(pl.Series(list(named), dtype=pl.String).implode())
         if failing.any():
             # the engine named the portfolios it cannot compute: each gets its record, and the
             # runs of portfolios between them one pass each (the shard's order is kept)
             segments = book.portfolios.with_columns(failing.alias("_failing")).with_columns(
                 (pl.col("_failing") | pl.col("_failing").shift(1, fill_value=False)).cum_sum().alias("_segment")
             ).partition_by("_segment", maintain_order=True, include_key=False)
+            parts = []
             for segment in segments:
+                part = replace(book, portfolios=segment.drop("_failing"))
                 if segment["_failing"][0]:
-                    log.error("portfolio %s could not be computed: %s", segment["run_key"][0], exc.by_run_key[segment["run_key"][0]])
-            parts = [
-                _engine_error_tables(replace(book, portfolios=segment.drop("_failing")), exc, tables) if segment["_failing"][0]
-                else run_isolating(replace(book, portfolios=segment.drop("_failing")), timer, tables)
-                for segment in segments
-            ]
+                    log.error("portfolio %s could not be computed: %s", segment["run_key"][0], named[segment["run_key"][0]])
+                    parts.append(_engine_error_tables(part, exc, tables))
+                else:
+                    parts.append(run_isolating(part, timer, tables))
         else:
             halves = [book.portfolios.slice(0, n // 2), book.portfolios.slice(n // 2)]
             parts = [run_isolating(replace(book, portfolios=half), timer, tables) for half in halves]

@@ -14,8 +14,7 @@ import polars as pl
 
 from dpm_vec import dec28 as f
 from dpm_vec.frames import join_on_index, sort_rows
-from dpm_vec.errors import QuantityRangeError
-from dpm_vec.numeric import DEC, QTY, TRADE_UNITS_LIMIT, lit
+from dpm_vec.numeric import DEC, QTY, TRADE_UNITS_LIMIT, lit, quantity_range_error, units_text
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
@@ -89,11 +88,8 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
     t = join_on_index(t, allowed, "slot").with_columns(
         pl.when(pl.col("_allowed").is_not_null()).then(pl.col("_allowed")).otherwise(pl.col("requested_quantity")).alias("quantity")
     ).drop("_allowed")
-    # §6.10 step 4: an event wherever the walk allowed less than requested (always, for a
-    # request beyond the range that the walk sized)
-    limited = (pl.col("quantity") < pl.col("requested_quantity")) | (pl.col("quantity").is_not_null() & beyond)
     events = (
-        t.filter(limited)
+        t.filter(limited_by_the_walk())
         .select("run", "instrument_id", "trace_order", "requested_quantity", pl.col("_units_beyond_range").alias("requested_units_beyond_range"),
                 pl.col("quantity").alias("allowed_quantity"), pl.col("quantity_f28"))
         .pipe(sort_rows, "run", "trace_order")
@@ -114,17 +110,17 @@ def _check_lots_below_the_range(lot_rows: pl.DataFrame, runs: pl.DataFrame) -> N
         .group_by("run", "instrument_id", maintain_order=True)
         .agg(pl.col("lot_quantity").cast(DEC).sum().alias("_lots"), pl.col("_units_beyond_range").first(), pl.col("trace_order").first())
         .filter(pl.col("_lots") >= TRADE_UNITS_LIMIT)
-        .sort("run", "trace_order").unique("run", keep="first", maintain_order=True)
-        .join(runs.select("run", "run_key"), on="run", maintain_order="left")
+        .sort("run", "trace_order")
     )
     if held.height:
-        by_run_key = {
-            row["run_key"]: f"a SELL of {row['_units_beyond_range'].normalize():f} units of {row['instrument_id']} is outside the engine's "
-                            f"quantity range (trades under {TRADE_UNITS_LIMIT:,} units), and so are the {row['_lots'].normalize():f} units "
-                            "of its tax lots"
-            for row in held.iter_rows(named=True)  # the few runs that fail
-        }
-        raise QuantityRangeError(next(iter(by_run_key.values())), by_run_key)
+        raise quantity_range_error(held.with_columns(pl.lit("SELL").alias("side")), runs, "_units_beyond_range",
+                                   pl.format(", and so are the {} units of its tax lots", units_text(pl.col("_lots"))))
+
+
+def limited_by_the_walk() -> pl.Expr:
+    """§6.10 step 4: the walk allowed a sell less than requested (always, for a request
+    beyond QTY's range that the walk sized); null where a quantity is unknown."""
+    return (pl.col("quantity") < pl.col("requested_quantity")) | (pl.col("quantity").is_not_null() & pl.col("_units_beyond_range").is_not_null())
 
 
 def _split_unbound(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:

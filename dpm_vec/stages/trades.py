@@ -13,14 +13,13 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec import dec28 as f28
-from dpm_vec.errors import QuantityRangeError
 from dpm_vec.frames import join_on_index, join_runs, position_in_run, sort_rows
-from dpm_vec.numeric import DEC, DEC_UNIT, HAIR, QTY, TRADE_UNITS_LIMIT, dabs, lit, times_price
+from dpm_vec.numeric import DEC, DEC_UNIT, HAIR, QTY, TRADE_UNITS_LIMIT, dabs, lit, quantity_range_error, times_price
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import DUST, exact_notionals
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, Replay, replayed_weights, warnings_frame
-from dpm_vec.stages.tax import limit_sells_by_tax_lots
+from dpm_vec.stages.tax import limit_sells_by_tax_lots, limited_by_the_walk
 from dpm_vec.stages.universe import ExactLocked, valued_in_28_digits
 
 TURNOVER_ORDER = 400_000_000
@@ -127,8 +126,7 @@ def translate(
         "run", "instrument_id", "trace_order", "side", "quantity", "requested_quantity", "price",
         "price_currency", "rate", "notional", "notional_base", "base_currency",
         pl.col("threshold_amount").is_not_null().alias("min_notional_applied"),
-        ((pl.col("quantity") < pl.col("requested_quantity")) | (pl.col("quantity").is_not_null() & pl.col("_units_beyond_range").is_not_null()))
-        .fill_null(False).alias("tax_budget_applied"),
+        limited_by_the_walk().fill_null(False).alias("tax_budget_applied"),
         "final_weight", "held_quantity", "by_notional", _rationale().alias("rationale_code"), "quantity_f28", "slot",
         pl.when(still_beyond).then(pl.col("_units_beyond_range")).alias("_units_beyond_range"),
         # a budget-limited quantity below Decimal(38, 28)'s unit is 0 there but kept by its 28-digit value
@@ -223,16 +221,8 @@ def within_quantity_range(intents: pl.DataFrame, runs: pl.DataFrame) -> pl.DataF
     intent_no) order, with each such portfolio's first trade by run key (``runs``: run,
     run_key), so that callers can set those portfolios aside without searching."""
     if intents["_units_beyond_range"].null_count() < intents.height:
-        beyond = (
-            intents.filter(pl.col("_units_beyond_range").is_not_null()).sort("run", "intent_no")
-            .unique("run", keep="first", maintain_order=True).join(runs.select("run", "run_key"), on="run", maintain_order="left")
-        )
-        by_run_key = {
-            row["run_key"]: f"a {row['side']} of {row['_units_beyond_range'].normalize():f} units of {row['instrument_id']} "
-                            f"is outside the engine's quantity range (trades under {TRADE_UNITS_LIMIT:,} units)"
-            for row in beyond.iter_rows(named=True)  # the few runs that fail
-        }
-        raise QuantityRangeError(next(iter(by_run_key.values())), by_run_key)
+        beyond = intents.filter(pl.col("_units_beyond_range").is_not_null()).sort("run", "intent_no")
+        raise quantity_range_error(beyond, runs, "_units_beyond_range")
     return intents.drop("_units_beyond_range")
 
 

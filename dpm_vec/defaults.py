@@ -64,7 +64,7 @@ def even_shard_size(portfolios: int, size: int, concurrent_shards: int) -> int:
     rounds of ``concurrent_shards`` shards with every round full (as near as whole
     portfolios allow): a last round of fewer shards leaves threads or workers idle while
     the others finish it. The 100k book on two processes: 13 shards of 8,000 took
-    18.8-19.4 s, 14 of 7,143 18.0-18.6 s (benchmarks/README.md, "Twenty-first session")."""
+    18.8-19.4 s, 14 of 7,143 18.0-18.6 s (benchmarks/HISTORY.md, "Twenty-first session")."""
     if concurrent_shards <= 1:  # one shard at a time: nothing waits
         return max(1, min(size, portfolios))
     shards = -(-portfolios // max(1, size))

@@ -345,7 +345,7 @@ def _run_in_processes(plan: SweepPlan, pending: list[int], reporter, processes: 
     and taking the next; at most ``processes`` shards are in memory. Each process runs
     Polars on its share of the cores: two processes of one Polars thread keep two cores
     busier than two shard threads sharing one process's Polars thread pool
-    (benchmarks/README.md, "Fifteenth session")."""
+    (benchmarks/HISTORY.md, "Fifteenth session")."""
     processes = min(processes, len(pending))
     if processes == 0:
         return

@@ -69,14 +69,24 @@ def test_manifest_records_inputs_and_is_written_last(book, swept):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "work or staging dirs left behind"
 
 
-def test_bad_data_blocks_only_its_portfolio(book, swept):
-    """The generator's faults (missing price, missing FX, unshelved target) block those runs by DQ."""
+def test_bad_data_blocks_only_its_portfolio(book, swept, tmp_path):
+    """The generator's faults (missing price, missing FX, unshelved target) block exactly
+    the portfolios that have them, by DQ; every other portfolio sweeps as in the same book
+    without the faults."""
+    from tests.test_generate import _faults
+
     out, _ = swept
     runs = _read(out, "runs")
+    frames = {name: pl.read_parquet(book / f"{name}.parquet") for name in ("portfolios", "positions", "cash", "prices", "fx_rates", "models", "shelf")}
+    faulty = set().union(*_faults(frames).values())
     dq_blocked = runs.filter(pl.col("dq_count") > 0)
-    assert dq_blocked.height >= 1
+    assert faulty and set(dq_blocked["run_key"]) == faulty
     assert (dq_blocked["status"] == "BLOCKED").all()
-    assert runs.filter(pl.col("status") != "BLOCKED").height > 0
+    clean_out = tmp_path / "clean_result"
+    sweep(_book(tmp_path, n=80, bad_data=False, name="clean"), clean_out, shard_size=30, progress=False)
+    for table in ("runs", "intents", "rule_results"):
+        others, clean = (_read(o, table).filter(~pl.col("run_key").is_in(sorted(faulty))) for o in (out, clean_out))
+        assert others.height > 0 and others.equals(clean, null_equal=True), table
 
 
 @pytest.mark.parametrize("shard_size", [1000, 25])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 from decimal import Decimal, InvalidOperation
 
-SKIP = {"rebalance_run_id", "universe_id", "target_id", "intent_id", "rationale", "warnings", "tags",
+SKIP = {"rebalance_run_id", "universe_id", "target_id", "intent_id", "rationale",
         "constraints_applied", "coverage", "message", "correlation_id", "lineage", "explanation",
         "remediation_hint", "gate_decision"}
 MONEY = {"amount", "buy_amount", "sell_amount_estimated"}
@@ -121,7 +121,7 @@ def _compare(exp, act, path, field, errors):
                     attempts.append(found)
                 if all(attempts):
                     errors.extend(attempts[0])
-            if field in ("intents", "excluded", "suppressed_intents", "dropped_intents"):
+            if field in KEYS:
                 extra = set(have) - {key(x) for x in exp}
                 if extra:
                     errors.append(f"{path}: unexpected {sorted(map(str, extra))}")

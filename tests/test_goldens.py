@@ -35,6 +35,26 @@ def test_goldens_are_present():
     assert len(list((DATA / "scenarios").glob("*.json"))) >= 10
 
 
+def test_the_comparator_flags_what_a_golden_does_not_state():
+    """The comparator the goldens use: warnings compare as a multiset, and an item of a
+    keyed list that the golden does not state (a rule, a position) is flagged."""
+    docs = [json.loads((DATA / "goldens" / name).read_text())
+            for name in ("reference-random/core/rand_11_0000.json", "reference-service/scenario_08_sector_cap.json")]
+    (random_doc, warned_doc), results = docs, simulate_many([d["inputs"] for d in docs])
+    assert differences(_expected(random_doc), results[0]) == [] and differences(_expected(warned_doc), results[1]) == []
+    extra_rule = json.loads(json.dumps(results[0]))
+    extra_rule["rule_results"].append({**extra_rule["rule_results"][0], "rule_id": "NOT_A_RULE"})
+    assert any("unexpected" in e and "NOT_A_RULE" in e for e in differences(_expected(random_doc), extra_rule))
+    extra_position = json.loads(json.dumps(results[0]))
+    extra_position["after_simulated"]["positions"].append({**extra_position["after_simulated"]["positions"][0], "instrument_id": "ZZ"})
+    assert any("unexpected" in e and "ZZ" in e for e in differences(_expected(random_doc), extra_position))
+    warned = _expected(warned_doc)["diagnostics"]["warnings"]
+    assert warned
+    twice = json.loads(json.dumps(results[1]))
+    twice["diagnostics"]["warnings"] = [*twice["diagnostics"]["warnings"], warned[0]]
+    assert any("warnings" in e for e in differences(_expected(warned_doc), twice))
+
+
 @pytest.mark.parametrize("path", GOLDEN_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_golden(path: Path, batch_results):
     doc = json.loads(path.read_text())

@@ -20,9 +20,9 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDENS = Path(__file__).resolve().parents[2] / "shared" / "goldens"
+GOLDENS = REPO / "tests" / "data" / "goldens"  # a copy of ../shared/goldens
 GOLDEN = GOLDENS / "reference-service" / "scenario_03_fx_funding.json"
-RANDOM_GOLDENS = REPO / "tests" / "data" / "goldens" / "reference-random" / "core"
+RANDOM_GOLDENS = GOLDENS / "reference-random" / "core"
 SIM = "/rebalance/simulate"
 BATCH = "/rebalance/simulate/batch"
 PROBLEM = "application/problem+json"
@@ -98,8 +98,6 @@ def rfc_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def golden() -> dict:
-    if not GOLDEN.is_file():
-        pytest.skip(f"golden file absent: {GOLDEN}")
     return json.loads(GOLDEN.read_text())["inputs"]
 
 
@@ -309,8 +307,7 @@ def _without_run_ids(result: dict) -> dict:
 def test_concurrent_requests_coalesce_and_answer_as_if_alone(ref_server):
     """Concurrent single requests share engine passes; each answer is the one it gets alone."""
     files = sorted(RANDOM_GOLDENS.glob("rand_*.json"))[:16]
-    if len(files) < 16:
-        pytest.skip(f"random goldens absent: {RANDOM_GOLDENS}")
+    assert len(files) == 16
     bodies = []
     for i, f in enumerate(files):
         body = json.loads(f.read_text())["inputs"]
@@ -510,8 +507,6 @@ def test_rfc_concurrent_requests_with_one_key_get_one_run(rfc_server, golden):
 def test_analyze_endpoint_runs_scenarios_and_isolates_bad_ones(ref_server):
     """§7: valid scenarios in one pass, an invalid option set fails alone."""
     golden = GOLDENS / "reference-service" / "scenario_13_what_if_analysis.json"
-    if not golden.exists():
-        pytest.skip("shared goldens not present")
     batch = json.loads(golden.read_text())["batch_inputs"]
     response = ref_server.client.post("/rebalance/analyze", json=batch)
     assert response.status_code == 200

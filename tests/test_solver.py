@@ -30,7 +30,7 @@ from dpm_vec.stages.solver import (
 from dpm_vec.stages.universe import build_universe
 from dpm_vec.stages.valuation import value_state
 
-GOLDENS = Path(__file__).resolve().parents[2] / "shared" / "goldens" / "reference-service"
+GOLDENS = Path(__file__).resolve().parent / "data" / "goldens" / "reference-service"  # a copy of ../shared/goldens
 
 
 # ---------------------------------------------------------------------------

@@ -84,10 +84,16 @@ def test_the_unordered_weight_map_meets_its_contract_and_its_fan_out_is_caught_i
 
 def test_the_trades_stage_sized_what_the_contract_checks(traded):
     """The contract's columns are the ones the next stage reads: side and quantity of
-    each (run, instrument) the stage trades, here one buy, one trim and one sale."""
-    intents = traded.translation.intents.filter(pl.col("run") == 0).sort("instrument_id")
-    assert intents["instrument_id"].to_list() == ["GONE", "HOLD", "NEW"]
-    assert intents["side"].to_list() == ["SELL", "SELL", "BUY"]
+    each (run, instrument) the stage trades, here one buy, one trim and one sale. Worked
+    by hand: the USD run is worth 10,000 + 10 × 50 × 1.1 + 5,000 + 200 × 1.1 = 15,770 USD;
+    HOLD's target 0.4 × 15,770 = 6,308 USD sells floor(3,692 / 100) = 36, NEW's 0.5 × 15,770
+    / 1.1 = 7,168.18 EUR buys floor(7,168.18 / 20) = 358, GONE leaves the model and sells
+    all 10. The EUR run is the same book valued in EUR, so it trades the same units."""
+    intents = traded.translation.intents.sort("run", "instrument_id")
+    expected = [("GONE", "SELL", 10), ("HOLD", "SELL", 36), ("NEW", "BUY", 358)]
+    for run in (0, 1):
+        trades = intents.filter(pl.col("run") == run).select("instrument_id", "side", pl.col("quantity").cast(pl.Int64))
+        assert trades.rows() == expected, run
 
 
 @pytest.mark.parametrize(("name", "column", "bad", "rule"), [

@@ -4,6 +4,7 @@ null or empty value means."""
 from __future__ import annotations
 
 import copy
+from decimal import Decimal
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from dpm_vec.contract import parse_request
 from dpm_vec.errors import RequestError
+from dpm_vec.oracle import simulate as oracle_simulate
 from dpm_vec.simulate import simulate_many
 from tests.golden_compare import strip_random
 
@@ -63,7 +65,20 @@ def test_null_where_the_contract_has_none_is_a_wrong_type(path):
     ("shelf_entries", 0, "min_notional"),
 ])
 def test_null_is_accepted_where_it_means_none(path):
-    parse_request(_with(path, None), "r0")
+    """A null reads as the field left out: the same book rows, except the request's hash."""
+    absent = copy.deepcopy(REQUEST)
+    *parents, key = path
+    node = absent
+    for part in parents:
+        node = node[part]
+    node.pop(key, None)
+
+    def rows(request: dict) -> dict:
+        parsed = parse_request(request, "r0")
+        return {table: [{k: v for k, v in row.items() if k != "request_hash"} for row in table_rows]
+                for table, table_rows in parsed.items()}
+
+    assert rows(_with(path, None)) == rows(absent)
 
 
 def test_an_empty_asset_class_is_kept_not_defaulted():
@@ -94,7 +109,7 @@ def test_other_booleans_are_422(value):
 def test_integers_take_integral_spellings(value, valid):
     request = _with(("shelf_entries", 0, "settlement_days"), value)
     if valid:
-        parse_request(request, "r0")
+        assert [row["settlement_days"] for row in parse_request(request, "r0")["shelf"]][0] == (1 if value is True else 3)
     else:
         assert _errors(request)[0][0] == "shelf_entries[0].settlement_days"
 
@@ -142,7 +157,12 @@ def test_weight_options_far_outside_their_meaning_still_run():
     """The reference validates neither (§3.6): a cap of 2 and a buffer of -5 are simulated."""
     request = _with(("options", "single_position_max_weight"), "2")
     request["options"]["min_cash_buffer_pct"] = "-5"
-    assert simulate_many([request])[0]["status"] in ("READY", "PENDING_REVIEW", "BLOCKED")
+    result, expected = simulate_many([request])[0], oracle_simulate(request)
+    assert result["status"] == expected["status"]
+    assert [(i["instrument_id"], i["side"], Decimal(i["quantity"])) for i in result["intents"] if i["intent_type"] == "SECURITY_TRADE"] == \
+        [(i["instrument_id"], i["side"], Decimal(i["quantity"])) for i in expected["intents"] if i["intent_type"] == "SECURITY_TRADE"]
+    assert [(t["instrument_id"], Decimal(t["final_weight"])) for t in result["target"]["targets"]] == \
+        [(t["instrument_id"], Decimal(t["final_weight"])) for t in expected["target"]["targets"]]
 
 
 @pytest.mark.parametrize("path", [("market_data_snapshot", "prices"), ("market_data_snapshot", "fx_rates"), ("shelf_entries",)])

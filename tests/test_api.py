@@ -304,8 +304,11 @@ def _without_run_ids(result: dict) -> dict:
     return r
 
 
-def test_concurrent_requests_coalesce_and_answer_as_if_alone(ref_server):
-    """Concurrent single requests share engine passes; each answer is the one it gets alone."""
+def test_concurrent_requests_answer_as_if_alone_and_reach_the_engine_once(ref_server):
+    """Concurrent single requests through a real server: each answer is the one it gets
+    alone, and each request reaches the engine exactly once. How many passes they share
+    depends on timing here; that waiting requests do share a pass is proven with a held
+    pass in tests/test_coalesce.py."""
     files = sorted(RANDOM_GOLDENS.glob("rand_*.json"))[:16]
     assert len(files) == 16
     bodies = []

@@ -80,35 +80,44 @@ def test_in_memory_store():
 
 
 def test_concurrent_saves_from_threads(tmp_path):
+    """8 threads race on one shared key with the same hash, one more races on it with a
+    different hash, and 8 write their own keys: one save of the shared key wins, every
+    racer with the winner's hash gets the winner's run, and the others a conflict."""
     store = RunStore(tmp_path / "s.duckdb")
-    barrier = threading.Barrier(16)
-    outcomes: list = []
-    errors: list = []
+    barrier = threading.Barrier(17)
+    outcomes: dict[int, tuple] = {}
     lock = threading.Lock()
 
     def worker(i: int) -> None:
+        key = "shared" if i < 8 or i == 16 else f"own-{i}"
+        request_hash = "h2" if i == 16 else "h"
         barrier.wait()
         try:
-            # 8 threads race on one shared key (same hash), 8 write their own keys,
-            # and one more races on the shared key with a different hash.
-            key = "shared" if i < 8 else f"own-{i}"
-            res = store.save(key, "h", "READY", {"i": i}, run_id=f"rr_{i:08d}")
-            with lock:
-                outcomes.append((key, res))
-        except Exception as exc:  # noqa: BLE001
-            with lock:
-                errors.append(exc)
+            outcome = ("saved", store.save(key, request_hash, "READY", {"i": i}, run_id=f"rr_{i:08d}"))
+        except IdempotencyConflict as exc:
+            outcome = ("conflict", exc)
+        except Exception as exc:  # noqa: BLE001 - any other failure fails the assertions below
+            outcome = ("error", exc)
+        with lock:
+            outcomes[i] = outcome
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(17)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors
-    shared = [res for key, res in outcomes if key == "shared"]
-    assert sum(inserted for _, inserted in shared) == 1
-    assert len({run.id for run, _ in shared}) == 1  # every racer got the winner's run
+    assert not [o for o in outcomes.values() if o[0] == "error"], outcomes
+    assert all(outcomes[i][0] == "saved" and outcomes[i][1][1] for i in range(8, 16))  # own keys: each inserted
+    racers = {i: outcomes[i] for i in (*range(8), 16)}
+    inserted = [i for i, (kind, res) in racers.items() if kind == "saved" and res[1]]
+    assert len(inserted) == 1
+    winner = inserted[0]
+    winner_hash = "h2" if winner == 16 else "h"
+    for i, (kind, res) in racers.items():
+        if ("h2" if i == 16 else "h") == winner_hash:
+            assert kind == "saved" and res[0].id == f"rr_{winner:08d}", (i, racers[i])
+        else:
+            assert kind == "conflict", (i, racers[i])
     assert store.count() == 1 + 8
-    with pytest.raises(IdempotencyConflict):
-        store.save("shared", "other-hash", "READY", {})
+    assert store.lookup("shared")[0] == winner_hash
     store.close()

@@ -161,8 +161,11 @@ def test_normalisation_not_triggered_at_threshold(scenario):
 
 
 def test_normalisation_just_above_threshold(scenario):
+    """A total of 1.0002 scales every weight by 1 / 1.0002, each to within its last digits."""
     s = _three(scenario, {"A": "0.6", "B": "0.4002"})
     w = s.weights()
+    assert abs(w["A"] - D("0.6") / D("1.0002")) < D("1e-18")
+    assert abs(w["B"] - D("0.4002") / D("1.0002")) < D("1e-18")
     assert sum(w.values()) <= D(1)
     assert abs(sum(w.values()) - D(1)) < D("1e-18")
     assert s.target_status() == "PENDING_REVIEW"

@@ -13,8 +13,12 @@ small fixed set, so independently drawn requests in one batch share ids on purpo
 """
 from __future__ import annotations
 
+import copy
+import json
+import random
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
+from pathlib import Path
 
 from hypothesis import strategies as st
 
@@ -488,3 +492,74 @@ def rfc_option_requests(draw) -> dict:
     if maybe(55):
         o["rfc_rationale_codes"] = True
     return req
+
+
+# ---------------------------------------------------------------------------------------
+# mutations of the shared random goldens: the reference's own request shapes, perturbed
+
+_GOLDENS = Path(__file__).parent / "data" / "goldens" / "reference-random"
+GOLDEN_REQUESTS = [json.loads(p.read_text())["inputs"] for p in sorted(_GOLDENS.rglob("rand_*.json"))]
+
+
+def _option_pool() -> dict[str, list]:
+    """Every value each option takes somewhere in the random goldens."""
+    pool: dict[str, list] = {}
+    for request in GOLDEN_REQUESTS:
+        for key, value in (request.get("options") or {}).items():
+            pool.setdefault(key, []).append(value)
+    return pool
+
+
+OPTION_POOL = _option_pool()
+
+
+def _scaled(text, factor: float, dp: int, floor: Decimal | None = None) -> str:
+    """``text`` × ``factor``, cut to ``dp`` places (and raised to ``floor``)."""
+    value = (Decimal(str(text)) * Decimal(repr(factor))).quantize(Decimal(1).scaleb(-dp), rounding=ROUND_DOWN)
+    return str(value if floor is None else max(floor, value))
+
+
+@st.composite
+def golden_mutations(draw) -> dict:
+    """A random golden's request with its options recombined from values other goldens use
+    and its numbers perturbed: quantities (of positions without lots, which must sum to the
+    position), cash, prices, FX rates and model weights, a shelf status changed, and now and
+    then a price or FX rate left out. These stay in the reference generator's shapes, where
+    an unseen request is most likely to land."""
+    rng = random.Random(draw(st.integers(0, 2**64 - 1)))  # one draw: a list of 25 stays within Hypothesis' buffer
+    request = copy.deepcopy(rng.choice(GOLDEN_REQUESTS))
+    options = request.setdefault("options", {})
+    for key, values in OPTION_POOL.items():
+        u = rng.random()
+        if u < 0.25:
+            options[key] = copy.deepcopy(rng.choice(values))
+        elif u < 0.32:
+            options.pop(key, None)
+    snapshot = request["portfolio_snapshot"]
+    for position in snapshot.get("positions", []):
+        if rng.random() < 0.6 and not position.get("lots"):
+            position["quantity"] = _scaled(position["quantity"], rng.uniform(0, 2.5), 0)
+            if isinstance(position.get("market_value"), dict) and rng.random() < 0.5:
+                position["market_value"]["amount"] = _scaled(position["market_value"]["amount"], rng.uniform(0.5, 2), 2)
+    for cash in snapshot.get("cash_balances", []):
+        if rng.random() < 0.6:
+            cash["amount"] = _scaled(cash["amount"], rng.uniform(-0.2, 3), 2)
+    market = request["market_data_snapshot"]
+    for price in market.get("prices", []):
+        if rng.random() < 0.5:
+            price["price"] = _scaled(price["price"], rng.uniform(0.7, 1.3), 2, Decimal("0.01"))
+    for rate in market.get("fx_rates", []):
+        if rng.random() < 0.5:
+            rate["rate"] = _scaled(rate["rate"], rng.uniform(0.9, 1.1), 6)
+    for table in ("prices", "fx_rates"):
+        if market.get(table) and rng.random() < 0.07:
+            market[table].pop(rng.randrange(len(market[table])))
+    for target in request["model_portfolio"].get("targets", []):
+        if rng.random() < 0.5:
+            weight = Decimal(str(target["weight"])) + Decimal(repr(rng.uniform(-0.08, 0.08)))
+            target["weight"] = _scaled(max(Decimal(0), weight), 1.0, rng.choice([2, 2, 3, 4]))
+    for entry in request.get("shelf_entries", []):
+        if rng.random() < 0.15:
+            entry["status"] = rng.choice(STATUSES)
+    snapshot["portfolio_id"] = draw(st.sampled_from(PORTFOLIO_IDS))
+    return request

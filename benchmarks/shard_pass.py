@@ -4,7 +4,8 @@
     POLARS_MAX_THREADS=1 .venv/bin/python benchmarks/shard_pass.py BOOK 5 --tables runs,intents --shard-size 8000
 
 Each pass computes and writes one shard of the book's sweep plan (shards 1, 2, 3 in
-turn, under a scratch directory) and prints its wall time and stage seconds; the first
+turn; in a book of three shards or fewer, each of its shards in turn; under a scratch
+directory) and prints its wall time and stage seconds; the first
 pass pays imports and the reference tables' read, so compare the later ones. To A/B two
 engines, run this script with the other tree's root on ``PYTHONPATH``, alternating (the
 script's own folder holds no ``dpm_vec``, so the ``PYTHONPATH`` tree is imported first). Profilers attach

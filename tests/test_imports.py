@@ -30,8 +30,8 @@ def test_engine_import_does_not_load_heavy_dependencies():
 
 
 def test_check_detects_a_heavy_import():
-    """Guard against a vacuous test: the same probe, with the same filter, sees a heavy
-    package that the engine's imports are followed by."""
+    """Guard against a vacuous test: the same probe, with the same filter, reports duckdb
+    imported after the engine, and the HTTP door's stack."""
     assert _heavy_modules_after("import dpm_vec.pipeline, dpm_vec.simulate, duckdb") == ["duckdb"]
     assert _heavy_modules_after("import dpm_vec.api") != []  # the HTTP door is allowed its stack
 

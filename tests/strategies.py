@@ -523,9 +523,10 @@ def _scaled(text, factor: float, dp: int, floor: Decimal | None = None) -> str:
 def golden_mutations(draw) -> dict:
     """A random golden's request with its options recombined from values other goldens use
     and its numbers perturbed: quantities (of positions without lots, which must sum to the
-    position), cash, prices, FX rates and model weights, a shelf status changed, and now and
-    then a price or FX rate left out. These stay in the reference generator's shapes, where
-    an unseen request is most likely to land."""
+    position), cash, prices, FX rates and model weights, a shelf status changed, now and
+    then a price or FX rate left out, and its structure changed (``_mutate_structure``).
+    These stay in the reference generator's shapes, where an unseen request is most likely
+    to land."""
     rng = random.Random(draw(st.integers(0, 2**64 - 1)))  # one draw: a list of 25 stays within Hypothesis' buffer
     request = copy.deepcopy(rng.choice(GOLDEN_REQUESTS))
     options = request.setdefault("options", {})
@@ -561,5 +562,33 @@ def golden_mutations(draw) -> dict:
     for entry in request.get("shelf_entries", []):
         if rng.random() < 0.15:
             entry["status"] = rng.choice(STATUSES)
+    _mutate_structure(request, rng)
     snapshot["portfolio_id"] = draw(st.sampled_from(PORTFOLIO_IDS))
     return request
+
+
+def _mutate_structure(request: dict, rng: random.Random) -> None:
+    """Now and then: a position sold off before the snapshot, a position's lots (and so the
+    position) scaled in whole units, a model target dropped, a shelf instrument added to
+    the model, and the base currency moved to another currency the request uses."""
+    snapshot, market = request["portfolio_snapshot"], request["market_data_snapshot"]
+    positions = snapshot.get("positions", [])
+    if positions and rng.random() < 0.2:
+        positions.pop(rng.randrange(len(positions)))
+    for position in positions:
+        if position.get("lots") and rng.random() < 0.4:
+            factor = rng.choice([Decimal("0.5"), Decimal(2), Decimal(3)])
+            for lot in position["lots"]:
+                lot["quantity"] = str(int(Decimal(str(lot["quantity"])) * factor))
+            position["quantity"] = str(sum(int(Decimal(lot["quantity"])) for lot in position["lots"]))
+            position.pop("market_value", None)
+    targets = request["model_portfolio"].setdefault("targets", [])
+    if targets and rng.random() < 0.2:
+        targets.pop(rng.randrange(len(targets)))
+    in_model = {target["instrument_id"] for target in targets}
+    others = [e["instrument_id"] for e in request.get("shelf_entries", []) if e["instrument_id"] not in in_model]
+    if others and rng.random() < 0.3:
+        targets.append({"instrument_id": rng.choice(others), "weight": _scaled(rng.uniform(0, 0.2), 1.0, 2)})
+    currencies = sorted({c["currency"] for c in snapshot.get("cash_balances", [])} | {p["currency"] for p in market.get("prices", [])})
+    if currencies and rng.random() < 0.15:
+        snapshot["base_currency"] = rng.choice(currencies)

@@ -602,7 +602,7 @@ def run_isolating(book: Book, timer: StageTimer | None = None, tables: tuple[str
         n = book.portfolios.height
         if n <= 1:
             log.error("portfolio %s could not be computed: %s", book.portfolios["run_key"].to_list(), exc)
-            return _engine_error_tables(book, exc, tables)
+            return _engine_error_tables(book, exc, _empty_tables(book, tables))
         named = named_failures(exc)
         failing = book.portfolios["run_key"].is_in(pl.Series(list(named), dtype=pl.String).implode())
         if failing.any():
@@ -611,12 +611,14 @@ def run_isolating(book: Book, timer: StageTimer | None = None, tables: tuple[str
             segments = book.portfolios.with_columns(failing.alias("_failing")).with_columns(
                 (pl.col("_failing") | pl.col("_failing").shift(1, fill_value=False)).cum_sum().alias("_segment")
             ).partition_by("_segment", maintain_order=True, include_key=False)
+            empty: dict[str, pl.DataFrame] | None = None  # one empty pass for all the records, when the first needs it
             parts = []
             for segment in segments:
                 part = replace(book, portfolios=segment.drop("_failing"))
                 if segment["_failing"][0]:
                     log.error("portfolio %s could not be computed: %s", segment["run_key"][0], named[segment["run_key"][0]])
-                    parts.append(_engine_error_tables(part, exc, tables))
+                    empty = empty or _empty_tables(book, tables)
+                    parts.append(_engine_error_tables(part, exc, empty))
                 else:
                     parts.append(run_isolating(part, timer, tables))
         else:
@@ -625,8 +627,14 @@ def run_isolating(book: Book, timer: StageTimer | None = None, tables: tuple[str
         return {name: pl.concat([part[name] for part in parts], how="vertical_relaxed") for name in parts[0]}
 
 
-def _engine_error_tables(book: Book, exc: Exception, tables: tuple[str, ...]) -> dict[str, pl.DataFrame]:
-    empty = output_tables(run(replace(book, portfolios=book.portfolios.head(0)), allocations=False), tables)
+def _empty_tables(book: Book, tables: tuple[str, ...]) -> dict[str, pl.DataFrame]:
+    """The output tables of no portfolio of ``book``: every table's columns and types."""
+    return output_tables(run(replace(book, portfolios=book.portfolios.head(0)), allocations=False), tables)
+
+
+def _engine_error_tables(book: Book, exc: Exception, empty: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
+    """One BLOCKED ENGINE_ERROR run record per portfolio of ``book``, in ``empty``'s
+    tables (``_empty_tables``) and columns."""
     p = book.portfolios
     runs = p.select(
         "run_key", "portfolio_id", "scenario_id", "base_currency", "portfolio_snapshot_id", "market_snapshot_id",
@@ -635,8 +643,7 @@ def _engine_error_tables(book: Book, exc: Exception, tables: tuple[str, ...]) ->
         pl.lit([f"ENGINE_ERROR:{type(exc).__name__}"], dtype=pl.List(pl.String)).alias("warnings"),
         pl.lit(__version__).alias("engine_version"),
     )
-    empty["runs"] = pl.concat([empty["runs"], runs], how="diagonal_relaxed").select(empty["runs"].columns)
-    return empty
+    return {**empty, "runs": pl.concat([empty["runs"], runs], how="diagonal_relaxed").select(empty["runs"].columns)}
 
 
 class _Progress:

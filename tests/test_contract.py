@@ -25,13 +25,17 @@ def _errors(request: dict) -> list[tuple[str, str]]:
     return [(e["field"], e["message"]) for e in caught.value.errors]
 
 
+def _parent(request: dict, path: tuple) -> dict | list:
+    """The object or list that holds ``path``'s last part."""
+    node = request
+    for part in path[:-1]:
+        node = node[part]
+    return node
+
+
 def _with(path: tuple, value) -> dict:
     request = copy.deepcopy(REQUEST)
-    *parents, key = path
-    node = request
-    for part in parents:
-        node = node[part]
-    node[key] = value
+    _parent(request, path)[path[-1]] = value
     return request
 
 
@@ -67,11 +71,7 @@ def test_null_where_the_contract_has_none_is_a_wrong_type(path):
 def test_null_is_accepted_where_it_means_none(path):
     """A null reads as the field left out: the same book rows, except the request's hash."""
     absent = copy.deepcopy(REQUEST)
-    *parents, key = path
-    node = absent
-    for part in parents:
-        node = node[part]
-    node.pop(key, None)
+    _parent(absent, path).pop(path[-1], None)
 
     def rows(request: dict) -> dict:
         parsed = parse_request(request, "r0")

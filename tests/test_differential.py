@@ -195,6 +195,11 @@ CHECKED = {"requests": 0, "flips": 0, "beyond_range": 0}
 # reached the trades)
 TRADED = {"requests": 0, "with_trades": 0}
 MUTATED = {"requests": 0, "with_trades": 0}
+
+
+def _count_trades(counter: dict, result: dict) -> None:
+    counter["requests"] += 1
+    counter["with_trades"] += any(i.get("intent_type") == "SECURITY_TRADE" for i in result.get("intents", []))
 TAX_WALK = {"requests": 0, "limited": 0}
 RESIDUES = {"requests": 0, "below_20_decimals": 0}
 
@@ -260,8 +265,7 @@ def test_engine_matches_oracle(reqs):
     assert len(slots) == len(reqs)
     failures: list[str] = []
     for req, act in zip(reqs, slots):
-        TRADED["requests"] += 1
-        TRADED["with_trades"] += any(i.get("intent_type") == "SECURITY_TRADE" for i in act.get("intents", []))
+        _count_trades(TRADED, act)
         _check(req, act, failures)
     assert not failures, f"{len(failures)} of {len(reqs)} requests differ:\n\n" + "\n\n".join(failures[:3])
 
@@ -287,8 +291,7 @@ def test_golden_mutations_match_oracle(reqs):
     when this property was written)."""
     failures: list[str] = []
     for req, act in zip(reqs, simulate_many(reqs)):
-        MUTATED["requests"] += 1
-        MUTATED["with_trades"] += any(i.get("intent_type") == "SECURITY_TRADE" for i in act.get("intents", []))
+        _count_trades(MUTATED, act)
         _check(req, act, failures)
     assert not failures, f"{len(failures)} of {len(reqs)} requests differ:\n\n" + "\n\n".join(failures[:3])
 

@@ -28,11 +28,11 @@ behaviour (off; ``max_skew_minutes`` acts only when set and both snapshots carry
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
+from fractions import Fraction
 from typing import Any
 
 __all__ = ["simulate", "main", "CONTEXT"]
@@ -674,87 +674,117 @@ def build_trace(targets: list[dict], wmap: dict, tv: Decimal) -> list[dict]:
 # §6.6 target generation (SOLVER) and §6.7 method comparison
 # ---------------------------------------------------------------------------
 
-def _project(model: list[float], lo: float, hi: float, cap: float | None,
-             groups: list[tuple[list[int], float]]) -> list[float] | None:
-    """Euclidean projection of ``model`` onto {0<=w<=cap, lo<=sum w<=hi, group sums <= limit}.
-
-    Solved as the dual of the QP: maximise over multipliers (band, groups) with
-    projected ascent.  Without groups the answer is clip(model - lam, 0, cap) with a
-    scalar lam found by bisection (§6.6).  Returns None when infeasible.
-    """
+def _band_projection(model: list[Fraction], lo: Fraction, hi: Fraction,
+                     cap: Fraction | None) -> list[Fraction] | None:
+    """Projection of ``model`` onto {0 <= w (<= cap), lo <= Σw <= hi} in exact rationals:
+    ``w_i = clip(model_i - λ, 0, cap)`` with ``λ = 0`` when the clipped model's sum lies in
+    the band, else the ``λ`` that puts the sum on the violated edge (§6.6). The sum
+    ``S(λ)`` is piecewise linear and non-increasing with kinks at ``model_i`` and
+    ``model_i - cap``, so ``λ`` is found on the segment between two kinks. None when the
+    set is empty."""
     n = len(model)
-    ub = cap if cap is not None else math.inf
-    # feasibility (interval bounds; groups are upper bounds only so all-zero helps them)
-    if lo > hi + 1e-12 or hi < -1e-12 or (cap is not None and cap < 0):
+    if lo > hi or hi < 0 or (cap is not None and (cap < 0 or lo > n * cap)):
         return None
-    if lo > n * ub + 1e-12:
-        return None
-    for _idx, lim in groups:
-        if lim < -1e-12:
+
+    def clipped(lam: Fraction) -> list[Fraction]:
+        return [min(max(x - lam, Fraction(0)), cap) if cap is not None else max(x - lam, Fraction(0)) for x in model]
+
+    total = sum(clipped(Fraction(0)), Fraction(0))
+    if lo <= total <= hi:
+        return clipped(Fraction(0))
+    target = hi if total > hi else lo
+    kinks = sorted(set(model) | ({x - cap for x in model} if cap is not None else set()))
+    sums = [sum(clipped(k), Fraction(0)) for k in kinks]
+    if target > sums[0]:
+        # left of every kink: at the cap (flat, unreachable) or, uncapped, all free
+        if cap is not None:
             return None
-    if groups:
-        # an upper bound on the reachable total (exact for disjoint groups); overlapping
-        # groups that pass this bound are checked after the projection below
-        reach = 0.0
-        assigned = set()
-        for idx, lim in groups:
-            free = [i for i in idx if i not in assigned]
-            reach += min(lim, len(free) * ub)
-            assigned.update(free)
-        reach += (n - len(assigned)) * ub
-        if lo > reach + 1e-9:
-            return None
+        return clipped(kinks[0] - (target - sums[0]) / n)
+    for a, b, sa, sb in zip(kinks, kinks[1:], sums, sums[1:]):
+        if sa >= target >= sb:
+            return clipped(a if sa == sb else a + (sa - target) / (sa - sb) * (b - a))
+    return clipped(kinks[-1])  # target 0, reached at the last kink
 
-    def clip(x):
-        return min(max(x, 0.0), ub)
 
-    def solve_band(shift: list[float]) -> list[float]:
-        base = [model[i] - shift[i] for i in range(n)]
-        total = sum(clip(x) for x in base)
-        if lo - 1e-15 <= total <= hi + 1e-15:
-            return [clip(x) for x in base]
-        target = hi if total > hi else lo
-        a, b = -2.0 - max(abs(x) for x in base) - 2, 2.0 + max(abs(x) for x in base) + 2
-        for _ in range(100):
-            mid = (a + b) / 2
-            if sum(clip(x - mid) for x in base) > target:
-                a = mid
-            else:
-                b = mid
-        lam = (a + b) / 2
-        return [clip(x - lam) for x in base]
+def _grouped_projection(model: list[Fraction], lo: Fraction, hi: Fraction, cap: Fraction | None,
+                        groups: list[tuple[list[int], Fraction]]) -> list[Fraction] | None:
+    """Projection of ``model`` onto {0 <= w (<= cap), lo <= Σw <= hi, Σ_group w <= limit}
+    in exact rationals (§6.6: "solve the small QP exactly"); None when the set is empty.
 
-    if not groups:
-        return solve_band([0.0] * n)
-    # Dykstra's alternating projection between the band/box set and each group half-space.
-    sets = len(groups) + 1
-    x = list(model)
-    incr = [[0.0] * n for _ in range(sets)]
-    for _ in range(5000):
-        prev = x
-        for k in range(sets):
-            y = [x[i] + incr[k][i] for i in range(n)]
-            if k == 0:
-                # projection onto box+band of y: shift-free model = y
-                saved = model[:]
-                model[:] = y
-                z = solve_band([0.0] * n)
-                model[:] = saved
-            else:
-                idx, lim = groups[k - 1]
-                tot = sum(y[i] for i in idx)
-                z = list(y)
-                if tot > lim:
-                    d = (tot - lim) / len(idx)
-                    for i in idx:
-                        z[i] = y[i] - d
-            incr[k] = [y[i] - z[i] for i in range(n)]
-            x = z
-        if max(abs(x[i] - prev[i]) for i in range(n)) < 1e-13:
+    Goldfarb and Idnani's dual active-set method with the identity Hessian, each
+    constraint written ``normal · w >= bound``: start at the model, take the most violated
+    constraint, and move along the part of its normal that keeps the active constraints
+    tight, dropping an active constraint whose multiplier would turn negative. A violated
+    constraint that admits neither move proves the set empty. Exact arithmetic settles
+    ties and midpoints; the answer is checked against the KKT conditions before use."""
+    n = len(model)
+    rows: list[tuple[list[int], Fraction]] = []
+    for i in range(n):
+        rows.append(([int(j == i) for j in range(n)], Fraction(0)))
+        if cap is not None:
+            rows.append(([-int(j == i) for j in range(n)], -cap))
+    rows.append(([1] * n, lo))
+    rows.append(([-1] * n, -hi))
+    for idx, limit in groups:
+        rows.append(([-int(j in idx) for j in range(n)], -limit))
+
+    def dot(a: list, v: list) -> Fraction:
+        return sum((x * y for x, y in zip(a, v) if x), Fraction(0))
+
+    w = list(model)
+    active: list[int] = []
+    mult: list[Fraction] = []
+    while True:
+        slack, p = min(((dot(rows[j][0], w) - rows[j][1], j) for j in range(len(rows)) if j not in active),
+                       default=(Fraction(0), -1))
+        if slack >= 0:
             break
-    ok = (all(sum(x[i] for i in idx) <= lim + 1e-7 for idx, lim in groups)
-          and lo - 1e-7 <= sum(x) <= hi + 1e-7 and all(-1e-7 <= v <= ub + 1e-7 for v in x))
-    return x if ok else None
+        normal = rows[p][0]
+        mult_p = Fraction(0)
+        while True:
+            # r: normal's coordinates on the active normals (least squares), z: the rest
+            gram = [[dot(rows[a][0], rows[b][0]) for b in active] for a in active]
+            r = _solve_exact(gram, [dot(rows[a][0], normal) for a in active])
+            z = [normal[i] - sum((rk * rows[a][0][i] for rk, a in zip(r, active)), Fraction(0)) for i in range(n)]
+            zz = dot(z, normal)
+            full = -(dot(normal, w) - rows[p][1]) / zz if zz else None
+            drops = [(mult[k] / r[k], k) for k in range(len(active)) if r[k] > 0]
+            partial, k = min(drops) if drops else (None, -1)
+            if full is None and partial is None:
+                return None
+            t = full if partial is None or (full is not None and full <= partial) else partial
+            if full is not None:
+                w = [wi + t * zi for wi, zi in zip(w, z)]
+            mult = [mk - t * rk for mk, rk in zip(mult, r)]
+            mult_p += t
+            if t == full:
+                active.append(p)
+                mult.append(mult_p)
+                break
+            del active[k]
+            del mult[k]
+    gradient = [wi - ci for wi, ci in zip(w, model)]
+    combination = [sum((mk * rows[a][0][i] for mk, a in zip(mult, active)), Fraction(0)) for i in range(n)]
+    if gradient != combination or any(mk < 0 for mk in mult):
+        raise ArithmeticError(f"SOLVER oracle: the grouped projection of {model} breaks its KKT conditions")
+    return w
+
+
+def _solve_exact(matrix: list[list[Fraction]], rhs: list[Fraction]) -> list[Fraction]:
+    """Gauss-Jordan in rationals for a non-singular system (the active normals' Gram
+    matrix: Goldfarb-Idnani keeps those normals linearly independent)."""
+    size = len(rhs)
+    rows = [[Fraction(x) for x in row] + [Fraction(b)] for row, b in zip(matrix, rhs)]
+    for col in range(size):
+        pivot = next(r for r in range(col, size) if rows[r][col] != 0)
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        head = rows[col][col]
+        rows[col] = [x / head for x in rows[col]]
+        for r in range(size):
+            if r != col and rows[r][col] != 0:
+                factor = rows[r][col]
+                rows[r] = [x - factor * y for x, y in zip(rows[r], rows[col])]
+    return [row[size] for row in rows]
 
 
 def targets_solver(u: dict, targets: list[dict], mkt: Market, opts: Options, diag: dict) -> tuple[str, dict]:
@@ -774,21 +804,22 @@ def targets_solver(u: dict, targets: list[dict], mkt: Market, opts: Options, dia
     hi = ONE - opts.cash_band_min_weight - L
     m = opts.single_position_max_weight
     groups = []
+    infeasible = False
     for key, mx in mkt.known_groups(opts, diag):
         Gt = [j for j, i in enumerate(tradeable) if mkt.in_group(i, key)]
         Gl = _sum(wmap[i] for i in locked if mkt.in_group(i, key))
-        if not Gt and Gl == 0:
-            continue
         if not Gt:
-            if Gl > mx:
-                groups.append(([], -1.0))  # infeasible
+            infeasible |= Gl > mx  # a constant constraint: locked weight alone over the cap
             continue
-        groups.append((Gt, float(mx - Gl)))
-    if any(not idx for idx, _ in groups):
+        groups.append((Gt, Fraction(mx - Gl)))
+    c = [Fraction(model_w[i]) for i in tradeable]
+    bound = None if m is None else Fraction(m)
+    if infeasible:
         sol = None
+    elif groups:
+        sol = _grouped_projection(c, Fraction(lo), Fraction(hi), bound, groups)
     else:
-        sol = _project([float(model_w[i]) for i in tradeable], float(lo), float(hi),
-                       float(m) if m is not None else None, groups)
+        sol = _band_projection(c, Fraction(lo), Fraction(hi), bound)
     if sol is None:
         diag["warnings"].append("INFEASIBLE_INFEASIBLE")
         if opts.cash_band_min_weight > opts.cash_band_max_weight:
@@ -800,54 +831,9 @@ def targets_solver(u: dict, targets: list[dict], mkt: Market, opts: Options, dia
             if Gl > opts.group_constraints[key]:
                 diag["warnings"].append(f"INFEASIBILITY_HINT_LOCKED_GROUP_WEIGHT_{key}")
         return "BLOCKED", wmap
-    exact = None if groups else _exact_band_projection([model_w[i] for i in tradeable], lo, hi, m, sol)
-    for i, x, w in zip(tradeable, sol, exact or [None] * len(sol)):
-        if w is None:
-            w = Decimal(repr(max(x, 0.0)))
-        wmap[i] = w.quantize(FOUR_DP, rounding=ROUND_HALF_EVEN)
+    for i, w in zip(tradeable, sol):
+        wmap[i] = Decimal(round(w * 10_000)).scaleb(-4)  # round() on a Fraction is half-even
     return status, wmap
-
-
-def _exact_band_projection(model: list[Decimal], lo: Decimal, hi: Decimal, cap: Decimal | None,
-                           approx: list[float]) -> list[Decimal] | None:
-    """The exact optimum of the band projection (§6.6, "Reproducing SOLVER": the exact
-    projection, rounded to 4 dp half-even). The float bisection tells which weights sit
-    at 0 or at the cap; with those fixed, the shift of the free ones solves one linear
-    equation in Decimal. Exactness matters at midpoints (a shift of excess / n often ends
-    in 5 at the fifth decimal), where a float lands either side. None if the float
-    solution's active set does not hold exactly (the float result is used then)."""
-    def clip(x: Decimal) -> Decimal:
-        x = max(x, ZERO)
-        return min(x, cap) if cap is not None else x
-
-    total = _sum(clip(x) for x in model)
-    if lo <= total <= hi:
-        return [clip(x) for x in model]
-    target = hi if total > hi else lo
-    eps = 1e-9
-    at_zero = [x <= eps for x in approx]
-    at_cap = [cap is not None and x >= float(cap) - eps for x in approx]
-    free = [i for i in range(len(model)) if not at_zero[i] and not at_cap[i]]
-    if not free:
-        return None
-    capped = sum(1 for flag in at_cap if flag)
-    lam = (_sum(model[i] for i in free) + (cap * capped if capped else ZERO) - target) / Decimal(len(free))
-    out = []
-    for i, x in enumerate(model):
-        shifted = x - lam
-        if at_zero[i]:
-            if shifted > 0:
-                return None
-            out.append(ZERO)
-        elif at_cap[i]:
-            if shifted < cap:
-                return None
-            out.append(cap)
-        else:
-            if shifted < 0 or (cap is not None and shifted > cap):
-                return None
-            out.append(shifted)
-    return out
 
 
 def generate_targets(method: str, u: dict, targets: list[dict], mkt: Market, opts: Options,

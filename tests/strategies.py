@@ -223,13 +223,11 @@ def engine_options(draw, base: str, ccys: list[str]) -> dict:
         o["block_on_missing_prices"] = False
     if maybe(10):
         o["block_on_missing_fx"] = False
-    if maybe(10) and "group_constraints" not in o:
-        # SOLVER without group caps: the closed-form projection (the oracle's group-capped
-        # solver is an approximation, so those cases are covered by tests/test_solver.py)
-        o["target_method"] = "SOLVER"
+    if maybe(10):
+        o["target_method"] = "SOLVER"  # the oracle projects exactly, with or without group caps
         if maybe(30):
             o["cash_band_min_weight"], o["cash_band_max_weight"] = "0.02", "0.3"
-    if maybe(10) and "group_constraints" not in o:
+    if maybe(10):
         o["compare_target_methods"] = True
     return o
 

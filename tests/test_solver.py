@@ -362,14 +362,10 @@ def _problem(req: dict):
 
 
 def test_random_group_problems():
-    """120 random group-constrained problems: exact KKT answer vs an independent scipy
-    reference (HiGHS feasibility + SLSQP); blocked runs' warnings vs the oracle.
-
-    Weights are not compared with dpm_vec.oracle here: its Dykstra loop stops when one
-    sweep returns the same iterate (the increments still moving), so when a group cap
-    pushes members below 0 or above the cap it answers too early — wrongly infeasible
-    (e.g. c = 0.5/0.34/0.33 all in one group ≤ 0.1) or off the optimum (case 9 of this
-    seed) — while HiGHS/SLSQP agree with the exact KKT solution."""
+    """120 random group-constrained problems: the engine's exact answer against an
+    independent scipy reference (HiGHS feasibility + SLSQP) and against the oracle's own
+    exact projection (a dual active-set method, not the engine's float-then-KKT path):
+    weights, and the warnings of blocked runs."""
     rng = random.Random(20250630)
     reqs = [_random_case(rng) for _ in range(120)]
     w, st, warn = solve(reqs)
@@ -379,7 +375,7 @@ def test_random_group_problems():
         exact = None if problem is None else project_exact(*problem)
         ref = None if problem is None else _scipy_reference(problem)
         assert (exact is None) == (ref is None), run
-        _, _, o_warn = _oracle_weights(req)
+        _, o_w, o_warn = _oracle_weights(req)
         if exact is None:
             blocked += 1
             assert status_of(st, run) == "BLOCKED"
@@ -389,7 +385,7 @@ def test_random_group_problems():
         got = weights_of(w, run)
         model_ids = [t["instrument_id"] for t in req["model_portfolio"]["targets"]]
         for j, i in enumerate(model_ids):
-            assert got[i] == round4(exact[j]), (run, i)
+            assert got[i] == round4(exact[j]) == o_w[i], (run, i)
             assert abs(float(exact[j]) - ref[j]) < 1e-6, (run, i)
     assert 0 < blocked < len(reqs)
 
@@ -595,3 +591,50 @@ def test_duplicate_model_target_last_weight_wins():
     # model A = 0.7 (last), B = 0.5: Σ 1.2 > 1 → λ = 0.1
     assert status_of(st) == "READY"
     assert weights_of(w) == {"A": D("0.6"), "B": D("0.4")}
+
+
+# ---------------------------------------------------------------------------
+# the oracle's exact projections (dpm_vec.oracle), which the differential tests trust
+# ---------------------------------------------------------------------------
+
+def test_oracle_projections_agree_with_the_engines_on_band_problems():
+    """Three exact algorithms on 300 random box/band problems: the oracle's breakpoint
+    search, its active-set method with no group, and the engine's project_exact, equal
+    to the last digit (or all None)."""
+    rng = random.Random(11)
+    for case in range(300):
+        n = rng.randint(1, 7)
+        c = [Fraction(rng.randint(0, 700), rng.choice([1000, 3000, 7000])) for _ in range(n)]
+        m = Fraction(rng.randint(0, 60), 100) if rng.random() < 0.6 else None
+        hi = Fraction(rng.randint(-5, 100), 100)
+        lo = Fraction(rng.randint(-5, 100), 100)
+        expected = project_exact(c, lo, hi, m, [])
+        assert oracle._band_projection(c, lo, hi, m) == expected, case
+        assert oracle._grouped_projection(c, lo, hi, m, []) == expected, case
+
+
+def test_oracle_grouped_projection_on_worked_cases():
+    f = Fraction
+    # one group over everything capped at 0.1: only the largest weight stays (ν = 0.4)
+    assert oracle._grouped_projection([f(1, 2), f(34, 100), f(33, 100)], f(0), f(1), None,
+                                      [([0, 1, 2], f(1, 10))]) == [f(1, 10), 0, 0]
+    # overlapping groups {A, B} <= 0.3 and {A, C} <= 0.3, both binding with ν = 1/15
+    assert oracle._grouped_projection([f(1, 4)] * 4, f(0), f(1), f(35, 100),
+                                      [([0, 1], f(3, 10)), ([0, 2], f(3, 10))]) == [f(7, 60), f(11, 60), f(11, 60), f(1, 4)]
+    # the band asks at least 0.9 invested, one group over everything allows 0.5: empty
+    assert oracle._grouped_projection([f(1, 2), f(1, 2)], f(9, 10), f(1), None, [([0, 1], f(1, 2))]) is None
+    # a cap of 0 on a group member fixes it; the band then lifts the other to 0.9 (cap 1)
+    assert oracle._grouped_projection([f(1, 2), f(1, 5)], f(9, 10), f(1), f(1), [([0], f(0))]) == [0, f(9, 10)]
+
+
+def test_an_exact_rounding_midpoint_rounds_half_even_in_engine_and_oracle():
+    """A cash floor of 0.0001 takes 0.00005 off each of two weights: 0.60005 and 0.39985
+    are exact midpoints, which half-even rounds down to an even last digit (half-up would
+    give 0.6001 / 0.3999). A float solver lands either side of them; both exact paths
+    must agree, with a group cap that does not bind and without one."""
+    for groups in ({}, {"group_constraints": {"sector:TECH": {"max_weight": "0.9"}}}):
+        req = request({"A": "0.6001", "B": "0.3999"}, attrs={"A": {"sector": "TECH"}},
+                      options={"cash_band_min_weight": "0.0001", **groups})
+        w, st, _ = solve([req])
+        assert weights_of(w) == {"A": D("0.6000"), "B": D("0.3998")}
+        assert _oracle_weights(req)[1] == {"A": D("0.6000"), "B": D("0.3998")}

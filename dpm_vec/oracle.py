@@ -194,7 +194,7 @@ class Market:
         for e in request.get("shelf_entries") or []:
             entry = {
                 "status": e["status"],
-                "asset_class": e.get("asset_class") or "UNKNOWN",
+                "asset_class": "UNKNOWN" if e.get("asset_class") is None else e["asset_class"],
                 "settlement_days": _int(e.get("settlement_days"), 2),
                 "min_notional": _money_in(e.get("min_notional")),
                 "attributes": dict(e.get("attributes") or {}),

@@ -118,10 +118,15 @@ def compare(exp: dict, act: dict) -> list[str]:
     apos = [(p["instrument_id"], _d(p["quantity"])) for p in aa["positions"]]
     if sorted(epos) != sorted(apos):
         errs.append(f"after positions {sorted(epos)} != {sorted(apos)}")
+    elif epos != apos:
+        errs.append(f"after positions in order {[i for i, _ in epos]} != {[i for i, _ in apos]}")
     ecash = {c["currency"]: c["amount"] for c in ea["cash_balances"]}
     acash = {c["currency"]: c["amount"] for c in aa["cash_balances"]}
     if set(ecash) != set(acash) or any(not _close(ecash[c], acash[c]) for c in ecash):
         errs.append(f"after cash {ecash} != {acash}")
+
+    for state in ("before", "after_simulated"):
+        errs += _allocation_differences(state, exp[state], act[state])
 
     # rules, data quality, diagnostics
     er = [(r["rule_id"], r["status"]) for r in exp["rule_results"]]
@@ -177,6 +182,33 @@ def compare(exp: dict, act: dict) -> list[str]:
     eg, ag = exp.get("gate_decision"), act.get("gate_decision")
     if (eg or {}).get("gate") != (ag or {}).get("gate"):
         errs.append(f"gate {(eg or {}).get('gate')} != {(ag or {}).get('gate')}")
+    return errs
+
+
+def _allocation_differences(state: str, exp: dict, act: dict) -> list[str]:
+    """§5.1's buckets: keys (and attribute names) in first-appearance order, 4-dp weights
+    exact, values within a cent."""
+    def buckets(doc: dict) -> dict[str, list]:
+        out = {dim: doc.get(dim) or [] for dim in ("allocation_by_asset_class", "allocation_by_instrument")}
+        for attribute, rows in (doc.get("allocation_by_attribute") or {}).items():
+            out[f"attribute:{attribute}"] = rows
+        return out
+
+    e, a = buckets(exp), buckets(act)
+    if list(e) != list(a):
+        return [f"{state} allocation dimensions {list(e)} != {list(a)}"]
+    # a total within 1e-20 of zero, not zero, is the documented after-state total a last
+    # digit from zero: the reference's weights pass 1e20 there, the fixed point's divide by 1
+    total = _d(exp["total_value"])
+    weight = (lambda b: _d(b["weight"])) if total == 0 or abs(total) >= Decimal("1e-20") else (lambda b: None)
+    errs = []
+    for dim in e:
+        ek = [(b["key"], weight(b)) for b in e[dim]]
+        ak = [(b["key"], weight(b)) for b in a[dim]]
+        if ek != ak:
+            errs.append(f"{state} {dim} {ek} != {ak}")
+        elif any(not _close(x["value"], y["value"]) for x, y in zip(e[dim], a[dim])):
+            errs.append(f"{state} {dim} values {[x['value'] for x in e[dim]]} != {[y['value'] for y in a[dim]]}")
     return errs
 
 

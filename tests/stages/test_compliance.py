@@ -230,6 +230,26 @@ def test_apply_intents_updates_first_rows_and_appends_new(scenario):
     assert s.run_row()["after_total_value"] == D(2000)
 
 
+def test_after_state_attribute_buckets_keep_first_appearance_with_appended_positions(scenario):
+    """§5.1 / §6.16: the held S (sector FI, region EU) comes first, its sell to 0 keeps it in
+    the list, and the bought U (sector TECH) is appended: FI before TECH, and the region
+    attribute, first seen on S's entry after its sector, after sector. Appended positions
+    are numbered from 2^50, which once overflowed the packed order and put TECH first."""
+    s = scenario(
+        positions=[("S", "10")],
+        cash=[("USD", "0")],
+        prices=[("S", "100", "USD"), ("U", "100", "USD")],
+        shelf=[("S", "APPROVED"), ("U", "APPROVED")],
+        attributes=[("S", "sector", "FI"), ("U", "sector", "TECH"), ("S", "region", "EU")],
+        model=[("U", "1.0")],
+    )
+    after = (s.result.allocations_after.filter(pl.col("dimension").str.starts_with("attribute:"))
+             .sort("attribute_order", "bucket_order"))  # the order the JSON door prints
+    assert list(zip(after["dimension"], after["key"], after["value"])) == [
+        ("attribute:sector", "FI", D(0)), ("attribute:sector", "TECH", D(1000)), ("attribute:region", "EU", D(0)),
+    ]
+
+
 # ---- gate ------------------------------------------------------------------------------------------------
 
 

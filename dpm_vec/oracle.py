@@ -600,7 +600,8 @@ def single_position_cap_rfc(wmap: dict, buyset: set, m: Decimal, mkt: Market, di
             wmap[c] = wmap[c] + excess * (wmap[c] / C)
         recipients.extend(cands)
     if any(wmap[c] > m for c in recipients):
-        diag["warnings"].append("INFEASIBLE_CONCENTRATION")
+        # a block reason dpm_vec adds leads the warnings (dpm_vec/codes.py), as SNAPSHOT_SKEW does
+        diag["warnings"].insert(0, "INFEASIBLE_CONCENTRATION")
         return "BLOCKED"
     return status
 

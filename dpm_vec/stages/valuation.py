@@ -134,13 +134,14 @@ def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: 
     # first appearance: position, then the attribute's place on its shelf entry. The
     # after-state numbers appended positions from 2^50, so the position is ranked within
     # its run before it is packed with the attribute's place (2^50 x 2^32 overflows Int64)
-    ranked = pos.select("run", pl.col("pos_seq").rank("dense").over("run").cast(pl.Int64), "instrument_id", "value_base")
+    ranked = pos.select("run", pl.col("pos_seq").rank("dense").over("run").cast(pl.Int64).alias("position_rank"),
+                        "instrument_id", "value_base")
     attrs = market.with_attributes(ranked)
     by_attribute = (
         attrs.group_by("run", "attribute", "value")
         .agg(
             pl.col("value_base").sum().alias("amount"),
-            (pl.col("pos_seq") * 2**32 + pl.col("attr_seq")).min().alias("bucket_order"),
+            (pl.col("position_rank") * 2**32 + pl.col("attr_seq")).min().alias("bucket_order"),
         )
         .with_columns(
             pl.col("bucket_order").min().over("run", "attribute").alias("attribute_order"),

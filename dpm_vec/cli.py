@@ -6,13 +6,23 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
-from dpm_vec.defaults import DEFAULT_SHARD_ROWS, DEFAULT_SHARD_SIZE, MAX_DEFAULT_THREADS
+from dpm_vec.defaults import DEFAULT_SHARD_ROWS, DEFAULT_SHARD_SIZE, MAX_DEFAULT_THREADS, PROCESSES_FROM_SHARDS
 from dpm_vec.errors import DpmVecError, problem
 
 UNREADABLE = "https://dpm-vec.dev/problems/unreadable-request"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's stop, ``kill``), handled as Ctrl-C is: a sweep stops
+    taking shards and the running ones commit, so the same command resumes."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
 
 
 def _load_json(path: str):
@@ -131,7 +141,9 @@ def cmd_generate(args) -> int:
 
 def cmd_import_requests(args) -> int:
     from dpm_vec.importer import import_requests
+    from dpm_vec.outdir import BOOK_MARKER, check_replaceable
 
+    check_replaceable(Path(args.out), BOOK_MARKER, "book", tuple(Path(p) for p in args.requests if p != "-"))
     requests, problems = _read_requests(args.requests)
     if problems:
         raise DpmVecError(next(iter(problems.values()))["detail"])
@@ -186,6 +198,11 @@ def cmd_query(args) -> int:
 def cmd_serve(args) -> int:
     from dpm_vec.api import serve
 
+    if args.store and args.idempotency != "rfc":
+        raise DpmVecError("--store keeps the RFC idempotency mode's runs: add --idempotency rfc (the default "
+                          "reference mode recomputes every call and stores nothing)")
+    if args.store and not Path(args.store).resolve().parent.is_dir():
+        raise DpmVecError(f"--store {args.store}: the directory {Path(args.store).resolve().parent} does not exist")
     serve(host=args.host, port=args.port, store_path=args.store, idempotency=args.idempotency,
           log_level=args.log_level, max_coalesce=args.max_coalesce)
     return 0
@@ -232,13 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     sim.set_defaults(func=cmd_simulate)
     sw = sub.add_parser("sweep", help="run every portfolio of a book directory; write Parquet datasets + manifest.json")
     sw.add_argument("book", help="book directory (see docs/book.md)")
-    sw.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    sw.add_argument("--out", required=True,
+                    help="output directory, replaced atomically when the sweep ends; it must be new, empty or an earlier "
+                         "sweep's output (one holding manifest.json), and not the book or a folder holding it")
     sw.add_argument("--shard-size", type=int,
                     help=f"portfolios per shard; bounds memory (default {DEFAULT_SHARD_SIZE} / the shards computed at once: "
                          f"--threads, --processes or --workers N; 2.2-3.7 GiB in all at ~55 holdings per portfolio; fewer "
                          f"for books of large portfolios, at most {DEFAULT_SHARD_ROWS:,} holding and model rows in all)")
     sw.add_argument("--threads", type=int,
-                    help=f"shards computed at once in this process (default: one per core, at most {MAX_DEFAULT_THREADS})")
+                    help=f"shards computed at once in this process (by default, a book of fewer than "
+                         f"{PROCESSES_FROM_SHARDS} shards runs on threads, one per core, at most {MAX_DEFAULT_THREADS}, "
+                         f"and a larger one on as many worker processes)")
     sw.add_argument("--processes", type=int,
                     help="shards computed at once in this many worker processes of this machine, each running "
                          "Polars on its share of the cores")
@@ -250,16 +271,18 @@ def main(argv: list[str] | None = None) -> int:
                                      "docs/outputs.md); runs and input_faults are always written. Fewer datasets: less time and disk")
     sw.set_defaults(func=cmd_sweep)
     gen = sub.add_parser("generate", help="write a deterministic synthetic book")
-    gen.add_argument("--portfolios", type=int, required=True)
-    gen.add_argument("--seed", type=int, default=7)
-    gen.add_argument("--out", required=True)
+    gen.add_argument("--portfolios", type=int, required=True, help="how many portfolios (one run each)")
+    gen.add_argument("--seed", type=int, default=7, help="the same seed writes the same book (default 7)")
+    gen.add_argument("--out", required=True,
+                     help="book directory to write; it must be new, empty or an earlier book (holding portfolios.parquet)")
     gen.add_argument("--bad-data", action="store_true", help="sprinkle per-portfolio data faults into ~1%% of portfolios")
-    gen.add_argument("--min-holdings", type=int, default=30)
-    gen.add_argument("--max-holdings", type=int, default=80)
+    gen.add_argument("--min-holdings", type=int, default=30, help="fewest positions per portfolio (default 30)")
+    gen.add_argument("--max-holdings", type=int, default=80, help="most positions per portfolio (default 80)")
     gen.set_defaults(func=cmd_generate)
     imp = sub.add_parser("import-requests", help="write JSON requests as a book directory (one run per request)")
     imp.add_argument("requests", nargs="+", help="request files, directories of them, or - for JSON lines on stdin")
-    imp.add_argument("--out", required=True)
+    imp.add_argument("--out", required=True,
+                     help="book directory to write; it must be new, empty or an earlier book (holding portfolios.parquet)")
     imp.set_defaults(func=cmd_import_requests)
     ana = sub.add_parser("analyze", help="what-if: one snapshot under several option sets (reference analyze request)")
     ana.add_argument("batch", help="analyze request JSON (a golden file's batch_inputs are used)")
@@ -269,25 +292,37 @@ def main(argv: list[str] | None = None) -> int:
     qry.add_argument("sql", help='e.g. "select status, count(*) from runs group by 1"')
     qry.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     qry.set_defaults(func=cmd_query)
-    srv = sub.add_parser("serve", help="serve POST /rebalance/simulate over HTTP")
+    srv = sub.add_parser("serve", help="serve the JSON door over HTTP (POST /rebalance/simulate, its batch and analyze "
+                                       "routes, GET /health, GET /metrics; docs/operations.md)")
     add_serve_arguments(srv)
     srv.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except DpmVecError as exc:
         print(f"dpm-vec: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         resume = " (committed shards are kept: the same command resumes)" if args.command == "sweep" else ""
-        print(f"dpm-vec: interrupted{resume}", file=sys.stderr)
-        return 130
+        print(f"dpm-vec: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}{resume}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except BrokenPipeError:
         # the reader went away (``| head``): stop quietly, as Unix tools do, and keep the
         # interpreter's final flush of stdout from raising again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:  # a full disk, a missing or unwritable path, an unreachable Dask scheduler
+        print(f"dpm-vec: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] != "polars":
+            raise
+        # what reaches here from Polars is a file it could not read or write (a corrupt
+        # Parquet page, a full disk): engine faults of a sweep are isolated per portfolio
+        print(f"dpm-vec: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pathlib import Path
 import polars as pl
 
 from dpm_vec.book import POLICY_COLUMNS, TABLES, empty_table
+from dpm_vec.errors import DpmVecError
 from dpm_vec.numeric import DEC, WEIGHT
 
 # ---------------------------------------------------------------------------------------
@@ -850,8 +851,14 @@ def write_generated_book(out_dir: str | os.PathLike, n_portfolios: int, seed: in
     import pyarrow.parquet as pq
 
     from dpm_vec.io import replace_dir
+    from dpm_vec.outdir import BOOK_MARKER, check_replaceable
 
+    if n_portfolios < 0:
+        raise DpmVecError(f"--portfolios must be 0 or more, got {n_portfolios}")
+    if not 1 <= holdings[0] <= holdings[1]:
+        raise DpmVecError(f"holdings per portfolio: need 1 <= --min-holdings <= --max-holdings, got {holdings[0]} and {holdings[1]}")
     out = Path(out_dir)
+    check_replaceable(out, BOOK_MARKER, "book")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -25,6 +25,9 @@ def query(out_dir: str | Path, sql: str):
     """Run ``sql`` against the sweep's views; returns (column names, rows)."""
     import duckdb
 
+    if not sql.strip():
+        raise DpmVecError('no SQL given: e.g. "select status, count(*) from runs group by 1"')
+
     con = connect(out_dir)
     try:
         cursor = con.execute(sql)

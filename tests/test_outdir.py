@@ -1,0 +1,138 @@
+"""What a command may replace, one writer per output, and a sweep stopped from outside
+(SIGTERM, kill -9) leaving nothing running and nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpm_vec.errors import DpmVecError
+from dpm_vec.outdir import BOOK_MARKER, SWEEP_MARKER, check_replaceable, exclusive, stale_work
+from dpm_vec.sweep import sweep
+from tests.test_sweep import _book, _resumes_to_identical_output, _sweep_command, _wait_for_commits
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpm_vec.cli", *args], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("out, says", [
+    ("book", "would replace the input"),
+    (".", "would replace the input"),
+    ("notes.txt", "is a file, not a directory"),
+    ("notes.txt/out", "is a file, not a directory"),
+    ("project", "does not hold a previous sweep output (no manifest.json)"),
+])
+def test_sweep_refuses_an_out_that_would_destroy_data(tmp_path, out, says):
+    """The book itself, a folder holding it, a file, a path under a file, and a folder of
+    somebody's files: each is refused in one line, and nothing in it changes."""
+    import shutil
+
+    shutil.copytree(DATA / "sample_book", tmp_path / "book")
+    (tmp_path / "notes.txt").write_text("keep me\n")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "a.py").write_text("print('keep me')\n")
+    before = _files(tmp_path)
+    proc = _cli("sweep", "book", "--out", out, "--quiet", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dpm-vec: error: --out") and says in last, last
+    assert _files(tmp_path) == before
+
+
+def test_generate_refuses_a_folder_that_is_not_a_book(tmp_path):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "a.py").write_text("x\n")
+    proc = _cli("generate", "--portfolios", "3", "--out", str(tmp_path / "project"))
+    assert proc.returncode == 2 and "does not hold a previous book (no portfolios.parquet)" in proc.stderr
+    assert (tmp_path / "project" / "a.py").read_text() == "x\n"
+    assert _cli("generate", "--portfolios", "3", "--out", str(tmp_path / "book")).returncode == 0
+    assert _cli("generate", "--portfolios", "4", "--out", str(tmp_path / "book")).returncode == 0  # a book replaces a book
+
+
+def test_what_may_be_replaced(tmp_path):
+    check_replaceable(tmp_path / "new", SWEEP_MARKER, "sweep output")
+    (tmp_path / "empty").mkdir()
+    check_replaceable(tmp_path / "empty", SWEEP_MARKER, "sweep output")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / SWEEP_MARKER).write_text("{}")
+    check_replaceable(tmp_path / "old", SWEEP_MARKER, "sweep output")
+    with pytest.raises(DpmVecError, match="no portfolios.parquet"):
+        check_replaceable(tmp_path / "old", BOOK_MARKER, "book")
+    with pytest.raises(DpmVecError, match="would replace the input"):
+        check_replaceable(tmp_path, SWEEP_MARKER, "sweep output", (tmp_path / "old" / "book",))
+
+
+def test_one_writer_per_output(tmp_path):
+    """A second writer of the same output stops at once, naming the first; the lock goes
+    when the first is done."""
+    out = tmp_path / "out"
+    with exclusive(out):
+        with pytest.raises(DpmVecError, match=rf"is being written by dpm-vec pid {os.getpid()}"):
+            with exclusive(out):
+                pass
+        with exclusive(tmp_path / "other"):  # another output is another lock
+            pass
+    with exclusive(out):
+        pass
+
+
+def test_a_finished_sweep_removes_what_killed_runs_left(tmp_path):
+    """Work of a sweep with other arguments, and staging copies, do not pile up beside
+    OUT: the next sweep that finishes removes them; other folders stay."""
+    out = tmp_path / "out"
+    for leftover in (".out.work-0123456789abcdef", ".out.staging-89abcdef", ".out.old-01234567"):
+        (tmp_path / leftover / "shards").mkdir(parents=True)
+    (tmp_path / ".outer.work-0123456789abcdef").mkdir()
+    assert len(stale_work(out)) == 3
+    sweep(DATA / "sample_book", out, shard_size=250, threads=1, progress=False)
+    assert stale_work(out) == []
+    assert (tmp_path / ".outer.work-0123456789abcdef").exists() and (out / SWEEP_MARKER).exists()
+
+
+def test_sigterm_stops_a_sweep_like_ctrl_c(tmp_path):
+    """SIGTERM (what a job scheduler sends) to a sweep on worker processes: one line,
+    exit code 143, no traceback, and the same command resumes to identical output."""
+    book = _book(tmp_path, n=240, seed=26)
+    out = tmp_path / "out"
+    cmd = _sweep_command(book, out, "--processes", "2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_commits(proc, out, 2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "dpm-vec: terminated (committed shards are kept: the same command resumes)"
+    assert "Traceback" not in stderr and not out.exists()
+    _resumes_to_identical_output(cmd, book, out, tmp_path, committed=2)
+
+
+def test_workers_die_with_a_killed_sweep(tmp_path):
+    """kill -9 of the sweep alone (not its process group): its worker processes end too,
+    instead of computing, and holding a shard's memory, for nobody."""
+    import psutil
+
+    book = _book(tmp_path, n=240, seed=27)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_sweep_command(book, out, "--processes", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    _wait_for_commits(proc, out, 1)
+    workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, [p.pid for p in alive]
+    # the lock went with the killed process: the same command resumes at once
+    assert subprocess.run(_sweep_command(book, out, "--processes", "2"), capture_output=True, timeout=300).returncode == 0

@@ -117,6 +117,12 @@ def test_analyze_prints_the_batch_response():
     (["sweep", str(DATA / "sample_book"), "--out", "/tmp/never", "--threads", "2", "--workers", "2"], "--threads applies to a sweep in this process"),
     (["sweep", str(DATA / "sample_book"), "--out", "/tmp/never", "--tables", "runs,trades"], "--tables: unknown dataset(s) trades"),
     (["query", "/nonexistent", "select 1"], "/nonexistent"),
+    (["query", str(DATA / "sample_book"), " "], "no SQL given"),
+    (["generate", "--portfolios", "-1", "--out", "/tmp/never"], "--portfolios must be 0 or more, got -1"),
+    (["generate", "--portfolios", "5", "--min-holdings", "10", "--max-holdings", "2", "--out", "/tmp/never"],
+     "need 1 <= --min-holdings <= --max-holdings, got 10 and 2"),
+    (["serve", "--store", "/tmp/never/runs.duckdb"], "--store keeps the RFC idempotency mode's runs"),
+    (["serve", "--store", "/tmp/never/runs.duckdb", "--idempotency", "rfc"], "the directory /tmp/never does not exist"),
 ])
 def test_errors_are_one_line_without_traceback(args, says):
     proc = cli(*args)

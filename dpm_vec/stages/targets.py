@@ -139,7 +139,13 @@ def build_targets(
             trace,
             pl.concat([pick(s_status, alt_is_solver), pick(h.status, alt_is_heuristic)]),
             pl.concat([pick(s_trace, alt_is_solver), pick(h_trace, alt_is_heuristic)]),
-            pl.concat([pick(s_warnings, alt_is_solver), pick(h.warnings, alt_is_heuristic)]).select("run", "code"),
+            pl.concat([
+                pick(s_warnings, alt_is_solver).select("run", "code"),
+                pick(h.warnings, alt_is_heuristic).select("run", "code"),
+                # the RFC cap's block reason is among a run's warnings (codes.py): the alternate's too
+                pick(h.status, alt_is_heuristic).filter(pl.col("target_fault").is_not_null())
+                .select("run", pl.col("target_fault").alias("code")),
+            ]),
         )
         warnings.append(cmp_warnings)
     return Targets(

@@ -30,7 +30,7 @@ CAP_MODES = ("REFERENCE", "RFC_ASSET_CLASS")
 STALE_ACTIONS = ("BLOCK", "EXCLUDE")
 TRADE_BY = ("UNITS", "NOTIONAL")
 LIQUIDITY_TIERS = ("L1", "L2", "L3", "L4", "L5")
-SNAPSHOT_KINDS = ("MODEL", "SHELF", "MARKET")
+SNAPSHOT_KINDS = ("MODEL", "SHELF", "MARKET", "PORTFOLIO")
 
 # (column, dtype, required, default). Defaults are the reference service's option defaults
 # (spec §4) or, for RFC-0001 options the reference lacks, values that keep reference
@@ -153,11 +153,12 @@ TABLES: dict[str, list[tuple[str, pl.DataType, bool]]] = {
         ("currency", STR, True),
         ("max_overdraft", DEC, True),
     ],
-    # declares a model, shelf or market snapshot that exists although it may have no rows
-    # (an empty model, shelf or market data): its portfolios run instead of being blocked
-    # as UNKNOWN_MODEL / UNKNOWN_SHELF / UNKNOWN_MARKET_SNAPSHOT (import-requests writes it)
+    # declares a model, shelf, market or holdings snapshot that exists although it may have
+    # no rows (an empty model, shelf, market data, or a portfolio with no positions and no
+    # cash): its portfolios run instead of being blocked as UNKNOWN_MODEL / UNKNOWN_SHELF /
+    # UNKNOWN_MARKET_SNAPSHOT / UNKNOWN_PORTFOLIO_SNAPSHOT (import-requests writes it)
     "snapshots": [
-        ("kind", STR, True),  # MODEL, SHELF or MARKET
+        ("kind", STR, True),  # MODEL, SHELF, MARKET or PORTFOLIO
         ("snapshot_id", STR, True),
     ],
 }
@@ -207,6 +208,21 @@ class Book:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def cast_column(name: str, source: pl.DataType, dtype: pl.DataType, strict: bool = True) -> pl.Expr:
+    """Column ``name`` of type ``source`` cast to the book dtype ``dtype``.
+
+    A float becomes a decimal by its shortest round-trip text (88.0 -> 88, 0.1 -> 0.1,
+    1e-05 -> 0.00001), cast as that text would be, not by its binary expansion: Polars
+    casts the float 88.0 to 87.99999999999999105... at 28 decimals, which floors to 87
+    units. A file written by pandas holds float64 by default. NaN and infinities have no
+    decimal value: like text that is no number, they fail the cast (null when not
+    ``strict``)."""
+    column = pl.col(name)
+    if isinstance(dtype, pl.Decimal) and source.is_float():
+        column = column.cast(STR)  # Polars writes the shortest text that reads back as the same float
+    return column.cast(dtype, strict=strict)
+
+
 def conform(table: str, frame: pl.DataFrame) -> pl.DataFrame:
     """Fill optional columns with their defaults, cast to the book dtypes, add ``seq``.
 
@@ -217,7 +233,7 @@ def conform(table: str, frame: pl.DataFrame) -> pl.DataFrame:
     exprs = []
     for name, dtype, _required in TABLES[table]:
         if name in frame.columns:
-            exprs.append(pl.col(name).cast(dtype))
+            exprs.append(cast_column(name, frame.schema[name], dtype))
         elif table == "portfolios" and name in ("run_key", "portfolio_snapshot_id"):
             exprs.append(pl.col("portfolio_id").cast(STR).alias(name))
         else:

@@ -15,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 import polars as pl
 
 from dpm_vec.book import (
-    LIQUIDITY_TIERS, SHELF_STATUSES, TABLES, Book, make_book, table_schema,
+    LIQUIDITY_TIERS, POLICY_COLUMNS, SHELF_STATUSES, TABLES, Book, make_book, table_schema,
 )
 from dpm_vec.errors import RequestError
 from dpm_vec.numeric import SCALE
@@ -359,6 +359,16 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     if r.errors:
         raise RequestError(r.errors)
     return rows
+
+
+# every option name parse_options reads: the EngineOptions of §4 and the RFC-0001 options
+# (a request's other keys are not the reference's and are ignored; a scenarios file of a
+# sweep names only these, dpm_vec.scenarios)
+OPTION_NAMES = frozenset({
+    *(name for name, _, _ in POLICY_COLUMNS if not name.startswith("min_trade_notional_")),
+    "min_trade_notional", "dust_trade_threshold", "max_overdraft_by_ccy", "group_constraints", "suitability_thresholds",
+    "drift_top_contributors_limit", "drift_unmodeled_exposure_threshold", *NOT_NULL_OPTIONS, *ADVISORY_ENUMS,
+})
 
 
 def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]) -> dict:

@@ -2,9 +2,10 @@
 
 The book is the one ``simulate_many`` builds in memory, so ``dpm-vec sweep`` over it
 gives the same results as the batch, one ``runs`` row per request in order. Each
-request's model, shelf and market snapshot is also declared in the ``snapshots`` table:
-a request may carry an empty one (no targets, no shelf entries, no prices), which the
-reference runs and a book reader would otherwise block as an unknown reference.
+request's model, shelf, market and holdings snapshot is also declared in the
+``snapshots`` table: a request may carry an empty one (no targets, no shelf entries, no
+prices, no positions and no cash), which the reference runs and a book reader would
+otherwise block as an unknown reference.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def import_requests(requests: list, out_dir: str | Path) -> int:
             {"kind": "MODEL", "snapshot_id": portfolio["model_id"]},
             {"kind": "SHELF", "snapshot_id": portfolio["shelf_id"]},
             {"kind": "MARKET", "snapshot_id": portfolio["market_snapshot_id"]},
+            {"kind": "PORTFOLIO", "snapshot_id": portfolio["portfolio_snapshot_id"]},
         ]
         for table, table_rows in parsed.items():
             rows[table].extend(table_rows)

@@ -14,7 +14,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpm_vec.book import COLUMN_DEFAULTS, OPTIONAL_TABLES, POLICY_COLUMNS, TABLES, Book, conform, empty_table, table_schema
+from dpm_vec.book import COLUMN_DEFAULTS, OPTIONAL_TABLES, POLICY_COLUMNS, TABLES, Book, cast_column, conform, empty_table, table_schema
 from dpm_vec.codes import InputFault
 from dpm_vec.errors import BookError
 from dpm_vec.schemas import check_table, failure_cases, raise_failures
@@ -41,7 +41,13 @@ def _path(book_dir: Path, table: str) -> Path:
     return book_dir / f"{table}.parquet"
 
 
+_PANDAS_INDEX = re.compile(r"^__index_level_\d+__$")
+
+
 def _check_columns(table: str, file: Path, columns: list[str]) -> None:
+    """Every required column present and no unknown one, in every table: a misspelt
+    optional column (a policy column of ``portfolios`` such as ``max_turnover_percent``)
+    would otherwise be dropped and its default silently take its place."""
     known = {name for name, _, _ in TABLES[table]}
     for name, _, required in TABLES[table]:
         if required and name not in columns:
@@ -49,10 +55,35 @@ def _check_columns(table: str, file: Path, columns: list[str]) -> None:
             hint = f" (the file has {near[0]!r}: did you mean {name!r}?)" if near else ""
             raise BookError(str(file), f"missing required column{hint}; the file has {sorted(columns)}", column=name)
     unknown = [c for c in columns if c not in known]
-    if unknown and table != "portfolios":
-        near = {c: difflib.get_close_matches(c, sorted(known), n=1) for c in unknown}
-        described = ", ".join(f"{c!r}" + (f" (did you mean {n[0]!r}?)" if n else "") for c, n in near.items())
+    if unknown:
+        def hint(column: str) -> str:
+            if _PANDAS_INDEX.match(column):
+                return " (a pandas index: write the frame with index=False)"
+            near = difflib.get_close_matches(column, sorted(known), n=1)
+            return f" (did you mean {near[0]!r}?)" if near else ""
+
+        described = ", ".join(f"{c!r}{hint(c)}" for c in unknown)
         raise BookError(str(file), f"unknown column(s) {described}; expected columns: {sorted(known)}")
+
+
+def book_files(book_dir: Path) -> list[Path]:
+    """The ``*.parquet`` entries of a book directory (hidden ones aside)."""
+    if not book_dir.is_dir():
+        return []
+    return sorted(p for p in book_dir.iterdir() if p.suffix == ".parquet" and not p.name.startswith("."))
+
+
+def check_book_files(book_dir: Path) -> None:
+    """A ``.parquet`` file in a book that is no table of a book is an error, not ignored:
+    ``group_constraint.parquet`` (a misspelt ``group_constraints.parquet``) would otherwise
+    run every portfolio without its limits. Other files (a README, a manifest) are fine."""
+    tables = sorted(TABLES)
+    for file in book_files(book_dir):
+        if file.stem not in TABLES:
+            near = difflib.get_close_matches(file.stem, tables, n=1)
+            hint = f" (did you mean {near[0] + '.parquet'!r}?)" if near else ""
+            raise BookError(str(file), f"not a table of a book{hint}; a book's tables are "
+                                       f"{', '.join(t + '.parquet' for t in tables)} (see docs/book.md)")
 
 
 def scan_table(book_dir: Path, table: str, file: Path | None = None) -> pl.LazyFrame | None:
@@ -60,14 +91,44 @@ def scan_table(book_dir: Path, table: str, file: Path | None = None) -> pl.LazyF
     if not file.exists():
         if table in OPTIONAL_TABLES:
             return None
-        raise BookError(str(file), f"missing file: a book needs {table}.parquet (see docs/book.md)")
+        near = difflib.get_close_matches(file.name, [p.name for p in book_files(file.parent)], n=1)
+        hint = f" (the book has {near[0]!r}: did you mean {file.name!r}?)" if near else ""
+        raise BookError(str(file), f"missing file{hint}: a book needs {table}.parquet (see docs/book.md)")
     try:
-        schema = pq.read_schema(file)
+        parquet = pq.ParquetFile(file)
+        schema, metadata = parquet.schema_arrow, parquet.metadata
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise BookError(str(file), f"not a readable Parquet file: {exc}") from None
     _check_columns(table, file, schema.names)
     _check_types(table, file, schema)
+    if table in PORTFOLIO_ROWS and table != "portfolios":
+        _check_owned(table, file, metadata)
     return pl.scan_parquet(file)
+
+
+def _check_owned(table: str, file: Path, metadata: pq.FileMetaData) -> None:
+    """Every row of a per-portfolio table names its portfolio key: a row with a null
+    ``portfolio_snapshot_id`` (or ``run_key``) belongs to no portfolio, and a reader that
+    takes each portfolio's rows would drop it unseen. The file's fault, naming its 0-based
+    rows. The Parquet statistics answer for a clean file without reading a value."""
+    key = PORTFOLIO_ROWS[table][0]
+    counted = 0
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        column = next((row_group.column(i) for i in range(row_group.num_columns)
+                       if row_group.column(i).path_in_schema == key), None)
+        stats = column.statistics if column is not None else None
+        if stats is None or not stats.has_null_count:
+            counted = None  # a writer that kept no statistics: count them
+            break
+        counted += stats.null_count
+    if counted == 0:
+        return
+    rows = pl.scan_parquet(file).select(pl.col(key).is_null().alias("_null")).with_row_index("_row").filter("_null")
+    found = rows.select(pl.len().alias("n"), pl.col("_row").head(5).implode().alias("rows")).collect()
+    if found["n"][0]:
+        raise BookError(str(file), f"{found['n'][0]} row(s) with no {key}: such a row belongs to no portfolio", column=key,
+                        examples=[f"row {row} (0-based): {key} null fails not_nullable" for row in found["rows"][0]])
 
 
 def _accepts(dtype: pl.DataType, arrow: pa.DataType) -> bool:
@@ -100,10 +161,31 @@ def _check_types(table: str, file: Path, schema: pa.Schema) -> None:
 
 def _conformed(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
     """``conform`` with a failed cast named as the file's fault (the checks come after)."""
+    _check_floats(table, frame, file)
     try:
         return conform(table, frame)
     except pl.exceptions.PolarsError as exc:
         raise _wrong_type(file, exc) from None
+
+
+def _check_floats(table: str, frame: pl.DataFrame, file: str) -> None:
+    """A float of a decimal column that has no decimal value in it — NaN, an infinity, or
+    a number beyond the column's range — as the file's fault, naming the rows (``conform``
+    casts floats by their text, ``book.cast_column``; a shard's reader sets such a row
+    of one portfolio's data aside first, ``_uncastable``)."""
+    for name, dtype in table_schema(table).items():
+        if not (isinstance(dtype, pl.Decimal) and name in frame.columns and frame.schema[name].is_float()):
+            continue
+        failed = frame.select(pl.col(name), cast_column(name, frame.schema[name], dtype, strict=False).alias("_cast")).with_row_index(
+            "_row").filter(pl.col(name).is_not_null() & pl.col("_cast").is_null())
+        if failed.height:
+            finite = failed.filter(pl.col(name).is_finite()).height
+            what = ("not a finite number (NaN or an infinity), which a decimal column cannot hold" if not finite
+                    else f"outside the range its column holds ({dtype})" if finite == failed.height
+                    else f"not a finite number or outside the range its column holds ({dtype})")
+            raise BookError(file, f"{failed.height} value(s) {what}", column=name,
+                            examples=[f"row {row} (0-based): {name} {value} fails castable to {dtype}"
+                                      for row, value in failed.head(5).select("_row", pl.col(name).cast(pl.String)).iter_rows()])
 
 
 _NUMBER_CAST = re.compile(r"conversion from `(decimal|[iuf]\d+)")
@@ -183,7 +265,7 @@ def _uncastable(table: str, frame: pl.DataFrame, columns, file: str) -> pl.DataF
               if name in columns and name in frame.columns and frame.schema[name] != dtype}
     try:
         parts = [
-            frame.filter(pl.col(name).is_not_null() & pl.col(name).cast(dtype, strict=False).is_null()).select(
+            frame.filter(pl.col(name).is_not_null() & cast_column(name, frame.schema[name], dtype, strict=False).is_null()).select(
                 pl.lit(table).alias("input_table"), pl.col(key).cast(pl.String).alias("key"),
                 (pl.col(row).cast(pl.String) if row else pl.lit(None, dtype=pl.String)).alias("row_key"),
                 pl.lit(name).alias("input_column"), pl.lit(f"castable to {dtype}").alias("failed_check"), pl.col(name).cast(pl.String).alias("value"),
@@ -212,6 +294,7 @@ def _checked(table: str, frame: pl.DataFrame, cases: pl.DataFrame) -> pl.DataFra
 def read_reference(book_dir: str | Path) -> dict[str, pl.DataFrame]:
     """The shared tables (market data, shelf, models): read once per sweep."""
     book_dir = Path(book_dir)
+    check_book_files(book_dir)
     out = {}
     for table in REFERENCE_TABLES:
         lf = scan_table(book_dir, table)
@@ -272,7 +355,10 @@ def _read_book(book_dir, portfolios, reference, files, spans, isolate: bool) -> 
             conformed[table] = _conform(table, frame, file)
     conformed.update(reference)
     faults = pl.concat(faults)
-    conformed["portfolios"] = _flag_row_faults(_flag_broken_references(portfolios, reference), faults)
+    # the holdings snapshots with rows: every row of the portfolios' own snapshots is read
+    # (a shard's span or split holds all rows of its snapshots), the failing ones too
+    held = pl.concat([tables[t]["portfolio_snapshot_id"].cast(pl.String) for t in ("positions", "cash")])
+    conformed["portfolios"] = _flag_row_faults(_flag_broken_references(portfolios, reference, held), faults)
     return Book(**conformed), faults
 
 
@@ -325,10 +411,12 @@ def _flag_row_faults(portfolios: pl.DataFrame, faults: pl.DataFrame) -> pl.DataF
     return portfolios.with_columns(pl.coalesce("input_fault", reason).alias("input_fault"))
 
 
-def _flag_broken_references(portfolios: pl.DataFrame, reference: dict[str, pl.DataFrame]) -> pl.DataFrame:
-    """input_fault UNKNOWN_* for a model, shelf or market snapshot that has no rows and is
-    not declared in the ``snapshots`` table (a typo would otherwise run the portfolio
-    against nothing: an empty model liquidates every holding)."""
+def _flag_broken_references(portfolios: pl.DataFrame, reference: dict[str, pl.DataFrame], held: pl.Series) -> pl.DataFrame:
+    """input_fault UNKNOWN_* for a model, shelf or market snapshot that has no rows, or a
+    holdings snapshot with no row in ``held`` (the snapshot ids of the portfolios'
+    positions and cash), that the ``snapshots`` table does not declare (a typo would
+    otherwise run the portfolio against nothing: an empty model liquidates every holding,
+    an empty portfolio runs READY at a total value of 0)."""
     declared = reference["snapshots"]
 
     def known(kind: str, *ids: pl.Series) -> pl.Series:
@@ -337,12 +425,14 @@ def _flag_broken_references(portfolios: pl.DataFrame, reference: dict[str, pl.Da
     models = known("MODEL", reference["models"]["model_id"])
     shelves = known("SHELF", reference["shelf"]["shelf_id"])
     markets = known("MARKET", reference["prices"]["market_snapshot_id"], reference["fx_rates"]["market_snapshot_id"])
+    holdings = known("PORTFOLIO", held)
     return portfolios.with_columns(
         pl.coalesce(
             pl.col("input_fault"),
             pl.when(~pl.col("model_id").is_in(models)).then(pl.lit("UNKNOWN_MODEL")),
             pl.when(~pl.col("shelf_id").is_in(shelves)).then(pl.lit("UNKNOWN_SHELF")),
             pl.when(~pl.col("market_snapshot_id").is_in(markets)).then(pl.lit("UNKNOWN_MARKET_SNAPSHOT")),
+            pl.when(~pl.col("portfolio_snapshot_id").is_in(holdings)).then(pl.lit("UNKNOWN_PORTFOLIO_SNAPSHOT")),
         ).alias("input_fault")
     )
 

@@ -3,11 +3,15 @@
 A scenario file is ``{"scenarios": {name: {"options": {...}}}}`` (the analyze request's
 ``scenarios`` shape) or just the inner map. Each portfolio row becomes one run per
 scenario, keyed ``<run_key>|<scenario>``; a scenario's options override only the policy
-columns it names, so each portfolio keeps the rest of its own mandate.
+columns it names, so each portfolio keeps the rest of its own mandate. An option name
+that is no EngineOptions field (a misspelt ``max_turnover_pc``) is an error, as is a
+scenario key other than ``options`` and ``description``: either would run the scenario
+as the baseline without a word.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
@@ -15,10 +19,20 @@ import polars as pl
 
 from dpm_vec.analyze import SCENARIO_NAME
 from dpm_vec.book import POLICY_COLUMNS, conform, table_schema
-from dpm_vec.contract import _Reader, parse_options
+from dpm_vec.contract import OPTION_NAMES, _Reader, parse_options
 from dpm_vec.errors import DpmVecError
 
 MAP_OPTIONS = {"group_constraints": "group_constraints", "max_overdraft_by_ccy": "overdraft_limits"}
+SCENARIO_KEYS = ("options", "description")
+
+
+def _unknown(names, known, what: str) -> str | None:
+    """``what`` naming the first of ``names`` not in ``known``, with a did-you-mean hint."""
+    for name in names:
+        if name not in known:
+            near = difflib.get_close_matches(str(name), sorted(known), n=1)
+            return f"unknown {what} {name!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+    return None
 
 
 def load_scenarios(path: str | Path) -> dict[str, dict]:
@@ -35,6 +49,13 @@ def load_scenarios(path: str | Path) -> dict[str, dict]:
         options = spec.get("options", {}) if isinstance(spec, dict) else None
         if not isinstance(options, dict):
             raise DpmVecError(f"{path}: scenarios.{name}.options must be an object")
+        unknown = _unknown(spec, SCENARIO_KEYS, "key")
+        if unknown:
+            raise DpmVecError(f"{path}: scenarios.{name}: {unknown}; a scenario has {' and '.join(SCENARIO_KEYS)}")
+        unknown = _unknown(options, OPTION_NAMES, "option")
+        if unknown:
+            raise DpmVecError(f"{path}: scenarios.{name}.options: {unknown}; the options are the EngineOptions fields "
+                              f"(see docs/features.md)")
         reader, rows = _Reader(), {"group_constraints": [], "overdraft_limits": []}
         parse_options(reader, options, name, rows)
         if reader.errors:

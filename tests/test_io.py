@@ -3,7 +3,9 @@ and what it says about them."""
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
+from pathlib import Path
 
 import pandera.polars as pa
 import polars as pl
@@ -11,8 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpm_vec.errors import BookError
-from dpm_vec.io import _isolate_row_faults, read_portfolio_rows, row_faults_by_run
+from dpm_vec.book import conform
+from dpm_vec.contract import OPTION_NAMES, _Reader, parse_options
+from dpm_vec.errors import BookError, DpmVecError
+from dpm_vec.generate import generate_book_frames
+from dpm_vec.io import _isolate_row_faults, read_book, read_portfolio_rows, row_faults_by_run, write_book
+from dpm_vec.scenarios import load_scenarios
 from dpm_vec.schemas import unique_rows
 
 
@@ -130,3 +136,163 @@ def test_a_shared_table_failing_in_two_columns_names_both(tmp_path):
     assert "prices.parquet: 2 failed check(s) in columns 'price': greater_than_or_equal_to(0); " \
            "'currency': str_matches('^[A-Z]{3}$')" in text
     assert "row 3 (0-based): price -" in text and "row 4 (0-based): currency usd" in text
+
+
+# --- floats in decimal columns: cast by their shortest text, not their binary expansion
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample_book"
+
+
+def test_a_float_becomes_the_decimal_its_text_shows():
+    """88.0 is 88 units (Polars' own cast makes it 87.99999999999999105…, which floors to
+    87), 0.1 is 0.1 and 1e-05 is 0.00001 — at 28 decimals and at 20; text the same value
+    would be written as casts alike."""
+    floats = pl.DataFrame({"portfolio_snapshot_id": ["S"] * 6, "instrument_id": list("ABCDEF"),
+                           "quantity": [88.0, 0.1, 1e-05, 2.5e-12, 123456789.123, -0.0],
+                           "market_value": [88.0, 0.1, 1e-05, 1e16, 0.30000000000000004, 5e-21]})
+    out = conform("positions", floats)
+    assert out["quantity"].to_list() == [Decimal(t) for t in ("88", "0.1", "0.00001", "0.0000000000025", "123456789.123", "0")]
+    assert out["market_value"].to_list() == [Decimal(t) for t in ("88", "0.1", "0.00001", "1E+16", "0.30000000000000004", "0")]
+    as_text = conform("positions", floats.with_columns(pl.col("quantity", "market_value").map_batches(
+        lambda s: pl.Series([repr(v) for v in s.to_list()]), return_dtype=pl.String)))
+    assert out.equals(as_text)
+
+
+def test_a_book_written_with_floats_reads_as_the_decimal_book(tmp_path):
+    """Every decimal column of every table stored as float64 (what pandas writes): the
+    sample book reads to the very same frames."""
+    floats = tmp_path / "floats"
+    floats.mkdir()
+    for file in SAMPLE.glob("*.parquet"):
+        frame = pl.read_parquet(file)
+        frame.with_columns(pl.col(pl.Decimal).cast(pl.Float64)).write_parquet(floats / file.name)
+    assert pl.read_parquet(floats / "positions.parquet").schema["quantity"] == pl.Float64
+    expected, got = read_book(SAMPLE).tables(), read_book(floats).tables()
+    for table, frame in expected.items():
+        assert got[table].equals(frame, null_equal=True), table
+
+
+def test_a_float_without_a_decimal_value_is_a_row_fault_or_the_files_fault(tmp_path):
+    """NaN, an infinity or a float beyond the column's range: one portfolio's holding is
+    set aside as a row fault naming the value; in a shared table it stops the read, naming
+    file, column and row."""
+    bad = _positions(quantity=pl.Series([10.0, float("nan"), float("inf"), 1e12]))
+    clean, failed = _isolate_row_faults("positions", bad, "positions.parquet")
+    assert clean.height == 0
+    assert failed.select("key", "row_key", "failed_check", "value").rows() == [
+        ("S1", "B", "castable to Decimal(precision=38, scale=28)", "NaN"),
+        ("S2", "A", "castable to Decimal(precision=38, scale=28)", "inf"),
+        ("S3", "C", "castable to Decimal(precision=38, scale=28)", "1000000000000.0")]
+
+    frames = generate_book_frames(3, 5, holdings=(2, 3))
+    frames["prices"] = frames["prices"].with_columns(
+        pl.when(pl.int_range(pl.len()) == 2).then(float("nan")).otherwise(pl.col("price").cast(pl.Float64)).alias("price"))
+    write_book(frames, tmp_path / "book")
+    with pytest.raises(BookError) as caught:
+        read_book(tmp_path / "book")
+    text = str(caught.value)
+    assert "prices.parquet, column 'price': 1 value(s) not a finite number (NaN or an infinity)" in text
+    assert "row 2 (0-based): price NaN" in text
+
+
+# --- unknown columns, unknown files, rows of no portfolio
+
+def test_an_unknown_portfolios_column_is_an_error_with_a_hint(tmp_path):
+    """A misspelt policy column would drop the policy for the whole book: it is named,
+    with the column it was meant to be."""
+    frames = generate_book_frames(3, 5, holdings=(2, 3))
+    for typo, meant in (("max_turnover_percent", "max_turnover_pct"), ("enable_tax_awarness", "enable_tax_awareness")):
+        frames_typo = {**frames, "portfolios": frames["portfolios"].rename({meant: typo})}
+        write_book(frames_typo, tmp_path / typo)
+        with pytest.raises(BookError) as caught:
+            read_book(tmp_path / typo)
+        assert f"portfolios.parquet: unknown column(s) '{typo}' (did you mean '{meant}'?)" in str(caught.value)
+    index = {**frames, "portfolios": frames["portfolios"].with_row_index("__index_level_0__")}
+    write_book(index, tmp_path / "index")
+    with pytest.raises(BookError, match="'__index_level_0__' \\(a pandas index: write the frame with index=False\\)"):
+        read_book(tmp_path / "index")
+
+
+def test_a_parquet_file_that_is_no_table_is_an_error_with_a_hint(tmp_path):
+    frames = generate_book_frames(3, 5, holdings=(2, 3))
+    book = write_book(frames, tmp_path / "book")
+    (book / "README.md").write_text("notes beside the book are fine\n")
+    (book / ".positions.parquet.crc").write_text("hidden files too\n")
+    read_book(book)
+    (book / "group_constraints.parquet").rename(book / "group_constraint.parquet")
+    with pytest.raises(BookError) as caught:
+        read_book(book)
+    assert "group_constraint.parquet: not a table of a book (did you mean 'group_constraints.parquet'?)" in str(caught.value)
+    (book / "group_constraint.parquet").unlink()
+    (book / "portfolios.parquet").rename(book / "portfolio.parquet")
+    with pytest.raises(BookError, match="portfolios.parquet: missing file \\(the book has 'portfolio.parquet': did you mean"):
+        read_book(book)
+
+
+@pytest.mark.parametrize(("table", "key"), [("positions", "portfolio_snapshot_id"), ("cash", "portfolio_snapshot_id"),
+                                            ("lots", "portfolio_snapshot_id"), ("overdraft_limits", "run_key")])
+def test_a_row_of_no_portfolio_is_the_files_fault(tmp_path, table, key):
+    """A holdings row with a null portfolio_snapshot_id (a limits row with a null run_key)
+    belongs to no portfolio; it is named, file, column and 0-based row, not dropped."""
+    frames = generate_book_frames(3, 5, holdings=(2, 3))
+    if table == "overdraft_limits":
+        frames[table] = pl.DataFrame({"run_key": frames["portfolios"]["run_key"], "currency": ["SGD", "USD", "EUR"],
+                                      "max_overdraft": [Decimal(100)] * 3})
+    assert frames[table].height > 2
+    frames[table] = frames[table].with_columns(
+        pl.when(pl.int_range(pl.len()) == 2).then(None).otherwise(pl.col(key)).alias(key))
+    write_book(frames, tmp_path / "book")
+    with pytest.raises(BookError) as caught:
+        read_book(tmp_path / "book")
+    text = str(caught.value)
+    assert f"{table}.parquet, column '{key}': 1 row(s) with no {key}: such a row belongs to no portfolio" in text
+    assert f"row 2 (0-based): {key} null" in text
+
+
+def test_a_row_of_no_portfolio_is_found_without_statistics(tmp_path):
+    """A writer that keeps no column statistics: the null key is found by reading it."""
+    import pyarrow.parquet as pq
+
+    frames = generate_book_frames(3, 5, holdings=(2, 3))
+    book = write_book(frames, tmp_path / "book")
+    cash = frames["cash"].with_columns(pl.when(pl.int_range(pl.len()) == 1).then(None).otherwise(pl.col("portfolio_snapshot_id"))
+                                       .alias("portfolio_snapshot_id"))
+    pq.write_table(cash.to_arrow(), book / "cash.parquet", write_statistics=False)
+    with pytest.raises(BookError, match="cash.parquet, column 'portfolio_snapshot_id': 1 row.*row 1 \\(0-based\\)"):
+        read_book(book)
+
+
+# --- scenario files name only known options
+
+def _scenarios(tmp_path: Path, doc: dict) -> Path:
+    path = tmp_path / "scenarios.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_an_unknown_scenario_option_is_an_error_naming_scenario_and_option(tmp_path):
+    with pytest.raises(DpmVecError) as caught:
+        load_scenarios(_scenarios(tmp_path, {"scenarios": {"base": {"options": {}},
+                                                           "typo": {"options": {"max_turnover_pc": "0.05"}}}}))
+    assert "scenarios.typo.options: unknown option 'max_turnover_pc' (did you mean 'max_turnover_pct'?)" in str(caught.value)
+    with pytest.raises(DpmVecError, match="scenarios.typo: unknown key 'option' \\(did you mean 'options'\\?\\)"):
+        load_scenarios(_scenarios(tmp_path, {"typo": {"option": {"max_turnover_pct": "0.05"}}}))
+    named = {"description": "every option the contract has", "options": {"max_turnover_pct": "0.05", "dust_trade_threshold": None,
+                                                                        "min_trade_notional": {"amount": "10", "currency": "SGD"}}}
+    assert load_scenarios(_scenarios(tmp_path, {"scenarios": {"all": named}}))["all"] == named
+
+
+def test_option_names_are_every_option_the_contract_reads():
+    seen = set()
+
+    class Recording(dict):
+        def get(self, key, default=None):
+            seen.add(key)
+            return super().get(key, default)
+
+        def __contains__(self, key):
+            seen.add(key)
+            return super().__contains__(key)
+
+    parse_options(_Reader(), Recording(), "r", {"group_constraints": [], "overdraft_limits": []})
+    assert seen == OPTION_NAMES

@@ -285,7 +285,7 @@ def test_unknown_references_block_unless_declared_in_snapshots(tmp_path):
 
 def test_a_bad_snapshot_declaration_names_the_file(tmp_path):
     frames = generate_book_frames(2, 5, holdings=(3, 5))
-    frames["snapshots"] = pl.DataFrame({"kind": ["MODEL", "PORTFOLIO"], "snapshot_id": ["m", "x"]})
+    frames["snapshots"] = pl.DataFrame({"kind": ["MODEL", "HOLDINGS"], "snapshot_id": ["m", "x"]})
     write_book(frames, tmp_path / "book")
     with pytest.raises(BookError, match=r"snapshots\.parquet.*'kind'"):
         sweep(tmp_path / "book", tmp_path / "out", progress=False)
@@ -998,3 +998,99 @@ def test_a_failing_shard_fails_the_sweep_and_starts_no_more(book, tmp_path, monk
     monkeypatch.setattr(sweep_module, "commit_shard", commit)
     manifest = sweep(book, tmp_path / "out", shard_size=10, threads=1, progress=False)
     assert manifest["resumed_shards"] == 1 and manifest["shards"] == 8
+
+
+def test_the_sample_book_sweeps_to_its_known_counts(tmp_path):
+    sample = Path(__file__).resolve().parents[1] / "data" / "sample_book"
+    manifest = sweep(sample, tmp_path / "out", progress=False)
+    assert manifest["counts_by_status"] == {"BLOCKED": 195, "PENDING_REVIEW": 264, "READY": 41}
+
+
+def test_a_book_of_floats_sweeps_to_the_decimal_books_outputs(book, swept, tmp_path):
+    """quantity, price, amount and weight written as float64 (as pandas writes them):
+    the outputs are those of the decimal book, to the byte. Polars' own float cast made
+    3131.0 units 3130.99999999999999…, which floors (and trades) a unit short."""
+    floats = tmp_path / "floats"
+    shutil.copytree(book, floats)
+    for table, columns in {"positions": ["quantity", "market_value"], "prices": ["price"], "cash": ["amount", "settled"],
+                           "lots": ["quantity", "unit_cost"], "models": ["weight"], "fx_rates": ["rate"]}.items():
+        frame = pl.read_parquet(book / f"{table}.parquet")
+        frame.with_columns(pl.col(columns).cast(pl.Float64)).write_parquet(floats / f"{table}.parquet")
+    out = tmp_path / "from_floats"
+    sweep(floats, out, shard_size=30, progress=False)
+    _same_outputs(swept[0], out)
+
+
+@pytest.mark.parametrize(("shard_size", "span_limit"), [(None, 1.25), (3, 1.25), (3, 0.0)])
+def test_a_portfolio_snapshot_with_no_holdings_blocks_unless_declared(tmp_path, monkeypatch, shard_size, span_limit):
+    """A portfolio_snapshot_id with no positions and no cash (a typo) blocks its portfolio
+    as UNKNOWN_PORTFOLIO_SNAPSHOT instead of running an empty portfolio READY, whether the
+    shards read their holdings whole, by row span or from a split (span_limit 0); a
+    snapshot with only cash or only positions runs; declared in snapshots (kind PORTFOLIO)
+    the empty one runs."""
+    import dpm_vec.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "SPAN_READ_LIMIT", span_limit)
+    frames = generate_book_frames(8, 5, holdings=(3, 5))
+    ids = frames["portfolios"]["run_key"].to_list()
+    snapshots = frames["portfolios"]["portfolio_snapshot_id"].to_list()
+    typo = snapshots[2] + "_TYPO"
+    frames["portfolios"] = frames["portfolios"].with_columns(
+        pl.when(pl.col("run_key") == ids[2]).then(pl.lit(typo)).otherwise(pl.col("portfolio_snapshot_id")).alias("portfolio_snapshot_id"))
+    frames["positions"] = frames["positions"].filter(pl.col("portfolio_snapshot_id") != snapshots[4])  # cash only
+    frames["lots"] = frames["lots"].filter(pl.col("portfolio_snapshot_id") != snapshots[4])
+    frames["cash"] = frames["cash"].filter(pl.col("portfolio_snapshot_id") != snapshots[6])  # positions only
+    sweep(write_book(frames, tmp_path / "undeclared"), tmp_path / "out1", shard_size=shard_size, progress=False)
+    runs = _read(tmp_path / "out1", "runs")
+    assert runs.filter(pl.col("block_reason") == "UNKNOWN_PORTFOLIO_SNAPSHOT").select("run_key", "status").rows() == [(ids[2], "BLOCKED")]
+    assert runs["run_key"].to_list() == ids
+
+    frames["snapshots"] = pl.DataFrame({"kind": ["PORTFOLIO"], "snapshot_id": [typo]})
+    sweep(write_book(frames, tmp_path / "declared"), tmp_path / "out2", shard_size=shard_size, progress=False)
+    declared = _read(tmp_path / "out2", "runs").filter(pl.col("run_key") == ids[2])
+    assert declared["block_reason"].to_list() == [None] and declared["before_total_value"].to_list() == [Decimal(0)]
+
+
+def test_an_imported_request_with_no_positions_and_no_cash_runs_as_the_json_door_runs_it(tmp_path):
+    """import-requests declares each request's holdings snapshot: a request with empty
+    positions and cash runs in a sweep of the imported book as simulate runs it."""
+    from dpm_vec.importer import import_requests
+    from dpm_vec.simulate import simulate_many
+
+    data = Path(__file__).resolve().parents[1] / "data" / "requests"
+    requests = [json.loads(p.read_text()) for p in sorted(data.glob("*.json"))]
+    empty = json.loads(json.dumps(requests[0]))
+    empty["portfolio_snapshot"]["positions"], empty["portfolio_snapshot"]["cash_balances"] = [], []
+    requests.append(empty)
+    import_requests(requests, tmp_path / "book")
+    assert set(pl.read_parquet(tmp_path / "book" / "snapshots.parquet")["kind"]) == {"MODEL", "SHELF", "MARKET", "PORTFOLIO"}
+    sweep(tmp_path / "book", tmp_path / "out", shard_size=2, progress=False)
+    runs = _read(tmp_path / "out", "runs")
+    assert runs["block_reason"].to_list()[-1] is None
+    assert runs["status"].to_list() == [r["status"] for r in simulate_many(requests)]
+
+
+@pytest.mark.parametrize("fault", ["null_snapshot", "unknown_file", "unknown_column"])
+def test_a_dropped_input_stops_the_sweep_before_any_shard(book, tmp_path, fault):
+    """What a reader would otherwise drop unseen — a holdings row with no snapshot id, a
+    misspelt table file, a misspelt policy column — stops the sweep before any work,
+    naming the file."""
+    bad = tmp_path / "bad"
+    shutil.copytree(book, bad)
+    if fault == "null_snapshot":
+        cash = pl.read_parquet(book / "cash.parquet")
+        last = cash.height - 1  # in the last shard
+        cash.with_columns(pl.when(pl.int_range(pl.len()) == last).then(None).otherwise(pl.col("portfolio_snapshot_id"))
+                          .alias("portfolio_snapshot_id")).write_parquet(bad / "cash.parquet")
+        says = ["cash.parquet, column 'portfolio_snapshot_id'", f"row {last} (0-based)"]
+    elif fault == "unknown_file":
+        (bad / "lots.parquet").rename(bad / "lot.parquet")
+        says = ["lot.parquet: not a table of a book (did you mean 'lots.parquet'?)"]
+    else:
+        portfolios = pl.read_parquet(book / "portfolios.parquet")
+        portfolios.rename({"max_turnover_pct": "max_turnover_percent"}).write_parquet(bad / "portfolios.parquet")
+        says = ["portfolios.parquet: unknown column(s) 'max_turnover_percent' (did you mean 'max_turnover_pct'?)"]
+    with pytest.raises(BookError) as err:
+        sweep(bad, tmp_path / "out", shard_size=30, progress=False)
+    assert all(part in str(err.value) for part in says), str(err.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.work-*"))

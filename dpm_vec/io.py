@@ -131,6 +131,16 @@ def _check_owned(table: str, file: Path, metadata: pq.FileMetaData) -> None:
                         examples=[f"row {row} (0-based): {key} null fails not_nullable" for row in found["rows"][0]])
 
 
+def collect(lf: pl.LazyFrame, file: Path, **options) -> pl.DataFrame:
+    """``lf`` collected, a file whose footer reads but whose data does not (a corrupt
+    page, a truncated copy) named as the file's fault instead of Polars' bare message."""
+    try:
+        return lf.collect(**options)
+    except (pl.exceptions.ComputeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BookError(str(file), f"not a readable Parquet file: {first}") from None
+
+
 def _accepts(dtype: pl.DataType, arrow: pa.DataType) -> bool:
     """Whether a file column of type ``arrow`` can hold values of the book dtype: the
     types ``conform`` casts from (values that still do not cast are row faults)."""
@@ -208,7 +218,7 @@ def _conform(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
 
 def _scan_portfolios(book_dir: Path, file: Path | None, rows: tuple[int, int] | None) -> pl.DataFrame:
     lf = scan_table(book_dir, "portfolios", file)
-    return (lf if rows is None else lf.slice(*rows)).collect()
+    return collect(lf if rows is None else lf.slice(*rows), file or _path(book_dir, "portfolios"))
 
 
 def read_portfolios(book_dir: str | Path, file: Path | None = None, rows: tuple[int, int] | None = None) -> pl.DataFrame:
@@ -298,7 +308,7 @@ def read_reference(book_dir: str | Path) -> dict[str, pl.DataFrame]:
     out = {}
     for table in REFERENCE_TABLES:
         lf = scan_table(book_dir, table)
-        frame = empty_table(table) if lf is None else lf.collect()
+        frame = empty_table(table) if lf is None else collect(lf, _path(book_dir, table))
         out[table] = _conform(table, frame, str(_path(book_dir, table)))
     return out
 
@@ -341,7 +351,7 @@ def _read_book(book_dir, portfolios, reference, files, spans, isolate: bool) -> 
         lf = scan_table(book_dir, table, files.get(table))
         if lf is not None and spans and table in spans:
             lf = lf.slice(*spans[table])
-        frame = empty_table(table) if lf is None else lf.filter(pl.col(key).is_in(ids)).collect()
+        frame = empty_table(table) if lf is None else collect(lf.filter(pl.col(key).is_in(ids)), files.get(table) or _path(book_dir, table))
         tables[table] = frame
     conformed, faults = {}, [pl.DataFrame(schema=ROW_FAULT_SCHEMA)]
     for table, frame in tables.items():

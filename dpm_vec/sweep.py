@@ -46,7 +46,7 @@ from dpm_vec.book import Book, conform, empty_table
 from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES_FROM_SHARDS, default_shard_size, default_threads,
                               even_shard_size, usable_cores)
 from dpm_vec.errors import DpmVecError, named_failures
-from dpm_vec.io import (PORTFOLIO_ROWS, _path, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
+from dpm_vec.io import (PORTFOLIO_ROWS, _path, collect, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         write_book, write_json_atomic)
 from dpm_vec.scenarios import comparison_table, expand, load_scenarios
 from dpm_vec.outdir import SWEEP_MARKER, check_replaceable, exclusive, remove_stale_work
@@ -170,11 +170,11 @@ def holding_counts(book_dir: str | Path) -> dict[str, pl.DataFrame | None]:
     counts = {}
     for table in HOLDING_TABLES:
         lf = scan_table(Path(book_dir), table)  # a missing or misshapen file is a BookError naming it
-        counts[table] = None if lf is None else (
+        counts[table] = None if lf is None else collect(
             lf.select("portfolio_snapshot_id").with_row_index("_row")
             .group_by("portfolio_snapshot_id")
-            .agg(pl.len().alias("rows"), pl.col("_row").min().alias("first"), (pl.col("_row").max() + 1).alias("stop"))
-            .collect(engine="streaming")
+            .agg(pl.len().alias("rows"), pl.col("_row").min().alias("first"), (pl.col("_row").max() + 1).alias("stop")),
+            _path(Path(book_dir), table), engine="streaming",
         )
     return counts
 

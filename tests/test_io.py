@@ -296,3 +296,31 @@ def test_option_names_are_every_option_the_contract_reads():
 
     parse_options(_Reader(), Recording(), "r", {"group_constraints": [], "overdraft_limits": []})
     assert seen == OPTION_NAMES
+
+
+def _zero_data_pages(file: Path) -> None:
+    """Overwrite a Parquet file's first data page with zeros, keeping its footer: the
+    schema reads, the values do not."""
+    import pyarrow.parquet as pq
+
+    column = pq.ParquetFile(file).metadata.row_group(0).column(0)
+    raw = bytearray(file.read_bytes())
+    start = column.dictionary_page_offset or column.data_page_offset
+    raw[start:start + 64] = bytes(64)
+    file.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("shard_size", [None, 100])
+def test_a_file_whose_data_does_not_read_is_named(tmp_path, shard_size):
+    """A copy cut short or a corrupt page below an intact footer: the sweep stops naming
+    the file (the shard sizing pass reads it first, a shard's read otherwise)."""
+    import shutil
+
+    from dpm_vec.sweep import sweep
+
+    book = tmp_path / "book"
+    shutil.copytree(SAMPLE, book)
+    _zero_data_pages(book / "positions.parquet")
+    with pytest.raises(BookError, match=r"positions\.parquet: not a readable Parquet file"):
+        sweep(book, tmp_path / "out", shard_size=shard_size, threads=1, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -33,16 +33,20 @@ def _load_json(path: str):
     return data
 
 
-def _read_requests(paths: list[str]) -> tuple[list, dict[int, dict]]:
+def _read_requests(paths: list[str], names: list[str] | None = None) -> tuple[list, dict[int, dict]]:
     """Requests from files, directories (their *.json, sorted) or '-' (JSON lines on
-    stdin); unreadable ones become RFC 7807 problems in their slot."""
+    stdin); unreadable ones become RFC 7807 problems in their slot. ``names``, when given,
+    receives where each slot came from (a file, or ``<stdin>:LINE``)."""
     requests, problems = [], {}
+    names = [] if names is None else names
     for path in _expand(paths):
         if path == "-":
             for n, line in enumerate(sys.stdin, start=1):
                 if line.strip():
+                    names.append(f"<stdin>:{n}")
                     _parse_into(requests, problems, f"<stdin>:{n}", lambda line=line: json.loads(line))
         else:
+            names.append(path)
             _parse_into(requests, problems, path, lambda path=path: _load_json(path))
     return requests, problems
 
@@ -144,10 +148,11 @@ def cmd_import_requests(args) -> int:
     from dpm_vec.outdir import BOOK_MARKER, check_replaceable
 
     check_replaceable(Path(args.out), BOOK_MARKER, "book", tuple(Path(p) for p in args.requests if p != "-"))
-    requests, problems = _read_requests(args.requests)
+    names: list[str] = []
+    requests, problems = _read_requests(args.requests, names)
     if problems:
         raise DpmVecError(next(iter(problems.values()))["detail"])
-    count = import_requests(requests, args.out)
+    count = import_requests(requests, args.out, names)
     print(f"wrote a book of {count} run(s) to {args.out}", file=sys.stderr)
     return 0
 

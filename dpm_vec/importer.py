@@ -18,14 +18,16 @@ from dpm_vec.errors import DpmVecError, RequestError
 from dpm_vec.io import write_book
 
 
-def import_requests(requests: list, out_dir: str | Path) -> int:
+def import_requests(requests: list, out_dir: str | Path, names: list[str] | None = None) -> int:
+    """Write ``requests`` as a book at ``out_dir``; returns how many runs it holds. An
+    invalid request stops the import, named by ``names[i]`` (its file) when given."""
     rows: dict[str, list[dict]] = {t: [] for t in TABLES}
     for index, request in enumerate(requests):
         key = f"r{index:07d}"
         try:
             parsed = parse_request(request, key)
         except RequestError as exc:
-            raise DpmVecError(f"request {index + 1}: {exc}") from None
+            raise DpmVecError(f"{names[index] if names else f'request {index + 1}'}: {exc}") from None
         portfolio = parsed["portfolios"][0]
         portfolio["request_hash"] = request_hash(request)
         parsed["snapshots"] = [

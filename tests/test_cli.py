@@ -240,3 +240,13 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 141
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
+
+
+def test_import_requests_names_the_file_of_an_invalid_request(tmp_path):
+    (tmp_path / "bad.json").write_text('{"portfolio_snapshot": {}}')
+    good = Path(__file__).parent / "data" / "scenarios" / "rfc_05_notional_fund_sizing.json"
+    proc = cli("import-requests", str(good), str(tmp_path / "bad.json"),
+               "--out", str(tmp_path / "book"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"dpm-vec: error: {tmp_path / 'bad.json'}: market_data_snapshot")
+    assert not (tmp_path / "book").exists()

@@ -61,6 +61,8 @@ from dpm_vec.simulate import simulate_many
 from dpm_vec.store import DuplicateRunId, IdempotencyConflict, RunStore, new_run_id
 
 PROBLEM_JSON = "application/problem+json"
+TOO_LARGE = "https://dpm-vec.dev/problems/body-too-large"
+DEFAULT_MAX_BODY_BYTES = 64 * 2**20  # a batch of ~10,000 typical requests
 MODES = ("reference", "rfc")
 SIMULATE_PATH = "/rebalance/simulate"
 BATCH_PATH = "/rebalance/simulate/batch"
@@ -239,9 +241,13 @@ class _Outcome:
 
 
 # -- the app ---------------------------------------------------------------------------------
-def create_app(store_path: str | None = None, idempotency: str = "reference", max_coalesce: int = 64) -> FastAPI:
+def create_app(store_path: str | None = None, idempotency: str = "reference", max_coalesce: int = 64,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The service; ``max_coalesce`` caps the requests one engine pass of the single-request
-    door computes (1: every request its own pass, run concurrently as they come)."""
+    door computes (1: every request its own pass, run concurrently as they come); a body
+    of more than ``max_body_bytes`` is refused with 413 before it is read whole."""
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1; got {max_body_bytes}")
     if idempotency not in MODES:
         raise ValueError(f"idempotency must be one of {', '.join(MODES)}; got {idempotency!r}")
     if max_coalesce < 1:
@@ -400,13 +406,33 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         outcome.log_fields = {"scenarios": len(result["results"]), "failed": len(result["failed_scenarios"])}
         return outcome
 
+    async def read_body(request: Request) -> bytes | None:
+        """The body, or None once it is known to exceed ``max_body_bytes`` (by its
+        Content-Length, or while streaming it): a client cannot make the service hold more."""
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body_bytes:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def handle(request: Request, endpoint: str, work) -> Response:
         started = time.perf_counter()
         cid, headers = correlation(request)
         key = request.headers.get("idempotency-key")
         try:
-            raw = await request.body()
-            outcome = await run_in_threadpool(work, raw, cid, headers, key)
+            raw = await read_body(request)
+            if raw is None:
+                outcome = _Outcome(413, problem(TOO_LARGE, "Request body too large", 413,
+                                                f"the body is larger than {max_body_bytes:,} bytes, this service's limit "
+                                                f"(dpm-vec serve --max-body-mb)", request.url.path),
+                                   problem=True, headers=headers)
+            else:
+                outcome = await run_in_threadpool(work, raw, cid, headers, key)
         except Exception as exc:  # noqa: BLE001 - the 500 contract
             seconds = time.perf_counter() - started
             metrics.response(endpoint, 500, seconds)
@@ -460,11 +486,12 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
 
 # -- running it ------------------------------------------------------------------------------
 def serve(host: str = "127.0.0.1", port: int = 8000, store_path: str | None = None,
-          idempotency: str = "reference", log_level: str = "info", max_coalesce: int = 64) -> None:
+          idempotency: str = "reference", log_level: str = "info", max_coalesce: int = 64,
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
     """Run the service with uvicorn (blocks until stopped)."""
     import uvicorn
 
-    app = create_app(store_path=store_path, idempotency=idempotency, max_coalesce=max_coalesce)
+    app = create_app(store_path=store_path, idempotency=idempotency, max_coalesce=max_coalesce, max_body_bytes=max_body_bytes)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
 
 
@@ -474,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpm-vec serve", description="Serve POST /rebalance/simulate over HTTP.")
     add_serve_arguments(parser)
     args = parser.parse_args(argv)
-    serve(args.host, args.port, args.store, args.idempotency, args.log_level, max_coalesce=args.max_coalesce)
+    serve(args.host, args.port, args.store, args.idempotency, args.log_level, max_coalesce=args.max_coalesce,
+          max_body_bytes=args.max_body_mb * 2**20)
     return 0
 
 

@@ -209,7 +209,7 @@ def cmd_serve(args) -> int:
     if args.store and not Path(args.store).resolve().parent.is_dir():
         raise DpmVecError(f"--store {args.store}: the directory {Path(args.store).resolve().parent} does not exist")
     serve(host=args.host, port=args.port, store_path=args.store, idempotency=args.idempotency,
-          log_level=args.log_level, max_coalesce=args.max_coalesce)
+          log_level=args.log_level, max_coalesce=args.max_coalesce, max_body_bytes=args.max_body_mb * 2**20)
     return 0
 
 
@@ -232,6 +232,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-coalesce", type=_positive_int, default=64, metavar="N",
                         help="most concurrent simulate requests one engine pass computes (default 64; "
                              "1 = one engine pass per request)")
+    parser.add_argument("--max-body-mb", type=_positive_int, default=64, metavar="MB",
+                        help="largest request body accepted, in MiB; a larger one gets 413 (default 64)")
 
 
 def _expand(paths: list[str]) -> list[str]:

@@ -521,3 +521,24 @@ def test_analyze_endpoint_runs_scenarios_and_isolates_bad_ones(ref_server):
     assert body["warnings"] == ["PARTIAL_BATCH_FAILURE"]
     empty = ref_server.client.post("/rebalance/analyze", json={**batch, "scenarios": {}})
     assert empty.status_code == 422 and empty.json()["errors"][0]["field"] == "scenarios"
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read_whole(tmp_path, golden):
+    """--max-body-mb: a body declared larger (Content-Length) or streamed larger (chunked,
+    no length) is refused with a 413 problem; one within the limit runs as ever."""
+    server = Server(tmp_path, "--max-body-mb", "1")
+    try:
+        big = json.dumps({**golden, "padding": "x" * (2 * 2**20)}).encode()
+        body = _assert_problem(_post(server, big), status=413)
+        assert body["type"].endswith("/body-too-large") and "1,048,576 bytes" in body["detail"]
+
+        def chunks():
+            for start in range(0, len(big), 65536):
+                yield big[start:start + 65536]
+
+        streamed = server.client.post(SIM, content=chunks(), headers={"Content-Type": "application/json", "Idempotency-Key": "k"})
+        assert "content-length" not in streamed.request.headers
+        _assert_problem(streamed, status=413)
+        assert _post(server, golden).status_code == 200
+    finally:
+        server.stop()

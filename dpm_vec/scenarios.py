@@ -41,6 +41,9 @@ def load_scenarios(path: str | Path) -> dict[str, dict]:
     except (OSError, json.JSONDecodeError) as exc:
         raise DpmVecError(f"{path}: cannot read scenarios: {exc}") from None
     scenarios = doc.get("scenarios", doc) if isinstance(doc, dict) else None
+    if isinstance(doc, dict) and "scenarios" not in doc and {"inputs", "portfolio_snapshot"} & set(doc):
+        raise DpmVecError(f"{path}: this is a rebalance request (or a golden file), not a scenarios file: expected "
+                          f"{{\"scenarios\": {{name: {{\"options\": {{...}}}}}}}} (data/scenarios.json is one)")
     if not isinstance(scenarios, dict) or not scenarios:
         raise DpmVecError(f"{path}: expected {{\"scenarios\": {{name: {{\"options\": {{...}}}}}}}}")
     for name, spec in scenarios.items():

@@ -280,6 +280,10 @@ def test_an_unknown_scenario_option_is_an_error_naming_scenario_and_option(tmp_p
     named = {"description": "every option the contract has", "options": {"max_turnover_pct": "0.05", "dust_trade_threshold": None,
                                                                         "min_trade_notional": {"amount": "10", "currency": "SGD"}}}
     assert load_scenarios(_scenarios(tmp_path, {"scenarios": {"all": named}}))["all"] == named
+    request = json.loads((Path(__file__).parent / "data" / "scenarios" / "rfc_05_notional_fund_sizing.json").read_text())
+    for doc in (request, request["inputs"]):  # a golden file, a bare request: said so, not "options must be an object"
+        with pytest.raises(DpmVecError, match="is a rebalance request \\(or a golden file\\), not a scenarios file"):
+            load_scenarios(_scenarios(tmp_path, doc))
 
 
 def test_option_names_are_every_option_the_contract_reads():

@@ -48,10 +48,10 @@ from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES
 from dpm_vec.errors import DpmVecError, named_failures
 from dpm_vec.io import (PORTFOLIO_ROWS, _path, collect, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         write_book, write_json_atomic)
-from dpm_vec.scenarios import comparison_table, expand, load_scenarios
 from dpm_vec.outdir import SWEEP_MARKER, check_replaceable, exclusive, remove_stale_work
 from dpm_vec.outputs import OUTPUT_TABLES, output_tables
 from dpm_vec.pipeline import StageTimer, run
+from dpm_vec.scenarios import comparison_table, expand, load_scenarios
 
 log = logging.getLogger("dpm_vec.sweep")
 HOLDING_TABLES = ("positions", "cash", "lots")
@@ -482,8 +482,6 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
         raise DpmVecError("--processes is one way to run the shards; --threads, --workers and --scheduler are the others: "
                           "choose one")
     written = sweep_tables(tables)
-    on_dask = bool(scheduler or workers)
-    chosen = on_dask or threads is not None or processes is not None
     if shard_size is not None and shard_size < 1:
         raise DpmVecError(f"--shard-size must be at least 1, got {shard_size}")
     started = time.perf_counter()
@@ -493,102 +491,112 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
                           else f"{book_dir} is a file; a book is a directory of Parquet tables (docs/book.md)")
     check_replaceable(out_dir, SWEEP_MARKER, "sweep output", (book_dir, *([Path(scenarios)] if scenarios else [])))
     with exclusive(out_dir):
-        portfolios, portfolio_faults = read_portfolio_rows(book_dir)
-        if portfolio_faults.height:
-            log.warning("%d portfolio(s) of portfolios.parquet have values that fail their checks and will be BLOCKED "
-                        "(INVALID_PORTFOLIO), e.g. run_key %s, %s: %s fails %s", portfolio_faults["key"].n_unique(),
-                        *portfolio_faults.select("key", "input_column", "value", "failed_check").row(0))
-        _reference(str(book_dir))  # structural faults of shared tables surface before any work; shards reuse it
-        for table in PORTFOLIO_ROWS:  # and a missing column or impossible type of the per-portfolio ones
-            if table != "portfolios":  # read above
-                scan_table(book_dir, table)
-        hashes = input_hashes(book_dir)
-        scenario_map = load_scenarios(scenarios) if scenarios else None
-        if scenario_map:
-            def optional(table: str) -> pl.DataFrame:
-                return pl.read_parquet(_path(book_dir, table)) if _path(book_dir, table).exists() else empty_table(table)
+        return _sweep_locked(book_dir, out_dir, started, shard_size=shard_size, scheduler=scheduler, workers=workers,
+                             threads=threads, processes=processes, progress=progress, scenarios=scenarios, written=written)
 
-            derived_tables = expand(portfolios, optional("group_constraints"), optional("overdraft_limits"), scenario_map)
-            # the derived rows carry the options' defaults where the book's values failed: the
-            # shards take the failed values from here, under each scenario's run key
-            derived_tables["portfolio_faults"] = portfolio_faults.join(
-                pl.DataFrame({"_scenario": sorted(scenario_map)}), how="cross"
-            ).select("input_table", pl.col("key") + "|" + pl.col("_scenario"), pl.exclude("input_table", "key", "_scenario"))
-            portfolios = conform("portfolios", derived_tables["portfolios"])
-        counts = None  # holding_counts, when the shard size or the shards' read spans need them
-        if shard_size is None:
-            counts = holding_counts(book_dir) if portfolios.height > 1 else None
-            # the shards computed at once on this machine share the default; a remote cluster's workers do not
-            at_once = None if scheduler else workers or processes or threads or default_threads()
-            rows = run_rows(portfolios, counts["positions"], _reference(str(book_dir))["models"]) if counts else None
-            shard_size = default_shard_size(at_once, portfolios.height, rows.mean() if rows is not None else None)
-            if rows is not None:  # and where large portfolios sit together, no shard holds more than its share of rows
-                budget = DEFAULT_SHARD_ROWS // (at_once or 1)
-                fitted = fit_shard_rows(rows, shard_size, budget)
-                if fitted != shard_size and at_once:  # shrunk for its rows: full rounds again, if the evened size still fits
-                    fitted = fit_shard_rows(rows, even_shard_size(portfolios.height, fitted, at_once), budget)
-                shard_size = fitted
-        plan = plan_sweep(book_dir, out_dir, shard_size, hashes, portfolios.height, scenario_map, written)
-        if not chosen:  # threads for a few shards, worker processes for many (defaults.PROCESSES_FROM_SHARDS)
-            many = plan.n_shards >= PROCESSES_FROM_SHARDS and default_threads() > 1
-            processes, threads = (default_threads(), None) if many else (None, default_threads())
-        Path(plan.work_dir).mkdir(parents=True, exist_ok=True)
-        if scenario_map and not (Path(plan.work_dir) / "derived").exists():
-            write_book(derived_tables, Path(plan.work_dir) / "derived")
-        if plan.n_shards > 1 and not plan.partition_dir.exists():
-            plan = replace(plan, spans=holding_spans(plan, portfolios, counts))
-        write_json_atomic(Path(plan.work_dir) / "plan.json", plan.__dict__)
-        if plan.partitioned:
-            partition_holdings(plan, portfolios)
-        pending = [s for s in range(plan.n_shards) if not (plan.shard_dir(s) / "_SUCCESS").exists()]
-        resumed = plan.n_shards - len(pending)
-        reporter = _Progress(plan.n_shards, plan.n_portfolios, enabled=sys.stderr.isatty() if progress is None else progress)
-        reporter.advance(resumed, sum(json.loads((plan.shard_dir(s) / "_SUCCESS").read_text())["_portfolios"]
-                                      for s in range(plan.n_shards) if s not in pending))
-        if on_dask:
-            _run_on_dask(plan, pending, scheduler, workers, reporter)
-        elif processes:
-            _run_in_processes(plan, pending, reporter, processes)
-        else:
-            _run_in_process(plan, pending, reporter, threads)
-        reporter.close()
-        totals: dict[str, int] = {}
-        stage_seconds: dict[str, float] = {}
-        polars_threads: set[int] = set()
-        for shard in range(plan.n_shards):
-            for status, n in json.loads((plan.shard_dir(shard) / "_SUCCESS").read_text()).items():
-                if status == "_polars_threads":
-                    polars_threads.add(n)
-                elif status == "_stage_seconds":
-                    for stage, seconds in n.items():
-                        stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
-                elif not status.startswith("_"):
-                    totals[status] = totals.get(status, 0) + n
-        wall = time.perf_counter() - started
-        manifest = {
-            "engine_version": __version__,
-            "created_at": datetime.now(timezone.utc).isoformat(),
-            "book_dir": str(book_dir),
-            "input_hashes": hashes,
-            "fingerprint": plan.fingerprint,
-            "portfolios": plan.n_portfolios,
-            "counts_by_status": dict(sorted(totals.items())),
-            "shards": plan.n_shards,
-            "shard_size": shard_size,
-            "threads": threads,
-            "processes": processes,
-            "workers": None if scheduler else workers,
-            "polars_threads": sorted(polars_threads),  # the Polars thread pool each shard ran on
-            "scheduler": scheduler,
-            "resumed_shards": resumed,
-            "wall_time_s": round(wall, 3),
-            "portfolios_per_second": round(plan.n_portfolios / wall, 1) if wall else None,
-            "stage_seconds": {k: round(v, 3) for k, v in sorted(stage_seconds.items(), key=lambda kv: -kv[1])},
-        }
-        if scenario_map:
-            manifest["scenarios"] = sorted(scenario_map)
-        finalise(plan, out_dir, manifest)
-        return manifest
+
+def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: int | None, scheduler: str | None,
+                  workers: int | None, threads: int | None, processes: int | None, progress: bool | None,
+                  scenarios: str | Path | None, written: tuple[str, ...]) -> dict:
+    """``sweep`` once its arguments are checked and it holds OUT's lock."""
+    on_dask = bool(scheduler or workers)
+    chosen = on_dask or threads is not None or processes is not None
+    portfolios, portfolio_faults = read_portfolio_rows(book_dir)
+    if portfolio_faults.height:
+        log.warning("%d portfolio(s) of portfolios.parquet have values that fail their checks and will be BLOCKED "
+                    "(INVALID_PORTFOLIO), e.g. run_key %s, %s: %s fails %s", portfolio_faults["key"].n_unique(),
+                    *portfolio_faults.select("key", "input_column", "value", "failed_check").row(0))
+    _reference(str(book_dir))  # structural faults of shared tables surface before any work; shards reuse it
+    for table in PORTFOLIO_ROWS:  # and a missing column or impossible type of the per-portfolio ones
+        if table != "portfolios":  # read above
+            scan_table(book_dir, table)
+    hashes = input_hashes(book_dir)
+    scenario_map = load_scenarios(scenarios) if scenarios else None
+    if scenario_map:
+        def optional(table: str) -> pl.DataFrame:
+            return pl.read_parquet(_path(book_dir, table)) if _path(book_dir, table).exists() else empty_table(table)
+
+        derived_tables = expand(portfolios, optional("group_constraints"), optional("overdraft_limits"), scenario_map)
+        # the derived rows carry the options' defaults where the book's values failed: the
+        # shards take the failed values from here, under each scenario's run key
+        derived_tables["portfolio_faults"] = portfolio_faults.join(
+            pl.DataFrame({"_scenario": sorted(scenario_map)}), how="cross"
+        ).select("input_table", pl.col("key") + "|" + pl.col("_scenario"), pl.exclude("input_table", "key", "_scenario"))
+        portfolios = conform("portfolios", derived_tables["portfolios"])
+    counts = None  # holding_counts, when the shard size or the shards' read spans need them
+    if shard_size is None:
+        counts = holding_counts(book_dir) if portfolios.height > 1 else None
+        # the shards computed at once on this machine share the default; a remote cluster's workers do not
+        at_once = None if scheduler else workers or processes or threads or default_threads()
+        rows = run_rows(portfolios, counts["positions"], _reference(str(book_dir))["models"]) if counts else None
+        shard_size = default_shard_size(at_once, portfolios.height, rows.mean() if rows is not None else None)
+        if rows is not None:  # and where large portfolios sit together, no shard holds more than its share of rows
+            budget = DEFAULT_SHARD_ROWS // (at_once or 1)
+            fitted = fit_shard_rows(rows, shard_size, budget)
+            if fitted != shard_size and at_once:  # shrunk for its rows: full rounds again, if the evened size still fits
+                fitted = fit_shard_rows(rows, even_shard_size(portfolios.height, fitted, at_once), budget)
+            shard_size = fitted
+    plan = plan_sweep(book_dir, out_dir, shard_size, hashes, portfolios.height, scenario_map, written)
+    if not chosen:  # threads for a few shards, worker processes for many (defaults.PROCESSES_FROM_SHARDS)
+        many = plan.n_shards >= PROCESSES_FROM_SHARDS and default_threads() > 1
+        processes, threads = (default_threads(), None) if many else (None, default_threads())
+    Path(plan.work_dir).mkdir(parents=True, exist_ok=True)
+    if scenario_map and not (Path(plan.work_dir) / "derived").exists():
+        write_book(derived_tables, Path(plan.work_dir) / "derived")
+    if plan.n_shards > 1 and not plan.partition_dir.exists():
+        plan = replace(plan, spans=holding_spans(plan, portfolios, counts))
+    write_json_atomic(Path(plan.work_dir) / "plan.json", plan.__dict__)
+    if plan.partitioned:
+        partition_holdings(plan, portfolios)
+    pending = [s for s in range(plan.n_shards) if not (plan.shard_dir(s) / "_SUCCESS").exists()]
+    resumed = plan.n_shards - len(pending)
+    reporter = _Progress(plan.n_shards, plan.n_portfolios, enabled=sys.stderr.isatty() if progress is None else progress)
+    reporter.advance(resumed, sum(json.loads((plan.shard_dir(s) / "_SUCCESS").read_text())["_portfolios"]
+                                  for s in range(plan.n_shards) if s not in pending))
+    if on_dask:
+        _run_on_dask(plan, pending, scheduler, workers, reporter)
+    elif processes:
+        _run_in_processes(plan, pending, reporter, processes)
+    else:
+        _run_in_process(plan, pending, reporter, threads)
+    reporter.close()
+    totals: dict[str, int] = {}
+    stage_seconds: dict[str, float] = {}
+    polars_threads: set[int] = set()
+    for shard in range(plan.n_shards):
+        for status, n in json.loads((plan.shard_dir(shard) / "_SUCCESS").read_text()).items():
+            if status == "_polars_threads":
+                polars_threads.add(n)
+            elif status == "_stage_seconds":
+                for stage, seconds in n.items():
+                    stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
+            elif not status.startswith("_"):
+                totals[status] = totals.get(status, 0) + n
+    wall = time.perf_counter() - started
+    manifest = {
+        "engine_version": __version__,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "book_dir": str(book_dir),
+        "input_hashes": hashes,
+        "fingerprint": plan.fingerprint,
+        "portfolios": plan.n_portfolios,
+        "counts_by_status": dict(sorted(totals.items())),
+        "shards": plan.n_shards,
+        "shard_size": shard_size,
+        "threads": threads,
+        "processes": processes,
+        "workers": None if scheduler else workers,
+        "polars_threads": sorted(polars_threads),  # the Polars thread pool each shard ran on
+        "scheduler": scheduler,
+        "resumed_shards": resumed,
+        "wall_time_s": round(wall, 3),
+        "portfolios_per_second": round(plan.n_portfolios / wall, 1) if wall else None,
+        "stage_seconds": {k: round(v, 3) for k, v in sorted(stage_seconds.items(), key=lambda kv: -kv[1])},
+    }
+    if scenario_map:
+        manifest["scenarios"] = sorted(scenario_map)
+    finalise(plan, out_dir, manifest)
+    return manifest
 
 
 def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, workers: int | None, reporter) -> None:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
 from dpm_vec.errors import DpmVecError
+
+log = logging.getLogger(__name__)
 
 SWEEP_MARKER = "manifest.json"  # what a sweep's output holds
 BOOK_MARKER = "portfolios.parquet"  # what a book holds
@@ -88,6 +91,9 @@ def _locked(path: Path, out_dir: Path):
             handle.close()
             raise DpmVecError(f"--out {out_dir} is being written by {holder}: wait for it to finish, "
                               f"or choose another output directory") from None
+        except OSError as exc:  # a file system without locks (some network mounts): go on, unguarded
+            log.warning("cannot lock %s (%s): nothing stops a second sweep writing %s at the same time", path, exc, out_dir)
+            return handle
         try:
             same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
         except FileNotFoundError:

@@ -136,3 +136,18 @@ def test_workers_die_with_a_killed_sweep(tmp_path):
     assert not alive, [p.pid for p in alive]
     # the lock went with the killed process: the same command resumes at once
     assert subprocess.run(_sweep_command(book, out, "--processes", "2"), capture_output=True, timeout=300).returncode == 0
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    """Some network mounts refuse flock (ENOLCK): the sweep runs, unguarded, and says so."""
+    import errno
+    import fcntl
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="dpm_vec.outdir"), exclusive(tmp_path / "out"):
+        pass
+    assert "nothing stops a second sweep writing" in caplog.text
+    assert not (tmp_path / ".out.lock").exists()

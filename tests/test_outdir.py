@@ -1,10 +1,9 @@
-"""What a command may replace, one writer per output, and a sweep stopped from outside
-(SIGTERM, kill -9) leaving nothing running and nothing behind."""
+"""What a command may replace, one writer per output, and a sweep killed outright
+leaving nothing running and nothing behind (SIGINT and SIGTERM: test_sweep.py)."""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from dpm_vec.errors import DpmVecError
 from dpm_vec.outdir import BOOK_MARKER, SWEEP_MARKER, check_replaceable, exclusive, stale_work
 from dpm_vec.sweep import sweep
-from tests.test_sweep import _book, _resumes_to_identical_output, _sweep_command, _wait_for_commits
+from tests.test_sweep import _book, _sweep_command, _wait_for_commits
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -100,22 +99,6 @@ def test_a_finished_sweep_removes_what_killed_runs_left(tmp_path):
     sweep(DATA / "sample_book", out, shard_size=250, threads=1, progress=False)
     assert stale_work(out) == []
     assert (tmp_path / ".outer.work-0123456789abcdef").exists() and (out / SWEEP_MARKER).exists()
-
-
-def test_sigterm_stops_a_sweep_like_ctrl_c(tmp_path):
-    """SIGTERM (what a job scheduler sends) to a sweep on worker processes: one line,
-    exit code 143, no traceback, and the same command resumes to identical output."""
-    book = _book(tmp_path, n=240, seed=26)
-    out = tmp_path / "out"
-    cmd = _sweep_command(book, out, "--processes", "2")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    _wait_for_commits(proc, out, 2)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr
-    assert stderr.strip().splitlines()[-1] == "dpm-vec: terminated (committed shards are kept: the same command resumes)"
-    assert "Traceback" not in stderr and not out.exists()
-    _resumes_to_identical_output(cmd, book, out, tmp_path, committed=2)
 
 
 def test_workers_die_with_a_killed_sweep(tmp_path):

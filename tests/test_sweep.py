@@ -576,18 +576,22 @@ def test_ctrl_c_on_a_process_sweep_says_so_once(tmp_path):
     _resumes_to_identical_output(cmd, book, out, tmp_path, committed=2)
 
 
-def test_interrupted_sweep_says_so_and_resumes(tmp_path):
-    """Ctrl-C (SIGINT) on a real sweep with two shard threads: one line saying how to go on,
-    exit code 130, no traceback, no output dir; the same command then finishes the rest."""
-    book = _book(tmp_path, n=240, seed=22)
+@pytest.mark.parametrize("stop, options, code, said, seed", [
+    (signal.SIGINT, ("--threads", "2"), 130, "interrupted", 22),
+    (signal.SIGTERM, ("--processes", "2"), 143, "terminated", 26),  # a job scheduler's stop, plain kill
+], ids=["ctrl-c-threads", "sigterm-processes"])
+def test_interrupted_sweep_says_so_and_resumes(tmp_path, stop, options, code, said, seed):
+    """Ctrl-C (SIGINT) or SIGTERM to the sweep's own process: one line saying how to go on,
+    its exit code, no traceback, no output dir; the same command then finishes the rest."""
+    book = _book(tmp_path, n=240, seed=seed)
     out = tmp_path / "out"
-    cmd = _sweep_command(book, out, "--threads", "2")
+    cmd = _sweep_command(book, out, *options)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_commits(proc, out, 2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1] == "dpm-vec: interrupted (committed shards are kept: the same command resumes)"
+    assert proc.returncode == code, stderr
+    assert stderr.strip().splitlines()[-1] == f"dpm-vec: {said} (committed shards are kept: the same command resumes)"
     assert "Traceback" not in stderr and not out.exists()
     _resumes_to_identical_output(cmd, book, out, tmp_path, committed=2)
 

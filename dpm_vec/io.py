@@ -107,28 +107,31 @@ def scan_table(book_dir: Path, table: str, file: Path | None = None) -> pl.LazyF
 
 
 def _check_owned(table: str, file: Path, metadata: pq.FileMetaData) -> None:
-    """Every row of a per-portfolio table names its portfolio key: a row with a null
-    ``portfolio_snapshot_id`` (or ``run_key``) belongs to no portfolio, and a reader that
-    takes each portfolio's rows would drop it unseen. The file's fault, naming its 0-based
-    rows. The Parquet statistics answer for a clean file without reading a value."""
+    """Every row of a per-portfolio table names its portfolio key: a row with a null or
+    empty ``portfolio_snapshot_id`` (or ``run_key``) belongs to no portfolio, and a reader
+    that takes each portfolio's rows would drop it unseen. The file's fault, naming its
+    0-based rows. The Parquet statistics (null count, and a minimum of "" for an empty
+    key) answer for a clean file without reading a value."""
     key = PORTFOLIO_ROWS[table][0]
-    counted = 0
+    suspect = 0
     for group in range(metadata.num_row_groups):
         row_group = metadata.row_group(group)
         column = next((row_group.column(i) for i in range(row_group.num_columns)
                        if row_group.column(i).path_in_schema == key), None)
         stats = column.statistics if column is not None else None
-        if stats is None or not stats.has_null_count:
-            counted = None  # a writer that kept no statistics: count them
+        if stats is None or not stats.has_null_count or not stats.has_min_max:
+            suspect = None  # a writer that kept no statistics (or a group of nulls only): read the keys
             break
-        counted += stats.null_count
-    if counted == 0:
+        suspect += stats.null_count + (stats.min in ("", b""))
+    if suspect == 0:
         return
-    rows = pl.scan_parquet(file).select(pl.col(key).is_null().alias("_null")).with_row_index("_row").filter("_null")
-    found = rows.select(pl.len().alias("n"), pl.col("_row").head(5).implode().alias("rows")).collect()
-    if found["n"][0]:
-        raise BookError(str(file), f"{found['n'][0]} row(s) with no {key}: such a row belongs to no portfolio", column=key,
-                        examples=[f"row {row} (0-based): {key} null fails not_nullable" for row in found["rows"][0]])
+    missing = pl.col(key).is_null() | (pl.col(key).cast(pl.String) == "")
+    rows = pl.scan_parquet(file).with_row_index("_row").filter(missing).select("_row", pl.col(key).is_null().alias("_null"))
+    found = collect(rows, file)
+    if found.height:
+        raise BookError(str(file), f"{found.height} row(s) with no {key}: such a row belongs to no portfolio", column=key,
+                        examples=[f"row {row} (0-based): {key} {'null' if null else 'empty'} fails not_nullable"
+                                  for row, null in found.head(5).iter_rows()])
 
 
 def collect(lf: pl.LazyFrame, file: Path, **options) -> pl.DataFrame:

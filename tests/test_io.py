@@ -231,22 +231,23 @@ def test_a_parquet_file_that_is_no_table_is_an_error_with_a_hint(tmp_path):
 
 @pytest.mark.parametrize(("table", "key"), [("positions", "portfolio_snapshot_id"), ("cash", "portfolio_snapshot_id"),
                                             ("lots", "portfolio_snapshot_id"), ("overdraft_limits", "run_key")])
-def test_a_row_of_no_portfolio_is_the_files_fault(tmp_path, table, key):
-    """A holdings row with a null portfolio_snapshot_id (a limits row with a null run_key)
-    belongs to no portfolio; it is named, file, column and 0-based row, not dropped."""
+@pytest.mark.parametrize("missing", [None, ""], ids=["null", "empty"])
+def test_a_row_of_no_portfolio_is_the_files_fault(tmp_path, table, key, missing):
+    """A holdings row with a null or empty portfolio_snapshot_id (a limits row with no
+    run_key) belongs to no portfolio; it is named, file, column and 0-based row, not dropped."""
     frames = generate_book_frames(3, 5, holdings=(2, 3))
     if table == "overdraft_limits":
         frames[table] = pl.DataFrame({"run_key": frames["portfolios"]["run_key"], "currency": ["SGD", "USD", "EUR"],
                                       "max_overdraft": [Decimal(100)] * 3})
     assert frames[table].height > 2
     frames[table] = frames[table].with_columns(
-        pl.when(pl.int_range(pl.len()) == 2).then(None).otherwise(pl.col(key)).alias(key))
+        pl.when(pl.int_range(pl.len()) == 2).then(pl.lit(missing, dtype=pl.String)).otherwise(pl.col(key)).alias(key))
     write_book(frames, tmp_path / "book")
     with pytest.raises(BookError) as caught:
         read_book(tmp_path / "book")
     text = str(caught.value)
     assert f"{table}.parquet, column '{key}': 1 row(s) with no {key}: such a row belongs to no portfolio" in text
-    assert f"row 2 (0-based): {key} null" in text
+    assert f"row 2 (0-based): {key} {'null' if missing is None else 'empty'}" in text
 
 
 def test_a_row_of_no_portfolio_is_found_without_statistics(tmp_path):

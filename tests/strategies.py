@@ -461,10 +461,10 @@ def rfc_option_requests(draw) -> dict:
     if maybe(30):
         for t in req["model_portfolio"]["targets"]:
             t["weight"] = draw(st.sampled_from(["0.1", "0.2", "0.3", "0.5", "0.5"]))
-    if maybe(60):
+    if maybe(75):
         o["notional_sizing"] = draw(weighted([(True, 4), ("true", 1)]))
     for e in req["shelf_entries"]:
-        if maybe(50):
+        if maybe(65):
             e["trade_by"] = draw(weighted([("NOTIONAL", 3), ("UNITS", 1)]))
 
     # as_of on the snapshots and prices: ages and skews around the limits

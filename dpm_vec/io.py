@@ -86,7 +86,10 @@ def check_book_files(book_dir: Path) -> None:
                                        f"{', '.join(t + '.parquet' for t in tables)} (see docs/book.md)")
 
 
-def scan_table(book_dir: Path, table: str, file: Path | None = None) -> pl.LazyFrame | None:
+def scan_table(book_dir: Path, table: str, file: Path | None = None, check_owned: bool = True) -> pl.LazyFrame | None:
+    """``table``'s file as a lazy frame after its whole-file checks (None: an optional table
+    the book lacks). ``check_owned=False`` skips the rows-of-no-portfolio check, which may
+    read the key column: a sweep's shards, whose book the sweep checked once at its start."""
     file = file or _path(book_dir, table)
     if not file.exists():
         if table in OPTIONAL_TABLES:
@@ -101,7 +104,7 @@ def scan_table(book_dir: Path, table: str, file: Path | None = None) -> pl.LazyF
         raise BookError(str(file), f"not a readable Parquet file: {exc}") from None
     _check_columns(table, file, schema.names)
     _check_types(table, file, schema)
-    if table in PORTFOLIO_ROWS and table != "portfolios":
+    if check_owned and table in PORTFOLIO_ROWS and table != "portfolios":
         _check_owned(table, file, metadata)
     return pl.scan_parquet(file)
 
@@ -351,7 +354,7 @@ def _read_book(book_dir, portfolios, reference, files, spans, isolate: bool) -> 
         if table in files and not files[table].exists():
             tables[table] = empty_table(table)
             continue
-        lf = scan_table(book_dir, table, files.get(table))
+        lf = scan_table(book_dir, table, files.get(table), check_owned=not isolate)  # isolate: a sweep's shard
         if lf is not None and spans and table in spans:
             lf = lf.slice(*spans[table])
         frame = empty_table(table) if lf is None else collect(lf.filter(pl.col(key).is_in(ids)), files.get(table) or _path(book_dir, table))

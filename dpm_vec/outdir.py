@@ -103,19 +103,20 @@ def _locked(path: Path, out_dir: Path):
         handle.close()
 
 
-def stale_work(out_dir: Path, keep: Path | None = None) -> list[Path]:
+def stale_work(out_dir: Path) -> list[Path]:
     """Leftovers beside ``out_dir`` of earlier runs that were killed: work directories of a
-    sweep with other arguments or inputs (``.<OUT>.work-*``, other than ``keep``) and
-    staging or replaced copies (``.<OUT>.staging-*``, ``.<OUT>.old-*``, ``.<OUT>.tmp-*``)."""
+    sweep with other arguments or inputs (``.<OUT>.work-*``; a finished sweep has removed
+    its own) and staging or replaced copies (``.<OUT>.staging-*``, ``.<OUT>.old-*``,
+    ``.<OUT>.tmp-*``)."""
     pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.(work|staging|old|tmp)-[0-9a-f]+$")
     if not out_dir.parent.is_dir():
         return []
-    return sorted(p for p in out_dir.parent.iterdir() if pattern.match(p.name) and p != keep)
+    return sorted(p for p in out_dir.parent.iterdir() if pattern.match(p.name))
 
 
-def remove_stale_work(out_dir: Path, keep: Path | None = None) -> list[Path]:
+def remove_stale_work(out_dir: Path) -> list[Path]:
     """Delete ``stale_work``; call only while holding ``exclusive(out_dir)``."""
-    stale = stale_work(out_dir.resolve(), keep)
+    stale = stale_work(out_dir.resolve())
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale

@@ -507,7 +507,7 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
                     "(INVALID_PORTFOLIO), e.g. run_key %s, %s: %s fails %s", portfolio_faults["key"].n_unique(),
                     *portfolio_faults.select("key", "input_column", "value", "failed_check").row(0))
     _reference(str(book_dir))  # structural faults of shared tables surface before any work; shards reuse it
-    for table in PORTFOLIO_ROWS:  # and a missing column or impossible type of the per-portfolio ones
+    for table in PORTFOLIO_ROWS:  # and a missing column, impossible type or row of no portfolio of the per-portfolio ones, once for all shards
         if table != "portfolios":  # read above
             scan_table(book_dir, table)
     hashes = input_hashes(book_dir)

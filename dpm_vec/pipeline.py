@@ -32,7 +32,7 @@ from dpm_vec.stages.solver import COMPARISON_SCHEMA
 from dpm_vec.stages.targets import build_targets, warnings_frame
 from dpm_vec.stages.trades import apply_turnover_cap, translate, within_quantity_range
 from dpm_vec.stages.universe import build_universe
-from dpm_vec.stages.valuation import ValuedState, value_state
+from dpm_vec.stages.valuation import ValuedState, at_printed_midpoints, value_state
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,8 @@ class StageTimer:
 def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None) -> Result:
     """Run every portfolio of ``book``. ``allocations=False`` skips the asset-class and
     attribute allocation buckets, which only the JSON door prints (sweeps do not); the
-    Result's ``allocations`` is then empty."""
+    Result's ``allocations`` is then empty. With them, a state weight within a hair of a
+    4-dp midpoint holds the reference's 4-dp rounding of it (``at_printed_midpoints``)."""
     timer = timer or StageTimer()
     timer.lap("_idle")
 
@@ -212,6 +213,10 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
         counts_final.select("run", "n_price_missing", "n_fx_missing", "n_shelf_missing", "dq_count"), on="run", how="left"
     ).sort("run")
 
+    if allocations:  # the JSON door prints state weights at 4 dp; rules and gate above read the fixed point
+        before = at_printed_midpoints(market, runs, before)
+        after = at_printed_midpoints(market, traded, after, lambda chosen: compliance.exact_after_cash(market, chosen, intents, p.cash))
+        revalued = at_printed_midpoints(market, runs, revalued)
     # after-state of stopped runs is the before-state (E1, E2), revalued for E3
     states = {
         name: _after_state([getattr(after, name), getattr(revalued, name), _only(getattr(before, name), stopped)])

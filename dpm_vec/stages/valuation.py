@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import polars as pl
 
+from dpm_vec import dec28 as f28
 from dpm_vec.dec28 import F28
 from dpm_vec.frames import join_runs, sort_rows
-from dpm_vec.numeric import lit, times_price
+from dpm_vec.numeric import HAIR, lit, times_price
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
+from dpm_vec.stages.universe import valued_in_28_digits
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,79 @@ def value_state(
         allocations=allocations,
         dq=dq.concat(price_missing, pos_fx_missing, cash_fx_missing),
     )
+
+
+def near_printed_midpoint(weight: pl.Expr) -> pl.Expr:
+    """Whether a weight lies within a hair (1e-12) of a 4-dp midpoint such as 0.70125. A
+    weight beyond ±1e9 (a total of nearly 0) is clipped first: × 10^4 would leave DEC."""
+    scaled = weight.clip(lit(-10**9), lit(10**9)) * lit(10_000)
+    return (scaled - scaled.floor() - lit("0.5")).abs() <= lit(HAIR) * lit(10_000)
+
+
+def at_printed_midpoints(market: Market, runs: pl.DataFrame, state: ValuedState,
+                         exact_cash: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> ValuedState:
+    """``state`` with each position and bucket weight that lies within a hair of a 4-dp
+    midpoint replaced by its 4-dp rounding from the reference's 28 digits (§1.1, §6.2):
+    value_base / T with T one running sum over the positions and then the cash. The
+    JSON door prints state weights at 4 dp, and a fixed-point weight there can fall on
+    the other side of the midpoint (cash of 935 over a CHF holding at EUR/CHF 6 is
+    exactly 0.70125 of the total: 0.7013 from the reference's 28-digit total, 0.7012 from
+    the 20-decimal one). ``exact_cash(chosen runs)`` gives the after-state's 28-digit cash
+    balances (run, currency, _amount_f). Where a literal CASH asset class shares the cash
+    bucket, the bucket is its positions' sum plus the cash's, as the fixed point adds them."""
+    near = near_printed_midpoint(pl.col("weight"))
+    chosen = pl.concat([state.positions.filter(near).select("run"), state.allocations.filter(near).select("run")]).unique()
+    if chosen.height == 0:
+        return state
+    bases = runs.select("run", "base_currency").join(chosen, on="run", how="semi")
+    cash = state.cash.join(bases, on="run", how="semi")
+    if exact_cash is not None:
+        cash = cash.join(exact_cash(runs.join(chosen, on="run", how="semi")), on=["run", "currency"], how="left")
+    held, tv = valued_in_28_digits(market, bases, state.positions, cash)
+    held = sort_rows(held, "run", "pos_seq")
+    weights = tv.select("run", "_divisor_f", "_cash_f")
+
+    def weighed(values: pl.DataFrame, value: str) -> pl.DataFrame:
+        return f28.div(values.join(weights, on="run"), value, "_divisor_f", "_w_f").with_columns(
+            f28.round_to_dec("_w_f", 4).alias("_printed")
+        ).drop("_divisor_f", "_cash_f", "_w_f")
+
+    def sums(values: pl.DataFrame, *by: str) -> pl.DataFrame:
+        # Σ value_base by key in position order, each addition rounded to 28 digits
+        keyed = values.with_columns(pl.concat_str([pl.col(c).cast(pl.String) for c in ("run", *by)], separator="|").alias("_key"))
+        return f28.group_sums(keyed, "_key", "_base_f", "_sum_f").join(keyed.select("_key", "run", *by).unique("_key"), on="_key")
+
+    by_position = weighed(held.select("run", "pos_seq", "instrument_id", "_base_f"), "_base_f")
+    class_sums = sums(held, "asset_class")
+    by_class = weighed(class_sums.filter(pl.col("asset_class") != "CASH"), "_sum_f").select(
+        "run", pl.lit("asset_class").alias("dimension"), pl.col("asset_class").alias("key"), "_printed",
+    )
+    # the CASH bucket: Σ cash in base, added to the positions of a literal CASH class if any
+    cash_bucket = tv.select("run", "_cash_f").join(
+        class_sums.filter(pl.col("asset_class") == "CASH").select("run", "_sum_f"), on="run", how="left",
+    ).with_columns(f28.fill_null("_sum_f", f28.zero()))
+    cash_bucket = weighed(f28.add(cash_bucket, "_sum_f", "_cash_f", "_bucket_f").drop("_cash_f", "_sum_f"), "_bucket_f").select(
+        "run", pl.lit("asset_class").alias("dimension"), pl.lit("CASH").alias("key"), "_printed",
+    )
+    attrs = market.with_attributes(held.select("run", "pos_seq", "instrument_id", "_base_f"))
+    by_attribute = weighed(sort_rows(attrs, "run", "pos_seq").pipe(sums, "attribute", "value"), "_sum_f").select(
+        "run", pl.concat_str(pl.lit("attribute:"), pl.col("attribute")).alias("dimension"), pl.col("value").alias("key"), "_printed",
+    )
+    exact_buckets = pl.concat([by_class, cash_bucket, by_attribute])
+    printed = pl.when(near & pl.col("_printed").is_not_null()).then(pl.col("_printed")).otherwise(pl.col("weight")).alias("weight")
+    positions = state.positions.join(
+        by_position.select("run", pl.col("pos_seq").cast(state.positions.schema["pos_seq"]), "_printed"),
+        on=["run", "pos_seq"], how="left", maintain_order="left",
+    ).with_columns(printed).drop("_printed")
+    instrument = state.allocations.join(
+        by_position.select("run", pl.lit("instrument").alias("dimension"), pl.col("pos_seq").cast(pl.Int64).alias("bucket_order"),
+                           pl.col("_printed").alias("_by_position")),
+        on=["run", "dimension", "bucket_order"], how="left", maintain_order="left",
+    )
+    allocations = instrument.join(exact_buckets, on=["run", "dimension", "key"], how="left", maintain_order="left").with_columns(
+        pl.coalesce("_by_position", "_printed").alias("_printed"),
+    ).with_columns(printed).drop("_by_position", "_printed")
+    return replace(state, positions=positions, allocations=allocations)
 
 
 def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: pl.DataFrame, full: bool) -> pl.DataFrame:

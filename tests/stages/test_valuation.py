@@ -192,3 +192,113 @@ def test_times_price_matches_the_exact_product_to_the_last_digit(quantity, price
     value = frame.select(times_price(frame, "quantity", pl.col("price"))).item()
     exact = decimal.Context(prec=80).multiply(quantity, price)
     assert abs(value - exact) <= D("1e-20") * D("0.5") + D("1e-28")
+
+
+def _four_dp(weight: D) -> D:
+    return weight.quantize(D("0.0001"), rounding=decimal.ROUND_HALF_EVEN)
+
+
+def _midpoint_scenario(scenario, **extra):
+    """A CHF holding at EUR/CHF 6 is worth a third of 1,000 EUR, so the total 1,333.33…
+    does not terminate; cash of 935 is exactly 0.70125 of it, X's 65 exactly 0.04875, and
+    X with the holding (sector TECH, class EQUITY) exactly 0.29875: three 4-dp midpoints."""
+    return scenario(
+        base="EUR",
+        positions=[("CH", "100"), ("X", "65"), ("Y", "10")],
+        cash=[("EUR", "935")],
+        prices=[("CH", "20", "CHF"), ("X", "1", "EUR"), ("Y", "0", "EUR")],
+        fx=[("EUR/CHF", "6")],
+        shelf=[("CH", "APPROVED", "EQUITY"), ("X", "APPROVED", "EQUITY"), ("Y", "APPROVED", "FI")],
+        attributes=[("CH", "sector", "TECH"), ("X", "sector", "TECH"), ("Y", "sector", "FI")],
+        **extra,
+    )
+
+
+def _reference_weights():
+    """§6.2 in the reference's arithmetic (28 significant digits, half-even): value_base
+    of each position, T one running sum over the positions and then the cash."""
+    with decimal.localcontext(decimal.Context(prec=28, rounding=decimal.ROUND_HALF_EVEN)):
+        chf_to_eur = D(1) / D(6)
+        values = {"CH": D(100) * D(20) * chf_to_eur, "X": D(65) * D(1), "Y": D(10) * D(0)}
+        total = D(0)
+        for v in [*values.values(), D(935)]:
+            total += v
+        equity = D(0) + values["CH"] + values["X"]
+        return {
+            "positions": {k: v / total for k, v in values.items()},
+            "asset_class": {"EQUITY": equity / total, "FI": values["Y"] / total, "CASH": D(935) / total},
+            "attribute:sector": {"TECH": equity / total, "FI": values["Y"] / total},
+        }
+
+
+def test_weights_at_a_printed_midpoint_are_decided_in_28_digits(scenario):
+    """The JSON door prints state weights at 4 dp. The 20-decimal total here is 1e-20
+    high, which puts the cash weight just below 0.70125 (0.7012), where the reference's
+    28-digit total puts it just above (0.7013); ``at_printed_midpoints`` gives every
+    position and bucket within a hair of a midpoint the reference's 4-dp rounding."""
+    from dpm_vec.stages.valuation import at_printed_midpoints
+
+    s = _midpoint_scenario(scenario)
+    expected = _reference_weights()
+    assert _four_dp(expected["asset_class"]["CASH"]) == D("0.7013")
+    fixed = _alloc(s, "asset_class")
+    assert _four_dp(fixed["CASH"][1]) == D("0.7012")  # the fixed point's side of the midpoint, which this corrects
+
+    state = at_printed_midpoints(s.market, s.runs, s.before)
+    positions = {r["instrument_id"]: r["weight"] for r in state.positions.to_dicts()}
+    assert {k: _four_dp(w) for k, w in positions.items()} == {k: _four_dp(w) for k, w in expected["positions"].items()}
+    allocations = state.allocations
+    for dimension in ("asset_class", "attribute:sector"):
+        got = allocations.filter(pl.col("dimension") == dimension)
+        assert {k: _four_dp(w) for k, w in zip(got["key"], got["weight"])} == {k: _four_dp(w) for k, w in expected[dimension].items()}
+    instrument = allocations.filter(pl.col("dimension") == "instrument")
+    assert {k: _four_dp(w) for k, w in zip(instrument["key"], instrument["weight"])} == {
+        k: _four_dp(w) for k, w in expected["positions"].items()
+    }
+    # values, totals, order and every other column are the state's own
+    assert state.positions.drop("weight").equals(s.before.positions.drop("weight"))
+    assert state.allocations.drop("weight").equals(s.before.allocations.drop("weight"))
+
+
+def test_weights_away_from_a_printed_midpoint_are_left_alone(scenario):
+    from dpm_vec.stages.valuation import at_printed_midpoints
+
+    s = scenario(
+        base="EUR",
+        positions=[("CH", "100")],
+        cash=[("EUR", "1000")],
+        prices=[("CH", "20", "CHF")],
+        fx=[("EUR/CHF", "6")],
+        shelf=[("CH", "APPROVED", "EQUITY")],
+    )
+    assert at_printed_midpoints(s.market, s.runs, s.before) is s.before
+
+
+def test_a_cash_bucket_shared_with_a_literal_cash_class_is_decided_in_28_digits_too(scenario):
+    """Positions of a shelf asset class CASH share the cash bucket (§6.2): their sum plus
+    the cash's, here 10 + 925 = 935 of 1,333.33…, the 0.70125 midpoint again."""
+    from dpm_vec.stages.valuation import at_printed_midpoints
+
+    shared = scenario(
+        base="EUR",
+        positions=[("CH", "100"), ("X", "65"), ("MM", "10")],
+        cash=[("EUR", "925")],
+        prices=[("CH", "20", "CHF"), ("X", "1", "EUR"), ("MM", "1", "EUR")],
+        fx=[("EUR/CHF", "6")],
+        shelf=[("CH", "APPROVED", "EQUITY"), ("X", "APPROVED", "EQUITY"), ("MM", "APPROVED", "CASH")],
+    )
+    assert _four_dp(_alloc(shared, "asset_class")["CASH"][1]) == D("0.7012")  # the fixed point's side
+    state = at_printed_midpoints(shared.market, shared.runs, shared.before)
+    classes = state.allocations.filter(pl.col("dimension") == "asset_class")
+    weights = {k: _four_dp(w) for k, w in zip(classes["key"], classes["weight"])}
+    assert weights == {"EQUITY": _four_dp(_reference_weights()["asset_class"]["EQUITY"]), "CASH": D("0.7013")}
+
+
+def test_near_printed_midpoint_reads_a_hair_either_side_and_any_size():
+    from dpm_vec.stages.valuation import near_printed_midpoint
+
+    weights = ["0.70125", "0.70124999999999999999", "0.701250000001", "0.7012500000011", "-0.04875", "0.7012", "0.70126",
+               "123456789012345678.5", "-99999999999999999.99995"]
+    frame = pl.DataFrame({"weight": [D(w) for w in weights]}, schema={"weight": DEC})
+    near = frame.select(near_printed_midpoint(pl.col("weight"))).to_series().to_list()
+    assert near == [True, True, True, False, True, False, False, False, False]

@@ -302,3 +302,27 @@ def test_near_printed_midpoint_reads_a_hair_either_side_and_any_size():
     frame = pl.DataFrame({"weight": [D(w) for w in weights]}, schema={"weight": DEC})
     near = frame.select(near_printed_midpoint(pl.col("weight"))).to_series().to_list()
     assert near == [True, True, True, False, True, False, False, False, False]
+
+
+def test_a_weight_below_a_tenth_is_rounded_from_28_significant_digits(scenario):
+    """162 CHF at EUR/CHF 6 is 27.00000000000000000000000001 EUR in the reference's
+    arithmetic, 0.05625000000000000000000000002 of 480: just above the midpoint, 0.0563.
+    At 28 decimals that weight reads as the midpoint itself, which half-even takes down."""
+    from dpm_vec.stages.valuation import at_printed_midpoints
+
+    s = scenario(
+        base="EUR",
+        positions=[("CH", "81"), ("X", "52")],
+        cash=[("EUR", "193")],
+        prices=[("CH", "2", "CHF"), ("X", "5", "EUR")],
+        fx=[("EUR/CHF", "6")],
+        shelf=[("CH", "APPROVED", "EQUITY"), ("X", "APPROVED", "EQUITY")],
+    )
+    with decimal.localcontext(decimal.Context(prec=28, rounding=decimal.ROUND_HALF_EVEN)):
+        reference = D(162) * (D(1) / D(6)) / (D(0) + D(162) * (D(1) / D(6)) + D(260) + D(193))
+    assert _four_dp(reference) == D("0.0563")
+    state = at_printed_midpoints(s.market, s.runs, s.before)
+    weights = {r["instrument_id"]: _four_dp(r["weight"]) for r in state.positions.to_dicts()}
+    assert weights["CH"] == D("0.0563")
+    instrument = state.allocations.filter(pl.col("dimension") == "instrument")
+    assert {k: _four_dp(w) for k, w in zip(instrument["key"], instrument["weight"])}["CH"] == D("0.0563")

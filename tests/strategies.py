@@ -332,6 +332,59 @@ def round_inverse_requests(draw) -> dict:
     }
 
 
+@st.composite
+def printed_midpoint_requests(draw) -> dict:
+    """Requests whose before-state puts a weight exactly on a 4-dp midpoint (m / 20000, m
+    odd) of a total that a foreign holding reaches through an inverse quote ``EUR/F`` (§6.1:
+    1 / q in 28 digits, so F's value in EUR is a hair off the integer it is rationally).
+    The printed weight (§6.2, 4 dp half-even) then falls on the reference's side of the
+    midpoint only if computed as it computes; trades move the after-state's weights
+    near other midpoints now and then."""
+    q = Decimal(draw(st.sampled_from(INVERSE_QUOTES)))
+    foreign = draw(st.sampled_from(["CHF", "JPY", "USD"]))
+    scale = draw(st.sampled_from([1, 2, 5, 10]))
+    m = 2 * draw(st.integers(0, 9998)) + 1  # odd: m / 20000 is a 4-dp midpoint
+    rest = (20000 - m) * scale
+    foreign_units = draw(st.integers(1, rest - 1)) if rest > 1 else 1
+    values = {"F": foreign_units, "X": rest - foreign_units, "cash": 0}
+    holder = draw(st.sampled_from(["F", "X", "cash"]))  # whose weight is the midpoint
+    values[holder] += m * scale
+    if draw(st.booleans()):  # part of the rest in cash
+        moved = draw(st.integers(0, values["X"]))
+        values["X"], values["cash"] = values["X"] - moved, values["cash"] + moved
+    f_class, x_class = draw(st.sampled_from([("EQUITY", "EQUITY"), ("EQUITY", "FI"), ("FI", "CASH")]))
+    shelf = [
+        {"instrument_id": "F", "status": "APPROVED", "asset_class": f_class, "attributes": {"sector": "TECH"}},
+        {"instrument_id": "X", "status": draw(weighted([("APPROVED", 4), ("SELL_ONLY", 1), ("SUSPENDED", 1)])),
+         "asset_class": x_class, "attributes": {"sector": draw(st.sampled_from(["TECH", "FIN"]))}},
+        {"instrument_id": "Z", "status": "APPROVED", "asset_class": "FI"},
+    ]
+    targets = [{"instrument_id": iid, "weight": draw(st.sampled_from(["0", "0.05", "0.1", "0.2", "0.3", "0.5"]))}
+               for iid in ("F", "X", "Z") if draw(st.integers(0, 3))]
+    options: dict = {"fx_buffer_pct": draw(st.sampled_from(["0", "0.01"]))}
+    if draw(st.booleans()):
+        options["cash_band_min_weight"], options["cash_band_max_weight"] = "0", draw(st.sampled_from(["0.5", "0.9", "1"]))
+    if draw(st.booleans()):
+        options["single_position_max_weight"] = draw(st.sampled_from(["0.3", "0.5", "0.9"]))
+    if draw(st.integers(0, 3)) == 0:
+        options["max_turnover_pct"] = draw(st.sampled_from(["0.05", "0.2"]))
+    return {
+        "portfolio_snapshot": {
+            "portfolio_id": draw(st.sampled_from(PORTFOLIO_IDS)), "base_currency": "EUR",
+            "positions": [{"instrument_id": "F", "quantity": str(values["F"])}, {"instrument_id": "X", "quantity": str(values["X"])}],
+            "cash_balances": [{"currency": "EUR", "amount": str(values["cash"])}],
+        },
+        "market_data_snapshot": {
+            # F at q units of F: 1 EUR a unit, rationally
+            "prices": [{"instrument_id": "F", "price": str(q), "currency": foreign},
+                       {"instrument_id": "X", "price": "1", "currency": "EUR"},
+                       {"instrument_id": "Z", "price": "10", "currency": "EUR"}],
+            "fx_rates": [{"pair": f"EUR/{foreign}", "rate": str(q)}],
+        },
+        "model_portfolio": {"targets": targets}, "shelf_entries": shelf, "options": options,
+    }
+
+
 # (price, lot cost) pairs whose gain per unit divides round budgets into endless decimals
 GAIN_PAIRS = (("100.00", "70.00"), ("90.00", "60.00"), ("100.00", "50.00"), ("10.00", "3.00"), ("21.00", "14.00"), ("45.50", "42.50"))
 

@@ -31,7 +31,8 @@ from dpm_vec.simulate import simulate_many
 
 from tests.golden_compare import strip_random
 from tests.strategies import (
-    golden_mutations, isolation_batches, requests, rfc_option_requests, round_inverse_requests, tax_residue_requests,
+    golden_mutations, isolation_batches, printed_midpoint_requests, requests, rfc_option_requests, round_inverse_requests,
+    tax_residue_requests,
 )
 
 CENT = Decimal("0.01")
@@ -348,6 +349,18 @@ def test_round_amounts_over_inverse_quotes_match_oracle(reqs):
     """Round amounts over inverse quotes meet limits exactly in the reference's 28 digits
     and a hair off in the fixed point's: every such boundary must be decided as the
     reference decides it (the fixed point's last digits are within a cent, not its verdicts)."""
+    failures: list[str] = []
+    for req, act in zip(reqs, simulate_many(reqs)):
+        _check(req, act, failures)
+    assert not failures, f"{len(failures)} of {len(reqs)} requests differ:\n\n" + "\n\n".join(failures[:3])
+
+
+@settings(max_examples=15, **COMMON)
+@given(st.lists(printed_midpoint_requests(), min_size=15, max_size=20))
+def test_printed_weights_at_4dp_midpoints_match_oracle(reqs):
+    """A weight exactly on a 4-dp midpoint of a total reached through an inverse quote
+    prints on the side the reference's 28 digits put it (0.05625000000000000000000000002
+    is 0.0563), in both states, every bucket and every position."""
     failures: list[str] = []
     for req, act in zip(reqs, simulate_many(reqs)):
         _check(req, act, failures)

@@ -390,14 +390,41 @@ def to_dec(name: str) -> pl.Expr:
     return pl.when(k <= 9).then(low).otherwise(high)
 
 
-def round_to_dec(name: str, decimals: int) -> pl.Expr:
-    """F28 → DEC rounded half-even at ``decimals`` (≤ 20) places from all 28 digits:
-    ``to_dec`` first would round twice (x.xx4999… to x.xx5 at 20 decimals, then up)."""
+def _round_28_decimals(name: str, decimals: int) -> pl.Expr:
+    """F28 → DEC rounded half-even at ``decimals`` places from the value's first 28
+    decimals: all its digits from 0.1 up (below 1e9 every digit fits D28; from 1e9 up at
+    most 19 decimals remain, which DEC holds exactly), not below (``rounded``)."""
     z, k = _z(name), _k(name)
-    # below 1e9 every digit fits D28; from 1e9 up at most 19 decimals remain, which DEC holds
-    # exactly (both branches are computed for every row: the D28 one with k clipped to fit)
+    # both branches are computed for every row: the D28 one with k clipped to fit
     low = (z * _pow_d28(k.clip(upper_bound=9))).round(decimals).cast(DEC)
     return pl.when(k <= 9).then(low).otherwise(to_dec(name).round(decimals))
+
+
+def rounded(df: pl.DataFrame, name: str, decimals: int, out: str) -> pl.DataFrame:
+    """``df`` with DEC column ``out``: F28 ``name`` rounded half-even at ``decimals`` (≤ 18)
+    places from all its 28 significant digits, as the reference quantizes. ``to_dec`` first
+    would round twice (x.xx4999… to x.xx5 at 20 decimals, then up). Below 0.1 the 28 digits
+    run past D28's 28 decimals (0.005000000000000000000000000001 is 30 long, and read at 28
+    it is the tie 0.005, which half-even takes down to 0.00): there the side of the tie is
+    the sign of the exact difference."""
+    if not 0 <= decimals <= 18:
+        raise ValueError(f"rounded: decimals must be 0-18, not {decimals}")
+    unit = Decimal(1).scaleb(-decimals)
+    small = _k(name) < 0  # |value| < 0.1, so value × 10^decimals stays inside DEC
+    scaled = pl.when(small).then(to_dec(name)).otherwise(_DEC_0) * pl.lit(Decimal(10) ** decimals, dtype=DEC)
+    below = scaled.floor() / pl.lit(Decimal(10) ** decimals, dtype=DEC)
+    work = df.select(
+        pl.col(name), small.fill_null(False).alias("_small"), below.alias("_below"),
+        (below + pl.lit(unit / 2, dtype=DEC)).alias("_tie"), _round_28_decimals(name, decimals).alias("_at_28"),
+    )
+    work = sub(from_dec(work, "_tie", "_tie_f"), name, "_tie_f", "_side_f")
+    side = sign("_side_f")
+    result = (
+        pl.when(pl.col("_small") & (side > 0)).then(pl.col("_below") + pl.lit(unit, dtype=DEC))
+        .when(pl.col("_small") & (side < 0)).then(pl.col("_below"))
+        .otherwise(pl.col("_at_28"))  # 0.1 and up, or exactly the tie (D28 holds it): half-even there
+    )
+    return df.with_columns(work.select(result.alias(out)).to_series())
 
 
 def negate(name: str) -> pl.Expr:

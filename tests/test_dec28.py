@@ -323,20 +323,62 @@ def test_null_tests_see_an_unmatched_row_of_a_left_join_against_a_chunked_column
 
 @SETTINGS
 @given(pairs)
-def test_round_to_dec_rounds_the_28_digit_value_once(rows):
-    """round_to_dec(x / y, 2) is Python's 28-digit quotient quantized to cents, half-even."""
+def test_rounded_rounds_the_28_digit_value_once(rows):
+    """rounded(x / y, 2) is Python's 28-digit quotient quantized to cents, half-even."""
     rows = [(x, y) for x, y in rows if y != 0 and abs(CTX.divide(x, y)) < Decimal(10) ** 17]
     if not rows:
         return
     df = dec28.from_dec(dec28.from_dec(_frame({"x": [x for x, _ in rows], "y": [y for _, y in rows]}), "x", "xf"), "y", "yf")
-    df = dec28.div(df, "xf", "yf", "q").with_columns(dec28.round_to_dec("q", 2).alias("cents"))
+    df = dec28.rounded(dec28.div(df, "xf", "yf", "q"), "q", 2, "cents")
     expected = [CTX.divide(x, y).quantize(Decimal("0.01"), rounding=decimal.ROUND_HALF_EVEN) for x, y in rows]
     assert df["cents"].to_list() == expected
 
 
-def test_round_to_dec_does_not_round_twice():
+def test_rounded_does_not_round_twice():
     """3 / 200.00000000000000000001 is 0.014999…99925 in 28 digits: 0.01. Rounded to 20
     decimals first it becomes 0.015, which half-even takes to 0.02."""
     df = dec28.from_dec(dec28.from_dec(_frame({"x": [Decimal(3)], "y": [Decimal("200.00000000000000000001")]}), "x", "xf"), "y", "yf")
-    df = dec28.div(df, "xf", "yf", "q").with_columns(dec28.round_to_dec("q", 2).alias("once"), dec28.to_dec("q").round(2).alias("twice"))
+    df = dec28.rounded(dec28.div(df, "xf", "yf", "q"), "q", 2, "once").with_columns(dec28.to_dec("q").round(2).alias("twice"))
     assert df["once"].to_list() == [Decimal("0.01")] and df["twice"].to_list() == [Decimal("0.02")]
+
+
+def _f28_frame(values: list[Decimal | None]) -> pl.DataFrame:
+    """An F28 column ``v`` holding exactly ``values`` (28 significant digits each)."""
+    rows = [None if v is None else {"z": v.scaleb(-v.adjusted() - 1), "k": v.adjusted() + 1} if v else {"z": Decimal(0), "k": 0}
+            for v in values]
+    return pl.DataFrame({"v": rows}, schema={"v": dec28.F28})
+
+
+def _near_ties(draw_units: int, places: int, exponent: int, offset: int) -> Decimal:
+    """A 28-significant-digit value ``offset`` units of its last digit from the tie
+    (units + ½) × 10^-places, scaled by 10^exponent (0 or below: the tie at ``places``)."""
+    tie = (Decimal(draw_units) + Decimal("0.5")).scaleb(-places)
+    last = Decimal(1).scaleb(tie.adjusted() - 27)
+    return CTX.plus(tie + offset * last).scaleb(exponent) if exponent else CTX.plus(tie + offset * last)
+
+
+@SETTINGS
+@given(st.lists(st.one_of(
+    st.builds(_near_ties, st.integers(0, 999), st.integers(0, 8), st.just(0), st.integers(-3, 3)),
+    st.builds(lambda m, e: CTX.plus(Decimal(m).scaleb(e)), st.integers(-10**28 + 1, 10**28 - 1), st.integers(-40, -16)),
+), min_size=1, max_size=30), st.sampled_from([0, 2, 4, 8]))
+def test_rounded_matches_quantize_at_every_magnitude(values, places):
+    """Every 28-digit value, most of them a few last-digit units either side of a tie and
+    many below 0.1 (where the 28 digits run past D28's 28 decimals), rounds as Python's
+    ``quantize`` rounds it, half-even."""
+    values = [v for v in values if abs(v) < Decimal(10) ** 12]
+    if not values:
+        return
+    got = dec28.rounded(_f28_frame(values), "v", places, "r")["r"].to_list()
+    unit = Decimal(1).scaleb(-places)
+    assert got == [v.quantize(unit, rounding=decimal.ROUND_HALF_EVEN) for v in values]
+
+
+def test_rounded_below_a_tenth_decides_a_tie_by_the_digits_past_28_decimals():
+    values = [Decimal("0.005000000000000000000000000001"), Decimal("0.004999999999999999999999999999"),
+              Decimal("0.05625000000000000000000000002"), Decimal("-0.05625000000000000000000000002"),
+              Decimal("0.005"), Decimal("0.015"), None]
+    got = dec28.rounded(_f28_frame(values), "v", 2, "cents")["cents"].to_list()
+    assert got == [Decimal("0.01"), Decimal("0.00"), Decimal("0.06"), Decimal("-0.06"), Decimal("0.00"), Decimal("0.02"), None]
+    four = dec28.rounded(_f28_frame(values[2:4]), "v", 4, "w")["w"].to_list()
+    assert four == [Decimal("0.0563"), Decimal("-0.0563")]

@@ -210,7 +210,7 @@ def _notional_amounts(market: Market, t: pl.DataFrame, exact: ExactLocked | None
     if near.height == 0:
         return t.with_columns(amount.alias("_amount"))
     near = _deltas_in_28_digits(market, near, exact, valued, replay, locked)
-    exact_amounts = near.select("slot", f28.round_to_dec("_abs_delta_f", 2).alias("_exact_amount"))
+    exact_amounts = f28.rounded(near, "_abs_delta_f", 2, "_exact_amount").select("slot", "_exact_amount")
     return join_on_index(t, exact_amounts, "slot").with_columns(pl.coalesce("_exact_amount", amount).alias("_amount")).drop("_exact_amount")
 
 

@@ -137,7 +137,8 @@ def at_printed_midpoints(market: Market, runs: pl.DataFrame, state: ValuedState,
     weights = tv.select("run", "_divisor_f", "_cash_f")
 
     def weighed(values: pl.DataFrame, value: str) -> pl.DataFrame:
-        return _four_dp(f28.div(values.join(weights, on="run"), value, "_divisor_f", "_w_f")).drop("_divisor_f", "_cash_f", "_w_f")
+        quotients = f28.div(values.join(weights, on="run"), value, "_divisor_f", "_w_f")
+        return f28.rounded(quotients, "_w_f", 4, "_printed").drop("_divisor_f", "_cash_f", "_w_f")
 
     def sums(values: pl.DataFrame, *by: str) -> pl.DataFrame:
         # Σ value_base by key in position order, each addition rounded to 28 digits
@@ -175,20 +176,6 @@ def at_printed_midpoints(market: Market, runs: pl.DataFrame, state: ValuedState,
         pl.coalesce("_by_position", "_printed").alias("_printed"),
     ).with_columns(printed).drop("_by_position", "_printed")
     return replace(state, positions=positions, allocations=allocations)
-
-
-def _four_dp(frame: pl.DataFrame) -> pl.DataFrame:
-    """``frame`` with ``_printed``: its F28 ``_w_f`` rounded half-even to 4 dp, from all 28
-    significant digits. ``round_to_dec`` reads a weight below 0.1 at 28 decimals, which can
-    cut the digit that puts it off a midpoint (0.05625000000000000000000000002 is 29
-    decimals long), so the side of the midpoint is the sign of the F28 difference."""
-    grid = (f28.to_dec("_w_f").clip(lit(-10**9), lit(10**9)) * lit(10_000)).floor() / lit(10_000)
-    frame = f28.from_dec(frame.with_columns(grid.alias("_below"), (grid + lit("0.00005")).alias("_mid")), "_mid", "_mid_f")
-    side = f28.sign("_side_f")
-    return f28.sub(frame, "_w_f", "_mid_f", "_side_f").with_columns(
-        pl.when(side > 0).then(pl.col("_below") + lit("0.0001")).when(side < 0).then(pl.col("_below"))
-        .otherwise(f28.round_to_dec("_w_f", 4)).alias("_printed"),  # exactly the midpoint: half-even
-    ).drop("_below", "_mid", "_mid_f", "_side_f")
 
 
 def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: pl.DataFrame, full: bool) -> pl.DataFrame:

@@ -197,9 +197,18 @@ _LAST_DIGIT_RUNS = (
 
 def base_value_f28(market: Market, held: pl.DataFrame) -> pl.DataFrame:
     """Positions' value_base = value_instr × rate in 28 digits (``_base_f``; 0 without a
-    rate, whose ``_rate_f`` is then null)."""
+    rate, whose ``_rate_f`` is then null). An after-state position whose quantity a
+    tax-limited sell left with 28 significant digits (``quantity_f28``) is valued from
+    them, quantity × price as the reference multiplies (§6.2), not from its 20-decimal
+    value_instr."""
     held = market.with_rate_f28(held, "instrument_currency", "base_currency", "_rate_f")
     held = f28.from_dec(held, "value_instr", "_value_f")
+    if "quantity_f28" in held.columns and held.select((~f28.is_null("quantity_f28")).any()).item():
+        exact = f28.from_dec(held.select("quantity_f28", pl.col("price").fill_null(lit(0)).alias("_price")), "_price", "_price_f")
+        exact = f28.mul(exact, "quantity_f28", "_price_f", "_value_f")
+        held = held.with_columns(
+            pl.when(~f28.is_null("quantity_f28")).then(exact.get_column("_value_f")).otherwise(pl.col("_value_f")).alias("_value_f")
+        )
     held = f28.mul(held, "_value_f", "_rate_f", "_base_f")
     return held.with_columns(pl.when(f28.is_null("_rate_f")).then(f28.zero()).otherwise(pl.col("_base_f")).alias("_base_f"))
 

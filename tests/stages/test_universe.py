@@ -186,3 +186,34 @@ def test_locked_weight_below_0_1_keeps_every_digit_for_sizing(scenario):
     assert sorted(exact["instrument_id"]) == ["I10", "I8"]
     buys = s.intents.filter(pl.col("instrument_id") == "I8")
     assert buys["side"].to_list() == ["BUY"] and buys["quantity"].to_list() == [D(1)]
+
+
+def test_base_value_f28_values_a_28_digit_quantity_from_its_digits(scenario):
+    """An after-state position that a tax-limited sell left with 28 significant digits
+    (quantity_f28) is worth quantity × price × rate in the reference's arithmetic, not its
+    20-decimal value_instr × rate: 83.33333333333333333333333333 × 100.00 × 1.1 is
+    9166.666666666666666666666666, where the 20-decimal value gives …6667."""
+    import decimal
+
+    from dpm_vec import dec28
+    from dpm_vec.stages.universe import base_value_f28
+
+    s = scenario(base="GBP", positions=[("I0", "100")], cash=[("GBP", "0")], prices=[("I0", "100.00", "USD")],
+                 fx=[("USD/GBP", "1.1")], shelf=[("I0", "APPROVED", "EQUITY")])
+    quantity = D("83.33333333333333333333333333")
+    held = s.before.positions.join(s.runs.select("run", "base_currency"), on="run").with_columns(
+        (pl.col("price") * pl.lit(quantity, dtype=pl.Decimal(38, 20))).alias("value_instr"),
+    )
+    exact = dec28.from_dec(pl.DataFrame({"q": [quantity]}, schema={"q": dec28.D28}), "q", "quantity_f28")["quantity_f28"]
+    with_digits = held.with_columns(exact.alias("quantity_f28"))
+    with decimal.localcontext(decimal.Context(prec=28, rounding=decimal.ROUND_HALF_EVEN)):
+        reference = quantity * D("100.00") * D("1.1")
+        from_20_decimals = (quantity.quantize(D("1e-20")) * D("100.00")) * D("1.1")
+    assert reference != from_20_decimals  # the case tells the two apart
+
+    def value(frame):
+        v = base_value_f28(s.market, frame)["_base_f"][0]
+        return v["z"].scaleb(v["k"])
+
+    assert value(with_digits) == reference
+    assert value(held.drop("quantity_f28").with_columns(pl.lit(None, dtype=dec28.F28).alias("quantity_f28"))) == from_20_decimals

@@ -198,19 +198,20 @@ def _four_dp(weight: D) -> D:
     return weight.quantize(D("0.0001"), rounding=decimal.ROUND_HALF_EVEN)
 
 
-def _midpoint_scenario(scenario, **extra):
+def _midpoint_scenario(scenario, third=("Y", "10", "0", "FI"), cash="935"):
     """A CHF holding at EUR/CHF 6 is worth a third of 1,000 EUR, so the total 1,333.33…
     does not terminate; cash of 935 is exactly 0.70125 of it, X's 65 exactly 0.04875, and
-    X with the holding (sector TECH, class EQUITY) exactly 0.29875: three 4-dp midpoints."""
+    X with the holding (sector TECH, class EQUITY) exactly 0.29875: three 4-dp midpoints.
+    ``third``: a third position (id, quantity, EUR price, asset class)."""
+    iid, quantity, price, asset_class = third
     return scenario(
         base="EUR",
-        positions=[("CH", "100"), ("X", "65"), ("Y", "10")],
-        cash=[("EUR", "935")],
-        prices=[("CH", "20", "CHF"), ("X", "1", "EUR"), ("Y", "0", "EUR")],
+        positions=[("CH", "100"), ("X", "65"), (iid, quantity)],
+        cash=[("EUR", cash)],
+        prices=[("CH", "20", "CHF"), ("X", "1", "EUR"), (iid, price, "EUR")],
         fx=[("EUR/CHF", "6")],
-        shelf=[("CH", "APPROVED", "EQUITY"), ("X", "APPROVED", "EQUITY"), ("Y", "APPROVED", "FI")],
-        attributes=[("CH", "sector", "TECH"), ("X", "sector", "TECH"), ("Y", "sector", "FI")],
-        **extra,
+        shelf=[("CH", "APPROVED", "EQUITY"), ("X", "APPROVED", "EQUITY"), (iid, "APPROVED", asset_class)],
+        attributes=[("CH", "sector", "TECH"), ("X", "sector", "TECH"), (iid, "sector", "FI")],
     )
 
 
@@ -279,14 +280,7 @@ def test_a_cash_bucket_shared_with_a_literal_cash_class_is_decided_in_28_digits_
     the cash's, here 10 + 925 = 935 of 1,333.33…, the 0.70125 midpoint again."""
     from dpm_vec.stages.valuation import at_printed_midpoints
 
-    shared = scenario(
-        base="EUR",
-        positions=[("CH", "100"), ("X", "65"), ("MM", "10")],
-        cash=[("EUR", "925")],
-        prices=[("CH", "20", "CHF"), ("X", "1", "EUR"), ("MM", "1", "EUR")],
-        fx=[("EUR/CHF", "6")],
-        shelf=[("CH", "APPROVED", "EQUITY"), ("X", "APPROVED", "EQUITY"), ("MM", "APPROVED", "CASH")],
-    )
+    shared = _midpoint_scenario(scenario, third=("MM", "10", "1", "CASH"), cash="925")
     assert _four_dp(_alloc(shared, "asset_class")["CASH"][1]) == D("0.7012")  # the fixed point's side
     state = at_printed_midpoints(shared.market, shared.runs, shared.before)
     classes = state.allocations.filter(pl.col("dimension") == "asset_class")

@@ -1,9 +1,13 @@
 """Universe construction (spec §6.3): weight map, exclusions and locking rules."""
 from __future__ import annotations
 
+import decimal
 from decimal import Decimal as D
 
 import polars as pl
+
+from dpm_vec import dec28
+from dpm_vec.stages.universe import base_value_f28
 
 
 def _map(s, run=0):
@@ -193,11 +197,6 @@ def test_base_value_f28_values_a_28_digit_quantity_from_its_digits(scenario):
     (quantity_f28) is worth quantity × price × rate in the reference's arithmetic, not its
     20-decimal value_instr × rate: 83.33333333333333333333333333 × 100.00 × 1.1 is
     9166.666666666666666666666666, where the 20-decimal value gives …6667."""
-    import decimal
-
-    from dpm_vec import dec28
-    from dpm_vec.stages.universe import base_value_f28
-
     s = scenario(base="GBP", positions=[("I0", "100")], cash=[("GBP", "0")], prices=[("I0", "100.00", "USD")],
                  fx=[("USD/GBP", "1.1")], shelf=[("I0", "APPROVED", "EQUITY")])
     quantity = D("83.33333333333333333333333333")

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpm_vec.numeric import DEC, QTY, times_price
+from dpm_vec.stages.valuation import at_printed_midpoints, near_printed_midpoint
 
 
 def _pos(s, run=0):
@@ -237,8 +238,6 @@ def test_weights_at_a_printed_midpoint_are_decided_in_28_digits(scenario):
     high, which puts the cash weight just below 0.70125 (0.7012), where the reference's
     28-digit total puts it just above (0.7013); ``at_printed_midpoints`` gives every
     position and bucket within a hair of a midpoint the reference's 4-dp rounding."""
-    from dpm_vec.stages.valuation import at_printed_midpoints
-
     s = _midpoint_scenario(scenario)
     expected = _reference_weights()
     assert _four_dp(expected["asset_class"]["CASH"]) == D("0.7013")
@@ -262,8 +261,6 @@ def test_weights_at_a_printed_midpoint_are_decided_in_28_digits(scenario):
 
 
 def test_weights_away_from_a_printed_midpoint_are_left_alone(scenario):
-    from dpm_vec.stages.valuation import at_printed_midpoints
-
     s = scenario(
         base="EUR",
         positions=[("CH", "100")],
@@ -278,8 +275,6 @@ def test_weights_away_from_a_printed_midpoint_are_left_alone(scenario):
 def test_a_cash_bucket_shared_with_a_literal_cash_class_is_decided_in_28_digits_too(scenario):
     """Positions of a shelf asset class CASH share the cash bucket (§6.2): their sum plus
     the cash's, here 10 + 925 = 935 of 1,333.33…, the 0.70125 midpoint again."""
-    from dpm_vec.stages.valuation import at_printed_midpoints
-
     shared = _midpoint_scenario(scenario, third=("MM", "10", "1", "CASH"), cash="925")
     assert _four_dp(_alloc(shared, "asset_class")["CASH"][1]) == D("0.7012")  # the fixed point's side
     state = at_printed_midpoints(shared.market, shared.runs, shared.before)
@@ -289,8 +284,6 @@ def test_a_cash_bucket_shared_with_a_literal_cash_class_is_decided_in_28_digits_
 
 
 def test_near_printed_midpoint_reads_a_hair_either_side_and_any_size():
-    from dpm_vec.stages.valuation import near_printed_midpoint
-
     weights = ["0.70125", "0.70124999999999999999", "0.701250000001", "0.7012500000011", "-0.04875", "0.7012", "0.70126",
                "123456789012345678.5", "-99999999999999999.99995"]
     frame = pl.DataFrame({"weight": [D(w) for w in weights]}, schema={"weight": DEC})
@@ -302,8 +295,6 @@ def test_a_weight_below_a_tenth_is_rounded_from_28_significant_digits(scenario):
     """162 CHF at EUR/CHF 6 is 27.00000000000000000000000001 EUR in the reference's
     arithmetic, 0.05625000000000000000000000002 of 480: just above the midpoint, 0.0563.
     At 28 decimals that weight reads as the midpoint itself, which half-even takes down."""
-    from dpm_vec.stages.valuation import at_printed_midpoints
-
     s = scenario(
         base="EUR",
         positions=[("CH", "81"), ("X", "52")],

@@ -39,7 +39,6 @@ Run the server: ``python -m dpm_vec.api --host 127.0.0.1 --port 8000 [--store ru
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -496,14 +495,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000, store_path: str | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dpm_vec.cli import add_serve_arguments
+    """``python -m dpm_vec.api ARGS`` is ``dpm-vec serve ARGS``: the same option checks
+    (``--store`` needs ``--idempotency rfc``), errors and exit codes."""
+    from dpm_vec.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="dpm-vec serve", description="Serve POST /rebalance/simulate over HTTP.")
-    add_serve_arguments(parser)
-    args = parser.parse_args(argv)
-    serve(args.host, args.port, args.store, args.idempotency, args.log_level, max_coalesce=args.max_coalesce,
-          max_body_bytes=args.max_body_mb * 2**20)
-    return 0
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -221,7 +221,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The HTTP service's options, shared by ``dpm-vec serve`` and ``python -m dpm_vec.api``."""
+    """``dpm-vec serve``'s options (``python -m dpm_vec.api`` runs that command)."""
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     parser.add_argument("--store", default=None, metavar="PATH",

@@ -297,6 +297,13 @@ _MANTISSA_LOW, _MANTISSA_HIGH = pl.Series([10**27], dtype=pl.Int128), pl.Series(
 _D28_UNIT = pl.Series([Decimal("1e-28")], dtype=D28)
 
 
+def sums_by(df: pl.DataFrame, keys: list[str], value: str, out: str) -> pl.DataFrame:
+    """(*``keys``, ``out``): ``group_sums`` of the F28 ``value`` per combination of
+    ``keys``, each group summed in ``df``'s row order (sort it first to fix that order)."""
+    keyed = df.with_columns(pl.concat_str([pl.col(c).cast(pl.String) for c in keys], separator="|").alias("_key"))
+    return group_sums(keyed, "_key", value, out).join(keyed.select("_key", *keys).unique("_key"), on="_key").select(*keys, out)
+
+
 def _from_mantissa(m: pl.Series) -> pl.Series:
     """Int128 mantissas (|m| < 1e28) → the D28 values m × 10^-28 (exact)."""
     return m.cast(pl.Decimal(38, 0)) * _D28_UNIT

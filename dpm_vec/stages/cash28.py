@@ -148,11 +148,6 @@ def movements(flows: ExactFlows, cash_amount: pl.Expr, seq: pl.Expr, sec_day: pl
 def account_sums(flows: pl.DataFrame, out: str, *by: str) -> pl.DataFrame:
     """(run, currency, *by, ``out``): the ``_flow_f`` of each (run, currency, *by) summed in
     ``_seq`` order as the reference sums them, one 28-digit rounding per addition
-    (``dec28.group_sums`` over one text key of the account)."""
+    (``dec28.sums_by``)."""
     accounts = ["run", "currency", *by]
-    flows = flows.sort(*accounts, "_seq").with_columns(
-        pl.concat_str([pl.col(c).cast(pl.String) for c in accounts], separator="|").alias("_key")
-    )
-    return f28.group_sums(flows, "_key", "_flow_f", out).join(
-        flows.select("_key", *accounts).unique("_key"), on="_key"
-    ).select(*accounts, out)
+    return f28.sums_by(flows.sort(*accounts, "_seq"), accounts, "_flow_f", out)

@@ -140,13 +140,9 @@ def at_printed_midpoints(market: Market, runs: pl.DataFrame, state: ValuedState,
         quotients = f28.div(values.join(weights, on="run"), value, "_divisor_f", "_w_f")
         return f28.rounded(quotients, "_w_f", 4, "_printed").drop("_divisor_f", "_cash_f", "_w_f")
 
-    def sums(values: pl.DataFrame, *by: str) -> pl.DataFrame:
-        # Σ value_base by key in position order, each addition rounded to 28 digits
-        keyed = values.with_columns(pl.concat_str([pl.col(c).cast(pl.String) for c in ("run", *by)], separator="|").alias("_key"))
-        return f28.group_sums(keyed, "_key", "_base_f", "_sum_f").join(keyed.select("_key", "run", *by).unique("_key"), on="_key")
-
     by_position = weighed(held.select("run", "pos_seq", "instrument_id", "_base_f"), "_base_f")
-    class_sums = sums(held, "asset_class")
+    # Σ value_base per bucket in position order (held is), each addition rounded to 28 digits
+    class_sums = f28.sums_by(held, ["run", "asset_class"], "_base_f", "_sum_f")
     by_class = weighed(class_sums.filter(pl.col("asset_class") != "CASH"), "_sum_f").select(
         "run", pl.lit("asset_class").alias("dimension"), pl.col("asset_class").alias("key"), "_printed",
     )
@@ -158,7 +154,7 @@ def at_printed_midpoints(market: Market, runs: pl.DataFrame, state: ValuedState,
         "run", pl.lit("asset_class").alias("dimension"), pl.lit("CASH").alias("key"), "_printed",
     )
     attrs = market.with_attributes(held.select("run", "pos_seq", "instrument_id", "_base_f"))
-    by_attribute = weighed(sort_rows(attrs, "run", "pos_seq").pipe(sums, "attribute", "value"), "_sum_f").select(
+    by_attribute = weighed(f28.sums_by(sort_rows(attrs, "run", "pos_seq"), ["run", "attribute", "value"], "_base_f", "_sum_f"), "_sum_f").select(
         "run", pl.concat_str(pl.lit("attribute:"), pl.col("attribute")).alias("dimension"), pl.col("value").alias("key"), "_printed",
     )
     exact_buckets = pl.concat([by_class, cash_bucket, by_attribute])

@@ -15,7 +15,7 @@ from dpm_vec.frames import concat_by_run, join_on_index, join_runs, sort_rows
 from dpm_vec.numeric import DEC, HAIR, dabs, lit
 from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, fx_margins, inexact_fx_runs, movements
 from dpm_vec.stages.prepare import Market
-from dpm_vec.stages.universe import valued_in_28_digits
+from dpm_vec.stages.universe import exact_cash_bucket, valued_in_28_digits
 
 SAFETY_ORDER = 600_000_000  # warning order: after every earlier stage (see targets.TARGET_STAGE_ORDER)
 APPENDED = 1 << 50  # order of positions / cash rows the after-state appends
@@ -263,8 +263,8 @@ def _exact_weight_breaches(market: Market, runs: pl.DataFrame, positions: pl.Dat
     """((run, _band_fail), (run, bucket_order, _over_cap)) for the runs whose cash weight
     lies within ``WEIGHT_EPS`` of a CASH_BAND limit, or a position's weight within it of
     the SINGLE_POSITION_MAX cap + 0.001: the weights measured as §6.2 measures them, value
-    / T over tv summed in 28 digits. A run with a shelf asset class literally CASH, whose
-    positions share the cash bucket, keeps the fixed-point measure."""
+    / T over tv summed in 28 digits, the cash weight over ``exact_cash_bucket`` (which adds
+    the positions of a literal CASH asset class, where there are any)."""
     cap = pl.col("single_position_max_weight") + lit("0.001")
     near_band = r.filter(
         (dabs(pl.col("_cash_w") - pl.col("cash_band_min_weight")) <= WEIGHT_EPS)
@@ -274,8 +274,6 @@ def _exact_weight_breaches(market: Market, runs: pl.DataFrame, positions: pl.Dat
     empty = pl.DataFrame(schema={"run": pl.UInt32, "_band_fail": pl.Boolean}), pl.DataFrame(
         schema={"run": pl.UInt32, "bucket_order": pl.Int64, "_over_cap": pl.Boolean})
     chosen = pl.concat([near_band, near_cap.select("run")]).unique()
-    if chosen.height:
-        chosen = chosen.join(positions.filter(pl.col("asset_class") == "CASH").select("run").unique(), on="run", how="anti")
     if chosen.height == 0:
         return empty
     bases = runs.select("run", "base_currency").join(chosen, on="run", how="semi")
@@ -284,7 +282,8 @@ def _exact_weight_breaches(market: Market, runs: pl.DataFrame, positions: pl.Dat
         cash = cash.join(exact_cash(runs.join(chosen, on="run", how="semi")), on=["run", "currency"], how="left")
     held, tv = valued_in_28_digits(market, bases, positions, cash)
     tv = tv.select("run", "_divisor_f", "_cash_f")
-    band = dec28.div(tv.join(r.select("run", "cash_band_min_weight", "cash_band_max_weight"), on="run"), "_cash_f", "_divisor_f", "_w_f")
+    band = exact_cash_bucket(held, tv).join(tv, on="run").join(r.select("run", "cash_band_min_weight", "cash_band_max_weight"), on="run")
+    band = dec28.div(band, "_bucket_f", "_divisor_f", "_w_f")
     band = dec28.from_dec(dec28.from_dec(band, "cash_band_min_weight", "_min_f"), "cash_band_max_weight", "_max_f")
     band = dec28.sub(dec28.sub(band, "_w_f", "_min_f", "_below_f"), "_w_f", "_max_f", "_above_f").select(
         "run", ((dec28.sign("_below_f") < 0) | (dec28.sign("_above_f") > 0)).alias("_band_fail"),

@@ -251,3 +251,15 @@ def exact_total(market: Market, bases: pl.DataFrame, held: pl.DataFrame, cash: p
     )
     return tv.select("run", "_tv_f", pl.when(f28.sign("_tv_f") == 0).then(f28.one()).otherwise(pl.col("_tv_f")).alias("_divisor_f"),
                      "_cash_f")
+
+
+def exact_cash_bucket(held: pl.DataFrame, tv: pl.DataFrame) -> pl.DataFrame:
+    """(run, _bucket_f): §6.2's CASH bucket in 28 digits, Σ cash in base (``tv``'s
+    ``_cash_f``) added to the running sum, in position order, of the positions whose shelf
+    asset class is literally CASH (zero where there are none): by_class["CASH"] + Σ cash,
+    the order the oracle adds them in. ``held`` carries the positions' F28 ``_base_f``."""
+    literal = sort_rows(held.filter(pl.col("asset_class") == "CASH"), "run", "pos_seq")
+    bucket = tv.select("run", "_cash_f").join(
+        f28.group_sums(literal, "run", "_base_f", "_sum_f"), on="run", how="left",
+    ).with_columns(f28.fill_null("_sum_f", f28.zero()))
+    return f28.add(bucket, "_sum_f", "_cash_f", "_bucket_f").select("run", "_bucket_f")

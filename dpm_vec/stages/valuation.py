@@ -13,7 +13,7 @@ from dpm_vec.frames import join_runs, sort_rows
 from dpm_vec.numeric import HAIR, lit, times_price
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
-from dpm_vec.stages.universe import valued_in_28_digits
+from dpm_vec.stages.universe import exact_cash_bucket, valued_in_28_digits
 
 
 @dataclass(frozen=True)
@@ -146,11 +146,7 @@ def at_printed_midpoints(market: Market, runs: pl.DataFrame, state: ValuedState,
     by_class = weighed(class_sums.filter(pl.col("asset_class") != "CASH"), "_sum_f").select(
         "run", pl.lit("asset_class").alias("dimension"), pl.col("asset_class").alias("key"), "_printed",
     )
-    # the CASH bucket: Σ cash in base, added to the positions of a literal CASH class if any
-    cash_bucket = tv.select("run", "_cash_f").join(
-        class_sums.filter(pl.col("asset_class") == "CASH").select("run", "_sum_f"), on="run", how="left",
-    ).with_columns(f28.fill_null("_sum_f", f28.zero()))
-    cash_bucket = weighed(f28.add(cash_bucket, "_sum_f", "_cash_f", "_bucket_f").drop("_cash_f", "_sum_f"), "_bucket_f").select(
+    cash_bucket = weighed(exact_cash_bucket(held, tv), "_bucket_f").select(
         "run", pl.lit("asset_class").alias("dimension"), pl.lit("CASH").alias("key"), "_printed",
     )
     attrs = market.with_attributes(held.select("run", "pos_seq", "instrument_id", "_base_f"))

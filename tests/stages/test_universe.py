@@ -7,7 +7,7 @@ from decimal import Decimal as D
 import polars as pl
 
 from dpm_vec import dec28
-from dpm_vec.stages.universe import base_value_f28
+from dpm_vec.stages.universe import base_value_f28, exact_cash_bucket
 
 
 def _map(s, run=0):
@@ -216,3 +216,29 @@ def test_base_value_f28_values_a_28_digit_quantity_from_its_digits(scenario):
 
     assert value(with_digits) == reference
     assert value(held.drop("quantity_f28").with_columns(pl.lit(None, dtype=dec28.F28).alias("quantity_f28"))) == from_20_decimals
+
+
+def test_exact_cash_bucket_adds_literal_cash_positions_in_position_order_then_the_cash():
+    """§6.2's shared CASH bucket in 28 digits: the literal-CASH positions summed in
+    position order (not frame order), then Σ cash added once, as the oracle adds
+    by_class["CASH"] + cash_total; other asset classes stay out. Each run's numbers are
+    chosen so that another order moves the 28th digit."""
+    tiny = D("4E-28")
+    held = pl.DataFrame({
+        "run": [0, 0, 0, 0, 1, 2],
+        "pos_seq": [2, 1, 0, 3, 0, 0],
+        "asset_class": ["CASH", "CASH", "CASH", "EQUITY", "CASH", "EQUITY"],
+        "v": [tiny, tiny, D(1), D(5), D(1), D(7)],
+    }, schema={"run": pl.UInt32, "pos_seq": pl.UInt32, "asset_class": pl.String, "v": dec28.D28})
+    held = dec28.from_dec(held, "v", "_base_f")
+    tv = dec28.from_dec(pl.DataFrame({"run": [0, 1, 2], "c": [D(0), 2 * tiny, D("3.5")]},
+                                     schema={"run": pl.UInt32, "c": dec28.D28}), "c", "_cash_f")
+    bucket = exact_cash_bucket(held, tv).sort("run")
+    got = [v["z"].scaleb(v["k"]) for v in bucket["_bucket_f"]]
+    with decimal.localcontext(decimal.Context(prec=28, rounding=decimal.ROUND_HALF_EVEN)):
+        in_position_order = (D(1) + tiny) + tiny
+        in_frame_order = (tiny + tiny) + D(1)
+        cash_added_once = D(1) + 2 * tiny
+        cash_added_row_by_row = (D(1) + tiny) + tiny
+    assert in_position_order != in_frame_order and cash_added_once != cash_added_row_by_row
+    assert got == [in_position_order, cash_added_once, D("3.5")]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 from collections import Counter
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -331,16 +332,23 @@ def _check(req: dict, act: dict, failures: list[str]) -> None:
         failures.append(_report(req, errs))
 
 
-@settings(max_examples=60, **COMMON)
-@given(st.lists(requests(), min_size=1, max_size=25))
-def test_engine_matches_oracle(reqs):
+def _assert_all_match(reqs: list[dict], tally: Callable[[dict], None] | None = None) -> None:
+    """``reqs`` through one engine pass, every slot checked against the oracle (``_check``);
+    ``tally(slot)`` sees each slot first."""
     slots = simulate_many(reqs)
     assert len(slots) == len(reqs)
     failures: list[str] = []
     for req, act in zip(reqs, slots):
-        _count_trades(TRADED, act)
+        if tally is not None:
+            tally(act)
         _check(req, act, failures)
     assert not failures, f"{len(failures)} of {len(reqs)} requests differ:\n\n" + "\n\n".join(failures[:3])
+
+
+@settings(max_examples=60, **COMMON)
+@given(st.lists(requests(), min_size=1, max_size=25))
+def test_engine_matches_oracle(reqs):
+    _assert_all_match(reqs, lambda act: _count_trades(TRADED, act))
 
 
 @settings(max_examples=30, **COMMON)
@@ -349,10 +357,7 @@ def test_round_amounts_over_inverse_quotes_match_oracle(reqs):
     """Round amounts over inverse quotes meet limits exactly in the reference's 28 digits
     and a hair off in the fixed point's: every such boundary must be decided as the
     reference decides it (the fixed point's last digits are within a cent, not its verdicts)."""
-    failures: list[str] = []
-    for req, act in zip(reqs, simulate_many(reqs)):
-        _check(req, act, failures)
-    assert not failures, f"{len(failures)} of {len(reqs)} requests differ:\n\n" + "\n\n".join(failures[:3])
+    _assert_all_match(reqs)
 
 
 @settings(max_examples=15, **COMMON)
@@ -361,10 +366,7 @@ def test_printed_weights_at_4dp_midpoints_match_oracle(reqs):
     """A weight exactly on a 4-dp midpoint of a total reached through an inverse quote
     prints on the side the reference's 28 digits put it (0.05625000000000000000000000002
     is 0.0563), in both states, every bucket and every position."""
-    failures: list[str] = []
-    for req, act in zip(reqs, simulate_many(reqs)):
-        _check(req, act, failures)
-    assert not failures, f"{len(failures)} of {len(reqs)} requests differ:\n\n" + "\n\n".join(failures[:3])
+    _assert_all_match(reqs)
 
 
 @settings(max_examples=25, **COMMON)
@@ -374,11 +376,7 @@ def test_golden_mutations_match_oracle(reqs):
     the reference generator's own shapes, where an unseen request is most likely to land
     (110,000 such requests, 50,000 of them with structural changes, agreed with the oracle
     when this property was written)."""
-    failures: list[str] = []
-    for req, act in zip(reqs, simulate_many(reqs)):
-        _count_trades(MUTATED, act)
-        _check(req, act, failures)
-    assert not failures, f"{len(failures)} of {len(reqs)} requests differ:\n\n" + "\n\n".join(failures[:3])
+    _assert_all_match(reqs, lambda act: _count_trades(MUTATED, act))
 
 
 def test_golden_mutations_reached_trades():
@@ -402,12 +400,11 @@ def budget_bound_requests(draw) -> dict:
 @given(st.lists(budget_bound_requests(), min_size=10, max_size=25))
 def test_tax_budget_walk_matches_oracle(reqs):
     """The budget walk is sequential inside a run; many runs walk it together here."""
-    failures: list[str] = []
-    for req, act in zip(reqs, simulate_many(reqs)):
+    def tally(act: dict) -> None:
         TAX_WALK["requests"] += 1
         TAX_WALK["limited"] += "TAX_BUDGET_LIMIT_REACHED" in act.get("diagnostics", {}).get("warnings", [])
-        _check(req, act, failures)
-    assert not failures, f"{len(failures)} of {len(reqs)} requests differ:\n\n" + "\n\n".join(failures[:3])
+
+    _assert_all_match(reqs, tally)
 
 
 @settings(max_examples=12, **COMMON)
@@ -416,15 +413,14 @@ def test_tax_budget_residues_match_oracle(reqs):
     """Sells of the 28-digit remainder of a gains budget (1E-24 units and less: 0 at 20
     decimals, not in the reference) must be decided as the reference decides them in the
     ladder, the dust test, FX funding and the rules."""
-    failures: list[str] = []
-    for req, act in zip(reqs, simulate_many(reqs)):
+    def tally(act: dict) -> None:
         RESIDUES["requests"] += 1
         RESIDUES["below_20_decimals"] += any(
             str(i.get("quantity")).startswith("0.00000000000000000000") for i in act.get("intents", [])
             if i.get("intent_type") == "SECURITY_TRADE"
         )
-        _check(req, act, failures)
-    assert not failures, f"{len(failures)} of {len(reqs)} requests differ:\n\n" + "\n\n".join(failures[:3])
+
+    _assert_all_match(reqs, tally)
 
 
 def test_tax_budget_residues_were_exercised():

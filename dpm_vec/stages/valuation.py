@@ -141,9 +141,10 @@ def at_printed_midpoints(market: Market, runs: pl.DataFrame, state: ValuedState,
         return f28.rounded(quotients, "_w_f", 4, "_printed").drop("_divisor_f", "_cash_f", "_w_f")
 
     by_position = weighed(held.select("run", "pos_seq", "instrument_id", "_base_f"), "_base_f")
-    # Σ value_base per bucket in position order (held is), each addition rounded to 28 digits
-    class_sums = f28.sums_by(held, ["run", "asset_class"], "_base_f", "_sum_f")
-    by_class = weighed(class_sums.filter(pl.col("asset_class") != "CASH"), "_sum_f").select(
+    # Σ value_base per bucket in position order (held is), each addition rounded to 28 digits;
+    # a literal CASH class is summed into the cash bucket (exact_cash_bucket)
+    class_sums = f28.sums_by(held.filter(pl.col("asset_class") != "CASH"), ["run", "asset_class"], "_base_f", "_sum_f")
+    by_class = weighed(class_sums, "_sum_f").select(
         "run", pl.lit("asset_class").alias("dimension"), pl.col("asset_class").alias("key"), "_printed",
     )
     cash_bucket = weighed(exact_cash_bucket(held, tv), "_bucket_f").select(

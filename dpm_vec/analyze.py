@@ -6,16 +6,19 @@ engine in a single pass; invalid option sets fail their own scenario only.
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
 
 from dpm_vec.contract import parse_request
-from dpm_vec.errors import RequestError
-from dpm_vec.simulate import simulate_many
+from dpm_vec.errors import QuantityRangeError, RequestError, ValueRangeError
+from dpm_vec.simulate import simulate_outcomes
 
-SCENARIO_NAME = re.compile(r"^[a-z0-9_-]{1,64}$")
+log = logging.getLogger("dpm_vec.analyze")
+
+SCENARIO_NAME = re.compile(r"[a-z0-9_-]{1,64}")  # fullmatch: a name ending in a newline is no name
 MAX_SCENARIOS = 20
 SHARED_KEYS = ("portfolio_snapshot", "market_data_snapshot", "model_portfolio", "shelf_entries")
 # EngineOptions in declaration order (§4's table): a scenario fails on its first invalid
@@ -27,6 +30,10 @@ OPTION_ORDER = (
     "max_turnover_pct", "enable_tax_awareness", "max_realized_capital_gains", "enable_settlement_awareness",
     "settlement_horizon_days", "fx_settlement_days", "max_overdraft_by_ccy", "group_constraints", "enable_workflow_gates",
     "workflow_requires_client_consent", "client_consent_already_obtained",
+    # the advisory-only row, in the order §4 lists it
+    "enable_proposal_simulation", "proposal_apply_cash_flows_first", "proposal_block_negative_cash", "enable_drift_analytics",
+    "enable_suitability_scanner", "suitability_thresholds", "enable_instrument_drift", "drift_top_contributors_limit",
+    "drift_unmodeled_exposure_threshold", "auto_funding", "funding_mode", "fx_funding_source_currency", "fx_generation_policy",
 )
 # the reference's own words where the spec quotes them (§7): field -> (the starts of our
 # messages they stand for, their words)
@@ -65,10 +72,12 @@ def validate_batch(batch) -> dict:
     if len(scenarios) > MAX_SCENARIOS:
         raise RequestError([{"field": "scenarios", "message": f"at most {MAX_SCENARIOS} scenarios, got {len(scenarios)}"}])
     for name, spec in scenarios.items():
-        if not SCENARIO_NAME.match(name):
+        if not SCENARIO_NAME.fullmatch(name):
             errors.append({"field": f"scenarios.{name}", "message": "scenario names must match ^[a-z0-9_-]{1,64}$"})
         elif not isinstance(spec, dict) or not isinstance(spec.get("options", {}), dict):
             errors.append({"field": f"scenarios.{name}.options", "message": "options must be an object"})
+        elif not isinstance(spec.get("description", ""), (str, type(None))):
+            errors.append({"field": f"scenarios.{name}.description", "message": "expected a string"})
     if errors:
         raise RequestError(errors)
     return scenarios
@@ -117,15 +126,16 @@ def analyze(batch) -> dict:
 
 
 def _run(requests: list[dict], names: list[str], failed: dict[str, str]) -> dict[str, dict]:
-    """All scenarios in one engine pass; if that pass fails, each alone, so one broken
-    scenario cannot take the others down."""
-    try:
-        return dict(zip(names, simulate_many(requests)))
-    except Exception:  # noqa: BLE001 - isolate the scenario that fails below
-        results = {}
-        for name, request in zip(names, requests):
-            try:
-                results[name] = simulate_many([request])[0]
-            except Exception as exc:  # noqa: BLE001 - reported per scenario, as the reference does
-                failed[name] = f"SCENARIO_EXECUTION_ERROR: {type(exc).__name__}"
-        return results
+    """All scenarios in one engine pass (a scenario the engine cannot compute fails alone,
+    ``simulate_outcomes``), each failure recorded as §7 words it: the exception's class,
+    and for a value outside the engine's fixed point (§9.1) what it is."""
+    results = {}
+    for name, outcome in zip(names, simulate_outcomes(requests)):
+        if not isinstance(outcome, Exception):
+            results[name] = outcome
+        elif isinstance(outcome, (QuantityRangeError, ValueRangeError)):
+            failed[name] = f"SCENARIO_EXECUTION_ERROR: {type(outcome).__name__}: {outcome}"
+        else:
+            log.warning("scenario %s could not be simulated: %s: %s", name, type(outcome).__name__, outcome)
+            failed[name] = f"SCENARIO_EXECUTION_ERROR: {type(outcome).__name__}"
+    return results

@@ -47,7 +47,7 @@ def load_scenarios(path: str | Path) -> dict[str, dict]:
     if not isinstance(scenarios, dict) or not scenarios:
         raise DpmVecError(f"{path}: expected {{\"scenarios\": {{name: {{\"options\": {{...}}}}}}}}")
     for name, spec in scenarios.items():
-        if not SCENARIO_NAME.match(name):
+        if not SCENARIO_NAME.fullmatch(name):
             raise DpmVecError(f"{path}: scenario name {name!r} must match ^[a-z0-9_-]{{1,64}}$")
         options = spec.get("options", {}) if isinstance(spec, dict) else None
         if not isinstance(options, dict):

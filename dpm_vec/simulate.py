@@ -19,20 +19,31 @@ def simulate_many(requests: list) -> list[dict]:
     """Run every valid request in one engine pass; invalid ones get an RFC 7807 problem.
 
     Each slot is independent: a request's data is keyed by its own run key, so requests
-    that share portfolio or instrument ids cannot affect each other. If the shared pass
-    fails on trades outside the engine's quantity range, the requests it names get a 422
-    problem and the others one more pass; on any other failure it is halved until the
-    requests that break it run alone (``_isolating``: about 2 log2(n) passes per such
-    request, not n), and one that cannot be computed gets a problem in its slot (422 for a
-    value outside the engine's fixed point, else 500) while the others still answer.
+    that share portfolio or instrument ids cannot affect each other. A request the engine
+    cannot compute gets a problem in its slot (422 for a value outside the engine's fixed
+    point, else 500) while the others still answer (``simulate_outcomes``).
     """
-    slots: list[dict | None] = [None] * len(requests)
+    return [_problem(outcome, index) if isinstance(outcome, Exception) else outcome
+            for index, outcome in enumerate(simulate_outcomes(requests))]
+
+
+def simulate_outcomes(requests: list) -> list[dict | Exception]:
+    """Each request's result, or the exception that stands for it: a RequestError for an
+    invalid request, a QuantityRangeError or ValueRangeError for one outside the engine's
+    fixed point, else the exception the engine raised on it alone.
+
+    If the shared pass fails on trades outside the quantity range, the requests it names
+    fail and the others get one more pass; on any other failure it is halved until the
+    requests that break it run alone (``_isolating``: about 2 log2(n) passes per such
+    request, not n).
+    """
+    slots: list[dict | Exception | None] = [None] * len(requests)
     parsed: dict[int, dict[str, list[dict]]] = {}
     for index, request in enumerate(requests):
         try:
             rows = parse_request(request, f"r{index:07d}")
         except RequestError as exc:
-            slots[index] = exc.problem()
+            slots[index] = exc
             continue
         rows["portfolios"][0]["request_hash"] = request_hash(request)
         parsed[index] = rows
@@ -42,13 +53,22 @@ def simulate_many(requests: list) -> list[dict]:
     return slots  # type: ignore[return-value]
 
 
-def _isolating(parsed: dict[int, dict[str, list[dict]]]) -> dict[int, dict]:
+def _problem(exc: Exception, index: int) -> dict:
+    """The RFC 7807 problem for slot ``index``'s failure."""
+    if isinstance(exc, RequestError):
+        return exc.problem()
+    if isinstance(exc, (QuantityRangeError, ValueRangeError)):
+        return type(exc)(f"request {index + 1}: {exc}").problem()
+    return problem("about:blank", "Internal Server Error", 500, f"request {index + 1} could not be simulated ({_summary(exc)})")
+
+
+def _isolating(parsed: dict[int, dict[str, list[dict]]]) -> dict[int, dict | Exception]:
     """The results of the ``parsed`` requests (by slot index) from one engine pass; if
     that pass fails, from each half's, recursively, so a request that breaks a pass ends
     up alone (``_alone``) and the rest share passes."""
     if len(parsed) == 1:
         [(index, rows)] = parsed.items()
-        return {index: _alone(rows, index)}
+        return {index: _alone(rows)}
     try:
         return dict(zip(parsed, _simulate(list(parsed.values()))))
     except Exception as exc:  # noqa: BLE001 - isolate the request that breaks the pass
@@ -57,7 +77,7 @@ def _isolating(parsed: dict[int, dict[str, list[dict]]]) -> dict[int, dict]:
             log.warning("one engine pass over %d requests failed (%s); running it again without the %d it names",
                         len(parsed), _summary(exc), len(named))
             rest = {i: rows for i, rows in parsed.items() if i not in named}
-            return {**{i: QuantityRangeError(f"request {i + 1}: {detail}").problem() for i, detail in named.items()},
+            return {**{i: QuantityRangeError(detail) for i, detail in named.items()},
                     **(_isolating(rest) if rest else {})}
         log.warning("one engine pass over %d requests failed (%s); running each half on its own", len(parsed), _summary(exc))
         indexes = list(parsed)
@@ -85,17 +105,13 @@ def _simulate(parsed: list[dict[str, list[dict]]]) -> list[dict]:
     return results
 
 
-def _alone(rows: dict[str, list[dict]], index: int) -> dict:
+def _alone(rows: dict[str, list[dict]]) -> dict | Exception:
     try:
         return _simulate([rows])[0]
-    except QuantityRangeError as exc:
-        return QuantityRangeError(f"request {index + 1}: {exc}").problem()
     except Exception as exc:  # noqa: BLE001 - reported in the slot, never as a traceback
         if isinstance(exc, pl.exceptions.ComputeError) and "overflow" in str(exc):
-            return ValueRangeError(f"request {index + 1}: an intermediate value left the engine's fixed-point range "
-                                   f"({_summary(exc)})").problem()
-        return problem("about:blank", "Internal Server Error", 500,
-                       f"request {index + 1} could not be simulated ({_summary(exc)})")
+            return ValueRangeError(f"an intermediate value left the engine's fixed-point range ({_summary(exc)})")
+        return exc
 
 
 def _summary(exc: Exception) -> str:

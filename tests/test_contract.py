@@ -220,7 +220,8 @@ def test_a_pair_that_is_not_from_slash_to_text_matches_nothing(pair):
 
 
 @pytest.mark.parametrize("path", [("model_portfolio", "targets", 0, "instrument_id"), ("shelf_entries", 0, "instrument_id"),
-                                  ("market_data_snapshot", "fx_rates", 0, "pair")])
+                                  ("market_data_snapshot", "fx_rates", 0, "pair"), ("portfolio_snapshot", "snapshot_id"),
+                                  ("market_data_snapshot", "snapshot_id")])
 @pytest.mark.parametrize("value", [["US_EQ"], {"id": "US_EQ"}, 7])
 def test_a_key_of_the_wrong_type_is_422_naming_it(path, value):
     field = ".".join(str(p) for p in path).replace(".0.", "[0].")
@@ -237,16 +238,75 @@ def test_a_scenario_fails_on_its_first_invalid_option_in_declaration_order():
         "compare_first": {"options": {"max_turnover_pct": "1.5", "compare_target_methods": "maybe"}},
         "group_only": {"options": {"group_constraints": {"no-colon": {"max_weight": "0.2"}}}},
         "not_a_number": {"options": {"max_turnover_pct": "abc"}},  # §3.6 item 4, not the quoted bound
+        # §4's advisory row, in the order it lists them, after every DPM option
+        "advisory_drift_first": {"options": {"funding_mode": "BAD", "enable_drift_analytics": "maybe"}},
+        "advisory_limit_first": {"options": {"fx_generation_policy": "BAD", "drift_top_contributors_limit": 99}},
+        "dpm_before_advisory": {"options": {"auto_funding": "maybe", "fx_settlement_days": 11}},
         "fine": {"options": {}},
     }
     body = analyze(batch)
     assert set(body["results"]) == {"fine"}
     assert body["failed_scenarios"] == {
+        "advisory_drift_first": "INVALID_OPTIONS: options.enable_drift_analytics: expected a boolean, got 'maybe'",
+        "advisory_limit_first": "INVALID_OPTIONS: options.drift_top_contributors_limit: must be between 1 and 20, got 99",
         "compare_first": "INVALID_OPTIONS: options.compare_target_methods: expected a boolean, got 'maybe'",
+        "dpm_before_advisory": "INVALID_OPTIONS: options.fx_settlement_days: must be between 0 and 10, got 11",
         "group_only": "INVALID_OPTIONS: options.group_constraints.no-colon: group constraint keys must be 'attribute:value' with exactly one ':'",
         "late_first": "INVALID_OPTIONS: Value error, max_turnover_pct must be between 0 and 1 inclusive",
         "not_a_number": "INVALID_OPTIONS: options.max_turnover_pct: not a decimal number: 'abc'",
     }
+
+
+def _batch(**scenarios) -> dict:
+    batch = {k: copy.deepcopy(REQUEST[k]) for k in ("portfolio_snapshot", "market_data_snapshot", "model_portfolio", "shelf_entries")}
+    return {**batch, "scenarios": scenarios}
+
+
+def test_a_scenario_beyond_the_quantity_range_fails_alone_and_names_the_trade():
+    """§7 step 2 and §9.1: a scenario whose trade the engine cannot hold goes to
+    failed_scenarios with what it is, and the other scenarios still answer."""
+    from dpm_vec.analyze import analyze
+    batch = _batch(plain={"options": {}}, capped={"options": {"max_turnover_pct": "0"}})
+    batch["portfolio_snapshot"].update(positions=[], cash_balances=[{"currency": "SGD", "amount": "10000000000"}])
+    batch["market_data_snapshot"]["prices"] = [{"instrument_id": "A", "price": "0.5", "currency": "SGD"}]
+    batch["model_portfolio"]["targets"] = [{"instrument_id": "A", "weight": "1"}]
+    batch["shelf_entries"] = [{"instrument_id": "A", "status": "APPROVED"}]
+    body = analyze(batch)
+    assert list(body["results"]) == list(body["comparison_metrics"]) == ["capped"]
+    assert body["results"]["capped"]["status"] == "READY" and body["results"]["capped"]["intents"] == []
+    assert body["failed_scenarios"] == {"plain": "SCENARIO_EXECUTION_ERROR: QuantityRangeError: a BUY of 20000000000 units of A "
+                                                 "is outside the engine's quantity range (trades under 9,000,000,000 units)"}
+    assert body["warnings"] == ["PARTIAL_BATCH_FAILURE"]
+
+
+def test_an_unexpected_engine_failure_fails_its_scenario_by_exception_class(monkeypatch):
+    """§7 step 2: ``SCENARIO_EXECUTION_ERROR: <exception class name>``, and the rest run."""
+    from dpm_vec import simulate
+    from dpm_vec.analyze import analyze
+    real = simulate._simulate
+
+    def failing(parsed):
+        if any(rows["portfolios"][0]["fx_buffer_pct"] == Decimal("0.07") for rows in parsed):
+            raise ZeroDivisionError("division by zero")
+        return real(parsed)
+
+    monkeypatch.setattr(simulate, "_simulate", failing)
+    body = analyze(_batch(a_fine={"options": {}}, b_broken={"options": {"fx_buffer_pct": "0.07"}}, c_fine={"options": {"fx_buffer_pct": "0.02"}}))
+    assert list(body["results"]) == ["a_fine", "c_fine"]
+    assert body["failed_scenarios"] == {"b_broken": "SCENARIO_EXECUTION_ERROR: ZeroDivisionError"}
+
+
+@pytest.mark.parametrize("name, spec, field", [
+    ("trailing_newline\n", {"options": {}}, "scenarios.trailing_newline\n"),
+    ("Upper", {"options": {}}, "scenarios.Upper"),
+    ("numbered_description", {"description": 7, "options": {}}, "scenarios.numbered_description.description"),
+    ("null_options", {"options": None}, "scenarios.null_options.options"),
+])
+def test_a_bad_scenario_name_or_shape_is_a_whole_request_422(name, spec, field):
+    from dpm_vec.analyze import analyze
+    with pytest.raises(RequestError) as caught:
+        analyze(_batch(**{name: spec, "fine": {"description": "unused", "options": {}}}))
+    assert [e["field"] for e in caught.value.errors] == [field]
 
 
 def test_a_zero_price_nothing_reads_runs_as_the_reference():

@@ -21,7 +21,7 @@ Idempotency modes:
   only logged; a fresh random ``rr_xxxxxxxx`` run id per call.
 * ``rfc``: RFC-0001 §8.2 over a DuckDB run store (``store_path``; None = in memory).
   Same key + same request hash → the stored JSON, byte for byte, with header
-  ``Idempotent-Replay: true``; same key + another hash → 409. The key must be non-empty.
+  ``Idempotent-Replay: true``; same key + another hash → 409. The key must be a UUID.
   ``lineage.request_hash`` is the SHA-256 of the canonical request and
   ``lineage.idempotency_key`` the key. X-Correlation-Id is echoed (generated if missing) in
   the response header of every response and in the body's ``correlation_id``. Invalid
@@ -240,6 +240,15 @@ class _Outcome:
 
 
 # -- the app ---------------------------------------------------------------------------------
+def _is_uuid(key: str) -> bool:
+    """RFC-0001 §7's Idempotency-Key: a UUID, in any of the forms ``uuid.UUID`` reads."""
+    try:
+        uuid.UUID(key)
+    except ValueError:
+        return False
+    return True
+
+
 def create_app(store_path: str | None = None, idempotency: str = "reference", max_coalesce: int = 64,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The service; ``max_coalesce`` caps the requests one engine pass of the single-request
@@ -305,6 +314,8 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
             errors.insert(0, {"field": "header.Idempotency-Key", "message": "field required"})
         elif rfc and not key.strip():
             errors.insert(0, {"field": "header.Idempotency-Key", "message": "must not be empty"})
+        elif rfc and not _is_uuid(key):
+            errors.insert(0, {"field": "header.Idempotency-Key", "message": f"must be a UUID (RFC-0001 §7), got {key[:80]!r}"})
         if body is not None and not isinstance(body, dict):
             errors.append({"field": "$", "message": "request body must be a JSON object"})
         if errors:

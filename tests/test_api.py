@@ -412,19 +412,19 @@ def test_metrics_count_statuses(ref_server, golden):
 
 # -- rfc mode ---------------------------------------------------------------------------------
 def test_rfc_replay_and_conflict(rfc_server, golden):
-    first = _post(rfc_server, golden, key="rfc-key-1", **{"X-Correlation-Id": "corr-rfc"})
+    first = _post(rfc_server, golden, key="0b6f3c36-3a4e-4d51-9a5e-2f1d7c9e8a01", **{"X-Correlation-Id": "corr-rfc"})
     assert first.status_code == 200, first.text
     assert first.headers["x-correlation-id"] == "corr-rfc"
     assert "idempotent-replay" not in first.headers
     result = first.json()
     _check_fx_golden(result)
     assert result["correlation_id"] == "corr-rfc"
-    assert result["lineage"]["idempotency_key"] == "rfc-key-1"
+    assert result["lineage"]["idempotency_key"] == "0b6f3c36-3a4e-4d51-9a5e-2f1d7c9e8a01"
     assert len(result["lineage"]["request_hash"]) == 64
 
     # same key, same body (keys in another order: the canonical hash is the same) → stored JSON
     reordered = dict(reversed(list(golden.items())))
-    replay = _post(rfc_server, reordered, key="rfc-key-1")
+    replay = _post(rfc_server, reordered, key="0b6f3c36-3a4e-4d51-9a5e-2f1d7c9e8a01")
     assert replay.status_code == 200
     assert replay.headers["idempotent-replay"] == "true"
     assert replay.content == first.content
@@ -433,11 +433,11 @@ def test_rfc_replay_and_conflict(rfc_server, golden):
     # same key, different body → 409
     other = copy.deepcopy(golden)
     other["model_portfolio"]["targets"][0]["weight"] = "0.25"
-    problem = _assert_problem(_post(rfc_server, other, key="rfc-key-1"), status=409)
+    problem = _assert_problem(_post(rfc_server, other, key="0b6f3c36-3a4e-4d51-9a5e-2f1d7c9e8a01"), status=409)
     assert problem["instance"] == SIM and problem["rebalance_run_id"] == result["rebalance_run_id"]
 
     # a new key computes afresh
-    fresh = _post(rfc_server, other, key="rfc-key-2")
+    fresh = _post(rfc_server, other, key="0b6f3c36-3a4e-4d51-9a5e-2f1d7c9e8a02")
     assert fresh.status_code == 200 and fresh.json()["rebalance_run_id"] != result["rebalance_run_id"]
 
     metrics = rfc_server.client.get("/metrics").text
@@ -447,10 +447,12 @@ def test_rfc_replay_and_conflict(rfc_server, golden):
 def test_rfc_invalid_requests_are_not_stored(rfc_server, golden):
     bad = copy.deepcopy(golden)
     del bad["options"]
-    assert _post(rfc_server, bad, key="rfc-key-3").status_code == 422
-    good = _post(rfc_server, golden, key="rfc-key-3")  # the key is still free
+    assert _post(rfc_server, bad, key="0b6f3c36-3a4e-4d51-9a5e-2f1d7c9e8a03").status_code == 422
+    good = _post(rfc_server, golden, key="0b6f3c36-3a4e-4d51-9a5e-2f1d7c9e8a03")  # the key is still free
     assert good.status_code == 200 and "idempotent-replay" not in good.headers
     assert _fields(_assert_problem(_post(rfc_server, golden, key=""))) == ["header.Idempotency-Key"]
+    not_a_uuid = _assert_problem(_post(rfc_server, golden, key="order-42"))  # RFC-0001 §7: Required (UUID)
+    assert not_a_uuid["errors"] == [{"field": "header.Idempotency-Key", "message": "must be a UUID (RFC-0001 §7), got 'order-42'"}]
     assert _post(rfc_server, golden, key=None).headers["x-correlation-id"].startswith("c_")
 
 
@@ -458,13 +460,13 @@ def test_rfc_runs_survive_a_restart(tmp_path, golden):
     store = tmp_path / "runs.duckdb"
     server = Server(tmp_path, "--idempotency", "rfc", "--store", str(store))
     try:
-        first = _post(server, golden, key="persisted")
+        first = _post(server, golden, key="0b6f3c36-3a4e-4d51-9a5e-2f1d7c9e8a04")
         assert first.status_code == 200
     finally:
         server.stop()
     server = Server(tmp_path, "--idempotency", "rfc", "--store", str(store))
     try:
-        replay = _post(server, golden, key="persisted")
+        replay = _post(server, golden, key="0b6f3c36-3a4e-4d51-9a5e-2f1d7c9e8a04")
         assert replay.headers.get("idempotent-replay") == "true" and replay.content == first.content
     finally:
         server.stop()
@@ -498,7 +500,7 @@ def test_rfc_concurrent_requests_with_one_key_get_one_run(rfc_server, golden):
 
     def call(_):
         with httpx.Client(base_url=rfc_server.url, timeout=30) as client:
-            return client.post(SIM, json=golden, headers={"Idempotency-Key": "rfc-race"})
+            return client.post(SIM, json=golden, headers={"Idempotency-Key": "0b6f3c36-3a4e-4d51-9a5e-2f1d7c9e8a05"})
 
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(call, range(8)))

@@ -59,7 +59,7 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "DRIFT_REBALANCE": "reference rationale of every security trade",
     "REBALANCE_DRIFT": "RFC: trade closes a weight deviation of a held instrument",
     "CASH_INVESTMENT": "RFC: buy of an instrument not held before (investing cash)",
-    "CONSTRAINT_CAP": "RFC: trade sized by a capped or redistributed target",
+    "CONSTRAINT_CAP": "RFC: trade sized by a target capped at the single-position max (its model weight is above it)",
     "LIQUIDATION": "RFC: sale of a holding that is not in the model, or down to a final weight of 0",
     "FUNDING": "FX buy of a currency that security buys leave short",
     "SWEEP": "FX sale of surplus foreign cash into base currency",

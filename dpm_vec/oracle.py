@@ -928,15 +928,16 @@ def tax_limit_sell(iid: str, requested: Decimal, pos: dict, price: Decimal, pccy
     return allowed, False
 
 
-def rationale_code(iid: str, side: str, fw: Decimal, pos: dict | None, tags: list[str], model_ids: set) -> str:
+def rationale_code(iid: str, side: str, fw: Decimal, pos: dict | None, model_weight: Decimal, cap: Decimal | None,
+                   model_ids: set) -> str:
     """RFC Appendix A codes (rfc_rationale_codes; features.md, in this order): LIQUIDATION
     (off-model sells; RFC: "Selling excluded asset", so, as the engine, also a sell of a model
-    target whose final weight is 0), CONSTRAINT_CAP (capped or redistributed targets: a trace
-    tagged CAPPED_BY_MAX_WEIGHT or REDISTRIBUTED_RECIPIENT), CASH_INVESTMENT (buys of
-    instruments not held), REBALANCE_DRIFT (others)."""
+    target whose final weight is 0), CONSTRAINT_CAP ("Capped at max": a model weight above
+    the single-position max, the RFC's condition for capping a target, §6 step 3),
+    CASH_INVESTMENT (buys of instruments not held), REBALANCE_DRIFT (others)."""
     if side == "SELL" and (iid not in model_ids or fw == 0):
         return "LIQUIDATION"
-    if "CAPPED_BY_MAX_WEIGHT" in tags or "REDISTRIBUTED_RECIPIENT" in tags:
+    if cap is not None and model_weight > cap:
         return "CONSTRAINT_CAP"
     if side == "BUY" and (pos is None or pos["quantity"] == 0):
         return "CASH_INVESTMENT"
@@ -947,10 +948,10 @@ def translate_trades(trace: list[dict], positions: list[dict], tv: Decimal, base
                      opts: Options, tax: TaxState, diag: dict, dq: DQ, model_ids: set = frozenset()) -> list[dict]:
     """§6.9: size each trace instrument in floored units; tax-limit sells; suppress dust."""
     weights: dict[str, Decimal] = {}
-    tags: dict[str, list[str]] = {}
+    model_weights: dict[str, Decimal] = {}
     for row in trace:  # first occurrence keeps position, last duplicate's weight applies
         weights[row["instrument_id"]] = row["final_weight"]
-        tags[row["instrument_id"]] = row["tags"]
+        model_weights[row["instrument_id"]] = row["model_weight"]
     intents = []
     for iid, fw in weights.items():
         pe = mkt.prices.get(iid)
@@ -1004,7 +1005,7 @@ def translate_trades(trace: list[dict], positions: list[dict], tv: Decimal, base
                 "instrument_id": iid, "side": side, "quantity": qty,
                 "notional": notional, "ccy": pccy, "notional_base": notional_base,
                 "dependencies": [], "constraints_applied": applied,
-                "code": (rationale_code(iid, side, fw, pos, tags[iid], model_ids) if opts.rfc_rationale_codes
+                "code": (rationale_code(iid, side, fw, pos, model_weights[iid], opts.single_position_max_weight, model_ids) if opts.rfc_rationale_codes
                          else "DRIFT_REBALANCE")})
     return intents
 

@@ -55,9 +55,10 @@ def translate(
     policy = runs.select(
         "run", "base_currency", "min_trade_notional_amount", "min_trade_notional_currency",
         "suppress_dust_trades", "notional_sizing", "rfc_rationale_codes", "enable_tax_awareness", "max_realized_capital_gains",
+        "single_position_max_weight",
     )
     t = market.with_price(
-        join_runs(trace.select("run", "instrument_id", "trace_order", "final_weight", "in_model", "tags", "slot"), policy)
+        join_runs(trace.select("run", "instrument_id", "trace_order", "model_weight", "final_weight", "in_model", "slot"), policy)
     )
     price_missing = dq.findings(t, pl.col("price").is_null(), "price_missing", pl.col("instrument_id"), dq.TRANSLATION, pl.col("trace_order") * 2)
     t = _drop_nulls(t, "price")
@@ -314,8 +315,11 @@ def _deltas_in_28_digits(market: Market, near: pl.DataFrame, exact: ExactLocked 
 
 
 def _rationale() -> pl.Expr:
-    """Reference code DRIFT_REBALANCE, or with ``rfc_rationale_codes`` the RFC Appendix A code."""
-    capped = pl.col("tags").list.contains("CAPPED_BY_MAX_WEIGHT") | pl.col("tags").list.contains("REDISTRIBUTED_RECIPIENT")
+    """Reference code DRIFT_REBALANCE, or with ``rfc_rationale_codes`` the RFC Appendix A code.
+    CONSTRAINT_CAP ("Capped at max") is a model weight above the single-position max, the
+    RFC's condition for capping a target (§6 step 3), not the trace tags, which the reference
+    sets for any scaling (a cash buffer, normalisation)."""
+    capped = pl.col("single_position_max_weight").is_not_null() & (pl.col("model_weight") > pl.col("single_position_max_weight"))
     rfc = (
         pl.when((~pl.col("in_model") | (pl.col("final_weight") == 0)) & (pl.col("side") == "SELL")).then(pl.lit("LIQUIDATION"))
         .when(capped).then(pl.lit("CONSTRAINT_CAP"))

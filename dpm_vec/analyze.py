@@ -131,7 +131,7 @@ def _run(requests: list[dict], names: list[str], failed: dict[str, str]) -> dict
     and for a value outside the engine's fixed point (§9.1) what it is."""
     results = {}
     for name, outcome in zip(names, simulate_outcomes(requests)):
-        if not isinstance(outcome, Exception):
+        if not isinstance(outcome, BaseException):
             results[name] = outcome
         elif isinstance(outcome, (QuantityRangeError, ValueRangeError)):
             failed[name] = f"SCENARIO_EXECUTION_ERROR: {type(outcome).__name__}: {outcome}"

@@ -55,7 +55,7 @@ from dpm_vec import __version__
 from dpm_vec.analyze import analyze
 from dpm_vec.coalesce import Coalescer
 from dpm_vec.contract import parse_request, request_hash
-from dpm_vec.errors import RequestError, problem
+from dpm_vec.errors import ENGINE_FAILURES, RequestError, problem
 from dpm_vec.simulate import simulate_many
 from dpm_vec.store import DuplicateRunId, IdempotencyConflict, RunStore, new_run_id
 
@@ -443,7 +443,7 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
                                    problem=True, headers=headers)
             else:
                 outcome = await run_in_threadpool(work, raw, cid, headers, key)
-        except Exception as exc:  # noqa: BLE001 - the 500 contract
+        except ENGINE_FAILURES as exc:  # the 500 contract
             seconds = time.perf_counter() - started
             metrics.response(endpoint, 500, seconds)
             _log(logging.ERROR, event=endpoint, path=request.url.path, correlation_id=cid, idempotency_key=key,

@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import polars as pl
+
+# what a failed engine pass may raise: Polars reports a Rust panic (a decimal sum past 38
+# digits, say) as PanicException, which derives from BaseException, not Exception
+ENGINE_FAILURES: tuple[type[BaseException], ...] = (Exception, pl.exceptions.PanicException)
+
+
+def is_overflow(exc: BaseException) -> bool:
+    """Whether an engine failure is a value leaving the fixed point: an overflowing
+    operation (ComputeError) or a result Polars cannot build at 38 digits (a panic)."""
+    return (isinstance(exc, pl.exceptions.ComputeError) and "overflow" in str(exc)) or (
+        isinstance(exc, pl.exceptions.PanicException) and "can't fit" in str(exc))
+
 
 class DpmVecError(Exception):
     """Base class of every error dpm_vec raises on purpose."""
@@ -71,7 +84,7 @@ class QuantityRangeError(DpmVecError):
         return problem(self.TYPE, "Trade outside the engine's quantity range", 422, str(self), instance)
 
 
-def named_failures(exc: Exception) -> dict[str, str]:
+def named_failures(exc: BaseException) -> dict[str, str]:
     """The portfolios ``exc`` names as failing, by run key, each with its own message
     (a QuantityRangeError knows them); empty for any other error."""
     return exc.by_run_key if isinstance(exc, QuantityRangeError) else {}

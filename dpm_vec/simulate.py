@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 
-import polars as pl
 
 from dpm_vec.book import TABLES
 from dpm_vec.contract import parse_request, request_hash, rows_to_book
-from dpm_vec.errors import QuantityRangeError, RequestError, ValueRangeError, named_failures, problem
+from dpm_vec.errors import ENGINE_FAILURES, QuantityRangeError, is_overflow, RequestError, ValueRangeError, named_failures, problem
 from dpm_vec.pipeline import run
 from dpm_vec.render import render_results
 
@@ -23,11 +22,11 @@ def simulate_many(requests: list) -> list[dict]:
     cannot compute gets a problem in its slot (422 for a value outside the engine's fixed
     point, else 500) while the others still answer (``simulate_outcomes``).
     """
-    return [_problem(outcome, index) if isinstance(outcome, Exception) else outcome
+    return [_problem(outcome, index) if isinstance(outcome, BaseException) else outcome
             for index, outcome in enumerate(simulate_outcomes(requests))]
 
 
-def simulate_outcomes(requests: list) -> list[dict | Exception]:
+def simulate_outcomes(requests: list) -> list[dict | BaseException]:
     """Each request's result, or the exception that stands for it: a RequestError for an
     invalid request, a QuantityRangeError or ValueRangeError for one outside the engine's
     fixed point, else the exception the engine raised on it alone.
@@ -37,7 +36,7 @@ def simulate_outcomes(requests: list) -> list[dict | Exception]:
     requests that break it run alone (``_isolating``: about 2 log2(n) passes per such
     request, not n).
     """
-    slots: list[dict | Exception | None] = [None] * len(requests)
+    slots: list[dict | BaseException | None] = [None] * len(requests)
     parsed: dict[int, dict[str, list[dict]]] = {}
     for index, request in enumerate(requests):
         try:
@@ -53,7 +52,7 @@ def simulate_outcomes(requests: list) -> list[dict | Exception]:
     return slots  # type: ignore[return-value]
 
 
-def _problem(exc: Exception, index: int) -> dict:
+def _problem(exc: BaseException, index: int) -> dict:
     """The RFC 7807 problem for slot ``index``'s failure."""
     if isinstance(exc, RequestError):
         return exc.problem()
@@ -62,7 +61,7 @@ def _problem(exc: Exception, index: int) -> dict:
     return problem("about:blank", "Internal Server Error", 500, f"request {index + 1} could not be simulated ({_summary(exc)})")
 
 
-def _isolating(parsed: dict[int, dict[str, list[dict]]]) -> dict[int, dict | Exception]:
+def _isolating(parsed: dict[int, dict[str, list[dict]]]) -> dict[int, dict | BaseException]:
     """The results of the ``parsed`` requests (by slot index) from one engine pass; if
     that pass fails, from each half's, recursively, so a request that breaks a pass ends
     up alone (``_alone``) and the rest share passes."""
@@ -71,7 +70,7 @@ def _isolating(parsed: dict[int, dict[str, list[dict]]]) -> dict[int, dict | Exc
         return {index: _alone(rows)}
     try:
         return dict(zip(parsed, _simulate(list(parsed.values()))))
-    except Exception as exc:  # noqa: BLE001 - isolate the request that breaks the pass
+    except ENGINE_FAILURES as exc:  # isolate the request that breaks the pass
         named = _named_in(exc, parsed)
         if named:  # the engine named the requests it cannot compute: the others need one more pass
             log.warning("one engine pass over %d requests failed (%s); running it again without the %d it names",
@@ -85,7 +84,7 @@ def _isolating(parsed: dict[int, dict[str, list[dict]]]) -> dict[int, dict | Exc
         return {**_isolating({i: parsed[i] for i in indexes[:half]}), **_isolating({i: parsed[i] for i in indexes[half:]})}
 
 
-def _named_in(exc: Exception, parsed: dict[int, dict[str, list[dict]]]) -> dict[int, str]:
+def _named_in(exc: BaseException, parsed: dict[int, dict[str, list[dict]]]) -> dict[int, str]:
     """The slot indexes of ``parsed`` that ``exc`` names as failing, each with its
     message; empty if it names none."""
     by_run_key = named_failures(exc)
@@ -105,16 +104,16 @@ def _simulate(parsed: list[dict[str, list[dict]]]) -> list[dict]:
     return results
 
 
-def _alone(rows: dict[str, list[dict]]) -> dict | Exception:
+def _alone(rows: dict[str, list[dict]]) -> dict | BaseException:
     try:
         return _simulate([rows])[0]
-    except Exception as exc:  # noqa: BLE001 - reported in the slot, never as a traceback
-        if isinstance(exc, pl.exceptions.ComputeError) and "overflow" in str(exc):
+    except ENGINE_FAILURES as exc:  # reported in the slot, never as a traceback
+        if is_overflow(exc):
             return ValueRangeError(f"an intermediate value left the engine's fixed-point range ({_summary(exc)})")
         return exc
 
 
-def _summary(exc: Exception) -> str:
+def _summary(exc: BaseException) -> str:
     """The exception's type and the first line of its message (at most 200 characters)."""
     return f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')[:200]}"
 

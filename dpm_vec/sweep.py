@@ -45,7 +45,7 @@ from dpm_vec import __version__
 from dpm_vec.book import Book, conform, empty_table
 from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES_FROM_SHARDS, default_shard_size, default_threads,
                               even_shard_size, usable_cores)
-from dpm_vec.errors import DpmVecError, named_failures
+from dpm_vec.errors import ENGINE_FAILURES, DpmVecError, named_failures
 from dpm_vec.io import (PORTFOLIO_ROWS, _path, collect, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         write_book, write_json_atomic)
 from dpm_vec.outdir import SWEEP_MARKER, check_replaceable, exclusive, remove_stale_work
@@ -629,7 +629,7 @@ def run_isolating(book: Book, timer: StageTimer | None = None, tables: tuple[str
     (block_reason ENGINE_ERROR) and every other portfolio its result."""
     try:
         return output_tables(run(book, allocations=False, timer=timer), tables)
-    except Exception as exc:  # noqa: BLE001 - a failed portfolio is a row, not a crash
+    except ENGINE_FAILURES as exc:  # a failed portfolio is a row, not a crash
         n = book.portfolios.height
         if n <= 1:
             log.error("portfolio %s could not be computed: %s", book.portfolios["run_key"].to_list(), exc)
@@ -663,7 +663,7 @@ def _empty_tables(book: Book, tables: tuple[str, ...]) -> dict[str, pl.DataFrame
     return output_tables(run(replace(book, portfolios=book.portfolios.head(0)), allocations=False), tables)
 
 
-def _engine_error_tables(book: Book, exc: Exception, empty: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
+def _engine_error_tables(book: Book, exc: BaseException, empty: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
     """One BLOCKED ENGINE_ERROR run record per portfolio of ``book``, in ``empty``'s
     tables (``_empty_tables``) and columns."""
     p = book.portfolios

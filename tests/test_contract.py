@@ -309,6 +309,19 @@ def test_a_bad_scenario_name_or_shape_is_a_whole_request_422(name, spec, field):
     assert [e["field"] for e in caught.value.errors] == [field]
 
 
+def test_a_cash_total_past_the_fixed_point_is_a_422_and_fails_alone():
+    """Twelve balances of 9.9e16 (each within the contract) sum past Decimal(38, 20): Polars
+    panics building that sum, and the request gets a value-out-of-range problem while the
+    request beside it answers (the panic is no Exception, and took the batch down)."""
+    request = copy.deepcopy(REQUEST)
+    request["portfolio_snapshot"]["cash_balances"] = [{"currency": f"C{i:02d}", "amount": "99000000000000000"} for i in range(12)]
+    request["market_data_snapshot"]["fx_rates"] += [{"pair": f"C{i:02d}/SGD", "rate": "1"} for i in range(12)]
+    huge, plain = simulate_many([request, REQUEST])
+    assert (huge["status"], huge["type"]) == (422, "https://dpm-vec.dev/problems/value-out-of-range")
+    assert huge["detail"].startswith("request 1: an intermediate value left the engine's fixed-point range")
+    assert plain["status"] == "READY"
+
+
 def test_a_zero_price_nothing_reads_runs_as_the_reference():
     """§9.1 rejects a zero price of a held or model instrument (the reference divides by
     it); a zero price of an instrument neither held nor in the model is never read, so the

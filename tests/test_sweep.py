@@ -712,6 +712,52 @@ def test_a_portfolio_the_engine_cannot_compute_is_blocked_alone(tmp_path):
     assert runs.filter(pl.col("block_reason") != "ENGINE_ERROR")["exit_path"].is_not_null().all()
 
 
+def test_a_cash_total_past_38_digits_blocks_its_portfolio_alone(tmp_path):
+    """A panic in Polars (a sum of cash that cannot be built at 38 digits) is a failed
+    portfolio like any other: one BLOCKED ENGINE_ERROR record, the rest as without it."""
+    frames = generate_book_frames(8, 13, holdings=(3, 5))
+    victim = frames["portfolios"]["portfolio_snapshot_id"][0]  # USD and CHF cash: 6e17 each is 1.3e18 USD
+    assert frames["cash"].filter(pl.col("portfolio_snapshot_id") == victim).height == 2
+    clean = write_book(frames, tmp_path / "clean")
+    frames["cash"] = frames["cash"].with_columns(
+        pl.when(pl.col("portfolio_snapshot_id") == victim).then(pl.lit(Decimal("600000000000000000"))).otherwise(pl.col("amount"))
+        .cast(pl.Decimal(38, 20)).alias("amount")
+    )
+    sweep(write_book(frames, tmp_path / "book"), tmp_path / "out", progress=False)
+    sweep(clean, tmp_path / "clean_out", progress=False)
+    runs, expected = _read(tmp_path / "out", "runs"), _read(tmp_path / "clean_out", "runs")
+    failed = runs.filter(pl.col("block_reason") == "ENGINE_ERROR")
+    assert failed["run_key"].to_list() == [frames["portfolios"]["run_key"][0]]
+    assert failed["warnings"].to_list() == [["ENGINE_ERROR:PanicException"]]
+    others = pl.col("run_key") != frames["portfolios"]["run_key"][0]
+    assert runs.filter(others).select("run_key", "status").equals(expected.filter(others).select("run_key", "status"))
+
+
+def test_an_fx_quote_whose_inverse_leaves_the_fixed_point_fails_only_who_reads_it(tmp_path):
+    """A quote of 1e-20 has an inverse of 1e20, past Decimal(38, 20): a book that never
+    reads that inverse sweeps as without the quote (it did block every portfolio, one pass
+    each), and a portfolio that reads it is BLOCKED alone."""
+    frames = generate_book_frames(8, 13, holdings=(3, 5))
+    clean = write_book(frames, tmp_path / "clean")
+    tiny = frames["fx_rates"].head(1).with_columns(pl.lit("AAA/BBB").alias("pair"), pl.lit(Decimal("1E-20")).cast(pl.Decimal(38, 20)).alias("rate"))
+    frames["fx_rates"] = pl.concat([frames["fx_rates"], tiny])
+    sweep(write_book(frames, tmp_path / "unused"), tmp_path / "unused_out", progress=False)
+    sweep(clean, tmp_path / "clean_out", progress=False)
+    _same_outputs(tmp_path / "unused_out", tmp_path / "clean_out")
+
+    victim = frames["portfolios"]["run_key"][4]  # AAA-based, holding BBB cash: rate(BBB → AAA) = 1 / 1e-20
+    frames["portfolios"] = frames["portfolios"].with_columns(
+        pl.when(pl.col("run_key") == victim).then(pl.lit("AAA")).otherwise(pl.col("base_currency")).alias("base_currency")
+    )
+    snapshot = frames["portfolios"]["portfolio_snapshot_id"][4]
+    frames["cash"] = pl.concat([frames["cash"], frames["cash"].filter(pl.col("portfolio_snapshot_id") == snapshot).head(1)
+                                .with_columns(pl.lit("BBB").alias("currency"))])
+    sweep(write_book(frames, tmp_path / "read"), tmp_path / "read_out", progress=False)
+    runs = _read(tmp_path / "read_out", "runs")
+    assert runs.filter(pl.col("block_reason") == "ENGINE_ERROR")["run_key"].to_list() == [victim]
+    assert runs.height == frames["portfolios"].height
+
+
 def test_a_trade_beyond_the_quantity_range_blocks_its_portfolio_only_if_it_survives_the_turnover_cap(tmp_path, monkeypatch):
     """Two portfolios of 1e14 in cash size trades of 1e10 units and more: the one whose
     turnover cap drops them gets its result, the other one BLOCKED run record

@@ -14,6 +14,7 @@ import polars as pl
 from dpm_vec import dec28
 from dpm_vec.book import Book
 from dpm_vec.frames import join_runs, sort_rows
+from dpm_vec.errors import ENGINE_FAILURES, is_overflow
 from dpm_vec.numeric import DEC, lit
 
 RUN = pl.UInt32
@@ -131,9 +132,10 @@ class Market:
         both per row, ~1.5x the time). A pair with a currency the snapshot never quotes
         has no rate unless its currencies are equal (1.0); a null currency matches no
         pair: null rate."""
-        if not self.one_market or from_col == to_col:
+        tables = self._pair_rates(rate) if self.one_market and from_col != to_col else None
+        if tables is None:
             return rate(frame, from_col, to_col, out)
-        table, one, quoted = self._pair_rates(rate)
+        table, one, quoted = tables
         codes = frame.select(
             pl.col(from_col).cast(quoted, strict=False).to_physical().cast(pl.UInt32).alias("_from"),
             pl.col(to_col).cast(quoted, strict=False).to_physical().cast(pl.UInt32).alias("_to"),
@@ -149,19 +151,28 @@ class Market:
             )
         return frame.drop(out, strict=False).hstack(rates.get_columns())
 
-    def _pair_rates(self, rate) -> tuple[pl.DataFrame, pl.Series, pl.Enum]:
+    def _pair_rates(self, rate) -> tuple[pl.DataFrame, pl.Series, pl.Enum] | None:
         """(_from, _to, _rate) for every ordered pair of the one snapshot's quoted
         currencies, rated by ``rate``, row i × n + j holding the pair of the i-th and j-th
         of the ``n`` quoted currencies in text order; the rate of a pair of equal
         currencies; and the Enum of the quoted currencies. Built once per Market and rate
-        kind (a shard asks ~11 times, on up to 470,000 rows)."""
+        kind (a shard asks ~11 times, on up to 470,000 rows). None when some pair's rate
+        leaves the fixed point (the inverse of a quote below 1e-18): then each look-up
+        rates its own rows, and only a portfolio that reads that rate fails."""
         cache = self._pair_rate_cache
         if rate.__name__ not in cache:
             quoted = self._only(self.fx, "market_snapshot_id")
             currencies = pl.concat([quoted["fx_from"], quoted["fx_to"]]).unique().sort().alias("_from")
             enum = pl.Enum(currencies.to_list())
             pairs = currencies.to_frame().join(currencies.alias("_to").to_frame(), how="cross")
-            table = rate(pairs, "_from", "_to", "_rate").sort(
+            try:
+                rated = rate(pairs, "_from", "_to", "_rate")
+            except ENGINE_FAILURES as exc:
+                if not is_overflow(exc):
+                    raise
+                cache[rate.__name__] = None
+                return None
+            table = rated.sort(
                 pl.col("_from").cast(enum).to_physical().cast(pl.UInt32) * currencies.len() + pl.col("_to").cast(enum).to_physical().cast(pl.UInt32)
             )
             one = rate(pl.DataFrame({"_from": ["XXX"], "_to": ["XXX"]}), "_from", "_to", "_rate")["_rate"]  # XXX: ISO 4217 "no currency"

@@ -24,10 +24,13 @@ SWEEP_MARKER = "manifest.json"  # what a sweep's output holds
 BOOK_MARKER = "portfolios.parquet"  # what a book holds
 
 
-def check_replaceable(out_dir: Path, marker: str, what: str, inputs: tuple[Path, ...] = ()) -> None:
+def check_replaceable(out_dir: Path, marker: str, what: str, inputs: tuple[Path, ...] = (),
+                      written: frozenset[str] | None = None) -> None:
     """Raise unless ``out_dir`` may be replaced by a new ``what``: it does not exist, or it
-    is an empty directory, or a directory holding ``marker`` (a previous ``what``); and it
-    is neither one of ``inputs`` nor holds one, nor holds the working directory."""
+    is an empty directory, or a directory holding ``marker`` (a previous ``what``) and,
+    where ``written`` names everything a ``what`` writes, nothing else (an operator's notes
+    beside a sweep's datasets would go with them); and it is neither one of ``inputs`` nor
+    holds one, nor holds the working directory."""
     out_dir = out_dir.resolve()
     for source in inputs:
         source = source.resolve()
@@ -49,7 +52,15 @@ def check_replaceable(out_dir: Path, marker: str, what: str, inputs: tuple[Path,
         raise DpmVecError(f"--out {out_dir} is a file, not a directory: choose a directory path")
     if not os.access(out_dir.parent, os.W_OK | os.X_OK):
         raise DpmVecError(f"--out {out_dir}: cannot replace it, {out_dir.parent} is not writable")
-    if (out_dir / marker).exists() or not any(out_dir.iterdir()):
+    if (out_dir / marker).exists():
+        others = sorted(entry.name for entry in out_dir.iterdir() if written is not None and entry.name not in written)
+        if others:
+            raise DpmVecError(
+                f"--out {out_dir} holds a previous {what} and also {', '.join(others[:5])}{' …' if len(others) > 5 else ''}, "
+                f"which a {what} does not write: replacing it would delete them; move them out, or choose another directory"
+            )
+        return
+    if not any(out_dir.iterdir()):
         return
     raise DpmVecError(
         f"--out {out_dir} is a directory that does not hold a previous {what} (no {marker}), and it would be replaced "
@@ -82,7 +93,10 @@ def _locked(path: Path, out_dir: Path):
     """``path`` opened and flock'ed, the file still at ``path`` (not one that its last
     holder unlinked between our open and our lock)."""
     while True:
-        handle = open(path, "a+")
+        try:
+            handle = open(path, "a+")
+        except OSError as exc:  # the folder OUT would go in takes no files (a read-only mount, /sys)
+            raise DpmVecError(f"--out {out_dir}: cannot write in {out_dir.parent} ({exc.strerror or exc})") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -179,6 +179,21 @@ def holding_counts(book_dir: str | Path) -> dict[str, pl.DataFrame | None]:
     return counts
 
 
+def unread_holdings(counts: dict[str, pl.DataFrame | None], portfolios: pl.DataFrame) -> dict[str, dict]:
+    """Per holdings table, its rows under a portfolio_snapshot_id that no portfolio of the
+    book names (a typo, a stray space, another book's rows): {table: {rows, snapshots,
+    examples}}, tables without such rows left out. No run reads them, so the sweep says so."""
+    unread = {}
+    for table, per_snapshot in counts.items():
+        if per_snapshot is None:
+            continue
+        orphans = per_snapshot.join(portfolios.select("portfolio_snapshot_id").unique(), on="portfolio_snapshot_id", how="anti")
+        if orphans.height:
+            unread[table] = {"rows": int(orphans["rows"].sum()), "snapshots": orphans.height,
+                             "examples": orphans.sort("first")["portfolio_snapshot_id"].head(5).to_list()}
+    return unread
+
+
 def holding_spans(plan: SweepPlan, portfolios: pl.DataFrame,
                   counts: dict[str, pl.DataFrame | None] | None = None) -> dict[str, list[tuple[int, int]]] | None:
     """Each shard's (first row, row count) span in each holdings file: the rows of its
@@ -489,7 +504,8 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
     if not book_dir.is_dir():
         raise DpmVecError(f"book directory not found: {book_dir}" if not book_dir.exists()
                           else f"{book_dir} is a file; a book is a directory of Parquet tables (docs/book.md)")
-    check_replaceable(out_dir, SWEEP_MARKER, "sweep output", (book_dir, *([Path(scenarios)] if scenarios else [])))
+    check_replaceable(out_dir, SWEEP_MARKER, "sweep output", (book_dir, *([Path(scenarios)] if scenarios else [])),
+                      written=frozenset({*SWEEP_TABLES, "scenario_comparison", SWEEP_MARKER}))
     with exclusive(out_dir):
         return _sweep_locked(book_dir, out_dir, started, shard_size=shard_size, scheduler=scheduler, workers=workers,
                              threads=threads, processes=processes, progress=progress, scenarios=scenarios, written=written)
@@ -537,6 +553,11 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
                 fitted = fit_shard_rows(rows, even_shard_size(portfolios.height, fitted, at_once), budget)
             shard_size = fitted
     plan = plan_sweep(book_dir, out_dir, shard_size, hashes, portfolios.height, scenario_map, written)
+    counts = holding_counts(book_dir) if counts is None else counts
+    unread = unread_holdings(counts, portfolios)
+    for table, found in unread.items():
+        log.warning("%s.parquet: %d row(s) under %d portfolio_snapshot_id(s) that no portfolio names (e.g. %s): no run reads them",
+                    table, found["rows"], found["snapshots"], ", ".join(repr(e) for e in found["examples"]))
     if not chosen:  # threads for a few shards, worker processes for many (defaults.PROCESSES_FROM_SHARDS)
         many = plan.n_shards >= PROCESSES_FROM_SHARDS and default_threads() > 1
         processes, threads = (default_threads(), None) if many else (None, default_threads())
@@ -592,6 +613,7 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
         "wall_time_s": round(wall, 3),
         "portfolios_per_second": round(plan.n_portfolios / wall, 1) if wall else None,
         "stage_seconds": {k: round(v, 3) for k, v in sorted(stage_seconds.items(), key=lambda kv: -kv[1])},
+        "unread_holdings": unread,
     }
     if scenario_map:
         manifest["scenarios"] = sorted(scenario_map)

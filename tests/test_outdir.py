@@ -33,16 +33,24 @@ def _files(folder: Path) -> dict[str, bytes]:
     ("notes.txt", "is a file, not a directory"),
     ("notes.txt/out", "is a file, not a directory"),
     ("project", "does not hold a previous sweep output (no manifest.json)"),
+    ("annotated", "holds a previous sweep output and also notes.md, reports, which a sweep output does not write"),
 ])
 def test_sweep_refuses_an_out_that_would_destroy_data(tmp_path, out, says):
-    """The book itself, a folder holding it, a file, a path under a file, and a folder of
-    somebody's files: each is refused in one line, and nothing in it changes."""
+    """The book itself, a folder holding it, a file, a path under a file, a folder of
+    somebody's files, and an earlier sweep's output with somebody's files added: each is
+    refused in one line, and nothing in it changes."""
     import shutil
 
     shutil.copytree(DATA / "sample_book", tmp_path / "book")
     (tmp_path / "notes.txt").write_text("keep me\n")
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "a.py").write_text("print('keep me')\n")
+    # an earlier sweep's output to which an analyst added notes and reports
+    (tmp_path / "annotated" / "runs").mkdir(parents=True)
+    (tmp_path / "annotated" / SWEEP_MARKER).write_text("{}\n")
+    (tmp_path / "annotated" / "notes.md").write_text("keep me\n")
+    (tmp_path / "annotated" / "reports").mkdir()
+    (tmp_path / "annotated" / "reports" / "q4.csv").write_text("keep,me\n")
     before = _files(tmp_path)
     proc = _cli("sweep", "book", "--out", out, "--quiet", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
@@ -72,6 +80,19 @@ def test_what_may_be_replaced(tmp_path):
         check_replaceable(tmp_path / "old", BOOK_MARKER, "book")
     with pytest.raises(DpmVecError, match="would replace the input"):
         check_replaceable(tmp_path, SWEEP_MARKER, "sweep output", (tmp_path / "old" / "book",))
+
+
+def test_a_folder_that_takes_no_files_is_named_not_the_lock(tmp_path, monkeypatch):
+    """Where OUT's folder refuses a file (a read-only mount; /sys even for root), the error
+    names --out and that folder, not the lock file beside OUT."""
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("dpm_vec.outdir.open", refuse, raising=False)
+    with pytest.raises(DpmVecError) as caught:
+        with exclusive(tmp_path / "out"):
+            pass
+    assert str(caught.value) == f"--out {tmp_path / 'out'}: cannot write in {tmp_path} (Permission denied)"
 
 
 def test_one_writer_per_output(tmp_path):

@@ -712,6 +712,27 @@ def test_a_portfolio_the_engine_cannot_compute_is_blocked_alone(tmp_path):
     assert runs.filter(pl.col("block_reason") != "ENGINE_ERROR")["exit_path"].is_not_null().all()
 
 
+def test_holdings_no_portfolio_names_are_reported_not_silently_dropped(tmp_path, caplog):
+    """A stray space in a snapshot id leaves that portfolio's positions unread: the sweep
+    runs (the portfolio on what it has), and the manifest and a warning say which rows no
+    run read."""
+    frames = generate_book_frames(6, 5, holdings=(3, 5))
+    stray = frames["portfolios"]["portfolio_snapshot_id"][1]
+    rows = frames["positions"].filter(pl.col("portfolio_snapshot_id") == stray).height
+    frames["positions"] = frames["positions"].with_columns(
+        pl.when(pl.col("portfolio_snapshot_id") == stray).then(pl.lit(stray + " ")).otherwise(pl.col("portfolio_snapshot_id"))
+        .alias("portfolio_snapshot_id")
+    )
+    with caplog.at_level(logging.WARNING, logger="dpm_vec.sweep"):
+        manifest = sweep(write_book(frames, tmp_path / "book"), tmp_path / "out", progress=False)
+    assert manifest["unread_holdings"] == {"positions": {"rows": rows, "snapshots": 1, "examples": [stray + " "]}}
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["unread_holdings"] == manifest["unread_holdings"]
+    assert f"positions.parquet: {rows} row(s) under 1 portfolio_snapshot_id(s) that no portfolio names (e.g. '{stray} ')" in caplog.text
+    assert _read(tmp_path / "out", "runs").height == 6
+    clean = sweep(_book(tmp_path, n=6, seed=5, bad_data=False, name="clean"), tmp_path / "clean_out", progress=False)
+    assert clean["unread_holdings"] == {}
+
+
 def test_a_cash_total_past_38_digits_blocks_its_portfolio_alone(tmp_path):
     """A panic in Polars (a sum of cash that cannot be built at 38 digits) is a failed
     portfolio like any other: one BLOCKED ENGINE_ERROR record, the rest as without it."""

@@ -41,14 +41,28 @@ def _read_requests(paths: list[str], names: list[str] | None = None) -> tuple[li
     names = [] if names is None else names
     for path in _expand(paths):
         if path == "-":
+            before = len(requests)
             for n, line in enumerate(sys.stdin, start=1):
                 if line.strip():
                     names.append(f"<stdin>:{n}")
-                    _parse_into(requests, problems, f"<stdin>:{n}", lambda line=line: json.loads(line))
+                    _parse_into(requests, problems, f"<stdin>:{n}", lambda line=line: _json_line(line))
+            if len(requests) == before:
+                raise DpmVecError("stdin (-): no requests; it takes JSON Lines, one compact request per line")
         else:
             names.append(path)
             _parse_into(requests, problems, path, lambda path=path: _load_json(path))
     return requests, problems
+
+
+def _json_line(line: str):
+    """One JSON Lines request; a line that opens a pretty-printed document says so."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        if line.strip() in ("{", "["):
+            raise json.JSONDecodeError(f"{exc.msg} (stdin takes JSON Lines, one compact request per line: "
+                                       f"pass a pretty-printed request as a file)", exc.doc, exc.pos) from None
+        raise
 
 
 def _parse_into(requests: list, problems: dict, where: str, load) -> None:
@@ -242,7 +256,10 @@ def _expand(paths: list[str]) -> list[str]:
     for path in paths:
         p = Path(path)
         if path != "-" and p.is_dir():
-            out.extend(str(f) for f in sorted(p.glob("*.json")))
+            found = sorted(p.glob("*.json"))
+            if not found:
+                raise DpmVecError(f"{path}: a directory with no *.json request files")
+            out.extend(str(f) for f in found)
         else:
             out.append(path)
     return out

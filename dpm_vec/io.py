@@ -94,9 +94,7 @@ def scan_table(book_dir: Path, table: str, file: Path | None = None, check_owned
     if not file.exists():
         if table in OPTIONAL_TABLES:
             return None
-        near = difflib.get_close_matches(file.name, [p.name for p in book_files(file.parent)], n=1)
-        hint = f" (the book has {near[0]!r}: did you mean {file.name!r}?)" if near else ""
-        raise BookError(str(file), f"missing file{hint}: a book needs {table}.parquet (see docs/book.md)")
+        raise BookError(str(file), f"missing file{_missing_hint(file, table)}: a book needs {table}.parquet (see docs/book.md)")
     try:
         parquet = pq.ParquetFile(file)
         schema, metadata = parquet.schema_arrow, parquet.metadata
@@ -107,6 +105,23 @@ def scan_table(book_dir: Path, table: str, file: Path | None = None, check_owned
     if check_owned and table in PORTFOLIO_ROWS and table != "portfolios":
         _check_owned(table, file, metadata)
     return pl.scan_parquet(file)
+
+
+def _missing_hint(file: Path, table: str) -> str:
+    """What the folder of a missing table file holds instead, when that says why: the table
+    in another format, a sweep's output given as the book, or a misspelt table file (a
+    file that is itself a table is no misspelling of another)."""
+    folder = file.parent
+    if not folder.is_dir():
+        return ""
+    other_format = sorted(p.name for p in folder.iterdir() if p.stem == table and p.suffix != ".parquet" and p.is_file())
+    if other_format:
+        return f" (the book has {other_format[0]!r}: a book's tables are Parquet files)"
+    if (folder / "manifest.json").is_file() and (folder / "runs").is_dir():
+        return " (this folder is a sweep's output, not a book)"
+    strays = [p.stem for p in book_files(folder) if p.stem not in TABLES]
+    near = difflib.get_close_matches(table, strays, n=1)
+    return f" (the book has {near[0] + '.parquet'!r}: did you mean {file.name!r}?)" if near else ""
 
 
 def _check_owned(table: str, file: Path, metadata: pq.FileMetaData) -> None:

@@ -45,7 +45,7 @@ from dpm_vec import __version__
 from dpm_vec.book import Book, conform, empty_table
 from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES_FROM_SHARDS, default_shard_size, default_threads,
                               even_shard_size, usable_cores)
-from dpm_vec.errors import ENGINE_FAILURES, DpmVecError, named_failures
+from dpm_vec.errors import ENGINE_FAILURES, BookError, DpmVecError, named_failures
 from dpm_vec.io import (PORTFOLIO_ROWS, _path, collect, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         write_book, write_json_atomic)
 from dpm_vec.outdir import SWEEP_MARKER, check_replaceable, exclusive, remove_stale_work
@@ -518,6 +518,8 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
     on_dask = bool(scheduler or workers)
     chosen = on_dask or threads is not None or processes is not None
     portfolios, portfolio_faults = read_portfolio_rows(book_dir)
+    if portfolios.height == 0:
+        raise BookError(str(_path(Path(book_dir), "portfolios")), "no rows: a book with no portfolio has nothing to sweep")
     if portfolio_faults.height:
         log.warning("%d portfolio(s) of portfolios.parquet have values that fail their checks and will be BLOCKED "
                     "(INVALID_PORTFOLIO), e.g. run_key %s, %s: %s fails %s", portfolio_faults["key"].n_unique(),

@@ -250,3 +250,36 @@ def test_import_requests_names_the_file_of_an_invalid_request(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"dpm-vec: error: {tmp_path / 'bad.json'}: market_data_snapshot")
     assert not (tmp_path / "book").exists()
+
+
+@pytest.mark.parametrize("args, stdin, says", [
+    (("simulate", "{empty}"), None, "{empty}: a directory with no *.json request files"),
+    (("import-requests", "{empty}", "--out", "{book}"), None, "{empty}: a directory with no *.json request files"),
+    (("simulate", "-"), "\n\n", "stdin (-): no requests; it takes JSON Lines, one compact request per line"),
+])
+def test_no_requests_at_all_is_an_error_not_an_empty_answer(tmp_path, args, stdin, says):
+    """A directory without requests, or empty stdin, is a mistake to report (exit 2), not
+    an empty array and success that a script would take for a clean run."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.md").write_text("no requests here\n")
+    paths = {"empty": str(tmp_path / "empty"), "book": str(tmp_path / "book")}
+    proc = cli(*(a.format(**paths) for a in args), stdin=stdin)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1] == f"dpm-vec: error: {says.format(**paths)}"
+
+
+def test_pretty_printed_json_on_stdin_says_stdin_takes_json_lines():
+    proc = cli("simulate", "-", stdin=json.dumps({"portfolio_snapshot": {}}, indent=2))
+    assert proc.returncode == 2
+    assert "stdin takes JSON Lines, one compact request per line: pass a pretty-printed request as a file" in json.loads(proc.stdout)[0]["detail"]
+
+
+def test_a_book_without_portfolios_is_refused(tmp_path):
+    book = tmp_path / "book"
+    shutil.copytree(DATA / "sample_book", book)
+    pl.read_parquet(book / "portfolios.parquet").head(0).write_parquet(book / "portfolios.parquet")
+    proc = cli("sweep", str(book), "--out", str(tmp_path / "out"), "--quiet")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"dpm-vec: error: {book / 'portfolios.parquet'}: no rows: a book with no portfolio has nothing to sweep")
+    assert not (tmp_path / "out").exists()

@@ -229,6 +229,25 @@ def test_a_parquet_file_that_is_no_table_is_an_error_with_a_hint(tmp_path):
         read_book(book)
 
 
+def test_a_missing_table_says_what_the_folder_holds_instead(tmp_path):
+    """No hint that points at another table (prices.parquet missing is no misspelt
+    cash.parquet); the table in another format, and a sweep's output given as the book,
+    are named."""
+    book = write_book(generate_book_frames(3, 5, holdings=(2, 3)), tmp_path / "book")
+    (book / "prices.parquet").unlink()
+    with pytest.raises(BookError) as caught:
+        read_book(book)
+    assert str(caught.value).endswith("prices.parquet: missing file: a book needs prices.parquet (see docs/book.md)")
+    (book / "prices.csv").write_text("instrument_id,price\n")
+    with pytest.raises(BookError, match="prices.parquet: missing file \\(the book has 'prices.csv': a book's tables are Parquet files\\)"):
+        read_book(book)
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    (out / "manifest.json").write_text("{}\n")
+    with pytest.raises(BookError, match="portfolios.parquet: missing file \\(this folder is a sweep's output, not a book\\)"):
+        read_book(out)
+
+
 @pytest.mark.parametrize(("table", "key"), [("positions", "portfolio_snapshot_id"), ("cash", "portfolio_snapshot_id"),
                                             ("lots", "portfolio_snapshot_id"), ("overdraft_limits", "run_key")])
 @pytest.mark.parametrize("missing", [None, ""], ids=["null", "empty"])

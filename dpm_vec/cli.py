@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=7, help="the same seed writes the same book (default 7)")
     gen.add_argument("--out", required=True,
                      help="book directory to write; it must be new, empty or an earlier book (holding portfolios.parquet)")
-    gen.add_argument("--bad-data", action="store_true", help="sprinkle per-portfolio data faults into ~1%% of portfolios")
+    gen.add_argument("--bad-data", action="store_true", help="sprinkle per-portfolio data faults (a missing price, FX rate or shelf entry) into ~1%% of portfolios, "
+                          "drawn per portfolio: a book of a few dozen may have none")
     gen.add_argument("--min-holdings", type=int, default=30, help="fewest positions per portfolio (default 30)")
     gen.add_argument("--max-holdings", type=int, default=80, help="most positions per portfolio (default 80)")
     gen.set_defaults(func=cmd_generate)

@@ -238,6 +238,13 @@ class DQ:
     price_missing: list = field(default_factory=list)
     fx_missing: list = field(default_factory=list)
     shelf_missing: list = field(default_factory=list)
+    # features.md: instruments that stale_price_action EXCLUDE takes out of the universe for
+    # want of a price (PRICE_MISSING): their missing price is no finding
+    excused_prices: frozenset = frozenset()
+
+    def missing_price(self, iid: str) -> None:
+        if iid not in self.excused_prices:
+            self.price_missing.append(iid)
 
     def blocks(self, opts: Options) -> bool:
         """The DQ gate test of §6.8 / §6.11 (without the target-status part)."""
@@ -295,7 +302,7 @@ def value_state(positions: list[dict], cash: list[dict], base: str, mkt: Market,
         iid = p["instrument_id"]
         pe = mkt.prices.get(iid)
         if pe is None:
-            dq.price_missing.append(iid)
+            dq.missing_price(iid)
         price = pe["price"] if pe else ZERO
         ccy = pe["currency"] if pe else base
         mv = p["market_value"]
@@ -413,9 +420,11 @@ def stale_instruments(pf: dict, positions: list[dict], targets: list[dict], mkt:
 # ---------------------------------------------------------------------------
 
 def build_universe(targets: list[dict], positions: list[dict], before: dict, mkt: Market,
-                   opts: Options, dq: DQ, stale: frozenset = frozenset()) -> dict:
+                   opts: Options, dq: DQ, stale: dict | None = None) -> dict:
     """§6.3: weight map, buy/sell lists, exclusions, SELL_ONLY excess. ``stale``: the
-    instruments that stale_price_action EXCLUDE takes out of the universe (RFC Step 2)."""
+    instruments that stale_price_action EXCLUDE takes out of the universe (RFC Step 2),
+    each with its reason, PRICE_STALE or PRICE_MISSING."""
+    stale = stale or {}
     wmap: dict[str, Decimal] = {}
     buy, sell, excluded = [], [], []
     sell_only_excess = ZERO
@@ -429,8 +438,8 @@ def build_universe(targets: list[dict], positions: list[dict], before: dict, mkt
         if iid in stale:
             # features.md: with EXCLUDE a stale instrument is excluded (PRICE_STALE). Docs
             # silent on a stale instrument that the shelf excludes too: as the engine, the
-            # stale price decides, whatever the shelf status
-            excluded.append((iid, "PRICE_STALE"))
+            # stale price decides, whatever the shelf status (a missing one likewise)
+            excluded.append((iid, stale[iid]))
         elif st in ("BANNED", "SUSPENDED") or (st == "RESTRICTED" and not opts.allow_restricted):
             excluded.append((iid, f"SHELF_STATUS_{st}"))
         elif st == "SELL_ONLY":
@@ -454,7 +463,7 @@ def build_universe(targets: list[dict], positions: list[dict], before: dict, mkt
             # features.md: "with EXCLUDE the instrument is excluded (held ones locked)"; like
             # a shelf-excluded held model target (§6.3), a stale one is listed twice (engine)
             wmap[iid] = row["weight"]
-            excluded.append((iid, "PRICE_STALE"))
+            excluded.append((iid, stale[iid]))
         elif e["status"] in ("SUSPENDED", "BANNED", "RESTRICTED"):
             wmap[iid] = row["weight"]
             excluded.append((iid, f"LOCKED_DUE_TO_{e['status']}"))
@@ -956,7 +965,7 @@ def translate_trades(trace: list[dict], positions: list[dict], tv: Decimal, base
     for iid, fw in weights.items():
         pe = mkt.prices.get(iid)
         if pe is None:
-            dq.price_missing.append(iid)
+            dq.missing_price(iid)
             continue
         price, pccy = pe["price"], pe["currency"]
         r = mkt.rate(pccy, base)
@@ -1383,7 +1392,15 @@ def _simulate(request: dict, request_hash: str | None) -> dict:
     input_fault = "SNAPSHOT_SKEW" if skewed else "PRICE_STALE" if stale_blocks else None
     if input_fault:
         diag["warnings"].append(input_fault)
-    excluded_stale = frozenset(stale) if opts.stale_price_action == "EXCLUDE" else frozenset()
+    excluded_stale: dict[str, str] = {}
+    if opts.stale_price_action == "EXCLUDE":
+        # RFC Step 2: "If Price is missing or staleness > max -> BLOCK RUN (Configuration: can
+        # optionally just exclude instrument)"; features.md: EXCLUDE excludes both
+        excluded_stale = {iid: "PRICE_STALE" for iid in stale}
+        for iid in [t["instrument_id"] for t in targets] + [p["instrument_id"] for p in positions]:
+            if iid not in mkt.prices:
+                excluded_stale[iid] = "PRICE_MISSING"
+        dq.excused_prices = frozenset(i for i, reason in excluded_stale.items() if reason == "PRICE_MISSING")
 
     # valuation, universe, targets
     before = value_state(positions, cash, base, mkt, opts.valuation_mode, dq)

@@ -112,14 +112,15 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     trust = pl.col("valuation_mode") == "TRUST_SNAPSHOT"
     before = value_state(market, runs, p.positions, p.cash, trust_snapshot=trust, stage=dq.VALUATION_BEFORE, allocations=allocations)
     boundary("valuation", *_valued(before))
-    faults, stale = input_faults(market, runs, p.positions, p.model)
+    faults, price_excluded = input_faults(market, runs, p.positions, p.model)
+    unpriced = price_excluded.filter(pl.col("reason") == "PRICE_MISSING")  # excluded, not blocked on
     timer.lap("checks")
 
-    universe = build_universe(market, runs, p.model, before.positions, stale, before.totals, before.cash)
+    universe = build_universe(market, runs, p.model, before.positions, price_excluded, before.totals, before.cash)
     targets = build_targets(market, runs, universe.weight_map, universe.sell_only_excess, p.model, before.totals,
                             _by_run(book.group_constraints, runs), universe.exact, (before.positions, before.cash))
     boundary("universe+targets", (WEIGHT_MAP_SCHEMA, universe.weight_map), (TARGET_TRACE_SCHEMA, targets.trace))
-    findings = dq.concat(before.dq, universe.dq)
+    findings = dq.concat(dq.excuse_prices(before.dq, unpriced), universe.dq)
 
     # DQ gate #1 (§6.8), plus dpm_vec's own input faults and RFC-mode target faults
     counts1 = dq.blocking_counts(findings, runs)
@@ -133,7 +134,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     tr = translate(market, live, _only(targets.trace, live), p.positions, p.lots, before.totals, universe.exact,
                    (before.positions, before.cash), targets.replay, universe.locked)
     boundary("translation+tax", (SECURITY_INTENTS_SCHEMA, tr.intents))
-    findings = dq.concat(findings, tr.dq)
+    findings = dq.concat(findings, dq.excuse_prices(tr.dq, unpriced))
     counts2 = dq.blocking_counts(findings, live)
     gate2 = counts2.filter(pl.col("dq_count") > 0).select("run")
     live = _without(live, gate2)
@@ -156,7 +157,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     revalued = value_state(market, _only(runs, settled_block), _only(p.positions, settled_block), _only(p.cash, settled_block),
                            trust_snapshot=trust, stage=dq.VALUATION_AFTER, allocations=allocations)
     boundary("after_state", *_valued(after, AFTER_POSITIONS_SCHEMA), *_valued(revalued))
-    findings = dq.concat(findings, after.dq, revalued.dq)
+    findings = dq.concat(findings, dq.excuse_prices(after.dq, unpriced), dq.excuse_prices(revalued.dq, unpriced))
     counts_final = dq.blocking_counts(findings, runs)
 
     n_suppressed = tr.suppressed.group_by("run").agg(pl.len().cast(pl.Int64).alias("n_suppressed"))

@@ -491,7 +491,7 @@ def rfc_option_requests(draw) -> dict:
     bind and few asset classes, so the excess has same-class recipients, too many, or none),
     notional sizing of shelf entries traded by NOTIONAL, ``as_of`` on both snapshots and on
     prices around the staleness and skew limits (exact limits included), BLOCK or EXCLUDE of
-    stale prices, and the Appendix A rationale codes."""
+    stale or missing prices, and the Appendix A rationale codes."""
     req = draw(requests())
     o = req["options"]
     maybe = lambda p: draw(st.integers(0, 99)) < p  # noqa: E731
@@ -536,8 +536,8 @@ def rfc_option_requests(draw) -> dict:
             p["as_of"] = _as_of(-age, draw(weighted([("Z", 8), ("+01:00", 1)])))
     if maybe(55):
         o["max_staleness_minutes"] = draw(st.sampled_from([0, 30, 60, 60, 120]))
-        if maybe(60):
-            o["stale_price_action"] = draw(weighted([("EXCLUDE", 3), ("BLOCK", 1)]))
+    if maybe(45):  # with or without a staleness limit: EXCLUDE also takes out instruments without a price
+        o["stale_price_action"] = draw(weighted([("EXCLUDE", 3), ("BLOCK", 1)]))
     if maybe(75):
         o["max_skew_minutes"] = draw(st.sampled_from([0, 5, 15, 15, 16, 30, 120]))
 

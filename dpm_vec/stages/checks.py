@@ -21,7 +21,9 @@ FAULT_SCHEMA = {"run": pl.UInt32, "fault_code": pl.String}
 
 
 def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, model: pl.DataFrame):
-    """Return (faults: run → first fault_code, stale: run, instrument_id to exclude)."""
+    """Return (faults: run → first fault_code, excluded: run, instrument_id, reason — the
+    instruments RFC Step 2's check takes out of the universe under stale_price_action
+    EXCLUDE: PRICE_STALE for a price older than the limit, PRICE_MISSING for none)."""
     instruments = pl.concat([positions.select("run", "instrument_id"), model.select("run", "instrument_id")])
     # a non-positive price faults the run whichever row names it: no need to de-duplicate,
     # and only instruments quoted at or below zero need a look-up; staleness is per run
@@ -52,5 +54,9 @@ def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, mo
         skew.select("run", pl.lit(InputFault.SNAPSHOT_SKEW.value).alias("fault_code")),
         priced.filter(pl.col("_stale") & (pl.col("stale_price_action") == "BLOCK")).select("run", pl.lit(InputFault.PRICE_STALE.value).alias("fault_code")),
     ]).unique("run", keep="first", maintain_order=True)
-    stale = priced.filter(pl.col("_stale") & (pl.col("stale_price_action") == "EXCLUDE")).select("run", "instrument_id")
-    return faults, stale
+    stale = priced.filter(pl.col("_stale") & (pl.col("stale_price_action") == "EXCLUDE")).select(
+        "run", "instrument_id", pl.lit("PRICE_STALE").alias("reason"))
+    excluding = runs.filter(pl.col("stale_price_action") == "EXCLUDE")
+    missing = market.with_price(instruments.filter(pl.col("run").is_in(excluding["run"].implode())).unique()).filter(
+        pl.col("price").is_null()).select("run", "instrument_id", pl.lit("PRICE_MISSING").alias("reason"))
+    return faults, pl.concat([stale, missing])

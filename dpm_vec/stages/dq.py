@@ -29,6 +29,18 @@ def concat(*frames: pl.DataFrame) -> pl.DataFrame:
     return pl.concat([empty(), *frames], how="vertical")
 
 
+def excuse_prices(findings: pl.DataFrame, excluded: pl.DataFrame) -> pl.DataFrame:
+    """``findings`` without the price_missing rows of the instruments ``excluded`` (run,
+    instrument_id) lists: RFC Step 2's EXCLUDE takes an unpriced instrument out of the
+    universe instead of blocking the run on it."""
+    if excluded.height == 0:
+        return findings
+    return findings.join(
+        excluded.select("run", pl.col("instrument_id").alias("item"), pl.lit("price_missing").alias("bucket")),
+        on=["run", "bucket", "item"], how="anti",
+    )
+
+
 def blocking_counts(dq: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
     """Per run: the DATA_QUALITY rule's count (§6.17) and the list lengths.
 

@@ -22,6 +22,8 @@ from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 
 LOOP2_OFFSET = 1 << 40  # map order of held-position entries: after every model target
+# statuses RFC Step 2's price check gives under stale_price_action EXCLUDE (a reason code as they are)
+PRICE_EXCLUSIONS = ("PRICE_STALE", "PRICE_MISSING")
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,14 @@ def build_universe(
 ) -> Universe:
     """Loop 1 over model targets, loop 2 over held positions, as columnar passes.
 
-    ``stale`` lists instruments whose price is too old under the RFC's exclude mode: they
-    are treated like a SUSPENDED instrument (not bought; held ones locked), reason
-    PRICE_STALE. With the before-state ``totals`` and valued ``cash_before``, locked
-    weights are recomputed in 28 digits as the reference computes them; without them they
-    are the before-state weights.
+    ``stale`` (run, instrument_id, reason) lists instruments whose price is too old or
+    missing under the RFC's exclude mode: they are treated like a SUSPENDED instrument (not
+    bought; held ones locked), reason PRICE_STALE or PRICE_MISSING. With the before-state
+    ``totals`` and valued ``cash_before``, locked weights are recomputed in 28 digits as the
+    reference computes them; without them they are the before-state weights.
     """
     policy = runs.select("run", "allow_restricted")
-    stale_flag = stale.with_columns(pl.lit("PRICE_STALE").alias("_stale"))
+    stale_flag = stale.rename({"reason": "_stale"})
     m = market.with_shelf(join_runs(model, policy), ("status",))
     m = _stale_as_status(m, stale_flag)
     buyable = (pl.col("status") == "APPROVED") | ((pl.col("status") == "RESTRICTED") & pl.col("allow_restricted"))
@@ -67,7 +69,8 @@ def build_universe(
         .when(pl.col("status") == "SELL_ONLY").then(pl.lit("SELL_ONLY"))
         .otherwise(pl.lit("EXCLUDED")).alias("kind"),
     )
-    reason = pl.when(pl.col("status") == "PRICE_STALE").then(pl.lit("")).otherwise(pl.lit("SHELF_STATUS_")) + pl.col("status")
+    price_check = pl.col("status").is_in(PRICE_EXCLUSIONS)
+    reason = pl.when(price_check).then(pl.lit("")).otherwise(pl.lit("SHELF_STATUS_")) + pl.col("status")
     shelf_missing = dq.findings(m, pl.col("status").is_null(), "shelf_missing", pl.col("instrument_id"), dq.UNIVERSE, pl.col("model_seq"))
     loop1_excluded = m.filter(pl.col("kind").is_in(["EXCLUDED", "SELL_ONLY"])).select(
         "run", "instrument_id", reason.alias("reason_code"),
@@ -86,7 +89,7 @@ def build_universe(
     held = positions_before.filter((pl.col("quantity") != 0) & ~pl.col("slot").is_in(map1["slot"].implode()))
     held = market.with_shelf(held.select("run", "pos_seq", "instrument_id", "weight", "slot"), ("status",))
     held = _stale_as_status(held, stale_flag)
-    locked = pl.col("status").is_null() | pl.col("status").is_in(["SUSPENDED", "BANNED", "RESTRICTED", "PRICE_STALE"])
+    locked = pl.col("status").is_null() | pl.col("status").is_in(["SUSPENDED", "BANNED", "RESTRICTED", *PRICE_EXCLUSIONS])
     map2 = held.select(
         "run", "instrument_id", (pl.col("pos_seq").cast(pl.Int64) + LOOP2_OFFSET).alias("map_order"),
         pl.when(locked).then(pl.lit("LOCKED")).otherwise(pl.lit("LIQUIDATION")).alias("kind"),
@@ -94,7 +97,7 @@ def build_universe(
     )
     loop2_excluded = held.filter(locked).select(
         "run", "instrument_id",
-        pl.when(pl.col("status") == "PRICE_STALE").then(pl.lit("PRICE_STALE"))
+        pl.when(price_check).then(pl.col("status"))
         .otherwise(pl.lit("LOCKED_DUE_TO_") + pl.col("status").fill_null("MISSING_SHELF")).alias("reason_code"),
         (pl.col("pos_seq").cast(pl.Int64) + LOOP2_OFFSET).alias("excl_order"),
     )
@@ -121,8 +124,9 @@ def build_universe(
 
 
 def _stale_as_status(frame: pl.DataFrame, stale_flag: pl.DataFrame) -> pl.DataFrame:
-    """A shelved instrument whose price is too old (exclude mode) reads as status
-    PRICE_STALE; an unshelved one stays unshelved (a shelf_missing finding)."""
+    """A shelved instrument whose price is too old or missing (exclude mode) reads as
+    status PRICE_STALE or PRICE_MISSING; an unshelved one stays unshelved (a shelf_missing
+    finding)."""
     if stale_flag.height == 0:  # the usual case: no stale prices, or stale_price_action BLOCK
         return frame
     return frame.join(stale_flag, on=["run", "instrument_id"], how="left").with_columns(

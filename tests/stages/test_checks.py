@@ -100,6 +100,26 @@ def test_stale_price_excluded_and_held_locked(scenario):
     assert "A" not in wm["instrument_id"].to_list()
 
 
+def test_missing_price_excluded_under_exclude_and_no_finding(scenario):
+    """RFC Step 2's EXCLUDE covers a missing price as well as a stale one: the unpriced
+    model target and holding are excluded as PRICE_MISSING (the holding locked), without a
+    staleness limit, and the run is no data-quality block; BLOCK leaves them to the gate."""
+    def run(action):
+        return _base(scenario, positions=[("H", "5")], shelf=[("A", "APPROVED"), ("N", "APPROVED"), ("H", "APPROVED")],
+                     model=[("A", "0.3"), ("N", "0.3")], stale_price_action=action)
+
+    s = run("EXCLUDE")
+    faults, excluded = _faults(s)
+    assert faults == {}
+    assert sorted(excluded.select("instrument_id", "reason").rows()) == [("H", "PRICE_MISSING"), ("N", "PRICE_MISSING")]
+    assert s.excluded() == [("N", "PRICE_MISSING"), ("H", "PRICE_MISSING")]
+    assert s.universe.weight_map.filter(pl.col("instrument_id") == "H")["kind"].to_list() == ["LOCKED"]
+    assert s.run_row()["dq_count"] == 0 and s.run_row()["status"] != "BLOCKED"
+    blocked = run("BLOCK")
+    assert _faults(blocked)[1].height == 0 and blocked.excluded() == []
+    assert (blocked.run_row()["status"], blocked.run_row()["n_price_missing"]) == ("BLOCKED", 1)
+
+
 def test_faults_isolated_between_runs(scenario):
     s = _base(
         scenario,

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -49,6 +50,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from starlette.concurrency import run_in_threadpool
 
 from dpm_vec import __version__
@@ -69,6 +71,7 @@ ANALYZE_PATH = "/rebalance/analyze"
 STATUSES = ("READY", "PENDING_REVIEW", "BLOCKED")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 CONFLICT_TYPE = "https://dpm-vec.dev/problems/idempotency-conflict"
+CLIENT_CLOSED = 499  # nginx's code for a client that closed the connection before the answer
 
 log = logging.getLogger("dpm_vec.api")
 
@@ -325,6 +328,8 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
                 except RequestError as exc:
                     errors.extend(exc.errors)
             return _Outcome(422, _invalid(errors, SIMULATE_PATH), problem=True, headers=headers)
+        if rfc:  # one key however it is spelt: UUIDs compare without regard to case or braces
+            key = str(uuid.UUID(key))
 
         digest = request_hash(body) if rfc else None
         if rfc:
@@ -336,7 +341,9 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         if result.get("status") == 422 and "errors" in result:
             return _Outcome(422, _invalid(result["errors"], SIMULATE_PATH), problem=True, headers=headers)
         if result.get("status") == 422:  # valid, but outside the engine's range: say which trade
-            return _Outcome(422, {**result, "instance": SIMULATE_PATH}, problem=True, headers=headers)
+            # its place in the engine pass it shared with other callers means nothing to the client
+            detail = re.sub(r"^request \d+: ", "", result["detail"])
+            return _Outcome(422, {**result, "detail": detail, "instance": SIMULATE_PATH}, problem=True, headers=headers)
         if result.get("status") == 500:  # the engine could not compute this request
             return _Outcome(500, _internal_error(SIMULATE_PATH), problem=True, headers=headers)
 
@@ -433,7 +440,8 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
     async def handle(request: Request, endpoint: str, work) -> Response:
         started = time.perf_counter()
         cid, headers = correlation(request)
-        key = request.headers.get("idempotency-key")
+        # a header sent twice is one comma-separated value (RFC 9110 §5.3): no UUID, in rfc mode
+        key = ", ".join(request.headers.getlist("idempotency-key")) or request.headers.get("idempotency-key")
         try:
             raw = await read_body(request)
             if raw is None:
@@ -443,6 +451,12 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
                                    problem=True, headers=headers)
             else:
                 outcome = await run_in_threadpool(work, raw, cid, headers, key)
+        except ClientDisconnect:  # the client left before its body arrived: nothing failed here
+            seconds = time.perf_counter() - started
+            metrics.response(endpoint, CLIENT_CLOSED, seconds)
+            _log(logging.INFO, event=endpoint, path=request.url.path, correlation_id=cid, idempotency_key=key,
+                 http_status=CLIENT_CLOSED, latency_ms=round(seconds * 1000, 3), error="client disconnected before its body arrived")
+            return Response(status_code=CLIENT_CLOSED, headers=headers)
         except ENGINE_FAILURES as exc:  # the 500 contract
             seconds = time.perf_counter() - started
             metrics.response(endpoint, 500, seconds)

@@ -49,6 +49,15 @@ ADVISORY_ENUMS = {
 }
 
 
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (a lone surrogate does not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class _Reader:
     """Collects every validation error of one request with its JSON path."""
 
@@ -70,6 +79,13 @@ class _Reader:
         if not isinstance(value, kind):
             self.fail(path, f"expected {expected}")
             return empty
+        # JSON's \ud800-style escapes can spell a lone surrogate, which no UTF-8 text (nor
+        # Polars) holds: a fault of the request, named, not an engine failure
+        for text, where in ([(value, path)] if isinstance(value, str) else
+                            [(k, f"{path}.{k!r}") for k in value] if isinstance(value, dict) else []):
+            if isinstance(text, str) and not _is_unicode(text):
+                self.fail(where, f"not valid Unicode text (a lone surrogate): {text!r}")
+                return empty
         return value
 
     def not_null(self, obj: dict, keys, path: str) -> None:
@@ -348,6 +364,9 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
         for k, v in attributes.items():
             if not isinstance(v, str):
                 r.fail(f"{path}.attributes.{k}", "attribute values must be strings")
+                continue
+            if not _is_unicode(v):
+                r.fail(f"{path}.attributes.{k}", f"not valid Unicode text (a lone surrogate): {v!r}")
                 continue
             rows["shelf_attributes"].append({"shelf_id": run_key, "instrument_id": iid, "attribute": k, "value": v})
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 
+import polars as pl
 
 from dpm_vec.book import TABLES
 from dpm_vec.contract import parse_request, request_hash, rows_to_book
@@ -114,8 +116,12 @@ def _alone(rows: dict[str, list[dict]]) -> dict | BaseException:
 
 
 def _summary(exc: BaseException) -> str:
-    """The exception's type and the first line of its message (at most 200 characters)."""
-    return f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')[:200]}"
+    """The exception's type and the first line of its message (at most 200 characters); of
+    a Polars panic, the messages inside its Rust error (``ErrString("...")``)."""
+    text = str(exc)
+    if isinstance(exc, pl.exceptions.PanicException):
+        text = ", ".join(re.findall(r'ErrString\("([^"]*)"\)', text)) or text
+    return f"{type(exc).__name__}: {next(iter(text.splitlines()), '')[:200]}"
 
 
 def simulate_one(request) -> dict:

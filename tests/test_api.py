@@ -251,9 +251,39 @@ def test_trade_beyond_quantity_range_is_422_naming_it(ref_server, golden):
     problem = _assert_problem(_post(ref_server, penny))
     assert problem["type"] == "https://dpm-vec.dev/problems/quantity-out-of-range"
     assert "units of US_EQ" in problem["detail"] and problem["instance"] == SIM
+    # its place in whatever engine pass it shared means nothing to the client
+    assert problem["detail"].startswith("a BUY of ")
     slots = _post(ref_server, [golden, penny], key=None, path=BATCH).json()
     _check_fx_golden(slots[0])
     assert slots[1]["status"] == 422 and slots[1]["type"] == problem["type"] and slots[1]["instance"] == f"{BATCH}#/1"
+
+
+def test_a_lone_surrogate_is_a_422_naming_the_field(ref_server, golden):
+    """JSON's \\ud800 escape spells text no UTF-8 holds: a fault of the request (spec §9.1:
+    a clear error), not an engine failure that reruns the pass it shared."""
+    raw = json.dumps(golden).replace('"pf_003"', '"pf_\\ud800"')
+    problem = _assert_problem(_post(ref_server, raw))
+    assert problem["errors"] == [{"field": "portfolio_snapshot.portfolio_id",
+                                  "message": "not valid Unicode text (a lone surrogate): 'pf_\\ud800'"}]
+
+
+def test_a_client_that_leaves_mid_body_is_no_server_error(ref_server, golden):
+    """A client that closes the connection before its body arrives is counted and logged as
+    499 (client closed), not as a 500 that would page whoever watches the 5xx rate."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(ref_server.url)
+    before = ref_server.client.get("/metrics").text
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(b"POST /rebalance/simulate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Idempotency-Key: k\r\nContent-Length: 1000\r\n\r\n{\"portfolio")
+    deadline = time.time() + 10
+    while 'code="499"' not in ref_server.client.get("/metrics").text and time.time() < deadline:
+        time.sleep(0.05)
+    after = ref_server.client.get("/metrics").text
+    assert 'dpm_http_responses_total{endpoint="simulate",code="499"} 1' in after
+    assert [line for line in after.splitlines() if 'code="500"' in line] == [line for line in before.splitlines() if 'code="500"' in line]
 
 
 def test_other_paths_and_methods(ref_server):
@@ -436,12 +466,17 @@ def test_rfc_replay_and_conflict(rfc_server, golden):
     problem = _assert_problem(_post(rfc_server, other, key="0b6f3c36-3a4e-4d51-9a5e-2f1d7c9e8a01"), status=409)
     assert problem["instance"] == SIM and problem["rebalance_run_id"] == result["rebalance_run_id"]
 
+    # the same UUID spelt in capitals or braces is the same key (RFC 9562 compares them alike)
+    for spelling in ("0B6F3C36-3A4E-4D51-9A5E-2F1D7C9E8A01", "{0b6f3c36-3a4e-4d51-9a5e-2f1d7c9e8a01}"):
+        again = _post(rfc_server, golden, key=spelling)
+        assert again.headers.get("idempotent-replay") == "true" and again.content == first.content
+
     # a new key computes afresh
     fresh = _post(rfc_server, other, key="0b6f3c36-3a4e-4d51-9a5e-2f1d7c9e8a02")
     assert fresh.status_code == 200 and fresh.json()["rebalance_run_id"] != result["rebalance_run_id"]
 
     metrics = rfc_server.client.get("/metrics").text
-    assert "dpm_sim_replay_total 1" in metrics and "dpm_sim_conflict_total 1" in metrics
+    assert "dpm_sim_replay_total 3" in metrics and "dpm_sim_conflict_total 1" in metrics
 
 
 def test_rfc_invalid_requests_are_not_stored(rfc_server, golden):
@@ -453,6 +488,10 @@ def test_rfc_invalid_requests_are_not_stored(rfc_server, golden):
     assert _fields(_assert_problem(_post(rfc_server, golden, key=""))) == ["header.Idempotency-Key"]
     not_a_uuid = _assert_problem(_post(rfc_server, golden, key="order-42"))  # RFC-0001 §7: Required (UUID)
     assert not_a_uuid["errors"] == [{"field": "header.Idempotency-Key", "message": "must be a UUID (RFC-0001 §7), got 'order-42'"}]
+    # two Idempotency-Key lines are one comma-separated value (RFC 9110), not the first of them
+    twice = rfc_server.client.post(SIM, json=golden, headers=[("Idempotency-Key", "0b6f3c36-3a4e-4d51-9a5e-2f1d7c9e8a06"),
+                                                              ("Idempotency-Key", "0b6f3c36-3a4e-4d51-9a5e-2f1d7c9e8a07")])
+    assert _fields(_assert_problem(twice)) == ["header.Idempotency-Key"]
     assert _post(rfc_server, golden, key=None).headers["x-correlation-id"].startswith("c_")
 
 

@@ -63,6 +63,7 @@ from dpm_vec.store import DuplicateRunId, IdempotencyConflict, RunStore, new_run
 
 PROBLEM_JSON = "application/problem+json"
 TOO_LARGE = "https://dpm-vec.dev/problems/body-too-large"
+UNSUPPORTED_ENCODING = "https://dpm-vec.dev/problems/unsupported-content-encoding"
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20  # a batch of ~10,000 typical requests
 MODES = ("reference", "rfc")
 SIMULATE_PATH = "/rebalance/simulate"
@@ -442,9 +443,14 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         cid, headers = correlation(request)
         # a header sent twice is one comma-separated value (RFC 9110 §5.3): no UUID, in rfc mode
         key = ", ".join(request.headers.getlist("idempotency-key")) or request.headers.get("idempotency-key")
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
         try:
-            raw = await read_body(request)
-            if raw is None:
+            raw = await read_body(request) if encoding in ("", "identity") else b""
+            if encoding not in ("", "identity"):
+                outcome = _Outcome(415, problem(UNSUPPORTED_ENCODING, "Unsupported Content-Encoding", 415,
+                                                f"Content-Encoding {encoding!r} is not supported: send the JSON body uncompressed",
+                                                request.url.path), problem=True, headers=headers)
+            elif raw is None:
                 outcome = _Outcome(413, problem(TOO_LARGE, "Request body too large", 413,
                                                 f"the body is larger than {max_body_bytes:,} bytes, this service's limit "
                                                 f"(dpm-vec serve --max-body-mb)", request.url.path),

@@ -286,6 +286,19 @@ def test_a_client_that_leaves_mid_body_is_no_server_error(ref_server, golden):
     assert [line for line in after.splitlines() if 'code="500"' in line] == [line for line in before.splitlines() if 'code="500"' in line]
 
 
+def test_a_compressed_body_is_415_not_a_misread_body(ref_server, golden):
+    """A gzip body read as JSON text would be a confusing 'not UTF-8' 422: the service says
+    it takes uncompressed bodies; the same body uncompressed runs."""
+    import gzip
+
+    packed = gzip.compress(json.dumps(golden).encode())
+    resp = ref_server.client.post(SIM, content=packed, headers={"Content-Type": "application/json", "Content-Encoding": "gzip",
+                                                                "Idempotency-Key": "k"})
+    problem = _assert_problem(resp, status=415)
+    assert problem["detail"] == "Content-Encoding 'gzip' is not supported: send the JSON body uncompressed"
+    assert _post(ref_server, golden, **{"Content-Encoding": "identity"}).status_code == 200
+
+
 def test_other_paths_and_methods(ref_server):
     assert ref_server.client.get("/nowhere").status_code == 404
     resp = ref_server.client.get(SIM)

@@ -213,6 +213,15 @@ def _stamp(result: dict, run_id: str) -> None:
         result["target"]["target_id"] = f"t_{run_id}"
 
 
+class _JsonLines(logging.Formatter):
+    """The engine's own log records (an isolated pass, a failed scenario) as JSON lines,
+    so that the service's log stays one JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"ts": round(record.created, 3), "logger": record.name, "level": record.levelname,
+                           "message": record.getMessage()}, separators=(",", ":"), default=str)
+
+
 def _configure_logging() -> None:
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -220,6 +229,17 @@ def _configure_logging() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+
+
+def _engine_logs_as_json() -> None:
+    """The serving process's engine loggers (``dpm_vec.*``) write JSON lines too; set only
+    by ``serve``, so an app built in another process keeps that process's logging."""
+    engine_log = logging.getLogger("dpm_vec")
+    if not engine_log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_JsonLines())
+        engine_log.addHandler(handler)
+        engine_log.propagate = False
 
 
 def _log(level: int, **fields) -> None:
@@ -522,6 +542,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, store_path: str | None = No
     import uvicorn
 
     app = create_app(store_path=store_path, idempotency=idempotency, max_coalesce=max_coalesce, max_body_bytes=max_body_bytes)
+    _engine_logs_as_json()
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
 
 

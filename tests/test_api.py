@@ -256,6 +256,9 @@ def test_trade_beyond_quantity_range_is_422_naming_it(ref_server, golden):
     slots = _post(ref_server, [golden, penny], key=None, path=BATCH).json()
     _check_fx_golden(slots[0])
     assert slots[1]["status"] == 422 and slots[1]["type"] == problem["type"] and slots[1]["instance"] == f"{BATCH}#/1"
+    # the engine's own warning (a pass rerun without the request it names) is a JSON line too
+    engine_lines = [line for line in ref_server.log_path.read_text().splitlines() if "dpm_vec.simulate" in line]
+    assert engine_lines and all(json.loads(line)["logger"] == "dpm_vec.simulate" for line in engine_lines)
 
 
 def test_a_lone_surrogate_is_a_422_naming_the_field(ref_server, golden):

@@ -192,31 +192,36 @@ def _check_types(table: str, file: Path, schema: pa.Schema) -> None:
 
 def _conformed(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
     """``conform`` with a failed cast named as the file's fault (the checks come after)."""
-    _check_floats(table, frame, file)
+    _check_decimal_casts(table, frame, file)
     try:
         return conform(table, frame)
     except pl.exceptions.PolarsError as exc:
         raise _wrong_type(file, exc) from None
 
 
-def _check_floats(table: str, frame: pl.DataFrame, file: str) -> None:
-    """A float of a decimal column that has no decimal value in it — NaN, an infinity, or
-    a number beyond the column's range — as the file's fault, naming the rows (``conform``
+def _check_decimal_casts(table: str, frame: pl.DataFrame, file: str) -> None:
+    """A float or a text of a decimal column that has no decimal value in it — NaN, an
+    infinity, "12,50", or a number beyond the column's range — as the file's fault, naming the rows (``conform``
     casts floats by their text, ``book.cast_column``; a shard's reader sets such a row
     of one portfolio's data aside first, ``_uncastable``)."""
     for name, dtype in table_schema(table).items():
-        if not (isinstance(dtype, pl.Decimal) and name in frame.columns and frame.schema[name].is_float()):
+        source = frame.schema.get(name)
+        if not (isinstance(dtype, pl.Decimal) and source is not None and (source.is_float() or source == pl.String)):
             continue
-        failed = frame.select(pl.col(name), cast_column(name, frame.schema[name], dtype, strict=False).alias("_cast")).with_row_index(
+        failed = frame.select(pl.col(name), cast_column(name, source, dtype, strict=False).alias("_cast")).with_row_index(
             "_row").filter(pl.col(name).is_not_null() & pl.col("_cast").is_null())
-        if failed.height:
+        if failed.height == 0:
+            continue
+        if source == pl.String:  # text such as "12,50": no decimal number
+            what = f"that are no decimal number (written like 1234.56) or outside the range its column holds ({dtype})"
+        else:
             finite = failed.filter(pl.col(name).is_finite()).height
             what = ("not a finite number (NaN or an infinity), which a decimal column cannot hold" if not finite
                     else f"outside the range its column holds ({dtype})" if finite == failed.height
                     else f"not a finite number or outside the range its column holds ({dtype})")
-            raise BookError(file, f"{failed.height} value(s) {what}", column=name,
-                            examples=[f"row {row} (0-based): {name} {value} fails castable to {dtype}"
-                                      for row, value in failed.head(5).select("_row", pl.col(name).cast(pl.String)).iter_rows()])
+        raise BookError(file, f"{failed.height} value(s) {what}", column=name,
+                        examples=[f"row {row} (0-based): {name} {value} fails castable to {dtype}"
+                                  for row, value in failed.head(5).select("_row", pl.col(name).cast(pl.String)).iter_rows()])
 
 
 _NUMBER_CAST = re.compile(r"conversion from `(decimal|[iuf]\d+)")

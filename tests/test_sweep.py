@@ -322,7 +322,10 @@ def test_a_zero_price_blocks_the_portfolios_that_hold_or_target_it(tmp_path):
         ("cash", lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("usd")).otherwise(pl.col("currency")).alias("currency")), "str_matches"),
         ("positions", lambda f: pl.concat([f, f.head(1)]), "uniqueness"),
         ("shelf", lambda f: f.rename({"status": "statuss"}), "did you mean 'status'"),
-        ("models", lambda f: f.with_columns(pl.col("weight").cast(pl.String) + "x"), "wrong type"),
+        # text that is no number: the file's fault, with its rows (once only Polars' cast message)
+        ("models", lambda f: f.with_columns(pl.col("weight").cast(pl.String) + "x"), "that are no decimal number (written like 1234.56)"),
+        ("prices", lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(pl.lit("12,50")).otherwise(pl.col("price").cast(pl.String))
+                                            .alias("price")), "example rows: row 3 (0-based): price 12,50 fails castable"),
         # model weights carry 28 decimals (Decimal(38, 28)): 10^10 does not fit
         ("models", lambda f: f.with_columns(pl.col("weight").cast(pl.Decimal(38, 20))).with_columns(
             pl.when(pl.int_range(pl.len()) == 2).then(pl.lit(10**10, dtype=pl.Decimal(38, 20))).otherwise(pl.col("weight")).alias("weight"),

@@ -216,10 +216,13 @@ def cast_column(name: str, source: pl.DataType, dtype: pl.DataType, strict: bool
     casts the float 88.0 to 87.99999999999999105... at 28 decimals, which floors to 87
     units. A file written by pandas holds float64 by default. NaN and infinities have no
     decimal value: like text that is no number, they fail the cast (null when not
-    ``strict``)."""
+    ``strict``). A timestamp may be ISO 8601 text (``2025-06-30T21:00:00Z``, an offset, or
+    none for UTC)."""
     column = pl.col(name)
     if isinstance(dtype, pl.Decimal) and source.is_float():
         column = column.cast(STR)  # Polars writes the shortest text that reads back as the same float
+    if isinstance(dtype, pl.Datetime) and source == STR:  # ISO 8601 text, an offset or Z, else UTC
+        return column.str.to_datetime(time_unit=dtype.time_unit, time_zone=dtype.time_zone, strict=strict)
     return column.cast(dtype, strict=strict)
 
 

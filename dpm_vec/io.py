@@ -178,8 +178,8 @@ def _accepts(dtype: pl.DataType, arrow: pa.DataType) -> bool:
         return text or pa.types.is_integer(arrow)
     if dtype == pl.Boolean:
         return pa.types.is_boolean(arrow)
-    if isinstance(dtype, pl.Datetime):  # Polars does not cast text to a timestamp
-        return pa.types.is_timestamp(arrow) or pa.types.is_date(arrow)
+    if isinstance(dtype, pl.Datetime):  # text is read as ISO 8601 (book.cast_column)
+        return text or pa.types.is_timestamp(arrow) or pa.types.is_date(arrow)
     return True
 
 

@@ -474,8 +474,8 @@ def test_bad_option_values_block_their_portfolio(tmp_path):
     ("table", "column", "change", "found"),
     [
         ("cash", "amount", pl.col("amount") > 0, "bool"),
-        # Polars casts text to numbers but not to timestamps: a text timestamp is the file's fault
-        ("portfolios", "portfolio_as_of", pl.col("portfolio_as_of").cast(pl.String), "large_string"),
+        # text is read as ISO 8601 (test_timestamps_written_as_iso_text_read_as_timestamps); a flag is no time
+        ("portfolios", "portfolio_as_of", pl.col("portfolio_as_of").is_null(), "bool"),
     ],
 )
 def test_a_column_of_an_impossible_type_stops_before_any_shard(book, tmp_path, table, column, change, found):
@@ -713,6 +713,37 @@ def test_a_portfolio_the_engine_cannot_compute_is_blocked_alone(tmp_path):
     assert failed["run_key"].to_list() == [frames["portfolios"]["run_key"][5]]
     assert failed["status"].to_list() == ["BLOCKED"]
     assert runs.filter(pl.col("block_reason") != "ENGINE_ERROR")["exit_path"].is_not_null().all()
+
+
+def test_timestamps_written_as_iso_text_read_as_timestamps(tmp_path):
+    """A book whose snapshot and price times are ISO 8601 text (as a CSV export writes
+    them) sweeps as the one with typed timestamps; a time that does not parse blocks its
+    portfolio alone (INVALID_PORTFOLIO), naming the value."""
+    frames = generate_book_frames(6, 4, holdings=(3, 5))
+    first, odd = pl.int_range(pl.len()) == 0, pl.int_range(pl.len()) % 2 == 1
+    frames["portfolios"] = frames["portfolios"].with_columns(  # snapshots 5 minutes apart, prices up to a day old
+        max_skew_minutes=pl.when(first).then(2).otherwise(10).cast(pl.Int32), max_staleness_minutes=pl.lit(60, dtype=pl.Int32),
+        stale_price_action=pl.when(odd).then(pl.lit("EXCLUDE")).otherwise(pl.lit("BLOCK")))
+    typed = write_book(frames, tmp_path / "typed")
+    as_text = {**frames, "portfolios": frames["portfolios"].with_columns(
+        pl.col("portfolio_as_of").dt.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        pl.col("market_as_of").dt.convert_time_zone("Asia/Singapore").dt.strftime("%Y-%m-%dT%H:%M:%S%:z"),
+    ), "prices": frames["prices"].with_columns(pl.col("as_of").dt.strftime("%Y-%m-%d %H:%M:%S"))}
+    sweep(typed, tmp_path / "typed_out", progress=False)
+    sweep(write_book(as_text, tmp_path / "text"), tmp_path / "text_out", progress=False)
+    _same_outputs(tmp_path / "typed_out", tmp_path / "text_out")
+    # the times are read: a skew past 2 minutes, stale prices that block or are excluded
+    reasons = _read(tmp_path / "typed_out", "runs")["block_reason"].to_list()
+    assert reasons[0] == "SNAPSHOT_SKEW" and "PRICE_STALE" in reasons[1:]
+    assert "PRICE_STALE" in _read(tmp_path / "typed_out", "exclusions")["reason_code"].to_list()
+
+    bad = {**as_text, "portfolios": as_text["portfolios"].with_columns(
+        pl.when(pl.int_range(pl.len()) == 2).then(pl.lit("30/06/2025")).otherwise(pl.col("market_as_of")).alias("market_as_of"))}
+    sweep(write_book(bad, tmp_path / "bad"), tmp_path / "bad_out", progress=False)
+    runs = _read(tmp_path / "bad_out", "runs")
+    assert runs.filter(pl.col("block_reason") == "INVALID_PORTFOLIO")["run_key"].to_list() == [frames["portfolios"]["run_key"][2]]
+    faults = _read(tmp_path / "bad_out", "input_faults")
+    assert faults.select("input_column", "value").rows() == [("market_as_of", "30/06/2025")]
 
 
 def test_holdings_no_portfolio_names_are_reported_not_silently_dropped(tmp_path, caplog):

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import threading
 import time
@@ -57,8 +56,8 @@ from dpm_vec import __version__
 from dpm_vec.analyze import analyze
 from dpm_vec.coalesce import Coalescer
 from dpm_vec.contract import parse_request, request_hash
-from dpm_vec.errors import ENGINE_FAILURES, RequestError, problem
-from dpm_vec.simulate import simulate_many
+from dpm_vec.errors import ENGINE_FAILURES, QuantityRangeError, RequestError, ValueRangeError, problem
+from dpm_vec.simulate import simulate_many, simulate_outcomes
 from dpm_vec.store import DuplicateRunId, IdempotencyConflict, RunStore, new_run_id
 
 PROBLEM_JSON = "application/problem+json"
@@ -264,13 +263,13 @@ class _Outcome:
 
 
 # -- the app ---------------------------------------------------------------------------------
-def _is_uuid(key: str) -> bool:
-    """RFC-0001 §7's Idempotency-Key: a UUID, in any of the forms ``uuid.UUID`` reads."""
+def _canonical_uuid(key: str) -> str | None:
+    """RFC-0001 §7's Idempotency-Key, a UUID in any of the forms ``uuid.UUID`` reads
+    (capitals, braces), in its one canonical spelling; None if it is no UUID."""
     try:
-        uuid.UUID(key)
+        return str(uuid.UUID(key))
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def create_app(store_path: str | None = None, idempotency: str = "reference", max_coalesce: int = 64,
@@ -289,8 +288,10 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
     store = RunStore(store_path) if rfc else None
     metrics = Metrics()
 
-    def engine(bodies: list) -> list[dict]:
-        return simulate_many(bodies)  # looked up per call: tests replace it
+    def engine(bodies: list) -> list[dict | BaseException]:
+        """Each body's result, or the exception that stands for it (``simulate_outcomes``):
+        a single call's problem is its own, not a slot of the pass it shared."""
+        return simulate_outcomes(bodies)  # looked up per call: tests replace it
 
     if max_coalesce > 1:
         coalescer = Coalescer(engine, max_batch=max_coalesce, on_pass=metrics.engine_pass)
@@ -298,7 +299,7 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
     else:
         coalescer = None
 
-        def simulate_one(body: dict) -> dict:  # no queue: concurrent requests run concurrent passes
+        def simulate_one(body: dict) -> dict | BaseException:  # no queue: concurrent requests run concurrent passes
             try:
                 return engine([body])[0]
             finally:
@@ -334,11 +335,12 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         return outcome
 
     def simulate_sync(body, errors: list[dict], key: str | None, cid: str | None, headers: dict) -> _Outcome:
+        canonical = _canonical_uuid(key) if rfc and key is not None else None
         if key is None:
             errors.insert(0, {"field": "header.Idempotency-Key", "message": "field required"})
         elif rfc and not key.strip():
             errors.insert(0, {"field": "header.Idempotency-Key", "message": "must not be empty"})
-        elif rfc and not _is_uuid(key):
+        elif rfc and canonical is None:
             errors.insert(0, {"field": "header.Idempotency-Key", "message": f"must be a UUID (RFC-0001 §7), got {key[:80]!r}"})
         if body is not None and not isinstance(body, dict):
             errors.append({"field": "$", "message": "request body must be a JSON object"})
@@ -350,7 +352,7 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
                     errors.extend(exc.errors)
             return _Outcome(422, _invalid(errors, SIMULATE_PATH), problem=True, headers=headers)
         if rfc:  # one key however it is spelt: UUIDs compare without regard to case or braces
-            key = str(uuid.UUID(key))
+            key = canonical
 
         digest = request_hash(body) if rfc else None
         if rfc:
@@ -359,14 +361,14 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
                 return replay_or_conflict(stored, digest, headers)
 
         result = simulate_one(body)  # shares an engine pass with concurrent callers
-        if result.get("status") == 422 and "errors" in result:
-            return _Outcome(422, _invalid(result["errors"], SIMULATE_PATH), problem=True, headers=headers)
-        if result.get("status") == 422:  # valid, but outside the engine's range: say which trade
-            # its place in the engine pass it shared with other callers means nothing to the client
-            detail = re.sub(r"^request \d+: ", "", result["detail"])
-            return _Outcome(422, {**result, "detail": detail, "instance": SIMULATE_PATH}, problem=True, headers=headers)
-        if result.get("status") == 500:  # the engine could not compute this request
-            return _Outcome(500, _internal_error(SIMULATE_PATH), problem=True, headers=headers)
+        if isinstance(result, RequestError):
+            return _Outcome(422, _invalid(result.errors, SIMULATE_PATH), problem=True, headers=headers)
+        if isinstance(result, (QuantityRangeError, ValueRangeError)):  # valid, but outside the engine's range: say which trade
+            return _Outcome(422, result.problem(SIMULATE_PATH), problem=True, headers=headers)
+        if isinstance(result, BaseException):  # the engine could not compute this request
+            failed = _Outcome(500, _internal_error(SIMULATE_PATH), problem=True, headers=headers)
+            failed.log_fields = {"error": f"{type(result).__name__}: {result}"}
+            return failed
 
         run_id = new_run_id()
         _stamp(result, run_id)

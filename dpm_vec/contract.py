@@ -79,14 +79,19 @@ class _Reader:
         if not isinstance(value, kind):
             self.fail(path, f"expected {expected}")
             return empty
-        # JSON's \ud800-style escapes can spell a lone surrogate, which no UTF-8 text (nor
-        # Polars) holds: a fault of the request, named, not an engine failure
-        for text, where in ([(value, path)] if isinstance(value, str) else
-                            [(k, f"{path}.{k!r}") for k in value] if isinstance(value, dict) else []):
-            if isinstance(text, str) and not _is_unicode(text):
-                self.fail(where, f"not valid Unicode text (a lone surrogate): {text!r}")
-                return empty
+        keys = value if isinstance(value, dict) else ()
+        if not self.unicode(value, path) or not all(self.unicode(k, f"{path}.{k!r}") for k in keys):
+            return empty
         return value
+
+    def unicode(self, text, path) -> bool:
+        """Whether ``text`` (any value) is no string with a lone surrogate, which JSON's
+        \ud800-style escapes can spell and no UTF-8 text (nor Polars) holds: a fault of the
+        request, named, not an engine failure."""
+        if isinstance(text, str) and not _is_unicode(text):
+            self.fail(path, f"not valid Unicode text (a lone surrogate): {text!r}")
+            return False
+        return True
 
     def not_null(self, obj: dict, keys, path: str) -> None:
         """A field sent as null where the contract has no null for it (a list, a map, a
@@ -365,8 +370,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             if not isinstance(v, str):
                 r.fail(f"{path}.attributes.{k}", "attribute values must be strings")
                 continue
-            if not _is_unicode(v):
-                r.fail(f"{path}.attributes.{k}", f"not valid Unicode text (a lone surrogate): {v!r}")
+            if not r.unicode(v, f"{path}.attributes.{k}"):
                 continue
             rows["shelf_attributes"].append({"shelf_id": run_key, "instrument_id": iid, "attribute": k, "value": v})
 

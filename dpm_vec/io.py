@@ -201,9 +201,9 @@ def _conformed(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
 
 def _check_decimal_casts(table: str, frame: pl.DataFrame, file: str) -> None:
     """A float or a text of a decimal column that has no decimal value in it — NaN, an
-    infinity, "12,50", or a number beyond the column's range — as the file's fault, naming the rows (``conform``
-    casts floats by their text, ``book.cast_column``; a shard's reader sets such a row
-    of one portfolio's data aside first, ``_uncastable``)."""
+    infinity, "12,50", or a number beyond the column's range — as the file's fault, naming
+    the rows (``conform`` casts floats by their text, ``book.cast_column``; a shard's
+    reader sets such a row of one portfolio's data aside first, ``_uncastable``)."""
     for name, dtype in table_schema(table).items():
         source = frame.schema.get(name)
         if not (isinstance(dtype, pl.Decimal) and source is not None and (source.is_float() or source == pl.String)):

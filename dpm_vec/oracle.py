@@ -420,11 +420,11 @@ def stale_instruments(pf: dict, positions: list[dict], targets: list[dict], mkt:
 # ---------------------------------------------------------------------------
 
 def build_universe(targets: list[dict], positions: list[dict], before: dict, mkt: Market,
-                   opts: Options, dq: DQ, stale: dict | None = None) -> dict:
-    """§6.3: weight map, buy/sell lists, exclusions, SELL_ONLY excess. ``stale``: the
+                   opts: Options, dq: DQ, price_excluded: dict | None = None) -> dict:
+    """§6.3: weight map, buy/sell lists, exclusions, SELL_ONLY excess. ``price_excluded``: the
     instruments that stale_price_action EXCLUDE takes out of the universe (RFC Step 2),
     each with its reason, PRICE_STALE or PRICE_MISSING."""
-    stale = stale or {}
+    price_excluded = price_excluded or {}
     wmap: dict[str, Decimal] = {}
     buy, sell, excluded = [], [], []
     sell_only_excess = ZERO
@@ -435,11 +435,11 @@ def build_universe(targets: list[dict], positions: list[dict], before: dict, mkt
             dq.shelf_missing.append(iid)
             continue
         st = e["status"]
-        if iid in stale:
+        if iid in price_excluded:
             # features.md: with EXCLUDE a stale instrument is excluded (PRICE_STALE). Docs
             # silent on a stale instrument that the shelf excludes too: as the engine, the
             # stale price decides, whatever the shelf status (a missing one likewise)
-            excluded.append((iid, stale[iid]))
+            excluded.append((iid, price_excluded[iid]))
         elif st in ("BANNED", "SUSPENDED") or (st == "RESTRICTED" and not opts.allow_restricted):
             excluded.append((iid, f"SHELF_STATUS_{st}"))
         elif st == "SELL_ONLY":
@@ -459,11 +459,11 @@ def build_universe(targets: list[dict], positions: list[dict], before: dict, mkt
         if e is None:
             wmap[iid] = row["weight"]
             excluded.append((iid, "LOCKED_DUE_TO_MISSING_SHELF"))
-        elif iid in stale:
+        elif iid in price_excluded:
             # features.md: "with EXCLUDE the instrument is excluded (held ones locked)"; like
             # a shelf-excluded held model target (§6.3), a stale one is listed twice (engine)
             wmap[iid] = row["weight"]
-            excluded.append((iid, stale[iid]))
+            excluded.append((iid, price_excluded[iid]))
         elif e["status"] in ("SUSPENDED", "BANNED", "RESTRICTED"):
             wmap[iid] = row["weight"]
             excluded.append((iid, f"LOCKED_DUE_TO_{e['status']}"))
@@ -1392,20 +1392,20 @@ def _simulate(request: dict, request_hash: str | None) -> dict:
     input_fault = "SNAPSHOT_SKEW" if skewed else "PRICE_STALE" if stale_blocks else None
     if input_fault:
         diag["warnings"].append(input_fault)
-    excluded_stale: dict[str, str] = {}
+    price_excluded: dict[str, str] = {}
     if opts.stale_price_action == "EXCLUDE":
         # RFC Step 2: "If Price is missing or staleness > max -> BLOCK RUN (Configuration: can
         # optionally just exclude instrument)"; features.md: EXCLUDE excludes both
-        excluded_stale = {iid: "PRICE_STALE" for iid in stale}
+        price_excluded = {iid: "PRICE_STALE" for iid in stale}
         for iid in [t["instrument_id"] for t in targets] + [p["instrument_id"] for p in positions]:
             if iid not in mkt.prices:
-                excluded_stale[iid] = "PRICE_MISSING"
-        dq.excused_prices = frozenset(i for i, reason in excluded_stale.items() if reason == "PRICE_MISSING")
+                price_excluded[iid] = "PRICE_MISSING"
+        dq.excused_prices = frozenset(i for i, reason in price_excluded.items() if reason == "PRICE_MISSING")
 
     # valuation, universe, targets
     before = value_state(positions, cash, base, mkt, opts.valuation_mode, dq)
     tv = before["tv"]
-    u = build_universe(targets, positions, before, mkt, opts, dq, excluded_stale)
+    u = build_universe(targets, positions, before, mkt, opts, dq, price_excluded)
     t_status, wmap = generate_targets(opts.target_method, u, targets, mkt, opts, diag)
     if input_fault and "INFEASIBLE_CONCENTRATION" in diag["warnings"]:
         diag["warnings"].remove("INFEASIBLE_CONCENTRATION")

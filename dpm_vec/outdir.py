@@ -53,7 +53,7 @@ def check_replaceable(out_dir: Path, marker: str, what: str, inputs: tuple[Path,
     if not os.access(out_dir.parent, os.W_OK | os.X_OK):
         raise DpmVecError(f"--out {out_dir}: cannot replace it, {out_dir.parent} is not writable")
     if (out_dir / marker).exists():
-        others = sorted(entry.name for entry in out_dir.iterdir() if written is not None and entry.name not in written)
+        others = [] if written is None else sorted(entry.name for entry in out_dir.iterdir() if entry.name not in written)
         if others:
             raise DpmVecError(
                 f"--out {out_dir} holds a previous {what} and also {', '.join(others[:5])}{' …' if len(others) > 5 else ''}, "

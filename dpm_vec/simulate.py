@@ -9,7 +9,7 @@ import polars as pl
 
 from dpm_vec.book import TABLES
 from dpm_vec.contract import parse_request, request_hash, rows_to_book
-from dpm_vec.errors import ENGINE_FAILURES, QuantityRangeError, is_overflow, RequestError, ValueRangeError, named_failures, problem
+from dpm_vec.errors import ENGINE_FAILURES, QuantityRangeError, RequestError, ValueRangeError, is_overflow, named_failures, problem
 from dpm_vec.pipeline import run
 from dpm_vec.render import render_results
 
@@ -122,13 +122,3 @@ def _summary(exc: BaseException) -> str:
     if isinstance(exc, pl.exceptions.PanicException):
         text = ", ".join(re.findall(r'ErrString\("([^"]*)"\)', text)) or text
     return f"{type(exc).__name__}: {next(iter(text.splitlines()), '')[:200]}"
-
-
-def simulate_one(request) -> dict:
-    """Simulate one request; raises RequestError when it is invalid."""
-    if not isinstance(request, dict):
-        raise RequestError([{"field": "$", "message": "request body must be a JSON object"}])
-    result = simulate_many([request])[0]
-    if result.get("status") == 422 and "errors" in result:
-        raise RequestError(result["errors"])
-    return result

@@ -536,7 +536,7 @@ def test_unexpected_exception_is_500_problem(monkeypatch, golden):
     def boom(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(api, "simulate_many", boom)
+    monkeypatch.setattr(api, "simulate_outcomes", boom)
 
     async def call() -> httpx.Response:
         transport = httpx.ASGITransport(app=api.create_app())

@@ -27,12 +27,13 @@ def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, mo
     instruments = pl.concat([positions.select("run", "instrument_id"), model.select("run", "instrument_id")])
     # a non-positive price faults the run whichever row names it: no need to de-duplicate,
     # and only instruments quoted at or below zero need a look-up; staleness is per run
-    # and instrument, but only runs with a staleness limit check it
+    # and instrument, but only runs with a staleness limit check it, and only runs that
+    # exclude (stale_price_action EXCLUDE) look for missing prices
     bad_ids = market.prices.filter(pl.col("price") <= 0)["instrument_id"].implode()
     non_positive = market.with_price(instruments.filter(pl.col("instrument_id").is_in(bad_ids))).filter(
         pl.col("price").is_not_null() & (pl.col("price") <= 0)
     )
-    watched = runs.filter(pl.col("max_staleness_minutes").is_not_null())
+    watched = runs.filter(pl.col("max_staleness_minutes").is_not_null() | (pl.col("stale_price_action") == "EXCLUDE"))
     priced = market.with_price(instruments.filter(pl.col("run").is_in(watched["run"].implode())).unique()).join(
         watched.select("run", "portfolio_as_of", "market_as_of", "max_staleness_minutes", "stale_price_action"), on="run", how="left"
     )
@@ -54,9 +55,7 @@ def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, mo
         skew.select("run", pl.lit(InputFault.SNAPSHOT_SKEW.value).alias("fault_code")),
         priced.filter(pl.col("_stale") & (pl.col("stale_price_action") == "BLOCK")).select("run", pl.lit(InputFault.PRICE_STALE.value).alias("fault_code")),
     ]).unique("run", keep="first", maintain_order=True)
-    stale = priced.filter(pl.col("_stale") & (pl.col("stale_price_action") == "EXCLUDE")).select(
-        "run", "instrument_id", pl.lit("PRICE_STALE").alias("reason"))
-    excluding = runs.filter(pl.col("stale_price_action") == "EXCLUDE")
-    missing = market.with_price(instruments.filter(pl.col("run").is_in(excluding["run"].implode())).unique()).filter(
-        pl.col("price").is_null()).select("run", "instrument_id", pl.lit("PRICE_MISSING").alias("reason"))
-    return faults, pl.concat([stale, missing])
+    excluded = priced.filter((pl.col("stale_price_action") == "EXCLUDE") & (pl.col("_stale") | pl.col("price").is_null())).select(
+        "run", "instrument_id", pl.when(pl.col("_stale")).then(pl.lit("PRICE_STALE")).otherwise(pl.lit("PRICE_MISSING")).alias("reason"),
+    )
+    return faults, excluded

@@ -47,21 +47,21 @@ class ExactLocked:
 
 
 def build_universe(
-    market: Market, runs: pl.DataFrame, model: pl.DataFrame, positions_before: pl.DataFrame, stale: pl.DataFrame,
+    market: Market, runs: pl.DataFrame, model: pl.DataFrame, positions_before: pl.DataFrame, price_excluded: pl.DataFrame,
     totals: pl.DataFrame | None = None, cash_before: pl.DataFrame | None = None,
 ) -> Universe:
     """Loop 1 over model targets, loop 2 over held positions, as columnar passes.
 
-    ``stale`` (run, instrument_id, reason) lists instruments whose price is too old or
+    ``price_excluded`` (run, instrument_id, reason) lists instruments whose price is too old or
     missing under the RFC's exclude mode: they are treated like a SUSPENDED instrument (not
     bought; held ones locked), reason PRICE_STALE or PRICE_MISSING. With the before-state
     ``totals`` and valued ``cash_before``, locked weights are recomputed in 28 digits as the
     reference computes them; without them they are the before-state weights.
     """
     policy = runs.select("run", "allow_restricted")
-    stale_flag = stale.rename({"reason": "_stale"})
+    price_flags = price_excluded.rename({"reason": "_price_check"})
     m = market.with_shelf(join_runs(model, policy), ("status",))
-    m = _stale_as_status(m, stale_flag)
+    m = _price_check_as_status(m, price_flags)
     buyable = (pl.col("status") == "APPROVED") | ((pl.col("status") == "RESTRICTED") & pl.col("allow_restricted"))
     m = m.with_columns(
         pl.when(pl.col("status").is_null()).then(pl.lit(None, dtype=pl.String))
@@ -88,7 +88,7 @@ def build_universe(
     # a held instrument that is a map entry already shares its slot with that model row
     held = positions_before.filter((pl.col("quantity") != 0) & ~pl.col("slot").is_in(map1["slot"].implode()))
     held = market.with_shelf(held.select("run", "pos_seq", "instrument_id", "weight", "slot"), ("status",))
-    held = _stale_as_status(held, stale_flag)
+    held = _price_check_as_status(held, price_flags)
     locked = pl.col("status").is_null() | pl.col("status").is_in(["SUSPENDED", "BANNED", "RESTRICTED", *PRICE_EXCLUSIONS])
     map2 = held.select(
         "run", "instrument_id", (pl.col("pos_seq").cast(pl.Int64) + LOOP2_OFFSET).alias("map_order"),
@@ -123,14 +123,14 @@ def build_universe(
     )
 
 
-def _stale_as_status(frame: pl.DataFrame, stale_flag: pl.DataFrame) -> pl.DataFrame:
+def _price_check_as_status(frame: pl.DataFrame, price_flags: pl.DataFrame) -> pl.DataFrame:
     """A shelved instrument whose price is too old or missing (exclude mode) reads as
     status PRICE_STALE or PRICE_MISSING; an unshelved one stays unshelved (a shelf_missing
     finding)."""
-    if stale_flag.height == 0:  # the usual case: no stale prices, or stale_price_action BLOCK
+    if price_flags.height == 0:  # the usual case: no stale or missing prices, or stale_price_action BLOCK
         return frame
-    return frame.join(stale_flag, on=["run", "instrument_id"], how="left").with_columns(
-        pl.when(pl.col("_stale").is_not_null() & pl.col("status").is_not_null()).then(pl.col("_stale")).otherwise(pl.col("status")).alias("status")
+    return frame.join(price_flags, on=["run", "instrument_id"], how="left").with_columns(
+        pl.when(pl.col("_price_check").is_not_null() & pl.col("status").is_not_null()).then(pl.col("_price_check")).otherwise(pl.col("status")).alias("status")
     )
 
 

@@ -224,7 +224,7 @@ def replayed_weights(market: Market, replay: Replay, runs: pl.DataFrame, valued:
     if policy.height == 0:
         return pl.DataFrame(schema={"slot": SLOT, "weight_f28": f28.F28})
     locked = _locked_in_28_digits(market, policy.select("run", "base_currency"), replay.step1.weight_map, valued)
-    rows = _heuristic_in_28_digits(market, replay.step1, replay.group_constraints, policy, locked)
+    rows, _ = _heuristic_in_28_digits(market, replay.step1, replay.group_constraints, policy, locked)
     return rows.select("slot", pl.col("_w_f").alias("weight_f28"))
 
 
@@ -305,25 +305,26 @@ def _buffer_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: 
     with a SELL_ONLY weight spread over the others or a capped weight's excess handed on,
     lands on either side). ``locked``: the runs' locked weights in 28 digits, where any is
     not 0."""
-    rows = _step4_in_28_digits(market, _steps_1_2_in_28_digits(market, step1, gc, near.select("run"), locked), caps)
+    rows, _ = _step4_in_28_digits(market, _steps_1_2_in_28_digits(market, step1, gc, near.select("run"), locked), caps)
     sums = join_runs(_sums_in_28_digits(rows), near.select("run", "min_cash_buffer_pct"), how="inner")
     sums = f28.from_dec(sums.with_columns(f28.one().alias("_one_f")), "min_cash_buffer_pct", "_p_f")
     sums = f28.sub(f28.sub(sums, "_one_f", "_p_f", "_room_f"), "_room_f", "_L_f", "_bound_f").with_columns(_floor_at_zero("_bound_f"))
     return f28.sub(sums, "_B_f", "_bound_f", "_over_f").select("run", (f28.sign("_over_f") > 0).alias("_binds"))
 
 
-def _step4_in_28_digits(market: Market, rows: pl.DataFrame, caps: pl.DataFrame) -> pl.DataFrame:
-    """``rows`` (run, map_order, slot, instrument_id, buy, ``_w_f``, in run and map order)
-    after step 4 in F28 for the runs of ``caps`` (run, single_position_max_weight m > 0,
-    single_position_cap_mode): the reference's cap (``_cap_in_28_digits``), or in
-    RFC_ASSET_CLASS mode the asset-class cap (``_class_cap_rows_in_28_digits``)."""
+def _step4_in_28_digits(market: Market, rows: pl.DataFrame, caps: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(``rows``, (run)): ``rows`` (run, map_order, slot, instrument_id, buy, ``_w_f``, in
+    run and map order) after step 4 in F28 for the runs of ``caps`` (run,
+    single_position_max_weight m > 0, single_position_cap_mode): the reference's cap
+    (``_cap_in_28_digits``), or in RFC_ASSET_CLASS mode the asset-class cap
+    (``_class_cap_rows_in_28_digits``), and the RFC runs where it pushes a recipient over m."""
     rfc = caps.filter(pl.col("single_position_cap_mode") == "RFC_ASSET_CLASS")
     rows = _cap_in_28_digits(rows, caps.join(rfc, on="run", how="anti").select("run", "single_position_max_weight"))
     if rfc.height == 0:
-        return rows
+        return rows, rfc.select("run")
     classed = market.with_shelf(rows.join(rfc, on="run", how="semi"), ("asset_class",)).with_columns(pl.col("asset_class").fill_null("UNKNOWN"))
-    classed, _ = _class_cap_rows_in_28_digits(join_runs(classed, rfc.select("run", "single_position_max_weight")))
-    return pl.concat([rows.join(rfc, on="run", how="anti"), classed.select(rows.columns)]).pipe(sort_rows, "run", "map_order")
+    classed, over = _class_cap_rows_in_28_digits(join_runs(classed, rfc.select("run", "single_position_max_weight")))
+    return pl.concat([rows.join(rfc, on="run", how="anti"), classed.select(rows.columns)]).pipe(sort_rows, "run", "map_order"), over
 
 
 def _cap_in_28_digits(rows: pl.DataFrame, caps: pl.DataFrame) -> pl.DataFrame:
@@ -480,7 +481,7 @@ def _class_cap_rows_in_28_digits(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.D
 
 
 def _heuristic_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, policy: pl.DataFrame,
-                            locked: pl.DataFrame) -> pl.DataFrame:
+                            locked: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The map rows of the runs of ``policy`` (run, single_position_max_weight,
     single_position_cap_mode, min_cash_buffer_pct; a cap above 0 or none)
     with their weights (``_w_f``) as the reference's five steps leave them, every
@@ -488,11 +489,12 @@ def _heuristic_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, pol
     (slot, weight_f28) with all their digits: steps 1-2 and 4 as in
     ``_steps_1_2_in_28_digits`` and ``_step4_in_28_digits``; step 3 scales the buyable
     weights by (1 − L) / B where the map total exceeds 1.0001, step 5 by (1 − p − L) / B
-    where B exceeds 1 − p − L."""
+    where B exceeds 1 − p − L; and (run) of the RFC_ASSET_CLASS runs whose step 4 pushes a
+    recipient over the cap."""
     rows = _steps_1_3_in_28_digits(market, step1, gc, policy.select("run"), locked)
     # step 4: single-position cap
     m = pl.col("single_position_max_weight")
-    rows = _step4_in_28_digits(market, rows, policy.filter(m > 0))
+    rows, over = _step4_in_28_digits(market, rows, policy.filter(m > 0))
     # step 5: minimum cash buffer
     buffered = policy.filter(pl.col("min_cash_buffer_pct") > 0).select("run", "min_cash_buffer_pct")
     if buffered.height:
@@ -500,7 +502,7 @@ def _heuristic_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, pol
         sums = f28.from_dec(sums.with_columns(f28.one().alias("_one_f")), "min_cash_buffer_pct", "_p_f")
         sums = f28.sub(f28.sub(sums, "_one_f", "_p_f", "_room_f"), "_room_f", "_L_f", "_bound_f").with_columns(_floor_at_zero("_bound_f"))
         rows = _scale_in_28_digits(rows, sums)
-    return rows
+    return rows, over
 
 
 def _locked_in_28_digits(market: Market, runs: pl.DataFrame, weight_map: pl.DataFrame,
@@ -581,17 +583,18 @@ def _room_in_28_digits(market: Market, step1: _Step1, sums: pl.DataFrame, wm: pl
 
 
 def _dust_room_weights(market: Market, step1: _Step1, gc: pl.DataFrame, wm: pl.DataFrame, policy: pl.DataFrame,
-                       exact: ExactLocked) -> pl.DataFrame:
+                       exact: ExactLocked) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``wm`` with the weights of the runs of ``policy`` (run, single_position_max_weight,
     single_position_cap_mode, min_cash_buffer_pct) as the reference's 28-digit steps leave
-    them (``_heuristic_in_28_digits``): locked weights that fill the portfolio to within 1e-20
-    leave step 3 a dust room, and the buyable weights scaled into it lie below
-    Decimal(38, 28)'s last digit, 0 here. In the reference they are candidates with a
-    positive sum, so the single-position cap hands them the locked excess in proportion to
-    their model weights; here the cap found no candidate weight."""
-    rows = _heuristic_in_28_digits(market, step1, gc, policy, exact.weights).select("slot", "_w_f")
+    them (``_heuristic_in_28_digits``), and (run) of those whose RFC asset-class cap pushes
+    a recipient over the cap there (INFEASIBLE_CONCENTRATION): locked weights that fill the
+    portfolio to within 1e-20 leave step 3 a dust room, and the buyable weights scaled into
+    it lie below Decimal(38, 28)'s last digit, 0 here. In the reference they are candidates
+    with a positive sum, so the single-position cap hands them the locked excess in
+    proportion to their model weights; here the cap found no candidate weight."""
+    rows, over = _heuristic_in_28_digits(market, step1, gc, policy, exact.weights)
     rows = rows.select("slot", f28.to_d28("_w_f").cast(wm.schema["weight"]).alias("_redone"))
-    return join_on_index(wm, rows, "slot").with_columns(pl.coalesce("_redone", "weight").alias("weight")).drop("_redone")
+    return join_on_index(wm, rows, "slot").with_columns(pl.coalesce("_redone", "weight").alias("weight")).drop("_redone"), over
 
 
 def _step1_shares(buy: pl.DataFrame) -> pl.DataFrame:
@@ -716,12 +719,14 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     wm = _scale_buys(wm, sums.filter(pl.col("_B") > 0).select("run", (pl.col("_allowed") / pl.col("_B")).alias("_scale")))
     wm = wm.drop("single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct")
 
-    blocked_runs = pl.concat([blocked, cap_faults.select("run")]).unique()
-    dust = policy.join(dust.join(blocked_runs, on="run", how="anti"), on="run", how="semi").filter(_replayable_cap())
-    if dust.height:  # only ExactLocked runs have a dust room
-        wm = _dust_room_weights(market, step1, gc, wm, dust.select(
+    dust = policy.join(dust.join(blocked, on="run", how="anti"), on="run", how="semi").filter(_replayable_cap())
+    if dust.height:  # only ExactLocked runs have a dust room; there the replay decides the RFC cap's fault
+        wm, over = _dust_room_weights(market, step1, gc, wm, dust.select(
             "run", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct",
         ), exact)
+        cap_faults = pl.concat([cap_faults.join(dust, on="run", how="anti"),
+                                over.select("run", pl.lit("INFEASIBLE_CONCENTRATION").alias("target_fault"))])
+    blocked_runs = pl.concat([blocked, cap_faults.select("run")]).unique()
     touched = pl.concat([
         step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), group_events.select("run"),
         normalised.select("run"), capped, sums.select("run"),  # sums: the runs whose cash buffer binds

@@ -562,6 +562,30 @@ def test_cash_buffer_at_its_bound_with_a_locked_weight_is_decided_in_28_digits(s
     assert s.weights()["M3"] + s.weights()["M1"] <= D("0.9649")
 
 
+def test_a_dust_room_recipient_pushed_over_the_rfc_cap_blocks_the_run(scenario):
+    """Three locked holdings of a third each fill the portfolio: the reference's 28-digit
+    weights leave a dust room of 1E-28 that the two model targets share. With the RFC
+    asset-class cap at 0.15 each holding's excess (0.1833...) goes to those dust
+    candidates of its class, each then weighs 0.275 > 0.15: INFEASIBLE_CONCENTRATION, as
+    the 28-digit replay finds; at 0.2 each lands on the cap and the run goes on. Before,
+    the fixed point saw no candidate, raised no fault and the run blocked later on an
+    unfunded buy (found by fuzzing the RFC options)."""
+    def run(cap):
+        return scenario(
+            positions=[("A", "10"), ("B", "10"), ("E", "10")],
+            prices=[(i, "100", "USD") for i in ("A", "B", "E", "C", "D")],
+            shelf=[("A", "SUSPENDED"), ("B", "SUSPENDED"), ("E", "SUSPENDED"), ("C", "APPROVED"), ("D", "APPROVED")],
+            model=[("C", "0.5"), ("D", "0.5")],
+            single_position_max_weight=cap, single_position_cap_mode="RFC_ASSET_CLASS",
+        )
+    over = run("0.15")
+    assert over.target_status() == "BLOCKED"
+    assert over.run_row()["block_reason"] == "INFEASIBLE_CONCENTRATION" and over.run_row()["exit_path"] == "E1"
+    at_cap = run("0.2")
+    assert at_cap.target_status() == "PENDING_REVIEW"
+    assert at_cap.weights()["C"] == at_cap.weights()["D"] == D("0.2")
+
+
 def test_locked_weights_leaving_a_dust_room_hand_the_cap_excess_on(scenario):
     """Three locked holdings fill the portfolio (no cash). Their weights, each rounded to
     28 digits and summed in map order as the reference sums them (replayed here with

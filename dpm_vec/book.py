@@ -63,6 +63,7 @@ POLICY_COLUMNS: list[tuple[str, pl.DataType, object]] = [
     ("max_staleness_minutes", INT, None),
     ("max_skew_minutes", INT, None),
     ("stale_price_action", STR, "BLOCK"),
+    ("missing_shelf_action", STR, "BLOCK"),
     ("rfc_rationale_codes", BOOL, False),
     ("compare_target_methods", BOOL, False),
     ("compare_target_methods_tolerance", DEC, Decimal("0.0001")),

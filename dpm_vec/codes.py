@@ -56,6 +56,7 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "LOCKED_DUE_TO_MISSING_SHELF": "held instrument without shelf entry kept at its current weight",
     "PRICE_STALE": "price older than max_staleness_minutes: blocks the run, or (stale_price_action EXCLUDE) excludes the instrument",
     "PRICE_MISSING": "RFC: no price, and stale_price_action EXCLUDE: the instrument is excluded (a held one locked), not a data-quality block",
+    "SHELF_ENTRY_MISSING": "RFC: model target without a shelf entry, and missing_shelf_action EXCLUDE: not bought (a held one also locked), not a data-quality block",
     # intent rationales
     "DRIFT_REBALANCE": "reference rationale of every security trade",
     "REBALANCE_DRIFT": "RFC: trade closes a weight deviation of a held instrument",

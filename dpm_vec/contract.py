@@ -40,7 +40,8 @@ NOT_NULL_OPTIONS = (
     "drift_top_contributors_limit", "drift_unmodeled_exposure_threshold", "auto_funding", "funding_mode",
     "fx_funding_source_currency", "fx_generation_policy",
     # RFC-0001 options
-    "single_position_cap_mode", "notional_sizing", "max_skew_minutes", "stale_price_action", "rfc_rationale_codes",
+    "single_position_cap_mode", "notional_sizing", "max_skew_minutes", "stale_price_action", "missing_shelf_action",
+    "rfc_rationale_codes",
 )
 ADVISORY_ENUMS = {
     "funding_mode": ("AUTO_FX",),
@@ -429,6 +430,7 @@ def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]
         "max_staleness_minutes": r.integer(o.get("max_staleness_minutes"), f"{p}.max_staleness_minutes", None, 0, 10**7),
         "max_skew_minutes": r.integer(o.get("max_skew_minutes"), f"{p}.max_skew_minutes", None, 0, 10**7),
         "stale_price_action": r.enum(o.get("stale_price_action"), f"{p}.stale_price_action", ("BLOCK", "EXCLUDE"), "BLOCK"),
+        "missing_shelf_action": r.enum(o.get("missing_shelf_action"), f"{p}.missing_shelf_action", ("BLOCK", "EXCLUDE"), "BLOCK"),
         "rfc_rationale_codes": r.boolean(o.get("rfc_rationale_codes"), f"{p}.rfc_rationale_codes", False),
         "compare_target_methods": r.boolean(o.get("compare_target_methods"), f"{p}.compare_target_methods", False),
         "compare_target_methods_tolerance": _or(r.decimal(o.get("compare_target_methods_tolerance"), f"{p}.compare_target_methods_tolerance", required=False), D("0.0001")),

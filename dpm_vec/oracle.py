@@ -21,7 +21,7 @@ lacks"; ``shared/spec/RFC-0001-rebalance-simulation-mvp.md`` §6 and Appendix A)
 implemented here too, written from those documents alone as a second, independent
 implementation: ``single_position_cap_mode: RFC_ASSET_CLASS``, ``notional_sizing`` (shelf
 ``trade_by: NOTIONAL``), ``max_staleness_minutes`` / ``stale_price_action``,
-``max_skew_minutes`` and ``rfc_rationale_codes``. Every one defaults to the reference's
+``missing_shelf_action``, ``max_skew_minutes`` and ``rfc_rationale_codes``. Every one defaults to the reference's
 behaviour (off; ``max_skew_minutes`` acts only when set and both snapshots carry
 ``as_of``, a key the reference ignores).
 """
@@ -141,6 +141,7 @@ class Options:
     notional_sizing: bool = False
     max_staleness_minutes: int | None = None
     stale_price_action: str = "BLOCK"
+    missing_shelf_action: str = "BLOCK"
     max_skew_minutes: int | None = None
     rfc_rationale_codes: bool = False
 
@@ -148,7 +149,8 @@ class Options:
     def parse(cls, o: dict) -> "Options":
         o = o or {}
         r = cls()
-        for name in ("valuation_mode", "target_method", "single_position_cap_mode", "stale_price_action"):
+        for name in ("valuation_mode", "target_method", "single_position_cap_mode", "stale_price_action",
+                     "missing_shelf_action"):
             if o.get(name) is not None:
                 setattr(r, name, str(o[name]))
         for name in ("compare_target_methods", "allow_restricted", "suppress_dust_trades",
@@ -432,7 +434,12 @@ def build_universe(targets: list[dict], positions: list[dict], before: dict, mkt
         iid, w = t["instrument_id"], t["weight"]
         e = mkt.shelf.get(iid)
         if e is None:
-            dq.shelf_missing.append(iid)
+            if opts.missing_shelf_action == "EXCLUDE":
+                # RFC Appendix A's SHELF_ENTRY_MISSING; features.md: excluded like a BANNED
+                # target (not bought, no data-quality finding; a held one locked below)
+                excluded.append((iid, "SHELF_ENTRY_MISSING"))
+            else:
+                dq.shelf_missing.append(iid)
             continue
         st = e["status"]
         if iid in price_excluded:

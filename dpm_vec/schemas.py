@@ -61,6 +61,7 @@ INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
             "target_method": pa.Column(pl.String, checks=pa.Check.isin(["HEURISTIC", "SOLVER"])),
             "single_position_cap_mode": pa.Column(pl.String, checks=pa.Check.isin(["REFERENCE", "RFC_ASSET_CLASS"])),
             "stale_price_action": pa.Column(pl.String, checks=pa.Check.isin(["BLOCK", "EXCLUDE"])),
+            "missing_shelf_action": pa.Column(pl.String, checks=pa.Check.isin(["BLOCK", "EXCLUDE"])),
             "max_turnover_pct": pa.Column(DEC, checks=pa.Check.in_range(0, 1), nullable=True),
             "max_realized_capital_gains": pa.Column(DEC, checks=pa.Check.ge(0), nullable=True),
             "settlement_horizon_days": pa.Column(pl.Int32, checks=pa.Check.in_range(0, 10)),

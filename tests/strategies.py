@@ -491,7 +491,8 @@ def rfc_option_requests(draw) -> dict:
     bind and few asset classes, so the excess has same-class recipients, too many, or none),
     notional sizing of shelf entries traded by NOTIONAL, ``as_of`` on both snapshots and on
     prices around the staleness and skew limits (exact limits included), BLOCK or EXCLUDE of
-    stale or missing prices, and the Appendix A rationale codes."""
+    stale or missing prices and of model targets without a shelf entry, and the Appendix A
+    rationale codes."""
     req = draw(requests())
     o = req["options"]
     maybe = lambda p: draw(st.integers(0, 99)) < p  # noqa: E731
@@ -538,6 +539,12 @@ def rfc_option_requests(draw) -> dict:
         o["max_staleness_minutes"] = draw(st.sampled_from([0, 30, 60, 60, 120]))
     if maybe(45):  # with or without a staleness limit: EXCLUDE also takes out instruments without a price
         o["stale_price_action"] = draw(weighted([("EXCLUDE", 3), ("BLOCK", 1)]))
+    if maybe(30):  # the shelf check's exclude mode: SHELF_ENTRY_MISSING instead of a shelf_missing block
+        o["missing_shelf_action"] = draw(weighted([("EXCLUDE", 3), ("BLOCK", 1)]))
+        targets = [t["instrument_id"] for t in req["model_portfolio"]["targets"]]
+        if targets and o["missing_shelf_action"] == "EXCLUDE" and maybe(75):  # a model target (held or not) the shelf lacks
+            gone = draw(st.sampled_from(targets))
+            req["shelf_entries"] = [e for e in req["shelf_entries"] if e["instrument_id"] != gone]
     if maybe(75):
         o["max_skew_minutes"] = draw(st.sampled_from([0, 5, 15, 15, 16, 30, 120]))
 

@@ -1199,3 +1199,42 @@ def test_a_dropped_input_stops_the_sweep_before_any_shard(book, tmp_path, fault)
         sweep(bad, tmp_path / "out", shard_size=30, progress=False)
     assert all(part in str(err.value) for part in says), str(err.value)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.work-*"))
+
+
+def test_missing_shelf_action_per_portfolio_agrees_with_the_oracle(tmp_path):
+    """A model target the shelf lacks blocks BLOCK portfolios (shelf_missing, as the
+    reference) and is excluded as SHELF_ENTRY_MISSING in EXCLUDE ones, portfolio by
+    portfolio in one sweep; each run's status and exclusions are the oracle's on the same
+    request with the same option."""
+    from dpm_vec.export import book_to_requests
+    from dpm_vec.oracle import simulate as oracle_simulate
+
+    frames = generate_book_frames(8, 5, holdings=(3, 6))
+    # each model's first target leaves the shelf: every portfolio has an unshelved target
+    dropped = set(frames["models"].group_by("model_id", maintain_order=True).first()["instrument_id"])
+    frames["shelf"] = frames["shelf"].filter(~pl.col("instrument_id").is_in(list(dropped)))
+    odd = pl.int_range(pl.len()) % 2 == 1
+    frames["portfolios"] = frames["portfolios"].with_columns(
+        missing_shelf_action=pl.when(odd).then(pl.lit("EXCLUDE")).otherwise(pl.lit("BLOCK")))
+    book = write_book(frames, tmp_path / "book")
+    sweep(book, tmp_path / "out", progress=False)
+    runs = _read(tmp_path / "out", "runs")
+    exclusions = _read(tmp_path / "out", "exclusions")
+    affected = 0
+    for request, action, run in zip(book_to_requests(read_book(book)), frames["portfolios"]["missing_shelf_action"],
+                                    runs.iter_rows(named=True)):
+        request["options"]["missing_shelf_action"] = action
+        expected = oracle_simulate(request)
+        assert run["status"] == expected["status"], run["run_key"]
+        mine = exclusions.filter(pl.col("run_key") == run["run_key"]).sort("excl_order")
+        assert mine.select("instrument_id", "reason_code").rows() == [
+            (e["instrument_id"], e["reason_code"]) for e in expected["universe"]["excluded"]], run["run_key"]
+        unshelved = [t["instrument_id"] for t in request["model_portfolio"]["targets"] if t["instrument_id"] in dropped]
+        assert unshelved
+        if action == "BLOCK":
+            assert run["status"] == "BLOCKED" and run["n_shelf_missing"] == len(unshelved)
+        else:
+            assert run["n_shelf_missing"] == 0
+            assert mine.filter(pl.col("reason_code") == "SHELF_ENTRY_MISSING")["instrument_id"].to_list() == unshelved
+            affected += run["status"] != "BLOCKED"
+    assert affected >= 2  # EXCLUDE portfolios that trade past their unshelved target

@@ -24,6 +24,8 @@ from dpm_vec.stages.prepare import Market
 LOOP2_OFFSET = 1 << 40  # map order of held-position entries: after every model target
 # statuses RFC Step 2's price check gives under stale_price_action EXCLUDE (a reason code as they are)
 PRICE_EXCLUSIONS = ("PRICE_STALE", "PRICE_MISSING")
+# RFC Appendix A: a model target without a shelf entry, under missing_shelf_action EXCLUDE
+SHELF_ENTRY_MISSING = "SHELF_ENTRY_MISSING"
 
 
 @dataclass(frozen=True)
@@ -54,24 +56,28 @@ def build_universe(
 
     ``price_excluded`` (run, instrument_id, reason) lists instruments whose price is too old or
     missing under the RFC's exclude mode: they are treated like a SUSPENDED instrument (not
-    bought; held ones locked), reason PRICE_STALE or PRICE_MISSING. With the before-state
+    bought; held ones locked), reason PRICE_STALE or PRICE_MISSING. A model target without a
+    shelf entry is a shelf_missing finding, or under the RFC's ``missing_shelf_action``
+    EXCLUDE an exclusion (SHELF_ENTRY_MISSING) treated like a BANNED target (held: also
+    locked, as any held instrument without a shelf entry). With the before-state
     ``totals`` and valued ``cash_before``, locked weights are recomputed in 28 digits as the
     reference computes them; without them they are the before-state weights.
     """
-    policy = runs.select("run", "allow_restricted")
+    policy = runs.select("run", "allow_restricted", (pl.col("missing_shelf_action") == "EXCLUDE").alias("_exclude_unshelved"))
     price_flags = price_excluded.rename({"reason": "_price_check"})
     m = market.with_shelf(join_runs(model, policy), ("status",))
     m = _price_check_as_status(m, price_flags)
     buyable = (pl.col("status") == "APPROVED") | ((pl.col("status") == "RESTRICTED") & pl.col("allow_restricted"))
     m = m.with_columns(
-        pl.when(pl.col("status").is_null()).then(pl.lit(None, dtype=pl.String))
+        pl.when(pl.col("status").is_null()).then(pl.when(pl.col("_exclude_unshelved")).then(pl.lit("EXCLUDED")))
         .when(buyable).then(pl.lit("BUYABLE"))
         .when(pl.col("status") == "SELL_ONLY").then(pl.lit("SELL_ONLY"))
         .otherwise(pl.lit("EXCLUDED")).alias("kind"),
     )
     price_check = pl.col("status").is_in(PRICE_EXCLUSIONS)
-    reason = pl.when(price_check).then(pl.lit("")).otherwise(pl.lit("SHELF_STATUS_")) + pl.col("status")
-    shelf_missing = dq.findings(m, pl.col("status").is_null(), "shelf_missing", pl.col("instrument_id"), dq.UNIVERSE, pl.col("model_seq"))
+    reason = (pl.when(pl.col("status").is_null()).then(pl.lit(SHELF_ENTRY_MISSING))
+              .when(price_check).then(pl.col("status")).otherwise(pl.lit("SHELF_STATUS_") + pl.col("status")))
+    shelf_missing = dq.findings(m, pl.col("status").is_null() & ~pl.col("_exclude_unshelved"), "shelf_missing", pl.col("instrument_id"), dq.UNIVERSE, pl.col("model_seq"))
     loop1_excluded = m.filter(pl.col("kind").is_in(["EXCLUDED", "SELL_ONLY"])).select(
         "run", "instrument_id", reason.alias("reason_code"),
         pl.col("model_seq").cast(pl.Int64).alias("excl_order"),

@@ -92,6 +92,29 @@ def test_model_target_without_shelf_is_shelf_missing(scenario):
     assert s.run_row()["status"] == "BLOCKED"
 
 
+def test_missing_shelf_action_exclude_leaves_unshelved_model_targets_out(scenario):
+    """RFC Appendix A's SHELF_ENTRY_MISSING: under EXCLUDE an unshelved model target is
+    excluded, not a finding, and one that is held is also locked; BLOCK (the default) is
+    the reference's shelf_missing finding, run by run in one pass."""
+    common = dict(
+        positions=[("HELD_X", "10")],
+        cash=[("USD", "9000")],
+        prices=[("X", "100", "USD"), ("HELD_X", "100", "USD"), ("A", "100", "USD")],
+        shelf=[("A", "APPROVED")],
+        model=[("X", "0.3"), ("A", "0.5"), ("HELD_X", "0.2")],
+    )
+    s = scenario(runs=[dict(missing_shelf_action="BLOCK"), dict(missing_shelf_action="EXCLUDE")], **common)
+    assert s.dq_items(s.universe.dq, "shelf_missing", run=0) == ["X", "HELD_X"]
+    assert s.excluded(0) == [("HELD_X", "LOCKED_DUE_TO_MISSING_SHELF")]
+    assert s.run_row(0)["status"] == "BLOCKED"
+    assert s.universe.dq.filter(pl.col("run") == 1).height == 0
+    assert s.excluded(1) == [("X", "SHELF_ENTRY_MISSING"), ("HELD_X", "SHELF_ENTRY_MISSING"),
+                             ("HELD_X", "LOCKED_DUE_TO_MISSING_SHELF")]
+    assert "X" not in _map(s, 1) and _map(s, 1)["HELD_X"] == ("LOCKED", D("0.1"))
+    assert _eligible(s, "buy", 1) == ["A"]
+    assert s.run_row(1)["status"] == "READY"
+
+
 def test_approved_and_sell_only_off_model_holdings_are_liquidated(scenario):
     s = scenario(
         positions=[("APP", "10"), ("SO", "10"), ("ZERO", "0")],

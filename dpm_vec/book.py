@@ -62,6 +62,7 @@ POLICY_COLUMNS: list[tuple[str, pl.DataType, object]] = [
     ("notional_sizing", BOOL, False),
     ("max_staleness_minutes", INT, None),
     ("max_skew_minutes", INT, None),
+    ("require_base_currency_fx", BOOL, False),
     ("stale_price_action", STR, "BLOCK"),
     ("missing_shelf_action", STR, "BLOCK"),
     ("rfc_rationale_codes", BOOL, False),

@@ -33,6 +33,7 @@ class InputFault(StrEnum):
     NON_POSITIVE_PRICE = "NON_POSITIVE_PRICE"
     PRICE_STALE = "PRICE_STALE"
     SNAPSHOT_SKEW = "SNAPSHOT_SKEW"
+    BASE_CURRENCY_FX_MISSING = "BASE_CURRENCY_FX_MISSING"
     INFEASIBLE_CONCENTRATION = "INFEASIBLE_CONCENTRATION"
     ENGINE_ERROR = "ENGINE_ERROR"
     UNKNOWN_MODEL = "UNKNOWN_MODEL"
@@ -73,6 +74,7 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "NEGATIVE_QUANTITY": "a held quantity below zero (the reference would accept it)",
     "NON_POSITIVE_PRICE": "a zero price for a held or model instrument (the reference fails with a division error)",
     "SNAPSHOT_SKEW": "portfolio and market as_of further apart than max_skew_minutes",
+    "BASE_CURRENCY_FX_MISSING": "RFC: require_base_currency_fx, and no FX rate of the market data names the base currency",
     "INFEASIBLE_CONCENTRATION": "RFC cap mode: redistribution pushed a recipient over single_position_max_weight",
     "UNKNOWN_MODEL": "the portfolio's model_id is not in models.parquet (nor declared in snapshots.parquet)",
     "UNKNOWN_SHELF": "the portfolio's shelf_id is not in shelf.parquet (nor declared in snapshots.parquet)",

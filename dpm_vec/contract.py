@@ -40,7 +40,7 @@ NOT_NULL_OPTIONS = (
     "drift_top_contributors_limit", "drift_unmodeled_exposure_threshold", "auto_funding", "funding_mode",
     "fx_funding_source_currency", "fx_generation_policy",
     # RFC-0001 options
-    "single_position_cap_mode", "notional_sizing", "max_skew_minutes", "stale_price_action", "missing_shelf_action",
+    "single_position_cap_mode", "notional_sizing", "max_skew_minutes", "require_base_currency_fx", "stale_price_action", "missing_shelf_action",
     "rfc_rationale_codes",
 )
 ADVISORY_ENUMS = {
@@ -429,6 +429,7 @@ def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]
         "notional_sizing": r.boolean(o.get("notional_sizing"), f"{p}.notional_sizing", False),
         "max_staleness_minutes": r.integer(o.get("max_staleness_minutes"), f"{p}.max_staleness_minutes", None, 0, 10**7),
         "max_skew_minutes": r.integer(o.get("max_skew_minutes"), f"{p}.max_skew_minutes", None, 0, 10**7),
+        "require_base_currency_fx": r.boolean(o.get("require_base_currency_fx"), f"{p}.require_base_currency_fx", False),
         "stale_price_action": r.enum(o.get("stale_price_action"), f"{p}.stale_price_action", ("BLOCK", "EXCLUDE"), "BLOCK"),
         "missing_shelf_action": r.enum(o.get("missing_shelf_action"), f"{p}.missing_shelf_action", ("BLOCK", "EXCLUDE"), "BLOCK"),
         "rfc_rationale_codes": r.boolean(o.get("rfc_rationale_codes"), f"{p}.rfc_rationale_codes", False),

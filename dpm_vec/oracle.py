@@ -21,7 +21,8 @@ lacks"; ``shared/spec/RFC-0001-rebalance-simulation-mvp.md`` §6 and Appendix A)
 implemented here too, written from those documents alone as a second, independent
 implementation: ``single_position_cap_mode: RFC_ASSET_CLASS``, ``notional_sizing`` (shelf
 ``trade_by: NOTIONAL``), ``max_staleness_minutes`` / ``stale_price_action``,
-``missing_shelf_action``, ``max_skew_minutes`` and ``rfc_rationale_codes``. Every one defaults to the reference's
+``missing_shelf_action``, ``max_skew_minutes``, ``require_base_currency_fx`` and
+``rfc_rationale_codes``. Every one defaults to the reference's
 behaviour (off; ``max_skew_minutes`` acts only when set and both snapshots carry
 ``as_of``, a key the reference ignores).
 """
@@ -143,6 +144,7 @@ class Options:
     stale_price_action: str = "BLOCK"
     missing_shelf_action: str = "BLOCK"
     max_skew_minutes: int | None = None
+    require_base_currency_fx: bool = False
     rfc_rationale_codes: bool = False
 
     @classmethod
@@ -157,7 +159,7 @@ class Options:
                      "block_on_missing_prices", "block_on_missing_fx", "enable_tax_awareness",
                      "enable_settlement_awareness", "enable_workflow_gates",
                      "workflow_requires_client_consent", "client_consent_already_obtained",
-                     "notional_sizing", "rfc_rationale_codes"):
+                     "notional_sizing", "rfc_rationale_codes", "require_base_currency_fx"):
             setattr(r, name, _bool(o.get(name), getattr(r, name)))
         for name in ("compare_target_methods_tolerance", "cash_band_min_weight",
                      "cash_band_max_weight", "fx_buffer_pct", "min_cash_buffer_pct"):
@@ -395,6 +397,16 @@ def snapshot_skew(pf: dict, mkt: Market, opts: Options) -> bool:
     if opts.max_skew_minutes is None or p_as_of is None or mkt.as_of is None:
         return False
     return abs(p_as_of - mkt.as_of) > timedelta(minutes=opts.max_skew_minutes)
+
+
+def base_currency_fx_missing(base: str, mkt: Market, opts: Options) -> bool:
+    """RFC §6 Step 1: "Verify BaseCurrency exists in Market Data FX rates"; features.md:
+    with require_base_currency_fx, no FX rate's "FROM/TO" pair (exactly one "/", as a
+    conversion reads it, §6.1) names the base currency on either side: the run blocks
+    (BASE_CURRENCY_FX_MISSING)."""
+    if not opts.require_base_currency_fx:
+        return False
+    return not any(pair.count("/") == 1 and base in pair.split("/") for pair in mkt.fx)
 
 
 def stale_instruments(pf: dict, positions: list[dict], targets: list[dict], mkt: Market,
@@ -1390,13 +1402,17 @@ def _simulate(request: dict, request_hash: str | None) -> dict:
     dq = DQ()
     diag = _new_diag()
 
-    # RFC Step 1 (snapshot skew) and Step 2 (stale prices): both block at DQ gate #1 (E1)
+    # RFC Step 1 (snapshot skew, base currency in the FX rates) and Step 2 (stale prices):
+    # each blocks at DQ gate #1 (E1)
     skewed = snapshot_skew(pf, mkt, opts)
+    no_base_fx = base_currency_fx_missing(base, mkt, opts)
     stale = stale_instruments(pf, positions, targets, mkt, opts)
     stale_blocks = bool(stale) and opts.stale_price_action == "BLOCK"
     # docs silent on a run with several block reasons: as the engine, its warnings name one,
-    # the first of SNAPSHOT_SKEW, PRICE_STALE, INFEASIBLE_CONCENTRATION
-    input_fault = "SNAPSHOT_SKEW" if skewed else "PRICE_STALE" if stale_blocks else None
+    # the first of SNAPSHOT_SKEW, BASE_CURRENCY_FX_MISSING (RFC Step 1's order), PRICE_STALE,
+    # INFEASIBLE_CONCENTRATION
+    input_fault = ("SNAPSHOT_SKEW" if skewed else "BASE_CURRENCY_FX_MISSING" if no_base_fx
+                   else "PRICE_STALE" if stale_blocks else None)
     if input_fault:
         diag["warnings"].append(input_fault)
     price_excluded: dict[str, str] = {}

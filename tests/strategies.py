@@ -491,8 +491,8 @@ def rfc_option_requests(draw) -> dict:
     bind and few asset classes, so the excess has same-class recipients, too many, or none),
     notional sizing of shelf entries traded by NOTIONAL, ``as_of`` on both snapshots and on
     prices around the staleness and skew limits (exact limits included), BLOCK or EXCLUDE of
-    stale or missing prices and of model targets without a shelf entry, and the Appendix A
-    rationale codes."""
+    stale or missing prices and of model targets without a shelf entry, the base currency
+    required among the FX rates' currencies, and the Appendix A rationale codes."""
     req = draw(requests())
     o = req["options"]
     maybe = lambda p: draw(st.integers(0, 99)) < p  # noqa: E731
@@ -547,6 +547,12 @@ def rfc_option_requests(draw) -> dict:
             req["shelf_entries"] = [e for e in req["shelf_entries"] if e["instrument_id"] != gone]
     if maybe(75):
         o["max_skew_minutes"] = draw(st.sampled_from([0, 5, 15, 15, 16, 30, 120]))
+    if maybe(25):  # RFC Step 1: the base currency among the FX rates' currencies
+        o["require_base_currency_fx"] = True
+        if maybe(50):
+            base = req["portfolio_snapshot"]["base_currency"]
+            req["market_data_snapshot"]["fx_rates"] = [
+                f for f in req["market_data_snapshot"]["fx_rates"] if base not in f["pair"].split("/")]
 
     if maybe(55):
         o["rfc_rationale_codes"] = True

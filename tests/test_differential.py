@@ -607,7 +607,7 @@ def _outcome(result: dict) -> str:
 
 # per RFC option: requests drawn, and requests in which it changed the oracle's outcome
 RFC_OPTIONS = ("single_position_cap_mode", "notional_sizing", "max_staleness_minutes", "max_skew_minutes", "missing_shelf_action",
-               "rfc_rationale_codes")
+               "require_base_currency_fx", "rfc_rationale_codes")
 RFC_EXERCISED = {"requests": 0, **{k: 0 for k in RFC_OPTIONS}}
 
 
@@ -626,8 +626,8 @@ def _count_rfc_effects(req: dict, exp: dict) -> None:
 @settings(max_examples=20, **COMMON)
 @given(st.lists(rfc_option_requests(), min_size=15, max_size=25))
 def test_rfc_options_match_oracle(reqs):
-    """The RFC-0001 options (asset-class cap, notional sizing, staleness, skew, unshelved
-    model targets, rationale codes) against the oracle's independent implementation of docs/features.md and the RFC."""
+    """The RFC-0001 options (asset-class cap, notional sizing, staleness, skew, base
+    currency among the FX rates, unshelved model targets, rationale codes) against the oracle's independent implementation of docs/features.md and the RFC."""
     failures: list[str] = []
     for req, act in zip(reqs, simulate_many(reqs)):
         CHECKED["requests"] += 1

@@ -4,6 +4,8 @@
 * NON_POSITIVE_PRICE — a zero price for a held or model instrument (the reference
   crashes with a division error);
 * SNAPSHOT_SKEW — portfolio and market ``as_of`` further apart than ``max_skew_minutes``;
+* BASE_CURRENCY_FX_MISSING — with ``require_base_currency_fx``, no FX rate of the run's
+  market data has the base currency on either side (RFC Step 1);
 * PRICE_STALE — a price older than ``max_staleness_minutes`` (block, or with
   ``stale_price_action = EXCLUDE`` the instrument is excluded instead).
 
@@ -53,9 +55,27 @@ def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, mo
         positions.filter(pl.col("quantity") < 0).select("run", pl.lit(InputFault.NEGATIVE_QUANTITY.value).alias("fault_code")),
         non_positive.select("run", pl.lit(InputFault.NON_POSITIVE_PRICE.value).alias("fault_code")),
         skew.select("run", pl.lit(InputFault.SNAPSHOT_SKEW.value).alias("fault_code")),
+        _without_base_currency_fx(market, runs).select("run", pl.lit(InputFault.BASE_CURRENCY_FX_MISSING.value).alias("fault_code")),
         priced.filter(pl.col("_stale") & (pl.col("stale_price_action") == "BLOCK")).select("run", pl.lit(InputFault.PRICE_STALE.value).alias("fault_code")),
     ]).unique("run", keep="first", maintain_order=True)
     excluded = priced.filter((pl.col("stale_price_action") == "EXCLUDE") & (pl.col("_stale") | pl.col("price").is_null())).select(
         "run", "instrument_id", pl.when(pl.col("_stale")).then(pl.lit("PRICE_STALE")).otherwise(pl.lit("PRICE_MISSING")).alias("reason"),
     )
     return faults, excluded
+
+
+def _without_base_currency_fx(market: Market, runs: pl.DataFrame) -> pl.DataFrame:
+    """(run) of the runs that require it (RFC Step 1: "Verify BaseCurrency exists in
+    Market Data FX rates") whose market data quotes no pair with the base currency on
+    either side."""
+    checked = runs.filter(pl.col("require_base_currency_fx")).select("run")
+    if checked.height == 0:
+        return checked
+    legs = pl.concat([
+        market.fx.select("market_snapshot_id", pl.col(side).alias("base_currency")) for side in ("fx_from", "fx_to")
+    ]).unique()
+    return (
+        market.run_keys.join(checked, on="run", how="semi")
+        .join(legs, on=["market_snapshot_id", "base_currency"], how="anti")
+        .select("run")
+    )

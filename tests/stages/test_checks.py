@@ -55,6 +55,24 @@ def test_snapshot_skew(scenario):
     assert _faults(run(16, max_skew_minutes=30))[0] == {}
 
 
+def test_base_currency_in_the_fx_rates(scenario):
+    """RFC Step 1 under require_base_currency_fx: a pair naming the base currency on
+    either side passes; none (or only a malformed "A/B/C" pair) blocks the run at E1, and
+    after a skew (Step 1's order). Off by default: the reference has no such check."""
+    def run(fx, **policy):
+        return _base(scenario, base="SGD", fx=fx, **policy)
+
+    assert _faults(run([]))[0] == {}
+    assert _faults(run([("USD/SGD", "1.35")], require_base_currency_fx=True))[0] == {}
+    assert _faults(run([("SGD/USD", "0.74")], require_base_currency_fx=True))[0] == {}
+    assert _faults(run([("USD/EUR", "0.9"), ("USD/SGD/X", "1")], require_base_currency_fx=True))[0] == {0: "BASE_CURRENCY_FX_MISSING"}
+    blocked = run([], require_base_currency_fx=True)
+    assert (blocked.run_row()["status"], blocked.run_row()["exit_path"]) == ("BLOCKED", "E1")
+    skewed = _base(scenario, base="SGD", require_base_currency_fx=True, max_skew_minutes=15,
+                   portfolio_as_of=T0, market_as_of=T0 + timedelta(minutes=16))
+    assert _faults(skewed)[0] == {0: "SNAPSHOT_SKEW"}
+
+
 def test_no_timestamps_no_time_checks(scenario):
     s = _base(
         scenario,

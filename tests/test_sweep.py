@@ -1238,3 +1238,21 @@ def test_missing_shelf_action_per_portfolio_agrees_with_the_oracle(tmp_path):
             assert mine.filter(pl.col("reason_code") == "SHELF_ENTRY_MISSING")["instrument_id"].to_list() == unshelved
             affected += run["status"] != "BLOCKED"
     assert affected >= 2  # EXCLUDE portfolios that trade past their unshelved target
+
+
+def test_base_currency_fx_check_blocks_only_the_portfolios_that_ask_for_it(tmp_path):
+    """require_base_currency_fx in a book: with every pair naming SGD gone from the one
+    market snapshot, SGD portfolios that ask for the check are BLOCKED at E1
+    (BASE_CURRENCY_FX_MISSING); those that do not, and the other base currencies, run as
+    without it."""
+    frames = generate_book_frames(8, 5, holdings=(3, 6))
+    frames["fx_rates"] = frames["fx_rates"].filter(~pl.col("pair").str.contains("SGD"))
+    asks = pl.int_range(pl.len()) != 2  # the first SGD portfolio does not ask
+    frames["portfolios"] = frames["portfolios"].with_columns(require_base_currency_fx=asks)
+    sweep(write_book(frames, tmp_path / "book"), tmp_path / "out", progress=False)
+    runs = _read(tmp_path / "out", "runs").with_columns(asks=frames["portfolios"]["require_base_currency_fx"],
+                                                        base=frames["portfolios"]["base_currency"])
+    blocked = runs.filter(pl.col("block_reason") == "BASE_CURRENCY_FX_MISSING")
+    assert blocked["run_key"].to_list() == runs.filter((pl.col("base") == "SGD") & pl.col("asks"))["run_key"].to_list() != []
+    assert blocked["exit_path"].to_list() == ["E1"] * blocked.height
+    assert runs.filter((pl.col("base") == "SGD") & ~pl.col("asks"))["block_reason"].item() != "BASE_CURRENCY_FX_MISSING"

@@ -81,7 +81,9 @@ def translate(
     ).with_columns(
         pl.when(pl.col("delta_value_instr") > 0).then(pl.lit("BUY")).otherwise(pl.lit("SELL")).alias("side"),
         dabs(pl.col("delta_value_instr")).alias("_abs_delta"),
-        (pl.col("notional_sizing") & (pl.col("trade_by") == "NOTIONAL")).alias("by_notional"),
+        # an unshelved instrument (null trade_by) trades in units: never a null flag, which a
+        # negation would carry on and a filter drop (the near-integer floor check below)
+        (pl.col("notional_sizing") & pl.col("trade_by").eq_missing("NOTIONAL")).alias("by_notional"),
     )
     t = t.with_columns((pl.col("_abs_delta") / pl.col("price")).alias("_quotient"))
     units = pl.col("_quotient").floor()

@@ -63,6 +63,7 @@ POLICY_COLUMNS: list[tuple[str, pl.DataType, object]] = [
     ("max_staleness_minutes", INT, None),
     ("max_skew_minutes", INT, None),
     ("require_base_currency_fx", BOOL, False),
+    ("fx_sweep_threshold", DEC, None),
     ("stale_price_action", STR, "BLOCK"),
     ("missing_shelf_action", STR, "BLOCK"),
     ("rfc_rationale_codes", BOOL, False),

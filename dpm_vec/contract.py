@@ -430,6 +430,7 @@ def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]
         "max_staleness_minutes": r.integer(o.get("max_staleness_minutes"), f"{p}.max_staleness_minutes", None, 0, 10**7),
         "max_skew_minutes": r.integer(o.get("max_skew_minutes"), f"{p}.max_skew_minutes", None, 0, 10**7),
         "require_base_currency_fx": r.boolean(o.get("require_base_currency_fx"), f"{p}.require_base_currency_fx", False),
+        "fx_sweep_threshold": r.decimal(o.get("fx_sweep_threshold"), f"{p}.fx_sweep_threshold", required=False, minimum=D(0)),
         "stale_price_action": r.enum(o.get("stale_price_action"), f"{p}.stale_price_action", ("BLOCK", "EXCLUDE"), "BLOCK"),
         "missing_shelf_action": r.enum(o.get("missing_shelf_action"), f"{p}.missing_shelf_action", ("BLOCK", "EXCLUDE"), "BLOCK"),
         "rfc_rationale_codes": r.boolean(o.get("rfc_rationale_codes"), f"{p}.rfc_rationale_codes", False),

@@ -21,8 +21,8 @@ lacks"; ``shared/spec/RFC-0001-rebalance-simulation-mvp.md`` §6 and Appendix A)
 implemented here too, written from those documents alone as a second, independent
 implementation: ``single_position_cap_mode: RFC_ASSET_CLASS``, ``notional_sizing`` (shelf
 ``trade_by: NOTIONAL``), ``max_staleness_minutes`` / ``stale_price_action``,
-``missing_shelf_action``, ``max_skew_minutes``, ``require_base_currency_fx`` and
-``rfc_rationale_codes``. Every one defaults to the reference's
+``missing_shelf_action``, ``max_skew_minutes``, ``require_base_currency_fx``,
+``fx_sweep_threshold`` and ``rfc_rationale_codes``. Every one defaults to the reference's
 behaviour (off; ``max_skew_minutes`` acts only when set and both snapshots carry
 ``as_of``, a key the reference ignores).
 """
@@ -145,6 +145,7 @@ class Options:
     missing_shelf_action: str = "BLOCK"
     max_skew_minutes: int | None = None
     require_base_currency_fx: bool = False
+    fx_sweep_threshold: Decimal | None = None
     rfc_rationale_codes: bool = False
 
     @classmethod
@@ -165,7 +166,7 @@ class Options:
                      "cash_band_max_weight", "fx_buffer_pct", "min_cash_buffer_pct"):
             if o.get(name) is not None:
                 setattr(r, name, D(o[name]))
-        for name in ("single_position_max_weight", "max_turnover_pct", "max_realized_capital_gains"):
+        for name in ("single_position_max_weight", "max_turnover_pct", "max_realized_capital_gains", "fx_sweep_threshold"):
             setattr(r, name, D(o.get(name)))
         r.min_trade_notional = _money_in(o.get("min_trade_notional"))
         r.settlement_horizon_days = _int(o.get("settlement_horizon_days"), 5)
@@ -1100,6 +1101,10 @@ def fx_funding_and_sweep(intents: list[dict], cash: list[dict], base: str, mkt: 
             fx = {"buy_currency": ccy, "buy_amount": buy_amount, "sell_currency": base,
                   "sell_amount_estimated": buy_amount * r, "code": "FUNDING", "message": "Fund"}
         elif bal > 0:
+            if opts.fx_sweep_threshold is not None and not bal * r > opts.fx_sweep_threshold:
+                # RFC Step 5: "If NetFlow + CurrentCash > Threshold (Excess): generate FX SELL";
+                # features.md: the threshold is in base currency, the balance stays otherwise
+                continue
             fx = {"buy_currency": base, "buy_amount": bal * r, "sell_currency": ccy,
                   "sell_amount_estimated": bal, "code": "SWEEP", "message": "Sweep"}
         else:

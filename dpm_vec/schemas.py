@@ -64,6 +64,7 @@ INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
             "missing_shelf_action": pa.Column(pl.String, checks=pa.Check.isin(["BLOCK", "EXCLUDE"])),
             "max_turnover_pct": pa.Column(DEC, checks=pa.Check.in_range(0, 1), nullable=True),
             "max_realized_capital_gains": pa.Column(DEC, checks=pa.Check.ge(0), nullable=True),
+            "fx_sweep_threshold": pa.Column(DEC, checks=pa.Check.ge(0), nullable=True),
             "settlement_horizon_days": pa.Column(pl.Int32, checks=pa.Check.in_range(0, 10)),
             "fx_settlement_days": pa.Column(pl.Int32, checks=pa.Check.in_range(0, 10)),
             "min_trade_notional_currency": _ccy(nullable=True),

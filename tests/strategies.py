@@ -486,13 +486,37 @@ def _complete(req: dict, draw) -> None:
 
 
 @st.composite
+def sweep_threshold_requests(draw) -> dict:
+    """A completed ``requests()`` draw holding foreign cash, under an RFC
+    ``fx_sweep_threshold`` (base currency) from 0 to above any surplus, and now and then
+    exactly at a foreign cash balance's base value over its direct quote (kept: only a
+    surplus above the threshold is swept)."""
+    req = draw(requests())
+    _complete(req, draw)
+    base = req["portfolio_snapshot"]["base_currency"]
+    direct = [(f["pair"].split("/")[0], f["rate"]) for f in req["market_data_snapshot"]["fx_rates"]
+              if f["pair"].count("/") == 1 and f["pair"].endswith("/" + base) and Decimal(f["rate"]) > 0]
+    o = req["options"]
+    o["fx_sweep_threshold"] = draw(st.sampled_from(["0", "0.01", "100", "1000", "10000", "100000", "10000000"]))
+    if direct:
+        ccy, rate = draw(st.sampled_from(direct))
+        amount = money2(draw, 1, 200_000)
+        cash = [c for c in req["portfolio_snapshot"]["cash_balances"] if c["currency"] != ccy]
+        req["portfolio_snapshot"]["cash_balances"] = [*cash, {"currency": ccy, "amount": amount}]
+        if draw(st.integers(0, 4)) == 0:
+            o["fx_sweep_threshold"] = str(Decimal(amount) * Decimal(rate))
+    return req
+
+
+@st.composite
 def rfc_option_requests(draw) -> dict:
     """A ``requests()`` draw plus the RFC-0001 options: the asset-class cap (with caps that
     bind and few asset classes, so the excess has same-class recipients, too many, or none),
     notional sizing of shelf entries traded by NOTIONAL, ``as_of`` on both snapshots and on
     prices around the staleness and skew limits (exact limits included), BLOCK or EXCLUDE of
     stale or missing prices and of model targets without a shelf entry, the base currency
-    required among the FX rates' currencies, and the Appendix A rationale codes."""
+    required among the FX rates' currencies, a threshold on FX sweeps (more of it in
+    ``sweep_threshold_requests``), and the Appendix A rationale codes."""
     req = draw(requests())
     o = req["options"]
     maybe = lambda p: draw(st.integers(0, 99)) < p  # noqa: E731
@@ -547,6 +571,8 @@ def rfc_option_requests(draw) -> dict:
             req["shelf_entries"] = [e for e in req["shelf_entries"] if e["instrument_id"] != gone]
     if maybe(75):
         o["max_skew_minutes"] = draw(st.sampled_from([0, 5, 15, 15, 16, 30, 120]))
+    if maybe(15):  # RFC Step 5: repatriate a foreign surplus only above a threshold (base currency)
+        o["fx_sweep_threshold"] = draw(st.sampled_from(["0", "50", "5000", "1000000"]))
     if maybe(25):  # RFC Step 1: the base currency among the FX rates' currencies
         o["require_base_currency_fx"] = True
         if maybe(50):

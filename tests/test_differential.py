@@ -33,7 +33,7 @@ from dpm_vec.simulate import simulate_many
 from tests.golden_compare import strip_random
 from tests.strategies import (
     golden_mutations, isolation_batches, printed_midpoint_requests, requests, rfc_option_requests, round_inverse_requests,
-    tax_residue_requests,
+    sweep_threshold_requests, tax_residue_requests,
 )
 
 CENT = Decimal("0.01")
@@ -360,6 +360,35 @@ def test_round_amounts_over_inverse_quotes_match_oracle(reqs):
     _assert_all_match(reqs)
 
 
+SWEEPS = {"requests": 0, "kept": 0}
+
+
+@settings(max_examples=15, **COMMON)
+@given(st.lists(sweep_threshold_requests(), min_size=15, max_size=20))
+def test_fx_sweep_threshold_matches_oracle(reqs):
+    """RFC Step 5's repatriation threshold (``fx_sweep_threshold``, base currency): a
+    surplus at or below it stays as foreign cash, one above it is swept whole, and the
+    after-state, ladder and rules see what stays."""
+    def tally(slot):
+        """A kept surplus: foreign cash left in an after-state that FX planning reached (it
+        has intents) with no FX intent in its currency (a FUNDING's buffer leaves some too,
+        but with its intent)."""
+        SWEEPS["requests"] += 1
+        base = slot["before"]["total_value"]["currency"]
+        traded = {i["pair"].split("/")[0] for i in slot["intents"] if i["intent_type"] == "FX_SPOT"}
+        SWEEPS["kept"] += bool(slot["intents"]) and any(c["currency"] not in (base, *traded) and Decimal(c["amount"]) > 0
+                                                        for c in slot["after_simulated"]["cash_balances"])
+    _assert_all_match(reqs, tally)
+
+
+def test_fx_sweep_threshold_was_exercised():
+    """Runs after the sweep property: foreign cash must have stayed in a fair share of the
+    after-states, or the property proved nothing about the threshold."""
+    if SWEEPS["requests"] == 0:
+        pytest.skip("run together with the sweep property")
+    assert SWEEPS["kept"] >= 0.1 * SWEEPS["requests"], str(SWEEPS)
+
+
 @settings(max_examples=15, **COMMON)
 @given(st.lists(printed_midpoint_requests(), min_size=15, max_size=20))
 def test_printed_weights_at_4dp_midpoints_match_oracle(reqs):
@@ -627,7 +656,8 @@ def _count_rfc_effects(req: dict, exp: dict) -> None:
 @given(st.lists(rfc_option_requests(), min_size=15, max_size=25))
 def test_rfc_options_match_oracle(reqs):
     """The RFC-0001 options (asset-class cap, notional sizing, staleness, skew, base
-    currency among the FX rates, unshelved model targets, rationale codes) against the oracle's independent implementation of docs/features.md and the RFC."""
+    currency among the FX rates, unshelved model targets, FX sweep threshold, rationale
+    codes; the threshold's own property is ``test_fx_sweep_threshold_matches_oracle``) against the oracle's independent implementation of docs/features.md and the RFC."""
     failures: list[str] = []
     for req, act in zip(reqs, simulate_many(reqs)):
         CHECKED["requests"] += 1

@@ -1256,3 +1256,34 @@ def test_base_currency_fx_check_blocks_only_the_portfolios_that_ask_for_it(tmp_p
     assert blocked["run_key"].to_list() == runs.filter((pl.col("base") == "SGD") & pl.col("asks"))["run_key"].to_list() != []
     assert blocked["exit_path"].to_list() == ["E1"] * blocked.height
     assert runs.filter((pl.col("base") == "SGD") & ~pl.col("asks"))["block_reason"].item() != "BASE_CURRENCY_FX_MISSING"
+
+
+def test_fx_sweep_threshold_per_portfolio_agrees_with_the_oracle(tmp_path):
+    """fx_sweep_threshold from a book column: portfolios with a threshold of 100,000 (base
+    currency) keep the surpluses worth less, the others sweep every one; each run's status
+    and FX intents are the oracle's on the same request with the same option."""
+    from dpm_vec.export import book_to_requests
+    from dpm_vec.oracle import simulate as oracle_simulate
+
+    frames = generate_book_frames(8, 5, holdings=(3, 6))
+    odd = pl.int_range(pl.len()) % 2 == 1
+    frames["portfolios"] = frames["portfolios"].with_columns(
+        fx_sweep_threshold=pl.when(odd).then(pl.lit(Decimal("100000"))).otherwise(None).cast(pl.Decimal(38, 20)))
+    book = write_book(frames, tmp_path / "book")
+    sweep(book, tmp_path / "out", progress=False)
+    runs, intents = _read(tmp_path / "out", "runs"), _read(tmp_path / "out", "intents")
+    kept = 0
+    for request, threshold, run in zip(book_to_requests(read_book(book)), frames["portfolios"]["fx_sweep_threshold"],
+                                       runs.iter_rows(named=True)):
+        if threshold is not None:
+            request["options"]["fx_sweep_threshold"] = str(threshold)
+        expected = oracle_simulate(request)
+        assert run["status"] == expected["status"], run["run_key"]
+        fx = intents.filter((pl.col("run_key") == run["run_key"]) & (pl.col("intent_type") == "FX_SPOT")).sort("exec_order")
+        want = [(i["intent_id"], i["pair"], i["rationale"]["code"]) for i in expected["intents"] if i["intent_type"] == "FX_SPOT"]
+        assert fx.select("intent_id", "pair", "rationale_code").rows() == want, run["run_key"]
+        if threshold is not None:
+            assert all(i["buy_amount"] > threshold for i in fx.filter(pl.col("rationale_code") == "SWEEP").iter_rows(named=True))
+            without = oracle_simulate({**request, "options": {k: v for k, v in request["options"].items() if k != "fx_sweep_threshold"}})
+            kept += len(want) < sum(i["intent_type"] == "FX_SPOT" for i in without["intents"])
+    assert kept >= 1  # a threshold portfolio kept a surplus its sweep-all twin would have swept

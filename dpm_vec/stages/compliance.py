@@ -106,7 +106,8 @@ def exact_cash_signs(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, 
     fixed-point sum can be exactly 0 where the reference's is -1E-23, which fails
     INSUFFICIENT_CASH. That takes a balance in the sell's currency with a BUY there too
     (with sells only, the after-state adds them in the order FX planning summed them, and
-    the SWEEP cancels the sum exactly), or the base currency, where FX amounts land; and
+    the SWEEP cancels the sum exactly; in a run with an ``fx_sweep_threshold`` a surplus
+    may stay, so there the sell's currency alone), or the base currency, where FX amounts land; and
     the base currency of runs whose FX amounts come from an inexact rate, which the
     fixed point can leave at -1E-17 (or, over a large amount, -1E-15) where the
     reference's sum is exactly 0 (``cash28.fx_margins``)."""
@@ -116,8 +117,10 @@ def exact_cash_signs(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, 
         "run", pl.col("notional_currency").alias("currency"),
     ).unique()
     base_cash = runs.select("run", pl.col("base_currency").alias("currency"))
+    thresholds = runs.filter(pl.col("fx_sweep_threshold").is_not_null()).select("run")
     touched = pl.concat([
         limited.join(bought, on=["run", "currency"], how="semi"),
+        limited.join(thresholds, on="run", how="semi"),
         base_cash.join(limited.select("run").unique(), on="run", how="semi"),
     ])
     near = cash_after.filter(pl.col("amount").abs() < lit(DUST)).join(touched, on=["run", "currency"], how="semi")

@@ -2,7 +2,8 @@
 
 Cash is projected per currency from the input balances and the surviving security
 intents; every foreign shortfall is funded from base with a buffer (FUNDING) and every
-foreign surplus swept into base (SWEEP). Buys then depend on their funding FX and on the
+foreign surplus swept into base (SWEEP), or under the RFC's ``fx_sweep_threshold`` only a
+surplus worth more than the threshold in base. Buys then depend on their funding FX and on the
 last sell in their currency, and the list is ordered sells, FX, buys.
 """
 
@@ -33,7 +34,7 @@ INTENT_COLUMNS = {
 
 def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_input: pl.DataFrame):
     """Return (all intents in execution order, fx_missing findings)."""
-    policy = runs.select("run", "base_currency", "fx_buffer_pct")
+    policy = runs.select("run", "base_currency", "fx_buffer_pct", "fx_sweep_threshold")
     flows = security.select(
         "run", pl.col("price_currency").alias("currency"),
         pl.when(pl.col("side") == "SELL").then(pl.col("notional")).otherwise(-pl.col("notional")).alias("flow"),
@@ -54,8 +55,10 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
     projected = _exact_signs(market, runs, security, cash_input, projected)
     funding = pl.col("_sign") < 0
     buy_amount = dabs(pl.col("balance")) * (lit(1) + pl.col("fx_buffer_pct"))
+    # RFC Step 5: a surplus is repatriated when it exceeds the threshold (base currency)
+    kept = (pl.col("_sign") > 0) & pl.col("fx_sweep_threshold").is_not_null() & (pl.col("balance") * pl.col("rate") <= pl.col("fx_sweep_threshold"))
     fx = (
-        projected.filter(pl.col("rate").is_not_null() & (pl.col("_sign") != 0))
+        projected.filter(pl.col("rate").is_not_null() & (pl.col("_sign") != 0) & ~kept)
         .pipe(sort_rows, "run", "ccy_order")
         .join(security.group_by("run").agg(pl.len().alias("_n_sec")), on="run", how="left")
         .with_columns(

@@ -116,6 +116,24 @@ def test_idle_foreign_cash_is_swept(scenario):
     assert (fx["buy_currency"], fx["buy_amount"]) == ("USD", D("110"))
 
 
+def test_sweep_threshold_keeps_a_surplus_at_or_below_it(scenario):
+    """RFC Step 5 under fx_sweep_threshold (base currency): EUR 100 at 1.1 is worth 110 USD
+    and GBP 200 at 1.25 is worth 250. A threshold of 110 keeps the EUR (110 is not above
+    it) and sweeps the GBP whole; the surviving sweep is numbered as the first FX intent,
+    and the kept EUR stays in the after-state. No threshold sweeps both (the reference)."""
+    common = dict(cash=[("USD", "0"), ("EUR", "100"), ("GBP", "200")], fx=[("EUR/USD", "1.1"), ("GBP/USD", "1.25")])
+    s = scenario(runs=[dict(), dict(fx_sweep_threshold="110"), dict(fx_sweep_threshold="250")], **common)
+    rows = s.intents.filter(pl.col("intent_type") == "FX_SPOT").sort("run", "exec_order")
+
+    def swept(run):
+        return [(f["intent_id"], f["sell_currency"], f["sell_amount_estimated"]) for f in rows.filter(pl.col("run") == run).to_dicts()]
+    assert swept(0) == [("oi_fx_1", "EUR", D("100")), ("oi_fx_2", "GBP", D("200"))]
+    assert swept(1) == [("oi_fx_1", "GBP", D("200"))]
+    assert swept(2) == []
+    cash = s.result.cash_after.filter(pl.col("run") == 1)
+    assert dict(zip(cash["currency"], cash["amount"])) == {"USD": D("250"), "EUR": D("100"), "GBP": D("0")}
+
+
 def test_fx_ids_count_every_intent_and_follow_currency_order(scenario):
     """Currencies in cash order, new ones after; k = intents so far + 1; zero balance → none."""
     s = scenario(

@@ -489,22 +489,27 @@ def _complete(req: dict, draw) -> None:
 def sweep_threshold_requests(draw) -> dict:
     """A completed ``requests()`` draw holding foreign cash, under an RFC
     ``fx_sweep_threshold`` (base currency) from 0 to above any surplus, and now and then
-    exactly at a foreign cash balance's base value over its direct quote (kept: only a
-    surplus above the threshold is swept)."""
+    exactly at a foreign cash balance's base value (kept: only a surplus above the
+    threshold is swept), over a direct quote or an inverse one, whose 1 / q the reference
+    rounds to 28 digits."""
     req = draw(requests())
     _complete(req, draw)
     base = req["portfolio_snapshot"]["base_currency"]
-    direct = [(f["pair"].split("/")[0], f["rate"]) for f in req["market_data_snapshot"]["fx_rates"]
-              if f["pair"].count("/") == 1 and f["pair"].endswith("/" + base) and Decimal(f["rate"]) > 0]
+    quotes = [(*f["pair"].split("/"), Decimal(f["rate"])) for f in req["market_data_snapshot"]["fx_rates"]
+              if f["pair"].count("/") == 1 and base in f["pair"].split("/") and Decimal(f["rate"]) > 0]
     o = req["options"]
     o["fx_sweep_threshold"] = draw(st.sampled_from(["0", "0.01", "100", "1000", "10000", "100000", "10000000"]))
-    if direct:
-        ccy, rate = draw(st.sampled_from(direct))
-        amount = money2(draw, 1, 200_000)
+    if quotes:
+        a, b, q = draw(st.sampled_from(quotes))
+        ccy = a if b == base else b
+        amount = Decimal(money2(draw, 1, 200_000))
+        tie = draw(st.integers(0, 4)) == 0
+        if tie and ccy == b:  # BASE/CCY at q: CCY amount = threshold × q is worth the threshold in exact arithmetic
+            amount = Decimal(draw(st.integers(1, 100_000))) * q
         cash = [c for c in req["portfolio_snapshot"]["cash_balances"] if c["currency"] != ccy]
-        req["portfolio_snapshot"]["cash_balances"] = [*cash, {"currency": ccy, "amount": amount}]
-        if draw(st.integers(0, 4)) == 0:
-            o["fx_sweep_threshold"] = str(Decimal(amount) * Decimal(rate))
+        req["portfolio_snapshot"]["cash_balances"] = [*cash, {"currency": ccy, "amount": str(amount)}]
+        if tie:
+            o["fx_sweep_threshold"] = str(amount * q if ccy == a else amount / q)
     return req
 
 

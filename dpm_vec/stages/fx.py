@@ -14,7 +14,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.dec28 import F28
 from dpm_vec.frames import position_in_run, sort_rows
-from dpm_vec.numeric import DEC, QTY, dabs, lit
+from dpm_vec.numeric import DEC, HAIR, QTY, dabs, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import DUST, exact_notionals, limited_runs, projected_balances
 from dpm_vec.stages.prepare import Market
@@ -52,13 +52,11 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         projected, pl.col("rate").is_null(), "fx_missing", pl.col("currency") + "/" + pl.col("base_currency"),
         dq.FX, pl.col("ccy_order"),
     )
-    projected = _exact_signs(market, runs, security, cash_input, projected)
+    projected = _kept_surpluses(market, _exact_signs(market, runs, security, cash_input, projected))
     funding = pl.col("_sign") < 0
     buy_amount = dabs(pl.col("balance")) * (lit(1) + pl.col("fx_buffer_pct"))
-    # RFC Step 5: a surplus is repatriated when it exceeds the threshold (base currency)
-    kept = (pl.col("_sign") > 0) & pl.col("fx_sweep_threshold").is_not_null() & (pl.col("balance") * pl.col("rate") <= pl.col("fx_sweep_threshold"))
     fx = (
-        projected.filter(pl.col("rate").is_not_null() & (pl.col("_sign") != 0) & ~kept)
+        projected.filter(pl.col("rate").is_not_null() & (pl.col("_sign") != 0) & ~pl.col("_kept"))
         .pipe(sort_rows, "run", "ccy_order")
         .join(security.group_by("run").agg(pl.len().alias("_n_sec")), on="run", how="left")
         .with_columns(
@@ -121,6 +119,29 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         position_in_run().alias("exec_order"),
     )
     return intents.select([pl.col(c).cast(t) for c, t in INTENT_COLUMNS.items()]), fx_missing
+
+
+def _kept_surpluses(market: Market, projected: pl.DataFrame) -> pl.DataFrame:
+    """``projected`` with ``_kept``: a surplus that RFC Step 5's ``fx_sweep_threshold``
+    leaves in its currency, its base value (balance × rate, the SWEEP's buy amount) at or
+    below the threshold. A value within a hair of the threshold is decided in the
+    reference's 28 digits: over an inexact rate (an inverse quote's 1 / 1.3) the fixed
+    point's product can land a unit of the 20th decimal on the other side."""
+    value = pl.col("balance") * pl.col("rate")
+    limited = (pl.col("_sign") > 0) & pl.col("fx_sweep_threshold").is_not_null() & pl.col("rate").is_not_null()
+    projected = projected.with_columns((limited & (value <= pl.col("fx_sweep_threshold"))).alias("_kept"))
+    tie = limited & ((value - pl.col("fx_sweep_threshold")).abs() < lit(HAIR))
+    if not projected.select(tie.any()).item():  # the usual case: no threshold, or none within a hair
+        return projected
+    near = projected.with_row_index("_row").filter(tie)
+    near = f28.from_dec(f28.from_dec(market.with_rate_f28(near, "currency", "base_currency", "_rate_f"), "balance", "_balance_f"),
+                        "fx_sweep_threshold", "_threshold_f")
+    near = f28.sub(f28.mul(near, "_balance_f", "_rate_f", "_value_f"), "_value_f", "_threshold_f", "_over_f")
+    exact = near.select("_row", (f28.sign("_over_f") <= 0).alias("_kept_exact"))
+    return (
+        projected.with_row_index("_row").join(exact, on="_row", how="left", maintain_order="left")
+        .with_columns(pl.coalesce("_kept_exact", "_kept").alias("_kept")).drop("_row", "_kept_exact")
+    )
 
 
 def _exact_signs(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_input: pl.DataFrame,

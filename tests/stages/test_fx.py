@@ -134,6 +134,17 @@ def test_sweep_threshold_keeps_a_surplus_at_or_below_it(scenario):
     assert dict(zip(cash["currency"], cash["amount"])) == {"USD": D("250"), "EUR": D("100"), "GBP": D("0")}
 
 
+def test_sweep_threshold_tie_over_an_inverse_quote_is_decided_in_28_digits(scenario):
+    """EUR 130 over USD/EUR 1.3 is worth 130 × (1 / 1.3) USD: 99.99999999999999999999999999
+    in the reference's 28 digits (the inverse rounds down there), so a threshold of 100
+    keeps it; the fixed point's 20-decimal inverse rounds up and put it a unit above.
+    EUR 130.01 is above the threshold either way and is swept."""
+    s = scenario(cash=[("USD", "1000"), ("EUR", "130")], fx=[("USD/EUR", "1.3")], fx_sweep_threshold="100")
+    assert s.intents.filter(pl.col("intent_type") == "FX_SPOT").height == 0
+    above = scenario(cash=[("USD", "1000"), ("EUR", "130.01")], fx=[("USD/EUR", "1.3")], fx_sweep_threshold="100")
+    assert above.intents.filter(pl.col("intent_type") == "FX_SPOT")["rationale_code"].to_list() == ["SWEEP"]
+
+
 def test_fx_ids_count_every_intent_and_follow_currency_order(scenario):
     """Currencies in cash order, new ones after; k = intents so far + 1; zero balance → none."""
     s = scenario(

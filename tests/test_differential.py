@@ -657,7 +657,8 @@ def _count_rfc_effects(req: dict, exp: dict) -> None:
 def test_rfc_options_match_oracle(reqs):
     """The RFC-0001 options (asset-class cap, notional sizing, staleness, skew, base
     currency among the FX rates, unshelved model targets, FX sweep threshold, rationale
-    codes; the threshold's own property is ``test_fx_sweep_threshold_matches_oracle``) against the oracle's independent implementation of docs/features.md and the RFC."""
+    codes) against the oracle's independent implementation of docs/features.md and the
+    RFC; the threshold has its own property, ``test_fx_sweep_threshold_matches_oracle``."""
     failures: list[str] = []
     for req, act in zip(reqs, simulate_many(reqs)):
         CHECKED["requests"] += 1

@@ -52,7 +52,7 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         projected, pl.col("rate").is_null(), "fx_missing", pl.col("currency") + "/" + pl.col("base_currency"),
         dq.FX, pl.col("ccy_order"),
     )
-    projected = _kept_surpluses(market, _exact_signs(market, runs, security, cash_input, projected))
+    projected = _kept_surpluses(market, _exact_signs(market, runs, security, cash_input, projected)).drop("_exact_balance_f")
     funding = pl.col("_sign") < 0
     buy_amount = dabs(pl.col("balance")) * (lit(1) + pl.col("fx_buffer_pct"))
     fx = (
@@ -126,7 +126,9 @@ def _kept_surpluses(market: Market, projected: pl.DataFrame) -> pl.DataFrame:
     leaves in its currency, its base value (balance × rate, the SWEEP's buy amount) at or
     below the threshold. A value within a hair of the threshold is decided in the
     reference's 28 digits: over an inexact rate (an inverse quote's 1 / 1.3) the fixed
-    point's product can land a unit of the 20th decimal on the other side."""
+    point's product can land a unit of the 20th decimal on the other side, and a tax-limited
+    sell's dust balance (``_exact_balance_f``) is above a threshold of 0 where its
+    20-decimal balance is 0."""
     value = pl.col("balance") * pl.col("rate")
     limited = (pl.col("_sign") > 0) & pl.col("fx_sweep_threshold").is_not_null() & pl.col("rate").is_not_null()
     projected = projected.with_columns((limited & (value <= pl.col("fx_sweep_threshold"))).alias("_kept"))
@@ -135,7 +137,7 @@ def _kept_surpluses(market: Market, projected: pl.DataFrame) -> pl.DataFrame:
         return projected
     near = projected.with_row_index("_row").filter(tie)
     near = f28.from_dec(f28.from_dec(market.with_rate_f28(near, "currency", "base_currency", "_rate_f"), "balance", "_balance_f"),
-                        "fx_sweep_threshold", "_threshold_f")
+                        "fx_sweep_threshold", "_threshold_f").with_columns(f28.coalesce("_exact_balance_f", "_balance_f").alias("_balance_f"))
     near = f28.sub(f28.mul(near, "_balance_f", "_rate_f", "_value_f"), "_value_f", "_threshold_f", "_over_f")
     exact = near.select("_row", (f28.sign("_over_f") <= 0).alias("_kept_exact"))
     return (
@@ -149,17 +151,18 @@ def _exact_signs(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cas
     """``projected`` with ``_sign``, the sign of each balance that decides FUNDING, SWEEP or
     no FX: the balance's own, or, in runs with a tax-limited sell whose balance lies within
     dust of 0, the sign of the reference's 28-digit sum (``cash28``): a sell of a few 1E-28
-    units leaves a dust balance the reference sweeps where the 20-decimal notional is 0."""
+    units leaves a dust balance the reference sweeps where the 20-decimal notional is 0.
+    There the 28-digit balance itself is kept too (``_exact_balance_f``, null elsewhere)."""
     sign = pl.when(pl.col("balance") > 0).then(1).when(pl.col("balance") < 0).then(-1).otherwise(0).cast(pl.Int8)
     near = projected.filter(pl.col("balance").abs() < lit(DUST)).select("run").unique()
     chosen = limited_runs(security).join(near, on="run", how="semi")
     if chosen.height == 0:
-        return projected.with_columns(sign.alias("_sign"))
+        return projected.with_columns(sign.alias("_sign"), pl.lit(None, dtype=F28).alias("_exact_balance_f"))
     sec = exact_notionals(market, chosen, security.select(
         "run", "instrument_id", "side", "notional", pl.col("price_currency").alias("notional_currency"), "quantity_f28", "list_order",
     ))
     exact = projected_balances(sec, cash_input.join(chosen, on="run", how="semi")).select(
-        "run", "currency", f28.sign("_balance_f").cast(pl.Int8).alias("_exact_sign"),
+        "run", "currency", f28.sign("_balance_f").cast(pl.Int8).alias("_exact_sign"), pl.col("_balance_f").alias("_exact_balance_f"),
     )
     return projected.join(exact, on=["run", "currency"], how="left", maintain_order="left").with_columns(
         pl.coalesce("_exact_sign", sign).alias("_sign"),

@@ -221,24 +221,25 @@ class _JsonLines(logging.Formatter):
                            "message": record.getMessage()}, separators=(",", ":"), default=str)
 
 
-def _configure_logging() -> None:
-    if not log.handlers:
+def _to_stderr(logger: logging.Logger, formatter: logging.Formatter) -> None:
+    """``logger`` writes to stderr through ``formatter``, and only there, unless it already
+    has a handler (a second app in one process, or the host's own logging)."""
+    if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _configure_logging() -> None:
+    _to_stderr(log, logging.Formatter("%(message)s"))
+    log.setLevel(logging.INFO)
 
 
 def _engine_logs_as_json() -> None:
     """The serving process's engine loggers (``dpm_vec.*``) write JSON lines too; set only
     by ``serve``, so an app built in another process keeps that process's logging."""
-    engine_log = logging.getLogger("dpm_vec")
-    if not engine_log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_JsonLines())
-        engine_log.addHandler(handler)
-        engine_log.propagate = False
+    _to_stderr(logging.getLogger("dpm_vec"), _JsonLines())
 
 
 def _log(level: int, **fields) -> None:
@@ -467,12 +468,11 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         key = ", ".join(request.headers.getlist("idempotency-key")) or request.headers.get("idempotency-key")
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         try:
-            raw = await read_body(request) if encoding in ("", "identity") else b""
-            if encoding not in ("", "identity"):
+            if encoding not in ("", "identity"):  # the body is not read: a compressed one is no JSON
                 outcome = _Outcome(415, problem(UNSUPPORTED_ENCODING, "Unsupported Content-Encoding", 415,
                                                 f"Content-Encoding {encoding!r} is not supported: send the JSON body uncompressed",
                                                 request.url.path), problem=True, headers=headers)
-            elif raw is None:
+            elif (raw := await read_body(request)) is None:
                 outcome = _Outcome(413, problem(TOO_LARGE, "Request body too large", 413,
                                                 f"the body is larger than {max_body_bytes:,} bytes, this service's limit "
                                                 f"(dpm-vec serve --max-body-mb)", request.url.path),

@@ -135,15 +135,14 @@ def _kept_surpluses(market: Market, projected: pl.DataFrame) -> pl.DataFrame:
     tie = limited & ((value - pl.col("fx_sweep_threshold")).abs() < lit(HAIR))
     if not projected.select(tie.any()).item():  # the usual case: no threshold, or none within a hair
         return projected
-    near = projected.with_row_index("_row").filter(tie)
+    projected = projected.with_row_index("_row")
+    near = projected.filter(tie)
     near = f28.from_dec(f28.from_dec(market.with_rate_f28(near, "currency", "base_currency", "_rate_f"), "balance", "_balance_f"),
                         "fx_sweep_threshold", "_threshold_f").with_columns(f28.coalesce("_exact_balance_f", "_balance_f").alias("_balance_f"))
     near = f28.sub(f28.mul(near, "_balance_f", "_rate_f", "_value_f"), "_value_f", "_threshold_f", "_over_f")
     exact = near.select("_row", (f28.sign("_over_f") <= 0).alias("_kept_exact"))
-    return (
-        projected.with_row_index("_row").join(exact, on="_row", how="left", maintain_order="left")
-        .with_columns(pl.coalesce("_kept_exact", "_kept").alias("_kept")).drop("_row", "_kept_exact")
-    )
+    return projected.join(exact, on="_row", how="left", maintain_order="left").with_columns(
+        pl.coalesce("_kept_exact", "_kept").alias("_kept")).drop("_row", "_kept_exact")
 
 
 def _exact_signs(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_input: pl.DataFrame,

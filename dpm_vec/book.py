@@ -67,6 +67,7 @@ POLICY_COLUMNS: list[tuple[str, pl.DataType, object]] = [
     ("stale_price_action", STR, "BLOCK"),
     ("missing_shelf_action", STR, "BLOCK"),
     ("rfc_rationale_codes", BOOL, False),
+    ("rfc_fx_dependencies", BOOL, False),
     ("compare_target_methods", BOOL, False),
     ("compare_target_methods_tolerance", DEC, Decimal("0.0001")),
 ]

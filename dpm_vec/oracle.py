@@ -22,7 +22,7 @@ implemented here too, written from those documents alone as a second, independen
 implementation: ``single_position_cap_mode: RFC_ASSET_CLASS``, ``notional_sizing`` (shelf
 ``trade_by: NOTIONAL``), ``max_staleness_minutes`` / ``stale_price_action``,
 ``missing_shelf_action``, ``max_skew_minutes``, ``require_base_currency_fx``,
-``fx_sweep_threshold`` and ``rfc_rationale_codes``. Every one defaults to the reference's
+``fx_sweep_threshold``, ``rfc_rationale_codes`` and ``rfc_fx_dependencies``. Every one defaults to the reference's
 behaviour (off; ``max_skew_minutes`` acts only when set and both snapshots carry
 ``as_of``, a key the reference ignores).
 """
@@ -147,6 +147,7 @@ class Options:
     require_base_currency_fx: bool = False
     fx_sweep_threshold: Decimal | None = None
     rfc_rationale_codes: bool = False
+    rfc_fx_dependencies: bool = False
 
     @classmethod
     def parse(cls, o: dict) -> "Options":
@@ -160,7 +161,8 @@ class Options:
                      "block_on_missing_prices", "block_on_missing_fx", "enable_tax_awareness",
                      "enable_settlement_awareness", "enable_workflow_gates",
                      "workflow_requires_client_consent", "client_consent_already_obtained",
-                     "notional_sizing", "rfc_rationale_codes", "require_base_currency_fx"):
+                     "notional_sizing", "rfc_rationale_codes", "require_base_currency_fx",
+                     "rfc_fx_dependencies"):
             setattr(r, name, _bool(o.get(name), getattr(r, name)))
         for name in ("compare_target_methods_tolerance", "cash_band_min_weight",
                      "cash_band_max_weight", "fx_buffer_pct", "min_cash_buffer_pct"):
@@ -1115,9 +1117,9 @@ def fx_funding_and_sweep(intents: list[dict], cash: list[dict], base: str, mkt: 
     return out, blocked
 
 
-def order_with_dependencies(intents: list[dict]) -> list[dict]:
-    """§6.14: BUYs depend on their FUNDING FX and on the last SELL of their currency;
-    stable sort SELL, FX, BUY."""
+def order_with_dependencies(intents: list[dict], sell_dependencies: bool = True) -> list[dict]:
+    """§6.14: BUYs depend on their FUNDING FX and on the last SELL of their currency (RFC
+    Step 5 with ``rfc_fx_dependencies``: on their FUNDING FX alone); stable sort SELL, FX, BUY."""
     funding = {it["buy_currency"]: it["intent_id"] for it in intents
                if it["intent_type"] == "FX_SPOT" and it["code"] == "FUNDING"}
     for it in intents:
@@ -1125,7 +1127,7 @@ def order_with_dependencies(intents: list[dict]) -> list[dict]:
             it["dependencies"].append(funding[it["ccy"]])
     last_sell: dict[str, str] = {}
     for it in intents:
-        if it["intent_type"] == "SECURITY_TRADE" and it["side"] == "SELL":
+        if sell_dependencies and it["intent_type"] == "SECURITY_TRADE" and it["side"] == "SELL":
             last_sell[it["ccy"]] = it["intent_id"]
     for it in intents:
         if it["intent_type"] == "SECURITY_TRADE" and it["side"] == "BUY" and it["ccy"] in last_sell:
@@ -1475,7 +1477,7 @@ def _simulate(request: dict, request_hash: str | None) -> dict:
     intents, fx_blocked = fx_funding_and_sweep(intents, cash, base, mkt, opts, dq)
     if fx_blocked:  # §11: unreachable in practice
         return early_block()
-    intents = order_with_dependencies(intents)
+    intents = order_with_dependencies(intents, sell_dependencies=not opts.rfc_fx_dependencies)
     explanation = {"summary": None, "target_method_comparison": comparison}
     tax_impact = _tax_out(opts, tax, base)
 

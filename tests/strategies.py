@@ -587,6 +587,8 @@ def rfc_option_requests(draw) -> dict:
 
     if maybe(55):
         o["rfc_rationale_codes"] = True
+    if maybe(85):  # RFC Step 5.3: buys depend on their funding FX alone
+        o["rfc_fx_dependencies"] = True
     return req
 
 

@@ -636,8 +636,13 @@ def _outcome(result: dict) -> str:
 
 # per RFC option: requests drawn, and requests in which it changed the oracle's outcome
 RFC_OPTIONS = ("single_position_cap_mode", "notional_sizing", "max_staleness_minutes", "max_skew_minutes", "missing_shelf_action",
-               "require_base_currency_fx", "rfc_rationale_codes")
+               "require_base_currency_fx", "rfc_rationale_codes", "rfc_fx_dependencies")
 RFC_EXERCISED = {"requests": 0, **{k: 0 for k in RFC_OPTIONS}}
+
+
+def _dependencies(result: dict) -> list:
+    """Each intent's dependencies, by intent id (the ids are the same with and without the option)."""
+    return [(i["intent_id"], i["dependencies"]) for i in result["intents"]]
 
 
 def _count_rfc_effects(req: dict, exp: dict) -> None:
@@ -646,7 +651,8 @@ def _count_rfc_effects(req: dict, exp: dict) -> None:
         if option == "rfc_rationale_codes":
             changed = any(i["rationale"]["code"] not in ("DRIFT_REBALANCE", "FUNDING", "SWEEP") for i in exp["intents"])
         elif option in req["options"]:
-            changed = _outcome(oracle_simulate(_without(req, option))) != _outcome(exp)
+            facts = _dependencies if option == "rfc_fx_dependencies" else _outcome
+            changed = facts(oracle_simulate(_without(req, option))) != facts(exp)
         else:
             changed = False
         RFC_EXERCISED[option] += changed
@@ -657,7 +663,7 @@ def _count_rfc_effects(req: dict, exp: dict) -> None:
 def test_rfc_options_match_oracle(reqs):
     """The RFC-0001 options (asset-class cap, notional sizing, staleness, skew, base
     currency among the FX rates, unshelved model targets, FX sweep threshold, rationale
-    codes) against the oracle's independent implementation of docs/features.md and the
+    codes, FX-only dependencies) against the oracle's independent implementation of docs/features.md and the
     RFC; the threshold has its own property, ``test_fx_sweep_threshold_matches_oracle``."""
     failures: list[str] = []
     for req, act in zip(reqs, simulate_many(reqs)):

@@ -1258,6 +1258,33 @@ def test_base_currency_fx_check_blocks_only_the_portfolios_that_ask_for_it(tmp_p
     assert runs.filter((pl.col("base") == "SGD") & ~pl.col("asks"))["block_reason"].item() != "BASE_CURRENCY_FX_MISSING"
 
 
+def test_rfc_fx_dependencies_per_portfolio_agree_with_the_oracle(tmp_path):
+    """rfc_fx_dependencies from a book column: every second portfolio's BUYs depend on
+    their funding FX alone, the others' also on their currency's last SELL; each run's
+    dependencies are the oracle's on the same request with the same option."""
+    from dpm_vec.export import book_to_requests
+    from dpm_vec.oracle import simulate as oracle_simulate
+
+    frames = generate_book_frames(8, 5, holdings=(3, 6))
+    frames["portfolios"] = frames["portfolios"].with_columns(rfc_fx_dependencies=pl.int_range(pl.len()) % 2 == 1)
+    book = write_book(frames, tmp_path / "book")
+    sweep(book, tmp_path / "out", progress=False)
+    runs, intents = _read(tmp_path / "out", "runs"), _read(tmp_path / "out", "intents")
+    dropped = 0
+    for request, rfc, run in zip(book_to_requests(read_book(book)), frames["portfolios"]["rfc_fx_dependencies"],
+                                 runs.iter_rows(named=True)):
+        request["options"]["rfc_fx_dependencies"] = rfc
+        expected = oracle_simulate(request)
+        mine = intents.filter(pl.col("run_key") == run["run_key"]).sort("exec_order")
+        assert mine.select("intent_id", "dependencies").rows() == [(i["intent_id"], i["dependencies"]) for i in expected["intents"]]
+        if rfc:
+            funding = set(mine.filter(pl.col("rationale_code") == "FUNDING")["intent_id"])
+            assert all(set(d) <= funding for d in mine["dependencies"])
+            without = oracle_simulate({**request, "options": {**request["options"], "rfc_fx_dependencies": False}})
+            dropped += [i["dependencies"] for i in without["intents"]] != mine["dependencies"].to_list()
+    assert dropped >= 1  # an RFC portfolio lost a last-SELL dependency its reference twin has
+
+
 def test_fx_sweep_threshold_per_portfolio_agrees_with_the_oracle(tmp_path):
     """fx_sweep_threshold from a book column: portfolios with a threshold of 100,000 (base
     currency) keep the surpluses worth less, the others sweep every one; each run's status

@@ -4,7 +4,8 @@ Cash is projected per currency from the input balances and the surviving securit
 intents; every foreign shortfall is funded from base with a buffer (FUNDING) and every
 foreign surplus swept into base (SWEEP), or under the RFC's ``fx_sweep_threshold`` only a
 surplus worth more than the threshold in base. Buys then depend on their funding FX and on the
-last sell in their currency, and the list is ordered sells, FX, buys.
+last sell in their currency (under the RFC's ``rfc_fx_dependencies`` on their funding FX
+alone), and the list is ordered sells, FX, buys.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ INTENT_COLUMNS = {
 
 def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_input: pl.DataFrame):
     """Return (all intents in execution order, fx_missing findings)."""
-    policy = runs.select("run", "base_currency", "fx_buffer_pct", "fx_sweep_threshold")
+    policy = runs.select("run", "base_currency", "fx_buffer_pct", "fx_sweep_threshold", "rfc_fx_dependencies")
     flows = security.select(
         "run", pl.col("price_currency").alias("currency"),
         pl.when(pl.col("side") == "SELL").then(pl.col("notional")).otherwise(-pl.col("notional")).alias("flow"),
@@ -44,7 +45,7 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
     projected = (
         pl.concat([opening, flows]).group_by("run", "currency")
         .agg(pl.col("flow").sum().alias("balance"), pl.col("ccy_order").min())
-        .join(policy, on="run", how="left")
+        .join(policy.drop("rfc_fx_dependencies"), on="run", how="left")
         .filter(pl.col("currency") != pl.col("base_currency"))
     )
     projected = market.with_rate(projected, "currency", "base_currency", "rate")
@@ -91,6 +92,8 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         sec.select("run", "price_currency", "side", "list_order", "intent_id").filter(pl.col("side") == "SELL")
         .group_by("run", "price_currency").agg(pl.col("intent_id").get(pl.col("list_order").arg_max()).alias("_sell_dep"))
     )
+    if policy["rfc_fx_dependencies"].any():  # RFC Step 5: "Mark Security Buys as dependent on the generated FX Buys" only
+        last_sell = last_sell.join(policy.filter("rfc_fx_dependencies").select("run"), on="run", how="anti")
     # a BUY depends on its currency's funding FX, then on that currency's last SELL: the
     # list is the same for every BUY of a (run, currency), so it is built once per pair
     buy_deps = (

@@ -229,6 +229,30 @@ def test_foreign_buy_depends_on_fx_then_last_sell_base_buy_on_neither(scenario):
     assert [types[x] for x in ids] == ["SECURITY_TRADE", "SECURITY_TRADE", "FX_SPOT", "SECURITY_TRADE", "SECURITY_TRADE"]
 
 
+def test_rfc_fx_dependencies_leave_buys_on_their_funding_fx_alone(scenario):
+    """RFC Step 5.3 under rfc_fx_dependencies: a BUY depends on its currency's FUNDING FX
+    only; the last-SELL dependency is the reference's (run 0). Runs of one pass keep their
+    own mode."""
+    s = scenario(
+        runs=[dict(), dict(rfc_fx_dependencies=True)],
+        positions=[("USELL", "10"), ("BSELL", "10")],
+        cash=[("USD", "0")],
+        base="SGD",
+        prices=[("USELL", "100", "USD"), ("BSELL", "100", "SGD"), ("UBUY", "100", "USD"), ("BBUY", "100", "SGD")],
+        fx=[("USD/SGD", "1")],
+        shelf=[(i, "APPROVED") for i in ("USELL", "BSELL", "UBUY", "BBUY")],
+        model=[("UBUY", "0.8"), ("BBUY", "0.2")],
+    )
+
+    def deps(run):
+        i = s.intents.filter(pl.col("run") == run).sort("exec_order")
+        return {(r["instrument_id"] or r["intent_type"]): r["dependencies"] for r in i.to_dicts()}
+    reference, rfc = deps(0), deps(1)
+    fx_id = s.intents.filter((pl.col("run") == 1) & (pl.col("intent_type") == "FX_SPOT"))["intent_id"].item()
+    assert rfc == {"USELL": [], "BSELL": [], "FX_SPOT": [], "UBUY": [fx_id], "BBUY": []}
+    assert reference["UBUY"] == [fx_id, "oi_3"] and reference["BBUY"] == ["oi_4"]
+
+
 def test_last_sell_dependency_follows_turnover_ranking(scenario):
     """§8 item 19: when the turnover cap bites, survivors keep ranking order, which decides
     the execution order and which SELL is 'last' for the buy's dependency."""

@@ -68,6 +68,7 @@ POLICY_COLUMNS: list[tuple[str, pl.DataType, object]] = [
     ("missing_shelf_action", STR, "BLOCK"),
     ("rfc_rationale_codes", BOOL, False),
     ("rfc_fx_dependencies", BOOL, False),
+    ("delta_from_valuation", BOOL, False),
     ("compare_target_methods", BOOL, False),
     ("compare_target_methods_tolerance", DEC, Decimal("0.0001")),
 ]

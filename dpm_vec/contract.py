@@ -41,7 +41,7 @@ NOT_NULL_OPTIONS = (
     "fx_funding_source_currency", "fx_generation_policy",
     # RFC-0001 options
     "single_position_cap_mode", "notional_sizing", "max_skew_minutes", "require_base_currency_fx", "stale_price_action", "missing_shelf_action",
-    "rfc_rationale_codes", "rfc_fx_dependencies",
+    "rfc_rationale_codes", "rfc_fx_dependencies", "delta_from_valuation",
 )
 ADVISORY_ENUMS = {
     "funding_mode": ("AUTO_FX",),
@@ -435,6 +435,7 @@ def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]
         "missing_shelf_action": r.enum(o.get("missing_shelf_action"), f"{p}.missing_shelf_action", ("BLOCK", "EXCLUDE"), "BLOCK"),
         "rfc_rationale_codes": r.boolean(o.get("rfc_rationale_codes"), f"{p}.rfc_rationale_codes", False),
         "rfc_fx_dependencies": r.boolean(o.get("rfc_fx_dependencies"), f"{p}.rfc_fx_dependencies", False),
+        "delta_from_valuation": r.boolean(o.get("delta_from_valuation"), f"{p}.delta_from_valuation", False),
         "compare_target_methods": r.boolean(o.get("compare_target_methods"), f"{p}.compare_target_methods", False),
         "compare_target_methods_tolerance": _or(r.decimal(o.get("compare_target_methods_tolerance"), f"{p}.compare_target_methods_tolerance", required=False), D("0.0001")),
     }

@@ -22,7 +22,8 @@ implemented here too, written from those documents alone as a second, independen
 implementation: ``single_position_cap_mode: RFC_ASSET_CLASS``, ``notional_sizing`` (shelf
 ``trade_by: NOTIONAL``), ``max_staleness_minutes`` / ``stale_price_action``,
 ``missing_shelf_action``, ``max_skew_minutes``, ``require_base_currency_fx``,
-``fx_sweep_threshold``, ``rfc_rationale_codes`` and ``rfc_fx_dependencies``. Every one defaults to the reference's
+``fx_sweep_threshold``, ``rfc_rationale_codes``, ``rfc_fx_dependencies`` and
+``delta_from_valuation``. Every one defaults to the reference's
 behaviour (off; ``max_skew_minutes`` acts only when set and both snapshots carry
 ``as_of``, a key the reference ignores).
 """
@@ -148,6 +149,7 @@ class Options:
     fx_sweep_threshold: Decimal | None = None
     rfc_rationale_codes: bool = False
     rfc_fx_dependencies: bool = False
+    delta_from_valuation: bool = False
 
     @classmethod
     def parse(cls, o: dict) -> "Options":
@@ -162,7 +164,7 @@ class Options:
                      "enable_settlement_awareness", "enable_workflow_gates",
                      "workflow_requires_client_consent", "client_consent_already_obtained",
                      "notional_sizing", "rfc_rationale_codes", "require_base_currency_fx",
-                     "rfc_fx_dependencies"):
+                     "rfc_fx_dependencies", "delta_from_valuation"):
             setattr(r, name, _bool(o.get(name), getattr(r, name)))
         for name in ("compare_target_methods_tolerance", "cash_band_min_weight",
                      "cash_band_max_weight", "fx_buffer_pct", "min_cash_buffer_pct"):
@@ -996,10 +998,16 @@ def translate_trades(trace: list[dict], positions: list[dict], tv: Decimal, base
             continue
         target_instr = (tv * fw) / r
         pos = _first_position(positions, iid)
+        mv = pos["market_value"] if pos is not None else None
+        if opts.delta_from_valuation and opts.valuation_mode != "TRUST_SNAPSHOT":
+            mv = None  # RFC "DeltaValue = TargetValue - CurrentValue", valued as Step 1's valuation values it
         if pos is None:
             current = ZERO
-        elif pos["market_value"] is not None:
-            current = pos["market_value"]["amount"]
+        elif mv is not None and opts.delta_from_valuation and mv["currency"] != pccy:
+            mv_rate = mkt.rate(mv["currency"], base)  # the valuation's base value, over the target's rate
+            current = ZERO if mv_rate is None else (mv["amount"] * mv_rate) / r
+        elif mv is not None:
+            current = mv["amount"]  # the reference: the market value as is, whatever the mode and currency
         else:
             current = pos["quantity"] * price
         delta = target_instr - current

@@ -589,7 +589,28 @@ def rfc_option_requests(draw) -> dict:
         o["rfc_rationale_codes"] = True
     if maybe(85):  # RFC Step 5.3: buys depend on their funding FX alone
         o["rfc_fx_dependencies"] = True
+    if maybe(85):  # RFC Step 4: the current value in the delta as the valuation values it
+        o["delta_from_valuation"] = True
+        _market_values(req, draw)
     return req
+
+
+def _market_values(req: dict, draw) -> None:
+    """Market values on some positions near their quantity × price, in the price's currency
+    or another priced one (whose rate ``_complete`` has quoted), and now and then the
+    snapshot trusted: the current value the delta reads then differs by mode and option."""
+    prices = {p["instrument_id"]: p for p in req["market_data_snapshot"]["prices"]}
+    currencies = sorted({p["currency"] for p in prices.values()} | {req["portfolio_snapshot"]["base_currency"]})
+    if draw(st.integers(0, 99)) < 50:
+        req["options"]["valuation_mode"] = draw(st.sampled_from(["CALCULATED", "TRUST_SNAPSHOT"]))
+    for position in req["portfolio_snapshot"]["positions"]:
+        price = prices.get(position["instrument_id"])
+        if price is None or position.get("market_value") or draw(st.integers(0, 99)) >= 70:
+            continue
+        factor = draw(st.sampled_from(["0.5", "0.9", "1", "1.1", "1.37"]))
+        amount = (Decimal(position["quantity"]) * Decimal(price["price"]) * Decimal(factor)).quantize(Decimal("0.01"))
+        currency = price["currency"] if draw(st.integers(0, 99)) < 60 else draw(st.sampled_from(currencies))
+        position["market_value"] = {"amount": str(amount), "currency": currency}
 
 
 # ---------------------------------------------------------------------------------------

@@ -1285,6 +1285,40 @@ def test_rfc_fx_dependencies_per_portfolio_agree_with_the_oracle(tmp_path):
     assert dropped >= 1  # an RFC portfolio lost a last-SELL dependency its reference twin has
 
 
+def test_delta_from_valuation_per_portfolio_agrees_with_the_oracle(tmp_path):
+    """delta_from_valuation from a book column, with market values 10% above quantity ×
+    price on the positions of a CALCULATED book: the portfolios that ask size their trades
+    on quantity × price, the others on the market value; each run's status and trades are
+    the oracle's on the same request with the same option."""
+    from dpm_vec.export import book_to_requests
+    from dpm_vec.oracle import simulate as oracle_simulate
+
+    frames = generate_book_frames(8, 5, holdings=(3, 6))
+    prices = frames["prices"].select("instrument_id", "price", pl.col("currency").alias("market_value_currency"))
+    positions = frames["positions"].drop("market_value", "market_value_currency", strict=False).join(
+        prices, on="instrument_id", how="left", maintain_order="left")
+    frames["positions"] = positions.with_columns(
+        market_value=(pl.col("quantity") * pl.col("price") * Decimal("1.1")).round(2).cast(pl.Decimal(38, 20))).drop("price")
+    frames["portfolios"] = frames["portfolios"].with_columns(delta_from_valuation=pl.int_range(pl.len()) % 2 == 1)
+    book = write_book(frames, tmp_path / "book")
+    sweep(book, tmp_path / "out", progress=False)
+    runs, intents = _read(tmp_path / "out", "runs"), _read(tmp_path / "out", "intents")
+    differs = 0
+    for request, rfc, run in zip(book_to_requests(read_book(book)), frames["portfolios"]["delta_from_valuation"],
+                                 runs.iter_rows(named=True)):
+        request["options"]["delta_from_valuation"] = rfc
+        expected = oracle_simulate(request)
+        assert run["status"] == expected["status"], run["run_key"]
+        mine = intents.filter((pl.col("run_key") == run["run_key"]) & (pl.col("intent_type") == "SECURITY_TRADE")).sort("exec_order")
+        trades = [(i["instrument_id"], i["side"], Decimal(i["quantity"])) for i in expected["intents"] if i["intent_type"] == "SECURITY_TRADE"]
+        assert mine.select("instrument_id", "side", "quantity").rows() == trades, run["run_key"]
+        if rfc:
+            without = oracle_simulate({**request, "options": {**request["options"], "delta_from_valuation": False}})
+            differs += [(i["instrument_id"], i["side"], Decimal(i["quantity"])) for i in without["intents"]
+                        if i["intent_type"] == "SECURITY_TRADE"] != trades
+    assert differs >= 2  # the option changed the trades of portfolios that ask for it
+
+
 def test_fx_sweep_threshold_per_portfolio_agrees_with_the_oracle(tmp_path):
     """fx_sweep_threshold from a book column: portfolios with a threshold of 100,000 (base
     currency) keep the surpluses worth less, the others sweep every one; each run's status

@@ -55,7 +55,7 @@ def translate(
     policy = runs.select(
         "run", "base_currency", "min_trade_notional_amount", "min_trade_notional_currency",
         "suppress_dust_trades", "notional_sizing", "rfc_rationale_codes", "enable_tax_awareness", "max_realized_capital_gains",
-        "single_position_max_weight",
+        "single_position_max_weight", "valuation_mode", "delta_from_valuation",
     )
     t = market.with_price(
         join_runs(trace.select("run", "instrument_id", "trace_order", "model_weight", "final_weight", "in_model", "slot"), policy)
@@ -69,11 +69,11 @@ def translate(
     )
     t = _drop_nulls(t, "rate")
     t = market.with_shelf(t, ("min_notional_amount", "min_notional_currency", "trade_by"))
-    held = positions_input.select("slot", pl.col("quantity").alias("held_quantity"), "market_value")
-    t = join_on_index(join_runs(t, totals.select("run", "total_value")), held, "slot")
+    held = positions_input.select("slot", pl.col("quantity").alias("held_quantity"), "market_value", "market_value_currency")
+    t = _market_value_for_delta(market, join_on_index(join_runs(t, totals.select("run", "total_value")), held, "slot"))
     t = t.with_columns(
         ((pl.col("total_value") * pl.col("final_weight").cast(DEC)) / pl.col("rate")).alias("target_value_instr"),
-        pl.when(pl.col("market_value").is_not_null()).then(pl.col("market_value"))
+        pl.when(pl.col("_mv_for_delta").is_not_null()).then(pl.col("_mv_for_delta"))
         .when(pl.col("held_quantity").is_not_null()).then(times_price(t, "held_quantity", pl.col("price")))
         .otherwise(lit(0)).alias("current_value_instr"),
     ).with_columns(
@@ -217,6 +217,29 @@ def _notional_amounts(market: Market, t: pl.DataFrame, exact: ExactLocked | None
     return join_on_index(t, exact_amounts, "slot").with_columns(pl.coalesce("_exact_amount", amount).alias("_amount")).drop("_exact_amount")
 
 
+def _market_value_for_delta(market: Market, t: pl.DataFrame) -> pl.DataFrame:
+    """``t`` with ``_mv_for_delta``, the market value that stands for a held trade's current
+    value (null: quantity × price), and ``_mv_converted``. The reference takes a position's
+    market value whatever the valuation mode and its currency (§6.9 step 3). Under RFC
+    ``delta_from_valuation`` the current value is the valuation's: quantity × price unless
+    the run trusts the snapshot (TRUST_SNAPSHOT), and a trusted market value in another
+    currency than the price's is its base value over the target's rate, (market value ×
+    rate to base) / rate of the price currency, 0 without a rate to base as in the
+    valuation (whose fx_missing finding then stands)."""
+    mv = pl.col("market_value")
+    if not t["delta_from_valuation"].any():  # the reference's answer: no conversion
+        return t.with_columns(mv.alias("_mv_for_delta"), pl.lit(False).alias("_mv_converted"))
+    rfc = pl.col("delta_from_valuation")
+    trusted = mv.is_not_null() & (pl.col("valuation_mode") == "TRUST_SNAPSHOT")
+    converted = rfc & trusted & (pl.col("market_value_currency") != pl.col("price_currency"))
+    t = market.with_rate(t, "market_value_currency", "base_currency", "_mv_rate")
+    in_price_currency = pl.when(pl.col("_mv_rate").is_null()).then(lit(0)).otherwise((mv * pl.col("_mv_rate")) / pl.col("rate"))
+    return t.with_columns(
+        pl.when(converted).then(in_price_currency).when(~rfc | trusted).then(mv).alias("_mv_for_delta"),
+        converted.alias("_mv_converted"),
+    ).drop("_mv_rate")
+
+
 def within_quantity_range(intents: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
     """``intents`` without ``_units_beyond_range``, once the dust and turnover steps have
     dropped what they drop. A trade still beyond QTY's range (which a cast would fail on
@@ -255,8 +278,9 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
     distance = (pl.col("_quotient") - nearest).abs()
     # a quotient near zero floors to zero whichever way it rounds, and a zero target makes
     # delta = −current exactly (liquidations), so neither needs the exact chain
-    near = t.filter(~pl.col("by_notional") & (nearest >= 1) & (distance < NEAR_INTEGER + nearest * NEAR_INTEGER_SHARE)
-                    & (pl.col("final_weight") != 0))
+    # a converted market value (delta_from_valuation) is 20-decimal even for a zero target
+    near = t.filter(~pl.col("by_notional") & (nearest >= 1)
+                    & ((distance < NEAR_INTEGER + nearest * NEAR_INTEGER_SHARE) & (pl.col("final_weight") != 0) | pl.col("_mv_converted")))
     if near.height == 0:
         return t
     near = _deltas_in_28_digits(market, near, exact, valued, replay, locked)
@@ -312,6 +336,13 @@ def _deltas_in_28_digits(market: Market, near: pl.DataFrame, exact: ExactLocked 
             near = near.join(redone, on="slot", how="left").with_columns(f28.coalesce("_redone_f", "_fw_f").alias("_fw_f")).drop("_redone_f")
     near = f28.mul(near, "_tv_f", "_fw_f", "_tv_w_f")
     near = f28.div(near, "_tv_w_f", "_rate_f", "_target_f")
+    if near["_mv_converted"].any():  # delta_from_valuation: a market value converted as the valuation converts it, in 28 digits
+        near = market.with_rate_f28(f28.from_dec(near, "market_value", "_mv_f"), "market_value_currency", "base_currency", "_mv_rate_f")
+        near = f28.div(f28.mul(near, "_mv_f", "_mv_rate_f", "_mv_base_f"), "_mv_base_f", "_rate_f", "_mv_cur_f")
+        near = near.with_columns(
+            pl.when(pl.col("_mv_converted") & f28.is_null("_mv_rate_f")).then(f28.zero())
+            .when(pl.col("_mv_converted")).then(pl.col("_mv_cur_f")).otherwise(pl.col("_cur_f")).alias("_cur_f"),
+        ).drop("_mv_f", "_mv_rate_f", "_mv_base_f", "_mv_cur_f")
     near = f28.sub(near, "_target_f", "_cur_f", "_delta_f")
     return near.with_columns(f28.absolute("_delta_f").alias("_abs_delta_f"))
 

@@ -116,6 +116,27 @@ def test_market_value_drives_current_value_even_when_calculated(scenario):
     assert shorting["status"] == "FAIL" and shorting["measured"] == D(-90)
 
 
+def test_delta_from_valuation_takes_the_current_value_as_the_valuation_values_it(scenario):
+    """RFC delta_from_valuation: 10 US_EQ at 100 USD, market value 900 EUR, liquidated (off
+    the model). The reference sells floor(900 / 100) = 9 in either mode (§8 item 3). Under
+    the option CALCULATED values it 10 × 100 = 1000 USD (SELL 10), and TRUST_SNAPSHOT at
+    its base value over the USD rate, 900 × 1.5 / 1.35 = 1000 USD (SELL 10), where 900 EUR
+    read as USD would sell 9."""
+    s = scenario(
+        runs=[dict(), dict(delta_from_valuation=True), dict(valuation_mode="TRUST_SNAPSHOT"),
+              dict(valuation_mode="TRUST_SNAPSHOT", delta_from_valuation=True)],
+        base="SGD",
+        positions=[{"instrument_id": "US_EQ", "quantity": "10", "market_value": "900", "market_value_currency": "EUR"}],
+        cash=[("SGD", "10000")],
+        prices=[("US_EQ", "100", "USD"), ("SG_EQ", "10", "SGD")],
+        fx=[("USD/SGD", "1.35"), ("EUR/SGD", "1.5")],
+        shelf=[("US_EQ", "APPROVED"), ("SG_EQ", "APPROVED")],
+        model=[("SG_EQ", "0.5")],
+    )
+    sells = s.translation.intents.filter(pl.col("side") == "SELL").sort("run")
+    assert sells.select("run", "quantity").rows() == [(0, D(9)), (1, D(10)), (2, D(9)), (3, D(10))]
+
+
 def test_capped_locked_position_is_sold(scenario):
     """§8 item 10: the single-position cap rescales a held SUSPENDED position, which then
     gets a SELL intent even though it is locked."""

@@ -1149,6 +1149,32 @@ def order_with_dependencies(intents: list[dict], sell_dependencies: bool = True)
     return sorted(intents, key=group)
 
 
+def with_rfc_messages(out: dict, cap: Decimal | None) -> None:
+    """features.md (rfc_rationale_codes), RFC §5.2's "Allocation 15% < Target 20%": each
+    security intent's message compares, as printed to 4 dp and shown in percent, the first
+    before-state position's weight (0 if not held) with the last target row's final weight;
+    CASH_INVESTMENT, LIQUIDATION and CONSTRAINT_CAP ("Capped at max <cap>%") lead with their
+    own words."""
+    def percent(weight: str | Decimal) -> str:
+        text = format(Decimal(weight).quantize(Decimal("0.0001"), rounding=ROUND_HALF_EVEN) * 100, "f")
+        return text.rstrip("0").rstrip(".") if "." in text else text
+
+    current: dict[str, str] = {}
+    for p in out["before"]["positions"]:
+        current.setdefault(p["instrument_id"], p["weight"])
+    final = {t["instrument_id"]: t["final_weight"] for t in out["target"]["targets"]}
+    for it in out["intents"]:
+        if it["intent_type"] != "SECURITY_TRADE":
+            continue
+        iid, code = it["instrument_id"], it["rationale"]["code"]
+        a, t = percent(current.get(iid, "0")), percent(final[iid])
+        relation = "<" if Decimal(a) < Decimal(t) else ">" if Decimal(a) > Decimal(t) else "="
+        lead = {"CASH_INVESTMENT": "Investing cash: ", "LIQUIDATION": "Liquidation: "}.get(code, "")
+        if code == "CONSTRAINT_CAP":
+            lead = f"Capped at max {percent(cap)}%: "
+        it["rationale"]["message"] = f"{lead}Allocation {a}% {relation} Target {t}%"
+
+
 def intent_out(it: dict, base: str) -> dict:
     if it["intent_type"] == "FX_SPOT":
         return {"intent_type": "FX_SPOT", "intent_id": it["intent_id"], "pair": it["pair"],
@@ -1453,7 +1479,7 @@ def _simulate(request: dict, request_hash: str | None) -> dict:
         comparison = compare_methods(opts.target_method, t_status, trace, u, targets, mkt, opts, tv, diag)
 
     def result(status, intents, after, rec, tax_impact, rules, coverage, explanation):
-        return {
+        out = {
             "rebalance_run_id": RUN_ID, "correlation_id": "c_none", "status": status,
             "before": state_out(before), "universe": universe_out(u, coverage),
             "target": {"target_id": "t_" + RUN_ID, "strategy": {}, "targets": _trace_out(trace, base)},
@@ -1464,6 +1490,9 @@ def _simulate(request: dict, request_hash: str | None) -> dict:
             "lineage": {"portfolio_snapshot_id": pf["portfolio_id"], "market_data_snapshot_id": "md",
                         "request_hash": request_hash, "idempotency_key": None, "engine_version": None},
         }
+        if opts.rfc_rationale_codes:
+            with_rfc_messages(out, opts.single_position_max_weight)
+        return out
 
     def early_block():
         """Paths E1/E2 (§5.9): no intents, after = before, rules on before."""

@@ -1,7 +1,8 @@
 """Result frames → the reference service's RebalanceResult JSON (spec §5).
 
 This is the edge of the JSON door: it walks each run's rows (already computed by the
-engine) and shapes them; it computes nothing but the 4-dp display rounding of weights.
+engine) and shapes them; it computes nothing but the 4-dp display rounding of weights and,
+under RFC ``rfc_rationale_codes``, the intents' messages written from those weights.
 """
 
 from __future__ import annotations
@@ -20,6 +21,24 @@ EARLY = ("E1", "E2")
 
 def _weight(value: Decimal | None) -> str | None:
     return None if value is None else to_text(value.quantize(FOUR_DP, rounding=ROUND_HALF_EVEN))
+
+
+def _percent(weight: Decimal) -> str:
+    """A weight as a percentage of its 4-dp display rounding: 0.1500 → "15", 0.33335 → "33.34"."""
+    return f"{(weight.quantize(FOUR_DP, rounding=ROUND_HALF_EVEN) * 100).normalize():f}"
+
+
+RFC_MESSAGE_PREFIX = {"REBALANCE_DRIFT": "", "CASH_INVESTMENT": "Investing cash: ", "LIQUIDATION": "Liquidation: "}
+
+
+def _rfc_message(code: str, current: Decimal, target: Decimal, cap: Decimal | None) -> str:
+    """RFC §5.2's descriptive rationale ("Allocation 15% < Target 20%"): the instrument's
+    before-state weight against its final target weight, as percentages of their 4-dp
+    display values, compared as displayed; CONSTRAINT_CAP names the cap."""
+    now, then = _percent(current), _percent(target)
+    sign = "<" if Decimal(now) < Decimal(then) else ">" if Decimal(now) > Decimal(then) else "="
+    prefix = f"Capped at max {_percent(cap)}%: " if code == "CONSTRAINT_CAP" else RFC_MESSAGE_PREFIX[code]
+    return f"{prefix}Allocation {now}% {sign} Target {then}%"
 
 
 def _quantity(row: dict) -> str:
@@ -104,6 +123,10 @@ def _render_run(run: dict, parts: dict, run_id: str) -> dict:
     path = run["exit_path"]
     early = path in EARLY
     intents = []
+    held_weight: dict[str, Decimal] = {}
+    for p in sorted(parts["positions_before"], key=lambda p: p["pos_seq"], reverse=True):
+        held_weight[p["instrument_id"]] = p["weight"]  # the first position of an instrument
+    final_weight = {t["instrument_id"]: t["final_weight"] for t in parts["targets"]}  # the last trace row applies (§6.9)
     for it in sorted(parts["intents"], key=lambda i: i["exec_order"]):
         if it["intent_type"] == "FX_SPOT":
             intents.append({
@@ -119,7 +142,9 @@ def _render_run(run: dict, parts: dict, run_id: str) -> dict:
                 "notional": _money(it["notional"], it["notional_currency"]),
                 "notional_base": _money(it["notional_base"], base),
                 "dependencies": list(it["dependencies"] or []),
-                "rationale": {"code": it["rationale_code"], "message": "Align"},
+                "rationale": {"code": it["rationale_code"], "message": _rfc_message(
+                    it["rationale_code"], held_weight.get(it["instrument_id"], Decimal(0)), final_weight[it["instrument_id"]],
+                    run["single_position_max_weight"]) if run["rfc_rationale_codes"] else "Align"},
                 "constraints_applied": (["MIN_NOTIONAL"] if it["min_notional_applied"] else []) + (["TAX_BUDGET"] if it["tax_budget_applied"] else []),
             })
     dq_lists = {"price_missing": [], "fx_missing": [], "shelf_missing": []}

@@ -602,7 +602,7 @@ def _align_quotients(exp_rows: list[dict], act_rows: list[dict], field: str, siz
 
 
 def compare_rfc(req: dict, exp: dict, act: dict) -> list[str]:
-    """``compare`` plus the rationale codes, with notional-sized quantities (intents, tax
+    """``compare`` plus the rationale codes and messages, with notional-sized quantities (intents, tax
     events, after-state positions) taken as equal up to rounding at 28 decimals."""
     act = copy.deepcopy(act)
     sized = _notional_sized(req)
@@ -613,10 +613,10 @@ def compare_rfc(req: dict, exp: dict, act: dict) -> list[str]:
                          "allowed_quantity", sized)
     errs = compare(exp, act)
     if "intents" in act:
-        ec = sorted((_key(i), i["rationale"]["code"]) for i in exp["intents"])
-        ac = sorted((_key(i), i["rationale"]["code"]) for i in act["intents"])
+        ec = sorted((_key(i), i["rationale"]["code"], i["rationale"]["message"]) for i in exp["intents"])
+        ac = sorted((_key(i), i["rationale"]["code"], i["rationale"]["message"]) for i in act["intents"])
         if ec != ac and Counter(_key(i) for i in exp["intents"]) == Counter(_key(i) for i in act["intents"]):
-            errs.append(f"rationale codes {ec} != {ac}")
+            errs.append(f"rationale codes and messages {ec} != {ac}")
     return errs
 
 

@@ -68,6 +68,9 @@ def test_golden(path: Path, batch_results):
     if "expected_rationales" in doc:
         codes = {i["instrument_id"]: i["rationale"]["code"] for i in result["intents"] if i["intent_type"] == "SECURITY_TRADE"}
         assert codes == doc["expected_rationales"]
+    if "expected_rationale_messages" in doc:  # RFC §5.2's descriptive message, as rfc_rationale_codes writes it
+        messages = {i["instrument_id"]: i["rationale"]["message"] for i in result["intents"] if i["intent_type"] == "SECURITY_TRADE"}
+        assert messages == doc["expected_rationale_messages"]
     for code in doc.get("expected_warnings", []):
         assert code in result["diagnostics"]["warnings"]
 

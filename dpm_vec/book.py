@@ -66,6 +66,7 @@ POLICY_COLUMNS: list[tuple[str, pl.DataType, object]] = [
     ("fx_sweep_threshold", DEC, None),
     ("stale_price_action", STR, "BLOCK"),
     ("missing_shelf_action", STR, "BLOCK"),
+    ("held_banned_action", STR, "LOCK"),
     ("rfc_rationale_codes", BOOL, False),
     ("rfc_fx_dependencies", BOOL, False),
     ("delta_from_valuation", BOOL, False),

@@ -22,8 +22,8 @@ implemented here too, written from those documents alone as a second, independen
 implementation: ``single_position_cap_mode: RFC_ASSET_CLASS``, ``notional_sizing`` (shelf
 ``trade_by: NOTIONAL``), ``max_staleness_minutes`` / ``stale_price_action``,
 ``missing_shelf_action``, ``max_skew_minutes``, ``require_base_currency_fx``,
-``fx_sweep_threshold``, ``rfc_rationale_codes``, ``rfc_fx_dependencies`` and
-``delta_from_valuation``. Every one defaults to the reference's
+``fx_sweep_threshold``, ``rfc_rationale_codes``, ``rfc_fx_dependencies``,
+``delta_from_valuation`` and ``held_banned_action``. Every one defaults to the reference's
 behaviour (off; ``max_skew_minutes`` acts only when set and both snapshots carry
 ``as_of``, a key the reference ignores).
 """
@@ -144,6 +144,7 @@ class Options:
     max_staleness_minutes: int | None = None
     stale_price_action: str = "BLOCK"
     missing_shelf_action: str = "BLOCK"
+    held_banned_action: str = "LOCK"
     max_skew_minutes: int | None = None
     require_base_currency_fx: bool = False
     fx_sweep_threshold: Decimal | None = None
@@ -156,7 +157,7 @@ class Options:
         o = o or {}
         r = cls()
         for name in ("valuation_mode", "target_method", "single_position_cap_mode", "stale_price_action",
-                     "missing_shelf_action"):
+                     "missing_shelf_action", "held_banned_action"):
             if o.get(name) is not None:
                 setattr(r, name, str(o[name]))
         for name in ("compare_target_methods", "allow_restricted", "suppress_dust_trades",
@@ -488,6 +489,11 @@ def build_universe(targets: list[dict], positions: list[dict], before: dict, mkt
             # a shelf-excluded held model target (§6.3), a stale one is listed twice (engine)
             wmap[iid] = row["weight"]
             excluded.append((iid, price_excluded[iid]))
+        elif e["status"] == "BANNED" and opts.held_banned_action == "LIQUIDATE":
+            # features.md (reference-semantics §9, RFC-0002: "BANNED → sell to 0%"): sold like
+            # an off-model APPROVED holding; a BANNED model target stays excluded in loop 1
+            wmap[iid] = ZERO
+            sell.append(iid)
         elif e["status"] in ("SUSPENDED", "BANNED", "RESTRICTED"):
             wmap[iid] = row["weight"]
             excluded.append((iid, f"LOCKED_DUE_TO_{e['status']}"))

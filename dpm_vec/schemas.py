@@ -62,6 +62,7 @@ INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
             "single_position_cap_mode": pa.Column(pl.String, checks=pa.Check.isin(["REFERENCE", "RFC_ASSET_CLASS"])),
             "stale_price_action": pa.Column(pl.String, checks=pa.Check.isin(["BLOCK", "EXCLUDE"])),
             "missing_shelf_action": pa.Column(pl.String, checks=pa.Check.isin(["BLOCK", "EXCLUDE"])),
+            "held_banned_action": pa.Column(pl.String, checks=pa.Check.isin(["LOCK", "LIQUIDATE"])),
             "max_turnover_pct": pa.Column(DEC, checks=pa.Check.in_range(0, 1), nullable=True),
             "max_realized_capital_gains": pa.Column(DEC, checks=pa.Check.ge(0), nullable=True),
             "fx_sweep_threshold": pa.Column(DEC, checks=pa.Check.ge(0), nullable=True),

@@ -521,7 +521,9 @@ def rfc_option_requests(draw) -> dict:
     prices around the staleness and skew limits (exact limits included), BLOCK or EXCLUDE of
     stale or missing prices and of model targets without a shelf entry, the base currency
     required among the FX rates' currencies, a threshold on FX sweeps (more of it in
-    ``sweep_threshold_requests``), and the Appendix A rationale codes."""
+    ``sweep_threshold_requests``), the Appendix A rationale codes and messages, buys that
+    depend on their funding FX alone, the delta's current value from the valuation (with
+    market values to read), and held BANNED instruments sold."""
     req = draw(requests())
     o = req["options"]
     maybe = lambda p: draw(st.integers(0, 99)) < p  # noqa: E731
@@ -529,7 +531,7 @@ def rfc_option_requests(draw) -> dict:
         _complete(req, draw)
 
     # asset-class cap: caps that bind, and one or two classes so recipients share the class
-    if maybe(70):
+    if maybe(80):
         o["single_position_max_weight"] = draw(st.sampled_from(["0.1", "0.15", "0.2", "0.25", "0.3", "0.4", "0.5"]))
         if maybe(85):
             o["single_position_cap_mode"] = "RFC_ASSET_CLASS"
@@ -589,6 +591,21 @@ def rfc_option_requests(draw) -> dict:
         o["rfc_rationale_codes"] = True
     if maybe(85):  # RFC Step 5.3: buys depend on their funding FX alone
         o["rfc_fx_dependencies"] = True
+        prices = {p["instrument_id"]: p for p in req["market_data_snapshot"]["prices"]}
+        priced_targets = [t["instrument_id"] for t in req["model_portfolio"]["targets"] if t["instrument_id"] in prices]
+        if priced_targets and maybe(60):  # an off-model holding sold in a target's currency: a SELL its BUY may depend on
+            currency = prices[draw(st.sampled_from(priced_targets))]["currency"]
+            req["portfolio_snapshot"]["positions"].append({"instrument_id": "LIQ_RFC", "quantity": str(draw(st.integers(1, 500)))})
+            req["market_data_snapshot"]["prices"].append({"instrument_id": "LIQ_RFC", "price": money2(draw, 1, 1000), "currency": currency})
+            req["shelf_entries"].append({"instrument_id": "LIQ_RFC", "status": "APPROVED"})
+    if maybe(40):  # RFC-0002 (reference-semantics §9): a held BANNED instrument sold to 0
+        o["held_banned_action"] = draw(weighted([("LIQUIDATE", 4), ("LOCK", 1)]))
+        held = [p["instrument_id"] for p in req["portfolio_snapshot"]["positions"] if Decimal(p["quantity"]) != 0]
+        if held and maybe(80):
+            banned = draw(st.sampled_from(held))
+            for e in req["shelf_entries"]:
+                if e["instrument_id"] == banned:
+                    e["status"] = "BANNED"
     if maybe(85):  # RFC Step 4: the current value in the delta as the valuation values it
         o["delta_from_valuation"] = True
         _market_values(req, draw)

@@ -1319,6 +1319,42 @@ def test_delta_from_valuation_per_portfolio_agrees_with_the_oracle(tmp_path):
     assert differs >= 2  # the option changed the trades of portfolios that ask for it
 
 
+def test_held_banned_action_per_portfolio_agrees_with_the_oracle(tmp_path):
+    """held_banned_action from a book column, with the shelf banning the first two holdings
+    of every portfolio: LIQUIDATE portfolios sell them, LOCK ones (the reference) lock them
+    (LOCKED_DUE_TO_BANNED; a cap or normalisation may still scale them, §8 item 10); each run's status, trades and exclusions are the oracle's on the same request
+    with the same option."""
+    from dpm_vec.export import book_to_requests
+    from dpm_vec.oracle import simulate as oracle_simulate
+
+    frames = generate_book_frames(8, 5, holdings=(3, 6))
+    firsts = frames["positions"].group_by("portfolio_snapshot_id", maintain_order=True).head(2)["instrument_id"]
+    frames["shelf"] = frames["shelf"].with_columns(
+        status=pl.when(pl.col("instrument_id").is_in(firsts.implode())).then(pl.lit("BANNED")).otherwise(pl.col("status")))
+    frames["portfolios"] = frames["portfolios"].with_columns(
+        held_banned_action=pl.when(pl.int_range(pl.len()) % 2 == 1).then(pl.lit("LIQUIDATE")).otherwise(pl.lit("LOCK")))
+    book = write_book(frames, tmp_path / "book")
+    sweep(book, tmp_path / "out", progress=False)
+    runs, intents, exclusions = (_read(tmp_path / "out", t) for t in ("runs", "intents", "exclusions"))
+    sold = 0
+    for request, action, run in zip(book_to_requests(read_book(book)), frames["portfolios"]["held_banned_action"],
+                                    runs.iter_rows(named=True)):
+        request["options"]["held_banned_action"] = action
+        expected = oracle_simulate(request)
+        assert run["status"] == expected["status"], run["run_key"]
+        mine = intents.filter((pl.col("run_key") == run["run_key"]) & (pl.col("intent_type") == "SECURITY_TRADE")).sort("exec_order")
+        trades = [(i["instrument_id"], i["side"], Decimal(i["quantity"])) for i in expected["intents"] if i["intent_type"] == "SECURITY_TRADE"]
+        assert mine.select("instrument_id", "side", "quantity").rows() == trades, run["run_key"]
+        reasons = exclusions.filter(pl.col("run_key") == run["run_key"]).sort("excl_order").select("instrument_id", "reason_code").rows()
+        assert reasons == [(e["instrument_id"], e["reason_code"]) for e in expected["universe"]["excluded"]], run["run_key"]
+        held = [p["instrument_id"] for p in request["portfolio_snapshot"]["positions"] if p["instrument_id"] in set(firsts)]
+        locked = [i for i, code in reasons if code == "LOCKED_DUE_TO_BANNED"]
+        assert locked == (held if action == "LOCK" else []), run["run_key"]
+        if action == "LIQUIDATE":
+            sold += any(i in held and side == "SELL" for i, side, _ in trades)
+    assert sold >= 2  # LIQUIDATE portfolios sold banned holdings the reference would have kept
+
+
 def test_fx_sweep_threshold_per_portfolio_agrees_with_the_oracle(tmp_path):
     """fx_sweep_threshold from a book column: portfolios with a threshold of 100,000 (base
     currency) keep the surpluses worth less, the others sweep every one; each run's status

@@ -6,7 +6,8 @@ stage may weigh, with its ``kind``:
 * BUYABLE — approved (or restricted with allow_restricted) model target;
 * SELL_ONLY — SELL_ONLY model target, weight 0, its model weight to redistribute;
 * LOCKED — held instrument that may not be traded, kept at its before-state weight;
-* LIQUIDATION — held off-model (or model-excluded) approved/sell-only instrument, target 0.
+* LIQUIDATION — held off-model (or model-excluded) approved/sell-only instrument, target 0
+  (and a held BANNED one under the RFC's ``held_banned_action`` LIQUIDATE).
 """
 
 from __future__ import annotations
@@ -59,13 +60,17 @@ def build_universe(
     bought; held ones locked), reason PRICE_STALE or PRICE_MISSING. A model target without a
     shelf entry is a shelf_missing finding, or under the RFC's ``missing_shelf_action``
     EXCLUDE an exclusion (SHELF_ENTRY_MISSING) treated like a BANNED target (held: also
-    locked, as any held instrument without a shelf entry). With the before-state
+    locked, as any held instrument without a shelf entry). A held BANNED instrument is
+    locked as in the reference, or under the RFC's ``held_banned_action`` LIQUIDATE sold to
+    0 like an off-model APPROVED one (a BANNED model target is still excluded as
+    SHELF_STATUS_BANNED; a price the RFC's exclude mode took out keeps it locked). With the before-state
     ``totals`` and valued ``cash_before``, locked weights are recomputed in 28 digits as the
     reference computes them; without them they are the before-state weights.
     """
-    policy = runs.select("run", "allow_restricted", (pl.col("missing_shelf_action") == "EXCLUDE").alias("_exclude_unshelved"))
+    policy = runs.select("run", "allow_restricted", (pl.col("missing_shelf_action") == "EXCLUDE").alias("_exclude_unshelved"),
+                         (pl.col("held_banned_action") == "LIQUIDATE").alias("_sell_banned"))
     price_flags = price_excluded.rename({"reason": "_price_check"})
-    m = market.with_shelf(join_runs(model, policy), ("status",))
+    m = market.with_shelf(join_runs(model, policy.drop("_sell_banned")), ("status",))
     m = _price_check_as_status(m, price_flags)
     buyable = (pl.col("status") == "APPROVED") | ((pl.col("status") == "RESTRICTED") & pl.col("allow_restricted"))
     m = m.with_columns(
@@ -96,6 +101,9 @@ def build_universe(
     held = market.with_shelf(held.select("run", "pos_seq", "instrument_id", "weight", "slot"), ("status",))
     held = _price_check_as_status(held, price_flags)
     locked = pl.col("status").is_null() | pl.col("status").is_in(["SUSPENDED", "BANNED", "RESTRICTED", *PRICE_EXCLUSIONS])
+    if policy["_sell_banned"].any():  # RFC held_banned_action LIQUIDATE: a held BANNED instrument is sold to 0
+        held = join_runs(held, policy.select("run", "_sell_banned"))
+        locked = locked & ~(pl.col("status").eq_missing("BANNED") & pl.col("_sell_banned"))
     map2 = held.select(
         "run", "instrument_id", (pl.col("pos_seq").cast(pl.Int64) + LOOP2_OFFSET).alias("map_order"),
         pl.when(locked).then(pl.lit("LOCKED")).otherwise(pl.lit("LIQUIDATION")).alias("kind"),

@@ -149,6 +149,28 @@ def test_sell_only_model_target_both_excluded_and_sell_eligible(scenario):
     assert s.weights() == {"BAD": D(0), "GOOD": D("1.0")}
 
 
+def test_held_banned_liquidated_only_in_runs_that_ask(scenario):
+    """RFC held_banned_action LIQUIDATE (run 1): held BANNED instruments, a model target and
+    an off-model one, are sold to 0 like an off-model APPROVED holding; the model target is
+    still excluded once as SHELF_STATUS_BANNED, and a held SUSPENDED one stays locked. The
+    reference (run 0) locks every one of them."""
+    s = scenario(
+        runs=[dict(), dict(held_banned_action="LIQUIDATE")],
+        positions=[("BAN_M", "10"), ("BAN_X", "10"), ("SUS", "10")],
+        cash=[("USD", "7000")],
+        prices=[(i, "100", "USD") for i in ("BAN_M", "BAN_X", "SUS", "A")],
+        shelf=[("BAN_M", "BANNED"), ("BAN_X", "BANNED"), ("SUS", "SUSPENDED"), ("A", "APPROVED")],
+        model=[("BAN_M", "0.2"), ("A", "0.5")],
+    )
+    assert _map(s, 0)["BAN_M"] == ("LOCKED", D("0.1")) and _map(s, 0)["BAN_X"] == ("LOCKED", D("0.1"))
+    assert s.excluded(0) == [("BAN_M", "SHELF_STATUS_BANNED"), ("BAN_M", "LOCKED_DUE_TO_BANNED"),
+                             ("BAN_X", "LOCKED_DUE_TO_BANNED"), ("SUS", "LOCKED_DUE_TO_SUSPENDED")]
+    m = _map(s, 1)
+    assert (m["BAN_M"], m["BAN_X"], m["SUS"]) == (("LIQUIDATION", D(0)), ("LIQUIDATION", D(0)), ("LOCKED", D("0.1")))
+    assert s.excluded(1) == [("BAN_M", "SHELF_STATUS_BANNED"), ("SUS", "LOCKED_DUE_TO_SUSPENDED")]
+    assert _eligible(s, "sell", 1) == ["A", "BAN_M", "BAN_X"]
+
+
 def test_banned_model_target_not_held_is_excluded_only_once(scenario):
     s = scenario(
         cash=[("USD", "1000")],

@@ -20,9 +20,11 @@ from hypothesis import strategies as st
 
 from dpm_vec.defaults import DEFAULT_SHARD_SIZE
 from dpm_vec.errors import BookError, DpmVecError
+from dpm_vec.export import book_to_requests
 from dpm_vec.generate import generate_book_frames
 from dpm_vec.inspect import query
 from dpm_vec.io import read_book, write_book
+from dpm_vec.oracle import simulate as oracle_simulate
 from dpm_vec.sweep import SWEEP_TABLES, sweep
 
 
@@ -1201,14 +1203,35 @@ def test_a_dropped_input_stops_the_sweep_before_any_shard(book, tmp_path, fault)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.work-*"))
 
 
+def _per_portfolio_option(tmp_path, frames: dict, option: str, *tables: str):
+    """Sweep the book ``frames``, whose portfolios carry the RFC ``option`` as a column, and
+    yield per portfolio: its request (exported from the book, with the portfolio's
+    ``option`` value; a null leaves the default), the oracle's result on that request, its
+    ``runs`` row, and its rows of each of ``tables``."""
+    book = write_book(frames, tmp_path / "book")
+    sweep(book, tmp_path / "out", progress=False)
+    runs = _read(tmp_path / "out", "runs")
+    outputs = [_read(tmp_path / "out", table) for table in tables]
+    for request, value, run in zip(book_to_requests(read_book(book)), frames["portfolios"][option], runs.iter_rows(named=True)):
+        if value is not None:
+            request["options"][option] = str(value) if isinstance(value, Decimal) else value
+        yield request, oracle_simulate(request), run, [out.filter(pl.col("run_key") == run["run_key"]) for out in outputs]
+
+
+def _without(request: dict, option: str) -> dict:
+    """The oracle's result on ``request`` with ``option`` back at its default."""
+    return oracle_simulate({**request, "options": {k: v for k, v in request["options"].items() if k != option}})
+
+
+def _security_trades(intents: list[dict]) -> list[tuple]:
+    return [(i["instrument_id"], i["side"], Decimal(i["quantity"])) for i in intents if i["intent_type"] == "SECURITY_TRADE"]
+
+
 def test_missing_shelf_action_per_portfolio_agrees_with_the_oracle(tmp_path):
     """A model target the shelf lacks blocks BLOCK portfolios (shelf_missing, as the
     reference) and is excluded as SHELF_ENTRY_MISSING in EXCLUDE ones, portfolio by
     portfolio in one sweep; each run's status and exclusions are the oracle's on the same
     request with the same option."""
-    from dpm_vec.export import book_to_requests
-    from dpm_vec.oracle import simulate as oracle_simulate
-
     frames = generate_book_frames(8, 5, holdings=(3, 6))
     # each model's first target leaves the shelf: every portfolio has an unshelved target
     dropped = set(frames["models"].group_by("model_id", maintain_order=True).first()["instrument_id"])
@@ -1216,22 +1239,15 @@ def test_missing_shelf_action_per_portfolio_agrees_with_the_oracle(tmp_path):
     odd = pl.int_range(pl.len()) % 2 == 1
     frames["portfolios"] = frames["portfolios"].with_columns(
         missing_shelf_action=pl.when(odd).then(pl.lit("EXCLUDE")).otherwise(pl.lit("BLOCK")))
-    book = write_book(frames, tmp_path / "book")
-    sweep(book, tmp_path / "out", progress=False)
-    runs = _read(tmp_path / "out", "runs")
-    exclusions = _read(tmp_path / "out", "exclusions")
     affected = 0
-    for request, action, run in zip(book_to_requests(read_book(book)), frames["portfolios"]["missing_shelf_action"],
-                                    runs.iter_rows(named=True)):
-        request["options"]["missing_shelf_action"] = action
-        expected = oracle_simulate(request)
+    for request, expected, run, (exclusions,) in _per_portfolio_option(tmp_path, frames, "missing_shelf_action", "exclusions"):
         assert run["status"] == expected["status"], run["run_key"]
-        mine = exclusions.filter(pl.col("run_key") == run["run_key"]).sort("excl_order")
+        mine = exclusions.sort("excl_order")
         assert mine.select("instrument_id", "reason_code").rows() == [
             (e["instrument_id"], e["reason_code"]) for e in expected["universe"]["excluded"]], run["run_key"]
         unshelved = [t["instrument_id"] for t in request["model_portfolio"]["targets"] if t["instrument_id"] in dropped]
         assert unshelved
-        if action == "BLOCK":
+        if request["options"]["missing_shelf_action"] == "BLOCK":
             assert run["status"] == "BLOCKED" and run["n_shelf_missing"] == len(unshelved)
         else:
             assert run["n_shelf_missing"] == 0
@@ -1262,26 +1278,17 @@ def test_rfc_fx_dependencies_per_portfolio_agree_with_the_oracle(tmp_path):
     """rfc_fx_dependencies from a book column: every second portfolio's BUYs depend on
     their funding FX alone, the others' also on their currency's last SELL; each run's
     dependencies are the oracle's on the same request with the same option."""
-    from dpm_vec.export import book_to_requests
-    from dpm_vec.oracle import simulate as oracle_simulate
-
     frames = generate_book_frames(8, 5, holdings=(3, 6))
     frames["portfolios"] = frames["portfolios"].with_columns(rfc_fx_dependencies=pl.int_range(pl.len()) % 2 == 1)
-    book = write_book(frames, tmp_path / "book")
-    sweep(book, tmp_path / "out", progress=False)
-    runs, intents = _read(tmp_path / "out", "runs"), _read(tmp_path / "out", "intents")
     dropped = 0
-    for request, rfc, run in zip(book_to_requests(read_book(book)), frames["portfolios"]["rfc_fx_dependencies"],
-                                 runs.iter_rows(named=True)):
-        request["options"]["rfc_fx_dependencies"] = rfc
-        expected = oracle_simulate(request)
-        mine = intents.filter(pl.col("run_key") == run["run_key"]).sort("exec_order")
-        assert mine.select("intent_id", "dependencies").rows() == [(i["intent_id"], i["dependencies"]) for i in expected["intents"]]
-        if rfc:
+    for request, expected, run, (intents,) in _per_portfolio_option(tmp_path, frames, "rfc_fx_dependencies", "intents"):
+        mine = intents.sort("exec_order")
+        assert mine.select("intent_id", "dependencies").rows() == [
+            (i["intent_id"], i["dependencies"]) for i in expected["intents"]], run["run_key"]
+        if request["options"]["rfc_fx_dependencies"]:
             funding = set(mine.filter(pl.col("rationale_code") == "FUNDING")["intent_id"])
             assert all(set(d) <= funding for d in mine["dependencies"])
-            without = oracle_simulate({**request, "options": {**request["options"], "rfc_fx_dependencies": False}})
-            dropped += [i["dependencies"] for i in without["intents"]] != mine["dependencies"].to_list()
+            dropped += [i["dependencies"] for i in _without(request, "rfc_fx_dependencies")["intents"]] != mine["dependencies"].to_list()
     assert dropped >= 1  # an RFC portfolio lost a last-SELL dependency its reference twin has
 
 
@@ -1290,9 +1297,6 @@ def test_delta_from_valuation_per_portfolio_agrees_with_the_oracle(tmp_path):
     price on the positions of a CALCULATED book: the portfolios that ask size their trades
     on quantity × price, the others on the market value; each run's status and trades are
     the oracle's on the same request with the same option."""
-    from dpm_vec.export import book_to_requests
-    from dpm_vec.oracle import simulate as oracle_simulate
-
     frames = generate_book_frames(8, 5, holdings=(3, 6))
     prices = frames["prices"].select("instrument_id", "price", pl.col("currency").alias("market_value_currency"))
     positions = frames["positions"].drop("market_value", "market_value_currency", strict=False).join(
@@ -1300,58 +1304,41 @@ def test_delta_from_valuation_per_portfolio_agrees_with_the_oracle(tmp_path):
     frames["positions"] = positions.with_columns(
         market_value=(pl.col("quantity") * pl.col("price") * Decimal("1.1")).round(2).cast(pl.Decimal(38, 20))).drop("price")
     frames["portfolios"] = frames["portfolios"].with_columns(delta_from_valuation=pl.int_range(pl.len()) % 2 == 1)
-    book = write_book(frames, tmp_path / "book")
-    sweep(book, tmp_path / "out", progress=False)
-    runs, intents = _read(tmp_path / "out", "runs"), _read(tmp_path / "out", "intents")
     differs = 0
-    for request, rfc, run in zip(book_to_requests(read_book(book)), frames["portfolios"]["delta_from_valuation"],
-                                 runs.iter_rows(named=True)):
-        request["options"]["delta_from_valuation"] = rfc
-        expected = oracle_simulate(request)
+    for request, expected, run, (intents,) in _per_portfolio_option(tmp_path, frames, "delta_from_valuation", "intents"):
         assert run["status"] == expected["status"], run["run_key"]
-        mine = intents.filter((pl.col("run_key") == run["run_key"]) & (pl.col("intent_type") == "SECURITY_TRADE")).sort("exec_order")
-        trades = [(i["instrument_id"], i["side"], Decimal(i["quantity"])) for i in expected["intents"] if i["intent_type"] == "SECURITY_TRADE"]
+        trades = _security_trades(expected["intents"])
+        mine = intents.filter(pl.col("intent_type") == "SECURITY_TRADE").sort("exec_order")
         assert mine.select("instrument_id", "side", "quantity").rows() == trades, run["run_key"]
-        if rfc:
-            without = oracle_simulate({**request, "options": {**request["options"], "delta_from_valuation": False}})
-            differs += [(i["instrument_id"], i["side"], Decimal(i["quantity"])) for i in without["intents"]
-                        if i["intent_type"] == "SECURITY_TRADE"] != trades
+        if request["options"]["delta_from_valuation"]:
+            differs += _security_trades(_without(request, "delta_from_valuation")["intents"]) != trades
     assert differs >= 2  # the option changed the trades of portfolios that ask for it
 
 
 def test_held_banned_action_per_portfolio_agrees_with_the_oracle(tmp_path):
     """held_banned_action from a book column, with the shelf banning the first two holdings
     of every portfolio: LIQUIDATE portfolios sell them, LOCK ones (the reference) lock them
-    (LOCKED_DUE_TO_BANNED; a cap or normalisation may still scale them, §8 item 10); each run's status, trades and exclusions are the oracle's on the same request
-    with the same option."""
-    from dpm_vec.export import book_to_requests
-    from dpm_vec.oracle import simulate as oracle_simulate
-
+    (LOCKED_DUE_TO_BANNED; a cap or normalisation may still scale them, §8 item 10); each run's
+    status, trades and exclusions are the oracle's on the same request with the same option."""
     frames = generate_book_frames(8, 5, holdings=(3, 6))
-    firsts = frames["positions"].group_by("portfolio_snapshot_id", maintain_order=True).head(2)["instrument_id"]
+    firsts = set(frames["positions"].group_by("portfolio_snapshot_id", maintain_order=True).head(2)["instrument_id"])
     frames["shelf"] = frames["shelf"].with_columns(
-        status=pl.when(pl.col("instrument_id").is_in(firsts.implode())).then(pl.lit("BANNED")).otherwise(pl.col("status")))
+        status=pl.when(pl.col("instrument_id").is_in(list(firsts))).then(pl.lit("BANNED")).otherwise(pl.col("status")))
     frames["portfolios"] = frames["portfolios"].with_columns(
         held_banned_action=pl.when(pl.int_range(pl.len()) % 2 == 1).then(pl.lit("LIQUIDATE")).otherwise(pl.lit("LOCK")))
-    book = write_book(frames, tmp_path / "book")
-    sweep(book, tmp_path / "out", progress=False)
-    runs, intents, exclusions = (_read(tmp_path / "out", t) for t in ("runs", "intents", "exclusions"))
     sold = 0
-    for request, action, run in zip(book_to_requests(read_book(book)), frames["portfolios"]["held_banned_action"],
-                                    runs.iter_rows(named=True)):
-        request["options"]["held_banned_action"] = action
-        expected = oracle_simulate(request)
+    for request, expected, run, (intents, exclusions) in _per_portfolio_option(tmp_path, frames, "held_banned_action", "intents", "exclusions"):
         assert run["status"] == expected["status"], run["run_key"]
-        mine = intents.filter((pl.col("run_key") == run["run_key"]) & (pl.col("intent_type") == "SECURITY_TRADE")).sort("exec_order")
-        trades = [(i["instrument_id"], i["side"], Decimal(i["quantity"])) for i in expected["intents"] if i["intent_type"] == "SECURITY_TRADE"]
+        trades = _security_trades(expected["intents"])
+        mine = intents.filter(pl.col("intent_type") == "SECURITY_TRADE").sort("exec_order")
         assert mine.select("instrument_id", "side", "quantity").rows() == trades, run["run_key"]
-        reasons = exclusions.filter(pl.col("run_key") == run["run_key"]).sort("excl_order").select("instrument_id", "reason_code").rows()
+        reasons = exclusions.sort("excl_order").select("instrument_id", "reason_code").rows()
         assert reasons == [(e["instrument_id"], e["reason_code"]) for e in expected["universe"]["excluded"]], run["run_key"]
-        held = [p["instrument_id"] for p in request["portfolio_snapshot"]["positions"] if p["instrument_id"] in set(firsts)]
+        held = [p["instrument_id"] for p in request["portfolio_snapshot"]["positions"] if p["instrument_id"] in firsts]
         locked = [i for i, code in reasons if code == "LOCKED_DUE_TO_BANNED"]
-        assert locked == (held if action == "LOCK" else []), run["run_key"]
-        if action == "LIQUIDATE":
-            sold += any(i in held and side == "SELL" for i, side, _ in trades)
+        liquidate = request["options"]["held_banned_action"] == "LIQUIDATE"
+        assert locked == ([] if liquidate else held), run["run_key"]
+        sold += liquidate and any(i in held and side == "SELL" for i, side, _ in trades)
     assert sold >= 2  # LIQUIDATE portfolios sold banned holdings the reference would have kept
 
 
@@ -1359,28 +1346,18 @@ def test_fx_sweep_threshold_per_portfolio_agrees_with_the_oracle(tmp_path):
     """fx_sweep_threshold from a book column: portfolios with a threshold of 100,000 (base
     currency) keep the surpluses worth less, the others sweep every one; each run's status
     and FX intents are the oracle's on the same request with the same option."""
-    from dpm_vec.export import book_to_requests
-    from dpm_vec.oracle import simulate as oracle_simulate
-
     frames = generate_book_frames(8, 5, holdings=(3, 6))
     odd = pl.int_range(pl.len()) % 2 == 1
     frames["portfolios"] = frames["portfolios"].with_columns(
         fx_sweep_threshold=pl.when(odd).then(pl.lit(Decimal("100000"))).otherwise(None).cast(pl.Decimal(38, 20)))
-    book = write_book(frames, tmp_path / "book")
-    sweep(book, tmp_path / "out", progress=False)
-    runs, intents = _read(tmp_path / "out", "runs"), _read(tmp_path / "out", "intents")
     kept = 0
-    for request, threshold, run in zip(book_to_requests(read_book(book)), frames["portfolios"]["fx_sweep_threshold"],
-                                       runs.iter_rows(named=True)):
-        if threshold is not None:
-            request["options"]["fx_sweep_threshold"] = str(threshold)
-        expected = oracle_simulate(request)
+    for request, expected, run, (intents,) in _per_portfolio_option(tmp_path, frames, "fx_sweep_threshold", "intents"):
         assert run["status"] == expected["status"], run["run_key"]
-        fx = intents.filter((pl.col("run_key") == run["run_key"]) & (pl.col("intent_type") == "FX_SPOT")).sort("exec_order")
+        fx = intents.filter(pl.col("intent_type") == "FX_SPOT").sort("exec_order")
         want = [(i["intent_id"], i["pair"], i["rationale"]["code"]) for i in expected["intents"] if i["intent_type"] == "FX_SPOT"]
         assert fx.select("intent_id", "pair", "rationale_code").rows() == want, run["run_key"]
+        threshold = request["options"].get("fx_sweep_threshold")
         if threshold is not None:
-            assert all(i["buy_amount"] > threshold for i in fx.filter(pl.col("rationale_code") == "SWEEP").iter_rows(named=True))
-            without = oracle_simulate({**request, "options": {k: v for k, v in request["options"].items() if k != "fx_sweep_threshold"}})
-            kept += len(want) < sum(i["intent_type"] == "FX_SPOT" for i in without["intents"])
+            assert all(i["buy_amount"] > Decimal(threshold) for i in fx.filter(pl.col("rationale_code") == "SWEEP").iter_rows(named=True))
+            kept += len(want) < sum(i["intent_type"] == "FX_SPOT" for i in _without(request, "fx_sweep_threshold")["intents"])
     assert kept >= 1  # a threshold portfolio kept a surplus its sweep-all twin would have swept

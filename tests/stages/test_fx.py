@@ -207,16 +207,20 @@ def test_dependencies_observed_example(scenario):
     assert deps == {"oi_2": [], "oi_4": [], "oi_5": [], "oi_1": ["oi_5"], "oi_3": ["oi_5"]}
 
 
+# a sell and a buy in USD and in SGD (base): the USD buy needs funding
+SELLS_AND_BUYS_IN_TWO_CURRENCIES = dict(
+    positions=[("USELL", "10"), ("BSELL", "10")],
+    cash=[("USD", "0")],
+    base="SGD",
+    prices=[("USELL", "100", "USD"), ("BSELL", "100", "SGD"), ("UBUY", "100", "USD"), ("BBUY", "100", "SGD")],
+    fx=[("USD/SGD", "1")],
+    shelf=[(i, "APPROVED") for i in ("USELL", "BSELL", "UBUY", "BBUY")],
+    model=[("UBUY", "0.8"), ("BBUY", "0.2")],
+)
+
+
 def test_foreign_buy_depends_on_fx_then_last_sell_base_buy_on_neither(scenario):
-    s = scenario(
-        positions=[("USELL", "10"), ("BSELL", "10")],
-        cash=[("USD", "0")],
-        base="SGD",
-        prices=[("USELL", "100", "USD"), ("BSELL", "100", "SGD"), ("UBUY", "100", "USD"), ("BBUY", "100", "SGD")],
-        fx=[("USD/SGD", "1")],
-        shelf=[(i, "APPROVED") for i in ("USELL", "BSELL", "UBUY", "BBUY")],
-        model=[("UBUY", "0.8"), ("BBUY", "0.2")],
-    )
+    s = scenario(**SELLS_AND_BUYS_IN_TWO_CURRENCIES)
     i = s.intents.sort("exec_order")
     ids = i["intent_id"].to_list()
     deps = dict(zip(ids, i["dependencies"].to_list()))
@@ -233,16 +237,7 @@ def test_rfc_fx_dependencies_leave_buys_on_their_funding_fx_alone(scenario):
     """RFC Step 5.3 under rfc_fx_dependencies: a BUY depends on its currency's FUNDING FX
     only; the last-SELL dependency is the reference's (run 0). Runs of one pass keep their
     own mode."""
-    s = scenario(
-        runs=[dict(), dict(rfc_fx_dependencies=True)],
-        positions=[("USELL", "10"), ("BSELL", "10")],
-        cash=[("USD", "0")],
-        base="SGD",
-        prices=[("USELL", "100", "USD"), ("BSELL", "100", "SGD"), ("UBUY", "100", "USD"), ("BBUY", "100", "SGD")],
-        fx=[("USD/SGD", "1")],
-        shelf=[(i, "APPROVED") for i in ("USELL", "BSELL", "UBUY", "BBUY")],
-        model=[("UBUY", "0.8"), ("BBUY", "0.2")],
-    )
+    s = scenario(runs=[dict(), dict(rfc_fx_dependencies=True)], **SELLS_AND_BUYS_IN_TWO_CURRENCIES)
 
     def deps(run):
         i = s.intents.filter(pl.col("run") == run).sort("exec_order")

@@ -1318,7 +1318,7 @@ def test_delta_from_valuation_per_portfolio_agrees_with_the_oracle(tmp_path):
 def test_held_banned_action_per_portfolio_agrees_with_the_oracle(tmp_path):
     """held_banned_action from a book column, with the shelf banning the first two holdings
     of every portfolio: LIQUIDATE portfolios sell them, LOCK ones (the reference) lock them
-    (LOCKED_DUE_TO_BANNED; a cap or normalisation may still scale them, §8 item 10); each run's
+    (LOCKED_DUE_TO_BANNED; a group or single-position cap may still scale them down, §8 item 10); each run's
     status, trades and exclusions are the oracle's on the same request with the same option."""
     frames = generate_book_frames(8, 5, holdings=(3, 6))
     firsts = set(frames["positions"].group_by("portfolio_snapshot_id", maintain_order=True).head(2)["instrument_id"])

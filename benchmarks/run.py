@@ -296,7 +296,7 @@ FEATURES = {
     "settlement_ladder": {"enable_settlement_awareness": True, "settlement_horizon_days": 5},
     "solver": {"target_method": "SOLVER"},
     "solver_groups": {"target_method": "SOLVER", "group_constraints": BINDING_GROUPS},
-    # every RFC-0001 option that changes the trades, at once
+    # the RFC-0001 options that reshape a plan (trades, codes, dependencies), at once
     "rfc_options": {"single_position_cap_mode": "RFC_ASSET_CLASS", "single_position_max_weight": "0.1", "notional_sizing": True,
                     "fx_sweep_threshold": "1000", "rfc_rationale_codes": True, "rfc_fx_dependencies": True,
                     "delta_from_valuation": True, "held_banned_action": "LIQUIDATE"},

@@ -1162,7 +1162,10 @@ def with_rfc_messages(out: dict, cap: Decimal | None) -> None:
     CASH_INVESTMENT, LIQUIDATION and CONSTRAINT_CAP ("Capped at max <cap>%") lead with their
     own words."""
     def percent(weight: str | Decimal) -> str:
-        text = format(Decimal(weight).quantize(Decimal("0.0001"), rounding=ROUND_HALF_EVEN) * 100, "f")
+        # features.md: rounded at 26 decimals first (a last digit from a midpoint is on it)
+        with localcontext(Context(prec=60)):
+            guarded = Decimal(weight).quantize(Decimal("1e-26"), rounding=ROUND_HALF_EVEN)
+            text = format(guarded.quantize(Decimal("0.0001"), rounding=ROUND_HALF_EVEN) * 100, "f")
         return text.rstrip("0").rstrip(".") if "." in text else text
 
     current: dict[str, str] = {}

@@ -8,7 +8,7 @@ under RFC ``rfc_rationale_codes``, the intents' messages written from those weig
 from __future__ import annotations
 
 from collections import defaultdict
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
 
 import polars as pl
 
@@ -16,6 +16,7 @@ from dpm_vec.numeric import to_text
 from dpm_vec.pipeline import Result
 
 FOUR_DP = Decimal("0.0001")
+DISPLAY_GUARD = Decimal("1e-26")
 EARLY = ("E1", "E2")
 
 
@@ -24,8 +25,13 @@ def _weight(value: Decimal | None) -> str | None:
 
 
 def _percent(weight: Decimal) -> str:
-    """A weight as a percentage of its 4-dp display rounding: 0.1500 → "15", 0.33335 → "33.34"."""
-    return f"{(weight.quantize(FOUR_DP, rounding=ROUND_HALF_EVEN) * 100).normalize():f}"
+    """A weight as a percentage of its 4-dp display rounding: 0.1500 → "15", 0.33335 → "33.34".
+    Rounded at 26 decimals first, so that a weight a last digit from a 4-dp midpoint (a final
+    weight whose 28th digit the fixed point and the reference's arithmetic may set apart)
+    counts as on it: 0.08674999999999999999999999999 → "8.68", as 0.08675."""
+    with localcontext(Context(prec=60)):
+        near = weight.quantize(DISPLAY_GUARD, rounding=ROUND_HALF_EVEN)
+        return f"{(near.quantize(FOUR_DP, rounding=ROUND_HALF_EVEN) * 100).normalize():f}"
 
 
 RFC_MESSAGE_PREFIX = {"REBALANCE_DRIFT": "", "CASH_INVESTMENT": "Investing cash: ", "LIQUIDATION": "Liquidation: "}

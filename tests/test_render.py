@@ -27,6 +27,10 @@ def _oracle_message(code: str, current: str, target: str, cap: str | None) -> st
     ("REBALANCE_DRIFT", "0.1", "0.33335", None, "Allocation 10% < Target 33.34%"),
     ("REBALANCE_DRIFT", "0.1", "0.33325", None, "Allocation 10% < Target 33.32%"),
     ("REBALANCE_DRIFT", "0.1", "0.3333333333333333333333333333", None, "Allocation 10% < Target 33.33%"),
+    # a last digit from the midpoint counts as on it, whichever side the 28th digit fell
+    ("CASH_INVESTMENT", "0", "0.08674999999999999999999999999", None, "Investing cash: Allocation 0% < Target 8.68%"),
+    ("CASH_INVESTMENT", "0", "0.08675", None, "Investing cash: Allocation 0% < Target 8.68%"),
+    ("CASH_INVESTMENT", "0", "0.08674999999999999999999", None, "Investing cash: Allocation 0% < Target 8.67%"),
     ("CASH_INVESTMENT", "0", "1", None, "Investing cash: Allocation 0% < Target 100%"),
     ("LIQUIDATION", "0.0005", "0", None, "Liquidation: Allocation 0.05% > Target 0%"),
     ("CONSTRAINT_CAP", "0", "0.1", "0.1", "Capped at max 10%: Allocation 0% < Target 10%"),

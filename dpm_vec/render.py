@@ -47,6 +47,18 @@ def _rfc_message(code: str, current: Decimal, target: Decimal, cap: Decimal | No
     return f"{prefix}Allocation {now}% {sign} Target {then}%"
 
 
+def _rfc_messages(parts: dict, cap: Decimal | None) -> dict[str, str]:
+    """Each security intent's RFC message by intent id: its instrument's first before-state
+    position's weight (0 if not held) against the last trace row's final weight (§6.9)."""
+    held_weight: dict[str, Decimal] = {}
+    for p in sorted(parts["positions_before"], key=lambda p: p["pos_seq"]):
+        held_weight.setdefault(p["instrument_id"], p["weight"])
+    final_weight = {t["instrument_id"]: t["final_weight"] for t in parts["targets"]}
+    return {it["intent_id"]: _rfc_message(it["rationale_code"], held_weight.get(it["instrument_id"], Decimal(0)),
+                                          final_weight[it["instrument_id"]], cap)
+            for it in parts["intents"] if it["intent_type"] == "SECURITY_TRADE"}
+
+
 def _quantity(row: dict) -> str:
     """Quantities walked in 28-digit arithmetic print every digit (z × 10^k)."""
     exact = row.get("quantity_f28")
@@ -129,10 +141,7 @@ def _render_run(run: dict, parts: dict, run_id: str) -> dict:
     path = run["exit_path"]
     early = path in EARLY
     intents = []
-    held_weight: dict[str, Decimal] = {}
-    for p in sorted(parts["positions_before"], key=lambda p: p["pos_seq"], reverse=True):
-        held_weight[p["instrument_id"]] = p["weight"]  # the first position of an instrument
-    final_weight = {t["instrument_id"]: t["final_weight"] for t in parts["targets"]}  # the last trace row applies (§6.9)
+    messages = _rfc_messages(parts, run["single_position_max_weight"]) if run["rfc_rationale_codes"] else {}
     for it in sorted(parts["intents"], key=lambda i: i["exec_order"]):
         if it["intent_type"] == "FX_SPOT":
             intents.append({
@@ -148,9 +157,7 @@ def _render_run(run: dict, parts: dict, run_id: str) -> dict:
                 "notional": _money(it["notional"], it["notional_currency"]),
                 "notional_base": _money(it["notional_base"], base),
                 "dependencies": list(it["dependencies"] or []),
-                "rationale": {"code": it["rationale_code"], "message": _rfc_message(
-                    it["rationale_code"], held_weight.get(it["instrument_id"], Decimal(0)), final_weight[it["instrument_id"]],
-                    run["single_position_max_weight"]) if run["rfc_rationale_codes"] else "Align"},
+                "rationale": {"code": it["rationale_code"], "message": messages.get(it["intent_id"], "Align")},
                 "constraints_applied": (["MIN_NOTIONAL"] if it["min_notional_applied"] else []) + (["TAX_BUDGET"] if it["tax_budget_applied"] else []),
             })
     dq_lists = {"price_missing": [], "fx_missing": [], "shelf_missing": []}

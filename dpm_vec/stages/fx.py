@@ -35,7 +35,7 @@ INTENT_COLUMNS = {
 
 def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_input: pl.DataFrame):
     """Return (all intents in execution order, fx_missing findings)."""
-    policy = runs.select("run", "base_currency", "fx_buffer_pct", "fx_sweep_threshold", "rfc_fx_dependencies")
+    policy = runs.select("run", "base_currency", "fx_buffer_pct", "fx_sweep_threshold")
     flows = security.select(
         "run", pl.col("price_currency").alias("currency"),
         pl.when(pl.col("side") == "SELL").then(pl.col("notional")).otherwise(-pl.col("notional")).alias("flow"),
@@ -45,7 +45,7 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
     projected = (
         pl.concat([opening, flows]).group_by("run", "currency")
         .agg(pl.col("flow").sum().alias("balance"), pl.col("ccy_order").min())
-        .join(policy.drop("rfc_fx_dependencies"), on="run", how="left")
+        .join(policy, on="run", how="left")
         .filter(pl.col("currency") != pl.col("base_currency"))
     )
     projected = market.with_rate(projected, "currency", "base_currency", "rate")
@@ -92,8 +92,9 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         sec.select("run", "price_currency", "side", "list_order", "intent_id").filter(pl.col("side") == "SELL")
         .group_by("run", "price_currency").agg(pl.col("intent_id").get(pl.col("list_order").arg_max()).alias("_sell_dep"))
     )
-    if policy["rfc_fx_dependencies"].any():  # RFC Step 5: "Mark Security Buys as dependent on the generated FX Buys" only
-        last_sell = last_sell.join(policy.filter("rfc_fx_dependencies").select("run"), on="run", how="anti")
+    fx_only = runs.filter("rfc_fx_dependencies").select("run")  # RFC Step 5: "dependent on the generated FX Buys" only
+    if fx_only.height:
+        last_sell = last_sell.join(fx_only, on="run", how="anti")
     # a BUY depends on its currency's funding FX, then on that currency's last SELL: the
     # list is the same for every BUY of a (run, currency), so it is built once per pair
     buy_deps = (

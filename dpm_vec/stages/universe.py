@@ -67,10 +67,9 @@ def build_universe(
     ``totals`` and valued ``cash_before``, locked weights are recomputed in 28 digits as the
     reference computes them; without them they are the before-state weights.
     """
-    policy = runs.select("run", "allow_restricted", (pl.col("missing_shelf_action") == "EXCLUDE").alias("_exclude_unshelved"),
-                         (pl.col("held_banned_action") == "LIQUIDATE").alias("_sell_banned"))
+    policy = runs.select("run", "allow_restricted", (pl.col("missing_shelf_action") == "EXCLUDE").alias("_exclude_unshelved"))
     price_flags = price_excluded.rename({"reason": "_price_check"})
-    m = market.with_shelf(join_runs(model, policy.drop("_sell_banned")), ("status",))
+    m = market.with_shelf(join_runs(model, policy), ("status",))
     m = _price_check_as_status(m, price_flags)
     buyable = (pl.col("status") == "APPROVED") | ((pl.col("status") == "RESTRICTED") & pl.col("allow_restricted"))
     m = m.with_columns(
@@ -101,9 +100,9 @@ def build_universe(
     held = market.with_shelf(held.select("run", "pos_seq", "instrument_id", "weight", "slot"), ("status",))
     held = _price_check_as_status(held, price_flags)
     locked = pl.col("status").is_null() | pl.col("status").is_in(["SUSPENDED", "BANNED", "RESTRICTED", *PRICE_EXCLUSIONS])
-    if policy["_sell_banned"].any():  # RFC held_banned_action LIQUIDATE: a held BANNED instrument is sold to 0
-        held = join_runs(held, policy.select("run", "_sell_banned"))
-        locked = locked & ~(pl.col("status").eq_missing("BANNED") & pl.col("_sell_banned"))
+    sell_banned = runs.filter(pl.col("held_banned_action") == "LIQUIDATE")["run"]
+    if sell_banned.len():  # RFC held_banned_action LIQUIDATE: a held BANNED instrument is sold to 0
+        locked = locked & ~(pl.col("status").eq_missing("BANNED") & pl.col("run").is_in(sell_banned.implode()))
     map2 = held.select(
         "run", "instrument_id", (pl.col("pos_seq").cast(pl.Int64) + LOOP2_OFFSET).alias("map_order"),
         pl.when(locked).then(pl.lit("LOCKED")).otherwise(pl.lit("LIQUIDATION")).alias("kind"),

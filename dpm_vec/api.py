@@ -5,7 +5,9 @@ Endpoints (``create_app``):
 * ``POST /rebalance/simulate`` - body: one reference request (spec §3); header
   ``Idempotency-Key`` required. 200 + RebalanceResult for every valid request, whatever the
   business status (BLOCKED is still 200); 422 ``application/problem+json`` listing every
-  invalid field (missing header, malformed JSON, body not an object, schema errors);
+  invalid field (missing header, malformed JSON, body not an object, schema errors); 422
+  RFC-0001 §7 ``infeasible-constraint`` problem for a run the RFC asset-class cap blocks
+  when the request asks (``options.rfc_domain_errors``);
   409 problem+json on an idempotency conflict (``rfc`` mode only); 500 problem+json on an
   unexpected exception.
 * ``POST /rebalance/simulate/batch`` - body: a JSON array of requests; 200 + an array of
@@ -56,7 +58,7 @@ from dpm_vec import __version__
 from dpm_vec.analyze import analyze
 from dpm_vec.coalesce import Coalescer
 from dpm_vec.contract import parse_request, request_hash
-from dpm_vec.errors import ENGINE_FAILURES, QuantityRangeError, RequestError, ValueRangeError, problem
+from dpm_vec.errors import ENGINE_FAILURES, InfeasibleConstraintError, QuantityRangeError, RequestError, ValueRangeError, problem
 from dpm_vec.simulate import simulate_many, simulate_outcomes
 from dpm_vec.store import DuplicateRunId, IdempotencyConflict, RunStore, new_run_id
 
@@ -366,6 +368,12 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
             return _Outcome(422, _invalid(result.errors, SIMULATE_PATH), problem=True, headers=headers)
         if isinstance(result, (QuantityRangeError, ValueRangeError)):  # valid, but outside the engine's range: say which trade
             return _Outcome(422, result.problem(SIMULATE_PATH), problem=True, headers=headers)
+        if isinstance(result, InfeasibleConstraintError):  # RFC-0001 §7, asked for by options.rfc_domain_errors
+            body = result.problem(SIMULATE_PATH)
+            if rfc:  # as a result there carries it (RFC §7's example does)
+                body["correlation_id"] = cid
+            metrics.run({"status": "BLOCKED"})
+            return _Outcome(422, body, problem=True, headers=headers, status="BLOCKED")
         if isinstance(result, BaseException):  # the engine could not compute this request
             failed = _Outcome(500, _internal_error(SIMULATE_PATH), problem=True, headers=headers)
             failed.log_fields = {"error": f"{type(result).__name__}: {result}"}

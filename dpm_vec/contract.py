@@ -43,6 +43,8 @@ NOT_NULL_OPTIONS = (
     "single_position_cap_mode", "notional_sizing", "max_skew_minutes", "require_base_currency_fx", "stale_price_action", "missing_shelf_action",
     "rfc_rationale_codes", "rfc_fx_dependencies", "delta_from_valuation", "held_banned_action",
 )
+# RFC-0001 §7: a run the RFC asset-class cap blocks answers a 422 problem instead of a result
+JSON_DOOR_OPTION = "rfc_domain_errors"
 ADVISORY_ENUMS = {
     "funding_mode": ("AUTO_FX",),
     "fx_funding_source_currency": ("ANY_CASH",),
@@ -382,7 +384,11 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
         "portfolio_as_of": as_of_reader.timestamp(ps.get("as_of"), "portfolio_snapshot.as_of"),
         "market_as_of": as_of_reader.timestamp(md.get("as_of"), "market_data_snapshot.as_of"),
         **policy,
+        # the JSON door's own option (RFC-0001 §7's problem for INFEASIBLE_CONCENTRATION): not a
+        # book column, so rows_to_book leaves it out and dpm_vec.simulate reads it here
+        JSON_DOOR_OPTION: r.boolean(options.get(JSON_DOOR_OPTION), f"options.{JSON_DOOR_OPTION}", False),
     })
+    r.not_null(options, (JSON_DOOR_OPTION,), "options")
     if r.errors:
         raise RequestError(r.errors)
     return rows
@@ -511,10 +517,12 @@ def requests_to_book(requests: list[dict], run_keys: list[str] | None = None) ->
 
 
 def rows_to_book(rows: dict[str, list[dict]]) -> Book:
+    """The book of parsed requests' rows: each table's columns, and nothing else (a
+    portfolio row's ``rfc_domain_errors`` is the JSON door's, not the engine's)."""
     frames = {}
     for table, table_rows in rows.items():
         schema = table_schema(table)
-        frames[table] = pl.DataFrame(table_rows, schema=schema, orient="row") if table_rows else pl.DataFrame(schema=schema)
+        frames[table] = pl.DataFrame(table_rows, schema=schema, orient="row").select(list(schema)) if table_rows else pl.DataFrame(schema=schema)
     return make_book(**frames)
 
 

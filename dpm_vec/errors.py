@@ -84,6 +84,22 @@ class QuantityRangeError(DpmVecError):
         return problem(self.TYPE, "Trade outside the engine's quantity range", 422, str(self), instance)
 
 
+class InfeasibleConstraintError(DpmVecError):
+    """A valid request whose run the RFC-0001 asset-class cap blocks (INFEASIBLE_CONCENTRATION),
+    told as RFC-0001 §7's problem when the request asks (``options.rfc_domain_errors``);
+    otherwise it is a BLOCKED result, as in the reference."""
+
+    TYPE = "https://api.dpm.com/errors/infeasible-constraint"  # RFC-0001 §7's example, verbatim
+
+    def __init__(self, detail: str, portfolio_id: str):
+        super().__init__(detail)
+        self.portfolio_id = portfolio_id
+
+    def problem(self, instance: str | None = None) -> dict:
+        return problem(self.TYPE, "Constraint Redistribution Failed", 422, str(self), instance,
+                       code="INFEASIBLE_CONCENTRATION", portfolio_id=self.portfolio_id)
+
+
 def named_failures(exc: BaseException) -> dict[str, str]:
     """The portfolios ``exc`` names as failing, by run key, each with its own message
     (a QuantityRangeError knows them); empty for any other error."""

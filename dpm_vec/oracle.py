@@ -23,7 +23,8 @@ implementation: ``single_position_cap_mode: RFC_ASSET_CLASS``, ``notional_sizing
 ``trade_by: NOTIONAL``), ``max_staleness_minutes`` / ``stale_price_action``,
 ``missing_shelf_action``, ``max_skew_minutes``, ``require_base_currency_fx``,
 ``fx_sweep_threshold``, ``rfc_rationale_codes``, ``rfc_fx_dependencies``,
-``delta_from_valuation`` and ``held_banned_action``. Every one defaults to the reference's
+``delta_from_valuation``, ``held_banned_action`` and ``rfc_domain_errors`` (the RFC asset-class
+cap's block as RFC §7's 422 problem instead of a result). Every one defaults to the reference's
 behaviour (off; ``max_skew_minutes`` acts only when set and both snapshots carry
 ``as_of``, a key the reference ignores).
 """
@@ -151,6 +152,7 @@ class Options:
     rfc_rationale_codes: bool = False
     rfc_fx_dependencies: bool = False
     delta_from_valuation: bool = False
+    rfc_domain_errors: bool = False
 
     @classmethod
     def parse(cls, o: dict) -> "Options":
@@ -165,7 +167,7 @@ class Options:
                      "enable_settlement_awareness", "enable_workflow_gates",
                      "workflow_requires_client_consent", "client_consent_already_obtained",
                      "notional_sizing", "rfc_rationale_codes", "require_base_currency_fx",
-                     "rfc_fx_dependencies", "delta_from_valuation"):
+                     "rfc_fx_dependencies", "delta_from_valuation", "rfc_domain_errors"):
             setattr(r, name, _bool(o.get(name), getattr(r, name)))
         for name in ("compare_target_methods_tolerance", "cash_band_min_weight",
                      "cash_band_max_weight", "fx_buffer_pct", "min_cash_buffer_pct"):
@@ -622,6 +624,7 @@ def single_position_cap_rfc(wmap: dict, buyset: set, m: Decimal, mkt: Market, di
         e = mkt.shelf.get(i)
         return e["asset_class"] if e else "UNKNOWN"
     excess_by_class: dict[str, Decimal] = {}
+    sources = [i for i, w in wmap.items() if w > m]
     for i, w in wmap.items():
         if w > m:
             excess_by_class[asset_class(i)] = excess_by_class.get(asset_class(i), ZERO) + (w - m)
@@ -638,11 +641,23 @@ def single_position_cap_rfc(wmap: dict, buyset: set, m: Decimal, mkt: Market, di
         for c in cands:
             wmap[c] = wmap[c] + excess * (wmap[c] / C)
         recipients.extend(cands)
-    if any(wmap[c] > m for c in recipients):
+    over = [c for c in wmap if c in recipients and wmap[c] > m]  # in map order, as the detail names them
+    if over:
         # a block reason dpm_vec adds leads the warnings (dpm_vec/codes.py), as SNAPSHOT_SKEW does
         diag["warnings"].insert(0, "INFEASIBLE_CONCENTRATION")
+        # RFC §7's problem detail (features.md): the capped entries of each class a recipient
+        # ended over the cap in, and those recipients, in map order
+        classes = {asset_class(c) for c in over}
+        named = [i for i in wmap if i in sources and asset_class(i) in classes]
+        diag["_concentration"] = (f"Redistributing excess weight from {_listed(named)} caused {_listed(over)} "
+                                  f"to exceed the {format((m * 100).normalize(), 'f')}% cap.")
         return "BLOCKED"
     return status
+
+
+def _listed(names: list[str]) -> str:
+    """A, B and C."""
+    return names[0] if len(names) < 2 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def min_cash_buffer(wmap: dict, buyset: set, p: Decimal) -> str:
@@ -1482,6 +1497,7 @@ def _simulate(request: dict, request_hash: str | None) -> dict:
     t_status, wmap = generate_targets(opts.target_method, u, targets, mkt, opts, diag)
     if input_fault and "INFEASIBLE_CONCENTRATION" in diag["warnings"]:
         diag["warnings"].remove("INFEASIBLE_CONCENTRATION")
+        del diag["_concentration"]
     trace = [] if t_status == "BLOCKED" else build_trace(targets, wmap, tv)
     comparison = None
     if opts.compare_target_methods:
@@ -1494,13 +1510,19 @@ def _simulate(request: dict, request_hash: str | None) -> dict:
             "target": {"target_id": "t_" + RUN_ID, "strategy": {}, "targets": _trace_out(trace, base)},
             "intents": [intent_out(i, base) for i in intents], "after_simulated": after,
             "reconciliation": rec, "tax_impact": tax_impact, "rule_results": rules,
-            "explanation": explanation, "diagnostics": {**diag, "data_quality": dq.out()},
+            "explanation": explanation,
+            "diagnostics": {**{k: v for k, v in diag.items() if not k.startswith("_")}, "data_quality": dq.out()},
             "gate_decision": gate_decision(status, rules, dq, opts),
             "lineage": {"portfolio_snapshot_id": pf["portfolio_id"], "market_data_snapshot_id": "md",
                         "request_hash": request_hash, "idempotency_key": None, "engine_version": None},
         }
         if opts.rfc_rationale_codes:
             with_rfc_messages(out, opts.single_position_max_weight)
+        if opts.rfc_domain_errors and status == "BLOCKED" and "_concentration" in diag:
+            # RFC §7: the infeasible constraint as a problem, not a BLOCKED result (features.md)
+            return {"type": "https://api.dpm.com/errors/infeasible-constraint", "title": "Constraint Redistribution Failed",
+                    "status": 422, "detail": diag["_concentration"], "code": "INFEASIBLE_CONCENTRATION",
+                    "portfolio_id": pf["portfolio_id"]}
         return out
 
     def early_block():

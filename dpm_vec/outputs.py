@@ -92,7 +92,7 @@ def _runs_table(result: Result) -> pl.DataFrame:
         .sort("run")
         .select(
             "run_key", "portfolio_id", "scenario_id", "base_currency", "portfolio_snapshot_id", "market_snapshot_id", "shelf_id", "model_id",
-            "status", "exit_path", "block_reason", "target_method", "target_status", "alternate_method", "alternate_status",
+            "status", "exit_path", "block_reason", "block_detail", "target_method", "target_status", "alternate_method", "alternate_status",
             "differing_instruments", "before_total_value", "after_total_value",
             "reconciliation_status", pl.col("delta").alias("reconciliation_delta"), "security_intent_count", "fx_intent_count",
             "gross_turnover_notional_base", "dq_count", "n_price_missing", "n_fx_missing", "n_shelf_missing",

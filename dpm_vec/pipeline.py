@@ -196,7 +196,10 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
         runs.with_columns(exit_path.alias("exit_path"))
         .join(targets.status, on="run", how="left")
         .join(faults, on="run", how="left")
-        .with_columns(pl.coalesce("fault_code", "target_fault").alias("block_reason"))
+        .with_columns(
+            pl.coalesce("fault_code", "target_fault").alias("block_reason"),
+            pl.when(pl.col("fault_code").is_null()).then(pl.col("target_fault_detail")).alias("block_detail"),
+        )
         .with_columns(
             pl.when(pl.col("exit_path") != "E6").then(pl.lit("BLOCKED"))
             .when(pl.col("run").is_in(soft_fail["run"].implode())).then(pl.lit("PENDING_REVIEW"))

@@ -8,8 +8,9 @@ import re
 import polars as pl
 
 from dpm_vec.book import TABLES
-from dpm_vec.contract import parse_request, request_hash, rows_to_book
-from dpm_vec.errors import ENGINE_FAILURES, QuantityRangeError, RequestError, ValueRangeError, is_overflow, named_failures, problem
+from dpm_vec.contract import JSON_DOOR_OPTION, parse_request, request_hash, rows_to_book
+from dpm_vec.errors import (ENGINE_FAILURES, InfeasibleConstraintError, QuantityRangeError, RequestError, ValueRangeError, is_overflow,
+                            named_failures, problem)
 from dpm_vec.pipeline import run
 from dpm_vec.render import render_results
 
@@ -31,7 +32,9 @@ def simulate_many(requests: list) -> list[dict]:
 def simulate_outcomes(requests: list) -> list[dict | BaseException]:
     """Each request's result, or the exception that stands for it: a RequestError for an
     invalid request, a QuantityRangeError or ValueRangeError for one outside the engine's
-    fixed point, else the exception the engine raised on it alone.
+    fixed point, an InfeasibleConstraintError for a run the RFC asset-class cap blocks when
+    the request asks for RFC-0001 §7's problem (``options.rfc_domain_errors``), else the
+    exception the engine raised on it alone.
 
     If the shared pass fails on trades outside the quantity range, the requests it names
     fail and the others get one more pass; on any other failure it is halved until the
@@ -60,6 +63,8 @@ def _problem(exc: BaseException, index: int) -> dict:
         return exc.problem()
     if isinstance(exc, (QuantityRangeError, ValueRangeError)):
         return type(exc)(f"request {index + 1}: {exc}").problem()
+    if isinstance(exc, InfeasibleConstraintError):  # RFC-0001 §7's detail as it stands; portfolio_id names the request
+        return exc.problem()
     return problem("about:blank", "Internal Server Error", 500, f"request {index + 1} could not be simulated ({_summary(exc)})")
 
 
@@ -94,15 +99,20 @@ def _named_in(exc: BaseException, parsed: dict[int, dict[str, list[dict]]]) -> d
     return {i: by_run_key[key] for i, key in keys.items() if key in by_run_key}
 
 
-def _simulate(parsed: list[dict[str, list[dict]]]) -> list[dict]:
+def _simulate(parsed: list[dict[str, list[dict]]]) -> list[dict | InfeasibleConstraintError]:
     rows: dict[str, list[dict]] = {t: [] for t in TABLES}
     for one in parsed:
         for table, table_rows in one.items():
             rows[table].extend(table_rows)
-    results = render_results(run(rows_to_book(rows)))
-    for result in results:
+    outcome = run(rows_to_book(rows))
+    results: list[dict | InfeasibleConstraintError] = []
+    blocks = outcome.runs.select("block_reason", "block_detail").iter_rows()
+    for one, result, (reason, detail) in zip(parsed, render_results(outcome), blocks):
         # each request is its own market snapshot inside the book; the contract names it "md" (§5.8)
         result["lineage"]["market_data_snapshot_id"] = "md"
+        asked = one["portfolios"][0][JSON_DOOR_OPTION]
+        concentration = asked and result["status"] == "BLOCKED" and reason == "INFEASIBLE_CONCENTRATION"
+        results.append(InfeasibleConstraintError(detail, result["lineage"]["portfolio_snapshot_id"]) if concentration else result)
     return results
 
 

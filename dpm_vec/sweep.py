@@ -695,10 +695,16 @@ def _engine_error_tables(book: Book, exc: BaseException, empty: dict[str, pl.Dat
         "run_key", "portfolio_id", "scenario_id", "base_currency", "portfolio_snapshot_id", "market_snapshot_id",
         "shelf_id", "model_id", "target_method", "request_hash",
         pl.lit("BLOCKED").alias("status"), pl.lit("E1").alias("exit_path"), pl.lit("ENGINE_ERROR").alias("block_reason"),
+        pl.lit(_error_summary(exc)).alias("block_detail"),
         pl.lit([f"ENGINE_ERROR:{type(exc).__name__}"], dtype=pl.List(pl.String)).alias("warnings"),
         pl.lit(__version__).alias("engine_version"),
     )
     return {**empty, "runs": pl.concat([empty["runs"], runs], how="diagonal_relaxed").select(empty["runs"].columns)}
+
+
+def _error_summary(exc: BaseException) -> str:
+    """The error's type and the first line of its message, at most 300 characters."""
+    return f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}"[:300]
 
 
 class _Progress:

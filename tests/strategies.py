@@ -612,6 +612,32 @@ def rfc_option_requests(draw) -> dict:
     return req
 
 
+@st.composite
+def domain_error_requests(draw) -> dict:
+    """An ``rfc_option_requests()`` draw under the RFC asset-class cap, with caps that bind
+    and one or two asset classes, asking for RFC §7's problem where the cap blocks the run
+    (``rfc_domain_errors``)."""
+    req = draw(rfc_option_requests())
+    o = req["options"]
+    o["single_position_max_weight"] = draw(st.sampled_from(["0.1", "0.15", "0.2", "0.25", "0.3", "0.4", "0.125"]))
+    o["single_position_cap_mode"] = "RFC_ASSET_CLASS"
+    o["target_method"] = draw(weighted([("HEURISTIC", 9), ("SOLVER", 1)]))  # SOLVER ignores the mode: never a problem
+    classes = draw(st.lists(st.sampled_from(ASSET_CLASSES), min_size=1, max_size=2, unique=True))
+    for e in req["shelf_entries"]:
+        e["asset_class"] = draw(st.sampled_from(classes))
+    targets = req["model_portfolio"]["targets"]
+    if len(targets) >= 2 and draw(st.integers(0, 99)) < 75:  # one target far above the cap, the others just below it
+        cap = Decimal(o["single_position_max_weight"])
+        targets[0]["weight"] = draw(st.sampled_from(["0.45", "0.5", "0.6"]))
+        for t in targets[1:]:
+            t["weight"] = str(cap * Decimal(draw(st.sampled_from(["0.5", "0.8", "0.9", "0.95"]))))
+    for option in ("max_skew_minutes", "max_staleness_minutes", "require_base_currency_fx"):  # fewer blocks before the cap
+        if draw(st.booleans()):
+            o.pop(option, None)
+    o["rfc_domain_errors"] = draw(weighted([(True, 8), ("true", 1), (False, 1)]))
+    return req
+
+
 def _market_values(req: dict, draw) -> None:
     """Market values on some positions near their quantity × price, in the price's currency
     or another priced one (whose rate ``_complete`` has quoted), and now and then the

@@ -456,6 +456,45 @@ def test_metrics_count_statuses(ref_server, golden):
         after['dpm_sim_latency_seconds_count{endpoint="simulate"}']
 
 
+def _infeasible_concentration() -> dict:
+    """rfc_03: A 0.6 and B 0.35, both equity, cap 0.4 in RFC_ASSET_CLASS mode: A's excess
+    0.2 goes to B alone, which ends at 0.55, over the cap."""
+    return json.loads((REPO / "tests" / "data" / "scenarios" / "rfc_03_cap_infeasible_concentration.json").read_text())["inputs"]
+
+
+@pytest.mark.parametrize("server", ["ref_server", "rfc_server"])
+def test_infeasible_concentration_is_a_422_problem_when_asked(server, request):
+    """RFC-0001 §7 under options.rfc_domain_errors: the run the asset-class cap blocks is a
+    422 problem naming the instruments and the cap; without the option a 200 BLOCKED result."""
+    srv = request.getfixturevalue(server)
+    req = _infeasible_concentration()
+    blocked = _post(srv, req, key="9d2c0e1a-7b7f-4c55-8f59-3f0b6a4c1d10")
+    assert blocked.status_code == 200 and blocked.json()["status"] == "BLOCKED"
+    assert blocked.json()["diagnostics"]["warnings"][0] == "INFEASIBLE_CONCENTRATION"
+
+    req["options"]["rfc_domain_errors"] = True
+    problem = _assert_problem(_post(srv, req, key="9d2c0e1a-7b7f-4c55-8f59-3f0b6a4c1d11", **{"X-Correlation-Id": "corr-cap"}))
+    assert problem["type"] == "https://api.dpm.com/errors/infeasible-constraint"
+    assert problem["title"] == "Constraint Redistribution Failed" and problem["instance"] == SIM
+    assert problem["detail"] == "Redistributing excess weight from A caused B to exceed the 40% cap."
+    assert problem["code"] == "INFEASIBLE_CONCENTRATION" and problem["portfolio_id"] == req["portfolio_snapshot"]["portfolio_id"]
+    # the correlation id is echoed where the mode echoes it in results (RFC §7's example carries it)
+    assert problem.get("correlation_id") == ("corr-cap" if server == "rfc_server" else None)
+
+    # a feasible request asking for the option is a plain 200 result
+    req["options"]["single_position_max_weight"] = "0.6"
+    assert _post(srv, req, key="9d2c0e1a-7b7f-4c55-8f59-3f0b6a4c1d12").json()["status"] in ("READY", "PENDING_REVIEW")
+
+    # in a batch the slot is the problem, the other slots results
+    req["options"]["single_position_max_weight"] = "0.4"
+    slots = srv.client.post(BATCH, json=[req, _infeasible_concentration()]).json()
+    assert slots[0]["status"] == 422 and slots[0]["detail"] == problem["detail"] and slots[0]["instance"] == f"{BATCH}#/0"
+    assert slots[1]["status"] == "BLOCKED"
+
+    req["options"]["rfc_domain_errors"] = None  # a flag has no null (§3.6)
+    assert _fields(_assert_problem(_post(srv, req, key="9d2c0e1a-7b7f-4c55-8f59-3f0b6a4c1d13"))) == ["options.rfc_domain_errors"]
+
+
 # -- rfc mode ---------------------------------------------------------------------------------
 def test_rfc_replay_and_conflict(rfc_server, golden):
     first = _post(rfc_server, golden, key="0b6f3c36-3a4e-4d51-9a5e-2f1d7c9e8a01", **{"X-Correlation-Id": "corr-rfc"})

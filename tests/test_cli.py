@@ -86,6 +86,13 @@ def test_import_requests_then_sweep_matches_the_batch(tmp_path):
     assert f"{-(-n // 7)} shard(s) of 7 on 2 thread(s), 0 resumed" in " ".join(swept.stderr.split())
     runs = pl.read_parquet(tmp_path / "out" / "runs" / "*.parquet")
     assert not runs["block_reason"].str.starts_with("UNKNOWN_").any()  # no request's reference is unknown, even an empty one
+    # a request asking for RFC §7's problem (rfc_22) got one; the book has no such option: its run is
+    # BLOCKED there, with the problem's code and detail
+    problems = {i: slot for i, slot in enumerate(batch) if isinstance(slot["status"], int)}
+    assert [slot["code"] for slot in problems.values()] == ["INFEASIBLE_CONCENTRATION"]
+    for i, slot in problems.items():
+        assert runs.row(i, named=True)["block_reason"] == slot["code"] and runs.row(i, named=True)["block_detail"] == slot["detail"]
+    runs, batch = runs.filter(~pl.int_range(pl.len()).is_in(list(problems))), [r for i, r in enumerate(batch) if i not in problems]
     # a run the RFC checks block names its reason among the batch's warnings
     for reason, result in zip(runs["block_reason"], batch):
         assert reason is None or reason in result["diagnostics"]["warnings"], (reason, result["diagnostics"]["warnings"])

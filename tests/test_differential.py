@@ -32,7 +32,7 @@ from dpm_vec.simulate import simulate_many
 
 from tests.golden_compare import strip_random
 from tests.strategies import (
-    golden_mutations, isolation_batches, printed_midpoint_requests, requests, rfc_option_requests, round_inverse_requests,
+    domain_error_requests, golden_mutations, isolation_batches, printed_midpoint_requests, requests, rfc_option_requests, round_inverse_requests,
     sweep_threshold_requests, tax_residue_requests,
 )
 
@@ -690,6 +690,40 @@ def test_rfc_options_were_exercised():
     if n == 0:
         pytest.skip("run together with the RFC property")
     assert all(RFC_EXERCISED[k] >= 0.08 * n for k in RFC_OPTIONS), str(RFC_EXERCISED)
+
+
+DOMAIN_ERRORS = {"requests": 0, "problems": 0, "blocked_results": 0}
+
+
+@settings(max_examples=15, **COMMON)
+@given(st.lists(domain_error_requests(), min_size=15, max_size=25))
+def test_rfc_domain_errors_match_oracle(reqs):
+    """``rfc_domain_errors`` (RFC-0001 §7): where the asset-class cap blocks a run, the JSON
+    door answers the oracle's problem, detail (the capped and the over-cap instruments, in
+    map order, and the cap) included; elsewhere the result it would give anyway. Without the
+    option such a run is a BLOCKED result."""
+    failures: list[str] = []
+    for req, act in zip(reqs, simulate_many(reqs)):
+        exp = oracle_simulate(req)
+        DOMAIN_ERRORS["requests"] += 1
+        if isinstance(exp.get("status"), int) or isinstance(act.get("status"), int):  # a problem, not a RebalanceResult
+            DOMAIN_ERRORS["problems"] += exp == act
+            if exp != act:
+                failures.append(_report(req, [f"problem {json.dumps(exp)[:500]} != {json.dumps(act)[:500]}"]))
+            continue
+        DOMAIN_ERRORS["blocked_results"] += "INFEASIBLE_CONCENTRATION" in exp["diagnostics"]["warnings"][:1]
+        errs = compare_rfc(req, exp, act)
+        if errs and not _floor_boundary_flip(errs) and not _beyond_quantity_range(exp, act):
+            failures.append(_report(req, errs))
+    assert not failures, f"{len(failures)} of {len(reqs)} requests differ:\n\n" + "\n\n".join(failures[:3])
+
+
+def test_rfc_domain_errors_were_exercised():
+    """Runs after the property: problems in a meaningful share of the requests, and the
+    requests that did not ask still got their BLOCKED result."""
+    if DOMAIN_ERRORS["requests"] == 0:
+        pytest.skip("run together with the domain-error property")
+    assert DOMAIN_ERRORS["problems"] >= 0.08 * DOMAIN_ERRORS["requests"] and DOMAIN_ERRORS["blocked_results"] > 0, str(DOMAIN_ERRORS)
 
 
 # ---------------------------------------------------------------------------------------

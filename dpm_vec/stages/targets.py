@@ -26,12 +26,15 @@ WARNINGS_SCHEMA = {"run": pl.UInt32, "code": pl.String, "w_order": pl.Int64}
 # 300_000_000, turnover 400_000_000, settlement 500_000_000, safety 600_000_000 (§6.19)
 TARGET_STAGE_ORDER = 100
 TAG_LISTS = [["IMPLICIT_SELL_TO_ZERO"], ["LOCKED_POSITION"], ["CAPPED_BY_MAX_WEIGHT"], ["REDISTRIBUTED_RECIPIENT"], []]
+# a run's RFC asset-class cap fault, and the entries its problem detail names (``_concentration_faults``)
+FAULTS_SCHEMA = {"run": pl.UInt32, "target_fault": pl.String, "target_fault_detail": pl.String}
+ROLES_SCHEMA = {"run": pl.UInt32, "slot": SLOT, "_role": pl.String}
 
 
 @dataclass(frozen=True)
 class Targets:
     trace: pl.DataFrame  # run, instrument_id, trace_order, model_weight, final_weight, final_value, tags, in_model, slot
-    status: pl.DataFrame  # run, target_status (READY | PENDING_REVIEW | BLOCKED), target_fault
+    status: pl.DataFrame  # run, target_status (READY | PENDING_REVIEW | BLOCKED), target_fault, target_fault_detail
     warnings: pl.DataFrame  # run, code, w_order
     group_events: pl.DataFrame
     group_recipients: pl.DataFrame
@@ -105,14 +108,15 @@ def build_targets(
             "run",
             pl.when(pl.col("solver_status") == "BLOCKED").then(pl.lit("BLOCKED"))
             .when(pl.col("_p").is_not_null()).then(pl.lit("PENDING_REVIEW")).otherwise(pl.lit("READY")).alias("target_status"),
-            pl.lit(None, dtype=pl.String).alias("target_fault"),
+            pl.lit(None, dtype=pl.String).alias("target_fault"), pl.lit(None, dtype=pl.String).alias("target_fault_detail"),
         )
         s_weights = s_weights.join(s_status.filter(pl.col("target_status") == "BLOCKED"), on="run", how="anti").with_columns(
             pl.col("weight").cast(WEIGHT)
         )
     else:
         s_weights = wm.clear()
-        s_status = pl.DataFrame(schema={"run": pl.UInt32, "target_status": pl.String, "target_fault": pl.String})
+        s_status = pl.DataFrame(schema={"run": pl.UInt32, "target_status": pl.String, "target_fault": pl.String,
+                                        "target_fault_detail": pl.String})
         s_warnings = pl.DataFrame(schema=WARNINGS_SCHEMA)
     primary_solver = runs.filter(solver).select("run")
     primary_heuristic = runs.filter(~solver).select("run")
@@ -313,15 +317,16 @@ def _buffer_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, near: 
 
 
 def _step4_in_28_digits(market: Market, rows: pl.DataFrame, caps: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(``rows``, (run)): ``rows`` (run, map_order, slot, instrument_id, buy, ``_w_f``, in
+    """(``rows``, roles): ``rows`` (run, map_order, slot, instrument_id, buy, ``_w_f``, in
     run and map order) after step 4 in F28 for the runs of ``caps`` (run,
     single_position_max_weight m > 0, single_position_cap_mode): the reference's cap
     (``_cap_in_28_digits``), or in RFC_ASSET_CLASS mode the asset-class cap
-    (``_class_cap_rows_in_28_digits``), and the RFC runs where it pushes a recipient over m."""
+    (``_class_cap_rows_in_28_digits``), and the roles (``_concentration_faults``) of the
+    RFC runs where it pushes a recipient over m."""
     rfc = caps.filter(pl.col("single_position_cap_mode") == "RFC_ASSET_CLASS")
     rows = _cap_in_28_digits(rows, caps.join(rfc, on="run", how="anti").select("run", "single_position_max_weight"))
     if rfc.height == 0:
-        return rows, rfc.select("run")
+        return rows, pl.DataFrame(schema=ROLES_SCHEMA)
     classed = market.with_shelf(rows.join(rfc, on="run", how="semi"), ("asset_class",)).with_columns(pl.col("asset_class").fill_null("UNKNOWN"))
     classed, over = _class_cap_rows_in_28_digits(join_runs(classed, rfc.select("run", "single_position_max_weight")))
     return pl.concat([rows.join(rfc, on="run", how="anti"), classed.select(rows.columns)]).pipe(sort_rows, "run", "map_order"), over
@@ -441,27 +446,29 @@ def _candidates_in_28_digits(market: Market, wm: pl.DataFrame, step1: _Step1, gc
 
 
 def _class_cap_in_28_digits(market: Market, near: pl.DataFrame, step1: _Step1, gc: pl.DataFrame,
-                            locked_for: Callable[[pl.DataFrame], pl.DataFrame | None]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """((run, _fault), (slot, _exact)): for the runs of ``near`` (their map rows: run, slot,
+                            locked_for: Callable[[pl.DataFrame], pl.DataFrame | None]
+                            ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """((run, _fault), (slot, _exact), roles): for the runs of ``near`` (their map rows: run, slot,
     asset_class, single_position_max_weight), the RFC-0001 asset-class cap as the 28-digit
     steps 1-3 (``_steps_1_3_in_28_digits``) and the cap in 28 digits
     (``_class_cap_rows_in_28_digits``) leave the map: whether a recipient is over the cap,
     and every map weight. (0.1 / 1.5 has 28 significant digits at 29 decimals, so a
     recipient's weight + excess can be the cap there and a unit of the 28th decimal above
-    it in fixed point.) ``locked_for``: runs (run) → their locked weights in 28 digits, or
-    None."""
+    it in fixed point.) roles: those of the faulted runs (``_concentration_faults``).
+    ``locked_for``: runs (run) → their locked weights in 28 digits, or None."""
     runs = near.select("run").unique()
     rows = _steps_1_3_in_28_digits(market, step1, gc, runs, locked_for(runs))
     rows = rows.join(near.select("slot", "asset_class", "single_position_max_weight"), on="slot", how="inner", maintain_order="left")
-    rows, over = _class_cap_rows_in_28_digits(rows)
+    rows, roles = _class_cap_rows_in_28_digits(rows)
     weights = rows.select("slot", f28.to_d28("_w_f").alias("_exact"))
-    return runs.with_columns(pl.col("run").is_in(over["run"].implode()).alias("_fault")), weights
+    return runs.with_columns(pl.col("run").is_in(roles["run"].implode()).alias("_fault")), weights, roles
 
 
 def _class_cap_rows_in_28_digits(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(``rows``, (run)): the map ``rows`` (run, map_order, buy, asset_class,
+    """(``rows``, roles): the map ``rows`` (run, map_order, slot, buy, asset_class,
     single_position_max_weight m, ``_w_f``; in run and map order) after the RFC-0001
-    asset-class cap in F28, and the runs where it pushes a recipient over m: each entry
+    asset-class cap in F28, and where it pushes a recipient over m, the roles
+    (``_concentration_faults``) of that class's entries: each entry
     above m is cut to it, its class's excess Σ (w − m), summed in map order, goes to the
     class's buyable entries below m as w + excess × (w / C), C their sum, every operation
     rounded to 28 digits."""
@@ -476,8 +483,11 @@ def _class_cap_rows_in_28_digits(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.D
     recipients = capped.filter("_candidate").join(excess, on="_class", how="inner").join(total, on="_class", how="inner")
     recipients = f28.mul(f28.div(recipients, "_w_f", "_C_f", "_share_f"), "_excess_f", "_share_f", "_x_f")
     recipients = f28.sub(f28.add(recipients, "_w_f", "_x_f", "_new_f"), "_new_f", "_m_f", "_above_f")
-    over = recipients.filter(f28.sign("_above_f") > 0).select("run").unique()
-    return _put_weights(capped, recipients.select("run", "map_order", "_new_f")).select(rows.columns), over
+    over = recipients.filter(f28.sign("_above_f") > 0)
+    sources = capped.filter(f28.sign("_over_f") > 0).join(over.select("_class").unique(), on="_class", how="semi")
+    roles = pl.concat([sources.select("run", "slot", pl.lit("source").alias("_role")),
+                       over.select("run", "slot", pl.lit("over").alias("_role"))])
+    return _put_weights(capped, recipients.select("run", "map_order", "_new_f")).select(rows.columns), roles
 
 
 def _heuristic_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, policy: pl.DataFrame,
@@ -489,8 +499,8 @@ def _heuristic_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, pol
     (slot, weight_f28) with all their digits: steps 1-2 and 4 as in
     ``_steps_1_2_in_28_digits`` and ``_step4_in_28_digits``; step 3 scales the buyable
     weights by (1 − L) / B where the map total exceeds 1.0001, step 5 by (1 − p − L) / B
-    where B exceeds 1 − p − L; and (run) of the RFC_ASSET_CLASS runs whose step 4 pushes a
-    recipient over the cap."""
+    where B exceeds 1 − p − L; and the roles (``_concentration_faults``) of the
+    RFC_ASSET_CLASS runs whose step 4 pushes a recipient over the cap."""
     rows = _steps_1_3_in_28_digits(market, step1, gc, policy.select("run"), locked)
     # step 4: single-position cap
     m = pl.col("single_position_max_weight")
@@ -586,8 +596,9 @@ def _dust_room_weights(market: Market, step1: _Step1, gc: pl.DataFrame, wm: pl.D
                        exact: ExactLocked) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``wm`` with the weights of the runs of ``policy`` (run, single_position_max_weight,
     single_position_cap_mode, min_cash_buffer_pct) as the reference's 28-digit steps leave
-    them (``_heuristic_in_28_digits``), and (run) of those whose RFC asset-class cap pushes
-    a recipient over the cap there (INFEASIBLE_CONCENTRATION): locked weights that fill the
+    them (``_heuristic_in_28_digits``), and the roles (``_concentration_faults``) of those
+    whose RFC asset-class cap pushes a recipient over the cap there
+    (INFEASIBLE_CONCENTRATION): locked weights that fill the
     portfolio to within 1e-20 leave step 3 a dust room, and the buyable weights scaled into
     it lie below Decimal(38, 28)'s last digit, 0 here. In the reference they are candidates
     with a positive sum, so the single-position cap hands them the locked excess in
@@ -724,8 +735,8 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
         wm, over = _dust_room_weights(market, step1, gc, wm, dust.select(
             "run", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct",
         ), exact)
-        cap_faults = pl.concat([cap_faults.join(dust, on="run", how="anti"),
-                                over.select("run", pl.lit("INFEASIBLE_CONCENTRATION").alias("target_fault"))])
+        named = join_runs(wm.select("run", "slot", "instrument_id", "map_order"), policy.select("run", "single_position_max_weight"))
+        cap_faults = pl.concat([cap_faults.join(dust, on="run", how="anti"), _concentration_faults(over, named)])
     blocked_runs = pl.concat([blocked, cap_faults.select("run")]).unique()
     touched = pl.concat([
         step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), group_events.select("run"),
@@ -741,7 +752,7 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
             pl.when(pl.col("_blocked").is_not_null() | pl.col("target_fault").is_not_null()).then(pl.lit("BLOCKED"))
             .when(pl.col("_pending").is_not_null()).then(pl.lit("PENDING_REVIEW"))
             .otherwise(pl.lit("READY")).alias("target_status"),
-            "target_fault",
+            "target_fault", "target_fault_detail",
         )
     )
     return _Heuristic(
@@ -955,13 +966,13 @@ def _cap_rfc(market: Market, wm: pl.DataFrame, below_cap: pl.DataFrame | None = 
     one is over are those of ``in_28_digits`` (``_class_cap_in_28_digits``): a recipient
     that takes all of its class's excess lands exactly on the cap in exact arithmetic, and
     a unit of the 28th digit decides."""
-    empty_faults = pl.DataFrame(schema={"run": pl.UInt32, "target_fault": pl.String})
     if wm.height == 0:
-        return wm.drop("_excess", "_capped"), pl.DataFrame(schema={"run": pl.UInt32}), empty_faults
+        return wm.drop("_excess", "_capped"), pl.DataFrame(schema={"run": pl.UInt32}), pl.DataFrame(schema=FAULTS_SCHEMA)
     m = pl.col("single_position_max_weight")
     wm = market.with_shelf(wm, ("asset_class",)).with_columns(pl.col("asset_class").fill_null("UNKNOWN"))
     wm = wm.with_columns(
         dmax(pl.col("weight") - m, lit(0)).sum().over("run", "asset_class").alias("_class_excess"),
+        (pl.col("weight") > m).alias("_source"),
         pl.col("_capped").alias("weight"),
     )
     below = pl.col("weight") < m
@@ -978,15 +989,47 @@ def _cap_rfc(market: Market, wm: pl.DataFrame, below_cap: pl.DataFrame | None = 
         .otherwise(pl.col("weight")).alias("weight"),
         recipient.alias("_recipient"),
     )
-    over = wm.filter(pl.col("weight") > m).select("run").unique()
+    # only recipients can be above the cap now: every other weight was cut to it
+    over = wm.filter(pl.col("weight") > m)
+    sources = wm.filter("_source").join(over.select("run", "asset_class").unique(), on=["run", "asset_class"], how="semi")
+    roles = pl.concat([sources.select("run", "slot", pl.lit("source").alias("_role")),
+                       over.select("run", "slot", pl.lit("over").alias("_role"))])
     near = wm.filter(pl.col("_recipient") & ((pl.col("weight") - m).abs() < _LAST_DIGITS)).select("run").unique()
     if in_28_digits is not None and near.height:
-        decided, weights = in_28_digits(wm.join(near, on="run", how="semi"))
-        over = pl.concat([over.join(decided, on="run", how="anti"), decided.filter("_fault").select("run")])
+        decided, weights, exact_roles = in_28_digits(wm.join(near, on="run", how="semi"))
+        roles = pl.concat([roles.join(decided, on="run", how="anti"), exact_roles])
         wm = join_on_index(wm, weights, "slot").with_columns(pl.coalesce("_exact", "weight").alias("weight")).drop("_exact")
-    faults = over.with_columns(pl.lit("INFEASIBLE_CONCENTRATION").alias("target_fault"))
+    faults = _concentration_faults(roles, wm)
     pending = wm.filter((pl.col("_class_excess") > 0) & ~(pl.col("_C") > 0)).select("run").unique()
-    return wm.drop("_excess", "_capped", "_class_excess", "_C", "asset_class", "_below_cap", "_recipient", strict=False), pending, faults
+    return wm.drop("_excess", "_capped", "_class_excess", "_C", "asset_class", "_below_cap", "_recipient", "_source",
+                   strict=False), pending, faults
+
+
+def _concentration_faults(roles: pl.DataFrame, wm: pl.DataFrame) -> pl.DataFrame:
+    """(run, target_fault, target_fault_detail): INFEASIBLE_CONCENTRATION for each run of
+    ``roles`` (run, slot, _role: ``source`` for an entry above the cap in a class where a
+    recipient ends over it, ``over`` for such a recipient), with RFC-0001 §7's problem
+    detail naming them in map order, e.g. "Redistributing excess weight from EQ_A caused
+    EQ_B to exceed the 10% cap." (``wm``: run, slot, instrument_id, map_order,
+    single_position_max_weight)."""
+    named = join_on_index(roles, wm.select("slot", "instrument_id", "map_order", "single_position_max_weight"), "slot", how="inner")
+
+    def names(role: str) -> pl.Expr:
+        ids = pl.col("instrument_id").filter(pl.col("_role") == role).sort_by(pl.col("map_order").filter(pl.col("_role") == role))
+        return ids.alias(role)
+
+    def listed(role: str) -> pl.Expr:
+        ids = pl.col(role)
+        return pl.when(ids.list.len() < 2).then(ids.list.first()).otherwise(
+            ids.list.head(ids.list.len() - 1).list.join(", ") + " and " + ids.list.last()
+        )
+
+    cap = (pl.col("single_position_max_weight").cast(WEIGHT) * 100).cast(pl.String).str.replace(r"\.?0+$", "")
+    return named.group_by("run").agg(names("source"), names("over"), pl.col("single_position_max_weight").first()).select(
+        "run", pl.lit("INFEASIBLE_CONCENTRATION").alias("target_fault"),
+        pl.format("Redistributing excess weight from {} caused {} to exceed the {}% cap.", listed("source"), listed("over"), cap)
+        .alias("target_fault_detail"),
+    ).sort("run")
 
 
 def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.DataFrame:

@@ -581,9 +581,33 @@ def test_a_dust_room_recipient_pushed_over_the_rfc_cap_blocks_the_run(scenario):
     over = run("0.15")
     assert over.target_status() == "BLOCKED"
     assert over.run_row()["block_reason"] == "INFEASIBLE_CONCENTRATION" and over.run_row()["exit_path"] == "E1"
+    # RFC-0001 §7's detail, from the replay's roles: no shelf asset class, so one class (UNKNOWN)
+    assert over.run_row()["block_detail"] == "Redistributing excess weight from A, B and E caused C and D to exceed the 15% cap."
     at_cap = run("0.2")
     assert at_cap.target_status() == "PENDING_REVIEW"
     assert at_cap.weights()["C"] == at_cap.weights()["D"] == D("0.2")
+
+
+def test_rfc_cap_fault_names_the_capped_and_the_over_cap_instruments_of_its_class(scenario):
+    """RFC-0001 §7's detail for INFEASIBLE_CONCENTRATION (the runs table's block_detail):
+    at a 0.2 cap, equity A's excess 0.25 lifts C and F to 0.225 each, over it; bond B's
+    0.1 lifts D to 0.15, under it. So the detail names A, C and F in model order, and not
+    the bond class, whose redistribution was feasible; a cap of 0.125 reads 12.5%."""
+    def run(cap):
+        return scenario(
+            prices=[(i, "10", "USD") for i in "ABCDF"],
+            shelf=[("A", "APPROVED", "EQUITY"), ("B", "APPROVED", "BOND"), ("C", "APPROVED", "EQUITY"),
+                   ("D", "APPROVED", "BOND"), ("F", "APPROVED", "EQUITY")],
+            model=[("A", "0.45"), ("B", "0.3"), ("C", "0.1"), ("D", "0.05"), ("F", "0.1")],
+            single_position_max_weight=cap, single_position_cap_mode="RFC_ASSET_CLASS",
+        )
+    s = run("0.2")
+    assert s.run_row()["block_reason"] == "INFEASIBLE_CONCENTRATION"
+    assert s.run_row()["block_detail"] == "Redistributing excess weight from A caused C and F to exceed the 20% cap."
+    assert run("0.125").run_row()["block_detail"] == \
+        "Redistributing excess weight from A and B caused C, D and F to exceed the 12.5% cap."
+    feasible = run("0.5")
+    assert feasible.run_row()["block_reason"] is None and feasible.run_row()["block_detail"] is None
 
 
 def test_locked_weights_leaving_a_dust_room_hand_the_cap_excess_on(scenario):
@@ -726,10 +750,12 @@ def test_target_back_at_its_model_weight_after_a_locked_excess_is_tagged_in_28_d
     assert s.tags()["L2"] == s.tags()["L6"] == ["LOCKED_POSITION"]
 
 
-def _class_cap_28(rows: list[tuple[str, bool, D]], m: D) -> tuple[list[D], bool]:
+def _class_cap_28(rows: list[tuple[str, bool, D]], m: D) -> tuple[list[D], set[tuple[int, str]]]:
     """The RFC-0001 asset-class cap in Python's 28-digit decimals, as docs/features.md and
     the oracle state it: every weight above m cut to it, each class's excess Σ (w − m) in
-    map order handed to the class's buyable weights below m as w + excess × (w / C)."""
+    map order handed to the class's buyable weights below m as w + excess × (w / C); and
+    the roles its problem detail names: (row, "over") for a recipient that ends above m,
+    (row, "source") for a weight cut in that recipient's class."""
     import decimal
     with decimal.localcontext(decimal.Context(prec=28, rounding=decimal.ROUND_HALF_EVEN)):
         weights, excess = [w for _, _, w in rows], {}
@@ -747,7 +773,9 @@ def _class_cap_28(rows: list[tuple[str, bool, D]], m: D) -> tuple[list[D], bool]
                 for i in cands:
                     weights[i] = weights[i] + e * (weights[i] / total)
                 recipients += cands
-        return weights, any(weights[i] > m for i in recipients)
+        over = {i for i in recipients if weights[i] > m}
+        classes = {rows[i][0] for i in over}
+        return weights, {(i, "over") for i in over} | {(i, "source") for i, (c, _, w) in enumerate(rows) if w > m and c in classes}
 
 
 @settings(max_examples=200, deadline=None)
@@ -774,14 +802,15 @@ def test_class_cap_in_28_digits_matches_python_decimals(books):
     frame = pl.DataFrame(data, orient="row", schema={
         "run": pl.UInt32, "map_order": pl.Int64, "asset_class": pl.String, "buy": pl.Boolean, "weight": WEIGHT,
         "single_position_max_weight": WEIGHT,
-    })
+    }).with_row_index("slot")
     stored = frame["weight"].to_list()  # the weights as the frame holds them (28 decimals)
-    rows, over = _class_cap_rows_in_28_digits(f28.from_dec(frame, "weight", "_w_f"))
+    rows, roles = _class_cap_rows_in_28_digits(f28.from_dec(frame, "weight", "_w_f"))
     got = rows.select(f28.to_d28("_w_f")).to_series().to_list()
     at = 0
     for run, (cap, members) in enumerate(books):
-        expected, fault = _class_cap_28([(cls, buy, w) for (cls, buy, _, _), w in zip(members, stored[at:at + len(members)])], D(cap))
+        expected, named = _class_cap_28([(cls, buy, w) for (cls, buy, _, _), w in zip(members, stored[at:at + len(members)])], D(cap))
         at_28_decimals = decimal.Context(prec=60).quantize  # a recipient can end above 1: 29+ digits
         assert got[at:at + len(members)] == [at_28_decimals(w, D(1).scaleb(-28)) for w in expected], run
-        assert (run in over["run"].to_list()) == fault, run
+        mine = roles.filter(pl.col("run") == run)
+        assert {(slot - at, role) for slot, role in mine.select("slot", "_role").iter_rows()} == named, run
         at += len(members)

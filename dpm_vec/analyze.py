@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 from dpm_vec.contract import parse_request
-from dpm_vec.errors import QuantityRangeError, RequestError, ValueRangeError
+from dpm_vec.errors import InfeasibleConstraintError, QuantityRangeError, RequestError, ValueRangeError
 from dpm_vec.simulate import simulate_outcomes
 
 log = logging.getLogger("dpm_vec.analyze")
@@ -128,12 +128,13 @@ def analyze(batch) -> dict:
 def _run(requests: list[dict], names: list[str], failed: dict[str, str]) -> dict[str, dict]:
     """All scenarios in one engine pass (a scenario the engine cannot compute fails alone,
     ``simulate_outcomes``), each failure recorded as §7 words it: the exception's class,
-    and for a value outside the engine's fixed point (§9.1) what it is."""
+    and for a value outside the engine's fixed point (§9.1), or the RFC asset-class cap's
+    block that a scenario's ``rfc_domain_errors`` asks to be told as a problem, what it is."""
     results = {}
     for name, outcome in zip(names, simulate_outcomes(requests)):
         if not isinstance(outcome, BaseException):
             results[name] = outcome
-        elif isinstance(outcome, (QuantityRangeError, ValueRangeError)):
+        elif isinstance(outcome, (QuantityRangeError, ValueRangeError, InfeasibleConstraintError)):
             failed[name] = f"SCENARIO_EXECUTION_ERROR: {type(outcome).__name__}: {outcome}"
         else:
             log.warning("scenario %s could not be simulated: %s: %s", name, type(outcome).__name__, outcome)

@@ -279,6 +279,23 @@ def test_a_scenario_beyond_the_quantity_range_fails_alone_and_names_the_trade():
     assert body["warnings"] == ["PARTIAL_BATCH_FAILURE"]
 
 
+def test_a_scenario_asking_for_rfc_domain_errors_fails_with_the_problem_detail():
+    """A what-if scenario under the RFC asset-class cap that blocks its run: with
+    ``rfc_domain_errors`` it fails (RFC §7's detail, naming the instruments); without, it
+    answers its BLOCKED result, as every scenario of the reference does."""
+    from dpm_vec.analyze import analyze
+    rfc_cap = {"single_position_max_weight": "0.4", "single_position_cap_mode": "RFC_ASSET_CLASS"}
+    batch = _batch(blocked={"options": rfc_cap}, told={"options": {**rfc_cap, "rfc_domain_errors": True}})
+    batch["portfolio_snapshot"].update(positions=[], cash_balances=[{"currency": "SGD", "amount": "10000"}])
+    batch["market_data_snapshot"]["prices"] = [{"instrument_id": i, "price": "100", "currency": "SGD"} for i in "AB"]
+    batch["model_portfolio"]["targets"] = [{"instrument_id": "A", "weight": "0.6"}, {"instrument_id": "B", "weight": "0.35"}]
+    batch["shelf_entries"] = [{"instrument_id": i, "status": "APPROVED", "asset_class": "EQUITY"} for i in "AB"]
+    body = analyze(batch)
+    assert body["results"]["blocked"]["status"] == "BLOCKED"
+    assert body["failed_scenarios"] == {"told": "SCENARIO_EXECUTION_ERROR: InfeasibleConstraintError: "
+                                                "Redistributing excess weight from A caused B to exceed the 40% cap."}
+
+
 def test_an_unexpected_engine_failure_fails_its_scenario_by_exception_class(monkeypatch):
     """§7 step 2: ``SCENARIO_EXECUTION_ERROR: <exception class name>``, and the rest run."""
     from dpm_vec import simulate

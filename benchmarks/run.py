@@ -299,7 +299,8 @@ FEATURES = {
     # the RFC-0001 options that reshape a plan (trades, codes, dependencies), at once
     "rfc_options": {"single_position_cap_mode": "RFC_ASSET_CLASS", "single_position_max_weight": "0.1", "notional_sizing": True,
                     "fx_sweep_threshold": "1000", "rfc_rationale_codes": True, "rfc_fx_dependencies": True,
-                    "delta_from_valuation": True, "held_banned_action": "LIQUIDATE"},
+                    "delta_from_valuation": True, "held_banned_action": "LIQUIDATE",
+                    "allow_restricted": True, "allow_restricted_holdings": True},
 }
 
 

@@ -67,6 +67,7 @@ POLICY_COLUMNS: list[tuple[str, pl.DataType, object]] = [
     ("stale_price_action", STR, "BLOCK"),
     ("missing_shelf_action", STR, "BLOCK"),
     ("held_banned_action", STR, "LOCK"),
+    ("allow_restricted_holdings", BOOL, False),
     ("rfc_rationale_codes", BOOL, False),
     ("rfc_fx_dependencies", BOOL, False),
     ("delta_from_valuation", BOOL, False),

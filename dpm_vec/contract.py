@@ -42,6 +42,7 @@ NOT_NULL_OPTIONS = (
     # RFC-0001 options
     "single_position_cap_mode", "notional_sizing", "max_skew_minutes", "require_base_currency_fx", "stale_price_action", "missing_shelf_action",
     "rfc_rationale_codes", "rfc_fx_dependencies", "delta_from_valuation", "held_banned_action",
+    "allow_restricted_holdings",
 )
 # RFC-0001 §7: a run the RFC asset-class cap blocks answers a 422 problem instead of a result
 JSON_DOOR_OPTION = "rfc_domain_errors"
@@ -440,6 +441,7 @@ def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]
         "stale_price_action": r.enum(o.get("stale_price_action"), f"{p}.stale_price_action", ("BLOCK", "EXCLUDE"), "BLOCK"),
         "missing_shelf_action": r.enum(o.get("missing_shelf_action"), f"{p}.missing_shelf_action", ("BLOCK", "EXCLUDE"), "BLOCK"),
         "held_banned_action": r.enum(o.get("held_banned_action"), f"{p}.held_banned_action", ("LOCK", "LIQUIDATE"), "LOCK"),
+        "allow_restricted_holdings": r.boolean(o.get("allow_restricted_holdings"), f"{p}.allow_restricted_holdings", False),
         "rfc_rationale_codes": r.boolean(o.get("rfc_rationale_codes"), f"{p}.rfc_rationale_codes", False),
         "rfc_fx_dependencies": r.boolean(o.get("rfc_fx_dependencies"), f"{p}.rfc_fx_dependencies", False),
         "delta_from_valuation": r.boolean(o.get("delta_from_valuation"), f"{p}.delta_from_valuation", False),

@@ -23,7 +23,7 @@ implementation: ``single_position_cap_mode: RFC_ASSET_CLASS``, ``notional_sizing
 ``trade_by: NOTIONAL``), ``max_staleness_minutes`` / ``stale_price_action``,
 ``missing_shelf_action``, ``max_skew_minutes``, ``require_base_currency_fx``,
 ``fx_sweep_threshold``, ``rfc_rationale_codes``, ``rfc_fx_dependencies``,
-``delta_from_valuation``, ``held_banned_action`` and ``rfc_domain_errors`` (the RFC asset-class
+``delta_from_valuation``, ``held_banned_action``, ``allow_restricted_holdings`` and ``rfc_domain_errors`` (the RFC asset-class
 cap's block as RFC §7's 422 problem instead of a result). Every one defaults to the reference's
 behaviour (off; ``max_skew_minutes`` acts only when set and both snapshots carry
 ``as_of``, a key the reference ignores).
@@ -146,6 +146,7 @@ class Options:
     stale_price_action: str = "BLOCK"
     missing_shelf_action: str = "BLOCK"
     held_banned_action: str = "LOCK"
+    allow_restricted_holdings: bool = False
     max_skew_minutes: int | None = None
     require_base_currency_fx: bool = False
     fx_sweep_threshold: Decimal | None = None
@@ -167,7 +168,7 @@ class Options:
                      "enable_settlement_awareness", "enable_workflow_gates",
                      "workflow_requires_client_consent", "client_consent_already_obtained",
                      "notional_sizing", "rfc_rationale_codes", "require_base_currency_fx",
-                     "rfc_fx_dependencies", "delta_from_valuation", "rfc_domain_errors"):
+                     "rfc_fx_dependencies", "delta_from_valuation", "rfc_domain_errors", "allow_restricted_holdings"):
             setattr(r, name, _bool(o.get(name), getattr(r, name)))
         for name in ("compare_target_methods_tolerance", "cash_band_min_weight",
                      "cash_band_max_weight", "fx_buffer_pct", "min_cash_buffer_pct"):
@@ -491,6 +492,12 @@ def build_universe(targets: list[dict], positions: list[dict], before: dict, mkt
             # a shelf-excluded held model target (§6.3), a stale one is listed twice (engine)
             wmap[iid] = row["weight"]
             excluded.append((iid, price_excluded[iid]))
+        elif e["status"] == "RESTRICTED" and opts.allow_restricted and opts.allow_restricted_holdings:
+            # RFC Step 2 iterates "model and holdings": RESTRICTED is excluded "unless
+            # options.allow_restricted = true", so a held one outside the model is then an
+            # eligible holding with no model weight, sold like an off-model APPROVED one
+            wmap[iid] = ZERO
+            sell.append(iid)
         elif e["status"] == "BANNED" and opts.held_banned_action == "LIQUIDATE":
             # features.md (reference-semantics §9, RFC-0002: "BANNED → sell to 0%"): sold like
             # an off-model APPROVED holding; a BANNED model target stays excluded in loop 1

@@ -523,7 +523,8 @@ def rfc_option_requests(draw) -> dict:
     required among the FX rates' currencies, a threshold on FX sweeps (more of it in
     ``sweep_threshold_requests``), the Appendix A rationale codes and messages, buys that
     depend on their funding FX alone, the delta's current value from the valuation (with
-    market values to read), and held BANNED instruments sold."""
+    market values to read), held BANNED instruments sold, and held RESTRICTED ones outside
+    the model freed by ``allow_restricted``."""
     req = draw(requests())
     o = req["options"]
     maybe = lambda p: draw(st.integers(0, 99)) < p  # noqa: E731
@@ -609,6 +610,17 @@ def rfc_option_requests(draw) -> dict:
     if maybe(85):  # RFC Step 4: the current value in the delta as the valuation values it
         o["delta_from_valuation"] = True
         _market_values(req, draw)
+    if maybe(35):  # RFC Step 2 over holdings: allow_restricted also frees a held RESTRICTED instrument outside the model
+        o["allow_restricted_holdings"] = True
+        o["allow_restricted"] = draw(weighted([(True, 4), (False, 1)]))
+        model = {t["instrument_id"] for t in req["model_portfolio"]["targets"]}
+        off_model = [p["instrument_id"] for p in req["portfolio_snapshot"]["positions"]
+                     if p["instrument_id"] not in model and Decimal(p["quantity"]) != 0]
+        if off_model and maybe(85):
+            restricted = draw(st.sampled_from(off_model))
+            for e in req["shelf_entries"]:
+                if e["instrument_id"] == restricted:
+                    e["status"] = "RESTRICTED"
     return req
 
 

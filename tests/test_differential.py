@@ -636,7 +636,8 @@ def _outcome(result: dict) -> str:
 
 # per RFC option: requests drawn, and requests in which it changed the oracle's outcome
 RFC_OPTIONS = ("single_position_cap_mode", "notional_sizing", "max_staleness_minutes", "max_skew_minutes", "missing_shelf_action",
-               "require_base_currency_fx", "rfc_rationale_codes", "rfc_fx_dependencies", "delta_from_valuation", "held_banned_action")
+               "require_base_currency_fx", "rfc_rationale_codes", "rfc_fx_dependencies", "delta_from_valuation", "held_banned_action",
+               "allow_restricted_holdings")
 RFC_EXERCISED = {"requests": 0, **{k: 0 for k in RFC_OPTIONS}}
 
 
@@ -664,8 +665,8 @@ def test_rfc_options_match_oracle(reqs):
     """The RFC-0001 options (asset-class cap, notional sizing, staleness, skew, base
     currency among the FX rates, unshelved model targets, FX sweep threshold, rationale
     codes, FX-only dependencies, the delta's current value from the valuation, held BANNED
-    instruments sold) against the oracle's independent implementation of docs/features.md and the
-    RFC; the threshold has its own property, ``test_fx_sweep_threshold_matches_oracle``."""
+    instruments sold, held RESTRICTED ones freed by allow_restricted) against the oracle's
+    independent implementation of docs/features.md and the RFC; the threshold has its own property, ``test_fx_sweep_threshold_matches_oracle``."""
     failures: list[str] = []
     for req, act in zip(reqs, simulate_many(reqs)):
         CHECKED["requests"] += 1

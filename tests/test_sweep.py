@@ -1345,6 +1345,34 @@ def test_held_banned_action_per_portfolio_agrees_with_the_oracle(tmp_path):
     assert sold >= 2  # LIQUIDATE portfolios sold banned holdings the reference would have kept
 
 
+def test_allow_restricted_holdings_per_portfolio_agrees_with_the_oracle(tmp_path):
+    """allow_restricted_holdings from a book column, every portfolio with allow_restricted
+    and the shelf restricting the first two holdings of each: portfolios that ask sell those
+    outside their model, the others (the reference) lock them (LOCKED_DUE_TO_RESTRICTED);
+    each run's status, trades and exclusions are the oracle's on the same request."""
+    frames = generate_book_frames(8, 5, holdings=(3, 6))
+    firsts = set(frames["positions"].group_by("portfolio_snapshot_id", maintain_order=True).head(2)["instrument_id"])
+    frames["shelf"] = frames["shelf"].with_columns(
+        status=pl.when(pl.col("instrument_id").is_in(list(firsts))).then(pl.lit("RESTRICTED")).otherwise(pl.col("status")))
+    frames["portfolios"] = frames["portfolios"].with_columns(allow_restricted=True, allow_restricted_holdings=pl.int_range(pl.len()) % 2 == 1)
+    sold = 0
+    for request, expected, run, (intents, exclusions) in _per_portfolio_option(tmp_path, frames, "allow_restricted_holdings", "intents", "exclusions"):
+        assert request["options"]["allow_restricted"] is True
+        assert run["status"] == expected["status"], run["run_key"]
+        trades = _security_trades(expected["intents"])
+        mine = intents.filter(pl.col("intent_type") == "SECURITY_TRADE").sort("exec_order")
+        assert mine.select("instrument_id", "side", "quantity").rows() == trades, run["run_key"]
+        reasons = exclusions.sort("excl_order").select("instrument_id", "reason_code").rows()
+        assert reasons == [(e["instrument_id"], e["reason_code"]) for e in expected["universe"]["excluded"]], run["run_key"]
+        model = {t["instrument_id"] for t in request["model_portfolio"]["targets"]}
+        held = [p["instrument_id"] for p in request["portfolio_snapshot"]["positions"] if p["instrument_id"] in firsts - model]
+        locked = [i for i, code in reasons if code == "LOCKED_DUE_TO_RESTRICTED"]
+        freed = request["options"]["allow_restricted_holdings"]
+        assert locked == ([] if freed else held), run["run_key"]
+        sold += freed and any(i in held and side == "SELL" for i, side, _ in trades)
+    assert sold >= 2  # portfolios that ask sold restricted holdings the reference would have kept
+
+
 def test_fx_sweep_threshold_per_portfolio_agrees_with_the_oracle(tmp_path):
     """fx_sweep_threshold from a book column: portfolios with a threshold of 100,000 (base
     currency) keep the surpluses worth less, the others sweep every one; each run's status

@@ -7,7 +7,8 @@ stage may weigh, with its ``kind``:
 * SELL_ONLY — SELL_ONLY model target, weight 0, its model weight to redistribute;
 * LOCKED — held instrument that may not be traded, kept at its before-state weight;
 * LIQUIDATION — held off-model (or model-excluded) approved/sell-only instrument, target 0
-  (and a held BANNED one under the RFC's ``held_banned_action`` LIQUIDATE).
+  (and a held BANNED one under the RFC's ``held_banned_action`` LIQUIDATE, a held
+  RESTRICTED one under ``allow_restricted`` with the RFC's ``allow_restricted_holdings``).
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ def build_universe(
     locked, as any held instrument without a shelf entry). A held BANNED instrument is
     locked as in the reference, or under the RFC's ``held_banned_action`` LIQUIDATE sold to
     0 like an off-model APPROVED one (a BANNED model target is still excluded as
-    SHELF_STATUS_BANNED; a price the RFC's exclude mode took out keeps it locked). With the before-state
+    SHELF_STATUS_BANNED; a price the RFC's exclude mode took out keeps it locked). A held
+    RESTRICTED instrument outside the model is locked as in the reference, or, where both
+    ``allow_restricted`` and the RFC's ``allow_restricted_holdings`` hold, sold to 0 the
+    same way. With the before-state
     ``totals`` and valued ``cash_before``, locked weights are recomputed in 28 digits as the
     reference computes them; without them they are the before-state weights.
     """
@@ -103,6 +107,11 @@ def build_universe(
     sell_banned = runs.filter(pl.col("held_banned_action") == "LIQUIDATE")["run"]
     if sell_banned.len():  # RFC held_banned_action LIQUIDATE: a held BANNED instrument is sold to 0
         locked = locked & ~(pl.col("status").eq_missing("BANNED") & pl.col("run").is_in(sell_banned.implode()))
+    # RFC Step 2 over "model and holdings": allow_restricted with allow_restricted_holdings
+    # makes a held RESTRICTED instrument outside the model tradable, so it is sold to 0
+    sell_restricted = runs.filter(pl.col("allow_restricted") & pl.col("allow_restricted_holdings"))["run"]
+    if sell_restricted.len():
+        locked = locked & ~(pl.col("status").eq_missing("RESTRICTED") & pl.col("run").is_in(sell_restricted.implode()))
     map2 = held.select(
         "run", "instrument_id", (pl.col("pos_seq").cast(pl.Int64) + LOOP2_OFFSET).alias("map_order"),
         pl.when(locked).then(pl.lit("LOCKED")).otherwise(pl.lit("LIQUIDATION")).alias("kind"),

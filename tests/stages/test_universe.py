@@ -171,6 +171,29 @@ def test_held_banned_liquidated_only_in_runs_that_ask(scenario):
     assert _eligible(s, "sell", 1) == ["A", "BAN_M", "BAN_X"]
 
 
+def test_held_restricted_freed_only_with_allow_restricted_and_the_rfc_option(scenario):
+    """RFC Step 2 over holdings: a held RESTRICTED instrument outside the model is sold to 0
+    (LIQUIDATION, in eligible_for_sell) only where allow_restricted and
+    allow_restricted_holdings both hold (run 2); the reference locks it even with
+    allow_restricted (run 1), and the option alone frees nothing (run 0). A RESTRICTED
+    model target is buyable under allow_restricted either way."""
+    s = scenario(
+        runs=[dict(allow_restricted_holdings=True), dict(allow_restricted=True),
+              dict(allow_restricted=True, allow_restricted_holdings=True)],
+        positions=[("RES_X", "10")],
+        cash=[("USD", "9000")],
+        prices=[(i, "100", "USD") for i in ("RES_X", "RES_M")],
+        shelf=[("RES_X", "RESTRICTED"), ("RES_M", "RESTRICTED")],
+        model=[("RES_M", "0.5")],
+    )
+    for run in (0, 1):
+        assert _map(s, run)["RES_X"] == ("LOCKED", D("0.1"))
+        assert ("RES_X", "LOCKED_DUE_TO_RESTRICTED") in s.excluded(run)
+    assert _map(s, 2)["RES_X"] == ("LIQUIDATION", D(0)) and s.excluded(2) == []
+    assert _eligible(s, "sell", 2) == ["RES_M", "RES_X"] and _eligible(s, "buy", 2) == ["RES_M"]
+    assert "RES_M" not in _map(s, 0) and _map(s, 1)["RES_M"][0] == "BUYABLE"
+
+
 def test_banned_model_target_not_held_is_excluded_only_once(scenario):
     s = scenario(
         cash=[("USD", "1000")],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import polars as pl
 
 # what a failed engine pass may raise: Polars reports a Rust panic (a decimal sum past 38
@@ -14,6 +16,15 @@ def is_overflow(exc: BaseException) -> bool:
     operation (ComputeError) or a result Polars cannot build at 38 digits (a panic)."""
     return (isinstance(exc, pl.exceptions.ComputeError) and "overflow" in str(exc)) or (
         isinstance(exc, pl.exceptions.PanicException) and "can't fit" in str(exc))
+
+
+def failure_summary(exc: BaseException) -> str:
+    """The exception's type and the first line of its message (at most 200 characters); of
+    a Polars panic, the messages inside its Rust error (``ErrString("...")``)."""
+    text = str(exc)
+    if isinstance(exc, pl.exceptions.PanicException):
+        text = ", ".join(re.findall(r'ErrString\("([^"]*)"\)', text)) or text
+    return f"{type(exc).__name__}: {next(iter(text.splitlines()), '')[:200]}"
 
 
 class DpmVecError(Exception):

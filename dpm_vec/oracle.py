@@ -23,9 +23,9 @@ implementation: ``single_position_cap_mode: RFC_ASSET_CLASS``, ``notional_sizing
 ``trade_by: NOTIONAL``), ``max_staleness_minutes`` / ``stale_price_action``,
 ``missing_shelf_action``, ``max_skew_minutes``, ``require_base_currency_fx``,
 ``fx_sweep_threshold``, ``rfc_rationale_codes``, ``rfc_fx_dependencies``,
-``delta_from_valuation``, ``held_banned_action``, ``allow_restricted_holdings`` and ``rfc_domain_errors`` (the RFC asset-class
-cap's block as RFC §7's 422 problem instead of a result). Every one defaults to the reference's
-behaviour (off; ``max_skew_minutes`` acts only when set and both snapshots carry
+``delta_from_valuation``, ``held_banned_action``, ``allow_restricted_holdings`` and
+``rfc_domain_errors`` (the RFC asset-class cap's block as RFC §7's 422 problem instead of
+a result). Every one defaults to the reference's behaviour (off; ``max_skew_minutes`` acts only when set and both snapshots carry
 ``as_of``, a key the reference ignores).
 """
 from __future__ import annotations

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import logging
-import re
-
-import polars as pl
 
 from dpm_vec.book import TABLES
 from dpm_vec.contract import JSON_DOOR_OPTION, parse_request, request_hash, rows_to_book
-from dpm_vec.errors import (ENGINE_FAILURES, InfeasibleConstraintError, QuantityRangeError, RequestError, ValueRangeError, is_overflow,
-                            named_failures, problem)
+from dpm_vec.errors import (ENGINE_FAILURES, InfeasibleConstraintError, QuantityRangeError, RequestError, ValueRangeError, failure_summary,
+                            is_overflow, named_failures, problem)
 from dpm_vec.pipeline import run
 from dpm_vec.render import render_results
 
@@ -65,7 +62,7 @@ def _problem(exc: BaseException, index: int) -> dict:
         return type(exc)(f"request {index + 1}: {exc}").problem()
     if isinstance(exc, InfeasibleConstraintError):  # RFC-0001 §7's detail as it stands; portfolio_id names the request
         return exc.problem()
-    return problem("about:blank", "Internal Server Error", 500, f"request {index + 1} could not be simulated ({_summary(exc)})")
+    return problem("about:blank", "Internal Server Error", 500, f"request {index + 1} could not be simulated ({failure_summary(exc)})")
 
 
 def _isolating(parsed: dict[int, dict[str, list[dict]]]) -> dict[int, dict | BaseException]:
@@ -81,11 +78,11 @@ def _isolating(parsed: dict[int, dict[str, list[dict]]]) -> dict[int, dict | Bas
         named = _named_in(exc, parsed)
         if named:  # the engine named the requests it cannot compute: the others need one more pass
             log.warning("one engine pass over %d requests failed (%s); running it again without the %d it names",
-                        len(parsed), _summary(exc), len(named))
+                        len(parsed), failure_summary(exc), len(named))
             rest = {i: rows for i, rows in parsed.items() if i not in named}
             return {**{i: QuantityRangeError(detail) for i, detail in named.items()},
                     **(_isolating(rest) if rest else {})}
-        log.warning("one engine pass over %d requests failed (%s); running each half on its own", len(parsed), _summary(exc))
+        log.warning("one engine pass over %d requests failed (%s); running each half on its own", len(parsed), failure_summary(exc))
         indexes = list(parsed)
         half = len(indexes) // 2
         return {**_isolating({i: parsed[i] for i in indexes[:half]}), **_isolating({i: parsed[i] for i in indexes[half:]})}
@@ -121,14 +118,5 @@ def _alone(rows: dict[str, list[dict]]) -> dict | BaseException:
         return _simulate([rows])[0]
     except ENGINE_FAILURES as exc:  # reported in the slot, never as a traceback
         if is_overflow(exc):
-            return ValueRangeError(f"an intermediate value left the engine's fixed-point range ({_summary(exc)})")
+            return ValueRangeError(f"an intermediate value left the engine's fixed-point range ({failure_summary(exc)})")
         return exc
-
-
-def _summary(exc: BaseException) -> str:
-    """The exception's type and the first line of its message (at most 200 characters); of
-    a Polars panic, the messages inside its Rust error (``ErrString("...")``)."""
-    text = str(exc)
-    if isinstance(exc, pl.exceptions.PanicException):
-        text = ", ".join(re.findall(r'ErrString\("([^"]*)"\)', text)) or text
-    return f"{type(exc).__name__}: {next(iter(text.splitlines()), '')[:200]}"

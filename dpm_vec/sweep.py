@@ -45,7 +45,7 @@ from dpm_vec import __version__
 from dpm_vec.book import Book, conform, empty_table
 from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES_FROM_SHARDS, default_shard_size, default_threads,
                               even_shard_size, usable_cores)
-from dpm_vec.errors import ENGINE_FAILURES, BookError, DpmVecError, named_failures
+from dpm_vec.errors import ENGINE_FAILURES, BookError, DpmVecError, failure_summary, named_failures
 from dpm_vec.io import (PORTFOLIO_ROWS, _path, collect, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         write_book, write_json_atomic)
 from dpm_vec.outdir import SWEEP_MARKER, check_replaceable, exclusive, remove_stale_work
@@ -695,16 +695,11 @@ def _engine_error_tables(book: Book, exc: BaseException, empty: dict[str, pl.Dat
         "run_key", "portfolio_id", "scenario_id", "base_currency", "portfolio_snapshot_id", "market_snapshot_id",
         "shelf_id", "model_id", "target_method", "request_hash",
         pl.lit("BLOCKED").alias("status"), pl.lit("E1").alias("exit_path"), pl.lit("ENGINE_ERROR").alias("block_reason"),
-        pl.lit(_error_summary(exc)).alias("block_detail"),
+        pl.lit(failure_summary(exc)).alias("block_detail"),
         pl.lit([f"ENGINE_ERROR:{type(exc).__name__}"], dtype=pl.List(pl.String)).alias("warnings"),
         pl.lit(__version__).alias("engine_version"),
     )
     return {**empty, "runs": pl.concat([empty["runs"], runs], how="diagonal_relaxed").select(empty["runs"].columns)}
-
-
-def _error_summary(exc: BaseException) -> str:
-    """The error's type and the first line of its message, at most 300 characters."""
-    return f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}"[:300]
 
 
 class _Progress:

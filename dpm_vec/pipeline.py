@@ -198,7 +198,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
         .join(faults, on="run", how="left")
         .with_columns(
             pl.coalesce("fault_code", "target_fault").alias("block_reason"),
-            pl.when(pl.col("fault_code").is_null()).then(pl.col("target_fault_detail")).alias("block_detail"),
+            pl.when(pl.col("fault_code").is_null()).then(pl.col("target_fault_detail")).otherwise(pl.col("fault_detail")).alias("block_detail"),
         )
         .with_columns(
             pl.when(pl.col("exit_path") != "E6").then(pl.lit("BLOCKED"))

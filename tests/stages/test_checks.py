@@ -138,6 +138,25 @@ def test_missing_price_excluded_under_exclude_and_no_finding(scenario):
     assert (blocked.run_row()["status"], blocked.run_row()["n_price_missing"]) == ("BLOCKED", 1)
 
 
+def test_each_fault_has_a_block_detail_naming_what_failed(scenario):
+    """The runs table's block_detail for dpm_vec's own checks: the instruments, times and
+    limits each fault is about, so a sweep's reader need not look them up."""
+    def detail(s):
+        return s.run_row()["block_detail"]
+
+    assert detail(_base(scenario, positions=[("A", "-1"), ("H", "2"), ("G", "-3")],
+                        prices=[("A", "100", "USD"), ("H", "1", "USD"), ("G", "1", "USD")])) == "held quantity below zero: A, G"
+    assert detail(_base(scenario, positions=[("H", "1")], prices=[("A", "0", "USD"), ("H", "0", "USD")])) == \
+        "price at or below zero: H, A"  # holdings first, then model targets
+    skewed = _base(scenario, portfolio_as_of=T0, market_as_of=T0 + timedelta(minutes=15, seconds=30), max_skew_minutes=15)
+    assert detail(skewed) == ("portfolio as_of 2026-01-05T12:00:00Z and market as_of 2026-01-05T12:15:30Z are 15.5 minutes apart, "
+                              "more than max_skew_minutes 15")
+    assert detail(_base(scenario, base="SGD", fx=[("USD/EUR", "0.9")], require_base_currency_fx=True)) == \
+        "no FX rate of the market data quotes the base currency SGD"
+    assert detail(_stale(scenario, "BLOCK")) == "prices more than 60 minutes (max_staleness_minutes) older than 2026-01-05T12:00:00Z: A, H"
+    assert detail(_base(scenario)) is None
+
+
 def test_faults_isolated_between_runs(scenario):
     s = _base(
         scenario,

@@ -1318,25 +1318,38 @@ def test_delta_from_valuation_per_portfolio_agrees_with_the_oracle(tmp_path):
     assert differs >= 2  # the option changed the trades of portfolios that ask for it
 
 
+def _first_holdings_as(frames: dict, status: str) -> tuple[dict, set[str]]:
+    """``frames`` with the shelf giving ``status`` to the first two holdings of every
+    portfolio, and those instruments."""
+    firsts = set(frames["positions"].group_by("portfolio_snapshot_id", maintain_order=True).head(2)["instrument_id"])
+    frames["shelf"] = frames["shelf"].with_columns(
+        status=pl.when(pl.col("instrument_id").is_in(list(firsts))).then(pl.lit(status)).otherwise(pl.col("status")))
+    return frames, firsts
+
+
+def _trades_and_exclusions_agree(expected: dict, run: dict, intents: pl.DataFrame, exclusions: pl.DataFrame) -> tuple[list, list]:
+    """Assert a swept run's status, security trades and exclusions are the oracle's
+    ``expected``; return the trades and the (instrument, reason) exclusions."""
+    assert run["status"] == expected["status"], run["run_key"]
+    trades = _security_trades(expected["intents"])
+    mine = intents.filter(pl.col("intent_type") == "SECURITY_TRADE").sort("exec_order")
+    assert mine.select("instrument_id", "side", "quantity").rows() == trades, run["run_key"]
+    reasons = exclusions.sort("excl_order").select("instrument_id", "reason_code").rows()
+    assert reasons == [(e["instrument_id"], e["reason_code"]) for e in expected["universe"]["excluded"]], run["run_key"]
+    return trades, reasons
+
+
 def test_held_banned_action_per_portfolio_agrees_with_the_oracle(tmp_path):
     """held_banned_action from a book column, with the shelf banning the first two holdings
     of every portfolio: LIQUIDATE portfolios sell them, LOCK ones (the reference) lock them
     (LOCKED_DUE_TO_BANNED; a group or single-position cap may still scale them down, §8 item 10); each run's
     status, trades and exclusions are the oracle's on the same request with the same option."""
-    frames = generate_book_frames(8, 5, holdings=(3, 6))
-    firsts = set(frames["positions"].group_by("portfolio_snapshot_id", maintain_order=True).head(2)["instrument_id"])
-    frames["shelf"] = frames["shelf"].with_columns(
-        status=pl.when(pl.col("instrument_id").is_in(list(firsts))).then(pl.lit("BANNED")).otherwise(pl.col("status")))
+    frames, firsts = _first_holdings_as(generate_book_frames(8, 5, holdings=(3, 6)), "BANNED")
     frames["portfolios"] = frames["portfolios"].with_columns(
         held_banned_action=pl.when(pl.int_range(pl.len()) % 2 == 1).then(pl.lit("LIQUIDATE")).otherwise(pl.lit("LOCK")))
     sold = 0
     for request, expected, run, (intents, exclusions) in _per_portfolio_option(tmp_path, frames, "held_banned_action", "intents", "exclusions"):
-        assert run["status"] == expected["status"], run["run_key"]
-        trades = _security_trades(expected["intents"])
-        mine = intents.filter(pl.col("intent_type") == "SECURITY_TRADE").sort("exec_order")
-        assert mine.select("instrument_id", "side", "quantity").rows() == trades, run["run_key"]
-        reasons = exclusions.sort("excl_order").select("instrument_id", "reason_code").rows()
-        assert reasons == [(e["instrument_id"], e["reason_code"]) for e in expected["universe"]["excluded"]], run["run_key"]
+        trades, reasons = _trades_and_exclusions_agree(expected, run, intents, exclusions)
         held = [p["instrument_id"] for p in request["portfolio_snapshot"]["positions"] if p["instrument_id"] in firsts]
         locked = [i for i, code in reasons if code == "LOCKED_DUE_TO_BANNED"]
         liquidate = request["options"]["held_banned_action"] == "LIQUIDATE"
@@ -1350,20 +1363,12 @@ def test_allow_restricted_holdings_per_portfolio_agrees_with_the_oracle(tmp_path
     and the shelf restricting the first two holdings of each: portfolios that ask sell those
     outside their model, the others (the reference) lock them (LOCKED_DUE_TO_RESTRICTED);
     each run's status, trades and exclusions are the oracle's on the same request."""
-    frames = generate_book_frames(8, 5, holdings=(3, 6))
-    firsts = set(frames["positions"].group_by("portfolio_snapshot_id", maintain_order=True).head(2)["instrument_id"])
-    frames["shelf"] = frames["shelf"].with_columns(
-        status=pl.when(pl.col("instrument_id").is_in(list(firsts))).then(pl.lit("RESTRICTED")).otherwise(pl.col("status")))
+    frames, firsts = _first_holdings_as(generate_book_frames(8, 5, holdings=(3, 6)), "RESTRICTED")
     frames["portfolios"] = frames["portfolios"].with_columns(allow_restricted=True, allow_restricted_holdings=pl.int_range(pl.len()) % 2 == 1)
     sold = 0
     for request, expected, run, (intents, exclusions) in _per_portfolio_option(tmp_path, frames, "allow_restricted_holdings", "intents", "exclusions"):
         assert request["options"]["allow_restricted"] is True
-        assert run["status"] == expected["status"], run["run_key"]
-        trades = _security_trades(expected["intents"])
-        mine = intents.filter(pl.col("intent_type") == "SECURITY_TRADE").sort("exec_order")
-        assert mine.select("instrument_id", "side", "quantity").rows() == trades, run["run_key"]
-        reasons = exclusions.sort("excl_order").select("instrument_id", "reason_code").rows()
-        assert reasons == [(e["instrument_id"], e["reason_code"]) for e in expected["universe"]["excluded"]], run["run_key"]
+        trades, reasons = _trades_and_exclusions_agree(expected, run, intents, exclusions)
         model = {t["instrument_id"] for t in request["model_portfolio"]["targets"]}
         held = [p["instrument_id"] for p in request["portfolio_snapshot"]["positions"] if p["instrument_id"] in firsts - model]
         locked = [i for i, code in reasons if code == "LOCKED_DUE_TO_RESTRICTED"]

@@ -84,7 +84,7 @@ def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, mo
 
 
 def _minutes(duration: pl.Expr) -> pl.Expr:
-    """A duration in minutes as text: 20, or 15.5 (to the second)."""
+    """A duration in minutes as text: 20 when whole, else to two decimals (15.5)."""
     seconds = duration.dt.total_seconds()
     return pl.when(seconds % 60 == 0).then((seconds // 60).cast(pl.String)).otherwise((seconds / 60).round(2).cast(pl.String))
 

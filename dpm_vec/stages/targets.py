@@ -17,7 +17,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.codes import with_code_lists
 from dpm_vec.frames import join_on_index, join_runs, sort_rows
-from dpm_vec.numeric import DEC_UNIT, VALUE_TIMES_WEIGHT, WEIGHT, dmax, dmin, lit, product_of_all_digits
+from dpm_vec.numeric import DEC_UNIT, VALUE_TIMES_WEIGHT, WEIGHT, dmax, dmin, lit, product_of_all_digits, units_text
 from dpm_vec.stages.prepare import SLOT, Market
 from dpm_vec.stages.universe import ExactLocked, valued_in_28_digits
 
@@ -1014,22 +1014,22 @@ def _concentration_faults(roles: pl.DataFrame, wm: pl.DataFrame) -> pl.DataFrame
     single_position_max_weight)."""
     named = join_on_index(roles, wm.select("slot", "instrument_id", "map_order", "single_position_max_weight"), "slot", how="inner")
 
-    def names(role: str) -> pl.Expr:
-        ids = pl.col("instrument_id").filter(pl.col("_role") == role).sort_by(pl.col("map_order").filter(pl.col("_role") == role))
-        return ids.alias(role)
-
     def listed(role: str) -> pl.Expr:
+        """The role's instruments as "A", "A and B" or "A, B and C"."""
         ids = pl.col(role)
         return pl.when(ids.list.len() < 2).then(ids.list.first()).otherwise(
             ids.list.head(ids.list.len() - 1).list.join(", ") + " and " + ids.list.last()
         )
 
-    cap = (pl.col("single_position_max_weight").cast(WEIGHT) * 100).cast(pl.String).str.replace(r"\.?0+$", "")
-    return named.group_by("run").agg(names("source"), names("over"), pl.col("single_position_max_weight").first()).select(
+    cap = units_text(pl.col("single_position_max_weight").cast(WEIGHT) * 100)
+    return named.sort("run", "map_order").group_by("run", maintain_order=True).agg(
+        *(pl.col("instrument_id").filter(pl.col("_role") == role).alias(role) for role in ("source", "over")),
+        pl.col("single_position_max_weight").first(),
+    ).select(
         "run", pl.lit("INFEASIBLE_CONCENTRATION").alias("target_fault"),
         pl.format("Redistributing excess weight from {} caused {} to exceed the {}% cap.", listed("source"), listed("over"), cap)
         .alias("target_fault_detail"),
-    ).sort("run")
+    )
 
 
 def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.DataFrame:

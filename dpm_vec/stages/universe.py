@@ -104,14 +104,14 @@ def build_universe(
     held = market.with_shelf(held.select("run", "pos_seq", "instrument_id", "weight", "slot"), ("status",))
     held = _price_check_as_status(held, price_flags)
     locked = pl.col("status").is_null() | pl.col("status").is_in(["SUSPENDED", "BANNED", "RESTRICTED", *PRICE_EXCLUSIONS])
-    sell_banned = runs.filter(pl.col("held_banned_action") == "LIQUIDATE")["run"]
-    if sell_banned.len():  # RFC held_banned_action LIQUIDATE: a held BANNED instrument is sold to 0
-        locked = locked & ~(pl.col("status").eq_missing("BANNED") & pl.col("run").is_in(sell_banned.implode()))
-    # RFC Step 2 over "model and holdings": allow_restricted with allow_restricted_holdings
-    # makes a held RESTRICTED instrument outside the model tradable, so it is sold to 0
-    sell_restricted = runs.filter(pl.col("allow_restricted") & pl.col("allow_restricted_holdings"))["run"]
-    if sell_restricted.len():
-        locked = locked & ~(pl.col("status").eq_missing("RESTRICTED") & pl.col("run").is_in(sell_restricted.implode()))
+    # the RFC's holdings sold to 0 instead of locked: BANNED under held_banned_action LIQUIDATE
+    # (RFC-0002), RESTRICTED under allow_restricted with allow_restricted_holdings (RFC Step 2
+    # over "model and holdings")
+    for status, sold in (("BANNED", pl.col("held_banned_action") == "LIQUIDATE"),
+                         ("RESTRICTED", pl.col("allow_restricted") & pl.col("allow_restricted_holdings"))):
+        sold_runs = runs.filter(sold)["run"]
+        if sold_runs.len():
+            locked = locked & ~(pl.col("status").eq_missing(status) & pl.col("run").is_in(sold_runs.implode()))
     map2 = held.select(
         "run", "instrument_id", (pl.col("pos_seq").cast(pl.Int64) + LOOP2_OFFSET).alias("map_order"),
         pl.when(locked).then(pl.lit("LOCKED")).otherwise(pl.lit("LIQUIDATION")).alias("kind"),

@@ -45,6 +45,26 @@ class InputFault(StrEnum):
     INVALID_LIMITS = "INVALID_LIMITS"
 
 
+# block reasons that head a JSON result's warnings: the reference reports its own blocks in rule_results only
+ENGINE_BLOCKS = frozenset(InputFault)
+
+
+class ReferenceBlock(StrEnum):
+    """Why the reference blocks a run: its target stage's stops and its HARD rules. A
+    blocked run's block_reason when dpm_vec found no fault of its own (of failed rules,
+    the first in rule order)."""
+
+    NO_ELIGIBLE_REDISTRIBUTION_DESTINATION = "NO_ELIGIBLE_REDISTRIBUTION_DESTINATION"
+    INFEASIBLE_INFEASIBLE = "INFEASIBLE_INFEASIBLE"
+    SOLVER_ERROR = "SOLVER_ERROR"
+    SETTLEMENT_CASH_LADDER = "SETTLEMENT_CASH_LADDER"
+    SINGLE_POSITION_MAX = "SINGLE_POSITION_MAX"
+    DATA_QUALITY = "DATA_QUALITY"
+    NO_SHORTING = "NO_SHORTING"
+    INSUFFICIENT_CASH = "INSUFFICIENT_CASH"
+    RECONCILIATION = "RECONCILIATION"
+
+
 CODE_DESCRIPTIONS: dict[str, str] = {
     # universe exclusions
     "SHELF_STATUS_BANNED": "model target is BANNED on the shelf; not bought",
@@ -84,8 +104,18 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "INVALID_HOLDINGS": "a row of the portfolio's positions, cash or lots fails its checks (sweep: named in input_faults)",
     "INVALID_LIMITS": "a row of the portfolio's group_constraints or overdraft_limits fails its checks (sweep: named in input_faults)",
     "ENGINE_ERROR": "the engine could not compute this portfolio (e.g. an arithmetic overflow); the sweep went on",
+    # run-level blocks the reference decides (runs table: block_reason and block_detail; JSON: its own warnings and rule_results)
+    "NO_ELIGIBLE_REDISTRIBUTION_DESTINATION": "HEURISTIC: a group over its max_weight, and no buyable instrument outside it to take the excess",
+    "INFEASIBLE_INFEASIBLE": "SOLVER: no target weights meet the model's bounds, the cash band and the caps (the INFEASIBILITY_HINT_* warnings say which)",
+    "SOLVER_ERROR": "SOLVER: the solver gave no status",
+    "SETTLEMENT_CASH_LADDER": "a currency's projected balance falls below its overdraft floor on a settlement day (exit E3)",
+    "SINGLE_POSITION_MAX": "an after-state position weighs more than single_position_max_weight + 0.001",
+    "DATA_QUALITY": "a price, FX rate or shelf entry the run needs is missing (exit E1 or E2)",
+    "NO_SHORTING": "an after-state quantity is below zero: a sell exceeds the holding",
+    "INSUFFICIENT_CASH": "an after-state cash balance is below zero",
+    "RECONCILIATION": "the after-state value differs from the before-state by more than 0.5 + 0.05% (exit E5)",
 }
-assert {f.value for f in InputFault} <= CODE_DESCRIPTIONS.keys()
+assert {f.value for f in InputFault} | {r.value for r in ReferenceBlock} <= CODE_DESCRIPTIONS.keys()
 
 
 def markdown_table() -> str:

@@ -196,15 +196,20 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
         runs.with_columns(exit_path.alias("exit_path"))
         .join(targets.status, on="run", how="left")
         .join(faults, on="run", how="left")
-        .with_columns(
-            pl.coalesce("fault_code", "target_fault").alias("block_reason"),
-            pl.when(pl.col("fault_code").is_null()).then(pl.col("target_fault_detail")).otherwise(pl.col("fault_detail")).alias("block_detail"),
-        )
+        .join(targets.blocks, on="run", how="left")
+        .join(compliance.rule_blocks(rule_results), on="run", how="left")
         .with_columns(
             pl.when(pl.col("exit_path") != "E6").then(pl.lit("BLOCKED"))
             .when(pl.col("run").is_in(soft_fail["run"].implode())).then(pl.lit("PENDING_REVIEW"))
             .when(pl.col("target_status") == "PENDING_REVIEW").then(pl.lit("PENDING_REVIEW"))
             .otherwise(pl.lit("READY")).alias("status"),
+        )
+        .with_columns(  # dpm_vec's own fault first; else the reference's target-stage block or failed HARD rules
+            pl.coalesce("fault_code", "target_fault", "target_block", pl.when(pl.col("status") == "BLOCKED").then("rule_block")).alias("block_reason"),
+            pl.coalesce(
+                pl.when(pl.col("fault_code").is_null()).then(pl.col("target_fault_detail")).otherwise(pl.col("fault_detail")),
+                "target_block_detail", pl.when(pl.col("status") == "BLOCKED").then("rule_block_detail"),
+            ).alias("block_detail"),
         )
         .join(before.totals.select("run", pl.col("total_value").alias("before_total_value")), on="run", how="left")
         .join(pl.concat([after.totals, revalued.totals]).select("run", pl.col("total_value").alias("after_total_value")), on="run", how="left")

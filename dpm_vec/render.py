@@ -12,6 +12,7 @@ from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
 
 import polars as pl
 
+from dpm_vec.codes import ENGINE_BLOCKS
 from dpm_vec.numeric import to_text
 from dpm_vec.pipeline import Result
 
@@ -171,7 +172,7 @@ def _render_run(run: dict, parts: dict, run_id: str) -> dict:
         for r in parts["rule_results"]
     ]
     warnings = [w["code"] for w in parts["warnings"]]
-    if run.get("block_reason"):
+    if run.get("block_reason") in ENGINE_BLOCKS:  # the reference's own blocks are in its rule_results
         warnings.insert(0, run["block_reason"])
     recipients = defaultdict(dict)
     for rec in sorted(parts["group_recipients"], key=lambda x: x["recipient_order"]):

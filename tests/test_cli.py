@@ -11,6 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from dpm_vec.codes import ENGINE_BLOCKS
 from tests.golden_compare import strip_random
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -93,9 +94,16 @@ def test_import_requests_then_sweep_matches_the_batch(tmp_path):
     for i, slot in problems.items():
         assert runs.row(i, named=True)["block_reason"] == slot["code"] and runs.row(i, named=True)["block_detail"] == slot["detail"]
     runs, batch = runs.filter(~pl.int_range(pl.len()).is_in(list(problems))), [r for i, r in enumerate(batch) if i not in problems]
-    # a run the RFC checks block names its reason among the batch's warnings
+    # every blocked run names why: a run dpm_vec's own checks or the reference's target stage
+    # block, among the batch's warnings; one a rule blocks, by its first failed HARD rule
+    assert runs.filter(pl.col("status") == "BLOCKED")["block_reason"].null_count() == 0
+    assert runs.filter(pl.col("status") != "BLOCKED")["block_reason"].null_count() == runs.filter(pl.col("status") != "BLOCKED").height
     for reason, result in zip(runs["block_reason"], batch):
-        assert reason is None or reason in result["diagnostics"]["warnings"], (reason, result["diagnostics"]["warnings"])
+        failed = [r["rule_id"] for r in result["rule_results"] if (r["severity"], r["status"]) == ("HARD", "FAIL")]
+        if reason in ENGINE_BLOCKS or (failed == [] and reason is not None):
+            assert reason in result["diagnostics"]["warnings"], (reason, result["diagnostics"]["warnings"])
+        elif reason is not None:
+            assert reason == failed[0] and reason not in result["diagnostics"]["warnings"], (reason, failed)
     assert runs["status"].to_list() == [r["status"] for r in batch]
     assert runs["portfolio_id"].to_list() == [r["lineage"]["portfolio_snapshot_id"] for r in batch]
     assert runs["dq_count"].to_list() == [sum(map(len, r["diagnostics"]["data_quality"].values())) for r in batch]

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dpm_vec.codes import ENGINE_BLOCKS
 from dpm_vec.defaults import DEFAULT_SHARD_SIZE
 from dpm_vec.errors import BookError, DpmVecError
 from dpm_vec.export import book_to_requests
@@ -252,8 +253,10 @@ def test_book_faults_block_with_named_reason(tmp_path):
     ids = frames["portfolios"]["run_key"].to_list()
     assert reasons[ids[1]] == "UNKNOWN_MODEL"
     assert reasons[ids[2]] == "NEGATIVE_QUANTITY"
-    assert runs.filter(pl.col("block_reason").is_not_null())["status"].to_list() == ["BLOCKED", "BLOCKED"]
-    assert runs.filter(pl.col("block_reason").is_null()).height == 4
+    # the others have none of dpm_vec's own faults; any of them blocked says by which rule
+    others = runs.filter(~pl.col("run_key").is_in(ids[1:3]))
+    assert not set(others["block_reason"].drop_nulls()) & ENGINE_BLOCKS
+    assert (runs["status"] == "BLOCKED").to_list() == runs["block_reason"].is_not_null().to_list()
 
 
 def test_unknown_references_block_unless_declared_in_snapshots(tmp_path):
@@ -275,9 +278,13 @@ def test_unknown_references_block_unless_declared_in_snapshots(tmp_path):
     frames["snapshots"] = pl.DataFrame({"kind": ["MODEL", "SHELF", "MARKET"], "snapshot_id": ["EMPTY_MODEL", "EMPTY_SHELF", "EMPTY_MD"]})
     write_book(frames, tmp_path / "declared")
     sweep(tmp_path / "declared", tmp_path / "out2", progress=False)
-    runs = _read(tmp_path / "out2", "runs").select("run_key", "status", "block_reason", "n_shelf_missing", "n_price_missing")
+    runs = _read(tmp_path / "out2", "runs").select("run_key", "status", "block_reason", "block_detail", "n_shelf_missing", "n_price_missing")
     by_key = {r["run_key"]: r for r in runs.iter_rows(named=True)}
-    assert all(by_key[k]["block_reason"] is None for k in ids)
+    assert not any(str(by_key[k]["block_reason"]).startswith("UNKNOWN_") for k in ids)
+    # an empty shelf or market blocks on the reference's DATA_QUALITY rule, which names what is missing
+    assert by_key[ids[2]]["block_reason"] == by_key[ids[3]]["block_reason"] == "DATA_QUALITY"
+    assert by_key[ids[2]]["block_detail"].startswith("missing data: no shelf entry for ")
+    assert by_key[ids[3]]["block_detail"].startswith("missing data: no price for ")
     intents = _read(tmp_path / "out2", "intents")
     sells = intents.filter((pl.col("run_key") == ids[1]) & (pl.col("intent_type") == "SECURITY_TRADE"))
     assert sells.height and set(sells["side"]) == {"SELL"}  # an empty model liquidates the approved holdings
@@ -714,10 +721,11 @@ def test_a_portfolio_the_engine_cannot_compute_is_blocked_alone(tmp_path):
     failed = runs.filter(pl.col("block_reason") == "ENGINE_ERROR")
     assert failed["run_key"].to_list() == [frames["portfolios"]["run_key"][5]]
     assert failed["status"].to_list() == ["BLOCKED"]
-    # the error is told in block_detail (its type and first line), and the others have none
+    # the error is told in block_detail (its type and first line); the others ran: a detail only if blocked
     assert failed["block_detail"].to_list() == ["ComputeError: overflow in decimal multiplication: result doesn't fit Decimal(38, 20)"]
-    assert runs.filter(pl.col("block_reason") != "ENGINE_ERROR")["exit_path"].is_not_null().all()
-    assert runs.filter(pl.col("block_reason") != "ENGINE_ERROR")["block_detail"].is_null().all()
+    others = runs.filter(pl.col("block_reason").ne_missing("ENGINE_ERROR"))
+    assert others["exit_path"].is_not_null().all() and others.height == runs.height - 1
+    assert (others["status"] == "BLOCKED").to_list() == others["block_detail"].is_not_null().to_list()
 
 
 def test_timestamps_written_as_iso_text_read_as_timestamps(tmp_path):

@@ -12,7 +12,7 @@ import polars as pl
 
 from dpm_vec import dec28
 from dpm_vec.frames import concat_by_run, join_on_index, join_runs, sort_rows
-from dpm_vec.numeric import DEC, HAIR, dabs, lit
+from dpm_vec.numeric import DEC, HAIR, dabs, lit, units_text
 from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, fx_margins, inexact_fx_runs, movements
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.universe import exact_cash_bucket, valued_in_28_digits
@@ -23,6 +23,7 @@ APPENDED = 1 << 50  # order of positions / cash rows the after-state appends
 RULE_SCHEMA = {
     "run": pl.UInt32, "rule_order": pl.Int64, "rule_id": pl.String, "severity": pl.String, "status": pl.String,
     "measured": DEC, "threshold_min": DEC, "threshold_max": DEC, "reason_code": pl.String, "remediation_hint": pl.String,
+    "detail": pl.String,  # dpm_vec's: what failed, named (null on PASS); the JSON door does not print it
 }
 
 
@@ -186,17 +187,20 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
         cash = cash.join(cash_signs.select("run", "currency", "_negative"), on=["run", "currency"], how="left", maintain_order="left")
         negative = pl.coalesce("_negative", negative)
     cash_stats = cash.group_by("run").agg(pl.col("amount").filter(negative).min().alias("_min_cash"))
+    shorts = _named(positions.filter(pl.col("quantity") < 0), "pos_seq", pl.format("{} at {}", "instrument_id", units_text(pl.col("quantity"))), "_shorts")
+    overdrawn = _named(cash.filter(negative), "cash_seq", pl.format("{} at {}", "currency", units_text(pl.col("amount"))), "_overdrawn")
     r = (
         runs.select("run", "cash_band_min_weight", "cash_band_max_weight", "single_position_max_weight")
         .join(cash_weight, on="run", how="left").join(pos_stats, on="run", how="left").join(max_w, on="run", how="left")
-        .join(cash_stats, on="run", how="left").join(dq_counts.select("run", "dq_count"), on="run", how="left")
+        .join(cash_stats, on="run", how="left").join(dq_counts.select("run", "dq_count", "dq_detail"), on="run", how="left")
+        .join(shorts, on="run", how="left").join(overdrawn, on="run", how="left")
         .join(suppressed_counts, on="run", how="left")
         .with_columns(
             pl.col("_cash_w").fill_null(lit(0)), pl.col("dq_count").fill_null(0), pl.col("n_suppressed").fill_null(0),
         )
     )
 
-    def rule(order, rule_id, severity, fail, measured, tmin, tmax, reason_fail, reason_pass, hint):
+    def rule(order, rule_id, severity, fail, measured, tmin, tmax, reason_fail, reason_pass, hint, detail=None):
         return r.select(
             "run", pl.lit(order, dtype=pl.Int64).alias("rule_order"), pl.lit(rule_id).alias("rule_id"),
             pl.lit(severity).alias("severity"),
@@ -204,6 +208,7 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
             measured.cast(DEC).alias("measured"), tmin.cast(DEC).alias("threshold_min"), tmax.cast(DEC).alias("threshold_max"),
             pl.when(fail).then(pl.lit(reason_fail)).otherwise(reason_pass).alias("reason_code"),
             pl.when(fail).then(pl.lit(hint)).otherwise(pl.lit(None, dtype=pl.String)).alias("remediation_hint"),
+            pl.when(fail).then(detail).otherwise(pl.lit(None, dtype=pl.String)).alias("detail"),
         )
 
     none = pl.lit(None, dtype=DEC)
@@ -223,6 +228,7 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
         0, "CASH_BAND", "SOFT", band_fail,
         pl.col("_cash_w"), pl.col("cash_band_min_weight"), pl.col("cash_band_max_weight"),
         "THRESHOLD_BREACH", pl.lit("OK"), "Portfolio cash is outside policy bands.",
+        pl.format("cash weight {} outside the band {} to {}", *(units_text(pl.col(c)) for c in ("_cash_w", "cash_band_min_weight", "cash_band_max_weight"))),
     )
     breaches = weighed.filter(over_cap).pipe(sort_rows, "run", "bucket_order")
     spm_pass = r.join(breaches.select("run").unique(), on="run", how="anti").select(
@@ -232,7 +238,7 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
         none.alias("threshold_min"),
         pl.when(m.is_null()).then(lit(-1)).otherwise(m).alias("threshold_max"),
         pl.when(m.is_null()).then(pl.lit("NO_LIMIT_SET")).otherwise(pl.lit("OK")).alias("reason_code"),
-        pl.lit(None, dtype=pl.String).alias("remediation_hint"),
+        pl.lit(None, dtype=pl.String).alias("remediation_hint"), pl.lit(None, dtype=pl.String).alias("detail"),
     )
     spm_fail = (
         breaches.select(
@@ -241,18 +247,24 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
             pl.col("weight").alias("measured"), none.alias("threshold_min"), pl.col("single_position_max_weight").alias("threshold_max"),
             pl.lit("LIMIT_BREACH").alias("reason_code"),
             (pl.lit("Instrument ") + pl.col("key") + pl.lit(" exceeds max weight.")).alias("remediation_hint"),
+            pl.format("{} at weight {} over the cap {}", "key", units_text(pl.col("weight")), units_text(pl.col("single_position_max_weight"))).alias("detail"),
         )
     )
     data_quality = rule(2, "DATA_QUALITY", "HARD", pl.col("dq_count") > 0, pl.col("dq_count"), none, lit(0),
-                        "MISSING_DATA", pl.lit("OK"), "Check diagnostics for missing prices/FX.")
+                        "MISSING_DATA", pl.lit("OK"), "Check diagnostics for missing prices/FX.", pl.col("dq_detail"))
     min_trade = rule(3, "MIN_TRADE_SIZE", "SOFT", pl.lit(False), pl.col("n_suppressed"), lit(0), none, "",
                      pl.when(pl.col("n_suppressed") > 0).then(pl.lit("INTENTS_SUPPRESSED")).otherwise(pl.lit("OK")), "")
     no_short = rule(4, "NO_SHORTING", "HARD", pl.col("_min_qty").is_not_null(), pl.col("_min_qty").fill_null(lit(0)), lit(0), none,
-                    "SELL_EXCEEDS_HOLDINGS", pl.lit("OK"), "Reduce sell quantity.")
+                    "SELL_EXCEEDS_HOLDINGS", pl.lit("OK"), "Reduce sell quantity.", "quantity below zero: " + pl.col("_shorts"))
     cash_rule = rule(5, "INSUFFICIENT_CASH", "HARD", pl.col("_min_cash").is_not_null(), pl.col("_min_cash").fill_null(lit(0)), lit(0), none,
-                     "CASH_BALANCE_NEGATIVE", pl.lit("OK"), "Ensure sufficient funding.")
+                     "CASH_BALANCE_NEGATIVE", pl.lit("OK"), "Ensure sufficient funding.", "cash below zero: " + pl.col("_overdrawn"))
     out = pl.concat([cash_band, spm_pass, spm_fail, data_quality, min_trade, no_short, cash_rule], how="vertical_relaxed")
     return out.select([pl.col(c).cast(t) for c, t in RULE_SCHEMA.items()]).pipe(sort_rows, "run", "rule_order")
+
+
+def _named(rows: pl.DataFrame, order: str, item: pl.Expr, out: str) -> pl.DataFrame:
+    """(run, ``out``): each run's ``item`` texts in ``order``, comma-separated."""
+    return rows.sort("run", order).group_by("run", maintain_order=True).agg(item.str.join(", ").alias(out))
 
 
 # within this of a band or cap, a fixed-point weight may fall on the other side in the
@@ -320,6 +332,8 @@ def reconciliation_rule(recon: pl.DataFrame) -> pl.DataFrame:
         pl.lit("HARD").alias("severity"), pl.lit("FAIL").alias("status"), dabs(pl.col("delta")).alias("measured"),
         pl.lit(None, dtype=DEC).alias("threshold_min"), pl.col("tolerance").alias("threshold_max"),
         pl.lit("VALUE_MISMATCH").alias("reason_code"), pl.lit("Check pricing/FX or engine logic.").alias("remediation_hint"),
+        pl.format("after-state value {} against {} before: {} apart, over the tolerance {}",
+                  *(units_text(c) for c in (pl.col("after_total_value"), pl.col("before_total_value"), dabs(pl.col("delta")), pl.col("tolerance")))).alias("detail"),
     )
 
 
@@ -330,6 +344,20 @@ def settlement_rule(first_breach: pl.DataFrame) -> pl.DataFrame:
         (pl.col("allowed_floor") - pl.col("projected_balance")).alias("measured"), pl.col("allowed_floor").alias("threshold_min"),
         pl.lit(None, dtype=DEC).alias("threshold_max"), "reason_code",
         pl.lit("Adjust timing, funding, or overdraft settings.").alias("remediation_hint"),
+        pl.format("{} projected at {} on T+{}, below its floor {}", "currency", units_text(pl.col("projected_balance")), "date_offset",
+                  units_text(pl.col("allowed_floor"))).alias("detail"),
+    )
+
+
+def rule_blocks(rule_results: pl.DataFrame) -> pl.DataFrame:
+    """(run, rule_block, rule_block_detail) for each run with a failed HARD rule, so a
+    blocked run says why without a join to rule_results: DATA_QUALITY if it failed (it
+    stops a run before its trades, whatever the before-state breaches), else the first
+    failed rule in rule order; then the details of every failed HARD rule, that one first."""
+    failed = rule_results.filter((pl.col("severity") == "HARD") & (pl.col("status") == "FAIL")).sort(
+        "run", pl.col("rule_id") != "DATA_QUALITY", "rule_order", maintain_order=True)
+    return failed.group_by("run", maintain_order=True).agg(
+        pl.col("rule_id").first().alias("rule_block"), pl.col("detail").str.join("; ").alias("rule_block_detail"),
     )
 
 

@@ -41,8 +41,14 @@ def excuse_prices(findings: pl.DataFrame, excluded: pl.DataFrame) -> pl.DataFram
     )
 
 
+# how a DATA_QUALITY detail names each bucket's items, in this order
+_MISSING = {"price_missing": "no price for", "fx_missing": "no FX rate for", "shelf_missing": "no shelf entry for"}
+
+
 def blocking_counts(dq: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
-    """Per run: the DATA_QUALITY rule's count (§6.17) and the list lengths.
+    """Per run: the DATA_QUALITY rule's count (§6.17), the list lengths, and ``dq_detail``
+    naming the items the count counts (``missing data: no price for A, B; no FX rate for
+    JPY/USD``), each once, in the order they were found.
 
     ``runs`` needs run, block_on_missing_prices, block_on_missing_fx.
     """
@@ -59,4 +65,21 @@ def blocking_counts(dq: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
             + pl.when(pl.col("block_on_missing_fx")).then(pl.col("n_fx_missing")).otherwise(0)
             + pl.col("n_shelf_missing")
         ).alias("dq_count")
-    ).select("run", "n_price_missing", "n_fx_missing", "n_shelf_missing", "dq_count")
+    ).select("run", "n_price_missing", "n_fx_missing", "n_shelf_missing", "dq_count").join(_detail(dq, runs), on="run", how="left")
+
+
+def _detail(dq: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
+    blocking = (
+        (pl.col("bucket") == "shelf_missing")
+        | ((pl.col("bucket") == "price_missing") & pl.col("block_on_missing_prices"))
+        | ((pl.col("bucket") == "fx_missing") & pl.col("block_on_missing_fx"))
+    )
+    rank = pl.col("bucket").replace_strict(list(_MISSING), list(range(len(_MISSING))), return_dtype=pl.Int8)
+    parts = (
+        dq.join(runs.select("run", "block_on_missing_prices", "block_on_missing_fx"), on="run").filter(blocking)
+        .sort("run", rank, "stage", "seq")
+        .group_by("run", "bucket", maintain_order=True).agg(pl.col("item").unique(maintain_order=True).str.join(", "))
+    )
+    return parts.group_by("run", maintain_order=True).agg(
+        (pl.col("bucket").replace_strict(_MISSING, return_dtype=pl.String) + " " + pl.col("item")).str.join("; ").alias("dq_detail")
+    ).select("run", ("missing data: " + pl.col("dq_detail")).alias("dq_detail"))

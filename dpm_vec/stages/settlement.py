@@ -19,7 +19,7 @@ SETTLEMENT_ORDER = 500_000_000
 class Ladder:
     points: pl.DataFrame  # run, date_offset, currency, projected_balance
     breaches: pl.DataFrame  # run, date_offset, currency, projected_balance, allowed_floor, reason_code
-    first_breach: pl.DataFrame  # run, projected_balance, allowed_floor, reason_code
+    first_breach: pl.DataFrame  # run, currency, date_offset, projected_balance, allowed_floor, reason_code
     warnings: pl.DataFrame
 
 
@@ -102,7 +102,7 @@ def cash_ladder(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_
         "run", "date_offset", "currency", "projected_balance", "allowed_floor",
         (pl.lit("OVERDRAFT_ON_T_PLUS_") + pl.col("date_offset").cast(pl.String)).alias("reason_code"),
     ).with_columns(pl.int_range(pl.len()).over("run").cast(pl.Int64).alias("breach_order"))
-    first = breaches.group_by("run", maintain_order=True).first().select("run", "projected_balance", "allowed_floor", "reason_code")
+    first = breaches.group_by("run", maintain_order=True).first().select("run", "currency", "date_offset", "projected_balance", "allowed_floor", "reason_code")
     warnings = pl.concat([
         pl.DataFrame(schema=WARNINGS_SCHEMA),
         warnings_frame(utilised, pl.lit("SETTLEMENT_OVERDRAFT_UTILIZED"), pl.lit(SETTLEMENT_ORDER)),

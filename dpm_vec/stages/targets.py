@@ -38,6 +38,7 @@ class Targets:
     warnings: pl.DataFrame  # run, code, w_order
     group_events: pl.DataFrame
     group_recipients: pl.DataFrame
+    blocks: pl.DataFrame  # run, target_block, target_block_detail: the reference's own target-stage blocks
     comparison: pl.DataFrame | None = None  # §6.7 target_method_comparison, one row per compared run
     replay: Replay | None = None  # what redoes a HEURISTIC run's weights in 28 digits (``replayed_weights``)
 
@@ -158,8 +159,32 @@ def build_targets(
         warnings=pl.concat(warnings).pipe(sort_rows, "run", "w_order"),
         group_events=pick(h.group_events, primary_heuristic),
         group_recipients=pick(h.group_recipients, primary_heuristic),
+        blocks=pl.concat([_group_blocks(pick(h.group_events, primary_heuristic)), _solver_blocks(pick(s_warnings, primary_solver))]),
         comparison=comparison,
         replay=replay,
+    )
+
+
+def _group_blocks(group_events: pl.DataFrame) -> pl.DataFrame:
+    """The HEURISTIC runs a group cap stopped (§6.4 step 2.6), saying which group and why."""
+    return group_events.filter(pl.col("status") == "BLOCKED").select(
+        "run", pl.lit("NO_ELIGIBLE_REDISTRIBUTION_DESTINATION").alias("target_block"),
+        pl.format("group {} at weight {} over its cap {}, and no buyable instrument outside it to take the excess",
+                  "constraint_key", units_text(pl.col("group_weight_before")), units_text(pl.col("max_weight"))).alias("target_block_detail"),
+    )
+
+
+def _solver_blocks(solver_warnings: pl.DataFrame) -> pl.DataFrame:
+    """The SOLVER runs whose solve failed (§6.6 step 5): the failure code, and its hints."""
+    failed = solver_warnings.filter((pl.col("code") == "SOLVER_ERROR") | pl.col("code").str.starts_with("INFEASIBLE_"))
+    hints = solver_warnings.filter(pl.col("code").str.starts_with("INFEASIBILITY_HINT_")).sort("run", "w_order").group_by("run").agg(
+        pl.col("code").str.join(", ").alias("_hints"))
+    return failed.join(hints, on="run", how="left").select(
+        "run", pl.col("code").alias("target_block"),
+        pl.when(pl.col("code") == "SOLVER_ERROR").then(pl.lit("the solver gave no status"))
+        .otherwise(pl.lit("no target weights meet the model's bounds, the cash band and the caps")
+                   + pl.when(pl.col("_hints").is_not_null()).then(" (" + pl.col("_hints") + ")").otherwise(pl.lit("")))
+        .alias("target_block_detail"),
     )
 
 

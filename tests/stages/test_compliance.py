@@ -59,6 +59,10 @@ def test_single_position_max_one_fail_entry_per_breach(scenario):
     assert [r["rule_id"] for r in s.rules()] == RULE_IDS[:2] + ["SINGLE_POSITION_MAX"] * 2 + RULE_IDS[2:]
     dq = _rule(s, "DATA_QUALITY")[0]
     assert (dq["status"], dq["measured"]) == ("FAIL", D(1))
+    assert [r["detail"] for r in spm] == ["A at weight 0.4 over the cap 0.29", "B at weight 0.3 over the cap 0.29", "C at weight 0.3 over the cap 0.29"]
+    # the run stopped on the missing shelf entry: that is its reason, whatever its before-state breaches
+    assert (s.run_row()["block_reason"], s.run_row()["block_detail"]) == ("DATA_QUALITY", "; ".join(
+        ["missing data: no shelf entry for X"] + [r["detail"] for r in spm]))
 
 
 def test_single_position_max_tolerance_and_pass_measure(scenario):
@@ -72,6 +76,8 @@ def test_single_position_max_tolerance_and_pass_measure(scenario):
     )
     (spm,) = _rule(s, "SINGLE_POSITION_MAX")
     assert (spm["status"], spm["measured"], spm["threshold_max"], spm["reason_code"]) == ("PASS", D("0.3"), D("0.299"), "OK")
+    assert spm["detail"] is None  # a detail says what failed: a pass has none
+    assert [r["rule_id"] for r in s.rules() if r["detail"] is not None] == ["DATA_QUALITY"]  # X is not on the shelf
 
 
 def test_no_shorting_and_insufficient_cash_safety_failures(scenario):
@@ -97,6 +103,9 @@ def test_no_shorting_and_insufficient_cash_safety_failures(scenario):
     (ic,) = _rule(s, "INSUFFICIENT_CASH")
     assert (ic["status"], ic["measured"], ic["reason_code"]) == ("FAIL", D("-3.75"), "CASH_BALANCE_NEGATIVE")
     assert s.warnings() == ["SIMULATION_SAFETY_CHECK_FAILED", "SIMULATION_SAFETY_CHECK_FAILED"]
+    assert (ns["detail"], ic["detail"]) == ("quantity below zero: OLD at -1", "cash below zero: SGD at -3.75")
+    # the first failed HARD rule is the run's reason; its detail names both
+    assert (r["block_reason"], r["block_detail"]) == ("NO_SHORTING", "quantity below zero: OLD at -1; cash below zero: SGD at -3.75")
     assert r["reconciliation_status"] is None  # E4: no reconciliation
     assert _rule(s, "RECONCILIATION") == []
 
@@ -130,12 +139,30 @@ def test_data_quality_count_respects_block_flags_and_duplicates(scenario):
     )
     r0, r1 = s.run_row(0), s.run_row(1)
     assert r0["n_price_missing"] == 3 and r0["dq_count"] == 0
+    # the detail names what the count counts, each item once: run 0 does not block on prices
+    assert (r0["block_reason"], r1["block_reason"]) == (None, "DATA_QUALITY")
+    assert r1["block_detail"] == _rule(s, "DATA_QUALITY", 1)[0]["detail"] == "missing data: no price for NOP"
     assert (r0["status"], r0["gate"]) == ("READY", "EXECUTION_READY")
     assert _rule(s, "DATA_QUALITY", 0)[0]["status"] == "PASS"
     reasons0 = s.result.gate_reasons.filter(pl.col("run") == 0).to_dicts()
     assert [(x["reason_code"], x["severity"], x["detail_count"]) for x in reasons0] == [("DATA_QUALITY_MISSING_PRICE", "HIGH", "3")]
     assert r1["exit_path"] == "E1" and r1["status"] == "BLOCKED"
     assert _rule(s, "DATA_QUALITY", 1)[0]["measured"] == D(1)
+
+
+def test_data_quality_detail_names_each_missing_item_once_by_kind(scenario):
+    """Prices, then FX rates, then shelf entries, each item once in the order found, though
+    valuation and universe find the same item more than once."""
+    s = scenario(
+        positions=[("NOP", "1"), ("E", "2"), ("NOP2", "1")],
+        cash=[("USD", "1000"), ("JPY", "5")],
+        prices=[("A", "100", "USD"), ("E", "10", "EUR")],
+        shelf=[("NOP", "APPROVED"), ("E", "APPROVED"), ("NOP2", "APPROVED"), ("A", "APPROVED")],
+        model=[("A", "0.5"), ("X", "0.2")],
+    )
+    r = s.run_row()
+    assert (r["exit_path"], r["block_reason"]) == ("E1", "DATA_QUALITY")
+    assert r["block_detail"] == "missing data: no price for NOP, NOP2; no FX rate for EUR/USD, JPY/USD; no shelf entry for X"
 
 
 def test_min_trade_size_counts_suppressed_and_passes(scenario):
@@ -161,7 +188,9 @@ def test_cash_band_soft_fail_is_pending_review_and_risk_review(scenario):
     )
     (cb,) = _rule(s, "CASH_BAND")
     assert (cb["status"], cb["measured"], cb["reason_code"]) == ("FAIL", D("0.5"), "THRESHOLD_BREACH")
+    assert cb["detail"] == "cash weight 0.5 outside the band 0 to 0.4"
     r = s.run_row()
+    assert (r["block_reason"], r["block_detail"]) == (None, None)  # a SOFT rule does not block
     assert (r["status"], r["gate"], r["recommended_next_step"]) == ("PENDING_REVIEW", "RISK_REVIEW_REQUIRED", "RISK_REVIEW")
     reasons = s.result.gate_reasons.to_dicts()
     assert [(x["reason_code"], x["severity"], x["detail_reason_code"]) for x in reasons] == [
@@ -187,6 +216,8 @@ def test_trust_snapshot_value_mismatch_blocks(scenario):
     assert r["delta"] == D(-1000) and r["tolerance"] == D("1.5")
     (rec,) = _rule(s, "RECONCILIATION")
     assert (rec["measured"], rec["threshold_max"], rec["reason_code"]) == (D(1000), D("1.5"), "VALUE_MISMATCH")
+    assert (r["block_reason"], r["block_detail"]) == (
+        "RECONCILIATION", "after-state value 1000 against 2000 before: 1000 apart, over the tolerance 1.5")
 
 
 def _totals(values):
@@ -363,6 +394,10 @@ def test_target_stage_block_is_early_exit_on_before_state(scenario):
     assert (r["status"], r["exit_path"], r["gate"]) == ("BLOCKED", "E1", "BLOCKED")
     assert [x["status"] for x in s.rules()] == ["PASS"] * 6
     assert s.result.intents.height == 0
+    # no rule failed: the reason is the reference's own target-stage stop, which names the group
+    assert (r["block_reason"], r["block_detail"]) == ("NO_ELIGIBLE_REDISTRIBUTION_DESTINATION",
+                                                      "group sector:TECH at weight 1 over its cap 0.5, and no buyable instrument outside it to take the excess")
+    assert "NO_ELIGIBLE_REDISTRIBUTION_DESTINATION" in s.warnings() and s.warnings().count("NO_ELIGIBLE_REDISTRIBUTION_DESTINATION") == 1
 
 
 def test_insufficient_cash_on_the_reference_28_digit_after_state(scenario):

@@ -41,6 +41,9 @@ def test_settlement_fail_golden_11(scenario):
     assert [x["rule_id"] for x in rules] == ["SETTLEMENT_CASH_LADDER"]
     assert rules[0]["measured"] == D(1000) and rules[0]["threshold_min"] == D(0)
     assert rules[0]["reason_code"] == "OVERDRAFT_ON_T_PLUS_1"
+    # the run's reason names the first breach: currency, day, balance and floor
+    assert rules[0]["detail"] == r["block_detail"] == "USD projected at -1000 on T+1, below its floor 0"
+    assert r["block_reason"] == "SETTLEMENT_CASH_LADDER"
     # the settlement-blocked response still lists every intent
     assert s.result.intents.filter(pl.col("run") == 0).height == 2
 
@@ -61,6 +64,7 @@ def test_small_overdraft_breaches_below_floor(scenario):
     assert s.ladder.warnings["code"].to_list() == ["SETTLEMENT_OVERDRAFT_UTILIZED", "OVERDRAFT_ON_T_PLUS_1"]
     rule = s.rules()[0]
     assert rule["measured"] == D("0.01")
+    assert rule["detail"] == "USD projected at -1000 on T+1, below its floor -999.99"
 
 
 def test_ladder_off_means_no_ladder(scenario):

@@ -814,3 +814,16 @@ def test_class_cap_in_28_digits_matches_python_decimals(books):
         mine = roles.filter(pl.col("run") == run)
         assert {(slot - at, role) for slot, role in mine.select("slot", "_role").iter_rows()} == named, run
         at += len(members)
+
+
+def test_a_failed_solve_is_the_blocked_runs_reason_with_its_hints(scenario):
+    """A SOLVER run with no feasible weights (two instruments capped at 0.1 while the cash
+    band asks 70% invested) is blocked by the reference's target stage: the runs table
+    names its failure code and hints, and the JSON warnings keep them once."""
+    s = scenario(cash=[("USD", "10000")], prices=[("A", "100", "USD"), ("B", "100", "USD")],
+                 shelf=[("A", "APPROVED"), ("B", "APPROVED")], model=[("A", "0.5"), ("B", "0.5")],
+                 target_method="SOLVER", single_position_max_weight="0.1", cash_band_max_weight="0.3")
+    r = s.run_row()
+    assert (r["status"], r["exit_path"], r["block_reason"]) == ("BLOCKED", "E1", "INFEASIBLE_INFEASIBLE")
+    assert r["block_detail"] == "no target weights meet the model's bounds, the cash band and the caps (INFEASIBILITY_HINT_SINGLE_POSITION_CAPACITY)"
+    assert s.warnings() == ["INFEASIBLE_INFEASIBLE", "INFEASIBILITY_HINT_SINGLE_POSITION_CAPACITY"]

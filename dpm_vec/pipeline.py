@@ -162,13 +162,14 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
 
     n_suppressed = tr.suppressed.group_by("run").agg(pl.len().cast(pl.Int64).alias("n_suppressed"))
     stopped = pl.concat([early, gate2])
+    missing = dq.missing_detail(findings, runs)
     rules_before = compliance.evaluate_rules(
         _only(runs, stopped), _only(before.positions, stopped), _only(p.cash, stopped), _only(before.allocations, stopped),
-        counts_final, n_suppressed, market=market,
+        counts_final, n_suppressed, market=market, dq_detail=missing,
     )
     rules_after = compliance.evaluate_rules(
         traded, after.positions, after.cash, after.allocations, counts_final, n_suppressed, cash_signs, market=market,
-        exact_cash=lambda chosen: compliance.exact_after_cash(market, chosen, intents, p.cash),
+        exact_cash=lambda chosen: compliance.exact_after_cash(market, chosen, intents, p.cash), dq_detail=missing,
     )
     hard_fail = rules_after.filter((pl.col("severity") == "HARD") & (pl.col("status") == "FAIL")).select("run").unique()
     recon = compliance.reconcile(_only(before.totals, _without(traded, hard_fail)), after.totals)

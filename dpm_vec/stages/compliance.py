@@ -168,9 +168,11 @@ def with_exact_amounts(cash_after: pl.DataFrame, cash_signs: pl.DataFrame) -> pl
 
 def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame, allocations: pl.DataFrame,
                    dq_counts: pl.DataFrame, suppressed_counts: pl.DataFrame, cash_signs: pl.DataFrame | None = None,
-                   market: Market | None = None, exact_cash: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> pl.DataFrame:
+                   market: Market | None = None, exact_cash: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
+                   dq_detail: pl.DataFrame | None = None) -> pl.DataFrame:
     """The six core rules for each run of ``runs`` on the given state (§6.17); ``cash_signs``
-    (``exact_cash_signs``) decides which cash balances are negative where it has a row.
+    (``exact_cash_signs``) decides which cash balances are negative where it has a row;
+    ``dq_detail`` (``dq.missing_detail``) is a failed DATA_QUALITY rule's detail.
     With ``market``, a cash weight or position weight within a hair (1e-12) of its band or cap is
     measured again in 28 digits (``_exact_weight_breaches``), over the cash balances
     ``exact_cash`` gives for those runs (run, currency, _amount_f; an after-state's
@@ -187,12 +189,15 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
         cash = cash.join(cash_signs.select("run", "currency", "_negative"), on=["run", "currency"], how="left", maintain_order="left")
         negative = pl.coalesce("_negative", negative)
     cash_stats = cash.group_by("run").agg(pl.col("amount").filter(negative).min().alias("_min_cash"))
+    if dq_detail is None:
+        dq_detail = pl.DataFrame(schema={"run": pl.UInt32, "dq_detail": pl.String})
     shorts = _named(positions.filter(pl.col("quantity") < 0), "pos_seq", pl.format("{} at {}", "instrument_id", units_text(pl.col("quantity"))), "_shorts")
     overdrawn = _named(cash.filter(negative), "cash_seq", pl.format("{} at {}", "currency", units_text(pl.col("amount"))), "_overdrawn")
     r = (
         runs.select("run", "cash_band_min_weight", "cash_band_max_weight", "single_position_max_weight")
         .join(cash_weight, on="run", how="left").join(pos_stats, on="run", how="left").join(max_w, on="run", how="left")
-        .join(cash_stats, on="run", how="left").join(dq_counts.select("run", "dq_count", "dq_detail"), on="run", how="left")
+        .join(cash_stats, on="run", how="left").join(dq_counts.select("run", "dq_count"), on="run", how="left")
+        .join(dq_detail, on="run", how="left")
         .join(shorts, on="run", how="left").join(overdrawn, on="run", how="left")
         .join(suppressed_counts, on="run", how="left")
         .with_columns(
@@ -201,15 +206,25 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
     )
 
     def rule(order, rule_id, severity, fail, measured, tmin, tmax, reason_fail, reason_pass, hint, detail=None):
-        return r.select(
-            "run", pl.lit(order, dtype=pl.Int64).alias("rule_order"), pl.lit(rule_id).alias("rule_id"),
-            pl.lit(severity).alias("severity"),
-            pl.when(fail).then(pl.lit("FAIL")).otherwise(pl.lit("PASS")).alias("status"),
-            measured.cast(DEC).alias("measured"), tmin.cast(DEC).alias("threshold_min"), tmax.cast(DEC).alias("threshold_max"),
-            pl.when(fail).then(pl.lit(reason_fail)).otherwise(reason_pass).alias("reason_code"),
-            pl.when(fail).then(pl.lit(hint)).otherwise(pl.lit(None, dtype=pl.String)).alias("remediation_hint"),
-            pl.when(fail).then(detail).otherwise(pl.lit(None, dtype=pl.String)).alias("detail"),
-        )
+        judged = r.with_columns(fail.alias("_fail"))
+
+        def rows(frame: pl.DataFrame, text: pl.Expr) -> pl.DataFrame:
+            failed = pl.col("_fail")
+            return frame.select(
+                "run", pl.lit(order, dtype=pl.Int64).alias("rule_order"), pl.lit(rule_id).alias("rule_id"),
+                pl.lit(severity).alias("severity"),
+                pl.when(failed).then(pl.lit("FAIL")).otherwise(pl.lit("PASS")).alias("status"),
+                measured.cast(DEC).alias("measured"), tmin.cast(DEC).alias("threshold_min"), tmax.cast(DEC).alias("threshold_max"),
+                pl.when(failed).then(pl.lit(reason_fail)).otherwise(reason_pass).alias("reason_code"),
+                pl.when(failed).then(pl.lit(hint)).otherwise(pl.lit(None, dtype=pl.String)).alias("remediation_hint"),
+                text.cast(pl.String).alias("detail"),
+            )
+
+        nothing = pl.lit(None, dtype=pl.String)
+        if detail is None:
+            return rows(judged, nothing)
+        # the detail's text is formatted for the failed rows only: most runs pass
+        return pl.concat([rows(judged.filter(~pl.col("_fail")), nothing), rows(judged.filter("_fail"), detail)])
 
     none = pl.lit(None, dtype=DEC)
     m = pl.col("single_position_max_weight")

@@ -46,9 +46,7 @@ _MISSING = {"price_missing": "no price for", "fx_missing": "no FX rate for", "sh
 
 
 def blocking_counts(dq: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
-    """Per run: the DATA_QUALITY rule's count (§6.17), the list lengths, and ``dq_detail``
-    naming the items the count counts (``missing data: no price for A, B; no FX rate for
-    JPY/USD``), each once, in the order they were found.
+    """Per run: the DATA_QUALITY rule's count (§6.17) and the list lengths.
 
     ``runs`` needs run, block_on_missing_prices, block_on_missing_fx.
     """
@@ -65,10 +63,13 @@ def blocking_counts(dq: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
             + pl.when(pl.col("block_on_missing_fx")).then(pl.col("n_fx_missing")).otherwise(0)
             + pl.col("n_shelf_missing")
         ).alias("dq_count")
-    ).select("run", "n_price_missing", "n_fx_missing", "n_shelf_missing", "dq_count").join(_detail(dq, runs), on="run", how="left")
+    ).select("run", "n_price_missing", "n_fx_missing", "n_shelf_missing", "dq_count")
 
 
-def _detail(dq: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
+def missing_detail(dq: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
+    """(run, dq_detail): the items the DATA_QUALITY count counts, named (``missing data: no
+    price for A, B; no FX rate for JPY/USD``), each once, in the order they were found;
+    ``runs`` as for ``blocking_counts``."""
     blocking = (
         (pl.col("bucket") == "shelf_missing")
         | ((pl.col("bucket") == "price_missing") & pl.col("block_on_missing_prices"))

@@ -245,7 +245,7 @@ def _engine_logs_as_json() -> None:
 
 
 def _log(level: int, **fields) -> None:
-    fields = {"ts": round(time.time(), 3), "logger": "dpm_vec.api", **fields}
+    fields = {"ts": round(time.time(), 3), "logger": "dpm_vec.api", "level": logging.getLevelName(level), **fields}
     log.log(level, json.dumps(fields, separators=(",", ":"), default=str))
 
 
@@ -258,11 +258,31 @@ class _Outcome:
         self.run_id, self.status, self.replay, self.raw = run_id, status, replay, raw
         self.portfolio_id: str | None = None
         self.log_fields: dict = {}
+        self.log_level: int | None = None  # else INFO for a READY or batch 200, WARNING otherwise
 
     def response(self) -> Response:
         content = self.raw if self.raw is not None else _json_bytes(self.body)
         media = PROBLEM_JSON if self.problem else "application/json"
         return Response(content=content, status_code=self.code, media_type=media, headers=self.headers)
+
+
+# RFC-0001 §9.1: a run's log line says how it ended at the level the RFC gives
+RUN_LOG_LEVELS = {"READY": logging.INFO, "PENDING_REVIEW": logging.WARNING, "BLOCKED": logging.ERROR}
+
+
+def _run_log(status: str, block_reason: str | None, block_detail: str | None, universe: dict | None = None) -> dict:
+    """A computed run's log fields: RFC-0001 §9.1's message ("Run completed", "Soft
+    constraint breach", "Hard constraint breach", "Data quality block"), its universe as
+    "N eligible, M excluded", and for a blocked run why (the runs table's block_reason and
+    block_detail, which the reference's result has no field for)."""
+    messages = {"READY": "Run completed", "PENDING_REVIEW": "Soft constraint breach", "BLOCKED": "Hard constraint breach"}
+    fields = {"message": "Data quality block" if block_reason == "DATA_QUALITY" else messages[status]}
+    if isinstance(universe, dict):
+        eligible = {*(universe.get("eligible_for_buy") or []), *(universe.get("eligible_for_sell") or [])}
+        fields["universe"] = f"{len(eligible)} eligible, {len(universe.get('excluded') or [])} excluded"
+    if status == "BLOCKED":
+        fields |= {"block_reason": block_reason, "block_detail": block_detail}
+    return fields
 
 
 # -- the app ---------------------------------------------------------------------------------
@@ -373,7 +393,9 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
             if rfc:  # as a result there carries it (RFC §7's example does)
                 body["correlation_id"] = cid
             metrics.run({"status": "BLOCKED"})
-            return _Outcome(422, body, problem=True, headers=headers, status="BLOCKED")
+            blocked = _Outcome(422, body, problem=True, headers=headers, status="BLOCKED")
+            blocked.log_level, blocked.log_fields = logging.ERROR, _run_log("BLOCKED", "INFEASIBLE_CONCENTRATION", str(result))
+            return blocked
         if isinstance(result, BaseException):  # the engine could not compute this request
             failed = _Outcome(500, _internal_error(SIMULATE_PATH), problem=True, headers=headers)
             failed.log_fields = {"error": f"{type(result).__name__}: {result}"}
@@ -402,7 +424,11 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
             if not inserted:  # the same request, stored concurrently: serve the stored answer
                 return replay_or_conflict(stored, digest, headers)
         metrics.run(result)
-        return _Outcome(200, result, headers=headers, run_id=run_id, status=result["status"])
+        done = _Outcome(200, result, headers=headers, run_id=run_id, status=result["status"])
+        done.log_fields = _run_log(result["status"], getattr(result, "block_reason", None), getattr(result, "block_detail", None),
+                                   result.get("universe"))
+        done.log_level = RUN_LOG_LEVELS[result["status"]]
+        return done
 
     def replay_or_conflict(stored, digest: str, headers: dict) -> _Outcome:
         if stored.request_hash == digest:
@@ -504,7 +530,7 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         seconds = time.perf_counter() - started
         metrics.response(endpoint, outcome.code, seconds)
         ok = outcome.code == 200 and (endpoint in ("batch", "analyze") or outcome.status == "READY")
-        level = logging.INFO if ok else logging.WARNING
+        level = outcome.log_level if outcome.log_level is not None else logging.INFO if ok else logging.WARNING
         fields = dict(event=endpoint, path=request.url.path, correlation_id=cid, portfolio_id=outcome.portfolio_id,
                       run_id=outcome.run_id, status=outcome.status, http_status=outcome.code,
                       latency_ms=round(seconds * 1000, 3), idempotency_key=key)

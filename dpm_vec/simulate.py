@@ -14,6 +14,15 @@ from dpm_vec.render import render_results
 log = logging.getLogger("dpm_vec.simulate")
 
 
+class Simulated(dict):
+    """A reference-shaped result, exactly the JSON a client gets, that also carries why its
+    run blocked (the runs table's ``block_reason`` and ``block_detail``; None unless
+    BLOCKED) for the service's log line, which the reference's contract has no field for."""
+
+    block_reason: str | None = None
+    block_detail: str | None = None
+
+
 def simulate_many(requests: list) -> list[dict]:
     """Run every valid request in one engine pass; invalid ones get an RFC 7807 problem.
 
@@ -96,15 +105,17 @@ def _named_in(exc: BaseException, parsed: dict[int, dict[str, list[dict]]]) -> d
     return {i: by_run_key[key] for i, key in keys.items() if key in by_run_key}
 
 
-def _simulate(parsed: list[dict[str, list[dict]]]) -> list[dict | InfeasibleConstraintError]:
+def _simulate(parsed: list[dict[str, list[dict]]]) -> list[Simulated | InfeasibleConstraintError]:
     rows: dict[str, list[dict]] = {t: [] for t in TABLES}
     for one in parsed:
         for table, table_rows in one.items():
             rows[table].extend(table_rows)
     outcome = run(rows_to_book(rows))
-    results: list[dict | InfeasibleConstraintError] = []
+    results: list[Simulated | InfeasibleConstraintError] = []
     blocks = outcome.runs.select("block_reason", "block_detail").iter_rows()
-    for one, result, (reason, detail) in zip(parsed, render_results(outcome), blocks):
+    for one, rendered, (reason, detail) in zip(parsed, render_results(outcome), blocks):
+        result = Simulated(rendered)
+        result.block_reason, result.block_detail = reason, detail
         # each request is its own market snapshot inside the book; the contract names it "md" (§5.8)
         result["lineage"]["market_data_snapshot_id"] = "md"
         asked = one["portfolios"][0][JSON_DOOR_OPTION]

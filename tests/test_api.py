@@ -168,15 +168,25 @@ def test_golden_fx_funding(ref_server, golden):
     lines = [l for l in ref_server.log_lines() if l.get("correlation_id") == "corr-42"]
     assert lines and lines[-1]["portfolio_id"] == "pf_003" and lines[-1]["run_id"] == rid
     assert lines[-1]["status"] == "READY" and lines[-1]["http_status"] == 200 and lines[-1]["latency_ms"] > 0
+    # RFC-0001 §9.1: how the run ended, at the RFC's level, with its universe; a READY run has no block reason
+    assert (lines[-1]["level"], lines[-1]["message"]) == ("INFO", "Run completed")
+    eligible = {*result["universe"]["eligible_for_buy"], *result["universe"]["eligible_for_sell"]}
+    assert lines[-1]["universe"] == f"{len(eligible)} eligible, {len(result['universe']['excluded'])} excluded" and eligible
+    assert "block_reason" not in lines[-1]
 
 
 def test_business_blocked_is_200(ref_server, golden):
     req = copy.deepcopy(golden)
     req["market_data_snapshot"]["prices"] = []  # the model's instrument has no price: data-quality block
-    resp = _post(ref_server, req)
+    resp = _post(ref_server, req, **{"X-Correlation-Id": "corr-dq-block"})
     assert resp.status_code == 200, resp.text
     assert resp.json()["status"] == "BLOCKED"
     assert resp.json()["diagnostics"]["data_quality"]["price_missing"] == ["US_EQ"]
+    # the body is the reference's; the log line says why at ERROR (RFC-0001 §9.1 "Data quality block")
+    assert "block_reason" not in resp.json() and "DATA_QUALITY" not in resp.json()["diagnostics"]["warnings"]
+    (line,) = [l for l in ref_server.log_lines() if l.get("correlation_id") == "corr-dq-block"]
+    assert (line["level"], line["message"], line["status"]) == ("ERROR", "Data quality block", "BLOCKED")
+    assert (line["block_reason"], line["block_detail"]) == ("DATA_QUALITY", "missing data: no price for US_EQ")
 
 
 def test_missing_idempotency_key_is_422(ref_server, golden):
@@ -480,6 +490,9 @@ def test_infeasible_concentration_is_a_422_problem_when_asked(server, request):
     assert problem["code"] == "INFEASIBLE_CONCENTRATION" and problem["portfolio_id"] == req["portfolio_snapshot"]["portfolio_id"]
     # the correlation id is echoed where the mode echoes it in results (RFC §7's example carries it)
     assert problem.get("correlation_id") == ("corr-cap" if server == "rfc_server" else None)
+    (line,) = [l for l in srv.log_lines() if l.get("correlation_id") == "corr-cap"]
+    assert (line["level"], line["message"], line["http_status"]) == ("ERROR", "Hard constraint breach", 422)
+    assert (line["block_reason"], line["block_detail"]) == ("INFEASIBLE_CONCENTRATION", problem["detail"])
 
     # a feasible request asking for the option is a plain 200 result
     req["options"]["single_position_max_weight"] = "0.6"

@@ -118,6 +118,12 @@ def _print_summary(manifest: dict, out: str) -> None:
         f"({manifest['portfolios_per_second']:,} portfolios/s)"
         + (f"; intents: {manifest['tables']['intents']['rows']:,}" if "intents" in manifest["tables"] else "")
     )
+    blocked_by = manifest.get("blocked_by_reason") or {}
+    if blocked_by:
+        console.print(
+            "blocked by: " + ", ".join(f"{reason} {n:,}" for reason, n in sorted(blocked_by.items(), key=lambda kv: (-kv[1], kv[0])))
+            + f"; each run's detail: dpm-vec query {out} \"select run_key, block_reason, block_detail from runs where status = 'BLOCKED'\""
+        )
     faults = manifest["tables"].get("input_faults", {}).get("rows", 0)
     if faults:
         console.print(

@@ -335,6 +335,7 @@ def commit_shard(plan: SweepPlan, shard: int, tables: dict[str, pl.DataFrame], t
     timer.lap("write")
     counts = dict(tables["runs"].group_by("status").len().iter_rows())
     counts["_portfolios"] = tables["runs"].height
+    counts["_blocked_by"] = dict(tables["runs"].filter(pl.col("block_reason").is_not_null()).group_by("block_reason").len().iter_rows())
     counts["_polars_threads"] = pl.thread_pool_size()
     counts["_stage_seconds"] = {k: round(v, 4) for k, v in timer.seconds.items() if not k.startswith("_")}
     (staging / "_SUCCESS").write_text(json.dumps(counts))
@@ -584,6 +585,7 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
         _run_in_process(plan, pending, reporter, threads)
     reporter.close()
     totals: dict[str, int] = {}
+    blocked_by: dict[str, int] = {}
     stage_seconds: dict[str, float] = {}
     polars_threads: set[int] = set()
     for shard in range(plan.n_shards):
@@ -593,6 +595,9 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
             elif status == "_stage_seconds":
                 for stage, seconds in n.items():
                     stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
+            elif status == "_blocked_by":
+                for reason, count in n.items():
+                    blocked_by[reason] = blocked_by.get(reason, 0) + count
             elif not status.startswith("_"):
                 totals[status] = totals.get(status, 0) + n
     wall = time.perf_counter() - started
@@ -604,6 +609,7 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
         "fingerprint": plan.fingerprint,
         "portfolios": plan.n_portfolios,
         "counts_by_status": dict(sorted(totals.items())),
+        "blocked_by_reason": dict(sorted(blocked_by.items())),  # the BLOCKED runs by runs.block_reason
         "shards": plan.n_shards,
         "shard_size": shard_size,
         "threads": threads,

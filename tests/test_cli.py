@@ -84,9 +84,13 @@ def test_import_requests_then_sweep_matches_the_batch(tmp_path):
     swept = cli("sweep", str(tmp_path / "book"), "--out", str(tmp_path / "out"), "--quiet", "--threads", "2", "--shard-size", "7")
     assert swept.returncode == 0, swept.stderr
     n = len(files)
-    assert f"{-(-n // 7)} shard(s) of 7 on 2 thread(s), 0 resumed" in " ".join(swept.stderr.split())
+    printed = " ".join(swept.stderr.split())
+    assert f"{-(-n // 7)} shard(s) of 7 on 2 thread(s), 0 resumed" in printed
     runs = pl.read_parquet(tmp_path / "out" / "runs" / "*.parquet")
     assert not runs["block_reason"].str.starts_with("UNKNOWN_").any()  # no request's reference is unknown, even an empty one
+    # the summary counts the blocked runs by reason, most frequent first
+    by_reason = runs.filter(pl.col("status") == "BLOCKED").group_by("block_reason").len().sort("len", "block_reason", descending=[True, False])
+    assert by_reason.height > 3 and "blocked by: " + ", ".join(f"{r} {n:,}" for r, n in by_reason.iter_rows()) + ";" in printed
     # a request asking for RFC §7's problem (rfc_22) got one; the book has no such option: its run is
     # BLOCKED there, with the problem's code and detail
     problems = {i: slot for i, slot in enumerate(batch) if isinstance(slot["status"], int)}

@@ -231,6 +231,10 @@ def test_duckdb_views_over_outputs(swept):
     columns, rows = query(out, "select status, count(*) as n from runs group by status order by status")
     assert columns == ["status", "n"]
     assert dict(rows) == manifest["counts_by_status"]
+    # the manifest counts the blocked runs by reason, over all shards (the sample's are many and mixed)
+    _, reasons = query(out, "select block_reason, count(*) from runs where status = 'BLOCKED' group by 1 order by 1")
+    assert dict(reasons) == manifest["blocked_by_reason"] and len(reasons) > 1
+    assert sum(manifest["blocked_by_reason"].values()) == manifest["counts_by_status"]["BLOCKED"]
     _, intents = query(out, "select count(*) from intents i join runs r using (run_key)")
     assert intents[0][0] == manifest["tables"]["intents"]["rows"]
 

@@ -45,7 +45,7 @@ class InputFault(StrEnum):
     INVALID_LIMITS = "INVALID_LIMITS"
 
 
-# block reasons that head a JSON result's warnings: the reference reports its own blocks in rule_results only
+# block reasons that head a JSON result's warnings; the reference tells its own blocks itself (warnings, rule_results)
 ENGINE_BLOCKS = frozenset(InputFault)
 
 

@@ -18,7 +18,7 @@ from dpm_vec.book import (
     LIQUIDITY_TIERS, POLICY_COLUMNS, SHELF_STATUSES, TABLES, Book, make_book, table_schema,
 )
 from dpm_vec.errors import RequestError
-from dpm_vec.numeric import SCALE
+from dpm_vec.numeric import QTY, SCALE, WEIGHT
 
 MAX_ABS = Decimal(10) ** (38 - SCALE - 1)
 MAX_QUANTITY = Decimal(10) ** 9  # quantities carry 28 decimals in Decimal(38, 28)
@@ -113,7 +113,10 @@ class _Reader:
     def text(self, value, path, required=True):
         return self._typed(value, path, required, str, "a string", None)
 
-    def decimal(self, value, path, required=True, minimum=None, maximum=None):
+    def decimal(self, value, path, required=True, minimum=None, maximum=None, scale=SCALE):
+        """A decimal number; ``scale`` is the decimals the engine keeps of it (20, or 28
+        for a quantity or weight): a non-zero value smaller than that unit would be read
+        as 0, a different number from the one sent, so it fails instead."""
         if self._absent(value, path, required):
             return None
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
@@ -129,6 +132,9 @@ class _Reader:
             return None
         if abs(number) >= MAX_ABS:
             self.fail(path, f"magnitude must be below 1e{38 - SCALE - 1}")
+            return None
+        if number != 0 and abs(number) < Decimal(1).scaleb(-scale):
+            self.fail(path, f"must be 0 or at least 1E-{scale} in magnitude (the engine keeps {scale} decimals), got {value}")
             return None
         if minimum is not None and number < minimum:
             self.fail(path, f"must be >= {minimum}, got {value}")
@@ -255,7 +261,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
         if pos is None:
             continue
         iid = r.text(pos.get("instrument_id"), f"{path}.instrument_id")
-        qty = r.decimal(pos.get("quantity"), f"{path}.quantity", minimum=Decimal(0), maximum=MAX_QUANTITY)
+        qty = r.decimal(pos.get("quantity"), f"{path}.quantity", minimum=Decimal(0), maximum=MAX_QUANTITY, scale=QTY.scale)
         mv, mv_ccy = r.money(pos.get("market_value"), f"{path}.market_value")
         r.not_null(pos, ("lots",), path)
         lots = r.arr(pos.get("lots"), f"{path}.lots")
@@ -265,7 +271,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             lot = r.obj(lot, lpath)
             if lot is None:
                 continue
-            lq = r.decimal(lot.get("quantity"), f"{lpath}.quantity", minimum=Decimal(0), maximum=MAX_QUANTITY)
+            lq = r.decimal(lot.get("quantity"), f"{lpath}.quantity", minimum=Decimal(0), maximum=MAX_QUANTITY, scale=QTY.scale)
             cost, cost_ccy = r.money(lot.get("unit_cost"), f"{lpath}.unit_cost", required=True)
             row = {
                 "portfolio_snapshot_id": run_key, "instrument_id": iid,
@@ -337,7 +343,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             continue
         rows["models"].append({
             "model_id": run_key, "instrument_id": r.text(t.get("instrument_id"), f"{path}.instrument_id"),
-            "weight": r.decimal(t.get("weight"), f"{path}.weight", minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT),
+            "weight": r.decimal(t.get("weight"), f"{path}.weight", minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT, scale=WEIGHT.scale),
         })
     # §9.1: a zero price of a held or model instrument is an error (the reference divides by
     # it); one that nothing reads, as in the reference, is not

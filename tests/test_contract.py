@@ -153,6 +153,29 @@ def test_weights_beyond_the_engine_range_are_422(path, value):
     assert _errors(_with(path, value))[0][0] == field
 
 
+@pytest.mark.parametrize("path, tiny, scale", [
+    (("market_data_snapshot", "fx_rates", 0, "rate"), "7E-25", 20),
+    (("market_data_snapshot", "prices", 0, "price"), "0.000000000000000000009", 20),
+    (("portfolio_snapshot", "cash_balances", 0, "amount"), "-4E-21", 20),
+    (("options", "fx_buffer_pct"), "1E-21", 20),
+    (("portfolio_snapshot", "positions", 0, "quantity"), "1E-29", 28),
+    (("model_portfolio", "targets", 0, "weight"), "5E-29", 28),
+])
+def test_a_value_below_the_engines_smallest_unit_is_422_not_read_as_0(path, tiny, scale):
+    """A non-zero value the engine's fixed point would read as 0 (an FX rate of 7E-25 was
+    an FX rate missing, and the run BLOCKED) is a 422 naming it; the smallest unit
+    itself is a value (1E-20, or 1E-28 for a quantity or model weight)."""
+    def request_with(value):
+        request = copy.deepcopy(REQUEST)
+        request["portfolio_snapshot"]["positions"] = [{"instrument_id": "US_EQ", "quantity": "10"}]
+        _parent(request, path)[path[-1]] = value
+        return request
+
+    field = ".".join(str(p) for p in path).replace(".0.", "[0].")
+    assert _errors(request_with(tiny)) == [(field, f"must be 0 or at least 1E-{scale} in magnitude (the engine keeps {scale} decimals), got {tiny}")]
+    parse_request(request_with(f"1E-{scale}"), "r0")
+
+
 def test_weight_options_far_outside_their_meaning_still_run():
     """The reference validates neither (§3.6): a cap of 2 and a buffer of -5 are simulated."""
     request = _with(("options", "single_position_max_weight"), "2")

@@ -435,6 +435,26 @@ def row_faults_by_run(portfolios: pl.DataFrame, faults: pl.DataFrame) -> pl.Data
     )
 
 
+def with_fault_details(runs: pl.DataFrame, faults: pl.DataFrame) -> pl.DataFrame:
+    """``runs`` (a shard's runs table) with the block_detail of each run an input value
+    blocked (INVALID_*) naming its first failed value from ``faults``
+    (``row_faults_by_run``), and how many more the input_faults dataset holds."""
+    if not faults.height:
+        return runs
+    first = faults.group_by("run_key", maintain_order=True).agg(pl.all().first(), pl.len().alias("_n")).select(
+        "run_key",
+        pl.format("{}{}: {} {} fails {}{}", "input_table",
+                  pl.when(pl.col("row_key").is_not_null()).then(" row " + pl.col("row_key")).otherwise(pl.lit("")),
+                  "input_column", pl.col("value").fill_null("null"), "failed_check",
+                  pl.when(pl.col("_n") > 1).then(pl.format(" (and {} more in input_faults)", pl.col("_n") - 1)).otherwise(pl.lit("")),
+                  ).alias("_fault_detail"),
+    )
+    return runs.join(first, on="run_key", how="left", maintain_order="left").with_columns(
+        pl.when(pl.col("block_reason").str.starts_with("INVALID_")).then(pl.coalesce("block_detail", "_fault_detail"))
+        .otherwise(pl.col("block_detail")).alias("block_detail")
+    ).drop("_fault_detail")
+
+
 def _flag_row_faults(portfolios: pl.DataFrame, faults: pl.DataFrame) -> pl.DataFrame:
     """input_fault (the table's block reason) for the portfolios that own a failed row;
     the first table in ``PORTFOLIO_ROWS`` order wins, and an input_fault already set stays."""

@@ -207,10 +207,11 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
         )
         .with_columns(  # dpm_vec's own fault first; else the reference's target-stage block or failed HARD rules
             pl.coalesce("fault_code", "target_fault", "target_block", pl.when(pl.col("status") == "BLOCKED").then("rule_block")).alias("block_reason"),
-            pl.coalesce(
-                pl.when(pl.col("fault_code").is_null()).then(pl.col("target_fault_detail")).otherwise(pl.col("fault_detail")),
-                "target_block_detail", pl.when(pl.col("status") == "BLOCKED").then("rule_block_detail"),
-            ).alias("block_detail"),
+            # the detail of the reason chosen (an INVALID_* input fault's is the sweep's to add)
+            pl.when(pl.col("fault_code").is_not_null()).then("fault_detail")
+            .when(pl.col("target_fault").is_not_null()).then("target_fault_detail")
+            .when(pl.col("target_block").is_not_null()).then("target_block_detail")
+            .when(pl.col("status") == "BLOCKED").then("rule_block_detail").alias("block_detail"),
         )
         .join(before.totals.select("run", pl.col("total_value").alias("before_total_value")), on="run", how="left")
         .join(pl.concat([after.totals, revalued.totals]).select("run", pl.col("total_value").alias("after_total_value")), on="run", how="left")

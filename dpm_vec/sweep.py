@@ -46,7 +46,7 @@ from dpm_vec.book import Book, conform, empty_table
 from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES_FROM_SHARDS, default_shard_size, default_threads,
                               even_shard_size, usable_cores)
 from dpm_vec.errors import ENGINE_FAILURES, BookError, DpmVecError, failure_summary, named_failures
-from dpm_vec.io import (PORTFOLIO_ROWS, _path, collect, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
+from dpm_vec.io import (PORTFOLIO_ROWS, _path, collect, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table, with_fault_details,
                         write_book, write_json_atomic)
 from dpm_vec.outdir import SWEEP_MARKER, check_replaceable, exclusive, remove_stale_work
 from dpm_vec.outputs import OUTPUT_TABLES, output_tables
@@ -314,6 +314,7 @@ def compute_shard(plan: SweepPlan, shard: int) -> tuple[dict[str, pl.DataFrame],
     timer = StageTimer()
     tables = run_isolating(book, timer, tuple(t for t in plan.tables if t in OUTPUT_TABLES))
     tables["input_faults"] = row_faults_by_run(book.portfolios, faults)
+    tables["runs"] = with_fault_details(tables["runs"], tables["input_faults"])
     if faults.height:
         first = faults.row(0, named=True)
         log.warning("shard-%05d (portfolios %d-%d of the book): %d portfolio(s) blocked by %d input value(s) that fail their "

@@ -278,6 +278,12 @@ def test_unknown_references_block_unless_declared_in_snapshots(tmp_path):
     sweep(tmp_path / "undeclared", tmp_path / "out1", progress=False)
     reasons = dict(zip(*_read(tmp_path / "out1", "runs").select("run_key", "block_reason")))
     assert [reasons[k] for k in ids] == [None, "UNKNOWN_MODEL", "UNKNOWN_SHELF", "UNKNOWN_MARKET_SNAPSHOT"]
+    details = dict(zip(*_read(tmp_path / "out1", "runs").select("run_key", "block_detail")))
+    assert [details[k] for k in ids[1:]] == [
+        "model_id EMPTY_MODEL has no rows in models, and snapshots does not declare it",
+        "shelf_id EMPTY_SHELF has no rows in shelf, and snapshots does not declare it",
+        "market_snapshot_id EMPTY_MD has no prices or FX rates, and snapshots does not declare it",
+    ]
 
     frames["snapshots"] = pl.DataFrame({"kind": ["MODEL", "SHELF", "MARKET"], "snapshot_id": ["EMPTY_MODEL", "EMPTY_SHELF", "EMPTY_MD"]})
     write_book(frames, tmp_path / "declared")
@@ -418,6 +424,12 @@ def test_bad_rows_block_their_portfolios_and_the_sweep_goes_on(tmp_path, caplog)
     assert (ids[-1], "positions", "(row)", "multiple_fields_uniqueness") in named
     assert (ids[-2], "cash", "currency", "str_matches('^[A-Z]{3}$')") in named
     assert (ids[-3], "positions", "quantity", "castable to Decimal(precision=38, scale=28)") in named
+    # each blocked run's detail names its first failed value, and counts the rest
+    for key, detail in blocked.select("run_key", "block_detail").iter_rows():
+        own = faults.filter(pl.col("run_key") == key).row(0, named=True)
+        more = faults.filter(pl.col("run_key") == key).height - 1
+        assert detail.startswith(f"{own['input_table']}{' row ' + own['row_key'] if own['row_key'] else ''}: {own['input_column']} ")
+        assert f" fails {own['failed_check']}" in detail and detail.endswith(f" (and {more} more in input_faults)" if more else own["failed_check"])
     assert (ids[-4], "group_constraints", "max_weight", "in_range(0, 1)") in named
     [lot_victim] = set(expected) - set(ids[-4:])
     assert (lot_victim, "lots", "quantity", "greater_than_or_equal_to(0)") in named
@@ -464,6 +476,8 @@ def test_bad_option_values_block_their_portfolio(tmp_path):
         (ids[17], "settlement_horizon_days", "five"), (ids[29], "base_currency", "usd"),
     }
     assert set(faults["input_table"]) == {"portfolios"}
+    assert dict(zip(blocked["run_key"], blocked["block_detail"]))[ids[11]] == \
+        "portfolios: valuation_mode CALC fails isin(['CALCULATED', 'TRUST_SNAPSHOT'])"
     others = [_read(out, "intents").filter(~pl.col("run_key").is_in(blocked["run_key"].implode()))
               for out in (tmp_path / "clean_out", tmp_path / "broken_out")]
     assert others[0].equals(others[1])
@@ -1164,7 +1178,8 @@ def test_a_portfolio_snapshot_with_no_holdings_blocks_unless_declared(tmp_path, 
     frames["cash"] = frames["cash"].filter(pl.col("portfolio_snapshot_id") != snapshots[6])  # positions only
     sweep(write_book(frames, tmp_path / "undeclared"), tmp_path / "out1", shard_size=shard_size, progress=False)
     runs = _read(tmp_path / "out1", "runs")
-    assert runs.filter(pl.col("block_reason") == "UNKNOWN_PORTFOLIO_SNAPSHOT").select("run_key", "status").rows() == [(ids[2], "BLOCKED")]
+    assert runs.filter(pl.col("block_reason") == "UNKNOWN_PORTFOLIO_SNAPSHOT").select("run_key", "status", "block_detail").rows() == [
+        (ids[2], "BLOCKED", f"portfolio_snapshot_id {typo} has no positions or cash rows, and snapshots does not declare it")]
     assert runs["run_key"].to_list() == ids
 
     frames["snapshots"] = pl.DataFrame({"kind": ["PORTFOLIO"], "snapshot_id": [typo]})

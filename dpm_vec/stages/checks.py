@@ -60,8 +60,7 @@ def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, mo
     stale = priced.filter(pl.col("_stale") & (pl.col("stale_price_action") == "BLOCK"))
     faults = pl.concat([
         pl.DataFrame(schema=FAULT_SCHEMA),
-        runs.filter(pl.col("input_fault").is_not_null()).select(
-            "run", pl.col("input_fault").alias("fault_code"), pl.lit(None, dtype=pl.String).alias("fault_detail")),
+        runs.filter(pl.col("input_fault").is_not_null()).select("run", pl.col("input_fault").alias("fault_code"), _reader_fault_detail()),
         _per_run(positions.filter(pl.col("quantity") < 0), InputFault.NEGATIVE_QUANTITY,
                  pl.format("held quantity below zero: {}", _named(pl.col("instrument_id")))),
         _per_run(non_positive, InputFault.NON_POSITIVE_PRICE, pl.format("price at or below zero: {}", _named(pl.col("instrument_id")))),
@@ -87,6 +86,24 @@ def _minutes(duration: pl.Expr) -> pl.Expr:
     """A duration in minutes as text: 20 when whole, else to two decimals (15.5)."""
     seconds = duration.dt.total_seconds()
     return pl.when(seconds % 60 == 0).then((seconds // 60).cast(pl.String)).otherwise((seconds / 60).round(2).cast(pl.String))
+
+
+# what the book reader found for UNKNOWN_*: the snapshot id and the tables without its rows;
+# an INVALID_* run's detail names its first failed value (the sweep's input_faults)
+_UNKNOWN = {
+    InputFault.UNKNOWN_MODEL: ("model_id", "no rows in models"),
+    InputFault.UNKNOWN_SHELF: ("shelf_id", "no rows in shelf"),
+    InputFault.UNKNOWN_MARKET_SNAPSHOT: ("market_snapshot_id", "no prices or FX rates"),
+    InputFault.UNKNOWN_PORTFOLIO_SNAPSHOT: ("portfolio_snapshot_id", "no positions or cash rows"),
+}
+
+
+def _reader_fault_detail() -> pl.Expr:
+    detail = pl.lit(None, dtype=pl.String)
+    for code, (column, missing) in _UNKNOWN.items():
+        detail = pl.when(pl.col("input_fault") == code.value).then(
+            pl.format(f"{column} {{}} has {missing}, and snapshots does not declare it", column)).otherwise(detail)
+    return detail.alias("fault_detail")
 
 
 def _per_run(rows: pl.DataFrame, code: InputFault, detail: pl.Expr) -> pl.DataFrame:

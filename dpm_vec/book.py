@@ -230,7 +230,14 @@ def cast_column(name: str, source: pl.DataType, dtype: pl.DataType, strict: bool
         column = column.cast(STR)  # Polars writes the shortest text that reads back as the same float
     if isinstance(dtype, pl.Datetime) and source == STR:  # ISO 8601 text, an offset or Z, else UTC
         return column.str.to_datetime(time_unit=dtype.time_unit, time_zone=dtype.time_zone, strict=strict)
-    return column.cast(dtype, strict=strict)
+    cast = column.cast(dtype, strict=strict)
+    finer = source.is_float() or source == STR or (isinstance(source, pl.Decimal) and (source.scale or 0) > (dtype.scale or 0))
+    if isinstance(dtype, pl.Decimal) and finer and not strict:
+        # a value that is not 0 but below the column's smallest unit would be read as 0, a
+        # different number: like one beyond its range, it has no value of the column
+        given = pl.col(name).cast(pl.Float64, strict=False) if source == STR else pl.col(name)
+        return pl.when((cast == 0) & (given != 0)).then(None).otherwise(cast)
+    return cast
 
 
 def conform(table: str, frame: pl.DataFrame) -> pl.DataFrame:

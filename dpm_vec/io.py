@@ -206,19 +206,23 @@ def _check_decimal_casts(table: str, frame: pl.DataFrame, file: str) -> None:
     reader sets such a row of one portfolio's data aside first, ``_uncastable``)."""
     for name, dtype in table_schema(table).items():
         source = frame.schema.get(name)
-        if not (isinstance(dtype, pl.Decimal) and source is not None and (source.is_float() or source == pl.String)):
+        finer = source is not None and isinstance(source, pl.Decimal) and (source.scale or 0) > (dtype.scale or 0)
+        if not (isinstance(dtype, pl.Decimal) and source is not None and (source.is_float() or source == pl.String or finer)):
             continue
         failed = frame.select(pl.col(name), cast_column(name, source, dtype, strict=False).alias("_cast")).with_row_index(
             "_row").filter(pl.col(name).is_not_null() & pl.col("_cast").is_null())
         if failed.height == 0:
             continue
+        held = f"outside the range its column holds ({dtype}: below 1E{38 - dtype.scale}, and 0 or at least 1E-{dtype.scale})"
         if source == pl.String:  # text such as "12,50": no decimal number
-            what = f"that are no decimal number (written like 1234.56) or outside the range its column holds ({dtype})"
+            what = f"that are no decimal number (written like 1234.56) or {held}"
+        elif finer:
+            what = held
         else:
             finite = failed.filter(pl.col(name).is_finite()).height
             what = ("not a finite number (NaN or an infinity), which a decimal column cannot hold" if not finite
-                    else f"outside the range its column holds ({dtype})" if finite == failed.height
-                    else f"not a finite number or outside the range its column holds ({dtype})")
+                    else held if finite == failed.height
+                    else f"not a finite number or {held}")
         raise BookError(file, f"{failed.height} value(s) {what}", column=name,
                         examples=[f"row {row} (0-based): {name} {value} fails castable to {dtype}"
                                   for row, value in failed.head(5).select("_row", pl.col(name).cast(pl.String)).iter_rows()])

@@ -183,6 +183,11 @@ def test_a_float_without_a_decimal_value_is_a_row_fault_or_the_files_fault(tmp_p
         ("S1", "B", "castable to Decimal(precision=38, scale=28)", "NaN"),
         ("S2", "A", "castable to Decimal(precision=38, scale=28)", "inf"),
         ("S3", "C", "castable to Decimal(precision=38, scale=28)", "1000000000000.0")]
+    # a value that is not 0 but below the column's smallest unit would be read as 0: no value
+    # of the column either (1E-28 is a quantity's unit, and 0 is 0)
+    tiny = _positions(quantity=pl.Series([1e-29, 1e-28, 0.0, 10.0]))
+    clean, failed = _isolate_row_faults("positions", tiny, "positions.parquet")
+    assert failed.select("row_key", "failed_check", "value").rows() == [("A", "castable to Decimal(precision=38, scale=28)", "1e-29")]
 
     frames = generate_book_frames(3, 5, holdings=(2, 3))
     frames["prices"] = frames["prices"].with_columns(

@@ -349,6 +349,14 @@ def test_a_zero_price_blocks_the_portfolios_that_hold_or_target_it(tmp_path):
         ("models", lambda f: f.with_columns(pl.col("weight").cast(pl.Decimal(38, 20))).with_columns(
             pl.when(pl.int_range(pl.len()) == 2).then(pl.lit(10**10, dtype=pl.Decimal(38, 20))).otherwise(pl.col("weight")).alias("weight"),
         ), "outside the range its column holds"),
+        # an FX rate that is not 0 but below 1E-20 would be read as 0, a missing rate: the file's fault too
+        ("fx_rates", lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 1).then(7e-25).otherwise(pl.col("rate").cast(pl.Float64))
+                                              .alias("rate")),
+         "1 value(s) outside the range its column holds (Decimal(precision=38, scale=20): below 1E18, and 0 or at least 1E-20); "
+         "example rows: row 1 (0-based): rate 7e-25 fails castable"),
+        ("prices", lambda f: f.with_columns(pl.col("price").cast(pl.Decimal(38, 28))).with_columns(
+            pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("0.000000000000000000000001", dtype=pl.Decimal(38, 28))).otherwise(pl.col("price"))
+            .alias("price")), "row 0 (0-based): price 0.0000000000000000000000010000 fails castable"),
     ],
 )
 def test_structural_faults_name_file_column_and_rows(tmp_path, table, change, expected):

@@ -87,16 +87,22 @@ class Metrics:
         self.status = {s: 0 for s in STATUSES}
         self.responses: dict[tuple[str, int], int] = {}
         self.exclusions: dict[str, int] = {}
+        self.blocked: dict[str, int] = {}  # BLOCKED runs by block reason (the runs table's block_reason)
         self.replays = 0
         self.conflicts = 0
         self.engine_passes = 0  # engine passes run for the single-request door
         self.coalesced_requests = 0  # requests those passes computed
         self.latency: dict[str, list] = {}  # endpoint -> [bucket counts..., sum, count]
 
-    def run(self, result: dict) -> None:
+    def run(self, result: dict, block_reason: str | None = None) -> None:
+        """Count a computed run: its status, its universe exclusions and, if BLOCKED, why
+        (``block_reason``, else the reason a ``simulate.Simulated`` result carries)."""
         with self._lock:
             status = result.get("status")
             self.status[status] = self.status.get(status, 0) + 1
+            reason = block_reason or getattr(result, "block_reason", None)
+            if status == "BLOCKED" and reason:
+                self.blocked[reason] = self.blocked.get(reason, 0) + 1
             for ex in (result.get("universe") or {}).get("excluded") or []:
                 reason = ex.get("reason_code") or "UNKNOWN"
                 self.exclusions[reason] = self.exclusions.get(reason, 0) + 1
@@ -132,6 +138,11 @@ class Metrics:
                 "# TYPE dpm_sim_exclusion_total counter",
             ]
             out += [f'dpm_sim_exclusion_total{{reason="{_label(r)}"}} {n}' for r, n in sorted(self.exclusions.items())]
+            out += [
+                "# HELP dpm_sim_blocked_total Blocked runs by block reason (a sweep's runs.block_reason).",
+                "# TYPE dpm_sim_blocked_total counter",
+            ]
+            out += [f'dpm_sim_blocked_total{{reason="{_label(r)}"}} {n}' for r, n in sorted(self.blocked.items())]
             out += [
                 "# HELP dpm_sim_replay_total Responses replayed from the run store.",
                 "# TYPE dpm_sim_replay_total counter",
@@ -392,7 +403,7 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
             body = result.problem(SIMULATE_PATH)
             if rfc:  # as a result there carries it (RFC §7's example does)
                 body["correlation_id"] = cid
-            metrics.run({"status": "BLOCKED"})
+            metrics.run({"status": "BLOCKED"}, "INFEASIBLE_CONCENTRATION")
             blocked = _Outcome(422, body, problem=True, headers=headers, status="BLOCKED")
             blocked.log_level, blocked.log_fields = logging.ERROR, _run_log("BLOCKED", "INFEASIBLE_CONCENTRATION", str(result))
             return blocked

@@ -457,6 +457,7 @@ def test_metrics_count_statuses(ref_server, golden):
 
     assert delta('dpm_sim_status_total{status="READY"}') == 2
     assert delta('dpm_sim_status_total{status="BLOCKED"}') == 1
+    assert delta('dpm_sim_blocked_total{reason="DATA_QUALITY"}') == 1  # the unpriced model target: why it blocked
     assert delta('dpm_sim_status_total{status="PENDING_REVIEW"}') == 0
     assert delta('dpm_http_responses_total{endpoint="simulate",code="422"}') == 1
     assert delta('dpm_sim_latency_seconds_count{endpoint="simulate"}') == 4
@@ -490,6 +491,8 @@ def test_infeasible_concentration_is_a_422_problem_when_asked(server, request):
     assert problem["code"] == "INFEASIBLE_CONCENTRATION" and problem["portfolio_id"] == req["portfolio_snapshot"]["portfolio_id"]
     # the correlation id is echoed where the mode echoes it in results (RFC §7's example carries it)
     assert problem.get("correlation_id") == ("corr-cap" if server == "rfc_server" else None)
+    # both, the 200 BLOCKED result and the problem, count as blocked by the cap
+    assert _scrape(srv).get('dpm_sim_blocked_total{reason="INFEASIBLE_CONCENTRATION"}', 0) >= 2
     (line,) = [l for l in srv.log_lines() if l.get("correlation_id") == "corr-cap"]
     assert (line["level"], line["message"], line["http_status"]) == ("ERROR", "Hard constraint breach", 422)
     assert (line["block_reason"], line["block_detail"]) == ("INFEASIBLE_CONCENTRATION", problem["detail"])

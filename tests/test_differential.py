@@ -361,7 +361,7 @@ def _expected_block(req: dict, result: dict) -> tuple[str | None, str | None]:
     """(block_reason, how block_detail starts) as docs/outputs.md derives them from what
     the reference says: dpm_vec's own fault heads the warnings; else the target stage's
     stop (an empty trace and its warning); else DATA_QUALITY, naming each missing item
-    the run blocks on once; else the first failed HARD rule."""
+    the run blocks on once; else the first failed HARD rule, naming what failed first."""
     if result["status"] != "BLOCKED":
         return None, None
     warnings = result["diagnostics"]["warnings"]
@@ -369,10 +369,21 @@ def _expected_block(req: dict, result: dict) -> tuple[str | None, str | None]:
         return warnings[0], ""
     stops = [w for w in warnings if w in ("NO_ELIGIBLE_REDISTRIBUTION_DESTINATION", "SOLVER_ERROR") or w.startswith("INFEASIBLE_")]
     if stops:
-        return stops[0], ""
-    failed = [r["rule_id"] for r in result["rule_results"] if (r["severity"], r["status"]) == ("HARD", "FAIL")]
-    if "DATA_QUALITY" not in failed:
-        return failed[0], ""
+        return stops[0], {"NO_ELIGIBLE_REDISTRIBUTION_DESTINATION": "group ", "SOLVER_ERROR": "the solver"}.get(stops[0], "no target weights")
+    failed = [r for r in result["rule_results"] if (r["severity"], r["status"]) == ("HARD", "FAIL")]
+    if "DATA_QUALITY" not in [r["rule_id"] for r in failed]:
+        after = result["after_simulated"]
+        first = failed[0]["rule_id"]
+        if first == "SETTLEMENT_CASH_LADDER":
+            breach = result["diagnostics"]["cash_ladder_breaches"][0]
+            return first, f"{breach['currency']} projected at "
+        if first == "SINGLE_POSITION_MAX":
+            return first, failed[0]["remediation_hint"].removeprefix("Instrument ").removesuffix(" exceeds max weight.") + " at weight "
+        if first == "NO_SHORTING":
+            return first, "quantity below zero: " + next(p["instrument_id"] for p in after["positions"] if Decimal(p["quantity"]) < 0) + " at "
+        if first == "INSUFFICIENT_CASH":
+            return first, "cash below zero: "
+        return first, "after-state value "  # RECONCILIATION
     options, dq = req.get("options", {}), result["diagnostics"]["data_quality"]
     blocking = {"price_missing": options.get("block_on_missing_prices", True) is not False,
                 "fx_missing": options.get("block_on_missing_fx", True) is not False, "shelf_missing": True}

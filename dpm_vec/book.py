@@ -215,6 +215,12 @@ class Book:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def finer_than(source: pl.DataType, dtype: pl.Decimal) -> bool:
+    """Whether values of ``source`` may hold digits below ``dtype``'s smallest unit: a
+    float, text, or a decimal of a larger scale."""
+    return source.is_float() or source == STR or (isinstance(source, pl.Decimal) and (source.scale or 0) > (dtype.scale or 0))
+
+
 def cast_column(name: str, source: pl.DataType, dtype: pl.DataType, strict: bool = True) -> pl.Expr:
     """Column ``name`` of type ``source`` cast to the book dtype ``dtype``.
 
@@ -231,8 +237,7 @@ def cast_column(name: str, source: pl.DataType, dtype: pl.DataType, strict: bool
     if isinstance(dtype, pl.Datetime) and source == STR:  # ISO 8601 text, an offset or Z, else UTC
         return column.str.to_datetime(time_unit=dtype.time_unit, time_zone=dtype.time_zone, strict=strict)
     cast = column.cast(dtype, strict=strict)
-    finer = source.is_float() or source == STR or (isinstance(source, pl.Decimal) and (source.scale or 0) > (dtype.scale or 0))
-    if isinstance(dtype, pl.Decimal) and finer and not strict:
+    if isinstance(dtype, pl.Decimal) and not strict and finer_than(source, dtype):
         # a value that is not 0 but below the column's smallest unit would be read as 0, a
         # different number: like one beyond its range, it has no value of the column
         given = pl.col(name).cast(pl.Float64, strict=False) if source == STR else pl.col(name)

@@ -14,7 +14,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpm_vec.book import COLUMN_DEFAULTS, OPTIONAL_TABLES, POLICY_COLUMNS, TABLES, Book, cast_column, conform, empty_table, table_schema
+from dpm_vec.book import COLUMN_DEFAULTS, OPTIONAL_TABLES, POLICY_COLUMNS, TABLES, Book, cast_column, conform, empty_table, finer_than, table_schema
 from dpm_vec.codes import InputFault
 from dpm_vec.errors import BookError
 from dpm_vec.schemas import check_table, failure_cases, raise_failures
@@ -206,8 +206,7 @@ def _check_decimal_casts(table: str, frame: pl.DataFrame, file: str) -> None:
     reader sets such a row of one portfolio's data aside first, ``_uncastable``)."""
     for name, dtype in table_schema(table).items():
         source = frame.schema.get(name)
-        finer = source is not None and isinstance(source, pl.Decimal) and (source.scale or 0) > (dtype.scale or 0)
-        if not (isinstance(dtype, pl.Decimal) and source is not None and (source.is_float() or source == pl.String or finer)):
+        if not (isinstance(dtype, pl.Decimal) and source is not None and finer_than(source, dtype)):
             continue
         failed = frame.select(pl.col(name), cast_column(name, source, dtype, strict=False).alias("_cast")).with_row_index(
             "_row").filter(pl.col(name).is_not_null() & pl.col("_cast").is_null())
@@ -216,7 +215,7 @@ def _check_decimal_casts(table: str, frame: pl.DataFrame, file: str) -> None:
         held = f"outside the range its column holds ({dtype}: below 1E{38 - dtype.scale}, and 0 or at least 1E-{dtype.scale})"
         if source == pl.String:  # text such as "12,50": no decimal number
             what = f"that are no decimal number (written like 1234.56) or {held}"
-        elif finer:
+        elif isinstance(source, pl.Decimal):
             what = held
         else:
             finite = failed.filter(pl.col(name).is_finite()).height

@@ -631,11 +631,10 @@ def single_position_cap_rfc(wmap: dict, buyset: set, m: Decimal, mkt: Market, di
         e = mkt.shelf.get(i)
         return e["asset_class"] if e else "UNKNOWN"
     excess_by_class: dict[str, Decimal] = {}
-    sources = [i for i, w in wmap.items() if w > m]
-    for i, w in wmap.items():
-        if w > m:
-            excess_by_class[asset_class(i)] = excess_by_class.get(asset_class(i), ZERO) + (w - m)
-            wmap[i] = m
+    sources = [i for i, w in wmap.items() if w > m]  # in map order
+    for i in sources:
+        excess_by_class[asset_class(i)] = excess_by_class.get(asset_class(i), ZERO) + (wmap[i] - m)
+        wmap[i] = m
     status = "READY"
     recipients = []
     for cls, excess in excess_by_class.items():
@@ -655,7 +654,7 @@ def single_position_cap_rfc(wmap: dict, buyset: set, m: Decimal, mkt: Market, di
         # RFC §7's problem detail (features.md): the capped entries of each class a recipient
         # ended over the cap in, and those recipients, in map order
         classes = {asset_class(c) for c in over}
-        named = [i for i in wmap if i in sources and asset_class(i) in classes]
+        named = [i for i in sources if asset_class(i) in classes]
         diag["_concentration"] = (f"Redistributing excess weight from {_listed(named)} caused {_listed(over)} "
                                   f"to exceed the {format((m * 100).normalize(), 'f')}% cap.")
         return "BLOCKED"

@@ -46,8 +46,8 @@ from dpm_vec.book import Book, conform, empty_table
 from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES_FROM_SHARDS, default_shard_size, default_threads,
                               even_shard_size, usable_cores)
 from dpm_vec.errors import ENGINE_FAILURES, BookError, DpmVecError, failure_summary, named_failures
-from dpm_vec.io import (PORTFOLIO_ROWS, _path, collect, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table, with_fault_details,
-                        write_book, write_json_atomic)
+from dpm_vec.io import (PORTFOLIO_ROWS, _path, collect, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
+                        with_fault_details, write_book, write_json_atomic)
 from dpm_vec.outdir import SWEEP_MARKER, check_replaceable, exclusive, remove_stale_work
 from dpm_vec.outputs import OUTPUT_TABLES, output_tables
 from dpm_vec.pipeline import StageTimer, run

@@ -32,8 +32,9 @@ def input_faults(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, mo
     """Return (faults: run → first fault_code with its fault_detail, a sentence naming what
     failed, excluded: run, instrument_id, reason — the instruments RFC Step 2's check takes
     out of the universe under stale_price_action EXCLUDE: PRICE_STALE for a price older than
-    the limit, PRICE_MISSING for none). A fault from the book's own validation
-    (``input_fault``) has no detail here: the ``input_faults`` dataset names its value."""
+    the limit, PRICE_MISSING for none). Of the book reader's faults (``input_fault``), an
+    UNKNOWN_* one's detail is written here; an INVALID_* one's names a value only the sweep's
+    reader has (``io.with_fault_details``)."""
     instruments = pl.concat([positions.select("run", "instrument_id"), model.select("run", "instrument_id")])
     # a non-positive price faults the run whichever row names it: no need to de-duplicate,
     # and only instruments quoted at or below zero need a look-up; staleness is per run

@@ -191,8 +191,8 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
     cash_stats = cash.group_by("run").agg(pl.col("amount").filter(negative).min().alias("_min_cash"))
     if dq_detail is None:
         dq_detail = pl.DataFrame(schema={"run": pl.UInt32, "dq_detail": pl.String})
-    shorts = _named(positions.filter(pl.col("quantity") < 0), "pos_seq", pl.format("{} at {}", "instrument_id", units_text(pl.col("quantity"))), "_shorts")
-    overdrawn = _named(cash.filter(negative), "cash_seq", pl.format("{} at {}", "currency", units_text(pl.col("amount"))), "_overdrawn")
+    shorts = _texts_by_run(positions.filter(pl.col("quantity") < 0), "pos_seq", pl.format("{} at {}", "instrument_id", units_text(pl.col("quantity"))), "_shorts")
+    overdrawn = _texts_by_run(cash.filter(negative), "cash_seq", pl.format("{} at {}", "currency", units_text(pl.col("amount"))), "_overdrawn")
     r = (
         runs.select("run", "cash_band_min_weight", "cash_band_max_weight", "single_position_max_weight")
         .join(cash_weight, on="run", how="left").join(pos_stats, on="run", how="left").join(max_w, on="run", how="left")
@@ -277,7 +277,7 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
     return out.select([pl.col(c).cast(t) for c, t in RULE_SCHEMA.items()]).pipe(sort_rows, "run", "rule_order")
 
 
-def _named(rows: pl.DataFrame, order: str, item: pl.Expr, out: str) -> pl.DataFrame:
+def _texts_by_run(rows: pl.DataFrame, order: str, item: pl.Expr, out: str) -> pl.DataFrame:
     """(run, ``out``): each run's ``item`` texts in ``order``, comma-separated."""
     return rows.sort("run", order).group_by("run", maintain_order=True).agg(item.str.join(", ").alias(out))
 

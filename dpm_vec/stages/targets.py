@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec import dec28 as f28
-from dpm_vec.codes import with_code_lists
+from dpm_vec.codes import ReferenceBlock, with_code_lists
 from dpm_vec.frames import join_on_index, join_runs, sort_rows
 from dpm_vec.numeric import DEC_UNIT, VALUE_TIMES_WEIGHT, WEIGHT, dmax, dmin, lit, product_of_all_digits, units_text
 from dpm_vec.stages.prepare import SLOT, Market
@@ -168,7 +168,7 @@ def build_targets(
 def _group_blocks(group_events: pl.DataFrame) -> pl.DataFrame:
     """The HEURISTIC runs a group cap stopped (§6.4 step 2.6), saying which group and why."""
     return group_events.filter(pl.col("status") == "BLOCKED").select(
-        "run", pl.lit("NO_ELIGIBLE_REDISTRIBUTION_DESTINATION").alias("target_block"),
+        "run", pl.lit(ReferenceBlock.NO_ELIGIBLE_REDISTRIBUTION_DESTINATION.value).alias("target_block"),
         pl.format("group {} at weight {} over its cap {}, and no buyable instrument outside it to take the excess",
                   "constraint_key", units_text(pl.col("group_weight_before")), units_text(pl.col("max_weight"))).alias("target_block_detail"),
     )
@@ -870,7 +870,7 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
             pl.col("map_order").alias("recipient_order"),
         ))
         warnings.append(warnings_frame(per_run, pl.lit("CAPPED_BY_GROUP_LIMIT_") + pl.col("constraint_key"), pl.lit(order + 1)))
-        warnings.append(warnings_frame(blocked_now, pl.lit("NO_ELIGIBLE_REDISTRIBUTION_DESTINATION"), pl.lit(order + 2)))
+        warnings.append(warnings_frame(blocked_now, pl.lit(ReferenceBlock.NO_ELIGIBLE_REDISTRIBUTION_DESTINATION.value), pl.lit(order + 2)))
         blocked.append(blocked_now.select("run"))
         capped = w.filter(pl.col("run").is_in(capped_runs["run"].implode())).select("run", "map_order", "_new")
         constrained = constrained.join(capped, on=["run", "map_order"], how="left", maintain_order="left").with_columns(

@@ -18,7 +18,7 @@ import pandera.polars as pa
 import polars as pl
 
 from dpm_vec.book import Book
-from dpm_vec.frames import concat_by_run, sort_rows
+from dpm_vec.frames import sort_rows
 from dpm_vec.schemas import (
     AFTER_POSITIONS_SCHEMA, INTENTS_SCHEMA, RULES_SCHEMA, RUNS_SCHEMA, SECURITY_INTENTS_SCHEMA, TARGET_TRACE_SCHEMA,
     VALUED_CASH_SCHEMA, VALUED_POSITIONS_SCHEMA, WEIGHT_MAP_SCHEMA, check_stage,
@@ -148,20 +148,23 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     timer.lap("settlement")
     settled_block = ladder.first_breach.select("run")
 
-    # after-state for runs that did not block on the ladder; E3 revalues the before-state
+    # the after-state of every run, valued in one pass and so in (run, sequence) order: the
+    # runs that did not block on the ladder trade (their intents applied, valued at market);
+    # E3 revalues the before-state under its valuation mode, and a run stopped before trading
+    # (E1, E2) keeps its before-state, which the same valuation gives again
     traded = _without(live, settled_block)
-    pos_after, cash_after = compliance.apply_intents(_only(p.positions, traded), _only(p.cash, traded), intents, traded)
+    stopped = pl.concat([early, gate2])
+    pos_after, cash_after = compliance.apply_intents(p.positions, p.cash, intents, traded)
     cash_signs = compliance.exact_cash_signs(market, traded, intents, p.cash, cash_after)
     cash_after = compliance.with_exact_amounts(cash_after, cash_signs)
-    after = value_state(market, traded, pos_after, cash_after, trust_snapshot=False, stage=dq.VALUATION_AFTER, allocations=allocations)
-    revalued = value_state(market, _only(runs, settled_block), _only(p.positions, settled_block), _only(p.cash, settled_block),
-                           trust_snapshot=trust, stage=dq.VALUATION_AFTER, allocations=allocations)
-    boundary("after_state", *_valued(after, AFTER_POSITIONS_SCHEMA), *_valued(revalued))
-    findings = dq.concat(findings, dq.excuse_prices(after.dq, unpriced), dq.excuse_prices(revalued.dq, unpriced))
+    after = value_state(market, runs, pos_after, cash_after, trust_snapshot=trust & ~pl.col("run").is_in(traded["run"].implode()),
+                        stage=dq.VALUATION_AFTER, allocations=allocations)
+    boundary("after_state", *_valued(after, AFTER_POSITIONS_SCHEMA))
+    # a stopped run's findings are its before-state's, already counted
+    findings = dq.concat(findings, dq.excuse_prices(_without(after.dq, stopped), unpriced))
     counts_final = dq.blocking_counts(findings, runs)
 
     n_suppressed = tr.suppressed.group_by("run").agg(pl.len().cast(pl.Int64).alias("n_suppressed"))
-    stopped = pl.concat([early, gate2])
     missing = dq.missing_detail(findings, runs)
     rules_before = compliance.evaluate_rules(
         _only(runs, stopped), _only(before.positions, stopped), _only(p.cash, stopped), _only(before.allocations, stopped),
@@ -214,7 +217,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
             .when(pl.col("status") == "BLOCKED").then("rule_block_detail").alias("block_detail"),
         )
         .join(before.totals.select("run", pl.col("total_value").alias("before_total_value")), on="run", how="left")
-        .join(pl.concat([after.totals, revalued.totals]).select("run", pl.col("total_value").alias("after_total_value")), on="run", how="left")
+        .join(_without(after.totals, stopped).select("run", pl.col("total_value").alias("after_total_value")), on="run", how="left")
         .with_columns(pl.coalesce("after_total_value", "before_total_value").alias("after_total_value"))
         .join(recon.select("run", "delta", "tolerance", "reconciliation_status"), on="run", how="left")
         .join(tr.tax_totals, on="run", how="left")
@@ -227,25 +230,18 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     if allocations:  # the JSON door prints state weights at 4 dp; rules and gate above read the fixed point
         before = at_printed_midpoints(market, runs, before)
         after = at_printed_midpoints(market, traded, after, lambda chosen: compliance.exact_after_cash(market, chosen, intents, p.cash))
-        revalued = at_printed_midpoints(market, runs, revalued)
-    # after-state of stopped runs is the before-state (E1, E2), revalued for E3
-    states = {
-        name: _after_state([getattr(after, name), getattr(revalued, name), _only(getattr(before, name), stopped)])
-        for name in ("positions", "cash", "allocations")
-        if allocations or name != "allocations"
-    }
-    if not allocations:  # buckets were built for the rules only; nobody prints them
-        states["allocations"] = before.allocations.head(0)
+        after = at_printed_midpoints(market, _without(runs, traded), after)
     boundary("rules+status", (RUNS_SCHEMA, out_runs), (RULES_SCHEMA, rule_results))
     return Result(
         runs=out_runs,
         intents=intents.drop("slot", "list_order"),  # holding slots number one shard's rows; list order: internal
         positions_before=before.positions.drop("slot"),
-        positions_after=states["positions"].drop("slot"),
+        positions_after=after.positions.drop("slot"),
         cash_before=before.cash,
-        cash_after=states["cash"],
+        cash_after=after.cash,
+        # without allocations the buckets were built for the rules only; nobody prints them
         allocations_before=before.allocations if allocations else before.allocations.head(0),
-        allocations_after=states["allocations"],
+        allocations_after=after.allocations if allocations else after.allocations.head(0),
         targets=targets.trace.drop("slot"),
         exclusions=universe.excluded,
         eligible=universe.eligible,
@@ -262,16 +258,6 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
         gate_reasons=gate_reasons,
         method_comparison=targets.comparison if targets.comparison is not None else pl.DataFrame(schema=COMPARISON_SCHEMA),
     )
-
-
-def _after_state(parts: list[pl.DataFrame]) -> pl.DataFrame:
-    """One state table's after-state from parts that hold different runs; sequence
-    columns widen to Int64 because the after-state appends rows."""
-    def widen(frame: pl.DataFrame) -> pl.DataFrame:
-        return frame.with_columns(pl.col(c).cast(pl.Int64) for c in ("pos_seq", "cash_seq") if c in frame.columns)
-
-    # each part is in (run, sequence) order: merged, they are too
-    return concat_by_run([widen(f) for f in parts])
 
 
 def _valued(state: ValuedState, positions: pa.DataFrameSchema = VALUED_POSITIONS_SCHEMA) -> tuple[tuple[pa.DataFrameSchema, pl.DataFrame], ...]:

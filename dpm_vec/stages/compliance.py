@@ -34,11 +34,11 @@ _FX_MOVES = ("intent_type", "run", "exec_order", "buy_currency", "buy_amount", "
 
 
 def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataFrame, runs: pl.DataFrame):
-    """Apply the intents of ``runs`` in execution order to their input holdings
-    (``positions`` and ``cash`` hold those runs' rows); new rows get sequence numbers after
-    the held ones, in the order they are first touched. Positions come back in (run,
-    sequence) order when the held ones came in it; cash rows unordered (valuation orders
-    what is not)."""
+    """Apply the intents of ``runs`` in execution order to their input holdings; the rows
+    of other runs in ``positions`` and ``cash`` come back as they were. New rows get
+    sequence numbers after the held ones, in the order they are first touched. Positions
+    come back in (run, sequence) order when the held ones came in it; cash rows unordered
+    (valuation orders what is not)."""
     of_runs = pl.col("run").is_in(runs["run"].implode())
     # narrow before filtering: the intents frame is wide and a filter gathers every column
     sec = intents.select(_SECURITY_MOVES).filter((pl.col("intent_type") == "SECURITY_TRADE") & of_runs)

@@ -8,7 +8,7 @@ from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_A
 import polars as pl
 
 from dpm_vec.numeric import DEC
-from dpm_vec.stages import compliance
+from dpm_vec.stages import compliance, dq
 
 RULE_IDS = ["CASH_BAND", "SINGLE_POSITION_MAX", "DATA_QUALITY", "MIN_TRADE_SIZE", "NO_SHORTING", "INSUFFICIENT_CASH"]
 
@@ -259,6 +259,48 @@ def test_apply_intents_updates_first_rows_and_appends_new(scenario):
     # SELL S +1000 SGD; FX sells 1000 SGD for 500 USD; BUY U −500 USD
     assert list(zip(cash["currency"], cash["amount"])) == [("SGD", D(1000)), ("USD", D(0))]
     assert s.run_row()["after_total_value"] == D(2000)
+
+
+def test_after_state_of_runs_that_did_not_trade_is_their_before_state(scenario):
+    """One valuation gives every run's after-state: a traded run at market (its trusted
+    market value no longer applies), a run blocked on the settlement ladder (E3) revalued
+    under its own TRUST_SNAPSHOT mode, a run stopped by missing data (E1) as it was, with
+    no after-state finding counted twice. Rows come in (run, sequence) order."""
+    ladder = dict(enable_settlement_awareness=True, settlement_horizon_days=3)
+    s = scenario(
+        positions=[{"instrument_id": "SLOW_FUND", "quantity": "10", "market_value": "1500", "market_value_currency": "USD"}],
+        cash=[("USD", "0")],
+        prices=[("SLOW_FUND", "100", "USD"), ("FAST_STOCK", "100", "USD")],
+        shelf=[
+            {"instrument_id": "SLOW_FUND", "status": "APPROVED", "settlement_days": 3},
+            {"instrument_id": "FAST_STOCK", "status": "APPROVED", "settlement_days": 1},
+        ],
+        model=[("SLOW_FUND", "0.0"), ("FAST_STOCK", "1.0")],
+        runs=[
+            dict(ladder, valuation_mode="TRUST_SNAPSHOT"),  # R0: the ladder breaches on T+1
+            dict(valuation_mode="TRUST_SNAPSHOT"),  # R1: trades
+            dict(base="EUR"),  # R2: no USD/EUR rate
+        ],
+    )
+    res = s.result
+    assert [s.run_row(r)["exit_path"] for r in range(3)] == ["E3", "E4", "E1"]
+
+    def state(table: pl.DataFrame, run: int) -> list[tuple]:
+        rows = table.filter(pl.col("run") == run).sort("pos_seq")
+        return list(zip(rows["instrument_id"], rows["quantity"], rows["value_base"], rows["weight"]))
+
+    assert state(res.positions_after, 0) == state(res.positions_before, 0) == [("SLOW_FUND", D(10), D(1500), D(1))]
+    assert state(res.positions_after, 2) == state(res.positions_before, 2) == [("SLOW_FUND", D(10), D(0), D(0))]
+    # R1 sized its sell of SLOW_FUND from the trusted 1500 (15 units of 10 held: NO_SHORTING)
+    # and bought 15 FAST_STOCK; its after-state is valued at market, 1000 in all
+    assert state(res.positions_after, 1) == [("SLOW_FUND", D(-5), D(-500), D("-0.5")), ("FAST_STOCK", D(15), D(1500), D("1.5"))]
+    assert [s.run_row(r)["after_total_value"] for r in range(3)] == [D(1500), D(1000), D(0)]
+    pos_after = res.positions_after
+    assert pos_after.equals(pos_after.sort("run", "pos_seq"))
+    # R2's missing rate is counted in its before-state (and translation) only
+    r2 = res.data_quality.filter(pl.col("run") == 2)
+    assert r2.height and r2.filter(pl.col("stage") == dq.VALUATION_AFTER).height == 0
+    assert s.run_row(2)["n_fx_missing"] == r2.filter(pl.col("bucket") == "fx_missing").height
 
 
 def test_after_state_attribute_buckets_keep_first_appearance_with_appended_positions(scenario):

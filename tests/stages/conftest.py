@@ -246,6 +246,16 @@ GOLDEN_03_FX_FUNDING = dict(
     shelf=[("US_EQ", "APPROVED")],
     model=[("US_EQ", "0.5")],
 )
+# golden scenario_11's market: selling SLOW_FUND (settles T+3) funds FAST_STOCK (T+1) with no cash
+SLOW_FUND_INTO_FAST_STOCK = dict(
+    cash=[("USD", "0")],
+    prices=[("SLOW_FUND", "100", "USD"), ("FAST_STOCK", "100", "USD")],
+    shelf=[
+        {"instrument_id": "SLOW_FUND", "status": "APPROVED", "settlement_days": 3},
+        {"instrument_id": "FAST_STOCK", "status": "APPROVED", "settlement_days": 1},
+    ],
+    model=[("SLOW_FUND", "0.0"), ("FAST_STOCK", "1.0")],
+)
 SINGLE_STOCK_WITH_ZERO_ALTERNATIVE = dict(
     cash=[("USD", "1000")],
     prices=[("T", "100", "USD"), ("F", "100", "USD")],

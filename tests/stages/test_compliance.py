@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal as D
 
-from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_ALTERNATIVE  # noqa: F401
+from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_ALTERNATIVE, SLOW_FUND_INTO_FAST_STOCK  # noqa: F401
 import polars as pl
 
 from dpm_vec.numeric import DEC
@@ -269,13 +269,7 @@ def test_after_state_of_runs_that_did_not_trade_is_their_before_state(scenario):
     ladder = dict(enable_settlement_awareness=True, settlement_horizon_days=3)
     s = scenario(
         positions=[{"instrument_id": "SLOW_FUND", "quantity": "10", "market_value": "1500", "market_value_currency": "USD"}],
-        cash=[("USD", "0")],
-        prices=[("SLOW_FUND", "100", "USD"), ("FAST_STOCK", "100", "USD")],
-        shelf=[
-            {"instrument_id": "SLOW_FUND", "status": "APPROVED", "settlement_days": 3},
-            {"instrument_id": "FAST_STOCK", "status": "APPROVED", "settlement_days": 1},
-        ],
-        model=[("SLOW_FUND", "0.0"), ("FAST_STOCK", "1.0")],
+        **SLOW_FUND_INTO_FAST_STOCK,
         runs=[
             dict(ladder, valuation_mode="TRUST_SNAPSHOT"),  # R0: the ladder breaches on T+1
             dict(valuation_mode="TRUST_SNAPSHOT"),  # R1: trades

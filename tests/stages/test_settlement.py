@@ -5,22 +5,14 @@ from decimal import Decimal as D
 
 import polars as pl
 
+from tests.stages.conftest import SLOW_FUND_INTO_FAST_STOCK
+
 
 def _slow_fast(scenario, **policy):
     """Golden scenario_11: sell 1000 of SLOW_FUND at T+3 funds a 1000 buy at T+1, cash 0."""
     policy.setdefault("enable_settlement_awareness", True)
     policy.setdefault("settlement_horizon_days", 3)
-    return scenario(
-        positions=[("SLOW_FUND", "10")],
-        cash=[("USD", "0")],
-        prices=[("SLOW_FUND", "100", "USD"), ("FAST_STOCK", "100", "USD")],
-        shelf=[
-            {"instrument_id": "SLOW_FUND", "status": "APPROVED", "settlement_days": 3},
-            {"instrument_id": "FAST_STOCK", "status": "APPROVED", "settlement_days": 1},
-        ],
-        model=[("SLOW_FUND", "0.0"), ("FAST_STOCK", "1.0")],
-        **policy,
-    )
+    return scenario(positions=[("SLOW_FUND", "10")], **SLOW_FUND_INTO_FAST_STOCK, **policy)
 
 
 def _ladder(s, run=0, currency="USD"):

@@ -195,6 +195,24 @@ def test_times_price_matches_the_exact_product_to_the_last_digit(quantity, price
     assert abs(value - exact) <= D("1e-20") * D("0.5") + D("1e-28")
 
 
+_QUANTITIES = st.one_of(
+    st.integers(min_value=0, max_value=99999).map(D),
+    st.decimals(min_value=0, max_value=D("99999"), places=28, allow_nan=False, allow_infinity=False),
+)
+
+
+@given(st.lists(st.tuples(_QUANTITIES, st.decimals(min_value=0, max_value=D("99999"), places=6)), min_size=1, max_size=12))
+@settings(max_examples=200, deadline=None)
+def test_times_price_of_a_row_does_not_depend_on_the_other_rows(rows):
+    """The exact product is taken on the rows whose quantity has more than 20 decimals
+    alone and put back in place (``numeric.exact_where``): each row's value is the one it
+    gets in a frame of its own, whether few rows, many or none take the exact product."""
+    frame = pl.DataFrame({"quantity": [q for q, _ in rows], "price": [p for _, p in rows]}, schema={"quantity": QTY, "price": DEC})
+    together = frame.select(times_price(frame, "quantity", pl.col("price"))).to_series().to_list()
+    alone = [row.select(times_price(row, "quantity", pl.col("price"))).item() for row in frame.iter_slices(1)]
+    assert together == alone
+
+
 def _four_dp(weight: D) -> D:
     return weight.quantize(D("0.0001"), rounding=decimal.ROUND_HALF_EVEN)
 

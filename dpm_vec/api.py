@@ -100,12 +100,12 @@ class Metrics:
         with self._lock:
             status = result.get("status")
             self.status[status] = self.status.get(status, 0) + 1
-            reason = block_reason or getattr(result, "block_reason", None)
-            if status == "BLOCKED" and reason:
-                self.blocked[reason] = self.blocked.get(reason, 0) + 1
+            blocked_by = block_reason or getattr(result, "block_reason", None)
+            if status == "BLOCKED" and blocked_by:
+                self.blocked[blocked_by] = self.blocked.get(blocked_by, 0) + 1
             for ex in (result.get("universe") or {}).get("excluded") or []:
-                reason = ex.get("reason_code") or "UNKNOWN"
-                self.exclusions[reason] = self.exclusions.get(reason, 0) + 1
+                excluded_by = ex.get("reason_code") or "UNKNOWN"
+                self.exclusions[excluded_by] = self.exclusions.get(excluded_by, 0) + 1
 
     def response(self, endpoint: str, code: int, seconds: float) -> None:
         with self._lock:

@@ -217,8 +217,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
             .when(pl.col("status") == "BLOCKED").then("rule_block_detail").alias("block_detail"),
         )
         .join(before.totals.select("run", pl.col("total_value").alias("before_total_value")), on="run", how="left")
-        .join(_without(after.totals, stopped).select("run", pl.col("total_value").alias("after_total_value")), on="run", how="left")
-        .with_columns(pl.coalesce("after_total_value", "before_total_value").alias("after_total_value"))
+        .join(after.totals.select("run", pl.col("total_value").alias("after_total_value")), on="run", how="left")
         .join(recon.select("run", "delta", "tolerance", "reconciliation_status"), on="run", how="left")
         .join(tr.tax_totals, on="run", how="left")
     )

@@ -1,6 +1,7 @@
 """Trade translation (spec §6.9), dust suppression and the turnover cap (§6.12)."""
 from __future__ import annotations
 
+import decimal
 from decimal import Decimal as D
 
 from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_ALTERNATIVE, SUSPENDED_HOLDING_ABOVE_CAP  # noqa: F401
@@ -64,6 +65,27 @@ def test_floor_exact_quotient_and_just_below(scenario):
     assert _intents(s) == [("A", "BUY", D(99), D("297")), ("B", "BUY", D(15), D("499.995"))]
 
 
+@given(st.lists(st.tuples(st.integers(0, 10**10), st.integers(-3, 3), st.sampled_from(["above", "below", "anywhere"]),
+                          st.integers(-10**19, 10**19)), min_size=1, max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_near_an_integer_in_integer_units_is_the_decimal_window(rows):
+    """The near-integer window, tested on DEC's 128-bit integers, picks exactly the rows the
+    decimal form |q − n| < 1e-9 + n × 1e-12 picks: quotients on either edge of the window
+    (a few units of 1e-20 either side) and anywhere within a tenth of n."""
+    unit = D("1e-20")
+    quotients = []
+    with decimal.localcontext(prec=60):  # every digit down to 1e-20 of a quotient up to 1e10
+        for n, step, where, offset in rows:
+            edge = D("1e-9") + n * D("1e-12")
+            q = {"above": n + edge + step * unit, "below": n - edge + step * unit, "anywhere": n + offset * unit}[where]
+            quotients.append(abs(q))  # a quotient is |delta| / price
+    frame = pl.DataFrame({"q": quotients}, schema={"q": DEC}).with_columns(pl.col("q").round(0).alias("n"))
+    decimal_form = (pl.col("q") - pl.col("n")).abs() < trades.NEAR_INTEGER + pl.col("n") * trades.NEAR_INTEGER_SHARE
+    got = frame.select(trades.near_an_integer(pl.col("q"), pl.col("n")).alias("got"), decimal_form.alias("want"))
+    assert got["got"].to_list() == got["want"].to_list()
+    assert got["got"].to_list() == [abs(q - round(q)) < D("1e-9") + round(q) * D("1e-12") for q in quotients]
+
+
 def test_floor_over_a_normalised_weight_below_0_1_at_28_significant_digits(scenario):
     """An unshelved (locked) holding of 686 in a portfolio of 786 leaves room 100/786 for
     a model of 0.45, so step 3 scales both targets by (1 − L) / 0.45. In exact arithmetic
@@ -72,8 +94,6 @@ def test_floor_over_a_normalised_weight_below_0_1_at_28_significant_digits(scena
     28 significant digits, more decimals than Decimal(38, 28): its I11 target is exactly 20
     (sell 80) and I1's a hair below 80 (buy 7,999). Fixed point sized over the
     28-decimal weights sold 79 and bought 8,000, a unit of cash short (BLOCKED)."""
-    import decimal
-
     s = scenario(
         positions=[("I11", "100"), ("I10", "49")],
         prices=[("I11", "1", "USD"), ("I1", "0.01", "USD"), ("I10", "14", "USD")],
@@ -398,7 +418,6 @@ def test_turnover_exact_path_only_for_runs_the_fixed_point_cannot_call():
 
 def _decimal28_walk(budget: D, sizes: list[D]) -> list[bool]:
     """§6.12's walk in Python's default 28-digit context."""
-    import decimal
     with decimal.localcontext(decimal.Context(prec=28, rounding=decimal.ROUND_HALF_EVEN)):
         used, keep = D(0), []
         for size in sizes:

@@ -105,3 +105,39 @@ def test_holding_slots_name_one_run_and_instrument(bad_data):
     assert held.height > 0 and (held["slot"] == held["_held"]).all()
     unheld = by_pair.filter(pl.col("_held").is_null())["slot"]
     assert unheld.len() > 0 and unheld.min() >= p.positions.height and unheld.n_unique() == unheld.len()
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_holdings_fan_out_to_runs_as_the_join_gives_them(shuffled):
+    """Each run's holding rows, found once per block of equal snapshot ids, are the rows a
+    join on the id gives, in (run, sequence) order: rows of one snapshot split into several
+    blocks (a shuffled file), ids of no run and null ids drop out, and a snapshot read
+    by several runs (scenarios) fans its rows out to each."""
+    from dpm_vec.book import make_book
+    from dpm_vec.generate import generate_book_frames
+    from dpm_vec.stages.prepare import _with_run_by_block
+
+    frames = generate_book_frames(120, 5, holdings=(2, 9))
+    positions = frames["positions"]
+    positions = positions.with_columns(  # a snapshot no portfolio reads, and a row with no snapshot
+        pl.when(pl.int_range(pl.len()) % 17 == 3).then(pl.lit("NO_SUCH_SNAPSHOT"))
+        .when(pl.int_range(pl.len()) == 5).then(None).otherwise(pl.col("portfolio_snapshot_id")).alias("portfolio_snapshot_id"))
+    frames["positions"] = positions.sample(fraction=1.0, shuffle=True, seed=7) if shuffled else positions
+    book = make_book(**frames)
+    runs = book.portfolios.sort("seq").with_row_index("run").with_columns(pl.col("run").cast(pl.UInt32))
+    snap = runs.select("run", "portfolio_snapshot_id")
+    joined = snap.join(book.positions, on="portfolio_snapshot_id", how="inner").drop("portfolio_snapshot_id").sort("run", "seq")
+    by_block = _with_run_by_block(book.positions, snap).sort("run", "seq")
+    assert by_block.equals(joined) and 0 < joined.height < book.positions.height
+    if shuffled:  # several blocks per snapshot
+        assert book.positions["portfolio_snapshot_id"].rle_id().max() + 1 > book.positions["portfolio_snapshot_id"].n_unique()
+
+    p = prepare(book)
+    assert p.positions.drop("slot").equals(joined.rename({"seq": "pos_seq"}).select(p.positions.drop("slot").columns))
+    # two runs of one snapshot (scenarios): the join fans the rows out to both
+    twice = make_book(**{**frames, "portfolios": pl.concat([frames["portfolios"], frames["portfolios"].head(1).with_columns(
+        pl.lit("RUN_TWICE").alias("run_key"))])})
+    fanned = prepare(twice).positions
+    first = twice.portfolios["portfolio_snapshot_id"][0]
+    n_rows = twice.positions.filter(pl.col("portfolio_snapshot_id") == first).height
+    assert n_rows > 0 and fanned.height == p.positions.height + n_rows

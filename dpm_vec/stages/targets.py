@@ -1069,7 +1069,8 @@ def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.Da
         "run", "instrument_id", pl.col("map_order").alias("trace_order"), lit("0.0").cast(WEIGHT).alias("model_weight"),
         pl.col("weight").alias("final_weight"), pl.lit(False).alias("in_model"), "slot",
     )
-    trace = join_runs(pl.concat([model_rows, others]), totals.select("run", "total_value"))
+    # ordered before the tags and values are added: a sort gathers every column, a list column dearest
+    trace = join_runs(pl.concat([model_rows, others]).pipe(sort_rows, "run", "trace_order"), totals.select("run", "total_value"))
     tag_case = (
         pl.when(~pl.col("in_model")).then(pl.when(pl.col("final_weight") == 0).then(0).otherwise(1))
         .when(pl.col("model_weight") > pl.col("final_weight")).then(2)
@@ -1077,7 +1078,7 @@ def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.Da
         .otherwise(4)
     )
     trace = with_code_lists(trace, tag_case, TAG_LISTS, "tags")
-    return trace.with_columns(final_value("final_weight").alias("final_value")).drop("total_value").pipe(sort_rows, "run", "trace_order")
+    return trace.with_columns(final_value("final_weight").alias("final_value")).drop("total_value")
 
 
 def final_value(weight: str) -> pl.Expr:

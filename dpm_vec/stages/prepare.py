@@ -214,7 +214,7 @@ def _with_run_by_block(frame: pl.DataFrame, snap: pl.DataFrame) -> pl.DataFrame:
     portfolio_snapshot_id; each id once) reads, that run's number first in place of the
     id. A book keeps each portfolio's rows together, so the id is looked up once per block
     of equal ids and spread over the block: a join of every row on the string key costs
-    several times more (~35 ms for a shard's 460,000 positions)."""
+    several times more (a shard's 438,000 positions: ~19 ms against ~5 ms, sorted)."""
     block = frame.select(pl.col("portfolio_snapshot_id").rle_id()).to_series()
     first = block.to_frame().select(pl.col(block.name).ne_missing(pl.col(block.name).shift(1))).to_series()
     ids = frame.get_column("portfolio_snapshot_id").filter(first).to_frame()

@@ -1069,7 +1069,7 @@ def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.Da
         "run", "instrument_id", pl.col("map_order").alias("trace_order"), lit("0.0").cast(WEIGHT).alias("model_weight"),
         pl.col("weight").alias("final_weight"), pl.lit(False).alias("in_model"), "slot",
     )
-    # ordered before the tags and values are added: a sort gathers every column, a list column dearest
+    # ordered before the tags and values are added (row-wise both), so the sort moves two fewer columns
     trace = join_runs(pl.concat([model_rows, others]).pipe(sort_rows, "run", "trace_order"), totals.select("run", "total_value"))
     tag_case = (
         pl.when(~pl.col("in_model")).then(pl.when(pl.col("final_weight") == 0).then(0).otherwise(1))

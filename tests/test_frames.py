@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpm_vec.codes import with_code_lists
-from dpm_vec.frames import concat_by_run, is_ordered, join_on_index, join_runs, position_in_run, sort_rows
+from dpm_vec.frames import concat_by_run, is_ordered, join_on_index, join_runs, position_in_run, sort_rows, without_runs
 
 
 @settings(max_examples=200, deadline=None)
@@ -26,6 +26,20 @@ def test_sort_rows_sorts_only_when_needed():
     assert done["run"].flags["SORTED_ASC"] and not frame["run"].flags["SORTED_ASC"]
     ordered = pl.DataFrame({"run": [0, 0, 1], "seq": [1, 2, 0]})
     assert sort_rows(ordered, "run", "seq")["run"].flags["SORTED_ASC"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 5), max_size=20), st.lists(st.integers(0, 7), max_size=4))
+def test_without_runs_is_the_anti_join_in_row_order(frame_runs, dropped):
+    """The rows of every run but the dropped ones (repeated runs among them allowed), in
+    the frame's order; with none dropped, the frame itself."""
+    frame = pl.DataFrame({"run": frame_runs, "i": list(range(len(frame_runs)))}, schema={"run": pl.UInt32, "i": pl.Int64})
+    runs = pl.DataFrame({"run": dropped, "other": [0] * len(dropped)}, schema={"run": pl.UInt32, "other": pl.Int64})
+    kept = without_runs(frame, runs)
+    assert kept["i"].to_list() == [i for i, run in enumerate(frame_runs) if run not in dropped]
+    assert kept.columns == frame.columns
+    if not dropped:
+        assert kept is frame
 
 
 def test_code_lists_keep_row_order_and_pick_by_case():

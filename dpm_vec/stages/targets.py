@@ -16,7 +16,7 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.codes import ReferenceBlock, with_code_lists
-from dpm_vec.frames import join_on_index, join_runs, sort_rows
+from dpm_vec.frames import join_on_index, join_runs, sort_rows, without_runs
 from dpm_vec.numeric import DEC_UNIT, VALUE_TIMES_WEIGHT, WEIGHT, dmax, dmin, lit, product_of_all_digits, units_text
 from dpm_vec.stages.prepare import SLOT, Market
 from dpm_vec.stages.universe import ExactLocked, valued_in_28_digits
@@ -124,7 +124,7 @@ def build_targets(
 
     status = pl.concat([pick(h.status, primary_heuristic), pick(s_status, primary_solver)]).sort("run")
     weights = pl.concat([pick(h.weights, primary_heuristic).select(wm.columns), pick(s_weights, primary_solver).select(wm.columns)])
-    trace = _trace(weights, model.join(status.filter(pl.col("target_status") == "BLOCKED"), on="run", how="anti"), totals)
+    trace = _trace(weights, without_runs(model, status.filter(pl.col("target_status") == "BLOCKED")), totals)
     replayable = runs.join(pick(h.touched, primary_heuristic), on="run", how="semi").filter(_replayable_cap())
     replay = Replay(step1, group_constraints, replayable.select(
         "run", "base_currency", "single_position_max_weight", "single_position_cap_mode", "min_cash_buffer_pct",
@@ -191,23 +191,21 @@ def _solver_blocks(solver_warnings: pl.DataFrame) -> pl.DataFrame:
 def _sell_only_redistribution(weight_map: pl.DataFrame, sell_only_excess: pl.DataFrame):
     """§6.4 step 1 (both methods): spread SELL_ONLY model weight over buyable targets in
     proportion; with nothing to receive it, the run needs review."""
-    wm = (
-        join_runs(weight_map, sell_only_excess)
-        .with_columns(pl.col("sell_only_excess").fill_null(lit(0)), (pl.col("kind") == "BUYABLE").alias("buy"))
-        .pipe(sort_rows, "run", "map_order")
-        .with_columns(_sum_where(pl.col("buy")).alias("_S"))
-    )
+    wm = weight_map.with_columns((pl.col("kind") == "BUYABLE").alias("buy")).pipe(sort_rows, "run", "map_order")
+    excess = sell_only_excess.filter(pl.col("sell_only_excess") > 0)
+    # the runs with SELL_ONLY excess are few: their rows alone take the sums and shares
+    rows = wm.select(pl.arg_where(pl.col("run").is_in(excess["run"].implode()))).to_series()
+    spread = join_runs(wm[rows], excess).with_columns(_sum_where(pl.col("buy")).alias("_S"))
     pending = pl.concat([
-        wm.filter((pl.col("sell_only_excess") > 0) & (pl.col("_S") <= 0)).select("run"),  # not S > 0: negative model weights pass unvalidated
-        sell_only_excess.filter(pl.col("sell_only_excess") > 0)
-        .join(wm.filter(pl.col("buy")).select("run").unique(), on="run", how="anti").select("run"),
+        spread.filter(pl.col("_S") <= 0).select("run"),  # not S > 0: negative model weights pass unvalidated
+        excess.join(spread.filter(pl.col("buy")).select("run").unique(), on="run", how="anti").select("run"),
     ])
-    wm = wm.with_columns(
-        pl.when(pl.col("buy") & (pl.col("sell_only_excess") > 0) & (pl.col("_S") > 0))
+    shared = spread.select(
+        pl.when(pl.col("buy") & (pl.col("_S") > 0))
         .then(pl.col("weight") + pl.col("sell_only_excess") * (pl.col("weight") / pl.col("_S")))
-        .otherwise(pl.col("weight")).alias("weight")
-    ).drop("_S", "sell_only_excess")
-    return wm, pending
+        .otherwise(pl.col("weight")).cast(wm.schema["weight"])
+    ).to_series()
+    return wm.with_columns(wm.get_column("weight").clone().scatter(rows, shared)), pending
 
 
 NORMALISATION_THRESHOLD = "1.0001"
@@ -680,7 +678,7 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     warnings.append(group_warnings)
     # a group with nowhere to put its excess stops the stage for its run (§6.4 step 2.6):
     # no later step may add a finding (the RFC cap's INFEASIBLE_CONCENTRATION) to it
-    wm = wm.join(blocked, on="run", how="anti")
+    wm = without_runs(wm, blocked)
 
     # Step 3: normalisation above 100% (per-run sums; only the runs above 100% change)
     sums = wm.group_by("run").agg(

@@ -134,6 +134,41 @@ def test_sell_only_with_zero_weight_recipients_is_pending_review(scenario):
     assert s.target_status() == "PENDING_REVIEW"
 
 
+def test_sell_only_redistribution_touches_only_the_runs_with_excess():
+    """Step 1 over several runs at once, rows unordered: a run without SELL_ONLY excess
+    keeps its weights, a run with excess spreads it over its buyables in proportion, a run
+    whose buyables sum to 0 or less (negative model weights) and a run without buyables are
+    pending and keep theirs; the map comes back in (run, map_order) order, and the
+    caller's frame is left as it was (step 1's inputs are replayed in 28 digits later)."""
+    from dpm_vec.numeric import WEIGHT
+    from dpm_vec.stages.targets import _sell_only_redistribution
+
+    rows = [  # run, map_order, kind, weight
+        (3, 1, "BUYABLE", "-0.1"), (0, 2, "BUYABLE", "0.4"), (1, 1, "BUYABLE", "0.5"), (2, 1, "SELL_ONLY", "0"),
+        (1, 2, "SELL_ONLY", "0"), (0, 1, "BUYABLE", "0.6"), (1, 3, "BUYABLE", "0.3"), (3, 2, "BUYABLE", "0.1"),
+        (1, 9, "LOCKED", "0.2"), (2, 2, "LOCKED", "0.5"),
+    ]
+    weight_map = pl.DataFrame(
+        {"run": [r[0] for r in rows], "instrument_id": [f"I{r[0]}{r[1]}" for r in rows], "map_order": [r[1] for r in rows],
+         "kind": [r[2] for r in rows], "weight": [D(r[3]) for r in rows], "slot": list(range(len(rows)))},
+        schema={"run": pl.UInt32, "instrument_id": pl.String, "map_order": pl.Int64, "kind": pl.String, "weight": WEIGHT, "slot": pl.UInt32},
+    )
+    before = weight_map.clone()
+    excess = pl.DataFrame({"run": [1, 2, 3], "sell_only_excess": [D("0.2"), D("0.5"), D("0.3")]},
+                          schema={"run": pl.UInt32, "sell_only_excess": WEIGHT})
+    wm, pending = _sell_only_redistribution(weight_map, excess)
+    assert weight_map.equals(before)
+    assert wm.columns == [*weight_map.columns, "buy"]
+    assert [(r, o) for r, o in wm.select("run", "map_order").iter_rows()] == sorted((r[0], r[1]) for r in rows)
+    assert {(r, o): w for r, o, w in wm.select("run", "map_order", "weight").iter_rows()} == {
+        (0, 1): D("0.6"), (0, 2): D("0.4"),
+        (1, 1): D("0.625"), (1, 2): D(0), (1, 3): D("0.375"), (1, 9): D("0.2"),
+        (2, 1): D(0), (2, 2): D("0.5"),
+        (3, 1): D("-0.1"), (3, 2): D("0.1"),
+    }
+    assert set(pending["run"].to_list()) == {2, 3}
+
+
 # ---- step 3: normalisation ---------------------------------------------------------------------
 
 

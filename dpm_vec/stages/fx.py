@@ -98,7 +98,7 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
     # a BUY depends on its currency's funding FX, then on that currency's last SELL: the
     # list is the same for every BUY of a (run, currency), so it is built once per pair
     buy_deps = (
-        sec.filter(pl.col("side") == "BUY").select("run", "price_currency").unique()
+        sec.select("run", "price_currency", "side").filter(pl.col("side") == "BUY").select("run", "price_currency").unique()
         .join(funding_ids, on=["run", "price_currency"], how="left")
         .join(last_sell, on=["run", "price_currency"], how="left")
         .select(

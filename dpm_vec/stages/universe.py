@@ -100,8 +100,10 @@ def build_universe(
         pl.when(pl.col("kind") == "BUYABLE").then(pl.col("model_weight")).otherwise(lit(0)).alias("weight"), "slot",
     )
     # a held instrument that is a map entry already shares its slot with that model row
-    held = positions_before.filter((pl.col("quantity") != 0) & ~pl.col("slot").is_in(map1["slot"].implode()))
-    held = market.with_shelf(held.select("run", "pos_seq", "instrument_id", "weight", "slot"), ("status",))
+    # narrowed before the filter, which moves every column it keeps
+    held = positions_before.select("run", "pos_seq", "instrument_id", "weight", "slot", "quantity").filter(
+        (pl.col("quantity") != 0) & ~pl.col("slot").is_in(map1["slot"].implode())).drop("quantity")
+    held = market.with_shelf(held, ("status",))
     held = _price_check_as_status(held, price_flags)
     locked = pl.col("status").is_null() | pl.col("status").is_in(["SUSPENDED", "BANNED", "RESTRICTED", *PRICE_EXCLUSIONS])
     # the RFC's holdings sold to 0 instead of locked: BANNED under held_banned_action LIQUIDATE

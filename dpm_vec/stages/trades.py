@@ -87,7 +87,8 @@ def translate(
         (pl.col("notional_sizing") & pl.col("trade_by").eq_missing("NOTIONAL")).alias("by_notional"),
     )
     t = t.with_columns((pl.col("_abs_delta") / pl.col("price")).alias("_quotient"))
-    units = pl.col("_quotient").floor()
+    t = t.with_columns(pl.col("_quotient").floor().alias("_units"))  # once: an eager expression repeats its parts
+    units = pl.col("_units")
     # the quotient is rounded before the floor; step back when that rounding crossed an integer
     t = t.with_columns(pl.when(units * pl.col("price") > pl.col("_abs_delta")).then(units - 1).otherwise(units).alias("_units"))
     t = _exact_near_integer_floors(market, t, exact, valued, replay, locked)
@@ -120,11 +121,12 @@ def translate(
     )
     t = _exact_dust_tests(t)
     below = pl.coalesce("_below_exact", pl.col("notional") < pl.col("threshold_amount"))
-    suppress = pl.col("suppress_dust_trades") & pl.col("threshold_amount").is_not_null() & below
-    suppressed = t.filter(suppress).select(
+    t = t.with_columns((pl.col("suppress_dust_trades") & pl.col("threshold_amount").is_not_null() & below).alias("_suppress"))
+    suppress = pl.col("_suppress")
+    suppressed = t.select(  # narrowed before the filter, which scans every column it keeps
         "run", "instrument_id", "trace_order", pl.col("notional").alias("intended_notional"),
-        pl.col("price_currency").alias("currency"), "threshold_amount", "threshold_currency",
-    )
+        pl.col("price_currency").alias("currency"), "threshold_amount", "threshold_currency", "_suppress",
+    ).filter(suppress).drop("_suppress")
     # numbered in trace order (FX planning then puts intents in execution order)
     kept = t.select(
         "run", "instrument_id", "trace_order", "side", "quantity", "requested_quantity", "price",

@@ -303,3 +303,13 @@ def test_dust_of_a_tax_limited_sell_is_swept_as_the_reference_sums_it(scenario):
     assert s.intents["intent_type"].to_list() == ["SECURITY_TRADE", "SECURITY_TRADE", "FX_SPOT"]
     assert fx["dependencies"].to_list() == [[]]
     assert s.run_row()["status"] == "READY"
+
+
+def test_security_intent_ids_are_oi_and_the_intent_number():
+    """Ids gathered from a table of "oi_k" are the text the reference builds per intent,
+    for numbers in any order, past 9 and repeated (intents of several runs)."""
+    from dpm_vec.stages.fx import _security_intent_ids
+
+    numbers = pl.Series([3, 1, 12, 10, 1, 2], dtype=pl.Int64)
+    assert _security_intent_ids(numbers).to_list() == [f"oi_{n}" for n in numbers.to_list()]
+    assert _security_intent_ids(numbers.clear()).to_list() == []

@@ -717,7 +717,7 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     # Step 5: minimum cash buffer, for the runs that keep one
     buffered = policy.filter(pl.col("min_cash_buffer_pct") > 0).select("run", "min_cash_buffer_pct")
     sums = (
-        wm.filter(pl.col("run").is_in(buffered["run"].implode()))
+        wm.select("run", "buy", "weight").filter(pl.col("run").is_in(buffered["run"].implode()))  # narrowed: a filter moves every column
         .group_by("run").agg(_agg_where(pl.col("buy")).alias("_B"), _agg_where(~pl.col("buy")).alias("_L"))
         .join(buffered, on="run")
         .with_columns(dmax(lit(1) - pl.col("min_cash_buffer_pct") - pl.col("_L"), lit(0)).alias("_allowed"))
@@ -779,7 +779,7 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
         )
     )
     return _Heuristic(
-        weights=wm.join(blocked_runs, on="run", how="anti"),
+        weights=without_runs(wm, blocked_runs),
         status=status,
         warnings=pl.concat(warnings),
         group_events=group_events,
@@ -811,8 +811,10 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
         .with_columns(pl.lit(True).alias("known"))
     )
     cons = cons.join(known, on=["run", "rank"], how="left").with_columns(pl.col("known").fill_null(False))
-    # only runs with constraints take part; the others' weights pass through untouched
-    constrained = wm.join(cons.select("run").unique(), on="run", how="semi")
+    # only runs with constraints take part (a few): their rows are taken out, capped, and put
+    # back in place; the others' weights pass through untouched
+    rows = wm.select(pl.arg_where(pl.col("run").is_in(cons["run"].unique().implode()))).to_series()
+    constrained = wm[rows]
     member_attr = market.with_attributes(constrained.select("run", "instrument_id")).select("run", "instrument_id", "attribute", "value")
     for rank in range(1, int(cons["rank"].max()) + 1):
         stopped = pl.concat([pl.DataFrame(schema={"run": pl.UInt32}), *blocked])
@@ -874,10 +876,8 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
         constrained = constrained.join(capped, on=["run", "map_order"], how="left", maintain_order="left").with_columns(
             pl.coalesce("_new", "weight").alias("weight")
         ).select(wm.columns)
-    touched = constrained.select("run", "map_order", pl.col("weight").alias("_capped_weight"))
-    wm = wm.join(touched, on=["run", "map_order"], how="left", maintain_order="left").with_columns(
-        pl.coalesce("_capped_weight", "weight").alias("weight")
-    ).drop("_capped_weight")
+    # each step kept constrained's rows and their order (a left join on unique keys)
+    wm = wm.with_columns(wm.get_column("weight").clone().scatter(rows, constrained.get_column("weight").cast(wm.schema["weight"])))
     return (
         wm,
         pl.concat([pl.DataFrame(schema=WARNINGS_SCHEMA), *warnings]),

@@ -267,6 +267,16 @@ def test_group_cap_scales_members_and_redistributes(scenario):
     assert [(r["instrument_id"], r["share"]) for r in rec] == [("Bond_B", D("0.1"))]
 
 
+def test_group_caps_change_only_their_own_runs(scenario):
+    """Runs with and without group constraints side by side: each constrained run is capped
+    at its own limit, the run between them keeps the model's weights."""
+    s = _sector(scenario, runs=[dict(groups={"sector:TECH": "0.2"}), dict(), dict(groups={"sector:TECH": "0.25"})])
+    assert s.weights(0) == {"Tech_A": D("0.2"), "Bond_B": D("0.8")}
+    assert s.weights(1) == {"Tech_A": D("0.3"), "Bond_B": D("0.7")}
+    assert s.weights(2) == {"Tech_A": D("0.25"), "Bond_B": D("0.75")}
+    assert sorted(s.targets.group_events["run"].to_list()) == [0, 2]
+
+
 def test_group_cap_recipients_include_zero_shares(scenario):
     """Recipients are every buyable outside the group, in map order, zero shares included."""
     s = scenario(

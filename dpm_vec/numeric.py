@@ -47,17 +47,21 @@ VALUE_TIMES_WEIGHT = (("1e10", "1"), ("1e9", "10"))
 QUANTITY_TIMES_PRICE = (("1e10", "1"), ("1e8", "1e2"), ("1e5", "1e5"), ("1e2", "1e8"))
 
 
-def product_of_all_digits(a: pl.Expr, b: pl.Expr, bounds: tuple[tuple[str, str], ...]) -> pl.Expr:
+def product_of_all_digits(a: pl.Expr, b: pl.Expr, bounds: tuple[tuple[str, str], ...], frame: pl.DataFrame | None = None) -> pl.Expr:
     """a × b in DEC from every digit of both factors. A QTY quantity or WEIGHT weight can
     carry 28 decimals; read at DEC's 20 first, its product misses the reference's 28-digit
     one by up to 1e-20 × the other factor (a notional-sized 664.5044112006137322593018796
     units × 26.07 gave 17323.62999999999999999995 for the reference's 17323.63). Where the
     factors' magnitudes keep the product inside WEIGHT, it is taken at WEIGHT's 28
     decimals, then rounded half-even to DEC; elsewhere DEC's product stands. ``bounds``:
-    the magnitude pairs tried (``VALUE_TIMES_WEIGHT``, ``QUANTITY_TIMES_PRICE``)."""
+    the magnitude pairs tried (``VALUE_TIMES_WEIGHT``, ``QUANTITY_TIMES_PRICE``). With the
+    ``frame`` the expression is for, where every row fits (the usual case), the product is
+    the WEIGHT one alone (the DEC product of every row is not taken to be discarded)."""
     fits = pl.any_horizontal(
         (a.abs() < pl.lit(Decimal(x), dtype=DEC)) & (b.abs() < pl.lit(Decimal(y), dtype=DEC)) for x, y in bounds
     )
+    if frame is not None and frame.height and frame.select(fits.all()).item():
+        return (a.cast(WEIGHT) * b.cast(WEIGHT)).cast(DEC)
     # both branches are computed for every row: zeros keep the other rows' product in range
     at_28 = (pl.when(fits).then(a).otherwise(0).cast(WEIGHT) * pl.when(fits).then(b).otherwise(0).cast(WEIGHT)).cast(DEC)
     return pl.when(fits).then(at_28).otherwise(a.cast(DEC) * b.cast(DEC))

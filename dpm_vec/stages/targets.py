@@ -1076,11 +1076,12 @@ def _trace(wm: pl.DataFrame, model: pl.DataFrame, totals: pl.DataFrame) -> pl.Da
         .otherwise(4)
     )
     trace = with_code_lists(trace, tag_case, TAG_LISTS, "tags")
-    return trace.with_columns(final_value("final_weight").alias("final_value")).drop("total_value")
+    return trace.with_columns(final_value("final_weight", trace).alias("final_value")).drop("total_value")
 
 
-def final_value(weight: str) -> pl.Expr:
+def final_value(weight: str, frame: pl.DataFrame | None = None) -> pl.Expr:
     """total_value × ``weight`` (§6.5) from every digit of the weight: 15000 × 0.3333…3 at
     28 decimals is the reference's 5000, where the weight read at 20 decimals gives
-    4999.99999999999999995 (``product_of_all_digits``; every weight carries 28 decimals)."""
-    return product_of_all_digits(pl.col("total_value"), pl.col(weight), VALUE_TIMES_WEIGHT)
+    4999.99999999999999995 (``product_of_all_digits``, for ``frame``; every weight carries
+    28 decimals)."""
+    return product_of_all_digits(pl.col("total_value"), pl.col(weight), VALUE_TIMES_WEIGHT, frame)

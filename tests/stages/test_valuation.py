@@ -213,6 +213,28 @@ def test_times_price_of_a_row_does_not_depend_on_the_other_rows(rows):
     assert together == alone
 
 
+_VALUES = st.one_of(
+    st.decimals(min_value=D("-1e9"), max_value=D("1e9"), places=20, allow_nan=False, allow_infinity=False),
+    st.decimals(min_value=D("-1e17"), max_value=D("1e17"), places=2, allow_nan=False, allow_infinity=False),  # beyond the bounds
+    st.none(),
+)
+
+
+@given(st.lists(st.tuples(_VALUES, st.one_of(
+    st.decimals(min_value=-2, max_value=2, places=28, allow_nan=False, allow_infinity=False), st.none())), min_size=1, max_size=12))
+@settings(max_examples=200, deadline=None)
+def test_product_of_all_digits_for_its_frame_is_the_general_product(rows):
+    """Given the frame it is for, the product takes the WEIGHT product alone when every row
+    fits the bounds; the values are the general expression's whether all rows fit, some
+    do or none (totals beyond 1e10, nulls)."""
+    from dpm_vec.numeric import VALUE_TIMES_WEIGHT, WEIGHT, product_of_all_digits
+
+    frame = pl.DataFrame({"a": [a for a, _ in rows], "b": [b for _, b in rows]}, schema={"a": DEC, "b": WEIGHT})
+    general = frame.select(product_of_all_digits(pl.col("a"), pl.col("b"), VALUE_TIMES_WEIGHT)).to_series()
+    for_frame = frame.select(product_of_all_digits(pl.col("a"), pl.col("b"), VALUE_TIMES_WEIGHT, frame)).to_series()
+    assert for_frame.equals(general)
+
+
 def _four_dp(weight: D) -> D:
     return weight.quantize(D("0.0001"), rounding=decimal.ROUND_HALF_EVEN)
 

@@ -429,7 +429,11 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
         pl.col("list_order").alias("drop_order"),
     ).pipe(sort_rows, "run", "drop_order")
     warnings = warnings_frame(dropped.select("run").unique(), pl.lit("PARTIAL_REBALANCE_TURNOVER_LIMIT"), pl.lit(TURNOVER_ORDER))
-    kept = pl.concat([untouched, decided.filter(pl.col("_keep")).select(intents.columns + ["list_order"])])
+    # one chunk per column: the parts' chunks differ by column (a constant column comes back
+    # whole), and an eager select on a frame whose columns are chunked differently first
+    # copies every column into one chunk (~14 ms for a shard's 390,000 intents, each time,
+    # and the range check and FX planning operate on this frame nine times)
+    kept = pl.concat([untouched, decided.filter(pl.col("_keep")).select(intents.columns + ["list_order"])], rechunk=True)
     return kept, dropped, pl.concat([pl.DataFrame(schema=WARNINGS_SCHEMA), warnings])
 
 

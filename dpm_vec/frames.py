@@ -71,11 +71,37 @@ def _packed_key(frame: pl.DataFrame, by: tuple[str, ...]) -> pl.Expr | None:
     return packed
 
 
+def only_runs(frame: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
+    """The rows of ``frame`` of the ``runs`` (a frame with a ``run`` column), in order."""
+    return _keep(frame, pl.col("run").is_in(runs["run"].implode()))
+
+
 def without_runs(frame: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
-    """``frame`` without the rows of the ``runs`` (a frame with a ``run`` column), in its
-    order; as it is when there are none, the usual case (an anti join hashes and moves
-    every row even then: ~13 ms for a shard's weight map)."""
-    return frame if runs.height == 0 else frame.join(runs.select("run"), on="run", how="anti")
+    """The rows of ``frame`` of every run but the ``runs``, in order."""
+    return frame if runs.height == 0 else _keep(frame, ~pl.col("run").is_in(runs["run"].implode()))
+
+
+def _keep(frame: pl.DataFrame, predicate: pl.Expr) -> pl.DataFrame:
+    """``frame`` itself when every row keeps (the usual case): a filter, like an anti join,
+    moves every column even then (~13 ms for a shard's weight map)."""
+    keep = frame.select(predicate).to_series()
+    return frame if keep.all() else frame.filter(keep)
+
+
+def rows_of_runs(frame: pl.DataFrame, runs: pl.DataFrame) -> pl.Series:
+    """The positions of ``frame``'s rows of the ``runs`` (a frame with a ``run`` column),
+    ascending: with ``put_rows``, a step that concerns a few runs works on their rows
+    alone and writes its results back in place."""
+    return frame.select(pl.arg_where(pl.col("run").is_in(runs["run"].implode()))).to_series()
+
+
+def put_rows(frame: pl.DataFrame, rows: pl.Series, values: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with the columns of ``values`` (one row per position in ``rows``) written
+    at those positions, each cast to ``frame``'s type for it; ``frame`` itself is left as
+    it was (``Series.scatter`` works in place, so each column is copied first)."""
+    return frame.with_columns(
+        frame.get_column(c).clone().scatter(rows, values.get_column(c).cast(frame.schema[c])) for c in values.columns
+    )
 
 
 def join_runs(frame: pl.DataFrame, per_run: pl.DataFrame, how: str = "left") -> pl.DataFrame:

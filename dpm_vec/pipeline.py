@@ -18,7 +18,7 @@ import pandera.polars as pa
 import polars as pl
 
 from dpm_vec.book import Book
-from dpm_vec.frames import sort_rows
+from dpm_vec.frames import only_runs, sort_rows, without_runs
 from dpm_vec.schemas import (
     AFTER_POSITIONS_SCHEMA, INTENTS_SCHEMA, RULES_SCHEMA, RUNS_SCHEMA, SECURITY_INTENTS_SCHEMA, TARGET_TRACE_SCHEMA,
     VALUED_CASH_SCHEMA, VALUED_POSITIONS_SCHEMA, WEIGHT_MAP_SCHEMA, check_stage,
@@ -63,19 +63,6 @@ class Result:
 
     def tables(self) -> dict[str, pl.DataFrame]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def _only(frame: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
-    return _keep(frame, pl.col("run").is_in(runs["run"].implode()))
-
-
-def _without(frame: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
-    return _keep(frame, ~pl.col("run").is_in(runs["run"].implode()))
-
-
-def _keep(frame: pl.DataFrame, predicate: pl.Expr) -> pl.DataFrame:
-    keep = frame.select(predicate).to_series()
-    return frame if keep.all() else frame.filter(keep)  # no gather when every row stays
 
 
 class StageTimer:
@@ -129,19 +116,19 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
         targets.status.filter(pl.col("target_status") == "BLOCKED").select("run"),
         faults.select("run"),
     ]).unique()
-    live = _without(runs, early)
+    live = without_runs(runs, early)
 
-    tr = translate(market, live, _only(targets.trace, live), p.positions, p.lots, before.totals, universe.exact,
+    tr = translate(market, live, only_runs(targets.trace, live), p.positions, p.lots, before.totals, universe.exact,
                    (before.positions, before.cash), targets.replay, universe.locked)
     boundary("translation+tax", (SECURITY_INTENTS_SCHEMA, tr.intents))
     findings = dq.concat(findings, dq.excuse_prices(tr.dq, unpriced))
     counts2 = dq.blocking_counts(findings, live)
     gate2 = counts2.filter(pl.col("dq_count") > 0).select("run")
-    live = _without(live, gate2)
+    live = without_runs(live, gate2)
 
-    kept, dropped, turnover_warnings = apply_turnover_cap(_only(tr.intents, live), live, before.totals, market,
+    kept, dropped, turnover_warnings = apply_turnover_cap(only_runs(tr.intents, live), live, before.totals, market,
                                                           (before.positions, before.cash))
-    intents, fx_missing = plan_fx(market, live, within_quantity_range(kept, live), _only(p.cash, live))
+    intents, fx_missing = plan_fx(market, live, within_quantity_range(kept, live), only_runs(p.cash, live))
     findings = dq.concat(findings, fx_missing)
     boundary("turnover+fx", (INTENTS_SCHEMA, intents))
     ladder = cash_ladder(market, live, intents, p.cash, _by_run(book.overdraft_limits, runs))
@@ -152,7 +139,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     # runs that did not block on the ladder trade (their intents applied, valued at market);
     # E3 revalues the before-state under its valuation mode, and a run stopped before trading
     # (E1, E2) keeps its before-state, which the same valuation gives again
-    traded = _without(live, settled_block)
+    traded = without_runs(live, settled_block)
     stopped = pl.concat([early, gate2])
     pos_after, cash_after = compliance.apply_intents(p.positions, p.cash, intents, traded)
     cash_signs = compliance.exact_cash_signs(market, traded, intents, p.cash, cash_after)
@@ -161,13 +148,13 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
                         stage=dq.VALUATION_AFTER, allocations=allocations)
     boundary("after_state", *_valued(after, AFTER_POSITIONS_SCHEMA))
     # a stopped run's findings are its before-state's, already counted
-    findings = dq.concat(findings, dq.excuse_prices(_without(after.dq, stopped), unpriced))
+    findings = dq.concat(findings, dq.excuse_prices(without_runs(after.dq, stopped), unpriced))
     counts_final = dq.blocking_counts(findings, runs)
 
     n_suppressed = tr.suppressed.group_by("run").agg(pl.len().cast(pl.Int64).alias("n_suppressed"))
     missing = dq.missing_detail(findings, runs)
     rules_before = compliance.evaluate_rules(
-        _only(runs, stopped), _only(before.positions, stopped), _only(p.cash, stopped), _only(before.allocations, stopped),
+        only_runs(runs, stopped), only_runs(before.positions, stopped), only_runs(p.cash, stopped), only_runs(before.allocations, stopped),
         counts_final, n_suppressed, market=market, dq_detail=missing,
     )
     rules_after = compliance.evaluate_rules(
@@ -175,7 +162,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
         exact_cash=lambda chosen: compliance.exact_after_cash(market, chosen, intents, p.cash), dq_detail=missing,
     )
     hard_fail = rules_after.filter((pl.col("severity") == "HARD") & (pl.col("status") == "FAIL")).select("run").unique()
-    recon = compliance.reconcile(_only(before.totals, _without(traded, hard_fail)), after.totals)
+    recon = compliance.reconcile(only_runs(before.totals, without_runs(traded, hard_fail)), after.totals)
     rule_results = pl.concat([
         rules_before, rules_after, compliance.reconciliation_rule(recon), compliance.settlement_rule(ladder.first_breach),
     ]).pipe(sort_rows, "run", "rule_order")
@@ -229,7 +216,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     if allocations:  # the JSON door prints state weights at 4 dp; rules and gate above read the fixed point
         before = at_printed_midpoints(market, runs, before)
         after = at_printed_midpoints(market, traded, after, lambda chosen: compliance.exact_after_cash(market, chosen, intents, p.cash))
-        after = at_printed_midpoints(market, _without(runs, traded), after)
+        after = at_printed_midpoints(market, without_runs(runs, traded), after)
     boundary("rules+status", (RUNS_SCHEMA, out_runs), (RULES_SCHEMA, rule_results))
     return Result(
         runs=out_runs,
@@ -251,7 +238,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
         dropped=dropped,
         group_events=targets.group_events,
         group_recipients=targets.group_recipients,
-        tax_events=_only(tr.tax_events, runs),
+        tax_events=only_runs(tr.tax_events, runs),
         cash_ladder=ladder.points,
         cash_ladder_breaches=ladder.breaches,
         gate_reasons=gate_reasons,

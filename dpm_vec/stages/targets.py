@@ -16,7 +16,7 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.codes import ReferenceBlock, with_code_lists
-from dpm_vec.frames import join_on_index, join_runs, sort_rows, without_runs
+from dpm_vec.frames import join_on_index, join_runs, put_rows, rows_of_runs, sort_rows, without_runs
 from dpm_vec.numeric import DEC_UNIT, VALUE_TIMES_WEIGHT, WEIGHT, dmax, dmin, lit, product_of_all_digits, units_text
 from dpm_vec.stages.prepare import SLOT, Market
 from dpm_vec.stages.universe import ExactLocked, valued_in_28_digits
@@ -194,7 +194,7 @@ def _sell_only_redistribution(weight_map: pl.DataFrame, sell_only_excess: pl.Dat
     wm = weight_map.with_columns((pl.col("kind") == "BUYABLE").alias("buy")).pipe(sort_rows, "run", "map_order")
     excess = sell_only_excess.filter(pl.col("sell_only_excess") > 0)
     # the runs with SELL_ONLY excess are few: their rows alone take the sums and shares
-    rows = wm.select(pl.arg_where(pl.col("run").is_in(excess["run"].implode()))).to_series()
+    rows = rows_of_runs(wm, excess)
     spread = join_runs(wm[rows], excess).with_columns(_sum_where(pl.col("buy")).alias("_S"))
     pending = pl.concat([
         spread.filter(pl.col("_S") <= 0).select("run"),  # not S > 0: negative model weights pass unvalidated
@@ -203,9 +203,9 @@ def _sell_only_redistribution(weight_map: pl.DataFrame, sell_only_excess: pl.Dat
     shared = spread.select(
         pl.when(pl.col("buy") & (pl.col("_S") > 0))
         .then(pl.col("weight") + pl.col("sell_only_excess") * (pl.col("weight") / pl.col("_S")))
-        .otherwise(pl.col("weight")).cast(wm.schema["weight"])
-    ).to_series()
-    return wm.with_columns(wm.get_column("weight").clone().scatter(rows, shared)), pending
+        .otherwise(pl.col("weight")).alias("weight")
+    )
+    return put_rows(wm, rows, shared), pending
 
 
 NORMALISATION_THRESHOLD = "1.0001"
@@ -813,7 +813,7 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
     cons = cons.join(known, on=["run", "rank"], how="left").with_columns(pl.col("known").fill_null(False))
     # only runs with constraints take part (a few): their rows are taken out, capped, and put
     # back in place; the others' weights pass through untouched
-    rows = wm.select(pl.arg_where(pl.col("run").is_in(cons["run"].unique().implode()))).to_series()
+    rows = rows_of_runs(wm, cons)
     constrained = wm[rows]
     member_attr = market.with_attributes(constrained.select("run", "instrument_id")).select("run", "instrument_id", "attribute", "value")
     for rank in range(1, int(cons["rank"].max()) + 1):
@@ -877,7 +877,7 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
             pl.coalesce("_new", "weight").alias("weight")
         ).select(wm.columns)
     # each step kept constrained's rows and their order (a left join on unique keys)
-    wm = wm.with_columns(wm.get_column("weight").clone().scatter(rows, constrained.get_column("weight").cast(wm.schema["weight"])))
+    wm = put_rows(wm, rows, constrained.select("weight"))
     return (
         wm,
         pl.concat([pl.DataFrame(schema=WARNINGS_SCHEMA), *warnings]),

@@ -14,7 +14,7 @@ from decimal import Decimal
 import polars as pl
 
 from dpm_vec import dec28 as f28
-from dpm_vec.frames import join_on_index, join_runs, position_in_run, sort_rows
+from dpm_vec.frames import join_on_index, join_runs, position_in_run, put_rows, sort_rows
 from dpm_vec.numeric import DEC, DEC_UNIT, HAIR, QTY, SCALE, TRADE_UNITS_LIMIT, dabs, lit, quantity_range_error, times_price
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import DUST, exact_notionals
@@ -201,7 +201,7 @@ def _notional_sizing(t: pl.DataFrame) -> pl.DataFrame:
         oversell.alias("_oversell"),
         pl.when(beyond & ~oversell).then(pl.col("_amount_units")).alias("_units_beyond_range"),
     )
-    return t.with_columns(t.get_column(c).clone().scatter(rows, sized.get_column(c)) for c in sized.columns)
+    return put_rows(t, rows, sized)
 
 
 def _notional_amounts(market: Market, t: pl.DataFrame, exact: ExactLocked | None, valued: tuple[pl.DataFrame, pl.DataFrame] | None,

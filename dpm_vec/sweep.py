@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
@@ -43,8 +43,8 @@ import pyarrow.parquet as pq
 
 from dpm_vec import __version__
 from dpm_vec.book import Book, conform, empty_table
-from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES_FROM_SHARDS, default_shard_size, default_threads,
-                              even_shard_size, usable_cores)
+from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, DEFAULT_SHARD_SIZE, PARQUET_COMPRESSION, PROCESSES_FROM_SHARDS, default_shard_size,
+                              default_threads, even_shard_size, usable_cores)
 from dpm_vec.errors import ENGINE_FAILURES, BookError, DpmVecError, failure_summary, named_failures
 from dpm_vec.io import (PORTFOLIO_ROWS, _path, collect, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         with_fault_details, write_book, write_json_atomic)
@@ -358,31 +358,90 @@ def _run_in_process(plan: SweepPlan, pending: list[int], reporter, threads: int 
         _run_as_they_finish(pool, plan, queue, running, reporter)
 
 
-def _run_in_processes(plan: SweepPlan, pending: list[int], reporter, processes: int) -> None:
-    """Shards in ``processes`` fresh worker processes, each computing a shard, writing it
-    and taking the next; at most ``processes`` shards are in memory. Each process runs
-    Polars on its share of the cores: two processes of one Polars thread keep two cores
-    busier than two shard threads sharing one process's Polars thread pool
-    (benchmarks/HISTORY.md, "Fifteenth session")."""
+def _run_in_processes(plan: SweepPlan, pending: list[int], reporter, processes: int,
+                      pool: ProcessPoolExecutor | None = None) -> None:
+    """Shards in ``processes`` fresh worker processes (``pool``'s, when they were started
+    before the plan: ``_early_workers``), each computing a shard, writing it and taking the
+    next; at most ``processes`` shards are in memory. Each process runs Polars on its share
+    of the cores: two processes of one Polars thread keep two cores busier than two shard
+    threads sharing one process's Polars thread pool (benchmarks/HISTORY.md, "Fifteenth
+    session")."""
     processes = min(processes, len(pending))
     if processes == 0:
         return
     queue = iter(pending)
-    context = multiprocessing.get_context("spawn")  # a fork would copy this process's Polars threads' state
-    # read by Polars when it is imported, in each worker as it starts (the workers start
-    # at the first submissions); this process's Polars has sized its pool already
-    with _environment(POLARS_MAX_THREADS=str(_cores_each(processes))):
-        pool = ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_start_worker,
-                                   initargs=(logging.getLogger().level, os.getpid()))
-        running = {pool.submit(run_shard, plan, shard) for shard in islice(queue, processes)}
+
+    def first(workers: ProcessPoolExecutor) -> set:
+        return {workers.submit(run_shard, plan, shard) for shard in islice(queue, processes)}
+
+    running = None
+    if pool is None:
+        pool, running = _worker_pool(processes, first)
     with pool:
-        try:
-            _run_as_they_finish(pool, plan, queue, running, reporter)
+        try:  # a worker started early that died already breaks the pool at the first submission
+            _run_as_they_finish(pool, plan, queue, first(pool) if running is None else running, reporter)
         except BrokenProcessPool as exc:
             raise DpmVecError(
                 "a sweep worker process ended without finishing its shard (killed, or out of memory?); committed "
                 "shards are kept: the same command resumes (a smaller --shard-size needs less memory)"
             ) from exc
+
+
+def _worker_pool(processes: int, first: Callable[[ProcessPoolExecutor], set]) -> tuple[ProcessPoolExecutor, set]:
+    """A pool of ``processes`` spawned workers and the futures of ``first(pool)``, its first
+    submissions: the workers start as they are submitted, and read POLARS_MAX_THREADS (their
+    share of the cores) as they import Polars; this process's Polars has sized its pool
+    already. A fork would copy this process's Polars threads' state."""
+    context = multiprocessing.get_context("spawn")
+    with _environment(POLARS_MAX_THREADS=str(_cores_each(processes))):
+        pool = ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_start_worker,
+                                   initargs=(logging.getLogger().level, os.getpid()))
+        return pool, first(pool)
+
+
+def early_processes(book_dir: Path, *, shard_size: int | None, scheduler: str | None, workers: int | None,
+                    threads: int | None, processes: int | None, scenarios: str | Path | None) -> int | None:
+    """The worker processes a sweep will run its shards in, when that is certain before its
+    plan: ``processes`` when chosen, or, with no mode chosen, one per core (at most two) for a
+    book of more portfolios (the portfolios file's row count, from its footer) than
+    ``PROCESSES_FROM_SHARDS`` − 1 of its largest possible shards (``shard_size``, or the
+    default's share per core, which the plan only shrinks). None when not certain: the plan
+    decides, as for a scenarios sweep, whose runs the scenarios multiply."""
+    if processes is not None:
+        return processes
+    if scheduler or workers or threads is not None or scenarios or default_threads() < 2:
+        return None
+    try:
+        portfolios = pq.ParquetFile(_path(book_dir, "portfolios")).metadata.num_rows
+    except Exception:  # a missing or unreadable file: the plan's read names the fault
+        return None
+    largest = shard_size or DEFAULT_SHARD_SIZE // default_threads()
+    return default_threads() if -(-portfolios // largest) >= PROCESSES_FROM_SHARDS else None
+
+
+@contextlib.contextmanager
+def _early_workers(book_dir: Path, processes: int | None):
+    """Worker processes started before the sweep plans (None without ``processes``), each
+    warmed with the engine's imports and the book's reference tables: their start (~0.6 s
+    each) overlaps the plan's reads, checks and hashes instead of following them (the 100k
+    book, five alternated pairs: 21.5-22.4 s against 22.2-22.9 s; benchmarks/HISTORY.md,
+    "Forty-fourth session"). A sweep that stops before its shards shuts them down and
+    waits for them."""
+    if not processes:
+        yield None
+        return
+    pool, _ = _worker_pool(processes, lambda workers: {workers.submit(_warm_worker, str(book_dir)) for _ in range(processes)})
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _warm_worker(book_dir: str) -> None:
+    """A worker's first task: the reference tables a shard reads, read now. A table the
+    sweep's own checks reject is left to them (they name its fault)."""
+    with contextlib.suppress(DpmVecError):
+        _reference(book_dir)
 
 
 def _run_as_they_finish(pool, plan: SweepPlan, queue, running: set, reporter) -> None:
@@ -508,15 +567,19 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
                           else f"{book_dir} is a file; a book is a directory of Parquet tables (docs/book.md)")
     check_replaceable(out_dir, SWEEP_MARKER, "sweep output", (book_dir, *([Path(scenarios)] if scenarios else [])),
                       written=frozenset({*SWEEP_TABLES, "scenario_comparison", SWEEP_MARKER}))
-    with exclusive(out_dir):
+    early = early_processes(book_dir, shard_size=shard_size, scheduler=scheduler, workers=workers, threads=threads,
+                            processes=processes, scenarios=scenarios)
+    with exclusive(out_dir), _early_workers(book_dir, early) as pool:
         return _sweep_locked(book_dir, out_dir, started, shard_size=shard_size, scheduler=scheduler, workers=workers,
-                             threads=threads, processes=processes, progress=progress, scenarios=scenarios, written=written)
+                             threads=threads, processes=processes, progress=progress, scenarios=scenarios, written=written,
+                             pool=pool)
 
 
 def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: int | None, scheduler: str | None,
                   workers: int | None, threads: int | None, processes: int | None, progress: bool | None,
-                  scenarios: str | Path | None, written: tuple[str, ...]) -> dict:
-    """``sweep`` once its arguments are checked and it holds OUT's lock."""
+                  scenarios: str | Path | None, written: tuple[str, ...], pool: ProcessPoolExecutor | None = None) -> dict:
+    """``sweep`` once its arguments are checked and it holds OUT's lock; ``pool``: the worker
+    processes started for it already (``early_processes``)."""
     on_dask = bool(scheduler or workers)
     chosen = on_dask or threads is not None or processes is not None
     portfolios, portfolio_faults = read_portfolio_rows(book_dir)
@@ -565,6 +628,8 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
     if not chosen:  # threads for a few shards, worker processes for many (defaults.PROCESSES_FROM_SHARDS)
         many = plan.n_shards >= PROCESSES_FROM_SHARDS and default_threads() > 1
         processes, threads = (default_threads(), None) if many else (None, default_threads())
+    if pool is not None and not processes:  # early_processes promised what the plan must agree with
+        raise AssertionError(f"worker processes were started for a sweep of {plan.n_shards} shard(s) on threads")
     Path(plan.work_dir).mkdir(parents=True, exist_ok=True)
     if scenario_map and not (Path(plan.work_dir) / "derived").exists():
         write_book(derived_tables, Path(plan.work_dir) / "derived")
@@ -581,7 +646,7 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
     if on_dask:
         _run_on_dask(plan, pending, scheduler, workers, reporter)
     elif processes:
-        _run_in_processes(plan, pending, reporter, processes)
+        _run_in_processes(plan, pending, reporter, processes, pool)
     else:
         _run_in_process(plan, pending, reporter, threads)
     reporter.close()

@@ -1090,6 +1090,70 @@ def test_default_runs_few_shards_on_threads_and_many_in_processes(book, swept, t
     _same_outputs(out, tmp_path / "many")
 
 
+def test_worker_processes_start_before_the_plan_only_when_it_must_choose_them(book, tmp_path, monkeypatch):
+    """``early_processes`` promises processes only where the plan is bound to choose them
+    (explicitly, or a book of more portfolios than PROCESSES_FROM_SHARDS − 1 of its largest
+    shards), so no worker is started for a sweep on threads or on Dask."""
+    import dpm_vec.sweep as sweep_module
+    from dpm_vec.defaults import PROCESSES_FROM_SHARDS
+
+    monkeypatch.setattr(sweep_module, "default_threads", lambda: 2)
+
+    def early(**chosen) -> int | None:
+        options = {"shard_size": None, "scheduler": None, "workers": None, "threads": None, "processes": None, "scenarios": None}
+        return sweep_module.early_processes(book, **{**options, **chosen})
+
+    assert early(processes=3) == 3
+    assert early() is None  # 80 portfolios: one shard of the default size
+    assert early(shard_size=80 // PROCESSES_FROM_SHARDS) == 2
+    assert early(shard_size=80 // (PROCESSES_FROM_SHARDS - 1)) is None  # one shard fewer than the threshold
+    for other in ({"threads": 1}, {"workers": 2}, {"scheduler": "tcp://127.0.0.1:8786"}, {"scenarios": "s.json"}):
+        assert early(shard_size=1, **other) is None, other
+    assert sweep_module.early_processes(tmp_path, shard_size=1, scheduler=None, workers=None, threads=None, processes=None,
+                                        scenarios=None) is None  # no portfolios file: the plan names the fault
+    monkeypatch.setattr(sweep_module, "default_threads", lambda: 1)
+    assert early(shard_size=1) is None
+
+
+def test_a_sweep_starts_its_worker_processes_once_and_before_its_plan(book, tmp_path, monkeypatch):
+    """The pool the plan will use starts first (its workers import while the plan reads
+    and hashes the book), and is the only one; a sweep on threads starts none."""
+    import dpm_vec.sweep as sweep_module
+    from dpm_vec.defaults import PROCESSES_FROM_SHARDS, default_threads
+
+    started = []
+    real = sweep_module._worker_pool
+
+    def spy(processes, first):
+        started.append((processes, any(tmp_path.glob(".*.work-*/plan.json"))))
+        return real(processes, first)
+
+    monkeypatch.setattr(sweep_module, "_worker_pool", spy)
+    few = sweep(book, tmp_path / "few", shard_size=80 // (PROCESSES_FROM_SHARDS - 1), progress=False)
+    assert few["threads"] is not None and started == []
+    many = sweep(book, tmp_path / "many", shard_size=80 // PROCESSES_FROM_SHARDS, progress=False)
+    if default_threads() > 1:
+        assert many["processes"] == default_threads() and started == [(default_threads(), False)]
+    chosen = sweep(book, tmp_path / "chosen", processes=2, progress=False)
+    assert chosen["processes"] == 2 and started[-1] == (2, False)
+    _same_outputs(tmp_path / "few", tmp_path / "many")
+    _same_outputs(tmp_path / "few", tmp_path / "chosen")
+
+
+def test_a_sweep_stopped_by_its_checks_leaves_no_worker_process(book, tmp_path):
+    """Workers started before the plan are shut down, and waited for, when the plan's
+    checks stop the sweep: the error names the file and nothing is left running."""
+    import multiprocessing
+
+    broken = tmp_path / "broken"
+    shutil.copytree(book, broken)
+    (broken / "prices.parquet").write_bytes(b"not a parquet file")
+    with pytest.raises(BookError, match="prices.parquet"):
+        sweep(broken, tmp_path / "out", processes=2, progress=False)
+    assert multiprocessing.active_children() == []
+    assert not (tmp_path / "out").exists()
+
+
 def test_processes_refuse_bad_counts_and_other_modes(book, tmp_path):
     with pytest.raises(DpmVecError, match="--processes must be at least 1, got 0"):
         sweep(book, tmp_path / "out", processes=0, progress=False)

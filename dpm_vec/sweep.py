@@ -409,14 +409,20 @@ def early_processes(book_dir: Path, *, shard_size: int | None, scheduler: str | 
     decides, as for a scenarios sweep, whose runs the scenarios multiply."""
     if processes is not None:
         return processes
-    if scheduler or workers or threads is not None or scenarios or default_threads() < 2:
+    if scheduler or workers or threads is not None or scenarios:
         return None
     try:
         portfolios = pq.ParquetFile(_path(book_dir, "portfolios")).metadata.num_rows
     except Exception:  # a missing or unreadable file: the plan's read names the fault
         return None
-    largest = shard_size or DEFAULT_SHARD_SIZE // default_threads()
-    return default_threads() if -(-portfolios // largest) >= PROCESSES_FROM_SHARDS else None
+    return _default_processes(-(-portfolios // (shard_size or DEFAULT_SHARD_SIZE // default_threads())))
+
+
+def _default_processes(shards: int) -> int | None:
+    """The worker processes a sweep of ``shards`` shards runs in when no mode is chosen:
+    one per core (at most two) from ``PROCESSES_FROM_SHARDS`` shards on a machine of
+    several cores; None (threads) otherwise."""
+    return default_threads() if shards >= PROCESSES_FROM_SHARDS and default_threads() > 1 else None
 
 
 @contextlib.contextmanager
@@ -626,8 +632,8 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
         log.warning("%s.parquet: %d row(s) under %d portfolio_snapshot_id(s) that no portfolio names (e.g. %s): no run reads them",
                     table, found["rows"], found["snapshots"], ", ".join(repr(e) for e in found["examples"]))
     if not chosen:  # threads for a few shards, worker processes for many (defaults.PROCESSES_FROM_SHARDS)
-        many = plan.n_shards >= PROCESSES_FROM_SHARDS and default_threads() > 1
-        processes, threads = (default_threads(), None) if many else (None, default_threads())
+        processes = _default_processes(plan.n_shards)
+        threads = None if processes else default_threads()
     if pool is not None and not processes:  # early_processes promised what the plan must agree with
         raise AssertionError(f"worker processes were started for a sweep of {plan.n_shards} shard(s) on threads")
     Path(plan.work_dir).mkdir(parents=True, exist_ok=True)

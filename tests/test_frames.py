@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpm_vec.codes import with_code_lists
-from dpm_vec.frames import concat_by_run, is_ordered, join_on_index, join_runs, position_in_run, sort_rows, without_runs
+from dpm_vec.frames import concat_by_run, is_ordered, join_on_index, join_runs, position_in_run, rows_where, sort_rows, without_runs
 
 
 @settings(max_examples=200, deadline=None)
@@ -40,6 +40,18 @@ def test_without_runs_is_the_anti_join_in_row_order(frame_runs, dropped):
     assert kept.columns == frame.columns
     if not dropped:
         assert kept is frame
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.integers(-3, 3)), max_size=20))
+def test_rows_where_is_the_filter_of_the_chosen_columns(values):
+    """The chosen columns (names and expressions) of the rows where the predicate holds, in
+    order: a null predicate drops its row, as a filter does, and no helper column is left."""
+    frame = pl.DataFrame({"v": values, "i": list(range(len(values))), "wide": ["x"] * len(values)},
+                         schema={"v": pl.Int64, "i": pl.Int64, "wide": pl.String})
+    picked = rows_where(frame, pl.col("v") > 0, "i", (pl.col("v") * 2).alias("twice"))
+    assert picked.columns == ["i", "twice"]
+    assert picked.rows() == [(i, 2 * v) for i, v in enumerate(values) if v is not None and v > 0]
 
 
 def test_code_lists_keep_row_order_and_pick_by_case():

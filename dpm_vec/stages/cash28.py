@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec import dec28 as f28
+from dpm_vec.frames import rows_where
 from dpm_vec.numeric import HAIR, lit
 from dpm_vec.stages.prepare import Market
 
@@ -50,8 +51,7 @@ def fx_margins(intents: pl.DataFrame) -> pl.DataFrame:
     the fixed point and still be exactly there in the reference: ``DUST`` plus
     ``INEXACT_SHARE`` of the base amounts the run's FX intents move (each converted over a
     rate that may be inexact)."""
-    fx = intents.select("run", "intent_type", "sell_currency", "base_currency", "sell_amount_estimated", "buy_amount").filter(
-        pl.col("intent_type") == "FX_SPOT")  # narrowed first: a filter moves every column
+    fx = rows_where(intents, pl.col("intent_type") == "FX_SPOT", "run", "sell_currency", "base_currency", "sell_amount_estimated", "buy_amount")
     return fx.group_by("run").agg(
         (lit(DUST) + lit(INEXACT_SHARE) * pl.when(pl.col("sell_currency") == pl.col("base_currency"))
          .then(pl.col("sell_amount_estimated")).otherwise(pl.col("buy_amount")).abs().sum()).alias("_margin")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import polars as pl
 
 from dpm_vec import dec28
-from dpm_vec.frames import concat_by_run, join_on_index, join_runs, sort_rows
+from dpm_vec.frames import concat_by_run, join_on_index, join_runs, rows_where, sort_rows
 from dpm_vec.numeric import DEC, HAIR, dabs, lit, units_text
 from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, fx_margins, inexact_fx_runs, movements
 from dpm_vec.stages.prepare import Market
@@ -40,8 +40,7 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
     come back in (run, sequence) order when the held ones came in it; cash rows unordered
     (valuation orders what is not)."""
     of_runs = pl.col("run").is_in(runs["run"].implode())
-    # narrow before filtering: the intents frame is wide and a filter gathers every column
-    sec = intents.select(_SECURITY_MOVES).filter((pl.col("intent_type") == "SECURITY_TRADE") & of_runs)
+    sec = rows_where(intents, (pl.col("intent_type") == "SECURITY_TRADE") & of_runs, *_SECURITY_MOVES)
     # one security intent per (run, instrument): trace instruments are unique in a run
     qty_moves = sec.select(
         "run", "instrument_id", "slot",
@@ -77,7 +76,7 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
     ).pipe(sort_rows, "run", "pos_seq")
     # appended rows follow a run's held ones: merged by run, the rows are in (run, pos_seq) order
     pos = concat_by_run([pos, pl.concat([pos.head(0), new_pos], how="diagonal_relaxed")])
-    fx = intents.select(_FX_MOVES).filter((pl.col("intent_type") == "FX_SPOT") & of_runs)
+    fx = rows_where(intents, (pl.col("intent_type") == "FX_SPOT") & of_runs, *_FX_MOVES)
     cash_moves = pl.concat([
         sec.select("run", pl.col("notional_currency").alias("currency"),
                    pl.when(pl.col("side") == "BUY").then(-pl.col("notional")).otherwise(pl.col("notional")).alias("_move"),

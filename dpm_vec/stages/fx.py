@@ -14,7 +14,7 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.dec28 import F28
-from dpm_vec.frames import position_in_run, sort_rows
+from dpm_vec.frames import position_in_run, rows_where, sort_rows
 from dpm_vec.numeric import DEC, HAIR, QTY, dabs, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import DUST, exact_notionals, limited_runs, projected_balances
@@ -98,7 +98,7 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
     # a BUY depends on its currency's funding FX, then on that currency's last SELL: the
     # list is the same for every BUY of a (run, currency), so it is built once per pair
     buy_deps = (
-        sec.select("run", "price_currency", "side").filter(pl.col("side") == "BUY").select("run", "price_currency").unique()
+        rows_where(sec, pl.col("side") == "BUY", "run", "price_currency").unique()
         .join(funding_ids, on=["run", "price_currency"], how="left")
         .join(last_sell, on=["run", "price_currency"], how="left")
         .select(

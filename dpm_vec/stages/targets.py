@@ -16,7 +16,7 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.codes import ReferenceBlock, with_code_lists
-from dpm_vec.frames import join_on_index, join_runs, put_rows, rows_of_runs, sort_rows, without_runs
+from dpm_vec.frames import join_on_index, join_runs, put_rows, rows_of_runs, rows_where, sort_rows, without_runs
 from dpm_vec.numeric import DEC_UNIT, VALUE_TIMES_WEIGHT, WEIGHT, dmax, dmin, lit, product_of_all_digits, units_text
 from dpm_vec.stages.prepare import SLOT, Market
 from dpm_vec.stages.universe import ExactLocked, valued_in_28_digits
@@ -717,7 +717,7 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     # Step 5: minimum cash buffer, for the runs that keep one
     buffered = policy.filter(pl.col("min_cash_buffer_pct") > 0).select("run", "min_cash_buffer_pct")
     sums = (
-        wm.select("run", "buy", "weight").filter(pl.col("run").is_in(buffered["run"].implode()))  # narrowed: a filter moves every column
+        rows_where(wm, pl.col("run").is_in(buffered["run"].implode()), "run", "buy", "weight")
         .group_by("run").agg(_agg_where(pl.col("buy")).alias("_B"), _agg_where(~pl.col("buy")).alias("_L"))
         .join(buffered, on="run")
         .with_columns(dmax(lit(1) - pl.col("min_cash_buffer_pct") - pl.col("_L"), lit(0)).alias("_allowed"))

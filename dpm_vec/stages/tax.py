@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from dpm_vec import dec28 as f
-from dpm_vec.frames import join_on_index, sort_rows
+from dpm_vec.frames import join_on_index, rows_where, sort_rows
 from dpm_vec.numeric import DEC, QTY, TRADE_UNITS_LIMIT, lit, quantity_range_error, units_text
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -36,13 +36,14 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
     gets its allowed quantity; one the walk leaves alone keeps a null quantity."""
     beyond = pl.col("_units_beyond_range").is_not_null()
     eligible = pl.col("enable_tax_awareness") & (pl.col("side") == "SELL") & ((pl.col("requested_quantity") > 0) | beyond)
-    sells = t.select(  # narrowed before the filter, which moves every column it keeps
+    sells = rows_where(
+        t, eligible,
         "run", "instrument_id", "trace_order", "price", "price_currency", "base_currency", "max_realized_capital_gains", "slot",
         # the walk gives each lot min(what the sell still needs, the lot): a request of the
         # range's limit needs every lot, as the larger one does, while the lots stay below it
         pl.when(beyond).then(pl.lit(TRADE_UNITS_LIMIT, dtype=QTY)).otherwise(pl.col("requested_quantity")).alias("requested_quantity"),
-        pl.col("_units_beyond_range"), eligible.alias("_eligible"),
-    ).filter("_eligible").drop("_eligible")
+        pl.col("_units_beyond_range"),
+    )
     lot_rows = sells.join(lots.rename({"quantity": "lot_quantity"}), on=["run", "instrument_id"], how="inner")
     _check_lots_below_the_range(lot_rows, runs)
     if lot_rows.height == 0:

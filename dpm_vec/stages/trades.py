@@ -14,7 +14,7 @@ from decimal import Decimal
 import polars as pl
 
 from dpm_vec import dec28 as f28
-from dpm_vec.frames import join_on_index, join_runs, position_in_run, put_rows, sort_rows
+from dpm_vec.frames import join_on_index, join_runs, position_in_run, put_rows, rows_where, sort_rows
 from dpm_vec.numeric import DEC, DEC_UNIT, HAIR, QTY, SCALE, TRADE_UNITS_LIMIT, dabs, lit, quantity_range_error, times_price
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import DUST, exact_notionals
@@ -123,10 +123,10 @@ def translate(
     below = pl.coalesce("_below_exact", pl.col("notional") < pl.col("threshold_amount"))
     t = t.with_columns((pl.col("suppress_dust_trades") & pl.col("threshold_amount").is_not_null() & below).alias("_suppress"))
     suppress = pl.col("_suppress")
-    suppressed = t.select(  # narrowed before the filter, which scans every column it keeps
-        "run", "instrument_id", "trace_order", pl.col("notional").alias("intended_notional"),
-        pl.col("price_currency").alias("currency"), "threshold_amount", "threshold_currency", "_suppress",
-    ).filter(suppress).drop("_suppress")
+    suppressed = rows_where(
+        t, suppress, "run", "instrument_id", "trace_order", pl.col("notional").alias("intended_notional"),
+        pl.col("price_currency").alias("currency"), "threshold_amount", "threshold_currency",
+    )
     # numbered in trace order (FX planning then puts intents in execution order)
     kept = t.select(
         "run", "instrument_id", "trace_order", "side", "quantity", "requested_quantity", "price",

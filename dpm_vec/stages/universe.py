@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec import dec28 as f28
-from dpm_vec.frames import join_on_index, join_runs, sort_rows
+from dpm_vec.frames import join_on_index, join_runs, rows_where, sort_rows
 from dpm_vec.numeric import DEC, HAIR, WEIGHT, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
@@ -100,9 +100,8 @@ def build_universe(
         pl.when(pl.col("kind") == "BUYABLE").then(pl.col("model_weight")).otherwise(lit(0)).alias("weight"), "slot",
     )
     # a held instrument that is a map entry already shares its slot with that model row
-    # narrowed before the filter, which moves every column it keeps
-    held = positions_before.select("run", "pos_seq", "instrument_id", "weight", "slot", "quantity").filter(
-        (pl.col("quantity") != 0) & ~pl.col("slot").is_in(map1["slot"].implode())).drop("quantity")
+    held = rows_where(positions_before, (pl.col("quantity") != 0) & ~pl.col("slot").is_in(map1["slot"].implode()),
+                      "run", "pos_seq", "instrument_id", "weight", "slot")
     held = market.with_shelf(held, ("status",))
     held = _price_check_as_status(held, price_flags)
     locked = pl.col("status").is_null() | pl.col("status").is_in(["SUSPENDED", "BANNED", "RESTRICTED", *PRICE_EXCLUSIONS])

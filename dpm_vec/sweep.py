@@ -31,7 +31,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -59,6 +59,9 @@ HOLDING_TABLES = ("positions", "cash", "lots")
 SWEEP_TABLES = (*OUTPUT_TABLES, "input_faults")
 # written by every sweep: one record per portfolio, and the input values that blocked one
 ALWAYS_WRITTEN = ("runs", "input_faults")
+# Dask's sampling profiler reads every thread's stack each 10 ms, taking the GIL from the
+# shard's own Python: off, local workers are ~5% faster (benchmarks/HISTORY.md, "Forty-fifth session")
+LOCAL_WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
 BOOK_FILES = ("portfolios", "positions", "cash", "lots", "prices", "fx_rates", "shelf", "shelf_attributes",
               "models", "group_constraints", "overdraft_limits", "snapshots")
 
@@ -575,17 +578,19 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
                       written=frozenset({*SWEEP_TABLES, "scenario_comparison", SWEEP_MARKER}))
     early = early_processes(book_dir, shard_size=shard_size, scheduler=scheduler, workers=workers, threads=threads,
                             processes=processes, scenarios=scenarios)
-    with exclusive(out_dir), _early_workers(book_dir, early) as pool:
+    with exclusive(out_dir), _early_workers(book_dir, early) as pool, _early_cluster(book_dir, None if scheduler else workers) as cluster:
         return _sweep_locked(book_dir, out_dir, started, shard_size=shard_size, scheduler=scheduler, workers=workers,
                              threads=threads, processes=processes, progress=progress, scenarios=scenarios, written=written,
-                             pool=pool)
+                             pool=pool, cluster=cluster)
 
 
 def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: int | None, scheduler: str | None,
                   workers: int | None, threads: int | None, processes: int | None, progress: bool | None,
-                  scenarios: str | Path | None, written: tuple[str, ...], pool: ProcessPoolExecutor | None = None) -> dict:
+                  scenarios: str | Path | None, written: tuple[str, ...], pool: ProcessPoolExecutor | None = None,
+                  cluster: Future | None = None) -> dict:
     """``sweep`` once its arguments are checked and it holds OUT's lock; ``pool``: the worker
-    processes started for it already (``early_processes``)."""
+    processes started for it already (``early_processes``); ``cluster``: the local Dask
+    cluster being started for it (``_early_cluster``)."""
     on_dask = bool(scheduler or workers)
     chosen = on_dask or threads is not None or processes is not None
     portfolios, portfolio_faults = read_portfolio_rows(book_dir)
@@ -650,7 +655,7 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
     reporter.advance(resumed, sum(json.loads((plan.shard_dir(s) / "_SUCCESS").read_text())["_portfolios"]
                                   for s in range(plan.n_shards) if s not in pending))
     if on_dask:
-        _run_on_dask(plan, pending, scheduler, workers, reporter)
+        _run_on_dask(plan, pending, scheduler, cluster, reporter)
     elif processes:
         _run_in_processes(plan, pending, reporter, processes, pool)
     else:
@@ -701,17 +706,12 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
     return manifest
 
 
-def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, workers: int | None, reporter) -> None:
-    from dask.distributed import Client, LocalCluster, as_completed
+def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, cluster: Future | None, reporter) -> None:
+    """The pending shards as tasks on the Dask cluster at ``scheduler``, or on the local
+    one ``cluster`` will give (``_early_cluster``)."""
+    from dask.distributed import Client, as_completed
 
-    cluster = None
-    if scheduler:
-        client = Client(scheduler)
-    else:
-        # the machine's cores are shared out between the worker processes
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               env={"POLARS_MAX_THREADS": str(_cores_each(workers))})
-        client = Client(cluster)
+    client = Client(scheduler) if scheduler else cluster.result()[1]
     try:
         futures = [client.submit(run_shard, plan, shard, key=f"dpm-vec-shard-{plan.fingerprint[:12]}-{shard}", pure=False)
                    for shard in pending]
@@ -719,9 +719,49 @@ def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, wor
             counts = future.result()
             reporter.advance(1, counts["_portfolios"])
     finally:
-        client.close()
-        if cluster is not None:
+        if scheduler:
+            client.close()
+
+
+@contextlib.contextmanager
+def _early_cluster(book_dir: Path, workers: int | None):
+    """A local Dask cluster of ``workers`` worker processes (None without ``workers``),
+    started on a thread while the sweep plans and warmed as ``_early_workers``' processes
+    are: the future of its (cluster, client). Closed when the sweep ends, however it ends.
+    A remote scheduler is connected to after the plan: a connection that hangs until its
+    timeout must not hold up a sweep stopped before its shards."""
+    if not workers:
+        yield None
+        return
+    starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpm-vec-cluster")
+    starting = starter.submit(_start_cluster, str(book_dir), workers)
+    starter.shutdown(wait=False)
+    try:
+        yield starting
+    finally:
+        with contextlib.suppress(Exception):  # a cluster that failed to start: the sweep reported it, or stopped before
+            cluster, client = starting.result()
+            client.close()
             cluster.close()
+
+
+def _start_cluster(book_dir: str, workers: int):
+    """A local cluster of ``workers`` processes sharing this machine's cores, each with the
+    engine imported and the book's reference tables read; its client."""
+    import dask
+    from dask.distributed import Client, LocalCluster
+
+    with dask.config.set(LOCAL_WORKER_CONFIG):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               env={"POLARS_MAX_THREADS": str(_cores_each(workers))})
+    client = Client(cluster)
+    try:
+        client.run(_warm_worker, book_dir)
+    except BaseException:
+        client.close()
+        cluster.close()
+        raise
+    return cluster, client
 
 
 def run_isolating(book: Book, timer: StageTimer | None = None, tables: tuple[str, ...] = OUTPUT_TABLES) -> dict[str, pl.DataFrame]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from decimal import Decimal
@@ -1019,11 +1020,12 @@ def test_default_shard_size_is_shared_by_shards_computed_at_once(book, swept, tm
 
     seen = {}
 
-    def in_process(plan, pending, scheduler, workers, reporter):  # the cluster is not the subject here
+    def in_process(plan, pending, scheduler, cluster, reporter):  # the cluster is not the subject here
         seen["shard_size"] = plan.shard_size
         sweep_module._run_in_process(plan, pending, reporter)
 
     monkeypatch.setattr(sweep_module, "_run_on_dask", in_process)
+    monkeypatch.setattr(sweep_module, "_early_cluster", lambda book_dir, workers: contextlib.nullcontext())
     manifest = sweep(book, tmp_path / "four", workers=4, progress=False)
     assert seen["shard_size"] == manifest["shard_size"] == 20 and manifest["shards"] == 4
     assert manifest["workers"] == 4 and manifest["threads"] is None
@@ -1151,6 +1153,56 @@ def test_a_sweep_stopped_by_its_checks_leaves_no_worker_process(book, tmp_path):
     with pytest.raises(BookError, match="prices.parquet"):
         sweep(broken, tmp_path / "out", processes=2, progress=False)
     assert multiprocessing.active_children() == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_local_dask_cluster_starts_before_the_plan_and_closes_with_the_sweep(book, swept, tmp_path, monkeypatch):
+    """``--workers``: the cluster starts on a thread before the plan reads the book (the
+    plan's read waits for that start, and would time out without it), its workers come
+    warmed and without Dask's sampling profiler, and it is closed when the sweep ends,
+    also when the plan's checks stop the sweep."""
+    pytest.importorskip("dask.distributed")
+    import multiprocessing
+    import threading
+
+    import dask
+
+    import dpm_vec.sweep as sweep_module
+
+    starting = threading.Event()
+    seen = {}
+    start, read, run_on_dask = sweep_module._start_cluster, sweep_module.read_portfolio_rows, sweep_module._run_on_dask
+
+    def spy_start(book_dir, workers):
+        starting.set()
+        return start(book_dir, workers)
+
+    def spy_read(book_dir):
+        seen["started_before_the_plan"] = starting.wait(timeout=30)
+        return read(book_dir)
+
+    def spy_run(plan, pending, scheduler, cluster, reporter):
+        client = cluster.result()[1]
+        seen["workers"] = client.run(lambda: (dask.config.get("distributed.worker.profile.enabled"),
+                                              list(sweep_module._REFERENCE_CACHE)))
+        return run_on_dask(plan, pending, scheduler, cluster, reporter)
+
+    monkeypatch.setattr(sweep_module, "_start_cluster", spy_start)
+    monkeypatch.setattr(sweep_module, "read_portfolio_rows", spy_read)
+    monkeypatch.setattr(sweep_module, "_run_on_dask", spy_run)
+    manifest = sweep(book, tmp_path / "dask", shard_size=30, workers=2, progress=False)
+    assert seen["started_before_the_plan"] and manifest["workers"] == 2
+    assert sorted(seen["workers"].values()) == [(False, [str(Path(book).resolve())])] * 2
+    _same_outputs(swept[0], tmp_path / "dask")
+    assert multiprocessing.active_children() == []
+
+    starting.clear()
+    broken = tmp_path / "broken"
+    shutil.copytree(book, broken)
+    (broken / "prices.parquet").write_bytes(b"not a parquet file")
+    with pytest.raises(BookError, match="prices.parquet"):
+        sweep(broken, tmp_path / "out", workers=2, progress=False)
+    assert starting.is_set() and multiprocessing.active_children() == []
     assert not (tmp_path / "out").exists()
 
 

@@ -296,7 +296,7 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
     # a quotient near zero floors to zero whichever way it rounds, and a zero target makes
     # delta = −current exactly (liquidations), so neither needs the exact chain
     # a converted market value (delta_from_valuation) is 20-decimal even for a zero target
-    near = t.with_columns(pl.col("_quotient").round(0).alias("_nearest")).filter(
+    near = t.with_row_index("_row").with_columns(pl.col("_quotient").round(0).alias("_nearest")).filter(
         ~pl.col("by_notional") & (nearest >= 1)
         & (near_an_integer(pl.col("_quotient"), nearest) & (pl.col("final_weight") != 0) | pl.col("_mv_converted"))
     )
@@ -312,9 +312,9 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
         pl.when(f28.sign("_overshoot_f") > 0).then(pl.col("_units") - 1).otherwise(pl.col("_units")).alias("_units"),
         pl.when(f28.sign("_delta_f") > 0).then(pl.lit("BUY")).otherwise(pl.lit("SELL")).alias("side"),
         f28.to_dec("_abs_delta_f").alias("_abs_delta"),
-    ).select(t.columns)
-    others = t.filter(~pl.col("slot").is_in(near["slot"].implode()))
-    return sort_rows(pl.concat([others, near]), "run", "trace_order")
+    )
+    # written back in place: a merge by filter, concat and sort moved every column of every row
+    return sort_rows(put_rows(t, near["_row"], near.select("_units", "side", "_abs_delta")), "run", "trace_order")
 
 
 def _deltas_in_28_digits(market: Market, near: pl.DataFrame, exact: ExactLocked | None, valued: tuple[pl.DataFrame, pl.DataFrame] | None,

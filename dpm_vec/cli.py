@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from dpm_vec.defaults import DEFAULT_SHARD_ROWS, DEFAULT_SHARD_SIZE, MAX_DEFAULT_THREADS, PROCESSES_FROM_SHARDS
+from dpm_vec.defaults import DEFAULT_SHARD_ROWS, DEFAULT_SHARD_SIZE, MAX_DEFAULT_THREADS, PROCESSES_FROM_HOLDINGS, PROCESSES_FROM_SHARDS
 from dpm_vec.errors import DpmVecError, problem
 
 UNREADABLE = "https://dpm-vec.dev/problems/unreadable-request"
@@ -288,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"for books of large portfolios, at most {DEFAULT_SHARD_ROWS:,} holding and model rows in all)")
     sw.add_argument("--threads", type=int,
                     help=f"shards computed at once in this process (by default, a book of fewer than "
-                         f"{PROCESSES_FROM_SHARDS} shards runs on threads, one per core, at most {MAX_DEFAULT_THREADS}, "
-                         f"and a larger one on as many worker processes)")
+                         f"{PROCESSES_FROM_SHARDS} shards and {PROCESSES_FROM_HOLDINGS:,} positions rows runs on threads, "
+                         f"one per core, at most {MAX_DEFAULT_THREADS}, and a larger one on as many worker processes)")
     sw.add_argument("--processes", type=int,
                     help="shards computed at once in this many worker processes of this machine, each running "
                          "Polars on its share of the cores")

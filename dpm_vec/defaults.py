@@ -25,6 +25,13 @@ MAX_DEFAULT_THREADS = 2
 # threads sharing one process's Polars pool; below it (a 10k book is two shards) the
 # workers' start-up (~1 s: a fresh interpreter importing Polars) costs more than it gains
 PROCESSES_FROM_SHARDS = 5
+# and so does a sweep of two or more shards over a book of at least this many holding rows
+# (positions.parquet): there two shard threads lose more to the GIL (their stage seconds
+# 30-45% above two processes') than the workers' start costs. Two processes, three
+# alternated pairs against threads: the 10k book (547k rows) 3.53-3.75 s against 3.75-3.93,
+# 5,000 portfolios of 100 holdings 3.28-3.35 s against 3.39-3.66; the 1k book (54k rows)
+# 1.85-1.96 s against 1.70-1.88 (benchmarks/HISTORY.md, "Forty-fifth session")
+PROCESSES_FROM_HOLDINGS = 250_000
 
 
 def usable_cores() -> int:

@@ -43,7 +43,8 @@ import pyarrow.parquet as pq
 
 from dpm_vec import __version__
 from dpm_vec.book import Book, conform, empty_table
-from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, DEFAULT_SHARD_SIZE, PARQUET_COMPRESSION, PROCESSES_FROM_SHARDS, default_shard_size,
+from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, DEFAULT_SHARD_SIZE, PARQUET_COMPRESSION, PROCESSES_FROM_HOLDINGS, PROCESSES_FROM_SHARDS,
+                              default_shard_size,
                               default_threads, even_shard_size, usable_cores)
 from dpm_vec.errors import ENGINE_FAILURES, BookError, DpmVecError, failure_summary, named_failures
 from dpm_vec.io import (PORTFOLIO_ROWS, _path, collect, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
@@ -405,11 +406,12 @@ def _worker_pool(processes: int, first: Callable[[ProcessPoolExecutor], set]) ->
 def early_processes(book_dir: Path, *, shard_size: int | None, scheduler: str | None, workers: int | None,
                     threads: int | None, processes: int | None, scenarios: str | Path | None) -> int | None:
     """The worker processes a sweep will run its shards in, when that is certain before its
-    plan: ``processes`` when chosen, or, with no mode chosen, one per core (at most two) for a
-    book of more portfolios (the portfolios file's row count, from its footer) than
-    ``PROCESSES_FROM_SHARDS`` − 1 of its largest possible shards (``shard_size``, or the
-    default's share per core, which the plan only shrinks). None when not certain: the plan
-    decides, as for a scenarios sweep, whose runs the scenarios multiply."""
+    plan: ``processes`` when chosen, or, with no mode chosen, what ``_default_processes``
+    gives for the fewest shards the plan can cut (the portfolios file's row count, from its
+    footer, over ``shard_size`` or the default's share per core, which the plan only
+    shrinks; the default cuts at least one full round of shards) and the positions file's
+    rows. None when not certain: the plan decides, as for a scenarios sweep, whose runs the
+    scenarios multiply."""
     if processes is not None:
         return processes
     if scheduler or workers or threads is not None or scenarios:
@@ -418,14 +420,28 @@ def early_processes(book_dir: Path, *, shard_size: int | None, scheduler: str | 
         portfolios = pq.ParquetFile(_path(book_dir, "portfolios")).metadata.num_rows
     except Exception:  # a missing or unreadable file: the plan's read names the fault
         return None
-    return _default_processes(-(-portfolios // (shard_size or DEFAULT_SHARD_SIZE // default_threads())))
+    shards = -(-portfolios // (shard_size or DEFAULT_SHARD_SIZE // default_threads()))
+    if shard_size is None:
+        shards = max(shards, min(portfolios, default_threads()))
+    return _default_processes(shards, holding_rows(book_dir))
 
 
-def _default_processes(shards: int) -> int | None:
-    """The worker processes a sweep of ``shards`` shards runs in when no mode is chosen:
-    one per core (at most two) from ``PROCESSES_FROM_SHARDS`` shards on a machine of
-    several cores; None (threads) otherwise."""
-    return default_threads() if shards >= PROCESSES_FROM_SHARDS and default_threads() > 1 else None
+def holding_rows(book_dir: Path) -> int:
+    """The rows of the book's positions file, from its footer (0 without a readable one)."""
+    try:
+        return pq.ParquetFile(_path(book_dir, "positions")).metadata.num_rows
+    except Exception:  # a missing or unreadable file: the plan's read names the fault
+        return 0
+
+
+def _default_processes(shards: int, holdings: int) -> int | None:
+    """The worker processes a sweep of ``shards`` shards over a book of ``holdings``
+    positions rows runs in when no mode is chosen: one per core (at most two) from
+    ``PROCESSES_FROM_SHARDS`` shards, or from two shards of a book of
+    ``PROCESSES_FROM_HOLDINGS`` rows, on a machine of several cores; None (threads)
+    otherwise."""
+    many = shards >= PROCESSES_FROM_SHARDS or (shards >= 2 and holdings >= PROCESSES_FROM_HOLDINGS)
+    return default_threads() if many and default_threads() > 1 else None
 
 
 @contextlib.contextmanager
@@ -551,7 +567,8 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
     at a time; in ``processes`` worker processes of this machine; on a Dask cluster with
     ``scheduler`` or ``workers``. When none is chosen: one thread or process per core, at
     most two (``defaults.default_threads``), processes once the sweep has
-    ``defaults.PROCESSES_FROM_SHARDS`` shards. Without ``shard_size``, the default divided
+    ``defaults.PROCESSES_FROM_SHARDS`` shards, or two over a book of
+    ``defaults.PROCESSES_FROM_HOLDINGS`` holding rows. Without ``shard_size``, the default divided
     among the shards computed at once on this machine, with the book cut into full rounds
     of them (``defaults.default_shard_size``)."""
     if workers is not None and workers < 1:
@@ -636,8 +653,8 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
     for table, found in unread.items():
         log.warning("%s.parquet: %d row(s) under %d portfolio_snapshot_id(s) that no portfolio names (e.g. %s): no run reads them",
                     table, found["rows"], found["snapshots"], ", ".join(repr(e) for e in found["examples"]))
-    if not chosen:  # threads for a few shards, worker processes for many (defaults.PROCESSES_FROM_SHARDS)
-        processes = _default_processes(plan.n_shards)
+    if not chosen:  # threads for a few shards, worker processes for many or large ones (defaults.PROCESSES_FROM_*)
+        processes = _default_processes(plan.n_shards, holding_rows(book_dir))
         threads = None if processes else default_threads()
     if pool is not None and not processes:  # early_processes promised what the plan must agree with
         raise AssertionError(f"worker processes were started for a sweep of {plan.n_shards} shard(s) on threads")

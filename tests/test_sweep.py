@@ -1117,6 +1117,37 @@ def test_worker_processes_start_before_the_plan_only_when_it_must_choose_them(bo
     assert early(shard_size=1) is None
 
 
+def test_a_book_of_many_holding_rows_runs_two_shards_in_processes_started_before_its_plan(book, swept, tmp_path, monkeypatch):
+    """From PROCESSES_FROM_HOLDINGS positions rows a default sweep of two shards runs in
+    worker processes, started before the plan (two shard threads lose more to the GIL
+    than the workers' start costs); one row fewer and it stays on threads, as does a
+    sweep of one shard."""
+    import dpm_vec.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "default_threads", lambda: 2)
+    rows = sweep_module.holding_rows(book)
+    assert rows == pl.read_parquet(Path(book) / "positions.parquet").height > 0
+    assert sweep_module.holding_rows(tmp_path) == 0  # no positions file: the plan names the fault
+    started = []
+    real = sweep_module._worker_pool
+
+    def spy(processes, first):
+        started.append((processes, any(tmp_path.glob(".*.work-*/plan.json"))))
+        return real(processes, first)
+
+    monkeypatch.setattr(sweep_module, "_worker_pool", spy)
+    monkeypatch.setattr(sweep_module, "PROCESSES_FROM_HOLDINGS", rows + 1)
+    below = sweep(book, tmp_path / "below", progress=False)
+    assert (below["shards"], below["threads"], below["processes"], started) == (2, 2, None, [])
+    monkeypatch.setattr(sweep_module, "PROCESSES_FROM_HOLDINGS", rows)
+    large = sweep(book, tmp_path / "large", progress=False)
+    assert (large["shards"], large["threads"], large["processes"], started) == (2, None, 2, [(2, False)])
+    one = sweep(book, tmp_path / "one", shard_size=80, progress=False)
+    assert (one["shards"], one["threads"], one["processes"], len(started)) == (1, 2, None, 1)
+    for out in ("below", "large", "one"):
+        _same_outputs(swept[0], tmp_path / out)
+
+
 def test_a_sweep_starts_its_worker_processes_once_and_before_its_plan(book, tmp_path, monkeypatch):
     """The pool the plan will use starts first (its workers import while the plan reads
     and hashes the book), and is the only one; a sweep on threads starts none."""

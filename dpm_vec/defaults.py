@@ -22,8 +22,8 @@ MAX_DEFAULT_THREADS = 2
 # a sweep of at least this many shards runs them in worker processes (one per core, at
 # most MAX_DEFAULT_THREADS) instead of threads when none is chosen: two processes, each
 # running Polars on one core, finished the 1M book in 295 s against 366 s for two shard
-# threads sharing one process's Polars pool; below it (a 10k book is two shards) the
-# workers' start-up (~1 s: a fresh interpreter importing Polars) costs more than it gains
+# threads sharing one process's Polars pool; below it the workers' start-up (~0.6 s each:
+# a fresh interpreter importing Polars) can cost more than they gain on a small book
 PROCESSES_FROM_SHARDS = 5
 # and so does a sweep of two or more shards over a book of at least this many holding rows
 # (positions.parquet): there two shard threads lose more to the GIL (their stage seconds

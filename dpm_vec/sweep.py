@@ -728,7 +728,7 @@ def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, clu
     one ``cluster`` will give (``_early_cluster``)."""
     from dask.distributed import Client, as_completed
 
-    client = Client(scheduler) if scheduler else cluster.result()[1]
+    client = Client(scheduler) if scheduler else cluster.result()[1]  # (cluster, client): _start_cluster
     try:
         futures = [client.submit(run_shard, plan, shard, key=f"dpm-vec-shard-{plan.fingerprint[:12]}-{shard}", pure=False)
                    for shard in pending]
@@ -756,7 +756,7 @@ def _early_cluster(book_dir: Path, workers: int | None):
     try:
         yield starting
     finally:
-        with contextlib.suppress(Exception):  # a cluster that failed to start: the sweep reported it, or stopped before
+        if starting.exception() is None:  # one that failed to start: the sweep reported it, or stopped before
             cluster, client = starting.result()
             client.close()
             cluster.close()
@@ -764,7 +764,7 @@ def _early_cluster(book_dir: Path, workers: int | None):
 
 def _start_cluster(book_dir: str, workers: int):
     """A local cluster of ``workers`` processes sharing this machine's cores, each with the
-    engine imported and the book's reference tables read; its client."""
+    engine imported and the book's reference tables read, and its client: (cluster, client)."""
     import dask
     from dask.distributed import Client, LocalCluster
 

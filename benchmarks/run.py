@@ -141,7 +141,7 @@ def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
             sweep = timed_sweep(path, extra)
             if mode.startswith("default"):  # what the command chose
                 chosen = sweep["manifest"]
-                how = f"{chosen['processes']} processes" if chosen.get("processes") else f"{chosen['threads']} threads"
+                how = _mode(chosen)
                 mode = mode.replace("default", f"default: {how}", 1)
             shard = sweep["manifest"]["shard_size"]
             pps = n / sweep["wall_s"]
@@ -160,7 +160,8 @@ def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
 
 def holdings_cost(rows_per_book: int = 500_000) -> list[dict]:
     """Books of the same number of holding rows, cut into portfolios of 10 to 500
-    holdings: how the cost of a holding row depends on the size of its portfolio.
+    holdings: how the cost of a holding row depends on the size of its portfolio, each
+    book swept as the command does by default.
 
     Every portfolio also trades toward its model (26 instruments on average), so a
     10-holding portfolio sizes about 28 targets: the engine's work follows the target
@@ -170,14 +171,27 @@ def holdings_cost(rows_per_book: int = 500_000) -> list[dict]:
         n = rows_per_book // h
         print(f"holdings: {h} per portfolio, {n:,} portfolios", flush=True)
         path = book(n, seed=5, holdings=(h, h))
-        sweep = timed_sweep(path, ["--threads", str(THREADS)])
+        sweep = timed_sweep(path)
+        chosen = sweep["manifest"]
         holding_rows = pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item()
-        target_rows = sweep["manifest"]["tables"]["targets"]["rows"]
+        target_rows = chosen["tables"]["targets"]["rows"]
         rows.append({"holdings_per_portfolio": h, "portfolios": n, "holding_rows": holding_rows, "target_rows": target_rows,
+                     "mode": _mode(chosen), "shards": chosen["shards"], "shard_size": chosen["shard_size"],
                      "wall_s": sweep["wall_s"], "us_per_holding_row": 1e6 * sweep["wall_s"] / holding_rows,
                      "us_per_target_row": 1e6 * sweep["wall_s"] / target_rows, "peak_rss_mib": sweep["peak_rss_mib"]})
         print(f"  {rows[-1]}", flush=True)
     return rows
+
+
+def _holdings_mode(row: dict) -> str:
+    """The mode column of a cost-per-row row; rows measured before the forty-fifth session
+    ran on two shard threads and did not record their shards."""
+    return f"{row['mode']} ({row['shards']} × {row['shard_size']:,})" if "mode" in row else "2 threads"
+
+
+def _mode(manifest: dict) -> str:
+    """How a sweep ran its shards, from its manifest: "2 processes", "2 threads"."""
+    return f"{manifest['processes']} processes" if manifest.get("processes") else f"{manifest['threads']} threads"
 
 
 def large_portfolios(n: int = 16_000, holdings: int = 500) -> list[dict]:
@@ -191,8 +205,7 @@ def large_portfolios(n: int = 16_000, holdings: int = 500) -> list[dict]:
     row = {"portfolios": n, "holdings_per_portfolio": holdings,
            "holding_rows": pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item(),
            "shard_size": chosen["shard_size"], "shards": chosen["shards"],
-           "mode": f"{chosen['processes']} processes" if chosen.get("processes") else f"{chosen['threads']} threads",
-           "wall_s": sweep["wall_s"], "peak_rss_mib": sweep["peak_rss_mib"]}
+           "mode": _mode(chosen), "wall_s": sweep["wall_s"], "peak_rss_mib": sweep["peak_rss_mib"]}
     print(f"  {row}", flush=True)
     return [row]
 
@@ -358,10 +371,11 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['portfolios']:,} | {r['holding_rows']:,} | {r['mode']} ({r['shard_size']:,}) | {r['wall_s']:.1f} | "
                      f"{r['cpu_user_s']:.0f} / {r['cpu_sys_s']:.0f} | {r['steal_s']:.0f} | {r['portfolios_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} | {r['oracle_portfolios_per_s']:,.1f} | "
                      f"{r['ratio_vs_oracle']:,.1f}x | {stages} |")
-    lines += _table(results.get("holdings"), "| holdings/portfolio | portfolios | holding rows | target rows | wall (s) | µs per holding row "
-                    "| µs per target row | peak RSS (MiB) |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    lines += _table(results.get("holdings"), "| holdings/portfolio | portfolios | holding rows | target rows | mode (shards × size) | wall (s) "
+                    "| µs per holding row | µs per target row | peak RSS (MiB) |", "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
                     lambda r: f"| {r['holdings_per_portfolio']} | {r['portfolios']:,} | {r['holding_rows']:,} | {r['target_rows']:,} | "
-                              f"{r['wall_s']:.1f} | {r['us_per_holding_row']:.1f} | {r['us_per_target_row']:.1f} | {r['peak_rss_mib']:,.0f} |")
+                              f"{_holdings_mode(r)} | {r['wall_s']:.1f} | {r['us_per_holding_row']:.1f} | {r['us_per_target_row']:.1f} | "
+                              f"{r['peak_rss_mib']:,.0f} |")
     lines += _table(results.get("large"), "| large portfolios | holding rows | default mode (shards × size) | wall (s) | peak RSS (MiB) |",
                     "| --- | ---: | --- | ---: | ---: |",
                     lambda r: f"| {r['portfolios']:,} × {r['holdings_per_portfolio']} holdings | {r['holding_rows']:,} | {r['mode']} "

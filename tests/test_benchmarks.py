@@ -40,3 +40,16 @@ def test_the_large_portfolio_row_merges_by_book_and_renders_its_shards():
     assert [(r["wall_s"], r["measured_at"]) for r in merged["large"]] == [(26.9, "new")]
     table = bench.markdown({**merged, "machine": "m"})
     assert "| 16,000 × 500 holdings | 8,000,000 | 2 processes (11 × 1,520) | 26.9 | 4,443 |" in table
+
+
+def test_cost_per_row_rows_render_the_mode_they_ran_in():
+    """Rows measured as the command runs by default name their mode and shards; rows from
+    before they were recorded (two shard threads) say so instead of failing the table."""
+    new = {"holdings_per_portfolio": 10, "portfolios": 50_000, "holding_rows": 500_000, "target_rows": 1_395_521,
+           "mode": "2 processes", "shards": 8, "shard_size": 6_250, "wall_s": 7.9, "us_per_holding_row": 15.8,
+           "us_per_target_row": 5.7, "peak_rss_mib": 1287.0}
+    old = {key: value for key, value in {**new, "holdings_per_portfolio": 50, "portfolios": 10_000}.items()
+           if key not in ("mode", "shards", "shard_size")}
+    table = bench.markdown({"when": "new", "machine": "m", "holdings": [new, old]})
+    assert "| 10 | 50,000 | 500,000 | 1,395,521 | 2 processes (8 × 6,250) | 7.9 | 15.8 | 5.7 | 1,287 |" in table
+    assert "| 50 | 10,000 | 500,000 | 1,395,521 | 2 threads | 7.9 | 15.8 | 5.7 | 1,287 |" in table

@@ -1117,6 +1117,22 @@ def test_worker_processes_start_before_the_plan_only_when_it_must_choose_them(bo
     assert early(shard_size=1) is None
 
 
+def _worker_pools_started(monkeypatch, tmp_path) -> list[tuple[int, bool]]:
+    """A list that records each worker pool a sweep under ``tmp_path`` starts: its
+    processes, and whether the sweep's plan.json existed by then."""
+    import dpm_vec.sweep as sweep_module
+
+    started = []
+    real = sweep_module._worker_pool
+
+    def spy(processes, first):
+        started.append((processes, any(tmp_path.glob(".*.work-*/plan.json"))))
+        return real(processes, first)
+
+    monkeypatch.setattr(sweep_module, "_worker_pool", spy)
+    return started
+
+
 def test_a_book_of_many_holding_rows_runs_two_shards_in_processes_started_before_its_plan(book, swept, tmp_path, monkeypatch):
     """From PROCESSES_FROM_HOLDINGS positions rows a default sweep of two shards runs in
     worker processes, started before the plan (two shard threads lose more to the GIL
@@ -1128,14 +1144,7 @@ def test_a_book_of_many_holding_rows_runs_two_shards_in_processes_started_before
     rows = sweep_module.holding_rows(book)
     assert rows == pl.read_parquet(Path(book) / "positions.parquet").height > 0
     assert sweep_module.holding_rows(tmp_path) == 0  # no positions file: the plan names the fault
-    started = []
-    real = sweep_module._worker_pool
-
-    def spy(processes, first):
-        started.append((processes, any(tmp_path.glob(".*.work-*/plan.json"))))
-        return real(processes, first)
-
-    monkeypatch.setattr(sweep_module, "_worker_pool", spy)
+    started = _worker_pools_started(monkeypatch, tmp_path)
     monkeypatch.setattr(sweep_module, "PROCESSES_FROM_HOLDINGS", rows + 1)
     below = sweep(book, tmp_path / "below", progress=False)
     assert (below["shards"], below["threads"], below["processes"], started) == (2, 2, None, [])
@@ -1151,17 +1160,9 @@ def test_a_book_of_many_holding_rows_runs_two_shards_in_processes_started_before
 def test_a_sweep_starts_its_worker_processes_once_and_before_its_plan(book, tmp_path, monkeypatch):
     """The pool the plan will use starts first (its workers import while the plan reads
     and hashes the book), and is the only one; a sweep on threads starts none."""
-    import dpm_vec.sweep as sweep_module
     from dpm_vec.defaults import PROCESSES_FROM_SHARDS, default_threads
 
-    started = []
-    real = sweep_module._worker_pool
-
-    def spy(processes, first):
-        started.append((processes, any(tmp_path.glob(".*.work-*/plan.json"))))
-        return real(processes, first)
-
-    monkeypatch.setattr(sweep_module, "_worker_pool", spy)
+    started = _worker_pools_started(monkeypatch, tmp_path)
     few = sweep(book, tmp_path / "few", shard_size=80 // (PROCESSES_FROM_SHARDS - 1), progress=False)
     assert few["threads"] is not None and started == []
     many = sweep(book, tmp_path / "many", shard_size=80 // PROCESSES_FROM_SHARDS, progress=False)

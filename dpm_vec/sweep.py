@@ -725,10 +725,10 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
 
 def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, cluster: Future | None, reporter) -> None:
     """The pending shards as tasks on the Dask cluster at ``scheduler``, or on the local
-    one ``cluster`` will give (``_early_cluster``)."""
+    one whose client ``cluster`` will give (``_early_cluster``)."""
     from dask.distributed import Client, as_completed
 
-    client = Client(scheduler) if scheduler else cluster.result()[1]  # (cluster, client): _start_cluster
+    client = Client(scheduler) if scheduler else cluster.result()
     try:
         futures = [client.submit(run_shard, plan, shard, key=f"dpm-vec-shard-{plan.fingerprint[:12]}-{shard}", pure=False)
                    for shard in pending]
@@ -744,7 +744,7 @@ def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, clu
 def _early_cluster(book_dir: Path, workers: int | None):
     """A local Dask cluster of ``workers`` worker processes (None without ``workers``),
     started on a thread while the sweep plans and warmed as ``_early_workers``' processes
-    are: the future of its (cluster, client). Closed when the sweep ends, however it ends.
+    are: the future of its client. Closed when the sweep ends, however it ends.
     A remote scheduler is connected to after the plan: a connection that hangs until its
     timeout must not hold up a sweep stopped before its shards."""
     if not workers:
@@ -756,15 +756,13 @@ def _early_cluster(book_dir: Path, workers: int | None):
     try:
         yield starting
     finally:
-        if starting.exception() is None:  # one that failed to start: the sweep reported it, or stopped before
-            cluster, client = starting.result()
-            client.close()
-            cluster.close()
+        if starting.exception() is None:  # one that failed to start closed itself (_start_cluster)
+            _close_cluster(starting.result())
 
 
 def _start_cluster(book_dir: str, workers: int):
-    """A local cluster of ``workers`` processes sharing this machine's cores, each with the
-    engine imported and the book's reference tables read, and its client: (cluster, client)."""
+    """The client of a local cluster of ``workers`` processes sharing this machine's cores,
+    each with the engine imported and the book's reference tables read."""
     import dask
     from dask.distributed import Client, LocalCluster
 
@@ -775,10 +773,16 @@ def _start_cluster(book_dir: str, workers: int):
     try:
         client.run(_warm_worker, book_dir)
     except BaseException:
-        client.close()
-        cluster.close()
+        _close_cluster(client)
         raise
-    return cluster, client
+    return client
+
+
+def _close_cluster(client) -> None:
+    """Close a local cluster's client, then the cluster (a client given a cluster does not
+    own it)."""
+    client.close()
+    client.cluster.close()
 
 
 def run_isolating(book: Book, timer: StageTimer | None = None, tables: tuple[str, ...] = OUTPUT_TABLES) -> dict[str, pl.DataFrame]:

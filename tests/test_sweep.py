@@ -1214,7 +1214,7 @@ def test_a_local_dask_cluster_starts_before_the_plan_and_closes_with_the_sweep(b
         return read(book_dir)
 
     def spy_run(plan, pending, scheduler, cluster, reporter):
-        client = cluster.result()[1]
+        client = cluster.result()
         seen["workers"] = client.run(lambda: (dask.config.get("distributed.worker.profile.enabled"),
                                               list(sweep_module._REFERENCE_CACHE)))
         return run_on_dask(plan, pending, scheduler, cluster, reporter)

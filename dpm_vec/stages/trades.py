@@ -313,8 +313,9 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
         pl.when(f28.sign("_delta_f") > 0).then(pl.lit("BUY")).otherwise(pl.lit("SELL")).alias("side"),
         f28.to_dec("_abs_delta_f").alias("_abs_delta"),
     )
-    # written back in place: a merge by filter, concat and sort moved every column of every row
-    return sort_rows(put_rows(t, near["_row"], near.select("_units", "side", "_abs_delta")), "run", "trace_order")
+    # written back in place, so t keeps its (run, trace_order) order: a merge by filter,
+    # concat and sort moved every column of every row
+    return put_rows(t, near["_row"], near.select("_units", "side", "_abs_delta"))
 
 
 def _deltas_in_28_digits(market: Market, near: pl.DataFrame, exact: ExactLocked | None, valued: tuple[pl.DataFrame, pl.DataFrame] | None,

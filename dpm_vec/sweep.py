@@ -416,9 +416,8 @@ def early_processes(book_dir: Path, *, shard_size: int | None, scheduler: str | 
         return processes
     if scheduler or workers or threads is not None or scenarios:
         return None
-    try:
-        portfolios = pq.ParquetFile(_path(book_dir, "portfolios")).metadata.num_rows
-    except Exception:  # a missing or unreadable file: the plan's read names the fault
+    portfolios = _footer_rows(book_dir, "portfolios")
+    if portfolios is None:
         return None
     shards = -(-portfolios // (shard_size or DEFAULT_SHARD_SIZE // default_threads()))
     if shard_size is None:
@@ -428,10 +427,16 @@ def early_processes(book_dir: Path, *, shard_size: int | None, scheduler: str | 
 
 def holding_rows(book_dir: Path) -> int:
     """The rows of the book's positions file, from its footer (0 without a readable one)."""
+    return _footer_rows(book_dir, "positions") or 0
+
+
+def _footer_rows(book_dir: Path, table: str) -> int | None:
+    """The rows of one of the book's files, from its Parquet footer; None for a missing or
+    unreadable file, whose fault the plan's read names."""
     try:
-        return pq.ParquetFile(_path(book_dir, "positions")).metadata.num_rows
-    except Exception:  # a missing or unreadable file: the plan's read names the fault
-        return 0
+        return pq.ParquetFile(_path(book_dir, table)).metadata.num_rows
+    except Exception:
+        return None
 
 
 def _default_processes(shards: int, holdings: int) -> int | None:

@@ -121,9 +121,9 @@ FEW_TABLES = "runs,intents"  # what an order-staging consumer reads: the verdict
 
 def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
     """Each book swept as ``dpm-vec sweep`` does by default on this machine (two shard
-    threads for a book of a few shards, two worker processes from
-    ``defaults.PROCESSES_FROM_SHARDS`` shards; shards of up to 8,000 portfolios in full
-    rounds of two) and, from 100k portfolios up, also with two shard threads, with one thread
+    threads for a book of a few shards and rows, two worker processes from
+    ``defaults.PROCESSES_FROM_SHARDS`` shards or ``defaults.PROCESSES_FROM_ROWS`` rows;
+    shards of up to 8,000 portfolios of these books' ~55 holdings in full rounds of two) and, from 100k portfolios up, also with two shard threads, with one thread
     (16,000-portfolio shards: the same portfolios in memory), with two Dask worker
     processes (up to 8,000 each) and writing only the runs and intents datasets (``--tables``).
     Every mode takes the command's default shard size."""

@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from dpm_vec.defaults import DEFAULT_SHARD_ROWS, DEFAULT_SHARD_SIZE, MAX_DEFAULT_THREADS, PROCESSES_FROM_HOLDINGS, PROCESSES_FROM_SHARDS
+from dpm_vec.defaults import DEFAULT_SHARD_ROWS, MAX_DEFAULT_THREADS, PROCESSES_FROM_ROWS, PROCESSES_FROM_SHARDS, RUN_ROWS
 from dpm_vec.errors import DpmVecError, problem
 
 UNREADABLE = "https://dpm-vec.dev/problems/unreadable-request"
@@ -283,13 +283,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="output directory, replaced atomically when the sweep ends; it must be new, empty or an earlier "
                          "sweep's output (one holding manifest.json), and not the book or a folder holding it")
     sw.add_argument("--shard-size", type=int,
-                    help=f"portfolios per shard; bounds memory (default {DEFAULT_SHARD_SIZE} / the shards computed at once: "
-                         f"--threads, --processes or --workers N; 2.2-3.7 GiB in all at ~55 holdings per portfolio; fewer "
-                         f"for books of large portfolios, at most {DEFAULT_SHARD_ROWS:,} holding and model rows in all)")
+                    help=f"portfolios per shard; bounds memory (default: as many as {DEFAULT_SHARD_ROWS:,} rows / the "
+                         f"shards computed at once (--threads, --processes or --workers N) allow, each portfolio counted as "
+                         f"its holdings, its model's targets and {RUN_ROWS}: 16,000 / N at ~55 holdings, 2.2-3.7 GiB in all; "
+                         f"more for books of small portfolios, fewer for books of large ones)")
     sw.add_argument("--threads", type=int,
                     help=f"shards computed at once in this process (by default, a book of fewer than "
-                         f"{PROCESSES_FROM_SHARDS} shards and {PROCESSES_FROM_HOLDINGS:,} positions rows runs on threads, "
-                         f"one per core, at most {MAX_DEFAULT_THREADS}, and a larger one on as many worker processes)")
+                         f"{PROCESSES_FROM_SHARDS} shards and {PROCESSES_FROM_ROWS:,} rows, counted as for --shard-size, runs "
+                         f"on threads, one per core, at most {MAX_DEFAULT_THREADS}, and a larger one on as many worker processes)")
     sw.add_argument("--processes", type=int,
                     help="shards computed at once in this many worker processes of this machine, each running "
                          "Polars on its share of the cores")

@@ -3,16 +3,23 @@ CLI reads them while it builds its argument parser)."""
 
 import os
 
-# portfolios a sweep holds in memory at once, over all the shards it computes at the same
-# time (threads of one process, or worker processes of a local cluster): peak memory
-# follows it, 2.2-2.8 GiB at ~55 holdings per portfolio (benchmarks/README.md)
-DEFAULT_SHARD_SIZE = 16_000
-# and at most this many rows in all, counted per portfolio as its holdings plus its model's
-# targets (a shard's frames follow its target rows, model ∪ holdings): memory is bounded for
-# books of large portfolios too (two shards of 8,000 portfolios of 500 holdings, 4M rows
-# each, peaked at 15.7 GiB; benchmarks/README.md). Books of up to ~100 such rows per portfolio
-# (the benchmarks' ~55 holdings and ~26-instrument models) keep shards of DEFAULT_SHARD_SIZE.
+# rows a sweep holds in memory at once, over all the shards it computes at the same time
+# (threads of one process, or worker processes of a local cluster), each run counted as its
+# holdings plus its model's targets (a shard's frames follow its target rows, model ∪
+# holdings) plus RUN_ROWS for the frames it has one row in: peak memory follows them,
+# about 0.6 GiB + 2.2 GiB per million such rows whatever the portfolios' size (two shards
+# of 8,000 portfolios of ~55 holdings and ~28 targets 2.3-2.4 GiB; of 12,500 portfolios of
+# 10 holdings 1.9 GiB; of 16,667 and 25,000 portfolios of 2 holdings 2.3 and 3.2 GiB;
+# benchmarks/HISTORY.md, "Forty-sixth session"). So a shard holds as many portfolios as
+# its rows allow: the benchmarks' ~55-holding books get 16,000 / the shards computed at
+# once, books of small portfolios larger shards (a shard pass has ~0.8 s of fixed cost),
+# books of large ones smaller (two shards of 8,000 portfolios of 500 holdings, 4M rows
+# each, peaked at 15.7 GiB).
 DEFAULT_SHARD_ROWS = 1_600_000
+RUN_ROWS = 16
+# portfolios per shard where the book's rows are not known (DEFAULT_SHARD_ROWS over ~100
+# rows a run, as in the benchmarks' books): the estimate an early start plans with
+DEFAULT_SHARD_SIZE = 16_000
 
 # shards computed at once in one process: most Polars kernels run on the calling thread
 # with the GIL released, so one thread keeps ~1.2 of two cores busy and two keep both;
@@ -25,13 +32,16 @@ MAX_DEFAULT_THREADS = 2
 # threads sharing one process's Polars pool; below it the workers' start-up (~0.6 s each:
 # a fresh interpreter importing Polars) can cost more than they gain on a small book
 PROCESSES_FROM_SHARDS = 5
-# and so does a sweep of two or more shards over a book of at least this many holding rows
-# (positions.parquet): there two shard threads lose more to the GIL (their stage seconds
-# 30-45% above two processes') than the workers' start costs. Two processes, three
-# alternated pairs against threads: the 10k book (547k rows) 3.53-3.75 s against 3.75-3.93,
-# 5,000 portfolios of 100 holdings 3.28-3.35 s against 3.39-3.66; the 1k book (54k rows)
-# 1.85-1.96 s against 1.70-1.88 (benchmarks/HISTORY.md, "Forty-fifth session")
-PROCESSES_FROM_HOLDINGS = 250_000
+# and so does a sweep of two or more shards over a book of at least this many rows, counted
+# as DEFAULT_SHARD_ROWS counts them: there two shard threads lose more to the GIL (their
+# stage seconds 30-45% above two processes') than the workers' start costs. Two processes,
+# three alternated pairs against threads: the 10k book (547k holding rows, 996k counted)
+# 3.53-3.75 s against 3.75-3.93, 5,000 portfolios of 100 holdings 3.28-3.35 s against
+# 3.39-3.66; the 1k book (99k counted) 1.85-1.96 s against 1.70-1.88 (benchmarks/HISTORY.md,
+# "Forty-fifth session"); 100,000 portfolios of 2 holdings (200k holding rows, 4.4M counted)
+# in four shards 9.1-9.3 s against 11.5-11.9 ("Forty-sixth session"). The threshold is the
+# forty-fifth session's 250,000 holding rows for the books it was measured on (~55 holdings).
+PROCESSES_FROM_ROWS = 450_000
 
 
 def usable_cores() -> int:
@@ -48,18 +58,18 @@ def default_shard_size(concurrent_shards: int | None = None, portfolios: int | N
                        rows_per_portfolio: float | None = None) -> int:
     """Portfolios per shard when none is given. Shards computed at the same time on this
     machine (threads, or local worker processes) share its memory, so each gets its share
-    of the default: peak memory stays about that of one shard of the default size, and
-    with ``rows_per_portfolio`` (holdings plus model targets, the book's mean) a shard of
-    large portfolios holds no more rows than ``DEFAULT_SHARD_ROWS`` allows. The book is
-    then cut into a multiple of ``concurrent_shards`` shards (``even_shard_size``), so that
-    no thread or worker waits for another at the end. Smaller shards also spend less time
-    in the kernel's page faults on the benchmark machine (100k book, two threads, in a
-    noisy spell: 38-41 s with 8,334-portfolio shards, 42-47 s with 12,500, 41-43 s with
-    5,000)."""
+    of ``DEFAULT_SHARD_ROWS``, in portfolios of ``rows_per_portfolio`` rows (the book's
+    mean, counted as ``sweep.run_rows`` counts them; ``DEFAULT_SHARD_SIZE`` portfolios
+    for all the shards at once where it is not known). The book is then cut into a multiple
+    of ``concurrent_shards`` shards (``even_shard_size``), so that no thread or worker
+    waits for another at the end. Smaller shards also spend less time in the kernel's page
+    faults on the benchmark machine (100k book, two threads, in a noisy spell: 38-41 s with
+    8,334-portfolio shards, 42-47 s with 12,500, 41-43 s with 5,000)."""
     at_once = concurrent_shards or 1  # a remote cluster: its workers have machines of their own
-    size = DEFAULT_SHARD_SIZE // at_once
-    if rows_per_portfolio and rows_per_portfolio > 0:
-        size = min(size, int(DEFAULT_SHARD_ROWS / at_once / rows_per_portfolio))
+    if rows_per_portfolio is None:
+        size = DEFAULT_SHARD_SIZE // at_once
+    else:
+        size = int(DEFAULT_SHARD_ROWS / at_once / max(rows_per_portfolio, RUN_ROWS))
     size = max(1, size)
     if concurrent_shards and portfolios:
         size = even_shard_size(portfolios, size, concurrent_shards)

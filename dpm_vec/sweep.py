@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from dpm_vec import __version__
 from dpm_vec.book import Book, conform, empty_table
-from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, DEFAULT_SHARD_SIZE, PARQUET_COMPRESSION, PROCESSES_FROM_HOLDINGS, PROCESSES_FROM_SHARDS,
+from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES_FROM_ROWS, PROCESSES_FROM_SHARDS, RUN_ROWS,
                               default_shard_size,
                               default_threads, even_shard_size, usable_cores)
 from dpm_vec.errors import ENGINE_FAILURES, BookError, DpmVecError, failure_summary, named_failures
@@ -224,14 +224,15 @@ def holding_spans(plan: SweepPlan, portfolios: pl.DataFrame,
 
 
 def run_rows(portfolios: pl.DataFrame, positions: pl.DataFrame | None, models: pl.DataFrame) -> pl.Series:
-    """Each run's holding rows plus its model's targets, in run order: a shard's frames
-    follow its target rows (model ∪ holdings), so its memory does."""
+    """Each run's rows as the default shard size counts them, in run order: its holding
+    rows plus its model's targets (a shard's frames follow its target rows, model ∪
+    holdings, so its memory does) plus ``RUN_ROWS`` for the frames it has one row in."""
     held = pl.DataFrame(schema={"portfolio_snapshot_id": pl.String, "rows": pl.UInt32}) if positions is None else positions
     model_sizes = models.group_by("model_id").agg(pl.len().alias("_targets"))
     return portfolios.select("portfolio_snapshot_id", "model_id").join(
         held.select("portfolio_snapshot_id", "rows"), on="portfolio_snapshot_id", how="left", maintain_order="left"
     ).join(model_sizes, on="model_id", how="left", maintain_order="left").select(
-        (pl.col("rows").fill_null(0).cast(pl.Int64) + pl.col("_targets").fill_null(0).cast(pl.Int64)).alias("rows")
+        (pl.col("rows").fill_null(0).cast(pl.Int64) + pl.col("_targets").fill_null(0).cast(pl.Int64) + RUN_ROWS).alias("rows")
     ).to_series()
 
 
@@ -407,22 +408,32 @@ def early_processes(book_dir: Path, *, shard_size: int | None, scheduler: str | 
                     threads: int | None, processes: int | None, scenarios: str | Path | None) -> int | None:
     """The worker processes a sweep will run its shards in, when that is certain before its
     plan: ``processes`` when chosen, or, with no mode chosen, what ``_default_processes``
-    gives for the fewest shards the plan can cut (the portfolios file's row count, from its
-    footer, over ``shard_size`` or the default's share per core, which the plan only
-    shrinks; the default cuts at least one full round of shards) and the positions file's
-    rows. None when not certain: the plan decides, as for a scenarios sweep, whose runs the
-    scenarios multiply."""
+    gives for the fewest shards and rows the plan can count, from the portfolios and
+    positions files' footers: the plan counts the positions rows and ``RUN_ROWS`` a run
+    and adds the model targets (``mode_rows``); its default shard holds at most as many
+    portfolios as ``RUN_ROWS`` each allow (the positions may belong to no portfolio), and
+    it cuts at least one full round of shards. None when not certain: the plan decides, as
+    for a scenarios sweep, whose runs the scenarios multiply."""
     if processes is not None:
         return processes
     if scheduler or workers or threads is not None or scenarios:
         return None
     portfolios = _footer_rows(book_dir, "portfolios")
-    if portfolios is None:
+    if not portfolios:
         return None
-    shards = -(-portfolios // (shard_size or DEFAULT_SHARD_SIZE // default_threads()))
+    rows = holding_rows(book_dir) + RUN_ROWS * portfolios
     if shard_size is None:
-        shards = max(shards, min(portfolios, default_threads()))
-    return _default_processes(shards, holding_rows(book_dir))
+        largest = default_shard_size(default_threads(), None, RUN_ROWS)
+        shards = max(-(-portfolios // largest), min(portfolios, default_threads()))
+    else:
+        shards = -(-portfolios // shard_size)
+    return _default_processes(shards, rows)
+
+
+def mode_rows(book_dir: Path, portfolios: pl.DataFrame) -> int:
+    """The rows the default mode is chosen by: the positions file's (``holding_rows``) plus
+    each run's model targets and ``RUN_ROWS``, at least what ``early_processes`` counts."""
+    return holding_rows(book_dir) + int(run_rows(portfolios, None, _reference(str(book_dir))["models"]).sum())
 
 
 def holding_rows(book_dir: Path) -> int:
@@ -439,13 +450,13 @@ def _footer_rows(book_dir: Path, table: str) -> int | None:
         return None
 
 
-def _default_processes(shards: int, holdings: int) -> int | None:
-    """The worker processes a sweep of ``shards`` shards over a book of ``holdings``
-    positions rows runs in when no mode is chosen: one per core (at most two) from
-    ``PROCESSES_FROM_SHARDS`` shards, or from two shards of a book of
-    ``PROCESSES_FROM_HOLDINGS`` rows, on a machine of several cores; None (threads)
+def _default_processes(shards: int, rows: int) -> int | None:
+    """The worker processes a sweep of ``shards`` shards over a book of ``rows`` rows
+    (counted as ``run_rows`` counts them) runs in when no mode is chosen: one per core (at
+    most two) from ``PROCESSES_FROM_SHARDS`` shards, or from two shards of a book of
+    ``PROCESSES_FROM_ROWS`` rows, on a machine of several cores; None (threads)
     otherwise."""
-    many = shards >= PROCESSES_FROM_SHARDS or (shards >= 2 and holdings >= PROCESSES_FROM_HOLDINGS)
+    many = shards >= PROCESSES_FROM_SHARDS or (shards >= 2 and rows >= PROCESSES_FROM_ROWS)
     return default_threads() if many and default_threads() > 1 else None
 
 
@@ -573,9 +584,9 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
     ``scheduler`` or ``workers``. When none is chosen: one thread or process per core, at
     most two (``defaults.default_threads``), processes once the sweep has
     ``defaults.PROCESSES_FROM_SHARDS`` shards, or two over a book of
-    ``defaults.PROCESSES_FROM_HOLDINGS`` holding rows. Without ``shard_size``, the default divided
-    among the shards computed at once on this machine, with the book cut into full rounds
-    of them (``defaults.default_shard_size``)."""
+    ``defaults.PROCESSES_FROM_ROWS`` rows (``mode_rows``). Without ``shard_size``, the default
+    rows divided among the shards computed at once on this machine, with the book cut into
+    full rounds of them (``defaults.default_shard_size``)."""
     if workers is not None and workers < 1:
         raise DpmVecError(f"--workers must be at least 1, got {workers}")
     if threads is not None and threads < 1:
@@ -659,7 +670,7 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
         log.warning("%s.parquet: %d row(s) under %d portfolio_snapshot_id(s) that no portfolio names (e.g. %s): no run reads them",
                     table, found["rows"], found["snapshots"], ", ".join(repr(e) for e in found["examples"]))
     if not chosen:  # threads for a few shards, worker processes for many or large ones (defaults.PROCESSES_FROM_*)
-        processes = _default_processes(plan.n_shards, holding_rows(book_dir))
+        processes = _default_processes(plan.n_shards, mode_rows(book_dir, portfolios))
         threads = None if processes else default_threads()
     if pool is not None and not processes:  # early_processes promised what the plan must agree with
         raise AssertionError(f"worker processes were started for a sweep of {plan.n_shards} shard(s) on threads")

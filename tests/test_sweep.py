@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpm_vec.codes import ENGINE_BLOCKS
-from dpm_vec.defaults import DEFAULT_SHARD_SIZE
+from dpm_vec.defaults import DEFAULT_SHARD_ROWS, DEFAULT_SHARD_SIZE
 from dpm_vec.errors import BookError, DpmVecError
 from dpm_vec.export import book_to_requests
 from dpm_vec.generate import generate_book_frames
@@ -943,11 +943,15 @@ def test_default_shard_size_shares_memory_and_cuts_books_into_full_rounds():
 
 
 def test_default_shard_size_bounds_the_rows_of_large_portfolios():
-    """Memory follows a shard's rows: portfolios of ~55 holdings and ~26 model targets keep
-    the portfolio default, 500-holding ones get shards of as many rows, not 6x more."""
-    from dpm_vec.defaults import DEFAULT_SHARD_ROWS, default_shard_size
+    """Memory follows a shard's rows: portfolios of ~55 holdings and ~28 model targets
+    (~100 rows with RUN_ROWS) keep the portfolio default, 500-holding ones get shards of
+    as many rows, not 6x more, and 10-holding ones larger shards."""
+    from dpm_vec.defaults import DEFAULT_SHARD_ROWS, RUN_ROWS, default_shard_size
 
-    assert default_shard_size(2, 1_008_000, 81.0) == 8_000  # the benchmarks' portfolios keep the portfolio default
+    assert default_shard_size(2, 1_008_000, 100.0) == 8_000  # the benchmarks' portfolios keep the portfolio default
+    # small portfolios get shards of as many rows, not the 8,000 of the larger ones: 4 of 12,500, not 8 of 6,250
+    assert DEFAULT_SHARD_ROWS // 2 // 52 == 15_384 and default_shard_size(2, 50_000, 52.0) == 12_500
+    assert default_shard_size(2, 10_000_000, 0.0) == DEFAULT_SHARD_ROWS // 2 // RUN_ROWS  # empty ones still count RUN_ROWS each
     # 1,520 from the rows, then 66 shards of 1,516 (33 full rounds of two) instead of 65 of 1,520 and one of 1,200
     assert DEFAULT_SHARD_ROWS // 2 // 526 == 1_520 and default_shard_size(2, 100_000, 526.0) == 1_516
     assert default_shard_size(None, 10_000_000, 1_000.0) == DEFAULT_SHARD_ROWS // 1_000  # a remote worker: all the rows
@@ -1001,7 +1005,7 @@ def test_sweep_sizes_default_shards_by_the_books_rows(book, swept, tmp_path, mon
     positions = pl.read_parquet(book / "positions.parquet").group_by("portfolio_snapshot_id").len()
     models = pl.read_parquet(book / "models.parquet").group_by("model_id").len()
     expected = portfolios.join(positions, on="portfolio_snapshot_id", how="left").join(models, on="model_id", how="left", suffix="_m")
-    assert rows.to_list() == (expected["len"].fill_null(0) + expected["len_m"].fill_null(0)).to_list()
+    assert rows.to_list() == (expected["len"].fill_null(0) + expected["len_m"].fill_null(0) + defaults.RUN_ROWS).to_list()
     budget = int(rows.head(20).sum()) + 1  # about 20 portfolios' rows for both shards at once
     monkeypatch.setattr(defaults, "DEFAULT_SHARD_ROWS", budget)
     monkeypatch.setattr(sweep_module, "DEFAULT_SHARD_ROWS", budget)
@@ -1017,6 +1021,7 @@ def test_default_shard_size_is_shared_by_shards_computed_at_once(book, swept, tm
     --shard-size each gets its share of the default (here, of the 80-portfolio book)."""
     from dpm_vec import sweep as sweep_module
     from dpm_vec.errors import DpmVecError
+    from dpm_vec.io import read_portfolio_rows
 
     seen = {}
 
@@ -1031,7 +1036,10 @@ def test_default_shard_size_is_shared_by_shards_computed_at_once(book, swept, tm
     assert manifest["workers"] == 4 and manifest["threads"] is None
     _same_outputs(swept[0], tmp_path / "four")
     remote = sweep(book, tmp_path / "remote", scheduler="tcp://scheduler:8786", workers=4, progress=False)
-    assert (remote["shard_size"], remote["shards"]) == (DEFAULT_SHARD_SIZE, 1)
+    # a remote worker's shard holds all the default rows (~100 a portfolio here: 16,000 of them)
+    rows = sweep_module.run_rows(read_portfolio_rows(book)[0], sweep_module.holding_counts(book)["positions"],
+                                 pl.read_parquet(book / "models.parquet"))
+    assert (remote["shard_size"], remote["shards"]) == (int(DEFAULT_SHARD_ROWS / rows.mean()), 1)
     assert (remote["scheduler"], remote["workers"], remote["threads"]) == ("tcp://scheduler:8786", None, None)
     one = sweep(book, tmp_path / "one", threads=1, progress=False)
     assert (one["shard_size"], one["shards"], one["threads"]) == (80, 1, 1)
@@ -1133,28 +1141,89 @@ def _worker_pools_started(monkeypatch, tmp_path) -> list[tuple[int, bool]]:
     return started
 
 
-def test_a_book_of_many_holding_rows_runs_two_shards_in_processes_started_before_its_plan(book, swept, tmp_path, monkeypatch):
-    """From PROCESSES_FROM_HOLDINGS positions rows a default sweep of two shards runs in
-    worker processes, started before the plan (two shard threads lose more to the GIL
-    than the workers' start costs); one row fewer and it stays on threads, as does a
-    sweep of one shard."""
+def test_a_book_of_many_rows_runs_two_shards_in_processes_started_before_its_plan_when_certain(book, swept, tmp_path, monkeypatch):
+    """From PROCESSES_FROM_ROWS rows (positions rows, plus each run's model targets and
+    RUN_ROWS) a default sweep of two shards runs in worker processes (two shard threads
+    lose more to the GIL than the workers' start costs); one row fewer and it stays on
+    threads, as does a sweep of one shard. The workers start before the plan when the
+    footers' count (positions rows and RUN_ROWS a portfolio, without the model targets)
+    already reaches it, after the plan when only the plan's count does."""
     import dpm_vec.sweep as sweep_module
+    from dpm_vec.defaults import RUN_ROWS
+    from dpm_vec.io import read_portfolio_rows
 
     monkeypatch.setattr(sweep_module, "default_threads", lambda: 2)
-    rows = sweep_module.holding_rows(book)
-    assert rows == pl.read_parquet(Path(book) / "positions.parquet").height > 0
+    positions = pl.read_parquet(Path(book) / "positions.parquet")
+    assert sweep_module.holding_rows(book) == positions.height > 0
     assert sweep_module.holding_rows(tmp_path) == 0  # no positions file: the plan names the fault
+    portfolios = read_portfolio_rows(book)[0]
+    targets = portfolios.join(pl.read_parquet(Path(book) / "models.parquet"), on="model_id").height
+    rows = sweep_module.mode_rows(book, portfolios)
+    footers = positions.height + RUN_ROWS * portfolios.height
+    assert rows == footers + targets and targets > 0
     started = _worker_pools_started(monkeypatch, tmp_path)
-    monkeypatch.setattr(sweep_module, "PROCESSES_FROM_HOLDINGS", rows + 1)
+    monkeypatch.setattr(sweep_module, "PROCESSES_FROM_ROWS", rows + 1)
     below = sweep(book, tmp_path / "below", progress=False)
     assert (below["shards"], below["threads"], below["processes"], started) == (2, 2, None, [])
-    monkeypatch.setattr(sweep_module, "PROCESSES_FROM_HOLDINGS", rows)
-    large = sweep(book, tmp_path / "large", progress=False)
-    assert (large["shards"], large["threads"], large["processes"], started) == (2, None, 2, [(2, False)])
+    monkeypatch.setattr(sweep_module, "PROCESSES_FROM_ROWS", rows)
+    late = sweep(book, tmp_path / "late", progress=False)  # only the plan counts the targets: the workers start after it
+    assert (late["shards"], late["threads"], late["processes"], started) == (2, None, 2, [(2, True)])
+    monkeypatch.setattr(sweep_module, "PROCESSES_FROM_ROWS", footers)
+    early = sweep(book, tmp_path / "early", progress=False)
+    assert (early["shards"], early["threads"], early["processes"], started[1:]) == (2, None, 2, [(2, False)])
     one = sweep(book, tmp_path / "one", shard_size=80, progress=False)
-    assert (one["shards"], one["threads"], one["processes"], len(started)) == (1, 2, None, 1)
-    for out in ("below", "large", "one"):
+    assert (one["shards"], one["threads"], one["processes"], len(started)) == (1, 2, None, 2)
+    for out in ("below", "late", "early", "one"):
         _same_outputs(swept[0], tmp_path / out)
+
+
+def test_early_processes_count_no_more_shards_or_rows_than_the_plan(book, tmp_path, monkeypatch):
+    """What ``early_processes`` counts from the footers is a lower bound of what the plan
+    counts, also where the positions file holds many more rows that no portfolio names
+    than the models have targets: at the highest threshold of rows, and of shards, at which
+    it starts workers, the plan chooses them too (it raises if not), and one higher it
+    starts none."""
+    import dpm_vec.defaults as defaults
+    import dpm_vec.sweep as sweep_module
+    from dpm_vec.defaults import RUN_ROWS
+
+    def early() -> int | None:
+        return sweep_module.early_processes(stray, shard_size=None, scheduler=None, workers=None, threads=None,
+                                            processes=None, scenarios=None)
+
+    def highest_shards() -> int:
+        n = 1
+        while True:
+            monkeypatch.setattr(sweep_module, "PROCESSES_FROM_SHARDS", n + 1)
+            if not early():
+                monkeypatch.setattr(sweep_module, "PROCESSES_FROM_SHARDS", n)
+                assert early() == 2
+                return n
+            n += 1
+
+    monkeypatch.setattr(sweep_module, "default_threads", lambda: 2)
+    stray = tmp_path / "stray"
+    shutil.copytree(book, stray)
+    positions = pl.read_parquet(stray / "positions.parquet")
+    orphans = pl.concat([positions] * 10).with_columns(pl.lit("NO-SUCH-SNAPSHOT").alias("portfolio_snapshot_id"))
+    pl.concat([positions, orphans]).write_parquet(stray / "positions.parquet")
+    portfolios = pl.read_parquet(stray / "portfolios.parquet")
+    footers = sweep_module.holding_rows(stray) + RUN_ROWS * portfolios.height
+    assert 0 < sweep_module.mode_rows(stray, portfolios) - footers < orphans.height  # models' targets, fewer than the strays
+
+    monkeypatch.setattr(sweep_module, "PROCESSES_FROM_SHARDS", 10**6)
+    monkeypatch.setattr(sweep_module, "PROCESSES_FROM_ROWS", footers + 1)
+    assert early() is None
+    monkeypatch.setattr(sweep_module, "PROCESSES_FROM_ROWS", footers)
+    assert early() == 2 and sweep(stray, tmp_path / "rows", progress=False)["processes"] == 2
+
+    for module in (defaults, sweep_module):  # shards of a dozen portfolios or so, two at once
+        monkeypatch.setattr(module, "DEFAULT_SHARD_ROWS", 24 * RUN_ROWS)
+    monkeypatch.setattr(sweep_module, "PROCESSES_FROM_ROWS", 10**12)
+    fewest = highest_shards()
+    assert fewest > 2
+    manifest = sweep(stray, tmp_path / "shards", progress=False)
+    assert manifest["processes"] == 2 and manifest["shards"] >= fewest
 
 
 def test_a_sweep_starts_its_worker_processes_once_and_before_its_plan(book, tmp_path, monkeypatch):

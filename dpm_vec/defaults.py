@@ -6,11 +6,13 @@ import os
 # rows a sweep holds in memory at once, over all the shards it computes at the same time
 # (threads of one process, or worker processes of a local cluster), each run counted as its
 # holdings plus its model's targets (a shard's frames follow its target rows, model ∪
-# holdings) plus RUN_ROWS for the frames it has one row in: peak memory follows them,
-# about 0.6 GiB + 2.2 GiB per million such rows whatever the portfolios' size (two shards
-# of 8,000 portfolios of ~55 holdings and ~28 targets 2.3-2.4 GiB; of 12,500 portfolios of
-# 10 holdings 1.9 GiB; of 16,667 and 25,000 portfolios of 2 holdings 2.3 and 3.2 GiB;
-# benchmarks/HISTORY.md, "Forty-sixth session"). So a shard holds as many portfolios as
+# holdings) plus RUN_ROWS for the frames it has one row in: peak memory follows them
+# (RUN_ROWS fitted so that two shards in flight peak at about 0.6 GiB + 2.2 GiB per
+# million such rows in one of them, from 2 to ~55 holdings a portfolio: two shards of
+# 8,000 portfolios of ~55 holdings and ~28 targets 2.3-2.4 GiB; of 12,500 portfolios of 10
+# holdings 1.9 GiB; of 16,667 and 25,000 portfolios of 2 holdings 2.3 and 3.2 GiB;
+# benchmarks/HISTORY.md, "Forty-sixth session"; portfolios of 500 holdings take more a
+# row, 4.1-4.2 GiB for shards of 1,334). So a shard holds as many portfolios as
 # its rows allow: the benchmarks' ~55-holding books get 16,000 / the shards computed at
 # once, books of small portfolios larger shards (a shard pass has ~0.8 s of fixed cost),
 # books of large ones smaller (two shards of 8,000 portfolios of 500 holdings, 4M rows

@@ -19,8 +19,9 @@ import os
 # each, peaked at 15.7 GiB).
 DEFAULT_SHARD_ROWS = 1_600_000
 RUN_ROWS = 16
-# portfolios per shard where the book's rows are not known (DEFAULT_SHARD_ROWS over ~100
-# rows a run, as in the benchmarks' books): the estimate an early start plans with
+# portfolios per shard, over all the shards at once, where a caller does not count the
+# book's rows (a sweep of one portfolio): DEFAULT_SHARD_ROWS over ~100 rows a run, as in
+# the benchmarks' books
 DEFAULT_SHARD_SIZE = 16_000
 
 # shards computed at once in one process: most Polars kernels run on the calling thread

@@ -1036,7 +1036,7 @@ def test_default_shard_size_is_shared_by_shards_computed_at_once(book, swept, tm
     assert manifest["workers"] == 4 and manifest["threads"] is None
     _same_outputs(swept[0], tmp_path / "four")
     remote = sweep(book, tmp_path / "remote", scheduler="tcp://scheduler:8786", workers=4, progress=False)
-    # a remote worker's shard holds all the default rows (~100 a portfolio here: 16,000 of them)
+    # a remote worker's shard holds all the default rows (~48 a portfolio here: over 33,000 portfolios)
     rows = sweep_module.run_rows(read_portfolio_rows(book)[0], sweep_module.holding_counts(book)["positions"],
                                  pl.read_parquet(book / "models.parquet"))
     assert (remote["shard_size"], remote["shards"]) == (int(DEFAULT_SHARD_ROWS / rows.mean()), 1)

@@ -42,6 +42,7 @@ from dpm_vec.export import book_to_requests  # noqa: E402
 from dpm_vec.generate import write_generated_book  # noqa: E402
 from dpm_vec.io import read_book, read_portfolios, read_reference  # noqa: E402
 from dpm_vec.simulate import simulate_many  # noqa: E402
+from dpm_vec.sweep import holding_rows  # noqa: E402
 
 BOOKS = ROOT / "benchmarks" / "_books"
 OUT = ROOT / "benchmarks" / "_out"
@@ -123,7 +124,8 @@ def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
     """Each book swept as ``dpm-vec sweep`` does by default on this machine (two shard
     threads for a book of a few shards and rows, two worker processes from
     ``defaults.PROCESSES_FROM_SHARDS`` shards or ``defaults.PROCESSES_FROM_ROWS`` rows;
-    shards of up to 8,000 portfolios of these books' ~55 holdings in full rounds of two) and, from 100k portfolios up, also with two shard threads, with one thread
+    shards of up to 8,000 portfolios of these books' ~55 holdings in full rounds of two)
+    and, from 100k portfolios up, also with two shard threads, with one thread
     (16,000-portfolio shards: the same portfolios in memory), with two Dask worker
     processes (up to 8,000 each) and writing only the runs and intents datasets (``--tables``).
     Every mode takes the command's default shard size."""
@@ -131,7 +133,7 @@ def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
     for n in sizes:
         print(f"scaling: {n:,} portfolios", flush=True)
         path = book(n)
-        holding_rows = pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item()
+        held = holding_rows(path)
         orc = oracle_throughput(path, oracle_sample)
         modes = [("default", [])]
         if n >= PARALLEL_FROM:
@@ -147,7 +149,7 @@ def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
             pps = n / sweep["wall_s"]
             stages = sweep["manifest"]["stage_seconds"]
             rows.append({
-                "portfolios": n, "holding_rows": holding_rows, "mode": mode, "shard_size": shard,
+                "portfolios": n, "holding_rows": held, "mode": mode, "shard_size": shard,
                 "wall_s": sweep["wall_s"], "portfolios_per_s": pps, "peak_rss_mib": sweep["peak_rss_mib"],
                 "cpu_user_s": sweep["cpu_user_s"], "cpu_sys_s": sweep["cpu_sys_s"], "steal_s": sweep["steal_s"],
                 "oracle_portfolios_per_s": orc["portfolios_per_s"], "oracle_sample": orc["sample"],
@@ -173,11 +175,11 @@ def holdings_cost(rows_per_book: int = 500_000) -> list[dict]:
         path = book(n, seed=5, holdings=(h, h))
         sweep = timed_sweep(path)
         chosen = sweep["manifest"]
-        holding_rows = pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item()
+        held = holding_rows(path)
         target_rows = chosen["tables"]["targets"]["rows"]
-        rows.append({"holdings_per_portfolio": h, "portfolios": n, "holding_rows": holding_rows, "target_rows": target_rows,
+        rows.append({"holdings_per_portfolio": h, "portfolios": n, "holding_rows": held, "target_rows": target_rows,
                      "mode": _mode(chosen), "shards": chosen["shards"], "shard_size": chosen["shard_size"],
-                     "wall_s": sweep["wall_s"], "us_per_holding_row": 1e6 * sweep["wall_s"] / holding_rows,
+                     "wall_s": sweep["wall_s"], "us_per_holding_row": 1e6 * sweep["wall_s"] / held,
                      "us_per_target_row": 1e6 * sweep["wall_s"] / target_rows, "peak_rss_mib": sweep["peak_rss_mib"]})
         print(f"  {rows[-1]}", flush=True)
     return rows
@@ -203,7 +205,7 @@ def large_portfolios(n: int = 16_000, holdings: int = 500) -> list[dict]:
     sweep = timed_sweep(path)
     chosen = sweep["manifest"]
     row = {"portfolios": n, "holdings_per_portfolio": holdings,
-           "holding_rows": pl.scan_parquet(path / "positions.parquet").select(pl.len()).collect().item(),
+           "holding_rows": holding_rows(path),
            "shard_size": chosen["shard_size"], "shards": chosen["shards"],
            "mode": _mode(chosen), "wall_s": sweep["wall_s"], "peak_rss_mib": sweep["peak_rss_mib"]}
     print(f"  {row}", flush=True)

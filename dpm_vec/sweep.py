@@ -685,8 +685,8 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
     pending = [s for s in range(plan.n_shards) if not (plan.shard_dir(s) / "_SUCCESS").exists()]
     resumed = plan.n_shards - len(pending)
     reporter = _Progress(plan.n_shards, plan.n_portfolios, enabled=sys.stderr.isatty() if progress is None else progress)
-    reporter.advance(resumed, sum(json.loads((plan.shard_dir(s) / "_SUCCESS").read_text())["_portfolios"]
-                                  for s in range(plan.n_shards) if s not in pending))
+    reporter.resume(resumed, sum(json.loads((plan.shard_dir(s) / "_SUCCESS").read_text())["_portfolios"]
+                                 for s in range(plan.n_shards) if s not in pending))
     if on_dask:
         _run_on_dask(plan, pending, scheduler, cluster, reporter)
     elif processes:
@@ -857,11 +857,24 @@ def _engine_error_tables(book: Book, exc: BaseException, empty: dict[str, pl.Dat
     return {**empty, "runs": pl.concat([empty["runs"], runs], how="diagonal_relaxed").select(empty["runs"].columns)}
 
 
-class _Progress:
-    """A rich progress bar on a terminal, one log line per shard otherwise."""
+def _duration(seconds: float) -> str:
+    """Seconds as an operator reads them: 42 s, 3 min 05 s, 2 h 07 min."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
-    def __init__(self, shards: int, portfolios: int, enabled: bool):
+
+class _Progress:
+    """A rich progress bar on a terminal; otherwise (a batch job's log) one line per shard
+    with the portfolios done, the time so far and an estimate of the time left. Shards an
+    earlier run finished (``resume``) count as done but not toward the pace."""
+
+    def __init__(self, shards: int, portfolios: int, enabled: bool, clock: Callable[[], float] = time.monotonic):
         self.shards, self.done, self.portfolios, self.enabled = shards, 0, 0, enabled
+        self.total, self._clock, self._start, self._resumed = portfolios, clock, clock(), 0
         self._bar = None
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
@@ -871,13 +884,30 @@ class _Progress:
             self._bar.start()
             self._task = self._bar.add_task("portfolios", total=portfolios)
 
+    def resume(self, shards: int, portfolios: int) -> None:
+        """Shards an interrupted run of the same sweep already committed."""
+        self.done += shards
+        self.portfolios += portfolios
+        self._resumed += portfolios
+        if self._bar is not None:  # as done, without a jump in the bar's pace samples
+            self._bar.reset(self._task, completed=self.portfolios)
+        elif shards:
+            log.info("resuming: %d of %d shards already done (%s of %s portfolios)", self.done, self.shards,
+                     f"{self.portfolios:,}", f"{self.total:,}")
+
     def advance(self, shards: int, portfolios: int) -> None:
         self.done += shards
         self.portfolios += portfolios
         if self._bar is not None:
             self._bar.update(self._task, advance=portfolios)
         elif shards:
-            log.info("%d of %d shards done (%d portfolios)", self.done, self.shards, self.portfolios)
+            elapsed = self._clock() - self._start
+            computed = self.portfolios - self._resumed
+            left = self.total - self.portfolios
+            pace = f", about {_duration(elapsed / computed * left)} left" if computed and left else ""
+            share = f"{self.portfolios / self.total:.0%}" if self.total else "100%"
+            log.info("%d of %d shards done (%s of %s portfolios, %s); %s elapsed%s", self.done, self.shards,
+                     f"{self.portfolios:,}", f"{self.total:,}", share, _duration(elapsed), pace)
 
     def close(self) -> None:
         if self._bar is not None:

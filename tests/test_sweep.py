@@ -555,10 +555,36 @@ def _resumes_to_identical_output(cmd: list[str], book: Path, out: Path, tmp_path
     of an uninterrupted one-thread sweep."""
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert json.loads((out / "manifest.json").read_text())["resumed_shards"] >= committed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resumed_shards"] >= committed
+    # the log (no terminal: one line a shard) says what was resumed, and ends at the whole book
+    n = manifest["portfolios"]
+    assert f"resuming: {manifest['resumed_shards']} of {manifest['shards']} shards already done" in resumed.stderr
+    assert f"{manifest['shards']} of {manifest['shards']} shards done ({n:,} of {n:,} portfolios, 100%)" in resumed.stderr
     reference = tmp_path / "reference"
     sweep(book, reference, shard_size=10, threads=1, progress=False)
     _same_outputs(out, reference)
+
+
+def test_progress_log_estimates_time_left_from_this_runs_pace_only(caplog):
+    """A batch job's log gets one line a shard with the time left at this run's pace:
+    shards resumed from an earlier run are done but took no time now, so they must not
+    count toward it (here they would make the minute left look like 20 s)."""
+    from dpm_vec.sweep import _Progress
+
+    now = [100.0]
+    progress = _Progress(5, 500, enabled=False, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="dpm_vec.sweep"):
+        progress.resume(2, 200)
+        now[0] += 30
+        progress.advance(1, 100)  # 100 portfolios in 30 s; 200 left
+        now[0] += 3725
+        progress.advance(2, 200)
+    assert [r.getMessage() for r in caplog.records] == [
+        "resuming: 2 of 5 shards already done (200 of 500 portfolios)",
+        "3 of 5 shards done (300 of 500 portfolios, 60%); 30 s elapsed, about 1 min 00 s left",
+        "5 of 5 shards done (500 of 500 portfolios, 100%); 1 h 02 min elapsed",
+    ]
 
 
 @pytest.mark.parametrize("options, seed", [(("--threads", "2"), 21), (("--processes", "2"), 23)], ids=["threads", "processes"])

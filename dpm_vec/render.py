@@ -61,8 +61,10 @@ def _rfc_messages(parts: dict, cap: Decimal | None) -> dict[str, str]:
 
 
 def _quantity(row: dict) -> str:
-    """Quantities walked in 28-digit arithmetic print every digit (z × 10^k)."""
-    exact = row.get("quantity_f28")
+    """Quantities walked in 28-digit arithmetic print every digit (z × 10^k): a notional-sized
+    one below 0.1 unit (``quantity_sig``), a tax-limited one, an after-state they changed."""
+    # a null F28 can come as a struct of null fields (dec28.is_null): its exponent says
+    exact = next((v for v in (row.get("quantity_sig"), row.get("quantity_f28")) if v is not None and v["k"] is not None), None)
     if exact is not None:
         return to_text(Decimal(exact["z"]).scaleb(exact["k"]))
     return to_text(row["quantity"])

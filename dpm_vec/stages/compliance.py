@@ -40,12 +40,20 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
     come back in (run, sequence) order when the held ones came in it; cash rows unordered
     (valuation orders what is not)."""
     of_runs = pl.col("run").is_in(runs["run"].implode())
-    sec = rows_where(intents, (pl.col("intent_type") == "SECURITY_TRADE") & of_runs, *_SECURITY_MOVES)
+    # every digit of a notional-sized quantity below 0.1 unit (rare: looked at only where a
+    # shard has one), or of a tax-limited sell's
+    small_notional = "quantity_sig" in intents.columns and intents.get_column("quantity_sig").struct.field("k").null_count() < intents.height
+    exact_quantity = (
+        pl.when(~dec28.is_null("quantity_sig")).then(pl.col("quantity_sig")).when(~dec28.is_null("quantity_f28")).then(pl.col("quantity_f28"))
+        if small_notional else pl.col("quantity_f28")
+    )
+    sec = rows_where(intents, (pl.col("intent_type") == "SECURITY_TRADE") & of_runs, *_SECURITY_MOVES,
+                     *(["quantity_sig"] if small_notional else []))
     # one security intent per (run, instrument): trace instruments are unique in a run
     qty_moves = sec.select(
         "run", "instrument_id", "slot",
         pl.when(pl.col("side") == "BUY").then(pl.col("quantity")).otherwise(-pl.col("quantity")).alias("_dq"),
-        pl.col("exec_order").alias("_first"), pl.col("side").alias("_side"), pl.col("quantity_f28").alias("_f28"),
+        pl.col("exec_order").alias("_first"), pl.col("side").alias("_side"), exact_quantity.alias("_f28"),
     )
     # where each move lands: the held row it changes (_row), or none (a new position); the
     # held rows are then updated in place by row number, so they keep their (run, pos_seq) order
@@ -57,11 +65,15 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
         pl.lit(None, dtype=dec28.F28).alias("quantity_f28"),
         pl.col("pos_seq").cast(pl.Int64),
     )
-    # tax-limited sells carry 28-digit quantities: subtract them as the reference does
+    # tax-limited sells and small notional-sized trades carry 28-digit quantities: applied as
+    # the reference applies them, one 28-digit rounding
     exact = onto_held.filter(~dec28.is_null("_f28"))
     if exact.height:
-        exact = exact.with_columns(positions["quantity"].gather(exact["_row"]).alias("_held"))
-        exact = dec28.sub(dec28.from_dec(exact, "_held", "_held_f"), "_held_f", "_f28", "_exact_f28")
+        exact = exact.with_columns(
+            positions["quantity"].gather(exact["_row"]).alias("_held"),
+            pl.when(pl.col("_side") == "BUY").then(pl.col("_f28")).otherwise(dec28.negate("_f28")).alias("_f28"),
+        )
+        exact = dec28.add(dec28.from_dec(exact, "_held", "_held_f"), "_held_f", "_f28", "_exact_f28")
         # row i of pos takes exact row at[i] (null: none); a struct column cannot be scattered
         at = pl.repeat(None, pos.height, dtype=pl.UInt32, eager=True).scatter(
             exact["_row"], pl.int_range(exact.height, dtype=pl.UInt32, eager=True)
@@ -72,7 +84,7 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
         pos = pos.with_columns(pl.coalesce(placed["_exact"], pl.col("quantity")).alias("quantity"), placed["_exact_f28"].alias("quantity_f28"))
     new_pos = landing.filter(pl.col("_row").is_null()).select(
         "run", (pl.lit(APPENDED, dtype=pl.Int64) + pl.col("_first")).alias("pos_seq"), "instrument_id",
-        pl.col("_dq").alias("quantity"), "slot",
+        pl.col("_dq").alias("quantity"), pl.col("_f28").alias("quantity_f28"), "slot",
     ).pipe(sort_rows, "run", "pos_seq")
     # appended rows follow a run's held ones: merged by run, the rows are in (run, pos_seq) order
     pos = concat_by_run([pos, pl.concat([pos.head(0), new_pos], how="diagonal_relaxed")])

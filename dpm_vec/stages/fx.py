@@ -22,7 +22,9 @@ from dpm_vec.stages.prepare import Market
 
 INTENT_COLUMNS = {
     "run": pl.UInt32, "exec_order": pl.Int64, "intent_id": pl.String, "intent_type": pl.String,
-    "instrument_id": pl.String, "side": pl.String, "quantity": QTY, "quantity_f28": F28, "notional": DEC,
+    "instrument_id": pl.String, "side": pl.String, "quantity": QTY, "quantity_f28": F28,
+    "quantity_sig": F28,  # of a notional-sized quantity below 0.1 unit: its 28 significant digits (trades.py)
+    "notional": DEC,
     "notional_currency": pl.String, "notional_base": DEC, "base_currency": pl.String,
     "dependencies": pl.List(pl.String), "rationale_code": pl.String,
     "min_notional_applied": pl.Boolean, "tax_budget_applied": pl.Boolean,
@@ -111,8 +113,8 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
     )
     sec = sec.select(
         "run", "_group", "_within", "intent_id", pl.lit("SECURITY_TRADE").alias("intent_type"), "instrument_id", "side", "quantity",
-        "quantity_f28", "notional", "price_currency", "notional_base", "base_currency", "rationale_code", "min_notional_applied",
-        "tax_budget_applied", "slot", "list_order",
+        "quantity_f28", *(["quantity_sig"] if "quantity_sig" in sec.columns else []), "notional", "price_currency", "notional_base",
+        "base_currency", "rationale_code", "min_notional_applied", "tax_budget_applied", "slot", "list_order",
     )
     # in execution order first, and the lists joined on after: a list column costs far more
     # to move in a sort than the join's gather of it
@@ -122,7 +124,8 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         pl.col("price_currency").alias("notional_currency"),
         position_in_run().alias("exec_order"),
     )
-    return intents.select([pl.col(c).cast(t) for c, t in INTENT_COLUMNS.items()]), fx_missing
+    # quantity_sig is carried only by a shard that has one
+    return intents.select([(pl.col(c) if c in intents.columns else pl.lit(None)).cast(t).alias(c) for c, t in INTENT_COLUMNS.items()]), fx_missing
 
 
 def _security_intent_ids(intent_no: pl.Series) -> pl.Series:

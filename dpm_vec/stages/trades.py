@@ -134,6 +134,9 @@ def translate(
         pl.col("threshold_amount").is_not_null().alias("min_notional_applied"),
         limited_by_the_walk().fill_null(False).alias("tax_budget_applied"),
         "final_weight", "held_quantity", "by_notional", _rationale().alias("rationale_code"), "quantity_f28", "slot",
+        # a notional-sized quantity the tax walk left whole: its 28 significant digits (_notional_sizing)
+        *([pl.when(pl.col("by_notional") & ~pl.col("_oversell") & (pl.col("quantity") == pl.col("requested_quantity")))
+           .then(pl.col("_units_sig")).alias("quantity_sig")] if "_units_sig" in t.columns else []),
         pl.when(still_beyond).then(pl.col("_units_beyond_range")).alias("_units_beyond_range"),
         # a budget-limited quantity below Decimal(38, 28)'s unit is 0 there but kept by its 28-digit value
         (~suppress & ((pl.col("quantity") > 0) | (f28.sign("quantity_f28") > 0) | still_beyond)).alias("_kept"),
@@ -189,19 +192,24 @@ def _notional_sizing(t: pl.DataFrame) -> pl.DataFrame:
     if rows.len() == 0:
         return t
     held = pl.col("held_quantity").fill_null(pl.lit(0, dtype=QTY)).alias("_held")
-    sized = f28.from_dec(f28.from_dec(t[rows].select("side", "instrument_id", "_amount", "price", held), "_amount", "_amount_f"), "price", "_price_f")
+    sized = f28.from_dec(f28.from_dec(t[rows].select("slot", "side", "instrument_id", "_amount", "price", held), "_amount", "_amount_f"), "price", "_price_f")
     sized = f28.div(sized, "_amount_f", "_price_f", "_units_f").with_columns(f28.to_dec("_units_f").alias("_amount_units"))
     # a quotient beyond QTY's range: a sell is capped at the holding; a buy waits with its
     # units in _units_beyond_range, as a whole-unit one does
     beyond = pl.col("_amount_units") >= TRADE_UNITS_LIMIT
     units = f28.to_d28("_units_in_range").cast(QTY)
     oversell = (pl.col("side") == "SELL") & (beyond | (units > pl.col("_held")))
-    sized = sized.with_columns(pl.when(beyond).then(f28.zero()).otherwise(pl.col("_units_f")).alias("_units_in_range")).select(
+    sized = sized.with_columns(pl.when(beyond).then(f28.zero()).otherwise(pl.col("_units_f")).alias("_units_in_range"))
+    # below 0.1 unit the quotient's 28 significant digits run past QTY's 28 decimals: kept
+    # beside it, to print and to apply to the after-state (its notional stays the amount)
+    sig = sized.filter(~oversell & ~beyond & (pl.col("_units_f").struct.field("k") < 0)).select("slot", pl.col("_units_f").alias("_units_sig"))
+    sized = sized.select(
         pl.when(oversell).then("_held").when(~beyond).then(units).alias("requested_quantity"),
         oversell.alias("_oversell"),
         pl.when(beyond & ~oversell).then(pl.col("_amount_units")).alias("_units_beyond_range"),
     )
-    return put_rows(t, rows, sized)
+    t = put_rows(t, rows, sized)
+    return join_on_index(t, sig, "slot") if sig.height else t  # _units_sig only where a shard has one (rare)
 
 
 def _notional_amounts(market: Market, t: pl.DataFrame, exact: ExactLocked | None, valued: tuple[pl.DataFrame, pl.DataFrame] | None,

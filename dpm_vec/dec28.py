@@ -383,6 +383,11 @@ def coalesce(first: str, second: str) -> pl.Expr:
     return pl.when(is_null(first)).then(pl.col(second)).otherwise(pl.col(first)).alias(first)
 
 
+def below_a_tenth(name: str) -> pl.Expr:
+    """|value| < 0.1: where its 28 significant digits run past D28's 28 decimals."""
+    return _k(name) < 0
+
+
 def sign(name: str) -> pl.Expr:
     z = _z(name)
     return pl.when(z > 0).then(1).when(z < 0).then(-1).otherwise(0)
@@ -417,7 +422,7 @@ def rounded(df: pl.DataFrame, name: str, decimals: int, out: str) -> pl.DataFram
     if not 0 <= decimals <= 18:
         raise ValueError(f"rounded: decimals must be 0-18, not {decimals}")
     unit = Decimal(1).scaleb(-decimals)
-    small = _k(name) < 0  # |value| < 0.1, so value × 10^decimals stays inside DEC
+    small = below_a_tenth(name)  # so value × 10^decimals stays inside DEC
     scaled = pl.when(small).then(to_dec(name)).otherwise(_DEC_0) * pl.lit(Decimal(10) ** decimals, dtype=DEC)
     below = scaled.floor() / pl.lit(Decimal(10) ** decimals, dtype=DEC)
     work = df.select(

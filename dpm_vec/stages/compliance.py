@@ -42,11 +42,8 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
     of_runs = pl.col("run").is_in(runs["run"].implode())
     # every digit of a notional-sized quantity below 0.1 unit (rare: looked at only where a
     # shard has one), or of a tax-limited sell's
-    small_notional = "quantity_sig" in intents.columns and intents.get_column("quantity_sig").struct.field("k").null_count() < intents.height
-    exact_quantity = (
-        pl.when(~dec28.is_null("quantity_sig")).then(pl.col("quantity_sig")).when(~dec28.is_null("quantity_f28")).then(pl.col("quantity_f28"))
-        if small_notional else pl.col("quantity_f28")
-    )
+    small_notional = "quantity_sig" in intents.columns and not intents.select(dec28.is_null("quantity_sig").all()).item()
+    exact_quantity = dec28.coalesce("quantity_sig", "quantity_f28") if small_notional else pl.col("quantity_f28")
     sec = rows_where(intents, (pl.col("intent_type") == "SECURITY_TRADE") & of_runs, *_SECURITY_MOVES,
                      *(["quantity_sig"] if small_notional else []))
     # one security intent per (run, instrument): trace instruments are unique in a run

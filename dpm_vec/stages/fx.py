@@ -124,8 +124,9 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         pl.col("price_currency").alias("notional_currency"),
         position_in_run().alias("exec_order"),
     )
-    # quantity_sig is carried only by a shard that has one
-    return intents.select([(pl.col(c) if c in intents.columns else pl.lit(None)).cast(t).alias(c) for c, t in INTENT_COLUMNS.items()]), fx_missing
+    if "quantity_sig" not in intents.columns:  # carried only by a shard that has one
+        intents = intents.with_columns(pl.lit(None, dtype=F28).alias("quantity_sig"))
+    return intents.select([pl.col(c).cast(t) for c, t in INTENT_COLUMNS.items()]), fx_missing
 
 
 def _security_intent_ids(intent_no: pl.Series) -> pl.Series:

@@ -202,7 +202,7 @@ def _notional_sizing(t: pl.DataFrame) -> pl.DataFrame:
     sized = sized.with_columns(pl.when(beyond).then(f28.zero()).otherwise(pl.col("_units_f")).alias("_units_in_range"))
     # below 0.1 unit the quotient's 28 significant digits run past QTY's 28 decimals: kept
     # beside it, to print and to apply to the after-state (its notional stays the amount)
-    sig = sized.filter(~oversell & ~beyond & (pl.col("_units_f").struct.field("k") < 0)).select("slot", pl.col("_units_f").alias("_units_sig"))
+    sig = sized.filter(~oversell & ~beyond & f28.below_a_tenth("_units_f")).select("slot", pl.col("_units_f").alias("_units_sig"))
     sized = sized.select(
         pl.when(oversell).then("_held").when(~beyond).then(units).alias("requested_quantity"),
         oversell.alias("_oversell"),

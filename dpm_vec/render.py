@@ -263,7 +263,8 @@ def _render_run(run: dict, parts: dict, run_id: str) -> dict:
             ],
             "tax_budget_constraint_events": [
                 {"instrument_id": t["instrument_id"],
-                 "requested_quantity": to_text(t["requested_quantity"] if t["requested_quantity"] is not None else t["requested_units_beyond_range"]),
+                 "requested_quantity": _quantity({"quantity": t["requested_quantity"] if t["requested_quantity"] is not None
+                                                  else t["requested_units_beyond_range"], "quantity_sig": t["requested_sig"]}),
                  "allowed_quantity": _quantity({"quantity": t["allowed_quantity"], "quantity_f28": t["quantity_f28"]}),
                  "reason_code": "TAX_BUDGET_LIMIT_REACHED"}
                 for t in parts["tax_events"]

@@ -641,44 +641,8 @@ def test_quantity_range_is_told_only_for_trades_beyond_it():
 # property 1b: the RFC-0001 options the reference lacks (docs/features.md), engine == oracle
 
 
-def _notional_sized(req: dict) -> set[str]:
-    """Instruments sized by amount (notional_sizing and shelf ``trade_by: NOTIONAL``, first
-    entry): their quantity is amount / price, a quotient of 28 significant digits. The
-    intent and the after-state carry all of them; the tax walk still takes the quotient at
-    Decimal(38, 28)'s 28 decimals (a quantity below 0.1 loses its last digits there)."""
-    if str((req.get("options") or {}).get("notional_sizing")).lower() not in ("true", "1"):
-        return set()
-    first: dict[str, str] = {}
-    for e in req.get("shelf_entries") or []:
-        first.setdefault(e["instrument_id"], e.get("trade_by") or "UNITS")
-    return {i for i, how in first.items() if how == "NOTIONAL"}
-
-
-def _quotient_close(a, b) -> bool:
-    """One 28-significant-digit quotient, and the same rounded to 28 decimals."""
-    a, b = _d(a), _d(b)
-    return abs(a - b) <= Decimal("0.5e-28")
-
-
-def _align_quotients(exp_rows: list[dict], act_rows: list[dict], field: str, sized: set[str],
-                     key=lambda row: row["instrument_id"]) -> None:
-    """Give ``act_rows`` the oracle's ``field`` where, for a notional-sized instrument, the
-    engine's is the same quotient rounded to 28 decimals."""
-    expected = {key(r): r[field] for r in exp_rows if r.get("instrument_id") in sized}
-    for r in act_rows:
-        if key(r) in expected and _quotient_close(r[field], expected[key(r)]):
-            r[field] = expected[key(r)]
-
-
 def compare_rfc(req: dict, exp: dict, act: dict) -> list[str]:
-    """``compare`` plus the rationale codes and messages, with the tax events' allowed
-    quantities of notional-sized sells taken as equal up to rounding at 28 decimals (the
-    documented limit; their intents and after-state positions must match to every digit)."""
-    act = copy.deepcopy(act)
-    sized = _notional_sized(req)
-    if sized and "intents" in act:
-        _align_quotients(exp["diagnostics"]["tax_budget_constraint_events"], act["diagnostics"]["tax_budget_constraint_events"],
-                         "allowed_quantity", sized)
+    """``compare`` plus the rationale codes and messages."""
     errs = compare(exp, act)
     if "intents" in act:
         ec = sorted((_key(i), i["rationale"]["code"], i["rationale"]["message"]) for i in exp["intents"])

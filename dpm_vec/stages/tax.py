@@ -24,6 +24,7 @@ EVENT_SCHEMA = {
     "run": pl.UInt32, "instrument_id": pl.String, "trace_order": pl.Int64,
     # a requested quantity beyond QTY's range is in requested_units_beyond_range instead
     "requested_quantity": QTY, "requested_units_beyond_range": DEC, "allowed_quantity": QTY, "quantity_f28": f.F28,
+    "requested_sig": f.F28,  # a notional-sized request below 0.1 unit: its 28 significant digits
 }
 _STOP_DTYPES = (pl.UInt32, pl.Int64, pl.Boolean, pl.Boolean, f.D28, pl.Int32)
 TOTALS_SCHEMA = {"run": pl.UInt32, "realized_gain": DEC, "realized_loss": DEC, "gains_budget_used": DEC}
@@ -43,6 +44,7 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
         # range's limit needs every lot, as the larger one does, while the lots stay below it
         pl.when(beyond).then(pl.lit(TRADE_UNITS_LIMIT, dtype=QTY)).otherwise(pl.col("requested_quantity")).alias("requested_quantity"),
         pl.col("_units_beyond_range"),
+        *(["_units_sig"] if "_units_sig" in t.columns else []),
     )
     lot_rows = sells.join(lots.rename({"quantity": "lot_quantity"}), on=["run", "instrument_id"], how="inner")
     _check_lots_below_the_range(lot_rows, runs)
@@ -92,7 +94,8 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
     events = (
         t.filter(limited_by_the_walk())
         .select("run", "instrument_id", "trace_order", "requested_quantity", pl.col("_units_beyond_range").alias("requested_units_beyond_range"),
-                pl.col("quantity").alias("allowed_quantity"), pl.col("quantity_f28"))
+                pl.col("quantity").alias("allowed_quantity"), pl.col("quantity_f28"),
+                pl.col("_units_sig").alias("requested_sig") if "_units_sig" in t.columns else pl.lit(None, dtype=f.F28).alias("requested_sig"))
         .pipe(sort_rows, "run", "trace_order")
     )
     totals = pl.concat([free_totals, walk_totals])
@@ -145,6 +148,26 @@ def _split_unbound(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return walk.join(bound_runs, on="run", how="anti"), walk.join(bound_runs, on="run", how="semi")
 
 
+def _exact_small_shares(walk: pl.DataFrame) -> pl.DataFrame:
+    """``walk`` with the shares of a notional-sized sell below 0.1 unit taken from its 28
+    significant digits (``_units_sig``; ``requested_quantity`` has only 28 decimals), as
+    the reference's walk takes min(remaining, lot) in that arithmetic: the gain such a
+    share realises consumes the budget a later sell is limited by."""
+    rows = walk.select(pl.arg_where(~f.is_null("_units_sig"))).to_series()
+    if rows.len() == 0:
+        return walk
+    small = f.from_dec(f.from_dec(walk[rows].select("_units_sig", "_before", "_positive_lot"), "_before", "_before_f"),
+                       "_positive_lot", "_lot_f")
+    small = f.sub(f.sub(small, "_units_sig", "_before_f", "_remaining_f"), "_remaining_f", "_lot_f", "_beyond_lot_f")
+    share = (
+        pl.when(f.sign("_remaining_f") <= 0).then(f.zero())
+        .when(f.sign("_beyond_lot_f") >= 0).then(pl.col("_lot_f"))
+        .otherwise(pl.col("_remaining_f"))
+    )
+    exact, shares = f.parts(small.select(share.alias("_share_f")), "_share_f"), f.parts(walk, "share_f")
+    return walk.with_columns(f.struct("share_f", f.Parts(*(whole.clone().scatter(rows, part) for whole, part in zip(shares, exact)))))
+
+
 def _take_all(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     # a sell is one slot: (run, instrument_id)
     allowed = walk.group_by("slot").agg(pl.col("_share").sum().cast(QTY).alias("_allowed")).with_columns(
@@ -173,6 +196,8 @@ def _walk_budget(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
             pl.DataFrame(schema=TOTALS_SCHEMA),
         )
     walk = f.from_dec(walk, "_share", "share_f")
+    if "_units_sig" in walk.columns:
+        walk = _exact_small_shares(walk)
     walk = f.mul(walk, "gain_f", "share_f", "full_realised_f")
     consuming = pl.col("has_budget") & (f.sign("gain_f") > 0) & (pl.col("_share") > 0)
     # each run is a lane, the runs with the most budget-consuming lots first: the runs still

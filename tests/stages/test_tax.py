@@ -1,7 +1,7 @@
 """Tax-aware sell limiting, HIFO with a run-wide gains budget (spec §6.10)."""
 from __future__ import annotations
 
-from decimal import Decimal as D
+from decimal import Decimal as D, localcontext
 
 import polars as pl
 
@@ -185,3 +185,71 @@ def test_zero_budget_with_only_losing_lots_sells_everything(scenario):
     assert t["realized_gain"] == D(0) and t["gains_budget_used"] == D(0)
     assert t["realized_loss"] == D(60 * 50 + 40 * 20)
     assert s.translation.warnings.height == 0
+
+
+def _small_notional_sell(budget: str) -> dict:
+    """SMALL, sized by notional, sells its 0.01 market value: 0.01 / 7.90 units, a quotient
+    below 0.1 whose 28 significant digits run past Decimal(38, 28); BIG sells 7 after it."""
+    lot = lambda lot_id, qty, cost, day: {  # noqa: E731
+        "lot_id": lot_id, "quantity": qty, "unit_cost": {"amount": cost, "currency": "SGD"}, "purchase_date": day}
+    return {
+        "portfolio_snapshot": {
+            "portfolio_id": "pf_tax_small", "base_currency": "SGD",
+            "positions": [
+                {"instrument_id": "SMALL", "quantity": "1", "market_value": {"amount": "0.01", "currency": "SGD"},
+                 "lots": [lot("L_SMALL", "1", "0.01", "2020-07-14")]},
+                {"instrument_id": "BIG", "quantity": "7", "lots": [lot("L_BIG", "7", "0.80", "2020-01-10")]},
+            ],
+            "cash_balances": [{"currency": "SGD", "amount": "100"}],
+        },
+        "market_data_snapshot": {"prices": [
+            {"instrument_id": "SMALL", "price": "7.90", "currency": "SGD"},
+            {"instrument_id": "BIG", "price": "1.61", "currency": "SGD"},
+            {"instrument_id": "FUND", "price": "1", "currency": "SGD"},
+        ], "fx_rates": []},
+        "model_portfolio": {"targets": [{"instrument_id": "FUND", "weight": "0.5"}]},
+        "shelf_entries": [
+            {"instrument_id": "SMALL", "status": "APPROVED", "asset_class": "EQUITY", "trade_by": "NOTIONAL"},
+            {"instrument_id": "BIG", "status": "APPROVED", "asset_class": "EQUITY"},
+            {"instrument_id": "FUND", "status": "APPROVED", "asset_class": "EQUITY"},
+        ],
+        "options": {"notional_sizing": True, "enable_tax_awareness": True, "max_realized_capital_gains": budget},
+    }
+
+
+def _events(result: dict) -> list[tuple[str, str, str]]:
+    return [(e["instrument_id"], e["requested_quantity"], e["allowed_quantity"])
+            for e in result["diagnostics"]["tax_budget_constraint_events"]]
+
+
+def _trades(result: dict) -> dict[str, str]:
+    return {i["instrument_id"]: i["quantity"] for i in result["intents"] if i["intent_type"] == "SECURITY_TRADE"}
+
+
+def test_a_notional_sell_below_a_tenth_walks_its_28_significant_digits():
+    """The walk takes the small sell whole from its 28 significant digits (§1.1), so the
+    gain it realises (7.89 per unit) leaves the budget BIG's limited quantity is cut from
+    to the last digit; at 28 decimals BIG got …3147 instead of …31458."""
+    from dpm_vec.simulate import simulate_many
+
+    with localcontext() as ctx:
+        ctx.prec = 28
+        small = D("0.01") / D("7.90")
+        big = (D("0.03") - D("7.89") * small) / D("0.81")
+    result = simulate_many([_small_notional_sell("0.03")])[0]
+    assert str(small) == "0.001265822784810126582278481013"
+    assert _trades(result) == {"SMALL": str(small), "BIG": str(big), "FUND": "59"}
+    assert _events(result) == [("BIG", "7", "0.02470698546647913736521331458")]
+
+
+def test_a_notional_sell_below_a_tenth_limited_by_the_budget_prints_its_request_whole():
+    """Limited itself (0.005 / 7.89 units), the small sell's event states the request it
+    was cut from with all 28 significant digits, as its intent would have carried them."""
+    from dpm_vec.simulate import simulate_many
+
+    result = simulate_many([_small_notional_sell("0.005")])[0]
+    assert _events(result) == [
+        ("SMALL", "0.001265822784810126582278481013", "0.0006337135614702154626108998733"),
+        ("BIG", "7", "0"),
+    ]
+    assert _trades(result) == {"SMALL": "0.0006337135614702154626108998733", "FUND": "59"}

@@ -386,6 +386,52 @@ def printed_midpoint_requests(draw) -> dict:
     }
 
 
+@st.composite
+def small_notional_tax_requests(draw) -> dict:
+    """Tax-aware requests whose notional-sized sells are below 0.1 unit: instruments held
+    with a market value of a few cents (the delta's current value, sold off by notional),
+    over one to three lots of which some are smaller still, so the walk's min(remaining,
+    lot) takes a lot whole and then the 28-significant-digit rest, or stops part-way under
+    a small gains budget; a unit-traded holding sold after them spends what they left."""
+    rng = random.Random(draw(st.integers(0, 2**64 - 1)))  # one draw: a list of 25 stays within Hypothesis' buffer
+
+    def amount(lo: float, hi: float, dp: int) -> str:
+        return f"{rng.uniform(lo, hi):.{dp}f}"
+
+    def lot(lot_id: str, quantity: str, cost: str) -> dict:
+        day = f"202{rng.randint(0, 3)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}"
+        return {"lot_id": lot_id, "quantity": quantity, "unit_cost": {"amount": cost, "currency": "SGD"}, "purchase_date": day}
+
+    positions, prices, shelf = [], [], []
+    for k in range(rng.randint(1, 4)):
+        iid = f"S{k}"
+        lots = [lot(f"L{k}{j}", rng.choice(["0.0005", "0.001", "0.003", "0.02", "0.05", "1", "2", amount(0.0001, 0.09, 4)]),
+                    amount(0.01, 150, 2)) for j in range(rng.randint(1, 3))]
+        position = {"instrument_id": iid, "quantity": str(sum(Decimal(x["quantity"]) for x in lots)), "lots": lots}
+        if rng.random() < 0.8:
+            position["market_value"] = {"amount": amount(0.01, 0.6, 2), "currency": "SGD"}
+        positions.append(position)
+        prices.append({"instrument_id": iid, "price": amount(0.5, 120, 2), "currency": "SGD"})
+        shelf.append({"instrument_id": iid, "status": "APPROVED", "asset_class": "EQUITY", "trade_by": rng.choice(["NOTIONAL", "NOTIONAL", "UNITS"])})
+    positions.insert(rng.randrange(len(positions) + 1),
+                     {"instrument_id": "BIG", "quantity": "7", "lots": [lot("LB", "7", amount(0.1, 1.5, 2))]})
+    prices += [{"instrument_id": "BIG", "price": amount(0.5, 3, 2), "currency": "SGD"}, {"instrument_id": "FUND", "price": "1", "currency": "SGD"}]
+    shelf += [{"instrument_id": i, "status": "APPROVED", "asset_class": "EQUITY"} for i in ("BIG", "FUND")]
+    targets = [{"instrument_id": "FUND", "weight": rng.choice(["0.3", "0.5", "0.9"])}]
+    if rng.random() < 0.3:
+        targets.append({"instrument_id": "S0", "weight": rng.choice(["0.0001", "0.001", "0.01"])})
+    options = {"notional_sizing": True, "enable_tax_awareness": True, "suppress_dust_trades": rng.random() < 0.3}
+    budget = rng.choice([None, "0", "0.001", "0.005", "0.01", "0.03", "0.1", "1"])
+    if budget is not None:
+        options["max_realized_capital_gains"] = budget
+    return {
+        "portfolio_snapshot": {"portfolio_id": draw(st.sampled_from(PORTFOLIO_IDS)), "base_currency": "SGD", "positions": positions,
+                               "cash_balances": [{"currency": "SGD", "amount": amount(0, 50, 2)}]},
+        "market_data_snapshot": {"prices": prices, "fx_rates": []},
+        "model_portfolio": {"targets": targets}, "shelf_entries": shelf, "options": options,
+    }
+
+
 # (price, lot cost) pairs whose gain per unit divides round budgets into endless decimals
 GAIN_PAIRS = (("100.00", "70.00"), ("90.00", "60.00"), ("100.00", "50.00"), ("10.00", "3.00"), ("21.00", "14.00"), ("45.50", "42.50"))
 

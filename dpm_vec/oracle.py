@@ -73,7 +73,13 @@ def _bool(x: Any, default: bool) -> bool:
 
 
 def _int(x: Any, default: int) -> int:
-    return default if x is None else int(str(x))
+    """An integer field (§3: integral strings and numbers, so 3, "3", 3.0 and "3.0" alike)."""
+    if x is None:
+        return default
+    value = D(x)
+    if value != value.to_integral_value():
+        raise ValueError(f"not an integer: {x!r}")
+    return int(value)
 
 
 def s(d: Decimal | None) -> str | None:

@@ -194,3 +194,33 @@ def test_cli(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "dpm_vec.oracle", str(req)], cwd=REPO,
                           capture_output=True, text=True, check=True)
     assert json.loads(proc.stdout)["status"] == "READY"
+
+
+@pytest.mark.parametrize("written", [3.0, "3.0", " 3 ", "3"])
+def test_integer_fields_take_integral_numbers_and_strings(written) -> None:
+    """§3: an integer field accepts integral strings and numbers. The oracle used to read
+    3.0 as int("3.0") and fail; it must answer as for 3, and as the engine does."""
+    from dpm_vec.simulate import simulate_many
+
+    base = json.loads((REPO / "data" / "requests" / "settlement_ladder.json").read_text())
+    req = json.loads(json.dumps(base))
+    req["options"]["settlement_horizon_days"] = written
+    req["shelf_entries"][0]["settlement_days"] = written
+    req["options"]["fx_settlement_days"] = written
+    expected = json.loads(json.dumps(base))
+    expected["shelf_entries"][0]["settlement_days"] = 3
+    expected["options"]["fx_settlement_days"] = 3
+    oracle, same = simulate(req), simulate(expected)
+    assert oracle["diagnostics"]["cash_ladder"] == same["diagnostics"]["cash_ladder"]
+    assert len(oracle["diagnostics"]["cash_ladder"]) == 4 * len({c["currency"] for c in oracle["diagnostics"]["cash_ladder"]})  # days 0-3
+    engine = simulate_many([req])[0]
+    assert engine["status"] == oracle["status"]
+    assert [(c["date_offset"], c["currency"], Decimal(c["projected_balance"])) for c in engine["diagnostics"]["cash_ladder"]] == [
+        (c["date_offset"], c["currency"], Decimal(c["projected_balance"])) for c in oracle["diagnostics"]["cash_ladder"]]
+
+
+def test_a_fractional_integer_field_is_refused() -> None:
+    req = json.loads((REPO / "data" / "requests" / "settlement_ladder.json").read_text())
+    req["options"]["settlement_horizon_days"] = "2.5"
+    with pytest.raises(ValueError, match="not an integer"):
+        simulate(req)

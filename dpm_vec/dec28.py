@@ -342,6 +342,15 @@ def _put(df: pl.DataFrame, out: str, value: Parts, null: pl.Series | None = None
     return df.hstack([column])
 
 
+def scatter(df: pl.DataFrame, name: str, rows: pl.Series, values: pl.Series) -> pl.DataFrame:
+    """``df`` with F28 column ``name`` set to ``values`` (an F28 Series, one per position of
+    ``rows``) at those positions, the rest as it was (Polars cannot scatter into a struct)."""
+    whole = parts(df, name)
+    given = values.struct.unnest()
+    placed = Parts(whole.z.clone().scatter(rows, given.get_column("z")), whole.k.clone().scatter(rows, given.get_column("k")))
+    return df.with_columns(struct(name, placed))
+
+
 def from_dec(df: pl.DataFrame, src: str, out: str) -> pl.DataFrame:
     """DEC (or D28) column → F28 column (values up to 1e18)."""
     return _put(df, out, from_dec_parts(df.get_column(src)))

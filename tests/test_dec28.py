@@ -382,3 +382,14 @@ def test_rounded_below_a_tenth_decides_a_tie_by_the_digits_past_28_decimals():
     assert got == [Decimal("0.01"), Decimal("0.00"), Decimal("0.06"), Decimal("-0.06"), Decimal("0.00"), Decimal("0.02"), None]
     four = dec28.rounded(_f28_frame(values[2:4]), "v", 4, "w")["w"].to_list()
     assert four == [Decimal("0.0563"), Decimal("-0.0563")]
+
+
+def test_scatter_sets_the_given_rows_and_keeps_the_rest():
+    """Values written at positions (nulls included) come back whole; the other rows and the
+    frame the values came from are left as they were (Series.scatter writes in place)."""
+    frame = dec28.from_dec(pl.DataFrame({"v": [Decimal("1.5"), None, Decimal("-2"), Decimal("0.001")]}, schema={"v": DEC}), "v", "w")
+    values = dec28.from_dec(pl.DataFrame({"v": [Decimal("7.25"), Decimal("0.0003")]}, schema={"v": DEC}), "v", "x").get_column("x")
+    placed = dec28.scatter(frame, "w", pl.Series([1, 3], dtype=pl.UInt32), values)
+    assert placed.select(dec28.to_dec("w")).to_series().to_list() == [Decimal("1.5"), Decimal("7.25"), Decimal("-2"), Decimal("0.0003")]
+    assert frame.select(dec28.is_null("w")).to_series().to_list() == [False, True, False, False]
+    assert frame.select(dec28.to_dec("w")).to_series().to_list()[3] == Decimal("0.001")

@@ -164,8 +164,7 @@ def _exact_small_shares(walk: pl.DataFrame) -> pl.DataFrame:
         .when(f.sign("_beyond_lot_f") >= 0).then(pl.col("_lot_f"))
         .otherwise(pl.col("_remaining_f"))
     )
-    exact, shares = f.parts(small.select(share.alias("_share_f")), "_share_f"), f.parts(walk, "share_f")
-    return walk.with_columns(f.struct("share_f", f.Parts(*(whole.clone().scatter(rows, part) for whole, part in zip(shares, exact)))))
+    return f.scatter(walk, "share_f", rows, small.select(share).to_series())
 
 
 def _take_all(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:

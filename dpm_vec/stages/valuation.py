@@ -10,7 +10,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.dec28 import F28
 from dpm_vec.frames import join_runs, sort_rows
-from dpm_vec.numeric import HAIR, lit, times_price
+from dpm_vec.numeric import HAIR, SCALE, lit, times_price
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.universe import exact_cash_bucket, valued_in_28_digits
@@ -52,6 +52,7 @@ def value_state(
         .otherwise(times_price(pos, "quantity", pl.col("price").fill_null(lit(0)))).alias("value_instr"),
         pl.col("asset_class").fill_null("UNKNOWN"),
     )
+    pos = _exact_quantities(pos, ~use_mv & pl.col("price").is_not_null())
     pos = market.with_rate(pos, "instrument_currency", "base_currency", "_rate")
     pos = pos.with_columns(
         pl.when(pl.col("_rate").is_null()).then(lit(0))
@@ -88,8 +89,6 @@ def value_state(
     pos = join_runs(pos, totals.select("run", "divisor")).with_columns(
         (pl.col("value_base") / pl.col("divisor")).alias("weight")
     )
-    if "quantity_f28" not in pos.columns:
-        pos = pos.with_columns(pl.lit(None, dtype=F28).alias("quantity_f28"))
     positions_out = pos.select(
         "run", "pos_seq", "instrument_id", "quantity", "quantity_f28", "instrument_currency", "asset_class",
         "price", "value_instr", "value_base", "weight", "market_value", "market_value_currency", "slot",
@@ -104,6 +103,26 @@ def value_state(
         allocations=allocations,
         dq=dq.concat(price_missing, pos_fx_missing, cash_fx_missing),
     )
+
+
+def _exact_quantities(pos: pl.DataFrame, by_price: pl.Expr) -> pl.DataFrame:
+    """``pos`` with ``quantity_f28`` (the 28 significant digits a 28-digit check values a
+    position from, ``universe.base_value_f28``) also where a quantity valued at its price
+    has more decimals than DEC's 20: its value_instr holds quantity × price rounded there
+    (68.75 for 3.684351554126473740621650589 units at 18.66, 68.74999999999999999999999999
+    in the reference's 28 digits, §6.2), and a CASH bucket or weight at a band's bound
+    can depend on the difference. A tax-limited quantity's own digits stay."""
+    if "quantity_f28" not in pos.columns:
+        pos = pos.with_columns(pl.lit(None, dtype=F28).alias("quantity_f28"))
+    scale = pos.schema["quantity"].scale
+    if scale <= SCALE:
+        return pos
+    more_digits = pl.col("quantity").to_physical() % pl.lit(10 ** (scale - SCALE), dtype=pl.Int128) != 0
+    rows = pos.select(pl.arg_where(by_price & more_digits & f28.is_null("quantity_f28"))).to_series()
+    if rows.len() == 0:
+        return pos
+    exact = f28.from_dec(pos[rows].select("quantity"), "quantity", "_quantity_f").get_column("_quantity_f")
+    return f28.scatter(pos, "quantity_f28", rows, exact)
 
 
 def near_printed_midpoint(weight: pl.Expr) -> pl.Expr:

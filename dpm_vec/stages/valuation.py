@@ -111,7 +111,10 @@ def _exact_quantities(pos: pl.DataFrame, by_price: pl.Expr) -> pl.DataFrame:
     has more decimals than DEC's 20: its value_instr holds quantity × price rounded there
     (68.75 for 3.684351554126473740621650589 units at 18.66, 68.74999999999999999999999999
     in the reference's 28 digits, §6.2), and a CASH bucket or weight at a band's bound
-    can depend on the difference. A tax-limited quantity's own digits stay."""
+    can depend on the difference. A tax-limited quantity's own digits stay, and one of
+    more than 28 significant digits, which F28 would round (a book's Decimal(38, 28) can
+    hold 445.00000000000000000000000001; the JSON door rounds it on input), is left as it
+    was: it prints as given."""
     if "quantity_f28" not in pos.columns:
         pos = pos.with_columns(pl.lit(None, dtype=F28).alias("quantity_f28"))
     scale = pos.schema["quantity"].scale
@@ -121,8 +124,9 @@ def _exact_quantities(pos: pl.DataFrame, by_price: pl.Expr) -> pl.DataFrame:
     rows = pos.select(pl.arg_where(by_price & more_digits & f28.is_null("quantity_f28"))).to_series()
     if rows.len() == 0:
         return pos
-    exact = f28.from_dec(pos[rows].select("quantity"), "quantity", "_quantity_f").get_column("_quantity_f")
-    return f28.scatter(pos, "quantity_f28", rows, exact)
+    exact = f28.from_dec(pos[rows].select("quantity"), "quantity", "_quantity_f")
+    held = exact.select(f28.to_d28("_quantity_f") == pl.col("quantity")).to_series()
+    return f28.scatter(pos, "quantity_f28", rows.filter(held), exact.get_column("_quantity_f").filter(held))
 
 
 def near_printed_midpoint(weight: pl.Expr) -> pl.Expr:

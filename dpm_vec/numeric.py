@@ -72,12 +72,21 @@ def times_price(frame: pl.DataFrame, quantity: str, price: pl.Expr) -> pl.Expr:
     are exact at DEC's 20 decimals, so only the rows holding a quantity with more (a
     notional-sized or tax-limited one) take ``product_of_all_digits``; to be evaluated on
     ``frame`` itself (``exact_where``)."""
-    q, dtype = pl.col(quantity), frame.schema[quantity]
+    q = pl.col(quantity)
     plain = q.cast(DEC) * price
-    if not (isinstance(dtype, pl.Decimal) and dtype.scale > SCALE):
+    more_digits = beyond_dec_decimals(frame, quantity)
+    if more_digits is None:
         return plain
-    more_digits = q.to_physical() % pl.lit(10 ** (dtype.scale - SCALE), dtype=pl.Int128) != 0
     return exact_where(frame, more_digits, product_of_all_digits(q, price, QUANTITY_TIMES_PRICE), plain)
+
+
+def beyond_dec_decimals(frame: pl.DataFrame, column: str) -> pl.Expr | None:
+    """Whether a value of ``frame``'s decimal ``column`` has digits past DEC's 20 decimals
+    (a notional-sized or tax-limited quantity); None where its type holds no more."""
+    dtype = frame.schema[column]
+    if not (isinstance(dtype, pl.Decimal) and dtype.scale > SCALE):
+        return None
+    return pl.col(column).to_physical() % pl.lit(10 ** (dtype.scale - SCALE), dtype=pl.Int128) != 0
 
 
 def exact_where(frame: pl.DataFrame, needs: pl.Expr, exact: pl.Expr, plain: pl.Expr) -> pl.Expr:

@@ -10,7 +10,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.dec28 import F28
 from dpm_vec.frames import join_runs, sort_rows
-from dpm_vec.numeric import HAIR, SCALE, lit, times_price
+from dpm_vec.numeric import HAIR, beyond_dec_decimals, lit, times_price
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.universe import exact_cash_bucket, valued_in_28_digits
@@ -117,10 +117,9 @@ def _exact_quantities(pos: pl.DataFrame, by_price: pl.Expr) -> pl.DataFrame:
     was: it prints as given."""
     if "quantity_f28" not in pos.columns:
         pos = pos.with_columns(pl.lit(None, dtype=F28).alias("quantity_f28"))
-    scale = pos.schema["quantity"].scale
-    if scale <= SCALE:
+    more_digits = beyond_dec_decimals(pos, "quantity")
+    if more_digits is None:
         return pos
-    more_digits = pl.col("quantity").to_physical() % pl.lit(10 ** (scale - SCALE), dtype=pl.Int128) != 0
     rows = pos.select(pl.arg_where(by_price & more_digits & f28.is_null("quantity_f28"))).to_series()
     if rows.len() == 0:
         return pos

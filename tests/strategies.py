@@ -17,7 +17,7 @@ import copy
 import json
 import random
 from datetime import datetime, timedelta, timezone
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_DOWN, Context, Decimal
 from pathlib import Path
 
 from hypothesis import strategies as st
@@ -812,3 +812,33 @@ def _mutate_structure(request: dict, rng: random.Random) -> None:
     currencies = sorted({c["currency"] for c in snapshot.get("cash_balances", [])} | {p["currency"] for p in market.get("prices", [])})
     if currencies and rng.random() < 0.15:
         snapshot["base_currency"] = rng.choice(currencies)
+
+
+def fed_back(request: dict, result: dict) -> dict | None:
+    """``request`` with its snapshot replaced by ``result``'s after-state, as a desk runs the
+    next rebalance on yesterday's executed proposal: the positions' quantities (fractional
+    ones from tax limits and notional sizing; those below 0.1 unit cut at 28 decimals, the
+    documented input limit, docs/features.md), a held position's market value where its
+    quantity did not change, and the cash balances. Tax lots no longer match the quantities,
+    so tax awareness is switched off. None where the result has no after-state, or one the
+    contract would refuse (a short or a quantity above 10^9)."""
+    after = result.get("after_simulated")
+    if not after or result.get("status") is None:
+        return None
+    req = copy.deepcopy(request)
+    snapshot = req["portfolio_snapshot"]
+    held = {p["instrument_id"]: p for p in snapshot.get("positions", [])}
+    positions = []
+    for p in after["positions"]:
+        quantity = Decimal(p["quantity"]).quantize(Decimal("1e-28"), rounding=ROUND_DOWN, context=Context(prec=60))
+        if quantity < 0 or quantity > Decimal(10) ** 9:
+            return None
+        position = {"instrument_id": p["instrument_id"], "quantity": f"{quantity.normalize(Context(prec=60)):f}"}
+        before = held.get(p["instrument_id"])
+        if before is not None and before.get("market_value") is not None and Decimal(str(before["quantity"])) == quantity:
+            position["market_value"] = before["market_value"]
+        positions.append(position)
+    snapshot["positions"] = positions
+    snapshot["cash_balances"] = [{"currency": c["currency"], "amount": c["amount"]} for c in after["cash_balances"]]
+    req["options"] = {k: v for k, v in (req.get("options") or {}).items() if k not in ("enable_tax_awareness", "max_realized_capital_gains")}
+    return req

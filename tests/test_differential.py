@@ -35,7 +35,8 @@ from dpm_vec.simulate import simulate_many
 
 from tests.golden_compare import strip_random
 from tests.strategies import (
-    domain_error_requests, golden_mutations, isolation_batches, printed_midpoint_requests, requests, rfc_option_requests, round_inverse_requests,
+    domain_error_requests, fed_back, golden_mutations, isolation_batches, printed_midpoint_requests, requests, rfc_option_requests,
+    round_inverse_requests,
     small_notional_tax_requests, sweep_threshold_requests, tax_residue_requests,
 )
 
@@ -739,6 +740,37 @@ def test_rfc_options_match_oracle(reqs):
         elif errs:
             failures.append(_report(req, errs))
     assert not failures, f"{len(failures)} of {len(reqs)} requests differ:\n\n" + "\n\n".join(failures[:3])
+
+
+FED_BACK = {"requests": 0, "beyond_20_decimals": 0}
+
+
+@settings(max_examples=8, **COMMON)
+@given(st.lists(st.one_of(rfc_option_requests(), golden_mutations()), min_size=15, max_size=25))
+def test_an_after_state_fed_back_as_the_next_snapshot_matches_oracle(reqs):
+    """Each request's after-state as the next request's snapshot (``fed_back``): holdings
+    whose quantities have more decimals than DEC's 20 (tax-limited and notional-sized ones)
+    are valued, traded and checked in the before-state as the oracle does."""
+    following = [r for r in (fed_back(req, oracle_simulate(req)) for req in reqs) if r is not None]
+    failures: list[str] = []
+    for req, act in zip(following, simulate_many(following)):
+        FED_BACK["requests"] += 1
+        FED_BACK["beyond_20_decimals"] += any(
+            -Decimal(p["quantity"]).as_tuple().exponent > 20 for p in req["portfolio_snapshot"]["positions"])
+        exp = oracle_simulate(req)
+        if _beyond_quantity_range(exp, act):
+            continue
+        errs = compare_rfc(req, exp, act)
+        if errs and not _floor_boundary_flip(errs):
+            failures.append(_report(req, errs))
+    assert not failures, f"{len(failures)} of {len(following)} requests differ:\n\n" + "\n\n".join(failures[:3])
+
+
+def test_fed_back_snapshots_held_long_quantities():
+    """Runs after the property: some snapshots must have held quantities past 20 decimals."""
+    if FED_BACK["requests"] == 0:
+        pytest.skip("run together with the fed-back property")
+    assert FED_BACK["beyond_20_decimals"] >= 5, FED_BACK
 
 
 def test_rfc_options_were_exercised():

@@ -36,8 +36,7 @@ from dpm_vec.simulate import simulate_many
 from tests.golden_compare import strip_random
 from tests.strategies import (
     domain_error_requests, fed_back, golden_mutations, isolation_batches, printed_midpoint_requests, requests, rfc_option_requests,
-    round_inverse_requests,
-    small_notional_tax_requests, sweep_threshold_requests, tax_residue_requests,
+    round_inverse_requests, small_notional_tax_requests, sweep_threshold_requests, tax_residue_requests,
 )
 
 CENT = Decimal("0.01")

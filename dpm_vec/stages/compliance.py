@@ -11,7 +11,7 @@ from collections.abc import Callable
 import polars as pl
 
 from dpm_vec import dec28
-from dpm_vec.frames import concat_by_run, join_on_index, join_runs, rows_where, sort_rows
+from dpm_vec.frames import concat_by_run, join_on_index, join_runs, put_rows, rows_where, sort_rows
 from dpm_vec.numeric import DEC, HAIR, dabs, lit, units_text
 from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, fx_margins, inexact_fx_runs, movements
 from dpm_vec.stages.prepare import Market
@@ -71,14 +71,8 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
             pl.when(pl.col("_side") == "BUY").then(pl.col("_f28")).otherwise(dec28.negate("_f28")).alias("_f28"),
         )
         exact = dec28.add(dec28.from_dec(exact, "_held", "_held_f"), "_held_f", "_f28", "_exact_f28")
-        # row i of pos takes exact row at[i] (null: none); a struct column cannot be scattered
-        at = pl.repeat(None, pos.height, dtype=pl.UInt32, eager=True).scatter(
-            exact["_row"], pl.int_range(exact.height, dtype=pl.UInt32, eager=True)
-        )
-        placed = exact.select(
-            dec28.to_d28("_exact_f28").cast(pos.schema["quantity"]).alias("_exact"), "_exact_f28"
-        ).select(pl.all().gather(at))
-        pos = pos.with_columns(pl.coalesce(placed["_exact"], pl.col("quantity")).alias("quantity"), placed["_exact_f28"].alias("quantity_f28"))
+        pos = put_rows(pos, exact["_row"], exact.select(dec28.to_d28("_exact_f28").alias("quantity")))
+        pos = dec28.scatter(pos, "quantity_f28", exact["_row"], exact["_exact_f28"])
     new_pos = landing.filter(pl.col("_row").is_null()).select(
         "run", (pl.lit(APPENDED, dtype=pl.Int64) + pl.col("_first")).alias("pos_seq"), "instrument_id",
         pl.col("_dq").alias("quantity"), pl.col("_f28").alias("quantity_f28"), "slot",

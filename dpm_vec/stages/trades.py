@@ -107,10 +107,11 @@ def translate(
     t, tax_events, tax_totals, tax_warnings, tax_fx_missing = limit_sells_by_tax_lots(market, t, lots, runs)
     # still beyond QTY's range after the tax-lot walk (which sizes a sell it limits within it)
     still_beyond = pl.col("quantity").is_null() & pl.col("_units_beyond_range").is_not_null()
+    # sized by its amount, and neither capped at the holding nor limited by the tax walk
+    sized_whole = pl.col("by_notional") & ~pl.col("_oversell") & (pl.col("quantity") == pl.col("requested_quantity"))
     t = t.with_columns(
         pl.when(still_beyond).then(pl.when("by_notional").then(pl.col("_amount")).otherwise(pl.col("_units_beyond_range") * pl.col("price")))
-        .when(pl.col("by_notional") & ~pl.col("_oversell") & (pl.col("quantity") == pl.col("requested_quantity")))
-        .then(pl.col("_amount"))
+        .when(sized_whole).then(pl.col("_amount"))
         .otherwise(times_price(t, "quantity", pl.col("price"))).alias("notional"),
     ).with_columns(
         (pl.col("notional") * pl.col("rate")).alias("notional_base"),
@@ -135,8 +136,7 @@ def translate(
         limited_by_the_walk().fill_null(False).alias("tax_budget_applied"),
         "final_weight", "held_quantity", "by_notional", _rationale().alias("rationale_code"), "quantity_f28", "slot",
         # a notional-sized quantity the tax walk left whole: its 28 significant digits (_notional_sizing)
-        *([pl.when(pl.col("by_notional") & ~pl.col("_oversell") & (pl.col("quantity") == pl.col("requested_quantity")))
-           .then(pl.col("_units_sig")).alias("quantity_sig")] if "_units_sig" in t.columns else []),
+        *([pl.when(sized_whole).then(pl.col("_units_sig")).alias("quantity_sig")] if "_units_sig" in t.columns else []),
         pl.when(still_beyond).then(pl.col("_units_beyond_range")).alias("_units_beyond_range"),
         # a budget-limited quantity below Decimal(38, 28)'s unit is 0 there but kept by its 28-digit value
         (~suppress & ((pl.col("quantity") > 0) | (f28.sign("quantity_f28") > 0) | still_beyond)).alias("_kept"),

@@ -124,8 +124,8 @@ def _exact_quantities(pos: pl.DataFrame, by_price: pl.Expr) -> pl.DataFrame:
     if rows.len() == 0:
         return pos
     exact = f28.from_dec(pos[rows].select("quantity"), "quantity", "_quantity_f")
-    held = exact.select(f28.to_d28("_quantity_f") == pl.col("quantity")).to_series()
-    return f28.scatter(pos, "quantity_f28", rows.filter(held), exact.get_column("_quantity_f").filter(held))
+    whole = exact.select(f28.to_d28("_quantity_f") == pl.col("quantity")).to_series()
+    return f28.scatter(pos, "quantity_f28", rows.filter(whole), exact.get_column("_quantity_f").filter(whole))
 
 
 def near_printed_midpoint(weight: pl.Expr) -> pl.Expr:

@@ -271,6 +271,25 @@ def test_notional_sizing_resizes_only_its_own_runs_notional_instruments(scenario
     assert by_run[(0, "EQ")]["requested_quantity"] == by_run[(1, "EQ")]["requested_quantity"] == 111  # floor(3669 / 33)
 
 
+def test_notional_delta_at_a_half_cent_values_a_long_held_quantity_in_28_digits(scenario):
+    """A held quantity with more than 20 decimals (a fed-back notional-sized one) is worth
+    511190.5700000000000000000002 in the reference's 28 digits and 511190.57 at 20 decimals;
+    its target of 0.3 × 1,703,968.55 = 511190.565 leaves a delta of -0.0050000000000000000002,
+    which rounds to a cent (§1.1), where -0.005 rounds half-even to no trade at all."""
+    s = scenario(
+        base="SGD",
+        cash=[("SGD", "1192777.98")],
+        positions=[("FUND", "883.785843951522276585812832")],
+        prices=[("FUND", "578.41", "SGD")],
+        shelf=[{"instrument_id": "FUND", "status": "APPROVED", "trade_by": "NOTIONAL"}],
+        model=[("FUND", "0.3")],
+        runs=[dict(notional_sizing=True)],
+    )
+    [(instrument, side, quantity, notional)] = _intents(s)
+    assert (instrument, side, notional) == ("FUND", "SELL", D("0.01"))
+    assert quantity == D("0.0000172887743987828702823257")  # 0.01 / 578.41 at Decimal(38, 28)
+
+
 # ---- turnover cap ---------------------------------------------------------------------------------
 
 

@@ -44,6 +44,11 @@ def properties(selection: str | None) -> dict[str, object]:
     return chosen
 
 
+def failures_in(counts: Counter) -> int:
+    """The failing examples among ``fuzz``'s counts."""
+    return sum(n for key, n in counts.items() if key.endswith(" failed"))
+
+
 def fuzz(chosen: dict[str, object], seconds: float, seed: int, out: Path, report=print) -> Counter:
     """Run the ``chosen`` properties in turn on random buffers for ``seconds``; failures
     appended to ``out``. Returns counts per property: examples run, invalid draws, failures."""
@@ -69,7 +74,7 @@ def fuzz(chosen: dict[str, object], seconds: float, seed: int, out: Path, report
                 counts[f"{name} {'run' if valid is not None else 'invalid draw'}"] += 1
             if time.monotonic() - last_report > 60:
                 last_report = time.monotonic()
-                report(f"{example} examples, {sum(n for k, n in counts.items() if k.endswith('failed'))} failed", flush=True)
+                report(f"{example} examples, {failures_in(counts)} failed", flush=True)
     return counts
 
 
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = fuzz(chosen, args.minutes * 60, seed, args.out)
     for key in sorted(counts):
         print(f"{counts[key]:8d}  {key}")
-    failed = sum(n for key, n in counts.items() if key.endswith(" failed"))
+    failed = failures_in(counts)
     print(f"{failed} failing example(s)" + (f": see {args.out}" if failed else ""))
     return 1 if failed else 0
 

@@ -372,26 +372,27 @@ def _deltas_in_28_digits(market: Market, near: pl.DataFrame, exact: ExactLocked 
             pl.when(pl.col("_mv_converted") & f28.is_null("_mv_rate_f")).then(f28.zero())
             .when(pl.col("_mv_converted")).then(pl.col("_mv_cur_f")).otherwise(pl.col("_cur_f")).alias("_cur_f"),
         ).drop("_mv_f", "_mv_rate_f", "_mv_base_f", "_mv_cur_f")
-    near = _held_values_in_28_digits(near)
+    near = _held_values_in_28_digits(near, valued)
     near = f28.sub(near, "_target_f", "_cur_f", "_delta_f")
     return near.with_columns(f28.absolute("_delta_f").alias("_abs_delta_f"))
 
 
-def _held_values_in_28_digits(near: pl.DataFrame) -> pl.DataFrame:
+def _held_values_in_28_digits(near: pl.DataFrame, valued: tuple[pl.DataFrame, pl.DataFrame] | None) -> pl.DataFrame:
     """``near`` with ``_cur_f`` the reference's 28-digit quantity × price where the current
     value is that product and the held quantity has digits past DEC's 20 decimals (a
     notional-sized or tax-limited quantity fed back as a holding): 883.785843951522276585812832
     units at 578.41 are worth 511190.5700000000000000000002, not DEC's 511190.57, which puts
-    a delta of a half cent on the other side of the midpoint. As in the valuation
-    (``valuation._exact_quantities``), only a quantity that F28 holds whole."""
+    a delta of a half cent on the other side of the midpoint. The quantity's 28 digits are
+    the valuation's (``quantity_f28``, set by ``valuation._exact_quantities`` where F28
+    holds the quantity whole)."""
     held_long = pl.col("_mv_for_delta").is_null() & beyond_dec_decimals(near, "held_quantity").fill_null(False)
-    if not near.select(held_long.any()).item():
+    if valued is None or not near.select(held_long.any()).item():
         return near
-    near = f28.from_dec(near.with_columns(pl.col("held_quantity").fill_null(0).alias("_held")), "_held", "_held_f")
+    near = near.join(valued[0].select("slot", pl.col("quantity_f28").alias("_held_f")), on="slot", how="left", maintain_order="left")
+    near = near.with_columns((held_long & ~f28.is_null("_held_f")).alias("_exact_held"), f28.fill_null("_held_f", f28.zero()).alias("_held_f"))
     near = f28.mul(near, "_held_f", "_price_f", "_held_value_f")
-    whole = f28.to_d28("_held_f") == pl.col("_held")
-    return near.with_columns(pl.when(held_long & whole).then(pl.col("_held_value_f")).otherwise(pl.col("_cur_f")).alias("_cur_f")).drop(
-        "_held", "_held_f", "_held_value_f")
+    return near.with_columns(pl.when("_exact_held").then(pl.col("_held_value_f")).otherwise(pl.col("_cur_f")).alias("_cur_f")).drop(
+        "_held_f", "_exact_held", "_held_value_f")
 
 
 def _rationale() -> pl.Expr:

@@ -155,11 +155,12 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     missing = dq.missing_detail(findings, runs)
     rules_before = compliance.evaluate_rules(
         only_runs(runs, stopped), only_runs(before.positions, stopped), only_runs(p.cash, stopped), only_runs(before.allocations, stopped),
-        counts_final, n_suppressed, market=market, dq_detail=missing,
+        counts_final, n_suppressed, market=market, dq_detail=missing, totals=before.totals,
     )
     rules_after = compliance.evaluate_rules(
         traded, after.positions, after.cash, after.allocations, counts_final, n_suppressed, cash_signs, market=market,
         exact_cash=lambda chosen: compliance.exact_after_cash(market, chosen, intents, p.cash), dq_detail=missing,
+        totals=after.totals,
     )
     hard_fail = rules_after.filter((pl.col("severity") == "HARD") & (pl.col("status") == "FAIL")).select("run").unique()
     recon = compliance.reconcile(only_runs(before.totals, without_runs(traded, hard_fail)), after.totals)

@@ -171,14 +171,15 @@ def with_exact_amounts(cash_after: pl.DataFrame, cash_signs: pl.DataFrame) -> pl
 def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame, allocations: pl.DataFrame,
                    dq_counts: pl.DataFrame, suppressed_counts: pl.DataFrame, cash_signs: pl.DataFrame | None = None,
                    market: Market | None = None, exact_cash: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
-                   dq_detail: pl.DataFrame | None = None) -> pl.DataFrame:
+                   dq_detail: pl.DataFrame | None = None, totals: pl.DataFrame | None = None) -> pl.DataFrame:
     """The six core rules for each run of ``runs`` on the given state (§6.17); ``cash_signs``
     (``exact_cash_signs``) decides which cash balances are negative where it has a row;
     ``dq_detail`` (``dq.missing_detail``) is a failed DATA_QUALITY rule's detail.
     With ``market``, a cash weight or position weight within a hair (1e-12) of its band or cap is
     measured again in 28 digits (``_exact_weight_breaches``), over the cash balances
     ``exact_cash`` gives for those runs (run, currency, _amount_f; an after-state's
-    ``exact_after_cash``) or else over the state's own."""
+    ``exact_after_cash``) or else over the state's own; so is every weight of a run whose
+    ``totals`` (run, total_value) are exactly 0, where the 28-digit total may not be."""
     cash_weight = allocations.filter((pl.col("dimension") == "asset_class") & (pl.col("key") == "CASH")).select("run", pl.col("weight").alias("_cash_w"))
     pos_stats = positions.group_by("run").agg(
         pl.col("quantity").filter(pl.col("quantity") < 0).min().alias("_min_qty"),
@@ -234,7 +235,7 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
     over_cap = m.is_not_null() & (pl.col("weight") > m + lit("0.001"))
     weighed = join_runs(inst, runs.select("run", "single_position_max_weight"), how="inner")
     if market is not None:
-        exact_band, exact_cap = _exact_weight_breaches(market, runs, positions, cash, r, weighed, exact_cash)
+        exact_band, exact_cap = _exact_weight_breaches(market, runs, positions, cash, r, weighed, exact_cash, totals)
         if exact_band.height:
             r = r.join(exact_band, on="run", how="left")
             band_fail = pl.coalesce("_band_fail", band_fail)
@@ -291,10 +292,13 @@ WEIGHT_EPS = lit(HAIR)
 
 def _exact_weight_breaches(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame,
                            r: pl.DataFrame, weighed: pl.DataFrame,
-                           exact_cash: Callable[[pl.DataFrame], pl.DataFrame] | None) -> tuple[pl.DataFrame, pl.DataFrame]:
+                           exact_cash: Callable[[pl.DataFrame], pl.DataFrame] | None,
+                           totals: pl.DataFrame | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """((run, _band_fail), (run, bucket_order, _over_cap)) for the runs whose cash weight
     lies within ``WEIGHT_EPS`` of a CASH_BAND limit, or a position's weight within it of
-    the SINGLE_POSITION_MAX cap + 0.001: the weights measured as §6.2 measures them, value
+    the SINGLE_POSITION_MAX cap + 0.001, and for those whose fixed-point total is exactly
+    0 (divided by 1, where 28 digits may leave a few units of the last digit to divide
+    by, and weights of about 1e28 on either side of the cap): the weights measured as §6.2 measures them, value
     / T over tv summed in 28 digits, the cash weight over ``exact_cash_bucket`` (which adds
     the positions of a literal CASH asset class, where there are any)."""
     cap = pl.col("single_position_max_weight") + lit("0.001")
@@ -305,7 +309,8 @@ def _exact_weight_breaches(market: Market, runs: pl.DataFrame, positions: pl.Dat
     near_cap = weighed.filter(pl.col("single_position_max_weight").is_not_null() & (dabs(pl.col("weight") - cap) <= WEIGHT_EPS))
     empty = pl.DataFrame(schema={"run": pl.UInt32, "_band_fail": pl.Boolean}), pl.DataFrame(
         schema={"run": pl.UInt32, "bucket_order": pl.Int64, "_over_cap": pl.Boolean})
-    chosen = pl.concat([near_band, near_cap.select("run")]).unique()
+    zero_total = [] if totals is None else [totals.filter(pl.col("total_value") == 0).select("run").join(runs, on="run", how="semi")]
+    chosen = pl.concat([near_band, near_cap.select("run"), *zero_total]).unique()
     if chosen.height == 0:
         return empty
     bases = runs.select("run", "base_currency").join(chosen, on="run", how="semi")

@@ -535,3 +535,22 @@ def test_position_weight_a_hair_over_the_cap_through_an_inverse_quote(scenario):
     (cap,) = _rule(s, "SINGLE_POSITION_MAX")
     assert (cap["status"], cap["reason_code"]) == ("FAIL", "LIMIT_BREACH")
     assert s.run_row()["status"] == "BLOCKED"
+
+
+def test_position_weights_over_a_total_a_last_digit_below_zero(scenario):
+    """3 USD of a locked holding at SGD/USD 1.5 is 2.00000000000000000001 SGD in fixed point
+    (1 / 1.5 rounds up at 20 decimals) and exactly 2 in the reference's 28 digits, so cash
+    of -2.00000000000000000001 SGD leaves a total of 0 in fixed point, divided by 1, and
+    -1E-20 in the reference, which divides by it: the holding's weight is -2E+20, under the
+    0.3 cap (weight 2.00000000000000000001 over 1 breached it). The rules of a run whose
+    fixed-point total is 0 are decided over the 28-digit total."""
+    s = scenario(
+        base="SGD", positions=[("L", "3")], cash=[("SGD", "-2.00000000000000000001")], prices=[("L", "1", "USD")],
+        fx=[("SGD/USD", "1.5")], shelf=[("L", "SUSPENDED")], model=[], single_position_max_weight="0.3", max_turnover_pct="0",
+    )
+    assert s.run_row()["after_total_value"] == 0
+    (cap,) = _rule(s, "SINGLE_POSITION_MAX")
+    assert (cap["status"], cap["reason_code"]) == ("PASS", "OK")
+    (band,) = _rule(s, "CASH_BAND")  # the cash weight, 2E+20 in 28 digits, is over the band's maximum of 1
+    assert (band["status"], band["reason_code"]) == ("FAIL", "THRESHOLD_BREACH")
+    assert (s.run_row()["status"], s.run_row()["block_reason"]) == ("BLOCKED", "INSUFFICIENT_CASH")

@@ -10,7 +10,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.dec28 import F28
 from dpm_vec.frames import join_runs, sort_rows
-from dpm_vec.numeric import HAIR, beyond_dec_decimals, lit, times_price
+from dpm_vec.numeric import HAIR, beyond_dec_decimals, dabs, lit, times_price
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.universe import exact_cash_bucket, valued_in_28_digits
@@ -83,9 +83,9 @@ def value_state(
         .join(cash_total, on="run", how="left", maintain_order="left")
         .with_columns(pl.col("_pv", "cash_value").fill_null(lit(0)))
         .with_columns((pl.col("_pv") + pl.col("cash_value")).alias("total_value"))
-        .with_columns(pl.when(pl.col("total_value") == 0).then(lit(1)).otherwise(pl.col("total_value")).alias("divisor"))
-        .select("run", "total_value", "cash_value", "divisor")
+        .select("run", "total_value", "cash_value")
     )
+    totals = totals.with_columns(_divisors(totals, pos, cash))
     pos = join_runs(pos, totals.select("run", "divisor")).with_columns(
         (pl.col("value_base") / pl.col("divisor")).alias("weight")
     )
@@ -244,6 +244,27 @@ def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: 
     frames = [_frame(by_class), _frame(by_instrument)]
     frames.append(by_attribute.select("run", "dimension", "key", "bucket_order", "value", pl.col("attribute_order").cast(pl.Int64)))
     return _finish(pl.concat(frames), totals)
+
+
+# a weight's magnitude stays under this, inside Decimal(38, 20)
+WEIGHT_RANGE = lit(10**17)
+
+
+def _divisors(totals: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame) -> pl.Expr:
+    """§6.2's T, the weights' divisor: the total, or 1 where it is 0 and, as well, where
+    it is so small against the run's values that a weight would leave ``Decimal(38, 20)``
+    (holdings and negative cash cancelling to a few units of the last digit, which the
+    reference's 28 digits may take as 0). Compliance decides such a run's weight rules
+    over the 28-digit total (``compliance.evaluate_rules``)."""
+    total = pl.col("total_value")
+    divide_by_one = total == 0
+    small = totals.filter(dabs(total) < 1).select("run", "total_value")
+    if small.height:
+        values = pl.concat([positions.select("run", "value_base"), cash.select("run", "value_base")]).join(small, on="run", how="semi")
+        spread = values.group_by("run").agg(dabs(pl.col("value_base")).sum().alias("_spread")).join(small, on="run")
+        tiny = spread.filter(pl.col("_spread") >= dabs(pl.col("total_value")) * WEIGHT_RANGE)
+        divide_by_one = divide_by_one | pl.col("run").is_in(tiny.get_column("run").implode())
+    return pl.when(divide_by_one).then(lit(1)).otherwise(total).alias("divisor")
 
 
 def _frame(f: pl.DataFrame) -> pl.DataFrame:

@@ -116,6 +116,26 @@ def test_zero_total_uses_divisor_one(scenario):
     assert _pos(s)["A"]["weight"] == D(0)
 
 
+def test_a_total_too_small_to_divide_by_uses_divisor_one(scenario):
+    """3 USD at SGD/USD 1.5 is 2.00000000000000000001 SGD in fixed point (1 / 1.5 rounds
+    up at 20 decimals) and exactly 2 in the reference's 28 digits: against cash of -2 SGD
+    the total is 1E-20 here and 0 there. Divided by it, a weight would be 2E+20, outside
+    Decimal(38, 20) (the pass failed); like a zero total it divides by 1."""
+    s = scenario(base="SGD", positions=[("L", "3")], cash=[("SGD", "-2")], prices=[("L", "1", "USD")], fx=[("SGD/USD", "1.5")])
+    t = s.before.totals.to_dicts()[0]
+    assert t["total_value"] == D("1E-20") and t["divisor"] == D(1)
+    assert _pos(s)["L"]["weight"] == D("2.00000000000000000001")
+    assert _alloc(s, "asset_class")["CASH"] == (D(-2), D(-2))
+
+
+def test_a_small_total_that_weights_fit_still_divides(scenario):
+    """A total of 0.5 against values of 1.5 and -1: weights 3 and -2, as §6.2 has them."""
+    s = scenario(positions=[("A", "1.5")], cash=[("USD", "-1")], prices=[("A", "1", "USD")])
+    t = s.before.totals.to_dicts()[0]
+    assert t["total_value"] == D("0.5") and t["divisor"] == D("0.5")
+    assert _pos(s)["A"]["weight"] == D(3)
+
+
 def test_attribute_allocation_and_shared_cash_bucket(scenario):
     s = scenario(
         positions=[("A", "10"), ("B", "30"), ("MM", "10")],

@@ -299,9 +299,10 @@ def _exact_weight_breaches(market: Market, runs: pl.DataFrame, positions: pl.Dat
     lies within ``WEIGHT_EPS`` of a CASH_BAND limit, or a position's weight within it of
     the SINGLE_POSITION_MAX cap + 0.001, and for those whose fixed-point total was divided
     by 1 (0, or a few units of the last digit, where 28 digits may leave another few to
-    divide by, and weights of about 1e28 on either side of the cap): the weights measured as §6.2 measures them, value
-    / T over tv summed in 28 digits, the cash weight over ``exact_cash_bucket`` (which adds
-    the positions of a literal CASH asset class, where there are any)."""
+    divide by, and weights of about 1e28 on either side of the cap): the weights measured
+    as §6.2 measures them, value / T over tv summed in 28 digits, the cash weight over
+    ``exact_cash_bucket`` (which adds the positions of a literal CASH asset class, where
+    there are any)."""
     cap = pl.col("single_position_max_weight") + lit("0.001")
     near_band = r.filter(
         (dabs(pl.col("_cash_w") - pl.col("cash_band_min_weight")) <= WEIGHT_EPS)

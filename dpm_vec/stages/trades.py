@@ -410,6 +410,10 @@ def _rationale() -> pl.Expr:
     return pl.when(pl.col("rfc_rationale_codes")).then(rfc).otherwise(pl.lit("DRIFT_REBALANCE"))
 
 
+# valuation's divisor is 1 for a total that is 0 or too small to divide by
+_divided_by_one = pl.col("divisor") != pl.col("total_value")
+
+
 def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.DataFrame, market: Market | None = None,
                        valued: tuple[pl.DataFrame, pl.DataFrame] | None = None):
     """§6.12: keep the highest-scoring intents that fit ``tv × max_turnover_pct``,
@@ -434,7 +438,7 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
     capped = pl.col("max_turnover_pct").is_not_null() & (pl.col("_proposed") > pl.col("_budget"))
     free = frame.filter(~capped)
     ranked = frame.filter(capped).with_columns(
-        # a total valuation divides by 1 (a few units of the last digit) is scored in 28 digits
+        # a total that valuation divides by 1 (0 or a few units of the last digit): 28 digits decide
         pl.when((pl.col("total_value") <= 0) | _divided_by_one).then(lit(0)).otherwise(pl.col("_abs_nb") / pl.col("divisor")).alias("score"),
         (pl.lit("oi_") + pl.col("intent_no").cast(pl.String)).alias("_intent_id"),
     )
@@ -471,10 +475,6 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
 # way in the reference's 28 digits: an inverse quote's 20-decimal rate is off by up to ~1e-17
 # of itself for the smallest rates quoted
 TURNOVER_EPS_RELATIVE = lit(HAIR)
-
-
-# valuation's divisor is 1 for a total that is 0 or too small to divide by
-_divided_by_one = pl.col("divisor") != pl.col("total_value")
 
 
 def _hair_of_budget() -> pl.Expr:

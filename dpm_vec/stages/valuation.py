@@ -250,12 +250,13 @@ def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: 
 WEIGHT_RANGE = lit(10**17)
 
 
-def _divisors(totals: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame) -> pl.Expr:
-    """§6.2's T, the weights' divisor: the total, or 1 where it is 0 and, as well, where
-    it is so small against the run's values that a weight would leave ``Decimal(38, 20)``
-    (holdings and negative cash cancelling to a few units of the last digit, which the
-    reference's 28 digits may take as 0). Compliance decides such a run's weight rules
-    over the 28-digit total (``compliance.evaluate_rules``)."""
+def _divisors(totals: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame) -> list[pl.Expr]:
+    """(total_value, divisor): §6.2's tv and T, T being 1 where tv is 0. A total so small
+    against the run's values that a weight would leave ``Decimal(38, 20)`` is the error
+    of the fixed point's last digits (holdings and negative cash cancelling): it is taken
+    as 0, as the reference's 28 digits may take it (if they leave a few units instead, the
+    reference's weights, about 1e20, are beyond any fixed point). Compliance decides such
+    a run's weight rules over the 28-digit total (``compliance.evaluate_rules``)."""
     total = pl.col("total_value")
     divide_by_one = total == 0
     small = totals.filter(dabs(total) < 1).select("run", "total_value")
@@ -264,7 +265,8 @@ def _divisors(totals: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame)
         spread = values.group_by("run").agg(dabs(pl.col("value_base")).sum().alias("_spread")).join(small, on="run")
         tiny = spread.filter(pl.col("_spread") >= dabs(pl.col("total_value")) * WEIGHT_RANGE)
         divide_by_one = divide_by_one | pl.col("run").is_in(tiny.get_column("run").implode())
-    return pl.when(divide_by_one).then(lit(1)).otherwise(total).alias("divisor")
+    return [pl.when(divide_by_one).then(lit(0)).otherwise(total).alias("total_value"),
+            pl.when(divide_by_one).then(lit(1)).otherwise(total).alias("divisor")]
 
 
 def _frame(f: pl.DataFrame) -> pl.DataFrame:

@@ -120,10 +120,11 @@ def test_a_total_too_small_to_divide_by_uses_divisor_one(scenario):
     """3 USD at SGD/USD 1.5 is 2.00000000000000000001 SGD in fixed point (1 / 1.5 rounds
     up at 20 decimals) and exactly 2 in the reference's 28 digits: against cash of -2 SGD
     the total is 1E-20 here and 0 there. Divided by it, a weight would be 2E+20, outside
-    Decimal(38, 20) (the pass failed); like a zero total it divides by 1."""
+    Decimal(38, 20) (the pass failed); it is taken as the 0 it is in 28 digits, and weights
+    divide by 1."""
     s = scenario(base="SGD", positions=[("L", "3")], cash=[("SGD", "-2")], prices=[("L", "1", "USD")], fx=[("SGD/USD", "1.5")])
     t = s.before.totals.to_dicts()[0]
-    assert t["total_value"] == D("1E-20") and t["divisor"] == D(1)
+    assert t["total_value"] == 0 and t["divisor"] == D(1)
     assert _pos(s)["L"]["weight"] == D("2.00000000000000000001")
     assert _alloc(s, "asset_class")["CASH"] == (D(-2), D(-2))
 

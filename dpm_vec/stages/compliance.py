@@ -179,8 +179,8 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
     measured again in 28 digits (``_exact_weight_breaches``), over the cash balances
     ``exact_cash`` gives for those runs (run, currency, _amount_f; an after-state's
     ``exact_after_cash``) or else over the state's own; so is every weight of a run whose
-    ``totals`` (run, total_value, divisor) divide by 1 a total that is not 1 (0, or a few
-    units of the last digit), where the 28-digit total may be another."""
+    ``totals`` (run, total_value) are 0 (weights divided by 1), where the 28-digit total
+    may be a few units of its last digit."""
     cash_weight = allocations.filter((pl.col("dimension") == "asset_class") & (pl.col("key") == "CASH")).select("run", pl.col("weight").alias("_cash_w"))
     pos_stats = positions.group_by("run").agg(
         pl.col("quantity").filter(pl.col("quantity") < 0).min().alias("_min_qty"),
@@ -297,9 +297,9 @@ def _exact_weight_breaches(market: Market, runs: pl.DataFrame, positions: pl.Dat
                            totals: pl.DataFrame | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """((run, _band_fail), (run, bucket_order, _over_cap)) for the runs whose cash weight
     lies within ``WEIGHT_EPS`` of a CASH_BAND limit, or a position's weight within it of
-    the SINGLE_POSITION_MAX cap + 0.001, and for those whose fixed-point total was divided
-    by 1 (0, or a few units of the last digit, where 28 digits may leave another few to
-    divide by, and weights of about 1e28 on either side of the cap): the weights measured
+    the SINGLE_POSITION_MAX cap + 0.001, and for those whose fixed-point total is 0 (or
+    was taken as 0; 28 digits may leave a few units of the last digit to divide by, and
+    weights of about 1e28 on either side of the cap): the weights measured
     as §6.2 measures them, value / T over tv summed in 28 digits, the cash weight over
     ``exact_cash_bucket`` (which adds the positions of a literal CASH asset class, where
     there are any)."""
@@ -311,8 +311,8 @@ def _exact_weight_breaches(market: Market, runs: pl.DataFrame, positions: pl.Dat
     near_cap = weighed.filter(pl.col("single_position_max_weight").is_not_null() & (dabs(pl.col("weight") - cap) <= WEIGHT_EPS))
     empty = pl.DataFrame(schema={"run": pl.UInt32, "_band_fail": pl.Boolean}), pl.DataFrame(
         schema={"run": pl.UInt32, "bucket_order": pl.Int64, "_over_cap": pl.Boolean})
-    by_one = [] if totals is None else [totals.filter(pl.col("divisor") != pl.col("total_value")).select("run").join(runs, on="run", how="semi")]
-    chosen = pl.concat([near_band, near_cap.select("run"), *by_one]).unique()
+    zero_total = [] if totals is None else [totals.filter(pl.col("total_value") == 0).select("run").join(runs, on="run", how="semi")]
+    chosen = pl.concat([near_band, near_cap.select("run"), *zero_total]).unique()
     if chosen.height == 0:
         return empty
     bases = runs.select("run", "base_currency").join(chosen, on="run", how="semi")

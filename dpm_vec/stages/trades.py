@@ -410,8 +410,8 @@ def _rationale() -> pl.Expr:
     return pl.when(pl.col("rfc_rationale_codes")).then(rfc).otherwise(pl.lit("DRIFT_REBALANCE"))
 
 
-# valuation's divisor is 1 for a total that is 0 or too small to divide by
-_divided_by_one = pl.col("divisor") != pl.col("total_value")
+# a total of 0, or one valuation took as 0 (a few units of the last digit): 28 digits may not be 0
+_zero_total = pl.col("total_value") == 0
 
 
 def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.DataFrame, market: Market | None = None,
@@ -428,7 +428,7 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
     untouched = intents.filter(~is_limited).with_columns(pl.col("intent_no").alias("list_order"))
     frame = (
         intents.filter(is_limited).join(limited.select("run", "max_turnover_pct"), on="run", how="left")
-        .join(totals.select("run", "total_value", "divisor"), on="run", how="left")
+        .join(totals.select("run", "total_value"), on="run", how="left")
         .with_columns(
             dabs(pl.col("notional_base")).alias("_abs_nb"),
             (pl.col("total_value") * pl.col("max_turnover_pct")).alias("_budget"),
@@ -438,8 +438,7 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
     capped = pl.col("max_turnover_pct").is_not_null() & (pl.col("_proposed") > pl.col("_budget"))
     free = frame.filter(~capped)
     ranked = frame.filter(capped).with_columns(
-        # a total that valuation divides by 1 (0 or a few units of the last digit): 28 digits decide
-        pl.when((pl.col("total_value") <= 0) | _divided_by_one).then(lit(0)).otherwise(pl.col("_abs_nb") / pl.col("divisor")).alias("score"),
+        pl.when(pl.col("total_value") <= 0).then(lit(0)).otherwise(pl.col("_abs_nb") / pl.col("total_value")).alias("score"),
         (pl.lit("oi_") + pl.col("intent_no").cast(pl.String)).alias("_intent_id"),
     )
     ranked = ranked.sort(
@@ -486,7 +485,8 @@ def _fragile_turnover_runs(frame: pl.DataFrame, ranked: pl.DataFrame) -> pl.Data
     """(run) of the limited runs whose cap decision the fixed point cannot be trusted to
     make as the reference does: ``proposed`` within a hair of the budget, two adjacent
     ranked intents whose scores or sizes (nearly) tie, an intent that fits the room left
-    for it (or misses it) by a hair, or a total too small to score by (``_divided_by_one``)."""
+    for it (or misses it) by a hair, or a total of 0 (``_zero_total``), which scores 0 where
+    28 digits may score over a few units of the last digit."""
     eps = _hair_of_budget()
     near_cap = frame.filter(dabs(pl.col("_proposed") - pl.col("_budget")) <= eps).select("run")
     steps = ranked.sort("run", "list_order").with_columns(
@@ -494,7 +494,7 @@ def _fragile_turnover_runs(frame: pl.DataFrame, ranked: pl.DataFrame) -> pl.Data
         dabs(pl.col("_abs_nb") - pl.col("_abs_nb").shift(1).over("run")).alias("_size_gap"),
     )
     near_tie = steps.filter((pl.col("_score_gap") <= TURNOVER_EPS_RELATIVE) | (pl.col("_size_gap") <= eps)).select("run")
-    return pl.concat([near_cap, near_tie, _near_fit_runs(steps), frame.filter(_divided_by_one).select("run")]).unique()
+    return pl.concat([near_cap, near_tie, _near_fit_runs(steps), frame.filter(_zero_total).select("run")]).unique()
 
 
 def _near_fit_runs(walked: pl.DataFrame) -> pl.DataFrame:

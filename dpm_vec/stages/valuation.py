@@ -85,7 +85,7 @@ def value_state(
         .with_columns((pl.col("_pv") + pl.col("cash_value")).alias("total_value"))
         .select("run", "total_value", "cash_value")
     )
-    totals = totals.with_columns(_divisors(totals, pos, cash))
+    totals = totals.with_columns(_total_and_divisor(totals, pos, cash))
     pos = join_runs(pos, totals.select("run", "divisor")).with_columns(
         (pl.col("value_base") / pl.col("divisor")).alias("weight")
     )
@@ -250,13 +250,14 @@ def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: 
 WEIGHT_RANGE = lit(10**17)
 
 
-def _divisors(totals: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame) -> list[pl.Expr]:
+def _total_and_divisor(totals: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame) -> list[pl.Expr]:
     """(total_value, divisor): §6.2's tv and T, T being 1 where tv is 0. A total so small
     against the run's values that a weight would leave ``Decimal(38, 20)`` is the error
     of the fixed point's last digits (holdings and negative cash cancelling): it is taken
     as 0, as the reference's 28 digits may take it (if they leave a few units instead, the
     reference's weights, about 1e20, are beyond any fixed point). Compliance decides such
-    a run's weight rules over the 28-digit total (``compliance.evaluate_rules``)."""
+    a run's weight rules over the 28-digit total (``compliance.evaluate_rules``), as it
+    does a zero total's."""
     total = pl.col("total_value")
     divide_by_one = total == 0
     small = totals.filter(dabs(total) < 1).select("run", "total_value")

@@ -410,10 +410,6 @@ def _rationale() -> pl.Expr:
     return pl.when(pl.col("rfc_rationale_codes")).then(rfc).otherwise(pl.lit("DRIFT_REBALANCE"))
 
 
-# a total of 0, or one valuation took as 0 (a few units of the last digit): 28 digits may not be 0
-_zero_total = pl.col("total_value") == 0
-
-
 def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.DataFrame, market: Market | None = None,
                        valued: tuple[pl.DataFrame, pl.DataFrame] | None = None):
     """§6.12: keep the highest-scoring intents that fit ``tv × max_turnover_pct``,
@@ -485,8 +481,8 @@ def _fragile_turnover_runs(frame: pl.DataFrame, ranked: pl.DataFrame) -> pl.Data
     """(run) of the limited runs whose cap decision the fixed point cannot be trusted to
     make as the reference does: ``proposed`` within a hair of the budget, two adjacent
     ranked intents whose scores or sizes (nearly) tie, an intent that fits the room left
-    for it (or misses it) by a hair, or a total of 0 (``_zero_total``), which scores 0 where
-    28 digits may score over a few units of the last digit."""
+    for it (or misses it) by a hair, or a total of 0 (or one valuation took as 0), which
+    scores 0 where 28 digits may score over a few units of the last digit."""
     eps = _hair_of_budget()
     near_cap = frame.filter(dabs(pl.col("_proposed") - pl.col("_budget")) <= eps).select("run")
     steps = ranked.sort("run", "list_order").with_columns(
@@ -494,7 +490,7 @@ def _fragile_turnover_runs(frame: pl.DataFrame, ranked: pl.DataFrame) -> pl.Data
         dabs(pl.col("_abs_nb") - pl.col("_abs_nb").shift(1).over("run")).alias("_size_gap"),
     )
     near_tie = steps.filter((pl.col("_score_gap") <= TURNOVER_EPS_RELATIVE) | (pl.col("_size_gap") <= eps)).select("run")
-    return pl.concat([near_cap, near_tie, _near_fit_runs(steps), frame.filter(_zero_total).select("run")]).unique()
+    return pl.concat([near_cap, near_tie, _near_fit_runs(steps), frame.filter(pl.col("total_value") == 0).select("run")]).unique()
 
 
 def _near_fit_runs(walked: pl.DataFrame) -> pl.DataFrame:

@@ -85,7 +85,9 @@ def value_state(
         .with_columns((pl.col("_pv") + pl.col("cash_value")).alias("total_value"))
         .select("run", "total_value", "cash_value")
     )
-    totals = totals.with_columns(_total_and_divisor(totals, pos, cash))
+    totals = totals.with_columns(_total_taken_as_zero(totals, pos, cash)).with_columns(
+        pl.when(pl.col("total_value") == 0).then(lit(1)).otherwise(pl.col("total_value")).alias("divisor")
+    )
     pos = join_runs(pos, totals.select("run", "divisor")).with_columns(
         (pl.col("value_base") / pl.col("divisor")).alias("weight")
     )
@@ -250,24 +252,21 @@ def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: 
 WEIGHT_RANGE = lit(10**17)
 
 
-def _total_and_divisor(totals: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame) -> list[pl.Expr]:
-    """(total_value, divisor): §6.2's tv and T, T being 1 where tv is 0. A total so small
-    against the run's values that a weight would leave ``Decimal(38, 20)`` is the error
-    of the fixed point's last digits (holdings and negative cash cancelling): it is taken
-    as 0, as the reference's 28 digits may take it (if they leave a few units instead, the
-    reference's weights, about 1e20, are beyond any fixed point). Compliance decides such
-    a run's weight rules over the 28-digit total (``compliance.evaluate_rules``), as it
-    does a zero total's."""
+def _total_taken_as_zero(totals: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame) -> pl.Expr:
+    """§6.2's tv, 0 where it is so small against the run's values that a weight (value /
+    tv) would leave ``Decimal(38, 20)``: such a total is the error of the fixed point's last
+    digits (holdings and negative cash cancelling), and the reference's 28 digits may take
+    it as 0 (if they leave a few units instead, its weights, about 1e20, are beyond any
+    fixed point). Weights then divide by 1, as for any zero total, and compliance decides
+    the run's weight rules over the 28-digit total (``compliance.evaluate_rules``)."""
     total = pl.col("total_value")
-    divide_by_one = total == 0
     small = totals.filter(dabs(total) < 1).select("run", "total_value")
-    if small.height:
-        values = pl.concat([positions.select("run", "value_base"), cash.select("run", "value_base")]).join(small, on="run", how="semi")
-        spread = values.group_by("run").agg(dabs(pl.col("value_base")).sum().alias("_spread")).join(small, on="run")
-        tiny = spread.filter(pl.col("_spread") >= dabs(pl.col("total_value")) * WEIGHT_RANGE)
-        divide_by_one = divide_by_one | pl.col("run").is_in(tiny.get_column("run").implode())
-    return [pl.when(divide_by_one).then(lit(0)).otherwise(total).alias("total_value"),
-            pl.when(divide_by_one).then(lit(1)).otherwise(total).alias("divisor")]
+    if small.height == 0:
+        return total
+    values = pl.concat([positions.select("run", "value_base"), cash.select("run", "value_base")]).join(small, on="run", how="semi")
+    spread = values.group_by("run").agg(dabs(pl.col("value_base")).sum().alias("_spread")).join(small, on="run")
+    tiny = spread.filter(pl.col("_spread") >= dabs(pl.col("total_value")) * WEIGHT_RANGE).get_column("run")
+    return pl.when(pl.col("run").is_in(tiny.implode())).then(lit(0)).otherwise(total).alias("total_value")
 
 
 def _frame(f: pl.DataFrame) -> pl.DataFrame:

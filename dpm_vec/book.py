@@ -17,7 +17,7 @@ from decimal import Decimal
 
 import polars as pl
 
-from dpm_vec.numeric import DEC, QTY, WEIGHT
+from dpm_vec.numeric import AMOUNT_28, DEC, QTY, WEIGHT
 
 STR = pl.String
 BOOL = pl.Boolean
@@ -103,6 +103,7 @@ TABLES: dict[str, list[tuple[str, pl.DataType, bool]]] = {
         ("portfolio_snapshot_id", STR, True),
         ("currency", STR, True),
         ("amount", DEC, True),
+        ("amount_exact", AMOUNT_28, False),  # set by the readers where amount has more than DEC's decimals
         ("settled", DEC, False),
         ("pending", DEC, False),
     ],
@@ -245,6 +246,14 @@ def cast_column(name: str, source: pl.DataType, dtype: pl.DataType, strict: bool
     return cast
 
 
+def _digits_past_dec(name: str, source: pl.DataType) -> pl.Expr:
+    """Column ``name`` at AMOUNT_28's 28 decimals where it has digits past DEC's 20 and
+    fits (below 1e10); null elsewhere, where DEC holds it whole or it is too large to have
+    such digits among its 28 significant ones."""
+    exact = cast_column(name, source, AMOUNT_28, strict=False)
+    return pl.when(exact != cast_column(name, source, DEC, strict=False)).then(exact)
+
+
 def conform(table: str, frame: pl.DataFrame) -> pl.DataFrame:
     """Fill optional columns with their defaults, cast to the book dtypes, add ``seq``.
 
@@ -256,6 +265,8 @@ def conform(table: str, frame: pl.DataFrame) -> pl.DataFrame:
     for name, dtype, _required in TABLES[table]:
         if name in frame.columns:
             exprs.append(cast_column(name, frame.schema[name], dtype))
+        elif (table, name) == ("cash", "amount_exact") and "amount" in frame.columns and finer_than(frame.schema["amount"], DEC):
+            exprs.append(_digits_past_dec("amount", frame.schema["amount"]).alias(name))
         elif table == "portfolios" and name in ("run_key", "portfolio_snapshot_id"):
             exprs.append(pl.col("portfolio_id").cast(STR).alias(name))
         else:

@@ -18,9 +18,10 @@ from dpm_vec.book import (
     LIQUIDITY_TIERS, POLICY_COLUMNS, SHELF_STATUSES, TABLES, Book, make_book, table_schema,
 )
 from dpm_vec.errors import RequestError
-from dpm_vec.numeric import QTY, SCALE, WEIGHT
+from dpm_vec.numeric import AMOUNT_28, QTY, SCALE, WEIGHT
 
 MAX_ABS = Decimal(10) ** (38 - SCALE - 1)
+AMOUNT_28_LIMIT = Decimal(10) ** (38 - AMOUNT_28.scale)
 MAX_QUANTITY = Decimal(10) ** 9  # quantities carry 28 decimals in Decimal(38, 28)
 # so do model weights and the weight options the target stage computes with (numeric.WEIGHT);
 # the reference takes any value, and this range is far beyond every meaningful one
@@ -194,6 +195,15 @@ class _Reader:
             return None
 
 
+def _amount_exact(amount: Decimal | None) -> Decimal | None:
+    """``amount`` for the book's ``amount_exact`` where it has more decimals than DEC keeps
+    and is below 1e10 (a result's cash balance fed back, with the reference's 28 significant
+    digits): the 28-digit sums start from those digits; None elsewhere."""
+    if amount is None or amount.as_tuple().exponent >= -SCALE or abs(amount) >= AMOUNT_28_LIMIT:
+        return None
+    return amount
+
+
 def _duplicates(reader: _Reader, items: list, key, path: str, what: str, lookup: bool = False) -> set[int]:
     """Fail every repeated key (§9.1: conflicting duplicates are bad data). In a list the
     reference only looks things up in (``lookup``: prices, FX rates, shelf entries; first
@@ -293,9 +303,10 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
         c = r.obj(c, path)
         if c is None:
             continue
+        amount = r.decimal(c.get("amount"), f"{path}.amount")
         rows["cash"].append({
             "portfolio_snapshot_id": run_key, "currency": r.text(c.get("currency"), f"{path}.currency"),
-            "amount": r.decimal(c.get("amount"), f"{path}.amount"),
+            "amount": amount, "amount_exact": _amount_exact(amount),
             "settled": r.decimal(c.get("settled"), f"{path}.settled", required=False),
             "pending": r.decimal(c.get("pending"), f"{path}.pending", required=False),
         })

@@ -796,8 +796,9 @@ def _overdraft_limits(block: pl.DataFrame, seed: int) -> pl.DataFrame:
 
 
 def _conform_dtypes(table: str, frame: pl.DataFrame) -> pl.DataFrame:
-    schema = {name: dtype for name, dtype, _ in TABLES[table]}
-    return frame.select([pl.col(c).cast(schema[c]) for c in schema])
+    """``frame`` as the book's columns and dtypes; an optional column it does not make
+    (cash ``amount_exact``: every generated amount has two decimals) is left out."""
+    return frame.select([pl.col(name).cast(dtype) for name, dtype, required in TABLES[table] if required or name in frame.columns])
 
 
 def generate_book_frames(

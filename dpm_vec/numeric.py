@@ -26,6 +26,9 @@ TRADE_UNITS_LIMIT = 9 * 10**9
 # weights in the target stage: 28 decimals, which is the reference's own precision for
 # weights in [0.1, 1), so redistributions like 0.2571…+0.2428… land where the reference's do
 WEIGHT = pl.Decimal(38, 28)
+# an amount's own 28 decimals where it has more than DEC keeps (a result's cash balance fed
+# back as the next snapshot's, below 1e10): the 28-digit sums start from every digit of it
+AMOUNT_28 = pl.Decimal(38, 28)
 # one unit of DEC's last place: a 28-decimal figure held in DEC is off by up to half of it
 DEC_UNIT = "0.00000000000000000001"
 # a share of a figure within which its fixed-point value and the reference's 28 digits may

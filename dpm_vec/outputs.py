@@ -57,7 +57,7 @@ def output_tables(result: Result, tables: tuple[str, ...] = OUTPUT_TABLES) -> di
             [[], ["MIN_NOTIONAL"], ["TAX_BUDGET"], ["MIN_NOTIONAL", "TAX_BUDGET"]], "constraints_applied",
         ).drop("min_notional_applied", "tax_budget_applied", "quantity_f28", "quantity_sig"), "exec_order"),
         "positions_after": lambda: keyed(result.positions_after.drop("market_value", "market_value_currency", "quantity_f28", strict=False), "pos_seq").rename({"pos_seq": "position_order"}),
-        "cash_after": lambda: keyed(result.cash_after, "cash_seq").rename({"cash_seq": "cash_order"}),
+        "cash_after": lambda: keyed(result.cash_after.drop("amount_exact", strict=False), "cash_seq").rename({"cash_seq": "cash_order"}),
         "rule_results": lambda: keyed(result.rule_results, "rule_order"),
         "exclusions": lambda: keyed(result.exclusions, "excl_order"),
         "targets": lambda: keyed(result.targets.drop("in_model"), "trace_order"),

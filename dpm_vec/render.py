@@ -60,6 +60,13 @@ def _rfc_messages(parts: dict, cap: Decimal | None) -> dict[str, str]:
             for it in parts["intents"] if it["intent_type"] == "SECURITY_TRADE"}
 
 
+def _amount(cash: dict) -> Decimal:
+    """A balance as the reference holds it: the input's own digits past 20 decimals where it
+    had them and no trade moved it (``amount_exact``), else the fixed-point amount."""
+    exact = cash.get("amount_exact")
+    return exact if exact is not None else cash["amount"]
+
+
 def _quantity(row: dict) -> str:
     """Quantities walked in 28-digit arithmetic print every digit (z × 10^k): a notional-sized
     one below 0.1 unit (``quantity_sig``), a tax-limited one, an after-state they changed."""
@@ -110,7 +117,7 @@ def _state(run: dict, parts: dict, state: str, total_value) -> dict:
     return {
         "total_value": _money(total_value, base),
         "cash_balances": [
-            {"currency": c["currency"], "amount": to_text(c["amount"]), "settled": to_text(c["settled"]), "pending": to_text(c["pending"])}
+            {"currency": c["currency"], "amount": to_text(_amount(c)), "settled": to_text(c["settled"]), "pending": to_text(c["pending"])}
             for c in cash
         ],
         "positions": [

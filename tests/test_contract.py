@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dpm_vec.contract import parse_request
+from dpm_vec.contract import parse_request, rows_to_book
 from dpm_vec.errors import RequestError
 from dpm_vec.oracle import simulate as oracle_simulate
 from dpm_vec.simulate import simulate_many
@@ -139,6 +139,40 @@ def test_model_weights_keep_28_decimals():
     assert targets["EU_EQ"]["model_weight"] == "0.00000000000000000000000001"
     assert targets["EU_EQ"]["final_weight"] == "0.10000000000000000000000001"
     assert targets["EU_EQ"]["tags"] == ["REDISTRIBUTED_RECIPIENT"]
+
+
+def test_cash_past_20_decimals_keeps_its_28_decimals_beside_the_amount():
+    """A result's after-state cash fed back carries the reference's 28 significant digits:
+    ``amount`` holds it at DEC's 20 decimals and the book's ``amount_exact`` at 28, so the
+    28-digit sums start from the balance sent. An amount DEC holds whole, or one of 1e10 or
+    more (whose 28 significant digits are all within 20 decimals), has no ``amount_exact``."""
+    request = copy.deepcopy(REQUEST)
+    request["portfolio_snapshot"]["cash_balances"] = [
+        {"currency": "EUR", "amount": "-375243.638427202880380621725"},
+        {"currency": "SGD", "amount": "12.50"},
+        {"currency": "USD", "amount": "12345678901.123456789012345678901"},
+        {"currency": "CHF", "amount": "0.10000000000000000000000000009"},
+    ]
+    cash = rows_to_book(parse_request(request, "r0")).cash.sort("seq")
+    assert cash["amount"].to_list() == [Decimal("-375243.63842720288038062172"), Decimal("12.5"),
+                                        Decimal("12345678901.1234567890123456789"), Decimal("0.1")]
+    assert cash["amount_exact"].to_list() == [Decimal("-375243.638427202880380621725"), None, None,
+                                              Decimal("0.1000000000000000000000000001")]
+
+
+def test_a_fed_back_balance_prints_as_it_came():
+    """The before-state echoes a balance with the digits it was sent with, as the reference
+    does, and so does an after-state whose balance no trade or FX moved."""
+    request = copy.deepcopy(REQUEST)
+    kept = "0.123456789012345678901234567"
+    request["portfolio_snapshot"]["cash_balances"].append({"currency": "CHF", "amount": kept})
+    request["market_data_snapshot"]["fx_rates"].append({"pair": "CHF/SGD", "rate": "1.5"})
+    request["options"]["fx_sweep_threshold"] = "1"
+    result, oracle = simulate_many([request])[0], oracle_simulate(request)
+    assert oracle["before"]["cash_balances"][-1]["amount"] == kept
+    assert [c["amount"] for c in oracle["after_simulated"]["cash_balances"] if c["currency"] == "CHF"] == [kept]
+    assert result["before"]["cash_balances"][-1] == {"currency": "CHF", "amount": kept, "settled": None, "pending": None}
+    assert [c["amount"] for c in result["after_simulated"]["cash_balances"] if c["currency"] == "CHF"] == [kept]
 
 
 @pytest.mark.parametrize("path, value", [

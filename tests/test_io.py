@@ -158,6 +158,20 @@ def test_a_float_becomes_the_decimal_its_text_shows():
     assert out.equals(as_text)
 
 
+@pytest.mark.parametrize("source", [pl.String, pl.Decimal(38, 28)])
+def test_a_cash_amount_past_20_decimals_keeps_them_in_amount_exact(source):
+    """A book whose cash amounts have more decimals than DEC keeps (text, or a finer
+    decimal) reads them into ``amount_exact`` at 28 decimals, as the JSON door does; an
+    amount DEC holds whole has none, and a book that gives ``amount_exact`` keeps its own."""
+    cash = pl.DataFrame({"portfolio_snapshot_id": ["S", "S", "T"], "currency": ["EUR", "USD", "EUR"],
+                         "amount": ["-375243.638427202880380621725", "12.5", "0.10000000000000000000000000009"]})
+    out = conform("cash", cash.with_columns(pl.col("amount").cast(source)))
+    assert out["amount"].to_list() == [Decimal("-375243.63842720288038062172"), Decimal("12.5"), Decimal("0.1")]
+    assert out["amount_exact"].to_list() == [Decimal("-375243.638427202880380621725"), None, Decimal("0.1000000000000000000000000001")]
+    given = conform("cash", cash.with_columns(pl.lit(None, dtype=pl.Decimal(38, 28)).alias("amount_exact")))
+    assert given["amount_exact"].null_count() == 3
+
+
 def test_a_book_written_with_floats_reads_as_the_decimal_book(tmp_path):
     """Every decimal column of every table stored as float64 (what pandas writes): the
     sample book reads to the very same frames."""

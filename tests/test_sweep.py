@@ -1458,6 +1458,26 @@ def test_an_imported_request_with_no_positions_and_no_cash_runs_as_the_json_door
     assert runs["status"].to_list() == [r["status"] for r in simulate_many(requests)]
 
 
+def test_a_fed_back_balance_keeps_its_digits_through_an_imported_book(tmp_path):
+    """A cash balance past 20 decimals (a result fed back) decides a half cent in the
+    reference: imported into a book, its 28 decimals travel in ``amount_exact``, so the
+    sweep trades as simulate does (no cent's BUY of I4) and the book exports the balance
+    as it was sent."""
+    from dpm_vec.importer import import_requests
+    from dpm_vec.simulate import simulate_many
+
+    failures = Path(__file__).resolve().parent / "data" / "differential_failures"
+    request = json.loads((failures / "fed_back_cash_past_20_decimals_decides_a_half_cent.json").read_text())["request"]
+    import_requests([request], tmp_path / "book")
+    book = read_book(tmp_path / "book")
+    assert book_to_requests(book)[0]["portfolio_snapshot"]["cash_balances"] == request["portfolio_snapshot"]["cash_balances"]
+    sweep(tmp_path / "book", tmp_path / "out", progress=False)
+    swept = _read(tmp_path / "out", "intents").filter(pl.col("intent_type") == "SECURITY_TRADE")
+    expected = [(i["instrument_id"], i["side"]) for i in simulate_many([request])[0]["intents"] if i["intent_type"] == "SECURITY_TRADE"]
+    assert expected == [("I6", "SELL")]
+    assert list(zip(swept["instrument_id"], swept["side"])) == expected
+
+
 @pytest.mark.parametrize("fault", ["null_snapshot", "unknown_file", "unknown_column"])
 def test_a_dropped_input_stops_the_sweep_before_any_shard(book, tmp_path, fault):
     """What a reader would otherwise drop unseen — a holdings row with no snapshot id, a

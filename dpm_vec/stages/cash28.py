@@ -36,6 +36,20 @@ class ExactFlows:
     cash: pl.DataFrame  # the runs' input cash rows
 
 
+def cash_amounts_f28(cash: pl.DataFrame, out: str, settled: bool = False) -> pl.DataFrame:
+    """``cash`` with ``out``: each row's amount in F28, from the digits past DEC's 20 that
+    the input had (``amount_exact``, a fed-back balance) where it had them; with
+    ``settled``, the settled figure where one is given (the ladder's day 0, §6.15)."""
+    source = pl.coalesce("settled", "amount") if settled else pl.col("amount")
+    cash = f28.from_dec(cash.with_columns(source.alias("_amount")), "_amount", out).drop("_amount")
+    exact = pl.col("amount_exact").is_not_null() & (pl.col("settled").is_null() if settled else pl.lit(True))
+    if "amount_exact" not in cash.columns or not cash.select(exact.any()).item():
+        return cash
+    rows = cash.select(pl.arg_where(exact)).to_series()
+    given = f28.from_dec(cash[rows].select("amount_exact"), "amount_exact", "_f")
+    return f28.scatter(cash, out, rows, given.get_column("_f"))
+
+
 def limited_runs(intents: pl.DataFrame) -> pl.DataFrame:
     """(run) of the runs with a tax-limited sell: a security intent with a 28-digit quantity."""
     return intents.filter(~f28.is_null("quantity_f28")).select("run").unique()
@@ -123,19 +137,21 @@ def projected_balances(sec: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:
     rows and the ``exact_notionals`` of ``sec``: cash first (input order), then the
     notionals in list order, one 28-digit rounding per addition."""
     flows = pl.concat([
-        f28.from_dec(cash, "amount", "_flow_f").select("run", "currency", pl.col("cash_seq").cast(pl.Int64).alias("_seq"), "_flow_f"),
+        cash_amounts_f28(cash, "_flow_f").select("run", "currency", pl.col("cash_seq").cast(pl.Int64).alias("_seq"), "_flow_f"),
         sec.select("run", pl.col("notional_currency").alias("currency"), (pl.lit(1 << 40) + pl.col("list_order")).alias("_seq"), "_flow_f"),
     ])
     return account_sums(flows, "_balance_f")
 
 
-def movements(flows: ExactFlows, cash_amount: pl.Expr, seq: pl.Expr, sec_day: pl.Expr = pl.lit(0), fx_day: pl.Expr = pl.lit(0)) -> pl.DataFrame:
+def movements(flows: ExactFlows, seq: pl.Expr, settled: bool = False, sec_day: pl.Expr = pl.lit(0),
+              fx_day: pl.Expr = pl.lit(0)) -> pl.DataFrame:
     """(run, currency, day, _seq, _flow_f): every cash movement of ``flows`` — each cash row's
-    ``cash_amount`` on day 0 first (input order), then each intent at its ``seq`` on its
+    amount (``cash_amounts_f28``; with ``settled``, its settled figure where given) on day 0
+    first (input order), then each intent at its ``seq`` on its
     day: a security intent's flow, an FX intent's sell (negative) then, at ``seq`` + 1,
     its buy. The ladder orders intents by id within days, the after-state by execution."""
     return pl.concat([
-        f28.from_dec(flows.cash.with_columns(cash_amount.alias("_amount")), "_amount", "_flow_f").select(
+        cash_amounts_f28(flows.cash, "_flow_f", settled).select(
             "run", "currency", pl.lit(0, dtype=pl.Int32).alias("day"), pl.col("cash_seq").cast(pl.Int64).alias("_seq"), "_flow_f"),
         flows.security.select("run", pl.col("notional_currency").alias("currency"), sec_day.cast(pl.Int32).alias("day"),
                               seq.alias("_seq"), "_flow_f"),

@@ -90,7 +90,9 @@ def apply_intents(positions: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataF
                   (pl.col("exec_order") * 2 + 1).alias("_touch")),
     ]).group_by("run", "currency").agg(pl.col("_move").sum(), pl.col("_touch").min())
     cash_after = cash.join(cash_moves, on=["run", "currency"], how="left").with_columns(
-        (pl.col("amount") + pl.col("_move").fill_null(lit(0))).alias("amount")
+        (pl.col("amount") + pl.col("_move").fill_null(lit(0))).alias("amount"),
+        # a moved balance's 28 digits are exact_after_cash's sum, no longer the input's
+        *([pl.when(pl.col("_move").is_null()).then(pl.col("amount_exact")).alias("amount_exact")] if "amount_exact" in cash.columns else []),
     ).drop("_move", "_touch")
     new_cash = cash_moves.join(cash.select("run", "currency"), on=["run", "currency"], how="anti").select(
         "run", (pl.lit(APPENDED, dtype=pl.Int64) + pl.col("_touch")).alias("cash_seq"), "currency", pl.col("_move").alias("amount"),
@@ -155,7 +157,7 @@ def exact_after_cash(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, 
         "run", "exec_order", "instrument_id", "side", "notional", "notional_currency", "quantity_f28", "list_order",
     )
     flows = exact_flows(market, runs.select("run", "fx_buffer_pct"), intents, sec, cash_input)
-    return account_sums(movements(flows, pl.col("amount"), pl.lit(1 << 40) + 2 * pl.col("exec_order")), "_amount_f")
+    return account_sums(movements(flows, pl.lit(1 << 40) + 2 * pl.col("exec_order")), "_amount_f")
 
 
 def with_exact_amounts(cash_after: pl.DataFrame, cash_signs: pl.DataFrame) -> pl.DataFrame:

@@ -145,7 +145,7 @@ def _exact_balances(market: Market, runs: pl.DataFrame, at_edge: pl.DataFrame, h
         fx=flows.fx.join(horizon.select("run", "fx_settlement_days"), on="run", how="inner").join(order, on=["run", "intent_id"]),
     )
     cells = account_sums(
-        movements(flows, pl.coalesce("settled", "amount"), pl.lit(1 << 40) + 2 * pl.col("_text"),
+        movements(flows, pl.lit(1 << 40) + 2 * pl.col("_text"), settled=True,
                   sec_day=pl.col("settlement_days"), fx_day=pl.col("fx_settlement_days")),
         "_cell_f", "day",
     )

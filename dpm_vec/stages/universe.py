@@ -21,6 +21,7 @@ from dpm_vec import dec28 as f28
 from dpm_vec.frames import join_on_index, join_runs, rows_where, sort_rows
 from dpm_vec.numeric import DEC, HAIR, WEIGHT, lit
 from dpm_vec.stages import dq
+from dpm_vec.stages.cash28 import cash_amounts_f28
 from dpm_vec.stages.prepare import Market
 
 LOOP2_OFFSET = 1 << 40  # map order of held-position entries: after every model target
@@ -258,7 +259,7 @@ def exact_total(market: Market, bases: pl.DataFrame, held: pl.DataFrame, cash: p
     has one, stands for its amount."""
     cash = market.with_rate_f28(join_runs(cash.join(bases, on="run", how="semi"), bases), "currency", "base_currency", "_rate_f")
     given = cash.get_column("_amount_f") if "_amount_f" in cash.columns else None
-    cash = f28.from_dec(cash, "amount", "_amount_f")
+    cash = cash_amounts_f28(cash, "_amount_f")
     if given is not None:
         cash = cash.with_columns(given.alias("_given_f")).with_columns(f28.coalesce("_given_f", "_amount_f").alias("_amount_f"))
     cash = f28.mul(cash, "_amount_f", "_rate_f", "_base_f")

@@ -96,7 +96,7 @@ def value_state(
         "price", "value_instr", "value_base", "weight", "market_value", "market_value_currency", "slot",
     )
     positions_out = sort_rows(positions_out, "run", "pos_seq")
-    cash_out = sort_rows(cash.select("run", "cash_seq", "currency", "amount", "settled", "pending", "value_base"), "run", "cash_seq")
+    cash_out = sort_rows(cash.select("run", "cash_seq", "currency", "amount", "amount_exact", "settled", "pending", "value_base"), "run", "cash_seq")
     allocations = _allocations(market, pos, cash, totals, full=allocations)
     return ValuedState(
         positions=positions_out,

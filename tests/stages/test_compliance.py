@@ -261,6 +261,28 @@ def test_apply_intents_updates_first_rows_and_appends_new(scenario):
     assert s.run_row()["after_total_value"] == D(2000)
 
 
+def test_a_moved_balance_leaves_the_input_digits_behind(scenario):
+    """A fed-back balance's 28 decimals (``amount_exact``) describe the input amount only:
+    once trades move the balance, the after-state's 28-digit sums are exact_after_cash's,
+    so the moved row drops them; a balance no trade touches keeps them (the reference's
+    after-state holds that input amount as it was)."""
+    sgd, chf = "1000.000000000000000000001", "5.000000000000000000003"
+    s = scenario(
+        base="SGD",
+        positions=[("S", "10")],
+        cash=[{"currency": "SGD", "amount": sgd, "amount_exact": sgd}, {"currency": "CHF", "amount": chf, "amount_exact": chf}],
+        prices=[("S", "100", "SGD"), ("U", "100", "USD")],
+        fx=[("USD/SGD", "2"), ("CHF/SGD", "1")],
+        shelf=[("S", "APPROVED"), ("U", "APPROVED")],
+        model=[("U", "0.5")],
+        fx_buffer_pct="0",
+        fx_sweep_threshold="100",  # the CHF surplus stays unswept
+    )
+    cash = s.result.cash_after.sort("cash_seq")
+    assert cash["currency"].to_list() == ["SGD", "CHF", "USD"]
+    assert cash["amount_exact"].to_list() == [None, D(chf), None]
+
+
 def test_after_state_of_runs_that_did_not_trade_is_their_before_state(scenario):
     """One valuation gives every run's after-state: a traded run at market (its trusted
     market value no longer applies), a run blocked on the settlement ladder (E3) revalued

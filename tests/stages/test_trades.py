@@ -290,6 +290,23 @@ def test_notional_delta_at_a_half_cent_values_a_long_held_quantity_in_28_digits(
     assert quantity == D("0.0000172887743987828702823257")  # 0.01 / 578.41 at Decimal(38, 28)
 
 
+def test_a_liquidated_holding_past_20_decimals_sells_the_units_its_28_digit_value_holds(scenario):
+    """A zero target makes delta = −current value, exact in DEC for a quantity DEC holds;
+    44.999999999999999999999999 units (fed back) at 367.37 are worth
+    16531.64999999999999999999963 in 28 digits, which DEC rounds to 45 units' 16531.65:
+    the reference floors 44.999… to 44 units and keeps the fraction, where 45 sold more than
+    is held and failed NO_SHORTING."""
+    s = scenario(
+        cash=[("USD", "1000")],
+        positions=[("S", "44.999999999999999999999999"), ("T", "10")],
+        prices=[("S", "367.37", "USD"), ("T", "100", "USD")],
+        shelf=[("S", "APPROVED"), ("T", "APPROVED")],
+        model=[("T", "0.5"), ("S", "0")],
+    )
+    assert [(i, side, q) for i, side, q, _ in _intents(s)] == [("T", "BUY", D(82)), ("S", "SELL", D(44))]
+    assert s.run_row()["status"] == "READY"
+
+
 # ---- turnover cap ---------------------------------------------------------------------------------
 
 

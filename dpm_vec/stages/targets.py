@@ -713,6 +713,11 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
         lambda near: _class_cap_in_28_digits(market, near, step1, gc, locked_in_28_digits),
     )
     pending.append(cap_pending)
+    # a weight a last digit from the cap that took no excess here can be a unit of the 28th
+    # digit over it in the reference (a locked holding's value_base / tv over a fed-back
+    # quantity past 20 decimals), whose step 4 then hands that excess on: its run is replayed
+    m = pl.col("single_position_max_weight")
+    at_cap = rows_where(wm, (m > 0) & ((pl.col("weight") - m).abs() < _LAST_DIGITS), "run").unique()
 
     # Step 5: minimum cash buffer, for the runs that keep one
     buffered = policy.filter(pl.col("min_cash_buffer_pct") > 0).select("run", "min_cash_buffer_pct")
@@ -763,7 +768,7 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     blocked_runs = pl.concat([blocked, cap_faults.select("run")]).unique()
     touched = pl.concat([
         step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), group_events.select("run"),
-        normalised.select("run"), capped, sums.select("run"),  # sums: the runs whose cash buffer binds
+        normalised.select("run"), capped, at_cap, sums.select("run"),  # sums: the runs whose cash buffer binds
     ]).unique()
     status = (
         runs.select("run")

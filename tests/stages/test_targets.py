@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_ALTERNATIVE, SUSPENDED_HOLDING_ABOVE_CAP  # noqa: F401
 import polars as pl
+import pytest
 
 
 def _three(scenario, weights, **policy):
@@ -793,6 +794,30 @@ def test_target_back_at_its_model_weight_after_a_locked_excess_is_tagged_in_28_d
     assert s.tags()["A"] == []
     assert all(s.tags()[i] == ["CAPPED_BY_MAX_WEIGHT"] for i in ("B", "C", "E", "F"))
     assert s.tags()["L2"] == s.tags()["L6"] == ["LOCKED_POSITION"]
+
+
+@pytest.mark.parametrize("cap_mode", ["REFERENCE", "RFC_ASSET_CLASS"])
+def test_a_locked_weight_a_last_digit_over_the_cap_hands_its_excess_on_in_28_digits(scenario, cap_mode):
+    """A held quantity past 20 decimals (fed back) makes a locked holding worth
+    604165.9300000000000000000001 in 28 digits, exactly half of the 28-digit tv: its
+    weight 0.5000000000000000000000000001 is over the cap of 0.5 there and the reference
+    hands that excess to the targets, which then carry REDISTRIBUTED_RECIPIENT. At 20
+    decimals the weight is 0.5, step 4 takes nothing, and no target was tagged."""
+    import decimal
+
+    s = scenario(
+        cash=[("USD", "24573.81")],
+        positions=[("L", "1926.058180311145116041826065"), ("A", "37"), ("B", "5158")],
+        prices=[("L", "313.68", "USD"), ("A", "502.92", "USD"), ("B", "108.76", "USD")],
+        shelf=[("L", "RESTRICTED"), ("A", "APPROVED"), ("B", "APPROVED")],
+        model=[("A", "0.008"), ("B", "0.237")],
+        single_position_max_weight="0.5", single_position_cap_mode=cap_mode,
+    )
+    ctx = decimal.Context(prec=28)
+    held = ctx.multiply(D("1926.058180311145116041826065"), D("313.68"))
+    tv = ctx.add(ctx.add(ctx.add(held, ctx.multiply(D(37), D("502.92"))), ctx.multiply(D(5158), D("108.76"))), D("24573.81"))
+    assert ctx.divide(held, tv) == D("0.5000000000000000000000000001")
+    assert s.tags() == {"A": ["REDISTRIBUTED_RECIPIENT"], "B": ["REDISTRIBUTED_RECIPIENT"], "L": ["LOCKED_POSITION"]}
 
 
 def _class_cap_28(rows: list[tuple[str, bool, D]], m: D) -> tuple[list[D], set[tuple[int, str]]]:

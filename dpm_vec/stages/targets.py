@@ -445,6 +445,31 @@ def _group_bindings_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame
     return pl.concat(bindings)
 
 
+def _unreceived_excess_in_28_digits(market: Market, step1: _Step1, gc: pl.DataFrame, policy: pl.DataFrame,
+                                    locked_for: Callable[[pl.DataFrame], pl.DataFrame | None]) -> pl.DataFrame:
+    """(run): the runs of ``policy`` (run, single_position_max_weight, single_position_cap_mode;
+    no weight over the cap in fixed point) whose step 4 takes excess in the reference's 28
+    digits, a weight over the cap by a last digit, with no candidate to take it: no buyable
+    weight below the cap (in RFC_ASSET_CLASS mode, none in an over-cap weight's asset
+    class), or only weights summing to 0. The excess stays in cash: PENDING_REVIEW (§6.4
+    step 4). ``locked_for``: runs (run) → their locked weights in 28 digits, or None."""
+    if policy.height == 0:
+        return policy.select("run")
+    rows = _steps_1_3_in_28_digits(market, step1, gc, policy.select("run"), locked_for(policy.select("run")))
+    rows = market.with_shelf(join_runs(rows, policy.select("run", "single_position_max_weight", "single_position_cap_mode")),
+                             ("asset_class",))
+    rows = f28.sub(f28.from_dec(rows, "single_position_max_weight", "_m_f"), "_w_f", "_m_f", "_d_f")
+    # the reference's cap hands excess to any candidate, the RFC cap within an asset class
+    pool = pl.when(pl.col("single_position_cap_mode") == "RFC_ASSET_CLASS").then(pl.col("asset_class").fill_null("UNKNOWN")).otherwise(pl.lit(""))
+    rows = rows.with_columns(pool.alias("_pool"))
+    over = rows.filter(f28.sign("_d_f") > 0).select("run", "_pool").unique()
+    if over.height == 0:
+        return over.select("run")
+    candidates = rows.filter(pl.col("buy") & (f28.sign("_d_f") < 0)).join(over, on=["run", "_pool"], how="semi")
+    received = f28.sums_by(candidates, ["run", "_pool"], "_w_f", "_C_f").filter(f28.sign("_C_f") > 0)
+    return over.join(received, on=["run", "_pool"], how="anti").select("run").unique()
+
+
 def _candidates_in_28_digits(market: Market, wm: pl.DataFrame, step1: _Step1, gc: pl.DataFrame,
                              locked_for: Callable[[pl.DataFrame], pl.DataFrame | None]) -> pl.DataFrame:
     """(slot, _below_cap): for the buyable weights within 1e-20 of the cap ``m`` in runs
@@ -708,16 +733,21 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
 
     # Step 4: single-position cap
     wm = join_runs(wm, policy.drop("base_currency"))
+    # a weight a last digit from the cap can be a unit of the 28th digit over it in the
+    # reference (a locked holding's value_base / tv over a fed-back quantity past 20
+    # decimals), whose step 4 then takes that excess: such a run is replayed, and where
+    # no excess was taken here, its step 4 is decided in 28 digits too
+    m = pl.col("single_position_max_weight")
+    near_cap = rows_where(wm, (m > 0) & ((pl.col("weight") - m).abs() < _LAST_DIGITS), "run").unique()
+    if near_cap.height and valued is not None:
+        uncapped = near_cap.join(rows_where(wm, m.is_not_null() & (pl.col("weight") > m), "run"), on="run", how="anti")
+        pending.append(_unreceived_excess_in_28_digits(market, step1, gc, policy.join(uncapped, on="run", how="semi"),
+                                                       locked_in_28_digits))
     wm, cap_pending, cap_faults, capped = _single_position_cap(
         market, wm, lambda capped_map: _candidates_in_28_digits(market, capped_map, step1, gc, locked_in_28_digits),
         lambda near: _class_cap_in_28_digits(market, near, step1, gc, locked_in_28_digits),
     )
     pending.append(cap_pending)
-    # a weight a last digit from the cap that took no excess here can be a unit of the 28th
-    # digit over it in the reference (a locked holding's value_base / tv over a fed-back
-    # quantity past 20 decimals), whose step 4 then hands that excess on: its run is replayed
-    m = pl.col("single_position_max_weight")
-    at_cap = rows_where(wm, (m > 0) & ((pl.col("weight") - m).abs() < _LAST_DIGITS), "run").unique()
 
     # Step 5: minimum cash buffer, for the runs that keep one
     buffered = policy.filter(pl.col("min_cash_buffer_pct") > 0).select("run", "min_cash_buffer_pct")
@@ -768,7 +798,7 @@ def _heuristic(market: Market, runs: pl.DataFrame, wm: pl.DataFrame, group_const
     blocked_runs = pl.concat([blocked, cap_faults.select("run")]).unique()
     touched = pl.concat([
         step1.sell_only_excess.filter(pl.col("sell_only_excess") > 0).select("run"), group_events.select("run"),
-        normalised.select("run"), capped, at_cap, sums.select("run"),  # sums: the runs whose cash buffer binds
+        normalised.select("run"), capped, near_cap, sums.select("run"),  # sums: the runs whose cash buffer binds
     ]).unique()
     status = (
         runs.select("run")

@@ -820,6 +820,30 @@ def test_a_locked_weight_a_last_digit_over_the_cap_hands_its_excess_on_in_28_dig
     assert s.tags() == {"A": ["REDISTRIBUTED_RECIPIENT"], "B": ["REDISTRIBUTED_RECIPIENT"], "L": ["LOCKED_POSITION"]}
 
 
+@pytest.mark.parametrize("cap_mode", ["REFERENCE", "RFC_ASSET_CLASS"])
+def test_a_locked_excess_of_a_last_digit_with_no_candidate_stays_in_cash_for_review(scenario, cap_mode):
+    """A held banned (locked) holding of a fed-back quantity weighs the cap of 0.5 at 20
+    decimals and 0.5000000000000000000000000001 in the reference's 28 digits. There step 4
+    takes that excess and, with no buyable target to hand it to, leaves it in cash:
+    PENDING_REVIEW (§6.4 step 4), where the fixed point took nothing and was READY."""
+    import decimal
+
+    s = scenario(
+        base="SGD",
+        cash=[("SGD", "754095.44")],
+        positions=[("X", "1046.221371292211215627514637")],
+        prices=[("X", "720.78", "SGD")],
+        shelf=[("X", "BANNED")],
+        model=[("X", "0.6")],
+        single_position_max_weight="0.5", single_position_cap_mode=cap_mode,
+    )
+    ctx = decimal.Context(prec=28)
+    held = ctx.multiply(D("1046.221371292211215627514637"), D("720.78"))
+    assert ctx.divide(held, ctx.add(held, D("754095.44"))) == D("0.5000000000000000000000000001")
+    assert s.weights()["X"] == D("0.5")
+    assert s.target_status() == "PENDING_REVIEW"
+
+
 def _class_cap_28(rows: list[tuple[str, bool, D]], m: D) -> tuple[list[D], set[tuple[int, str]]]:
     """The RFC-0001 asset-class cap in Python's 28-digit decimals, as docs/features.md and
     the oracle state it: every weight above m cut to it, each class's excess Σ (w − m) in

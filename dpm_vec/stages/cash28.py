@@ -50,6 +50,16 @@ def cash_amounts_f28(cash: pl.DataFrame, out: str, settled: bool = False) -> pl.
     return f28.scatter(cash, out, rows, given.get_column("_f"))
 
 
+def long_cash(cash: pl.DataFrame) -> pl.DataFrame:
+    """(run, currency) of the input cash balances with digits past DEC's 20 decimals
+    (``amount_exact``, a result's balance fed back): a sum over one can sit a few units of
+    the 28th digit from where its fixed-point sum is (575.46888393286039271620497 CHF plus
+    a sale, less the SWEEP of both: -3E-23 in the reference, 0 here)."""
+    if "amount_exact" not in cash.columns:
+        return cash.select("run", "currency").clear()
+    return cash.filter(pl.col("amount_exact").is_not_null()).select("run", "currency").unique()
+
+
 def limited_runs(intents: pl.DataFrame) -> pl.DataFrame:
     """(run) of the runs with a tax-limited sell: a security intent with a 28-digit quantity."""
     return intents.filter(~f28.is_null("quantity_f28")).select("run").unique()

@@ -8,7 +8,7 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.numeric import DEC, lit
-from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, fx_margins, inexact_fx_runs, limited_runs, movements
+from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, fx_margins, inexact_fx_runs, limited_runs, long_cash, movements
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
 
@@ -120,13 +120,14 @@ def _exact_balances(market: Market, runs: pl.DataFrame, at_edge: pl.DataFrame, h
                     sec: pl.DataFrame, cash_input: pl.DataFrame) -> pl.DataFrame:
     """(run, currency, date_offset, _balance_f): the ladder's balances as the reference
     computes them, for the runs of ``at_edge`` (run, currency: a balance within dust of 0
-    or of its floor) with a tax-limited sell, or with an FX intent over an inexact rate
+    or of its floor) with a tax-limited sell or a cash balance past 20 decimals
+    (``cash28.long_cash``), or with an FX intent over an inexact rate
     (``cash28.inexact_fx_runs``) and a base-currency balance at the edge: each day's flows
     (cash, then the intents in intent-id text order, §6.15) and the running balances are
     redone in F28 over the 28-digit notionals and FX amounts."""
     schema = {"run": pl.UInt32, "currency": pl.String, "date_offset": pl.Int32, "_balance_f": f28.F28}
     # an inexact rate moves only the base currency's balances; a tax-limited notional, its own currency's and the base's
-    limited = limited_runs(sec).join(at_edge, on="run", how="semi")
+    limited = pl.concat([limited_runs(sec), long_cash(cash_input).select("run")]).join(at_edge, on="run", how="semi")
     base_edge = at_edge.join(runs.select("run", pl.col("base_currency").alias("currency")), on=["run", "currency"], how="semi")
     inexact = inexact_fx_runs(market, intents.join(base_edge.select("run").unique(), on="run", how="semi"))
     chosen = pl.concat([limited, inexact]).unique().join(runs.select("run", "fx_buffer_pct"), on="run", how="inner").join(

@@ -283,6 +283,22 @@ def test_a_moved_balance_leaves_the_input_digits_behind(scenario):
     assert cash["amount_exact"].to_list() == [None, D(chf), None]
 
 
+def test_a_fed_back_balance_spent_to_a_last_digit_below_zero_is_insufficient_cash(scenario):
+    """99.999999999999999999999 USD (a balance fed back, 21 decimals) buys a notional 100.00
+    of Y: the reference's after-state holds -1E-21 USD, INSUFFICIENT_CASH (§6.16), where
+    the balance read at 20 decimals (100) is spent to exactly 0."""
+    usd = "99.999999999999999999999"
+    s = scenario(
+        cash=[{"currency": "USD", "amount": usd, "amount_exact": usd}],
+        prices=[("Y", "100", "USD")],
+        shelf=[{"instrument_id": "Y", "status": "APPROVED", "trade_by": "NOTIONAL"}],
+        model=[("Y", "1.0")],
+        notional_sizing=True,
+    )
+    assert [(i["instrument_id"], i["side"], i["notional"]) for i in s.result.intents.to_dicts()] == [("Y", "BUY", D(100))]
+    assert {r["rule_id"]: r["status"] for r in s.rules()}["INSUFFICIENT_CASH"] == "FAIL"
+
+
 def test_after_state_of_runs_that_did_not_trade_is_their_before_state(scenario):
     """One valuation gives every run's after-state: a traded run at market (its trusted
     market value no longer applies), a run blocked on the settlement ladder (E3) revalued

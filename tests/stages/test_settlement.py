@@ -143,3 +143,27 @@ def test_ladder_breach_by_a_sell_too_small_for_20_decimals(scenario):
     assert b["date_offset"].to_list() == [2]
     assert s.run_row()["status"] == "BLOCKED"
     assert [x["rule_id"] for x in s.rules()] == ["SETTLEMENT_CASH_LADDER"]
+
+
+def test_ladder_breach_by_a_fed_back_balance_past_20_decimals(scenario):
+    """575.46888393286039271620497 CHF (a result's balance fed back) and the sale of 246 X
+    at 802.54 CHF settle on T+2, the day the FX SWEEP sells their sum: the reference rounds
+    that sum to 28 digits (198000.3088839328603927162050) and the ladder adds the day's
+    flows before the balance, leaving CHF at -3E-23 from T+2 (§6.15), an overdraft breach.
+    At 20 decimals the flows cancel to 0."""
+    chf = "575.46888393286039271620497"
+    s = scenario(
+        base="SGD",
+        positions=[("X", "246")],
+        cash=[{"currency": "CHF", "amount": chf, "amount_exact": chf}, ("SGD", "10000.00")],
+        prices=[("X", "802.54", "CHF"), ("Y", "100.00", "SGD")],
+        fx=[("CHF/SGD", "1.478045")],
+        shelf=[{"instrument_id": "X", "status": "APPROVED", "settlement_days": 2},
+               {"instrument_id": "Y", "status": "APPROVED", "settlement_days": 2}],
+        model=[("Y", "0.5")],
+        enable_settlement_awareness=True,
+    )
+    b = s.ladder.breaches.filter(pl.col("currency") == "CHF").sort("date_offset")
+    assert b["date_offset"].to_list() == [2, 3, 4, 5]
+    assert s.run_row()["status"] == "BLOCKED"
+    assert [x["rule_id"] for x in s.rules()] == ["SETTLEMENT_CASH_LADDER"]

@@ -303,7 +303,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
         c = r.obj(c, path)
         if c is None:
             continue
-        amount = r.decimal(c.get("amount"), f"{path}.amount")
+        amount = r.decimal(c.get("amount"), f"{path}.amount", scale=AMOUNT_28.scale)  # amount_exact keeps 28 decimals
         rows["cash"].append({
             "portfolio_snapshot_id": run_key, "currency": r.text(c.get("currency"), f"{path}.currency"),
             "amount": amount, "amount_exact": _amount_exact(amount),

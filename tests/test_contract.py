@@ -190,7 +190,7 @@ def test_weights_beyond_the_engine_range_are_422(path, value):
 @pytest.mark.parametrize("path, tiny, scale", [
     (("market_data_snapshot", "fx_rates", 0, "rate"), "7E-25", 20),
     (("market_data_snapshot", "prices", 0, "price"), "0.000000000000000000009", 20),
-    (("portfolio_snapshot", "cash_balances", 0, "amount"), "-4E-21", 20),
+    (("portfolio_snapshot", "cash_balances", 0, "amount"), "-4E-29", 28),  # a balance keeps 28 decimals (amount_exact)
     (("options", "fx_buffer_pct"), "1E-21", 20),
     (("portfolio_snapshot", "positions", 0, "quantity"), "1E-29", 28),
     (("model_portfolio", "targets", 0, "weight"), "5E-29", 28),

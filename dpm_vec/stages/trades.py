@@ -308,13 +308,13 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
     # digits, which DEC rounds (44.999999999999999999999999 units at 367.37 are worth 45
     # units' 16531.65 in DEC), and a converted market value (delta_from_valuation) is
     # 20-decimal even for a zero target
-    sized_exactly = pl.col("final_weight") != 0
+    inexact_delta = pl.col("final_weight") != 0
     held_long = beyond_dec_decimals(t, "held_quantity")
     if held_long is not None:
-        sized_exactly = sized_exactly | (held_long.fill_null(False) & pl.col("_mv_for_delta").is_null())
+        inexact_delta = inexact_delta | (held_long.fill_null(False) & pl.col("_mv_for_delta").is_null())
     near = t.with_row_index("_row").with_columns(pl.col("_quotient").round(0).alias("_nearest")).filter(
         ~pl.col("by_notional") & (nearest >= 1)
-        & (near_an_integer(pl.col("_quotient"), nearest) & sized_exactly | pl.col("_mv_converted"))
+        & (near_an_integer(pl.col("_quotient"), nearest) & inexact_delta | pl.col("_mv_converted"))
     )
     if near.height == 0:
         return t

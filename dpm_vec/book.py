@@ -246,6 +246,13 @@ def cast_column(name: str, source: pl.DataType, dtype: pl.DataType, strict: bool
     return cast
 
 
+def amount_as_given(cash_row: dict) -> Decimal:
+    """A cash row's balance with every digit it came with: ``amount_exact`` where the input
+    had digits past DEC's 20 decimals (and no trade has moved it since), else ``amount``."""
+    exact = cash_row.get("amount_exact")
+    return exact if exact is not None else cash_row["amount"]
+
+
 def _digits_past_dec(name: str, source: pl.DataType) -> pl.Expr:
     """Column ``name`` at AMOUNT_28's 28 decimals where it has digits past DEC's 20 and
     fits (below 1e10); null elsewhere, where DEC holds it whole or it is too large to have

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import polars as pl
 
-from dpm_vec.book import Book
+from dpm_vec.book import Book, amount_as_given
 from dpm_vec.numeric import to_text
 
 OPTION_NAMES = (
@@ -70,7 +70,7 @@ def book_to_requests(book: Book) -> list[dict]:
                     for x in positions.get(snap, [])
                 ],
                 "cash_balances": [
-                    {"currency": c["currency"], "amount": _value(c["amount"] if c.get("amount_exact") is None else c["amount_exact"]),
+                    {"currency": c["currency"], "amount": _value(amount_as_given(c)),
                      **({"settled": _value(c["settled"])} if c["settled"] is not None else {}),
                      **({"pending": _value(c["pending"])} if c["pending"] is not None else {})}
                     for c in cash.get(snap, [])

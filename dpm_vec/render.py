@@ -12,6 +12,7 @@ from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
 
 import polars as pl
 
+from dpm_vec.book import amount_as_given
 from dpm_vec.codes import ENGINE_BLOCKS
 from dpm_vec.numeric import to_text
 from dpm_vec.pipeline import Result
@@ -58,13 +59,6 @@ def _rfc_messages(parts: dict, cap: Decimal | None) -> dict[str, str]:
     return {it["intent_id"]: _rfc_message(it["rationale_code"], held_weight.get(it["instrument_id"], Decimal(0)),
                                           final_weight[it["instrument_id"]], cap)
             for it in parts["intents"] if it["intent_type"] == "SECURITY_TRADE"}
-
-
-def _amount(cash: dict) -> Decimal:
-    """A balance as the reference holds it: the input's own digits past 20 decimals where it
-    had them and no trade moved it (``amount_exact``), else the fixed-point amount."""
-    exact = cash.get("amount_exact")
-    return exact if exact is not None else cash["amount"]
 
 
 def _quantity(row: dict) -> str:
@@ -117,7 +111,7 @@ def _state(run: dict, parts: dict, state: str, total_value) -> dict:
     return {
         "total_value": _money(total_value, base),
         "cash_balances": [
-            {"currency": c["currency"], "amount": to_text(_amount(c)), "settled": to_text(c["settled"]), "pending": to_text(c["pending"])}
+            {"currency": c["currency"], "amount": to_text(amount_as_given(c)), "settled": to_text(c["settled"]), "pending": to_text(c["pending"])}
             for c in cash
         ],
         "positions": [

@@ -114,9 +114,9 @@ def exact_cash_signs(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, 
     the SWEEP cancels the sum exactly; in a run with an ``fx_sweep_threshold`` a surplus
     may stay, so there the sell's currency alone), or the base currency, where FX amounts
     land; a balance that came with digits past 20 decimals (``cash28.long_cash``) and its
-    run's base currency; and the base currency of runs whose FX amounts come from an inexact rate, which the
-    fixed point can leave at -1E-17 (or, over a large amount, -1E-15) where the
-    reference's sum is exactly 0 (``cash28.fx_margins``)."""
+    run's base currency; and the base currency of runs whose FX amounts come from an
+    inexact rate, which the fixed point can leave at -1E-17 (or, over a large amount,
+    -1E-15) where the reference's sum is exactly 0 (``cash28.fx_margins``)."""
     schema = {"run": pl.UInt32, "currency": pl.String, "_negative": pl.Boolean, "_exact_amount": DEC}
     limited = intents.filter(~dec28.is_null("quantity_f28")).select("run", pl.col("notional_currency").alias("currency")).unique()
     bought = intents.filter((pl.col("side") == "BUY") & pl.col("run").is_in(limited["run"].implode())).select(

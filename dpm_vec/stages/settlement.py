@@ -126,11 +126,12 @@ def _exact_balances(market: Market, runs: pl.DataFrame, at_edge: pl.DataFrame, h
     (cash, then the intents in intent-id text order, §6.15) and the running balances are
     redone in F28 over the 28-digit notionals and FX amounts."""
     schema = {"run": pl.UInt32, "currency": pl.String, "date_offset": pl.Int32, "_balance_f": f28.F28}
-    # an inexact rate moves only the base currency's balances; a tax-limited notional, its own currency's and the base's
-    limited = pl.concat([limited_runs(sec), long_cash(cash_input).select("run")]).join(at_edge, on="run", how="semi")
+    # an inexact rate moves only the base currency's balances; a tax-limited notional or a
+    # fed-back balance, its own currency's and the base's
+    long_digits = pl.concat([limited_runs(sec), long_cash(cash_input).select("run")]).join(at_edge, on="run", how="semi")
     base_edge = at_edge.join(runs.select("run", pl.col("base_currency").alias("currency")), on=["run", "currency"], how="semi")
     inexact = inexact_fx_runs(market, intents.join(base_edge.select("run").unique(), on="run", how="semi"))
-    chosen = pl.concat([limited, inexact]).unique().join(runs.select("run", "fx_buffer_pct"), on="run", how="inner").join(
+    chosen = pl.concat([long_digits, inexact]).unique().join(runs.select("run", "fx_buffer_pct"), on="run", how="inner").join(
         horizon, on="run", how="inner"
     )
     if chosen.height == 0:

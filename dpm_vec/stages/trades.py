@@ -308,10 +308,7 @@ def _exact_near_integer_floors(market: Market, t: pl.DataFrame, exact: ExactLock
     # digits, which DEC rounds (44.999999999999999999999999 units at 367.37 are worth 45
     # units' 16531.65 in DEC), and a converted market value (delta_from_valuation) is
     # 20-decimal even for a zero target
-    inexact_delta = pl.col("final_weight") != 0
-    held_long = beyond_dec_decimals(t, "held_quantity")
-    if held_long is not None:
-        inexact_delta = inexact_delta | (held_long.fill_null(False) & pl.col("_mv_for_delta").is_null())
+    inexact_delta = (pl.col("final_weight") != 0) | _valued_past_dec(t)
     near = t.with_row_index("_row").with_columns(pl.col("_quotient").round(0).alias("_nearest")).filter(
         ~pl.col("by_notional") & (nearest >= 1)
         & (near_an_integer(pl.col("_quotient"), nearest) & inexact_delta | pl.col("_mv_converted"))
@@ -384,6 +381,13 @@ def _deltas_in_28_digits(market: Market, near: pl.DataFrame, exact: ExactLocked 
     return near.with_columns(f28.absolute("_delta_f").alias("_abs_delta_f"))
 
 
+def _valued_past_dec(t: pl.DataFrame) -> pl.Expr:
+    """Whether a row's current value is quantity × price over a held quantity with digits
+    past DEC's 20 decimals (fed back), which DEC's product rounds."""
+    held_long = beyond_dec_decimals(t, "held_quantity")
+    return pl.lit(False) if held_long is None else held_long.fill_null(False) & pl.col("_mv_for_delta").is_null()
+
+
 def _held_values_in_28_digits(near: pl.DataFrame, valued: tuple[pl.DataFrame, pl.DataFrame] | None) -> pl.DataFrame:
     """``near`` with ``_cur_f`` the reference's 28-digit quantity × price where the current
     value is that product and the held quantity has digits past DEC's 20 decimals (a
@@ -392,7 +396,7 @@ def _held_values_in_28_digits(near: pl.DataFrame, valued: tuple[pl.DataFrame, pl
     a delta of a half cent on the other side of the midpoint. The quantity's 28 digits are
     the valuation's (``quantity_f28``, set by ``valuation._exact_quantities`` where F28
     holds the quantity whole)."""
-    held_long = pl.col("_mv_for_delta").is_null() & beyond_dec_decimals(near, "held_quantity").fill_null(False)
+    held_long = _valued_past_dec(near)
     if valued is None or not near.select(held_long.any()).item():
         return near
     near = near.join(valued[0].select("slot", pl.col("quantity_f28").alias("_held_f")), on="slot", how="left", maintain_order="left")

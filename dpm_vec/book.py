@@ -222,7 +222,18 @@ def finer_than(source: pl.DataType, dtype: pl.Decimal) -> bool:
     return source.is_float() or source == STR or (isinstance(source, pl.Decimal) and (source.scale or 0) > (dtype.scale or 0))
 
 
-def cast_column(name: str, source: pl.DataType, dtype: pl.DataType, strict: bool = True) -> pl.Expr:
+# a column whose values may be smaller than its dtype's unit: a cash balance fed back from
+# a result can be 2E-22; its ``amount`` reads 0 and ``amount_exact`` keeps it (``conform``)
+FINEST_UNIT = {("cash", "amount"): AMOUNT_28}
+
+
+def finest_unit(table: str, name: str, dtype: pl.DataType) -> pl.DataType:
+    """The dtype whose smallest unit a value of column ``name`` that is not 0 must reach."""
+    return FINEST_UNIT.get((table, name), dtype)
+
+
+def cast_column(name: str, source: pl.DataType, dtype: pl.DataType, strict: bool = True,
+                finest: pl.DataType | None = None) -> pl.Expr:
     """Column ``name`` of type ``source`` cast to the book dtype ``dtype``.
 
     A float becomes a decimal by its shortest round-trip text (88.0 -> 88, 0.1 -> 0.1,
@@ -231,7 +242,8 @@ def cast_column(name: str, source: pl.DataType, dtype: pl.DataType, strict: bool
     units. A file written by pandas holds float64 by default. NaN and infinities have no
     decimal value: like text that is no number, they fail the cast (null when not
     ``strict``). A timestamp may be ISO 8601 text (``2025-06-30T21:00:00Z``, an offset, or
-    none for UTC)."""
+    none for UTC). A value that is not 0 must reach the smallest unit of ``finest``
+    (default ``dtype``)."""
     column = pl.col(name)
     if isinstance(dtype, pl.Decimal) and source.is_float():
         column = column.cast(STR)  # Polars writes the shortest text that reads back as the same float
@@ -242,7 +254,8 @@ def cast_column(name: str, source: pl.DataType, dtype: pl.DataType, strict: bool
         # a value that is not 0 but below the column's smallest unit would be read as 0, a
         # different number: like one beyond its range, it has no value of the column
         given = pl.col(name).cast(pl.Float64, strict=False) if source == STR else pl.col(name)
-        return pl.when((cast == 0) & (given != 0)).then(None).otherwise(cast)
+        finest_cast = cast if finest is None or finest == dtype else column.cast(finest, strict=False)
+        return pl.when((finest_cast == 0) & (given != 0)).then(None).otherwise(cast)
     return cast
 
 
@@ -258,7 +271,7 @@ def _digits_past_dec(name: str, source: pl.DataType) -> pl.Expr:
     fits (below 1e10); null elsewhere, where DEC holds it whole or it is too large to have
     such digits among its 28 significant ones."""
     exact = cast_column(name, source, AMOUNT_28, strict=False)
-    return pl.when(exact != cast_column(name, source, DEC, strict=False)).then(exact)
+    return pl.when(exact != cast_column(name, source, DEC, strict=False, finest=AMOUNT_28)).then(exact)
 
 
 def conform(table: str, frame: pl.DataFrame) -> pl.DataFrame:

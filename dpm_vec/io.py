@@ -14,7 +14,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpm_vec.book import COLUMN_DEFAULTS, OPTIONAL_TABLES, POLICY_COLUMNS, TABLES, Book, cast_column, conform, empty_table, finer_than, table_schema
+from dpm_vec.book import COLUMN_DEFAULTS, OPTIONAL_TABLES, POLICY_COLUMNS, TABLES, Book, cast_column, conform, empty_table, finer_than, finest_unit, table_schema
 from dpm_vec.codes import InputFault
 from dpm_vec.errors import BookError
 from dpm_vec.schemas import check_table, failure_cases, raise_failures
@@ -208,11 +208,12 @@ def _check_decimal_casts(table: str, frame: pl.DataFrame, file: str) -> None:
         source = frame.schema.get(name)
         if not (isinstance(dtype, pl.Decimal) and source is not None and finer_than(source, dtype)):
             continue
-        failed = frame.select(pl.col(name), cast_column(name, source, dtype, strict=False).alias("_cast")).with_row_index(
+        finest = finest_unit(table, name, dtype)
+        failed = frame.select(pl.col(name), cast_column(name, source, dtype, strict=False, finest=finest).alias("_cast")).with_row_index(
             "_row").filter(pl.col(name).is_not_null() & pl.col("_cast").is_null())
         if failed.height == 0:
             continue
-        held = f"outside the range its column holds ({dtype}: below 1E{38 - dtype.scale}, and 0 or at least 1E-{dtype.scale})"
+        held = f"outside the range its column holds ({dtype}: below 1E{38 - dtype.scale}, and 0 or at least 1E-{finest.scale})"
         if source == pl.String:  # text such as "12,50": no decimal number
             what = f"that are no decimal number (written like 1234.56) or {held}"
         elif isinstance(source, pl.Decimal):
@@ -304,7 +305,8 @@ def _uncastable(table: str, frame: pl.DataFrame, columns, file: str) -> pl.DataF
               if name in columns and name in frame.columns and frame.schema[name] != dtype}
     try:
         parts = [
-            frame.filter(pl.col(name).is_not_null() & cast_column(name, frame.schema[name], dtype, strict=False).is_null()).select(
+            frame.filter(pl.col(name).is_not_null()
+                         & cast_column(name, frame.schema[name], dtype, strict=False, finest=finest_unit(table, name, dtype)).is_null()).select(
                 pl.lit(table).alias("input_table"), pl.col(key).cast(pl.String).alias("key"),
                 (pl.col(row).cast(pl.String) if row else pl.lit(None, dtype=pl.String)).alias("row_key"),
                 pl.lit(name).alias("input_column"), pl.lit(f"castable to {dtype}").alias("failed_check"), pl.col(name).cast(pl.String).alias("value"),

@@ -17,7 +17,7 @@ from dpm_vec.book import conform
 from dpm_vec.contract import OPTION_NAMES, _Reader, parse_options
 from dpm_vec.errors import BookError, DpmVecError
 from dpm_vec.generate import generate_book_frames
-from dpm_vec.io import _isolate_row_faults, read_book, read_portfolio_rows, row_faults_by_run, write_book
+from dpm_vec.io import _conformed, _isolate_row_faults, read_book, read_portfolio_rows, row_faults_by_run, write_book
 from dpm_vec.scenarios import load_scenarios
 from dpm_vec.schemas import unique_rows
 
@@ -170,6 +170,23 @@ def test_a_cash_amount_past_20_decimals_keeps_them_in_amount_exact(source):
     assert out["amount_exact"].to_list() == [Decimal("-375243.638427202880380621725"), None, Decimal("0.1000000000000000000000000001")]
     given = conform("cash", cash.with_columns(pl.lit(None, dtype=pl.Decimal(38, 28)).alias("amount_exact")))
     assert given["amount_exact"].null_count() == 3
+
+
+@pytest.mark.parametrize("source", [pl.String, pl.Float64])
+def test_a_cash_amount_may_be_as_small_as_1e_28(source):
+    """A cash balance below DEC's 1E-20 (a result's -2E-22 fed back) is a value, as at the
+    JSON door: ``amount`` reads 0 and ``amount_exact`` keeps it; one below 1E-28 would
+    be read as 0, a different number, and is a row fault; a price below 1E-20 still is."""
+    cash = pl.DataFrame({"portfolio_snapshot_id": ["S1", "S2", "S3"], "currency": ["GBP", "EUR", "USD"],
+                         "amount": pl.Series(["-2E-22", "1E-28", "1E-29"]).cast(source)})
+    clean, failed = _isolate_row_faults("cash", cash, "cash.parquet")
+    assert failed.select("key", "row_key", "value").rows() == [("S3", "USD", "1E-29" if source == pl.String else "1e-29")]
+    out = conform("cash", clean)
+    assert out["amount"].to_list() == [Decimal(0), Decimal(0)]
+    assert out["amount_exact"].to_list() == [Decimal("-2E-22"), Decimal("1E-28")]
+    prices = pl.DataFrame({"instrument_id": ["A"], "price": pl.Series(["2E-22"]).cast(source), "currency": ["USD"]})
+    with pytest.raises(BookError, match="0 or at least 1E-20"):
+        _conformed("prices", prices, "prices.parquet")
 
 
 def test_a_book_written_with_floats_reads_as_the_decimal_book(tmp_path):

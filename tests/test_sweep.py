@@ -1478,6 +1478,36 @@ def test_a_fed_back_balance_keeps_its_digits_through_an_imported_book(tmp_path):
     assert list(zip(swept["instrument_id"], swept["side"])) == expected
 
 
+def test_a_balance_below_20_decimals_written_as_text_runs_as_sent(tmp_path):
+    """A book whose cash amounts are text, as a result's after-state prints them: -2E-22
+    GBP is below DEC's unit, so ``amount`` reads 0 and ``amount_exact`` keeps it (it was a
+    row fault that blocked the run); the sweep's intents are simulate's, and an amount
+    below 1E-28 is still a row fault naming it."""
+    from dpm_vec.importer import import_requests
+    from dpm_vec.simulate import simulate_many
+
+    failures = Path(__file__).resolve().parent / "data" / "differential_failures"
+    request = json.loads((failures / "fed_back_balance_below_20_decimals.json").read_text())["request"]
+    balances = request["portfolio_snapshot"]["cash_balances"]
+    assert "-2E-22" in [c["amount"] for c in balances]
+    import_requests([request, request], tmp_path / "book")
+    cash = pl.read_parquet(tmp_path / "book" / "cash.parquet").drop("amount_exact")
+    texts = [c["amount"] for c in balances] + [("1E-29" if c["amount"] == "-2E-22" else c["amount"]) for c in balances]
+    cash.with_columns(pl.Series("amount", texts)).write_parquet(tmp_path / "book" / "cash.parquet")
+    sweep(tmp_path / "book", tmp_path / "out", progress=False)
+    runs = _read(tmp_path / "out", "runs").sort("run_key")
+    expected = simulate_many([request])[0]
+    assert runs["status"].to_list() == [expected["status"], "BLOCKED"]
+    assert runs["block_reason"].to_list()[0] is None
+    faults = _read(tmp_path / "out", "input_faults")
+    assert faults.select("input_column", "value").rows() == [("amount", "1E-29")]
+    swept = _read(tmp_path / "out", "intents").filter(pl.col("run_key") == runs["run_key"][0])
+    assert swept.height == len(expected["intents"])
+    trades = [(i["instrument_id"], i["side"], Decimal(i["quantity"])) for i in expected["intents"] if i["intent_type"] == "SECURITY_TRADE"]
+    got = swept.filter(pl.col("intent_type") == "SECURITY_TRADE").sort("exec_order")
+    assert list(zip(got["instrument_id"], got["side"], got["quantity"])) == trades
+
+
 @pytest.mark.parametrize("fault", ["null_snapshot", "unknown_file", "unknown_column"])
 def test_a_dropped_input_stops_the_sweep_before_any_shard(book, tmp_path, fault):
     """What a reader would otherwise drop unseen — a holdings row with no snapshot id, a

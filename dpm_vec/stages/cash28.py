@@ -42,8 +42,10 @@ def cash_amounts_f28(cash: pl.DataFrame, out: str, settled: bool = False) -> pl.
     ``settled``, the settled figure where one is given (the ladder's day 0, §6.15)."""
     source = pl.coalesce("settled", "amount") if settled else pl.col("amount")
     cash = f28.from_dec(cash.with_columns(source.alias("_amount")), "_amount", out).drop("_amount")
+    if "amount_exact" not in cash.columns:
+        return cash
     exact = pl.col("amount_exact").is_not_null() & (pl.col("settled").is_null() if settled else pl.lit(True))
-    if "amount_exact" not in cash.columns or not cash.select(exact.any()).item():
+    if not cash.select(exact.any()).item():
         return cash
     rows = cash.select(pl.arg_where(exact)).to_series()
     given = f28.from_dec(cash[rows].select("amount_exact"), "amount_exact", "_f")
@@ -60,9 +62,12 @@ def long_cash(cash: pl.DataFrame) -> pl.DataFrame:
     return cash.filter(pl.col("amount_exact").is_not_null()).select("run", "currency").unique()
 
 
-def limited_runs(intents: pl.DataFrame) -> pl.DataFrame:
-    """(run) of the runs with a tax-limited sell: a security intent with a 28-digit quantity."""
-    return intents.filter(~f28.is_null("quantity_f28")).select("run").unique()
+def long_digit_runs(intents: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:
+    """(run) of the runs whose cash sums have digits past DEC's 20 decimals: a tax-limited
+    sell (a security intent with a 28-digit quantity) or an input balance with them
+    (``long_cash``). A balance of such a run within dust of 0 is decided in 28 digits."""
+    limited = intents.filter(~f28.is_null("quantity_f28")).select("run")
+    return pl.concat([limited, long_cash(cash).select("run")]).unique()
 
 
 # an inexact rate is off by at most half a unit of its 20th decimal, ~1e-17 of the smallest

@@ -17,7 +17,7 @@ from dpm_vec.dec28 import F28
 from dpm_vec.frames import position_in_run, rows_where, sort_rows
 from dpm_vec.numeric import DEC, HAIR, QTY, dabs, lit
 from dpm_vec.stages import dq
-from dpm_vec.stages.cash28 import DUST, exact_notionals, limited_runs, long_cash, projected_balances
+from dpm_vec.stages.cash28 import DUST, exact_notionals, long_digit_runs, projected_balances
 from dpm_vec.stages.prepare import Market
 
 INTENT_COLUMNS = {
@@ -171,7 +171,7 @@ def _exact_signs(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cas
     There the 28-digit balance itself is kept too (``_exact_balance_f``, null elsewhere)."""
     sign = pl.when(pl.col("balance") > 0).then(1).when(pl.col("balance") < 0).then(-1).otherwise(0).cast(pl.Int8)
     near = projected.filter(pl.col("balance").abs() < lit(DUST)).select("run").unique()
-    chosen = pl.concat([limited_runs(security), long_cash(cash_input).select("run")]).unique().join(near, on="run", how="semi")
+    chosen = long_digit_runs(security, cash_input).join(near, on="run", how="semi")
     if chosen.height == 0:
         return projected.with_columns(sign.alias("_sign"), pl.lit(None, dtype=F28).alias("_exact_balance_f"))
     sec = exact_notionals(market, chosen, security.select(

@@ -8,7 +8,7 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.numeric import DEC, lit
-from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, fx_margins, inexact_fx_runs, limited_runs, long_cash, movements
+from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, fx_margins, inexact_fx_runs, long_digit_runs, movements
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
 
@@ -128,7 +128,7 @@ def _exact_balances(market: Market, runs: pl.DataFrame, at_edge: pl.DataFrame, h
     schema = {"run": pl.UInt32, "currency": pl.String, "date_offset": pl.Int32, "_balance_f": f28.F28}
     # an inexact rate moves only the base currency's balances; a tax-limited notional or a
     # fed-back balance, its own currency's and the base's
-    long_digits = pl.concat([limited_runs(sec), long_cash(cash_input).select("run")]).join(at_edge, on="run", how="semi")
+    long_digits = long_digit_runs(sec, cash_input).join(at_edge, on="run", how="semi")
     base_edge = at_edge.join(runs.select("run", pl.col("base_currency").alias("currency")), on=["run", "currency"], how="semi")
     inexact = inexact_fx_runs(market, intents.join(base_edge.select("run").unique(), on="run", how="semi"))
     chosen = pl.concat([long_digits, inexact]).unique().join(runs.select("run", "fx_buffer_pct"), on="run", how="inner").join(

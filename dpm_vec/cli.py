@@ -28,8 +28,8 @@ def _terminate(signum, frame) -> None:
 def _load_json(path: str):
     text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     data = json.loads(text)
-    if isinstance(data, dict) and "inputs" in data and ("expected_output" in data or "expected_outputs" in data):
-        return data["inputs"]  # a golden file: its request
+    if isinstance(data, dict) and "inputs" in data and any(key.startswith("expected_") for key in data):
+        return data["inputs"]  # a golden file (expected_output(s) or expected_problem): its request
     return data
 
 

@@ -302,3 +302,13 @@ def test_a_book_without_portfolios_is_refused(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"dpm-vec: error: {book / 'portfolios.parquet'}: no rows: a book with no portfolio has nothing to sweep")
     assert not (tmp_path / "out").exists()
+
+
+def test_simulate_takes_a_golden_file_whose_answer_is_a_problem():
+    """A scenario file keeps its request under ``inputs`` whether the expected answer is a
+    result (``expected_output``) or a problem (``expected_problem``); ``simulate`` runs
+    the request in both, as its help says."""
+    scenario = Path(__file__).parent / "data" / "scenarios" / "rfc_22_infeasible_concentration_problem.json"
+    proc = cli("simulate", str(scenario))
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout) == json.loads(scenario.read_text())["expected_problem"]

@@ -204,6 +204,19 @@ def _amount_exact(amount: Decimal | None) -> Decimal | None:
     return amount
 
 
+def _entries(reader: _Reader, items: list, path: str, key: str, lookup: bool = False) -> list[tuple[str, dict]]:
+    """The objects of the list at ``path`` with their own paths, once every repeated
+    ``key`` has failed (``_duplicates``); an exact repeat in a look-up list, and an item
+    that is not an object (which fails), are left out."""
+    repeats = _duplicates(reader, items, lambda item: item.get(key) if isinstance(item, dict) else None, path, key, lookup)
+    entries = []
+    for index, item in enumerate(items):
+        item_path = f"{path}[{index}]"
+        if index not in repeats and (entry := reader.obj(item, item_path)) is not None:
+            entries.append((item_path, entry))
+    return entries
+
+
 def _duplicates(reader: _Reader, items: list, key, path: str, what: str, lookup: bool = False) -> set[int]:
     """Fail every repeated key (§9.1: conflicting duplicates are bad data). In a list the
     reference only looks things up in (``lookup``: prices, FX rates, shelf entries; first
@@ -264,12 +277,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     r.not_null(ps, ("positions", "cash_balances"), "portfolio_snapshot")
     r.not_null(md, ("prices", "fx_rates"), "market_data_snapshot")
     positions = r.arr(ps.get("positions"), "portfolio_snapshot.positions")
-    _duplicates(r, positions, lambda p: p.get("instrument_id") if isinstance(p, dict) else None, "portfolio_snapshot.positions", "instrument_id")
-    for i, pos in enumerate(positions):
-        path = f"portfolio_snapshot.positions[{i}]"
-        pos = r.obj(pos, path)
-        if pos is None:
-            continue
+    for path, pos in _entries(r, positions, "portfolio_snapshot.positions", "instrument_id"):
         iid = r.text(pos.get("instrument_id"), f"{path}.instrument_id")
         qty = r.decimal(pos.get("quantity"), f"{path}.quantity", minimum=Decimal(0), maximum=MAX_QUANTITY, scale=QTY.scale)
         mv, mv_ccy = r.money(pos.get("market_value"), f"{path}.market_value")
@@ -297,12 +305,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             "market_value": mv, "market_value_currency": mv_ccy,
         })
     cash = r.arr(ps.get("cash_balances"), "portfolio_snapshot.cash_balances")
-    _duplicates(r, cash, lambda c: c.get("currency") if isinstance(c, dict) else None, "portfolio_snapshot.cash_balances", "currency")
-    for i, c in enumerate(cash):
-        path = f"portfolio_snapshot.cash_balances[{i}]"
-        c = r.obj(c, path)
-        if c is None:
-            continue
+    for path, c in _entries(r, cash, "portfolio_snapshot.cash_balances", "currency"):
         amount = r.decimal(c.get("amount"), f"{path}.amount", scale=AMOUNT_28.scale)  # amount_exact keeps 28 decimals
         rows["cash"].append({
             "portfolio_snapshot_id": run_key, "currency": r.text(c.get("currency"), f"{path}.currency"),
@@ -311,16 +314,8 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             "pending": r.decimal(c.get("pending"), f"{path}.pending", required=False),
         })
     prices = r.arr(md.get("prices"), "market_data_snapshot.prices")
-    repeats = _duplicates(r, prices, lambda p: p.get("instrument_id") if isinstance(p, dict) else None, "market_data_snapshot.prices",
-                          "instrument_id", lookup=True)
     zero_prices: list[tuple[str, str, object]] = []  # (path, instrument_id, value): an error only if the instrument is used
-    for i, p in enumerate(prices):
-        if i in repeats:
-            continue
-        path = f"market_data_snapshot.prices[{i}]"
-        p = r.obj(p, path)
-        if p is None:
-            continue
+    for path, p in _entries(r, prices, "market_data_snapshot.prices", "instrument_id", lookup=True):
         iid, price = r.text(p.get("instrument_id"), f"{path}.instrument_id"), r.decimal(p.get("price"), f"{path}.price")
         if price is not None and price < 0:
             r.fail(f"{path}.price", f"must be greater than 0, got {p.get('price')}")
@@ -332,26 +327,13 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             "as_of": as_of_reader.timestamp(p.get("as_of"), f"{path}.as_of"),
         })
     fx_rates = r.arr(md.get("fx_rates"), "market_data_snapshot.fx_rates")
-    repeats = _duplicates(r, fx_rates, lambda p: p.get("pair") if isinstance(p, dict) else None, "market_data_snapshot.fx_rates", "pair",
-                          lookup=True)
-    for i, f in enumerate(fx_rates):
-        if i in repeats:
-            continue
-        path = f"market_data_snapshot.fx_rates[{i}]"
-        f = r.obj(f, path)
-        if f is None:
-            continue
+    for path, f in _entries(r, fx_rates, "market_data_snapshot.fx_rates", "pair", lookup=True):
         rows["fx_rates"].append({
             "market_snapshot_id": run_key, "pair": r.text(f.get("pair"), f"{path}.pair"),
             "rate": r.decimal(f.get("rate"), f"{path}.rate", minimum=Decimal(0)),
         })
     targets = r.arr(mp.get("targets"), "model_portfolio.targets", required=isinstance(request.get("model_portfolio"), dict))
-    _duplicates(r, targets, lambda t: t.get("instrument_id") if isinstance(t, dict) else None, "model_portfolio.targets", "instrument_id")
-    for i, t in enumerate(targets):
-        path = f"model_portfolio.targets[{i}]"
-        t = r.obj(t, path)
-        if t is None:
-            continue
+    for path, t in _entries(r, targets, "model_portfolio.targets", "instrument_id"):
         rows["models"].append({
             "model_id": run_key, "instrument_id": r.text(t.get("instrument_id"), f"{path}.instrument_id"),
             "weight": r.decimal(t.get("weight"), f"{path}.weight", minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT, scale=WEIGHT.scale),
@@ -363,15 +345,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
         if iid in used:
             r.fail(path, f"must be greater than 0 for an instrument held or in the model, got {value}")
     shelf = r.arr(request.get("shelf_entries"), "shelf_entries")
-    repeats = _duplicates(r, shelf, lambda s: s.get("instrument_id") if isinstance(s, dict) else None, "shelf_entries", "instrument_id",
-                          lookup=True)
-    for i, s in enumerate(shelf):
-        if i in repeats:
-            continue
-        path = f"shelf_entries[{i}]"
-        s = r.obj(s, path)
-        if s is None:
-            continue
+    for path, s in _entries(r, shelf, "shelf_entries", "instrument_id", lookup=True):
         iid = r.text(s.get("instrument_id"), f"{path}.instrument_id")
         mn, mn_ccy = r.money(s.get("min_notional"), f"{path}.min_notional")
         r.not_null(s, ("asset_class", "settlement_days", "attributes"), path)

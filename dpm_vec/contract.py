@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
 
 import polars as pl
@@ -204,17 +205,16 @@ def _amount_exact(amount: Decimal | None) -> Decimal | None:
     return amount
 
 
-def _entries(reader: _Reader, items: list, path: str, key: str, lookup: bool = False) -> list[tuple[str, dict]]:
+def _entries(reader: _Reader, items: list, path: str, key: str, lookup: bool = False) -> Iterator[tuple[str, dict]]:
     """The objects of the list at ``path`` with their own paths, once every repeated
     ``key`` has failed (``_duplicates``); an exact repeat in a look-up list, and an item
-    that is not an object (which fails), are left out."""
+    that is not an object (which fails), are left out. Lazy, so that each item's errors
+    follow the previous item's, as a request's error list reads."""
     repeats = _duplicates(reader, items, lambda item: item.get(key) if isinstance(item, dict) else None, path, key, lookup)
-    entries = []
     for index, item in enumerate(items):
         item_path = f"{path}[{index}]"
         if index not in repeats and (entry := reader.obj(item, item_path)) is not None:
-            entries.append((item_path, entry))
-    return entries
+            yield item_path, entry
 
 
 def _duplicates(reader: _Reader, items: list, key, path: str, what: str, lookup: bool = False) -> set[int]:

@@ -267,6 +267,26 @@ def test_an_exact_repeat_the_reference_would_count_twice_is_422(path, item):
     assert _errors(request)[0][0] == ".".join(path) + "[1]"
 
 
+@pytest.mark.parametrize("path, field", [
+    (("portfolio_snapshot", "positions"), "quantity"), (("portfolio_snapshot", "cash_balances"), "amount"),
+    (("market_data_snapshot", "prices"), "price"), (("market_data_snapshot", "fx_rates"), "rate"),
+    (("model_portfolio", "targets"), "weight"), (("shelf_entries",), "settlement_days"),
+])
+def test_a_lists_errors_name_its_repeats_then_each_item_in_order(path, field):
+    """A 422 names a list's repeated keys first, then each item's errors in item order:
+    item 0's bad field before item 1, which is not an object."""
+    request = copy.deepcopy(REQUEST)
+    node = request
+    for part in path:
+        node = node[part]
+    node[:] = node[:1] or [{"instrument_id": "US_EQ", "quantity": "10"}]  # the request holds no position
+    node[1:] = ["not an object", copy.deepcopy(node[0])]  # [2] repeats [0]'s key, and differs from it below
+    node[0][field] = [1]
+    at = ".".join(path)
+    errors = [name for name, _ in _errors(request) if name.startswith(f"{at}[")]
+    assert errors == [f"{at}[2]", f"{at}[0].{field}", f"{at}[1]"]
+
+
 @pytest.mark.parametrize("pair", ["USDSGD", "USD/SGD/X", "", "USD-SGD"])
 def test_a_pair_that_is_not_from_slash_to_text_matches_nothing(pair):
     """§6.1 looks "FROM/TO" up as text: a pair of other text is never the one wanted, so

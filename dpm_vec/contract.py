@@ -210,30 +210,30 @@ def _entries(reader: _Reader, items: list, path: str, key: str, lookup: bool = F
     ``key`` has failed (``_duplicates``); an exact repeat in a look-up list, and an item
     that is not an object (which fails), are left out. Lazy, so that each item's errors
     follow the previous item's, as a request's error list reads."""
-    repeats = _duplicates(reader, items, lambda item: item.get(key) if isinstance(item, dict) else None, path, key, lookup)
+    repeats = _duplicates(reader, items, path, key, lookup)
     for index, item in enumerate(items):
         item_path = f"{path}[{index}]"
         if index not in repeats and (entry := reader.obj(item, item_path)) is not None:
             yield item_path, entry
 
 
-def _duplicates(reader: _Reader, items: list, key, path: str, what: str, lookup: bool = False) -> set[int]:
-    """Fail every repeated key (§9.1: conflicting duplicates are bad data). In a list the
+def _duplicates(reader: _Reader, items: list, path: str, key: str, lookup: bool = False) -> set[int]:
+    """Fail every repeated ``key`` (§9.1: conflicting duplicates are bad data). In a list the
     reference only looks things up in (``lookup``: prices, FX rates, shelf entries; first
     match wins, §1.4), an exact repeat changes no answer: it is not an error, and its index
     is returned for the caller to skip."""
     seen: dict = {}
     repeats: set[int] = set()
     for index, item in enumerate(items):
-        k = key(item)
+        k = item.get(key) if isinstance(item, dict) else None
         if not isinstance(k, str):  # absent, or not text: its own check names it
             continue
         if k in seen and items[seen[k]] != item:
-            reader.fail(f"{path}[{index}]", f"duplicate {what} {k!r} (first at [{seen[k]}]) with different values")
+            reader.fail(f"{path}[{index}]", f"duplicate {key} {k!r} (first at [{seen[k]}]) with different values")
         elif k in seen and lookup:
             repeats.add(index)
         elif k in seen:
-            reader.fail(f"{path}[{index}]", f"duplicate {what} {k!r} (first at [{seen[k]}])")
+            reader.fail(f"{path}[{index}]", f"duplicate {key} {k!r} (first at [{seen[k]}])")
         else:
             seen[k] = index
     return repeats

@@ -25,12 +25,17 @@ def _errors(request: dict) -> list[tuple[str, str]]:
     return [(e["field"], e["message"]) for e in caught.value.errors]
 
 
-def _parent(request: dict, path: tuple) -> dict | list:
-    """The object or list that holds ``path``'s last part."""
+def _node(request: dict, path: tuple) -> dict | list:
+    """The object or list at ``path``."""
     node = request
-    for part in path[:-1]:
+    for part in path:
         node = node[part]
     return node
+
+
+def _parent(request: dict, path: tuple) -> dict | list:
+    """The object or list that holds ``path``'s last part."""
+    return _node(request, path[:-1])
 
 
 def _with(path: tuple, value) -> dict:
@@ -227,9 +232,7 @@ def test_an_exact_repeat_in_a_lookup_list_changes_nothing(path):
     """The reference only looks prices, FX rates and shelf entries up (first match wins,
     §1.4), so an exact repeat is the same request, not bad data (§9.1)."""
     request = copy.deepcopy(REQUEST)
-    node = request
-    for part in path:
-        node = node[part]
+    node = _node(request, path)
     node.append(copy.deepcopy(node[0]))
     repeated, once = simulate_many([request, REQUEST])
     for key in ("status", "intents", "after_simulated", "rule_results"):
@@ -243,9 +246,7 @@ def test_an_exact_repeat_in_a_lookup_list_changes_nothing(path):
 ])
 def test_a_conflicting_repeat_is_422(path, field):
     request = copy.deepcopy(REQUEST)
-    node = request
-    for part in path:
-        node = node[part]
+    node = _node(request, path)
     repeat = copy.deepcopy(node[0])
     repeat["price" if "price" in repeat else "status"] = "99" if "price" in repeat else "BANNED"
     node.append(repeat)
@@ -260,9 +261,7 @@ def test_an_exact_repeat_the_reference_would_count_twice_is_422(path, item):
     """Repeated positions, cash rows and model targets change the reference's answer by
     list position (§1.4): dpm_vec rejects them even when they are identical."""
     request = copy.deepcopy(REQUEST)
-    node = request
-    for part in path:
-        node = node[part]
+    node = _node(request, path)
     node.append(copy.deepcopy(node[item]))
     assert _errors(request)[0][0] == ".".join(path) + "[1]"
 
@@ -276,9 +275,7 @@ def test_a_lists_errors_name_its_repeats_then_each_item_in_order(path, field):
     """A 422 names a list's repeated keys first, then each item's errors in item order:
     item 0's bad field before item 1, which is not an object."""
     request = copy.deepcopy(REQUEST)
-    node = request
-    for part in path:
-        node = node[part]
+    node = _node(request, path)
     node[:] = node[:1] or [{"instrument_id": "US_EQ", "quantity": "10"}]  # the request holds no position
     node[1:] = ["not an object", copy.deepcopy(node[0])]  # [2] repeats [0]'s key, and differs from it below
     node[0][field] = [1]

@@ -59,7 +59,7 @@ def validate_batch(batch) -> dict:
     """Whole-request checks; returns the scenarios map or raises RequestError."""
     if not isinstance(batch, dict):
         raise RequestError([{"field": "$", "message": "request body must be a JSON object"}])
-    errors = [{"field": key, "message": "field required"} for key in (*SHARED_KEYS, "scenarios") if key not in batch]
+    errors = [{"field": key, "message": "field required", "type": "missing"} for key in (*SHARED_KEYS, "scenarios") if key not in batch]
     if errors:
         raise RequestError(errors)
     try:
@@ -73,11 +73,12 @@ def validate_batch(batch) -> dict:
         raise RequestError([{"field": "scenarios", "message": f"at most {MAX_SCENARIOS} scenarios, got {len(scenarios)}"}])
     for name, spec in scenarios.items():
         if not SCENARIO_NAME.fullmatch(name):
-            errors.append({"field": f"scenarios.{name}", "message": "scenario names must match ^[a-z0-9_-]{1,64}$"})
+            errors.append({"field": f"scenarios[{name!r}]", "message": "scenario names must match ^[a-z0-9_-]{1,64}$", "input": name})
         elif not isinstance(spec, dict) or not isinstance(spec.get("options", {}), dict):
-            errors.append({"field": f"scenarios.{name}.options", "message": "options must be an object"})
+            errors.append({"field": f"scenarios[{name!r}].options", "message": "options must be an object", "type": "dict_type"})
         elif not isinstance(spec.get("description", ""), (str, type(None))):
-            errors.append({"field": f"scenarios.{name}.description", "message": "expected a string"})
+            errors.append({"field": f"scenarios[{name!r}].description", "message": "expected a string", "type": "string_type",
+                           "input": spec.get("description")})
     if errors:
         raise RequestError(errors)
     return scenarios

@@ -4,8 +4,10 @@ Endpoints (``create_app``):
 
 * ``POST /rebalance/simulate`` - body: one reference request (spec §3); header
   ``Idempotency-Key`` required. 200 + RebalanceResult for every valid request, whatever the
-  business status (BLOCKED is still 200); 422 ``application/problem+json`` listing every
-  invalid field (missing header, malformed JSON, body not an object, schema errors); 422
+  business status (BLOCKED is still 200); 422 listing every invalid field (missing header,
+  malformed JSON, body not an object, schema errors): the reference's FastAPI body
+  ``{"detail": [{"type", "loc", "msg", "input"}]}`` (spec §2.4), or in ``rfc`` mode an
+  ``application/problem+json`` body (the analyze route answers the same way); 422
   RFC-0001 §7 ``infeasible-constraint`` problem for a run the RFC asset-class cap blocks
   when the request asks (``options.rfc_domain_errors``);
   409 problem+json on an idempotency conflict (``rfc`` mode only); 500 problem+json on an
@@ -27,7 +29,7 @@ Idempotency modes:
   ``lineage.request_hash`` is the SHA-256 of the canonical request and
   ``lineage.idempotency_key`` the key. X-Correlation-Id is echoed (generated if missing) in
   the response header of every response and in the body's ``correlation_id``. Invalid
-  requests are not stored, so a corrected request may reuse its key.
+  requests are RFC 7807 problems and are not stored, so a corrected request may reuse its key.
 
 Coalescing (group commit): concurrent ``POST /rebalance/simulate`` calls share engine passes
 (``dpm_vec.coalesce``). A call that finds no pass in flight runs at once, alone; calls that
@@ -196,17 +198,19 @@ def _internal_error(instance: str) -> dict:
 def _parse_body(raw: bytes) -> tuple[object, list[dict]]:
     """JSON body → (value, errors). Never raises."""
     if not raw.strip():
-        return None, [{"field": "$", "message": "request body is empty; expected a JSON object"}]
+        return None, [{"field": "$", "message": "request body is empty; expected a JSON object", "type": "missing"}]
     try:
         return json.loads(raw.decode("utf-8-sig")), []  # RFC 8259: JSON text is UTF-8
     except UnicodeDecodeError as exc:
-        return None, [{"field": "$", "message": f"request body is not valid UTF-8 text: {exc.reason} at byte {exc.start}"}]
+        return None, [{"field": "$", "message": f"request body is not valid UTF-8 text: {exc.reason} at byte {exc.start}",
+                       "type": "json_invalid"}]
     except json.JSONDecodeError as exc:
-        return None, [{"field": "$", "message": f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"}]
+        return None, [{"field": "$", "message": f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                       "type": "json_invalid"}]
     except RecursionError:
-        return None, [{"field": "$", "message": "malformed JSON: nested too deeply"}]
+        return None, [{"field": "$", "message": "malformed JSON: nested too deeply", "type": "json_invalid"}]
     except ValueError as exc:  # e.g. an integer literal with too many digits
-        return None, [{"field": "$", "message": f"malformed JSON: {exc}"}]
+        return None, [{"field": "$", "message": f"malformed JSON: {exc}", "type": "json_invalid"}]
 
 
 def _portfolio_id(body) -> str | None:
@@ -355,6 +359,13 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
     app.state.idempotency = idempotency
     app.state.coalescer = coalescer
 
+    def invalid(errors: list[dict], instance: str, headers: dict) -> _Outcome:
+        """An invalid request's 422: the reference's body (FastAPI's ``{"detail": [...]}``,
+        spec §2.4), or in ``rfc`` mode an RFC 7807 problem naming every field."""
+        if rfc:
+            return _Outcome(422, _invalid(errors, instance), problem=True, headers=headers)
+        return _Outcome(422, RequestError(errors).validation_detail(), headers=headers)
+
     def correlation(request: Request) -> tuple[str | None, dict]:
         given = request.headers.get("x-correlation-id")
         if not rfc:
@@ -371,20 +382,21 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
     def simulate_sync(body, errors: list[dict], key: str | None, cid: str | None, headers: dict) -> _Outcome:
         canonical = _canonical_uuid(key) if rfc and key is not None else None
         if key is None:
-            errors.insert(0, {"field": "header.Idempotency-Key", "message": "field required"})
+            errors.insert(0, {"field": "header.Idempotency-Key", "message": "field required", "type": "missing"})
         elif rfc and not key.strip():
             errors.insert(0, {"field": "header.Idempotency-Key", "message": "must not be empty"})
         elif rfc and canonical is None:
             errors.insert(0, {"field": "header.Idempotency-Key", "message": f"must be a UUID (RFC-0001 §7), got {key[:80]!r}"})
         if body is not None and not isinstance(body, dict):
-            errors.append({"field": "$", "message": "request body must be a JSON object"})
+            errors.append({"field": "$", "message": "request body must be a JSON object", "type": "model_attributes_type",
+                           "input": body})
         if errors:
             if isinstance(body, dict):  # header fault only: still list every body fault
                 try:
                     parse_request(body, "r0")
                 except RequestError as exc:
                     errors.extend(exc.errors)
-            return _Outcome(422, _invalid(errors, SIMULATE_PATH), problem=True, headers=headers)
+            return invalid(errors, SIMULATE_PATH, headers)
         if rfc:  # one key however it is spelt: UUIDs compare without regard to case or braces
             key = canonical
 
@@ -396,7 +408,7 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
 
         result = simulate_one(body)  # shares an engine pass with concurrent callers
         if isinstance(result, RequestError):
-            return _Outcome(422, _invalid(result.errors, SIMULATE_PATH), problem=True, headers=headers)
+            return invalid(result.errors, SIMULATE_PATH, headers)
         if isinstance(result, (QuantityRangeError, ValueRangeError)):  # valid, but outside the engine's range: say which trade
             return _Outcome(422, result.problem(SIMULATE_PATH), problem=True, headers=headers)
         if isinstance(result, InfeasibleConstraintError):  # RFC-0001 §7, asked for by options.rfc_domain_errors
@@ -481,11 +493,11 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         """§7: no header needed; whole-request faults are 422, bad scenarios fail alone."""
         body, errors = _parse_body(raw)
         if errors:
-            return _Outcome(422, _invalid(errors, ANALYZE_PATH), problem=True, headers=headers)
+            return invalid(errors, ANALYZE_PATH, headers)
         try:
             result = analyze(body)
         except RequestError as exc:
-            return _Outcome(422, _invalid(exc.errors, ANALYZE_PATH), problem=True, headers=headers)
+            return invalid(exc.errors, ANALYZE_PATH, headers)
         for slot in result["results"].values():
             metrics.run(slot)
         outcome = _Outcome(200, result, headers=headers)
@@ -548,7 +560,7 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         fields.update(outcome.log_fields)
         if outcome.replay:
             fields["replay"] = True
-        if outcome.problem:
+        if outcome.code >= 400 and isinstance(outcome.body, dict):
             fields["errors"] = outcome.body.get("errors") or outcome.body.get("detail")
         _log(level, **fields)
         return outcome.response()

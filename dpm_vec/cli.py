@@ -247,7 +247,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None, metavar="PATH",
                         help="DuckDB run store file for --idempotency rfc (default: in memory)")
     parser.add_argument("--idempotency", choices=("reference", "rfc"), default="reference",
-                        help="reference: recompute every call (the reference service); rfc: RFC-0001 §8 replay/409")
+                        help="reference: the reference service (every call recomputed, FastAPI's 422 bodies); "
+                             "rfc: RFC-0001 §7-8 (UUID keys, replay/409, RFC 7807 problems for invalid requests)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.add_argument("--max-coalesce", type=_positive_int, default=64, metavar="N",
                         help="most concurrent simulate requests one engine pass computes (default 64; "

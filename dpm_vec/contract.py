@@ -30,6 +30,8 @@ MAX_WEIGHT = Decimal(10) ** 9
 TRUE_WORDS = {"true", "1", "yes", "y", "on", "t"}
 FALSE_WORDS = {"false", "0", "no", "n", "off", "f"}
 GROUP_KEY = re.compile(r"^[^:]+:[^:]+$")
+# the type of a wrong JSON type's error, as pydantic names it (spec §2.4)
+TYPE_ERRORS = {dict: "dict_type", list: "list_type", str: "string_type"}
 # every EngineOptions field but the five "or null" ones (§4) and the RFC staleness limit,
 # whose null means "no limit": null is a wrong type for them (§3.6, item 4)
 NOT_NULL_OPTIONS = (
@@ -70,23 +72,25 @@ class _Reader:
     def __init__(self) -> None:
         self.errors: list[dict] = []
 
-    def fail(self, path: str, message: str) -> None:
-        self.errors.append({"field": path, "message": message})
+    def fail(self, path: str, message: str, kind: str = "value_error", value=None) -> None:
+        """Record a fault: its path, what was expected, the check's pydantic-style type
+        (the reference's 422 body names it, spec §2.4) and the value that failed it."""
+        self.errors.append({"field": path, "message": message, "type": kind, "input": value})
 
     def _absent(self, value, path, required) -> bool:
         """Whether the field is missing (an error when it is required)."""
         if value is None and required:
-            self.fail(path, "field required")
+            self.fail(path, "field required", "missing")
         return value is None
 
     def _typed(self, value, path, required, kind, expected, empty):
         if self._absent(value, path, required):
             return empty
         if not isinstance(value, kind):
-            self.fail(path, f"expected {expected}")
+            self.fail(path, f"expected {expected}", TYPE_ERRORS[kind], value)
             return empty
         keys = value if isinstance(value, dict) else ()
-        if not self.unicode(value, path) or not all(self.unicode(k, f"{path}.{k!r}") for k in keys):
+        if not self.unicode(value, path) or not all(self.unicode(k, f"{path}[{k!r}]") for k in keys):
             return empty
         return value
 
@@ -95,7 +99,7 @@ class _Reader:
         \ud800-style escapes can spell and no UTF-8 text (nor Polars) holds: a fault of the
         request, named, not an engine failure."""
         if isinstance(text, str) and not _is_unicode(text):
-            self.fail(path, f"not valid Unicode text (a lone surrogate): {text!r}")
+            self.fail(path, f"not valid Unicode text (a lone surrogate): {text!r}", "string_unicode")
             return False
         return True
 
@@ -122,26 +126,26 @@ class _Reader:
         if self._absent(value, path, required):
             return None
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            self.fail(path, "expected a decimal number (string or number)")
+            self.fail(path, "expected a decimal number (string or number)", "decimal_type", value)
             return None
         try:
             number = Decimal(str(value).strip())
         except InvalidOperation:
-            self.fail(path, f"not a decimal number: {value!r}")
+            self.fail(path, f"not a decimal number: {value!r}", "decimal_parsing", value)
             return None
         if not number.is_finite():
-            self.fail(path, f"must be a finite number, got {value!r}")
+            self.fail(path, f"must be a finite number, got {value!r}", "finite_number", value)
             return None
         if abs(number) >= MAX_ABS:
-            self.fail(path, f"magnitude must be below 1e{38 - SCALE - 1}")
+            self.fail(path, f"magnitude must be below 1e{38 - SCALE - 1}", "value_error", value)
             return None
         if number != 0 and abs(number) < Decimal(1).scaleb(-scale):
-            self.fail(path, f"must be 0 or at least 1E-{scale} in magnitude (the engine keeps {scale} decimals), got {value}")
+            self.fail(path, f"must be 0 or at least 1E-{scale} in magnitude (the engine keeps {scale} decimals), got {value}", "value_error", value)
             return None
         if minimum is not None and number < minimum:
-            self.fail(path, f"must be >= {minimum}, got {value}")
+            self.fail(path, f"must be >= {minimum}, got {value}", "greater_than_equal", value)
         if maximum is not None and number > maximum:
-            self.fail(path, f"must be <= {maximum}, got {value}")
+            self.fail(path, f"must be <= {maximum}, got {value}", "less_than_equal", value)
         return number
 
     def boolean(self, value, path, default):
@@ -153,7 +157,7 @@ class _Reader:
             return bool(value)
         if isinstance(value, str) and value.strip().lower() in TRUE_WORDS | FALSE_WORDS:
             return value.strip().lower() in TRUE_WORDS
-        self.fail(path, f"expected a boolean, got {value!r}")
+        self.fail(path, f"expected a boolean, got {value!r}", "bool_parsing", value)
         return default
 
     def integer(self, value, path, default, lo=None, hi=None):
@@ -166,17 +170,18 @@ class _Reader:
                 raise ValueError
             out = int(number)
         except (InvalidOperation, ValueError):
-            self.fail(path, f"expected an integer, got {value!r}")
+            self.fail(path, f"expected an integer, got {value!r}", "int_parsing", value)
             return default
         if (lo is not None and out < lo) or (hi is not None and out > hi):
-            self.fail(path, f"must be between {lo} and {hi}, got {out}")
+            bound = "greater_than_equal" if lo is not None and out < lo else "less_than_equal"
+            self.fail(path, f"must be between {lo} and {hi}, got {out}", bound, value)
         return out
 
     def enum(self, value, path, allowed, default=None, required=False):
         if self._absent(value, path, required):
             return default
         if value not in allowed:
-            self.fail(path, f"must be one of {', '.join(allowed)}; got {value!r}")
+            self.fail(path, f"must be one of {', '.join(allowed)}; got {value!r}", "enum", value)
             return default
         return value
 
@@ -192,7 +197,7 @@ class _Reader:
         try:
             return pl.Series([value]).str.to_datetime(time_zone="UTC", time_unit="us")[0]
         except Exception:  # noqa: BLE001 - polars raises several types for bad text
-            self.fail(path, f"expected an ISO-8601 timestamp, got {value!r}")
+            self.fail(path, f"expected an ISO-8601 timestamp, got {value!r}", "datetime_parsing", value)
             return None
 
 
@@ -254,7 +259,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
         raise RequestError([{"field": "$", "message": "request body must be a JSON object"}])
     for key in ("portfolio_snapshot", "market_data_snapshot", "model_portfolio", "shelf_entries", "options"):
         if key not in request:
-            r.fail(key, "field required")
+            r.fail(key, "field required", "missing")
         elif request[key] is None:
             r.fail(key, "must not be null")
     ps = r.obj(request.get("portfolio_snapshot"), "portfolio_snapshot", required=False) or {}
@@ -318,7 +323,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     for path, p in _entries(r, prices, "market_data_snapshot.prices", "instrument_id", lookup=True):
         iid, price = r.text(p.get("instrument_id"), f"{path}.instrument_id"), r.decimal(p.get("price"), f"{path}.price")
         if price is not None and price < 0:
-            r.fail(f"{path}.price", f"must be greater than 0, got {p.get('price')}")
+            r.fail(f"{path}.price", f"must be greater than 0, got {p.get('price')}", "greater_than", p.get("price"))
         elif price == 0:
             zero_prices.append((f"{path}.price", iid, p.get("price")))
         rows["prices"].append({
@@ -343,7 +348,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     used = {row["instrument_id"] for row in rows["positions"]} | {row["instrument_id"] for row in rows["models"]}
     for path, iid, value in zero_prices:
         if iid in used:
-            r.fail(path, f"must be greater than 0 for an instrument held or in the model, got {value}")
+            r.fail(path, f"must be greater than 0 for an instrument held or in the model, got {value}", "greater_than", value)
     shelf = r.arr(request.get("shelf_entries"), "shelf_entries")
     for path, s in _entries(r, shelf, "shelf_entries", "instrument_id", lookup=True):
         iid = r.text(s.get("instrument_id"), f"{path}.instrument_id")
@@ -363,9 +368,9 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
         attributes = r.obj(s.get("attributes"), f"{path}.attributes", required=False) or {}
         for k, v in attributes.items():
             if not isinstance(v, str):
-                r.fail(f"{path}.attributes.{k}", "attribute values must be strings")
+                r.fail(f"{path}.attributes[{k!r}]", "attribute values must be strings", "string_type", v)
                 continue
-            if not r.unicode(v, f"{path}.attributes.{k}"):
+            if not r.unicode(v, f"{path}.attributes[{k!r}]"):
                 continue
             rows["shelf_attributes"].append({"shelf_id": run_key, "instrument_id": iid, "attribute": k, "value": v})
 
@@ -455,13 +460,13 @@ def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]
     for ccy_key, value in overdrafts.items():
         if not ccy_key:
             r.fail(f"{p}.max_overdraft_by_ccy", "currency keys must not be empty")
-        amount = r.decimal(value, f"{p}.max_overdraft_by_ccy.{ccy_key}", minimum=D(0))
+        amount = r.decimal(value, f"{p}.max_overdraft_by_ccy[{ccy_key!r}]", minimum=D(0))
         rows["overdraft_limits"].append({"run_key": run_key, "currency": ccy_key, "max_overdraft": amount})
     groups = r.obj(o.get("group_constraints"), f"{p}.group_constraints", required=False) or {}
     for key, spec in groups.items():
-        path = f"{p}.group_constraints.{key}"
+        path = f"{p}.group_constraints[{key!r}]"
         if not GROUP_KEY.match(key):
-            r.fail(path, "group constraint keys must be 'attribute:value' with exactly one ':'")
+            r.fail(path, "group constraint keys must be 'attribute:value' with exactly one ':'", "value_error", key)
         spec = r.obj(spec, path)
         if spec is None:
             continue
@@ -483,7 +488,7 @@ def _suitability(r: _Reader, value, path: str) -> None:
         elif key.endswith("_by_tier") or key == "liquidity_tier_max_weights":
             for tier, w in (r.obj(v, f"{path}.{key}", required=False) or {}).items():
                 r.enum(tier, f"{path}.{key}", LIQUIDITY_TIERS)
-                r.decimal(w, f"{path}.{key}.{tier}", minimum=Decimal(0), maximum=Decimal(1))
+                r.decimal(w, f"{path}.{key}[{tier!r}]", minimum=Decimal(0), maximum=Decimal(1))
         elif key.endswith("_weight"):
             r.decimal(v, f"{path}.{key}", required=False, minimum=Decimal(0), maximum=Decimal(1))
     lo, hi = s.get("cash_band_min_weight"), s.get("cash_band_max_weight")

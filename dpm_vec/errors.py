@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import json
 import re
 
 import polars as pl
@@ -51,8 +53,36 @@ class BookError(DpmVecError):
         super().__init__(text)
 
 
+# one step of an error path: ``.name``, ``[index]`` or a map key ``['key']`` (Python's repr)
+_PATH_STEP = re.compile(r"""\.?([^.\[\]'"]+)|\[(\d+)\]|\[('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")\]""")
+
+
+def error_loc(field: str) -> list:
+    """An error's path as FastAPI's ``loc``: ``header.Idempotency-Key`` →
+    ``["header", "Idempotency-Key"]``, ``$`` (the whole body) → ``["body"]``,
+    ``options.group_constraints['a.b'].max_weight`` →
+    ``["body", "options", "group_constraints", "a.b", "max_weight"]``, a list item by its
+    index. A path it cannot read stays one step after ``"body"``, not a guess."""
+    if field.startswith("header."):
+        return ["header", field.removeprefix("header.")]
+    if field == "$":
+        return ["body"]
+    loc: list = ["body"]
+    at = 0
+    while at < len(field):
+        step = _PATH_STEP.match(field, at)
+        if step is None or (at == 0 and field.startswith(".")):
+            return ["body", field]
+        name, index, key = step.groups()
+        loc.append(name if name is not None else int(index) if index is not None else ast.literal_eval(key))
+        at = step.end()
+    return loc
+
+
 class RequestError(DpmVecError):
-    """An invalid JSON request; ``errors`` lists every invalid field (as JSON paths)."""
+    """An invalid JSON request; ``errors`` lists every invalid field: its path
+    (``field``), what was expected (``message``) and, where known, the check's
+    pydantic-style ``type`` and the ``input`` it failed on."""
 
     TYPE = "https://dpm-vec.dev/problems/invalid-request"
 
@@ -63,8 +93,26 @@ class RequestError(DpmVecError):
         super().__init__(f"{first['field']}: {first['message']}{more}")
 
     def problem(self, instance: str | None = None) -> dict:
-        """RFC 7807 problem details."""
-        return problem(self.TYPE, "Invalid rebalance request", 422, str(self), instance, errors=self.errors)
+        """RFC 7807 problem details, each error named by its path."""
+        errors = [{"field": e["field"], "message": e["message"]} for e in self.errors]
+        return problem(self.TYPE, "Invalid rebalance request", 422, str(self), instance, errors=errors)
+
+    def validation_detail(self) -> dict:
+        """The reference's 422 body (spec §2.4), FastAPI's validation shape:
+        ``{"detail": [{"type", "loc", "msg", "input"}, ...]}``, every error listed."""
+        return {"detail": [{"type": e.get("type", "value_error"),
+                            "loc": [step if _utf8_or_none(step) is not None else ascii(step) for step in error_loc(e["field"])],
+                            "msg": e["message"], "input": _utf8_or_none(e.get("input"))} for e in self.errors]}
+
+
+def _utf8_or_none(value):
+    """``value`` where JSON in UTF-8 can carry it; None for one holding a lone surrogate
+    (JSON's \\ud800 escape), which no UTF-8 body can echo."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, TypeError, ValueError):
+        return None
+    return value
 
 
 class ValueRangeError(DpmVecError):

@@ -110,8 +110,32 @@ def _post(server: Server, body, key: str | None = "key-1", path: str = SIM, **he
     return server.client.post(path, json=body, headers=hdrs)
 
 
-def _fields(problem: dict) -> list[str]:
-    return [e["field"] for e in problem["errors"]]
+def _path(loc: list) -> str:
+    """A reference-shaped error's ``loc`` written as dpm_vec's error path."""
+    if loc[0] == "header":
+        return f"header.{loc[1]}"
+    steps = [f"[{step}]" if isinstance(step, int) else f".{step}" for step in loc[1:]]
+    return "".join(steps).removeprefix(".") or "$"
+
+
+def _fields(body: dict) -> list[str]:
+    """Each error's path: a problem's ``field``, or a reference-shaped body's ``loc``."""
+    if "errors" in body:
+        return [e["field"] for e in body["errors"]]
+    return [_path(e["loc"]) for e in body["detail"]]
+
+
+def _assert_invalid(resp: httpx.Response) -> dict:
+    """The reference's 422 for an invalid request (spec §2.4): FastAPI's validation body,
+    ``application/json``, every error with its type, loc, msg and input."""
+    assert resp.status_code == 422, resp.text
+    assert resp.headers["content-type"] == "application/json"
+    body = resp.json()
+    assert list(body) == ["detail"] and body["detail"]
+    for error in body["detail"]:
+        assert list(error) == ["type", "loc", "msg", "input"], error
+        assert error["loc"][0] in ("body", "header") and error["type"] and error["msg"]
+    return body
 
 
 def _assert_problem(resp: httpx.Response, status: int = 422) -> dict:
@@ -190,16 +214,27 @@ def test_business_blocked_is_200(ref_server, golden):
 
 
 def test_missing_idempotency_key_is_422(ref_server, golden):
-    problem = _assert_problem(_post(ref_server, golden, key=None))
-    assert _fields(problem) == ["header.Idempotency-Key"]
-    assert problem["instance"] == SIM
+    body = _assert_invalid(_post(ref_server, golden, key=None))
+    assert body["detail"] == [{"type": "missing", "loc": ["header", "Idempotency-Key"], "msg": "field required", "input": None}]
 
 
 def test_missing_key_and_bad_body_lists_every_error(ref_server, golden):
     req = copy.deepcopy(golden)
     del req["options"]
-    problem = _assert_problem(_post(ref_server, req, key=None))
-    assert _fields(problem) == ["header.Idempotency-Key", "options"]
+    body = _assert_invalid(_post(ref_server, req, key=None))
+    assert [(e["type"], e["loc"]) for e in body["detail"]] == [("missing", ["header", "Idempotency-Key"]), ("missing", ["body", "options"])]
+
+
+def test_invalid_requests_are_rfc_7807_problems_in_rfc_mode(rfc_server, golden):
+    """``--idempotency rfc`` answers an invalid request as an RFC 7807 problem naming every
+    field by its path, where the reference mode answers FastAPI's body."""
+    req = copy.deepcopy(golden)
+    req["options"]["max_turnover_pct"] = "1.5"
+    problem = _assert_problem(_post(rfc_server, req, key="5f0c2a8e-1d3b-4e6f-9a7c-2b4d6e8f0a12"))
+    assert problem["errors"] == [{"field": "options.max_turnover_pct", "message": "must be <= 1, got 1.5"}]
+    assert problem["instance"] == SIM
+    analyzed = _assert_problem(rfc_server.client.post("/rebalance/analyze", json={**req, "scenarios": {}}))
+    assert _fields(analyzed) == ["scenarios"] and analyzed["instance"] == "/rebalance/analyze"
 
 
 @pytest.mark.parametrize("raw, words", [
@@ -210,11 +245,11 @@ def test_missing_key_and_bad_body_lists_every_error(ref_server, golden):
     (b'"text"', "JSON object"),
     (b"[" * 100_000 + b"]" * 100_000, "nested"),
 ])
-def test_malformed_body_is_422_problem(ref_server, raw, words):
-    problem = _assert_problem(_post(ref_server, raw))
-    assert problem["errors"] and problem["errors"][0]["field"] == "$"
-    assert words.lower() in problem["errors"][0]["message"].lower()
-    assert words.lower() in problem["detail"].lower()
+def test_malformed_body_is_422_naming_the_body(ref_server, raw, words):
+    (error,) = _assert_invalid(_post(ref_server, raw))["detail"]
+    assert error["loc"] == ["body"] and words.lower() in error["msg"].lower()
+    assert error["type"] == ("json_invalid" if words in ("malformed JSON", "UTF-8", "nested") else
+                             "missing" if words == "empty" else "model_attributes_type")
 
 
 def test_schema_errors_name_the_field(ref_server, golden):
@@ -223,19 +258,18 @@ def test_schema_errors_name_the_field(ref_server, golden):
     req["portfolio_snapshot"]["positions"] = [{"instrument_id": "US_EQ", "quantity": "-5"}]
     req["shelf_entries"][0]["status"] = "NOPE"
     req["options"]["max_turnover_pct"] = "1.5"
-    problem = _assert_problem(_post(ref_server, req))
-    fields = _fields(problem)
-    for field in ("model_portfolio.targets", "portfolio_snapshot.positions[0].quantity",
-                  "shelf_entries[0].status", "options.max_turnover_pct"):
-        assert field in fields, fields
-    assert problem["type"].startswith("https://") and problem["title"]
+    body = _assert_invalid(_post(ref_server, req))
+    found = {_path(e["loc"]): (e["type"], e["input"]) for e in body["detail"]}
+    assert found == {"model_portfolio.targets": ("missing", None),
+                     "portfolio_snapshot.positions[0].quantity": ("greater_than_equal", "-5"),
+                     "shelf_entries[0].status": ("enum", "NOPE"),
+                     "options.max_turnover_pct": ("less_than_equal", "1.5")}, found
 
 
 def test_empty_model_portfolio_needs_targets(ref_server, golden):
     req = copy.deepcopy(golden)
     req["model_portfolio"] = {}
-    problem = _assert_problem(_post(ref_server, req))
-    assert "model_portfolio.targets" in _fields(problem)
+    assert "model_portfolio.targets" in _fields(_assert_invalid(_post(ref_server, req)))
 
 
 @pytest.mark.parametrize("key, value, fields", [
@@ -250,7 +284,7 @@ def test_empty_model_portfolio_needs_targets(ref_server, golden):
 def test_required_top_level_objects_are_422(ref_server, golden, key, value, fields):
     req = copy.deepcopy(golden)
     req[key] = value
-    assert sorted(_fields(_assert_problem(_post(ref_server, req)))) == fields
+    assert sorted(_fields(_assert_invalid(_post(ref_server, req)))) == fields
 
 
 def test_trade_beyond_quantity_range_is_422_naming_it(ref_server, golden):
@@ -275,9 +309,18 @@ def test_a_lone_surrogate_is_a_422_naming_the_field(ref_server, golden):
     """JSON's \\ud800 escape spells text no UTF-8 holds: a fault of the request (spec §9.1:
     a clear error), not an engine failure that reruns the pass it shared."""
     raw = json.dumps(golden).replace('"pf_003"', '"pf_\\ud800"')
-    problem = _assert_problem(_post(ref_server, raw))
-    assert problem["errors"] == [{"field": "portfolio_snapshot.portfolio_id",
-                                  "message": "not valid Unicode text (a lone surrogate): 'pf_\\ud800'"}]
+    body = _assert_invalid(_post(ref_server, raw))
+    assert body["detail"] == [{"type": "string_unicode", "loc": ["body", "portfolio_snapshot", "portfolio_id"],
+                               "msg": "not valid Unicode text (a lone surrogate): 'pf_\\ud800'", "input": None}]
+    # nor where the fault is a value or a key the 422 echoes: written out, not a 500
+    bad = copy.deepcopy(golden)
+    bad["shelf_entries"][0]["status"] = "PLACEHOLDER"
+    bad["options"]["group_constraints"] = {"KEY": {"max_weight": "0.5"}}
+    raw = json.dumps(bad).replace('"PLACEHOLDER"', '"\\ud800"').replace('"KEY"', '"\\udc00"')
+    body = _assert_invalid(_post(ref_server, raw))
+    assert [(e["type"], e["loc"], e["input"]) for e in body["detail"]] == [
+        ("enum", ["body", "shelf_entries", 0, "status"], None),
+        ("string_unicode", ["body", "options", "group_constraints", "'\\udc00'"], None)]
 
 
 def test_a_client_that_leaves_mid_body_is_no_server_error(ref_server, golden):
@@ -508,7 +551,9 @@ def test_infeasible_concentration_is_a_422_problem_when_asked(server, request):
     assert slots[1]["status"] == "BLOCKED"
 
     req["options"]["rfc_domain_errors"] = None  # a flag has no null (§3.6)
-    assert _fields(_assert_problem(_post(srv, req, key="9d2c0e1a-7b7f-4c55-8f59-3f0b6a4c1d13"))) == ["options.rfc_domain_errors"]
+    invalid = _post(srv, req, key="9d2c0e1a-7b7f-4c55-8f59-3f0b6a4c1d13")
+    body = _assert_problem(invalid) if server == "rfc_server" else _assert_invalid(invalid)
+    assert _fields(body) == ["options.rfc_domain_errors"]
 
 
 # -- rfc mode ---------------------------------------------------------------------------------
@@ -632,7 +677,7 @@ def test_analyze_endpoint_runs_scenarios_and_isolates_bad_ones(ref_server):
     assert body["failed_scenarios"]["invalid_case"].startswith("INVALID_OPTIONS: ")
     assert body["warnings"] == ["PARTIAL_BATCH_FAILURE"]
     empty = ref_server.client.post("/rebalance/analyze", json={**batch, "scenarios": {}})
-    assert empty.status_code == 422 and empty.json()["errors"][0]["field"] == "scenarios"
+    assert _assert_invalid(empty)["detail"][0]["loc"] == ["body", "scenarios"]
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read_whole(tmp_path, golden):

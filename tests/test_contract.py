@@ -325,7 +325,7 @@ def test_a_scenario_fails_on_its_first_invalid_option_in_declaration_order():
         "advisory_limit_first": "INVALID_OPTIONS: options.drift_top_contributors_limit: must be between 1 and 20, got 99",
         "compare_first": "INVALID_OPTIONS: options.compare_target_methods: expected a boolean, got 'maybe'",
         "dpm_before_advisory": "INVALID_OPTIONS: options.fx_settlement_days: must be between 0 and 10, got 11",
-        "group_only": "INVALID_OPTIONS: options.group_constraints.no-colon: group constraint keys must be 'attribute:value' with exactly one ':'",
+        "group_only": "INVALID_OPTIONS: options.group_constraints['no-colon']: group constraint keys must be 'attribute:value' with exactly one ':'",
         "late_first": "INVALID_OPTIONS: Value error, max_turnover_pct must be between 0 and 1 inclusive",
         "not_a_number": "INVALID_OPTIONS: options.max_turnover_pct: not a decimal number: 'abc'",
     }
@@ -387,17 +387,57 @@ def test_an_unexpected_engine_failure_fails_its_scenario_by_exception_class(monk
     assert body["failed_scenarios"] == {"b_broken": "SCENARIO_EXECUTION_ERROR: ZeroDivisionError"}
 
 
-@pytest.mark.parametrize("name, spec, field", [
-    ("trailing_newline\n", {"options": {}}, "scenarios.trailing_newline\n"),
-    ("Upper", {"options": {}}, "scenarios.Upper"),
-    ("numbered_description", {"description": 7, "options": {}}, "scenarios.numbered_description.description"),
-    ("null_options", {"options": None}, "scenarios.null_options.options"),
+@pytest.mark.parametrize("name, spec, field, loc", [
+    ("trailing_newline\n", {"options": {}}, "scenarios['trailing_newline\\n']", ["scenarios", "trailing_newline\n"]),
+    ("Upper", {"options": {}}, "scenarios['Upper']", ["scenarios", "Upper"]),
+    ("dotted.name", {"options": {}}, "scenarios['dotted.name']", ["scenarios", "dotted.name"]),
+    ("numbered_description", {"description": 7, "options": {}}, "scenarios['numbered_description'].description",
+     ["scenarios", "numbered_description", "description"]),
+    ("null_options", {"options": None}, "scenarios['null_options'].options", ["scenarios", "null_options", "options"]),
 ])
-def test_a_bad_scenario_name_or_shape_is_a_whole_request_422(name, spec, field):
+def test_a_bad_scenario_name_or_shape_is_a_whole_request_422(name, spec, field, loc):
+    """A scenario is named by its key in brackets, so that a name holding a dot or a
+    newline is one step of the reference-shaped body's ``loc``."""
     from dpm_vec.analyze import analyze
     with pytest.raises(RequestError) as caught:
         analyze(_batch(**{name: spec, "fine": {"description": "unused", "options": {}}}))
     assert [e["field"] for e in caught.value.errors] == [field]
+    assert [e["loc"] for e in caught.value.validation_detail()["detail"]] == [["body", *loc]]
+
+
+def test_the_reference_shaped_422_names_each_fault_by_loc_type_and_input():
+    """Spec §2.4: FastAPI's ``{"detail": [{"type", "loc", "msg", "input"}]}``, every error
+    listed; a map key holding a dot or a bracket is one step of ``loc``, list items are
+    integers."""
+    request = copy.deepcopy(REQUEST)
+    request["portfolio_snapshot"]["positions"] = [{"instrument_id": "US_EQ", "quantity": "abc"}]
+    del request["market_data_snapshot"]["prices"][0]["currency"]
+    request["shelf_entries"][0]["status"] = "NOPE"
+    request["shelf_entries"][0]["attributes"] = {"sector.gics[1]": 7}
+    request["options"] = {"max_turnover_pct": "1.5", "settlement_horizon_days": -1, "allow_restricted": "maybe",
+                          "group_constraints": {"a.b": {"max_weight": "0.2"}, "sector:it": {"max_weight": "2"}},
+                          "max_overdraft_by_ccy": {"US.D": "-1"}}
+    with pytest.raises(RequestError) as caught:
+        parse_request(request, "r0")
+    detail = caught.value.validation_detail()["detail"]
+    assert all(set(e) == {"type", "loc", "msg", "input"} for e in detail)
+    found = {tuple(e["loc"]): (e["type"], e["input"]) for e in detail}
+    assert found == {
+        ("body", "portfolio_snapshot", "positions", 0, "quantity"): ("decimal_parsing", "abc"),
+        ("body", "market_data_snapshot", "prices", 0, "currency"): ("missing", None),
+        ("body", "shelf_entries", 0, "status"): ("enum", "NOPE"),
+        ("body", "shelf_entries", 0, "attributes", "sector.gics[1]"): ("string_type", 7),
+        ("body", "options", "max_turnover_pct"): ("less_than_equal", "1.5"),
+        ("body", "options", "settlement_horizon_days"): ("greater_than_equal", -1),
+        ("body", "options", "allow_restricted"): ("bool_parsing", "maybe"),
+        ("body", "options", "group_constraints", "a.b"): ("value_error", "a.b"),
+        ("body", "options", "group_constraints", "sector:it", "max_weight"): ("less_than_equal", "2"),
+        ("body", "options", "max_overdraft_by_ccy", "US.D"): ("greater_than_equal", "-1"),
+    }, found
+    # the problem body names the same faults by path, without the reference's extras
+    problem = caught.value.problem("/rebalance/simulate")
+    assert [set(e) for e in problem["errors"]] == [{"field", "message"}] * len(detail)
+    assert "options.group_constraints['a.b']" in [e["field"] for e in problem["errors"]]
 
 
 def test_a_cash_total_past_the_fixed_point_is_a_422_and_fails_alone():

@@ -56,32 +56,47 @@ def invalid_options_reason(errors: list[dict]) -> str:
 
 
 def validate_batch(batch) -> dict:
-    """Whole-request checks; returns the scenarios map or raises RequestError."""
+    """Whole-request checks, every fault listed (§2.4): the shared parts as a simulate
+    request's, then the scenarios map. Returns the scenarios map or raises RequestError."""
     if not isinstance(batch, dict):
-        raise RequestError([{"field": "$", "message": "request body must be a JSON object"}])
-    errors = [{"field": key, "message": "field required", "type": "missing"} for key in (*SHARED_KEYS, "scenarios") if key not in batch]
+        raise RequestError([{"field": "$", "message": "request body must be a JSON object", "type": "model_attributes_type",
+                             "input": batch}])
+    errors: list[dict] = []
+    try:
+        parse_request({**{k: batch[k] for k in SHARED_KEYS if k in batch}, "options": {}}, "shared")
+    except RequestError as exc:
+        errors.extend(exc.errors)
+    errors.extend(_scenario_errors(batch))
     if errors:
         raise RequestError(errors)
-    try:
-        parse_request({**{k: batch[k] for k in SHARED_KEYS}, "options": {}}, "shared")
-    except RequestError as exc:
-        raise RequestError(exc.errors) from None
+    return batch["scenarios"]
+
+
+def _scenario_errors(batch: dict) -> list[dict]:
+    """§7's checks of the scenarios map: present, a non-empty object of at most 20, each
+    name matching the pattern and each scenario an object whose ``options`` is one."""
+    if "scenarios" not in batch:
+        return [{"field": "scenarios", "message": "field required", "type": "missing"}]
     scenarios = batch["scenarios"]
     if not isinstance(scenarios, dict) or not scenarios:
-        raise RequestError([{"field": "scenarios", "message": "must be a non-empty object"}])
+        return [{"field": "scenarios", "message": "must be a non-empty object",
+                 "type": "too_short" if isinstance(scenarios, dict) else "dict_type", "input": scenarios}]
     if len(scenarios) > MAX_SCENARIOS:
-        raise RequestError([{"field": "scenarios", "message": f"at most {MAX_SCENARIOS} scenarios, got {len(scenarios)}"}])
+        return [{"field": "scenarios", "message": f"at most {MAX_SCENARIOS} scenarios, got {len(scenarios)}", "type": "too_long"}]
+    errors = []
     for name, spec in scenarios.items():
         if not SCENARIO_NAME.fullmatch(name):
             errors.append({"field": f"scenarios[{name!r}]", "message": "scenario names must match ^[a-z0-9_-]{1,64}$", "input": name})
-        elif not isinstance(spec, dict) or not isinstance(spec.get("options", {}), dict):
-            errors.append({"field": f"scenarios[{name!r}].options", "message": "options must be an object", "type": "dict_type"})
+        elif not isinstance(spec, dict):
+            errors.append({"field": f"scenarios[{name!r}]", "message": "a scenario must be an object",
+                           "type": "model_attributes_type", "input": spec})
+        elif not isinstance(spec.get("options", {}), dict):
+            errors.append({"field": f"scenarios[{name!r}].options", "message": "options must be an object", "type": "dict_type",
+                           "input": spec.get("options")})
         elif not isinstance(spec.get("description", ""), (str, type(None))):
             errors.append({"field": f"scenarios[{name!r}].description", "message": "expected a string", "type": "string_type",
                            "input": spec.get("description")})
-    if errors:
-        raise RequestError(errors)
-    return scenarios
+    return errors
 
 
 def analyze(batch) -> dict:

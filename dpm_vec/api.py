@@ -204,9 +204,9 @@ def _parse_body(raw: bytes) -> tuple[object, list[dict]]:
     except UnicodeDecodeError as exc:
         return None, [{"field": "$", "message": f"request body is not valid UTF-8 text: {exc.reason} at byte {exc.start}",
                        "type": "json_invalid"}]
-    except json.JSONDecodeError as exc:
+    except json.JSONDecodeError as exc:  # FastAPI's loc: the body and the character offset
         return None, [{"field": "$", "message": f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-                       "type": "json_invalid"}]
+                       "type": "json_invalid", "loc": ["body", exc.pos]}]
     except RecursionError:
         return None, [{"field": "$", "message": "malformed JSON: nested too deeply", "type": "json_invalid"}]
     except ValueError as exc:  # e.g. an integer literal with too many digits
@@ -381,6 +381,8 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
 
     def simulate_sync(body, errors: list[dict], key: str | None, cid: str | None, headers: dict) -> _Outcome:
         canonical = _canonical_uuid(key) if rfc and key is not None else None
+        if not rfc and any(e.get("type") == "json_invalid" for e in errors):
+            return invalid(errors, SIMULATE_PATH, headers)  # as FastAPI: the body's JSON fails before any header is read
         if key is None:
             errors.insert(0, {"field": "header.Idempotency-Key", "message": "field required", "type": "missing"})
         elif rfc and not key.strip():
@@ -521,8 +523,10 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
     async def handle(request: Request, endpoint: str, work) -> Response:
         started = time.perf_counter()
         cid, headers = correlation(request)
-        # a header sent twice is one comma-separated value (RFC 9110 §5.3): no UUID, in rfc mode
-        key = ", ".join(request.headers.getlist("idempotency-key")) or request.headers.get("idempotency-key")
+        # a header sent twice: the reference reads the first; in rfc mode it is one comma-separated
+        # value (RFC 9110 §5.3), no UUID, so a 422
+        keys = request.headers.getlist("idempotency-key")
+        key = (", ".join(keys) if rfc else keys[0]) if keys else None
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         try:
             if encoding not in ("", "identity"):  # the body is not read: a compressed one is no JSON

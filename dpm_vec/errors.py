@@ -82,7 +82,8 @@ def error_loc(field: str) -> list:
 class RequestError(DpmVecError):
     """An invalid JSON request; ``errors`` lists every invalid field: its path
     (``field``), what was expected (``message``) and, where known, the check's
-    pydantic-style ``type`` and the ``input`` it failed on."""
+    pydantic-style ``type``, the ``input`` it failed on and a ``loc`` where the path alone
+    does not give it."""
 
     TYPE = "https://dpm-vec.dev/problems/invalid-request"
 
@@ -101,15 +102,17 @@ class RequestError(DpmVecError):
         """The reference's 422 body (spec §2.4), FastAPI's validation shape:
         ``{"detail": [{"type", "loc", "msg", "input"}, ...]}``, every error listed."""
         return {"detail": [{"type": e.get("type", "value_error"),
-                            "loc": [step if _utf8_or_none(step) is not None else ascii(step) for step in error_loc(e["field"])],
+                            "loc": [step if _utf8_or_none(step) is not None else ascii(step)
+                                    for step in e.get("loc") or error_loc(e["field"])],
                             "msg": e["message"], "input": _utf8_or_none(e.get("input"))} for e in self.errors]}
 
 
 def _utf8_or_none(value):
-    """``value`` where JSON in UTF-8 can carry it; None for one holding a lone surrogate
-    (JSON's \\ud800 escape), which no UTF-8 body can echo."""
+    """``value`` where strict JSON in UTF-8 can carry it; None for one holding a lone
+    surrogate (JSON's \\ud800 escape) or a bare NaN or Infinity (which Python's parser
+    takes, and no JSON body can echo)."""
     try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except (UnicodeEncodeError, TypeError, ValueError):
         return None
     return value

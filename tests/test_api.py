@@ -247,9 +247,36 @@ def test_invalid_requests_are_rfc_7807_problems_in_rfc_mode(rfc_server, golden):
 ])
 def test_malformed_body_is_422_naming_the_body(ref_server, raw, words):
     (error,) = _assert_invalid(_post(ref_server, raw))["detail"]
-    assert error["loc"] == ["body"] and words.lower() in error["msg"].lower()
+    # FastAPI's loc for JSON that does not parse carries the character offset
+    assert error["loc"] == (["body", 23] if words == "malformed JSON" else ["body"]) and words.lower() in error["msg"].lower()
     assert error["type"] == ("json_invalid" if words in ("malformed JSON", "UTF-8", "nested") else
                              "missing" if words == "empty" else "model_attributes_type")
+
+
+def test_malformed_json_is_the_one_error_as_fastapi_reads_it_first(ref_server):
+    """FastAPI parses the body's JSON before it reads any header: a malformed body without
+    an Idempotency-Key is one json_invalid error, not also the missing header."""
+    (error,) = _assert_invalid(_post(ref_server, b'{"a": ', key=None))["detail"]
+    assert (error["type"], error["loc"]) == ("json_invalid", ["body", 6])
+    # an empty body does not fail to parse: there the missing header is listed too
+    assert [e["loc"] for e in _assert_invalid(_post(ref_server, b"", key=None))["detail"]] == [["header", "Idempotency-Key"], ["body"]]
+
+
+def test_bare_nan_and_infinity_are_a_422_whose_body_is_json(ref_server, golden):
+    """Python's parser takes JSON's non-standard NaN and Infinity: the 422 names the field,
+    and its ``input`` is null, since no JSON body can carry the value."""
+    raw = json.dumps(golden).replace('"1.35"', "NaN").replace('"100.0"', "1e400")
+    resp = _post(ref_server, raw)
+    body = json.loads(resp.text, parse_constant=lambda name: pytest.fail(f"{name} in the 422 body"))
+    assert resp.status_code == 422 and [(e["type"], e["loc"], e["input"]) for e in body["detail"]] == [
+        ("finite_number", ["body", "market_data_snapshot", "prices", 0, "price"], None),
+        ("finite_number", ["body", "market_data_snapshot", "fx_rates", 0, "rate"], None)]
+
+
+def test_an_idempotency_key_sent_twice_is_its_first_value(ref_server, golden):
+    """The reference reads a repeated header's first value into lineage.request_hash."""
+    resp = ref_server.client.post(SIM, json=golden, headers=[("Idempotency-Key", "first"), ("Idempotency-Key", "second")])
+    assert resp.status_code == 200 and resp.json()["lineage"]["request_hash"] == "first"
 
 
 def test_schema_errors_name_the_field(ref_server, golden):
@@ -678,6 +705,16 @@ def test_analyze_endpoint_runs_scenarios_and_isolates_bad_ones(ref_server):
     assert body["warnings"] == ["PARTIAL_BATCH_FAILURE"]
     empty = ref_server.client.post("/rebalance/analyze", json={**batch, "scenarios": {}})
     assert _assert_invalid(empty)["detail"][0]["loc"] == ["body", "scenarios"]
+    # every fault of the request is listed: a shared part's and the scenarios'
+    broken = copy.deepcopy(batch)
+    broken["shelf_entries"][0]["status"] = "X"
+    broken["scenarios"] = {"ok": 5, "Bad": {}, "fine": {"options": []}}
+    assert [(e["type"], e["loc"]) for e in _assert_invalid(ref_server.client.post("/rebalance/analyze", json=broken))["detail"]] == [
+        ("enum", ["body", "shelf_entries", 0, "status"]), ("model_attributes_type", ["body", "scenarios", "ok"]),
+        ("value_error", ["body", "scenarios", "Bad"]), ("dict_type", ["body", "scenarios", "fine", "options"])]
+    del broken["scenarios"]
+    assert [e["loc"] for e in _assert_invalid(ref_server.client.post("/rebalance/analyze", json=broken))["detail"]] == [
+        ["body", "shelf_entries", 0, "status"], ["body", "scenarios"]]
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read_whole(tmp_path, golden):

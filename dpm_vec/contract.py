@@ -27,6 +27,9 @@ MAX_QUANTITY = Decimal(10) ** 9  # quantities carry 28 decimals in Decimal(38, 2
 # so do model weights and the weight options the target stage computes with (numeric.WEIGHT);
 # the reference takes any value, and this range is far beyond every meaningful one
 MAX_WEIGHT = Decimal(10) ** 9
+# pydantic's lax text for an integer (spec §3: "integers accept integral strings"): ASCII
+# digits, single underscores between them, an optional all-zero fraction, no exponent
+INTEGER_TEXT = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*(?:\.0+)?", re.ASCII)
 TRUE_WORDS = {"true", "1", "yes", "y", "on", "t"}
 FALSE_WORDS = {"false", "0", "no", "n", "off", "f"}
 GROUP_KEY = re.compile(r"^[^:]+:[^:]+$")
@@ -155,8 +158,8 @@ class _Reader:
             return value
         if isinstance(value, (int, float)) and value in (0, 1):  # 0, 1, 0.0, 1.0 (pydantic's lax mode)
             return bool(value)
-        if isinstance(value, str) and value.strip().lower() in TRUE_WORDS | FALSE_WORDS:
-            return value.strip().lower() in TRUE_WORDS
+        if isinstance(value, str) and value.lower() in TRUE_WORDS | FALSE_WORDS:  # unstripped, as pydantic
+            return value.lower() in TRUE_WORDS
         self.fail(path, f"expected a boolean, got {value!r}", "bool_parsing", value)
         return default
 
@@ -165,6 +168,8 @@ class _Reader:
             return default
         try:
             # true and false are 1 and 0 here, as in pydantic's lax mode
+            if isinstance(value, str) and not INTEGER_TEXT.fullmatch(value.strip()):
+                raise ValueError
             number = Decimal(int(value)) if isinstance(value, bool) else Decimal(str(value).strip())
             if not number.is_finite() or number != number.to_integral_value():
                 raise ValueError

@@ -167,9 +167,9 @@ class _Reader:
         if value is None:
             return default
         try:
-            # true and false are 1 and 0 here, as in pydantic's lax mode
             if isinstance(value, str) and not INTEGER_TEXT.fullmatch(value.strip()):
                 raise ValueError
+            # true and false are 1 and 0 here, as in pydantic's lax mode
             number = Decimal(int(value)) if isinstance(value, bool) else Decimal(str(value).strip())
             if not number.is_finite() or number != number.to_integral_value():
                 raise ValueError
@@ -261,7 +261,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     r = _Reader()
     rows: dict[str, list[dict]] = {t: [] for t in TABLES}
     if not isinstance(request, dict):
-        raise RequestError([{"field": "$", "message": "request body must be a JSON object"}])
+        raise RequestError([{"field": "$", "message": "request body must be a JSON object", "type": "model_attributes_type"}])
     for key in ("portfolio_snapshot", "market_data_snapshot", "model_portfolio", "shelf_entries", "options"):
         if key not in request:
             r.fail(key, "field required", "missing")

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 from dpm_vec.contract import parse_request
-from dpm_vec.errors import InfeasibleConstraintError, QuantityRangeError, RequestError, ValueRangeError
+from dpm_vec.errors import InfeasibleConstraintError, QuantityRangeError, RequestError, ValueRangeError, fault, not_an_object
 from dpm_vec.simulate import simulate_outcomes
 
 log = logging.getLogger("dpm_vec.analyze")
@@ -59,8 +59,7 @@ def validate_batch(batch) -> dict:
     """Whole-request checks, every fault listed (§2.4): the shared parts as a simulate
     request's, then the scenarios map. Returns the scenarios map or raises RequestError."""
     if not isinstance(batch, dict):
-        raise RequestError([{"field": "$", "message": "request body must be a JSON object", "type": "model_attributes_type",
-                             "input": batch}])
+        raise RequestError([not_an_object(batch)])
     errors: list[dict] = []
     try:
         parse_request({**{k: batch[k] for k in SHARED_KEYS if k in batch}, "options": {}}, "shared")
@@ -76,26 +75,22 @@ def _scenario_errors(batch: dict) -> list[dict]:
     """§7's checks of the scenarios map: present, a non-empty object of at most 20, each
     name matching the pattern and each scenario an object whose ``options`` is one."""
     if "scenarios" not in batch:
-        return [{"field": "scenarios", "message": "field required", "type": "missing"}]
+        return [fault("scenarios", "field required", "missing")]
     scenarios = batch["scenarios"]
     if not isinstance(scenarios, dict) or not scenarios:
-        return [{"field": "scenarios", "message": "must be a non-empty object",
-                 "type": "too_short" if isinstance(scenarios, dict) else "dict_type", "input": scenarios}]
+        return [fault("scenarios", "must be a non-empty object", "too_short" if isinstance(scenarios, dict) else "dict_type", scenarios)]
     if len(scenarios) > MAX_SCENARIOS:
-        return [{"field": "scenarios", "message": f"at most {MAX_SCENARIOS} scenarios, got {len(scenarios)}", "type": "too_long"}]
+        return [fault("scenarios", f"at most {MAX_SCENARIOS} scenarios, got {len(scenarios)}", "too_long")]
     errors = []
     for name, spec in scenarios.items():
         if not SCENARIO_NAME.fullmatch(name):
-            errors.append({"field": f"scenarios[{name!r}]", "message": "scenario names must match ^[a-z0-9_-]{1,64}$", "input": name})
+            errors.append(fault(f"scenarios[{name!r}]", "scenario names must match ^[a-z0-9_-]{1,64}$", value=name))
         elif not isinstance(spec, dict):
-            errors.append({"field": f"scenarios[{name!r}]", "message": "a scenario must be an object",
-                           "type": "model_attributes_type", "input": spec})
+            errors.append(fault(f"scenarios[{name!r}]", "a scenario must be an object", "model_attributes_type", spec))
         elif not isinstance(spec.get("options", {}), dict):
-            errors.append({"field": f"scenarios[{name!r}].options", "message": "options must be an object", "type": "dict_type",
-                           "input": spec.get("options")})
+            errors.append(fault(f"scenarios[{name!r}].options", "options must be an object", "dict_type", spec.get("options")))
         elif not isinstance(spec.get("description", ""), (str, type(None))):
-            errors.append({"field": f"scenarios[{name!r}].description", "message": "expected a string", "type": "string_type",
-                           "input": spec.get("description")})
+            errors.append(fault(f"scenarios[{name!r}].description", "expected a string", "string_type", spec.get("description")))
     return errors
 
 

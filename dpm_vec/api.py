@@ -60,7 +60,7 @@ from dpm_vec import __version__
 from dpm_vec.analyze import analyze
 from dpm_vec.coalesce import Coalescer
 from dpm_vec.contract import parse_request, request_hash
-from dpm_vec.errors import ENGINE_FAILURES, InfeasibleConstraintError, QuantityRangeError, RequestError, ValueRangeError, problem
+from dpm_vec.errors import ENGINE_FAILURES, InfeasibleConstraintError, QuantityRangeError, RequestError, ValueRangeError, fault, not_an_object, problem
 from dpm_vec.simulate import simulate_many, simulate_outcomes
 from dpm_vec.store import DuplicateRunId, IdempotencyConflict, RunStore, new_run_id
 
@@ -198,19 +198,18 @@ def _internal_error(instance: str) -> dict:
 def _parse_body(raw: bytes) -> tuple[object, list[dict]]:
     """JSON body → (value, errors). Never raises."""
     if not raw.strip():
-        return None, [{"field": "$", "message": "request body is empty; expected a JSON object", "type": "missing"}]
+        return None, [fault("$", "request body is empty; expected a JSON object", "missing")]
     try:
         return json.loads(raw.decode("utf-8-sig")), []  # RFC 8259: JSON text is UTF-8
     except UnicodeDecodeError as exc:
-        return None, [{"field": "$", "message": f"request body is not valid UTF-8 text: {exc.reason} at byte {exc.start}",
-                       "type": "json_invalid"}]
+        return None, [fault("$", f"request body is not valid UTF-8 text: {exc.reason} at byte {exc.start}", "json_invalid")]
     except json.JSONDecodeError as exc:  # FastAPI's loc: the body and the character offset
-        return None, [{"field": "$", "message": f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-                       "type": "json_invalid", "loc": ["body", exc.pos]}]
+        return None, [fault("$", f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", "json_invalid",
+                            loc=["body", exc.pos])]
     except RecursionError:
-        return None, [{"field": "$", "message": "malformed JSON: nested too deeply", "type": "json_invalid"}]
+        return None, [fault("$", "malformed JSON: nested too deeply", "json_invalid")]
     except ValueError as exc:  # e.g. an integer literal with too many digits
-        return None, [{"field": "$", "message": f"malformed JSON: {exc}", "type": "json_invalid"}]
+        return None, [fault("$", f"malformed JSON: {exc}", "json_invalid")]
 
 
 def _portfolio_id(body) -> str | None:
@@ -384,14 +383,13 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         if not rfc and any(e.get("type") == "json_invalid" for e in errors):
             return invalid(errors, SIMULATE_PATH, headers)  # as FastAPI: the body's JSON fails before any header is read
         if key is None:
-            errors.insert(0, {"field": "header.Idempotency-Key", "message": "field required", "type": "missing"})
+            errors.insert(0, fault("header.Idempotency-Key", "field required", "missing"))
         elif rfc and not key.strip():
-            errors.insert(0, {"field": "header.Idempotency-Key", "message": "must not be empty"})
+            errors.insert(0, fault("header.Idempotency-Key", "must not be empty", value=key))
         elif rfc and canonical is None:
-            errors.insert(0, {"field": "header.Idempotency-Key", "message": f"must be a UUID (RFC-0001 §7), got {key[:80]!r}"})
+            errors.insert(0, fault("header.Idempotency-Key", f"must be a UUID (RFC-0001 §7), got {key[:80]!r}", value=key))
         if body is not None and not isinstance(body, dict):
-            errors.append({"field": "$", "message": "request body must be a JSON object", "type": "model_attributes_type",
-                           "input": body})
+            errors.append(not_an_object(body))
         if errors:
             if isinstance(body, dict):  # header fault only: still list every body fault
                 try:
@@ -471,7 +469,7 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
     def batch_work(raw: bytes, cid: str | None, headers: dict, key: str | None) -> _Outcome:
         body, errors = _parse_body(raw)
         if body is not None and not isinstance(body, list):
-            errors.append({"field": "$", "message": "request body must be a JSON array of requests"})
+            errors.append(fault("$", "request body must be a JSON array of requests", "list_type", body))
         if errors:
             return _Outcome(422, _invalid(errors, BATCH_PATH), problem=True, headers=headers)
         slots = simulate_many(body)

@@ -18,7 +18,7 @@ import polars as pl
 from dpm_vec.book import (
     LIQUIDITY_TIERS, POLICY_COLUMNS, SHELF_STATUSES, TABLES, Book, make_book, table_schema,
 )
-from dpm_vec.errors import RequestError
+from dpm_vec.errors import RequestError, fault, not_an_object
 from dpm_vec.numeric import AMOUNT_28, QTY, SCALE, WEIGHT
 
 MAX_ABS = Decimal(10) ** (38 - SCALE - 1)
@@ -78,7 +78,7 @@ class _Reader:
     def fail(self, path: str, message: str, kind: str = "value_error", value=None) -> None:
         """Record a fault: its path, what was expected, the check's pydantic-style type
         (the reference's 422 body names it, spec §2.4) and the value that failed it."""
-        self.errors.append({"field": path, "message": message, "type": kind, "input": value})
+        self.errors.append(fault(path, message, kind, value))
 
     def _absent(self, value, path, required) -> bool:
         """Whether the field is missing (an error when it is required)."""
@@ -261,7 +261,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     r = _Reader()
     rows: dict[str, list[dict]] = {t: [] for t in TABLES}
     if not isinstance(request, dict):
-        raise RequestError([{"field": "$", "message": "request body must be a JSON object", "type": "model_attributes_type"}])
+        raise RequestError([not_an_object(request)])
     for key in ("portfolio_snapshot", "market_data_snapshot", "model_portfolio", "shelf_entries", "options"):
         if key not in request:
             r.fail(key, "field required", "missing")

@@ -67,16 +67,33 @@ def error_loc(field: str) -> list:
         return ["header", field.removeprefix("header.")]
     if field == "$":
         return ["body"]
+    if field.startswith("."):
+        return ["body", field]
     loc: list = ["body"]
     at = 0
     while at < len(field):
         step = _PATH_STEP.match(field, at)
-        if step is None or (at == 0 and field.startswith(".")):
+        if step is None:
             return ["body", field]
         name, index, key = step.groups()
         loc.append(name if name is not None else int(index) if index is not None else ast.literal_eval(key))
         at = step.end()
     return loc
+
+
+def fault(field: str, message: str, kind: str = "value_error", value=None, loc: list | None = None) -> dict:
+    """One invalid field of a request: its path, what was expected, the check's
+    pydantic-style type (the reference's 422 names it, spec §2.4), the input it failed on
+    and, where the path alone does not give it, FastAPI's ``loc``."""
+    error = {"field": field, "message": message, "type": kind, "input": value}
+    if loc is not None:
+        error["loc"] = loc
+    return error
+
+
+def not_an_object(body) -> dict:
+    """The fault of a request body that is valid JSON but no object."""
+    return fault("$", "request body must be a JSON object", "model_attributes_type", body)
 
 
 class RequestError(DpmVecError):

@@ -88,7 +88,7 @@ def _scenario_errors(batch: dict) -> list[dict]:
         elif not isinstance(spec, dict):
             errors.append(fault(f"scenarios[{name!r}]", "a scenario must be an object", "model_attributes_type", spec))
         elif not isinstance(spec.get("options", {}), dict):
-            errors.append(fault(f"scenarios[{name!r}].options", "options must be an object", "dict_type", spec.get("options")))
+            errors.append(fault(f"scenarios[{name!r}].options", "options must be an object", "model_attributes_type", spec.get("options")))
         elif not isinstance(spec.get("description", ""), (str, type(None))):
             errors.append(fault(f"scenarios[{name!r}].description", "expected a string", "string_type", spec.get("description")))
     return errors

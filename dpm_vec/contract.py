@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
@@ -18,7 +19,7 @@ import polars as pl
 from dpm_vec.book import (
     LIQUIDITY_TIERS, POLICY_COLUMNS, SHELF_STATUSES, TABLES, Book, make_book, table_schema,
 )
-from dpm_vec.errors import RequestError, fault, not_an_object
+from dpm_vec.errors import RequestError, error_loc, fault, not_an_object
 from dpm_vec.numeric import AMOUNT_28, QTY, SCALE, WEIGHT
 
 MAX_ABS = Decimal(10) ** (38 - SCALE - 1)
@@ -33,8 +34,6 @@ INTEGER_TEXT = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*(?:\.0+)?", re.ASCII)
 TRUE_WORDS = {"true", "1", "yes", "y", "on", "t"}
 FALSE_WORDS = {"false", "0", "no", "n", "off", "f"}
 GROUP_KEY = re.compile(r"^[^:]+:[^:]+$")
-# the type of a wrong JSON type's error, as pydantic names it (spec §2.4)
-TYPE_ERRORS = {dict: "dict_type", list: "list_type", str: "string_type"}
 # every EngineOptions field but the five "or null" ones (§4) and the RFC staleness limit,
 # whose null means "no limit": null is a wrong type for them (§3.6, item 4)
 NOT_NULL_OPTIONS = (
@@ -70,27 +69,51 @@ def _is_unicode(text: str) -> bool:
 
 
 class _Reader:
-    """Collects every validation error of one request with its JSON path."""
+    """Collects every validation error of one request with its JSON path. ``root`` is the
+    request itself: a required field's fault tells a missing key from one sent as null by
+    looking the path up in it."""
 
-    def __init__(self) -> None:
+    def __init__(self, root=None) -> None:
         self.errors: list[dict] = []
+        self.root = root
+        self._null: set[str] = set()  # paths sent as null where the contract has no null (not_null)
 
     def fail(self, path: str, message: str, kind: str = "value_error", value=None) -> None:
         """Record a fault: its path, what was expected, the check's pydantic-style type
         (the reference's 422 body names it, spec §2.4) and the value that failed it."""
         self.errors.append(fault(path, message, kind, value))
 
-    def _absent(self, value, path, required) -> bool:
-        """Whether the field is missing (an error when it is required)."""
-        if value is None and required:
-            self.fail(path, "field required", "missing")
-        return value is None
+    def _container(self, path: str):
+        """The object that holds the field at ``path`` in the request, or None."""
+        node = self.root
+        for step in error_loc(path)[1:-1]:
+            try:
+                node = node[step]
+            except (KeyError, IndexError, TypeError):
+                return None
+        return node
 
-    def _typed(self, value, path, required, kind, expected, empty):
-        if self._absent(value, path, required):
+    def _absent(self, value, path, required, null_kind) -> bool:
+        """Whether the field is absent or null. A required one is a fault: ``missing``
+        with its parent object as the input, as pydantic reports it; sent as null, the
+        field's own type error (``null_kind``). So is a null that ``not_null`` refused."""
+        if value is not None:
+            return False
+        container = self._container(path) if required else None
+        last = error_loc(path)[-1]
+        sent_null = (last in container) if isinstance(container, dict) else (
+            isinstance(container, list) and isinstance(last, int) and last < len(container))
+        if path in self._null or (required and sent_null):
+            self.fail(path, "must not be null", null_kind)
+        elif required:
+            self.fail(path, "field required", "missing", container if isinstance(container, dict) else None)
+        return True
+
+    def _typed(self, value, path, required, json_type, expected, empty, type_error):
+        if self._absent(value, path, required, type_error):
             return empty
-        if not isinstance(value, kind):
-            self.fail(path, f"expected {expected}", TYPE_ERRORS[kind], value)
+        if not isinstance(value, json_type):
+            self.fail(path, f"expected {expected}", type_error, value)
             return empty
         keys = value if isinstance(value, dict) else ()
         if not self.unicode(value, path) or not all(self.unicode(k, f"{path}[{k!r}]") for k in keys):
@@ -107,26 +130,31 @@ class _Reader:
         return True
 
     def not_null(self, obj: dict, keys, path: str) -> None:
-        """A field sent as null where the contract has no null for it (a list, a map, a
-        flag, a number with a default) is a wrong JSON type (§3.6), not an absent field."""
+        """Mark the fields of ``obj`` sent as null where the contract has no null for them (a
+        list, a map, a flag, a number with a default): a wrong JSON type (§3.6), not an
+        absent field, which the field's own reader then reports with its type. Call it
+        before those readers."""
         for key in keys:
             if key in obj and obj[key] is None:
-                self.fail(f"{path}.{key}" if path else key, "must not be null")
+                self._null.add(f"{path}.{key}" if path else key)
 
-    def obj(self, value, path, required=True):
-        return self._typed(value, path, required, dict, "an object", None)
+    def obj(self, value, path, required=True, model=True):
+        """An object: one of the contract's models (pydantic's ``model_attributes_type`` when
+        it is not one, as FastAPI validates them), or with ``model=False`` a free map
+        (``dict_type``)."""
+        return self._typed(value, path, required, dict, "an object", None, "model_attributes_type" if model else "dict_type")
 
     def arr(self, value, path, required=False):
-        return self._typed(value, path, required, list, "an array", [])
+        return self._typed(value, path, required, list, "an array", [], "list_type")
 
     def text(self, value, path, required=True):
-        return self._typed(value, path, required, str, "a string", None)
+        return self._typed(value, path, required, str, "a string", None, "string_type")
 
     def decimal(self, value, path, required=True, minimum=None, maximum=None, scale=SCALE):
         """A decimal number; ``scale`` is the decimals the engine keeps of it (20, or 28
         for a quantity or weight): a non-zero value smaller than that unit would be read
         as 0, a different number from the one sent, so it fails instead."""
-        if self._absent(value, path, required):
+        if self._absent(value, path, required, "decimal_type"):
             return None
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             self.fail(path, "expected a decimal number (string or number)", "decimal_type", value)
@@ -152,19 +180,30 @@ class _Reader:
         return number
 
     def boolean(self, value, path, default):
-        if value is None:
+        """A flag, read as pydantic's lax mode reads one: 0 and 1 (and 0.0, 1.0) and the
+        words of TRUE_WORDS and FALSE_WORDS, in any case but unstripped."""
+        if self._absent(value, path, False, "bool_type"):
             return default
         if isinstance(value, bool):
             return value
-        if isinstance(value, (int, float)) and value in (0, 1):  # 0, 1, 0.0, 1.0 (pydantic's lax mode)
+        if isinstance(value, (int, float)) and value in (0, 1):
             return bool(value)
-        if isinstance(value, str) and value.lower() in TRUE_WORDS | FALSE_WORDS:  # unstripped, as pydantic
+        if isinstance(value, str) and value.lower() in TRUE_WORDS | FALSE_WORDS:
             return value.lower() in TRUE_WORDS
-        self.fail(path, f"expected a boolean, got {value!r}", "bool_parsing", value)
+        # another word or 64-bit whole number cannot be read as a flag; anything else is no flag's type
+        readable = isinstance(value, str) or (isinstance(value, (int, float)) and float(value).is_integer() and -2 ** 63 <= value < 2 ** 63)
+        self.fail(path, f"expected a boolean, got {value!r}", "bool_parsing" if readable else "bool_type", value)
         return default
 
     def integer(self, value, path, default, lo=None, hi=None):
-        if value is None:
+        if self._absent(value, path, False, "int_type"):
+            return default
+        if not isinstance(value, (str, int, float)):
+            self.fail(path, f"expected an integer, got {value!r}", "int_type", value)
+            return default
+        if isinstance(value, float) and (not value.is_integer() or abs(value) >= 2.0 ** 63):
+            kind = "finite_number" if not math.isfinite(value) else "int_from_float" if not value.is_integer() else "int_parsing_size"
+            self.fail(path, f"expected an integer, got {value!r}", kind, value)
             return default
         try:
             if isinstance(value, str) and not INTEGER_TEXT.fullmatch(value.strip()):
@@ -183,7 +222,7 @@ class _Reader:
         return out
 
     def enum(self, value, path, allowed, default=None, required=False):
-        if self._absent(value, path, required):
+        if self._absent(value, path, required, "enum"):
             return default
         if value not in allowed:
             self.fail(path, f"must be one of {', '.join(allowed)}; got {value!r}", "enum", value)
@@ -258,19 +297,15 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     dropped instead), negative quantities, negative prices, zero prices of held or model
     instruments and negative FX rates.
     """
-    r = _Reader()
+    r = _Reader(request)
     rows: dict[str, list[dict]] = {t: [] for t in TABLES}
     if not isinstance(request, dict):
         raise RequestError([not_an_object(request)])
-    for key in ("portfolio_snapshot", "market_data_snapshot", "model_portfolio", "shelf_entries", "options"):
-        if key not in request:
-            r.fail(key, "field required", "missing")
-        elif request[key] is None:
-            r.fail(key, "must not be null")
-    ps = r.obj(request.get("portfolio_snapshot"), "portfolio_snapshot", required=False) or {}
-    md = r.obj(request.get("market_data_snapshot"), "market_data_snapshot", required=False) or {}
-    mp = r.obj(request.get("model_portfolio"), "model_portfolio", required=False) or {}
-    options = r.obj(request.get("options"), "options", required=False) or {}
+    ps = r.obj(request.get("portfolio_snapshot"), "portfolio_snapshot") or {}
+    md = r.obj(request.get("market_data_snapshot"), "market_data_snapshot") or {}
+    mp = r.obj(request.get("model_portfolio"), "model_portfolio") or {}
+    shelf = r.arr(request.get("shelf_entries"), "shelf_entries", required=True)
+    options = r.obj(request.get("options"), "options") or {}
     # as_of and trade_by are keys the reference ignores (§9): checked only where an RFC-0001
     # option reads them, and otherwise kept when valid, dropped when not, as never sent
     unread = _Reader()  # its errors are dropped
@@ -354,7 +389,6 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     for path, iid, value in zero_prices:
         if iid in used:
             r.fail(path, f"must be greater than 0 for an instrument held or in the model, got {value}", "greater_than", value)
-    shelf = r.arr(request.get("shelf_entries"), "shelf_entries")
     for path, s in _entries(r, shelf, "shelf_entries", "instrument_id", lookup=True):
         iid = r.text(s.get("instrument_id"), f"{path}.instrument_id")
         mn, mn_ccy = r.money(s.get("min_notional"), f"{path}.min_notional")
@@ -370,7 +404,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             "min_notional_amount": mn, "min_notional_currency": mn_ccy,
             "trade_by": trade_by_reader.enum(s.get("trade_by"), f"{path}.trade_by", ("UNITS", "NOTIONAL"), default="UNITS"),
         })
-        attributes = r.obj(s.get("attributes"), f"{path}.attributes", required=False) or {}
+        attributes = r.obj(s.get("attributes"), f"{path}.attributes", required=False, model=False) or {}
         for k, v in attributes.items():
             if not isinstance(v, str):
                 r.fail(f"{path}.attributes[{k!r}]", "attribute values must be strings", "string_type", v)
@@ -379,6 +413,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
                 continue
             rows["shelf_attributes"].append({"shelf_id": run_key, "instrument_id": iid, "attribute": k, "value": v})
 
+    r.not_null(options, (JSON_DOOR_OPTION,), "options")
     policy = parse_options(r, options, run_key, rows)
     rows["portfolios"].append({
         "run_key": run_key, "portfolio_id": portfolio_id, "base_currency": base,
@@ -390,7 +425,6 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
         # book column, so rows_to_book leaves it out and dpm_vec.simulate reads it here
         JSON_DOOR_OPTION: r.boolean(options.get(JSON_DOOR_OPTION), f"options.{JSON_DOOR_OPTION}", False),
     })
-    r.not_null(options, (JSON_DOOR_OPTION,), "options")
     if r.errors:
         raise RequestError(r.errors)
     return rows
@@ -410,6 +444,7 @@ def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]
     """EngineOptions (§4) → policy columns; map-valued options become table rows."""
     p = "options"
     D = Decimal
+    r.not_null(o, NOT_NULL_OPTIONS, p)
     policy = {
         "valuation_mode": r.enum(o.get("valuation_mode"), f"{p}.valuation_mode", ("CALCULATED", "TRUST_SNAPSHOT"), "CALCULATED"),
         "target_method": r.enum(o.get("target_method"), f"{p}.target_method", ("HEURISTIC", "SOLVER"), "HEURISTIC"),
@@ -452,7 +487,6 @@ def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]
     amount, ccy = r.money(o.get("min_trade_notional"), f"{p}.min_trade_notional")
     policy["min_trade_notional_amount"], policy["min_trade_notional_currency"] = amount, ccy
     r.money(o.get("dust_trade_threshold"), f"{p}.dust_trade_threshold")
-    r.not_null(o, NOT_NULL_OPTIONS, p)
     for name, allowed in ADVISORY_ENUMS.items():
         r.enum(o.get(name), f"{p}.{name}", allowed)
     for name in ("enable_proposal_simulation", "proposal_apply_cash_flows_first", "proposal_block_negative_cash",
@@ -461,13 +495,13 @@ def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]
     r.integer(o.get("drift_top_contributors_limit"), f"{p}.drift_top_contributors_limit", 5, 1, 20)
     r.decimal(o.get("drift_unmodeled_exposure_threshold"), f"{p}.drift_unmodeled_exposure_threshold", required=False, minimum=D(0), maximum=D(1))
     _suitability(r, o.get("suitability_thresholds"), f"{p}.suitability_thresholds")
-    overdrafts = r.obj(o.get("max_overdraft_by_ccy"), f"{p}.max_overdraft_by_ccy", required=False) or {}
+    overdrafts = r.obj(o.get("max_overdraft_by_ccy"), f"{p}.max_overdraft_by_ccy", required=False, model=False) or {}
     for ccy_key, value in overdrafts.items():
         if not ccy_key:
             r.fail(f"{p}.max_overdraft_by_ccy", "currency keys must not be empty")
         amount = r.decimal(value, f"{p}.max_overdraft_by_ccy[{ccy_key!r}]", minimum=D(0))
         rows["overdraft_limits"].append({"run_key": run_key, "currency": ccy_key, "max_overdraft": amount})
-    groups = r.obj(o.get("group_constraints"), f"{p}.group_constraints", required=False) or {}
+    groups = r.obj(o.get("group_constraints"), f"{p}.group_constraints", required=False, model=False) or {}
     for key, spec in groups.items():
         path = f"{p}.group_constraints[{key!r}]"
         if not GROUP_KEY.match(key):
@@ -491,7 +525,7 @@ def _suitability(r: _Reader, value, path: str) -> None:
         if key == "data_quality_issue_severity":
             r.enum(v, f"{path}.{key}", ("HIGH", "MEDIUM", "LOW"))
         elif key.endswith("_by_tier") or key == "liquidity_tier_max_weights":
-            for tier, w in (r.obj(v, f"{path}.{key}", required=False) or {}).items():
+            for tier, w in (r.obj(v, f"{path}.{key}", required=False, model=False) or {}).items():
                 r.enum(tier, f"{path}.{key}", LIQUIDITY_TIERS)
                 r.decimal(w, f"{path}.{key}[{tier!r}]", minimum=Decimal(0), maximum=Decimal(1))
         elif key.endswith("_weight"):

@@ -287,7 +287,7 @@ def test_schema_errors_name_the_field(ref_server, golden):
     req["options"]["max_turnover_pct"] = "1.5"
     body = _assert_invalid(_post(ref_server, req))
     found = {_path(e["loc"]): (e["type"], e["input"]) for e in body["detail"]}
-    assert found == {"model_portfolio.targets": ("missing", None),
+    assert found == {"model_portfolio.targets": ("missing", {"model_id": "m1"}),
                      "portfolio_snapshot.positions[0].quantity": ("greater_than_equal", "-5"),
                      "shelf_entries[0].status": ("enum", "NOPE"),
                      "options.max_turnover_pct": ("less_than_equal", "1.5")}, found
@@ -711,7 +711,7 @@ def test_analyze_endpoint_runs_scenarios_and_isolates_bad_ones(ref_server):
     broken["scenarios"] = {"ok": 5, "Bad": {}, "fine": {"options": []}}
     assert [(e["type"], e["loc"]) for e in _assert_invalid(ref_server.client.post("/rebalance/analyze", json=broken))["detail"]] == [
         ("enum", ["body", "shelf_entries", 0, "status"]), ("model_attributes_type", ["body", "scenarios", "ok"]),
-        ("value_error", ["body", "scenarios", "Bad"]), ("dict_type", ["body", "scenarios", "fine", "options"])]
+        ("value_error", ["body", "scenarios", "Bad"]), ("model_attributes_type", ["body", "scenarios", "fine", "options"])]
     del broken["scenarios"]
     assert [e["loc"] for e in _assert_invalid(ref_server.client.post("/rebalance/analyze", json=broken))["detail"]] == [
         ["body", "shelf_entries", 0, "status"], ["body", "scenarios"]]

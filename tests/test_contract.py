@@ -4,13 +4,16 @@ null or empty value means."""
 from __future__ import annotations
 
 import copy
+import enum
 from decimal import Decimal
 import json
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from dpm_vec.contract import parse_request, rows_to_book
+from dpm_vec.book import SHELF_STATUSES
+from dpm_vec.contract import JSON_DOOR_OPTION, NOT_NULL_OPTIONS, parse_request, rows_to_book
 from dpm_vec.errors import RequestError
 from dpm_vec.oracle import simulate as oracle_simulate
 from dpm_vec.simulate import simulate_many
@@ -59,6 +62,81 @@ def _with(path: tuple, value) -> dict:
 def test_null_where_the_contract_has_none_is_a_wrong_type(path):
     field = ".".join(str(p) for p in path).replace(".0.", "[0].")
     assert _errors(_with(path, None)) == [(field, "must not be null")]
+
+
+@pytest.mark.parametrize("name", [*NOT_NULL_OPTIONS, JSON_DOOR_OPTION])
+def test_every_option_without_a_null_names_a_null_by_its_type(name):
+    """A null option with no null in the contract is one fault, its type error: a name read
+    by no reader would pass as absent."""
+    request = _with(("options", name), None)
+    with pytest.raises(RequestError) as caught:
+        parse_request(request, "r0")
+    ((kind, loc),) = [(e["type"], e["loc"]) for e in caught.value.validation_detail()["detail"]]
+    assert loc == ["body", "options", name] and (kind.endswith("_type") or kind == "enum"), kind
+
+
+class _Model(BaseModel):
+    """Any of the contract's objects (a snapshot, an entry, Money, the options)."""
+
+
+# each field's type as §3 declares it (``| None`` where null means "not given"); FastAPI
+# validates a body with ``from_attributes``, so an object that is no object is
+# model_attributes_type, a free map's dict_type
+CONTRACT_TYPES = {
+    ("portfolio_snapshot",): _Model,
+    ("portfolio_snapshot", "portfolio_id"): str,
+    ("portfolio_snapshot", "positions"): list,
+    ("portfolio_snapshot", "positions", 0): _Model,
+    ("portfolio_snapshot", "positions", 0, "quantity"): Decimal,
+    ("portfolio_snapshot", "positions", 0, "lots"): list,
+    ("portfolio_snapshot", "positions", 0, "market_value"): _Model | None,
+    ("portfolio_snapshot", "cash_balances", 0, "amount"): Decimal,
+    ("market_data_snapshot", "prices", 0, "price"): Decimal,
+    ("market_data_snapshot", "fx_rates"): list,
+    ("model_portfolio",): _Model,
+    ("model_portfolio", "targets", 0, "weight"): Decimal,
+    ("shelf_entries",): list,
+    ("shelf_entries", 0, "status"): enum.Enum("ShelfStatus", {s: s for s in SHELF_STATUSES}, type=str),
+    ("shelf_entries", 0, "settlement_days"): int,
+    ("shelf_entries", 0, "attributes"): dict[str, str],
+    ("shelf_entries", 0, "min_notional"): _Model | None,
+    ("options",): _Model,
+    ("options", "allow_restricted"): bool,
+    ("options", "settlement_horizon_days"): int,
+    ("options", "valuation_mode"): enum.Enum("ValuationMode", {"CALCULATED": "CALCULATED", "TRUST_SNAPSHOT": "TRUST_SNAPSHOT"}, type=str),
+    ("options", "fx_buffer_pct"): Decimal,
+    ("options", "max_turnover_pct"): Decimal | None,
+    ("options", "max_overdraft_by_ccy"): dict[str, Decimal],
+    ("options", "group_constraints"): dict[str, _Model],
+}
+# bounds, not types: what a value pydantic's type takes may still fail
+BOUND_ERRORS = {"greater_than_equal", "less_than_equal", "greater_than", "value_error"}
+
+
+@pytest.mark.parametrize("path", CONTRACT_TYPES, ids=lambda path: ".".join(map(str, path)))
+@pytest.mark.parametrize("value", [None, [], {}, "x", 1.5, 7.0, 2, True, float("inf"), 1e19], ids=repr)
+def test_a_wrong_type_is_the_error_pydantic_names(path, value):
+    """Spec §2.4: the 422's ``type`` is pydantic's. Each field gets values of every JSON
+    type, and pydantic's own validator of the field's declared type says which error each
+    is, or that the value is of the right type (then only a bound of the contract can fail)."""
+    request = copy.deepcopy(REQUEST)
+    request["portfolio_snapshot"]["positions"] = [{"instrument_id": "US_EQ", "quantity": "10"}]
+    _parent(request, path)[path[-1]] = value
+    try:
+        TypeAdapter(CONTRACT_TYPES[path]).validate_python(value, from_attributes=True)
+        expected = None
+    except ValidationError as error:
+        expected = next(e["type"] for e in error.errors() if e["loc"] == ())
+    try:
+        parse_request(request, "r0")
+        detail = []
+    except RequestError as error:
+        detail = error.validation_detail()["detail"]
+    found = [e["type"] for e in detail if e["loc"] == ["body", *path]]
+    if expected is None:
+        assert set(found) <= BOUND_ERRORS, (value, found)
+    else:
+        assert found == [expected], (value, found)
 
 
 @pytest.mark.parametrize("path", [
@@ -429,7 +507,8 @@ def test_the_reference_shaped_422_names_each_fault_by_loc_type_and_input():
     found = {tuple(e["loc"]): (e["type"], e["input"]) for e in detail}
     assert found == {
         ("body", "portfolio_snapshot", "positions", 0, "quantity"): ("decimal_parsing", "abc"),
-        ("body", "market_data_snapshot", "prices", 0, "currency"): ("missing", None),
+        # a missing field's input is the object it is missing from, as pydantic reports it
+        ("body", "market_data_snapshot", "prices", 0, "currency"): ("missing", {"instrument_id": "US_EQ", "price": "100.0"}),
         ("body", "shelf_entries", 0, "status"): ("enum", "NOPE"),
         ("body", "shelf_entries", 0, "attributes", "sector.gics[1]"): ("string_type", 7),
         ("body", "options", "max_turnover_pct"): ("less_than_equal", "1.5"),

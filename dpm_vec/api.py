@@ -5,13 +5,14 @@ Endpoints (``create_app``):
 * ``POST /rebalance/simulate`` - body: one reference request (spec §3); header
   ``Idempotency-Key`` required. 200 + RebalanceResult for every valid request, whatever the
   business status (BLOCKED is still 200); 422 listing every invalid field (missing header,
-  malformed JSON, body not an object, schema errors): the reference's FastAPI body
+  malformed JSON, body not an object or not sent as JSON, schema errors): the reference's FastAPI body
   ``{"detail": [{"type", "loc", "msg", "input"}]}`` (spec §2.4), or in ``rfc`` mode an
   ``application/problem+json`` body (the analyze route answers the same way); 422
   RFC-0001 §7 ``infeasible-constraint`` problem for a run the RFC asset-class cap blocks
   when the request asks (``options.rfc_domain_errors``);
-  409 problem+json on an idempotency conflict (``rfc`` mode only); 500 problem+json on an
-  unexpected exception.
+  409 problem+json on an idempotency conflict (``rfc`` mode only); 415 problem+json for a
+  compressed body, or in ``rfc`` mode one whose Content-Type is not JSON; 500 problem+json on
+  an unexpected exception.
 * ``POST /rebalance/simulate/batch`` - body: a JSON array of requests; 200 + an array of
   the same length, each slot a RebalanceResult or a 422 problem object. One engine pass.
   Nothing is stored and no Idempotency-Key is needed.
@@ -43,6 +44,7 @@ Run the server: ``python -m dpm_vec.api --host 127.0.0.1 --port 8000 [--store ru
 
 from __future__ import annotations
 
+import email.message
 import json
 import logging
 import sys
@@ -67,6 +69,7 @@ from dpm_vec.store import DuplicateRunId, IdempotencyConflict, RunStore, new_run
 PROBLEM_JSON = "application/problem+json"
 TOO_LARGE = "https://dpm-vec.dev/problems/body-too-large"
 UNSUPPORTED_ENCODING = "https://dpm-vec.dev/problems/unsupported-content-encoding"
+UNSUPPORTED_MEDIA_TYPE = "https://dpm-vec.dev/problems/unsupported-media-type"
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20  # a batch of ~10,000 typical requests
 MODES = ("reference", "rfc")
 SIMULATE_PATH = "/rebalance/simulate"
@@ -195,10 +198,30 @@ def _internal_error(instance: str) -> dict:
     return problem("about:blank", "Internal Server Error", 500, "An unexpected error occurred.", instance)
 
 
-def _parse_body(raw: bytes) -> tuple[object, list[dict]]:
-    """JSON body → (value, errors). Never raises."""
+def _is_json_media_type(content_type: str | None) -> bool:
+    """Whether a body sent with this ``Content-Type`` is read as JSON, as FastAPI reads it:
+    ``application/json`` or ``application/*+json`` (parameters such as a charset aside),
+    or no header at all."""
+    if content_type is None:
+        return True
+    header = email.message.Message()
+    header["content-type"] = content_type
+    subtype = header.get_content_subtype()
+    return header.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _parse_body(raw: bytes, content_type: str | None = None) -> tuple[object, list[dict]]:
+    """JSON body → (value, errors). Never raises. A body sent as another media type is
+    not parsed: FastAPI hands its bytes to the request model, which finds no object."""
     if not raw.strip():
         return None, [fault("$", "request body is empty; expected a JSON object", "missing")]
+    if not _is_json_media_type(content_type):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        return None, [fault("$", f"the body is sent as {content_type!r}, not as JSON: send it with Content-Type: application/json",
+                            "model_attributes_type", text)]
     try:
         return json.loads(raw.decode("utf-8-sig")), []  # RFC 8259: JSON text is UTF-8
     except UnicodeDecodeError as exc:
@@ -372,8 +395,8 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         cid = given or f"c_{uuid.uuid4().hex[:12]}"
         return cid, {"X-Correlation-Id": cid}
 
-    def simulate_work(raw: bytes, cid: str | None, headers: dict, key: str | None) -> _Outcome:
-        body, errors = _parse_body(raw)
+    def simulate_work(raw: bytes, content_type: str | None, cid: str | None, headers: dict, key: str | None) -> _Outcome:
+        body, errors = _parse_body(raw, content_type)
         outcome = simulate_sync(body, errors, key, cid, headers)
         outcome.portfolio_id = _portfolio_id(body)
         return outcome
@@ -466,8 +489,8 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         )
         return _Outcome(409, conflict, problem=True, headers=headers, run_id=stored.id)
 
-    def batch_work(raw: bytes, cid: str | None, headers: dict, key: str | None) -> _Outcome:
-        body, errors = _parse_body(raw)
+    def batch_work(raw: bytes, content_type: str | None, cid: str | None, headers: dict, key: str | None) -> _Outcome:
+        body, errors = _parse_body(raw, content_type)
         if body is not None and not isinstance(body, list):
             errors.append(fault("$", "request body must be a JSON array of requests", "list_type", body))
         if errors:
@@ -489,9 +512,9 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         outcome.log_fields = {"requests": len(slots), "statuses": counts}
         return outcome
 
-    def analyze_work(raw: bytes, cid: str | None, headers: dict, key: str | None) -> _Outcome:
+    def analyze_work(raw: bytes, content_type: str | None, cid: str | None, headers: dict, key: str | None) -> _Outcome:
         """§7: no header needed; whole-request faults are 422, bad scenarios fail alone."""
-        body, errors = _parse_body(raw)
+        body, errors = _parse_body(raw, content_type)
         if errors:
             return invalid(errors, ANALYZE_PATH, headers)
         try:
@@ -526,10 +549,16 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         keys = request.headers.getlist("idempotency-key")
         key = (", ".join(keys) if rfc else keys[0]) if keys else None
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        content_type = request.headers.get("content-type")
         try:
             if encoding not in ("", "identity"):  # the body is not read: a compressed one is no JSON
                 outcome = _Outcome(415, problem(UNSUPPORTED_ENCODING, "Unsupported Content-Encoding", 415,
                                                 f"Content-Encoding {encoding!r} is not supported: send the JSON body uncompressed",
+                                                request.url.path), problem=True, headers=headers)
+            elif (rfc or endpoint == "batch") and not _is_json_media_type(content_type):
+                # the reference's routes answer such a body FastAPI's 422 (the work's); dpm_vec's own say why
+                outcome = _Outcome(415, problem(UNSUPPORTED_MEDIA_TYPE, "Unsupported Media Type", 415,
+                                                f"Content-Type {content_type!r} is not JSON: send the body as application/json",
                                                 request.url.path), problem=True, headers=headers)
             elif (raw := await read_body(request)) is None:
                 outcome = _Outcome(413, problem(TOO_LARGE, "Request body too large", 413,
@@ -537,7 +566,7 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
                                                 f"(dpm-vec serve --max-body-mb)", request.url.path),
                                    problem=True, headers=headers)
             else:
-                outcome = await run_in_threadpool(work, raw, cid, headers, key)
+                outcome = await run_in_threadpool(work, raw, content_type, cid, headers, key)
         except ClientDisconnect:  # the client left before its body arrived: nothing failed here
             seconds = time.perf_counter() - started
             metrics.response(endpoint, CLIENT_CLOSED, seconds)

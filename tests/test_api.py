@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from decimal import Decimal
 from pathlib import Path
 
@@ -380,6 +381,26 @@ def test_a_compressed_body_is_415_not_a_misread_body(ref_server, golden):
     problem = _assert_problem(resp, status=415)
     assert problem["detail"] == "Content-Encoding 'gzip' is not supported: send the JSON body uncompressed"
     assert _post(ref_server, golden, **{"Content-Encoding": "identity"}).status_code == 200
+
+
+def test_a_body_sent_as_another_media_type_is_not_read_as_json(ref_server, rfc_server, golden):
+    """FastAPI parses a body as JSON only under application/json or application/*+json (or
+    no Content-Type): a form post or text/plain reaches the request model as raw text, so
+    the reference answers 422 naming the body, the missing header too. dpm_vec's own doors
+    (rfc mode, the batch) answer 415 and say what to send."""
+    text = json.dumps(golden)
+    form = ref_server.client.post(SIM, content=text, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert [(e["type"], e["loc"], e["input"]) for e in _assert_invalid(form)["detail"]] == [
+        ("missing", ["header", "Idempotency-Key"], None), ("model_attributes_type", ["body"], text)]
+    plain = ref_server.client.post("/rebalance/analyze", content=text, headers={"Content-Type": "text/plain; charset=utf-8"})
+    assert [(e["type"], e["loc"]) for e in _assert_invalid(plain)["detail"]] == [("model_attributes_type", ["body"])]
+    for content_type in ("application/json; charset=utf-8", "application/vnd.bank+json", "APPLICATION/JSON"):
+        resp = ref_server.client.post(SIM, content=text, headers={"Content-Type": content_type, "Idempotency-Key": "k"})
+        assert resp.status_code == 200, (content_type, resp.text)
+    for server, path in ((rfc_server, SIM), (ref_server, BATCH)):
+        resp = server.client.post(path, content=text, headers={"Content-Type": "text/plain", "Idempotency-Key": str(uuid.uuid4())})
+        problem = _assert_problem(resp, status=415)
+        assert problem["detail"] == "Content-Type 'text/plain' is not JSON: send the body as application/json"
 
 
 def test_other_paths_and_methods(ref_server):

@@ -45,12 +45,15 @@ class BookError(DpmVecError):
     """A structural fault in a book: missing file or column, wrong type, duplicate key."""
 
     def __init__(self, file: str, message: str, column: str | None = None, examples: list | None = None):
-        self.file, self.column, self.examples = file, column, examples or []
+        self.file, self.message, self.column, self.examples = file, message, column, examples or []
         where = f"{file}" + (f", column {column!r}" if column else "")
         text = f"{where}: {message}"
         if self.examples:
             text += "; example rows: " + "; ".join(str(e) for e in self.examples[:5])
         super().__init__(text)
+
+    def __reduce__(self):  # a worker process's error reaches the sweep whole
+        return type(self), (self.file, self.message, self.column, self.examples)
 
 
 # one step of an error path: ``.name``, ``[index]`` or a map key ``['key']`` (Python's repr)
@@ -110,6 +113,9 @@ class RequestError(DpmVecError):
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         super().__init__(f"{first['field']}: {first['message']}{more}")
 
+    def __reduce__(self):
+        return type(self), (self.errors,)
+
     def problem(self, instance: str | None = None) -> dict:
         """RFC 7807 problem details, each error named by its path."""
         errors = [{"field": e["field"], "message": e["message"]} for e in self.errors]
@@ -159,6 +165,9 @@ class QuantityRangeError(DpmVecError):
         # every failing portfolio's run key and its own message, where the engine knows them
         self.by_run_key = by_run_key or {}
 
+    def __reduce__(self):
+        return type(self), (str(self), self.by_run_key)
+
     def problem(self, instance: str | None = None) -> dict:
         return problem(self.TYPE, "Trade outside the engine's quantity range", 422, str(self), instance)
 
@@ -173,6 +182,9 @@ class InfeasibleConstraintError(DpmVecError):
     def __init__(self, detail: str, portfolio_id: str):
         super().__init__(detail)
         self.portfolio_id = portfolio_id
+
+    def __reduce__(self):
+        return type(self), (str(self), self.portfolio_id)
 
     def problem(self, instance: str | None = None) -> dict:
         return problem(self.TYPE, "Constraint Redistribution Failed", 422, str(self), instance,

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from dpm_vec.codes import ENGINE_BLOCKS
 from dpm_vec.defaults import DEFAULT_SHARD_ROWS, DEFAULT_SHARD_SIZE
-from dpm_vec.errors import BookError, DpmVecError
+from dpm_vec.errors import BookError, DpmVecError, InfeasibleConstraintError, QuantityRangeError, RequestError, fault
 from dpm_vec.export import book_to_requests
 from dpm_vec.generate import generate_book_frames
 from dpm_vec.inspect import query
@@ -622,6 +622,44 @@ def test_a_worker_process_killed_ends_the_sweep_with_a_clear_error(tmp_path):
     assert stderr.strip().splitlines()[-1].startswith("dpm-vec: error: a sweep worker process ended without finishing its shard")
     assert "Traceback" not in stderr and not out.exists()
     _resumes_to_identical_output(cmd, book, out, tmp_path, committed=2)
+
+
+def test_a_bad_file_found_in_a_worker_process_is_named_not_blamed_on_memory(tmp_path):
+    """A holdings file whose last row group is corrupt reads fine until a worker process
+    reaches that group: its BookError must come back whole (errors pickle with their
+    fields), naming the file, not as a worker that died."""
+    import pyarrow.parquet as pq
+
+    book = _book(tmp_path, n=60, seed=26, bad_data=False)
+    positions = book / "positions.parquet"
+    pq.write_table(pq.read_table(positions), positions, row_group_size=100, compression="snappy", use_dictionary=False)
+    meta = pq.ParquetFile(positions).metadata
+    last = meta.row_group(meta.num_row_groups - 1)
+    (chunk,) = [last.column(i) for i in range(last.num_columns) if last.column(i).path_in_schema == "quantity"]
+    data = bytearray(positions.read_bytes())
+    for i in range(chunk.data_page_offset + 40, chunk.data_page_offset + chunk.total_compressed_size - 2):
+        data[i] = (data[i] * 31 + 17) % 256  # the page's values, not its header
+    positions.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    proc = subprocess.run(_sweep_command(book, out, "--processes", "2", "--shard-size", "5"), capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"dpm-vec: error: {positions}: not a readable Parquet file"), last_line
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("error", [
+    BookError("positions.parquet", "wrong type", column="quantity", examples=["row 3"]),
+    RequestError([fault("options.max_turnover_pct", "must be <= 1", "less_than_equal", "2")]),
+    QuantityRangeError("a BUY of 1E10 units", {"PF1": "a BUY of 1E10 units of X"}),
+    InfeasibleConstraintError("no room", "PF1"),
+], ids=lambda e: type(e).__name__)
+def test_errors_cross_a_process_boundary_whole(error):
+    """A worker process's error is pickled back to the sweep: every field survives."""
+    import pickle
+
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error) and str(back) == str(error) and vars(back) == vars(error)
 
 
 def test_ctrl_c_on_a_process_sweep_says_so_once(tmp_path):

@@ -826,9 +826,10 @@ def run_isolating(book: Book, timer: StageTimer | None = None, tables: tuple[str
             for segment in segments:
                 part = replace(book, portfolios=segment.drop("_failing"))
                 if segment["_failing"][0]:
-                    log.error("portfolio %s could not be computed: %s", segment["run_key"][0], named[segment["run_key"][0]])
+                    own = named[segment["run_key"][0]]  # this portfolio's failure, not the first one the error names
+                    log.error("portfolio %s could not be computed: %s", segment["run_key"][0], own)
                     empty = empty or _empty_tables(book, tables)
-                    parts.append(_engine_error_tables(part, exc, empty))
+                    parts.append(_engine_error_tables(part, exc, empty, f"{type(exc).__name__}: {own}"))
                 else:
                     parts.append(run_isolating(part, timer, tables))
         else:
@@ -842,15 +843,17 @@ def _empty_tables(book: Book, tables: tuple[str, ...]) -> dict[str, pl.DataFrame
     return output_tables(run(replace(book, portfolios=book.portfolios.head(0)), allocations=False), tables)
 
 
-def _engine_error_tables(book: Book, exc: BaseException, empty: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
+def _engine_error_tables(book: Book, exc: BaseException, empty: dict[str, pl.DataFrame],
+                         detail: str | None = None) -> dict[str, pl.DataFrame]:
     """One BLOCKED ENGINE_ERROR run record per portfolio of ``book``, in ``empty``'s
-    tables (``_empty_tables``) and columns."""
+    tables (``_empty_tables``) and columns; its detail is ``detail``, or the error's
+    summary."""
     p = book.portfolios
     runs = p.select(
         "run_key", "portfolio_id", "scenario_id", "base_currency", "portfolio_snapshot_id", "market_snapshot_id",
         "shelf_id", "model_id", "target_method", "request_hash",
         pl.lit("BLOCKED").alias("status"), pl.lit("E1").alias("exit_path"), pl.lit("ENGINE_ERROR").alias("block_reason"),
-        pl.lit(failure_summary(exc)).alias("block_detail"),
+        pl.lit(detail or failure_summary(exc)).alias("block_detail"),
         pl.lit([f"ENGINE_ERROR:{type(exc).__name__}"], dtype=pl.List(pl.String)).alias("warnings"),
         pl.lit(__version__).alias("engine_version"),
     )

@@ -7,6 +7,7 @@ import json
 import logging
 from decimal import Decimal
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -953,10 +954,36 @@ def test_a_trade_beyond_the_quantity_range_blocks_its_portfolio_only_if_it_survi
     failed = runs.filter(pl.col("block_reason") == "ENGINE_ERROR")
     assert failed["portfolio_id"].to_list() == [frames["portfolios"]["portfolio_id"][1]]
     assert failed["warnings"].to_list() == [["ENGINE_ERROR:QuantityRangeError"]]
+    # its detail names its own trade: one of its instruments
+    own = frames["positions"].filter(pl.col("portfolio_snapshot_id") == ids[1])["instrument_id"].to_list() + frames["models"].filter(
+        pl.col("model_id") == frames["portfolios"]["model_id"][1])["instrument_id"].to_list()
+    assert re.fullmatch(r"QuantityRangeError: a (BUY|SELL) of \d+ units of (\S+) is outside .*", failed["block_detail"][0])
+    assert re.search(r"units of (\S+) ", failed["block_detail"][0])[1] in own
     capped = frames["portfolios"]["run_key"][4]
     dropped = _read(tmp_path / "out", "events").filter((pl.col("run_key") == capped) & (pl.col("category") == "dropped_intent"))
     assert dropped.height > 0 and dropped["amount"].min() > Decimal("1e10")  # trades sized from 1e14, beyond the 1e10 budget
     assert runs.filter(pl.col("run_key") == capped).select("status", "exit_path", "block_reason").rows() == [("READY", "E6", None)]
+
+
+def test_each_portfolio_the_engine_names_is_blocked_with_its_own_failure(tmp_path):
+    """Two portfolios of one shard whose trades leave the quantity range: each record's
+    detail names that portfolio's trade, not the first the error names."""
+    frames = generate_book_frames(6, 13, holdings=(3, 5))
+    ids = frames["portfolios"]["portfolio_snapshot_id"]
+    rich = [ids[1], ids[3]]
+    frames["cash"] = pl.concat([frames["cash"].filter(~pl.col("portfolio_snapshot_id").is_in(rich)),
+                                frames["portfolios"].filter(pl.col("portfolio_snapshot_id").is_in(rich)).select(
+        "portfolio_snapshot_id", pl.col("base_currency").alias("currency"),
+        pl.lit(Decimal("1e14")).cast(pl.Decimal(38, 20)).alias("amount"))], how="diagonal_relaxed")
+    book = write_book(frames, tmp_path / "book")
+    sweep(book, tmp_path / "out", progress=False, threads=1)
+    failed = _read(tmp_path / "out", "runs").filter(pl.col("block_reason") == "ENGINE_ERROR").sort("run_key")
+    assert failed["portfolio_snapshot_id"].to_list() == sorted(rich)
+    for snapshot, detail in failed.select("portfolio_snapshot_id", "block_detail").rows():
+        model = frames["portfolios"].filter(pl.col("portfolio_snapshot_id") == snapshot)["model_id"][0]
+        own = set(frames["models"].filter(pl.col("model_id") == model)["instrument_id"]) | set(
+            frames["positions"].filter(pl.col("portfolio_snapshot_id") == snapshot)["instrument_id"])
+        assert re.search(r"units of (\S+) ", detail)[1] in own, (snapshot, detail)
 
 
 def test_a_stage_contract_break_blocks_only_the_portfolio_it_comes_from(tmp_path, monkeypatch):

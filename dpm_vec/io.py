@@ -172,8 +172,8 @@ def _accepts(dtype: pl.DataType, arrow: pa.DataType) -> bool:
         return True
     if dtype == pl.String:
         return text
-    if isinstance(dtype, pl.Decimal):
-        return text or pa.types.is_decimal(arrow) or pa.types.is_integer(arrow) or pa.types.is_floating(arrow)
+    if isinstance(dtype, pl.Decimal):  # Polars reads decimals of up to 38 digits
+        return text or (pa.types.is_decimal(arrow) and arrow.precision <= 38) or pa.types.is_integer(arrow) or pa.types.is_floating(arrow)
     if dtype.is_integer():
         return text or pa.types.is_integer(arrow)
     if dtype == pl.Boolean:
@@ -186,8 +186,9 @@ def _accepts(dtype: pl.DataType, arrow: pa.DataType) -> bool:
 def _check_types(table: str, file: Path, schema: pa.Schema) -> None:
     for name, dtype, _ in TABLES[table]:
         if name in schema.names and not _accepts(dtype, schema.field(name).type):
+            casts = ": text, an integer, a float, a decimal of up to 38 digits" if isinstance(dtype, pl.Decimal) else ""
             raise BookError(str(file), f"a column has the wrong type: {schema.field(name).type}, expected {dtype} "
-                                       "(or a type that casts to it)", column=name)
+                                       f"(or a type that casts to it{casts})", column=name)
 
 
 def _conformed(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
@@ -247,8 +248,16 @@ def _conform(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
 
 
 def _scan_portfolios(book_dir: Path, file: Path | None, rows: tuple[int, int] | None) -> pl.DataFrame:
+    path = file or _path(book_dir, "portfolios")
     lf = scan_table(book_dir, "portfolios", file)
-    return collect(lf if rows is None else lf.slice(*rows), file or _path(book_dir, "portfolios"))
+    frame = collect(lf if rows is None else lf.slice(*rows), path)
+    if "input_fault" in frame.columns:  # the reader's column: a value in the file would be taken as its verdict
+        given = frame.with_row_index("_row", offset=rows[0] if rows else 0).filter(pl.col("input_fault").is_not_null())
+        if given.height:
+            raise BookError(str(path), f"{given.height} row(s) set input_fault, which the book reader sets (a run's broken "
+                            "reference or bad value); leave the column out or null", column="input_fault",
+                            examples=[f"row {row} (0-based): input_fault {value!r}" for row, value in given.select("_row", "input_fault").head(5).rows()])
+    return frame
 
 
 def read_portfolios(book_dir: str | Path, file: Path | None = None, rows: tuple[int, int] | None = None) -> pl.DataFrame:

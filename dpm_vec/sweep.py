@@ -198,6 +198,24 @@ def unread_holdings(counts: dict[str, pl.DataFrame | None], portfolios: pl.DataF
     return unread
 
 
+def unread_limits(book_dir: Path, run_keys: pl.Series) -> dict[str, dict]:
+    """Per limits table (group_constraints, overdraft_limits), its rows under a run_key no
+    portfolio of the book has: a mandate limit that applies to no run (a typo, a stray
+    space) leaves its portfolio unlimited, so the sweep says so. {table: {rows, run_keys,
+    examples}}, tables without such rows left out."""
+    unread = {}
+    for table, (key, _, _) in PORTFOLIO_ROWS.items():
+        lf = scan_table(book_dir, table) if key == "run_key" and table != "portfolios" else None
+        if lf is None:
+            continue
+        orphans = collect(lf.select(pl.col("run_key").cast(pl.String)), _path(book_dir, table)).join(
+            run_keys.cast(pl.String).unique().to_frame("run_key"), on="run_key", how="anti", maintain_order="left")
+        if orphans.height:
+            named = orphans["run_key"].unique(maintain_order=True)
+            unread[table] = {"rows": orphans.height, "run_keys": named.len(), "examples": named.head(5).to_list()}
+    return unread
+
+
 def holding_spans(plan: SweepPlan, portfolios: pl.DataFrame,
                   counts: dict[str, pl.DataFrame | None] | None = None) -> dict[str, list[tuple[int, int]]] | None:
     """Each shard's (first row, row count) span in each holdings file: the rows of its
@@ -637,6 +655,10 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
     for table in PORTFOLIO_ROWS:  # and a missing column, impossible type or row of no portfolio of the per-portfolio ones, once for all shards
         if table != "portfolios":  # read above
             scan_table(book_dir, table)
+    limits_unread = unread_limits(book_dir, portfolios["run_key"])
+    for table, found in limits_unread.items():
+        log.warning("%s.parquet: %d row(s) under %d run_key(s) that no portfolio has (e.g. %s): no run is limited by them",
+                    table, found["rows"], found["run_keys"], ", ".join(repr(e) for e in found["examples"]))
     hashes = input_hashes(book_dir)
     scenario_map = load_scenarios(scenarios) if scenarios else None
     if scenario_map:
@@ -732,6 +754,7 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
         "portfolios_per_second": round(plan.n_portfolios / wall, 1) if wall else None,
         "stage_seconds": {k: round(v, 3) for k, v in sorted(stage_seconds.items(), key=lambda kv: -kv[1])},
         "unread_holdings": unread,
+        "unread_limits": limits_unread,
     }
     if scenario_map:
         manifest["scenarios"] = sorted(scenario_map)

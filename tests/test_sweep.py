@@ -885,6 +885,32 @@ def test_holdings_no_portfolio_names_are_reported_not_silently_dropped(tmp_path,
     assert clean["unread_holdings"] == {}
 
 
+def test_limits_no_portfolio_has_are_reported_not_silently_dropped(tmp_path, caplog):
+    """A group cap or overdraft limit under a run_key with a stray space limits no run, so
+    its portfolio runs unlimited: the manifest and a warning name those rows, a what-if
+    sweep's as well (its run keys are the book's, each scenario's own)."""
+    frames = generate_book_frames(6, 5, holdings=(3, 5))
+    run_key = frames["portfolios"]["run_key"][2]
+    frames["group_constraints"] = pl.DataFrame(
+        {"run_key": [run_key, run_key + " ", run_key + " "], "constraint_key": ["sector:IT", "sector:IT", "sector:FIN"],
+         "max_weight": [Decimal("0.2")] * 3}, schema={"run_key": pl.String, "constraint_key": pl.String, "max_weight": pl.Decimal(38, 20)})
+    frames["overdraft_limits"] = pl.DataFrame({"run_key": ["nobody"], "currency": ["USD"], "max_overdraft": [Decimal("100")]},
+                                              schema={"run_key": pl.String, "currency": pl.String, "max_overdraft": pl.Decimal(38, 20)})
+    book = write_book(frames, tmp_path / "book")
+    with caplog.at_level(logging.WARNING, logger="dpm_vec.sweep"):
+        manifest = sweep(book, tmp_path / "out", progress=False)
+    assert manifest["unread_limits"] == {"group_constraints": {"rows": 2, "run_keys": 1, "examples": [run_key + " "]},
+                                         "overdraft_limits": {"rows": 1, "run_keys": 1, "examples": ["nobody"]}}
+    assert f"group_constraints.parquet: 2 row(s) under 1 run_key(s) that no portfolio has (e.g. '{run_key} ')" in caplog.text
+    scenarios = tmp_path / "scenarios.json"
+    scenarios.write_text(json.dumps({"scenarios": {"base": {"options": {}}, "tight": {"options": {"max_turnover_pct": "0.1"}}}}))
+    what_if = sweep(book, tmp_path / "what_if", progress=False, scenarios=scenarios)
+    assert what_if["unread_limits"] == manifest["unread_limits"]
+    frames.pop("overdraft_limits")
+    frames["group_constraints"] = frames["group_constraints"].head(1)
+    assert sweep(write_book(frames, tmp_path / "clean"), tmp_path / "clean_out", progress=False)["unread_limits"] == {}
+
+
 def test_a_cash_total_past_38_digits_blocks_its_portfolio_alone(tmp_path):
     """A panic in Polars (a sum of cash that cannot be built at 38 digits) is a failed
     portfolio like any other: one BLOCKED ENGINE_ERROR record, the rest as without it."""

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import uuid
+from decimal import Decimal
 from pathlib import Path
 
 import polars as pl
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 from dpm_vec.book import COLUMN_DEFAULTS, OPTIONAL_TABLES, POLICY_COLUMNS, TABLES, Book, cast_column, conform, empty_table, finer_than, finest_unit, table_schema
 from dpm_vec.codes import InputFault
 from dpm_vec.errors import BookError
+from dpm_vec.numeric import units_text
 from dpm_vec.schemas import check_table, failure_cases, raise_failures
 
 REFERENCE_TABLES = ("prices", "fx_rates", "shelf", "shelf_attributes", "models", "snapshots")
@@ -251,7 +253,9 @@ def _scan_portfolios(book_dir: Path, file: Path | None, rows: tuple[int, int] | 
     path = file or _path(book_dir, "portfolios")
     lf = scan_table(book_dir, "portfolios", file)
     frame = collect(lf if rows is None else lf.slice(*rows), path)
-    if "input_fault" in frame.columns:  # the reader's column: a value in the file would be taken as its verdict
+    # the reader's column: a value in the book's file would be taken as its verdict (a what-if
+    # sweep's derived portfolios, read from their own file, carry the verdicts read from the book)
+    if file is None and "input_fault" in frame.columns:
         given = frame.with_row_index("_row", offset=rows[0] if rows else 0).filter(pl.col("input_fault").is_not_null())
         if given.height:
             raise BookError(str(path), f"{given.height} row(s) set input_fault, which the book reader sets (a run's broken "
@@ -405,11 +409,43 @@ def _read_book(book_dir, portfolios, reference, files, spans, isolate: bool) -> 
             conformed[table] = _conform(table, frame, file)
     conformed.update(reference)
     faults = pl.concat(faults)
+    # lots that do not add up to their position (§3.6 item 6), of portfolios no fault blocks already
+    blocked = faults.filter(pl.col("input_table").is_in(["positions", "lots"]))["key"].implode()
+    unbalanced = lot_sum_faults(conformed["positions"], conformed["lots"].filter(~pl.col("portfolio_snapshot_id").is_in(blocked)))
+    if unbalanced.height and not isolate:
+        raise BookError(str(_path(book_dir, "lots")), f"{unbalanced.height} position(s) whose lots do not add up to the position's "
+                        "quantity (within 0.0001)", column="quantity",
+                        examples=[f"portfolio_snapshot_id {key} instrument_id {row}: {value}"
+                                  for key, row, value in unbalanced.select("key", "row_key", "value").head(5).rows()])
+    faults = pl.concat([faults, unbalanced])
     # the holdings snapshots with rows: every row of the portfolios' own snapshots is read
     # (a shard's span or split holds all rows of its snapshots), the failing ones too
     held = pl.concat([tables[t]["portfolio_snapshot_id"].cast(pl.String) for t in ("positions", "cash")])
     conformed["portfolios"] = _flag_row_faults(_flag_broken_references(portfolios, reference, held), faults)
     return Book(**conformed), faults
+
+
+LOT_SUM_TOLERANCE = Decimal("0.0001")  # the reference's (spec §3.6 item 6)
+
+
+def lot_sum_faults(positions: pl.DataFrame, lots: pl.DataFrame) -> pl.DataFrame:
+    """The positions whose lots do not add up to their quantity within 0.0001, lots of an
+    instrument the portfolio does not hold among them, as failed ``lots`` rows
+    (``ROW_FAULT_SCHEMA``): the reference refuses such a request (spec §3.6 item 6), so
+    the portfolio is INVALID_HOLDINGS."""
+    if not lots.height:
+        return pl.DataFrame(schema=ROW_FAULT_SCHEMA)
+    keys = ["portfolio_snapshot_id", "instrument_id"]
+    sums = lots.group_by(keys, maintain_order=True).agg(pl.col("quantity").sum().alias("_lots"))
+    return sums.join(positions.select(*keys, "quantity"), on=keys, how="left", maintain_order="left").filter(
+        pl.col("quantity").is_null() | ((pl.col("_lots") - pl.col("quantity")).abs() > LOT_SUM_TOLERANCE)
+    ).select(
+        pl.lit("lots").alias("input_table"), pl.col("portfolio_snapshot_id").alias("key"), pl.col("instrument_id").alias("row_key"),
+        pl.lit("quantity").alias("input_column"),
+        pl.lit("lots sum to the position's quantity (within 0.0001)").alias("failed_check"),
+        pl.format("{} (the position holds {})", units_text(pl.col("_lots")),
+                  pl.when(pl.col("quantity").is_null()).then(pl.lit("none")).otherwise(units_text(pl.col("quantity")))).alias("value"),
+    )
 
 
 def _isolate_row_faults(table: str, frame: pl.DataFrame, file: str) -> tuple[pl.DataFrame, pl.DataFrame]:

@@ -461,6 +461,44 @@ def test_bad_rows_block_their_portfolios_and_the_sweep_goes_on(tmp_path, caplog)
     assert _read(tmp_path / "clean_out", "input_faults").height == 0
 
 
+def test_lots_that_do_not_add_up_to_their_position_block_it_as_the_json_door_refuses_it(tmp_path):
+    """Spec §3.6 item 6: lots summing to more or less than their position (beyond 0.0001),
+    or lots of an instrument not held, make the request a 422; in a sweep that portfolio is
+    INVALID_HOLDINGS, named in input_faults, and the others run as before. read_book raises."""
+    frames = generate_book_frames(8, 31, holdings=(3, 6), bad_data=False)
+    lotted = frames["lots"].group_by("portfolio_snapshot_id", maintain_order=True).first().head(2)
+    (over_snapshot, over_instrument), (orphan_snapshot, _) = lotted.select("portfolio_snapshot_id", "instrument_id").rows()
+    over = (pl.col("portfolio_snapshot_id") == over_snapshot) & (pl.col("instrument_id") == over_instrument)
+    position = frames["positions"].filter(over)["quantity"][0]
+    lots = frames["lots"].with_columns(pl.when(over & (pl.int_range(pl.len()).over(over) == 0))
+                                       .then(pl.col("quantity") + Decimal("0.0002")).otherwise(pl.col("quantity")).alias("quantity"))
+    stray = lots.filter(pl.col("portfolio_snapshot_id") == orphan_snapshot).head(1).with_columns(pl.lit("NOT_HELD").alias("instrument_id"),
+                                                                                               pl.lit("L_STRAY").alias("lot_id"))
+    clean = write_book(frames, tmp_path / "clean")
+    frames["lots"] = pl.concat([lots, stray])
+    bad = write_book(frames, tmp_path / "bad")
+    sweep(clean, tmp_path / "clean_out", progress=False)
+    sweep(bad, tmp_path / "bad_out", progress=False)
+    runs, before = _read(tmp_path / "bad_out", "runs"), _read(tmp_path / "clean_out", "runs")
+    blocked = runs.filter(pl.col("block_reason") == "INVALID_HOLDINGS")
+    snapshot_of = dict(frames["portfolios"].select("run_key", "portfolio_snapshot_id").rows())
+    assert sorted(snapshot_of[k] for k in blocked["run_key"]) == sorted([over_snapshot, orphan_snapshot])
+    faults = {row_key: (table, column, value) for table, row_key, column, value in
+              _read(tmp_path / "bad_out", "input_faults").select("input_table", "row_key", "input_column", "value").rows()}
+    assert faults == {"NOT_HELD": ("lots", "quantity", f"{stray['quantity'][0].normalize():f} (the position holds none)"),
+                      over_instrument: ("lots", "quantity", f"{(position + Decimal('0.0002')).normalize():f} (the position holds "
+                                                            f"{position.normalize():f})")}
+    others = ~pl.col("run_key").is_in(blocked["run_key"].implode())
+    assert runs.filter(others).drop("run_id", strict=False).equals(before.filter(others).drop("run_id", strict=False))
+    with pytest.raises(BookError, match="whose lots do not add up"):
+        read_book(bad)
+    # a difference within the tolerance is no fault, as in the JSON door
+    frames["lots"] = frames["lots"].filter(pl.col("lot_id") != "L_STRAY").with_columns(
+        pl.when(over & (pl.int_range(pl.len()).over(over) == 0)).then(pl.col("quantity") - Decimal("0.0001")).otherwise(pl.col("quantity"))
+        .alias("quantity"))
+    read_book(write_book(frames, tmp_path / "within"))
+
+
 def test_bad_option_values_block_their_portfolio(tmp_path):
     """A portfolio's own bad value (an option out of range or not in its enum, a number
     that is not one, a lower-case base currency) blocks that portfolio only; a repeated

@@ -805,9 +805,12 @@ def _start_cluster(book_dir: str, workers: int):
     import dask
     from dask.distributed import Client, LocalCluster
 
-    with dask.config.set(LOCAL_WORKER_CONFIG):
+    # LocalCluster's env= reaches a worker after its spawn has imported dpm_vec (the main
+    # module), and with it Polars, whose pool is sized then: the variable must be inherited
+    cores = str(_cores_each(workers))
+    with dask.config.set(LOCAL_WORKER_CONFIG), _environment(POLARS_MAX_THREADS=cores):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               env={"POLARS_MAX_THREADS": str(_cores_each(workers))})
+                               env={"POLARS_MAX_THREADS": cores})
     client = Client(cluster)
     try:
         client.run(_warm_worker, book_dir)

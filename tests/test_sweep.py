@@ -806,11 +806,21 @@ def test_table_choice_keys_the_work_dir_but_not_its_order(tmp_path):
 
 
 def test_dask_local_cluster_gives_identical_output(book, swept, tmp_path):
+    """Two local workers from the command, each running Polars on its share of the cores
+    (as worker processes do: two pools of all cores contend for them). A worker's spawn
+    imports the command's module, and Polars with it, before LocalCluster's env= applies,
+    so only an inherited POLARS_MAX_THREADS sizes its pool."""
     pytest.importorskip("dask.distributed")
+    from dpm_vec.defaults import usable_cores
+
     out, _ = swept
     other = tmp_path / "dask"
-    manifest = sweep(book, other, shard_size=30, workers=2, progress=False)
-    assert manifest["portfolios"] == 80
+    env = {k: v for k, v in os.environ.items() if k != "POLARS_MAX_THREADS"}
+    subprocess.run([sys.executable, "-m", "dpm_vec.cli", "sweep", str(book), "--out", str(other), "--shard-size", "30",
+                    "--workers", "2", "--quiet"], check=True, capture_output=True, env=env)
+    manifest = json.loads((other / "manifest.json").read_text())
+    assert manifest["portfolios"] == 80 and manifest["workers"] == 2
+    assert manifest["polars_threads"] == [max(1, usable_cores() // 2)]
     _same_outputs(out, other)
 
 

@@ -31,6 +31,9 @@ STALE_ACTIONS = ("BLOCK", "EXCLUDE")
 TRADE_BY = ("UNITS", "NOTIONAL")
 LIQUIDITY_TIERS = ("L1", "L2", "L3", "L4", "L5")
 SNAPSHOT_KINDS = ("MODEL", "SHELF", "MARKET", "PORTFOLIO")
+# how far a position's lots may sum from its quantity (spec §3.6 item 6): the JSON door's
+# 422 and a book's INVALID_HOLDINGS
+LOT_SUM_TOLERANCE = Decimal("0.0001")
 
 # (column, dtype, required, default). Defaults are the reference service's option defaults
 # (spec §4) or, for RFC-0001 options the reference lacks, values that keep reference

@@ -17,7 +17,7 @@ from decimal import Decimal, InvalidOperation
 import polars as pl
 
 from dpm_vec.book import (
-    LIQUIDITY_TIERS, POLICY_COLUMNS, SHELF_STATUSES, TABLES, Book, make_book, table_schema,
+    LIQUIDITY_TIERS, LOT_SUM_TOLERANCE, POLICY_COLUMNS, SHELF_STATUSES, TABLES, Book, make_book, table_schema,
 )
 from dpm_vec.errors import RequestError, error_loc, fault, not_an_object
 from dpm_vec.numeric import AMOUNT_28, QTY, SCALE, WEIGHT
@@ -31,6 +31,8 @@ MAX_WEIGHT = Decimal(10) ** 9
 # pydantic's lax text for an integer (spec §3: "integers accept integral strings"): ASCII
 # digits, single underscores between them, an optional all-zero fraction, no exponent
 INTEGER_TEXT = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*(?:\.0+)?", re.ASCII)
+# pydantic reads a whole number as a 64-bit integer: one beyond it is no integer, nor a flag
+INT64_LIMIT = 2 ** 63
 TRUE_WORDS = {"true", "1", "yes", "y", "on", "t"}
 FALSE_WORDS = {"false", "0", "no", "n", "off", "f"}
 GROUP_KEY = re.compile(r"^[^:]+:[^:]+$")
@@ -83,15 +85,17 @@ class _Reader:
         (the reference's 422 body names it, spec §2.4) and the value that failed it."""
         self.errors.append(fault(path, message, kind, value))
 
-    def _container(self, path: str):
-        """The object that holds the field at ``path`` in the request, or None."""
+    def _container(self, path: str) -> tuple[object, object]:
+        """(the object or list that holds the field at ``path`` in the request, or None;
+        the field's key or index in it)."""
+        *steps, last = error_loc(path)[1:]
         node = self.root
-        for step in error_loc(path)[1:-1]:
+        for step in steps:
             try:
                 node = node[step]
             except (KeyError, IndexError, TypeError):
-                return None
-        return node
+                return None, last
+        return node, last
 
     def _absent(self, value, path, required, null_kind) -> bool:
         """Whether the field is absent or null. A required one is a fault: ``missing``
@@ -99,14 +103,14 @@ class _Reader:
         field's own type error (``null_kind``). So is a null that ``not_null`` refused."""
         if value is not None:
             return False
-        container = self._container(path) if required else None
-        last = error_loc(path)[-1]
-        sent_null = (last in container) if isinstance(container, dict) else (
-            isinstance(container, list) and isinstance(last, int) and last < len(container))
-        if path in self._null or (required and sent_null):
+        if path in self._null:
             self.fail(path, "must not be null", null_kind)
         elif required:
-            self.fail(path, "field required", "missing", container if isinstance(container, dict) else None)
+            container, last = self._container(path)
+            if (isinstance(container, dict) and last in container) or (isinstance(container, list) and isinstance(last, int)):
+                self.fail(path, "must not be null", null_kind)  # sent as null (a list item is there: the reader got it)
+            else:
+                self.fail(path, "field required", "missing", container if isinstance(container, dict) else None)
         return True
 
     def _typed(self, value, path, required, json_type, expected, empty, type_error):
@@ -191,7 +195,7 @@ class _Reader:
         if isinstance(value, str) and value.lower() in TRUE_WORDS | FALSE_WORDS:
             return value.lower() in TRUE_WORDS
         # another word or 64-bit whole number cannot be read as a flag; anything else is no flag's type
-        readable = isinstance(value, str) or (isinstance(value, (int, float)) and float(value).is_integer() and -2 ** 63 <= value < 2 ** 63)
+        readable = isinstance(value, str) or (isinstance(value, (int, float)) and float(value).is_integer() and -INT64_LIMIT <= value < INT64_LIMIT)
         self.fail(path, f"expected a boolean, got {value!r}", "bool_parsing" if readable else "bool_type", value)
         return default
 
@@ -201,8 +205,8 @@ class _Reader:
         if not isinstance(value, (str, int, float)):
             self.fail(path, f"expected an integer, got {value!r}", "int_type", value)
             return default
-        if isinstance(value, float) and (not value.is_integer() or abs(value) >= 2.0 ** 63):
-            kind = "finite_number" if not math.isfinite(value) else "int_from_float" if not value.is_integer() else "int_parsing_size"
+        if isinstance(value, float) and not (value.is_integer() and abs(value) < INT64_LIMIT):
+            kind = "int_parsing_size" if value.is_integer() else "int_from_float" if math.isfinite(value) else "finite_number"
             self.fail(path, f"expected an integer, got {value!r}", kind, value)
             return default
         try:
@@ -343,7 +347,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             }
             lot_total += lq or 0
             rows["lots"].append(row)
-        if lots and qty is not None and abs(lot_total - qty) > Decimal("0.0001"):
+        if lots and qty is not None and abs(lot_total - qty) > LOT_SUM_TOLERANCE:
             r.fail(f"{path}.lots", f"lot quantities sum to {lot_total}, position quantity is {qty}")
         rows["positions"].append({
             "portfolio_snapshot_id": run_key, "instrument_id": iid, "quantity": qty,

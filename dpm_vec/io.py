@@ -8,14 +8,14 @@ import os
 import re
 import shutil
 import uuid
-from decimal import Decimal
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpm_vec.book import COLUMN_DEFAULTS, OPTIONAL_TABLES, POLICY_COLUMNS, TABLES, Book, cast_column, conform, empty_table, finer_than, finest_unit, table_schema
+from dpm_vec.book import (COLUMN_DEFAULTS, LOT_SUM_TOLERANCE, OPTIONAL_TABLES, POLICY_COLUMNS, TABLES, Book, cast_column, conform, empty_table,
+                          finer_than, finest_unit, table_schema)
 from dpm_vec.codes import InputFault
 from dpm_vec.errors import BookError
 from dpm_vec.numeric import units_text
@@ -425,11 +425,8 @@ def _read_book(book_dir, portfolios, reference, files, spans, isolate: bool) -> 
     return Book(**conformed), faults
 
 
-LOT_SUM_TOLERANCE = Decimal("0.0001")  # the reference's (spec §3.6 item 6)
-
-
 def lot_sum_faults(positions: pl.DataFrame, lots: pl.DataFrame) -> pl.DataFrame:
-    """The positions whose lots do not add up to their quantity within 0.0001, lots of an
+    """The positions whose lots do not add up to their quantity within LOT_SUM_TOLERANCE, lots of an
     instrument the portfolio does not hold among them, as failed ``lots`` rows
     (``ROW_FAULT_SCHEMA``): the reference refuses such a request (spec §3.6 item 6), so
     the portfolio is INVALID_HOLDINGS."""

@@ -198,15 +198,15 @@ def unread_holdings(counts: dict[str, pl.DataFrame | None], portfolios: pl.DataF
     return unread
 
 
-def unread_limits(book_dir: Path, run_keys: pl.Series) -> dict[str, dict]:
-    """Per limits table (group_constraints, overdraft_limits), its rows under a run_key no
-    portfolio of the book has: a mandate limit that applies to no run (a typo, a stray
-    space) leaves its portfolio unlimited, so the sweep says so. {table: {rows, run_keys,
-    examples}}, tables without such rows left out."""
+def unread_limits(book_dir: Path, scanned: dict[str, pl.LazyFrame | None], run_keys: pl.Series) -> dict[str, dict]:
+    """Per limits table (group_constraints, overdraft_limits; of ``scanned``, the per-portfolio
+    tables as ``scan_table`` gave them), its rows under a run_key no portfolio of the book
+    has: a mandate limit that applies to no run (a typo, a stray space) leaves its portfolio
+    unlimited, so the sweep says so. {table: {rows, run_keys, examples}}, tables without
+    such rows left out."""
     unread = {}
-    for table, (key, _, _) in PORTFOLIO_ROWS.items():
-        lf = scan_table(book_dir, table) if key == "run_key" and table != "portfolios" else None
-        if lf is None:
+    for table, lf in scanned.items():
+        if lf is None or PORTFOLIO_ROWS[table][0] != "run_key":
             continue
         orphans = collect(lf.select(pl.col("run_key").cast(pl.String)), _path(book_dir, table)).join(
             run_keys.cast(pl.String).unique().to_frame("run_key"), on="run_key", how="anti", maintain_order="left")
@@ -652,10 +652,9 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
                     "(INVALID_PORTFOLIO), e.g. run_key %s, %s: %s fails %s", portfolio_faults["key"].n_unique(),
                     *portfolio_faults.select("key", "input_column", "value", "failed_check").row(0))
     _reference(str(book_dir))  # structural faults of shared tables surface before any work; shards reuse it
-    for table in PORTFOLIO_ROWS:  # and a missing column, impossible type or row of no portfolio of the per-portfolio ones, once for all shards
-        if table != "portfolios":  # read above
-            scan_table(book_dir, table)
-    limits_unread = unread_limits(book_dir, portfolios["run_key"])
+    # and a missing column, impossible type or row of no portfolio of the per-portfolio ones, once for all shards
+    scanned = {table: scan_table(book_dir, table) for table in PORTFOLIO_ROWS if table != "portfolios"}  # portfolios: read above
+    limits_unread = unread_limits(book_dir, scanned, portfolios["run_key"])
     for table, found in limits_unread.items():
         log.warning("%s.parquet: %d row(s) under %d run_key(s) that no portfolio has (e.g. %s): no run is limited by them",
                     table, found["rows"], found["run_keys"], ", ".join(repr(e) for e in found["examples"]))
@@ -805,12 +804,10 @@ def _start_cluster(book_dir: str, workers: int):
     import dask
     from dask.distributed import Client, LocalCluster
 
-    # LocalCluster's env= reaches a worker after its spawn has imported dpm_vec (the main
-    # module), and with it Polars, whose pool is sized then: the variable must be inherited
-    cores = str(_cores_each(workers))
-    with dask.config.set(LOCAL_WORKER_CONFIG), _environment(POLARS_MAX_THREADS=cores):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               env={"POLARS_MAX_THREADS": cores})
+    # inherited, not LocalCluster's env=, which reaches a worker after its spawn has imported
+    # dpm_vec (the main module) and with it Polars, whose pool is sized then
+    with dask.config.set(LOCAL_WORKER_CONFIG), _environment(POLARS_MAX_THREADS=str(_cores_each(workers))):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
     client = Client(cluster)
     try:
         client.run(_warm_worker, book_dir)

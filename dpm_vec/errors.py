@@ -141,35 +141,43 @@ def _utf8_or_none(value):
     return value
 
 
-class ValueRangeError(DpmVecError):
-    """A valid request whose arithmetic leaves the engine's fixed-point range: money and
-    weights are ``Decimal(38, 20)`` and ``Decimal(38, 28)``, so a value of 10^10 or more
-    at 28 decimals (a weight divided by a sum near 0, which negative model weights can
-    make) overflows where the reference's floating decimals go on."""
+class RangeError(DpmVecError):
+    """A valid request or portfolio the engine's fixed point cannot hold. Where the engine
+    knows them, ``by_run_key`` holds every failing portfolio's run key and its own
+    message, so a shared pass can block those alone instead of halving its way to them."""
 
-    TYPE = "https://dpm-vec.dev/problems/value-out-of-range"
-
-    def problem(self, instance: str | None = None) -> dict:
-        return problem(self.TYPE, "Value outside the engine's fixed-point range", 422, str(self), instance)
-
-
-class QuantityRangeError(DpmVecError):
-    """A valid request whose trade the engine cannot hold: quantities are fixed-point
-    ``Decimal(38, 28)``, under 10^10 units, and a trade may add to a holding of up to 10^9
-    (the contract's limit), so trades stop short of 9 × 10^9 units."""
-
-    TYPE = "https://dpm-vec.dev/problems/quantity-out-of-range"
+    TYPE = ""
+    TITLE = ""
 
     def __init__(self, message: str, by_run_key: dict[str, str] | None = None):
         super().__init__(message)
-        # every failing portfolio's run key and its own message, where the engine knows them
         self.by_run_key = by_run_key or {}
 
     def __reduce__(self):
         return type(self), (str(self), self.by_run_key)
 
     def problem(self, instance: str | None = None) -> dict:
-        return problem(self.TYPE, "Trade outside the engine's quantity range", 422, str(self), instance)
+        return problem(self.TYPE, self.TITLE, 422, str(self), instance)
+
+
+class ValueRangeError(RangeError):
+    """A valid request whose arithmetic leaves the engine's fixed-point range: money and
+    weights are ``Decimal(38, 20)`` and ``Decimal(38, 28)``, so a value of 10^18 or more
+    (a market value at an absurd FX rate), or of 10^10 or more at 28 decimals (a weight
+    divided by a sum near 0, which negative model weights can make), overflows where the
+    reference's floating decimals go on."""
+
+    TYPE = "https://dpm-vec.dev/problems/value-out-of-range"
+    TITLE = "Value outside the engine's fixed-point range"
+
+
+class QuantityRangeError(RangeError):
+    """A valid request whose trade the engine cannot hold: quantities are fixed-point
+    ``Decimal(38, 28)``, under 10^10 units, and a trade may add to a holding of up to 10^9
+    (the contract's limit), so trades stop short of 9 × 10^9 units."""
+
+    TYPE = "https://dpm-vec.dev/problems/quantity-out-of-range"
+    TITLE = "Trade outside the engine's quantity range"
 
 
 class InfeasibleConstraintError(DpmVecError):
@@ -193,5 +201,5 @@ class InfeasibleConstraintError(DpmVecError):
 
 def named_failures(exc: BaseException) -> dict[str, str]:
     """The portfolios ``exc`` names as failing, by run key, each with its own message
-    (a QuantityRangeError knows them); empty for any other error."""
-    return exc.by_run_key if isinstance(exc, QuantityRangeError) else {}
+    (a RangeError may know them); empty for any other error."""
+    return exc.by_run_key if isinstance(exc, RangeError) else {}

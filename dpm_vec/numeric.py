@@ -13,7 +13,12 @@ from decimal import Decimal
 
 import polars as pl
 
-from dpm_vec.errors import QuantityRangeError
+from collections.abc import Callable
+from typing import TypeVar
+
+from dpm_vec.errors import ENGINE_FAILURES, QuantityRangeError, ValueRangeError, is_overflow
+
+T = TypeVar("T")
 
 SCALE = 20
 DEC = pl.Decimal(38, SCALE)
@@ -35,6 +40,10 @@ DEC_UNIT = "0.00000000000000000001"
 # fall on different sides of a limit (an inverse quote's 20-decimal rate is off by up to
 # ~1e-17 of itself): decisions that close are made again in 28 digits (dpm_vec.dec28)
 HAIR = "0.000000000001"
+# DEC holds values of magnitude under 10^18; a value estimated in floating point this far
+# beyond it (a part in 10^9, far above Float64's error) cannot fit whatever its digits
+DEC_RANGE = 10.0**18
+DEC_RANGE_MARGIN = 1 + 1e-9
 
 
 def lit(value: str | int | Decimal) -> pl.Expr:
@@ -149,3 +158,54 @@ def quantity_range_error(trades: pl.DataFrame, runs: pl.DataFrame, units: str, t
     )
     by_run_key = dict(zip(named["run_key"].to_list(), named["_message"].to_list()))
     return QuantityRangeError(named["_message"][0], by_run_key)
+
+
+def naming_overflows(compute: Callable[[], T], frame: pl.DataFrame, runs: pl.DataFrame, estimate: pl.Expr, what: pl.Expr) -> T:
+    """``compute()``; if its arithmetic leaves DEC's range, the ValueRangeError naming
+    every run of ``frame`` with a row whose ``estimate`` lies beyond it
+    (``value_range_error``), so that a sweep blocks those portfolios alone instead of
+    halving its shard until it finds them. If no value can be named, the original failure
+    stands. Costs nothing unless ``compute`` fails."""
+    try:
+        return compute()
+    except ENGINE_FAILURES as exc:
+        if not is_overflow(exc):
+            raise
+        error = value_range_error(frame, runs, estimate, what)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def sums_may_leave_range(column: str, *frames: pl.DataFrame) -> bool:
+    """Whether some sum of ``column``'s values over the rows of ``frames`` could reach
+    DEC's range: their count times their largest magnitude does. Almost never true, so a
+    stage checks its sums per run only then."""
+    rows = sum(frame.height for frame in frames)
+    ends = pl.concat([frame.select(pl.col(column).min().alias("_least"), pl.col(column).max().alias("_most")) for frame in frames])
+    largest = ends.select(pl.max_horizontal(pl.col("_least").abs(), pl.col("_most").abs()).cast(pl.Float64).max()).item()
+    return rows * (largest or 0.0) >= DEC_RANGE
+
+
+def value_range_error(frame: pl.DataFrame, runs: pl.DataFrame, estimate: pl.Expr, what: pl.Expr) -> ValueRangeError | None:
+    """The ValueRangeError naming every run of ``frame`` (run, ...) with a row whose
+    ``estimate`` (a Float64 expression of a value) lies beyond DEC's range, each with its
+    first such row's message (``what``, text naming the value, then the estimate); None
+    if no row's does. ``runs``: run, run_key."""
+    beyond = frame.with_columns(estimate.alias("_estimate")).filter(pl.col("_estimate").abs() >= DEC_RANGE * DEC_RANGE_MARGIN)
+    if beyond.is_empty():
+        return None
+    named = (
+        beyond.unique("run", keep="first", maintain_order=True).join(runs.select("run", "run_key"), on="run", maintain_order="left")
+        .select("run_key", pl.format("{} is about {}, beyond the engine's fixed-point range (values under 1E18)",
+                                     what, scientific_text(pl.col("_estimate"))).alias("_message"))
+    )
+    return ValueRangeError(named["_message"][0], dict(zip(named["run_key"].to_list(), named["_message"].to_list())))
+
+
+def scientific_text(value: pl.Expr) -> pl.Expr:
+    """A non-zero Float64 as text in four significant digits: 1.055E+18."""
+    exponent = value.abs().log10().floor()
+    exponent = exponent + ((value / pl.lit(10.0).pow(exponent)).round(3).abs() >= 10).cast(pl.Float64)  # 9.9996 rounds up to 10
+    return pl.format("{}E{}{}", (value / pl.lit(10.0).pow(exponent)).round(3),
+                     pl.when(exponent < 0).then(pl.lit("-")).otherwise(pl.lit("+")), exponent.abs().cast(pl.Int64))

@@ -6,7 +6,7 @@ import logging
 
 from dpm_vec.book import TABLES
 from dpm_vec.contract import JSON_DOOR_OPTION, parse_request, request_hash, rows_to_book
-from dpm_vec.errors import (ENGINE_FAILURES, InfeasibleConstraintError, QuantityRangeError, RequestError, ValueRangeError, failure_summary,
+from dpm_vec.errors import (ENGINE_FAILURES, InfeasibleConstraintError, RangeError, RequestError, ValueRangeError, failure_summary,
                             is_overflow, named_failures, problem)
 from dpm_vec.pipeline import run
 from dpm_vec.render import render_results
@@ -42,8 +42,9 @@ def simulate_outcomes(requests: list) -> list[dict | BaseException]:
     the request asks for RFC-0001 §7's problem (``options.rfc_domain_errors``), else the
     exception the engine raised on it alone.
 
-    If the shared pass fails on trades outside the quantity range, the requests it names
-    fail and the others get one more pass; on any other failure it is halved until the
+    If the shared pass fails on trades outside the quantity range, or on values outside
+    the fixed point that the engine can name, the requests it names fail and the others
+    get one more pass; on any other failure it is halved until the
     requests that break it run alone (``_isolating``: about 2 log2(n) passes per such
     request, not n).
     """
@@ -67,7 +68,7 @@ def _problem(exc: BaseException, index: int) -> dict:
     """The RFC 7807 problem for slot ``index``'s failure."""
     if isinstance(exc, RequestError):
         return exc.problem()
-    if isinstance(exc, (QuantityRangeError, ValueRangeError)):
+    if isinstance(exc, RangeError):
         return type(exc)(f"request {index + 1}: {exc}").problem()
     if isinstance(exc, InfeasibleConstraintError):  # RFC-0001 §7's detail as it stands; portfolio_id names the request
         return exc.problem()
@@ -89,7 +90,7 @@ def _isolating(parsed: dict[int, dict[str, list[dict]]]) -> dict[int, dict | Bas
             log.warning("one engine pass over %d requests failed (%s); running it again without the %d it names",
                         len(parsed), failure_summary(exc), len(named))
             rest = {i: rows for i, rows in parsed.items() if i not in named}
-            return {**{i: QuantityRangeError(detail) for i, detail in named.items()},
+            return {**{i: type(exc)(detail) for i, detail in named.items()},
                     **(_isolating(rest) if rest else {})}
         log.warning("one engine pass over %d requests failed (%s); running each half on its own", len(parsed), failure_summary(exc))
         indexes = list(parsed)

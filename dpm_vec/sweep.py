@@ -827,37 +827,33 @@ def _close_cluster(client) -> None:
 def run_isolating(book: Book, timer: StageTimer | None = None, tables: tuple[str, ...] = OUTPUT_TABLES) -> dict[str, pl.DataFrame]:
     """The output tables of ``book``. If the engine fails on the shard, the portfolios it
     cannot compute are isolated, by name where the error names them (trades outside the
-    quantity range), else by halving the shard; each of those gets one BLOCKED run record
+    quantity range, values outside the fixed point), else by halving the shard; each of those gets one BLOCKED run record
     (block_reason ENGINE_ERROR) and every other portfolio its result."""
     try:
         return output_tables(run(book, allocations=False, timer=timer), tables)
     except ENGINE_FAILURES as exc:  # a failed portfolio is a row, not a crash
         n = book.portfolios.height
-        if n <= 1:
-            log.error("portfolio %s could not be computed: %s", book.portfolios["run_key"].to_list(), exc)
-            return _engine_error_tables(book, exc, _empty_tables(book, tables))
         named = named_failures(exc)
         failing = book.portfolios["run_key"].is_in(pl.Series(list(named), dtype=pl.String).implode())
+        if n <= 1 and not failing.any():
+            log.error("portfolio %s could not be computed: %s", book.portfolios["run_key"].to_list(), exc)
+            return _engine_error_tables(book, exc, _empty_tables(book, tables))
         if failing.any():
-            # the engine named the portfolios it cannot compute: each gets its record, and the
-            # runs of portfolios between them one pass each (the shard's order is kept)
-            segments = book.portfolios.with_columns(failing.alias("_failing")).with_columns(
-                (pl.col("_failing") | pl.col("_failing").shift(1, fill_value=False)).cum_sum().alias("_segment")
-            ).partition_by("_segment", maintain_order=True, include_key=False)
-            empty: dict[str, pl.DataFrame] | None = None  # one empty pass for all the records, when the first needs it
-            parts = []
-            for segment in segments:
-                part = replace(book, portfolios=segment.drop("_failing"))
-                if segment["_failing"][0]:
-                    own = named[segment["run_key"][0]]  # this portfolio's failure, not the first one the error names
-                    log.error("portfolio %s could not be computed: %s", segment["run_key"][0], own)
-                    empty = empty or _empty_tables(book, tables)
-                    parts.append(_engine_error_tables(part, exc, empty, f"{type(exc).__name__}: {own}"))
-                else:
-                    parts.append(run_isolating(part, timer, tables))
-        else:
-            halves = [book.portfolios.slice(0, n // 2), book.portfolios.slice(n // 2)]
-            parts = [run_isolating(replace(book, portfolios=half), timer, tables) for half in halves]
+            # the engine named the portfolios it cannot compute: each gets its record, each
+            # with its own failure, and the others one more pass, back in the shard's order
+            blocked = book.portfolios.filter(failing)
+            for key in blocked["run_key"]:
+                log.error("portfolio %s could not be computed: %s", key, named[key])
+            details = pl.concat_str(pl.lit(f"{type(exc).__name__}: "), pl.col("run_key").replace_strict(named, return_dtype=pl.String))
+            parts = [_engine_error_tables(replace(book, portfolios=blocked), exc, _empty_tables(book, tables), details)]
+            if not failing.all():
+                parts.append(run_isolating(replace(book, portfolios=book.portfolios.filter(~failing)), timer, tables))
+            order = book.portfolios.select("run_key", pl.int_range(pl.len(), dtype=pl.UInt32).alias("_shard_order"))
+            return {name: pl.concat([part[name] for part in parts], how="vertical_relaxed")
+                    .join(order, on="run_key", how="left", maintain_order="left").sort("_shard_order", maintain_order=True).drop("_shard_order")
+                    for name in parts[0]}
+        halves = [book.portfolios.slice(0, n // 2), book.portfolios.slice(n // 2)]
+        parts = [run_isolating(replace(book, portfolios=half), timer, tables) for half in halves]
         return {name: pl.concat([part[name] for part in parts], how="vertical_relaxed") for name in parts[0]}
 
 
@@ -867,16 +863,16 @@ def _empty_tables(book: Book, tables: tuple[str, ...]) -> dict[str, pl.DataFrame
 
 
 def _engine_error_tables(book: Book, exc: BaseException, empty: dict[str, pl.DataFrame],
-                         detail: str | None = None) -> dict[str, pl.DataFrame]:
+                         detail: pl.Expr | None = None) -> dict[str, pl.DataFrame]:
     """One BLOCKED ENGINE_ERROR run record per portfolio of ``book``, in ``empty``'s
-    tables (``_empty_tables``) and columns; its detail is ``detail``, or the error's
-    summary."""
+    tables (``_empty_tables``) and columns; its detail is ``detail`` (an expression over
+    the portfolio's row), or the error's summary."""
     p = book.portfolios
     runs = p.select(
         "run_key", "portfolio_id", "scenario_id", "base_currency", "portfolio_snapshot_id", "market_snapshot_id",
         "shelf_id", "model_id", "target_method", "request_hash",
         pl.lit("BLOCKED").alias("status"), pl.lit("E1").alias("exit_path"), pl.lit("ENGINE_ERROR").alias("block_reason"),
-        pl.lit(detail or failure_summary(exc)).alias("block_detail"),
+        (pl.lit(failure_summary(exc)) if detail is None else detail).alias("block_detail"),
         pl.lit([f"ENGINE_ERROR:{type(exc).__name__}"], dtype=pl.List(pl.String)).alias("warnings"),
         pl.lit(__version__).alias("engine_version"),
     )

@@ -524,17 +524,22 @@ def test_the_reference_shaped_422_names_each_fault_by_loc_type_and_input():
     assert "options.group_constraints['a.b']" in [e["field"] for e in problem["errors"]]
 
 
-def test_a_cash_total_past_the_fixed_point_is_a_422_and_fails_alone():
-    """Twelve balances of 9.9e16 (each within the contract) sum past Decimal(38, 20): Polars
-    panics building that sum, and the request gets a value-out-of-range problem while the
-    request beside it answers (the panic is no Exception, and took the batch down)."""
+@pytest.mark.parametrize("balances, total", [(12, "1.188E+18"), (30, "2.97E+18")])
+def test_a_cash_total_past_the_fixed_point_is_a_422_and_fails_alone(balances, total):
+    """Balances of 9.9e16 (each within the contract) sum past Decimal(38, 20): Polars
+    would panic building that sum (the panic is no Exception, and took the batch down), or
+    alone wrap it silently (30 of them wrap past 128 bits to -4.3e17, a total that fits).
+    The request gets a value-out-of-range problem naming the sum, alone or beside a request
+    that answers."""
     request = copy.deepcopy(REQUEST)
-    request["portfolio_snapshot"]["cash_balances"] = [{"currency": f"C{i:02d}", "amount": "99000000000000000"} for i in range(12)]
-    request["market_data_snapshot"]["fx_rates"] += [{"pair": f"C{i:02d}/SGD", "rate": "1"} for i in range(12)]
+    request["portfolio_snapshot"]["cash_balances"] = [{"currency": f"C{i:02d}", "amount": "99000000000000000"} for i in range(balances)]
+    request["market_data_snapshot"]["fx_rates"] += [{"pair": f"C{i:02d}/SGD", "rate": "1"} for i in range(balances)]
     huge, plain = simulate_many([request, REQUEST])
     assert (huge["status"], huge["type"]) == (422, "https://dpm-vec.dev/problems/value-out-of-range")
-    assert huge["detail"].startswith("request 1: an intermediate value left the engine's fixed-point range")
+    assert huge["detail"] == (f"request 1: the sum of the portfolio's absolute values in base currency is about {total}, "
+                              "beyond the engine's fixed-point range (values under 1E18)")
     assert plain["status"] == "READY"
+    assert simulate_many([request])[0]["detail"] == huge["detail"]
 
 
 def test_a_zero_price_nothing_reads_runs_as_the_reference():

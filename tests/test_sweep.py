@@ -874,11 +874,49 @@ def test_a_portfolio_the_engine_cannot_compute_is_blocked_alone(tmp_path):
     failed = runs.filter(pl.col("block_reason") == "ENGINE_ERROR")
     assert failed["run_key"].to_list() == [frames["portfolios"]["run_key"][5]]
     assert failed["status"].to_list() == ["BLOCKED"]
-    # the error is told in block_detail (its type and first line); the others ran: a detail only if blocked
-    assert failed["block_detail"].to_list() == ["ComputeError: overflow in decimal multiplication: result doesn't fit Decimal(38, 20)"]
+    # the value is named in block_detail; the others ran: a detail only if blocked
+    held_first = frames["positions"].filter(pl.col("portfolio_snapshot_id") == victim)["instrument_id"][0]
+    assert failed["block_detail"].to_list() == [f"ValueRangeError: the value of 999999999 units of {held_first} at 99999999999 is about 1.0E+20, "
+                                                "beyond the engine's fixed-point range (values under 1E18)"]
+    assert failed["warnings"].to_list() == [["ENGINE_ERROR:ValueRangeError"]]
     others = runs.filter(pl.col("block_reason").ne_missing("ENGINE_ERROR"))
     assert others["exit_path"].is_not_null().all() and others.height == runs.height - 1
     assert (others["status"] == "BLOCKED").to_list() == others["block_detail"].is_not_null().to_list()
+
+
+def test_an_absurd_fx_rate_blocks_each_portfolio_it_breaks_by_name_without_halving_the_shard(tmp_path, monkeypatch):
+    """A EUR/USD rate of 1e12 breaks most USD and EUR portfolios at different stages: a holding's
+    value, a target value at the inverse rate, trades beyond the quantity range. Each
+    failed pass names the portfolios it cannot compute, so the shard takes a pass per
+    stage that fails, not one per portfolio (the shard halved down to each of them took
+    98 s for a 500-portfolio book; 6 s now), each blocked run names its own value, and the
+    outputs are those of a sweep of one portfolio per shard."""
+    from dpm_vec import sweep as sweep_module
+
+    passes: list[int] = []
+    real_run = sweep_module.run
+
+    def counted(book, **kwargs):
+        passes.append(book.portfolios.height)
+        return real_run(book, **kwargs)
+
+    frames = generate_book_frames(40, 7, holdings=(5, 12))
+    frames["fx_rates"] = frames["fx_rates"].with_columns(
+        pl.when(pl.col("pair") == "EUR/USD").then(pl.lit(Decimal("1e12"))).otherwise(pl.col("rate")).cast(pl.Decimal(38, 20)).alias("rate"))
+    book = write_book(frames, tmp_path / "book")
+    monkeypatch.setattr(sweep_module, "run", counted)
+    sweep(book, tmp_path / "shared", progress=False, threads=1)
+    assert len([n for n in passes if n]) <= 5
+    monkeypatch.undo()
+    sweep(book, tmp_path / "alone", progress=False, threads=1, shard_size=1)
+    for table in SWEEP_TABLES:
+        assert _read(tmp_path / "shared", table).equals(_read(tmp_path / "alone", table)), table
+    failed = _read(tmp_path / "shared", "runs").filter(pl.col("block_reason") == "ENGINE_ERROR")
+    assert set(failed["base_currency"]) <= {"USD", "EUR"} and failed.height >= 10  # the two sides of the pair
+    kinds = set(failed["block_detail"].str.extract(r"^(\w+: (?:the \w+ value|the value|a BUY))"))
+    assert kinds == {"ValueRangeError: the value", "ValueRangeError: the target value", "QuantityRangeError: a BUY"}, kinds
+    assert failed["block_detail"].str.ends_with("beyond the engine's fixed-point range (values under 1E18)").sum() == (
+        failed["block_detail"].str.starts_with("ValueRangeError").sum())
 
 
 def test_timestamps_written_as_iso_text_read_as_timestamps(tmp_path):
@@ -1009,8 +1047,8 @@ def test_a_trade_beyond_the_quantity_range_blocks_its_portfolio_only_if_it_survi
     """Two portfolios of 1e14 in cash size trades of 1e10 units and more: the one whose
     turnover cap drops them gets its result, the other one BLOCKED run record
     (ENGINE_ERROR:QuantityRangeError), and every other portfolio its result. The failed
-    pass names the portfolio, so the shard is not halved: the portfolios before it and
-    after it take one pass each."""
+    pass names the portfolio, so the shard is not halved: the other five take one more
+    pass together."""
     from dpm_vec import sweep as sweep_module
 
     passes: list[int] = []
@@ -1035,7 +1073,7 @@ def test_a_trade_beyond_the_quantity_range_blocks_its_portfolio_only_if_it_survi
     )
     book = write_book(frames, tmp_path / "book")
     sweep(book, tmp_path / "out", progress=False, threads=1)
-    assert passes == [6, 1, 0, 4]  # the shard, the portfolio before, the error record's empty tables, the four after
+    assert passes == [6, 0, 5]  # the shard, the error record's empty tables, the five others
     runs = _read(tmp_path / "out", "runs")
     assert runs["run_key"].to_list() == frames["portfolios"]["run_key"].to_list()
     failed = runs.filter(pl.col("block_reason") == "ENGINE_ERROR")

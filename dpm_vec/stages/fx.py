@@ -15,7 +15,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.dec28 import F28
 from dpm_vec.frames import position_in_run, rows_where, sort_rows
-from dpm_vec.numeric import DEC, HAIR, QTY, dabs, lit
+from dpm_vec.numeric import DEC, HAIR, QTY, dabs, lit, naming_overflows, sums_may_leave_range, units_text, value_range_error
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import DUST, exact_notionals, long_digit_runs, projected_balances
 from dpm_vec.stages.prepare import Market
@@ -44,6 +44,14 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         (pl.lit(1 << 40, dtype=pl.Int64) + pl.col("list_order")).alias("ccy_order"),
     )
     opening = cash_input.select("run", "currency", pl.col("amount").alias("flow"), pl.col("cash_seq").cast(pl.Int64).alias("ccy_order"))
+    # Polars' grouped decimal sum wraps silently past 128 bits: a run whose flows could add
+    # up beyond DEC (a trade sized at a tiny rate, in units of a currency) is named first
+    if sums_may_leave_range("flow", opening, flows):
+        gross = pl.concat([opening, flows]).group_by("run").agg(pl.col("flow").cast(pl.Float64).abs().sum().alias("_gross"))
+        beyond = value_range_error(gross.sort("run"), runs, pl.col("_gross"),
+                                   pl.lit("the sum of the portfolio's absolute cash flows (its opening cash and trades, in their currencies)"))
+        if beyond is not None:
+            raise beyond
     projected = (
         pl.concat([opening, flows]).group_by("run", "currency")
         .agg(pl.col("flow").sum().alias("balance"), pl.col("ccy_order").min())
@@ -55,33 +63,15 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         projected, pl.col("rate").is_null(), "fx_missing", pl.col("currency") + "/" + pl.col("base_currency"),
         dq.FX, pl.col("ccy_order"),
     )
-    projected = _kept_surpluses(market, _exact_signs(market, runs, security, cash_input, projected)).drop("_exact_balance_f")
-    funding = pl.col("_sign") < 0
-    buy_amount = dabs(pl.col("balance")) * (lit(1) + pl.col("fx_buffer_pct"))
-    fx = (
-        projected.filter(pl.col("rate").is_not_null() & (pl.col("_sign") != 0) & ~pl.col("_kept"))
-        .pipe(sort_rows, "run", "ccy_order")
-        .join(security.group_by("run").agg(pl.len().alias("_n_sec")), on="run", how="left")
-        .with_columns(
-            (pl.col("_n_sec").fill_null(0) + pl.int_range(1, pl.len() + 1).over("run")).cast(pl.Int64).alias("_k"),
-            pl.when(funding).then(buy_amount).otherwise(pl.col("balance") * pl.col("rate")).alias("buy_amount"),
-        )
-        .with_columns(
-            pl.when(funding).then(pl.col("buy_amount") * pl.col("rate")).otherwise(pl.col("balance")).alias("sell_amount_estimated"),
-        )
-        .select(
-            "run", pl.lit(2, dtype=pl.Int8).alias("_group"), pl.col("_k").alias("_within"),
-            (pl.lit("oi_fx_") + pl.col("_k").cast(pl.String)).alias("intent_id"),
-            pl.lit("FX_SPOT").alias("intent_type"),
-            (pl.col("currency") + "/" + pl.col("base_currency")).alias("pair"),
-            pl.when(funding).then(pl.col("currency")).otherwise(pl.col("base_currency")).alias("buy_currency"),
-            "buy_amount",
-            pl.when(funding).then(pl.col("base_currency")).otherwise(pl.col("currency")).alias("sell_currency"),
-            "sell_amount_estimated",
-            pl.when(funding).then(pl.lit("FUNDING")).otherwise(pl.lit("SWEEP")).alias("rationale_code"),
-            "base_currency",
-        )
-    )
+    # a balance's base value, and a funding buy with its buffer, and that at the rate
+    estimate = (pl.col("balance").cast(pl.Float64).abs() * (1 + pl.col("fx_buffer_pct").cast(pl.Float64).fill_null(0.0))
+                * pl.max_horizontal(pl.col("rate").cast(pl.Float64), pl.lit(1.0)))
+    what = pl.format("the FX spot of a {} balance of {} in {} at {} {}/{}", "currency", units_text(pl.col("balance")), "base_currency",
+                     units_text(pl.col("rate")), "currency", "base_currency")
+    projected = naming_overflows(
+        lambda: _kept_surpluses(market, _exact_signs(market, runs, security, cash_input, projected)).drop("_exact_balance_f"),
+        projected, runs, estimate, what)
+    fx = naming_overflows(lambda: _spot_intents(projected, security), projected, runs, estimate, what)
     sec = security.with_columns(
         _security_intent_ids(security.get_column("intent_no")),
         pl.when(pl.col("side") == "SELL").then(pl.lit(1, dtype=pl.Int8)).otherwise(pl.lit(3, dtype=pl.Int8)).alias("_group"),
@@ -127,6 +117,37 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
     if "quantity_sig" not in intents.columns:  # carried only by a shard that has one
         intents = intents.with_columns(pl.lit(None, dtype=F28).alias("quantity_sig"))
     return intents.select([pl.col(c).cast(t) for c, t in INTENT_COLUMNS.items()]), fx_missing
+
+
+def _spot_intents(projected: pl.DataFrame, security: pl.DataFrame) -> pl.DataFrame:
+    """The FX spot intents of the ``projected`` balances that trade: a FUNDING buy of a
+    short currency (its deficit and buffer), a SWEEP of a surplus back to base."""
+    funding = pl.col("_sign") < 0
+    buy_amount = dabs(pl.col("balance")) * (lit(1) + pl.col("fx_buffer_pct"))
+    return (
+        projected.filter(pl.col("rate").is_not_null() & (pl.col("_sign") != 0) & ~pl.col("_kept"))
+        .pipe(sort_rows, "run", "ccy_order")
+        .join(security.group_by("run").agg(pl.len().alias("_n_sec")), on="run", how="left")
+        .with_columns(
+            (pl.col("_n_sec").fill_null(0) + pl.int_range(1, pl.len() + 1).over("run")).cast(pl.Int64).alias("_k"),
+            pl.when(funding).then(buy_amount).otherwise(pl.col("balance") * pl.col("rate")).alias("buy_amount"),
+        )
+        .with_columns(
+            pl.when(funding).then(pl.col("buy_amount") * pl.col("rate")).otherwise(pl.col("balance")).alias("sell_amount_estimated"),
+        )
+        .select(
+            "run", pl.lit(2, dtype=pl.Int8).alias("_group"), pl.col("_k").alias("_within"),
+            (pl.lit("oi_fx_") + pl.col("_k").cast(pl.String)).alias("intent_id"),
+            pl.lit("FX_SPOT").alias("intent_type"),
+            (pl.col("currency") + "/" + pl.col("base_currency")).alias("pair"),
+            pl.when(funding).then(pl.col("currency")).otherwise(pl.col("base_currency")).alias("buy_currency"),
+            "buy_amount",
+            pl.when(funding).then(pl.col("base_currency")).otherwise(pl.col("currency")).alias("sell_currency"),
+            "sell_amount_estimated",
+            pl.when(funding).then(pl.lit("FUNDING")).otherwise(pl.lit("SWEEP")).alias("rationale_code"),
+            "base_currency",
+        )
+    )
 
 
 def _security_intent_ids(intent_no: pl.Series) -> pl.Series:

@@ -15,8 +15,8 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.frames import join_on_index, join_runs, position_in_run, put_rows, rows_where, sort_rows
-from dpm_vec.numeric import (DEC, DEC_UNIT, HAIR, QTY, SCALE, TRADE_UNITS_LIMIT, beyond_dec_decimals, dabs, lit, quantity_range_error,
-                             times_price)
+from dpm_vec.numeric import (DEC, DEC_UNIT, HAIR, QTY, SCALE, TRADE_UNITS_LIMIT, beyond_dec_decimals, dabs, lit, naming_overflows,
+                             quantity_range_error, times_price, units_text)
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import DUST, exact_notionals
 from dpm_vec.stages.prepare import Market
@@ -73,12 +73,16 @@ def translate(
     t = market.with_shelf(t, ("min_notional_amount", "min_notional_currency", "trade_by"))
     held = positions_input.select("slot", pl.col("quantity").alias("held_quantity"), "market_value", "market_value_currency")
     t = _market_value_for_delta(market, join_on_index(join_runs(t, totals.select("run", "total_value")), held, "slot"))
-    t = t.with_columns(
+    target_estimate = pl.col("total_value").cast(pl.Float64) * pl.col("final_weight").cast(pl.Float64) / pl.col("rate").cast(pl.Float64)
+    t = naming_overflows(lambda: t.with_columns(
         ((pl.col("total_value") * pl.col("final_weight").cast(DEC)) / pl.col("rate")).alias("target_value_instr"),
         pl.when(pl.col("_mv_for_delta").is_not_null()).then(pl.col("_mv_for_delta"))
         .when(pl.col("held_quantity").is_not_null()).then(times_price(t, "held_quantity", pl.col("price")))
         .otherwise(lit(0)).alias("current_value_instr"),
-    ).with_columns(
+    ), t, runs, target_estimate,
+        pl.format("the target value of {} in {} ({} {} × weight {} at {} {}/{})", "instrument_id", "price_currency", units_text(pl.col("total_value")),
+                  "base_currency", units_text(pl.col("final_weight")), units_text(pl.col("rate")), "price_currency", "base_currency"))
+    t = t.with_columns(
         (pl.col("target_value_instr") - pl.col("current_value_instr")).alias("delta_value_instr"),
     ).with_columns(
         pl.when(pl.col("delta_value_instr") > 0).then(pl.lit("BUY")).otherwise(pl.lit("SELL")).alias("side"),

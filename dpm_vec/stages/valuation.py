@@ -10,7 +10,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.dec28 import F28
 from dpm_vec.frames import join_runs, sort_rows
-from dpm_vec.numeric import HAIR, beyond_dec_decimals, dabs, lit, times_price
+from dpm_vec.numeric import HAIR, beyond_dec_decimals, dabs, lit, naming_overflows, sums_may_leave_range, times_price, units_text, value_range_error
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.universe import exact_cash_bucket, valued_in_28_digits
@@ -45,19 +45,22 @@ def value_state(
     pos = market.with_price(join_runs(positions, base))
     pos = market.with_shelf(pos, ("asset_class",))
     use_mv = pl.col("_trust") & pl.col("market_value").is_not_null()
-    pos = pos.with_columns(
+    pos = naming_overflows(lambda: pos.with_columns(
         pl.when(use_mv).then(pl.col("market_value_currency"))
         .otherwise(pl.coalesce("price_currency", "base_currency")).alias("instrument_currency"),
         pl.when(use_mv).then(pl.col("market_value"))
         .otherwise(times_price(pos, "quantity", pl.col("price").fill_null(lit(0)))).alias("value_instr"),
         pl.col("asset_class").fill_null("UNKNOWN"),
-    )
+    ), pos, runs, pl.when(use_mv).then(_f64("market_value")).otherwise(_f64("quantity") * _f64("price")),
+        pl.format("the value of {} units of {} at {}", _text("quantity"), "instrument_id", _text("price")))
     pos = _exact_quantities(pos, ~use_mv & pl.col("price").is_not_null())
     pos = market.with_rate(pos, "instrument_currency", "base_currency", "_rate")
-    pos = pos.with_columns(
+    pos = naming_overflows(lambda: pos.with_columns(
         pl.when(pl.col("_rate").is_null()).then(lit(0))
         .otherwise(pl.col("value_instr") * pl.col("_rate")).alias("value_base")
-    )
+    ), pos, runs, _f64("value_instr") * _f64("_rate"),
+        pl.format("the value of {} in {} ({} {} at {} {}/{})", "instrument_id", "base_currency", _text("value_instr"), "instrument_currency",
+                  _text("_rate"), "instrument_currency", "base_currency"))
     price_missing = dq.findings(
         pos, pl.col("price").is_null(), "price_missing", pl.col("instrument_id"), stage, pl.col("pos_seq") * 2
     )
@@ -66,25 +69,24 @@ def value_state(
         pl.col("instrument_currency") + "/" + pl.col("base_currency"), stage, pl.col("pos_seq") * 2 + 1,
     )
     cash = market.with_rate(join_runs(cash, base.select("run", "base_currency")), "currency", "base_currency", "_rate")
-    cash = cash.with_columns(
+    cash = naming_overflows(lambda: cash.with_columns(
         pl.when(pl.col("currency") == pl.col("base_currency")).then(pl.col("amount"))
         .when(pl.col("_rate").is_null()).then(lit(0))
         .otherwise(pl.col("amount") * pl.col("_rate")).alias("value_base")
-    )
+    ), cash, runs, _f64("amount") * _f64("_rate"),
+        pl.format("the value of cash {} {} in {} at {} {}/{}", _text("amount"), "currency", "base_currency", _text("_rate"), "currency", "base_currency"))
     cash_fx_missing = dq.findings(
         cash, pl.col("_rate").is_null(), "fx_missing",
         pl.col("currency") + "/" + pl.col("base_currency"), stage + 1, pl.col("cash_seq"),
     )
-    pos_total = pos.group_by("run").agg(pl.col("value_base").sum().alias("_pv"))
-    cash_total = cash.group_by("run").agg(pl.col("value_base").sum().alias("cash_value"))
-    totals = (
-        runs.select("run")
-        .join(pos_total, on="run", how="left", maintain_order="left")
-        .join(cash_total, on="run", how="left", maintain_order="left")
-        .with_columns(pl.col("_pv", "cash_value").fill_null(lit(0)))
-        .with_columns((pl.col("_pv") + pl.col("cash_value")).alias("total_value"))
-        .select("run", "total_value", "cash_value")
-    )
+    # Polars' grouped decimal sum wraps silently past its 128 bits (about 1.7E18) and holds
+    # a sum past 38 digits unchecked: a run whose values add up beyond DEC is named first
+    if sums_may_leave_range("value_base", pos, cash):
+        beyond = value_range_error(_gross(runs, pos, cash), runs, pl.col("_gross"),
+                                   pl.lit("the sum of the portfolio's absolute values in base currency"))
+        if beyond is not None:
+            raise beyond
+    totals = _totals(runs, pos, cash)
     totals = totals.with_columns(_total_taken_as_zero(totals, pos, cash)).with_columns(
         pl.when(pl.col("total_value") == 0).then(lit(1)).otherwise(pl.col("total_value")).alias("divisor")
     )
@@ -104,6 +106,37 @@ def value_state(
         totals=totals,
         allocations=allocations,
         dq=dq.concat(price_missing, pos_fx_missing, cash_fx_missing),
+    )
+
+
+def _f64(column: str) -> pl.Expr:
+    """``column`` in floating point: an estimate of a value the fixed point cannot hold."""
+    return pl.col(column).cast(pl.Float64)
+
+
+def _text(column: str) -> pl.Expr:
+    """A decimal ``column`` as text without trailing zeros, for a message."""
+    return units_text(pl.col(column))
+
+
+def _gross(runs: pl.DataFrame, pos: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:
+    """Each run's _gross: the sum of its holdings' and cash's absolute base values, in
+    floating point (a bound on every sum of them)."""
+    gross = pl.concat([frame.select("run", _f64("value_base").abs()) for frame in (pos, cash)]).group_by("run").agg(
+        pl.col("value_base").sum().alias("_gross"))
+    return runs.select("run").join(gross, on="run", how="inner", maintain_order="left")
+
+
+def _totals(runs: pl.DataFrame, pos: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:
+    """Each run's total_value and cash_value: the sums of the value_base of its holdings
+    (``pos``) and its ``cash``."""
+    return (
+        runs.select("run")
+        .join(pos.group_by("run").agg(pl.col("value_base").sum().alias("_pv")), on="run", how="left", maintain_order="left")
+        .join(cash.group_by("run").agg(pl.col("value_base").sum().alias("cash_value")), on="run", how="left", maintain_order="left")
+        .with_columns(pl.col("_pv", "cash_value").fill_null(lit(0)))
+        .with_columns((pl.col("_pv") + pl.col("cash_value")).alias("total_value"))
+        .select("run", "total_value", "cash_value")
     )
 
 

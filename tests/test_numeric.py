@@ -1,0 +1,62 @@
+"""The fixed point's range guards: values the engine cannot hold are named by portfolio."""
+from __future__ import annotations
+
+from decimal import Decimal
+
+import polars as pl
+import pytest
+
+from dpm_vec.errors import ValueRangeError
+from dpm_vec.numeric import DEC, naming_overflows, scientific_text, sums_may_leave_range, value_range_error
+
+RUNS = pl.DataFrame({"run": [0, 1, 2], "run_key": ["PF_A", "PF_B", "PF_C"]})
+
+
+def _values(runs: list[int], values: list[str]) -> pl.DataFrame:
+    return pl.DataFrame({"run": runs, "value": [Decimal(v) for v in values], "rate": [Decimal("1e6")] * len(runs)},
+                        schema={"run": pl.Int64, "value": DEC, "rate": DEC})
+
+
+def _estimate() -> pl.Expr:
+    return pl.col("value").cast(pl.Float64) * pl.col("rate").cast(pl.Float64)
+
+
+def test_scientific_text_keeps_four_significant_digits():
+    values = pl.DataFrame({"x": [1.0549999999999999e18, 9.9996e20, 2.5e-7, -3e18]})
+    assert values.select(scientific_text(pl.col("x"))).to_series().to_list() == ["1.055E+18", "1.0E+21", "2.5E-7", "-3.0E+18"]
+
+
+def test_an_overflow_names_each_run_beyond_the_range_with_its_own_first_value():
+    frame = _values([0, 1, 1, 2], ["5", "2e12", "3e12", "7e12"])
+    with pytest.raises(ValueRangeError) as caught:
+        naming_overflows(lambda: frame.with_columns(pl.col("value") * pl.col("rate")), frame, RUNS, _estimate(),
+                         pl.format("the value {}", pl.col("run")))
+    assert caught.value.by_run_key == {
+        "PF_B": "the value 1 is about 2.0E+18, beyond the engine's fixed-point range (values under 1E18)",
+        "PF_C": "the value 2 is about 7.0E+18, beyond the engine's fixed-point range (values under 1E18)",
+    }
+    assert str(caught.value) == caught.value.by_run_key["PF_B"]
+    assert isinstance(caught.value.__cause__, pl.exceptions.ComputeError)
+
+
+def test_a_failure_no_value_explains_is_left_as_it_was():
+    frame = _values([0], ["50"])
+    with pytest.raises(pl.exceptions.ComputeError, match="overflow"):  # an overflow the estimate does not see
+        naming_overflows(lambda: frame.with_columns(pl.col("value") * pl.lit(Decimal("1e17"), dtype=DEC)), frame, RUNS,
+                         _estimate(), pl.lit("x"))
+    with pytest.raises(ZeroDivisionError):  # not an overflow at all
+        naming_overflows(lambda: 1 / 0, frame, RUNS, pl.lit(1e30), pl.lit("x"))
+    assert naming_overflows(lambda: "fits", frame, RUNS, pl.lit(1e30), pl.lit("x")) == "fits"  # checked only on failure
+
+
+def test_only_a_value_surely_beyond_the_range_is_named():
+    assert value_range_error(_values([0], ["999999999999"]), RUNS, _estimate(), pl.lit("x")) is None  # 9.99999999999e17
+    assert value_range_error(_values([0], ["1000000000000.001"]), RUNS, _estimate(), pl.lit("x")) is None  # within Float64's doubt
+    assert value_range_error(_values([0], ["1000000002000"]), RUNS, _estimate(), pl.lit("x")).by_run_key.keys() == {"PF_A"}
+
+
+def test_sums_are_checked_only_where_rows_times_the_largest_magnitude_reach_the_range():
+    small = _values([0, 1], ["-4e8", "3e8"])
+    assert not sums_may_leave_range("value", small, small.head(0))
+    assert sums_may_leave_range("value", small, _values([2, 2], ["-5e17", "1"]))  # 4 rows × 5e17
+    assert not sums_may_leave_range("value", small.head(0))

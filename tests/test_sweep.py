@@ -998,8 +998,9 @@ def test_limits_no_portfolio_has_are_reported_not_silently_dropped(tmp_path, cap
 
 
 def test_a_cash_total_past_38_digits_blocks_its_portfolio_alone(tmp_path):
-    """A panic in Polars (a sum of cash that cannot be built at 38 digits) is a failed
-    portfolio like any other: one BLOCKED ENGINE_ERROR record, the rest as without it."""
+    """A sum of cash that cannot be built at 38 digits (Polars panicked building it, or
+    wrapped it silently) is named before it is taken: one BLOCKED ENGINE_ERROR record
+    naming the sum, the rest as without it."""
     frames = generate_book_frames(8, 13, holdings=(3, 5))
     victim = frames["portfolios"]["portfolio_snapshot_id"][0]  # USD and CHF cash: 6e17 each is 1.3e18 USD
     assert frames["cash"].filter(pl.col("portfolio_snapshot_id") == victim).height == 2
@@ -1013,7 +1014,8 @@ def test_a_cash_total_past_38_digits_blocks_its_portfolio_alone(tmp_path):
     runs, expected = _read(tmp_path / "out", "runs"), _read(tmp_path / "clean_out", "runs")
     failed = runs.filter(pl.col("block_reason") == "ENGINE_ERROR")
     assert failed["run_key"].to_list() == [frames["portfolios"]["run_key"][0]]
-    assert failed["warnings"].to_list() == [["ENGINE_ERROR:PanicException"]]
+    assert failed["warnings"].to_list() == [["ENGINE_ERROR:ValueRangeError"]]
+    assert failed["block_detail"].str.starts_with("ValueRangeError: the sum of the portfolio's absolute values in base currency is about 1.").all()
     others = pl.col("run_key") != frames["portfolios"]["run_key"][0]
     assert runs.filter(others).select("run_key", "status").equals(expected.filter(others).select("run_key", "status"))
 

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 from dpm_vec.contract import parse_request
-from dpm_vec.errors import InfeasibleConstraintError, QuantityRangeError, RequestError, ValueRangeError, fault, not_an_object
+from dpm_vec.errors import InfeasibleConstraintError, RangeError, RequestError, fault, not_an_object
 from dpm_vec.simulate import simulate_outcomes
 
 log = logging.getLogger("dpm_vec.analyze")
@@ -145,7 +145,7 @@ def _run(requests: list[dict], names: list[str], failed: dict[str, str]) -> dict
     for name, outcome in zip(names, simulate_outcomes(requests)):
         if not isinstance(outcome, BaseException):
             results[name] = outcome
-        elif isinstance(outcome, (QuantityRangeError, ValueRangeError, InfeasibleConstraintError)):
+        elif isinstance(outcome, (RangeError, InfeasibleConstraintError)):
             failed[name] = f"SCENARIO_EXECUTION_ERROR: {type(outcome).__name__}: {outcome}"
         else:
             log.warning("scenario %s could not be simulated: %s: %s", name, type(outcome).__name__, outcome)

@@ -62,7 +62,7 @@ from dpm_vec import __version__
 from dpm_vec.analyze import analyze
 from dpm_vec.coalesce import Coalescer
 from dpm_vec.contract import parse_request, request_hash
-from dpm_vec.errors import ENGINE_FAILURES, InfeasibleConstraintError, QuantityRangeError, RequestError, ValueRangeError, fault, not_an_object, problem
+from dpm_vec.errors import ENGINE_FAILURES, InfeasibleConstraintError, RangeError, RequestError, fault, not_an_object, problem
 from dpm_vec.simulate import simulate_many, simulate_outcomes
 from dpm_vec.store import DuplicateRunId, IdempotencyConflict, RunStore, new_run_id
 
@@ -432,7 +432,7 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         result = simulate_one(body)  # shares an engine pass with concurrent callers
         if isinstance(result, RequestError):
             return invalid(result.errors, SIMULATE_PATH, headers)
-        if isinstance(result, (QuantityRangeError, ValueRangeError)):  # valid, but outside the engine's range: say which trade
+        if isinstance(result, RangeError):  # valid, but outside the engine's range: say which trade or value
             return _Outcome(422, result.problem(SIMULATE_PATH), problem=True, headers=headers)
         if isinstance(result, InfeasibleConstraintError):  # RFC-0001 §7, asked for by options.rfc_domain_errors
             body = result.problem(SIMULATE_PATH)

@@ -414,7 +414,7 @@ def _read_book(book_dir, portfolios, reference, files, spans, isolate: bool) -> 
     unbalanced = lot_sum_faults(conformed["positions"], conformed["lots"].filter(~pl.col("portfolio_snapshot_id").is_in(blocked)))
     if unbalanced.height and not isolate:
         raise BookError(str(_path(book_dir, "lots")), f"{unbalanced.height} position(s) whose lots do not add up to the position's "
-                        "quantity (within 0.0001)", column="quantity",
+                        f"quantity (within {LOT_SUM_TOLERANCE})", column="quantity",
                         examples=[f"portfolio_snapshot_id {key} instrument_id {row}: {value}"
                                   for key, row, value in unbalanced.select("key", "row_key", "value").head(5).rows()])
     faults = pl.concat([faults, unbalanced])
@@ -439,7 +439,7 @@ def lot_sum_faults(positions: pl.DataFrame, lots: pl.DataFrame) -> pl.DataFrame:
     ).select(
         pl.lit("lots").alias("input_table"), pl.col("portfolio_snapshot_id").alias("key"), pl.col("instrument_id").alias("row_key"),
         pl.lit("quantity").alias("input_column"),
-        pl.lit("lots sum to the position's quantity (within 0.0001)").alias("failed_check"),
+        pl.lit(f"lots sum to the position's quantity (within {LOT_SUM_TOLERANCE})").alias("failed_check"),
         pl.format("{} (the position holds {})", units_text(pl.col("_lots")),
                   pl.when(pl.col("quantity").is_null()).then(pl.lit("none")).otherwise(units_text(pl.col("quantity")))).alias("value"),
     )

@@ -9,12 +9,11 @@ to 10^18 fit. Integer quantities are floored exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
+from typing import TypeVar
 
 import polars as pl
-
-from collections.abc import Callable
-from typing import TypeVar
 
 from dpm_vec.errors import ENGINE_FAILURES, QuantityRangeError, ValueRangeError, is_overflow
 
@@ -152,12 +151,18 @@ def quantity_range_error(trades: pl.DataFrame, runs: pl.DataFrame, units: str, t
         "a {} of {} units of {} is outside the engine's quantity range (trades under {} units)",
         "side", units_text(pl.col(units)), "instrument_id", pl.lit(f"{TRADE_UNITS_LIMIT:,}"),
     )
+    first, by_run_key = _messages_by_run_key(trades, runs, message if tail is None else pl.concat_str(message, tail))
+    return QuantityRangeError(first, by_run_key)
+
+
+def _messages_by_run_key(rows: pl.DataFrame, runs: pl.DataFrame, message: pl.Expr) -> tuple[str, dict[str, str]]:
+    """(the first row's ``message``; each run's first row's ``message`` by its run key),
+    for a range error naming every run of ``rows`` (run, ...; ``runs``: run, run_key)."""
     named = (
-        trades.unique("run", keep="first", maintain_order=True).join(runs.select("run", "run_key"), on="run", maintain_order="left")
-        .select("run_key", (message if tail is None else pl.concat_str(message, tail)).alias("_message"))
+        rows.unique("run", keep="first", maintain_order=True).join(runs.select("run", "run_key"), on="run", maintain_order="left")
+        .select("run_key", message.alias("_message"))
     )
-    by_run_key = dict(zip(named["run_key"].to_list(), named["_message"].to_list()))
-    return QuantityRangeError(named["_message"][0], by_run_key)
+    return named["_message"][0], dict(zip(named["run_key"].to_list(), named["_message"].to_list()))
 
 
 def naming_overflows(compute: Callable[[], T], frame: pl.DataFrame, runs: pl.DataFrame, estimate: pl.Expr, what: pl.Expr) -> T:
@@ -195,12 +200,9 @@ def value_range_error(frame: pl.DataFrame, runs: pl.DataFrame, estimate: pl.Expr
     beyond = frame.with_columns(estimate.alias("_estimate")).filter(pl.col("_estimate").abs() >= DEC_RANGE * DEC_RANGE_MARGIN)
     if beyond.is_empty():
         return None
-    named = (
-        beyond.unique("run", keep="first", maintain_order=True).join(runs.select("run", "run_key"), on="run", maintain_order="left")
-        .select("run_key", pl.format("{} is about {}, beyond the engine's fixed-point range (values under 1E18)",
-                                     what, scientific_text(pl.col("_estimate"))).alias("_message"))
-    )
-    return ValueRangeError(named["_message"][0], dict(zip(named["run_key"].to_list(), named["_message"].to_list())))
+    first, by_run_key = _messages_by_run_key(beyond, runs, pl.format(
+        "{} is about {}, beyond the engine's fixed-point range (values under 1E18)", what, scientific_text(pl.col("_estimate"))))
+    return ValueRangeError(first, by_run_key)
 
 
 def scientific_text(value: pl.Expr) -> pl.Expr:

@@ -827,34 +827,41 @@ def _close_cluster(client) -> None:
 def run_isolating(book: Book, timer: StageTimer | None = None, tables: tuple[str, ...] = OUTPUT_TABLES) -> dict[str, pl.DataFrame]:
     """The output tables of ``book``. If the engine fails on the shard, the portfolios it
     cannot compute are isolated, by name where the error names them (trades outside the
-    quantity range, values outside the fixed point), else by halving the shard; each of those gets one BLOCKED run record
-    (block_reason ENGINE_ERROR) and every other portfolio its result."""
+    quantity range, values outside the fixed point), else by halving the shard; each of
+    those gets one BLOCKED run record (block_reason ENGINE_ERROR) and every other
+    portfolio its result."""
     try:
         return output_tables(run(book, allocations=False, timer=timer), tables)
     except ENGINE_FAILURES as exc:  # a failed portfolio is a row, not a crash
-        n = book.portfolios.height
         named = named_failures(exc)
         failing = book.portfolios["run_key"].is_in(pl.Series(list(named), dtype=pl.String).implode())
-        if n <= 1 and not failing.any():
+        if failing.any():
+            return _without_named(book, exc, named, failing, timer, tables)
+        n = book.portfolios.height
+        if n <= 1:
             log.error("portfolio %s could not be computed: %s", book.portfolios["run_key"].to_list(), exc)
             return _engine_error_tables(book, exc, _empty_tables(book, tables))
-        if failing.any():
-            # the engine named the portfolios it cannot compute: each gets its record, each
-            # with its own failure, and the others one more pass, back in the shard's order
-            blocked = book.portfolios.filter(failing)
-            for key in blocked["run_key"]:
-                log.error("portfolio %s could not be computed: %s", key, named[key])
-            details = pl.concat_str(pl.lit(f"{type(exc).__name__}: "), pl.col("run_key").replace_strict(named, return_dtype=pl.String))
-            parts = [_engine_error_tables(replace(book, portfolios=blocked), exc, _empty_tables(book, tables), details)]
-            if not failing.all():
-                parts.append(run_isolating(replace(book, portfolios=book.portfolios.filter(~failing)), timer, tables))
-            order = book.portfolios.select("run_key", pl.int_range(pl.len(), dtype=pl.UInt32).alias("_shard_order"))
-            return {name: pl.concat([part[name] for part in parts], how="vertical_relaxed")
-                    .join(order, on="run_key", how="left", maintain_order="left").sort("_shard_order", maintain_order=True).drop("_shard_order")
-                    for name in parts[0]}
         halves = [book.portfolios.slice(0, n // 2), book.portfolios.slice(n // 2)]
         parts = [run_isolating(replace(book, portfolios=half), timer, tables) for half in halves]
         return {name: pl.concat([part[name] for part in parts], how="vertical_relaxed") for name in parts[0]}
+
+
+def _without_named(book: Book, exc: BaseException, named: dict[str, str], failing: pl.Series, timer: StageTimer | None,
+                   tables: tuple[str, ...]) -> dict[str, pl.DataFrame]:
+    """The output tables of ``book`` whose ``failing`` portfolios the engine's error named:
+    each gets its record with its own failure (``named``, by run key), and the others one
+    more pass together, back in the shard's order."""
+    blocked = book.portfolios.filter(failing)
+    for key in blocked["run_key"]:
+        log.error("portfolio %s could not be computed: %s", key, named[key])
+    details = pl.concat_str(pl.lit(f"{type(exc).__name__}: "), pl.col("run_key").replace_strict(named, return_dtype=pl.String))
+    parts = [_engine_error_tables(replace(book, portfolios=blocked), exc, _empty_tables(book, tables), details)]
+    if not failing.all():
+        parts.append(run_isolating(replace(book, portfolios=book.portfolios.filter(~failing)), timer, tables))
+    order = book.portfolios.select("run_key", pl.int_range(pl.len(), dtype=pl.UInt32).alias("_shard_order"))
+    return {name: pl.concat([part[name] for part in parts], how="vertical_relaxed")
+            .join(order, on="run_key", how="left", maintain_order="left").sort("_shard_order", maintain_order=True).drop("_shard_order")
+            for name in parts[0]}
 
 
 def _empty_tables(book: Book, tables: tuple[str, ...]) -> dict[str, pl.DataFrame]:

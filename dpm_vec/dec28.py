@@ -411,6 +411,11 @@ def to_dec(name: str) -> pl.Expr:
     return pl.when(k <= 9).then(low).otherwise(high)
 
 
+def to_f64(name: str) -> pl.Expr:
+    """F28 → Float64: an estimate of a value ``to_dec`` cannot hold."""
+    return _z(name).cast(pl.Float64) * pl.lit(10.0).pow(_k(name).cast(pl.Float64))
+
+
 def _round_28_decimals(name: str, decimals: int) -> pl.Expr:
     """F28 → DEC rounded half-even at ``decimals`` places from the value's first 28
     decimals: all its digits from 0.1 up (below 1e9 every digit fits D28; from 1e9 up at

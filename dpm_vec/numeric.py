@@ -124,6 +124,18 @@ def dmin(a: pl.Expr, b: pl.Expr) -> pl.Expr:
     return pl.when(a <= b).then(a).otherwise(b)
 
 
+def as_f64(column: str) -> pl.Expr:
+    """``column`` in floating point: an estimate of a value the fixed point cannot hold."""
+    return pl.col(column).cast(pl.Float64)
+
+
+def within(a: pl.Expr, b: pl.Expr, eps: pl.Expr) -> pl.Expr:
+    """|a − b| ≤ eps, without subtracting values half of DEC's range apart (which are not
+    within any hair of each other, and whose difference can leave the range): null there."""
+    apart = (a.cast(pl.Float64) - b.cast(pl.Float64)).abs() >= DEC_RANGE / 2
+    return dabs(a - pl.when(~apart).then(b)) <= eps
+
+
 def dabs(a: pl.Expr) -> pl.Expr:
     return pl.when(a < 0).then(-a).otherwise(a)
 

@@ -6,6 +6,7 @@ import decimal
 from decimal import Decimal
 
 import polars as pl
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -110,6 +111,16 @@ def test_to_d28_round_trips_up_to_1e10():
     values = [Decimal("1000000000"), Decimal("5000000000.5"), Decimal("-9999999999.25")]
     df = dec28.from_dec(_frame({"x": values}), "x", "f").with_columns(dec28.to_d28("f").alias("back28"))
     assert df["back28"].to_list() == values
+
+
+def test_to_f64_estimates_a_value_to_dec_cannot_hold():
+    """A product past DEC's range overflows ``to_dec`` but still has its estimate."""
+    df = dec28.from_dec(_frame({"x": [Decimal("9e17"), Decimal("-0.00000000000000000003"), Decimal("0")]}), "x", "f")
+    df = dec28.mul(df, "f", "f", "sq")
+    estimates = df.select(dec28.to_f64("sq")).to_series().to_list()
+    assert [round(v / e, 12) for v, e in zip(estimates[:2], (8.1e35, 9e-40))] == [1.0, 1.0] and estimates[2] == 0.0
+    with pytest.raises(pl.exceptions.ComputeError, match="overflow"):
+        df.select(dec28.to_dec("sq"))
 
 
 big = st.builds(_scaled, st.integers(-10**23, 10**23), st.integers(0, 6)).filter(lambda x: abs(x) < Decimal(10) ** 17)

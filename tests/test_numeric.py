@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from dpm_vec.errors import ValueRangeError
-from dpm_vec.numeric import DEC, naming_overflows, scientific_text, sums_may_leave_range, value_range_error
+from dpm_vec.numeric import DEC, naming_overflows, scientific_text, sums_may_leave_range, value_range_error, within
 
 RUNS = pl.DataFrame({"run": [0, 1, 2], "run_key": ["PF_A", "PF_B", "PF_C"]})
 
@@ -60,3 +60,14 @@ def test_sums_are_checked_only_where_rows_times_the_largest_magnitude_reach_the_
     assert not sums_may_leave_range("value", small, small.head(0))
     assert sums_may_leave_range("value", small, _values([2, 2], ["-5e17", "1"]))  # 4 rows × 5e17
     assert not sums_may_leave_range("value", small.head(0))
+
+
+def test_within_compares_values_whose_difference_leaves_the_range():
+    """|a − b| ≤ eps without the subtraction 9E17 − (−9E17), which overflows DEC: values
+    that far apart are simply not within the hair."""
+    frame = pl.DataFrame({"a": [Decimal("9e17"), Decimal("1"), Decimal("-4e17")], "b": [Decimal("-9e17"), Decimal("1.00000000000000000001"), Decimal("-4e17")]},
+                         schema={"a": DEC, "b": DEC})
+    with pytest.raises(pl.exceptions.ComputeError, match="overflow"):
+        frame.select(pl.col("a") - pl.col("b"))
+    eps = pl.lit(Decimal("0.0000000001"), dtype=DEC)
+    assert frame.select(within(pl.col("a"), pl.col("b"), eps).fill_null(False)).to_series().to_list() == [False, True, True]

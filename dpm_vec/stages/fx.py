@@ -15,7 +15,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.dec28 import F28
 from dpm_vec.frames import position_in_run, rows_where, sort_rows
-from dpm_vec.numeric import DEC, HAIR, QTY, dabs, lit, naming_overflows, sums_may_leave_range, units_text, value_range_error
+from dpm_vec.numeric import DEC, HAIR, QTY, as_f64, dabs, lit, naming_overflows, sums_may_leave_range, units_text, value_range_error
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import DUST, exact_notionals, long_digit_runs, projected_balances
 from dpm_vec.stages.prepare import Market
@@ -47,7 +47,7 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
     # Polars' grouped decimal sum wraps silently past 128 bits: a run whose flows could add
     # up beyond DEC (a trade sized at a tiny rate, in units of a currency) is named first
     if sums_may_leave_range("flow", opening, flows):
-        gross = pl.concat([opening, flows]).group_by("run").agg(pl.col("flow").cast(pl.Float64).abs().sum().alias("_gross"))
+        gross = pl.concat([opening, flows]).group_by("run").agg(as_f64("flow").abs().sum().alias("_gross"))
         beyond = value_range_error(gross.sort("run"), runs, pl.col("_gross"),
                                    pl.lit("the sum of the portfolio's absolute cash flows (its opening cash and trades, in their currencies)"))
         if beyond is not None:
@@ -64,8 +64,8 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         dq.FX, pl.col("ccy_order"),
     )
     # a balance's base value, and a funding buy with its buffer, and that at the rate
-    estimate = (pl.col("balance").cast(pl.Float64).abs() * (1 + pl.col("fx_buffer_pct").cast(pl.Float64).fill_null(0.0))
-                * pl.max_horizontal(pl.col("rate").cast(pl.Float64), pl.lit(1.0)))
+    estimate = (as_f64("balance").abs() * (1 + as_f64("fx_buffer_pct").fill_null(0.0))
+                * pl.max_horizontal(as_f64("rate"), pl.lit(1.0)))
     what = pl.format("the FX spot of a {} balance of {} in {} at {} {}/{}", "currency", units_text(pl.col("balance")), "base_currency",
                      units_text(pl.col("rate")), "currency", "base_currency")
     projected = naming_overflows(

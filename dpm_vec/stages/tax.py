@@ -14,7 +14,8 @@ import polars as pl
 
 from dpm_vec import dec28 as f
 from dpm_vec.frames import join_on_index, rows_where, sort_rows
-from dpm_vec.numeric import DEC, QTY, TRADE_UNITS_LIMIT, lit, quantity_range_error, units_text
+from dpm_vec.numeric import (DEC, QTY, TRADE_UNITS_LIMIT, as_f64, lit, naming_overflows, quantity_range_error, sums_may_leave_range, units_text,
+                             value_range_error)
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
@@ -72,7 +73,9 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
     walk = f.mul(walk, "unit_cost_f", "cost_rate_f", "_converted")
     walk = walk.with_columns(
         pl.when(pl.col("cost_currency") == pl.col("price_currency")).then(pl.col("unit_cost_f")).otherwise(pl.col("_converted")).alias("cost_f")
-    ).with_columns(f.to_dec("cost_f").alias("_cost_sort"))
+    )
+    walk = naming_overflows(lambda: walk.with_columns(f.to_dec("cost_f").alias("_cost_sort")), walk, runs, f.to_f64("cost_f"),
+                            pl.format("the unit cost of lot {} of {} in {}", "lot_id", "instrument_id", "price_currency"))
     walk = f.sub(walk, "price_f", "cost_f", "_spread")
     walk = f.mul(walk, "_spread", "rate_f", "gain_f")
     walk = walk.sort(
@@ -82,7 +85,7 @@ def limit_sells_by_tax_lots(market: Market, t: pl.DataFrame, lots: pl.DataFrame,
         (pl.int_range(pl.len()).over("run", "instrument_id") == 0).alias("first_lot"),
         pl.col("max_realized_capital_gains").is_not_null().alias("has_budget"),
     )
-    free, bound = _split_unbound(walk)
+    free, bound = _split_unbound(walk, runs)
     free_allowed, free_totals = _take_all(free)
     walk_allowed, walk_totals = _walk_budget(bound)
     allowed = pl.concat([free_allowed, walk_allowed], how="vertical_relaxed")
@@ -127,9 +130,10 @@ def limited_by_the_walk() -> pl.Expr:
     return (pl.col("quantity") < pl.col("requested_quantity")) | (pl.col("quantity").is_not_null() & pl.col("_units_beyond_range").is_not_null())
 
 
-def _split_unbound(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _split_unbound(walk: pl.DataFrame, runs: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Runs whose budget cannot bind (none set, or every full HIFO take realises less)
-    need no sequential walk: each lot simply gives what the sell still needs."""
+    need no sequential walk: each lot simply gives what the sell still needs. A gain, or
+    a run's gains together, beyond DEC's range names its portfolio (ValueRangeError)."""
     walk = walk.with_columns(
         pl.when(pl.col("lot_quantity") > 0).then(pl.col("lot_quantity")).otherwise(pl.lit(0, dtype=QTY)).alias("_positive_lot")
     ).with_columns(
@@ -137,8 +141,17 @@ def _split_unbound(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     ).with_columns(
         pl.min_horizontal(pl.max_horizontal(pl.col("requested_quantity") - pl.col("_before"), pl.lit(0, dtype=QTY)), pl.col("_positive_lot"))
         .cast(QTY).alias("_share"),
-        f.to_dec("gain_f").alias("_gain"),
-    ).with_columns((pl.col("_gain") * pl.col("_share").cast(DEC)).alias("_realised"))
+    )
+    walk = naming_overflows(lambda: walk.with_columns(f.to_dec("gain_f").alias("_gain")), walk, runs, f.to_f64("gain_f"),
+                            pl.format("the gain a unit of {} from lot {} realises in {}", "instrument_id", "lot_id", "base_currency"))
+    walk = naming_overflows(lambda: walk.with_columns((pl.col("_gain") * pl.col("_share").cast(DEC)).alias("_realised")), walk, runs,
+                            as_f64("_gain") * as_f64("_share"), _GAIN_TEXT)
+    # the run sums below (and the walks' totals) wrap silently past DEC's range
+    if sums_may_leave_range("_realised", walk):
+        gross = walk.group_by("run", maintain_order=True).agg(as_f64("_realised").abs().sum().alias("_gross"))
+        beyond = value_range_error(gross, runs, pl.col("_gross"), pl.lit("the sum of the portfolio's realised gains and losses in base currency"))
+        if beyond is not None:
+            raise beyond
     gains = walk.group_by("run").agg(
         pl.col("_realised").filter(pl.col("_realised") > 0).sum().alias("_gains"),
         pl.col("max_realized_capital_gains").first().alias("_budget"),
@@ -146,6 +159,10 @@ def _split_unbound(walk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     # a margin far above DEC's rounding keeps every run that might bind on the exact walk
     bound_runs = gains.filter(pl.col("_budget").is_not_null() & (pl.col("_gains") >= pl.col("_budget") - lit("0.000001"))).select("run")
     return walk.join(bound_runs, on="run", how="anti"), walk.join(bound_runs, on="run", how="semi")
+
+
+_GAIN_TEXT = pl.format("the gain of selling {} units of {} from lot {} ({} {} a unit)", units_text(pl.col("_share")), "instrument_id", "lot_id",
+                       units_text(pl.col("_gain")), "base_currency")
 
 
 def _exact_small_shares(walk: pl.DataFrame) -> pl.DataFrame:

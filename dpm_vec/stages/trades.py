@@ -15,8 +15,8 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.frames import join_on_index, join_runs, position_in_run, put_rows, rows_where, sort_rows
-from dpm_vec.numeric import (DEC, DEC_UNIT, HAIR, QTY, SCALE, TRADE_UNITS_LIMIT, beyond_dec_decimals, dabs, lit, naming_overflows,
-                             quantity_range_error, times_price, units_text)
+from dpm_vec.numeric import (DEC, DEC_UNIT, HAIR, QTY, SCALE, TRADE_UNITS_LIMIT, as_f64, beyond_dec_decimals, dabs, lit, naming_overflows,
+                             quantity_range_error, sums_may_leave_range, times_price, units_text, value_range_error, within)
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import DUST, exact_notionals
 from dpm_vec.stages.prepare import Market
@@ -73,7 +73,7 @@ def translate(
     t = market.with_shelf(t, ("min_notional_amount", "min_notional_currency", "trade_by"))
     held = positions_input.select("slot", pl.col("quantity").alias("held_quantity"), "market_value", "market_value_currency")
     t = _market_value_for_delta(market, join_on_index(join_runs(t, totals.select("run", "total_value")), held, "slot"))
-    target_estimate = pl.col("total_value").cast(pl.Float64) * pl.col("final_weight").cast(pl.Float64) / pl.col("rate").cast(pl.Float64)
+    target_estimate = as_f64("total_value") * as_f64("final_weight") / as_f64("rate")
     t = naming_overflows(lambda: t.with_columns(
         ((pl.col("total_value") * pl.col("final_weight").cast(DEC)) / pl.col("rate")).alias("target_value_instr"),
         pl.when(pl.col("_mv_for_delta").is_not_null()).then(pl.col("_mv_for_delta"))
@@ -91,7 +91,11 @@ def translate(
         # negation would carry on and a filter drop (the near-integer floor check below)
         (pl.col("notional_sizing") & pl.col("trade_by").eq_missing("NOTIONAL")).alias("by_notional"),
     )
-    t = t.with_columns((pl.col("_abs_delta") / pl.col("price")).alias("_quotient"))
+    t = naming_overflows(
+        lambda: t.with_columns((pl.col("_abs_delta") / pl.col("price")).alias("_quotient")), t, runs,
+        as_f64("_abs_delta") / as_f64("price"),
+        pl.format("the units of a {} of {} ({} {} at {} {} each)", "side", "instrument_id", units_text(pl.col("_abs_delta")),
+                  "price_currency", units_text(pl.col("price")), "price_currency"))
     t = t.with_columns(pl.col("_quotient").floor().alias("_units"))  # once: an eager expression repeats its parts
     units = pl.col("_units")
     # the quotient is rounded before the floor; step back when that rounding crossed an integer
@@ -114,17 +118,23 @@ def translate(
     still_beyond = pl.col("quantity").is_null() & pl.col("_units_beyond_range").is_not_null()
     # sized by its amount, and neither capped at the holding nor limited by the tax walk
     sized_whole = pl.col("by_notional") & ~pl.col("_oversell") & (pl.col("quantity") == pl.col("requested_quantity"))
-    t = t.with_columns(
-        pl.when(still_beyond).then(pl.when("by_notional").then(pl.col("_amount")).otherwise(pl.col("_units_beyond_range") * pl.col("price")))
-        .when(sized_whole).then(pl.col("_amount"))
-        .otherwise(times_price(t, "quantity", pl.col("price"))).alias("notional"),
+
+    def notional(amount: pl.Expr, units_beyond_value: pl.Expr, quantity_value: pl.Expr) -> pl.Expr:
+        return (pl.when(still_beyond).then(pl.when("by_notional").then(amount).otherwise(units_beyond_value))
+                .when(sized_whole).then(amount).otherwise(quantity_value))
+
+    estimate = notional(as_f64("_amount"), as_f64("_units_beyond_range") * as_f64("price"), as_f64("quantity") * as_f64("price"))
+    t = naming_overflows(lambda: t.with_columns(
+        notional(pl.col("_amount"), pl.col("_units_beyond_range") * pl.col("price"), times_price(t, "quantity", pl.col("price"))).alias("notional"),
     ).with_columns(
         (pl.col("notional") * pl.col("rate")).alias("notional_base"),
         pl.when(pl.col("min_trade_notional_amount").is_not_null()).then(pl.col("min_trade_notional_amount"))
         .otherwise(pl.col("min_notional_amount")).alias("threshold_amount"),
         pl.when(pl.col("min_trade_notional_amount").is_not_null()).then(pl.col("min_trade_notional_currency"))
         .otherwise(pl.col("min_notional_currency")).alias("threshold_currency"),
-    )
+    ), t, runs, pl.max_horizontal(estimate.abs(), (estimate * as_f64("rate")).abs()),
+        pl.format("the notional of a {} of {} (in {}, or at {} {}/{} in {})", "side", "instrument_id", "price_currency",
+                  units_text(pl.col("rate")), "price_currency", "base_currency", "base_currency"))
     t = _exact_dust_tests(t)
     below = pl.coalesce("_below_exact", pl.col("notional") < pl.col("threshold_amount"))
     t = t.with_columns((pl.col("suppress_dust_trades") & pl.col("threshold_amount").is_not_null() & below).alias("_suppress"))
@@ -444,8 +454,14 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
             dabs(pl.col("notional_base")).alias("_abs_nb"),
             (pl.col("total_value") * pl.col("max_turnover_pct")).alias("_budget"),
         )
-        .with_columns(pl.col("_abs_nb").sum().over("run").alias("_proposed"))
     )
+    # the proposed sum and the walk's running sums must stay in DEC (a grouped sum past it wraps silently)
+    if sums_may_leave_range("_abs_nb", frame):
+        gross = frame.group_by("run", maintain_order=True).agg(as_f64("_abs_nb").sum().alias("_gross"))
+        beyond = value_range_error(gross, runs, pl.col("_gross"), pl.lit("the sum of the portfolio's trade notionals in base currency"))
+        if beyond is not None:
+            raise beyond
+    frame = frame.with_columns(pl.col("_abs_nb").sum().over("run").alias("_proposed"))
     capped = pl.col("max_turnover_pct").is_not_null() & (pl.col("_proposed") > pl.col("_budget"))
     free = frame.filter(~capped)
     ranked = frame.filter(capped).with_columns(
@@ -499,7 +515,7 @@ def _fragile_turnover_runs(frame: pl.DataFrame, ranked: pl.DataFrame) -> pl.Data
     for it (or misses it) by a hair, or a total of 0 (or one valuation took as 0), which
     scores 0 where 28 digits may score over a few units of the last digit."""
     eps = _hair_of_budget()
-    near_cap = frame.filter(dabs(pl.col("_proposed") - pl.col("_budget")) <= eps).select("run")
+    near_cap = frame.filter(within(pl.col("_proposed"), pl.col("_budget"), eps)).select("run")
     steps = ranked.sort("run", "list_order").with_columns(
         dabs(pl.col("score") - pl.col("score").shift(1).over("run")).alias("_score_gap"),
         dabs(pl.col("_abs_nb") - pl.col("_abs_nb").shift(1).over("run")).alias("_size_gap"),
@@ -515,7 +531,7 @@ def _near_fit_runs(walked: pl.DataFrame) -> pl.DataFrame:
     eps = _hair_of_budget()
     kept_size = pl.when(pl.col("_keep")).then(pl.col("_abs_nb")).otherwise(lit(0))
     used_before = kept_size.cum_sum().over("run") - kept_size
-    return walked.filter(dabs(pl.col("_budget") - used_before - pl.col("_abs_nb")) <= eps).select("run").unique()
+    return walked.filter(within(pl.col("_budget") - used_before, pl.col("_abs_nb"), eps)).select("run").unique()
 
 
 def _exact_turnover(market: Market, frame: pl.DataFrame, valued: tuple[pl.DataFrame, pl.DataFrame]) -> pl.DataFrame:

@@ -19,7 +19,7 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.frames import join_on_index, join_runs, rows_where, sort_rows
-from dpm_vec.numeric import DEC, HAIR, WEIGHT, lit
+from dpm_vec.numeric import DEC, DEC_RANGE, HAIR, WEIGHT, as_f64, lit
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import cash_amounts_f28
 from dpm_vec.stages.prepare import Market
@@ -215,8 +215,11 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
 # whole number of its price (0.00 above all): sizing reads the market value instead of
 # quantity × price (spec §8), so the target lies exactly that many units away. Elsewhere
 # the fixed-point tv decides nothing, and revaluing every holding in 28 digits to sum
-# them is not worth its time.
-_UNITS_OF_PRICE = pl.col("market_value") / pl.when(pl.col("price") != 0).then(pl.col("price"))
+# them is not worth its time. A count of units beyond DEC's range (a price near zero) is no
+# whole number the fixed point could hold: left null rather than overflowing the division.
+_UNITS_OF_PRICE = pl.col("market_value") / pl.when(
+    (pl.col("price") != 0) & ((as_f64("market_value") / as_f64("price")).abs() < DEC_RANGE)
+).then(pl.col("price"))
 _LAST_DIGIT_RUNS = (
     ((f28.to_d28("_weight_f").sum() - lit(1)).abs() < lit(HAIR))
     | ((_UNITS_OF_PRICE - _UNITS_OF_PRICE.round(0)).abs() < lit("0.000000001")).any()

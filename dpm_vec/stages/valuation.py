@@ -10,7 +10,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.dec28 import F28
 from dpm_vec.frames import join_runs, sort_rows
-from dpm_vec.numeric import HAIR, beyond_dec_decimals, dabs, lit, naming_overflows, sums_may_leave_range, times_price, units_text, value_range_error
+from dpm_vec.numeric import HAIR, as_f64, beyond_dec_decimals, dabs, lit, naming_overflows, sums_may_leave_range, times_price, units_text, value_range_error
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.universe import exact_cash_bucket, valued_in_28_digits
@@ -51,14 +51,14 @@ def value_state(
         pl.when(use_mv).then(pl.col("market_value"))
         .otherwise(times_price(pos, "quantity", pl.col("price").fill_null(lit(0)))).alias("value_instr"),
         pl.col("asset_class").fill_null("UNKNOWN"),
-    ), pos, runs, pl.when(use_mv).then(_f64("market_value")).otherwise(_f64("quantity") * _f64("price")),
+    ), pos, runs, pl.when(use_mv).then(as_f64("market_value")).otherwise(as_f64("quantity") * as_f64("price")),
         pl.format("the value of {} units of {} at {}", _text("quantity"), "instrument_id", _text("price")))
     pos = _exact_quantities(pos, ~use_mv & pl.col("price").is_not_null())
     pos = market.with_rate(pos, "instrument_currency", "base_currency", "_rate")
     pos = naming_overflows(lambda: pos.with_columns(
         pl.when(pl.col("_rate").is_null()).then(lit(0))
         .otherwise(pl.col("value_instr") * pl.col("_rate")).alias("value_base")
-    ), pos, runs, _f64("value_instr") * _f64("_rate"),
+    ), pos, runs, as_f64("value_instr") * as_f64("_rate"),
         pl.format("the value of {} in {} ({} {} at {} {}/{})", "instrument_id", "base_currency", _text("value_instr"), "instrument_currency",
                   _text("_rate"), "instrument_currency", "base_currency"))
     price_missing = dq.findings(
@@ -73,7 +73,7 @@ def value_state(
         pl.when(pl.col("currency") == pl.col("base_currency")).then(pl.col("amount"))
         .when(pl.col("_rate").is_null()).then(lit(0))
         .otherwise(pl.col("amount") * pl.col("_rate")).alias("value_base")
-    ), cash, runs, _f64("amount") * _f64("_rate"),
+    ), cash, runs, as_f64("amount") * as_f64("_rate"),
         pl.format("the value of cash {} {} in {} at {} {}/{}", _text("amount"), "currency", "base_currency", _text("_rate"), "currency", "base_currency"))
     cash_fx_missing = dq.findings(
         cash, pl.col("_rate").is_null(), "fx_missing",
@@ -109,11 +109,6 @@ def value_state(
     )
 
 
-def _f64(column: str) -> pl.Expr:
-    """``column`` in floating point: an estimate of a value the fixed point cannot hold."""
-    return pl.col(column).cast(pl.Float64)
-
-
 def _text(column: str) -> pl.Expr:
     """A decimal ``column`` as text without trailing zeros, for a message."""
     return units_text(pl.col(column))
@@ -122,7 +117,7 @@ def _text(column: str) -> pl.Expr:
 def _gross(runs: pl.DataFrame, pos: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:
     """Each run's _gross: the sum of its holdings' and cash's absolute base values, in
     floating point (a bound on every sum of them)."""
-    gross = pl.concat([frame.select("run", _f64("value_base").abs()) for frame in (pos, cash)]).group_by("run").agg(
+    gross = pl.concat([frame.select("run", as_f64("value_base").abs()) for frame in (pos, cash)]).group_by("run").agg(
         pl.col("value_base").sum().alias("_gross"))
     return runs.select("run").join(gross, on="run", how="inner", maintain_order="left")
 

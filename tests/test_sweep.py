@@ -884,6 +884,29 @@ def test_a_portfolio_the_engine_cannot_compute_is_blocked_alone(tmp_path):
     assert (others["status"] == "BLOCKED").to_list() == others["block_detail"].is_not_null().to_list()
 
 
+def _passes_as_one_portfolio_per_shard(book: Path, tmp_path: Path, monkeypatch) -> list[int]:
+    """Sweep ``book`` into tmp_path / "shared" by default, counting the shard's passes (the
+    portfolio count of each non-empty ``run`` call, returned), and into tmp_path / "alone"
+    one portfolio per shard; assert the two sweeps' outputs are equal."""
+    from dpm_vec import sweep as sweep_module
+
+    passes: list[int] = []
+    real_run = sweep_module.run
+
+    def counted(book, **kwargs):
+        if book.portfolios.height:
+            passes.append(book.portfolios.height)
+        return real_run(book, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "run", counted)
+    sweep(book, tmp_path / "shared", progress=False, threads=1)
+    monkeypatch.undo()
+    sweep(book, tmp_path / "alone", progress=False, threads=1, shard_size=1)
+    for table in SWEEP_TABLES:
+        assert _read(tmp_path / "shared", table).equals(_read(tmp_path / "alone", table)), table
+    return passes
+
+
 def test_an_absurd_fx_rate_blocks_each_portfolio_it_breaks_by_name_without_halving_the_shard(tmp_path, monkeypatch):
     """A EUR/USD rate of 1e12 breaks most USD and EUR portfolios at different stages: a holding's
     value, a target value at the inverse rate, trades beyond the quantity range. Each
@@ -891,26 +914,11 @@ def test_an_absurd_fx_rate_blocks_each_portfolio_it_breaks_by_name_without_halvi
     stage that fails, not one per portfolio (the shard halved down to each of them took
     98 s for a 500-portfolio book; 6 s now), each blocked run names its own value, and the
     outputs are those of a sweep of one portfolio per shard."""
-    from dpm_vec import sweep as sweep_module
-
-    passes: list[int] = []
-    real_run = sweep_module.run
-
-    def counted(book, **kwargs):
-        passes.append(book.portfolios.height)
-        return real_run(book, **kwargs)
-
     frames = generate_book_frames(40, 7, holdings=(5, 12))
     frames["fx_rates"] = frames["fx_rates"].with_columns(
         pl.when(pl.col("pair") == "EUR/USD").then(pl.lit(Decimal("1e12"))).otherwise(pl.col("rate")).cast(pl.Decimal(38, 20)).alias("rate"))
-    book = write_book(frames, tmp_path / "book")
-    monkeypatch.setattr(sweep_module, "run", counted)
-    sweep(book, tmp_path / "shared", progress=False, threads=1)
-    assert len([n for n in passes if n]) <= 5
-    monkeypatch.undo()
-    sweep(book, tmp_path / "alone", progress=False, threads=1, shard_size=1)
-    for table in SWEEP_TABLES:
-        assert _read(tmp_path / "shared", table).equals(_read(tmp_path / "alone", table)), table
+    passes = _passes_as_one_portfolio_per_shard(write_book(frames, tmp_path / "book"), tmp_path, monkeypatch)
+    assert len(passes) <= 5
     failed = _read(tmp_path / "shared", "runs").filter(pl.col("block_reason") == "ENGINE_ERROR")
     assert set(failed["base_currency"]) <= {"USD", "EUR"} and failed.height >= 10  # the two sides of the pair
     kinds = set(failed["block_detail"].str.extract(r"^(\w+: (?:the \w+ value|the value|a BUY))"))
@@ -943,25 +951,10 @@ def test_values_beyond_the_fixed_point_in_trades_and_tax_block_each_portfolio_by
     of 1E-15 on every seventh instrument took 204 s for the 500-portfolio sample book by
     halving; market values of 9E17 246 s), no record keeps Polars' bare overflow, and the
     outputs are those of a sweep of one portfolio per shard."""
-    from dpm_vec import sweep as sweep_module
-
-    passes: list[int] = []
-    real_run = sweep_module.run
-
-    def counted(book, **kwargs):
-        passes.append(book.portfolios.height)
-        return real_run(book, **kwargs)
-
     frames = generate_book_frames(30, 12, holdings=(5, 12))
     frames[table] = edit(frames[table])
-    book = write_book(frames, tmp_path / "book")
-    monkeypatch.setattr(sweep_module, "run", counted)
-    sweep(book, tmp_path / "shared", progress=False, threads=1)
-    assert len([n for n in passes if n]) <= 6, passes
-    monkeypatch.undo()
-    sweep(book, tmp_path / "alone", progress=False, threads=1, shard_size=1)
-    for name in SWEEP_TABLES:
-        assert _read(tmp_path / "shared", name).equals(_read(tmp_path / "alone", name)), name
+    passes = _passes_as_one_portfolio_per_shard(write_book(frames, tmp_path / "book"), tmp_path, monkeypatch)
+    assert len(passes) <= 6, passes
     failed = _read(tmp_path / "shared", "runs").filter(pl.col("block_reason") == "ENGINE_ERROR")
     assert failed.height and failed["block_detail"].str.contains("RangeError: ").all(), failed["block_detail"].to_list()
     seen = set(failed["block_detail"].str.extract(r"^(\w+: (?:the \w+|a \w+))"))

@@ -16,7 +16,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.frames import join_on_index, join_runs, position_in_run, put_rows, rows_where, sort_rows
 from dpm_vec.numeric import (DEC, DEC_UNIT, HAIR, QTY, SCALE, TRADE_UNITS_LIMIT, as_f64, beyond_dec_decimals, dabs, lit, naming_overflows,
-                             quantity_range_error, sums_may_leave_range, times_price, units_text, value_range_error, within)
+                             quantity_range_error, scientific_text, sums_may_leave_range, times_price, units_text, value_range_error, within)
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import DUST, exact_notionals
 from dpm_vec.stages.prepare import Market
@@ -463,11 +463,12 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
             raise beyond
     frame = frame.with_columns(pl.col("_abs_nb").sum().over("run").alias("_proposed"))
     capped = pl.col("max_turnover_pct").is_not_null() & (pl.col("_proposed") > pl.col("_budget"))
-    free = frame.filter(~capped)
-    ranked = frame.filter(capped).with_columns(
+    free, ranked = frame.filter(~capped), frame.filter(capped)
+    ranked = naming_overflows(lambda: ranked.with_columns(
         pl.when(pl.col("total_value") <= 0).then(lit(0)).otherwise(pl.col("_abs_nb") / pl.col("total_value")).alias("score"),
         (pl.lit("oi_") + pl.col("intent_no").cast(pl.String)).alias("_intent_id"),
-    )
+    ), ranked, runs, pl.when(as_f64("total_value") <= 0).then(0.0).otherwise(as_f64("_abs_nb") / as_f64("total_value")),
+        _score_text(units_text(pl.col("total_value"))))
     ranked = ranked.sort(
         ["run", "score", "_abs_nb", "instrument_id", "_intent_id"], descending=[False, True, False, False, False]
     ).with_columns(pl.int_range(pl.len()).over("run").cast(pl.Int64).alias("list_order"))
@@ -481,7 +482,7 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
     if market is not None and valued is not None:
         fragile = _fragile_turnover_runs(frame, ranked)
         if fragile.height:
-            exact = _exact_turnover(market, frame.join(fragile, on="run", how="semi"), valued)
+            exact = _exact_turnover(market, frame.join(fragile, on="run", how="semi"), valued, runs)
             decisions = pl.concat([decisions.join(fragile, on="run", how="anti"), exact])
     decided = frame.select(*intents.columns).join(decisions, on=["run", "intent_no"], how="inner")
     dropped = decided.filter(~pl.col("_keep")).select(
@@ -534,7 +535,13 @@ def _near_fit_runs(walked: pl.DataFrame) -> pl.DataFrame:
     return walked.filter(within(pl.col("_budget") - used_before, pl.col("_abs_nb"), eps)).select("run").unique()
 
 
-def _exact_turnover(market: Market, frame: pl.DataFrame, valued: tuple[pl.DataFrame, pl.DataFrame]) -> pl.DataFrame:
+def _score_text(total_value: pl.Expr) -> pl.Expr:
+    """Names a §6.12 score, |notional_base| / tv, for a ValueRangeError (tv near zero)."""
+    return pl.format("the turnover score of a {} of {} (its base notional over a total value of {} {})", "side", "instrument_id",
+                     total_value, "base_currency")
+
+
+def _exact_turnover(market: Market, frame: pl.DataFrame, valued: tuple[pl.DataFrame, pl.DataFrame], runs: pl.DataFrame) -> pl.DataFrame:
     """(run, intent_no, list_order, _keep, _abs_nb, score) of every intent of ``frame``'s
     runs, the §6.12 cap decided in 28 digits: tv summed as §6.2 sums it, each
     notional_base = notional × rate (a tax-limited sell's notional = its 28-digit quantity
@@ -546,12 +553,12 @@ def _exact_turnover(market: Market, frame: pl.DataFrame, valued: tuple[pl.DataFr
                      "base_currency", "quantity_f28", "max_turnover_pct").sort("run", "intent_no")
     t = market.with_rate_f28(exact_notionals(market, bases, t), "notional_currency", "base_currency", "_rate_f")
     t = f28.mul(t.with_columns(f28.absolute("_flow_f").alias("_notional_f")), "_notional_f", "_rate_f", "_nb_f")
-    runs = f28.group_sums(t, "run", "_nb_f", "_proposed_f").join(
+    budgets = f28.group_sums(t, "run", "_nb_f", "_proposed_f").join(
         t.select("run", "max_turnover_pct").unique("run"), on="run"
     ).join(tv, on="run")
-    runs = f28.mul(f28.from_dec(runs, "max_turnover_pct", "_pct_f"), "_tv_f", "_pct_f", "_budget_f")
-    runs = f28.sub(runs, "_proposed_f", "_budget_f", "_over_f").with_columns((f28.sign("_over_f") > 0).alias("_capped"))
-    t = t.join(runs.select("run", "_tv_f", "_budget_f", "_capped"), on="run")
+    budgets = f28.mul(f28.from_dec(budgets, "max_turnover_pct", "_pct_f"), "_tv_f", "_pct_f", "_budget_f")
+    budgets = f28.sub(budgets, "_proposed_f", "_budget_f", "_over_f").with_columns((f28.sign("_over_f") > 0).alias("_capped"))
+    t = t.join(budgets.select("run", "_tv_f", "_budget_f", "_capped"), on="run")
     free = t.filter(~pl.col("_capped")).select(
         "run", "intent_no", pl.col("intent_no").alias("list_order"), pl.lit(True).alias("_keep"), f28.to_dec("_nb_f").alias("_abs_nb"),
         pl.lit(None, dtype=DEC).alias("score"),
@@ -568,9 +575,9 @@ def _exact_turnover(market: Market, frame: pl.DataFrame, valued: tuple[pl.DataFr
         descending=[False, True, True, True, False, False, False, False, False],
     ).with_columns(pl.int_range(pl.len()).over("run").cast(pl.Int64).alias("list_order"))
     keep = _walk_ranked_exactly(ranked)
-    return pl.concat([free, ranked.join(keep, on=["run", "list_order"]).select(
+    return naming_overflows(lambda: pl.concat([free, ranked.join(keep, on=["run", "list_order"]).select(
         "run", "intent_no", "list_order", "_keep", f28.to_dec("_nb_f").alias("_abs_nb"), f28.to_dec("_score_f").alias("score"),
-    )])
+    )]), ranked, runs, f28.to_f64("_score_f"), _score_text(pl.format("about {}", scientific_text(f28.to_f64("_tv_f")))))
 
 
 def _walk_ranked_exactly(ranked: pl.DataFrame) -> pl.DataFrame:

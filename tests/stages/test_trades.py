@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpm_vec.errors import QuantityRangeError
+from dpm_vec.errors import QuantityRangeError, ValueRangeError
 from dpm_vec.numeric import DEC
 from dpm_vec import dec28 as f28
 from dpm_vec.stages import trades
@@ -337,6 +337,21 @@ def test_turnover_zero_budget_drops_all_in_ranking_order(scenario):
     assert kept.height == 0
     assert dropped.sort("drop_order")["instrument_id"].to_list() == ["A", "B", "C"]
     assert warnings["code"].to_list() == ["PARTIAL_REBALANCE_TURNOVER_LIMIT"]
+
+
+def test_a_turnover_score_past_the_range_names_its_portfolio(scenario):
+    """A total value a hair above zero (1E-17: holdings of 100,000 against cash a hair
+    less negative) makes a sell's §6.12 score about 1E22, which the Parquet score column
+    cannot hold: the portfolio is named with that score (ValueRangeError, which a sweep
+    blocks alone), not left to a bare Polars overflow that halves the shard."""
+    s = scenario(positions=[("A", "1000", None, None)], cash=[("USD", "-99999.99999999999999999")],
+                 prices=[("A", "100", "USD"), ("B", "100", "USD")], shelf=[(i, "APPROVED", "EQUITY") for i in "AB"],
+                 model=[("A", "0.5"), ("B", "0.5")], max_turnover_pct="0.1")
+    with pytest.raises(ValueRangeError) as caught:
+        _ = s.turnover
+    assert caught.value.by_run_key == {"R0": (
+        "the turnover score of a SELL of A (its base notional over a total value of about 1.0E-17 USD) is about 9.99E+21, "
+        "beyond the engine's fixed-point range (values under 1E18)")}
 
 
 def test_turnover_within_budget_keeps_original_order(scenario):

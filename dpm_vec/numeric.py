@@ -204,6 +204,20 @@ def sums_may_leave_range(column: str, *frames: pl.DataFrame) -> bool:
     return rows * (largest or 0.0) >= DEC_RANGE
 
 
+def name_sums_beyond_range(column: str, frames: list[pl.DataFrame], runs: pl.DataFrame, what: str) -> None:
+    """Raise the ValueRangeError naming every run whose absolute ``column`` values over
+    ``frames`` (run, ``column``) add up past DEC's range (``what`` names that sum), before
+    a stage sums them: Polars' grouped decimal sum wraps silently past its 128 bits (about
+    1.7E18) and holds a sum past 38 digits unchecked. Per run only where
+    ``sums_may_leave_range``, so almost never."""
+    if not sums_may_leave_range(column, *frames):
+        return
+    gross = pl.concat([frame.select("run", as_f64(column).abs().alias("_gross")) for frame in frames]).group_by("run").agg(pl.col("_gross").sum())
+    beyond = value_range_error(runs.select("run").join(gross, on="run", how="inner", maintain_order="left"), runs, pl.col("_gross"), pl.lit(what))
+    if beyond is not None:
+        raise beyond
+
+
 def value_range_error(frame: pl.DataFrame, runs: pl.DataFrame, estimate: pl.Expr, what: pl.Expr) -> ValueRangeError | None:
     """The ValueRangeError naming every run of ``frame`` (run, ...) with a row whose
     ``estimate`` (a Float64 expression of a value) lies beyond DEC's range, each with its

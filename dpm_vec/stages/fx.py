@@ -15,7 +15,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.dec28 import F28
 from dpm_vec.frames import position_in_run, rows_where, sort_rows
-from dpm_vec.numeric import DEC, HAIR, QTY, as_f64, dabs, lit, naming_overflows, sums_may_leave_range, units_text, value_range_error
+from dpm_vec.numeric import DEC, HAIR, QTY, as_f64, dabs, lit, name_sums_beyond_range, naming_overflows, units_text
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import DUST, exact_notionals, long_digit_runs, projected_balances
 from dpm_vec.stages.prepare import Market
@@ -44,14 +44,9 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         (pl.lit(1 << 40, dtype=pl.Int64) + pl.col("list_order")).alias("ccy_order"),
     )
     opening = cash_input.select("run", "currency", pl.col("amount").alias("flow"), pl.col("cash_seq").cast(pl.Int64).alias("ccy_order"))
-    # Polars' grouped decimal sum wraps silently past 128 bits: a run whose flows could add
-    # up beyond DEC (a trade sized at a tiny rate, in units of a currency) is named first
-    if sums_may_leave_range("flow", opening, flows):
-        gross = pl.concat([opening, flows]).group_by("run").agg(as_f64("flow").abs().sum().alias("_gross"))
-        beyond = value_range_error(gross.sort("run"), runs, pl.col("_gross"),
-                                   pl.lit("the sum of the portfolio's absolute cash flows (its opening cash and trades, in their currencies)"))
-        if beyond is not None:
-            raise beyond
+    # a trade sized at a tiny rate, in units of a currency, can take a run's flows past DEC
+    name_sums_beyond_range("flow", [opening, flows], runs,
+                           "the sum of the portfolio's absolute cash flows (its opening cash and trades, in their currencies)")
     projected = (
         pl.concat([opening, flows]).group_by("run", "currency")
         .agg(pl.col("flow").sum().alias("balance"), pl.col("ccy_order").min())

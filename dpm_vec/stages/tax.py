@@ -14,8 +14,7 @@ import polars as pl
 
 from dpm_vec import dec28 as f
 from dpm_vec.frames import join_on_index, rows_where, sort_rows
-from dpm_vec.numeric import (DEC, QTY, TRADE_UNITS_LIMIT, as_f64, lit, naming_overflows, quantity_range_error, sums_may_leave_range, units_text,
-                             value_range_error)
+from dpm_vec.numeric import DEC, QTY, TRADE_UNITS_LIMIT, as_f64, lit, name_sums_beyond_range, naming_overflows, quantity_range_error, units_text
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
@@ -146,12 +145,8 @@ def _split_unbound(walk: pl.DataFrame, runs: pl.DataFrame) -> tuple[pl.DataFrame
                             pl.format("the gain a unit of {} from lot {} realises in {}", "instrument_id", "lot_id", "base_currency"))
     walk = naming_overflows(lambda: walk.with_columns((pl.col("_gain") * pl.col("_share").cast(DEC)).alias("_realised")), walk, runs,
                             as_f64("_gain") * as_f64("_share"), _GAIN_TEXT)
-    # the run sums below (and the walks' totals) wrap silently past DEC's range
-    if sums_may_leave_range("_realised", walk):
-        gross = walk.group_by("run", maintain_order=True).agg(as_f64("_realised").abs().sum().alias("_gross"))
-        beyond = value_range_error(gross, runs, pl.col("_gross"), pl.lit("the sum of the portfolio's realised gains and losses in base currency"))
-        if beyond is not None:
-            raise beyond
+    # the run sums below, and the walks' totals
+    name_sums_beyond_range("_realised", [walk], runs, "the sum of the portfolio's realised gains and losses in base currency")
     gains = walk.group_by("run").agg(
         pl.col("_realised").filter(pl.col("_realised") > 0).sum().alias("_gains"),
         pl.col("max_realized_capital_gains").first().alias("_budget"),

@@ -16,7 +16,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.frames import join_on_index, join_runs, position_in_run, put_rows, rows_where, sort_rows
 from dpm_vec.numeric import (DEC, DEC_UNIT, HAIR, QTY, SCALE, TRADE_UNITS_LIMIT, as_f64, beyond_dec_decimals, dabs, lit, naming_overflows,
-                             quantity_range_error, scientific_text, sums_may_leave_range, times_price, units_text, value_range_error, within)
+                             name_sums_beyond_range, quantity_range_error, scientific_text, times_price, units_text, within)
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import DUST, exact_notionals
 from dpm_vec.stages.prepare import Market
@@ -455,12 +455,8 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
             (pl.col("total_value") * pl.col("max_turnover_pct")).alias("_budget"),
         )
     )
-    # the proposed sum and the walk's running sums must stay in DEC (a grouped sum past it wraps silently)
-    if sums_may_leave_range("_abs_nb", frame):
-        gross = frame.group_by("run", maintain_order=True).agg(as_f64("_abs_nb").sum().alias("_gross"))
-        beyond = value_range_error(gross, runs, pl.col("_gross"), pl.lit("the sum of the portfolio's trade notionals in base currency"))
-        if beyond is not None:
-            raise beyond
+    # the proposed sum and the walk's running sums must stay in DEC
+    name_sums_beyond_range("_abs_nb", [frame], runs, "the sum of the portfolio's trade notionals in base currency")
     frame = frame.with_columns(pl.col("_abs_nb").sum().over("run").alias("_proposed"))
     capped = pl.col("max_turnover_pct").is_not_null() & (pl.col("_proposed") > pl.col("_budget"))
     free, ranked = frame.filter(~capped), frame.filter(capped)

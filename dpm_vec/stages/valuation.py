@@ -10,7 +10,7 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.dec28 import F28
 from dpm_vec.frames import join_runs, sort_rows
-from dpm_vec.numeric import HAIR, as_f64, beyond_dec_decimals, dabs, lit, naming_overflows, sums_may_leave_range, times_price, units_text, value_range_error
+from dpm_vec.numeric import HAIR, as_f64, beyond_dec_decimals, dabs, lit, name_sums_beyond_range, naming_overflows, times_price, units_text
 from dpm_vec.stages import dq
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.universe import exact_cash_bucket, valued_in_28_digits
@@ -79,13 +79,7 @@ def value_state(
         cash, pl.col("_rate").is_null(), "fx_missing",
         pl.col("currency") + "/" + pl.col("base_currency"), stage + 1, pl.col("cash_seq"),
     )
-    # Polars' grouped decimal sum wraps silently past its 128 bits (about 1.7E18) and holds
-    # a sum past 38 digits unchecked: a run whose values add up beyond DEC is named first
-    if sums_may_leave_range("value_base", pos, cash):
-        beyond = value_range_error(_gross(runs, pos, cash), runs, pl.col("_gross"),
-                                   pl.lit("the sum of the portfolio's absolute values in base currency"))
-        if beyond is not None:
-            raise beyond
+    name_sums_beyond_range("value_base", [pos, cash], runs, "the sum of the portfolio's absolute values in base currency")
     totals = _totals(runs, pos, cash)
     totals = totals.with_columns(_total_taken_as_zero(totals, pos, cash)).with_columns(
         pl.when(pl.col("total_value") == 0).then(lit(1)).otherwise(pl.col("total_value")).alias("divisor")
@@ -112,14 +106,6 @@ def value_state(
 def _text(column: str) -> pl.Expr:
     """A decimal ``column`` as text without trailing zeros, for a message."""
     return units_text(pl.col(column))
-
-
-def _gross(runs: pl.DataFrame, pos: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:
-    """Each run's _gross: the sum of its holdings' and cash's absolute base values, in
-    floating point (a bound on every sum of them)."""
-    gross = pl.concat([frame.select("run", as_f64("value_base").abs()) for frame in (pos, cash)]).group_by("run").agg(
-        pl.col("value_base").sum().alias("_gross"))
-    return runs.select("run").join(gross, on="run", how="inner", maintain_order="left")
 
 
 def _totals(runs: pl.DataFrame, pos: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:

@@ -30,6 +30,11 @@ TRADE_UNITS_LIMIT = 9 * 10**9
 # weights in the target stage: 28 decimals, which is the reference's own precision for
 # weights in [0.1, 1), so redistributions like 0.2571…+0.2428… land where the reference's do
 WEIGHT = pl.Decimal(38, 28)
+# the magnitude model weights and the weight options (single_position_max_weight,
+# min_cash_buffer_pct) stay within, at the JSON door and in a book: the target stage sums
+# and compares them in WEIGHT; the reference takes any value, and this range is far beyond
+# every meaningful one
+MAX_WEIGHT = Decimal(10) ** 9
 # an amount's own 28 decimals where it has more than DEC keeps (a result's cash balance fed
 # back as the next snapshot's, below 1e10): the 28-digit sums start from every digit of it
 AMOUNT_28 = pl.Decimal(38, 28)
@@ -43,6 +48,11 @@ HAIR = "0.000000000001"
 # beyond it (a part in 10^9, far above Float64's error) cannot fit whatever its digits
 DEC_RANGE = 10.0**18
 DEC_RANGE_MARGIN = 1 + 1e-9
+DEC_RANGE_TEXT = "the engine's fixed-point range (values under 1E18)"
+# WEIGHT holds values under 10^10, and the target stage sums a run's weights (and a
+# single-position cap's excess over every entry): their magnitudes must add up to less
+WEIGHT_SUMS_LIMIT = 1e10
+WEIGHT_SUMS_TEXT = "the engine's weight range (weights adding up to under 1E+10)"
 
 
 def lit(value: str | int | Decimal) -> pl.Expr:
@@ -218,16 +228,31 @@ def name_sums_beyond_range(column: str, frames: list[pl.DataFrame], runs: pl.Dat
         raise beyond
 
 
-def value_range_error(frame: pl.DataFrame, runs: pl.DataFrame, estimate: pl.Expr, what: pl.Expr) -> ValueRangeError | None:
+def name_weight_sums_beyond_range(frame: pl.DataFrame, runs: pl.DataFrame, magnitude: pl.Expr, what: pl.Expr) -> None:
+    """Raise the ValueRangeError naming every run whose ``magnitude`` (a non-negative
+    Float64 expression over ``frame``'s rows: run, ...) adds up to ``WEIGHT_SUMS_LIMIT`` or
+    more; ``what`` (text over the run's first row) names the sum. Per run only where the
+    row count times the largest magnitude reaches the limit, so almost never."""
+    if frame.height * (frame.select(magnitude.max()).item() or 0.0) < WEIGHT_SUMS_LIMIT:
+        return
+    sums = frame.with_columns(magnitude.sum().over("run").alias("_sum"))
+    beyond = value_range_error(sums, runs, pl.col("_sum"), what, WEIGHT_SUMS_LIMIT, WEIGHT_SUMS_TEXT)
+    if beyond is not None:
+        raise beyond
+
+
+def value_range_error(frame: pl.DataFrame, runs: pl.DataFrame, estimate: pl.Expr, what: pl.Expr,
+                      limit: float = DEC_RANGE, range_text: str = DEC_RANGE_TEXT) -> ValueRangeError | None:
     """The ValueRangeError naming every run of ``frame`` (run, ...) with a row whose
-    ``estimate`` (a Float64 expression of a value) lies beyond DEC's range, each with its
-    first such row's message (``what``, text naming the value, then the estimate); None
-    if no row's does. ``runs``: run, run_key."""
-    beyond = frame.with_columns(estimate.alias("_estimate")).filter(pl.col("_estimate").abs() >= DEC_RANGE * DEC_RANGE_MARGIN)
+    ``estimate`` (a Float64 expression of a value) lies beyond ``limit`` (DEC's range
+    unless said; ``range_text`` names it), each with its first such row's message
+    (``what``, text naming the value, then the estimate); None if no row's does.
+    ``runs``: run, run_key."""
+    beyond = frame.with_columns(estimate.alias("_estimate")).filter(pl.col("_estimate").abs() >= limit * DEC_RANGE_MARGIN)
     if beyond.is_empty():
         return None
     first, by_run_key = _messages_by_run_key(beyond, runs, pl.format(
-        "{} is about {}, beyond the engine's fixed-point range (values under 1E18)", what, scientific_text(pl.col("_estimate"))))
+        "{} is about {}, beyond {}", what, scientific_text(pl.col("_estimate")), pl.lit(range_text)))
     return ValueRangeError(first, by_run_key)
 
 

@@ -16,7 +16,7 @@ from dpm_vec.book import LIQUIDITY_TIERS, POLICY_COLUMNS, SHELF_STATUSES, SNAPSH
 from dpm_vec.codes import ExitPath, RunStatus
 from dpm_vec.dec28 import F28, sign
 from dpm_vec.errors import BookError
-from dpm_vec.numeric import DEC, QTY, WEIGHT
+from dpm_vec.numeric import DEC, MAX_WEIGHT, QTY, WEIGHT
 
 CCY = r"^[A-Z]{3}$"
 PAIR = r"^[A-Z]{3}/[A-Z]{3}$"
@@ -64,6 +64,8 @@ INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
             "missing_shelf_action": pa.Column(pl.String, checks=pa.Check.isin(["BLOCK", "EXCLUDE"])),
             "held_banned_action": pa.Column(pl.String, checks=pa.Check.isin(["LOCK", "LIQUIDATE"])),
             "max_turnover_pct": pa.Column(DEC, checks=pa.Check.in_range(0, 1), nullable=True),
+            "single_position_max_weight": pa.Column(DEC, checks=pa.Check.in_range(-MAX_WEIGHT, MAX_WEIGHT), nullable=True),
+            "min_cash_buffer_pct": pa.Column(DEC, checks=pa.Check.in_range(-MAX_WEIGHT, MAX_WEIGHT)),
             "max_realized_capital_gains": pa.Column(DEC, checks=pa.Check.ge(0), nullable=True),
             "fx_sweep_threshold": pa.Column(DEC, checks=pa.Check.ge(0), nullable=True),
             "settlement_horizon_days": pa.Column(pl.Int32, checks=pa.Check.in_range(0, 10)),

@@ -542,6 +542,43 @@ def test_a_cash_total_past_the_fixed_point_is_a_422_and_fails_alone(balances, to
     assert simulate_many([request])[0]["detail"] == huge["detail"]
 
 
+def _locked_holding_over_a_total_near_zero(request: dict) -> None:
+    """A suspended holding worth 13,500 SGD beside cash that cancels it to 1e-7."""
+    request["portfolio_snapshot"]["positions"] = [{"instrument_id": "HELD", "quantity": "100"}]
+    request["portfolio_snapshot"]["cash_balances"][0]["amount"] = "-13499.9999999"
+    request["market_data_snapshot"]["prices"].append({"instrument_id": "HELD", "price": "100", "currency": "USD"})
+    request["shelf_entries"].append({"instrument_id": "HELD", "status": "SUSPENDED", "min_notional": None})
+
+
+def _eleven_targets_under_a_cap_of_minus_a_billion(request: dict) -> None:
+    """Step 4 sums max(0, w − m) over the map: eleven entries under m = −1e9 add up to 1.1e10."""
+    request["model_portfolio"]["targets"] = [{"instrument_id": f"E{i:02d}", "weight": "0.05"} for i in range(11)]
+    request["market_data_snapshot"]["prices"] += [{"instrument_id": f"E{i:02d}", "price": "10", "currency": "SGD"} for i in range(11)]
+    request["shelf_entries"] += [{"instrument_id": f"E{i:02d}", "status": "APPROVED", "min_notional": None} for i in range(11)]
+    request["options"]["single_position_max_weight"] = "-1000000000"
+
+
+@pytest.mark.parametrize("edit, detail", [
+    (_locked_holding_over_a_total_near_zero,
+     "the sum of the portfolio's locked weights (its locked holdings' values over its total value) is about 1.35E+11"),
+    (_eleven_targets_under_a_cap_of_minus_a_billion,
+     "the sum of the weights the target stage adds up for the portfolio (its model and locked weights, its SELL_ONLY excess, "
+     "its cash buffer and its single-position cap once per entry) is about 1.1E+10"),
+])
+def test_weights_adding_up_past_the_weight_range_are_a_422_naming_the_sum(edit, detail):
+    """The target stage holds weights in Decimal(38, 28), under 1e10. A locked holding's
+    weight over a total near zero, or a cap's excess summed over many entries, used to
+    overflow there unnamed ("an intermediate value left the engine's fixed-point range"),
+    and a sweep halved its shard down to each such portfolio. The request gets a
+    value-out-of-range problem naming the sum, alone or beside a request that answers."""
+    request = copy.deepcopy(REQUEST)
+    edit(request)
+    weighty, plain = simulate_many([request, REQUEST])
+    assert (weighty["status"], weighty["type"]) == (422, "https://dpm-vec.dev/problems/value-out-of-range")
+    assert weighty["detail"] == f"request 1: {detail}, beyond the engine's weight range (weights adding up to under 1E+10)"
+    assert plain["status"] == "READY"
+
+
 def test_a_zero_price_nothing_reads_runs_as_the_reference():
     """§9.1 rejects a zero price of a held or model instrument (the reference divides by
     it); a zero price of an instrument neither held nor in the model is never read, so the

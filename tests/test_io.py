@@ -92,6 +92,23 @@ def test_bad_options_block_and_fall_back_to_defaults_but_identity_faults_raise(t
         read_portfolio_rows(book)
 
 
+def test_weight_options_beyond_the_weight_range_block_their_portfolio_as_at_the_json_door(tmp_path):
+    """single_position_max_weight and min_cash_buffer_pct of 10^9 or more in magnitude are
+    a 422 at the JSON door; in a book they used to reach the target stage, whose 28-decimal
+    weights overflowed, and the sweep halved its shard down to each such portfolio."""
+    book = tmp_path / "book"
+    book.mkdir()
+    pl.DataFrame({
+        "portfolio_id": ["P1", "P2", "P3", "P4"], "base_currency": ["SGD"] * 4, "model_id": ["M"] * 4,
+        "single_position_max_weight": [Decimal("1000000000"), Decimal("-9E+17"), None, Decimal("0.2")],
+        "min_cash_buffer_pct": [Decimal("-1000000000"), Decimal("0"), Decimal("1000000000.5"), Decimal("0.05")],
+    }, schema_overrides={c: pl.Decimal(38, 20) for c in ("single_position_max_weight", "min_cash_buffer_pct")}).write_parquet(book / "portfolios.parquet")
+    rows, failed = read_portfolio_rows(book)
+    assert rows["input_fault"].to_list() == [None, "INVALID_PORTFOLIO", "INVALID_PORTFOLIO", None]
+    assert sorted(failed.select("key", "input_column").rows()) == [("P2", "single_position_max_weight"), ("P3", "min_cash_buffer_pct")]
+    assert rows["single_position_max_weight"].to_list()[1] is None and rows["min_cash_buffer_pct"].to_list()[2] == 0
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["S1", "S2", None]), st.sampled_from(["A", "B", ""]), st.integers(0, 2)), max_size=12),
        st.booleans())

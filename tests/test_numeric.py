@@ -7,7 +7,8 @@ import polars as pl
 import pytest
 
 from dpm_vec.errors import ValueRangeError
-from dpm_vec.numeric import DEC, naming_overflows, scientific_text, sums_may_leave_range, value_range_error, within
+from dpm_vec.numeric import (DEC, name_weight_sums_beyond_range, naming_overflows, scientific_text, sums_may_leave_range, value_range_error,
+                             within)
 
 RUNS = pl.DataFrame({"run": [0, 1, 2], "run_key": ["PF_A", "PF_B", "PF_C"]})
 
@@ -71,3 +72,15 @@ def test_within_compares_values_whose_difference_leaves_the_range():
         frame.select(pl.col("a") - pl.col("b"))
     eps = pl.lit(Decimal("0.0000000001"), dtype=DEC)
     assert frame.select(within(pl.col("a"), pl.col("b"), eps).fill_null(False)).to_series().to_list() == [False, True, True]
+
+
+def test_weights_are_named_by_run_where_their_magnitudes_add_up_to_the_weight_range():
+    """WEIGHT holds under 1e10: a run whose weights add up to that in magnitude, negative ones
+    too, is named; one just under it, or with the same weights spread over two runs, is not."""
+    weights = pl.DataFrame({"run": [0, 0, 1, 1, 2], "weight": [6e9, 3.9e9, 6e9, -4.1e9, 5e9]})
+    with pytest.raises(ValueRangeError) as caught:
+        name_weight_sums_beyond_range(weights, RUNS, pl.col("weight").abs(), pl.format("the weights of run {}", "run"))
+    assert caught.value.by_run_key == {
+        "PF_B": "the weights of run 1 is about 1.01E+10, beyond the engine's weight range (weights adding up to under 1E+10)"}
+    name_weight_sums_beyond_range(weights.filter(pl.col("run") != 1), RUNS, pl.col("weight").abs(), pl.lit("x"))
+

@@ -961,6 +961,24 @@ def test_values_beyond_the_fixed_point_in_trades_and_tax_block_each_portfolio_by
     assert kinds <= seen, seen
 
 
+def test_model_weights_adding_up_past_the_weight_range_block_their_portfolios_by_name(tmp_path, monkeypatch):
+    """A book's model weights may each reach 10^10; two of 9.9E9 in one model overflowed the
+    target stage's 28-decimal sums unnamed, and the sweep halved its shard down to each
+    portfolio of that model (178 s for the 500-portfolio sample book with every third
+    model row at 9.9E9). The portfolios whose map carries them are named before any step
+    sums them, in the shard's first pass, and the outputs are those of a sweep of one
+    portfolio per shard (one such weight alone still computes, as before)."""
+    frames = generate_book_frames(30, 12, holdings=(5, 12))
+    big = frames["portfolios"]["model_id"][0]
+    frames["models"] = _every(1, "weight", "9.9e9", (pl.col("model_id") == big) & (pl.int_range(pl.len()).over("model_id") < 2))(frames["models"])
+    passes = _passes_as_one_portfolio_per_shard(write_book(frames, tmp_path / "book"), tmp_path, monkeypatch)
+    assert len(passes) == 2, passes
+    runs = _read(tmp_path / "shared", "runs")
+    failed = runs.filter(pl.col("block_reason") == "ENGINE_ERROR")
+    assert failed.height and set(failed["model_id"]) == {big}, failed.select("run_key", "model_id", "block_detail").rows()
+    assert failed["block_detail"].str.ends_with("beyond the engine's weight range (weights adding up to under 1E+10)").all()
+
+
 def test_timestamps_written_as_iso_text_read_as_timestamps(tmp_path):
     """A book whose snapshot and price times are ISO 8601 text (as a CSV export writes
     them) sweeps as the one with typed timestamps; a time that does not parse blocks its

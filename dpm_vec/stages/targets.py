@@ -17,7 +17,8 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.codes import ReferenceBlock, with_code_lists
 from dpm_vec.frames import join_on_index, join_runs, put_rows, rows_of_runs, rows_where, sort_rows, without_runs
-from dpm_vec.numeric import DEC_UNIT, VALUE_TIMES_WEIGHT, WEIGHT, dmax, dmin, lit, product_of_all_digits, units_text
+from dpm_vec.numeric import (DEC_UNIT, VALUE_TIMES_WEIGHT, WEIGHT, WEIGHT_SUMS_LIMIT, as_f64, dmax, dmin, lit, name_weight_sums_beyond_range,
+                             product_of_all_digits, units_text)
 from dpm_vec.stages.prepare import SLOT, Market
 from dpm_vec.stages.universe import ExactLocked, valued_in_28_digits
 
@@ -90,6 +91,7 @@ def build_targets(
     model = model.with_columns(pl.col("model_weight").cast(WEIGHT))
     group_constraints = group_constraints.with_columns(pl.col("max_weight").cast(WEIGHT))
     runs = runs.with_columns(pl.col("single_position_max_weight", "min_cash_buffer_pct").cast(WEIGHT))
+    _name_weight_sums_beyond_range(runs, weight_map, sell_only_excess)
     wm, step1_pending = _sell_only_redistribution(weight_map, sell_only_excess)
     solver = pl.col("target_method") == "SOLVER"
     compare = pl.col("compare_target_methods")
@@ -186,6 +188,27 @@ def _solver_blocks(solver_warnings: pl.DataFrame) -> pl.DataFrame:
                    + pl.when(pl.col("_hints").is_not_null()).then(" (" + pl.col("_hints") + ")").otherwise(pl.lit("")))
         .alias("target_block_detail"),
     )
+
+
+def _name_weight_sums_beyond_range(runs: pl.DataFrame, weight_map: pl.DataFrame, sell_only_excess: pl.DataFrame) -> None:
+    """Name the runs whose weights the steps below could add up to beyond WEIGHT: the map's
+    weights, SELL_ONLY excess, the cash buffer, and the single-position cap once per entry
+    (step 4 sums max(0, w − m) over every entry, 10^10 for ten entries under a cap of
+    −10^9). Weights and options are bounded one by one (10^9 at the JSON door and in a
+    book's options, 10^10 in a book's models), not their sums."""
+    m, p = as_f64("single_position_max_weight").abs().fill_null(0.0), as_f64("min_cash_buffer_pct").abs()
+    largest = [weight_map.select(as_f64("weight").abs().max()).item(), sell_only_excess.select(as_f64("sell_only_excess").abs().max()).item(),
+               runs.select(m.max()).item(), runs.select(p.max()).item()]
+    if (weight_map.height + sell_only_excess.height + runs.height) * sum(x or 0.0 for x in largest) < WEIGHT_SUMS_LIMIT:
+        return
+    terms = pl.concat([
+        join_runs(weight_map.select("run", "weight"), runs.select("run", m.alias("_m"))).select("run", (as_f64("weight").abs() + pl.col("_m")).alias("_magnitude")),
+        sell_only_excess.select("run", as_f64("sell_only_excess").abs().alias("_magnitude")),
+        runs.select("run", p.alias("_magnitude")),
+    ])
+    name_weight_sums_beyond_range(terms, runs, pl.col("_magnitude"), pl.lit(
+        "the sum of the weights the target stage adds up for the portfolio (its model and locked weights, its SELL_ONLY excess, "
+        "its cash buffer and its single-position cap once per entry)"))
 
 
 def _sell_only_redistribution(weight_map: pl.DataFrame, sell_only_excess: pl.DataFrame):

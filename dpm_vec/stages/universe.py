@@ -19,7 +19,7 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.frames import join_on_index, join_runs, rows_where, sort_rows
-from dpm_vec.numeric import DEC, DEC_RANGE, HAIR, WEIGHT, as_f64, lit
+from dpm_vec.numeric import DEC, DEC_RANGE, HAIR, WEIGHT, as_f64, lit, name_weight_sums_beyond_range
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import cash_amounts_f28
 from dpm_vec.stages.prepare import Market
@@ -181,6 +181,7 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
     locked = base_value_f28(market, join_runs(locked, bases))
     locked = f28.from_dec(join_runs(locked, totals.select("run", "divisor")), "divisor", "_divisor_f")
     locked = f28.div(locked, "_base_f", "_divisor_f", "_weight_f")
+    _name_locked_weights_beyond_range(locked, runs)
     last_digit = locked.filter(~f28.is_null("_rate_f")).group_by("run").agg(_LAST_DIGIT_RUNS).filter(pl.col("_last_digit")).select("run")
     near = lit(HAIR)
     at_cap = join_runs(locked.select("run", "_weight_f"), runs.select("run", "single_position_max_weight"), how="inner").filter(
@@ -198,6 +199,7 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
         chosen = bases.join(last_digit, on="run", how="semi")
         _, tv = valued_in_28_digits(market, chosen, positions, cash)
         redo = f28.div(join_runs(locked.join(chosen, on="run", how="semi").drop("_divisor_f"), tv.drop("_tv_f")), "_base_f", "_divisor_f", "_weight_f")
+        _name_locked_weights_beyond_range(redo, runs)
         locked = pl.concat([locked.join(chosen, on="run", how="anti"), redo.select(locked.columns)])
         exact = ExactLocked(
             weights=redo.filter(~f28.is_null("_rate_f")).select("slot", pl.col("_weight_f").alias("weight_f28")),
@@ -208,6 +210,14 @@ def _exact_locked_weights(market: Market, runs: pl.DataFrame, map2: pl.DataFrame
         pl.when(pl.col("kind") == "LOCKED").then(pl.col("_exact").fill_null(pl.lit(0, dtype=WEIGHT))).otherwise(pl.col("weight")).alias("weight")
     ).drop("_exact")
     return map2, exact, locked.select("run", "slot", "_base_f", pl.col("_exact").alias("map_weight"))
+
+
+def _name_locked_weights_beyond_range(locked: pl.DataFrame, runs: pl.DataFrame) -> None:
+    """Name the runs whose locked weights (``_weight_f``) add up to beyond what the target
+    stage's weights hold: a holding's value over a total near zero, where negative cash
+    cancels the holdings, weighs 1e11 where the total is 1e-7 of it."""
+    name_weight_sums_beyond_range(locked, runs, f28.to_f64("_weight_f").abs(),
+                                  pl.lit("the sum of the portfolio's locked weights (its locked holdings' values over its total value)"))
 
 
 # Runs whose locked weights need tv's last digit: locked weights that fill the portfolio

@@ -411,6 +411,11 @@ def to_dec(name: str) -> pl.Expr:
     return pl.when(k <= 9).then(low).otherwise(high)
 
 
+def exponent(name: str) -> pl.Expr:
+    """k, with |x| < 10^k: a bound on a value's magnitude that reads no digits."""
+    return _k(name)
+
+
 def to_f64(name: str) -> pl.Expr:
     """F28 → Float64: an estimate of a value ``to_dec`` cannot hold."""
     return _z(name).cast(pl.Float64) * pl.lit(10.0).pow(_k(name).cast(pl.Float64))

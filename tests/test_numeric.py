@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from dpm_vec.errors import ValueRangeError
-from dpm_vec.numeric import (DEC, name_weight_sums_beyond_range, naming_overflows, scientific_text, sums_may_leave_range, value_range_error,
+from dpm_vec.numeric import (DEC, largest_magnitude, name_weight_sums_beyond_range, naming_overflows, scientific_text, sums_may_leave_range, value_range_error,
                              within)
 
 RUNS = pl.DataFrame({"run": [0, 1, 2], "run_key": ["PF_A", "PF_B", "PF_C"]})
@@ -83,4 +83,10 @@ def test_weights_are_named_by_run_where_their_magnitudes_add_up_to_the_weight_ra
     assert caught.value.by_run_key == {
         "PF_B": "the weights of run 1 is about 1.01E+10, beyond the engine's weight range (weights adding up to under 1E+10)"}
     name_weight_sums_beyond_range(weights.filter(pl.col("run") != 1), RUNS, pl.col("weight").abs(), pl.lit("x"))
+
+
+def test_the_largest_magnitude_is_read_from_either_end_and_is_zero_without_values():
+    assert largest_magnitude("value", _values([0, 1, 2], ["-7e9", "3", "6e9"])) == 7e9
+    assert largest_magnitude("value", _values([0], ["5"]), _values([1], ["-2e10"])) == 2e10
+    assert largest_magnitude("value", _values([0], ["5"]).clear(), _values([0], ["1"]).with_columns(pl.lit(None, dtype=DEC).alias("value"))) == 0.0
 

@@ -17,8 +17,8 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.codes import ReferenceBlock, with_code_lists
 from dpm_vec.frames import join_on_index, join_runs, put_rows, rows_of_runs, rows_where, sort_rows, without_runs
-from dpm_vec.numeric import (DEC_UNIT, VALUE_TIMES_WEIGHT, WEIGHT, WEIGHT_SUMS_LIMIT, as_f64, dmax, dmin, lit, name_weight_sums_beyond_range,
-                             product_of_all_digits, units_text)
+from dpm_vec.numeric import (DEC_UNIT, VALUE_TIMES_WEIGHT, WEIGHT, WEIGHT_SUMS_LIMIT, as_f64, dmax, dmin, largest_magnitude, lit,
+                             name_weight_sums_beyond_range, product_of_all_digits, units_text)
 from dpm_vec.stages.prepare import SLOT, Market
 from dpm_vec.stages.universe import ExactLocked, valued_in_28_digits
 
@@ -196,11 +196,11 @@ def _name_weight_sums_beyond_range(runs: pl.DataFrame, weight_map: pl.DataFrame,
     (step 4 sums max(0, w − m) over every entry, 10^10 for ten entries under a cap of
     −10^9). Weights and options are bounded one by one (10^9 at the JSON door and in a
     book's options, 10^10 in a book's models), not their sums."""
-    m, p = as_f64("single_position_max_weight").abs().fill_null(0.0), as_f64("min_cash_buffer_pct").abs()
-    largest = [weight_map.select(as_f64("weight").abs().max()).item(), sell_only_excess.select(as_f64("sell_only_excess").abs().max()).item(),
-               runs.select(m.max()).item(), runs.select(p.max()).item()]
-    if (weight_map.height + sell_only_excess.height + runs.height) * sum(x or 0.0 for x in largest) < WEIGHT_SUMS_LIMIT:
+    largest = (largest_magnitude("weight", weight_map) + largest_magnitude("sell_only_excess", sell_only_excess)
+               + largest_magnitude("single_position_max_weight", runs) + largest_magnitude("min_cash_buffer_pct", runs))
+    if (weight_map.height + sell_only_excess.height + runs.height) * largest < WEIGHT_SUMS_LIMIT:
         return
+    m, p = as_f64("single_position_max_weight").abs().fill_null(0.0), as_f64("min_cash_buffer_pct").abs()
     terms = pl.concat([
         join_runs(weight_map.select("run", "weight"), runs.select("run", m.alias("_m"))).select("run", (as_f64("weight").abs() + pl.col("_m")).alias("_magnitude")),
         sell_only_excess.select("run", as_f64("sell_only_excess").abs().alias("_magnitude")),

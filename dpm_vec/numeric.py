@@ -51,7 +51,8 @@ DEC_RANGE_MARGIN = 1 + 1e-9
 DEC_RANGE_TEXT = "the engine's fixed-point range (values under 1E18)"
 # WEIGHT holds values under 10^10, and the target stage sums a run's weights (and a
 # single-position cap's excess over every entry): their magnitudes must add up to less
-WEIGHT_SUMS_LIMIT = 1e10
+WEIGHT_RANGE = 1e10
+WEIGHT_RANGE_TEXT = "the engine's weight range (weights under 1E+10)"
 WEIGHT_SUMS_TEXT = "the engine's weight range (weights adding up to under 1E+10)"
 
 
@@ -187,18 +188,19 @@ def _messages_by_run_key(rows: pl.DataFrame, runs: pl.DataFrame, message: pl.Exp
     return named["_message"][0], dict(zip(named["run_key"].to_list(), named["_message"].to_list()))
 
 
-def naming_overflows(compute: Callable[[], T], frame: pl.DataFrame, runs: pl.DataFrame, estimate: pl.Expr, what: pl.Expr) -> T:
-    """``compute()``; if its arithmetic leaves DEC's range, the ValueRangeError naming
-    every run of ``frame`` with a row whose ``estimate`` lies beyond it
-    (``value_range_error``), so that a sweep blocks those portfolios alone instead of
-    halving its shard until it finds them. If no value can be named, the original failure
-    stands. Costs nothing unless ``compute`` fails."""
+def naming_overflows(compute: Callable[[], T], frame: pl.DataFrame, runs: pl.DataFrame, estimate: pl.Expr, what: pl.Expr,
+                     limit: float = DEC_RANGE, range_text: str = DEC_RANGE_TEXT) -> T:
+    """``compute()``; if its arithmetic leaves DEC's range (or ``limit``'s, WEIGHT's for
+    weights), the ValueRangeError naming every run of ``frame`` with a row whose
+    ``estimate`` lies beyond it (``value_range_error``), so that a sweep blocks those
+    portfolios alone instead of halving its shard until it finds them. If no value can be
+    named, the original failure stands. Costs nothing unless ``compute`` fails."""
     try:
         return compute()
     except ENGINE_FAILURES as exc:
         if not is_overflow(exc):
             raise
-        error = value_range_error(frame, runs, estimate, what)
+        error = value_range_error(frame, runs, estimate, what, limit, range_text)
         if error is None:
             raise
         raise error from exc
@@ -235,11 +237,11 @@ def name_sums_beyond_range(column: str, frames: list[pl.DataFrame], runs: pl.Dat
 
 def name_weight_sums_beyond_range(frame: pl.DataFrame, runs: pl.DataFrame, magnitude: pl.Expr, what: pl.Expr) -> None:
     """Raise the ValueRangeError naming every run whose ``magnitude`` (a non-negative
-    Float64 expression over ``frame``'s rows: run, ...) adds up to ``WEIGHT_SUMS_LIMIT`` or
+    Float64 expression over ``frame``'s rows: run, ...) adds up to ``WEIGHT_RANGE`` or
     more; ``what`` (text over the run's first row) names the sum. The caller checks first
     that the row count times the largest magnitude can reach the limit (almost never)."""
     sums = frame.with_columns(magnitude.sum().over("run").alias("_sum"))
-    beyond = value_range_error(sums, runs, pl.col("_sum"), what, WEIGHT_SUMS_LIMIT, WEIGHT_SUMS_TEXT)
+    beyond = value_range_error(sums, runs, pl.col("_sum"), what, WEIGHT_RANGE, WEIGHT_SUMS_TEXT)
     if beyond is not None:
         raise beyond
 

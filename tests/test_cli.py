@@ -196,7 +196,8 @@ def test_a_request_that_overflows_is_a_422_and_fails_alone(tmp_path):
 def test_negative_model_weights_that_overflow_a_sum_near_zero_are_a_422(tmp_path):
     """Negative model weights pass unvalidated (as in the reference): SELL_ONLY weight
     spread over buyable weights summing to 1e-15 is a ratio of 5e14, outside Decimal(38, 28):
-    a 422 value-out-of-range problem, not a 500."""
+    a 422 value-out-of-range problem naming the redistribution (until the fifty-eighth
+    session only Polars' "overflow in decimal division"), not a 500."""
     def tiny_sum(req):
         req["market_data_snapshot"]["prices"] = [
             {"instrument_id": i, "price": "10", "currency": "USD"} for i in ("A", "B", "C")]
@@ -208,7 +209,8 @@ def test_negative_model_weights_that_overflow_a_sum_near_zero_are_a_422(tmp_path
 
     slots = _beside_a_good_request(tmp_path, "tiny_sum", tiny_sum)
     assert slots[1]["status"] == 422 and slots[1]["type"].endswith("/value-out-of-range")
-    assert "overflow in decimal division" in slots[1]["detail"]
+    assert slots[1]["detail"] == ("request 2: the SELL_ONLY redistribution to B (its weight 0.5 over a buyable sum of 0.000000000000001, "
+                                  "then times 0.3) is about 5.0E+14, beyond the engine's weight range (weights under 1E+10)")
 
 
 def test_a_trade_beyond_the_quantity_range_is_a_422_naming_it(tmp_path):

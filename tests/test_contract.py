@@ -570,7 +570,8 @@ def test_weights_adding_up_past_the_weight_range_are_a_422_naming_the_sum(edit, 
     weight over a total near zero, or a cap's excess summed over many entries, used to
     overflow there unnamed ("an intermediate value left the engine's fixed-point range"),
     and a sweep halved its shard down to each such portfolio. The request gets a
-    value-out-of-range problem naming the sum, alone or beside a request that answers."""
+    value-out-of-range problem naming the sum, alone or beside a request that answers
+    (a SELL_ONLY proportion past the range: tests/test_cli.py)."""
     request = copy.deepcopy(REQUEST)
     edit(request)
     weighty, plain = simulate_many([request, REQUEST])

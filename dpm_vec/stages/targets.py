@@ -17,8 +17,8 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.codes import ReferenceBlock, with_code_lists
 from dpm_vec.frames import join_on_index, join_runs, put_rows, rows_of_runs, rows_where, sort_rows, without_runs
-from dpm_vec.numeric import (DEC_UNIT, VALUE_TIMES_WEIGHT, WEIGHT, WEIGHT_SUMS_LIMIT, as_f64, dmax, dmin, largest_magnitude, lit,
-                             name_weight_sums_beyond_range, product_of_all_digits, units_text)
+from dpm_vec.numeric import (DEC_UNIT, VALUE_TIMES_WEIGHT, WEIGHT, WEIGHT_RANGE, WEIGHT_RANGE_TEXT, as_f64, dmax, dmin,
+                             largest_magnitude, lit, name_weight_sums_beyond_range, naming_overflows, product_of_all_digits, units_text)
 from dpm_vec.stages.prepare import SLOT, Market
 from dpm_vec.stages.universe import ExactLocked, valued_in_28_digits
 
@@ -92,7 +92,7 @@ def build_targets(
     group_constraints = group_constraints.with_columns(pl.col("max_weight").cast(WEIGHT))
     runs = runs.with_columns(pl.col("single_position_max_weight", "min_cash_buffer_pct").cast(WEIGHT))
     _name_weight_sums_beyond_range(runs, weight_map, sell_only_excess)
-    wm, step1_pending = _sell_only_redistribution(weight_map, sell_only_excess)
+    wm, step1_pending = _sell_only_redistribution(runs, weight_map, sell_only_excess)
     solver = pl.col("target_method") == "SOLVER"
     compare = pl.col("compare_target_methods")
 
@@ -198,7 +198,7 @@ def _name_weight_sums_beyond_range(runs: pl.DataFrame, weight_map: pl.DataFrame,
     book's options, 10^10 in a book's models), not their sums."""
     largest = (largest_magnitude("weight", weight_map) + largest_magnitude("sell_only_excess", sell_only_excess)
                + largest_magnitude("single_position_max_weight", runs) + largest_magnitude("min_cash_buffer_pct", runs))
-    if (weight_map.height + sell_only_excess.height + runs.height) * largest < WEIGHT_SUMS_LIMIT:
+    if (weight_map.height + sell_only_excess.height + runs.height) * largest < WEIGHT_RANGE:
         return
     m, p = as_f64("single_position_max_weight").abs().fill_null(0.0), as_f64("min_cash_buffer_pct").abs()
     terms = pl.concat([
@@ -211,9 +211,10 @@ def _name_weight_sums_beyond_range(runs: pl.DataFrame, weight_map: pl.DataFrame,
         "its cash buffer and its single-position cap once per entry)"))
 
 
-def _sell_only_redistribution(weight_map: pl.DataFrame, sell_only_excess: pl.DataFrame):
+def _sell_only_redistribution(runs: pl.DataFrame, weight_map: pl.DataFrame, sell_only_excess: pl.DataFrame):
     """§6.4 step 1 (both methods): spread SELL_ONLY model weight over buyable targets in
-    proportion; with nothing to receive it, the run needs review."""
+    proportion; with nothing to receive it, the run needs review. A proportion past WEIGHT
+    (negative model weights, unvalidated, leaving a buyable sum near 0) names its run."""
     wm = weight_map.with_columns((pl.col("kind") == "BUYABLE").alias("buy")).pipe(sort_rows, "run", "map_order")
     excess = sell_only_excess.filter(pl.col("sell_only_excess") > 0)
     # the runs with SELL_ONLY excess are few: their rows alone take the sums and shares
@@ -223,10 +224,18 @@ def _sell_only_redistribution(weight_map: pl.DataFrame, sell_only_excess: pl.Dat
         spread.filter(pl.col("_S") <= 0).select("run"),  # not S > 0: negative model weights pass unvalidated
         excess.join(spread.filter(pl.col("buy")).select("run").unique(), on="run", how="anti").select("run"),
     ])
-    shared = spread.select(
-        pl.when(pl.col("buy") & (pl.col("_S") > 0))
-        .then(pl.col("weight") + pl.col("sell_only_excess") * (pl.col("weight") / pl.col("_S")))
-        .otherwise(pl.col("weight")).alias("weight")
+    receives = pl.col("buy") & (pl.col("_S") > 0)
+    proportion = as_f64("weight") / as_f64("_S")
+    shared = naming_overflows(
+        lambda: spread.select(
+            pl.when(receives).then(pl.col("weight") + pl.col("sell_only_excess") * (pl.col("weight") / pl.col("_S")))
+            .otherwise(pl.col("weight")).alias("weight")
+        ),
+        spread, runs,
+        pl.when(receives).then(pl.max_horizontal(proportion.abs(), (as_f64("weight") + as_f64("sell_only_excess") * proportion).abs())),
+        pl.format("the SELL_ONLY redistribution to {} (its weight {} over a buyable sum of {}, then times {})", "instrument_id",
+                  *(units_text(pl.col(c)) for c in ("weight", "_S", "sell_only_excess"))),
+        WEIGHT_RANGE, WEIGHT_RANGE_TEXT,
     )
     return put_rows(wm, rows, shared), pending
 

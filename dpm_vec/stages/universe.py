@@ -19,7 +19,7 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.frames import join_on_index, join_runs, rows_where, sort_rows
-from dpm_vec.numeric import DEC, DEC_RANGE, HAIR, WEIGHT, WEIGHT_SUMS_LIMIT, as_f64, lit, name_weight_sums_beyond_range
+from dpm_vec.numeric import DEC, DEC_RANGE, HAIR, WEIGHT, WEIGHT_RANGE, as_f64, lit, name_weight_sums_beyond_range
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import cash_amounts_f28
 from dpm_vec.stages.prepare import Market
@@ -217,7 +217,7 @@ def _name_locked_weights_beyond_range(locked: pl.DataFrame, runs: pl.DataFrame) 
     stage's weights hold: a holding's value over a total near zero, where negative cash
     cancels the holdings, weighs 1e11 where the total is 1e-7 of it."""
     largest = locked.select(f28.exponent("_weight_f").max()).item()
-    if largest is None or locked.height * 10.0**largest < WEIGHT_SUMS_LIMIT:
+    if largest is None or locked.height * 10.0**largest < WEIGHT_RANGE:
         return
     name_weight_sums_beyond_range(locked, runs, f28.to_f64("_weight_f").abs(),
                                   pl.lit("the sum of the portfolio's locked weights (its locked holdings' values over its total value)"))

@@ -263,7 +263,7 @@ def _allocations(market: Market, pos: pl.DataFrame, cash: pl.DataFrame, totals: 
 
 
 # a weight's magnitude stays under this, inside Decimal(38, 20)
-WEIGHT_RANGE = lit(10**17)
+_DEC_WEIGHT_RANGE = lit(10**17)
 
 
 def _total_taken_as_zero(totals: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame) -> pl.Expr:
@@ -279,7 +279,7 @@ def _total_taken_as_zero(totals: pl.DataFrame, positions: pl.DataFrame, cash: pl
         return total
     values = pl.concat([positions.select("run", "value_base"), cash.select("run", "value_base")]).join(small, on="run", how="semi")
     spread = values.group_by("run").agg(dabs(pl.col("value_base")).sum().alias("_spread")).join(small, on="run")
-    tiny = spread.filter(pl.col("_spread") >= dabs(pl.col("total_value")) * WEIGHT_RANGE).get_column("run")
+    tiny = spread.filter(pl.col("_spread") >= dabs(pl.col("total_value")) * _DEC_WEIGHT_RANGE).get_column("run")
     return pl.when(pl.col("run").is_in(tiny.implode())).then(lit(0)).otherwise(total).alias("total_value")
 
 

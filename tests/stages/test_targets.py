@@ -157,7 +157,7 @@ def test_sell_only_redistribution_touches_only_the_runs_with_excess():
     before = weight_map.clone()
     excess = pl.DataFrame({"run": [1, 2, 3], "sell_only_excess": [D("0.2"), D("0.5"), D("0.3")]},
                           schema={"run": pl.UInt32, "sell_only_excess": WEIGHT})
-    wm, pending = _sell_only_redistribution(weight_map, excess)
+    wm, pending = _sell_only_redistribution(pl.DataFrame({"run": [0, 1, 2, 3], "run_key": ["P0", "P1", "P2", "P3"]}), weight_map, excess)
     assert weight_map.equals(before)
     assert wm.columns == [*weight_map.columns, "buy"]
     assert [(r, o) for r, o in wm.select("run", "map_order").iter_rows()] == sorted((r[0], r[1]) for r in rows)

@@ -50,7 +50,7 @@ DEC_RANGE = 10.0**18
 DEC_RANGE_MARGIN = 1 + 1e-9
 DEC_RANGE_TEXT = "the engine's fixed-point range (values under 1E18)"
 # WEIGHT holds values under 10^10, and the target stage sums a run's weights (and a
-# single-position cap's excess over every entry): their magnitudes must add up to less
+# single-position cap's excess over every entry), so their magnitudes must add up to less
 WEIGHT_RANGE = 1e10
 WEIGHT_RANGE_TEXT = "the engine's weight range (weights under 1E+10)"
 WEIGHT_SUMS_TEXT = "the engine's weight range (weights adding up to under 1E+10)"

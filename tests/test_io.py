@@ -93,8 +93,8 @@ def test_bad_options_block_and_fall_back_to_defaults_but_identity_faults_raise(t
 
 
 def test_weight_options_beyond_the_weight_range_block_their_portfolio_as_at_the_json_door(tmp_path):
-    """single_position_max_weight and min_cash_buffer_pct of 10^9 or more in magnitude are
-    a 422 at the JSON door; in a book they used to reach the target stage, whose 28-decimal
+    """single_position_max_weight and min_cash_buffer_pct beyond 10^9 in magnitude are a
+    422 at the JSON door (10^9 itself passes); in a book they used to reach the target stage, whose 28-decimal
     weights overflowed, and the sweep halved its shard down to each such portfolio."""
     book = tmp_path / "book"
     book.mkdir()

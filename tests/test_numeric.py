@@ -76,7 +76,7 @@ def test_within_compares_values_whose_difference_leaves_the_range():
 
 def test_weights_are_named_by_run_where_their_magnitudes_add_up_to_the_weight_range():
     """WEIGHT holds under 1e10: a run whose weights add up to that in magnitude, negative ones
-    too, is named; one just under it, or with the same weights spread over two runs, is not."""
+    too, is named; a run just under it (9.9e9) and the others are not."""
     weights = pl.DataFrame({"run": [0, 0, 1, 1, 2], "weight": [6e9, 3.9e9, 6e9, -4.1e9, 5e9]})
     with pytest.raises(ValueRangeError) as caught:
         name_weight_sums_beyond_range(weights, RUNS, pl.col("weight").abs(), pl.format("the weights of run {}", "run"))

@@ -440,8 +440,8 @@ def lot_sum_faults(positions: pl.DataFrame, lots: pl.DataFrame) -> pl.DataFrame:
         pl.lit("lots").alias("input_table"), pl.col("portfolio_snapshot_id").alias("key"), pl.col("instrument_id").alias("row_key"),
         pl.lit("quantity").alias("input_column"),
         pl.lit(f"lots sum to the position's quantity (within {LOT_SUM_TOLERANCE})").alias("failed_check"),
-        pl.format("{} (the position holds {})", units_text(pl.col("_lots")),
-                  pl.when(pl.col("quantity").is_null()).then(pl.lit("none")).otherwise(units_text(pl.col("quantity")))).alias("value"),
+        pl.format("{} (the position holds {})", units_text("_lots"),
+                  pl.when(pl.col("quantity").is_null()).then(pl.lit("none")).otherwise(units_text("quantity"))).alias("value"),
     )
 
 

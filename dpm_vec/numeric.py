@@ -160,9 +160,10 @@ def to_text(value: Decimal | None) -> str | None:
     return format(value.normalize(), "f")
 
 
-def units_text(units: pl.Expr) -> pl.Expr:
-    """A decimal number of units as text without trailing zeros (25000000000, 100.5)."""
-    return units.cast(pl.String).str.replace(r"\.?0+$", "")
+def units_text(units: pl.Expr | str) -> pl.Expr:
+    """A decimal number of units (an expression or a column's name) as text without
+    trailing zeros (25000000000, 100.5)."""
+    return (pl.col(units) if isinstance(units, str) else units).cast(pl.String).str.replace(r"\.?0+$", "")
 
 
 def quantity_range_error(trades: pl.DataFrame, runs: pl.DataFrame, units: str, tail: pl.Expr | None = None) -> QuantityRangeError:
@@ -172,7 +173,7 @@ def quantity_range_error(trades: pl.DataFrame, runs: pl.DataFrame, units: str, t
     to each message."""
     message = pl.format(
         "a {} of {} units of {} is outside the engine's quantity range (trades under {} units)",
-        "side", units_text(pl.col(units)), "instrument_id", pl.lit(f"{TRADE_UNITS_LIMIT:,}"),
+        "side", units_text(units), "instrument_id", pl.lit(f"{TRADE_UNITS_LIMIT:,}"),
     )
     first, by_run_key = _messages_by_run_key(trades, runs, message if tail is None else pl.concat_str(message, tail))
     return QuantityRangeError(first, by_run_key)

@@ -200,8 +200,8 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
     cash_stats = cash.group_by("run").agg(pl.col("amount").filter(negative).min().alias("_min_cash"))
     if dq_detail is None:
         dq_detail = pl.DataFrame(schema={"run": pl.UInt32, "dq_detail": pl.String})
-    shorts = _texts_by_run(positions.filter(pl.col("quantity") < 0), "pos_seq", pl.format("{} at {}", "instrument_id", units_text(pl.col("quantity"))), "_shorts")
-    overdrawn = _texts_by_run(cash.filter(negative), "cash_seq", pl.format("{} at {}", "currency", units_text(pl.col("amount"))), "_overdrawn")
+    shorts = _texts_by_run(positions.filter(pl.col("quantity") < 0), "pos_seq", pl.format("{} at {}", "instrument_id", units_text("quantity")), "_shorts")
+    overdrawn = _texts_by_run(cash.filter(negative), "cash_seq", pl.format("{} at {}", "currency", units_text("amount")), "_overdrawn")
     r = (
         runs.select("run", "cash_band_min_weight", "cash_band_max_weight", "single_position_max_weight")
         .join(cash_weight, on="run", how="left").join(pos_stats, on="run", how="left").join(max_w, on="run", how="left")
@@ -252,7 +252,7 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
         0, "CASH_BAND", "SOFT", band_fail,
         pl.col("_cash_w"), pl.col("cash_band_min_weight"), pl.col("cash_band_max_weight"),
         "THRESHOLD_BREACH", pl.lit("OK"), "Portfolio cash is outside policy bands.",
-        pl.format("cash weight {} outside the band {} to {}", *(units_text(pl.col(c)) for c in ("_cash_w", "cash_band_min_weight", "cash_band_max_weight"))),
+        pl.format("cash weight {} outside the band {} to {}", *(units_text(c) for c in ("_cash_w", "cash_band_min_weight", "cash_band_max_weight"))),
     )
     breaches = weighed.filter(over_cap).pipe(sort_rows, "run", "bucket_order")
     spm_pass = r.join(breaches.select("run").unique(), on="run", how="anti").select(
@@ -271,7 +271,7 @@ def evaluate_rules(runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFra
             pl.col("weight").alias("measured"), none.alias("threshold_min"), pl.col("single_position_max_weight").alias("threshold_max"),
             pl.lit("LIMIT_BREACH").alias("reason_code"),
             (pl.lit("Instrument ") + pl.col("key") + pl.lit(" exceeds max weight.")).alias("remediation_hint"),
-            pl.format("{} at weight {} over the cap {}", "key", units_text(pl.col("weight")), units_text(pl.col("single_position_max_weight"))).alias("detail"),
+            pl.format("{} at weight {} over the cap {}", "key", units_text("weight"), units_text("single_position_max_weight")).alias("detail"),
         )
     )
     data_quality = rule(2, "DATA_QUALITY", "HARD", pl.col("dq_count") > 0, pl.col("dq_count"), none, lit(0),
@@ -373,8 +373,8 @@ def settlement_rule(first_breach: pl.DataFrame) -> pl.DataFrame:
         (pl.col("allowed_floor") - pl.col("projected_balance")).alias("measured"), pl.col("allowed_floor").alias("threshold_min"),
         pl.lit(None, dtype=DEC).alias("threshold_max"), "reason_code",
         pl.lit("Adjust timing, funding, or overdraft settings.").alias("remediation_hint"),
-        pl.format("{} projected at {} on T+{}, below its floor {}", "currency", units_text(pl.col("projected_balance")), "date_offset",
-                  units_text(pl.col("allowed_floor"))).alias("detail"),
+        pl.format("{} projected at {} on T+{}, below its floor {}", "currency", units_text("projected_balance"), "date_offset",
+                  units_text("allowed_floor")).alias("detail"),
     )
 
 

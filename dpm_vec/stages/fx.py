@@ -61,8 +61,8 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
     # a balance's base value, and a funding buy with its buffer, and that at the rate
     estimate = (as_f64("balance").abs() * (1 + as_f64("fx_buffer_pct").fill_null(0.0))
                 * pl.max_horizontal(as_f64("rate"), pl.lit(1.0)))
-    what = pl.format("the FX spot of a {} balance of {} in {} at {} {}/{}", "currency", units_text(pl.col("balance")), "base_currency",
-                     units_text(pl.col("rate")), "currency", "base_currency")
+    what = pl.format("the FX spot of a {} balance of {} in {} at {} {}/{}", "currency", units_text("balance"), "base_currency",
+                     units_text("rate"), "currency", "base_currency")
     projected = naming_overflows(
         lambda: _kept_surpluses(market, _exact_signs(market, runs, security, cash_input, projected)).drop("_exact_balance_f"),
         projected, runs, estimate, what)

@@ -172,7 +172,7 @@ def _group_blocks(group_events: pl.DataFrame) -> pl.DataFrame:
     return group_events.filter(pl.col("status") == "BLOCKED").select(
         "run", pl.lit(ReferenceBlock.NO_ELIGIBLE_REDISTRIBUTION_DESTINATION.value).alias("target_block"),
         pl.format("group {} at weight {} over its cap {}, and no buyable instrument outside it to take the excess",
-                  "constraint_key", units_text(pl.col("group_weight_before")), units_text(pl.col("max_weight"))).alias("target_block_detail"),
+                  "constraint_key", units_text("group_weight_before"), units_text("max_weight")).alias("target_block_detail"),
     )
 
 
@@ -234,7 +234,7 @@ def _sell_only_redistribution(runs: pl.DataFrame, weight_map: pl.DataFrame, sell
         spread, runs,
         pl.when(receives).then(pl.max_horizontal(proportion.abs(), (as_f64("weight") + as_f64("sell_only_excess") * proportion).abs())),
         pl.format("the SELL_ONLY redistribution to {} (its weight {} over a buyable sum of {}, then times {})", "instrument_id",
-                  *(units_text(pl.col(c)) for c in ("weight", "_S", "sell_only_excess"))),
+                  *(units_text(c) for c in ("weight", "_S", "sell_only_excess"))),
         WEIGHT_RANGE, WEIGHT_RANGE_TEXT,
     )
     return put_rows(wm, rows, shared), pending

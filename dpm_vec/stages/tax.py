@@ -120,7 +120,7 @@ def _check_lots_below_the_range(lot_rows: pl.DataFrame, runs: pl.DataFrame) -> N
     )
     if held.height:
         raise quantity_range_error(held.with_columns(pl.lit("SELL").alias("side")), runs, "_units_beyond_range",
-                                   pl.format(", and so are the {} units of its tax lots", units_text(pl.col("_lots"))))
+                                   pl.format(", and so are the {} units of its tax lots", units_text("_lots")))
 
 
 def limited_by_the_walk() -> pl.Expr:
@@ -156,8 +156,8 @@ def _split_unbound(walk: pl.DataFrame, runs: pl.DataFrame) -> tuple[pl.DataFrame
     return walk.join(bound_runs, on="run", how="anti"), walk.join(bound_runs, on="run", how="semi")
 
 
-_GAIN_TEXT = pl.format("the gain of selling {} units of {} from lot {} ({} {} a unit)", units_text(pl.col("_share")), "instrument_id", "lot_id",
-                       units_text(pl.col("_gain")), "base_currency")
+_GAIN_TEXT = pl.format("the gain of selling {} units of {} from lot {} ({} {} a unit)", units_text("_share"), "instrument_id", "lot_id",
+                       units_text("_gain"), "base_currency")
 
 
 def _exact_small_shares(walk: pl.DataFrame) -> pl.DataFrame:

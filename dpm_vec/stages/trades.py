@@ -80,8 +80,8 @@ def translate(
         .when(pl.col("held_quantity").is_not_null()).then(times_price(t, "held_quantity", pl.col("price")))
         .otherwise(lit(0)).alias("current_value_instr"),
     ), t, runs, target_estimate,
-        pl.format("the target value of {} in {} ({} {} × weight {} at {} {}/{})", "instrument_id", "price_currency", units_text(pl.col("total_value")),
-                  "base_currency", units_text(pl.col("final_weight")), units_text(pl.col("rate")), "price_currency", "base_currency"))
+        pl.format("the target value of {} in {} ({} {} × weight {} at {} {}/{})", "instrument_id", "price_currency", units_text("total_value"),
+                  "base_currency", units_text("final_weight"), units_text("rate"), "price_currency", "base_currency"))
     t = t.with_columns(
         (pl.col("target_value_instr") - pl.col("current_value_instr")).alias("delta_value_instr"),
     ).with_columns(
@@ -94,8 +94,8 @@ def translate(
     t = naming_overflows(
         lambda: t.with_columns((pl.col("_abs_delta") / pl.col("price")).alias("_quotient")), t, runs,
         as_f64("_abs_delta") / as_f64("price"),
-        pl.format("the units of a {} of {} ({} {} at {} {} each)", "side", "instrument_id", units_text(pl.col("_abs_delta")),
-                  "price_currency", units_text(pl.col("price")), "price_currency"))
+        pl.format("the units of a {} of {} ({} {} at {} {} each)", "side", "instrument_id", units_text("_abs_delta"),
+                  "price_currency", units_text("price"), "price_currency"))
     t = t.with_columns(pl.col("_quotient").floor().alias("_units"))  # once: an eager expression repeats its parts
     units = pl.col("_units")
     # the quotient is rounded before the floor; step back when that rounding crossed an integer
@@ -134,7 +134,7 @@ def translate(
         .otherwise(pl.col("min_notional_currency")).alias("threshold_currency"),
     ), t, runs, pl.max_horizontal(estimate.abs(), (estimate * as_f64("rate")).abs()),
         pl.format("the notional of a {} of {} (in {}, or at {} {}/{} in {})", "side", "instrument_id", "price_currency",
-                  units_text(pl.col("rate")), "price_currency", "base_currency", "base_currency"))
+                  units_text("rate"), "price_currency", "base_currency", "base_currency"))
     t = _exact_dust_tests(t)
     below = pl.coalesce("_below_exact", pl.col("notional") < pl.col("threshold_amount"))
     t = t.with_columns((pl.col("suppress_dust_trades") & pl.col("threshold_amount").is_not_null() & below).alias("_suppress"))
@@ -464,7 +464,7 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
         pl.when(pl.col("total_value") <= 0).then(lit(0)).otherwise(pl.col("_abs_nb") / pl.col("total_value")).alias("score"),
         (pl.lit("oi_") + pl.col("intent_no").cast(pl.String)).alias("_intent_id"),
     ), ranked, runs, pl.when(as_f64("total_value") <= 0).then(0.0).otherwise(as_f64("_abs_nb") / as_f64("total_value")),
-        _score_text(units_text(pl.col("total_value"))))
+        _score_text(units_text("total_value")))
     ranked = ranked.sort(
         ["run", "score", "_abs_nb", "instrument_id", "_intent_id"], descending=[False, True, False, False, False]
     ).with_columns(pl.int_range(pl.len()).over("run").cast(pl.Int64).alias("list_order"))

@@ -52,15 +52,15 @@ def value_state(
         .otherwise(times_price(pos, "quantity", pl.col("price").fill_null(lit(0)))).alias("value_instr"),
         pl.col("asset_class").fill_null("UNKNOWN"),
     ), pos, runs, pl.when(use_mv).then(as_f64("market_value")).otherwise(as_f64("quantity") * as_f64("price")),
-        pl.format("the value of {} units of {} at {}", _text("quantity"), "instrument_id", _text("price")))
+        pl.format("the value of {} units of {} at {}", units_text("quantity"), "instrument_id", units_text("price")))
     pos = _exact_quantities(pos, ~use_mv & pl.col("price").is_not_null())
     pos = market.with_rate(pos, "instrument_currency", "base_currency", "_rate")
     pos = naming_overflows(lambda: pos.with_columns(
         pl.when(pl.col("_rate").is_null()).then(lit(0))
         .otherwise(pl.col("value_instr") * pl.col("_rate")).alias("value_base")
     ), pos, runs, as_f64("value_instr") * as_f64("_rate"),
-        pl.format("the value of {} in {} ({} {} at {} {}/{})", "instrument_id", "base_currency", _text("value_instr"), "instrument_currency",
-                  _text("_rate"), "instrument_currency", "base_currency"))
+        pl.format("the value of {} in {} ({} {} at {} {}/{})", "instrument_id", "base_currency", units_text("value_instr"), "instrument_currency",
+                  units_text("_rate"), "instrument_currency", "base_currency"))
     price_missing = dq.findings(
         pos, pl.col("price").is_null(), "price_missing", pl.col("instrument_id"), stage, pl.col("pos_seq") * 2
     )
@@ -74,7 +74,7 @@ def value_state(
         .when(pl.col("_rate").is_null()).then(lit(0))
         .otherwise(pl.col("amount") * pl.col("_rate")).alias("value_base")
     ), cash, runs, as_f64("amount") * as_f64("_rate"),
-        pl.format("the value of cash {} {} in {} at {} {}/{}", _text("amount"), "currency", "base_currency", _text("_rate"), "currency", "base_currency"))
+        pl.format("the value of cash {} {} in {} at {} {}/{}", units_text("amount"), "currency", "base_currency", units_text("_rate"), "currency", "base_currency"))
     cash_fx_missing = dq.findings(
         cash, pl.col("_rate").is_null(), "fx_missing",
         pl.col("currency") + "/" + pl.col("base_currency"), stage + 1, pl.col("cash_seq"),
@@ -101,11 +101,6 @@ def value_state(
         allocations=allocations,
         dq=dq.concat(price_missing, pos_fx_missing, cash_fx_missing),
     )
-
-
-def _text(column: str) -> pl.Expr:
-    """A decimal ``column`` as text without trailing zeros, for a message."""
-    return units_text(pl.col(column))
 
 
 def _totals(runs: pl.DataFrame, pos: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:

@@ -26,7 +26,7 @@ from dpm_vec.io import read_portfolio_rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("book", type=Path)
     parser.add_argument("passes", type=int)
     parser.add_argument("--shard-size", type=int, default=8000)

@@ -146,7 +146,7 @@ def _print_scenarios(rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="scenarios side by side")
-    for column in ("scenario", "runs", "READY", "PENDING", "BLOCKED", "intents", "turnover (Σ base)"):
+    for column in ("scenario", "runs", "READY", "PENDING", "BLOCKED", "security intents", "turnover (Σ base)"):
         table.add_column(column, justify="left" if column == "scenario" else "right")
     for r in rows:
         table.add_row(r["scenario_id"], f"{r['portfolios']:,}", f"{r['ready']:,}", f"{r['pending_review']:,}", f"{r['blocked']:,}",

@@ -79,7 +79,7 @@ def fuzz(chosen: dict[str, object], seconds: float, seed: int, out: Path, report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--minutes", type=float, default=10.0, help="how long to fuzz (default: 10)")
     parser.add_argument("--properties", help="comma-separated parts of property names (default: all)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the random draws (default: a new one, printed)")

@@ -20,7 +20,7 @@ from dpm_vec.book import (
     LIQUIDITY_TIERS, LOT_SUM_TOLERANCE, POLICY_COLUMNS, SHELF_STATUSES, TABLES, Book, make_book, table_schema,
 )
 from dpm_vec.errors import RequestError, error_loc, fault, not_an_object
-from dpm_vec.numeric import AMOUNT_28, MAX_WEIGHT, QTY, SCALE, WEIGHT
+from dpm_vec.numeric import AMOUNT_28, MAX_MINUTES, MAX_WEIGHT, QTY, SCALE, WEIGHT
 
 MAX_ABS = Decimal(10) ** (38 - SCALE - 1)
 AMOUNT_28_LIMIT = Decimal(10) ** (38 - AMOUNT_28.scale)
@@ -471,8 +471,8 @@ def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]
         "workflow_requires_client_consent": r.boolean(o.get("workflow_requires_client_consent"), f"{p}.workflow_requires_client_consent", False),
         "client_consent_already_obtained": r.boolean(o.get("client_consent_already_obtained"), f"{p}.client_consent_already_obtained", False),
         "notional_sizing": r.boolean(o.get("notional_sizing"), f"{p}.notional_sizing", False),
-        "max_staleness_minutes": r.integer(o.get("max_staleness_minutes"), f"{p}.max_staleness_minutes", None, 0, 10**7),
-        "max_skew_minutes": r.integer(o.get("max_skew_minutes"), f"{p}.max_skew_minutes", None, 0, 10**7),
+        "max_staleness_minutes": r.integer(o.get("max_staleness_minutes"), f"{p}.max_staleness_minutes", None, 0, MAX_MINUTES),
+        "max_skew_minutes": r.integer(o.get("max_skew_minutes"), f"{p}.max_skew_minutes", None, 0, MAX_MINUTES),
         "require_base_currency_fx": r.boolean(o.get("require_base_currency_fx"), f"{p}.require_base_currency_fx", False),
         "fx_sweep_threshold": r.decimal(o.get("fx_sweep_threshold"), f"{p}.fx_sweep_threshold", required=False, minimum=D(0)),
         "stale_price_action": r.enum(o.get("stale_price_action"), f"{p}.stale_price_action", ("BLOCK", "EXCLUDE"), "BLOCK"),

@@ -102,11 +102,18 @@ def scan_table(book_dir: Path, table: str, file: Path | None = None, check_owned
         schema, metadata = parquet.schema_arrow, parquet.metadata
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise BookError(str(file), f"not a readable Parquet file: {exc}") from None
+    repeated = sorted({name for name in schema.names if schema.names.count(name) > 1})
+    if repeated:
+        raise BookError(str(file), f"column(s) {', '.join(map(repr, repeated))} appear more than once; each column may appear once")
     _check_columns(table, file, schema.names)
     _check_types(table, file, schema)
     if check_owned and table in PORTFOLIO_ROWS and table != "portfolios":
         _check_owned(table, file, metadata)
-    return pl.scan_parquet(file)
+    # dictionary-encoded text (pandas' category, Polars' Categorical) read as plain text, so
+    # that it joins and compares with the other tables' keys
+    coded = [field.name for field in schema if pa.types.is_dictionary(field.type) and _is_text(field.type.value_type)]
+    scan = pl.scan_parquet(file)
+    return scan.with_columns(pl.col(coded).cast(pl.String)) if coded else scan
 
 
 def _missing_hint(file: Path, table: str) -> str:
@@ -164,12 +171,16 @@ def collect(lf: pl.LazyFrame, file: Path, **options) -> pl.DataFrame:
         raise BookError(str(file), f"not a readable Parquet file: {first}") from None
 
 
+def _is_text(arrow: pa.DataType) -> bool:
+    return pa.types.is_string(arrow) or pa.types.is_large_string(arrow) or pa.types.is_string_view(arrow)
+
+
 def _accepts(dtype: pl.DataType, arrow: pa.DataType) -> bool:
     """Whether a file column of type ``arrow`` can hold values of the book dtype: the
     types ``conform`` casts from (values that still do not cast are row faults)."""
     if pa.types.is_dictionary(arrow):
         arrow = arrow.value_type
-    text = pa.types.is_string(arrow) or pa.types.is_large_string(arrow) or pa.types.is_string_view(arrow)
+    text = _is_text(arrow)
     if pa.types.is_null(arrow):
         return True
     if dtype == pl.String:
@@ -195,40 +206,48 @@ def _check_types(table: str, file: Path, schema: pa.Schema) -> None:
 
 def _conformed(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
     """``conform`` with a failed cast named as the file's fault (the checks come after)."""
-    _check_decimal_casts(table, frame, file)
+    _check_casts(table, frame, file)
     try:
         return conform(table, frame)
     except pl.exceptions.PolarsError as exc:
         raise _wrong_type(file, exc) from None
 
 
-def _check_decimal_casts(table: str, frame: pl.DataFrame, file: str) -> None:
+def _check_casts(table: str, frame: pl.DataFrame, file: str) -> None:
     """A float or a text of a decimal column that has no decimal value in it — NaN, an
-    infinity, "12,50", or a number beyond the column's range — as the file's fault, naming
-    the rows (``conform`` casts floats by their text, ``book.cast_column``; a shard's
+    infinity, "12,50", or a number beyond the column's range — or a text of a timestamp
+    column that is no ISO 8601 timestamp, as the file's fault, naming the rows (``conform``
+    casts floats by their text and timestamps from text, ``book.cast_column``; a shard's
     reader sets such a row of one portfolio's data aside first, ``_uncastable``)."""
     for name, dtype in table_schema(table).items():
         source = frame.schema.get(name)
-        if not (isinstance(dtype, pl.Decimal) and source is not None and finer_than(source, dtype)):
+        decimal = isinstance(dtype, pl.Decimal) and source is not None and finer_than(source, dtype)
+        if not (decimal or (isinstance(dtype, pl.Datetime) and source == pl.String)):
             continue
-        finest = finest_unit(table, name, dtype)
+        finest = finest_unit(table, name, dtype) if decimal else None
         failed = frame.select(pl.col(name), cast_column(name, source, dtype, strict=False, finest=finest).alias("_cast")).with_row_index(
             "_row").filter(pl.col(name).is_not_null() & pl.col("_cast").is_null())
         if failed.height == 0:
             continue
-        held = f"outside the range its column holds ({dtype}: below 1E{38 - dtype.scale}, and 0 or at least 1E-{finest.scale})"
-        if source == pl.String:  # text such as "12,50": no decimal number
-            what = f"that are no decimal number (written like 1234.56) or {held}"
+        if not decimal:
+            what = "that are no timestamp (ISO 8601 text such as 2025-06-30T21:00:00Z, with an offset, or none for UTC)"
+        elif source == pl.String:  # text such as "12,50": no decimal number
+            what = f"that are no decimal number (written like 1234.56) or {_held(dtype, finest)}"
         elif isinstance(source, pl.Decimal):
-            what = held
+            what = _held(dtype, finest)
         else:
             finite = failed.filter(pl.col(name).is_finite()).height
             what = ("not a finite number (NaN or an infinity), which a decimal column cannot hold" if not finite
-                    else held if finite == failed.height
-                    else f"not a finite number or {held}")
+                    else _held(dtype, finest) if finite == failed.height
+                    else f"not a finite number or {_held(dtype, finest)}")
+        shown = str if decimal else repr  # a number as written, a text quoted
         raise BookError(file, f"{failed.height} value(s) {what}", column=name,
-                        examples=[f"row {row} (0-based): {name} {value} fails castable to {dtype}"
+                        examples=[f"row {row} (0-based): {name} {shown(value)} fails castable to {dtype}"
                                   for row, value in failed.head(5).select("_row", pl.col(name).cast(pl.String)).iter_rows()])
+
+
+def _held(dtype: pl.Decimal, finest: pl.Decimal) -> str:
+    return f"outside the range its column holds ({dtype}: below 1E{38 - dtype.scale}, and 0 or at least 1E-{finest.scale})"
 
 
 _NUMBER_CAST = re.compile(r"conversion from `(decimal|[iuf]\d+)")
@@ -295,7 +314,7 @@ def read_portfolio_rows(book_dir: str | Path, file: Path | None = None,
     if cases is not None:
         own = (cases["column"].is_in(_OWN_COLUMNS) & cases["index"].is_not_null()).fill_null(False)
         if not own.all():
-            raise_failures(cases.filter(~own), name)
+            raise_failures(cases.filter(~own), name, "portfolios")
         checked = _checked("portfolios", out, cases)
         failed = pl.concat([failed, checked])
         options = [option for option, _, _ in POLICY_COLUMNS]
@@ -457,7 +476,7 @@ def _isolate_row_faults(table: str, frame: pl.DataFrame, file: str) -> tuple[pl.
     cases = failure_cases(table, clean)
     if cases is not None:
         if cases["index"].null_count():  # not a row: the file itself is wrong
-            raise_failures(cases, file)
+            raise_failures(cases, file, table)
         failed = pl.concat([failed, _checked(table, clean, cases)])
         clean = clean.filter(~pl.col(key).is_in(failed["key"].implode()))
     return clean, failed.unique(maintain_order=True)

@@ -35,6 +35,9 @@ WEIGHT = pl.Decimal(38, 28)
 # and compares them in WEIGHT; the reference takes any value, and this range is far beyond
 # every meaningful one
 MAX_WEIGHT = Decimal(10) ** 9
+# the range of the staleness and skew limits (minutes), at the JSON door and in a book: 10^7
+# minutes is 19 years, past any meaningful limit
+MAX_MINUTES = 10**7
 # an amount's own 28 decimals where it has more than DEC keeps (a result's cash balance fed
 # back as the next snapshot's, below 1e10): the 28-digit sums start from every digit of it
 AMOUNT_28 = pl.Decimal(38, 28)

@@ -9,6 +9,8 @@ the engine blocks that portfolio and runs the others.
 
 from __future__ import annotations
 
+import json
+
 import pandera.polars as pa
 import polars as pl
 
@@ -16,7 +18,7 @@ from dpm_vec.book import LIQUIDITY_TIERS, POLICY_COLUMNS, SHELF_STATUSES, SNAPSH
 from dpm_vec.codes import ExitPath, RunStatus
 from dpm_vec.dec28 import F28, sign
 from dpm_vec.errors import BookError
-from dpm_vec.numeric import DEC, MAX_WEIGHT, QTY, WEIGHT
+from dpm_vec.numeric import DEC, MAX_MINUTES, MAX_WEIGHT, QTY, WEIGHT
 
 CCY = r"^[A-Z]{3}$"
 PAIR = r"^[A-Z]{3}/[A-Z]{3}$"
@@ -48,8 +50,8 @@ def _keyed(columns: dict[str, pa.Column], key: list[str]) -> pa.DataFrameSchema:
     """An input table's schema: its columns, and ``key`` unique (Pandera's own check for
     one column, ``unique_rows`` for several)."""
     if len(key) == 1:
-        return pa.DataFrameSchema(columns, unique=key)
-    return pa.DataFrameSchema(columns, checks=[unique_rows(key)])
+        return pa.DataFrameSchema(columns, unique=key, metadata={"key": key})
+    return pa.DataFrameSchema(columns, checks=[unique_rows(key)], metadata={"key": key})
 
 
 INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
@@ -70,6 +72,8 @@ INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
             "fx_sweep_threshold": pa.Column(DEC, checks=pa.Check.ge(0), nullable=True),
             "settlement_horizon_days": pa.Column(pl.Int32, checks=pa.Check.in_range(0, 10)),
             "fx_settlement_days": pa.Column(pl.Int32, checks=pa.Check.in_range(0, 10)),
+            "max_staleness_minutes": pa.Column(pl.Int32, checks=pa.Check.in_range(0, MAX_MINUTES), nullable=True),
+            "max_skew_minutes": pa.Column(pl.Int32, checks=pa.Check.in_range(0, MAX_MINUTES), nullable=True),
             "min_trade_notional_currency": _ccy(nullable=True),
         },
         ["run_key"],
@@ -145,22 +149,39 @@ def failure_cases(table: str, frame: pl.DataFrame) -> pl.DataFrame | None:
     return None
 
 
-def raise_failures(cases: pl.DataFrame, file: str) -> None:
-    """One ``BookError`` describing every failed check, with example rows."""
+_UNIQUENESS = "multiple_fields_uniqueness"
+
+
+def _example(case: dict, key: list[str]) -> str:
+    """A failure case as an example row: a repeated key by its key columns' values (Pandera
+    gives the whole row as JSON), another check by the failing value."""
+    if case["check"] == _UNIQUENESS:
+        try:
+            row = json.loads(case["failure_case"])
+            return f"row {case.get('index')} (0-based): " + ", ".join(f"{name} {row.get(name)!r}" for name in key)
+        except (TypeError, ValueError):
+            pass
+    return f"row {case.get('index')} (0-based): {case.get('column') or ''} {case['failure_case']!s:.120} fails {case['check']}"
+
+
+def raise_failures(cases: pl.DataFrame, file: str, table: str) -> None:
+    """One ``BookError`` describing every failed check of ``table``, with example rows."""
+    key = INPUT_SCHEMAS[table].metadata["key"]
     named = cases.with_columns(pl.col("column").cast(pl.String).fill_null("(row)"), pl.col("check").cast(pl.String))
     by_column = named.group_by("column", maintain_order=True).agg(pl.col("check").unique().sort())
     if by_column.height == 1:
         column = by_column["column"][0]
+        column = None if column == "(row)" else column  # a whole row's check: no column to name
         message = f"{cases.height} failed check(s): {', '.join(by_column['check'][0])}"
+        if by_column["check"][0].to_list() == [_UNIQUENESS]:
+            message = (f"{cases.height} rows share a key ({', '.join(key)}), which must be unique "
+                       f"({_UNIQUENESS}): a repeated row, or two values for one key")
     else:  # name every failing column, each with its own checks
         column = None
         message = f"{cases.height} failed check(s) in columns " + "; ".join(
             f"{c!r}: {', '.join(checks)}" for c, checks in by_column.iter_rows()
         )
-    examples = []
-    for row in cases.head(5).iter_rows(named=True):
-        index = row.get("index")
-        examples.append(f"row {index} (0-based): {row.get('column') or ''} {row['failure_case']!s:.120} fails {row['check']}")
+    examples = [_example(case, key) for case in cases.head(5).iter_rows(named=True)]
     raise BookError(file, message, column=column, examples=examples)
 
 
@@ -168,7 +189,7 @@ def check_table(table: str, frame: pl.DataFrame, file: str) -> None:
     """Validate a conformed table; raise one BookError describing every failed check."""
     cases = failure_cases(table, frame)
     if cases is not None:
-        raise_failures(cases, file)
+        raise_failures(cases, file, table)
 
 
 # Stage boundary schemas: what each stage promises the next, and the engine its users.

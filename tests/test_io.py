@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandera.polars as pa
 import polars as pl
+import pyarrow as pa_arrow
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -88,8 +90,86 @@ def test_bad_options_block_and_fall_back_to_defaults_but_identity_faults_raise(t
     assert rows["base_currency"].to_list()[1] == "sgd"  # not an option: kept as given, the run is blocked
 
     pl.concat([portfolios, portfolios.head(1)]).write_parquet(book / "portfolios.parquet")
-    with pytest.raises(BookError, match="multiple_fields_uniqueness|uniqueness"):
+    with pytest.raises(BookError, match=r"2 rows share a key \(run_key\), which must be unique .* row 3 \(0-based\): run_key 'P1'"):
         read_portfolio_rows(book)
+
+
+def test_a_repeated_key_is_named_by_its_key_columns(tmp_path):
+    """Two prices for one instrument: the message names the key's columns and each row's
+    key values, not a row's JSON cut at 120 characters."""
+    frames = generate_book_frames(3, 5, holdings=(2, 3))
+    prices = frames["prices"]
+    write_book({**frames, "prices": pl.concat([prices, prices.head(1).with_columns(pl.col("price") * 2)])}, tmp_path / "book")
+    with pytest.raises(BookError) as caught:
+        read_book(tmp_path / "book")
+    first = prices.row(0, named=True)
+    assert str(caught.value) == (
+        f"{tmp_path / 'book' / 'prices.parquet'}: 2 rows share a key (market_snapshot_id, instrument_id), which must be unique "
+        "(multiple_fields_uniqueness): a repeated row, or two values for one key; example rows: "
+        f"row 0 (0-based): market_snapshot_id {first['market_snapshot_id']!r}, instrument_id {first['instrument_id']!r}; "
+        f"row {prices.height} (0-based): market_snapshot_id {first['market_snapshot_id']!r}, instrument_id {first['instrument_id']!r}"
+    )
+
+
+@pytest.mark.parametrize("column", ["max_staleness_minutes", "max_skew_minutes"])
+def test_a_negative_time_limit_blocks_its_portfolio_as_at_the_json_door(tmp_path, column):
+    """-5 minutes is a 422 at the JSON door; in a book it used to block the portfolio as
+    stale or skewed ("more than -5 minutes") with no input fault."""
+    book = tmp_path / "book"
+    book.mkdir()
+    pl.DataFrame({
+        "portfolio_id": ["P1", "P2", "P3"], "base_currency": ["SGD"] * 3, "model_id": ["M"] * 3,
+        column: [-5, 10**7, 10**7 + 1],
+    }, schema_overrides={column: pl.Int32}).write_parquet(book / "portfolios.parquet")
+    rows, failed = read_portfolio_rows(book)
+    assert rows["input_fault"].to_list() == ["INVALID_PORTFOLIO", None, "INVALID_PORTFOLIO"]
+    assert failed.select("key", "input_column", "failed_check", "value").rows() == [
+        ("P1", column, "in_range(0, 10000000)", "-5"), ("P3", column, "in_range(0, 10000000)", "10000001")]
+
+
+def test_a_column_repeated_in_a_file_is_named(tmp_path):
+    frames = generate_book_frames(3, 5, holdings=(2, 3))
+    write_book(frames, tmp_path / "book")
+    file = tmp_path / "book" / "positions.parquet"
+    table = pq.read_table(file)
+    pq.write_table(pa_arrow.Table.from_arrays([*table.columns, table.column("instrument_id")],
+                                              names=[*table.column_names, "instrument_id"]), file)
+    with pytest.raises(BookError, match="positions.parquet: column\\(s\\) 'instrument_id' appear more than once; each column may appear once"):
+        read_book(tmp_path / "book")
+
+
+def test_keys_written_as_categories_read_as_text(tmp_path):
+    """pandas writes a category column as dictionary-encoded text, Polars a Categorical as
+    the same: the book reads as if written as plain text (a holdings table's snapshot ids
+    used to fail the shard's join with "datatypes of join keys don't match")."""
+    frames = generate_book_frames(20, 5, holdings=(2, 3))
+    write_book(frames, tmp_path / "plain")
+    coded = {table: frame.with_columns(pl.col(pl.String).cast(pl.Categorical)) for table, frame in frames.items()}
+    write_book(coded, tmp_path / "coded")
+    assert pq.read_schema(tmp_path / "coded" / "positions.parquet").field("portfolio_snapshot_id").type.value_type == "string"
+    expected, got = read_book(tmp_path / "plain").tables(), read_book(tmp_path / "coded").tables()
+    for table, frame in expected.items():
+        assert got[table].equals(frame, null_equal=True), table
+    from dpm_vec.sweep import sweep
+
+    sweep(tmp_path / "coded", tmp_path / "out", shard_size=7, progress=False)
+    sweep(tmp_path / "plain", tmp_path / "out_plain", shard_size=7, progress=False)
+    for table in ("runs", "intents"):
+        assert pl.read_parquet(tmp_path / "out" / table / "*.parquet").equals(pl.read_parquet(tmp_path / "out_plain" / table / "*.parquet"))
+
+
+def test_a_timestamp_text_that_is_no_timestamp_names_its_row(tmp_path):
+    frames = generate_book_frames(3, 5, holdings=(2, 3))
+    prices = frames["prices"].with_columns(pl.col("as_of").cast(pl.String))
+    prices = prices.with_columns(pl.when(pl.int_range(pl.len()) == 1).then(pl.lit("yesterday")).otherwise("as_of").alias("as_of"))
+    write_book({**frames, "prices": prices}, tmp_path / "book")
+    with pytest.raises(BookError) as caught:
+        read_book(tmp_path / "book")
+    assert str(caught.value) == (
+        f"{tmp_path / 'book' / 'prices.parquet'}, column 'as_of': 1 value(s) that are no timestamp (ISO 8601 text such as "
+        "2025-06-30T21:00:00Z, with an offset, or none for UTC); example rows: row 1 (0-based): as_of 'yesterday' fails "
+        "castable to Datetime(time_unit='us', time_zone='UTC')"
+    )
 
 
 def test_weight_options_beyond_the_weight_range_block_their_portfolio_as_at_the_json_door(tmp_path):

@@ -12,7 +12,7 @@ import json
 import math
 import re
 from collections.abc import Iterator
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 
 import polars as pl
 
@@ -560,8 +560,30 @@ def rows_to_book(rows: dict[str, list[dict]]) -> Book:
     frames = {}
     for table, table_rows in rows.items():
         schema = table_schema(table)
-        frames[table] = pl.DataFrame(table_rows, schema=schema, orient="row").select(list(schema)) if table_rows else pl.DataFrame(schema=schema)
+        frames[table] = (pl.DataFrame(_within_scale(table_rows, schema), schema=schema, orient="row").select(list(schema))
+                         if table_rows else pl.DataFrame(schema=schema))
     return make_book(**frames)
+
+
+_WIDE = Context(prec=80)  # room for any value the reader accepts, at any column's scale
+
+
+def _within_scale(rows: list[dict], schema: dict[str, pl.DataType]) -> list[dict]:
+    """``rows`` with each decimal that has more decimals than its column keeps rounded to
+    them, half-even, as Polars rounds one of up to 38 digits into the column; Polars refuses
+    a longer one ("Decimal is too large to fit in Decimal128": 1.000…0001 with 40 zeros)."""
+    scales = [(name, Decimal(1).scaleb(-dtype.scale), -dtype.scale) for name, dtype in schema.items() if isinstance(dtype, pl.Decimal)]
+    if not scales:
+        return rows
+    out = rows
+    for index, row in enumerate(rows):
+        long = [(name, unit) for name, unit, exponent in scales
+                if isinstance(row.get(name), Decimal) and row[name].as_tuple().exponent < exponent]
+        if long:
+            if out is rows:
+                out = list(rows)
+            out[index] = {**row, **{name: row[name].quantize(unit, rounding=ROUND_HALF_EVEN, context=_WIDE) for name, unit in long}}
+    return out
 
 
 def request_hash(request: dict) -> str:

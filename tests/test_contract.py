@@ -248,6 +248,30 @@ def test_cash_past_20_decimals_keeps_its_28_decimals_beside_the_amount():
                                               Decimal("0.1000000000000000000000000001")]
 
 
+def test_decimals_past_38_digits_are_rounded_to_the_engines_decimals_not_a_500():
+    """Polars refuses a Python Decimal of more than 38 digits ("Decimal is too large to fit
+    in Decimal128", a 500 for any field): such a value is rounded half-even to the decimals
+    its column keeps, as Polars rounds a shorter one, and answers as that value would."""
+    request = copy.deepcopy(REQUEST)
+    request["portfolio_snapshot"]["positions"] = [{"instrument_id": "US_EQ", "quantity": "10.0000000000000000000000000000000000000004"}]
+    request["portfolio_snapshot"]["cash_balances"].append({"currency": "USD", "amount": "10000000000.000000000000000000005000000000001"})
+    request["market_data_snapshot"]["prices"][0]["price"] = "12.3400000000000000000050000000000000000000001"
+    request["model_portfolio"]["targets"][0]["weight"] = "0.40000000000000000000000000015000000000000001"
+    rounded = copy.deepcopy(request)
+    rounded["portfolio_snapshot"]["positions"][0]["quantity"] = "10"
+    rounded["portfolio_snapshot"]["cash_balances"][-1]["amount"] = "10000000000.00000000000000000001"
+    rounded["market_data_snapshot"]["prices"][0]["price"] = "12.34000000000000000001"
+    rounded["model_portfolio"]["targets"][0]["weight"] = "0.4000000000000000000000000002"
+    book = rows_to_book(parse_request(request, "r0"))
+    assert book.cash.sort("seq")["amount"].to_list()[-1] == Decimal("10000000000.00000000000000000001")
+    assert book.prices["price"].to_list()[0] == Decimal("12.34000000000000000001")
+    assert book.models["weight"].to_list()[0] == Decimal("0.4000000000000000000000000002")
+    long, short = simulate_many([request, rounded])
+    assert "status" in long and long["status"] != 500
+    assert strip_random(long)["intents"] == strip_random(short)["intents"]
+    assert strip_random(long)["after_simulated"] == strip_random(short)["after_simulated"]
+
+
 def test_a_fed_back_balance_prints_as_it_came():
     """The before-state echoes a balance with the digits it was sent with, as the reference
     does, and so does an after-state whose balance no trade or FX moved."""

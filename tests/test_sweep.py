@@ -1103,6 +1103,10 @@ def test_an_fx_quote_whose_inverse_leaves_the_fixed_point_fails_only_who_reads_i
     runs = _read(tmp_path / "read_out", "runs")
     assert runs.filter(pl.col("block_reason") == "ENGINE_ERROR")["run_key"].to_list() == [victim]
     assert runs.height == frames["portfolios"].height
+    # named since the fifty-ninth session (until then "an intermediate value left the engine's fixed-point range")
+    assert runs.filter(pl.col("run_key") == victim)["block_detail"].item() == (
+        "ValueRangeError: the rate BBB to AAA, the inverse of the FX quote AAA/BBB at 0.00000000000000000001, is about 1.0E+20, "
+        "beyond the engine's fixed-point range (values under 1E18)")
 
 
 def test_a_trade_beyond_the_quantity_range_blocks_its_portfolio_only_if_it_survives_the_turnover_cap(tmp_path, monkeypatch):

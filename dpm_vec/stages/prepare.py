@@ -15,7 +15,7 @@ from dpm_vec import dec28
 from dpm_vec.book import Book
 from dpm_vec.frames import join_runs, sort_rows
 from dpm_vec.errors import ENGINE_FAILURES, is_overflow
-from dpm_vec.numeric import DEC, lit
+from dpm_vec.numeric import DEC, as_f64, lit, naming_overflows, units_text
 
 RUN = pl.UInt32
 SLOT = pl.UInt32
@@ -34,7 +34,7 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Market:
-    run_keys: pl.DataFrame  # run, market_snapshot_id, shelf_id, base_currency
+    run_keys: pl.DataFrame  # run, run_key, market_snapshot_id, shelf_id, base_currency
     prices: pl.DataFrame  # market_snapshot_id, instrument_id, price, price_currency, price_as_of
     fx: pl.DataFrame  # market_snapshot_id, fx_from, fx_to, fx_rate
     shelf: pl.DataFrame  # shelf_id, instrument_id, status, asset_class, ...
@@ -188,7 +188,15 @@ class Market:
             .otherwise(None)
             .cast(DEC)
         )
-        return keyed.with_columns(rate.alias(out)).drop("_direct", "_inverse", "_same", "_use_direct", "_use_inverse")
+
+        def rated() -> pl.DataFrame:
+            return keyed.with_columns(rate.alias(out)).drop("_direct", "_inverse", "_same", "_use_direct", "_use_inverse")
+
+        if "run" not in keyed.columns:  # the shard's table of pairs: an overflow there falls back to per-row look-ups
+            return rated()
+        inverted = pl.when(~pl.col("_same") & ~pl.col("_use_direct") & pl.col("_use_inverse")).then(1.0 / as_f64("_inverse"))
+        return naming_overflows(rated, keyed, self.run_keys, inverted, pl.format(
+            "the rate {} to {}, the inverse of the FX quote {}/{} at {},", from_col, to_col, to_col, from_col, units_text("_inverse")))
 
     def _rate_f28_rows(self, frame: pl.DataFrame, from_col: str, to_col: str, out: str) -> pl.DataFrame:
         keyed = self._rate_parts(frame, from_col, to_col).with_columns(
@@ -282,7 +290,7 @@ def prepare(book: Book) -> Prepared:
         .drop("seq")
     )
     market = Market(
-        run_keys=runs.select("run", "market_snapshot_id", "shelf_id", "base_currency"),
+        run_keys=runs.select("run", "run_key", "market_snapshot_id", "shelf_id", "base_currency"),
         one_market=runs["market_snapshot_id"].n_unique() == 1,
         one_shelf=runs["shelf_id"].n_unique() == 1,
         prices=prices,

@@ -187,8 +187,8 @@ def _accepts(dtype: pl.DataType, arrow: pa.DataType) -> bool:
         return text
     if isinstance(dtype, pl.Decimal):  # Polars reads decimals of up to 38 digits
         return text or (pa.types.is_decimal(arrow) and arrow.precision <= 38) or pa.types.is_integer(arrow) or pa.types.is_floating(arrow)
-    if dtype.is_integer():
-        return text or pa.types.is_integer(arrow)
+    if dtype.is_integer():  # floats of whole numbers too (pandas' integer column with missing values)
+        return text or pa.types.is_integer(arrow) or pa.types.is_floating(arrow)
     if dtype == pl.Boolean:
         return pa.types.is_boolean(arrow)
     if isinstance(dtype, pl.Datetime):  # text is read as ISO 8601 (book.cast_column)
@@ -215,21 +215,25 @@ def _conformed(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
 
 def _check_casts(table: str, frame: pl.DataFrame, file: str) -> None:
     """A float or a text of a decimal column that has no decimal value in it — NaN, an
-    infinity, "12,50", or a number beyond the column's range — or a text of a timestamp
-    column that is no ISO 8601 timestamp, as the file's fault, naming the rows (``conform``
+    infinity, "12,50", or a number beyond the column's range — a float of an integer
+    column that is no whole number, or a text of a timestamp column that is no ISO 8601
+    timestamp, as the file's fault, naming the rows (``conform``
     casts floats by their text and timestamps from text, ``book.cast_column``; a shard's
     reader sets such a row of one portfolio's data aside first, ``_uncastable``)."""
     for name, dtype in table_schema(table).items():
         source = frame.schema.get(name)
         decimal = isinstance(dtype, pl.Decimal) and source is not None and finer_than(source, dtype)
-        if not (decimal or (isinstance(dtype, pl.Datetime) and source == pl.String)):
+        whole = dtype.is_integer() and source is not None and source.is_float()
+        if not (decimal or whole or (isinstance(dtype, pl.Datetime) and source == pl.String)):
             continue
         finest = finest_unit(table, name, dtype) if decimal else None
         failed = frame.select(pl.col(name), cast_column(name, source, dtype, strict=False, finest=finest).alias("_cast")).with_row_index(
             "_row").filter(pl.col(name).is_not_null() & pl.col("_cast").is_null())
         if failed.height == 0:
             continue
-        if not decimal:
+        if whole:
+            what = f"that are no whole number within {dtype}'s range (an integer column stored as floats holds whole numbers)"
+        elif not decimal:
             what = "that are no timestamp (ISO 8601 text such as 2025-06-30T21:00:00Z, with an offset, or none for UTC)"
         elif source == pl.String:  # text such as "12,50": no decimal number
             what = f"that are no decimal number (written like 1234.56) or {_held(dtype, finest)}"
@@ -240,7 +244,7 @@ def _check_casts(table: str, frame: pl.DataFrame, file: str) -> None:
             what = ("not a finite number (NaN or an infinity), which a decimal column cannot hold" if not finite
                     else _held(dtype, finest) if finite == failed.height
                     else f"not a finite number or {_held(dtype, finest)}")
-        shown = str if decimal else repr  # a number as written, a text quoted
+        shown = str if decimal or whole else repr  # a number as written, a text quoted
         raise BookError(file, f"{failed.height} value(s) {what}", column=name,
                         examples=[f"row {row} (0-based): {name} {shown(value)} fails castable to {dtype}"
                                   for row, value in failed.head(5).select("_row", pl.col(name).cast(pl.String)).iter_rows()])

@@ -287,14 +287,16 @@ def test_a_cash_amount_may_be_as_small_as_1e_28(source):
 
 
 def test_a_book_written_with_floats_reads_as_the_decimal_book(tmp_path):
-    """Every decimal column of every table stored as float64 (what pandas writes): the
-    sample book reads to the very same frames."""
+    """Every decimal and integer column of every table stored as float64 (what pandas
+    writes, for an integer column with missing values too): the sample book reads to the
+    very same frames."""
     floats = tmp_path / "floats"
     floats.mkdir()
     for file in SAMPLE.glob("*.parquet"):
         frame = pl.read_parquet(file)
-        frame.with_columns(pl.col(pl.Decimal).cast(pl.Float64)).write_parquet(floats / file.name)
+        frame.with_columns(pl.col(pl.Decimal, pl.Int32).cast(pl.Float64)).write_parquet(floats / file.name)
     assert pl.read_parquet(floats / "positions.parquet").schema["quantity"] == pl.Float64
+    assert pl.read_parquet(floats / "shelf.parquet").schema["settlement_days"] == pl.Float64
     expected, got = read_book(SAMPLE).tables(), read_book(floats).tables()
     for table, frame in expected.items():
         assert got[table].equals(frame, null_equal=True), table
@@ -329,6 +331,27 @@ def test_a_float_without_a_decimal_value_is_a_row_fault_or_the_files_fault(tmp_p
 
 
 # --- unknown columns, unknown files, rows of no portfolio
+
+def test_a_float_of_an_integer_column_must_be_whole(tmp_path):
+    """2.5 settlement days: a row fault of the portfolio whose option it is, else the
+    file's fault naming the row (it used to refuse any float column, whole or not)."""
+    frames = generate_book_frames(3, 5, holdings=(2, 3))
+    portfolios = frames["portfolios"].with_columns(pl.Series("settlement_horizon_days", [3.0, 2.5, None]))
+    write_book({**frames, "portfolios": portfolios}, tmp_path / "book")
+    rows, failed = read_portfolio_rows(tmp_path / "book")
+    assert rows["input_fault"].to_list() == [None, "INVALID_PORTFOLIO", None]
+    assert rows["settlement_horizon_days"].to_list() == [3, 5, 5]  # the default stands in, and for null
+    assert failed.select("input_column", "failed_check", "value").rows() == [("settlement_horizon_days", "castable to Int32", "2.5")]
+    shelf = frames["shelf"].with_columns(pl.col("settlement_days").cast(pl.Float64))
+    write_book({**frames, "shelf": shelf.with_columns(pl.when(pl.int_range(pl.len()) == 2).then(1e12).otherwise("settlement_days").alias("settlement_days"))},
+               tmp_path / "shelf")
+    with pytest.raises(BookError) as caught:
+        read_book(tmp_path / "shelf")
+    assert str(caught.value) == (
+        f"{tmp_path / 'shelf' / 'shelf.parquet'}, column 'settlement_days': 1 value(s) that are no whole number within Int32's range "
+        "(an integer column stored as floats holds whole numbers); example rows: row 2 (0-based): settlement_days 1000000000000.0 "
+        "fails castable to Int32")
+
 
 def test_an_unknown_portfolios_column_is_an_error_with_a_hint(tmp_path):
     """A misspelt policy column would drop the policy for the whole book: it is named,

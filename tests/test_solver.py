@@ -425,6 +425,21 @@ def test_project_exact_on_non_decimal_inputs():
     assert w == [Fraction(1, 10), Fraction(1, 10), Fraction(4, 5)]
 
 
+@pytest.mark.parametrize("model", [10**3, 10**6, 10**9])
+def test_large_model_weights_project_onto_the_group_cap(model):
+    """Model weights are not validated (the reference takes 1e6): one of 1e6 under a group
+    cap of 0.2 projects to 0.2, as for 1e3. NNLS on the unscaled least-distance problem
+    returned a wrong float optimum from 1e6 on, and the run got 0 and no trade."""
+    assert project_exact([Fraction(model)], Fraction(0), Fraction(1), None, [([0], Fraction(1, 5))]) == [Fraction(1, 5)]
+    assert project_exact([Fraction(model), Fraction(model), Fraction(1, 2)], Fraction(0), Fraction(1), None,
+                         [([0, 1], Fraction(1, 5))]) == [Fraction(1, 10), Fraction(1, 10), Fraction(1, 2)]
+    req = request({"A": str(model)}, attrs={"A": {"sector": "TECH"}}, options={"group_constraints": {"sector:TECH": {"max_weight": "0.2"}}})
+    market, runs, wm, model_frame, gc = frames([req])
+    w, st, _ = solve_targets(market, runs, wm, model_frame, gc)
+    assert status_of(st) == "READY" and weights_of(w) == {"A": D("0.2")}
+    assert [t["final_weight"] for t in oracle.simulate(req)["target"]["targets"]] == ["0.2000"]
+
+
 def test_grouped_solve_keeps_every_digit_of_28_dp_weights():
     """A SELL_ONLY-redistributed map weight carries 28 decimals; the grouped path must not
     round it to DEC's 20 first: 0.12345 + 1e-28 rounds up to 0.1235, 0.12345 to 0.1234."""

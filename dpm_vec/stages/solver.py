@@ -479,7 +479,10 @@ def _project_scaled(
         b[k0 + j] = bound / scale  # int / int: correctly rounded, as float(Fraction) is
     cf = np.array([x / scale for x in c])
     G, h = -A, A @ cf - b
-    E = np.vstack([G.T, h[None, :]])
+    # the least-distance problem scales: x solves it for h exactly when x / s does for h / s,
+    # so h is brought to magnitude 1 (model weights of 1e6 left NNLS a wrong optimum)
+    s = max(1.0, float(np.abs(h).max(initial=0.0)))
+    E = np.vstack([G.T, h[None, :] / s])
     f = np.zeros(n + 1)
     f[n] = 1.0
     from scipy.optimize import nnls  # imported here: only portfolios with group caps need it
@@ -490,7 +493,7 @@ def _project_scaled(
     if rnorm <= 1e-9:
         return None
     r = E @ u - f
-    wf = cf - r[:n] / r[n]
+    wf = cf - s * r[:n] / r[n]
     ua = u[k0:]
     slack = np.array([bound / scale - sign * wf[idx].sum() for idx, sign, bound in agg])
     scale_u = max(1.0, float(np.abs(ua).max(initial=0.0)))

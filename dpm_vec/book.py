@@ -247,10 +247,13 @@ def cast_column(name: str, source: pl.DataType, dtype: pl.DataType, strict: bool
     ``strict``). A timestamp may be ISO 8601 text (``2025-06-30T21:00:00Z``, an offset, or
     none for UTC). A value that is not 0 must reach the smallest unit of ``finest``
     (default ``dtype``). An integer column may be floats of whole numbers; any other
-    float (2.5, NaN, one beyond the type's range) is null, for the reader to name."""
+    float (2.5, NaN, one beyond the type's range) is null, for the reader to name. A flag
+    may be the integers 0 and 1; any other integer is null."""
     column = pl.col(name)
     if dtype.is_integer() and source.is_float():  # pandas writes an integer column with missing values as float64
         return pl.when(column.is_finite() & (column == column.floor())).then(column.cast(dtype, strict=False))
+    if dtype == BOOL and source.is_integer():  # a flag exported as 0/1 (a database's bit column)
+        return pl.when(column.is_in([0, 1])).then(column == 1)
     if isinstance(dtype, pl.Decimal) and source.is_float():
         column = column.cast(STR)  # Polars writes the shortest text that reads back as the same float
     if isinstance(dtype, pl.Datetime) and source == STR:  # ISO 8601 text, an offset or Z, else UTC

@@ -189,8 +189,8 @@ def _accepts(dtype: pl.DataType, arrow: pa.DataType) -> bool:
         return text or (pa.types.is_decimal(arrow) and arrow.precision <= 38) or pa.types.is_integer(arrow) or pa.types.is_floating(arrow)
     if dtype.is_integer():  # floats of whole numbers too (pandas' integer column with missing values)
         return text or pa.types.is_integer(arrow) or pa.types.is_floating(arrow)
-    if dtype == pl.Boolean:
-        return pa.types.is_boolean(arrow)
+    if dtype == pl.Boolean:  # or 0/1 integers (a database's bit column)
+        return pa.types.is_boolean(arrow) or pa.types.is_integer(arrow)
     if isinstance(dtype, pl.Datetime):  # text is read as ISO 8601 (book.cast_column)
         return text or pa.types.is_timestamp(arrow) or pa.types.is_date(arrow)
     return True
@@ -214,24 +214,27 @@ def _conformed(table: str, frame: pl.DataFrame, file: str) -> pl.DataFrame:
 
 
 def _check_casts(table: str, frame: pl.DataFrame, file: str) -> None:
-    """A float or a text of a decimal column that has no decimal value in it — NaN, an
-    infinity, "12,50", or a number beyond the column's range — a float of an integer
-    column that is no whole number, or a text of a timestamp column that is no ISO 8601
-    timestamp, as the file's fault, naming the rows (``conform``
-    casts floats by their text and timestamps from text, ``book.cast_column``; a shard's
-    reader sets such a row of one portfolio's data aside first, ``_uncastable``)."""
+    """A value that does not cast to its column, as the file's fault, naming the rows: a
+    float or a text of a decimal column with no decimal value in it (NaN, an infinity,
+    "12,50", a number beyond the column's range), a float of an integer column that is no
+    whole number, an integer of a flag column other than 0 and 1, a text of a timestamp
+    column that is no ISO 8601 timestamp (``book.cast_column`` casts each; a shard's reader
+    sets such a row of one portfolio's data aside first, ``_uncastable``)."""
     for name, dtype in table_schema(table).items():
         source = frame.schema.get(name)
         decimal = isinstance(dtype, pl.Decimal) and source is not None and finer_than(source, dtype)
         whole = dtype.is_integer() and source is not None and source.is_float()
-        if not (decimal or whole or (isinstance(dtype, pl.Datetime) and source == pl.String)):
+        flag = dtype == pl.Boolean and source is not None and source.is_integer()
+        if not (decimal or whole or flag or (isinstance(dtype, pl.Datetime) and source == pl.String)):
             continue
         finest = finest_unit(table, name, dtype) if decimal else None
         failed = frame.select(pl.col(name), cast_column(name, source, dtype, strict=False, finest=finest).alias("_cast")).with_row_index(
             "_row").filter(pl.col(name).is_not_null() & pl.col("_cast").is_null())
         if failed.height == 0:
             continue
-        if whole:
+        if flag:
+            what = "that are no flag (true or false, or the integers 1 and 0)"
+        elif whole:
             what = f"that are no whole number within {dtype}'s range (an integer column stored as floats holds whole numbers)"
         elif not decimal:
             what = "that are no timestamp (ISO 8601 text such as 2025-06-30T21:00:00Z, with an offset, or none for UTC)"
@@ -244,7 +247,7 @@ def _check_casts(table: str, frame: pl.DataFrame, file: str) -> None:
             what = ("not a finite number (NaN or an infinity), which a decimal column cannot hold" if not finite
                     else _held(dtype, finest) if finite == failed.height
                     else f"not a finite number or {_held(dtype, finest)}")
-        shown = str if decimal or whole else repr  # a number as written, a text quoted
+        shown = str if decimal or whole or flag else repr  # a number as written, a text quoted
         raise BookError(file, f"{failed.height} value(s) {what}", column=name,
                         examples=[f"row {row} (0-based): {name} {shown(value)} fails castable to {dtype}"
                                   for row, value in failed.head(5).select("_row", pl.col(name).cast(pl.String)).iter_rows()])

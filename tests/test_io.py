@@ -353,6 +353,20 @@ def test_a_float_of_an_integer_column_must_be_whole(tmp_path):
         "fails castable to Int32")
 
 
+def test_flags_exported_as_0_and_1_read_as_booleans(tmp_path):
+    """A database's bit column: 1 and 0 read as true and false (they refused the whole
+    book); 2 is a row fault of its portfolio, the option's default standing in."""
+    frames = generate_book_frames(3, 5, holdings=(2, 3))
+    portfolios = frames["portfolios"].with_columns(pl.Series("enable_tax_awareness", [1, 0, 2], dtype=pl.Int8),
+                                                   pl.Series("allow_restricted", [None, 1, 0], dtype=pl.Int64))
+    write_book({**frames, "portfolios": portfolios}, tmp_path / "book")
+    rows, failed = read_portfolio_rows(tmp_path / "book")
+    assert rows["enable_tax_awareness"].to_list() == [True, False, False]
+    assert rows["allow_restricted"].to_list() == [False, True, False]  # null: the default
+    assert rows["input_fault"].to_list() == [None, None, "INVALID_PORTFOLIO"]
+    assert failed.select("input_column", "failed_check", "value").rows() == [("enable_tax_awareness", "castable to Boolean", "2")]
+
+
 def test_an_unknown_portfolios_column_is_an_error_with_a_hint(tmp_path):
     """A misspelt policy column would drop the policy for the whole book: it is named,
     with the column it was meant to be."""

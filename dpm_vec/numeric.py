@@ -231,12 +231,9 @@ def name_sums_beyond_range(column: str, frames: list[pl.DataFrame], runs: pl.Dat
     a stage sums them: Polars' grouped decimal sum wraps silently past its 128 bits (about
     1.7E18) and holds a sum past 38 digits unchecked. Per run only where
     ``sums_may_leave_range``, so almost never."""
-    if not sums_may_leave_range(column, *frames):
-        return
-    gross = pl.concat([frame.select("run", as_f64(column).abs().alias("_gross")) for frame in frames]).group_by("run").agg(pl.col("_gross").sum())
-    beyond = value_range_error(runs.select("run").join(gross, on="run", how="inner", maintain_order="left"), runs, pl.col("_gross"), pl.lit(what))
-    if beyond is not None:
-        raise beyond
+    if sums_may_leave_range(column, *frames):
+        magnitudes = pl.concat([frame.select("run", as_f64(column).abs().alias("_magnitude")) for frame in frames])
+        _name_run_sums(magnitudes, runs, pl.col("_magnitude"), pl.lit(what), DEC_RANGE, DEC_RANGE_TEXT)
 
 
 def name_weight_sums_beyond_range(frame: pl.DataFrame, runs: pl.DataFrame, magnitude: pl.Expr, what: pl.Expr) -> None:
@@ -244,8 +241,15 @@ def name_weight_sums_beyond_range(frame: pl.DataFrame, runs: pl.DataFrame, magni
     Float64 expression over ``frame``'s rows: run, ...) adds up to ``WEIGHT_RANGE`` or
     more; ``what`` (text over the run's first row) names the sum. The caller checks first
     that the row count times the largest magnitude can reach the limit (almost never)."""
-    sums = frame.with_columns(magnitude.sum().over("run").alias("_sum"))
-    beyond = value_range_error(sums, runs, pl.col("_sum"), what, WEIGHT_RANGE, WEIGHT_SUMS_TEXT)
+    _name_run_sums(frame, runs, magnitude, what, WEIGHT_RANGE, WEIGHT_SUMS_TEXT)
+
+
+def _name_run_sums(frame: pl.DataFrame, runs: pl.DataFrame, magnitude: pl.Expr, what: pl.Expr, limit: float, range_text: str) -> None:
+    """Raise the ValueRangeError naming every run (in ``runs`` order) whose ``magnitude``
+    over ``frame``'s rows adds up to ``limit`` or more, ``what`` over its first row."""
+    sums = frame.group_by("run", maintain_order=True).agg(magnitude.sum().alias("_sum"), what.first().alias("_what"))
+    beyond = value_range_error(runs.select("run").join(sums, on="run", how="inner", maintain_order="left"), runs, pl.col("_sum"),
+                               pl.col("_what"), limit, range_text)
     if beyond is not None:
         raise beyond
 

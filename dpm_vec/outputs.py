@@ -41,13 +41,15 @@ def output_tables(result: Result, tables: tuple[str, ...] = OUTPUT_TABLES) -> di
         raise ValueError(f"unknown output table(s) {unknown}; expected some of {list(OUTPUT_TABLES)}")
     keys = result.runs.select("run", "run_key")
 
-    def keyed(frame: pl.DataFrame, *sort: str) -> pl.DataFrame:
-        """Rows keyed by run_key in list order; internal sequence numbers (which depend
-        on how the book was sliced) become 0-based positions within the run."""
+    def keyed(frame: pl.DataFrame, *sort: str, sequence: bool = True) -> pl.DataFrame:
+        """Rows keyed by run_key in list order; the last sort key, when it is an internal
+        sequence number (which depends on how the book was sliced), becomes the row's
+        0-based position within the run."""
         out = sort_rows(join_runs(frame, keys), "run", *sort)
         out = out.select("run", "run_key", pl.exclude("run", "run_key"))
-        order = sort[-1]
-        return out.with_columns(position_in_run().alias(order)).drop("run")
+        if sequence:
+            out = out.with_columns(position_in_run().alias(sort[-1]))
+        return out.drop("run")
 
     builders = {
         "runs": lambda: _runs_table(result),
@@ -62,7 +64,7 @@ def output_tables(result: Result, tables: tuple[str, ...] = OUTPUT_TABLES) -> di
         "exclusions": lambda: keyed(result.exclusions, "excl_order"),
         "targets": lambda: keyed(result.targets.drop("in_model"), "trace_order"),
         "events": lambda: _events_table(result, keys),
-        "cash_ladder": lambda: keyed(result.cash_ladder, "currency", "date_offset"),
+        "cash_ladder": lambda: keyed(result.cash_ladder, "currency", "date_offset", sequence=False),
     }
     return {name: builders[name]() for name in OUTPUT_TABLES if name in tables}
 

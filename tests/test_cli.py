@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 import shutil
 import subprocess
 import sys
@@ -113,6 +114,15 @@ def test_import_requests_then_sweep_matches_the_batch(tmp_path):
     assert runs["dq_count"].to_list() == [sum(map(len, r["diagnostics"]["data_quality"].values())) for r in batch]
     assert runs["security_intent_count"].to_list() == [sum(i["intent_type"] == "SECURITY_TRADE" for i in r["intents"]) for r in batch]
     assert runs["fx_intent_count"].to_list() == [sum(i["intent_type"] == "FX_SPOT" for i in r["intents"]) for r in batch]
+    # the settlement ladder's points are the JSON's, day for day (two currencies in ext_06)
+    ladder = pl.read_parquet(tmp_path / "out" / "cash_ladder" / "*.parquet")
+    points = {key: [] for key in runs["run_key"]}
+    for row in ladder.iter_rows(named=True):
+        points.setdefault(row["run_key"], []).append((row["currency"], row["date_offset"], round(row["projected_balance"], 2)))
+    printed = [sorted((p["currency"], p["date_offset"], round(Decimal(str(p["projected_balance"])), 2)) for p in r["diagnostics"]["cash_ladder"])
+               for r in batch]
+    assert [points[key] for key in runs["run_key"]] == printed
+    assert max(len({c for c, _, _ in p}) for p in printed) == 2
 
 
 def test_generate_is_deterministic(tmp_path):

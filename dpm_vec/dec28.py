@@ -212,13 +212,32 @@ def neg_parts(a: Parts) -> Parts:
 
 
 def add_parts(a: Parts, b: Parts) -> Parts:
+    """a + b, rounded once. The larger operand's mantissa is scaled by 10^9, the smaller's
+    by 10^(9 − d) for the exponent gap d: exact up to d = 9. Beyond, the smaller one's digits
+    past scale 28 are cut and its last kept digit made odd where any was cut (rounding to
+    odd): with the nine guard digits that leaves, the one 28-digit rounding of the sum
+    sees the same side of a tie as the exact sum would (1 + 5.0…01E-28 rounds up)."""
     a_big = (a.k >= b.k) | (b.z == _ONE["0"])
     big, small = where(a_big, a, b), where(a_big, b, a)
-    # 10^(9 − d) for the exponent gap d clipped to [0, 40]: 10^9 for d ≤ 0, 10^-28 (the
-    # table's floor) from d = 37
-    s = big.z * _ONE["1e9"] + small.z * _pow28(_full(a.z.len(), 9, pl.Int32) - (big.k - small.k))
-    summed = _normalise(s, big.k - 9)
+    gap = big.k - small.k
+    near = gap <= 9
+    shifted = small.z * _pow28(_full(a.z.len(), 9, pl.Int32) - gap, 0, 9)
+    if not near.all():
+        shifted = _where(near, shifted, _from_mantissa(_to_odd(small.z.to_physical(), (gap - 9).clip(0, 29))))
+    summed = _normalise(big.z * _ONE["1e9"] + shifted, big.k - 9)
     return where(a.z == _ONE["0"], b, where(b.z == _ONE["0"], a, summed))
+
+
+def _to_odd(m: pl.Series, digits: pl.Series) -> pl.Series:
+    """Int128 ``m`` with its last ``digits`` (0-29) digits cut, towards zero, and the last
+    digit kept made odd where a cut digit was not 0."""
+    negative = m < _I128_0
+    size = _where(negative, _I128_0 - m, m)
+    unit = _POW_I128.gather(digits)
+    whole = size // unit
+    inexact = (size != whole * unit) & (whole - (whole // _I128_2) * _I128_2 == _I128_0)
+    odd = whole + inexact.cast(pl.Int128)
+    return _where(negative, _I128_0 - odd, odd)
 
 
 def sub_parts(a: Parts, b: Parts) -> Parts:
@@ -292,7 +311,7 @@ def group_sums(df: pl.DataFrame, group: str, value: str, out: str) -> pl.DataFra
 
 
 _POW_I128 = pl.Series("pow", [10**j for j in range(30)], dtype=pl.Int128)
-_I128_0 = pl.Series([0], dtype=pl.Int128)
+_I128_0, _I128_2 = pl.Series([0], dtype=pl.Int128), pl.Series([2], dtype=pl.Int128)
 _MANTISSA_LOW, _MANTISSA_HIGH = pl.Series([10**27], dtype=pl.Int128), pl.Series([10**28], dtype=pl.Int128)
 _D28_UNIT = pl.Series([Decimal("1e-28")], dtype=D28)
 

@@ -214,6 +214,43 @@ def test_add_keeps_a_tiny_difference_of_near_equal_values():
     assert out[1] == Decimal("1E-28")
 
 
+def _f28(x: Decimal) -> dict:
+    return {"z": x.scaleb(-x.adjusted() - 1), "k": x.adjusted() + 1}
+
+
+# a 28-digit mantissa and an addend 9-40 decades below it whose digits sit at, just past or
+# just short of half a unit of the sum's 28th digit: where a cut before the sum's rounding
+# would make a tie that the exact sum does not have
+far_pairs = st.builds(
+    lambda head, sign, gap, tail, below: (
+        Decimal(head).scaleb(-27),
+        sign * (Decimal(5) + Decimal(tail).scaleb(-below)).scaleb(-gap),
+    ),
+    # a gap of 28: the addend's 5 is half a unit of the 1-10 mantissa's 28th digit
+    st.integers(10**27, 10**28 - 1), st.sampled_from([1, -1]), st.one_of(st.sampled_from([27, 28, 29]), st.integers(9, 40)),
+    st.sampled_from([0, 1, -1, 7, 10**27 - 1]), st.integers(1, 27),
+)
+
+
+@SETTINGS
+@given(st.lists(far_pairs, min_size=1, max_size=30))
+def test_add_rounds_once_across_a_wide_exponent_gap(pairs):
+    pairs = [(a, CTX.plus(b)) for a, b in pairs]  # the addend as the reference holds it: 28 digits
+    df = pl.DataFrame({"af": [_f28(a) for a, _ in pairs], "bf": [_f28(b) for _, b in pairs]}, schema={"af": dec28.F28, "bf": dec28.F28})
+    out = [_exact(v) for v in dec28.add(df, "af", "bf", "s")["s"].to_list()]
+    assert out == [CTX.add(a, b) for a, b in pairs]
+    flipped = [_exact(v) for v in dec28.add(df, "bf", "af", "s")["s"].to_list()]
+    assert flipped == out
+
+
+def test_add_sees_digits_past_the_sum_at_a_would_be_tie():
+    """1 + 5.000000000000000000000000001E-28: past half a unit of the sum's last digit, so
+    it rounds up; cutting the addend at 28 decimals first made it a tie, which rounded down."""
+    a, b = Decimal(1), Decimal("5.000000000000000000000000001E-28")
+    df = pl.DataFrame({"af": [_f28(a)], "bf": [_f28(b)]}, schema={"af": dec28.F28, "bf": dec28.F28})
+    assert _exact(dec28.add(df, "af", "bf", "s")["s"][0]) == Decimal("1.000000000000000000000000001") == CTX.add(a, b)
+
+
 def test_empty_columns_stay_empty():
     """Constants broadcast against the operands: an empty column must not become one row."""
     df = pl.DataFrame({"a": [], "b": []}, schema={"a": DEC, "b": DEC})

@@ -52,6 +52,7 @@ def plan_fx(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_inp
         .agg(pl.col("flow").sum().alias("balance"), pl.col("ccy_order").min())
         .join(policy, on="run", how="left")
         .filter(pl.col("currency") != pl.col("base_currency"))
+        .sort("run", "ccy_order")  # the order a range error names them in
     )
     projected = market.with_rate(projected, "currency", "base_currency", "rate")
     fx_missing = dq.findings(

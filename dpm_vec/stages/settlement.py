@@ -66,7 +66,7 @@ def cash_ladder(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_
         .with_columns(pl.col("flow").fill_null(lit(0)), pl.col("_touch").fill_null(False))
         .sort("run", "currency", "date_offset")
         .with_columns(pl.col("flow").cum_sum().over("run", "currency").alias("projected_balance"))
-        .join(overdrafts.select("run", "currency", "max_overdraft"), on=["run", "currency"], how="left")
+        .join(overdrafts.select("run", "currency", "max_overdraft"), on=["run", "currency"], how="left", maintain_order="left")
         .with_columns((-pl.col("max_overdraft").fill_null(lit(0))).alias("allowed_floor"))
     )
     # where a tax-limited sell's 28-digit notional or an FX amount over an inexact rate takes

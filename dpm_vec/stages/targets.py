@@ -920,7 +920,7 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
             .otherwise(pl.col("weight")).alias("_new"),
         )
         act = w.filter(active)
-        per_run = act.group_by("run").agg(
+        per_run = act.group_by("run", maintain_order=True).agg(
             pl.col("constraint_key").first(), pl.col("_G").first(), pl.col("max_weight").first(),
             pl.col("_excess").first(), pl.col("_C").first(),
         )

@@ -278,6 +278,12 @@ def test_group_caps_change_only_their_own_runs(scenario):
     assert sorted(s.targets.group_events["run"].to_list()) == [0, 2]
 
 
+def test_group_events_come_in_run_order(scenario):
+    """One event per capped run, in run order whatever the hash order of a group-by."""
+    s = _sector(scenario, runs=[dict(groups={"sector:TECH": f"0.{20 + i % 7}"}) for i in range(300)])
+    assert s.targets.group_events["run"].to_list() == list(range(300))
+
+
 def test_group_cap_recipients_include_zero_shares(scenario):
     """Recipients are every buyable outside the group, in map order, zero shares included."""
     s = scenario(

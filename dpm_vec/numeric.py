@@ -165,8 +165,8 @@ def to_text(value: Decimal | None) -> str | None:
 
 def units_text(units: pl.Expr | str) -> pl.Expr:
     """A decimal number of units (an expression or a column's name) as text without
-    trailing zeros (25000000000, 100.5)."""
-    return (pl.col(units) if isinstance(units, str) else units).cast(pl.String).str.replace(r"\.?0+$", "")
+    trailing zeros after its decimal point (25000000000, 100.5, 0)."""
+    return (pl.col(units) if isinstance(units, str) else units).cast(pl.String).str.replace(r"(\.[0-9]*[1-9])0+$|\.0+$", "${1}")
 
 
 def quantity_range_error(trades: pl.DataFrame, runs: pl.DataFrame, units: str, tail: pl.Expr | None = None) -> QuantityRangeError:

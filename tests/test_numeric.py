@@ -7,8 +7,8 @@ import polars as pl
 import pytest
 
 from dpm_vec.errors import ValueRangeError
-from dpm_vec.numeric import (DEC, largest_magnitude, name_weight_sums_beyond_range, naming_overflows, scientific_text, sums_may_leave_range, value_range_error,
-                             within)
+from dpm_vec.numeric import (DEC, largest_magnitude, name_weight_sums_beyond_range, naming_overflows, scientific_text, sums_may_leave_range, units_text,
+                             value_range_error, within)
 
 RUNS = pl.DataFrame({"run": [0, 1, 2], "run_key": ["PF_A", "PF_B", "PF_C"]})
 
@@ -25,6 +25,16 @@ def _estimate() -> pl.Expr:
 def test_scientific_text_keeps_four_significant_digits():
     values = pl.DataFrame({"x": [1.0549999999999999e18, 9.9996e20, 2.5e-7, -3e18]})
     assert values.select(scientific_text(pl.col("x"))).to_series().to_list() == ["1.055E+18", "1.0E+21", "2.5E-7", "-3.0E+18"]
+
+
+@pytest.mark.parametrize("dtype, values, expected", [
+    (DEC, ["100", "0", "-2500", "100.5", "-12.3400", "0.001"], ["100", "0", "-2500", "100.5", "-12.34", "0.001"]),
+    (pl.Decimal(10, 3), ["100", "0", "-2500", "100.5", "0.001"], ["100", "0", "-2500", "100.5", "0.001"]),
+    (pl.Decimal(38, 0), ["100", "0", "-2500", "10"], ["100", "0", "-2500", "10"]),  # no point: every zero is a digit
+])
+def test_units_text_drops_only_the_zeros_after_the_decimal_point(dtype, values, expected):
+    frame = pl.DataFrame({"q": [Decimal(v) for v in values]}, schema={"q": dtype})
+    assert frame.select(units_text("q"))["q"].to_list() == expected
 
 
 def test_an_overflow_names_each_run_beyond_the_range_with_its_own_first_value():

@@ -33,7 +33,7 @@ from fractions import Fraction
 import numpy as np
 import polars as pl
 
-from dpm_vec.numeric import DEC, WEIGHT, dabs, lit
+from dpm_vec.numeric import DEC, WEIGHT, dabs, lit, units_text
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import TARGET_STAGE_ORDER, WARNINGS_SCHEMA, warnings_frame
 
@@ -678,7 +678,7 @@ def compare_methods(
         .join(differing, on="run", how="left")
         .join(alt_warn, on="run", how="left")
         .with_columns(
-            _decimal_text(pl.col("_tol")).alias("tolerance"),
+            units_text(pl.col("_tol")).alias("tolerance"),
             pl.col("differing_instruments").fill_null(pl.lit([], dtype=pl.List(pl.String))),
             pl.col("alternate_warnings").fill_null(pl.lit([], dtype=pl.List(pl.String))),
         )
@@ -697,10 +697,3 @@ def compare_methods(
     ]).sort("run", "w_order")
     return comparison, warnings
 
-
-def _decimal_text(x: pl.Expr) -> pl.Expr:
-    """DEC → plain decimal text without trailing zeros ("0.0001", "1", "0")."""
-    t = x.cast(pl.String)
-    stripped = t.str.replace(r"0+$", "").str.replace(r"\.$", "")
-    out = pl.when(t.str.contains(r"\.")).then(stripped).otherwise(t)
-    return pl.when(out.is_in(["", "-0"])).then(pl.lit("0")).otherwise(out)

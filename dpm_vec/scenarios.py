@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from dpm_vec.analyze import SCENARIO_NAME
-from dpm_vec.book import POLICY_COLUMNS, conform, table_schema
+from dpm_vec.book import POLICY_COLUMNS, table_schema
 from dpm_vec.contract import OPTION_NAMES, _Reader, parse_options
 from dpm_vec.errors import DpmVecError
 
@@ -69,7 +69,9 @@ def load_scenarios(path: str | Path) -> dict[str, dict]:
 
 def expand(portfolios: pl.DataFrame, group_constraints: pl.DataFrame, overdrafts: pl.DataFrame,
            scenarios: dict[str, dict]) -> dict[str, pl.DataFrame]:
-    """Portfolios × scenarios (scenario order = name order, portfolios in book order)."""
+    """Portfolios × scenarios (scenario order = name order, portfolios in book order).
+    The limit tables' book values are kept as the book gives them: each shard checks them
+    row by row, as without scenarios, so a bad value blocks only its portfolio's runs."""
     policy_names = {name for name, _, _ in POLICY_COLUMNS}
     out = {"portfolios": [], "group_constraints": [], "overdraft_limits": []}
     for index, name in enumerate(sorted(scenarios)):
@@ -98,8 +100,7 @@ def expand(portfolios: pl.DataFrame, group_constraints: pl.DataFrame, overdrafts
     portfolios_out = pl.concat(out["portfolios"]).sort("seq").drop("seq")
     return {
         "portfolios": portfolios_out,
-        **{t: conform(t, pl.concat(frames, how="diagonal_relaxed")).drop("seq") if frames else None
-           for t, frames in out.items() if t != "portfolios"},
+        **{t: pl.concat(frames, how="diagonal_relaxed") if frames else None for t, frames in out.items() if t != "portfolios"},
     }
 
 

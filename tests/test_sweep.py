@@ -549,6 +549,31 @@ def test_bad_option_values_block_their_portfolio(tmp_path):
     assert not (tmp_path / "repeated_out").exists()
 
 
+def test_a_bad_limit_under_scenarios_blocks_only_the_runs_that_read_it(tmp_path):
+    """A group constraint that does not cast blocks its portfolio under every scenario that
+    reads the book's limits, as without scenarios; a scenario giving its own limits does not
+    read it. Before, the whole what-if sweep stopped with a bare Polars cast error."""
+    frames = generate_book_frames(30, 5, holdings=(4, 8))
+    limits = frames["group_constraints"]
+    victim = limits["run_key"][0]
+    frames["group_constraints"] = limits.with_columns(
+        pl.when(pl.col("run_key") == victim).then(pl.lit("0,05")).otherwise(pl.col("max_weight").cast(pl.String)).alias("max_weight"))
+    book = write_book(frames, tmp_path / "book")
+    scenarios = tmp_path / "scenarios.json"
+    scenarios.write_text(json.dumps({"scenarios": {
+        "base": {"options": {}}, "own": {"options": {"group_constraints": {"sector:TECH": {"max_weight": "0.3"}}}},
+    }}))
+    manifest = sweep(book, tmp_path / "out", shard_size=8, progress=False, scenarios=scenarios)
+    assert manifest["portfolios"] == 60
+    runs = _read(tmp_path / "out", "runs")
+    blocked = runs.filter(pl.col("block_reason") == "INVALID_LIMITS")
+    assert blocked["run_key"].to_list() == [f"{victim}|base"]
+    faults = _read(tmp_path / "out", "input_faults")
+    assert faults.select("run_key", "input_table", "input_column", "value").rows() == [
+        (f"{victim}|base", "group_constraints", "max_weight", "0,05")]
+    assert runs.filter(pl.col("run_key") == f"{victim}|own")["block_reason"].to_list() != ["INVALID_LIMITS"]
+
+
 @pytest.mark.parametrize(
     ("table", "column", "change", "found"),
     [

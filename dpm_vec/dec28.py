@@ -319,7 +319,7 @@ _D28_UNIT = pl.Series([Decimal("1e-28")], dtype=D28)
 def sums_by(df: pl.DataFrame, keys: list[str], value: str, out: str) -> pl.DataFrame:
     """(*``keys``, ``out``): ``group_sums`` of the F28 ``value`` per combination of
     ``keys``, each group summed in ``df``'s row order (sort it first to fix that order)."""
-    keyed = df.with_columns(pl.concat_str([pl.col(c).cast(pl.String) for c in keys], separator="|").alias("_key"))
+    keyed = df.with_columns(pl.struct(keys).rank("dense").alias("_key"))  # text joined by a separator could collide
     return group_sums(keyed, "_key", value, out).join(keyed.select("_key", *keys).unique("_key"), on="_key").select(*keys, out)
 
 

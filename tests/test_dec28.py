@@ -320,6 +320,15 @@ def test_group_sums_of_28_digit_values_match_a_sequential_decimal_sum(rows):
     assert dict(zip(out["g"], (_exact(v) for v in out["s"].to_list()))) == expected
 
 
+def test_sums_by_keeps_apart_keys_whose_texts_join_alike():
+    """("a|b", "c") and ("a", "b|c") are two attribute buckets, however their texts join."""
+    df = pl.DataFrame({"run": [0, 0, 0, 1], "attribute": ["a|b", "a", "a|b", "a|b"], "value": ["c", "b|c", "c", "c"],
+                       "x": [Decimal("1"), Decimal("2"), Decimal("4"), Decimal("8")]}, schema_overrides={"x": DEC})
+    out = dec28.sums_by(dec28.from_dec(df, "x", "xf"), ["run", "attribute", "value"], "xf", "s")
+    assert sorted((r["run"], r["attribute"], r["value"], _exact(r["s"])) for r in out.iter_rows(named=True)) == [
+        (0, "a", "b|c", Decimal(2)), (0, "a|b", "c", Decimal(5)), (1, "a|b", "c", Decimal(8))]
+
+
 def test_group_sums_tie_is_broken_by_the_running_sum():
     """…678 + 5E-19 ties between …678 and …679 (grid 1E-18): half-even keeps …678; the
     sum one unit higher, …679, goes up to …680. Adding the rounded value alone would give

@@ -269,21 +269,7 @@ def prepare(book: Book) -> Prepared:
             pl.col("currency").alias("price_currency"), pl.col("as_of").alias("price_as_of"),
         )
     )
-    fx = (
-        book.fx_rates.sort("seq")
-        # the reference matches "FROM/TO" text (§6.1): a pair without exactly one "/" is
-        # never the text of a wanted conversion
-        .filter(pl.col("pair").str.count_matches("/", literal=True) == 1)
-        .unique(["market_snapshot_id", "pair"], keep="first", maintain_order=True)
-        .with_columns(pl.col("pair").str.split_exact("/", 1).alias("_p"))
-        .select(
-            "market_snapshot_id",
-            pl.col("_p").struct.field("field_0").alias("fx_from"),
-            pl.col("_p").struct.field("field_1").alias("fx_to"),
-            pl.col("rate").alias("fx_rate"),
-        )
-        .unique(["market_snapshot_id", "fx_from", "fx_to"], keep="first", maintain_order=True)
-    )
+    fx = _quoted_pairs(book.fx_rates.sort("seq").unique(["market_snapshot_id", "pair"], keep="first", maintain_order=True))
     shelf = (
         book.shelf.sort("seq")
         .unique(["shelf_id", "instrument_id"], keep="first", maintain_order=True)
@@ -301,6 +287,33 @@ def prepare(book: Book) -> Prepared:
         ).drop("seq"),
     )
     return Prepared(runs=runs, positions=positions, cash=cash, lots=lots, model=model, market=market)
+
+
+def _quoted_pairs(quotes: pl.DataFrame) -> pl.DataFrame:
+    """(market_snapshot_id, fx_from, fx_to, fx_rate): the conversions each quote's pair
+    text names. The reference looks a conversion up as the text "FROM/TO" (§6.1), and
+    currency codes are not checked for their format (§3): a pair of two slashes is the
+    text of two conversions ("USD/S/GD": USD to S/GD and USD/S to GD), a pair without a
+    slash of none. Two quotes of one snapshot never name the same conversion: their
+    texts differ."""
+    slashes = pl.col("pair").str.count_matches("/", literal=True)
+    single = quotes.filter(slashes == 1).with_columns(pl.col("pair").str.split_exact("/", 1).alias("_p")).select(
+        "market_snapshot_id",
+        pl.col("_p").struct.field("field_0").alias("fx_from"),
+        pl.col("_p").struct.field("field_1").alias("fx_to"),
+        pl.col("rate").alias("fx_rate"),
+    )
+    several = quotes.filter(slashes > 1)
+    if not several.height:
+        return single
+    parts = pl.col("pair").str.split("/")
+    splits = several.with_columns(pl.int_ranges(1, slashes + 1).alias("_at")).explode("_at").select(
+        "market_snapshot_id",
+        parts.list.head(pl.col("_at")).list.join("/").alias("fx_from"),
+        parts.list.slice(pl.col("_at")).list.join("/").alias("fx_to"),
+        pl.col("rate").alias("fx_rate"),
+    )
+    return pl.concat([single, splits])
 
 
 def _model_slots(runs: pl.DataFrame, positions: pl.DataFrame, models: pl.DataFrame, model: pl.DataFrame) -> pl.Series:

@@ -9,7 +9,9 @@ import polars as pl
 import pytest
 
 from dpm_vec.io import read_book
-from dpm_vec.stages.prepare import prepare
+from dpm_vec.oracle import simulate as oracle_simulate
+from dpm_vec.simulate import simulate_outcomes
+from dpm_vec.stages.prepare import _quoted_pairs, prepare
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample_book"
 
@@ -83,6 +85,36 @@ def test_rates_per_pair_match_rates_per_row(prepared):
     assert fast_rates["r"].null_count() == 4  # XXX and ZZZ against quoted currencies, and both null pairs
     assert fast_rates["r"][8] == 1
     assert fast.with_rate_f28(frame, "a", "b", "f").equals(general.with_rate_f28(frame, "a", "b", "f"))
+
+
+def test_a_pair_text_of_several_slashes_names_each_conversion_it_spells():
+    """Currency codes are free text (§3) and a conversion is looked up as "FROM/TO"
+    (§6.1): "USD/S/GD" is both USD → S/GD and USD/S → GD; "USDEUR" names none; the first
+    quote of a pair text wins."""
+    quotes = pl.DataFrame({
+        "market_snapshot_id": ["md"] * 5,
+        "pair": ["EUR/USD", "USD/S/GD", "USDEUR", "A/B/C/D", "EUR/USD"],
+        "rate": [Decimal("1.1"), Decimal("1.35"), Decimal("9"), Decimal("2"), Decimal("1.2")],
+    }, schema_overrides={"rate": pl.Decimal(38, 20)})
+    pairs = _quoted_pairs(quotes.unique(["market_snapshot_id", "pair"], keep="first", maintain_order=True))
+    assert sorted((f, t, float(r)) for _, f, t, r in pairs.rows()) == [
+        ("A", "B/C/D", 2.0), ("A/B", "C/D", 2.0), ("A/B/C", "D", 2.0), ("EUR", "USD", 1.1), ("USD", "S/GD", 1.35), ("USD/S", "GD", 1.35)]
+
+
+def test_a_slashed_currency_is_rated_as_the_reference_looks_it_up():
+    request = {
+        "portfolio_snapshot": {"portfolio_id": "pf_slash", "base_currency": "S/GD", "positions": [{"instrument_id": "US_EQ", "quantity": "10"}],
+                               "cash_balances": [{"currency": "S/GD", "amount": "1000"}]},
+        "market_data_snapshot": {"prices": [{"instrument_id": "US_EQ", "price": "100", "currency": "USD"}],
+                                 "fx_rates": [{"pair": "USD/S/GD", "rate": "1.35"}]},
+        "model_portfolio": {"targets": [{"instrument_id": "US_EQ", "weight": "0.5"}]},
+        "shelf_entries": [{"instrument_id": "US_EQ", "status": "APPROVED"}],
+        "options": {},
+    }
+    engine, oracle = simulate_outcomes([request])[0], oracle_simulate(request)
+    assert engine["status"] == oracle["status"] == "READY"
+    assert engine["diagnostics"]["data_quality"]["fx_missing"] == []
+    assert [(i["intent_type"], i.get("pair")) for i in engine["intents"]] == [(i["intent_type"], i.get("pair")) for i in oracle["intents"]]
 
 
 @pytest.mark.parametrize("bad_data", [False, True])

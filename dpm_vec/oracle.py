@@ -199,11 +199,12 @@ class Market:
 
     def __init__(self, request: dict):
         md = request.get("market_data_snapshot") or {}
-        self.as_of = _timestamp(md.get("as_of"))  # RFC: reference time for staleness and skew
+        # RFC: reference time for staleness and skew; read only where an option asks (§9: a key the reference ignores)
+        self.as_of_text = md.get("as_of")
         self.prices: dict[str, dict] = {}
         for p in md.get("prices") or []:
             self.prices.setdefault(p["instrument_id"], {"price": D(p["price"]), "currency": p["currency"],
-                                                        "as_of": _timestamp(p.get("as_of"))})
+                                                        "as_of": p.get("as_of")})
         self.fx: dict[str, Decimal] = {}
         for f in md.get("fx_rates") or []:
             self.fx.setdefault(f["pair"], D(f["rate"]))
@@ -408,20 +409,23 @@ def state_out(st: dict) -> dict:
 def snapshot_skew(pf: dict, mkt: Market, opts: Options) -> bool:
     """RFC §6 Step 1 / features.md: "when both snapshots carry as_of, a larger skew
     [than max_skew_minutes] blocks the run (SNAPSHOT_SKEW)"; the limit itself is allowed."""
-    p_as_of = _timestamp(pf.get("as_of"))
-    if opts.max_skew_minutes is None or p_as_of is None or mkt.as_of is None:
+    if opts.max_skew_minutes is None:
         return False
-    return abs(p_as_of - mkt.as_of) > timedelta(minutes=opts.max_skew_minutes)
+    p_as_of, m_as_of = _timestamp(pf.get("as_of")), _timestamp(mkt.as_of_text)
+    if p_as_of is None or m_as_of is None:
+        return False
+    return abs(p_as_of - m_as_of) > timedelta(minutes=opts.max_skew_minutes)
 
 
 def base_currency_fx_missing(base: str, mkt: Market, opts: Options) -> bool:
     """RFC §6 Step 1: "Verify BaseCurrency exists in Market Data FX rates"; features.md:
-    with require_base_currency_fx, no FX rate's "FROM/TO" pair (exactly one "/", as a
-    conversion reads it, §6.1) names the base currency on either side: the run blocks
-    (BASE_CURRENCY_FX_MISSING)."""
+    with require_base_currency_fx, no FX rate's "FROM/TO" pair names the base currency on
+    either side of one of its slashes, as a conversion reads it (§6.1: the text "FROM/TO"),
+    so that "USD/S/GD" names USD, USD/S, S/GD and GD: the run blocks (BASE_CURRENCY_FX_MISSING)."""
     if not opts.require_base_currency_fx:
         return False
-    return not any(pair.count("/") == 1 and base in pair.split("/") for pair in mkt.fx)
+    sides = {side for pair in mkt.fx for at, c in enumerate(pair) if c == "/" for side in (pair[:at], pair[at + 1:])}
+    return base not in sides
 
 
 def stale_instruments(pf: dict, positions: list[dict], targets: list[dict], mkt: Market,
@@ -432,14 +436,14 @@ def stale_instruments(pf: dict, positions: list[dict], targets: list[dict], mkt:
     exactly at the limit is fresh."""
     if opts.max_staleness_minutes is None:
         return []
-    ref = mkt.as_of or _timestamp(pf.get("as_of"))
+    ref = _timestamp(mkt.as_of_text) or _timestamp(pf.get("as_of"))
     if ref is None:
         return []
     limit = timedelta(minutes=opts.max_staleness_minutes)
     out: list[str] = []
     for iid in [t["instrument_id"] for t in targets] + [p["instrument_id"] for p in positions]:
         pe = mkt.prices.get(iid)
-        if pe is not None and pe["as_of"] is not None and ref - pe["as_of"] > limit and iid not in out:
+        if pe is not None and pe["as_of"] is not None and ref - _timestamp(pe["as_of"]) > limit and iid not in out:
             out.append(iid)
     return out
 

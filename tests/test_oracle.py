@@ -224,3 +224,34 @@ def test_a_fractional_integer_field_is_refused() -> None:
     req["options"]["settlement_horizon_days"] = "2.5"
     with pytest.raises(ValueError, match="not an integer"):
         simulate(req)
+
+
+def _slashed(fx_pair: str, **options) -> dict:
+    return {
+        "portfolio_snapshot": {"portfolio_id": "p", "base_currency": "S/GD", "positions": [{"instrument_id": "US", "quantity": "10"}],
+                               "cash_balances": [{"currency": "S/GD", "amount": "1000"}]},
+        "market_data_snapshot": {"prices": [{"instrument_id": "US", "price": "100", "currency": "USD", "as_of": "not a date"}],
+                                 "fx_rates": [{"pair": fx_pair, "rate": "1.35"}], "as_of": "yesterday"},
+        "model_portfolio": {"targets": [{"instrument_id": "US", "weight": "0.5"}]},
+        "shelf_entries": [{"instrument_id": "US", "status": "APPROVED"}],
+        "options": options,
+    }
+
+
+def test_an_as_of_no_option_reads_is_ignored_whatever_its_text() -> None:
+    """§9: as_of is a key the reference ignores; only the RFC staleness and skew options
+    read it (the JSON door then refuses text that is no timestamp)."""
+    from dpm_vec.simulate import simulate_outcomes
+
+    request = _slashed("USD/S/GD")
+    assert simulate(request)["status"] == simulate_outcomes([request])[0]["status"] == "READY"
+
+
+@pytest.mark.parametrize("pair, blocked", [("USD/S/GD", False), ("S/GD/USD", False), ("USDS/GD", True), ("USD-SGD", True)])
+def test_a_base_currency_with_a_slash_is_found_as_a_conversion_reads_the_pair(pair, blocked) -> None:
+    from dpm_vec.simulate import simulate_outcomes
+
+    request = _slashed(pair, require_base_currency_fx=True)
+    oracle, engine = simulate(request), simulate_outcomes([request])[0]
+    assert ("BASE_CURRENCY_FX_MISSING" in oracle["diagnostics"]["warnings"]) == blocked
+    assert (oracle["status"], oracle["diagnostics"]["warnings"]) == (engine["status"], engine["diagnostics"]["warnings"])

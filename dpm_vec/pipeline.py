@@ -5,8 +5,10 @@
     → status → gate
 
 Each run leaves on one exit path (spec §5.9); the frames of the Result hold every run's
-rows, keyed by ``run`` (and ``run_key`` in ``runs``). Each stage's output is checked
-against its Pandera schema (``dpm_vec.schemas``) before the next stage reads it.
+rows, keyed by ``run`` (and ``run_key`` in ``runs``). At each stage boundary the frames
+that carry the run's money and weights forward (valued positions and cash, the weight map
+and target trace, security intents, all intents, the after-state, runs and rule results)
+are checked against their Pandera schemas (``dpm_vec.schemas``); a failed check raises.
 """
 
 from __future__ import annotations

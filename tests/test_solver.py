@@ -7,6 +7,7 @@ SELL_ONLY step (§6.4 step 1) as build_targets applies it, then solve_targets.
 from __future__ import annotations
 
 import json
+import math
 import random
 from decimal import Decimal
 from fractions import Fraction
@@ -25,10 +26,37 @@ from dpm_vec.stages import dq
 from dpm_vec.stages.checks import input_faults
 from dpm_vec.stages.prepare import prepare
 from dpm_vec.stages.solver import (
-    COMPARISON_SCHEMA, _round_units, _solve_grouped, _solve_linear, compare_methods, project_exact, round4, solve_targets,
+    COMPARISON_SCHEMA, WEIGHT_DP, _project_scaled, _round_units, _solve_grouped, _solve_linear, compare_methods, solve_targets,
 )
 from dpm_vec.stages.universe import build_universe
 from dpm_vec.stages.valuation import value_state
+
+
+def round4(x: Fraction) -> Decimal:
+    """Exact value → 4 dp half-even (Fraction rounding is half-even), negative → 0."""
+    if x < 0:
+        x = Fraction(0)
+    return Decimal(round(x * 10**WEIGHT_DP)).scaleb(-WEIGHT_DP)
+
+
+def project_exact(
+    c: list[Fraction], lo: Fraction, hi: Fraction, m: Fraction | None,
+    groups: list[tuple[list[int], Fraction]],
+) -> list[Fraction] | None:
+    """The exact projection of ``c`` onto {0 <= w (<= m), lo <= Σw <= hi, Σ_{idx} w <= limit};
+    None when the set is empty. The engine's path (``_project_scaled``) over any exact
+    inputs, brought to one common denominator."""
+    values = [*c, lo, hi, *(lim for _, lim in groups)] + ([] if m is None else [m])
+    scale = math.lcm(*(Fraction(x).denominator for x in values))
+    up = lambda x: int(x * scale)  # noqa: E731  (exact: scale is a multiple of every denominator)
+    sol = _project_scaled(
+        [up(x) for x in c], up(lo), up(hi), None if m is None else up(m), [(idx, up(lim)) for idx, lim in groups], scale,
+    )
+    if sol is None:
+        return None
+    numerators, denominator = sol
+    return [Fraction(x, denominator) for x in numerators]
+
 
 GOLDENS = Path(__file__).resolve().parent / "data" / "goldens" / "reference-service"  # a copy of ../shared/goldens
 

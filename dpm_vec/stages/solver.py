@@ -54,7 +54,6 @@ COMPARISON_SCHEMA = {
     "alternate_warnings": pl.List(pl.String),
 }
 WEIGHT_DP = 4
-_FOUR = Fraction(10) ** WEIGHT_DP
 
 
 def solve_targets(
@@ -420,37 +419,12 @@ def _round_units(numerator: int, denominator: int) -> int:
     return q + 1 if 2 * r > denominator or (2 * r == denominator and q % 2) else q
 
 
-def round4(x: Fraction) -> Decimal:
-    """Exact value → 4 dp half-even (Fraction rounding is half-even), negative → 0."""
-    if x < 0:
-        x = Fraction(0)
-    return Decimal(round(x * _FOUR)).scaleb(-WEIGHT_DP)
-
-
-def project_exact(
-    c: list[Fraction], lo: Fraction, hi: Fraction, m: Fraction | None,
-    groups: list[tuple[list[int], Fraction]],
-) -> list[Fraction] | None:
-    """Projection of ``c`` onto {0 <= w (<= m), lo <= Σw <= hi, Σ_{idx} w <= limit};
-    None when the set is empty. The engine's path (``_project_scaled``) over any exact
-    inputs, brought to one common denominator."""
-    values = [*c, lo, hi, *(lim for _, lim in groups)] + ([] if m is None else [m])
-    scale = math.lcm(*(Fraction(x).denominator for x in values))
-    up = lambda x: int(x * scale)  # noqa: E731  (exact: scale is a multiple of every denominator)
-    sol = _project_scaled(
-        [up(x) for x in c], up(lo), up(hi), None if m is None else up(m), [(idx, up(lim)) for idx, lim in groups], scale,
-    )
-    if sol is None:
-        return None
-    numerators, denominator = sol
-    return [Fraction(x, denominator) for x in numerators]
-
-
 def _project_scaled(
     c: list[int], lo: int, hi: int, m: int | None, groups: list[tuple[list[int], int]], scale: int,
 ) -> tuple[list[int], int] | None:
-    """``project_exact`` on integers: every input is its value times ``scale``; the
-    answer is (numerators, denominator), w_i = numerators[i] / denominator exactly.
+    """The projection of ``c`` onto {0 <= w (<= m), lo <= Σw <= hi, Σ_{idx} w <= limit}, on
+    integers: every input is its value times ``scale``; the answer is (numerators,
+    denominator), w_i = numerators[i] / denominator exactly.
 
     Float stage: the least-distance problem min ||x|| s.t. G x >= h (x = w - c) is solved
     through Lawson-Hanson NNLS (scipy.optimize.nnls) on [Gᵀ; hᵀ] u ≈ e_{n+1}; a zero

@@ -670,4 +670,3 @@ def compare_methods(
         ),
     ]).sort("run", "w_order")
     return comparison, warnings
-

@@ -13,7 +13,7 @@ import polars as pl
 
 from dpm_vec import __version__
 from dpm_vec.book import POLICY_COLUMNS
-from dpm_vec.codes import with_code_lists
+from dpm_vec.codes import ENGINE_BLOCKS, with_code_lists
 from dpm_vec.frames import join_runs, position_in_run, sort_rows
 from dpm_vec.pipeline import Result
 
@@ -64,7 +64,8 @@ def output_tables(result: Result, tables: tuple[str, ...] = OUTPUT_TABLES) -> di
         "exclusions": lambda: keyed(result.exclusions, "excl_order"),
         "targets": lambda: keyed(result.targets.drop("in_model"), "trace_order"),
         "events": lambda: _events_table(result, keys),
-        "cash_ladder": lambda: keyed(result.cash_ladder, "currency", "date_offset", sequence=False),
+        "cash_ladder": lambda: keyed(result.cash_ladder.with_columns(pl.col("date_offset").cast(pl.Int64)), "currency", "date_offset",
+                                     sequence=False),
     }
     return {name: builders[name]() for name in OUTPUT_TABLES if name in tables}
 
@@ -78,7 +79,9 @@ def _runs_table(result: Result) -> pl.DataFrame:
         (pl.col("intent_type") == "FX_SPOT").sum().cast(pl.Int64).alias("fx_intent_count"),
         pl.col("notional_base").filter(pl.col("intent_type") == "SECURITY_TRADE").sum().alias("gross_turnover_notional_base"),
     )
-    warnings = result.warnings.group_by("run", maintain_order=True).agg(pl.col("code").alias("warnings"))
+    warnings = _warning_codes(result).group_by("run", maintain_order=True).agg(pl.col("code").alias("warnings"))
+    # the JSON door's tax_impact: a run that asked for tax awareness and reached its trades (not E1, E2)
+    taxed = pl.col("enable_tax_awareness") & ~pl.col("exit_path").is_in(["E1", "E2"])
     comparison = result.method_comparison.select(
         "run", pl.col("alternate_method"), pl.col("alternate_status"), pl.col("differing_instruments"),
     )
@@ -88,6 +91,8 @@ def _runs_table(result: Result) -> pl.DataFrame:
         .join(options_hashes(result.runs), on=names, how="left", nulls_equal=True)
         .with_columns(
             pl.col("security_intent_count", "fx_intent_count").fill_null(0),
+            pl.col("gross_turnover_notional_base").fill_null(pl.lit(0, dtype=pl.Decimal(38, 20))),
+            *(pl.when(taxed).then(pl.col(c).fill_null(pl.lit(0, dtype=pl.Decimal(38, 20)))).alias(c) for c in ("realized_gain", "realized_loss")),
             pl.col("warnings").fill_null(pl.lit([], dtype=pl.List(pl.String))),
             pl.lit(__version__).alias("engine_version"),
         )
@@ -104,16 +109,25 @@ def _runs_table(result: Result) -> pl.DataFrame:
     )
 
 
+def _warning_codes(result: Result) -> pl.DataFrame:
+    """(run, code, w_order): each run's warnings as the JSON door lists them, dpm_vec's own
+    block code (codes.md) first."""
+    blocks = result.runs.filter(pl.col("block_reason").is_in(sorted(ENGINE_BLOCKS))).select(
+        "run", pl.col("block_reason").alias("code"), pl.lit(-1, dtype=pl.Int64).alias("w_order"))
+    return pl.concat([blocks, result.warnings.select("run", "code", "w_order")]).sort("run", "w_order", maintain_order=True)
+
+
 def _events_table(result: Result, keys: pl.DataFrame) -> pl.DataFrame:
     """Warnings, data-quality findings and the constraint events of every run, one row each."""
     events = pl.concat([
-        result.warnings.select("run", pl.lit("warning").alias("category"), "code", pl.lit(None, dtype=pl.String).alias("instrument_id"),
+        _warning_codes(result).select("run", pl.lit("warning").alias("category"), "code", pl.lit(None, dtype=pl.String).alias("instrument_id"),
                                pl.lit(None, dtype=pl.String).alias("currency"), pl.lit(None, dtype=pl.Decimal(38, 20)).alias("amount"),
                                pl.col("w_order").alias("event_order")),
         result.data_quality.select("run", pl.lit("data_quality").alias("category"), pl.col("bucket").str.to_uppercase().alias("code"),
                                    pl.when(pl.col("bucket") == "fx_missing").then(None).otherwise(pl.col("item")).alias("instrument_id"),
                                    pl.when(pl.col("bucket") == "fx_missing").then(pl.col("item")).alias("currency"),
-                                   pl.lit(None, dtype=pl.Decimal(38, 20)).alias("amount"), (pl.col("stage") * 1_000_000_000 + pl.col("seq")).alias("event_order")),
+                                   pl.lit(None, dtype=pl.Decimal(38, 20)).alias("amount"),
+                                   pl.int_range(pl.len()).over("run").alias("event_order")),  # in (run, stage, seq) order
         result.suppressed.select("run", pl.lit("suppressed_intent").alias("category"), pl.lit("BELOW_MIN_NOTIONAL").alias("code"),
                                  "instrument_id", "currency", pl.col("intended_notional").alias("amount"), pl.col("trace_order").alias("event_order")),
         result.dropped.select("run", pl.lit("dropped_intent").alias("category"), pl.lit("TURNOVER_LIMIT").alias("code"),

@@ -123,6 +123,21 @@ def test_import_requests_then_sweep_matches_the_batch(tmp_path):
                for r in batch]
     assert [points[key] for key in runs["run_key"]] == printed
     assert max(len({c for c, _, _ in p}) for p in printed) == 2
+    # warnings (dpm_vec's own block code first), tax totals and data-quality lists are the JSON's
+    assert runs["warnings"].to_list() == [r["diagnostics"]["warnings"] for r in batch]
+    assert any(r["diagnostics"]["warnings"][:1] == [code] for r, code in zip(batch, runs["block_reason"]) if code in ENGINE_BLOCKS)
+    for column, key in (("realized_gain", "total_realized_gain"), ("realized_loss", "total_realized_loss")):
+        assert [None if v is None else round(v, 2) for v in runs[column]] == [
+            None if r["tax_impact"] is None else round(Decimal(str(r["tax_impact"][key]["amount"])), 2) for r in batch]
+    assert runs["gross_turnover_notional_base"].null_count() == 0
+    events = pl.read_parquet(tmp_path / "out" / "events" / "*.parquet").sort("run_key", "category", "event_order")
+    listed = {key: {"warning": [], "PRICE_MISSING": [], "FX_MISSING": [], "SHELF_MISSING": []} for key in runs["run_key"]}
+    for row in events.filter(pl.col("category").is_in(["warning", "data_quality"])).iter_rows(named=True):
+        if row["run_key"] in listed:
+            code = "warning" if row["category"] == "warning" else row["code"]
+            listed[row["run_key"]][code].append(row["code"] if code == "warning" else row["instrument_id"] or row["currency"])
+    assert [listed[key] for key in runs["run_key"]] == [
+        {"warning": r["diagnostics"]["warnings"], **{k.upper(): items for k, items in r["diagnostics"]["data_quality"].items()}} for r in batch]
 
 
 def test_generate_is_deterministic(tmp_path):

@@ -26,6 +26,10 @@ class ExitPath(StrEnum):
     NORMAL = "E6"
 
 
+# the exits that stop a run before its trades: no intents, no tax impact
+BEFORE_TRADES = (ExitPath.EARLY_BLOCK.value, ExitPath.DQ_GATE_2.value)
+
+
 class InputFault(StrEnum):
     """Run-level block reasons dpm_vec adds to the reference (§9.1, RFC-0001)."""
 

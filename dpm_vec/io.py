@@ -222,10 +222,13 @@ def _check_casts(table: str, frame: pl.DataFrame, file: str) -> None:
     sets such a row of one portfolio's data aside first, ``_uncastable``)."""
     for name, dtype in table_schema(table).items():
         source = frame.schema.get(name)
-        decimal = isinstance(dtype, pl.Decimal) and source is not None and finer_than(source, dtype)
-        whole = dtype.is_integer() and source is not None and source.is_float()
-        flag = dtype == pl.Boolean and source is not None and source.is_integer()
-        if not (decimal or whole or flag or (isinstance(dtype, pl.Datetime) and source == pl.String)):
+        if source is None:
+            continue
+        decimal = isinstance(dtype, pl.Decimal) and finer_than(source, dtype)
+        whole = dtype.is_integer() and source.is_float()
+        flag = dtype == pl.Boolean and source.is_integer()
+        stamp = isinstance(dtype, pl.Datetime) and source == pl.String
+        if not (decimal or whole or flag or stamp):
             continue
         finest = finest_unit(table, name, dtype) if decimal else None
         failed = frame.select(pl.col(name), cast_column(name, source, dtype, strict=False, finest=finest).alias("_cast")).with_row_index(
@@ -236,7 +239,7 @@ def _check_casts(table: str, frame: pl.DataFrame, file: str) -> None:
             what = "that are no flag (true or false, or the integers 1 and 0)"
         elif whole:
             what = f"that are no whole number within {dtype}'s range (an integer column stored as floats holds whole numbers)"
-        elif not decimal:
+        elif stamp:
             what = "that are no timestamp (ISO 8601 text such as 2025-06-30T21:00:00Z, with an offset, or none for UTC)"
         elif source == pl.String:  # text such as "12,50": no decimal number
             what = f"that are no decimal number (written like 1234.56) or {_held(dtype, finest)}"
@@ -247,7 +250,7 @@ def _check_casts(table: str, frame: pl.DataFrame, file: str) -> None:
             what = ("not a finite number (NaN or an infinity), which a decimal column cannot hold" if not finite
                     else _held(dtype, finest) if finite == failed.height
                     else f"not a finite number or {_held(dtype, finest)}")
-        shown = str if decimal or whole or flag else repr  # a number as written, a text quoted
+        shown = repr if stamp else str  # a text quoted, a number as written
         raise BookError(file, f"{failed.height} value(s) {what}", column=name,
                         examples=[f"row {row} (0-based): {name} {shown(value)} fails castable to {dtype}"
                                   for row, value in failed.head(5).select("_row", pl.col(name).cast(pl.String)).iter_rows()])

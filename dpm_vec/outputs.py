@@ -13,8 +13,9 @@ import polars as pl
 
 from dpm_vec import __version__
 from dpm_vec.book import POLICY_COLUMNS
-from dpm_vec.codes import ENGINE_BLOCKS, with_code_lists
+from dpm_vec.codes import BEFORE_TRADES, ENGINE_BLOCKS, with_code_lists
 from dpm_vec.frames import join_runs, position_in_run, sort_rows
+from dpm_vec.numeric import lit
 from dpm_vec.pipeline import Result
 
 OUTPUT_TABLES = (
@@ -80,8 +81,8 @@ def _runs_table(result: Result) -> pl.DataFrame:
         pl.col("notional_base").filter(pl.col("intent_type") == "SECURITY_TRADE").sum().alias("gross_turnover_notional_base"),
     )
     warnings = _warning_codes(result).group_by("run", maintain_order=True).agg(pl.col("code").alias("warnings"))
-    # the JSON door's tax_impact: a run that asked for tax awareness and reached its trades (not E1, E2)
-    taxed = pl.col("enable_tax_awareness") & ~pl.col("exit_path").is_in(["E1", "E2"])
+    # the JSON door's tax_impact: a run that asked for tax awareness and reached its trades
+    taxed = pl.col("enable_tax_awareness") & ~pl.col("exit_path").is_in(BEFORE_TRADES)
     comparison = result.method_comparison.select(
         "run", pl.col("alternate_method"), pl.col("alternate_status"), pl.col("differing_instruments"),
     )
@@ -91,8 +92,8 @@ def _runs_table(result: Result) -> pl.DataFrame:
         .join(options_hashes(result.runs), on=names, how="left", nulls_equal=True)
         .with_columns(
             pl.col("security_intent_count", "fx_intent_count").fill_null(0),
-            pl.col("gross_turnover_notional_base").fill_null(pl.lit(0, dtype=pl.Decimal(38, 20))),
-            *(pl.when(taxed).then(pl.col(c).fill_null(pl.lit(0, dtype=pl.Decimal(38, 20)))).alias(c) for c in ("realized_gain", "realized_loss")),
+            pl.col("gross_turnover_notional_base").fill_null(lit(0)),
+            *(pl.when(taxed).then(pl.col(c).fill_null(lit(0))).alias(c) for c in ("realized_gain", "realized_loss")),
             pl.col("warnings").fill_null(pl.lit([], dtype=pl.List(pl.String))),
             pl.lit(__version__).alias("engine_version"),
         )

@@ -13,13 +13,12 @@ from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
 import polars as pl
 
 from dpm_vec.book import amount_as_given
-from dpm_vec.codes import ENGINE_BLOCKS
+from dpm_vec.codes import BEFORE_TRADES, ENGINE_BLOCKS
 from dpm_vec.numeric import to_text
 from dpm_vec.pipeline import Result
 
 FOUR_DP = Decimal("0.0001")
 DISPLAY_GUARD = Decimal("1e-26")
-EARLY = ("E1", "E2")
 
 
 def _weight(value: Decimal | None) -> str | None:
@@ -143,7 +142,7 @@ def _threshold(rule: dict) -> dict:
 def _render_run(run: dict, parts: dict, run_id: str) -> dict:
     base = run["base_currency"]
     path = run["exit_path"]
-    early = path in EARLY
+    early = path in BEFORE_TRADES
     intents = []
     messages = _rfc_messages(parts, run["single_position_max_weight"]) if run["rfc_rationale_codes"] else {}
     for it in sorted(parts["intents"], key=lambda i: i["exec_order"]):

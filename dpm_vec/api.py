@@ -202,7 +202,7 @@ def _is_json_media_type(content_type: str | None) -> bool:
     """Whether a body sent with this ``Content-Type`` is read as JSON, as FastAPI reads it:
     ``application/json`` or ``application/*+json`` (parameters such as a charset aside),
     or no header at all."""
-    if content_type is None:
+    if not content_type:  # no header, or an empty one: FastAPI tests ``if not content_type``
         return True
     header = email.message.Message()
     header["content-type"] = content_type
@@ -429,9 +429,11 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
             if stored is not None:
                 return replay_or_conflict(stored, digest, headers)
 
+        try:  # checked here, not in the shared pass: an invalid body takes no pass slot and waits for none
+            parse_request(body, "r0")
+        except RequestError as exc:
+            return invalid(exc.errors, SIMULATE_PATH, headers)
         result = simulate_one(body)  # shares an engine pass with concurrent callers
-        if isinstance(result, RequestError):
-            return invalid(result.errors, SIMULATE_PATH, headers)
         if isinstance(result, RangeError):  # valid, but outside the engine's range: say which trade or value
             return _Outcome(422, result.problem(SIMULATE_PATH), problem=True, headers=headers)
         if isinstance(result, InfeasibleConstraintError):  # RFC-0001 §7, asked for by options.rfc_domain_errors

@@ -233,17 +233,28 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+def _integer(text: str, low: int, high: int | None, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"must be {what}; got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _integer(text, 1, None, "an integer >= 1")
+
+
+def _port(text: str) -> int:
+    return _integer(text, 0, 65535, "a TCP port, an integer from 0 to 65535")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """``dpm-vec serve``'s options (``python -m dpm_vec.api`` runs that command)."""
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
     parser.add_argument("--store", default=None, metavar="PATH",
                         help="DuckDB run store file for --idempotency rfc (default: in memory)")
     parser.add_argument("--idempotency", choices=("reference", "rfc"), default="reference",

@@ -394,9 +394,13 @@ def test_a_body_sent_as_another_media_type_is_not_read_as_json(ref_server, rfc_s
         ("missing", ["header", "Idempotency-Key"], None), ("model_attributes_type", ["body"], text)]
     plain = ref_server.client.post("/rebalance/analyze", content=text, headers={"Content-Type": "text/plain; charset=utf-8"})
     assert [(e["type"], e["loc"]) for e in _assert_invalid(plain)["detail"]] == [("model_attributes_type", ["body"])]
-    for content_type in ("application/json; charset=utf-8", "application/vnd.bank+json", "APPLICATION/JSON"):
+    for content_type in ("application/json; charset=utf-8", "application/vnd.bank+json", "APPLICATION/JSON", ""):
         resp = ref_server.client.post(SIM, content=text, headers={"Content-Type": content_type, "Idempotency-Key": "k"})
         assert resp.status_code == 200, (content_type, resp.text)
+    for server, path in ((rfc_server, SIM), (ref_server, BATCH)):  # an empty header is no header, as in FastAPI
+        body = text if path == SIM else f"[{text}]"
+        resp = server.client.post(path, content=body, headers={"Content-Type": "", "Idempotency-Key": str(uuid.uuid4())})
+        assert resp.status_code == 200, (path, resp.text)
     for server, path in ((rfc_server, SIM), (ref_server, BATCH)):
         resp = server.client.post(path, content=text, headers={"Content-Type": "text/plain", "Idempotency-Key": str(uuid.uuid4())})
         problem = _assert_problem(resp, status=415)
@@ -497,7 +501,7 @@ def test_concurrent_requests_answer_as_if_alone_and_reach_the_engine_once(ref_se
             assert resp.json() == solo.json()
     passes = after["dpm_sim_engine_passes_total"] - before["dpm_sim_engine_passes_total"]
     coalesced = after["dpm_sim_coalesced_requests_total"] - before["dpm_sim_coalesced_requests_total"]
-    assert coalesced == len(bodies)  # every request reached the engine exactly once
+    assert coalesced == len(bodies) - 1  # every valid request reached the engine exactly once, the invalid one never
     assert 1 <= passes <= len(bodies)  # how many passes depends on timing
 
 
@@ -541,6 +545,9 @@ def test_metrics_count_statuses(ref_server, golden):
     assert _post(ref_server, golden).status_code == 200
     assert _post(ref_server, blocked).status_code == 200
     assert _post(ref_server, b"{").status_code == 422
+    negative = copy.deepcopy(golden)
+    negative["portfolio_snapshot"]["positions"] = [{"instrument_id": "US_EQ", "quantity": "-5"}]
+    assert _post(ref_server, negative).status_code == 422
     after = scrape()
 
     def delta(name: str) -> float:
@@ -550,9 +557,9 @@ def test_metrics_count_statuses(ref_server, golden):
     assert delta('dpm_sim_status_total{status="BLOCKED"}') == 1
     assert delta('dpm_sim_blocked_total{reason="DATA_QUALITY"}') == 1  # the unpriced model target: why it blocked
     assert delta('dpm_sim_status_total{status="PENDING_REVIEW"}') == 0
-    assert delta('dpm_http_responses_total{endpoint="simulate",code="422"}') == 1
-    assert delta('dpm_sim_latency_seconds_count{endpoint="simulate"}') == 4
-    # one after another: each valid request is its own engine pass; the malformed one never reaches it
+    assert delta('dpm_http_responses_total{endpoint="simulate",code="422"}') == 2
+    assert delta('dpm_sim_latency_seconds_count{endpoint="simulate"}') == 5
+    # one after another: each valid request is its own engine pass; the malformed and the invalid one never reach it
     assert delta("dpm_sim_coalesced_requests_total") == 3 and delta("dpm_sim_engine_passes_total") == 3
     assert after['dpm_sim_latency_seconds_bucket{endpoint="simulate",le="+Inf"}'] == \
         after['dpm_sim_latency_seconds_count{endpoint="simulate"}']

@@ -177,6 +177,18 @@ def test_errors_are_one_line_without_traceback(args, says):
     assert not Path("/tmp/never").exists()
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--port", "70000"], "argument --port: must be a TCP port, an integer from 0 to 65535; got '70000'"),
+    (["--port", "http"], "argument --port: must be a TCP port, an integer from 0 to 65535; got 'http'"),
+    (["--max-coalesce", "0.5"], "argument --max-coalesce: must be an integer >= 1; got '0.5'"),
+    (["--max-body-mb", "0"], "argument --max-body-mb: must be an integer >= 1; got '0'"),
+])
+def test_serve_options_out_of_range_are_named_before_the_server_starts(args, says):
+    proc = cli("serve", *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"dpm-vec serve: error: {says}"
+
+
 def test_reason_code_docs_are_generated_from_the_enum():
     from dpm_vec.codes import markdown_table
 

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 from dpm_vec.errors import DpmVecError
@@ -21,6 +22,7 @@ from dpm_vec.errors import DpmVecError
 log = logging.getLogger(__name__)
 
 SWEEP_MARKER = "manifest.json"  # what a sweep's output holds
+PART_FILE = re.compile(r"^part-[0-9]{5,}\.parquet$")  # what a sweep writes in a dataset's directory
 BOOK_MARKER = "portfolios.parquet"  # what a book holds
 
 
@@ -28,8 +30,9 @@ def check_replaceable(out_dir: Path, marker: str, what: str, inputs: tuple[Path,
                       written: frozenset[str] | None = None) -> None:
     """Raise unless ``out_dir`` may be replaced by a new ``what``: it does not exist, or it
     is an empty directory, or a directory holding ``marker`` (a previous ``what``) and,
-    where ``written`` names everything a ``what`` writes, nothing else (an operator's notes
-    beside a sweep's datasets would go with them); and it is neither one of ``inputs`` nor
+    where ``written`` names everything a ``what`` writes, nothing else, nor anything but
+    ``part-*.parquet`` files inside those of them that are directories (an operator's notes
+    beside or among a sweep's datasets would go with them); and it is neither one of ``inputs`` nor
     holds one, nor holds the working directory."""
     out_dir = out_dir.resolve()
     for source in inputs:
@@ -53,7 +56,10 @@ def check_replaceable(out_dir: Path, marker: str, what: str, inputs: tuple[Path,
     if not os.access(out_dir.parent, os.W_OK | os.X_OK):
         raise DpmVecError(f"--out {out_dir}: cannot replace it, {out_dir.parent} is not writable")
     if (out_dir / marker).exists():
-        others = [] if written is None else sorted(entry.name for entry in out_dir.iterdir() if entry.name not in written)
+        others = [] if written is None else sorted(
+            [entry.name for entry in out_dir.iterdir() if entry.name not in written]
+            + [f"{entry.name}/{part.name}" for entry in out_dir.iterdir() if entry.name in written and entry.is_dir()
+               for part in entry.iterdir() if not PART_FILE.match(part.name)])
         if others:
             raise DpmVecError(
                 f"--out {out_dir} holds a previous {what} and also {', '.join(others[:5])}{' …' if len(others) > 5 else ''}, "
@@ -128,9 +134,22 @@ def stale_work(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.parent.iterdir() if pattern.match(p.name))
 
 
+def discard(path: Path, out_dir: Path) -> None:
+    """Delete a directory beside ``out_dir`` so that a kill midway leaves it whole or gone,
+    never half a work dir that a rerun would resume from: it is first renamed to a
+    ``.<OUT>.old-*`` leftover, which the next sweep to ``out_dir`` removes."""
+    doomed = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(path, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def remove_stale_work(out_dir: Path) -> list[Path]:
     """Delete ``stale_work``; call only while holding ``exclusive(out_dir)``."""
-    stale = stale_work(out_dir.resolve())
+    out_dir = out_dir.resolve()
+    stale = stale_work(out_dir)
     for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+        discard(path, out_dir)
     return stale

@@ -47,9 +47,9 @@ from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES
                               default_shard_size,
                               default_threads, even_shard_size, usable_cores)
 from dpm_vec.errors import ENGINE_FAILURES, BookError, DpmVecError, failure_summary, named_failures
-from dpm_vec.io import (PORTFOLIO_ROWS, _path, collect, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
+from dpm_vec.io import (PORTFOLIO_ROWS, REFERENCE_TABLES, _path, collect, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         with_fault_details, write_book, write_json_atomic)
-from dpm_vec.outdir import SWEEP_MARKER, check_replaceable, exclusive, remove_stale_work
+from dpm_vec.outdir import SWEEP_MARKER, check_replaceable, discard, exclusive, remove_stale_work
 from dpm_vec.outputs import OUTPUT_TABLES, output_tables
 from dpm_vec.pipeline import StageTimer, run
 from dpm_vec.scenarios import comparison_table, expand, load_scenarios
@@ -302,14 +302,31 @@ def partition_holdings(plan: SweepPlan, portfolios: pl.DataFrame, batch_rows: in
     os.replace(staging, plan.partition_dir)
 
 
-_REFERENCE_CACHE: dict[str, dict[str, pl.DataFrame]] = {}
+# book dir -> (its shared tables' file stamps, the tables): one book's at a time, per process
+_REFERENCE_CACHE: dict[str, tuple[tuple, dict[str, pl.DataFrame]]] = {}
+
+
+def _reference_stamp(book_dir: str) -> tuple:
+    """The shared tables' files as the file system sees them (inode, size, modification
+    time): a long-lived Dask worker reads them again once the book is rewritten."""
+    stamp = []
+    for table in REFERENCE_TABLES:
+        try:
+            stat = os.stat(_path(Path(book_dir), table))
+        except FileNotFoundError:
+            stamp.append(None)
+        else:
+            stamp.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return tuple(stamp)
 
 
 def _reference(book_dir: str) -> dict[str, pl.DataFrame]:
-    if book_dir not in _REFERENCE_CACHE:
+    stamp = _reference_stamp(book_dir)
+    cached = _REFERENCE_CACHE.get(book_dir)
+    if cached is None or cached[0] != stamp:
         _REFERENCE_CACHE.clear()
-        _REFERENCE_CACHE[book_dir] = read_reference(book_dir)
-    return _REFERENCE_CACHE[book_dir]
+        _REFERENCE_CACHE[book_dir] = (stamp, read_reference(book_dir))
+    return _REFERENCE_CACHE[book_dir][1]
 
 
 def run_shard(plan: SweepPlan, shard: int) -> dict[str, int]:
@@ -367,6 +384,9 @@ def commit_shard(plan: SweepPlan, shard: int, tables: dict[str, pl.DataFrame], t
         os.replace(staging, target)
     except OSError:  # another worker committed the same shard first
         shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "_SUCCESS").exists():
+            raise DpmVecError(f"{target} holds files of no committed shard; nothing else writes there: delete "
+                              f"{plan.work_dir} and run the sweep again") from None
     return counts
 
 
@@ -587,7 +607,7 @@ def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
         manifest["scenario_comparison"] = table.to_dicts()
     write_json_atomic(staging / "manifest.json", manifest)
     replace_dir(staging, out_dir)
-    shutil.rmtree(plan.work_dir, ignore_errors=True)
+    discard(Path(plan.work_dir), out_dir)
     for stale in remove_stale_work(out_dir):  # killed runs' leftovers: work under other arguments, staging copies
         log.info("removed %s, left by an earlier sweep to %s that did not finish", stale.name, out_dir.name)
 

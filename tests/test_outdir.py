@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from dpm_vec.errors import DpmVecError
@@ -34,6 +35,8 @@ def _files(folder: Path) -> dict[str, bytes]:
     ("notes.txt/out", "is a file, not a directory"),
     ("project", "does not hold a previous sweep output (no manifest.json)"),
     ("annotated", "holds a previous sweep output and also notes.md, reports, which a sweep output does not write"),
+    ("annotated_inside", "holds a previous sweep output and also intents/reports, runs/notes.txt, which a sweep output "
+                         "does not write"),
 ])
 def test_sweep_refuses_an_out_that_would_destroy_data(tmp_path, out, says):
     """The book itself, a folder holding it, a file, a path under a file, a folder of
@@ -51,6 +54,13 @@ def test_sweep_refuses_an_out_that_would_destroy_data(tmp_path, out, says):
     (tmp_path / "annotated" / "notes.md").write_text("keep me\n")
     (tmp_path / "annotated" / "reports").mkdir()
     (tmp_path / "annotated" / "reports" / "q4.csv").write_text("keep,me\n")
+    # ... and one where they went inside its dataset folders, beside the part files
+    for folder in ("runs", "intents/reports"):
+        (tmp_path / "annotated_inside" / folder).mkdir(parents=True)
+    (tmp_path / "annotated_inside" / SWEEP_MARKER).write_text("{}\n")
+    (tmp_path / "annotated_inside" / "runs" / "part-00000.parquet").write_bytes(b"PAR1")
+    (tmp_path / "annotated_inside" / "runs" / "notes.txt").write_text("keep me\n")
+    (tmp_path / "annotated_inside" / "intents" / "reports" / "r.csv").write_text("keep,me\n")
     before = _files(tmp_path)
     proc = _cli("sweep", "book", "--out", out, "--quiet", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
@@ -120,6 +130,36 @@ def test_a_finished_sweep_removes_what_killed_runs_left(tmp_path):
     sweep(DATA / "sample_book", out, shard_size=250, threads=1, progress=False)
     assert stale_work(out) == []
     assert (tmp_path / ".outer.work-0123456789abcdef").exists() and (out / SWEEP_MARKER).exists()
+
+
+class _Killed(BaseException):
+    """The process dying midway: nothing after it runs, no handler catches it."""
+
+
+def test_a_sweep_killed_while_it_deletes_its_work_finishes_when_run_again(tmp_path, monkeypatch):
+    """A kill after the output is in place, while the finished sweep deletes its work dir,
+    leaves that dir whole or gone: the same command run again finishes with the same
+    output, instead of resuming shards that lost files."""
+    import shutil
+
+    book = _book(tmp_path, n=40)
+    sweep(book, tmp_path / "whole", shard_size=10, threads=1, progress=False)
+    out, rmtree = tmp_path / "out", shutil.rmtree
+
+    def die_midway(path, *args, **kwargs):  # the first file goes, then the process dies
+        if ".out." in Path(path).name:
+            sorted(p for p in Path(path).rglob("runs.parquet"))[-1].unlink()
+            raise _Killed
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", die_midway)
+    with pytest.raises(_Killed):
+        sweep(book, out, shard_size=10, threads=1, progress=False)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    manifest = sweep(book, out, shard_size=10, threads=1, progress=False)
+    assert manifest["portfolios"] == 40 and stale_work(out) == []
+    for table in ("runs", "intents", "positions_after"):
+        assert pl.read_parquet(out / table / "*.parquet").equals(pl.read_parquet(tmp_path / "whole" / table / "*.parquet"))
 
 
 def test_workers_die_with_a_killed_sweep(tmp_path):

@@ -849,6 +849,24 @@ def test_dask_local_cluster_gives_identical_output(book, swept, tmp_path):
     _same_outputs(out, other)
 
 
+def test_an_existing_cluster_reads_a_rewritten_book_again(tmp_path):
+    """A long-lived cluster's workers keep a book's shared tables between sweeps; once the
+    book's prices are rewritten, the next sweep on the same cluster prices with the new
+    ones, as a sweep in this process does."""
+    pytest.importorskip("dask.distributed")
+    from distributed import LocalCluster
+
+    book = _book(tmp_path, n=40, bad_data=False)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        sweep(book, tmp_path / "before", shard_size=20, scheduler=cluster.scheduler_address, progress=False)
+        prices = pl.read_parquet(book / "prices.parquet")
+        prices.with_columns(pl.col("price") * 2).write_parquet(book / "prices.parquet")
+        sweep(book, tmp_path / "after", shard_size=20, scheduler=cluster.scheduler_address, progress=False)
+    sweep(book, tmp_path / "here", shard_size=20, threads=1, progress=False)
+    _same_outputs(tmp_path / "after", tmp_path / "here")
+    assert not _read(tmp_path / "after", "positions_after").equals(_read(tmp_path / "before", "positions_after"))
+
+
 def test_dask_workers_write_the_chosen_tables(book, swept, tmp_path):
     """The choice travels with the plan to the worker processes."""
     pytest.importorskip("dask.distributed")

@@ -112,8 +112,29 @@ def scan_table(book_dir: Path, table: str, file: Path | None = None, check_owned
     # dictionary-encoded text (pandas' category, Polars' Categorical) read as plain text, so
     # that it joins and compares with the other tables' keys
     coded = [field.name for field in schema if pa.types.is_dictionary(field.type) and _is_text(field.type.value_type)]
-    scan = pl.scan_parquet(file)
+    scan = _with_zones_polars_reads(file, schema)
     return scan.with_columns(pl.col(coded).cast(pl.String)) if coded else scan
+
+
+_FIXED_OFFSET = re.compile(r"^[+-][0-9]{2}(:?[0-9]{2})?$")
+
+
+def _with_zones_polars_reads(file: Path, schema: pa.Schema) -> pl.LazyFrame:
+    """``file`` as a lazy frame. Arrow labels a timestamp with a zone name or a fixed offset
+    (``+05:30``, what pyarrow writes for pandas' ``timezone(timedelta(...))``), and Polars
+    reads names only; the instants are UTC either way, so such a file is read through
+    pyarrow with those columns labelled UTC."""
+    offsets = [field for field in schema if pa.types.is_timestamp(field.type) and _FIXED_OFFSET.match(field.type.tz or "")]
+    if not offsets:
+        return pl.scan_parquet(file)
+    try:
+        table = pq.read_table(file)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise BookError(str(file), f"not a readable Parquet file: {exc}") from None
+    for field in offsets:
+        index = table.schema.get_field_index(field.name)
+        table = table.set_column(index, field.name, table.column(index).cast(pa.timestamp(field.type.unit, "UTC")))
+    return pl.from_arrow(table).lazy()
 
 
 def _missing_hint(file: Path, table: str) -> str:

@@ -175,7 +175,7 @@ def holding_counts(book_dir: str | Path) -> dict[str, pl.DataFrame | None]:
     for table in HOLDING_TABLES:
         lf = scan_table(Path(book_dir), table)  # a missing or misshapen file is a BookError naming it
         counts[table] = None if lf is None else collect(
-            lf.select("portfolio_snapshot_id").with_row_index("_row")
+            lf.select(pl.col("portfolio_snapshot_id").cast(pl.String)).with_row_index("_row")  # a null-typed empty column too
             .group_by("portfolio_snapshot_id")
             .agg(pl.len().alias("rows"), pl.col("_row").min().alias("first"), (pl.col("_row").max() + 1).alias("stop")),
             _path(Path(book_dir), table), engine="streaming",
@@ -290,7 +290,9 @@ def partition_holdings(plan: SweepPlan, portfolios: pl.DataFrame, batch_rows: in
         try:
             for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
                 # rows keep their file order inside each shard (order-keeping join and split)
-                routed = pl.from_arrow(batch).join(shard_of, on="portfolio_snapshot_id", how="inner", maintain_order="left")
+                # the key as plain text, also where the file stores it dictionary-encoded or, empty, null-typed
+                routed = pl.from_arrow(batch).with_columns(pl.col("portfolio_snapshot_id").cast(pl.String)).join(
+                    shard_of, on="portfolio_snapshot_id", how="inner", maintain_order="left")
                 for (shard,), part in routed.partition_by("_shard", as_dict=True, maintain_order=True).items():
                     arrow = part.drop("_shard").to_arrow()
                     if shard not in writers:

@@ -158,6 +158,56 @@ def test_keys_written_as_categories_read_as_text(tmp_path):
         assert pl.read_parquet(tmp_path / "out" / table / "*.parquet").equals(pl.read_parquet(tmp_path / "out_plain" / table / "*.parquet"))
 
 
+def _same_sweep(book: Path, expected: Path, out: Path) -> None:
+    from dpm_vec.sweep import sweep
+
+    sweep(book, out, shard_size=7, progress=False)
+    for table in ("runs", "intents", "positions_after", "events"):
+        assert pl.read_parquet(out / table / "*.parquet").equals(pl.read_parquet(expected / table / "*.parquet")), table
+
+
+def test_holdings_of_other_encodings_sweep_as_plain_ones(tmp_path):
+    """Encodings a bank's own tooling writes give the plain book's answers: holdings whose
+    snapshots are interleaved, as dictionary-encoded text (the shards' split joined a
+    Categorical key with text); an empty lots table whose columns are Arrow's null type
+    (pandas' empty frame; its key joined as null), as the file absent; and as_of
+    timestamps labelled with a fixed offset (pandas' ``timezone(timedelta(...))``, on
+    which Polars panicked), as the same instants in UTC."""
+    from dpm_vec.sweep import sweep
+
+    frames = generate_book_frames(20, 5, holdings=(2, 3))
+    write_book(frames, tmp_path / "plain")
+    sweep(tmp_path / "plain", tmp_path / "out_plain", shard_size=7, progress=False)
+
+    def interleaved(frame: pl.DataFrame) -> pl.DataFrame:  # each snapshot's own rows keep their order
+        return frame.with_columns(pl.int_range(pl.len()).over("portfolio_snapshot_id").alias("_k")).sort(
+            "_k", "portfolio_snapshot_id", descending=[False, True], maintain_order=True).drop("_k")
+
+    coded = {table: interleaved(frame) if table in ("positions", "cash", "lots") else frame for table, frame in frames.items()}
+    coded = {table: frame.with_columns(pl.col(pl.String).cast(pl.Categorical)) for table, frame in coded.items()}
+    write_book(coded, tmp_path / "coded")
+    _same_sweep(tmp_path / "coded", tmp_path / "out_plain", tmp_path / "out_coded")
+
+    write_book({table: frame for table, frame in frames.items() if table != "lots"}, tmp_path / "no_lots")
+    sweep(tmp_path / "no_lots", tmp_path / "out_no_lots", shard_size=7, progress=False)
+    write_book(frames, tmp_path / "null_lots")
+    lots = tmp_path / "null_lots" / "lots.parquet"
+    pq.write_table(pa_arrow.table({name: pa_arrow.array([], pa_arrow.null()) for name in pq.read_schema(lots).names}), lots)
+    _same_sweep(tmp_path / "null_lots", tmp_path / "out_no_lots", tmp_path / "out_null_lots")
+
+    write_book(frames, tmp_path / "offset")
+    for table in ("portfolios", "prices"):
+        file = tmp_path / "offset" / f"{table}.parquet"
+        arrow = pq.read_table(file)
+        for index, field in enumerate(arrow.schema):
+            if pa_arrow.types.is_timestamp(field.type):
+                arrow = arrow.set_column(index, field.name, arrow.column(index).cast(pa_arrow.timestamp("us", "+05:30")))
+        pq.write_table(arrow, file)
+    assert pq.read_schema(tmp_path / "offset" / "prices.parquet").field("as_of").type.tz == "+05:30"
+    assert read_book(tmp_path / "offset").prices.equals(read_book(tmp_path / "plain").prices)
+    _same_sweep(tmp_path / "offset", tmp_path / "out_plain", tmp_path / "out_offset")
+
+
 def test_a_timestamp_text_that_is_no_timestamp_names_its_row(tmp_path):
     frames = generate_book_frames(3, 5, holdings=(2, 3))
     prices = frames["prices"].with_columns(pl.col("as_of").cast(pl.String))

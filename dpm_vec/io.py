@@ -352,7 +352,7 @@ def read_portfolio_rows(book_dir: str | Path, file: Path | None = None,
         for column, keys in checked.filter(pl.col("input_column").is_in(options)).group_by("input_column").agg("key").iter_rows():
             out = _replace_for_runs(out, keys, column, pl.lit(COLUMN_DEFAULTS[("portfolios", column)], dtype=out.schema[column]))
     failed = failed.unique(maintain_order=True)
-    return _flag_row_faults(out, failed), failed
+    return flag_row_faults(out, failed), failed
 
 
 def _replace_for_runs(frame: pl.DataFrame, run_keys: list[str], column: str, value: pl.Expr) -> pl.DataFrame:
@@ -471,7 +471,7 @@ def _read_book(book_dir, portfolios, reference, files, spans, isolate: bool) -> 
     # the holdings snapshots with rows: every row of the portfolios' own snapshots is read
     # (a shard's span or split holds all rows of its snapshots), the failing ones too
     held = pl.concat([tables[t]["portfolio_snapshot_id"].cast(pl.String) for t in ("positions", "cash")])
-    conformed["portfolios"] = _flag_row_faults(_flag_broken_references(portfolios, reference, held), faults)
+    conformed["portfolios"] = flag_row_faults(_flag_broken_references(portfolios, reference, held), faults)
     return Book(**conformed), faults
 
 
@@ -552,7 +552,7 @@ def with_fault_details(runs: pl.DataFrame, faults: pl.DataFrame) -> pl.DataFrame
     ).drop("_fault_detail")
 
 
-def _flag_row_faults(portfolios: pl.DataFrame, faults: pl.DataFrame) -> pl.DataFrame:
+def flag_row_faults(portfolios: pl.DataFrame, faults: pl.DataFrame) -> pl.DataFrame:
     """input_fault (the table's block reason) for the portfolios that own a failed row;
     the first table in ``PORTFOLIO_ROWS`` order wins, and an input_fault already set stays."""
     if not faults.height:

@@ -41,6 +41,10 @@ def load_scenarios(path: str | Path) -> dict[str, dict]:
     except (OSError, json.JSONDecodeError) as exc:
         raise DpmVecError(f"{path}: cannot read scenarios: {exc}") from None
     scenarios = doc.get("scenarios", doc) if isinstance(doc, dict) else None
+    beside = sorted(k for k in doc if k != "scenarios") if isinstance(doc, dict) and "scenarios" in doc else []
+    if beside and not {"inputs", "portfolio_snapshot"} & set(doc):  # an analyze request's scenarios are welcome
+        raise DpmVecError(f"{path}: {', '.join(map(repr, beside))} beside \"scenarios\": a scenarios file holds only "
+                          f"{{\"scenarios\": {{name: {{\"options\": {{...}}}}}}}}; move each scenario inside it")
     if isinstance(doc, dict) and "scenarios" not in doc and {"inputs", "portfolio_snapshot"} & set(doc):
         raise DpmVecError(f"{path}: this is a rebalance request (or a golden file), not a scenarios file: expected "
                           f"{{\"scenarios\": {{name: {{\"options\": {{...}}}}}}}} (data/scenarios.json is one)")
@@ -55,6 +59,8 @@ def load_scenarios(path: str | Path) -> dict[str, dict]:
         unknown = _unknown(spec, SCENARIO_KEYS, "key")
         if unknown:
             raise DpmVecError(f"{path}: scenarios.{name}: {unknown}; a scenario has {' and '.join(SCENARIO_KEYS)}")
+        if spec.get("description") is not None and not isinstance(spec["description"], str):
+            raise DpmVecError(f"{path}: scenarios.{name}.description: expected a string, got {spec['description']!r}")
         unknown = _unknown(options, OPTION_NAMES, "option")
         if unknown:
             raise DpmVecError(f"{path}: scenarios.{name}.options: {unknown}; the options are the EngineOptions fields "
@@ -67,20 +73,25 @@ def load_scenarios(path: str | Path) -> dict[str, dict]:
     return scenarios
 
 
+def overridden_columns(options: dict) -> set[str]:
+    """The portfolios table's policy columns a scenario's options set."""
+    named = {name for name, _, _ in POLICY_COLUMNS if name in options}
+    if "min_trade_notional" in options:
+        named |= {"min_trade_notional_amount", "min_trade_notional_currency"}
+    return named
+
+
 def expand(portfolios: pl.DataFrame, group_constraints: pl.DataFrame, overdrafts: pl.DataFrame,
            scenarios: dict[str, dict]) -> dict[str, pl.DataFrame]:
     """Portfolios × scenarios (scenario order = name order, portfolios in book order).
     The limit tables' book values are kept as the book gives them: each shard checks them
     row by row, as without scenarios, so a bad value blocks only its portfolio's runs."""
-    policy_names = {name for name, _, _ in POLICY_COLUMNS}
     out = {"portfolios": [], "group_constraints": [], "overdraft_limits": []}
     for index, name in enumerate(sorted(scenarios)):
         options = scenarios[name].get("options", {})
         reader, rows = _Reader(), {"group_constraints": [], "overdraft_limits": []}
         policy = parse_options(reader, options, "_", rows)
-        named = {k for k in options if k in policy_names}
-        if "min_trade_notional" in options:
-            named |= {"min_trade_notional_amount", "min_trade_notional_currency"}
+        named = overridden_columns(options)
         overrides = [pl.lit(policy[k], dtype=dict((n, t) for n, t, _ in POLICY_COLUMNS)[k]).alias(k) for k in sorted(named)]
         runs = portfolios.with_columns(
             *overrides,

@@ -47,12 +47,12 @@ from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES
                               default_shard_size,
                               default_threads, even_shard_size, usable_cores)
 from dpm_vec.errors import ENGINE_FAILURES, BookError, DpmVecError, failure_summary, named_failures
-from dpm_vec.io import (PORTFOLIO_ROWS, REFERENCE_TABLES, _path, collect, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
+from dpm_vec.io import (PORTFOLIO_ROWS, REFERENCE_TABLES, _path, collect, flag_row_faults, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         with_fault_details, write_book, write_json_atomic)
 from dpm_vec.outdir import SWEEP_MARKER, check_replaceable, discard, exclusive, remove_stale_work
 from dpm_vec.outputs import OUTPUT_TABLES, output_tables
 from dpm_vec.pipeline import StageTimer, run
-from dpm_vec.scenarios import comparison_table, expand, load_scenarios
+from dpm_vec.scenarios import comparison_table, expand, load_scenarios, overridden_columns
 
 log = logging.getLogger("dpm_vec.sweep")
 HOLDING_TABLES = ("positions", "cash", "lots")
@@ -688,10 +688,18 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
 
         derived_tables = expand(portfolios, optional("group_constraints"), optional("overdraft_limits"), scenario_map)
         # the derived rows carry the options' defaults where the book's values failed: the
-        # shards take the failed values from here, under each scenario's run key
+        # shards take the failed values from here, under each scenario's run key, less those
+        # of a column the scenario sets itself (its value replaces the failed one)
+        overridden = pl.DataFrame([(name, column) for name in sorted(scenario_map)
+                                   for column in sorted(overridden_columns(scenario_map[name].get("options", {})))],
+                                  schema={"_scenario": pl.String, "input_column": pl.String}, orient="row")
         derived_tables["portfolio_faults"] = portfolio_faults.join(
             pl.DataFrame({"_scenario": sorted(scenario_map)}), how="cross"
-        ).select("input_table", pl.col("key") + "|" + pl.col("_scenario"), pl.exclude("input_table", "key", "_scenario"))
+        ).join(overridden, on=["_scenario", "input_column"], how="anti", maintain_order="left").select(
+            "input_table", pl.col("key") + "|" + pl.col("_scenario"), pl.exclude("input_table", "key", "_scenario"))
+        derived_tables["portfolios"] = flag_row_faults(  # and a run blocks only on the faults it keeps
+            derived_tables["portfolios"].with_columns(pl.lit(None, dtype=pl.String).alias("input_fault")),
+            derived_tables["portfolio_faults"])
         portfolios = conform("portfolios", derived_tables["portfolios"])
     counts = None  # holding_counts, when the shard size or the shards' read spans need them
     if shard_size is None:

@@ -526,6 +526,22 @@ def test_an_unknown_scenario_option_is_an_error_naming_scenario_and_option(tmp_p
             load_scenarios(_scenarios(tmp_path, doc))
 
 
+def test_a_scenarios_file_read_one_way_only(tmp_path):
+    """Keys beside "scenarios" would be dropped without a word (a scenario moved out of
+    the wrapper, or the wrapper taken for a bare map's scenario named "scenarios"), and a
+    description that is no string is refused, as the analyze door refuses it."""
+    for doc, says in (
+        ({"scenarios": {"base": {"options": {}}}, "tight": {"options": {"max_turnover_pct": "0.05"}}},
+         "'tight' beside \"scenarios\": a scenarios file holds only"),
+        ({"scenarios": {"options": {}}, "tight": {"options": {}}}, "'tight' beside \"scenarios\""),
+        ({"scenarios": {"a": {"description": 5, "options": {}}}}, "scenarios.a.description: expected a string, got 5"),
+    ):
+        with pytest.raises(DpmVecError) as caught:
+            load_scenarios(_scenarios(tmp_path, doc))
+        assert says in str(caught.value)
+    assert list(load_scenarios(_scenarios(tmp_path, {"a": {"description": None}, "b": {}}))) == ["a", "b"]
+
+
 def test_option_names_are_every_option_the_contract_reads():
     seen = set()
 

@@ -574,6 +574,31 @@ def test_a_bad_limit_under_scenarios_blocks_only_the_runs_that_read_it(tmp_path)
     assert runs.filter(pl.col("run_key") == f"{victim}|own")["block_reason"].to_list() != ["INVALID_LIMITS"]
 
 
+def test_a_scenario_setting_an_option_the_book_has_wrong_runs_with_its_own_value(tmp_path):
+    """A book value that fails its checks blocks the portfolio (INVALID_PORTFOLIO) under
+    every scenario that keeps it; a scenario that sets that option runs with its own value,
+    as a plain sweep of the book with that value does."""
+    frames = generate_book_frames(12, 5, holdings=(4, 8))
+    victim = frames["portfolios"]["run_key"][3]
+    wrong = frames["portfolios"].with_columns(
+        pl.when(pl.col("run_key") == victim).then(pl.lit("2")).otherwise(pl.col("max_turnover_pct").cast(pl.String))
+        .alias("max_turnover_pct"))
+    book = write_book({**frames, "portfolios": wrong}, tmp_path / "book")
+    fixed = write_book({**frames, "portfolios": frames["portfolios"].with_columns(
+        pl.lit(Decimal("0.5")).cast(frames["portfolios"].schema["max_turnover_pct"]).alias("max_turnover_pct"))}, tmp_path / "fixed")
+    scenarios = tmp_path / "scenarios.json"
+    scenarios.write_text(json.dumps({"scenarios": {"base": {"options": {}}, "half": {"options": {"max_turnover_pct": "0.5"}}}}))
+    sweep(book, tmp_path / "out", shard_size=5, progress=False, scenarios=scenarios)
+    sweep(fixed, tmp_path / "plain", shard_size=5, progress=False)
+    runs = _read(tmp_path / "out", "runs")
+    assert runs.filter(pl.col("block_reason") == "INVALID_PORTFOLIO")["run_key"].to_list() == [f"{victim}|base"]
+    assert _read(tmp_path / "out", "input_faults")["run_key"].to_list() == [f"{victim}|base"]
+    half = runs.filter(pl.col("scenario_id") == "half").sort("portfolio_id").select("portfolio_id", "status", "block_reason")
+    assert half.equals(_read(tmp_path / "plain", "runs").sort("portfolio_id").select("portfolio_id", "status", "block_reason"))
+    intents = _read(tmp_path / "out", "intents").filter(pl.col("run_key").str.ends_with("|half"))
+    assert intents.height == _read(tmp_path / "plain", "intents").height > 0
+
+
 @pytest.mark.parametrize(
     ("table", "column", "change", "found"),
     [

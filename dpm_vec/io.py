@@ -109,17 +109,25 @@ def scan_table(book_dir: Path, table: str, file: Path | None = None, check_owned
     _check_types(table, file, schema)
     if check_owned and table in PORTFOLIO_ROWS and table != "portfolios":
         _check_owned(table, file, metadata)
-    # dictionary-encoded text (pandas' category, Polars' Categorical) read as plain text, so
-    # that it joins and compares with the other tables' keys
-    coded = [field.name for field in schema if pa.types.is_dictionary(field.type) and _is_text(field.type.value_type)]
-    scan = _with_zones_polars_reads(file, schema)
-    return scan.with_columns(pl.col(coded).cast(pl.String)) if coded else scan
+    casts = plain_columns(table, schema)
+    scan = _scan_parquet(file, schema)
+    return scan.with_columns(casts) if casts else scan
+
+
+def plain_columns(table: str, schema: pa.Schema) -> list[pl.Expr]:
+    """The casts that let a file's columns (Arrow ``schema``) join and compare with the
+    other tables' keys: dictionary-encoded text (pandas' category, Polars' Categorical) as
+    plain text, and a column of Arrow's null type (an empty pandas frame's) as its book dtype."""
+    book = table_schema(table)
+    return [pl.col(field.name).cast(pl.String) for field in schema
+            if pa.types.is_dictionary(field.type) and _is_text(field.type.value_type)] + \
+           [pl.col(field.name).cast(book[field.name]) for field in schema if pa.types.is_null(field.type) and field.name in book]
 
 
 _FIXED_OFFSET = re.compile(r"^[+-][0-9]{2}(:?[0-9]{2})?$")
 
 
-def _with_zones_polars_reads(file: Path, schema: pa.Schema) -> pl.LazyFrame:
+def _scan_parquet(file: Path, schema: pa.Schema) -> pl.LazyFrame:
     """``file`` as a lazy frame. Arrow labels a timestamp with a zone name or a fixed offset
     (``+05:30``, what pyarrow writes for pandas' ``timezone(timedelta(...))``), and Polars
     reads names only; the instants are UTC either way, so such a file is read through

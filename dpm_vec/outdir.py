@@ -56,10 +56,10 @@ def check_replaceable(out_dir: Path, marker: str, what: str, inputs: tuple[Path,
     if not os.access(out_dir.parent, os.W_OK | os.X_OK):
         raise DpmVecError(f"--out {out_dir}: cannot replace it, {out_dir.parent} is not writable")
     if (out_dir / marker).exists():
-        others = [] if written is None else sorted(
-            [entry.name for entry in out_dir.iterdir() if entry.name not in written]
-            + [f"{entry.name}/{part.name}" for entry in out_dir.iterdir() if entry.name in written and entry.is_dir()
-               for part in entry.iterdir() if not PART_FILE.match(part.name)])
+        entries = [] if written is None else list(out_dir.iterdir())
+        others = sorted([entry.name for entry in entries if entry.name not in written]
+                        + [f"{entry.name}/{part.name}" for entry in entries if entry.name in written and entry.is_dir()
+                           for part in entry.iterdir() if not PART_FILE.match(part.name)])
         if others:
             raise DpmVecError(
                 f"--out {out_dir} holds a previous {what} and also {', '.join(others[:5])}{' …' if len(others) > 5 else ''}, "

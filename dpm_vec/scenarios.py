@@ -21,6 +21,7 @@ from dpm_vec.analyze import SCENARIO_NAME
 from dpm_vec.book import POLICY_COLUMNS, table_schema
 from dpm_vec.contract import OPTION_NAMES, _Reader, parse_options
 from dpm_vec.errors import DpmVecError
+from dpm_vec.io import flag_row_faults
 
 MAP_OPTIONS = {"group_constraints": "group_constraints", "max_overdraft_by_ccy": "overdraft_limits"}
 SCENARIO_KEYS = ("options", "description")
@@ -73,7 +74,7 @@ def load_scenarios(path: str | Path) -> dict[str, dict]:
     return scenarios
 
 
-def overridden_columns(options: dict) -> set[str]:
+def _overridden_columns(options: dict) -> set[str]:
     """The portfolios table's policy columns a scenario's options set."""
     named = {name for name, _, _ in POLICY_COLUMNS if name in options}
     if "min_trade_notional" in options:
@@ -82,23 +83,31 @@ def overridden_columns(options: dict) -> set[str]:
 
 
 def expand(portfolios: pl.DataFrame, group_constraints: pl.DataFrame, overdrafts: pl.DataFrame,
-           scenarios: dict[str, dict]) -> dict[str, pl.DataFrame]:
+           scenarios: dict[str, dict], portfolio_faults: pl.DataFrame) -> dict[str, pl.DataFrame]:
     """Portfolios × scenarios (scenario order = name order, portfolios in book order).
-    The limit tables' book values are kept as the book gives them: each shard checks them
-    row by row, as without scenarios, so a bad value blocks only its portfolio's runs."""
-    out = {"portfolios": [], "group_constraints": [], "overdraft_limits": []}
+    ``portfolio_faults`` (``read_portfolio_rows``) go under each scenario's run key, less
+    those of a column the scenario sets (its value replaces the failed one), and a run
+    blocks (input_fault) only on the faults it keeps. The limit tables' book values are
+    kept as the book gives them: each shard checks them row by row, as without scenarios,
+    so a bad value blocks only its portfolio's runs."""
+    out = {"portfolios": [], "group_constraints": [], "overdraft_limits": [], "portfolio_faults": []}
+    numbered_faults = portfolio_faults.with_row_index("_fault")
     for index, name in enumerate(sorted(scenarios)):
         options = scenarios[name].get("options", {})
         reader, rows = _Reader(), {"group_constraints": [], "overdraft_limits": []}
         policy = parse_options(reader, options, "_", rows)
-        named = overridden_columns(options)
+        named = _overridden_columns(options)
         overrides = [pl.lit(policy[k], dtype=dict((n, t) for n, t, _ in POLICY_COLUMNS)[k]).alias(k) for k in sorted(named)]
-        runs = portfolios.with_columns(
+        faults = numbered_faults.filter(~pl.col("input_column").is_in(sorted(named))).with_columns(
+            pl.col("key") + "|" + name, pl.lit(index).alias("_scenario"))
+        out["portfolio_faults"].append(faults)
+        runs = flag_row_faults(portfolios.with_columns(
             *overrides,
             (pl.col("run_key") + "|" + name).alias("run_key"),
             pl.lit(name).alias("scenario_id"),
             (pl.col("seq") * len(scenarios) + index).alias("seq"),
-        )
+            pl.lit(None, dtype=pl.String).alias("input_fault"),
+        ), faults)
         out["portfolios"].append(runs)
         keys = portfolios.select("run_key", (pl.col("run_key") + "|" + name).alias("_scenario_key"))
         for option, table in MAP_OPTIONS.items():
@@ -109,8 +118,10 @@ def expand(portfolios: pl.DataFrame, group_constraints: pl.DataFrame, overdrafts
             else:
                 out[table].append(keys.join(source.drop("seq", strict=False), on="run_key").drop("run_key").rename({"_scenario_key": "run_key"}))
     portfolios_out = pl.concat(out["portfolios"]).sort("seq").drop("seq")
+    faults_out = pl.concat(out.pop("portfolio_faults")).sort("_fault", "_scenario").drop("_fault", "_scenario")
     return {
         "portfolios": portfolios_out,
+        "portfolio_faults": faults_out,
         **{t: pl.concat(frames, how="diagonal_relaxed") if frames else None for t, frames in out.items() if t != "portfolios"},
     }
 

@@ -47,12 +47,12 @@ from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES
                               default_shard_size,
                               default_threads, even_shard_size, usable_cores)
 from dpm_vec.errors import ENGINE_FAILURES, BookError, DpmVecError, failure_summary, named_failures
-from dpm_vec.io import (PORTFOLIO_ROWS, REFERENCE_TABLES, _path, collect, flag_row_faults, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
+from dpm_vec.io import (PORTFOLIO_ROWS, REFERENCE_TABLES, _path, collect, plain_columns, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         with_fault_details, write_book, write_json_atomic)
 from dpm_vec.outdir import SWEEP_MARKER, check_replaceable, discard, exclusive, remove_stale_work
 from dpm_vec.outputs import OUTPUT_TABLES, output_tables
 from dpm_vec.pipeline import StageTimer, run
-from dpm_vec.scenarios import comparison_table, expand, load_scenarios, overridden_columns
+from dpm_vec.scenarios import comparison_table, expand, load_scenarios
 
 log = logging.getLogger("dpm_vec.sweep")
 HOLDING_TABLES = ("positions", "cash", "lots")
@@ -175,7 +175,7 @@ def holding_counts(book_dir: str | Path) -> dict[str, pl.DataFrame | None]:
     for table in HOLDING_TABLES:
         lf = scan_table(Path(book_dir), table)  # a missing or misshapen file is a BookError naming it
         counts[table] = None if lf is None else collect(
-            lf.select(pl.col("portfolio_snapshot_id").cast(pl.String)).with_row_index("_row")  # a null-typed empty column too
+            lf.select("portfolio_snapshot_id").with_row_index("_row")
             .group_by("portfolio_snapshot_id")
             .agg(pl.len().alias("rows"), pl.col("_row").min().alias("first"), (pl.col("_row").max() + 1).alias("stop")),
             _path(Path(book_dir), table), engine="streaming",
@@ -290,8 +290,8 @@ def partition_holdings(plan: SweepPlan, portfolios: pl.DataFrame, batch_rows: in
         try:
             for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
                 # rows keep their file order inside each shard (order-keeping join and split)
-                # the key as plain text, also where the file stores it dictionary-encoded or, empty, null-typed
-                routed = pl.from_arrow(batch).with_columns(pl.col("portfolio_snapshot_id").cast(pl.String)).join(
+                frame = pl.from_arrow(batch)  # read as scan_table reads the file: its key joins the portfolios'
+                routed = frame.with_columns(plain_columns(table, batch.schema)).join(
                     shard_of, on="portfolio_snapshot_id", how="inner", maintain_order="left")
                 for (shard,), part in routed.partition_by("_shard", as_dict=True, maintain_order=True).items():
                     arrow = part.drop("_shard").to_arrow()
@@ -686,20 +686,10 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
         def optional(table: str) -> pl.DataFrame:
             return pl.read_parquet(_path(book_dir, table)) if _path(book_dir, table).exists() else empty_table(table)
 
-        derived_tables = expand(portfolios, optional("group_constraints"), optional("overdraft_limits"), scenario_map)
         # the derived rows carry the options' defaults where the book's values failed: the
-        # shards take the failed values from here, under each scenario's run key, less those
-        # of a column the scenario sets itself (its value replaces the failed one)
-        overridden = pl.DataFrame([(name, column) for name in sorted(scenario_map)
-                                   for column in sorted(overridden_columns(scenario_map[name].get("options", {})))],
-                                  schema={"_scenario": pl.String, "input_column": pl.String}, orient="row")
-        derived_tables["portfolio_faults"] = portfolio_faults.join(
-            pl.DataFrame({"_scenario": sorted(scenario_map)}), how="cross"
-        ).join(overridden, on=["_scenario", "input_column"], how="anti", maintain_order="left").select(
-            "input_table", pl.col("key") + "|" + pl.col("_scenario"), pl.exclude("input_table", "key", "_scenario"))
-        derived_tables["portfolios"] = flag_row_faults(  # and a run blocks only on the faults it keeps
-            derived_tables["portfolios"].with_columns(pl.lit(None, dtype=pl.String).alias("input_fault")),
-            derived_tables["portfolio_faults"])
+        # shards take the failed values from derived_tables["portfolio_faults"]
+        derived_tables = expand(portfolios, optional("group_constraints"), optional("overdraft_limits"), scenario_map,
+                                portfolio_faults)
         portfolios = conform("portfolios", derived_tables["portfolios"])
     counts = None  # holding_counts, when the shard size or the shards' read spans need them
     if shard_size is None:

@@ -143,7 +143,7 @@ def test_a_sweep_killed_while_it_deletes_its_work_finishes_when_run_again(tmp_pa
     import shutil
 
     book = _book(tmp_path, n=40)
-    sweep(book, tmp_path / "whole", shard_size=10, threads=1, progress=False)
+    sweep(book, tmp_path / "whole", shard_size=40, threads=1, progress=False)
     out, rmtree = tmp_path / "out", shutil.rmtree
 
     def die_midway(path, *args, **kwargs):  # the first file goes, then the process dies
@@ -154,9 +154,9 @@ def test_a_sweep_killed_while_it_deletes_its_work_finishes_when_run_again(tmp_pa
 
     monkeypatch.setattr(shutil, "rmtree", die_midway)
     with pytest.raises(_Killed):
-        sweep(book, out, shard_size=10, threads=1, progress=False)
+        sweep(book, out, shard_size=20, threads=1, progress=False)
     monkeypatch.setattr(shutil, "rmtree", rmtree)
-    manifest = sweep(book, out, shard_size=10, threads=1, progress=False)
+    manifest = sweep(book, out, shard_size=20, threads=1, progress=False)
     assert manifest["portfolios"] == 40 and stale_work(out) == []
     for table in ("runs", "intents", "positions_after"):
         assert pl.read_parquet(out / table / "*.parquet").equals(pl.read_parquet(tmp_path / "whole" / table / "*.parquet"))

@@ -654,9 +654,20 @@ def _wait_for_commits(proc: subprocess.Popen, out: Path, shards: int) -> None:
     assert proc.poll() is None, "sweep finished before it could be stopped; make the book bigger"
 
 
-def _resumes_to_identical_output(cmd: list[str], book: Path, out: Path, tmp_path: Path, committed: int) -> None:
+@pytest.fixture(scope="module")
+def kill_book(tmp_path_factory) -> tuple[Path, Path]:
+    """A book of 24 shards of 10, enough to stop a sweep mid-way, and its uninterrupted
+    one-thread sweep in one shard (outputs do not depend on the shard size): every kill
+    test resumes to that."""
+    root = tmp_path_factory.mktemp("kill")
+    book = _book(root, n=240, seed=21)
+    sweep(book, root / "reference", shard_size=240, threads=1, progress=False)
+    return book, root / "reference"
+
+
+def _resumes_to_identical_output(cmd: list[str], out: Path, reference: Path, committed: int) -> None:
     """The same command finishes the rest, reusing the committed shards, with the outputs
-    of an uninterrupted one-thread sweep."""
+    of an uninterrupted sweep (``reference``)."""
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     manifest = json.loads((out / "manifest.json").read_text())
@@ -665,8 +676,6 @@ def _resumes_to_identical_output(cmd: list[str], book: Path, out: Path, tmp_path
     n = manifest["portfolios"]
     assert f"resuming: {manifest['resumed_shards']} of {manifest['shards']} shards already done" in resumed.stderr
     assert f"{manifest['shards']} of {manifest['shards']} shards done ({n:,} of {n:,} portfolios, 100%)" in resumed.stderr
-    reference = tmp_path / "reference"
-    sweep(book, reference, shard_size=10, threads=1, progress=False)
     _same_outputs(out, reference)
 
 
@@ -691,11 +700,11 @@ def test_progress_log_estimates_time_left_from_this_runs_pace_only(caplog):
     ]
 
 
-@pytest.mark.parametrize("options, seed", [(("--threads", "2"), 21), (("--processes", "2"), 23)], ids=["threads", "processes"])
-def test_killed_sweep_resumes_to_identical_output(tmp_path, options, seed):
+@pytest.mark.parametrize("options", [("--threads", "2"), ("--processes", "2")], ids=["threads", "processes"])
+def test_killed_sweep_resumes_to_identical_output(tmp_path, kill_book, options):
     """Kill a real sweep process (and its worker processes, if any) after some shards
     committed; the rerun finishes the rest."""
-    book = _book(tmp_path, n=240, seed=seed)
+    book, reference = kill_book
     out = tmp_path / "out"
     cmd = _sweep_command(book, out, *options)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -703,17 +712,17 @@ def test_killed_sweep_resumes_to_identical_output(tmp_path, options, seed):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists(), "an interrupted sweep must not leave a complete-looking output"
-    _resumes_to_identical_output(cmd, book, out, tmp_path, committed=3)
+    _resumes_to_identical_output(cmd, out, reference, committed=3)
     runs = _read(out, "runs")
     assert runs["run_key"].n_unique() == runs.height == 240
 
 
-def test_a_worker_process_killed_ends_the_sweep_with_a_clear_error(tmp_path):
+def test_a_worker_process_killed_ends_the_sweep_with_a_clear_error(tmp_path, kill_book):
     """A worker that dies mid-shard (the OOM killer, say) ends the sweep with one line
     saying so and exit code 2, not a traceback; the same command then resumes."""
     import psutil
 
-    book = _book(tmp_path, n=240, seed=25)
+    book, reference = kill_book
     out = tmp_path / "out"
     cmd = _sweep_command(book, out, "--processes", "2")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -725,7 +734,7 @@ def test_a_worker_process_killed_ends_the_sweep_with_a_clear_error(tmp_path):
     assert proc.returncode == 2, stderr
     assert stderr.strip().splitlines()[-1].startswith("dpm-vec: error: a sweep worker process ended without finishing its shard")
     assert "Traceback" not in stderr and not out.exists()
-    _resumes_to_identical_output(cmd, book, out, tmp_path, committed=2)
+    _resumes_to_identical_output(cmd, out, reference, committed=2)
 
 
 def test_a_bad_file_found_in_a_worker_process_is_named_not_blamed_on_memory(tmp_path):
@@ -766,10 +775,10 @@ def test_errors_cross_a_process_boundary_whole(error):
     assert type(back) is type(error) and str(back) == str(error) and vars(back) == vars(error)
 
 
-def test_ctrl_c_on_a_process_sweep_says_so_once(tmp_path):
+def test_ctrl_c_on_a_process_sweep_says_so_once(tmp_path, kill_book):
     """Ctrl-C reaches the whole process group on a terminal: the workers leave it to the
     sweep, which says how to go on in one line, exit code 130, no traceback."""
-    book = _book(tmp_path, n=240, seed=24)
+    book, reference = kill_book
     out = tmp_path / "out"
     cmd = _sweep_command(book, out, "--processes", "2")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -780,17 +789,17 @@ def test_ctrl_c_on_a_process_sweep_says_so_once(tmp_path):
     assert stderr.strip().splitlines()[-1] == "dpm-vec: interrupted (committed shards are kept: the same command resumes)"
     assert stderr.count("dpm-vec: interrupted") == 1
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr and not out.exists()
-    _resumes_to_identical_output(cmd, book, out, tmp_path, committed=2)
+    _resumes_to_identical_output(cmd, out, reference, committed=2)
 
 
-@pytest.mark.parametrize("stop, options, code, said, seed", [
-    (signal.SIGINT, ("--threads", "2"), 130, "interrupted", 22),
-    (signal.SIGTERM, ("--processes", "2"), 143, "terminated", 26),  # a job scheduler's stop, plain kill
+@pytest.mark.parametrize("stop, options, code, said", [
+    (signal.SIGINT, ("--threads", "2"), 130, "interrupted"),
+    (signal.SIGTERM, ("--processes", "2"), 143, "terminated"),  # a job scheduler's stop, plain kill
 ], ids=["ctrl-c-threads", "sigterm-processes"])
-def test_interrupted_sweep_says_so_and_resumes(tmp_path, stop, options, code, said, seed):
+def test_interrupted_sweep_says_so_and_resumes(tmp_path, kill_book, stop, options, code, said):
     """Ctrl-C (SIGINT) or SIGTERM to the sweep's own process: one line saying how to go on,
     its exit code, no traceback, no output dir; the same command then finishes the rest."""
-    book = _book(tmp_path, n=240, seed=seed)
+    book, reference = kill_book
     out = tmp_path / "out"
     cmd = _sweep_command(book, out, *options)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -800,7 +809,7 @@ def test_interrupted_sweep_says_so_and_resumes(tmp_path, stop, options, code, sa
     assert proc.returncode == code, stderr
     assert stderr.strip().splitlines()[-1] == f"dpm-vec: {said} (committed shards are kept: the same command resumes)"
     assert "Traceback" not in stderr and not out.exists()
-    _resumes_to_identical_output(cmd, book, out, tmp_path, committed=2)
+    _resumes_to_identical_output(cmd, out, reference, committed=2)
 
 
 def test_changed_engine_code_never_resumes_old_shards(tmp_path, monkeypatch):

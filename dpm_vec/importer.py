@@ -5,7 +5,10 @@ gives the same results as the batch, one ``runs`` row per request in order. Each
 request's model, shelf, market and holdings snapshot is also declared in the
 ``snapshots`` table: a request may carry an empty one (no targets, no shelf entries, no
 prices, no positions and no cash), which the reference runs and a book reader would
-otherwise block as an unknown reference.
+otherwise block as an unknown reference. A value the JSON door takes, as the reference
+does, but a book's checks refuse (a currency code that is not three capital letters)
+stops the import, named by its request: the sweep would block that run, not answer as
+the batch does.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dpm_vec.book import TABLES
 from dpm_vec.contract import parse_request, request_hash, rows_to_book
 from dpm_vec.errors import DpmVecError, RequestError
 from dpm_vec.io import write_book
+from dpm_vec.schemas import INPUT_SCHEMAS, failure_cases
 
 
 def import_requests(requests: list, out_dir: str | Path, names: list[str] | None = None) -> int:
@@ -39,5 +43,24 @@ def import_requests(requests: list, out_dir: str | Path, names: list[str] | None
         for table, table_rows in parsed.items():
             rows[table].extend(table_rows)
     book = rows_to_book(rows)
+    _refuse_unholdable(book.tables(), names)
     write_book(book.tables(), out_dir)
     return len(requests)
+
+
+def _refuse_unholdable(tables: dict, names: list[str] | None) -> None:
+    """Stop at the first value a book's checks refuse, naming its request: every id of a
+    request's rows is its run key ``r<index>``."""
+    for table, frame in tables.items():
+        cases = failure_cases(table, frame)
+        if cases is None:
+            continue
+        case = cases.row(0, named=True)
+        request = "a request"
+        if case["index"] is not None:
+            key = next(column for column in INPUT_SCHEMAS[table].metadata["key"] if column == "run_key" or column.endswith("_id"))
+            index = int(frame[key][case["index"]][1:])
+            request = names[index] if names else f"request {index + 1}"
+        raise DpmVecError(f"{request}: {table}.{case['column'] or '(row)'} {case['failure_case']!r} fails {case['check']}: "
+                          "the JSON door takes it, as the reference does, but a book's tables cannot hold it "
+                          "(docs/book.md), so a sweep would block this run")

@@ -22,6 +22,7 @@ from dpm_vec.book import POLICY_COLUMNS, table_schema
 from dpm_vec.contract import OPTION_NAMES, _Reader, parse_options
 from dpm_vec.errors import DpmVecError
 from dpm_vec.io import flag_row_faults
+from dpm_vec.schemas import failure_cases
 
 MAP_OPTIONS = {"group_constraints": "group_constraints", "max_overdraft_by_ccy": "overdraft_limits"}
 SCENARIO_KEYS = ("options", "description")
@@ -67,11 +68,36 @@ def load_scenarios(path: str | Path) -> dict[str, dict]:
             raise DpmVecError(f"{path}: scenarios.{name}.options: {unknown}; the options are the EngineOptions fields "
                               f"(see docs/features.md)")
         reader, rows = _Reader(), {"group_constraints": [], "overdraft_limits": []}
-        parse_options(reader, options, name, rows)
+        policy = parse_options(reader, options, name, rows)
         if reader.errors:
             first = reader.errors[0]
             raise DpmVecError(f"{path}: scenarios.{name}: {first['field']}: {first['message']}")
+        _refuse_unholdable(path, name, options, policy, rows)
     return scenarios
+
+
+# where a book column of a scenario's value comes from, in the analyze request's terms
+_OPTION_OF = {("portfolios", "min_trade_notional_amount"): "min_trade_notional.amount",
+              ("portfolios", "min_trade_notional_currency"): "min_trade_notional.currency",
+              ("overdraft_limits", "currency"): "max_overdraft_by_ccy key", ("overdraft_limits", "max_overdraft"): "max_overdraft_by_ccy",
+              ("group_constraints", "constraint_key"): "group_constraints key", ("group_constraints", "max_weight"): "group_constraints"}
+
+
+def _refuse_unholdable(path, name: str, options: dict, policy: dict, rows: dict[str, list[dict]]) -> None:
+    """A value the analyze door takes, as the reference does, but a book's column refuses
+    (a currency code that is not three capital letters) stops the sweep, naming the
+    scenario and option: the shards would block every run of that scenario."""
+    columns = sorted(_overridden_columns(options))
+    dtypes = {column: dtype for column, dtype, _ in POLICY_COLUMNS}
+    frames = {"portfolios": pl.DataFrame({column: [policy[column]] for column in columns}, schema={c: dtypes[c] for c in columns})}
+    frames.update({table: pl.DataFrame(rows[table], schema=table_schema(table), orient="row") for table in MAP_OPTIONS.values()})
+    for table, frame in frames.items():
+        cases = failure_cases(table, frame, columns if table == "portfolios" else None)
+        if cases is not None:
+            case = cases.row(0, named=True)
+            option = _OPTION_OF.get((table, case["column"]), case["column"])
+            raise DpmVecError(f"{path}: scenarios.{name}.options: {option} {case['failure_case']!r} fails {case['check']}: the "
+                              "analyze door takes it, as the reference does, but a book's column cannot hold it (docs/book.md)")
 
 
 def _overridden_columns(options: dict) -> set[str]:

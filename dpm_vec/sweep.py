@@ -350,8 +350,10 @@ def compute_shard(plan: SweepPlan, shard: int) -> tuple[dict[str, pl.DataFrame],
     spans = {table: plan.spans[table][shard] for table in HOLDING_TABLES} if plan.spans else None
     book, faults = read_shard(book_dir, portfolios, _reference(plan.book_dir), files=files, spans=spans)
     if plan.scenarios:
+        # the book's faults, and any the scenario's own values meet here: a flagged run names each
         derived_faults = pl.read_parquet(Path(plan.work_dir) / "derived" / "portfolio_faults.parquet")
-        portfolio_faults = derived_faults.filter(pl.col("key").is_in(portfolios["run_key"].implode()))
+        portfolio_faults = pl.concat([derived_faults.filter(pl.col("key").is_in(portfolios["run_key"].implode())),
+                                      portfolio_faults]).unique(maintain_order=True)
     faults = pl.concat([portfolio_faults, faults])
     timer = StageTimer()
     tables = run_isolating(book, timer, tuple(t for t in plan.tables if t in OUTPUT_TABLES))

@@ -313,6 +313,22 @@ def test_import_requests_names_the_file_of_an_invalid_request(tmp_path):
     assert not (tmp_path / "book").exists()
 
 
+def test_import_requests_refuses_a_value_the_door_takes_but_a_book_cannot_hold(tmp_path):
+    """A lower-case cash currency runs at the JSON door, as in the reference; a book holds
+    ISO codes and would block the run, so "sweep gives what the batch gives" would break:
+    the import stops, naming the request and the value."""
+    good = Path(__file__).parent / "data" / "scenarios" / "rfc_05_notional_fund_sizing.json"
+    request = json.loads(good.read_text())["inputs"]
+    request["portfolio_snapshot"]["cash_balances"][0]["currency"] = "usd"
+    (tmp_path / "odd.json").write_text(json.dumps(request))
+    assert cli("simulate", str(tmp_path / "odd.json")).returncode == 0
+    proc = cli("import-requests", str(good), str(tmp_path / "odd.json"), "--out", str(tmp_path / "book"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"dpm-vec: error: {tmp_path / 'odd.json'}: cash.currency 'usd' fails str_matches('^[A-Z]{{3}}$'): the JSON door takes it")
+    assert not (tmp_path / "book").exists()
+
+
 @pytest.mark.parametrize("args, stdin, says", [
     (("simulate", "{empty}"), None, "{empty}: a directory with no *.json request files"),
     (("import-requests", "{empty}", "--out", "{book}"), None, "{empty}: a directory with no *.json request files"),

@@ -542,6 +542,22 @@ def test_a_scenarios_file_read_one_way_only(tmp_path):
     assert list(load_scenarios(_scenarios(tmp_path, {"a": {"description": None}, "b": {}}))) == ["a", "b"]
 
 
+def test_a_scenario_value_a_book_cannot_hold_stops_the_sweep_naming_it(tmp_path):
+    """The analyze door takes any currency text, as the reference does; a book's columns
+    hold three capital letters, so such a scenario would block every one of its runs
+    (INVALID_PORTFOLIO with no fault named, or INVALID_LIMITS blaming a book table the
+    user never wrote): it is refused up front, by scenario and option."""
+    for options, says in (
+        ({"min_trade_notional": {"amount": "1000", "currency": "usd"}}, "min_trade_notional.currency 'usd' fails str_matches"),
+        ({"enable_settlement_awareness": True, "max_overdraft_by_ccy": {"USDT": "1000"}}, "max_overdraft_by_ccy key 'USDT' fails"),
+    ):
+        with pytest.raises(DpmVecError) as caught:
+            load_scenarios(_scenarios(tmp_path, {"scenarios": {"base": {"options": {}}, "odd-ccy": {"options": options}}}))
+        assert f"scenarios.odd-ccy.options: {says}" in str(caught.value)
+    fine = {"min_trade_notional": {"amount": "1000", "currency": "USD"}, "max_overdraft_by_ccy": {"USD": "0"}, "max_turnover_pct": "1"}
+    assert load_scenarios(_scenarios(tmp_path, {"ok": {"options": fine}}))["ok"]["options"] == fine
+
+
 def test_option_names_are_every_option_the_contract_reads():
     seen = set()
 

@@ -601,6 +601,27 @@ def test_a_scenario_setting_an_option_the_book_has_wrong_runs_with_its_own_value
     assert intents.height == _read(tmp_path / "plain", "intents").height > 0
 
 
+def test_a_scenario_value_failing_in_the_shards_is_named_by_each_run_it_blocks(tmp_path, monkeypatch):
+    """A scenario value that only the shards' read of its rows finds bad (here one the
+    scenario check is made to let through) blocks its runs with the fault named in
+    input_faults and block_detail, never a bare INVALID_PORTFOLIO."""
+    import dpm_vec.scenarios as scenarios_module
+
+    monkeypatch.setattr(scenarios_module, "_refuse_unholdable", lambda *args: None)
+    book = _book(tmp_path, n=6, seed=5, bad_data=False)
+    scenarios = tmp_path / "scenarios.json"
+    scenarios.write_text(json.dumps({"scenarios": {"base": {"options": {}},
+                                                   "odd": {"options": {"min_trade_notional": {"amount": "10", "currency": "usd"}}}}}))
+    sweep(book, tmp_path / "out", shard_size=4, progress=False, scenarios=scenarios)
+    runs = _read(tmp_path / "out", "runs")
+    odd = runs.filter(pl.col("scenario_id") == "odd")
+    assert odd["block_reason"].to_list() == ["INVALID_PORTFOLIO"] * 6
+    assert odd["block_detail"].to_list() == ["portfolios: min_trade_notional_currency usd fails str_matches('^[A-Z]{3}$')"] * 6
+    faults = _read(tmp_path / "out", "input_faults")
+    assert sorted(faults["run_key"]) == sorted(odd["run_key"]) and set(faults["value"]) == {"usd"}
+    assert runs.filter(pl.col("scenario_id") == "base")["block_reason"].is_null().all()
+
+
 @pytest.mark.parametrize(
     ("table", "column", "change", "found"),
     [

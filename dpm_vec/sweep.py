@@ -42,15 +42,16 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from dpm_vec import __version__
-from dpm_vec.book import Book, conform, empty_table
+from dpm_vec.book import POLICY_COLUMNS, Book, conform, empty_table
 from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES_FROM_ROWS, PROCESSES_FROM_SHARDS, RUN_ROWS,
                               default_shard_size,
                               default_threads, even_shard_size, usable_cores)
 from dpm_vec.errors import ENGINE_FAILURES, BookError, DpmVecError, failure_summary, named_failures
 from dpm_vec.io import (PORTFOLIO_ROWS, REFERENCE_TABLES, _path, collect, plain_columns, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         with_fault_details, write_book, write_json_atomic)
+from dpm_vec.numeric import lit
 from dpm_vec.outdir import SWEEP_MARKER, check_replaceable, discard, exclusive, remove_stale_work
-from dpm_vec.outputs import OUTPUT_TABLES, output_tables
+from dpm_vec.outputs import OUTPUT_TABLES, options_hashes, output_tables
 from dpm_vec.pipeline import StageTimer, run
 from dpm_vec.scenarios import comparison_table, expand, load_scenarios
 
@@ -895,13 +896,17 @@ def _engine_error_tables(book: Book, exc: BaseException, empty: dict[str, pl.Dat
                          detail: pl.Expr | None = None) -> dict[str, pl.DataFrame]:
     """One BLOCKED ENGINE_ERROR run record per portfolio of ``book``, in ``empty``'s
     tables (``_empty_tables``) and columns; its detail is ``detail`` (an expression over
-    the portfolio's row), or the error's summary."""
+    the portfolio's row), or the error's summary. It has no intents (counts and turnover
+    0) and its options hash; what was not computed (values, rule counts, gate) is null."""
     p = book.portfolios
-    runs = p.select(
+    policy = [name for name, _, _ in POLICY_COLUMNS]
+    runs = p.join(options_hashes(p), on=policy, how="left", nulls_equal=True, maintain_order="left").select(
         "run_key", "portfolio_id", "scenario_id", "base_currency", "portfolio_snapshot_id", "market_snapshot_id",
-        "shelf_id", "model_id", "target_method", "request_hash",
+        "shelf_id", "model_id", "target_method", "request_hash", "options_hash",
         pl.lit("BLOCKED").alias("status"), pl.lit("E1").alias("exit_path"), pl.lit("ENGINE_ERROR").alias("block_reason"),
         (pl.lit(failure_summary(exc)) if detail is None else detail).alias("block_detail"),
+        pl.lit(0, dtype=pl.Int64).alias("security_intent_count"), pl.lit(0, dtype=pl.Int64).alias("fx_intent_count"),
+        lit(0).alias("gross_turnover_notional_base"),
         pl.lit([f"ENGINE_ERROR:{type(exc).__name__}"], dtype=pl.List(pl.String)).alias("warnings"),
         pl.lit(__version__).alias("engine_version"),
     )

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dpm_vec.book import POLICY_COLUMNS
 from dpm_vec.codes import ENGINE_BLOCKS
 from dpm_vec.defaults import DEFAULT_SHARD_ROWS, DEFAULT_SHARD_SIZE
 from dpm_vec.errors import BookError, DpmVecError, InfeasibleConstraintError, QuantityRangeError, RequestError, fault
@@ -982,6 +983,12 @@ def test_a_portfolio_the_engine_cannot_compute_is_blocked_alone(tmp_path):
     others = runs.filter(pl.col("block_reason").ne_missing("ENGINE_ERROR"))
     assert others["exit_path"].is_not_null().all() and others.height == runs.height - 1
     assert (others["status"] == "BLOCKED").to_list() == others["block_detail"].is_not_null().to_list()
+    # no intents, as the intents table says; the policy it ran under, as every run records
+    assert failed.select("security_intent_count", "fx_intent_count").row(0) == (0, 0)
+    assert failed["gross_turnover_notional_base"].to_list() == [Decimal(0)]
+    policy = [name for name, _, _ in POLICY_COLUMNS if name in frames["portfolios"].columns]
+    assert frames["portfolios"].select(policy).row(4) == frames["portfolios"].select(policy).row(5)
+    assert failed["options_hash"][0] == runs["options_hash"][4] is not None
 
 
 def _passes_as_one_portfolio_per_shard(book: Path, tmp_path: Path, monkeypatch) -> list[int]:

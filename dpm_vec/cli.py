@@ -199,6 +199,7 @@ def cmd_analyze(args) -> int:
 
 def cmd_query(args) -> int:
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
     from dpm_vec.inspect import query
@@ -213,10 +214,13 @@ def cmd_query(args) -> int:
         return 0
     table = Table(show_lines=False)
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # a value too wide wraps, never loses digits to an ellipsis
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file has no width: as wide as the table, nothing squeezed out
+        console = Console(width=Measurement.get(Console(width=1 << 20), Console(width=1 << 20).options, table).maximum)
+    console.print(table)
     return 0
 
 
@@ -226,8 +230,11 @@ def cmd_serve(args) -> int:
     if args.store and args.idempotency != "rfc":
         raise DpmVecError("--store keeps the RFC idempotency mode's runs: add --idempotency rfc (the default "
                           "reference mode recomputes every call and stores nothing)")
+    if args.store is not None and not args.store.strip():
+        raise DpmVecError("--store: an empty path; give a file (--store runs.duckdb), or leave --store out for a store in memory")
     if args.store and not Path(args.store).resolve().parent.is_dir():
-        raise DpmVecError(f"--store {args.store}: the directory {Path(args.store).resolve().parent} does not exist")
+        parent = Path(args.store).resolve().parent
+        raise DpmVecError(f"--store {args.store}: {parent} " + ("is not a directory" if parent.exists() else "does not exist"))
     serve(host=args.host, port=args.port, store_path=args.store, idempotency=args.idempotency,
           log_level=args.log_level, max_coalesce=args.max_coalesce, max_body_bytes=args.max_body_mb * 2**20)
     return 0

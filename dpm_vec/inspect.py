@@ -17,7 +17,11 @@ def connect(out_dir: str | Path):
     con = duckdb.connect()
     for dataset in sorted(p for p in out_dir.iterdir() if p.is_dir() and any(p.glob("*.parquet"))):
         pattern = str(dataset / "*.parquet").replace("'", "''")
-        con.execute(f"CREATE VIEW \"{dataset.name}\" AS SELECT * FROM read_parquet('{pattern}')")
+        try:
+            con.execute(f"CREATE VIEW \"{dataset.name}\" AS SELECT * FROM read_parquet('{pattern}')")
+        except duckdb.Error as exc:  # a damaged or empty part file: DuckDB reads each file's footer here
+            con.close()
+            raise DpmVecError(f"{dataset}: cannot read dataset {dataset.name!r}: {str(exc).splitlines()[0]}") from None
     return con
 
 

@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS rebalance_runs (
 """
 
 _COLUMNS = "id, idempotency_key, request_hash, status, payload, created_at"
+_LAYOUT = [("id", "VARCHAR"), ("idempotency_key", "VARCHAR"), ("request_hash", "VARCHAR"), ("status", "VARCHAR"),
+           ("payload", "JSON"), ("created_at", "TIMESTAMP WITH TIME ZONE")]
 
 
 class StoreError(DpmVecError):
@@ -93,7 +95,31 @@ class RunStore:
             raise StoreError(f"cannot open run store {self.path or ':memory:'}: {exc}") from exc
         self._lock = threading.Lock()
         with self._lock:
+            if self.path is not None:
+                self._check_file_backed()
             self._con.execute(SCHEMA)
+            self._check_layout()
+
+    def _check_file_backed(self) -> None:
+        """DuckDB opens an existing Parquet, CSV or JSON file as an in-memory database with
+        a view of it: runs stored there would vanish at a restart and no lock would keep a
+        second server out."""
+        (path,) = self._con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+        if path is None:
+            self._con.close()
+            raise StoreError(f"cannot open run store {self.path}: not a DuckDB database file (DuckDB reads it as data, in "
+                             "memory, so no run would outlive the server); give a new path or a DuckDB file")
+
+    def _check_layout(self) -> None:
+        """A ``rebalance_runs`` table of another layout (another tool's, an older one's) is
+        refused at start, not met as a 500 on every request."""
+        found = self._con.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = "
+                                  "'rebalance_runs' AND table_schema = current_schema() ORDER BY ordinal_position").fetchall()
+        if found != _LAYOUT:
+            self._con.close()
+            raise StoreError(f"cannot open run store {self.path or ':memory:'}: its table rebalance_runs has columns "
+                             f"{', '.join(f'{n} {t}' for n, t in found)}; a run store's are "
+                             f"{', '.join(f'{n} {t}' for n, t in _LAYOUT)} (RFC-0001 §8.1)")
 
     # -- reads ---------------------------------------------------------------------------
     def lookup(self, idempotency_key: str) -> tuple[str, dict] | None:

@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 
 from dpm_vec.codes import ENGINE_BLOCKS
+from dpm_vec.inspect import query
 from tests.golden_compare import strip_random
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -166,7 +167,10 @@ def test_analyze_prints_the_batch_response():
     (["generate", "--portfolios", "5", "--min-holdings", "10", "--max-holdings", "2", "--out", "/tmp/never"],
      "need 1 <= --min-holdings <= --max-holdings, got 10 and 2"),
     (["serve", "--store", "/tmp/never/runs.duckdb"], "--store keeps the RFC idempotency mode's runs"),
-    (["serve", "--store", "/tmp/never/runs.duckdb", "--idempotency", "rfc"], "the directory /tmp/never does not exist"),
+    (["serve", "--store", "/tmp/never/runs.duckdb", "--idempotency", "rfc"], "--store /tmp/never/runs.duckdb: /tmp/never does not exist"),
+    (["serve", "--store", "", "--idempotency", "rfc"], "--store: an empty path"),  # not a store in memory without a word
+    (["serve", "--store", str(DATA / "sample_book" / "portfolios.parquet" / "runs.duckdb"), "--idempotency", "rfc"],
+     "portfolios.parquet is not a directory"),
 ])
 def test_errors_are_one_line_without_traceback(args, says):
     proc = cli(*args)
@@ -175,6 +179,33 @@ def test_errors_are_one_line_without_traceback(args, says):
     assert last.startswith("dpm-vec: error:") and says in last
     assert "Traceback" not in proc.stderr
     assert not Path("/tmp/never").exists()
+
+
+def test_query_names_a_damaged_dataset_file_in_one_line(tmp_path):
+    """DuckDB reads every dataset's footers when query makes its views: a damaged part
+    file of any dataset is one error line naming it, not a traceback."""
+    out = tmp_path / "out"
+    assert cli("sweep", str(DATA / "sample_book"), "--out", str(out), "--quiet", "--tables", "runs,intents").returncode == 0
+    (out / "intents" / "part-00000.parquet").write_text("garbage")
+    proc = cli("query", str(out), "select count(*) from runs")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"dpm-vec: error: {out / 'intents'}: cannot read dataset 'intents': Invalid Input Error: File '{out / 'intents' / 'part-00000.parquet'}'")
+
+
+def test_query_printed_to_a_pipe_keeps_every_column_and_digit(tmp_path):
+    """A pipe has no width: a wide result printed as a table must not squeeze its
+    columns empty or cut 28-digit values to an ellipsis (--csv aside)."""
+    out = tmp_path / "out"
+    assert cli("sweep", str(DATA / "sample_book"), "--out", str(out), "--quiet", "--tables", "runs").returncode == 0
+    sql = "select * from runs order by run_key limit 2"
+    printed = cli("query", str(out), sql)
+    assert printed.returncode == 0, printed.stderr
+    columns, rows = query(out, sql)
+    header = next(line for line in printed.stdout.splitlines() if line.startswith("┃"))
+    assert [cell.strip() for cell in header.strip("┃").split("┃")] == columns
+    for row in rows:
+        assert str(row[columns.index("before_total_value")]) in printed.stdout and row[0] in printed.stdout
 
 
 @pytest.mark.parametrize("args, says", [

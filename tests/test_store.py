@@ -121,3 +121,33 @@ def test_concurrent_saves_from_threads(tmp_path):
     assert store.count() == 1 + 8
     assert store.lookup("shared")[0] == winner_hash
     store.close()
+
+
+def test_a_file_duckdb_reads_as_data_is_refused_not_kept_in_memory(tmp_path):
+    """duckdb.connect opens an existing Parquet (or CSV, JSON) file as an in-memory
+    database with a view of it: the runs would vanish at a restart and no file lock would
+    keep a second server out, so such a path is refused by name."""
+    import polars as pl
+
+    data = tmp_path / "runs.parquet"
+    pl.DataFrame({"a": [1]}).write_parquet(data)
+    with pytest.raises(StoreError, match=f"cannot open run store {data}: not a DuckDB database file"):
+        RunStore(data)
+    store = RunStore(tmp_path / "runs.duckdb")  # a new path still becomes a file-backed store
+    store.save("k", "h", "READY", {"i": 1})
+    store.close()
+    assert RunStore(tmp_path / "runs.duckdb").lookup("k") == ("h", {"i": 1})
+
+
+def test_a_runs_table_of_another_layout_is_refused_at_open(tmp_path):
+    """Another tool's rebalance_runs table: named at start, not a 500 on every request."""
+    path = tmp_path / "other.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE rebalance_runs (id INTEGER, note VARCHAR)")
+    con.close()
+    with pytest.raises(StoreError) as caught:
+        RunStore(path)
+    assert str(caught.value) == (
+        f"cannot open run store {path}: its table rebalance_runs has columns id INTEGER, note VARCHAR; a run store's are "
+        "id VARCHAR, idempotency_key VARCHAR, request_hash VARCHAR, status VARCHAR, payload JSON, "
+        "created_at TIMESTAMP WITH TIME ZONE (RFC-0001 §8.1)")

@@ -642,6 +642,10 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
     if processes is not None and (scheduler or workers or threads):
         raise DpmVecError("--processes is one way to run the shards; --threads, --workers and --scheduler are the others: "
                           "choose one")
+    if scheduler and workers:
+        raise DpmVecError("--workers starts a local Dask cluster and --scheduler uses an existing one: choose one")
+    if scheduler:
+        _check_scheduler_address(scheduler)
     written = sweep_tables(tables)
     if shard_size is not None and shard_size < 1:
         raise DpmVecError(f"--shard-size must be at least 1, got {shard_size}")
@@ -784,21 +788,72 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
     return manifest
 
 
+def _check_scheduler_address(scheduler: str) -> None:
+    """A scheduler address Dask cannot parse (the dashboard's ``http://`` one, say) is named
+    before the sweep plans, not met as a traceback after."""
+    from distributed.comm import parse_address
+    from distributed.comm.registry import get_backend
+
+    try:
+        get_backend(parse_address(scheduler)[0])
+    except ValueError as exc:
+        raise DpmVecError(f"--scheduler {scheduler!r}: {exc}; a scheduler's address looks like tcp://HOST:8786 "
+                          "(the dashboard's http:// address is another)") from None
+
+
+_RESUMES = "committed shards are kept: the same command resumes"
+# how long the shards a worker committed may take to show on this machine: a shared file
+# system's attribute cache (NFS's acdirmax is 60 s) can hide a new file that long
+SHARED_FS_GRACE_S = 60
+
+
 def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, cluster: Future | None, reporter) -> None:
     """The pending shards as tasks on the Dask cluster at ``scheduler``, or on the local
-    one whose client ``cluster`` will give (``_early_cluster``)."""
+    one whose client ``cluster`` will give (``_early_cluster``). Dask's own failures — a
+    shard that killed each worker it ran on, a lost scheduler — and paths the workers and
+    this machine do not share end the sweep with one line saying so."""
     from dask.distributed import Client, as_completed
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
 
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines are not the sweep's log
     client = Client(scheduler) if scheduler else cluster.result()
     try:
-        futures = [client.submit(run_shard, plan, shard, key=f"dpm-vec-shard-{plan.fingerprint[:12]}-{shard}", pure=False)
-                   for shard in pending]
-        for future in as_completed(futures):
-            counts = future.result()
+        shards = {client.submit(run_shard, plan, shard, key=f"dpm-vec-shard-{plan.fingerprint[:12]}-{shard}", pure=False): shard
+                  for shard in pending}
+        for future in as_completed(shards):
+            try:
+                counts = future.result()
+            except KilledWorker:
+                raise DpmVecError(f"shard {shards[future]} ended each Dask worker that ran it (a worker's memory limit or the "
+                                  f"OOM killer, most likely): give the workers more memory or use a smaller --shard-size; "
+                                  f"{_RESUMES}") from None
+            except (FutureCancelledError, CommClosedError) as exc:
+                raise DpmVecError(f"lost the Dask scheduler {scheduler or '(local cluster)'} during the sweep ({exc}); "
+                                  f"{_RESUMES}") from None
+            except BookError as exc:
+                if exc.message.startswith("missing file") and Path(exc.file).exists():
+                    raise DpmVecError(f"{exc}; this machine has it, a Dask worker does not: BOOK and OUT's folder must be on a "
+                                      f"file system the workers share, at the same path (docs/operations.md)") from None
+                raise
             reporter.advance(1, counts["_portfolios"])
     finally:
         if scheduler:
             client.close()
+    _wait_for_shared_commits(plan, pending)
+
+
+def _wait_for_shared_commits(plan: SweepPlan, pending: list[int], grace_s: float | None = None) -> None:
+    """The shards the workers committed, as this machine sees them; a worker that wrote
+    to a folder of its own is named, after a grace period for a shared file system."""
+    deadline = time.monotonic() + (SHARED_FS_GRACE_S if grace_s is None else grace_s)
+    while unseen := [s for s in pending if not (plan.shard_dir(s) / "_SUCCESS").exists()]:
+        if time.monotonic() >= deadline:
+            raise DpmVecError(f"the Dask workers committed {len(unseen)} shard(s) that this machine does not see "
+                              f"(e.g. {plan.shard_dir(unseen[0])}): BOOK and OUT's folder must be on a file system the "
+                              f"workers share, at the same path (docs/operations.md); {_RESUMES} once they do")
+        time.sleep(1)
 
 
 @contextlib.contextmanager
@@ -827,10 +882,13 @@ def _start_cluster(book_dir: str, workers: int):
     import dask
     from dask.distributed import Client, LocalCluster
 
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines are not the sweep's log
     # inherited, not LocalCluster's env=, which reaches a worker after its spawn has imported
     # dpm_vec (the main module) and with it Polars, whose pool is sized then
     with dask.config.set(LOCAL_WORKER_CONFIG), _environment(POLARS_MAX_THREADS=str(_cores_each(workers))):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        # no dashboard; Dask's HTTP routes on a free local port, not 8787 (in use: a warning)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0",
+                               scheduler_kwargs={"dashboard": False})
     client = Client(cluster)
     try:
         client.run(_warm_worker, book_dir)

@@ -161,6 +161,10 @@ def test_analyze_prints_the_batch_response():
     (["sweep", str(DATA / "sample_book"), "--out", "/tmp/never", "--threads", "0"], "--threads must be at least 1, got 0"),
     (["sweep", str(DATA / "sample_book"), "--out", "/tmp/never", "--threads", "2", "--workers", "2"], "--threads applies to a sweep in this process"),
     (["sweep", str(DATA / "sample_book"), "--out", "/tmp/never", "--tables", "runs,trades"], "--tables: unknown dataset(s) trades"),
+    (["sweep", str(DATA / "sample_book"), "--out", "/tmp/never", "--scheduler", "http://127.0.0.1:8786"],
+     "--scheduler 'http://127.0.0.1:8786': unknown address scheme 'http'"),  # the dashboard's address, copied
+    (["sweep", str(DATA / "sample_book"), "--out", "/tmp/never", "--scheduler", "tcp://127.0.0.1:8786", "--workers", "2"],
+     "--workers starts a local Dask cluster and --scheduler uses an existing one: choose one"),
     (["query", "/nonexistent", "select 1"], "/nonexistent"),
     (["query", str(DATA / "sample_book"), " "], "no SQL given"),
     (["generate", "--portfolios", "-1", "--out", "/tmp/never"], "--portfolios must be 0 or more, got -1"),

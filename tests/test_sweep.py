@@ -899,8 +899,10 @@ def test_dask_local_cluster_gives_identical_output(book, swept, tmp_path):
     out, _ = swept
     other = tmp_path / "dask"
     env = {k: v for k, v in os.environ.items() if k != "POLARS_MAX_THREADS"}
-    subprocess.run([sys.executable, "-m", "dpm_vec.cli", "sweep", str(book), "--out", str(other), "--shard-size", "30",
-                    "--workers", "2", "--quiet"], check=True, capture_output=True, env=env)
+    done = subprocess.run([sys.executable, "-m", "dpm_vec.cli", "sweep", str(book), "--out", str(other), "--shard-size", "30",
+                           "--workers", "2", "--quiet"], check=True, capture_output=True, text=True, env=env)
+    # the sweep's log is its own: not Dask's INFO lines (~34), nor a warning that port 8787 is taken
+    assert " distributed." not in done.stderr and "8787" not in done.stderr, done.stderr
     manifest = json.loads((other / "manifest.json").read_text())
     assert manifest["portfolios"] == 80 and manifest["workers"] == 2
     assert manifest["polars_threads"] == [max(1, usable_cores() // 2)]
@@ -923,6 +925,68 @@ def test_an_existing_cluster_reads_a_rewritten_book_again(tmp_path):
     sweep(book, tmp_path / "here", shard_size=20, threads=1, progress=False)
     _same_outputs(tmp_path / "after", tmp_path / "here")
     assert not _read(tmp_path / "after", "positions_after").equals(_read(tmp_path / "before", "positions_after"))
+
+
+class _FailingClient:
+    """A Dask client whose every task fails with ``exc``."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def submit(self, *args, **kwargs):
+        return self
+
+    def result(self):
+        raise self.exc
+
+    def close(self):
+        pass
+
+
+def _dask_failures():
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
+
+    book = str(Path(__file__).parent.parent / "data" / "sample_book" / "portfolios.parquet")
+    return [
+        (KilledWorker("dpm-vec-shard-0", None, 3), "shard 0 ended each Dask worker that ran it (a worker's memory limit or the OOM killer"),
+        (FutureCancelledError("dpm-vec-shard-0", "scheduler-connection-lost"),
+         "lost the Dask scheduler tcp://cluster:8786 during the sweep (dpm-vec-shard-0 cancelled for reason: scheduler-connection-lost.)"),
+        (CommClosedError("in <TCP ...>: Stream is closed"), "lost the Dask scheduler tcp://cluster:8786 during the sweep"),
+        (BookError(book, "missing file: a book needs portfolios.parquet (see docs/book.md)"),
+         "; this machine has it, a Dask worker does not: BOOK and OUT's folder must be on a file system the workers share"),
+    ]
+
+
+@pytest.mark.parametrize("exc, says", _dask_failures(), ids=["killed-worker", "scheduler-lost", "comm-closed", "unseen-book"])
+def test_dask_failures_end_the_sweep_with_one_line(tmp_path, monkeypatch, exc, says):
+    """Dask's own failures reached the user as tracebacks (exit 1): a shard that ended
+    every worker it ran on (a memory limit), a lost scheduler, a book a worker cannot
+    see. Each is now a DpmVecError (one line, exit 2) saying what to do."""
+    import dask.distributed
+
+    import dpm_vec.sweep as sweep_module
+
+    monkeypatch.setattr(dask.distributed, "Client", lambda address: _FailingClient(exc))
+    monkeypatch.setattr(dask.distributed, "as_completed", list)
+    plan = sweep_module.plan_sweep(tmp_path / "book", tmp_path / "out", 10, {"portfolios.parquet": "abc"}, 10)
+    with pytest.raises(DpmVecError) as caught:
+        sweep_module._run_on_dask(plan, [0], "tcp://cluster:8786", None, None)
+    assert says in str(caught.value) and str(caught.value).endswith("the same command resumes") == (not isinstance(exc, BookError))
+
+
+def test_shards_a_worker_committed_out_of_sight_are_named(tmp_path):
+    """A worker whose OUT folder is not this machine's: the finished sweep found no
+    _SUCCESS and said only "No such file or directory"."""
+    import dpm_vec.sweep as sweep_module
+
+    plan = sweep_module.plan_sweep(tmp_path / "book", tmp_path / "out", 10, {"portfolios.parquet": "abc"}, 20)
+    plan.shard_dir(0).mkdir(parents=True)
+    (plan.shard_dir(0) / "_SUCCESS").write_text("{}")
+    sweep_module._wait_for_shared_commits(plan, [0], grace_s=0)  # seen: nothing to say
+    with pytest.raises(DpmVecError, match=r"the Dask workers committed 1 shard\(s\) that this machine does not see \(e.g. .*shard-00001\)"):
+        sweep_module._wait_for_shared_commits(plan, [0, 1], grace_s=0)
 
 
 def test_dask_workers_write_the_chosen_tables(book, swept, tmp_path):

@@ -1488,7 +1488,7 @@ def test_default_shard_size_is_shared_by_shards_computed_at_once(book, swept, tm
     assert seen["shard_size"] == manifest["shard_size"] == 20 and manifest["shards"] == 4
     assert manifest["workers"] == 4 and manifest["threads"] is None
     _same_outputs(swept[0], tmp_path / "four")
-    remote = sweep(book, tmp_path / "remote", scheduler="tcp://scheduler:8786", workers=4, progress=False)
+    remote = sweep(book, tmp_path / "remote", scheduler="tcp://scheduler:8786", progress=False)
     # a remote worker's shard holds all the default rows (~48 a portfolio here: over 33,000 portfolios)
     rows = sweep_module.run_rows(read_portfolio_rows(book)[0], sweep_module.holding_counts(book)["positions"],
                                  pl.read_parquet(book / "models.parquet"))
@@ -1508,6 +1508,8 @@ def test_default_shard_size_is_shared_by_shards_computed_at_once(book, swept, tm
         sweep(book, tmp_path / "none", shard_size=0, progress=False)
     with pytest.raises(DpmVecError, match="--threads applies to a sweep in this process"):
         sweep(book, tmp_path / "none", threads=2, workers=2, progress=False)
+    with pytest.raises(DpmVecError, match="--workers starts a local Dask cluster and --scheduler uses an existing one"):
+        sweep(book, tmp_path / "none", scheduler="tcp://scheduler:8786", workers=4, progress=False)
     assert not (tmp_path / "none").exists()
 
 

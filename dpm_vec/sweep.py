@@ -80,6 +80,7 @@ class SweepPlan:
     # per holdings table, each shard's (first row, row count) in the book's file; None
     # when the holdings are split into per-shard files (or read whole: one shard)
     spans: dict[str, list[tuple[int, int]]] | None = None
+    engine_source: str = ""  # engine_source_digest() of the code that planned it: a worker must run the same
 
     def table_files(self) -> dict[str, Path]:
         """Tables a what-if sweep derives (portfolios × scenarios) live in the work dir."""
@@ -145,7 +146,8 @@ def plan_sweep(book_dir: Path, out_dir: Path, shard_size: int, hashes: dict[str,
                     "scenarios": scenarios, "tables": list(tables)}, sort_keys=True).encode()
     ).hexdigest()
     work = out_dir.parent / f".{out_dir.name}.work-{fingerprint[:16]}"
-    return SweepPlan(str(book_dir), str(work), shard_size, n_portfolios, fingerprint, scenarios is not None, tables)
+    return SweepPlan(str(book_dir), str(work), shard_size, n_portfolios, fingerprint, scenarios is not None, tables,
+                     engine_source=engine_source_digest())
 
 
 def sweep_tables(requested: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -333,10 +335,16 @@ def _reference(book_dir: str) -> dict[str, pl.DataFrame]:
 
 
 def run_shard(plan: SweepPlan, shard: int) -> dict[str, int]:
-    """Run one shard and commit its outputs; returns its status counts. Idempotent."""
+    """Run one shard and commit its outputs; returns its status counts. Idempotent. A
+    worker whose engine is other code than the planner's (a Dask worker left on another
+    checkout) refuses: its shards would differ from the rest without a word."""
     target = plan.shard_dir(shard)
     if (target / "_SUCCESS").exists():
         return json.loads((target / "_SUCCESS").read_text())
+    if plan.engine_source and plan.engine_source != engine_source_digest():
+        raise DpmVecError(f"a sweep worker runs other dpm_vec code ({Path(__file__).resolve().parent}, version {__version__}) "
+                          "than the sweep that planned it: install the same checkout on every Dask worker and restart it "
+                          f"(docs/operations.md); {_RESUMES}")
     return commit_shard(plan, shard, *compute_shard(plan, shard))
 
 
@@ -819,6 +827,8 @@ def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, clu
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines are not the sweep's log
     client = Client(scheduler) if scheduler else cluster.result()
+    if scheduler and not client.scheduler_info().get("workers"):
+        log.warning("the Dask scheduler %s has no workers: the shards wait until one joins (dask worker %s)", scheduler, scheduler)
     try:
         shards = {client.submit(run_shard, plan, shard, key=f"dpm-vec-shard-{plan.fingerprint[:12]}-{shard}", pure=False): shard
                   for shard in pending}

@@ -942,6 +942,9 @@ class _FailingClient:
     def close(self):
         pass
 
+    def scheduler_info(self, **kwargs):
+        return {"workers": {"tcp://worker:1": {}}}
+
 
 def _dask_failures():
     from distributed.client import FutureCancelledError
@@ -974,6 +977,40 @@ def test_dask_failures_end_the_sweep_with_one_line(tmp_path, monkeypatch, exc, s
     with pytest.raises(DpmVecError) as caught:
         sweep_module._run_on_dask(plan, [0], "tcp://cluster:8786", None, None)
     assert says in str(caught.value) and str(caught.value).endswith("the same command resumes") == (not isinstance(exc, BookError))
+
+
+def test_a_scheduler_with_no_workers_is_said_not_waited_on_silently(tmp_path, monkeypatch, caplog):
+    """A --scheduler sweep on a cluster with no workers waited without a word."""
+    import dask.distributed
+    from distributed.scheduler import KilledWorker
+
+    import dpm_vec.sweep as sweep_module
+
+    class Empty(_FailingClient):
+        def scheduler_info(self, **kwargs):
+            return {"workers": {}}
+
+    monkeypatch.setattr(dask.distributed, "Client", lambda address: Empty(KilledWorker("k", None, 3)))
+    monkeypatch.setattr(dask.distributed, "as_completed", list)
+    plan = sweep_module.plan_sweep(tmp_path / "book", tmp_path / "out", 10, {"portfolios.parquet": "abc"}, 10)
+    with caplog.at_level(logging.WARNING, logger="dpm_vec.sweep"), pytest.raises(DpmVecError):
+        sweep_module._run_on_dask(plan, [0], "tcp://cluster:8786", None, None)
+    assert "the Dask scheduler tcp://cluster:8786 has no workers: the shards wait until one joins" in caplog.text
+
+
+def test_a_worker_on_other_engine_code_refuses_its_shard(book, tmp_path):
+    """A Dask worker left on another checkout would compute its shards with other code
+    and the sweep would mix them without a word: the plan carries the planner's source
+    digest and a worker whose own differs refuses, saying what to do."""
+    from dataclasses import replace
+
+    import dpm_vec.sweep as sweep_module
+
+    plan = sweep_module.plan_sweep(book, tmp_path / "out", 80, sweep_module.input_hashes(book), 80)
+    assert plan.engine_source == sweep_module.engine_source_digest()
+    with pytest.raises(DpmVecError, match="a sweep worker runs other dpm_vec code .* than the sweep that planned it: install the same checkout"):
+        sweep_module.run_shard(replace(plan, engine_source="another checkout"), 0)
+    assert not plan.shard_dir(0).exists()
 
 
 def test_shards_a_worker_committed_out_of_sight_are_named(tmp_path):

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from dpm_vec.defaults import DEFAULT_SHARD_ROWS, MAX_DEFAULT_THREADS, PROCESSES_FROM_ROWS, PROCESSES_FROM_SHARDS, RUN_ROWS
-from dpm_vec.errors import DpmVecError, problem
+from dpm_vec.errors import RESUMES, DpmVecError, problem
 
 UNREADABLE = "https://dpm-vec.dev/problems/unreadable-request"
 
@@ -219,7 +219,8 @@ def cmd_query(args) -> int:
         table.add_row(*("" if v is None else str(v) for v in row))
     console = Console()
     if not console.is_terminal:  # a pipe or a file has no width: as wide as the table, nothing squeezed out
-        console = Console(width=Measurement.get(Console(width=1 << 20), Console(width=1 << 20).options, table).maximum)
+        unbounded = Console(width=1 << 20)
+        console = Console(width=Measurement.get(unbounded, unbounded.options, table).maximum)
     console.print(table)
     return 0
 
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpm-vec: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        resume = " (committed shards are kept: the same command resumes)" if args.command == "sweep" else ""
+        resume = f" ({RESUMES})" if args.command == "sweep" else ""
         print(f"dpm-vec: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}{resume}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     except BrokenPipeError:

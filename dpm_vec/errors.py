@@ -29,6 +29,10 @@ def failure_summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {next(iter(text.splitlines()), '')[:200]}"
 
 
+# what an ended sweep leaves: said by each way it can end short
+RESUMES = "committed shards are kept: the same command resumes"
+
+
 class DpmVecError(Exception):
     """Base class of every error dpm_vec raises on purpose."""
 

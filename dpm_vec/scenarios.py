@@ -25,6 +25,7 @@ from dpm_vec.io import flag_row_faults
 from dpm_vec.schemas import failure_cases
 
 MAP_OPTIONS = {"group_constraints": "group_constraints", "max_overdraft_by_ccy": "overdraft_limits"}
+POLICY_DTYPES = {name: dtype for name, dtype, _ in POLICY_COLUMNS}
 SCENARIO_KEYS = ("options", "description")
 
 
@@ -88,8 +89,7 @@ def _refuse_unholdable(path, name: str, options: dict, policy: dict, rows: dict[
     (a currency code that is not three capital letters) stops the sweep, naming the
     scenario and option: the shards would block every run of that scenario."""
     columns = sorted(_overridden_columns(options))
-    dtypes = {column: dtype for column, dtype, _ in POLICY_COLUMNS}
-    frames = {"portfolios": pl.DataFrame({column: [policy[column]] for column in columns}, schema={c: dtypes[c] for c in columns})}
+    frames = {"portfolios": pl.DataFrame({column: [policy[column]] for column in columns}, schema={c: POLICY_DTYPES[c] for c in columns})}
     frames.update({table: pl.DataFrame(rows[table], schema=table_schema(table), orient="row") for table in MAP_OPTIONS.values()})
     for table, frame in frames.items():
         cases = failure_cases(table, frame, columns if table == "portfolios" else None)
@@ -123,7 +123,7 @@ def expand(portfolios: pl.DataFrame, group_constraints: pl.DataFrame, overdrafts
         reader, rows = _Reader(), {"group_constraints": [], "overdraft_limits": []}
         policy = parse_options(reader, options, "_", rows)
         named = _overridden_columns(options)
-        overrides = [pl.lit(policy[k], dtype=dict((n, t) for n, t, _ in POLICY_COLUMNS)[k]).alias(k) for k in sorted(named)]
+        overrides = [pl.lit(policy[k], dtype=POLICY_DTYPES[k]).alias(k) for k in sorted(named)]
         faults = numbered_faults.filter(~pl.col("input_column").is_in(sorted(named))).with_columns(
             pl.col("key") + "|" + name, pl.lit(index).alias("_scenario"))
         out["portfolio_faults"].append(faults)

@@ -21,6 +21,7 @@ A file-backed store can be opened by one process at a time (DuckDB's own file lo
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import uuid
@@ -44,8 +45,16 @@ CREATE TABLE IF NOT EXISTS rebalance_runs (
 """
 
 _COLUMNS = "id, idempotency_key, request_hash, status, payload, created_at"
-_LAYOUT = [("id", "VARCHAR"), ("idempotency_key", "VARCHAR"), ("request_hash", "VARCHAR"), ("status", "VARCHAR"),
-           ("payload", "JSON"), ("created_at", "TIMESTAMP WITH TIME ZONE")]
+_LAYOUT_SQL = ("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'rebalance_runs' "
+               "AND table_schema = current_schema() ORDER BY ordinal_position")
+
+
+@functools.cache
+def _layout() -> list[tuple[str, str]]:
+    """The columns and types ``SCHEMA`` makes, as DuckDB spells them (from a scratch database)."""
+    con = duckdb.connect(":memory:")
+    con.execute(SCHEMA)
+    return con.execute(_LAYOUT_SQL).fetchall()
 
 
 class StoreError(DpmVecError):
@@ -113,13 +122,12 @@ class RunStore:
     def _check_layout(self) -> None:
         """A ``rebalance_runs`` table of another layout (another tool's, an older one's) is
         refused at start, not met as a 500 on every request."""
-        found = self._con.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = "
-                                  "'rebalance_runs' AND table_schema = current_schema() ORDER BY ordinal_position").fetchall()
-        if found != _LAYOUT:
+        found = self._con.execute(_LAYOUT_SQL).fetchall()
+        if found != _layout():
             self._con.close()
             raise StoreError(f"cannot open run store {self.path or ':memory:'}: its table rebalance_runs has columns "
                              f"{', '.join(f'{n} {t}' for n, t in found)}; a run store's are "
-                             f"{', '.join(f'{n} {t}' for n, t in _LAYOUT)} (RFC-0001 §8.1)")
+                             f"{', '.join(f'{n} {t}' for n, t in _layout())} (RFC-0001 §8.1)")
 
     # -- reads ---------------------------------------------------------------------------
     def lookup(self, idempotency_key: str) -> tuple[str, dict] | None:

@@ -46,7 +46,7 @@ from dpm_vec.book import POLICY_COLUMNS, Book, conform, empty_table
 from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES_FROM_ROWS, PROCESSES_FROM_SHARDS, RUN_ROWS,
                               default_shard_size,
                               default_threads, even_shard_size, usable_cores)
-from dpm_vec.errors import ENGINE_FAILURES, BookError, DpmVecError, failure_summary, named_failures
+from dpm_vec.errors import ENGINE_FAILURES, RESUMES, BookError, DpmVecError, failure_summary, named_failures
 from dpm_vec.io import (PORTFOLIO_ROWS, REFERENCE_TABLES, _path, collect, plain_columns, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         with_fault_details, write_book, write_json_atomic)
 from dpm_vec.numeric import lit
@@ -344,7 +344,7 @@ def run_shard(plan: SweepPlan, shard: int) -> dict[str, int]:
     if plan.engine_source and plan.engine_source != engine_source_digest():
         raise DpmVecError(f"a sweep worker runs other dpm_vec code ({Path(__file__).resolve().parent}, version {__version__}) "
                           "than the sweep that planned it: install the same checkout on every Dask worker and restart it "
-                          f"(docs/operations.md); {_RESUMES}")
+                          f"(docs/operations.md); {RESUMES}")
     return commit_shard(plan, shard, *compute_shard(plan, shard))
 
 
@@ -438,8 +438,8 @@ def _run_in_processes(plan: SweepPlan, pending: list[int], reporter, processes: 
             _run_as_they_finish(pool, plan, queue, first(pool) if running is None else running, reporter)
         except BrokenProcessPool as exc:
             raise DpmVecError(
-                "a sweep worker process ended without finishing its shard (killed, or out of memory?); committed "
-                "shards are kept: the same command resumes (a smaller --shard-size needs less memory)"
+                f"a sweep worker process ended without finishing its shard (killed, or out of memory?); {RESUMES} "
+                "(a smaller --shard-size needs less memory)"
             ) from exc
 
 
@@ -654,6 +654,9 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
         raise DpmVecError("--workers starts a local Dask cluster and --scheduler uses an existing one: choose one")
     if scheduler:
         _check_scheduler_address(scheduler)
+    if scheduler or workers:  # Dask's INFO lines are not the sweep's log; importing it sets its level, so import first
+        import distributed  # noqa: F401
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     written = sweep_tables(tables)
     if shard_size is not None and shard_size < 1:
         raise DpmVecError(f"--shard-size must be at least 1, got {shard_size}")
@@ -809,7 +812,6 @@ def _check_scheduler_address(scheduler: str) -> None:
                           "(the dashboard's http:// address is another)") from None
 
 
-_RESUMES = "committed shards are kept: the same command resumes"
 # how long the shards a worker committed may take to show on this machine: a shared file
 # system's attribute cache (NFS's acdirmax is 60 s) can hide a new file that long
 SHARED_FS_GRACE_S = 60
@@ -821,11 +823,7 @@ def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, clu
     shard that killed each worker it ran on, a lost scheduler — and paths the workers and
     this machine do not share end the sweep with one line saying so."""
     from dask.distributed import Client, as_completed
-    from distributed.client import FutureCancelledError
-    from distributed.comm.core import CommClosedError
-    from distributed.scheduler import KilledWorker
 
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines are not the sweep's log
     client = Client(scheduler) if scheduler else cluster.result()
     if scheduler and not client.scheduler_info().get("workers"):
         log.warning("the Dask scheduler %s has no workers: the shards wait until one joins (dask worker %s)", scheduler, scheduler)
@@ -833,25 +831,32 @@ def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, clu
         shards = {client.submit(run_shard, plan, shard, key=f"dpm-vec-shard-{plan.fingerprint[:12]}-{shard}", pure=False): shard
                   for shard in pending}
         for future in as_completed(shards):
-            try:
-                counts = future.result()
-            except KilledWorker:
-                raise DpmVecError(f"shard {shards[future]} ended each Dask worker that ran it (a worker's memory limit or the "
-                                  f"OOM killer, most likely): give the workers more memory or use a smaller --shard-size; "
-                                  f"{_RESUMES}") from None
-            except (FutureCancelledError, CommClosedError) as exc:
-                raise DpmVecError(f"lost the Dask scheduler {scheduler or '(local cluster)'} during the sweep ({exc}); "
-                                  f"{_RESUMES}") from None
-            except BookError as exc:
-                if exc.message.startswith("missing file") and Path(exc.file).exists():
-                    raise DpmVecError(f"{exc}; this machine has it, a Dask worker does not: BOOK and OUT's folder must be on a "
-                                      f"file system the workers share, at the same path (docs/operations.md)") from None
-                raise
+            counts = _shard_result(future, shards[future], scheduler)
             reporter.advance(1, counts["_portfolios"])
     finally:
         if scheduler:
             client.close()
     _wait_for_shared_commits(plan, pending)
+
+
+def _shard_result(future, shard: int, scheduler: str | None) -> dict[str, int]:
+    """A Dask task's shard counts; Dask's own failures as a DpmVecError saying what to do."""
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
+
+    try:
+        return future.result()
+    except KilledWorker:
+        raise DpmVecError(f"shard {shard} ended each Dask worker that ran it (a worker's memory limit or the OOM killer, most "
+                          f"likely): give the workers more memory or use a smaller --shard-size; {RESUMES}") from None
+    except (FutureCancelledError, CommClosedError) as exc:
+        raise DpmVecError(f"lost the Dask scheduler {scheduler or '(local cluster)'} during the sweep ({exc}); {RESUMES}") from None
+    except BookError as exc:
+        if exc.message.startswith("missing file") and Path(exc.file).exists():
+            raise DpmVecError(f"{exc}; this machine has it, a Dask worker does not: BOOK and OUT's folder must be on a file "
+                              "system the workers share, at the same path (docs/operations.md)") from None
+        raise
 
 
 def _wait_for_shared_commits(plan: SweepPlan, pending: list[int], grace_s: float | None = None) -> None:
@@ -862,7 +867,7 @@ def _wait_for_shared_commits(plan: SweepPlan, pending: list[int], grace_s: float
         if time.monotonic() >= deadline:
             raise DpmVecError(f"the Dask workers committed {len(unseen)} shard(s) that this machine does not see "
                               f"(e.g. {plan.shard_dir(unseen[0])}): BOOK and OUT's folder must be on a file system the "
-                              f"workers share, at the same path (docs/operations.md); {_RESUMES} once they do")
+                              f"workers share, at the same path (docs/operations.md); {RESUMES} once they do")
         time.sleep(1)
 
 
@@ -892,7 +897,6 @@ def _start_cluster(book_dir: str, workers: int):
     import dask
     from dask.distributed import Client, LocalCluster
 
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines are not the sweep's log
     # inherited, not LocalCluster's env=, which reaches a worker after its spawn has imported
     # dpm_vec (the main module) and with it Polars, whose pool is sized then
     with dask.config.set(LOCAL_WORKER_CONFIG), _environment(POLARS_MAX_THREADS=str(_cores_each(workers))):

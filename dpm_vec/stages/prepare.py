@@ -19,7 +19,6 @@ from dpm_vec.numeric import DEC, as_f64, lit, naming_overflows, units_text
 
 RUN = pl.UInt32
 SLOT = pl.UInt32
-_SEP = pl.lit("\x1f")  # joins snapshot id and currencies into one look-up key
 
 
 @dataclass(frozen=True)
@@ -74,22 +73,18 @@ class Market:
 
     def _rate_parts(self, frame: pl.DataFrame, from_col: str, to_col: str) -> pl.DataFrame:
         """Attach the first direct (``_direct``) and inverse (``_inverse``) quote of each
-        row's pair, joined on one string key (snapshot, from, to)."""
-        quotes = self.fx.select(
-            pl.concat_str("market_snapshot_id", _SEP, "fx_from", _SEP, "fx_to").alias("_pair"),
-            pl.concat_str("market_snapshot_id", _SEP, "fx_to", _SEP, "fx_from").alias("_reverse"),
-            "fx_rate",
-        )
-        direct = quotes.select("_pair", pl.col("fx_rate").alias("_direct"))
-        inverse = quotes.select(pl.col("_reverse").alias("_pair"), pl.col("fx_rate").alias("_inverse"))
+        row's pair, joined on (snapshot, from, to) as separate keys: currencies are free
+        text (§3), so no separator joined into one key could keep two pairs apart."""
         if self.one_market:
-            snapshot = pl.lit(self.run_keys["market_snapshot_id"][0])
-            keyed = frame.with_columns(pl.concat_str(snapshot, _SEP, from_col, _SEP, to_col).alias("_pair"))
+            snapshot, quotes, keyed = [], self._only(self.fx, "market_snapshot_id"), frame
         else:
-            keyed = frame.join(self.run_keys.select("run", "market_snapshot_id"), on="run", how="left", maintain_order="left").with_columns(
-                pl.concat_str("market_snapshot_id", _SEP, from_col, _SEP, to_col).alias("_pair")
-            ).drop("market_snapshot_id")
-        keyed = keyed.join(direct, on="_pair", how="left", maintain_order="left").join(inverse, on="_pair", how="left", maintain_order="left").drop("_pair")
+            snapshot, quotes = ["market_snapshot_id"], self.fx
+            keyed = frame.join(self.run_keys.select("run", "market_snapshot_id"), on="run", how="left", maintain_order="left")
+        for quote_from, quote_to, out in (("fx_from", "fx_to", "_direct"), ("fx_to", "fx_from", "_inverse")):
+            quote = quotes.select(*snapshot, pl.col(quote_from).alias("_quote_from"), pl.col(quote_to).alias("_quote_to"), pl.col("fx_rate").alias(out))
+            keyed = keyed.join(quote, left_on=[*snapshot, from_col, to_col], right_on=[*snapshot, "_quote_from", "_quote_to"],
+                               how="left", maintain_order="left", coalesce=True)
+        keyed = keyed.drop(snapshot)
         return keyed.with_columns(
             (pl.col(from_col) == pl.col(to_col)).alias("_same"),
             (pl.col("_direct").is_not_null() & (pl.col("_direct") != 0)).alias("_use_direct"),

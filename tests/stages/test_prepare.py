@@ -117,6 +117,26 @@ def test_a_slashed_currency_is_rated_as_the_reference_looks_it_up():
     assert [(i["intent_type"], i.get("pair")) for i in engine["intents"]] == [(i["intent_type"], i.get("pair")) for i in oracle["intents"]]
 
 
+def test_currencies_with_any_character_are_told_apart_in_a_batch():
+    """A batch reads one market snapshot per request, so its rates are looked up by
+    (snapshot, from, to). Currencies are free text (§3): X → Y\x1fZ must not take the
+    quote of the pair X\x1fY/Z, which spells the same text with a separator between."""
+    request = {
+        "portfolio_snapshot": {"portfolio_id": "p", "base_currency": "Y\x1fZ", "positions": [{"instrument_id": "A", "quantity": "10"}],
+                               "cash_balances": [{"currency": "Y\x1fZ", "amount": "1000"}]},
+        "market_data_snapshot": {"prices": [{"instrument_id": "A", "price": "10", "currency": "X"}],
+                                 "fx_rates": [{"pair": "X\x1fY/Z", "rate": "2"}]},
+        "model_portfolio": {"targets": [{"instrument_id": "A", "weight": "0.5"}]},
+        "shelf_entries": [{"instrument_id": "A", "status": "APPROVED"}],
+        "options": {},
+    }
+    alone, oracle = simulate_outcomes([request])[0], oracle_simulate(request)
+    in_batch = simulate_outcomes([request, request])
+    for engine in (alone, *in_batch):
+        assert engine["status"] == oracle["status"] == "BLOCKED"
+        assert engine["diagnostics"]["data_quality"]["fx_missing"] == oracle["diagnostics"]["data_quality"]["fx_missing"] == ["X/Y\x1fZ"]
+
+
 @pytest.mark.parametrize("bad_data", [False, True])
 def test_holding_slots_name_one_run_and_instrument(bad_data):
     """A model row shares its slot with the run's position in the same instrument (found

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -101,10 +102,13 @@ def cmd_sweep(args) -> int:
 
 def _print_summary(manifest: dict, out: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(stderr=True)
-    table = Table(title=f"dpm-vec sweep → {out}")
+    # OUT is text, not Rich markup ("x[/]"); the commands below paste into a shell as printed
+    title, command_out = escape(out), escape(shlex.quote(out))
+    table = Table(title=f"dpm-vec sweep → {title}")
     table.add_column("status")
     table.add_column("portfolios", justify="right")
     table.add_column("share", justify="right")
@@ -122,14 +126,14 @@ def _print_summary(manifest: dict, out: str) -> None:
     if blocked_by:
         console.print(
             "blocked by: " + ", ".join(f"{reason} {n:,}" for reason, n in sorted(blocked_by.items(), key=lambda kv: (-kv[1], kv[0])))
-            + f"; each run's detail: dpm-vec query {out} \"select run_key, block_reason, block_detail from runs where status = 'BLOCKED'\""
+            + f"; each run's detail: dpm-vec query {command_out} \"select run_key, block_reason, block_detail from runs where status = 'BLOCKED'\""
         )
     faults = manifest["tables"].get("input_faults", {}).get("rows", 0)
     if faults:
         console.print(
             f"[bold]{faults:,} input fault(s)[/bold] (values or rows that fail their checks) blocked the portfolios they belong to "
             f"(block_reason INVALID_PORTFOLIO / INVALID_HOLDINGS / INVALID_LIMITS); each one: "
-            f"dpm-vec query {out} \"select * from input_faults\""
+            f"dpm-vec query {command_out} \"select * from input_faults\""
         )
 
 
@@ -201,6 +205,7 @@ def cmd_query(args) -> int:
     from rich.console import Console
     from rich.measure import Measurement
     from rich.table import Table
+    from rich.text import Text
 
     from dpm_vec.inspect import query
 
@@ -214,9 +219,9 @@ def cmd_query(args) -> int:
         return 0
     table = Table(show_lines=False)
     for column in columns:
-        table.add_column(column, overflow="fold")  # a value too wide wraps, never loses digits to an ellipsis
+        table.add_column(Text(column), overflow="fold")  # a value too wide wraps, never loses digits to an ellipsis
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+        table.add_row(*(Text("" if v is None else str(v)) for v in row))  # a value is text, never Rich markup
     console = Console()
     if not console.is_terminal:  # a pipe or a file has no width: as wide as the table, nothing squeezed out
         unbounded = Console(width=1 << 20)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from dpm_vec.errors import DpmVecError
@@ -16,13 +17,19 @@ def connect(out_dir: str | Path):
         raise DpmVecError(f"{out_dir}: not a sweep output (no manifest.json)")
     con = duckdb.connect()
     for dataset in sorted(p for p in out_dir.iterdir() if p.is_dir() and any(p.glob("*.parquet"))):
-        pattern = str(dataset / "*.parquet").replace("'", "''")
+        pattern = (_literal_glob(str(dataset)) + "/*.parquet").replace("'", "''")
         try:
             con.execute(f"CREATE VIEW \"{dataset.name}\" AS SELECT * FROM read_parquet('{pattern}')")
         except duckdb.Error as exc:  # a damaged or empty part file: DuckDB reads each file's footer here
             con.close()
             raise DpmVecError(f"{dataset}: cannot read dataset {dataset.name!r}: {str(exc).splitlines()[0]}") from None
     return con
+
+
+def _literal_glob(path: str) -> str:
+    """``path`` as a DuckDB glob that matches only itself: ``[``, ``*`` and ``?`` in a
+    folder name (``out[1]``) would otherwise match other folders (``out1``)."""
+    return re.sub(r"([\[*?])", r"[\1]", path)
 
 
 def query(out_dir: str | Path, sql: str):

@@ -134,7 +134,7 @@ def _scan_parquet(file: Path, schema: pa.Schema) -> pl.LazyFrame:
     pyarrow with those columns labelled UTC."""
     offsets = [field for field in schema if pa.types.is_timestamp(field.type) and _FIXED_OFFSET.match(field.type.tz or "")]
     if not offsets:
-        return pl.scan_parquet(file)
+        return pl.scan_parquet(file, glob=False)
     try:
         table = pq.read_table(file)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
@@ -182,7 +182,7 @@ def _check_owned(table: str, file: Path, metadata: pq.FileMetaData) -> None:
     if suspect == 0:
         return
     missing = pl.col(key).is_null() | (pl.col(key).cast(pl.String) == "")
-    rows = pl.scan_parquet(file).with_row_index("_row").filter(missing).select("_row", pl.col(key).is_null().alias("_null"))
+    rows = pl.scan_parquet(file, glob=False).with_row_index("_row").filter(missing).select("_row", pl.col(key).is_null().alias("_null"))
     found = collect(rows, file)
     if found.height:
         raise BookError(str(file), f"{found.height} row(s) with no {key}: such a row belongs to no portfolio", column=key,

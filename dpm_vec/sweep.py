@@ -360,7 +360,7 @@ def compute_shard(plan: SweepPlan, shard: int) -> tuple[dict[str, pl.DataFrame],
     book, faults = read_shard(book_dir, portfolios, _reference(plan.book_dir), files=files, spans=spans)
     if plan.scenarios:
         # the book's faults, and any the scenario's own values meet here: a flagged run names each
-        derived_faults = pl.read_parquet(Path(plan.work_dir) / "derived" / "portfolio_faults.parquet")
+        derived_faults = pl.read_parquet(Path(plan.work_dir) / "derived" / "portfolio_faults.parquet", glob=False)
         portfolio_faults = pl.concat([derived_faults.filter(pl.col("key").is_in(portfolios["run_key"].implode())),
                                       portfolio_faults]).unique(maintain_order=True)
     faults = pl.concat([portfolio_faults, faults])
@@ -613,7 +613,7 @@ def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
             _link_or_copy(src, staging / name / f"part-{shard:05d}.parquet")
     manifest["tables"] = {name: {"rows": rows[name], "files": plan.n_shards, "path": f"{name}/"} for name in plan.tables}
     if plan.scenarios:
-        table = comparison_table(pl.read_parquet(staging / "runs"))
+        table = comparison_table(pl.read_parquet(staging / "runs", glob=False))
         (staging / "scenario_comparison").mkdir()
         table.write_parquet(staging / "scenario_comparison" / "part-00000.parquet", **PARQUET_COMPRESSION)
         manifest["tables"]["scenario_comparison"] = {"rows": table.height, "files": 1, "path": "scenario_comparison/"}
@@ -702,7 +702,7 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
     scenario_map = load_scenarios(scenarios) if scenarios else None
     if scenario_map:
         def optional(table: str) -> pl.DataFrame:
-            return pl.read_parquet(_path(book_dir, table)) if _path(book_dir, table).exists() else empty_table(table)
+            return pl.read_parquet(_path(book_dir, table), glob=False) if _path(book_dir, table).exists() else empty_table(table)
 
         # the derived rows carry the options' defaults where the book's values failed: the
         # shards take the failed values from derived_tables["portfolio_faults"]

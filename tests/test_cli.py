@@ -212,6 +212,39 @@ def test_query_printed_to_a_pipe_keeps_every_column_and_digit(tmp_path):
         assert str(row[columns.index("before_total_value")]) in printed.stdout and row[0] in printed.stdout
 
 
+def _one_position_request(portfolio_id: str, instrument_id: str) -> dict:
+    return {
+        "portfolio_snapshot": {"portfolio_id": portfolio_id, "base_currency": "USD", "positions": [],
+                               "cash_balances": [{"currency": "USD", "amount": "1000"}]},
+        "market_data_snapshot": {"prices": [{"instrument_id": instrument_id, "price": "10", "currency": "USD"}], "fx_rates": []},
+        "model_portfolio": {"targets": [{"instrument_id": instrument_id, "weight": "0.5"}]},
+        "shelf_entries": [{"instrument_id": instrument_id, "status": "APPROVED"}],
+        "options": {},
+    }
+
+
+def test_paths_and_ids_are_text_not_patterns_or_markup(tmp_path):
+    """A book or OUT named ``x[b]1`` is that folder, not a pattern that also matches a
+    neighbour ``xb1`` (Polars and DuckDB expand ``[...]`` in paths); ids and folders that
+    look like Rich markup (``[red]``, ``[/]``) print as they are."""
+    for name, portfolio_id, instrument_id in (("bkb1", "plain", "EQ_1"), ("bk[b]1", "[red]P1", "X[/]")):
+        request = tmp_path / f"{portfolio_id}.json"
+        request.write_text(json.dumps(_one_position_request(portfolio_id, instrument_id)))
+        assert cli("import-requests", str(request), "--out", str(tmp_path / name)).returncode == 0
+    assert cli("sweep", str(tmp_path / "bkb1"), "--out", str(tmp_path / "ob1"), "--quiet").returncode == 0
+    out = tmp_path / "o[b]1"
+    swept = cli("sweep", str(tmp_path / "bk[b]1"), "--out", str(out), "--quiet")
+    assert swept.returncode == 0, swept.stderr
+    assert "".join(f"dpm-vec sweep → {out}".split()) in "".join(swept.stderr.split())  # the title wraps on a narrow console
+    printed = cli("query", str(out), "select portfolio_id, count(*) as \"[b]n\" from runs group by 1")
+    assert printed.returncode == 0, printed.stderr
+    assert "[red]P1" in printed.stdout and "[b]n" in printed.stdout and "plain" not in printed.stdout
+    printed = cli("query", str(out), "select instrument_id from intents")
+    assert printed.returncode == 0 and "Traceback" not in printed.stderr, printed.stderr
+    assert "X[/]" in printed.stdout
+    assert query(out, "select portfolio_id from runs")[1] == [("[red]P1",)]
+
+
 @pytest.mark.parametrize("args, says", [
     (["--port", "70000"], "argument --port: must be a TCP port, an integer from 0 to 65535; got '70000'"),
     (["--port", "http"], "argument --port: must be a TCP port, an integer from 0 to 65535; got 'http'"),

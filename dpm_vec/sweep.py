@@ -244,25 +244,44 @@ def holding_spans(plan: SweepPlan, portfolios: pl.DataFrame,
     return spans
 
 
-def run_rows(portfolios: pl.DataFrame, positions: pl.DataFrame | None, models: pl.DataFrame) -> pl.Series:
+def run_rows(portfolios: pl.DataFrame, positions: pl.DataFrame | None, models: pl.DataFrame,
+             lots: pl.DataFrame | None = None) -> pl.Series:
     """Each run's rows as the default shard size counts them, in run order: its holding
     rows plus its model's targets (a shard's frames follow its target rows, model ∪
-    holdings, so its memory does) plus ``RUN_ROWS`` for the frames it has one row in."""
-    held = pl.DataFrame(schema={"portfolio_snapshot_id": pl.String, "rows": pl.UInt32}) if positions is None else positions
+    holdings, so its memory does), its tax lots where tax awareness is on (the lot walk
+    holds a row per lot; each counted as a row, a little more than it costs) plus
+    ``RUN_ROWS`` for the frames it has one row in. ``positions`` and ``lots``:
+    (portfolio_snapshot_id, rows), as ``holding_counts`` gives them."""
+    def per_snapshot(counts: pl.DataFrame | None, name: str) -> pl.DataFrame:
+        if counts is None:
+            return pl.DataFrame(schema={"portfolio_snapshot_id": pl.String, name: pl.UInt32})
+        return counts.select("portfolio_snapshot_id", pl.col("rows").alias(name))
+
     model_sizes = models.group_by("model_id").agg(pl.len().alias("_targets"))
-    return portfolios.select("portfolio_snapshot_id", "model_id").join(
-        held.select("portfolio_snapshot_id", "rows"), on="portfolio_snapshot_id", how="left", maintain_order="left"
+    taxed = pl.col("enable_tax_awareness").fill_null(False) if "enable_tax_awareness" in portfolios.columns else pl.lit(False)
+    return portfolios.select("portfolio_snapshot_id", "model_id", taxed.alias("_taxed")).join(
+        per_snapshot(positions, "_positions"), on="portfolio_snapshot_id", how="left", maintain_order="left"
+    ).join(per_snapshot(lots, "_lots"), on="portfolio_snapshot_id", how="left", maintain_order="left"
     ).join(model_sizes, on="model_id", how="left", maintain_order="left").select(
-        (pl.col("rows").fill_null(0).cast(pl.Int64) + pl.col("_targets").fill_null(0).cast(pl.Int64) + RUN_ROWS).alias("rows")
+        (pl.col("_positions").fill_null(0).cast(pl.Int64) + pl.col("_targets").fill_null(0).cast(pl.Int64)
+         + pl.when(pl.col("_taxed")).then(pl.col("_lots").fill_null(0).cast(pl.Int64)).otherwise(0) + RUN_ROWS).alias("rows")
     ).to_series()
 
 
 def fit_shard_rows(rows: pl.Series, size: int, budget: int) -> int:
     """A shard size, at most ``size``, whose heaviest shard of consecutive runs (``rows``
-    each, ``run_rows``) holds at most ``budget`` rows; 1 when a single run holds more.
-    Large portfolios that sit together in the book shrink every shard, not only theirs."""
+    each, ``run_rows``) holds at most ``budget`` rows. Large portfolios that sit together
+    in the book shrink every shard, not only theirs. A run that alone holds more than
+    ``budget`` fits no shard size: it is left out of its shard's count (shrinking every
+    shard of the book to one portfolio for it would only multiply the shards), and the
+    size keeps two such runs in different shards, so a shard holds at most one of them
+    and ``budget`` rows besides."""
+    oversized = rows > budget
+    counted = rows.to_frame().with_columns(pl.when(oversized).then(0).otherwise(pl.col("rows")).alias("rows"))
+    if oversized.sum() > 1:  # shards of at most the smallest gap between two oversized runs never hold both
+        size = min(size, int(oversized.arg_true().diff().min()))
     while size > 1:
-        heaviest = rows.to_frame().with_row_index("_i").group_by(pl.col("_i") // size).agg(pl.col("rows").sum())["rows"].max() or 0
+        heaviest = counted.with_row_index("_i").group_by(pl.col("_i") // size).agg(pl.col("rows").sum())["rows"].max() or 0
         if heaviest <= budget:
             break
         size = max(1, min(size - 1, int(size * budget / heaviest)))
@@ -714,10 +733,12 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
         counts = holding_counts(book_dir) if portfolios.height > 1 else None
         # the shards computed at once on this machine share the default; a remote cluster's workers do not
         at_once = None if scheduler else workers or processes or threads or default_threads()
-        rows = run_rows(portfolios, counts["positions"], _reference(str(book_dir))["models"]) if counts else None
-        shard_size = default_shard_size(at_once, portfolios.height, rows.mean() if rows is not None else None)
+        rows = run_rows(portfolios, counts["positions"], _reference(str(book_dir))["models"], counts["lots"]) if counts else None
+        budget = DEFAULT_SHARD_ROWS // (at_once or 1)
+        # a run over the budget alone takes its shard whatever the size: the others set it
+        typical = rows.filter(rows <= budget).mean() if rows is not None else None
+        shard_size = default_shard_size(at_once, portfolios.height, typical)
         if rows is not None:  # and where large portfolios sit together, no shard holds more than its share of rows
-            budget = DEFAULT_SHARD_ROWS // (at_once or 1)
             fitted = fit_shard_rows(rows, shard_size, budget)
             if fitted != shard_size and at_once:  # shrunk for its rows: full rounds again, if the evened size still fits
                 fitted = fit_shard_rows(rows, even_shard_size(portfolios.height, fitted, at_once), budget)

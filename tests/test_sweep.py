@@ -1477,7 +1477,28 @@ def test_fit_shard_rows_shrinks_shards_where_large_portfolios_sit_together():
     heaviest = rows.to_frame().with_row_index("i").group_by(pl.col("i") // size).agg(pl.col("rows").sum())["rows"].max()
     assert heaviest <= 2_500
     assert fit_shard_rows(rows, 50, 100_000) == 50  # fits already: unchanged
-    assert fit_shard_rows(rows, 50, 500) == 1  # one portfolio alone is above the budget: one a shard
+    assert fit_shard_rows(rows, 50, 500) == 1  # adjacent portfolios each above the budget: one a shard
+
+
+def _shards(rows: pl.Series, size: int) -> list[list[int]]:
+    return [rows.slice(start, size).to_list() for start in range(0, rows.len(), size)]
+
+
+def test_fit_shard_rows_gives_a_portfolio_over_the_budget_a_shard_without_shrinking_the_rest():
+    """No shard size makes a 900,000-row portfolio fit an 800,000-row budget: its shard
+    holds it and at most the budget besides, and the book's other shards keep their size
+    (they shrank to one portfolio each: 4,001 shards instead of 2)."""
+    from dpm_vec.sweep import fit_shard_rows
+
+    rows = pl.Series("rows", [20] * 2_000 + [900_000] + [20] * 2_000)
+    assert fit_shard_rows(rows, 2_001, 800_000) == 2_001
+    assert fit_shard_rows(rows, 2_001, 20_000) == 1_000  # the others still fit the budget
+    # two such portfolios three runs apart never share a shard, and the rest fits besides them
+    rows = pl.Series("rows", [10] * 5 + [1_000] + [10] * 2 + [1_000] + [10] * 40)
+    size = fit_shard_rows(rows, 50, 100)
+    assert 1 < size <= 3
+    for shard in _shards(rows, size):
+        assert sum(r > 100 for r in shard) <= 1 and sum(r for r in shard if r <= 100) <= 100
 
 
 def test_sweep_sizes_default_shards_by_the_books_rows(book, swept, tmp_path, monkeypatch):
@@ -1491,11 +1512,16 @@ def test_sweep_sizes_default_shards_by_the_books_rows(book, swept, tmp_path, mon
 
     portfolios, _ = read_portfolio_rows(book)
     counts = sweep_module.holding_counts(book)
-    rows = sweep_module.run_rows(portfolios, counts["positions"], pl.read_parquet(book / "models.parquet"))
+    rows = sweep_module.run_rows(portfolios, counts["positions"], pl.read_parquet(book / "models.parquet"), counts["lots"])
     positions = pl.read_parquet(book / "positions.parquet").group_by("portfolio_snapshot_id").len()
     models = pl.read_parquet(book / "models.parquet").group_by("model_id").len()
-    expected = portfolios.join(positions, on="portfolio_snapshot_id", how="left").join(models, on="model_id", how="left", suffix="_m")
-    assert rows.to_list() == (expected["len"].fill_null(0) + expected["len_m"].fill_null(0) + defaults.RUN_ROWS).to_list()
+    lots = pl.read_parquet(book / "lots.parquet").group_by("portfolio_snapshot_id").len()
+    expected = portfolios.join(positions, on="portfolio_snapshot_id", how="left").join(
+        models, on="model_id", how="left", suffix="_m").join(lots, on="portfolio_snapshot_id", how="left", suffix="_l")
+    taxed_lots = pl.when(expected["enable_tax_awareness"].fill_null(False)).then(expected["len_l"].fill_null(0)).otherwise(0)
+    assert expected.select(taxed_lots).to_series().sum() > 0  # the book's tax-aware runs hold lots: they count
+    assert rows.to_list() == expected.select(
+        pl.col("len").fill_null(0) + pl.col("len_m").fill_null(0) + taxed_lots + defaults.RUN_ROWS).to_series().to_list()
     budget = int(rows.head(20).sum()) + 1  # about 20 portfolios' rows for both shards at once
     monkeypatch.setattr(defaults, "DEFAULT_SHARD_ROWS", budget)
     monkeypatch.setattr(sweep_module, "DEFAULT_SHARD_ROWS", budget)
@@ -1527,8 +1553,8 @@ def test_default_shard_size_is_shared_by_shards_computed_at_once(book, swept, tm
     _same_outputs(swept[0], tmp_path / "four")
     remote = sweep(book, tmp_path / "remote", scheduler="tcp://scheduler:8786", progress=False)
     # a remote worker's shard holds all the default rows (~48 a portfolio here: over 33,000 portfolios)
-    rows = sweep_module.run_rows(read_portfolio_rows(book)[0], sweep_module.holding_counts(book)["positions"],
-                                 pl.read_parquet(book / "models.parquet"))
+    counts = sweep_module.holding_counts(book)
+    rows = sweep_module.run_rows(read_portfolio_rows(book)[0], counts["positions"], pl.read_parquet(book / "models.parquet"), counts["lots"])
     assert (remote["shard_size"], remote["shards"]) == (int(DEFAULT_SHARD_ROWS / rows.mean()), 1)
     assert (remote["scheduler"], remote["workers"], remote["threads"]) == ("tcp://scheduler:8786", None, None)
     one = sweep(book, tmp_path / "one", threads=1, progress=False)

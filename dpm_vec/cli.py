@@ -18,12 +18,13 @@ UNREADABLE = "https://dpm-vec.dev/problems/unreadable-request"
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a job scheduler's stop, ``kill``), handled as Ctrl-C is: a sweep stops
-    taking shards and the running ones commit, so the same command resumes."""
+    """SIGTERM (a job scheduler's stop, ``kill``) or SIGHUP (a closed terminal or ssh
+    session), handled as Ctrl-C is: a sweep stops taking shards and the running ones
+    commit, so the same command resumes. ``args[0]``: the signal's number."""
 
 
 def _terminate(signum, frame) -> None:
-    raise Terminated
+    raise Terminated(signum)
 
 
 def _load_json(path: str):
@@ -356,30 +357,42 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     try:
         return args.func(args)
     except DpmVecError as exc:
         print(f"dpm-vec: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        resume = f" ({RESUMES})" if args.command == "sweep" else ""
-        print(f"dpm-vec: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}{resume}", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        resume = ""
+        if getattr(exc, "output_complete", False):
+            resume = f" after {args.out} was written whole (the next sweep to it removes what its clean-up left)"
+        elif args.command == "sweep":
+            resume = f" ({RESUMES})"
+        terminated = isinstance(exc, Terminated)
+        print(f"dpm-vec: {'terminated' if terminated else 'interrupted'}{resume}", file=sys.stderr)
+        signum = exc.args[0] if terminated and exc.args else signal.SIGTERM if terminated else signal.SIGINT
+        return 128 + int(signum)
     except BrokenPipeError:
         # the reader went away (``| head``): stop quietly, as Unix tools do, and keep the
         # interpreter's final flush of stdout from raising again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as exc:  # a full disk, a missing or unwritable path, an unreachable Dask scheduler
-        print(f"dpm-vec: error: {exc}", file=sys.stderr)
+        print(f"dpm-vec: error: {exc}{_resumes(args)}", file=sys.stderr)
         return 2
     except Exception as exc:
         if type(exc).__module__.split(".")[0] != "polars":
             raise
         # what reaches here from Polars is a file it could not read or write (a corrupt
         # Parquet page, a full disk): engine faults of a sweep are isolated per portfolio
-        print(f"dpm-vec: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        print(f"dpm-vec: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{_resumes(args)}", file=sys.stderr)
         return 2
+
+
+def _resumes(args) -> str:
+    """What a sweep that failed on a file keeps (every shard commits whole, or not at all)."""
+    return f"; {RESUMES}" if args.command == "sweep" else ""
 
 
 if __name__ == "__main__":

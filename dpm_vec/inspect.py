@@ -13,6 +13,8 @@ def connect(out_dir: str | Path):
     import duckdb
 
     out_dir = Path(out_dir)
+    if not out_dir.exists():
+        raise DpmVecError(f"{out_dir}: no such folder (give a sweep's --out folder)")
     if not (out_dir / "manifest.json").exists():
         raise DpmVecError(f"{out_dir}: not a sweep output (no manifest.json)")
     con = duckdb.connect()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import os
 import re
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from dpm_vec.book import (COLUMN_DEFAULTS, LOT_SUM_TOLERANCE, OPTIONAL_TABLES, P
 from dpm_vec.codes import InputFault
 from dpm_vec.errors import BookError
 from dpm_vec.numeric import units_text
+from dpm_vec.outdir import remove_tree
 from dpm_vec.schemas import check_table, failure_cases, raise_failures
 
 REFERENCE_TABLES = ("prices", "fx_rates", "shelf", "shelf_attributes", "models", "snapshots")
@@ -616,17 +619,47 @@ def write_book(tables: dict[str, pl.DataFrame], out_dir: str | Path) -> Path:
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing an existing ``dst`` (old one removed after)."""
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dst, old)
+    """Move ``src`` to ``dst``, replacing an existing ``dst`` (old one removed after). Where
+    Linux can swap the two in one step, a reader, a signal or a kill sees the old ``dst``
+    or the new one, never neither; elsewhere it is two renames."""
+    if not dst.exists():
         os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+        return
+    if _exchange(src, dst):
+        remove_tree(src)  # now the old dst
+        return
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(dst, old)
+    os.replace(src, dst)
+    remove_tree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False
+    where the system or the file system cannot, and the caller renames twice."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # a C library older than glibc 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk's write names no file: name the one being written
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise

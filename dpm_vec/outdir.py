@@ -134,22 +134,35 @@ def stale_work(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.parent.iterdir() if pattern.match(p.name))
 
 
-def discard(path: Path, out_dir: Path) -> None:
+def discard(path: Path, out_dir: Path) -> bool:
     """Delete a directory beside ``out_dir`` so that a kill midway leaves it whole or gone,
     never half a work dir that a rerun would resume from: it is first renamed to a
-    ``.<OUT>.old-*`` leftover, which the next sweep to ``out_dir`` removes."""
+    ``.<OUT>.old-*`` leftover, which the next sweep to ``out_dir`` removes (one already so
+    named is removed where it is). False where it could not be removed (``remove_tree``)."""
+    if re.match(rf"^\.{re.escape(out_dir.name)}\.old-[0-9a-f]+$", path.name):
+        return remove_tree(path)
     doomed = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
     try:
         os.replace(path, doomed)
     except FileNotFoundError:
-        return
-    shutil.rmtree(doomed, ignore_errors=True)
+        return True
+    return remove_tree(doomed)
+
+
+def remove_tree(path: Path) -> bool:
+    """Delete a directory tree; where that fails (a read-only folder inside), say which and
+    why, leave the rest to the operator, and return False."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove %s (%s): remove it by hand", path, exc)
+        return False
+    return True
 
 
 def remove_stale_work(out_dir: Path) -> list[Path]:
     """Delete ``stale_work``; call only while holding ``exclusive(out_dir)``."""
     out_dir = out_dir.resolve()
-    stale = stale_work(out_dir)
-    for path in stale:
-        discard(path, out_dir)
-    return stale
+    return [path for path in stale_work(out_dir) if discard(path, out_dir)]

@@ -25,6 +25,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -118,6 +119,19 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def book_stamps(book_dir: Path) -> dict[str, tuple[int, int, int]]:
+    """Each book file as the file system sees it (inode, size, modification time): a file
+    replaced or rewritten while a sweep runs changes its stamp."""
+    stamps = {}
+    for table in BOOK_FILES:
+        try:
+            stat = os.stat(_path(book_dir, table))
+        except FileNotFoundError:
+            continue
+        stamps[f"{table}.parquet"] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return stamps
 
 
 def input_hashes(book_dir: Path) -> dict[str, str]:
@@ -303,27 +317,51 @@ def partition_holdings(plan: SweepPlan, portfolios: pl.DataFrame, batch_rows: in
     staging = Path(plan.work_dir) / f".partition.tmp-{uuid.uuid4().hex[:8]}"
     shard_of = _shard_of(plan, portfolios)
     book_dir = Path(plan.book_dir)
-    for table in HOLDING_TABLES:
-        source = _path(book_dir, table)
-        (staging / table).mkdir(parents=True)
-        if not source.exists():
-            continue
-        writers: dict[int, pq.ParquetWriter] = {}
+    try:
+        for table in HOLDING_TABLES:
+            source = _path(book_dir, table)
+            (staging / table).mkdir(parents=True)
+            if not source.exists():
+                continue
+            writers: dict[int, pq.ParquetWriter] = {}
+            try:
+                for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
+                    # rows keep their file order inside each shard (order-keeping join and split)
+                    frame = pl.from_arrow(batch)  # read as scan_table reads the file: its key joins the portfolios'
+                    routed = frame.with_columns(plain_columns(table, batch.schema)).join(
+                        shard_of, on="portfolio_snapshot_id", how="inner", maintain_order="left")
+                    for (shard,), part in routed.partition_by("_shard", as_dict=True, maintain_order=True).items():
+                        arrow = part.drop("_shard").to_arrow()
+                        if shard not in writers:
+                            writers[shard] = pq.ParquetWriter(staging / table / f"shard-{shard:05d}.parquet", arrow.schema)
+                        writers[shard].write_table(arrow)
+            finally:
+                _close_all(writers.values())
+        os.replace(staging, plan.partition_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk's half split would only take room from the rerun
+        raise
+
+
+def _unfinished_writes(plan: SweepPlan) -> list[Path]:
+    """Staging folders of shards and of the holdings split that a killed or failed run
+    left in the work dir: never read, only taking room (a full disk's rerun needs it)."""
+    pattern = re.compile(r"^\.(partition|shard-[0-9]+)\.tmp-[0-9a-f]+$")
+    folders = (Path(plan.work_dir), plan.shard_dir(0).parent)
+    return sorted(p for folder in folders if folder.is_dir() for p in folder.iterdir() if pattern.match(p.name))
+
+
+def _close_all(writers: Iterable[pq.ParquetWriter]) -> None:
+    """Close every writer even when one fails (a full disk flushing its last page), so
+    none is left for the garbage collector to close, and fail with the first failure."""
+    failure = None
+    for writer in writers:
         try:
-            for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
-                # rows keep their file order inside each shard (order-keeping join and split)
-                frame = pl.from_arrow(batch)  # read as scan_table reads the file: its key joins the portfolios'
-                routed = frame.with_columns(plain_columns(table, batch.schema)).join(
-                    shard_of, on="portfolio_snapshot_id", how="inner", maintain_order="left")
-                for (shard,), part in routed.partition_by("_shard", as_dict=True, maintain_order=True).items():
-                    arrow = part.drop("_shard").to_arrow()
-                    if shard not in writers:
-                        writers[shard] = pq.ParquetWriter(staging / table / f"shard-{shard:05d}.parquet", arrow.schema)
-                    writers[shard].write_table(arrow)
-        finally:
-            for writer in writers.values():
-                writer.close()
-    os.replace(staging, plan.partition_dir)
+            writer.close()
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises OSError or ArrowException
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 # book dir -> (its shared tables' file stamps, the tables): one book's at a time, per process
@@ -402,16 +440,21 @@ def commit_shard(plan: SweepPlan, shard: int, tables: dict[str, pl.DataFrame], t
     """Write a shard's tables to a staging dir and rename it into place: the commit."""
     target = plan.shard_dir(shard)
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    for name in plan.tables:
-        tables[name].write_parquet(staging / f"{name}.parquet", **PARQUET_COMPRESSION)
-    timer.lap("write")
-    counts = dict(tables["runs"].group_by("status").len().iter_rows())
-    counts["_portfolios"] = tables["runs"].height
-    counts["_blocked_by"] = dict(tables["runs"].filter(pl.col("block_reason").is_not_null()).group_by("block_reason").len().iter_rows())
-    counts["_polars_threads"] = pl.thread_pool_size()
-    counts["_stage_seconds"] = {k: round(v, 4) for k, v in timer.seconds.items() if not k.startswith("_")}
-    (staging / "_SUCCESS").write_text(json.dumps(counts))
+    try:
+        staging.mkdir(parents=True)
+        for name in plan.tables:
+            tables[name].write_parquet(staging / f"{name}.parquet", **PARQUET_COMPRESSION)
+        timer.lap("write")
+        counts = dict(tables["runs"].group_by("status").len().iter_rows())
+        counts["_portfolios"] = tables["runs"].height
+        counts["_blocked_by"] = dict(tables["runs"].filter(pl.col("block_reason").is_not_null()).group_by("block_reason").len().iter_rows())
+        counts["_polars_threads"] = pl.thread_pool_size()
+        counts["_stage_seconds"] = {k: round(v, 4) for k, v in timer.seconds.items() if not k.startswith("_")}
+        (staging / "_SUCCESS").write_text(json.dumps(counts))
+    except (OSError, pl.exceptions.ComputeError) as exc:  # a full disk, a quota, a file size limit
+        shutil.rmtree(staging, ignore_errors=True)  # half a shard would only take room from the rerun
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DpmVecError(f"cannot write shard {shard} under {target.parent}: {first}; {RESUMES}") from None
     try:
         os.replace(staging, target)
     except OSError:  # another worker committed the same shard first
@@ -639,9 +682,13 @@ def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
         manifest["scenario_comparison"] = table.to_dicts()
     write_json_atomic(staging / "manifest.json", manifest)
     replace_dir(staging, out_dir)
-    discard(Path(plan.work_dir), out_dir)
-    for stale in remove_stale_work(out_dir):  # killed runs' leftovers: work under other arguments, staging copies
-        log.info("removed %s, left by an earlier sweep to %s that did not finish", stale.name, out_dir.name)
+    try:
+        discard(Path(plan.work_dir), out_dir)
+        for stale in remove_stale_work(out_dir):  # killed runs' leftovers: work under other arguments, staging copies
+            log.info("removed %s, left by an earlier sweep to %s that did not finish", stale.name, out_dir.name)
+    except KeyboardInterrupt as exc:  # OUT is whole: only the clean-up was cut short (the next sweep to OUT ends it)
+        exc.output_complete = True
+        raise
 
 
 def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None = None, scheduler: str | None = None,
@@ -681,6 +728,12 @@ def sweep(book_dir: str | Path, out_dir: str | Path, *, shard_size: int | None =
         raise DpmVecError(f"--shard-size must be at least 1, got {shard_size}")
     started = time.perf_counter()
     book_dir, out_dir = Path(book_dir).resolve(), Path(out_dir).resolve()
+    for name, path in (("BOOK", book_dir), ("--out", out_dir)):
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:  # Polars and DuckDB take paths as UTF-8 text only
+            raise DpmVecError(f"{name} {os.fsencode(path)!r}: a path with bytes that are not UTF-8 text; "
+                              f"rename the folder (or use another)") from None
     if not book_dir.is_dir():
         raise DpmVecError(f"book directory not found: {book_dir}" if not book_dir.exists()
                           else f"{book_dir} is a file; a book is a directory of Parquet tables (docs/book.md)")
@@ -703,6 +756,7 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
     cluster being started for it (``_early_cluster``)."""
     on_dask = bool(scheduler or workers)
     chosen = on_dask or threads is not None or processes is not None
+    stamps = book_stamps(book_dir)  # before anything reads the book
     portfolios, portfolio_faults = read_portfolio_rows(book_dir)
     if portfolios.height == 0:
         raise BookError(str(_path(Path(book_dir), "portfolios")), "no rows: a book with no portfolio has nothing to sweep")
@@ -760,6 +814,9 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
     if plan.n_shards > 1 and not plan.partition_dir.exists():
         plan = replace(plan, spans=holding_spans(plan, portfolios, counts))
     write_json_atomic(Path(plan.work_dir) / "plan.json", plan.__dict__)
+    if not on_dask:  # this machine's processes of an earlier run are gone; a remote worker may still be writing
+        for leftover in _unfinished_writes(plan):
+            shutil.rmtree(leftover, ignore_errors=True)
     if plan.partitioned:
         partition_holdings(plan, portfolios)
     pending = [s for s in range(plan.n_shards) if not (plan.shard_dir(s) / "_SUCCESS").exists()]
@@ -816,6 +873,12 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
     }
     if scenario_map:
         manifest["scenarios"] = sorted(scenario_map)
+    now = book_stamps(book_dir)
+    changed = sorted(name for name in stamps.keys() | now.keys() if stamps.get(name) != now.get(name))
+    if changed:
+        raise DpmVecError(f"{book_dir}: {', '.join(changed)} changed while the sweep ran, so its shards may have read "
+                          f"different data and {out_dir} was not written; run the same command once the book is complete "
+                          f"(shards of other data are never reused)")
     finalise(plan, out_dir, manifest)
     return manifest
 

@@ -195,3 +195,69 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, ca
         pass
     assert "nothing stops a second sweep writing" in caplog.text
     assert not (tmp_path / ".out.lock").exists()
+
+
+def test_replacing_an_output_never_leaves_neither(tmp_path, monkeypatch):
+    """A signal between two steps of replacing OUT (the old moved aside, the new not yet
+    in) left no OUT at all; the swap is one step where Linux offers it."""
+    from dpm_vec import io
+
+    out, staged = tmp_path / "out", tmp_path / ".out.staging-0123abcd"
+    for folder, text in ((out, "old"), (staged, "new")):
+        folder.mkdir()
+        (folder / "manifest.json").write_text(text)
+    real_replace = os.replace
+
+    def interrupted(src, dst):  # the signal lands just after a rename
+        real_replace(src, dst)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    try:
+        io.replace_dir(staged, out)
+    except KeyboardInterrupt:
+        pass
+    assert (out / "manifest.json").read_text() in ("old", "new")
+
+
+def test_a_leftover_that_cannot_be_removed_is_said_and_kept_in_place(tmp_path, monkeypatch, caplog):
+    """A read-only leftover (an old OUT whose files are not writable) used to be renamed to a
+    new ``.old-*`` name at every sweep while the log said it was removed."""
+    import shutil
+
+    from dpm_vec.outdir import remove_stale_work
+
+    out = tmp_path / "out"
+    leftover = tmp_path / ".out.old-0123abcd"
+    (leftover / "runs").mkdir(parents=True)
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path / "runs"))
+
+    monkeypatch.setattr(shutil, "rmtree", read_only)
+    with caplog.at_level("WARNING"):
+        assert remove_stale_work(out) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.old-0123abcd"]
+    assert f"could not remove {leftover.resolve()} ([Errno 13] Permission denied: '{leftover.resolve() / 'runs'}'): remove it by hand" in caplog.text
+
+
+def test_a_full_disk_writing_a_json_file_names_it(tmp_path, monkeypatch):
+    import errno
+
+    from dpm_vec.io import write_json_atomic
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError) as raised:
+        write_json_atomic(tmp_path / "plan.json", {"a": 1})
+    assert str(raised.value) == f"[Errno 28] No space left on device: '{tmp_path / 'plan.json'}'"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_query_names_a_folder_that_does_not_exist(tmp_path):
+    from dpm_vec.inspect import connect
+
+    with pytest.raises(DpmVecError, match=r"nope: no such folder \(give a sweep's --out folder\)$"):
+        connect(tmp_path / "nope")

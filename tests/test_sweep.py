@@ -817,9 +817,10 @@ def test_ctrl_c_on_a_process_sweep_says_so_once(tmp_path, kill_book):
 @pytest.mark.parametrize("stop, options, code, said", [
     (signal.SIGINT, ("--threads", "2"), 130, "interrupted"),
     (signal.SIGTERM, ("--processes", "2"), 143, "terminated"),  # a job scheduler's stop, plain kill
-], ids=["ctrl-c-threads", "sigterm-processes"])
+    (signal.SIGHUP, ("--processes", "2"), 129, "terminated"),  # the terminal or ssh session closed
+], ids=["ctrl-c-threads", "sigterm-processes", "sighup-processes"])
 def test_interrupted_sweep_says_so_and_resumes(tmp_path, kill_book, stop, options, code, said):
-    """Ctrl-C (SIGINT) or SIGTERM to the sweep's own process: one line saying how to go on,
+    """Ctrl-C (SIGINT), SIGTERM or SIGHUP to the sweep's own process: one line saying how to go on,
     its exit code, no traceback, no output dir; the same command then finishes the rest."""
     book, reference = kill_book
     out = tmp_path / "out"
@@ -832,6 +833,122 @@ def test_interrupted_sweep_says_so_and_resumes(tmp_path, kill_book, stop, option
     assert stderr.strip().splitlines()[-1] == f"dpm-vec: {said} (committed shards are kept: the same command resumes)"
     assert "Traceback" not in stderr and not out.exists()
     _resumes_to_identical_output(cmd, out, reference, committed=2)
+
+
+def test_a_full_disk_leaves_no_half_shard_and_the_rerun_resumes(book, swept, tmp_path, monkeypatch):
+    """A shard whose write fails (a full disk) is named with where it was written and how
+    to go on, and leaves no half-written staging folder; staging folders a killed run left
+    are cleared before the rerun computes, so retries do not fill the disk further."""
+    import errno
+
+    import dpm_vec.sweep as sweep_module
+
+    real_write = pl.DataFrame.write_parquet
+
+    def full_disk(frame, path, *args, **kwargs):
+        if ".shard-00001.tmp-" in str(path) and Path(path).name == "intents.parquet":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(frame, path, *args, **kwargs)
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(DpmVecError, match=r"^cannot write shard 1 under .*/shards: \[Errno 28\] No space left on device; "
+                                          r"committed shards are kept: the same command resumes$"):
+        sweep(book, out, shard_size=30, threads=1, progress=False)
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", real_write)
+    work = next(tmp_path.glob(".out.work-*"))
+    assert [p.parent.name for p in work.glob("shards/*/_SUCCESS")] == ["shard-00000"]
+    assert not list(work.rglob("*.tmp-*"))
+    planted = work / "shards" / ".shard-00002.tmp-0123abcd"  # what a killed run leaves
+    planted.mkdir()
+    (planted / "runs.parquet").write_bytes(b"half")
+    real_run = sweep_module._run_in_process
+
+    def run(plan, pending, reporter, threads=1):
+        assert not planted.exists() and pending == [1, 2]
+        return real_run(plan, pending, reporter, threads)
+
+    monkeypatch.setattr(sweep_module, "_run_in_process", run)
+    assert sweep(book, out, shard_size=30, threads=1, progress=False)["resumed_shards"] == 1
+    _same_outputs(swept[0], out)
+
+
+def test_a_full_disk_while_holdings_are_split_closes_every_file(book, tmp_path, monkeypatch):
+    """The split of a scattered book's holdings writes a file per shard at once; a full
+    disk closing them fails each: every one is still closed (none left for the garbage
+    collector to fail on with a traceback) and the half split is removed."""
+    import errno
+    import gc
+
+    import pyarrow.parquet as pq
+
+    scattered = _scattered_copy(book, tmp_path / "scattered")
+    real_close = pq.ParquetWriter.close
+
+    def full_disk(writer):
+        real_close(writer)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    unraisable = []
+    monkeypatch.setattr(pq.ParquetWriter, "close", full_disk)
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(OSError, match="No space left on device"):
+        sweep(scattered, tmp_path / "out", shard_size=20, threads=1, progress=False)
+    gc.collect()
+    assert unraisable == []
+    work = next(tmp_path.glob(".out.work-*"))
+    assert not list(work.glob(".partition.tmp-*")) and not (work / "partition").exists()
+
+
+def test_a_book_rewritten_during_the_sweep_is_refused_not_mixed(tmp_path, monkeypatch):
+    """Shards read the book's files as they run: a file replaced after some shards have
+    committed would mix old and new prices in one output under the old file's hash. The
+    sweep refuses to write OUT, naming the file; the rerun sweeps the book as it is."""
+    import dpm_vec.sweep as sweep_module
+
+    book = _book(tmp_path, n=60, seed=5)
+    real_commit = sweep_module.commit_shard
+
+    def commit_then_edit(plan, shard, tables, timer):
+        counts = real_commit(plan, shard, tables, timer)
+        if shard == 0:
+            prices = pl.read_parquet(book / "prices.parquet")
+            prices.with_columns(pl.col("price") * 2).write_parquet(book / "prices.new")
+            os.replace(book / "prices.new", book / "prices.parquet")
+        return counts
+
+    monkeypatch.setattr(sweep_module, "commit_shard", commit_then_edit)
+    out = tmp_path / "out"
+    with pytest.raises(DpmVecError, match=r"prices\.parquet changed while the sweep ran, .* was not written; run the same command"):
+        sweep(book, out, shard_size=20, threads=1, progress=False)
+    assert not out.exists()
+    monkeypatch.setattr(sweep_module, "commit_shard", real_commit)
+    manifest = sweep(book, out, shard_size=20, threads=1, progress=False)
+    assert manifest["resumed_shards"] == 0  # shards of the old prices are never reused
+    assert manifest["input_hashes"]["prices.parquet"] == sweep_module.file_sha256(book / "prices.parquet")
+
+
+def test_an_interrupt_after_out_is_whole_says_so(book, swept, tmp_path, monkeypatch, capsys):
+    """A signal while the sweep removes its work dir, after OUT is in place, must not say
+    the sweep can resume (nothing of it is left to resume): it says OUT was written."""
+    import dpm_vec.sweep as sweep_module
+    from dpm_vec.cli import main
+
+    def interrupted(path, out_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_module, "discard", interrupted)
+    out = tmp_path / "out"
+    assert main(["sweep", str(book), "--out", str(out), "--shard-size", "30", "--threads", "1", "--quiet"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"dpm-vec: interrupted after {out} was written whole (the next sweep to it removes what its clean-up left)")
+    _same_outputs(swept[0], out)
+
+
+def test_a_path_that_is_not_utf8_is_named(book, tmp_path):
+    folder = tmp_path / os.fsdecode(b"lat\xe9")
+    with pytest.raises(DpmVecError, match=r"^--out b'.*/lat\\xe9/out': a path with bytes that are not UTF-8 text"):
+        sweep(book, folder / "out", progress=False)
 
 
 def test_changed_engine_code_never_resumes_old_shards(tmp_path, monkeypatch):

@@ -101,16 +101,22 @@ def test_a_pair_text_of_several_slashes_names_each_conversion_it_spells():
         ("A", "B/C/D", 2.0), ("A/B", "C/D", 2.0), ("A/B/C", "D", 2.0), ("EUR", "USD", 1.1), ("USD", "S/GD", 1.35), ("USD/S", "GD", 1.35)]
 
 
-def test_a_slashed_currency_is_rated_as_the_reference_looks_it_up():
-    request = {
-        "portfolio_snapshot": {"portfolio_id": "pf_slash", "base_currency": "S/GD", "positions": [{"instrument_id": "US_EQ", "quantity": "10"}],
-                               "cash_balances": [{"currency": "S/GD", "amount": "1000"}]},
-        "market_data_snapshot": {"prices": [{"instrument_id": "US_EQ", "price": "100", "currency": "USD"}],
-                                 "fx_rates": [{"pair": "USD/S/GD", "rate": "1.35"}]},
+def _one_instrument_request(base: str, price_currency: str, pair: str, rate: str) -> dict:
+    """10 units of US_EQ at 100 ``price_currency`` and 1000 ``base`` of cash, half of it to
+    US_EQ by the model; one FX quote, ``pair`` at ``rate``."""
+    return {
+        "portfolio_snapshot": {"portfolio_id": "pf", "base_currency": base, "positions": [{"instrument_id": "US_EQ", "quantity": "10"}],
+                               "cash_balances": [{"currency": base, "amount": "1000"}]},
+        "market_data_snapshot": {"prices": [{"instrument_id": "US_EQ", "price": "100", "currency": price_currency}],
+                                 "fx_rates": [{"pair": pair, "rate": rate}]},
         "model_portfolio": {"targets": [{"instrument_id": "US_EQ", "weight": "0.5"}]},
         "shelf_entries": [{"instrument_id": "US_EQ", "status": "APPROVED"}],
         "options": {},
     }
+
+
+def test_a_slashed_currency_is_rated_as_the_reference_looks_it_up():
+    request = _one_instrument_request("S/GD", "USD", "USD/S/GD", "1.35")
     engine, oracle = simulate_outcomes([request])[0], oracle_simulate(request)
     assert engine["status"] == oracle["status"] == "READY"
     assert engine["diagnostics"]["data_quality"]["fx_missing"] == []
@@ -121,15 +127,7 @@ def test_currencies_with_any_character_are_told_apart_in_a_batch():
     """A batch reads one market snapshot per request, so its rates are looked up by
     (snapshot, from, to). Currencies are free text (§3): X → Y\x1fZ must not take the
     quote of the pair X\x1fY/Z, which spells the same text with a separator between."""
-    request = {
-        "portfolio_snapshot": {"portfolio_id": "p", "base_currency": "Y\x1fZ", "positions": [{"instrument_id": "A", "quantity": "10"}],
-                               "cash_balances": [{"currency": "Y\x1fZ", "amount": "1000"}]},
-        "market_data_snapshot": {"prices": [{"instrument_id": "A", "price": "10", "currency": "X"}],
-                                 "fx_rates": [{"pair": "X\x1fY/Z", "rate": "2"}]},
-        "model_portfolio": {"targets": [{"instrument_id": "A", "weight": "0.5"}]},
-        "shelf_entries": [{"instrument_id": "A", "status": "APPROVED"}],
-        "options": {},
-    }
+    request = _one_instrument_request("Y\x1fZ", "X", "X\x1fY/Z", "2")
     alone, oracle = simulate_outcomes([request])[0], oracle_simulate(request)
     in_batch = simulate_outcomes([request, request])
     for engine in (alone, *in_batch):

@@ -121,17 +121,20 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """A file as the file system sees it (inode, size, modification time; None when it
+    does not exist): a file replaced or rewritten changes its stamp."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def book_stamps(book_dir: Path) -> dict[str, tuple[int, int, int]]:
-    """Each book file as the file system sees it (inode, size, modification time): a file
-    replaced or rewritten while a sweep runs changes its stamp."""
-    stamps = {}
-    for table in BOOK_FILES:
-        try:
-            stat = os.stat(_path(book_dir, table))
-        except FileNotFoundError:
-            continue
-        stamps[f"{table}.parquet"] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    return stamps
+    """``file_stamp`` of each file the book has."""
+    stamps = {f"{table}.parquet": file_stamp(_path(book_dir, table)) for table in BOOK_FILES}
+    return {name: stamp for name, stamp in stamps.items() if stamp is not None}
 
 
 def input_hashes(book_dir: Path) -> dict[str, str]:
@@ -371,15 +374,7 @@ _REFERENCE_CACHE: dict[str, tuple[tuple, dict[str, pl.DataFrame]]] = {}
 def _reference_stamp(book_dir: str) -> tuple:
     """The shared tables' files as the file system sees them (inode, size, modification
     time): a long-lived Dask worker reads them again once the book is rewritten."""
-    stamp = []
-    for table in REFERENCE_TABLES:
-        try:
-            stat = os.stat(_path(Path(book_dir), table))
-        except FileNotFoundError:
-            stamp.append(None)
-        else:
-            stamp.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
-    return tuple(stamp)
+    return tuple(file_stamp(_path(Path(book_dir), table)) for table in REFERENCE_TABLES)
 
 
 def _reference(book_dir: str) -> dict[str, pl.DataFrame]:

@@ -371,8 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             resume = f" ({RESUMES})"
         terminated = isinstance(exc, Terminated)
         print(f"dpm-vec: {'terminated' if terminated else 'interrupted'}{resume}", file=sys.stderr)
-        signum = exc.args[0] if terminated and exc.args else signal.SIGTERM if terminated else signal.SIGINT
-        return 128 + int(signum)
+        return 128 + int(exc.args[0] if terminated else signal.SIGINT)  # _terminate gives its signal
     except BrokenPipeError:
         # the reader went away (``| head``): stop quietly, as Unix tools do, and keep the
         # interpreter's final flush of stdout from raising again

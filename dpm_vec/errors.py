@@ -20,6 +20,12 @@ def is_overflow(exc: BaseException) -> bool:
         isinstance(exc, pl.exceptions.PanicException) and "can't fit" in str(exc))
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of the exception's message, or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def failure_summary(exc: BaseException) -> str:
     """The exception's type and the first line of its message (at most 200 characters); of
     a Polars panic, the messages inside its Rust error (``ErrString("...")``)."""

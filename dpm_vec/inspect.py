@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dpm_vec.errors import DpmVecError
+from dpm_vec.errors import DpmVecError, first_line
 
 
 def connect(out_dir: str | Path):
@@ -24,7 +24,7 @@ def connect(out_dir: str | Path):
             con.execute(f"CREATE VIEW \"{dataset.name}\" AS SELECT * FROM read_parquet('{pattern}')")
         except duckdb.Error as exc:  # a damaged or empty part file: DuckDB reads each file's footer here
             con.close()
-            raise DpmVecError(f"{dataset}: cannot read dataset {dataset.name!r}: {str(exc).splitlines()[0]}") from None
+            raise DpmVecError(f"{dataset}: cannot read dataset {dataset.name!r}: {first_line(exc)}") from None
     return con
 
 

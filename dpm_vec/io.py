@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from dpm_vec.book import (COLUMN_DEFAULTS, LOT_SUM_TOLERANCE, OPTIONAL_TABLES, POLICY_COLUMNS, TABLES, Book, cast_column, conform, empty_table,
                           finer_than, finest_unit, table_schema)
 from dpm_vec.codes import InputFault
-from dpm_vec.errors import BookError
+from dpm_vec.errors import BookError, first_line
 from dpm_vec.numeric import units_text
 from dpm_vec.outdir import remove_tree
 from dpm_vec.schemas import check_table, failure_cases, raise_failures
@@ -199,8 +199,7 @@ def collect(lf: pl.LazyFrame, file: Path, **options) -> pl.DataFrame:
     try:
         return lf.collect(**options)
     except (pl.exceptions.ComputeError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BookError(str(file), f"not a readable Parquet file: {first}") from None
+        raise BookError(str(file), f"not a readable Parquet file: {first_line(exc)}") from None
 
 
 def _is_text(arrow: pa.DataType) -> bool:

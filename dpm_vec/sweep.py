@@ -47,7 +47,7 @@ from dpm_vec.book import POLICY_COLUMNS, Book, conform, empty_table
 from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES_FROM_ROWS, PROCESSES_FROM_SHARDS, RUN_ROWS,
                               default_shard_size,
                               default_threads, even_shard_size, usable_cores)
-from dpm_vec.errors import ENGINE_FAILURES, RESUMES, BookError, DpmVecError, failure_summary, named_failures
+from dpm_vec.errors import ENGINE_FAILURES, RESUMES, BookError, DpmVecError, failure_summary, first_line, named_failures
 from dpm_vec.io import (PORTFOLIO_ROWS, REFERENCE_TABLES, _path, collect, plain_columns, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
                         with_fault_details, write_book, write_json_atomic)
 from dpm_vec.numeric import lit
@@ -346,12 +346,15 @@ def partition_holdings(plan: SweepPlan, portfolios: pl.DataFrame, batch_rows: in
         raise
 
 
-def _unfinished_writes(plan: SweepPlan) -> list[Path]:
-    """Staging folders of shards and of the holdings split that a killed or failed run
-    left in the work dir: never read, only taking room (a full disk's rerun needs it)."""
+def _clear_unfinished_writes(plan: SweepPlan) -> None:
+    """Remove the staging folders of shards and of the holdings split that a killed or
+    failed run left in the work dir: never read, only taking room (a full disk's rerun
+    needs it)."""
     pattern = re.compile(r"^\.(partition|shard-[0-9]+)\.tmp-[0-9a-f]+$")
-    folders = (Path(plan.work_dir), plan.shard_dir(0).parent)
-    return sorted(p for folder in folders if folder.is_dir() for p in folder.iterdir() if pattern.match(p.name))
+    for folder in (Path(plan.work_dir), plan.shard_dir(0).parent):
+        for leftover in sorted(folder.iterdir()) if folder.is_dir() else ():
+            if pattern.match(leftover.name):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _close_all(writers: Iterable[pq.ParquetWriter]) -> None:
@@ -448,8 +451,7 @@ def commit_shard(plan: SweepPlan, shard: int, tables: dict[str, pl.DataFrame], t
         (staging / "_SUCCESS").write_text(json.dumps(counts))
     except (OSError, pl.exceptions.ComputeError) as exc:  # a full disk, a quota, a file size limit
         shutil.rmtree(staging, ignore_errors=True)  # half a shard would only take room from the rerun
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DpmVecError(f"cannot write shard {shard} under {target.parent}: {first}; {RESUMES}") from None
+        raise DpmVecError(f"cannot write shard {shard} under {target.parent}: {first_line(exc)}; {RESUMES}") from None
     try:
         os.replace(staging, target)
     except OSError:  # another worker committed the same shard first
@@ -810,8 +812,7 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
         plan = replace(plan, spans=holding_spans(plan, portfolios, counts))
     write_json_atomic(Path(plan.work_dir) / "plan.json", plan.__dict__)
     if not on_dask:  # this machine's processes of an earlier run are gone; a remote worker may still be writing
-        for leftover in _unfinished_writes(plan):
-            shutil.rmtree(leftover, ignore_errors=True)
+        _clear_unfinished_writes(plan)
     if plan.partitioned:
         partition_holdings(plan, portfolios)
     pending = [s for s in range(plan.n_shards) if not (plan.shard_dir(s) / "_SUCCESS").exists()]

@@ -61,10 +61,11 @@ def validate_batch(batch) -> dict:
     if not isinstance(batch, dict):
         raise RequestError([not_an_object(batch)])
     errors: list[dict] = []
+    shared = {**{k: batch[k] for k in SHARED_KEYS if k in batch}, "options": {}}
     try:
-        parse_request({**{k: batch[k] for k in SHARED_KEYS if k in batch}, "options": {}}, "shared")
-    except RequestError as exc:
-        errors.extend(exc.errors)
+        parse_request(shared, "shared")
+    except RequestError as exc:  # a missing shared key is missing from the body the client sent
+        errors.extend({**e, "input": batch} if e["input"] is shared else e for e in exc.errors)
     errors.extend(_scenario_errors(batch))
     if errors:
         raise RequestError(errors)
@@ -75,12 +76,12 @@ def _scenario_errors(batch: dict) -> list[dict]:
     """§7's checks of the scenarios map: present, a non-empty object of at most 20, each
     name matching the pattern and each scenario an object whose ``options`` is one."""
     if "scenarios" not in batch:
-        return [fault("scenarios", "field required", "missing")]
+        return [fault("scenarios", "field required", "missing", batch)]
     scenarios = batch["scenarios"]
     if not isinstance(scenarios, dict) or not scenarios:
         return [fault("scenarios", "must be a non-empty object", "too_short" if isinstance(scenarios, dict) else "dict_type", scenarios)]
     if len(scenarios) > MAX_SCENARIOS:
-        return [fault("scenarios", f"at most {MAX_SCENARIOS} scenarios, got {len(scenarios)}", "too_long")]
+        return [fault("scenarios", f"at most {MAX_SCENARIOS} scenarios, got {len(scenarios)}", "too_long", scenarios)]
     errors = []
     for name, spec in scenarios.items():
         if not SCENARIO_NAME.fullmatch(name):

@@ -210,11 +210,12 @@ def _is_json_media_type(content_type: str | None) -> bool:
     return header.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
-def _parse_body(raw: bytes, content_type: str | None = None) -> tuple[object, list[dict]]:
+def _parse_body(raw: bytes, content_type: str | None = None, expected: str = "a JSON object") -> tuple[object, list[dict]]:
     """JSON body → (value, errors). Never raises. A body sent as another media type is
-    not parsed: FastAPI hands its bytes to the request model, which finds no object."""
-    if not raw.strip():
-        return None, [fault("$", "request body is empty; expected a JSON object", "missing")]
+    not parsed: FastAPI hands its bytes to the request model, which finds no object.
+    Only a body of no bytes is empty, as for FastAPI: whitespace is malformed JSON."""
+    if not raw:
+        return None, [fault("$", f"request body is empty; expected {expected}", "missing")]
     if not _is_json_media_type(content_type):
         try:
             text = raw.decode("utf-8")
@@ -492,7 +493,7 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         return _Outcome(409, conflict, problem=True, headers=headers, run_id=stored.id)
 
     def batch_work(raw: bytes, content_type: str | None, cid: str | None, headers: dict, key: str | None) -> _Outcome:
-        body, errors = _parse_body(raw, content_type)
+        body, errors = _parse_body(raw, content_type, "a JSON array of requests")
         if body is not None and not isinstance(body, list):
             errors.append(fault("$", "request body must be a JSON array of requests", "list_type", body))
         if errors:
@@ -524,6 +525,8 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
         except RequestError as exc:
             return invalid(exc.errors, ANALYZE_PATH, headers)
         for slot in result["results"].values():
+            if rfc:  # each scenario's result echoes the id, as a batch slot's does
+                slot["correlation_id"] = cid
             metrics.run(slot)
         outcome = _Outcome(200, result, headers=headers)
         outcome.log_fields = {"scenarios": len(result["results"]), "failed": len(result["failed_scenarios"])}

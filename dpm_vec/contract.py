@@ -168,10 +168,11 @@ class _Reader:
         if not number.is_finite():
             self.fail(path, f"must be a finite number, got {value!r}", "finite_number", value)
             return None
-        if abs(number) >= MAX_ABS:
+        # copy_abs needs no context: abs() of 1e1000000 would raise decimal.Overflow
+        if number.copy_abs() >= MAX_ABS:
             self.fail(path, f"magnitude must be below 1e{38 - SCALE - 1}", "value_error", value)
             return None
-        if number != 0 and abs(number) < Decimal(1).scaleb(-scale):
+        if number != 0 and number.copy_abs() < Decimal(1).scaleb(-scale):
             self.fail(path, f"must be 0 or at least 1E-{scale} in magnitude (the engine keeps {scale} decimals), got {value}", "value_error", value)
             return None
         if minimum is not None and number < minimum:

@@ -261,6 +261,9 @@ def test_malformed_json_is_the_one_error_as_fastapi_reads_it_first(ref_server):
     assert (error["type"], error["loc"]) == ("json_invalid", ["body", 6])
     # an empty body does not fail to parse: there the missing header is listed too
     assert [e["loc"] for e in _assert_invalid(_post(ref_server, b"", key=None))["detail"]] == [["header", "Idempotency-Key"], ["body"]]
+    # only a body of no bytes is empty: FastAPI parses whitespace, which is malformed JSON
+    (error,) = _assert_invalid(_post(ref_server, b" \n ", key=None))["detail"]
+    assert (error["type"], error["loc"]) == ("json_invalid", ["body", 3])
 
 
 def test_bare_nan_and_infinity_are_a_422_whose_body_is_json(ref_server, golden):
@@ -432,6 +435,8 @@ def test_batch_in_order_with_invalid_slot(ref_server, golden):
     assert _post(ref_server, [], key=None, path=BATCH).json() == []
     problem = _assert_problem(_post(ref_server, golden, key=None, path=BATCH))
     assert "array" in problem["errors"][0]["message"]
+    empty = _assert_problem(_post(ref_server, b"", key=None, path=BATCH))
+    assert empty["errors"] == [{"field": "$", "message": "request body is empty; expected a JSON array of requests"}]
 
 
 def _scrape(server: Server) -> dict[str, float]:
@@ -650,6 +655,15 @@ def test_rfc_replay_and_conflict(rfc_server, golden):
     assert "dpm_sim_replay_total 3" in metrics and "dpm_sim_conflict_total 1" in metrics
 
 
+def test_rfc_analyze_results_echo_the_correlation_id(rfc_server):
+    """In rfc mode every result in the body carries the call's X-Correlation-Id: a
+    simulate result, each batch slot and each analyze scenario alike."""
+    batch = json.loads((GOLDENS / "reference-service" / "scenario_13_what_if_analysis.json").read_text())["batch_inputs"]
+    resp = rfc_server.client.post("/rebalance/analyze", json=batch, headers={"X-Correlation-Id": "corr-what-if"})
+    assert resp.status_code == 200 and resp.headers["x-correlation-id"] == "corr-what-if"
+    assert [r["correlation_id"] for r in resp.json()["results"].values()] == ["corr-what-if"]
+
+
 def test_rfc_invalid_requests_are_not_stored(rfc_server, golden):
     bad = copy.deepcopy(golden)
     del bad["options"]
@@ -743,6 +757,13 @@ def test_analyze_endpoint_runs_scenarios_and_isolates_bad_ones(ref_server):
     del broken["scenarios"]
     assert [e["loc"] for e in _assert_invalid(ref_server.client.post("/rebalance/analyze", json=broken))["detail"]] == [
         ["body", "shelf_entries", 0, "status"], ["body", "scenarios"]]
+    # a missing field's input is the object the client sent, not one the server built
+    assert [(e["loc"], e["input"]) for e in _assert_invalid(ref_server.client.post("/rebalance/analyze", json={}))["detail"]] == [
+        (["body", key], {}) for key in ("portfolio_snapshot", "market_data_snapshot", "model_portfolio", "shelf_entries", "scenarios")]
+    # an exponent no decimal context holds fails its scenario alone (it was a 500 for the whole request)
+    huge = {**batch, "scenarios": {**batch["scenarios"], "huge": {"options": {"max_turnover_pct": "1e1000000"}}}}
+    body = ref_server.client.post("/rebalance/analyze", json=huge).json()
+    assert "ignore_checks" in body["results"] and body["failed_scenarios"]["huge"].startswith("INVALID_OPTIONS: ")
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read_whole(tmp_path, golden):

@@ -299,6 +299,25 @@ def test_weights_beyond_the_engine_range_are_422(path, value):
     assert _errors(_with(path, value))[0][0] == field
 
 
+@pytest.mark.parametrize("path", [
+    ("options", "max_turnover_pct"),
+    ("market_data_snapshot", "prices", 0, "price"),
+    ("portfolio_snapshot", "cash_balances", 0, "amount"),
+    ("model_portfolio", "targets", 0, "weight"),
+])
+def test_an_exponent_beyond_decimals_context_is_422_not_a_traceback(path):
+    """1e1000000 is a finite Decimal that ``abs()`` cannot hold (decimal.Overflow, a 500 at
+    every door); it is a value beyond the engine's range like 9e999999, and a batch's other
+    requests still run."""
+    field = ".".join(str(p) for p in path).replace(".0.", "[0].")
+    for huge in ("1e1000000", "-1E+9999999999"):
+        assert _errors(_with(path, huge)) == [(field, "magnitude must be below 1e17")]
+    assert _errors(_with(path, "1e-1000000"))[0][1].startswith("must be 0 or at least 1E-")
+    bad, good = simulate_many([_with(path, "1e1000000"), REQUEST])
+    assert bad["status"] == 422 and field in bad["detail"]
+    assert strip_random(good) == strip_random(simulate_many([REQUEST])[0])
+
+
 @pytest.mark.parametrize("path, tiny, scale", [
     (("market_data_snapshot", "fx_rates", 0, "rate"), "7E-25", 20),
     (("market_data_snapshot", "prices", 0, "price"), "0.000000000000000000009", 20),

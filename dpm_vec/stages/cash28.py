@@ -22,7 +22,7 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.frames import rows_where
-from dpm_vec.numeric import HAIR, lit
+from dpm_vec.numeric import DEC, HAIR, lit
 from dpm_vec.stages.prepare import Market
 
 # a balance this close to 0 (or to an overdraft floor) may have the other sign in the reference's 28-digit sums
@@ -68,6 +68,62 @@ def long_digit_runs(intents: pl.DataFrame, cash: pl.DataFrame) -> pl.DataFrame:
     (``long_cash``). A balance of such a run within dust of 0 is decided in 28 digits."""
     limited = intents.filter(~f28.is_null("quantity_f28")).select("run")
     return pl.concat([limited, long_cash(cash).select("run")]).unique()
+
+
+# the decimals a fixed-point term is tested for, coarsest first; a term with digits past 16 has 20
+_DECIMALS = (0, 2, 4, 8, 12, 16)
+# a balance farther than this from 0 (or from a floor) is beyond any wide sum's rounding:
+# n additions of terms under 1E+17 (the contract's bound) move a sum by n² × 1E-10 at most
+WIDE_REACH = "0.01"
+
+
+def wide_sums(cash: pl.DataFrame, intents: pl.DataFrame) -> pl.DataFrame:
+    """(run, currency, _wide_margin) of the cash sums that may need more than 28
+    significant digits at some addition, so that the reference's sum (each addition
+    rounded to 28 digits, §1.1) can differ from the fixed point's exact one: those whose
+    terms add up, in magnitude (S), to at least 10^(28 − d), d being the most decimals any
+    term has. Cash of -1E-16 and a sale and a purchase of 1E+13: the reference's first
+    addition is 1E+13, its balance 0, where the exact one is -1E-16. ``_wide_margin``
+    (Float64) bounds the difference: each of the n additions rounds by at most half a unit
+    of the 28th digit of S, so n × S × 1E-27. The terms: the input balances (and their
+    ``settled`` figures, the ladder's day 0), the security intents' notionals
+    (``notional_currency``) and, where ``intents`` holds them, the FX intents' sell and buy
+    amounts. Below that bound every partial sum is exact in both."""
+    terms = [cash.select("run", "currency", pl.col(c).alias("_term")) for c in ("amount", "settled") if c in cash.columns]
+    fx = "intent_type" in intents.columns
+    security = rows_where(intents, pl.col("intent_type") == "SECURITY_TRADE", "run", "notional_currency", "notional") if fx else intents
+    terms.append(security.select("run", pl.col("notional_currency").alias("currency"), pl.col("notional").alias("_term")))
+    if fx:
+        trades = rows_where(intents, pl.col("intent_type") == "FX_SPOT", "run", "sell_currency", "sell_amount_estimated", "buy_currency", "buy_amount")
+        terms += [trades.select("run", pl.col("sell_currency").alias("currency"), pl.col("sell_amount_estimated").alias("_term")),
+                  trades.select("run", pl.col("buy_currency").alias("currency"), pl.col("buy_amount").alias("_term"))]
+    terms = pl.concat([t.with_columns(pl.col("_term").cast(DEC)) for t in terms]).drop_nulls("_term")
+    # |term| in Float64 from DEC's integer mantissa (a Decimal's own cast to Float64 is ten times slower); the
+    # float sums are off by far less than the 0.1% kept in hand: a sum at a bound is taken as wide
+    magnitude = pl.col("_term").to_physical().abs().cast(pl.Float64) * 10.0 ** -DEC.scale
+    # no sum below 10^8 is wide, whatever its decimals; a run's sums over all its currencies bound each
+    # (a group-by on the run alone is the cheaper one, and most runs end there)
+    large = terms.group_by("run").agg(magnitude.sum().alias("_magnitude")).filter(pl.col("_magnitude") >= 0.999 * 10.0 ** (28 - 20))
+    terms = terms.filter(pl.col("run").is_in(large.get_column("run").implode()))
+    sums = terms.group_by("run", "currency").agg(magnitude.sum().alias("_magnitude"), pl.len().alias("_terms"))
+    sums = sums.filter(pl.col("_magnitude") >= 0.999 * 10.0 ** (28 - 20))
+    if sums.height == 0:
+        return sums.select("run", "currency", pl.lit(0.0).alias("_wide_margin"))
+    decimals = pl.lit(20)
+    for k in reversed(_DECIMALS):
+        decimals = pl.when(pl.col("_term") == pl.col("_term").round(k)).then(pl.lit(k)).otherwise(decimals)
+    sums = sums.join(terms.join(sums, on=["run", "currency"], how="semi").group_by("run", "currency").agg(decimals.max().alias("_decimals")),
+                     on=["run", "currency"])
+    return sums.filter(pl.col("_magnitude") >= 0.999 * pl.lit(10.0).pow(28 - pl.col("_decimals"))).select(
+        "run", "currency", (pl.col("_terms") * pl.col("_magnitude") * 1e-27).alias("_wide_margin"),
+    )
+
+
+def wide_at_edge(balances: pl.DataFrame, wide: pl.DataFrame, *columns: str) -> pl.DataFrame:
+    """(run, currency) of ``balances`` whose sum is wide (``wide_sums``) and one of whose
+    ``columns`` lies within its margin of 0: its sign is the reference's 28-digit sum's."""
+    near = pl.any_horizontal(pl.col(c).abs().cast(pl.Float64) <= pl.col("_wide_margin") for c in columns)
+    return balances.join(wide, on=["run", "currency"], how="inner").filter(near).select("run", "currency").unique()
 
 
 # an inexact rate is off by at most half a unit of its 20th decimal, ~1e-17 of the smallest

@@ -8,7 +8,8 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.numeric import DEC, lit
-from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, fx_margins, inexact_fx_runs, long_digit_runs, movements
+from dpm_vec.stages.cash28 import (DUST, WIDE_REACH, account_sums, exact_flows, fx_margins, inexact_fx_runs, long_digit_runs, movements,
+                                   wide_at_edge, wide_sums)
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
 
@@ -83,8 +84,15 @@ def cash_ladder(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_
         moved & ((pl.col("projected_balance").abs() <= pl.col("_margin"))
                  | ((pl.col("projected_balance") - pl.col("allowed_floor")).abs() <= pl.col("_margin")))
     ).select("run", "currency").unique()
+    # a sum of more than 28 digits (cash28.wide_sums) can sit farther from 0 or the floor, by its own margin
+    reach = points.with_columns((pl.col("projected_balance") - pl.col("allowed_floor")).alias("_over_floor")).filter(
+        moved & ((pl.col("projected_balance").abs() < lit(WIDE_REACH)) | (pl.col("_over_floor").abs() < lit(WIDE_REACH))))
+    reach_runs = reach.select("run").unique()
+    wide = wide_sums(cash_input.join(reach_runs, on="run", how="semi"), intents.join(reach_runs, on="run", how="semi"))
+    wide = wide_at_edge(reach, wide, "projected_balance", "_over_floor")
+    at_edge = pl.concat([at_edge, wide]).unique()
     keys = ["run", "currency", "date_offset"]
-    exact = _exact_balances(market, runs, at_edge, horizon, intents, sec, cash_input)
+    exact = _exact_balances(market, runs, at_edge, horizon, intents, sec, cash_input, wide.select("run"))
     if exact.height:
         exact = f28.from_dec(exact.join(points.select(*keys, "allowed_floor"), on=keys, how="inner"), "allowed_floor", "_floor_f")
         exact = f28.sub(exact, "_balance_f", "_floor_f", "_margin_f").select(
@@ -117,11 +125,12 @@ def cash_ladder(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_
 
 
 def _exact_balances(market: Market, runs: pl.DataFrame, at_edge: pl.DataFrame, horizon: pl.DataFrame, intents: pl.DataFrame,
-                    sec: pl.DataFrame, cash_input: pl.DataFrame) -> pl.DataFrame:
+                    sec: pl.DataFrame, cash_input: pl.DataFrame, wide: pl.DataFrame) -> pl.DataFrame:
     """(run, currency, date_offset, _balance_f): the ladder's balances as the reference
     computes them, for the runs of ``at_edge`` (run, currency: a balance within dust of 0
     or of its floor) with a tax-limited sell or a cash balance past 20 decimals
-    (``cash28.long_cash``), or with an FX intent over an inexact rate
+    (``cash28.long_cash``), for the ``wide`` runs (run: a sum of more than 28 digits within
+    its margin, ``cash28.wide_sums``), or with an FX intent over an inexact rate
     (``cash28.inexact_fx_runs``) and a base-currency balance at the edge: each day's flows
     (cash, then the intents in intent-id text order, §6.15) and the running balances are
     redone in F28 over the 28-digit notionals and FX amounts."""
@@ -131,7 +140,7 @@ def _exact_balances(market: Market, runs: pl.DataFrame, at_edge: pl.DataFrame, h
     long_digits = long_digit_runs(sec, cash_input).join(at_edge, on="run", how="semi")
     base_edge = at_edge.join(runs.select("run", pl.col("base_currency").alias("currency")), on=["run", "currency"], how="semi")
     inexact = inexact_fx_runs(market, intents.join(base_edge.select("run").unique(), on="run", how="semi"))
-    chosen = pl.concat([long_digits, inexact]).unique().join(runs.select("run", "fx_buffer_pct"), on="run", how="inner").join(
+    chosen = pl.concat([long_digits, inexact, wide]).unique().join(runs.select("run", "fx_buffer_pct"), on="run", how="inner").join(
         horizon, on="run", how="inner"
     )
     if chosen.height == 0:

@@ -4,10 +4,11 @@ from __future__ import annotations
 from decimal import Decimal as D
 
 import polars as pl
+import pytest
 
 from dpm_vec import dec28
 from dpm_vec.numeric import AMOUNT_28, DEC
-from dpm_vec.stages.cash28 import cash_amounts_f28
+from dpm_vec.stages.cash28 import cash_amounts_f28, wide_sums
 
 CASH = pl.DataFrame({
     "amount": [D("-375243.63842720288038062172"), D("12.5"), D("7.00000000000000000001"), D("3")],
@@ -38,3 +39,23 @@ def test_cash_without_amount_exact_reads_the_amount():
     got = _values(cash_amounts_f28(CASH.drop("amount_exact"), "_f"), "_f")
     assert got == [D("-375243.63842720288038062172"), D("12.5"), D("7.00000000000000000001"), D(3)]
     assert dec28.F28 == cash_amounts_f28(CASH, "_f").schema["_f"]
+
+
+def _wide(cash: list[tuple], notionals: list[tuple]) -> dict[tuple, float]:
+    cash_rows = pl.DataFrame(cash, schema={"run": pl.UInt32, "currency": pl.String, "amount": DEC}, orient="row")
+    intents = pl.DataFrame(notionals, schema={"run": pl.UInt32, "notional_currency": pl.String, "notional": DEC}, orient="row")
+    return {(r, c): m for r, c, m in wide_sums(cash_rows, intents).iter_rows()}
+
+
+def test_a_sum_is_wide_where_its_magnitude_and_finest_digit_span_more_than_28_digits():
+    """Cash of -1E-16 beside trades of 1E+13 needs 30 digits (the reference's sum rounds the
+    tail away); the same trades beside cents need 16, and 1E+12 with a 16th decimal
+    exactly 28 (taken as wide: the bound is kept in hand). Each run's currencies apart."""
+    got = _wide(
+        [(0, "JPY", D("-1E-16")), (1, "JPY", D("0.01")), (2, "USD", D("1E-16")), (2, "EUR", D("-1E-16")), (3, "USD", D("1E-16"))],
+        [(0, "JPY", D("1E13")), (0, "JPY", D("1E13")), (1, "JPY", D("1E13")), (1, "JPY", D("1E13")),
+         (2, "USD", D("5E11")), (2, "USD", D("5E11")), (2, "EUR", D("4E11")), (3, "USD", D("9.9E10"))],
+    )
+    assert set(got) == {(0, "JPY"), (2, "USD")}
+    # n additions, each off by at most half a unit of S's 28th digit: n × S × 1E-27
+    assert got[(0, "JPY")] == pytest.approx(3 * 2e13 * 1e-27, rel=1e-9)

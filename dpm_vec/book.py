@@ -257,7 +257,7 @@ def cast_column(name: str, source: pl.DataType, dtype: pl.DataType, strict: bool
     if isinstance(dtype, pl.Decimal) and source.is_float():
         column = column.cast(STR)  # Polars writes the shortest text that reads back as the same float
     if isinstance(dtype, pl.Datetime) and source == STR:  # ISO 8601 text, an offset or Z, else UTC
-        return column.str.to_datetime(time_unit=dtype.time_unit, time_zone=dtype.time_zone, strict=strict)
+        return column.map_batches(lambda text: iso_timestamps(text, dtype, strict), return_dtype=dtype)
     cast = column.cast(dtype, strict=strict)
     if isinstance(dtype, pl.Decimal) and not strict and finer_than(source, dtype):
         # a value that is not 0 but below the column's smallest unit would be read as 0, a
@@ -266,6 +266,35 @@ def cast_column(name: str, source: pl.DataType, dtype: pl.DataType, strict: bool
         finest_cast = cast if finest is None or finest == dtype else column.cast(finest, strict=False)
         return pl.when((finest_cast == 0) & (given != 0)).then(None).otherwise(cast)
     return cast
+
+
+# a column of more distinct timestamp shapes than this is parsed in one call past them
+MAX_TIMESTAMP_SHAPES = 64
+# ISO 8601's extended and basic forms: a date, a time to the minute, second or a fraction, a Z or an offset
+ISO_8601 = r"^\d{4}-?\d{2}-?\d{2}([T ]\d{2}:?\d{2}(:?\d{2}([.,]\d+)?)?)?(Z|[+-]\d{2}(:?\d{2})?)?$"
+
+
+def iso_timestamps(text: pl.Series, dtype: pl.Datetime, strict: bool = True) -> pl.Series:
+    """ISO 8601 text as ``dtype``, each value read alone, as the JSON door reads one.
+    Polars infers a column's format from its first value, so ``2025-06-30T21:00:00``
+    first made every later ``...Z`` null (and which values those were depended on where a
+    shard began): the values are parsed shape by shape (their text with every digit as
+    0), each shape's own format inferred. Text in no ISO 8601 form (``30/06/2025``, whose
+    day and month another export would swap) is null, as is a value its shape's format
+    does not read; ``strict``, either is an error naming it."""
+    shapes = pl.select(pl.when(text.str.contains(ISO_8601)).then(text.str.replace_all(r"\d", "0"))).to_series()
+    distinct = shapes.drop_nulls().unique(maintain_order=True)
+    parsed = pl.Series(text.name, [None] * text.len(), dtype=dtype)
+    for n, shape in enumerate(distinct):
+        last = n == MAX_TIMESTAMP_SHAPES - 1
+        rows = (shapes.is_in(distinct.slice(n).implode()) if last else shapes == shape).arg_true()
+        parsed = parsed.scatter(rows, text.gather(rows).str.to_datetime(time_unit=dtype.time_unit, time_zone=dtype.time_zone, strict=False))
+        if last:
+            break
+    failed = parsed.is_null() & text.is_not_null()
+    if strict and failed.any():
+        raise pl.exceptions.InvalidOperationError(f"conversion from `str` to `{dtype}` failed for value {text.filter(failed)[0]!r}")
+    return parsed
 
 
 def amount_as_given(cash_row: dict) -> Decimal:

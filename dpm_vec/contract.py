@@ -17,7 +17,7 @@ from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 import polars as pl
 
 from dpm_vec.book import (
-    LIQUIDITY_TIERS, LOT_SUM_TOLERANCE, POLICY_COLUMNS, SHELF_STATUSES, TABLES, Book, make_book, table_schema,
+    LIQUIDITY_TIERS, LOT_SUM_TOLERANCE, POLICY_COLUMNS, SHELF_STATUSES, TABLES, Book, iso_timestamps, make_book, table_schema,
 )
 from dpm_vec.errors import RequestError, error_loc, fault, not_an_object
 from dpm_vec.numeric import AMOUNT_28, MAX_MINUTES, MAX_WEIGHT, QTY, SCALE, WEIGHT
@@ -240,11 +240,10 @@ class _Reader:
     def timestamp(self, value, path):
         if value is None:
             return None
-        try:
-            return pl.Series([value]).str.to_datetime(time_zone="UTC", time_unit="us")[0]
-        except Exception:  # noqa: BLE001 - polars raises several types for bad text
+        parsed = iso_timestamps(pl.Series([value]), pl.Datetime("us", "UTC"), strict=False)[0] if isinstance(value, str) else None
+        if parsed is None:  # the book's reader takes the same ISO 8601 forms
             self.fail(path, f"expected an ISO-8601 timestamp, got {value!r}", "datetime_parsing", value)
-            return None
+        return parsed
 
 
 def _amount_exact(amount: Decimal | None) -> Decimal | None:

@@ -318,6 +318,21 @@ def test_an_exponent_beyond_decimals_context_is_422_not_a_traceback(path):
     assert strip_random(good) == strip_random(simulate_many([REQUEST])[0])
 
 
+def test_a_snapshot_time_is_iso_8601_text_as_a_book_reads_it():
+    """The JSON door reads the ISO 8601 forms a book's text column does, each alone, and
+    refuses the others (a day-first date, a number) where a check reads the time."""
+    def request_with(as_of):
+        request = _with(("portfolio_snapshot", "as_of"), as_of)
+        request["options"]["max_skew_minutes"] = 10
+        return request
+
+    for good in ("2025-06-30T21:00:00Z", "2025-06-30T21:00:00", "2025-06-30T23:00:00+02:00", "20250630T210000Z"):
+        (row,) = parse_request(request_with(good), "r0")["portfolios"]
+        assert row["portfolio_as_of"].isoformat() == "2025-06-30T21:00:00+00:00", good
+    for bad in ("30/06/2025", 12345, "2025-13-30"):
+        assert _errors(request_with(bad)) == [("portfolio_snapshot.as_of", f"expected an ISO-8601 timestamp, got {bad!r}")]
+
+
 @pytest.mark.parametrize("path, tiny, scale", [
     (("market_data_snapshot", "fx_rates", 0, "rate"), "7E-25", 20),
     (("market_data_snapshot", "prices", 0, "price"), "0.000000000000000000009", 20),

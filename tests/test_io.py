@@ -208,6 +208,30 @@ def test_holdings_of_other_encodings_sweep_as_plain_ones(tmp_path):
     _same_sweep(tmp_path / "offset", tmp_path / "out_plain", tmp_path / "out_offset")
 
 
+def test_timestamp_texts_of_mixed_iso_forms_read_as_their_instants(tmp_path):
+    """Each ISO 8601 form the docs allow reads as its instant, whatever the column's first
+    value: Polars infers one format from it, so a first value without a zone (or a bare
+    date) made every later ``...Z`` null, a fault that blocked its portfolio, in the
+    shards whose first row it was (a different set of portfolios for each shard size)."""
+    from dpm_vec.sweep import sweep
+
+    frames = generate_book_frames(20, 5, holdings=(2, 3))
+    write_book(frames, tmp_path / "plain")
+    sweep(tmp_path / "plain", tmp_path / "out_plain", shard_size=7, progress=False)
+    forms = ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S%.3f+00:00", "%Y-%m-%d %H:%M:%S")
+    mixed = {}
+    for table, frame in frames.items():
+        stamps = [name for name, dtype in frame.schema.items() if isinstance(dtype, pl.Datetime)]
+        mixed[table] = frame.with_columns(
+            pl.coalesce(*(pl.when(pl.int_range(pl.len()) % len(forms) == k).then(pl.col(name).dt.strftime(form)) for k, form in enumerate(forms)))
+            .alias(name) for name in stamps)
+    assert mixed["portfolios"].schema["portfolio_as_of"] == pl.String and mixed["prices"]["as_of"][1].endswith("Z")
+    write_book(mixed, tmp_path / "mixed")
+    for table in ("portfolios", "prices"):
+        assert getattr(read_book(tmp_path / "mixed"), table).equals(getattr(read_book(tmp_path / "plain"), table)), table
+    _same_sweep(tmp_path / "mixed", tmp_path / "out_plain", tmp_path / "out_mixed")
+
+
 def test_a_timestamp_text_that_is_no_timestamp_names_its_row(tmp_path):
     frames = generate_book_frames(3, 5, holdings=(2, 3))
     prices = frames["prices"].with_columns(pl.col("as_of").cast(pl.String))

@@ -249,19 +249,18 @@ def _check_casts(table: str, frame: pl.DataFrame, file: str) -> None:
     float or a text of a decimal column with no decimal value in it (NaN, an infinity,
     "12,50", a number beyond the column's range), a float of an integer column that is no
     whole number, an integer of a flag column other than 0 and 1, a text of a timestamp
-    column that is no ISO 8601 timestamp (``book.cast_column`` casts each; a shard's reader
-    sets such a row of one portfolio's data aside first, ``_uncastable``)."""
+    column that is no ISO 8601 timestamp, an integer or decimal beyond its column's range
+    (``book.cast_column`` casts each; a shard's reader sets such a row of one portfolio's
+    data aside first, ``_uncastable``)."""
     for name, dtype in table_schema(table).items():
         source = frame.schema.get(name)
-        if source is None:
+        if source is None or source == dtype:
             continue
         decimal = isinstance(dtype, pl.Decimal) and finer_than(source, dtype)
         whole = dtype.is_integer() and source.is_float()
         flag = dtype == pl.Boolean and source.is_integer()
         stamp = isinstance(dtype, pl.Datetime) and source == pl.String
-        if not (decimal or whole or flag or stamp):
-            continue
-        finest = finest_unit(table, name, dtype) if decimal else None
+        finest = finest_unit(table, name, dtype) if decimal else dtype
         failed = frame.select(pl.col(name), cast_column(name, source, dtype, strict=False, finest=finest).alias("_cast")).with_row_index(
             "_row").filter(pl.col(name).is_not_null() & pl.col("_cast").is_null())
         if failed.height == 0:
@@ -274,8 +273,12 @@ def _check_casts(table: str, frame: pl.DataFrame, file: str) -> None:
             what = "that are no timestamp (ISO 8601 text such as 2025-06-30T21:00:00Z, with an offset, or none for UTC)"
         elif source == pl.String:  # text such as "12,50": no decimal number
             what = f"that are no decimal number (written like 1234.56) or {_held(dtype, finest)}"
-        elif isinstance(source, pl.Decimal):
-            what = _held(dtype, finest)
+        elif isinstance(dtype, pl.Decimal) and (isinstance(source, pl.Decimal) or source.is_integer()):
+            what = _held(dtype, finest)  # 5E+18 as an integer, or a decimal of more integer digits
+        elif dtype.is_integer() and source.is_integer():
+            what = f"outside the range its column holds ({dtype})"
+        elif not source.is_float():
+            what = f"that do not cast to {dtype}"
         else:
             finite = failed.filter(pl.col(name).is_finite()).height
             what = ("not a finite number (NaN or an infinity), which a decimal column cannot hold" if not finite

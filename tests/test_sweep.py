@@ -352,7 +352,13 @@ def test_a_zero_price_blocks_the_portfolios_that_hold_or_target_it(tmp_path):
         # model weights carry 28 decimals (Decimal(38, 28)): 10^10 does not fit
         ("models", lambda f: f.with_columns(pl.col("weight").cast(pl.Decimal(38, 20))).with_columns(
             pl.when(pl.int_range(pl.len()) == 2).then(pl.lit(10**10, dtype=pl.Decimal(38, 20))).otherwise(pl.col("weight")).alias("weight"),
-        ), "outside the range its column holds"),
+        ), "outside the range its column holds (Decimal(precision=38, scale=28): below 1E10, and 0 or at least 1E-28); example rows: row 2"),
+        # an integer too large for its column, stored as a wider integer: named with its row too (once only Polars' message)
+        ("shelf", lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(pl.lit(2**40)).otherwise(pl.col("settlement_days").cast(pl.Int64))
+                                           .alias("settlement_days")),
+         "1 value(s) outside the range its column holds (Int32); example rows: row 3 (0-based): settlement_days 1099511627776 fails castable"),
+        ("prices", lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 2).then(pl.lit(5 * 10**18)).otherwise(pl.col("price").cast(pl.Int64))
+                                            .alias("price")), "example rows: row 2 (0-based): price 5000000000000000000 fails castable"),
         # an FX rate that is not 0 but below 1E-20 would be read as 0, a missing rate: the file's fault too
         ("fx_rates", lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 1).then(7e-25).otherwise(pl.col("rate").cast(pl.Float64))
                                               .alias("rate")),

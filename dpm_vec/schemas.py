@@ -9,6 +9,7 @@ the engine blocks that portfolio and runs the others.
 
 from __future__ import annotations
 
+from decimal import Decimal
 import json
 
 import pandera.polars as pa
@@ -18,9 +19,10 @@ from dpm_vec.book import LIQUIDITY_TIERS, POLICY_COLUMNS, SHELF_STATUSES, SNAPSH
 from dpm_vec.codes import ExitPath, RunStatus
 from dpm_vec.dec28 import F28, sign
 from dpm_vec.errors import BookError
-from dpm_vec.numeric import DEC, MAX_MINUTES, MAX_WEIGHT, QTY, WEIGHT
+from dpm_vec.numeric import AMOUNT_28, DEC, MAX_MINUTES, MAX_WEIGHT, QTY, WEIGHT
 
 CCY = r"^[A-Z]{3}$"
+HALF_DEC_UNIT = Decimal("5E-21")  # half a unit of DEC's last decimal
 PAIR = r"^[A-Z]{3}/[A-Z]{3}$"
 
 
@@ -44,6 +46,14 @@ def unique_rows(key: list[str]) -> pa.Check:
         return pl.LazyFrame({"unique": ~keys.is_duplicated()})
 
     return pa.Check(check, name="multiple_fields_uniqueness", ignore_na=False)
+
+
+def _rounds_to_amount(data) -> pl.LazyFrame:
+    """``amount_exact`` is ``amount`` with more digits: within half a unit of its 20th
+    decimal (a fed-back balance's 28 decimals), or null. Another number would have the
+    28-digit decisions over cash start from a balance that the outputs do not show."""
+    exact = pl.col("amount_exact")
+    return data.lazyframe.select(exact.is_null() | ((exact - pl.col("amount").cast(AMOUNT_28)).abs() <= pl.lit(HALF_DEC_UNIT, dtype=AMOUNT_28)))
 
 
 def _keyed(columns: dict[str, pa.Column], key: list[str]) -> pa.DataFrameSchema:
@@ -85,7 +95,9 @@ INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
         ["portfolio_snapshot_id", "instrument_id"],
     ),
     "cash": _keyed(
-        {"portfolio_snapshot_id": _id(), "currency": _ccy(), "amount": pa.Column(DEC, nullable=False)},
+        {"portfolio_snapshot_id": _id(), "currency": _ccy(), "amount": pa.Column(DEC, nullable=False),
+         # the balance's own digits, where it has more than DEC's 20 decimals: the same balance
+         "amount_exact": pa.Column(AMOUNT_28, nullable=True, checks=pa.Check(_rounds_to_amount, name="rounds_to_amount"), required=False)},
         ["portfolio_snapshot_id", "currency"],
     ),
     "lots": _keyed(

@@ -29,6 +29,7 @@ from dpm_vec.export import book_to_requests
 from dpm_vec.generate import generate_book_frames
 from dpm_vec.inspect import query
 from dpm_vec.io import read_book, write_book
+from dpm_vec.numeric import AMOUNT_28
 from dpm_vec.oracle import simulate as oracle_simulate
 from dpm_vec.sweep import SWEEP_TABLES, sweep
 
@@ -391,7 +392,8 @@ def _inject_row_faults(frames: dict[str, pl.DataFrame]) -> dict[str, str]:
     snap = dict(zip(ids, frames["portfolios"]["portfolio_snapshot_id"]))
     with_lots = set(frames["lots"]["portfolio_snapshot_id"])
     lot_victim = next(r for r in reversed(ids[:-5]) if snap[r] in with_lots)
-    victims = {ids[-1]: "dup", ids[-2]: "ccy", ids[-3]: "text", ids[-4]: "limit", lot_victim: "lot"}
+    exact_victim = ids[-6] if ids[-6] != lot_victim else ids[-7]
+    victims = {ids[-1]: "dup", ids[-2]: "ccy", ids[-3]: "text", ids[-4]: "limit", lot_victim: "lot", exact_victim: "exact"}
     by = {v: k for k, v in victims.items()}
     first = pl.int_range(pl.len()).over("portfolio_snapshot_id") == 0
 
@@ -405,6 +407,9 @@ def _inject_row_faults(frames: dict[str, pl.DataFrame]) -> dict[str, str]:
     frames["cash"] = frames["cash"].with_columns(
         pl.when((pl.col("portfolio_snapshot_id") == snap[by["ccy"]]) & first).then(pl.lit("usd"))
         .otherwise(pl.col("currency")).alias("currency"))
+    # a balance's own digits (amount_exact) that are another number than its amount
+    frames["cash"] = frames["cash"].with_columns(
+        pl.when((pl.col("portfolio_snapshot_id") == snap[by["exact"]]) & first).then(pl.col("amount") + 1).cast(AMOUNT_28).alias("amount_exact"))
     frames["lots"] = frames["lots"].with_columns(
         pl.when((pl.col("portfolio_snapshot_id") == snap[by["lot"]]) & first).then(-pl.col("quantity"))
         .otherwise(pl.col("quantity")).alias("quantity"))
@@ -452,8 +457,10 @@ def test_bad_rows_block_their_portfolios_and_the_sweep_goes_on(tmp_path, caplog)
         assert detail.startswith(f"{own['input_table']}{' row ' + own['row_key'] if own['row_key'] else ''}: {own['input_column']} ")
         assert f" fails {own['failed_check']}" in detail and detail.endswith(f" (and {more} more in input_faults)" if more else own["failed_check"])
     assert (ids[-4], "group_constraints", "max_weight", "in_range(0, 1)") in named
-    [lot_victim] = set(expected) - set(ids[-4:])
-    assert (lot_victim, "lots", "quantity", "greater_than_or_equal_to(0)") in named
+    # the lot's victim and the one whose balance's own digits (amount_exact) are another number
+    others = {(t, c, f) for k, t, c, f in named if k not in ids[-4:]}
+    assert len(set(expected) - set(ids[-4:])) == 2 and others == {
+        ("lots", "quantity", "greater_than_or_equal_to(0)"), ("cash", "amount_exact", "rounds_to_amount")}
     assert {r[0] for r in named} == set(expected)
     assert faults.filter(pl.col("input_column") == "quantity", pl.col("input_table") == "positions")["value"].to_list() == ["12 units"]
     # the documented DuckDB query: no column name that SQL reserves

@@ -75,6 +75,9 @@ _DECIMALS = (0, 2, 4, 8, 12, 16)
 # a balance farther than this from 0 (or from a floor) is beyond any wide sum's rounding:
 # n additions of terms under 1E+17 (the contract's bound) move a sum by n² × 1E-10 at most
 WIDE_REACH = "0.01"
+# no sum below this is wide, whatever its decimals (28 digits ending at DEC's 20th decimal), less
+# the 0.1% kept in hand for the float sums that test it: a sum at a bound is taken as wide
+_WIDE_FLOOR = 0.999 * 10.0 ** (28 - 20)
 
 
 def wide_sums(cash: pl.DataFrame, intents: pl.DataFrame) -> pl.DataFrame:
@@ -98,15 +101,14 @@ def wide_sums(cash: pl.DataFrame, intents: pl.DataFrame) -> pl.DataFrame:
         terms += [trades.select("run", pl.col("sell_currency").alias("currency"), pl.col("sell_amount_estimated").alias("_term")),
                   trades.select("run", pl.col("buy_currency").alias("currency"), pl.col("buy_amount").alias("_term"))]
     terms = pl.concat([t.with_columns(pl.col("_term").cast(DEC)) for t in terms]).drop_nulls("_term")
-    # |term| in Float64 from DEC's integer mantissa (a Decimal's own cast to Float64 is ten times slower); the
-    # float sums are off by far less than the 0.1% kept in hand: a sum at a bound is taken as wide
+    # |term| in Float64 from DEC's integer mantissa (a Decimal's own cast to Float64 is ten times slower)
     magnitude = pl.col("_term").to_physical().abs().cast(pl.Float64) * 10.0 ** -DEC.scale
-    # no sum below 10^8 is wide, whatever its decimals; a run's sums over all its currencies bound each
-    # (a group-by on the run alone is the cheaper one, and most runs end there)
-    large = terms.group_by("run").agg(magnitude.sum().alias("_magnitude")).filter(pl.col("_magnitude") >= 0.999 * 10.0 ** (28 - 20))
+    # a run's sum over all its currencies bounds each of its sums: a group-by on the run alone is
+    # the cheaper one, and most runs end there
+    large = terms.group_by("run").agg(magnitude.sum().alias("_magnitude")).filter(pl.col("_magnitude") >= _WIDE_FLOOR)
     terms = terms.filter(pl.col("run").is_in(large.get_column("run").implode()))
     sums = terms.group_by("run", "currency").agg(magnitude.sum().alias("_magnitude"), pl.len().alias("_terms"))
-    sums = sums.filter(pl.col("_magnitude") >= 0.999 * 10.0 ** (28 - 20))
+    sums = sums.filter(pl.col("_magnitude") >= _WIDE_FLOOR)
     if sums.height == 0:
         return sums.select("run", "currency", pl.lit(0.0).alias("_wide_margin"))
     decimals = pl.lit(20)
@@ -119,11 +121,16 @@ def wide_sums(cash: pl.DataFrame, intents: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def wide_at_edge(balances: pl.DataFrame, wide: pl.DataFrame, *columns: str) -> pl.DataFrame:
-    """(run, currency) of ``balances`` whose sum is wide (``wide_sums``) and one of whose
-    ``columns`` lies within its margin of 0: its sign is the reference's 28-digit sum's."""
+def wide_at_edge(balances: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataFrame, *columns: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(run, currency) of ``balances`` whose sum is wide (``wide_sums`` over the ``cash``
+    and ``intents`` of their runs) and one of whose ``columns`` lies within its margin of
+    0: there the sign is the reference's 28-digit sum's. Also the wide sums themselves
+    (run, currency, _wide_margin) of the runs with a balance within ``WIDE_REACH``."""
+    reach = balances.filter(pl.any_horizontal(pl.col(c).abs() < lit(WIDE_REACH) for c in columns))
+    runs = reach.select("run").unique()
+    wide = wide_sums(cash.join(runs, on="run", how="semi"), intents.join(runs, on="run", how="semi"))
     near = pl.any_horizontal(pl.col(c).abs().cast(pl.Float64) <= pl.col("_wide_margin") for c in columns)
-    return balances.join(wide, on=["run", "currency"], how="inner").filter(near).select("run", "currency").unique()
+    return reach.join(wide, on=["run", "currency"], how="inner").filter(near).select("run", "currency").unique(), wide
 
 
 # an inexact rate is off by at most half a unit of its 20th decimal, ~1e-17 of the smallest

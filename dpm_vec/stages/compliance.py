@@ -13,7 +13,7 @@ import polars as pl
 from dpm_vec import dec28
 from dpm_vec.frames import concat_by_run, join_on_index, join_runs, put_rows, rows_where, sort_rows
 from dpm_vec.numeric import DEC, HAIR, dabs, lit, units_text
-from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, fx_margins, inexact_fx_runs, long_cash, movements, wide_at_edge, WIDE_REACH, wide_sums
+from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, fx_margins, inexact_fx_runs, long_cash, movements, wide_at_edge
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.universe import exact_cash_bucket, valued_in_28_digits
 
@@ -113,10 +113,11 @@ def exact_cash_signs(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, 
     (with sells only, the after-state adds them in the order FX planning summed them, and
     the SWEEP cancels the sum exactly; in a run with an ``fx_sweep_threshold`` a surplus
     may stay, so there the sell's currency alone), or the base currency, where FX amounts
-    land; a balance that came with digits past 20 decimals (``cash28.long_cash``), or whose
-    sum spans more than 28 digits (``cash28.wide_sums``: -1E-16 plus a sale and a purchase
-    of 1E+13 is 0 there, and READY), and its run's base currency; and the base currency of runs whose FX amounts come from an
-    inexact rate, which the fixed point can leave at -1E-17 (or, over a large amount,
+    land; a balance that came with digits past 20 decimals (``cash28.long_cash``), and its
+    run's base currency; a balance whose sum spans more than 28 digits, within its margin
+    (``cash28.wide_sums``: -1E-16 plus a sale and a purchase of 1E+13 is 0 there, and
+    READY), and its run's base currency within dust; and the base currency of runs whose
+    FX amounts come from an inexact rate, which the fixed point can leave at -1E-17 (or, over a large amount,
     -1E-15) where the reference's sum is exactly 0 (``cash28.fx_margins``)."""
     schema = {"run": pl.UInt32, "currency": pl.String, "_negative": pl.Boolean, "_exact_amount": DEC}
     limited = intents.filter(~dec28.is_null("quantity_f28")).select("run", pl.col("notional_currency").alias("currency")).unique()
@@ -126,9 +127,7 @@ def exact_cash_signs(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, 
     base_cash = runs.select("run", pl.col("base_currency").alias("currency"))
     thresholds = runs.filter(pl.col("fx_sweep_threshold").is_not_null()).select("run")
     fed_back = long_cash(cash_input)
-    reach = cash_after.filter(pl.col("amount").abs() < lit(WIDE_REACH))
-    reach_runs = reach.select("run").unique()
-    wide = wide_sums(cash_input.join(reach_runs, on="run", how="semi"), intents.join(reach_runs, on="run", how="semi"))
+    wide_edge, wide = wide_at_edge(cash_after, cash_input, intents, "amount")
     touched = pl.concat([
         limited.join(bought, on=["run", "currency"], how="semi"),
         limited.join(thresholds, on="run", how="semi"),
@@ -137,8 +136,8 @@ def exact_cash_signs(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, 
         base_cash.join(wide.select("run").unique(), on="run", how="semi"),
     ])
     near = pl.concat([
-        reach.filter(pl.col("amount").abs() < lit(DUST)).join(touched, on=["run", "currency"], how="semi").select("run", "currency"),
-        wide_at_edge(reach, wide, "amount"),
+        cash_after.filter(pl.col("amount").abs() < lit(DUST)).join(touched, on=["run", "currency"], how="semi").select("run", "currency"),
+        wide_edge,
     ])
     # an FX intent's base amount over an inexact rate (cash28.inexact_fx_runs) lands in the base currency
     base_near = cash_after.join(base_cash, on=["run", "currency"], how="semi").join(fx_margins(intents), on="run", how="inner").filter(

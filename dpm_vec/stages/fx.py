@@ -17,7 +17,7 @@ from dpm_vec.dec28 import F28
 from dpm_vec.frames import position_in_run, rows_where, sort_rows
 from dpm_vec.numeric import DEC, HAIR, QTY, as_f64, dabs, lit, name_sums_beyond_range, naming_overflows, units_text
 from dpm_vec.stages import dq
-from dpm_vec.stages.cash28 import DUST, WIDE_REACH, exact_notionals, long_digit_runs, projected_balances, wide_at_edge, wide_sums
+from dpm_vec.stages.cash28 import DUST, exact_notionals, long_digit_runs, projected_balances, wide_at_edge
 from dpm_vec.stages.prepare import Market
 
 INTENT_COLUMNS = {
@@ -189,12 +189,8 @@ def _exact_signs(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cas
     There the 28-digit balance itself is kept too (``_exact_balance_f``, null elsewhere)."""
     sign = pl.when(pl.col("balance") > 0).then(1).when(pl.col("balance") < 0).then(-1).otherwise(0).cast(pl.Int8)
     near = projected.filter(pl.col("balance").abs() < lit(DUST)).select("run").unique()
-    reach = projected.filter(pl.col("balance").abs() < lit(WIDE_REACH))
-    reach_runs = reach.select("run").unique()
-    wide = wide_sums(cash_input.join(reach_runs, on="run", how="semi"), security.join(reach_runs, on="run", how="semi").select(
-        "run", pl.col("price_currency").alias("notional_currency"), "notional"))
-    chosen = pl.concat([long_digit_runs(security, cash_input).join(near, on="run", how="semi"),
-                        wide_at_edge(reach, wide, "balance").select("run")]).unique()
+    wide, _ = wide_at_edge(projected, cash_input, security.select("run", pl.col("price_currency").alias("notional_currency"), "notional"), "balance")
+    chosen = pl.concat([long_digit_runs(security, cash_input).join(near, on="run", how="semi"), wide.select("run")]).unique()
     if chosen.height == 0:
         return projected.with_columns(sign.alias("_sign"), pl.lit(None, dtype=F28).alias("_exact_balance_f"))
     sec = exact_notionals(market, chosen, security.select(

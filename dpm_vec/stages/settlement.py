@@ -8,8 +8,7 @@ import polars as pl
 
 from dpm_vec import dec28 as f28
 from dpm_vec.numeric import DEC, lit
-from dpm_vec.stages.cash28 import (DUST, WIDE_REACH, account_sums, exact_flows, fx_margins, inexact_fx_runs, long_digit_runs, movements,
-                                   wide_at_edge, wide_sums)
+from dpm_vec.stages.cash28 import DUST, account_sums, exact_flows, fx_margins, inexact_fx_runs, long_digit_runs, movements, wide_at_edge
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import WARNINGS_SCHEMA, warnings_frame
 
@@ -85,11 +84,8 @@ def cash_ladder(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, cash_
                  | ((pl.col("projected_balance") - pl.col("allowed_floor")).abs() <= pl.col("_margin")))
     ).select("run", "currency").unique()
     # a sum of more than 28 digits (cash28.wide_sums) can sit farther from 0 or the floor, by its own margin
-    reach = points.with_columns((pl.col("projected_balance") - pl.col("allowed_floor")).alias("_over_floor")).filter(
-        moved & ((pl.col("projected_balance").abs() < lit(WIDE_REACH)) | (pl.col("_over_floor").abs() < lit(WIDE_REACH))))
-    reach_runs = reach.select("run").unique()
-    wide = wide_sums(cash_input.join(reach_runs, on="run", how="semi"), intents.join(reach_runs, on="run", how="semi"))
-    wide = wide_at_edge(reach, wide, "projected_balance", "_over_floor")
+    wide, _ = wide_at_edge(points.filter(moved).with_columns((pl.col("projected_balance") - pl.col("allowed_floor")).alias("_over_floor")),
+                           cash_input, intents, "projected_balance", "_over_floor")
     at_edge = pl.concat([at_edge, wide]).unique()
     keys = ["run", "currency", "date_offset"]
     exact = _exact_balances(market, runs, at_edge, horizon, intents, sec, cash_input, wide.select("run"))

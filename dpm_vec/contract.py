@@ -20,10 +20,9 @@ from dpm_vec.book import (
     LIQUIDITY_TIERS, LOT_SUM_TOLERANCE, POLICY_COLUMNS, SHELF_STATUSES, TABLES, Book, iso_timestamps, make_book, table_schema,
 )
 from dpm_vec.errors import RequestError, error_loc, fault, not_an_object
-from dpm_vec.numeric import AMOUNT_28, MAX_MINUTES, MAX_WEIGHT, QTY, SCALE, WEIGHT
+from dpm_vec.numeric import AMOUNT_28, AMOUNT_28_LIMIT, MAX_MINUTES, MAX_WEIGHT, QTY, SCALE, WEIGHT
 
 MAX_ABS = Decimal(10) ** (38 - SCALE - 1)
-AMOUNT_28_LIMIT = Decimal(10) ** (38 - AMOUNT_28.scale)
 MAX_QUANTITY = Decimal(10) ** 9  # quantities carry 28 decimals in Decimal(38, 28)
 # pydantic's lax text for an integer (spec §3: "integers accept integral strings"): ASCII
 # digits, single underscores between them, an optional all-zero fraction, no exponent

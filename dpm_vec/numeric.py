@@ -41,6 +41,7 @@ MAX_MINUTES = 10**7
 # an amount's own 28 decimals where it has more than DEC keeps (a result's cash balance fed
 # back as the next snapshot's, below 1e10): the 28-digit sums start from every digit of it
 AMOUNT_28 = pl.Decimal(38, 28)
+AMOUNT_28_LIMIT = Decimal(10) ** (38 - AMOUNT_28.scale)  # the balances AMOUNT_28 holds lie below this
 # one unit of DEC's last place: a 28-decimal figure held in DEC is off by up to half of it
 DEC_UNIT = "0.00000000000000000001"
 # a share of a figure within which its fixed-point value and the reference's 28 digits may

@@ -19,7 +19,7 @@ from dpm_vec.book import LIQUIDITY_TIERS, POLICY_COLUMNS, SHELF_STATUSES, SNAPSH
 from dpm_vec.codes import ExitPath, RunStatus
 from dpm_vec.dec28 import F28, sign
 from dpm_vec.errors import BookError
-from dpm_vec.numeric import AMOUNT_28, DEC, MAX_MINUTES, MAX_WEIGHT, QTY, WEIGHT
+from dpm_vec.numeric import AMOUNT_28, AMOUNT_28_LIMIT, DEC, MAX_MINUTES, MAX_WEIGHT, QTY, WEIGHT
 
 CCY = r"^[A-Z]{3}$"
 HALF_DEC_UNIT = Decimal("5E-21")  # half a unit of DEC's last decimal
@@ -53,7 +53,9 @@ def _rounds_to_amount(data) -> pl.LazyFrame:
     decimal (a fed-back balance's 28 decimals), or null. Another number would have the
     28-digit decisions over cash start from a balance that the outputs do not show."""
     exact = pl.col("amount_exact")
-    return data.lazyframe.select(exact.is_null() | ((exact - pl.col("amount").cast(AMOUNT_28)).abs() <= pl.lit(HALF_DEC_UNIT, dtype=AMOUNT_28)))
+    # AMOUNT_28 holds balances below 1E+10, as amount_exact is: a larger amount is another balance
+    amount = pl.when(pl.col("amount").abs() < AMOUNT_28_LIMIT).then(pl.col("amount")).cast(AMOUNT_28)
+    return data.lazyframe.select(exact.is_null() | ((exact - amount).abs() <= pl.lit(HALF_DEC_UNIT, dtype=AMOUNT_28)).fill_null(False))
 
 
 def _keyed(columns: dict[str, pa.Column], key: list[str]) -> pa.DataFrameSchema:

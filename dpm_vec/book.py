@@ -284,13 +284,12 @@ def iso_timestamps(text: pl.Series, dtype: pl.Datetime, strict: bool = True) -> 
     does not read; ``strict``, either is an error naming it."""
     shapes = pl.select(pl.when(text.str.contains(ISO_8601)).then(text.str.replace_all(r"\d", "0"))).to_series()
     distinct = shapes.drop_nulls().unique(maintain_order=True)
-    parsed = pl.Series(text.name, [None] * text.len(), dtype=dtype)
-    for n, shape in enumerate(distinct):
-        last = n == MAX_TIMESTAMP_SHAPES - 1
-        rows = (shapes.is_in(distinct.slice(n).implode()) if last else shapes == shape).arg_true()
+    head, rest = distinct.head(MAX_TIMESTAMP_SHAPES - 1), distinct.slice(MAX_TIMESTAMP_SHAPES - 1)
+    groups = [shapes == shape for shape in head] + ([shapes.is_in(rest.implode())] if rest.len() else [])
+    parsed = pl.repeat(None, text.len(), dtype=dtype, eager=True).alias(text.name)
+    for group in groups:
+        rows = group.arg_true()
         parsed = parsed.scatter(rows, text.gather(rows).str.to_datetime(time_unit=dtype.time_unit, time_zone=dtype.time_zone, strict=False))
-        if last:
-            break
     failed = parsed.is_null() & text.is_not_null()
     if strict and failed.any():
         raise pl.exceptions.InvalidOperationError(f"conversion from `str` to `{dtype}` failed for value {text.filter(failed)[0]!r}")

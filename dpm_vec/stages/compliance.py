@@ -117,8 +117,9 @@ def exact_cash_signs(market: Market, runs: pl.DataFrame, intents: pl.DataFrame, 
     run's base currency; a balance whose sum spans more than 28 digits, within its margin
     (``cash28.wide_sums``: -1E-16 plus a sale and a purchase of 1E+13 is 0 there, and
     READY), and its run's base currency within dust; and the base currency of runs whose
-    FX amounts come from an inexact rate, which the fixed point can leave at -1E-17 (or, over a large amount,
-    -1E-15) where the reference's sum is exactly 0 (``cash28.fx_margins``)."""
+    FX amounts come from an inexact rate, which the fixed point can leave at -1E-17 (or,
+    over a large amount, -1E-15) where the reference's sum is exactly 0
+    (``cash28.fx_margins``)."""
     schema = {"run": pl.UInt32, "currency": pl.String, "_negative": pl.Boolean, "_exact_amount": DEC}
     limited = intents.filter(~dec28.is_null("quantity_f28")).select("run", pl.col("notional_currency").alias("currency")).unique()
     bought = intents.filter((pl.col("side") == "BUY") & pl.col("run").is_in(limited["run"].implode())).select(

@@ -181,11 +181,11 @@ def _kept_surpluses(market: Market, projected: pl.DataFrame) -> pl.DataFrame:
 def _exact_signs(market: Market, runs: pl.DataFrame, security: pl.DataFrame, cash_input: pl.DataFrame,
                  projected: pl.DataFrame) -> pl.DataFrame:
     """``projected`` with ``_sign``, the sign of each balance that decides FUNDING, SWEEP or
-    no FX: the balance's own, or, in runs with a tax-limited sell, a cash balance past 20
-    decimals (``cash28.long_cash``) or sums of more than 28 digits (``cash28.wide_sums``)
-    whose balance lies within dust of 0, the sign of the
-    reference's 28-digit sum (``cash28``): a sell of a few 1E-28 units leaves a dust balance
-    the reference sweeps where the 20-decimal notional is 0.
+    no FX: the balance's own, or, in runs with a tax-limited sell or a cash balance past 20
+    decimals (``cash28.long_cash``) whose balance lies within dust of 0, and for a balance
+    whose sum spans more than 28 digits within its margin (``cash28.wide_at_edge``), the
+    sign of the reference's 28-digit sum (``cash28``): a sell of a few 1E-28 units leaves a
+    dust balance the reference sweeps where the 20-decimal notional is 0.
     There the 28-digit balance itself is kept too (``_exact_balance_f``, null elsewhere)."""
     sign = pl.when(pl.col("balance") > 0).then(1).when(pl.col("balance") < 0).then(-1).otherwise(0).cast(pl.Int8)
     near = projected.filter(pl.col("balance").abs() < lit(DUST)).select("run").unique()

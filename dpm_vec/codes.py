@@ -104,7 +104,7 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "UNKNOWN_SHELF": "the portfolio's shelf_id is not in shelf.parquet (nor declared in snapshots.parquet)",
     "UNKNOWN_MARKET_SNAPSHOT": "the portfolio's market_snapshot_id has no prices or FX rates (nor is declared in snapshots.parquet)",
     "UNKNOWN_PORTFOLIO_SNAPSHOT": "the portfolio's portfolio_snapshot_id has no positions or cash rows (nor is declared in snapshots.parquet)",
-    "INVALID_PORTFOLIO": "a value of the portfolio's options, base currency or timestamps fails its checks (sweep: named in input_faults)",
+    "INVALID_PORTFOLIO": "a value of the portfolio's options, base currency, timestamps or snapshot, shelf or model id fails its checks (sweep: named in input_faults)",
     "INVALID_HOLDINGS": "a row of the portfolio's positions, cash or lots fails its checks (sweep: named in input_faults)",
     "INVALID_LIMITS": "a row of the portfolio's group_constraints or overdraft_limits fails its checks (sweep: named in input_faults)",
     "ENGINE_ERROR": "the engine could not compute this portfolio (e.g. an arithmetic overflow); the sweep went on",

@@ -333,17 +333,19 @@ def read_portfolios(book_dir: str | Path, file: Path | None = None, rows: tuple[
     return _conform("portfolios", _scan_portfolios(book_dir, file, rows), str(file or _path(book_dir, "portfolios")))
 
 
-# columns of a portfolio's row that only that portfolio uses: a bad value blocks it
-_OWN_COLUMNS = ("base_currency", "portfolio_as_of", "market_as_of", *(name for name, _, _ in POLICY_COLUMNS))
+# columns of a portfolio's row that only that portfolio uses: a bad value blocks it (a null or
+# empty reference id joins no rows, so the run reaches its block without them)
+_REFERENCE_COLUMNS = ("portfolio_snapshot_id", "market_snapshot_id", "shelf_id", "model_id")
+_OWN_COLUMNS = ("base_currency", "portfolio_as_of", "market_as_of", *_REFERENCE_COLUMNS, *(name for name, _, _ in POLICY_COLUMNS))
 
 
 def read_portfolio_rows(book_dir: str | Path, file: Path | None = None,
                         rows: tuple[int, int] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """``read_portfolios`` for a sweep: a value of a portfolio's own options, base currency
-    or timestamps that fails its checks blocks that portfolio (input_fault
-    INVALID_PORTFOLIO; an option's value is replaced by its default so the row still
-    runs to its block) instead of stopping the sweep. Returns the rows and the failed
-    values (``ROW_FAULT_SCHEMA``). Faults that leave a run without one identity — a
+    """``read_portfolios`` for a sweep: a value of a portfolio's own options, base currency,
+    timestamps or snapshot, shelf or model id that fails its checks blocks that portfolio
+    (input_fault INVALID_PORTFOLIO; an option's value is replaced by its default so the
+    row still runs to its block) instead of stopping the sweep. Returns the rows and the
+    failed values (``ROW_FAULT_SCHEMA``). Faults that leave a run without one identity — a
     missing or repeated run_key, an empty portfolio_id — still raise."""
     book_dir = Path(book_dir)
     name = str(file or _path(book_dir, "portfolios"))

@@ -307,6 +307,35 @@ def test_unknown_references_block_unless_declared_in_snapshots(tmp_path):
     assert by_key[ids[3]]["status"] == "BLOCKED" and by_key[ids[3]]["n_price_missing"] > 0
 
 
+def test_a_null_or_empty_reference_id_blocks_its_portfolio_not_the_book(tmp_path):
+    """A portfolio row with no snapshot, shelf or model id runs against nothing: it is
+    BLOCKED INVALID_PORTFOLIO, named in input_faults, and the other portfolios run as
+    they would without it (the whole book used to be refused)."""
+    frames = generate_book_frames(9, 5, holdings=(3, 5))
+    columns = ("portfolio_snapshot_id", "market_snapshot_id", "shelf_id", "model_id")
+    broken = {1 + 2 * i + j: (column, value) for i, column in enumerate(columns) for j, value in enumerate((None, ""))}
+    row = pl.int_range(pl.len())
+    frames["portfolios"] = frames["portfolios"].with_columns(
+        pl.when(row == 1 + 2 * i).then(pl.lit(None, dtype=pl.String)).when(row == 2 + 2 * i).then(pl.lit("")).otherwise(pl.col(column)).alias(column)
+        for i, column in enumerate(columns)
+    )
+    ids = frames["portfolios"]["run_key"].to_list()
+    write_book({**frames, "portfolios": frames["portfolios"].head(1)}, tmp_path / "alone")
+    sweep(tmp_path / "alone", tmp_path / "out_alone", progress=False)
+    write_book(frames, tmp_path / "book")
+    sweep(tmp_path / "book", tmp_path / "out", progress=False, shard_size=4)
+    runs = _read(tmp_path / "out", "runs").sort("run_key")
+    assert runs["run_key"].to_list() == sorted(ids)
+    by_key = {r["run_key"]: r for r in runs.iter_rows(named=True)}
+    assert [by_key[ids[row]]["block_reason"] for row in broken] == ["INVALID_PORTFOLIO"] * len(broken)
+    faults = _read(tmp_path / "out", "input_faults").sort("run_key")
+    assert faults.select("run_key", "input_column", "failed_check").rows() == sorted(
+        (ids[row], column, "not_nullable" if value is None else "str_length(1, None)") for row, (column, value) in broken.items())
+    assert _read(tmp_path / "out", "intents").filter(pl.col("run_key").is_in([ids[row] for row in broken])).is_empty()
+    alone = _read(tmp_path / "out_alone", "runs")
+    assert runs.filter(pl.col("run_key") == ids[0]).equals(alone)
+
+
 def test_a_bad_snapshot_declaration_names_the_file(tmp_path):
     frames = generate_book_frames(2, 5, holdings=(3, 5))
     frames["snapshots"] = pl.DataFrame({"kind": ["MODEL", "HOLDINGS"], "snapshot_id": ["m", "x"]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -110,9 +111,10 @@ def _print_summary(manifest: dict, out: str) -> None:
     # OUT is text, not Rich markup ("x[/]"); the commands below paste into a shell as printed
     title, command_out = escape(out), escape(shlex.quote(out))
     table = Table(title=f"dpm-vec sweep → {title}")
-    table.add_column("status")
-    table.add_column("portfolios", justify="right")
-    table.add_column("share", justify="right")
+    # a narrow terminal folds a cell onto more lines, never cuts it to an ellipsis
+    table.add_column("status", overflow="fold")
+    table.add_column("portfolios", justify="right", overflow="fold")
+    table.add_column("share", justify="right", overflow="fold")
     total = manifest["portfolios"] or 1
     for status, n in manifest["counts_by_status"].items():
         table.add_row(status, f"{n:,}", f"{100 * n / total:.1f}%")
@@ -152,7 +154,7 @@ def _print_scenarios(rows: list[dict]) -> None:
 
     table = Table(title="scenarios side by side")
     for column in ("scenario", "runs", "READY", "PENDING", "BLOCKED", "security intents", "turnover (Σ base)"):
-        table.add_column(column, justify="left" if column == "scenario" else "right")
+        table.add_column(column, justify="left" if column == "scenario" else "right", overflow="fold")
     for r in rows:
         table.add_row(r["scenario_id"], f"{r['portfolios']:,}", f"{r['ready']:,}", f"{r['pending_review']:,}", f"{r['blocked']:,}",
                       f"{r['security_intents']:,}", f"{r['gross_turnover_notional_base_sum']:,.2f}")
@@ -204,9 +206,6 @@ def cmd_analyze(args) -> int:
 
 def cmd_query(args) -> int:
     from rich.console import Console
-    from rich.measure import Measurement
-    from rich.table import Table
-    from rich.text import Text
 
     from dpm_vec.inspect import query
 
@@ -218,17 +217,48 @@ def cmd_query(args) -> int:
         writer.writerow(columns)
         writer.writerows(rows)
         return 0
+    print_rows(Console(), columns, rows)
+    return 0
+
+
+READABLE_CELL = 12  # a column this wide (or as wide as its widest value) shows its values in a few lines
+
+
+def print_rows(console, columns: list[str], rows: list[tuple]) -> None:
+    """A query's rows as a table. A pipe or a file gets the table at its full width; a
+    terminal too narrow for every column at a readable width (where Rich would squeeze
+    columns to nothing and drop their values) gets one block of ``column  value`` lines
+    per row instead. Values fold, never end in an ellipsis."""
+    from rich.console import Console
+    from rich.measure import Measurement
+    from rich.table import Table
+    from rich.text import Text
+
+    encoding = getattr(console.file, "encoding", None) or "utf-8"  # escaped before measuring, to keep the borders aligned
+    cells = [["" if v is None else str(v).encode(encoding, "backslashreplace").decode(encoding) for v in row] for row in rows]
     table = Table(show_lines=False)
     for column in columns:
-        table.add_column(Text(column), overflow="fold")  # a value too wide wraps, never loses digits to an ellipsis
-    for row in rows:
-        table.add_row(*(Text("" if v is None else str(v)) for v in row))  # a value is text, never Rich markup
-    console = Console()
+        table.add_column(Text(column), overflow="fold")
+    for row in cells:
+        table.add_row(*map(Text, row))  # a value is text, never Rich markup
     if not console.is_terminal:  # a pipe or a file has no width: as wide as the table, nothing squeezed out
         unbounded = Console(width=1 << 20)
-        console = Console(width=Measurement.get(unbounded, unbounded.options, table).maximum)
-    console.print(table)
-    return 0
+        console = Console(file=console.file, width=Measurement.get(unbounded, unbounded.options, table).maximum)
+        console.print(table)
+        return
+    widest = [max([len(column), *(len(row[i]) for row in cells)]) for i, column in enumerate(columns)]
+    if 1 + sum(min(width, READABLE_CELL) + 3 for width in widest) <= console.width:  # 3: a cell's padding and border
+        console.print(table)
+        return
+    if not cells:
+        console.print(Text(f"0 rows; columns: {', '.join(columns)}"))
+    for number, row in enumerate(cells, start=1):
+        record = Table(title=f"row {number} of {len(cells)}", show_header=False)
+        record.add_column(overflow="fold")
+        record.add_column(overflow="fold")
+        for column, value in zip(columns, row):
+            record.add_row(Text(column), Text(value))
+        console.print(record)
 
 
 def cmd_serve(args) -> int:
@@ -297,7 +327,33 @@ def _expand(paths: list[str]) -> list[str]:
     return out
 
 
+def _restart_in_utf8_mode() -> None:
+    """Polars, pyarrow and DuckDB take paths as UTF-8 text, where Python encodes them in the
+    locale's encoding: under a locale that is not UTF-8 (de_DE.ISO-8859-1, or C with
+    PYTHONUTF8=0) a folder named ``böök`` would be two different folders to the two sides.
+    Python's UTF-8 mode (PEP 540) makes them agree, so the command starts again in it
+    (same process id, arguments and standard streams)."""
+    if sys.getfilesystemencoding().replace("-", "").lower() == "utf8" or os.environ.get(_RESTARTED) or not sys.executable:
+        return
+    os.environ.update({"PYTHONUTF8": "1", _RESTARTED: "1"})
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+_RESTARTED = "DPM_VEC_UTF8_RESTARTED"
+
+
+def _printable_streams() -> None:
+    """An id or path that the terminal's encoding cannot show (``PYTHONIOENCODING=ascii``)
+    prints as a backslash escape instead of stopping the output midway with a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.encoding.replace("-", "").lower() != "utf8":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        _restart_in_utf8_mode()
+    _printable_streams()
     parser = argparse.ArgumentParser(prog="dpm-vec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="simulate reference-contract JSON requests; prints the result JSON")

@@ -212,6 +212,94 @@ def test_query_printed_to_a_pipe_keeps_every_column_and_digit(tmp_path):
         assert str(row[columns.index("before_total_value")]) in printed.stdout and row[0] in printed.stdout
 
 
+@pytest.fixture(scope="module")
+def runs_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs_only") / "out"
+    assert cli("sweep", str(DATA / "sample_book"), "--out", str(out), "--quiet", "--tables", "runs").returncode == 0
+    return out
+
+
+@pytest.mark.parametrize("width", [20, 80])
+def test_query_on_a_narrow_terminal_prints_a_block_per_row_with_every_value(runs_out, width):
+    """Rich squeezes 38 columns into 80 characters by giving them no width at all: every
+    value vanished from the table, silently. Too narrow a terminal gets one block of
+    ``column  value`` lines per row instead, each value whole or folded."""
+    import io
+
+    from rich.console import Console
+
+    from dpm_vec.cli import print_rows
+
+    columns, rows = query(runs_out, "select * from runs order by run_key limit 2")
+    screen = io.StringIO()
+    print_rows(Console(file=screen, force_terminal=True, width=width, color_system=None), columns, rows)
+    printed = screen.getvalue()
+    assert printed.count("row 1 of 2") == printed.count("row 2 of 2") == 1
+    if width == 80:  # a value of up to 40 characters on one line, beside its column
+        for row in rows:
+            for column, value in zip(columns, row):
+                if value is not None and len(str(value)) <= 40:
+                    assert any(column in line and str(value) in line for line in printed.splitlines()), (column, value)
+    # folded or not, each value's characters are all there, in order, in the value column
+    values = "".join(line.split("│")[2].strip() for line in printed.splitlines() if line.count("│") == 3)
+    assert values == "".join("" if v is None else str(v) for row in rows for v in row)
+
+
+def test_query_on_a_terminal_wide_enough_keeps_the_table(runs_out):
+    import io
+
+    from rich.console import Console
+
+    from dpm_vec.cli import print_rows
+
+    columns, rows = query(runs_out, "select run_key, status, before_total_value from runs order by run_key limit 3")
+    screen = io.StringIO()
+    print_rows(Console(file=screen, force_terminal=True, width=80, color_system=None), columns, rows)
+    header = next(line for line in screen.getvalue().splitlines() if line.startswith("┃"))
+    assert [cell.strip() for cell in header.strip("┃").split("┃")] == columns
+    assert all(str(row[2]) in screen.getvalue() for row in rows)
+
+
+def test_query_prints_what_the_terminal_cannot_encode_as_escapes(runs_out, monkeypatch):
+    """An id the output encoding cannot show used to stop the CSV after its header with a
+    UnicodeEncodeError traceback; it now prints as a backslash escape."""
+    monkeypatch.setenv("PYTHONIOENCODING", "ascii")
+    for form in (["--csv"], []):
+        printed = cli("query", str(runs_out), "select 'FONDS_\u00d8_\U0001f4b6' as instrument_id, count(*) as n from runs", *form)
+        assert printed.returncode == 0 and "Traceback" not in printed.stderr, printed.stderr
+        assert "FONDS_\\xd8_\\U0001f4b6" in printed.stdout and "500" in printed.stdout, printed.stdout
+
+
+def test_the_sweep_summary_folds_on_a_narrow_terminal(tmp_path, monkeypatch):
+    """At 20 columns the summary cut statuses and shares to an ellipsis ("PE…", "52…")."""
+    monkeypatch.setenv("COLUMNS", "20")
+    swept = cli("sweep", str(DATA / "sample_book"), "--out", str(tmp_path / "out"), "--quiet", "--tables", "runs")
+    assert swept.returncode == 0, swept.stderr
+    assert "…" not in swept.stderr
+    cells = "".join(line.split("│")[1].strip() for line in swept.stderr.splitlines() if line.count("│") == 4)
+    assert "PENDING_REVIEW" in cells and "READY" in cells
+    shares = "".join(line.split("│")[3].strip() for line in swept.stderr.splitlines() if line.count("│") == 4)
+    assert "52.8%" in shares and "100.0%" in shares
+
+
+def test_paths_that_are_not_ascii_work_under_a_locale_that_is_not_utf8(tmp_path, monkeypatch):
+    """Python encodes paths in the locale's encoding, Polars and DuckDB in UTF-8: under
+    ``LC_ALL=C PYTHONUTF8=0`` (or a Latin-1 locale) a book named ``böök_€`` was refused as
+    "not UTF-8 text", and a Latin-1 locale read and wrote other files than it named. The
+    command now restarts in Python's UTF-8 mode."""
+    book = tmp_path / "böök_€"
+    shutil.copytree(DATA / "sample_book", book)
+    monkeypatch.setenv("LC_ALL", "C")
+    monkeypatch.setenv("PYTHONUTF8", "0")
+    monkeypatch.delenv("PYTHONIOENCODING", raising=False)
+    out = tmp_path / "out_Ø"
+    swept = cli("sweep", str(book), "--out", str(out), "--quiet", "--tables", "runs")
+    assert swept.returncode == 0, swept.stderr
+    printed = cli("query", str(out), "select count(*) as n from runs", "--csv")
+    assert printed.returncode == 0 and printed.stdout.split() == ["n", "500"], printed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["böök_€", "out_Ø"])  # no other folder written
+
+
 def _one_position_request(portfolio_id: str, instrument_id: str) -> dict:
     return {
         "portfolio_snapshot": {"portfolio_id": portfolio_id, "base_currency": "USD", "positions": [],

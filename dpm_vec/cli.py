@@ -213,7 +213,7 @@ def cmd_query(args) -> int:
     if args.csv:
         import csv
 
-        writer = csv.writer(sys.stdout)
+        writer = csv.writer(sys.stdout, lineterminator="\n")  # a Unix line: `cut`, `awk` and `read` see no trailing \r
         writer.writerow(columns)
         writer.writerows(rows)
         return 0

@@ -270,6 +270,15 @@ def test_query_prints_what_the_terminal_cannot_encode_as_escapes(runs_out, monke
         assert "FONDS_\\xd8_\\U0001f4b6" in printed.stdout and "500" in printed.stdout, printed.stdout
 
 
+def test_query_csv_lines_end_as_unix_lines_do(runs_out):
+    """csv's default CRLF left a carriage return in the last field of every line a shell
+    tool read (``cut -d, -f2`` printed ``500\\r``)."""
+    printed = subprocess.run([sys.executable, "-m", "dpm_vec.cli", "query", str(runs_out), "select 1 as a, count(*) as n from runs", "--csv"],
+                             capture_output=True, timeout=300)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout == b"a,n\n1,500\n"
+
+
 def test_the_sweep_summary_folds_on_a_narrow_terminal(tmp_path, monkeypatch):
     """At 20 columns the summary cut statuses and shares to an ellipsis ("PE…", "52…")."""
     monkeypatch.setenv("COLUMNS", "20")

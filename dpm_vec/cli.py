@@ -208,6 +208,7 @@ def cmd_query(args) -> int:
     from rich.console import Console
 
     from dpm_vec.inspect import query
+    from dpm_vec.printout import print_rows
 
     columns, rows = query(args.out, args.sql)
     if args.csv:
@@ -219,46 +220,6 @@ def cmd_query(args) -> int:
         return 0
     print_rows(Console(), columns, rows)
     return 0
-
-
-READABLE_CELL = 12  # a column this wide (or as wide as its widest value) shows its values in a few lines
-
-
-def print_rows(console, columns: list[str], rows: list[tuple]) -> None:
-    """A query's rows as a table. A pipe or a file gets the table at its full width; a
-    terminal too narrow for every column at a readable width (where Rich would squeeze
-    columns to nothing and drop their values) gets one block of ``column  value`` lines
-    per row instead. Values fold, never end in an ellipsis."""
-    from rich.console import Console
-    from rich.measure import Measurement
-    from rich.table import Table
-    from rich.text import Text
-
-    encoding = getattr(console.file, "encoding", None) or "utf-8"  # escaped before measuring, to keep the borders aligned
-    cells = [["" if v is None else str(v).encode(encoding, "backslashreplace").decode(encoding) for v in row] for row in rows]
-    table = Table(show_lines=False)
-    for column in columns:
-        table.add_column(Text(column), overflow="fold")
-    for row in cells:
-        table.add_row(*map(Text, row))  # a value is text, never Rich markup
-    if not console.is_terminal:  # a pipe or a file has no width: as wide as the table, nothing squeezed out
-        unbounded = Console(width=1 << 20)
-        console = Console(file=console.file, width=Measurement.get(unbounded, unbounded.options, table).maximum)
-        console.print(table)
-        return
-    widest = [max([len(column), *(len(row[i]) for row in cells)]) for i, column in enumerate(columns)]
-    if 1 + sum(min(width, READABLE_CELL) + 3 for width in widest) <= console.width:  # 3: a cell's padding and border
-        console.print(table)
-        return
-    if not cells:
-        console.print(Text(f"0 rows; columns: {', '.join(columns)}"))
-    for number, row in enumerate(cells, start=1):
-        record = Table(title=f"row {number} of {len(cells)}", show_header=False)
-        record.add_column(overflow="fold")
-        record.add_column(overflow="fold")
-        for column, value in zip(columns, row):
-            record.add_row(Text(column), Text(value))
-        console.print(record)
 
 
 def cmd_serve(args) -> int:

@@ -1,0 +1,111 @@
+"""A query's rows as text for a person: a boxed table, or one block per row when the
+terminal is too narrow for the table.
+
+Rich lays out a table cell by cell in Python: about 2 ms a row, so 26,000 intents took 50
+seconds. A table that needs no folding is drawn here line by line instead, in the same
+box characters as Rich's (a pipe or a file gets it at its full width); Rich draws only
+a short table that must fold on a terminal.
+"""
+
+from __future__ import annotations
+
+import re
+
+from rich.cells import cell_len, chop_cells
+
+READABLE_CELL = 12  # a column this wide (or as wide as its widest value) shows its values in a few lines
+RICH_FOLDED_ROWS = 1_000  # beyond this, a terminal too narrow for the whole table gets blocks: Rich would take seconds
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a line break, a tab or another control would break a row's line
+_HEAVY = ("┏━┳┓", "┃┃┃", "┡━╇┩", "│││", "└─┴┘")
+_ASCII = ("+-++", "|||", "|-+|", "|||", "+-++")
+_LIGHT_TOP = {_HEAVY: "┌─┬┐", _ASCII: "+-++"}  # a block has no header: light lines all round
+
+
+def print_rows(console, columns: list[str], rows: list[tuple]) -> None:
+    """``rows`` under ``columns`` on ``console``. A pipe or a file gets the table at its
+    full width; a terminal gets it when it fits, folded by Rich when it fits at a readable
+    width (and is short), else one block of ``column  value`` lines per row, where Rich
+    would squeeze columns to nothing and drop their values. Values fold, never end in an
+    ellipsis; a control character (a line break, a tab) or one the output's encoding
+    cannot show is a backslash escape."""
+    encoding = getattr(console.file, "encoding", None) or "utf-8"
+    columns = [_printable(column, encoding) for column in columns]
+    cells = [["" if v is None else _printable(str(v), encoding) for v in row] for row in rows]
+    box = _box(encoding)
+    widths = [max([cell_len(column), *(cell_len(row[i]) for row in cells)]) for i, column in enumerate(columns)]
+    if not console.is_terminal or 1 + sum(w + 3 for w in widths) <= console.width:  # 3: a cell's padding and border
+        console.file.write(_table(box, columns, cells, widths))
+    elif 1 + sum(min(w, READABLE_CELL) + 3 for w in widths) <= console.width and len(cells) <= RICH_FOLDED_ROWS:
+        _print_with_rich(console, columns, cells)
+    else:
+        _print_blocks(console, box, columns, cells)
+    console.file.flush()
+
+
+def _printable(text: str, encoding: str) -> str:
+    if _CONTROL.search(text):
+        text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    return text.encode(encoding, "backslashreplace").decode(encoding)
+
+
+def _box(encoding: str) -> tuple[str, ...]:
+    try:
+        "".join(_HEAVY).encode(encoding)
+    except UnicodeEncodeError:
+        return _ASCII
+    return _HEAVY
+
+
+def _table(box: tuple[str, ...], columns: list[str], cells: list[list[str]], widths: list[int]) -> str:
+    """The table as Rich draws it with its default box and no folding."""
+    def rule(chars: str) -> str:
+        left, line, cross, right = chars
+        return left + cross.join(line * (w + 2) for w in widths) + right + "\n"
+
+    def line(chars: str, values) -> str:
+        left, middle, right = chars
+        return left + middle.join(f" {v}{' ' * (w - cell_len(v))} " for v, w in zip(values, widths)) + right + "\n"
+
+    return "".join([rule(box[0]), line(box[1], columns), rule(box[2]), *(line(box[3], row) for row in cells), rule(box[4])])
+
+
+def _print_blocks(console, box: tuple[str, ...], columns: list[str], cells: list[list[str]]) -> None:
+    """One two-column block a row: its columns' names beside their values, each folded
+    to the terminal's width."""
+    if not cells:
+        console.file.write(f"0 rows; columns: {', '.join(columns)}\n")
+        return
+    name_width = min(max(map(cell_len, columns)), max((console.width - 7) // 2, 1))  # 7: two cells' padding, three borders
+    value_width = max(console.width - name_width - 7, 1)
+    widths = [name_width, value_width]
+    for number, row in enumerate(cells, start=1):
+        lines = []
+        for column, value in zip(columns, row):
+            names, values = chop_cells(column, name_width) or [""], chop_cells(value, value_width) or [""]
+            for i in range(max(len(names), len(values))):
+                pair = (names[i] if i < len(names) else "", values[i] if i < len(values) else "")
+                lines.append(box[3][0] + box[3][1].join(f" {v}{' ' * (w - cell_len(v))} " for v, w in zip(pair, widths)) + box[3][2] + "\n")
+        top, bottom = _LIGHT_TOP[box], box[4]
+        console.file.write(
+            f"row {number} of {len(cells)}\n"
+            + top[0] + top[2].join(top[1] * (w + 2) for w in widths) + top[3] + "\n"
+            + "".join(lines)
+            + bottom[0] + bottom[2].join(bottom[1] * (w + 2) for w in widths) + bottom[3] + "\n"
+        )
+
+
+def _print_with_rich(console, columns: list[str], cells: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.measure import Measurement
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_lines=False)
+    for column in columns:
+        table.add_column(Text(column), overflow="fold")
+    for row in cells:
+        table.add_row(*map(Text, row))  # a value is text, never Rich markup
+    if not console.is_terminal:  # a pipe or a file has no width: as wide as the table, nothing squeezed out
+        unbounded = Console(width=1 << 20)
+        console = Console(file=console.file, width=Measurement.get(unbounded, unbounded.options, table).maximum)
+    console.print(table)

@@ -207,17 +207,25 @@ def cmd_analyze(args) -> int:
 def cmd_query(args) -> int:
     from rich.console import Console
 
-    from dpm_vec.inspect import query
-    from dpm_vec.printout import print_rows
+    from dpm_vec.inspect import query_batches
+    from dpm_vec.printout import TABLE_ROWS, print_rows
 
-    columns, rows = query(args.out, args.sql)
+    columns, batches = query_batches(args.out, args.sql)
     if args.csv:
         import csv
 
         writer = csv.writer(sys.stdout, lineterminator="\n")  # a Unix line: `cut`, `awk` and `read` see no trailing \r
         writer.writerow(columns)
-        writer.writerows(rows)
+        for batch in batches:
+            writer.writerows(batch)
         return 0
+    rows = []
+    for batch in batches:  # a table's widths need every row: held, up to a bound
+        rows.extend(batch)
+        if len(rows) > TABLE_ROWS:
+            batches.close()
+            raise DpmVecError(f"the result has more than {TABLE_ROWS:,} rows, too many to lay out as a table: "
+                              "print it with --csv (streamed, any length), or add a LIMIT or a WHERE")
     print_rows(Console(), columns, rows)
     return 0
 

@@ -36,6 +36,13 @@ def _literal_glob(path: str) -> str:
 
 def query(out_dir: str | Path, sql: str):
     """Run ``sql`` against the sweep's views; returns (column names, rows)."""
+    columns, batches = query_batches(out_dir, sql)
+    return columns, [row for batch in batches for row in batch]
+
+
+def query_batches(out_dir: str | Path, sql: str, size: int = 50_000):
+    """``query`` as (column names, an iterator of lists of at most ``size`` rows): DuckDB
+    streams the result, so a sweep's 50 million intents print in bounded memory."""
     import duckdb
 
     if not sql.strip():
@@ -46,5 +53,16 @@ def query(out_dir: str | Path, sql: str):
         cursor = con.execute(sql)
     except duckdb.Error as exc:
         views = [r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()]
+        con.close()
         raise DpmVecError(f"query failed: {exc}\navailable views: {', '.join(sorted(views))}") from None
-    return [d[0] for d in cursor.description], cursor.fetchall()
+
+    def batches():
+        try:
+            while batch := cursor.fetchmany(size):
+                yield batch
+        except duckdb.Error as exc:  # a fault met while streaming (a damaged page, a failed cast)
+            raise DpmVecError(f"query failed: {first_line(exc)}") from None
+        finally:
+            con.close()
+
+    return [d[0] for d in cursor.description or ()], batches()

@@ -14,6 +14,7 @@ import re
 from rich.cells import cell_len, chop_cells
 
 READABLE_CELL = 12  # a column this wide (or as wide as its widest value) shows its values in a few lines
+TABLE_ROWS = 200_000  # a longer result goes to --csv: a table's widths need every row in memory
 RICH_FOLDED_ROWS = 1_000  # beyond this, a terminal too narrow for the whole table gets blocks: Rich would take seconds
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a line break, a tab or another control would break a row's line
 _HEAVY = ("┏━┳┓", "┃┃┃", "┡━╇┩", "│││", "└─┴┘")

@@ -270,14 +270,39 @@ def test_query_table_drawn_line_by_line_is_richs_table(runs_out):
 
     from dpm_vec.printout import _print_with_rich, print_rows
 
-    columns, rows = query(runs_out, "select run_key, status, before_total_value, '株式 Ø' as name, null as empty from runs order by run_key limit 4")
-    fast, rich = io.StringIO(), io.StringIO()
-    print_rows(Console(file=fast, width=80), columns, rows)
-    _print_with_rich(Console(file=rich, width=80), columns, [["" if v is None else str(v) for v in row] for row in rows])
-    assert fast.getvalue() == rich.getvalue() and "6294278.42599437909139898929" in fast.getvalue()
+    for limit in (4, 0):
+        columns, rows = query(runs_out, f"select run_key, status, before_total_value, '株式 Ø' as name, null as empty from runs order by run_key limit {limit}")
+        fast, rich = io.StringIO(), io.StringIO()
+        print_rows(Console(file=fast, width=80), columns, rows)
+        _print_with_rich(Console(file=rich, width=80), columns, [["" if v is None else str(v) for v in row] for row in rows])
+        assert fast.getvalue() == rich.getvalue() and ("6294278.42599437909139898929" in fast.getvalue()) == (limit > 0)
     broken = io.StringIO()
     print_rows(Console(file=broken, width=80), ["detail"], [("line one\nline two\t!",)])
     assert "│ line one\\nline two\\t! │" in broken.getvalue() and len(broken.getvalue().splitlines()) == 5
+
+
+def test_query_streams_csv_and_bounds_a_table(runs_out, monkeypatch, capsys):
+    """A sweep of a large book has tens of millions of intents: --csv streams them batch
+    by batch, and a table (whose widths need every row held) refuses past its bound with
+    a way out, instead of exhausting memory."""
+    import dpm_vec.printout
+    from dpm_vec.cli import main
+    from dpm_vec.inspect import query_batches
+
+    sql = "select run_key, status, before_total_value from runs order by run_key"
+    columns, batches = query_batches(runs_out, sql, size=7)
+    sizes = [len(batch) for batch in batches]
+    assert sizes == [7] * 71 + [3] and columns == ["run_key", "status", "before_total_value"]
+    assert main(["query", str(runs_out), sql, "--csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 501 and lines[1].startswith("PF0000000,")
+    monkeypatch.setattr(dpm_vec.printout, "TABLE_ROWS", 499)
+    assert main(["query", str(runs_out), sql]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and "more than 499 rows" in printed.err and "--csv" in printed.err
+    monkeypatch.setattr(dpm_vec.printout, "TABLE_ROWS", 500)
+    assert main(["query", str(runs_out), sql]) == 0
+    assert capsys.readouterr().out.count("│ PF0") == 500
 
 
 def test_query_prints_what_the_terminal_cannot_encode_as_escapes(runs_out, monkeypatch):

@@ -57,17 +57,20 @@ def _box(encoding: str) -> tuple[str, ...]:
     return _HEAVY
 
 
+def _rule(chars: str, widths: list[int]) -> str:
+    left, line, cross, right = chars
+    return left + cross.join(line * (w + 2) for w in widths) + right + "\n"
+
+
+def _line(chars: str, values, widths: list[int]) -> str:
+    left, middle, right = chars
+    return left + middle.join(f" {v}{' ' * (w - cell_len(v))} " for v, w in zip(values, widths)) + right + "\n"
+
+
 def _table(box: tuple[str, ...], columns: list[str], cells: list[list[str]], widths: list[int]) -> str:
     """The table as Rich draws it with its default box and no folding."""
-    def rule(chars: str) -> str:
-        left, line, cross, right = chars
-        return left + cross.join(line * (w + 2) for w in widths) + right + "\n"
-
-    def line(chars: str, values) -> str:
-        left, middle, right = chars
-        return left + middle.join(f" {v}{' ' * (w - cell_len(v))} " for v, w in zip(values, widths)) + right + "\n"
-
-    return "".join([rule(box[0]), line(box[1], columns), rule(box[2]), *(line(box[3], row) for row in cells), rule(box[4])])
+    return "".join([_rule(box[0], widths), _line(box[1], columns, widths), _rule(box[2], widths),
+                    *(_line(box[3], row, widths) for row in cells), _rule(box[4], widths)])
 
 
 def _print_blocks(console, box: tuple[str, ...], columns: list[str], cells: list[list[str]]) -> None:
@@ -77,25 +80,20 @@ def _print_blocks(console, box: tuple[str, ...], columns: list[str], cells: list
         console.file.write(f"0 rows; columns: {', '.join(columns)}\n")
         return
     name_width = min(max(map(cell_len, columns)), max((console.width - 7) // 2, 1))  # 7: two cells' padding, three borders
-    value_width = max(console.width - name_width - 7, 1)
-    widths = [name_width, value_width]
+    widths = [name_width, max(console.width - name_width - 7, 1)]
     for number, row in enumerate(cells, start=1):
         lines = []
         for column, value in zip(columns, row):
-            names, values = chop_cells(column, name_width) or [""], chop_cells(value, value_width) or [""]
-            for i in range(max(len(names), len(values))):
-                pair = (names[i] if i < len(names) else "", values[i] if i < len(values) else "")
-                lines.append(box[3][0] + box[3][1].join(f" {v}{' ' * (w - cell_len(v))} " for v, w in zip(pair, widths)) + box[3][2] + "\n")
-        top, bottom = _LIGHT_TOP[box], box[4]
-        console.file.write(
-            f"row {number} of {len(cells)}\n"
-            + top[0] + top[2].join(top[1] * (w + 2) for w in widths) + top[3] + "\n"
-            + "".join(lines)
-            + bottom[0] + bottom[2].join(bottom[1] * (w + 2) for w in widths) + bottom[3] + "\n"
-        )
+            names, values = chop_cells(column, widths[0]) or [""], chop_cells(value, widths[1]) or [""]
+            names += [""] * (len(values) - len(names))
+            values += [""] * (len(names) - len(values))
+            lines += [_line(box[3], pair, widths) for pair in zip(names, values)]
+        console.file.write(f"row {number} of {len(cells)}\n" + _rule(_LIGHT_TOP[box], widths) + "".join(lines) + _rule(box[4], widths))
 
 
 def _print_with_rich(console, columns: list[str], cells: list[list[str]]) -> None:
+    """Rich's table, folded to a terminal's width (to a pipe, at its full width: the
+    table ``_table`` draws, which the tests check it against)."""
     from rich.console import Console
     from rich.measure import Measurement
     from rich.table import Table

@@ -19,6 +19,7 @@ to benchmarks/results.json and are printed as Markdown tables.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -49,13 +50,59 @@ OUT = ROOT / "benchmarks" / "_out"
 DPM = [sys.executable, "-m", "dpm_vec.cli"]
 
 
+def generator_fingerprint(n: int, seed: int, holdings: tuple[int, int]) -> str:
+    """What a cached book was generated from: the generator's source and the arguments.
+    A book cached by an older generator (another model-weight dtype, no snapshots table)
+    would otherwise be timed as if it were this one."""
+    source = (ROOT / "dpm_vec" / "generate.py").read_bytes()
+    return hashlib.sha256(source + f"|{n}|{seed}|{holdings}".encode()).hexdigest()
+
+
 def book(n: int, seed: int = 7, holdings: tuple[int, int] = (30, 80), name: str | None = None) -> Path:
+    """The generated book, from the cache under benchmarks/_books when the same generator
+    and arguments wrote it (``<book>.generator`` beside it), else written afresh."""
     path = BOOKS / (name or f"book_{n}_{seed}_{holdings[0]}_{holdings[1]}")
-    if not (path / "portfolios.parquet").exists():
+    stamp, fingerprint = path.with_name(path.name + ".generator"), generator_fingerprint(n, seed, holdings)
+    if not (path / "portfolios.parquet").exists() or not stamp.exists() or stamp.read_text() != fingerprint:
         started = time.perf_counter()
+        shutil.rmtree(path, ignore_errors=True)
         write_generated_book(path, n, seed, holdings=holdings)
+        stamp.write_text(fingerprint)
         print(f"  generated {path.name} in {time.perf_counter() - started:.1f} s", flush=True)
     return path
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def engine_revision() -> str:
+    """The commit the engine ran at (``+dirty`` with uncommitted changes), or the package version outside git."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    if not commit:
+        from dpm_vec import __version__
+        return f"dpm_vec {__version__}"
+    return commit + ("+dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def machine() -> str:
+    """This machine: host, CPU model, cores, memory, Python and Polars (hosts differ by 20% or more)."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU") if Path("/proc/cpuinfo").exists() else platform.processor()
+    return (f"{platform.node()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+            f"Python {platform.python_version()}, polars {pl.__version__}")
+
+
+ENGINE, MACHINE = engine_revision(), machine()
+
+
+def stamped(row: dict) -> dict:
+    """``row`` with when it was measured, on what and with which engine: a results file
+    merges runs, so every row says where it came from."""
+    return {**row, "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "engine": ENGINE, "machine": MACHINE}
 
 
 def machine_steal_s() -> float:
@@ -98,6 +145,9 @@ def timed_sweep(book_dir: Path, extra: list[str] | None = None) -> dict:
     manifest = json.loads((out / "manifest.json").read_text())
     if manifest["resumed_shards"]:
         raise RuntimeError(f"{book_dir.name}: {manifest['resumed_shards']} shard(s) resumed, not computed: not a timing")
+    expected = pl.scan_parquet(book_dir / "portfolios.parquet").select(pl.len()).collect().item()
+    if manifest["portfolios"] != expected * max(len(manifest.get("scenarios") or ()), 1):
+        raise RuntimeError(f"{book_dir.name}: the sweep ran {manifest['portfolios']:,} portfolios of the book's {expected:,}")
     shutil.rmtree(out, ignore_errors=True)
     return {"wall_s": wall, "peak_rss_mib": peak / 2**20, "cpu_user_s": user, "cpu_sys_s": system, "steal_s": steal, "manifest": manifest}
 
@@ -146,16 +196,16 @@ def scaling(sizes: list[int], oracle_sample: int) -> list[dict]:
                 how = _mode(chosen)
                 mode = mode.replace("default", f"default: {how}", 1)
             shard = sweep["manifest"]["shard_size"]
-            pps = n / sweep["wall_s"]
+            pps = sweep["manifest"]["portfolios"] / sweep["wall_s"]
             stages = sweep["manifest"]["stage_seconds"]
-            rows.append({
+            rows.append(stamped({
                 "portfolios": n, "holding_rows": held, "mode": mode, "shard_size": shard,
                 "wall_s": sweep["wall_s"], "portfolios_per_s": pps, "peak_rss_mib": sweep["peak_rss_mib"],
                 "cpu_user_s": sweep["cpu_user_s"], "cpu_sys_s": sweep["cpu_sys_s"], "steal_s": sweep["steal_s"],
                 "oracle_portfolios_per_s": orc["portfolios_per_s"], "oracle_sample": orc["sample"],
                 "ratio_vs_oracle": pps / orc["portfolios_per_s"], "top_stages": sorted(stages.items(), key=lambda kv: -kv[1])[:3],
                 "counts_by_status": sweep["manifest"]["counts_by_status"],
-            })
+            }))
             print(f"  {rows[-1]}", flush=True)
     return rows
 
@@ -177,10 +227,13 @@ def holdings_cost(rows_per_book: int = 500_000) -> list[dict]:
         chosen = sweep["manifest"]
         held = holding_rows(path)
         target_rows = chosen["tables"]["targets"]["rows"]
-        rows.append({"holdings_per_portfolio": h, "portfolios": n, "holding_rows": held, "target_rows": target_rows,
-                     "mode": _mode(chosen), "shards": chosen["shards"], "shard_size": chosen["shard_size"],
-                     "wall_s": sweep["wall_s"], "us_per_holding_row": 1e6 * sweep["wall_s"] / held,
-                     "us_per_target_row": 1e6 * sweep["wall_s"] / target_rows, "peak_rss_mib": sweep["peak_rss_mib"]})
+        rows.append(stamped({"holdings_per_portfolio": h, "portfolios": n, "holding_rows": held, "target_rows": target_rows,
+                             "mode": _mode(chosen), "shards": chosen["shards"], "shard_size": chosen["shard_size"],
+                             "wall_s": sweep["wall_s"], "us_per_holding_row": 1e6 * sweep["wall_s"] / held,
+                             "us_per_target_row": 1e6 * sweep["wall_s"] / target_rows,
+                             # the sweep's own wall (its manifest): no interpreter start, imports or exit, a fixed ~0.75 s
+                             "sweep_wall_s": chosen["wall_time_s"], "us_per_holding_row_in_sweep": 1e6 * chosen["wall_time_s"] / held,
+                             "peak_rss_mib": sweep["peak_rss_mib"]}))
         print(f"  {rows[-1]}", flush=True)
     return rows
 
@@ -204,10 +257,10 @@ def large_portfolios(n: int = 16_000, holdings: int = 500) -> list[dict]:
     path = book(n, seed=5, holdings=(holdings, holdings))
     sweep = timed_sweep(path)
     chosen = sweep["manifest"]
-    row = {"portfolios": n, "holdings_per_portfolio": holdings,
-           "holding_rows": holding_rows(path),
-           "shard_size": chosen["shard_size"], "shards": chosen["shards"],
-           "mode": _mode(chosen), "wall_s": sweep["wall_s"], "peak_rss_mib": sweep["peak_rss_mib"]}
+    row = stamped({"portfolios": n, "holdings_per_portfolio": holdings,
+                   "holding_rows": holding_rows(path),
+                   "shard_size": chosen["shard_size"], "shards": chosen["shards"],
+                   "mode": _mode(chosen), "wall_s": sweep["wall_s"], "peak_rss_mib": sweep["peak_rss_mib"]})
     print(f"  {row}", flush=True)
     return [row]
 
@@ -226,8 +279,8 @@ def batch_door(n: int = 1000) -> dict:
     for request in requests:
         oracle.simulate(request)
     oracle_s = time.perf_counter() - started
-    return {"requests": n, "batch_rps": n / batch_s, "single_rps": n / single_s, "oracle_rps": n / oracle_s,
-            "batch_vs_single": single_s / batch_s, "batch_vs_oracle": oracle_s / batch_s}
+    return stamped({"requests": n, "batch_rps": n / batch_s, "single_rps": n / single_s, "oracle_rps": n / oracle_s,
+                    "batch_vs_single": single_s / batch_s, "batch_vs_oracle": oracle_s / batch_s})
 
 
 def http_door(n: int = 400, clients: int = 32) -> list[dict]:
@@ -274,8 +327,8 @@ def http_door(n: int = 400, clients: int = 32) -> list[dict]:
             server.terminate()
             server.wait(timeout=30)
         passes = metrics["dpm_sim_engine_passes_total"]
-        rows.append({"mode": label, "requests": n, "clients": clients, "rps": n / seconds, "engine_passes": int(passes),
-                     "mean_batch": metrics["dpm_sim_coalesced_requests_total"] / passes})
+        rows.append(stamped({"mode": label, "requests": n, "clients": clients, "rps": n / seconds, "engine_passes": int(passes),
+                             "mean_batch": metrics["dpm_sim_coalesced_requests_total"] / passes}))
         print(f"  {rows[-1]}", flush=True)
     return rows
 
@@ -331,8 +384,8 @@ def feature_costs(n: int) -> list[dict]:
         print(f"feature: {name}", flush=True)
         sweep = timed_sweep(path, ["--threads", str(THREADS), "--scenarios", str(scenario)])
         base = base or sweep["wall_s"]
-        rows.append({"feature": name, "wall_s": sweep["wall_s"], "ratio_to_baseline": sweep["wall_s"] / base,
-                     "peak_rss_mib": sweep["peak_rss_mib"]})
+        rows.append(stamped({"feature": name, "wall_s": sweep["wall_s"], "ratio_to_baseline": sweep["wall_s"] / base,
+                             "peak_rss_mib": sweep["peak_rss_mib"]}))
         print(f"  {rows[-1]}", flush=True)
     return rows
 
@@ -352,7 +405,7 @@ def merge_results(old: dict, new: dict) -> dict:
         remeasured = {r.get(key[0]) for r in new.get(section, [])}
         rows = {tuple(r.get(k) for k in key): r for r in old.get(section, []) if r.get(key[0]) not in remeasured}
         for r in new.get(section, []):
-            rows[tuple(r.get(k) for k in key)] = {**r, "measured_at": new["when"]}
+            rows[tuple(r.get(k) for k in key)] = {"measured_at": new["when"], **r}  # a row's own stamp, if it has one
         if rows:  # a stable sort on the numeric key parts only: modes and features keep their order
             merged[section] = sorted(rows.values(), key=lambda r: tuple(r[k] for k in key if isinstance(r.get(k), int)))
     return merged
@@ -364,7 +417,8 @@ def _table(rows: list[dict] | None, header: str, align: str, line) -> list[str]:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}; allocator (_RJEM_MALLOC_CONF): {results.get('allocator')}", "",
+    lines = [f"Latest run: {results.get('when')}, engine {results.get('engine', 'unrecorded')}, on {results['machine']}; allocator "
+             f"(_RJEM_MALLOC_CONF): {results.get('allocator')}; a row from another run says so in results.json (measured_at, engine, machine)", "",
              "| portfolios | holding rows | mode (shard) | wall (s) | CPU user / system (s) | steal (s) | portfolios/s | peak RSS (MiB) "
              "| oracle portfolios/s | ratio | top stages (s) |",
              "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -408,7 +462,7 @@ def main() -> None:
     parser.add_argument("--feature-book", type=int, default=10_000)
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    results = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, polars {pl.__version__}",
+    results = {"machine": MACHINE, "engine": ENGINE,  # of the latest run; each row carries its own
                "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                # what every sweep subprocess inherits (dpm_vec/__init__.py): it moves a sweep by ~20%
                "allocator": os.environ.get("_RJEM_MALLOC_CONF")}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import polars as pl
+
 _SPEC = importlib.util.spec_from_file_location("bench_run", Path(__file__).resolve().parents[1] / "benchmarks" / "run.py")
 bench = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(bench)
@@ -53,3 +55,31 @@ def test_cost_per_row_rows_render_the_mode_they_ran_in():
     table = bench.markdown({"when": "new", "machine": "m", "holdings": [new, old]})
     assert "| 10 | 50,000 | 500,000 | 1,395,521 | 2 processes (8 × 6,250) | 7.9 | 15.8 | 5.7 | 1,287 |" in table
     assert "| 50 | 10,000 | 500,000 | 1,395,521 | 2 threads | 7.9 | 15.8 | 5.7 | 1,287 |" in table
+
+
+def test_a_cached_book_from_another_generator_or_arguments_is_written_afresh(tmp_path, monkeypatch):
+    """Books were cached by name alone: one written by an older generator (another weight
+    dtype, no snapshots table), or a smaller one under the name, was timed as this one."""
+    monkeypatch.setattr(bench, "BOOKS", tmp_path)
+    path = bench.book(12, seed=3, holdings=(2, 3))
+    stamp = path.with_name(path.name + ".generator")
+    assert stamp.read_text() == bench.generator_fingerprint(12, 3, (2, 3)) != bench.generator_fingerprint(12, 3, (2, 4))
+    marker = path / "portfolios.parquet"
+    before = marker.stat().st_mtime_ns
+    assert bench.book(12, seed=3, holdings=(2, 3)) == path and marker.stat().st_mtime_ns == before
+    stamp.write_text("an older generator")
+    bench.book(12, seed=3, holdings=(2, 3))
+    assert stamp.read_text() == bench.generator_fingerprint(12, 3, (2, 3))
+    assert marker.stat().st_mtime_ns != before and pl.read_parquet(marker).height == 12
+
+
+def test_a_timed_sweep_is_checked_against_the_book_and_its_rows_are_stamped(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "BOOKS", tmp_path / "books")
+    monkeypatch.setattr(bench, "OUT", tmp_path / "out")
+    path = bench.book(12, seed=3, holdings=(2, 3))
+    sweep = bench.timed_sweep(path)
+    assert sweep["manifest"]["portfolios"] == 12 and sweep["peak_rss_mib"] > 0
+    row = bench.stamped({"portfolios": 12})
+    assert set(row) == {"portfolios", "measured_at", "engine", "machine"} and "cores" in row["machine"]
+    merged = bench.merge_results({}, {"when": "run start", "machine": "m", "scaling": [{**row, "mode": "default"}]})
+    assert merged["scaling"][0]["measured_at"] == row["measured_at"]  # its own time, not the run's start

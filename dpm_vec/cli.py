@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import io
 import json
 import logging
@@ -302,7 +303,7 @@ def _restart_in_utf8_mode() -> None:
     PYTHONUTF8=0) a folder named ``böök`` would be two different folders to the two sides.
     Python's UTF-8 mode (PEP 540) makes them agree, so the command starts again in it
     (same process id, arguments and standard streams)."""
-    if sys.getfilesystemencoding().replace("-", "").lower() == "utf8" or os.environ.get(_RESTARTED) or not sys.executable:
+    if _is_utf8(sys.getfilesystemencoding()) or os.environ.get(_RESTARTED) or not sys.executable:
         return
     os.environ.update({"PYTHONUTF8": "1", _RESTARTED: "1"})
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
@@ -311,11 +312,15 @@ def _restart_in_utf8_mode() -> None:
 _RESTARTED = "DPM_VEC_UTF8_RESTARTED"
 
 
+def _is_utf8(encoding: str) -> bool:
+    return codecs.lookup(encoding).name == "utf-8"  # "UTF-8", "utf8", "U8" alike
+
+
 def _printable_streams() -> None:
     """An id or path that the terminal's encoding cannot show (``PYTHONIOENCODING=ascii``)
     prints as a backslash escape instead of stopping the output midway with a traceback."""
     for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper) and stream.encoding.replace("-", "").lower() != "utf8":
+        if isinstance(stream, io.TextIOWrapper) and not _is_utf8(stream.encoding):
             stream.reconfigure(errors="backslashreplace")
 
 

@@ -44,9 +44,7 @@ def print_rows(console, columns: list[str], rows: list[tuple]) -> None:
 
 
 def _printable(text: str, encoding: str) -> str:
-    if _CONTROL.search(text):
-        text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
-    return text.encode(encoding, "backslashreplace").decode(encoding)
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text).encode(encoding, "backslashreplace").decode(encoding)
 
 
 def _box(encoding: str) -> tuple[str, ...]:

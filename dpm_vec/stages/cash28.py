@@ -75,9 +75,11 @@ _DECIMALS = (0, 2, 4, 8, 12, 16)
 # a balance farther than this from 0 (or from a floor) is beyond any wide sum's rounding:
 # n additions of terms under 1E+17 (the contract's bound) move a sum by n² × 1E-10 at most
 WIDE_REACH = "0.01"
-# no sum below this is wide, whatever its decimals (28 digits ending at DEC's 20th decimal), less
-# the 0.1% kept in hand for the float sums that test it: a sum at a bound is taken as wide
-_WIDE_FLOOR = 0.999 * 10.0 ** (28 - 20)
+# the share of a bound that a Float64 sum must reach to be taken as at it: 0.1% kept in hand
+# for the float sums that test the bounds, so a sum at a bound is taken as wide
+_IN_HAND = 0.999
+# no sum below this is wide, whatever its decimals (28 digits ending at DEC's 20th decimal)
+_WIDE_FLOOR = _IN_HAND * 10.0 ** (28 - 20)
 
 
 def wide_sums(cash: pl.DataFrame, intents: pl.DataFrame) -> pl.DataFrame:
@@ -116,7 +118,7 @@ def wide_sums(cash: pl.DataFrame, intents: pl.DataFrame) -> pl.DataFrame:
         decimals = pl.when(pl.col("_term") == pl.col("_term").round(k)).then(pl.lit(k)).otherwise(decimals)
     sums = sums.join(terms.join(sums, on=["run", "currency"], how="semi").group_by("run", "currency").agg(decimals.max().alias("_decimals")),
                      on=["run", "currency"])
-    return sums.filter(pl.col("_magnitude") >= 0.999 * pl.lit(10.0).pow(28 - pl.col("_decimals"))).select(
+    return sums.filter(pl.col("_magnitude") >= _IN_HAND * pl.lit(10.0).pow(28 - pl.col("_decimals"))).select(
         "run", "currency", (pl.col("_terms") * pl.col("_magnitude") * 1e-27).alias("_wide_margin"),
     )
 

@@ -17,7 +17,8 @@ from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 import polars as pl
 
 from dpm_vec.book import (
-    LIQUIDITY_TIERS, LOT_SUM_TOLERANCE, POLICY_COLUMNS, SHELF_STATUSES, TABLES, Book, iso_timestamps, make_book, table_schema,
+    CAP_MODES, HELD_BANNED_ACTIONS, LIQUIDITY_TIERS, LOT_SUM_TOLERANCE, POLICY_COLUMNS, SHELF_STATUSES, STALE_ACTIONS, TABLES,
+    TARGET_METHODS, TRADE_BY, VALUATION_MODES, Book, iso_timestamps, make_book, table_schema,
 )
 from dpm_vec.errors import RequestError, error_loc, fault, not_an_object
 from dpm_vec.numeric import AMOUNT_28, AMOUNT_28_LIMIT, MAX_MINUTES, MAX_WEIGHT, QTY, SCALE, WEIGHT
@@ -402,7 +403,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             "liquidity_tier": r.enum(s.get("liquidity_tier"), f"{path}.liquidity_tier", LIQUIDITY_TIERS),
             "settlement_days": r.integer(s.get("settlement_days"), f"{path}.settlement_days", 2, 0, 10),
             "min_notional_amount": mn, "min_notional_currency": mn_ccy,
-            "trade_by": trade_by_reader.enum(s.get("trade_by"), f"{path}.trade_by", ("UNITS", "NOTIONAL"), default="UNITS"),
+            "trade_by": trade_by_reader.enum(s.get("trade_by"), f"{path}.trade_by", TRADE_BY, default="UNITS"),
         })
         attributes = r.obj(s.get("attributes"), f"{path}.attributes", required=False, model=False) or {}
         for k, v in attributes.items():
@@ -446,13 +447,13 @@ def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]
     D = Decimal
     r.not_null(o, NOT_NULL_OPTIONS, p)
     policy = {
-        "valuation_mode": r.enum(o.get("valuation_mode"), f"{p}.valuation_mode", ("CALCULATED", "TRUST_SNAPSHOT"), "CALCULATED"),
-        "target_method": r.enum(o.get("target_method"), f"{p}.target_method", ("HEURISTIC", "SOLVER"), "HEURISTIC"),
+        "valuation_mode": r.enum(o.get("valuation_mode"), f"{p}.valuation_mode", VALUATION_MODES, "CALCULATED"),
+        "target_method": r.enum(o.get("target_method"), f"{p}.target_method", TARGET_METHODS, "HEURISTIC"),
         "cash_band_min_weight": _or(r.decimal(o.get("cash_band_min_weight"), f"{p}.cash_band_min_weight", required=False), D("0.00")),
         "cash_band_max_weight": _or(r.decimal(o.get("cash_band_max_weight"), f"{p}.cash_band_max_weight", required=False), D("1.00")),
         "single_position_max_weight": r.decimal(o.get("single_position_max_weight"), f"{p}.single_position_max_weight", required=False,
                                                 minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT),
-        "single_position_cap_mode": r.enum(o.get("single_position_cap_mode"), f"{p}.single_position_cap_mode", ("REFERENCE", "RFC_ASSET_CLASS"), "REFERENCE"),
+        "single_position_cap_mode": r.enum(o.get("single_position_cap_mode"), f"{p}.single_position_cap_mode", CAP_MODES, "REFERENCE"),
         "allow_restricted": r.boolean(o.get("allow_restricted"), f"{p}.allow_restricted", False),
         "suppress_dust_trades": r.boolean(o.get("suppress_dust_trades"), f"{p}.suppress_dust_trades", True),
         "fx_buffer_pct": _or(r.decimal(o.get("fx_buffer_pct"), f"{p}.fx_buffer_pct", required=False), D("0.01")),
@@ -474,9 +475,9 @@ def parse_options(r: _Reader, o: dict, run_key: str, rows: dict[str, list[dict]]
         "max_skew_minutes": r.integer(o.get("max_skew_minutes"), f"{p}.max_skew_minutes", None, 0, MAX_MINUTES),
         "require_base_currency_fx": r.boolean(o.get("require_base_currency_fx"), f"{p}.require_base_currency_fx", False),
         "fx_sweep_threshold": r.decimal(o.get("fx_sweep_threshold"), f"{p}.fx_sweep_threshold", required=False, minimum=D(0)),
-        "stale_price_action": r.enum(o.get("stale_price_action"), f"{p}.stale_price_action", ("BLOCK", "EXCLUDE"), "BLOCK"),
-        "missing_shelf_action": r.enum(o.get("missing_shelf_action"), f"{p}.missing_shelf_action", ("BLOCK", "EXCLUDE"), "BLOCK"),
-        "held_banned_action": r.enum(o.get("held_banned_action"), f"{p}.held_banned_action", ("LOCK", "LIQUIDATE"), "LOCK"),
+        "stale_price_action": r.enum(o.get("stale_price_action"), f"{p}.stale_price_action", STALE_ACTIONS, "BLOCK"),
+        "missing_shelf_action": r.enum(o.get("missing_shelf_action"), f"{p}.missing_shelf_action", STALE_ACTIONS, "BLOCK"),
+        "held_banned_action": r.enum(o.get("held_banned_action"), f"{p}.held_banned_action", HELD_BANNED_ACTIONS, "LOCK"),
         "allow_restricted_holdings": r.boolean(o.get("allow_restricted_holdings"), f"{p}.allow_restricted_holdings", False),
         "rfc_rationale_codes": r.boolean(o.get("rfc_rationale_codes"), f"{p}.rfc_rationale_codes", False),
         "rfc_fx_dependencies": r.boolean(o.get("rfc_fx_dependencies"), f"{p}.rfc_fx_dependencies", False),

@@ -15,7 +15,10 @@ import json
 import pandera.polars as pa
 import polars as pl
 
-from dpm_vec.book import LIQUIDITY_TIERS, POLICY_COLUMNS, SHELF_STATUSES, SNAPSHOT_KINDS, TABLES, TRADE_BY
+from dpm_vec.book import (
+    CAP_MODES, HELD_BANNED_ACTIONS, LIQUIDITY_TIERS, POLICY_COLUMNS, SHELF_STATUSES, SNAPSHOT_KINDS, STALE_ACTIONS, TABLES, TARGET_METHODS,
+    TRADE_BY, VALUATION_MODES,
+)
 from dpm_vec.codes import ExitPath, RunStatus
 from dpm_vec.dec28 import F28, sign
 from dpm_vec.errors import BookError
@@ -71,12 +74,12 @@ INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
         {
             "run_key": _id(), "portfolio_id": _id(), "base_currency": _ccy(), "portfolio_snapshot_id": _id(),
             "market_snapshot_id": _id(), "shelf_id": _id(), "model_id": _id(),
-            "valuation_mode": pa.Column(pl.String, checks=pa.Check.isin(["CALCULATED", "TRUST_SNAPSHOT"])),
-            "target_method": pa.Column(pl.String, checks=pa.Check.isin(["HEURISTIC", "SOLVER"])),
-            "single_position_cap_mode": pa.Column(pl.String, checks=pa.Check.isin(["REFERENCE", "RFC_ASSET_CLASS"])),
-            "stale_price_action": pa.Column(pl.String, checks=pa.Check.isin(["BLOCK", "EXCLUDE"])),
-            "missing_shelf_action": pa.Column(pl.String, checks=pa.Check.isin(["BLOCK", "EXCLUDE"])),
-            "held_banned_action": pa.Column(pl.String, checks=pa.Check.isin(["LOCK", "LIQUIDATE"])),
+            "valuation_mode": pa.Column(pl.String, checks=pa.Check.isin(list(VALUATION_MODES))),
+            "target_method": pa.Column(pl.String, checks=pa.Check.isin(list(TARGET_METHODS))),
+            "single_position_cap_mode": pa.Column(pl.String, checks=pa.Check.isin(list(CAP_MODES))),
+            "stale_price_action": pa.Column(pl.String, checks=pa.Check.isin(list(STALE_ACTIONS))),
+            "missing_shelf_action": pa.Column(pl.String, checks=pa.Check.isin(list(STALE_ACTIONS))),
+            "held_banned_action": pa.Column(pl.String, checks=pa.Check.isin(list(HELD_BANNED_ACTIONS))),
             "max_turnover_pct": pa.Column(DEC, checks=pa.Check.in_range(0, 1), nullable=True),
             "single_position_max_weight": pa.Column(DEC, checks=pa.Check.in_range(-MAX_WEIGHT, MAX_WEIGHT), nullable=True),
             "min_cash_buffer_pct": pa.Column(DEC, checks=pa.Check.in_range(-MAX_WEIGHT, MAX_WEIGHT)),

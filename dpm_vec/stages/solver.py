@@ -47,7 +47,6 @@ from dpm_vec.stages.targets import TARGET_STAGE_ORDER, WARNINGS_SCHEMA, warnings
 SOLVER_ORDER = TARGET_STAGE_ORDER * 1000
 COMPARE_ORDER = SOLVER_ORDER + 99_000
 
-STATUS_SCHEMA = {"run": pl.UInt32, "solver_status": pl.String}
 COMPARISON_SCHEMA = {
     "run": pl.UInt32, "primary_method": pl.String, "primary_status": pl.String, "alternate_method": pl.String,
     "alternate_status": pl.String, "tolerance": pl.String, "differing_instruments": pl.List(pl.String),

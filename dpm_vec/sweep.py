@@ -1085,10 +1085,12 @@ class _Progress:
         self.total, self._clock, self._start, self._resumed = portfolios, clock, clock(), 0
         self._bar = None
         if enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
+            # on stderr, the terminal that enabled it: stdout may be a file (`> summary.txt`)
             self._bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+                                 TimeElapsedColumn(), TimeRemainingColumn(), transient=False, console=Console(stderr=True))
             self._bar.start()
             self._task = self._bar.add_task("portfolios", total=portfolios)
 

@@ -336,6 +336,36 @@ def test_the_sweep_summary_folds_on_a_narrow_terminal(tmp_path, monkeypatch):
     assert "52.8%" in shares and "100.0%" in shares
 
 
+def test_the_progress_bar_is_drawn_on_the_terminal_not_into_redirected_output(tmp_path):
+    """stderr on a terminal turns the bar on; it was drawn on stdout, so `sweep ... >
+    file` showed no bar and left its last frame in the file."""
+    import os
+    import pty
+
+    terminal, stderr = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "dpm_vec.cli", "sweep", str(DATA / "sample_book"), "--out", str(tmp_path / "out"),
+                             "--tables", "runs"], stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL)
+    os.close(stderr)
+    drawn = b""
+    while chunk := _read_terminal(terminal):
+        drawn += chunk
+    os.close(terminal)
+    assert proc.wait(timeout=300) == 0, drawn.decode(errors="replace")
+    assert proc.stdout.read() == b""
+    assert "500/500" in drawn.decode() and "PENDING_REVIEW" in drawn.decode()
+
+
+def _read_terminal(fd: int) -> bytes:
+    """The next bytes a pseudo-terminal's program wrote; b"" once it has closed (Linux
+    raises EIO there)."""
+    import os
+
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
+
+
 def test_paths_that_are_not_ascii_work_under_a_locale_that_is_not_utf8(tmp_path, monkeypatch):
     """Python encodes paths in the locale's encoding, Polars and DuckDB in UTF-8: under
     ``LC_ALL=C PYTHONUTF8=0`` (or a Latin-1 locale) a book named ``böök_€`` was refused as

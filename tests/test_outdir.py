@@ -220,6 +220,22 @@ def test_replacing_an_output_never_leaves_neither(tmp_path, monkeypatch):
     assert (out / "manifest.json").read_text() in ("old", "new")
 
 
+def test_replacing_an_output_without_the_one_step_swap(tmp_path, monkeypatch):
+    """Where the system or the file system cannot swap two folders in one step (not Linux,
+    an old C library, a file system without RENAME_EXCHANGE), the old OUT is moved aside,
+    the new one moved in and the old one removed: OUT holds the new files, nothing is left."""
+    from dpm_vec import io
+
+    out, staged = tmp_path / "out", tmp_path / ".out.staging-0123abcd"
+    for folder, text in ((out, "old"), (staged, "new")):
+        (folder / "runs").mkdir(parents=True)
+        (folder / "manifest.json").write_text(text)
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    io.replace_dir(staged, out)
+    assert (out / "manifest.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_a_leftover_that_cannot_be_removed_is_said_and_kept_in_place(tmp_path, monkeypatch, caplog):
     """A read-only leftover (an old OUT whose files are not writable) used to be renamed to a
     new ``.old-*`` name at every sweep while the log said it was removed."""

@@ -324,46 +324,79 @@ def test_query_csv_lines_end_as_unix_lines_do(runs_out):
     assert printed.stdout == b"a,n\n1,500\n"
 
 
-def test_the_sweep_summary_folds_on_a_narrow_terminal(tmp_path, monkeypatch):
+def test_the_sweep_summary_folds_on_a_narrow_terminal(tmp_path):
     """At 20 columns the summary cut statuses and shares to an ellipsis ("PE…", "52…")."""
-    monkeypatch.setenv("COLUMNS", "20")
-    swept = cli("sweep", str(DATA / "sample_book"), "--out", str(tmp_path / "out"), "--quiet", "--tables", "runs")
-    assert swept.returncode == 0, swept.stderr
-    assert "…" not in swept.stderr
-    cells = "".join(line.split("│")[1].strip() for line in swept.stderr.splitlines() if line.count("│") == 4)
+    code, stdout, drawn = _on_a_terminal("sweep", str(DATA / "sample_book"), "--out", str(tmp_path / "out"), "--quiet", "--tables", "runs",
+                                         columns=20)
+    assert code == 0, drawn
+    assert "…" not in drawn
+    lines = drawn.splitlines()
+    assert max(len(line) for line in lines if "│" in line) <= 20
+    cells = "".join(line.split("│")[1].strip() for line in lines if line.count("│") == 4)
     assert "PENDING_REVIEW" in cells and "READY" in cells
-    shares = "".join(line.split("│")[3].strip() for line in swept.stderr.splitlines() if line.count("│") == 4)
+    shares = "".join(line.split("│")[3].strip() for line in lines if line.count("│") == 4)
     assert "52.8%" in shares and "100.0%" in shares
+
+
+def test_the_sweep_summary_in_a_log_keeps_each_line_whole(tmp_path):
+    """stderr to a file or a pipe (a batch job's log) has no width: the summary was wrapped
+    at 80 columns, breaking the query command to paste, and the what-if table folded its
+    turnover sums mid-digits ("794,010,256." over "38")."""
+    out = tmp_path / "out"
+    swept = cli("sweep", str(DATA / "sample_book"), "--out", str(out), "--quiet", "--scenarios", str(DATA / "scenarios.json"))
+    assert swept.returncode == 0, swept.stderr
+    lines = swept.stderr.splitlines()
+    command = f"dpm-vec query {out} \"select run_key, block_reason, block_detail from runs where status = 'BLOCKED'\""
+    assert any(line.startswith("blocked by: ") and line.endswith(command) for line in lines)
+    assert any(line.startswith("2 shard(s) of ") and line.endswith(" portfolios/s); intents: 80,778") for line in lines)
+    comparison = json.loads((out / "manifest.json").read_text())["scenario_comparison"]
+    assert len(comparison) == 4
+    for scenario in comparison:
+        row = [line for line in lines if line.startswith(f"│ {scenario['scenario_id']} ")]
+        assert len(row) == 1
+        cells = [cell.strip() for cell in row[0].split("│")[1:-1]]
+        assert cells == [scenario["scenario_id"], f"{scenario['portfolios']:,}", f"{scenario['ready']:,}", f"{scenario['pending_review']:,}",
+                         f"{scenario['blocked']:,}", f"{scenario['security_intents']:,}", f"{Decimal(scenario['gross_turnover_notional_base_sum']):,.2f}"]
 
 
 def test_the_progress_bar_is_drawn_on_the_terminal_not_into_redirected_output(tmp_path):
     """stderr on a terminal turns the bar on; it was drawn on stdout, so `sweep ... >
     file` showed no bar and left its last frame in the file."""
+    code, stdout, drawn = _on_a_terminal("sweep", str(DATA / "sample_book"), "--out", str(tmp_path / "out"), "--tables", "runs")
+    assert code == 0, drawn
+    assert stdout == ""
+    assert "500/500" in drawn and "PENDING_REVIEW" in drawn
+
+
+def _on_a_terminal(*args: str, columns: int = 100) -> tuple[int, str, str]:
+    """The command with stderr on a pseudo-terminal of ``columns`` columns and stdout piped:
+    its exit code, stdout, and what the terminal showed (colours stripped)."""
+    import fcntl
     import os
     import pty
+    import re
+    import struct
+    import termios
 
     terminal, stderr = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "dpm_vec.cli", "sweep", str(DATA / "sample_book"), "--out", str(tmp_path / "out"),
-                             "--tables", "runs"], stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL)
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "TERM")}
+    proc = subprocess.Popen([sys.executable, "-m", "dpm_vec.cli", *args], stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
+                            env={**env, "TERM": "xterm"})
     os.close(stderr)
     drawn = b""
-    while chunk := _read_terminal(terminal):
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # Linux: EIO once the program has closed the terminal
+            break
+        if not chunk:
+            break
         drawn += chunk
     os.close(terminal)
-    assert proc.wait(timeout=300) == 0, drawn.decode(errors="replace")
-    assert proc.stdout.read() == b""
-    assert "500/500" in drawn.decode() and "PENDING_REVIEW" in drawn.decode()
-
-
-def _read_terminal(fd: int) -> bytes:
-    """The next bytes a pseudo-terminal's program wrote; b"" once it has closed (Linux
-    raises EIO there)."""
-    import os
-
-    try:
-        return os.read(fd, 65536)
-    except OSError:
-        return b""
+    code = proc.wait(timeout=300)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn.decode()).replace("\r\n", "\n")
+    return code, proc.stdout.read().decode(), text
 
 
 def test_paths_that_are_not_ascii_work_under_a_locale_that_is_not_utf8(tmp_path, monkeypatch):

@@ -447,7 +447,7 @@ def create_app(store_path: str | None = None, idempotency: str = "reference", ma
             return blocked
         if isinstance(result, BaseException):  # the engine could not compute this request
             failed = _Outcome(500, _internal_error(SIMULATE_PATH), problem=True, headers=headers)
-            failed.log_fields = {"error": f"{type(result).__name__}: {result}"}
+            failed.log_level, failed.log_fields = logging.ERROR, {"error": f"{type(result).__name__}: {result}"}  # a fault of ours, as any 500
             return failed
 
         run_id = new_run_id()

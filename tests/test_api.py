@@ -719,6 +719,50 @@ def test_unexpected_exception_is_500_problem(monkeypatch, golden):
                            "detail": "An unexpected error occurred.", "instance": SIM}
 
 
+def test_a_request_the_engine_cannot_compute_is_a_500_of_its_own(monkeypatch, golden, caplog):
+    """The engine failing on one request answers that request 500 (no internals in the
+    body, the fault in the operator's log) and keeps serving: the requests before and
+    after it answer."""
+    import asyncio
+    import logging
+
+    import dpm_vec.api as api
+    import dpm_vec.simulate as simulate
+
+    computes = simulate.run
+
+    def fails_on_poison(book):
+        if "poison" in book.portfolios["portfolio_id"].to_list():
+            raise ZeroDivisionError("the engine's own fault")
+        return computes(book)
+
+    monkeypatch.setattr(simulate, "run", fails_on_poison)
+    poison = copy.deepcopy(golden)
+    poison["portfolio_snapshot"]["portfolio_id"] = "poison"
+
+    async def call() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=api.create_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [await client.post(SIM, json=body, headers={"Idempotency-Key": key})
+                    for body, key in ((golden, "a"), (poison, "b"), (golden, "c"))]
+
+    service_log = logging.getLogger("dpm_vec.api")  # the app's own JSON lines, which do not propagate
+    monkeypatch.setattr(service_log, "propagate", False)
+    service_log.addHandler(caplog.handler)
+    try:
+        before, failed, after = asyncio.run(call())
+    finally:
+        service_log.removeHandler(caplog.handler)
+    logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "dpm_vec.api"]
+    assert [(line["level"], line["error"]) for line in logged if line["http_status"] == 500] == [
+        ("ERROR", "ZeroDivisionError: the engine's own fault")]
+    assert failed.status_code == 500 and failed.headers["content-type"].startswith(PROBLEM)
+    assert failed.json() == {"type": "about:blank", "title": "Internal Server Error", "status": 500,
+                             "detail": "An unexpected error occurred.", "instance": SIM}
+    assert before.status_code == after.status_code == 200
+    assert before.json()["status"] == after.json()["status"] == "READY"
+
+
 def test_rfc_concurrent_requests_with_one_key_get_one_run(rfc_server, golden):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -310,3 +310,35 @@ def test_exact_cash_bucket_adds_literal_cash_positions_in_position_order_then_th
         cash_added_row_by_row = (D(1) + tiny) + tiny
     assert in_position_order != in_frame_order and cash_added_once != cash_added_row_by_row
     assert got == [in_position_order, cash_added_once, D("3.5")]
+
+
+def test_a_locked_positions_final_value_is_its_held_value_to_every_digit():
+    """A held BANNED position (locked at its weight) has final_value = tv × (value / tv):
+    50 exactly, as the reference's 28-digit product prints it. Only LOCKED slots take the
+    exact path; sending other held positions through it printed 49.99999999999999999801
+    (below the goldens' cent tolerance, so only an exact check sees it; mutation audit)."""
+    from dpm_vec.oracle import simulate as oracle_simulate
+    from dpm_vec.simulate import simulate_many
+
+    request = {
+        "portfolio_snapshot": {"portfolio_id": "pf_A", "base_currency": "SGD",
+                               "positions": [{"instrument_id": "I1", "quantity": "2107", "market_value": {"amount": "4214", "currency": "SGD"}},
+                                             {"instrument_id": "I2", "quantity": "50"}],
+                               "cash_balances": [{"currency": "SGD", "amount": "0"}, {"currency": "USD", "amount": "120000"}]},
+        "market_data_snapshot": {"prices": [{"instrument_id": "I0", "price": "20", "currency": "SGD"},
+                                            {"instrument_id": "I1", "price": "2", "currency": "USD"},
+                                            {"instrument_id": "I2", "price": "1", "currency": "SGD"}],
+                                 "fx_rates": [{"pair": "SGD/USD", "rate": "12"}]},
+        "model_portfolio": {"targets": [{"instrument_id": "I0", "weight": "0.25"}, {"instrument_id": "I2", "weight": "0.5"}]},
+        "shelf_entries": [{"instrument_id": "I0", "status": "RESTRICTED"}, {"instrument_id": "I1", "status": "APPROVED"},
+                          {"instrument_id": "I2", "status": "BANNED"}],
+        "options": {"fx_buffer_pct": "0", "max_turnover_pct": "0.15", "cash_band_min_weight": "0.1", "cash_band_max_weight": "1"},
+    }
+    [result] = simulate_many([request])
+    expected = oracle_simulate(request)
+
+    def final_values(r):
+        return {t["instrument_id"]: D(t["final_value"]["amount"]) for t in r["target"]["targets"]}
+
+    assert result["status"] == expected["status"] == "READY"
+    assert final_values(result) == final_values(expected) == {"I0": 0, "I1": 0, "I2": 50}

@@ -108,6 +108,8 @@ def _print_summary(manifest: dict, out: str) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from dpm_vec.printout import print_unbroken
+
     console = Console(stderr=True)
     # OUT is text, not Rich markup ("x[/]"); the commands below paste into a shell as printed
     title, command_out = escape(out), escape(shlex.quote(out))
@@ -120,8 +122,8 @@ def _print_summary(manifest: dict, out: str) -> None:
     for status, n in manifest["counts_by_status"].items():
         table.add_row(status, f"{n:,}", f"{100 * n / total:.1f}%")
     table.add_row("[bold]all[/bold]", f"[bold]{manifest['portfolios']:,}[/bold]", "100.0%")
-    _print_unbroken(console, table)
-    _print_unbroken(
+    print_unbroken(console, table)
+    print_unbroken(
         console,
         f"{manifest['shards']} shard(s) of {manifest['shard_size']:,} on {_sweep_engines(manifest)}, {manifest['resumed_shards']} resumed; wall time {manifest['wall_time_s']:.2f} s "
         f"({manifest['portfolios_per_second']:,} portfolios/s)"
@@ -129,36 +131,19 @@ def _print_summary(manifest: dict, out: str) -> None:
     )
     blocked_by = manifest.get("blocked_by_reason") or {}
     if blocked_by:
-        _print_unbroken(
+        print_unbroken(
             console,
             "blocked by: " + ", ".join(f"{reason} {n:,}" for reason, n in sorted(blocked_by.items(), key=lambda kv: (-kv[1], kv[0])))
             + f"; each run's detail: dpm-vec query {command_out} \"select run_key, block_reason, block_detail from runs where status = 'BLOCKED'\""
         )
     faults = manifest["tables"].get("input_faults", {}).get("rows", 0)
     if faults:
-        _print_unbroken(
+        print_unbroken(
             console,
             f"[bold]{faults:,} input fault(s)[/bold] (values or rows that fail their checks) blocked the portfolios they belong to "
             f"(block_reason INVALID_PORTFOLIO / INVALID_HOLDINGS / INVALID_LIMITS); each one: "
             f"dpm-vec query {command_out} \"select * from input_faults\""
         )
-
-
-def _print_unbroken(console, renderable) -> None:
-    """``renderable`` on a terminal at its width (a line wraps, a cell folds); to a file
-    or a pipe (a batch job's log) at its own width, so that no line breaks inside a
-    command to paste or a number."""
-    if console.is_terminal:
-        console.print(renderable)
-    elif isinstance(renderable, str):
-        console.print(renderable, soft_wrap=True)
-    else:
-        from rich.console import Console
-        from rich.measure import Measurement
-
-        unbounded = Console(width=1 << 20)
-        width = Measurement.get(unbounded, unbounded.options, renderable).maximum
-        Console(file=console.file, width=width, force_terminal=False, no_color=console.no_color).print(renderable)
 
 
 def _sweep_engines(manifest: dict) -> str:
@@ -173,13 +158,15 @@ def _print_scenarios(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from dpm_vec.printout import print_unbroken
+
     table = Table(title="scenarios side by side")
     for column in ("scenario", "runs", "READY", "PENDING", "BLOCKED", "security intents", "turnover (Σ base)"):
         table.add_column(column, justify="left" if column == "scenario" else "right", overflow="fold")
     for r in rows:
         table.add_row(r["scenario_id"], f"{r['portfolios']:,}", f"{r['ready']:,}", f"{r['pending_review']:,}", f"{r['blocked']:,}",
                       f"{r['security_intents']:,}", f"{r['gross_turnover_notional_base_sum']:,.2f}")
-    _print_unbroken(Console(stderr=True), table)
+    print_unbroken(Console(stderr=True), table)
 
 
 def cmd_generate(args) -> int:

@@ -92,8 +92,6 @@ def _print_blocks(console, box: tuple[str, ...], columns: list[str], cells: list
 def _print_with_rich(console, columns: list[str], cells: list[list[str]]) -> None:
     """Rich's table, folded to a terminal's width (to a pipe, at its full width: the
     table ``_table`` draws, which the tests check it against)."""
-    from rich.console import Console
-    from rich.measure import Measurement
     from rich.table import Table
     from rich.text import Text
 
@@ -102,7 +100,21 @@ def _print_with_rich(console, columns: list[str], cells: list[list[str]]) -> Non
         table.add_column(Text(column), overflow="fold")
     for row in cells:
         table.add_row(*map(Text, row))  # a value is text, never Rich markup
-    if not console.is_terminal:  # a pipe or a file has no width: as wide as the table, nothing squeezed out
+    print_unbroken(console, table)
+
+
+def print_unbroken(console, renderable) -> None:
+    """``renderable`` on a terminal at its width (a line wraps, a cell folds); to a file
+    or a pipe (a batch job's log), which has no width, at its own: no line breaks inside
+    a command to paste or a number, no column squeezed out."""
+    if console.is_terminal:
+        console.print(renderable)
+    elif isinstance(renderable, str):
+        console.print(renderable, soft_wrap=True)
+    else:
+        from rich.console import Console
+        from rich.measure import Measurement
+
         unbounded = Console(width=1 << 20)
-        console = Console(file=console.file, width=Measurement.get(unbounded, unbounded.options, table).maximum)
-    console.print(table)
+        width = Measurement.get(unbounded, unbounded.options, renderable).maximum
+        Console(file=console.file, width=width, force_terminal=False, no_color=console.no_color).print(renderable)

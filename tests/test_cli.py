@@ -375,17 +375,19 @@ def _on_a_terminal(*args: str, columns: int = 100) -> tuple[int, str, str]:
     import os
     import pty
     import re
+    import select
     import struct
     import termios
+    import time
 
     terminal, stderr = pty.openpty()
     fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "TERM")}
+    unset = ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "TERM", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
     proc = subprocess.Popen([sys.executable, "-m", "dpm_vec.cli", *args], stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
-                            env={**env, "TERM": "xterm"})
+                            env={**{k: v for k, v in os.environ.items() if k not in unset}, "TERM": "xterm"})
     os.close(stderr)
-    drawn = b""
-    while True:
+    drawn, deadline = b"", time.monotonic() + 300
+    while select.select([terminal], [], [], max(0.0, deadline - time.monotonic()))[0]:
         try:
             chunk = os.read(terminal, 65536)
         except OSError:  # Linux: EIO once the program has closed the terminal
@@ -394,7 +396,9 @@ def _on_a_terminal(*args: str, columns: int = 100) -> tuple[int, str, str]:
             break
         drawn += chunk
     os.close(terminal)
-    code = proc.wait(timeout=300)
+    if proc.poll() is None and time.monotonic() > deadline:
+        proc.kill()
+    code = proc.wait(timeout=10)
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn.decode()).replace("\r\n", "\n")
     return code, proc.stdout.read().decode(), text
 

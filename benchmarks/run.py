@@ -101,10 +101,14 @@ def machine() -> str:
 ENGINE, MACHINE = engine_revision(), machine()
 
 
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
 def stamped(row: dict) -> dict:
     """``row`` with when it was measured, on what and with which engine: a results file
     merges runs, so every row says where it came from."""
-    return {**row, "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "engine": ENGINE, "machine": MACHINE}
+    return {**row, "measured_at": utc_now(), "engine": ENGINE, "machine": MACHINE}
 
 
 def machine_steal_s() -> float:
@@ -465,7 +469,7 @@ def main() -> None:
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     results = {"machine": MACHINE, "engine": ENGINE,  # of the latest run; each row carries its own
-               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "when": utc_now(),
                # what every sweep subprocess inherits (dpm_vec/__init__.py): it moves a sweep by ~20%
                "allocator": os.environ.get("_RJEM_MALLOC_CONF")}
     if "scaling" not in skip:

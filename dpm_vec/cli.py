@@ -304,6 +304,9 @@ def _expand(paths: list[str]) -> list[str]:
     return out
 
 
+_RESTARTED = "DPM_VEC_UTF8_RESTARTED"  # set once the command has restarted itself
+
+
 def _restart_in_utf8_mode() -> None:
     """Polars, pyarrow and DuckDB take paths as UTF-8 text, where Python encodes them in the
     locale's encoding: under a locale that is not UTF-8 (de_DE.ISO-8859-1, or C with
@@ -314,9 +317,6 @@ def _restart_in_utf8_mode() -> None:
         return
     os.environ.update({"PYTHONUTF8": "1", _RESTARTED: "1"})
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
-
-
-_RESTARTED = "DPM_VEC_UTF8_RESTARTED"
 
 
 def _is_utf8(encoding: str) -> bool:

@@ -44,6 +44,7 @@ AMOUNT_28 = pl.Decimal(38, 28)
 AMOUNT_28_LIMIT = Decimal(10) ** (38 - AMOUNT_28.scale)  # the balances AMOUNT_28 holds lie below this
 # one unit of DEC's last place: a 28-decimal figure held in DEC is off by up to half of it
 DEC_UNIT = "0.00000000000000000001"
+HALF_DEC_UNIT = Decimal(DEC_UNIT) / 2
 # a share of a figure within which its fixed-point value and the reference's 28 digits may
 # fall on different sides of a limit (an inverse quote's 20-decimal rate is off by up to
 # ~1e-17 of itself): decisions that close are made again in 28 digits (dpm_vec.dec28)

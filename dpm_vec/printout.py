@@ -10,6 +10,7 @@ a short table that must fold on a terminal.
 from __future__ import annotations
 
 import re
+from itertools import zip_longest
 
 from rich.cells import cell_len, chop_cells
 
@@ -83,9 +84,7 @@ def _print_blocks(console, box: tuple[str, ...], columns: list[str], cells: list
         lines = []
         for column, value in zip(columns, row):
             names, values = chop_cells(column, widths[0]) or [""], chop_cells(value, widths[1]) or [""]
-            names += [""] * (len(values) - len(names))
-            values += [""] * (len(names) - len(values))
-            lines += [_line(box[3], pair, widths) for pair in zip(names, values)]
+            lines += [_line(box[3], pair, widths) for pair in zip_longest(names, values, fillvalue="")]
         console.file.write(f"row {number} of {len(cells)}\n" + _rule(_LIGHT_TOP[box], widths) + "".join(lines) + _rule(box[4], widths))
 
 

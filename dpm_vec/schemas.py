@@ -9,7 +9,6 @@ the engine blocks that portfolio and runs the others.
 
 from __future__ import annotations
 
-from decimal import Decimal
 import json
 
 import pandera.polars as pa
@@ -22,10 +21,9 @@ from dpm_vec.book import (
 from dpm_vec.codes import ExitPath, RunStatus
 from dpm_vec.dec28 import F28, sign
 from dpm_vec.errors import BookError
-from dpm_vec.numeric import AMOUNT_28, AMOUNT_28_LIMIT, DEC, MAX_MINUTES, MAX_WEIGHT, QTY, WEIGHT
+from dpm_vec.numeric import AMOUNT_28, AMOUNT_28_LIMIT, DEC, HALF_DEC_UNIT, MAX_MINUTES, MAX_WEIGHT, QTY, WEIGHT
 
 CCY = r"^[A-Z]{3}$"
-HALF_DEC_UNIT = Decimal("5E-21")  # half a unit of DEC's last decimal
 PAIR = r"^[A-Z]{3}/[A-Z]{3}$"
 
 

@@ -697,22 +697,29 @@ def test_rfc_runs_survive_a_restart(tmp_path, golden):
 
 
 # -- the 500 contract (in process: a real server cannot be made to fail on purpose) ------------
-def test_unexpected_exception_is_500_problem(monkeypatch, golden):
+def _posted_in_process(*calls: tuple[dict, str]) -> list[httpx.Response]:
+    """Each (body, Idempotency-Key) posted to SIM, one after another, on one app built in
+    this process (so that a test may replace what it calls)."""
     import asyncio
 
+    import dpm_vec.api as api
+
+    async def post_all() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=api.create_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [await client.post(SIM, json=body, headers={"Idempotency-Key": key}) for body, key in calls]
+
+    return asyncio.run(post_all())
+
+
+def test_unexpected_exception_is_500_problem(monkeypatch, golden):
     import dpm_vec.api as api
 
     def boom(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(api, "simulate_outcomes", boom)
-
-    async def call() -> httpx.Response:
-        transport = httpx.ASGITransport(app=api.create_app())
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await client.post(SIM, json=golden, headers={"Idempotency-Key": "k"})
-
-    resp = asyncio.run(call())
+    (resp,) = _posted_in_process((golden, "k"))
     assert resp.status_code == 500
     assert resp.headers["content-type"].startswith(PROBLEM)
     assert resp.json() == {"type": "about:blank", "title": "Internal Server Error", "status": 500,
@@ -723,10 +730,8 @@ def test_a_request_the_engine_cannot_compute_is_a_500_of_its_own(monkeypatch, go
     """The engine failing on one request answers that request 500 (no internals in the
     body, the fault in the operator's log) and keeps serving: the requests before and
     after it answer."""
-    import asyncio
     import logging
 
-    import dpm_vec.api as api
     import dpm_vec.simulate as simulate
 
     computes = simulate.run
@@ -740,17 +745,11 @@ def test_a_request_the_engine_cannot_compute_is_a_500_of_its_own(monkeypatch, go
     poison = copy.deepcopy(golden)
     poison["portfolio_snapshot"]["portfolio_id"] = "poison"
 
-    async def call() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(app=api.create_app())
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return [await client.post(SIM, json=body, headers={"Idempotency-Key": key})
-                    for body, key in ((golden, "a"), (poison, "b"), (golden, "c"))]
-
     service_log = logging.getLogger("dpm_vec.api")  # the app's own JSON lines, which do not propagate
     monkeypatch.setattr(service_log, "propagate", False)
     service_log.addHandler(caplog.handler)
     try:
-        before, failed, after = asyncio.run(call())
+        before, failed, after = _posted_in_process((golden, "a"), (poison, "b"), (golden, "c"))
     finally:
         service_log.removeHandler(caplog.handler)
     logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "dpm_vec.api"]

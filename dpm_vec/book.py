@@ -269,8 +269,6 @@ def cast_column(name: str, source: pl.DataType, dtype: pl.DataType, strict: bool
     return cast
 
 
-# a column of more distinct timestamp shapes than this is parsed in one call past them
-MAX_TIMESTAMP_SHAPES = 64
 # ISO 8601's extended and basic forms: a date, a time to the minute, second or a fraction, a Z or an offset
 ISO_8601 = r"^\d{4}-?\d{2}-?\d{2}([T ]\d{2}:?\d{2}(:?\d{2}([.,]\d+)?)?)?(Z|[+-]\d{2}(:?\d{2})?)?$"
 
@@ -280,17 +278,19 @@ def iso_timestamps(text: pl.Series, dtype: pl.Datetime, strict: bool = True) -> 
     Polars infers a column's format from its first value, so ``2025-06-30T21:00:00``
     first made every later ``...Z`` null (and which values those were depended on where a
     shard began): the values are parsed shape by shape (their text with every digit as
-    0), each shape's own format inferred. Text in no ISO 8601 form (``30/06/2025``, whose
-    day and month another export would swap) is null, as is a value its shape's format
-    does not read; ``strict``, either is an error naming it."""
+    0), each shape's own format inferred, however many shapes a column mixes. Text in no
+    ISO 8601 form (``30/06/2025``, whose day and month another export would swap) is
+    null, as is a value its shape's format does not read; ``strict``, either is an error
+    naming it."""
     shapes = pl.select(pl.when(text.str.contains(ISO_8601)).then(text.str.replace_all(r"\d", "0"))).to_series()
-    distinct = shapes.drop_nulls().unique(maintain_order=True)
-    head, rest = distinct.head(MAX_TIMESTAMP_SHAPES - 1), distinct.slice(MAX_TIMESTAMP_SHAPES - 1)
-    groups = [shapes == shape for shape in head] + ([shapes.is_in(rest.implode())] if rest.len() else [])
+    groups = (pl.DataFrame({"shape": shapes}).with_row_index("row").drop_nulls("shape")
+              .group_by("shape", maintain_order=True).agg("row")["row"])
     parsed = pl.repeat(None, text.len(), dtype=dtype, eager=True).alias(text.name)
-    for group in groups:
-        rows = group.arg_true()
-        parsed = parsed.scatter(rows, text.gather(rows).str.to_datetime(time_unit=dtype.time_unit, time_zone=dtype.time_zone, strict=False))
+    if groups.len():
+        rows = groups.explode()
+        values = [text.gather(group).str.to_datetime(time_unit=dtype.time_unit, time_zone=dtype.time_zone, strict=False).cast(dtype)
+                  for group in groups]
+        parsed = parsed.scatter(rows, pl.concat(values))
     failed = parsed.is_null() & text.is_not_null()
     if strict and failed.any():
         raise pl.exceptions.InvalidOperationError(f"conversion from `str` to `{dtype}` failed for value {text.filter(failed)[0]!r}")

@@ -624,3 +624,24 @@ def test_a_file_whose_data_does_not_read_is_named(tmp_path, shard_size):
     with pytest.raises(BookError, match=r"positions\.parquet: not a readable Parquet file"):
         sweep(book, tmp_path / "out", shard_size=shard_size, threads=1, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_timestamps_of_a_hundred_shapes_in_one_column_each_read_as_alone():
+    """An export mixing ISO 8601 shapes (separators, 0-9 fraction digits, offset forms)
+    reads every value as the JSON door reads it alone, however many shapes the column
+    holds: past 64 shapes the rest were once parsed in one call, in the format of the
+    first of them, and valid times came back null (a book's whole sweep failed)."""
+    from itertools import product
+
+    from dpm_vec.book import iso_timestamps
+
+    dtype = pl.Datetime("us", "UTC")
+    shapes = [f"2025-06-30{sep}21:00:00{'.' + '123456789'[:digits] if digits else ''}{zone}"
+              for sep, digits, zone in product("T ", range(10), ("", "Z", "+02:00", "+0200", "+02"))]
+    assert len(set(shapes)) == 100
+    alone = [iso_timestamps(pl.Series([value]), dtype, strict=False)[0] for value in shapes]
+    assert None not in alone
+    column = pl.Series("as_of", [*shapes, None, "30/06/2025", *reversed(shapes)])
+    assert iso_timestamps(column, dtype, strict=False).to_list() == [*alone, None, None, *reversed(alone)]
+    with pytest.raises(pl.exceptions.InvalidOperationError, match="for value '30/06/2025'"):
+        iso_timestamps(column, dtype)

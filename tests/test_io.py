@@ -462,6 +462,7 @@ def test_a_parquet_file_that_is_no_table_is_an_error_with_a_hint(tmp_path):
     book = write_book(frames, tmp_path / "book")
     (book / "README.md").write_text("notes beside the book are fine\n")
     (book / ".positions.parquet.crc").write_text("hidden files too\n")
+    (book / "._positions.parquet").write_bytes(b"\x00\x05\x16\x07")  # what macOS leaves on an external drive
     read_book(book)
     (book / "group_constraints.parquet").rename(book / "group_constraint.parquet")
     with pytest.raises(BookError) as caught:
@@ -511,6 +512,22 @@ def test_a_row_of_no_portfolio_is_the_files_fault(tmp_path, table, key, missing)
     text = str(caught.value)
     assert f"{table}.parquet, column '{key}': 1 row(s) with no {key}: such a row belongs to no portfolio" in text
     assert f"row 2 (0-based): {key} {'null' if missing is None else 'empty'}" in text
+
+
+def test_rows_of_no_portfolio_are_counted_all_and_shown_five(tmp_path):
+    """Many such rows: the error counts them all and shows the first five, enough to find
+    the pattern without a wall of text."""
+    frames = generate_book_frames(3, 5, holdings=(4, 5))
+    assert frames["positions"].height >= 7
+    frames["positions"] = frames["positions"].with_columns(
+        pl.when(pl.int_range(pl.len()) < 7).then(None).otherwise(pl.col("portfolio_snapshot_id")).alias("portfolio_snapshot_id"))
+    write_book(frames, tmp_path / "book")
+    with pytest.raises(BookError) as caught:
+        read_book(tmp_path / "book")
+    text = str(caught.value)
+    assert "7 row(s) with no portfolio_snapshot_id" in text
+    assert text.split("example rows: ")[1].split("; ") == [
+        f"row {row} (0-based): portfolio_snapshot_id null fails not_nullable" for row in range(5)]
 
 
 def test_a_row_of_no_portfolio_is_found_without_statistics(tmp_path):

@@ -4,6 +4,7 @@ leaving nothing running and nothing behind (SIGINT and SIGTERM: test_sweep.py)."
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,7 +80,7 @@ def test_generate_refuses_a_folder_that_is_not_a_book(tmp_path):
     assert _cli("generate", "--portfolios", "4", "--out", str(tmp_path / "book")).returncode == 0  # a book replaces a book
 
 
-def test_what_may_be_replaced(tmp_path):
+def test_what_may_be_replaced(tmp_path, monkeypatch):
     check_replaceable(tmp_path / "new", SWEEP_MARKER, "sweep output")
     (tmp_path / "empty").mkdir()
     check_replaceable(tmp_path / "empty", SWEEP_MARKER, "sweep output")
@@ -90,6 +91,25 @@ def test_what_may_be_replaced(tmp_path):
         check_replaceable(tmp_path / "old", BOOK_MARKER, "book")
     with pytest.raises(DpmVecError, match="would replace the input"):
         check_replaceable(tmp_path, SWEEP_MARKER, "sweep output", (tmp_path / "old" / "book",))
+    # a shell sitting in one of an earlier output's dataset folders would be left in a deleted folder
+    (tmp_path / "old" / "runs").mkdir()
+    monkeypatch.chdir(tmp_path / "old" / "runs")
+    with pytest.raises(DpmVecError, match=r"old holds the working directory and would be replaced"):
+        check_replaceable(tmp_path / "old", SWEEP_MARKER, "sweep output")
+
+
+def test_a_folder_out_cannot_be_made_or_replaced_in_is_named(tmp_path, monkeypatch):
+    """Where OUT's parent is not writable (a shared read-only mount, another user's folder:
+    root, as in CI, may write anywhere, so the check is told so), OUT is refused before
+    any work, naming the folder."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / SWEEP_MARKER).write_text("{}")
+    monkeypatch.setattr("dpm_vec.outdir.os.access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(DpmVecError, match=rf"^--out {re.escape(str(tmp_path / 'new'))}: cannot create it, {re.escape(str(tmp_path))} is not writable$"):
+        check_replaceable(tmp_path / "new", SWEEP_MARKER, "sweep output")
+    with pytest.raises(DpmVecError, match=rf"^--out {re.escape(str(tmp_path / 'old'))}: cannot replace it, {re.escape(str(tmp_path))} is not writable$"):
+        check_replaceable(tmp_path / "old", SWEEP_MARKER, "sweep output")
+    check_replaceable(tmp_path / "old" / "new", SWEEP_MARKER, "sweep output")  # a writable folder inside is fine
 
 
 def test_a_folder_that_takes_no_files_is_named_not_the_lock(tmp_path, monkeypatch):
@@ -123,10 +143,11 @@ def test_a_finished_sweep_removes_what_killed_runs_left(tmp_path):
     """Work of a sweep with other arguments, and staging copies, do not pile up beside
     OUT: the next sweep that finishes removes them; other folders stay."""
     out = tmp_path / "out"
-    for leftover in (".out.work-0123456789abcdef", ".out.staging-89abcdef", ".out.old-01234567"):
+    # and the staging copy of a book that `generate` or `import-requests --out out` left when killed
+    for leftover in (".out.work-0123456789abcdef", ".out.staging-89abcdef", ".out.old-01234567", ".out.tmp-89abcdef"):
         (tmp_path / leftover / "shards").mkdir(parents=True)
     (tmp_path / ".outer.work-0123456789abcdef").mkdir()
-    assert len(stale_work(out)) == 3
+    assert len(stale_work(out)) == 4
     sweep(DATA / "sample_book", out, shard_size=250, threads=1, progress=False)
     assert stale_work(out) == []
     assert (tmp_path / ".outer.work-0123456789abcdef").exists() and (out / SWEEP_MARKER).exists()

@@ -504,6 +504,40 @@ def test_bad_rows_block_their_portfolios_and_the_sweep_goes_on(tmp_path, caplog)
     assert _read(tmp_path / "clean_out", "input_faults").height == 0
 
 
+def test_faults_in_several_tables_block_by_the_first_table_and_say_so_consistently(tmp_path):
+    """One reason per run: a portfolio whose rows fail in several tables is blocked by the
+    first table's reason (holdings before limits), its block_detail names a row of that
+    same table, and input_faults lists every failed row in table order (not by row key,
+    where the overdraft limit's 'aud' sorts before the group limit's 'sector:TECH'). A
+    reference fault found before the rows are read (UNKNOWN_MODEL) keeps its reason."""
+    frames = generate_book_frames(6, 5, holdings=(3, 5))
+    ids = frames["portfolios"]["run_key"].to_list()
+    snap = dict(zip(ids, frames["portfolios"]["portfolio_snapshot_id"]))
+    victim, unknown_model = ids[1], ids[3]
+    duplicated = frames["positions"].filter(pl.col("portfolio_snapshot_id").is_in([snap[victim], snap[unknown_model]]))
+    frames["positions"] = pl.concat([frames["positions"], duplicated.group_by("portfolio_snapshot_id", maintain_order=True).first()
+                                     .select(frames["positions"].columns).with_columns(pl.col("quantity") + 1)])
+    frames["overdraft_limits"] = pl.DataFrame({"run_key": [victim], "currency": ["aud"], "max_overdraft": [Decimal(100)]},
+                                              schema=frames["overdraft_limits"].schema)
+    frames["group_constraints"] = pl.concat([frames["group_constraints"], pl.DataFrame(
+        {"run_key": [victim], "constraint_key": ["sector:TECH"], "max_weight": [Decimal("1.5")]}, schema=frames["group_constraints"].schema)])
+    frames["portfolios"] = frames["portfolios"].with_columns(
+        pl.when(pl.col("run_key") == unknown_model).then(pl.lit("NO_SUCH_MODEL")).otherwise(pl.col("model_id")).alias("model_id"))
+    sweep(write_book(frames, tmp_path / "book"), tmp_path / "out", progress=False)
+
+    runs = {r["run_key"]: r for r in _read(tmp_path / "out", "runs").iter_rows(named=True)}
+    faults = _read(tmp_path / "out", "input_faults")
+    mine = faults.filter(pl.col("run_key") == victim)
+    assert mine["input_table"].unique(maintain_order=True).to_list() == ["positions", "group_constraints", "overdraft_limits"]
+    assert runs[victim]["block_reason"] == "INVALID_HOLDINGS"
+    assert runs[victim]["block_detail"].startswith("positions row ")
+    assert runs[victim]["block_detail"].endswith(f" (and {mine.height - 1} more in input_faults)")
+    assert runs[unknown_model]["block_reason"] == "UNKNOWN_MODEL" and "NO_SUCH_MODEL" in runs[unknown_model]["block_detail"]
+    assert faults.filter(pl.col("run_key") == unknown_model)["input_table"].unique().to_list() == ["positions"]
+    assert {k for k, r in runs.items() if r["block_reason"] in ("INVALID_HOLDINGS", "INVALID_LIMITS", "UNKNOWN_MODEL")} == {
+        victim, unknown_model}
+
+
 def test_lots_that_do_not_add_up_to_their_position_block_it_as_the_json_door_refuses_it(tmp_path):
     """Spec §3.6 item 6: lots summing to more or less than their position (beyond 0.0001),
     or lots of an instrument not held, make the request a 422; in a sweep that portfolio is
@@ -940,6 +974,69 @@ def test_a_full_disk_while_holdings_are_split_closes_every_file(book, tmp_path, 
     assert unraisable == []
     work = next(tmp_path.glob(".out.work-*"))
     assert not list(work.glob(".partition.tmp-*")) and not (work / "partition").exists()
+
+
+def _stopped_at_shard(monkeypatch, shard: int):
+    """Make every sweep stop as shard ``shard`` would commit, the shards before it
+    committed (a kill, in process); returns the function that lets sweeps finish again."""
+    import dpm_vec.sweep as sweep_module
+
+    real_commit = sweep_module.commit_shard
+
+    def stop(plan, at, tables, timer):
+        if at == shard:
+            raise DpmVecError(f"stopped at shard {shard}")
+        return real_commit(plan, at, tables, timer)
+
+    monkeypatch.setattr(sweep_module, "commit_shard", stop)
+    return lambda: monkeypatch.setattr(sweep_module, "commit_shard", real_commit)
+
+
+def test_a_rerun_with_another_shard_size_never_reuses_shards_cut_at_the_old_size(book, swept, tmp_path, monkeypatch):
+    """Shards are numbered within one shard size: shard 0 of 20 portfolios is not shard 0
+    of 30. A sweep stopped midway and run again with another --shard-size starts afresh,
+    or portfolios 21-30 would be missing; the old size's work is removed at the end."""
+    resume = _stopped_at_shard(monkeypatch, 1)
+    out = tmp_path / "out"
+    with pytest.raises(DpmVecError, match="stopped at shard 1"):
+        sweep(book, out, shard_size=20, threads=1, progress=False)
+    assert len(list(tmp_path.glob(".out.work-*/shards/shard-00000/_SUCCESS"))) == 1
+    resume()
+    manifest = sweep(book, out, shard_size=30, threads=1, progress=False)
+    assert manifest["resumed_shards"] == 0
+    _same_outputs(swept[0], out)
+    assert not list(tmp_path.glob(".out.work-*"))
+
+
+def test_a_split_book_stopped_midway_resumes_from_its_split(book, swept, tmp_path, monkeypatch):
+    """A scattered book's holdings are split into files per shard before any shard runs;
+    stopped after that, the rerun reuses the split and the committed shards, and ends with
+    the outputs of an uninterrupted sweep."""
+    scattered = _scattered_copy(book, tmp_path / "scattered")
+    resume = _stopped_at_shard(monkeypatch, 1)
+    out = tmp_path / "out"
+    with pytest.raises(DpmVecError, match="stopped at shard 1"):
+        sweep(scattered, out, shard_size=30, threads=1, progress=False)
+    assert list(tmp_path.glob(".out.work-*/partition"))
+    resume()
+    assert sweep(scattered, out, shard_size=30, threads=1, progress=False)["resumed_shards"] == 1
+    _same_outputs(swept[0], out)
+
+
+def test_a_shard_folder_that_lost_its_commit_marker_is_named_not_reused(book, tmp_path, monkeypatch):
+    """A committed shard whose _SUCCESS marker is gone (deleted by hand, a disk fault) is
+    no committed shard: the rerun does not read it, and says which folder to delete."""
+    resume = _stopped_at_shard(monkeypatch, 1)
+    out = tmp_path / "out"
+    with pytest.raises(DpmVecError, match="stopped at shard 1"):
+        sweep(book, out, shard_size=30, threads=1, progress=False)
+    work = next(tmp_path.glob(".out.work-*"))
+    (work / "shards" / "shard-00000" / "_SUCCESS").unlink()
+    resume()
+    with pytest.raises(DpmVecError, match=rf"^{re.escape(str(work / 'shards' / 'shard-00000'))} holds files of no committed "
+                                          rf"shard; nothing else writes there: delete {re.escape(str(work))} and run"):
+        sweep(book, out, shard_size=30, threads=1, progress=False)
+    assert not out.exists()
 
 
 def test_a_book_rewritten_during_the_sweep_is_refused_not_mixed(tmp_path, monkeypatch):

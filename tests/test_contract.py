@@ -256,15 +256,19 @@ def test_decimals_past_38_digits_are_rounded_to_the_engines_decimals_not_a_500()
     request["portfolio_snapshot"]["positions"] = [{"instrument_id": "US_EQ", "quantity": "10.0000000000000000000000000000000000000004"}]
     request["portfolio_snapshot"]["cash_balances"].append({"currency": "USD", "amount": "10000000000.000000000000000000005000000000001"})
     request["market_data_snapshot"]["prices"][0]["price"] = "12.3400000000000000000050000000000000000000001"
+    # exactly half a unit of the 20th decimal: half-even keeps the even 0, as Polars rounds
+    request["market_data_snapshot"]["prices"].append({"instrument_id": "UNHELD", "price": "1.000000000000000000005000000000000000000000",
+                                                      "currency": "USD"})
     request["model_portfolio"]["targets"][0]["weight"] = "0.40000000000000000000000000015000000000000001"
     rounded = copy.deepcopy(request)
     rounded["portfolio_snapshot"]["positions"][0]["quantity"] = "10"
     rounded["portfolio_snapshot"]["cash_balances"][-1]["amount"] = "10000000000.00000000000000000001"
     rounded["market_data_snapshot"]["prices"][0]["price"] = "12.34000000000000000001"
+    rounded["market_data_snapshot"]["prices"][1]["price"] = "1"
     rounded["model_portfolio"]["targets"][0]["weight"] = "0.4000000000000000000000000002"
     book = rows_to_book(parse_request(request, "r0"))
     assert book.cash.sort("seq")["amount"].to_list()[-1] == Decimal("10000000000.00000000000000000001")
-    assert book.prices["price"].to_list()[0] == Decimal("12.34000000000000000001")
+    assert book.prices["price"].to_list() == [Decimal("12.34000000000000000001"), Decimal(1)]
     assert book.models["weight"].to_list()[0] == Decimal("0.4000000000000000000000000002")
     long, short = simulate_many([request, rounded])
     assert "status" in long and long["status"] != 500
@@ -670,6 +674,80 @@ def test_a_negative_price_is_422_even_unused():
     assert _errors(request) == [("market_data_snapshot.prices[1].price", "must be greater than 0, got -1")]
 
 
+def test_a_negative_fx_rate_is_422_naming_it():
+    """§9.1: a negative rate is refused at the door; read by the trade stages it would end
+    as a 500 on a broken stage contract."""
+    assert _errors(_with(("market_data_snapshot", "fx_rates", 0, "rate"), "-1.35")) == [
+        ("market_data_snapshot.fx_rates[0].rate", "must be >= 0, got -1.35")]
+
+
+@pytest.mark.parametrize("path, at_limit, past_limit, field", [
+    (("market_data_snapshot", "prices", 0, "price"), "99999999999999999.99999999999999999999", "100000000000000000",
+     "market_data_snapshot.prices[0].price"),
+    (("options", "max_turnover_pct"), "1", "1.00000000000000000001", "options.max_turnover_pct"),
+    (("options", "group_constraints"), {"sector:TECH": {"max_weight": "1"}}, {"sector:TECH": {"max_weight": "1.01"}},
+     "options.group_constraints['sector:TECH'].max_weight"),
+    (("shelf_entries", 0, "settlement_days"), 10, 11, "shelf_entries[0].settlement_days"),
+    (("options", "fx_settlement_days"), 0, -1, "options.fx_settlement_days"),
+    (("options", "suitability_thresholds"), {"cash_band_min_weight": "0.1", "cash_band_max_weight": "0.1"},
+     {"cash_band_min_weight": "0.1", "cash_band_max_weight": "0.09999"}, "options.suitability_thresholds"),
+], ids=["magnitude", "turnover", "group-cap", "settlement-days", "fx-settlement-days", "cash-band"])
+def test_a_limit_is_met_at_its_bound_and_missed_past_it(path, at_limit, past_limit, field):
+    """The contract's bounds are inclusive (§3.6: a weight in [0, 1], settlement days in
+    [0, 10], a cash band whose min does not exceed its max) but for the magnitude, which
+    must be below 1e17: the value at the bound runs, the one just past it is a 422
+    naming the field."""
+    parse_request(_with(path, at_limit), "r0")
+    assert [f for f, _ in _errors(_with(path, past_limit))] == [field]
+
+
+@pytest.mark.parametrize("lots_sum_short_by, valid", [("0.0001", True), ("0.0002", False)])
+def test_lots_may_fall_short_of_their_position_by_a_ten_thousandth(lots_sum_short_by, valid):
+    """§3.6: a position's lots add up to its quantity within 0.0001 (lot quantities an
+    export rounded); further apart, the request is a 422 naming the lots."""
+    request = copy.deepcopy(REQUEST)
+    quantity = str(Decimal(5) + Decimal(lots_sum_short_by))
+    request["portfolio_snapshot"]["positions"] = [{"instrument_id": "US_EQ", "quantity": quantity, "lots": [
+        {"lot_id": "L1", "quantity": "5", "unit_cost": {"amount": "90", "currency": "USD"}, "purchase_date": "2024-01-02"}]}]
+    if valid:
+        parse_request(request, "r0")
+    else:
+        assert _errors(request) == [("portfolio_snapshot.positions[0].lots", f"lot quantities sum to 5, position quantity is {quantity}")]
+
+
+@pytest.mark.parametrize("path, value, field", [
+    (("options", "group_constraints"), {"sector:": {"max_weight": "0.5"}}, "options.group_constraints['sector:']"),
+    (("options", "group_constraints"), {":TECH": {"max_weight": "0.5"}}, "options.group_constraints[':TECH']"),
+    (("options", "max_overdraft_by_ccy"), {"": "1"}, "options.max_overdraft_by_ccy"),
+], ids=["no-value", "no-attribute", "no-currency"])
+def test_a_key_with_an_empty_part_is_422(path, value, field):
+    """A group key is attribute:value, both parts non-empty, and an overdraft limit names a
+    currency: an empty part would match nothing and the limit would silently not apply."""
+    assert [f for f, _ in _errors(_with(path, value))][0] == field
+
+
+def test_a_lot_without_its_unit_cost_is_422():
+    """A lot's unit cost is what its gain is measured from (§3.6): without it the tax
+    stage has nothing to measure, so the request is refused, naming the lot's field."""
+    request = copy.deepcopy(REQUEST)
+    request["portfolio_snapshot"]["positions"] = [{"instrument_id": "US_EQ", "quantity": "5", "lots": [
+        {"lot_id": "L1", "quantity": "5", "purchase_date": "2024-01-02"}]}]
+    assert [f for f, _ in _errors(request)] == ["portfolio_snapshot.positions[0].lots[0].unit_cost"]
+
+
+def test_dust_trades_are_suppressed_unless_asked_not_to():
+    """suppress_dust_trades defaults to true (§4): a buy below the minimum notional is
+    suppressed, not proposed, when the option is not sent at all."""
+    request = copy.deepcopy(REQUEST)
+    del request["options"]["suppress_dust_trades"]
+    request["options"]["min_trade_notional"] = {"amount": "100000", "currency": "SGD"}
+    result = simulate_many([request])[0]
+    assert [i for i in result["intents"] if i["intent_type"] == "SECURITY_TRADE"] == []
+    assert [s["instrument_id"] for s in result["diagnostics"]["suppressed_intents"]] == ["US_EQ"]
+    request["options"]["suppress_dust_trades"] = False
+    assert [i["instrument_id"] for i in simulate_many([request])[0]["intents"] if i["intent_type"] == "SECURITY_TRADE"] == ["US_EQ"]
+
+
 def test_as_of_keys_change_nothing_unless_an_rfc_option_reads_them():
     """The reference ignores ``as_of`` (§9): snapshots a day apart and prices a year old
     run as they would there, until ``max_skew_minutes`` or ``max_staleness_minutes`` asks
@@ -704,11 +782,12 @@ def test_as_of_and_trade_by_are_checked_only_where_an_rfc_option_reads_them():
     assert simulate_many([request])[0]["status"] == simulate_many([REQUEST])[0]["status"] == "READY"
     assert parse_request(_with(("shelf_entries", 0, "trade_by"), None), "r0")["shelf"][0]["trade_by"] == "UNITS"
 
-    skew = _with(("options", "max_skew_minutes"), 15)
-    skew["portfolio_snapshot"], skew["market_data_snapshot"] = request["portfolio_snapshot"], request["market_data_snapshot"]
-    assert [f for f, _ in _errors(skew)] == [
-        "market_data_snapshot.prices[0].as_of", "portfolio_snapshot.as_of", "market_data_snapshot.as_of",
-    ]
+    for option, minutes in (("max_skew_minutes", 15), ("max_staleness_minutes", 60)):
+        reading = _with(("options", option), minutes)
+        reading["portfolio_snapshot"], reading["market_data_snapshot"] = request["portfolio_snapshot"], request["market_data_snapshot"]
+        assert [f for f, _ in _errors(reading)] == [
+            "market_data_snapshot.prices[0].as_of", "portfolio_snapshot.as_of", "market_data_snapshot.as_of",
+        ], option
     for value in ("WHATEVER", None):
         notional = _with(("options", "notional_sizing"), "true")
         notional["shelf_entries"][0]["trade_by"] = value

@@ -662,3 +662,13 @@ def test_timestamps_of_a_hundred_shapes_in_one_column_each_read_as_alone():
     assert iso_timestamps(column, dtype, strict=False).to_list() == [*alone, None, None, *reversed(alone)]
     with pytest.raises(pl.exceptions.InvalidOperationError, match="for value '30/06/2025'"):
         iso_timestamps(column, dtype)
+
+
+def test_a_shelf_without_its_optional_columns_reads_the_documented_defaults(tmp_path):
+    """docs/book.md: a shelf file may leave out asset_class (UNKNOWN), settlement_days
+    (2) and trade_by (UNITS), as a request may leave out those fields (spec §3.5)."""
+    frames = generate_book_frames(3, 5, holdings=(2, 3))
+    frames["shelf"] = frames["shelf"].drop("asset_class", "settlement_days", "trade_by")
+    shelf = read_book(write_book(frames, tmp_path / "book")).shelf
+    assert shelf.height == frames["shelf"].height
+    assert set(shelf["asset_class"]) == {"UNKNOWN"} and set(shelf["settlement_days"]) == {2} and set(shelf["trade_by"]) == {"UNITS"}

@@ -1,13 +1,23 @@
-"""The JSON door's RFC rationale messages (rfc_rationale_codes), against the oracle's."""
+"""The JSON door's result rendering: the RFC rationale messages (rfc_rationale_codes)
+against the oracle's, and the parts of a result no golden shows."""
 
 from __future__ import annotations
 
+import copy
+import json
+import re
 from decimal import Decimal as D
+from pathlib import Path
 
 import pytest
 
+from dpm_vec.contract import request_hash
+from dpm_vec.oracle import simulate as oracle_simulate
 from dpm_vec.oracle import with_rfc_messages
 from dpm_vec.render import _rfc_message
+from dpm_vec.simulate import simulate_many
+
+REQUEST = json.loads((Path(__file__).resolve().parents[1] / "data" / "requests" / "fx_funding.json").read_text())
 
 
 def _oracle_message(code: str, current: str, target: str, cap: str | None) -> str:
@@ -38,3 +48,41 @@ def _oracle_message(code: str, current: str, target: str, cap: str | None) -> st
 def test_rfc_message(code, current, target, cap, message):
     assert _rfc_message(code, D(current), D(target), None if cap is None else D(cap)) == message
     assert _oracle_message(code, current, target, cap) == message
+
+
+def test_a_run_id_off_the_server_is_rr_and_the_request_hashs_first_8_hex():
+    """The CLI's results carry ``rr_`` + 8 lowercase hex as the reference's do (spec §5),
+    taken from the request's own hash so that the same request prints the same id."""
+    result = simulate_many([REQUEST])[0]
+    assert re.fullmatch(r"rr_[0-9a-f]{8}", result["rebalance_run_id"])
+    assert result["rebalance_run_id"] == "rr_" + request_hash(REQUEST)[:8] == "rr_" + result["lineage"]["request_hash"][:8]
+
+
+def test_a_run_blocked_before_the_trades_has_no_tax_impact_even_with_tax_awareness_on():
+    """A data-quality block stops the run before any sell is sized: tax_impact is null,
+    not a zero-gain summary, as the oracle (and the reference) print it."""
+    request = copy.deepcopy(REQUEST)
+    request["options"].update(enable_tax_awareness=True, max_realized_capital_gains="100")
+    request["model_portfolio"]["targets"].append({"instrument_id": "NO_PRICE", "weight": "0.1"})
+    request["shelf_entries"].append({"instrument_id": "NO_PRICE", "status": "APPROVED"})
+    result, expected = simulate_many([request])[0], oracle_simulate(request)
+    assert result["status"] == expected["status"] == "BLOCKED"
+    assert result["tax_impact"] is None and expected["tax_impact"] is None
+
+
+def test_intents_the_turnover_cap_drops_are_listed_in_the_order_they_were_dropped():
+    """Five equal-weight buys under a 30% turnover cap: one fits, four are dropped, and
+    dropped_intents lists them in the order the cap met them (by score, then by list
+    order: E2, E1, E3, E4 here), as the oracle does."""
+    request = copy.deepcopy(REQUEST)
+    ids = [f"E{i}" for i in range(5)]
+    request["market_data_snapshot"]["prices"] = [{"instrument_id": e, "price": str(10 + i), "currency": "SGD"} for i, e in enumerate(ids)]
+    request["model_portfolio"]["targets"] = [{"instrument_id": e, "weight": "0.2"} for e in ids]
+    request["shelf_entries"] = [{"instrument_id": e, "status": "APPROVED"} for e in ids]
+    request["options"]["max_turnover_pct"] = "0.3"
+    def dropped(result: dict) -> list[tuple]:  # numbers compared as decimals (spec §1.3)
+        return [(d["instrument_id"], D(d["potential_notional"]["amount"]), D(d["score"])) for d in result["diagnostics"]["dropped_intents"]]
+
+    engine = dropped(simulate_many([request])[0])
+    assert engine == dropped(oracle_simulate(request))
+    assert [instrument for instrument, _, _ in engine] == ["E2", "E1", "E3", "E4"]

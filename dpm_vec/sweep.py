@@ -357,6 +357,40 @@ def _clear_unfinished_writes(plan: SweepPlan) -> None:
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _unreadable_commits(plan: SweepPlan) -> list[int]:
+    """Shards with a commit marker whose files do not read whole: a marker that is no
+    JSON, a table whose Parquet footer does not read, or a runs file of another row count
+    than the marker's. A kill never leaves one (a shard is renamed into place whole); a
+    machine that lost power after the rename, before its files reached the disk, can."""
+    damaged = []
+    for shard in range(plan.n_shards):
+        folder = plan.shard_dir(shard)
+        if not (folder / "_SUCCESS").exists():
+            continue
+        try:
+            counts = json.loads((folder / "_SUCCESS").read_text())
+            rows = {name: pq.read_metadata(folder / f"{name}.parquet").num_rows for name in plan.tables}
+            whole = rows["runs"] == counts["_portfolios"]
+        except (OSError, ValueError, KeyError, TypeError):  # pyarrow's ArrowInvalid is a ValueError
+            whole = False
+        if not whole:
+            damaged.append(shard)
+    return damaged
+
+
+def _recommit_damaged(plan: SweepPlan) -> None:
+    """Run again the shards ``_unreadable_commits`` finds, instead of copying broken files
+    into OUT: each is renamed out of the way (a staging name, cleared like any other), so
+    a kill meanwhile leaves it whole or uncommitted, then removed."""
+    for shard in _unreadable_commits(plan):
+        target = plan.shard_dir(shard)
+        log.warning("%s was committed but its files do not read whole (lost after the commit: a power cut or a disk "
+                    "fault); the shard runs again", target)
+        aside = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        os.replace(target, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def _close_all(writers: Iterable[pq.ParquetWriter]) -> None:
     """Close every writer even when one fails (a full disk flushing its last page), so
     none is left for the garbage collector to close, and fail with the first failure."""
@@ -815,6 +849,7 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
         _clear_unfinished_writes(plan)
     if plan.partitioned:
         partition_holdings(plan, portfolios)
+    _recommit_damaged(plan)
     pending = [s for s in range(plan.n_shards) if not (plan.shard_dir(s) / "_SUCCESS").exists()]
     resumed = plan.n_shards - len(pending)
     reporter = _Progress(plan.n_shards, plan.n_portfolios, enabled=sys.stderr.isatty() if progress is None else progress)

@@ -1039,6 +1039,34 @@ def test_a_shard_folder_that_lost_its_commit_marker_is_named_not_reused(book, tm
     assert not out.exists()
 
 
+@pytest.mark.parametrize("damage", ["empty_marker", "empty_table", "truncated_runs"])
+def test_a_committed_shard_whose_files_were_lost_runs_again(book, swept, tmp_path, monkeypatch, caplog, damage):
+    """A power cut after a shard's rename, before its files reached the disk, can leave
+    its marker or tables empty or cut short: the rerun names the shard, runs it again and
+    ends with the outputs of an uninterrupted sweep, instead of failing on the marker or
+    copying broken files into OUT."""
+    resume = _stopped_at_shard(monkeypatch, 1)
+    out = tmp_path / "out"
+    with pytest.raises(DpmVecError, match="stopped at shard 1"):
+        sweep(book, out, shard_size=30, threads=1, progress=False)
+    shard = next(tmp_path.glob(".out.work-*/shards/shard-00000"))
+    if damage == "empty_marker":
+        (shard / "_SUCCESS").write_text("")
+    elif damage == "empty_table":
+        (shard / "intents.parquet").write_bytes(b"")
+    else:
+        runs = (shard / "runs.parquet").read_bytes()
+        (shard / "runs.parquet").write_bytes(runs[: len(runs) // 2])
+    resume()
+    with caplog.at_level(logging.WARNING, logger="dpm_vec.sweep"):
+        manifest = sweep(book, out, shard_size=30, threads=1, progress=False)
+    assert manifest["resumed_shards"] == 0
+    assert [r.getMessage() for r in caplog.records if "do not read whole" in r.getMessage()] == [
+        f"{shard} was committed but its files do not read whole (lost after the commit: a power cut or a disk fault); "
+        "the shard runs again"]
+    _same_outputs(swept[0], out)
+
+
 def test_a_book_rewritten_during_the_sweep_is_refused_not_mixed(tmp_path, monkeypatch):
     """Shards read the book's files as they run: a file replaced after some shards have
     committed would mix old and new prices in one output under the old file's hash. The

@@ -193,7 +193,9 @@ class _Reader:
         if isinstance(value, str) and value.lower() in TRUE_WORDS | FALSE_WORDS:
             return value.lower() in TRUE_WORDS
         # another word or 64-bit whole number cannot be read as a flag; anything else is no flag's type
-        readable = isinstance(value, str) or (isinstance(value, (int, float)) and float(value).is_integer() and -INT64_LIMIT <= value < INT64_LIMIT)
+        # (pydantic takes -2**63 as a 64-bit int, but not as a float)
+        lowest = -INT64_LIMIT if isinstance(value, int) else -INT64_LIMIT + 1
+        readable = isinstance(value, str) or (isinstance(value, (int, float)) and float(value).is_integer() and lowest <= value < INT64_LIMIT)
         self.fail(path, f"expected a boolean, got {value!r}", "bool_parsing" if readable else "bool_type", value)
         return default
 

@@ -359,9 +359,10 @@ def _clear_unfinished_writes(plan: SweepPlan) -> None:
 
 def _unreadable_commits(plan: SweepPlan) -> list[int]:
     """Shards with a commit marker whose files do not read whole: a marker that is no
-    JSON, a table whose Parquet footer does not read, or a runs file of another row count
-    than the marker's. A kill never leaves one (a shard is renamed into place whole); a
-    machine that lost power after the rename, before its files reached the disk, can."""
+    JSON or names no row counts, a table whose Parquet footer does not read, or one of
+    another row count than the marker's. A kill never leaves one (a shard is renamed into
+    place whole); a machine that lost power after the rename, before its files reached the
+    disk, can."""
     damaged = []
     for shard in range(plan.n_shards):
         folder = plan.shard_dir(shard)
@@ -370,7 +371,7 @@ def _unreadable_commits(plan: SweepPlan) -> list[int]:
         try:
             counts = json.loads((folder / "_SUCCESS").read_text())
             rows = {name: pq.read_metadata(folder / f"{name}.parquet").num_rows for name in plan.tables}
-            whole = rows["runs"] == counts["_portfolios"]
+            whole = rows == counts["_rows"]
         except (OSError, ValueError, KeyError, TypeError):  # pyarrow's ArrowInvalid is a ValueError
             whole = False
         if not whole:
@@ -479,6 +480,7 @@ def commit_shard(plan: SweepPlan, shard: int, tables: dict[str, pl.DataFrame], t
         timer.lap("write")
         counts = dict(tables["runs"].group_by("status").len().iter_rows())
         counts["_portfolios"] = tables["runs"].height
+        counts["_rows"] = {name: tables[name].height for name in plan.tables}
         counts["_blocked_by"] = dict(tables["runs"].filter(pl.col("block_reason").is_not_null()).group_by("block_reason").len().iter_rows())
         counts["_polars_threads"] = pl.thread_pool_size()
         counts["_stage_seconds"] = {k: round(v, 4) for k, v in timer.seconds.items() if not k.startswith("_")}

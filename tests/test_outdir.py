@@ -129,8 +129,9 @@ def test_one_writer_per_output(tmp_path):
     """A second writer of the same output stops at once, naming the first; the lock goes
     when the first is done."""
     out = tmp_path / "out"
+    (tmp_path / ".out.lock").write_text("dpm-vec pid 99999999\n")  # what a killed sweep left: unlocked, with its pid
     with exclusive(out):
-        with pytest.raises(DpmVecError, match=rf"is being written by dpm-vec pid {os.getpid()}"):
+        with pytest.raises(DpmVecError, match=rf"is being written by dpm-vec pid {os.getpid()}: wait"):
             with exclusive(out):
                 pass
         with exclusive(tmp_path / "other"):  # another output is another lock

@@ -574,6 +574,15 @@ def test_lots_that_do_not_add_up_to_their_position_block_it_as_the_json_door_ref
         pl.when(over & (pl.int_range(pl.len()).over(over) == 0)).then(pl.col("quantity") - Decimal("0.0001")).otherwise(pl.col("quantity"))
         .alias("quantity"))
     read_book(write_book(frames, tmp_path / "within"))
+    # a lotted position whose own quantity is no number is that one fault: its lots are not
+    # also told as lots of a position it does not hold
+    frames["positions"] = frames["positions"].with_columns(pl.col("quantity").cast(pl.String)).with_columns(
+        pl.when(over).then(pl.lit("abc")).otherwise(pl.col("quantity")).alias("quantity"))
+    sweep(write_book(frames, tmp_path / "unreadable"), tmp_path / "unreadable_out", progress=False)
+    faults = _read(tmp_path / "unreadable_out", "input_faults")
+    assert faults.select("input_table", "row_key", "input_column", "value").rows() == [("positions", over_instrument, "quantity", "abc")]
+    detail = _read(tmp_path / "unreadable_out", "runs").filter(pl.col("block_reason") == "INVALID_HOLDINGS")["block_detail"].to_list()
+    assert len(detail) == 1 and "more in input_faults" not in detail[0]
 
 
 def test_bad_option_values_block_their_portfolio(tmp_path):
@@ -859,6 +868,16 @@ def test_a_bad_file_found_in_a_worker_process_is_named_not_blamed_on_memory(tmp_
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
+def test_a_worker_process_whose_sweep_already_ended_exits_at_once():
+    """A worker started just as its sweep died (the parent gone before the kill-with-parent
+    request took hold) ends at once, printing nothing, instead of running on unowned."""
+    code = "from dpm_vec.sweep import _die_with_parent; _die_with_parent(1); print('still running')"
+    gone = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (gone.returncode, gone.stdout) == (1, "")
+    mine = code.replace("(1)", "(__import__('os').getppid())")
+    assert subprocess.run([sys.executable, "-c", mine], capture_output=True, text=True, timeout=120).stdout == "still running\n"
+
+
 @pytest.mark.parametrize("error", [
     BookError("positions.parquet", "wrong type", column="quantity", examples=["row 3"]),
     RequestError([fault("options.max_turnover_pct", "must be <= 1", "less_than_equal", "2")]),
@@ -1039,7 +1058,8 @@ def test_a_shard_folder_that_lost_its_commit_marker_is_named_not_reused(book, tm
     assert not out.exists()
 
 
-@pytest.mark.parametrize("damage", ["empty_marker", "empty_table", "truncated_runs"])
+@pytest.mark.parametrize("damage", ["empty_marker", "marker_of_no_counts", "marker_of_a_list", "empty_table", "truncated_runs",
+                                    "short_intents"])
 def test_a_committed_shard_whose_files_were_lost_runs_again(book, swept, tmp_path, monkeypatch, caplog, damage):
     """A power cut after a shard's rename, before its files reached the disk, can leave
     its marker or tables empty or cut short: the rerun names the shard, runs it again and
@@ -1050,13 +1070,19 @@ def test_a_committed_shard_whose_files_were_lost_runs_again(book, swept, tmp_pat
     with pytest.raises(DpmVecError, match="stopped at shard 1"):
         sweep(book, out, shard_size=30, threads=1, progress=False)
     shard = next(tmp_path.glob(".out.work-*/shards/shard-00000"))
-    if damage == "empty_marker":
+    if damage.endswith("marker"):
         (shard / "_SUCCESS").write_text("")
+    elif damage.startswith("marker_of"):
+        (shard / "_SUCCESS").write_text("{}" if damage == "marker_of_no_counts" else "[]")
     elif damage == "empty_table":
         (shard / "intents.parquet").write_bytes(b"")
-    else:
+    elif damage == "truncated_runs":
         runs = (shard / "runs.parquet").read_bytes()
         (shard / "runs.parquet").write_bytes(runs[: len(runs) // 2])
+    else:  # a file that reads, with fewer rows than the shard wrote
+        intents = pl.read_parquet(shard / "intents.parquet")
+        assert intents.height > 5
+        intents.head(5).write_parquet(shard / "intents.parquet")
     resume()
     with caplog.at_level(logging.WARNING, logger="dpm_vec.sweep"):
         manifest = sweep(book, out, shard_size=30, threads=1, progress=False)
@@ -1814,6 +1840,14 @@ def test_sweep_sizes_default_shards_by_the_books_rows(book, swept, tmp_path, mon
     assert size == sweep_module.fit_shard_rows(rows, defaults.default_shard_size(2, portfolios.height, rows.mean()), budget // 2)
     assert 1 < size < 20 and manifest["shards"] == -(-portfolios.height // size)
     _same_outputs(swept[0], tmp_path / "out")
+    # a size shrunk for its rows is evened again, so both threads have a shard in every round
+    monkeypatch.setattr(defaults, "DEFAULT_SHARD_ROWS", 1000)
+    monkeypatch.setattr(sweep_module, "DEFAULT_SHARD_ROWS", 1000)
+    fitted = sweep_module.fit_shard_rows(rows, defaults.default_shard_size(2, portfolios.height, rows.filter(rows <= 500).mean()), 500)
+    evened = sweep_module.fit_shard_rows(rows, defaults.even_shard_size(portfolios.height, fitted, 2), 500)
+    assert evened != fitted  # the book's rows make the two differ, or this would test nothing
+    manifest = sweep(book, tmp_path / "evened", threads=2, progress=False)
+    assert (manifest["shard_size"], manifest["shards"] % 2) == (evened, 0)
 
 
 def test_default_shard_size_is_shared_by_shards_computed_at_once(book, swept, tmp_path, monkeypatch):

@@ -529,9 +529,54 @@ def test_an_unexpected_engine_failure_fails_its_scenario_by_exception_class(monk
         return real(parsed)
 
     monkeypatch.setattr(simulate, "_simulate", failing)
-    body = analyze(_batch(a_fine={"options": {}}, b_broken={"options": {"fx_buffer_pct": "0.07"}}, c_fine={"options": {"fx_buffer_pct": "0.02"}}))
+    body = analyze(_batch(a_fine={"options": {}}, b_broken={"options": {"fx_buffer_pct": "0.07"}}, c_fine={"options": {"fx_buffer_pct": "0.02"}},
+                          d_invalid={"options": {"max_turnover_pct": "2"}}))
     assert list(body["results"]) == ["a_fine", "c_fine"]
-    assert body["failed_scenarios"] == {"b_broken": "SCENARIO_EXECUTION_ERROR: ZeroDivisionError"}
+    # in name order, though invalid options are found before any scenario runs
+    assert list(body["failed_scenarios"].items()) == [("b_broken", "SCENARIO_EXECUTION_ERROR: ZeroDivisionError"),
+                                                      ("d_invalid", body["failed_scenarios"]["d_invalid"])]
+    assert body["failed_scenarios"]["d_invalid"].startswith("INVALID_OPTIONS: ")
+
+
+@pytest.mark.parametrize("count, names, error", [
+    (20, None, None), (21, None, ("scenarios", "too_long")),
+    (1, ["n" * 64], None), (1, ["n" * 65], ("scenarios['" + "n" * 65 + "']", "value_error")),
+    (0, None, ("scenarios", "too_short")),
+], ids=["20-scenarios", "21-scenarios", "64-char-name", "65-char-name", "none"])
+def test_analyze_takes_up_to_20_scenarios_named_in_up_to_64_characters(count, names, error):
+    """§7: a whole-request 422 for no scenario, more than 20, or a name past 64 characters;
+    20 scenarios and a 64-character name run."""
+    from dpm_vec.analyze import analyze
+    names = names or [f"s{i:02d}" for i in range(count)]
+    batch = _batch(**{name: {"options": {}} for name in names})
+    if error is None:
+        assert sorted(analyze(batch)["results"]) == sorted(names)
+        return
+    with pytest.raises(RequestError) as caught:
+        analyze(batch)
+    assert [(e["field"], e["type"]) for e in caught.value.errors] == [error]
+
+
+def test_analyze_scenarios_that_are_not_an_object_are_a_dict_type_422():
+    from dpm_vec.analyze import analyze
+    with pytest.raises(RequestError) as caught:
+        analyze({**_batch(), "scenarios": []})
+    assert [e["type"] for e in caught.value.validation_detail()["detail"]] == ["dict_type"]
+
+
+def test_analyze_answers_in_name_order_and_names_its_base_snapshots():
+    """§7: scenarios run and answer in ascending name order, results and failures alike
+    (whatever order the request lists them); base_snapshot_ids take the snapshots'
+    snapshot_id where given, else the portfolio id and "md"."""
+    from dpm_vec.analyze import analyze
+    batch = _batch(zeta={"options": {}}, b_bad={"options": {"max_turnover_pct": "2"}}, alpha={"description": None, "options": {}},
+                   a_bad={"options": {"fx_buffer_pct": "abc"}})
+    body = analyze(batch)
+    assert list(body["results"]) == list(body["comparison_metrics"]) == ["alpha", "zeta"]
+    assert list(body["failed_scenarios"]) == ["a_bad", "b_bad"] and body["warnings"] == ["PARTIAL_BATCH_FAILURE"]
+    assert body["base_snapshot_ids"] == {"portfolio_snapshot_id": "pf_003", "market_data_snapshot_id": "md"}
+    batch["portfolio_snapshot"]["snapshot_id"], batch["market_data_snapshot"]["snapshot_id"] = "ps_123", "md_456"
+    assert analyze(batch)["base_snapshot_ids"] == {"portfolio_snapshot_id": "ps_123", "market_data_snapshot_id": "md_456"}
 
 
 @pytest.mark.parametrize("name, spec, field, loc", [

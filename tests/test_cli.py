@@ -112,6 +112,7 @@ def test_import_requests_then_sweep_matches_the_batch(tmp_path):
             assert reason == failed[0] and reason not in result["diagnostics"]["warnings"], (reason, failed)
     assert runs["status"].to_list() == [r["status"] for r in batch]
     assert runs["portfolio_id"].to_list() == [r["lineage"]["portfolio_snapshot_id"] for r in batch]
+    assert runs["request_hash"].to_list() == [r["lineage"]["request_hash"] for r in batch]  # the request's own hash, kept
     assert runs["dq_count"].to_list() == [sum(map(len, r["diagnostics"]["data_quality"].values())) for r in batch]
     assert runs["security_intent_count"].to_list() == [sum(i["intent_type"] == "SECURITY_TRADE" for i in r["intents"]) for r in batch]
     assert runs["fx_intent_count"].to_list() == [sum(i["intent_type"] == "FX_SPOT" for i in r["intents"]) for r in batch]

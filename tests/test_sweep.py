@@ -1349,19 +1349,29 @@ def test_dask_workers_write_the_chosen_tables(book, swept, tmp_path):
 
 
 def test_scenarios_run_side_by_side(book, tmp_path):
+    """Every portfolio under every scenario: runs portfolio by portfolio, each portfolio's
+    scenarios in name order (whatever order the file lists them), and a comparison row a
+    scenario, in name order, whose status counts are its runs'."""
     scenarios = tmp_path / "scenarios.json"
     scenarios.write_text(json.dumps({"scenarios": {
-        "base": {"options": {}},
         "no_trades": {"options": {"max_turnover_pct": "0"}},
+        "base": {"options": {}},
+        "tight_cap": {"options": {"single_position_max_weight": "0.05"}},
+        "cash_5": {"options": {"min_cash_buffer_pct": "0.05"}},
     }}))
+    names = ["base", "cash_5", "no_trades", "tight_cap"]
     manifest = sweep(book, tmp_path / "out", shard_size=50, progress=False, scenarios=scenarios)
     runs = _read(tmp_path / "out", "runs")
-    assert runs.height == 160 and manifest["scenarios"] == ["base", "no_trades"]
-    assert set(runs["scenario_id"]) == {"base", "no_trades"}
+    assert runs.height == 320 and manifest["scenarios"] == names
+    assert runs["scenario_id"].to_list() == names * 80
+    assert runs["portfolio_id"].to_list() == [p for p in pl.read_parquet(book / "portfolios.parquet")["portfolio_id"] for _ in names]
     assert runs.filter(pl.col("scenario_id") == "no_trades")["security_intent_count"].sum() == 0
     comparison = _read(tmp_path / "out", "scenario_comparison")
-    assert comparison["scenario_id"].to_list() == ["base", "no_trades"]
-    assert comparison["portfolios"].to_list() == [80, 80]
+    assert comparison["scenario_id"].to_list() == names
+    assert comparison["portfolios"].to_list() == [80] * 4
+    for row in comparison.iter_rows(named=True):
+        statuses = dict(runs.filter(pl.col("scenario_id") == row["scenario_id"]).group_by("status").len().iter_rows())
+        assert (row["ready"], row["pending_review"], row["blocked"]) == tuple(statuses.get(s, 0) for s in ("READY", "PENDING_REVIEW", "BLOCKED"))
     base = runs.filter(pl.col("scenario_id") == "base").select("portfolio_id", "status")
     plain = sweep(book, tmp_path / "plain", progress=False)
     assert plain["counts_by_status"] == dict(base.group_by("status").len().iter_rows())

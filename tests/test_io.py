@@ -674,17 +674,14 @@ def test_a_shelf_without_its_optional_columns_reads_the_documented_defaults(tmp_
     assert set(shelf["asset_class"]) == {"UNKNOWN"} and set(shelf["settlement_days"]) == {2} and set(shelf["trade_by"]) == {"UNITS"}
 
 
-def test_a_file_gone_between_its_scan_and_its_read_is_named():
+def test_a_file_gone_between_its_scan_and_its_read_is_named(tmp_path):
     """A book file removed or replaced while a sweep plans (a copy job still running)
     fails reading with the file's name, not a bare FileNotFoundError."""
-    import tempfile
-
     from dpm_vec.io import collect
 
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "portfolios.parquet"
-        pl.DataFrame({"run_key": ["PF1"]}).write_parquet(path)
-        scan = pl.scan_parquet(path)
-        path.unlink()
-        with pytest.raises(BookError, match=r"portfolios\.parquet: not a readable Parquet file"):
-            collect(scan, path)
+    path = tmp_path / "portfolios.parquet"
+    pl.DataFrame({"run_key": ["PF1"]}).write_parquet(path)
+    scan = pl.scan_parquet(path)
+    path.unlink()
+    with pytest.raises(BookError, match=r"portfolios\.parquet: not a readable Parquet file"):
+        collect(scan, path)

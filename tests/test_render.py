@@ -72,14 +72,15 @@ def test_a_run_blocked_before_the_trades_has_no_tax_impact_even_with_tax_awarene
 
 def test_intents_the_turnover_cap_drops_are_listed_in_the_order_they_were_dropped():
     """Five equal-weight buys under a 30% turnover cap: one fits, four are dropped, and
-    dropped_intents lists them in the order the cap met them (by score, then by list
-    order: E2, E1, E3, E4 here), as the oracle does."""
+    dropped_intents lists them in the order the cap met them (E2, E1, E3, E4 here), as
+    the oracle does."""
     request = copy.deepcopy(REQUEST)
     ids = [f"E{i}" for i in range(5)]
     request["market_data_snapshot"]["prices"] = [{"instrument_id": e, "price": str(10 + i), "currency": "SGD"} for i, e in enumerate(ids)]
     request["model_portfolio"]["targets"] = [{"instrument_id": e, "weight": "0.2"} for e in ids]
     request["shelf_entries"] = [{"instrument_id": e, "status": "APPROVED"} for e in ids]
     request["options"]["max_turnover_pct"] = "0.3"
+
     def dropped(result: dict) -> list[tuple]:  # numbers compared as decimals (spec §1.3)
         return [(d["instrument_id"], D(d["potential_notional"]["amount"]), D(d["score"])) for d in result["diagnostics"]["dropped_intents"]]
 

@@ -384,6 +384,9 @@ def test_a_compressed_body_is_415_not_a_misread_body(ref_server, golden):
     problem = _assert_problem(resp, status=415)
     assert problem["detail"] == "Content-Encoding 'gzip' is not supported: send the JSON body uncompressed"
     assert _post(ref_server, golden, **{"Content-Encoding": "identity"}).status_code == 200
+    assert _post(ref_server, golden, **{"Content-Encoding": ""}).status_code == 200  # an empty header names no coding
+    # a body a Windows tool saved with a UTF-8 byte order mark is JSON all the same, as FastAPI reads it
+    assert _post(ref_server, b"\xef\xbb\xbf" + json.dumps(golden).encode()).status_code == 200
 
 
 def test_a_body_sent_as_another_media_type_is_not_read_as_json(ref_server, rfc_server, golden):
@@ -515,6 +518,8 @@ def test_max_coalesce_must_be_positive():
 
     with pytest.raises(ValueError, match="max_coalesce"):
         api.create_app(max_coalesce=0)
+    with pytest.raises(ValueError, match="max_body_bytes"):  # a limit of no bytes would refuse every request
+        api.create_app(max_body_bytes=0)
 
 
 def test_max_coalesce_one_runs_a_pass_per_request(tmp_path, golden):
@@ -826,5 +831,19 @@ def test_a_body_over_the_limit_is_413_before_it_is_read_whole(tmp_path, golden):
         assert "content-length" not in streamed.request.headers
         _assert_problem(streamed, status=413)
         assert _post(server, golden).status_code == 200
+        # the limit is inclusive: a body of exactly 1 MiB runs, declared or streamed; a byte more does not
+        base = json.dumps({**golden, "padding": ""}).encode()
+        exact = base.replace(b'"padding": ""', b'"padding": "' + b"x" * (2**20 - len(base)) + b'"')
+        assert len(exact) == 2**20
+        assert _post(server, exact).status_code == 200
+        one_more = exact.replace(b'"padding": "', b'"padding": "x')
+
+        def chunked(body: bytes):
+            return server.client.post(SIM, content=iter([body[:2**19], body[2**19:]]),
+                                      headers={"Content-Type": "application/json", "Idempotency-Key": "k"})
+
+        assert chunked(exact).status_code == 200
+        _assert_problem(_post(server, one_more), status=413)
+        _assert_problem(chunked(one_more), status=413)
     finally:
         server.stop()

@@ -357,39 +357,33 @@ def _clear_unfinished_writes(plan: SweepPlan) -> None:
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _unreadable_commits(plan: SweepPlan) -> list[int]:
-    """Shards with a commit marker whose files do not read whole: a marker that is no
-    JSON or names no row counts, a table whose Parquet footer does not read, or one of
-    another row count than the marker's. A kill never leaves one (a shard is renamed into
-    place whole); a machine that lost power after the rename, before its files reached the
-    disk, can."""
-    damaged = []
+def committed_shards(plan: SweepPlan) -> dict[int, dict]:
+    """The commit markers of the shards already done, each read once. A marker whose
+    files do not read whole (a marker that is no JSON or names no row counts, a table whose
+    Parquet footer does not read, or one of another row count than the marker's) is no
+    commit: a kill never leaves one (a shard is renamed into place whole), but a machine
+    that lost power after the rename, before its files reached the disk, can. Such a shard
+    is renamed out of the way (a staging name, cleared like any other, so a kill meanwhile
+    leaves it whole or uncommitted), removed, and runs again."""
+    committed = {}
     for shard in range(plan.n_shards):
         folder = plan.shard_dir(shard)
         if not (folder / "_SUCCESS").exists():
             continue
         try:
             counts = json.loads((folder / "_SUCCESS").read_text())
-            rows = {name: pq.read_metadata(folder / f"{name}.parquet").num_rows for name in plan.tables}
-            whole = rows == counts["_rows"]
+            whole = {name: pq.read_metadata(folder / f"{name}.parquet").num_rows for name in plan.tables} == counts["_rows"]
         except (OSError, ValueError, KeyError, TypeError):  # pyarrow's ArrowInvalid is a ValueError
             whole = False
-        if not whole:
-            damaged.append(shard)
-    return damaged
-
-
-def _recommit_damaged(plan: SweepPlan) -> None:
-    """Run again the shards ``_unreadable_commits`` finds, instead of copying broken files
-    into OUT: each is renamed out of the way (a staging name, cleared like any other), so
-    a kill meanwhile leaves it whole or uncommitted, then removed."""
-    for shard in _unreadable_commits(plan):
-        target = plan.shard_dir(shard)
+        if whole:
+            committed[shard] = counts
+            continue
         log.warning("%s was committed but its files do not read whole (lost after the commit: a power cut or a disk "
-                    "fault); the shard runs again", target)
-        aside = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-        os.replace(target, aside)
+                    "fault); the shard runs again", folder)
+        aside = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+        os.replace(folder, aside)
         shutil.rmtree(aside, ignore_errors=True)
+    return committed
 
 
 def _close_all(writers: Iterable[pq.ParquetWriter]) -> None:
@@ -479,8 +473,7 @@ def commit_shard(plan: SweepPlan, shard: int, tables: dict[str, pl.DataFrame], t
             tables[name].write_parquet(staging / f"{name}.parquet", **PARQUET_COMPRESSION)
         timer.lap("write")
         counts = dict(tables["runs"].group_by("status").len().iter_rows())
-        counts["_portfolios"] = tables["runs"].height
-        counts["_rows"] = {name: tables[name].height for name in plan.tables}
+        counts["_rows"] = {name: tables[name].height for name in plan.tables}  # runs: one a portfolio
         counts["_blocked_by"] = dict(tables["runs"].filter(pl.col("block_reason").is_not_null()).group_by("block_reason").len().iter_rows())
         counts["_polars_threads"] = pl.thread_pool_size()
         counts["_stage_seconds"] = {k: round(v, 4) for k, v in timer.seconds.items() if not k.startswith("_")}
@@ -637,7 +630,7 @@ def _run_as_they_finish(pool, plan: SweepPlan, queue, running: set, reporter) ->
     while running:
         done, running = wait(running, return_when=FIRST_COMPLETED)
         for future in done:
-            reporter.advance(1, future.result()["_portfolios"])
+            reporter.advance(1, future.result()["_rows"]["runs"])
             running |= {pool.submit(run_shard, plan, shard) for shard in islice(queue, 1)}
 
 
@@ -851,12 +844,11 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
         _clear_unfinished_writes(plan)
     if plan.partitioned:
         partition_holdings(plan, portfolios)
-    _recommit_damaged(plan)
-    pending = [s for s in range(plan.n_shards) if not (plan.shard_dir(s) / "_SUCCESS").exists()]
-    resumed = plan.n_shards - len(pending)
+    committed = committed_shards(plan)
+    pending = [s for s in range(plan.n_shards) if s not in committed]
+    resumed = len(committed)
     reporter = _Progress(plan.n_shards, plan.n_portfolios, enabled=sys.stderr.isatty() if progress is None else progress)
-    reporter.resume(resumed, sum(json.loads((plan.shard_dir(s) / "_SUCCESS").read_text())["_portfolios"]
-                                 for s in range(plan.n_shards) if s not in pending))
+    reporter.resume(resumed, sum(counts["_rows"]["runs"] for counts in committed.values()))
     if on_dask:
         _run_on_dask(plan, pending, scheduler, cluster, reporter)
     elif processes:
@@ -949,7 +941,7 @@ def _run_on_dask(plan: SweepPlan, pending: list[int], scheduler: str | None, clu
                   for shard in pending}
         for future in as_completed(shards):
             counts = _shard_result(future, shards[future], scheduler)
-            reporter.advance(1, counts["_portfolios"])
+            reporter.advance(1, counts["_rows"]["runs"])
     finally:
         if scheduler:
             client.close()

@@ -4,10 +4,8 @@ against the oracle's, and the parts of a result no golden shows."""
 from __future__ import annotations
 
 import copy
-import json
 import re
 from decimal import Decimal as D
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +14,7 @@ from dpm_vec.oracle import simulate as oracle_simulate
 from dpm_vec.oracle import with_rfc_messages
 from dpm_vec.render import _rfc_message
 from dpm_vec.simulate import simulate_many
-
-REQUEST = json.loads((Path(__file__).resolve().parents[1] / "data" / "requests" / "fx_funding.json").read_text())
+from tests.test_contract import REQUEST
 
 
 def _oracle_message(code: str, current: str, target: str, cap: str | None) -> str:

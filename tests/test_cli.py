@@ -220,6 +220,27 @@ def runs_out(tmp_path_factory) -> Path:
     return out
 
 
+def test_query_reads_only_its_own_folder_whatever_its_name(runs_out, tmp_path):
+    """The folder's name is SQL and glob text to DuckDB: an apostrophe must not end the
+    string, ``[1]`` must not match a sibling ``1`` (whose runs would be counted too), and a
+    folder without Parquet files is no dataset (an empty view would fail every query).
+    (DuckDB's glob reads ``[1]`` as a class: unescaped, the query read the sibling only.)"""
+    import duckdb
+
+    from dpm_vec.inspect import connect
+
+    (own_runs,) = query(runs_out, "select count(*) from runs")[1][0]
+    out = tmp_path / "o'brien [1]"
+    shutil.copytree(runs_out, out)
+    sibling = shutil.copytree(runs_out, tmp_path / "o'brien 1")
+    for part in sorted((sibling / "runs").glob("*.parquet")):  # the sibling's count differs from OUT's
+        shutil.copy(part, part.with_name(f"again-{part.name}"))
+    (out / "scratch").mkdir()
+    assert query(out, "select count(*) from runs")[1] == [(own_runs,)]
+    with pytest.raises(duckdb.CatalogException):
+        connect(out).execute("select * from scratch")
+
+
 @pytest.mark.parametrize("width", [20, 80])
 def test_query_on_a_narrow_terminal_prints_a_block_per_row_with_every_value(runs_out, width):
     """Rich squeezes 38 columns into 80 characters by giving them no width at all: every

@@ -151,3 +151,16 @@ def test_a_runs_table_of_another_layout_is_refused_at_open(tmp_path):
         f"cannot open run store {path}: its table rebalance_runs has columns id INTEGER, note VARCHAR; a run store's are "
         "id VARCHAR, idempotency_key VARCHAR, request_hash VARCHAR, status VARCHAR, payload JSON, "
         "created_at TIMESTAMP WITH TIME ZONE (RFC-0001 §8.1)")
+
+
+def test_a_runs_table_with_the_right_names_but_another_type_is_refused_at_open(tmp_path):
+    """Names alone are not the layout: a payload kept as VARCHAR or a created_at without a
+    time zone would read back as text or naive times, so such a table is refused too."""
+    path = tmp_path / "typed.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE rebalance_runs (id VARCHAR PRIMARY KEY, idempotency_key VARCHAR NOT NULL UNIQUE, "
+                "request_hash VARCHAR NOT NULL, status VARCHAR NOT NULL, payload VARCHAR NOT NULL, "
+                "created_at TIMESTAMP NOT NULL)")
+    con.close()
+    with pytest.raises(StoreError, match="payload VARCHAR, created_at TIMESTAMP; a run store's are"):
+        RunStore(path)

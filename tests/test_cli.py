@@ -222,9 +222,8 @@ def runs_out(tmp_path_factory) -> Path:
 
 def test_query_reads_only_its_own_folder_whatever_its_name(runs_out, tmp_path):
     """The folder's name is SQL and glob text to DuckDB: an apostrophe must not end the
-    string, ``[1]`` must not match a sibling ``1`` (whose runs would be counted too), and a
-    folder without Parquet files is no dataset (an empty view would fail every query).
-    (DuckDB's glob reads ``[1]`` as a class: unescaped, the query read the sibling only.)"""
+    string, ``[1]`` must not match a sibling ``1`` (whose runs would be read instead), and a
+    folder without Parquet files is no dataset (an empty view would fail every query)."""
     import duckdb
 
     from dpm_vec.inspect import connect

@@ -453,6 +453,41 @@ def _scrape(server: Server) -> dict[str, float]:
     return out
 
 
+def test_metrics_count_universe_exclusions_by_reason(ref_server, golden):
+    """Each excluded instrument of a run counts once under its reason code, and the series
+    print in reason order (a scrape's lines must not move with the order runs came in)."""
+    req = copy.deepcopy(golden)
+    req["portfolio_snapshot"]["positions"] = [{"instrument_id": "A_SUS", "quantity": "10"},
+                                              {"instrument_id": "B_BAN", "quantity": "10"}]
+    req["market_data_snapshot"]["prices"] += [{"instrument_id": i, "price": "10", "currency": "SGD"}
+                                              for i in ("A_SUS", "B_BAN", "C_BAN")]
+    req["model_portfolio"]["targets"].append({"instrument_id": "C_BAN", "weight": "0.2"})
+    req["shelf_entries"] += [{"instrument_id": "A_SUS", "status": "SUSPENDED"},
+                             {"instrument_id": "B_BAN", "status": "BANNED"},
+                             {"instrument_id": "C_BAN", "status": "BANNED"}]
+    before = _scrape(ref_server)
+    resp = _post(ref_server, req)
+    assert resp.status_code == 200, resp.text
+    excluded = {(e["instrument_id"], e["reason_code"]) for e in resp.json()["universe"]["excluded"]}
+    assert excluded == {("A_SUS", "LOCKED_DUE_TO_SUSPENDED"), ("B_BAN", "LOCKED_DUE_TO_BANNED"),
+                        ("C_BAN", "SHELF_STATUS_BANNED")}
+    after = _scrape(ref_server)
+    for reason in ("LOCKED_DUE_TO_SUSPENDED", "LOCKED_DUE_TO_BANNED", "SHELF_STATUS_BANNED"):
+        series = f'dpm_sim_exclusion_total{{reason="{reason}"}}'
+        assert after[series] - before.get(series, 0) == 1, series
+
+    from dpm_vec.api import Metrics
+
+    metrics = Metrics()
+    metrics.run({"status": "READY", "universe": {"excluded": [{"reason_code": "SHELF_STATUS_BANNED"},
+                                                              {"reason_code": "LOCKED_DUE_TO_BANNED"},
+                                                              {}]}})
+    lines = [line for line in metrics.render().splitlines() if line.startswith("dpm_sim_exclusion_total")]
+    assert lines == ['dpm_sim_exclusion_total{reason="LOCKED_DUE_TO_BANNED"} 1',
+                     'dpm_sim_exclusion_total{reason="SHELF_STATUS_BANNED"} 1',
+                     'dpm_sim_exclusion_total{reason="UNKNOWN"} 1']
+
+
 def _without_run_ids(result: dict) -> dict:
     """A result less the per-call random ids (run id and the universe/target ids made from it)."""
     r = copy.deepcopy(result)

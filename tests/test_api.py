@@ -579,6 +579,33 @@ def test_max_coalesce_one_runs_a_pass_per_request(tmp_path, golden):
     assert after["dpm_sim_coalesced_requests_total"] - before.get("dpm_sim_coalesced_requests_total", 0) == 4
 
 
+def test_max_coalesce_one_runs_concurrent_requests_concurrently(monkeypatch, golden):
+    """Without a coalescing queue nothing may serialise the engine: two requests in flight
+    at once are two passes at once (each waits here until the other has started)."""
+    import asyncio
+
+    import dpm_vec.api as api
+
+    both_started = threading.Barrier(2, timeout=30)
+    real = api.simulate_outcomes
+
+    def meets_the_other(bodies):
+        both_started.wait()
+        return real(bodies)
+
+    monkeypatch.setattr(api, "simulate_outcomes", meets_the_other)
+
+    async def post_two() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=api.create_app(max_coalesce=1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            return await asyncio.gather(*(client.post(SIM, json=golden, headers={"Idempotency-Key": f"two-{i}"})
+                                          for i in range(2)))
+
+    for resp in asyncio.run(post_two()):
+        assert resp.status_code == 200, resp.text
+        _check_fx_golden(resp.json())
+
+
 def test_metrics_count_statuses(ref_server, golden):
     def scrape() -> dict[str, float]:
         return _scrape(ref_server)
@@ -702,6 +729,9 @@ def test_rfc_analyze_results_echo_the_correlation_id(rfc_server):
     resp = rfc_server.client.post("/rebalance/analyze", json=batch, headers={"X-Correlation-Id": "corr-what-if"})
     assert resp.status_code == 200 and resp.headers["x-correlation-id"] == "corr-what-if"
     assert [r["correlation_id"] for r in resp.json()["results"].values()] == ["corr-what-if"]
+    # an answered what-if call is a success whatever its scenarios' statuses: INFO, not WARNING
+    (line,) = [l for l in rfc_server.log_lines() if l.get("correlation_id") == "corr-what-if"]
+    assert (line["level"], line["event"], line["http_status"]) == ("INFO", "analyze", 200)
 
 
 def test_rfc_invalid_requests_are_not_stored(rfc_server, golden):

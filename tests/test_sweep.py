@@ -2278,6 +2278,29 @@ def test_an_imported_request_with_no_positions_and_no_cash_runs_as_the_json_door
     assert runs["status"].to_list() == [r["status"] for r in simulate_many(requests)]
 
 
+def test_an_exported_request_carries_only_the_market_data_and_shelf_it_needs(tmp_path):
+    """The oracle's benchmark times exported requests: each must carry the prices and shelf
+    entries of the instruments its portfolio holds or targets, all of them and no others (a
+    whole shelf per request would time the oracle on data the engine never reads), and its
+    market's every FX rate."""
+    book_dir = _book(tmp_path, 3, seed=11)
+    book = read_book(book_dir)
+    requests = book_to_requests(book)
+    assert [r["portfolio_snapshot"]["portfolio_id"] for r in requests] == book.portfolios.sort("seq")["portfolio_id"].to_list()
+    for request, p in zip(requests, book.portfolios.sort("seq").iter_rows(named=True)):
+        held = {x["instrument_id"] for x in request["portfolio_snapshot"]["positions"]}
+        wanted = held | {t["instrument_id"] for t in request["model_portfolio"]["targets"]}
+        shelf = book.shelf.filter(pl.col("shelf_id") == p["shelf_id"])
+        prices = book.prices.filter(pl.col("market_snapshot_id") == p["market_snapshot_id"])
+        assert len(shelf) > len(wanted) and len(prices) > len(wanted)  # the filter is under test
+        assert sorted(s["instrument_id"] for s in request["shelf_entries"]) == \
+            sorted(shelf.filter(pl.col("instrument_id").is_in(list(wanted)))["instrument_id"])
+        assert sorted(x["instrument_id"] for x in request["market_data_snapshot"]["prices"]) == \
+            sorted(prices.filter(pl.col("instrument_id").is_in(list(wanted)))["instrument_id"])
+        assert len(request["market_data_snapshot"]["fx_rates"]) == \
+            book.fx_rates.filter(pl.col("market_snapshot_id") == p["market_snapshot_id"]).height
+
+
 def test_a_fed_back_balance_keeps_its_digits_through_an_imported_book(tmp_path):
     """A cash balance past 20 decimals (a result fed back) decides a half cent in the
     reference: imported into a book, its 28 decimals travel in ``amount_exact``, so the

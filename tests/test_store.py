@@ -59,6 +59,19 @@ def test_same_key_other_hash_is_a_conflict(tmp_path):
     store.close()
 
 
+def test_a_run_is_stored_under_the_given_id_else_its_payloads_else_a_fresh_one(tmp_path):
+    """The id a replay answers with is the one stored: a given ``run_id`` wins over the
+    payload's ``rebalance_run_id``, which wins over a fresh id."""
+    store = RunStore(tmp_path / "s.duckdb")
+    given, _ = store.save("k1", "h", "READY", {"rebalance_run_id": "rr_payload1"}, run_id="rr_given01")
+    from_payload, _ = store.save("k2", "h", "READY", {"rebalance_run_id": "rr_payload2"})
+    fresh, _ = store.save("k3", "h", "READY", {"v": 3})
+    assert (given.id, from_payload.id) == ("rr_given01", "rr_payload2")
+    assert fresh.id.startswith("rr_") and fresh.id not in ("rr_given01", "rr_payload2")
+    assert [store.lookup_run(k).id for k in ("k1", "k2", "k3")] == ["rr_given01", "rr_payload2", fresh.id]
+    store.close()
+
+
 def test_keys_and_ids_are_unique(tmp_path):
     store = RunStore(tmp_path / "s.duckdb")
     store.save("k1", "h", "READY", {}, run_id="rr_a")

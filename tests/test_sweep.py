@@ -413,6 +413,20 @@ def test_structural_faults_name_file_column_and_rows(tmp_path, table, change, ex
     assert expected in message
 
 
+def test_a_shard_read_names_a_set_input_fault_by_its_row_in_the_file(tmp_path):
+    """A shard reads a slice of portfolios.parquet: the rows it names are the file's, not
+    the slice's (row 7, not row 2 of the shard that starts at row 5)."""
+    from dpm_vec.io import read_portfolio_rows
+
+    frames = generate_book_frames(10, 9, holdings=(3, 4))
+    frames["portfolios"] = frames["portfolios"].with_columns(
+        pl.when(pl.int_range(pl.len()) == 7).then(pl.lit("HELLO")).alias("input_fault"))
+    book = write_book(frames, tmp_path / "book")
+    with pytest.raises(BookError, match=r"row 7 \(0-based\): input_fault 'HELLO'"):
+        read_portfolio_rows(book, rows=(5, 5))
+    assert read_portfolio_rows(book, rows=(0, 5))[0].height == 5  # a shard without it reads
+
+
 def _inject_row_faults(frames: dict[str, pl.DataFrame]) -> dict[str, str]:
     """Break one row of each per-portfolio table, each for a different portfolio (the
     last ones, so the sweep has committed shards before it meets them); returns

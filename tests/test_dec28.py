@@ -450,3 +450,95 @@ def test_scatter_sets_the_given_rows_and_keeps_the_rest():
     assert placed.select(dec28.to_dec("w")).to_series().to_list() == [Decimal("1.5"), Decimal("7.25"), Decimal("-2"), Decimal("0.0003")]
     assert frame.select(dec28.is_null("w")).to_series().to_list() == [False, True, False, False]
     assert frame.select(dec28.to_dec("w")).to_series().to_list()[3] == Decimal("0.001")
+
+
+def _normalised(v: dict | None) -> bool:
+    """The F28 form: a mantissa in [0.1, 1) (28 significant digits), zero as {0, 0}."""
+    return v is None or (v["z"] == 0 and v["k"] == 0) or Decimal("0.1") <= abs(v["z"]) < 1
+
+
+def test_results_are_normalised_at_powers_of_ten_and_carries():
+    """|x| < 10^k with a mantissa in [0.1, 1) is what ``exponent``, ``below_a_tenth`` and
+    the sums' grids rely on: an exact power of ten (1e9, 1e17), a value whose rounding
+    carries into the next decade (999999999.99999999999999999999 → 1e9), 0.2 × 0.5, 7 / 7,
+    x − x and a group summing to 1 must all come out as {0.1…, k} (zero as {0, 0}), not as
+    a mantissa of 1 (or a zero with an exponent)."""
+    a = [Decimal(v) for v in ("1e9", "1e17", "1e-12", "999999999.99999999999999999999", "10", "0.2", "7", "-3.5")]
+    b = [Decimal(v) for v in ("1e9", "1", "1e-12", "0.00000000000000000001", "10", "0.5", "7", "-3.5")]
+    df = dec28.from_dec(dec28.from_dec(_frame({"a": a, "b": b}), "a", "af"), "b", "bf")
+    for op in (dec28.mul, dec28.div, dec28.add, dec28.sub):
+        df = op(df, "af", "bf", op.__name__)
+    for column in ("af", "bf", "mul", "div", "add", "sub"):
+        assert all(_normalised(v) for v in df[column].to_list()), (column, df[column].to_list())
+    assert _exact(df["af"][3]) == Decimal("1e9") and df["af"][3]["k"] == 10
+    assert [_exact(v) for v in df["mul"].to_list()][5] == Decimal("0.1") and df["div"][6] == {"z": Decimal("0.1"), "k": 1}
+    assert df["sub"].to_list()[0] == {"z": Decimal(0), "k": 0}
+    sums = dec28.group_sums(dec28.from_dec(_frame({"v": [Decimal("0.5"), Decimal("0.5"), Decimal("0.25"), Decimal("0.75")]})
+                                           .with_columns(g=pl.Series([0, 0, 1, 1])), "v", "vf"), "g", "vf", "s")
+    assert sums["s"].to_list() == [{"z": Decimal("0.1"), "k": 1}] * 2
+    one = pl.select(dec28.one().alias("o"))
+    assert one["o"].to_list() == [{"z": Decimal("0.1"), "k": 1}] and one.select(dec28.to_dec("o")).item() == 1
+
+
+def test_from_dec_rounds_a_value_above_1e9_to_28_digits_once():
+    """A DEC value of 10-18 integer digits has more than 28 significant digits: it is rounded
+    once at its 28th. 10^(n−1) + 1 unit + 0.49 unit (a last kept digit of 1, odd) goes down;
+    rounded a digit further first it would become the tie …1|5, which half-even takes up."""
+    values = []
+    for n in range(10, 19):  # built from text: Decimal arithmetic would round them to 28 digits first
+        values += [Decimal(f"{(10**27 + 1) * 100 + 49}E{n - 30}"), Decimal(f"-{10**29 + 351}E{n - 30}")]
+    assert all(len(v.as_tuple().digits) == 30 for v in values)
+    df = dec28.from_dec(_frame({"x": values}), "x", "f")
+    assert [_exact(v) for v in df["f"].to_list()] == [CTX.plus(v) for v in values]
+
+
+def test_from_dec_keeps_d28_values_down_to_its_last_decimal():
+    """A D28 value as small as 1e-28 (a fed-back balance's last digit) takes the whole
+    scaling into [0.1, 1): 10^27 in exact steps of 10^9, the last one too."""
+    values = [Decimal(v) for v in ("1e-28", "-7e-28", "1.5e-27", "1.23e-26", "0.0000000000000000000123456789", "0.5")]
+    df = dec28.from_dec(pl.DataFrame({"x": pl.Series(values, dtype=dec28.D28)}), "x", "f")
+    assert [_exact(v) for v in df["f"].to_list()] == values
+    assert all(_normalised(v) for v in df["f"].to_list())
+
+
+def test_adding_zero_keeps_every_digit_of_the_other_operand():
+    """0 + x is x however far below 1 x lies: an exponent gap past 9 must not cut the
+    non-zero operand's digits as if it were the smaller one."""
+    xs = [Decimal("1.234567890123456789012345678E-15"), Decimal("-9.876543210987654321098765431E-25"),
+          Decimal("1.111111111111111111111111111E-11")]
+    zero = {"z": Decimal(0), "k": 0}
+    df = pl.DataFrame({"af": [zero] * 3 + [_f28(x) for x in xs], "bf": [_f28(x) for x in xs] + [zero] * 3},
+                      schema={"af": dec28.F28, "bf": dec28.F28})
+    assert [_exact(v) for v in dec28.add(df, "af", "bf", "s")["s"].to_list()] == xs + xs
+
+
+def test_add_rounds_a_cut_addend_to_odd_only_where_its_kept_digit_is_even():
+    """1.000000000000000000000000001 + 1.000000000000000004999999993E-10: the addend's last
+    digit is cut (gap 10) and the kept guard digits end …499999999, already odd: making them
+    …500000000 would turn the sum into a tie, which half-even takes up to …002."""
+    pairs = [(Decimal("1.000000000000000000000000001"), Decimal("1.000000000000000004999999993E-10")),
+             (Decimal("-1.000000000000000000000000001"), Decimal("-1.000000000000000004999999993E-10"))]
+    df = pl.DataFrame({"af": [_f28(a) for a, _ in pairs], "bf": [_f28(b) for _, b in pairs]}, schema={"af": dec28.F28, "bf": dec28.F28})
+    out = [_exact(v) for v in dec28.add(df, "af", "bf", "s")["s"].to_list()]
+    assert out == [CTX.add(a, b) for a, b in pairs] == [Decimal("1.000000000100000000000000001"), Decimal("-1.000000000100000000000000001")]
+
+
+def test_rounded_accepts_only_0_to_18_places():
+    df = _f28_frame([Decimal("1.5")])
+    for places in (-1, 19):
+        with pytest.raises(ValueError, match="0-18"):
+            dec28.rounded(df, "v", places, "r")
+
+
+def test_floor_absolute_and_below_a_tenth_read_every_magnitude():
+    """floor of a non-negative value up to 1e18 (18 integer digits take 10^9 in DEC after
+    the 10^9 in D28), |x|, and |x| < 0.1 from the exponent alone."""
+    values = [Decimal(v) for v in ("0", "0.5", "1.5", "0.0999", "0.1", "123456789.9", "1000000000.5", "123456789012345678.25",
+                                   "999999999999999999.5")]
+    df = _f28_frame(values)
+    assert df.select(dec28.floor("v")).to_series().to_list() == [Decimal(int(v)) for v in values]
+    assert df.select(dec28.below_a_tenth("v")).to_series().to_list() == [False, False, False, True, False, False, False, False, False]
+    signed = _f28_frame([Decimal("-2.5"), Decimal("2.5"), Decimal(0), Decimal("-0.05")]).with_columns(dec28.absolute("v").alias("a"))
+    assert signed.select(dec28.to_dec("a")).to_series().to_list() == [Decimal("2.5"), Decimal("2.5"), 0, Decimal("0.05")]
+    assert signed.select(dec28.below_a_tenth("v")).to_series().to_list() == [False, False, False, True]
+

@@ -177,7 +177,9 @@ def from_dec_parts(x: pl.Series) -> Parts:
     small_f = _normalise(_where(small, exact, exact - exact).cast(D28))
     if x.null_count() == 0 and small.all():
         return small_f
-    big = _where(small, _full(x.len(), 1, DEC), xd)
+    # a D28 value (below 1e10) is rounded at its 18th decimal from its own digits: cast to
+    # DEC first it would be rounded twice, at the 20th and then the 18th (…1|4999… → …2)
+    big = _where(small, _full(x.len(), 1, DEC), x.round(18).cast(DEC) if x.dtype == D28 else xd)
     n = _magnitude(_abs(big), _POW_DEC, 20, 17)
     # above 1e9 a DEC keeps 20 decimals: round to 28 significant digits at the value's scale
     rounded = _where(n <= 10, big.round(18), big)

@@ -542,3 +542,14 @@ def test_floor_absolute_and_below_a_tenth_read_every_magnitude():
     assert signed.select(dec28.to_dec("a")).to_series().to_list() == [Decimal("2.5"), Decimal("2.5"), 0, Decimal("0.05")]
     assert signed.select(dec28.below_a_tenth("v")).to_series().to_list() == [False, False, False, True]
 
+
+def test_from_dec_rounds_a_d28_value_above_1e9_once_from_its_own_digits():
+    """A D28 value of 10 integer digits and more than 20 decimals (a hand-written cash
+    balance in ``amount_exact``) is rounded once, at its 18th decimal: cast to DEC first it
+    was rounded at the 20th and then the 18th, so …001|4999999999 became …002."""
+    values = [Decimal(v) for v in ("1000000000.0000000000000000014999999999", "-1000000000.0000000000000000014999999999",
+                                   "9999999999.9999999999999999994999999999", "1234567890.1234567890123456785000000001",
+                                   "999999999.9999999999999999999500000001", "1000000000.0000000000000000025000000000")]
+    df = dec28.from_dec(pl.DataFrame({"x": pl.Series(values, dtype=dec28.D28)}), "x", "f")
+    assert [_exact(v) for v in df["f"].to_list()] == [CTX.plus(v) for v in values]
+    assert _exact(df["f"][0]) == Decimal("1000000000.000000000000000001")

@@ -343,6 +343,23 @@ def test_a_cash_amount_past_20_decimals_keeps_them_in_amount_exact(source):
     assert given["amount_exact"].null_count() == 3
 
 
+def test_a_given_amount_exact_lies_within_half_a_unit_of_amounts_20th_decimal():
+    """``amount_exact`` is ``amount`` with more digits: half a unit of the 20th decimal
+    either way still rounds to it; a hair more, or a whole unit, is another balance, and
+    its row is a fault (the 28-digit cash decisions would start from a number the outputs
+    do not show)."""
+    cash = pl.DataFrame({
+        "portfolio_snapshot_id": ["S1", "S2", "S3", "S4"], "currency": ["EUR"] * 4,
+        "amount": pl.Series([Decimal(1), Decimal(1), Decimal(-1), Decimal(1)], dtype=pl.Decimal(38, 20)),
+        "amount_exact": pl.Series([Decimal("1.000000000000000000005"), Decimal("0.999999999999999999995"),
+                                   Decimal("-1.0000000000000000000050000001"), Decimal("1.00000000000000000001")],
+                                  dtype=pl.Decimal(38, 28))})
+    clean, failed = _isolate_row_faults("cash", cash, "cash.parquet")
+    assert clean["portfolio_snapshot_id"].to_list() == ["S1", "S2"]
+    assert failed.select("key", "input_column", "failed_check").rows() == [
+        ("S3", "amount_exact", "rounds_to_amount"), ("S4", "amount_exact", "rounds_to_amount")]
+
+
 @pytest.mark.parametrize("source", [pl.String, pl.Float64])
 def test_a_cash_amount_may_be_as_small_as_1e_28(source):
     """A cash balance below DEC's 1E-20 (a result's -2E-22 fed back) is a value, as at the

@@ -302,6 +302,56 @@ def test_query_table_drawn_line_by_line_is_richs_table(runs_out):
     assert "│ line one\\nline two\\t! │" in broken.getvalue() and len(broken.getvalue().splitlines()) == 5
 
 
+def _printed(rows: list[tuple], columns: list[str], width: int, encoding: str = "utf-8") -> str:
+    """What ``print_rows`` shows on a terminal of ``width`` cells whose encoding is ``encoding``."""
+    import io
+
+    from rich.console import Console
+
+    from dpm_vec.printout import print_rows
+
+    class Screen(io.StringIO):
+        @property
+        def encoding(self) -> str:
+            return encoding
+
+    screen = Screen()
+    print_rows(Console(file=screen, force_terminal=True, width=width, color_system=None), columns, rows)
+    return screen.getvalue()
+
+
+def test_printout_chooses_table_folded_table_or_blocks_by_width_and_length(monkeypatch):
+    """A table that fits is drawn whole; one that fits only with its columns folded to a
+    readable width is Rich's folded table, its values taken as text, never markup; a
+    longer result (Rich takes seconds) or a narrower terminal gets blocks, whose name
+    column takes at most half the width; no rows says which columns there were."""
+    import dpm_vec.printout
+    from rich.cells import cell_len
+
+    columns = ["instrument_id", "note", "value"]
+    rows = [("FUND_" + "A" * 25, "[bold]kept[/bold] as written", "1234567890.123456789012345678"),
+            ("FUND_" + "B" * 25, "second", "-1")]
+    whole = _printed(rows, columns, 120)
+    assert whole.splitlines()[1].startswith("┃ instrument_id") and len(whole.splitlines()) == 6
+    folded = _printed(rows, columns, 60)
+    assert "row 1 of" not in folded and folded.startswith("┏") and max(map(cell_len, folded.splitlines())) <= 60
+    assert "[bold]kept[/bold]" in "".join(line.split("│")[2].strip() for line in folded.splitlines() if line.count("│") == 4)
+    monkeypatch.setattr(dpm_vec.printout, "RICH_FOLDED_ROWS", 1)
+    assert _printed(rows, columns, 60).startswith("row 1 of 2\n")
+    long_names = _printed(rows, ["a_column_name_much_longer_than_half_the_terminal", "b"], 40)
+    assert long_names.startswith("row 1 of 2\n") and max(map(cell_len, long_names.splitlines())) == 40
+    assert _printed([], columns, 20) == "0 rows; columns: instrument_id, note, value\n"
+
+
+def test_printout_draws_ascii_and_escapes_names_for_an_encoding_without_box_characters():
+    """A terminal in ASCII (a Windows code page, LANG=C) gets +-| lines, and a column name
+    or value it cannot show as a backslash escape, never a UnicodeEncodeError."""
+    printed = _printed([("Zürich €",)], ["naïve\tname"], 80, encoding="ascii")
+    assert printed.splitlines() == ["+------------------+", "| na\\xefve\\tname   |", "|------------------|",
+                                    "| Z\\xfcrich \\u20ac |", "+------------------+"]
+    printed.encode("ascii")
+
+
 def test_query_streams_csv_and_bounds_a_table(runs_out, monkeypatch, capsys):
     """A sweep of a large book has tens of millions of intents: --csv streams them batch
     by batch, and a table (whose widths need every row held) refuses past its bound with

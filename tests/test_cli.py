@@ -718,3 +718,131 @@ def test_simulate_takes_a_golden_file_whose_answer_is_a_problem():
     proc = cli("simulate", str(scenario))
     assert proc.returncode == 2
     assert json.loads(proc.stdout) == json.loads(scenario.read_text())["expected_problem"]
+
+
+def test_serve_options_take_their_bounds():
+    """Port 0 (any free port) and 65535 are TCP ports, 65536 is not; 1 is a count >= 1.
+    Catches an off-by-one at either end of the range checks."""
+    import argparse
+
+    from dpm_vec.cli import add_serve_arguments
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    for port in ("0", "65535"):
+        assert parser.parse_args(["--port", port]).port == int(port)
+    args = parser.parse_args(["--max-coalesce", "1", "--max-body-mb", "1"])
+    assert (args.max_coalesce, args.max_body_mb) == (1, 1)
+    for bad in (["--port", "65536"], ["--port", "-1"], ["--max-coalesce", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_generate_defaults_and_bad_data_reach_the_generator(tmp_path, capsys):
+    """``generate`` without --seed or holdings writes generate_book_frames(N, 7) with 30..80
+    holdings, as its help says; --bad-data writes the faulty book, not the clean one."""
+    from dpm_vec.cli import main
+    from dpm_vec.generate import generate_book_frames
+
+    assert main(["generate", "--portfolios", "300", "--out", str(tmp_path / "clean")]) == 0
+    assert main(["generate", "--portfolios", "300", "--bad-data", "--out", str(tmp_path / "bad")]) == 0
+    assert "wrote a 300-portfolio book (seed 7)" in capsys.readouterr().err
+    for name, bad_data in (("clean", False), ("bad", True)):
+        frames = generate_book_frames(300, 7, bad_data=bad_data, holdings=(30, 80))
+        for table in ("portfolios", "positions", "cash"):
+            assert pl.read_parquet(tmp_path / name / f"{table}.parquet").equals(frames[table]), (name, table)
+    assert not pl.read_parquet(tmp_path / "bad" / "cash.parquet").equals(pl.read_parquet(tmp_path / "clean" / "cash.parquet"))
+
+
+def test_generate_refuses_holdings_below_one_in_one_line(tmp_path, capsys):
+    from dpm_vec.cli import main
+
+    assert main(["generate", "--portfolios", "3", "--min-holdings", "0", "--out", str(tmp_path / "book")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "dpm-vec: error: holdings per portfolio: need 1 <= --min-holdings <= --max-holdings, got 0 and 80")
+    assert not (tmp_path / "book").exists()
+
+
+def test_stdin_problems_name_their_line_and_a_pretty_printed_array(monkeypatch, capsys):
+    """A bad JSON line is named ``<stdin>:N`` counting from 1, as an editor does; a
+    pretty-printed array (first line ``[``) gets the JSON Lines hint as an object does."""
+    import io
+
+    from dpm_vec.cli import main
+
+    good = json.dumps(json.loads((DATA / "requests" / "fx_funding.json").read_text()))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{good}\n{{broken\n"))
+    assert main(["simulate", "-"]) == 2
+    slots = json.loads(capsys.readouterr().out)
+    assert slots[0]["status"] == "READY" and slots[1]["detail"].startswith("<stdin>:2: ")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps([json.loads(good)], indent=2)))
+    assert main(["simulate", "-"]) == 2
+    assert "stdin takes JSON Lines" in json.loads(capsys.readouterr().out)[0]["detail"]
+
+
+def test_a_request_file_not_in_utf8_or_nested_too_deep_is_a_422_slot(tmp_path, capsys):
+    """A Latin-1 file and a JSON document nested past Python's recursion limit are
+    unreadable requests (422 in their slot, naming the file), not a traceback."""
+    from dpm_vec.cli import main
+
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('{"portfolio_snapshot": {"portfolio_id": "Zürich"}}'.encode("latin-1"))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["simulate", str(DATA / "requests" / "fx_funding.json"), str(latin), str(deep)]) == 2
+    slots = json.loads(capsys.readouterr().out)
+    assert [s["status"] for s in slots] == ["READY", 422, 422]
+    assert slots[1]["detail"].startswith(f"{latin}: ") and slots[2]["detail"].startswith(f"{deep}: ")
+
+
+def test_import_requests_of_an_unreadable_file_is_one_error_line(tmp_path, capsys):
+    from dpm_vec.cli import main
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert main(["import-requests", str(DATA / "requests" / "fx_funding.json"), str(broken), "--out", str(tmp_path / "book")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"dpm-vec: error: {broken}: Expecting property name")
+    assert not (tmp_path / "book").exists()
+
+
+def test_import_requests_never_replaces_the_book_holding_its_request(tmp_path, capsys):
+    """An earlier book may be replaced, but not when a request being imported lies in it:
+    the import would delete the file it read."""
+    from dpm_vec.cli import main
+
+    book = tmp_path / "book"
+    assert main(["import-requests", str(DATA / "requests" / "fx_funding.json"), "--out", str(book)]) == 0
+    request = book / "req.json"
+    shutil.copy(DATA / "requests" / "fx_funding.json", request)
+    assert main(["import-requests", str(request), "--out", str(book)]) == 2
+    assert "would replace the input" in capsys.readouterr().err
+    assert request.exists()
+
+
+def test_analyze_failures_exit_2_with_a_problem(tmp_path, capsys):
+    """An unreadable or invalid analyze request prints its problem and exits 2, so a
+    script does not take it for an answer."""
+    from dpm_vec.cli import main
+
+    assert main(["analyze", str(tmp_path / "missing.json")]) == 2
+    assert json.loads(capsys.readouterr().out)["status"] == 422
+    (tmp_path / "empty.json").write_text("{}")
+    assert main(["analyze", str(tmp_path / "empty.json")]) == 2
+    assert json.loads(capsys.readouterr().out)["status"] == 422
+
+
+def test_a_sweep_failing_on_a_file_says_it_resumes(monkeypatch, capsys):
+    """An OSError (a full disk) or a Polars read/write error that ends a sweep is one line
+    naming it and saying that committed shards are kept; a Polars error is named by type."""
+    import dpm_vec.sweep
+    from dpm_vec.cli import main
+    from dpm_vec.errors import RESUMES
+
+    for exc, says in ((OSError(28, "No space left on device"), "[Errno 28] No space left on device"),
+                      (pl.exceptions.ComputeError("parquet: bad page\nmore"), "ComputeError: parquet: bad page")):
+        def failing(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(dpm_vec.sweep, "sweep", failing)
+        assert main(["sweep", str(DATA / "sample_book"), "--out", "/tmp/never", "--quiet"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"dpm-vec: error: {says}; {RESUMES}"

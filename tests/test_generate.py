@@ -262,3 +262,113 @@ def test_chunked_writer_equals_one_shot(tmp_path):
     whole = generate_book_frames(25, 7, holdings=(3, 6))
     for table in ("portfolios", "positions", "cash", "lots", "prices", "models"):
         assert pl.read_parquet(tmp_path / "chunked" / f"{table}.parquet").equals(whole[table]), table
+
+
+def test_per_portfolio_rows_are_unique_and_cash_adds_up(book):
+    """A portfolio's cash has one row per currency, none in its base currency twice; a
+    run's group constraints name each key once; settled + pending is the amount; JPY cash
+    is whole yen. Catches a foreign balance drawn in the base or the other foreign
+    currency, a constraint drawn twice, and a cash column on the wrong scale."""
+    cash = book["cash"]
+    assert cash.select(pl.struct("portfolio_snapshot_id", "currency").is_unique().all()).item()
+    foreign = cash.join(book["portfolios"].select("portfolio_id", "base_currency"), left_on="portfolio_snapshot_id",
+                        right_on="portfolio_id").filter(pl.col("currency") != pl.col("base_currency"))
+    assert foreign.height > 0 and foreign["portfolio_snapshot_id"].n_unique() < book["portfolios"].height
+    constraints = book["group_constraints"]
+    assert constraints.select(pl.struct("run_key", "constraint_key").is_unique().all()).item()
+    assert constraints["run_key"].n_unique() < constraints.height  # some run has two constraints
+    settled = cash.filter(pl.col("settled").is_not_null())
+    assert settled.height > 0 and (settled["settled"] + settled["pending"] == settled["amount"]).all()
+    jpy = cash.filter(pl.col("currency") == "JPY")
+    assert jpy.height > 0 and (jpy["amount"] == jpy["amount"].cast(pl.Int64).cast(pl.Decimal(38, 20))).all()
+
+
+def test_every_portfolio_holds_an_instrument_off_its_model():
+    """Model targets fill at most k - 1 of a portfolio's k holdings: one is always off the
+    model (the slot a no-price fault takes). Small portfolios would otherwise often hold
+    only model targets."""
+    frames = generate_book_frames(200, SEED, holdings=(2, 4))
+    pos = frames["positions"].join(frames["portfolios"].select("portfolio_id", "model_id"),
+                                   left_on="portfolio_snapshot_id", right_on="portfolio_id")
+    off = pos.join(frames["models"], on=["model_id", "instrument_id"], how="anti")
+    assert off["portfolio_snapshot_id"].n_unique() == frames["portfolios"].height
+
+
+def test_bad_data_marks_about_one_portfolio_in_a_hundred(bad_book):
+    """--bad-data puts a fault into ~1% of portfolios (BAD_PORTFOLIO_RATE), not 2 or 3%."""
+    n = bad_book["portfolios"].height
+    bad = set().union(*_faults(bad_book).values())
+    assert 0.005 * n <= len(bad) <= 0.015 * n
+
+
+def test_shard_invariance_across_the_fast_sort_bound():
+    """Positions are ordered by a packed key while every portfolio index is below 2**24,
+    by two keys above: a block that crosses the bound equals its two halves."""
+    start = (1 << 24) - 1
+    whole = generate_book_frames(2, SEED, start=start, holdings=(3, 6))
+    halves = [generate_book_frames(1, SEED, start=start + i, holdings=(3, 6)) for i in (0, 1)]
+    for table in PER_PORTFOLIO:
+        assert whole[table].equals(pl.concat([h[table] for h in halves])), table
+
+
+def test_negative_count_or_start_is_refused():
+    """A negative start would hash negative portfolio indices; it is refused up front."""
+    for n, start in ((-1, 0), (1, -1)):
+        with pytest.raises(ValueError, match="non-negative"):
+            generate_book_frames(n, SEED, start=start)
+    with pytest.raises(ValueError, match="1 <= lo <= hi"):
+        generate_book_frames(1, SEED, holdings=(0, 3))
+
+
+def test_book_covers_the_engine_cases_it_is_meant_to(book):
+    """The generator's documented variety reaches the book: ETFs beside mutual funds (with
+    an older NAV date), broker market values, lots costed in the base currency, overdrawn
+    cash, TRUST_SNAPSHOT valuation, consent only where required, model targets that are not
+    APPROVED, home-currency model targets, JPY minimum notionals in yen, USD equities at
+    T+1, and FX rates below 10 quoted to 6 decimals."""
+    assert set(book["shelf_attributes"].filter(pl.col("attribute") == "product_type")["value"]) == {"ETF", "MUTUAL_FUND"}
+    assert book["prices"]["as_of"].n_unique() == 2
+    assert book["positions"]["market_value"].is_not_null().any()
+    lots = book["lots"].join(book["prices"].select("instrument_id", "currency"), on="instrument_id")
+    assert (lots["cost_currency"] != lots["currency"]).any()
+    assert (book["cash"]["amount"] < 0).any()
+    pf = book["portfolios"]
+    assert (pf["valuation_mode"] == "TRUST_SNAPSHOT").any()
+    consent = pf.filter(pl.col("client_consent_already_obtained"))
+    assert consent.height > 0 and consent["workflow_requires_client_consent"].fill_null(False).all()
+    shelf = book["shelf"]
+    targets = book["models"].join(shelf.select("instrument_id", "status"), on="instrument_id")
+    assert set(targets["status"]) == set(SHELF_STATUSES)
+    home = (book["models"].filter(pl.col("model_id") != BAD_MODEL_ID)
+            .join(book["prices"].select("instrument_id", "currency"), on="instrument_id")
+            .group_by("model_id").agg(home=(pl.col("currency") == pl.col("model_id").str.split("_").list.get(2)).sum()))
+    assert (home["home"] > 0).all()
+    assert (shelf.filter(pl.col("min_notional_currency") == "JPY")["min_notional_amount"] >= 100_000).all()
+    equities = shelf.filter(pl.col("asset_class") == "EQUITY").join(book["prices"].select("instrument_id", "currency"), on="instrument_id")
+    assert equities.select((pl.col("settlement_days") == pl.when(pl.col("currency") == "USD").then(1).otherwise(2)).all()).item()
+    small = book["fx_rates"].filter(pl.col("rate") < 10)
+    assert ((small["rate"] * 10**6).cast(pl.Int64) % 100 != 0).any()
+
+
+def test_a_book_of_no_portfolios_has_every_table(tmp_path):
+    """--portfolios 0 (allowed) writes the shared tables and empty per-portfolio ones."""
+    write_generated_book(tmp_path / "empty", 0, 7, holdings=(3, 6), chunk=7)
+    whole = generate_book_frames(0, 7, holdings=(3, 6))
+    for table in PER_PORTFOLIO + SHARED:
+        assert pl.read_parquet(tmp_path / "empty" / f"{table}.parquet").equals(whole[table]), table
+    assert whole["portfolios"].height == 0 and whole["prices"].height > 0
+
+
+def test_holdings_are_distinct_over_a_large_book():
+    """Off-model holdings walk a prime-sized pool with a step of 1..P-1: a step of 0 (one
+    portfolio in a few thousand) would hold the same instrument again and again. 20,000
+    small portfolios draw enough steps to see one."""
+    positions = generate_book_frames(20_000, SEED, holdings=(6, 8))["positions"]
+    assert positions.select(pl.struct("portfolio_snapshot_id", "instrument_id").is_unique().all()).item()
+
+
+def test_an_unpriced_holding_gets_a_plausible_quantity(bad_book):
+    """A no-price holding (NP...) is sized as if priced at 100, not left at the floor of 1."""
+    unpriced = bad_book["positions"].filter(pl.col("instrument_id").str.starts_with("NP"))
+    assert unpriced.height > 0 and (unpriced["quantity"] > 1).all()
+

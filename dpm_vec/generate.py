@@ -821,6 +821,8 @@ def generate_book_frames(
     if not 1 <= lo <= hi:
         raise ValueError(f"holdings must satisfy 1 <= lo <= hi, got {holdings}")
     seed = int(seed) & _M64
+    if hi > max_holdings(seed):
+        raise ValueError(f"holdings must be at most {max_holdings(seed)} for seed {seed}, got {holdings}")
     m = _market(seed)
     block = _portfolio_block(seed, start, n_portfolios, bad_data, holdings)
     raw = _positions_raw(block, m, seed, start)
@@ -841,6 +843,13 @@ def generate_book_frames(
     return {table: _conform_dtypes(table, frame) for table, frame in frames.items()}
 
 
+def max_holdings(seed: int) -> int:
+    """The most positions a generated portfolio can hold for ``seed``: its off-model holdings
+    walk a pool of this many instruments, and a longer walk would hold one of them twice (a
+    book whose every portfolio is blocked INVALID_HOLDINGS)."""
+    return len(_market(int(seed) & _M64).legacy_pool)
+
+
 PER_PORTFOLIO_TABLES = ("portfolios", "positions", "cash", "lots", "group_constraints", "overdraft_limits")
 
 
@@ -858,6 +867,9 @@ def write_generated_book(out_dir: str | os.PathLike, n_portfolios: int, seed: in
         raise DpmVecError(f"--portfolios must be 0 or more, got {n_portfolios}")
     if not 1 <= holdings[0] <= holdings[1]:
         raise DpmVecError(f"holdings per portfolio: need 1 <= --min-holdings <= --max-holdings, got {holdings[0]} and {holdings[1]}")
+    if holdings[1] > max_holdings(seed):
+        raise DpmVecError(f"holdings per portfolio: --max-holdings can be at most {max_holdings(seed):,} for seed {seed} (the "
+                          f"instruments a generated portfolio can hold off its model), got {holdings[1]:,}")
     out = Path(out_dir)
     check_replaceable(out, BOOK_MARKER, "book")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from dpm_vec.book import OPTIONAL_TABLES, SHELF_STATUSES, TABLES, make_book, table_schema
-from dpm_vec.generate import BAD_MODEL_ID, generate_book_frames, write_generated_book
+from dpm_vec.generate import BAD_MODEL_ID, generate_book_frames, max_holdings, write_generated_book
 from dpm_vec.io import write_book
 
 SEED = 20250630
@@ -372,3 +372,23 @@ def test_an_unpriced_holding_gets_a_plausible_quantity(bad_book):
     unpriced = bad_book["positions"].filter(pl.col("instrument_id").str.starts_with("NP"))
     assert unpriced.height > 0 and (unpriced["quantity"] > 1).all()
 
+
+def test_holdings_up_to_the_pool_are_distinct_and_more_are_refused(tmp_path):
+    """Off-model holdings walk a pool of ``max_holdings(seed)`` instruments: portfolios of
+    that many hold each instrument once; one more would hold one twice, and every
+    portfolio of such a book was blocked INVALID_HOLDINGS without a word, so it is refused
+    up front, by the CLI in one line and before any folder is made."""
+    from dpm_vec.cli import main
+    from dpm_vec.errors import DpmVecError
+
+    most = max_holdings(SEED)
+    assert 1_000 < most < 10_000
+    positions = generate_book_frames(3, SEED, holdings=(most, most))["positions"]
+    assert positions.group_by("portfolio_snapshot_id").len()["len"].to_list() == [most] * 3
+    assert positions.select(pl.struct("portfolio_snapshot_id", "instrument_id").is_unique().all()).item()
+    with pytest.raises(ValueError, match=f"at most {most} for seed {SEED}"):
+        generate_book_frames(1, SEED, holdings=(1, most + 1))
+    with pytest.raises(DpmVecError, match=f"--max-holdings can be at most {most:,} for seed {SEED}"):
+        write_generated_book(tmp_path / "book", 2, SEED, holdings=(most + 1, most + 1))
+    assert main(["generate", "--portfolios", "2", "--max-holdings", "100000", "--out", str(tmp_path / "book")]) == 2
+    assert not (tmp_path / "book").exists()

@@ -910,3 +910,25 @@ def test_a_request_that_breaks_the_pass_is_isolated_by_halving(monkeypatch):
     assert passes == [16, 8, 4, 4, 2, 1, 1, 2, 8]  # the failing half halved again, the good ones each one pass
     assert slots[5]["status"] == 500 and slots[5]["detail"] == "request 6 could not be simulated (RuntimeError: planted fault)"
     assert all(strip_random(s) == strip_random(solo) for i, s in enumerate(slots) if i != 5)
+
+
+def test_requests_named_in_one_failed_pass_each_get_their_own_trade():
+    """Two requests of one batch buy beyond the quantity range, each a different trade:
+    each 422 names its own trade (the engine's message for that run key), not the first
+    one the shared pass's error names."""
+    requests = [REQUEST, *(_with(("market_data_snapshot", "prices", 0, "price"), price) for price in ("0.0000001", "0.0000002"))]
+    plain, first, second = simulate_many(requests)
+    assert plain["status"] == "READY"
+    assert first["status"] == second["status"] == 422
+    assert first["detail"].startswith("request 2: a BUY of 37037037037 units of US_EQ")
+    assert second["detail"].startswith("request 3: a BUY of 18518518518 units of US_EQ")
+
+
+def test_rfc_domain_errors_turn_only_the_concentration_block_into_a_problem():
+    """``rfc_domain_errors`` asks for RFC §7's problem for INFEASIBLE_CONCENTRATION alone:
+    a run that blocks for any other reason (here a missing price) still answers its
+    BLOCKED result."""
+    request = json.loads((Path(__file__).resolve().parents[1] / "data" / "requests" / "missing_price_block.json").read_text())
+    request["options"][JSON_DOOR_OPTION] = True
+    result = simulate_many([request])[0]
+    assert result["status"] == "BLOCKED" and "lineage" in result

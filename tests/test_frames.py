@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import polars as pl
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpm_vec.codes import with_code_lists
-from dpm_vec.frames import concat_by_run, is_ordered, join_on_index, join_runs, position_in_run, rows_where, sort_rows, without_runs
+from dpm_vec.frames import (concat_by_run, is_ordered, join_on_index, join_runs, position_in_run, put_rows, rows_of_runs, rows_where, sort_rows,
+                            without_runs)
 
 
 @settings(max_examples=200, deadline=None)
@@ -140,3 +142,76 @@ def test_sort_rows_falls_back_for_nulls_strings_and_ranges_beyond_63_bits():
     extremes = pl.DataFrame({"run": [7, 7, 7], "wide": [2**63 - 1, -(2**63), 0], "row": [0, 1, 2]})
     assert sort_rows(extremes, "run", "wide")["row"].to_list() == [1, 2, 0]
     assert sort_rows(extremes, "run", "run")["row"].to_list() == [0, 1, 2]  # no key varies
+
+
+def test_sort_rows_fallbacks_are_stable_on_large_frames():
+    """Keys with nulls or of text take Polars' own sort, which must keep equal keys in
+    input order however many rows tie (an unstable sort only shows past a few dozen rows):
+    catches a fallback sort that drops ``maintain_order``."""
+    n = 4000
+    frame = pl.DataFrame({
+        "run": [(i * 7919) % 5 for i in range(n)],
+        "key": [["b", "a", "c"][(i * 31) % 3] for i in range(n)],
+        "seq": [None if i % 11 == 0 else (i * 13) % 3 for i in range(n)],
+        "row": list(range(n)),
+    }, schema={"run": pl.UInt32, "key": pl.String, "seq": pl.Int64, "row": pl.Int64})
+    for by in (("run", "key"), ("run", "seq")):
+        position = {"run": 0, "key": 1, "seq": 2}
+        expected = sorted(frame.iter_rows(), key=lambda r: tuple((r[position[k]] is not None, r[position[k]] or 0) for k in by))
+        assert list(sort_rows(frame, *by).iter_rows()) == expected, by
+
+
+def test_sort_rows_with_unsigned_64_bit_keys_beyond_int64():
+    """UInt64 keys are not packed (their minimum and range need not fit an Int64): keys past
+    2**63 sort as numbers, stably, with no cast error."""
+    frame = pl.DataFrame({"run": [1, 0, 1, 0], "big": [2**64 - 1, 5, 0, 2**63], "row": [0, 1, 2, 3]},
+                         schema={"run": pl.UInt32, "big": pl.UInt64, "row": pl.Int64})
+    assert sort_rows(frame, "run", "big")["row"].to_list() == [1, 3, 2, 0]
+    assert sort_rows(frame, "big", "run")["row"].to_list() == [2, 1, 3, 0]
+
+
+def test_put_rows_writes_in_place_in_the_frames_types_and_refuses_what_does_not_fit():
+    """The values land at the positions, each column keeps the frame's type, the input frame
+    is left as it was, and a value its column's type cannot hold is an error, never a
+    silent null (a non-strict cast, or none, would write null)."""
+    frame = pl.DataFrame({"run": [0, 0, 1, 2], "qty": [1, 2, 3, 4], "tag": ["a", "b", "c", "d"]},
+                         schema={"run": pl.UInt32, "qty": pl.Int32, "tag": pl.String})
+    rows = rows_of_runs(frame, pl.DataFrame({"run": [2, 0]}, schema={"run": pl.UInt32}))
+    assert rows.to_list() == [0, 1, 3]
+    out = put_rows(frame, rows, pl.DataFrame({"qty": [10, 20, 40]}, schema={"qty": pl.Int64}))
+    assert out.schema == frame.schema
+    assert out["qty"].to_list() == [10, 20, 3, 40] and out["tag"].to_list() == ["a", "b", "c", "d"]
+    assert frame["qty"].to_list() == [1, 2, 3, 4]
+    with pytest.raises(pl.exceptions.InvalidOperationError):
+        put_rows(frame, rows, pl.DataFrame({"qty": [10, 2**40, 40]}, schema={"qty": pl.Int64}))
+
+
+@pytest.mark.parametrize("table_keys", [[0, 0, 2], [0, 1, 1], [-2, 0, 3], [-1, 2]])
+def test_join_on_index_with_repeated_sorted_or_negative_table_keys_is_polars_join(table_keys):
+    """A table with a repeated key, even in sorted order, fans a row out as Polars' join
+    does (never the plain gather of keys 0..k-1), and a table with negative keys never
+    takes the index look-up (a negative key would land in another key's place)."""
+    frame = pl.DataFrame({"k": [0, 1, 2, 3, None, 2]}, schema={"k": pl.Int64}).with_row_index("row")
+    table = pl.DataFrame({"k": table_keys, "value": [f"v{i}" for i in range(len(table_keys))]}, schema={"k": pl.Int64, "value": pl.String})
+    for how in ("left", "inner"):
+        expected = frame.join(table, on="k", how=how, maintain_order="left")
+        assert join_on_index(frame, table, "k", how).equals(expected), (how, table_keys)
+
+
+def test_join_on_index_with_a_shared_column_is_polars_join():
+    """A column both sides carry (besides the key) comes back as Polars names it (the
+    table's with ``_right``), not as a clash of two columns of one name."""
+    frame = pl.DataFrame({"slot": [1, 0, 2], "value": ["f1", "f0", "f2"]}, schema={"slot": pl.UInt32, "value": pl.String})
+    table = pl.DataFrame({"slot": [0, 1], "value": ["t0", "t1"]}, schema={"slot": pl.UInt32, "value": pl.String})
+    for how in ("left", "inner"):
+        assert join_on_index(frame, table, "slot", how).equals(frame.join(table, on="slot", how=how, maintain_order="left")), how
+
+
+def test_concat_by_run_takes_nothing_from_empty_parts():
+    """An empty part adds no rows, and neither its extra columns nor its wider types: the
+    merge of one frame with empty ones is that frame."""
+    part = pl.DataFrame({"run": [0, 1], "qty": [1, 2]}, schema={"run": pl.UInt32, "qty": pl.Int32})
+    empty = pl.DataFrame(schema={"run": pl.UInt32, "qty": pl.Int64, "extra": pl.String})
+    assert concat_by_run([empty, part, empty]).equals(part)
+    assert concat_by_run([empty, empty]).equals(empty)
+

@@ -2582,3 +2582,82 @@ def test_fx_sweep_threshold_per_portfolio_agrees_with_the_oracle(tmp_path):
             assert all(i["buy_amount"] > Decimal(threshold) for i in fx.filter(pl.col("rationale_code") == "SWEEP").iter_rows(named=True))
             kept += len(want) < sum(i["intent_type"] == "FX_SPOT" for i in _without(request, "fx_sweep_threshold")["intents"])
     assert kept >= 1  # a threshold portfolio kept a surplus its sweep-all twin would have swept
+
+
+def _corpus_requests() -> list[dict]:
+    """The goldens', the sample requests' and the scenarios' inputs, plus fx_funding without
+    its FX rates (an FX_MISSING finding)."""
+    here = Path(__file__).parent
+    requests = [json.loads(p.read_text())["inputs"] for p in sorted((here / "data" / "goldens" / "reference-service").glob("scenario_*.json"))]
+    requests += [json.loads(p.read_text()) for p in sorted((here.parent / "data" / "requests").glob("*.json"))]
+    requests += [json.loads(p.read_text())["inputs"] for p in sorted([*(here / "data" / "scenarios").glob("ext_*.json"),
+                                                                       *(here / "data" / "scenarios").glob("rfc_*.json")])]
+    fx = json.loads((here.parent / "data" / "requests" / "fx_funding.json").read_text())
+    return [*requests, {**fx, "market_data_snapshot": {**fx["market_data_snapshot"], "fx_rates": []}}]
+
+
+def _output_result(requests: list[dict]):
+    """The engine's Result for ``requests`` as one book, run keys r0000000.. in order."""
+    from dpm_vec.book import TABLES
+    from dpm_vec.contract import parse_request, request_hash, rows_to_book
+    from dpm_vec.pipeline import run
+
+    rows: dict[str, list[dict]] = {t: [] for t in TABLES}
+    for i, request in enumerate(requests):
+        one = parse_request(request, f"r{i:07d}")
+        one["portfolios"][0]["request_hash"] = request_hash(request)
+        for table, table_rows in one.items():
+            rows[table].extend(table_rows)
+    return run(rows_to_book(rows))
+
+
+def test_output_tables_agree_with_the_json_door_field_by_field():
+    """The intents' constraints_applied and the runs' gross turnover are the JSON results';
+    the events table has a row per event only (no null row for a run without any),
+    ``event_order`` counts from 0 in each (run, category), FX_MISSING names its currency
+    in ``currency`` (no instrument), a dropped intent's currency is the base currency,
+    every constraint event carries its amount and group events are GROUP_<status>; only
+    the tables asked for are built, and an unknown one is refused."""
+    from dpm_vec.outputs import output_tables
+    from dpm_vec.simulate import simulate_many
+
+    requests = _corpus_requests()
+    result = _output_result(requests)
+    with pytest.raises(ValueError, match="unknown output table"):
+        output_tables(result, ("runs", "no_such_table"))
+    tables = output_tables(result, ("runs", "intents", "events"))
+    assert list(tables) == ["runs", "intents", "events"]
+    json_results = {f"r{i:07d}": r for i, r in enumerate(simulate_many(requests)) if isinstance(r["status"], str)}
+    intents, runs, events = tables["intents"], tables["runs"], tables["events"]
+    for key, r in json_results.items():
+        mine = intents.filter(pl.col("run_key") == key).sort("exec_order")
+        assert [(i, sorted(c)) for i, c in mine.select("intent_id", "constraints_applied").iter_rows()] == [
+            (i["intent_id"], sorted(i.get("constraints_applied") or [])) for i in r["intents"]], key
+        turnover = sum((Decimal(str(i["notional_base"]["amount"])) for i in r["intents"] if i["intent_type"] == "SECURITY_TRADE"), Decimal(0))
+        assert round(runs.filter(pl.col("run_key") == key)["gross_turnover_notional_base"][0], 6) == round(turnover, 6), key
+    assert intents["constraints_applied"].list.contains("TAX_BUDGET").any()
+    assert events.select(pl.col("run_key", "category", "code").null_count()).row(0) == (0, 0, 0)
+    assert events["event_order"].to_list() == events.select(pl.int_range(pl.len()).over("run_key", "category"))["literal"].to_list()
+    fx_missing = events.filter(pl.col("code") == "FX_MISSING")
+    assert fx_missing.height and fx_missing["instrument_id"].null_count() == fx_missing.height and fx_missing["currency"].null_count() == 0
+    base = dict(runs.select("run_key", "base_currency").iter_rows())
+    dropped = events.filter(pl.col("category") == "dropped_intent")
+    assert dropped.height and all(c == base[k] for k, c in dropped.select("run_key", "currency").iter_rows())
+    constraint = events.filter(~pl.col("category").is_in(["warning", "data_quality"]))
+    assert set(constraint["category"]) >= {"dropped_intent", "tax_budget", "group_constraint", "settlement"}
+    assert constraint["amount"].null_count() == 0
+    assert set(events.filter(pl.col("category") == "group_constraint")["code"]) == {"GROUP_CAPPED", "GROUP_BLOCKED"}
+
+
+def test_options_hash_is_the_sha256_of_the_policys_canonical_json():
+    """One hash per distinct policy: the SHA-256 of its canonical JSON (keys sorted, no
+    spaces, other values as text), so equal policies share it whatever their column order."""
+    import hashlib
+    from dpm_vec.outputs import options_hashes
+
+    names = [name for name, _, _ in POLICY_COLUMNS]
+    runs = _output_result([json.loads((Path(__file__).resolve().parents[1] / "data" / "requests" / "fx_funding.json").read_text())]).runs
+    policy = runs.select(names).row(0, named=True)
+    expected = hashlib.sha256(json.dumps(policy, sort_keys=True, default=str, separators=(",", ":")).encode()).hexdigest()
+    assert options_hashes(runs)["options_hash"].to_list() == [expected]
+    assert options_hashes(runs.select(names[::-1]))["options_hash"].to_list() == [expected]

@@ -140,8 +140,9 @@ def join_on_index(frame: pl.DataFrame, table: pl.DataFrame, key: str, how: str =
         return polars_join()
     values = table.drop(key)
     top = keys.max()
-    if top is not None and top >= size:  # keys beyond the table match nothing
-        keys = frame.select(pl.when(pl.col(key) < size).then(pl.col(key))).to_series()
+    negative = keys.dtype.is_signed_integer() and (keys.min() or 0) < 0
+    if negative or (top is not None and top >= size):  # keys below or beyond the table match nothing
+        keys = frame.select(pl.when(pl.col(key).is_between(0, size - 1)).then(pl.col(key))).to_series()
     if size == table.height and index[0] == 0 and (size == 1 or index.cast(pl.Int64).diff().min() > 0):  # row k holds key k
         at = keys
     else:

@@ -215,3 +215,12 @@ def test_concat_by_run_takes_nothing_from_empty_parts():
     assert concat_by_run([empty, part, empty]).equals(part)
     assert concat_by_run([empty, empty]).equals(empty)
 
+
+def test_join_on_index_matches_no_table_row_for_a_negative_frame_key():
+    """A negative key of a signed frame is no table row: used as a gather index it wrapped
+    around and matched the table's last row."""
+    frame = pl.DataFrame({"k": [-1, 0, 1, -2, None]}, schema={"k": pl.Int64})
+    table = pl.DataFrame({"k": [0, 1], "v": ["a", "b"]}, schema={"k": pl.Int64, "v": pl.String})
+    for how in ("left", "inner"):
+        assert join_on_index(frame, table, "k", how).rows() == frame.join(table, on="k", how=how, maintain_order="left").rows()
+    assert join_on_index(frame, table, "k", "left")["v"].to_list() == [None, "a", "b", None, None]

@@ -2649,6 +2649,24 @@ def test_output_tables_agree_with_the_json_door_field_by_field():
     assert set(events.filter(pl.col("category") == "group_constraint")["code"]) == {"GROUP_CAPPED", "GROUP_BLOCKED"}
 
 
+def test_data_quality_events_keep_the_json_doors_order_within_a_run():
+    """A run's data-quality events count ``event_order`` in the order its JSON result
+    lists the findings (model order, not sorted: ZZ_B before AA_A), so a BI view of the
+    events reads as the response does."""
+    from dpm_vec.outputs import output_tables
+    from dpm_vec.simulate import simulate_many
+
+    request = json.loads((Path(__file__).resolve().parents[1] / "data" / "requests" / "fx_funding.json").read_text())
+    request["model_portfolio"]["targets"] = [{"instrument_id": i, "weight": "0.3"} for i in ("ZZ_B", "AA_A", "MM_C")]
+    request["market_data_snapshot"]["prices"] = []
+    request["shelf_entries"] += [{"instrument_id": i, "status": "APPROVED"} for i in ("ZZ_B", "AA_A", "MM_C")]
+    listed = simulate_many([request])[0]["diagnostics"]["data_quality"]["price_missing"]
+    assert listed == ["ZZ_B", "AA_A", "MM_C"]
+    events = output_tables(_output_result([request]), ("events",))["events"].filter(pl.col("category") == "data_quality")
+    assert events.select("code", "instrument_id", "event_order").rows() == [
+        ("PRICE_MISSING", instrument, order) for order, instrument in enumerate(listed)]
+
+
 def test_options_hash_is_the_sha256_of_the_policys_canonical_json():
     """One hash per distinct policy: the SHA-256 of its canonical JSON (keys sorted, no
     spaces, other values as text), so equal policies share it whatever their column order."""

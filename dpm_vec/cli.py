@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--bad-data", action="store_true", help="sprinkle per-portfolio data faults (a missing price, FX rate or shelf entry) into ~1%% of portfolios, "
                           "drawn per portfolio: a book of a few dozen may have none")
     gen.add_argument("--min-holdings", type=int, default=30, help="fewest positions per portfolio (default 30)")
-    gen.add_argument("--max-holdings", type=int, default=80, help="most positions per portfolio (default 80)")
+    gen.add_argument("--max-holdings", type=int, default=80,
+                     help="most positions per portfolio (default 80; at most the ~3,400 instruments a generated portfolio can hold)")
     gen.set_defaults(func=cmd_generate)
     imp = sub.add_parser("import-requests", help="write JSON requests as a book directory (one run per request)")
     imp.add_argument("requests", nargs="+", help="request files, directories of them, or - for JSON lines on stdin")

@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 
 import polars as pl
@@ -549,11 +549,16 @@ def _or(value, default):
 def requests_to_book(requests: list[dict], run_keys: list[str] | None = None) -> tuple[Book, list[str]]:
     """Validated requests → one Book (raises RequestError for the first invalid one)."""
     run_keys = run_keys or [f"r{i:06d}" for i in range(len(requests))]
+    return book_of_requests(parse_request(req, key) for req, key in zip(requests, run_keys)), run_keys
+
+
+def book_of_requests(parsed: Iterable[dict[str, list[dict]]]) -> Book:
+    """One Book of several parsed requests' rows, each request under its own run key."""
     rows: dict[str, list[dict]] = {t: [] for t in TABLES}
-    for req, key in zip(requests, run_keys):
-        for table, table_rows in parse_request(req, key).items():
+    for one in parsed:
+        for table, table_rows in one.items():
             rows[table].extend(table_rows)
-    return rows_to_book(rows), run_keys
+    return rows_to_book(rows)
 
 
 def rows_to_book(rows: dict[str, list[dict]]) -> Book:

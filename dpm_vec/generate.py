@@ -821,9 +821,9 @@ def generate_book_frames(
     if not 1 <= lo <= hi:
         raise ValueError(f"holdings must satisfy 1 <= lo <= hi, got {holdings}")
     seed = int(seed) & _M64
-    if hi > max_holdings(seed):
-        raise ValueError(f"holdings must be at most {max_holdings(seed)} for seed {seed}, got {holdings}")
     m = _market(seed)
+    if hi > len(m.legacy_pool):  # max_holdings(seed)
+        raise ValueError(f"holdings must be at most {len(m.legacy_pool)} for seed {seed}, got {holdings}")
     block = _portfolio_block(seed, start, n_portfolios, bad_data, holdings)
     raw = _positions_raw(block, m, seed, start)
     frames = {
@@ -867,8 +867,9 @@ def write_generated_book(out_dir: str | os.PathLike, n_portfolios: int, seed: in
         raise DpmVecError(f"--portfolios must be 0 or more, got {n_portfolios}")
     if not 1 <= holdings[0] <= holdings[1]:
         raise DpmVecError(f"holdings per portfolio: need 1 <= --min-holdings <= --max-holdings, got {holdings[0]} and {holdings[1]}")
-    if holdings[1] > max_holdings(seed):
-        raise DpmVecError(f"holdings per portfolio: --max-holdings can be at most {max_holdings(seed):,} for seed {seed} (the "
+    most = max_holdings(seed)
+    if holdings[1] > most:
+        raise DpmVecError(f"holdings per portfolio: --max-holdings can be at most {most:,} for seed {seed} (the "
                           f"instruments a generated portfolio can hold off its model), got {holdings[1]:,}")
     out = Path(out_dir)
     check_replaceable(out, BOOK_MARKER, "book")

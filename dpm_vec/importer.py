@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpm_vec.book import TABLES
-from dpm_vec.contract import parse_request, request_hash, rows_to_book
+from dpm_vec.contract import book_of_requests, parse_request, request_hash
 from dpm_vec.errors import DpmVecError, RequestError
 from dpm_vec.io import write_book
 from dpm_vec.schemas import INPUT_SCHEMAS, failure_cases
@@ -25,7 +24,7 @@ from dpm_vec.schemas import INPUT_SCHEMAS, failure_cases
 def import_requests(requests: list, out_dir: str | Path, names: list[str] | None = None) -> int:
     """Write ``requests`` as a book at ``out_dir``; returns how many runs it holds. An
     invalid request stops the import, named by ``names[i]`` (its file) when given."""
-    rows: dict[str, list[dict]] = {t: [] for t in TABLES}
+    every: list[dict[str, list[dict]]] = []
     for index, request in enumerate(requests):
         key = f"r{index:07d}"
         try:
@@ -40,9 +39,8 @@ def import_requests(requests: list, out_dir: str | Path, names: list[str] | None
             {"kind": "MARKET", "snapshot_id": portfolio["market_snapshot_id"]},
             {"kind": "PORTFOLIO", "snapshot_id": portfolio["portfolio_snapshot_id"]},
         ]
-        for table, table_rows in parsed.items():
-            rows[table].extend(table_rows)
-    book = rows_to_book(rows)
+        every.append(parsed)
+    book = book_of_requests(every)
     _refuse_unholdable(book.tables(), names)
     write_book(book.tables(), out_dir)
     return len(requests)

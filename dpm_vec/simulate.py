@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from dpm_vec.book import TABLES
-from dpm_vec.contract import JSON_DOOR_OPTION, parse_request, request_hash, rows_to_book
+from dpm_vec.contract import JSON_DOOR_OPTION, book_of_requests, parse_request, request_hash
 from dpm_vec.errors import (ENGINE_FAILURES, InfeasibleConstraintError, RangeError, RequestError, ValueRangeError, failure_summary,
                             is_overflow, named_failures, problem)
 from dpm_vec.pipeline import run
@@ -107,11 +106,7 @@ def _named_in(exc: BaseException, parsed: dict[int, dict[str, list[dict]]]) -> d
 
 
 def _simulate(parsed: list[dict[str, list[dict]]]) -> list[Simulated | InfeasibleConstraintError]:
-    rows: dict[str, list[dict]] = {t: [] for t in TABLES}
-    for one in parsed:
-        for table, table_rows in one.items():
-            rows[table].extend(table_rows)
-    outcome = run(rows_to_book(rows))
+    outcome = run(book_of_requests(parsed))
     results: list[Simulated | InfeasibleConstraintError] = []
     blocks = outcome.runs.select("block_reason", "block_detail").iter_rows()
     for one, rendered, (reason, detail) in zip(parsed, render_results(outcome), blocks):

@@ -860,8 +860,9 @@ def _sweep_locked(book_dir: Path, out_dir: Path, started: float, *, shard_size: 
     blocked_by: dict[str, int] = {}
     stage_seconds: dict[str, float] = {}
     polars_threads: set[int] = set()
+    markers = {**committed, **{s: json.loads((plan.shard_dir(s) / "_SUCCESS").read_text()) for s in pending}}
     for shard in range(plan.n_shards):
-        for status, n in json.loads((plan.shard_dir(shard) / "_SUCCESS").read_text()).items():
+        for status, n in markers[shard].items():
             if status == "_polars_threads":
                 polars_threads.add(n)
             elif status == "_stage_seconds":

@@ -2597,18 +2597,12 @@ def _corpus_requests() -> list[dict]:
 
 
 def _output_result(requests: list[dict]):
-    """The engine's Result for ``requests`` as one book, run keys r0000000.. in order."""
-    from dpm_vec.book import TABLES
-    from dpm_vec.contract import parse_request, request_hash, rows_to_book
+    """The engine's Result for ``requests`` as one book, run keys r0000000.. in order (the
+    JSON door's)."""
+    from dpm_vec.contract import requests_to_book
     from dpm_vec.pipeline import run
 
-    rows: dict[str, list[dict]] = {t: [] for t in TABLES}
-    for i, request in enumerate(requests):
-        one = parse_request(request, f"r{i:07d}")
-        one["portfolios"][0]["request_hash"] = request_hash(request)
-        for table, table_rows in one.items():
-            rows[table].extend(table_rows)
-    return run(rows_to_book(rows))
+    return run(requests_to_book(requests, [f"r{i:07d}" for i in range(len(requests))])[0])
 
 
 def test_output_tables_agree_with_the_json_door_field_by_field():

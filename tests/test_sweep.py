@@ -2661,6 +2661,22 @@ def test_data_quality_events_keep_the_json_doors_order_within_a_run():
         ("PRICE_MISSING", instrument, order) for order, instrument in enumerate(listed)]
 
 
+def test_a_block_of_dpm_vecs_own_heads_its_runs_warning_events_as_in_the_json_door():
+    """A run blocked by one of dpm_vec's own checks (a stale price) that the target stage
+    also warned about (two group caps) lists the block code first in its warning events,
+    as the JSON result's warnings do, then the caps in the reference's order."""
+    from dpm_vec.outputs import output_tables
+    from dpm_vec.simulate import simulate_many
+
+    request = json.loads((Path(__file__).parent / "data" / "scenarios" / "ext_01_group_cap_two_groups.json").read_text())["inputs"]
+    request["options"]["max_staleness_minutes"] = 60
+    request["portfolio_snapshot"]["as_of"] = request["market_data_snapshot"]["as_of"] = "2026-01-02T10:00:00Z"
+    request["market_data_snapshot"]["prices"][0]["as_of"] = "2026-01-01T10:00:00Z"
+    listed = simulate_many([request])[0]["diagnostics"]["warnings"]
+    assert listed == ["PRICE_STALE", "CAPPED_BY_GROUP_LIMIT_region:US", "CAPPED_BY_GROUP_LIMIT_sector:TECH"]
+    events = output_tables(_output_result([request]), ("events",))["events"].filter(pl.col("category") == "warning")
+    assert events.select("code", "event_order").rows() == [(code, order) for order, code in enumerate(listed)]
+
 def test_options_hash_is_the_sha256_of_the_policys_canonical_json():
     """One hash per distinct policy: the SHA-256 of its canonical JSON (keys sorted, no
     spaces, other values as text), so equal policies share it whatever their column order."""

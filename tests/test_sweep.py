@@ -1025,6 +1025,35 @@ def _stopped_at_shard(monkeypatch, shard: int):
     return lambda: monkeypatch.setattr(sweep_module, "commit_shard", real_commit)
 
 
+def test_a_resumed_sweep_starts_no_more_worker_processes_than_it_has_shards_left(book, tmp_path, monkeypatch):
+    """A scenarios sweep on worker processes, stopped with one shard left, runs that shard
+    in one worker process on its rerun, which takes all the cores (not two, one idle
+    and each with half the cores), and ends with the outputs of an uninterrupted sweep."""
+    import dpm_vec.sweep as sweep_module
+
+    scenarios = tmp_path / "scenarios.json"
+    scenarios.write_text(json.dumps({"scenarios": {"base": {"options": {}}, "cash_5": {"options": {"min_cash_buffer_pct": "0.05"}}}}))
+    monkeypatch.setattr(sweep_module, "default_threads", lambda: 2)
+    started: list[int] = []
+    real_pool = sweep_module._worker_pool
+
+    def recorded(processes, first):
+        started.append(processes)
+        return real_pool(processes, first)
+
+    monkeypatch.setattr(sweep_module, "_worker_pool", recorded)
+    whole = sweep(book, tmp_path / "whole", shard_size=32, progress=False, scenarios=scenarios)
+    assert (whole["shards"], whole["processes"], started) == (5, 2, [2])
+    resume = _stopped_at_shard(monkeypatch, 4)
+    with pytest.raises(DpmVecError, match="stopped at shard 4"):
+        sweep(book, tmp_path / "out", shard_size=32, threads=1, progress=False, scenarios=scenarios)
+    resume()
+    started.clear()
+    manifest = sweep(book, tmp_path / "out", shard_size=32, progress=False, scenarios=scenarios)
+    assert (manifest["resumed_shards"], started) == (4, [1])
+    _same_outputs(tmp_path / "whole", tmp_path / "out")
+
+
 def test_a_rerun_with_another_shard_size_never_reuses_shards_cut_at_the_old_size(book, swept, tmp_path, monkeypatch):
     """Shards are numbered within one shard size: shard 0 of 20 portfolios is not shard 0
     of 30. A sweep stopped midway and run again with another --shard-size starts afresh,

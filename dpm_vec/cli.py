@@ -18,6 +18,10 @@ from dpm_vec.errors import RESUMES, DpmVecError, problem
 
 UNREADABLE = "https://dpm-vec.dev/problems/unreadable-request"
 
+# what `dpm-vec --help` says above its commands (plain text: the module docstring is markup)
+DESCRIPTION = ("Rebalance simulation, one JSON request at a time or a whole book of portfolios at once. "
+               "Run 'dpm-vec COMMAND --help' for a command's options; README.md says where to start.")
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a job scheduler's stop, ``kill``) or SIGHUP (a closed terminal or ssh
@@ -335,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         _restart_in_utf8_mode()
     _printable_streams()
-    parser = argparse.ArgumentParser(prog="dpm-vec", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dpm-vec", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="simulate reference-contract JSON requests; prints the result JSON")
     sim.add_argument("requests", nargs="+", help="request files, directories of them, or - for JSON lines on stdin (a golden file's inputs are used)")

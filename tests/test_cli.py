@@ -846,3 +846,18 @@ def test_a_sweep_failing_on_a_file_says_it_resumes(monkeypatch, capsys):
         monkeypatch.setattr(dpm_vec.sweep, "sweep", failing)
         assert main(["sweep", str(DATA / "sample_book"), "--out", "/tmp/never", "--quiet"]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == f"dpm-vec: error: {says}; {RESUMES}"
+
+
+def test_help_lists_every_command_in_plain_text(capsys):
+    """``dpm-vec --help`` names each command and says where to read more, in plain text (no
+    docstring markup), and exits 0."""
+    from dpm_vec.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("simulate", "sweep", "generate", "import-requests", "analyze", "query", "serve"):
+        assert f"\n    {command} " in text, command
+    assert "'dpm-vec COMMAND --help'" in text and "README.md" in text
+    assert "``" not in text

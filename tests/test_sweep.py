@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 from decimal import Decimal
@@ -32,6 +33,7 @@ from dpm_vec.io import read_book, write_book
 from dpm_vec.numeric import AMOUNT_28
 from dpm_vec.oracle import simulate as oracle_simulate
 from dpm_vec.sweep import SWEEP_TABLES, sweep
+from tests.test_contract import REQUEST
 
 
 def _book(tmp_path: Path, n: int = 60, seed: int = 3, bad_data: bool = True, name: str = "book") -> Path:
@@ -2622,8 +2624,7 @@ def _corpus_requests() -> list[dict]:
     requests += [json.loads(p.read_text()) for p in sorted((here.parent / "data" / "requests").glob("*.json"))]
     requests += [json.loads(p.read_text())["inputs"] for p in sorted([*(here / "data" / "scenarios").glob("ext_*.json"),
                                                                        *(here / "data" / "scenarios").glob("rfc_*.json")])]
-    fx = json.loads((here.parent / "data" / "requests" / "fx_funding.json").read_text())
-    return [*requests, {**fx, "market_data_snapshot": {**fx["market_data_snapshot"], "fx_rates": []}}]
+    return [*requests, {**REQUEST, "market_data_snapshot": {**REQUEST["market_data_snapshot"], "fx_rates": []}}]
 
 
 def _output_result(requests: list[dict]):
@@ -2680,7 +2681,7 @@ def test_data_quality_events_keep_the_json_doors_order_within_a_run():
     from dpm_vec.outputs import output_tables
     from dpm_vec.simulate import simulate_many
 
-    request = json.loads((Path(__file__).resolve().parents[1] / "data" / "requests" / "fx_funding.json").read_text())
+    request = copy.deepcopy(REQUEST)
     request["model_portfolio"]["targets"] = [{"instrument_id": i, "weight": "0.3"} for i in ("ZZ_B", "AA_A", "MM_C")]
     request["market_data_snapshot"]["prices"] = []
     request["shelf_entries"] += [{"instrument_id": i, "status": "APPROVED"} for i in ("ZZ_B", "AA_A", "MM_C")]
@@ -2707,6 +2708,7 @@ def test_a_block_of_dpm_vecs_own_heads_its_runs_warning_events_as_in_the_json_do
     events = output_tables(_output_result([request]), ("events",))["events"].filter(pl.col("category") == "warning")
     assert events.select("code", "event_order").rows() == [(code, order) for order, code in enumerate(listed)]
 
+
 def test_options_hash_is_the_sha256_of_the_policys_canonical_json():
     """One hash per distinct policy: the SHA-256 of its canonical JSON (keys sorted, no
     spaces, other values as text), so equal policies share it whatever their column order."""
@@ -2714,7 +2716,7 @@ def test_options_hash_is_the_sha256_of_the_policys_canonical_json():
     from dpm_vec.outputs import options_hashes
 
     names = [name for name, _, _ in POLICY_COLUMNS]
-    runs = _output_result([json.loads((Path(__file__).resolve().parents[1] / "data" / "requests" / "fx_funding.json").read_text())]).runs
+    runs = _output_result([REQUEST]).runs
     policy = runs.select(names).row(0, named=True)
     expected = hashlib.sha256(json.dumps(policy, sort_keys=True, default=str, separators=(",", ":")).encode()).hexdigest()
     assert options_hashes(runs)["options_hash"].to_list() == [expected]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dpm_vec import dec28 as f28
-from dpm_vec.frames import rows_where
+from dpm_vec.frames import only_runs, rows_where
 from dpm_vec.numeric import DEC, HAIR, lit
 from dpm_vec.stages.prepare import Market
 
@@ -130,7 +130,11 @@ def wide_at_edge(balances: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataFra
     (run, currency, _wide_margin) of the runs with a balance within ``WIDE_REACH``."""
     reach = balances.filter(pl.any_horizontal(pl.col(c).abs() < lit(WIDE_REACH) for c in columns))
     runs = reach.select("run").unique()
-    wide = wide_sums(cash.join(runs, on="run", how="semi"), intents.join(runs, on="run", how="semi"))
+    # only the columns wide_sums reads: a filter copies every column it keeps (most of a
+    # shard's runs end with a cash balance near 0, so this is most of its intents)
+    terms = [c for c in ("run", "intent_type", "notional_currency", "notional", "sell_currency", "sell_amount_estimated",
+                         "buy_currency", "buy_amount") if c in intents.columns]
+    wide = wide_sums(only_runs(cash, runs), only_runs(intents.select(terms), runs))
     near = pl.any_horizontal(pl.col(c).abs().cast(pl.Float64) <= pl.col("_wide_margin") for c in columns)
     return reach.join(wide, on=["run", "currency"], how="inner").filter(near).select("run", "currency").unique(), wide
 

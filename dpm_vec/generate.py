@@ -860,7 +860,7 @@ def write_generated_book(out_dir: str | os.PathLike, n_portfolios: int, seed: in
     atomically when complete."""
     import pyarrow.parquet as pq
 
-    from dpm_vec.io import replace_dir
+    from dpm_vec.io import publish_dir
     from dpm_vec.outdir import BOOK_MARKER, check_replaceable
 
     if n_portfolios < 0:
@@ -894,7 +894,7 @@ def write_generated_book(out_dir: str | os.PathLike, n_portfolios: int, seed: in
         for writer in writers.values():
             writer.close()
         writers.clear()
-        replace_dir(tmp, out)
+        publish_dir(tmp, out)
     finally:
         for writer in writers.values():
             writer.close()

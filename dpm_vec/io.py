@@ -606,7 +606,8 @@ def _flag_broken_references(portfolios: pl.DataFrame, reference: dict[str, pl.Da
 
 
 def write_book(tables: dict[str, pl.DataFrame], out_dir: str | Path) -> Path:
-    """Write ``<table>.parquet`` files atomically (a temp dir renamed into place)."""
+    """Write ``<table>.parquet`` files atomically and durably (a temp dir forced to disk
+    and renamed into place: ``publish_dir``)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -616,7 +617,7 @@ def write_book(tables: dict[str, pl.DataFrame], out_dir: str | Path) -> Path:
             if frame is None or (frame.height == 0 and table in OPTIONAL_TABLES):
                 continue
             frame.drop("seq", strict=False).write_parquet(tmp / f"{table}.parquet")
-        replace_dir(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -636,6 +637,34 @@ def replace_dir(src: Path, dst: Path) -> None:
     os.replace(dst, old)
     os.replace(src, dst)
     remove_tree(old)
+
+
+def publish_dir(src: Path, dst: Path) -> None:
+    """``replace_dir`` made durable: ``src`` is forced to disk before the rename, and the
+    folder holding ``dst`` after it, so that a power cut or an operating-system crash at
+    any point leaves the old ``dst`` or the whole new one, never names over unwritten bytes."""
+    sync_tree(src)
+    replace_dir(src, dst)
+    sync_path(dst.parent)
+
+
+def sync_tree(root: Path) -> None:
+    """Force every file and folder under ``root`` to disk (fsync), deepest first and
+    ``root`` last, so that a rename of ``root`` made after it cannot outlast, in a power
+    cut or an operating-system crash, the bytes and names it stands for."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in sorted(files):
+            sync_path(Path(folder) / name)
+        sync_path(Path(folder))
+
+
+def sync_path(path: Path) -> None:
+    """fsync one file, or one folder (its entries: a rename into it)."""
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:

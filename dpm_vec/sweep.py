@@ -48,8 +48,8 @@ from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES
                               default_shard_size,
                               default_threads, even_shard_size, usable_cores)
 from dpm_vec.errors import ENGINE_FAILURES, RESUMES, BookError, DpmVecError, failure_summary, first_line, named_failures
-from dpm_vec.io import (PORTFOLIO_ROWS, REFERENCE_TABLES, _path, collect, plain_columns, read_portfolio_rows, read_reference, read_shard, replace_dir, row_faults_by_run, scan_table,
-                        with_fault_details, write_book, write_json_atomic)
+from dpm_vec.io import (PORTFOLIO_ROWS, REFERENCE_TABLES, _path, collect, plain_columns, read_portfolio_rows, read_reference, read_shard, publish_dir, row_faults_by_run,
+                        scan_table, with_fault_details, write_book, write_json_atomic)
 from dpm_vec.numeric import lit
 from dpm_vec.outdir import SWEEP_MARKER, check_replaceable, discard, exclusive, remove_stale_work
 from dpm_vec.outputs import OUTPUT_TABLES, options_hashes, output_tables
@@ -707,7 +707,9 @@ def finalise(plan: SweepPlan, out_dir: Path, manifest: dict) -> None:
         manifest["tables"]["scenario_comparison"] = {"rows": table.height, "files": 1, "path": "scenario_comparison/"}
         manifest["scenario_comparison"] = table.to_dicts()
     write_json_atomic(staging / "manifest.json", manifest)
-    replace_dir(staging, out_dir)
+    # on disk before the work dir goes: a power cut leaves the earlier OUT (and the
+    # committed shards to resume from) or the whole new one
+    publish_dir(staging, out_dir)
     try:
         discard(Path(plan.work_dir), out_dir)
         for stale in remove_stale_work(out_dir):  # killed runs' leftovers: work under other arguments, staging copies

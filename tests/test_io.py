@@ -4,6 +4,7 @@ and what it says about them."""
 from __future__ import annotations
 
 import json
+import os
 from decimal import Decimal
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from dpm_vec.book import conform
 from dpm_vec.contract import OPTION_NAMES, _Reader, parse_options
 from dpm_vec.errors import BookError, DpmVecError
-from dpm_vec.generate import generate_book_frames
+from dpm_vec.generate import generate_book_frames, write_generated_book
 from dpm_vec.io import _conformed, _isolate_row_faults, read_book, read_portfolio_rows, row_faults_by_run, write_book
 from dpm_vec.scenarios import load_scenarios
 from dpm_vec.schemas import unique_rows
@@ -702,3 +703,57 @@ def test_a_file_gone_between_its_scan_and_its_read_is_named(tmp_path):
     path.unlink()
     with pytest.raises(BookError, match=r"portfolios\.parquet: not a readable Parquet file"):
         collect(scan, path)
+
+
+def record_publishing(monkeypatch) -> list[tuple[str, Path]]:
+    """What a durable publish does, in order: ("fsync", the path of the descriptor synced)
+    and ("rename", the staged folder) for each ``io.replace_dir``."""
+    import dpm_vec.io as io_module
+
+    events: list[tuple[str, Path]] = []
+    fsync, replace_dir = os.fsync, io_module.replace_dir
+
+    def synced(fd: int) -> None:
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+        fsync(fd)
+
+    def renamed(src: Path, dst: Path) -> None:
+        events.append(("rename", Path(src)))
+        replace_dir(src, dst)
+
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(io_module, "replace_dir", renamed)
+    return events
+
+
+def assert_published_durably(events: list[tuple[str, Path]], out: Path) -> list[tuple[str, Path]]:
+    """Every file and folder of ``out`` was synced, under its staged name, before the
+    rename, the staged folder last; the folder holding ``out`` right after it. Returns the
+    events that followed."""
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("rename") == 1
+    rename = kinds.index("rename")
+    staging = events[rename][1]
+    before = [path for kind, path in events[:rename] if kind == "fsync"]
+    assert {staging / path.relative_to(out) for path in out.rglob("*")} | {staging} <= set(before)
+    assert before[-1] == staging  # the folder last, after everything in it
+    assert events[rename + 1] == ("fsync", out.parent.resolve())
+    return events[rename + 2:]
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fsync'd descriptor by /proc/self/fd")
+
+
+@needs_proc
+@pytest.mark.parametrize("writer", ["write_book", "generate"])
+def test_a_book_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch, writer):
+    """A power cut after import-requests or generate returns must not leave the book's
+    name over unwritten bytes: its files and folder are synced before the rename."""
+    events = record_publishing(monkeypatch)
+    out = tmp_path / "book"
+    if writer == "write_book":
+        write_book(generate_book_frames(3, 5, holdings=(2, 3)), out)
+    else:
+        write_generated_book(out, 3, 5, holdings=(2, 3))
+    assert read_book(out).portfolios.height == 3
+    assert assert_published_durably(events, out) == []

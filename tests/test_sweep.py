@@ -34,6 +34,7 @@ from dpm_vec.numeric import AMOUNT_28
 from dpm_vec.oracle import simulate as oracle_simulate
 from dpm_vec.sweep import SWEEP_TABLES, sweep
 from tests.test_contract import REQUEST
+from tests.test_io import assert_published_durably, needs_proc, record_publishing
 
 
 def _book(tmp_path: Path, n: int = 60, seed: int = 3, bad_data: bool = True, name: str = "book") -> Path:
@@ -1181,6 +1182,28 @@ def test_an_interrupt_after_out_is_whole_says_so(book, swept, tmp_path, monkeypa
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"dpm-vec: interrupted after {out} was written whole (the next sweep to it removes what its clean-up left)")
     _same_outputs(swept[0], out)
+
+
+@needs_proc
+def test_out_is_on_disk_before_it_is_renamed_into_place_and_the_work_dir_goes(book, swept, tmp_path, monkeypatch):
+    """A power cut after the sweep must leave the earlier OUT or the whole new one, not
+    renamed names over unwritten bytes with the work dir to redo them gone: every file
+    and folder of the staged OUT is fsync'd before the rename, the folder holding OUT
+    after it, and only then is the work dir removed."""
+    import dpm_vec.sweep as sweep_module
+
+    events = record_publishing(monkeypatch)
+    discard = sweep_module.discard
+
+    def discarded(work: Path, out_dir: Path) -> None:
+        events.append(("discard", Path(work)))
+        discard(work, out_dir)
+
+    monkeypatch.setattr(sweep_module, "discard", discarded)
+    out = tmp_path / "out"
+    sweep(book, out, shard_size=30, threads=1, progress=False)
+    _same_outputs(swept[0], out)
+    assert [kind for kind, _ in assert_published_durably(events, out)] == ["discard"]
 
 
 def test_a_path_that_is_not_utf8_is_named(book, tmp_path):

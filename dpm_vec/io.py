@@ -658,11 +658,22 @@ def sync_tree(root: Path) -> None:
         sync_path(Path(folder))
 
 
+# a file system that cannot sync a folder says so with one of these: its files still are
+_FOLDER_SYNC_UNSUPPORTED = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
+
+
 def sync_path(path: Path) -> None:
-    """fsync one file, or one folder (its entries: a rename into it)."""
-    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
+    """fsync one file, or one folder (its entries: a rename into it) where the file
+    system and the operating system can."""
+    folder = path.is_dir()
+    if folder and os.name != "posix":  # a folder opens as a file on POSIX only
+        return
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if not (folder and exc.errno in _FOLDER_SYNC_UNSUPPORTED):
+            raise
     finally:
         os.close(fd)
 

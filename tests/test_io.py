@@ -3,6 +3,7 @@ and what it says about them."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from decimal import Decimal
@@ -733,7 +734,7 @@ def assert_published_durably(events: list[tuple[str, Path]], out: Path) -> list[
     kinds = [kind for kind, _ in events]
     assert kinds.count("rename") == 1
     rename = kinds.index("rename")
-    staging = events[rename][1]
+    staging, out = events[rename][1].resolve(), out.resolve()
     before = [path for kind, path in events[:rename] if kind == "fsync"]
     assert {staging / path.relative_to(out) for path in out.rglob("*")} | {staging} <= set(before)
     assert before[-1] == staging  # the folder last, after everything in it
@@ -757,3 +758,30 @@ def test_a_book_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch
         write_generated_book(out, 3, 5, holdings=(2, 3))
     assert read_book(out).portfolios.height == 3
     assert assert_published_durably(events, out) == []
+
+
+@needs_proc
+def test_a_file_system_that_cannot_sync_a_folder_still_gets_the_book(tmp_path, monkeypatch):
+    """Some file systems refuse fsync on a folder (EINVAL): the files are still synced
+    and the book written; a file's failing fsync, even with that errno, fails the write."""
+    fsync = os.fsync
+    synced_files: list[str] = []
+
+    def folders_refused(fd: int) -> None:
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).is_dir():
+            raise OSError(errno.EINVAL, "Invalid argument")
+        synced_files.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", folders_refused)
+    write_book(generate_book_frames(3, 5, holdings=(2, 3)), tmp_path / "book")
+    assert read_book(tmp_path / "book").portfolios.height == 3
+    assert {Path(path).name for path in synced_files} >= {path.name for path in (tmp_path / "book").iterdir()}
+
+    def files_refused(fd: int) -> None:  # the same errno: only a folder's is forgiven
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", files_refused)
+    with pytest.raises(OSError, match="Invalid argument"):
+        write_book(generate_book_frames(3, 5, holdings=(2, 3)), tmp_path / "book2")
+    assert not (tmp_path / "book2").exists()

@@ -821,9 +821,9 @@ def generate_book_frames(
     if not 1 <= lo <= hi:
         raise ValueError(f"holdings must satisfy 1 <= lo <= hi, got {holdings}")
     seed = int(seed) & _M64
+    if hi > (most := max_holdings(seed)):
+        raise ValueError(f"holdings must be at most {most} for seed {seed}, got {holdings}")
     m = _market(seed)
-    if hi > len(m.legacy_pool):  # max_holdings(seed)
-        raise ValueError(f"holdings must be at most {len(m.legacy_pool)} for seed {seed}, got {holdings}")
     block = _portfolio_block(seed, start, n_portfolios, bad_data, holdings)
     raw = _positions_raw(block, m, seed, start)
     frames = {

@@ -79,13 +79,19 @@ def _git(*args: str) -> str:
         return ""
 
 
+# what a timing measures: the engine, its dependencies and the harness; not the harness's
+# own results file or the docs a run's figures are copied into
+MEASURED_PATHS = ("dpm_vec", "pyproject.toml", "benchmarks/run.py", "benchmarks/shard_pass.py", "benchmarks/oracle_book.py")
+
+
 def engine_revision() -> str:
-    """The commit the engine ran at (``+dirty`` with uncommitted changes), or the package version outside git."""
+    """The commit the engine ran at (``+dirty`` with uncommitted changes to ``MEASURED_PATHS``,
+    new engine files included), or the package version outside git."""
     commit = _git("rev-parse", "--short", "HEAD")
     if not commit:
         from dpm_vec import __version__
         return f"dpm_vec {__version__}"
-    return commit + ("+dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+    return commit + ("+dirty" if _git("status", "--porcelain", "--", *MEASURED_PATHS) else "")
 
 
 def machine() -> str:

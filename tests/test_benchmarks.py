@@ -4,6 +4,7 @@ without mixing rows of one book size from different runs."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 from pathlib import Path
 
 import polars as pl
@@ -83,3 +84,31 @@ def test_a_timed_sweep_is_checked_against_the_book_and_its_rows_are_stamped(tmp_
     assert set(row) == {"portfolios", "measured_at", "engine", "machine"} and "cores" in row["machine"]
     merged = bench.merge_results({}, {"when": "run start", "machine": "m", "scaling": [{**row, "mode": "default"}]})
     assert merged["scaling"][0]["measured_at"] == row["measured_at"]  # its own time, not the run's start
+
+
+def test_the_engine_stamp_is_dirty_for_engine_changes_not_for_the_results_it_writes(tmp_path, monkeypatch):
+    """A second run of the harness must not stamp its rows ``+dirty`` because the first
+    rewrote results.json; a changed or new engine file must."""
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.email=b@example.com", "-c", "user.name=bench", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "dpm_vec").mkdir()
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "dpm_vec" / "engine.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results.json").write_text("{}\n")
+    (tmp_path / "benchmarks" / "README.md").write_text("figures\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "base")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    commit = bench.engine_revision()
+    assert commit and not commit.endswith("+dirty")
+    (tmp_path / "benchmarks" / "results.json").write_text('{"when": "now"}\n')
+    (tmp_path / "benchmarks" / "README.md").write_text("new figures\n")
+    assert bench.engine_revision() == commit
+    (tmp_path / "dpm_vec" / "new_stage.py").write_text("y = 2\n")
+    assert bench.engine_revision() == commit + "+dirty"
+    (tmp_path / "dpm_vec" / "new_stage.py").unlink()
+    (tmp_path / "dpm_vec" / "engine.py").write_text("x = 2\n")
+    assert bench.engine_revision() == commit + "+dirty"

@@ -82,6 +82,11 @@ _IN_HAND = 0.999
 _WIDE_FLOOR = _IN_HAND * 10.0 ** (28 - 20)
 
 
+# the intents' columns wide_sums reads (the FX ones where ``intents`` holds them)
+WIDE_INTENT_TERMS = ("run", "intent_type", "notional_currency", "notional", "sell_currency", "sell_amount_estimated",
+                     "buy_currency", "buy_amount")
+
+
 def wide_sums(cash: pl.DataFrame, intents: pl.DataFrame) -> pl.DataFrame:
     """(run, currency, _wide_margin) of the cash sums that may need more than 28
     significant digits at some addition, so that the reference's sum (each addition
@@ -132,9 +137,8 @@ def wide_at_edge(balances: pl.DataFrame, cash: pl.DataFrame, intents: pl.DataFra
     runs = reach.select("run").unique()
     # only the columns wide_sums reads: a filter copies every column it keeps (most of a
     # shard's runs end with a cash balance near 0, so this is most of its intents)
-    terms = [c for c in ("run", "intent_type", "notional_currency", "notional", "sell_currency", "sell_amount_estimated",
-                         "buy_currency", "buy_amount") if c in intents.columns]
-    wide = wide_sums(only_runs(cash, runs), only_runs(intents.select(terms), runs))
+    terms = intents.select(c for c in WIDE_INTENT_TERMS if c in intents.columns)
+    wide = wide_sums(only_runs(cash, runs), only_runs(terms, runs))
     near = pl.any_horizontal(pl.col(c).abs().cast(pl.Float64) <= pl.col("_wide_margin") for c in columns)
     return reach.join(wide, on=["run", "currency"], how="inner").filter(near).select("run", "currency").unique(), wide
 

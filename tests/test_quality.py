@@ -40,3 +40,28 @@ def test_no_struct_null_tests_of_28_digit_values():
         if _STRUCT_NULL_TESTS.search(line)
     ]
     assert found == []
+
+
+def _readme_command(after: str) -> str:
+    """The first fenced command under the README line that starts with ``after``."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(re.escape(after) + r"[^\n]*\s*```bash\n(.+?)\n```", text, re.S)
+    assert block, f"README has no command block under {after!r}"
+    return block.group(1).strip()
+
+
+def test_ci_runs_exactly_the_readme_test_command_with_its_plugins_installed():
+    """CI must run what the README tells a newcomer to run, and the options pyproject adds
+    to every pytest run must come from packages the test extra installs (``-n`` without
+    pytest-xdist fails a fresh clone before any test runs)."""
+    import tomllib
+
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert ci[-1] == _readme_command("Run the tests:")
+    assert ".venv/bin/pip install --quiet -e '.[test]'" in ci  # the setup command's extra
+    assert "pip install -e '.[test]'" in _readme_command("Set up and run the main job")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    addopts = project["tool"]["pytest"]["ini_options"]["addopts"].split()
+    test_extra = " ".join(project["project"]["optional-dependencies"]["test"])
+    if "-n" in addopts or any(opt.startswith("--dist") for opt in addopts):
+        assert "pytest-xdist" in test_extra

@@ -140,6 +140,13 @@ def dmin(a: pl.Expr, b: pl.Expr) -> pl.Expr:
     return pl.when(a <= b).then(a).otherwise(b)
 
 
+def positive_or_null(column: str) -> pl.Expr:
+    """``column`` where it is above zero, else null: the divisor of a division that a
+    when() guards. Polars 2.2 evaluates such a division on the rows the condition
+    excludes too, and raises on a zero Decimal divisor there; a null divisor gives null."""
+    return pl.when(pl.col(column) > 0).then(pl.col(column))
+
+
 def as_f64(column: str) -> pl.Expr:
     """``column`` in floating point: an estimate of a value the fixed point cannot hold."""
     return pl.col(column).cast(pl.Float64)

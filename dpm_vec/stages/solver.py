@@ -33,7 +33,7 @@ from fractions import Fraction
 import numpy as np
 import polars as pl
 
-from dpm_vec.numeric import DEC, WEIGHT, dabs, lit, units_text
+from dpm_vec.numeric import DEC, WEIGHT, dabs, lit, positive_or_null, units_text
 from dpm_vec.stages.prepare import Market
 from dpm_vec.stages.targets import TARGET_STAGE_ORDER, WARNINGS_SCHEMA, warnings_frame
 
@@ -323,13 +323,13 @@ def _project_box_band(tr: pl.DataFrame) -> pl.DataFrame:
             "run",
             pl.when(pl.col("_f") == pl.col("_T")).then(pl.col("_bp"))
             .when(pl.col("_pF") > 0)
-            .then((pl.col("_pS") + pl.col("_pK").cast(DEC) * pl.col("_m0") - pl.col("_T")) / pl.col("_pF").cast(DEC))
+            .then((pl.col("_pS") + pl.col("_pK").cast(DEC) * pl.col("_m0") - pl.col("_T")) / positive_or_null("_pF").cast(DEC))
             .otherwise(pl.col("_bp")).cast(DEC).alias("_lam"),
         )
         beyond = ev.filter(~pl.col("_any") & pl.col("_last")).select(
             "run",
             pl.when(pl.col("_F") > 0)
-            .then((pl.col("_S") + pl.col("_K").cast(DEC) * pl.col("_m0") - pl.col("_T")) / pl.col("_F").cast(DEC))
+            .then((pl.col("_S") + pl.col("_K").cast(DEC) * pl.col("_m0") - pl.col("_T")) / positive_or_null("_F").cast(DEC))
             .otherwise(pl.col("_bp")).cast(DEC).alias("_lam"),
         )
         lam = pl.concat([lam, crossing, beyond])

@@ -18,7 +18,8 @@ from dpm_vec import dec28 as f28
 from dpm_vec.codes import ReferenceBlock, with_code_lists
 from dpm_vec.frames import join_on_index, join_runs, put_rows, rows_of_runs, rows_where, sort_rows, without_runs
 from dpm_vec.numeric import (DEC_UNIT, VALUE_TIMES_WEIGHT, WEIGHT, WEIGHT_RANGE, WEIGHT_RANGE_TEXT, as_f64, dmax, dmin,
-                             largest_magnitude, lit, name_weight_sums_beyond_range, naming_overflows, product_of_all_digits, units_text)
+                             largest_magnitude, lit, name_weight_sums_beyond_range, naming_overflows, positive_or_null, product_of_all_digits,
+                             units_text)
 from dpm_vec.stages.prepare import SLOT, Market
 from dpm_vec.stages.universe import ExactLocked, valued_in_28_digits
 
@@ -228,7 +229,7 @@ def _sell_only_redistribution(runs: pl.DataFrame, weight_map: pl.DataFrame, sell
     proportion = as_f64("weight") / as_f64("_S")
     shared = naming_overflows(
         lambda: spread.select(
-            pl.when(receives).then(pl.col("weight") + pl.col("sell_only_excess") * (pl.col("weight") / pl.col("_S")))
+            pl.when(receives).then(pl.col("weight") + pl.col("sell_only_excess") * (pl.col("weight") / positive_or_null("_S")))
             .otherwise(pl.col("weight")).alias("weight")
         ),
         spread, runs,
@@ -914,9 +915,9 @@ def _group_constraints(market: Market, wm: pl.DataFrame, constraints: pl.DataFra
             _sum_where(pl.col("buy") & ~pl.col("member")).alias("_C"),
         )
         w = w.with_columns(
-            pl.when(active & pl.col("member")).then(pl.col("weight") * (pl.col("max_weight") / pl.col("_G")))
+            pl.when(active & pl.col("member")).then(pl.col("weight") * (pl.col("max_weight") / positive_or_null("_G")))
             .when(active & pl.col("buy") & ~pl.col("member") & (pl.col("_C") > 0))
-            .then(pl.col("weight") + pl.col("_excess") * (pl.col("weight") / pl.col("_C")))
+            .then(pl.col("weight") + pl.col("_excess") * (pl.col("weight") / positive_or_null("_C")))
             .otherwise(pl.col("weight")).alias("_new"),
         )
         act = w.filter(active)
@@ -1075,7 +1076,7 @@ def _cap_rfc(market: Market, wm: pl.DataFrame, below_cap: pl.DataFrame | None = 
     )
     recipient = cand & (pl.col("_class_excess") > 0) & (pl.col("_C") > 0)
     wm = wm.with_columns(
-        pl.when(recipient).then(pl.col("weight") + pl.col("_class_excess") * (pl.col("weight") / pl.col("_C")))
+        pl.when(recipient).then(pl.col("weight") + pl.col("_class_excess") * (pl.col("weight") / positive_or_null("_C")))
         .otherwise(pl.col("weight")).alias("weight"),
         recipient.alias("_recipient"),
     )

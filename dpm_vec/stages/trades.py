@@ -16,7 +16,8 @@ import polars as pl
 from dpm_vec import dec28 as f28
 from dpm_vec.frames import join_on_index, join_runs, position_in_run, put_rows, rows_where, sort_rows
 from dpm_vec.numeric import (DEC, DEC_UNIT, HAIR, QTY, SCALE, TRADE_UNITS_LIMIT, as_f64, beyond_dec_decimals, dabs, lit, naming_overflows,
-                             name_sums_beyond_range, quantity_range_error, scientific_text, times_price, units_text, within)
+                             name_sums_beyond_range, positive_or_null, quantity_range_error, scientific_text, times_price, units_text,
+                             within)
 from dpm_vec.stages import dq
 from dpm_vec.stages.cash28 import DUST, exact_notionals
 from dpm_vec.stages.prepare import Market
@@ -461,7 +462,7 @@ def apply_turnover_cap(intents: pl.DataFrame, runs: pl.DataFrame, totals: pl.Dat
     capped = pl.col("max_turnover_pct").is_not_null() & (pl.col("_proposed") > pl.col("_budget"))
     free, ranked = frame.filter(~capped), frame.filter(capped)
     ranked = naming_overflows(lambda: ranked.with_columns(
-        pl.when(pl.col("total_value") <= 0).then(lit(0)).otherwise(pl.col("_abs_nb") / pl.col("total_value")).alias("score"),
+        pl.when(pl.col("total_value") <= 0).then(lit(0)).otherwise(pl.col("_abs_nb") / positive_or_null("total_value")).alias("score"),
         (pl.lit("oi_") + pl.col("intent_no").cast(pl.String)).alias("_intent_id"),
     ), ranked, runs, pl.when(as_f64("total_value") <= 0).then(0.0).otherwise(as_f64("_abs_nb") / as_f64("total_value")),
         _score_text(units_text("total_value")))

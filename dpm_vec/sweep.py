@@ -48,8 +48,8 @@ from dpm_vec.defaults import (DEFAULT_SHARD_ROWS, PARQUET_COMPRESSION, PROCESSES
                               default_shard_size,
                               default_threads, even_shard_size, usable_cores)
 from dpm_vec.errors import ENGINE_FAILURES, RESUMES, BookError, DpmVecError, failure_summary, first_line, named_failures
-from dpm_vec.io import (PORTFOLIO_ROWS, REFERENCE_TABLES, _path, collect, plain_columns, read_portfolio_rows, read_reference, read_shard, publish_dir, row_faults_by_run,
-                        scan_table, with_fault_details, write_book, write_json_atomic)
+from dpm_vec.io import (PORTFOLIO_ROWS, REFERENCE_TABLES, _path, collect, plain_columns, publish_dir, read_portfolio_rows, read_reference,
+                        read_shard, row_faults_by_run, scan_table, with_fault_details, write_book, write_json_atomic)
 from dpm_vec.numeric import lit
 from dpm_vec.outdir import SWEEP_MARKER, check_replaceable, discard, exclusive, remove_stale_work
 from dpm_vec.outputs import OUTPUT_TABLES, options_hashes, output_tables

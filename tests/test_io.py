@@ -24,6 +24,7 @@ from dpm_vec.generate import generate_book_frames, write_generated_book
 from dpm_vec.io import _conformed, _isolate_row_faults, read_book, read_portfolio_rows, row_faults_by_run, write_book
 from dpm_vec.scenarios import load_scenarios
 from dpm_vec.schemas import unique_rows
+from tests.durability import assert_published_durably, needs_proc, record_publishing
 
 
 def _positions(**changes) -> pl.DataFrame:
@@ -704,45 +705,6 @@ def test_a_file_gone_between_its_scan_and_its_read_is_named(tmp_path):
     path.unlink()
     with pytest.raises(BookError, match=r"portfolios\.parquet: not a readable Parquet file"):
         collect(scan, path)
-
-
-def record_publishing(monkeypatch) -> list[tuple[str, Path]]:
-    """What a durable publish does, in order: ("fsync", the path of the descriptor synced)
-    and ("rename", the staged folder) for each ``io.replace_dir``."""
-    import dpm_vec.io as io_module
-
-    events: list[tuple[str, Path]] = []
-    fsync, replace_dir = os.fsync, io_module.replace_dir
-
-    def synced(fd: int) -> None:
-        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
-        fsync(fd)
-
-    def renamed(src: Path, dst: Path) -> None:
-        events.append(("rename", Path(src)))
-        replace_dir(src, dst)
-
-    monkeypatch.setattr(os, "fsync", synced)
-    monkeypatch.setattr(io_module, "replace_dir", renamed)
-    return events
-
-
-def assert_published_durably(events: list[tuple[str, Path]], out: Path) -> list[tuple[str, Path]]:
-    """Every file and folder of ``out`` was synced, under its staged name, before the
-    rename, the staged folder last; the folder holding ``out`` right after it. Returns the
-    events that followed."""
-    kinds = [kind for kind, _ in events]
-    assert kinds.count("rename") == 1
-    rename = kinds.index("rename")
-    staging, out = events[rename][1].resolve(), out.resolve()
-    before = [path for kind, path in events[:rename] if kind == "fsync"]
-    assert {staging / path.relative_to(out) for path in out.rglob("*")} | {staging} <= set(before)
-    assert before[-1] == staging  # the folder last, after everything in it
-    assert events[rename + 1] == ("fsync", out.parent.resolve())
-    return events[rename + 2:]
-
-
-needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fsync'd descriptor by /proc/self/fd")
 
 
 @needs_proc

@@ -34,7 +34,7 @@ from dpm_vec.numeric import AMOUNT_28
 from dpm_vec.oracle import simulate as oracle_simulate
 from dpm_vec.sweep import SWEEP_TABLES, sweep
 from tests.test_contract import REQUEST
-from tests.test_io import assert_published_durably, needs_proc, record_publishing
+from tests.durability import assert_published_durably, needs_proc, record_publishing
 
 
 def _book(tmp_path: Path, n: int = 60, seed: int = 3, bad_data: bool = True, name: str = "book") -> Path:

@@ -15,7 +15,7 @@ from dpm_vec import dec28
 from dpm_vec.book import Book
 from dpm_vec.frames import join_runs, sort_rows
 from dpm_vec.errors import ENGINE_FAILURES, is_overflow
-from dpm_vec.numeric import DEC, as_f64, lit, naming_overflows, units_text
+from dpm_vec.numeric import DEC, as_f64, lit, naming_overflows, positive_or_null, units_text
 
 RUN = pl.UInt32
 SLOT = pl.UInt32
@@ -179,7 +179,7 @@ class Market:
         rate = (
             pl.when(pl.col("_same")).then(lit("1.0"))
             .when(pl.col("_use_direct")).then(pl.col("_direct"))
-            .when(pl.col("_use_inverse")).then(lit("1.0") / pl.col("_inverse"))
+            .when(pl.col("_use_inverse")).then(lit("1.0") / positive_or_null("_inverse"))
             .otherwise(None)
             .cast(DEC)
         )

@@ -1,14 +1,16 @@
 """Time one sweep shard, pass after pass, in one process: the unit a sweep's worker runs.
 
-    POLARS_MAX_THREADS=1 .venv/bin/python benchmarks/shard_pass.py benchmarks/_books/book_100000_7_30_80 5
-    POLARS_MAX_THREADS=1 .venv/bin/python benchmarks/shard_pass.py BOOK 5 --tables runs,intents --shard-size 8000
+    POLARS_MAX_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/shard_pass.py benchmarks/_books/book_100000_7_30_80 5
+    POLARS_MAX_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/shard_pass.py BOOK 5 --tables runs,intents --shard-size 8000
 
 Each pass computes and writes one shard of the book's sweep plan (shards 1, 2, 3 in
 turn; in a book of three shards or fewer, each of its shards in turn; under a scratch
 directory) and prints its wall time and stage seconds; the first
 pass pays imports and the reference tables' read, so compare the later ones. To A/B two
 engines, run this script with the other tree's root on ``PYTHONPATH``, alternating (the
-script's own folder holds no ``dpm_vec``, so the ``PYTHONPATH`` tree is imported first). Profilers attach
+script's own folder holds no ``dpm_vec``, so the ``PYTHONPATH`` tree is imported first). ``taskset`` keeps
+the pass on one core, as in a sweep's busy worker; unpinned, each Polars operation also
+wakes the idle core (about 9% of a pass on a 2-core VM). Profilers attach
 to it directly (``py-spy record --idle``, ``perf record``, ``python -m cProfile``).
 """
 

@@ -1,7 +1,7 @@
 """Time one sweep shard, pass after pass, in one process: the unit a sweep's worker runs.
 
-    POLARS_MAX_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/shard_pass.py benchmarks/_books/book_100000_7_30_80 5
-    POLARS_MAX_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/shard_pass.py BOOK 5 --tables runs,intents --shard-size 8000
+    POLARS_MAX_THREADS=1 taskset -c 0 .venv/bin/python benchmarks/shard_pass.py benchmarks/_books/book_100000_7_30_80 5
+    POLARS_MAX_THREADS=1 taskset -c 0 .venv/bin/python benchmarks/shard_pass.py BOOK 5 --tables runs,intents --shard-size 8000
 
 Each pass computes and writes one shard of the book's sweep plan (shards 1, 2, 3 in
 turn; in a book of three shards or fewer, each of its shards in turn; under a scratch

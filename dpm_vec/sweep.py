@@ -29,6 +29,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -537,10 +538,30 @@ def _worker_pool(processes: int, first: Callable[[ProcessPoolExecutor], set]) ->
     share of the cores) as they import Polars; this process's Polars has sized its pool
     already. A fork would copy this process's Polars threads' state."""
     context = multiprocessing.get_context("spawn")
-    with _environment(POLARS_MAX_THREADS=str(_cores_each(processes))):
+    with _environment(POLARS_MAX_THREADS=str(_cores_each(processes))), _spawning_without_ctrl_c():
         pool = ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_start_worker,
                                    initargs=(logging.getLogger().level, os.getpid()))
         return pool, first(pool)
+
+
+@contextlib.contextmanager
+def _spawning_without_ctrl_c():
+    """Processes spawned in here start with Ctrl-C ignored. A worker imports for ~0.6 s
+    before its initializer (``_start_worker``) can ignore it, and a Ctrl-C then, which a
+    terminal sends to every process of the sweep, printed a KeyboardInterrupt traceback
+    from each worker still importing. An ignored signal stays ignored across the exec, and
+    Python leaves SIGINT as it finds it. The sweep's own process ignores Ctrl-C only while
+    it forks and execs its workers (milliseconds). Off the main thread, where Python
+    cannot change a handler, nothing changes."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def early_processes(book_dir: Path, *, shard_size: int | None, scheduler: str | None, workers: int | None,

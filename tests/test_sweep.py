@@ -926,6 +926,12 @@ def test_ctrl_c_on_a_process_sweep_says_so_once(tmp_path, kill_book):
     _resumes_to_identical_output(cmd, out, reference, committed=2)
 
 
+def _catches_sigint(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for SIGINT now (Linux: /proc's SigCgt mask)."""
+    caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (signal.SIGINT - 1) & 1)
+
+
 def test_ctrl_c_while_the_workers_still_import_prints_no_traceback(tmp_path, kill_book):
     """A Ctrl-C in a sweep's first second, while its worker processes still import the
     engine (before their initializer can ignore it), reaches them too: none may print a
@@ -942,7 +948,8 @@ def test_ctrl_c_while_the_workers_still_import_prints_no_traceback(tmp_path, kil
             workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
         time.sleep(0.005)
     assert len(workers) == 2, "the sweep never started its two worker processes"
-    time.sleep(0.05)  # the sweep's own handler is back once both are spawned
+    while time.monotonic() < deadline and not _catches_sigint(proc.pid):  # the sweep ignores it while it spawns
+        time.sleep(0.001)
     assert not list(out.parent.glob(f".{out.name}.work-*/shards/shard-*/_SUCCESS")), "a shard committed already: too late"
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)

@@ -932,6 +932,11 @@ def _catches_sigint(pid: int) -> bool:
     return bool(int(caught.split()[1], 16) >> (signal.SIGINT - 1) & 1)
 
 
+def _imports_polars(pid: int) -> bool:
+    """Whether process ``pid`` has loaded Polars' compiled library (Linux: /proc's maps)."""
+    return "polars" in Path(f"/proc/{pid}/maps").read_text()
+
+
 def test_ctrl_c_while_the_workers_still_import_prints_no_traceback(tmp_path, kill_book):
     """A Ctrl-C in a sweep's first second, while its worker processes still import the
     engine (before their initializer can ignore it), reaches them too: none may print a
@@ -948,6 +953,10 @@ def test_ctrl_c_while_the_workers_still_import_prints_no_traceback(tmp_path, kil
             workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
         time.sleep(0.005)
     assert len(workers) == 2, "the sweep never started its two worker processes"
+    # past the interpreter's start (a SIGINT before Python's handler kills a worker silently)
+    # and into its imports: Polars' library is loaded
+    while time.monotonic() < deadline and not all(_imports_polars(worker.pid) for worker in workers):
+        time.sleep(0.002)
     while time.monotonic() < deadline and not _catches_sigint(proc.pid):  # the sweep ignores it while it spawns
         time.sleep(0.001)
     assert not list(out.parent.glob(f".{out.name}.work-*/shards/shard-*/_SUCCESS")), "a shard committed already: too late"

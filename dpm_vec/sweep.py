@@ -552,7 +552,8 @@ def _spawning_without_ctrl_c():
     from each worker still importing. An ignored signal stays ignored across the exec, and
     Python leaves SIGINT as it finds it. The sweep's own process ignores Ctrl-C only while
     it forks and execs its workers (milliseconds). Off the main thread, where Python
-    cannot change a handler, nothing changes."""
+    cannot change a handler, nothing changes: the workers ignore Ctrl-C from their
+    initializer on, as before."""
     previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or previous is None:
         yield

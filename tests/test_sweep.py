@@ -851,7 +851,7 @@ def test_a_worker_process_killed_ends_the_sweep_with_a_clear_error(tmp_path, kil
     cmd = _sweep_command(book, out, "--processes", "2")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for_commits(proc, out, 2)
-    workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    workers = _sweep_workers(proc.pid)
     assert len(workers) == 2, [p.cmdline() for p in psutil.Process(proc.pid).children()]
     workers[0].kill()
     _, stderr = proc.communicate(timeout=120)
@@ -926,6 +926,13 @@ def test_ctrl_c_on_a_process_sweep_says_so_once(tmp_path, kill_book):
     _resumes_to_identical_output(cmd, out, reference, committed=2)
 
 
+def _sweep_workers(pid: int) -> list:
+    """The worker processes (``psutil.Process``) that the sweep process ``pid`` spawned."""
+    import psutil
+
+    return [p for p in psutil.Process(pid).children() if "spawn_main" in " ".join(p.cmdline())]
+
+
 def _catches_sigint(pid: int) -> bool:
     """Whether process ``pid`` has a handler for SIGINT now (Linux: /proc's SigCgt mask)."""
     caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
@@ -937,6 +944,7 @@ def _imports_polars(pid: int) -> bool:
     return "polars" in Path(f"/proc/{pid}/maps").read_text()
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the processes' signal handlers and libraries in /proc")
 def test_ctrl_c_while_the_workers_still_import_prints_no_traceback(tmp_path, kill_book):
     """A Ctrl-C in a sweep's first second, while its worker processes still import the
     engine (before their initializer can ignore it), reaches them too: none may print a
@@ -950,7 +958,7 @@ def test_ctrl_c_while_the_workers_still_import_prints_no_traceback(tmp_path, kil
     deadline, workers = time.monotonic() + 60, []
     while time.monotonic() < deadline and proc.poll() is None and len(workers) < 2:
         with contextlib.suppress(psutil.Error):
-            workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+            workers = _sweep_workers(proc.pid)
         time.sleep(0.005)
     assert len(workers) == 2, "the sweep never started its two worker processes"
     # past the interpreter's start (a SIGINT before Python's handler kills a worker silently)

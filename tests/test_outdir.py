@@ -15,7 +15,7 @@ import pytest
 from dpm_vec.errors import DpmVecError
 from dpm_vec.outdir import BOOK_MARKER, SWEEP_MARKER, check_replaceable, exclusive, stale_work
 from dpm_vec.sweep import sweep
-from tests.test_sweep import _book, _sweep_command, _wait_for_commits
+from tests.test_sweep import _book, _sweep_command, _sweep_workers, _wait_for_commits
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -194,7 +194,7 @@ def test_workers_die_with_a_killed_sweep(tmp_path):
     proc = subprocess.Popen(_sweep_command(book, out, "--processes", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     _wait_for_commits(proc, out, 1)
-    workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    workers = _sweep_workers(proc.pid)
     assert len(workers) == 2
     proc.kill()
     proc.wait()

@@ -413,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             resume = f" ({RESUMES})"
         terminated = isinstance(exc, Terminated)
         print(f"dpm-vec: {'terminated' if terminated else 'interrupted'}{resume}", file=sys.stderr)
+        _forget_unhandled_interrupt()
         return 128 + int(exc.args[0] if terminated else signal.SIGINT)  # _terminate gives its signal
     except BrokenPipeError:
         # the reader went away (``| head``): stop quietly, as Unix tools do, and keep the
@@ -429,6 +430,15 @@ def main(argv: list[str] | None = None) -> int:
         # Parquet page, a full disk): engine faults of a sweep are isolated per portfolio
         print(f"dpm-vec: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{_resumes(args)}", file=sys.stderr)
         return 2
+
+
+def _forget_unhandled_interrupt() -> None:
+    """Clear CPython's "unhandled KeyboardInterrupt" flag, which a Ctrl-C leaves set when
+    it lands in code run by ``exec`` of a string (dataclasses generate their methods so,
+    while a command still imports), caught or not: under ``python -m`` the interpreter
+    would then kill itself with SIGINT after exiting, status -2 instead of 128 + the
+    signal. Every ``exec`` of a string clears the flag before it runs (CPython 3.11-3.13)."""
+    exec("")
 
 
 def _resumes(args) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from decimal import Decimal
 import shutil
 import subprocess
@@ -861,3 +862,21 @@ def test_help_lists_every_command_in_plain_text(capsys):
         assert f"\n    {command} " in text, command
     assert "'dpm-vec COMMAND --help'" in text and "README.md" in text
     assert "``" not in text
+
+
+def test_ctrl_c_inside_generated_code_still_exits_130_under_python_m(tmp_path):
+    """A Ctrl-C that lands in code run by ``exec`` of a string (dataclasses generate their
+    methods that way, so it happens while a command still imports) leaves CPython's
+    "unhandled KeyboardInterrupt" flag set even though the command catches it: under
+    ``python -m`` the interpreter then kills itself with SIGINT after its exit, status -2
+    instead of the documented 130. The command must exit 130 with its one message."""
+    (tmp_path / "interrupted_cli.py").write_text(
+        "import sys\n"
+        "from dpm_vec import cli\n"
+        "cli.cmd_query = lambda args: exec('raise KeyboardInterrupt')\n"
+        "sys.exit(cli.main(['query', '.', 'select 1']))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "interrupted_cli"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert proc.stderr.strip() == "dpm-vec: interrupted", proc.stderr

@@ -876,7 +876,7 @@ def test_ctrl_c_inside_generated_code_still_exits_130_under_python_m(tmp_path):
         "cli.cmd_query = lambda args: exec('raise KeyboardInterrupt')\n"
         "sys.exit(cli.main(['query', '.', 'select 1']))\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "interrupted_cli"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "interrupted_cli"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(DATA.parent)},
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 130, (proc.returncode, proc.stderr)
     assert proc.stderr.strip() == "dpm-vec: interrupted", proc.stderr

@@ -271,8 +271,10 @@ def _check_casts(table: str, frame: pl.DataFrame, file: str) -> None:
             what = f"that are no whole number within {dtype}'s range (an integer column stored as floats holds whole numbers)"
         elif stamp:
             what = "that are no timestamp (ISO 8601 text such as 2025-06-30T21:00:00Z, with an offset, or none for UTC)"
-        elif source == pl.String:  # text such as "12,50": no decimal number
+        elif source == pl.String and isinstance(dtype, pl.Decimal):  # text such as "12,50": no decimal number
             what = f"that are no decimal number (written like 1234.56) or {_held(dtype, finest)}"
+        elif source == pl.String and dtype.is_integer():  # text such as "two" or "2.5"
+            what = f"that are no whole number (written like 2) within {dtype}'s range"
         elif isinstance(dtype, pl.Decimal) and (isinstance(source, pl.Decimal) or source.is_integer()):
             what = _held(dtype, finest)  # 5E+18 as an integer, or a decimal of more integer digits
         elif dtype.is_integer() and source.is_integer():

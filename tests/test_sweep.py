@@ -382,6 +382,10 @@ def test_a_zero_price_blocks_the_portfolios_that_hold_or_target_it(tmp_path):
         ("models", lambda f: f.with_columns(pl.col("weight").cast(pl.String) + "x"), "that are no decimal number (written like 1234.56)"),
         ("prices", lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(pl.lit("12,50")).otherwise(pl.col("price").cast(pl.String))
                                             .alias("price")), "example rows: row 3 (0-based): price 12,50 fails castable"),
+        # text in an integer column (a CSV export's settlement days): named, not a traceback
+        ("shelf", lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(pl.lit("two")).otherwise(pl.col("settlement_days").cast(pl.String))
+                                           .alias("settlement_days")),
+         "1 value(s) that are no whole number (written like 2) within Int32's range; example rows: row 3 (0-based): settlement_days two fails castable"),
         # model weights carry 28 decimals (Decimal(38, 28)): 10^10 does not fit
         ("models", lambda f: f.with_columns(pl.col("weight").cast(pl.Decimal(38, 20))).with_columns(
             pl.when(pl.int_range(pl.len()) == 2).then(pl.lit(10**10, dtype=pl.Decimal(38, 20))).otherwise(pl.col("weight")).alias("weight"),

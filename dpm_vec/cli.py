@@ -77,8 +77,11 @@ def _parse_into(requests: list, problems: dict, where: str, load) -> None:
     try:
         requests.append(load())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        problems[len(requests)] = problem(UNREADABLE, "Unreadable request", 422, f"{where}: {exc}",
-                                          errors=[{"field": "$", "message": f"{where}: {exc}"}])
+        # a CSV or a Parquet file passed by mistake: say what was expected, then the parser's words
+        said = (f"not UTF-8 text, so no JSON request ({exc})" if isinstance(exc, UnicodeDecodeError)
+                else f"not a JSON request ({exc})" if isinstance(exc, json.JSONDecodeError) else str(exc))
+        problems[len(requests)] = problem(UNREADABLE, "Unreadable request", 422, f"{where}: {said}",
+                                          errors=[{"field": "$", "message": f"{where}: {said}"}])
         requests.append(None)
 
 

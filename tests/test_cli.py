@@ -782,18 +782,23 @@ def test_stdin_problems_name_their_line_and_a_pretty_printed_array(monkeypatch, 
 
 
 def test_a_request_file_not_in_utf8_or_nested_too_deep_is_a_422_slot(tmp_path, capsys):
-    """A Latin-1 file and a JSON document nested past Python's recursion limit are
-    unreadable requests (422 in their slot, naming the file), not a traceback."""
+    """A Latin-1 file, a JSON document nested past Python's recursion limit and a CSV file
+    are unreadable requests (422 in their slot, naming the file and, for the Latin-1 and
+    the CSV, that a JSON request was expected), not a traceback."""
     from dpm_vec.cli import main
 
     latin = tmp_path / "latin.json"
     latin.write_bytes('{"portfolio_snapshot": {"portfolio_id": "Zürich"}}'.encode("latin-1"))
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
-    assert main(["simulate", str(DATA / "requests" / "fx_funding.json"), str(latin), str(deep)]) == 2
+    csv = tmp_path / "prices.csv"
+    csv.write_text("instrument_id,price\nA,1.5\n")
+    assert main(["simulate", str(DATA / "requests" / "fx_funding.json"), str(latin), str(deep), str(csv)]) == 2
     slots = json.loads(capsys.readouterr().out)
-    assert [s["status"] for s in slots] == ["READY", 422, 422]
-    assert slots[1]["detail"].startswith(f"{latin}: ") and slots[2]["detail"].startswith(f"{deep}: ")
+    assert [s["status"] for s in slots] == ["READY", 422, 422, 422]
+    assert slots[1]["detail"].startswith(f"{latin}: not UTF-8 text, so no JSON request ('utf-8' codec can't decode")
+    assert slots[2]["detail"].startswith(f"{deep}: ")
+    assert slots[3]["detail"] == f"{csv}: not a JSON request (Expecting value: line 1 column 1 (char 0))"
 
 
 def test_import_requests_of_an_unreadable_file_is_one_error_line(tmp_path, capsys):
@@ -802,7 +807,7 @@ def test_import_requests_of_an_unreadable_file_is_one_error_line(tmp_path, capsy
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     assert main(["import-requests", str(DATA / "requests" / "fx_funding.json"), str(broken), "--out", str(tmp_path / "book")]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"dpm-vec: error: {broken}: Expecting property name")
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"dpm-vec: error: {broken}: not a JSON request (Expecting property name")
     assert not (tmp_path / "book").exists()
 
 

@@ -34,7 +34,7 @@ def _terminate(signum, frame) -> None:
 
 
 def _load_json(path: str):
-    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
     data = json.loads(text)
     if isinstance(data, dict) and "inputs" in data and any(key.startswith("expected_") for key in data):
         return data["inputs"]  # a golden file (expected_output(s) or expected_problem): its request
@@ -204,7 +204,7 @@ def cmd_analyze(args) -> int:
     from dpm_vec.errors import RequestError
 
     try:
-        batch = json.loads(sys.stdin.read() if args.batch == "-" else Path(args.batch).read_text(encoding="utf-8"))
+        batch = json.loads(sys.stdin.read() if args.batch == "-" else Path(args.batch).read_text(encoding="utf-8-sig"))
         if isinstance(batch, dict) and "batch_inputs" in batch:
             batch = batch["batch_inputs"]  # a golden file: its analyze request
         result = analyze(batch)

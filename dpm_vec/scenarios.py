@@ -40,7 +40,7 @@ def _unknown(names, known, what: str) -> str | None:
 
 def load_scenarios(path: str | Path) -> dict[str, dict]:
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        doc = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (OSError, json.JSONDecodeError) as exc:
         raise DpmVecError(f"{path}: cannot read scenarios: {exc}") from None
     scenarios = doc.get("scenarios", doc) if isinstance(doc, dict) else None

@@ -801,6 +801,24 @@ def test_a_request_file_not_in_utf8_or_nested_too_deep_is_a_422_slot(tmp_path, c
     assert slots[3]["detail"] == f"{csv}: not a JSON request (Expecting value: line 1 column 1 (char 0))"
 
 
+def test_files_saved_with_a_utf8_bom_read_as_json(tmp_path, capsys):
+    """A request, an analyze batch and a scenarios file saved by a Windows editor start
+    with a UTF-8 byte-order mark, which the HTTP door accepts: the CLI reads them too (it
+    answered 422 "Unexpected UTF-8 BOM")."""
+    from dpm_vec.cli import main
+
+    def with_bom(source: Path, name: str) -> str:
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + source.read_bytes())
+        return str(tmp_path / name)
+
+    assert main(["simulate", with_bom(DATA / "requests" / "fx_funding.json", "req.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "READY"
+    assert main(["analyze", with_bom(GOLDENS / "scenario_13_what_if_analysis.json", "batch.json")]) == 0
+    assert set(json.loads(capsys.readouterr().out)["results"]) == {"ignore_checks"}
+    assert main(["sweep", str(DATA / "sample_book"), "--out", str(tmp_path / "out"), "--quiet",
+                 "--scenarios", with_bom(DATA / "scenarios.json", "scenarios.json")]) == 0
+
+
 def test_import_requests_of_an_unreadable_file_is_one_error_line(tmp_path, capsys):
     from dpm_vec.cli import main
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 
 import polars as pl
@@ -257,7 +257,8 @@ def _amount_exact(amount: Decimal | None) -> Decimal | None:
     return amount
 
 
-def _entries(reader: _Reader, items: list, path: str, key: str, lookup: bool = False) -> Iterator[tuple[str, dict]]:
+def _entries(reader: _Reader, items: list, path: str, key: str, lookup: Callable[[_Reader, dict], object] | None = None,
+             ) -> Iterator[tuple[str, dict]]:
     """The objects of the list at ``path`` with their own paths, once every repeated
     ``key`` has failed (``_duplicates``); an exact repeat in a look-up list, and an item
     that is not an object (which fails), are left out. Lazy, so that each item's errors
@@ -269,26 +270,41 @@ def _entries(reader: _Reader, items: list, path: str, key: str, lookup: bool = F
             yield item_path, entry
 
 
-def _duplicates(reader: _Reader, items: list, path: str, key: str, lookup: bool = False) -> set[int]:
+def _duplicates(reader: _Reader, items: list, path: str, key: str, lookup: Callable[[_Reader, dict], object] | None = None,
+                ) -> set[int]:
     """Fail every repeated ``key`` (§9.1: conflicting duplicates are bad data). In a list the
-    reference only looks things up in (``lookup``: prices, FX rates, shelf entries; first
-    match wins, §1.4), an exact repeat changes no answer: it is not an error, and its index
-    is returned for the caller to skip."""
+    reference only looks things up in (prices, FX rates, shelf entries; first match wins,
+    §1.4), an exact repeat changes no answer: it is not an error, and its index is returned
+    for the caller to skip. ``lookup`` reads such an entry into what the engine takes from
+    it, so a repeat is exact when it reads the same: a price of "100.0", "100" or 100, a
+    default written out or left to stand, a key the reference ignores."""
     seen: dict = {}
     repeats: set[int] = set()
     for index, item in enumerate(items):
         k = item.get(key) if isinstance(item, dict) else None
         if not isinstance(k, str):  # absent, or not text: its own check names it
             continue
-        if k in seen and items[seen[k]] != item:
+        if k in seen and lookup is not None and not _same_entry(lookup, items[seen[k]], item):
             reader.fail(f"{path}[{index}]", f"duplicate {key} {k!r} (first at [{seen[k]}]) with different values")
-        elif k in seen and lookup:
+        elif k in seen and lookup is not None:
             repeats.add(index)
-        elif k in seen:
+        elif k in seen:  # counted twice by the reference, however alike (§1.4)
             reader.fail(f"{path}[{index}]", f"duplicate {key} {k!r} (first at [{seen[k]}])")
         else:
             seen[k] = index
     return repeats
+
+
+def _same_entry(read: Callable[[_Reader, dict], object], first, repeat) -> bool:
+    """Whether two entries of a look-up list say the same, as ``read`` (errors dropped)
+    reads them; where either fails its own checks, only an identical one does."""
+    if first == repeat:
+        return True
+    if not isinstance(first, dict) or not isinstance(repeat, dict):
+        return False
+    first_reader, repeat_reader = _Reader(), _Reader()
+    read_first, read_repeat = read(first_reader, first), read(repeat_reader, repeat)
+    return not first_reader.errors and not repeat_reader.errors and read_first == read_repeat
 
 
 def parse_request(request, run_key: str) -> dict[str, list[dict]]:
@@ -361,25 +377,57 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             "settled": r.decimal(c.get("settled"), f"{path}.settled", required=False),
             "pending": r.decimal(c.get("pending"), f"{path}.pending", required=False),
         })
+    # the look-up lists' rows, read by one function each: a repeat that reads the same is exact
+    def price_row(rd: _Reader, p: dict, path: str, as_of: _Reader) -> dict:
+        iid, price = rd.text(p.get("instrument_id"), f"{path}.instrument_id"), rd.decimal(p.get("price"), f"{path}.price")
+        if price is not None and price < 0:
+            rd.fail(f"{path}.price", f"must be greater than 0, got {p.get('price')}", "greater_than", p.get("price"))
+        return {
+            "market_snapshot_id": run_key, "instrument_id": iid, "price": price,
+            "currency": rd.text(p.get("currency"), f"{path}.currency"), "as_of": as_of.timestamp(p.get("as_of"), f"{path}.as_of"),
+        }
+
+    def fx_row(rd: _Reader, f: dict, path: str) -> dict:
+        return {
+            "market_snapshot_id": run_key, "pair": rd.text(f.get("pair"), f"{path}.pair"),
+            "rate": rd.decimal(f.get("rate"), f"{path}.rate", minimum=Decimal(0)),
+        }
+
+    def shelf_row(rd: _Reader, s: dict, path: str, trade_by: _Reader) -> dict:
+        iid = rd.text(s.get("instrument_id"), f"{path}.instrument_id")
+        mn, mn_ccy = rd.money(s.get("min_notional"), f"{path}.min_notional")
+        rd.not_null(s, ("asset_class", "settlement_days", "attributes"), path)
+        trade_by.not_null(s, ("trade_by",), path)
+        return {
+            "shelf_id": run_key, "instrument_id": iid,
+            "status": rd.enum(s.get("status"), f"{path}.status", SHELF_STATUSES, required=True),
+            "asset_class": _or(rd.text(s.get("asset_class"), f"{path}.asset_class", required=False), "UNKNOWN"),
+            "issuer_id": rd.text(s.get("issuer_id"), f"{path}.issuer_id", required=False),
+            "liquidity_tier": rd.enum(s.get("liquidity_tier"), f"{path}.liquidity_tier", LIQUIDITY_TIERS),
+            "settlement_days": rd.integer(s.get("settlement_days"), f"{path}.settlement_days", 2, 0, 10),
+            "min_notional_amount": mn, "min_notional_currency": mn_ccy,
+            "trade_by": trade_by.enum(s.get("trade_by"), f"{path}.trade_by", TRADE_BY, default="UNITS"),
+        }
+
+    # as a repeat is compared: as_of and trade_by only where an option reads them
+    def read_price(rd: _Reader, p: dict) -> dict:
+        return {**price_row(rd, p, "market_data_snapshot.prices[0]", rd), **({} if as_of_reader is r else {"as_of": None})}
+
+    def read_shelf_entry(rd: _Reader, s: dict) -> tuple:
+        row = shelf_row(rd, s, "shelf_entries[0]", rd if trade_by_reader is r else _Reader())
+        return {**row, **({} if trade_by_reader is r else {"trade_by": None})}, s.get("attributes") or {}
+
     prices = r.arr(md.get("prices"), "market_data_snapshot.prices")
     zero_prices: list[tuple[str, str, object]] = []  # (path, instrument_id, value): an error only if the instrument is used
-    for path, p in _entries(r, prices, "market_data_snapshot.prices", "instrument_id", lookup=True):
-        iid, price = r.text(p.get("instrument_id"), f"{path}.instrument_id"), r.decimal(p.get("price"), f"{path}.price")
-        if price is not None and price < 0:
-            r.fail(f"{path}.price", f"must be greater than 0, got {p.get('price')}", "greater_than", p.get("price"))
-        elif price == 0:
-            zero_prices.append((f"{path}.price", iid, p.get("price")))
-        rows["prices"].append({
-            "market_snapshot_id": run_key, "instrument_id": iid, "price": price,
-            "currency": r.text(p.get("currency"), f"{path}.currency"),
-            "as_of": as_of_reader.timestamp(p.get("as_of"), f"{path}.as_of"),
-        })
+    for path, p in _entries(r, prices, "market_data_snapshot.prices", "instrument_id", lookup=read_price):
+        row = price_row(r, p, path, as_of_reader)
+        if row["price"] == 0:
+            zero_prices.append((f"{path}.price", row["instrument_id"], p.get("price")))
+        rows["prices"].append(row)
     fx_rates = r.arr(md.get("fx_rates"), "market_data_snapshot.fx_rates")
-    for path, f in _entries(r, fx_rates, "market_data_snapshot.fx_rates", "pair", lookup=True):
-        rows["fx_rates"].append({
-            "market_snapshot_id": run_key, "pair": r.text(f.get("pair"), f"{path}.pair"),
-            "rate": r.decimal(f.get("rate"), f"{path}.rate", minimum=Decimal(0)),
-        })
+    for path, f in _entries(r, fx_rates, "market_data_snapshot.fx_rates", "pair",
+                            lookup=lambda rd, f: fx_row(rd, f, "market_data_snapshot.fx_rates[0]")):
+        rows["fx_rates"].append(fx_row(r, f, path))
     targets = r.arr(mp.get("targets"), "model_portfolio.targets", required=isinstance(request.get("model_portfolio"), dict))
     for path, t in _entries(r, targets, "model_portfolio.targets", "instrument_id"):
         rows["models"].append({
@@ -392,21 +440,10 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
     for path, iid, value in zero_prices:
         if iid in used:
             r.fail(path, f"must be greater than 0 for an instrument held or in the model, got {value}", "greater_than", value)
-    for path, s in _entries(r, shelf, "shelf_entries", "instrument_id", lookup=True):
-        iid = r.text(s.get("instrument_id"), f"{path}.instrument_id")
-        mn, mn_ccy = r.money(s.get("min_notional"), f"{path}.min_notional")
-        r.not_null(s, ("asset_class", "settlement_days", "attributes"), path)
-        trade_by_reader.not_null(s, ("trade_by",), path)
-        rows["shelf"].append({
-            "shelf_id": run_key, "instrument_id": iid,
-            "status": r.enum(s.get("status"), f"{path}.status", SHELF_STATUSES, required=True),
-            "asset_class": _or(r.text(s.get("asset_class"), f"{path}.asset_class", required=False), "UNKNOWN"),
-            "issuer_id": r.text(s.get("issuer_id"), f"{path}.issuer_id", required=False),
-            "liquidity_tier": r.enum(s.get("liquidity_tier"), f"{path}.liquidity_tier", LIQUIDITY_TIERS),
-            "settlement_days": r.integer(s.get("settlement_days"), f"{path}.settlement_days", 2, 0, 10),
-            "min_notional_amount": mn, "min_notional_currency": mn_ccy,
-            "trade_by": trade_by_reader.enum(s.get("trade_by"), f"{path}.trade_by", TRADE_BY, default="UNITS"),
-        })
+    for path, s in _entries(r, shelf, "shelf_entries", "instrument_id", lookup=read_shelf_entry):
+        row = shelf_row(r, s, path, trade_by_reader)
+        iid = row["instrument_id"]
+        rows["shelf"].append(row)
         attributes = r.obj(s.get("attributes"), f"{path}.attributes", required=False, model=False) or {}
         for k, v in attributes.items():
             if not isinstance(v, str):

@@ -387,6 +387,35 @@ def test_an_exact_repeat_in_a_lookup_list_changes_nothing(path):
     assert repeated["target"]["targets"] == once["target"]["targets"]
 
 
+@pytest.mark.parametrize("path, change", [
+    (("market_data_snapshot", "prices"), {"price": 100}),  # "100.0" first
+    (("market_data_snapshot", "prices"), {"price": "1E+2"}),
+    (("market_data_snapshot", "prices"), {"vendor": "BBG"}),  # a key the reference ignores
+    (("market_data_snapshot", "prices"), {"as_of": "2020-01-01T00:00:00Z"}),  # read by no option here
+    (("market_data_snapshot", "fx_rates"), {"rate": "1.350"}),  # "1.35" first
+    (("shelf_entries",), {"asset_class": "UNKNOWN", "settlement_days": 2}),  # the defaults, written out
+    (("shelf_entries",), {"attributes": {}}),
+])
+def test_a_repeat_that_reads_the_same_is_exact(path, change):
+    """A repeat is exact when it reads the same, not only when its JSON text is the same:
+    "100.0" and 100 are one price to the reference, which looks the first one up (§1.4);
+    these were 422s "with different values"."""
+    request = copy.deepcopy(REQUEST)
+    node = _node(request, path)
+    node.append({**copy.deepcopy(node[0]), **change})
+    rows = parse_request(request, "r0")
+    assert len(rows[path[-1] if path[-1] != "shelf_entries" else "shelf"]) == 1
+
+
+def test_a_repeat_differing_in_what_an_option_reads_is_422():
+    """A price's as_of is read once a staleness limit is set: then two as_of differ."""
+    request = copy.deepcopy(REQUEST)
+    request["options"] = {**request.get("options", {}), "max_staleness_minutes": 60}
+    prices = request["market_data_snapshot"]["prices"]
+    prices.append({**prices[0], "as_of": "2020-01-01T00:00:00Z"})
+    assert _errors(request) == [("market_data_snapshot.prices[1]", "duplicate instrument_id 'US_EQ' (first at [0]) with different values")]
+
+
 @pytest.mark.parametrize("path, field", [
     (("market_data_snapshot", "prices"), "market_data_snapshot.prices[1]"),
     (("shelf_entries",), "shelf_entries[1]"),
@@ -411,6 +440,11 @@ def test_an_exact_repeat_the_reference_would_count_twice_is_422(path, item):
     node = _node(request, path)
     node.append(copy.deepcopy(node[item]))
     assert _errors(request)[0][0] == ".".join(path) + "[1]"
+    # alike however written: counted twice all the same, and never called "different values"
+    key = "currency" if "cash_balances" in path else "instrument_id"
+    node[1] = ({k: v for k, v in node[0].items() if k != "pending"} if "cash_balances" in path
+               else {**node[0], "weight": str(node[0]["weight"]) + "0"})
+    assert _errors(request)[0] == (".".join(path) + "[1]", f"duplicate {key} {node[0][key]!r} (first at [0])")
 
 
 @pytest.mark.parametrize("path, field", [

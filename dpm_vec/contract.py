@@ -347,7 +347,7 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
         mv, mv_ccy = r.money(pos.get("market_value"), f"{path}.market_value")
         r.not_null(pos, ("lots",), path)
         lots = r.arr(pos.get("lots"), f"{path}.lots")
-        lot_total = Decimal(0)
+        lot_total, lots_read = Decimal(0), len(r.errors)
         for j, lot in enumerate(lots):
             lpath = f"{path}.lots[{j}]"
             lot = r.obj(lot, lpath)
@@ -362,7 +362,8 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             }
             lot_total += lq or 0
             rows["lots"].append(row)
-        if lots and qty is not None and abs(lot_total - qty) > LOT_SUM_TOLERANCE:
+        # as a pydantic model validator: only over lots that passed their own checks
+        if lots and qty is not None and len(r.errors) == lots_read and abs(lot_total - qty) > LOT_SUM_TOLERANCE:
             r.fail(f"{path}.lots", f"lot quantities sum to {lot_total}, position quantity is {qty}")
         rows["positions"].append({
             "portfolio_snapshot_id": run_key, "instrument_id": iid, "quantity": qty,
@@ -570,13 +571,11 @@ def _suitability(r: _Reader, value, path: str) -> None:
                 r.decimal(w, f"{path}.{key}[{tier!r}]", minimum=Decimal(0), maximum=Decimal(1))
         elif key.endswith("_weight"):
             r.decimal(v, f"{path}.{key}", required=False, minimum=Decimal(0), maximum=Decimal(1))
-    lo, hi = s.get("cash_band_min_weight"), s.get("cash_band_max_weight")
-    if lo is not None and hi is not None:
-        try:
-            if Decimal(str(lo)) > Decimal(str(hi)):
-                r.fail(path, "cash_band_min_weight must not exceed cash_band_max_weight")
-        except InvalidOperation:
-            pass
+    # as a pydantic model validator: only over bounds that passed their own checks
+    bounds = {key: _Reader() for key in ("cash_band_min_weight", "cash_band_max_weight")}
+    lo, hi = (b.decimal(s.get(key), f"{path}.{key}", required=False, minimum=Decimal(0), maximum=Decimal(1)) for key, b in bounds.items())
+    if lo is not None and hi is not None and not any(b.errors for b in bounds.values()) and lo > hi:
+        r.fail(path, "cash_band_min_weight must not exceed cash_band_max_weight")
 
 
 def _or(value, default):

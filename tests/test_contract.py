@@ -796,6 +796,31 @@ def test_lots_may_fall_short_of_their_position_by_a_ten_thousandth(lots_sum_shor
         assert _errors(request) == [("portfolio_snapshot.positions[0].lots", f"lot quantities sum to 5, position quantity is {quantity}")]
 
 
+@pytest.mark.parametrize("lots", [
+    [{"lot_id": "L1", "quantity": "x", "unit_cost": {"amount": "90", "currency": "USD"}, "purchase_date": "2024-01-02"}],
+    ["not a lot"],
+])
+def test_a_lot_that_fails_its_own_check_is_not_also_summed(lots):
+    """The lot-sum check is a model validator: pydantic runs it only once every lot passed
+    its own checks, so the 422 lists the bad lot alone (it added "lot quantities sum to 0")."""
+    request = copy.deepcopy(REQUEST)
+    request["portfolio_snapshot"]["positions"] = [{"instrument_id": "US_EQ", "quantity": "5", "lots": lots}]
+    assert [field for field, _ in _errors(request)] == [
+        "portfolio_snapshot.positions[0].lots[0]" + (".quantity" if isinstance(lots[0], dict) else "")]
+
+
+@pytest.mark.parametrize("band, fields", [
+    ({"cash_band_min_weight": "2", "cash_band_max_weight": "1.5"},
+     ["options.suitability_thresholds.cash_band_min_weight", "options.suitability_thresholds.cash_band_max_weight"]),
+    ({"cash_band_min_weight": "0.6", "cash_band_max_weight": "0.4"}, ["options.suitability_thresholds"]),
+])
+def test_a_cash_band_bound_out_of_range_is_not_also_compared(band, fields):
+    """min above max is a fault only between two bounds that passed their own range checks."""
+    request = copy.deepcopy(REQUEST)
+    request["options"] = {**request["options"], "suitability_thresholds": band}
+    assert [field for field, _ in _errors(request)] == fields
+
+
 @pytest.mark.parametrize("path, value, field", [
     (("options", "group_constraints"), {"sector:": {"max_weight": "0.5"}}, "options.group_constraints['sector:']"),
     (("options", "group_constraints"), {":TECH": {"max_weight": "0.5"}}, "options.group_constraints[':TECH']"),

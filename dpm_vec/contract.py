@@ -410,13 +410,15 @@ def parse_request(request, run_key: str) -> dict[str, list[dict]]:
             "trade_by": trade_by.enum(s.get("trade_by"), f"{path}.trade_by", TRADE_BY, default="UNITS"),
         }
 
-    # as a repeat is compared: as_of and trade_by only where an option reads them
+    # as a repeat is compared: as_of and trade_by only where an option reads them (else read
+    # by ``unread``, whose errors are dropped, and left out)
     def read_price(rd: _Reader, p: dict) -> dict:
-        return {**price_row(rd, p, "market_data_snapshot.prices[0]", rd), **({} if as_of_reader is r else {"as_of": None})}
+        row = price_row(rd, p, "market_data_snapshot.prices[0]", rd if as_of_reader is r else unread)
+        return row if as_of_reader is r else {**row, "as_of": None}
 
     def read_shelf_entry(rd: _Reader, s: dict) -> tuple:
-        row = shelf_row(rd, s, "shelf_entries[0]", rd if trade_by_reader is r else _Reader())
-        return {**row, **({} if trade_by_reader is r else {"trade_by": None})}, s.get("attributes") or {}
+        row = shelf_row(rd, s, "shelf_entries[0]", rd if trade_by_reader is r else unread)
+        return row if trade_by_reader is r else {**row, "trade_by": None}, s.get("attributes") or {}
 
     prices = r.arr(md.get("prices"), "market_data_snapshot.prices")
     zero_prices: list[tuple[str, str, object]] = []  # (path, instrument_id, value): an error only if the instrument is used

@@ -392,6 +392,8 @@ def test_an_exact_repeat_in_a_lookup_list_changes_nothing(path):
     (("market_data_snapshot", "prices"), {"price": "1E+2"}),
     (("market_data_snapshot", "prices"), {"vendor": "BBG"}),  # a key the reference ignores
     (("market_data_snapshot", "prices"), {"as_of": "2020-01-01T00:00:00Z"}),  # read by no option here
+    (("market_data_snapshot", "prices"), {"as_of": "not a time"}),  # invalid, but read by no option
+    (("shelf_entries",), {"trade_by": "LOTS"}),  # likewise, without notional_sizing
     (("market_data_snapshot", "fx_rates"), {"rate": "1.350"}),  # "1.35" first
     (("shelf_entries",), {"asset_class": "UNKNOWN", "settlement_days": 2}),  # the defaults, written out
     (("shelf_entries",), {"attributes": {}}),

@@ -573,10 +573,12 @@ def _suitability(r: _Reader, value, path: str) -> None:
                 r.decimal(w, f"{path}.{key}[{tier!r}]", minimum=Decimal(0), maximum=Decimal(1))
         elif key.endswith("_weight"):
             r.decimal(v, f"{path}.{key}", required=False, minimum=Decimal(0), maximum=Decimal(1))
-    # as a pydantic model validator: only over bounds that passed their own checks
-    bounds = {key: _Reader() for key in ("cash_band_min_weight", "cash_band_max_weight")}
-    lo, hi = (b.decimal(s.get(key), f"{path}.{key}", required=False, minimum=Decimal(0), maximum=Decimal(1)) for key, b in bounds.items())
-    if lo is not None and hi is not None and not any(b.errors for b in bounds.values()) and lo > hi:
+    # as a pydantic model validator: only over bounds that passed their own checks (read
+    # again by a reader of their own, their errors already listed above)
+    band = _Reader()
+    lo, hi = (band.decimal(s.get(key), f"{path}.{key}", required=False, minimum=Decimal(0), maximum=Decimal(1))
+              for key in ("cash_band_min_weight", "cash_band_max_weight"))
+    if lo is not None and hi is not None and not band.errors and lo > hi:
         r.fail(path, "cash_band_min_weight must not exceed cash_band_max_weight")
 
 

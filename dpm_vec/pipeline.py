@@ -153,6 +153,9 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     findings = dq.concat(findings, dq.excuse_prices(without_runs(after.dq, stopped), unpriced))
     counts_final = dq.blocking_counts(findings, runs)
 
+    def exact_after_cash(chosen: pl.DataFrame) -> pl.DataFrame:
+        return compliance.exact_after_cash(market, chosen, intents, p.cash)
+
     n_suppressed = tr.suppressed.group_by("run").agg(pl.len().cast(pl.Int64).alias("n_suppressed"))
     missing = dq.missing_detail(findings, runs)
     rules_before = compliance.evaluate_rules(
@@ -161,11 +164,14 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
     )
     rules_after = compliance.evaluate_rules(
         traded, after.positions, after.cash, after.allocations, counts_final, n_suppressed, cash_signs, market=market,
-        exact_cash=lambda chosen: compliance.exact_after_cash(market, chosen, intents, p.cash), dq_detail=missing,
-        totals=after.totals,
+        exact_cash=exact_after_cash, dq_detail=missing, totals=after.totals,
     )
     hard_fail = rules_after.filter((pl.col("severity") == "HARD") & (pl.col("status") == "FAIL")).select("run").unique()
-    recon = compliance.reconcile(only_runs(before.totals, without_runs(traded, hard_fail)), after.totals)
+    recon = compliance.reconcile(
+        only_runs(before.totals, without_runs(traded, hard_fail)), after.totals,
+        exact_totals=lambda chosen: compliance.exact_reconciliation_totals(
+            market, runs.join(chosen, on="run", how="semi"), (before.positions, p.cash), (after.positions, after.cash), exact_after_cash),
+    )
     rule_results = pl.concat([
         rules_before, rules_after, compliance.reconciliation_rule(recon), compliance.settlement_rule(ladder.first_breach),
     ]).pipe(sort_rows, "run", "rule_order")
@@ -218,7 +224,7 @@ def run(book: Book, *, allocations: bool = True, timer: StageTimer | None = None
 
     if allocations:  # the JSON door prints state weights at 4 dp; rules and gate above read the fixed point
         before = at_printed_midpoints(market, runs, before)
-        after = at_printed_midpoints(market, traded, after, lambda chosen: compliance.exact_after_cash(market, chosen, intents, p.cash))
+        after = at_printed_midpoints(market, traded, after, exact_after_cash)
         after = at_printed_midpoints(market, without_runs(runs, traded), after)
     boundary("rules+status", (RUNS_SCHEMA, out_runs), (RULES_SCHEMA, rule_results))
     return Result(

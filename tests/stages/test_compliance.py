@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from decimal import Decimal as D
 
+import pytest
+
 from tests.stages.conftest import GOLDEN_03_FX_FUNDING, SINGLE_STOCK_WITH_ZERO_ALTERNATIVE, SLOW_FUND_INTO_FAST_STOCK  # noqa: F401
 import polars as pl
 
@@ -237,6 +239,27 @@ def test_reconciliation_tolerance_boundary():
     rule = compliance.reconciliation_rule(rec).sort("run")
     assert rule["run"].to_list() == [1, 2, 3]
     assert rule["measured"].to_list()[:2] == [D("1.00000001"), D("1.00000001")]
+
+
+@pytest.mark.parametrize(("quantity", "status"), [
+    ("1000.999999999999999995", "OK"),  # 0.9999999999999999950000001 after, where the fixed point read 1.000000000000000005
+    ("998.99999999999999999999", "MISMATCH"),  # 1.0000000000000000000099999 below, where it read 0.99999999999999999001
+    ("999.00000000000000000001", "OK"),  # 0.9999999999999999999899999 below
+])
+def test_reconciliation_within_a_hair_through_an_inverse_quote_is_decided_in_28_digits(scenario, quantity, status):
+    """A holding trusted at 3000 EUR over the inverse quote USD/EUR 3 is worth
+    999.9999999999999999999999999 USD before in 28 digits, and its tolerance 0.5 + that ×
+    0.0005 rounds to exactly 1 (§6.18); the fixed point's 1 / 3 made it 999.99999999999999999.
+    Valued at market after (price 1 USD), its quantity is the after-state's total."""
+    s = scenario(
+        valuation_mode="TRUST_SNAPSHOT",
+        positions=[{"instrument_id": "L", "quantity": quantity, "market_value": "3000", "market_value_currency": "EUR"}],
+        cash=[], prices=[("L", "1", "USD")], fx=[("USD/EUR", "3")], shelf=[], model=[],
+        min_trade_notional=("1000000000000", "USD"),  # the after-state holds what the before-state did
+    )
+    r = s.run_row()
+    assert (r["reconciliation_status"], r["status"]) == (status, "READY" if status == "OK" else "BLOCKED")
+    assert [rule["rule_id"] for rule in _rule(s, "RECONCILIATION")] == ([] if status == "OK" else ["RECONCILIATION"])
 
 
 # ---- after-state ---------------------------------------------------------------------------------------

@@ -334,6 +334,35 @@ def round_inverse_requests(draw) -> dict:
 
 
 @st.composite
+def reconciliation_boundary_requests(draw) -> dict:
+    """One holding trusted at a foreign market value over a direct or an inverse quote,
+    valued at market after (price 1 in base; nothing trades), whose quantity puts the
+    after-state's total at the before-state's ± the tolerance in the reference's 28 digits
+    (§6.18), or 1E-20 to either side: over an inverse quote the fixed point's before-state
+    total is off by up to ~1e-17 of itself, so only a decision in 28 digits meets the
+    reference's."""
+    c = Context(prec=28)  # the reference's: 28 significant digits, half-even
+    foreign = draw(st.sampled_from(["EUR", "JPY", "CHF"]))
+    rate = Decimal(draw(st.integers(100, 10_000))).scaleb(-draw(st.integers(2, 4)))
+    inverse = draw(st.booleans())
+    market_value = Decimal(draw(st.integers(1_000, 10_000_000))).scaleb(-draw(st.integers(0, 2)))
+    before = c.multiply(market_value, c.divide(1, rate) if inverse else rate)
+    tolerance = c.add(Decimal("0.5"), c.multiply(before, Decimal("0.0005")))
+    after = c.add(before, tolerance) if draw(st.booleans()) else c.subtract(before, tolerance)
+    quantity = after + Decimal(draw(st.sampled_from([-1, 0, 0, 1]))).scaleb(-20)
+    if not 0 < quantity < 10**9:  # beyond the quantity range (features.md), or a short
+        quantity = Decimal(1)
+    return {
+        "portfolio_snapshot": {"portfolio_id": "pf_A", "base_currency": "USD", "cash_balances": [], "positions": [{
+            "instrument_id": "L", "quantity": str(quantity), "market_value": {"amount": str(market_value), "currency": foreign}}]},
+        "market_data_snapshot": {"prices": [{"instrument_id": "L", "price": "1", "currency": "USD"}],
+                                 "fx_rates": [{"pair": f"USD/{foreign}" if inverse else f"{foreign}/USD", "rate": str(rate)}]},
+        "model_portfolio": {"targets": []}, "shelf_entries": [],
+        "options": {"valuation_mode": "TRUST_SNAPSHOT", "min_trade_notional": {"amount": "1000000000000", "currency": "USD"}},
+    }
+
+
+@st.composite
 def printed_midpoint_requests(draw) -> dict:
     """Requests whose before-state puts a weight exactly on a 4-dp midpoint (m / 20000, m
     odd) of a total that a foreign holding reaches through an inverse quote ``EUR/F`` (§6.1:

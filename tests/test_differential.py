@@ -37,7 +37,7 @@ from dpm_vec.simulate import simulate_many
 
 from tests.golden_compare import strip_random
 from tests.strategies import (
-    domain_error_requests, fed_back, golden_mutations, isolation_batches, printed_midpoint_requests, requests, rfc_option_requests,
+    domain_error_requests, fed_back, golden_mutations, isolation_batches, printed_midpoint_requests, reconciliation_boundary_requests, requests, rfc_option_requests,
     round_inverse_requests, small_notional_tax_requests, sweep_threshold_requests, tax_residue_requests,
 )
 
@@ -447,6 +447,24 @@ def test_round_amounts_over_inverse_quotes_match_oracle(reqs):
     and a hair off in the fixed point's: every such boundary must be decided as the
     reference decides it (the fixed point's last digits are within a cent, not its verdicts)."""
     _assert_all_match(reqs)
+
+
+RECONCILED = Counter()
+
+
+@settings(max_examples=15, **COMMON)
+@given(st.lists(reconciliation_boundary_requests(), min_size=15, max_size=25))
+def test_reconciliation_at_its_tolerance_matches_oracle(reqs):
+    """A total after exactly at, or a last digit beyond, the before-state's ± its tolerance
+    in the reference's 28 digits is OK or a MISMATCH as the reference decides it."""
+    _assert_all_match(reqs, lambda act: RECONCILED.update([act["reconciliation"]["status"]]))
+
+
+def test_reconciliation_at_its_tolerance_was_exercised():
+    """Runs after the reconciliation property: both verdicts must have come up often."""
+    if not RECONCILED:
+        pytest.skip("run together with the reconciliation property")
+    assert min(RECONCILED["OK"], RECONCILED["MISMATCH"]) >= 0.2 * sum(RECONCILED.values()), RECONCILED
 
 
 SWEEPS = {"requests": 0, "kept": 0}

@@ -31,6 +31,17 @@ def _ccy(nullable: bool = False) -> pa.Column:
     return pa.Column(pl.String, checks=pa.Check.str_matches(CCY), nullable=nullable)
 
 
+def _currency_of(amount: str) -> pa.Column:
+    """A money column's currency: a three-letter code wherever ``amount`` is set (a Money
+    needs both, as the JSON door's 422 says, spec §3.6); null beside a null amount."""
+    def check(data) -> pl.LazyFrame:
+        priced = pl.col(amount).is_not_null() if amount in data.lazyframe.collect_schema().names() else pl.lit(False)
+        return data.lazyframe.select(pl.col(data.key).is_not_null() | ~priced)
+
+    return pa.Column(pl.String, checks=[pa.Check.str_matches(CCY), pa.Check(check, name=f"not_null_where_{amount}_is", ignore_na=False)],
+                     nullable=True)
+
+
 def _id() -> pa.Column:
     return pa.Column(pl.String, checks=pa.Check.str_length(min_value=1), nullable=False)
 
@@ -87,14 +98,14 @@ INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
             "fx_settlement_days": pa.Column(pl.Int32, checks=pa.Check.in_range(0, 10)),
             "max_staleness_minutes": pa.Column(pl.Int32, checks=pa.Check.in_range(0, MAX_MINUTES), nullable=True),
             "max_skew_minutes": pa.Column(pl.Int32, checks=pa.Check.in_range(0, MAX_MINUTES), nullable=True),
-            "min_trade_notional_currency": _ccy(nullable=True),
+            "min_trade_notional_currency": _currency_of("min_trade_notional_amount"),
         },
         ["run_key"],
     ),
     "positions": _keyed(
         {"portfolio_snapshot_id": _id(), "instrument_id": _id(),
          "quantity": pa.Column(QTY, checks=pa.Check.lt(10**9), nullable=False),
-         "market_value": pa.Column(DEC, nullable=True), "market_value_currency": _ccy(nullable=True)},
+         "market_value": pa.Column(DEC, nullable=True), "market_value_currency": _currency_of("market_value")},
         ["portfolio_snapshot_id", "instrument_id"],
     ),
     "cash": _keyed(
@@ -124,7 +135,7 @@ INPUT_SCHEMAS: dict[str, pa.DataFrameSchema] = {
          "asset_class": pa.Column(pl.String, nullable=False),
          "liquidity_tier": pa.Column(pl.String, checks=pa.Check.isin(list(LIQUIDITY_TIERS)), nullable=True),
          "settlement_days": pa.Column(pl.Int32, checks=pa.Check.in_range(0, 10)),
-         "min_notional_currency": _ccy(nullable=True),
+         "min_notional_currency": _currency_of("min_notional_amount"),
          "trade_by": pa.Column(pl.String, checks=pa.Check.isin(list(TRADE_BY)))},
         ["shelf_id", "instrument_id"],
     ),
@@ -181,7 +192,8 @@ def _example(case: dict, key: list[str]) -> str:
             return f"row {case.get('index')} (0-based): " + ", ".join(f"{name} {row.get(name)!r}" for name in key)
         except (TypeError, ValueError):
             pass
-    return f"row {case.get('index')} (0-based): {case.get('column') or ''} {case['failure_case']!s:.120} fails {case['check']}"
+    value = "null" if case["failure_case"] is None else case["failure_case"]
+    return f"row {case.get('index')} (0-based): {case.get('column') or ''} {value!s:.120} fails {case['check']}"
 
 
 def raise_failures(cases: pl.DataFrame, file: str, table: str) -> None:

@@ -386,6 +386,13 @@ def test_a_zero_price_blocks_the_portfolios_that_hold_or_target_it(tmp_path):
         ("shelf", lambda f: f.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(pl.lit("two")).otherwise(pl.col("settlement_days").cast(pl.String))
                                            .alias("settlement_days")),
          "1 value(s) that are no whole number (written like 2) within Int32's range; example rows: row 3 (0-based): settlement_days two fails castable"),
+        # a minimum notional with no currency is no Money (the JSON door's 422): named, with null as JSON writes it
+        ("shelf", lambda f: f.with_columns(
+            pl.when(pl.int_range(pl.len()) == 2).then(pl.lit(Decimal(1000), dtype=pl.Decimal(38, 20))).otherwise(pl.col("min_notional_amount"))
+            .alias("min_notional_amount"), pl.when(pl.int_range(pl.len()) == 2).then(None).otherwise(pl.col("min_notional_currency"))
+            .alias("min_notional_currency")),
+         "column 'min_notional_currency': 1 failed check(s): not_null_where_min_notional_amount_is; example rows: row 2 (0-based): "
+         "min_notional_currency null fails"),
         # model weights carry 28 decimals (Decimal(38, 28)): 10^10 does not fit
         ("models", lambda f: f.with_columns(pl.col("weight").cast(pl.Decimal(38, 20))).with_columns(
             pl.when(pl.int_range(pl.len()) == 2).then(pl.lit(10**10, dtype=pl.Decimal(38, 20))).otherwise(pl.col("weight")).alias("weight"),
@@ -523,6 +530,35 @@ def test_bad_rows_block_their_portfolios_and_the_sweep_goes_on(tmp_path, caplog)
                   for out in (tmp_path / "clean_out", tmp_path / "broken_out")]
         assert others[0].equals(others[1]), table
     assert _read(tmp_path / "clean_out", "input_faults").height == 0
+
+
+def test_a_money_amount_without_its_currency_blocks_its_portfolio(tmp_path):
+    """A market value or a minimum trade notional with no currency is no Money (the JSON
+    door's 422, spec §3.6): it blocks its portfolio, named in input_faults, where it was
+    once planned with (a trade sized over a market value of unknown currency)."""
+    frames = generate_book_frames(6, 2, holdings=(3, 6))
+    ids = frames["portfolios"]["run_key"].to_list()
+    snapshot = frames["portfolios"]["portfolio_snapshot_id"][0]
+    held = (pl.col("portfolio_snapshot_id") == snapshot) & (pl.int_range(pl.len()).over("portfolio_snapshot_id") == 0)
+    frames["positions"] = frames["positions"].with_columns(
+        pl.when(held).then(pl.lit(Decimal(1000), dtype=pl.Decimal(38, 20))).otherwise(pl.col("market_value")).alias("market_value"),
+        pl.when(held).then(None).otherwise(pl.col("market_value_currency")).alias("market_value_currency"))
+    instrument = frames["positions"].filter(held)["instrument_id"][0]
+    second = pl.col("run_key") == ids[1]
+    frames["portfolios"] = frames["portfolios"].with_columns(
+        pl.when(second).then(pl.lit(Decimal(10**9), dtype=pl.Decimal(38, 20))).otherwise(pl.col("min_trade_notional_amount"))
+        .alias("min_trade_notional_amount"),
+        pl.when(second).then(None).otherwise(pl.col("min_trade_notional_currency")).alias("min_trade_notional_currency"))
+    sweep(write_book(frames, tmp_path / "book"), tmp_path / "out", progress=False)
+    runs = _read(tmp_path / "out", "runs")
+    assert runs["run_key"].to_list() == ids
+    blocked = runs.filter(pl.col("block_reason").is_in(["INVALID_HOLDINGS", "INVALID_PORTFOLIO"]))
+    assert blocked.select("run_key", "block_reason", "block_detail").rows() == [
+        (ids[0], "INVALID_HOLDINGS", f"positions row {instrument}: market_value_currency null fails not_null_where_market_value_is"),
+        (ids[1], "INVALID_PORTFOLIO",
+         "portfolios: min_trade_notional_currency null fails not_null_where_min_trade_notional_amount_is"),
+    ]
+    assert _read(tmp_path / "out", "intents").filter(pl.col("run_key").is_in(ids[:2])).height == 0
 
 
 def test_faults_in_several_tables_block_by_the_first_table_and_say_so_consistently(tmp_path):

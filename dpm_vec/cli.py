@@ -33,9 +33,14 @@ def _terminate(signum, frame) -> None:
     raise Terminated(signum)
 
 
+def _read_text(path: str) -> str:
+    """A JSON file's text, or standard input's for ``-``; a UTF-8 byte-order mark (a Windows
+    editor's) is dropped, as the HTTP door reads the same bytes."""
+    return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
+
+
 def _load_json(path: str):
-    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
-    data = json.loads(text)
+    data = json.loads(_read_text(path))
     if isinstance(data, dict) and "inputs" in data and any(key.startswith("expected_") for key in data):
         return data["inputs"]  # a golden file (expected_output(s) or expected_problem): its request
     return data
@@ -204,7 +209,7 @@ def cmd_analyze(args) -> int:
     from dpm_vec.errors import RequestError
 
     try:
-        batch = json.loads(sys.stdin.read() if args.batch == "-" else Path(args.batch).read_text(encoding="utf-8-sig"))
+        batch = json.loads(_read_text(args.batch))
         if isinstance(batch, dict) and "batch_inputs" in batch:
             batch = batch["batch_inputs"]  # a golden file: its analyze request
         result = analyze(batch)

@@ -328,11 +328,7 @@ def _exact_weight_breaches(market: Market, runs: pl.DataFrame, positions: pl.Dat
     chosen = pl.concat([near_band, near_cap.select("run"), *zero_total]).unique()
     if chosen.height == 0:
         return empty
-    bases = runs.select("run", "base_currency").join(chosen, on="run", how="semi")
-    cash = cash.join(bases, on="run", how="semi")
-    if exact_cash is not None:
-        cash = cash.join(exact_cash(runs.join(chosen, on="run", how="semi")), on=["run", "currency"], how="left")
-    held, tv = valued_in_28_digits(market, bases, positions, cash)
+    held, tv = _valued_exactly(market, runs.join(chosen, on="run", how="semi"), positions, cash, exact_cash)
     tv = tv.select("run", "_divisor_f", "_cash_f")
     band = exact_cash_bucket(held, tv).join(tv, on="run").join(r.select("run", "cash_band_min_weight", "cash_band_max_weight"), on="run")
     band = dec28.div(band, "_bucket_f", "_divisor_f", "_w_f")
@@ -346,6 +342,17 @@ def _exact_weight_breaches(market: Market, runs: pl.DataFrame, positions: pl.Dat
     ).filter(pl.col("_cap").is_not_null())
     weights = dec28.sub(dec28.from_dec(weights, "_cap", "_cap_f"), "_w_f", "_cap_f", "_excess_f")
     return band, weights.select("run", "bucket_order", (dec28.sign("_excess_f") > 0).alias("_over_cap"))
+
+
+def _valued_exactly(market: Market, runs: pl.DataFrame, positions: pl.DataFrame, cash: pl.DataFrame,
+                    exact_cash: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``valued_in_28_digits`` of a valued state's ``runs``, over the cash balances
+    ``exact_cash`` sums for them (run, currency, _amount_f; ``exact_after_cash``) where given."""
+    bases = runs.select("run", "base_currency")
+    cash = cash.join(bases, on="run", how="semi")
+    if exact_cash is not None:
+        cash = cash.join(exact_cash(runs), on=["run", "currency"], how="left")
+    return valued_in_28_digits(market, bases, positions, cash)
 
 
 def reconcile(before_totals: pl.DataFrame, after_totals: pl.DataFrame,
@@ -369,7 +376,7 @@ def reconcile(before_totals: pl.DataFrame, after_totals: pl.DataFrame,
     if exact_totals is None:
         return recon
     scale = dabs(pl.col("before_total_value")) + dabs(pl.col("after_total_value")) + lit(1)
-    near = recon.filter(dabs(dabs(pl.col("delta")) - pl.col("tolerance")) <= WEIGHT_EPS * scale).select("run")
+    near = recon.filter(dabs(dabs(pl.col("delta")) - pl.col("tolerance")) <= lit(HAIR) * scale).select("run")
     if near.height == 0:
         return recon
     exact = exact_totals(near).with_columns(lit("0.5").alias("_half"), lit("0.0005").alias("_share"))
@@ -390,11 +397,8 @@ def exact_reconciliation_totals(market: Market, runs: pl.DataFrame, before: tupl
     """(run, _before_f, _after_f): §6.2's tv of each of ``runs`` before and after, in 28
     digits, from (positions, cash) valued states; the after-state's cash balances as
     ``exact_cash`` sums them (run, currency, _amount_f; ``exact_after_cash``)."""
-    bases = runs.select("run", "base_currency")
-    (positions_before, cash_before), (positions_after, cash_after) = before, after
-    _, tv_before = valued_in_28_digits(market, bases, positions_before, cash_before.join(bases, on="run", how="semi"))
-    cash_after = cash_after.join(bases, on="run", how="semi").join(exact_cash(runs), on=["run", "currency"], how="left")
-    _, tv_after = valued_in_28_digits(market, bases, positions_after, cash_after)
+    _, tv_before = _valued_exactly(market, runs, *before)
+    _, tv_after = _valued_exactly(market, runs, *after, exact_cash)
     return tv_before.select("run", pl.col("_tv_f").alias("_before_f")).join(
         tv_after.select("run", pl.col("_tv_f").alias("_after_f")), on="run")
 
